@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs for the .proto files in proto/ (see proto/generate_stubs.py)."""
