@@ -1,0 +1,53 @@
+"""Vocabulary-parallel embedding and lm_head: each rank holds a contiguous range of token rows.
+
+The vocabulary is padded up to a multiple of the world size, so any vocab size splits; the padding
+rows are zero and the padded logits are cut off after the gather.
+Legend: T tokens, H hidden size, V vocab size, P = ceil(V / n) rows per rank.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shards.checkpoint import CheckpointReader
+from shards.config import ParallelConfig
+from shards.distributed import TensorParallelGroup
+from shards.layers.linear import materialize
+
+
+class _VocabSlice(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int, parallel: ParallelConfig, group: TensorParallelGroup):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.parallel = parallel
+        self.group = group
+        self.rows_per_rank = -(-vocab_size // parallel.world_size)
+        self.vocab_start = parallel.rank * self.rows_per_rank
+        self.vocab_end = min(self.vocab_start + self.rows_per_rank, vocab_size)
+        self.weight = nn.Parameter(torch.empty(self.rows_per_rank, hidden_size), requires_grad=False)  # [P, H]
+
+    def load(self, reader: CheckpointReader, name: str) -> None:
+        rows = reader.read(name, dim=0, start=self.vocab_start, end=self.vocab_end)
+        padded = torch.zeros(self.rows_per_rank, rows.shape[1], dtype=rows.dtype)
+        padded[: rows.shape[0]] = rows
+        self.weight = materialize(padded, self.weight, reader.device)
+
+
+class VocabParallelEmbedding(_VocabSlice):
+    """Token embedding; rows outside this rank's range contribute zeros to the all-reduce."""
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.parallel.world_size == 1:
+            return F.embedding(token_ids, self.weight)
+        outside = (token_ids < self.vocab_start) | (token_ids >= self.vocab_end)  # [T]
+        local = (token_ids - self.vocab_start).masked_fill(outside, 0)
+        embeds = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0)  # [T, H]
+        return self.group.all_reduce(embeds)
+
+
+class ParallelLMHead(_VocabSlice):
+    """Output projection; every rank ends with the full gathered logits."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        local = F.linear(hidden, self.weight)  # [T, P]
+        return self.group.all_gather_last_dim(local)[..., : self.vocab_size]  # [T, V]

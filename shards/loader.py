@@ -1,0 +1,60 @@
+"""Build the sharded model on the meta device and fill it with this rank's slice of the checkpoint."""
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+
+from shards.checkpoint import CheckpointReader
+from shards.config import ModelConfig, ParallelConfig
+from shards.distributed import TensorParallelGroup
+from shards.model import MixtralForCausalLM
+
+log = logging.getLogger(__name__)
+
+
+def load_model(
+    model_dir: str | Path,
+    parallel: ParallelConfig,
+    group: TensorParallelGroup,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> MixtralForCausalLM:
+    """The model for rank `parallel.rank`, holding only that rank's slice of each weight."""
+    config = ModelConfig.from_pretrained(model_dir)
+    parallel.check(config)
+    started = time.perf_counter()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with init_empty_weights():
+            model = MixtralForCausalLM(config, parallel, group)
+    finally:
+        torch.set_default_dtype(previous)
+    reader = CheckpointReader(model_dir, device)
+    try:
+        model.load(reader)
+    finally:
+        reader.close()
+    left_on_meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if left_on_meta:
+        raise RuntimeError(f"parameters not loaded from the checkpoint: {left_on_meta[:5]}")
+    model.eval()
+    log.info(
+        "event=model_loaded rank=%d world_size=%d dtype=%s device=%s weight_bytes=%d bytes_read=%d seconds=%.2f",
+        parallel.rank,
+        parallel.world_size,
+        str(dtype).removeprefix("torch."),
+        device,
+        weight_bytes(model),
+        reader.bytes_read,
+        time.perf_counter() - started,
+    )
+    return model
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by the model's parameters on this rank."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())

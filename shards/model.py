@@ -1,0 +1,91 @@
+"""Mixtral (MixtralForCausalLM) built from tensor-parallel layers over a paged KV cache.
+
+Takes token ids and positions, returns logits; nothing here knows about gRPC, tokenizers or
+scheduling. Two all-reduces per decoder layer (attention output, MoE output), one all-gather of
+the logits. Legend: T tokens in the step, H hidden size, V vocab size, R rows whose logits are asked.
+"""
+
+import torch
+from torch import nn
+
+from shards.attention_metadata import AttentionMetadata
+from shards.checkpoint import CheckpointReader
+from shards.config import ModelConfig, ParallelConfig
+from shards.distributed import TensorParallelGroup
+from shards.kv_cache import KVCache
+from shards.layers.attention import Attention
+from shards.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from shards.layers.moe import SparseMoE
+from shards.layers.norm import RMSNorm
+from shards.layers.rotary import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    def __init__(
+        self, config: ModelConfig, parallel: ParallelConfig, group: TensorParallelGroup, rotary: RotaryEmbedding
+    ):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, parallel, group, rotary)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.block_sparse_moe = SparseMoE(config, parallel, group)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), cache, meta)
+        return hidden + self.block_sparse_moe(self.post_attention_layernorm(hidden))
+
+    def load(self, reader: CheckpointReader, prefix: str) -> None:
+        self.input_layernorm.load(reader, f"{prefix}.input_layernorm.weight")
+        self.self_attn.load(reader, f"{prefix}.self_attn")
+        self.post_attention_layernorm.load(reader, f"{prefix}.post_attention_layernorm.weight")
+        self.block_sparse_moe.load(reader, f"{prefix}.block_sparse_moe")
+
+
+class MixtralForCausalLM(nn.Module):
+    """This rank's slice of the whole model; every rank returns the same full logits."""
+
+    def __init__(self, config: ModelConfig, parallel: ParallelConfig, group: TensorParallelGroup):
+        super().__init__()
+        parallel.check(config)
+        self.config = config
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, parallel, group)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, parallel, group, self.rotary) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, parallel, group)
+
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        logits_indices: torch.Tensor,
+    ) -> torch.Tensor:
+        """Run tokens [T] at positions [T]; return logits [R, V] of the tokens at `logits_indices` [R]."""
+        hidden = self.embed_tokens(token_ids)  # [T, H]
+        for index, layer in enumerate(self.layers):
+            hidden = layer(positions, hidden, kv_cache.layer(index), meta)
+        return self.lm_head(self.norm(hidden[logits_indices])).float()  # [R, V]
+
+    def load(self, reader: CheckpointReader) -> None:
+        """Fill every parameter with this rank's slice, read from the checkpoint."""
+        self.embed_tokens.load(reader, "model.embed_tokens.weight")
+        for index, layer in enumerate(self.layers):
+            layer.load(reader, f"model.layers.{index}")
+        self.norm.load(reader, "model.norm.weight")
+        head = (
+            "model.embed_tokens.weight"
+            if self.config.tie_word_embeddings and "lm_head.weight" not in reader
+            else "lm_head.weight"
+        )
+        self.lm_head.load(reader, head)
+        self.rotary.to(reader.device)

@@ -1,0 +1,283 @@
+"""The model runner: turns a batch of per-sequence steps into one forward over the paged cache,
+samples the next tokens, and keeps each live sequence's sampling state.
+
+Every rank of the group runs the same calls in the same order; validation is a pure function of
+the request, so a malformed step is refused by every rank before any collective starts.
+Legend: T tokens in the step, B sequences, R sequences that sample, V vocab size.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from shards.attention_metadata import AttentionMetadata, PrefillChunk
+from shards.config import ModelConfig, ParallelConfig
+from shards.distributed import TensorParallelGroup
+from shards.kv_cache import KVCache
+from shards.model import MixtralForCausalLM
+from shards.sampling import SamplingParams, TokenHistory, sample
+
+
+class InvalidStep(ValueError):
+    """The step is malformed (gRPC INVALID_ARGUMENT)."""
+
+
+class OutOfCapacity(ValueError):
+    """The step addresses cache blocks or slots the shard does not have (gRPC RESOURCE_EXHAUSTED)."""
+
+
+@dataclass(slots=True)
+class SequenceStep:
+    """One sequence's share of a step (the Python form of shard.proto's SequenceStep)."""
+
+    seq_id: int
+    token_ids: list[int]
+    start_position: int
+    slot_mapping: list[int]
+    block_table: list[int]
+    sample: bool = True
+    sampling: SamplingParams | None = None
+
+
+@dataclass(slots=True)
+class SequenceResult:
+    seq_id: int
+    token_id: int
+    logprob: float
+    top_tokens: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _SequenceState:
+    params: SamplingParams
+    history: TokenHistory
+    seen_until: int = 0  # positions below this are already in the history
+
+
+class ModelRunner:
+    """Owns the model, the KV cache and the live sequences of one shard."""
+
+    def __init__(
+        self,
+        model: MixtralForCausalLM,
+        parallel: ParallelConfig,
+        group: TensorParallelGroup,
+        device: torch.device,
+        dtype: torch.dtype,
+        block_size: int = 16,
+    ) -> None:
+        if block_size < 1:
+            raise ValueError(f"block size must be positive, got {block_size}")
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.parallel = parallel
+        self.group = group
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        self.kv_cache: KVCache | None = None
+        self.sequences: dict[int, _SequenceState] = {}
+
+    # -- cache ---------------------------------------------------------------------------------
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.config.num_key_value_heads // self.parallel.world_size
+
+    def bytes_per_block(self) -> int:
+        return KVCache.bytes_per_block(
+            self.config.num_hidden_layers, self.block_size, self.num_kv_heads, self.config.head_dim, self.dtype
+        )
+
+    def allocate_cache(self, num_blocks: int) -> None:
+        """(Re)create the KV pool with `num_blocks` blocks; forgets every sequence."""
+        self.kv_cache = None
+        self.sequences.clear()
+        self.kv_cache = KVCache(
+            self.config.num_hidden_layers,
+            num_blocks,
+            self.block_size,
+            self.num_kv_heads,
+            self.config.head_dim,
+            self.dtype,
+            self.device,
+        )
+
+    def warmup(self, max_batch_tokens: int, max_batch_size: int, max_blocks: int, kv_budget_bytes: int) -> int:
+        """Run the largest step once, then size the cache from what is left; returns the block count.
+
+        Every rank ends with the same block count (the minimum over the group).
+        """
+        max_batch_tokens = max(1, min(max_batch_tokens, self.config.max_position_embeddings))
+        max_batch_size = max(1, min(max_batch_size, max_batch_tokens))
+        blocks_for_step = -(-max_batch_tokens // self.block_size) + max_batch_size
+        self.allocate_cache(blocks_for_step)
+        self.step(_warmup_batch(max_batch_tokens, max_batch_size, self.block_size, self.config.vocab_size))
+        self.sequences.clear()
+        budget = kv_budget_bytes
+        if self.device.type == "cuda":
+            budget = min(budget, _cuda_free_bytes(self.device))
+        num_blocks = max(1, budget // self.bytes_per_block())
+        if max_blocks:
+            num_blocks = min(num_blocks, max_blocks)
+        num_blocks = self.group.all_reduce_min(num_blocks)
+        self.allocate_cache(num_blocks)
+        return num_blocks
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def validate(self, steps: list[SequenceStep]) -> None:
+        """Raise InvalidStep / OutOfCapacity for a step no rank should run."""
+        if self.kv_cache is None:
+            raise InvalidStep("the KV cache is not allocated: call Warmup first")
+        if not steps:
+            raise InvalidStep("the step has no sequences")
+        seen: set[int] = set()
+        for s in steps:
+            where = f"sequence {s.seq_id}"
+            if s.seq_id in seen:
+                raise InvalidStep(f"{where} appears twice in one step")
+            seen.add(s.seq_id)
+            n = len(s.token_ids)
+            if n == 0:
+                raise InvalidStep(f"{where} has no tokens")
+            if len(s.slot_mapping) != n:
+                raise InvalidStep(f"{where} has {n} tokens but {len(s.slot_mapping)} slots")
+            end = s.start_position + n
+            if end > self.config.max_position_embeddings:
+                raise InvalidStep(
+                    f"{where} reaches position {end}, past max_position_embeddings "
+                    f"{self.config.max_position_embeddings}"
+                )
+            if max(s.token_ids) >= self.config.vocab_size:
+                raise InvalidStep(f"{where} has token id {max(s.token_ids)} >= vocab size {self.config.vocab_size}")
+            needed = -(-end // self.block_size)
+            if len(s.block_table) < needed:
+                raise InvalidStep(
+                    f"{where} needs {needed} blocks for {end} positions, block table has {len(s.block_table)}"
+                )
+            if max(s.block_table) >= self.kv_cache.num_blocks:
+                raise OutOfCapacity(
+                    f"{where} uses block {max(s.block_table)}; the cache has {self.kv_cache.num_blocks}"
+                )
+            if max(s.slot_mapping) >= self.kv_cache.num_slots:
+                raise OutOfCapacity(f"{where} uses slot {max(s.slot_mapping)}; the cache has {self.kv_cache.num_slots}")
+            if s.seq_id not in self.sequences and s.sampling is None:
+                raise InvalidStep(f"{where} is new to this shard and its step carries no sampling parameters")
+        for s in steps:
+            positions = torch.arange(s.start_position, s.start_position + len(s.token_ids))
+            table = torch.tensor(s.block_table)
+            expected = table[positions // self.block_size] * self.block_size + positions % self.block_size
+            if not torch.equal(expected, torch.tensor(s.slot_mapping)):
+                raise InvalidStep(f"sequence {s.seq_id}: slot_mapping does not match its block table")
+
+    @torch.inference_mode()
+    def forward(self, steps: list[SequenceStep]) -> torch.Tensor:
+        """Logits [B, V] of the last token of each sequence, in the order given."""
+        assert self.kv_cache is not None
+        order = sorted(range(len(steps)), key=lambda i: len(steps[i].token_ids) != 1)  # decodes first
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        last_token = [0] * len(steps)
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillChunk] = []
+        for i in order:
+            s = steps[i]
+            n = len(s.token_ids)
+            begin = len(token_ids)
+            token_ids.extend(s.token_ids)
+            positions.extend(range(s.start_position, s.start_position + n))
+            slots.extend(s.slot_mapping)
+            last_token[i] = begin + n - 1
+            context = s.start_position + n
+            table = s.block_table[: -(-context // self.block_size)]
+            if n == 1:
+                decode_tables.append(table)
+                decode_lens.append(context)
+            else:
+                prefills.append(
+                    PrefillChunk(begin, begin + n, s.start_position, torch.tensor(table, device=self.device))
+                )
+        dev = self.device
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev), prefills=prefills)
+        if decode_tables:
+            width = max(len(t) for t in decode_tables)
+            meta.num_decode_tokens = len(decode_tables)
+            meta.decode_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=dev)
+            meta.decode_context_lens = torch.tensor(decode_lens, device=dev)
+        return self.model(
+            torch.tensor(token_ids, device=dev),
+            torch.tensor(positions, device=dev),
+            self.kv_cache,
+            meta,
+            torch.tensor(last_token, device=dev),
+        )
+
+    def step(self, steps: list[SequenceStep]) -> list[SequenceResult]:
+        """Validate, run the forward, and sample for the sequences that ask; results in input order."""
+        self.validate(steps)
+        for s in steps:
+            state = self.sequences.get(s.seq_id)
+            if state is None:
+                state = self.sequences[s.seq_id] = _SequenceState(s.sampling, TokenHistory())
+            elif s.sampling is not None:
+                state.params = s.sampling
+            new_from = max(state.seen_until - s.start_position, 0)
+            if new_from < len(s.token_ids):
+                state.history.add_prompt(s.token_ids[new_from:])
+                state.seen_until = s.start_position + len(s.token_ids)
+        logits = self.forward(steps)
+        rows = [i for i, s in enumerate(steps) if s.sample]
+        if not rows:
+            return []
+        sampled = [steps[i] for i in rows]
+        states = [self.sequences[s.seq_id] for s in sampled]
+        out = sample(
+            logits[rows],
+            [st.params for st in states],
+            [st.history for st in states],
+            [s.start_position + len(s.token_ids) for s in sampled],
+        )
+        token_ids = out.token_ids.tolist()
+        logprobs = out.logprobs.tolist()
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        top_logprobs = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        results = []
+        for j, (s, st) in enumerate(zip(sampled, states, strict=True)):
+            st.history.add_output(token_ids[j])
+            st.seen_until = s.start_position + len(s.token_ids) + 1
+            n_top = st.params.top_n_tokens
+            top = list(zip(top_ids[j][:n_top], top_logprobs[j][:n_top], strict=True)) if n_top and top_ids else []
+            results.append(SequenceResult(s.seq_id, token_ids[j], logprobs[j], top))
+        return results
+
+    def release(self, seq_ids: list[int]) -> None:
+        """Forget finished sequences' sampling state (their blocks are the router's to reuse)."""
+        for seq_id in seq_ids:
+            self.sequences.pop(seq_id, None)
+
+    def clear(self) -> None:
+        self.sequences.clear()
+
+
+def _warmup_batch(max_tokens: int, max_seqs: int, block_size: int, vocab_size: int) -> list[SequenceStep]:
+    """A step as large as the router may send: one long prefill chunk plus single-token decodes."""
+    greedy = SamplingParams(temperature=0.0)
+    decodes = max_seqs - 1
+    prefill_len = max(max_tokens - decodes, 1)
+    steps = []
+    next_block = 0
+    for seq, n in enumerate([prefill_len] + [1] * decodes):
+        blocks = list(range(next_block, next_block + -(-n // block_size)))
+        next_block += len(blocks)
+        slots = [blocks[p // block_size] * block_size + p % block_size for p in range(n)]
+        tokens = [(seq * 131 + p * 7) % vocab_size for p in range(n)]
+        steps.append(SequenceStep(seq, tokens, 0, slots, blocks, True, greedy))
+    return steps
+
+
+def _cuda_free_bytes(device: torch.device) -> int:
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * 0.9)

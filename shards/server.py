@@ -1,0 +1,230 @@
+"""`mixserve shard`: one tensor-parallel shard serving the ShardService over gRPC.
+
+Every shard of a group gets the same calls from the router; the model calls (Warmup, Step,
+Release, Clear) run one at a time under a lock, while Info and Health answer at any time.
+"""
+
+import argparse
+import logging
+import os
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import torch
+
+from mixserve_pb import shard_pb2, shard_pb2_grpc
+from shards.config import DTYPES, ModelConfig, ParallelConfig
+from shards.distributed import TensorParallelGroup, init_process_group
+from shards.loader import load_model, weight_bytes
+from shards.runner import InvalidStep, ModelRunner, OutOfCapacity, SequenceStep
+from shards.sampling import SamplingParams
+
+log = logging.getLogger("mixserve.shard")
+
+# On CPU the shards of one host share its memory: each takes this share of what is available,
+# up to a cap, unless --max-kv-blocks says otherwise.
+CPU_KV_MEMORY_FRACTION = 0.25
+CPU_KV_MEMORY_CAP = 2 << 30
+
+
+class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
+    """The gRPC face of one ModelRunner."""
+
+    def __init__(self, runner: ModelRunner, model_dir: str, max_kv_blocks: int, quantize: str = "") -> None:
+        self.runner = runner
+        self.model_dir = model_dir
+        self.max_kv_blocks = max_kv_blocks
+        self.quantize = quantize
+        self.lock = threading.Lock()
+
+    def Info(self, request, context):
+        r = self.runner
+        c = r.config
+        cache = r.kv_cache
+        return shard_pb2.InfoResponse(
+            model_type="mixtral",
+            model_path=self.model_dir,
+            rank=r.parallel.rank,
+            world_size=r.parallel.world_size,
+            dtype=str(r.dtype).removeprefix("torch."),
+            device=str(r.device),
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            num_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            num_experts=c.num_local_experts,
+            num_experts_per_tok=c.num_experts_per_tok,
+            max_position_embeddings=c.max_position_embeddings,
+            block_size=r.block_size,
+            num_blocks=cache.num_blocks if cache else 0,
+            weight_bytes=weight_bytes(r.model),
+            quantize=self.quantize,
+            kv_cache_bytes=cache.nbytes if cache else 0,
+        )
+
+    def Health(self, request, context):
+        return shard_pb2.HealthResponse(ready=self.runner.kv_cache is not None)
+
+    def Warmup(self, request, context):
+        started = time.perf_counter()
+        cap = request.max_blocks or self.max_kv_blocks
+        if request.max_blocks and self.max_kv_blocks:
+            cap = min(request.max_blocks, self.max_kv_blocks)
+        with self.lock:
+            num_blocks = self.runner.warmup(
+                request.max_batch_tokens or 1, request.max_batch_size or 1, cap, kv_budget_bytes(self.runner)
+            )
+        ms = int((time.perf_counter() - started) * 1000)
+        log.info(
+            "event=warmup rank=%d num_blocks=%d block_size=%d kv_bytes=%d ms=%d",
+            self.runner.parallel.rank,
+            num_blocks,
+            self.runner.block_size,
+            self.runner.kv_cache.nbytes,
+            ms,
+        )
+        return shard_pb2.WarmupResponse(num_blocks=num_blocks, block_size=self.runner.block_size, warmup_ms=ms)
+
+    def Step(self, request, context):
+        started = time.perf_counter_ns()
+        try:
+            steps = [_step_from_proto(s) for s in request.sequences]
+            with self.lock:
+                results = self.runner.step(steps)
+        except OutOfCapacity as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except (InvalidStep, ValueError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return shard_pb2.StepResponse(
+            results=[
+                shard_pb2.SequenceResult(
+                    seq_id=r.seq_id,
+                    sampled=True,
+                    token_id=r.token_id,
+                    logprob=r.logprob,
+                    top_tokens=[shard_pb2.TopToken(token_id=t, logprob=lp) for t, lp in r.top_tokens],
+                )
+                for r in results
+            ],
+            forward_us=(time.perf_counter_ns() - started) // 1000,
+        )
+
+    def Release(self, request, context):
+        with self.lock:
+            self.runner.release(list(request.seq_ids))
+        return shard_pb2.ReleaseResponse()
+
+    def Clear(self, request, context):
+        with self.lock:
+            self.runner.clear()
+        return shard_pb2.ClearResponse()
+
+
+def _step_from_proto(msg: shard_pb2.SequenceStep) -> SequenceStep:
+    return SequenceStep(
+        seq_id=msg.seq_id,
+        token_ids=list(msg.token_ids),
+        start_position=msg.start_position,
+        slot_mapping=list(msg.slot_mapping),
+        block_table=list(msg.block_table),
+        sample=msg.sample,
+        sampling=SamplingParams.from_proto(msg.sampling) if msg.HasField("sampling") else None,
+    )
+
+
+def kv_budget_bytes(runner: ModelRunner) -> int:
+    """Memory this shard may give its KV cache (on CUDA, Warmup further caps it by free memory)."""
+    if runner.device.type == "cuda":
+        return 1 << 62
+    available = _mem_available_bytes()
+    return min(int(available * CPU_KV_MEMORY_FRACTION), CPU_KV_MEMORY_CAP) // runner.parallel.world_size
+
+
+def _mem_available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 4 << 30
+
+
+def pick_device(name: str, rank: int) -> torch.device:
+    """`auto`: this rank's GPU (LOCAL_RANK as torchrun sets it) when CUDA is there, else the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    env = os.environ
+    parser.add_argument("--model", help="checkpoint directory (default: the built-in demo model)")
+    parser.add_argument("--rank", type=int, default=int(env.get("RANK", 0)), help="default: $RANK or 0")
+    parser.add_argument(
+        "--world-size", type=int, default=int(env.get("WORLD_SIZE", 1)), help="default: $WORLD_SIZE or 1"
+    )
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--uds", help="listen on this unix socket path (owner-only permissions)")
+    where.add_argument("--port", type=int, help="listen on this TCP port")
+    parser.add_argument("--host", default="127.0.0.1", help="TCP address to bind with --port")
+    parser.add_argument(
+        "--dtype", choices=[*DTYPES, "auto"], default="auto", help="auto: float32 on CPU, bfloat16 on CUDA"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--block-size", type=int, default=16, help="KV cache token slots per block")
+    parser.add_argument("--max-kv-blocks", type=int, default=0, help="cap on KV cache blocks (0: size from memory)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (one per shard is fastest)")
+    parser.add_argument("--master-addr", help="rendezvous address (default: $MASTER_ADDR or 127.0.0.1)")
+    parser.add_argument("--master-port", type=int, help="rendezvous port (default: $MASTER_PORT or 29500)")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s shard{args.rank} %(levelname)s %(message)s")
+    if args.master_addr:
+        os.environ["MASTER_ADDR"] = args.master_addr
+    if args.master_port:
+        os.environ["MASTER_PORT"] = str(args.master_port)
+    torch.set_num_threads(args.threads)
+    parallel = ParallelConfig(args.rank, args.world_size)
+    device = pick_device(args.device, args.rank)
+    dtype = DTYPES["bfloat16" if device.type == "cuda" else "float32"] if args.dtype == "auto" else DTYPES[args.dtype]
+    model_dir = args.model
+    if model_dir is None:
+        from shards.demo.checkpoint import ensure_demo_checkpoint
+
+        model_dir = str(ensure_demo_checkpoint())
+    try:
+        parallel.check(ModelConfig.from_pretrained(model_dir))
+    except ValueError as e:
+        log.error("event=bad_config error=%r", str(e))
+        return 2
+    init_process_group(parallel, device)
+    group = TensorParallelGroup(parallel)
+    model = load_model(model_dir, parallel, group, dtype, device)
+    runner = ModelRunner(model, parallel, group, device, dtype, args.block_size)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=8),
+        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
+    )
+    shard_pb2_grpc.add_ShardServiceServicer_to_server(ShardServicer(runner, model_dir, args.max_kv_blocks), server)
+    if args.uds:
+        address = f"unix:{args.uds}"
+        old_umask = os.umask(0o077)
+        try:
+            server.add_insecure_port(address)
+            server.start()
+        finally:
+            os.umask(old_umask)
+        os.chmod(args.uds, 0o600)
+    else:
+        address = f"{args.host}:{args.port}"
+        server.add_insecure_port(address)
+        server.start()
+    log.info("event=serving rank=%d world_size=%d address=%s device=%s", args.rank, args.world_size, address, device)
+    server.wait_for_termination()
+    return 0

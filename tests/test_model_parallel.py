@@ -1,0 +1,87 @@
+"""The sharded model against transformers' MixtralForCausalLM, in real processes over gloo."""
+
+import json
+import subprocess
+
+import pytest
+import torch
+from transformers import MixtralForCausalLM as ReferenceMixtral
+
+from conftest import PYTHON, REPO, free_port, subprocess_env
+from shards.config import ModelConfig, ParallelConfig
+from shards.distributed import TensorParallelGroup
+from shards.loader import load_model
+
+PROMPTS = [[1, 523, 77, 1200, 9, 4000, 31], [1, 88, 2900], [1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]]
+DECODE_STEPS = 16
+
+
+def run_group(model_dir, world_size: int, out, prompts=PROMPTS, steps=DECODE_STEPS) -> list[dict]:
+    """Start `world_size` tp_worker processes with torchrun's variables; return each rank's record."""
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [PYTHON, str(REPO / "tests" / "tp_worker.py"), str(model_dir), str(out), json.dumps(prompts), str(steps)],
+            env=subprocess_env(RANK=str(r), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world_size)
+    ]
+    for r, p in enumerate(procs):
+        output, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, f"rank {r} failed:\n{output[-3000:]}"
+    return [torch.load(f"{out}.rank{r}") for r in range(world_size)]
+
+
+@pytest.fixture(scope="module")
+def reference(demo_dir):
+    return ReferenceMixtral.from_pretrained(demo_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def groups(demo_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp")
+    return {n: run_group(demo_dir, n, out / f"ws{n}") for n in (1, 2, 4)}
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_logits_match_transformers_prefill_and_decode(groups, reference, world_size):
+    ranks = groups[world_size]
+    seqs = ranks[0]["seqs"]
+    assert all(r["seqs"] == seqs for r in ranks), "ranks disagree on the greedy tokens"
+    logits = ranks[0]["logits"]  # [steps + 1, B, V]
+    with torch.inference_mode():
+        for i, prompt in enumerate(PROMPTS):
+            full = torch.tensor([seqs[i][:-1]])
+            expected = reference(full).logits[0, len(prompt) - 1 :]  # [steps + 1, V]
+            torch.testing.assert_close(logits[:, i], expected, atol=2e-5, rtol=1e-4)
+            assert seqs[i][len(prompt) :] == expected.argmax(-1).tolist(), "greedy tokens differ"
+
+
+def test_each_rank_holds_only_its_slice(groups, demo_dir):
+    config = ModelConfig.from_pretrained(demo_dir)
+    full = groups[1][0]["shapes"]
+    for world_size in (2, 4):
+        for rank, record in enumerate(groups[world_size]):
+            shapes = record["shapes"]
+            w13 = shapes["layers.0.block_sparse_moe.w13"][0]
+            assert w13 == [config.num_local_experts, 2 * config.intermediate_size // world_size, config.hidden_size]
+            qkv = shapes["layers.0.self_attn.qkv_proj.weight"][0]
+            heads = (config.num_attention_heads + 2 * config.num_key_value_heads) // world_size
+            assert qkv == [heads * config.head_dim, config.hidden_size]
+            assert shapes["lm_head.weight"][0] == [config.vocab_size // world_size, config.hidden_size]
+            replicated = sum(b for name, (_, b) in full.items() if "norm" in name or name.endswith(".gate"))
+            expected = (record_total(full) - replicated) // world_size + replicated
+            assert record["weight_bytes"] == expected, f"rank {rank} of {world_size} holds more than its slice"
+
+
+def record_total(shapes: dict) -> int:
+    return sum(b for _, b in shapes.values())
+
+
+@pytest.mark.parametrize("world_size", [3, 16])
+def test_bad_world_size_says_why(demo_dir, world_size):
+    with pytest.raises(ValueError, match=f"not divisible by {world_size}"):
+        load_model(demo_dir, ParallelConfig(0, world_size), TensorParallelGroup(ParallelConfig(0, world_size)))

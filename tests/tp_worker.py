@@ -1,0 +1,60 @@
+"""One rank of a real tensor-parallel group, for tests: prefill prompts, decode greedily, save logits.
+
+Run as `python tests/tp_worker.py MODEL_DIR OUT_FILE PROMPTS_JSON DECODE_STEPS` with RANK,
+WORLD_SIZE, MASTER_ADDR and MASTER_PORT set (as torchrun would). Rank 0 writes a torch file
+with the logits of every step, the greedy tokens, and each rank writes its weight shapes/bytes.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+from shards.config import ParallelConfig
+from shards.distributed import TensorParallelGroup, init_process_group
+from shards.loader import load_model, weight_bytes
+from shards.runner import ModelRunner, SequenceStep
+from shards.sampling import SamplingParams
+
+BLOCK_SIZE = 4
+
+
+def main() -> None:
+    model_dir, out_file, prompts_json, decode_steps = sys.argv[1:5]
+    torch.set_num_threads(1)
+    parallel = ParallelConfig(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+    device = torch.device("cpu")
+    init_process_group(parallel, device)
+    group = TensorParallelGroup(parallel)
+    model = load_model(model_dir, parallel, group, torch.float32, device)
+    runner = ModelRunner(model, parallel, group, device, torch.float32, BLOCK_SIZE)
+    runner.allocate_cache(256)
+    prompts = json.loads(prompts_json)
+    greedy = SamplingParams(temperature=0.0)
+    tables = [list(range(i * 40, (i + 1) * 40)) for i in range(len(prompts))]
+
+    def slots(seq: int, start: int, n: int) -> list[int]:
+        return [tables[seq][p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, start + n)]
+
+    seqs = [list(p) for p in prompts]
+    steps = [SequenceStep(i, p, 0, slots(i, 0, len(p)), tables[i], True, greedy) for i, p in enumerate(seqs)]
+    all_logits = []
+    for _ in range(int(decode_steps) + 1):
+        all_logits.append(runner.forward(steps))
+        tokens = all_logits[-1].argmax(dim=-1).tolist()
+        for i, t in enumerate(tokens):
+            seqs[i].append(t)
+        steps = [
+            SequenceStep(i, [s[-1]], len(s) - 1, slots(i, len(s) - 1, 1), tables[i], True, None)
+            for i, s in enumerate(seqs)
+        ]
+    shapes = {name: (list(p.shape), p.numel() * p.element_size()) for name, p in model.named_parameters()}
+    record = {"seqs": seqs, "shapes": shapes, "weight_bytes": weight_bytes(model)}
+    if parallel.rank == 0:
+        record["logits"] = torch.stack(all_logits)
+    torch.save(record, f"{out_file}.rank{parallel.rank}")
+
+
+if __name__ == "__main__":
+    main()
