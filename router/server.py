@@ -1,0 +1,200 @@
+"""The router's HTTP front (aiohttp): `/predict`, `/health`, `/info`, errors and authentication.
+
+Handlers validate and tokenize, hand the request to the engine, and turn its token events into
+the response; they never touch the shards themselves.
+"""
+
+import hmac
+import logging
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from router.engine import Engine, Generation
+from router.errors import BadRequest, PayloadTooLarge, RouterError, Unauthorized, error_body
+from router.params import GenerationRequest, decode_json_body, parse_predict_request, render_prompt
+
+log = logging.getLogger("mixserve.router")
+
+# Routes that answer without an API key: probes from load balancers and orchestrators.
+PUBLIC_PATHS = frozenset({"/health"})
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """What the HTTP front needs to know besides the engine."""
+
+    model_id: str
+    api_key: str | None = None
+    max_body_bytes: int = 2 << 20
+    num_shard: int = 1
+    dtype: str = ""
+    version: str = ""
+
+
+ENGINE = web.AppKey("engine", Engine)
+CONFIG = web.AppKey("config", ServerConfig)
+STARTED = web.AppKey("started", float)
+
+
+def error_response(exc: RouterError) -> web.Response:
+    return web.json_response(error_body(exc), status=exc.status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler):
+    """Every failure becomes JSON `{"error", "error_type"}` with the right status."""
+    try:
+        return await handler(request)
+    except RouterError as exc:
+        log.info("event=refused path=%s status=%d error_type=%s", request.path, exc.status, exc.error_type)
+        return error_response(exc)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return error_response(PayloadTooLarge(f"request body exceeds {exc.max_size} bytes"))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error_type = "not_found" if exc.status == 404 else "bad_request" if exc.status < 500 else "internal"
+        return web.json_response({"error": exc.reason, "error_type": error_type}, status=exc.status)
+    except Exception:
+        log.exception("event=internal_error path=%s", request.path)
+        return web.json_response({"error": "internal server error", "error_type": "internal"}, status=500)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler):
+    """With an API key configured, require `Authorization: Bearer KEY` or `Api-Key KEY`."""
+    key = request.app[CONFIG].api_key
+    if key and request.path not in PUBLIC_PATHS:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        valid = scheme.lower() in ("bearer", "api-key") and hmac.compare_digest(given.strip().encode(), key.encode())
+        if not valid:
+            raise Unauthorized("missing or invalid API key (send Authorization: Bearer KEY)")
+    return await handler(request)
+
+
+async def read_json(request: web.Request) -> dict:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise PayloadTooLarge(f"request body exceeds {exc.max_size} bytes") from None
+    if not raw:
+        raise BadRequest("request body is empty; send a JSON object")
+    return decode_json_body(raw)
+
+
+def tokenize(engine: Engine, request: GenerationRequest) -> list[int]:
+    """Prompt ids: a raw prompt gets the tokenizer's special tokens (BOS); a rendered chat already has them."""
+    text = render_prompt(engine.tokenizer, request)
+    return engine.tokenizer(text, add_special_tokens=request.messages is None)["input_ids"]
+
+
+async def predict(request: web.Request) -> web.StreamResponse:
+    """`POST /predict`: plain-text streaming deltas by default, or JSON with the text under `output`."""
+    engine = request.app[ENGINE]
+    parsed = parse_predict_request(await read_json(request))
+    generation = engine.submit(tokenize(engine, parsed), parsed.params)
+    if not parsed.params.stream:
+        text = await collect_text(generation)
+        return web.json_response(
+            {
+                "output": text,
+                "finish_reason": generation.finish_reason,
+                "prompt_tokens": generation.prompt_tokens,
+                "generated_tokens": generation.generated_tokens,
+            }
+        )
+    return await stream_text(request, generation)
+
+
+async def collect_text(generation: Generation) -> str:
+    """The whole generated text; cancelling the caller (client gone) cancels the request."""
+    events = generation.stream()
+    try:
+        return "".join([event.text async for event in events])
+    finally:
+        await events.aclose()
+
+
+async def stream_text(request: web.Request, generation: Generation) -> web.StreamResponse:
+    """Chunked text/plain, one write per token. Headers wait for the first token, so a failure
+    before it is still a JSON error; a failure after it cuts the stream short (no final chunk)."""
+    response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8", "X-Request-Id": generation.id})
+    response.enable_chunked_encoding()
+    events = generation.stream()
+    try:
+        async for event in events:
+            if not response.prepared:
+                await response.prepare(request)
+            if event.text:
+                await response.write(event.text.encode())
+    except RouterError:
+        if not response.prepared:
+            raise
+        log.warning("event=stream_aborted id=%s generated=%d", generation.id, generation.generated_tokens)
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    finally:
+        await events.aclose()
+    await response.write_eof()
+    return response
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 when every shard answers and the engine is serving, 503 with the reason otherwise."""
+    engine = request.app[ENGINE]
+    if engine.failure is not None:
+        return web.json_response(
+            {"status": "unavailable", "error": engine.failure, "error_type": "unavailable"}, status=503
+        )
+    if not await engine.group.health():
+        return web.json_response(
+            {"status": "unavailable", "error": "a shard does not answer Health", "error_type": "unavailable"},
+            status=503,
+        )
+    return web.json_response({"status": "ok"})
+
+
+async def info(request: web.Request) -> web.Response:
+    """Model, limits and live counters (KV blocks, queue, steps) of this router."""
+    engine = request.app[ENGINE]
+    config = request.app[CONFIG]
+    scheduler = engine.scheduler
+    return web.json_response(
+        {
+            "model_id": config.model_id,
+            "model_dtype": config.dtype,
+            "num_shard": config.num_shard,
+            "version": config.version,
+            "max_concurrent_requests": engine.limits.max_concurrent_requests,
+            "max_input_tokens": engine.limits.max_input_tokens,
+            "max_total_tokens": engine.limits.max_total_tokens,
+            "max_batch_prefill_tokens": scheduler.config.max_batch_prefill_tokens,
+            "max_batch_total_tokens": scheduler.config.max_batch_total_tokens,
+            "block_size": scheduler.config.block_size,
+            "kv_blocks_total": scheduler.config.num_blocks,
+            "kv_blocks_used": scheduler.num_blocks_used,
+            "kv_blocks_free": scheduler.num_blocks_free,
+            "requests_waiting": scheduler.num_waiting,
+            "requests_running": scheduler.num_running,
+            "steps": engine.steps,
+            "step_sequences": engine.step_sequences,
+            "generated_tokens": engine.generated_tokens,
+            "cancelled_requests": engine.cancelled,
+            "uptime_s": round(time.monotonic() - request.app[STARTED], 1),
+        }
+    )
+
+
+def build_app(engine: Engine, config: ServerConfig) -> web.Application:
+    """The aiohttp application; the engine must be started by the caller."""
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[errors_middleware, auth_middleware])
+    app[ENGINE] = engine
+    app[CONFIG] = config
+    app[STARTED] = time.monotonic()
+    app.router.add_post("/predict", predict)
+    app.router.add_get("/health", health)
+    app.router.add_get("/info", info)
+    return app
