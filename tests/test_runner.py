@@ -72,7 +72,7 @@ def test_chunked_prefill_equals_one_prefill(model):
         ([], InvalidStep, "no sequences"),
         ([seq_step(5, [], 0, [0])], InvalidStep, "no tokens"),
         ([seq_step(5, [1, 2], 0, [0]), seq_step(5, [3], 0, [1])], InvalidStep, "twice"),
-        ([seq_step(5, [1] * 9, 0, [0, 1])], InvalidStep, "needs 3 blocks"),
+        ([SequenceStep(5, [1] * 9, 0, list(range(9)), [0, 1], True, GREEDY)], InvalidStep, "needs 3 blocks"),
         ([seq_step(5, [1, 2], 0, [63])], OutOfCapacity, "uses block 63"),
         ([seq_step(5, [10**6], 0, [0])], InvalidStep, "vocab size"),
         ([seq_step(5, [1], 0, [0], sampling=None)], InvalidStep, "no sampling parameters"),

@@ -77,7 +77,8 @@ def test_info_health_warmup_and_steps(shards, tmp_path):
     with pytest.raises(grpc.RpcError) as failure:
         everyone(stubs, "Step", bad)
     assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    malformed = shard_pb2.StepRequest(sequences=[greedy_step(8, [1, 2], 0, [], True)])
+    malformed = shard_pb2.StepRequest(sequences=[greedy_step(8, [1, 2], 0, [5], True)])
+    malformed.sequences[0].ClearField("block_table")
     with pytest.raises(grpc.RpcError) as failure:
         everyone(stubs, "Step", malformed)
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT

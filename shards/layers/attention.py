@@ -63,17 +63,21 @@ def paged_attention(
         context = chunk.start_position + n
         keys = k_pool[chunk.block_table].view(-1, num_kv, head_dim)[:context].transpose(0, 1)  # [kv, C, d]
         values = v_pool[chunk.block_table].view(-1, num_kv, head_dim)[:context].transpose(0, 1)
-        q_pos = torch.arange(chunk.start_position, context, device=q.device).unsqueeze(1)  # [n, 1]
-        k_pos = torch.arange(context, device=q.device)  # [C]
-        mask = _sliding_window_mask(k_pos <= q_pos, q_pos, k_pos, sliding_window)  # [n, C]
+        mask = None
+        if chunk.start_position or sliding_window is not None:
+            q_pos = torch.arange(chunk.start_position, context, device=q.device).unsqueeze(1)  # [n, 1]
+            k_pos = torch.arange(context, device=q.device)  # [C]
+            mask = _sliding_window_mask(k_pos <= q_pos, q_pos, k_pos, sliding_window)  # [n, C]
+        # 4-D inputs: the CPU flash kernel takes only those (3-D falls back to a far slower path).
         out[chunk.token_start : chunk.token_end] = F.scaled_dot_product_attention(
-            q[chunk.token_start : chunk.token_end].transpose(0, 1),  # [h, n, d]
-            keys,
-            values,
+            q[chunk.token_start : chunk.token_end].transpose(0, 1).unsqueeze(0),  # [1, h, n, d]
+            keys.unsqueeze(0),
+            values.unsqueeze(0),
             attn_mask=mask,
+            is_causal=mask is None,
             scale=scale,
             enable_gqa=True,
-        ).transpose(0, 1)
+        )[0].transpose(0, 1)
     return out
 
 
