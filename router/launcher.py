@@ -32,7 +32,7 @@ log = logging.getLogger("mixserve.launcher")
 
 # After a shard dies the router keeps answering (503) this long before it exits, so clients and
 # probes see why.
-FAILURE_LINGER_S = 3.0
+FAILURE_LINGER_S = 5.0
 SHARD_LOG_LINES = 30
 
 
@@ -105,6 +105,7 @@ async def start_shards(args: argparse.Namespace, model_dir: str, socket_dir: Pat
             *cmd, env=dict(env, RANK=str(rank)), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
         )
         shard = ShardProcess(rank, f"unix:{path}", process)
+        log.info("event=shard_started rank=%d pid=%d address=%s", rank, process.pid, shard.address)
         asyncio.create_task(_pump_output(shard))
         shards.append(shard)
     return shards

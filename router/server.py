@@ -50,8 +50,8 @@ async def errors_middleware(request: web.Request, handler):
     except RouterError as exc:
         log.info("event=refused path=%s status=%d error_type=%s", request.path, exc.status, exc.error_type)
         return error_response(exc)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(PayloadTooLarge(f"request body exceeds {exc.max_size} bytes"))
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(PayloadTooLarge(f"request body exceeds {request.client_max_size} bytes"))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -77,8 +77,8 @@ async def auth_middleware(request: web.Request, handler):
 async def read_json(request: web.Request) -> dict:
     try:
         raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise PayloadTooLarge(f"request body exceeds {exc.max_size} bytes") from None
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"request body exceeds {request.client_max_size} bytes") from None
     if not raw:
         raise BadRequest("request body is empty; send a JSON object")
     return decode_json_body(raw)

@@ -1,8 +1,12 @@
 """Shared fixtures: a demo checkpoint written once per test session, free ports, shard groups."""
 
 import os
+import signal
 import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -34,3 +38,64 @@ def demo_dir(tmp_path_factory) -> Path:
     from shards.demo.checkpoint import write_demo_checkpoint
 
     return write_demo_checkpoint(tmp_path_factory.mktemp("demo") / "mixtral-demo")
+
+
+class LaunchedServer:
+    """A real `mixserve launch` child process; its log goes to a file the tests can read."""
+
+    def __init__(self, args: list[str], log_path: Path, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [PYTHON, "-m", "mixserve.cli", "launch", "--port", str(port), *args],
+            env=subprocess_env(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_healthy(self, timeout_s: float = 300) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mixserve launch exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"mixserve launch not healthy after {timeout_s}s:\n{self.log()[-4000:]}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="session")
+def launch(tmp_path_factory):
+    """Start `mixserve launch` with extra flags; every server started is stopped at session end."""
+    started: list[LaunchedServer] = []
+
+    def start(*args: str) -> LaunchedServer:
+        log_path = tmp_path_factory.mktemp("launch") / "server.log"
+        server = LaunchedServer(list(args), log_path, free_port())
+        started.append(server)
+        server.wait_healthy()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
