@@ -172,7 +172,7 @@ class Engine:
         if not self.scheduler.fits(n, params.max_new_tokens):
             raise ValidationError(
                 f"prompt tokens ({n}) + max_new_tokens ({params.max_new_tokens}) do not fit the KV cache "
-                f"({self.scheduler.config.num_blocks} blocks of {self.scheduler.config.block_size} tokens)"
+                f"({self.scheduler.config.max_blocks} blocks of {self.scheduler.config.block_size} tokens)"
             )
         seq_id = next(self._ids)
         generation = Generation(seq_id, prompt_ids, params, self)

@@ -1,0 +1,348 @@
+"""Continuous batching over the router-owned paged KV cache, with chunked prefill.
+
+Every step (`schedule`) is built in this order:
+
+1. one decode token for every running sequence whose prompt is already in the cache;
+2. the next prompt chunk of every partially prefilled running sequence, oldest first;
+3. waiting sequences, strictly FIFO, each with its first chunk, while the prefill token budget,
+   `max_running_requests` and free blocks allow. A head that cannot get its blocks waits, and the
+   requests behind it wait with it.
+
+Prefill chunks share `max_batch_prefill_tokens`; decode tokens do not count against it, so a long
+prompt is spread over several steps and never stalls the running streams.
+
+Blocks are reserved only for the tokens a step processes, not for `max_new_tokens` up front, so many
+requests share the cache and a request that stops early never held memory it did not use. The price
+is that the cache can run out mid-generation: a decode that needs a block when none is free preempts
+the most recently admitted running sequence (possibly itself). The victim's blocks are freed and it
+goes back to the head of the waiting queue; when admitted again it recomputes its prompt and the
+tokens it has generated as one prefill (vLLM's recompute preemption), so nothing it produced is lost.
+No step admits anything after preempting: memory is short, and a new sequence would be the next victim.
+
+Why this never deadlocks. A decode short of a block preempts the youngest running sequences, itself
+last, so the oldest decoding sequence always gets its token. At most one prompt is partially
+prefilled at any time (it takes the prefill budget before admission, and admission stops when the
+budget or the blocks run out), so prompts never hold blocks against each other: a prompt chunk that
+finds no room waits for the decoding sequences, which progress every step and free their blocks
+when they finish (or preempt it, if it is the youngest); nothing is admitted meanwhile. `add` only
+takes requests that fit the cache alone, so the waiting head runs at the latest when the batch
+drains. No request is lost: a preempted sequence keeps its outputs and its place at the queue head.
+
+One step is in flight at a time: `schedule`, the shards run the plan, `on_step_done`. `finish` and
+`abort` may come at any moment and free blocks at once; blocks freed while a step is in flight are
+handed out again only by the next `schedule`, whose step the shards run after the current one.
+Pure Python: no torch, no I/O.
+"""
+
+import enum
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from router.block_allocator import BlockAllocator, BlockTable
+
+logger = logging.getLogger(__name__)
+
+
+class SequenceStatus(enum.Enum):
+    """Where a sequence is: queued (new or preempted), in the running batch, or done for good."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    """Cache geometry (from the shards' Warmup) and the batching limits (from the router's flags)."""
+
+    num_blocks: int
+    block_size: int
+    max_batch_prefill_tokens: int = 4096
+    # Tokens of K/V the running batch may hold, rounded down to whole blocks; None: the whole cache.
+    max_batch_total_tokens: int | None = None
+    max_running_requests: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("num_blocks", "block_size", "max_batch_prefill_tokens", "max_running_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_batch_total_tokens is not None and self.max_batch_total_tokens < self.block_size:
+            raise ValueError(
+                f"max_batch_total_tokens ({self.max_batch_total_tokens}) must hold at least one block "
+                f"of {self.block_size} tokens"
+            )
+
+    @property
+    def max_blocks(self) -> int:
+        """Blocks the running batch may hold at once."""
+        if self.max_batch_total_tokens is None:
+            return self.num_blocks
+        return min(self.num_blocks, self.max_batch_total_tokens // self.block_size)
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """One request as the scheduler sees it; `payload` belongs to the caller and is never read here."""
+
+    seq_id: int
+    prompt_ids: list[int]
+    max_new_tokens: int
+    payload: Any = None
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # leading tokens (prompt, then outputs) whose K/V are in the cache
+    status: SequenceStatus = SequenceStatus.WAITING
+    # None until Scheduler.add binds it to the cache's block size.
+    block_table: BlockTable | None = field(default=None, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_decoding(self) -> bool:
+        """Whether only the last sampled token is missing from the cache: the next step is a decode."""
+        return bool(self.output_ids) and self.num_computed == self.num_tokens - 1
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of the prompt followed by the generated tokens."""
+        prompt_len = len(self.prompt_ids)
+        if end <= prompt_len:
+            return self.prompt_ids[start:end]
+        if start >= prompt_len:
+            return self.output_ids[start - prompt_len : end - prompt_len]
+        return self.prompt_ids[start:] + self.output_ids[: end - prompt_len]
+
+
+@dataclass(slots=True)
+class ScheduledSequence:
+    """What one sequence does in a step; maps onto the shard protocol's SequenceStep."""
+
+    seq: Sequence
+    token_ids: list[int]
+    start_position: int  # position of token_ids[0]; every earlier position is in the cache
+    slot_mapping: list[int]  # cache slot written for each of token_ids
+    block_table: list[int]  # blocks holding positions [0, start_position + len(token_ids))
+    sample: bool  # decodes and last prefill chunks sample; earlier chunks only fill the cache
+    is_prefill: bool
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """One step: decodes first, then prefill chunks, plus the sequences preempted to make room."""
+
+    sequences: list[ScheduledSequence] = field(default_factory=list)
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    # Sent back to the waiting queue by this step; the shards may drop their per-sequence state.
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefill_tokens + self.num_decode_tokens
+
+
+class Scheduler:
+    """Continuous-batching scheduler: a FIFO waiting queue, the running batch and the block allocator."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.allocator = BlockAllocator(config.num_blocks, config.block_size)
+        self.num_preemptions = 0
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []  # admission order, oldest first
+        self._live: dict[int, Sequence] = {}
+        self._in_flight: StepPlan | None = None
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_blocks_used(self) -> int:
+        return self.allocator.num_used
+
+    @property
+    def num_blocks_free(self) -> int:
+        return self._free_blocks()
+
+    def fits(self, prompt_len: int, max_new_tokens: int) -> bool:
+        """Whether a request of this size could ever run, alone in the cache."""
+        # The last sampled token is never fed back, so a sequence holds at most
+        # prompt_len + max_new_tokens - 1 tokens of K/V, also while recomputing after a preemption.
+        max_tokens = prompt_len + max_new_tokens - 1
+        return -(-max_tokens // self.config.block_size) <= self.config.max_blocks
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence at the back of the waiting queue; ValueError if it can never run."""
+        if seq.status is not SequenceStatus.WAITING or seq.num_computed or seq.output_ids:
+            raise ValueError(f"seq {seq.seq_id} is not a new sequence")
+        if seq.seq_id in self._live:
+            raise ValueError(f"seq {seq.seq_id} is already queued or running")
+        if not seq.prompt_ids:
+            raise ValueError(f"seq {seq.seq_id} has an empty prompt")
+        if seq.max_new_tokens < 1:
+            raise ValueError(f"seq {seq.seq_id}: max_new_tokens must be >= 1, got {seq.max_new_tokens}")
+        if not self.fits(len(seq.prompt_ids), seq.max_new_tokens):
+            raise ValueError(
+                f"seq {seq.seq_id}: {len(seq.prompt_ids)} prompt tokens + {seq.max_new_tokens} new tokens "
+                f"exceed the KV cache ({self.config.max_blocks} blocks of {self.config.block_size})"
+            )
+        seq.block_table = BlockTable(self.config.block_size)
+        self._live[seq.seq_id] = seq
+        self._waiting.append(seq)
+
+    def schedule(self) -> StepPlan | None:
+        """Build the next step, or None when there is nothing to run; call on_step_done before the next."""
+        if self._in_flight is not None:
+            raise RuntimeError("schedule() called before on_step_done() for the step in flight")
+        plan = StepPlan()
+        self._schedule_decodes(plan)
+        budget = self._schedule_prefill_chunks(plan)
+        # A step that had to preempt is short of memory: admitting now would only preempt again.
+        if not plan.preempted:
+            self._admit(plan, budget)
+        if not plan.sequences:
+            return None
+        self._in_flight = plan
+        return plan
+
+    def on_step_done(self, plan: StepPlan, sampled: dict[int, int]) -> list[Sequence]:
+        """Record a finished step: `sampled` maps seq_id to the token sampled for it.
+
+        Results for sequences finished or aborted since `schedule` are ignored. Returns the sequences
+        that reached max_new_tokens; they are finished and their blocks freed. ValueError, changing
+        nothing, if a live sequence that had to sample has no token: to drop a failed step, abort its
+        sequences first.
+        """
+        if plan is not self._in_flight:
+            raise ValueError("on_step_done() got a plan that is not the step in flight")
+        live = [entry for entry in plan.sequences if self._live.get(entry.seq.seq_id) is entry.seq]
+        missing = [entry.seq.seq_id for entry in live if entry.sample and entry.seq.seq_id not in sampled]
+        if missing:
+            raise ValueError(f"no sampled token for seqs {missing}")
+        self._in_flight = None
+        finished: list[Sequence] = []
+        for entry in live:
+            seq = entry.seq
+            seq.num_computed += len(entry.token_ids)
+            if entry.sample:
+                seq.output_ids.append(sampled[seq.seq_id])
+                if len(seq.output_ids) >= seq.max_new_tokens:
+                    self._remove(seq, "length")
+                    finished.append(seq)
+        return finished
+
+    def finish(self, seq_id: int) -> Sequence | None:
+        """End a sequence wherever it is and free its blocks; None if it is not queued or running."""
+        return self._remove_id(seq_id, "finished")
+
+    def abort(self, seq_id: int) -> Sequence | None:
+        """Cancel a sequence (client gone, error) wherever it is, mid-prefill included; like finish."""
+        return self._remove_id(seq_id, "aborted")
+
+    @staticmethod
+    def _table(seq: Sequence) -> BlockTable:
+        assert seq.block_table is not None, "every sequence the scheduler holds was bound by add"
+        return seq.block_table
+
+    def _free_blocks(self) -> int:
+        return min(self.allocator.num_free, self.config.max_blocks - self.allocator.num_used)
+
+    def _schedule_decodes(self, plan: StepPlan) -> None:
+        for seq in list(self._running):
+            if seq.status is not SequenceStatus.RUNNING or not seq.is_decoding:
+                continue
+            while self._table(seq).blocks_needed(seq.num_computed + 1) > self._free_blocks():
+                # Only sequences younger than seq can be behind it, and none of them is planned yet.
+                victim = self._running[-1]
+                self._preempt(victim, plan)
+                if victim is seq:
+                    break
+            if seq.status is SequenceStatus.RUNNING:
+                self._plan_chunk(plan, seq, 1)
+
+    def _schedule_prefill_chunks(self, plan: StepPlan) -> int:
+        budget = self.config.max_batch_prefill_tokens
+        for seq in self._running:
+            if budget == 0:
+                break
+            if seq.is_decoding:
+                continue
+            # A chunk short of blocks shrinks to the room left; with none, it waits for the decoding
+            # sequences to free theirs (the module docstring says why that always happens).
+            n = self._fit_chunk(seq, min(seq.num_tokens - seq.num_computed, budget))
+            if n:
+                self._plan_chunk(plan, seq, n)
+                budget -= n
+        return budget
+
+    def _admit(self, plan: StepPlan, budget: int) -> None:
+        while self._waiting and budget > 0 and len(self._running) < self.config.max_running_requests:
+            seq = self._waiting[0]
+            n = min(seq.num_tokens, budget)
+            if self._table(seq).blocks_needed(n) > self._free_blocks():
+                break
+            self._waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self._running.append(seq)
+            self._plan_chunk(plan, seq, n)
+            budget -= n
+
+    def _fit_chunk(self, seq: Sequence, want: int) -> int:
+        """How many of the next `want` tokens of seq its blocks plus the free blocks can hold."""
+        room = (len(self._table(seq).blocks) + self._free_blocks()) * self.config.block_size
+        return max(0, min(want, room - seq.num_computed))
+
+    def _plan_chunk(self, plan: StepPlan, seq: Sequence, n: int) -> None:
+        start = seq.num_computed
+        is_prefill = not seq.is_decoding
+        table = self._table(seq)
+        table.grow(self.allocator, start + n)
+        plan.sequences.append(
+            ScheduledSequence(
+                seq=seq,
+                token_ids=seq.token_slice(start, start + n),
+                start_position=start,
+                slot_mapping=table.slot_mapping(start, n),
+                block_table=list(table.blocks),
+                sample=start + n == seq.num_tokens,
+                is_prefill=is_prefill,
+            )
+        )
+        if is_prefill:
+            plan.num_prefill_tokens += n
+        else:
+            plan.num_decode_tokens += n
+
+    def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
+        self._running.remove(seq)
+        self._table(seq).release(self.allocator)
+        seq.num_computed = 0
+        seq.status = SequenceStatus.WAITING
+        # Victims are taken youngest first, so pushing each on the front keeps the queue oldest first.
+        self._waiting.appendleft(seq)
+        plan.preempted.append(seq)
+        self.num_preemptions += 1
+        logger.debug("event=preempt seq_id=%d generated=%d", seq.seq_id, len(seq.output_ids))
+
+    def _remove_id(self, seq_id: int, reason: str) -> Sequence | None:
+        seq = self._live.get(seq_id)
+        if seq is not None:
+            self._remove(seq, reason)
+        return seq
+
+    def _remove(self, seq: Sequence, reason: str) -> None:
+        del self._live[seq.seq_id]
+        if seq.status is SequenceStatus.RUNNING:
+            self._running.remove(seq)
+        else:
+            self._waiting.remove(seq)
+        self._table(seq).release(self.allocator)
+        seq.status = SequenceStatus.FINISHED
+        logger.debug("event=seq_removed seq_id=%d reason=%s", seq.seq_id, reason)
