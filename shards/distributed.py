@@ -7,32 +7,45 @@ exactly as torchrun sets them. gloo on CPU, NCCL on CUDA.
 import datetime
 import logging
 import os
+import socket
+import uuid
 
 import torch
 import torch.distributed as dist
 
 from shards.config import ParallelConfig
+from shards.shm_collectives import SharedMemoryGroup
 
 log = logging.getLogger(__name__)
 
 
 class TensorParallelGroup:
-    """All-reduce and all-gather over the shards of one model; no-ops at world size 1."""
+    """All-reduce and all-gather over the shards of one model; no-ops at world size 1.
 
-    def __init__(self, parallel: ParallelConfig) -> None:
+    With `shm` (CPU ranks of one host) tensors that fit a slot go through shared memory,
+    the rest through torch.distributed.
+    """
+
+    def __init__(self, parallel: ParallelConfig, shm: SharedMemoryGroup | None = None) -> None:
         self.rank = parallel.rank
         self.world_size = parallel.world_size
+        self.shm = shm
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over ranks, in place; returns it."""
         if self.world_size > 1:
-            dist.all_reduce(tensor)
+            if self.shm is not None and self.shm.fits(tensor):
+                self.shm.all_reduce(tensor)
+            else:
+                dist.all_reduce(tensor)
         return tensor
 
     def all_gather_last_dim(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's `tensor` along its last dimension, in rank order."""
         if self.world_size == 1:
             return tensor
+        if self.shm is not None and self.shm.fits(tensor):
+            return self.shm.all_gather_last_dim(tensor)
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         dist.all_gather(parts, tensor.contiguous())
         return torch.cat(parts, dim=-1)
@@ -69,3 +82,42 @@ def init_process_group(parallel: ParallelConfig, device: torch.device, timeout_s
         timeout=datetime.timedelta(seconds=timeout_s),
         device_id=device if device.type == "cuda" else None,
     )
+
+
+def shared_memory_group(parallel: ParallelConfig) -> SharedMemoryGroup | None:
+    """A shared-memory group when every rank runs on this host (the launcher's case), else None.
+
+    Needs the process group (to agree on the segment's name); collective on every rank.
+    """
+    if parallel.world_size == 1:
+        return None
+    hosts: list[str | None] = [None] * parallel.world_size
+    dist.all_gather_object(hosts, socket.gethostname())
+    if len(set(hosts)) != 1:
+        log.info("event=shm_collectives enabled=false reason=ranks_on_%d_hosts", len(set(hosts)))
+        return None
+    name = [f"mixserve-{uuid.uuid4().hex[:16]}"]
+    if parallel.rank == 0:
+        group = SharedMemoryGroup(name[0], 0, parallel.world_size, create=True)
+    dist.broadcast_object_list(name, src=0)
+    if parallel.rank != 0:
+        group = SharedMemoryGroup(name[0], parallel.rank, parallel.world_size)
+    dist.barrier()
+    group.unlink()
+    log.info("event=shm_collectives enabled=true segment=%s", name[0])
+    return group
+
+
+def tensor_parallel_group(
+    parallel: ParallelConfig, device: torch.device, collectives: str = "auto"
+) -> TensorParallelGroup:
+    """The group the model uses. `collectives`: `auto` (shared memory for CPU ranks of one host,
+    else torch.distributed), `shm` (shared memory, or fail), `torch` (torch.distributed only)."""
+    if collectives not in ("auto", "shm", "torch"):
+        raise ValueError(f"collectives must be auto, shm or torch, got {collectives!r}")
+    shm = None
+    if collectives != "torch" and device.type == "cpu":
+        shm = shared_memory_group(parallel)
+    if collectives == "shm" and shm is None and parallel.world_size > 1:
+        raise ValueError("--collectives shm needs every rank on this host's CPU")
+    return TensorParallelGroup(parallel, shm)

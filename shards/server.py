@@ -17,7 +17,7 @@ import torch
 
 from mixserve_pb import shard_pb2, shard_pb2_grpc
 from shards.config import DTYPES, ModelConfig, ParallelConfig
-from shards.distributed import TensorParallelGroup, init_process_group
+from shards.distributed import init_process_group, tensor_parallel_group
 from shards.loader import load_model, weight_bytes
 from shards.runner import InvalidStep, ModelRunner, OutOfCapacity, SequenceStep
 from shards.sampling import SamplingParams
@@ -178,6 +178,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--block-size", type=int, default=16, help="KV cache token slots per block")
     parser.add_argument("--max-kv-blocks", type=int, default=0, help="cap on KV cache blocks (0: size from memory)")
+    parser.add_argument(
+        "--collectives",
+        choices=["auto", "shm", "torch"],
+        default="auto",
+        help="auto: shared-memory all-reduce between CPU shards of one host, else torch.distributed",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (one per shard is fastest)")
     parser.add_argument("--master-addr", help="rendezvous address (default: $MASTER_ADDR or 127.0.0.1)")
     parser.add_argument("--master-port", type=int, help="rendezvous port (default: $MASTER_PORT or 29500)")
@@ -204,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
         log.error("event=bad_config error=%r", str(e))
         return 2
     init_process_group(parallel, device)
-    group = TensorParallelGroup(parallel)
+    group = tensor_parallel_group(parallel, device, args.collectives)
     model = load_model(model_dir, parallel, group, dtype, device)
     runner = ModelRunner(model, parallel, group, device, dtype, args.block_size)
     server = grpc.server(

@@ -16,13 +16,19 @@ PROMPTS = [[1, 523, 77, 1200, 9, 4000, 31], [1, 88, 2900], [1, 5, 6, 7, 8, 9, 10
 DECODE_STEPS = 16
 
 
-def run_group(model_dir, world_size: int, out, prompts=PROMPTS, steps=DECODE_STEPS) -> list[dict]:
+def run_group(model_dir, world_size: int, out, collectives: str = "auto", prompts=PROMPTS, steps=DECODE_STEPS):
     """Start `world_size` tp_worker processes with torchrun's variables; return each rank's record."""
     port = str(free_port())
     procs = [
         subprocess.Popen(
             [PYTHON, str(REPO / "tests" / "tp_worker.py"), str(model_dir), str(out), json.dumps(prompts), str(steps)],
-            env=subprocess_env(RANK=str(r), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+            env=subprocess_env(
+                RANK=str(r),
+                WORLD_SIZE=str(world_size),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                TP_COLLECTIVES=collectives,
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -43,11 +49,14 @@ def reference(demo_dir):
 @pytest.fixture(scope="module")
 def groups(demo_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("tp")
-    return {n: run_group(demo_dir, n, out / f"ws{n}") for n in (1, 2, 4)}
+    runs = {n: run_group(demo_dir, n, out / f"ws{n}") for n in (1, 2, 4)}
+    runs["4-gloo"] = run_group(demo_dir, 4, out / "ws4-gloo", collectives="torch")
+    return runs
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("world_size", [1, 2, 4, "4-gloo"])
 def test_logits_match_transformers_prefill_and_decode(groups, reference, world_size):
+    """World size 4 runs twice: shared-memory collectives (the default on one host) and gloo."""
     ranks = groups[world_size]
     seqs = ranks[0]["seqs"]
     assert all(r["seqs"] == seqs for r in ranks), "ranks disagree on the greedy tokens"

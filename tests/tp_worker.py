@@ -12,7 +12,7 @@ import sys
 import torch
 
 from shards.config import ParallelConfig
-from shards.distributed import TensorParallelGroup, init_process_group
+from shards.distributed import init_process_group, tensor_parallel_group
 from shards.loader import load_model, weight_bytes
 from shards.runner import ModelRunner, SequenceStep
 from shards.sampling import SamplingParams
@@ -26,7 +26,7 @@ def main() -> None:
     parallel = ParallelConfig(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
     device = torch.device("cpu")
     init_process_group(parallel, device)
-    group = TensorParallelGroup(parallel)
+    group = tensor_parallel_group(parallel, device, os.environ.get("TP_COLLECTIVES", "auto"))
     model = load_model(model_dir, parallel, group, torch.float32, device)
     runner = ModelRunner(model, parallel, group, device, torch.float32, BLOCK_SIZE)
     runner.allocate_cache(256)
