@@ -1,0 +1,69 @@
+"""The router's exceptions: each class carries the HTTP status and the `error_type` the APIs report.
+
+Every error a client can see is one of these; the HTTP, OpenAI, TGI and gRPC fronts map them
+to their own framing with `status` and `error_body`, so one request's failure never needs
+special-casing per API.
+"""
+
+from typing import ClassVar
+
+
+class RouterError(Exception):
+    """Base of every error the router reports to a client; unexpected failures are 500s."""
+
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "internal"
+
+
+class BadRequest(RouterError):
+    """The body is malformed: not JSON, not an object, or a field of the wrong JSON type."""
+
+    status = 400
+    error_type = "bad_request"
+
+
+class Unauthorized(RouterError):
+    """The request lacks valid credentials."""
+
+    status = 401
+    error_type = "authentication"
+
+
+class PayloadTooLarge(RouterError):
+    """The body, or the prompt once tokenized, exceeds what the server accepts."""
+
+    status = 413
+    error_type = "payload_too_large"
+
+
+class ValidationError(RouterError):
+    """The body is well-formed but a value is out of range or the fields contradict each other."""
+
+    status = 422
+    error_type = "validation"
+
+
+class Overloaded(RouterError):
+    """The queue is full; the client should retry later."""
+
+    status = 429
+    error_type = "overloaded"
+
+
+class GenerationError(RouterError):
+    """Generation failed on the server side after the request was accepted."""
+
+    status = 500
+    error_type = "generation"
+
+
+class ShardUnavailable(RouterError):
+    """No healthy shard group can serve the request right now."""
+
+    status = 503
+    error_type = "unavailable"
+
+
+def error_body(exc: RouterError) -> dict[str, str]:
+    """The JSON body every API answers an error with: `{"error": message, "error_type": type}`."""
+    return {"error": str(exc), "error_type": exc.error_type}

@@ -1,0 +1,267 @@
+"""Validation of generation request bodies into `GenerationRequest`.
+
+The field validators (`as_bool`, `as_int`, `as_float`, `as_stop`, `as_seed`, `as_prompt`,
+`as_messages`, `max_new_tokens_from`) take the field's name as the client spelled it and the
+raw JSON value, so every API body (`/predict` here; OpenAI and TGI with their own names and
+defaults) reports errors in its own vocabulary. A JSON null counts as an absent field. A value
+of the wrong JSON type is a `BadRequest` (400); a well-typed value out of range, or fields that
+contradict each other, a `ValidationError` (422). Both name the field, and the bound.
+"""
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import jinja2
+
+from router.errors import BadRequest, ValidationError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+MAX_STOP_SEQUENCES = 16
+MAX_SEED = 2**64 - 1
+# top_k travels as a uint32 on the shard wire.
+MAX_TOP_K = 2**32 - 1
+# OpenAI's documented range for frequency and presence penalties.
+MAX_ABS_PENALTY = 2.0
+
+_JSON_TYPE_NAMES = {
+    type(None): "null",
+    bool: "boolean",
+    int: "number",
+    float: "number",
+    str: "string",
+    list: "array",
+    dict: "object",
+}
+
+
+def _json_type(value: object) -> str:
+    return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise BadRequest(f"request body is not valid JSON: {name} is not a JSON number")
+
+
+def decode_json_body(raw: bytes | str) -> dict[str, Any]:
+    """Parse a request body that must be one JSON object (NaN and Infinity are not JSON)."""
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"request body must be a JSON object, got {_json_type(body)}")
+    return body
+
+
+def _bound_text(ge: float | None, gt: float | None, le: float | None, lt: float | None) -> str:
+    parts = [f"{op} {bound}" for op, bound in ((">=", ge), (">", gt), ("<=", le), ("<", lt)) if bound is not None]
+    return " and ".join(parts)
+
+
+def as_bool(name: str, value: object, *, default: bool | None = None) -> bool:
+    """A JSON boolean; null or absent gives `default`."""
+    if value is None and default is not None:
+        return default
+    if not isinstance(value, bool):
+        raise BadRequest(f"{name} must be a boolean, got {_json_type(value)}")
+    return value
+
+
+def as_int(
+    name: str, value: object, *, default: int | None = None, ge: int | None = None, le: int | None = None
+) -> int:
+    """A JSON integer within [ge, le]; null or absent gives `default`. Booleans and 1.0 are not integers."""
+    if value is None and default is not None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{name} must be an integer, got {_json_type(value)}")
+    if (ge is not None and value < ge) or (le is not None and value > le):
+        raise ValidationError(f"{name} must be {_bound_text(ge, None, le, None)}, got {value}")
+    return value
+
+
+def as_float(
+    name: str,
+    value: object,
+    *,
+    default: float | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> float:
+    """A finite JSON number within the given bounds; null or absent gives `default`."""
+    if value is None and default is not None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRequest(f"{name} must be a number, got {_json_type(value)}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValidationError(f"{name} must be a finite number, got {number}")
+    if (
+        (ge is not None and number < ge)
+        or (gt is not None and number <= gt)
+        or (le is not None and number > le)
+        or (lt is not None and number >= lt)
+    ):
+        raise ValidationError(f"{name} must be {_bound_text(ge, gt, le, lt)}, got {value}")
+    return number
+
+
+def as_seed(name: str, value: object) -> int | None:
+    """An unsigned 64-bit integer seed, or None (null or absent) for an unseeded request."""
+    if value is None:
+        return None
+    return as_int(name, value, ge=0, le=MAX_SEED)
+
+
+def as_stop(name: str, value: object, *, max_count: int = MAX_STOP_SEQUENCES) -> list[str]:
+    """Stop sequences: one string or an array of at most `max_count` non-empty strings."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    elif not isinstance(value, list):
+        raise BadRequest(f"{name} must be a string or an array of strings, got {_json_type(value)}")
+    if len(value) > max_count:
+        raise ValidationError(f"{name} must hold at most {max_count} strings, got {len(value)}")
+    for i, stop in enumerate(value):
+        if not isinstance(stop, str):
+            raise BadRequest(f"{name}[{i}] must be a string, got {_json_type(stop)}")
+        if not stop:
+            raise ValidationError(f"{name}[{i}] must not be empty")
+    return list(value)
+
+
+def as_prompt(name: str, value: object) -> str:
+    """A non-empty prompt string."""
+    if not isinstance(value, str):
+        raise BadRequest(f"{name} must be a string, got {_json_type(value)}")
+    if not value:
+        raise ValidationError(f"{name} must not be empty")
+    return value
+
+
+def as_messages(name: str, value: object) -> list[dict[str, str]]:
+    """A non-empty array of {role, content} string objects; other keys are dropped."""
+    if not isinstance(value, list):
+        raise BadRequest(f"{name} must be an array of {{role, content}} objects, got {_json_type(value)}")
+    if not value:
+        raise ValidationError(f"{name} must not be empty")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise BadRequest(f"{name}[{i}] must be an object, got {_json_type(message)}")
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                raise BadRequest(f"{name}[{i}].{key} must be a string, got {_json_type(message.get(key))}")
+        if not message["role"]:
+            raise ValidationError(f"{name}[{i}].role must not be empty")
+        messages.append({"role": message["role"], "content": message["content"]})
+    return messages
+
+
+def max_new_tokens_from(body: dict[str, Any], names: tuple[str, ...], *, default: int) -> int:
+    """The token limit under any of its accepted spellings; two spellings with different values are a 422."""
+    given = {name: as_int(name, body[name], ge=1) for name in names if body.get(name) is not None}
+    if len(set(given.values())) > 1:
+        spelled = ", ".join(f"{name}={value}" for name, value in given.items())
+        raise ValidationError(f"{' and '.join(given)} disagree ({spelled}); give one of them")
+    return next(iter(given.values()), default)
+
+
+@dataclass(slots=True)
+class GenerationParams:
+    """How one request generates: token limit, sampling, penalties, stop sequences, streaming."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    stream: bool = True
+    ignore_eos: bool = False
+    top_n_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.max_new_tokens = as_int("max_new_tokens", self.max_new_tokens, ge=1)
+        self.temperature = as_float("temperature", self.temperature, ge=0)
+        self.top_p = as_float("top_p", self.top_p, gt=0, le=1)
+        self.top_k = as_int("top_k", self.top_k, ge=0, le=MAX_TOP_K)
+        self.repetition_penalty = as_float("repetition_penalty", self.repetition_penalty, gt=0)
+        self.frequency_penalty = as_float(
+            "frequency_penalty", self.frequency_penalty, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY
+        )
+        self.presence_penalty = as_float(
+            "presence_penalty", self.presence_penalty, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY
+        )
+        self.stop = as_stop("stop", self.stop)
+        self.seed = as_seed("seed", self.seed)
+        self.stream = as_bool("stream", self.stream)
+        self.ignore_eos = as_bool("ignore_eos", self.ignore_eos)
+        self.top_n_tokens = as_int("top_n_tokens", self.top_n_tokens, ge=0)
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    """A validated request: exactly one of a raw `prompt` or chat `messages`, and how to generate."""
+
+    prompt: str | None
+    messages: list[dict[str, str]] | None
+    params: GenerationParams
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValidationError("give exactly one of prompt or messages")
+
+
+_PREDICT_DEFAULTS = GenerationParams()
+
+
+def parse_predict_request(body: dict[str, Any]) -> GenerationRequest:
+    """Validate a `POST /predict` body (already decoded JSON); unknown fields are ignored."""
+    if not isinstance(body, dict):
+        raise BadRequest(f"request body must be a JSON object, got {_json_type(body)}")
+    defaults = _PREDICT_DEFAULTS
+    params = GenerationParams(
+        max_new_tokens=max_new_tokens_from(body, ("max_tokens", "max_new_tokens"), default=defaults.max_new_tokens),
+        temperature=as_float("temperature", body.get("temperature"), default=defaults.temperature, ge=0),
+        top_p=as_float("top_p", body.get("top_p"), default=defaults.top_p, gt=0, le=1),
+        top_k=as_int("top_k", body.get("top_k"), default=defaults.top_k, ge=0, le=MAX_TOP_K),
+        repetition_penalty=as_float(
+            "repetition_penalty", body.get("repetition_penalty"), default=defaults.repetition_penalty, gt=0
+        ),
+        stop=as_stop("stop", body.get("stop")),
+        seed=as_seed("seed", body.get("seed")),
+        stream=as_bool("stream", body.get("stream"), default=defaults.stream),
+    )
+    prompt, messages = body.get("prompt"), body.get("messages")
+    return GenerationRequest(
+        prompt=None if prompt is None else as_prompt("prompt", prompt),
+        messages=None if messages is None else as_messages("messages", messages),
+        params=params,
+    )
+
+
+def render_prompt(tokenizer: "PreTrainedTokenizerBase", request: GenerationRequest) -> str:
+    """The prompt text: `request.prompt`, or its messages rendered with the tokenizer's chat template.
+
+    A template that rejects the conversation (`raise_exception` in the template, or any other
+    jinja error) is the caller's mistake, so it becomes a ValidationError carrying the reason.
+    """
+    if request.prompt is not None:
+        return request.prompt
+    if tokenizer.chat_template is None:
+        raise ValidationError("this model has no chat template; send a prompt instead of messages")
+    try:
+        return tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+    except jinja2.TemplateError as exc:
+        raise ValidationError(f"chat template rejected the messages: {exc}") from None
