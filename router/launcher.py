@@ -156,9 +156,10 @@ async def stop_shards(shards: list[ShardProcess], timeout_s: float = 10.0) -> No
 
 async def serve(args: argparse.Namespace) -> int:
     model_dir = resolve_model(args.model)
-    from transformers import AutoTokenizer
+    # The fast tokenizer class loads tokenizer.json and the chat template without importing torch.
+    from transformers import PreTrainedTokenizerFast
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
     with tempfile.TemporaryDirectory(prefix="mixserve-") as tmp:
         socket_dir = Path(tmp)
         os.chmod(socket_dir, 0o700)
