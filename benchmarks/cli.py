@@ -1,0 +1,32 @@
+"""`mixserve bench`: the benchmark harness's commands.
+
+- `serve`: load a running server (concurrency sweep or Poisson arrivals) and report throughput and latency.
+- `latency`: shard prefill/decode step latency over direct gRPC, and the router's own overhead.
+- `roofline`: this machine's memory bandwidth and matmul FLOP/s, and the model's ceilings on it.
+- `compare`: mixserve (1 and 4 shards), the naive baseline and every installed peer, one after another.
+"""
+
+import argparse
+import importlib
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("benchmarks.serve", "load a running server and report throughput and latency"),
+    "latency": ("benchmarks.latency", "shard step latency over gRPC and the router's overhead"),
+    "roofline": ("benchmarks.roofline", "memory bandwidth, FLOP/s and the model's ceilings on this machine"),
+    "compare": ("benchmarks.compare", "mixserve, the naive baseline and the peers side by side"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One sub-command per harness module; each module adds its own flags."""
+    sub = parser.add_subparsers(dest="bench_command", required=True, metavar="BENCH_COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command)
+        command.set_defaults(bench_run=module.run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the chosen sub-command."""
+    return args.bench_run(args)

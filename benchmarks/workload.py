@@ -1,0 +1,110 @@
+"""The synthetic workload: prompts of an exact token length, output lengths, arrival times.
+
+Prompts are random vocabulary pieces from the served tokenizer (`tokenizer.json`, read with
+`tokenizers` so the load generator never imports torch), decoded to text and adjusted until
+the text encodes back to exactly the asked number of tokens (special tokens the server adds,
+such as BOS, not counted). The same seed always gives the same workload.
+"""
+
+import math
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+# Rounds of decode → encode → trim/pad before giving up on an exact length; two or three suffice
+# for byte-fallback BPE vocabularies.
+MAX_ROUNDS = 50
+_BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
+@dataclass(slots=True, frozen=True)
+class BenchRequest:
+    """One request of the workload: the prompt text, its token count, and how many tokens to ask for."""
+
+    prompt: str
+    prompt_tokens: int
+    max_tokens: int
+
+
+@dataclass(slots=True)
+class WorkloadConfig:
+    """Prompt length, output length (fixed, or uniform within ±spread of it), and the seed."""
+
+    input_len: int = 64
+    output_len: int = 64
+    output_spread: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.input_len < 1:
+            raise ValueError(f"input_len must be >= 1, got {self.input_len}")
+        if self.output_len < 1:
+            raise ValueError(f"output_len must be >= 1, got {self.output_len}")
+        if not 0.0 <= self.output_spread < 1.0:
+            raise ValueError(f"output_spread must be in [0, 1), got {self.output_spread}")
+
+
+def load_tokenizer(model_dir: str | Path) -> Tokenizer:
+    """The served checkpoint's fast tokenizer (`<model_dir>/tokenizer.json`)."""
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; the load generator needs the checkpoint's tokenizer.json")
+    return Tokenizer.from_file(str(path))
+
+
+def count_tokens(tokenizer: Tokenizer, text: str) -> int:
+    """Tokens of `text` without the special tokens the tokenizer would add around it."""
+    return len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def plain_token_ids(tokenizer: Tokenizer) -> list[int]:
+    """Vocabulary ids that are neither special/added tokens nor byte-fallback pieces."""
+    added = set(tokenizer.get_added_tokens_decoder())
+    return [
+        i
+        for i in range(tokenizer.get_vocab_size())
+        if i not in added and not _BYTE_TOKEN.match(tokenizer.id_to_token(i) or "<0x00>")
+    ]
+
+
+def synthetic_prompt(tokenizer: Tokenizer, length: int, rng: random.Random, pool: list[int]) -> str:
+    """Text that encodes to exactly `length` tokens, built from random pieces of `pool`."""
+    ids = [rng.choice(pool) for _ in range(length)]
+    for _ in range(MAX_ROUNDS):
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        if len(ids) == length:
+            return text
+        # Decoding then encoding merges or splits pieces; trim or pad and try again.
+        ids = ids[:length] + [rng.choice(pool) for _ in range(length - len(ids))]
+    raise ValueError(f"could not build a prompt of exactly {length} tokens in {MAX_ROUNDS} rounds")
+
+
+def build_requests(tokenizer: Tokenizer, config: WorkloadConfig, count: int, *, stream: int = 0) -> list[BenchRequest]:
+    """`count` requests; `stream` picks an independent sequence (warm-up and each sweep level use their own)."""
+    rng = random.Random(f"{config.seed}:{stream}")
+    pool = plain_token_ids(tokenizer)
+    low = max(1, math.floor(config.output_len * (1 - config.output_spread)))
+    high = math.ceil(config.output_len * (1 + config.output_spread))
+    requests = []
+    for _ in range(count):
+        prompt = synthetic_prompt(tokenizer, config.input_len, rng, pool)
+        requests.append(BenchRequest(prompt, config.input_len, rng.randint(low, high)))
+    return requests
+
+
+def poisson_arrivals(count: int, rate: float, seed: int) -> list[float]:
+    """Send times (seconds from the start) of a Poisson process at `rate` requests/s; all zero when rate is inf."""
+    if rate <= 0:
+        raise ValueError(f"rate must be > 0, got {rate}")
+    if math.isinf(rate):
+        return [0.0] * count
+    rng = random.Random(f"arrivals:{seed}")
+    times, now = [], 0.0
+    for _ in range(count):
+        times.append(now)
+        now += rng.expovariate(rate)
+    return times
