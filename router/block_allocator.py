@@ -2,11 +2,16 @@
 
 The shards hold `num_blocks` blocks of `block_size` token slots each; slot = block * block_size + offset.
 The router hands blocks out and tells the shards, per step, which slots to write (slot mapping) and
-which blocks to read (block table). Pure Python: no torch here.
+which blocks to read (block table). With prefix caching, full blocks whose K/V is complete are
+shared between sequences (reference-counted) and stay cached after their last holder lets go, until
+an allocation needs them. Pure Python: no torch here.
 """
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from router.prefix_cache import BlockHash, PrefixCache
 
 
 class OutOfBlocksError(RuntimeError):
@@ -14,13 +19,15 @@ class OutOfBlocksError(RuntimeError):
 
 
 class BlockAllocator:
-    """A free list of KV cache block ids with a reference count per block.
+    """KV cache block ids with a reference count each: free, held by one sequence, or shared by several.
 
-    Every block is held by at most one sequence today; the counts are there so a prefix cache can
-    later share a block between sequences without changing how blocks are freed.
+    With `enable_prefix_caching`, a block freed while it holds a cached prefix block is parked in the
+    prefix cache instead of the free list: it still counts as free, but an allocation takes it only
+    when no never-cached block is left, evicting the least recently freed first. A held block (ref
+    count > 0) is never evicted or handed out.
     """
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         if block_size < 1:
@@ -29,35 +36,53 @@ class BlockAllocator:
         self.block_size = block_size
         self._free: deque[int] = deque(range(num_blocks))
         self._ref_counts = [0] * num_blocks
+        self.prefix_cache = PrefixCache() if enable_prefix_caching else None
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks an allocation may take: never-cached free blocks plus evictable cached ones."""
+        return len(self._free) + (self.prefix_cache.num_evictable if self.prefix_cache is not None else 0)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        """Blocks held by at least one sequence."""
+        return self.num_blocks - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks findable in the prefix cache, held or not."""
+        return len(self.prefix_cache) if self.prefix_cache is not None else 0
+
+    def ref_count(self, block: int) -> int:
+        """How many sequences hold `block`."""
+        return self._ref_counts[block]
 
     def can_allocate(self, n: int) -> bool:
         """Whether `n` blocks are free now."""
-        return n <= len(self._free)
+        return n <= self.num_free
 
     def allocate(self, n: int) -> list[int]:
-        """Take `n` free blocks; raises OutOfBlocksError (taking none) if fewer are free."""
+        """Take `n` free blocks, evicting cached ones last; raises OutOfBlocksError (taking none) if too few."""
         if n < 0:
             raise ValueError(f"cannot allocate a negative number of blocks ({n})")
-        if n > len(self._free):
-            raise OutOfBlocksError(f"asked for {n} KV blocks, {len(self._free)} of {self.num_blocks} free")
-        blocks = [self._free.popleft() for _ in range(n)]
-        for block in blocks:
+        if n > self.num_free:
+            raise OutOfBlocksError(f"asked for {n} KV blocks, {self.num_free} of {self.num_blocks} free")
+        blocks = []
+        for _ in range(n):
+            # num_free counted the evictable blocks, so the cache exists whenever the free list runs dry.
+            block = self._free.popleft() if self._free else self.prefix_cache.evict()
             self._ref_counts[block] = 1
+            blocks.append(block)
         return blocks
 
-    def free(self, blocks: list[int]) -> None:
-        """Give `blocks` back; a block that is not in use, or not of this cache, is an error.
+    def free(self, blocks: Iterable[int]) -> None:
+        """Drop one reference to each of `blocks`; a block that is not held, or not of this cache, is an error.
 
-        The whole list is checked before anything is freed, so a bad call changes nothing.
+        The whole list is checked before anything is freed, so a bad call changes nothing. A block
+        whose last reference goes is free again; if it is cached it stays findable until evicted, and
+        blocks freed later are evicted later.
         """
+        blocks = list(blocks)
         if len(set(blocks)) != len(blocks):
             raise ValueError(f"block freed twice in one call: {blocks}")
         for block in blocks:
@@ -68,9 +93,36 @@ class BlockAllocator:
         for block in blocks:
             self._ref_counts[block] -= 1
             if self._ref_counts[block] == 0:
-                # Freed blocks go to the back: the least recently freed is reused first, which a
-                # prefix cache will want (recently freed blocks are the likeliest to be hit again).
-                self._free.append(block)
+                if self.prefix_cache is not None and self.prefix_cache.is_cached(block):
+                    self.prefix_cache.park(block)
+                else:
+                    self._free.append(block)
+
+    def match_prefix(self, hashes: Iterable[BlockHash]) -> list[int]:
+        """Cached blocks of the longest leading run of `hashes` (none without prefix caching); takes nothing."""
+        return self.prefix_cache.match(hashes) if self.prefix_cache is not None else []
+
+    def share(self, blocks: list[int]) -> None:
+        """Take one more reference to each of `blocks`, which must be held or cached (from match_prefix).
+
+        A bad list changes nothing.
+        """
+        for block in blocks:
+            if self._ref_counts[block] == 0 and (self.prefix_cache is None or not self.prefix_cache.is_cached(block)):
+                raise ValueError(f"block {block} is free and not cached: allocate it instead")
+        for block in blocks:
+            if self._ref_counts[block] == 0:
+                self.prefix_cache.unpark(block)
+            self._ref_counts[block] += 1
+
+    def cache_block(self, block: int, block_hash: BlockHash) -> bool:
+        """Make held, full `block`, whose K/V is now complete, findable under `block_hash`.
+
+        False when caching is off or another block already holds that K/V.
+        """
+        if self._ref_counts[block] == 0:
+            raise ValueError(f"block {block} is free: only a held block can be cached")
+        return self.prefix_cache is not None and self.prefix_cache.insert(block, block_hash)
 
 
 @dataclass(slots=True)
@@ -93,9 +145,18 @@ class BlockTable:
         """Allocate the blocks that positions [0, num_tokens) still lack."""
         self.blocks.extend(allocator.allocate(self.blocks_needed(num_tokens)))
 
+    def share(self, allocator: BlockAllocator, blocks: list[int]) -> None:
+        """Start this empty table with the cached blocks of a prefix, taking a reference to each."""
+        if self.blocks:
+            raise ValueError("only an empty block table can start from a cached prefix")
+        allocator.share(blocks)
+        self.blocks.extend(blocks)
+
     def release(self, allocator: BlockAllocator) -> None:
         """Give every block back to `allocator` and empty the table."""
-        allocator.free(self.blocks)
+        # Last block first: a cached chain is then evicted from its tail, and its head, which more
+        # prompts share, lives longest.
+        allocator.free(reversed(self.blocks))
         self.blocks.clear()
 
     def slot_mapping(self, start: int, n: int) -> list[int]:

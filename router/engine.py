@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from mixserve_pb import shard_pb2
 from router.detokenizer import IncrementalDetokenizer
 from router.errors import Overloaded, RouterError, ShardUnavailable, ValidationError
+from router.metrics import Metrics
 from router.params import GenerationParams
 from router.scheduler import Scheduler, SchedulerConfig, Sequence, StepPlan
 from router.shard_client import ShardGroup
@@ -74,6 +75,7 @@ class Generation:
         self.finish_reason: str | None = None
         self.created = time.perf_counter()
         self.first_token_at: float | None = None
+        self.last_token_at = 0.0
         self.done = False
         self._engine = engine
 
@@ -130,6 +132,7 @@ class Engine:
         self.group = group
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(scheduler_config)
+        self.metrics = Metrics(self.scheduler)
         self.limits = limits
         self.eos_token_ids = frozenset(eos_token_ids)
         self.special_ids = frozenset(tokenizer.all_special_ids)
@@ -178,6 +181,7 @@ class Engine:
         generation = Generation(seq_id, prompt_ids, params, self)
         self.scheduler.add(Sequence(seq_id, list(prompt_ids), params.max_new_tokens, payload=generation))
         self.live[seq_id] = generation
+        self.metrics.on_admitted(n)
         self._idle.clear()
         self._wake.set()
         return generation
@@ -187,6 +191,7 @@ class Engine:
         if generation.done:
             return
         self.cancelled += 1
+        self.metrics.on_end("cancelled")
         log.info("event=cancelled id=%s generated=%d", generation.id, generation.generated_tokens)
         self._end(generation, None)
 
@@ -245,6 +250,7 @@ class Engine:
                 slot_mapping=entry.slot_mapping,
                 block_table=entry.block_table,
                 sample=entry.sample,
+                prefix_token_ids=entry.prefix_token_ids,
             )
             if entry.is_prefill:
                 step.sampling.CopyFrom(entry.seq.payload.sampling_proto())
@@ -252,6 +258,7 @@ class Engine:
         return shard_pb2.StepRequest(sequences=steps)
 
     def _on_step_done(self, plan: StepPlan, response: shard_pb2.StepResponse, started: float) -> None:
+        now = time.perf_counter()
         results = {r.seq_id: r for r in response.results}
         self.scheduler.on_step_done(plan, {seq_id: r.token_id for seq_id, r in results.items()})
         self.steps += 1
@@ -264,19 +271,26 @@ class Engine:
                 plan.num_prefill_tokens,
                 ",".join(str(e.seq.seq_id) for e in plan.sequences if e.is_prefill),
                 response.forward_us,
-                (time.perf_counter() - started) * 1000,
+                (now - started) * 1000,
             )
+        delivered = 0
         for seq_id, result in results.items():
             generation = self.live.get(seq_id)
             if generation is not None:
-                self._on_token(generation, result)
+                self._on_token(generation, result, now)
+                delivered += 1
+        self.metrics.on_step(plan.num_prefill_tokens, plan.num_decode_tokens, now - started, delivered)
 
-    def _on_token(self, generation: Generation, result: shard_pb2.SequenceResult) -> None:
+    def _on_token(self, generation: Generation, result: shard_pb2.SequenceResult, now: float) -> None:
         token_id = result.token_id
         generation.output_ids.append(token_id)
         self.generated_tokens += 1
         if generation.first_token_at is None:
-            generation.first_token_at = time.perf_counter()
+            generation.first_token_at = now
+            self.metrics.time_to_first_token.observe(now - generation.created)
+        else:
+            self.metrics.inter_token_latency.observe(now - generation.last_token_at)
+        generation.last_token_at = now
         finish = None
         is_eos = token_id in self.eos_token_ids and not generation.params.ignore_eos
         text, stopped = ("", False) if is_eos else generation.stops.feed(generation.detokenizer.add(token_id))
@@ -310,6 +324,7 @@ class Engine:
         if finish_reason is not None:
             now = time.perf_counter()
             first = generation.first_token_at or now
+            self.metrics.on_end(finish_reason, now - generation.created)
             log.info(
                 "event=finished id=%s prompt_tokens=%d generated=%d finish=%s ttft_ms=%.1f total_ms=%.1f",
                 generation.id,
@@ -324,9 +339,12 @@ class Engine:
 
     def fail(self, reason: str) -> None:
         """The shard group is gone: every request in flight ends with an error, new ones are refused."""
+        if self.failure is None:
+            self.metrics.on_shard_failure()
         self.failure = reason
         log.error("event=shards_failed reason=%r in_flight=%d", reason, len(self.live))
         for generation in list(self.live.values()):
+            self.metrics.on_end("error")
             generation.events.put_nowait(ShardUnavailable(f"the shards failed: {reason}"))
             self._end(generation, None)
         self._idle.set()

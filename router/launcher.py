@@ -3,7 +3,8 @@
 The shards are child processes on unix sockets in a private temp dir. The launcher watches them:
 if one dies, every in-flight request ends with an error, /health answers 503, and the launcher
 stops the rest and exits non-zero. SIGINT/SIGTERM stop accepting, let in-flight streams finish up
-to --graceful-timeout, stop the shards and exit 0.
+to --graceful-timeout, stop the shards and exit 0. With --grpc-port, the public gRPC service runs
+on the same loop and drains the same way.
 """
 
 import argparse
@@ -24,9 +25,11 @@ from aiohttp import web
 import mixserve
 from router.engine import Engine, Limits
 from router.errors import RouterError
+from router.grpc_server import GrpcFront
 from router.scheduler import SchedulerConfig
 from router.server import ServerConfig, build_app
 from router.shard_client import ShardGroup
+from shards.quant.config import QUANTIZE_MODES
 
 log = logging.getLogger("mixserve.launcher")
 
@@ -54,8 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-shard", type=int, default=4, help="tensor-parallel shard processes")
     parser.add_argument("--host", default="127.0.0.1", help="address the router binds")
     parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--grpc-port", type=int, default=0, help="public gRPC generation service port (0: off)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on GPU)")
     parser.add_argument("--device", default="auto", help="shard device: auto, cpu or cuda")
+    parser.add_argument(
+        "--quantize", choices=QUANTIZE_MODES, help="bitsandbytes LLM.int8 or 4-bit shards (default: not quantized)"
+    )
     parser.add_argument("--block-size", type=int, default=16, help="KV cache tokens per block")
     parser.add_argument("--max-kv-blocks", type=int, default=0, help="cap on KV cache blocks (0: from memory)")
     parser.add_argument("--max-concurrent-requests", type=int, default=128, help="queued + running (429 past it)")
@@ -64,6 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-prefill-tokens", type=int, default=4096, help="prompt tokens per step")
     parser.add_argument("--max-batch-total-tokens", type=int, default=None, help="KV tokens the batch may hold")
     parser.add_argument("--max-batch-size", type=int, default=256, help="sequences running at once")
+    parser.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV blocks of prompt prefixes seen before",
+    )
     parser.add_argument("--api-key", default=env.get("MIXSERVE_API_KEY"), help="default: $MIXSERVE_API_KEY")
     parser.add_argument("--max-body-bytes", type=int, default=2 << 20, help="largest request body (413 past it)")
     parser.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds to let streams finish on stop")
@@ -101,6 +114,8 @@ async def start_shards(args: argparse.Namespace, model_dir: str, socket_dir: Pat
         cmd = [sys.executable, "-m", "mixserve.cli", "shard", "--rank", str(rank), "--world-size", str(args.num_shard)]
         cmd += ["--model", model_dir, "--uds", str(path), "--dtype", args.dtype, "--device", args.device]
         cmd += ["--block-size", str(args.block_size), "--max-kv-blocks", str(args.max_kv_blocks)]
+        if args.quantize:
+            cmd += ["--quantize", args.quantize]
         process = await asyncio.create_subprocess_exec(
             *cmd, env=dict(env, RANK=str(rank)), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
         )
@@ -186,10 +201,11 @@ async def _serve_with_shards(args, model_dir, tokenizer, group: ShardGroup, shar
         log.error("event=startup_failed error=%s", e)
         return 1
     log.info(
-        "event=shards_ready num_shard=%d dtype=%s device=%s weight_bytes_per_shard=%d kv_blocks=%d "
+        "event=shards_ready num_shard=%d dtype=%s quantize=%s device=%s weight_bytes_per_shard=%d kv_blocks=%d "
         "block_size=%d warmup_ms=%d",
         len(shards),
         info.dtype,
+        info.quantize or "none",
         info.device,
         info.weight_bytes,
         warm.num_blocks,
@@ -202,6 +218,7 @@ async def _serve_with_shards(args, model_dir, tokenizer, group: ShardGroup, shar
         max_batch_prefill_tokens=args.max_batch_prefill_tokens,
         max_batch_total_tokens=args.max_batch_total_tokens,
         max_running_requests=args.max_batch_size,
+        enable_prefix_caching=args.prefix_caching,
     )
     eos = tuple(t for t in [tokenizer.eos_token_id] if t is not None)
     engine = Engine(group, tokenizer, scheduler_config, limits, eos)
@@ -216,6 +233,10 @@ async def _serve_with_shards(args, model_dir, tokenizer, group: ShardGroup, shar
     runner = web.AppRunner(build_app(engine, config), handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
+    # gRPC first: once HTTP /health answers, every front is up.
+    grpc_front = GrpcFront(engine, config, args.host, args.grpc_port) if args.grpc_port else None
+    if grpc_front is not None:
+        await grpc_front.start()
     await site.start()
     engine.start()
     log.info("event=serving address=http://%s:%d model=%s", args.host, args.port, model_dir)
@@ -232,19 +253,26 @@ async def _serve_with_shards(args, model_dir, tokenizer, group: ShardGroup, shar
         reason = dead[0].describe_exit()
         log.error("event=shard_died %s", reason.replace("\n", " | "))
         engine.fail(f"shard {dead[0].rank} exited with code {dead[0].process.returncode}")
+        if grpc_front is not None:
+            await grpc_front.health.enter_graceful_shutdown()
         await stop_shards(shards)
         await asyncio.sleep(FAILURE_LINGER_S)
         code = 1
     else:
         log.info("event=stopping graceful_timeout_s=%.0f in_flight=%d", args.graceful_timeout, len(engine.live))
         await site.stop()
+        grpc_stopped = asyncio.create_task(grpc_front.stop(args.graceful_timeout)) if grpc_front else None
         drained = await engine.drain(args.graceful_timeout)
         log.info("event=drained complete=%s", drained)
         if not drained:
             engine.fail(f"the server stopped; --graceful-timeout {args.graceful_timeout:.0f}s ran out")
+        if grpc_stopped is not None:
+            await grpc_stopped
         code = 0
     for task in [stopping, *exits]:
         task.cancel()
+    if grpc_front is not None:
+        await grpc_front.stop(None)
     await engine.stop()
     await runner.cleanup()
     return code

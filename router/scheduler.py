@@ -28,10 +28,23 @@ when they finish (or preempt it, if it is the youngest); nothing is admitted mea
 takes requests that fit the cache alone, so the waiting head runs at the latest when the batch
 drains. No request is lost: a preempted sequence keeps its outputs and its place at the queue head.
 
+Prefix caching (on by default). Each full block of a sequence's tokens gets a hash chained on the
+previous block's; once the step that fills a block is done (not when it is planned: until then its
+K/V is not in the cache), the block is registered in the allocator's prefix cache. Admission looks up
+the longest run of cached blocks that starts the sequence, shares them (one more reference each) and
+starts the sequence past them, always leaving at least its last token to compute, since that token's
+logits give the next token. Shared blocks are full and lie before `num_computed`, so no step writes
+them; new chunks and decodes go to blocks of the sequence's own. A preempted sequence usually finds
+its own blocks again and recomputes little. Cached blocks nobody holds count as free: they are
+evicted, least recently freed first, only when no never-cached block is left, and an admission that
+revives one pays for it from the free blocks. `prefix_query_tokens` and `prefix_hit_tokens` count the
+tokens looked up at admissions and the tokens found.
+
 One step is in flight at a time: `schedule`, the shards run the plan, `on_step_done`. `finish` and
 `abort` may come at any moment and free blocks at once; blocks freed while a step is in flight are
-handed out again only by the next `schedule`, whose step the shards run after the current one.
-Pure Python: no torch, no I/O.
+handed out again only by the next `schedule`, whose step the shards run after the current one; a
+block a step writes is registered only after it, so no step can share a block an earlier one is
+still writing. Pure Python: no torch, no I/O.
 """
 
 import enum
@@ -41,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.block_allocator import BlockAllocator, BlockTable
+from router.prefix_cache import BlockHash, hash_block
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +77,8 @@ class SchedulerConfig:
     # Tokens of K/V the running batch may hold, rounded down to whole blocks; None: the whole cache.
     max_batch_total_tokens: int | None = None
     max_running_requests: int = 256
+    # Share cached full blocks of earlier prompts (vLLM's automatic prefix caching).
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_batch_prefill_tokens", "max_running_requests"):
@@ -95,6 +111,9 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     # None until Scheduler.add binds it to the cache's block size.
     block_table: BlockTable | None = field(default=None, repr=False)
+    # Chained hashes of the sequence's first full blocks, computed as they are needed; the tokens of
+    # a sequence never change (outputs only append), so they outlive preemption.
+    block_hashes: list[BlockHash] = field(default_factory=list, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -126,6 +145,9 @@ class ScheduledSequence:
     block_table: list[int]  # blocks holding positions [0, start_position + len(token_ids))
     sample: bool  # decodes and last prefill chunks sample; earlier chunks only fill the cache
     is_prefill: bool
+    # Tokens [0, start_position), set only on the step that admits a sequence past position 0 (its
+    # prefix came from the prefix cache): a shard new to the sequence never saw them.
+    prefix_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -148,8 +170,11 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        self.allocator = BlockAllocator(config.num_blocks, config.block_size)
+        self.allocator = BlockAllocator(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.num_preemptions = 0
+        # Tokens of admitted sequences looked up in the prefix cache, and those found there.
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []  # admission order, oldest first
         self._live: dict[int, Sequence] = {}
@@ -170,6 +195,11 @@ class Scheduler:
     @property
     def num_blocks_free(self) -> int:
         return self._free_blocks()
+
+    @property
+    def num_blocks_cached(self) -> int:
+        """Blocks findable in the prefix cache, held or evictable."""
+        return self.allocator.num_cached
 
     def fits(self, prompt_len: int, max_new_tokens: int) -> bool:
         """Whether a request of this size could ever run, alone in the cache."""
@@ -231,6 +261,8 @@ class Scheduler:
         for entry in live:
             seq = entry.seq
             seq.num_computed += len(entry.token_ids)
+            if self.allocator.prefix_cache is not None:
+                self._cache_filled_blocks(entry)
             if entry.sample:
                 seq.output_ids.append(sampled[seq.seq_id])
                 if len(seq.output_ids) >= seq.max_new_tokens:
@@ -283,25 +315,63 @@ class Scheduler:
         return budget
 
     def _admit(self, plan: StepPlan, budget: int) -> None:
+        block_size = self.config.block_size
         while self._waiting and budget > 0 and len(self._running) < self.config.max_running_requests:
             seq = self._waiting[0]
-            n = min(seq.num_tokens, budget)
-            if self._table(seq).blocks_needed(n) > self._free_blocks():
+            cached = self._cached_prefix(seq)
+            num_cached = len(cached) * block_size
+            n = min(seq.num_tokens - num_cached, budget)
+            new_blocks = -(-(num_cached + n) // block_size) - len(cached)
+            # A cached block nobody holds counts as free until this sequence takes it.
+            revived = sum(self.allocator.ref_count(block) == 0 for block in cached)
+            if new_blocks + revived > self._free_blocks():
                 break
             self._waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self._running.append(seq)
-            self._plan_chunk(plan, seq, n)
+            if self.allocator.prefix_cache is not None:
+                self._table(seq).share(self.allocator, cached)
+                seq.num_computed = num_cached
+                self.prefix_query_tokens += seq.num_tokens
+                self.prefix_hit_tokens += num_cached
+            self._plan_chunk(plan, seq, n, admitted=True)
             budget -= n
+
+    def _block_hashes(self, seq: Sequence, num_blocks: int) -> list[BlockHash]:
+        """The chained hashes of seq's first `num_blocks` blocks, which must be full."""
+        size, hashes = self.config.block_size, seq.block_hashes
+        while len(hashes) < num_blocks:
+            start = len(hashes) * size
+            hashes.append(hash_block(hashes[-1] if hashes else None, seq.token_slice(start, start + size)))
+        return hashes
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks that start seq, leaving its last token out: its logits give the next token."""
+        if self.allocator.prefix_cache is None:
+            return []
+        return self.allocator.match_prefix(self._block_hashes(seq, (seq.num_tokens - 1) // self.config.block_size))
+
+    def _cache_filled_blocks(self, entry: ScheduledSequence) -> None:
+        """Register the blocks the finished step filled: their K/V is complete now."""
+        size, start = self.config.block_size, entry.start_position
+        first, end = start // size, (start + len(entry.token_ids)) // size
+        if first == end:
+            return
+        hashes = self._block_hashes(entry.seq, end)
+        blocks = self._table(entry.seq).blocks
+        for index in range(first, end):
+            self.allocator.cache_block(blocks[index], hashes[index])
 
     def _fit_chunk(self, seq: Sequence, want: int) -> int:
         """How many of the next `want` tokens of seq its blocks plus the free blocks can hold."""
         room = (len(self._table(seq).blocks) + self._free_blocks()) * self.config.block_size
         return max(0, min(want, room - seq.num_computed))
 
-    def _plan_chunk(self, plan: StepPlan, seq: Sequence, n: int) -> None:
+    def _plan_chunk(self, plan: StepPlan, seq: Sequence, n: int, admitted: bool = False) -> None:
         start = seq.num_computed
-        is_prefill = not seq.is_decoding
+        # A preempted sequence whose cached blocks hold all but its last token is admitted with one
+        # token, as a prefill all the same: it joins the batch's prefills and carries its sampling.
+        is_prefill = admitted or not seq.is_decoding
         table = self._table(seq)
         table.grow(self.allocator, start + n)
         plan.sequences.append(
@@ -313,6 +383,7 @@ class Scheduler:
                 block_table=list(table.blocks),
                 sample=start + n == seq.num_tokens,
                 is_prefill=is_prefill,
+                prefix_token_ids=seq.token_slice(0, start) if admitted else [],
             )
         )
         if is_prefill:

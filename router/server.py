@@ -1,19 +1,29 @@
 """The router's HTTP front (aiohttp): `/predict`, `/health`, `/info`, errors and authentication.
 
 Handlers validate and tokenize, hand the request to the engine, and turn its token events into
-the response; they never touch the shards themselves.
+the response; they never touch the shards themselves. The OpenAI (`api_openai`) and TGI (`api_tgi`)
+APIs and the spec (`openapi`) build on the helpers here and are registered by `build_app`.
 """
 
 import hmac
+import json
 import logging
 import time
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from router.engine import Engine, Generation
 from router.errors import BadRequest, PayloadTooLarge, RouterError, Unauthorized, error_body
-from router.params import GenerationRequest, decode_json_body, parse_predict_request, render_prompt
+from router.metrics import install as install_metrics
+from router.params import (
+    MAX_STOP_SEQUENCES,
+    GenerationRequest,
+    decode_json_body,
+    parse_predict_request,
+    render_prompt,
+)
 
 log = logging.getLogger("mixserve.router")
 
@@ -90,6 +100,15 @@ def tokenize(engine: Engine, request: GenerationRequest) -> list[int]:
     return engine.tokenizer(text, add_special_tokens=request.messages is None)["input_ids"]
 
 
+def token_piece(tokenizer, token_id: int) -> str:
+    """One token's own text, out of context: SentencePiece's word-boundary marker becomes the space it
+    stands for (decoding a lone token drops it); a byte-fallback piece of a character stays U+FFFD."""
+    text = tokenizer.decode([token_id])
+    if tokenizer.convert_ids_to_tokens(token_id).startswith("\u2581") and not text.startswith(" "):
+        return " " + text
+    return text
+
+
 async def predict(request: web.Request) -> web.StreamResponse:
     """`POST /predict`: plain-text streaming deltas by default, or JSON with the text under `output`."""
     engine = request.app[ENGINE]
@@ -142,6 +161,39 @@ async def stream_text(request: web.Request, generation: Generation) -> web.Strea
     return response
 
 
+def sse_data(payload: dict | str) -> bytes:
+    """One server-sent event: `data: <payload>` (a dict as JSON) and the blank line that ends it."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
+async def stream_sse(
+    request: web.Request,
+    payloads: AsyncGenerator[dict | str, None],
+    error_event: Callable[[RouterError], dict],
+) -> web.StreamResponse:
+    """Server-sent events, one per payload. Headers wait for the first payload, so a failure before it
+    is still a JSON error with its status; after it, the failure becomes `error_event(exc)`, the last
+    event. Closing `payloads` (done, failed, or client gone) cancels the requests behind them."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    try:
+        async for payload in payloads:
+            if not response.prepared:
+                await response.prepare(request)
+            await response.write(sse_data(payload))
+    except RouterError as exc:
+        if not response.prepared:
+            raise
+        log.warning("event=stream_aborted path=%s error_type=%s", request.path, exc.error_type)
+        await response.write(sse_data(error_event(exc)))
+    finally:
+        await payloads.aclose()
+    if not response.prepared:
+        await response.prepare(request)
+    await response.write_eof()
+    return response
+
+
 async def health(request: web.Request) -> web.Response:
     """200 when every shard answers and the engine is serving, 503 with the reason otherwise."""
     engine = request.app[ENGINE]
@@ -177,6 +229,10 @@ async def info(request: web.Request) -> web.Response:
             "kv_blocks_total": scheduler.config.num_blocks,
             "kv_blocks_used": scheduler.num_blocks_used,
             "kv_blocks_free": scheduler.num_blocks_free,
+            "kv_blocks_cached": scheduler.num_blocks_cached,
+            "prefix_caching": scheduler.config.enable_prefix_caching,
+            "prefix_cache_query_tokens": scheduler.prefix_query_tokens,
+            "prefix_cache_hit_tokens": scheduler.prefix_hit_tokens,
             "requests_waiting": scheduler.num_waiting,
             "requests_running": scheduler.num_running,
             "steps": engine.steps,
@@ -184,6 +240,16 @@ async def info(request: web.Request) -> web.Response:
             "generated_tokens": engine.generated_tokens,
             "cancelled_requests": engine.cancelled,
             "uptime_s": round(time.monotonic() - request.app[STARTED], 1),
+            # The rest of TGI's /info, for clients that read it.
+            "model_sha": None,
+            "model_pipeline_tag": "text-generation",
+            "max_input_length": engine.limits.max_input_tokens,
+            "max_best_of": 1,
+            "max_stop_sequences": MAX_STOP_SEQUENCES,
+            "max_batch_size": scheduler.config.max_running_requests,
+            "router": "mixserve",
+            "sha": None,
+            "docker_label": None,
         }
     )
 
@@ -197,4 +263,11 @@ def build_app(engine: Engine, config: ServerConfig) -> web.Application:
     app.router.add_post("/predict", predict)
     app.router.add_get("/health", health)
     app.router.add_get("/info", info)
+    install_metrics(app, engine.metrics)
+    # Imported here: these modules build on this one's helpers.
+    from router import api_openai, api_tgi, openapi
+
+    api_openai.add_routes(app)
+    api_tgi.add_routes(app)
+    openapi.add_routes(app)
     return app

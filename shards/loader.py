@@ -11,6 +11,9 @@ from shards.checkpoint import CheckpointReader
 from shards.config import ModelConfig, ParallelConfig
 from shards.distributed import TensorParallelGroup
 from shards.model import MixtralForCausalLM
+from shards.quant.config import QuantizationConfig
+from shards.quant.linear import QuantizedLinear
+from shards.quant.probe import check_supported
 
 log = logging.getLogger(__name__)
 
@@ -21,16 +24,23 @@ def load_model(
     group: TensorParallelGroup,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    quantization: QuantizationConfig | None = None,
 ) -> MixtralForCausalLM:
-    """The model for rank `parallel.rank`, holding only that rank's slice of each weight."""
+    """The model for rank `parallel.rank`, holding only that rank's slice of each weight.
+
+    With `quantization`, raises QuantizationUnavailable before reading any weight where bitsandbytes
+    cannot run that mode with `dtype` on `device`.
+    """
     config = ModelConfig.from_pretrained(model_dir)
     parallel.check(config)
+    if quantization is not None:
+        check_supported(quantization, dtype, torch.device(device))
     started = time.perf_counter()
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with init_empty_weights():
-            model = MixtralForCausalLM(config, parallel, group)
+            model = MixtralForCausalLM(config, parallel, group, quantization)
     finally:
         torch.set_default_dtype(previous)
     reader = CheckpointReader(model_dir, device)
@@ -43,10 +53,12 @@ def load_model(
         raise RuntimeError(f"parameters not loaded from the checkpoint: {left_on_meta[:5]}")
     model.eval()
     log.info(
-        "event=model_loaded rank=%d world_size=%d dtype=%s device=%s weight_bytes=%d bytes_read=%d seconds=%.2f",
+        "event=model_loaded rank=%d world_size=%d dtype=%s quantize=%s device=%s weight_bytes=%d bytes_read=%d "
+        "seconds=%.2f",
         parallel.rank,
         parallel.world_size,
         str(dtype).removeprefix("torch."),
+        quantization.mode if quantization else "none",
         device,
         weight_bytes(model),
         reader.bytes_read,
@@ -56,5 +68,7 @@ def load_model(
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes held by the model's parameters on this rank."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes held by the model's weights on this rank: its parameters, and its quantized weights
+    with their quantization state."""
+    quantized = sum(m.nbytes for m in model.modules() if isinstance(m, QuantizedLinear))
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + quantized

@@ -15,9 +15,11 @@ from shards.distributed import TensorParallelGroup
 from shards.kv_cache import KVCache
 from shards.layers.attention import Attention
 from shards.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from shards.layers.linear import QKVParallelLinear, RowParallelLinear
 from shards.layers.moe import SparseMoE
 from shards.layers.norm import RMSNorm
 from shards.layers.rotary import RotaryEmbedding
+from shards.quant.config import QuantizationConfig
 
 
 class DecoderLayer(nn.Module):
@@ -48,12 +50,23 @@ class DecoderLayer(nn.Module):
 
 
 class MixtralForCausalLM(nn.Module):
-    """This rank's slice of the whole model; every rank returns the same full logits."""
+    """This rank's slice of the whole model; every rank returns the same full logits.
 
-    def __init__(self, config: ModelConfig, parallel: ParallelConfig, group: TensorParallelGroup):
+    With `quantization`, the attention projections and the experts are held quantized (each layer
+    quantizes its slice as it loads it); embeddings, norms, router gates and lm_head are not.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        parallel: ParallelConfig,
+        group: TensorParallelGroup,
+        quantization: QuantizationConfig | None = None,
+    ):
         super().__init__()
         parallel.check(config)
         self.config = config
+        self.quantization = quantization
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, parallel, group)
         self.layers = nn.ModuleList(
@@ -61,6 +74,12 @@ class MixtralForCausalLM(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, parallel, group)
+        if quantization is not None:
+            # Attention builds its own projections, so the setting reaches them (and the experts)
+            # here, before load.
+            for module in self.modules():
+                if isinstance(module, QKVParallelLinear | RowParallelLinear | SparseMoE):
+                    module.quantization = quantization
 
     def forward(
         self,

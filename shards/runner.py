@@ -37,6 +37,9 @@ class SequenceStep:
     block_table: list[int]
     sample: bool = True
     sampling: SamplingParams | None = None
+    # Tokens of positions [0, start_position) when the router admits the sequence past position 0
+    # (a prefix cache hit); empty otherwise.
+    prefix_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -151,6 +154,12 @@ class ModelRunner:
                 )
             if max(s.token_ids) >= self.config.vocab_size:
                 raise InvalidStep(f"{where} has token id {max(s.token_ids)} >= vocab size {self.config.vocab_size}")
+            if s.prefix_token_ids and len(s.prefix_token_ids) != s.start_position:
+                raise InvalidStep(
+                    f"{where} starts at position {s.start_position} but has {len(s.prefix_token_ids)} prefix tokens"
+                )
+            if s.prefix_token_ids and max(s.prefix_token_ids) >= self.config.vocab_size:
+                raise InvalidStep(f"{where} has a prefix token id >= vocab size {self.config.vocab_size}")
             needed = -(-end // self.block_size)
             if len(s.block_table) < needed:
                 raise InvalidStep(
@@ -224,6 +233,10 @@ class ModelRunner:
                 state = self.sequences[s.seq_id] = _SequenceState(s.sampling, TokenHistory())
             elif s.sampling is not None:
                 state.params = s.sampling
+            if state.seen_until < len(s.prefix_token_ids):
+                # A prefix cache hit: other sequences computed these positions, this shard never saw them.
+                state.history.add_prompt(s.prefix_token_ids[state.seen_until :])
+                state.seen_until = len(s.prefix_token_ids)
             new_from = max(state.seen_until - s.start_position, 0)
             if new_from < len(s.token_ids):
                 state.history.add_prompt(s.token_ids[new_from:])

@@ -19,6 +19,8 @@ from mixserve_pb import shard_pb2, shard_pb2_grpc
 from shards.config import DTYPES, ModelConfig, ParallelConfig
 from shards.distributed import init_process_group, tensor_parallel_group
 from shards.loader import load_model, weight_bytes
+from shards.quant.config import QUANTIZE_MODES, QuantizationConfig
+from shards.quant.probe import QuantizationUnavailable, check_supported
 from shards.runner import InvalidStep, ModelRunner, OutOfCapacity, SequenceStep
 from shards.sampling import SamplingParams
 
@@ -133,6 +135,7 @@ def _step_from_proto(msg: shard_pb2.SequenceStep) -> SequenceStep:
         block_table=list(msg.block_table),
         sample=msg.sample,
         sampling=SamplingParams.from_proto(msg.sampling) if msg.HasField("sampling") else None,
+        prefix_token_ids=list(msg.prefix_token_ids),
     )
 
 
@@ -176,6 +179,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=[*DTYPES, "auto"], default="auto", help="auto: float32 on CPU, bfloat16 on CUDA"
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        help="hold attention and experts with bitsandbytes: LLM.int8 (bitsandbytes) or 4-bit (default: not quantized)",
+    )
     parser.add_argument("--block-size", type=int, default=16, help="KV cache token slots per block")
     parser.add_argument("--max-kv-blocks", type=int, default=0, help="cap on KV cache blocks (0: size from memory)")
     parser.add_argument(
@@ -199,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
     parallel = ParallelConfig(args.rank, args.world_size)
     device = pick_device(args.device, args.rank)
     dtype = DTYPES["bfloat16" if device.type == "cuda" else "float32"] if args.dtype == "auto" else DTYPES[args.dtype]
+    quantization = QuantizationConfig(args.quantize) if args.quantize else None
     model_dir = args.model
     if model_dir is None:
         from shards.demo.checkpoint import ensure_demo_checkpoint
@@ -209,15 +218,24 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         log.error("event=bad_config error=%r", str(e))
         return 2
+    if quantization is not None:
+        # Before the rendezvous: every rank fails alike, at once, instead of mid-load or mid-request.
+        try:
+            check_supported(quantization, dtype, device)
+        except QuantizationUnavailable as e:
+            log.error("event=quantization_unavailable error=%r", str(e))
+            return 2
     init_process_group(parallel, device)
     group = tensor_parallel_group(parallel, device, args.collectives)
-    model = load_model(model_dir, parallel, group, dtype, device)
+    model = load_model(model_dir, parallel, group, dtype, device, quantization)
     runner = ModelRunner(model, parallel, group, device, dtype, args.block_size)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=8),
         options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
     )
-    shard_pb2_grpc.add_ShardServiceServicer_to_server(ShardServicer(runner, model_dir, args.max_kv_blocks), server)
+    shard_pb2_grpc.add_ShardServiceServicer_to_server(
+        ShardServicer(runner, model_dir, args.max_kv_blocks, args.quantize or ""), server
+    )
     if args.uds:
         address = f"unix:{args.uds}"
         old_umask = os.umask(0o077)

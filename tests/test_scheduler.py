@@ -1,28 +1,38 @@
-"""The continuous-batching scheduler, driven by a fake shard that keeps a real paged cache of tokens.
+"""The continuous-batching scheduler, driven by a fake shard that keeps a real paged cache.
 
-The fake shard writes each step's tokens into the slots the plan names and, when asked to sample,
-reads the sequence's whole history back through its block table and picks the next token as a hash
-of it. A wrong slot, a shared block or a stale block therefore changes the outputs, which are
-compared with the same hash run over the plain token list. The harness also keeps its own model of
-the waiting queue (arrivals at the back, preempted sequences at the front) and checks that every
-admission takes the head of it.
+The fake shard's "K/V" at a position is a running hash of every token up to it: writing a token
+reads the previous position's hash back through the block table, as attention reads the past, and
+the sampled token comes from the last position's hash. A wrong slot, a stale block or a shared block
+that another prefix led to therefore changes the outputs, which are compared with the same hash run
+over the plain token list; reading a sequence back also checks every position's hash against its
+tokens. The fake shard keeps each sequence's penalty history the way the real runner does, so a
+sequence admitted past position 0 (a prefix cache hit) must bring the tokens it skipped. The harness
+models the waiting queue (arrivals at the back, preempted sequences at the front), checks that every
+admission takes the head of it, and checks the blocks' reference counts after every step.
 """
 
-from collections import deque
+from collections import Counter, deque
 
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from router.scheduler import Scheduler, SchedulerConfig, Sequence, SequenceStatus, StepPlan
+from router.scheduler import ScheduledSequence, Scheduler, SchedulerConfig, Sequence, SequenceStatus, StepPlan
+
+ROOT = 17
+
+
+def extend_hash(h: int, token: int) -> int:
+    """The fake K/V of a position: the previous position's (ROOT before position 0) and its token."""
+    return (h * 31 + token) % 1_000_003
 
 
 def next_token(history: list[int]) -> int:
     """The fake model: a hash of every token so far."""
-    h = 17
+    h = ROOT
     for token in history:
-        h = (h * 31 + token) % 1_000_003
+        h = extend_hash(h, token)
     return h % 1000
 
 
@@ -39,33 +49,65 @@ def new_seq(seq_id: int, prompt_len: int, max_new_tokens: int) -> Sequence:
 
 
 class FakeShard:
-    """A paged cache of (seq_id, token) per slot, written and read the way the real shards do."""
+    """A paged cache of (writer seq_id, position, token, hash) per slot, written and read like the shards'."""
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.block_size = config.block_size
-        self.cache: list[tuple[int, int] | None] = [None] * (config.num_blocks * config.block_size)
+        self.sharing = config.enable_prefix_caching
+        self.cache: list[tuple[int, int, int, int] | None] = [None] * (config.num_blocks * config.block_size)
+        # Tokens of positions [0, len) each live sequence has fed, as the runner's penalty history has them.
+        self.histories: dict[int, list[int]] = {}
+
+    def read(self, entry: ScheduledSequence, position: int) -> tuple[int, int]:
+        """(token, hash) at `position` of entry's sequence, through its block table."""
+        block = entry.block_table[position // self.block_size]
+        written = self.cache[block * self.block_size + position % self.block_size]
+        seq_id = entry.seq.seq_id
+        assert written is not None, f"seq {seq_id} read position {position} from a slot never written"
+        owner, written_position, token, h = written
+        assert written_position == position, f"seq {seq_id} read position {position} from {written_position}'s slot"
+        assert owner == seq_id or self.sharing, f"seq {seq_id} read position {position} written by seq {owner}"
+        return token, h
 
     def run(self, plan: StepPlan) -> dict[int, int]:
         sampled = {}
         for entry in plan.sequences:
-            seq_id = entry.seq.seq_id
-            for slot, token in zip(entry.slot_mapping, entry.token_ids, strict=True):
-                self.cache[slot] = (seq_id, token)
+            seq_id, start = entry.seq.seq_id, entry.start_position
+            self.feed_history(entry)
+            positions = range(start, start + len(entry.token_ids))
+            for position, slot, token in zip(positions, entry.slot_mapping, entry.token_ids, strict=True):
+                previous = self.read(entry, position - 1)[1] if position else ROOT
+                self.cache[slot] = (seq_id, position, token, extend_hash(previous, token))
             if entry.sample:
-                history = []
-                for position in range(entry.start_position + len(entry.token_ids)):
-                    block = entry.block_table[position // self.block_size]
-                    owner, token = self.cache[block * self.block_size + position % self.block_size]
-                    assert owner == seq_id, f"seq {seq_id} read position {position} written by seq {owner}"
+                history, h = [], ROOT
+                for position in range(start + len(entry.token_ids)):
+                    token, stored = self.read(entry, position)
+                    h = extend_hash(h, token)
+                    assert stored == h, f"seq {seq_id} position {position} holds K/V of another prefix"
                     history.append(token)
-                sampled[seq_id] = next_token(history)
+                assert self.histories[seq_id] == history, f"seq {seq_id}'s penalty history is not its tokens"
+                sampled[seq_id] = h % 1000
+                self.histories[seq_id].append(sampled[seq_id])
         return sampled
+
+    def feed_history(self, entry: ScheduledSequence) -> None:
+        """What the runner does with a step's tokens: add those past what the sequence has fed."""
+        history = self.histories.setdefault(entry.seq.seq_id, [])
+        start = entry.start_position
+        if entry.prefix_token_ids:
+            assert len(entry.prefix_token_ids) == start
+            history.extend(entry.prefix_token_ids[len(history) :])
+        assert len(history) >= start, f"seq {entry.seq.seq_id} starts at {start} but fed only {len(history)} tokens"
+        history.extend(entry.token_ids[len(history) - start :])
+
+    def release(self, seq_id: int) -> None:
+        self.histories.pop(seq_id, None)
 
 
 class Harness:
     """A scheduler, a fake shard, every sequence ever added, and a model of the waiting queue."""
 
-    def __init__(self, num_blocks: int = 64, block_size: int = 4, **config: int | None) -> None:
+    def __init__(self, num_blocks: int = 64, block_size: int = 4, **config: int | bool | None) -> None:
         self.config = SchedulerConfig(num_blocks=num_blocks, block_size=block_size, **config)
         self.scheduler = Scheduler(self.config)
         self.shard = FakeShard(self.config)
@@ -83,18 +125,21 @@ class Harness:
         seq = self.scheduler.abort(seq_id)
         if seq_id in self.queue:
             self.queue.remove(seq_id)
+        self.shard.release(seq_id)
         return seq
 
     def schedule(self) -> StepPlan | None:
+        running = {seq.seq_id for seq in self.seqs if seq.status is SequenceStatus.RUNNING}
         plan = self.scheduler.schedule()
         if plan is None:
             assert self.scheduler.num_running == self.scheduler.num_waiting == 0, "idle with work left"
             return None
-        self.check_plan(plan)
+        admitted = {entry.seq.seq_id for entry in plan.sequences} - running
+        self.check_plan(plan, admitted)
         for seq in plan.preempted:
             self.queue.appendleft(seq.seq_id)
         for entry in plan.sequences:
-            if entry.start_position == 0:
+            if entry.seq.seq_id in admitted:
                 assert self.queue.popleft() == entry.seq.seq_id, "admission out of FIFO order"
         self.plans.append(plan)
         return plan
@@ -103,6 +148,7 @@ class Harness:
         finished = self.scheduler.on_step_done(plan, sampled)
         for seq in finished:
             assert seq.status is SequenceStatus.FINISHED and len(seq.output_ids) == seq.max_new_tokens
+            self.shard.release(seq.seq_id)
         self.check_blocks()
         return finished
 
@@ -119,9 +165,9 @@ class Harness:
                 return self.plans[start:]
         raise AssertionError("did not finish in 10000 steps")
 
-    def check_plan(self, plan: StepPlan) -> None:
+    def check_plan(self, plan: StepPlan, admitted: set[int]) -> None:
         """Everything a step promises the shards, checked before the step runs."""
-        config, block_size = self.config, self.config.block_size
+        config, block_size, allocator = self.config, self.config.block_size, self.scheduler.allocator
         seq_ids = [entry.seq.seq_id for entry in plan.sequences]
         assert len(set(seq_ids)) == len(seq_ids)
         assert 0 < len(plan.sequences) <= config.max_running_requests
@@ -130,12 +176,18 @@ class Harness:
         assert plan.num_decode_tokens == sum(1 for e in plan.sequences if not e.is_prefill)
         assert [e.is_prefill for e in plan.sequences] == sorted(e.is_prefill for e in plan.sequences)
         if plan.preempted:
-            assert all(e.start_position > 0 for e in plan.sequences), "admitted in a step that preempted"
+            assert not admitted, "admitted in a step that preempted"
         for entry in plan.sequences:
             seq, start, n = entry.seq, entry.start_position, len(entry.token_ids)
             assert seq.status is SequenceStatus.RUNNING
             assert start == seq.num_computed and n >= 1
             assert entry.token_ids == (seq.prompt_ids + seq.output_ids)[start : start + n]
+            if seq.seq_id in admitted:
+                assert entry.is_prefill and start % block_size == 0, "a cache hit covers whole blocks"
+                assert entry.prefix_token_ids == (seq.prompt_ids + seq.output_ids)[:start]
+                assert start == 0 or config.enable_prefix_caching
+            else:
+                assert entry.prefix_token_ids == []
             assert entry.sample == (start + n == seq.num_tokens)
             if not entry.is_prefill:
                 assert n == 1 and entry.sample and entry.token_ids == [seq.output_ids[-1]]
@@ -145,20 +197,33 @@ class Harness:
             for position, slot in zip(range(start, start + n), entry.slot_mapping, strict=True):
                 assert slot == entry.block_table[position // block_size] * block_size + position % block_size
                 assert slot in own_slots
+                assert allocator.ref_count(slot // block_size) == 1, f"seq {seq.seq_id} writes a shared block"
 
     def check_blocks(self) -> None:
-        """No block is held twice, waiting and finished sequences hold none, and none is lost."""
-        held: list[int] = []
+        """Reference counts are the holders, only full computed blocks are shared, and none is lost."""
+        scheduler, allocator, block_size = self.scheduler, self.scheduler.allocator, self.config.block_size
+        holders: Counter[int] = Counter()
         running = [seq for seq in self.seqs if seq.status is SequenceStatus.RUNNING]
         for seq in self.seqs:
+            blocks = seq.block_table.blocks
             if seq.status is SequenceStatus.RUNNING:
-                assert seq.block_table.blocks
-                held.extend(seq.block_table.blocks)
+                assert blocks and len(set(blocks)) == len(blocks)
+                holders.update(blocks)
             else:
-                assert seq.block_table.blocks == []
-        assert len(set(held)) == len(held)
-        assert len(held) == self.scheduler.num_blocks_used
-        assert self.scheduler.num_blocks_used + self.scheduler.num_blocks_free <= self.config.max_blocks
+                assert blocks == []
+        assert [allocator.ref_count(b) for b in range(self.config.num_blocks)] == [
+            holders[b] for b in range(self.config.num_blocks)
+        ]
+        for seq in running:
+            for index, block in enumerate(seq.block_table.blocks):
+                if holders[block] > 1:
+                    assert (index + 1) * block_size <= seq.num_computed, "a shared block is not full and computed"
+        if not self.config.enable_prefix_caching:
+            assert max(holders.values(), default=0) <= 1 and allocator.num_cached == 0
+        assert len(holders) == scheduler.num_blocks_used
+        assert allocator.num_used + allocator.num_free == self.config.num_blocks
+        assert scheduler.num_blocks_used + scheduler.num_blocks_free <= self.config.max_blocks
+        assert 0 <= scheduler.prefix_hit_tokens <= scheduler.prefix_query_tokens
         assert self.scheduler.num_running == len(running)
         assert self.scheduler.num_waiting == len(self.queue)
         # The no-deadlock argument rests on this: prompts never hold blocks against each other.
@@ -255,8 +320,9 @@ def test_request_waits_while_blocks_are_short_without_being_overtaken() -> None:
 
 
 def test_preemption_under_block_pressure_finishes_everything_with_the_same_outputs() -> None:
-    # 6 blocks of 4 tokens hold 24 tokens; four requests each want up to 16.
-    h = Harness(num_blocks=6, block_size=4)
+    # 6 blocks of 4 tokens hold 24 tokens; four requests each want up to 16. Without prefix caching a
+    # preempted sequence recomputes everything.
+    h = Harness(num_blocks=6, block_size=4, enable_prefix_caching=False)
     for seq_id in range(4):
         h.add(new_seq(seq_id, 5, 12))
     plans = h.run_all()  # the harness checks preempted sequences are readmitted first
@@ -390,8 +456,18 @@ def test_one_step_in_flight_and_missing_tokens_change_nothing() -> None:
     assert h.schedule() is None and h.scheduler.num_blocks_used == 0
 
 
+# Prompts of the random traffic start with a slice of one of these, so they share prefixes. The third
+# shares the first's second half after a different first half: equal blocks after different prefixes
+# must not be shared.
+SHARED_PREFIXES = [
+    [(5 * i) % 997 for i in range(32)],
+    [(5 * i) % 997 for i in range(12)] + [500 + i for i in range(20)],
+    [900 + i for i in range(16)] + [(5 * i) % 997 for i in range(16, 32)],
+]
+
+
 class SchedulerMachine(RuleBasedStateMachine):
-    """Random arrivals, lengths, aborts (also mid-step) and steps against a tight cache."""
+    """Random arrivals sharing prefixes, lengths, aborts (also mid-step) and steps against a tight cache."""
 
     @initialize(
         block_size=st.sampled_from([1, 2, 3, 4, 16]),
@@ -399,6 +475,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         max_batch_prefill_tokens=st.integers(1, 40),
         max_running_requests=st.integers(1, 6),
         total_blocks=st.none() | st.integers(1, 24),
+        prefix_caching=st.booleans(),
     )
     def setup(
         self,
@@ -407,6 +484,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         max_batch_prefill_tokens: int,
         max_running_requests: int,
         total_blocks: int | None,
+        prefix_caching: bool,
     ) -> None:
         self.h = Harness(
             num_blocks=num_blocks,
@@ -414,13 +492,22 @@ class SchedulerMachine(RuleBasedStateMachine):
             max_batch_prefill_tokens=max_batch_prefill_tokens,
             max_running_requests=max_running_requests,
             max_batch_total_tokens=None if total_blocks is None else total_blocks * block_size,
+            enable_prefix_caching=prefix_caching,
         )
         self.aborted: set[int] = set()
 
-    @rule(prompt_len=st.integers(1, 40), max_new_tokens=st.integers(1, 12))
-    def arrive(self, prompt_len: int, max_new_tokens: int) -> None:
-        seq = new_seq(len(self.h.seqs), prompt_len, max_new_tokens)
-        if self.h.scheduler.fits(prompt_len, max_new_tokens):
+    @rule(
+        prefix=st.sampled_from(SHARED_PREFIXES),
+        prefix_len=st.integers(0, 32),
+        suffix_len=st.integers(0, 12),
+        max_new_tokens=st.integers(1, 12),
+    )
+    def arrive(self, prefix: list[int], prefix_len: int, suffix_len: int, max_new_tokens: int) -> None:
+        seq_id = len(self.h.seqs)
+        suffix = new_seq(seq_id, suffix_len, max_new_tokens).prompt_ids
+        seq = Sequence(seq_id=seq_id, prompt_ids=prefix[:prefix_len] + suffix, max_new_tokens=max_new_tokens)
+        prompt_len = len(seq.prompt_ids)
+        if prompt_len and self.h.scheduler.fits(prompt_len, max_new_tokens):
             self.h.add(seq)
         else:
             with pytest.raises(ValueError):

@@ -1,5 +1,7 @@
 """Column- and row-parallel linear layers (Megatron style) and the merged QKV projection.
 
+With `quantization` set before load, a layer holds its slice quantized (`quantized`) instead of
+`weight`; the forward picks the path by which one it holds.
 Legend: T tokens, H hidden size, d head dim, n = world size; `_l` marks this rank's share.
 """
 
@@ -10,11 +12,22 @@ from torch import nn
 from shards.checkpoint import CheckpointReader
 from shards.config import ParallelConfig
 from shards.distributed import TensorParallelGroup
+from shards.quant.config import QuantizationConfig
+from shards.quant.linear import QuantizedLinear, quantize_linear
 
 
 def materialize(tensor: torch.Tensor, like: nn.Parameter, device: torch.device) -> nn.Parameter:
     """A frozen parameter holding `tensor` on `device`, in the dtype the module was built with."""
     return nn.Parameter(tensor.to(dtype=like.dtype, device=device).contiguous(), requires_grad=False)
+
+
+def set_weight(layer: "QKVParallelLinear | RowParallelLinear", tensor: torch.Tensor, device: torch.device) -> None:
+    """Give `layer` its weight slice: as `weight`, or quantized as `quantized` (then `weight` is None)."""
+    if layer.quantization is None:
+        layer.weight = materialize(tensor, layer.weight, device)
+    else:
+        layer.quantized = quantize_linear(tensor, layer.quantization, layer.weight.dtype, device)
+        layer.weight = None
 
 
 class QKVParallelLinear(nn.Module):
@@ -28,9 +41,11 @@ class QKVParallelLinear(nn.Module):
         self.num_kv_heads = num_kv_heads // parallel.world_size
         rows = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         self.weight = nn.Parameter(torch.empty(rows, hidden_size), requires_grad=False)  # [(h_l + 2 kv_l) d, H]
+        self.quantization: QuantizationConfig | None = None
+        self.quantized: QuantizedLinear | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        qkv = F.linear(x, self.weight)  # [T, (h_l + 2 kv_l) d]
+        qkv = F.linear(x, self.weight) if self.quantized is None else self.quantized(x)  # [T, (h_l + 2 kv_l) d]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         return qkv.split([q_size, kv_size, kv_size], dim=-1)
 
@@ -40,7 +55,7 @@ class QKVParallelLinear(nn.Module):
             rows = heads * self.head_dim
             start = self.parallel.rank * rows
             parts.append(reader.read(f"{prefix}.{name}.weight", dim=0, start=start, end=start + rows))
-        self.weight = materialize(torch.cat(parts, dim=0), self.weight, reader.device)
+        set_weight(self, torch.cat(parts, dim=0), reader.device)
 
 
 class RowParallelLinear(nn.Module):
@@ -53,10 +68,12 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features // parallel.world_size), requires_grad=False
         )  # [out, in_l]
+        self.quantization: QuantizationConfig | None = None
+        self.quantized: QuantizedLinear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.group.all_reduce(F.linear(x, self.weight))
+        return self.group.all_reduce(F.linear(x, self.weight) if self.quantized is None else self.quantized(x))
 
     def load(self, reader: CheckpointReader, name: str) -> None:
         start, end = self.parallel.split(reader.shape(name)[1])
-        self.weight = materialize(reader.read(name, dim=1, start=start, end=end), self.weight, reader.device)
+        set_weight(self, reader.read(name, dim=1, start=start, end=end), reader.device)

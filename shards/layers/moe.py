@@ -9,6 +9,8 @@ Two compute paths give the same result:
   tokens; reads each selected expert's weights once (prefill, large batches);
 - gather: index the chosen experts' weights per token and use batched matmuls; no Python loop
   over experts (a handful of tokens).
+With `quantization` set before load, every expert's slice is held quantized (`quantized`, run by
+the grouped path) instead of in w13/w2.
 
 Legend: T tokens, H hidden size, E experts, K experts per token, I_l intermediate size per rank.
 """
@@ -21,6 +23,9 @@ from shards.checkpoint import CheckpointReader
 from shards.config import ModelConfig, ParallelConfig
 from shards.distributed import TensorParallelGroup
 from shards.layers.linear import materialize
+from shards.quant.config import QuantizationConfig
+from shards.quant.experts import QuantizedExperts
+from shards.quant.linear import quantize_linear
 
 
 def route(hidden: torch.Tensor, gate: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,9 +92,13 @@ class SparseMoE(nn.Module):
         self.gate = nn.Parameter(torch.empty(experts, hidden), requires_grad=False)  # [E, H]
         self.w13 = nn.Parameter(torch.empty(experts, 2 * inter, hidden), requires_grad=False)  # [E, 2 I_l, H]
         self.w2 = nn.Parameter(torch.empty(experts, hidden, inter), requires_grad=False)  # [E, H, I_l]
+        self.quantization: QuantizationConfig | None = None
+        self.quantized: QuantizedExperts | None = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weights, experts = route(hidden, self.gate, self.top_k)
+        if self.quantized is not None:
+            return self.group.all_reduce(self.quantized(hidden, weights, experts))
         compute = experts_gathered if hidden.shape[0] <= self.gather_max_tokens else experts_grouped
         return self.group.all_reduce(compute(hidden, self.w13, self.w2, weights, experts))
 
@@ -99,6 +108,9 @@ class SparseMoE(nn.Module):
         num_experts, two_inter, hidden = self.w13.shape
         inter = two_inter // 2
         start, end = self.parallel.rank * inter, (self.parallel.rank + 1) * inter
+        if self.quantization is not None:
+            self._load_quantized(reader, prefix, start, end)
+            return
         w13 = torch.empty(num_experts, two_inter, hidden, dtype=self.w13.dtype, device=reader.device)
         w2 = torch.empty(num_experts, hidden, inter, dtype=self.w2.dtype, device=reader.device)
         for e in range(num_experts):
@@ -108,3 +120,22 @@ class SparseMoE(nn.Module):
             w2[e] = reader.read(f"{name}.w2.weight", dim=1, start=start, end=end)
         self.w13 = nn.Parameter(w13, requires_grad=False)
         self.w2 = nn.Parameter(w2, requires_grad=False)
+
+    def _load_quantized(self, reader: CheckpointReader, prefix: str, start: int, end: int) -> None:
+        """Quantize expert by expert, so at most one expert's slice is ever held in full precision."""
+        dtype, device = self.w13.dtype, reader.device
+        w13, w2 = [], []
+        for e in range(self.w13.shape[0]):
+            name = f"{prefix}.experts.{e}"
+            gate_up = torch.cat(
+                [
+                    reader.read(f"{name}.w1.weight", dim=0, start=start, end=end),
+                    reader.read(f"{name}.w3.weight", dim=0, start=start, end=end),
+                ]
+            )  # [2 I_l, H]
+            w13.append(quantize_linear(gate_up, self.quantization, dtype, device))
+            down = reader.read(f"{name}.w2.weight", dim=1, start=start, end=end)  # [H, I_l]
+            w2.append(quantize_linear(down, self.quantization, dtype, device))
+        self.quantized = QuantizedExperts(w13, w2)
+        self.w13 = None
+        self.w2 = None

@@ -1,0 +1,249 @@
+"""Quantized shards next to fp32: weight bytes and peak memory per shard, decode tokens/s, closeness.
+
+Each mode runs as a real tensor-parallel group of this module's processes (torchrun's variables,
+the collectives `mixserve shard` picks), on the demo checkpoint unless --model is given. Per mode:
+weight bytes per shard (as Info reports them) and their share of fp32's, the shard's peak memory
+(resident set on CPU, allocated on CUDA), load time, greedy decode tokens/s at each batch size
+after one prefill of `--prompt-tokens` per sequence, and the last-token logits of a fixed prompt
+set against fp32's (mean relative error, top-1 agreement). Rows go to
+benchmarks/results/quantization.json and .md with the command and the machine.
+
+    python -m benchmarks.quantization --num-shard 2 --batch-sizes 1,8 --decode-steps 32
+"""
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+log = logging.getLogger("mixserve.bench.quantization")
+RESULTS = Path(__file__).resolve().parent / "results"
+MODES = ["fp32", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4"]
+CLOSENESS_PROMPTS = 64
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint directory (default: the demo model)")
+    parser.add_argument("--num-shard", type=int, default=2)
+    parser.add_argument("--modes", default=",".join(MODES), help="fp32 (not quantized) and --quantize modes")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per shard)")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16; auto: fp32 on CPU, bf16 on CUDA")
+    parser.add_argument("--batch-sizes", default="1,8", help="decoding sequences per step")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--decode-steps", type=int, default=32, help="timed greedy decode steps per batch size")
+    parser.add_argument("--out", type=Path, default=RESULTS / "quantization", help="writes OUT.json and OUT.md")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank: load the model in one mode, measure, and write this rank's JSON to args.worker."""
+    import torch
+
+    from shards.config import DTYPES, ParallelConfig
+    from shards.distributed import init_process_group, tensor_parallel_group
+    from shards.loader import load_model, weight_bytes
+    from shards.quant.config import QuantizationConfig
+    from shards.runner import ModelRunner, SequenceStep
+    from shards.sampling import SamplingParams
+
+    torch.set_num_threads(1)
+    parallel = ParallelConfig(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+    device = torch.device(args.device if args.device != "cuda" else f"cuda:{parallel.rank}")
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    quantization = None if args.modes == "fp32" else QuantizationConfig(args.modes)
+    init_process_group(parallel, device)
+    group = tensor_parallel_group(parallel, device)
+    started = time.perf_counter()
+    model = load_model(args.model, parallel, group, dtype, device, quantization)
+    load_s = time.perf_counter() - started
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    block_size = 16
+    blocks_per_seq = -(-(max(args.prompt_tokens, 64) + args.decode_steps + 2) // block_size)
+    runner = ModelRunner(model, parallel, group, device, dtype, block_size)
+    runner.allocate_cache(max(*batch_sizes, CLOSENESS_PROMPTS) * blocks_per_seq)
+    greedy = SamplingParams(temperature=0.0)
+    vocab = model.config.vocab_size
+
+    def step(seq: int, tokens: list[int], start: int, sampling=None) -> SequenceStep:
+        table = list(range(seq * blocks_per_seq, (seq + 1) * blocks_per_seq))
+        slots = [table[p // block_size] * block_size + p % block_size for p in range(start, start + len(tokens))]
+        return SequenceStep(seq, tokens, start, slots, table, True, sampling)
+
+    decode = {}
+    for batch in batch_sizes:
+        runner.clear()
+        prompts = [[(s * 977 + p * 31) % (vocab - 3) + 3 for p in range(args.prompt_tokens)] for s in range(batch)]
+        last = [r.token_id for r in runner.step([step(s, p, 0, greedy) for s, p in enumerate(prompts)])]
+        timed_from = 0.0
+        for n in range(args.decode_steps + 1):
+            if n == 1:  # the first decode step warms up; the rest are timed
+                timed_from = time.perf_counter()
+            position = args.prompt_tokens + n
+            last = [r.token_id for r in runner.step([step(s, [t], position) for s, t in enumerate(last)])]
+        elapsed = time.perf_counter() - timed_from
+        decode[batch] = {
+            "tokens_per_s": batch * args.decode_steps / elapsed,
+            "ms_per_step": 1e3 * elapsed / args.decode_steps,
+        }
+    runner.clear()
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(4, 64, (CLOSENESS_PROMPTS,), generator=generator).tolist()
+    prompts = [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
+    logits = runner.forward([step(s, p, 0) for s, p in enumerate(prompts)]).float().cpu()
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    record = {"weight_bytes": weight_bytes(model), "peak_bytes": peak, "load_s": load_s, "decode": decode}
+    Path(args.worker).write_text(json.dumps(record))
+    if parallel.rank == 0:
+        torch.save(logits, f"{args.worker}.logits")
+
+
+def run_mode(args: argparse.Namespace, mode: str, model_dir: str, tmp: Path) -> list[dict]:
+    """Start the group for `mode`; every rank's record, rank 0's with its logits."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "benchmarks.quantization", "--model", model_dir, "--modes", mode]
+    cmd += ["--device", args.device, "--dtype", args.dtype, "--batch-sizes", args.batch_sizes]
+    cmd += ["--prompt-tokens", str(args.prompt_tokens), "--decode-steps", str(args.decode_steps)]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(args.num_shard))
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--worker", str(tmp / f"{mode}.rank{r}")],
+            env=dict(env, RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(args.num_shard)
+    ]
+    for r, p in enumerate(procs):
+        output, _ = p.communicate()
+        if p.returncode != 0:
+            raise SystemExit(f"{mode}: rank {r} failed:\n{output[-3000:]}")
+    return [json.loads((tmp / f"{mode}.rank{r}").read_text()) for r in range(args.num_shard)]
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    return {
+        "host": platform.node(),
+        "cpu": cpu or platform.processor(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "bitsandbytes": version("bitsandbytes"),
+    }
+
+
+def markdown(report: dict) -> str:
+    """The report as a page: command, machine, one table row per mode."""
+    batches = report["batch_sizes"]
+    head = ["mode", "weight MB/shard", "of fp32", "peak MB/shard", "load s"]
+    head += [f"decode tok/s (batch {b})" for b in batches] + ["logit rel. error", "top-1 agreement"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in report["rows"]:
+        cells = [row["mode"], f"{row['weight_bytes'] / 1e6:.2f}", f"{row['weight_share']:.1%}"]
+        cells += [f"{row['peak_bytes'] / 1e6:.0f}", f"{row['load_s']:.2f}"]
+        cells += [f"{row['decode'][str(b)]['tokens_per_s']:.1f}" for b in batches]
+        cells += [f"{row['relative_error']:.3f}", f"{row['top1_agreement']:.1%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    m = report["machine"]
+    return "\n".join(
+        [
+            "# bitsandbytes shards next to fp32",
+            "",
+            f"Command: `{report['command']}`",
+            "",
+            f"Machine: {m['cpu']}, {m['cores']} cores ({m['host']}); Python {m['python']}, torch {m['torch']}, "
+            f"bitsandbytes {m['bitsandbytes']}. {report['num_shard']} shards on {report['device']}, "
+            f"load average {report['load_average'][0]:.1f} before and {report['load_average'][1]:.1f} after.",
+            "",
+            *lines,
+            "",
+            "Weight bytes are what Info reports per shard (largest rank): quantized tensors plus their",
+            "quantization state; embeddings, norms, router gates and lm_head stay in the compute dtype.",
+            "Peak memory is the whole process (torch, and for quantized modes bitsandbytes with the",
+            "torch.compile machinery it imports), so on a model this small it says little about weights.",
+            f"Closeness: last-token logits of {CLOSENESS_PROMPTS} fixed random prompts against fp32's.",
+            "",
+        ]
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run every mode's group (or, with --worker, be one rank of one) and write the results."""
+    if args.worker:
+        worker(args)
+        return 0
+    if args.decode_steps < 1 or args.num_shard < 1:
+        raise SystemExit("--decode-steps and --num-shard must be at least 1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    modes = args.modes.split(",")
+    model_dir = args.model
+    if model_dir is None:
+        from shards.demo.checkpoint import ensure_demo_checkpoint
+
+        model_dir = str(ensure_demo_checkpoint())
+    import torch
+
+    load_before = os.getloadavg()[0]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mixserve-quant-bench-") as tmp:
+        for mode in ["fp32", *[m for m in modes if m != "fp32"]]:
+            ranks = run_mode(args, mode, model_dir, Path(tmp))
+            logits = torch.load(Path(tmp) / f"{mode}.rank0.logits")
+            if mode == "fp32":
+                fp32_bytes, reference = max(r["weight_bytes"] for r in ranks), logits
+            relative = float(((logits - reference).norm(dim=-1) / reference.norm(dim=-1)).mean())
+            agreement = float((logits.argmax(-1) == reference.argmax(-1)).float().mean())
+            weight = max(r["weight_bytes"] for r in ranks)
+            rows.append(
+                {
+                    "mode": mode,
+                    "weight_bytes": weight,
+                    "weight_bytes_per_rank": [r["weight_bytes"] for r in ranks],
+                    "weight_share": weight / fp32_bytes,
+                    "peak_bytes": max(r["peak_bytes"] for r in ranks),
+                    "load_s": max(r["load_s"] for r in ranks),
+                    "decode": ranks[0]["decode"],
+                    "relative_error": relative,
+                    "top1_agreement": agreement,
+                }
+            )
+            log.info("event=mode_done %s", json.dumps(rows[-1]))
+    report = {
+        "command": "python -m benchmarks.quantization " + " ".join(sys.argv[1:]),
+        "machine": machine(),
+        "model": model_dir,
+        "num_shard": args.num_shard,
+        "device": args.device,
+        "batch_sizes": args.batch_sizes.split(","),
+        "prompt_tokens": args.prompt_tokens,
+        "decode_steps": args.decode_steps,
+        "load_average": [load_before, os.getloadavg()[0]],
+        "rows": [row for row in rows if row["mode"] in modes],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))

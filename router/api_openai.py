@@ -1,0 +1,524 @@
+"""The OpenAI API: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`.
+
+Bodies follow OpenAI's reference (defaults: temperature 1, top_p 1, no top-k; temperature 0 is
+greedy), plus vLLM's extensions `top_k`, `repetition_penalty`, `ignore_eos` and `min_tokens`.
+Unknown fields are ignored. `n` choices are `n` requests to the engine, seeded `seed + i` when a
+seed is given. Streams are SSE `data: {chunk}` events ending with `data: [DONE]`; a failure after
+the first event is a last `data: {"error": {...}}` event instead. Errors use OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`, with this router's `error_type` beside it.
+"""
+
+import asyncio
+import functools
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
+from pathlib import PurePath
+from typing import Any
+
+from aiohttp import web
+
+from router.engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Engine, Generation, TokenEvent
+from router.errors import BadRequest, RouterError, ValidationError
+from router.params import (
+    MAX_ABS_PENALTY,
+    MAX_SEED,
+    MAX_TOP_K,
+    GenerationParams,
+    GenerationRequest,
+    as_bool,
+    as_float,
+    as_int,
+    as_messages,
+    as_prompt,
+    as_stop,
+    max_new_tokens_from,
+)
+from router.server import CONFIG, ENGINE, STARTED, read_json, stream_sse, token_piece, tokenize
+
+log = logging.getLogger("mixserve.router")
+
+FINISH_REASONS = {FINISH_EOS: "stop", FINISH_STOP: "stop", FINISH_LENGTH: "length"}
+# OpenAI's bounds.
+MAX_CHOICES = 128
+MAX_TEMPERATURE = 2.0
+MAX_CHAT_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
+# OpenAI's documented default for /v1/completions; chat completions default to what fits the context.
+COMPLETIONS_MAX_TOKENS = 16
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ModelNotFound(RouterError):
+    """The body names a model this router does not serve."""
+
+    status = 404
+    error_type = "not_found"
+    # OpenAI's code and the field at fault.
+    code = "model_not_found"
+    param = "model"
+
+
+def error_body(exc: RouterError) -> dict[str, Any]:
+    """OpenAI's error object, with the router's `error_type` kept beside it."""
+    if exc.status == 401:
+        kind = "authentication_error"
+    elif exc.status == 429:
+        kind = "rate_limit_error"
+    elif exc.status >= 500:
+        kind = "server_error"
+    else:
+        kind = "invalid_request_error"
+    code, param = getattr(exc, "code", exc.error_type), getattr(exc, "param", None)
+    error = {"message": str(exc), "type": kind, "param": param, "code": code}
+    return {"error": error, "error_type": exc.error_type}
+
+
+def openai_errors(handler: Handler) -> Handler:
+    """Answer the handler's RouterErrors in OpenAI's shape (the app's middleware would use the TGI one)."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except RouterError as exc:
+            log.info("event=refused path=%s status=%d error_type=%s", request.path, exc.status, exc.error_type)
+            return web.json_response(error_body(exc), status=exc.status)
+
+    return wrapped
+
+
+@dataclass(slots=True)
+class OpenAIRequest:
+    """A validated chat or completions body: the prompts, how to sample, and what to report."""
+
+    prompts: list[GenerationRequest]  # chat: one conversation; completions: one per prompt string
+    params: GenerationParams  # max_new_tokens is set per prompt at submission
+    max_tokens: int | None  # None: the API's default
+    n: int = 1
+    logprobs: int | None = None  # None: no logprobs; else the alternatives per token
+    include_usage: bool = False
+
+
+def _unsupported(body: dict[str, Any], name: str, why: str) -> None:
+    if body.get(name) not in (None, False, "", [], {}):
+        raise ValidationError(f"{name} is not supported: {why}")
+
+
+def _sampling(body: dict[str, Any], *, max_tokens: int | None, top_n_tokens: int) -> GenerationParams:
+    """The sampling fields every OpenAI body shares, with OpenAI's defaults."""
+    _unsupported(body, "logit_bias", "the shards take no per-token biases")
+    stream = as_bool("stream", body.get("stream"), default=False)
+    if body.get("stream_options") is not None and not stream:
+        raise ValidationError("stream_options is only allowed with stream: true")
+    min_tokens = as_int("min_tokens", body.get("min_tokens"), default=0, ge=0)
+    ignore_eos = as_bool("ignore_eos", body.get("ignore_eos"), default=False)
+    if min_tokens:
+        # Only the case the engine can honour: every token up to the limit (EOS ignored).
+        if min_tokens != max_tokens:
+            raise ValidationError(
+                f"min_tokens must be 0 or equal to max_tokens ({max_tokens}), got {min_tokens}; "
+                "a lower bound below the limit is not supported (use ignore_eos)"
+            )
+        ignore_eos = True
+    seed = body.get("seed")
+    return GenerationParams(
+        temperature=as_float("temperature", body.get("temperature"), default=1.0, ge=0, le=MAX_TEMPERATURE),
+        top_p=as_float("top_p", body.get("top_p"), default=1.0, gt=0, le=1),
+        # vLLM's spelling of "off" is -1.
+        top_k=max(0, as_int("top_k", body.get("top_k"), default=0, ge=-1, le=MAX_TOP_K)),
+        repetition_penalty=as_float("repetition_penalty", body.get("repetition_penalty"), default=1.0, gt=0),
+        frequency_penalty=as_float(
+            "frequency_penalty", body.get("frequency_penalty"), default=0.0, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY
+        ),
+        presence_penalty=as_float(
+            "presence_penalty", body.get("presence_penalty"), default=0.0, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY
+        ),
+        stop=as_stop("stop", body.get("stop")),
+        # OpenAI's seed is a signed 64-bit integer; the shards take its two's-complement bits.
+        seed=None if seed is None else as_int("seed", seed, ge=-(2**63), le=MAX_SEED) % (MAX_SEED + 1),
+        stream=stream,
+        ignore_eos=ignore_eos,
+        top_n_tokens=top_n_tokens,
+    )
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise BadRequest("stream_options must be an object")
+    return as_bool("stream_options.include_usage", options.get("include_usage"), default=False)
+
+
+def _text_content(i: int, message: object) -> object:
+    """A message with its content as one string: text parts joined by newlines (as vLLM does)."""
+    if not isinstance(message, dict):
+        return message
+    content = message.get("content")
+    if content is None and message.get("role") == "assistant":
+        content = ""
+    elif isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValidationError(f"messages[{i}].content[{j}]: only text parts are supported, got {kind!r}")
+            if not isinstance(part.get("text"), str):
+                raise BadRequest(f"messages[{i}].content[{j}].text must be a string")
+            texts.append(part["text"])
+        content = "\n".join(texts)
+    # OpenAI's "developer" role is the system prompt under its newer name.
+    role = "system" if message.get("role") == "developer" else message.get("role")
+    return {"role": role, "content": content}
+
+
+def parse_chat_request(body: dict[str, Any]) -> OpenAIRequest:
+    """Validate a `/v1/chat/completions` body."""
+    _unsupported(body, "tools", "this server does not call tools")
+    _unsupported(body, "functions", "this server does not call functions")
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") not in (None, "text"):
+        raise ValidationError(f"response_format {response_format.get('type')!r} is not supported; only text")
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        messages = [_text_content(i, m) for i, m in enumerate(messages)]
+    max_tokens = max_new_tokens_from(body, ("max_completion_tokens", "max_tokens"), default=0) or None
+    logprobs = as_bool("logprobs", body.get("logprobs"), default=False)
+    top_logprobs = as_int("top_logprobs", body.get("top_logprobs"), default=0, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
+    if top_logprobs and not logprobs:
+        raise ValidationError("top_logprobs needs logprobs: true")
+    params = _sampling(body, max_tokens=max_tokens, top_n_tokens=top_logprobs)
+    return OpenAIRequest(
+        prompts=[GenerationRequest(prompt=None, messages=as_messages("messages", messages), params=params)],
+        params=params,
+        max_tokens=max_tokens,
+        n=as_int("n", body.get("n"), default=1, ge=1, le=MAX_CHOICES),
+        logprobs=top_logprobs if logprobs else None,
+        include_usage=_include_usage(body),
+    )
+
+
+def parse_completion_request(body: dict[str, Any]) -> OpenAIRequest:
+    """Validate a `/v1/completions` body: `prompt` is a string or an array of strings."""
+    _unsupported(body, "echo", "the prompt is not echoed")
+    _unsupported(body, "suffix", "no insertion mode")
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise BadRequest("prompt is required: a string or an array of strings")
+    if isinstance(prompt, list):
+        if not prompt:
+            raise ValidationError("prompt must not be an empty array")
+        if not isinstance(prompt[0], str):
+            raise ValidationError("prompt as token ids is not supported; send a string or an array of strings")
+        prompts = [as_prompt(f"prompt[{i}]", p) for i, p in enumerate(prompt)]
+    else:
+        prompts = [as_prompt("prompt", prompt)]
+    max_tokens = max_new_tokens_from(body, ("max_tokens",), default=0) or None
+    n = as_int("n", body.get("n"), default=1, ge=1, le=MAX_CHOICES)
+    best_of = as_int("best_of", body.get("best_of"), default=n, ge=1)
+    if best_of != n:
+        raise ValidationError(f"best_of must equal n ({n}) when given, got {best_of}; no choice is discarded")
+    if n * len(prompts) > MAX_CHOICES:
+        raise ValidationError(f"n ({n}) x prompts ({len(prompts)}) must be <= {MAX_CHOICES}")
+    logprobs = body.get("logprobs")
+    logprobs = None if logprobs is None else as_int("logprobs", logprobs, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    params = _sampling(body, max_tokens=max_tokens, top_n_tokens=logprobs or 0)
+    return OpenAIRequest(
+        prompts=[GenerationRequest(prompt=p, messages=None, params=params) for p in prompts],
+        params=params,
+        max_tokens=max_tokens,
+        n=n,
+        logprobs=logprobs,
+        include_usage=_include_usage(body),
+    )
+
+
+def check_model(body: dict[str, Any], model_id: str) -> None:
+    """`model` may be left out; given, it must name the served model (its id or its directory name)."""
+    model = body.get("model")
+    if model is None:
+        return
+    if not isinstance(model, str):
+        raise BadRequest("model must be a string")
+    if model not in (model_id, model_id.rstrip("/"), PurePath(model_id).name):
+        raise ModelNotFound(f"the model {model!r} does not exist; this server serves {model_id!r}")
+
+
+@dataclass(slots=True)
+class Choices:
+    """The engine requests behind one response, in choice order (prompt-major, then `n`)."""
+
+    generations: list[Generation]
+    prompt_tokens: int
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def usage(self) -> dict[str, int]:
+        completion = sum(g.generated_tokens for g in self.generations)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
+
+
+def submit(engine: Engine, request: OpenAIRequest, default_max_tokens: int | None) -> Choices:
+    """Queue every choice; if one is refused, the ones already queued are cancelled."""
+    generations: list[Generation] = []
+    prompt_tokens = 0
+    try:
+        for prompt in request.prompts:
+            ids = tokenize(engine, prompt)
+            prompt_tokens += len(ids)
+            max_tokens = request.max_tokens or default_max_tokens or _room(engine, len(ids))
+            base = request.params.seed
+            for i in range(request.n):
+                seed = None if base is None else (base + i) % (MAX_SEED + 1)
+                generations.append(engine.submit(ids, replace(request.params, max_new_tokens=max_tokens, seed=seed)))
+    except RouterError:
+        for generation in generations:
+            engine.cancel(generation)
+        raise
+    return Choices(generations, prompt_tokens)
+
+
+def _room(engine: Engine, prompt_len: int) -> int:
+    """The most new tokens a prompt can get: up to max_total_tokens, and what one sequence's KV may hold."""
+    config = engine.scheduler.config
+    cache_room = config.max_blocks * config.block_size + 1 - prompt_len
+    return max(1, min(engine.limits.max_total_tokens - prompt_len, cache_room))
+
+
+async def interleave(generations: list[Generation]) -> AsyncGenerator[tuple[int, TokenEvent], None]:
+    """Every choice's token events as they arrive, tagged with the choice index. Leaving early (or a
+    failure of any choice) cancels every choice still running."""
+    streams = [g.stream() for g in generations]
+    pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=pending.__getitem__):
+                i = pending.pop(task)
+                try:
+                    event = task.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(streams[i]))] = i
+                yield i, event
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
+
+
+def _chat_logprobs(tokenizer, event: TokenEvent) -> dict[str, Any]:
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        piece = token_piece(tokenizer, token_id)
+        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
+
+    return {**entry(event.token_id, event.logprob), "top_logprobs": [entry(t, lp) for t, lp in event.top_tokens]}
+
+
+@dataclass(slots=True)
+class CompletionLogprobs:
+    """The legacy completions `logprobs` object, built token by token."""
+
+    tokens: list[str] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = field(default_factory=list)
+    text_offset: list[int] = field(default_factory=list)
+
+    def add(self, tokenizer, event: TokenEvent, offset: int) -> None:
+        piece = token_piece(tokenizer, event.token_id)
+        self.tokens.append(piece)
+        self.token_logprobs.append(event.logprob)
+        # OpenAI: the requested alternatives, and always the sampled token.
+        top = {token_piece(tokenizer, t): lp for t, lp in event.top_tokens}
+        top.setdefault(piece, event.logprob)
+        self.top_logprobs.append(top)
+        self.text_offset.append(offset)
+
+    def as_dict(self) -> dict[str, list]:
+        return {
+            "tokens": self.tokens,
+            "token_logprobs": self.token_logprobs,
+            "top_logprobs": self.top_logprobs,
+            "text_offset": self.text_offset,
+        }
+
+
+def _header(choices: Choices, kind: str, model: str, prefix: str) -> dict[str, Any]:
+    return {"id": f"{prefix}-{choices.id}", "object": kind, "created": choices.created, "model": model}
+
+
+async def chat_completion(engine: Engine, request: OpenAIRequest, choices: Choices, model: str) -> dict[str, Any]:
+    """The non-streaming `chat.completion` object."""
+    texts = [[] for _ in choices.generations]
+    logprobs: list[list[dict]] = [[] for _ in choices.generations]
+    async with aclosing(interleave(choices.generations)) as events:
+        async for i, event in events:
+            texts[i].append(event.text)
+            if request.logprobs is not None:
+                logprobs[i].append(_chat_logprobs(engine.tokenizer, event))
+    return {
+        **_header(choices, "chat.completion", model, "chatcmpl"),
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": "".join(texts[i])},
+                "logprobs": None if request.logprobs is None else {"content": logprobs[i]},
+                "finish_reason": FINISH_REASONS[g.finish_reason],
+            }
+            for i, g in enumerate(choices.generations)
+        ],
+        "usage": choices.usage(),
+    }
+
+
+async def chat_chunks(
+    engine: Engine, request: OpenAIRequest, choices: Choices, model: str
+) -> AsyncGenerator[dict | str, None]:
+    """`chat.completion.chunk` events: a choice's first delta carries the role, its last the finish reason."""
+    header = _header(choices, "chat.completion.chunk", model, "chatcmpl")
+    usage: dict[str, None] = {"usage": None} if request.include_usage else {}
+    started: set[int] = set()
+    async with aclosing(interleave(choices.generations)) as events:
+        async for i, event in events:
+            if i not in started:
+                started.add(i)
+                delta = {"role": "assistant", "content": ""}
+                role = {"index": i, "delta": delta, "logprobs": None, "finish_reason": None}
+                yield {**header, "choices": [role], **usage}
+            finish = FINISH_REASONS.get(event.finish_reason)
+            if not event.text and finish is None and request.logprobs is None:
+                continue
+            choice = {
+                "index": i,
+                "delta": {"content": event.text} if event.text else {},
+                "logprobs": None
+                if request.logprobs is None
+                else {"content": [_chat_logprobs(engine.tokenizer, event)]},
+                "finish_reason": finish,
+            }
+            yield {**header, "choices": [choice], **usage}
+    if request.include_usage:
+        yield {**header, "choices": [], "usage": choices.usage()}
+    yield "[DONE]"
+
+
+async def completion(engine: Engine, request: OpenAIRequest, choices: Choices, model: str) -> dict[str, Any]:
+    """The non-streaming `text_completion` object."""
+    texts = [[] for _ in choices.generations]
+    logprobs = [CompletionLogprobs() for _ in choices.generations]
+    offsets = [0] * len(choices.generations)
+    async with aclosing(interleave(choices.generations)) as events:
+        async for i, event in events:
+            if request.logprobs is not None:
+                logprobs[i].add(engine.tokenizer, event, offsets[i])
+            texts[i].append(event.text)
+            offsets[i] += len(event.text)
+    return {
+        **_header(choices, "text_completion", model, "cmpl"),
+        "choices": [
+            {
+                "index": i,
+                "text": "".join(texts[i]),
+                "logprobs": None if request.logprobs is None else logprobs[i].as_dict(),
+                "finish_reason": FINISH_REASONS[g.finish_reason],
+            }
+            for i, g in enumerate(choices.generations)
+        ],
+        "usage": choices.usage(),
+    }
+
+
+async def completion_chunks(
+    engine: Engine, request: OpenAIRequest, choices: Choices, model: str
+) -> AsyncGenerator[dict | str, None]:
+    """`text_completion` events, one per token that adds text (or logprobs), the finish reason on the last."""
+    header = _header(choices, "text_completion", model, "cmpl")
+    usage: dict[str, None] = {"usage": None} if request.include_usage else {}
+    offsets = [0] * len(choices.generations)
+    async with aclosing(interleave(choices.generations)) as events:
+        async for i, event in events:
+            finish = FINISH_REASONS.get(event.finish_reason)
+            if not event.text and finish is None and request.logprobs is None:
+                continue
+            logprobs = None
+            if request.logprobs is not None:
+                one = CompletionLogprobs()
+                one.add(engine.tokenizer, event, offsets[i])
+                logprobs = one.as_dict()
+            offsets[i] += len(event.text)
+            choice = {"index": i, "text": event.text, "logprobs": logprobs, "finish_reason": finish}
+            yield {**header, "choices": [choice], **usage}
+    if request.include_usage:
+        yield {**header, "choices": [], "usage": choices.usage()}
+    yield "[DONE]"
+
+
+@openai_errors
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """`POST /v1/chat/completions`."""
+    engine, model_id = request.app[ENGINE], request.app[CONFIG].model_id
+    body = await read_json(request)
+    check_model(body, model_id)
+    parsed = parse_chat_request(body)
+    choices = submit(engine, parsed, None)
+    if parsed.params.stream:
+        return await stream_sse(request, chat_chunks(engine, parsed, choices, model_id), error_body)
+    return web.json_response(await chat_completion(engine, parsed, choices, model_id))
+
+
+@openai_errors
+async def completions(request: web.Request) -> web.StreamResponse:
+    """`POST /v1/completions`."""
+    engine, model_id = request.app[ENGINE], request.app[CONFIG].model_id
+    body = await read_json(request)
+    check_model(body, model_id)
+    parsed = parse_completion_request(body)
+    choices = submit(engine, parsed, COMPLETIONS_MAX_TOKENS)
+    if parsed.params.stream:
+        return await stream_sse(request, completion_chunks(engine, parsed, choices, model_id), error_body)
+    return web.json_response(await completion(engine, parsed, choices, model_id))
+
+
+def _model_card(request: web.Request) -> dict[str, Any]:
+    engine, config = request.app[ENGINE], request.app[CONFIG]
+    created = int(time.time() - (time.monotonic() - request.app[STARTED]))
+    return {
+        "id": config.model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "mixserve",
+        "max_model_len": engine.limits.max_total_tokens,
+    }
+
+
+@openai_errors
+async def list_models(request: web.Request) -> web.Response:
+    """`GET /v1/models`: the one served model."""
+    return web.json_response({"object": "list", "data": [_model_card(request)]})
+
+
+@openai_errors
+async def retrieve_model(request: web.Request) -> web.Response:
+    """`GET /v1/models/{model}`: the served model, or 404."""
+    check_model({"model": request.match_info["model"]}, request.app[CONFIG].model_id)
+    return web.json_response(_model_card(request))
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the OpenAI routes on `app` (built by `router.server.build_app`)."""
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", retrieve_model)

@@ -1,0 +1,237 @@
+"""The text-generation-inference API: `POST /generate`, `/generate_stream`, `/`, `/tokenize`.
+
+Bodies are TGI's `{"inputs": str, "parameters": {...}}`; the `text-generation` client works
+unchanged. Sampling follows TGI: greedy unless `do_sample` is true or a warper is set
+(`temperature` other than 1, `top_k`, `top_p` below 1). Streams are SSE `data: {token}` events,
+`generated_text` and `details` on the last one, and no `[DONE]`; a failure after the first event
+is a last `data: {"error", "error_type"}` event. Prompt-token logprobs are not computed by the
+shards, so `decoder_input_details` returns the prefill tokens with `logprob: null`.
+"""
+
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from router.engine import Engine, Generation, TokenEvent
+from router.errors import BadRequest, ValidationError, error_body
+from router.params import (
+    MAX_ABS_PENALTY,
+    MAX_TOP_K,
+    GenerationParams,
+    GenerationRequest,
+    as_bool,
+    as_float,
+    as_int,
+    as_prompt,
+    as_seed,
+    as_stop,
+)
+from router.server import ENGINE, read_json, stream_sse, token_piece, tokenize
+
+# TGI's defaults: `max_new_tokens` when left out, and the `--max-top-n-tokens` flag.
+DEFAULT_MAX_NEW_TOKENS = 100
+MAX_TOP_N_TOKENS = 5
+
+
+@dataclass(slots=True)
+class TGIRequest:
+    """A validated TGI body: the input text, how to generate, and what to put in the answer."""
+
+    inputs: str
+    params: GenerationParams
+    sampling: bool
+    details: bool = False
+    decoder_input_details: bool = False
+    return_full_text: bool = False
+    truncate: int | None = None
+
+
+def _refuse(parameters: dict[str, Any], name: str, off: tuple[object, ...], why: str) -> None:
+    if parameters.get(name) not in (None, *off):
+        raise ValidationError(f"{name} is not supported: {why}")
+
+
+def parse_generate_request(body: dict[str, Any], *, stream: bool) -> TGIRequest:
+    """Validate a `/generate` or `/generate_stream` body (already decoded JSON); unknown fields are ignored."""
+    inputs = as_prompt("inputs", body.get("inputs"))
+    p = body.get("parameters")
+    p = {} if p is None else p
+    if not isinstance(p, dict):
+        raise BadRequest("parameters must be an object")
+    _refuse(p, "typical_p", (1.0,), "typical decoding is not implemented by the shards")
+    _refuse(p, "best_of", (1,), "max_best_of is 1")
+    _refuse(p, "watermark", (False,), "no watermarking")
+    _refuse(p, "grammar", (), "no constrained decoding")
+    _refuse(p, "adapter_id", (), "no adapters")
+    decoder_input_details = as_bool("decoder_input_details", p.get("decoder_input_details"), default=False)
+    if decoder_input_details and stream:
+        raise ValidationError("decoder_input_details is not supported when streaming tokens")
+    temperature = p.get("temperature")
+    temperature = None if temperature is None else as_float("temperature", temperature, gt=0)
+    top_k = p.get("top_k")
+    top_k = None if top_k is None else as_int("top_k", top_k, ge=1, le=MAX_TOP_K)
+    top_p = p.get("top_p")
+    top_p = None if top_p is None else as_float("top_p", top_p, gt=0, le=1)
+    sampling = as_bool("do_sample", p.get("do_sample"), default=False) or (
+        temperature not in (None, 1.0) or top_k is not None or top_p not in (None, 1.0)
+    )
+    truncate = p.get("truncate")
+    params = GenerationParams(
+        max_new_tokens=as_int("max_new_tokens", p.get("max_new_tokens"), default=DEFAULT_MAX_NEW_TOKENS, ge=1),
+        temperature=(temperature or 1.0) if sampling else 0.0,
+        top_k=top_k or 0,
+        top_p=top_p or 1.0,
+        repetition_penalty=as_float("repetition_penalty", p.get("repetition_penalty"), default=1.0, gt=0),
+        frequency_penalty=as_float(
+            "frequency_penalty", p.get("frequency_penalty"), default=0.0, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY
+        ),
+        stop=as_stop("stop", p.get("stop")),
+        seed=as_seed("seed", p.get("seed")),
+        stream=stream,
+        top_n_tokens=as_int("top_n_tokens", p.get("top_n_tokens"), default=0, ge=0, le=MAX_TOP_N_TOKENS),
+    )
+    return TGIRequest(
+        inputs=inputs,
+        params=params,
+        sampling=sampling,
+        details=as_bool("details", p.get("details"), default=False),
+        decoder_input_details=decoder_input_details,
+        return_full_text=as_bool("return_full_text", p.get("return_full_text"), default=False),
+        truncate=None if truncate is None else as_int("truncate", truncate, ge=1),
+    )
+
+
+def submit(engine: Engine, request: TGIRequest) -> Generation:
+    """Tokenize (BOS included, as TGI does), keep the last `truncate` tokens, and queue the request."""
+    ids = tokenize(engine, GenerationRequest(prompt=request.inputs, messages=None, params=request.params))
+    if request.truncate is not None:
+        ids = ids[-request.truncate :]
+    return engine.submit(ids, request.params)
+
+
+def token_json(engine: Engine, event: TokenEvent) -> dict[str, Any]:
+    """TGI's `Token`: the text this token adds to `generated_text` (a special token's own spelling)."""
+    text = event.text
+    if event.special and not text:
+        text = engine.tokenizer.convert_ids_to_tokens(event.token_id)
+    return {"id": event.token_id, "text": text, "logprob": event.logprob, "special": event.special}
+
+
+def top_tokens_json(engine: Engine, event: TokenEvent) -> list[dict[str, Any]]:
+    """The requested alternatives of one position, most likely first."""
+    return [
+        {
+            "id": token_id,
+            "text": token_piece(engine.tokenizer, token_id),
+            "logprob": logprob,
+            "special": token_id in engine.special_ids,
+        }
+        for token_id, logprob in event.top_tokens
+    ]
+
+
+def _full_text(request: TGIRequest, text: str) -> str:
+    return request.inputs + text if request.return_full_text else text
+
+
+async def generate_answer(engine: Engine, request: TGIRequest, generation: Generation) -> dict[str, Any]:
+    """TGI's non-streaming response: `generated_text`, and `details` when asked for."""
+    events: list[TokenEvent] = []
+    async with aclosing(generation.stream()) as stream:
+        async for event in stream:
+            events.append(event)
+    answer: dict[str, Any] = {"generated_text": _full_text(request, "".join(e.text for e in events))}
+    if request.details:
+        prefill = []
+        if request.decoder_input_details:
+            prefill = [
+                {"id": t, "text": token_piece(engine.tokenizer, t), "logprob": None} for t in generation.prompt_ids
+            ]
+        answer["details"] = {
+            "finish_reason": generation.finish_reason,
+            "generated_tokens": generation.generated_tokens,
+            "seed": generation.seed if request.sampling else None,
+            "prefill": prefill,
+            "tokens": [token_json(engine, e) for e in events],
+            "top_tokens": [top_tokens_json(engine, e) for e in events] if request.params.top_n_tokens else [],
+        }
+    return answer
+
+
+async def stream_events(
+    engine: Engine, request: TGIRequest, generation: Generation
+) -> AsyncGenerator[dict[str, Any], None]:
+    """TGI's `StreamResponse` events: one per token; the last carries `generated_text` and `details`."""
+    texts: list[str] = []
+    async with aclosing(generation.stream()) as stream:
+        async for event in stream:
+            texts.append(event.text)
+            payload: dict[str, Any] = {
+                "index": len(texts),
+                "token": token_json(engine, event),
+                "top_tokens": top_tokens_json(engine, event),
+                "generated_text": None,
+                "details": None,
+            }
+            if event.finish_reason is not None:
+                payload["generated_text"] = _full_text(request, "".join(texts))
+                if request.details:
+                    payload["details"] = {
+                        "finish_reason": event.finish_reason,
+                        "generated_tokens": generation.generated_tokens,
+                        "seed": generation.seed if request.sampling else None,
+                        "input_length": generation.prompt_tokens,
+                    }
+            yield payload
+
+
+async def _answer(request: web.Request, body: dict[str, Any], *, stream: bool, as_array: bool) -> web.StreamResponse:
+    engine = request.app[ENGINE]
+    parsed = parse_generate_request(body, stream=stream)
+    generation = submit(engine, parsed)
+    if stream:
+        return await stream_sse(request, stream_events(engine, parsed, generation), error_body)
+    answer = await generate_answer(engine, parsed, generation)
+    return web.json_response([answer] if as_array else answer)
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    """`POST /generate`: one JSON object."""
+    return await _answer(request, await read_json(request), stream=False, as_array=False)
+
+
+async def generate_stream(request: web.Request) -> web.StreamResponse:
+    """`POST /generate_stream`: server-sent token events."""
+    return await _answer(request, await read_json(request), stream=True, as_array=False)
+
+
+async def compat_generate(request: web.Request) -> web.StreamResponse:
+    """`POST /`: `/generate_stream` when `stream` is true, else `/generate`'s object inside a JSON array."""
+    body = await read_json(request)
+    stream = as_bool("stream", body.get("stream"), default=False)
+    return await _answer(request, body, stream=stream, as_array=True)
+
+
+async def tokenize_route(request: web.Request) -> web.Response:
+    """`POST /tokenize`: the tokens of `inputs` (BOS included) with their character spans in it."""
+    engine = request.app[ENGINE]
+    body = await read_json(request)
+    inputs = as_prompt("inputs", body.get("inputs"))
+    encoded = engine.tokenizer(inputs, return_offsets_mapping=True)
+    return web.json_response(
+        [
+            {"id": token_id, "text": inputs[start:stop], "start": start, "stop": stop}
+            for token_id, (start, stop) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
+        ]
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the TGI routes on `app` (built by `router.server.build_app`)."""
+    app.router.add_post("/generate", generate)
+    app.router.add_post("/generate_stream", generate_stream)
+    app.router.add_post("/", compat_generate)
+    app.router.add_post("/tokenize", tokenize_route)

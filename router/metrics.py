@@ -1,0 +1,178 @@
+"""Prometheus metrics of one router: requests, latencies, the batch and the KV cache.
+
+Each engine owns a `Metrics` with its own `CollectorRegistry`, so several routers in one process
+never clash. The engine loop feeds the latency histograms; the queue, batch and KV block gauges
+are read from the scheduler when Prometheus scrapes, so the loop pays nothing for them.
+"""
+
+import bisect
+import math
+from collections.abc import Iterator
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from router.scheduler import Scheduler
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+INTER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
+REQUEST_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# A step holds only prompt chunks, only decodes, or both.
+STEP_KINDS = ("prefill", "decode", "mixed")
+# How a request ended: the engine's finish reasons, a client that left, or a failure.
+END_REASONS = ("length", "eos_token", "stop_sequence", "cancelled", "error")
+
+
+class LoopHistogram:
+    """A histogram fed only from the event loop's thread, so it needs no lock.
+
+    prometheus_client's Histogram takes a lock per bucket and per sum, about 2 µs an
+    observation; the engine observes once per generated token, so this one is a bisect and two
+    additions instead. Exposed through `Metrics`' collector.
+    """
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count one observation (seconds) in the first bucket whose bound is >= value."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """(le, cumulative count) pairs ending with +Inf, as the exposition format wants them."""
+        running, buckets = 0, []
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
+            running += count
+            buckets.append((floatToGoString(bound), running))
+        return buckets
+
+
+class Metrics:
+    """Every metric of one router, registered in its own registry."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "mixserve_requests",
+            "Requests answered, by API (http, grpc), route and status.",
+            ["api", "route", "status"],
+            registry=r,
+        )
+        self.ended = Counter("mixserve_request_end", "Generations ended, by reason.", ["reason"], registry=r)
+        self.prompt_tokens = Counter("mixserve_prompt_tokens", "Prompt tokens of admitted generations.", registry=r)
+        self.generated_tokens = Counter("mixserve_generated_tokens", "Tokens generated for clients.", registry=r)
+        self.shard_failures = Counter("mixserve_shard_failures", "Times the shard group failed.", registry=r)
+        self.time_to_first_token = LoopHistogram(TTFT_BUCKETS)
+        self.inter_token_latency = LoopHistogram(INTER_TOKEN_BUCKETS)
+        self.request_duration = LoopHistogram(REQUEST_BUCKETS)
+        self.step_duration = {kind: LoopHistogram(STEP_BUCKETS) for kind in STEP_KINDS}
+        self._ended = {reason: self.ended.labels(reason) for reason in END_REASONS}
+        r.register(_LiveCollector(self, scheduler))
+
+    def on_admitted(self, prompt_tokens: int) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+
+    def on_step(self, prefill_tokens: int, decode_tokens: int, seconds: float, generated: int) -> None:
+        """One shard step finished and handed `generated` tokens to live requests."""
+        kind = "decode" if not prefill_tokens else "prefill" if not decode_tokens else "mixed"
+        self.step_duration[kind].observe(seconds)
+        if generated:
+            self.generated_tokens.inc(generated)
+
+    def on_end(self, reason: str, seconds: float | None = None) -> None:
+        """A generation ended; `seconds` (its end-to-end latency) only when it finished normally."""
+        self._ended[reason].inc()
+        if seconds is not None:
+            self.request_duration.observe(seconds)
+
+    def on_shard_failure(self) -> None:
+        self.shard_failures.inc()
+
+
+class _LiveCollector(Collector):
+    """The loop-fed histograms, and gauges read from the scheduler at scrape time."""
+
+    def __init__(self, metrics: Metrics, scheduler: Scheduler) -> None:
+        self._metrics = metrics
+        self._scheduler = scheduler
+
+    def collect(self) -> Iterator[Metric]:
+        m, s = self._metrics, self._scheduler
+        yield _histogram("mixserve_time_to_first_token_seconds", "Admission to first token.", m.time_to_first_token)
+        yield _histogram(
+            "mixserve_inter_token_latency_seconds", "Time between two tokens of one request.", m.inter_token_latency
+        )
+        yield _histogram(
+            "mixserve_request_duration_seconds", "Admission to last token of finished requests.", m.request_duration
+        )
+        steps = HistogramMetricFamily(
+            "mixserve_step_duration_seconds", "Shard step round trips, by kind.", labels=["kind"]
+        )
+        for kind, histogram in m.step_duration.items():
+            steps.add_metric([kind], histogram.cumulative(), histogram.total)
+        yield steps
+        yield GaugeMetricFamily("mixserve_queue_size", "Requests waiting for their first step.", s.num_waiting)
+        yield GaugeMetricFamily("mixserve_batch_size", "Requests in the running batch.", s.num_running)
+        yield GaugeMetricFamily("mixserve_kv_blocks_used", "KV cache blocks held by requests.", s.num_blocks_used)
+        yield GaugeMetricFamily("mixserve_kv_blocks_free", "KV cache blocks still free.", s.num_blocks_free)
+        yield GaugeMetricFamily("mixserve_kv_blocks_total", "KV cache blocks on each shard.", s.config.num_blocks)
+        yield GaugeMetricFamily("mixserve_kv_blocks_cached", "KV blocks in the prefix cache.", s.num_blocks_cached)
+        yield CounterMetricFamily(
+            "mixserve_prefix_cache_query_tokens", "Tokens of admitted requests looked up.", s.prefix_query_tokens
+        )
+        yield CounterMetricFamily(
+            "mixserve_prefix_cache_hit_tokens", "Looked-up tokens found in the prefix cache.", s.prefix_hit_tokens
+        )
+        hit_rate = s.prefix_hit_tokens / s.prefix_query_tokens if s.prefix_query_tokens else 0.0
+        yield GaugeMetricFamily("mixserve_prefix_cache_hit_rate", "Hit tokens over query tokens since start.", hit_rate)
+
+
+def _histogram(name: str, documentation: str, histogram: LoopHistogram) -> HistogramMetricFamily:
+    return HistogramMetricFamily(name, documentation, buckets=histogram.cumulative(), sum_value=histogram.total)
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+@web.middleware
+async def count_requests(request: web.Request, handler):
+    """Count every HTTP request by route template and final status."""
+    # A handler cancelled because its client went away never gets a status: count it as nginx's 499.
+    status = "499"
+    try:
+        response = await handler(request)
+        status = str(response.status)
+        return response
+    except web.HTTPException as exc:
+        status = str(exc.status)
+        raise
+    except Exception:
+        status = "500"
+        raise
+    finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        request.app[METRICS].requests.labels("http", route, status).inc()
+
+
+async def serve_metrics(request: web.Request) -> web.Response:
+    """`GET /metrics`: the Prometheus text exposition of this router's registry."""
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def install(app: web.Application, metrics: Metrics) -> None:
+    """Serve `GET /metrics` from `metrics` and count every HTTP request of `app` (outermost middleware)."""
+    app[METRICS] = metrics
+    app.middlewares.insert(0, count_requests)
+    app.router.add_get("/metrics", serve_metrics)

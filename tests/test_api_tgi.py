@@ -1,0 +1,183 @@
+"""The TGI API through the `text-generation` client (unchanged) against a real 2-shard launch; SSE errors."""
+
+import json
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from text_generation import AsyncClient, Client
+from text_generation.errors import ValidationError
+from transformers import AutoTokenizer
+
+from router import api_openai
+from router.errors import ShardUnavailable, error_body
+from router.server import stream_sse
+
+PROMPT = "The old river runs"
+# text-generation 0.7 calls pydantic's deprecated `.dict()`.
+pytestmark = pytest.mark.filterwarnings("ignore:The `dict` method is deprecated")
+# The client's default (10 s) is short for a busy 2-core CI machine.
+CLIENT_TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def server(launch, demo_dir):
+    server = launch("--model", str(demo_dir), "--num-shard", "2", "--max-kv-blocks", "256", "--max-total-tokens", "96")
+    yield server
+    server.stop()  # free the CPU for the modules after this one
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_dir):
+    return AutoTokenizer.from_pretrained(demo_dir)
+
+
+async def predict(url: str, prompt: str, max_tokens: int) -> str:
+    """The greedy oracle: /predict's text for the same prompt."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": False, "temperature": 0}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{url}/predict", json=body) as response:
+            assert response.status == 200, await response.text()
+            return (await response.json())["output"]
+
+
+async def post(url: str, path: str, body: dict) -> tuple[int, str, str]:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{url}{path}", json=body) as response:
+            return response.status, response.headers.get("Content-Type", ""), await response.text()
+
+
+async def test_client_generate_greedy_matches_predict(server, tokenizer):
+    expected = await predict(server.url, PROMPT, 12)
+    answer = Client(server.url, timeout=CLIENT_TIMEOUT_S).generate(PROMPT, max_new_tokens=12)
+    assert answer.generated_text == expected
+    details = answer.details
+    assert details.finish_reason == "length" and details.generated_tokens == 12 and details.seed is None
+    assert "".join(t.text for t in details.tokens if not t.special) == expected
+    assert all(t.logprob <= 0 for t in details.tokens) and details.prefill == []
+
+
+async def test_client_generate_stream(server):
+    expected = await predict(server.url, PROMPT, 10)
+    responses = list(Client(server.url, timeout=CLIENT_TIMEOUT_S).generate_stream(PROMPT, max_new_tokens=10))
+    assert len(responses) == 10
+    assert "".join(r.token.text for r in responses) == expected
+    assert all(r.generated_text is None and r.details is None for r in responses[:-1])
+    assert responses[-1].generated_text == expected
+    assert responses[-1].details.finish_reason == "length" and responses[-1].details.generated_tokens == 10
+
+
+async def test_async_client_and_parameters(server, tokenizer):
+    client = AsyncClient(server.url, timeout=CLIENT_TIMEOUT_S)
+    expected = await predict(server.url, PROMPT, 6)
+    full = await client.generate(
+        PROMPT, max_new_tokens=6, return_full_text=True, decoder_input_details=True, top_n_tokens=3
+    )
+    assert full.generated_text == PROMPT + expected
+    ids = tokenizer(PROMPT)["input_ids"]
+    assert [t.id for t in full.details.prefill] == ids and all(t.logprob is None for t in full.details.prefill)
+    for token, top in zip(full.details.tokens, full.details.top_tokens, strict=True):
+        assert len(top) == 3 and top[0].id == token.id  # greedy picks the most likely
+    sampled = [(await client.generate(PROMPT, max_new_tokens=6, do_sample=True, seed=11)) for _ in range(2)]
+    assert sampled[0].generated_text == sampled[1].generated_text and sampled[0].details.seed == 11
+    streamed = [r async for r in client.generate_stream(PROMPT, max_new_tokens=2, stop_sequences=[expected[:2]])]
+    assert streamed[-1].details.finish_reason == "stop_sequence" and streamed[-1].generated_text == ""
+
+
+async def test_raw_routes_and_sse_framing(server):
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 3}}
+    status, _, text = await post(server.url, "/generate", body)
+    assert status == 200 and set(json.loads(text)) == {"generated_text"}  # details only when asked
+    status, _, text = await post(server.url, "/", body)
+    assert status == 200 and isinstance(json.loads(text), list)
+    status, content_type, text = await post(server.url, "/", {**body, "stream": True})
+    assert status == 200 and content_type.startswith("text/event-stream")
+    events = text.split("\n\n")
+    assert events[-1] == "" and len(events) == 4 and "[DONE]" not in text
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert [p["index"] for p in payloads] == [1, 2, 3] and payloads[-1]["generated_text"]
+    assert set(payloads[0]["token"]) == {"id", "text", "logprob", "special"}
+
+
+async def test_tokenize_info_and_spec(server, tokenizer):
+    status, _, text = await post(server.url, "/tokenize", {"inputs": PROMPT})
+    tokens = json.loads(text)
+    assert status == 200 and [t["id"] for t in tokens] == tokenizer(PROMPT)["input_ids"]
+    assert "".join(t["text"] for t in tokens) == PROMPT and tokens[-1]["stop"] == len(PROMPT)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{server.url}/info") as response:
+            info = await response.json()
+        async with session.get(f"{server.url}/openapi.json") as response:
+            spec = await response.json()
+    assert info["max_best_of"] == 1 and info["max_input_length"] == info["max_input_tokens"] == 95
+    assert info["kv_blocks_total"] == 256 and info["model_pipeline_tag"] == "text-generation"
+    assert {"/generate", "/generate_stream", "/", "/tokenize", "/v1/completions", "/metrics"} <= set(spec["paths"])
+    assert set(info) == set(spec["components"]["schemas"]["Info"]["properties"]), "/info and its schema differ"
+
+
+@pytest.mark.parametrize(
+    "parameters, status, needle",
+    [
+        ({"typical_p": 0.5}, 422, "typical_p"),
+        ({"best_of": 2}, 422, "best_of"),
+        ({"temperature": 0}, 422, "temperature"),
+        ({"top_n_tokens": 6}, 422, "top_n_tokens"),
+        ({"max_new_tokens": "ten"}, 400, "max_new_tokens"),
+        ({"max_new_tokens": 200}, 422, "max_total_tokens"),
+        ({"decoder_input_details": True}, 422, "streaming"),
+    ],
+)
+async def test_errors(server, parameters, status, needle):
+    got, _, text = await post(server.url, "/generate_stream", {"inputs": PROMPT, "parameters": parameters})
+    assert got == status
+    payload = json.loads(text)
+    assert needle in payload["error"] and payload["error_type"] == ("validation" if status == 422 else "bad_request")
+
+
+async def test_truncate_keeps_the_last_prompt_tokens(server):
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2, "truncate": 3, "details": True}}
+    status, _, text = await post(server.url, "/generate_stream", body)
+    last = json.loads(text.split("\n\n")[-2].removeprefix("data: "))
+    assert status == 200 and last["details"]["input_length"] == 3
+
+
+async def test_client_raises_tgi_errors(server):
+    with pytest.raises(ValidationError, match="max_total_tokens"):
+        Client(server.url, timeout=CLIENT_TIMEOUT_S).generate(PROMPT, max_new_tokens=500)
+    with pytest.raises(ValidationError, match="typical_p"):
+        [r async for r in AsyncClient(server.url, timeout=CLIENT_TIMEOUT_S).generate_stream(PROMPT, typical_p=0.5)]
+
+
+async def failing_payloads(first: dict):
+    yield first
+    raise ShardUnavailable("the shards failed: shard 1 exited")
+
+
+async def test_errors_after_the_first_event_end_the_stream():
+    """A failure after headers went out is a last SSE event, in each API's shape (`stream_sse`)."""
+
+    async def tgi(request):
+        return await stream_sse(request, failing_payloads({"token": {"id": 1}}), error_body)
+
+    async def chat(request):
+        return await stream_sse(request, failing_payloads({"object": "chat.completion.chunk"}), api_openai.error_body)
+
+    app = web.Application()
+    app.router.add_post("/tgi", tgi)
+    app.router.add_post("/v1/chat/completions", chat)
+    async with TestClient(TestServer(app)) as client:
+        response = await client.post("/tgi")
+        assert response.status == 200
+        events = (await response.text()).split("\n\n")
+        assert json.loads(events[1].removeprefix("data: ")) == {
+            "error": "the shards failed: shard 1 exited",
+            "error_type": "unavailable",
+        }
+        openai_client = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0)
+        stream = await openai_client.chat.completions.create(model="m", messages=[], stream=True)
+        with pytest.raises(openai.APIError, match="shard 1 exited") as failure:
+            async for _ in stream:
+                pass
+        assert failure.value.body["type"] == "server_error" and failure.value.body["code"] == "unavailable"

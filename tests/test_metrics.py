@@ -1,0 +1,165 @@
+"""`GET /metrics` of a real `mixserve launch` (2 shards): it parses with prometheus-client's parser
+and its counters, histograms and gauges move with HTTP and gRPC traffic."""
+
+import asyncio
+
+import aiohttp
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import free_port
+from mixserve_pb import generate_pb2 as pb
+from mixserve_pb import generate_pb2_grpc
+from router.metrics import INTER_TOKEN_BUCKETS, LoopHistogram, Metrics
+from router.scheduler import Scheduler, SchedulerConfig
+
+FAMILIES = {
+    "mixserve_requests": "counter",
+    "mixserve_request_end": "counter",
+    "mixserve_prompt_tokens": "counter",
+    "mixserve_generated_tokens": "counter",
+    "mixserve_shard_failures": "counter",
+    "mixserve_time_to_first_token_seconds": "histogram",
+    "mixserve_inter_token_latency_seconds": "histogram",
+    "mixserve_request_duration_seconds": "histogram",
+    "mixserve_step_duration_seconds": "histogram",
+    "mixserve_queue_size": "gauge",
+    "mixserve_batch_size": "gauge",
+    "mixserve_kv_blocks_used": "gauge",
+    "mixserve_kv_blocks_free": "gauge",
+    "mixserve_kv_blocks_total": "gauge",
+}
+GENERATE = "/mixserve.generate.v1.GenerationService/Generate"
+
+
+class Scrape:
+    """One parsed exposition: family types, and sample values by name and labels."""
+
+    def __init__(self, text: str) -> None:
+        self.types: dict[str, str] = {}
+        self.samples: dict[tuple[str, frozenset], float] = {}
+        for family in text_string_to_metric_families(text):
+            self.types[family.name] = family.type
+            for sample in family.samples:
+                self.samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+
+    def __call__(self, name: str, **labels: str) -> float:
+        return self.samples.get((name, frozenset(labels.items())), 0.0)
+
+
+@pytest.fixture(scope="module")
+def server(launch, demo_dir):
+    grpc_port = free_port()
+    started = launch(
+        "--model", str(demo_dir), "--num-shard", "2", "--grpc-port", str(grpc_port),
+        "--max-batch-prefill-tokens", "64", "--max-batch-size", "8", "--max-kv-blocks", "256",
+    )  # fmt: skip
+    started.grpc_address = f"127.0.0.1:{grpc_port}"
+    return started
+
+
+async def scrape(session: aiohttp.ClientSession, server) -> Scrape:
+    async with session.get(f"{server.url}/metrics") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        return Scrape(await response.text())
+
+
+async def test_counters_and_histograms_move_with_http_and_grpc_traffic(server):
+    async with aiohttp.ClientSession() as session:
+        before = await scrape(session, server)
+        assert FAMILIES.items() <= before.types.items()
+        answers = []
+        for prompt in ("The old river runs", "seven paper windows"):
+            body = {"prompt": prompt, "max_tokens": 6, "temperature": 0, "stream": False}
+            async with session.post(f"{server.url}/predict", json=body) as response:
+                answers.append(await response.json())
+        async with session.post(f"{server.url}/predict", json={"prompt": "x", "temperature": -1}) as response:
+            assert response.status == 422
+        async with session.get(f"{server.url}/no/such/route") as response:
+            assert response.status == 404
+        async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+            request = pb.GenerateRequest(prompt="green light", parameters=pb.GenerationParameters(max_new_tokens=5))
+            unary = await generate_pb2_grpc.GenerationServiceStub(channel).Generate(request)
+        after = await scrape(session, server)
+
+    def grew(name: str, **labels: str) -> float:
+        return after(name, **labels) - before(name, **labels)
+
+    generated = [a["generated_tokens"] for a in answers] + [unary.generated_tokens]
+    prompts = [a["prompt_tokens"] for a in answers] + [unary.prompt_tokens]
+    assert grew("mixserve_requests_total", api="http", route="/predict", status="200") == 2
+    assert grew("mixserve_requests_total", api="http", route="/predict", status="422") == 1
+    assert grew("mixserve_requests_total", api="grpc", route=GENERATE, status="OK") == 1
+    assert grew("mixserve_requests_total", api="http", route="unmatched", status="404") == 1
+    assert grew("mixserve_requests_total", api="http", route="/metrics", status="200") == 1
+    assert grew("mixserve_generated_tokens_total") == sum(generated)
+    assert grew("mixserve_prompt_tokens_total") == sum(prompts)
+    ended = sum(grew("mixserve_request_end_total", reason=r) for r in ("length", "eos_token", "stop_sequence"))
+    assert ended == 3
+    assert grew("mixserve_time_to_first_token_seconds_count") == 3
+    assert grew("mixserve_time_to_first_token_seconds_sum") > 0
+    assert grew("mixserve_request_duration_seconds_count") == 3
+    assert grew("mixserve_inter_token_latency_seconds_count") == sum(n - 1 for n in generated)
+    assert grew("mixserve_inter_token_latency_seconds_bucket", le="+Inf") == sum(n - 1 for n in generated)
+    steps = {kind: grew("mixserve_step_duration_seconds_count", kind=kind) for kind in ("prefill", "decode", "mixed")}
+    assert steps["prefill"] + steps["mixed"] >= 1 and steps["decode"] >= 1
+    assert sum(steps.values()) >= max(generated)
+    assert after("mixserve_shard_failures_total") == 0
+    assert after("mixserve_queue_size") == after("mixserve_batch_size") == after("mixserve_kv_blocks_used") == 0
+    assert after("mixserve_kv_blocks_free") == after("mixserve_kv_blocks_total") > 0
+
+
+async def test_gauges_show_a_running_stream_and_a_disconnect_is_counted(server):
+    async with aiohttp.ClientSession() as session:
+        before = await scrape(session, server)
+        async with aiohttp.ClientSession() as client:
+            response = await client.post(f"{server.url}/predict", json={"prompt": "north", "max_tokens": 400})
+            await response.content.read(1)
+            during = await scrape(session, server)
+            response.close()
+        assert during("mixserve_batch_size") + during("mixserve_queue_size") == 1
+        assert during("mixserve_kv_blocks_used") > 0
+        assert during("mixserve_kv_blocks_free") == during("mixserve_kv_blocks_total") - during(
+            "mixserve_kv_blocks_used"
+        )
+        for _ in range(100):
+            after = await scrape(session, server)
+            if after("mixserve_request_end_total", reason="cancelled") > before(
+                "mixserve_request_end_total", reason="cancelled"
+            ):
+                break
+            await asyncio.sleep(0.05)
+    assert (
+        after("mixserve_request_end_total", reason="cancelled")
+        == before("mixserve_request_end_total", reason="cancelled") + 1
+    )
+    assert after("mixserve_kv_blocks_used") == after("mixserve_batch_size") == 0
+    client_gone = after("mixserve_requests_total", api="http", route="/predict", status="499")
+    assert client_gone == before("mixserve_requests_total", api="http", route="/predict", status="499") + 1
+
+
+def test_loop_histogram_exposes_what_prometheus_client_would():
+    values = [0.0005, 0.001, 0.0011, 0.02, 0.0200001, 2.5, 7.0, 0.0]
+    ours = LoopHistogram(INTER_TOKEN_BUCKETS)
+    registry = CollectorRegistry()
+    reference = Histogram("x_seconds", "x", buckets=INTER_TOKEN_BUCKETS, registry=registry)
+    for value in values:
+        ours.observe(value)
+        reference.observe(value)
+    expected = {s.labels["le"]: s.value for s in next(registry.collect()).samples if s.name == "x_seconds_bucket"}
+    assert dict(ours.cumulative()) == expected
+    assert ours.total == pytest.approx(sum(values))
+
+
+def test_each_router_has_its_own_registry():
+    config = SchedulerConfig(num_blocks=8, block_size=4, max_batch_prefill_tokens=16, max_running_requests=2)
+    first, second = Metrics(Scheduler(config)), Metrics(Scheduler(config))
+    first.on_admitted(5)
+    first.requests.labels("http", "/predict", "200").inc()
+    one = Scrape(generate_latest(first.registry).decode())
+    two = Scrape(generate_latest(second.registry).decode())
+    assert one("mixserve_prompt_tokens_total") == 5 and two("mixserve_prompt_tokens_total") == 0
+    assert one("mixserve_kv_blocks_total") == two("mixserve_kv_blocks_free") == 8

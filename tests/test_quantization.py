@@ -1,0 +1,347 @@
+"""bitsandbytes shards (`--quantize`): memory, closeness to fp32, the sparse quantized MoE, start-up errors.
+
+World size 1 runs in this process; world sizes 2 and 4 run as real process groups, this file run as
+a script (`python tests/test_quantization.py MODEL_DIR OUT_FILE` with torchrun's variables set).
+
+The demo checkpoint has random weights, so its next-token distribution is nearly flat (the top-1
+token leads the second by about a quarter of the logits' spread): any perturbation of the hidden
+state flips many top-1 tokens, and the agreement a quantized model reaches here sits far below
+what it reaches on a trained model. The closeness limits below are the measured values with a
+margin (see benchmarks/results/quantization.md). Exactness is tested against an fp32 model holding
+the quantized model's own dequantized weights, which the 4-bit model must match to rounding.
+"""
+
+import logging
+import os
+import re
+import subprocess
+import sys
+
+import aiohttp
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import PYTHON, REPO, free_port, subprocess_env
+from shards.config import ParallelConfig
+from shards.distributed import TensorParallelGroup, init_process_group, tensor_parallel_group
+from shards.layers.moe import route
+from shards.loader import load_model, weight_bytes
+from shards.model import MixtralForCausalLM
+from shards.quant.config import QUANTIZE_MODES, QuantizationConfig
+from shards.quant.experts import QuantizedExperts
+from shards.quant.linear import Linear4bit, Linear8bitLt, quantize_linear
+from shards.quant.probe import QuantizationUnavailable, check_supported
+from shards.runner import ModelRunner, SequenceStep
+
+log = logging.getLogger(__name__)
+
+# mode: (most weight bytes per shard as a share of fp32's, most mean relative logit error, least
+# top-1 agreement with fp32). Measured on the demo at 1 / 2 / 4 shards: int8 43.2-43.5 % of the
+# bytes, error 0.027-0.031, agreement 93-95 %; nf4 33.8-34.3 %, 0.256, 51-52 %; fp4 33.8-34.3 %,
+# 0.323, 42 %. The issue asks for 95 % (int8) and 80 % (nf4) agreement, which this random model
+# cannot show (see above); the bytes limits are the issue's.
+LIMITS = {
+    "bitsandbytes": (0.60, 0.05, 0.88),
+    "bitsandbytes-nf4": (0.35, 0.32, 0.40),
+    "bitsandbytes-fp4": (0.35, 0.40, 0.33),
+}
+FOUR_BIT = ["bitsandbytes-nf4", "bitsandbytes-fp4"]
+CPU = torch.device("cpu")
+BLOCK_SIZE = 4
+NUM_PROMPTS = 24
+DECODE_STEPS = 3
+BLOCKS_PER_SEQUENCE = 7  # 28 positions: the longest prompt plus the decode steps
+
+
+def prompt_set(vocab_size: int) -> tuple[list[list[int]], list[list[int]]]:
+    """The fixed prompts (3..24 tokens) and, per prompt, the tokens fed in the decode steps."""
+    generator = torch.Generator().manual_seed(7)
+    lengths = torch.randint(3, 25, (NUM_PROMPTS,), generator=generator).tolist()
+    prompts = [torch.randint(3, vocab_size, (n,), generator=generator).tolist() for n in lengths]
+    forced = torch.randint(3, vocab_size, (NUM_PROMPTS, DECODE_STEPS), generator=generator).tolist()
+    return prompts, forced
+
+
+def prompt_logits(model: MixtralForCausalLM, parallel: ParallelConfig, group: TensorParallelGroup) -> torch.Tensor:
+    """Logits [DECODE_STEPS + 1, NUM_PROMPTS, V]: one batched prefill of every prompt, then batched
+    decode steps fed fixed tokens (so every model sees the same contexts)."""
+    runner = ModelRunner(model, parallel, group, CPU, torch.float32, BLOCK_SIZE)
+    runner.allocate_cache(NUM_PROMPTS * BLOCKS_PER_SEQUENCE)
+    prompts, forced = prompt_set(model.config.vocab_size)
+    tables = [list(range(i * BLOCKS_PER_SEQUENCE, (i + 1) * BLOCKS_PER_SEQUENCE)) for i in range(NUM_PROMPTS)]
+
+    def step(seq: int, tokens: list[int], start: int) -> SequenceStep:
+        slots = [tables[seq][p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, start + len(tokens))]
+        return SequenceStep(seq, tokens, start, slots, tables[seq])
+
+    logits = [runner.forward([step(i, p, 0) for i, p in enumerate(prompts)])]
+    for d in range(DECODE_STEPS):
+        logits.append(runner.forward([step(i, [forced[i][d]], len(p) + d) for i, p in enumerate(prompts)]))
+    return torch.stack(logits)
+
+
+def closeness(logits: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """Mean relative error of each logit row, and the share of rows with the same top-1 token."""
+    relative = ((logits - reference).norm(dim=-1) / reference.norm(dim=-1)).mean()
+    agreement = (logits.argmax(dim=-1) == reference.argmax(dim=-1)).float().mean()
+    return float(relative), float(agreement)
+
+
+def collect(model_dir, parallel: ParallelConfig, group: TensorParallelGroup) -> dict:
+    """Weight bytes and prompt-set logits of this rank's model in every mode, and fp32's (key "");
+    fp32's logits only at world size 1 (test_model_parallel holds the others to them)."""
+    record: dict = {"weight_bytes": {}, "logits": {}}
+    for mode in ["", *QUANTIZE_MODES]:
+        quantization = QuantizationConfig(mode) if mode else None
+        model = load_model(model_dir, parallel, group, torch.float32, CPU, quantization)
+        record["weight_bytes"][mode] = weight_bytes(model)
+        if mode or parallel.world_size == 1:
+            record["logits"][mode] = prompt_logits(model, parallel, group)
+    return record
+
+
+def run_group(model_dir, world_size: int, out) -> list[dict]:
+    """This file as `world_size` ranks of a real process group; each rank's record."""
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [PYTHON, __file__, str(model_dir), str(out)],
+            env=subprocess_env(RANK=str(r), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world_size)
+    ]
+    for r, p in enumerate(procs):
+        output, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, f"rank {r} failed:\n{output[-3000:]}"
+    return [torch.load(f"{out}.rank{r}") for r in range(world_size)]
+
+
+def main() -> None:
+    model_dir, out = sys.argv[1:3]
+    torch.set_num_threads(1)
+    parallel = ParallelConfig(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+    init_process_group(parallel, CPU)
+    # gloo: its waits block, where the shared-memory collectives yield-spin, which on a crowded
+    # machine costs more than gloo's few milliseconds a call (this test is about the weights).
+    record = collect(model_dir, parallel, tensor_parallel_group(parallel, CPU, "torch"))
+    if parallel.rank != 0:
+        del record["logits"]
+    torch.save(record, f"{out}.rank{parallel.rank}")
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def groups(demo_dir, tmp_path_factory) -> dict[int, list[dict]]:
+    """Per world size, each rank's record; world size 1 in this process."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("quant")
+    parallel = ParallelConfig()
+    records = {1: [collect(demo_dir, parallel, TensorParallelGroup(parallel))]}
+    for world_size in (2, 4):
+        records[world_size] = run_group(demo_dir, world_size, out / f"ws{world_size}")
+    return records
+
+
+# -- the quantized layers ------------------------------------------------------------------------
+
+
+def test_unknown_mode_and_bad_settings_say_why():
+    with pytest.raises(ValueError, match="bitsandbytes, bitsandbytes-nf4, bitsandbytes-fp4"):
+        QuantizationConfig("bitsandbytes-int3")
+    with pytest.raises(ValueError, match="threshold"):
+        QuantizationConfig("bitsandbytes", threshold=-1.0)
+    with pytest.raises(ValueError, match="blocksize"):
+        QuantizationConfig("bitsandbytes-nf4", blocksize=48)
+
+
+@pytest.mark.parametrize(
+    "mode, cls, max_error, max_bytes_per_weight",
+    [
+        ("bitsandbytes", Linear8bitLt, 0.02, 1.05),  # int8 + one fp32 scale per row of 128
+        # 4 bits + an 8-bit scale per 64, + the code maps (1.1 KB a weight, a lot only for one this small)
+        ("bitsandbytes-nf4", Linear4bit, 0.12, 0.56),
+        ("bitsandbytes-fp4", Linear4bit, 0.15, 0.56),
+    ],
+)
+def test_quantized_linear_is_close_and_small(mode, cls, max_error, max_bytes_per_weight):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(256, 128, generator=generator)  # [N, K]
+    x = torch.randn(5, 128, generator=generator)  # [T, K]
+    layer = quantize_linear(weight, QuantizationConfig(mode), torch.float32, CPU)
+    assert isinstance(layer, cls)
+    with torch.inference_mode():
+        y = layer(x)
+    expected = x @ weight.T
+    assert y.shape == expected.shape and y.dtype == torch.float32
+    assert float((y - expected).norm() / expected.norm()) < max_error
+    assert layer.nbytes / weight.numel() <= max_bytes_per_weight
+    if cls is Linear4bit:
+        # On the CPU bitsandbytes runs 4-bit as dequantize + fp32 matmul: bit for bit the dequantized weight.
+        torch.testing.assert_close(y, F.linear(x, layer.dequantize()), atol=0, rtol=0)
+
+
+def test_llm_int8_keeps_outlier_columns_in_floating_point():
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(64, 128, generator=generator)
+    x = torch.randn(6, 128, generator=generator)
+    x[:, 17] = 40.0  # one outlier feature, as large models grow them: it would flatten every row's int8 scale
+    expected = x @ weight.T
+    errors = {}
+    for threshold in (0.0, 6.0):
+        layer = quantize_linear(weight, QuantizationConfig("bitsandbytes", threshold=threshold), torch.float32, CPU)
+        with torch.inference_mode():
+            errors[threshold] = float((layer(x) - expected).norm() / expected.norm())
+    assert errors[6.0] < 0.02
+    assert errors[6.0] < errors[0.0] / 3, errors
+
+
+def dense_oracle(hidden, w13, w2, weights, experts):
+    """Every expert on every token with plain fp32 weights, weighted by its routing weight (0 if not chosen)."""
+    out = torch.zeros_like(hidden)
+    for e in range(len(w13)):
+        gate, up = F.linear(hidden, w13[e]).chunk(2, dim=-1)
+        out += F.linear(F.silu(gate) * up, w2[e]) * (weights * (experts == e)).sum(dim=-1, keepdim=True)
+    return out
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_quantized_experts_run_only_the_routed_experts(tokens):
+    num_experts, hidden_size, inter, top_k = 8, 64, 96, 2
+    generator = torch.Generator().manual_seed(tokens)
+    config = QuantizationConfig("bitsandbytes-nf4")
+
+    def quantized(*shape):
+        return quantize_linear(torch.randn(*shape, generator=generator) * 0.1, config, torch.float32, CPU)
+
+    moe = QuantizedExperts(
+        [quantized(2 * inter, hidden_size) for _ in range(num_experts)],
+        [quantized(hidden_size, inter) for _ in range(num_experts)],
+    )
+    ran: list[int] = []
+    for e, layer in enumerate(moe.w13):
+        layer.register_forward_hook(lambda *_, e=e: ran.append(e))
+    hidden = torch.randn(tokens, hidden_size, generator=generator)
+    weights, experts = route(hidden, torch.randn(num_experts, hidden_size, generator=generator), top_k)
+    with torch.inference_mode():
+        out = moe(hidden, weights, experts)
+    assert sorted(ran) == sorted(set(experts.flatten().tolist())), "an expert without tokens ran"
+    w13 = [layer.dequantize() for layer in moe.w13]
+    w2 = [layer.dequantize() for layer in moe.w2]
+    torch.testing.assert_close(out, dense_oracle(hidden, w13, w2, weights, experts), atol=1e-5, rtol=1e-5)
+
+
+# -- the model: memory and closeness at 1, 2 and 4 shards ----------------------------------------
+
+
+@pytest.mark.parametrize("mode", QUANTIZE_MODES)
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_weight_bytes_per_shard(groups, world_size, mode):
+    limit = LIMITS[mode][0]
+    for rank, record in enumerate(groups[world_size]):
+        share = record["weight_bytes"][mode] / record["weight_bytes"][""]
+        log.info("%s at %d shards: rank %d holds %.1f%% of fp32's weight bytes", mode, world_size, rank, 100 * share)
+        assert share <= limit, f"rank {rank} of {world_size} holds {share:.1%} of fp32's bytes at {mode}"
+
+
+@pytest.mark.parametrize("mode", QUANTIZE_MODES)
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_logits_stay_close_to_fp32(groups, world_size, mode):
+    reference = groups[1][0]["logits"][""]
+    relative, agreement = closeness(groups[world_size][0]["logits"][mode], reference)
+    _, max_relative, min_agreement = LIMITS[mode]
+    summary = f"{mode} at {world_size} shards: relative error {relative:.3f}, top-1 agreement {agreement:.1%}"
+    log.info(summary)
+    assert relative <= max_relative and agreement >= min_agreement, summary
+
+
+@pytest.mark.parametrize("mode", QUANTIZE_MODES)
+def test_model_computes_with_its_dequantized_weights(demo_dir, groups, mode):
+    """The quantized model against an fp32 model holding its dequantized weights: equal for 4-bit (so
+    every slice, merge and expert is where it belongs); for LLM.int8 only activation rounding is left."""
+    parallel = ParallelConfig()
+    group = TensorParallelGroup(parallel)
+    model = load_model(demo_dir, parallel, group, quantization=QuantizationConfig(mode))
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "a quantized weight is still a parameter"
+    twin = load_model(demo_dir, parallel, group)
+    with torch.no_grad():
+        for layer, plain in zip(model.layers, twin.layers, strict=True):
+            for name in ("qkv_proj", "o_proj"):
+                getattr(plain.self_attn, name).weight.copy_(getattr(layer.self_attn, name).quantized.dequantize())
+            experts = layer.block_sparse_moe.quantized
+            for e in range(len(experts.w13)):
+                plain.block_sparse_moe.w13[e].copy_(experts.w13[e].dequantize())
+                plain.block_sparse_moe.w2[e].copy_(experts.w2[e].dequantize())
+    logits = groups[1][0]["logits"][mode]  # the same model, loaded by `collect`
+    expected = prompt_logits(twin, parallel, group)
+    if mode in FOUR_BIT:
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    else:
+        assert closeness(logits, expected)[0] < 0.03
+
+
+def test_probe_names_what_cannot_run():
+    config = QuantizationConfig("bitsandbytes-nf4")
+    with pytest.raises(QuantizationUnavailable, match="float64 on device cpu: bitsandbytes computes only in"):
+        check_supported(config, torch.float64, CPU)
+    with pytest.raises(QuantizationUnavailable, match="bitsandbytes-nf4 with dtype float32 on device meta"):
+        check_supported(config, torch.float32, torch.device("meta"))
+    check_supported(config, torch.bfloat16, CPU)
+
+
+# -- through the router --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", QUANTIZE_MODES)
+async def test_generation_through_the_router(launch, demo_dir, groups, mode):
+    server = launch(
+        "--model", str(demo_dir), "--num-shard", "2", "--quantize", mode,
+        "--max-batch-prefill-tokens", "64", "--max-batch-size", "8",
+    )  # fmt: skip
+    body = {"prompt": "The old river runs", "max_tokens": 12, "temperature": 0, "stream": False}
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{server.url}/predict", json=body) as response:
+                assert response.status == 200, await response.text()
+                answer = await response.json()
+    finally:
+        server.stop()  # three quantized groups need not idle until the session ends
+    assert answer["output"] and answer["generated_tokens"] >= 1
+    assert answer["finish_reason"] in ("length", "eos_token")
+    logged = re.search(r"event=shards_ready .*quantize=(\S+) .*weight_bytes_per_shard=(\d+)", server.log())
+    assert logged, server.log()[-2000:]
+    assert logged.group(1) == mode
+    assert int(logged.group(2)) == groups[2][0]["weight_bytes"][mode]
+
+
+def test_unknown_mode_is_refused_before_anything_starts():
+    done = subprocess.run(
+        [PYTHON, "-m", "mixserve.cli", "launch", "--quantize", "bitsandbytes-int3"],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "invalid choice: 'bitsandbytes-int3'" in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_impossible_device_fails_at_startup(demo_dir):
+    cmd = [PYTHON, "-m", "mixserve.cli", "launch", "--model", str(demo_dir), "--num-shard", "1"]
+    cmd += ["--quantize", "bitsandbytes-nf4", "--device", "cuda", "--port", str(free_port())]
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=180, cwd=REPO)
+    log = done.stdout + done.stderr
+    assert done.returncode != 0, log[-3000:]
+    assert "event=startup_failed" in log
+    assert "event=quantization_unavailable" in log
+    assert "--quantize bitsandbytes-nf4 with dtype bfloat16 on device cuda: bitsandbytes cannot run it" in log
+
+
+if __name__ == "__main__":
+    main()
