@@ -17,7 +17,14 @@ from router.errors import RouterError, ShardUnavailable
 
 log = logging.getLogger(__name__)
 
-_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    # Shards take seconds to minutes to load; without a cap gRPC's reconnect backoff grows to 120 s
+    # and a shard that came up is noticed long after it could serve.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 class ShardRejected(RouterError):

@@ -364,21 +364,26 @@ def servers(demo_dir, tmp_path_factory):
             server.stop()
 
 
-async def generate(session: aiohttp.ClientSession, url: str, question: str, **params) -> str:
-    body = {"prompt": f"{SYSTEM}\nQ: {question}\nA:", "max_tokens": 12, "temperature": 0, "stream": False, **params}
+async def generate(session: aiohttp.ClientSession, url: str, system: str, question: str, **params) -> str:
+    body = {"prompt": f"{system}\nQ: {question}\nA:", "max_tokens": 12, "temperature": 0, "stream": False, **params}
     async with session.post(f"{url}/predict", json=body) as response:
         assert response.status == 200, await response.text()
         return (await response.json())["output"]
 
 
-async def workload(url: str) -> list[str]:
-    """One request alone (a miss), then the rest at once, one with a repetition penalty."""
+async def workload(url: str) -> tuple[list[str], dict]:
+    """One request alone (a miss), then the rest at once (hits), then a penalized hit; and /info."""
     async with aiohttp.ClientSession() as session:
-        outputs = [await generate(session, url, QUESTIONS[0])]
+        first = await generate(session, url, SYSTEM, QUESTIONS[0])
+        # The model's own continuation early in the prompt: a repetition penalty then changes the answer,
+        # but only if the shards know the cached prefix's tokens.
+        echoed = f"{first.strip()} {SYSTEM}"
+        outputs = [first]
         outputs += await asyncio.gather(
-            *(generate(session, url, q) for q in QUESTIONS[1:]),
-            generate(session, url, QUESTIONS[0], repetition_penalty=1.5),
+            *(generate(session, url, SYSTEM, q) for q in QUESTIONS[1:]),
+            generate(session, url, echoed, QUESTIONS[0], repetition_penalty=1.3),
         )
+        outputs.append(await generate(session, url, echoed, QUESTIONS[0], repetition_penalty=1.3))
         async with session.get(f"{url}/info") as response:
             info = await response.json()
     return outputs, info
@@ -388,9 +393,10 @@ async def test_greedy_outputs_are_identical_with_and_without_the_cache(servers, 
     cached, uncached = servers
     (with_cache, info), (without_cache, off_info) = await asyncio.gather(workload(cached.url), workload(uncached.url))
     assert with_cache == without_cache
+    assert with_cache[-1] == with_cache[-2]  # the penalized prompt, a miss then a hit
     assert info["prefix_caching"] and not off_info["prefix_caching"]
-    # Each of the 5 requests after the first finds the system prompt's full blocks (the last one may
-    # tokenize differently with the question after it).
+    # The 4 other questions and the penalized prompt's second run find the system prompt's full blocks
+    # (the last one may tokenize differently with the question after it).
     assert info["prefix_cache_hit_tokens"] >= 5 * (system_prompt_tokens // BLOCK - 1) * BLOCK
     assert info["prefix_cache_query_tokens"] > info["prefix_cache_hit_tokens"]
     assert off_info["prefix_cache_hit_tokens"] == off_info["prefix_cache_query_tokens"] == 0
