@@ -16,7 +16,7 @@ from shards.quant.config import QuantizationConfig
 
 
 @functools.cache
-def bitsandbytes() -> ModuleType:
+def load_bitsandbytes() -> ModuleType:
     """The bitsandbytes module, imported once."""
     # On CPUs with AVX512-BF16, bitsandbytes warns at import that the optional `kernels` package (a
     # fused 4-bit CPU gemm used only with its CPU-repacked weight layout) is missing. Weights here
@@ -59,7 +59,7 @@ class Linear8bitLt(QuantizedLinear):
 
     def __init__(self, weight: torch.Tensor, threshold: float) -> None:
         super().__init__(*weight.shape)
-        bnb = bitsandbytes()
+        bnb = load_bitsandbytes()
         self.threshold = threshold
         self._quantize_rows = bnb.functional.int8_vectorwise_quant
         self._mixed_mm = torch.ops.bitsandbytes.int8_mixed_scaled_mm
@@ -77,7 +77,7 @@ class Linear8bitLt(QuantizedLinear):
         return [self.cb, self.scb]
 
     def dequantize(self) -> torch.Tensor:
-        return bitsandbytes().functional.int8_vectorwise_dequant(self.cb, self.scb)  # [N, K] fp32
+        return load_bitsandbytes().functional.int8_vectorwise_dequant(self.cb, self.scb)  # [N, K] fp32
 
 
 class Linear4bit(QuantizedLinear):
@@ -85,7 +85,7 @@ class Linear4bit(QuantizedLinear):
 
     def __init__(self, weight: torch.Tensor, config: QuantizationConfig) -> None:
         super().__init__(*weight.shape)
-        bnb = bitsandbytes()
+        bnb = load_bitsandbytes()
         self._matmul = bnb.matmul_4bit
         self.packed, self.quant_state = bnb.functional.quantize_4bit(
             weight,
@@ -105,7 +105,7 @@ class Linear4bit(QuantizedLinear):
         return held
 
     def dequantize(self) -> torch.Tensor:
-        return bitsandbytes().functional.dequantize_4bit(self.packed, self.quant_state)  # [N, K] in W's dtype
+        return load_bitsandbytes().functional.dequantize_4bit(self.packed, self.quant_state)  # [N, K] in W's dtype
 
 
 def quantize_linear(
