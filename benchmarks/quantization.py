@@ -177,7 +177,7 @@ def markdown(report: dict) -> str:
             f"Command: `{report['command']}`",
             "",
             f"Machine: {m['cpu']}, {m['cores']} cores ({m['host']}); Python {m['python']}, torch {m['torch']}, "
-            f"bitsandbytes {m['bitsandbytes']}. {report['num_shard']} shards on {report['device']}, "
+            f"bitsandbytes {m['bitsandbytes']}. Shards: {report['num_shard']} on {report['device']}, "
             f"load average {report['load_average'][0]:.1f} before and {report['load_average'][1]:.1f} after.",
             "",
             *lines,
