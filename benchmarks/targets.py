@@ -19,6 +19,7 @@ What is timed, and how tokens are counted:
   the running `generated_tokens`.
 """
 
+import abc
 import json
 import time
 from typing import Any, ClassVar
@@ -33,7 +34,7 @@ class StreamError(Exception):
     """The stream broke the API's framing or carried an error event."""
 
 
-class Target:
+class Target(abc.ABC):
     """One API of one server: open it, send requests through it, close it."""
 
     name: ClassVar[str]
@@ -60,9 +61,9 @@ class Target:
     async def __aexit__(self, *exc_info: object) -> None:
         return None
 
+    @abc.abstractmethod
     async def send(self, request: BenchRequest) -> RequestRecord:
         """Send one request and read its stream; every failure ends up in the record, never raised."""
-        raise NotImplementedError
 
     async def generated_tokens(self) -> int | None:
         """The server's running count of generated tokens, where it publishes one."""
@@ -83,14 +84,14 @@ class HTTPTarget(Target):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.session.close()
 
+    @abc.abstractmethod
     def body(self, request: BenchRequest) -> dict[str, Any]:
         """The JSON body asking for `request` as a stream."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def read(self, response: aiohttp.ClientResponse, record: RequestRecord, sent: float) -> None:
         """Consume a 200 response: append each token chunk's arrival (seconds after `sent`), set
         `output_tokens` and `count_method`; raise StreamError on a malformed stream."""
-        raise NotImplementedError
 
     async def send(self, request: BenchRequest) -> RequestRecord:
         record = RequestRecord(request.prompt_tokens, request.max_tokens)

@@ -5,6 +5,7 @@ computes y = x W^T for x [T, K]. bitsandbytes is imported on first use: its impo
 and only quantized shards need it. Legend: T tokens, N out features, K in features.
 """
 
+import abc
 import functools
 import logging
 from types import ModuleType
@@ -27,7 +28,7 @@ def load_bitsandbytes() -> ModuleType:
     return bnb
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(nn.Module, abc.ABC):
     """A frozen weight [N, K] stored quantized; calling it on x [T, K] returns x W^T [T, N]."""
 
     def __init__(self, out_features: int, in_features: int) -> None:
@@ -35,13 +36,13 @@ class QuantizedLinear(nn.Module):
         self.out_features = out_features
         self.in_features = in_features
 
+    @abc.abstractmethod
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this weight holds: the quantized values and the whole quantization state."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def dequantize(self) -> torch.Tensor:
         """The weight [N, K] as the quantized values stand for it, in floating point."""
-        raise NotImplementedError
 
     @property
     def nbytes(self) -> int:
