@@ -52,7 +52,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from shards.config import DTYPES, ParallelConfig
-    from shards.distributed import init_process_group, tensor_parallel_group
+    from shards.distributed import close_process_group, init_process_group, tensor_parallel_group
     from shards.loader import load_model, weight_bytes
     from shards.quant.config import QuantizationConfig
     from shards.runner import ModelRunner, SequenceStep
@@ -113,6 +113,7 @@ def worker(args: argparse.Namespace) -> None:
     Path(args.worker).write_text(json.dumps(record))
     if parallel.rank == 0:
         torch.save(logits, f"{args.worker}.logits")
+    close_process_group()
 
 
 def run_mode(args: argparse.Namespace, mode: str, model_dir: str, tmp: Path) -> list[dict]:

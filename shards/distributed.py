@@ -84,6 +84,17 @@ def init_process_group(parallel: ParallelConfig, device: torch.device, timeout_s
     )
 
 
+def close_process_group() -> None:
+    """Leave the group together: a barrier, then destroy it.
+
+    A rank that simply exits while gloo's threads still hold connections to the others can die
+    in a C++ destructor ("terminate called without an active exception", SIGABRT).
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def shared_memory_group(parallel: ParallelConfig) -> SharedMemoryGroup | None:
     """A shared-memory group when every rank runs on this host (the launcher's case), else None.
 

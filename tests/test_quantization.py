@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from conftest import PYTHON, REPO, free_port, subprocess_env
 from shards.config import ParallelConfig
-from shards.distributed import TensorParallelGroup, init_process_group, tensor_parallel_group
+from shards.distributed import TensorParallelGroup, close_process_group, init_process_group, tensor_parallel_group
 from shards.layers.moe import route
 from shards.loader import load_model, weight_bytes
 from shards.model import MixtralForCausalLM
@@ -131,6 +131,7 @@ def main() -> None:
     if parallel.rank != 0:
         del record["logits"]
     torch.save(record, f"{out}.rank{parallel.rank}")
+    close_process_group()
 
 
 # -- fixtures ------------------------------------------------------------------------------------

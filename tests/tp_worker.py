@@ -12,7 +12,7 @@ import sys
 import torch
 
 from shards.config import ParallelConfig
-from shards.distributed import init_process_group, tensor_parallel_group
+from shards.distributed import close_process_group, init_process_group, tensor_parallel_group
 from shards.loader import load_model, weight_bytes
 from shards.runner import ModelRunner, SequenceStep
 from shards.sampling import SamplingParams
@@ -54,6 +54,7 @@ def main() -> None:
     if parallel.rank == 0:
         record["logits"] = torch.stack(all_logits)
     torch.save(record, f"{out_file}.rank{parallel.rank}")
+    close_process_group()
 
 
 if __name__ == "__main__":
