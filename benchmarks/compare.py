@@ -28,7 +28,8 @@ from benchmarks.serve import add_workload_arguments, config_from_args, run_bench
 
 log = logging.getLogger("mixserve.bench")
 
-SYSTEMS = ("mixserve-4", "mixserve-1", "naive", "vllm", "transformers-serve")
+# mixserve-N is N shards; on a 2-core machine two shards (one per core) serve best.
+SYSTEMS = ("mixserve-2", "mixserve-1", "naive", "vllm", "transformers-serve")
 PEERS_DIR = Path(os.environ.get("MIXSERVE_CACHE") or Path.home() / ".cache" / "mixserve") / "peers"
 # Where peers' venvs are looked for, in order, after --vllm-venv / --transformers-venv and the
 # MIXSERVE_VLLM_VENV / MIXSERVE_TRANSFORMERS_VENV variables.
@@ -213,8 +214,10 @@ def _p50(dist: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), help=f"subset of {', '.join(SYSTEMS)}")
-    parser.add_argument("--reference", default="mixserve-4", help="system the ratios are taken to")
+    parser.add_argument(
+        "--systems", nargs="+", default=list(SYSTEMS), help=f"subset of {', '.join(SYSTEMS)} (any mixserve-N)"
+    )
+    parser.add_argument("--reference", default="mixserve-2", help="system the ratios are taken to")
     parser.add_argument("--mixserve-api", choices=["auto", "predict", "openai"], default="auto")
     parser.add_argument(
         "--vllm-venv", type=Path, help=f"default: $MIXSERVE_VLLM_VENV, then {', '.join(map(str, VLLM_VENVS))}"
