@@ -270,6 +270,49 @@ class Scheduler:
                     finished.append(seq)
         return finished
 
+    def extend_decode(self, plan: StepPlan, max_steps: int) -> int:
+        """How many decode steps in a row the shards may run for `plan`, just scheduled (multi-step
+        decode); grows the block tables for them. 1 unless every entry is a decode and nothing waits.
+
+        Steps are bounded by each sequence's remaining `max_new_tokens` and by the free blocks; the
+        plan's block tables then cover every position of every step. Follow each step after the
+        first with `continue_decode`.
+        """
+        if self._in_flight is not plan:
+            raise ValueError("extend_decode() got a plan that is not the step in flight")
+        if max_steps <= 1 or self._waiting or plan.preempted or plan.num_prefill_tokens:
+            return 1
+        steps = min(max_steps, *(e.seq.max_new_tokens - len(e.seq.output_ids) for e in plan.sequences))
+        while steps > 1:
+            # The last step's sampled token is never fed back: a run of n steps writes n positions.
+            needed = sum(self._table(e.seq).blocks_needed(e.start_position + steps) for e in plan.sequences)
+            if needed <= self._free_blocks():
+                break
+            steps -= 1
+        if steps > 1:
+            for entry in plan.sequences:
+                table = self._table(entry.seq)
+                table.grow(self.allocator, entry.start_position + steps)
+                entry.block_table = list(table.blocks)
+        return steps
+
+    def continue_decode(self, plan: StepPlan) -> StepPlan:
+        """The next step of a multi-step run after `plan` (done): a decode of each sequence of it still
+        running, in blocks `extend_decode` already grew. Call on_step_done with it as with a plan."""
+        if self._in_flight is not None:
+            raise RuntimeError("continue_decode() called before on_step_done() for the step in flight")
+        following = StepPlan()
+        for entry in plan.sequences:
+            seq = entry.seq
+            if self._live.get(seq.seq_id) is not seq or seq.status is not SequenceStatus.RUNNING:
+                continue
+            table = self._table(seq)
+            if table.blocks_needed(seq.num_computed + 1):
+                raise ValueError(f"seq {seq.seq_id}: the run went past the blocks extend_decode grew")
+            self._plan_chunk(following, seq, 1)
+        self._in_flight = following
+        return following
+
     def finish(self, seq_id: int) -> Sequence | None:
         """End a sequence wherever it is and free its blocks; None if it is not queued or running."""
         return self._remove_id(seq_id, "finished")
