@@ -26,10 +26,14 @@ class TensorParallelGroup:
     the rest through torch.distributed.
     """
 
-    def __init__(self, parallel: ParallelConfig, shm: SharedMemoryGroup | None = None) -> None:
+    def __init__(
+        self, parallel: ParallelConfig, shm: SharedMemoryGroup | None = None, device: torch.device | None = None
+    ) -> None:
         self.rank = parallel.rank
         self.world_size = parallel.world_size
         self.shm = shm
+        # Small tensors of the group's own (flags, counts) live here: NCCL reduces only CUDA tensors.
+        self.device = device or torch.device("cpu")
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over ranks, in place; returns it."""
@@ -50,11 +54,18 @@ class TensorParallelGroup:
         dist.all_gather(parts, tensor.contiguous())
         return torch.cat(parts, dim=-1)
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` is set on any rank; every rank must call it (one tiny all-reduce)."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.all_reduce(t).item() > 0)
+
     def all_reduce_min(self, value: int) -> int:
         """The smallest of every rank's `value` (used to agree on the KV cache size)."""
         if self.world_size == 1:
             return value
-        t = torch.tensor([value], dtype=torch.int64)
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())
 
@@ -131,4 +142,4 @@ def tensor_parallel_group(
         shm = shared_memory_group(parallel)
     if collectives == "shm" and shm is None and parallel.world_size > 1:
         raise ValueError("--collectives shm needs every rank on this host's CPU")
-    return TensorParallelGroup(parallel, shm)
+    return TensorParallelGroup(parallel, shm, device)

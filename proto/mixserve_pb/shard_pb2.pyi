@@ -123,10 +123,26 @@ class SequenceStep(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ..., slot_mapping: _Optional[_Iterable[int]] = ..., block_table: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., prefix_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("sequences",)
+    __slots__ = ("sequences", "release_seq_ids", "num_steps", "run_id")
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     sequences: _containers.RepeatedCompositeFieldContainer[SequenceStep]
-    def __init__(self, sequences: _Optional[_Iterable[_Union[SequenceStep, _Mapping]]] = ...) -> None: ...
+    release_seq_ids: _containers.RepeatedScalarFieldContainer[int]
+    num_steps: int
+    run_id: int
+    def __init__(self, sequences: _Optional[_Iterable[_Union[SequenceStep, _Mapping]]] = ..., release_seq_ids: _Optional[_Iterable[int]] = ..., num_steps: _Optional[int] = ..., run_id: _Optional[int] = ...) -> None: ...
+
+class InterruptRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: int
+    def __init__(self, run_id: _Optional[int] = ...) -> None: ...
+
+class InterruptResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class TopToken(_message.Message):
     __slots__ = ("token_id", "logprob")

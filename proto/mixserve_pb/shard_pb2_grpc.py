@@ -54,6 +54,16 @@ class ShardServiceStub:
                 request_serializer=mixserve__pb_dot_shard__pb2.StepRequest.SerializeToString,
                 response_deserializer=mixserve__pb_dot_shard__pb2.StepResponse.FromString,
                 _registered_method=True)
+        self.DecodeSteps = channel.unary_stream(
+                '/mixserve.shard.v1.ShardService/DecodeSteps',
+                request_serializer=mixserve__pb_dot_shard__pb2.StepRequest.SerializeToString,
+                response_deserializer=mixserve__pb_dot_shard__pb2.StepResponse.FromString,
+                _registered_method=True)
+        self.Interrupt = channel.unary_unary(
+                '/mixserve.shard.v1.ShardService/Interrupt',
+                request_serializer=mixserve__pb_dot_shard__pb2.InterruptRequest.SerializeToString,
+                response_deserializer=mixserve__pb_dot_shard__pb2.InterruptResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/mixserve.shard.v1.ShardService/Release',
                 request_serializer=mixserve__pb_dot_shard__pb2.ReleaseRequest.SerializeToString,
@@ -97,6 +107,20 @@ class ShardServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DecodeSteps(self, request, context):
+        """Up to num_steps decode steps, each step's sampled tokens fed to the next; one answer per step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Interrupt(self, request, context):
+        """Stop the DecodeSteps run named run_id (and any earlier one) after the step in progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Release(self, request, context):
         """Forget the per-sequence state (sampling history) of finished sequences.
         """
@@ -133,6 +157,16 @@ def add_ShardServiceServicer_to_server(servicer, server):
                     servicer.Step,
                     request_deserializer=mixserve__pb_dot_shard__pb2.StepRequest.FromString,
                     response_serializer=mixserve__pb_dot_shard__pb2.StepResponse.SerializeToString,
+            ),
+            'DecodeSteps': grpc.unary_stream_rpc_method_handler(
+                    servicer.DecodeSteps,
+                    request_deserializer=mixserve__pb_dot_shard__pb2.StepRequest.FromString,
+                    response_serializer=mixserve__pb_dot_shard__pb2.StepResponse.SerializeToString,
+            ),
+            'Interrupt': grpc.unary_unary_rpc_method_handler(
+                    servicer.Interrupt,
+                    request_deserializer=mixserve__pb_dot_shard__pb2.InterruptRequest.FromString,
+                    response_serializer=mixserve__pb_dot_shard__pb2.InterruptResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -253,6 +287,60 @@ class ShardService:
             '/mixserve.shard.v1.ShardService/Step',
             mixserve__pb_dot_shard__pb2.StepRequest.SerializeToString,
             mixserve__pb_dot_shard__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecodeSteps(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mixserve.shard.v1.ShardService/DecodeSteps',
+            mixserve__pb_dot_shard__pb2.StepRequest.SerializeToString,
+            mixserve__pb_dot_shard__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Interrupt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mixserve.shard.v1.ShardService/Interrupt',
+            mixserve__pb_dot_shard__pb2.InterruptRequest.SerializeToString,
+            mixserve__pb_dot_shard__pb2.InterruptResponse.FromString,
             options,
             channel_credentials,
             insecure,
