@@ -4,7 +4,9 @@
    them up, and for each batch size B and sequence length S times, through the same
    ShardService calls the router makes: the prefill step of B sequences of S tokens, then
    decode steps of B sequences at context S. Each call goes to every shard at once, as the
-   router sends it; the wall time is the client's, `forward` is the shard's own (rank 0).
+   router sends it; the wall time is the client's, `forward` is the shard's own (rank 0). With
+   several `--moe-parallel` modes (tp, ep) the sweep runs once per mode, one group after another,
+   and a table sets them side by side with the tokens each expert gets (B K / E at decode).
 2. Stops them, starts `mixserve launch` with as many shards and times `/predict` for one
    token from an S-token prompt (BOS included): TTFT over HTTP. The router's overhead is that
    TTFT minus the B=1 prefill step wall time at the same S (validation, tokenization,
@@ -47,10 +49,13 @@ class LatencyConfig:
     block_size: int = 16
     router_requests: int = 10
     seed: int = 0
+    moe_parallel: list[str] = field(default_factory=lambda: ["tp"])
 
     def __post_init__(self) -> None:
         if self.num_shard < 1 or min(self.batch_sizes) < 1 or min(self.seq_lens) < 2:
             raise ValueError("need num_shard >= 1, batch sizes >= 1 and sequence lengths >= 2")
+        if not self.moe_parallel or not set(self.moe_parallel) <= {"tp", "ep"}:
+            raise ValueError(f"moe_parallel must list tp and/or ep, got {self.moe_parallel}")
         if self.prefill_repeats < 1 or self.decode_steps < 1:
             raise ValueError("prefill_repeats and decode_steps must be >= 1")
 
@@ -138,13 +143,20 @@ def time_steps(fanout: ShardFanout, config: LatencyConfig, batch: int, seq_len: 
 
 
 def shard_sweep(config: LatencyConfig, work_dir: Path) -> list[dict]:
+    """The rows of every `config.moe_parallel` mode, one shard group after another."""
+    return [row for mode in config.moe_parallel for row in _mode_sweep(config, work_dir / mode, mode)]
+
+
+def _mode_sweep(config: LatencyConfig, work_dir: Path, moe_parallel: str) -> list[dict]:
     """Start the shards, warm them up, time every (batch, seq_len), stop them."""
     master_port = str(free_port())
     shards, addresses = [], []
+    work_dir.mkdir(parents=True, exist_ok=True)
     for rank in range(config.num_shard):
         path = work_dir / f"shard-{rank}.sock"
         cmd = [PYTHON, "-m", "mixserve.cli", "shard", "--rank", str(rank), "--world-size", str(config.num_shard)]
         cmd += ["--model", config.model_dir, "--uds", str(path), "--block-size", str(config.block_size)]
+        cmd += ["--moe-parallel", moe_parallel]
         env = child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=master_port, RANK=str(rank))
         shards.append(ServerProcess(f"shard{rank}", cmd, work_dir / f"shard-{rank}.log", env))
         addresses.append(f"unix:{path}")
@@ -167,10 +179,14 @@ def shard_sweep(config: LatencyConfig, work_dir: Path) -> list[dict]:
             for batch in config.batch_sizes:
                 t = time_steps(fanout, config, batch, seq_len, info.vocab_size, ids)
                 decode_p50 = distribution_ms(t["decode"])["p50"]
+                per_expert = batch * info.num_experts_per_tok / info.num_experts
                 rows.append(
                     {
+                        "moe_parallel": moe_parallel,
                         "batch": batch,
                         "seq_len": seq_len,
+                        "decode_tokens_per_expert": round(per_expert, 2),
+                        "prefill_tokens_per_expert": round(per_expert * seq_len, 1),
                         "prefill_ms": distribution_ms(t["prefill"]),
                         "prefill_forward_ms": distribution_ms(t["prefill_forward"]),
                         "decode_ms": distribution_ms(t["decode"]),
@@ -179,7 +195,13 @@ def shard_sweep(config: LatencyConfig, work_dir: Path) -> list[dict]:
                         "decode_tok_s": round(batch / (decode_p50 / 1e3), 1),
                     }
                 )
-                log.info("event=latency batch=%d seq_len=%d decode_p50_ms=%s", batch, seq_len, decode_p50)
+                log.info(
+                    "event=latency moe_parallel=%s batch=%d seq_len=%d decode_p50_ms=%s",
+                    moe_parallel,
+                    batch,
+                    seq_len,
+                    decode_p50,
+                )
         return rows
     finally:
         fanout.close()
@@ -227,10 +249,11 @@ def router_overhead(config: LatencyConfig, url: str, rows: list[dict]) -> list[d
 
 
 def launched_router_overhead(config: LatencyConfig, work_dir: Path, rows: list[dict]) -> list[dict]:
-    """Start `mixserve launch` with the same checkpoint and shard count, measure, stop it."""
+    """Start `mixserve launch` with the same checkpoint, shard count and (first) MoE split, measure, stop it."""
     port = free_port()
     cmd = [PYTHON, "-m", "mixserve.cli", "launch", "--model", config.model_dir, "--port", str(port)]
     cmd += ["--num-shard", str(config.num_shard), "--block-size", str(config.block_size), "--max-kv-blocks", "1024"]
+    cmd += ["--moe-parallel", config.moe_parallel[0]]  # the mode of the first rows, the ones compared with
     server = ServerProcess("mixserve", cmd, work_dir / "launch.log")
     try:
         server.wait_http_ready(f"http://127.0.0.1:{port}/health", 300)
@@ -240,22 +263,24 @@ def launched_router_overhead(config: LatencyConfig, work_dir: Path, rows: list[d
 
 
 def latency_markdown(result: dict) -> str:
-    """Step latencies and router overhead as Markdown tables."""
+    """Step latencies (and, with tp and ep both swept, the two side by side) and router overhead as Markdown."""
     lines = [
         f"### Shard step latency: {result['config']['num_shard']} shard(s)",
         "",
         *report.meta_lines(result["meta"]),
         "",
-        "| batch | seq len | prefill ms p50 (shard forward) | prefill tok/s | decode ms p50 / p90 (shard forward p50)"
-        " | decode tok/s |",
-        "|---|---|---|---|---|---|",
+        "| MoE | batch | seq len | prefill ms p50 (shard forward) | prefill tok/s | decode ms p50 / p90 (shard forward"
+        " p50) | decode tok/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in result["steps"]:
         lines.append(
-            f"| {r['batch']} | {r['seq_len']} | {r['prefill_ms']['p50']:.1f} ({r['prefill_forward_ms']['p50']:.1f})"
-            f" | {r['prefill_tok_s']:.0f} | {r['decode_ms']['p50']:.1f} / {r['decode_ms']['p90']:.1f}"
-            f" ({r['decode_forward_ms']['p50']:.1f}) | {r['decode_tok_s']:.0f} |"
+            f"| {r.get('moe_parallel', 'tp')} | {r['batch']} | {r['seq_len']}"
+            f" | {r['prefill_ms']['p50']:.1f} ({r['prefill_forward_ms']['p50']:.1f}) | {r['prefill_tok_s']:.0f}"
+            f" | {r['decode_ms']['p50']:.1f} / {r['decode_ms']['p90']:.1f} ({r['decode_forward_ms']['p50']:.1f})"
+            f" | {r['decode_tok_s']:.0f} |"
         )
+    lines += ep_vs_tp_lines(result["steps"])
     if result["router"]:
         lines += ["", "| seq len | TTFT ms p50 (HTTP) | prefill step ms p50 | router overhead ms |"]
         lines.append("|---|---|---|---|")
@@ -267,6 +292,31 @@ def latency_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def ep_vs_tp_lines(rows: list[dict]) -> list[str]:
+    """Expert- against tensor-parallel MoE per (batch, seq len): step time ratios (below 1: ep is faster)
+    and the tokens each expert gets; empty unless both modes were swept."""
+    by_mode = {(r.get("moe_parallel", "tp"), r["batch"], r["seq_len"]): r for r in rows}
+    pairs = [(r, by_mode.get(("ep", r["batch"], r["seq_len"]))) for r in rows if r.get("moe_parallel", "tp") == "tp"]
+    pairs = [(tp, ep) for tp, ep in pairs if ep is not None]
+    if not pairs:
+        return []
+    lines = [
+        "",
+        "| batch | seq len | decode tokens/expert | decode ms p50 tp / ep | ep/tp | prefill tokens/expert"
+        " | prefill ms p50 tp / ep | ep/tp |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for tp, ep in pairs:
+        decode = (tp["decode_ms"]["p50"], ep["decode_ms"]["p50"])
+        prefill = (tp["prefill_ms"]["p50"], ep["prefill_ms"]["p50"])
+        lines.append(
+            f"| {tp['batch']} | {tp['seq_len']} | {tp['decode_tokens_per_expert']:g}"
+            f" | {decode[0]:.1f} / {decode[1]:.1f} | {decode[1] / decode[0]:.2f} | {tp['prefill_tokens_per_expert']:g}"
+            f" | {prefill[0]:.1f} / {prefill[1]:.1f} | {prefill[1] / prefill[0]:.2f} |"
+        )
+    return lines
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint directory (default: the demo checkpoint)")
     parser.add_argument("--num-shard", type=int, default=1)
@@ -276,6 +326,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--router-requests", type=int, default=10, help="timed /predict requests per seq len")
     parser.add_argument("--no-router", action="store_true", help="skip the router overhead measurement")
+    parser.add_argument(
+        "--moe-parallel",
+        nargs="+",
+        choices=["tp", "ep"],
+        default=["tp"],
+        help="sweep each MoE split in turn (tp: slices of every expert; ep: whole experts per shard)",
+    )
     parser.add_argument("--out", type=Path, help="write latency.json and latency.md into this directory")
 
 
@@ -294,6 +351,7 @@ def run(args: argparse.Namespace) -> int:
         prefill_repeats=args.prefill_repeats,
         decode_steps=args.decode_steps,
         router_requests=args.router_requests,
+        moe_parallel=args.moe_parallel,
     )
     with tempfile.TemporaryDirectory(prefix="mixserve-latency-") as tmp:
         steps = shard_sweep(config, Path(tmp))

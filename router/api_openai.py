@@ -22,13 +22,15 @@ from typing import Any
 from aiohttp import web
 
 from router.engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Engine, Generation, TokenEvent
-from router.errors import BadRequest, RouterError, ValidationError
+from router.errors import BadRequest, RouterError, ValidationError, error_headers
 from router.params import (
+    DEFAULT_LIMITS,
     MAX_ABS_PENALTY,
     MAX_SEED,
     MAX_TOP_K,
     GenerationParams,
     GenerationRequest,
+    RequestLimits,
     as_bool,
     as_float,
     as_int,
@@ -87,7 +89,7 @@ def openai_errors(handler: Handler) -> Handler:
             return await handler(request)
         except RouterError as exc:
             log.info("event=refused path=%s status=%d error_type=%s", request.path, exc.status, exc.error_type)
-            return web.json_response(error_body(exc), status=exc.status)
+            return web.json_response(error_body(exc), status=exc.status, headers=error_headers(exc))
 
     return wrapped
 
@@ -109,7 +111,9 @@ def _unsupported(body: dict[str, Any], name: str, why: str) -> None:
         raise ValidationError(f"{name} is not supported: {why}")
 
 
-def _sampling(body: dict[str, Any], *, max_tokens: int | None, top_n_tokens: int) -> GenerationParams:
+def _sampling(
+    body: dict[str, Any], *, max_tokens: int | None, top_n_tokens: int, limits: RequestLimits
+) -> GenerationParams:
     """The sampling fields every OpenAI body shares, with OpenAI's defaults."""
     _unsupported(body, "logit_bias", "the shards take no per-token biases")
     stream = as_bool("stream", body.get("stream"), default=False)
@@ -138,7 +142,7 @@ def _sampling(body: dict[str, Any], *, max_tokens: int | None, top_n_tokens: int
         presence_penalty=as_float(
             "presence_penalty", body.get("presence_penalty"), default=0.0, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY
         ),
-        stop=as_stop("stop", body.get("stop")),
+        stop=as_stop("stop", body.get("stop"), max_count=limits.max_stop_sequences),
         # OpenAI's seed is a signed 64-bit integer; the shards take its two's-complement bits.
         seed=None if seed is None else as_int("seed", seed, ge=-(2**63), le=MAX_SEED) % (MAX_SEED + 1),
         stream=stream,
@@ -178,8 +182,12 @@ def _text_content(i: int, message: object) -> object:
     return {"role": role, "content": content}
 
 
-def parse_chat_request(body: dict[str, Any]) -> OpenAIRequest:
-    """Validate a `/v1/chat/completions` body."""
+def _max_choices(limits: RequestLimits) -> int:
+    return min(MAX_CHOICES, limits.max_choices)
+
+
+def parse_chat_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIMITS) -> OpenAIRequest:
+    """Validate a `/v1/chat/completions` body within `limits`."""
     _unsupported(body, "tools", "this server does not call tools")
     _unsupported(body, "functions", "this server does not call functions")
     response_format = body.get("response_format")
@@ -190,22 +198,28 @@ def parse_chat_request(body: dict[str, Any]) -> OpenAIRequest:
         messages = [_text_content(i, m) for i, m in enumerate(messages)]
     max_tokens = max_new_tokens_from(body, ("max_completion_tokens", "max_tokens"), default=0) or None
     logprobs = as_bool("logprobs", body.get("logprobs"), default=False)
-    top_logprobs = as_int("top_logprobs", body.get("top_logprobs"), default=0, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
+    top_logprobs = as_int(
+        "top_logprobs",
+        body.get("top_logprobs"),
+        default=0,
+        ge=0,
+        le=min(MAX_CHAT_TOP_LOGPROBS, limits.max_top_n_tokens),
+    )
     if top_logprobs and not logprobs:
         raise ValidationError("top_logprobs needs logprobs: true")
-    params = _sampling(body, max_tokens=max_tokens, top_n_tokens=top_logprobs)
+    params = _sampling(body, max_tokens=max_tokens, top_n_tokens=top_logprobs, limits=limits)
     return OpenAIRequest(
         prompts=[GenerationRequest(prompt=None, messages=as_messages("messages", messages), params=params)],
         params=params,
         max_tokens=max_tokens,
-        n=as_int("n", body.get("n"), default=1, ge=1, le=MAX_CHOICES),
+        n=as_int("n", body.get("n"), default=1, ge=1, le=_max_choices(limits)),
         logprobs=top_logprobs if logprobs else None,
         include_usage=_include_usage(body),
     )
 
 
-def parse_completion_request(body: dict[str, Any]) -> OpenAIRequest:
-    """Validate a `/v1/completions` body: `prompt` is a string or an array of strings."""
+def parse_completion_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIMITS) -> OpenAIRequest:
+    """Validate a `/v1/completions` body within `limits`: `prompt` is a string or an array of strings."""
     _unsupported(body, "echo", "the prompt is not echoed")
     _unsupported(body, "suffix", "no insertion mode")
     prompt = body.get("prompt")
@@ -220,15 +234,17 @@ def parse_completion_request(body: dict[str, Any]) -> OpenAIRequest:
     else:
         prompts = [as_prompt("prompt", prompt)]
     max_tokens = max_new_tokens_from(body, ("max_tokens",), default=0) or None
-    n = as_int("n", body.get("n"), default=1, ge=1, le=MAX_CHOICES)
+    max_choices = _max_choices(limits)
+    n = as_int("n", body.get("n"), default=1, ge=1, le=max_choices)
     best_of = as_int("best_of", body.get("best_of"), default=n, ge=1)
     if best_of != n:
         raise ValidationError(f"best_of must equal n ({n}) when given, got {best_of}; no choice is discarded")
-    if n * len(prompts) > MAX_CHOICES:
-        raise ValidationError(f"n ({n}) x prompts ({len(prompts)}) must be <= {MAX_CHOICES}")
+    if n * len(prompts) > max_choices:
+        raise ValidationError(f"n ({n}) x prompts ({len(prompts)}) must be <= {max_choices}")
     logprobs = body.get("logprobs")
-    logprobs = None if logprobs is None else as_int("logprobs", logprobs, ge=0, le=MAX_COMPLETION_LOGPROBS)
-    params = _sampling(body, max_tokens=max_tokens, top_n_tokens=logprobs or 0)
+    top = min(MAX_COMPLETION_LOGPROBS, limits.max_top_n_tokens)
+    logprobs = None if logprobs is None else as_int("logprobs", logprobs, ge=0, le=top)
+    params = _sampling(body, max_tokens=max_tokens, top_n_tokens=logprobs or 0, limits=limits)
     return OpenAIRequest(
         prompts=[GenerationRequest(prompt=p, messages=None, params=params) for p in prompts],
         params=params,
@@ -471,7 +487,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     engine, model_id = request.app[ENGINE], request.app[CONFIG].model_id
     body = await read_json(request)
     check_model(body, model_id)
-    parsed = parse_chat_request(body)
+    parsed = parse_chat_request(body, request.app[CONFIG].limits)
     choices = submit(engine, parsed, None)
     if parsed.params.stream:
         return await stream_sse(request, chat_chunks(engine, parsed, choices, model_id), error_body)
@@ -484,7 +500,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     engine, model_id = request.app[ENGINE], request.app[CONFIG].model_id
     body = await read_json(request)
     check_model(body, model_id)
-    parsed = parse_completion_request(body)
+    parsed = parse_completion_request(body, request.app[CONFIG].limits)
     choices = submit(engine, parsed, COMPLETIONS_MAX_TOKENS)
     if parsed.params.stream:
         return await stream_sse(request, completion_chunks(engine, parsed, choices, model_id), error_body)
@@ -521,4 +537,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/v1/models/{model:.+}", retrieve_model)
+    # Any id, newlines and slashes included, reaches the handler and gets OpenAI's 404 (`.` stops at a newline).
+    app.router.add_get(r"/v1/models/{model:[\s\S]+}", retrieve_model)

@@ -18,10 +18,12 @@ from aiohttp import web
 from router.engine import Engine, Generation, TokenEvent
 from router.errors import BadRequest, ValidationError, error_body
 from router.params import (
+    DEFAULT_LIMITS,
     MAX_ABS_PENALTY,
     MAX_TOP_K,
     GenerationParams,
     GenerationRequest,
+    RequestLimits,
     as_bool,
     as_float,
     as_int,
@@ -29,11 +31,10 @@ from router.params import (
     as_seed,
     as_stop,
 )
-from router.server import ENGINE, read_json, stream_sse, token_piece, tokenize
+from router.server import CONFIG, ENGINE, read_json, stream_sse, token_piece, tokenize
 
-# TGI's defaults: `max_new_tokens` when left out, and the `--max-top-n-tokens` flag.
+# TGI's default `max_new_tokens` when left out.
 DEFAULT_MAX_NEW_TOKENS = 100
-MAX_TOP_N_TOKENS = 5
 
 
 @dataclass(slots=True)
@@ -50,12 +51,16 @@ class TGIRequest:
 
 
 def _refuse(parameters: dict[str, Any], name: str, off: tuple[object, ...], why: str) -> None:
-    if parameters.get(name) not in (None, *off):
+    """Refuse `name` unless it is absent, null, or one of its `off` values, of the same JSON type: in Python
+    `True == 1` and `0 == False`, yet `"best_of": true` is no more "off" than `"watermark": 0`."""
+    value = parameters.get(name)
+    if value is not None and not any(isinstance(value, bool) == isinstance(o, bool) and value == o for o in off):
         raise ValidationError(f"{name} is not supported: {why}")
 
 
-def parse_generate_request(body: dict[str, Any], *, stream: bool) -> TGIRequest:
-    """Validate a `/generate` or `/generate_stream` body (already decoded JSON); unknown fields are ignored."""
+def parse_generate_request(body: dict[str, Any], *, stream: bool, limits: RequestLimits = DEFAULT_LIMITS) -> TGIRequest:
+    """Validate a `/generate` or `/generate_stream` body (already decoded JSON) within `limits`; unknown fields
+    are ignored."""
     inputs = as_prompt("inputs", body.get("inputs"))
     p = body.get("parameters")
     p = {} if p is None else p
@@ -88,10 +93,10 @@ def parse_generate_request(body: dict[str, Any], *, stream: bool) -> TGIRequest:
         frequency_penalty=as_float(
             "frequency_penalty", p.get("frequency_penalty"), default=0.0, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY
         ),
-        stop=as_stop("stop", p.get("stop")),
+        stop=as_stop("stop", p.get("stop"), max_count=limits.max_stop_sequences),
         seed=as_seed("seed", p.get("seed")),
         stream=stream,
-        top_n_tokens=as_int("top_n_tokens", p.get("top_n_tokens"), default=0, ge=0, le=MAX_TOP_N_TOKENS),
+        top_n_tokens=as_int("top_n_tokens", p.get("top_n_tokens"), default=0, ge=0, le=limits.max_top_n_tokens),
     )
     return TGIRequest(
         inputs=inputs,
@@ -190,7 +195,7 @@ async def stream_events(
 
 async def _answer(request: web.Request, body: dict[str, Any], *, stream: bool, as_array: bool) -> web.StreamResponse:
     engine = request.app[ENGINE]
-    parsed = parse_generate_request(body, stream=stream)
+    parsed = parse_generate_request(body, stream=stream, limits=request.app[CONFIG].limits)
     generation = submit(engine, parsed)
     if stream:
         return await stream_sse(request, stream_events(engine, parsed, generation), error_body)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from mixserve_pb import shard_pb2
 from router.detokenizer import IncrementalDetokenizer
-from router.errors import Overloaded, RouterError, ShardUnavailable, ValidationError
+from router.errors import DeadlineExceeded, Overloaded, RouterError, ShardUnavailable, ValidationError
 from router.metrics import Metrics
 from router.params import GenerationParams
 from router.scheduler import Scheduler, SchedulerConfig, Sequence, StepPlan
@@ -24,6 +24,9 @@ from router.shard_client import ShardGroup
 from router.stop_sequences import StopSequenceMatcher
 
 log = logging.getLogger("mixserve.router")
+# Prompts and generated text are the users' data: this logger is silent unless --log-prompts turns it on.
+prompt_log = logging.getLogger("mixserve.prompts")
+prompt_log.setLevel(logging.CRITICAL + 1)
 
 FINISH_LENGTH = "length"
 FINISH_EOS = "eos_token"
@@ -49,6 +52,8 @@ class Limits:
     max_concurrent_requests: int = 128
     max_input_tokens: int = 4095
     max_total_tokens: int = 4096
+    # Seconds from admission to the last token (--request-timeout); 0 is no deadline.
+    request_timeout_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_input_tokens < self.max_total_tokens:
@@ -57,6 +62,8 @@ class Limits:
             )
         if self.max_concurrent_requests < 1:
             raise ValueError(f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests}")
+        if not self.request_timeout_s >= 0:
+            raise ValueError(f"request_timeout_s must be >= 0, got {self.request_timeout_s}")
 
 
 class Generation:
@@ -77,6 +84,8 @@ class Generation:
         self.first_token_at: float | None = None
         self.last_token_at = 0.0
         self.done = False
+        timeout_s = engine.limits.request_timeout_s
+        self.deadline = time.monotonic() + timeout_s if timeout_s else None
         self._engine = engine
 
     @property
@@ -107,7 +116,7 @@ class Generation:
         """
         try:
             while True:
-                event = await self.events.get()
+                event = await self._next_event()
                 if isinstance(event, RouterError):
                     raise event
                 yield event
@@ -116,6 +125,23 @@ class Generation:
         finally:
             if not self.done:
                 self._engine.cancel(self)
+
+    async def _next_event(self) -> "TokenEvent | RouterError":
+        """The next event, or DeadlineExceeded once the request has run past --request-timeout."""
+        if self.deadline is None:
+            return await self.events.get()
+        try:
+            # A deadline already past must not let a queued event through (a get() that does not wait
+            # would never see the timeout fire).
+            if self.deadline <= time.monotonic():
+                raise TimeoutError
+            async with asyncio.timeout(self.deadline - time.monotonic()):
+                return await self.events.get()
+        except TimeoutError:
+            timeout_s = self._engine.limits.request_timeout_s
+            generated = self.generated_tokens
+            log.info("event=deadline_exceeded id=%s generated=%d timeout_s=%g", self.id, generated, timeout_s)
+            return DeadlineExceeded(f"the request ran past its {timeout_s:g} s deadline after {generated} tokens")
 
 
 class Engine:
@@ -128,6 +154,7 @@ class Engine:
         scheduler_config: SchedulerConfig,
         limits: Limits,
         eos_token_ids: tuple[int, ...],
+        max_decode_steps: int = 1,
     ) -> None:
         self.group = group
         self.tokenizer = tokenizer
@@ -137,7 +164,11 @@ class Engine:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.special_ids = frozenset(tokenizer.all_special_ids)
         self.live: dict[int, Generation] = {}
+        # Why the shard group is down (None while serving), and, while a restart is coming, the
+        # seconds clients are told to wait (Retry-After); the launcher keeps the latter current.
         self.failure: str | None = None
+        self.retry_after_s: int | None = None
+        self._failed = asyncio.Event()
         self.steps = 0
         self.step_sequences = 0
         self.generated_tokens = 0
@@ -145,6 +176,14 @@ class Engine:
         self._ids = itertools.count(1)
         self._wake = asyncio.Event()
         self._release: list[int] = []
+        # Multi-step decode: the most decode steps per shard call, the last run's id, the run that an
+        # arrival or a cancellation may still interrupt, and interrupts on their way.
+        if max_decode_steps < 1:
+            raise ValueError(f"max_decode_steps must be >= 1, got {max_decode_steps}")
+        self.max_decode_steps = max_decode_steps
+        self._run_ids = 0
+        self._active_run: int | None = None
+        self._interrupts: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -154,7 +193,7 @@ class Engine:
     def submit(self, prompt_ids: list[int], params: GenerationParams) -> Generation:
         """Queue a tokenized request; raises Overloaded, ValidationError or ShardUnavailable."""
         if self.failure is not None:
-            raise ShardUnavailable(f"the shards are unavailable: {self.failure}")
+            raise self.unavailable("the shards are unavailable")
         if len(self.live) >= self.limits.max_concurrent_requests:
             raise Overloaded(
                 f"{len(self.live)} requests in flight, the limit is {self.limits.max_concurrent_requests}; retry later"
@@ -179,11 +218,14 @@ class Engine:
             )
         seq_id = next(self._ids)
         generation = Generation(seq_id, prompt_ids, params, self)
+        if prompt_log.isEnabledFor(logging.INFO):
+            prompt_log.info("event=prompt id=%s text=%r", generation.id, self.tokenizer.decode(prompt_ids))
         self.scheduler.add(Sequence(seq_id, list(prompt_ids), params.max_new_tokens, payload=generation))
         self.live[seq_id] = generation
         self.metrics.on_admitted(n)
         self._idle.clear()
         self._wake.set()
+        self._interrupt_run()  # it joins the batch after the step in progress
         return generation
 
     def cancel(self, generation: Generation) -> None:
@@ -194,6 +236,7 @@ class Engine:
         self.metrics.on_end("cancelled")
         log.info("event=cancelled id=%s generated=%d", generation.id, generation.generated_tokens)
         self._end(generation, None)
+        self._interrupt_run()  # it stops costing compute after the step in progress
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -205,6 +248,29 @@ class Engine:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
+    def restart(self, group: ShardGroup, scheduler_config: SchedulerConfig) -> None:
+        """Serve again from a new shard group. Its KV cache is empty, so the scheduler, block allocator
+        and prefix cache start afresh; `fail` has already ended every request of the old group."""
+        self.group = group
+        self.scheduler = Scheduler(scheduler_config)
+        self.metrics.watch(self.scheduler)
+        self._release.clear()
+        self.failure = None
+        self._failed.clear()
+        self.start()
+
+    async def wait_failed(self) -> str:
+        """Wait until the shard group fails (a step or release failed, or `fail` was called); the reason."""
+        await self._failed.wait()
+        assert self.failure is not None
+        return self.failure
+
+    def unavailable(self, what: str) -> ShardUnavailable:
+        """The error for requests the failed group cannot serve, with Retry-After while a restart is coming."""
+        if self.retry_after_s is None:
+            return ShardUnavailable(f"{what}: {self.failure}")
+        return ShardUnavailable(f"{what}: restarting the shard group after {self.failure}", self.retry_after_s)
+
     async def drain(self, timeout_s: float) -> bool:
         """Wait until nothing is in flight, up to `timeout_s`; True if it drained."""
         try:
@@ -214,14 +280,8 @@ class Engine:
             return False
 
     async def _run(self) -> None:
-        while True:
-            if self._release and self.failure is None:
-                ids, self._release = self._release, []
-                try:
-                    await self.group.release(ids)
-                except RouterError as e:
-                    self.fail(str(e))
-                    continue
+        # Ends when the group fails: nothing may reach it until `restart` hands over a new one.
+        while self.failure is None:
             plan = self.scheduler.schedule()
             if plan is None:
                 if not self.live:
@@ -229,16 +289,54 @@ class Engine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            started = time.perf_counter()
             try:
-                response = await self.group.step(self._step_request(plan))
+                await self._run_steps(plan, time.perf_counter())
             except RouterError as e:
-                for entry in plan.sequences:
-                    self.scheduler.abort(entry.seq.seq_id)
-                self.scheduler.on_step_done(plan, {})
                 self.fail(str(e))
-                continue
-            self._on_step_done(plan, response, started)
+
+    async def _run_steps(self, plan: StepPlan, started: float) -> None:
+        """Run `plan`; when it is all decodes and nothing waits, let the shards run further decode
+        steps without a round trip (multi-step decode), each streamed back as it is sampled."""
+        num_steps = self.scheduler.extend_decode(plan, self.max_decode_steps)
+        request = self._step_request(plan)
+        in_flight: StepPlan | None = plan  # the step the shards are running, until its answer is in
+        try:
+            if num_steps == 1:
+                response = await self.group.step(request)
+                in_flight = None
+                self._on_step_done(plan, response, started)
+                return
+            self._run_ids += 1
+            request.num_steps, request.run_id = num_steps, self._run_ids
+            self._active_run = self._run_ids
+            log.debug("event=decode_run run=%d steps=%d seqs=%d", self._run_ids, num_steps, len(plan.sequences))
+            async for response in self.group.decode_steps(request):
+                if in_flight is None:
+                    in_flight = self.scheduler.continue_decode(plan)
+                plan, in_flight = in_flight, None
+                self._on_step_done(plan, response, started)
+                started = time.perf_counter()
+                # The batch should change: a request finished (or was cancelled), or one is waiting.
+                if self.scheduler.num_waiting or any(e.seq.seq_id not in self.live for e in plan.sequences):
+                    self._interrupt_run()
+        except RouterError:
+            if in_flight is not None:
+                for entry in in_flight.sequences:
+                    self.scheduler.abort(entry.seq.seq_id)
+                self.scheduler.on_step_done(in_flight, {})
+            raise
+        finally:
+            self._active_run = None
+
+    def _interrupt_run(self) -> None:
+        """Ask the shards to end the multi-step run in progress after its current step (once per run)."""
+        run_id, self._active_run = self._active_run, None
+        if run_id is None:
+            return
+        task = asyncio.ensure_future(self.group.interrupt(run_id))
+        self._interrupts.add(task)
+        # A failed interrupt needs no handling of its own: a group that fails also fails the run's stream.
+        task.add_done_callback(lambda t: (self._interrupts.discard(t), t.cancelled() or t.exception()))
 
     def _step_request(self, plan: StepPlan) -> shard_pb2.StepRequest:
         steps = []
@@ -255,7 +353,9 @@ class Engine:
             if entry.is_prefill:
                 step.sampling.CopyFrom(entry.seq.payload.sampling_proto())
             steps.append(step)
-        return shard_pb2.StepRequest(sequences=steps)
+        # The shards forget finished sequences' sampling state as part of the step, not in a call of its own.
+        released, self._release = self._release, []
+        return shard_pb2.StepRequest(sequences=steps, release_seq_ids=released)
 
     def _on_step_done(self, plan: StepPlan, response: shard_pb2.StepResponse, started: float) -> None:
         now = time.perf_counter()
@@ -334,17 +434,23 @@ class Engine:
                 (first - generation.created) * 1000,
                 (now - generation.created) * 1000,
             )
+        if prompt_log.isEnabledFor(logging.INFO):
+            text = self.tokenizer.decode(generation.output_ids, skip_special_tokens=True)
+            prompt_log.info("event=output id=%s finish=%s text=%r", generation.id, finish_reason, text)
         if not self.live:
             self._idle.set()
 
     def fail(self, reason: str) -> None:
-        """The shard group is gone: every request in flight ends with an error, new ones are refused."""
+        """The shard group is gone: every request in flight or queued ends with an error (503, with
+        Retry-After while a restart is coming), and new ones are refused until `restart`."""
         if self.failure is None:
             self.metrics.on_shard_failure()
+            log.error("event=shards_failed reason=%r in_flight=%d", reason, len(self.live))
+        # A later call only words the reason better (the launcher names the shard that went silent).
         self.failure = reason
-        log.error("event=shards_failed reason=%r in_flight=%d", reason, len(self.live))
         for generation in list(self.live.values()):
             self.metrics.on_end("error")
-            generation.events.put_nowait(ShardUnavailable(f"the shards failed: {reason}"))
+            generation.events.put_nowait(self.unavailable("the shards failed"))
             self._end(generation, None)
         self._idle.set()
+        self._failed.set()

@@ -36,6 +36,13 @@ class PayloadTooLarge(RouterError):
     error_type = "payload_too_large"
 
 
+class ReadTimeout(RouterError):
+    """The client did not send its whole body within --read-timeout."""
+
+    status = 408
+    error_type = "read_timeout"
+
+
 class ValidationError(RouterError):
     """The body is well-formed but a value is out of range or the fields contradict each other."""
 
@@ -58,12 +65,29 @@ class GenerationError(RouterError):
 
 
 class ShardUnavailable(RouterError):
-    """No healthy shard group can serve the request right now."""
+    """No healthy shard group can serve the request right now; `retry_after_s`, when a restart is coming."""
 
     status = 503
     error_type = "unavailable"
+
+    def __init__(self, message: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(RouterError):
+    """The request ran past --request-timeout; it was stopped and its KV blocks freed."""
+
+    status = 504
+    error_type = "timeout"
 
 
 def error_body(exc: RouterError) -> dict[str, str]:
     """The JSON body every API answers an error with: `{"error": message, "error_type": type}`."""
     return {"error": str(exc), "error_type": exc.error_type}
+
+
+def error_headers(exc: RouterError) -> dict[str, str]:
+    """The HTTP headers of an error answer: `Retry-After` when the error knows when to retry."""
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    return {} if retry_after_s is None else {"Retry-After": str(retry_after_s)}

@@ -8,7 +8,6 @@ with its `error_type` in the trailing metadata key `error-type`.
 
 import asyncio
 import functools
-import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,8 +19,8 @@ from grpc_reflection.v1alpha import reflection
 from mixserve_pb import generate_pb2, generate_pb2_grpc
 from router.engine import Engine, Generation, TokenEvent
 from router.errors import RouterError, Unauthorized
-from router.params import GenerationParams, GenerationRequest, as_messages, as_prompt
-from router.server import ServerConfig, tokenize
+from router.params import DEFAULT_LIMITS, GenerationParams, GenerationRequest, RequestLimits, as_messages, as_prompt
+from router.server import ServerConfig, api_key_matches, tokenize
 
 log = logging.getLogger("mixserve.router")
 
@@ -34,6 +33,7 @@ _STATUS_CODES = {
     422: grpc.StatusCode.INVALID_ARGUMENT,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 _FINISH_REASONS = {
     "length": generate_pb2.FINISH_REASON_LENGTH,
@@ -69,11 +69,14 @@ def parse_input(
     )
 
 
-def parse_generate_request(request: generate_pb2.GenerateRequest) -> GenerationRequest:
+def parse_generate_request(
+    request: generate_pb2.GenerateRequest, limits: RequestLimits = DEFAULT_LIMITS
+) -> GenerationRequest:
     """Validate a GenerateRequest into the request /predict would build; raises BadRequest or ValidationError."""
     p = request.parameters
     given = {name: getattr(p, name) for name in _OPTIONAL_PARAMETERS if p.HasField(name)}
     params = GenerationParams(**given, stop=list(p.stop), ignore_eos=p.ignore_eos, top_n_tokens=p.top_n_tokens)
+    limits.check(params)
     prompt, messages = parse_input(request.prompt if request.HasField("prompt") else None, request.messages)
     return GenerationRequest(prompt=prompt, messages=messages, params=params)
 
@@ -131,12 +134,11 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
         if not key:
             return
         given = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), "")
-        scheme, _, token = given.partition(" ")
-        if not (scheme.lower() in ("bearer", "api-key") and hmac.compare_digest(token.strip().encode(), key.encode())):
+        if not api_key_matches(given, key):
             raise Unauthorized("missing or invalid API key (send metadata authorization: Bearer KEY)")
 
     def _submit(self, request: generate_pb2.GenerateRequest) -> Generation:
-        parsed = parse_generate_request(request)
+        parsed = parse_generate_request(request, self.config.limits)
         return self.engine.submit(tokenize(self.engine, parsed), parsed.params)
 
     @_rpc
@@ -206,25 +208,29 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
 
 
 class EngineHealth(health.aio.HealthServicer):
-    """grpc.health.v1 for the server ("") and GenerationService: NOT_SERVING once the engine has failed."""
+    """grpc.health.v1 for the server ("") and GenerationService: NOT_SERVING while the shard group is
+    down (failed or restarting), SERVING again once it is back; NOT_SERVING for good once stopping."""
 
     def __init__(self, engine: Engine) -> None:
         super().__init__()
         self._engine = engine
 
-    async def _follow_engine(self) -> None:
+    async def follow_engine(self) -> None:
+        """Report the engine's state now (Watch streams see the change)."""
         # The engine fails from its own loop (a step that times out) without telling anyone, so
-        # every probe looks at it; a failed engine never recovers.
+        # every probe also looks at it. After enter_graceful_shutdown, `set` changes nothing.
+        status = health_pb2.HealthCheckResponse.SERVING
         if self._engine.failure is not None:
-            for service in ("", SERVICE_NAME):
-                await self.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self.set(service, status)
 
     async def Check(self, request: health_pb2.HealthCheckRequest, context) -> health_pb2.HealthCheckResponse:
-        await self._follow_engine()
+        await self.follow_engine()
         return await super().Check(request, context)
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context) -> None:
-        await self._follow_engine()
+        await self.follow_engine()
         await super().Watch(request, context)
 
 

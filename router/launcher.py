@@ -1,40 +1,48 @@
 """`mixserve launch`: start the shards, wait for them, warm them up, and serve the router.
 
-The shards are child processes on unix sockets in a private temp dir. The launcher watches them:
-if one dies, every in-flight request ends with an error, /health answers 503, and the launcher
-stops the rest and exits non-zero. SIGINT/SIGTERM stop accepting, let in-flight streams finish up
-to --graceful-timeout, stop the shards and exit 0. With --grpc-port, the public gRPC service runs
-on the same loop and drains the same way.
+The shards are child processes on unix sockets in a private temp dir (with --shard-addresses, none
+are started: the router serves a group already running on TCP, e.g. under torchrun on other hosts).
+The launcher watches them: if one dies or misses the step deadline, every request in flight or
+queued ends with an error (503 with Retry-After before its first token), /health answers 503 with
+the reason, and the launcher restarts the whole group (new processes, new rendezvous, new KV cache),
+up to --max-restarts times; past that it stops everything and exits non-zero. SIGINT/SIGTERM, at any
+time, stop accepting, let in-flight streams finish up to --graceful-timeout, stop the shards and
+exit 0. With --grpc-port, the public gRPC service runs on the same loop and drains the same way.
 """
 
 import argparse
 import asyncio
 import collections
+import contextlib
 import logging
+import math
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 
 import mixserve
+from mixserve_pb import shard_pb2
 from router.engine import Engine, Limits
-from router.errors import RouterError
 from router.grpc_server import GrpcFront
+from router.params import MAX_CHOICES, MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS, RequestLimits
+from router.recovery import START_ERRORS, supervise, unless_stopped
 from router.scheduler import SchedulerConfig
 from router.server import ServerConfig, build_app
-from router.shard_client import ShardGroup
+from router.shard_client import ShardGroup, parse_shard_addresses
 from shards.quant.config import QUANTIZE_MODES
 
 log = logging.getLogger("mixserve.launcher")
 
-# After a shard dies the router keeps answering (503) this long before it exits, so clients and
-# probes see why.
+# After the shard group fails for good the router keeps answering (503) this long before it exits,
+# so clients and probes see why.
 FAILURE_LINGER_S = 5.0
 SHARD_LOG_LINES = 30
 
@@ -45,10 +53,18 @@ class ShardProcess:
     address: str
     process: asyncio.subprocess.Process
     last_lines: collections.deque = field(default_factory=lambda: collections.deque(maxlen=SHARD_LOG_LINES))
+    output: asyncio.Task | None = None  # echoes the shard's output until it ends
 
     def describe_exit(self) -> str:
         tail = "\n".join(self.last_lines) or "(no output)"
         return f"shard {self.rank} exited with code {self.process.returncode}; its last lines:\n{tail}"
+
+
+def _seconds(value: str) -> float:
+    seconds = float(value)
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {value}")
+    return seconds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +79,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quantize", choices=QUANTIZE_MODES, help="bitsandbytes LLM.int8 or 4-bit shards (default: not quantized)"
     )
+    parser.add_argument(
+        "--moe-parallel",
+        choices=["tp", "ep"],
+        default="tp",
+        help="experts split on the intermediate dimension (tp) or whole experts per shard (ep)",
+    )
+    parser.add_argument(
+        "--shard-addresses",
+        help="host:port,... of a shard group already running, in rank order: start no shards, serve those",
+    )
+    parser.add_argument(
+        "--shard-token", default=env.get("MIXSERVE_SHARD_TOKEN") or None, help="default: $MIXSERVE_SHARD_TOKEN"
+    )
+    parser.add_argument("--shard-ca", type=Path, help="PEM CA certificate(s): reach TCP shards over TLS")
     parser.add_argument("--block-size", type=int, default=16, help="KV cache tokens per block")
     parser.add_argument("--max-kv-blocks", type=int, default=0, help="cap on KV cache blocks (0: from memory)")
     parser.add_argument("--max-concurrent-requests", type=int, default=128, help="queued + running (429 past it)")
@@ -72,6 +102,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-total-tokens", type=int, default=None, help="KV tokens the batch may hold")
     parser.add_argument("--max-batch-size", type=int, default=256, help="sequences running at once")
     parser.add_argument(
+        "--max-decode-steps",
+        type=int,
+        default=8,
+        help="decode steps the shards may run per call when nothing waits (1: one per call)",
+    )
+    parser.add_argument(
         "--prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -79,9 +115,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--api-key", default=env.get("MIXSERVE_API_KEY"), help="default: $MIXSERVE_API_KEY")
     parser.add_argument("--max-body-bytes", type=int, default=2 << 20, help="largest request body (413 past it)")
+    parser.add_argument(
+        "--read-timeout", type=_seconds, default=60.0, help="seconds a client has to send its headers, and its body"
+    )
+    parser.add_argument(
+        "--request-timeout", type=float, default=0.0, help="seconds from admission to the last token (0: no deadline)"
+    )
+    parser.add_argument("--max-stop-sequences", type=int, default=MAX_STOP_SEQUENCES, help="stop strings per request")
+    parser.add_argument(
+        "--max-top-n-tokens", type=int, default=MAX_TOP_N_TOKENS, help="alternatives per token (top_logprobs too)"
+    )
+    parser.add_argument("--max-choices", type=int, default=MAX_CHOICES, help="OpenAI n (x prompts) per request")
+    parser.add_argument("--log-prompts", action="store_true", help="log prompts and generated text (user data)")
     parser.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds to let streams finish on stop")
     parser.add_argument("--shard-timeout", type=float, default=300.0, help="seconds to wait for shards to start")
     parser.add_argument("--step-timeout", type=float, default=60.0, help="seconds before a step counts as failed")
+    parser.add_argument(
+        "--max-restarts", type=int, default=3, help="shard group restarts after failures (0: exit non-zero at once)"
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -116,12 +167,13 @@ async def start_shards(args: argparse.Namespace, model_dir: str, socket_dir: Pat
         cmd += ["--block-size", str(args.block_size), "--max-kv-blocks", str(args.max_kv_blocks)]
         if args.quantize:
             cmd += ["--quantize", args.quantize]
+        cmd += ["--moe-parallel", args.moe_parallel]
         process = await asyncio.create_subprocess_exec(
             *cmd, env=dict(env, RANK=str(rank)), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
         )
         shard = ShardProcess(rank, f"unix:{path}", process)
         log.info("event=shard_started rank=%d pid=%d address=%s", rank, process.pid, shard.address)
-        asyncio.create_task(_pump_output(shard))
+        shard.output = asyncio.create_task(_pump_output(shard))
         shards.append(shard)
     return shards
 
@@ -139,7 +191,12 @@ async def wait_until_ready(group: ShardGroup, shards: list[ShardProcess], timeou
     """Wait for every shard's socket to answer; fail naming the shard that exited or never answered."""
     ready = asyncio.create_task(group.wait_ready(timeout_s))
     exits = [asyncio.create_task(s.process.wait()) for s in shards]
-    done, _ = await asyncio.wait([ready, *exits], return_when=asyncio.FIRST_COMPLETED)
+    try:
+        done, _ = await asyncio.wait([ready, *exits], return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # a stop during start-up
+        for task in [ready, *exits]:
+            task.cancel()
+        raise
     for shard, task in zip(shards, exits, strict=True):
         if task in done:
             ready.cancel()
@@ -149,6 +206,11 @@ async def wait_until_ready(group: ShardGroup, shards: list[ShardProcess], timeou
     try:
         ready.result()
     except TimeoutError:
+        if not shards:
+            raise RuntimeError(
+                f"the shards at {','.join(group.addresses)} did not all accept a connection within {timeout_s:.0f}s "
+                "(not started, a wrong address, or TLS refused: a certificate --shard-ca does not verify)"
+            ) from None
         silent = [s for s in shards if not os.path.exists(s.address.removeprefix("unix:"))]
         which = silent[0] if silent else shards[0]
         tail = "\n".join(which.last_lines)
@@ -157,53 +219,150 @@ async def wait_until_ready(group: ShardGroup, shards: list[ShardProcess], timeou
         ) from None
 
 
-async def stop_shards(shards: list[ShardProcess], timeout_s: float = 10.0) -> None:
+async def stop_shards(shards: list[ShardProcess], timeout_s: float = 10.0, kill: bool = False) -> None:
+    """Stop the shard processes and wait for them: SIGTERM, or SIGKILL with `kill` or past `timeout_s`."""
     for shard in shards:
         if shard.process.returncode is None:
+            if kill:
+                shard.process.kill()
+                continue
             shard.process.terminate()
+            # A stopped (SIGSTOP) shard acts on SIGTERM only once continued.
+            with contextlib.suppress(ProcessLookupError):
+                shard.process.send_signal(signal.SIGCONT)
     for shard in shards:
         try:
             await asyncio.wait_for(shard.process.wait(), timeout_s)
         except TimeoutError:
             shard.process.kill()
             await shard.process.wait()
+    # Read each output pipe to its end while the loop runs: a pipe left open is closed by the garbage
+    # collector after asyncio.run closed the loop ("RuntimeError: Event loop is closed" at exit).
+    outputs = [s.output for s in shards if s.output is not None]
+    if outputs:
+        await asyncio.wait(outputs, timeout=timeout_s)
+
+
+class ShardSupervisor:
+    """The launcher's shard group: started at start-up and again on every restart, watched, stopped."""
+
+    def __init__(self, args: argparse.Namespace, model_dir: str, socket_root: Path) -> None:
+        self.args = args
+        self.model_dir = model_dir
+        self.socket_root = socket_root
+        self.shards: list[ShardProcess] = []
+        self.group: ShardGroup | None = None
+        self.starts = 0
+        self.startup_s = 0.0
+
+    @property
+    def retry_after_s(self) -> int:
+        """Seconds a restart should take (what clients are told to wait): as long as the last start."""
+        return max(1, math.ceil(self.startup_s))
+
+    async def start(self, stop: asyncio.Event) -> tuple[shard_pb2.InfoResponse, shard_pb2.WarmupResponse] | None:
+        """Start a new group, wait until every shard answers, and warm it up; None when `stop` is set
+        first. Fresh sockets and a fresh rendezvous port, so the torch process group forms anew."""
+        self.starts += 1
+        started = time.monotonic()
+        if self.args.shard_addresses:
+            # A group started elsewhere: nothing to start; a restart reconnects and warms it up again.
+            self.group = remote_shard_group(self.args)
+        else:
+            socket_dir = self.socket_root / f"group-{self.starts}"
+            socket_dir.mkdir(mode=0o700)
+            # Not cancellable: every process started must be in self.shards for stop() to find it.
+            self.shards = await start_shards(self.args, self.model_dir, socket_dir)
+            # The token too: shards inherit MIXSERVE_SHARD_TOKEN and then ask for it even on unix sockets.
+            addresses = [s.address for s in self.shards]
+            self.group = ShardGroup(addresses, step_timeout_s=self.args.step_timeout, token=self.args.shard_token)
+        ready = await unless_stopped(self._warm_up(self.group), stop)
+        self.startup_s = time.monotonic() - started
+        return ready
+
+    async def _warm_up(self, group: ShardGroup) -> tuple[shard_pb2.InfoResponse, shard_pb2.WarmupResponse]:
+        # Warmup has no deadline (--step-timeout is for steps); the first real steps run shapes it ran.
+        await wait_until_ready(group, self.shards, self.args.shard_timeout)
+        await group.check_complete()
+        info = await group.info()
+        args = self.args
+        warm = await group.warmup(
+            args.max_batch_prefill_tokens + args.max_batch_size, args.max_batch_size, args.max_kv_blocks
+        )
+        return info, warm
+
+    def exited(self) -> ShardProcess | None:
+        """The first shard of the group that has exited, if any."""
+        return next((s for s in self.shards if s.process.returncode is not None), None)
+
+    async def wait_exit(self) -> None:
+        """Wait until any shard of the current group exits."""
+        if not self.shards:  # --shard-addresses: no processes of ours to watch
+            await asyncio.Event().wait()
+        exits = [asyncio.ensure_future(s.process.wait()) for s in self.shards]
+        try:
+            await asyncio.wait(exits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in exits:
+                task.cancel()
+
+    async def stop(self, kill: bool = False) -> None:
+        """Close the group's channels and stop its processes (SIGKILL with `kill`: a restart keeps nothing)."""
+        if self.group is not None:
+            await self.group.close()
+            self.group = None
+        await stop_shards(self.shards, kill=kill)
+
+
+def remote_shard_group(args: argparse.Namespace) -> ShardGroup:
+    """--shard-addresses: clients for a group started elsewhere (torchrun, `mixserve shard`, Kubernetes)."""
+    try:
+        ca_cert = args.shard_ca.read_bytes() if args.shard_ca else None
+    except OSError as e:
+        raise ValueError(f"--shard-ca: {e}") from None
+    addresses = parse_shard_addresses(args.shard_addresses)
+    return ShardGroup(addresses, step_timeout_s=args.step_timeout, token=args.shard_token, ca_cert=ca_cert)
 
 
 async def serve(args: argparse.Namespace) -> int:
+    # Handled from the first moment: a stop during start-up must stop the shards started so far.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     model_dir = resolve_model(args.model)
     # The fast tokenizer class loads tokenizer.json and the chat template without importing torch.
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
     with tempfile.TemporaryDirectory(prefix="mixserve-") as tmp:
-        socket_dir = Path(tmp)
-        os.chmod(socket_dir, 0o700)
-        shards = await start_shards(args, model_dir, socket_dir)
-        group = ShardGroup([s.address for s in shards], step_timeout_s=args.step_timeout)
+        socket_root = Path(tmp)
+        os.chmod(socket_root, 0o700)
+        shards = ShardSupervisor(args, model_dir, socket_root)
         try:
-            return await _serve_with_shards(args, model_dir, tokenizer, group, shards)
+            return await _serve_with_shards(args, model_dir, tokenizer, shards, stop)
         finally:
-            await group.close()
-            await stop_shards(shards)
+            await shards.stop()
 
 
-async def _serve_with_shards(args, model_dir, tokenizer, group: ShardGroup, shards: list[ShardProcess]) -> int:
+async def _serve_with_shards(args, model_dir, tokenizer, shards: ShardSupervisor, stop: asyncio.Event) -> int:
     try:
-        await wait_until_ready(group, shards, args.shard_timeout)
-        info = await group.info()
+        ready = await shards.start(stop)
+        if ready is None:
+            log.info("event=stopped_during_startup")
+            return 0
+        info, warm = ready
         max_total = args.max_total_tokens or info.max_position_embeddings
         max_input = args.max_input_tokens or max_total - 1
-        limits = Limits(args.max_concurrent_requests, max_input, max_total)
-        warm = await group.warmup(
-            args.max_batch_prefill_tokens + args.max_batch_size, args.max_batch_size, args.max_kv_blocks
-        )
-    except (RuntimeError, RouterError, ValueError) as e:
+        limits = Limits(args.max_concurrent_requests, max_input, max_total, args.request_timeout)
+        request_limits = RequestLimits(args.max_stop_sequences, args.max_top_n_tokens, args.max_choices)
+    except START_ERRORS as e:
         log.error("event=startup_failed error=%s", e)
         return 1
     log.info(
         "event=shards_ready num_shard=%d dtype=%s quantize=%s device=%s weight_bytes_per_shard=%d kv_blocks=%d "
         "block_size=%d warmup_ms=%d",
-        len(shards),
+        len(shards.group.addresses),
         info.dtype,
         info.quantize or "none",
         info.device,
@@ -221,16 +380,30 @@ async def _serve_with_shards(args, model_dir, tokenizer, group: ShardGroup, shar
         enable_prefix_caching=args.prefix_caching,
     )
     eos = tuple(t for t in [tokenizer.eos_token_id] if t is not None)
-    engine = Engine(group, tokenizer, scheduler_config, limits, eos)
+    engine = Engine(shards.group, tokenizer, scheduler_config, limits, eos, args.max_decode_steps)
+    engine.retry_after_s = shards.retry_after_s if args.max_restarts else None
     config = ServerConfig(
         model_id=model_dir,
         api_key=args.api_key,
         max_body_bytes=args.max_body_bytes,
-        num_shard=len(shards),
+        read_timeout_s=args.read_timeout,
+        limits=request_limits,
+        num_shard=len(shards.group.addresses),
         dtype=info.dtype,
+        quantize=info.quantize,
+        weight_bytes_per_shard=info.weight_bytes,
         version=mixserve.__version__,
     )
-    runner = web.AppRunner(build_app(engine, config), handler_cancellation=True, access_log=None)
+    # The keep-alive timer also runs from the moment a connection opens until its headers are complete,
+    # so it is what bounds a client that never finishes them. After an answer that left the body unread
+    # (408, 413, 401), the rest is read and dropped for at most as long again (aiohttp's default: 10 s).
+    runner = web.AppRunner(
+        build_app(engine, config),
+        handler_cancellation=True,
+        access_log=None,
+        keepalive_timeout=args.read_timeout,
+        lingering_time=min(args.read_timeout, 10.0),
+    )
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
     # gRPC first: once HTTP /health answers, every front is up.
@@ -241,25 +414,9 @@ async def _serve_with_shards(args, model_dir, tokenizer, group: ShardGroup, shar
     engine.start()
     log.info("event=serving address=http://%s:%d model=%s", args.host, args.port, model_dir)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    exits = {asyncio.create_task(s.process.wait()): s for s in shards}
-    stopping = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait([stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
-    dead = [exits[t] for t in done if t in exits]
-    if dead:
-        reason = dead[0].describe_exit()
-        log.error("event=shard_died %s", reason.replace("\n", " | "))
-        engine.fail(f"shard {dead[0].rank} exited with code {dead[0].process.returncode}")
-        if grpc_front is not None:
-            await grpc_front.health.enter_graceful_shutdown()
-        await stop_shards(shards)
-        await asyncio.sleep(FAILURE_LINGER_S)
-        code = 1
-    else:
+    if await supervise(engine, shards, grpc_front, stop, args.max_restarts):
         log.info("event=stopping graceful_timeout_s=%.0f in_flight=%d", args.graceful_timeout, len(engine.live))
+        engine.retry_after_s = None
         await site.stop()
         grpc_stopped = asyncio.create_task(grpc_front.stop(args.graceful_timeout)) if grpc_front else None
         drained = await engine.drain(args.graceful_timeout)
@@ -269,8 +426,13 @@ async def _serve_with_shards(args, model_dir, tokenizer, group: ShardGroup, shar
         if grpc_stopped is not None:
             await grpc_stopped
         code = 0
-    for task in [stopping, *exits]:
-        task.cancel()
+    else:
+        # Past --max-restarts: keep answering 503 with the reason a moment, so clients and probes see why.
+        if grpc_front is not None:
+            await grpc_front.health.enter_graceful_shutdown()
+        await shards.stop()
+        await asyncio.sleep(FAILURE_LINGER_S)
+        code = 1
     if grpc_front is not None:
         await grpc_front.stop(None)
     await engine.stop()
@@ -282,4 +444,6 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()), format="%(asctime)s router %(levelname)s %(message)s"
     )
+    if args.log_prompts:
+        logging.getLogger("mixserve.prompts").setLevel(logging.INFO)
     return asyncio.run(serve(args))

@@ -72,12 +72,18 @@ class Metrics:
         self.prompt_tokens = Counter("mixserve_prompt_tokens", "Prompt tokens of admitted generations.", registry=r)
         self.generated_tokens = Counter("mixserve_generated_tokens", "Tokens generated for clients.", registry=r)
         self.shard_failures = Counter("mixserve_shard_failures", "Times the shard group failed.", registry=r)
+        self.shard_restarts = Counter("mixserve_shard_restarts", "Shard group restarts.", registry=r)
         self.time_to_first_token = LoopHistogram(TTFT_BUCKETS)
         self.inter_token_latency = LoopHistogram(INTER_TOKEN_BUCKETS)
         self.request_duration = LoopHistogram(REQUEST_BUCKETS)
         self.step_duration = {kind: LoopHistogram(STEP_BUCKETS) for kind in STEP_KINDS}
         self._ended = {reason: self.ended.labels(reason) for reason in END_REASONS}
-        r.register(_LiveCollector(self, scheduler))
+        self._live = _LiveCollector(self, scheduler)
+        r.register(self._live)
+
+    def watch(self, scheduler: Scheduler) -> None:
+        """Read the gauges from `scheduler` from now on (a restarted shard group has a new one)."""
+        self._live.scheduler = scheduler
 
     def on_admitted(self, prompt_tokens: int) -> None:
         self.prompt_tokens.inc(prompt_tokens)
@@ -98,16 +104,19 @@ class Metrics:
     def on_shard_failure(self) -> None:
         self.shard_failures.inc()
 
+    def on_shard_restart(self) -> None:
+        self.shard_restarts.inc()
+
 
 class _LiveCollector(Collector):
     """The loop-fed histograms, and gauges read from the scheduler at scrape time."""
 
     def __init__(self, metrics: Metrics, scheduler: Scheduler) -> None:
         self._metrics = metrics
-        self._scheduler = scheduler
+        self.scheduler = scheduler
 
     def collect(self) -> Iterator[Metric]:
-        m, s = self._metrics, self._scheduler
+        m, s = self._metrics, self.scheduler
         yield _histogram("mixserve_time_to_first_token_seconds", "Admission to first token.", m.time_to_first_token)
         yield _histogram(
             "mixserve_inter_token_latency_seconds", "Time between two tokens of one request.", m.inter_token_latency

@@ -6,6 +6,7 @@ without a description here is missing from the spec, which the tests catch. HEAD
 every GET and not listed separately. Bounds and defaults come from the modules that enforce them.
 """
 
+import copy
 import html
 import json
 from typing import Any
@@ -14,7 +15,15 @@ from aiohttp import web
 
 from router import api_openai as oai
 from router import api_tgi as tgi
-from router.params import MAX_ABS_PENALTY, MAX_SEED, MAX_STOP_SEQUENCES, MAX_TOP_K, GenerationParams
+from router.params import (
+    MAX_ABS_PENALTY,
+    MAX_SEED,
+    MAX_STOP_SEQUENCES,
+    MAX_TOP_K,
+    MAX_TOP_N_TOKENS,
+    GenerationParams,
+    RequestLimits,
+)
 from router.server import CONFIG
 
 Schema = dict[str, Any]
@@ -103,7 +112,7 @@ TGI_PARAMETERS = _obj(
         "decoder_input_details": _t(
             "boolean", "list the prompt tokens in details.prefill (logprob null); not when streaming", default=False
         ),
-        "top_n_tokens": _t("integer", "alternatives per token", minimum=0, maximum=tgi.MAX_TOP_N_TOKENS, default=0),
+        "top_n_tokens": _t("integer", "alternatives per token", minimum=0, maximum=MAX_TOP_N_TOKENS, default=0),
         "truncate": _t("integer", "keep only the last N prompt tokens", minimum=1),
         "best_of": _t("integer", "only 1 is supported", minimum=1, maximum=1),
         "watermark": _t("boolean", "only false is supported", default=False),
@@ -149,7 +158,14 @@ SCHEMAS: dict[str, Schema] = {
             "stop": STOP,
             "seed": SEED,
         }
-    ),
+    )
+    # Exactly one of the two (a null one counts as left out): the server refuses both or neither (422).
+    | {
+        "oneOf": [
+            {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+            {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+        ]
+    },
     "PredictResponse": _obj(
         {
             "output": _t("string", "the generated text"),
@@ -160,9 +176,12 @@ SCHEMAS: dict[str, Schema] = {
     ),
     "ChatMessage": _obj(
         {
-            "role": _t("string", "system, user or assistant (developer counts as system)"),
+            "role": _t("string", "system, user or assistant (developer counts as system)", minLength=1),
             "content": {
-                "oneOf": [{"type": "string"}, _array(_obj({"type": {"const": "text"}, "text": {"type": "string"}}))],
+                "oneOf": [
+                    {"type": "string"},
+                    _array(_obj({"type": {"const": "text"}, "text": {"type": "string"}}, ("type", "text"))),
+                ],
                 "description": "text, or text parts (joined by newlines)",
             },
         },
@@ -332,6 +351,8 @@ SCHEMAS: dict[str, Schema] = {
             "model_id": _t("string", "the checkpoint as passed to --model"),
             "model_dtype": _t("string", "shard weight dtype"),
             "num_shard": _t("integer", "tensor-parallel shards"),
+            "quantize": _nullable(_t("string", "bitsandbytes mode of the shards (--quantize; null: none)")),
+            "weight_bytes_per_shard": _t("integer", "bytes of weights rank 0 holds, quantization state included"),
             "version": _t("string", "mixserve version"),
             "max_concurrent_requests": _t("integer", "queued + running requests before 429"),
             "max_input_tokens": _t("integer", "longest prompt"),
@@ -357,7 +378,7 @@ SCHEMAS: dict[str, Schema] = {
             "model_pipeline_tag": {"const": "text-generation"},
             "max_input_length": _t("integer", "TGI's older name of max_input_tokens"),
             "max_best_of": {"const": 1},
-            "max_stop_sequences": {"const": MAX_STOP_SEQUENCES},
+            "max_stop_sequences": _t("integer", "stop strings per request (--max-stop-sequences)"),
             "max_batch_size": _t("integer", "sequences running at once"),
             "router": {"const": "mixserve"},
             "sha": {"type": "null", "description": "TGI field; unknown"},
@@ -366,6 +387,27 @@ SCHEMAS: dict[str, Schema] = {
         description="model, limits, live counters, and TGI's /info fields",
     ),
 }
+
+
+def _null_means_left_out(schema: Schema) -> None:
+    """Let every optional field of a request body be null, as the parsers read a null as a field left out.
+    Fields are replaced, not changed: several bodies share one field's schema."""
+    properties = schema["properties"]
+    for name, field in properties.items():
+        if name in schema.get("required", ()) or field.get("type") == "null":
+            continue
+        if "$ref" in field:
+            properties[name] = {"anyOf": [field, {"type": "null"}]}
+        elif "oneOf" in field:
+            properties[name] = {**field, "oneOf": [*field["oneOf"], {"type": "null"}]}
+        else:
+            properties[name] = {**field, "type": [field["type"], "null"]}
+
+
+for _body_schema in ("PredictRequest", "ChatCompletionRequest", "CompletionRequest", "GenerateRequest"):
+    _null_means_left_out(SCHEMAS[_body_schema])
+_null_means_left_out(SCHEMAS["CompatGenerateRequest"])
+_null_means_left_out(SCHEMAS["GenerateParameters"])
 
 
 def _json(schema: Schema, description: str = "OK") -> dict[str, Any]:
@@ -380,12 +422,17 @@ def _errors(schema: str = "Error") -> dict[str, Any]:
     codes = {
         "400": "malformed JSON or a field of the wrong type",
         "401": "missing or invalid API key",
+        "408": "body not sent within --read-timeout",
         "413": "body too large",
         "422": "a value out of range, or unsupported",
         "429": "too many requests in flight",
         "503": "shards unavailable",
+        "504": "past --request-timeout (a stream that has started ends with an error event instead)",
     }
     return {code: _json(_ref(schema), why) for code, why in codes.items()}
+
+
+MODEL_NOT_FOUND = {"404": _json(_ref("OpenAIError"), "`model` names a model this server does not serve")}
 
 
 def _body(schema: str) -> dict[str, Any]:
@@ -399,9 +446,16 @@ def _op(tag: str, summary: str, responses: dict[str, Any], body: str | None = No
     return operation
 
 
-def _both(json_schema: str, sse_schema: str) -> dict[str, Any]:
-    ok = _json(_ref(json_schema), "JSON when stream is false; " + STREAMED + " when true")
+def _both(json_schema: str | Schema, sse_schema: str) -> dict[str, Any]:
+    schema = _ref(json_schema) if isinstance(json_schema, str) else json_schema
+    ok = _json(schema, "JSON when stream is false; " + STREAMED + " when true")
     ok["content"]["text/event-stream"] = {"schema": _ref(sse_schema)}
+    return ok
+
+
+def _predict_ok() -> dict[str, Any]:
+    ok = _json(_ref("PredictResponse"), "the text as chunked text/plain deltas; JSON when stream is false")
+    ok["content"]["text/plain"] = {"schema": {"type": "string"}}
     return ok
 
 
@@ -409,8 +463,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/predict"): _op(
         "mixserve",
         "Generate from a prompt or a chat",
-        {"200": {**_json(_ref("PredictResponse")), "description": "text/plain deltas, or JSON when stream is false"}}
-        | _errors(),
+        {"200": _predict_ok()} | _errors(),
         "PredictRequest",
     ),
     ("GET", "/health"): _op(
@@ -432,13 +485,13 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/v1/chat/completions"): _op(
         "openai",
         "Chat completion",
-        {"200": _both("ChatCompletion", "ChatCompletionChunk")} | _errors("OpenAIError"),
+        {"200": _both("ChatCompletion", "ChatCompletionChunk")} | _errors("OpenAIError") | MODEL_NOT_FOUND,
         "ChatCompletionRequest",
     ),
     ("POST", "/v1/completions"): _op(
         "openai",
         "Text completion",
-        {"200": _both("Completion", "Completion")} | _errors("OpenAIError"),
+        {"200": _both("Completion", "Completion")} | _errors("OpenAIError") | MODEL_NOT_FOUND,
         "CompletionRequest",
     ),
     ("GET", "/v1/models"): _op("openai", "The served model", {"200": _json(_ref("ModelList"))}),
@@ -457,7 +510,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/"): _op(
         "tgi",
         "TGI's compat route: /generate (inside a JSON array) or /generate_stream, by `stream`",
-        {"200": _both("GenerateResponse", "StreamResponse")} | _errors(),
+        {"200": _both(_array(_ref("GenerateResponse"), "one answer"), "StreamResponse")} | _errors(),
         "CompatGenerateRequest",
     ),
     ("POST", "/tokenize"): _op(
@@ -479,6 +532,28 @@ def routes(app: web.Application) -> list[tuple[str, str]]:
     return found
 
 
+def _with_limits(limits: RequestLimits) -> dict[str, Schema]:
+    """SCHEMAS with the bounds this server's flags set: stop strings, alternatives per token, choices."""
+    schemas = copy.deepcopy(SCHEMAS)
+    predict, chat, completion, tgi_parameters = (
+        schemas[name]["properties"]
+        for name in ("PredictRequest", "ChatCompletionRequest", "CompletionRequest", "GenerateParameters")
+    )
+    stops = [predict["stop"]["oneOf"][1], chat["stop"]["oneOf"][1], completion["stop"]["oneOf"][1]]
+    for stop in [*stops, tgi_parameters["stop"]]:
+        stop["maxItems"] = limits.max_stop_sequences
+    if limits.max_stop_sequences == 0:
+        # Even one stop string is refused, so the single-string spelling is too.
+        for body in (predict, chat, completion):
+            body["stop"] = {"type": "null", "description": "stop sequences are off (--max-stop-sequences 0)"}
+    tgi_parameters["top_n_tokens"]["maximum"] = limits.max_top_n_tokens
+    chat["top_logprobs"]["maximum"] = min(oai.MAX_CHAT_TOP_LOGPROBS, limits.max_top_n_tokens)
+    completion["logprobs"]["maximum"] = min(oai.MAX_COMPLETION_LOGPROBS, limits.max_top_n_tokens)
+    for body in (chat, completion):
+        body["n"]["maximum"] = min(oai.MAX_CHOICES, limits.max_choices)
+    return schemas
+
+
 def build_spec(app: web.Application) -> dict[str, Any]:
     """The OpenAPI 3.1 document of `app`'s routes."""
     config = app[CONFIG]
@@ -496,7 +571,7 @@ def build_spec(app: web.Application) -> dict[str, Any]:
         },
         "paths": paths,
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": _with_limits(config.limits),
             "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"apiKey": []}, {}],
@@ -506,12 +581,14 @@ def build_spec(app: web.Application) -> dict[str, Any]:
 _BOUNDS = ("default", "minimum", "exclusiveMinimum", "maximum", "minLength", "minItems", "maxItems", "enum")
 
 
-def _schema_rows(schema: Schema) -> str:
+def _schema_rows(schema: Schema, schemas: dict[str, Schema]) -> str:
     if "$ref" in schema:
-        schema = SCHEMAS[schema["$ref"].rsplit("/", 1)[1]]
+        schema = schemas[schema["$ref"].rsplit("/", 1)[1]]
     rows = []
     for name, field in schema.get("properties", {}).items():
-        kind = field.get("type") or ("one of" if "oneOf" in field else field.get("$ref", "").rsplit("/", 1)[-1])
+        either = "oneOf" in field or "anyOf" in field
+        kind = field.get("type") or ("one of" if either else field.get("$ref", "").rsplit("/", 1)[-1])
+        kind = " or ".join(kind) if isinstance(kind, list) else kind
         bounds = ", ".join(f"{key} {json.dumps(field[key])}" for key in _BOUNDS if key in field)
         cells = (name, str(kind), bounds, field.get("description", ""))
         rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
@@ -531,7 +608,8 @@ def render_docs(spec: dict[str, Any]) -> str:
                 f"<h2><code>{method.upper()} {html.escape(path)}</code></h2><p>{html.escape(op['summary'])}</p>"
             )
             if "requestBody" in op:
-                parts.append(_schema_rows(op["requestBody"]["content"]["application/json"]["schema"]))
+                body = op["requestBody"]["content"]["application/json"]["schema"]
+                parts.append(_schema_rows(body, spec["components"]["schemas"]))
             answers = ", ".join(f"{code}: {r['description']}" for code, r in op["responses"].items())
             parts.append(f"<p>Responses: {html.escape(answers)}</p>")
     style = "body{font-family:sans-serif;max-width:60em;margin:auto}td,th{border:1px solid #ccc;padding:2px 6px}"

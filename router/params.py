@@ -5,7 +5,9 @@ The field validators (`as_bool`, `as_int`, `as_float`, `as_stop`, `as_seed`, `as
 raw JSON value, so every API body (`/predict` here; OpenAI and TGI with their own names and
 defaults) reports errors in its own vocabulary. A JSON null counts as an absent field. A value
 of the wrong JSON type is a `BadRequest` (400); a well-typed value out of range, or fields that
-contradict each other, a `ValidationError` (422). Both name the field, and the bound.
+contradict each other, a `ValidationError` (422). Both name the field, and the bound. The bounds
+that flags set per request (`RequestLimits`: stop strings, alternatives per token, choices) are
+passed to each API's parser, which checks them under its own field names.
 """
 
 import json
@@ -20,12 +22,20 @@ from router.errors import BadRequest, ValidationError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-MAX_STOP_SEQUENCES = 16
+# Defaults of the per-request limit flags: TGI's for --max-stop-sequences and --max-top-n-tokens.
+MAX_STOP_SEQUENCES = 4
+MAX_TOP_N_TOKENS = 5
+# --max-choices: OpenAI's `n` (times the prompts of a completions body) is that many sequences in the batch.
+MAX_CHOICES = 16
 MAX_SEED = 2**64 - 1
 # top_k travels as a uint32 on the shard wire.
 MAX_TOP_K = 2**32 - 1
 # OpenAI's documented range for frequency and presence penalties.
 MAX_ABS_PENALTY = 2.0
+# The shards take the sampling numbers as 32-bit floats: a larger magnitude would arrive as inf (and the shards
+# would refuse the whole step), a smaller nonzero one as 0 or a denormal (0 means "off" to them).
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38
 
 _JSON_TYPE_NAMES = {
     type(None): "null",
@@ -119,15 +129,15 @@ def as_seed(name: str, value: object) -> int | None:
     return as_int(name, value, ge=0, le=MAX_SEED)
 
 
-def as_stop(name: str, value: object, *, max_count: int = MAX_STOP_SEQUENCES) -> list[str]:
-    """Stop sequences: one string or an array of at most `max_count` non-empty strings."""
+def as_stop(name: str, value: object, *, max_count: int | None = None) -> list[str]:
+    """Stop sequences: one string or an array of non-empty strings, at most `max_count` of them when given."""
     if value is None:
         return []
     if isinstance(value, str):
         value = [value]
     elif not isinstance(value, list):
         raise BadRequest(f"{name} must be a string or an array of strings, got {_json_type(value)}")
-    if len(value) > max_count:
+    if max_count is not None and len(value) > max_count:
         raise ValidationError(f"{name} must hold at most {max_count} strings, got {len(value)}")
     for i, stop in enumerate(value):
         if not isinstance(stop, str):
@@ -174,6 +184,29 @@ def max_new_tokens_from(body: dict[str, Any], names: tuple[str, ...], *, default
     return next(iter(given.values()), default)
 
 
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """Per-request bounds that flags set; every API's parser checks them under its own field names."""
+
+    max_stop_sequences: int = MAX_STOP_SEQUENCES
+    max_top_n_tokens: int = MAX_TOP_N_TOKENS
+    max_choices: int = MAX_CHOICES
+
+    def __post_init__(self) -> None:
+        for name, least in (("max_stop_sequences", 0), ("max_top_n_tokens", 0), ("max_choices", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+    def check(self, params: "GenerationParams") -> None:
+        """Apply the stop-sequence and alternatives-per-token bounds to params built directly (the gRPC front)."""
+        as_stop("stop", params.stop, max_count=self.max_stop_sequences)
+        as_int("top_n_tokens", params.top_n_tokens, le=self.max_top_n_tokens)
+
+
+DEFAULT_LIMITS = RequestLimits()
+
+
 @dataclass(slots=True)
 class GenerationParams:
     """How one request generates: token limit, sampling, penalties, stop sequences, streaming."""
@@ -208,6 +241,13 @@ class GenerationParams:
         self.stream = as_bool("stream", self.stream)
         self.ignore_eos = as_bool("ignore_eos", self.ignore_eos)
         self.top_n_tokens = as_int("top_n_tokens", self.top_n_tokens, ge=0)
+        for name in ("temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if value and not FLOAT32_TINY <= abs(value) <= FLOAT32_MAX:
+                raise ValidationError(
+                    f"{name} must be of a magnitude between {FLOAT32_TINY:.7g} and {FLOAT32_MAX:.7g} "
+                    f"(the shards take 32-bit floats), got {value}"
+                )
 
 
 @dataclass(slots=True)
@@ -226,8 +266,8 @@ class GenerationRequest:
 _PREDICT_DEFAULTS = GenerationParams()
 
 
-def parse_predict_request(body: dict[str, Any]) -> GenerationRequest:
-    """Validate a `POST /predict` body (already decoded JSON); unknown fields are ignored."""
+def parse_predict_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIMITS) -> GenerationRequest:
+    """Validate a `POST /predict` body (already decoded JSON) within `limits`; unknown fields are ignored."""
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, got {_json_type(body)}")
     defaults = _PREDICT_DEFAULTS
@@ -239,7 +279,7 @@ def parse_predict_request(body: dict[str, Any]) -> GenerationRequest:
         repetition_penalty=as_float(
             "repetition_penalty", body.get("repetition_penalty"), default=defaults.repetition_penalty, gt=0
         ),
-        stop=as_stop("stop", body.get("stop")),
+        stop=as_stop("stop", body.get("stop"), max_count=limits.max_stop_sequences),
         seed=as_seed("seed", body.get("seed")),
         stream=as_bool("stream", body.get("stream"), default=defaults.stream),
     )

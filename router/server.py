@@ -5,21 +5,23 @@ the response; they never touch the shards themselves. The OpenAI (`api_openai`) 
 APIs and the spec (`openapi`) build on the helpers here and are registered by `build_app`.
 """
 
+import asyncio
+import hashlib
 import hmac
 import json
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from router.engine import Engine, Generation
-from router.errors import BadRequest, PayloadTooLarge, RouterError, Unauthorized, error_body
+from router.errors import BadRequest, PayloadTooLarge, ReadTimeout, RouterError, Unauthorized, error_body, error_headers
 from router.metrics import install as install_metrics
 from router.params import (
-    MAX_STOP_SEQUENCES,
     GenerationRequest,
+    RequestLimits,
     decode_json_body,
     parse_predict_request,
     render_prompt,
@@ -38,8 +40,13 @@ class ServerConfig:
     model_id: str
     api_key: str | None = None
     max_body_bytes: int = 2 << 20
+    # Seconds a client has to send its whole body (its headers are bounded by the server's keep-alive timeout).
+    read_timeout_s: float = 60.0
+    limits: RequestLimits = field(default_factory=RequestLimits)
     num_shard: int = 1
     dtype: str = ""
+    quantize: str = ""
+    weight_bytes_per_shard: int = 0
     version: str = ""
 
 
@@ -49,7 +56,7 @@ STARTED = web.AppKey("started", float)
 
 
 def error_response(exc: RouterError) -> web.Response:
-    return web.json_response(error_body(exc), status=exc.status)
+    return web.json_response(error_body(exc), status=exc.status, headers=error_headers(exc))
 
 
 @web.middleware
@@ -72,23 +79,42 @@ async def errors_middleware(request: web.Request, handler):
         return web.json_response({"error": "internal server error", "error_type": "internal"}, status=500)
 
 
+def api_key_matches(authorization: str, key: str) -> bool:
+    """Whether an `Authorization` value, `Bearer KEY` or `Api-Key KEY`, carries `key`.
+
+    The keys are compared as SHA-256 digests with hmac.compare_digest: constant time in their content, and
+    of one length whatever was sent, so the time a refusal takes tells nothing about the key.
+    """
+    scheme, _, given = authorization.partition(" ")
+    sent = hashlib.sha256(given.strip().encode(errors="surrogatepass")).digest()
+    matches = hmac.compare_digest(sent, hashlib.sha256(key.encode(errors="surrogatepass")).digest())
+    return matches and scheme.lower() in ("bearer", "api-key")
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
     """With an API key configured, require `Authorization: Bearer KEY` or `Api-Key KEY`."""
     key = request.app[CONFIG].api_key
     if key and request.path not in PUBLIC_PATHS:
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        valid = scheme.lower() in ("bearer", "api-key") and hmac.compare_digest(given.strip().encode(), key.encode())
-        if not valid:
+        if not api_key_matches(request.headers.get("Authorization", ""), key):
             raise Unauthorized("missing or invalid API key (send Authorization: Bearer KEY)")
     return await handler(request)
 
 
 async def read_json(request: web.Request) -> dict:
+    """The body as one JSON object, read within --read-timeout and --max-body-bytes.
+
+    aiohttp bounds neither how long a body may take nor, by itself, stops a client that trickles it;
+    without the timeout such a client would hold its connection and handler for as long as it liked.
+    """
+    timeout_s = request.app[CONFIG].read_timeout_s
     try:
-        raw = await request.read()
+        async with asyncio.timeout(timeout_s or None):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"request body exceeds {request.client_max_size} bytes") from None
+    except TimeoutError:
+        raise ReadTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
     if not raw:
         raise BadRequest("request body is empty; send a JSON object")
     return decode_json_body(raw)
@@ -112,7 +138,7 @@ def token_piece(tokenizer, token_id: int) -> str:
 async def predict(request: web.Request) -> web.StreamResponse:
     """`POST /predict`: plain-text streaming deltas by default, or JSON with the text under `output`."""
     engine = request.app[ENGINE]
-    parsed = parse_predict_request(await read_json(request))
+    parsed = parse_predict_request(await read_json(request), request.app[CONFIG].limits)
     generation = engine.submit(tokenize(engine, parsed), parsed.params)
     if not parsed.params.stream:
         text = await collect_text(generation)
@@ -195,12 +221,13 @@ async def stream_sse(
 
 
 async def health(request: web.Request) -> web.Response:
-    """200 when every shard answers and the engine is serving, 503 with the reason otherwise."""
+    """200 when every shard answers and the engine is serving, 503 with the reason otherwise (and
+    Retry-After while the shard group restarts)."""
     engine = request.app[ENGINE]
     if engine.failure is not None:
-        return web.json_response(
-            {"status": "unavailable", "error": engine.failure, "error_type": "unavailable"}, status=503
-        )
+        exc = engine.unavailable("the shards are unavailable")
+        status = "unavailable" if exc.retry_after_s is None else "restarting"
+        return web.json_response({"status": status, **error_body(exc)}, status=503, headers=error_headers(exc))
     if not await engine.group.health():
         return web.json_response(
             {"status": "unavailable", "error": "a shard does not answer Health", "error_type": "unavailable"},
@@ -219,6 +246,8 @@ async def info(request: web.Request) -> web.Response:
             "model_id": config.model_id,
             "model_dtype": config.dtype,
             "num_shard": config.num_shard,
+            "quantize": config.quantize or None,
+            "weight_bytes_per_shard": config.weight_bytes_per_shard,
             "version": config.version,
             "max_concurrent_requests": engine.limits.max_concurrent_requests,
             "max_input_tokens": engine.limits.max_input_tokens,
@@ -245,7 +274,7 @@ async def info(request: web.Request) -> web.Response:
             "model_pipeline_tag": "text-generation",
             "max_input_length": engine.limits.max_input_tokens,
             "max_best_of": 1,
-            "max_stop_sequences": MAX_STOP_SEQUENCES,
+            "max_stop_sequences": config.limits.max_stop_sequences,
             "max_batch_size": scheduler.config.max_running_requests,
             "router": "mixserve",
             "sha": None,

@@ -83,16 +83,32 @@ class ModelConfig:
         return cls.from_dict(json.loads((Path(model_dir) / "config.json").read_text()))
 
 
+MOE_PARALLEL_MODES = ("tp", "ep")
+
+
 @dataclass(slots=True, frozen=True)
 class ParallelConfig:
-    """This process's place in the tensor-parallel group."""
+    """This process's place in the tensor-parallel group, and how its MoE layers are split.
+
+    `moe_parallel` is `tp` (every rank holds every expert, split on the intermediate dimension) or
+    `ep` (expert parallelism: each rank holds num_local_experts / world_size whole experts).
+    Attention, embeddings and lm_head are tensor-parallel either way.
+    """
 
     rank: int = 0
     world_size: int = 1
+    moe_parallel: str = "tp"
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is not in a group of world size {self.world_size}")
+        if self.moe_parallel not in MOE_PARALLEL_MODES:
+            raise ValueError(f"moe_parallel {self.moe_parallel!r} is not one of {', '.join(MOE_PARALLEL_MODES)}")
+
+    @property
+    def expert_parallel(self) -> bool:
+        """True when each rank holds whole experts rather than a slice of every one."""
+        return self.moe_parallel == "ep"
 
     def check(self, config: ModelConfig) -> None:
         """Fail with a message that says why when the model cannot be split over this world size."""
@@ -100,13 +116,23 @@ class ParallelConfig:
         for what, size in (
             ("num_attention_heads", config.num_attention_heads),
             ("num_key_value_heads", config.num_key_value_heads),
-            ("intermediate_size", config.intermediate_size),
         ):
             if size % n:
                 raise ValueError(
                     f"cannot shard over world size {n}: {what} = {size} is not divisible by {n} "
                     f"(each rank must hold an equal slice of it)"
                 )
+        if self.expert_parallel and config.num_local_experts % n:
+            raise ValueError(
+                f"cannot shard over world size {n} with expert parallelism (moe_parallel ep): num_local_experts = "
+                f"{config.num_local_experts} is not divisible by {n} (each rank must hold as many whole experts); "
+                f"use moe_parallel tp or a world size that divides {config.num_local_experts}"
+            )
+        if not self.expert_parallel and config.intermediate_size % n:
+            raise ValueError(
+                f"cannot shard over world size {n}: intermediate_size = {config.intermediate_size} is not divisible "
+                f"by {n} (each rank must hold an equal slice of it)"
+            )
 
     def split(self, size: int) -> tuple[int, int]:
         """The [start, end) of this rank's equal slice of a dimension of `size`."""

@@ -26,7 +26,10 @@ def load_model(
     device: torch.device | str = "cpu",
     quantization: QuantizationConfig | None = None,
 ) -> MixtralForCausalLM:
-    """The model for rank `parallel.rank`, holding only that rank's slice of each weight.
+    """The model for rank `parallel.rank`, holding only that rank's slice of each weight (with
+    `parallel.moe_parallel` ep: only its own experts, whole).
+
+    Raises ValueError, before reading any weight, where the model cannot be split that way.
 
     With `quantization`, raises QuantizationUnavailable before reading any weight where bitsandbytes
     cannot run that mode with `dtype` on `device`.
@@ -53,10 +56,11 @@ def load_model(
         raise RuntimeError(f"parameters not loaded from the checkpoint: {left_on_meta[:5]}")
     model.eval()
     log.info(
-        "event=model_loaded rank=%d world_size=%d dtype=%s quantize=%s device=%s weight_bytes=%d bytes_read=%d "
-        "seconds=%.2f",
+        "event=model_loaded rank=%d world_size=%d moe_parallel=%s dtype=%s quantize=%s device=%s weight_bytes=%d "
+        "bytes_read=%d seconds=%.2f",
         parallel.rank,
         parallel.world_size,
+        parallel.moe_parallel,
         str(dtype).removeprefix("torch."),
         quantization.mode if quantization else "none",
         device,

@@ -52,9 +52,11 @@ def decode_steps(
     same answer on all of them (a collective over the ranks' interrupt flags).
     """
     check_multi_step(steps, num_steps, runner.block_size)
+    results: list[SequenceResult] = []
     for index in range(num_steps):
-        if index and agree_to_stop():
-            return
+        if index:
+            if agree_to_stop():
+                return
+            steps = next_steps(steps, results, runner.block_size)
         results = runner.step(steps)
         yield results
-        steps = next_steps(steps, results, runner.block_size)

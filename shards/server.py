@@ -1,7 +1,11 @@
 """`mixserve shard`: one tensor-parallel shard serving the ShardService over gRPC.
 
 Every shard of a group gets the same calls from the router; the model calls (Warmup, Step,
-Release, Clear) run one at a time under a lock, while Info and Health answer at any time.
+DecodeSteps, Release, Clear) run one at a time under a lock, while Info, Health and Interrupt
+answer at any time.
+Rank, world size and the rendezvous come from the flags, else from torchrun's variables (RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so `torchrun ... -m mixserve.cli shard --port P`
+starts a group, one host or several.
 """
 
 import argparse
@@ -16,12 +20,15 @@ import grpc
 import torch
 
 from mixserve_pb import shard_pb2, shard_pb2_grpc
-from shards.config import DTYPES, ModelConfig, ParallelConfig
+from shards.config import DTYPES, MOE_PARALLEL_MODES, ModelConfig, ParallelConfig
 from shards.distributed import init_process_group, tensor_parallel_group
+from shards.listen import ListenConfig, ListenError
+from shards.listen import add_arguments as add_listen_arguments
 from shards.loader import load_model, weight_bytes
+from shards.multi_step import decode_steps
 from shards.quant.config import QUANTIZE_MODES, QuantizationConfig
 from shards.quant.probe import QuantizationUnavailable, check_supported
-from shards.runner import InvalidStep, ModelRunner, OutOfCapacity, SequenceStep
+from shards.runner import InvalidStep, ModelRunner, OutOfCapacity, SequenceResult, SequenceStep
 from shards.sampling import SamplingParams
 
 log = logging.getLogger("mixserve.shard")
@@ -41,6 +48,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         self.max_kv_blocks = max_kv_blocks
         self.quantize = quantize
         self.lock = threading.Lock()
+        self.interrupted_run_id = 0
 
     def Info(self, request, context):
         r = self.runner
@@ -96,24 +104,38 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         try:
             steps = [_step_from_proto(s) for s in request.sequences]
             with self.lock:
+                self.runner.release(list(request.release_seq_ids))
                 results = self.runner.step(steps)
         except OutOfCapacity as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except (InvalidStep, ValueError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        return shard_pb2.StepResponse(
-            results=[
-                shard_pb2.SequenceResult(
-                    seq_id=r.seq_id,
-                    sampled=True,
-                    token_id=r.token_id,
-                    logprob=r.logprob,
-                    top_tokens=[shard_pb2.TopToken(token_id=t, logprob=lp) for t, lp in r.top_tokens],
-                )
-                for r in results
-            ],
-            forward_us=(time.perf_counter_ns() - started) // 1000,
-        )
+        return _step_response(results, started)
+
+    def DecodeSteps(self, request, context):
+        started = time.perf_counter_ns()
+        try:
+            steps = [_step_from_proto(s) for s in request.sequences]
+            with self.lock:
+                self.runner.release(list(request.release_seq_ids))
+                run_id = request.run_id
+
+                def agree_to_stop() -> bool:
+                    return self.runner.group.any_rank(self.interrupted_run_id >= run_id)
+
+                for results in decode_steps(self.runner, steps, request.num_steps, agree_to_stop):
+                    yield _step_response(results, started)
+                    started = time.perf_counter_ns()
+        except OutOfCapacity as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except (InvalidStep, ValueError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    def Interrupt(self, request, context):
+        # No lock: the run it stops holds it. Run ids only grow, so an interrupt that overtakes its
+        # run's start still stops that run.
+        self.interrupted_run_id = max(self.interrupted_run_id, request.run_id)
+        return shard_pb2.InterruptResponse()
 
     def Release(self, request, context):
         with self.lock:
@@ -124,6 +146,22 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         with self.lock:
             self.runner.clear()
         return shard_pb2.ClearResponse()
+
+
+def _step_response(results: list[SequenceResult], started_ns: int) -> shard_pb2.StepResponse:
+    return shard_pb2.StepResponse(
+        results=[
+            shard_pb2.SequenceResult(
+                seq_id=r.seq_id,
+                sampled=True,
+                token_id=r.token_id,
+                logprob=r.logprob,
+                top_tokens=[shard_pb2.TopToken(token_id=t, logprob=lp) for t, lp in r.top_tokens],
+            )
+            for r in results
+        ],
+        forward_us=(time.perf_counter_ns() - started_ns) // 1000,
+    )
 
 
 def _step_from_proto(msg: shard_pb2.SequenceStep) -> SequenceStep:
@@ -171,10 +209,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--world-size", type=int, default=int(env.get("WORLD_SIZE", 1)), help="default: $WORLD_SIZE or 1"
     )
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--uds", help="listen on this unix socket path (owner-only permissions)")
-    where.add_argument("--port", type=int, help="listen on this TCP port")
-    parser.add_argument("--host", default="127.0.0.1", help="TCP address to bind with --port")
+    add_listen_arguments(parser)
     parser.add_argument(
         "--dtype", choices=[*DTYPES, "auto"], default="auto", help="auto: float32 on CPU, bfloat16 on CUDA"
     )
@@ -183,6 +218,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quantize",
         choices=QUANTIZE_MODES,
         help="hold attention and experts with bitsandbytes: LLM.int8 (bitsandbytes) or 4-bit (default: not quantized)",
+    )
+    parser.add_argument(
+        "--moe-parallel",
+        choices=MOE_PARALLEL_MODES,
+        default="tp",
+        help="tp: every rank holds a slice of every expert; ep: each rank holds num_experts / world_size whole experts",
     )
     parser.add_argument("--block-size", type=int, default=16, help="KV cache token slots per block")
     parser.add_argument("--max-kv-blocks", type=int, default=0, help="cap on KV cache blocks (0: size from memory)")
@@ -204,7 +245,12 @@ def run(args: argparse.Namespace) -> int:
     if args.master_port:
         os.environ["MASTER_PORT"] = str(args.master_port)
     torch.set_num_threads(args.threads)
-    parallel = ParallelConfig(args.rank, args.world_size)
+    try:
+        listen = ListenConfig.from_args(args, int(os.environ.get("LOCAL_RANK", 0)))
+    except ListenError as e:
+        log.error("event=bad_listen error=%r", str(e))
+        return 2
+    parallel = ParallelConfig(args.rank, args.world_size, args.moe_parallel)
     device = pick_device(args.device, args.rank)
     dtype = DTYPES["bfloat16" if device.type == "cuda" else "float32"] if args.dtype == "auto" else DTYPES[args.dtype]
     quantization = QuantizationConfig(args.quantize) if args.quantize else None
@@ -231,24 +277,25 @@ def run(args: argparse.Namespace) -> int:
     runner = ModelRunner(model, parallel, group, device, dtype, args.block_size)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=8),
+        interceptors=listen.interceptors(),
         options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
     )
     shard_pb2_grpc.add_ShardServiceServicer_to_server(
         ShardServicer(runner, model_dir, args.max_kv_blocks, args.quantize or ""), server
     )
-    if args.uds:
-        address = f"unix:{args.uds}"
-        old_umask = os.umask(0o077)
-        try:
-            server.add_insecure_port(address)
-            server.start()
-        finally:
-            os.umask(old_umask)
-        os.chmod(args.uds, 0o600)
-    else:
-        address = f"{args.host}:{args.port}"
-        server.add_insecure_port(address)
-        server.start()
-    log.info("event=serving rank=%d world_size=%d address=%s device=%s", args.rank, args.world_size, address, device)
+    try:
+        address = listen.bind(server)
+    except ListenError as e:
+        log.error("event=bad_listen error=%r", str(e))
+        return 2
+    log.info(
+        "event=serving rank=%d world_size=%d moe_parallel=%s address=%s %s device=%s",
+        args.rank,
+        args.world_size,
+        args.moe_parallel,
+        address,
+        listen.describe(),
+        device,
+    )
     server.wait_for_termination()
     return 0

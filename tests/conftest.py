@@ -40,6 +40,45 @@ def demo_dir(tmp_path_factory) -> Path:
     return write_demo_checkpoint(tmp_path_factory.mktemp("demo") / "mixtral-demo")
 
 
+@pytest.fixture(scope="session")
+def demo_tokenizer(tmp_path_factory):
+    """The demo checkpoint's tokenizer files (a Mixtral-Instruct chat template), loaded as the router loads them."""
+    from transformers import AutoTokenizer
+
+    from shards.demo.checkpoint import DemoConfig
+    from shards.demo.tokenizer import write_tokenizer_files
+
+    out_dir = tmp_path_factory.mktemp("demo-tokenizer")
+    config = DemoConfig()
+    write_tokenizer_files(out_dir, config.vocab_size, config.max_position_embeddings)
+    return AutoTokenizer.from_pretrained(out_dir)
+
+
+def start_shards(model_dir: Path, socket_dir: Path, world_size: int) -> tuple[list[subprocess.Popen], list]:
+    """`world_size` real `mixserve shard` processes on unix sockets in `socket_dir`, one group, with a
+    connected gRPC stub for each (ready to answer); kill the processes when done."""
+    import grpc
+
+    from mixserve_pb import shard_pb2_grpc
+
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [PYTHON, "-m", "mixserve.cli", "shard", "--model", str(model_dir), "--uds", str(socket_dir / f"s{r}")],
+            env=subprocess_env(RANK=str(r), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for r in range(world_size)
+    ]
+    stubs = []
+    for r in range(world_size):
+        channel = grpc.insecure_channel(f"unix:{socket_dir / f's{r}'}")
+        grpc.channel_ready_future(channel).result(timeout=120)
+        stubs.append(shard_pb2_grpc.ShardServiceStub(channel))
+    return procs, stubs
+
+
 class LaunchedServer:
     """A real `mixserve launch` child process; its log goes to a file the tests can read."""
 

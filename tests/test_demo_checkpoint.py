@@ -131,7 +131,7 @@ def test_config_reads_back_through_transformers(tiny_dir):
     config = AutoConfig.from_pretrained(tiny_dir)
     assert config.model_type == "mixtral" and config.architectures == ["MixtralForCausalLM"]
     for field in dataclasses.fields(DemoConfig):
-        if field.name not in ("seed", "num_weight_files"):
+        if field.name not in ("seed", "num_weight_files", "train_steps"):
             assert getattr(config, field.name) == getattr(TINY, field.name), field.name
     assert config.rope_parameters["rope_theta"] == 1e6
     assert config.head_dim == TINY.head_dim
@@ -315,3 +315,20 @@ def test_cli_writes_a_checkpoint(tmp_path, tiny_dir):
     assert main(["demo-model", str(tmp_path / "cli"), *args]) == 0
     for path in tiny_dir.iterdir():
         assert (tmp_path / "cli" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_a_trained_checkpoint_keeps_the_layout_and_learns(tmp_path, tiny_dir):
+    """`--train-steps`: the same files, names and shapes, trained weights, the same bytes when rerun."""
+    trained = dataclasses.replace(TINY, train_steps=4)
+    first = write_demo_checkpoint(tmp_path / "a", trained)
+    second = write_demo_checkpoint(tmp_path / "b", trained)
+    random_tensors, _ = read_tensors(tiny_dir)
+    first_tensors, _ = read_tensors(first)
+    second_tensors, _ = read_tensors(second)
+    assert {n: t.shape for n, t in first_tensors.items()} == {n: t.shape for n, t in random_tensors.items()}
+    assert sorted(p.name for p in first.glob("*.safetensors")) == sorted(p.name for p in tiny_dir.glob("*.safetensors"))
+    assert all(torch.equal(first_tensors[n], second_tensors[n]) for n in first_tensors)
+    changed = [n for n in first_tensors if not torch.equal(first_tensors[n], random_tensors[n])]
+    assert "lm_head.weight" in changed and any(".experts." in n for n in changed)
+    with pytest.raises(ValueError, match="train_steps"):
+        DemoConfig(train_steps=-1)

@@ -74,20 +74,6 @@ BYTE_LEVEL = byte_level_tokenizer()
 BYTE_ID = {b: LLAMA.convert_tokens_to_ids(f"<0x{b:02X}>") for b in range(256)}
 
 
-@pytest.fixture(scope="module")
-def demo_tokenizer(tmp_path_factory):
-    """The demo checkpoint's tokenizer files, loaded as the router loads a checkpoint's tokenizer."""
-    from transformers import AutoTokenizer
-
-    from shards.demo.checkpoint import DemoConfig
-    from shards.demo.tokenizer import write_tokenizer_files
-
-    out_dir = tmp_path_factory.mktemp("demo-tokenizer")
-    config = DemoConfig()
-    write_tokenizer_files(out_dir, config.vocab_size, config.max_position_embeddings)
-    return AutoTokenizer.from_pretrained(out_dir)
-
-
 @pytest.fixture(scope="module", params=["llama", "byte_level", "demo"])
 def tokenizer(request):
     if request.param == "demo":

@@ -26,9 +26,9 @@ SMALL = ("--max-batch-prefill-tokens", "64", "--max-batch-size", "8", "--max-kv-
 
 @pytest.fixture(scope="module")
 def doomed(demo_dir, tmp_path_factory):
-    """A throwaway server whose shard a test kills; it starts now, so it boots beside `server`."""
+    """A throwaway server whose shard a test kills for good; it starts now, so it boots beside `server`."""
     grpc_port = free_port()
-    args = ["--model", str(demo_dir), "--num-shard", "2", "--grpc-port", str(grpc_port), *SMALL]
+    args = ["--model", str(demo_dir), "--num-shard", "2", "--grpc-port", str(grpc_port), "--max-restarts", "0", *SMALL]
     server = LaunchedServer(args, tmp_path_factory.mktemp("doomed") / "server.log", free_port())
     server.grpc_address = f"127.0.0.1:{grpc_port}"
     yield server

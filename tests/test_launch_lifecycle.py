@@ -86,12 +86,15 @@ async def test_sigterm_lets_the_stream_finish(demo_dir, tmp_path):
         assert response.status == 200 and (first + rest)
         assert await asyncio.to_thread(server.process.wait, 60) == 0
         assert "generated=40" in server.log()
+        # Each shard's output pipe is also held by its multiprocessing resource tracker, so it ends a
+        # moment after the shard; a pipe still open at exit was closed on a closed loop.
+        assert "Event loop is closed" not in server.log()
     finally:
         server.stop()
 
 
-async def test_a_dead_shard_fails_requests_and_health(demo_dir, tmp_path):
-    server = start_server(demo_dir, tmp_path, "--num-shard", "4")
+async def test_with_no_restarts_a_dead_shard_fails_requests_and_health_and_exits(demo_dir, tmp_path):
+    server = start_server(demo_dir, tmp_path, "--num-shard", "4", "--max-restarts", "0")
     try:
         pids = [
             int(line.split("pid=")[1].split()[0]) for line in server.log().splitlines() if "event=shard_started" in line
@@ -109,7 +112,11 @@ async def test_a_dead_shard_fails_requests_and_health(demo_dir, tmp_path):
                 with pytest.raises(aiohttp.ClientPayloadError):
                     await asyncio.wait_for(s.read(), 10)
             status, body = await get(server.url, "/health")
-            assert status == 503 and "shard 2" in body["error"]
+            assert status == 503 and "shard 2" in body["error"] and body["status"] == "unavailable"
         assert await asyncio.to_thread(server.process.wait, 60) != 0
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        assert "event=shard_group_failed restarts=0 max_restarts=0" in server.log()
     finally:
         server.stop()

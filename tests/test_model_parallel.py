@@ -1,4 +1,5 @@
-"""The sharded model against transformers' MixtralForCausalLM, in real processes over gloo."""
+"""The sharded model against transformers' MixtralForCausalLM, in real processes over gloo, with
+tensor-parallel experts (the default) and with expert parallelism (`-ep` groups)."""
 
 import json
 import subprocess
@@ -16,7 +17,15 @@ PROMPTS = [[1, 523, 77, 1200, 9, 4000, 31], [1, 88, 2900], [1, 5, 6, 7, 8, 9, 10
 DECODE_STEPS = 16
 
 
-def run_group(model_dir, world_size: int, out, collectives: str = "auto", prompts=PROMPTS, steps=DECODE_STEPS):
+def run_group(
+    model_dir,
+    world_size: int,
+    out,
+    collectives: str = "auto",
+    prompts=PROMPTS,
+    steps=DECODE_STEPS,
+    moe_parallel: str = "tp",
+):
     """Start `world_size` tp_worker processes with torchrun's variables; return each rank's record."""
     port = str(free_port())
     procs = [
@@ -28,6 +37,7 @@ def run_group(model_dir, world_size: int, out, collectives: str = "auto", prompt
                 MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=port,
                 TP_COLLECTIVES=collectives,
+                TP_MOE_PARALLEL=moe_parallel,
             ),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -51,12 +61,15 @@ def groups(demo_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("tp")
     runs = {n: run_group(demo_dir, n, out / f"ws{n}") for n in (1, 2, 4)}
     runs["4-gloo"] = run_group(demo_dir, 4, out / "ws4-gloo", collectives="torch")
+    for n in (2, 4):
+        runs[f"{n}-ep"] = run_group(demo_dir, n, out / f"ws{n}-ep", moe_parallel="ep")
     return runs
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4, "4-gloo"])
+@pytest.mark.parametrize("world_size", [1, 2, 4, "4-gloo", "2-ep", "4-ep"])
 def test_logits_match_transformers_prefill_and_decode(groups, reference, world_size):
-    """World size 4 runs twice: shared-memory collectives (the default on one host) and gloo."""
+    """World size 4 runs twice: shared-memory collectives (the default on one host) and gloo; 2-ep and
+    4-ep hold whole experts per rank (expert parallelism)."""
     ranks = groups[world_size]
     seqs = ranks[0]["seqs"]
     assert all(r["seqs"] == seqs for r in ranks), "ranks disagree on the greedy tokens"
@@ -69,21 +82,33 @@ def test_logits_match_transformers_prefill_and_decode(groups, reference, world_s
             assert seqs[i][len(prompt) :] == expected.argmax(-1).tolist(), "greedy tokens differ"
 
 
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_expert_parallel_logits_equal_tensor_parallel(groups, world_size):
+    tp, ep = groups[world_size][0], groups[f"{world_size}-ep"][0]
+    assert ep["seqs"] == tp["seqs"]
+    torch.testing.assert_close(ep["logits"], tp["logits"], atol=2e-5, rtol=1e-4)
+
+
 def test_each_rank_holds_only_its_slice(groups, demo_dir):
     config = ModelConfig.from_pretrained(demo_dir)
+    experts, inter, hidden = config.num_local_experts, config.intermediate_size, config.hidden_size
     full = groups[1][0]["shapes"]
-    for world_size in (2, 4):
-        for rank, record in enumerate(groups[world_size]):
+    for run in (2, 4, "2-ep", "4-ep"):
+        world_size = int(str(run)[0])
+        for rank, record in enumerate(groups[run]):
             shapes = record["shapes"]
             w13 = shapes["layers.0.block_sparse_moe.w13"][0]
-            assert w13 == [config.num_local_experts, 2 * config.intermediate_size // world_size, config.hidden_size]
+            if str(run).endswith("-ep"):  # whole experts, E / n of them
+                assert w13 == [experts // world_size, 2 * inter, hidden]
+            else:  # a slice of every expert
+                assert w13 == [experts, 2 * inter // world_size, hidden]
             qkv = shapes["layers.0.self_attn.qkv_proj.weight"][0]
             heads = (config.num_attention_heads + 2 * config.num_key_value_heads) // world_size
             assert qkv == [heads * config.head_dim, config.hidden_size]
             assert shapes["lm_head.weight"][0] == [config.vocab_size // world_size, config.hidden_size]
             replicated = sum(b for name, (_, b) in full.items() if "norm" in name or name.endswith(".gate"))
             expected = (record_total(full) - replicated) // world_size + replicated
-            assert record["weight_bytes"] == expected, f"rank {rank} of {world_size} holds more than its slice"
+            assert record["weight_bytes"] == expected, f"rank {rank} of {run} holds more than its slice"
 
 
 def record_total(shapes: dict) -> int:

@@ -3,12 +3,14 @@
 World size 1 runs in this process; world sizes 2 and 4 run as real process groups, this file run as
 a script (`python tests/test_quantization.py MODEL_DIR OUT_FILE` with torchrun's variables set).
 
-The demo checkpoint has random weights, so its next-token distribution is nearly flat (the top-1
-token leads the second by about a quarter of the logits' spread): any perturbation of the hidden
-state flips many top-1 tokens, and the agreement a quantized model reaches here sits far below
-what it reaches on a trained model. The closeness limits below are the measured values with a
-margin (see benchmarks/results/quantization.md). Exactness is tested against an fp32 model holding
-the quantized model's own dequantized weights, which the 4-bit model must match to rounding.
+Closeness is measured on the demo architecture briefly trained on the shipped corpus
+(`mixserve demo-model --train-steps 300`: two to four minutes, cached like the demo), over lines
+of that corpus. Random weights give nearly flat logits whose top two tokens swap under any
+perturbation (the random demo's nf4 top-1 agreement is about 50 %, its int8 about 90 %); trained
+logits have a favourite, as a served model's do, though a model this small and briefly trained
+still favours a few frequent tokens (the test logs how many distinct ones). Exactness is tested
+against an fp32 model holding the quantized model's own dequantized weights, which the 4-bit
+model must match to rounding.
 """
 
 import logging
@@ -16,14 +18,18 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import aiohttp
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import PreTrainedTokenizerFast
 
 from conftest import PYTHON, REPO, free_port, subprocess_env
 from shards.config import ParallelConfig
+from shards.demo.checkpoint import DemoConfig, ensure_demo_checkpoint
+from shards.demo.tokenizer import corpus_lines
 from shards.distributed import TensorParallelGroup, close_process_group, init_process_group, tensor_parallel_group
 from shards.layers.moe import route
 from shards.loader import load_model, weight_bytes
@@ -37,15 +43,15 @@ from shards.runner import ModelRunner, SequenceStep
 log = logging.getLogger(__name__)
 
 # mode: (most weight bytes per shard as a share of fp32's, most mean relative logit error, least
-# top-1 agreement with fp32). Measured on the demo at 1 / 2 / 4 shards: int8 43.2-43.5 % of the
-# bytes, error 0.027-0.031, agreement 93-95 %; nf4 33.8-34.3 %, 0.256, 51-52 %; fp4 33.8-34.3 %,
-# 0.323, 42 %. The issue asks for 95 % (int8) and 80 % (nf4) agreement, which this random model
-# cannot show (see above); the bytes limits are the issue's.
+# top-1 agreement with fp32). The bytes and the agreement for int8 and nf4 are the issue's limits;
+# measured on the trained demo at 1, 2 and 4 shards: int8 error 0.001 / agreement 100 %, nf4
+# 0.007 / 99 %, fp4 0.010 / 99 % (96 rows, 16 distinct fp32 top-1 tokens).
 LIMITS = {
-    "bitsandbytes": (0.60, 0.05, 0.88),
-    "bitsandbytes-nf4": (0.35, 0.32, 0.40),
-    "bitsandbytes-fp4": (0.35, 0.40, 0.33),
+    "bitsandbytes": (0.60, 0.01, 0.95),
+    "bitsandbytes-nf4": (0.35, 0.03, 0.80),
+    "bitsandbytes-fp4": (0.35, 0.05, 0.85),
 }
+TRAIN_STEPS = 300
 FOUR_BIT = ["bitsandbytes-nf4", "bitsandbytes-fp4"]
 CPU = torch.device("cpu")
 BLOCK_SIZE = 4
@@ -54,21 +60,28 @@ DECODE_STEPS = 3
 BLOCKS_PER_SEQUENCE = 7  # 28 positions: the longest prompt plus the decode steps
 
 
-def prompt_set(vocab_size: int) -> tuple[list[list[int]], list[list[int]]]:
-    """The fixed prompts (3..24 tokens) and, per prompt, the tokens fed in the decode steps."""
-    generator = torch.Generator().manual_seed(7)
-    lengths = torch.randint(3, 25, (NUM_PROMPTS,), generator=generator).tolist()
-    prompts = [torch.randint(3, vocab_size, (n,), generator=generator).tolist() for n in lengths]
-    forced = torch.randint(3, vocab_size, (NUM_PROMPTS, DECODE_STEPS), generator=generator).tolist()
+def prompt_set(model_dir) -> tuple[list[list[int]], list[list[int]]]:
+    """The fixed prompts (3..24 tokens of lines of the shipped corpus, from its end) and, per prompt,
+    the tokens that follow them in the line, fed in the decode steps."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    lines = [line for line in reversed(corpus_lines()) if len(line) > 300][:NUM_PROMPTS]
+    prompts, forced = [], []
+    for i, line in enumerate(lines):
+        ids = tokenizer(line)["input_ids"]
+        n = 3 + i * 7 % 22
+        prompts.append(ids[:n])
+        forced.append(ids[n : n + DECODE_STEPS])
     return prompts, forced
 
 
-def prompt_logits(model: MixtralForCausalLM, parallel: ParallelConfig, group: TensorParallelGroup) -> torch.Tensor:
+def prompt_logits(
+    model: MixtralForCausalLM, parallel: ParallelConfig, group: TensorParallelGroup, model_dir
+) -> torch.Tensor:
     """Logits [DECODE_STEPS + 1, NUM_PROMPTS, V]: one batched prefill of every prompt, then batched
     decode steps fed fixed tokens (so every model sees the same contexts)."""
     runner = ModelRunner(model, parallel, group, CPU, torch.float32, BLOCK_SIZE)
     runner.allocate_cache(NUM_PROMPTS * BLOCKS_PER_SEQUENCE)
-    prompts, forced = prompt_set(model.config.vocab_size)
+    prompts, forced = prompt_set(model_dir)
     tables = [list(range(i * BLOCKS_PER_SEQUENCE, (i + 1) * BLOCKS_PER_SEQUENCE)) for i in range(NUM_PROMPTS)]
 
     def step(seq: int, tokens: list[int], start: int) -> SequenceStep:
@@ -97,7 +110,7 @@ def collect(model_dir, parallel: ParallelConfig, group: TensorParallelGroup) -> 
         model = load_model(model_dir, parallel, group, torch.float32, CPU, quantization)
         record["weight_bytes"][mode] = weight_bytes(model)
         if mode or parallel.world_size == 1:
-            record["logits"][mode] = prompt_logits(model, parallel, group)
+            record["logits"][mode] = prompt_logits(model, parallel, group, model_dir)
     return record
 
 
@@ -138,14 +151,20 @@ def main() -> None:
 
 
 @pytest.fixture(scope="module")
-def groups(demo_dir, tmp_path_factory) -> dict[int, list[dict]]:
+def trained_dir() -> Path:
+    """The demo architecture after TRAIN_STEPS steps on the shipped corpus (cached like the demo)."""
+    return ensure_demo_checkpoint(DemoConfig(train_steps=TRAIN_STEPS))
+
+
+@pytest.fixture(scope="module")
+def groups(trained_dir, tmp_path_factory) -> dict[int, list[dict]]:
     """Per world size, each rank's record; world size 1 in this process."""
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("quant")
     parallel = ParallelConfig()
-    records = {1: [collect(demo_dir, parallel, TensorParallelGroup(parallel))]}
+    records = {1: [collect(trained_dir, parallel, TensorParallelGroup(parallel))]}
     for world_size in (2, 4):
-        records[world_size] = run_group(demo_dir, world_size, out / f"ws{world_size}")
+        records[world_size] = run_group(trained_dir, world_size, out / f"ws{world_size}")
     return records
 
 
@@ -185,6 +204,17 @@ def test_quantized_linear_is_close_and_small(mode, cls, max_error, max_bytes_per
     if cls is Linear4bit:
         # On the CPU bitsandbytes runs 4-bit as dequantize + fp32 matmul: bit for bit the dequantized weight.
         torch.testing.assert_close(y, F.linear(x, layer.dequantize()), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mode", FOUR_BIT)
+def test_four_bit_weights_share_their_lookup_tables(mode):
+    first, second = (
+        quantize_linear(torch.randn(n, 64), QuantizationConfig(mode), torch.float32, CPU) for n in (32, 96)
+    )
+    assert first.quant_state.code is second.quant_state.code
+    assert first.quant_state.state2.code is second.quant_state.state2.code
+    held = {t.data_ptr() for t in first.tensors()}
+    assert first.quant_state.code.data_ptr() not in held, "a shared table is counted as the weight's own bytes"
 
 
 def test_llm_int8_keeps_outlier_columns_in_floating_point():
@@ -256,20 +286,24 @@ def test_logits_stay_close_to_fp32(groups, world_size, mode):
     reference = groups[1][0]["logits"][""]
     relative, agreement = closeness(groups[world_size][0]["logits"][mode], reference)
     _, max_relative, min_agreement = LIMITS[mode]
-    summary = f"{mode} at {world_size} shards: relative error {relative:.3f}, top-1 agreement {agreement:.1%}"
+    distinct = len(set(reference.argmax(dim=-1).flatten().tolist()))
+    summary = (
+        f"{mode} at {world_size} shards: relative error {relative:.3f}, top-1 agreement {agreement:.1%} "
+        f"over {reference.shape[0] * reference.shape[1]} rows ({distinct} distinct fp32 top-1 tokens)"
+    )
     log.info(summary)
     assert relative <= max_relative and agreement >= min_agreement, summary
 
 
 @pytest.mark.parametrize("mode", QUANTIZE_MODES)
-def test_model_computes_with_its_dequantized_weights(demo_dir, groups, mode):
+def test_model_computes_with_its_dequantized_weights(trained_dir, groups, mode):
     """The quantized model against an fp32 model holding its dequantized weights: equal for 4-bit (so
     every slice, merge and expert is where it belongs); for LLM.int8 only activation rounding is left."""
     parallel = ParallelConfig()
     group = TensorParallelGroup(parallel)
-    model = load_model(demo_dir, parallel, group, quantization=QuantizationConfig(mode))
+    model = load_model(trained_dir, parallel, group, quantization=QuantizationConfig(mode))
     assert all(p.dtype == torch.float32 for p in model.parameters()), "a quantized weight is still a parameter"
-    twin = load_model(demo_dir, parallel, group)
+    twin = load_model(trained_dir, parallel, group)
     with torch.no_grad():
         for layer, plain in zip(model.layers, twin.layers, strict=True):
             for name in ("qkv_proj", "o_proj"):
@@ -279,7 +313,7 @@ def test_model_computes_with_its_dequantized_weights(demo_dir, groups, mode):
                 plain.block_sparse_moe.w13[e].copy_(experts.w13[e].dequantize())
                 plain.block_sparse_moe.w2[e].copy_(experts.w2[e].dequantize())
     logits = groups[1][0]["logits"][mode]  # the same model, loaded by `collect`
-    expected = prompt_logits(twin, parallel, group)
+    expected = prompt_logits(twin, parallel, group, trained_dir)
     if mode in FOUR_BIT:
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
     else:
@@ -310,6 +344,8 @@ async def test_generation_through_the_router(launch, demo_dir, groups, mode):
             async with session.post(f"{server.url}/predict", json=body) as response:
                 assert response.status == 200, await response.text()
                 answer = await response.json()
+            async with session.get(f"{server.url}/info") as response:
+                info = await response.json()
     finally:
         server.stop()  # three quantized groups need not idle until the session ends
     assert answer["output"] and answer["generated_tokens"] >= 1
@@ -318,6 +354,8 @@ async def test_generation_through_the_router(launch, demo_dir, groups, mode):
     assert logged, server.log()[-2000:]
     assert logged.group(1) == mode
     assert int(logged.group(2)) == groups[2][0]["weight_bytes"][mode]
+    assert info["quantize"] == mode
+    assert info["weight_bytes_per_shard"] == groups[2][0]["weight_bytes"][mode]
 
 
 def test_unknown_mode_is_refused_before_anything_starts():

@@ -5,8 +5,8 @@ import subprocess
 import grpc
 import pytest
 
-from conftest import PYTHON, free_port, subprocess_env
-from mixserve_pb import shard_pb2, shard_pb2_grpc
+from conftest import PYTHON, start_shards, subprocess_env
+from mixserve_pb import shard_pb2
 
 WORLD_SIZE = 4
 BLOCK = 16
@@ -15,21 +15,7 @@ BLOCK = 16
 @pytest.fixture(scope="module")
 def shards(demo_dir, tmp_path_factory):
     sockets = tmp_path_factory.mktemp("uds")
-    port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            [PYTHON, "-m", "mixserve.cli", "shard", "--model", str(demo_dir), "--uds", str(sockets / f"s{r}")],
-            env=subprocess_env(RANK=str(r), WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for r in range(WORLD_SIZE)
-    ]
-    stubs = []
-    for r in range(WORLD_SIZE):
-        channel = grpc.insecure_channel(f"unix:{sockets / f's{r}'}")
-        grpc.channel_ready_future(channel).result(timeout=120)
-        stubs.append(shard_pb2_grpc.ShardServiceStub(channel))
+    procs, stubs = start_shards(demo_dir, sockets, WORLD_SIZE)
     yield stubs, sockets
     for p in procs:
         p.kill()

@@ -1,7 +1,8 @@
 """One rank of a real tensor-parallel group, for tests: prefill prompts, decode greedily, save logits.
 
 Run as `python tests/tp_worker.py MODEL_DIR OUT_FILE PROMPTS_JSON DECODE_STEPS` with RANK,
-WORLD_SIZE, MASTER_ADDR and MASTER_PORT set (as torchrun would). Rank 0 writes a torch file
+WORLD_SIZE, MASTER_ADDR and MASTER_PORT set (as torchrun would); TP_COLLECTIVES and TP_MOE_PARALLEL
+(tp or ep) pick the collectives and how the experts are split. Rank 0 writes a torch file
 with the logits of every step, the greedy tokens, and each rank writes its weight shapes/bytes.
 """
 
@@ -23,7 +24,9 @@ BLOCK_SIZE = 4
 def main() -> None:
     model_dir, out_file, prompts_json, decode_steps = sys.argv[1:5]
     torch.set_num_threads(1)
-    parallel = ParallelConfig(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+    parallel = ParallelConfig(
+        int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), os.environ.get("TP_MOE_PARALLEL", "tp")
+    )
     device = torch.device("cpu")
     init_process_group(parallel, device)
     group = tensor_parallel_group(parallel, device, os.environ.get("TP_COLLECTIVES", "auto"))

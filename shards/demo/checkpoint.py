@@ -1,5 +1,8 @@
 """The demo checkpoint: a deterministic random-weight Mixtral in the Hugging Face hub layout.
 
+With `train_steps`, the random weights are then trained briefly on the shipped corpus
+(shards.demo.train), so the logits look like a language model's.
+
 Files written (as a hub Mixtral repository has them):
     config.json, generation_config.json,
     model-0000k-of-0000N.safetensors (N >= 2) + model.safetensors.index.json,
@@ -59,13 +62,15 @@ class DemoConfig:
     max_position_embeddings: int = 4096
     seed: int = 0
     num_weight_files: int = 2
+    # Steps of next-token training on the shipped corpus (shards.demo.train); 0: random weights.
+    train_steps: int = 0
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"{field.name} must be an int, got {value!r}")
-            if value < 0 or (value == 0 and field.name != "seed"):
+            if value < 0 or (value == 0 and field.name not in ("seed", "train_steps")):
                 raise ValueError(f"{field.name} must be positive, got {value}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
@@ -198,14 +203,30 @@ def _write_json(path: Path, content: dict) -> None:
 def write_demo_checkpoint(out_dir: Path, config: DemoConfig | None = None) -> Path:
     """Write the demo checkpoint for `config` into `out_dir` (created if needed) and return `out_dir`.
 
-    The bytes depend only on `config` (and the shipped corpus), never on the run.
+    The bytes depend only on `config` (and the shipped corpus), never on the run; a trained one's
+    also on the machine's float kernels.
     """
-    from safetensors.torch import save_file
-
     config = config or DemoConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = demo_state_dict(config)
+    if config.train_steps:
+        from shards.demo.train import train_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="mixserve-untrained-") as tmp:
+            _write_checkpoint(Path(tmp), config, tensors)
+            trained = train_checkpoint(Path(tmp), config.train_steps, config.seed)
+        if trained.keys() != tensors.keys():
+            raise RuntimeError(f"training changed the tensor names: {sorted(trained.keys() ^ tensors.keys())[:5]}")
+        tensors = {name: trained[name] for name in tensors}
+    _write_checkpoint(out_dir, config, tensors)
+    return out_dir
+
+
+def _write_checkpoint(out_dir: Path, config: DemoConfig, tensors: "dict[str, torch.Tensor]") -> None:
+    """The weights in hub layout (split files + index), config, generation config and tokenizer."""
+    from safetensors.torch import save_file
+
     files = split_into_files(tensors, config.num_weight_files)
     weight_map: dict[str, str] = {}
     for k, names in enumerate(files, start=1):
@@ -229,7 +250,6 @@ def write_demo_checkpoint(out_dir: Path, config: DemoConfig | None = None) -> Pa
         len(files),
         config.vocab_size,
     )
-    return out_dir
 
 
 def demo_checkpoint_dir(config: DemoConfig | None = None) -> Path:
@@ -286,6 +306,7 @@ FLAGS = {
     "max_position_embeddings": "--max-position-embeddings",
     "seed": "--seed",
     "num_weight_files": "--num-weight-files",
+    "train_steps": "--train-steps",
 }
 
 

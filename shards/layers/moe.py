@@ -1,8 +1,11 @@
-"""Mixtral's sparse mixture-of-experts block with tensor-parallel experts.
+"""Mixtral's sparse mixture-of-experts block with tensor- or expert-parallel experts.
 
-Every rank holds every expert, split on the intermediate dimension: w1 and w3 merged as
-w13 [E, 2 I_l, H] and w2 as [E, H, I_l]; the router gate is replicated. Each rank computes its
-partial expert outputs and one all-reduce closes the block.
+Tensor-parallel (`moe_parallel` tp, the default): every rank holds every expert, split on the
+intermediate dimension: w1 and w3 merged as w13 [E_l, 2 I_l, H] and w2 as [E_l, H, I_l] with
+E_l = E and I_l = I / n. Expert-parallel (ep): each rank holds E_l = E / n whole experts
+(I_l = I), experts [rank E_l, (rank + 1) E_l). Either way the router gate is replicated, every rank
+routes every token, computes its partial output (its slice of every expert, or its experts' whole
+output on the tokens routed to them, zero elsewhere) and one all-reduce closes the block.
 
 Two compute paths give the same result:
 - grouped: sort (token, expert) pairs by expert and run one matmul pair per expert that has
@@ -10,9 +13,11 @@ Two compute paths give the same result:
 - gather: index the chosen experts' weights per token and use batched matmuls; no Python loop
   over experts (a handful of tokens).
 With `quantization` set before load, every expert's slice is held quantized (`quantized`, run by
-the grouped path) instead of in w13/w2.
+the grouped path) instead of in w13/w2. Under expert parallelism the grouped path runs (it skips
+the pairs routed to experts held elsewhere; gather-by-index would need every expert's weights).
 
-Legend: T tokens, H hidden size, E experts, K experts per token, I_l intermediate size per rank.
+Legend: T tokens, H hidden size, E experts, K experts per token, n world size, E_l experts held by
+this rank, I_l intermediate size per rank, P (token, expert) pairs routed to the experts held.
 """
 
 import torch
@@ -38,19 +43,30 @@ def route(hidden: torch.Tensor, gate: torch.Tensor, top_k: int) -> tuple[torch.T
     return weights / weights.sum(dim=-1, keepdim=True), experts
 
 
+def held_expert_ids(experts: torch.Tensor, first: int, count: int) -> torch.Tensor:
+    """Expert parallelism: global expert ids [T, K] -> ids among the `count` experts this rank holds
+    (from `first` on); experts held elsewhere become `count`, which the grouped paths skip."""
+    local = experts - first
+    return torch.where((local >= 0) & (local < count), local, count)
+
+
 def experts_grouped(
     hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
 ) -> torch.Tensor:
-    """Sort-by-expert path: one pair of matmuls per expert that received tokens."""
-    top_k = experts.shape[1]
+    """Sort-by-expert path: one pair of matmuls per expert that received tokens.
+
+    Expert ids >= E_l (held by another rank, see `held_expert_ids`) are skipped.
+    """
+    top_k, held = experts.shape[1], w13.shape[0]
     flat = experts.flatten()  # [T K]
     order = flat.argsort(stable=True)  # [T K], grouped by expert, token order kept within one
+    counts = torch.bincount(flat, minlength=held).tolist()
+    order = order[: sum(counts[:held])]  # [P]: pairs routed elsewhere sort last and are dropped
     token_of = order // top_k
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
-    routed = hidden[token_of]  # [T K, H]
+    routed = hidden[token_of]  # [P, H]
     out = torch.empty_like(routed)
     start = 0
-    for expert, count in enumerate(counts):
+    for expert, count in enumerate(counts[:held]):
         if count == 0:
             continue
         end = start + count
@@ -58,7 +74,7 @@ def experts_grouped(
         gate, up = gate_up.chunk(2, dim=-1)
         out[start:end] = F.linear(F.silu(gate) * up, w2[expert])  # [c, H]
         start = end
-    scaled = out * weights.flatten()[order].unsqueeze(-1).to(out.dtype)  # [T K, H]
+    scaled = out * weights.flatten()[order].unsqueeze(-1).to(out.dtype)  # [P, H]
     return torch.zeros_like(hidden).index_add_(0, token_of, scaled)
 
 
@@ -73,7 +89,7 @@ def experts_gathered(
 
 
 class SparseMoE(nn.Module):
-    """Gate + tensor-parallel experts + the closing all-reduce."""
+    """Gate + tensor- or expert-parallel experts + the closing all-reduce."""
 
     def __init__(
         self,
@@ -88,33 +104,44 @@ class SparseMoE(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.gather_max_tokens = gather_max_tokens
         experts, hidden = config.num_local_experts, config.hidden_size
-        inter = config.intermediate_size // parallel.world_size
+        if parallel.expert_parallel:
+            held, inter = experts // parallel.world_size, config.intermediate_size
+        else:
+            held, inter = experts, config.intermediate_size // parallel.world_size
+        self.held_experts = held
+        self.first_expert = parallel.rank * held if parallel.expert_parallel else 0
         self.gate = nn.Parameter(torch.empty(experts, hidden), requires_grad=False)  # [E, H]
-        self.w13 = nn.Parameter(torch.empty(experts, 2 * inter, hidden), requires_grad=False)  # [E, 2 I_l, H]
-        self.w2 = nn.Parameter(torch.empty(experts, hidden, inter), requires_grad=False)  # [E, H, I_l]
+        self.w13 = nn.Parameter(torch.empty(held, 2 * inter, hidden), requires_grad=False)  # [E_l, 2 I_l, H]
+        self.w2 = nn.Parameter(torch.empty(held, hidden, inter), requires_grad=False)  # [E_l, H, I_l]
         self.quantization: QuantizationConfig | None = None
         self.quantized: QuantizedExperts | None = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weights, experts = route(hidden, self.gate, self.top_k)
+        if self.parallel.expert_parallel:
+            experts = held_expert_ids(experts, self.first_expert, self.held_experts)
         if self.quantized is not None:
             return self.group.all_reduce(self.quantized(hidden, weights, experts))
-        compute = experts_gathered if hidden.shape[0] <= self.gather_max_tokens else experts_grouped
+        # Gather-by-index indexes this rank's weights with every chosen id, so it cannot skip experts held elsewhere.
+        gather = not self.parallel.expert_parallel and hidden.shape[0] <= self.gather_max_tokens
+        compute = experts_gathered if gather else experts_grouped
         return self.group.all_reduce(compute(hidden, self.w13, self.w2, weights, experts))
 
     def load(self, reader: CheckpointReader, prefix: str) -> None:
-        """Read `<prefix>.gate.weight` and this rank's slice of every `<prefix>.experts.{e}.w1/w2/w3`."""
+        """Read `<prefix>.gate.weight` and this rank's part of `<prefix>.experts.{e}.w1/w2/w3`: its slice of
+        every expert (tp), or only its own experts, whole (ep)."""
         self.gate = materialize(reader.read(f"{prefix}.gate.weight"), self.gate, reader.device)
-        num_experts, two_inter, hidden = self.w13.shape
-        inter = two_inter // 2
-        start, end = self.parallel.rank * inter, (self.parallel.rank + 1) * inter
+        _, two_inter, hidden = self.w13.shape
+        held, inter = self.held_experts, two_inter // 2
+        start = 0 if self.parallel.expert_parallel else self.parallel.rank * inter
+        end = start + inter
         if self.quantization is not None:
             self._load_quantized(reader, prefix, start, end)
             return
-        w13 = torch.empty(num_experts, two_inter, hidden, dtype=self.w13.dtype, device=reader.device)
-        w2 = torch.empty(num_experts, hidden, inter, dtype=self.w2.dtype, device=reader.device)
-        for e in range(num_experts):
-            name = f"{prefix}.experts.{e}"
+        w13 = torch.empty(held, two_inter, hidden, dtype=self.w13.dtype, device=reader.device)
+        w2 = torch.empty(held, hidden, inter, dtype=self.w2.dtype, device=reader.device)
+        for e in range(held):
+            name = f"{prefix}.experts.{self.first_expert + e}"
             w13[e, :inter] = reader.read(f"{name}.w1.weight", dim=0, start=start, end=end)
             w13[e, inter:] = reader.read(f"{name}.w3.weight", dim=0, start=start, end=end)
             w2[e] = reader.read(f"{name}.w2.weight", dim=1, start=start, end=end)
@@ -125,8 +152,8 @@ class SparseMoE(nn.Module):
         """Quantize expert by expert, so at most one expert's slice is ever held in full precision."""
         dtype, device = self.w13.dtype, reader.device
         w13, w2 = [], []
-        for e in range(self.w13.shape[0]):
-            name = f"{prefix}.experts.{e}"
+        for e in range(self.held_experts):
+            name = f"{prefix}.experts.{self.first_expert + e}"
             gate_up = torch.cat(
                 [
                     reader.read(f"{name}.w1.weight", dim=0, start=start, end=end),

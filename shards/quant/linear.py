@@ -81,6 +81,17 @@ class Linear8bitLt(QuantizedLinear):
         return load_bitsandbytes().functional.int8_vectorwise_dequant(self.cb, self.scb)  # [N, K] fp32
 
 
+_SHARED_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def shared_table(table: torch.Tensor) -> torch.Tensor:
+    """One copy per device of each lookup table bitsandbytes gives every 4-bit weight (the 16 nf4 or
+    fp4 code values; the 256-entry dynamic map of double-quantized scales: 1 KiB per weight, more
+    than a small expert slice's scales). Weight bytes count them never, as they are the same for all."""
+    key = (table.device, table.dtype, tuple(table.tolist()))
+    return _SHARED_TABLES.setdefault(key, table)
+
+
 class Linear4bit(QuantizedLinear):
     """4-bit nf4 or fp4 codes, two per byte, with one scale per block of weights."""
 
@@ -94,15 +105,20 @@ class Linear4bit(QuantizedLinear):
             compress_statistics=config.compress_statistics,
             quant_type=config.quant_type,
         )  # [N K / 2, 1] uint8; the state remembers W's shape and dtype
+        state = self.quant_state
+        state.code = shared_table(state.code)
+        if state.nested:
+            state.state2.code = shared_table(state.state2.code)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x, self.packed.t(), self.quant_state)  # [T, N]
 
     def tensors(self) -> list[torch.Tensor]:
+        # The lookup tables (state.code, state2.code) are shared by every weight: see shared_table.
         state = self.quant_state
-        held = [self.packed, state.absmax, state.code]
+        held = [self.packed, state.absmax]
         if state.nested:
-            held += [state.offset, state.state2.absmax, state.state2.code]
+            held += [state.offset, state.state2.absmax]
         return held
 
     def dequantize(self) -> torch.Tensor:

@@ -1,0 +1,91 @@
+"""Multi-step decode through a real `mixserve launch` (2 shards): same outputs as one step per call,
+and arrivals and cancellations still taken within a step or so of a long run."""
+
+import asyncio
+import json
+import re
+import time
+
+import aiohttp
+import pytest
+
+RUN = 64  # --max-decode-steps of the multi-step server: far longer than any interrupt should take
+
+
+@pytest.fixture(scope="module")
+def servers(launch, demo_dir):
+    common = ("--model", str(demo_dir), "--num-shard", "2", "--log-level", "debug")
+    return launch(*common, "--max-decode-steps", str(RUN)), launch(*common, "--max-decode-steps", "1")
+
+
+async def complete(session: aiohttp.ClientSession, url: str, body: dict, delay: float = 0.0) -> dict:
+    await asyncio.sleep(delay)
+    async with session.post(f"{url}/v1/completions", json=body) as response:
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+
+async def mixed_load(url: str) -> list[tuple[str, str]]:
+    """Staggered requests of different lengths, greedy and seeded sampling: arrivals end runs early."""
+    bodies = [
+        {"prompt": f"Story {i}: the river", "max_tokens": 6 + 9 * i, "ignore_eos": True}
+        | ({"temperature": 0} if i % 2 else {"temperature": 0.8, "top_p": 0.9, "seed": 100 + i})
+        for i in range(6)
+    ]
+    async with aiohttp.ClientSession() as session:
+        answers = await asyncio.gather(*(complete(session, url, b, delay=0.03 * i) for i, b in enumerate(bodies)))
+    return [(a["choices"][0]["text"], a["choices"][0]["finish_reason"]) for a in answers]
+
+
+async def test_multi_step_serves_what_single_steps_serve(servers):
+    multi, single = servers
+    assert await mixed_load(multi.url) == await mixed_load(single.url)
+    runs = [int(n) for n in re.findall(r"event=decode_run run=\d+ steps=(\d+)", multi.log())]
+    assert runs and max(runs) > 1, "the multi-step server never ran a multi-step run"
+    assert "event=decode_run" not in single.log()
+
+
+async def stream_tokens(session: aiohttp.ClientSession, url: str, body: dict, seen: list[float]) -> str:
+    """Stream a completion, appending the arrival time of each chunk to `seen`; the text."""
+    text = []
+    async with session.post(f"{url}/v1/completions", json={**body, "stream": True}) as response:
+        assert response.status == 200, await response.text()
+        async for line in response.content:
+            if line.startswith(b"data: {"):
+                seen.append(time.perf_counter())
+                text.append(json.loads(line[6:])["choices"][0]["text"])
+    return "".join(text)
+
+
+async def test_an_arrival_and_a_cancellation_end_a_long_run(servers):
+    multi, single = servers
+    long_body = {"prompt": "A long tale of the sea", "max_tokens": 400, "ignore_eos": True, "temperature": 0}
+    async with aiohttp.ClientSession() as session:
+        long_seen: list[float] = []
+        long_task = asyncio.create_task(stream_tokens(session, multi.url, long_body, long_seen))
+        while len(long_seen) < 20:
+            await asyncio.sleep(0.005)
+        # An arrival mid-run: it must not wait for the run's remaining steps.
+        sent = time.perf_counter()
+        short_seen: list[float] = []
+        await stream_tokens(session, multi.url, {"prompt": "Hello", "max_tokens": 3}, short_seen)
+        waited = sum(sent < t < short_seen[0] for t in long_seen)
+        assert waited < RUN // 4, f"the long request made {waited} tokens before the arrival's first"
+
+        # A cancellation mid-run: the client goes away after a few tokens.
+        cancelled_seen: list[float] = []
+        cancelled = asyncio.create_task(
+            stream_tokens(session, multi.url, {"prompt": "Bye", "max_tokens": 300, "ignore_eos": True}, cancelled_seen)
+        )
+        while len(cancelled_seen) < 5:
+            await asyncio.sleep(0.005)
+        cancelled.cancel()
+        long_text = await long_task
+    reference = (await mixed_single(single.url, long_body))["choices"][0]["text"]
+    assert long_text == reference, "arrivals and cancellations changed another request's greedy output"
+    assert re.search(r"event=cancelled id=\S+ generated=\d+", multi.log())
+
+
+async def mixed_single(url: str, body: dict) -> dict:
+    async with aiohttp.ClientSession() as session:
+        return await complete(session, url, body)

@@ -1,0 +1,187 @@
+"""Multi-step decode on the shards: the same tokens as one step per call, and interrupts agreed by every rank."""
+
+import threading
+
+import pytest
+import torch
+
+from conftest import start_shards
+from mixserve_pb import shard_pb2
+from shards.config import ParallelConfig
+from shards.distributed import TensorParallelGroup
+from shards.loader import load_model
+from shards.multi_step import decode_steps
+from shards.runner import InvalidStep, ModelRunner, SequenceStep
+from shards.sampling import SamplingParams
+
+BLOCK = 16
+BLOCKS_PER_SEQ = 8
+PROMPTS = [[1, 523, 77, 1200, 9], [1, 88, 2900, 15, 16, 17, 18, 19, 20], [1, 4000]]
+SAMPLING = [
+    SamplingParams(temperature=0.0),
+    SamplingParams(temperature=0.9, top_k=50, top_p=0.9, seed=11, repetition_penalty=1.3),
+    SamplingParams(temperature=1.2, seed=5, frequency_penalty=0.5, presence_penalty=0.4, top_n_tokens=3),
+]
+
+
+def table(seq: int) -> list[int]:
+    return list(range(seq * BLOCKS_PER_SEQ, (seq + 1) * BLOCKS_PER_SEQ))
+
+
+def slot(seq: int, position: int) -> int:
+    return table(seq)[position // BLOCK] * BLOCK + position % BLOCK
+
+
+def prefill_steps() -> list[SequenceStep]:
+    return [
+        SequenceStep(i, p, 0, [slot(i, q) for q in range(len(p))], table(i), True, SAMPLING[i])
+        for i, p in enumerate(PROMPTS)
+    ]
+
+
+def decode_step(seq: int, token: int, position: int) -> SequenceStep:
+    return SequenceStep(seq, [token], position, [slot(seq, position)], table(seq), True, None)
+
+
+@pytest.fixture(scope="module")
+def runner(demo_dir):
+    torch.set_num_threads(1)
+    parallel = ParallelConfig()
+    group = TensorParallelGroup(parallel)
+    model = load_model(demo_dir, parallel, group, torch.float32, torch.device("cpu"))
+    runner = ModelRunner(model, parallel, group, torch.device("cpu"), torch.float32, BLOCK)
+    runner.allocate_cache(len(PROMPTS) * BLOCKS_PER_SEQ)
+    return runner
+
+
+def first_decode(runner: ModelRunner) -> list[SequenceStep]:
+    runner.clear()
+    results = runner.step(prefill_steps())
+    return [decode_step(r.seq_id, r.token_id, len(PROMPTS[r.seq_id])) for r in results]
+
+
+def test_multi_step_gives_the_tokens_of_single_steps(runner):
+    """Greedy, seeded sampling with penalties and top-n logprobs alike: one call of 20 steps or 20 calls."""
+    steps = first_decode(runner)
+    single = []
+    for _ in range(20):
+        results = runner.step(steps)
+        single.append([(r.seq_id, r.token_id, r.logprob, r.top_tokens) for r in results])
+        steps = [decode_step(r.seq_id, r.token_id, s.start_position + 1) for s, r in zip(steps, results, strict=True)]
+
+    multi = [
+        [(r.seq_id, r.token_id, r.logprob, r.top_tokens) for r in results]
+        for results in decode_steps(runner, first_decode(runner), 20, lambda: False)
+    ]
+    assert multi == single
+    assert len({tuple(t for _, t, _, _ in step) for step in multi}) > 1, "the tokens should change step to step"
+
+
+def test_a_run_stops_when_the_ranks_agree(runner):
+    answers = iter([False, False, True])
+    produced = list(decode_steps(runner, first_decode(runner), 10, lambda: next(answers)))
+    assert len(produced) == 3  # the first step runs unasked; then two "go on" and one "stop"
+
+
+def test_a_run_may_fill_its_block_table_to_the_last_slot(runner):
+    steps = first_decode(runner)
+    num_steps = 30
+    for i, s in enumerate(steps):
+        blocks = -(-(s.start_position + num_steps) // BLOCK)
+        steps[i] = SequenceStep(s.seq_id, s.token_ids, s.start_position, s.slot_mapping, s.block_table[:blocks])
+    assert len(list(decode_steps(runner, steps, num_steps, lambda: False))) == num_steps
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: SequenceStep(s.seq_id, [5, 6], s.start_position, [1, 2], s.block_table), "one sampled decode"),
+        (lambda s: SequenceStep(s.seq_id, s.token_ids, s.start_position, s.slot_mapping, s.block_table, False), "one"),
+        (lambda s: SequenceStep(s.seq_id, s.token_ids, s.start_position, s.slot_mapping, s.block_table[:1]), "cover"),
+    ],
+)
+def test_bad_runs_are_refused_before_any_step(runner, change, message):
+    steps = first_decode(runner)
+    steps[0] = change(steps[0])
+    with pytest.raises(InvalidStep, match=message):
+        next(decode_steps(runner, steps, 40, lambda: False))
+
+
+# -- two shard processes over gRPC ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shard_pair(demo_dir, tmp_path_factory):
+    procs, stubs = start_shards(demo_dir, tmp_path_factory.mktemp("uds"), 2)
+    everyone(stubs, "Warmup", shard_pb2.WarmupRequest(max_batch_tokens=32, max_batch_size=4, max_blocks=64))
+    yield stubs
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def proto_step(seq: int, tokens: list[int], start: int, sampling: SamplingParams | None) -> shard_pb2.SequenceStep:
+    step = shard_pb2.SequenceStep(
+        seq_id=seq,
+        token_ids=tokens,
+        start_position=start,
+        slot_mapping=[slot(seq, p) for p in range(start, start + len(tokens))],
+        block_table=table(seq),
+        sample=True,
+    )
+    if sampling is not None:
+        step.sampling.CopyFrom(shard_pb2.SamplingParams(temperature=sampling.temperature, seed=sampling.seed))
+    return step
+
+
+def everyone(stubs, method: str, request):
+    return [f.result() for f in [getattr(s, method).future(request, timeout=120) for s in stubs]]
+
+
+def start_run(stubs, run_id: int, num_steps: int) -> shard_pb2.StepRequest:
+    """Clear both ranks, prefill the prompts greedily, and return the DecodeSteps request that follows."""
+    everyone(stubs, "Clear", shard_pb2.ClearRequest())
+    prompts = [proto_step(i, p, 0, SAMPLING[0]) for i, p in enumerate(PROMPTS)]
+    first = everyone(stubs, "Step", shard_pb2.StepRequest(sequences=prompts))[0]
+    decodes = [proto_step(r.seq_id, [r.token_id], len(PROMPTS[r.seq_id]), None) for r in first.results]
+    request = shard_pb2.StepRequest(sequences=decodes, num_steps=num_steps, run_id=run_id)
+    return request
+
+
+def read_all(stubs, request, on_first=None) -> list[list[list[int]]]:
+    """Read the run on every rank at once (as the router must), in threads; tokens [rank][step][seq]."""
+    tokens: list[list[list[int]]] = [[] for _ in stubs]
+
+    def read(rank: int) -> None:
+        for response in stubs[rank].DecodeSteps(request, timeout=120):
+            tokens[rank].append([r.token_id for r in response.results])
+            if rank == 0 and len(tokens[0]) == 1 and on_first is not None:
+                on_first()
+
+    threads = [threading.Thread(target=read, args=(r,)) for r in range(len(stubs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return tokens
+
+
+def test_interrupting_one_rank_stops_both_at_the_same_step(shard_pair):
+    stubs = shard_pair
+    full = read_all(stubs, start_run(stubs, run_id=1, num_steps=60))
+    assert len(full[0]) == len(full[1]) == 60 and full[0] == full[1]
+
+    # Only rank 1 hears the interrupt; the ranks still agree on where to stop.
+    request = start_run(stubs, run_id=2, num_steps=60)
+    cut = read_all(stubs, request, on_first=lambda: stubs[1].Interrupt(shard_pb2.InterruptRequest(run_id=2)))
+    assert cut[0] == cut[1]
+    assert 1 <= len(cut[0]) < 60
+    assert cut[0] == full[0][: len(cut[0])], "an interrupted run still gives the same tokens"
+
+
+def test_an_interrupt_that_overtakes_its_run_still_stops_it(shard_pair):
+    stubs = shard_pair
+    request = start_run(stubs, run_id=5, num_steps=30)
+    everyone(stubs, "Interrupt", shard_pb2.InterruptRequest(run_id=5))
+    tokens = read_all(stubs, request)
+    assert len(tokens[0]) == len(tokens[1]) == 1

@@ -1,0 +1,155 @@
+"""Security defaults of a real `mixserve launch` (1 shard): the API key is compared in constant time and never
+logged, prompts and generated text stay out of the log unless --log-prompts, the router listens on loopback
+unless told otherwise, and the shards' unix sockets are owner-only (0600 in 0700 directories)."""
+
+import argparse
+import hmac
+import os
+import re
+import stat
+import tempfile
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from transformers import AutoTokenizer
+
+from router import launcher
+from router.engine import Engine, Limits
+from router.scheduler import SchedulerConfig
+from router.server import ServerConfig, api_key_matches, build_app
+from router.shard_client import ShardGroup
+
+API_KEY = "key-7Hq2-canary"
+PROMPT = "quokka lantern canary"
+CHAT = [{"role": "user", "content": "ferret harbor canary"}]
+
+
+@pytest.fixture(scope="module")
+def server(launch, demo_dir):
+    server = launch("--model", str(demo_dir), "--num-shard", "1", "--api-key", API_KEY)
+    yield server
+    server.stop()  # free the CPU for the modules after this one
+
+
+@pytest.fixture(scope="module")
+def logging_server(launch, demo_dir):
+    server = launch("--model", str(demo_dir), "--num-shard", "1", "--api-key", API_KEY, "--log-prompts")
+    yield server
+    server.stop()
+
+
+async def generate(url: str, authorization: str) -> list[tuple[int, str]]:
+    """The same prompts through /predict, the OpenAI chat route and TGI's /generate: (status, generated text)."""
+    calls = [
+        ("/predict", {"prompt": PROMPT, "max_tokens": 16, "stream": False}, lambda a: a["output"]),
+        ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 16}, lambda a: a["choices"][0]["message"]["content"]),
+        ("/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 16}}, lambda a: a["generated_text"]),
+    ]
+    answers = []
+    async with aiohttp.ClientSession(headers={"Authorization": authorization}) as session:
+        for path, body, text in calls:
+            async with session.post(f"{url}{path}", json=body) as response:
+                answer = await response.json()
+                answers.append((response.status, text(answer) if response.status == 200 else answer["error_type"]))
+    return answers
+
+
+async def test_api_key_is_required_and_never_logged(server):
+    wrong = [f"Bearer {API_KEY[:-1]}", f"Bearer {API_KEY}x", f"Basic {API_KEY}", "Bearer ", API_KEY]
+    for authorization in wrong:
+        assert {status for status, _ in await generate(server.url, authorization)} == {401}
+    for authorization in (f"Bearer {API_KEY}", f"Api-Key {API_KEY}"):
+        assert {status for status, _ in await generate(server.url, authorization)} == {200}
+    log = server.log()
+    assert "event=refused" in log and "status=401" in log
+    assert API_KEY not in log and API_KEY[:-1] not in log
+
+
+async def test_prompts_and_generated_text_are_not_logged_by_default(server):
+    answers = await generate(server.url, f"Bearer {API_KEY}")
+    assert [status for status, _ in answers] == [200, 200, 200]
+    log = server.log()
+    assert "event=finished" in log
+    for secret in ("quokka", "ferret", *(text.strip() for _, text in answers if len(text.strip()) >= 8)):
+        assert secret not in log
+
+
+async def test_log_prompts_logs_them_and_still_not_the_key(logging_server):
+    answers = await generate(logging_server.url, f"Bearer {API_KEY}")
+    assert [status for status, _ in answers] == [200, 200, 200]
+    log = logging_server.log()
+    prompts = re.findall(r"event=prompt id=\S+ text=(.*)", log)
+    assert any(PROMPT in line for line in prompts) and any("ferret harbor canary" in line for line in prompts)
+    assert len(re.findall(r"event=output id=\S+ finish=\w+ text=", log)) >= 3
+    assert API_KEY not in log
+
+
+def test_router_listens_on_loopback_by_default(server):
+    parser = argparse.ArgumentParser()
+    launcher.add_arguments(parser)
+    assert parser.parse_args([]).host == "127.0.0.1"
+    # The launched server was given no --host: its listening socket is bound to 127.0.0.1, not to every address.
+    listening = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for row in Path(table).read_text().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            address, port = local.rsplit(":", 1)
+            if state == "0A" and int(port, 16) == server.port:
+                listening.append(address)
+    if not listening:
+        pytest.skip("no /proc/net/tcp here to read listening sockets from")
+    assert listening == ["0100007F"]
+
+
+def test_shard_sockets_are_owner_only(server):
+    paths = [Path(p) for p in re.findall(r"event=shard_started .*address=unix:(\S+)", server.log())]
+    assert paths, "the launcher logged no unix socket address"
+    temp_root = Path(tempfile.gettempdir()).resolve()
+    for path in paths:
+        info = path.stat()
+        assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == os.getuid()
+        directory = path.resolve().parent
+        assert temp_root in directory.parents, f"{path} is not under the temp dir"
+        while directory != temp_root:
+            info = directory.stat()
+            assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid(), f"{directory} is not 0700"
+            directory = directory.parent
+
+
+def test_api_key_comparison_is_of_equal_length_digests(monkeypatch):
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def recording(a, b):
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", recording)
+    assert api_key_matches(f"Bearer {API_KEY}", API_KEY) and api_key_matches(f"api-key  {API_KEY} ", API_KEY)
+    for sent in ("Bearer x", f"Bearer {API_KEY * 40}", f"Bearer {API_KEY[:-1]}", f"Token {API_KEY}", "", "\udcff"):
+        assert not api_key_matches(sent, API_KEY)
+    # Every comparison went through hmac.compare_digest, on inputs whose length does not depend on what was sent.
+    assert len(compared) == 8 and {(len(a), len(b)) for a, b in compared} == {(32, 32)}
+
+
+@pytest.fixture
+async def app_client(demo_dir, tmp_path):
+    """The app as `mixserve launch` builds it, with an API key; these routes never reach the (absent) shards."""
+    group = ShardGroup([f"unix:{tmp_path}/no-shard.sock"])
+    tokenizer = AutoTokenizer.from_pretrained(demo_dir)
+    engine = Engine(group, tokenizer, SchedulerConfig(num_blocks=64, block_size=16), Limits(), (2,))
+    async with TestClient(TestServer(build_app(engine, ServerConfig(model_id="demo", api_key=API_KEY)))) as client:
+        yield client
+    await group.close()
+
+
+async def test_http_refuses_any_other_key(app_client):
+    for authorization in (f"Bearer {API_KEY}", f"Api-Key {API_KEY}"):
+        assert (await app_client.get("/info", headers={"Authorization": authorization})).status == 200
+    for authorization in ("Bearer", f"Bearer {API_KEY.upper()}", f"Bearer\t{API_KEY}", "Bearer \u00e9"):
+        response = await app_client.get("/info", headers={"Authorization": authorization})
+        assert response.status == 401 and (await response.json())["error_type"] == "authentication"

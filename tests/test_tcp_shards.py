@@ -1,0 +1,168 @@
+"""A shard group on TCP, as torchrun starts one, behind `mixserve launch --shard-addresses`.
+
+Two `mixserve shard --port P` processes get torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT) and no rank flags; each listens on P + LOCAL_RANK with TLS and a shard
+token, and their collectives go through gloo over loopback TCP (as between hosts). The router
+started with their addresses must serve the same greedy text as the launcher's own unix-socket
+group (here with expert parallelism, which must not change the text either), and a wrong token
+must be refused.
+"""
+
+import shutil
+import socket
+import subprocess
+
+import grpc
+import pytest
+import requests
+
+from conftest import PYTHON, free_port, subprocess_env
+from mixserve_pb import shard_pb2, shard_pb2_grpc
+
+TOKEN = "s3cret-shard-token"
+PROMPTS = ["The stone ", "Once upon a time", "[INST] Hi [/INST]"]
+
+
+def free_port_pair() -> int:
+    """A port P such that P and P + 1 are both free on loopback."""
+    for _ in range(100):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two adjacent free ports")
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1 and localhost, and its key."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    out = tmp_path_factory.mktemp("tls")
+    cert, key = out / "cert.pem", out / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def tcp_group(demo_dir, tls, tmp_path_factory):
+    """Two TCP shards, as torchrun would start them on one host; yields their addresses."""
+    cert, key = tls
+    port, master_port = free_port_pair(), str(free_port())
+    logs = tmp_path_factory.mktemp("tcp-shards")
+    cmd = [PYTHON, "-m", "mixserve.cli", "shard", "--model", str(demo_dir), "--port", str(port)]
+    cmd += ["--collectives", "torch", "--tls-cert", str(cert), "--tls-key", str(key)]
+    procs = []
+    for rank in range(2):
+        env = subprocess_env(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=master_port,
+            MIXSERVE_SHARD_TOKEN=TOKEN,
+        )
+        with open(logs / f"shard{rank}.log", "w") as log:
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+    yield [f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"], procs, logs
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def greedy_texts(url: str) -> list[str]:
+    texts = []
+    for prompt in PROMPTS:
+        body = {"prompt": prompt, "max_tokens": 16, "temperature": 0, "stream": False}
+        response = requests.post(f"{url}/predict", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        texts.append(response.json()["output"])
+    return texts
+
+
+def launch_once(demo_dir, *args: str) -> subprocess.CompletedProcess:
+    """`mixserve launch` expected to give up at start-up: its exit code and log."""
+    cmd = [PYTHON, "-m", "mixserve.cli", "launch", "--model", str(demo_dir), "--port", str(free_port())]
+    cmd += ["--shard-timeout", "120", *args]
+    return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+
+
+def secure_stub(address: str, cert) -> shard_pb2_grpc.ShardServiceStub:
+    channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=cert.read_bytes()))
+    grpc.channel_ready_future(channel).result(timeout=300)
+    return shard_pb2_grpc.ShardServiceStub(channel)
+
+
+def test_tcp_group_serves_the_same_text_as_unix_sockets(demo_dir, tcp_group, tls, launch):
+    addresses, _, logs = tcp_group
+    cert, _ = tls
+    remote = launch(
+        "--model", str(demo_dir), "--shard-addresses", ",".join(addresses), "--shard-token", TOKEN,
+        "--shard-ca", str(cert),
+    )  # fmt: skip
+    try:
+        over_tcp = greedy_texts(remote.url)
+        assert "num_shard=2" in remote.log() and "shard_started" not in remote.log(), "the launcher started shards"
+    finally:
+        remote.stop()
+    base = int(addresses[0].rsplit(":", 1)[1])
+    for rank in range(2):
+        log = (logs / f"shard{rank}.log").read_text()
+        assert f"event=serving rank={rank} world_size=2 moe_parallel=tp address=127.0.0.1:{base + rank}" in log
+        assert "tls=True token=True" in log and TOKEN not in log
+    local = launch("--model", str(demo_dir), "--num-shard", "2", "--moe-parallel", "ep")
+    try:
+        assert "moe_parallel=ep" in local.log()
+        assert greedy_texts(local.url) == over_tcp
+    finally:
+        local.stop()
+
+
+def test_wrong_or_missing_token_is_refused(demo_dir, tcp_group, tls):
+    addresses, _, _ = tcp_group
+    cert, _ = tls
+    stub = secure_stub(addresses[1], cert)
+    for metadata in ([("authorization", "Bearer wrong")], [("authorization", TOKEN)], None):
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Info(shard_pb2.InfoRequest(), metadata=metadata, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as refused:  # a streaming method is refused alike
+        list(stub.DecodeSteps(shard_pb2.StepRequest(), metadata=[("authorization", "Bearer wrong")], timeout=30))
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    info = stub.Info(shard_pb2.InfoRequest(), metadata=[("authorization", f"Bearer {TOKEN}")], timeout=30)
+    assert (info.rank, info.world_size) == (1, 2)
+
+    wrong = launch_once(
+        demo_dir, "--shard-addresses", ",".join(addresses), "--shard-token", "x", "--shard-ca", str(cert)
+    )
+    assert wrong.returncode == 1
+    assert "UNAUTHENTICATED" in wrong.stderr and "--shard-token" in wrong.stderr
+
+
+def test_addresses_must_be_one_group_in_rank_order(demo_dir, tcp_group, tls):
+    addresses, _, _ = tcp_group
+    cert, _ = tls
+    secure_stub(addresses[0], cert)
+    swapped = ",".join(reversed(addresses))
+    done = launch_once(demo_dir, "--shard-addresses", swapped, "--shard-token", TOKEN, "--shard-ca", str(cert))
+    assert done.returncode == 1
+    assert f"{addresses[1]} is rank 1 of 2" in done.stderr and "in rank order" in done.stderr
+    done = launch_once(demo_dir, "--shard-addresses", addresses[0], "--shard-token", TOKEN, "--shard-ca", str(cert))
+    assert done.returncode == 1 and "is rank 0 of 2" in done.stderr
+
+
+def test_open_tcp_needs_a_token_or_tls(demo_dir, tmp_path):
+    cmd = [PYTHON, "-m", "mixserve.cli", "shard", "--model", str(demo_dir), "--host", "0.0.0.0"]
+    cmd += ["--port", str(free_port())]
+    env = subprocess_env(RANK="0", WORLD_SIZE="1", MIXSERVE_SHARD_TOKEN="")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "refusing to listen on 0.0.0.0" in done.stderr and "--insecure" in done.stderr
