@@ -20,7 +20,7 @@ from router.errors import DeadlineExceeded, Overloaded, RouterError, ShardUnavai
 from router.metrics import Metrics
 from router.params import GenerationParams
 from router.scheduler import Scheduler, SchedulerConfig, Sequence, StepPlan
-from router.shard_client import ShardGroup
+from router.shard_client import ShardGroup, ShardRejected
 from router.stop_sequences import StopSequenceMatcher
 
 log = logging.getLogger("mixserve.router")
@@ -319,12 +319,23 @@ class Engine:
                 # The batch should change: a request finished (or was cancelled), or one is waiting.
                 if self.scheduler.num_waiting or any(e.seq.seq_id not in self.live for e in plan.sequences):
                     self._interrupt_run()
-        except RouterError:
-            if in_flight is not None:
-                for entry in in_flight.sequences:
-                    self.scheduler.abort(entry.seq.seq_id)
-                self.scheduler.on_step_done(in_flight, {})
-            raise
+        except RouterError as e:
+            if in_flight is None:
+                raise
+            for entry in in_flight.sequences:
+                self.scheduler.abort(entry.seq.seq_id)
+            self.scheduler.on_step_done(in_flight, {})
+            if not isinstance(e, ShardRejected):
+                raise
+            # Every shard refused the step before running it (validation changes nothing): its requests
+            # end with the reason, the others and the group go on.
+            log.error("event=step_rejected seqs=%d error=%r", len(in_flight.sequences), str(e))
+            for entry in in_flight.sequences:
+                generation = self.live.get(entry.seq.seq_id)
+                if generation is not None:
+                    self.metrics.on_end("error")
+                    generation.events.put_nowait(e)
+                    self._end(generation, None)
         finally:
             self._active_run = None
 
