@@ -21,6 +21,7 @@ import random
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,11 +30,15 @@ import grpc
 from benchmarks import report
 from benchmarks.metrics import distribution_ms
 from benchmarks.processes import PYTHON, ServerProcess, child_env, free_port
-from benchmarks.targets import PredictTarget
+from benchmarks.targets import OpenAICompletionsTarget, PredictTarget
 from benchmarks.workload import BenchRequest, count_tokens, load_tokenizer, plain_token_ids, synthetic_prompt
 from mixserve_pb import shard_pb2, shard_pb2_grpc
 
 log = logging.getLogger("mixserve.bench")
+
+# The router's per-token cost: tokens streamed per request, and requests measured (after one warm-up).
+ITL_TOKENS = 32
+ITL_REQUESTS = 4
 
 
 @dataclass(slots=True)
@@ -221,9 +226,25 @@ async def _ttfts(url: str, requests: list[BenchRequest], warmup: int) -> list[fl
     return out
 
 
+async def _itls(url: str, requests: list[BenchRequest], warmup: int) -> list[float]:
+    """Gaps between the streamed tokens of `requests`, one at a time (OpenAI completions, EOS ignored)."""
+    with urllib.request.urlopen(f"{url}/info", timeout=30) as response:
+        model_id = json.load(response)["model_id"]
+    out: list[float] = []
+    async with OpenAICompletionsTarget(url, model_name=model_id, temperature=0.0, ignore_eos=True) as target:
+        for i, request in enumerate(requests):
+            record = await target.send(request)
+            if not record.ok:
+                raise RuntimeError(f"/v1/completions failed during the router measurement: {record.error}")
+            if i >= warmup:
+                out.extend(record.itls)
+    return out
+
+
 def router_overhead(config: LatencyConfig, url: str, rows: list[dict]) -> list[dict]:
     """TTFT over HTTP of a one-token request per sequence length at `url` (a mixserve with the same
-    checkpoint and shard count), against the B=1 prefill step of `rows`."""
+    checkpoint and shard count), against the B=1 prefill step of `rows`; and the gap between streamed
+    tokens of a lone request against the shard's own B=1 decode step (the router's per-token cost)."""
     tokenizer = load_tokenizer(config.model_dir)
     special = len(tokenizer.encode("a").ids) - count_tokens(tokenizer, "a")
     rng = random.Random(config.seed)
@@ -236,6 +257,8 @@ def router_overhead(config: LatencyConfig, url: str, rows: list[dict]) -> list[d
             for _ in range(config.router_requests + 2)
         ]
         ttft = distribution_ms(asyncio.run(_ttfts(url, requests, warmup=2)))
+        streams = [BenchRequest(r.prompt, r.prompt_tokens, ITL_TOKENS) for r in requests[: ITL_REQUESTS + 1]]
+        itl = distribution_ms(asyncio.run(_itls(url, streams, warmup=1)))
         step = next(r for r in rows if r["batch"] == 1 and r["seq_len"] == seq_len)
         out.append(
             {
@@ -243,6 +266,9 @@ def router_overhead(config: LatencyConfig, url: str, rows: list[dict]) -> list[d
                 "ttft_ms": ttft,
                 "prefill_step_ms_p50": step["prefill_ms"]["p50"],
                 "router_overhead_ms_p50": round(ttft["p50"] - step["prefill_ms"]["p50"], 3),
+                "itl_ms": itl,
+                "decode_forward_ms_p50": step["decode_forward_ms"]["p50"],
+                "per_token_overhead_ms_p50": round(itl["p50"] - step["decode_forward_ms"]["p50"], 3),
             }
         )
     return out
@@ -282,12 +308,17 @@ def latency_markdown(result: dict) -> str:
         )
     lines += ep_vs_tp_lines(result["steps"])
     if result["router"]:
-        lines += ["", "| seq len | TTFT ms p50 (HTTP) | prefill step ms p50 | router overhead ms |"]
-        lines.append("|---|---|---|---|")
+        lines += [
+            "",
+            "| seq len | TTFT ms p50 (HTTP) | prefill step ms p50 | router overhead ms | ITL ms p50 (HTTP, one"
+            " stream) | shard decode forward ms p50 | per-token overhead ms |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in result["router"]:
             lines.append(
                 f"| {r['seq_len']} | {r['ttft_ms']['p50']:.1f} | {r['prefill_step_ms_p50']:.1f}"
-                f" | {r['router_overhead_ms_p50']:.1f} |"
+                f" | {r['router_overhead_ms_p50']:.1f} | {r['itl_ms']['p50']:.2f} | {r['decode_forward_ms_p50']:.2f}"
+                f" | {r['per_token_overhead_ms_p50']:.2f} |"
             )
     return "\n".join(lines)
 

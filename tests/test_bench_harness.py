@@ -126,6 +126,10 @@ def test_shard_step_latency_and_router_overhead(server, demo_dir, tmp_path):
     assert overhead["router_overhead_ms_p50"] == pytest.approx(
         overhead["ttft_ms"]["p50"] - rows[0]["prefill_ms"]["p50"], abs=1e-3
     )
+    assert overhead["itl_ms"]["p50"] > 0
+    assert overhead["per_token_overhead_ms_p50"] == pytest.approx(
+        overhead["itl_ms"]["p50"] - rows[0]["decode_forward_ms"]["p50"], abs=1e-3
+    )
 
 
 @pytest.fixture(scope="module")
