@@ -28,8 +28,9 @@ from benchmarks.serve import add_workload_arguments, config_from_args, run_bench
 
 log = logging.getLogger("mixserve.bench")
 
-# mixserve-N is N shards; on a 2-core machine two shards (one per core) serve best.
-SYSTEMS = ("mixserve-2", "mixserve-1", "naive", "vllm", "transformers-serve")
+# mixserve-N is N shards; on a 2-core machine two shards (one per core) serve best, four (the
+# default of `mixserve launch`, one per GPU of a 4-GPU host) oversubscribe the cores.
+SYSTEMS = ("mixserve-2", "mixserve-1", "mixserve-4", "naive", "vllm", "transformers-serve")
 PEERS_DIR = Path(os.environ.get("MIXSERVE_CACHE") or Path.home() / ".cache" / "mixserve") / "peers"
 # Where peers' venvs are looked for, in order, after --vllm-venv / --transformers-venv and the
 # MIXSERVE_VLLM_VENV / MIXSERVE_TRANSFORMERS_VENV variables.
