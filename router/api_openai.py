@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from router.engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Engine, Generation, TokenEvent
+from router.engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Generation, TokenEvent
 from router.errors import BadRequest, RouterError, ValidationError, error_headers
 from router.params import (
     DEFAULT_LIMITS,
@@ -39,6 +39,7 @@ from router.params import (
     as_stop,
     max_new_tokens_from,
 )
+from router.replicas import Replicas
 from router.server import CONFIG, ENGINE, STARTED, read_json, stream_sse, token_piece, tokenize
 
 log = logging.getLogger("mixserve.router")
@@ -284,7 +285,7 @@ class Choices:
         }
 
 
-def submit(engine: Engine, request: OpenAIRequest, default_max_tokens: int | None) -> Choices:
+def submit(engine: Replicas, request: OpenAIRequest, default_max_tokens: int | None) -> Choices:
     """Queue every choice; if one is refused, the ones already queued are cancelled."""
     generations: list[Generation] = []
     prompt_tokens = 0
@@ -304,7 +305,7 @@ def submit(engine: Engine, request: OpenAIRequest, default_max_tokens: int | Non
     return Choices(generations, prompt_tokens)
 
 
-def _room(engine: Engine, prompt_len: int) -> int:
+def _room(engine: Replicas, prompt_len: int) -> int:
     """The most new tokens a prompt can get: up to max_total_tokens, and what one sequence's KV may hold."""
     config = engine.scheduler.config
     cache_room = config.max_blocks * config.block_size + 1 - prompt_len
@@ -375,7 +376,7 @@ def _header(choices: Choices, kind: str, model: str, prefix: str) -> dict[str, A
     return {"id": f"{prefix}-{choices.id}", "object": kind, "created": choices.created, "model": model}
 
 
-async def chat_completion(engine: Engine, request: OpenAIRequest, choices: Choices, model: str) -> dict[str, Any]:
+async def chat_completion(engine: Replicas, request: OpenAIRequest, choices: Choices, model: str) -> dict[str, Any]:
     """The non-streaming `chat.completion` object."""
     texts = [[] for _ in choices.generations]
     logprobs: list[list[dict]] = [[] for _ in choices.generations]
@@ -400,7 +401,7 @@ async def chat_completion(engine: Engine, request: OpenAIRequest, choices: Choic
 
 
 async def chat_chunks(
-    engine: Engine, request: OpenAIRequest, choices: Choices, model: str
+    engine: Replicas, request: OpenAIRequest, choices: Choices, model: str
 ) -> AsyncGenerator[dict | str, None]:
     """`chat.completion.chunk` events: a choice's first delta carries the role, its last the finish reason."""
     header = _header(choices, "chat.completion.chunk", model, "chatcmpl")
@@ -430,7 +431,7 @@ async def chat_chunks(
     yield "[DONE]"
 
 
-async def completion(engine: Engine, request: OpenAIRequest, choices: Choices, model: str) -> dict[str, Any]:
+async def completion(engine: Replicas, request: OpenAIRequest, choices: Choices, model: str) -> dict[str, Any]:
     """The non-streaming `text_completion` object."""
     texts = [[] for _ in choices.generations]
     logprobs = [CompletionLogprobs() for _ in choices.generations]
@@ -457,7 +458,7 @@ async def completion(engine: Engine, request: OpenAIRequest, choices: Choices, m
 
 
 async def completion_chunks(
-    engine: Engine, request: OpenAIRequest, choices: Choices, model: str
+    engine: Replicas, request: OpenAIRequest, choices: Choices, model: str
 ) -> AsyncGenerator[dict | str, None]:
     """`text_completion` events, one per token that adds text (or logprobs), the finish reason on the last."""
     header = _header(choices, "text_completion", model, "cmpl")

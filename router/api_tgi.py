@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from router.engine import Engine, Generation, TokenEvent
+from router.engine import Generation, TokenEvent
 from router.errors import BadRequest, ValidationError, error_body
 from router.params import (
     DEFAULT_LIMITS,
@@ -31,6 +31,7 @@ from router.params import (
     as_seed,
     as_stop,
 )
+from router.replicas import Replicas
 from router.server import CONFIG, ENGINE, read_json, stream_sse, token_piece, tokenize
 
 # TGI's default `max_new_tokens` when left out.
@@ -109,7 +110,7 @@ def parse_generate_request(body: dict[str, Any], *, stream: bool, limits: Reques
     )
 
 
-def submit(engine: Engine, request: TGIRequest) -> Generation:
+def submit(engine: Replicas, request: TGIRequest) -> Generation:
     """Tokenize (BOS included, as TGI does), keep the last `truncate` tokens, and queue the request."""
     ids = tokenize(engine, GenerationRequest(prompt=request.inputs, messages=None, params=request.params))
     if request.truncate is not None:
@@ -117,7 +118,7 @@ def submit(engine: Engine, request: TGIRequest) -> Generation:
     return engine.submit(ids, request.params)
 
 
-def token_json(engine: Engine, event: TokenEvent) -> dict[str, Any]:
+def token_json(engine: Replicas, event: TokenEvent) -> dict[str, Any]:
     """TGI's `Token`: the text this token adds to `generated_text` (a special token's own spelling)."""
     text = event.text
     if event.special and not text:
@@ -125,7 +126,7 @@ def token_json(engine: Engine, event: TokenEvent) -> dict[str, Any]:
     return {"id": event.token_id, "text": text, "logprob": event.logprob, "special": event.special}
 
 
-def top_tokens_json(engine: Engine, event: TokenEvent) -> list[dict[str, Any]]:
+def top_tokens_json(engine: Replicas, event: TokenEvent) -> list[dict[str, Any]]:
     """The requested alternatives of one position, most likely first."""
     return [
         {
@@ -142,7 +143,7 @@ def _full_text(request: TGIRequest, text: str) -> str:
     return request.inputs + text if request.return_full_text else text
 
 
-async def generate_answer(engine: Engine, request: TGIRequest, generation: Generation) -> dict[str, Any]:
+async def generate_answer(engine: Replicas, request: TGIRequest, generation: Generation) -> dict[str, Any]:
     """TGI's non-streaming response: `generated_text`, and `details` when asked for."""
     events: list[TokenEvent] = []
     async with aclosing(generation.stream()) as stream:
@@ -167,7 +168,7 @@ async def generate_answer(engine: Engine, request: TGIRequest, generation: Gener
 
 
 async def stream_events(
-    engine: Engine, request: TGIRequest, generation: Generation
+    engine: Replicas, request: TGIRequest, generation: Generation
 ) -> AsyncGenerator[dict[str, Any], None]:
     """TGI's `StreamResponse` events: one per token; the last carries `generated_text` and `details`."""
     texts: list[str] = []

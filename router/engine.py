@@ -11,7 +11,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 from mixserve_pb import shard_pb2
@@ -126,6 +126,10 @@ class Generation:
             if not self.done:
                 self._engine.cancel(self)
 
+    def cancel(self) -> None:
+        """End the request now (its client went away); its KV blocks are freed."""
+        self._engine.cancel(self)
+
     async def _next_event(self) -> "TokenEvent | RouterError":
         """The next event, or DeadlineExceeded once the request has run past --request-timeout."""
         if self.deadline is None:
@@ -155,11 +159,18 @@ class Engine:
         limits: Limits,
         eos_token_ids: tuple[int, ...],
         max_decode_steps: int = 1,
+        *,
+        metrics: Metrics | None = None,
+        ids: Iterator[int] | None = None,
     ) -> None:
+        """`metrics` and `ids` (request ids) are shared by the engines of several shard groups behind one
+        router (router/replicas.py); alone, an engine has its own."""
         self.group = group
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(scheduler_config)
-        self.metrics = Metrics(self.scheduler)
+        # Shared metrics read every group's scheduler through router/replicas.py's PooledSchedulers.
+        self._own_metrics = metrics is None
+        self.metrics = Metrics(self.scheduler) if metrics is None else metrics
         self.limits = limits
         self.eos_token_ids = frozenset(eos_token_ids)
         self.special_ids = frozenset(tokenizer.all_special_ids)
@@ -173,7 +184,7 @@ class Engine:
         self.step_sequences = 0
         self.generated_tokens = 0
         self.cancelled = 0
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(1) if ids is None else ids
         self._wake = asyncio.Event()
         self._release: list[int] = []
         # Multi-step decode: the most decode steps per shard call, the last run's id, the run that an
@@ -253,7 +264,8 @@ class Engine:
         and prefix cache start afresh; `fail` has already ended every request of the old group."""
         self.group = group
         self.scheduler = Scheduler(scheduler_config)
-        self.metrics.watch(self.scheduler)
+        if self._own_metrics:
+            self.metrics.watch(self.scheduler)
         self._release.clear()
         self.failure = None
         self._failed.clear()

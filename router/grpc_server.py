@@ -17,9 +17,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mixserve_pb import generate_pb2, generate_pb2_grpc
-from router.engine import Engine, Generation, TokenEvent
+from router.engine import Generation, TokenEvent
 from router.errors import RouterError, Unauthorized
 from router.params import DEFAULT_LIMITS, GenerationParams, GenerationRequest, RequestLimits, as_messages, as_prompt
+from router.replicas import Replicas
 from router.server import ServerConfig, api_key_matches, tokenize
 
 log = logging.getLogger("mixserve.router")
@@ -124,7 +125,7 @@ def _rpc(method: Handler) -> Handler:
 class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
     """mixserve.generate.v1.GenerationService over the router's engine."""
 
-    def __init__(self, engine: Engine, config: ServerConfig) -> None:
+    def __init__(self, engine: Replicas, config: ServerConfig) -> None:
         self.engine = engine
         self.config = config
 
@@ -211,7 +212,7 @@ class EngineHealth(health.aio.HealthServicer):
     """grpc.health.v1 for the server ("") and GenerationService: NOT_SERVING while the shard group is
     down (failed or restarting), SERVING again once it is back; NOT_SERVING for good once stopping."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Replicas) -> None:
         super().__init__()
         self._engine = engine
 
@@ -241,7 +242,7 @@ class GrpcFront:
     schema is the public proto/generate.proto.
     """
 
-    def __init__(self, engine: Engine, config: ServerConfig, host: str, port: int) -> None:
+    def __init__(self, engine: Replicas, config: ServerConfig, host: str, port: int) -> None:
         # SO_REUSEPORT off: a second server on a busy port must fail to bind, not share it.
         options = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", config.max_body_bytes)]
         self.server = grpc.aio.server(options=options)

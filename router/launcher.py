@@ -2,6 +2,8 @@
 
 The shards are child processes on unix sockets in a private temp dir (with --shard-addresses, none
 are started: the router serves a group already running on TCP, e.g. under torchrun on other hosts).
+With --replicas N or --shard-group repeated, the router fronts several such groups (router/replicas.py),
+each started, watched and restarted on its own as below; the server fails only once every group has.
 The launcher watches them: if one dies or misses the step deadline, every request in flight or
 queued ends with an error (503 with Retry-After before its first token), /health answers 503 with
 the reason, and the launcher restarts the whole group (new processes, new rendezvous, new KV cache),
@@ -30,10 +32,11 @@ from aiohttp import web
 
 import mixserve
 from mixserve_pb import shard_pb2
-from router.engine import Engine, Limits
+from router.engine import Limits
 from router.grpc_server import GrpcFront
 from router.params import MAX_CHOICES, MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS, RequestLimits
-from router.recovery import START_ERRORS, supervise, unless_stopped
+from router.recovery import START_ERRORS, supervise_groups, unless_stopped
+from router.replicas import build_replicas
 from router.scheduler import SchedulerConfig
 from router.server import ServerConfig, build_app
 from router.shard_client import ShardGroup, parse_shard_addresses
@@ -67,6 +70,24 @@ def _seconds(value: str) -> float:
     return seconds
 
 
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return number
+
+
+def shard_group_addresses(args: argparse.Namespace) -> list[str | None]:
+    """Each shard group's addresses (`host:port,...`), or None for a group the launcher starts itself."""
+    given = args.shard_groups or []
+    if args.shard_addresses and given:
+        raise ValueError("--shard-addresses is one --shard-group; give every group with --shard-group")
+    given = given or ([args.shard_addresses] if args.shard_addresses else [])
+    if given and args.replicas != 1:
+        raise ValueError("--replicas starts shard groups; groups already running are one --shard-group each")
+    return given or [None] * args.replicas
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     env = os.environ
     parser.add_argument("--model", help="checkpoint directory (default: the built-in demo model, cached)")
@@ -88,6 +109,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shard-addresses",
         help="host:port,... of a shard group already running, in rank order: start no shards, serve those",
+    )
+    parser.add_argument(
+        "--shard-group",
+        action="append",
+        dest="shard_groups",
+        metavar="ADDRS",
+        help="host:port,... of one shard group already running, as --shard-addresses; repeat it for several groups",
+    )
+    parser.add_argument(
+        "--replicas", type=_positive_int, default=1, help="shard groups of --num-shard shards each to start"
     )
     parser.add_argument(
         "--shard-token", default=env.get("MIXSERVE_SHARD_TOKEN") or None, help="default: $MIXSERVE_SHARD_TOKEN"
@@ -156,7 +187,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-async def start_shards(args: argparse.Namespace, model_dir: str, socket_dir: Path) -> list[ShardProcess]:
+async def start_shards(
+    args: argparse.Namespace, model_dir: str, socket_dir: Path, group_id: int = 0
+) -> list[ShardProcess]:
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
     env.update(WORLD_SIZE=str(args.num_shard), PYTHONUNBUFFERED="1")
     shards = []
@@ -172,7 +205,7 @@ async def start_shards(args: argparse.Namespace, model_dir: str, socket_dir: Pat
             *cmd, env=dict(env, RANK=str(rank)), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
         )
         shard = ShardProcess(rank, f"unix:{path}", process)
-        log.info("event=shard_started rank=%d pid=%d address=%s", rank, process.pid, shard.address)
+        log.info("event=shard_started rank=%d pid=%d address=%s group=%d", rank, process.pid, shard.address, group_id)
         shard.output = asyncio.create_task(_pump_output(shard))
         shards.append(shard)
     return shards
@@ -244,12 +277,24 @@ async def stop_shards(shards: list[ShardProcess], timeout_s: float = 10.0, kill:
 
 
 class ShardSupervisor:
-    """The launcher's shard group: started at start-up and again on every restart, watched, stopped."""
+    """One shard group of the launcher: started at start-up and again on every restart, watched, stopped.
 
-    def __init__(self, args: argparse.Namespace, model_dir: str, socket_root: Path) -> None:
+    `addresses`: the group's `host:port,...` when it runs elsewhere (--shard-addresses, --shard-group);
+    None to start its shards here."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        model_dir: str,
+        socket_root: Path,
+        group_id: int = 0,
+        addresses: str | None = None,
+    ) -> None:
         self.args = args
         self.model_dir = model_dir
         self.socket_root = socket_root
+        self.group_id = group_id
+        self.addresses = addresses
         self.shards: list[ShardProcess] = []
         self.group: ShardGroup | None = None
         self.starts = 0
@@ -265,14 +310,15 @@ class ShardSupervisor:
         first. Fresh sockets and a fresh rendezvous port, so the torch process group forms anew."""
         self.starts += 1
         started = time.monotonic()
-        if self.args.shard_addresses:
+        if self.addresses:
             # A group started elsewhere: nothing to start; a restart reconnects and warms it up again.
-            self.group = remote_shard_group(self.args)
+            self.group = remote_shard_group(self.args, self.addresses)
         else:
-            socket_dir = self.socket_root / f"group-{self.starts}"
+            name = f"group-{self.starts}" if self.group_id == 0 else f"group{self.group_id}-{self.starts}"
+            socket_dir = self.socket_root / name
             socket_dir.mkdir(mode=0o700)
             # Not cancellable: every process started must be in self.shards for stop() to find it.
-            self.shards = await start_shards(self.args, self.model_dir, socket_dir)
+            self.shards = await start_shards(self.args, self.model_dir, socket_dir, self.group_id)
             # The token too: shards inherit MIXSERVE_SHARD_TOKEN and then ask for it even on unix sockets.
             addresses = [s.address for s in self.shards]
             self.group = ShardGroup(addresses, step_timeout_s=self.args.step_timeout, token=self.args.shard_token)
@@ -314,13 +360,14 @@ class ShardSupervisor:
         await stop_shards(self.shards, kill=kill)
 
 
-def remote_shard_group(args: argparse.Namespace) -> ShardGroup:
-    """--shard-addresses: clients for a group started elsewhere (torchrun, `mixserve shard`, Kubernetes)."""
+def remote_shard_group(args: argparse.Namespace, addresses_text: str) -> ShardGroup:
+    """--shard-addresses or one --shard-group: clients for a group started elsewhere (torchrun,
+    `mixserve shard`, Kubernetes)."""
     try:
         ca_cert = args.shard_ca.read_bytes() if args.shard_ca else None
     except OSError as e:
         raise ValueError(f"--shard-ca: {e}") from None
-    addresses = parse_shard_addresses(args.shard_addresses)
+    addresses = parse_shard_addresses(addresses_text)
     return ShardGroup(addresses, step_timeout_s=args.step_timeout, token=args.shard_token, ca_cert=ca_cert)
 
 
@@ -330,6 +377,11 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    try:
+        group_addresses = shard_group_addresses(args)
+    except ValueError as e:
+        log.error("event=startup_failed error=%s", e)
+        return 1
     model_dir = resolve_model(args.model)
     # The fast tokenizer class loads tokenizer.json and the chat template without importing torch.
     from transformers import PreTrainedTokenizerFast
@@ -338,20 +390,34 @@ async def serve(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="mixserve-") as tmp:
         socket_root = Path(tmp)
         os.chmod(socket_root, 0o700)
-        shards = ShardSupervisor(args, model_dir, socket_root)
+        groups = [ShardSupervisor(args, model_dir, socket_root, i, a) for i, a in enumerate(group_addresses)]
         try:
-            return await _serve_with_shards(args, model_dir, tokenizer, shards, stop)
+            return await _serve_with_shards(args, model_dir, tokenizer, groups, stop)
         finally:
-            await shards.stop()
+            await asyncio.gather(*(shards.stop() for shards in groups))
 
 
-async def _serve_with_shards(args, model_dir, tokenizer, shards: ShardSupervisor, stop: asyncio.Event) -> int:
+async def start_groups(
+    groups: list[ShardSupervisor], stop: asyncio.Event
+) -> list[tuple[shard_pb2.InfoResponse, shard_pb2.WarmupResponse]] | None:
+    """Start every shard group at once; each one's Info and Warmup answers, or None when `stop` came
+    first. Every start runs to its end before a failure is raised, so that no process escapes stop()."""
+    results = await asyncio.gather(*(shards.start(stop) for shards in groups), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    if any(result is None for result in results):
+        return None
+    return results
+
+
+async def _serve_with_shards(args, model_dir, tokenizer, groups: list[ShardSupervisor], stop: asyncio.Event) -> int:
     try:
-        ready = await shards.start(stop)
-        if ready is None:
+        readies = await start_groups(groups, stop)
+        if readies is None:
             log.info("event=stopped_during_startup")
             return 0
-        info, warm = ready
+        info, _ = readies[0]
         max_total = args.max_total_tokens or info.max_position_embeddings
         max_input = args.max_input_tokens or max_total - 1
         limits = Limits(args.max_concurrent_requests, max_input, max_total, args.request_timeout)
@@ -359,36 +425,41 @@ async def _serve_with_shards(args, model_dir, tokenizer, shards: ShardSupervisor
     except START_ERRORS as e:
         log.error("event=startup_failed error=%s", e)
         return 1
-    log.info(
-        "event=shards_ready num_shard=%d dtype=%s quantize=%s device=%s weight_bytes_per_shard=%d kv_blocks=%d "
-        "block_size=%d warmup_ms=%d",
-        len(shards.group.addresses),
-        info.dtype,
-        info.quantize or "none",
-        info.device,
-        info.weight_bytes,
-        warm.num_blocks,
-        warm.block_size,
-        warm.warmup_ms,
-    )
-    scheduler_config = SchedulerConfig(
-        num_blocks=warm.num_blocks,
-        block_size=warm.block_size,
-        max_batch_prefill_tokens=args.max_batch_prefill_tokens,
-        max_batch_total_tokens=args.max_batch_total_tokens,
-        max_running_requests=args.max_batch_size,
-        enable_prefix_caching=args.prefix_caching,
-    )
+    scheduled = []
+    for shards, (group_info, warm) in zip(groups, readies, strict=True):
+        log.info(
+            "event=shards_ready num_shard=%d dtype=%s quantize=%s device=%s weight_bytes_per_shard=%d kv_blocks=%d "
+            "block_size=%d warmup_ms=%d group=%d",
+            len(shards.group.addresses),
+            group_info.dtype,
+            group_info.quantize or "none",
+            group_info.device,
+            group_info.weight_bytes,
+            warm.num_blocks,
+            warm.block_size,
+            warm.warmup_ms,
+            shards.group_id,
+        )
+        scheduler_config = SchedulerConfig(
+            num_blocks=warm.num_blocks,
+            block_size=warm.block_size,
+            max_batch_prefill_tokens=args.max_batch_prefill_tokens,
+            max_batch_total_tokens=args.max_batch_total_tokens,
+            max_running_requests=args.max_batch_size,
+            enable_prefix_caching=args.prefix_caching,
+        )
+        scheduled.append((shards.group, scheduler_config))
     eos = tuple(t for t in [tokenizer.eos_token_id] if t is not None)
-    engine = Engine(shards.group, tokenizer, scheduler_config, limits, eos, args.max_decode_steps)
-    engine.retry_after_s = shards.retry_after_s if args.max_restarts else None
+    engine = build_replicas(scheduled, tokenizer, limits, eos, args.max_decode_steps)
+    for shards, group_engine in zip(groups, engine.engines, strict=True):
+        group_engine.retry_after_s = shards.retry_after_s if args.max_restarts else None
     config = ServerConfig(
         model_id=model_dir,
         api_key=args.api_key,
         max_body_bytes=args.max_body_bytes,
         read_timeout_s=args.read_timeout,
         limits=request_limits,
-        num_shard=len(shards.group.addresses),
+        num_shard=len(groups[0].group.addresses),
         dtype=info.dtype,
         quantize=info.quantize,
         weight_bytes_per_shard=info.weight_bytes,
@@ -414,7 +485,7 @@ async def _serve_with_shards(args, model_dir, tokenizer, shards: ShardSupervisor
     engine.start()
     log.info("event=serving address=http://%s:%d model=%s", args.host, args.port, model_dir)
 
-    if await supervise(engine, shards, grpc_front, stop, args.max_restarts):
+    if await supervise_groups(engine, groups, grpc_front, stop, args.max_restarts):
         log.info("event=stopping graceful_timeout_s=%.0f in_flight=%d", args.graceful_timeout, len(engine.live))
         engine.retry_after_s = None
         await site.stop()
@@ -430,7 +501,6 @@ async def _serve_with_shards(args, model_dir, tokenizer, shards: ShardSupervisor
         # Past --max-restarts: keep answering 503 with the reason a moment, so clients and probes see why.
         if grpc_front is not None:
             await grpc_front.health.enter_graceful_shutdown()
-        await shards.stop()
         await asyncio.sleep(FAILURE_LINGER_S)
         code = 1
     if grpc_front is not None:

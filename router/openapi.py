@@ -374,6 +374,24 @@ SCHEMAS: dict[str, Schema] = {
             "generated_tokens": _t("integer", "tokens generated"),
             "cancelled_requests": _t("integer", "requests whose client left"),
             "uptime_s": _t("number", "seconds since start"),
+            "shard_groups": _array(
+                _obj(
+                    {
+                        "group": _t("integer", "group index (--replicas order, or --shard-group order)"),
+                        "status": {"enum": ["serving", "down"]},
+                        "error": _nullable(_t("string", "why the group is down")),
+                        "num_shard": _t("integer", "shards of the group"),
+                        "requests_routed": _t("integer", "requests sent to the group"),
+                        "requests_waiting": _t("integer", "queued on the group now"),
+                        "requests_running": _t("integer", "in the group's running batch now"),
+                        "kv_blocks_total": _t("integer", "KV cache blocks of the group"),
+                        "kv_blocks_free": _t("integer", "of them free now"),
+                        "steps": _t("integer", "shard steps the group ran"),
+                        "generated_tokens": _t("integer", "tokens the group generated"),
+                    }
+                ),
+                "every shard group behind this router; the counters above sum over them",
+            ),
             "model_sha": {"type": "null", "description": "TGI field; unknown"},
             "model_pipeline_tag": {"const": "text-generation"},
             "max_input_length": _t("integer", "TGI's older name of max_input_tokens"),
@@ -468,8 +486,21 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ),
     ("GET", "/health"): _op(
         "operations",
-        "200 when every shard answers",
-        {"200": _json(_obj({"status": {"const": "ok"}})), "503": _json(_ref("Error"), "shards unavailable")},
+        "200 when every shard answers, or (several shard groups) while one group serves",
+        {
+            "200": _json(
+                _obj(
+                    {
+                        "status": {"enum": ["ok", "degraded"]},
+                        "groups_down": _array(
+                            _obj({"group": _t("integer", "group index"), "error": _t("string", "why it is down")}),
+                            "only when degraded",
+                        ),
+                    }
+                )
+            ),
+            "503": _json(_ref("Error"), "shards unavailable"),
+        },
     ),
     ("GET", "/info"): _op("operations", "Model, limits and live counters", {"200": _json(_ref("Info"))}),
     ("GET", "/metrics"): _op(

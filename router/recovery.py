@@ -6,6 +6,9 @@ Retry-After before its first token), new ones are refused the same way, /health 
 the reason. The launcher then stops every shard, starts a new group (fresh rendezvous, so the torch
 process group forms anew), waits for Health, warms it up, and hands the engine a fresh scheduler:
 all KV is gone with the old group. After --max-restarts restarts, the next failure is final.
+
+Several shard groups behind one router (router/replicas.py) are each supervised so, on their own: a
+group that fails for good is taken out and its shards stopped while the others keep serving.
 """
 
 import asyncio
@@ -17,6 +20,7 @@ from typing import TYPE_CHECKING, TypeVar
 from router.engine import Engine
 from router.errors import RouterError
 from router.grpc_server import GrpcFront
+from router.replicas import Replicas
 
 if TYPE_CHECKING:
     from router.launcher import ShardSupervisor
@@ -58,10 +62,22 @@ async def supervise(
         if grpc_front is not None:
             await grpc_front.health.follow_engine()
         if restarts >= max_restarts:
-            log.error("event=shard_group_failed restarts=%d max_restarts=%d reason=%r", restarts, max_restarts, reason)
+            log.error(
+                "event=shard_group_failed restarts=%d max_restarts=%d reason=%r group=%d",
+                restarts,
+                max_restarts,
+                reason,
+                shards.group_id,
+            )
             return False
         restarts += 1
-        log.warning("event=shard_group_restart restart=%d max_restarts=%d reason=%r", restarts, max_restarts, reason)
+        log.warning(
+            "event=shard_group_restart restart=%d max_restarts=%d reason=%r group=%d",
+            restarts,
+            max_restarts,
+            reason,
+            shards.group_id,
+        )
         engine.metrics.on_shard_restart()
         await engine.stop()
         await shards.stop(kill=True)
@@ -79,13 +95,47 @@ async def supervise(
         if grpc_front is not None:
             await grpc_front.health.follow_engine()
         log.info(
-            "event=shard_group_restarted restart=%d startup_ms=%d kv_blocks=%d",
+            "event=shard_group_restarted restart=%d startup_ms=%d kv_blocks=%d group=%d",
             restarts,
             shards.startup_s * 1000,
             warm.num_blocks,
+            shards.group_id,
         )
         reason = await next_failure(engine, shards, stop)
     return True
+
+
+async def supervise_groups(
+    replicas: Replicas,
+    groups: list["ShardSupervisor"],
+    grpc_front: GrpcFront | None,
+    stop: asyncio.Event,
+    max_restarts: int,
+) -> bool:
+    """`supervise` every shard group at once, each with its own `max_restarts`: True when asked to stop,
+    False once every group has failed for good. A group that fails for good is taken out (its shards
+    stopped; the router sends it nothing more) while the others serve."""
+    tasks = {
+        asyncio.create_task(supervise(engine, shards, grpc_front, stop, max_restarts)): shards
+        for engine, shards in zip(replicas.engines, groups, strict=True)
+    }
+    pending, failed = set(tasks), 0
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.result():
+                    continue
+                failed += 1
+                shards = tasks[task]
+                await shards.stop(kill=True)
+                if failed < len(tasks):
+                    log.error("event=shard_group_removed group=%d serving=%d", shards.group_id, len(tasks) - failed)
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    return failed < len(tasks)
 
 
 async def next_failure(engine: Engine, shards: "ShardSupervisor", stop: asyncio.Event) -> str | None:

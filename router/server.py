@@ -26,6 +26,7 @@ from router.params import (
     parse_predict_request,
     render_prompt,
 )
+from router.replicas import Replicas
 
 log = logging.getLogger("mixserve.router")
 
@@ -50,7 +51,7 @@ class ServerConfig:
     version: str = ""
 
 
-ENGINE = web.AppKey("engine", Engine)
+ENGINE = web.AppKey("engine", Replicas)
 CONFIG = web.AppKey("config", ServerConfig)
 STARTED = web.AppKey("started", float)
 
@@ -120,7 +121,7 @@ async def read_json(request: web.Request) -> dict:
     return decode_json_body(raw)
 
 
-def tokenize(engine: Engine, request: GenerationRequest) -> list[int]:
+def tokenize(engine: Replicas, request: GenerationRequest) -> list[int]:
     """Prompt ids: a raw prompt gets the tokenizer's special tokens (BOS); a rendered chat already has them."""
     text = render_prompt(engine.tokenizer, request)
     return engine.tokenizer(text, add_special_tokens=request.messages is None)["input_ids"]
@@ -222,17 +223,22 @@ async def stream_sse(
 
 async def health(request: web.Request) -> web.Response:
     """200 when every shard answers and the engine is serving, 503 with the reason otherwise (and
-    Retry-After while the shard group restarts)."""
+    Retry-After while the shard group restarts). With several shard groups: 200 while one serves,
+    `degraded` naming the groups down."""
     engine = request.app[ENGINE]
     if engine.failure is not None:
         exc = engine.unavailable("the shards are unavailable")
         status = "unavailable" if exc.retry_after_s is None else "restarting"
         return web.json_response({"status": status, **error_body(exc)}, status=503, headers=error_headers(exc))
-    if not await engine.group.health():
+    down = await engine.groups_down()
+    if len(down) == len(engine.engines):
         return web.json_response(
             {"status": "unavailable", "error": "a shard does not answer Health", "error_type": "unavailable"},
             status=503,
         )
+    if down:
+        groups_down = [{"group": group, "error": reason} for group, reason in down.items()]
+        return web.json_response({"status": "degraded", "groups_down": groups_down})
     return web.json_response({"status": "ok"})
 
 
@@ -264,11 +270,12 @@ async def info(request: web.Request) -> web.Response:
             "prefix_cache_hit_tokens": scheduler.prefix_hit_tokens,
             "requests_waiting": scheduler.num_waiting,
             "requests_running": scheduler.num_running,
-            "steps": engine.steps,
-            "step_sequences": engine.step_sequences,
-            "generated_tokens": engine.generated_tokens,
-            "cancelled_requests": engine.cancelled,
+            "steps": sum(e.steps for e in engine.engines),
+            "step_sequences": sum(e.step_sequences for e in engine.engines),
+            "generated_tokens": sum(e.generated_tokens for e in engine.engines),
+            "cancelled_requests": sum(e.cancelled for e in engine.engines),
             "uptime_s": round(time.monotonic() - request.app[STARTED], 1),
+            "shard_groups": engine.group_states(),
             # The rest of TGI's /info, for clients that read it.
             "model_sha": None,
             "model_pipeline_tag": "text-generation",
@@ -283,8 +290,11 @@ async def info(request: web.Request) -> web.Response:
     )
 
 
-def build_app(engine: Engine, config: ServerConfig) -> web.Application:
-    """The aiohttp application; the engine must be started by the caller."""
+def build_app(engine: Engine | Replicas, config: ServerConfig) -> web.Application:
+    """The aiohttp application over one engine or several shard groups' (Replicas); the engines must be
+    started by the caller."""
+    if isinstance(engine, Engine):
+        engine = Replicas([engine])
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[errors_middleware, auth_middleware])
     app[ENGINE] = engine
     app[CONFIG] = config

@@ -1,0 +1,263 @@
+"""Several shard groups (replicas) behind one router, and the one object the fronts talk to.
+
+Each shard group has its own `Engine`: scheduler, block allocator, prefix cache and step loop, since
+a request's KV cache lives on its group's shards. `Replicas` has the engine's interface for the HTTP
+and gRPC fronts (`submit`, `cancel`, the tokenizer, limits, metrics, health): it sends each new request
+to the least-loaded serving group (fewest requests queued or running, then most free KV blocks), and
+the request stays there for its whole life. A failed group is skipped (its own requests end with its
+error, as with one group) while the others serve; once the launcher has restarted it, it is chosen
+again. With one group every call is that engine's, so a single-group router behaves as it always did.
+"""
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from router.engine import Engine, Generation, Limits
+from router.errors import Overloaded, ShardUnavailable
+from router.metrics import Metrics
+from router.params import GenerationParams
+from router.scheduler import SchedulerConfig
+from router.shard_client import ShardGroup
+
+log = logging.getLogger("mixserve.router")
+
+HEALTH_FAILED = "a shard does not answer Health"
+
+
+class PooledSchedulers:
+    """Every group's scheduler read as one, where a Scheduler is read (the Prometheus gauges, /info):
+    counts are sums over the groups; `config` is the first group's with the pooled block count and,
+    since a request's KV lives on one group, the smallest group's batch capacity."""
+
+    def __init__(self, engines: list[Engine]) -> None:
+        self._engines = engines  # read at every access: a restarted group has a new scheduler
+
+    def _sum(self, name: str) -> int:
+        return sum(getattr(engine.scheduler, name) for engine in self._engines)
+
+    @property
+    def num_waiting(self) -> int:
+        return self._sum("num_waiting")
+
+    @property
+    def num_running(self) -> int:
+        return self._sum("num_running")
+
+    @property
+    def num_blocks_used(self) -> int:
+        return self._sum("num_blocks_used")
+
+    @property
+    def num_blocks_free(self) -> int:
+        return self._sum("num_blocks_free")
+
+    @property
+    def num_blocks_cached(self) -> int:
+        return self._sum("num_blocks_cached")
+
+    @property
+    def prefix_query_tokens(self) -> int:
+        return self._sum("prefix_query_tokens")
+
+    @property
+    def prefix_hit_tokens(self) -> int:
+        return self._sum("prefix_hit_tokens")
+
+    @property
+    def config(self) -> SchedulerConfig:
+        configs = [engine.scheduler.config for engine in self._engines]
+        per_group = min(c.max_blocks for c in configs) * configs[0].block_size
+        return dataclasses.replace(
+            configs[0], num_blocks=sum(c.num_blocks for c in configs), max_batch_total_tokens=per_group
+        )
+
+
+class Replicas:
+    """The router's engines, one per shard group, behind the one interface the fronts use."""
+
+    def __init__(self, engines: list[Engine]) -> None:
+        if not engines:
+            raise ValueError("replicas need at least one engine")
+        first = engines[0]
+        if any(engine.metrics is not first.metrics for engine in engines):
+            raise ValueError("the engines of several shard groups must share one Metrics")
+        self.engines = engines
+        self.tokenizer = first.tokenizer
+        self.special_ids = first.special_ids
+        self.eos_token_ids = first.eos_token_ids
+        self.limits: Limits = first.limits
+        self.metrics: Metrics = first.metrics
+        self.routed = [0] * len(engines)  # requests sent to each group
+        self._pooled = PooledSchedulers(engines)
+        self.metrics.registry.register(_GroupCollector(self))
+
+    # -- what the fronts read ---------------------------------------------------------------------
+
+    @property
+    def scheduler(self):
+        """The one group's scheduler, or every group's pooled (PooledSchedulers)."""
+        return self.engines[0].scheduler if len(self.engines) == 1 else self._pooled
+
+    @property
+    def failure(self) -> str | None:
+        """None while at least one group serves; otherwise why none does."""
+        if len(self.engines) == 1:
+            return self.engines[0].failure
+        failures = [engine.failure for engine in self.engines]
+        if any(failure is None for failure in failures):
+            return None
+        return "every shard group failed: " + "; ".join(f"group {i}: {f}" for i, f in enumerate(failures))
+
+    @property
+    def retry_after_s(self) -> int | None:
+        """Seconds until the soonest restart of a failed group, None when none is coming."""
+        waits = [e.retry_after_s for e in self.engines if e.retry_after_s is not None]
+        return min(waits) if waits else None
+
+    @retry_after_s.setter
+    def retry_after_s(self, value: int | None) -> None:
+        for engine in self.engines:
+            engine.retry_after_s = value
+
+    @property
+    def live(self) -> dict[int, Generation]:
+        """Every request in flight or queued, over all groups (request ids are unique across them)."""
+        return {seq_id: g for engine in self.engines for seq_id, g in engine.live.items()}
+
+    def unavailable(self, what: str) -> ShardUnavailable:
+        """The error for requests no group can serve, with Retry-After while a restart is coming."""
+        if len(self.engines) == 1:
+            return self.engines[0].unavailable(what)
+        return ShardUnavailable(f"{what}: {self.failure}", self.retry_after_s)
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], params: GenerationParams) -> Generation:
+        """Queue a tokenized request on the least-loaded serving group; raises as Engine.submit does."""
+        if len(self.engines) == 1:
+            generation = self.engines[0].submit(prompt_ids, params)
+            self.routed[0] += 1
+            return generation
+        serving = [i for i, engine in enumerate(self.engines) if engine.failure is None]
+        if not serving:
+            raise self.unavailable("the shards are unavailable")
+        in_flight = sum(len(engine.live) for engine in self.engines)
+        if in_flight >= self.limits.max_concurrent_requests:
+            raise Overloaded(
+                f"{in_flight} requests in flight, the limit is {self.limits.max_concurrent_requests}; retry later"
+            )
+        group = min(serving, key=lambda i: self._load(i, len(prompt_ids), params.max_new_tokens))
+        generation = self.engines[group].submit(prompt_ids, params)
+        self.routed[group] += 1
+        log.info("event=routed id=%s group=%d", generation.id, group)
+        return generation
+
+    def _load(self, group: int, prompt_len: int, max_new_tokens: int) -> tuple[bool, int, int, int]:
+        """Sort key, least loaded first: a group whose cache can hold the request at all, then the fewest
+        requests queued or running, then the most free KV blocks, then the lowest group id."""
+        scheduler = self.engines[group].scheduler
+        fits = scheduler.fits(prompt_len, max_new_tokens)
+        return (not fits, scheduler.num_waiting + scheduler.num_running, -scheduler.num_blocks_free, group)
+
+    def cancel(self, generation: Generation) -> None:
+        """The client went away: the request leaves its group's batch now."""
+        generation.cancel()
+
+    # -- lifecycle (the launcher's) ---------------------------------------------------------------
+
+    def start(self) -> None:
+        for engine in self.engines:
+            engine.start()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(engine.stop() for engine in self.engines))
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until no group has anything in flight, up to `timeout_s`; True if all drained."""
+        return all(await asyncio.gather(*(engine.drain(timeout_s) for engine in self.engines)))
+
+    def fail(self, reason: str) -> None:
+        """End every request of every group with an error (the server is stopping)."""
+        for engine in self.engines:
+            engine.fail(reason)
+
+    # -- state ------------------------------------------------------------------------------------
+
+    async def groups_down(self) -> dict[int, str]:
+        """Each group that cannot serve now, with why: failed, or a shard that does not answer Health."""
+        serving = [i for i, engine in enumerate(self.engines) if engine.failure is None]
+        answers = await asyncio.gather(*(self.engines[i].group.health() for i in serving))
+        down = {i: engine.failure for i, engine in enumerate(self.engines) if engine.failure is not None}
+        down.update({i: HEALTH_FAILED for i, ok in zip(serving, answers, strict=True) if not ok})
+        return dict(sorted(down.items()))
+
+    def group_states(self) -> list[dict]:
+        """Per-group state for /info: serving or down (and why), its load and its counters."""
+        states = []
+        for i, engine in enumerate(self.engines):
+            scheduler = engine.scheduler
+            states.append(
+                {
+                    "group": i,
+                    "status": "serving" if engine.failure is None else "down",
+                    "error": engine.failure,
+                    "num_shard": len(engine.group.addresses),
+                    "requests_routed": self.routed[i],
+                    "requests_waiting": scheduler.num_waiting,
+                    "requests_running": scheduler.num_running,
+                    "kv_blocks_total": scheduler.config.num_blocks,
+                    "kv_blocks_free": scheduler.num_blocks_free,
+                    "steps": engine.steps,
+                    "generated_tokens": engine.generated_tokens,
+                }
+            )
+        return states
+
+
+def build_replicas(
+    groups: list[tuple[ShardGroup, SchedulerConfig]],
+    tokenizer,
+    limits: Limits,
+    eos_token_ids: tuple[int, ...],
+    max_decode_steps: int,
+) -> Replicas:
+    """One engine per (shard group, its scheduler config). Several groups share one Metrics, whose gauges
+    read their pooled schedulers, and one request id sequence, so ids are unique across groups."""
+    if len(groups) == 1:
+        group, config = groups[0]
+        return Replicas([Engine(group, tokenizer, config, limits, eos_token_ids, max_decode_steps)])
+    engines: list[Engine] = []
+    metrics = Metrics(PooledSchedulers(engines))  # filled below; read only when Prometheus scrapes
+    ids: Iterator[int] = itertools.count(1)
+    for group, config in groups:
+        engine = Engine(group, tokenizer, config, limits, eos_token_ids, max_decode_steps, metrics=metrics, ids=ids)
+        engines.append(engine)
+    return Replicas(engines)
+
+
+class _GroupCollector(Collector):
+    """Per-group series for Prometheus, labelled `group`, read at scrape time."""
+
+    def __init__(self, replicas: Replicas) -> None:
+        self._replicas = replicas
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("mixserve_group_up", "1 while the shard group serves, else 0.", labels=["group"])
+        routed = CounterMetricFamily("mixserve_group_requests", "Requests sent to the shard group.", labels=["group"])
+        queue = GaugeMetricFamily("mixserve_group_queue_size", "Requests waiting, per group.", labels=["group"])
+        batch = GaugeMetricFamily("mixserve_group_batch_size", "Requests running, per group.", labels=["group"])
+        free = GaugeMetricFamily("mixserve_group_kv_blocks_free", "KV blocks still free, per group.", labels=["group"])
+        for i, engine in enumerate(self._replicas.engines):
+            label, scheduler = [str(i)], engine.scheduler
+            up.add_metric(label, 1 if engine.failure is None else 0)
+            routed.add_metric(label, self._replicas.routed[i])
+            queue.add_metric(label, scheduler.num_waiting)
+            batch.add_metric(label, scheduler.num_running)
+            free.add_metric(label, scheduler.num_blocks_free)
+        yield from (up, routed, queue, batch, free)
