@@ -21,8 +21,8 @@ from typing import Any
 
 from aiohttp import web
 
-from router.engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Generation, TokenEvent
 from router.errors import BadRequest, RouterError, ValidationError, error_headers
+from router.generation import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Generation, TokenEvent
 from router.params import (
     DEFAULT_LIMITS,
     MAX_ABS_PENALTY,

@@ -15,8 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
-from router.engine import Generation, TokenEvent
 from router.errors import BadRequest, ValidationError, error_body
+from router.generation import Generation, TokenEvent
 from router.params import (
     DEFAULT_LIMITS,
     MAX_ABS_PENALTY,

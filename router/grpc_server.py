@@ -17,8 +17,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mixserve_pb import generate_pb2, generate_pb2_grpc
-from router.engine import Generation, TokenEvent
 from router.errors import RouterError, Unauthorized
+from router.generation import Generation, TokenEvent
 from router.params import DEFAULT_LIMITS, GenerationParams, GenerationRequest, RequestLimits, as_messages, as_prompt
 from router.replicas import Replicas
 from router.server import ServerConfig, api_key_matches, tokenize

@@ -23,7 +23,7 @@ from router.grpc_server import GrpcFront
 from router.replicas import Replicas
 
 if TYPE_CHECKING:
-    from router.launcher import ShardSupervisor
+    from router.shard_processes import ShardSupervisor
 
 log = logging.getLogger("mixserve.launcher")
 

@@ -18,8 +18,9 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from router.engine import Engine, Generation, Limits
+from router.engine import Engine
 from router.errors import Overloaded, ShardUnavailable
+from router.generation import Generation, Limits
 from router.metrics import Metrics
 from router.params import GenerationParams
 from router.scheduler import SchedulerConfig

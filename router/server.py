@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from router.engine import Engine, Generation
+from router.engine import Engine
 from router.errors import BadRequest, PayloadTooLarge, ReadTimeout, RouterError, Unauthorized, error_body, error_headers
+from router.generation import Generation
 from router.metrics import install as install_metrics
 from router.params import (
     GenerationRequest,

@@ -7,7 +7,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from openapi_spec_validator import validate
 from transformers import AutoTokenizer
 
-from router.engine import Engine, Limits
+from router.engine import Engine
+from router.generation import Limits
 from router.openapi import build_spec, routes
 from router.scheduler import SchedulerConfig
 from router.server import ServerConfig, build_app

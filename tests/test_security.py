@@ -16,7 +16,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from transformers import AutoTokenizer
 
 from router import launcher
-from router.engine import Engine, Limits
+from router.engine import Engine
+from router.generation import Limits
 from router.scheduler import SchedulerConfig
 from router.server import ServerConfig, api_key_matches, build_app
 from router.shard_client import ShardGroup

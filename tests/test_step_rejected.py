@@ -8,7 +8,8 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from conftest import start_shards
-from router.engine import Engine, Limits
+from router.engine import Engine
+from router.generation import Limits
 from router.params import GenerationParams
 from router.scheduler import SchedulerConfig
 from router.shard_client import ShardGroup, ShardRejected

@@ -1,0 +1,231 @@
+"""One shard group's processes: started on unix sockets, their output echoed, watched, stopped.
+
+`ShardSupervisor` is one group of the launcher, started at start-up and again on every restart
+(router/recovery.py decides when); with `addresses` it is a group started elsewhere (torchrun,
+`mixserve shard`, Kubernetes) that it only connects to. Never imports torch.
+"""
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mixserve_pb import shard_pb2
+from router.recovery import unless_stopped
+from router.shard_client import ShardGroup, parse_shard_addresses
+
+log = logging.getLogger("mixserve.launcher")
+
+SHARD_LOG_LINES = 30
+
+
+@dataclass(slots=True)
+class ShardProcess:
+    rank: int
+    address: str
+    process: asyncio.subprocess.Process
+    last_lines: collections.deque = field(default_factory=lambda: collections.deque(maxlen=SHARD_LOG_LINES))
+    output: asyncio.Task | None = None  # echoes the shard's output until it ends
+
+    def describe_exit(self) -> str:
+        tail = "\n".join(self.last_lines) or "(no output)"
+        return f"shard {self.rank} exited with code {self.process.returncode}; its last lines:\n{tail}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def start_shards(
+    args: argparse.Namespace, model_dir: str, socket_dir: Path, group_id: int = 0
+) -> list[ShardProcess]:
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+    env.update(WORLD_SIZE=str(args.num_shard), PYTHONUNBUFFERED="1")
+    shards = []
+    for rank in range(args.num_shard):
+        path = socket_dir / f"shard-{rank}.sock"
+        cmd = [sys.executable, "-m", "mixserve.cli", "shard", "--rank", str(rank), "--world-size", str(args.num_shard)]
+        cmd += ["--model", model_dir, "--uds", str(path), "--dtype", args.dtype, "--device", args.device]
+        cmd += ["--block-size", str(args.block_size), "--max-kv-blocks", str(args.max_kv_blocks)]
+        if args.quantize:
+            cmd += ["--quantize", args.quantize]
+        cmd += ["--moe-parallel", args.moe_parallel]
+        process = await asyncio.create_subprocess_exec(
+            *cmd, env=dict(env, RANK=str(rank)), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        shard = ShardProcess(rank, f"unix:{path}", process)
+        log.info("event=shard_started rank=%d pid=%d address=%s group=%d", rank, process.pid, shard.address, group_id)
+        shard.output = asyncio.create_task(_pump_output(shard))
+        shards.append(shard)
+    return shards
+
+
+async def _pump_output(shard: ShardProcess) -> None:
+    """Echo a shard's log lines to ours and keep the last few for error messages."""
+    assert shard.process.stdout is not None
+    async for raw in shard.process.stdout:
+        line = raw.decode(errors="replace").rstrip()
+        shard.last_lines.append(line)
+        print(line, file=sys.stderr, flush=True)
+
+
+async def wait_until_ready(group: ShardGroup, shards: list[ShardProcess], timeout_s: float) -> None:
+    """Wait for every shard's socket to answer; fail naming the shard that exited or never answered."""
+    ready = asyncio.create_task(group.wait_ready(timeout_s))
+    exits = [asyncio.create_task(s.process.wait()) for s in shards]
+    try:
+        done, _ = await asyncio.wait([ready, *exits], return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # a stop during start-up
+        for task in [ready, *exits]:
+            task.cancel()
+        raise
+    for shard, task in zip(shards, exits, strict=True):
+        if task in done:
+            ready.cancel()
+            raise RuntimeError(shard.describe_exit())
+    for task in exits:
+        task.cancel()
+    try:
+        ready.result()
+    except TimeoutError:
+        if not shards:
+            raise RuntimeError(
+                f"the shards at {','.join(group.addresses)} did not all accept a connection within {timeout_s:.0f}s "
+                "(not started, a wrong address, or TLS refused: a certificate --shard-ca does not verify)"
+            ) from None
+        silent = [s for s in shards if not os.path.exists(s.address.removeprefix("unix:"))]
+        which = silent[0] if silent else shards[0]
+        tail = "\n".join(which.last_lines)
+        raise RuntimeError(
+            f"shard {which.rank} did not answer within {timeout_s:.0f}s; its last lines:\n{tail}"
+        ) from None
+
+
+async def stop_shards(shards: list[ShardProcess], timeout_s: float = 10.0, kill: bool = False) -> None:
+    """Stop the shard processes and wait for them: SIGTERM, or SIGKILL with `kill` or past `timeout_s`."""
+    for shard in shards:
+        if shard.process.returncode is None:
+            if kill:
+                shard.process.kill()
+                continue
+            shard.process.terminate()
+            # A stopped (SIGSTOP) shard acts on SIGTERM only once continued.
+            with contextlib.suppress(ProcessLookupError):
+                shard.process.send_signal(signal.SIGCONT)
+    for shard in shards:
+        try:
+            await asyncio.wait_for(shard.process.wait(), timeout_s)
+        except TimeoutError:
+            shard.process.kill()
+            await shard.process.wait()
+    # Read each output pipe to its end while the loop runs: a pipe left open is closed by the garbage
+    # collector after asyncio.run closed the loop ("RuntimeError: Event loop is closed" at exit).
+    outputs = [s.output for s in shards if s.output is not None]
+    if outputs:
+        await asyncio.wait(outputs, timeout=timeout_s)
+
+
+class ShardSupervisor:
+    """One shard group of the launcher: started at start-up and again on every restart, watched, stopped.
+
+    `addresses`: the group's `host:port,...` when it runs elsewhere (--shard-addresses, --shard-group);
+    None to start its shards here."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        model_dir: str,
+        socket_root: Path,
+        group_id: int = 0,
+        addresses: str | None = None,
+    ) -> None:
+        self.args = args
+        self.model_dir = model_dir
+        self.socket_root = socket_root
+        self.group_id = group_id
+        self.addresses = addresses
+        self.shards: list[ShardProcess] = []
+        self.group: ShardGroup | None = None
+        self.starts = 0
+        self.startup_s = 0.0
+
+    @property
+    def retry_after_s(self) -> int:
+        """Seconds a restart should take (what clients are told to wait): as long as the last start."""
+        return max(1, math.ceil(self.startup_s))
+
+    async def start(self, stop: asyncio.Event) -> tuple[shard_pb2.InfoResponse, shard_pb2.WarmupResponse] | None:
+        """Start a new group, wait until every shard answers, and warm it up; None when `stop` is set
+        first. Fresh sockets and a fresh rendezvous port, so the torch process group forms anew."""
+        self.starts += 1
+        started = time.monotonic()
+        if self.addresses:
+            # A group started elsewhere: nothing to start; a restart reconnects and warms it up again.
+            self.group = remote_shard_group(self.args, self.addresses)
+        else:
+            name = f"group-{self.starts}" if self.group_id == 0 else f"group{self.group_id}-{self.starts}"
+            socket_dir = self.socket_root / name
+            socket_dir.mkdir(mode=0o700)
+            # Not cancellable: every process started must be in self.shards for stop() to find it.
+            self.shards = await start_shards(self.args, self.model_dir, socket_dir, self.group_id)
+            # The token too: shards inherit MIXSERVE_SHARD_TOKEN and then ask for it even on unix sockets.
+            addresses = [s.address for s in self.shards]
+            self.group = ShardGroup(addresses, step_timeout_s=self.args.step_timeout, token=self.args.shard_token)
+        ready = await unless_stopped(self._warm_up(self.group), stop)
+        self.startup_s = time.monotonic() - started
+        return ready
+
+    async def _warm_up(self, group: ShardGroup) -> tuple[shard_pb2.InfoResponse, shard_pb2.WarmupResponse]:
+        # Warmup has no deadline (--step-timeout is for steps); the first real steps run shapes it ran.
+        await wait_until_ready(group, self.shards, self.args.shard_timeout)
+        await group.check_complete()
+        info = await group.info()
+        args = self.args
+        warm = await group.warmup(
+            args.max_batch_prefill_tokens + args.max_batch_size, args.max_batch_size, args.max_kv_blocks
+        )
+        return info, warm
+
+    def exited(self) -> ShardProcess | None:
+        """The first shard of the group that has exited, if any."""
+        return next((s for s in self.shards if s.process.returncode is not None), None)
+
+    async def wait_exit(self) -> None:
+        """Wait until any shard of the current group exits."""
+        if not self.shards:  # --shard-addresses: no processes of ours to watch
+            await asyncio.Event().wait()
+        exits = [asyncio.ensure_future(s.process.wait()) for s in self.shards]
+        try:
+            await asyncio.wait(exits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in exits:
+                task.cancel()
+
+    async def stop(self, kill: bool = False) -> None:
+        """Close the group's channels and stop its processes (SIGKILL with `kill`: a restart keeps nothing)."""
+        if self.group is not None:
+            await self.group.close()
+            self.group = None
+        await stop_shards(self.shards, kill=kill)
+
+
+def remote_shard_group(args: argparse.Namespace, addresses_text: str) -> ShardGroup:
+    """--shard-addresses or one --shard-group: clients for a group started elsewhere (torchrun,
+    `mixserve shard`, Kubernetes)."""
+    try:
+        ca_cert = args.shard_ca.read_bytes() if args.shard_ca else None
+    except OSError as e:
+        raise ValueError(f"--shard-ca: {e}") from None
+    addresses = parse_shard_addresses(addresses_text)
+    return ShardGroup(addresses, step_timeout_s=args.step_timeout, token=args.shard_token, ca_cert=ca_cert)
