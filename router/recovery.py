@@ -160,4 +160,4 @@ async def next_failure(engine: Engine, shards: "ShardSupervisor", stop: asyncio.
         return f"shard {dead.rank} exited with code {dead.process.returncode}"
     if silent:
         return f"shard {', '.join(map(str, silent))} stopped answering ({engine.failure})"
-    return engine.failure
+    return engine.failure or shards.lost

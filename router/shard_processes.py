@@ -26,6 +26,11 @@ from router.shard_client import ShardGroup, parse_shard_addresses
 log = logging.getLogger("mixserve.launcher")
 
 SHARD_LOG_LINES = 30
+# A group started elsewhere is polled: every REMOTE_HEALTH_POLL_S seconds, counted failed after
+# REMOTE_HEALTH_FAILURES Health calls in a row fail or say not ready.
+REMOTE_HEALTH_POLL_S = 2.0
+REMOTE_HEALTH_TIMEOUT_S = 10.0
+REMOTE_HEALTH_FAILURES = 3
 
 
 @dataclass(slots=True)
@@ -159,6 +164,8 @@ class ShardSupervisor:
         self.group: ShardGroup | None = None
         self.starts = 0
         self.startup_s = 0.0
+        # Why a group started elsewhere counts as failed (it stopped answering Health), or None.
+        self.lost: str | None = None
 
     @property
     def retry_after_s(self) -> int:
@@ -169,6 +176,7 @@ class ShardSupervisor:
         """Start a new group, wait until every shard answers, and warm it up; None when `stop` is set
         first. Fresh sockets and a fresh rendezvous port, so the torch process group forms anew."""
         self.starts += 1
+        self.lost = None
         started = time.monotonic()
         if self.addresses:
             # A group started elsewhere: nothing to start; a restart reconnects and warms it up again.
@@ -202,15 +210,30 @@ class ShardSupervisor:
         return next((s for s in self.shards if s.process.returncode is not None), None)
 
     async def wait_exit(self) -> None:
-        """Wait until any shard of the current group exits."""
-        if not self.shards:  # --shard-addresses: no processes of ours to watch
-            await asyncio.Event().wait()
+        """Wait until any shard of the current group exits; for a group started elsewhere, until it
+        fails Health REMOTE_HEALTH_FAILURES times in a row (see `lost`)."""
+        if not self.shards:
+            await self._wait_remote_lost()
+            return
         exits = [asyncio.ensure_future(s.process.wait()) for s in self.shards]
         try:
             await asyncio.wait(exits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in exits:
                 task.cancel()
+
+    async def _wait_remote_lost(self) -> None:
+        # No processes of ours to watch: a group restarted by its own supervisor (torchrun,
+        # Kubernetes) answers Health again but has no KV cache, so it says not ready; the router
+        # would otherwise notice only when a request fails. Several misses in a row, so that one
+        # slow answer under load does not restart a healthy group.
+        misses = 0
+        while misses < REMOTE_HEALTH_FAILURES:
+            await asyncio.sleep(REMOTE_HEALTH_POLL_S)
+            healthy = self.group is not None and await self.group.health(REMOTE_HEALTH_TIMEOUT_S)
+            misses = 0 if healthy else misses + 1
+        where = ",".join(self.group.addresses) if self.group is not None else self.addresses
+        self.lost = f"the shard group at {where} failed Health {REMOTE_HEALTH_FAILURES} times in a row"
 
     async def stop(self, kill: bool = False) -> None:
         """Close the group's channels and stop its processes (SIGKILL with `kill`: a restart keeps nothing)."""

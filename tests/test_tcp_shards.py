@@ -11,6 +11,7 @@ must be refused.
 import shutil
 import socket
 import subprocess
+import time
 
 import grpc
 import pytest
@@ -52,12 +53,10 @@ def tls(tmp_path_factory):
     return cert, key
 
 
-@pytest.fixture(scope="module")
-def tcp_group(demo_dir, tls, tmp_path_factory):
-    """Two TCP shards, as torchrun would start them on one host; yields their addresses."""
+def start_tcp_shards(demo_dir, tls, port: int, logs) -> list[subprocess.Popen]:
+    """Two TCP shards on `port` and `port + 1`, as torchrun would start them on one host."""
     cert, key = tls
-    port, master_port = free_port_pair(), str(free_port())
-    logs = tmp_path_factory.mktemp("tcp-shards")
+    master_port = str(free_port())
     cmd = [PYTHON, "-m", "mixserve.cli", "shard", "--model", str(demo_dir), "--port", str(port)]
     cmd += ["--collectives", "torch", "--tls-cert", str(cert), "--tls-key", str(key)]
     procs = []
@@ -70,8 +69,17 @@ def tcp_group(demo_dir, tls, tmp_path_factory):
             MASTER_PORT=master_port,
             MIXSERVE_SHARD_TOKEN=TOKEN,
         )
-        with open(logs / f"shard{rank}.log", "w") as log:
+        with open(logs / f"shard{rank}.log", "a") as log:
             procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+@pytest.fixture(scope="module")
+def tcp_group(demo_dir, tls, tmp_path_factory):
+    """Two TCP shards; yields their addresses, the processes (a test may replace them) and the log dir."""
+    port = free_port_pair()
+    logs = tmp_path_factory.mktemp("tcp-shards")
+    procs = start_tcp_shards(demo_dir, tls, port, logs)
     yield [f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"], procs, logs
     for p in procs:
         p.kill()
@@ -166,3 +174,30 @@ def test_open_tcp_needs_a_token_or_tls(demo_dir, tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "refusing to listen on 0.0.0.0" in done.stderr and "--insecure" in done.stderr
+
+
+def test_a_group_restarted_elsewhere_is_warmed_up_again_while_idle(demo_dir, tcp_group, tls, launch):
+    """Its supervisor (torchrun, Kubernetes) restarts the group while no request runs: the router
+    sees it fail Health, reconnects, warms it up and serves again, without a request failing first."""
+    addresses, procs, logs = tcp_group
+    cert, _ = tls
+    remote = launch(
+        "--model", str(demo_dir), "--shard-addresses", ",".join(addresses), "--shard-token", TOKEN,
+        "--shard-ca", str(cert),
+    )  # fmt: skip
+    try:
+        before = greedy_texts(remote.url)
+        for p in procs:
+            p.kill()
+            p.wait()
+        procs[:] = start_tcp_shards(demo_dir, tls, int(addresses[0].rsplit(":", 1)[1]), logs)
+        deadline = time.monotonic() + 240
+        while (
+            "event=shard_group_restart" not in remote.log() or requests.get(f"{remote.url}/health").status_code != 200
+        ):
+            assert time.monotonic() < deadline, remote.log()[-3000:]
+            time.sleep(0.5)
+        assert "failed Health 3 times in a row" in remote.log()
+        assert greedy_texts(remote.url) == before
+    finally:
+        remote.stop()
