@@ -27,6 +27,7 @@ from torch import nn
 from shards.checkpoint import CheckpointReader
 from shards.config import ModelConfig, ParallelConfig
 from shards.distributed import TensorParallelGroup
+from shards.layers.grouped_experts import run_grouped
 from shards.layers.linear import materialize
 from shards.quant.config import QuantizationConfig
 from shards.quant.experts import QuantizedExperts
@@ -57,25 +58,12 @@ def experts_grouped(
 
     Expert ids >= E_l (held by another rank, see `held_expert_ids`) are skipped.
     """
-    top_k, held = experts.shape[1], w13.shape[0]
-    flat = experts.flatten()  # [T K]
-    order = flat.argsort(stable=True)  # [T K], grouped by expert, token order kept within one
-    counts = torch.bincount(flat, minlength=held).tolist()
-    order = order[: sum(counts[:held])]  # [P]: pairs routed elsewhere sort last and are dropped
-    token_of = order // top_k
-    routed = hidden[token_of]  # [P, H]
-    out = torch.empty_like(routed)
-    start = 0
-    for expert, count in enumerate(counts[:held]):
-        if count == 0:
-            continue
-        end = start + count
-        gate_up = F.linear(routed[start:end], w13[expert])  # [c, 2 I_l]
-        gate, up = gate_up.chunk(2, dim=-1)
-        out[start:end] = F.linear(F.silu(gate) * up, w2[expert])  # [c, H]
-        start = end
-    scaled = out * weights.flatten()[order].unsqueeze(-1).to(out.dtype)  # [P, H]
-    return torch.zeros_like(hidden).index_add_(0, token_of, scaled)
+
+    def expert_mlp(expert: int, rows: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(rows, w13[expert]).chunk(2, dim=-1)  # [c, I_l] each
+        return F.linear(F.silu(gate) * up, w2[expert])  # [c, H]
+
+    return run_grouped(hidden, weights, experts, w13.shape[0], expert_mlp)
 
 
 def experts_gathered(
