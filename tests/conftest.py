@@ -54,6 +54,27 @@ def demo_tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(out_dir)
 
 
+def run_ranks(cmd: list[str], world_size: int, **env: str) -> None:
+    """Run `cmd` as ranks 0..world_size-1 of one group (torchrun's variables, a free rendezvous port)
+    and wait for all; fails with a rank's last output if any exits non-zero."""
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            cmd,
+            env=subprocess_env(
+                RANK=str(r), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world_size)
+    ]
+    for r, p in enumerate(procs):
+        output, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, f"rank {r} failed:\n{output[-3000:]}"
+
+
 def start_shards(model_dir: Path, socket_dir: Path, world_size: int) -> tuple[list[subprocess.Popen], list]:
     """`world_size` real `mixserve shard` processes on unix sockets in `socket_dir`, one group, with a
     connected gRPC stub for each (ready to answer); kill the processes when done."""

@@ -2,13 +2,12 @@
 tensor-parallel experts (the default) and with expert parallelism (`-ep` groups)."""
 
 import json
-import subprocess
 
 import pytest
 import torch
 from transformers import MixtralForCausalLM as ReferenceMixtral
 
-from conftest import PYTHON, REPO, free_port, subprocess_env
+from conftest import PYTHON, REPO, run_ranks
 from shards.config import ModelConfig, ParallelConfig
 from shards.distributed import TensorParallelGroup
 from shards.loader import load_model
@@ -27,27 +26,8 @@ def run_group(
     moe_parallel: str = "tp",
 ):
     """Start `world_size` tp_worker processes with torchrun's variables; return each rank's record."""
-    port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            [PYTHON, str(REPO / "tests" / "tp_worker.py"), str(model_dir), str(out), json.dumps(prompts), str(steps)],
-            env=subprocess_env(
-                RANK=str(r),
-                WORLD_SIZE=str(world_size),
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=port,
-                TP_COLLECTIVES=collectives,
-                TP_MOE_PARALLEL=moe_parallel,
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world_size)
-    ]
-    for r, p in enumerate(procs):
-        output, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, f"rank {r} failed:\n{output[-3000:]}"
+    cmd = [PYTHON, str(REPO / "tests" / "tp_worker.py"), str(model_dir), str(out), json.dumps(prompts), str(steps)]
+    run_ranks(cmd, world_size, TP_COLLECTIVES=collectives, TP_MOE_PARALLEL=moe_parallel)
     return [torch.load(f"{out}.rank{r}") for r in range(world_size)]
 
 

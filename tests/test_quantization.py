@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast
 
-from conftest import PYTHON, REPO, free_port, subprocess_env
+from conftest import PYTHON, REPO, free_port, run_ranks, subprocess_env
 from shards.config import ParallelConfig
 from shards.demo.checkpoint import DemoConfig, ensure_demo_checkpoint
 from shards.demo.tokenizer import corpus_lines
@@ -116,20 +116,7 @@ def collect(model_dir, parallel: ParallelConfig, group: TensorParallelGroup) -> 
 
 def run_group(model_dir, world_size: int, out) -> list[dict]:
     """This file as `world_size` ranks of a real process group; each rank's record."""
-    port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            [PYTHON, __file__, str(model_dir), str(out)],
-            env=subprocess_env(RANK=str(r), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world_size)
-    ]
-    for r, p in enumerate(procs):
-        output, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, f"rank {r} failed:\n{output[-3000:]}"
+    run_ranks([PYTHON, __file__, str(model_dir), str(out)], world_size)
     return [torch.load(f"{out}.rank{r}") for r in range(world_size)]
 
 
