@@ -103,6 +103,14 @@ def launch_once(demo_dir, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
 
 
+def launch_remote(launch, demo_dir, addresses: list[str], cert):
+    """`mixserve launch` serving the TCP group at `addresses` (token and TLS), starting no shards."""
+    return launch(
+        "--model", str(demo_dir), "--shard-addresses", ",".join(addresses), "--shard-token", TOKEN,
+        "--shard-ca", str(cert),
+    )  # fmt: skip
+
+
 def secure_stub(address: str, cert) -> shard_pb2_grpc.ShardServiceStub:
     channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=cert.read_bytes()))
     grpc.channel_ready_future(channel).result(timeout=300)
@@ -112,10 +120,7 @@ def secure_stub(address: str, cert) -> shard_pb2_grpc.ShardServiceStub:
 def test_tcp_group_serves_the_same_text_as_unix_sockets(demo_dir, tcp_group, tls, launch):
     addresses, _, logs = tcp_group
     cert, _ = tls
-    remote = launch(
-        "--model", str(demo_dir), "--shard-addresses", ",".join(addresses), "--shard-token", TOKEN,
-        "--shard-ca", str(cert),
-    )  # fmt: skip
+    remote = launch_remote(launch, demo_dir, addresses, cert)
     try:
         over_tcp = greedy_texts(remote.url)
         assert "num_shard=2" in remote.log() and "shard_started" not in remote.log(), "the launcher started shards"
@@ -181,10 +186,7 @@ def test_a_group_restarted_elsewhere_is_warmed_up_again_while_idle(demo_dir, tcp
     sees it fail Health, reconnects, warms it up and serves again, without a request failing first."""
     addresses, procs, logs = tcp_group
     cert, _ = tls
-    remote = launch(
-        "--model", str(demo_dir), "--shard-addresses", ",".join(addresses), "--shard-token", TOKEN,
-        "--shard-ca", str(cert),
-    )  # fmt: skip
+    remote = launch_remote(launch, demo_dir, addresses, cert)
     try:
         before = greedy_texts(remote.url)
         for p in procs:
