@@ -237,8 +237,14 @@ class Engine:
             return
         task = asyncio.ensure_future(self.group.interrupt(run_id))
         self._interrupts.add(task)
-        # A failed interrupt needs no handling of its own: a group that fails also fails the run's stream.
-        task.add_done_callback(lambda t: (self._interrupts.discard(t), t.cancelled() or t.exception()))
+        task.add_done_callback(self._interrupt_sent)
+
+    def _interrupt_sent(self, task: asyncio.Task) -> None:
+        self._interrupts.discard(task)
+        # A failed interrupt needs no handling of its own (a group that fails also fails the run's
+        # stream); reading its exception keeps asyncio from logging it as never retrieved.
+        if not task.cancelled():
+            task.exception()
 
     def _step_request(self, plan: StepPlan) -> shard_pb2.StepRequest:
         steps = []

@@ -216,9 +216,6 @@ class ShardGroup:
         """End DecodeSteps run `run_id` after the step in progress."""
         await self._all("Interrupt", shard_pb2.InterruptRequest(run_id=run_id), 30)
 
-    async def release(self, seq_ids: list[int]) -> None:
-        await self._all("Release", shard_pb2.ReleaseRequest(seq_ids=seq_ids), 30)
-
     async def clear(self) -> None:
         await self._all("Clear", shard_pb2.ClearRequest(), 30)
 
