@@ -107,6 +107,31 @@ def test_bad_runs_are_refused_before_any_step(runner, change, message):
         next(decode_steps(runner, steps, 40, lambda: False))
 
 
+def test_a_step_request_releases_finished_sequences_first(runner, demo_dir):
+    """Releases ride on the next step (no Release call of their own): the shard forgets them."""
+    from shards.server import ShardServicer
+
+    steps = first_decode(runner)
+    assert set(runner.sequences) == {0, 1, 2}
+    step = steps[0]
+    request = shard_pb2.StepRequest(
+        sequences=[
+            shard_pb2.SequenceStep(
+                seq_id=step.seq_id,
+                token_ids=step.token_ids,
+                start_position=step.start_position,
+                slot_mapping=step.slot_mapping,
+                block_table=step.block_table,
+                sample=True,
+            )
+        ],
+        release_seq_ids=[1, 2],
+    )
+    response = ShardServicer(runner, str(demo_dir), 0).Step(request, None)
+    assert [r.seq_id for r in response.results] == [0]
+    assert set(runner.sequences) == {0}
+
+
 # -- two shard processes over gRPC ---------------------------------------------------------------
 
 
