@@ -1,0 +1,211 @@
+"""The OpenAI response objects: `chat.completion` / `text_completion` and their streamed chunks.
+
+One response gathers one or more engine requests (`n` choices, or a list of prompts); their token
+events are interleaved as they arrive and turned into OpenAI's shapes, with `usage`, finish
+reasons and logprobs. Parsing the requests and the routes are router/api_openai.py.
+"""
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from router.generation import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Generation, TokenEvent
+from router.replicas import Replicas
+from router.server import token_piece
+
+if TYPE_CHECKING:
+    from router.api_openai import OpenAIRequest
+
+FINISH_REASONS = {FINISH_EOS: "stop", FINISH_STOP: "stop", FINISH_LENGTH: "length"}
+
+
+@dataclass(slots=True)
+class Choices:
+    """The engine requests behind one response, in choice order (prompt-major, then `n`)."""
+
+    generations: list[Generation]
+    prompt_tokens: int
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def usage(self) -> dict[str, int]:
+        completion = sum(g.generated_tokens for g in self.generations)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
+
+
+async def interleave(generations: list[Generation]) -> AsyncGenerator[tuple[int, TokenEvent], None]:
+    """Every choice's token events as they arrive, tagged with the choice index. Leaving early (or a
+    failure of any choice) cancels every choice still running."""
+    streams = [g.stream() for g in generations]
+    pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=pending.__getitem__):
+                i = pending.pop(task)
+                try:
+                    event = task.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(streams[i]))] = i
+                yield i, event
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
+
+
+def _chat_logprobs(tokenizer, event: TokenEvent) -> dict[str, Any]:
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        piece = token_piece(tokenizer, token_id)
+        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
+
+    return {**entry(event.token_id, event.logprob), "top_logprobs": [entry(t, lp) for t, lp in event.top_tokens]}
+
+
+@dataclass(slots=True)
+class CompletionLogprobs:
+    """The legacy completions `logprobs` object, built token by token."""
+
+    tokens: list[str] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = field(default_factory=list)
+    text_offset: list[int] = field(default_factory=list)
+
+    def add(self, tokenizer, event: TokenEvent, offset: int) -> None:
+        piece = token_piece(tokenizer, event.token_id)
+        self.tokens.append(piece)
+        self.token_logprobs.append(event.logprob)
+        # OpenAI: the requested alternatives, and always the sampled token.
+        top = {token_piece(tokenizer, t): lp for t, lp in event.top_tokens}
+        top.setdefault(piece, event.logprob)
+        self.top_logprobs.append(top)
+        self.text_offset.append(offset)
+
+    def as_dict(self) -> dict[str, list]:
+        return {
+            "tokens": self.tokens,
+            "token_logprobs": self.token_logprobs,
+            "top_logprobs": self.top_logprobs,
+            "text_offset": self.text_offset,
+        }
+
+
+def _header(choices: Choices, kind: str, model: str, prefix: str) -> dict[str, Any]:
+    return {"id": f"{prefix}-{choices.id}", "object": kind, "created": choices.created, "model": model}
+
+
+async def chat_completion(engine: Replicas, request: "OpenAIRequest", choices: Choices, model: str) -> dict[str, Any]:
+    """The non-streaming `chat.completion` object."""
+    texts = [[] for _ in choices.generations]
+    logprobs: list[list[dict]] = [[] for _ in choices.generations]
+    async with aclosing(interleave(choices.generations)) as events:
+        async for i, event in events:
+            texts[i].append(event.text)
+            if request.logprobs is not None:
+                logprobs[i].append(_chat_logprobs(engine.tokenizer, event))
+    return {
+        **_header(choices, "chat.completion", model, "chatcmpl"),
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": "".join(texts[i])},
+                "logprobs": None if request.logprobs is None else {"content": logprobs[i]},
+                "finish_reason": FINISH_REASONS[g.finish_reason],
+            }
+            for i, g in enumerate(choices.generations)
+        ],
+        "usage": choices.usage(),
+    }
+
+
+async def chat_chunks(
+    engine: Replicas, request: "OpenAIRequest", choices: Choices, model: str
+) -> AsyncGenerator[dict | str, None]:
+    """`chat.completion.chunk` events: a choice's first delta carries the role, its last the finish reason."""
+    header = _header(choices, "chat.completion.chunk", model, "chatcmpl")
+    usage: dict[str, None] = {"usage": None} if request.include_usage else {}
+    started: set[int] = set()
+    async with aclosing(interleave(choices.generations)) as events:
+        async for i, event in events:
+            if i not in started:
+                started.add(i)
+                delta = {"role": "assistant", "content": ""}
+                role = {"index": i, "delta": delta, "logprobs": None, "finish_reason": None}
+                yield {**header, "choices": [role], **usage}
+            finish = FINISH_REASONS.get(event.finish_reason)
+            if not event.text and finish is None and request.logprobs is None:
+                continue
+            choice = {
+                "index": i,
+                "delta": {"content": event.text} if event.text else {},
+                "logprobs": None
+                if request.logprobs is None
+                else {"content": [_chat_logprobs(engine.tokenizer, event)]},
+                "finish_reason": finish,
+            }
+            yield {**header, "choices": [choice], **usage}
+    if request.include_usage:
+        yield {**header, "choices": [], "usage": choices.usage()}
+    yield "[DONE]"
+
+
+async def completion(engine: Replicas, request: "OpenAIRequest", choices: Choices, model: str) -> dict[str, Any]:
+    """The non-streaming `text_completion` object."""
+    texts = [[] for _ in choices.generations]
+    logprobs = [CompletionLogprobs() for _ in choices.generations]
+    offsets = [0] * len(choices.generations)
+    async with aclosing(interleave(choices.generations)) as events:
+        async for i, event in events:
+            if request.logprobs is not None:
+                logprobs[i].add(engine.tokenizer, event, offsets[i])
+            texts[i].append(event.text)
+            offsets[i] += len(event.text)
+    return {
+        **_header(choices, "text_completion", model, "cmpl"),
+        "choices": [
+            {
+                "index": i,
+                "text": "".join(texts[i]),
+                "logprobs": None if request.logprobs is None else logprobs[i].as_dict(),
+                "finish_reason": FINISH_REASONS[g.finish_reason],
+            }
+            for i, g in enumerate(choices.generations)
+        ],
+        "usage": choices.usage(),
+    }
+
+
+async def completion_chunks(
+    engine: Replicas, request: "OpenAIRequest", choices: Choices, model: str
+) -> AsyncGenerator[dict | str, None]:
+    """`text_completion` events, one per token that adds text (or logprobs), the finish reason on the last."""
+    header = _header(choices, "text_completion", model, "cmpl")
+    usage: dict[str, None] = {"usage": None} if request.include_usage else {}
+    offsets = [0] * len(choices.generations)
+    async with aclosing(interleave(choices.generations)) as events:
+        async for i, event in events:
+            finish = FINISH_REASONS.get(event.finish_reason)
+            if not event.text and finish is None and request.logprobs is None:
+                continue
+            logprobs = None
+            if request.logprobs is not None:
+                one = CompletionLogprobs()
+                one.add(engine.tokenizer, event, offsets[i])
+                logprobs = one.as_dict()
+            offsets[i] += len(event.text)
+            choice = {"index": i, "text": event.text, "logprobs": logprobs, "finish_reason": finish}
+            yield {**header, "choices": [choice], **usage}
+    if request.include_usage:
+        yield {**header, "choices": [], "usage": choices.usage()}
+    yield "[DONE]"
