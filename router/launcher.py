@@ -87,6 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="experts split on the intermediate dimension (tp) or whole experts per shard (ep)",
     )
     parser.add_argument(
+        "--kernels",
+        choices=["auto", "native", "torch"],
+        default="auto",
+        help="shard decode attention: the C kernel where it builds (auto), always (native), never (torch)",
+    )
+    parser.add_argument(
         "--shard-addresses",
         help="host:port,... of a shard group already running, in rank order: start no shards, serve those",
     )

@@ -65,7 +65,7 @@ async def start_shards(
         cmd += ["--block-size", str(args.block_size), "--max-kv-blocks", str(args.max_kv_blocks)]
         if args.quantize:
             cmd += ["--quantize", args.quantize]
-        cmd += ["--moe-parallel", args.moe_parallel]
+        cmd += ["--moe-parallel", args.moe_parallel, "--kernels", args.kernels]
         process = await asyncio.create_subprocess_exec(
             *cmd, env=dict(env, RANK=str(rank)), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
         )

@@ -14,6 +14,7 @@ from shards.attention_metadata import AttentionMetadata
 from shards.checkpoint import CheckpointReader
 from shards.config import ModelConfig, ParallelConfig
 from shards.distributed import TensorParallelGroup
+from shards.kernels import paged_attention as kernel
 from shards.layers.linear import QKVParallelLinear, RowParallelLinear
 from shards.layers.rotary import RotaryEmbedding
 
@@ -31,6 +32,34 @@ def _sliding_window_mask(mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.T
     return mask & (k_pos > q_pos - window)
 
 
+def gathered_decode_attention(
+    q: torch.Tensor,
+    cache: tuple[torch.Tensor, torch.Tensor],
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Decode attention in torch: one query per sequence, q [B_d, h, d], over its blocks (tables
+    [B_d, M], context lengths [B_d]) gathered into one padded tensor; any dtype and device."""
+    k_pool, v_pool = cache
+    num_kv, head_dim = k_pool.shape[2:]
+    nd = q.shape[0]
+    keys = k_pool[block_tables].view(nd, -1, num_kv, head_dim).transpose(1, 2)  # [B_d, kv, M S, d]
+    values = v_pool[block_tables].view(nd, -1, num_kv, head_dim).transpose(1, 2)
+    k_pos = torch.arange(keys.shape[2], device=q.device)  # [M S]
+    q_pos = (context_lens - 1).unsqueeze(1)  # [B_d, 1]
+    mask = _sliding_window_mask(k_pos < context_lens.unsqueeze(1), q_pos, k_pos, sliding_window)
+    return F.scaled_dot_product_attention(
+        q.unsqueeze(2),  # [B_d, h, 1, d]
+        keys,
+        values,
+        attn_mask=mask[:, None, None, :],  # [B_d, 1, 1, M S]
+        scale=scale,
+        enable_gqa=True,
+    ).squeeze(2)
+
+
 def paged_attention(
     q: torch.Tensor,
     cache: tuple[torch.Tensor, torch.Tensor],
@@ -38,26 +67,18 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Attention of q [T, h, d] against the cached K/V (already holding this step's tokens)."""
+    """Attention of q [T, h, d] against the cached K/V (already holding this step's tokens).
+
+    Decodes run in the C kernel where it is chosen and fits (fp32 on the CPU; it reads the blocks
+    in place), else gathered in torch.
+    """
     k_pool, v_pool = cache
-    block_size, num_kv, head_dim = k_pool.shape[1:]
+    num_kv, head_dim = k_pool.shape[2:]
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if nd:
-        tables = meta.decode_block_tables  # [B_d, M]
-        keys = k_pool[tables].view(nd, -1, num_kv, head_dim).transpose(1, 2)  # [B_d, kv, M S, d]
-        values = v_pool[tables].view(nd, -1, num_kv, head_dim).transpose(1, 2)
-        k_pos = torch.arange(keys.shape[2], device=q.device)  # [M S]
-        q_pos = (meta.decode_context_lens - 1).unsqueeze(1)  # [B_d, 1]
-        mask = _sliding_window_mask(k_pos < meta.decode_context_lens.unsqueeze(1), q_pos, k_pos, sliding_window)
-        out[:nd] = F.scaled_dot_product_attention(
-            q[:nd].unsqueeze(2),  # [B_d, h, 1, d]
-            keys,
-            values,
-            attn_mask=mask[:, None, None, :],  # [B_d, 1, 1, M S]
-            scale=scale,
-            enable_gqa=True,
-        ).squeeze(2)
+        decode = kernel.paged_decode_attention if kernel.usable(q, k_pool) else gathered_decode_attention
+        out[:nd] = decode(q[:nd], cache, meta.decode_block_tables, meta.decode_context_lens, scale, sliding_window)
     for chunk in meta.prefills:
         n = chunk.token_end - chunk.token_start
         context = chunk.start_position + n

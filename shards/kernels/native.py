@@ -1,0 +1,96 @@
+"""Build this folder's C kernels with the machine's C compiler and load them with ctypes.
+
+Compiled once per source and machine (`-march=native`, so the cache key covers the CPU) into
+$MIXSERVE_CACHE/kernels (default ~/.cache/mixserve/kernels); shard processes that start together
+build side by side and each moves its own file into place. A machine without a C compiler keeps
+the torch paths: `load` raises KernelUnavailable and the caller decides.
+"""
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
+_SOURCES = Path(__file__).parent
+_loaded: dict[str, ctypes.CDLL] = {}
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernel cannot be built or loaded here (no C compiler, or it failed)."""
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MIXSERVE_CACHE") or Path.home() / ".cache" / "mixserve") / "kernels"
+
+
+def _cpu_fingerprint() -> str:
+    """What -march=native depends on: the machine type and the CPU's model and feature flags."""
+    lines = [platform.machine()]
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features")):
+                    lines.append(line.strip())
+                    if len(lines) == 3:
+                        break
+    except OSError:
+        pass
+    return "\n".join(lines)
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    raise KernelUnavailable("no C compiler (cc, gcc or clang) on PATH")
+
+
+def _build(name: str) -> Path:
+    source = _SOURCES / f"{name}.c"
+    compiler = _compiler()
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise KernelUnavailable(f"{compiler} --version failed: {e}") from e
+    key = hashlib.sha256(
+        "\0".join([source.read_text(), " ".join(_FLAGS), version, _cpu_fingerprint()]).encode()
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"{name}-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{name}-", suffix=".so")
+    os.close(fd)
+    try:
+        result = subprocess.run(
+            [compiler, *_FLAGS, "-o", partial, str(source), "-lm"], capture_output=True, text=True, timeout=300
+        )
+        if result.returncode != 0:
+            raise KernelUnavailable(f"{compiler} failed on {source.name}: {result.stderr.strip()[-2000:]}")
+        os.replace(partial, target)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise KernelUnavailable(f"building {source.name} failed: {e}") from e
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    log.info("event=kernel_built name=%s path=%s", name, target)
+    return target
+
+
+def load(name: str) -> ctypes.CDLL:
+    """The shared library built from `<name>.c` beside this file (built on first use, then cached)."""
+    if name not in _loaded:
+        path = _build(name)
+        try:
+            _loaded[name] = ctypes.CDLL(str(path))
+        except OSError as e:
+            raise KernelUnavailable(f"loading {path} failed: {e}") from e
+    return _loaded[name]

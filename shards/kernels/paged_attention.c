@@ -1,0 +1,140 @@
+/* Decode attention over the paged KV cache, fp32, one CPU thread, reading K/V where they lie.
+
+   The torch path gathers every decoding sequence's blocks into one padded tensor before
+   attending (copying the whole context of the batch every layer, about half a decode step's time
+   at batch 32 on the demo model). Here each (sequence, KV head) pair walks its block table and
+   attends its query heads with an online softmax, block by block.
+
+   Legend: B decoding sequences, H query heads, KV key/value heads (H / KV query heads share one),
+   D head dim, N cache blocks, S block size, M block-table width.
+   Layouts (contiguous, row-major): q and out [B, H, D]; k_pool and v_pool [N, S, KV, D];
+   block_tables [B, M]; context_lens [B] (the tokens each query attends to, its own included).
+   window > 0 keeps only the last `window` positions (Mixtral's sliding window); 0 keeps all.
+*/
+
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HAVE_AVX2 1
+#endif
+
+#define MAX_HEADS 64
+#define MAX_HEAD_DIM 256
+#define MAX_BLOCK 256
+
+/* scores[h] = q[h] . k[h / G] for the H heads of one token: 8 heads at a time with AVX2 (their 8
+   partial-sum vectors reduced together), else one dot product each. */
+static void token_scores(const float (*qs)[MAX_HEAD_DIM], const float *kt, float *scores, int64_t H, int64_t G,
+                         int64_t D) {
+    int64_t h0 = 0;
+#ifdef HAVE_AVX2
+    if (D % 8 == 0) {
+        for (; h0 + 8 <= H; h0 += 8) {
+            __m256 v[8];
+            for (int j = 0; j < 8; j++) {
+                const float *qh = qs[h0 + j], *kh = kt + ((h0 + j) / G) * D;
+                __m256 sum = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(kh));
+                for (int64_t d = 8; d < D; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(kh + d), sum);
+                v[j] = sum;
+            }
+            const __m256 s01 = _mm256_hadd_ps(v[0], v[1]), s23 = _mm256_hadd_ps(v[2], v[3]);
+            const __m256 s45 = _mm256_hadd_ps(v[4], v[5]), s67 = _mm256_hadd_ps(v[6], v[7]);
+            const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+            /* lanes 0-3: heads 0-3 over the low half of each vector, 4-7 over the high half */
+            const __m256 low = _mm256_permute2f128_ps(s0123, s4567, 0x20);
+            const __m256 high = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+            _mm256_storeu_ps(scores + h0, _mm256_add_ps(low, high));
+        }
+    }
+#endif
+    for (int64_t h = h0; h < H; h++) {
+        const float *qh = qs[h], *kh = kt + (h / G) * D;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; d++) dot += qh[d] * kh[d];
+        scores[h] = dot;
+    }
+}
+
+/* Built with -ffast-math (vectorised expf): no infinities here, -FLT_MAX stands for "no score yet".
+   Each token's K (and V) row of all KV heads is contiguous, so one sequence's context is read
+   front to back, once, for all of its query heads; scores are kept [token][head]. */
+int paged_decode_attention(const float *q, const float *k_pool, const float *v_pool,
+                           const int64_t *block_tables, const int64_t *context_lens, float *out,
+                           int64_t B, int64_t H, int64_t KV, int64_t D, int64_t S, int64_t M,
+                           float scale, int64_t window) {
+    const int64_t G = H / KV;
+    if (H > MAX_HEADS || G * KV != H || D > MAX_HEAD_DIM || S > MAX_BLOCK) return 1;
+    const int64_t token_stride = KV * D; /* floats between two tokens of one block */
+    float qs[MAX_HEADS][MAX_HEAD_DIM], acc[MAX_HEADS][MAX_HEAD_DIM], scores[MAX_BLOCK][MAX_HEADS];
+    float running_max[MAX_HEADS], running_sum[MAX_HEADS], correction[MAX_HEADS];
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t len = context_lens[b];
+        const int64_t first = (window > 0 && len > window) ? len - window : 0;
+        const int64_t *table = block_tables + b * M;
+        for (int64_t h = 0; h < H; h++) {
+            const float *src = q + (b * H + h) * D;
+            for (int64_t d = 0; d < D; d++) qs[h][d] = src[d] * scale;
+            running_max[h] = -FLT_MAX;
+            running_sum[h] = 0.0f;
+            memset(acc[h], 0, sizeof(float) * D);
+        }
+        for (int64_t start = first - first % S; start < len; start += S) {
+            const int64_t block = table[start / S];
+            const int64_t lo = start < first ? first - start : 0;
+            const int64_t hi = (len - start < S ? len - start : S);
+            const float *kb = k_pool + block * S * token_stride;
+            const float *vb = v_pool + block * S * token_stride;
+            /* Blocks lie anywhere in the pool: fetch this block's V and the next block's K while
+               computing on this block's K, so the walk does not stall on every block change. */
+            const float *next_kb = start + S < len ? k_pool + table[start / S + 1] * S * token_stride : kb;
+            for (int64_t t = lo; t < hi; t++) {
+                for (int64_t line = 0; line < token_stride; line += 16) {
+                    __builtin_prefetch(vb + t * token_stride + line);
+                    __builtin_prefetch(next_kb + t * token_stride + line);
+                }
+                token_scores((const float (*)[MAX_HEAD_DIM])qs, kb + t * token_stride, scores[t], H, G, D);
+            }
+            for (int64_t h = 0; h < H; h++) {
+                float block_max = running_max[h];
+                for (int64_t t = lo; t < hi; t++) block_max = scores[t][h] > block_max ? scores[t][h] : block_max;
+                correction[h] = running_sum[h] > 0.0f ? expf(running_max[h] - block_max) : 0.0f;
+                running_max[h] = block_max;
+                running_sum[h] *= correction[h];
+            }
+            for (int64_t t = lo; t < hi; t++) {
+#pragma omp simd
+                for (int64_t h = 0; h < H; h++) {
+                    scores[t][h] = expf(scores[t][h] - running_max[h]);
+                    running_sum[h] += scores[t][h];
+                }
+            }
+            for (int64_t h = 0; h < H; h++) {
+                float *ah = acc[h];
+                const float c = correction[h];
+#pragma omp simd
+                for (int64_t d = 0; d < D; d++) ah[d] *= c;
+            }
+            for (int64_t t = lo; t < hi; t++) {
+                const float *vt = vb + t * token_stride;
+                for (int64_t h = 0; h < H; h++) {
+                    const float p = scores[t][h], *vh = vt + (h / G) * D;
+                    float *ah = acc[h];
+#pragma omp simd
+                    for (int64_t d = 0; d < D; d++) ah[d] += p * vh[d];
+                }
+            }
+        }
+        for (int64_t h = 0; h < H; h++) {
+            float *o = out + (b * H + h) * D;
+            const float inv = 1.0f / running_sum[h];
+#pragma omp simd
+            for (int64_t d = 0; d < D; d++) o[d] = acc[h][d] * inv;
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,97 @@
+"""The C decode attention kernel against the torch path, on scattered blocks, and the shard's choice."""
+
+import shutil
+
+import pytest
+import torch
+
+from shards.kernels import paged_attention as kernel
+from shards.kernels.native import KernelUnavailable
+from shards.layers.attention import gathered_decode_attention
+
+HAS_COMPILER = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
+
+
+@pytest.fixture
+def native():
+    """The kernel chosen for the test (a machine with a C compiler must build it), `auto` again after."""
+    if not HAS_COMPILER:
+        pytest.skip("no C compiler: the torch path serves")
+    assert kernel.select("native")
+    yield
+    kernel.select("auto")
+
+
+def _case(heads, kv_heads, head_dim, block_size, context_lens, seed=0):
+    """Pools with every sequence's blocks scattered over them, and one query per sequence."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(-(-n // block_size) for n in context_lens)
+    num_blocks = 3 * width * len(context_lens) + 1
+    k_pool = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    v_pool = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    order = torch.randperm(num_blocks, generator=gen)
+    tables = order[: width * len(context_lens)].view(len(context_lens), width)
+    q = torch.randn(len(context_lens), heads, head_dim, generator=gen)
+    return q, (k_pool, v_pool), tables, torch.tensor(context_lens)
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,block_size",
+    [
+        (8, 4, 32, 16),  # the demo model's shard at world size 1
+        (32, 8, 128, 16),  # Mixtral 8x7B
+        (4, 4, 32, 16),  # no grouping
+        (6, 2, 24, 5),  # heads not a multiple of 8, head_dim not of 8, odd block size: scalar paths
+        (16, 1, 64, 32),  # multi-query
+    ],
+)
+@pytest.mark.parametrize("window", [None, 7, 40])
+def test_kernel_equals_the_torch_path(native, heads, kv_heads, head_dim, block_size, window):
+    q, cache, tables, lens = _case(heads, kv_heads, head_dim, block_size, [1, block_size, block_size + 1, 37, 130])
+    scale = head_dim**-0.5
+    expected = gathered_decode_attention(q, cache, tables, lens, scale, window)
+    got = kernel.paged_decode_attention(q, cache, tables, lens, scale, window)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_reads_only_the_context(native):
+    """Padding entries of the block table and slots past a sequence's length are never read."""
+    q, (k_pool, v_pool), tables, lens = _case(8, 4, 32, 16, [20, 3])
+    expected = kernel.paged_decode_attention(q, (k_pool, v_pool), tables, lens, 0.2, None)
+    for b, n in enumerate(lens.tolist()):
+        last = tables[b, (n - 1) // 16]
+        k_pool[last, (n - 1) % 16 + 1 :] = float("nan")
+        v_pool[last, (n - 1) % 16 + 1 :] = float("nan")
+        k_pool[tables[b, -(-n // 16) :]] = float("nan")
+        v_pool[tables[b, -(-n // 16) :]] = float("nan")
+    torch.testing.assert_close(kernel.paged_decode_attention(q, (k_pool, v_pool), tables, lens, 0.2, None), expected)
+
+
+def test_torch_choice_and_shapes_the_kernel_does_not_take(native):
+    q, cache, _, _ = _case(8, 4, 32, 16, [5])
+    assert kernel.usable(q, cache[0])
+    assert not kernel.usable(q.to(torch.bfloat16), cache[0].to(torch.bfloat16))
+    assert not kernel.usable(torch.zeros(1, kernel.MAX_HEADS + 1, 32), cache[0])
+    assert not kernel.select("torch")
+    assert not kernel.usable(q, cache[0])
+
+
+def test_native_fails_without_a_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("MIXSERVE_CACHE", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr("shards.kernels.native._loaded", {})
+    try:
+        with pytest.raises(KernelUnavailable, match="no C compiler"):
+            kernel.select("native")
+        assert not kernel.select("auto")  # auto falls back to torch
+        q, cache, _, _ = _case(8, 4, 32, 16, [5])
+        assert not kernel.usable(q, cache[0])
+    finally:
+        monkeypatch.undo()
+        kernel.select("auto")
+
+
+def test_unknown_choice_is_refused():
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        kernel.select("fast")
