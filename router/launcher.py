@@ -90,7 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kernels",
         choices=["auto", "native", "torch"],
         default="auto",
-        help="shard decode attention: the C kernel where it builds (auto), always (native), never (torch)",
+        help="shards' C kernels (decode attention, decode-sized MoE): where they build (auto), always (native), "
+        "never (torch)",
     )
     parser.add_argument(
         "--shard-addresses",

@@ -22,7 +22,7 @@ import torch
 from mixserve_pb import shard_pb2, shard_pb2_grpc
 from shards.config import DTYPES, MOE_PARALLEL_MODES, ModelConfig, ParallelConfig
 from shards.distributed import init_process_group, tensor_parallel_group
-from shards.kernels import paged_attention as paged_attention_kernel
+from shards.kernels import native as native_kernels
 from shards.kernels.native import KernelUnavailable
 from shards.listen import ListenConfig, ListenError
 from shards.listen import add_arguments as add_listen_arguments
@@ -237,10 +237,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--kernels",
-        choices=paged_attention_kernel.MODES,
+        choices=native_kernels.MODES,
         default="auto",
-        help="decode attention: auto (the C kernel for fp32 on CPU where a C compiler builds it, else torch), "
-        "native (the C kernel or fail), torch",
+        help="decode attention and decode-sized MoE: auto (C kernels for fp32 on CPU where a C compiler builds "
+        "them, else torch), native (the C kernels or fail), torch",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (one per shard is fastest)")
     parser.add_argument("--master-addr", help="rendezvous address (default: $MASTER_ADDR or 127.0.0.1)")
@@ -282,11 +282,11 @@ def run(args: argparse.Namespace) -> int:
             return 2
     try:
         # Built here (cached after the first time), not on the first request.
-        native = paged_attention_kernel.select(args.kernels)
+        native = native_kernels.select(args.kernels, native_kernels.LIBRARIES)
     except KernelUnavailable as e:
         log.error("event=kernel_unavailable error=%r", str(e))
         return 2
-    log.info("event=kernels mode=%s native_decode_attention=%s", args.kernels, native)
+    log.info("event=kernels mode=%s native=%s", args.kernels, native)
     init_process_group(parallel, device)
     group = tensor_parallel_group(parallel, device, args.collectives)
     model = load_model(model_dir, parallel, group, dtype, device, quantization)

@@ -1,6 +1,7 @@
 """Shared fixtures: a demo checkpoint written once per test session, free ports, shard groups."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -159,3 +160,15 @@ def launch(tmp_path_factory):
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def native():
+    """The C kernels chosen for the test (a machine with a C compiler must build them); `auto` after."""
+    from shards.kernels import native as native_kernels
+
+    if not any(shutil.which(name) for name in ("cc", "gcc", "clang")):
+        pytest.skip("no C compiler: the torch paths serve")
+    assert native_kernels.select("native", native_kernels.LIBRARIES)
+    yield
+    native_kernels.select("auto")

@@ -1,25 +1,12 @@
 """The C decode attention kernel against the torch path, on scattered blocks, and the shard's choice."""
 
-import shutil
-
 import pytest
 import torch
 
+from shards.kernels import native as native_kernels
 from shards.kernels import paged_attention as kernel
 from shards.kernels.native import KernelUnavailable
 from shards.layers.attention import gathered_decode_attention
-
-HAS_COMPILER = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
-
-
-@pytest.fixture
-def native():
-    """The kernel chosen for the test (a machine with a C compiler must build it), `auto` again after."""
-    if not HAS_COMPILER:
-        pytest.skip("no C compiler: the torch path serves")
-    assert kernel.select("native")
-    yield
-    kernel.select("auto")
 
 
 def _case(heads, kv_heads, head_dim, block_size, context_lens, seed=0):
@@ -72,7 +59,7 @@ def test_torch_choice_and_shapes_the_kernel_does_not_take(native):
     assert kernel.usable(q, cache[0])
     assert not kernel.usable(q.to(torch.bfloat16), cache[0].to(torch.bfloat16))
     assert not kernel.usable(torch.zeros(1, kernel.MAX_HEADS + 1, 32), cache[0])
-    assert not kernel.select("torch")
+    assert not native_kernels.select("torch")
     assert not kernel.usable(q, cache[0])
 
 
@@ -83,15 +70,15 @@ def test_native_fails_without_a_compiler(monkeypatch, tmp_path):
     monkeypatch.setattr("shards.kernels.native._loaded", {})
     try:
         with pytest.raises(KernelUnavailable, match="no C compiler"):
-            kernel.select("native")
-        assert not kernel.select("auto")  # auto falls back to torch
+            native_kernels.select("native", native_kernels.LIBRARIES)
+        assert not native_kernels.select("auto", native_kernels.LIBRARIES)  # auto falls back to torch
         q, cache, _, _ = _case(8, 4, 32, 16, [5])
         assert not kernel.usable(q, cache[0])
     finally:
         monkeypatch.undo()
-        kernel.select("auto")
+        native_kernels.select("auto")
 
 
 def test_unknown_choice_is_refused():
     with pytest.raises(ValueError, match="kernels must be one of"):
-        kernel.select("fast")
+        native_kernels.select("fast")

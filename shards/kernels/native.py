@@ -1,5 +1,8 @@
-"""Build this folder's C kernels with the machine's C compiler and load them with ctypes.
+"""Build this folder's C kernels with the machine's C compiler, load them with ctypes, and hold the
+shard's choice of using them.
 
+`select` records `--kernels`: `auto` (the C kernels where they build, for fp32 CPU tensors; the
+torch paths elsewhere), `native` (the C kernels, or fail at start), `torch` (never).
 Compiled once per source and machine (`-march=native`, so the cache key covers the CPU) into
 $MIXSERVE_CACHE/kernels (default ~/.cache/mixserve/kernels); shard processes that start together
 build side by side and each moves its own file into place. A machine without a C compiler keeps
@@ -20,7 +23,11 @@ log = logging.getLogger(__name__)
 
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
 _SOURCES = Path(__file__).parent
+MODES = ("auto", "native", "torch")
+LIBRARIES = ("paged_attention", "moe")
 _loaded: dict[str, ctypes.CDLL] = {}
+_choice = {"mode": "auto"}
+_functions: dict[str, ctypes._CFuncPtr | None] = {}
 
 
 class KernelUnavailable(RuntimeError):
@@ -94,3 +101,46 @@ def load(name: str) -> ctypes.CDLL:
         except OSError as e:
             raise KernelUnavailable(f"loading {path} failed: {e}") from e
     return _loaded[name]
+
+
+def select(mode: str, libraries: tuple[str, ...] = ()) -> bool:
+    """Choose whether the C kernels run, and build `libraries` now (not on the first request) unless
+    `mode` is torch. Returns whether they will run for fp32 CPU tensors; raises KernelUnavailable if
+    `mode` is native and one cannot be built."""
+    if mode not in MODES:
+        raise ValueError(f"kernels must be one of {', '.join(MODES)}, got {mode!r}")
+    _choice["mode"] = mode
+    _functions.clear()
+    if mode == "torch":
+        return False
+    for library in libraries:
+        try:
+            load(library)
+        except KernelUnavailable as e:
+            if mode == "native":
+                raise
+            log.warning("event=kernel_unavailable name=%s fallback=torch reason=%r", library, str(e))
+            return False
+    return True
+
+
+def function(library: str, name: str, argtypes: list | None = None) -> "ctypes._CFuncPtr | None":
+    """C function `name` of `<library>.c` under the current choice (argtypes set on first use, int
+    result), or None where the torch path should run: torch chosen, or (auto) it does not build."""
+    key = f"{library}.{name}"
+    if key not in _functions:
+        _functions[key] = None
+        if _choice["mode"] == "torch":
+            return None
+        try:
+            fn = getattr(load(library), name)
+        except KernelUnavailable as e:
+            if _choice["mode"] == "native":
+                raise
+            log.warning("event=kernel_unavailable name=%s fallback=torch reason=%r", library, str(e))
+            return None
+        if argtypes is not None:
+            fn.argtypes = argtypes
+        fn.restype = ctypes.c_int
+        _functions[key] = fn
+    return _functions[key]

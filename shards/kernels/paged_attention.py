@@ -1,58 +1,29 @@
-"""The C decode attention (paged_attention.c) behind a torch-shaped call, and the choice of using it.
+"""The C decode attention (paged_attention.c) behind a torch-shaped call.
 
-`select` records the shard's `--kernels` choice: `auto` (the C kernel where it builds, fp32 on
-the CPU; the torch path elsewhere), `native` (the C kernel, or fail at start), `torch` (never).
 Legend: B decoding sequences, h query heads, kv KV heads, d head dim, N blocks, S block size,
 M block-table width.
 """
 
 import ctypes
-import logging
 
 import torch
 
-from shards.kernels.native import KernelUnavailable, load
+from shards.kernels import native
+from shards.kernels.native import KernelUnavailable
 
-log = logging.getLogger(__name__)
-
-MODES = ("auto", "native", "torch")
 # The C kernel's fixed scratch sizes (paged_attention.c); larger shapes take the torch path.
 MAX_HEADS, MAX_HEAD_DIM, MAX_BLOCK = 64, 256, 256
-_state = {"mode": "auto", "kernel": None, "tried": False}
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+_ARGTYPES = [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _I64]
 
 
 def _kernel():
-    if not _state["tried"]:
-        _state["tried"] = True
-        try:
-            fn = load("paged_attention").paged_decode_attention
-        except KernelUnavailable as e:
-            if _state["mode"] == "native":
-                raise
-            log.warning("event=kernel_unavailable name=paged_attention fallback=torch reason=%r", str(e))
-            return None
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, i64]
-        fn.restype = ctypes.c_int
-        _state["kernel"] = fn
-    return _state["kernel"]
-
-
-def select(mode: str) -> bool:
-    """Choose how decode attention runs; returns whether the C kernel will be used for fp32 CPU tensors.
-
-    Builds the kernel now (not on the first request) unless `mode` is torch; raises
-    KernelUnavailable if `mode` is native and it cannot be built.
-    """
-    if mode not in MODES:
-        raise ValueError(f"kernels must be one of {', '.join(MODES)}, got {mode!r}")
-    _state.update(mode=mode, kernel=None, tried=False)
-    return mode != "torch" and _kernel() is not None
+    return native.function("paged_attention", "paged_decode_attention", _ARGTYPES)
 
 
 def usable(q: torch.Tensor, k_pool: torch.Tensor) -> bool:
     """Whether decode attention of `q` over `k_pool` runs in the C kernel under the current choice."""
-    if _state["mode"] == "torch" or q.device.type != "cpu" or q.dtype != torch.float32 or k_pool.dtype != q.dtype:
+    if q.device.type != "cpu" or q.dtype != torch.float32 or k_pool.dtype != q.dtype:
         return False
     if q.shape[1] > MAX_HEADS or q.shape[2] > MAX_HEAD_DIM or k_pool.shape[1] > MAX_BLOCK:
         return False

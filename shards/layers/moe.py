@@ -7,7 +7,9 @@ E_l = E and I_l = I / n. Expert-parallel (ep): each rank holds E_l = E / n whole
 routes every token, computes its partial output (its slice of every expert, or its experts' whole
 output on the tokens routed to them, zero elsewhere) and one all-reduce closes the block.
 
-Two compute paths give the same result:
+Three compute paths give the same result:
+- the C kernel (shards/kernels/moe.c, fp32 on the CPU, up to 64 tokens): pairs bucketed by
+  expert, each expert's weights streamed once against all of its rows, in one call per layer;
 - grouped: sort (token, expert) pairs by expert and run one matmul pair per expert that has
   tokens; reads each selected expert's weights once (prefill, large batches);
 - gather: index the chosen experts' weights per token and use batched matmuls; no Python loop
@@ -27,6 +29,7 @@ from torch import nn
 from shards.checkpoint import CheckpointReader
 from shards.config import ModelConfig, ParallelConfig
 from shards.distributed import TensorParallelGroup
+from shards.kernels import moe as moe_kernel
 from shards.layers.grouped_experts import run_grouped
 from shards.layers.linear import materialize
 from shards.quant.config import QuantizationConfig
@@ -112,7 +115,10 @@ class SparseMoE(nn.Module):
             return self.group.all_reduce(self.quantized(hidden, weights, experts))
         # Gather-by-index indexes this rank's weights with every chosen id, so it cannot skip experts held elsewhere.
         gather = not self.parallel.expert_parallel and hidden.shape[0] <= self.gather_max_tokens
-        compute = experts_gathered if gather else experts_grouped
+        if moe_kernel.usable(hidden, self.w13) and not gather:
+            compute = moe_kernel.moe_experts
+        else:
+            compute = experts_gathered if gather else experts_grouped
         return self.group.all_reduce(compute(hidden, self.w13, self.w2, weights, experts))
 
     def load(self, reader: CheckpointReader, prefix: str) -> None:

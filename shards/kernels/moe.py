@@ -1,0 +1,63 @@
+"""The C expert MLPs (moe.c) behind a torch-shaped call, for decode-sized batches.
+
+Legend: T tokens, H hidden size, K experts per token, E experts held, I intermediate size held.
+"""
+
+import ctypes
+
+import torch
+
+from shards.kernels import native
+from shards.kernels.native import KernelUnavailable
+
+# Past this many tokens MKL's blocked GEMM beats streaming each expert's weights per row group.
+MAX_TOKENS = 64
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+_ARGTYPES = [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64]
+
+
+def _kernel():
+    return native.function("moe", "moe_experts", _ARGTYPES)
+
+
+def usable(hidden: torch.Tensor, w13: torch.Tensor | None) -> bool:
+    """Whether the experts of this step run in the C kernel under the current choice."""
+    if w13 is None or hidden.device.type != "cpu" or hidden.dtype != torch.float32 or w13.dtype != hidden.dtype:
+        return False
+    return hidden.shape[0] <= MAX_TOKENS and _kernel() is not None
+
+
+def moe_experts(
+    hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
+) -> torch.Tensor:
+    """This rank's partial MoE output [T, H] for hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], routing
+    weights and expert ids [T, K] (ids >= E, held by another rank, are skipped): as experts_grouped."""
+    fn = _kernel()
+    if fn is None:
+        raise KernelUnavailable("the MoE kernel is not available")
+    tokens, hidden_size = hidden.shape
+    top_k = experts.shape[1]
+    held, two_inter, _ = w13.shape
+    pairs = tokens * top_k
+    hidden = hidden.contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    experts = experts.to(torch.int64).contiguous()
+    out = torch.empty_like(hidden)
+    scratch = torch.empty(pairs * (two_inter + 2 * hidden_size) + 2 * (pairs + 2 * (held + 1)), dtype=torch.float32)
+    status = fn(
+        hidden.data_ptr(),
+        weights.data_ptr(),
+        experts.data_ptr(),
+        w13.data_ptr(),
+        w2.data_ptr(),
+        out.data_ptr(),
+        scratch.data_ptr(),
+        tokens,
+        hidden_size,
+        top_k,
+        held,
+        two_inter // 2,
+    )
+    if status:
+        raise ValueError(f"the MoE kernel refused the step (status {status}): negative expert ids")
+    return out

@@ -1,0 +1,52 @@
+"""The C expert MLPs against the sort-by-expert torch path, and the MoE layer's choice of them."""
+
+import pytest
+import torch
+
+from shards.kernels import moe as kernel
+from shards.kernels import native as native_kernels
+from shards.layers.moe import experts_grouped, held_expert_ids, route
+
+
+def _case(tokens, hidden, inter, experts, top_k, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=gen)
+    w13 = torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5
+    w2 = torch.randn(experts, hidden, inter, generator=gen) / inter**0.5
+    weights, ids = route(x, torch.randn(experts, hidden, generator=gen), top_k)
+    return x, w13, w2, weights, ids
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 7, 32, kernel.MAX_TOKENS])
+@pytest.mark.parametrize(
+    "hidden,inter,experts,top_k",
+    [
+        (256, 512, 8, 2),  # the demo model at world size 1
+        (256, 128, 8, 2),  # its slice at world size 4
+        (20, 12, 4, 3),  # widths that are not multiples of 8: the scalar paths
+        (64, 40, 3, 1),
+    ],
+)
+def test_kernel_equals_the_grouped_path(native, tokens, hidden, inter, experts, top_k):
+    x, w13, w2, weights, ids = _case(tokens, hidden, inter, experts, top_k)
+    expected = experts_grouped(x, w13, w2, weights, ids)
+    torch.testing.assert_close(kernel.moe_experts(x, w13, w2, weights, ids), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_experts_held_elsewhere_are_skipped(native):
+    """Expert parallelism: this rank holds experts 2 and 3 of 8; pairs routed to others add nothing."""
+    x, w13, w2, weights, ids = _case(16, 64, 32, 8, 2)
+    local = held_expert_ids(ids, 2, 2)
+    assert (local == 2).any() and (local < 2).any()
+    expected = experts_grouped(x, w13[2:4], w2[2:4], weights, local)
+    torch.testing.assert_close(kernel.moe_experts(x, w13[2:4], w2[2:4], weights, local), expected)
+
+
+def test_the_layer_takes_the_kernel_for_decode_sized_fp32_batches(native):
+    x, w13, w2, _, _ = _case(kernel.MAX_TOKENS + 1, 64, 32, 4, 2)
+    assert kernel.usable(x[: kernel.MAX_TOKENS], w13)
+    assert not kernel.usable(x, w13)  # prefill-sized: MKL's GEMM
+    assert not kernel.usable(x[:4].double(), w13.double())
+    assert not kernel.usable(x[:4], None)  # quantized experts hold no w13
+    native_kernels.select("torch")
+    assert not kernel.usable(x[:4], w13)
