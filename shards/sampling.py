@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from shards.kernels.sampling import row_argmax_logsumexp
+
 _MASK64 = (1 << 64) - 1
 # Below this a temperature would overflow logits / T to inf in fp32; such rows are greedy (as in vLLM).
 _MIN_TEMPERATURE = 1e-5
@@ -305,12 +307,18 @@ def sample(
         )
     logits = logits.float()
     device = logits.device
-    raw_logprobs = logits.log_softmax(dim=-1)  # [B, V]
     top_n = min(max((p.top_n_tokens for p in params), default=0), vocab)
-    top_logprobs, top_ids = raw_logprobs.topk(top_n, dim=-1)  # [B, N], [B, N]
+    # Without alternatives to report, a token's log-probability is its logit minus the row's
+    # log-sum-exp: the C kernel gives that and the argmax in one call (fp32 CPU), no [B, V] log_softmax.
+    stats = None if top_n else row_argmax_logsumexp(logits)
+    if stats is None:
+        raw_logprobs = logits.log_softmax(dim=-1)  # [B, V]
+        top_logprobs, top_ids = raw_logprobs.topk(top_n, dim=-1)  # [B, N], [B, N]
+    else:
+        top_logprobs, top_ids = logits.new_empty(batch, 0), torch.empty(batch, 0, dtype=torch.long, device=device)
 
     scores = apply_penalties(logits, params, histories)  # [B, V]
-    token_ids = scores.argmax(dim=-1)  # [B]
+    token_ids = stats[0] if stats is not None and scores is logits else scores.argmax(dim=-1)  # [B]
     drawn = [i for i, p in enumerate(params) if not p.greedy]
     if drawn:
         row_index = torch.tensor(drawn, device=device)  # [R]
@@ -325,5 +333,8 @@ def sample(
         seeds = [generator_seed(params[i].seed, keys[i]) for i in drawn]
         token_ids = token_ids.index_copy(0, row_index, _draw(sub, seeds))
 
-    logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)  # [B]
+    if stats is None:
+        logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)  # [B]
+    else:
+        logprobs = logits.gather(1, token_ids[:, None]).squeeze(1) - stats[1]  # [B]
     return SampleOutput(token_ids=token_ids, logprobs=logprobs, top_ids=top_ids, top_logprobs=top_logprobs)

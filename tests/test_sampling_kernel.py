@@ -1,0 +1,50 @@
+"""The C argmax/log-sum-exp against torch, and sampling's results with and without it."""
+
+import pytest
+import torch
+
+from shards.kernels import native as native_kernels
+from shards.kernels.sampling import row_argmax_logsumexp
+from shards.sampling import SamplingParams, TokenHistory, sample
+
+
+def test_argmax_and_logsumexp_equal_torch(native):
+    logits = torch.randn(9, 1000, generator=torch.Generator().manual_seed(0)) * 4
+    logits[2, 10] = logits[2, 700] = 99.0  # a tie: the first index, as torch.argmax
+    logits[3] = -5.0  # a flat row
+    argmax, lse = row_argmax_logsumexp(logits)
+    assert torch.equal(argmax, logits.argmax(dim=-1)) and argmax[2] == 10
+    torch.testing.assert_close(lse, logits.logsumexp(dim=-1))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_rows_with_non_finite_logits_take_the_torch_path(native, bad):
+    logits = torch.randn(3, 64)
+    logits[1, 5] = bad
+    assert row_argmax_logsumexp(logits) is None
+    assert row_argmax_logsumexp(logits.double()) is None
+
+
+def test_sampling_is_the_same_with_and_without_the_kernel(native):
+    logits = torch.randn(6, 512, generator=torch.Generator().manual_seed(1)) * 3
+    params = [
+        SamplingParams(),
+        SamplingParams(repetition_penalty=1.3),
+        SamplingParams(temperature=0.8, top_p=0.9, seed=5),
+        SamplingParams(),
+        SamplingParams(frequency_penalty=0.5),
+        SamplingParams(temperature=1.2, top_k=20, seed=7),
+    ]
+    histories = []
+    for i in range(len(params)):
+        history = TokenHistory()
+        history.add_prompt([i, i + 1, 3])
+        history.add_output([i + 2])
+        histories.append(history)
+    keys = list(range(10, 16))
+    fast = sample(logits, params, histories, keys)
+    native_kernels.select("torch")
+    slow = sample(logits, params, histories, keys)
+    assert torch.equal(fast.token_ids, slow.token_ids)
+    torch.testing.assert_close(fast.logprobs, slow.logprobs)
+    assert fast.top_ids.shape == slow.top_ids.shape == (6, 0)
