@@ -17,57 +17,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define HAVE_AVX2 1
-#endif
-
-/* y[r * ldy + n] = x[r * ldx .. + K] . W[n * K .. + K] for r < R, n < N (W row-major [N, K]). */
-static void rows_times_weight(const float *x, int64_t R, int64_t ldx, const float *W, int64_t N, int64_t K,
-                              float *y, int64_t ldy) {
-    int64_t n0 = 0;
-#ifdef HAVE_AVX2
-    if (K % 8 == 0) {
-        for (; n0 + 8 <= N; n0 += 8) {
-            const float *w = W + n0 * K;
-            if (n0 + 16 <= N)
-                for (int64_t line = 0; line < 8 * K; line += 16) __builtin_prefetch(w + 8 * K + line);
-            for (int64_t r = 0; r < R; r++) {
-                const float *xr = x + r * ldx;
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-                for (int64_t k = 0; k < K; k += 8) {
-                    const __m256 xv = _mm256_loadu_ps(xr + k);
-                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), xv, a0);
-                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + K + k), xv, a1);
-                    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 2 * K + k), xv, a2);
-                    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 3 * K + k), xv, a3);
-                    a4 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 4 * K + k), xv, a4);
-                    a5 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 5 * K + k), xv, a5);
-                    a6 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 6 * K + k), xv, a6);
-                    a7 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 7 * K + k), xv, a7);
-                }
-                /* Reduce the eight partial-sum vectors together: lane j of the result is row n0 + j. */
-                const __m256 s01 = _mm256_hadd_ps(a0, a1), s23 = _mm256_hadd_ps(a2, a3);
-                const __m256 s45 = _mm256_hadd_ps(a4, a5), s67 = _mm256_hadd_ps(a6, a7);
-                const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
-                const __m256 low = _mm256_permute2f128_ps(s0123, s4567, 0x20);
-                const __m256 high = _mm256_permute2f128_ps(s0123, s4567, 0x31);
-                _mm256_storeu_ps(y + r * ldy + n0, _mm256_add_ps(low, high));
-            }
-        }
-    }
-#endif
-    for (int64_t n = n0; n < N; n++) {
-        const float *w = W + n * K;
-        for (int64_t r = 0; r < R; r++) {
-            const float *xr = x + r * ldx;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t k = 0; k < K; k++) dot += xr[k] * w[k];
-            y[r * ldy + n] = dot;
-        }
-    }
-}
+#include "rows_times_weight.h"
 
 int moe_experts(const float *hidden, const float *routing_weights, const int64_t *expert_ids, const float *w13,
                 const float *w2, float *out, float *scratch, int64_t T, int64_t H, int64_t K, int64_t E,

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
 _SOURCES = Path(__file__).parent
 MODES = ("auto", "native", "torch")
-LIBRARIES = ("paged_attention", "moe", "sampling")
+LIBRARIES = ("paged_attention", "moe", "sampling", "linear")
 _loaded: dict[str, ctypes.CDLL] = {}
 _choice = {"mode": "auto"}
 _functions: dict[str, ctypes._CFuncPtr | None] = {}
@@ -67,8 +67,9 @@ def _build(name: str) -> Path:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"{compiler} --version failed: {e}") from e
+    headers = [path.read_text() for path in sorted(_SOURCES.glob("*.h"))]
     key = hashlib.sha256(
-        "\0".join([source.read_text(), " ".join(_FLAGS), version, _cpu_fingerprint()]).encode()
+        "\0".join([source.read_text(), *headers, " ".join(_FLAGS), version, _cpu_fingerprint()]).encode()
     ).hexdigest()[:16]
     target = _cache_dir() / f"{name}-{key}.so"
     if target.exists():

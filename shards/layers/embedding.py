@@ -12,6 +12,7 @@ from torch import nn
 from shards.checkpoint import CheckpointReader
 from shards.config import ParallelConfig
 from shards.distributed import TensorParallelGroup
+from shards.kernels.linear import linear
 from shards.layers.linear import materialize
 
 
@@ -49,5 +50,5 @@ class ParallelLMHead(_VocabSlice):
     """Output projection; every rank ends with the full gathered logits."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        local = F.linear(hidden, self.weight)  # [T, P]
+        local = linear(hidden, self.weight)  # [T, P]
         return self.group.all_gather_last_dim(local)[..., : self.vocab_size]  # [T, V]
