@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
 _SOURCES = Path(__file__).parent
 MODES = ("auto", "native", "torch")
-LIBRARIES = ("paged_attention", "moe", "sampling", "linear")
+LIBRARIES = ("paged_attention", "moe", "sampling", "linear", "elementwise")
 _loaded: dict[str, ctypes.CDLL] = {}
 _choice = {"mode": "auto"}
 _functions: dict[str, ctypes._CFuncPtr | None] = {}

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from shards.checkpoint import CheckpointReader
+from shards.kernels import elementwise
 from shards.layers.linear import materialize
 
 
@@ -14,6 +15,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = elementwise.rms_norm(x, self.weight, self.eps)
+        if fused is not None:
+            return fused
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)

@@ -6,6 +6,8 @@ Legend: T tokens, h heads, d head dim.
 import torch
 from torch import nn
 
+from shards.kernels import elementwise
+
 
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for every position up to max_positions, applied per token by position."""
@@ -20,6 +22,11 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q [T, h, d] and k [T, kv, d] by their tokens' positions [T]."""
+        q_rotated = elementwise.rotary(positions, q, self.cos, self.sin)
+        if q_rotated is not None:
+            k_rotated = elementwise.rotary(positions, k, self.cos, self.sin)
+            if k_rotated is not None:
+                return q_rotated, k_rotated
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, d]
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
