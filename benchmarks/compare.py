@@ -175,7 +175,7 @@ def compare_markdown(result: dict) -> str:
         *report.meta_lines(result["meta"]),
         f"- workload: {w['input_len']}-token prompts, {w['output_len']} output tokens, EOS ignored where the API"
         f" allows, greedy, streamed; {per_level} measured requests per level after"
-        f" {w['warmup']} warm-up; one client ({result['client']}) for every server",
+        f" max({w['warmup']}, c) warm-up; one client ({result['client']}) for every server",
         f"- ratios are to `{reference}`; roofline % is output tok/s over this machine's serving ceiling",
     ]
     if result.get("conditions"):

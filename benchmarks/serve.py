@@ -120,7 +120,10 @@ async def run_benchmark(config: ServeConfig, label: str = "") -> dict:
     levels = []
     async with config.make_target() as target:
         for level, concurrency in enumerate(config.concurrency):
-            warm = build_requests(tokenizer, config.workload, config.warmup, stream=2 * level)
+            # As many warm-up requests as the level keeps in flight (with --warmup > 0): a server that
+            # compiles per batch size (vLLM) meets this level's batch before the timed requests.
+            warmup = max(config.warmup, concurrency) if config.warmup else 0
+            warm = build_requests(tokenizer, config.workload, warmup, stream=2 * level)
             if warm:
                 await run_level(config, target, warm, concurrency, desc=f"warm-up c={concurrency}")
             requests = build_requests(tokenizer, config.workload, config.prompts_for(concurrency), stream=2 * level + 1)
@@ -177,7 +180,12 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrivals, requests/s (inf)")
     parser.add_argument("--num-prompts", type=int, default=0, help="measured requests per level (0: see --rounds)")
     parser.add_argument("--rounds", type=int, default=2, help="measured requests per level: rounds × c, at least 8")
-    parser.add_argument("--warmup", type=int, default=2, help="uncounted warm-up requests before each level")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="uncounted warm-up requests before each level (at least the level's concurrency; 0: none)",
+    )
     parser.add_argument("--input-len", type=int, default=64, help="prompt tokens (before the BOS a server adds)")
     parser.add_argument("--output-len", type=int, default=64, help="output tokens asked for")
     parser.add_argument("--output-spread", type=float, default=0.0, help="output length uniform within ±this fraction")
