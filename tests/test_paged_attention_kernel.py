@@ -82,3 +82,10 @@ def test_native_fails_without_a_compiler(monkeypatch, tmp_path):
 def test_unknown_choice_is_refused():
     with pytest.raises(ValueError, match="kernels must be one of"):
         native_kernels.select("fast")
+
+
+def test_loading_the_kernels_keeps_subnormal_floats(native):
+    """-ffast-math at link time would turn on flush-to-zero in the whole shard process."""
+    tiny = torch.tensor([1e-38], dtype=torch.float32) / 10  # subnormal in fp32
+    assert tiny.item() != 0.0
+    assert (tiny * 2).item() != 0.0

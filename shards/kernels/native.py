@@ -21,7 +21,11 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
+_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-std=c11"]
+# Linked in a step of its own, without -ffast-math: linking with it adds crtfastmath.o, whose
+# constructor turns on flush-to-zero for the whole process that loads the library (torch's
+# results would change with it; a hypothesis test caught it).
+_LINK = ["-shared"]
 _SOURCES = Path(__file__).parent
 MODES = ("auto", "native", "torch")
 LIBRARIES = ("paged_attention", "moe", "sampling", "linear", "elementwise")
@@ -69,7 +73,7 @@ def _build(name: str) -> Path:
         raise KernelUnavailable(f"{compiler} --version failed: {e}") from e
     headers = [path.read_text() for path in sorted(_SOURCES.glob("*.h"))]
     key = hashlib.sha256(
-        "\0".join([source.read_text(), *headers, " ".join(_FLAGS), version, _cpu_fingerprint()]).encode()
+        "\0".join([source.read_text(), *headers, " ".join(_FLAGS + _LINK), version, _cpu_fingerprint()]).encode()
     ).hexdigest()[:16]
     target = _cache_dir() / f"{name}-{key}.so"
     if target.exists():
@@ -78,17 +82,18 @@ def _build(name: str) -> Path:
     fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{name}-", suffix=".so")
     os.close(fd)
     try:
-        result = subprocess.run(
-            [compiler, *_FLAGS, "-o", partial, str(source), "-lm"], capture_output=True, text=True, timeout=300
-        )
-        if result.returncode != 0:
-            raise KernelUnavailable(f"{compiler} failed on {source.name}: {result.stderr.strip()[-2000:]}")
+        obj = f"{partial}.o"
+        for step in ([*_FLAGS, "-c", "-o", obj, str(source)], [*_LINK, "-o", partial, obj, "-lm"]):
+            result = subprocess.run([compiler, *step], capture_output=True, text=True, timeout=300)
+            if result.returncode != 0:
+                raise KernelUnavailable(f"{compiler} failed on {source.name}: {result.stderr.strip()[-2000:]}")
         os.replace(partial, target)
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"building {source.name} failed: {e}") from e
     finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+        for leftover in (partial, f"{partial}.o"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
     log.info("event=kernel_built name=%s path=%s", name, target)
     return target
 
