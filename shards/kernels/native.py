@@ -109,6 +109,20 @@ def load(name: str) -> ctypes.CDLL:
     return _loaded[name]
 
 
+def _chosen_library(library: str) -> ctypes.CDLL | None:
+    """`library` under the current choice: None where torch is chosen, or (auto) it does not build;
+    raises KernelUnavailable where native is chosen and it does not."""
+    if _choice["mode"] == "torch":
+        return None
+    try:
+        return load(library)
+    except KernelUnavailable as e:
+        if _choice["mode"] == "native":
+            raise
+        log.warning("event=kernel_unavailable name=%s fallback=torch reason=%r", library, str(e))
+        return None
+
+
 def select(mode: str, libraries: tuple[str, ...] = ()) -> bool:
     """Choose whether the C kernels run, and build `libraries` now (not on the first request) unless
     `mode` is torch. Returns whether they will run for fp32 CPU tensors; raises KernelUnavailable if
@@ -117,17 +131,7 @@ def select(mode: str, libraries: tuple[str, ...] = ()) -> bool:
         raise ValueError(f"kernels must be one of {', '.join(MODES)}, got {mode!r}")
     _choice["mode"] = mode
     _functions.clear()
-    if mode == "torch":
-        return False
-    for library in libraries:
-        try:
-            load(library)
-        except KernelUnavailable as e:
-            if mode == "native":
-                raise
-            log.warning("event=kernel_unavailable name=%s fallback=torch reason=%r", library, str(e))
-            return False
-    return True
+    return mode != "torch" and all(_chosen_library(library) is not None for library in libraries)
 
 
 def function(library: str, name: str, argtypes: list | None = None) -> "ctypes._CFuncPtr | None":
@@ -135,18 +139,11 @@ def function(library: str, name: str, argtypes: list | None = None) -> "ctypes._
     result), or None where the torch path should run: torch chosen, or (auto) it does not build."""
     key = f"{library}.{name}"
     if key not in _functions:
-        _functions[key] = None
-        if _choice["mode"] == "torch":
-            return None
-        try:
-            fn = getattr(load(library), name)
-        except KernelUnavailable as e:
-            if _choice["mode"] == "native":
-                raise
-            log.warning("event=kernel_unavailable name=%s fallback=torch reason=%r", library, str(e))
-            return None
-        if argtypes is not None:
-            fn.argtypes = argtypes
-        fn.restype = ctypes.c_int
+        lib = _chosen_library(library)
+        fn = None if lib is None else getattr(lib, name)
+        if fn is not None:
+            if argtypes is not None:
+                fn.argtypes = argtypes
+            fn.restype = ctypes.c_int
         _functions[key] = fn
     return _functions[key]
