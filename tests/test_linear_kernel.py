@@ -9,7 +9,7 @@ from shards.kernels.linear import MAX_ROWS, linear
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, MAX_ROWS, MAX_ROWS + 1])
-@pytest.mark.parametrize("out_features,in_features", [(8192, 256), (1030, 64), (7, 20)])
+@pytest.mark.parametrize("out_features,in_features", [(8192, 256), (1030, 64), (102, 40), (7, 20)])
 def test_kernel_equals_f_linear(native, rows, out_features, in_features):
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, in_features, generator=gen)
