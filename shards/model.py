@@ -88,12 +88,14 @@ class MixtralForCausalLM(nn.Module):
         kv_cache: KVCache,
         meta: AttentionMetadata,
         logits_indices: torch.Tensor,
+        gather_logits: bool = True,
     ) -> torch.Tensor:
-        """Run tokens [T] at positions [T]; return logits [R, V] of the tokens at `logits_indices` [R]."""
+        """Run tokens [T] at positions [T]; return logits [R, V] of the tokens at `logits_indices` [R]
+        (with `gather_logits=False`, this rank's vocabulary slice [R, P] of them)."""
         hidden = self.embed_tokens(token_ids)  # [T, H]
         for index, layer in enumerate(self.layers):
             hidden = layer(positions, hidden, kv_cache.layer(index), meta)
-        return self.lm_head(self.norm(hidden[logits_indices])).float()  # [R, V]
+        return self.lm_head(self.norm(hidden[logits_indices]), gather=gather_logits).float()
 
     def load(self, reader: CheckpointReader) -> None:
         """Fill every parameter with this rank's slice, read from the checkpoint."""

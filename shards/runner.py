@@ -15,6 +15,7 @@ from shards.config import ModelConfig, ParallelConfig
 from shards.distributed import TensorParallelGroup
 from shards.kv_cache import KVCache
 from shards.model import MixtralForCausalLM
+from shards.parallel_greedy import is_plain_greedy, parallel_greedy
 from shards.sampling import SamplingParams, TokenHistory, sample
 
 
@@ -184,8 +185,9 @@ class ModelRunner:
                 raise InvalidStep(f"sequence {s.seq_id}: slot_mapping does not match its block table")
 
     @torch.inference_mode()
-    def forward(self, steps: list[SequenceStep]) -> torch.Tensor:
-        """Logits [B, V] of the last token of each sequence, in the order given."""
+    def forward(self, steps: list[SequenceStep], gather_logits: bool = True) -> torch.Tensor:
+        """Logits [B, V] of the last token of each sequence, in the order given (with
+        `gather_logits=False`, this rank's vocabulary slice [B, P] of them)."""
         assert self.kv_cache is not None
         order = sorted(range(len(steps)), key=lambda i: len(steps[i].token_ids) != 1)  # decodes first
         token_ids: list[int] = []
@@ -225,6 +227,7 @@ class ModelRunner:
             self.kv_cache,
             meta,
             torch.tensor(last_token, device=dev),
+            gather_logits,
         )
 
     def step(self, steps: list[SequenceStep]) -> list[SequenceResult]:
@@ -244,22 +247,34 @@ class ModelRunner:
             if new_from < len(s.token_ids):
                 state.history.add_prompt(s.token_ids[new_from:])
                 state.seen_until = s.start_position + len(s.token_ids)
-        logits = self.forward(steps)
         rows = [i for i, s in enumerate(steps) if s.sample]
-        if not rows:
-            return []
         sampled = [steps[i] for i in rows]
         states = [self.sequences[s.seq_id] for s in sampled]
-        out = sample(
-            logits[rows],
-            [st.params for st in states],
-            [st.history for st in states],
-            [s.start_position + len(s.token_ids) for s in sampled],
-        )
-        token_ids = out.token_ids.tolist()
-        logprobs = out.logprobs.tolist()
-        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
-        top_logprobs = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        # Every rank sees the same steps, so every rank takes the same branch.
+        split = self.parallel.world_size > 1 and bool(rows) and all(is_plain_greedy(st.params) for st in states)
+        logits = self.forward(steps, gather_logits=not split)
+        if not rows:
+            return []
+        chosen = None
+        if split:
+            head = self.model.lm_head
+            chosen = parallel_greedy(logits[rows], head.vocab_start, self.config.vocab_size, self.group)
+            if chosen is None:  # NaN or infinity somewhere: gather and take the usual path
+                logits = head.gather(logits)
+        top_ids = top_logprobs = None
+        if chosen is not None:
+            token_ids, logprobs = chosen[0].tolist(), chosen[1].tolist()
+        else:
+            out = sample(
+                logits[rows],
+                [st.params for st in states],
+                [st.history for st in states],
+                [s.start_position + len(s.token_ids) for s in sampled],
+            )
+            token_ids = out.token_ids.tolist()
+            logprobs = out.logprobs.tolist()
+            top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+            top_logprobs = out.top_logprobs.tolist() if out.top_logprobs is not None else None
         results = []
         for j, (s, st) in enumerate(zip(sampled, states, strict=True)):
             st.history.add_output(token_ids[j])

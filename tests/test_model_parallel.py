@@ -62,6 +62,24 @@ def test_logits_match_transformers_prefill_and_decode(groups, reference, world_s
             assert seqs[i][len(prompt) :] == expected.argmax(-1).tolist(), "greedy tokens differ"
 
 
+@pytest.mark.parametrize("world_size", [2, 4, "4-gloo", "2-ep"])
+def test_runner_steps_choose_what_one_rank_chooses(groups, world_size):
+    """Plain greedy steps combine each rank's vocabulary slice without gathering the logits; with one
+    sequence asking for alternatives the logits are gathered. Both choose one rank's tokens, with its
+    log-probabilities (up to summation order), on every rank."""
+    single = groups[1][0]["stepped"]
+    for record in groups[world_size]:
+        for case in ("plain", "alternatives"):
+            got, want = record["stepped"][case], single[case]
+            assert [[t for t, _ in row] for row in got] == [[t for t, _ in row] for row in want], case
+            got_logprobs = torch.tensor([[lp for _, lp in row] for row in got])
+            want_logprobs = torch.tensor([[lp for _, lp in row] for row in want])
+            torch.testing.assert_close(got_logprobs, want_logprobs, atol=1e-5, rtol=1e-5)
+    assert all(r["stepped"] == groups[world_size][0]["stepped"] for r in groups[world_size]), "ranks disagree"
+    tokens = {case: [[t for t, _ in row] for row in single[case]] for case in single}
+    assert tokens["plain"] == tokens["alternatives"], "asking for alternatives changed the choice"
+
+
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_expert_parallel_logits_equal_tensor_parallel(groups, world_size):
     tp, ep = groups[world_size][0], groups[f"{world_size}-ep"][0]

@@ -3,7 +3,10 @@
 Run as `python tests/tp_worker.py MODEL_DIR OUT_FILE PROMPTS_JSON DECODE_STEPS` with RANK,
 WORLD_SIZE, MASTER_ADDR and MASTER_PORT set (as torchrun would); TP_COLLECTIVES and TP_MOE_PARALLEL
 (tp or ep) pick the collectives and how the experts are split. Rank 0 writes a torch file
-with the logits of every step, the greedy tokens, and each rank writes its weight shapes/bytes.
+with the logits of every step, the greedy tokens, and each rank writes its weight shapes/bytes and
+what `ModelRunner.step` chose (token, log-probability) for the same prompts as new sequences: all
+plain greedy (each rank's vocabulary slice combined without gathering the logits), then with one
+sequence asking for alternatives (the gathered path).
 """
 
 import json
@@ -52,8 +55,28 @@ def main() -> None:
             SequenceStep(i, [s[-1]], len(s) - 1, slots(i, len(s) - 1, 1), tables[i], True, None)
             for i, s in enumerate(seqs)
         ]
+    stepped = {}
+    for case, top_n in (("plain", 0), ("alternatives", 2)):
+        runner.release(list(range(100, 100 + len(prompts))))
+        params = [greedy] * len(prompts)
+        params[-1] = SamplingParams(temperature=0.0, top_n_tokens=top_n)
+        grown = [list(p) for p in prompts]
+        steps = [
+            SequenceStep(100 + i, p, 0, slots(i, 0, len(p)), tables[i], True, params[i]) for i, p in enumerate(grown)
+        ]
+        chosen = []
+        for _ in range(4):
+            results = runner.step(steps)
+            chosen.append([(r.token_id, r.logprob) for r in results])
+            for i, r in enumerate(results):
+                grown[i].append(r.token_id)
+            steps = [
+                SequenceStep(100 + i, [s[-1]], len(s) - 1, slots(i, len(s) - 1, 1), tables[i], True, None)
+                for i, s in enumerate(grown)
+            ]
+        stepped[case] = chosen
     shapes = {name: (list(p.shape), p.numel() * p.element_size()) for name, p in model.named_parameters()}
-    record = {"seqs": seqs, "shapes": shapes, "weight_bytes": weight_bytes(model)}
+    record = {"seqs": seqs, "stepped": stepped, "shapes": shapes, "weight_bytes": weight_bytes(model)}
     if parallel.rank == 0:
         record["logits"] = torch.stack(all_logits)
     torch.save(record, f"{out_file}.rank{parallel.rank}")

@@ -47,8 +47,13 @@ class VocabParallelEmbedding(_VocabSlice):
 
 
 class ParallelLMHead(_VocabSlice):
-    """Output projection; every rank ends with the full gathered logits."""
+    """Output projection; every rank ends with the full gathered logits, or with its own slice [T, P]
+    (`gather=False`, column j is token vocab_start + j) for a caller that combines the slices itself."""
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
         local = linear(hidden, self.weight)  # [T, P]
-        return self.group.all_gather_last_dim(local)[..., : self.vocab_size]  # [T, V]
+        return self.gather(local) if gather else local
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """Every rank's slice [T, P] joined into the full logits [T, V]."""
+        return self.group.all_gather_last_dim(local)[..., : self.vocab_size]

@@ -1,0 +1,59 @@
+"""Greedy choice over a vocabulary-parallel LM head without gathering the logits.
+
+When every row of a step is plain greedy (no penalties, no alternatives asked for), each rank only
+needs, per row, the best logit of its own vocabulary slice, where it is, and the slice's
+log-sum-exp: the whole row's argmax is the best of the slices' (the lowest rank on a tie, as the
+slices are in vocabulary order, so the first index as torch.argmax), and its log-sum-exp is the
+log-sum-exp of the slices'. One all-gather of three numbers per row per rank replaces the gather of
+[R, V] logits and the pass over them on every rank. Every rank combines the same gathered numbers in
+the same order, so every rank picks the same token.
+
+Legend: R rows that sample, P vocabulary rows per rank, N ranks.
+"""
+
+import torch
+
+from shards.distributed import TensorParallelGroup
+from shards.kernels.sampling import row_argmax_logsumexp
+from shards.sampling import SamplingParams
+
+
+def is_plain_greedy(params: SamplingParams) -> bool:
+    """True when the token is the argmax of the raw logits and only its log-probability is reported."""
+    return (
+        params.greedy
+        and not params.has_repetition_penalty
+        and not params.has_output_penalty
+        and params.top_n_tokens == 0
+    )
+
+
+def parallel_greedy(
+    local: torch.Tensor, vocab_start: int, vocab_size: int, group: TensorParallelGroup
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(token ids [R] long, log-probabilities [R] fp32) from this rank's logits [R, P], whose column j
+    is token `vocab_start + j` (columns at or past `vocab_size` are padding).
+
+    A collective: every rank must call it for the same rows. Returns None on every rank together when
+    any rank's slice holds NaN or infinity (or is all padding, with more ranks than vocabulary rows);
+    the caller then gathers the logits and samples as usual.
+    """
+    valid = min(local.shape[1], vocab_size - vocab_start)
+    part = local[:, :valid].float()  # [R, P']
+    stats = row_argmax_logsumexp(part)
+    if stats is not None:
+        index, logsumexp = stats
+        best = part.gather(1, index[:, None]).squeeze(1)
+    else:
+        best, index = part.max(dim=-1)  # the first index of the maximum, as torch.argmax
+        logsumexp = part.logsumexp(dim=-1)
+    # float64 holds every token id and fp32 value exactly. [R, 3]
+    packed = torch.stack([best.double(), (index + vocab_start).double(), logsumexp.double()], dim=-1)
+    every = group.all_gather_last_dim(packed).view(part.shape[0], -1, 3)  # [R, N, 3]
+    if not torch.isfinite(every).all():
+        return None
+    maxima, ids, sums = every.unbind(-1)  # [R, N] each
+    winner = maxima.argmax(dim=-1, keepdim=True)  # [R, 1]: the first (lowest) rank holding the maximum
+    token_ids = ids.gather(1, winner).squeeze(1).long()
+    logprobs = (maxima.gather(1, winner).squeeze(1) - sums.logsumexp(dim=-1)).float()
+    return token_ids, logprobs

@@ -1,0 +1,52 @@
+"""One rank of a real group for test_parallel_greedy: every rank builds the same full logits, keeps
+its vocabulary slice the way ParallelLMHead does (padded to ceil(V / n) columns, the padding filled
+with a huge value that must be ignored), and saves what `parallel_greedy` returns.
+
+Run as `python tests/parallel_greedy_worker.py OUT_FILE VOCAB` with RANK, WORLD_SIZE, MASTER_ADDR
+and MASTER_PORT set.
+"""
+
+import os
+import sys
+
+import torch
+
+from shards.config import ParallelConfig
+from shards.distributed import close_process_group, init_process_group, tensor_parallel_group
+from shards.kernels import native
+from shards.parallel_greedy import parallel_greedy
+
+
+def full_logits(vocab: int) -> torch.Tensor:
+    """[R, V]: random rows, a tie across the first slice boundary, and a maximum in the last column."""
+    logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(3)) * 4
+    per_rank = -(-vocab // int(os.environ["WORLD_SIZE"]))
+    logits[1, per_rank - 1] = logits[1, per_rank] = 50.0  # the lower id must win
+    logits[2, vocab - 1] = 60.0
+    return logits
+
+
+def main() -> None:
+    out_file, vocab = sys.argv[1], int(sys.argv[2])
+    parallel = ParallelConfig(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+    device = torch.device("cpu")
+    init_process_group(parallel, device)
+    group = tensor_parallel_group(parallel, device, os.environ.get("TP_COLLECTIVES", "auto"))
+    native.select(os.environ.get("TP_KERNELS", "auto"), native.LIBRARIES)
+    logits = full_logits(vocab)
+    per_rank = -(-vocab // parallel.world_size)
+    start = parallel.rank * per_rank
+    local = torch.full((logits.shape[0], per_rank), 1e30)
+    valid = logits[:, start : start + per_rank]
+    local[:, : valid.shape[1]] = valid
+    record = {"logits": logits, "chosen": parallel_greedy(local, start, vocab, group)}
+    bad = local.clone()
+    if parallel.rank == parallel.world_size - 1:
+        bad[3, 0] = float("nan")
+    record["with_nan"] = parallel_greedy(bad, start, vocab, group)
+    torch.save(record, f"{out_file}.rank{parallel.rank}")
+    close_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""parallel_greedy in real groups: the token and log-probability of the whole row from each rank's
+vocabulary slice, against argmax and log_softmax of the full logits."""
+
+import pytest
+import torch
+
+from conftest import PYTHON, REPO, run_ranks
+from shards.parallel_greedy import is_plain_greedy
+from shards.sampling import SamplingParams
+
+
+@pytest.mark.parametrize(
+    ("world_size", "vocab", "collectives", "kernels"),
+    [(3, 1001, "auto", "auto"), (2, 64, "torch", "torch"), (3, 1001, "auto", "torch")],
+)
+def test_slices_combine_to_the_full_rows_choice(tmp_path, world_size, vocab, collectives, kernels):
+    out = tmp_path / "greedy"
+    cmd = [PYTHON, str(REPO / "tests" / "parallel_greedy_worker.py"), str(out), str(vocab)]
+    run_ranks(cmd, world_size, TP_COLLECTIVES=collectives, TP_KERNELS=kernels)
+    records = [torch.load(f"{out}.rank{r}") for r in range(world_size)]
+    logits = records[0]["logits"]
+    expected_ids = logits.argmax(dim=-1)
+    expected_logprobs = logits.log_softmax(dim=-1).gather(1, expected_ids[:, None]).squeeze(1)
+    assert expected_ids[1] == -(-vocab // world_size) - 1 and expected_ids[2] == vocab - 1
+    for record in records:
+        ids, logprobs = record["chosen"]
+        assert ids.tolist() == expected_ids.tolist()
+        torch.testing.assert_close(logprobs, expected_logprobs, atol=1e-5, rtol=1e-5)
+        assert record["with_nan"] is None, "a NaN on one rank must send every rank to the gathered path"
+
+
+def test_plain_greedy_means_nothing_needs_the_whole_row():
+    assert is_plain_greedy(SamplingParams(temperature=0.0))
+    assert is_plain_greedy(SamplingParams(temperature=0.7, top_k=1))
+    assert not is_plain_greedy(SamplingParams(temperature=0.7))
+    assert not is_plain_greedy(SamplingParams(temperature=0.0, top_n_tokens=1))
+    assert not is_plain_greedy(SamplingParams(temperature=0.0, repetition_penalty=1.2))
+    assert not is_plain_greedy(SamplingParams(temperature=0.0, frequency_penalty=0.5))
+    assert not is_plain_greedy(SamplingParams(temperature=0.0, presence_penalty=0.5))
