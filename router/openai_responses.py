@@ -45,6 +45,13 @@ async def interleave(generations: list[Generation]) -> AsyncGenerator[tuple[int,
     """Every choice's token events as they arrive, tagged with the choice index. Leaving early (or a
     failure of any choice) cancels every choice still running."""
     streams = [g.stream() for g in generations]
+    if len(streams) == 1:  # n = 1, the usual case: no task and wait per token
+        try:
+            async for event in streams[0]:
+                yield 0, event
+        finally:
+            await streams[0].aclose()
+        return
     pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
     try:
         while pending:
