@@ -17,7 +17,7 @@ def _case(tokens, hidden, inter, experts, top_k, seed=0):
     return x, w13, w2, weights, ids
 
 
-@pytest.mark.parametrize("tokens", [1, 2, 7, 32, kernel.MAX_TOKENS])
+@pytest.mark.parametrize("tokens", [1, 2, 7, 32, kernel.MAX_TOKENS, max(kernel.MAX_TOKENS_BY_VECTOR_FLOATS.values())])
 @pytest.mark.parametrize(
     "hidden,inter,experts,top_k",
     [
@@ -43,8 +43,10 @@ def test_experts_held_elsewhere_are_skipped(native):
 
 
 def test_the_layer_takes_the_kernel_for_decode_sized_fp32_batches(native):
-    x, w13, w2, _, _ = _case(kernel.MAX_TOKENS + 1, 64, 32, 4, 2)
-    assert kernel.usable(x[: kernel.MAX_TOKENS], w13)
+    limit = kernel.max_tokens()
+    assert limit in (kernel.MAX_TOKENS, *kernel.MAX_TOKENS_BY_VECTOR_FLOATS.values())
+    x, w13, w2, _, _ = _case(limit + 1, 64, 32, 4, 2)
+    assert kernel.usable(x[:limit], w13)
     assert not kernel.usable(x, w13)  # prefill-sized: MKL's GEMM
     assert not kernel.usable(x[:4].double(), w13.double())
     assert not kernel.usable(x[:4], None)  # quantized experts hold no w13

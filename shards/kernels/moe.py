@@ -10,7 +10,10 @@ import torch
 from shards.kernels import native
 from shards.kernels.native import KernelUnavailable
 
-# Past this many tokens MKL's blocked GEMM beats streaming each expert's weights per row group.
+# Past this many tokens MKL's blocked GEMM beats streaming each expert's weights per row group:
+# 64 with 8-float vectors; with 16-float ones (AVX-512) the kernel still wins at 128 (1.24-1.36x the
+# torch path on the demo's experts, 1.0x at 256-512).
+MAX_TOKENS_BY_VECTOR_FLOATS = {16: 128}
 MAX_TOKENS = 64
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _ARGTYPES = [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64]
@@ -20,11 +23,19 @@ def _kernel():
     return native.function("moe", "moe_experts", _ARGTYPES)
 
 
+def max_tokens() -> int:
+    """The most tokens a step may have for its experts to run in the kernel (0: not available)."""
+    width = native.function("moe", "moe_vector_floats", [])
+    if width is None:
+        return 0
+    return MAX_TOKENS_BY_VECTOR_FLOATS.get(width(), MAX_TOKENS)
+
+
 def usable(hidden: torch.Tensor, w13: torch.Tensor | None) -> bool:
     """Whether the experts of this step run in the C kernel under the current choice."""
     if w13 is None or hidden.device.type != "cpu" or hidden.dtype != torch.float32 or w13.dtype != hidden.dtype:
         return False
-    return hidden.shape[0] <= MAX_TOKENS and _kernel() is not None
+    return hidden.shape[0] <= max_tokens() and _kernel() is not None
 
 
 def moe_experts(
