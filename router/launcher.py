@@ -33,7 +33,7 @@ from router.recovery import START_ERRORS, supervise_groups
 from router.replicas import build_replicas
 from router.scheduler import SchedulerConfig
 from router.server import ServerConfig, build_app
-from router.shard_processes import ShardSupervisor
+from router.shard_processes import ShardSupervisor, prefill_tokens_per_step
 from shards.quant.config import QUANTIZE_MODES
 
 log = logging.getLogger("mixserve.launcher")
@@ -116,7 +116,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrent-requests", type=int, default=128, help="queued + running (429 past it)")
     parser.add_argument("--max-input-tokens", type=int, default=None, help="default: max-total-tokens - 1")
     parser.add_argument("--max-total-tokens", type=int, default=None, help="prompt + new tokens (default: model max)")
-    parser.add_argument("--max-batch-prefill-tokens", type=int, default=4096, help="prompt tokens per step")
+    parser.add_argument(
+        "--max-batch-prefill-tokens",
+        type=int,
+        default=None,
+        help="prompt tokens per step (default: 256 on CPU shards, 4096 on GPUs)",
+    )
     parser.add_argument("--max-batch-total-tokens", type=int, default=None, help="KV tokens the batch may hold")
     parser.add_argument("--max-batch-size", type=int, default=256, help="sequences running at once")
     parser.add_argument(
@@ -240,7 +245,7 @@ async def _serve_with_shards(args, model_dir, tokenizer, groups: list[ShardSuper
         scheduler_config = SchedulerConfig(
             num_blocks=warm.num_blocks,
             block_size=warm.block_size,
-            max_batch_prefill_tokens=args.max_batch_prefill_tokens,
+            max_batch_prefill_tokens=prefill_tokens_per_step(args.max_batch_prefill_tokens, group_info.device),
             max_batch_total_tokens=args.max_batch_total_tokens,
             max_running_requests=args.max_batch_size,
             enable_prefix_caching=args.prefix_caching,

@@ -113,6 +113,7 @@ async def test_tokenize_info_and_spec(server, tokenizer):
             spec = await response.json()
     assert info["max_best_of"] == 1 and info["max_input_length"] == info["max_input_tokens"] == 95
     assert info["kv_blocks_total"] == 256 and info["model_pipeline_tag"] == "text-generation"
+    assert info["max_batch_prefill_tokens"] == 256, "CPU shards: the CPU default chunk"
     assert {"/generate", "/generate_stream", "/", "/tokenize", "/v1/completions", "/metrics"} <= set(spec["paths"])
     assert set(info) == set(spec["components"]["schemas"]["Info"]["properties"]), "/info and its schema differ"
 
