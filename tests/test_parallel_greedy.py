@@ -29,6 +29,13 @@ def test_slices_combine_to_the_full_rows_choice(tmp_path, world_size, vocab, col
         assert record["with_nan"] is None, "a NaN on one rank must send every rank to the gathered path"
 
 
+def test_a_rank_holding_only_padding_sends_every_rank_to_the_gathered_path(tmp_path):
+    out = tmp_path / "greedy"
+    # vocab 4 over 3 ranks: 2 rows each, rank 2 holds only padding
+    run_ranks([PYTHON, str(REPO / "tests" / "parallel_greedy_worker.py"), str(out), "4"], 3)
+    assert all(torch.load(f"{out}.rank{r}")["chosen"] is None for r in range(3))
+
+
 def test_plain_greedy_means_nothing_needs_the_whole_row():
     assert is_plain_greedy(SamplingParams(temperature=0.0))
     assert is_plain_greedy(SamplingParams(temperature=0.7, top_k=1))
