@@ -40,11 +40,10 @@ def parallel_greedy(
     """
     valid = max(min(local.shape[1], vocab_size - vocab_start), 0)
     part = local[:, :valid].float()  # [R, P']
-    stats = row_argmax_logsumexp(part)
     if valid == 0:  # padding only: -inf, which sends every rank to the gathered path
         best = logsumexp = torch.full((part.shape[0],), float("-inf"), device=part.device)
         index = torch.zeros(part.shape[0], dtype=torch.long, device=part.device)
-    elif stats is not None:
+    elif (stats := row_argmax_logsumexp(part)) is not None:
         index, logsumexp = stats
         best = part.gather(1, index[:, None]).squeeze(1)
     else:

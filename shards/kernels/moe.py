@@ -26,16 +26,16 @@ def _kernel():
 def max_tokens() -> int:
     """The most tokens a step may have for its experts to run in the kernel (0: not available)."""
     width = native.function("moe", "moe_vector_floats", [])
-    if width is None:
-        return 0
-    return MAX_TOKENS_BY_VECTOR_FLOATS.get(width(), MAX_TOKENS)
+    return 0 if width is None else MAX_TOKENS_BY_VECTOR_FLOATS.get(width(), MAX_TOKENS)
 
 
 def usable(hidden: torch.Tensor, w13: torch.Tensor | None) -> bool:
     """Whether the experts of this step run in the C kernel under the current choice."""
     if w13 is None or hidden.device.type != "cpu" or hidden.dtype != torch.float32 or w13.dtype != hidden.dtype:
         return False
-    return hidden.shape[0] <= max_tokens() and _kernel() is not None
+    tokens = hidden.shape[0]
+    # Decode-sized steps never ask the library for its vector width.
+    return _kernel() is not None and (tokens <= MAX_TOKENS or tokens <= max_tokens())
 
 
 def moe_experts(
