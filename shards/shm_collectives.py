@@ -7,7 +7,8 @@ core, never blocking in a syscall that sleeps) until every rank has published th
 reads every slot. Slots are double-buffered by call parity: a rank may overwrite its slot for call
 k+2 only after every rank has published call k+1, which it does after reading call k, so one
 barrier per call is enough. Each rank sums the slots in rank order, so every rank gets bit-identical
-results, as the model's identical-sampling contract needs.
+results, as the model's identical-sampling contract needs. Where the C kernels are chosen a
+collective is one call into shm_exchange.c (same protocol, same order of the sum), else torch ops.
 
 Legend: N ranks, S slot bytes.
 """
@@ -17,6 +18,8 @@ import time
 from multiprocessing import resource_tracker, shared_memory
 
 import torch
+
+from shards.kernels import shm_exchange
 
 # Past this size (per rank per call) the copy costs more than gloo's fixed overhead saves.
 DEFAULT_SLOT_BYTES = 8 << 20
@@ -44,6 +47,7 @@ class SharedMemoryGroup:
         self._seq = raw[: 8 * world_size].view(torch.int64)  # [N] calls published per rank
         self._slots = raw[_HEADER_BYTES:].view(2, world_size, slot_bytes)  # [parity, N, S]
         self._calls = 0
+        self._pointers = (self._seq.data_ptr(), self._slots.data_ptr(), slot_bytes, world_size, rank)
 
     def fits(self, tensor: torch.Tensor) -> bool:
         return tensor.device.type == "cpu" and tensor.numel() * tensor.element_size() <= self.slot_bytes
@@ -54,9 +58,15 @@ class SharedMemoryGroup:
         call = self._calls
         nbytes = tensor.numel() * tensor.element_size()
         slots = self._slots[call % 2]
-        slots[self.rank, :nbytes].copy_(tensor.contiguous().view(-1).view(torch.uint8))
-        self._seq[self.rank] = call
-        self._wait_for(call)
+        tensor = tensor.contiguous()
+        fn = shm_exchange.publish_and_wait()
+        if fn is not None:
+            if fn(*self._pointers, call, tensor.data_ptr(), nbytes, self._timeout_ns()):
+                raise self._timed_out(call)
+        else:
+            slots[self.rank, :nbytes].copy_(tensor.view(-1).view(torch.uint8))
+            self._seq[self.rank] = call
+            self._wait_for(call)
         return slots[:, :nbytes].view(tensor.dtype).view(self.world_size, *tensor.shape)
 
     def _wait_for(self, call: int) -> None:
@@ -68,12 +78,27 @@ class SharedMemoryGroup:
             if started is None:
                 started = time.monotonic()
             elif time.monotonic() - started > self.timeout_s:
-                raise TimeoutError(f"rank {self.rank}: ranks {seq.tolist()} never reached call {call}")
+                raise self._timed_out(call)
+
+    def _timeout_ns(self) -> int:
+        return int(self.timeout_s * 1e9)
+
+    def _timed_out(self, call: int) -> TimeoutError:
+        return TimeoutError(f"rank {self.rank}: ranks {self._seq.tolist()} never reached call {call}")
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks into `tensor` (in place), identically on every rank."""
+        """Sum over ranks into `tensor` (in place), identically on every rank: rank 0's part plus
+        rank 1's, plus rank 2's, and so on."""
+        fn = shm_exchange.all_reduce_f32() if tensor.dtype == torch.float32 and tensor.is_contiguous() else None
+        if fn is not None:
+            self._calls += 1
+            if fn(*self._pointers, self._calls, tensor.data_ptr(), tensor.numel(), self._timeout_ns()):
+                raise self._timed_out(self._calls)
+            return tensor
         parts = self._exchange(tensor)
-        torch.sum(parts, dim=0, out=tensor) if tensor.is_contiguous() else tensor.copy_(parts.sum(dim=0))
+        tensor.copy_(parts[0])
+        for part in parts[1:]:
+            tensor.add_(part)
         return tensor
 
     def all_gather_last_dim(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-std
 _LINK = ["-shared"]
 _SOURCES = Path(__file__).parent
 MODES = ("auto", "native", "torch")
-LIBRARIES = ("paged_attention", "moe", "sampling", "linear", "elementwise")
+LIBRARIES = ("paged_attention", "moe", "sampling", "linear", "elementwise", "shm_exchange")
 _loaded: dict[str, ctypes.CDLL] = {}
 _choice = {"mode": "auto"}
 _functions: dict[str, ctypes._CFuncPtr | None] = {}

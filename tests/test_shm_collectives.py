@@ -1,0 +1,65 @@
+"""The shared-memory collectives of one host's CPU shards, in real groups, through the C exchange
+(shm_exchange.c) and through torch ops: every rank gets the same bits, the sum of the ranks' parts
+in rank order, and both paths agree bit for bit."""
+
+import uuid
+
+import pytest
+import torch
+from shm_collectives_worker import SHAPES, part
+
+from conftest import PYTHON, REPO, run_ranks
+from shards.kernels import native
+from shards.shm_collectives import SharedMemoryGroup
+
+
+def run_group(tmp_path, world_size: int, kernels: str) -> list[dict]:
+    out = tmp_path / f"shm-{world_size}-{kernels}"
+    run_ranks([PYTHON, str(REPO / "tests" / "shm_collectives_worker.py"), str(out)], world_size, TP_KERNELS=kernels)
+    return [torch.load(f"{out}.rank{r}") for r in range(world_size)]
+
+
+def rank_order_sum(parts: list[torch.Tensor]) -> torch.Tensor:
+    total = parts[0].clone()
+    for p in parts[1:]:
+        total += p
+    return total
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_every_rank_gets_the_rank_order_sum_bit_for_bit_on_either_path(tmp_path, world_size):
+    runs = {kernels: run_group(tmp_path, world_size, kernels) for kernels in ("native", "torch")}
+    for kernels, records in runs.items():
+        for record in records:
+            for call, (shape, got) in enumerate(zip(SHAPES, record["reduced"], strict=True)):
+                expected = rank_order_sum([part(r, call, shape) for r in range(world_size)])
+                assert torch.equal(got, expected), f"{kernels}: call {call} {shape}"
+            strided = rank_order_sum([part(r, 50, (16, 6))[:, ::2] for r in range(world_size)])
+            assert torch.equal(record["strided"], strided)
+            float64 = rank_order_sum([part(r, 51, (5, 3), torch.float64) for r in range(world_size)])
+            assert torch.equal(record["float64"], float64)
+            for got, (call, shape) in zip(record["gathered"], [(60, (4, 3)), (61, (2, 5, 7))], strict=True):
+                parts = [part(r, call, shape, torch.float64) for r in range(world_size)]
+                assert torch.equal(got, torch.cat(parts, dim=-1))
+            assert record["any"] == [True] * world_size + [False]
+    if world_size == 3:  # the parts are such that another order of the sum shows in the bits
+        p = [part(r, 2, SHAPES[2]) for r in range(3)]
+        assert not torch.equal(p[0] + (p[1] + p[2]), rank_order_sum(p))
+    for native_record, torch_record in zip(runs["native"], runs["torch"], strict=True):
+        for a, b in zip(native_record["reduced"], torch_record["reduced"], strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_a_rank_that_never_arrives_times_out(kernels):
+    native.select(kernels, ("shm_exchange",))
+    try:
+        group = SharedMemoryGroup(f"mixserve-test-{uuid.uuid4().hex[:12]}", 0, 2, slot_bytes=4096, create=True)
+        try:
+            group.timeout_s = 0.2
+            with pytest.raises(TimeoutError, match="never reached call 1"):
+                group.all_reduce(torch.ones(4))
+        finally:
+            group.unlink()
+    finally:
+        native.select("auto")
