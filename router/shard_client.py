@@ -175,8 +175,8 @@ class ShardGroup:
     async def decode_steps(self, request: shard_pb2.StepRequest) -> AsyncIterator[shard_pb2.StepResponse]:
         """A DecodeSteps run on every shard; yields rank 0's answer to each step.
 
-        Every rank's stream is read (a rank whose answers pile up would stall the collectives), each
-        step must come within the step timeout, and any rank failing fails the run.
+        Every rank's stream is read to its end (ranks past 0 answer once, after the run's last step),
+        each step must come within the step timeout, and any rank failing fails the run.
         """
         events: asyncio.Queue[tuple[int, shard_pb2.StepResponse | BaseException | None]] = asyncio.Queue()
 

@@ -125,9 +125,19 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
                 def agree_to_stop() -> bool:
                     return self.runner.group.any_rank(self.interrupted_run_id >= run_id)
 
-                for results in decode_steps(self.runner, steps, request.num_steps, agree_to_stop):
-                    yield _step_response(results, started)
-                    started = time.perf_counter_ns()
+                # Only rank 0's answers reach clients: the other ranks send theirs once, at the end,
+                # which spares both sides a message per step (the router still reads every stream,
+                # to see a rank fail).
+                every_step = self.runner.parallel.rank == 0
+                count, results = 0, []
+                for count, results in enumerate(
+                    decode_steps(self.runner, steps, request.num_steps, agree_to_stop), start=1
+                ):
+                    if every_step:
+                        yield _step_response(results, started, count)
+                        started = time.perf_counter_ns()
+                if not every_step:
+                    yield _step_response(results, started, count)
         except OutOfCapacity as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except (InvalidStep, ValueError) as e:
@@ -150,7 +160,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         return shard_pb2.ClearResponse()
 
 
-def _step_response(results: list[SequenceResult], started_ns: int) -> shard_pb2.StepResponse:
+def _step_response(results: list[SequenceResult], started_ns: int, steps: int = 0) -> shard_pb2.StepResponse:
     return shard_pb2.StepResponse(
         results=[
             shard_pb2.SequenceResult(
@@ -163,6 +173,7 @@ def _step_response(results: list[SequenceResult], started_ns: int) -> shard_pb2.
             for r in results
         ],
         forward_us=(time.perf_counter_ns() - started_ns) // 1000,
+        steps=steps,
     )
 
 

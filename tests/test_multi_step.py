@@ -173,14 +173,15 @@ def start_run(stubs, run_id: int, num_steps: int) -> shard_pb2.StepRequest:
     return request
 
 
-def read_all(stubs, request, on_first=None) -> list[list[list[int]]]:
-    """Read the run on every rank at once (as the router must), in threads; tokens [rank][step][seq]."""
-    tokens: list[list[list[int]]] = [[] for _ in stubs]
+def read_all(stubs, request, on_first=None) -> list[shard_pb2.StepResponse]:
+    """Read the run on every rank at once (as the router must), in threads; rank 0's answers (one per
+    step), after checking that every other rank answered once, at the end, with the same last step."""
+    answers: list[list[shard_pb2.StepResponse]] = [[] for _ in stubs]
 
     def read(rank: int) -> None:
         for response in stubs[rank].DecodeSteps(request, timeout=120):
-            tokens[rank].append([r.token_id for r in response.results])
-            if rank == 0 and len(tokens[0]) == 1 and on_first is not None:
+            answers[rank].append(response)
+            if rank == 0 and len(answers[0]) == 1 and on_first is not None:
                 on_first()
 
     threads = [threading.Thread(target=read, args=(r,)) for r in range(len(stubs))]
@@ -188,25 +189,34 @@ def read_all(stubs, request, on_first=None) -> list[list[list[int]]]:
         t.start()
     for t in threads:
         t.join(timeout=120)
-    return tokens
+    steps = answers[0]
+    assert [a.steps for a in steps] == list(range(1, len(steps) + 1))
+    for rank in range(1, len(stubs)):
+        assert len(answers[rank]) == 1, "a rank past 0 answers once per run"
+        assert answers[rank][0].steps == len(steps), "every rank ran the same steps"
+        assert answers[rank][0].results == steps[-1].results
+    return steps
+
+
+def tokens(answers: list[shard_pb2.StepResponse]) -> list[list[int]]:
+    """[step][seq]"""
+    return [[r.token_id for r in a.results] for a in answers]
 
 
 def test_interrupting_one_rank_stops_both_at_the_same_step(shard_pair):
     stubs = shard_pair
-    full = read_all(stubs, start_run(stubs, run_id=1, num_steps=60))
-    assert len(full[0]) == len(full[1]) == 60 and full[0] == full[1]
+    full = tokens(read_all(stubs, start_run(stubs, run_id=1, num_steps=60)))
+    assert len(full) == 60
 
     # Only rank 1 hears the interrupt; the ranks still agree on where to stop.
     request = start_run(stubs, run_id=2, num_steps=60)
-    cut = read_all(stubs, request, on_first=lambda: stubs[1].Interrupt(shard_pb2.InterruptRequest(run_id=2)))
-    assert cut[0] == cut[1]
-    assert 1 <= len(cut[0]) < 60
-    assert cut[0] == full[0][: len(cut[0])], "an interrupted run still gives the same tokens"
+    cut = tokens(read_all(stubs, request, on_first=lambda: stubs[1].Interrupt(shard_pb2.InterruptRequest(run_id=2))))
+    assert 1 <= len(cut) < 60
+    assert cut == full[: len(cut)], "an interrupted run still gives the same tokens"
 
 
 def test_an_interrupt_that_overtakes_its_run_still_stops_it(shard_pair):
     stubs = shard_pair
     request = start_run(stubs, run_id=5, num_steps=30)
     everyone(stubs, "Interrupt", shard_pb2.InterruptRequest(run_id=5))
-    tokens = read_all(stubs, request)
-    assert len(tokens[0]) == len(tokens[1]) == 1
+    assert len(read_all(stubs, request)) == 1

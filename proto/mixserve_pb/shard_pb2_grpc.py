@@ -108,7 +108,9 @@ class ShardServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DecodeSteps(self, request, context):
-        """Up to num_steps decode steps, each step's sampled tokens fed to the next; one answer per step.
+        """Up to num_steps decode steps, each step's sampled tokens fed to the next. Rank 0 answers every
+        step as it is sampled; the other ranks (whose results are the same) answer once, after the
+        run's last step, with its results and the number of steps run.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
