@@ -27,7 +27,9 @@ def _case(heads, kv_heads, head_dim, block_size, context_lens, seed=0):
     [
         (8, 4, 32, 16),  # the demo model's shard at world size 1
         (32, 8, 128, 16),  # Mixtral 8x7B
-        (4, 4, 32, 16),  # no grouping
+        (4, 4, 32, 16),  # no grouping; four heads at a time
+        (4, 2, 32, 16),  # the demo model's shard at world size 2
+        (14, 2, 16, 16),  # eight heads, then four, then two one by one
         (6, 2, 24, 5),  # heads not a multiple of 8, head_dim not of 8, odd block size: scalar paths
         (16, 1, 64, 32),  # multi-query
     ],

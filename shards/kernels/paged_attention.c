@@ -26,8 +26,8 @@
 #define MAX_HEAD_DIM 256
 #define MAX_BLOCK 256
 
-/* scores[h] = q[h] . k[h / G] for the H heads of one token: 8 heads at a time with AVX2 (their 8
-   partial-sum vectors reduced together), else one dot product each. */
+/* scores[h] = q[h] . k[h / G] for the H heads of one token: 8, then 4 heads at a time with AVX2
+   (their partial-sum vectors reduced together), else one dot product each. */
 static void token_scores(const float (*qs)[MAX_HEAD_DIM], const float *kt, float *scores, int64_t H, int64_t G,
                          int64_t D) {
     int64_t h0 = 0;
@@ -48,6 +48,18 @@ static void token_scores(const float (*qs)[MAX_HEAD_DIM], const float *kt, float
             const __m256 low = _mm256_permute2f128_ps(s0123, s4567, 0x20);
             const __m256 high = _mm256_permute2f128_ps(s0123, s4567, 0x31);
             _mm256_storeu_ps(scores + h0, _mm256_add_ps(low, high));
+        }
+        for (; h0 + 4 <= H; h0 += 4) {
+            __m256 v[4];
+            for (int j = 0; j < 4; j++) {
+                const float *qh = qs[h0 + j], *kh = kt + ((h0 + j) / G) * D;
+                __m256 sum = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(kh));
+                for (int64_t d = 8; d < D; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(kh + d), sum);
+                v[j] = sum;
+            }
+            /* lanes 0-3: heads 0-3 over the low half of each vector, 4-7 the same over the high half */
+            const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+            _mm_storeu_ps(scores + h0, _mm_add_ps(_mm256_castps256_ps128(s0123), _mm256_extractf128_ps(s0123, 1)));
         }
     }
 #endif
