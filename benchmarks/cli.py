@@ -4,6 +4,7 @@
 - `latency`: shard prefill/decode step latency over direct gRPC, and the router's own overhead.
 - `roofline`: this machine's memory bandwidth and matmul FLOP/s, and the model's ceilings on it.
 - `compare`: mixserve (1 and 4 shards), the naive baseline and every installed peer, one after another.
+- `collectives`: the shards' all-reduce per call on this host (shared memory through C or torch, gloo).
 - `soak`: minutes of mixed load (every API, cancelled streams, bad bodies), then a request, KV and RSS leak check.
 """
 
@@ -15,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "latency": ("benchmarks.latency", "shard step latency over gRPC and the router's overhead"),
     "roofline": ("benchmarks.roofline", "memory bandwidth, FLOP/s and the model's ceilings on this machine"),
     "compare": ("benchmarks.compare", "mixserve, the naive baseline and the peers side by side"),
+    "collectives": ("benchmarks.collectives", "the shards' all-reduce per call on this host: shared memory or gloo"),
     "soak": ("benchmarks.soak", "minutes of mixed load, then a request, KV block and RSS leak check"),
 }
 

@@ -248,5 +248,19 @@ def test_bench_command_is_registered_and_the_client_is_light():
     )
     helped = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, env=subprocess_env())
     assert helped.returncode == 0, helped.stderr
-    for command in ("serve", "latency", "roofline", "compare"):
+    for command in ("serve", "latency", "roofline", "compare", "collectives"):
         assert command in helped.stdout
+
+
+def test_collectives_are_timed_on_every_path_in_real_groups(tmp_path):
+    cmd = [PYTHON, "-m", "mixserve.cli", "bench", "collectives", "--ranks", "2", "--sizes", "1", "300"]
+    done = subprocess.run(
+        [*cmd, "--calls", "20", "--out", str(tmp_path)], capture_output=True, text=True, env=subprocess_env()
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads((tmp_path / "collectives.json").read_text())["rows"]
+    assert [(r["path"], r["size"], r["calls"]) for r in rows] == [
+        (path, size, 20 if path != "gloo" else 10) for path in ("shm-c", "shm-torch", "gloo") for size in (1, 300)
+    ]
+    assert all(0 < r["ms"]["p50"] <= r["ms"]["p99"] for r in rows)
+    assert "| 2 | gloo | 300 | 10 |" in (tmp_path / "collectives.md").read_text()
