@@ -9,6 +9,7 @@ the slowest rank included, as in a decode step).
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -56,8 +57,6 @@ def run_group(ranks: int, path: str, sizes: list[int], calls: int) -> dict[str, 
 
 def worker(collectives: str, kernels: str, calls: int, sizes: list[int]) -> None:
     """One rank (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set): print rank 0's timings as JSON."""
-    import os
-
     import torch
 
     from shards.config import ParallelConfig

@@ -26,6 +26,16 @@
 #define MAX_HEAD_DIM 256
 #define MAX_BLOCK 256
 
+#ifdef HAVE_AVX2
+/* Eight lanes of partial sums of q[h] . k[h / G] (D a multiple of 8); their total is the score. */
+static inline __m256 head_partial(const float (*qs)[MAX_HEAD_DIM], const float *kt, int64_t h, int64_t G, int64_t D) {
+    const float *qh = qs[h], *kh = kt + (h / G) * D;
+    __m256 sum = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(kh));
+    for (int64_t d = 8; d < D; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(kh + d), sum);
+    return sum;
+}
+#endif
+
 /* scores[h] = q[h] . k[h / G] for the H heads of one token: 8, then 4 heads at a time with AVX2
    (their partial-sum vectors reduced together), else one dot product each. */
 static void token_scores(const float (*qs)[MAX_HEAD_DIM], const float *kt, float *scores, int64_t H, int64_t G,
@@ -35,12 +45,7 @@ static void token_scores(const float (*qs)[MAX_HEAD_DIM], const float *kt, float
     if (D % 8 == 0) {
         for (; h0 + 8 <= H; h0 += 8) {
             __m256 v[8];
-            for (int j = 0; j < 8; j++) {
-                const float *qh = qs[h0 + j], *kh = kt + ((h0 + j) / G) * D;
-                __m256 sum = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(kh));
-                for (int64_t d = 8; d < D; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(kh + d), sum);
-                v[j] = sum;
-            }
+            for (int j = 0; j < 8; j++) v[j] = head_partial(qs, kt, h0 + j, G, D);
             const __m256 s01 = _mm256_hadd_ps(v[0], v[1]), s23 = _mm256_hadd_ps(v[2], v[3]);
             const __m256 s45 = _mm256_hadd_ps(v[4], v[5]), s67 = _mm256_hadd_ps(v[6], v[7]);
             const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
@@ -51,12 +56,7 @@ static void token_scores(const float (*qs)[MAX_HEAD_DIM], const float *kt, float
         }
         for (; h0 + 4 <= H; h0 += 4) {
             __m256 v[4];
-            for (int j = 0; j < 4; j++) {
-                const float *qh = qs[h0 + j], *kh = kt + ((h0 + j) / G) * D;
-                __m256 sum = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(kh));
-                for (int64_t d = 8; d < D; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(kh + d), sum);
-                v[j] = sum;
-            }
+            for (int j = 0; j < 4; j++) v[j] = head_partial(qs, kt, h0 + j, G, D);
             /* lanes 0-3: heads 0-3 over the low half of each vector, 4-7 the same over the high half */
             const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
             _mm_storeu_ps(scores + h0, _mm_add_ps(_mm256_castps256_ps128(s0123), _mm256_extractf128_ps(s0123, 1)));
