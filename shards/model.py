@@ -12,6 +12,7 @@ from shards.attention_metadata import AttentionMetadata
 from shards.checkpoint import CheckpointReader
 from shards.config import ModelConfig, ParallelConfig
 from shards.distributed import TensorParallelGroup
+from shards.kernels import decoder_layer
 from shards.kv_cache import KVCache
 from shards.layers.attention import Attention
 from shards.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -41,6 +42,56 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), cache, meta)
         return hidden + self.block_sparse_moe(self.post_attention_layernorm(hidden))
+
+    def decode(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        pending: torch.Tensor | None,
+        cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """`forward` for a step whose every token decodes, through the decoder layer kernel: adds
+        `pending` (the previous layer's summed MoE output, None for the first layer) to hidden in place
+        and returns this layer's summed MoE output, which the caller adds after the last layer.
+        `buffers`: the kernel's scratch and two [T, H] tensors for the blocks' partial outputs."""
+        work, attn_out, moe_out = buffers
+        attn, moe = self.self_attn, self.block_sparse_moe
+        decoder_layer.attention_block(
+            hidden,
+            pending,
+            self.input_layernorm.weight,
+            self.input_layernorm.eps,
+            attn.qkv_proj.weight,
+            attn.o_proj.weight,
+            positions,
+            attn.rotary.cos,
+            attn.rotary.sin,
+            meta.slot_mapping,
+            cache,
+            meta.decode_block_tables,
+            meta.decode_context_lens,
+            attn_out,
+            work,
+            attn.qkv_proj.num_heads,
+            attn.scale,
+            attn.sliding_window,
+        )
+        decoder_layer.moe_block(
+            hidden,
+            attn.o_proj.group.all_reduce(attn_out),
+            self.post_attention_layernorm.weight,
+            self.post_attention_layernorm.eps,
+            moe.gate,
+            moe.w13,
+            moe.w2,
+            moe_out,
+            work,
+            moe.top_k,
+            moe.first_expert,
+        )
+        return moe.group.all_reduce(moe_out)
 
     def load(self, reader: CheckpointReader, prefix: str) -> None:
         self.input_layernorm.load(reader, f"{prefix}.input_layernorm.weight")
@@ -93,9 +144,52 @@ class MixtralForCausalLM(nn.Module):
         """Run tokens [T] at positions [T]; return logits [R, V] of the tokens at `logits_indices` [R]
         (with `gather_logits=False`, this rank's vocabulary slice [R, P] of them)."""
         hidden = self.embed_tokens(token_ids)  # [T, H]
-        for index, layer in enumerate(self.layers):
-            hidden = layer(positions, hidden, kv_cache.layer(index), meta)
+        if self._decodes_in_kernel(hidden, meta, kv_cache):
+            hidden = hidden.contiguous()
+            buffers = (self._decode_scratch(hidden.shape[0]), torch.empty_like(hidden), torch.empty_like(hidden))
+            pending = None
+            for index, layer in enumerate(self.layers):
+                pending = layer.decode(positions, hidden, pending, kv_cache.layer(index), meta, buffers)
+            hidden += pending
+        else:
+            for index, layer in enumerate(self.layers):
+                hidden = layer(positions, hidden, kv_cache.layer(index), meta)
         return self.lm_head(self.norm(hidden[logits_indices]), gather=gather_logits).float()
+
+    def _decodes_in_kernel(self, hidden: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> bool:
+        """Whether this step's layers run through the decoder layer kernel: every token decodes, fp32 on
+        the CPU, weights held in full precision, shapes within the kernel's limits."""
+        config = self.config
+        return (
+            not meta.prefills
+            and meta.num_decode_tokens == hidden.shape[0]
+            and hidden.device.type == "cpu"
+            and hidden.dtype == torch.float32
+            and self.quantization is None
+            and kv_cache.keys.dtype == torch.float32
+            and decoder_layer.usable(
+                hidden.shape[0],
+                self.layers[0].self_attn.qkv_proj.num_heads,
+                config.head_dim,
+                kv_cache.block_size,
+                config.num_local_experts,
+            )
+        )
+
+    def _decode_scratch(self, tokens: int) -> torch.Tensor:
+        attn, moe = self.layers[0].self_attn, self.layers[0].block_sparse_moe
+        held, two_inter, _ = moe.w13.shape
+        return decoder_layer.scratch(
+            tokens,
+            self.config.hidden_size,
+            attn.qkv_proj.num_heads,
+            attn.qkv_proj.num_kv_heads,
+            self.config.head_dim,
+            self.config.num_local_experts,
+            moe.top_k,
+            held,
+            two_inter // 2,
+        )
 
     def load(self, reader: CheckpointReader) -> None:
         """Fill every parameter with this rank's slice, read from the checkpoint."""

@@ -28,7 +28,7 @@ _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-std
 _LINK = ["-shared"]
 _SOURCES = Path(__file__).parent
 MODES = ("auto", "native", "torch")
-LIBRARIES = ("paged_attention", "moe", "sampling", "linear", "elementwise", "shm_exchange")
+LIBRARIES = ("paged_attention", "moe", "sampling", "linear", "elementwise", "shm_exchange", "decoder_layer")
 _loaded: dict[str, ctypes.CDLL] = {}
 _choice = {"mode": "auto"}
 _functions: dict[str, ctypes._CFuncPtr | None] = {}
@@ -71,9 +71,10 @@ def _build(name: str) -> Path:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"{compiler} --version failed: {e}") from e
-    headers = [path.read_text() for path in sorted(_SOURCES.glob("*.h"))]
+    # Every source and header of the folder: a source may include others (decoder_layer.c does).
+    sources = [path.read_text() for path in sorted(_SOURCES.glob("*.[ch]"))]
     key = hashlib.sha256(
-        "\0".join([source.read_text(), *headers, " ".join(_FLAGS + _LINK), version, _cpu_fingerprint()]).encode()
+        "\0".join([source.read_text(), *sources, " ".join(_FLAGS + _LINK), version, _cpu_fingerprint()]).encode()
     ).hexdigest()[:16]
     target = _cache_dir() / f"{name}-{key}.so"
     if target.exists():

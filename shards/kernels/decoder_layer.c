@@ -1,0 +1,126 @@
+/* One Mixtral decoder layer of a decode step (every token is its sequence's next), fp32, one CPU
+   thread, as two calls around the layer's two all-reduces.
+
+   At decode batch sizes the layer's arithmetic is small and its torch form is some forty small ops
+   (norms, the projections, rotary, the KV write, routing, the residual adds), each paying dispatch
+   and allocation: about two thirds of a two-shard decode step on the demo model. Here each half of
+   the layer is one call that runs the kernels of this folder back to back in its own scratch.
+   A unity build: the kernels' sources are included, so each keeps one spelling of its math.
+
+   Legend: T tokens (one per sequence), H hidden size, h query heads and kv KV heads held, D head
+   dim, S block size, M block-table width, P positions in the rotary tables, E experts held (from
+   `first_expert` on) of `num_experts`, K experts per token, I intermediate size held.
+   x [T, H] is the residual stream, updated in place: each call first adds `partial` (the summed
+   output of the block before, NULL for none), then writes this rank's partial output of its own
+   block to out [T, H] for the caller to all-reduce. Weights are row-major as the layers hold them:
+   w_qkv [(h + 2 kv) D, H], w_o [H, h D], gate [num_experts, H], w13 [E, 2I, H], w2 [E, H, I].
+*/
+
+#include "elementwise.c"
+#include "moe.c"
+#include "paged_attention.c"
+
+#define EVEN(n) (((n) + 1) & ~(int64_t)1) /* float counts kept even, so int64 arrays after them align */
+
+static void add_partial(float *x, const float *partial, int64_t n) {
+    if (partial == NULL) return;
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) x[i] += partial[i];
+}
+
+static int64_t attention_scratch(int64_t T, int64_t H, int64_t h, int64_t kv, int64_t D) {
+    return T * H + T * (h + 2 * kv) * D + 2 * T * h * D;
+}
+
+static int64_t moe_scratch(int64_t T, int64_t H, int64_t num_experts, int64_t K, int64_t E, int64_t I) {
+    const int64_t pairs = T * K;
+    return EVEN(T * H) + EVEN(T * num_experts) + EVEN(pairs) + 2 * pairs +
+           pairs * (2 * I + 2 * H) + 2 * (pairs + 2 * (E + 1));
+}
+
+/* Floats of scratch either call needs. */
+int64_t decoder_layer_scratch(int64_t T, int64_t H, int64_t h, int64_t kv, int64_t D, int64_t num_experts,
+                              int64_t K, int64_t E, int64_t I) {
+    const int64_t a = attention_scratch(T, H, h, kv, D), m = moe_scratch(T, H, num_experts, K, E, I);
+    return a > m ? a : m;
+}
+
+/* x += partial; then this rank's o_proj partial of attention over the paged cache: RMSNorm, the
+   q/k/v projection, rotary on q and k, k and v written to the cache at each token's slot, paged
+   attention (context_lens count the token itself), o_proj. Returns 0, or the refusing kernel's
+   code: 10 + rotary's (a position past the tables), 20 + paged attention's (heads, head dim or
+   block size past its limits). */
+int attention_block(float *x, const float *partial, const float *norm_weight, float eps, const float *w_qkv,
+                    const float *w_o, const int64_t *positions, const float *cos_table, const float *sin_table,
+                    int64_t P, const int64_t *slots, float *k_pool, float *v_pool, const int64_t *block_tables,
+                    const int64_t *context_lens, int64_t M, float *out, float *scratch, int64_t T, int64_t H,
+                    int64_t h, int64_t kv, int64_t D, int64_t S, float scale, int64_t window) {
+    const int64_t width = (h + 2 * kv) * D;
+    float *normed = scratch;   /* [T, H] */
+    float *qkv = normed + T * H; /* [T, (h + 2 kv) D] */
+    float *q = qkv + T * width;  /* [T, h, D] rotated */
+    float *attn = q + T * h * D; /* [T, h, D] */
+    add_partial(x, partial, T * H);
+    rms_norm(x, norm_weight, normed, T, H, eps);
+    rows_times_weight(normed, T, H, w_qkv, width, H, qkv, width);
+    int status = rotary(qkv, width, positions, cos_table, sin_table, q, T, h, D, P);
+    if (status) return 10 + status;
+    for (int64_t t = 0; t < T; t++) {
+        const float *k = qkv + t * width + h * D;
+        float *k_slot = k_pool + slots[t] * kv * D;
+        rotary(k, width, positions + t, cos_table, sin_table, k_slot, 1, kv, D, P);
+        memcpy(v_pool + slots[t] * kv * D, k + kv * D, sizeof(float) * kv * D);
+    }
+    status = paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, attn, T, h, kv, D, S, M, scale,
+                                    window);
+    if (status) return 20 + status;
+    rows_times_weight(attn, T, h * D, w_o, H, h * D, out, H);
+    return 0;
+}
+
+/* Mixtral's routing of one token: softmax over the experts' logits, the top K (the lowest id on a
+   tie), their probabilities renormalised to sum to one; the softmax's denominator cancels in the
+   renormalisation, so only the chosen experts' exponentials are taken. Ids are among the experts
+   held: id - first_expert, or E for an expert held elsewhere (moe_experts skips those). */
+static void route_token(const float *logits, int64_t num_experts, int64_t K, int64_t first_expert, int64_t E,
+                        float *weights, int64_t *ids) {
+    uint64_t taken[4] = {0, 0, 0, 0}; /* up to 256 experts */
+    float total = 0.0f;
+    for (int64_t k = 0; k < K; k++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < num_experts; e++) {
+            if (taken[e / 64] >> (e % 64) & 1) continue;
+            if (best < 0 || logits[e] > logits[best]) best = e;
+        }
+        taken[best / 64] |= (uint64_t)1 << (best % 64);
+        weights[k] = k == 0 ? 1.0f : expf(logits[best] - logits[ids[0]]);
+        total += weights[k];
+        ids[k] = best; /* global for now: the first one is the maximum the others are taken against */
+    }
+    for (int64_t k = 0; k < K; k++) {
+        weights[k] /= total;
+        const int64_t local = ids[k] - first_expert;
+        ids[k] = local >= 0 && local < E ? local : E;
+    }
+}
+
+/* x += partial; then this rank's partial output of the sparse MoE block: RMSNorm, the router gate,
+   Mixtral's top-K routing, the experts held (moe.c). Returns 0, 1 for more than 256 experts or K
+   outside [1, num_experts]. */
+int moe_block(float *x, const float *partial, const float *norm_weight, float eps, const float *gate,
+              const float *w13, const float *w2, float *out, float *scratch, int64_t T, int64_t H,
+              int64_t num_experts, int64_t K, int64_t first_expert, int64_t E, int64_t I) {
+    if (num_experts > 256 || K < 1 || K > num_experts) return 1;
+    const int64_t pairs = T * K;
+    float *normed = scratch;                                     /* [T, H] */
+    float *logits = normed + EVEN(T * H);                        /* [T, num_experts] */
+    float *weights = logits + EVEN(T * num_experts);             /* [T, K] */
+    int64_t *ids = (int64_t *)(weights + EVEN(pairs));           /* [T, K] */
+    float *experts_scratch = (float *)(ids + pairs);
+    add_partial(x, partial, T * H);
+    rms_norm(x, norm_weight, normed, T, H, eps);
+    rows_times_weight(normed, T, H, gate, num_experts, H, logits, num_experts);
+    for (int64_t t = 0; t < T; t++)
+        route_token(logits + t * num_experts, num_experts, K, first_expert, E, weights + t * K, ids + t * K);
+    return moe_experts(normed, weights, ids, w13, w2, out, experts_scratch, T, H, K, E, I);
+}

@@ -1,0 +1,196 @@
+"""The decoder layer kernel (shards/kernels/decoder_layer.c) against the layers' torch forward:
+a decode step's hidden output and KV writes, Mixtral's routing under tensor and expert parallelism,
+the model choosing it only for decode-only steps, and its refusals."""
+
+import pytest
+import torch
+
+from shards.attention_metadata import AttentionMetadata, PrefillChunk
+from shards.config import ModelConfig, ParallelConfig
+from shards.distributed import TensorParallelGroup
+from shards.kernels import decoder_layer, native
+from shards.layers.moe import experts_grouped, held_expert_ids, route
+from shards.layers.rotary import RotaryEmbedding
+from shards.model import DecoderLayer, MixtralForCausalLM
+
+BLOCK = 4
+NUM_BLOCKS = 40
+
+
+@pytest.fixture(autouse=True)
+def kernels(native):  # noqa: F811 - the conftest fixture that chooses the C kernels
+    if not decoder_layer.usable(1, 8, 32, BLOCK, 8):
+        pytest.skip("the decoder layer kernel does not build here")
+    torch.manual_seed(0)
+
+
+def config(heads=8, kv_heads=4, head_dim=32, sliding_window=None, experts=8, top_k=2) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        num_local_experts=experts,
+        num_experts_per_tok=top_k,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        sliding_window=sliding_window,
+    )
+
+
+def random_layer(cfg: ModelConfig) -> DecoderLayer:
+    parallel = ParallelConfig()
+    rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+    layer = DecoderLayer(cfg, parallel, TensorParallelGroup(parallel), rotary)
+    for param in layer.parameters():
+        param.copy_(torch.randn_like(param) * 0.2)
+    return layer
+
+
+def decode_metadata(contexts: list[int]) -> tuple[AttentionMetadata, torch.Tensor]:
+    """One decode token per sequence at the end of its context; blocks handed out shuffled."""
+    blocks = torch.randperm(NUM_BLOCKS).tolist()
+    tables, slots, positions = [], [], []
+    for length in contexts:
+        needed = -(-length // BLOCK)
+        table, blocks = blocks[:needed], blocks[needed:]
+        tables.append(table)
+        slots.append(table[(length - 1) // BLOCK] * BLOCK + (length - 1) % BLOCK)
+        positions.append(length - 1)
+    width = max(len(t) for t in tables)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots),
+        num_decode_tokens=len(contexts),
+        decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+        decode_context_lens=torch.tensor(contexts),
+    )
+    return meta, torch.tensor(positions)
+
+
+def random_cache(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (NUM_BLOCKS, BLOCK, cfg.num_key_value_heads, cfg.head_dim)
+    return torch.randn(shape), torch.randn(shape)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {},  # the demo's heads at one shard
+        {"heads": 6, "kv_heads": 2, "head_dim": 16},  # six heads: the eight- and four-head blocks and a scalar tail
+        {"heads": 4, "kv_heads": 4, "head_dim": 10},  # a head dim with no vectors
+        {"sliding_window": 5},
+        {"experts": 4, "top_k": 3},
+    ],
+)
+@pytest.mark.parametrize("contexts", [[1], [9, 1, 17, 4, 12, 8, 30]])
+def test_decode_equals_forward(shape, contexts):
+    cfg = config(**shape)
+    layer = random_layer(cfg)
+    meta, positions = decode_metadata(contexts)
+    hidden = torch.randn(len(contexts), cfg.hidden_size)
+    cache = random_cache(cfg)
+    torch_cache = tuple(pool.clone() for pool in cache)
+
+    with torch.inference_mode():
+        expected = layer(positions, hidden, torch_cache, meta)
+        fused = hidden.clone()
+        work = decoder_layer.scratch(
+            len(contexts), cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+            cfg.num_local_experts, cfg.num_experts_per_tok, cfg.num_local_experts, cfg.intermediate_size,
+        )  # fmt: skip
+        buffers = (work, torch.empty_like(hidden), torch.empty_like(hidden))
+        pending = layer.decode(positions, fused, None, cache, meta, buffers)
+        fused += pending
+
+    torch.testing.assert_close(fused, expected, atol=2e-5, rtol=2e-5)
+    for pool, torch_pool in zip(cache, torch_cache, strict=True):
+        torch.testing.assert_close(pool, torch_pool, atol=2e-6, rtol=2e-6)
+
+
+def test_pending_output_is_added_first():
+    cfg = config()
+    layer = random_layer(cfg)
+    meta, positions = decode_metadata([5, 11])
+    hidden, pending = torch.randn(2, cfg.hidden_size), torch.randn(2, cfg.hidden_size)
+    cache = random_cache(cfg)
+    with torch.inference_mode():
+        expected = layer(positions, hidden + pending, tuple(pool.clone() for pool in cache), meta)
+        fused = hidden.clone()
+        work = decoder_layer.scratch(2, 64, 8, 4, 32, 8, 2, 8, 96)
+        fused += layer.decode(
+            positions, fused, pending, cache, meta, (work, torch.empty_like(fused), torch.empty_like(fused))
+        )
+    torch.testing.assert_close(fused, expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("first_expert, held", [(0, 8), (0, 4), (4, 4), (6, 2)])
+def test_moe_block_routes_as_mixtral(first_expert, held):
+    """This rank's partial output of the MoE block, its experts only (expert parallelism) or all."""
+    tokens, hidden_size, inter, top_k = 9, 64, 48, 2
+    x = torch.randn(tokens, hidden_size)
+    norm_weight = torch.rand(hidden_size) + 0.5
+    gate = torch.randn(8, hidden_size)
+    w13 = torch.randn(held, 2 * inter, hidden_size) * 0.1
+    w2 = torch.randn(held, hidden_size, inter) * 0.1
+    partial = torch.randn(tokens, hidden_size)
+
+    x_torch = x + partial
+    normed = norm_weight * x_torch * torch.rsqrt(x_torch.pow(2).mean(-1, keepdim=True) + 1e-5)
+    weights, experts = route(normed, gate, top_k)
+    expected = experts_grouped(normed, w13, w2, weights, held_expert_ids(experts, first_expert, held))
+
+    out = torch.empty(tokens, hidden_size)
+    work = decoder_layer.scratch(tokens, hidden_size, 1, 1, 2, 8, top_k, held, inter)
+    decoder_layer.moe_block(x, partial, norm_weight, 1e-5, gate, w13, w2, out, work, top_k, first_expert)
+    torch.testing.assert_close(x, x_torch)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_refuses_a_position_past_the_rotary_tables():
+    cfg = config()
+    layer = random_layer(cfg)
+    meta, positions = decode_metadata([3])
+    hidden = torch.randn(1, cfg.hidden_size)
+    work = decoder_layer.scratch(1, 64, 8, 4, 32, 8, 2, 8, 96)
+    with torch.inference_mode(), pytest.raises(ValueError, match="attention block"):
+        layer.decode(positions + 1000, hidden, None, random_cache(cfg), meta, (work, hidden.clone(), hidden.clone()))
+
+
+def test_limits_of_the_kernel():
+    assert decoder_layer.usable(8, 8, 32, 16, 8)
+    assert not decoder_layer.usable(8, 8, 31, 16, 8)  # rotary needs an even head dim
+    assert not decoder_layer.usable(8, 65, 32, 16, 8)  # past the attention kernel's heads
+    assert not decoder_layer.usable(8, 8, 32, 16, 257)
+    assert not decoder_layer.usable(100_000, 8, 32, 16, 8)  # past the MoE kernel's tokens
+
+
+def test_model_takes_it_for_decode_only_steps(demo_dir, monkeypatch):
+    """Decode-only steps go through the kernel, a step with a prefill chunk through the layers."""
+    from shards.kv_cache import KVCache
+    from shards.loader import load_model
+
+    parallel = ParallelConfig()
+    model: MixtralForCausalLM = load_model(demo_dir, parallel, TensorParallelGroup(parallel))
+    cfg = model.config
+    calls = []
+    real = decoder_layer.attention_block
+    monkeypatch.setattr(decoder_layer, "attention_block", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kv = KVCache(cfg.num_hidden_layers, NUM_BLOCKS, BLOCK, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cpu")
+    meta, positions = decode_metadata([6, 3])
+    tokens = torch.tensor([5, 9])
+    with torch.inference_mode():
+        model(tokens, positions, kv, meta, torch.arange(2))
+        assert len(calls) == cfg.num_hidden_layers
+        meta.prefills = [PrefillChunk(2, 4, 0, torch.tensor([NUM_BLOCKS - 1]))]
+        meta.slot_mapping = torch.cat(
+            [meta.slot_mapping, torch.tensor([(NUM_BLOCKS - 1) * BLOCK, (NUM_BLOCKS - 1) * BLOCK + 1])]
+        )
+        model(torch.tensor([5, 9, 7, 8]), torch.cat([positions, torch.tensor([0, 1])]), kv, meta, torch.arange(4))
+    assert len(calls) == cfg.num_hidden_layers
+
+    native.select("torch")
+    assert not decoder_layer.usable(2, 8, 32, BLOCK, 8)
