@@ -14,7 +14,7 @@ Legend: R rows that sample, P vocabulary rows per rank, N ranks.
 import torch
 
 from shards.distributed import TensorParallelGroup
-from shards.kernels.sampling import row_argmax_logsumexp
+from shards.kernels import sampling as kernel
 from shards.sampling import SamplingParams
 
 
@@ -40,18 +40,21 @@ def parallel_greedy(
     """
     valid = max(min(local.shape[1], vocab_size - vocab_start), 0)
     part = local[:, :valid].float()  # [R, P']
+    rows = part.shape[0]
+    if valid and kernel.greedy_usable(part):
+        packed = kernel.slice_greedy_stats(part, vocab_start)
+        # NaN or infinity in this slice: the torch numbers below carry it to every rank.
+        if packed is not None:
+            return kernel.combine_greedy(group.all_gather_last_dim(packed).view(rows, -1, 3))
     if valid == 0:  # padding only: -inf, which sends every rank to the gathered path
-        best = logsumexp = torch.full((part.shape[0],), float("-inf"), device=part.device)
-        index = torch.zeros(part.shape[0], dtype=torch.long, device=part.device)
-    elif (stats := row_argmax_logsumexp(part)) is not None:
-        index, logsumexp = stats
-        best = part.gather(1, index[:, None]).squeeze(1)
+        best = logsumexp = torch.full((rows,), float("-inf"), device=part.device)
+        index = torch.zeros(rows, dtype=torch.long, device=part.device)
     else:
         best, index = part.max(dim=-1)  # the first index of the maximum, as torch.argmax
         logsumexp = part.logsumexp(dim=-1)
     # float64 holds every token id and fp32 value exactly. [R, 3]
     packed = torch.stack([best.double(), (index + vocab_start).double(), logsumexp.double()], dim=-1)
-    every = group.all_gather_last_dim(packed).view(part.shape[0], -1, 3)  # [R, N, 3]
+    every = group.all_gather_last_dim(packed).view(rows, -1, 3)  # [R, N, 3]
     if not torch.isfinite(every).all():
         return None
     maxima, ids, sums = every.unbind(-1)  # [R, N] each

@@ -258,7 +258,8 @@ class ModelRunner:
         chosen = None
         if split:
             head = self.model.lm_head
-            chosen = parallel_greedy(logits[rows], head.vocab_start, self.config.vocab_size, self.group)
+            local = logits if len(rows) == len(steps) else logits[rows]  # decode steps: every row samples
+            chosen = parallel_greedy(local, head.vocab_start, self.config.vocab_size, self.group)
             if chosen is None:  # NaN or infinity somewhere: gather and take the usual path
                 logits = head.gather(logits)
         top_ids = top_logprobs = None

@@ -23,20 +23,71 @@ static int all_finite(const float *row, int64_t V) {
     return worst != 0x7f800000u;
 }
 
+/* The maximum of a finite row, the first index holding it, and the row's log-sum-exp. */
+static void row_stats(const float *row, int64_t V, float *max, int64_t *max_at, float *logsumexp) {
+    float best = row[0];
+#pragma omp simd reduction(max : best)
+    for (int64_t v = 1; v < V; v++) best = row[v] > best ? row[v] : best;
+    int64_t best_at = 0;
+    while (row[best_at] != best) best_at++;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t v = 0; v < V; v++) sum += expf(row[v] - best);
+    *max = best;
+    *max_at = best_at;
+    *logsumexp = best + logf(sum);
+}
+
 int row_argmax_logsumexp(const float *logits, int64_t B, int64_t V, int64_t *argmax, float *logsumexp) {
     for (int64_t b = 0; b < B; b++) {
         const float *row = logits + b * V;
         if (!all_finite(row, V)) return 1;
-        float best = row[0];
-#pragma omp simd reduction(max : best)
-        for (int64_t v = 1; v < V; v++) best = row[v] > best ? row[v] : best;
-        int64_t best_at = 0;
-        while (row[best_at] != best) best_at++;
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t v = 0; v < V; v++) sum += expf(row[v] - best);
-        argmax[b] = best_at;
-        logsumexp[b] = best + logf(sum);
+        float best;
+        row_stats(row, V, &best, argmax + b, logsumexp + b);
+    }
+    return 0;
+}
+
+/* Greedy over a vocabulary-parallel LM head (shards/parallel_greedy.py), this rank's half: per row
+   of its slice [B, V] (rows `ld` floats apart), the row's maximum, the maximum's token id (its
+   index plus vocab_start) and the row's log-sum-exp, as doubles into packed [B, 3]. Returns 1 where
+   a row holds NaN or infinity. */
+int slice_greedy_stats(const float *logits, int64_t ld, int64_t B, int64_t V, int64_t vocab_start, double *packed) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *row = logits + b * ld;
+        if (!all_finite(row, V)) return 1;
+        float best, logsumexp;
+        int64_t best_at;
+        row_stats(row, V, &best, &best_at, &logsumexp);
+        packed[3 * b] = best;
+        packed[3 * b + 1] = (double)(best_at + vocab_start);
+        packed[3 * b + 2] = logsumexp;
+    }
+    return 0;
+}
+
+/* The other half, the same on every rank: from every rank's packed numbers, gathered [R, N, 3] in
+   rank order, each row's token (the id at the greatest maximum, the lowest rank on a tie) and its
+   log-probability (that maximum less the log-sum-exp of the ranks' log-sum-exps). Returns 1 where
+   any number is NaN or infinite (checked on the bits: -ffast-math assumes them away). */
+int combine_greedy(const double *every, int64_t R, int64_t N, int64_t *token_ids, float *logprobs) {
+    for (int64_t i = 0; i < R * N * 3; i++) {
+        uint64_t bits;
+        memcpy(&bits, every + i, sizeof bits);
+        if ((bits & 0x7ff0000000000000ull) == 0x7ff0000000000000ull) return 1;
+    }
+    for (int64_t r = 0; r < R; r++) {
+        const double *row = every + r * N * 3;
+        int64_t winner = 0;
+        double top = row[2];
+        for (int64_t n = 1; n < N; n++) {
+            if (row[3 * n] > row[3 * winner]) winner = n;
+            top = row[3 * n + 2] > top ? row[3 * n + 2] : top;
+        }
+        double sum = 0.0;
+        for (int64_t n = 0; n < N; n++) sum += exp(row[3 * n + 2] - top);
+        token_ids[r] = (int64_t)row[3 * winner + 1];
+        logprobs[r] = (float)(row[3 * winner] - (top + log(sum)));
     }
     return 0;
 }
