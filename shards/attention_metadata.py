@@ -27,3 +27,16 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None  # [B_d, M], padded with block 0
     decode_context_lens: torch.Tensor | None = None  # [B_d] tokens to attend to, the new one included
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # Every token of the step as one query over its own table [T, M] (padded with block 0) and context
+    # [T] (its position + 1): the decoder layer kernel's form of a step with prefill chunks, built by
+    # the runner for small steps. A decode-only step has it already in the decode tables.
+    token_block_tables: torch.Tensor | None = None
+    token_context_lens: torch.Tensor | None = None
+
+    def per_token(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(tables [T, M], context lengths [T]) with every token as one query, or None."""
+        if self.token_block_tables is not None:
+            return self.token_block_tables, self.token_context_lens
+        if not self.prefills and self.decode_block_tables is not None:
+            return self.decode_block_tables, self.decode_context_lens
+        return None

@@ -52,12 +52,14 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
         buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        """`forward` for a step whose every token decodes, through the decoder layer kernel: adds
-        `pending` (the previous layer's summed MoE output, None for the first layer) to hidden in place
-        and returns this layer's summed MoE output, which the caller adds after the last layer.
+        """`forward` for a step whose every token is one query over its own block table
+        (`meta.per_token()`), through the decoder layer kernel: adds `pending` (the previous layer's
+        summed MoE output, None for the first layer) to hidden in place and returns this layer's summed
+        MoE output, which the caller adds after the last layer.
         `buffers`: the kernel's scratch and two [T, H] tensors for the blocks' partial outputs."""
         work, attn_out, moe_out = buffers
         attn, moe = self.self_attn, self.block_sparse_moe
+        tables, context_lens = meta.per_token()
         decoder_layer.attention_block(
             hidden,
             pending,
@@ -70,8 +72,8 @@ class DecoderLayer(nn.Module):
             attn.rotary.sin,
             meta.slot_mapping,
             cache,
-            meta.decode_block_tables,
-            meta.decode_context_lens,
+            tables,
+            context_lens,
             attn_out,
             work,
             attn.qkv_proj.num_heads,
@@ -157,12 +159,12 @@ class MixtralForCausalLM(nn.Module):
         return self.lm_head(self.norm(hidden[logits_indices]), gather=gather_logits).float()
 
     def _decodes_in_kernel(self, hidden: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> bool:
-        """Whether this step's layers run through the decoder layer kernel: every token decodes, fp32 on
-        the CPU, weights held in full precision, shapes within the kernel's limits."""
+        """Whether this step's layers run through the decoder layer kernel: every token a query over its
+        own block table (a decode step, or a small one with prefill chunks), fp32 on the CPU, weights
+        held in full precision, shapes within the kernel's limits."""
         config = self.config
         return (
-            not meta.prefills
-            and meta.num_decode_tokens == hidden.shape[0]
+            meta.per_token() is not None
             and hidden.device.type == "cpu"
             and hidden.dtype == torch.float32
             and self.quantization is None

@@ -18,6 +18,10 @@ from shards.model import MixtralForCausalLM
 from shards.parallel_greedy import is_plain_greedy, parallel_greedy
 from shards.sampling import SamplingParams, TokenHistory, sample
 
+# Steps of up to this many tokens get per-token block tables when they hold prefill chunks: the
+# decoder layer kernel runs them whole (its MoE takes at most 128 tokens, 64 without AVX-512).
+PER_TOKEN_TABLES_MAX_TOKENS = 128
+
 
 class InvalidStep(ValueError):
     """The step is malformed (gRPC INVALID_ARGUMENT)."""
@@ -197,6 +201,10 @@ class ModelRunner:
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         prefills: list[PrefillChunk] = []
+        total = sum(len(s.token_ids) for s in steps)
+        # Small steps with prefill chunks also get one table row per token (see AttentionMetadata).
+        token_tables: list[list[int]] | None = [] if total <= PER_TOKEN_TABLES_MAX_TOKENS else None
+        token_lens: list[int] = []
         for i in order:
             s = steps[i]
             n = len(s.token_ids)
@@ -214,6 +222,9 @@ class ModelRunner:
                 prefills.append(
                     PrefillChunk(begin, begin + n, s.start_position, torch.tensor(table, device=self.device))
                 )
+            if token_tables is not None:
+                token_tables.extend([table] * n)
+                token_lens.extend(range(s.start_position + 1, context + 1))
         dev = self.device
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev), prefills=prefills)
         if decode_tables:
@@ -221,6 +232,10 @@ class ModelRunner:
             meta.num_decode_tokens = len(decode_tables)
             meta.decode_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=dev)
             meta.decode_context_lens = torch.tensor(decode_lens, device=dev)
+        if prefills and token_tables is not None:
+            width = max(len(t) for t in token_tables)
+            meta.token_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in token_tables], device=dev)
+            meta.token_context_lens = torch.tensor(token_lens, device=dev)
         return self.model(
             torch.tensor(token_ids, device=dev),
             torch.tensor(positions, device=dev),

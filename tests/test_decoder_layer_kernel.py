@@ -168,8 +168,10 @@ def test_limits_of_the_kernel():
     assert not decoder_layer.usable(100_000, 8, 32, 16, 8)  # past the MoE kernel's tokens
 
 
-def test_model_takes_it_for_decode_only_steps(demo_dir, monkeypatch):
-    """Decode-only steps go through the kernel, a step with a prefill chunk through the layers."""
+def test_model_takes_it_for_steps_whose_tokens_each_have_a_table(demo_dir, monkeypatch):
+    """Decode steps, and steps with prefill chunks that carry per-token tables, run through the
+    kernel with the logits of the layers' torch forward; a step with chunks and no such tables runs
+    through the layers."""
     from shards.kv_cache import KVCache
     from shards.loader import load_model
 
@@ -179,18 +181,67 @@ def test_model_takes_it_for_decode_only_steps(demo_dir, monkeypatch):
     calls = []
     real = decoder_layer.attention_block
     monkeypatch.setattr(decoder_layer, "attention_block", lambda *a, **k: calls.append(1) or real(*a, **k))
-    kv = KVCache(cfg.num_hidden_layers, NUM_BLOCKS, BLOCK, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cpu")
-    meta, positions = decode_metadata([6, 3])
-    tokens = torch.tensor([5, 9])
-    with torch.inference_mode():
-        model(tokens, positions, kv, meta, torch.arange(2))
-        assert len(calls) == cfg.num_hidden_layers
-        meta.prefills = [PrefillChunk(2, 4, 0, torch.tensor([NUM_BLOCKS - 1]))]
-        meta.slot_mapping = torch.cat(
-            [meta.slot_mapping, torch.tensor([(NUM_BLOCKS - 1) * BLOCK, (NUM_BLOCKS - 1) * BLOCK + 1])]
+
+    def cache() -> KVCache:
+        torch.manual_seed(1)
+        kv = KVCache(
+            cfg.num_hidden_layers, NUM_BLOCKS, BLOCK, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cpu"
         )
-        model(torch.tensor([5, 9, 7, 8]), torch.cat([positions, torch.tensor([0, 1])]), kv, meta, torch.arange(4))
-    assert len(calls) == cfg.num_hidden_layers
+        for index in range(cfg.num_hidden_layers):
+            for pool in kv.layer(index):
+                pool.copy_(torch.randn_like(pool))
+        return kv
+
+    meta, positions = decode_metadata([6, 3])
+    chunk_table = [NUM_BLOCKS - 1, NUM_BLOCKS - 2]  # positions 0-6 of a third sequence, one token cached
+    width = max(meta.decode_block_tables.shape[1], 2)
+    padded = torch.nn.functional.pad(meta.decode_block_tables, (0, width - meta.decode_block_tables.shape[1]))
+    chunk_slots = [chunk_table[p // BLOCK] * BLOCK + p % BLOCK for p in range(1, 7)]
+    mixed = AttentionMetadata(
+        slot_mapping=torch.cat([meta.slot_mapping, torch.tensor(chunk_slots)]),
+        num_decode_tokens=2,
+        decode_block_tables=meta.decode_block_tables,
+        decode_context_lens=meta.decode_context_lens,
+        prefills=[PrefillChunk(2, 8, 1, torch.tensor(chunk_table))],
+    )
+    mixed_positions = torch.cat([positions, torch.arange(1, 7)])
+    tokens = torch.tensor([5, 9, 70, 71, 72, 73, 74, 75])
+    with torch.inference_mode():
+        model(tokens[:2], positions, cache(), meta, torch.arange(2))
+        assert len(calls) == cfg.num_hidden_layers
+        by_layers = model(tokens, mixed_positions, cache(), mixed, torch.tensor([0, 1, 7]))
+        assert len(calls) == cfg.num_hidden_layers
+        mixed.token_block_tables = torch.cat([padded, torch.tensor([chunk_table] * 6)])
+        mixed.token_context_lens = torch.cat([meta.decode_context_lens, torch.arange(2, 8)])
+        by_kernel = model(tokens, mixed_positions, cache(), mixed, torch.tensor([0, 1, 7]))
+        assert len(calls) == 2 * cfg.num_hidden_layers
+    torch.testing.assert_close(by_kernel, by_layers, atol=1e-4, rtol=1e-4)
 
     native.select("torch")
     assert not decoder_layer.usable(2, 8, 32, BLOCK, 8)
+
+
+def test_runner_gives_small_steps_with_prefill_chunks_per_token_tables(demo_dir):
+    from shards.loader import load_model
+    from shards.runner import PER_TOKEN_TABLES_MAX_TOKENS, ModelRunner, SequenceStep
+    from shards.sampling import SamplingParams
+
+    parallel = ParallelConfig()
+    model = load_model(demo_dir, parallel, TensorParallelGroup(parallel))
+    runner = ModelRunner(model, parallel, TensorParallelGroup(parallel), torch.device("cpu"), torch.float32, BLOCK)
+    runner.allocate_cache(NUM_BLOCKS * 4)
+    seen = []
+    model.forward = lambda *args, **kwargs: seen.append(args[3]) or torch.zeros(len(args[4]), 8)
+    greedy = SamplingParams(temperature=0.0)
+
+    def prompt(seq_id, n, first_block):
+        table = list(range(first_block, first_block + -(-n // BLOCK)))
+        slots = [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)]
+        return SequenceStep(seq_id, list(range(1, n + 1)), 0, slots, table, True, greedy)
+
+    runner.forward([prompt(0, 5, 0), prompt(1, 3, 10)])
+    tables, lens = seen[-1].per_token()
+    assert lens.tolist() == [1, 2, 3, 4, 5, 1, 2, 3]
+    assert tables.tolist() == [[0, 1]] * 5 + [[10, 0]] * 3
+    runner.forward([prompt(2, PER_TOKEN_TABLES_MAX_TOKENS + 1, 20)])
+    assert seen[-1].per_token() is None
