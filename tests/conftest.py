@@ -1,6 +1,7 @@
 """Shared fixtures: a demo checkpoint written once per test session, free ports, shard groups."""
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -15,9 +16,31 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as s:
+    """A TCP port on loopback that nothing listens on right now, outside the kernel's ephemeral
+    range: a server started with it binds it only after starting shards, whose own connections
+    (gloo, gRPC) take ephemeral ports and once took the one picked for it."""
+    ephemeral = _ephemeral_ports()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, 65536)
+        if port in ephemeral:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every try taken: any free port
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
