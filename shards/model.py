@@ -43,7 +43,7 @@ class DecoderLayer(nn.Module):
         hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), cache, meta)
         return hidden + self.block_sparse_moe(self.post_attention_layernorm(hidden))
 
-    def decode(
+    def forward_kernel(
         self,
         positions: torch.Tensor,
         hidden: torch.Tensor,
@@ -146,19 +146,19 @@ class MixtralForCausalLM(nn.Module):
         """Run tokens [T] at positions [T]; return logits [R, V] of the tokens at `logits_indices` [R]
         (with `gather_logits=False`, this rank's vocabulary slice [R, P] of them)."""
         hidden = self.embed_tokens(token_ids)  # [T, H]
-        if self._decodes_in_kernel(hidden, meta, kv_cache):
+        if self._layers_in_kernel(hidden, meta, kv_cache):
             hidden = hidden.contiguous()
-            buffers = (self._decode_scratch(hidden.shape[0]), torch.empty_like(hidden), torch.empty_like(hidden))
+            buffers = (self._kernel_scratch(hidden.shape[0]), torch.empty_like(hidden), torch.empty_like(hidden))
             pending = None
             for index, layer in enumerate(self.layers):
-                pending = layer.decode(positions, hidden, pending, kv_cache.layer(index), meta, buffers)
+                pending = layer.forward_kernel(positions, hidden, pending, kv_cache.layer(index), meta, buffers)
             hidden += pending
         else:
             for index, layer in enumerate(self.layers):
                 hidden = layer(positions, hidden, kv_cache.layer(index), meta)
         return self.lm_head(self.norm(hidden[logits_indices]), gather=gather_logits).float()
 
-    def _decodes_in_kernel(self, hidden: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> bool:
+    def _layers_in_kernel(self, hidden: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> bool:
         """Whether this step's layers run through the decoder layer kernel: every token a query over its
         own block table (a decode step, or a small one with prefill chunks), fp32 on the CPU, weights
         held in full precision, shapes within the kernel's limits."""
@@ -178,7 +178,7 @@ class MixtralForCausalLM(nn.Module):
             )
         )
 
-    def _decode_scratch(self, tokens: int) -> torch.Tensor:
+    def _kernel_scratch(self, tokens: int) -> torch.Tensor:
         attn, moe = self.layers[0].self_attn, self.layers[0].block_sparse_moe
         held, two_inter, _ = moe.w13.shape
         return decoder_layer.scratch(

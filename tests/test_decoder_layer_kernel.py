@@ -103,7 +103,7 @@ def test_decode_equals_forward(shape, contexts):
             cfg.num_local_experts, cfg.num_experts_per_tok, cfg.num_local_experts, cfg.intermediate_size,
         )  # fmt: skip
         buffers = (work, torch.empty_like(hidden), torch.empty_like(hidden))
-        pending = layer.decode(positions, fused, None, cache, meta, buffers)
+        pending = layer.forward_kernel(positions, fused, None, cache, meta, buffers)
         fused += pending
 
     torch.testing.assert_close(fused, expected, atol=2e-5, rtol=2e-5)
@@ -121,7 +121,7 @@ def test_pending_output_is_added_first():
         expected = layer(positions, hidden + pending, tuple(pool.clone() for pool in cache), meta)
         fused = hidden.clone()
         work = decoder_layer.scratch(2, 64, 8, 4, 32, 8, 2, 8, 96)
-        fused += layer.decode(
+        fused += layer.forward_kernel(
             positions, fused, pending, cache, meta, (work, torch.empty_like(fused), torch.empty_like(fused))
         )
     torch.testing.assert_close(fused, expected, atol=2e-5, rtol=2e-5)
@@ -157,7 +157,8 @@ def test_refuses_a_position_past_the_rotary_tables():
     hidden = torch.randn(1, cfg.hidden_size)
     work = decoder_layer.scratch(1, 64, 8, 4, 32, 8, 2, 8, 96)
     with torch.inference_mode(), pytest.raises(ValueError, match="attention block"):
-        layer.decode(positions + 1000, hidden, None, random_cache(cfg), meta, (work, hidden.clone(), hidden.clone()))
+        buffers = (work, hidden.clone(), hidden.clone())
+        layer.forward_kernel(positions + 1000, hidden, None, random_cache(cfg), meta, buffers)
 
 
 def test_limits_of_the_kernel():
