@@ -202,8 +202,10 @@ class ModelRunner:
         decode_lens: list[int] = []
         prefills: list[PrefillChunk] = []
         total = sum(len(s.token_ids) for s in steps)
-        # Small steps with prefill chunks also get one table row per token (see AttentionMetadata).
-        token_tables: list[list[int]] | None = [] if total <= PER_TOKEN_TABLES_MAX_TOKENS else None
+        # Small steps with prefill chunks also get one table row per token (see AttentionMetadata),
+        # on the CPU, where the kernel that reads them runs.
+        per_token = total <= PER_TOKEN_TABLES_MAX_TOKENS and self.device.type == "cpu"
+        token_tables: list[list[int]] | None = [] if per_token else None
         token_lens: list[int] = []
         for i in order:
             s = steps[i]

@@ -49,7 +49,7 @@ def scratch(
 ) -> torch.Tensor:
     """Working memory for either call of a step (reused by every layer)."""
     fn = _function("decoder_layer_scratch", _SCRATCH_ARGTYPES)
-    fn.restype = ctypes.c_int64
+    fn.restype = ctypes.c_int64  # a count of floats, not native.function's int status
     return torch.empty(fn(tokens, hidden, heads, kv_heads, head_dim, num_experts, top_k, held, inter))
 
 

@@ -3,7 +3,9 @@
    (together ~1 ms a step at batch 32 over a 8k vocabulary here).
 
    Legend: B rows, V vocabulary. logits [B, V] contiguous; argmax [B] int64 (the first index of the
-   row's maximum, as torch.argmax); logsumexp [B].
+   row's maximum, as torch.argmax); logsumexp [B]. Also both halves of greedy over a
+   vocabulary-parallel LM head (slice_greedy_stats, combine_greedy), where torch's dozen small ops
+   on a few numbers per row cost more than the rows' arithmetic.
 */
 
 #include <math.h>
