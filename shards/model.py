@@ -50,50 +50,34 @@ class DecoderLayer(nn.Module):
         pending: torch.Tensor | None,
         cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
-        buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        buffers: decoder_layer.StepBuffers,
     ) -> torch.Tensor:
         """`forward` for a step whose every token is one query over its own block table
         (`meta.per_token()`), through the decoder layer kernel: adds `pending` (the previous layer's
         summed MoE output, None for the first layer) to hidden in place and returns this layer's summed
-        MoE output, which the caller adds after the last layer.
-        `buffers`: the kernel's scratch and two [T, H] tensors for the blocks' partial outputs."""
-        work, attn_out, moe_out = buffers
-        attn, moe = self.self_attn, self.block_sparse_moe
-        tables, context_lens = meta.per_token()
-        decoder_layer.attention_block(
-            hidden,
-            pending,
-            self.input_layernorm.weight,
-            self.input_layernorm.eps,
+        MoE output, which the caller adds after the last layer."""
+        decoder_layer.attention_block(hidden, pending, self.attention_half(), positions, cache, meta, buffers)
+        attn_sum = self.self_attn.o_proj.group.all_reduce(buffers.attn_out)
+        decoder_layer.moe_block(hidden, attn_sum, self.moe_half(), buffers)
+        return self.block_sparse_moe.group.all_reduce(buffers.moe_out)
+
+    def attention_half(self) -> decoder_layer.AttentionHalf:
+        attn, norm = self.self_attn, self.input_layernorm
+        return decoder_layer.AttentionHalf(
+            norm.weight,
+            norm.eps,
             attn.qkv_proj.weight,
             attn.o_proj.weight,
-            positions,
             attn.rotary.cos,
             attn.rotary.sin,
-            meta.slot_mapping,
-            cache,
-            tables,
-            context_lens,
-            attn_out,
-            work,
             attn.qkv_proj.num_heads,
             attn.scale,
             attn.sliding_window,
         )
-        decoder_layer.moe_block(
-            hidden,
-            attn.o_proj.group.all_reduce(attn_out),
-            self.post_attention_layernorm.weight,
-            self.post_attention_layernorm.eps,
-            moe.gate,
-            moe.w13,
-            moe.w2,
-            moe_out,
-            work,
-            moe.top_k,
-            moe.first_expert,
-        )
-        return moe.group.all_reduce(moe_out)
+
+    def moe_half(self) -> decoder_layer.MoEHalf:
+        moe, norm = self.block_sparse_moe, self.post_attention_layernorm
+        return decoder_layer.MoEHalf(norm.weight, norm.eps, moe.gate, moe.w13, moe.w2, moe.top_k, moe.first_expert)
 
     def load(self, reader: CheckpointReader, prefix: str) -> None:
         self.input_layernorm.load(reader, f"{prefix}.input_layernorm.weight")
@@ -148,7 +132,8 @@ class MixtralForCausalLM(nn.Module):
         hidden = self.embed_tokens(token_ids)  # [T, H]
         if self._layers_in_kernel(hidden, meta, kv_cache):
             hidden = hidden.contiguous()
-            buffers = (self._kernel_scratch(hidden.shape[0]), torch.empty_like(hidden), torch.empty_like(hidden))
+            first = self.layers[0]
+            buffers = decoder_layer.step_buffers(hidden, first.attention_half(), first.moe_half())
             pending = None
             for index, layer in enumerate(self.layers):
                 pending = layer.forward_kernel(positions, hidden, pending, kv_cache.layer(index), meta, buffers)
@@ -176,21 +161,6 @@ class MixtralForCausalLM(nn.Module):
                 kv_cache.block_size,
                 config.num_local_experts,
             )
-        )
-
-    def _kernel_scratch(self, tokens: int) -> torch.Tensor:
-        attn, moe = self.layers[0].self_attn, self.layers[0].block_sparse_moe
-        held, two_inter, _ = moe.w13.shape
-        return decoder_layer.scratch(
-            tokens,
-            self.config.hidden_size,
-            attn.qkv_proj.num_heads,
-            attn.qkv_proj.num_kv_heads,
-            self.config.head_dim,
-            self.config.num_local_experts,
-            moe.top_k,
-            held,
-            two_inter // 2,
         )
 
     def load(self, reader: CheckpointReader) -> None:

@@ -71,6 +71,10 @@ def decode_metadata(contexts: list[int]) -> tuple[AttentionMetadata, torch.Tenso
     return meta, torch.tensor(positions)
 
 
+def buffers_for(layer: DecoderLayer, hidden: torch.Tensor) -> decoder_layer.StepBuffers:
+    return decoder_layer.step_buffers(hidden, layer.attention_half(), layer.moe_half())
+
+
 def random_cache(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     shape = (NUM_BLOCKS, BLOCK, cfg.num_key_value_heads, cfg.head_dim)
     return torch.randn(shape), torch.randn(shape)
@@ -98,12 +102,7 @@ def test_decode_equals_forward(shape, contexts):
     with torch.inference_mode():
         expected = layer(positions, hidden, torch_cache, meta)
         fused = hidden.clone()
-        work = decoder_layer.scratch(
-            len(contexts), cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-            cfg.num_local_experts, cfg.num_experts_per_tok, cfg.num_local_experts, cfg.intermediate_size,
-        )  # fmt: skip
-        buffers = (work, torch.empty_like(hidden), torch.empty_like(hidden))
-        pending = layer.forward_kernel(positions, fused, None, cache, meta, buffers)
+        pending = layer.forward_kernel(positions, fused, None, cache, meta, buffers_for(layer, fused))
         fused += pending
 
     torch.testing.assert_close(fused, expected, atol=2e-5, rtol=2e-5)
@@ -120,10 +119,7 @@ def test_pending_output_is_added_first():
     with torch.inference_mode():
         expected = layer(positions, hidden + pending, tuple(pool.clone() for pool in cache), meta)
         fused = hidden.clone()
-        work = decoder_layer.scratch(2, 64, 8, 4, 32, 8, 2, 8, 96)
-        fused += layer.forward_kernel(
-            positions, fused, pending, cache, meta, (work, torch.empty_like(fused), torch.empty_like(fused))
-        )
+        fused += layer.forward_kernel(positions, fused, pending, cache, meta, buffers_for(layer, fused))
     torch.testing.assert_close(fused, expected, atol=2e-5, rtol=2e-5)
 
 
@@ -143,11 +139,12 @@ def test_moe_block_routes_as_mixtral(first_expert, held):
     weights, experts = route(normed, gate, top_k)
     expected = experts_grouped(normed, w13, w2, weights, held_expert_ids(experts, first_expert, held))
 
-    out = torch.empty(tokens, hidden_size)
-    work = decoder_layer.scratch(tokens, hidden_size, 1, 1, 2, 8, top_k, held, inter)
-    decoder_layer.moe_block(x, partial, norm_weight, 1e-5, gate, w13, w2, out, work, top_k, first_expert)
+    half = decoder_layer.MoEHalf(norm_weight, 1e-5, gate, w13, w2, top_k, first_expert)
+    attention = random_layer(config()).attention_half()  # sizes the scratch only
+    buffers = decoder_layer.step_buffers(x, attention, half)
+    decoder_layer.moe_block(x, partial, half, buffers)
     torch.testing.assert_close(x, x_torch)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(buffers.moe_out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_refuses_a_position_past_the_rotary_tables():
@@ -155,9 +152,8 @@ def test_refuses_a_position_past_the_rotary_tables():
     layer = random_layer(cfg)
     meta, positions = decode_metadata([3])
     hidden = torch.randn(1, cfg.hidden_size)
-    work = decoder_layer.scratch(1, 64, 8, 4, 32, 8, 2, 8, 96)
+    buffers = buffers_for(layer, hidden)
     with torch.inference_mode(), pytest.raises(ValueError, match="attention block"):
-        buffers = (work, hidden.clone(), hidden.clone())
         layer.forward_kernel(positions + 1000, hidden, None, random_cache(cfg), meta, buffers)
 
 
