@@ -13,14 +13,11 @@ import torch
 from shards.attention_metadata import AttentionMetadata, PrefillChunk
 from shards.config import ModelConfig, ParallelConfig
 from shards.distributed import TensorParallelGroup
+from shards.kernels import decoder_layer
 from shards.kv_cache import KVCache
 from shards.model import MixtralForCausalLM
 from shards.parallel_greedy import is_plain_greedy, parallel_greedy
 from shards.sampling import SamplingParams, TokenHistory, sample
-
-# Steps of up to this many tokens get per-token block tables when they hold prefill chunks: the
-# decoder layer kernel runs them whole (its MoE takes at most 128 tokens, 64 without AVX-512).
-PER_TOKEN_TABLES_MAX_TOKENS = 128
 
 
 class InvalidStep(ValueError):
@@ -202,9 +199,9 @@ class ModelRunner:
         decode_lens: list[int] = []
         prefills: list[PrefillChunk] = []
         total = sum(len(s.token_ids) for s in steps)
-        # Small steps with prefill chunks also get one table row per token (see AttentionMetadata),
-        # on the CPU, where the kernel that reads them runs.
-        per_token = total <= PER_TOKEN_TABLES_MAX_TOKENS and self.device.type == "cpu"
+        # A step with prefill chunks that the decoder layer kernel can take whole (CPU, few tokens)
+        # also gets one table row per token (see AttentionMetadata); a decode step has its rows.
+        per_token = total > len(steps) and self.device.type == "cpu" and total <= decoder_layer.max_tokens()
         token_tables: list[list[int]] | None = [] if per_token else None
         token_lens: list[int] = []
         for i in order:
@@ -230,13 +227,11 @@ class ModelRunner:
         dev = self.device
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev), prefills=prefills)
         if decode_tables:
-            width = max(len(t) for t in decode_tables)
             meta.num_decode_tokens = len(decode_tables)
-            meta.decode_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=dev)
+            meta.decode_block_tables = _padded(decode_tables, dev)
             meta.decode_context_lens = torch.tensor(decode_lens, device=dev)
-        if prefills and token_tables is not None:
-            width = max(len(t) for t in token_tables)
-            meta.token_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in token_tables], device=dev)
+        if token_tables is not None:
+            meta.token_block_tables = _padded(token_tables, dev)
             meta.token_context_lens = torch.tensor(token_lens, device=dev)
         return self.model(
             torch.tensor(token_ids, device=dev),
@@ -309,6 +304,12 @@ class ModelRunner:
 
     def clear(self) -> None:
         self.sequences.clear()
+
+
+def _padded(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Block tables as one [rows, widest] tensor, the shorter rows padded with block 0."""
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
 
 
 def _warmup_batch(max_tokens: int, max_seqs: int, block_size: int, vocab_size: int) -> list[SequenceStep]:

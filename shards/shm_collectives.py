@@ -54,8 +54,7 @@ class SharedMemoryGroup:
 
     def _exchange(self, tensor: torch.Tensor) -> torch.Tensor:
         """Publish `tensor`, wait for every rank's, and return all of them as [N, *shape] views."""
-        self._calls += 1
-        call = self._calls
+        call = self._next_call()
         nbytes = tensor.numel() * tensor.element_size()
         slots = self._slots[call % 2]
         tensor = tensor.contiguous()
@@ -80,6 +79,10 @@ class SharedMemoryGroup:
             elif time.monotonic() - started > self.timeout_s:
                 raise self._timed_out(call)
 
+    def _next_call(self) -> int:
+        self._calls += 1
+        return self._calls
+
     def _timeout_ns(self) -> int:
         return int(self.timeout_s * 1e9)
 
@@ -91,9 +94,9 @@ class SharedMemoryGroup:
         rank 1's, plus rank 2's, and so on."""
         fn = shm_exchange.all_reduce_f32() if tensor.dtype == torch.float32 and tensor.is_contiguous() else None
         if fn is not None:
-            self._calls += 1
-            if fn(*self._pointers, self._calls, tensor.data_ptr(), tensor.numel(), self._timeout_ns()):
-                raise self._timed_out(self._calls)
+            call = self._next_call()
+            if fn(*self._pointers, call, tensor.data_ptr(), tensor.numel(), self._timeout_ns()):
+                raise self._timed_out(call)
             return tensor
         parts = self._exchange(tensor)
         tensor.copy_(parts[0])

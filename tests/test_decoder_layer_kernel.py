@@ -72,7 +72,7 @@ def decode_metadata(contexts: list[int]) -> tuple[AttentionMetadata, torch.Tenso
 
 
 def buffers_for(layer: DecoderLayer, hidden: torch.Tensor) -> decoder_layer.StepBuffers:
-    return decoder_layer.step_buffers(hidden, layer.attention_half(), layer.moe_half())
+    return decoder_layer.step_buffers(hidden, *layer.kernel_halves())
 
 
 def random_cache(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +140,7 @@ def test_moe_block_routes_as_mixtral(first_expert, held):
     expected = experts_grouped(normed, w13, w2, weights, held_expert_ids(experts, first_expert, held))
 
     half = decoder_layer.MoEHalf(norm_weight, 1e-5, gate, w13, w2, top_k, first_expert)
-    attention = random_layer(config()).attention_half()  # sizes the scratch only
+    attention, _ = random_layer(config()).kernel_halves()  # sizes the scratch only
     buffers = decoder_layer.step_buffers(x, attention, half)
     decoder_layer.moe_block(x, partial, half, buffers)
     torch.testing.assert_close(x, x_torch)
@@ -220,7 +220,7 @@ def test_model_takes_it_for_steps_whose_tokens_each_have_a_table(demo_dir, monke
 
 def test_runner_gives_small_steps_with_prefill_chunks_per_token_tables(demo_dir):
     from shards.loader import load_model
-    from shards.runner import PER_TOKEN_TABLES_MAX_TOKENS, ModelRunner, SequenceStep
+    from shards.runner import ModelRunner, SequenceStep
     from shards.sampling import SamplingParams
 
     parallel = ParallelConfig()
@@ -240,5 +240,10 @@ def test_runner_gives_small_steps_with_prefill_chunks_per_token_tables(demo_dir)
     tables, lens = seen[-1].per_token()
     assert lens.tolist() == [1, 2, 3, 4, 5, 1, 2, 3]
     assert tables.tolist() == [[0, 1]] * 5 + [[10, 0]] * 3
-    runner.forward([prompt(2, PER_TOKEN_TABLES_MAX_TOKENS + 1, 20)])
+    runner.forward([prompt(2, decoder_layer.max_tokens() + 1, 20)])
+    assert seen[-1].per_token() is None
+    runner.forward([SequenceStep(0, [7], 5, [1 * BLOCK + 1], [0, 1], True, greedy)])  # a decode step: its own rows
+    assert seen[-1].token_block_tables is None and seen[-1].per_token()[1].tolist() == [6]
+    native.select("torch")  # no kernel to read them: no per-token rows
+    runner.forward([prompt(0, 5, 0), prompt(1, 3, 10)])
     assert seen[-1].per_token() is None

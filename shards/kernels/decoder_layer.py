@@ -31,13 +31,19 @@ def _function(name: str, argtypes: list):
 def usable(tokens: int, heads: int, head_dim: int, block_size: int, num_experts: int) -> bool:
     """Whether a step of `tokens` tokens with these shapes fits the kernel's limits, under the current
     choice of kernels (the caller checks dtype, device and that every token has its own table)."""
-    if tokens > moe.MAX_TOKENS and tokens > moe.max_tokens():
+    if not moe.fits(tokens):
         return False
     if heads > attention.MAX_HEADS or head_dim > attention.MAX_HEAD_DIM or head_dim % 2:
         return False
     if block_size > attention.MAX_BLOCK or num_experts > MAX_EXPERTS:
         return False
     return _function("attention_block", _ATTENTION_ARGTYPES) is not None
+
+
+def max_tokens() -> int:
+    """The most tokens a step may have to run in the kernel under the current choice (0: not
+    available): the MoE kernel's cap."""
+    return moe.max_tokens() if _function("attention_block", _ATTENTION_ARGTYPES) is not None else 0
 
 
 @dataclass(slots=True)

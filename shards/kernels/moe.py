@@ -29,13 +29,17 @@ def max_tokens() -> int:
     return 0 if width is None else MAX_TOKENS_BY_VECTOR_FLOATS.get(width(), MAX_TOKENS)
 
 
+def fits(tokens: int) -> bool:
+    """Whether a step of `tokens` tokens is within the kernel's token cap (the kernel may still be
+    unavailable); decode-sized steps never ask the library for its vector width."""
+    return tokens <= MAX_TOKENS or tokens <= max_tokens()
+
+
 def usable(hidden: torch.Tensor, w13: torch.Tensor | None) -> bool:
     """Whether the experts of this step run in the C kernel under the current choice."""
     if w13 is None or hidden.device.type != "cpu" or hidden.dtype != torch.float32 or w13.dtype != hidden.dtype:
         return False
-    tokens = hidden.shape[0]
-    # Decode-sized steps never ask the library for its vector width.
-    return _kernel() is not None and (tokens <= MAX_TOKENS or tokens <= max_tokens())
+    return _kernel() is not None and fits(hidden.shape[0])
 
 
 def moe_experts(
