@@ -56,6 +56,33 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 PYTHON = sys.executable
 
 
+def _is_python(argv) -> bool:
+    program = argv if isinstance(argv, str | bytes | os.PathLike) else argv[0]
+    return Path(os.fsdecode(program)).name.startswith("python") or os.fsdecode(program) == PYTHON
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A test that starts a Python process (a server, a shard group, ranks) must carry
+    `@pytest.mark.slow`, so `-m "not slow"` stays the fast, in-process part of the suite: an unmarked
+    one fails at its first such start, in its setup (fixtures included) or its body. Compilers and
+    other tools may run anywhere."""
+    if item.get_closest_marker("slow") is not None:
+        return (yield)
+    original = subprocess.Popen.__init__
+
+    def guarded(self, args, *rest, **kwargs):
+        if _is_python(args):
+            raise AssertionError(f"{item.nodeid} starts a Python process: mark it @pytest.mark.slow")
+        original(self, args, *rest, **kwargs)
+
+    subprocess.Popen.__init__ = guarded
+    try:
+        return (yield)
+    finally:
+        subprocess.Popen.__init__ = original
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """The default demo checkpoint, written by the real writer into a session temp dir."""

@@ -9,6 +9,8 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
+pytestmark = pytest.mark.slow
+
 MAX_TOTAL = 48
 CHAT = [{"role": "user", "content": "Name a color."}]
 

@@ -49,6 +49,7 @@ async def post(url: str, path: str, body: dict) -> tuple[int, str, str]:
             return response.status, response.headers.get("Content-Type", ""), await response.text()
 
 
+@pytest.mark.slow
 async def test_client_generate_greedy_matches_predict(server, tokenizer):
     expected = await predict(server.url, PROMPT, 12)
     answer = Client(server.url, timeout=CLIENT_TIMEOUT_S).generate(PROMPT, max_new_tokens=12)
@@ -59,6 +60,7 @@ async def test_client_generate_greedy_matches_predict(server, tokenizer):
     assert all(t.logprob <= 0 for t in details.tokens) and details.prefill == []
 
 
+@pytest.mark.slow
 async def test_client_generate_stream(server):
     expected = await predict(server.url, PROMPT, 10)
     responses = list(Client(server.url, timeout=CLIENT_TIMEOUT_S).generate_stream(PROMPT, max_new_tokens=10))
@@ -69,6 +71,7 @@ async def test_client_generate_stream(server):
     assert responses[-1].details.finish_reason == "length" and responses[-1].details.generated_tokens == 10
 
 
+@pytest.mark.slow
 async def test_async_client_and_parameters(server, tokenizer):
     client = AsyncClient(server.url, timeout=CLIENT_TIMEOUT_S)
     expected = await predict(server.url, PROMPT, 6)
@@ -86,6 +89,7 @@ async def test_async_client_and_parameters(server, tokenizer):
     assert streamed[-1].details.finish_reason == "stop_sequence" and streamed[-1].generated_text == ""
 
 
+@pytest.mark.slow
 async def test_raw_routes_and_sse_framing(server):
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 3}}
     status, _, text = await post(server.url, "/generate", body)
@@ -101,6 +105,7 @@ async def test_raw_routes_and_sse_framing(server):
     assert set(payloads[0]["token"]) == {"id", "text", "logprob", "special"}
 
 
+@pytest.mark.slow
 async def test_tokenize_info_and_spec(server, tokenizer):
     status, _, text = await post(server.url, "/tokenize", {"inputs": PROMPT})
     tokens = json.loads(text)
@@ -130,6 +135,7 @@ async def test_tokenize_info_and_spec(server, tokenizer):
         ({"decoder_input_details": True}, 422, "streaming"),
     ],
 )
+@pytest.mark.slow
 async def test_errors(server, parameters, status, needle):
     got, _, text = await post(server.url, "/generate_stream", {"inputs": PROMPT, "parameters": parameters})
     assert got == status
@@ -137,6 +143,7 @@ async def test_errors(server, parameters, status, needle):
     assert needle in payload["error"] and payload["error_type"] == ("validation" if status == 422 else "bad_request")
 
 
+@pytest.mark.slow
 async def test_truncate_keeps_the_last_prompt_tokens(server):
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2, "truncate": 3, "details": True}}
     status, _, text = await post(server.url, "/generate_stream", body)
@@ -144,6 +151,7 @@ async def test_truncate_keeps_the_last_prompt_tokens(server):
     assert status == 200 and last["details"]["input_length"] == 3
 
 
+@pytest.mark.slow
 async def test_client_raises_tgi_errors(server):
     with pytest.raises(ValidationError, match="max_total_tokens"):
         Client(server.url, timeout=CLIENT_TIMEOUT_S).generate(PROMPT, max_new_tokens=500)

@@ -65,6 +65,7 @@ def assert_counts_add_up(result: dict) -> None:
                 assert r.token_times[-1] <= r.e2e
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["openai", "tgi", "grpc", "predict"])
 def test_counts_add_up_on_every_api(server, demo_dir, target):
     url = server.grpc_url if target == "grpc" else server.url
@@ -93,6 +94,7 @@ def test_counts_add_up_on_every_api(server, demo_dir, target):
         assert s["output_throughput"] == pytest.approx(counted / s["duration_s"], rel=0.01)
 
 
+@pytest.mark.slow
 def test_refused_requests_are_counted_as_errors(server, demo_dir, tmp_path):
     result = bench(server.url, demo_dir, "openai", [2 * MAX_CONCURRENT], num_prompts=2 * MAX_CONCURRENT, output_len=24)
     assert_counts_add_up(result)
@@ -110,6 +112,7 @@ def test_refused_requests_are_counted_as_errors(server, demo_dir, tmp_path):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_shard_step_latency_and_router_overhead(server, demo_dir, tmp_path):
     config = LatencyConfig(
         str(demo_dir), num_shard=1, batch_sizes=[1, 2], seq_lens=[8], prefill_repeats=2, decode_steps=2,
@@ -167,6 +170,7 @@ async def test_naive_baseline_answers_predict_and_openai(naive_generator, demo_d
     assert all(r.output_tokens == OUTPUT_LEN for r in result["levels"][0]["_records"])
 
 
+@pytest.mark.slow
 def test_compare_skips_missing_peers_and_tabulates(server, demo_dir, tmp_path):
     found, skipped = find_systems(
         ["mixserve-4", "naive", "vllm", "transformers-serve"],
@@ -238,6 +242,7 @@ def test_roofline_bytes_match_the_checkpoint(demo_dir):
     assert model.decode_bytes(1, 0) == total - embedding - skipped_experts + one_row + model.kv_bytes_per_token
 
 
+@pytest.mark.slow
 def test_bench_command_is_registered_and_the_client_is_light():
     code = (
         "import contextlib, sys\n"
@@ -252,6 +257,7 @@ def test_bench_command_is_registered_and_the_client_is_light():
         assert command in helped.stdout
 
 
+@pytest.mark.slow
 def test_collectives_are_timed_on_every_path_in_real_groups(tmp_path):
     cmd = [PYTHON, "-m", "mixserve.cli", "bench", "collectives", "--ranks", "2", "--sizes", "1", "300"]
     done = subprocess.run(

@@ -9,6 +9,8 @@ import time
 import aiohttp
 import pytest
 
+pytestmark = pytest.mark.slow
+
 RUN = 64  # --max-decode-steps of the multi-step server: far longer than any interrupt should take
 
 

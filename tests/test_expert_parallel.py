@@ -122,6 +122,7 @@ def test_experts_not_divisible_by_world_size_says_why(demo_dir):
         ParallelConfig(0, 1, "dp")
 
 
+@pytest.mark.slow
 def test_shard_refuses_ep_at_start_up(tmp_path):
     """A checkpoint with 6 experts on 4 shards: the shard exits with the reason before any rendezvous."""
     from shards.demo.checkpoint import DemoConfig, write_demo_checkpoint

@@ -20,6 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+pytestmark = pytest.mark.slow
+
 # Cases per route and generation mode: 7 routes with a body x 2 modes x 20, and the rest, about 300 requests.
 CASES = 20
 # Generated token limits are cut to this, and bodies without one get it, so the run stays quick on a CPU.

@@ -15,6 +15,8 @@ from conftest import LaunchedServer, free_port
 from mixserve_pb import generate_pb2 as pb
 from mixserve_pb import generate_pb2_grpc
 
+pytestmark = pytest.mark.slow
+
 KEY = "grpc-sekret"
 AUTH = (("authorization", f"Bearer {KEY}"),)
 HTTP_AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -9,6 +9,8 @@ import pytest
 
 from conftest import LaunchedServer, free_port
 
+pytestmark = pytest.mark.slow
+
 
 async def get(url: str, path: str, **kwargs) -> tuple[int, dict]:
     async with aiohttp.ClientSession() as session:

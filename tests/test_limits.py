@@ -9,6 +9,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+pytestmark = pytest.mark.slow
+
 MAX_BODY_BYTES = 4096
 READ_TIMEOUT_S = 2
 MAX_CONCURRENT = 16

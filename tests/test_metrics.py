@@ -67,6 +67,7 @@ async def scrape(session: aiohttp.ClientSession, server) -> Scrape:
         return Scrape(await response.text())
 
 
+@pytest.mark.slow
 async def test_counters_and_histograms_move_with_http_and_grpc_traffic(server):
     async with aiohttp.ClientSession() as session:
         before = await scrape(session, server)
@@ -112,6 +113,7 @@ async def test_counters_and_histograms_move_with_http_and_grpc_traffic(server):
     assert after("mixserve_kv_blocks_free") == after("mixserve_kv_blocks_total") > 0
 
 
+@pytest.mark.slow
 async def test_gauges_show_a_running_stream_and_a_disconnect_is_counted(server):
     async with aiohttp.ClientSession() as session:
         before = await scrape(session, server)

@@ -46,6 +46,7 @@ def groups(demo_dir, tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [1, 2, 4, "4-gloo", "2-ep", "4-ep"])
 def test_logits_match_transformers_prefill_and_decode(groups, reference, world_size):
     """World size 4 runs twice: shared-memory collectives (the default on one host) and gloo; 2-ep and
@@ -62,6 +63,7 @@ def test_logits_match_transformers_prefill_and_decode(groups, reference, world_s
             assert seqs[i][len(prompt) :] == expected.argmax(-1).tolist(), "greedy tokens differ"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 4, "4-gloo", "2-ep"])
 def test_runner_steps_choose_what_one_rank_chooses(groups, world_size):
     """Plain greedy steps combine each rank's vocabulary slice without gathering the logits; with one
@@ -80,6 +82,7 @@ def test_runner_steps_choose_what_one_rank_chooses(groups, world_size):
     assert tokens["plain"] == tokens["alternatives"], "asking for alternatives changed the choice"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_expert_parallel_logits_equal_tensor_parallel(groups, world_size):
     tp, ep = groups[world_size][0], groups[f"{world_size}-ep"][0]
@@ -87,6 +90,7 @@ def test_expert_parallel_logits_equal_tensor_parallel(groups, world_size):
     torch.testing.assert_close(ep["logits"], tp["logits"], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_each_rank_holds_only_its_slice(groups, demo_dir):
     config = ModelConfig.from_pretrained(demo_dir)
     experts, inter, hidden = config.num_local_experts, config.intermediate_size, config.hidden_size

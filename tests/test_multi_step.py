@@ -203,6 +203,7 @@ def tokens(answers: list[shard_pb2.StepResponse]) -> list[list[int]]:
     return [[r.token_id for r in a.results] for a in answers]
 
 
+@pytest.mark.slow
 def test_interrupting_one_rank_stops_both_at_the_same_step(shard_pair):
     stubs = shard_pair
     full = tokens(read_all(stubs, start_run(stubs, run_id=1, num_steps=60)))
@@ -215,6 +216,7 @@ def test_interrupting_one_rank_stops_both_at_the_same_step(shard_pair):
     assert cut == full[: len(cut)], "an interrupted run still gives the same tokens"
 
 
+@pytest.mark.slow
 def test_an_interrupt_that_overtakes_its_run_still_stops_it(shard_pair):
     stubs = shard_pair
     request = start_run(stubs, run_id=5, num_steps=30)

@@ -13,6 +13,7 @@ from shards.sampling import SamplingParams
     ("world_size", "vocab", "collectives", "kernels"),
     [(3, 1001, "auto", "auto"), (2, 64, "torch", "torch"), (3, 1001, "auto", "torch")],
 )
+@pytest.mark.slow
 def test_slices_combine_to_the_full_rows_choice(tmp_path, world_size, vocab, collectives, kernels):
     out = tmp_path / "greedy"
     cmd = [PYTHON, str(REPO / "tests" / "parallel_greedy_worker.py"), str(out), str(vocab)]
@@ -29,6 +30,7 @@ def test_slices_combine_to_the_full_rows_choice(tmp_path, world_size, vocab, col
         assert record["with_nan"] is None, "a NaN on one rank must send every rank to the gathered path"
 
 
+@pytest.mark.slow
 def test_a_rank_holding_only_padding_sends_every_rank_to_the_gathered_path(tmp_path):
     out = tmp_path / "greedy"
     # vocab 4 over 3 ranks: 2 rows each, rank 2 holds only padding

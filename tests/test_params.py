@@ -276,6 +276,7 @@ def test_no_chat_template_is_a_422(demo_tokenizer):
         render_prompt(tokenizer, parse_predict_request({"messages": [{"role": "user", "content": "x"}]}))
 
 
+@pytest.mark.slow
 def test_text_path_modules_do_not_import_torch():
     code = (
         "import sys\n"

@@ -9,6 +9,8 @@ import torch
 from transformers import AutoTokenizer
 from transformers import MixtralForCausalLM as ReferenceMixtral
 
+pytestmark = pytest.mark.slow
+
 PREFILL_BUDGET = 48
 
 

@@ -389,6 +389,7 @@ async def workload(url: str) -> tuple[list[str], dict]:
     return outputs, info
 
 
+@pytest.mark.slow
 async def test_greedy_outputs_are_identical_with_and_without_the_cache(servers, system_prompt_tokens):
     cached, uncached = servers
     (with_cache, info), (without_cache, off_info) = await asyncio.gather(workload(cached.url), workload(uncached.url))

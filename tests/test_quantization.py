@@ -257,6 +257,7 @@ def test_quantized_experts_run_only_the_routed_experts(tokens):
 # -- the model: memory and closeness at 1, 2 and 4 shards ----------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", QUANTIZE_MODES)
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_weight_bytes_per_shard(groups, world_size, mode):
@@ -267,6 +268,7 @@ def test_weight_bytes_per_shard(groups, world_size, mode):
         assert share <= limit, f"rank {rank} of {world_size} holds {share:.1%} of fp32's bytes at {mode}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", QUANTIZE_MODES)
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_logits_stay_close_to_fp32(groups, world_size, mode):
@@ -282,6 +284,7 @@ def test_logits_stay_close_to_fp32(groups, world_size, mode):
     assert relative <= max_relative and agreement >= min_agreement, summary
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", QUANTIZE_MODES)
 def test_model_computes_with_its_dequantized_weights(trained_dir, groups, mode):
     """The quantized model against an fp32 model holding its dequantized weights: equal for 4-bit (so
@@ -319,6 +322,7 @@ def test_probe_names_what_cannot_run():
 # -- through the router --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", QUANTIZE_MODES)
 async def test_generation_through_the_router(launch, demo_dir, groups, mode):
     server = launch(
@@ -345,6 +349,7 @@ async def test_generation_through_the_router(launch, demo_dir, groups, mode):
     assert info["weight_bytes_per_shard"] == groups[2][0]["weight_bytes"][mode]
 
 
+@pytest.mark.slow
 def test_unknown_mode_is_refused_before_anything_starts():
     done = subprocess.run(
         [PYTHON, "-m", "mixserve.cli", "launch", "--quantize", "bitsandbytes-int3"],
@@ -357,6 +362,7 @@ def test_unknown_mode_is_refused_before_anything_starts():
     assert "invalid choice: 'bitsandbytes-int3'" in done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_impossible_device_fails_at_startup(demo_dir):
     cmd = [PYTHON, "-m", "mixserve.cli", "launch", "--model", str(demo_dir), "--num-shard", "1"]

@@ -17,6 +17,8 @@ from conftest import LaunchedServer, free_port
 from mixserve_pb import generate_pb2 as pb
 from mixserve_pb import generate_pb2_grpc
 
+pytestmark = pytest.mark.slow
+
 SERVICE = "mixserve.generate.v1.GenerationService"
 # A small step budget and cache: shard warmup runs one largest step, which dominates a (re)start on CPU.
 SMALL = ("--max-batch-prefill-tokens", "64", "--max-batch-size", "8", "--max-kv-blocks", "256")

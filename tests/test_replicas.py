@@ -16,6 +16,8 @@ import pytest
 
 from conftest import LaunchedServer, free_port, subprocess_env
 
+pytestmark = pytest.mark.slow
+
 # A small step budget and cache: warmup runs one largest step, which dominates a (re)start on CPU.
 SMALL = ("--max-batch-prefill-tokens", "64", "--max-batch-size", "8", "--max-kv-blocks", "256")
 TWO_GROUPS = ("--num-shard", "1", "--replicas", "2", *SMALL)

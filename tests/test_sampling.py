@@ -385,6 +385,7 @@ print(json.dumps(tokens))
 """
 
 
+@pytest.mark.slow
 def test_separate_processes_draw_identical_tokens():
     ranks = [
         subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT], stdout=subprocess.PIPE, text=True) for _ in range(2)

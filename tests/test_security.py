@@ -57,6 +57,7 @@ async def generate(url: str, authorization: str) -> list[tuple[int, str]]:
     return answers
 
 
+@pytest.mark.slow
 async def test_api_key_is_required_and_never_logged(server):
     wrong = [f"Bearer {API_KEY[:-1]}", f"Bearer {API_KEY}x", f"Basic {API_KEY}", "Bearer ", API_KEY]
     for authorization in wrong:
@@ -68,6 +69,7 @@ async def test_api_key_is_required_and_never_logged(server):
     assert API_KEY not in log and API_KEY[:-1] not in log
 
 
+@pytest.mark.slow
 async def test_prompts_and_generated_text_are_not_logged_by_default(server):
     answers = await generate(server.url, f"Bearer {API_KEY}")
     assert [status for status, _ in answers] == [200, 200, 200]
@@ -77,6 +79,7 @@ async def test_prompts_and_generated_text_are_not_logged_by_default(server):
         assert secret not in log
 
 
+@pytest.mark.slow
 async def test_log_prompts_logs_them_and_still_not_the_key(logging_server):
     answers = await generate(logging_server.url, f"Bearer {API_KEY}")
     assert [status for status, _ in answers] == [200, 200, 200]
@@ -87,6 +90,7 @@ async def test_log_prompts_logs_them_and_still_not_the_key(logging_server):
     assert API_KEY not in log
 
 
+@pytest.mark.slow
 def test_router_listens_on_loopback_by_default(server):
     parser = argparse.ArgumentParser()
     launcher.add_arguments(parser)
@@ -106,6 +110,7 @@ def test_router_listens_on_loopback_by_default(server):
     assert listening == ["0100007F"]
 
 
+@pytest.mark.slow
 def test_shard_sockets_are_owner_only(server):
     paths = [Path(p) for p in re.findall(r"event=shard_started .*address=unix:(\S+)", server.log())]
     assert paths, "the launcher logged no unix socket address"

@@ -8,6 +8,8 @@ import pytest
 from conftest import PYTHON, start_shards, subprocess_env
 from mixserve_pb import shard_pb2
 
+pytestmark = pytest.mark.slow
+
 WORLD_SIZE = 4
 BLOCK = 16
 

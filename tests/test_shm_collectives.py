@@ -26,6 +26,7 @@ def rank_order_sum(parts: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_every_rank_gets_the_rank_order_sum_bit_for_bit_on_either_path(tmp_path, world_size):
     runs = {kernels: run_group(tmp_path, world_size, kernels) for kernels in ("native", "torch")}

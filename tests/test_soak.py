@@ -28,6 +28,7 @@ def soak(demo_dir, tmp_path_factory):
     return code, out, json.loads((out / "soak.json").read_text())
 
 
+@pytest.mark.slow
 def test_every_request_is_accounted_for_and_the_report_written(soak):
     code, out, result = soak
     load, server = result["load"], result["server"]
@@ -61,6 +62,7 @@ def test_every_request_is_accounted_for_and_the_report_written(soak):
     assert "event=shard_started" in (out / "logs" / "mixserve.log").read_text()
 
 
+@pytest.mark.slow
 def test_checks_fail_on_a_lost_request_a_5xx_held_blocks_and_rss_growth(soak):
     _, _, result = soak
     broken = copy.deepcopy(result)

@@ -14,6 +14,8 @@ from router.params import GenerationParams
 from router.scheduler import SchedulerConfig
 from router.shard_client import ShardGroup, ShardRejected
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def shard(demo_dir, tmp_path_factory):

@@ -20,6 +20,8 @@ import requests
 from conftest import PYTHON, free_port, subprocess_env
 from mixserve_pb import shard_pb2, shard_pb2_grpc
 
+pytestmark = pytest.mark.slow
+
 TOKEN = "s3cret-shard-token"
 PROMPTS = ["The stone ", "Once upon a time", "[INST] Hi [/INST]"]
 
