@@ -46,13 +46,15 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_H)
         ok = cols < hidden_size
-        s = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
+        x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
+        s32 = x.to(tl.float32)
         if HAS_RESIDUAL:
-            s = s + tl.load(residual_ptr + row * stride_r + cols, mask=ok, other=0.0)
+            # Added in fp32 and rounded once, as torch adds 16-bit tensors.
+            s = (s32 + tl.load(residual_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)).to(x.dtype)
             tl.store(summed_ptr + row * hidden_size + cols, s, mask=ok)
-        s32 = s.to(tl.float32)
+            s32 = s.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(s32 * s32, axis=0) / hidden_size + eps)
-        normed = (s32 * rstd).to(s.dtype).to(tl.float32)
+        normed = (s32 * rstd).to(x.dtype).to(tl.float32)
         weight = tl.load(weight_ptr + cols, mask=ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * hidden_size + cols, (normed * weight).to(out_ptr.dtype.element_ty), mask=ok)
 

@@ -7,7 +7,8 @@
         [N, S, kv, d] contiguous, in q's dtype; slot_mapping [T] int, slot = block S + offset.
         Rotates q and k in place (rotate-half / NeoX layout, as RotaryEmbedding.forward) and
         stores the rotated k and v at each token's slot (as `write_kv`); a negative slot skips the
-        store (padding rows of a captured batch).
+        store (padding rows of a captured batch). Positions must lie in [0, P) and slots in
+        [0, N S): they are device values, so they are not checked (that would sync the host).
     usable(q) -> bool
         whether `rotary_write_kv` can run q (Triton present, a supported dtype, a CUDA device or
         the interpreter).
@@ -77,7 +78,9 @@ if triton is not None:
         _rotate(q_ptr, stride_qt, token, heads, num_q_heads, dims, cos1, sin1, cos2, sin2, HALF)
         k1, k2 = _rotate(k_ptr, stride_kt, token, heads, num_kv_heads, dims, cos1, sin1, cos2, sin2, HALF)
         slot = tl.load(slots_ptr + token).to(tl.int64)
-        ok = (heads[:, None] < num_kv_heads) & (slot >= 0)
+        if slot < 0:
+            return
+        ok = heads[:, None] < num_kv_heads
         within = heads[:, None] * (2 * HALF) + dims[None, :]  # [BH, d/2]
         k_dst = k_pool_ptr + slot * num_kv_heads * (2 * HALF) + within
         tl.store(k_dst, k1.to(k_pool_ptr.dtype.element_ty), mask=ok)
