@@ -200,7 +200,9 @@ def usable(hidden: torch.Tensor, w13: torch.Tensor | None) -> bool:
     return hidden.device.type == "cuda" or _interpreted(_gate_up_kernel)
 
 
-def _check(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):
+def _check(
+    hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
+) -> None:
     if triton is None:
         raise ValueError("fused_moe needs triton, which is not installed")
     if hidden.dtype not in SUPPORTED_DTYPES:

@@ -109,7 +109,17 @@ def usable(q: torch.Tensor) -> bool:
     return q.device.type == "cuda" or _interpreted()
 
 
-def _check(positions, q, k, v, cos, sin, k_pool, v_pool, slot_mapping) -> None:
+def _check(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
     if triton is None:
         raise ValueError("rotary_write_kv needs triton, which is not installed")
     if q.dtype not in SUPPORTED_DTYPES or any(t.dtype != q.dtype for t in (k, v, k_pool, v_pool)):
