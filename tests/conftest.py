@@ -15,6 +15,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The Triton tests run kernels on CPU tensors in Triton's interpreter, which must be on before triton
+# is first imported (it builds its library kernels then; torch._dynamo imports it). Kept out of the
+# tests' subprocesses (subprocess_env) unless a test passes it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def _ephemeral_ports() -> range:
     try:
@@ -48,6 +53,7 @@ def free_port() -> int:
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for a child process of the tests: one torch thread, repo importable."""
     env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "proto"), env.get("PYTHONPATH", "")])
     return env

@@ -1,0 +1,166 @@
+"""The fused MoE Triton kernels (shards/triton/moe.py) under the interpreter against
+`experts_grouped`, and the on-device alignment (shards/triton/moe_align.py).
+
+Legend: T tokens, H hidden size, I intermediate size, E experts held, K experts per token.
+"""
+
+import os
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from shards.layers.moe import experts_grouped
+from shards.triton.moe_align import align_pairs, max_sorted_rows
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":  # tests/conftest.py sets it unless told otherwise
+    pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1", allow_module_level=True)
+
+from shards.triton import moe  # noqa: E402 - after the interpreter check
+
+TOLERANCES = {
+    torch.float32: dict(atol=1e-5, rtol=1e-4),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+
+
+def _weights(num_experts: int, hidden: int, inter: int, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=gen) / hidden**0.5  # [E, 2I, H]
+    w2 = torch.randn(num_experts, hidden, inter, generator=gen) / inter**0.5  # [E, H, I]
+    return w13.to(dtype), w2.to(dtype)
+
+
+def _check_against_oracle(experts: torch.Tensor, num_experts: int, hidden: int, inter: int, dtype: torch.dtype):
+    tokens, top_k = experts.shape
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)  # [T, H]
+    weights = torch.rand(tokens, top_k, generator=gen)  # [T, K]
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    w13, w2 = _weights(num_experts, hidden, inter, dtype)
+    out = moe.fused_moe(x, w13, w2, weights, experts)
+    assert out.dtype == dtype and out.shape == (tokens, hidden)
+    torch.testing.assert_close(out, experts_grouped(x, w13, w2, weights, experts), **TOLERANCES[dtype])
+    return out
+
+
+def _random_experts(tokens: int, top_k: int, choices: list[int], seed: int = 2) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randint(0, len(choices), (tokens, top_k), generator=gen)
+    return torch.tensor(choices)[pick]  # [T, K]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_mixed_routing_with_experts_held_elsewhere(dtype):
+    experts = _random_experts(9, 2, [0, 1, 2, 3, 4])  # 4 == E_l: held by another rank
+    _check_against_oracle(experts, 4, 32, 24, dtype)
+
+
+def test_expert_without_tokens():
+    experts = _random_experts(11, 2, [0, 2, 3]).int()  # int32 ids are taken as well
+    _check_against_oracle(experts, 4, 32, 24, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_every_token_on_one_expert_over_several_blocks(dtype):
+    experts = torch.full((37, 1), 2)  # 37 rows: three blocks of 16, the last padded
+    _check_against_oracle(experts, 4, 32, 24, dtype)
+
+
+def test_all_pairs_held_elsewhere_give_zeros():
+    out = _check_against_oracle(torch.full((6, 2), 4), 4, 32, 24, torch.float32)
+    assert not out.any()
+
+
+@pytest.mark.parametrize(("num_experts", "top_k"), [(1, 1), (4, 1), (4, 2), (1, 2)])
+def test_single_token(num_experts, top_k):
+    experts = _random_experts(1, top_k, list(range(num_experts)))
+    _check_against_oracle(experts, num_experts, 32, 24, torch.float16)
+
+
+def test_dims_not_multiples_of_the_tiles():
+    # H 144 > BLOCK_K 128 and I 80 > BLOCK_N 64: the loops' last tiles and the last columns are masked.
+    experts = _random_experts(5, 2, [0, 1, 2, 3])
+    _check_against_oracle(experts, 4, 144, 80, torch.float32)
+
+
+@pytest.mark.parametrize(("tokens", "num_experts", "block_m"), [(40, 4, 32), (70, 2, 64)])
+def test_prefill_sized_tiles(tokens, num_experts, block_m):
+    assert moe.block_config(tokens * 2, num_experts, torch.float16).block_m == block_m
+    experts = _random_experts(tokens, 2, list(range(num_experts + 1)))
+    _check_against_oracle(experts, num_experts, 32, 24, torch.float16)
+
+
+def test_alignment_pads_each_expert_to_whole_blocks():
+    experts = torch.tensor([[3, 0], [0, 4], [3, 1], [4, 4], [0, 3]])  # E_l = 4, expert 2 empty, 4 elsewhere
+    aligned = align_pairs(experts, 4, block_m=2)
+    flat = experts.flatten()
+    counts = torch.bincount(flat, minlength=5)[:4]
+    assert aligned.total.tolist() == [int(((counts + 1) // 2 * 2).sum())]
+    assert aligned.sorted_pairs.shape == (max_sorted_rows(10, 4, 2),)
+    rows = aligned.sorted_pairs[: aligned.total.item()].view(-1, 2)  # [blocks, BLOCK_M]
+    for block, pairs in enumerate(rows.tolist()):
+        expert = aligned.block_expert[block].item()
+        assert all(flat[p] == expert for p in pairs if p < 10)
+        assert any(p < 10 for p in pairs)  # padding never fills a whole block
+    assert aligned.block_expert.tolist()[: rows.shape[0]] == [0, 0, 1, 3, 3]
+    assert (aligned.block_expert[rows.shape[0] :] == 4).all()
+    assert (aligned.sorted_pairs[aligned.total.item() :] == 10).all()
+    held = sorted(p for p in aligned.sorted_pairs.tolist() if p < 10)
+    assert held == [p for p in range(10) if flat[p] < 4]
+
+
+class _NoHostSync(TorchDispatchMode):
+    """Fails on any op that copies a device value to the host (`.item()`, `.tolist()`, `bool(t)`)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
+            raise AssertionError(f"host sync: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_host_sync():
+    experts = _random_experts(7, 2, [0, 1, 2, 3])  # 3 == E_l
+    w13, w2 = _weights(3, 32, 24, torch.float32)
+    x, weights = torch.randn(7, 32), torch.rand(7, 2)
+    with _NoHostSync():
+        align_pairs(experts, 3, 16)
+        moe.fused_moe(x, w13, w2, weights, experts)
+    with pytest.raises(AssertionError, match="host sync"), _NoHostSync():
+        experts.sum().item()  # the check itself can fail
+
+
+def test_alignment_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    compiled = torch.compile(align_pairs, fullgraph=True, backend="eager")
+    experts = _random_experts(7, 2, [0, 1, 2, 3])
+    got, want = compiled(experts, 3, 16), align_pairs(experts, 3, 16)
+    for name in ("sorted_pairs", "block_expert", "total"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name))
+
+
+def test_bad_arguments_raise():
+    x = torch.randn(3, 32)
+    w13, w2 = _weights(2, 32, 24, torch.float32)
+    weights, experts = torch.rand(3, 2), torch.zeros(3, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="dtype"):
+        moe.fused_moe(x.half(), w13, w2, weights, experts)
+    with pytest.raises(ValueError, match="float32"):
+        moe.fused_moe(x, w13, w2, weights.half(), experts)
+    with pytest.raises(ValueError, match="hidden size"):
+        moe.fused_moe(x, w13, w2[:, :16], weights, experts)
+    with pytest.raises(ValueError, match="K"):
+        moe.fused_moe(x, w13, w2, weights, experts[:2])
+    with pytest.raises(ValueError, match="contiguous"):
+        moe.fused_moe(torch.randn(32, 3).t(), w13, w2, weights, experts)
+    with pytest.raises(ValueError, match="int32 or int64"):
+        moe.fused_moe(x, w13, w2, weights, experts.float())
+
+
+def test_usable():
+    w13, _ = _weights(2, 32, 24, torch.float16)
+    assert moe.usable(torch.randn(3, 32).half(), w13)
+    assert not moe.usable(torch.randn(3, 32), w13)
+    assert not moe.usable(torch.randn(3, 32).half(), None)
