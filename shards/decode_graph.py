@@ -112,6 +112,7 @@ class DecodeGraphRunner:
         self._copy_in(rows)
         if capture:
             self._capture()
+        log.info("event=decode_graphs captured=%s buckets=%s table_width=%d", capture, self.buckets, self.width)
 
     def fits(self, steps: Sequence[DecodeToken]) -> bool:
         """Whether `steps` is a decode step this runner takes: one token each, few enough sequences,
@@ -132,7 +133,8 @@ class DecodeGraphRunner:
         if graph is None:
             local = self.run(bucket)
         else:
-            graph.replay()
+            with torch.cuda.device(self.logits_rows.device):  # the caller's thread may have another current
+                graph.replay()
             local = self.outputs[bucket]
         logits = local[:count]
         return self.model.lm_head.gather(logits) if gather_logits else logits
@@ -191,4 +193,3 @@ class DecodeGraphRunner:
                     self.outputs[bucket] = self.run(bucket)
                 self.graphs[bucket] = graph
             torch.cuda.synchronize(device)
-        log.info("event=cuda_graphs_captured buckets=%s table_width=%d", self.buckets, self.width)
