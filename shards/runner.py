@@ -219,7 +219,8 @@ class ModelRunner:
         last_token = [0] * len(steps)
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
-        prefills: list[PrefillChunk] = []
+        chunks: list[tuple[int, int, int]] = []  # (token_start, token_end, start_position)
+        chunk_tables: list[list[int]] = []
         total = sum(len(s.token_ids) for s in steps)
         # A step with prefill chunks that the decoder layer kernel can take whole (CPU, few tokens)
         # also gets one table row per token (see AttentionMetadata); a decode step has its rows.
@@ -240,27 +241,31 @@ class ModelRunner:
                 decode_tables.append(table)
                 decode_lens.append(context)
             else:
-                prefills.append(
-                    PrefillChunk(begin, begin + n, s.start_position, torch.tensor(table, device=self.device))
-                )
+                chunks.append((begin, begin + n, s.start_position))
+                chunk_tables.append(table)
             if token_tables is not None:
                 token_tables.extend([table] * n)
                 token_lens.extend(range(s.start_position + 1, context + 1))
         dev = self.device
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev), prefills=prefills)
+        prefills = []
+        if chunks:  # one tensor for every chunk's table, each chunk a row of it
+            tables = _padded(chunk_tables, dev)
+            for row, ((start, end, position), table) in enumerate(zip(chunks, chunk_tables, strict=True)):
+                prefills.append(PrefillChunk(start, end, position, tables[row, : len(table)]))
+        meta = AttentionMetadata(slot_mapping=_to_device(slots, dev), prefills=prefills)
         if decode_tables:
             meta.num_decode_tokens = len(decode_tables)
             meta.decode_block_tables = _padded(decode_tables, dev)
-            meta.decode_context_lens = torch.tensor(decode_lens, device=dev)
+            meta.decode_context_lens = _to_device(decode_lens, dev)
         if token_tables is not None:
             meta.token_block_tables = _padded(token_tables, dev)
-            meta.token_context_lens = torch.tensor(token_lens, device=dev)
+            meta.token_context_lens = _to_device(token_lens, dev)
         return self.model(
-            torch.tensor(token_ids, device=dev),
-            torch.tensor(positions, device=dev),
+            _to_device(token_ids, dev),
+            _to_device(positions, dev),
             self.kv_cache,
             meta,
-            torch.tensor(last_token, device=dev),
+            _to_device(last_token, dev),
             gather_logits,
         )
 
@@ -328,10 +333,18 @@ class ModelRunner:
         self.sequences.clear()
 
 
+def _to_device(values: list, device: torch.device) -> torch.Tensor:
+    """`values` as one tensor on `device`; on CUDA built in pinned memory and copied without blocking the
+    host (the caching host allocator keeps the block until the copy is done)."""
+    if device.type != "cuda":
+        return torch.tensor(values, device=device)
+    return torch.tensor(values, pin_memory=True).to(device, non_blocking=True)
+
+
 def _padded(tables: list[list[int]], device: torch.device) -> torch.Tensor:
     """Block tables as one [rows, widest] tensor, the shorter rows padded with block 0."""
     width = max(len(t) for t in tables)
-    return torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
+    return _to_device([t + [0] * (width - len(t)) for t in tables], device)
 
 
 def _warmup_batch(max_tokens: int, max_seqs: int, block_size: int, vocab_size: int) -> list[SequenceStep]:
