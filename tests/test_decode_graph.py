@@ -7,8 +7,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from shards import decode_graph
+from shards.attention_metadata import AttentionMetadata
 from shards.config import ParallelConfig
-from shards.decode_graph import DecodeGraphRunner, buckets, sync_free
+from shards.decode_graph import DecodeGraphRunner, buckets
 from shards.distributed import TensorParallelGroup
 from shards.kernels import native
 from shards.loader import load_model
@@ -99,13 +100,18 @@ def test_static_path_gives_the_plain_logits_and_keeps_padding_off_router_blocks(
         assert changed[BLOCKS * BLOCK :].any()  # the padding row's scratch write
 
 
-def test_multi_step_decode_through_the_static_path_gives_the_plain_tokens(model):
+def test_multi_step_decode_through_the_static_path_gives_the_plain_tokens_and_stops_when_told(model):
     runs = []
     for mode in ("off", "eager"):
         runner = warm_runner(model, mode)
         decodes = decode_after_prefill(runner)
-        runs.append([[(r.seq_id, r.token_id) for r in results] for results in decode_steps(runner, decodes, 6, bool)])
+        steps = decode_steps(runner, decodes, 6, lambda: False)
+        runs.append([[(r.seq_id, r.token_id) for r in results] for results in steps])
     assert len(runs[0]) == 6 and runs[0] == runs[1]
+    runner.clear()
+    asked = []
+    interrupted = decode_steps(runner, decode_after_prefill(runner), 6, lambda: asked.append(1) or len(asked) == 3)
+    assert [[(r.seq_id, r.token_id) for r in results] for results in interrupted] == runs[1][:3]
 
 
 def test_steps_the_static_path_does_not_take_run_the_plain_forward(model):
@@ -141,29 +147,22 @@ def test_a_decode_step_holds_no_host_sync(model):
         native.select("auto")
 
 
-def _meta(graphs: DecodeGraphRunner, bucket: int):
-    from shards.attention_metadata import AttentionMetadata
-
+def _meta(graphs: DecodeGraphRunner, bucket: int) -> AttentionMetadata:
     _, _, slots, tables, context_lens = (t[:bucket] for t in graphs.static)
     return AttentionMetadata(slots, bucket, tables, context_lens)
 
 
-def test_the_decode_forward_compiles_whole_and_matches_eager(model):
-    """fullgraph=True: a graph break (a .tolist(), an .item(), a branch on a tensor's value) fails it."""
+def test_the_decode_step_compiles_whole_and_matches_eager(model):
+    """The graph runner's model forward under torch.compile(fullgraph=True), inductor: a graph break
+    (a .tolist(), an .item(), a branch on a tensor's value) fails it."""
     native.select("torch")
     try:
         runner = warm_runner(model, "eager", max_batch=4)
         graphs = runner.decode_graphs
-        graphs.forward(decode_after_prefill(runner))  # fills the static buffers with three real rows
-        meta = _meta(graphs, 4)
-        token_ids, positions = graphs.static[0][:4], graphs.static[1][:4]
-
-        def decode(cache):
-            return runner.model(token_ids, positions, cache, meta, graphs.logits_rows[:4], gather_logits=False)
-
-        with torch.inference_mode(), sync_free(runner.model):
-            eager = decode(runner.kv_cache)
-            compiled = torch.compile(decode, fullgraph=True)(runner.kv_cache)
+        graphs.forward(decode_after_prefill(runner))  # the static buffers: three real rows, one padding row
+        with torch.inference_mode():
+            eager = graphs.run(4)
+            compiled = torch.compile(graphs.run, fullgraph=True)(4)
         torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
     finally:
         native.select("auto")
