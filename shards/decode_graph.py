@@ -133,7 +133,7 @@ class DecodeGraphRunner:
         if graph is None:
             local = self.run(bucket)
         else:
-            with torch.cuda.device(self.logits_rows.device):  # the caller's thread may have another current
+            with torch.cuda.device(self.logits_rows.device):  # a gRPC thread may have another GPU current
                 graph.replay()
             local = self.outputs[bucket]
         logits = local[:count]
