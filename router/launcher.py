@@ -57,6 +57,13 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return number
+
+
 def shard_group_addresses(args: argparse.Namespace) -> list[str | None]:
     """Each shard group's addresses (`host:port,...`), or None for a group the launcher starts itself."""
     given = args.shard_groups or []
@@ -92,6 +99,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="shards' C kernels (decode attention, decode-sized MoE): where they build (auto), always (native), "
         "never (torch)",
+    )
+    parser.add_argument(
+        "--cuda-graphs",
+        choices=["auto", "off", "eager"],
+        default="auto",
+        help="decode steps replayed as CUDA graphs, one per batch-size bucket: on CUDA without --quantize (auto), "
+        "never (off), or their static buffers without capture on any device (eager)",
+    )
+    parser.add_argument(
+        "--max-graph-batch",
+        type=_non_negative_int,
+        default=0,
+        help="largest decode batch with a CUDA graph; larger decode steps run uncaptured (0: --max-batch-size)",
     )
     parser.add_argument(
         "--shard-addresses",

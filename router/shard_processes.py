@@ -66,6 +66,7 @@ async def start_shards(
         if args.quantize:
             cmd += ["--quantize", args.quantize]
         cmd += ["--moe-parallel", args.moe_parallel, "--kernels", args.kernels]
+        cmd += ["--cuda-graphs", args.cuda_graphs, "--max-graph-batch", str(args.max_graph_batch)]
         process = await asyncio.create_subprocess_exec(
             *cmd, env=dict(env, RANK=str(rank)), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
         )

@@ -7,7 +7,11 @@ import torch
 
 
 class KVCache:
-    """Keys and values for every layer, [L, N, S, kv, d] each; slot = block * S + offset."""
+    """Keys and values for every layer, [L, N + r, S, kv, d] each; slot = block * S + offset.
+
+    Blocks 0..N-1 are the router's; the r `reserved_blocks` after them are the shard's own (the
+    decode graph runner's scratch block, where padding rows write), never addressable by a step.
+    """
 
     def __init__(
         self,
@@ -18,8 +22,9 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        reserved_blocks: int = 0,
     ) -> None:
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_layers, num_blocks + reserved_blocks, block_size, num_kv_heads, head_dim)
         # zeros, not empty: a padded decode row reads block 0, and garbage there could be NaN,
         # which survives the -inf mask in the softmax's matmul with V.
         self.keys = torch.zeros(shape, dtype=dtype, device=device)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shards import decode_graph
 from shards.attention_metadata import AttentionMetadata, PrefillChunk
 from shards.config import ModelConfig, ParallelConfig
 from shards.distributed import TensorParallelGroup
@@ -70,9 +71,17 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype,
         block_size: int = 16,
+        cuda_graphs: str = "auto",
+        max_graph_batch: int = 0,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block size must be positive, got {block_size}")
+        if max_graph_batch < 0:
+            raise ValueError(f"max graph batch must be >= 0, got {max_graph_batch}")
+        self.graphs_wanted = decode_graph.wanted(cuda_graphs, device, model.quantization is not None)
+        self.capture_graphs = cuda_graphs == "auto"
+        self.max_graph_batch = max_graph_batch
+        self.decode_graphs: decode_graph.DecodeGraphRunner | None = None
         self.model = model
         self.config: ModelConfig = model.config
         self.parallel = parallel
@@ -94,9 +103,11 @@ class ModelRunner:
             self.config.num_hidden_layers, self.block_size, self.num_kv_heads, self.config.head_dim, self.dtype
         )
 
-    def allocate_cache(self, num_blocks: int) -> None:
-        """(Re)create the KV pool with `num_blocks` blocks; forgets every sequence."""
+    def allocate_cache(self, num_blocks: int, reserved_blocks: int = 0) -> None:
+        """(Re)create the KV pool with `num_blocks` blocks for the router (and `reserved_blocks` of the
+        shard's own); forgets every sequence and the decode graphs."""
         self.kv_cache = None
+        self.decode_graphs = None
         self.sequences.clear()
         self.kv_cache = KVCache(
             self.config.num_hidden_layers,
@@ -106,12 +117,15 @@ class ModelRunner:
             self.config.head_dim,
             self.dtype,
             self.device,
+            reserved_blocks,
         )
 
     def warmup(self, max_batch_tokens: int, max_batch_size: int, max_blocks: int, kv_budget_bytes: int) -> int:
         """Run the largest step once, then size the cache from what is left; returns the block count.
 
-        Every rank ends with the same block count (the minimum over the group).
+        Every rank ends with the same block count (the minimum over the group). With decode graphs,
+        one more block is kept as their scratch and the graphs are captured (batches up to
+        `max_graph_batch`, or `max_batch_size` where that is 0 or smaller).
         """
         max_batch_tokens = max(1, min(max_batch_tokens, self.config.max_position_embeddings))
         max_batch_size = max(1, min(max_batch_size, max_batch_tokens))
@@ -122,11 +136,17 @@ class ModelRunner:
         budget = kv_budget_bytes
         if self.device.type == "cuda":
             budget = min(budget, _cuda_free_bytes(self.device))
-        num_blocks = max(1, budget // self.bytes_per_block())
+        reserved = 1 if self.graphs_wanted else 0
+        num_blocks = max(1, budget // self.bytes_per_block() - reserved)
         if max_blocks:
             num_blocks = min(num_blocks, max_blocks)
         num_blocks = self.group.all_reduce_min(num_blocks)
-        self.allocate_cache(num_blocks)
+        self.allocate_cache(num_blocks, reserved)
+        if self.graphs_wanted:
+            graph_batch = min(self.max_graph_batch or max_batch_size, max_batch_size)
+            self.decode_graphs = decode_graph.DecodeGraphRunner(
+                self.model, self.kv_cache, graph_batch, self.capture_graphs and self.device.type == "cuda"
+            )
         return num_blocks
 
     # -- steps ---------------------------------------------------------------------------------
@@ -190,6 +210,8 @@ class ModelRunner:
         """Logits [B, V] of the last token of each sequence, in the order given (with
         `gather_logits=False`, this rank's vocabulary slice [B, P] of them)."""
         assert self.kv_cache is not None
+        if self.decode_graphs is not None and self.decode_graphs.fits(steps):
+            return self.decode_graphs.forward(steps, gather_logits)
         order = sorted(range(len(steps)), key=lambda i: len(steps[i].token_ids) != 1)  # decodes first
         token_ids: list[int] = []
         positions: list[int] = []
@@ -197,7 +219,8 @@ class ModelRunner:
         last_token = [0] * len(steps)
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
-        prefills: list[PrefillChunk] = []
+        chunks: list[tuple[int, int, int]] = []  # (token_start, token_end, start_position)
+        chunk_tables: list[list[int]] = []
         total = sum(len(s.token_ids) for s in steps)
         # A step with prefill chunks that the decoder layer kernel can take whole (CPU, few tokens)
         # also gets one table row per token (see AttentionMetadata); a decode step has its rows.
@@ -218,27 +241,31 @@ class ModelRunner:
                 decode_tables.append(table)
                 decode_lens.append(context)
             else:
-                prefills.append(
-                    PrefillChunk(begin, begin + n, s.start_position, torch.tensor(table, device=self.device))
-                )
+                chunks.append((begin, begin + n, s.start_position))
+                chunk_tables.append(table)
             if token_tables is not None:
                 token_tables.extend([table] * n)
                 token_lens.extend(range(s.start_position + 1, context + 1))
         dev = self.device
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev), prefills=prefills)
+        prefills = []
+        if chunks:  # one tensor for every chunk's table, each chunk a row of it
+            tables = _padded(chunk_tables, dev)
+            for row, ((start, end, position), table) in enumerate(zip(chunks, chunk_tables, strict=True)):
+                prefills.append(PrefillChunk(start, end, position, tables[row, : len(table)]))
+        meta = AttentionMetadata(slot_mapping=_to_device(slots, dev), prefills=prefills)
         if decode_tables:
             meta.num_decode_tokens = len(decode_tables)
             meta.decode_block_tables = _padded(decode_tables, dev)
-            meta.decode_context_lens = torch.tensor(decode_lens, device=dev)
+            meta.decode_context_lens = _to_device(decode_lens, dev)
         if token_tables is not None:
             meta.token_block_tables = _padded(token_tables, dev)
-            meta.token_context_lens = torch.tensor(token_lens, device=dev)
+            meta.token_context_lens = _to_device(token_lens, dev)
         return self.model(
-            torch.tensor(token_ids, device=dev),
-            torch.tensor(positions, device=dev),
+            _to_device(token_ids, dev),
+            _to_device(positions, dev),
             self.kv_cache,
             meta,
-            torch.tensor(last_token, device=dev),
+            _to_device(last_token, dev),
             gather_logits,
         )
 
@@ -306,10 +333,18 @@ class ModelRunner:
         self.sequences.clear()
 
 
+def _to_device(values: list, device: torch.device) -> torch.Tensor:
+    """`values` as one tensor on `device`; on CUDA built in pinned memory and copied without blocking the
+    host (the caching host allocator keeps the block until the copy is done)."""
+    if device.type != "cuda":
+        return torch.tensor(values, device=device)
+    return torch.tensor(values, pin_memory=True).to(device, non_blocking=True)
+
+
 def _padded(tables: list[list[int]], device: torch.device) -> torch.Tensor:
     """Block tables as one [rows, widest] tensor, the shorter rows padded with block 0."""
     width = max(len(t) for t in tables)
-    return torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
+    return _to_device([t + [0] * (width - len(t)) for t in tables], device)
 
 
 def _warmup_batch(max_tokens: int, max_seqs: int, block_size: int, vocab_size: int) -> list[SequenceStep]:

@@ -20,6 +20,7 @@ import grpc
 import torch
 
 from mixserve_pb import shard_pb2, shard_pb2_grpc
+from shards import decode_graph
 from shards.config import DTYPES, MOE_PARALLEL_MODES, ModelConfig, ParallelConfig
 from shards.distributed import init_process_group, tensor_parallel_group
 from shards.kernels import native as native_kernels
@@ -215,6 +216,13 @@ def pick_device(name: str, rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return number
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     env = os.environ
     parser.add_argument("--model", help="checkpoint directory (default: the built-in demo model)")
@@ -252,6 +260,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="decode attention and decode-sized MoE: auto (C kernels for fp32 on CPU where a C compiler builds "
         "them, else torch), native (the C kernels or fail), torch",
+    )
+    parser.add_argument(
+        "--cuda-graphs",
+        choices=decode_graph.MODES,
+        default="auto",
+        help="decode steps replayed as CUDA graphs, one per batch-size bucket: on CUDA without --quantize (auto), "
+        "never (off), or their static buffers without capture on any device (eager)",
+    )
+    parser.add_argument(
+        "--max-graph-batch",
+        type=_non_negative_int,
+        default=0,
+        help="largest decode batch with a CUDA graph (0: the warm-up's max batch size)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (one per shard is fastest)")
     parser.add_argument("--master-addr", help="rendezvous address (default: $MASTER_ADDR or 127.0.0.1)")
@@ -301,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
     init_process_group(parallel, device)
     group = tensor_parallel_group(parallel, device, args.collectives)
     model = load_model(model_dir, parallel, group, dtype, device, quantization)
-    runner = ModelRunner(model, parallel, group, device, dtype, args.block_size)
+    runner = ModelRunner(model, parallel, group, device, dtype, args.block_size, args.cuda_graphs, args.max_graph_batch)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=8),
         interceptors=listen.interceptors(),

@@ -1,5 +1,6 @@
-"""Multi-step decode through a real `mixserve launch` (2 shards): same outputs as one step per call,
-and arrivals and cancellations still taken within a step or so of a long run."""
+"""Multi-step decode through a real `mixserve launch` (2 shards, decode steps through the graph runner's
+static buffers): same outputs as one step per call, and arrivals and cancellations still taken within a
+step or so of a long run."""
 
 import asyncio
 import json
@@ -17,7 +18,10 @@ RUN = 64  # --max-decode-steps of the multi-step server: far longer than any int
 @pytest.fixture(scope="module")
 def servers(launch, demo_dir):
     common = ("--model", str(demo_dir), "--num-shard", "2", "--log-level", "debug")
-    return launch(*common, "--max-decode-steps", str(RUN)), launch(*common, "--max-decode-steps", "1")
+    # The multi-step server's decode steps also go through the decode graph runner's static buffers
+    # (eager on the CPU: padding to buckets, the scratch block, the dense MoE where the kernels do not run).
+    multi = launch(*common, "--max-decode-steps", str(RUN), "--cuda-graphs", "eager")
+    return multi, launch(*common, "--max-decode-steps", "1")
 
 
 async def complete(session: aiohttp.ClientSession, url: str, body: dict, delay: float = 0.0) -> dict:
@@ -45,6 +49,7 @@ async def test_multi_step_serves_what_single_steps_serve(servers):
     runs = [int(n) for n in re.findall(r"event=decode_run run=\d+ steps=(\d+)", multi.log())]
     assert runs and max(runs) > 1, "the multi-step server never ran a multi-step run"
     assert "event=decode_run" not in single.log()
+    assert "event=decode_graphs captured=False" in multi.log() and "event=decode_graphs" not in single.log()
 
 
 async def stream_tokens(session: aiohttp.ClientSession, url: str, body: dict, seen: list[float]) -> str:

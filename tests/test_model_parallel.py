@@ -24,10 +24,11 @@ def run_group(
     prompts=PROMPTS,
     steps=DECODE_STEPS,
     moe_parallel: str = "tp",
+    cuda_graphs: str = "auto",
 ):
     """Start `world_size` tp_worker processes with torchrun's variables; return each rank's record."""
     cmd = [PYTHON, str(REPO / "tests" / "tp_worker.py"), str(model_dir), str(out), json.dumps(prompts), str(steps)]
-    run_ranks(cmd, world_size, TP_COLLECTIVES=collectives, TP_MOE_PARALLEL=moe_parallel)
+    run_ranks(cmd, world_size, TP_COLLECTIVES=collectives, TP_MOE_PARALLEL=moe_parallel, TP_CUDA_GRAPHS=cuda_graphs)
     return [torch.load(f"{out}.rank{r}") for r in range(world_size)]
 
 
@@ -43,14 +44,16 @@ def groups(demo_dir, tmp_path_factory):
     runs["4-gloo"] = run_group(demo_dir, 4, out / "ws4-gloo", collectives="torch")
     for n in (2, 4):
         runs[f"{n}-ep"] = run_group(demo_dir, n, out / f"ws{n}-ep", moe_parallel="ep")
+    runs["2-graphs"] = run_group(demo_dir, 2, out / "ws2-graphs", cuda_graphs="eager")
     return runs
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world_size", [1, 2, 4, "4-gloo", "2-ep", "4-ep"])
+@pytest.mark.parametrize("world_size", [1, 2, 4, "4-gloo", "2-ep", "4-ep", "2-graphs"])
 def test_logits_match_transformers_prefill_and_decode(groups, reference, world_size):
     """World size 4 runs twice: shared-memory collectives (the default on one host) and gloo; 2-ep and
-    4-ep hold whole experts per rank (expert parallelism)."""
+    4-ep hold whole experts per rank (expert parallelism); 2-graphs decodes through the decode graph
+    runner's static buffers (eager, three sequences padded to four)."""
     ranks = groups[world_size]
     seqs = ranks[0]["seqs"]
     assert all(r["seqs"] == seqs for r in ranks), "ranks disagree on the greedy tokens"
@@ -64,7 +67,7 @@ def test_logits_match_transformers_prefill_and_decode(groups, reference, world_s
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world_size", [2, 4, "4-gloo", "2-ep"])
+@pytest.mark.parametrize("world_size", [2, 4, "4-gloo", "2-ep", "2-graphs"])
 def test_runner_steps_choose_what_one_rank_chooses(groups, world_size):
     """Plain greedy steps combine each rank's vocabulary slice without gathering the logits; with one
     sequence asking for alternatives the logits are gathered. Both choose one rank's tokens, with its

@@ -34,8 +34,11 @@ def main() -> None:
     init_process_group(parallel, device)
     group = tensor_parallel_group(parallel, device, os.environ.get("TP_COLLECTIVES", "auto"))
     model = load_model(model_dir, parallel, group, torch.float32, device)
-    runner = ModelRunner(model, parallel, group, device, torch.float32, BLOCK_SIZE)
-    runner.allocate_cache(256)
+    graphs = os.environ.get("TP_CUDA_GRAPHS", "auto")
+    runner = ModelRunner(model, parallel, group, device, torch.float32, BLOCK_SIZE, graphs)
+    # 256 blocks for the steps below (and, with TP_CUDA_GRAPHS=eager, the graph runner's scratch block
+    # and buckets up to 4 sequences).
+    assert runner.warmup(64, 4, 256, 1 << 30) == 256
     prompts = json.loads(prompts_json)
     greedy = SamplingParams(temperature=0.0)
     tables = [list(range(i * 40, (i + 1) * 40)) for i in range(len(prompts))]

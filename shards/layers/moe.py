@@ -30,6 +30,7 @@ from shards.checkpoint import CheckpointReader
 from shards.config import ModelConfig, ParallelConfig
 from shards.distributed import TensorParallelGroup
 from shards.kernels import moe as moe_kernel
+from shards.layers.dense_experts import experts_dense
 from shards.layers.grouped_experts import run_grouped
 from shards.layers.linear import materialize
 from shards.quant.config import QuantizationConfig
@@ -106,6 +107,8 @@ class SparseMoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(held, hidden, inter), requires_grad=False)  # [E_l, H, I_l]
         self.quantization: QuantizationConfig | None = None
         self.quantized: QuantizedExperts | None = None
+        # Set by the decode graph runner around a decode step: the dense path, which never syncs the host.
+        self.sync_free = False
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weights, experts = route(hidden, self.gate, self.top_k)
@@ -115,7 +118,9 @@ class SparseMoE(nn.Module):
             return self.group.all_reduce(self.quantized(hidden, weights, experts))
         # Gather-by-index indexes this rank's weights with every chosen id, so it cannot skip experts held elsewhere.
         gather = not self.parallel.expert_parallel and hidden.shape[0] <= self.gather_max_tokens
-        if moe_kernel.usable(hidden, self.w13) and not gather:
+        if self.sync_free:
+            compute = experts_dense
+        elif moe_kernel.usable(hidden, self.w13) and not gather:
             compute = moe_kernel.moe_experts
         else:
             compute = experts_gathered if gather else experts_grouped
