@@ -152,6 +152,7 @@ def _meta(graphs: DecodeGraphRunner, bucket: int) -> AttentionMetadata:
     return AttentionMetadata(slots, bucket, tables, context_lens)
 
 
+@pytest.mark.slow  # inductor compiles in worker processes
 def test_the_decode_step_compiles_whole_and_matches_eager(model):
     """The graph runner's model forward under torch.compile(fullgraph=True), inductor: a graph break
     (a .tolist(), an .item(), a branch on a tensor's value) fails it."""
