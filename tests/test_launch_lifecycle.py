@@ -46,6 +46,8 @@ async def test_api_key_is_required(keyed_server):
         status, text = await post(url, {"prompt": "x", "max_tokens": 2}, headers={"Authorization": header})
         assert status == 200 and text
     assert "sekret" not in keyed_server.log()
+    # No --model: the demo, whose shard says its text is meaningless.
+    assert "event=demo_model weights=random" in keyed_server.log()
 
 
 async def test_overload_is_429_and_others_are_unharmed(keyed_server):
