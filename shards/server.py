@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 
@@ -132,7 +133,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
             release = list(request.release_seq_ids)
             run_id = request.run_id
 
-            def run(abandoned: threading.Event):
+            def run(abandoned: threading.Event) -> Iterator[list[SequenceResult]]:
                 self.runner.release(release)
 
                 # A stream its caller dropped stops as an interrupt does: every rank agrees first.
