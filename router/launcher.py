@@ -317,7 +317,7 @@ async def _serve_with_shards(args, model_dir, tokenizer, groups: list[ShardSuper
         await grpc_front.start()
     await site.start()
     engine.start()
-    weights = "random (the built-in demo: its text is meaningless)" if args.model is None else "checkpoint"
+    weights = "random" if args.model is None else "checkpoint"  # random: the demo, whose text means nothing
     log.info("event=serving address=http://%s:%d model=%s weights=%s", args.host, args.port, model_dir, weights)
 
     if await supervise_groups(engine, groups, grpc_front, stop, args.max_restarts):
