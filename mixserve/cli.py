@@ -17,6 +17,16 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the help already says what the default is
+    (a default read from the environment, such as a key, is never shown)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and "default" in action.help.lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the chosen subcommand."""
     argv = sys.argv[1:] if argv is None else argv
@@ -29,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = argv[0]
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    sub_parser = argparse.ArgumentParser(prog=f"mixserve {name}", description=SUBCOMMANDS[name][1])
+    sub_parser = argparse.ArgumentParser(
+        prog=f"mixserve {name}", description=SUBCOMMANDS[name][1], formatter_class=DefaultsHelpFormatter
+    )
     module.add_arguments(sub_parser)
     return module.run(sub_parser.parse_args(argv[1:]))
 

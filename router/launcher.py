@@ -28,6 +28,7 @@ import mixserve
 from mixserve_pb import shard_pb2
 from router.generation import Limits
 from router.grpc_server import GrpcFront
+from router.host_check import HostCheckFailed, HostPlan, check_model_dir, group_visible_devices, preflight
 from router.params import MAX_CHOICES, MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS, RequestLimits
 from router.recovery import START_ERRORS, supervise_groups
 from router.replicas import build_replicas
@@ -77,13 +78,30 @@ def shard_group_addresses(args: argparse.Namespace) -> list[str | None]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     env = os.environ
-    parser.add_argument("--model", help="checkpoint directory (default: the built-in demo model, cached)")
-    parser.add_argument("--num-shard", type=int, default=4, help="tensor-parallel shard processes")
+    parser.add_argument(
+        "--model",
+        help="checkpoint directory, as `hf download ID --local-dir DIR` writes it (default: the built-in demo "
+        "model, cached; its weights are random, so its text is meaningless)",
+    )
+    parser.add_argument(
+        "--num-shard",
+        type=int,
+        help="tensor-parallel shard processes per group (default: on a CUDA host one per GPU, divided among "
+        "--replicas; on CPU one per core, as one single-threaded shard per core serves fastest; either way the "
+        "most that the model's heads, KV heads and experts divide evenly)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address the router binds")
-    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--port", type=int, default=8080, help="HTTP port the router binds")
     parser.add_argument("--grpc-port", type=int, default=0, help="public gRPC generation service port (0: off)")
-    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on GPU)")
-    parser.add_argument("--device", default="auto", help="shard device: auto, cpu or cuda")
+    parser.add_argument(
+        "--dtype", default="auto", help="float32, bfloat16, float16 or auto (float32 on CPU, bfloat16 on GPUs with it)"
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="shard device: auto (cuda where torch sees a GPU, else cpu), cpu, cuda (shard r of group g on GPU "
+        "g x num-shard + r), or cuda:N (one shard)",
+    )
     parser.add_argument(
         "--quantize", choices=QUANTIZE_MODES, help="bitsandbytes LLM.int8 or 4-bit shards (default: not quantized)"
     )
@@ -115,14 +133,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--shard-addresses",
-        help="host:port,... of a shard group already running, in rank order: start no shards, serve those",
+        help="host:port,... of a shard group already running, in rank order: start no shards, serve those "
+        "(default: start the shards here)",
     )
     parser.add_argument(
         "--shard-group",
         action="append",
         dest="shard_groups",
         metavar="ADDRS",
-        help="host:port,... of one shard group already running, as --shard-addresses; repeat it for several groups",
+        help="host:port,... of one shard group already running, as --shard-addresses; repeat it for several groups "
+        "(default: none)",
     )
     parser.add_argument(
         "--replicas", type=_positive_int, default=1, help="shard groups of --num-shard shards each to start"
@@ -130,7 +150,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shard-token", default=env.get("MIXSERVE_SHARD_TOKEN") or None, help="default: $MIXSERVE_SHARD_TOKEN"
     )
-    parser.add_argument("--shard-ca", type=Path, help="PEM CA certificate(s): reach TCP shards over TLS")
+    parser.add_argument(
+        "--shard-ca", type=Path, help="PEM CA certificate(s): reach TCP shards over TLS (default: plain TCP)"
+    )
     parser.add_argument("--block-size", type=int, default=16, help="KV cache tokens per block")
     parser.add_argument("--max-kv-blocks", type=int, default=0, help="cap on KV cache blocks (0: from memory)")
     parser.add_argument("--max-concurrent-requests", type=int, default=128, help="queued + running (429 past it)")
@@ -142,7 +164,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="prompt tokens per step (default: 256 on CPU shards, 4096 on GPUs)",
     )
-    parser.add_argument("--max-batch-total-tokens", type=int, default=None, help="KV tokens the batch may hold")
+    parser.add_argument(
+        "--max-batch-total-tokens", type=int, default=None, help="KV tokens the batch may hold (default: the KV cache)"
+    )
     parser.add_argument("--max-batch-size", type=int, default=256, help="sequences running at once")
     parser.add_argument(
         "--max-decode-steps",
@@ -176,15 +200,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-restarts", type=int, default=3, help="shard group restarts after failures (0: exit non-zero at once)"
     )
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
 
 
 def resolve_model(model: str | None) -> str:
-    """The checkpoint dir; with none given, the demo checkpoint (written once, in a child process so
-    that the router process never imports torch)."""
+    """The checkpoint dir of shards started elsewhere; with none given, the demo checkpoint (written
+    once, in a child process so that the router process never imports torch)."""
     if model is not None:
-        if not (Path(model) / "config.json").exists():
-            raise SystemExit(f"--model {model}: no config.json there")
         return model
     code = "from shards.demo.checkpoint import ensure_demo_checkpoint; print(ensure_demo_checkpoint())"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -193,18 +215,25 @@ def resolve_model(model: str | None) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-async def serve(args: argparse.Namespace) -> int:
+def group_devices(plan: HostPlan | None, args: argparse.Namespace, groups: int) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES for each group the launcher starts: its own num_shard GPUs, so that the
+    shards of every group find theirs at cuda:0.. (isolated: a group cannot touch another's GPUs, and
+    each shard's device is cuda:<local rank> however it was started); None on CPU, with --device cuda:N,
+    or for groups started elsewhere."""
+    if plan is None or plan.device_type != "cuda" or args.device.startswith("cuda:"):
+        return [None] * groups
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return [group_visible_devices(visible, plan.device_count, plan.num_shard, g) for g in range(groups)]
+
+
+async def serve(args: argparse.Namespace, group_addresses: list[str | None], plan: HostPlan | None) -> int:
     # Handled from the first moment: a stop during start-up must stop the shards started so far.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        group_addresses = shard_group_addresses(args)
-    except ValueError as e:
-        log.error("event=startup_failed error=%s", e)
-        return 1
-    model_dir = resolve_model(args.model)
+    model_dir = plan.model_dir if plan is not None else resolve_model(args.model)
+    devices = group_devices(plan, args, len(group_addresses))
     # The fast tokenizer class loads tokenizer.json and the chat template without importing torch.
     from transformers import PreTrainedTokenizerFast
 
@@ -212,7 +241,10 @@ async def serve(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="mixserve-") as tmp:
         socket_root = Path(tmp)
         os.chmod(socket_root, 0o700)
-        groups = [ShardSupervisor(args, model_dir, socket_root, i, a) for i, a in enumerate(group_addresses)]
+        groups = [
+            ShardSupervisor(args, model_dir, socket_root, i, a, d)
+            for i, (a, d) in enumerate(zip(group_addresses, devices, strict=True))
+        ]
         try:
             return await _serve_with_shards(args, model_dir, tokenizer, groups, stop)
         finally:
@@ -305,7 +337,8 @@ async def _serve_with_shards(args, model_dir, tokenizer, groups: list[ShardSuper
         await grpc_front.start()
     await site.start()
     engine.start()
-    log.info("event=serving address=http://%s:%d model=%s", args.host, args.port, model_dir)
+    weights = "random" if args.model is None else "checkpoint"  # random: the demo, whose text means nothing
+    log.info("event=serving address=http://%s:%d model=%s weights=%s", args.host, args.port, model_dir, weights)
 
     if await supervise_groups(engine, groups, grpc_front, stop, args.max_restarts):
         log.info("event=stopping graceful_timeout_s=%.0f in_flight=%d", args.graceful_timeout, len(engine.live))
@@ -338,4 +371,30 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.log_prompts:
         logging.getLogger("mixserve.prompts").setLevel(logging.INFO)
-    return asyncio.run(serve(args))
+    try:
+        group_addresses = shard_group_addresses(args)
+    except ValueError as e:
+        log.error("event=startup_failed error=%s", e)
+        return 1
+    plan = None
+    try:
+        if None in group_addresses:
+            # Shards start here: every flag is checked against this host first, in one line if it fails.
+            plan = preflight(args)
+            args.num_shard = plan.num_shard
+            log.info(
+                "event=host_checked num_shard=%d replicas=%d device=%s device_count=%d dtype=%s cpu_count=%d demo=%s",
+                plan.num_shard,
+                args.replicas,
+                plan.device_type,
+                plan.device_count,
+                plan.dtype,
+                plan.cpu_count,
+                plan.demo,
+            )
+        elif args.model is not None:
+            check_model_dir(args.model)
+    except HostCheckFailed as e:
+        log.error("event=startup_refused error=%s", e)
+        return 2
+    return asyncio.run(serve(args, group_addresses, plan))

@@ -52,11 +52,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def shard_environment(num_shard: int, rank: int, master_port: int, visible_devices: str | None) -> dict[str, str]:
+    """The environment of one shard the launcher starts: torchrun's variables (LOCAL_RANK is the rank:
+    one host), and with `visible_devices` its group's GPUs, so that rank r uses `cuda:r` among them."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port), OMP_NUM_THREADS="1")
+    env.update(WORLD_SIZE=str(num_shard), RANK=str(rank), LOCAL_RANK=str(rank), PYTHONUNBUFFERED="1")
+    if visible_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices
+    return env
+
+
 async def start_shards(
-    args: argparse.Namespace, model_dir: str, socket_dir: Path, group_id: int = 0
+    args: argparse.Namespace, model_dir: str, socket_dir: Path, group_id: int = 0, visible_devices: str | None = None
 ) -> list[ShardProcess]:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
-    env.update(WORLD_SIZE=str(args.num_shard), PYTHONUNBUFFERED="1")
+    """Start the group's `args.num_shard` shard processes on unix sockets in `socket_dir`;
+    `visible_devices`: the group's GPUs (CUDA_VISIBLE_DEVICES), None to leave the variable as it is."""
+    master_port = _free_port()
     shards = []
     for rank in range(args.num_shard):
         path = socket_dir / f"shard-{rank}.sock"
@@ -68,10 +79,20 @@ async def start_shards(
         cmd += ["--moe-parallel", args.moe_parallel, "--kernels", args.kernels]
         cmd += ["--cuda-graphs", args.cuda_graphs, "--max-graph-batch", str(args.max_graph_batch)]
         process = await asyncio.create_subprocess_exec(
-            *cmd, env=dict(env, RANK=str(rank)), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+            *cmd,
+            env=shard_environment(args.num_shard, rank, master_port, visible_devices),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
         )
         shard = ShardProcess(rank, f"unix:{path}", process)
-        log.info("event=shard_started rank=%d pid=%d address=%s group=%d", rank, process.pid, shard.address, group_id)
+        log.info(
+            "event=shard_started rank=%d pid=%d address=%s group=%d gpus=%s",
+            rank,
+            process.pid,
+            shard.address,
+            group_id,
+            visible_devices or "-",
+        )
         shard.output = asyncio.create_task(_pump_output(shard))
         shards.append(shard)
     return shards
@@ -162,7 +183,8 @@ class ShardSupervisor:
     """One shard group of the launcher: started at start-up and again on every restart, watched, stopped.
 
     `addresses`: the group's `host:port,...` when it runs elsewhere (--shard-addresses, --shard-group);
-    None to start its shards here."""
+    None to start its shards here. `visible_devices`: the GPUs its shards get (CUDA_VISIBLE_DEVICES),
+    None to leave that as the launcher has it."""
 
     def __init__(
         self,
@@ -171,8 +193,10 @@ class ShardSupervisor:
         socket_root: Path,
         group_id: int = 0,
         addresses: str | None = None,
+        visible_devices: str | None = None,
     ) -> None:
         self.args = args
+        self.visible_devices = visible_devices
         self.model_dir = model_dir
         self.socket_root = socket_root
         self.group_id = group_id
@@ -203,7 +227,7 @@ class ShardSupervisor:
             socket_dir = self.socket_root / name
             socket_dir.mkdir(mode=0o700)
             # Not cancellable: every process started must be in self.shards for stop() to find it.
-            self.shards = await start_shards(self.args, self.model_dir, socket_dir, self.group_id)
+            self.shards = await start_shards(self.args, self.model_dir, socket_dir, self.group_id, self.visible_devices)
             # The token too: shards inherit MIXSERVE_SHARD_TOKEN and then ask for it even on unix sockets.
             addresses = [s.address for s in self.shards]
             self.group = ShardGroup(addresses, step_timeout_s=self.args.step_timeout, token=self.args.shard_token)

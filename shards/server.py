@@ -1,8 +1,9 @@
 """`mixserve shard`: one tensor-parallel shard serving the ShardService over gRPC.
 
 Every shard of a group gets the same calls from the router; the model calls (Warmup, Step,
-DecodeSteps, Release, Clear) run one at a time under a lock, while Info, Health and Interrupt
-answer at any time.
+DecodeSteps, Release, Clear) run one at a time on the shard's model thread (shards/model_thread.py),
+whose current device is the shard's, while Info, Health and Interrupt answer at any time.
+The device is `cuda:<LOCAL_RANK>` on a CUDA host (shards/devices.py).
 Rank, world size and the rendezvous come from the flags, else from torchrun's variables (RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so `torchrun ... -m mixserve.cli shard --port P`
 starts a group, one host or several.
@@ -13,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 
@@ -22,12 +24,14 @@ import torch
 from mixserve_pb import shard_pb2, shard_pb2_grpc
 from shards import decode_graph
 from shards.config import DTYPES, MOE_PARALLEL_MODES, ModelConfig, ParallelConfig
+from shards.devices import DEVICE_CHOICES, DeviceUnavailable, make_current, resolve_device, resolve_dtype
 from shards.distributed import init_process_group, tensor_parallel_group
 from shards.kernels import native as native_kernels
 from shards.kernels.native import KernelUnavailable
 from shards.listen import ListenConfig, ListenError
 from shards.listen import add_arguments as add_listen_arguments
 from shards.loader import load_model, weight_bytes
+from shards.model_thread import ModelThread
 from shards.multi_step import decode_steps
 from shards.quant.config import QUANTIZE_MODES, QuantizationConfig
 from shards.quant.probe import QuantizationUnavailable, check_supported
@@ -45,12 +49,19 @@ CPU_KV_MEMORY_CAP = 2 << 30
 class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
     """The gRPC face of one ModelRunner."""
 
-    def __init__(self, runner: ModelRunner, model_dir: str, max_kv_blocks: int, quantize: str = "") -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        model_dir: str,
+        max_kv_blocks: int,
+        quantize: str = "",
+        model: ModelThread | None = None,
+    ) -> None:
         self.runner = runner
         self.model_dir = model_dir
         self.max_kv_blocks = max_kv_blocks
         self.quantize = quantize
-        self.lock = threading.Lock()
+        self.model = model or ModelThread(runner.device)
         self.interrupted_run_id = 0
 
     def Info(self, request, context):
@@ -87,10 +98,13 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         cap = request.max_blocks or self.max_kv_blocks
         if request.max_blocks and self.max_kv_blocks:
             cap = min(request.max_blocks, self.max_kv_blocks)
-        with self.lock:
-            num_blocks = self.runner.warmup(
-                request.max_batch_tokens or 1, request.max_batch_size or 1, cap, kv_budget_bytes(self.runner)
-            )
+        num_blocks = self.model.run(
+            self.runner.warmup,
+            request.max_batch_tokens or 1,
+            request.max_batch_size or 1,
+            cap,
+            kv_budget_bytes(self.runner),
+        )
         ms = int((time.perf_counter() - started) * 1000)
         log.info(
             "event=warmup rank=%d num_blocks=%d block_size=%d kv_bytes=%d ms=%d",
@@ -106,9 +120,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         started = time.perf_counter_ns()
         try:
             steps = [_step_from_proto(s) for s in request.sequences]
-            with self.lock:
-                self.runner.release(list(request.release_seq_ids))
-                results = self.runner.step(steps)
+            results = self.model.run(self._release_and_step, list(request.release_seq_ids), steps)
         except OutOfCapacity as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except (InvalidStep, ValueError) as e:
@@ -119,46 +131,51 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         started = time.perf_counter_ns()
         try:
             steps = [_step_from_proto(s) for s in request.sequences]
-            with self.lock:
-                self.runner.release(list(request.release_seq_ids))
-                run_id = request.run_id
+            release = list(request.release_seq_ids)
+            run_id = request.run_id
 
+            def run(abandoned: threading.Event) -> Iterator[list[SequenceResult]]:
+                self.runner.release(release)
+
+                # A stream its caller dropped stops as an interrupt does: every rank agrees first.
                 def agree_to_stop() -> bool:
-                    return self.runner.group.any_rank(self.interrupted_run_id >= run_id)
+                    return self.runner.group.any_rank(self.interrupted_run_id >= run_id or abandoned.is_set())
 
-                # Only rank 0's answers reach clients: the other ranks send theirs once, at the end,
-                # which spares both sides a message per step (the router still reads every stream,
-                # to see a rank fail).
-                every_step = self.runner.parallel.rank == 0
-                count, results = 0, []
-                for count, results in enumerate(
-                    decode_steps(self.runner, steps, request.num_steps, agree_to_stop), start=1
-                ):
-                    if every_step:
-                        yield _step_response(results, started, count)
-                        started = time.perf_counter_ns()
-                if not every_step:
+                return decode_steps(self.runner, steps, request.num_steps, agree_to_stop)
+
+            # Only rank 0's answers reach clients: the other ranks send theirs once, at the end,
+            # which spares both sides a message per step (the router still reads every stream,
+            # to see a rank fail).
+            every_step = self.runner.parallel.rank == 0
+            count, results = 0, []
+            for count, results in enumerate(self.model.stream(run), start=1):
+                if every_step:
                     yield _step_response(results, started, count)
+                    started = time.perf_counter_ns()
+            if not every_step:
+                yield _step_response(results, started, count)
         except OutOfCapacity as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except (InvalidStep, ValueError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     def Interrupt(self, request, context):
-        # No lock: the run it stops holds it. Run ids only grow, so an interrupt that overtakes its
+        # Not on the model thread: the run it stops holds that. Run ids only grow, so an interrupt that overtakes its
         # run's start still stops that run.
         self.interrupted_run_id = max(self.interrupted_run_id, request.run_id)
         return shard_pb2.InterruptResponse()
 
     def Release(self, request, context):
-        with self.lock:
-            self.runner.release(list(request.seq_ids))
+        self.model.run(self.runner.release, list(request.seq_ids))
         return shard_pb2.ReleaseResponse()
 
     def Clear(self, request, context):
-        with self.lock:
-            self.runner.clear()
+        self.model.run(self.runner.clear)
         return shard_pb2.ClearResponse()
+
+    def _release_and_step(self, release: list[int], steps: list[SequenceStep]) -> list[SequenceResult]:
+        self.runner.release(release)
+        return self.runner.step(steps)
 
 
 def _step_response(results: list[SequenceResult], started_ns: int, steps: int = 0) -> shard_pb2.StepResponse:
@@ -206,14 +223,17 @@ def _mem_available_bytes() -> int:
     return 4 << 30
 
 
-def pick_device(name: str, rank: int) -> torch.device:
-    """`auto`: this rank's GPU (LOCAL_RANK as torchrun sets it) when CUDA is there, else the CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
-        return torch.device("cuda", local)
-    return torch.device("cpu")
+def local_rank(rank: int) -> int:
+    """This shard's index among the shards of its host: LOCAL_RANK (the launcher and torchrun set it),
+    else its rank."""
+    return int(os.environ.get("LOCAL_RANK", rank))
+
+
+def is_demo_checkpoint(model_dir: str) -> bool:
+    """Whether `model_dir` is the built-in demo checkpoint (random weights: its text means nothing)."""
+    from shards.demo.checkpoint import demo_checkpoint_dir
+
+    return Path(model_dir).resolve() == demo_checkpoint_dir().resolve()
 
 
 def _non_negative_int(value: str) -> int:
@@ -232,9 +252,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_listen_arguments(parser)
     parser.add_argument(
-        "--dtype", choices=[*DTYPES, "auto"], default="auto", help="auto: float32 on CPU, bfloat16 on CUDA"
+        "--dtype",
+        choices=[*DTYPES, "auto"],
+        default="auto",
+        help="auto: float32 on CPU, bfloat16 on CUDA (float16 on GPUs without it)",
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help=f"{DEVICE_CHOICES}; cuda is cuda:$LOCAL_RANK (else cuda:RANK); auto is cuda where torch sees a GPU",
+    )
     parser.add_argument(
         "--quantize",
         choices=QUANTIZE_MODES,
@@ -292,14 +319,26 @@ def run(args: argparse.Namespace) -> int:
         log.error("event=bad_listen error=%r", str(e))
         return 2
     parallel = ParallelConfig(args.rank, args.world_size, args.moe_parallel)
-    device = pick_device(args.device, args.rank)
-    dtype = DTYPES["bfloat16" if device.type == "cuda" else "float32"] if args.dtype == "auto" else DTYPES[args.dtype]
+    try:
+        device = resolve_device(args.device, local_rank(args.rank))
+        dtype = resolve_dtype(args.dtype, device)
+    except DeviceUnavailable as e:
+        log.error("event=device_unavailable error=%r", str(e))
+        return 2
+    # Before anything touches CUDA: the main thread loads the model, the model thread runs it.
+    make_current(device)
     quantization = QuantizationConfig(args.quantize) if args.quantize else None
     model_dir = args.model
     if model_dir is None:
         from shards.demo.checkpoint import ensure_demo_checkpoint
 
         model_dir = str(ensure_demo_checkpoint())
+    if parallel.rank == 0 and is_demo_checkpoint(model_dir):
+        log.warning(
+            "event=demo_model weights=random model=%s: the built-in demo has random weights, so its text is "
+            "meaningless; pass --model DIR to serve a checkpoint",
+            model_dir,
+        )
     try:
         parallel.check(ModelConfig.from_pretrained(model_dir))
     except ValueError as e:

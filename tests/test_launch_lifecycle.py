@@ -26,9 +26,10 @@ async def post(url: str, body: dict, **kwargs) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def keyed_server(launch, tmp_path_factory, monkeypatch_module):
-    """No --model: the launcher writes and serves the cached demo checkpoint (in a fresh cache)."""
+    """No --model and no --num-shard: the launcher writes and serves the cached demo checkpoint (in a
+    fresh cache) with its default shard count."""
     monkeypatch_module.setenv("MIXSERVE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    return launch("--num-shard", "1", "--api-key", "sekret", "--max-concurrent-requests", "4")
+    return launch("--device", "cpu", "--api-key", "sekret", "--max-concurrent-requests", "4")
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,12 @@ async def test_api_key_is_required(keyed_server):
         status, text = await post(url, {"prompt": "x", "max_tokens": 2}, headers={"Authorization": header})
         assert status == 200 and text
     assert "sekret" not in keyed_server.log()
+    # No --model: the demo, whose shard says its text is meaningless.
+    assert "event=demo_model weights=random" in keyed_server.log()
+    # No --num-shard: one shard per core, up to what the demo's 4 KV heads divide.
+    cores = len(os.sched_getaffinity(0))
+    expected = 4 if cores >= 4 else 2 if cores >= 2 else 1
+    assert f"event=host_checked num_shard={expected} replicas=1 device=cpu" in keyed_server.log()
 
 
 async def test_overload_is_429_and_others_are_unharmed(keyed_server):

@@ -2,13 +2,18 @@
 
 Each is quantized once, at load, from a weight W [N, K] (out, in, as nn.Linear stores it) and
 computes y = x W^T for x [T, K]. bitsandbytes is imported on first use: its import takes seconds
-and only quantized shards need it. Legend: T tokens, N out features, K in features.
+and only quantized shards need it. Legend: T tokens, N out features, K in features, O outlier columns.
+
+bitsandbytes 0.50 is the oldest release with what this uses: its `torch.ops.bitsandbytes` int8 ops
+arrived in 0.46, and 0.50 added `gemm_4bit`, the fused 4-bit kernel for more than one row that
+`matmul_4bit` calls on CUDA (before it, several rows dequantized the whole weight on every call).
 """
 
 import abc
 import functools
 import logging
 from types import ModuleType
+from typing import Literal
 
 import torch
 from torch import nn
@@ -53,6 +58,23 @@ class QuantizedLinear(nn.Module, abc.ABC):
         return f"out_features={self.out_features}, in_features={self.in_features}, nbytes={self.nbytes}"
 
 
+def quantize_rows(a: torch.Tensor, threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LLM.int8's row-wise quantization of a [T, K], in fp32: int8 codes [T, K], each row's absmax [T]
+    and the outlier columns [O] (those holding a value >= `threshold`; 0: none), whose codes are 0.
+
+    bitsandbytes' own int8_vectorwise_quant takes only fp16 on CUDA, where activations past 65504
+    (they occur in large models' residual stream) become inf; fp32 keeps them."""
+    a = a.float()
+    outlier_cols = torch.empty(0, dtype=torch.long, device=a.device)
+    if threshold > 0:
+        outliers = a.abs() >= threshold  # [T, K]
+        outlier_cols = outliers.any(dim=0).nonzero().flatten()  # [O]
+        a = a.masked_fill(outliers.any(dim=0), 0.0)
+    absmax = a.abs().amax(dim=1)  # [T]
+    codes = torch.round(a * (127.0 / absmax.clamp_min(torch.finfo(torch.float32).tiny)).unsqueeze(1))
+    return codes.to(torch.int8), absmax, outlier_cols
+
+
 class Linear8bitLt(QuantizedLinear):
     """LLM.int8: int8 weight rows with one absmax scale each; activations are quantized per token,
     except the columns holding a value >= `threshold`, which meet the dequantized weight columns in
@@ -60,19 +82,20 @@ class Linear8bitLt(QuantizedLinear):
 
     def __init__(self, weight: torch.Tensor, threshold: float) -> None:
         super().__init__(*weight.shape)
-        bnb = load_bitsandbytes()
+        load_bitsandbytes()  # registers torch.ops.bitsandbytes
         self.threshold = threshold
-        self._quantize_rows = bnb.functional.int8_vectorwise_quant
-        self._mixed_mm = torch.ops.bitsandbytes.int8_mixed_scaled_mm
-        # From fp16, as bitsandbytes' own Int8Params quantizes.
-        self.cb, self.scb, _ = self._quantize_rows(weight.to(torch.float16))  # [N, K] int8, [N] fp32
+        self._int8_matmul = torch.ops.bitsandbytes.int8_linear_matmul
+        self.cb, self.scb, _ = quantize_rows(weight)  # [N, K] int8, [N] fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # What bitsandbytes' MatMul8bitLt does at inference, without its autograd wrapper, which logs a
-        # warning on every call whose input is not fp16.
-        ca, sca, outlier_cols = self._quantize_rows(x.to(torch.float16), self.threshold)  # [T, K] int8, [T]
-        out, _ = self._mixed_mm(x, ca, self.cb, sca, self.scb, outlier_cols, None)  # [T, N] in x's dtype
-        return out
+        # bitsandbytes' MatMul8bitLt, with the scaling in fp32: its int8_mm_dequant writes fp16 on CUDA.
+        ca, sca, outlier_cols = quantize_rows(x, self.threshold)  # [T, K] int8, [T], [O]
+        acc = self._int8_matmul(ca, self.cb)  # [T, N] int32
+        out = acc.float() * (sca.unsqueeze(1) * self.scb.unsqueeze(0) / (127.0 * 127.0))  # [T, N] fp32
+        if outlier_cols.numel():
+            w_cols = self.cb[:, outlier_cols].float() * (self.scb.unsqueeze(1) / 127.0)  # [N, O]
+            out.addmm_(x[:, outlier_cols].float(), w_cols.t())
+        return out.to(x.dtype)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.cb, self.scb]
@@ -92,8 +115,16 @@ def shared_table(table: torch.Tensor) -> torch.Tensor:
     return _SHARED_TABLES.setdefault(key, table)
 
 
+FourBitPath = Literal["fused", "dequantize"]
+
+
 class Linear4bit(QuantizedLinear):
-    """4-bit nf4 or fp4 codes, two per byte, with one scale per block of weights."""
+    """4-bit nf4 or fp4 codes, two per byte, with one scale per block of weights.
+
+    Two ways to compute x W^T, chosen per call (a benchmark times both): `fused`, bitsandbytes'
+    matmul_4bit, whose CUDA kernels read the codes in place (gemv for one row, gemm_4bit for up to
+    1536 rows; past that, or on CPU, it dequantizes itself); `dequantize`, the whole weight to x's
+    dtype, then one GEMM (the reference, and the baseline the fused kernels must beat)."""
 
     def __init__(self, weight: torch.Tensor, config: QuantizationConfig) -> None:
         super().__init__(*weight.shape)
@@ -110,8 +141,12 @@ class Linear4bit(QuantizedLinear):
         if state.nested:
             state.state2.code = shared_table(state.state2.code)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._matmul(x, self.packed.t(), self.quant_state)  # [T, N]
+    def forward(self, x: torch.Tensor, path: FourBitPath = "fused") -> torch.Tensor:
+        if path == "fused":
+            return self._matmul(x, self.packed.t(), self.quant_state)  # [T, N]
+        if path == "dequantize":
+            return torch.nn.functional.linear(x, self.dequantize().to(x.dtype))  # [T, N]
+        raise ValueError(f"4-bit path {path!r} is not fused or dequantize")
 
     def tensors(self) -> list[torch.Tensor]:
         # The lookup tables (state.code, state2.code) are shared by every weight: see shared_table.

@@ -1,0 +1,71 @@
+"""Which device and dtype a shard computes on, from `--device` / `--dtype` and what this host has.
+
+A shard on a CUDA host uses `cuda:<local rank>`: the launcher gives each shard group its own GPUs
+through CUDA_VISIBLE_DEVICES and each shard LOCAL_RANK (torchrun sets it too), so rank r of any
+group is `cuda:r` among the GPUs it sees. The same rules serve the shard at start-up and the
+launcher's host check (shards/preflight.py), so both refuse a combination alike.
+"""
+
+import torch
+
+from shards.config import DTYPES
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+class DeviceUnavailable(ValueError):
+    """The requested device or dtype cannot be had on this host."""
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    """`--device` for the shard of `local_rank` on this host: `cpu`; `cuda` (GPU `local_rank`);
+    `cuda:N` (GPU N); `auto` (like `cuda` when torch sees a GPU, else `cpu`)."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "auto" and name != "cuda" and not name.startswith("cuda:"):
+        raise DeviceUnavailable(f"--device {name}: not one of {DEVICE_CHOICES}")
+    if not torch.cuda.is_available():
+        if name == "auto":
+            return torch.device("cpu")
+        raise DeviceUnavailable(
+            f"--device {name}: torch {torch.__version__} sees no CUDA GPU here "
+            "(torch.cuda.is_available() is False); use --device cpu"
+        )
+    count = torch.cuda.device_count()
+    if name.startswith("cuda:"):
+        index_text = name.removeprefix("cuda:")
+        if not index_text.isdigit():
+            raise DeviceUnavailable(f"--device {name}: not one of {DEVICE_CHOICES}")
+        index = int(index_text)
+    else:
+        index = local_rank
+    if index >= count:
+        raise DeviceUnavailable(
+            f"--device {name}: GPU {index} (local rank {local_rank}) is not among the {count} this process sees "
+            "(CUDA_VISIBLE_DEVICES, LOCAL_RANK)"
+        )
+    return torch.device("cuda", index)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`--dtype` on `device`: `auto` is float32 on CPU, bfloat16 on a GPU that has it, else float16."""
+    if name != "auto" and name not in DTYPES:
+        raise DeviceUnavailable(f"--dtype {name}: not one of auto, {', '.join(DTYPES)}")
+    if device.type != "cuda":
+        return DTYPES["float32"] if name == "auto" else DTYPES[name]
+    bf16 = torch.cuda.is_bf16_supported()
+    if name == "auto":
+        return torch.bfloat16 if bf16 else torch.float16
+    if name == "bfloat16" and not bf16:
+        raise DeviceUnavailable(
+            f"--dtype bfloat16: GPU {device.index} ({torch.cuda.get_device_name(device)}) has no bfloat16; "
+            "use --dtype float16"
+        )
+    return DTYPES[name]
+
+
+def make_current(device: torch.device) -> None:
+    """Make `device` the calling thread's current CUDA device (Triton launches, CUDA graph capture
+    and bare `torch.cuda` calls use it); nothing on CPU."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
