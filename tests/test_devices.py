@@ -211,17 +211,20 @@ def launch_refused(*flags: str) -> str:
     return done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
 def test_launch_refuses_a_gpu_on_a_cpu_only_torch_in_one_line(demo_dir):
     assert "--device cuda: torch" in launch_refused("--model", str(demo_dir), "--device", "cuda")
 
 
+@pytest.mark.slow
 def test_launch_refuses_a_bad_dtype_and_an_unsplittable_shard_count_in_one_line(demo_dir):
     assert "--dtype fp64: not one of auto" in launch_refused("--model", str(demo_dir), "--dtype", "fp64")
     line = launch_refused("--model", str(demo_dir), "--num-shard", "3")
     assert "--num-shard 3: cannot shard over world size 3" in line
 
 
+@pytest.mark.slow
 def test_a_hub_id_gets_the_command_that_downloads_it(tmp_path):
     line = launch_refused("--model", "mistralai/Mixtral-8x7B-Instruct-v0.1")
     assert "`hf download mistralai/Mixtral-8x7B-Instruct-v0.1 --local-dir Mixtral-8x7B-Instruct-v0.1`" in line
@@ -231,6 +234,7 @@ def test_a_hub_id_gets_the_command_that_downloads_it(tmp_path):
         check_model_dir(str(tmp_path / "nothing" / "here"))
 
 
+@pytest.mark.slow
 def test_launch_help_shows_every_default():
     parser = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter)
     launcher.add_arguments(parser)
@@ -247,6 +251,7 @@ def test_launch_help_shows_every_default():
     assert "default: $MIXSERVE_API_KEY" in text and "on CPU one per core" in text
 
 
+@pytest.mark.slow
 def test_the_launcher_keeps_torch_out_of_the_router_process():
     code = "import sys, router.launcher, router.host_check; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([PYTHON, "-c", code], env=subprocess_env(), check=True, timeout=120)
