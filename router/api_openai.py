@@ -322,7 +322,7 @@ def _model_card(request: web.Request) -> dict[str, Any]:
         "object": "model",
         "created": created,
         "owned_by": "mixserve",
-        "max_model_len": engine.limits.max_total_tokens,
+        "max_model_len": engine.stats().limits.max_total_tokens,
     }
 
 

@@ -8,7 +8,7 @@ format) is a front's business. `router.replicas.Replicas` implements it, over on
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from router.errors import ShardUnavailable
 from router.metrics import Metrics
@@ -132,13 +132,13 @@ class GenerationHandle(Protocol):
         ...
 
 
+@runtime_checkable
 class EngineAPI(Protocol):
     """What every front may use of the engine."""
 
-    tokenizer: object
+    tokenizer: Any  # a transformers fast tokenizer
     special_ids: frozenset[int]
-    limits: Limits
-    metrics: Metrics
+    metrics: Metrics  # the router's registry (the fronts count their requests in it)
 
     @property
     def serving(self) -> bool:
