@@ -1,8 +1,9 @@
 """Prometheus metrics of one router: requests, latencies, the batch and the KV cache.
 
-Each engine owns a `Metrics` with its own `CollectorRegistry`, so several routers in one process
-never clash. The engine loop feeds the latency histograms; the queue, batch and KV block gauges
-are read from the scheduler when Prometheus scrapes, so the loop pays nothing for them.
+Each router (its engines, one per shard group) owns a `Metrics` with its own `CollectorRegistry`, so
+several routers in one process never clash. The engine loops feed the latency histograms; the queue,
+batch and KV block gauges are read from the scheduler when Prometheus scrapes, so the loops pay
+nothing for them. `GET /metrics` is router/api_metrics.py.
 """
 
 import bisect
