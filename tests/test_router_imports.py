@@ -186,25 +186,31 @@ port, report_path = sys.argv[1], sys.argv[2]
 url = f"http://127.0.0.1:{port}"
 
 
-def report() -> None:
-    deadline = time.monotonic() + 300
+def wait_healthy(timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
     while True:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
                 if r.status == 200:
-                    break
+                    return
         except OSError:
             if time.monotonic() > deadline:
-                break
+                raise
             time.sleep(0.3)
-    body = json.dumps({"prompt": "The river", "max_new_tokens": 4, "stream": False}).encode()
-    request = urllib.request.Request(f"{url}/predict", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as r:
-        answer = json.load(r)
-    torch_modules = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
-    with open(report_path, "w") as f:
-        json.dump({"generated_tokens": answer["generated_tokens"], "torch_modules": torch_modules}, f)
-    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def report() -> None:
+    try:
+        wait_healthy(300)
+        body = json.dumps({"prompt": "The river", "max_new_tokens": 4, "stream": False}).encode()
+        request = urllib.request.Request(f"{url}/predict", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as r:
+            answer = json.load(r)
+        torch_modules = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+        with open(report_path, "w") as f:
+            json.dump({"generated_tokens": answer["generated_tokens"], "torch_modules": torch_modules}, f)
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)  # as a user stops it; the launcher stops its shards
 
 
 threading.Thread(target=report, daemon=True).start()
