@@ -19,8 +19,9 @@ from typing import Any
 
 from aiohttp import web
 
+from router.engine_api import EngineAPI, GenerationHandle
 from router.errors import BadRequest, RouterError, ValidationError, error_headers
-from router.generation import Generation
+from router.http_common import CONFIG, ENGINE, STARTED, read_json, stream_sse
 from router.openai_responses import Choices, chat_chunks, chat_completion, completion, completion_chunks
 from router.params import (
     DEFAULT_LIMITS,
@@ -38,8 +39,7 @@ from router.params import (
     as_stop,
     max_new_tokens_from,
 )
-from router.replicas import Replicas
-from router.server import CONFIG, ENGINE, STARTED, read_json, stream_sse, tokenize
+from router.validation import check_lengths, prompt_ids, room
 
 log = logging.getLogger("mixserve.router")
 
@@ -265,15 +265,18 @@ def check_model(body: dict[str, Any], model_id: str) -> None:
         raise ModelNotFound(f"the model {model!r} does not exist; this server serves {model_id!r}")
 
 
-def submit(engine: Replicas, request: OpenAIRequest, default_max_tokens: int | None) -> Choices:
-    """Queue every choice; if one is refused, the ones already queued are cancelled."""
-    generations: list[Generation] = []
+def submit(engine: EngineAPI, request: OpenAIRequest, default_max_tokens: int | None) -> Choices:
+    """Validate and queue every choice; if one is refused, the ones already queued are cancelled. Without
+    a max_tokens of the request or the API, a choice gets all the room its prompt leaves."""
+    generations: list[GenerationHandle] = []
     prompt_tokens = 0
     try:
         for prompt in request.prompts:
-            ids = tokenize(engine, prompt)
+            ids = prompt_ids(engine, prompt)
             prompt_tokens += len(ids)
-            max_tokens = request.max_tokens or default_max_tokens or _room(engine, len(ids))
+            stats = engine.stats()
+            max_tokens = request.max_tokens or default_max_tokens or room(stats, len(ids))
+            check_lengths(stats, len(ids), max_tokens)
             base = request.params.seed
             for i in range(request.n):
                 seed = None if base is None else (base + i) % (MAX_SEED + 1)
@@ -283,13 +286,6 @@ def submit(engine: Replicas, request: OpenAIRequest, default_max_tokens: int | N
             engine.cancel(generation)
         raise
     return Choices(generations, prompt_tokens)
-
-
-def _room(engine: Replicas, prompt_len: int) -> int:
-    """The most new tokens a prompt can get: up to max_total_tokens, and what one sequence's KV may hold."""
-    config = engine.scheduler.config
-    cache_room = config.max_blocks * config.block_size + 1 - prompt_len
-    return max(1, min(engine.limits.max_total_tokens - prompt_len, cache_room))
 
 
 @openai_errors
@@ -326,7 +322,7 @@ def _model_card(request: web.Request) -> dict[str, Any]:
         "object": "model",
         "created": created,
         "owned_by": "mixserve",
-        "max_model_len": engine.limits.max_total_tokens,
+        "max_model_len": engine.stats().limits.max_total_tokens,
     }
 
 

@@ -15,8 +15,10 @@ from typing import Any
 
 from aiohttp import web
 
+from router.detokenizer import token_piece
+from router.engine_api import EngineAPI, GenerationHandle, TokenEvent
 from router.errors import BadRequest, ValidationError, error_body
-from router.generation import Generation, TokenEvent
+from router.http_common import CONFIG, ENGINE, read_json, stream_sse
 from router.params import (
     DEFAULT_LIMITS,
     MAX_ABS_PENALTY,
@@ -31,8 +33,7 @@ from router.params import (
     as_seed,
     as_stop,
 )
-from router.replicas import Replicas
-from router.server import CONFIG, ENGINE, read_json, stream_sse, token_piece, tokenize
+from router.validation import validate
 
 # TGI's default `max_new_tokens` when left out.
 DEFAULT_MAX_NEW_TOKENS = 100
@@ -110,15 +111,14 @@ def parse_generate_request(body: dict[str, Any], *, stream: bool, limits: Reques
     )
 
 
-def submit(engine: Replicas, request: TGIRequest) -> Generation:
-    """Tokenize (BOS included, as TGI does), keep the last `truncate` tokens, and queue the request."""
-    ids = tokenize(engine, GenerationRequest(prompt=request.inputs, messages=None, params=request.params))
-    if request.truncate is not None:
-        ids = ids[-request.truncate :]
-    return engine.submit(ids, request.params)
+def submit(engine: EngineAPI, request: TGIRequest) -> GenerationHandle:
+    """Tokenize (BOS included, as TGI does), keep the last `truncate` tokens, validate and queue the request."""
+    generation_request = GenerationRequest(prompt=request.inputs, messages=None, params=request.params)
+    valid = validate(engine, generation_request, truncate=request.truncate)
+    return engine.submit(valid.prompt_ids, valid.params)
 
 
-def token_json(engine: Replicas, event: TokenEvent) -> dict[str, Any]:
+def token_json(engine: EngineAPI, event: TokenEvent) -> dict[str, Any]:
     """TGI's `Token`: the text this token adds to `generated_text` (a special token's own spelling)."""
     text = event.text
     if event.special and not text:
@@ -126,7 +126,7 @@ def token_json(engine: Replicas, event: TokenEvent) -> dict[str, Any]:
     return {"id": event.token_id, "text": text, "logprob": event.logprob, "special": event.special}
 
 
-def top_tokens_json(engine: Replicas, event: TokenEvent) -> list[dict[str, Any]]:
+def top_tokens_json(engine: EngineAPI, event: TokenEvent) -> list[dict[str, Any]]:
     """The requested alternatives of one position, most likely first."""
     return [
         {
@@ -143,7 +143,7 @@ def _full_text(request: TGIRequest, text: str) -> str:
     return request.inputs + text if request.return_full_text else text
 
 
-async def generate_answer(engine: Replicas, request: TGIRequest, generation: Generation) -> dict[str, Any]:
+async def generate_answer(engine: EngineAPI, request: TGIRequest, generation: GenerationHandle) -> dict[str, Any]:
     """TGI's non-streaming response: `generated_text`, and `details` when asked for."""
     events: list[TokenEvent] = []
     async with aclosing(generation.stream()) as stream:
@@ -168,7 +168,7 @@ async def generate_answer(engine: Replicas, request: TGIRequest, generation: Gen
 
 
 async def stream_events(
-    engine: Replicas, request: TGIRequest, generation: Generation
+    engine: EngineAPI, request: TGIRequest, generation: GenerationHandle
 ) -> AsyncGenerator[dict[str, Any], None]:
     """TGI's `StreamResponse` events: one per token; the last carries `generated_text` and `details`."""
     texts: list[str] = []

@@ -131,3 +131,12 @@ class IncrementalDetokenizer:
         split, delta = self._split_point(self._decode(self._prefix_offset))
         self._advance(split)
         return delta
+
+
+def token_piece(tokenizer: "PreTrainedTokenizerBase", token_id: int) -> str:
+    """One token's own text, out of context: SentencePiece's word-boundary marker becomes the space it
+    stands for (decoding a lone token drops it); a byte-fallback piece of a character stays U+FFFD."""
+    text = tokenizer.decode([token_id])
+    if tokenizer.convert_ids_to_tokens(token_id).startswith("\u2581") and not text.startswith(" "):
+        return " " + text
+    return text

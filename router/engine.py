@@ -4,7 +4,8 @@ Each iteration asks the scheduler for the next step (decodes of every running re
 chunks of waiting prompts), sends it to the shard group, and hands every sampled token to its
 request: text delta, stop sequences, EOS and length decide when it ends. A request that ends for
 any reason (finished, cancelled, failed) leaves the scheduler at once, which frees its blocks.
-The request itself (its events, text state and limits) is router/generation.py.
+The request itself (its events, text state and deadline) is router/generation.py. Requests reach
+it validated (router/validation.py) and through router/replicas.py, which holds the concurrency cap.
 """
 
 import asyncio
@@ -13,13 +14,14 @@ import logging
 import time
 from collections.abc import Iterator
 
-from mixserve_pb import shard_pb2
-from router.errors import Overloaded, RouterError, ShardUnavailable, ValidationError
-from router.generation import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Generation, Limits, TokenEvent
+from router.engine_api import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Limits, TokenEvent
+from router.errors import RouterError, ShardUnavailable
+from router.generation import Generation
 from router.metrics import Metrics
 from router.params import GenerationParams
 from router.scheduler import Scheduler, SchedulerConfig, Sequence, StepPlan
 from router.shard_client import ShardGroup, ShardRejected
+from router.steps import SampledToken, SequenceStep, Step, StepResult
 
 log = logging.getLogger("mixserve.router")
 # Prompts and generated text are the users' data: this logger is silent unless --log-prompts turns it on.
@@ -81,38 +83,17 @@ class Engine:
     # -- admission ------------------------------------------------------------------------------
 
     def submit(self, prompt_ids: list[int], params: GenerationParams) -> Generation:
-        """Queue a tokenized request; raises Overloaded, ValidationError or ShardUnavailable."""
+        """Queue a validated, tokenized request (router/validation.py); raises ShardUnavailable while the
+        group is down, ValueError if the request could never run in this group's cache."""
         if self.failure is not None:
             raise self.unavailable("the shards are unavailable")
-        if len(self.live) >= self.limits.max_concurrent_requests:
-            raise Overloaded(
-                f"{len(self.live)} requests in flight, the limit is {self.limits.max_concurrent_requests}; retry later"
-            )
-        n = len(prompt_ids)
-        if n == 0:
-            raise ValidationError("the prompt is empty")
-        if n > self.limits.max_input_tokens:
-            raise ValidationError(
-                f"the prompt has {n} tokens, more than max_input_tokens {self.limits.max_input_tokens}"
-            )
-        total = n + params.max_new_tokens
-        if total > self.limits.max_total_tokens:
-            raise ValidationError(
-                f"prompt tokens ({n}) + max_new_tokens ({params.max_new_tokens}) = {total} exceeds "
-                f"max_total_tokens {self.limits.max_total_tokens}"
-            )
-        if not self.scheduler.fits(n, params.max_new_tokens):
-            raise ValidationError(
-                f"prompt tokens ({n}) + max_new_tokens ({params.max_new_tokens}) do not fit the KV cache "
-                f"({self.scheduler.config.max_blocks} blocks of {self.scheduler.config.block_size} tokens)"
-            )
         seq_id = next(self._ids)
-        generation = Generation(seq_id, prompt_ids, params, self)
+        generation = Generation(seq_id, prompt_ids, params, self.tokenizer, self.limits, self.cancel)
         if prompt_log.isEnabledFor(logging.INFO):
             prompt_log.info("event=prompt id=%s text=%r", generation.id, self.tokenizer.decode(prompt_ids))
         self.scheduler.add(Sequence(seq_id, list(prompt_ids), params.max_new_tokens, payload=generation))
         self.live[seq_id] = generation
-        self.metrics.on_admitted(n)
+        self.metrics.on_admitted(len(prompt_ids))
         self._idle.clear()
         self._wake.set()
         self._interrupt_run()  # it joins the batch after the step in progress
@@ -156,11 +137,15 @@ class Engine:
         assert self.failure is not None
         return self.failure
 
+    def down_reason(self) -> str:
+        """Why the group does not serve, as clients are told: its failure, and the restart when one is coming."""
+        if self.retry_after_s is None:
+            return str(self.failure)
+        return f"restarting the shard group after {self.failure}"
+
     def unavailable(self, what: str) -> ShardUnavailable:
         """The error for requests the failed group cannot serve, with Retry-After while a restart is coming."""
-        if self.retry_after_s is None:
-            return ShardUnavailable(f"{what}: {self.failure}")
-        return ShardUnavailable(f"{what}: restarting the shard group after {self.failure}", self.retry_after_s)
+        return ShardUnavailable(f"{what}: {self.down_reason()}", self.retry_after_s)
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until nothing is in flight, up to `timeout_s`; True if it drained."""
@@ -189,23 +174,23 @@ class Engine:
         """Run `plan`; when it is all decodes and nothing waits, let the shards run further decode
         steps without a round trip (multi-step decode), each streamed back as it is sampled."""
         num_steps = self.scheduler.extend_decode(plan, self.max_decode_steps)
-        request = self._step_request(plan)
+        step = self._step(plan)
         in_flight: StepPlan | None = plan  # the step the shards are running, until its answer is in
         try:
             if num_steps == 1:
-                response = await self.group.step(request)
+                result = await self.group.step(step)
                 in_flight = None
-                self._on_step_done(plan, response, started)
+                self._on_step_done(plan, result, started)
                 return
             self._run_ids += 1
-            request.num_steps, request.run_id = num_steps, self._run_ids
+            step.num_steps, step.run_id = num_steps, self._run_ids
             self._active_run = self._run_ids
             log.debug("event=decode_run run=%d steps=%d seqs=%d", self._run_ids, num_steps, len(plan.sequences))
-            async for response in self.group.decode_steps(request):
+            async for result in self.group.decode_steps(step):
                 if in_flight is None:
                     in_flight = self.scheduler.continue_decode(plan)
                 plan, in_flight = in_flight, None
-                self._on_step_done(plan, response, started)
+                self._on_step_done(plan, result, started)
                 started = time.perf_counter()
                 # The batch should change: a request finished (or was cancelled), or one is waiting.
                 if self.scheduler.num_waiting or any(e.seq.seq_id not in self.live for e in plan.sequences):
@@ -246,10 +231,10 @@ class Engine:
         if not task.cancelled():
             task.exception()
 
-    def _step_request(self, plan: StepPlan) -> shard_pb2.StepRequest:
-        steps = []
-        for entry in plan.sequences:
-            step = shard_pb2.SequenceStep(
+    def _step(self, plan: StepPlan) -> Step:
+        """The step the shards run for `plan`; a prefill entry carries its request's sampling settings."""
+        sequences = [
+            SequenceStep(
                 seq_id=entry.seq.seq_id,
                 token_ids=entry.token_ids,
                 start_position=entry.start_position,
@@ -257,17 +242,17 @@ class Engine:
                 block_table=entry.block_table,
                 sample=entry.sample,
                 prefix_token_ids=entry.prefix_token_ids,
+                sampling=entry.seq.payload.sampling() if entry.is_prefill else None,
             )
-            if entry.is_prefill:
-                step.sampling.CopyFrom(entry.seq.payload.sampling_proto())
-            steps.append(step)
+            for entry in plan.sequences
+        ]
         # The shards forget finished sequences' sampling state as part of the step, not in a call of its own.
         released, self._release = self._release, []
-        return shard_pb2.StepRequest(sequences=steps, release_seq_ids=released)
+        return Step(sequences, released)
 
-    def _on_step_done(self, plan: StepPlan, response: shard_pb2.StepResponse, started: float) -> None:
+    def _on_step_done(self, plan: StepPlan, result: StepResult, started: float) -> None:
         now = time.perf_counter()
-        results = {r.seq_id: r for r in response.results}
+        results = {token.seq_id: token for token in result.tokens}
         self.scheduler.on_step_done(plan, {seq_id: r.token_id for seq_id, r in results.items()})
         self.steps += 1
         self.step_sequences += len(plan.sequences)
@@ -278,19 +263,19 @@ class Engine:
                 ",".join(str(e.seq.seq_id) for e in plan.sequences if not e.is_prefill),
                 plan.num_prefill_tokens,
                 ",".join(str(e.seq.seq_id) for e in plan.sequences if e.is_prefill),
-                response.forward_us,
+                result.forward_us,
                 (now - started) * 1000,
             )
         delivered = 0
-        for seq_id, result in results.items():
+        for seq_id, token in results.items():
             generation = self.live.get(seq_id)
             if generation is not None:
-                self._on_token(generation, result, now)
+                self._on_token(generation, token, now)
                 delivered += 1
         self.metrics.on_step(plan.num_prefill_tokens, plan.num_decode_tokens, now - started, delivered)
 
-    def _on_token(self, generation: Generation, result: shard_pb2.SequenceResult, now: float) -> None:
-        token_id = result.token_id
+    def _on_token(self, generation: Generation, token: SampledToken, now: float) -> None:
+        token_id = token.token_id
         generation.output_ids.append(token_id)
         self.generated_tokens += 1
         if generation.first_token_at is None:
@@ -313,9 +298,9 @@ class Engine:
         event = TokenEvent(
             token_id=token_id,
             text=text,
-            logprob=result.logprob,
+            logprob=token.logprob,
             special=token_id in self.special_ids,
-            top_tokens=[(t.token_id, t.logprob) for t in result.top_tokens],
+            top_tokens=token.top_tokens,
             finish_reason=finish,
         )
         generation.events.put_nowait(event)

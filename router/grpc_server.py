@@ -17,11 +17,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mixserve_pb import generate_pb2, generate_pb2_grpc
+from router.engine_api import EngineAPI, GenerationHandle, TokenEvent
 from router.errors import RouterError, Unauthorized
-from router.generation import Generation, TokenEvent
+from router.front_config import ServerConfig, api_key_matches
 from router.params import DEFAULT_LIMITS, GenerationParams, GenerationRequest, RequestLimits, as_messages, as_prompt
-from router.replicas import Replicas
-from router.server import ServerConfig, api_key_matches, tokenize
+from router.validation import prompt_ids, validate
 
 log = logging.getLogger("mixserve.router")
 
@@ -125,7 +125,7 @@ def _rpc(method: Handler) -> Handler:
 class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
     """mixserve.generate.v1.GenerationService over the router's engine."""
 
-    def __init__(self, engine: Replicas, config: ServerConfig) -> None:
+    def __init__(self, engine: EngineAPI, config: ServerConfig) -> None:
         self.engine = engine
         self.config = config
 
@@ -138,9 +138,9 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
         if not api_key_matches(given, key):
             raise Unauthorized("missing or invalid API key (send metadata authorization: Bearer KEY)")
 
-    def _submit(self, request: generate_pb2.GenerateRequest) -> Generation:
-        parsed = parse_generate_request(request, self.config.limits)
-        return self.engine.submit(tokenize(self.engine, parsed), parsed.params)
+    def _submit(self, request: generate_pb2.GenerateRequest) -> GenerationHandle:
+        valid = validate(self.engine, parse_generate_request(request, self.config.limits))
+        return self.engine.submit(valid.prompt_ids, valid.params)
 
     @_rpc
     async def Generate(self, request: generate_pb2.GenerateRequest, context) -> generate_pb2.GenerateResponse:
@@ -185,25 +185,26 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
     @_rpc
     async def Tokenize(self, request: generate_pb2.TokenizeRequest, context) -> generate_pb2.TokenizeResponse:
         prompt, messages = parse_input(request.prompt if request.HasField("prompt") else None, request.messages)
-        ids = tokenize(self.engine, GenerationRequest(prompt=prompt, messages=messages, params=GenerationParams()))
+        ids = prompt_ids(self.engine, GenerationRequest(prompt=prompt, messages=messages, params=GenerationParams()))
         return generate_pb2.TokenizeResponse(ids=ids, pieces=self.engine.tokenizer.convert_ids_to_tokens(ids))
 
     @_rpc
     async def ModelInfo(self, request: generate_pb2.ModelInfoRequest, context) -> generate_pb2.ModelInfoResponse:
         engine, config = self.engine, self.config
+        stats = engine.stats()
         return generate_pb2.ModelInfoResponse(
             model_id=config.model_id,
             model_dtype=config.dtype,
             num_shard=config.num_shard,
             version=config.version,
-            max_concurrent_requests=engine.limits.max_concurrent_requests,
-            max_input_tokens=engine.limits.max_input_tokens,
-            max_total_tokens=engine.limits.max_total_tokens,
-            max_batch_prefill_tokens=engine.scheduler.config.max_batch_prefill_tokens,
-            block_size=engine.scheduler.config.block_size,
-            kv_blocks_total=engine.scheduler.config.num_blocks,
+            max_concurrent_requests=stats.limits.max_concurrent_requests,
+            max_input_tokens=stats.limits.max_input_tokens,
+            max_total_tokens=stats.limits.max_total_tokens,
+            max_batch_prefill_tokens=stats.max_batch_prefill_tokens,
+            block_size=stats.block_size,
+            kv_blocks_total=stats.kv_blocks_total,
             vocab_size=len(engine.tokenizer),
-            eos_token_ids=sorted(engine.eos_token_ids),
+            eos_token_ids=stats.eos_token_ids,
             has_chat_template=engine.tokenizer.chat_template is not None,
         )
 
@@ -212,7 +213,7 @@ class EngineHealth(health.aio.HealthServicer):
     """grpc.health.v1 for the server ("") and GenerationService: NOT_SERVING while the shard group is
     down (failed or restarting), SERVING again once it is back; NOT_SERVING for good once stopping."""
 
-    def __init__(self, engine: Replicas) -> None:
+    def __init__(self, engine: EngineAPI) -> None:
         super().__init__()
         self._engine = engine
 
@@ -221,7 +222,7 @@ class EngineHealth(health.aio.HealthServicer):
         # The engine fails from its own loop (a step that times out) without telling anyone, so
         # every probe also looks at it. After enter_graceful_shutdown, `set` changes nothing.
         status = health_pb2.HealthCheckResponse.SERVING
-        if self._engine.failure is not None:
+        if not self._engine.serving:
             status = health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             await self.set(service, status)
@@ -242,7 +243,7 @@ class GrpcFront:
     schema is the public proto/generate.proto.
     """
 
-    def __init__(self, engine: Replicas, config: ServerConfig, host: str, port: int) -> None:
+    def __init__(self, engine: EngineAPI, config: ServerConfig, host: str, port: int) -> None:
         # SO_REUSEPORT off: a second server on a busy port must fail to bind, not share it.
         options = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", config.max_body_bytes)]
         self.server = grpc.aio.server(options=options)

@@ -1,16 +1,16 @@
 """Prometheus metrics of one router: requests, latencies, the batch and the KV cache.
 
-Each engine owns a `Metrics` with its own `CollectorRegistry`, so several routers in one process
-never clash. The engine loop feeds the latency histograms; the queue, batch and KV block gauges
-are read from the scheduler when Prometheus scrapes, so the loop pays nothing for them.
+Each router (its engines, one per shard group) owns a `Metrics` with its own `CollectorRegistry`, so
+several routers in one process never clash. The engine loops feed the latency histograms; the queue,
+batch and KV block gauges are read from the scheduler when Prometheus scrapes, so the loops pay
+nothing for them. `GET /metrics` is router/api_metrics.py.
 """
 
 import bisect
 import math
 from collections.abc import Iterator
 
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -148,40 +148,3 @@ class _LiveCollector(Collector):
 
 def _histogram(name: str, documentation: str, histogram: LoopHistogram) -> HistogramMetricFamily:
     return HistogramMetricFamily(name, documentation, buckets=histogram.cumulative(), sum_value=histogram.total)
-
-
-METRICS = web.AppKey("metrics", Metrics)
-
-
-@web.middleware
-async def count_requests(request: web.Request, handler):
-    """Count every HTTP request by route template and final status."""
-    # A handler cancelled because its client went away never gets a status: count it as nginx's 499.
-    status = "499"
-    try:
-        response = await handler(request)
-        status = str(response.status)
-        return response
-    except web.HTTPException as exc:
-        status = str(exc.status)
-        raise
-    except Exception:
-        status = "500"
-        raise
-    finally:
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
-        request.app[METRICS].requests.labels("http", route, status).inc()
-
-
-async def serve_metrics(request: web.Request) -> web.Response:
-    """`GET /metrics`: the Prometheus text exposition of this router's registry."""
-    body = generate_latest(request.app[METRICS].registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-def install(app: web.Application, metrics: Metrics) -> None:
-    """Serve `GET /metrics` from `metrics` and count every HTTP request of `app` (outermost middleware)."""
-    app[METRICS] = metrics
-    app.middlewares.insert(0, count_requests)
-    app.router.add_get("/metrics", serve_metrics)

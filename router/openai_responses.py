@@ -11,23 +11,26 @@ import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from router.generation import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Generation, TokenEvent
-from router.replicas import Replicas
-from router.server import token_piece
-
-if TYPE_CHECKING:
-    from router.api_openai import OpenAIRequest
+from router.detokenizer import token_piece
+from router.engine_api import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, EngineAPI, GenerationHandle, TokenEvent
 
 FINISH_REASONS = {FINISH_EOS: "stop", FINISH_STOP: "stop", FINISH_LENGTH: "length"}
+
+
+class Reporting(Protocol):
+    """What a response reports besides the text (router/api_openai.py's OpenAIRequest)."""
+
+    logprobs: int | None  # None: no logprobs; else the alternatives per token
+    include_usage: bool
 
 
 @dataclass(slots=True)
 class Choices:
     """The engine requests behind one response, in choice order (prompt-major, then `n`)."""
 
-    generations: list[Generation]
+    generations: list[GenerationHandle]
     prompt_tokens: int
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -41,7 +44,7 @@ class Choices:
         }
 
 
-async def interleave(generations: list[Generation]) -> AsyncGenerator[tuple[int, TokenEvent], None]:
+async def interleave(generations: list[GenerationHandle]) -> AsyncGenerator[tuple[int, TokenEvent], None]:
     """Every choice's token events as they arrive, tagged with the choice index. Leaving early (or a
     failure of any choice) cancels every choice still running."""
     streams = [g.stream() for g in generations]
@@ -112,7 +115,7 @@ def _header(choices: Choices, kind: str, model: str, prefix: str) -> dict[str, A
     return {"id": f"{prefix}-{choices.id}", "object": kind, "created": choices.created, "model": model}
 
 
-async def chat_completion(engine: Replicas, request: "OpenAIRequest", choices: Choices, model: str) -> dict[str, Any]:
+async def chat_completion(engine: EngineAPI, request: Reporting, choices: Choices, model: str) -> dict[str, Any]:
     """The non-streaming `chat.completion` object."""
     texts = [[] for _ in choices.generations]
     logprobs: list[list[dict]] = [[] for _ in choices.generations]
@@ -137,7 +140,7 @@ async def chat_completion(engine: Replicas, request: "OpenAIRequest", choices: C
 
 
 async def chat_chunks(
-    engine: Replicas, request: "OpenAIRequest", choices: Choices, model: str
+    engine: EngineAPI, request: Reporting, choices: Choices, model: str
 ) -> AsyncGenerator[dict | str, None]:
     """`chat.completion.chunk` events: a choice's first delta carries the role, its last the finish reason."""
     header = _header(choices, "chat.completion.chunk", model, "chatcmpl")
@@ -167,7 +170,7 @@ async def chat_chunks(
     yield "[DONE]"
 
 
-async def completion(engine: Replicas, request: "OpenAIRequest", choices: Choices, model: str) -> dict[str, Any]:
+async def completion(engine: EngineAPI, request: Reporting, choices: Choices, model: str) -> dict[str, Any]:
     """The non-streaming `text_completion` object."""
     texts = [[] for _ in choices.generations]
     logprobs = [CompletionLogprobs() for _ in choices.generations]
@@ -194,7 +197,7 @@ async def completion(engine: Replicas, request: "OpenAIRequest", choices: Choice
 
 
 async def completion_chunks(
-    engine: Replicas, request: "OpenAIRequest", choices: Choices, model: str
+    engine: EngineAPI, request: Reporting, choices: Choices, model: str
 ) -> AsyncGenerator[dict | str, None]:
     """`text_completion` events, one per token that adds text (or logprobs), the finish reason on the last."""
     header = _header(choices, "text_completion", model, "cmpl")

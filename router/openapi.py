@@ -15,6 +15,7 @@ from aiohttp import web
 
 from router import api_openai as oai
 from router import api_tgi as tgi
+from router.http_common import CONFIG
 from router.params import (
     MAX_ABS_PENALTY,
     MAX_SEED,
@@ -24,7 +25,6 @@ from router.params import (
     GenerationParams,
     RequestLimits,
 )
-from router.server import CONFIG
 
 Schema = dict[str, Any]
 PREDICT = GenerationParams()

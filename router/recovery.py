@@ -14,8 +14,7 @@ group that fails for good is taken out and its shards stopped while the others k
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from router.engine import Engine
 from router.errors import RouterError
@@ -27,24 +26,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mixserve.launcher")
 
-T = TypeVar("T")
-
 # What fails a start of the shard group (at start-up, or a restart).
 START_ERRORS = (RuntimeError, RouterError, ValueError)
-
-
-async def unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
-    """`work`'s result, or None (and `work` cancelled) when `stop` is set first."""
-    task = asyncio.ensure_future(work)
-    stopping = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait([task, stopping], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopping.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    return None if task.cancelled() else task.result()
 
 
 async def supervise(

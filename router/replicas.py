@@ -1,12 +1,11 @@
-"""Several shard groups (replicas) behind one router, and the one object the fronts talk to.
+"""Several shard groups (replicas) behind one router, as the one engine the fronts talk to.
 
 Each shard group has its own `Engine`: scheduler, block allocator, prefix cache and step loop, since
-a request's KV cache lives on its group's shards. `Replicas` has the engine's interface for the HTTP
-and gRPC fronts (`submit`, `cancel`, the tokenizer, limits, metrics, health): it sends each new request
-to the least-loaded serving group (fewest requests queued or running, then most free KV blocks), and
-the request stays there for its whole life. A failed group is skipped (its own requests end with its
-error, as with one group) while the others serve; once the launcher has restarted it, it is chosen
-again. With one group every call is that engine's, so a single-group router behaves as it always did.
+a request's KV cache lives on its group's shards. `Replicas` implements router/engine_api.py's
+`EngineAPI` over one group or many alike: it holds the concurrency cap, sends each new request to the
+least-loaded serving group (fewest requests queued or running, then most free KV blocks), and the
+request stays there for its whole life. A failed group is skipped (its own requests end with its
+error) while the others serve; once the launcher has restarted it, it is chosen again.
 """
 
 import asyncio
@@ -19,8 +18,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from router.engine import Engine
+from router.engine_api import EngineStats, GroupStats, HealthReport, Limits
 from router.errors import Overloaded, ShardUnavailable
-from router.generation import Generation, Limits
+from router.generation import Generation
 from router.metrics import Metrics
 from router.params import GenerationParams
 from router.scheduler import SchedulerConfig
@@ -32,9 +32,8 @@ HEALTH_FAILED = "a shard does not answer Health"
 
 
 class PooledSchedulers:
-    """Every group's scheduler read as one, where a Scheduler is read (the Prometheus gauges, /info):
-    counts are sums over the groups; `config` is the first group's with the pooled block count and,
-    since a request's KV lives on one group, the smallest group's batch capacity."""
+    """Every group's scheduler read as one where the Prometheus gauges read a Scheduler: counts are sums
+    over the groups."""
 
     def __init__(self, engines: list[Engine]) -> None:
         self._engines = engines  # read at every access: a restarted group has a new scheduler
@@ -72,11 +71,9 @@ class PooledSchedulers:
 
     @property
     def config(self) -> SchedulerConfig:
+        """The first group's, with the pooled block count."""
         configs = [engine.scheduler.config for engine in self._engines]
-        per_group = min(c.max_blocks for c in configs) * configs[0].block_size
-        return dataclasses.replace(
-            configs[0], num_blocks=sum(c.num_blocks for c in configs), max_batch_total_tokens=per_group
-        )
+        return dataclasses.replace(configs[0], num_blocks=sum(c.num_blocks for c in configs))
 
 
 class Replicas:
@@ -95,25 +92,99 @@ class Replicas:
         self.limits: Limits = first.limits
         self.metrics: Metrics = first.metrics
         self.routed = [0] * len(engines)  # requests sent to each group
-        self._pooled = PooledSchedulers(engines)
         self.metrics.registry.register(_GroupCollector(self))
 
-    # -- what the fronts read ---------------------------------------------------------------------
+    # -- EngineAPI --------------------------------------------------------------------------------
 
     @property
-    def scheduler(self):
-        """The one group's scheduler, or every group's pooled (PooledSchedulers)."""
-        return self.engines[0].scheduler if len(self.engines) == 1 else self._pooled
+    def serving(self) -> bool:
+        """Whether at least one group serves."""
+        return any(engine.failure is None for engine in self.engines)
 
-    @property
-    def failure(self) -> str | None:
-        """None while at least one group serves; otherwise why none does."""
-        if len(self.engines) == 1:
-            return self.engines[0].failure
-        failures = [engine.failure for engine in self.engines]
-        if any(failure is None for failure in failures):
-            return None
-        return "every shard group failed: " + "; ".join(f"group {i}: {f}" for i, f in enumerate(failures))
+    def submit(self, prompt_ids: list[int], params: GenerationParams) -> Generation:
+        """Queue a validated request on the least-loaded serving group; raises ShardUnavailable when none
+        serves, Overloaded past --max-concurrent-requests (counted over every group)."""
+        serving = [i for i, engine in enumerate(self.engines) if engine.failure is None]
+        if not serving:
+            raise self.unavailable("the shards are unavailable")
+        in_flight = sum(len(engine.live) for engine in self.engines)
+        if in_flight >= self.limits.max_concurrent_requests:
+            raise Overloaded(
+                f"{in_flight} requests in flight, the limit is {self.limits.max_concurrent_requests}; retry later"
+            )
+        group = min(serving, key=self._load)
+        generation = self.engines[group].submit(prompt_ids, params)
+        self.routed[group] += 1
+        log.info("event=routed id=%s group=%d", generation.id, group)
+        return generation
+
+    def _load(self, group: int) -> tuple[int, int, int]:
+        """Sort key, least loaded first: the fewest requests queued or running, then the most free KV
+        blocks, then the lowest group id. (Validation sized the request to the smallest group's cache.)"""
+        scheduler = self.engines[group].scheduler
+        return (scheduler.num_waiting + scheduler.num_running, -scheduler.num_blocks_free, group)
+
+    def cancel(self, generation: Generation) -> None:
+        """The client went away: the request leaves its group's batch now."""
+        generation.cancel()
+
+    async def health(self) -> HealthReport:
+        """No group serving: the error requests get. Otherwise each group that cannot serve now, with
+        why: failed, or a shard that does not answer Health."""
+        if not self.serving:
+            return HealthReport(self.unavailable("the shards are unavailable"), {}, len(self.engines))
+        serving = [i for i, engine in enumerate(self.engines) if engine.failure is None]
+        answers = await asyncio.gather(*(self.engines[i].group.health() for i in serving))
+        down = {i: engine.failure for i, engine in enumerate(self.engines) if engine.failure is not None}
+        down.update({i: HEALTH_FAILED for i, ok in zip(serving, answers, strict=True) if not ok})
+        return HealthReport(None, dict(sorted(down.items())), len(self.engines))
+
+    def stats(self) -> EngineStats:
+        """Counts summed over the groups; the batching configuration is the first group's, and what one
+        sequence may hold the smallest group's (a request's KV lives on one group)."""
+        schedulers = [engine.scheduler for engine in self.engines]
+        config = schedulers[0].config
+        return EngineStats(
+            limits=self.limits,
+            eos_token_ids=tuple(sorted(self.eos_token_ids)),
+            block_size=config.block_size,
+            max_sequence_blocks=min(s.config.max_blocks for s in schedulers),
+            max_batch_prefill_tokens=config.max_batch_prefill_tokens,
+            max_batch_total_tokens=config.max_batch_total_tokens,
+            max_batch_size=config.max_running_requests,
+            prefix_caching=config.enable_prefix_caching,
+            kv_blocks_total=sum(s.config.num_blocks for s in schedulers),
+            kv_blocks_used=sum(s.num_blocks_used for s in schedulers),
+            kv_blocks_free=sum(s.num_blocks_free for s in schedulers),
+            kv_blocks_cached=sum(s.num_blocks_cached for s in schedulers),
+            prefix_cache_query_tokens=sum(s.prefix_query_tokens for s in schedulers),
+            prefix_cache_hit_tokens=sum(s.prefix_hit_tokens for s in schedulers),
+            requests_waiting=sum(s.num_waiting for s in schedulers),
+            requests_running=sum(s.num_running for s in schedulers),
+            steps=sum(e.steps for e in self.engines),
+            step_sequences=sum(e.step_sequences for e in self.engines),
+            generated_tokens=sum(e.generated_tokens for e in self.engines),
+            cancelled_requests=sum(e.cancelled for e in self.engines),
+            groups=tuple(self._group_stats(i) for i in range(len(self.engines))),
+        )
+
+    def _group_stats(self, i: int) -> GroupStats:
+        engine = self.engines[i]
+        scheduler = engine.scheduler
+        return GroupStats(
+            group=i,
+            error=engine.failure,
+            num_shard=len(engine.group.addresses),
+            requests_routed=self.routed[i],
+            requests_waiting=scheduler.num_waiting,
+            requests_running=scheduler.num_running,
+            kv_blocks_total=scheduler.config.num_blocks,
+            kv_blocks_free=scheduler.num_blocks_free,
+            steps=engine.steps,
+            generated_tokens=engine.generated_tokens,
+        )
+
+    # -- failure ----------------------------------------------------------------------------------
 
     @property
     def retry_after_s(self) -> int | None:
@@ -126,51 +197,20 @@ class Replicas:
         for engine in self.engines:
             engine.retry_after_s = value
 
+    def unavailable(self, what: str) -> ShardUnavailable:
+        """The error for requests no group can serve, with Retry-After while a restart is coming; each
+        group's reason is named after its number when there are several."""
+        reasons = [engine.down_reason() for engine in self.engines]
+        if len(reasons) > 1:
+            reasons = ["every shard group failed: " + "; ".join(f"group {i}: {r}" for i, r in enumerate(reasons))]
+        return ShardUnavailable(f"{what}: {reasons[0]}", self.retry_after_s)
+
+    # -- lifecycle (the launcher's) ---------------------------------------------------------------
+
     @property
     def live(self) -> dict[int, Generation]:
         """Every request in flight or queued, over all groups (request ids are unique across them)."""
         return {seq_id: g for engine in self.engines for seq_id, g in engine.live.items()}
-
-    def unavailable(self, what: str) -> ShardUnavailable:
-        """The error for requests no group can serve, with Retry-After while a restart is coming."""
-        if len(self.engines) == 1:
-            return self.engines[0].unavailable(what)
-        return ShardUnavailable(f"{what}: {self.failure}", self.retry_after_s)
-
-    # -- requests ---------------------------------------------------------------------------------
-
-    def submit(self, prompt_ids: list[int], params: GenerationParams) -> Generation:
-        """Queue a tokenized request on the least-loaded serving group; raises as Engine.submit does."""
-        if len(self.engines) == 1:
-            generation = self.engines[0].submit(prompt_ids, params)
-            self.routed[0] += 1
-            return generation
-        serving = [i for i, engine in enumerate(self.engines) if engine.failure is None]
-        if not serving:
-            raise self.unavailable("the shards are unavailable")
-        in_flight = sum(len(engine.live) for engine in self.engines)
-        if in_flight >= self.limits.max_concurrent_requests:
-            raise Overloaded(
-                f"{in_flight} requests in flight, the limit is {self.limits.max_concurrent_requests}; retry later"
-            )
-        group = min(serving, key=lambda i: self._load(i, len(prompt_ids), params.max_new_tokens))
-        generation = self.engines[group].submit(prompt_ids, params)
-        self.routed[group] += 1
-        log.info("event=routed id=%s group=%d", generation.id, group)
-        return generation
-
-    def _load(self, group: int, prompt_len: int, max_new_tokens: int) -> tuple[bool, int, int, int]:
-        """Sort key, least loaded first: a group whose cache can hold the request at all, then the fewest
-        requests queued or running, then the most free KV blocks, then the lowest group id."""
-        scheduler = self.engines[group].scheduler
-        fits = scheduler.fits(prompt_len, max_new_tokens)
-        return (not fits, scheduler.num_waiting + scheduler.num_running, -scheduler.num_blocks_free, group)
-
-    def cancel(self, generation: Generation) -> None:
-        """The client went away: the request leaves its group's batch now."""
-        generation.cancel()
-
-    # -- lifecycle (the launcher's) ---------------------------------------------------------------
 
     def start(self) -> None:
         for engine in self.engines:
@@ -188,38 +228,6 @@ class Replicas:
         for engine in self.engines:
             engine.fail(reason)
 
-    # -- state ------------------------------------------------------------------------------------
-
-    async def groups_down(self) -> dict[int, str]:
-        """Each group that cannot serve now, with why: failed, or a shard that does not answer Health."""
-        serving = [i for i, engine in enumerate(self.engines) if engine.failure is None]
-        answers = await asyncio.gather(*(self.engines[i].group.health() for i in serving))
-        down = {i: engine.failure for i, engine in enumerate(self.engines) if engine.failure is not None}
-        down.update({i: HEALTH_FAILED for i, ok in zip(serving, answers, strict=True) if not ok})
-        return dict(sorted(down.items()))
-
-    def group_states(self) -> list[dict]:
-        """Per-group state for /info: serving or down (and why), its load and its counters."""
-        states = []
-        for i, engine in enumerate(self.engines):
-            scheduler = engine.scheduler
-            states.append(
-                {
-                    "group": i,
-                    "status": "serving" if engine.failure is None else "down",
-                    "error": engine.failure,
-                    "num_shard": len(engine.group.addresses),
-                    "requests_routed": self.routed[i],
-                    "requests_waiting": scheduler.num_waiting,
-                    "requests_running": scheduler.num_running,
-                    "kv_blocks_total": scheduler.config.num_blocks,
-                    "kv_blocks_free": scheduler.num_blocks_free,
-                    "steps": engine.steps,
-                    "generated_tokens": engine.generated_tokens,
-                }
-            )
-        return states
-
 
 def build_replicas(
     groups: list[tuple[ShardGroup, SchedulerConfig]],
@@ -228,11 +236,8 @@ def build_replicas(
     eos_token_ids: tuple[int, ...],
     max_decode_steps: int,
 ) -> Replicas:
-    """One engine per (shard group, its scheduler config). Several groups share one Metrics, whose gauges
-    read their pooled schedulers, and one request id sequence, so ids are unique across groups."""
-    if len(groups) == 1:
-        group, config = groups[0]
-        return Replicas([Engine(group, tokenizer, config, limits, eos_token_ids, max_decode_steps)])
+    """One engine per (shard group, its scheduler config), sharing one Metrics, whose gauges read their
+    pooled schedulers, and one request id sequence, so ids are unique across groups."""
     engines: list[Engine] = []
     metrics = Metrics(PooledSchedulers(engines))  # filled below; read only when Prometheus scrapes
     ids: Iterator[int] = itertools.count(1)

@@ -3,7 +3,8 @@
 Every shard must see every call (they meet in the collectives), so each call goes to all of
 them at once and the router waits for all; the answers are identical, rank 0's is returned.
 Any shard failing or missing its deadline fails the call with ShardUnavailable (or the
-shard's own INVALID_ARGUMENT / RESOURCE_EXHAUSTED as a ShardRejected).
+shard's own INVALID_ARGUMENT / RESOURCE_EXHAUSTED as a ShardRejected). The engine's steps
+(router/steps.py) become shard_pb2 messages here and nowhere else.
 
 Shards on TCP may ask for a token (sent on every call as `authorization: Bearer TOKEN` metadata)
 and/or serve TLS (verified against `ca_cert`); unix-socket shards are reached in the clear.
@@ -18,6 +19,7 @@ import grpc.aio
 
 from mixserve_pb import shard_pb2, shard_pb2_grpc
 from router.errors import RouterError, ShardUnavailable
+from router.steps import SampledToken, Sampling, Step, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -169,11 +171,12 @@ class ShardGroup:
             raise ShardUnavailable(f"shards disagree on the KV cache size: {[a.num_blocks for a in answers]}")
         return answers[0]
 
-    async def step(self, request: shard_pb2.StepRequest) -> shard_pb2.StepResponse:
-        return (await self._all("Step", request, self.step_timeout_s))[0]
+    async def step(self, step: Step) -> StepResult:
+        """Run one step on every shard; rank 0's sampled tokens."""
+        return step_result((await self._all("Step", step_request(step), self.step_timeout_s))[0])
 
-    async def decode_steps(self, request: shard_pb2.StepRequest) -> AsyncIterator[shard_pb2.StepResponse]:
-        """A DecodeSteps run on every shard; yields rank 0's answer to each step.
+    async def decode_steps(self, step: Step) -> AsyncIterator[StepResult]:
+        """A DecodeSteps run (`step.num_steps` decodes) on every shard; yields rank 0's answer to each step.
 
         Every rank's stream is read to its end (ranks past 0 answer once, after the run's last step),
         each step must come within the step timeout, and any rank failing fails the run.
@@ -188,6 +191,7 @@ class ShardGroup:
             except Exception as e:  # handed to the loop below, which raises it as a RouterError
                 events.put_nowait((rank, e))
 
+        request = step_request(step)
         readers = [asyncio.ensure_future(read(rank, stub)) for rank, stub in enumerate(self._stubs)]
         ended = 0
         try:
@@ -207,7 +211,7 @@ class ShardGroup:
                 if event is None:
                     ended += 1
                 elif rank == 0:
-                    yield event
+                    yield step_result(event)
         finally:
             for reader in readers:
                 reader.cancel()
@@ -221,6 +225,50 @@ class ShardGroup:
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self._channels), return_exceptions=True)
+
+
+def step_request(step: Step) -> shard_pb2.StepRequest:
+    """The wire form of an engine step."""
+    sequences = []
+    for seq in step.sequences:
+        message = shard_pb2.SequenceStep(
+            seq_id=seq.seq_id,
+            token_ids=seq.token_ids,
+            start_position=seq.start_position,
+            slot_mapping=seq.slot_mapping,
+            block_table=seq.block_table,
+            sample=seq.sample,
+            prefix_token_ids=seq.prefix_token_ids,
+        )
+        if seq.sampling is not None:
+            message.sampling.CopyFrom(sampling_params(seq.sampling))
+        sequences.append(message)
+    return shard_pb2.StepRequest(
+        sequences=sequences, release_seq_ids=step.release_seq_ids, num_steps=step.num_steps, run_id=step.run_id
+    )
+
+
+def sampling_params(sampling: Sampling) -> shard_pb2.SamplingParams:
+    """The wire form of a sequence's sampling settings."""
+    return shard_pb2.SamplingParams(
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p,
+        repetition_penalty=sampling.repetition_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        presence_penalty=sampling.presence_penalty,
+        seed=sampling.seed,
+        top_n_tokens=sampling.top_n_tokens,
+    )
+
+
+def step_result(response: shard_pb2.StepResponse) -> StepResult:
+    """An engine step result from its wire form."""
+    tokens = [
+        SampledToken(r.seq_id, r.token_id, r.logprob, [(t.token_id, t.logprob) for t in r.top_tokens])
+        for r in response.results
+    ]
+    return StepResult(tokens, response.forward_us)
 
 
 def _channel(address: str, ca_cert: bytes | None) -> grpc.aio.Channel:

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixserve_pb import shard_pb2
-from router.recovery import unless_stopped
 from router.shard_client import ShardGroup, parse_shard_addresses
+from router.stopping import unless_stopped
 
 log = logging.getLogger("mixserve.launcher")
 

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from router import api_openai
 from router.errors import ShardUnavailable, error_body
-from router.server import stream_sse
+from router.http_common import stream_sse
 
 PROMPT = "The old river runs"
 # text-generation 0.7 calls pydantic's deprecated `.dict()`.

@@ -7,9 +7,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from openapi_spec_validator import validate
 from transformers import AutoTokenizer
 
-from router.engine import Engine
 from router.generation import Limits
 from router.openapi import build_spec, routes
+from router.replicas import build_replicas
 from router.scheduler import SchedulerConfig
 from router.server import ServerConfig, build_app
 from router.shard_client import ShardGroup
@@ -24,7 +24,7 @@ def tokenizer(demo_dir):
 async def client(tokenizer, tmp_path):
     """The app as `mixserve launch` builds it; these routes never reach the (absent) shards."""
     group = ShardGroup([f"unix:{tmp_path}/no-shard.sock"])
-    engine = Engine(group, tokenizer, SchedulerConfig(num_blocks=64, block_size=16), Limits(), (2,))
+    engine = build_replicas([(group, SchedulerConfig(num_blocks=64, block_size=16))], tokenizer, Limits(), (2,), 1)
     app = build_app(engine, ServerConfig(model_id="/models/mixtral-demo", version="1.2.3"))
     async with TestClient(TestServer(app)) as client:
         yield client

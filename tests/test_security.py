@@ -16,10 +16,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from transformers import AutoTokenizer
 
 from router import launcher
-from router.engine import Engine
+from router.front_config import api_key_matches
 from router.generation import Limits
+from router.replicas import build_replicas
 from router.scheduler import SchedulerConfig
-from router.server import ServerConfig, api_key_matches, build_app
+from router.server import ServerConfig, build_app
 from router.shard_client import ShardGroup
 
 API_KEY = "key-7Hq2-canary"
@@ -147,7 +148,7 @@ async def app_client(demo_dir, tmp_path):
     """The app as `mixserve launch` builds it, with an API key; these routes never reach the (absent) shards."""
     group = ShardGroup([f"unix:{tmp_path}/no-shard.sock"])
     tokenizer = AutoTokenizer.from_pretrained(demo_dir)
-    engine = Engine(group, tokenizer, SchedulerConfig(num_blocks=64, block_size=16), Limits(), (2,))
+    engine = build_replicas([(group, SchedulerConfig(num_blocks=64, block_size=16))], tokenizer, Limits(), (2,), 1)
     async with TestClient(TestServer(build_app(engine, ServerConfig(model_id="demo", api_key=API_KEY)))) as client:
         yield client
     await group.close()

@@ -1,0 +1,36 @@
+"""What every front (HTTP and gRPC) is configured with besides the engine, and its API key check."""
+
+import hashlib
+import hmac
+from dataclasses import dataclass, field
+
+from router.params import RequestLimits
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """What the fronts need to know besides the engine: the served model's facts and the request limits."""
+
+    model_id: str
+    api_key: str | None = None
+    max_body_bytes: int = 2 << 20
+    # Seconds a client has to send its whole body (its headers are bounded by the server's keep-alive timeout).
+    read_timeout_s: float = 60.0
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    num_shard: int = 1
+    dtype: str = ""
+    quantize: str = ""
+    weight_bytes_per_shard: int = 0
+    version: str = ""
+
+
+def api_key_matches(authorization: str, key: str) -> bool:
+    """Whether an `Authorization` value, `Bearer KEY` or `Api-Key KEY`, carries `key`.
+
+    The keys are compared as SHA-256 digests with hmac.compare_digest: constant time in their content, and
+    of one length whatever was sent, so the time a refusal takes tells nothing about the key.
+    """
+    scheme, _, given = authorization.partition(" ")
+    sent = hashlib.sha256(given.strip().encode(errors="surrogatepass")).digest()
+    matches = hmac.compare_digest(sent, hashlib.sha256(key.encode(errors="surrogatepass")).digest())
+    return matches and scheme.lower() in ("bearer", "api-key")

@@ -1,0 +1,62 @@
+"""One shard step as the engine plans and reads it, in plain data: what each sequence runs and how
+it samples, and the tokens sampled. router/shard_client.py alone turns these into the shard wire
+format (proto/shard.proto) and back."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True, frozen=True)
+class Sampling:
+    """How a sequence samples; sent on its first step, kept by the shards until it is released."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    frequency_penalty: float
+    presence_penalty: float
+    seed: int
+    top_n_tokens: int
+
+
+@dataclass(slots=True)
+class SequenceStep:
+    """What one sequence runs in a step (the scheduler's ScheduledSequence, addressed by id)."""
+
+    seq_id: int
+    token_ids: list[int]
+    start_position: int
+    slot_mapping: list[int]
+    block_table: list[int]
+    sample: bool
+    prefix_token_ids: list[int]
+    sampling: Sampling | None = None  # set on the sequence's first (prefill) step
+
+
+@dataclass(slots=True)
+class Step:
+    """One step of every scheduled sequence, after releasing the finished ones' sampling state; with
+    `num_steps` > 1, a multi-step decode run identified by `run_id`."""
+
+    sequences: list[SequenceStep]
+    release_seq_ids: list[int] = field(default_factory=list)
+    num_steps: int = 1
+    run_id: int = 0
+
+
+@dataclass(slots=True)
+class SampledToken:
+    """The token one sequence sampled, its logprob and the top alternatives asked for."""
+
+    seq_id: int
+    token_id: int
+    logprob: float
+    top_tokens: list[tuple[int, float]]
+
+
+@dataclass(slots=True)
+class StepResult:
+    """A step's sampled tokens and the time the shard spent on it."""
+
+    tokens: list[SampledToken]
+    forward_us: int

@@ -1,0 +1,65 @@
+"""The one validation step every front runs before the engine sees a request.
+
+Parsing (router/params.py and each API's parser) has checked the fields and the parameter limits
+(--max-stop-sequences, --max-top-n-tokens, ...). What is left needs the model and the engine: the
+chat template and the tokenizer, then the lengths: the prompt within --max-input-tokens, prompt plus
+new tokens within --max-total-tokens and within what one sequence may hold of the KV cache.
+"""
+
+from dataclasses import dataclass
+
+from router.engine_api import EngineAPI, EngineStats
+from router.errors import ValidationError
+from router.params import GenerationParams, GenerationRequest, render_prompt
+
+
+@dataclass(slots=True, frozen=True)
+class ValidRequest:
+    """A request ready for `EngineAPI.submit`."""
+
+    prompt_ids: list[int]
+    params: GenerationParams
+
+
+def prompt_ids(engine: EngineAPI, request: GenerationRequest) -> list[int]:
+    """Prompt ids: a raw prompt gets the tokenizer's special tokens (BOS); a rendered chat already has them."""
+    text = render_prompt(engine.tokenizer, request)
+    return engine.tokenizer(text, add_special_tokens=request.messages is None)["input_ids"]
+
+
+def room(stats: EngineStats, prompt_len: int) -> int:
+    """The most new tokens a prompt can get: up to max_total_tokens, and what one sequence's KV may hold
+    (the last sampled token is never written to the cache)."""
+    cache_room = stats.max_sequence_tokens + 1 - prompt_len
+    return max(1, min(stats.limits.max_total_tokens - prompt_len, cache_room))
+
+
+def check_lengths(stats: EngineStats, prompt_len: int, max_new_tokens: int) -> None:
+    """Raise ValidationError unless a prompt of `prompt_len` tokens and `max_new_tokens` can run."""
+    limits = stats.limits
+    if prompt_len == 0:
+        raise ValidationError("the prompt is empty")
+    if prompt_len > limits.max_input_tokens:
+        raise ValidationError(
+            f"the prompt has {prompt_len} tokens, more than max_input_tokens {limits.max_input_tokens}"
+        )
+    total = prompt_len + max_new_tokens
+    if total > limits.max_total_tokens:
+        raise ValidationError(
+            f"prompt tokens ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+            f"max_total_tokens {limits.max_total_tokens}"
+        )
+    if total - 1 > stats.max_sequence_tokens:
+        raise ValidationError(
+            f"prompt tokens ({prompt_len}) + max_new_tokens ({max_new_tokens}) do not fit the KV cache "
+            f"({stats.max_sequence_blocks} blocks of {stats.block_size} tokens)"
+        )
+
+
+def validate(engine: EngineAPI, request: GenerationRequest, truncate: int | None = None) -> ValidRequest:
+    """Tokenize `request` (keeping its last `truncate` tokens when given) and check its lengths."""
+    ids = prompt_ids(engine, request)
+    if truncate is not None:
+        ids = ids[-truncate:]
+    check_lengths(engine.stats(), len(ids), request.params.max_new_tokens)
+    return ValidRequest(ids, request.params)

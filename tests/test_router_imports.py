@@ -1,0 +1,242 @@
+"""The router's import boundaries, read from the source with `ast`, and torch kept out of a launched router.
+
+- No router module imports torch: the router runs on machines that have none (router/launcher.py
+  keeps even the demo checkpoint writer in a child process).
+- The fronts (HTTP and gRPC) reach the engine only through router/engine_api.py and validate with
+  router/validation.py: never the scheduler, the engine loop, a request's internals or the shard wire.
+- The gRPC front imports no module that imports aiohttp.
+- No import cycle among router modules (imports inside functions and TYPE_CHECKING blocks count).
+- `mixserve launch`, started as a user starts it, serves a request without torch in its process.
+"""
+
+import ast
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, REPO, free_port, subprocess_env
+
+ROUTER = REPO / "router"
+
+# The front modules: each serves an API (or is a helper only the fronts use).
+FRONTS = frozenset(
+    {
+        "router.api_info",
+        "router.api_metrics",
+        "router.api_openai",
+        "router.api_predict",
+        "router.api_tgi",
+        "router.front_config",
+        "router.grpc_server",
+        "router.http_common",
+        "router.openai_responses",
+        "router.openapi",
+        "router.server",
+    }
+)
+# What a front may import of the router besides other fronts: the engine interface, the validation
+# step, and the request-level helpers (errors, parameter parsing, token text, the metrics registry).
+FRONT_MAY_IMPORT = frozenset(
+    {
+        "router.detokenizer",
+        "router.engine_api",
+        "router.errors",
+        "router.metrics",
+        "router.params",
+        "router.validation",
+    }
+)
+WIRE_MODULES = frozenset({"mixserve_pb.shard_pb2", "mixserve_pb.shard_pb2_grpc"})
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports anywhere (top level, functions, TYPE_CHECKING blocks), as dotted names;
+    `from package import name` counts as importing `package.name` too, since name may be a module."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module is not None and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def router_modules() -> dict[str, Path]:
+    return {f"router.{path.stem}": path for path in sorted(ROUTER.glob("*.py")) if path.stem != "__init__"}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Router module -> the router modules it imports."""
+    modules = router_modules()
+    return {name: imported_modules(path) & modules.keys() for name, path in modules.items()}
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module, or of one that imports itself (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for succ in sorted(graph.get(node, ())):
+            if succ not in index:
+                visit(succ)
+                low[node] = min(low[node], low[succ])
+            elif succ in on_stack:
+                low[node] = min(low[node], index[succ])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1 or node in graph.get(node, ()):
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_the_cycle_finder_finds_cycles():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}}
+    assert sorted(find_cycles(graph)) == [["a", "b", "c"], ["e"]]
+    assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_import_walk_sees_every_form(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text(
+        "import torch.nn\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from router.engine import Engine\n"
+        "def f():\n    from router import scheduler\n"
+    )
+    found = imported_modules(source)
+    assert {"torch.nn", "router.engine", "router.scheduler"} <= found
+
+
+def test_every_front_is_a_router_module():
+    assert FRONTS | FRONT_MAY_IMPORT <= router_modules().keys()
+
+
+def test_no_router_module_imports_torch():
+    offenders = {
+        name: sorted(m for m in imported_modules(path) if m == "torch" or m.startswith("torch."))
+        for name, path in router_modules().items()
+    }
+    assert not {name: found for name, found in offenders.items() if found}
+
+
+def test_fronts_use_only_the_engine_interface():
+    graph = import_graph()
+    modules = router_modules()
+    for front in sorted(FRONTS):
+        internals = graph[front] - FRONTS - FRONT_MAY_IMPORT
+        assert not internals, f"{front} imports engine internals {sorted(internals)}"
+        wire = imported_modules(modules[front]) & WIRE_MODULES
+        assert not wire, f"{front} imports the shard wire format {sorted(wire)}"
+
+
+def test_the_validation_step_and_the_interface_stay_off_the_engine():
+    graph = import_graph()
+    for module in ("router.engine_api", "router.validation"):
+        assert graph[module] <= FRONT_MAY_IMPORT, f"{module} imports {sorted(graph[module] - FRONT_MAY_IMPORT)}"
+
+
+def test_only_the_shard_client_speaks_the_shard_wire_format():
+    speakers = {name for name, path in router_modules().items() if imported_modules(path) & WIRE_MODULES}
+    # The launcher reads the shards' Info and Warmup answers while it starts them.
+    assert speakers <= {"router.shard_client", "router.launcher", "router.shard_processes"}, speakers
+    assert "router.shard_client" in speakers
+
+
+def test_the_grpc_front_needs_no_aiohttp():
+    graph = import_graph()
+    modules = router_modules()
+    reached, todo = set(), ["router.grpc_server"]
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo.extend(graph[module])
+    uses_aiohttp = {m for m in reached if any(n.split(".")[0] == "aiohttp" for n in imported_modules(modules[m]))}
+    assert not uses_aiohttp, f"router.grpc_server reaches aiohttp through {sorted(uses_aiohttp)}"
+
+
+def test_no_import_cycle_in_the_router():
+    assert find_cycles(import_graph()) == []
+
+
+# Run as `python -m mixserve.cli launch ...` runs (runpy, __main__), with a thread that waits for /health,
+# serves one /predict, then reports what the process has imported and stops it as a user would (SIGTERM).
+LAUNCH_AND_REPORT = """
+import json, os, runpy, signal, sys, threading, time, urllib.request
+
+port, report_path = sys.argv[1], sys.argv[2]
+url = f"http://127.0.0.1:{port}"
+
+
+def wait_healthy(timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def report() -> None:
+    try:
+        wait_healthy(300)
+        body = json.dumps({"prompt": "The river", "max_new_tokens": 4, "stream": False}).encode()
+        request = urllib.request.Request(f"{url}/predict", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as r:
+            answer = json.load(r)
+        torch_modules = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+        with open(report_path, "w") as f:
+            json.dump({"generated_tokens": answer["generated_tokens"], "torch_modules": torch_modules}, f)
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)  # as a user stops it; the launcher stops its shards
+
+
+threading.Thread(target=report, daemon=True).start()
+sys.argv = ["mixserve", *sys.argv[3:]]
+try:
+    runpy.run_module("mixserve.cli", run_name="__main__")
+finally:
+    print("torch_at_exit=%s" % ("torch" in sys.modules), flush=True)
+"""
+
+
+@pytest.mark.timeout(600)
+def test_a_launched_router_never_imports_torch(demo_dir, tmp_path):
+    report_path = tmp_path / "report.json"
+    port = free_port()
+    args = ["launch", "--port", str(port), "--model", str(demo_dir), "--num-shard", "1", "--max-kv-blocks", "64"]
+    done = subprocess.run(
+        [PYTHON, "-c", LAUNCH_AND_REPORT, str(port), str(report_path), *args],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert report_path.exists(), f"the router never served (exit {done.returncode}):\n{done.stdout[-3000:]}"
+    report = json.loads(report_path.read_text())
+    assert report["generated_tokens"] >= 1
+    assert report["torch_modules"] == [], f"the router process imported {report['torch_modules'][:5]}"
+    assert "torch_at_exit=False" in done.stdout, done.stdout[-3000:]
+    assert done.returncode == 0, done.stdout[-3000:]
