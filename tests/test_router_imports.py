@@ -222,6 +222,7 @@ finally:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_launched_router_never_imports_torch(demo_dir, tmp_path):
     report_path = tmp_path / "report.json"
