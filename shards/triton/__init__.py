@@ -1,0 +1,8 @@
+"""Triton kernels for the GPU path: attention over the paged KV cache (attention.py).
+
+The kernels run compiled on CUDA tensors and, through Triton's interpreter, on CPU tensors: CI
+checks them that way against the torch references. Triton picks the interpreter when
+`triton.language` is first imported with TRITON_INTERPRET=1 set (its own helpers such as tl.zeros
+are decorated then), so the variable must be in the environment before anything imports triton;
+tests/conftest.py sets it for the test session.
+"""
