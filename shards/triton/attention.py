@@ -262,7 +262,8 @@ def _decode_partition_size(batch: int, kv_heads: int, max_tokens: int, device: t
         return max(DECODE_BLOCK_N, _next_power_of_two(max_tokens))
     programs_wanted = 2 * _sm_count(device.index)
     splits_wanted = -(-programs_wanted // (batch * kv_heads))
-    return max(MIN_PARTITION, _next_power_of_two(-(-max_tokens // splits_wanted)))
+    # Rounded down to a power of two: at least the splits wanted.
+    return max(MIN_PARTITION, 1 << (-(-max_tokens // splits_wanted)).bit_length() - 1)
 
 
 _SM_COUNTS: dict[int, int] = {}
