@@ -39,10 +39,13 @@ except ImportError:  # triton is not installed: usable() says no and the torch p
     kernels = None
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
-DECODE_BLOCK_N = 32  # key positions a decode program reads per step
+MAX_HEAD_DIM = 128  # fp32 prefill tiles of 256 would overflow shared memory
+# Tile sizes, checked by compiling for sm80/sm90 (ptxas): no register spills in fp16/bf16 at head dim 128.
+DECODE_BLOCK_N = 32  # key positions a decode program reads per step (4 warps, ~72-84 registers)
 PREFILL_BLOCK_M = 64  # (token, head) rows of a prefill tile
-PREFILL_BLOCK_N = 32
+PREFILL_BLOCK_N = 64  # key positions per step for fp16/bf16 (8 warps, ~140-180 registers)
+PREFILL_BLOCK_N_FP32 = 32  # fp32 tiles are twice the bytes: 64 would spill
+PREFILL_WARPS = 8
 # A decode partition shorter than this costs more in the reduction than its extra parallelism gains.
 MIN_PARTITION = 128
 # tl.dot needs at least 16 rows on the tensor cores: a decode tile's group is padded to it.
@@ -201,9 +204,10 @@ def paged_prefill_attention(
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         BLOCK_Q=block_q,
-        BLOCK_N=PREFILL_BLOCK_N,
+        BLOCK_N=PREFILL_BLOCK_N_FP32 if q.dtype == torch.float32 else PREFILL_BLOCK_N,
         HAS_WINDOW=sliding_window is not None,
         DOT_FP32=_dot_in_fp32(q),
+        num_warps=PREFILL_WARPS,
     )
     return out
 
