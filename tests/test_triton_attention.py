@@ -66,8 +66,9 @@ def _fp32(q, cache):
 
 
 def _decode_lens(block_size):
-    """Context 1, ending on a block boundary, one past it, a longer one: mixed in one padded batch."""
-    return [1, block_size, block_size + 1, 2 * block_size, 9 * block_size // 2 + 3]
+    """Context 1, ending on a block boundary, one past it, a longer one: mixed in one padded batch.
+    The longest spans several partitions of 32 at either block size (2 at S = 4, 5 at S = 16)."""
+    return [1, block_size, block_size + 1, 2 * block_size, 8 * block_size + 3]
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", SHAPES)
