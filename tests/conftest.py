@@ -13,10 +13,6 @@ from pathlib import Path
 
 import pytest
 
-# Triton's kernels run on CPU tensors only in its interpreter, which it picks when triton.language is
-# first imported (its helpers are decorated then): set before any test module can import triton.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 REPO = Path(__file__).resolve().parent.parent
 
 # The Triton tests run kernels on CPU tensors in Triton's interpreter, which must be on before triton
