@@ -49,6 +49,8 @@ class ServerConfig:
     dtype: str = ""
     quantize: str = ""
     weight_bytes_per_shard: int = 0
+    # Rank 0's KV cache sizing (shard.proto's MemoryReport), as /info shows it.
+    memory: dict[str, int] = field(default_factory=dict)
     version: str = ""
 
 
@@ -255,6 +257,7 @@ async def info(request: web.Request) -> web.Response:
             "num_shard": config.num_shard,
             "quantize": config.quantize or None,
             "weight_bytes_per_shard": config.weight_bytes_per_shard,
+            "memory": config.memory,
             "version": config.version,
             "max_concurrent_requests": engine.limits.max_concurrent_requests,
             "max_input_tokens": engine.limits.max_input_tokens,
