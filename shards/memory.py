@@ -111,7 +111,7 @@ def plan_blocks(free_bytes: int, peak_activation_bytes: int, headroom_bytes: int
 
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of the storages created inside the mode that are still alive, and their peak.
+    """Bytes of the storages the ops run inside the mode create that are still alive, and their peak.
 
     Meta tensors carry no values, so a bincount over one (the MoE's tokens per expert) answers with
     every pair on the first expert: the largest per-expert batch, an upper bound on any routing.
@@ -129,11 +129,26 @@ class LiveBytes(TorchDispatchMode):
             counts = [0] * max(kwargs.get("minlength", 0), 1)
             counts[0] = args[0].numel()
             return torch.tensor(counts)
+        on_meta = any(isinstance(a, torch.Tensor) and a.is_meta for a in args)
+        if on_meta and torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
+            # Under inference mode composite ops (SDPA) reach the mode whole: on meta, run their
+            # decomposition inside it, so that its temporaries (SDPA's math fallback, which CUDA takes
+            # for a masked GQA call) are counted. On a real device the op's own kernel runs.
+            with self:
+                decomposed = func.decompose(*args, **kwargs)
+            if decomposed is not NotImplemented:
+                return decomposed
         out = func(*args, **kwargs)
         self._forget_freed()
-        for tensor in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(tensor, torch.Tensor):
-                self._track(tensor.untyped_storage())
+        returns = func._schema.returns
+        values = out if len(returns) > 1 else (out,)
+        for value, returned in zip(values, returns, strict=True):
+            # A return that aliases an input (a view, an in-place op) allocates nothing.
+            if returned.alias_info is not None:
+                continue
+            for tensor in value if isinstance(value, list | tuple) else (value,):
+                if isinstance(tensor, torch.Tensor):
+                    self._track(tensor.untyped_storage())
         return out
 
     def _forget_freed(self) -> None:
@@ -199,7 +214,7 @@ def size_kv_cache(
         num_blocks = plan_blocks(free, peak, headroom, block_bytes)
     else:
         free, headroom = cpu_budget_bytes, 0
-        num_blocks = max(1, cpu_budget_bytes // block_bytes)
+        num_blocks = plan_blocks(cpu_budget_bytes, 0, 0, block_bytes)
     if max_blocks:
         num_blocks = min(num_blocks, max_blocks)
     num_blocks = runner.group.all_reduce_min(num_blocks)
