@@ -77,7 +77,7 @@ class DummyCheckpointReader:
         else:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(zlib.crc32(f"{self.seed}:{name}".encode()))
-            full = torch.randn(shape, generator=generator, dtype=self.dtype, device=self.device).mul_(INIT_STD)
+            full = torch.normal(0.0, INIT_STD, shape, generator=generator, dtype=self.dtype, device=self.device)
         if dim is None:
             return full
         return full.narrow(dim, start, (shape[dim] if end is None else end) - start).clone()
