@@ -21,6 +21,8 @@ class ServerConfig:
     dtype: str = ""
     quantize: str = ""
     weight_bytes_per_shard: int = 0
+    # Rank 0's KV cache sizing (shard.proto's MemoryReport), as /info shows it.
+    memory: dict[str, int] = field(default_factory=dict)
     version: str = ""
 
 

@@ -132,6 +132,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest decode batch with a CUDA graph; larger decode steps run uncaptured (0: --max-batch-size)",
     )
     parser.add_argument(
+        "--load-format",
+        choices=["auto", "dummy"],
+        default="auto",
+        help="shards' weights: the safetensors checkpoint (auto) or random ones of its shapes, made on the device "
+        "from config.json alone (dummy)",
+    )
+    parser.add_argument(
         "--shard-addresses",
         help="host:port,... of a shard group already running, in rank order: start no shards, serve those "
         "(default: start the shards here)",
@@ -251,6 +258,11 @@ async def serve(args: argparse.Namespace, group_addresses: list[str | None], pla
             await asyncio.gather(*(shards.stop() for shards in groups))
 
 
+def memory_fields(report: shard_pb2.MemoryReport) -> dict[str, int]:
+    """A shard's MemoryReport as the plain dict /info shows."""
+    return {field.name: getattr(report, field.name) for field in report.DESCRIPTOR.fields}
+
+
 async def start_groups(
     groups: list[ShardSupervisor], stop: asyncio.Event
 ) -> list[tuple[shard_pb2.InfoResponse, shard_pb2.WarmupResponse]] | None:
@@ -317,6 +329,7 @@ async def _serve_with_shards(args, model_dir, tokenizer, groups: list[ShardSuper
         dtype=info.dtype,
         quantize=info.quantize,
         weight_bytes_per_shard=info.weight_bytes,
+        memory=memory_fields(readies[0][1].memory),
         version=mixserve.__version__,
     )
     # The keep-alive timer also runs from the moment a connection opens until its headers are complete,

@@ -162,9 +162,15 @@ class ShardGroup:
         answers = await asyncio.gather(*calls, return_exceptions=True)
         return [rank for rank, answer in enumerate(answers) if isinstance(answer, BaseException)]
 
-    async def warmup(self, max_batch_tokens: int, max_batch_size: int, max_blocks: int) -> shard_pb2.WarmupResponse:
+    async def warmup(
+        self, max_batch_tokens: int, max_batch_size: int, max_blocks: int, max_context_tokens: int = 0
+    ) -> shard_pb2.WarmupResponse:
+        """Size every shard's KV cache for steps up to these limits (0 context: the model's longest)."""
         request = shard_pb2.WarmupRequest(
-            max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size, max_blocks=max_blocks
+            max_batch_tokens=max_batch_tokens,
+            max_batch_size=max_batch_size,
+            max_blocks=max_blocks,
+            max_context_tokens=max_context_tokens,
         )
         answers = await self._all("Warmup", request, None)
         if len({a.num_blocks for a in answers}) != 1:

@@ -76,7 +76,7 @@ async def start_shards(
         cmd += ["--block-size", str(args.block_size), "--max-kv-blocks", str(args.max_kv_blocks)]
         if args.quantize:
             cmd += ["--quantize", args.quantize]
-        cmd += ["--moe-parallel", args.moe_parallel, "--kernels", args.kernels]
+        cmd += ["--moe-parallel", args.moe_parallel, "--kernels", args.kernels, "--load-format", args.load_format]
         cmd += ["--cuda-graphs", args.cuda_graphs, "--max-graph-batch", str(args.max_graph_batch)]
         process = await asyncio.create_subprocess_exec(
             *cmd,
@@ -242,7 +242,9 @@ class ShardSupervisor:
         info = await group.info()
         args = self.args
         prefill_tokens = prefill_tokens_per_step(args.max_batch_prefill_tokens, info.device)
-        warm = await group.warmup(prefill_tokens + args.max_batch_size, args.max_batch_size, args.max_kv_blocks)
+        warm = await group.warmup(
+            prefill_tokens + args.max_batch_size, args.max_batch_size, args.max_kv_blocks, args.max_total_tokens or 0
+        )
         return info, warm
 
     def exited(self) -> ShardProcess | None:

@@ -10,12 +10,16 @@ from accelerate import init_empty_weights
 from shards.checkpoint import CheckpointReader
 from shards.config import ModelConfig, ParallelConfig
 from shards.distributed import TensorParallelGroup
+from shards.dummy_weights import DummyCheckpointReader
 from shards.model import MixtralForCausalLM
 from shards.quant.config import QuantizationConfig
 from shards.quant.linear import QuantizedLinear
 from shards.quant.probe import check_supported
 
 log = logging.getLogger(__name__)
+
+# auto: the safetensors checkpoint; dummy: random weights of its shapes (shards/dummy_weights.py).
+LOAD_FORMATS = ("auto", "dummy")
 
 
 def load_model(
@@ -25,6 +29,8 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     quantization: QuantizationConfig | None = None,
+    load_format: str = "auto",
+    seed: int = 0,
 ) -> MixtralForCausalLM:
     """The model for rank `parallel.rank`, holding only that rank's slice of each weight (with
     `parallel.moe_parallel` ep: only its own experts, whole).
@@ -33,7 +39,12 @@ def load_model(
 
     With `quantization`, raises QuantizationUnavailable before reading any weight where bitsandbytes
     cannot run that mode with `dtype` on `device`.
+
+    `load_format` dummy fills the weights with random values of the checkpoint's shapes (seeded by
+    `seed`), made on `device`, from config.json alone.
     """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format {load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
     config = ModelConfig.from_pretrained(model_dir)
     parallel.check(config)
     if quantization is not None:
@@ -46,7 +57,10 @@ def load_model(
             model = MixtralForCausalLM(config, parallel, group, quantization)
     finally:
         torch.set_default_dtype(previous)
-    reader = CheckpointReader(model_dir, device)
+    if load_format == "dummy":
+        reader = DummyCheckpointReader(model_dir, device, dtype, seed)
+    else:
+        reader = CheckpointReader(model_dir, device)
     try:
         model.load(reader)
     finally:
@@ -56,8 +70,9 @@ def load_model(
         raise RuntimeError(f"parameters not loaded from the checkpoint: {left_on_meta[:5]}")
     model.eval()
     log.info(
-        "event=model_loaded rank=%d world_size=%d moe_parallel=%s dtype=%s quantize=%s device=%s weight_bytes=%d "
-        "bytes_read=%d seconds=%.2f",
+        "event=model_loaded load_format=%s rank=%d world_size=%d moe_parallel=%s dtype=%s quantize=%s device=%s "
+        "weight_bytes=%d bytes_read=%d seconds=%.2f",
+        load_format,
         parallel.rank,
         parallel.world_size,
         parallel.moe_parallel,

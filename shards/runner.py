@@ -120,34 +120,16 @@ class ModelRunner:
             reserved_blocks,
         )
 
-    def warmup(self, max_batch_tokens: int, max_batch_size: int, max_blocks: int, kv_budget_bytes: int) -> int:
-        """Run the largest step once, then size the cache from what is left; returns the block count.
-
-        Every rank ends with the same block count (the minimum over the group). With decode graphs,
-        one more block is kept as their scratch and the graphs are captured (batches up to
-        `max_graph_batch`, or `max_batch_size` where that is 0 or smaller).
-        """
-        max_batch_tokens = max(1, min(max_batch_tokens, self.config.max_position_embeddings))
-        max_batch_size = max(1, min(max_batch_size, max_batch_tokens))
-        blocks_for_step = -(-max_batch_tokens // self.block_size) + max_batch_size
-        self.allocate_cache(blocks_for_step)
-        self.step(_warmup_batch(max_batch_tokens, max_batch_size, self.block_size, self.config.vocab_size))
-        self.sequences.clear()
-        budget = kv_budget_bytes
-        if self.device.type == "cuda":
-            budget = min(budget, _cuda_free_bytes(self.device))
-        reserved = 1 if self.graphs_wanted else 0
-        num_blocks = max(1, budget // self.bytes_per_block() - reserved)
-        if max_blocks:
-            num_blocks = min(num_blocks, max_blocks)
-        num_blocks = self.group.all_reduce_min(num_blocks)
-        self.allocate_cache(num_blocks, reserved)
-        if self.graphs_wanted:
-            graph_batch = min(self.max_graph_batch or max_batch_size, max_batch_size)
-            self.decode_graphs = decode_graph.DecodeGraphRunner(
-                self.model, self.kv_cache, graph_batch, self.capture_graphs and self.device.type == "cuda"
-            )
-        return num_blocks
+    def prepare_decode_graphs(self, max_batch_size: int) -> None:
+        """With decode graphs wanted, build their runner over the cache just allocated (which must hold
+        a reserved scratch block) and, on CUDA, capture them: batches up to `max_graph_batch`, or
+        `max_batch_size` where that is 0 or smaller."""
+        if not self.graphs_wanted:
+            return
+        graph_batch = min(self.max_graph_batch or max_batch_size, max_batch_size)
+        self.decode_graphs = decode_graph.DecodeGraphRunner(
+            self.model, self.kv_cache, graph_batch, self.capture_graphs and self.device.type == "cuda"
+        )
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -345,24 +327,3 @@ def _padded(tables: list[list[int]], device: torch.device) -> torch.Tensor:
     """Block tables as one [rows, widest] tensor, the shorter rows padded with block 0."""
     width = max(len(t) for t in tables)
     return _to_device([t + [0] * (width - len(t)) for t in tables], device)
-
-
-def _warmup_batch(max_tokens: int, max_seqs: int, block_size: int, vocab_size: int) -> list[SequenceStep]:
-    """A step as large as the router may send: one long prefill chunk plus single-token decodes."""
-    greedy = SamplingParams(temperature=0.0)
-    decodes = max_seqs - 1
-    prefill_len = max(max_tokens - decodes, 1)
-    steps = []
-    next_block = 0
-    for seq, n in enumerate([prefill_len] + [1] * decodes):
-        blocks = list(range(next_block, next_block + -(-n // block_size)))
-        next_block += len(blocks)
-        slots = [blocks[p // block_size] * block_size + p % block_size for p in range(n)]
-        tokens = [(seq * 131 + p * 7) % vocab_size for p in range(n)]
-        steps.append(SequenceStep(seq, tokens, 0, slots, blocks, True, greedy))
-    return steps
-
-
-def _cuda_free_bytes(device: torch.device) -> int:
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(free * 0.9)

@@ -30,7 +30,8 @@ from shards.kernels import native as native_kernels
 from shards.kernels.native import KernelUnavailable
 from shards.listen import ListenConfig, ListenError
 from shards.listen import add_arguments as add_listen_arguments
-from shards.loader import load_model, weight_bytes
+from shards.loader import LOAD_FORMATS, load_model, weight_bytes
+from shards.memory import InsufficientMemory, MemoryReport, StepLimits, size_kv_cache
 from shards.model_thread import ModelThread
 from shards.multi_step import decode_steps
 from shards.quant.config import QUANTIZE_MODES, QuantizationConfig
@@ -63,6 +64,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         self.quantize = quantize
         self.model = model or ModelThread(runner.device)
         self.interrupted_run_id = 0
+        self.memory: MemoryReport | None = None
 
     def Info(self, request, context):
         r = self.runner
@@ -88,6 +90,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
             weight_bytes=weight_bytes(r.model),
             quantize=self.quantize,
             kv_cache_bytes=cache.nbytes if cache else 0,
+            memory=_memory_proto(self.memory) if self.memory else None,
         )
 
     def Health(self, request, context):
@@ -98,23 +101,37 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         cap = request.max_blocks or self.max_kv_blocks
         if request.max_blocks and self.max_kv_blocks:
             cap = min(request.max_blocks, self.max_kv_blocks)
-        num_blocks = self.model.run(
-            self.runner.warmup,
-            request.max_batch_tokens or 1,
-            request.max_batch_size or 1,
-            cap,
-            kv_budget_bytes(self.runner),
+        r = self.runner
+        limits = StepLimits.clamped(
+            request.max_batch_tokens,
+            request.max_batch_size,
+            request.max_context_tokens,
+            r.config.max_position_embeddings,
         )
+        try:
+            self.memory = self.model.run(size_kv_cache, r, limits, weight_bytes(r.model), cap, kv_budget_bytes(r))
+        except InsufficientMemory as e:
+            log.error("event=warmup_failed rank=%d error=%r", r.parallel.rank, str(e))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         ms = int((time.perf_counter() - started) * 1000)
+        m = self.memory
         log.info(
-            "event=warmup rank=%d num_blocks=%d block_size=%d kv_bytes=%d ms=%d",
-            self.runner.parallel.rank,
-            num_blocks,
-            self.runner.block_size,
-            self.runner.kv_cache.nbytes,
+            "event=warmup rank=%d num_blocks=%d block_size=%d kv_bytes=%d peak_activation_bytes=%d headroom_bytes=%d "
+            "free_bytes=%d max_batch_size=%d max_context=%d ms=%d",
+            r.parallel.rank,
+            m.num_blocks,
+            r.block_size,
+            m.kv_cache_bytes,
+            m.peak_activation_bytes,
+            m.headroom_bytes,
+            m.free_bytes,
+            limits.max_batch_size,
+            limits.max_context,
             ms,
         )
-        return shard_pb2.WarmupResponse(num_blocks=num_blocks, block_size=self.runner.block_size, warmup_ms=ms)
+        return shard_pb2.WarmupResponse(
+            num_blocks=m.num_blocks, block_size=r.block_size, warmup_ms=ms, memory=_memory_proto(m)
+        )
 
     def Step(self, request, context):
         started = time.perf_counter_ns()
@@ -178,6 +195,20 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         return self.runner.step(steps)
 
 
+def _memory_proto(m: MemoryReport) -> shard_pb2.MemoryReport:
+    return shard_pb2.MemoryReport(
+        weight_bytes=m.weight_bytes,
+        kv_cache_bytes=m.kv_cache_bytes,
+        block_bytes=m.block_bytes,
+        peak_activation_bytes=m.peak_activation_bytes,
+        headroom_bytes=m.headroom_bytes,
+        free_bytes=m.free_bytes,
+        max_batch_tokens=m.limits.max_batch_tokens,
+        max_batch_size=m.limits.max_batch_size,
+        max_context_tokens=m.limits.max_context,
+    )
+
+
 def _step_response(results: list[SequenceResult], started_ns: int, steps: int = 0) -> shard_pb2.StepResponse:
     return shard_pb2.StepResponse(
         results=[
@@ -209,9 +240,7 @@ def _step_from_proto(msg: shard_pb2.SequenceStep) -> SequenceStep:
 
 
 def kv_budget_bytes(runner: ModelRunner) -> int:
-    """Memory this shard may give its KV cache (on CUDA, Warmup further caps it by free memory)."""
-    if runner.device.type == "cuda":
-        return 1 << 62
+    """Memory a CPU shard may give its KV cache (on CUDA, Warmup sizes it from free device memory)."""
     available = _mem_available_bytes()
     return min(int(available * CPU_KV_MEMORY_FRACTION), CPU_KV_MEMORY_CAP) // runner.parallel.world_size
 
@@ -273,6 +302,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="tp",
         help="tp: every rank holds a slice of every expert; ep: each rank holds num_experts / world_size whole experts",
     )
+    parser.add_argument(
+        "--load-format",
+        choices=LOAD_FORMATS,
+        default="auto",
+        help="auto: the safetensors checkpoint; dummy: random weights of its shapes, made on the device "
+        "(only config.json is read)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the dummy weights (--load-format dummy)")
     parser.add_argument("--block-size", type=int, default=16, help="KV cache token slots per block")
     parser.add_argument("--max-kv-blocks", type=int, default=0, help="cap on KV cache blocks (0: size from memory)")
     parser.add_argument(
@@ -360,7 +397,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("event=kernels mode=%s native=%s", args.kernels, native)
     init_process_group(parallel, device)
     group = tensor_parallel_group(parallel, device, args.collectives)
-    model = load_model(model_dir, parallel, group, dtype, device, quantization)
+    model = load_model(model_dir, parallel, group, dtype, device, quantization, args.load_format, args.seed)
     runner = ModelRunner(model, parallel, group, device, dtype, args.block_size, args.cuda_graphs, args.max_graph_batch)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=8),

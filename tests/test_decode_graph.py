@@ -13,6 +13,7 @@ from shards.decode_graph import DecodeGraphRunner, buckets
 from shards.distributed import TensorParallelGroup
 from shards.kernels import native
 from shards.loader import load_model
+from shards.memory import StepLimits, size_kv_cache
 from shards.multi_step import decode_steps
 from shards.runner import ModelRunner, SequenceStep
 from shards.sampling import SamplingParams
@@ -45,7 +46,7 @@ def warm_runner(model, mode: str, max_batch: int = 8) -> ModelRunner:
     runner = ModelRunner(
         model, parallel, TensorParallelGroup(parallel), torch.device("cpu"), torch.float32, BLOCK, mode
     )
-    assert runner.warmup(32, max_batch, BLOCKS, 1 << 30) == BLOCKS
+    assert size_kv_cache(runner, StepLimits(32, max_batch, 128), 0, BLOCKS, 1 << 30).num_blocks == BLOCKS
     return runner
 
 

@@ -1,4 +1,4 @@
-"""The model runner in one process: mixed prefill/decode steps, step validation, warmup sizing."""
+"""The model runner in one process: mixed prefill/decode steps, step validation."""
 
 import pytest
 import torch
@@ -92,11 +92,3 @@ def test_slot_mapping_must_match_the_block_table(model):
     step.slot_mapping[2] += 1
     with pytest.raises(InvalidStep, match="slot_mapping"):
         runner.step([step])
-
-
-def test_warmup_sizes_the_cache_and_honours_the_cap(model):
-    runner = new_runner(model, num_blocks=1)
-    budget = 100 * runner.bytes_per_block()
-    assert runner.warmup(64, 4, max_blocks=0, kv_budget_bytes=budget) == 100
-    assert runner.kv_cache.num_blocks == 100
-    assert runner.warmup(64, 4, max_blocks=40, kv_budget_bytes=budget) == 40

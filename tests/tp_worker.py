@@ -18,6 +18,7 @@ import torch
 from shards.config import ParallelConfig
 from shards.distributed import close_process_group, init_process_group, tensor_parallel_group
 from shards.loader import load_model, weight_bytes
+from shards.memory import StepLimits, size_kv_cache
 from shards.runner import ModelRunner, SequenceStep
 from shards.sampling import SamplingParams
 
@@ -38,7 +39,7 @@ def main() -> None:
     runner = ModelRunner(model, parallel, group, device, torch.float32, BLOCK_SIZE, graphs)
     # 256 blocks for the steps below (and, with TP_CUDA_GRAPHS=eager, the graph runner's scratch block
     # and buckets up to 4 sequences).
-    assert runner.warmup(64, 4, 256, 1 << 30) == 256
+    assert size_kv_cache(runner, StepLimits(64, 4, 128), 0, 256, 1 << 30).num_blocks == 256
     prompts = json.loads(prompts_json)
     greedy = SamplingParams(temperature=0.0)
     tables = [list(range(i * 40, (i + 1) * 40)) for i in range(len(prompts))]

@@ -11,7 +11,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_type", "model_path", "rank", "world_size", "dtype", "device", "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads", "num_experts", "num_experts_per_tok", "max_position_embeddings", "block_size", "num_blocks", "weight_bytes", "quantize", "kv_cache_bytes")
+    __slots__ = ("model_type", "model_path", "rank", "world_size", "dtype", "device", "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads", "num_experts", "num_experts_per_tok", "max_position_embeddings", "block_size", "num_blocks", "weight_bytes", "quantize", "kv_cache_bytes", "memory")
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class InfoResponse(_message.Message):
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
     model_type: str
     model_path: str
     rank: int
@@ -50,7 +51,30 @@ class InfoResponse(_message.Message):
     weight_bytes: int
     quantize: str
     kv_cache_bytes: int
-    def __init__(self, model_type: _Optional[str] = ..., model_path: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., num_experts: _Optional[int] = ..., num_experts_per_tok: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., quantize: _Optional[str] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
+    memory: MemoryReport
+    def __init__(self, model_type: _Optional[str] = ..., model_path: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., num_experts: _Optional[int] = ..., num_experts_per_tok: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., quantize: _Optional[str] = ..., kv_cache_bytes: _Optional[int] = ..., memory: _Optional[_Union[MemoryReport, _Mapping]] = ...) -> None: ...
+
+class MemoryReport(_message.Message):
+    __slots__ = ("weight_bytes", "kv_cache_bytes", "block_bytes", "peak_activation_bytes", "headroom_bytes", "free_bytes", "max_batch_tokens", "max_batch_size", "max_context_tokens")
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PEAK_ACTIVATION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HEADROOM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    weight_bytes: int
+    kv_cache_bytes: int
+    block_bytes: int
+    peak_activation_bytes: int
+    headroom_bytes: int
+    free_bytes: int
+    max_batch_tokens: int
+    max_batch_size: int
+    max_context_tokens: int
+    def __init__(self, weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., block_bytes: _Optional[int] = ..., peak_activation_bytes: _Optional[int] = ..., headroom_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()
@@ -63,24 +87,28 @@ class HealthResponse(_message.Message):
     def __init__(self, ready: _Optional[bool] = ...) -> None: ...
 
 class WarmupRequest(_message.Message):
-    __slots__ = ("max_batch_tokens", "max_batch_size", "max_blocks")
+    __slots__ = ("max_batch_tokens", "max_batch_size", "max_blocks", "max_context_tokens")
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_batch_tokens: int
     max_batch_size: int
     max_blocks: int
-    def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_blocks: _Optional[int] = ...) -> None: ...
+    max_context_tokens: int
+    def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_blocks: _Optional[int] = ..., max_context_tokens: _Optional[int] = ...) -> None: ...
 
 class WarmupResponse(_message.Message):
-    __slots__ = ("num_blocks", "block_size", "warmup_ms")
+    __slots__ = ("num_blocks", "block_size", "warmup_ms", "memory")
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     WARMUP_MS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
     num_blocks: int
     block_size: int
     warmup_ms: int
-    def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., warmup_ms: _Optional[int] = ...) -> None: ...
+    memory: MemoryReport
+    def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., warmup_ms: _Optional[int] = ..., memory: _Optional[_Union[MemoryReport, _Mapping]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "seed", "top_n_tokens")

@@ -94,7 +94,7 @@ class ShardServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Warmup(self, request, context):
-        """One largest-step forward, then size the KV cache from the memory left.
+        """Run the worst-case steps, then size the KV cache from the memory they leave.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
