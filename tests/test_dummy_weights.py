@@ -88,6 +88,7 @@ def test_activations_stay_finite_through_32_layers(small_config, tmp_path):
     assert bool(torch.isfinite(logits).all()) and logits.abs().max() > 0
 
 
+@pytest.mark.slow
 async def test_server_on_dummy_weights_answers_and_reports_its_memory(launch, config_only_dir):
     server = launch("--model", str(config_only_dir), "--num-shard", "2", "--load-format", "dummy")
     async with aiohttp.ClientSession() as session:

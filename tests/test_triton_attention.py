@@ -293,6 +293,7 @@ for arch in (80, 90):
 """
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_a100_and_h100():
     try:
         from triton.backends.nvidia import compiler  # noqa: F401
