@@ -175,7 +175,7 @@ def servicer(demo_dir):
 def test_every_model_call_of_the_shard_runs_on_its_model_thread(servicer, monkeypatch):
     runner = servicer.runner
     threads: dict[str, set[int]] = {}
-    for name in ("warmup", "step", "release", "clear"):
+    for name in ("allocate_cache", "step", "release", "clear"):
         real = getattr(runner, name)
 
         def spy(*args, name=name, real=real):
@@ -197,7 +197,7 @@ def test_every_model_call_of_the_shard_runs_on_its_model_thread(servicer, monkey
     servicer.Release(shard_pb2.ReleaseRequest(seq_ids=[1]), None)
     servicer.Clear(shard_pb2.ClearRequest(), None)
     model_thread = servicer.model.run(threading.get_ident)
-    assert set(threads) == {"warmup", "step", "release", "clear"}
+    assert set(threads) == {"allocate_cache", "step", "release", "clear"}
     assert set().union(*threads.values()) == {model_thread}
 
 
