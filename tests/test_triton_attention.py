@@ -1,0 +1,243 @@
+"""The Triton paged attention kernels against the torch paths, run in Triton's interpreter on CPU
+tensors (tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported) or compiled on a GPU
+when the interpreter is off. Shapes are tiny: the interpreter costs ~20-30 ms a program.
+
+Legend: h query heads, kv KV heads, d head dim, S block size.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from shards.attention_metadata import AttentionMetadata, PrefillChunk  # noqa: E402
+from shards.layers.attention import gathered_decode_attention, paged_attention  # noqa: E402
+from shards.triton import attention  # noqa: E402
+
+if attention.interpreted():
+    DEVICE = torch.device("cpu")
+elif torch.cuda.is_available():
+    DEVICE = torch.device("cuda", torch.cuda.current_device())
+else:
+    pytest.skip("triton compiled (TRITON_INTERPRET unset when imported) and no GPU", allow_module_level=True)
+
+# (h, kv, d, S): GQA ratio 1 with head dim 16 and blocks of 4; ratio 4 with head dim 32 and blocks of 16.
+SHAPES = [(4, 4, 16, 4), (8, 2, 32, 16)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Against an fp32 reference on the same (rounded) inputs: the kernel's output is rounded to its dtype.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _pools(kv_heads, head_dim, block_size, num_blocks, dtype, gen):
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    return tuple(torch.randn(shape, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
+
+
+def _scattered_tables(num_blocks, rows, width, used, gen):
+    """Tables [rows, width] pointing at shuffled blocks (never block 0) for each row's first `used[r]`
+    entries and padded with block 0 after, as the runner pads them."""
+    order = torch.randperm(num_blocks - 1, generator=gen)[: rows * width].view(rows, width) + 1
+    tables = torch.zeros(rows, width, dtype=torch.int32)
+    for r, n in enumerate(used):
+        tables[r, :n] = order[r, :n]
+    return tables.to(DEVICE)
+
+
+def _decode_case(heads, kv_heads, head_dim, block_size, context_lens, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    width = max(-(-n // block_size) for n in context_lens) + 1  # one padding entry past the longest
+    num_blocks = len(context_lens) * width + 1
+    cache = _pools(kv_heads, head_dim, block_size, num_blocks, dtype, gen)
+    used = [-(-n // block_size) for n in context_lens]
+    tables = _scattered_tables(num_blocks, len(context_lens), width, used, gen)
+    q = torch.randn(len(context_lens), heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    return q, cache, tables, torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+
+
+def _fp32(q, cache):
+    return q.float(), tuple(pool.float() for pool in cache)
+
+
+def _decode_lens(block_size):
+    """Context 1, ending on a block boundary, one past it, a longer one: mixed in one padded batch."""
+    return [1, block_size, block_size + 1, 2 * block_size, 9 * block_size // 2 + 3]
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("partition_size", [None, 32], ids=["one-partition", "split"])
+def test_decode_equals_the_torch_path(heads, kv_heads, head_dim, block_size, dtype, window, partition_size):
+    q, cache, tables, lens = _decode_case(heads, kv_heads, head_dim, block_size, _decode_lens(block_size), dtype)
+    scale = head_dim**-0.5
+    expected = gathered_decode_attention(*_fp32(q, cache), tables.long(), lens.long(), scale, window)
+    got = attention.paged_decode_attention(q, cache, tables, lens, scale, window, partition_size=partition_size)
+    assert got.dtype == dtype and got.shape == q.shape
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)
+
+
+def test_decode_splits_the_context_into_several_partitions():
+    """Blocks of 16, contexts up to 75, partitions of 32: three partitions, the last one partly empty
+    for the short rows (a partial with no positions) and reduced by the second kernel."""
+    q, cache, tables, lens = _decode_case(8, 2, 32, 16, [75, 3, 40], torch.float32)
+    assert tables.shape[1] * 16 // 32 == 3
+    expected = gathered_decode_attention(q, cache, tables, lens, 0.2, None)
+    torch.testing.assert_close(
+        attention.paged_decode_attention(q, cache, tables, lens, 0.2, partition_size=32), expected
+    )
+
+
+def test_decode_reads_only_the_context():
+    """Slots past a sequence's length, the padding entries of its table (block 0) and, with a window,
+    the positions before it are never read: NaN there changes nothing."""
+    block_size, window = 4, 6
+    q, (k_pool, v_pool), tables, lens = _decode_case(4, 2, 16, block_size, [13, 2], torch.float32)
+    expected = attention.paged_decode_attention(q, (k_pool, v_pool), tables, lens, 0.25, window, partition_size=32)
+    k_pool[0] = v_pool[0] = float("nan")
+    for b, n in enumerate(lens.tolist()):
+        for pos in [*range(0, max(0, n - window)), *range(n, tables.shape[1] * block_size)]:
+            block = tables[b, pos // block_size]
+            if block:
+                k_pool[block, pos % block_size] = v_pool[block, pos % block_size] = float("nan")
+    got = attention.paged_decode_attention(q, (k_pool, v_pool), tables, lens, 0.25, window, partition_size=32)
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("partition_size", [None, 32], ids=["one-partition", "split"])
+def test_decode_context_zero_gives_zeros(partition_size):
+    """A padded row (context 0, as a batch padded up to a CUDA-graph bucket has) gives zeros, not NaN."""
+    q, cache, tables, lens = _decode_case(4, 2, 16, 4, [6, 5], torch.float32)
+    lens[1] = 0
+    got = attention.paged_decode_attention(q, cache, tables, lens, 0.25, partition_size=partition_size)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+    expected = gathered_decode_attention(q[:1], cache, tables[:1], lens[:1], 0.25)
+    torch.testing.assert_close(got[:1], expected)
+
+
+def test_decode_partitions_depend_on_shapes_alone(monkeypatch):
+    """On a GPU the partition size fills the SMs twice over and never goes below MIN_PARTITION;
+    it is a function of (batch, KV heads, table width) only, so a CUDA graph's grid stays valid."""
+    monkeypatch.setattr(attention, "_sm_count", lambda index: 132)
+    gpu = torch.device("cuda", 0)
+    for batch, kv_heads, max_tokens in [(1, 2, 4096), (8, 2, 1024), (64, 2, 1024), (256, 8, 4096), (1, 8, 64)]:
+        size = attention._decode_partition_size(batch, kv_heads, max_tokens, gpu)
+        splits = -(-max_tokens // size)
+        assert size >= attention.MIN_PARTITION and size & (size - 1) == 0
+        assert batch * kv_heads * splits >= 264 or size == attention.MIN_PARTITION
+    assert attention._decode_partition_size(1, 2, 4096, gpu) == 128  # 32 splits x 2 KV heads
+    assert attention._decode_partition_size(256, 8, 4096, gpu) == 4096  # the batch fills the GPU alone
+
+
+def _prefill_case(heads, kv_heads, head_dim, block_size, chunks, dtype, seed=0):
+    """Chunks given as (start position, length): their cached context and own K/V in the pools."""
+    gen = torch.Generator().manual_seed(seed)
+    used = [-(-(start + n) // block_size) for start, n in chunks]
+    width = max(used) + 1
+    num_blocks = len(chunks) * width + 1
+    cache = _pools(kv_heads, head_dim, block_size, num_blocks, dtype, gen)
+    tables = _scattered_tables(num_blocks, len(chunks), width, used, gen)
+    query_start = [0]
+    for _, n in chunks:
+        query_start.append(query_start[-1] + n)
+    q = torch.randn(query_start[-1], heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(query_start[-1], dtype=torch.long),
+        prefills=[
+            PrefillChunk(query_start[p], query_start[p + 1], start, tables[p, : used[p]].long())
+            for p, (start, _) in enumerate(chunks)
+        ],
+    )
+    as_int32 = {"dtype": torch.int32, "device": DEVICE}
+    starts = torch.tensor([start for start, _ in chunks], **as_int32)
+    return q, cache, torch.tensor(query_start, **as_int32), starts, tables, meta
+
+
+def _prefill_chunks(block_size):
+    """A prompt from position 0; a second chunk (or prefix-cache hit) starting on a block boundary and
+    one starting one past it; one token; chunk lengths differing, all in one call."""
+    return [(0, 9), (block_size, 6), (2 * block_size + 1, 3), (3, 1)]
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("window", [None, 5])
+def test_prefill_equals_the_torch_path(heads, kv_heads, head_dim, block_size, dtype, window):
+    chunks = _prefill_chunks(block_size)
+    q, cache, query_start, starts, tables, meta = _prefill_case(heads, kv_heads, head_dim, block_size, chunks, dtype)
+    scale = head_dim**-0.5
+    expected = paged_attention(*_fp32(q, cache), meta, scale, window)
+    got = attention.paged_prefill_attention(
+        q, cache, query_start, starts, tables, scale, window, max_chunk_len=max(n for _, n in chunks)
+    )
+    assert got.dtype == dtype and got.shape == q.shape
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)
+
+
+def test_prefill_long_chunk_spans_several_tiles():
+    """A chunk longer than a query tile (BLOCK_Q = 64 / G_PAD tokens) at an offset, with the grid
+    sized from q's length (max_chunk_len left out): tiles past the shorter chunk's end write nothing."""
+    chunks = [(5, 40), (0, 3)]
+    q, cache, query_start, starts, tables, meta = _prefill_case(8, 2, 16, 4, chunks, torch.float32)
+    expected = paged_attention(q, cache, meta, 0.25, None)
+    got = attention.paged_prefill_attention(q, cache, query_start, starts, tables, 0.25)
+    torch.testing.assert_close(got, expected)
+
+
+def test_prefill_reads_only_the_context():
+    """Slots past each chunk's last token, the padding entries of its table and, with a window,
+    positions before the first query's window are never read."""
+    block_size, window = 4, 3
+    chunks = [(6, 5), (0, 2)]
+    q, (k_pool, v_pool), query_start, starts, tables, _ = _prefill_case(4, 2, 16, block_size, chunks, torch.float32)
+    cache = (k_pool, v_pool)
+    expected = attention.paged_prefill_attention(q, cache, query_start, starts, tables, 0.25, window)
+    k_pool[0] = v_pool[0] = float("nan")
+    for p, (start, n) in enumerate(chunks):
+        for pos in [*range(0, max(0, start - window + 1)), *range(start + n, tables.shape[1] * block_size)]:
+            block = tables[p, pos // block_size]
+            if block:
+                k_pool[block, pos % block_size] = v_pool[block, pos % block_size] = float("nan")
+    got = attention.paged_prefill_attention(q, cache, query_start, starts, tables, 0.25, window)
+    torch.testing.assert_close(got, expected)
+
+
+def test_usable():
+    q, (k_pool, _), _, _ = _decode_case(4, 2, 16, 4, [3], torch.float16)
+    on_cpu = DEVICE.type == "cpu"
+    assert attention.usable(q, k_pool, interpreter=on_cpu)
+    assert not attention.usable(q, k_pool.float(), interpreter=on_cpu)  # dtypes differ
+    assert not attention.usable(q.int(), k_pool.int(), interpreter=on_cpu)
+    odd = torch.zeros(1, 4, 24, dtype=torch.float16, device=DEVICE)  # head dim not a power of two
+    assert not attention.usable(odd, torch.zeros(2, 4, 2, 24, dtype=torch.float16, device=DEVICE), on_cpu)
+    assert not attention.usable(q, torch.zeros(2, 4, 3, 16, dtype=torch.float16, device=DEVICE), on_cpu)  # 4 % 3
+    if on_cpu:
+        assert not attention.usable(q, k_pool)  # the interpreter is never taken unless asked for
+
+
+def test_bad_arguments_raise():
+    q, cache, tables, lens = _decode_case(4, 2, 16, 4, [3, 5], torch.float32)
+    decode = attention.paged_decode_attention
+    with pytest.raises(ValueError, match="dtypes"):
+        decode(q.half(), cache, tables, lens, 0.25)
+    with pytest.raises(ValueError, match="2 queries"):
+        decode(q, cache, tables[:1], lens, 0.25)
+    with pytest.raises(ValueError, match="context_lens"):
+        decode(q, cache, tables, lens.float(), 0.25)
+    with pytest.raises(ValueError, match="heads"):
+        decode(q[:, :3], cache, tables, lens, 0.25)
+    with pytest.raises(ValueError, match="partition_size"):
+        decode(q, cache, tables, lens, 0.25, partition_size=48)
+    with pytest.raises(ValueError, match="sliding_window"):
+        decode(q, cache, tables, lens, 0.25, 0)
+    with pytest.raises(ValueError, match="devices"):
+        decode(q, cache, tables.to("meta"), lens, 0.25)
+    q, cache, query_start, starts, tables, _ = _prefill_case(4, 2, 16, 4, [(0, 3), (2, 2)], torch.float32)
+    prefill = attention.paged_prefill_attention
+    with pytest.raises(ValueError, match="query_start"):
+        prefill(q, cache, query_start[:-1], starts, tables, 0.25)
+    with pytest.raises(ValueError, match="max_chunk_len"):
+        prefill(q, cache, query_start, starts, tables, 0.25, max_chunk_len=q.shape[0] + 1)
+    with pytest.raises(ValueError, match="block tables"):
+        prefill(q, cache, query_start, starts, tables.float(), 0.25)
