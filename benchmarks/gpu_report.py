@@ -107,7 +107,7 @@ def gpu_markdown(result: dict) -> str:
     for check in result["targets"]:
         value = "—" if check["value"] is None else f"{check['value']:.1f}"
         lines.append(f"| {check['target']} | {value} | {check['needed']:.0f} | {check['verdict']} |")
-    lines += ["", "## Server, TP 1, Mixtral-8x7B shapes, random weights", ""]
+    lines += ["", "## The server at TP 1 under `bench serve`", ""]
     lines += server_lines(result["server"])
     return "\n".join(lines)
 

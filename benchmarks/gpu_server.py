@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -95,19 +96,29 @@ def missing_modules() -> list[str]:
     return missing
 
 
-def launch_supports_dummy_weights() -> bool:
-    """Whether the installed mixserve's `launch` takes `--load-format` (its help lists it)."""
+def launch_help() -> tuple[bool, str]:
+    """(whether `mixserve launch --help` ran, its help text or its error's last line): the router's
+    imports (the gRPC stubs against the installed protobuf, too) load as they would at start-up."""
     try:
-        help_text = subprocess.run(
+        done = subprocess.run(
             [PYTHON, "-m", "mixserve.cli", "launch", "--help"],
             env=child_env(),
             capture_output=True,
             text=True,
             timeout=120,
-        ).stdout
+        )
     except subprocess.TimeoutExpired:
-        return False
-    return "--load-format" in help_text
+        return False, "`mixserve launch --help` did not answer within 120 s"
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
+        return False, lines[-1]
+    return True, done.stdout
+
+
+def launch_supports_dummy_weights() -> bool:
+    """Whether the installed mixserve's `launch` takes `--load-format` (its help lists it)."""
+    ran, text = launch_help()
+    return ran and "--load-format" in text
 
 
 def skip_reason(device_type: str) -> str | None:
@@ -117,29 +128,48 @@ def skip_reason(device_type: str) -> str | None:
     missing = missing_modules()
     if missing:
         return f"the server's imports are not installed: {', '.join(missing)} (carry them as wheels)"
-    if not launch_supports_dummy_weights():
+    ran, text = launch_help()
+    if not ran:
+        return f"mixserve launch cannot start here: {text}"
+    if "--load-format" not in text:
         return "this mixserve's launch has no --load-format (random weights from a config-only directory)"
     return None
 
 
+def mixtral_launch_args() -> list[str]:
+    """The GPU run's model: Mixtral-8x7B's config with random bf16 weights made on one GPU."""
+    model_dir = write_model_dir(Path(tempfile.mkdtemp(prefix="mixtral-8x7b-config-")))
+    return ["--model", str(model_dir), "--load-format", "dummy", "--device", "cuda", "--dtype", "bfloat16"]
+
+
+def demo_launch_args() -> list[str]:
+    """The dry run's model: the demo checkpoint on the CPU."""
+    from shards.demo.checkpoint import ensure_demo_checkpoint
+
+    return ["--model", str(ensure_demo_checkpoint()), "--device", "cpu"]
+
+
 def run_server(
     out_dir: Path,
+    model_args: list[str],
     budget_s: float,
     concurrency: list[int],
     input_len: int,
     output_len: int,
 ) -> dict:
-    """Start the server, sweep the levels within budget_s (start-up included), stop it; the summaries."""
-    model_dir = write_model_dir(out_dir / "mixtral-8x7b-config")
+    """Start one shard's server on `model_args` (`--model DIR ...`), sweep the levels within budget_s
+    (start-up included), stop it; the levels' summaries."""
+    model_dir = model_args[model_args.index("--model") + 1]
     port = free_port()
     cmd = [
-        *(PYTHON, "-m", "mixserve.cli", "launch"),
-        *("--model", str(model_dir), "--load-format", "dummy", "--num-shard", "1", "--device", "cuda"),
-        *("--dtype", "bfloat16", "--port", str(port), "--max-batch-size", str(max(concurrency))),
+        *(PYTHON, "-m", "mixserve.cli", "launch", *model_args, "--num-shard", "1"),
+        *("--port", str(port), "--max-batch-size", str(max(concurrency))),
     ]
     started = time.monotonic()
-    server = ServerProcess("mixserve", cmd, out_dir / "server.log", child_env())
-    result: dict = {"status": "failed", "command": " ".join(cmd[1:]), "levels": []}
+    env = child_env()
+    env.pop("TRITON_INTERPRET", None)  # the dry run's interpreter is for the kernel part, not the server's shards
+    server = ServerProcess("mixserve", cmd, out_dir / "server.log", env)
+    result: dict = {"status": "failed", "command": " ".join(["mixserve", *cmd[3:]]), "levels": []}
     url = f"http://127.0.0.1:{port}"
     try:
         result["startup_s"] = server.wait_http_ready(f"{url}/health", timeout_s=budget_s * 0.6)
@@ -149,7 +179,7 @@ def run_server(
                 continue
             config = ServeConfig(
                 url=url,
-                model_dir=str(model_dir),
+                model_dir=model_dir,
                 concurrency=[level],
                 num_prompts=max(level, 4),
                 warmup=1,

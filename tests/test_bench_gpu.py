@@ -8,7 +8,6 @@ import subprocess
 
 import pytest
 import torch
-from conftest import PYTHON, subprocess_env
 
 from benchmarks import gpu_server
 from benchmarks.gpu_kernels import layer_weight_bytes, tolerance
@@ -23,6 +22,7 @@ from benchmarks.gpu_layer import (
     torch_layer,
     triton_layer,
 )
+from conftest import PYTHON, subprocess_env
 
 DECODE_CASES = [f"decode b{b} c{c}" for b in (1, 3) for c in (5, 17)]
 PREFILL_CASES = ["prefill 2 x 8", "chunk 8 at 24"]
@@ -33,7 +33,7 @@ def _finite(value) -> bool:
 
 
 @pytest.mark.slow
-def test_dry_run_writes_every_case_with_agreeing_paths(tmp_path):
+def test_dry_run_writes_every_case_with_agreeing_paths_and_serves(tmp_path):
     out = tmp_path / "gpu"
     done = subprocess.run(
         [PYTHON, "-m", "mixserve.cli", "bench", "gpu", "--dry-run", "--out", str(out)],
@@ -67,7 +67,12 @@ def test_dry_run_writes_every_case_with_agreeing_paths(tmp_path):
         assert all(_finite(v["ms"]) and _finite(v["roofline_pct"]) for v in row["variants"].values())
     assert len(result["targets"]) == 3
     assert all(check["verdict"].startswith("not judged") for check in result["targets"])
-    assert result["server"]["status"] == "skipped"
+    # The server part ran the demo on the CPU: every request of both levels answered.
+    server = result["server"]
+    assert server["status"] == "ran", server
+    assert [level["concurrency"] for level in server["levels"]] == [1, 2]
+    assert all(level["ok"] == level["requests"] > 0 and level["errors"] == 0 for level in server["levels"])
+    assert (out / "server.log").exists()
     assert "graph column is eager" in markdown
 
 
