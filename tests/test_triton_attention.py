@@ -2,14 +2,21 @@
 tensors (tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported) or compiled on a GPU
 when the interpreter is off. Shapes are tiny: the interpreter costs ~20-30 ms a program.
 
+A last test compiles the kernels for A100 and H100 (ptxas, no GPU needed) in a child process
+without the interpreter, so CI also checks the compiled path's typing and tile shapes.
+
 Legend: h query heads, kv KV heads, d head dim, S block size.
 """
+
+import subprocess
+import textwrap
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
+from conftest import PYTHON, subprocess_env  # noqa: E402
 from shards.attention_metadata import AttentionMetadata, PrefillChunk  # noqa: E402
 from shards.layers.attention import gathered_decode_attention, paged_attention  # noqa: E402
 from shards.triton import attention  # noqa: E402
@@ -175,14 +182,17 @@ def test_prefill_equals_the_torch_path(heads, kv_heads, head_dim, block_size, dt
     torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)
 
 
-def test_prefill_long_chunk_spans_several_tiles():
-    """A chunk longer than a query tile (BLOCK_Q = 64 / G_PAD tokens) at an offset, with the grid
-    sized from q's length (max_chunk_len left out): tiles past the shorter chunk's end write nothing."""
-    chunks = [(5, 40), (0, 3)]
-    q, cache, query_start, starts, tables, meta = _prefill_case(8, 2, 16, 4, chunks, torch.float32)
-    expected = paged_attention(q, cache, meta, 0.25, None)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_prefill_long_chunk_spans_several_tiles(dtype):
+    """A chunk longer than a query tile (BLOCK_Q = 64 / G_PAD tokens) at an offset, its keys over
+    several key tiles (32 for fp32, 64 otherwise), the grid sized from q's length (max_chunk_len
+    left out): tiles past the shorter chunk's end write nothing."""
+    chunks = [(70, 40), (0, 3)]
+    q, cache, query_start, starts, tables, meta = _prefill_case(8, 2, 16, 4, chunks, dtype)
+    expected = paged_attention(*_fp32(q, cache), meta, 0.25, None)
     got = attention.paged_prefill_attention(q, cache, query_start, starts, tables, 0.25)
-    torch.testing.assert_close(got, expected)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)
 
 
 def test_prefill_reads_only_the_context():
@@ -241,3 +251,57 @@ def test_bad_arguments_raise():
         prefill(q, cache, query_start, starts, tables, 0.25, max_chunk_len=q.shape[0] + 1)
     with pytest.raises(ValueError, match="block tables"):
         prefill(q, cache, query_start, starts, tables.float(), 0.25)
+
+
+# Compiles each kernel once for sm80 and sm90 with the shapes of Mixtral at 4 ranks (8 query heads,
+# 2 KV heads, head dim 128, blocks of 16), the tile sizes the wrappers launch with.
+_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from shards.triton import attention as A
+from shards.triton import attention_kernels as K
+
+assert not A.interpreted()
+STRIDES = ["stride_kn", "stride_ks", "stride_kh", "stride_vn", "stride_vs", "stride_vh", "stride_tb"]
+
+def compile_for(target, fn, args, consts, num_warps=4):
+    signature = {**args, **{name: "i32" for name in STRIDES}, **{name: "constexpr" for name in consts}}
+    triton.compile(ASTSource(fn, signature, constexprs=consts), target=target, options={"num_warps": num_warps})
+
+for arch in (80, 90):
+    target = GPUTarget("cuda", arch, 32)
+    for dtype, dot_fp32 in (("bf16", False), ("fp32", True)):
+        common = dict(GROUP=4, HEAD_DIM=128, BLOCK_SIZE=16, HAS_WINDOW=True, DOT_FP32=dot_fp32)
+        pools = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "tables_ptr": "*i32"}
+        decode = {**pools, "context_lens_ptr": "*i32", "out_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32",
+                  "scale": "fp32", "window": "i32", "partition_size": "i32", "num_splits": "i32",
+                  "stride_qb": "i32", "stride_qh": "i32"}
+        compile_for(target, K.decode_partition_kernel, decode,
+                    dict(common, GROUP_PAD=16, BLOCK_N=A.DECODE_BLOCK_N, DIRECT=False))
+        prefill = {**pools, "query_start_ptr": "*i32", "start_positions_ptr": "*i32", "out_ptr": f"*{dtype}",
+                   "scale": "fp32", "window": "i32", "stride_qt": "i32", "stride_qh": "i32"}
+        block_n = A.PREFILL_BLOCK_N_FP32 if dot_fp32 else A.PREFILL_BLOCK_N
+        compile_for(target, K.prefill_kernel, prefill,
+                    dict(common, GROUP_PAD=4, BLOCK_Q=A.PREFILL_BLOCK_M // 4, BLOCK_N=block_n), A.PREFILL_WARPS)
+    reduce = {"partial_out_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32", "out_ptr": "*bf16",
+              "num_splits": "i32"}
+    triton.compile(ASTSource(K.decode_reduce_kernel, {**reduce, "HEAD_DIM": "constexpr", "SPLITS_PAD": "constexpr"},
+                             constexprs=dict(HEAD_DIM=128, SPLITS_PAD=64)), target=target)
+"""
+
+
+def test_kernels_compile_for_a100_and_h100():
+    try:
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton has no NVIDIA backend")
+    result = subprocess.run(
+        [PYTHON, "-c", textwrap.dedent(_COMPILE)],
+        env=subprocess_env(TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]

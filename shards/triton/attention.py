@@ -22,12 +22,21 @@ Wrappers (the kernels are in attention_kernels.py):
         kv) with BLOCK_Q = PREFILL_BLOCK_M / G_PAD tokens a tile; max_chunk_len is a host int the
         caller knows (the longest chunk; default T, always enough): a longer chunk's tail is not computed.
 
-    usable(q, k_pool) -> bool: whether these kernels take q over k_pool (triton installed, a dtype
-        and head dim they support, a CUDA device or the interpreter asked for on the CPU).
+    usable(q, k_pool, interpreter=False) -> bool: whether these kernels take q over k_pool (triton
+        installed; fp16/bf16/fp32 alike in q and the pools; head dim a power of two in [16, 128];
+        heads a multiple of KV heads; CUDA tensors with the kernels compiled, or CPU tensors when the
+        caller asks for the interpreter and triton runs interpreted).
+
+    Both wrappers raise ValueError on arguments they do not take (shapes, dtypes, devices), read the
+    pools in place, accumulate in fp32, and launch on the current CUDA device (which must be q's).
+    Block ids, context lengths, offsets and positions must lie inside the pools and tables: checking
+    them would cost a host sync (the runner builds them so).
 
 Legend: B decoding sequences, P prefill chunks, T query tokens, h query heads, kv KV heads,
 G = h / kv, G_PAD the group padded to a power of two, d head dim, N blocks, S block size, M table width.
 """
+
+import functools
 
 import torch
 
@@ -39,11 +48,15 @@ except ImportError:  # triton is not installed: usable() says no and the torch p
     kernels = None
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
-DECODE_BLOCK_N = 32  # key positions a decode program reads per step
+MAX_HEAD_DIM = 128  # fp32 prefill tiles of 256 would overflow shared memory
+# Tile sizes, checked by compiling for sm80/sm90 (ptxas): no register spills in fp16/bf16 at head dim 128.
+DECODE_BLOCK_N = 32  # key positions a decode program reads per step (4 warps, ~72-84 registers)
 PREFILL_BLOCK_M = 64  # (token, head) rows of a prefill tile
-PREFILL_BLOCK_N = 32
-# A decode partition shorter than this costs more in the reduction than its extra parallelism gains.
+PREFILL_BLOCK_N = 64  # key positions per step for fp16/bf16 (8 warps, ~140-180 registers)
+PREFILL_BLOCK_N_FP32 = 32  # fp32 tiles are twice the bytes: 64 would spill
+PREFILL_WARPS = 8
+# The shortest decode partition (4 K/V tiles): each partition also loads q and writes a partial for
+# the reduction, a fixed cost that short ones do not repay. A floor not yet tuned on a GPU.
 MIN_PARTITION = 128
 # tl.dot needs at least 16 rows on the tensor cores: a decode tile's group is padded to it.
 MIN_DOT_ROWS = 16
@@ -201,9 +214,10 @@ def paged_prefill_attention(
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         BLOCK_Q=block_q,
-        BLOCK_N=PREFILL_BLOCK_N,
+        BLOCK_N=PREFILL_BLOCK_N_FP32 if q.dtype == torch.float32 else PREFILL_BLOCK_N,
         HAS_WINDOW=sliding_window is not None,
         DOT_FP32=_dot_in_fp32(q),
+        num_warps=PREFILL_WARPS,
     )
     return out
 
@@ -231,7 +245,7 @@ def _check_common(
     if q.device.type == "cuda" and q.device.index != torch.cuda.current_device():
         raise ValueError(f"attention on {q.device} but the current CUDA device is {torch.cuda.current_device()}")
     if q.device.type == "cpu" and not interpreted():
-        raise ValueError("attention on CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+        raise ValueError("attention on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
     if q.device.type not in ("cuda", "cpu"):
         raise ValueError(f"attention on {q.device}: Triton runs on CUDA (or the CPU through its interpreter)")
     heads, head_dim = q.shape[1:]
@@ -262,17 +276,14 @@ def _decode_partition_size(batch: int, kv_heads: int, max_tokens: int, device: t
         return max(DECODE_BLOCK_N, _next_power_of_two(max_tokens))
     programs_wanted = 2 * _sm_count(device.index)
     splits_wanted = -(-programs_wanted // (batch * kv_heads))
+    tokens_per_split = max(1, -(-max_tokens // splits_wanted))
     # Rounded down to a power of two: at least the splits wanted.
-    return max(MIN_PARTITION, 1 << (-(-max_tokens // splits_wanted)).bit_length() - 1)
+    return max(MIN_PARTITION, 1 << tokens_per_split.bit_length() - 1)
 
 
-_SM_COUNTS: dict[int, int] = {}
-
-
+@functools.cache
 def _sm_count(index: int) -> int:
-    if index not in _SM_COUNTS:
-        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNTS[index]
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _dot_in_fp32(q: torch.Tensor) -> bool:
