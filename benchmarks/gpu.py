@@ -176,7 +176,6 @@ def run(args: argparse.Namespace) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
-    from benchmarks import gpu_report
     from shards.triton import attention
 
     full, tiny = _suites()
@@ -199,15 +198,27 @@ def run(args: argparse.Namespace) -> int:
         "shapes": {k: getattr(suite.shapes, k) for k in suite.shapes.__dataclass_fields__},
         **run_kernels(suite, device, args.dry_run, max(0.0, args.time_budget - server_reserve)),
     }
+    # Written now and again at the end: a server part cut short by an outer timeout keeps the kernel figures.
+    result["server"] = {"status": "skipped", "reason": "not reached: the run stopped before the server part"}
+    write_results(result, out)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the server's shard shares this GPU
     result["server"] = run_server_part(args, device, out, args.time_budget - (time.monotonic() - started))
     if result["server"]["status"] == "skipped":
         log.info("event=server_skipped reason=%s", result["server"]["reason"])
+    sys.stdout.write(write_results(result, out) + "\n")
+    return 0
+
+
+def write_results(result: dict, out: Path) -> str:
+    """gpu.json, gpu.md and gpu.png (without matplotlib: none) in out; returns the Markdown."""
+    from benchmarks import gpu_report
+
     result["plot"] = "gpu.png" if gpu_report.plot_roofline(result, out / "gpu.png") else None
     report.write_json(result, out / "gpu.json")
     table = gpu_report.gpu_markdown(result)
     (out / "gpu.md").write_text(table + "\n")
-    sys.stdout.write(table + "\n")
-    return 0
+    return table
 
 
 def main() -> int:

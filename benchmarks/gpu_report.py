@@ -51,7 +51,7 @@ def gpu_markdown(result: dict) -> str:
         "## Decode, one layer of one rank",
         "",
         "| case | torch ms | triton ms | graph ms | graph vs torch | roofline torch / triton / graph "
-        "| peak GiB torch / triton | triton error vs torch |",
+        "| peak GiB above held, torch / triton | triton error vs torch |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for case in result["cases"]:
@@ -85,6 +85,7 @@ def gpu_markdown(result: dict) -> str:
             f"| {_error(v['triton'])} |"
         )
     lines += ["", "## Whole model on one rank: per-layer decode x layers + LM head", ""]
+    lines += ["(no all-reduce, embedding or sampling: the kernels' share of a decode step)", ""]
     lines += ["| batch | context | torch ms (tok/s) | triton ms (tok/s) | graph ms (tok/s) | roofline graph |"]
     lines += ["|---|---|---|---|---|---|"]
     for row in result["whole_model"]:

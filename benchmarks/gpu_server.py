@@ -181,7 +181,7 @@ def run_server(
                 url=url,
                 model_dir=model_dir,
                 concurrency=[level],
-                num_prompts=max(level, 4),
+                num_prompts=max(level, 2),
                 warmup=1,
                 workload=WorkloadConfig(input_len, output_len, 0.0, 0),
                 timeout_s=max(30.0, budget_s - (time.monotonic() - started)),
