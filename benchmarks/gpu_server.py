@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 
 from benchmarks.processes import PYTHON, ServerProcess, child_env, free_port
-from benchmarks.serve import ServeConfig, run_benchmark
-from benchmarks.workload import WorkloadConfig
 
 log = logging.getLogger("mixserve.bench")
 
@@ -159,6 +157,10 @@ def run_server(
 ) -> dict:
     """Start one shard's server on `model_args` (`--model DIR ...`), sweep the levels within budget_s
     (start-up included), stop it; the levels' summaries."""
+    # The load generator's imports (aiohttp, tokenizers) load only here: the kernel part runs without them.
+    from benchmarks.serve import ServeConfig, run_benchmark
+    from benchmarks.workload import WorkloadConfig
+
     model_dir = model_args[model_args.index("--model") + 1]
     port = free_port()
     cmd = [
