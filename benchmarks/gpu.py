@@ -31,7 +31,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SERVER_RESERVE_S = 180.0
 
 
-def _suites():
+def suites():
     """The full and the dry-run suites (imported late: torch and triton load only when the command runs)."""
     import torch
 
@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
 
     from shards.triton import attention
 
-    full, tiny = _suites()
+    full, tiny = suites()
     suite = tiny if args.dry_run else full
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     if args.dry_run and not attention.interpreted():

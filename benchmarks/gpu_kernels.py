@@ -145,7 +145,7 @@ def _peak_gib(device: torch.device, before: int) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - before) / 2**30
 
 
-def _run_variant(
+def run_variant(
     name: str, make: Callable[[], tuple[Callable[[], torch.Tensor], bool]], device: torch.device, suite: "Suite"
 ) -> tuple[dict, torch.Tensor | None]:
     """Build and time one variant; an out-of-memory or a failure is recorded, its memory freed, and the run
@@ -220,7 +220,7 @@ def decode_case(
         "triton_graph": lambda: capture_graph(lambda: triton_layer(shapes, weights, cache, step), device),
     }
     for name, make in makers.items():
-        records[name], outputs[name] = _run_variant(name, make, device, suite)
+        records[name], outputs[name] = run_variant(name, make, device, suite)
         _add_rates(records[name], nbytes, bandwidth_gb_s)
     _compare(records, outputs, suite.dtype)
     return {
@@ -263,7 +263,7 @@ def prefill_case(
     records: dict = {}
     outputs: dict = {}
     for variant, layer in (("torch", torch_layer), ("triton", triton_layer)):
-        records[variant], outputs[variant] = _run_variant(
+        records[variant], outputs[variant] = run_variant(
             variant, lambda layer=layer: (lambda: layer(shapes, weights, cache, step), False), device, suite
         )
         _add_rates(records[variant], nbytes, bandwidth_gb_s)

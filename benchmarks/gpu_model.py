@@ -32,7 +32,7 @@ def whole_model(suite: Suite, cases: list[dict], lm_heads: list[dict], bandwidth
             (
                 c
                 for c in cases
-                if c["kind"] == "decode" and c["batch"] == head["batch"] and c["context"] == suite.whole_model_context
+                if "variants" in c and c.get("batch") == head["batch"] and c.get("context") == suite.whole_model_context
             ),
             None,
         )

@@ -32,7 +32,7 @@ def _error(record: dict | None) -> str:
 
 
 def _speedup(case: dict, name: str) -> str:
-    base, fast = case["variants"]["torch"].get("ms"), case["variants"].get(name, {}).get("ms")
+    base, fast = case["variants"]["torch"].get("ms"), case["variants"][name].get("ms")
     return "—" if not base or not fast else f"{base / fast:.1f}x"
 
 

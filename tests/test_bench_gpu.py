@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from benchmarks import gpu_server
-from benchmarks.gpu_kernels import layer_weight_bytes, tolerance
+from benchmarks.gpu import suites as gpu_suites
+from benchmarks.gpu_kernels import layer_weight_bytes, run_variant, tolerance
 from benchmarks.gpu_layer import (
     MIXTRAL_8X7B_RANK,
     TINY_RANK,
@@ -128,3 +129,36 @@ def test_server_part_detects_the_launch_flag():
     launcher.add_arguments(parser)
     assert gpu_server.launch_supports_dummy_weights() == ("--load-format" in parser.format_help())
     assert "no CUDA device" in gpu_server.skip_reason("cpu")
+
+
+def test_cases_past_the_time_budget_are_recorded_as_skipped(tmp_path):
+    from benchmarks import gpu
+
+    parser = argparse.ArgumentParser()
+    gpu.add_arguments(parser)
+    args = parser.parse_args(["--dry-run", "--skip-server", "--time-budget", "0.001", "--out", str(tmp_path)])
+    assert gpu.run(args) == 0
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert sorted(case["name"] for case in result["cases"]) == sorted(DECODE_CASES + PREFILL_CASES)
+    assert all(case["skipped"] == "time budget spent" for case in result["cases"])
+    assert result["whole_model"] == [] and result["targets"] == []
+    assert "skipped: time budget spent" in (tmp_path / "gpu.md").read_text()
+
+
+def test_out_of_memory_and_failures_are_recorded_not_raised():
+    suite = gpu_suites()[1]
+
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+
+    def broken():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    record, out = run_variant("torch", out_of_memory, torch.device("cpu"), suite)
+    assert record["oom"] is True and record["ms"] is None and out is None
+    record, out = run_variant("triton_graph", broken, torch.device("cpu"), suite)
+    assert record["oom"] is False and "stream is capturing" in record["error"] and out is None
+    ok = torch.ones(3)
+    record, out = run_variant("triton", lambda: (lambda: ok * 2, False), torch.device("cpu"), suite)
+    assert record["ms"] > 0 and record["iterations"] >= 3
+    torch.testing.assert_close(out, ok * 2)
