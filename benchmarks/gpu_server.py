@@ -166,6 +166,9 @@ def run_server(
     cmd = [
         *(PYTHON, "-m", "mixserve.cli", "launch", *model_args, "--num-shard", "1"),
         *("--port", str(port), "--max-batch-size", str(max(concurrency))),
+        # Sequences no longer than the workload's (with room for BOS and the template): the start-up
+        # warm-up and KV sizing see the steps this load makes, not the model's 32k context.
+        *("--max-total-tokens", str(2 * (input_len + output_len))),
     ]
     started = time.monotonic()
     env = child_env()
