@@ -19,6 +19,7 @@ import datetime
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -147,15 +148,18 @@ def run_server_part(args: argparse.Namespace, device, out: Path, remaining_s: fl
 
     if args.skip_server:
         return {"status": "skipped", "reason": "--skip-server"}
-    if args.dry_run:
-        return gpu_server.run_server(out, gpu_server.demo_launch_args(), max(remaining_s, 60.0), [1, 2], 8, 8)
-    reason = gpu_server.skip_reason(device.type)
-    if reason is None and remaining_s < 60:
-        reason = f"{remaining_s:.0f} s of --time-budget left"
-    if reason:
-        return {"status": "skipped", "reason": reason}
-    model_args = gpu_server.mixtral_launch_args()
-    return gpu_server.run_server(out, model_args, remaining_s, args.concurrency, args.input_len, args.output_len)
+    if not args.dry_run:
+        reason = gpu_server.skip_reason(device.type)
+        if reason is None and remaining_s < 60:
+            reason = f"{remaining_s:.0f} s of --time-budget left"
+        if reason:
+            return {"status": "skipped", "reason": reason}
+    with tempfile.TemporaryDirectory(prefix="mixserve-bench-gpu-") as scratch:
+        if args.dry_run:
+            model_args = gpu_server.demo_launch_args(Path(scratch))
+            return gpu_server.run_server(out, model_args, max(remaining_s, 60.0), [1, 2], 8, 8)
+        model_args = gpu_server.mixtral_launch_args(Path(scratch))
+        return gpu_server.run_server(out, model_args, remaining_s, args.concurrency, args.input_len, args.output_len)
 
 
 def _default_out() -> Path:

@@ -11,8 +11,8 @@ import asyncio
 import importlib.util
 import json
 import logging
+import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -134,17 +134,28 @@ def skip_reason(device_type: str) -> str | None:
     return None
 
 
-def mixtral_launch_args() -> list[str]:
-    """The GPU run's model: Mixtral-8x7B's config with random bf16 weights made on one GPU."""
-    model_dir = write_model_dir(Path(tempfile.mkdtemp(prefix="mixtral-8x7b-config-")))
+def mixtral_launch_args(scratch: Path) -> list[str]:
+    """The GPU run's model: Mixtral-8x7B's config (written under scratch) with random bf16 weights made
+    on one GPU."""
+    model_dir = write_model_dir(scratch / "mixtral-8x7b-config")
     return ["--model", str(model_dir), "--load-format", "dummy", "--device", "cuda", "--dtype", "bfloat16"]
 
 
-def demo_launch_args() -> list[str]:
-    """The dry run's model: the demo checkpoint on the CPU."""
+def demo_launch_args(scratch: Path) -> list[str]:
+    """The dry run's model: the demo on the CPU, through the GPU run's path where this mixserve has it
+    (its config.json and tokenizer alone, random weights), else from its checkpoint."""
     from shards.demo.checkpoint import ensure_demo_checkpoint
 
-    return ["--model", str(ensure_demo_checkpoint()), "--device", "cpu"]
+    demo = ensure_demo_checkpoint()
+    if not launch_supports_dummy_weights():
+        return ["--model", str(demo), "--device", "cpu"]
+    config_only = scratch / "demo-config"
+    config_only.mkdir(parents=True, exist_ok=True)
+    for path in demo.iterdir():
+        if path.is_file() and path.suffix == ".json":
+            shutil.copy(path, config_only / path.name)
+    (config_only / "model.safetensors.index.json").unlink(missing_ok=True)
+    return ["--model", str(config_only), "--load-format", "dummy", "--device", "cpu"]
 
 
 def run_server(

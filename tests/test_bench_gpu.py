@@ -122,6 +122,7 @@ def test_server_model_dir_has_mixtral_shapes_and_a_tokenizer(tmp_path):
     assert ids and max(ids) < json.loads((model_dir / "config.json").read_text())["vocab_size"]
 
 
+@pytest.mark.slow
 def test_server_part_detects_the_launch_flag():
     from router import launcher
 
