@@ -120,7 +120,7 @@ def run_kernels(suite, device, dry_run: bool, budget_s: float) -> dict:
             continue
         log.info("event=case name=%s %s", name, _case_log(case))
         cases.append(case)
-    lm_heads = [gpu_model.lm_head_case(suite, batch, device, bandwidth) for batch in suite.whole_model_batches]
+    lm_heads = [gpu_model.lm_head_case(suite, batch, device) for batch in suite.whole_model_batches]
     whole = gpu_model.whole_model(suite, cases, lm_heads, bandwidth)
     graphs = device.type == "cuda"
     del weights

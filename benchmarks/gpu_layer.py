@@ -2,9 +2,9 @@
 
 `bench gpu` times these steps; they hold no serving code. Both take the same weights, KV pools
 and step inputs and return the layer's output hidden states:
-- torch: the paths a CUDA shard takes today (RMSNorm and RoPE in torch as RMSNorm/RotaryEmbedding
-  fall back to off the CPU, `write_kv`, `gathered_decode_attention` or the per-chunk prefill loop
-  of `paged_attention`, `route`, `experts_grouped`);
+- torch: the paths a CUDA shard took before the Triton kernels (RMSNorm and RoPE as RMSNorm and
+  RotaryEmbedding compute them off the CPU, `write_kv`, `gathered_decode_attention` or the
+  per-chunk prefill loop of `paged_attention`, `route`, `experts_grouped`);
 - triton: fused RMSNorm (+ residual), rotary + KV write, paged attention read in place, fused MoE.
 Neither runs the all-reduces of a real rank (one GPU stands in for one rank of four).
 

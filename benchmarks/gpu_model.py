@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from benchmarks.gpu_kernels import Suite, time_ms
 
 
-def lm_head_case(suite: Suite, batch: int, device: torch.device, bandwidth_gb_s: float) -> dict:
+def lm_head_case(suite: Suite, batch: int, device: torch.device) -> dict:
     """This rank's slice of the LM head at batch B: one matmul against [V/n, H]."""
     shapes = suite.shapes
     weight = (torch.randn(shapes.vocab, shapes.hidden, device=device) * 0.02).to(suite.dtype)
