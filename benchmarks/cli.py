@@ -5,6 +5,7 @@
 - `roofline`: this machine's memory bandwidth and matmul FLOP/s, and the model's ceilings on it.
 - `compare`: mixserve (1 and 4 shards), the naive baseline and every installed peer, one after another.
 - `collectives`: the shards' all-reduce per call on this host (shared memory through C or torch, gloo).
+- `gpu`: one layer's kernels at Mixtral-8x7B's shapes (torch vs Triton vs CUDA graphs) and the server at TP 1.
 - `soak`: minutes of mixed load (every API, cancelled streams, bad bodies), then a request, KV and RSS leak check.
 """
 
@@ -17,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "roofline": ("benchmarks.roofline", "memory bandwidth, FLOP/s and the model's ceilings on this machine"),
     "compare": ("benchmarks.compare", "mixserve, the naive baseline and the peers side by side"),
     "collectives": ("benchmarks.collectives", "the shards' all-reduce per call on this host: shared memory or gloo"),
+    "gpu": ("benchmarks.gpu", "Mixtral-8x7B's GPU path: layer kernels vs today's torch path, then the server"),
     "soak": ("benchmarks.soak", "minutes of mixed load, then a request, KV block and RSS leak check"),
 }
 

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# `mixserve bench gpu` on a lent GPU machine, as one command from the repository root:
+#
+#     bash benchmarks/gpu_run.sh            (device tool: timeout_s 560, carry [".whl"] if made)
+#
+# Results land in $OUT/gpu/ (gpu.json, gpu.md, gpu.png, server.log: at most 8 files come back) or,
+# without $OUT, in benchmarks/results/gpu-<UTC time>/. Copy them to benchmarks/results/gpu-<time>/
+# and commit them.
+#
+# Nothing is installed from a registry there: the repository runs from its own tree (PYTHONPATH),
+# the router and the shards as `python -m mixserve.cli` children that inherit it. The kernel part
+# needs torch and triton alone. The server part also needs the router's imports; the GPU image
+# lacks grpcio-health-checking and grpcio-reflection, and the gRPC stubs need protobuf >= 7.35.1.
+# Bring them as wheels in an ignored .whl/ (python 3.12, x86-64) and name .whl in carry:
+#
+#     echo /.whl/ >> .git/info/exclude
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux2014_x86_64 -d .whl grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 \
+#         protobuf==7.36.2
+#
+# Without them the server part is skipped with its reason and the kernel figures still come back.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "gpu_run: installing the carried wheels failed"; exit 1; }
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD:$PWD/proto${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+
+python3 - <<'EOF' || exit 1
+import importlib.util, sys
+import torch
+missing = [m for m in ("torch", "triton") if importlib.util.find_spec(m) is None]
+if missing or not torch.cuda.is_available():
+    sys.exit(f"gpu_run: needs torch and triton with a CUDA device (missing: {missing or 'none'}, "
+             f"cuda available: {torch.cuda.is_available()})")
+import triton
+print(f"gpu_run: {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
+from benchmarks.gpu_server import missing_modules
+server_missing = missing_modules()
+print("gpu_run: server imports " + (f"MISSING {server_missing}: the server part will be skipped"
+                                    if server_missing else "present"))
+EOF
+
+out=${OUT:+$OUT/gpu}
+# Under 8 minutes for the whole command (the issue's bound): --time-budget leaves 70 s for a level in flight,
+# the server's stop and the report; gpu.json is written once the kernels are done, so a timeout in the
+# server part keeps them.
+timeout 470 python3 -m benchmarks.gpu --time-budget 400 ${out:+--out "$out"} 2>&1 | tee ${out:+"$out.log"}
+status=${PIPESTATUS[0]}
+[ -n "$out" ] && [ -f "$out.log" ] && mv "$out.log" "$out/run.log"
+exit "$status"

@@ -1,0 +1,165 @@
+"""`mixserve bench gpu`: the dry run end to end, the two layer paths against each other, the byte counts
+and the server part's model directory."""
+
+import argparse
+import json
+import math
+import subprocess
+
+import pytest
+import torch
+
+from benchmarks import gpu_server
+from benchmarks.gpu import suites as gpu_suites
+from benchmarks.gpu_kernels import layer_weight_bytes, run_variant, tolerance
+from benchmarks.gpu_layer import (
+    MIXTRAL_8X7B_RANK,
+    TINY_RANK,
+    LayerWeights,
+    decode_batch,
+    expected_experts_hit,
+    prefill_batch,
+    random_pools,
+    torch_layer,
+    triton_layer,
+)
+from conftest import PYTHON, subprocess_env
+
+DECODE_CASES = [f"decode b{b} c{c}" for b in (1, 3) for c in (5, 17)]
+PREFILL_CASES = ["prefill 2 x 8", "chunk 8 at 24"]
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+@pytest.mark.slow
+def test_dry_run_writes_every_case_with_agreeing_paths_and_serves(tmp_path):
+    out = tmp_path / "gpu"
+    done = subprocess.run(
+        [PYTHON, "-m", "mixserve.cli", "bench", "gpu", "--dry-run", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "gpu.json").read_text())
+    markdown = (out / "gpu.md").read_text()
+    assert result["dry_run"] and result["dtype"] == "float32"
+    assert _finite(result["ceilings"]["bandwidth"]["gb_s"]) and result["ceilings"]["bandwidth"]["gb_s"] > 0
+    cases = {case["name"]: case for case in result["cases"]}
+    assert sorted(cases) == sorted(DECODE_CASES + PREFILL_CASES)
+    for name, case in cases.items():
+        assert name in markdown
+        expected = ["torch", "triton", "triton_graph"] if case["kind"] == "decode" else ["torch", "triton"]
+        assert sorted(case["variants"]) == sorted(expected)
+        assert _finite(case["bytes"]) and case["bytes"] > 0
+        for variant, record in case["variants"].items():
+            assert not record["oom"] and "error" not in record, (name, variant, record)
+            assert _finite(record["ms"]) and record["ms"] > 0 and record["iterations"] >= 3
+            assert _finite(record["roofline_pct"]) and _finite(record["gb_s"])
+            if variant != "torch":
+                assert record["agrees"] is True and record["rel_error"] <= tolerance(torch.float32), (name, record)
+        if case["kind"] == "decode":
+            assert case["variants"]["triton_graph"]["graph"] is False  # eager on the CPU, and said so
+    assert [row["batch"] for row in result["whole_model"]] == [1, 3]
+    for row in result["whole_model"]:
+        assert all(_finite(v["ms"]) and _finite(v["roofline_pct"]) for v in row["variants"].values())
+    assert len(result["targets"]) == 3
+    assert all(check["verdict"].startswith("not judged") for check in result["targets"])
+    # The server part ran the demo on the CPU: every request of both levels answered.
+    server = result["server"]
+    assert server["status"] == "ran", server
+    assert [level["concurrency"] for level in server["levels"]] == [1, 2]
+    assert all(level["ok"] == level["requests"] > 0 and level["errors"] == 0 for level in server["levels"])
+    assert (out / "server.log").exists()
+    assert "graph column is eager" in markdown
+
+
+@pytest.mark.parametrize("step", ["decode", "prefill"])
+def test_triton_layer_matches_torch_layer(step):
+    torch.manual_seed(1)
+    device = torch.device("cpu")
+    weights = LayerWeights.random(TINY_RANK, 64, torch.float32, device)
+    if step == "decode":
+        batch = decode_batch(TINY_RANK, 3, 9, torch.float32, device)
+    else:
+        batch = prefill_batch(TINY_RANK, [(0, 5), (7, 6)], torch.float32, device)
+    cache = random_pools(TINY_RANK, batch.block_tables.numel(), torch.float32, device)
+    expected = torch_layer(TINY_RANK, weights, tuple(t.clone() for t in cache), batch)
+    got = triton_layer(TINY_RANK, weights, cache, batch)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_rank_bytes_match_mixtral_8x7b_rank_of_four():
+    shapes = MIXTRAL_8X7B_RANK
+    layers = shapes.layers * layer_weight_bytes(shapes, 2, shapes.experts)
+    embedding_and_head = 2 * 2 * shapes.vocab * shapes.hidden
+    assert (layers + embedding_and_head) / 2**30 == pytest.approx(21.7, abs=0.1)
+    # One expert's slice on one rank: w1, w3 and w2 of 4096 x 3584 in bf16.
+    assert layer_weight_bytes(shapes, 2, 1) - layer_weight_bytes(shapes, 2, 0) == 3 * 4096 * 3584 * 2
+
+
+def test_expected_experts_hit():
+    assert expected_experts_hit(MIXTRAL_8X7B_RANK, 1) == pytest.approx(2.0)
+    assert expected_experts_hit(MIXTRAL_8X7B_RANK, 64) == pytest.approx(8.0, abs=1e-6)
+    assert 2.0 < expected_experts_hit(MIXTRAL_8X7B_RANK, 2) < 4.0
+
+
+def test_server_model_dir_has_mixtral_shapes_and_a_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from shards.config import ModelConfig
+
+    model_dir = gpu_server.write_model_dir(tmp_path / "mixtral")
+    config = ModelConfig.from_pretrained(model_dir)
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (4096, 14336, 32)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.num_local_experts) == (32, 8, 8)
+    assert not list(model_dir.glob("*.safetensors"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer("a short prompt")["input_ids"]
+    assert ids and max(ids) < json.loads((model_dir / "config.json").read_text())["vocab_size"]
+
+
+@pytest.mark.slow
+def test_server_part_detects_the_launch_flag():
+    from router import launcher
+
+    parser = argparse.ArgumentParser()
+    launcher.add_arguments(parser)
+    assert gpu_server.launch_supports_dummy_weights() == ("--load-format" in parser.format_help())
+    assert "no CUDA device" in gpu_server.skip_reason("cpu")
+
+
+def test_cases_past_the_time_budget_are_recorded_as_skipped(tmp_path):
+    from benchmarks import gpu
+
+    parser = argparse.ArgumentParser()
+    gpu.add_arguments(parser)
+    args = parser.parse_args(["--dry-run", "--skip-server", "--time-budget", "0.001", "--out", str(tmp_path)])
+    assert gpu.run(args) == 0
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert sorted(case["name"] for case in result["cases"]) == sorted(DECODE_CASES + PREFILL_CASES)
+    assert all(case["skipped"] == "time budget spent" for case in result["cases"])
+    assert result["whole_model"] == [] and result["targets"] == []
+    assert "skipped: time budget spent" in (tmp_path / "gpu.md").read_text()
+
+
+def test_out_of_memory_and_failures_are_recorded_not_raised():
+    suite = gpu_suites()[1]
+
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+
+    def broken():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    record, out = run_variant("torch", out_of_memory, torch.device("cpu"), suite)
+    assert record["oom"] is True and record["ms"] is None and out is None
+    record, out = run_variant("triton_graph", broken, torch.device("cpu"), suite)
+    assert record["oom"] is False and "stream is capturing" in record["error"] and out is None
+    ok = torch.ones(3)
+    record, out = run_variant("triton", lambda: (lambda: ok * 2, False), torch.device("cpu"), suite)
+    assert record["ms"] > 0 and record["iterations"] >= 3
+    torch.testing.assert_close(out, ok * 2)
