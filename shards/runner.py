@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shards.attention_metadata import AttentionMetadata, PrefillChunk
+from shards import ops
+from shards.attention_metadata import AttentionMetadata
 from shards.config import ModelConfig, ParallelConfig
 from shards.distributed import TensorParallelGroup
-from shards.kernels import decoder_layer
 from shards.kv_cache import KVCache
 from shards.model import MixtralForCausalLM
 from shards.parallel_greedy import is_plain_greedy, parallel_greedy
@@ -197,11 +197,13 @@ class ModelRunner:
         last_token = [0] * len(steps)
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
-        prefills: list[PrefillChunk] = []
+        prefill_tables: list[list[int]] = []
+        prefill_starts: list[int] = []
+        query_start = [0]
         total = sum(len(s.token_ids) for s in steps)
         # A step with prefill chunks that the decoder layer kernel can take whole (CPU, few tokens)
         # also gets one table row per token (see AttentionMetadata); a decode step has its rows.
-        per_token = total > len(steps) and self.device.type == "cpu" and total <= decoder_layer.max_tokens()
+        per_token = len(steps) < total <= ops.current().decoder_layers_max_tokens
         token_tables: list[list[int]] | None = [] if per_token else None
         token_lens: list[int] = []
         for i in order:
@@ -218,14 +220,18 @@ class ModelRunner:
                 decode_tables.append(table)
                 decode_lens.append(context)
             else:
-                prefills.append(
-                    PrefillChunk(begin, begin + n, s.start_position, torch.tensor(table, device=self.device))
-                )
+                prefill_tables.append(table)
+                prefill_starts.append(s.start_position)
+                query_start.append(query_start[-1] + n)
             if token_tables is not None:
                 token_tables.extend([table] * n)
                 token_lens.extend(range(s.start_position + 1, context + 1))
         dev = self.device
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev), prefills=prefills)
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev))
+        if prefill_tables:
+            meta.prefill_query_start = torch.tensor(query_start, dtype=torch.int32, device=dev)
+            meta.prefill_start_positions = torch.tensor(prefill_starts, dtype=torch.int32, device=dev)
+            meta.prefill_block_tables = _padded(prefill_tables, dev, torch.int32)
         if decode_tables:
             meta.num_decode_tokens = len(decode_tables)
             meta.decode_block_tables = _padded(decode_tables, dev)
@@ -306,10 +312,10 @@ class ModelRunner:
         self.sequences.clear()
 
 
-def _padded(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+def _padded(tables: list[list[int]], device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """Block tables as one [rows, widest] tensor, the shorter rows padded with block 0."""
     width = max(len(t) for t in tables)
-    return torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=dtype, device=device)
 
 
 def _warmup_batch(max_tokens: int, max_seqs: int, block_size: int, vocab_size: int) -> list[SequenceStep]:
