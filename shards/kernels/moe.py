@@ -45,7 +45,7 @@ def moe_experts(
     hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
 ) -> torch.Tensor:
     """This rank's partial MoE output [T, H] for hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], routing
-    weights and expert ids [T, K] (ids >= E, held by another rank, are skipped): as experts_grouped.
+    weights and expert ids [T, K] (ids >= E, held by another rank, are skipped): as the fused_moe reference.
     fp32 CPU tensors; raises TypeError / ValueError for arguments the kernel cannot take."""
     fn = _kernel()
     if fn is None:

@@ -60,7 +60,7 @@ class Ops:
     decoder_layers_max_tokens: int = 0
 
 
-OP_NAMES = tuple(f.name for f in fields(Ops) if f.type == "Callable" or f.type is Callable)
+OP_NAMES = tuple(f.name for f in fields(Ops) if f.type is Callable)
 _REFERENCE = {name: getattr(reference, name) for name in OP_NAMES}
 _current: list[Ops] = []
 
