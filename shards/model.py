@@ -34,6 +34,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.block_sparse_moe = SparseMoE(config, parallel, group)
         self._kernel_halves: tuple[decoder_layer.AttentionHalf, decoder_layer.MoEHalf] | None = None
+        self._kernel_halves_read = False
 
     def forward(
         self,
@@ -46,11 +47,16 @@ class DecoderLayer(nn.Module):
         normed, hidden = self.post_attention_layernorm(attn, residual=hidden)
         return hidden + self.block_sparse_moe(normed)
 
-    def kernel_halves(self) -> tuple[decoder_layer.AttentionHalf, decoder_layer.MoEHalf]:
+    def kernel_halves(self) -> tuple[decoder_layer.AttentionHalf, decoder_layer.MoEHalf] | None:
         """The two halves' weights as the CPU decoder layer kernel reads them (the `decoder_layers` op),
-        gathered on first use after `load` (reading a module's parameters costs ~12 us a layer)."""
-        if self._kernel_halves is None:
-            self._kernel_halves = (self._attention_half(), self._moe_half())
+        or None where it cannot (weights quantized, or not fp32 on the CPU); gathered on first use after
+        `load` (reading a module's parameters costs ~12 us a layer)."""
+        if not self._kernel_halves_read:
+            attn, moe = self.self_attn, self.block_sparse_moe
+            weights = (attn.qkv_proj.weight, attn.o_proj.weight, moe.w13, moe.w2)
+            if all(w is not None and w.dtype == torch.float32 and w.device.type == "cpu" for w in weights):
+                self._kernel_halves = (self._attention_half(), self._moe_half())
+            self._kernel_halves_read = True
         return self._kernel_halves
 
     def _attention_half(self) -> decoder_layer.AttentionHalf:
@@ -72,7 +78,7 @@ class DecoderLayer(nn.Module):
         return decoder_layer.MoEHalf(norm.weight, norm.eps, moe.gate, moe.w13, moe.w2, moe.top_k, moe.first_expert)
 
     def load(self, reader: CheckpointReader, prefix: str) -> None:
-        self._kernel_halves = None
+        self._kernel_halves, self._kernel_halves_read = None, False
         self.input_layernorm.load(reader, f"{prefix}.input_layernorm.weight")
         self.self_attn.load(reader, f"{prefix}.self_attn")
         self.post_attention_layernorm.load(reader, f"{prefix}.post_attention_layernorm.weight")

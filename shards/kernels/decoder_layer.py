@@ -11,7 +11,8 @@ head dim, E experts held of `num_experts`, K experts per token, I intermediate s
 """
 
 import ctypes
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import torch
 
@@ -69,6 +70,7 @@ class AttentionHalf:
     heads: int  # h
     scale: float
     sliding_window: int | None
+    shape_key: tuple[int, ...] = field(init=False)  # (H, h, kv, D): what the scratch size depends on
 
     def __post_init__(self) -> None:
         hidden = require(self.norm_weight, "input_layernorm weight", torch.float32, 1)[0]
@@ -86,15 +88,12 @@ class AttentionHalf:
         at_most("head dim", head_dim, attention_kernel.MAX_HEAD_DIM)
         if head_dim % 2:
             raise ValueError(f"rotary needs an even head dim, got {head_dim}")
+        object.__setattr__(self, "shape_key", (hidden, self.heads, self.kv_heads, head_dim))
 
     @property
     def kv_heads(self) -> int:
         head_dim = self.cos.shape[1]
         return (self.w_qkv.shape[0] // head_dim - self.heads) // 2
-
-    def shape_key(self) -> tuple[int, ...]:
-        """What the step's scratch size depends on in this half."""
-        return (self.heads, self.kv_heads, self.cos.shape[1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +107,7 @@ class MoEHalf:
     w2: torch.Tensor  # [E, H, I]
     top_k: int  # K
     first_expert: int
+    shape_key: tuple[int, ...] = field(init=False)  # (num_experts, K, E, I): what the scratch size depends on
 
     def __post_init__(self) -> None:
         hidden = require(self.norm_weight, "post_attention_layernorm weight", torch.float32, 1)[0]
@@ -122,10 +122,7 @@ class MoEHalf:
             raise ValueError(
                 f"top_k {self.top_k} and experts {self.first_expert}..+{held} must lie within the gate's {num_experts}"
             )
-
-    def shape_key(self) -> tuple[int, ...]:
-        """What the step's scratch size depends on in this half."""
-        return (self.gate.shape[0], self.top_k, *self.w13.shape)
+        object.__setattr__(self, "shape_key", (num_experts, self.top_k, held, inter))
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +167,7 @@ def prepare_step(
     if per_token is None:
         raise ValueError("the decoder layer kernel takes a step whose every token has its own block table")
     tables, context_lens = attention_kernel.check_tables(*per_token, tokens)
-    floats = _scratch_floats(tokens, attention, moe)
+    floats = _scratch_floats(tokens, attention.shape_key, moe.shape_key)
     return KernelStep(
         hidden,
         positions,
@@ -178,8 +175,8 @@ def prepare_step(
         tables,
         context_lens,
         pool_shape,
-        attention.shape_key(),
-        moe.shape_key(),
+        attention.shape_key,
+        moe.shape_key,
         torch.empty(floats),
         torch.empty_like(hidden),
         torch.empty_like(hidden),
@@ -192,21 +189,11 @@ def _index(values: torch.Tensor, name: str, tokens: int) -> torch.Tensor:
     return values
 
 
-def _scratch_floats(tokens: int, attention: AttentionHalf, moe: MoEHalf) -> int:
+@functools.lru_cache(maxsize=256)
+def _scratch_floats(tokens: int, attention_key: tuple[int, ...], moe_key: tuple[int, ...]) -> int:
     fn = _function("decoder_layer_scratch", _SCRATCH_ARGTYPES)
     fn.restype = ctypes.c_int64  # a count of floats, not native.function's int status
-    held, two_inter, _ = moe.w13.shape
-    return fn(
-        tokens,
-        attention.w_o.shape[0],
-        attention.heads,
-        attention.kv_heads,
-        attention.cos.shape[1],
-        moe.gate.shape[0],
-        moe.top_k,
-        held,
-        two_inter // 2,
-    )
+    return fn(tokens, *attention_key, *moe_key)
 
 
 def _check_partial(partial: torch.Tensor, step: KernelStep) -> None:
@@ -230,7 +217,7 @@ def attention_block(
     paged cache (RMSNorm, q/k/v, rotary, the KV write at the tokens' slots, paged attention over the
     step's per-token tables)."""
     fn = _function("attention_block", _ATTENTION_ARGTYPES)
-    if not isinstance(weights, AttentionHalf) or weights.shape_key() != step.attention_key:
+    if not isinstance(weights, AttentionHalf) or weights.shape_key != step.attention_key:
         raise ValueError(f"the attention half must be shaped {step.attention_key} as the step was prepared for")
     k_pool, v_pool = cache
     for pool in cache:
@@ -294,7 +281,7 @@ def moe_block(step: KernelStep, partial: torch.Tensor, weights: MoEHalf) -> None
     """step.hidden [T, H] += partial; step.moe_out = this rank's partial MoE output (RMSNorm, gate,
     top-K routing, the experts held)."""
     fn = _function("moe_block", _MOE_ARGTYPES)
-    if not isinstance(weights, MoEHalf) or weights.shape_key() != step.moe_key:
+    if not isinstance(weights, MoEHalf) or weights.shape_key != step.moe_key:
         raise ValueError(f"the MoE half must be shaped {step.moe_key} as the step was prepared for")
     _check_partial(partial, step)
     x = step.hidden

@@ -122,10 +122,11 @@ def decoder_layers(
     """reference.decoder_layers, each layer as two C calls around its two all-reduces where the step
     fits the decoder layer kernel: every token one query over its own block table (a decode step, or
     a small one with prefill chunks), fp32, weights held in full precision, shapes within its limits."""
-    if not _layers_fit(layers[0], hidden, kv_cache, meta):
+    halves = layers[0].kernel_halves()
+    if halves is None or not _step_fits(halves, hidden, kv_cache, meta):
         return reference.decoder_layers(layers, positions, hidden, kv_cache, meta)
     hidden = hidden.contiguous()
-    step = decoder_layer.prepare_step(hidden, positions, meta, kv_cache.layer(0), *layers[0].kernel_halves())
+    step = decoder_layer.prepare_step(hidden, positions, meta, kv_cache.layer(0), *halves)
     pending = None
     for index, layer in enumerate(layers):
         pending = decoder_layer_step(layer, step, pending, kv_cache.layer(index))
@@ -149,18 +150,14 @@ def decoder_layer_step(
     return layer.block_sparse_moe.group.all_reduce(step.moe_out)
 
 
-def _layers_fit(layer: nn.Module, hidden: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> bool:
-    attn, experts = layer.self_attn, layer.block_sparse_moe
+def _step_fits(halves: tuple, hidden: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> bool:
+    attention, experts = halves
+    _, heads, _, head_dim = attention.shape_key
     return (
         meta.per_token() is not None
         and _fp32_cpu(hidden)
         and kv_cache.keys.dtype is _F32
-        and attn.qkv_proj.weight is not None
-        and attn.o_proj.weight is not None
-        and experts.w13 is not None
-        and decoder_layer.fits(
-            hidden.shape[0], attn.qkv_proj.num_heads, attn.head_dim, kv_cache.block_size, experts.gate.shape[0]
-        )
+        and decoder_layer.fits(hidden.shape[0], heads, head_dim, kv_cache.block_size, experts.shape_key[0])
     )
 
 
