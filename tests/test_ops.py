@@ -305,3 +305,33 @@ def test_decoder_layer_kernel_refuses_wrong_arguments(native):
     step = decoder_layer.prepare_step(hidden, positions, meta, cache, attention, experts)
     with pytest.raises(ValueError, match="a slot outside the pools"):
         decoder_layer.attention_block(step, None, attention, cache)
+
+
+def test_runner_gives_prefill_chunks_as_varlen_tensors(demo_dir):
+    """What a varlen prefill kernel reads: chunk starts within the prefill tokens, start positions and
+    block tables, int32, after the decodes."""
+    from shards.config import ParallelConfig
+    from shards.distributed import TensorParallelGroup
+    from shards.loader import load_model
+    from shards.runner import ModelRunner, SequenceStep
+    from shards.sampling import SamplingParams
+
+    parallel = ParallelConfig()
+    model = load_model(demo_dir, parallel, TensorParallelGroup(parallel))
+    runner = ModelRunner(model, parallel, TensorParallelGroup(parallel), CPU, torch.float32, 4)
+    runner.allocate_cache(16)
+    seen = []
+    model.forward = lambda *args, **kwargs: seen.append(args[3]) or torch.zeros(len(args[4]), 8)
+    greedy = SamplingParams(temperature=0.0)
+    chunk = SequenceStep(1, [1, 2, 3], 4, [20, 21, 22], [2, 5], True, greedy)  # positions 4-6, after a cached 0-3
+    prompt = SequenceStep(2, [4, 5], 0, [36, 37], [9], True, greedy)
+    decode = SequenceStep(3, [6], 2, [42], [10], True, greedy)
+    runner.forward([chunk, prompt, decode])
+    meta = seen[-1]
+    assert meta.num_decode_tokens == 1 and meta.num_prefills == 2
+    assert meta.prefill_query_start.tolist() == [0, 3, 5]
+    assert meta.prefill_start_positions.tolist() == [4, 0]
+    assert meta.prefill_block_tables.tolist() == [[2, 5], [9, 0]]
+    assert {t.dtype for t in (meta.prefill_query_start, meta.prefill_start_positions, meta.prefill_block_tables)} == {
+        torch.int32
+    }
