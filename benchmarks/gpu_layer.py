@@ -3,8 +3,8 @@
 `bench gpu` times these steps; they hold no serving code. Both take the same weights, KV pools
 and step inputs and return the layer's output hidden states:
 - torch: the paths a CUDA shard took before the Triton kernels (RMSNorm and RoPE as RMSNorm and
-  RotaryEmbedding compute them off the CPU, `write_kv`, `gathered_decode_attention` or the
-  per-chunk prefill loop of `paged_attention`, `route`, `experts_grouped`);
+  RotaryEmbedding compute them off the CPU, `write_kv`, `paged_decode_attention` or
+  `paged_prefill_attention`, `route`, `fused_moe` of shards/ops/reference.py);
 - triton: fused RMSNorm (+ residual), rotary + KV write, paged attention read in place, fused MoE.
 Neither runs the all-reduces of a real rank (one GPU stands in for one rank of four).
 
@@ -18,9 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from shards.attention_metadata import AttentionMetadata, PrefillChunk
-from shards.layers.attention import gathered_decode_attention, paged_attention, write_kv
-from shards.layers.moe import experts_grouped, route
+from shards.layers.moe import route
+from shards.ops import reference
 from shards.triton.attention import paged_decode_attention, paged_prefill_attention
 from shards.triton.moe import fused_moe
 from shards.triton.norm import rms_norm
@@ -114,7 +113,6 @@ class PrefillBatch:
     start_positions: torch.Tensor  # [P] int32
     block_tables: torch.Tensor  # [P, M] int32
     chunks: list[tuple[int, int]]  # (start position, length) of each chunk
-    meta: AttentionMetadata  # the same step for the torch path
 
 
 def random_pools(shapes: RankShapes, blocks: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -160,10 +158,6 @@ def prefill_batch(
     bounds = [0]
     for _, n in chunks:
         bounds.append(bounds[-1] + n)
-    prefills = [
-        PrefillChunk(bounds[p], bounds[p + 1], s, tables[p, : -(-(s + n) // shapes.block_size)].long())
-        for p, (s, n) in enumerate(chunks)
-    ]
     return PrefillBatch(
         hidden=torch.randn(bounds[-1], shapes.hidden, device=device).to(dtype),
         positions=positions,
@@ -172,7 +166,6 @@ def prefill_batch(
         start_positions=torch.tensor([s for s, _ in chunks], dtype=torch.int32, device=device),
         block_tables=tables,
         chunks=chunks,
-        meta=AttentionMetadata(slot_mapping=slots, prefills=prefills),
     )
 
 
@@ -204,16 +197,18 @@ def torch_layer(
     sin = weights.sin[step.positions].unsqueeze(1).to(hidden.dtype)
     q = _torch_rotary(q.reshape(tokens, -1, d), cos, sin)  # [T, h, d]
     k = _torch_rotary(k.reshape(tokens, -1, d), cos, sin)  # [T, kv, d]
-    write_kv(cache, step.slots, k, v.reshape(tokens, -1, d))
+    reference.write_kv(cache, step.slots, k, v.reshape(tokens, -1, d))
     scale = d**-0.5
     if isinstance(step, DecodeBatch):
-        attn = gathered_decode_attention(q, cache, step.block_tables.long(), step.context_lens.long(), scale)
+        attn = reference.paged_decode_attention(q, cache, step.block_tables.long(), step.context_lens.long(), scale)
     else:
-        attn = paged_attention(q, cache, step.meta, scale)
+        attn = reference.paged_prefill_attention(
+            q, cache, step.query_start, step.start_positions, step.block_tables, scale
+        )
     hidden = hidden + F.linear(attn.reshape(tokens, -1), weights.o_proj)
     normed = _torch_rms_norm(hidden, weights.post_norm, shapes.eps)
     routing, experts = route(normed, weights.gate, shapes.top_k)
-    return hidden + experts_grouped(normed, weights.w13, weights.w2, routing, experts)
+    return hidden + reference.fused_moe(normed, weights.w13, weights.w2, routing, experts)
 
 
 def triton_layer(

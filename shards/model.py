@@ -8,6 +8,7 @@ the logits. Legend: T tokens in the step, H hidden size, V vocab size, R rows wh
 import torch
 from torch import nn
 
+from shards import ops
 from shards.attention_metadata import AttentionMetadata
 from shards.checkpoint import CheckpointReader
 from shards.config import ModelConfig, ParallelConfig
@@ -33,6 +34,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.block_sparse_moe = SparseMoE(config, parallel, group)
         self._kernel_halves: tuple[decoder_layer.AttentionHalf, decoder_layer.MoEHalf] | None = None
+        self._kernel_halves_read = False
 
     def forward(
         self,
@@ -41,33 +43,20 @@ class DecoderLayer(nn.Module):
         cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), cache, meta)
-        return hidden + self.block_sparse_moe(self.post_attention_layernorm(hidden))
+        attn = self.self_attn(positions, self.input_layernorm(hidden), cache, meta)
+        normed, hidden = self.post_attention_layernorm(attn, residual=hidden)
+        return hidden + self.block_sparse_moe(normed)
 
-    def forward_kernel(
-        self,
-        positions: torch.Tensor,
-        hidden: torch.Tensor,
-        pending: torch.Tensor | None,
-        cache: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
-        buffers: decoder_layer.StepBuffers,
-    ) -> torch.Tensor:
-        """`forward` for a step whose every token is one query over its own block table
-        (`meta.per_token()`), through the decoder layer kernel: adds `pending` (the previous layer's
-        summed MoE output, None for the first layer) to hidden in place and returns this layer's summed
-        MoE output, which the caller adds after the last layer."""
-        attention, moe = self.kernel_halves()
-        decoder_layer.attention_block(hidden, pending, attention, positions, cache, meta, buffers)
-        attn_sum = self.self_attn.o_proj.group.all_reduce(buffers.attn_out)
-        decoder_layer.moe_block(hidden, attn_sum, moe, buffers)
-        return self.block_sparse_moe.group.all_reduce(buffers.moe_out)
-
-    def kernel_halves(self) -> tuple[decoder_layer.AttentionHalf, decoder_layer.MoEHalf]:
-        """The two halves' weights as the kernel reads them, gathered on first use after `load`
-        (reading a module's parameters costs ~12 us a layer, ~3 % of a decode step)."""
-        if self._kernel_halves is None:
-            self._kernel_halves = (self._attention_half(), self._moe_half())
+    def kernel_halves(self) -> tuple[decoder_layer.AttentionHalf, decoder_layer.MoEHalf] | None:
+        """The two halves' weights as the CPU decoder layer kernel reads them (the `decoder_layers` op),
+        or None where it cannot (weights quantized, or not fp32 on the CPU); gathered on first use after
+        `load` (reading a module's parameters costs ~12 us a layer)."""
+        if not self._kernel_halves_read:
+            attn, moe = self.self_attn, self.block_sparse_moe
+            weights = (attn.qkv_proj.weight, attn.o_proj.weight, moe.w13, moe.w2)
+            if all(w is not None and w.dtype == torch.float32 and w.device.type == "cpu" for w in weights):
+                self._kernel_halves = (self._attention_half(), self._moe_half())
+            self._kernel_halves_read = True
         return self._kernel_halves
 
     def _attention_half(self) -> decoder_layer.AttentionHalf:
@@ -89,7 +78,7 @@ class DecoderLayer(nn.Module):
         return decoder_layer.MoEHalf(norm.weight, norm.eps, moe.gate, moe.w13, moe.w2, moe.top_k, moe.first_expert)
 
     def load(self, reader: CheckpointReader, prefix: str) -> None:
-        self._kernel_halves = None
+        self._kernel_halves, self._kernel_halves_read = None, False
         self.input_layernorm.load(reader, f"{prefix}.input_layernorm.weight")
         self.self_attn.load(reader, f"{prefix}.self_attn")
         self.post_attention_layernorm.load(reader, f"{prefix}.post_attention_layernorm.weight")
@@ -140,37 +129,8 @@ class MixtralForCausalLM(nn.Module):
         """Run tokens [T] at positions [T]; return logits [R, V] of the tokens at `logits_indices` [R]
         (with `gather_logits=False`, this rank's vocabulary slice [R, P] of them)."""
         hidden = self.embed_tokens(token_ids)  # [T, H]
-        if self._layers_in_kernel(hidden, meta, kv_cache):
-            hidden = hidden.contiguous()
-            buffers = decoder_layer.step_buffers(hidden, *self.layers[0].kernel_halves())
-            pending = None
-            for index, layer in enumerate(self.layers):
-                pending = layer.forward_kernel(positions, hidden, pending, kv_cache.layer(index), meta, buffers)
-            hidden += pending
-        else:
-            for index, layer in enumerate(self.layers):
-                hidden = layer(positions, hidden, kv_cache.layer(index), meta)
+        hidden = ops.current().decoder_layers(self.layers, positions, hidden, kv_cache, meta)
         return self.lm_head(self.norm(hidden[logits_indices]), gather=gather_logits).float()
-
-    def _layers_in_kernel(self, hidden: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> bool:
-        """Whether this step's layers run through the decoder layer kernel: every token a query over its
-        own block table (a decode step, or a small one with prefill chunks), fp32 on the CPU, weights
-        held in full precision, shapes within the kernel's limits."""
-        config = self.config
-        return (
-            meta.per_token() is not None
-            and hidden.device.type == "cpu"
-            and hidden.dtype == torch.float32
-            and self.quantization is None
-            and kv_cache.keys.dtype == torch.float32
-            and decoder_layer.usable(
-                hidden.shape[0],
-                self.layers[0].self_attn.qkv_proj.num_heads,
-                config.head_dim,
-                kv_cache.block_size,
-                config.num_local_experts,
-            )
-        )
 
     def load(self, reader: CheckpointReader) -> None:
         """Fill every parameter with this rank's slice, read from the checkpoint."""

@@ -13,8 +13,8 @@ Legend: R rows that sample, P vocabulary rows per rank, N ranks.
 
 import torch
 
+from shards import ops
 from shards.distributed import TensorParallelGroup
-from shards.kernels import sampling as kernel
 from shards.sampling import SamplingParams
 
 
@@ -40,25 +40,7 @@ def parallel_greedy(
     """
     valid = max(min(local.shape[1], vocab_size - vocab_start), 0)
     part = local[:, :valid].float()  # [R, P']
-    rows = part.shape[0]
-    if valid and kernel.greedy_usable(part):
-        packed = kernel.slice_greedy_stats(part, vocab_start)
-        # NaN or infinity in this slice: the torch numbers below carry it to every rank.
-        if packed is not None:
-            return kernel.combine_greedy(group.all_gather_last_dim(packed).view(rows, -1, 3))
-    if valid == 0:  # padding only: -inf, which sends every rank to the gathered path
-        best = logsumexp = torch.full((rows,), float("-inf"), device=part.device)
-        index = torch.zeros(rows, dtype=torch.long, device=part.device)
-    else:
-        best, index = part.max(dim=-1)  # the first index of the maximum, as torch.argmax
-        logsumexp = part.logsumexp(dim=-1)
-    # float64 holds every token id and fp32 value exactly. [R, 3]
-    packed = torch.stack([best.double(), (index + vocab_start).double(), logsumexp.double()], dim=-1)
-    every = group.all_gather_last_dim(packed).view(rows, -1, 3)  # [R, N, 3]
-    if not torch.isfinite(every).all():
-        return None
-    maxima, ids, sums = every.unbind(-1)  # [R, N] each
-    winner = maxima.argmax(dim=-1, keepdim=True)  # [R, 1]: the first (lowest) rank holding the maximum
-    token_ids = ids.gather(1, winner).squeeze(1).long()
-    logprobs = (maxima.gather(1, winner).squeeze(1) - sums.logsumexp(dim=-1)).float()
-    return token_ids, logprobs
+    chosen = ops.current()
+    packed = chosen.slice_greedy_stats(part, vocab_start)  # [R, 3]
+    every = group.all_gather_last_dim(packed).view(part.shape[0], -1, 3)  # [R, N, 3]
+    return chosen.combine_greedy(every)

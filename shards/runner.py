@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shards import decode_graph
-from shards.attention_metadata import AttentionMetadata, PrefillChunk
+from shards import decode_graph, ops
+from shards.attention_metadata import AttentionMetadata
 from shards.config import ModelConfig, ParallelConfig
 from shards.distributed import TensorParallelGroup
-from shards.kernels import decoder_layer
 from shards.kv_cache import KVCache
 from shards.model import MixtralForCausalLM
 from shards.parallel_greedy import is_plain_greedy, parallel_greedy
@@ -201,12 +200,13 @@ class ModelRunner:
         last_token = [0] * len(steps)
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
-        chunks: list[tuple[int, int, int]] = []  # (token_start, token_end, start_position)
-        chunk_tables: list[list[int]] = []
+        prefill_tables: list[list[int]] = []
+        prefill_starts: list[int] = []
+        query_start = [0]
         total = sum(len(s.token_ids) for s in steps)
         # A step with prefill chunks that the decoder layer kernel can take whole (CPU, few tokens)
         # also gets one table row per token (see AttentionMetadata); a decode step has its rows.
-        per_token = total > len(steps) and self.device.type == "cpu" and total <= decoder_layer.max_tokens()
+        per_token = len(steps) < total <= ops.current().decoder_layers_max_tokens
         token_tables: list[list[int]] | None = [] if per_token else None
         token_lens: list[int] = []
         for i in order:
@@ -223,18 +223,21 @@ class ModelRunner:
                 decode_tables.append(table)
                 decode_lens.append(context)
             else:
-                chunks.append((begin, begin + n, s.start_position))
-                chunk_tables.append(table)
+                prefill_tables.append(table)
+                prefill_starts.append(s.start_position)
+                query_start.append(query_start[-1] + n)
             if token_tables is not None:
                 token_tables.extend([table] * n)
                 token_lens.extend(range(s.start_position + 1, context + 1))
         dev = self.device
-        prefills = []
-        if chunks:  # one tensor for every chunk's table, each chunk a row of it
-            tables = _padded(chunk_tables, dev)
-            for row, ((start, end, position), table) in enumerate(zip(chunks, chunk_tables, strict=True)):
-                prefills.append(PrefillChunk(start, end, position, tables[row, : len(table)]))
-        meta = AttentionMetadata(slot_mapping=_to_device(slots, dev), prefills=prefills)
+        meta = AttentionMetadata(slot_mapping=_to_device(slots, dev))
+        if prefill_tables:
+            meta.prefill_query_start = _to_device(query_start, dev, torch.int32)
+            meta.prefill_start_positions = _to_device(prefill_starts, dev, torch.int32)
+            meta.prefill_block_tables = _padded(prefill_tables, dev, torch.int32)
+            meta.prefill_chunks = [
+                (query_start[i + 1] - query_start[i], start) for i, start in enumerate(prefill_starts)
+            ]
         if decode_tables:
             meta.num_decode_tokens = len(decode_tables)
             meta.decode_block_tables = _padded(decode_tables, dev)
@@ -315,15 +318,15 @@ class ModelRunner:
         self.sequences.clear()
 
 
-def _to_device(values: list, device: torch.device) -> torch.Tensor:
+def _to_device(values: list, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """`values` as one tensor on `device`; on CUDA built in pinned memory and copied without blocking the
     host (the caching host allocator keeps the block until the copy is done)."""
     if device.type != "cuda":
-        return torch.tensor(values, device=device)
-    return torch.tensor(values, pin_memory=True).to(device, non_blocking=True)
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
-def _padded(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+def _padded(tables: list[list[int]], device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """Block tables as one [rows, widest] tensor, the shorter rows padded with block 0."""
     width = max(len(t) for t in tables)
-    return _to_device([t + [0] * (width - len(t)) for t in tables], device)
+    return _to_device([t + [0] * (width - len(t)) for t in tables], device, dtype)

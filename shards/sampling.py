@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from shards.kernels.sampling import row_argmax_logsumexp
+from shards import ops
 
 _MASK64 = (1 << 64) - 1
 # Below this a temperature would overflow logits / T to inf in fp32; such rows are greedy (as in vLLM).
@@ -309,8 +309,8 @@ def sample(
     device = logits.device
     top_n = min(max((p.top_n_tokens for p in params), default=0), vocab)
     # Without alternatives to report, a token's log-probability is its logit minus the row's
-    # log-sum-exp: the C kernel gives that and the argmax in one call (fp32 CPU), no [B, V] log_softmax.
-    stats = None if top_n else row_argmax_logsumexp(logits)
+    # log-sum-exp: one op gives that and the argmax (one C call on fp32 CPU), no [B, V] log_softmax.
+    stats = None if top_n else ops.current().row_argmax_logsumexp(logits)
     if stats is None:
         raw_logprobs = logits.log_softmax(dim=-1)  # [B, V]
         top_logprobs, top_ids = raw_logprobs.topk(top_n, dim=-1)  # [B, N], [B, N]

@@ -22,11 +22,10 @@ import grpc
 import torch
 
 from mixserve_pb import shard_pb2, shard_pb2_grpc
-from shards import decode_graph
+from shards import decode_graph, ops
 from shards.config import DTYPES, MOE_PARALLEL_MODES, ModelConfig, ParallelConfig
 from shards.devices import DEVICE_CHOICES, DeviceUnavailable, make_current, resolve_device, resolve_dtype
 from shards.distributed import init_process_group, tensor_parallel_group
-from shards.kernels import native as native_kernels
 from shards.kernels.native import KernelUnavailable
 from shards.listen import ListenConfig, ListenError
 from shards.listen import add_arguments as add_listen_arguments
@@ -320,10 +319,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--kernels",
-        choices=native_kernels.MODES,
+        choices=ops.MODES,
         default="auto",
-        help="decode attention and decode-sized MoE: auto (C kernels for fp32 on CPU where a C compiler builds "
-        "them, else torch), native (the C kernels or fail), torch",
+        help=ops.MODE_HELP,
     )
     parser.add_argument(
         "--cuda-graphs",
@@ -389,12 +387,11 @@ def run(args: argparse.Namespace) -> int:
             log.error("event=quantization_unavailable error=%r", str(e))
             return 2
     try:
-        # Built here (cached after the first time), not on the first request.
-        native = native_kernels.select(args.kernels, native_kernels.LIBRARIES)
+        # Once per shard, before the model is built; the C kernels are built here, not on the first request.
+        ops.select(args.kernels, device, dtype)
     except KernelUnavailable as e:
         log.error("event=kernel_unavailable error=%r", str(e))
         return 2
-    log.info("event=kernels mode=%s native=%s", args.kernels, native)
     init_process_group(parallel, device)
     group = tensor_parallel_group(parallel, device, args.collectives)
     model = load_model(model_dir, parallel, group, dtype, device, quantization, args.load_format, args.seed)

@@ -220,11 +220,14 @@ def launch(tmp_path_factory):
 
 @pytest.fixture
 def native():
-    """The C kernels chosen for the test (a machine with a C compiler must build them); `auto` after."""
-    from shards.kernels import native as native_kernels
+    """The C kernels chosen for every op of the test (a machine with a C compiler must build them);
+    `auto` after. Yields the chosen ops."""
+    import torch
+
+    from shards import ops
 
     if not any(shutil.which(name) for name in ("cc", "gcc", "clang")):
         pytest.skip("no C compiler: the torch paths serve")
-    assert native_kernels.select("native", native_kernels.LIBRARIES)
-    yield
-    native_kernels.select("auto")
+    cpu = torch.device("cpu")
+    yield ops.select("native", cpu, torch.float32)
+    ops.select("auto", cpu, torch.float32)

@@ -11,9 +11,9 @@ import sys
 
 import torch
 
+from shards import ops
 from shards.config import ParallelConfig
 from shards.distributed import close_process_group, init_process_group, tensor_parallel_group
-from shards.kernels import native
 from shards.parallel_greedy import parallel_greedy
 
 
@@ -32,7 +32,7 @@ def main() -> None:
     device = torch.device("cpu")
     init_process_group(parallel, device)
     group = tensor_parallel_group(parallel, device, os.environ.get("TP_COLLECTIVES", "auto"))
-    native.select(os.environ.get("TP_KERNELS", "auto"), native.LIBRARIES)
+    ops.select(os.environ.get("TP_KERNELS", "auto"), device, torch.float32)
     logits = full_logits(vocab)
     per_rank = -(-vocab // parallel.world_size)
     start = parallel.rank * per_rank

@@ -6,17 +6,18 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from shards import decode_graph
+from shards import decode_graph, ops
 from shards.attention_metadata import AttentionMetadata
 from shards.config import ParallelConfig
 from shards.decode_graph import DecodeGraphRunner, buckets
 from shards.distributed import TensorParallelGroup
-from shards.kernels import native
 from shards.loader import load_model
 from shards.memory import StepLimits, size_kv_cache
 from shards.multi_step import decode_steps
 from shards.runner import ModelRunner, SequenceStep
 from shards.sampling import SamplingParams
+
+CPU = torch.device("cpu")
 
 BLOCK = 4
 BLOCKS = 40
@@ -36,9 +37,9 @@ def model(demo_dir):
 
 @pytest.fixture(params=["auto", "torch"])
 def kernels(request):
-    native.select(request.param)
+    ops.select(request.param, CPU, torch.float32)
     yield request.param
-    native.select("auto")
+    ops.select("auto", CPU, torch.float32)
 
 
 def warm_runner(model, mode: str, max_batch: int = 8) -> ModelRunner:
@@ -132,7 +133,7 @@ class _RefuseHostSync(TorchDispatchMode):
 
 
 def test_a_decode_step_holds_no_host_sync(model):
-    native.select("torch")
+    ops.select("torch", CPU, torch.float32)
     try:
         runner = warm_runner(model, "eager")
         decodes = decode_after_prefill(runner)
@@ -145,7 +146,7 @@ def test_a_decode_step_holds_no_host_sync(model):
                 graphs.static[0][:4], graphs.static[1][:4], runner.kv_cache, _meta(graphs, 4), graphs.logits_rows[:4]
             )
     finally:
-        native.select("auto")
+        ops.select("auto", CPU, torch.float32)
 
 
 def _meta(graphs: DecodeGraphRunner, bucket: int) -> AttentionMetadata:
@@ -157,7 +158,7 @@ def _meta(graphs: DecodeGraphRunner, bucket: int) -> AttentionMetadata:
 def test_the_decode_step_compiles_whole_and_matches_eager(model):
     """The graph runner's model forward under torch.compile(fullgraph=True), inductor: a graph break
     (a .tolist(), an .item(), a branch on a tensor's value) fails it."""
-    native.select("torch")
+    ops.select("torch", CPU, torch.float32)
     try:
         runner = warm_runner(model, "eager", max_batch=4)
         graphs = runner.decode_graphs
@@ -167,4 +168,4 @@ def test_the_decode_step_compiles_whole_and_matches_eager(model):
             compiled = torch.compile(graphs.run, fullgraph=True)(4)
         torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
     finally:
-        native.select("auto")
+        ops.select("auto", CPU, torch.float32)

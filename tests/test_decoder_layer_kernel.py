@@ -1,17 +1,20 @@
 """The decoder layer kernel (shards/kernels/decoder_layer.c) against the layers' torch forward:
 a decode step's hidden output and KV writes, Mixtral's routing under tensor and expert parallelism,
-the model choosing it only for decode-only steps, and its refusals."""
+the `decoder_layers` op taking it only for steps whose tokens each have a table, and its refusals."""
 
 import pytest
 import torch
 
-from shards.attention_metadata import AttentionMetadata, PrefillChunk
+from shards import ops
+from shards.attention_metadata import AttentionMetadata
 from shards.config import ModelConfig, ParallelConfig
 from shards.distributed import TensorParallelGroup
-from shards.kernels import decoder_layer, native
-from shards.layers.moe import experts_grouped, held_expert_ids, route
+from shards.kernels import decoder_layer
+from shards.layers.moe import held_expert_ids, route
 from shards.layers.rotary import RotaryEmbedding
 from shards.model import DecoderLayer, MixtralForCausalLM
+from shards.ops.cpu import decoder_layer_step
+from shards.ops.reference import fused_moe
 
 BLOCK = 4
 NUM_BLOCKS = 40
@@ -19,7 +22,7 @@ NUM_BLOCKS = 40
 
 @pytest.fixture(autouse=True)
 def kernels(native):  # noqa: F811 - the conftest fixture that chooses the C kernels
-    if not decoder_layer.usable(1, 8, 32, BLOCK, 8):
+    if native.backends["decoder_layers"] != "native":
         pytest.skip("the decoder layer kernel does not build here")
     torch.manual_seed(0)
 
@@ -71,8 +74,8 @@ def decode_metadata(contexts: list[int]) -> tuple[AttentionMetadata, torch.Tenso
     return meta, torch.tensor(positions)
 
 
-def buffers_for(layer: DecoderLayer, hidden: torch.Tensor) -> decoder_layer.StepBuffers:
-    return decoder_layer.step_buffers(hidden, *layer.kernel_halves())
+def prepare(layer: DecoderLayer, hidden, positions, meta, cache) -> decoder_layer.KernelStep:
+    return decoder_layer.prepare_step(hidden, positions, meta, cache, *layer.kernel_halves())
 
 
 def random_cache(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +105,7 @@ def test_decode_equals_forward(shape, contexts):
     with torch.inference_mode():
         expected = layer(positions, hidden, torch_cache, meta)
         fused = hidden.clone()
-        pending = layer.forward_kernel(positions, fused, None, cache, meta, buffers_for(layer, fused))
+        pending = decoder_layer_step(layer, prepare(layer, fused, positions, meta, cache), None, cache)
         fused += pending
 
     torch.testing.assert_close(fused, expected, atol=2e-5, rtol=2e-5)
@@ -119,7 +122,7 @@ def test_pending_output_is_added_first():
     with torch.inference_mode():
         expected = layer(positions, hidden + pending, tuple(pool.clone() for pool in cache), meta)
         fused = hidden.clone()
-        fused += layer.forward_kernel(positions, fused, pending, cache, meta, buffers_for(layer, fused))
+        fused += decoder_layer_step(layer, prepare(layer, fused, positions, meta, cache), pending, cache)
     torch.testing.assert_close(fused, expected, atol=2e-5, rtol=2e-5)
 
 
@@ -137,14 +140,15 @@ def test_moe_block_routes_as_mixtral(first_expert, held):
     x_torch = x + partial
     normed = norm_weight * x_torch * torch.rsqrt(x_torch.pow(2).mean(-1, keepdim=True) + 1e-5)
     weights, experts = route(normed, gate, top_k)
-    expected = experts_grouped(normed, w13, w2, weights, held_expert_ids(experts, first_expert, held))
+    expected = fused_moe(normed, w13, w2, weights, held_expert_ids(experts, first_expert, held))
 
     half = decoder_layer.MoEHalf(norm_weight, 1e-5, gate, w13, w2, top_k, first_expert)
     attention, _ = random_layer(config()).kernel_halves()  # sizes the scratch only
-    buffers = decoder_layer.step_buffers(x, attention, half)
-    decoder_layer.moe_block(x, partial, half, buffers)
+    meta, positions = decode_metadata([1] * tokens)
+    step = decoder_layer.prepare_step(x, positions, meta, random_cache(config()), attention, half)
+    decoder_layer.moe_block(step, partial, half)
     torch.testing.assert_close(x, x_torch)
-    torch.testing.assert_close(buffers.moe_out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step.moe_out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_refuses_a_position_past_the_rotary_tables():
@@ -152,17 +156,18 @@ def test_refuses_a_position_past_the_rotary_tables():
     layer = random_layer(cfg)
     meta, positions = decode_metadata([3])
     hidden = torch.randn(1, cfg.hidden_size)
-    buffers = buffers_for(layer, hidden)
-    with torch.inference_mode(), pytest.raises(ValueError, match="attention block"):
-        layer.forward_kernel(positions + 1000, hidden, None, random_cache(cfg), meta, buffers)
+    cache = random_cache(cfg)
+    step = prepare(layer, hidden, positions + 1000, meta, cache)
+    with torch.inference_mode(), pytest.raises(ValueError, match="a position past the rotary tables"):
+        decoder_layer_step(layer, step, None, cache)
 
 
 def test_limits_of_the_kernel():
-    assert decoder_layer.usable(8, 8, 32, 16, 8)
-    assert not decoder_layer.usable(8, 8, 31, 16, 8)  # rotary needs an even head dim
-    assert not decoder_layer.usable(8, 65, 32, 16, 8)  # past the attention kernel's heads
-    assert not decoder_layer.usable(8, 8, 32, 16, 257)
-    assert not decoder_layer.usable(100_000, 8, 32, 16, 8)  # past the MoE kernel's tokens
+    assert decoder_layer.fits(8, 8, 32, 16, 8)
+    assert not decoder_layer.fits(8, 8, 31, 16, 8)  # rotary needs an even head dim
+    assert not decoder_layer.fits(8, 65, 32, 16, 8)  # past the attention kernel's heads
+    assert not decoder_layer.fits(8, 8, 32, 16, 257)
+    assert not decoder_layer.fits(100_000, 8, 32, 16, 8)  # past the MoE kernel's tokens
 
 
 def test_model_takes_it_for_steps_whose_tokens_each_have_a_table(demo_dir, monkeypatch):
@@ -199,7 +204,9 @@ def test_model_takes_it_for_steps_whose_tokens_each_have_a_table(demo_dir, monke
         num_decode_tokens=2,
         decode_block_tables=meta.decode_block_tables,
         decode_context_lens=meta.decode_context_lens,
-        prefills=[PrefillChunk(2, 8, 1, torch.tensor(chunk_table))],
+        prefill_query_start=torch.tensor([0, 6], dtype=torch.int32),
+        prefill_start_positions=torch.tensor([1], dtype=torch.int32),
+        prefill_block_tables=torch.tensor([chunk_table], dtype=torch.int32),
     )
     mixed_positions = torch.cat([positions, torch.arange(1, 7)])
     tokens = torch.tensor([5, 9, 70, 71, 72, 73, 74, 75])
@@ -214,8 +221,10 @@ def test_model_takes_it_for_steps_whose_tokens_each_have_a_table(demo_dir, monke
         assert len(calls) == 2 * cfg.num_hidden_layers
     torch.testing.assert_close(by_kernel, by_layers, atol=1e-4, rtol=1e-4)
 
-    native.select("torch")
-    assert not decoder_layer.usable(2, 8, 32, BLOCK, 8)
+    ops.select("torch", torch.device("cpu"), torch.float32)
+    with torch.inference_mode():
+        model(tokens[:2], positions, cache(), meta, torch.arange(2))
+    assert len(calls) == 2 * cfg.num_hidden_layers  # chosen once: torch never reaches the kernel
 
 
 def test_runner_gives_small_steps_with_prefill_chunks_per_token_tables(demo_dir):
@@ -244,6 +253,6 @@ def test_runner_gives_small_steps_with_prefill_chunks_per_token_tables(demo_dir)
     assert seen[-1].per_token() is None
     runner.forward([SequenceStep(0, [7], 5, [1 * BLOCK + 1], [0, 1], True, greedy)])  # a decode step: its own rows
     assert seen[-1].token_block_tables is None and seen[-1].per_token()[1].tolist() == [6]
-    native.select("torch")  # no kernel to read them: no per-token rows
+    ops.select("torch", torch.device("cpu"), torch.float32)  # no kernel to read them: no per-token rows
     runner.forward([prompt(0, 5, 0), prompt(1, 3, 10)])
     assert seen[-1].per_token() is None

@@ -1,20 +1,21 @@
-"""The C RMSNorm and rotary embedding against the layers' torch paths."""
+"""The C RMSNorm and rotary embedding against the torch references."""
 
 import pytest
 import torch
 
-from shards.kernels import elementwise
-from shards.kernels import native as native_kernels
+from shards import ops
 from shards.layers.norm import RMSNorm
 from shards.layers.rotary import RotaryEmbedding
 
+CPU = torch.device("cpu")
+
 
 def _torch_path(fn):
-    native_kernels.select("torch")
+    ops.select("torch", CPU, torch.float32)
     try:
         return fn()
     finally:
-        native_kernels.select("native", native_kernels.LIBRARIES)
+        ops.select("native", CPU, torch.float32)
 
 
 @pytest.mark.parametrize("tokens,hidden", [(1, 256), (7, 20), (33, 4096)])
@@ -23,6 +24,9 @@ def test_rms_norm_equals_torch(native, tokens, hidden):
     norm.weight.data = torch.randn(hidden)
     x = torch.randn(tokens, hidden) * 3
     torch.testing.assert_close(norm(x), _torch_path(lambda: norm(x)), rtol=1e-5, atol=1e-5)
+    residual = torch.randn(tokens, hidden)
+    for a, b in zip(norm(x, residual), _torch_path(lambda: norm(x, residual)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 32), (32, 8, 128), (3, 1, 6)])
@@ -40,9 +44,17 @@ def test_rotary_equals_torch_on_views_of_the_qkv_projection(native, heads, kv_he
 
 
 def test_other_inputs_take_the_torch_path(native):
-    assert elementwise.rms_norm(torch.randn(2, 8).double(), torch.randn(8).double(), 1e-5) is None
-    assert elementwise.rms_norm(torch.randn(2, 3, 8), torch.randn(8), 1e-5) is None
-    table = torch.randn(8, 4)
-    assert elementwise.rotary(torch.tensor([1]), torch.randn(1, 2, 4).double(), table.double(), table.double()) is None
-    with pytest.raises(ValueError, match="position past 8"):
-        elementwise.rotary(torch.tensor([8]), torch.randn(1, 2, 4), table, table)
+    x, weight = torch.randn(2, 8).double(), torch.randn(8).double()
+    torch.testing.assert_close(native.rms_norm(x, weight, 1e-5), ops.reference.rms_norm(x, weight, 1e-5))
+    x3 = torch.randn(2, 3, 8)
+    torch.testing.assert_close(
+        native.rms_norm(x3, weight.float(), 1e-5), ops.reference.rms_norm(x3, weight.float(), 1e-5)
+    )
+    table = torch.randn(8, 4).double()
+    q = torch.randn(1, 2, 4).double()
+    for a, b in zip(
+        native.rotary(torch.tensor([1]), q, q, table, table),
+        ops.reference.rotary(torch.tensor([1]), q, q, table, table),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b)

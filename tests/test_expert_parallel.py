@@ -17,7 +17,8 @@ from conftest import PYTHON, subprocess_env
 from shards.checkpoint import CheckpointReader
 from shards.config import ModelConfig, ParallelConfig
 from shards.distributed import TensorParallelGroup
-from shards.layers.moe import SparseMoE, experts_grouped, held_expert_ids, route
+from shards.layers.moe import SparseMoE, held_expert_ids, route
+from shards.ops.reference import fused_moe
 from shards.quant.config import QuantizationConfig
 
 PREFIX = "model.layers.1.block_sparse_moe"
@@ -93,8 +94,8 @@ def test_grouped_path_skips_experts_held_elsewhere():
         local = held_expert_ids(chosen, rank * held, held)
         assert ((local == held) == ((chosen < rank * held) | (chosen >= (rank + 1) * held))).all()
         sl = slice(rank * held, (rank + 1) * held)
-        parts.append(experts_grouped(hidden, w13[sl], w2[sl], weights, local))
-    torch.testing.assert_close(sum(parts), experts_grouped(hidden, w13, w2, weights, chosen))
+        parts.append(fused_moe(hidden, w13[sl], w2[sl], weights, local))
+    torch.testing.assert_close(sum(parts), fused_moe(hidden, w13, w2, weights, chosen))
 
 
 @pytest.mark.parametrize("mode", ["bitsandbytes", "bitsandbytes-nf4"])

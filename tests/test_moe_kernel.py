@@ -1,11 +1,12 @@
-"""The C expert MLPs against the sort-by-expert torch path, and the MoE layer's choice of them."""
+"""The C expert MLPs against the sort-by-expert torch path, and the fused_moe op's choice of them."""
 
 import pytest
 import torch
 
+from shards import ops
 from shards.kernels import moe as kernel
-from shards.kernels import native as native_kernels
-from shards.layers.moe import experts_grouped, held_expert_ids, route
+from shards.layers.moe import held_expert_ids, route
+from shards.ops.reference import fused_moe
 
 
 def _case(tokens, hidden, inter, experts, top_k, seed=0):
@@ -29,7 +30,7 @@ def _case(tokens, hidden, inter, experts, top_k, seed=0):
 )
 def test_kernel_equals_the_grouped_path(native, tokens, hidden, inter, experts, top_k):
     x, w13, w2, weights, ids = _case(tokens, hidden, inter, experts, top_k)
-    expected = experts_grouped(x, w13, w2, weights, ids)
+    expected = fused_moe(x, w13, w2, weights, ids)
     torch.testing.assert_close(kernel.moe_experts(x, w13, w2, weights, ids), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -38,17 +39,25 @@ def test_experts_held_elsewhere_are_skipped(native):
     x, w13, w2, weights, ids = _case(16, 64, 32, 8, 2)
     local = held_expert_ids(ids, 2, 2)
     assert (local == 2).any() and (local < 2).any()
-    expected = experts_grouped(x, w13[2:4], w2[2:4], weights, local)
+    expected = fused_moe(x, w13[2:4], w2[2:4], weights, local)
     torch.testing.assert_close(kernel.moe_experts(x, w13[2:4], w2[2:4], weights, local), expected)
 
 
-def test_the_layer_takes_the_kernel_for_decode_sized_fp32_batches(native):
+def test_the_op_takes_the_kernel_for_decode_sized_fp32_batches(native, monkeypatch):
     limit = kernel.max_tokens()
     assert limit in (kernel.MAX_TOKENS, *kernel.MAX_TOKENS_BY_VECTOR_FLOATS.values())
-    x, w13, w2, _, _ = _case(limit + 1, 64, 32, 4, 2)
-    assert kernel.usable(x[:limit], w13)
-    assert not kernel.usable(x, w13)  # prefill-sized: MKL's GEMM
-    assert not kernel.usable(x[:4].double(), w13.double())
-    assert not kernel.usable(x[:4], None)  # quantized experts hold no w13
-    native_kernels.select("torch")
-    assert not kernel.usable(x[:4], w13)
+    x, w13, w2, weights, ids = _case(limit + 1, 64, 32, 4, 2)
+    calls = []
+    real = kernel.moe_experts
+    monkeypatch.setattr(kernel, "moe_experts", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    for rows in (x[:limit], x):  # the second is prefill-sized: MKL's GEMM in the reference
+        torch.testing.assert_close(
+            native.fused_moe(rows, w13, w2, weights[: len(rows)], ids[: len(rows)]),
+            fused_moe(rows, w13, w2, weights[: len(rows)], ids[: len(rows)]),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+    native.fused_moe(x[:4].double(), w13.double(), w2.double(), weights[:4], ids[:4])
+    assert calls == [limit]
+    ops.select("torch", torch.device("cpu"), torch.float32).fused_moe(x[:4], w13, w2, weights[:4], ids[:4])
+    assert calls == [limit]

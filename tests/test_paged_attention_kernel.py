@@ -1,12 +1,15 @@
-"""The C decode attention kernel against the torch path, on scattered blocks, and the shard's choice."""
+"""The C decode attention kernel against the torch reference, on scattered blocks, and the shard's choice."""
 
 import pytest
 import torch
 
+from shards import ops
 from shards.kernels import native as native_kernels
 from shards.kernels import paged_attention as kernel
 from shards.kernels.native import KernelUnavailable
-from shards.layers.attention import gathered_decode_attention
+from shards.ops.reference import paged_decode_attention
+
+CPU = torch.device("cpu")
 
 
 def _case(heads, kv_heads, head_dim, block_size, context_lens, seed=0):
@@ -38,7 +41,7 @@ def _case(heads, kv_heads, head_dim, block_size, context_lens, seed=0):
 def test_kernel_equals_the_torch_path(native, heads, kv_heads, head_dim, block_size, window):
     q, cache, tables, lens = _case(heads, kv_heads, head_dim, block_size, [1, block_size, block_size + 1, 37, 130])
     scale = head_dim**-0.5
-    expected = gathered_decode_attention(q, cache, tables, lens, scale, window)
+    expected = paged_decode_attention(q, cache, tables, lens, scale, window)
     got = kernel.paged_decode_attention(q, cache, tables, lens, scale, window)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -56,13 +59,22 @@ def test_kernel_reads_only_the_context(native):
     torch.testing.assert_close(kernel.paged_decode_attention(q, (k_pool, v_pool), tables, lens, 0.2, None), expected)
 
 
-def test_torch_choice_and_shapes_the_kernel_does_not_take(native):
-    q, cache, _, _ = _case(8, 4, 32, 16, [5])
-    assert kernel.usable(q, cache[0])
-    assert not kernel.usable(q.to(torch.bfloat16), cache[0].to(torch.bfloat16))
-    assert not kernel.usable(torch.zeros(1, kernel.MAX_HEADS + 1, 32), cache[0])
-    assert not native_kernels.select("torch")
-    assert not kernel.usable(q, cache[0])
+def test_torch_choice_and_shapes_the_kernel_does_not_take(native, monkeypatch):
+    q, cache, tables, lens = _case(8, 4, 32, 16, [5])
+    calls = []
+    real = kernel.paged_decode_attention
+    monkeypatch.setattr(kernel, "paged_decode_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    native.paged_decode_attention(q, cache, tables, lens, 0.2)
+    assert len(calls) == 1
+    bf16 = tuple(pool.to(torch.bfloat16) for pool in cache)
+    native.paged_decode_attention(q.to(torch.bfloat16), bf16, tables, lens, 0.2)
+    many_heads = torch.zeros(1, kernel.MAX_HEADS + 4, 32)
+    torch.testing.assert_close(
+        native.paged_decode_attention(many_heads, cache, tables, lens, 0.2),
+        paged_decode_attention(many_heads, cache, tables, lens, 0.2),
+    )
+    ops.select("torch", CPU, torch.float32).paged_decode_attention(q, cache, tables, lens, 0.2)
+    assert len(calls) == 1
 
 
 def test_native_fails_without_a_compiler(monkeypatch, tmp_path):
@@ -72,18 +84,19 @@ def test_native_fails_without_a_compiler(monkeypatch, tmp_path):
     monkeypatch.setattr("shards.kernels.native._loaded", {})
     try:
         with pytest.raises(KernelUnavailable, match="no C compiler"):
-            native_kernels.select("native", native_kernels.LIBRARIES)
-        assert not native_kernels.select("auto", native_kernels.LIBRARIES)  # auto falls back to torch
-        q, cache, _, _ = _case(8, 4, 32, 16, [5])
-        assert not kernel.usable(q, cache[0])
+            ops.select("native", CPU, torch.float32)
+        chosen = ops.select("auto", CPU, torch.float32)  # auto falls back to torch
+        assert set(chosen.backends.values()) == {"torch"} and chosen.decoder_layers_max_tokens == 0
     finally:
         monkeypatch.undo()
-        native_kernels.select("auto")
+        ops.select("auto", CPU, torch.float32)
 
 
 def test_unknown_choice_is_refused():
     with pytest.raises(ValueError, match="kernels must be one of"):
         native_kernels.select("fast")
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        ops.select("fast", CPU, torch.float32)
 
 
 def test_loading_the_kernels_keeps_subnormal_floats(native):

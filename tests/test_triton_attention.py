@@ -17,8 +17,7 @@ import torch
 pytest.importorskip("triton")
 
 from conftest import PYTHON, subprocess_env  # noqa: E402
-from shards.attention_metadata import AttentionMetadata, PrefillChunk  # noqa: E402
-from shards.layers.attention import gathered_decode_attention, paged_attention  # noqa: E402
+from shards.ops import reference  # noqa: E402
 from shards.triton import attention  # noqa: E402
 
 if attention.interpreted():
@@ -78,7 +77,7 @@ def _decode_lens(block_size):
 def test_decode_equals_the_torch_path(heads, kv_heads, head_dim, block_size, dtype, window, partition_size):
     q, cache, tables, lens = _decode_case(heads, kv_heads, head_dim, block_size, _decode_lens(block_size), dtype)
     scale = head_dim**-0.5
-    expected = gathered_decode_attention(*_fp32(q, cache), tables.long(), lens.long(), scale, window)
+    expected = reference.paged_decode_attention(*_fp32(q, cache), tables.long(), lens.long(), scale, window)
     got = attention.paged_decode_attention(q, cache, tables, lens, scale, window, partition_size=partition_size)
     assert got.dtype == dtype and got.shape == q.shape
     tol = TOLERANCE[dtype]
@@ -90,7 +89,7 @@ def test_decode_splits_the_context_into_several_partitions():
     for the short rows (a partial with no positions) and reduced by the second kernel."""
     q, cache, tables, lens = _decode_case(8, 2, 32, 16, [75, 3, 40], torch.float32)
     assert tables.shape[1] * 16 // 32 == 3
-    expected = gathered_decode_attention(q, cache, tables, lens, 0.2, None)
+    expected = reference.paged_decode_attention(q, cache, tables, lens, 0.2, None)
     torch.testing.assert_close(
         attention.paged_decode_attention(q, cache, tables, lens, 0.2, partition_size=32), expected
     )
@@ -119,7 +118,7 @@ def test_decode_context_zero_gives_zeros(partition_size):
     lens[1] = 0
     got = attention.paged_decode_attention(q, cache, tables, lens, 0.25, partition_size=partition_size)
     assert torch.equal(got[1], torch.zeros_like(got[1]))
-    expected = gathered_decode_attention(q[:1], cache, tables[:1], lens[:1], 0.25)
+    expected = reference.paged_decode_attention(q[:1], cache, tables[:1], lens[:1], 0.25)
     torch.testing.assert_close(got[:1], expected)
 
 
@@ -149,16 +148,9 @@ def _prefill_case(heads, kv_heads, head_dim, block_size, chunks, dtype, seed=0):
     for _, n in chunks:
         query_start.append(query_start[-1] + n)
     q = torch.randn(query_start[-1], heads, head_dim, generator=gen).to(dtype).to(DEVICE)
-    meta = AttentionMetadata(
-        slot_mapping=torch.zeros(query_start[-1], dtype=torch.long),
-        prefills=[
-            PrefillChunk(query_start[p], query_start[p + 1], start, tables[p, : used[p]].long())
-            for p, (start, _) in enumerate(chunks)
-        ],
-    )
     as_int32 = {"dtype": torch.int32, "device": DEVICE}
     starts = torch.tensor([start for start, _ in chunks], **as_int32)
-    return q, cache, torch.tensor(query_start, **as_int32), starts, tables, meta
+    return q, cache, torch.tensor(query_start, **as_int32), starts, tables
 
 
 def _prefill_chunks(block_size):
@@ -172,9 +164,9 @@ def _prefill_chunks(block_size):
 @pytest.mark.parametrize("window", [None, 5])
 def test_prefill_equals_the_torch_path(heads, kv_heads, head_dim, block_size, dtype, window):
     chunks = _prefill_chunks(block_size)
-    q, cache, query_start, starts, tables, meta = _prefill_case(heads, kv_heads, head_dim, block_size, chunks, dtype)
+    q, cache, query_start, starts, tables = _prefill_case(heads, kv_heads, head_dim, block_size, chunks, dtype)
     scale = head_dim**-0.5
-    expected = paged_attention(*_fp32(q, cache), meta, scale, window)
+    expected = reference.paged_prefill_attention(*_fp32(q, cache), query_start, starts, tables, scale, window)
     got = attention.paged_prefill_attention(
         q, cache, query_start, starts, tables, scale, window, max_chunk_len=max(n for _, n in chunks)
     )
@@ -189,8 +181,8 @@ def test_prefill_long_chunk_spans_several_tiles(dtype):
     several key tiles (32 for fp32, 64 otherwise), the grid sized from q's length (max_chunk_len
     left out): tiles past the shorter chunk's end write nothing."""
     chunks = [(70, 40), (0, 3)]
-    q, cache, query_start, starts, tables, meta = _prefill_case(8, 2, 16, 4, chunks, dtype)
-    expected = paged_attention(*_fp32(q, cache), meta, 0.25, None)
+    q, cache, query_start, starts, tables = _prefill_case(8, 2, 16, 4, chunks, dtype)
+    expected = reference.paged_prefill_attention(*_fp32(q, cache), query_start, starts, tables, 0.25, None)
     got = attention.paged_prefill_attention(q, cache, query_start, starts, tables, 0.25)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)
@@ -201,7 +193,7 @@ def test_prefill_reads_only_the_context():
     positions before the first query's window are never read."""
     block_size, window = 4, 3
     chunks = [(6, 5), (0, 2)]
-    q, (k_pool, v_pool), query_start, starts, tables, _ = _prefill_case(4, 2, 16, block_size, chunks, torch.float32)
+    q, (k_pool, v_pool), query_start, starts, tables = _prefill_case(4, 2, 16, block_size, chunks, torch.float32)
     cache = (k_pool, v_pool)
     expected = attention.paged_prefill_attention(q, cache, query_start, starts, tables, 0.25, window)
     k_pool[0] = v_pool[0] = float("nan")
@@ -244,7 +236,7 @@ def test_bad_arguments_raise():
         decode(q, cache, tables, lens, 0.25, 0)
     with pytest.raises(ValueError, match="devices"):
         decode(q, cache, tables.to("meta"), lens, 0.25)
-    q, cache, query_start, starts, tables, _ = _prefill_case(4, 2, 16, 4, [(0, 3), (2, 2)], torch.float32)
+    q, cache, query_start, starts, tables = _prefill_case(4, 2, 16, 4, [(0, 3), (2, 2)], torch.float32)
     prefill = attention.paged_prefill_attention
     with pytest.raises(ValueError, match="query_start"):
         prefill(q, cache, query_start[:-1], starts, tables, 0.25)

@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
-from shards.layers.attention import write_kv
 from shards.layers.norm import RMSNorm
 from shards.layers.rotary import RotaryEmbedding
+from shards.ops.reference import write_kv
 
 pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1":  # tests/conftest.py sets it unless told otherwise

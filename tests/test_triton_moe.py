@@ -1,5 +1,5 @@
 """The fused MoE Triton kernels (shards/triton/moe.py) under the interpreter against
-`experts_grouped`, and the on-device alignment (shards/triton/moe_align.py).
+`shards.ops.reference.fused_moe`, and the on-device alignment (shards/triton/moe_align.py).
 
 Legend: T tokens, H hidden size, I intermediate size, E experts held, K experts per token.
 """
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from shards.layers.moe import experts_grouped
+from shards.ops import reference
 from shards.triton.moe_align import align_pairs, max_sorted_rows
 
 pytest.importorskip("triton")
@@ -42,7 +42,7 @@ def _check_against_oracle(experts: torch.Tensor, num_experts: int, hidden: int, 
     w13, w2 = _weights(num_experts, hidden, inter, dtype)
     out = moe.fused_moe(x, w13, w2, weights, experts)
     assert out.dtype == dtype and out.shape == (tokens, hidden)
-    torch.testing.assert_close(out, experts_grouped(x, w13, w2, weights, experts), **TOLERANCES[dtype])
+    torch.testing.assert_close(out, reference.fused_moe(x, w13, w2, weights, experts), **TOLERANCES[dtype])
     return out
 
 

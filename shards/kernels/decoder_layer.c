@@ -48,18 +48,21 @@ int64_t decoder_layer_scratch(int64_t T, int64_t H, int64_t h, int64_t kv, int64
 /* x += partial; then this rank's o_proj partial of attention over the paged cache: RMSNorm, the
    q/k/v projection, rotary on q and k, k and v written to the cache at each token's slot, paged
    attention (context_lens count the token itself), o_proj. Returns 0, or the refusing kernel's
-   code: 10 + rotary's (a position past the tables), 20 + paged attention's (heads, head dim or
-   block size past its limits). */
+   code: 10 + rotary's (a position past the tables), 20 + paged attention's (1 heads, head dim or
+   block size past its limits, 2 a context past its table row, 3 a block id outside the N blocks),
+   30 a slot outside the pools. */
 int attention_block(float *x, const float *partial, const float *norm_weight, float eps, const float *w_qkv,
                     const float *w_o, const int64_t *positions, const float *cos_table, const float *sin_table,
                     int64_t P, const int64_t *slots, float *k_pool, float *v_pool, const int64_t *block_tables,
-                    const int64_t *context_lens, int64_t M, float *out, float *scratch, int64_t T, int64_t H,
-                    int64_t h, int64_t kv, int64_t D, int64_t S, float scale, int64_t window) {
+                    const int64_t *context_lens, int64_t M, int64_t N, float *out, float *scratch, int64_t T,
+                    int64_t H, int64_t h, int64_t kv, int64_t D, int64_t S, float scale, int64_t window) {
     const int64_t width = (h + 2 * kv) * D;
     float *normed = scratch;   /* [T, H] */
     float *qkv = normed + T * H; /* [T, (h + 2 kv) D] */
     float *q = qkv + T * width;  /* [T, h, D] rotated */
     float *attn = q + T * h * D; /* [T, h, D] */
+    for (int64_t t = 0; t < T; t++)
+        if (slots[t] < 0 || slots[t] >= N * S) return 30;
     add_partial(x, partial, T * H);
     rms_norm(x, norm_weight, normed, T, H, eps);
     rows_times_weight(normed, T, H, w_qkv, width, H, qkv, width);
@@ -71,8 +74,8 @@ int attention_block(float *x, const float *partial, const float *norm_weight, fl
         rotary(k, width, positions + t, cos_table, sin_table, k_slot, 1, kv, D, P);
         memcpy(v_pool + slots[t] * kv * D, k + kv * D, sizeof(float) * kv * D);
     }
-    status = paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, attn, T, h, kv, D, S, M, scale,
-                                    window);
+    status = paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, attn, T, h, kv, D, S, M, N,
+                                    scale, window);
     if (status) return 20 + status;
     rows_times_weight(attn, T, h * D, w_o, H, h * D, out, H);
     return 0;

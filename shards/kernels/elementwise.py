@@ -1,7 +1,6 @@
-"""RMSNorm and rotary embedding through the C kernels (elementwise.c) for fp32 CPU tensors.
+"""RMSNorm and rotary embedding through the C kernels (elementwise.c) behind checked, torch-shaped
+calls, for fp32 CPU tensors.
 
-Each function returns None where the torch path should run instead (another dtype or device, the
-kernels not chosen), so the layers keep one spelling of the math in torch.
 Legend: T tokens, H hidden size, h heads, d head dim, P positions in the tables.
 """
 
@@ -10,41 +9,48 @@ import ctypes
 import torch
 
 from shards.kernels import native
+from shards.kernels.checks import require, same
+from shards.kernels.native import KernelUnavailable
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _NORM_ARGTYPES = [_P, _P, _P, _I64, _I64, ctypes.c_float]
 _ROTARY_ARGTYPES = [_P, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64]
 
 
-def _fp32_cpu(*tensors: torch.Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+def available() -> bool:
+    """Whether the kernels run under the current choice of kernels."""
+    return native.function("elementwise", "rms_norm", _NORM_ARGTYPES) is not None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """weight * x / sqrt(mean(x^2) + eps) over the last dimension of x [T, H], or None."""
-    if x.dim() != 2 or not _fp32_cpu(x, weight):
-        return None
-    fn = native.function("elementwise", "rms_norm", _NORM_ARGTYPES)
+def _function(name: str, argtypes: list):
+    fn = native.function("elementwise", name, argtypes)
     if fn is None:
-        return None
-    x = x.contiguous()
+        raise KernelUnavailable(f"the {name} kernel is not available")
+    return fn
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / sqrt(mean(x^2) + eps) over the last dimension of x [T, H] (fp32, contiguous)."""
+    fn = _function("rms_norm", _NORM_ARGTYPES)
+    tokens, hidden = require(x, "x", torch.float32, 2)
+    same("hidden sizes of x and weight", x=hidden, weight=require(weight, "weight", torch.float32, 1)[0])
     out = torch.empty_like(x)
-    fn(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps)
+    fn(x.data_ptr(), weight.data_ptr(), out.data_ptr(), tokens, hidden, eps)
     return out
 
 
-def rotary(positions: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
-    """x [T, h, d] (each token's heads contiguous; tokens any stride apart) rotated by positions [T]
-    with the tables cos and sin [P, d]; a new [T, h, d] tensor, or None."""
-    if x.dim() != 3 or not _fp32_cpu(x, cos, sin) or positions.dtype != torch.int64:
-        return None
-    tokens, heads, head_dim = x.shape
-    if x.stride(2) != 1 or x.stride(1) != head_dim or not (cos.is_contiguous() and sin.is_contiguous()):
-        return None
-    fn = native.function("elementwise", "rotary", _ROTARY_ARGTYPES)
-    if fn is None:
-        return None
-    positions = positions.contiguous()
+def rotary(positions: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, h, d] fp32 (each token's heads contiguous; tokens any stride apart) rotated by positions
+    [T] int64 with the tables cos and sin [P, d]; a new [T, h, d] tensor."""
+    fn = _function("rotary", _ROTARY_ARGTYPES)
+    tokens, heads, head_dim = require(x, "x", torch.float32, 3, contiguous=False)
+    if x.stride(2) != 1 or x.stride(1) != head_dim:
+        raise ValueError(f"x must hold each token's heads contiguously, got strides {x.stride()}")
+    table = require(cos, "cos", torch.float32, 2)
+    if require(sin, "sin", torch.float32, 2) != table:
+        raise ValueError(f"cos {table} and sin {tuple(sin.shape)} must have one shape")
+    same("head dims of x and the tables", x=head_dim, tables=table[1])
+    same("tokens of x and positions", x=tokens, positions=require(positions, "positions", torch.int64, 1)[0])
     out = torch.empty(tokens, heads, head_dim, dtype=torch.float32)
     status = fn(
         x.data_ptr(),
@@ -56,10 +62,8 @@ def rotary(positions: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: tor
         tokens,
         heads,
         head_dim,
-        cos.shape[0],
+        table[0],
     )
     if status:
-        raise ValueError(
-            f"rotary kernel refused head_dim {head_dim} or a position past {cos.shape[0]} (status {status})"
-        )
+        raise ValueError(f"rotary kernel refused head_dim {head_dim} or a position past {table[0]} (status {status})")
     return out

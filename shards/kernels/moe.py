@@ -1,4 +1,4 @@
-"""The C expert MLPs (moe.c) behind a torch-shaped call, for decode-sized batches.
+"""The C expert MLPs (moe.c) behind a checked, torch-shaped call, for decode-sized batches.
 
 Legend: T tokens, H hidden size, K experts per token, E experts held, I intermediate size held.
 """
@@ -8,6 +8,7 @@ import ctypes
 import torch
 
 from shards.kernels import native
+from shards.kernels.checks import index, require, same
 from shards.kernels.native import KernelUnavailable
 
 # Past this many tokens MKL's blocked GEMM beats streaming each expert's weights per row group:
@@ -35,28 +36,33 @@ def fits(tokens: int) -> bool:
     return tokens <= MAX_TOKENS or tokens <= max_tokens()
 
 
-def usable(hidden: torch.Tensor, w13: torch.Tensor | None) -> bool:
-    """Whether the experts of this step run in the C kernel under the current choice."""
-    if w13 is None or hidden.device.type != "cpu" or hidden.dtype != torch.float32 or w13.dtype != hidden.dtype:
-        return False
-    return _kernel() is not None and fits(hidden.shape[0])
+def available() -> bool:
+    """Whether the kernel runs under the current choice of kernels."""
+    return _kernel() is not None
 
 
 def moe_experts(
     hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
 ) -> torch.Tensor:
     """This rank's partial MoE output [T, H] for hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], routing
-    weights and expert ids [T, K] (ids >= E, held by another rank, are skipped): as experts_grouped."""
+    weights and expert ids [T, K] (ids >= E, held by another rank, are skipped): as the fused_moe reference.
+    fp32 CPU tensors; raises TypeError / ValueError for arguments the kernel cannot take."""
     fn = _kernel()
     if fn is None:
         raise KernelUnavailable("the MoE kernel is not available")
-    tokens, hidden_size = hidden.shape
-    top_k = experts.shape[1]
-    held, two_inter, _ = w13.shape
+    tokens, hidden_size = require(hidden, "hidden", torch.float32, 2)
+    held, two_inter, w13_hidden = require(w13, "w13", torch.float32, 3)
+    w2_held, w2_hidden, inter = require(w2, "w2", torch.float32, 3)
+    route_tokens, top_k = require(weights, "weights", torch.float32, 2)
+    experts = index(experts, "experts", 2)
+    same("hidden sizes of hidden, w13 and w2", hidden=hidden_size, w13=w13_hidden, w2=w2_hidden)
+    same("experts held in w13 and w2", w13=held, w2=w2_held)
+    same("intermediate sizes (w13 rows / 2, w2 columns)", w13=two_inter // 2, w2=inter)
+    if two_inter % 2:
+        raise ValueError(f"w13 must stack w1 and w3: {two_inter} rows is odd")
+    same("tokens of hidden, weights and experts", hidden=tokens, weights=route_tokens, experts=experts.shape[0])
+    same("experts per token of weights and experts", weights=top_k, experts=experts.shape[1])
     pairs = tokens * top_k
-    hidden = hidden.contiguous()
-    weights = weights.to(torch.float32).contiguous()
-    experts = experts.to(torch.int64).contiguous()
     out = torch.empty_like(hidden)
     scratch = torch.empty(pairs * (two_inter + 2 * hidden_size) + 2 * (pairs + 2 * (held + 1)), dtype=torch.float32)
     status = fn(

@@ -1,8 +1,9 @@
-"""Build this folder's C kernels with the machine's C compiler, load them with ctypes, and hold the
-shard's choice of using them.
+"""Build this folder's C kernels with the machine's C compiler, load them with ctypes, and hold
+whether they may run at all.
 
-`select` records `--kernels`: `auto` (the C kernels where they build, for fp32 CPU tensors; the
-torch paths elsewhere), `native` (the C kernels, or fail at start), `torch` (never).
+`select` (called by shards.ops.select, which picks each op's implementation) records the C side of
+`--kernels`: `auto` (the C kernels where they build), `native` (the C kernels, or fail at start),
+`torch` (never; the shared-memory collectives then take their torch path too).
 Compiled once per source and machine (`-march=native`, so the cache key covers the CPU) into
 $MIXSERVE_CACHE/kernels (default ~/.cache/mixserve/kernels); shard processes that start together
 build side by side and each moves its own file into place. A machine without a C compiler keeps

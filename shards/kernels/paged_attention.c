@@ -77,10 +77,20 @@ static void token_scores(const float (*qs)[MAX_HEAD_DIM], const float *kt, float
    front to back, once, for all of its query heads; scores are kept [token][head]. */
 int paged_decode_attention(const float *q, const float *k_pool, const float *v_pool,
                            const int64_t *block_tables, const int64_t *context_lens, float *out,
-                           int64_t B, int64_t H, int64_t KV, int64_t D, int64_t S, int64_t M,
+                           int64_t B, int64_t H, int64_t KV, int64_t D, int64_t S, int64_t M, int64_t N,
                            float scale, int64_t window) {
     const int64_t G = H / KV;
     if (H > MAX_HEADS || G * KV != H || D > MAX_HEAD_DIM || S > MAX_BLOCK) return 1;
+    /* Every read stays inside the table rows and the pools: 2 a context past its row, 3 a block id
+       outside the pools (checked before anything is written). */
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t len = context_lens[b];
+        if (len < 1 || len > M * S) return 2;
+        for (int64_t i = 0; i < (len + S - 1) / S; i++) {
+            const int64_t block = block_tables[b * M + i];
+            if (block < 0 || block >= N) return 3;
+        }
+    }
     const int64_t token_stride = KV * D; /* floats between two tokens of one block */
     float qs[MAX_HEADS][MAX_HEAD_DIM], acc[MAX_HEADS][MAX_HEAD_DIM], scores[MAX_BLOCK][MAX_HEADS];
     float running_max[MAX_HEADS], running_sum[MAX_HEADS], correction[MAX_HEADS];

@@ -1,7 +1,7 @@
 """The C per-row argmax and log-sum-exp (sampling.c), and both halves of parallel greedy, behind
-torch-shaped calls.
+checked, torch-shaped calls (fp32 / float64 CPU tensors).
 
-Legend: B rows, V vocabulary.
+Legend: B rows, V vocabulary, R rows of a rank's slice, P its columns, N ranks.
 """
 
 import ctypes
@@ -9,6 +9,8 @@ import ctypes
 import torch
 
 from shards.kernels import native
+from shards.kernels.checks import require
+from shards.kernels.native import KernelUnavailable
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _ARGTYPES = [_P, _I64, _I64, _P, _P]
@@ -16,20 +18,32 @@ _STATS_ARGTYPES = [_P, _I64, _I64, _I64, _I64, _P]
 _COMBINE_ARGTYPES = [_P, _I64, _I64, _P, _P]
 
 
-def _kernel():
-    return native.function("sampling", "row_argmax_logsumexp", _ARGTYPES)
+def _function(name: str, argtypes: list):
+    fn = native.function("sampling", name, argtypes)
+    if fn is None:
+        raise KernelUnavailable(f"the {name} kernel is not available")
+    return fn
+
+
+def available() -> bool:
+    """Whether the kernels run under the current choice of kernels."""
+    return native.function("sampling", "row_argmax_logsumexp", _ARGTYPES) is not None
+
+
+def _nonempty_rows(logits: torch.Tensor, name: str, contiguous: bool) -> tuple[int, int]:
+    rows, vocab = require(logits, name, torch.float32, 2, contiguous)
+    if vocab == 0:
+        raise ValueError(f"{name} must have at least one column")
+    if logits.stride(1) != 1:
+        raise ValueError(f"{name} must have contiguous rows, got strides {logits.stride()}")
+    return rows, vocab
 
 
 def row_argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(argmax [B], logsumexp [B]) of fp32 CPU logits [B, V], or None where the torch path should
-    run instead: another dtype or device, the kernels not chosen, or a row holding NaN or infinity."""
-    if logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 2 or logits.shape[1] == 0:
-        return None
-    fn = _kernel()
-    if fn is None:
-        return None
-    logits = logits.contiguous()
-    rows, vocab = logits.shape
+    """(argmax [B] int64, logsumexp [B] fp32) of fp32 logits [B, V] (contiguous), or None where a row
+    holds NaN or infinity."""
+    fn = _function("row_argmax_logsumexp", _ARGTYPES)
+    rows, vocab = _nonempty_rows(logits, "logits", contiguous=True)
     argmax = torch.empty(rows, dtype=torch.int64)
     logsumexp = torch.empty(rows, dtype=torch.float32)
     if fn(logits.data_ptr(), rows, vocab, argmax.data_ptr(), logsumexp.data_ptr()):
@@ -37,24 +51,11 @@ def row_argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return argmax, logsumexp
 
 
-def greedy_usable(logits: torch.Tensor) -> bool:
-    """Whether both halves of parallel greedy run in C for this rank's slice (fp32 CPU [R, P], rows
-    contiguous), under the current choice of kernels."""
-    return (
-        logits.device.type == "cpu"
-        and logits.dtype == torch.float32
-        and logits.dim() == 2
-        and logits.shape[1] > 0
-        and logits.stride(1) == 1
-        and native.function("sampling", "combine_greedy", _COMBINE_ARGTYPES) is not None
-    )
-
-
 def slice_greedy_stats(logits: torch.Tensor, vocab_start: int) -> torch.Tensor | None:
-    """[R, 3] float64 (maximum, its token id, log-sum-exp) of each row of this rank's slice [R, P]
-    (`greedy_usable`), or None where a row holds NaN or infinity."""
-    fn = native.function("sampling", "slice_greedy_stats", _STATS_ARGTYPES)
-    rows, vocab = logits.shape
+    """[R, 3] float64 (maximum, its token id, log-sum-exp) of each row of this rank's fp32 slice
+    [R, P] (rows contiguous, any stride apart), or None where a row holds NaN or infinity."""
+    fn = _function("slice_greedy_stats", _STATS_ARGTYPES)
+    rows, vocab = _nonempty_rows(logits, "logits", contiguous=False)
     packed = torch.empty(rows, 3, dtype=torch.float64)
     if fn(logits.data_ptr(), logits.stride(0), rows, vocab, vocab_start, packed.data_ptr()):
         return None
@@ -62,11 +63,12 @@ def slice_greedy_stats(logits: torch.Tensor, vocab_start: int) -> torch.Tensor |
 
 
 def combine_greedy(every: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(token ids [R] int64, log-probabilities [R] fp32) from every rank's numbers [R, N, 3] float64,
-    or None where any is NaN or infinite."""
-    fn = native.function("sampling", "combine_greedy", _COMBINE_ARGTYPES)
-    every = every.contiguous()
-    rows, ranks, _ = every.shape
+    """(token ids [R] int64, log-probabilities [R] fp32) from every rank's numbers [R, N, 3] float64
+    (contiguous), or None where any is NaN or infinite."""
+    fn = _function("combine_greedy", _COMBINE_ARGTYPES)
+    rows, ranks, three = require(every, "every", torch.float64, 3)
+    if three != 3:
+        raise ValueError(f"every must be [R, N, 3], got {tuple(every.shape)}")
     token_ids = torch.empty(rows, dtype=torch.int64)
     logprobs = torch.empty(rows, dtype=torch.float32)
     if fn(every.data_ptr(), rows, ranks, token_ids.data_ptr(), logprobs.data_ptr()):

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shards import ops
 from shards.checkpoint import CheckpointReader
 from shards.config import ParallelConfig
 from shards.distributed import TensorParallelGroup
-from shards.kernels.linear import linear
 from shards.layers.linear import materialize
 
 
@@ -51,7 +51,7 @@ class ParallelLMHead(_VocabSlice):
     (`gather=False`, column j is token vocab_start + j) for a caller that combines the slices itself."""
 
     def forward(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
-        local = linear(hidden, self.weight)  # [T, P]
+        local = ops.current().linear_rows(hidden, self.weight)  # [T, P]
         return self.gather(local) if gather else local
 
     def gather(self, local: torch.Tensor) -> torch.Tensor:

@@ -7,16 +7,12 @@ E_l = E and I_l = I / n. Expert-parallel (ep): each rank holds E_l = E / n whole
 routes every token, computes its partial output (its slice of every expert, or its experts' whole
 output on the tokens routed to them, zero elsewhere) and one all-reduce closes the block.
 
-Three compute paths give the same result:
-- the C kernel (shards/kernels/moe.c, fp32 on the CPU, up to 64 tokens): pairs bucketed by
-  expert, each expert's weights streamed once against all of its rows, in one call per layer;
-- grouped: sort (token, expert) pairs by expert and run one matmul pair per expert that has
-  tokens; reads each selected expert's weights once (prefill, large batches);
-- gather: index the chosen experts' weights per token and use batched matmuls; no Python loop
-  over experts (a handful of tokens).
+The experts run through the `fused_moe` op (shards.ops: the C kernel for decode-sized fp32 CPU
+steps, else sort-by-expert grouped matmuls), or, for steps of at most `gather_max_tokens` tokens,
+gather-by-index here: index the chosen experts' weights per token and use batched matmuls.
 With `quantization` set before load, every expert's slice is held quantized (`quantized`, run by
-the grouped path) instead of in w13/w2. Under expert parallelism the grouped path runs (it skips
-the pairs routed to experts held elsewhere; gather-by-index would need every expert's weights).
+the grouped path) instead of in w13/w2. Under expert parallelism `fused_moe` runs (it skips the
+pairs routed to experts held elsewhere; gather-by-index would need every expert's weights).
 
 Legend: T tokens, H hidden size, E experts, K experts per token, n world size, E_l experts held by
 this rank, I_l intermediate size per rank, P (token, expert) pairs routed to the experts held.
@@ -26,12 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shards import ops
 from shards.checkpoint import CheckpointReader
 from shards.config import ModelConfig, ParallelConfig
 from shards.distributed import TensorParallelGroup
-from shards.kernels import moe as moe_kernel
 from shards.layers.dense_experts import experts_dense
-from shards.layers.grouped_experts import run_grouped
 from shards.layers.linear import materialize
 from shards.quant.config import QuantizationConfig
 from shards.quant.experts import QuantizedExperts
@@ -53,21 +48,6 @@ def held_expert_ids(experts: torch.Tensor, first: int, count: int) -> torch.Tens
     (from `first` on); experts held elsewhere become `count`, which the grouped paths skip."""
     local = experts - first
     return torch.where((local >= 0) & (local < count), local, count)
-
-
-def experts_grouped(
-    hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
-) -> torch.Tensor:
-    """Sort-by-expert path: one pair of matmuls per expert that received tokens.
-
-    Expert ids >= E_l (held by another rank, see `held_expert_ids`) are skipped.
-    """
-
-    def expert_mlp(expert: int, rows: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(rows, w13[expert]).chunk(2, dim=-1)  # [c, I_l] each
-        return F.linear(F.silu(gate) * up, w2[expert])  # [c, H]
-
-    return run_grouped(hidden, weights, experts, w13.shape[0], expert_mlp)
 
 
 def experts_gathered(
@@ -118,12 +98,13 @@ class SparseMoE(nn.Module):
             return self.group.all_reduce(self.quantized(hidden, weights, experts))
         # Gather-by-index indexes this rank's weights with every chosen id, so it cannot skip experts held elsewhere.
         gather = not self.parallel.expert_parallel and hidden.shape[0] <= self.gather_max_tokens
-        if self.sync_free:
+        fused = ops.current()
+        if self.sync_free and fused.backends["fused_moe"] != "triton":
+            # A captured decode step may not sync with the host: the torch reference's grouping by
+            # expert does (bincount().tolist()), the Triton kernel does not.
             compute = experts_dense
-        elif moe_kernel.usable(hidden, self.w13) and not gather:
-            compute = moe_kernel.moe_experts
         else:
-            compute = experts_gathered if gather else experts_grouped
+            compute = experts_gathered if gather else fused.fused_moe
         return self.group.all_reduce(compute(hidden, self.w13, self.w2, weights, experts))
 
     def load(self, reader: CheckpointReader, prefix: str) -> None:

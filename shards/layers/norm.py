@@ -1,10 +1,10 @@
-"""RMSNorm, replicated on every rank, computed in fp32 as transformers does."""
+"""RMSNorm, replicated on every rank, computed in fp32 as transformers does (the `rms_norm` op)."""
 
 import torch
 from torch import nn
 
+from shards import ops
 from shards.checkpoint import CheckpointReader
-from shards.kernels import elementwise
 from shards.layers.linear import materialize
 
 
@@ -14,13 +14,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = elementwise.rms_norm(x, self.weight, self.eps)
-        if fused is not None:
-            return fused
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The norm of x [T, H]; with `residual`, (the norm of x + residual, x + residual)."""
+        return ops.current().rms_norm(x, self.weight, self.eps, residual)
 
     def load(self, reader: CheckpointReader, name: str) -> None:
         self.weight = materialize(reader.read(name), self.weight, reader.device)

@@ -1,12 +1,12 @@
 """Rotary position embedding (the default RoPE of Llama/Mistral/Mixtral), indexed by position.
 
-Legend: T tokens, h heads, d head dim.
+Legend: T tokens, h heads, kv KV heads, d head dim, P positions.
 """
 
 import torch
 from torch import nn
 
-from shards.kernels import elementwise
+from shards import ops
 
 
 class RotaryEmbedding(nn.Module):
@@ -22,16 +22,4 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q [T, h, d] and k [T, kv, d] by their tokens' positions [T]."""
-        q_rotated = elementwise.rotary(positions, q, self.cos, self.sin)
-        if q_rotated is not None:
-            k_rotated = elementwise.rotary(positions, k, self.cos, self.sin)
-            if k_rotated is not None:
-                return q_rotated, k_rotated
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, d]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return ops.current().rotary(positions, q, k, self.cos, self.sin)

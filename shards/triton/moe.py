@@ -4,7 +4,7 @@
         hidden [T, H] (fp32, fp16 or bf16), w13 [E_l, 2 I, H] (w1 rows then w3 rows), w2 [E_l, H, I]
         in hidden's dtype, routing weights [T, K] fp32, expert ids [T, K] (int32 or int64) in
         [0, E_l], E_l meaning held by another rank; returns this rank's partial output [T, H] in
-        hidden's dtype, what `shards.layers.moe.experts_grouped` returns.
+        hidden's dtype, what `shards.ops.reference.fused_moe` returns.
     usable(hidden, w13) -> bool
         whether `fused_moe` can run these tensors (Triton present, a supported dtype, a CUDA device
         or the interpreter).

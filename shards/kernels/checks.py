@@ -1,0 +1,58 @@
+"""Argument checks for the C kernels' ctypes wrappers: every tensor whose pointer reaches C is checked
+here first, so a wrong tensor raises instead of letting C read or write past it.
+
+`require` checks one tensor (a CPU tensor of the dtype, contiguous, the number of dimensions, and
+each fixed size); the wrappers then check the sizes against each other with `same`.
+TypeError for a wrong dtype or device, ValueError for a wrong shape or layout.
+"""
+
+import torch
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def require(
+    tensor: torch.Tensor,
+    name: str,
+    dtype: torch.dtype,
+    dims: int,
+    contiguous: bool = True,
+) -> tuple[int, ...]:
+    """Check `tensor` is a CPU tensor of `dtype` with `dims` dimensions (contiguous unless told);
+    returns its shape."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+    if tensor.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {tensor.dtype}")
+    if tensor.device.type != "cpu":
+        raise TypeError(f"{name} must be on the CPU, got {tensor.device}")
+    shape = tuple(tensor.shape)
+    if len(shape) != dims:
+        raise ValueError(f"{name} must have {dims} dimensions, got shape {shape}")
+    if contiguous and not tensor.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    return shape
+
+
+def index(tensor: torch.Tensor, name: str, dims: int) -> torch.Tensor:
+    """An integer index tensor (int32 or int64) as the contiguous int64 CPU tensor C reads."""
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be an int32 or int64 tensor, got {getattr(tensor, 'dtype', type(tensor))}")
+    require(tensor, name, tensor.dtype, dims, contiguous=False)
+    if tensor.dtype is torch.int64 and tensor.is_contiguous():
+        return tensor
+    return tensor.to(torch.int64).contiguous()
+
+
+def same(what: str, **sizes: int) -> int:
+    """The one value every size in `sizes` holds; ValueError naming them where they differ."""
+    values = set(sizes.values())
+    if len(values) != 1:
+        raise ValueError(f"{what} must agree: " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
+    return values.pop()
+
+
+def at_most(what: str, value: int, limit: int) -> None:
+    """ValueError where `value` is past the kernel's fixed limit."""
+    if value > limit:
+        raise ValueError(f"{what} {value} is past the kernel's limit {limit}")

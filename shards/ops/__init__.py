@@ -1,0 +1,123 @@
+"""The shard's ops, and the one place that picks which implementation of each runs.
+
+`select(mode, device, dtype)` runs once per shard at start-up (from `--kernels`) and returns an `Ops`:
+one function per op, the same signature in every backend. Layers and the model call ops by name on
+`current()` and never ask whether a kernel is usable; an op whose kernel has shape limits (heads,
+tokens, rows) checks them itself and takes the torch reference past them.
+
+Backends, per op, over the torch reference (`shards.ops.reference`, any dtype and device):
+- `cpu` (shards/ops/cpu.py): the C kernels, for fp32 on the CPU (`auto` where they build, `native`
+  or fail).
+- `triton`: the functions named like the ops in the `shards.triton` package, for CUDA (`auto` where
+  it imports) and, under TRITON_INTERPRET=1, for CPU tests (`--kernels triton`).
+Adding a kernel for an op is one function of the op's name in its backend.
+"""
+
+import importlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+
+from shards.kernels import native
+from shards.kernels.native import KernelUnavailable
+from shards.ops import cpu, reference
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "native", "triton", "torch")
+MODE_HELP = (
+    "which implementation runs each op (attention, MoE experts, norms, rotary, LM head, greedy): "
+    "auto (the C kernels for fp32 on CPU where a C compiler builds them, the Triton kernels on CUDA "
+    "where shards.triton imports, else torch), native (the C kernels, or fail at start; fp32 CPU "
+    "only), triton (the Triton kernels, or fail; on CPU under TRITON_INTERPRET=1, for tests), "
+    "torch (the torch reference everywhere)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Ops:
+    """One implementation per op, chosen by `select`; see shards.ops.reference for each signature."""
+
+    rms_norm: Callable
+    rotary: Callable
+    write_kv: Callable
+    rotary_write_kv: Callable
+    paged_decode_attention: Callable
+    paged_prefill_attention: Callable
+    fused_moe: Callable
+    linear_rows: Callable
+    decoder_layers: Callable
+    row_argmax_logsumexp: Callable
+    slice_greedy_stats: Callable
+    combine_greedy: Callable
+    # Each op's backend: torch (the reference), native (the C kernels) or triton.
+    backends: dict[str, str]
+    # The most tokens a step may have for `decoder_layers` to run it in the CPU decoder layer kernel
+    # (the runner then builds per-token block tables); 0 where another implementation runs it.
+    decoder_layers_max_tokens: int = 0
+
+
+OP_NAMES = tuple(f.name for f in fields(Ops) if f.type is Callable)
+_REFERENCE = {name: getattr(reference, name) for name in OP_NAMES}
+_current: list[Ops] = []
+
+
+def select(mode: str, device: torch.device, dtype: torch.dtype) -> Ops:
+    """Choose each op's implementation for a shard on `device` computing in `dtype`, make it the
+    process's `current()` and return it. Builds the C kernels now (not on the first request) unless
+    torch or triton is chosen; raises KernelUnavailable where `native` or `triton` is asked for and
+    cannot run, ValueError for an unknown mode."""
+    if mode not in MODES:
+        raise ValueError(f"kernels must be one of {', '.join(MODES)}, got {mode!r}")
+    chosen = dict(_REFERENCE)
+    backends = dict.fromkeys(OP_NAMES, "torch")
+    max_tokens = 0
+    # The C collectives (shm_exchange) follow the mode too, whatever the model's dtype.
+    native.select({"native": "native", "auto": "auto"}.get(mode, "torch"), native.LIBRARIES)
+    cpu_fp32 = device.type == "cpu" and dtype == torch.float32
+    if mode == "native" and not cpu_fp32:
+        raise KernelUnavailable(f"the C kernels run fp32 on the CPU, not {dtype} on {device}")
+    if mode in ("auto", "native") and cpu_fp32:
+        built = cpu.available()
+        for name in (name for name, ok in built.items() if ok):
+            chosen[name], backends[name] = getattr(cpu, name), "native"
+        if built["decoder_layers"]:
+            max_tokens = cpu.decoder_layer.max_tokens()
+    if mode == "triton" or (mode == "auto" and device.type == "cuda"):
+        for name, fn in _triton_ops(device, required=mode == "triton").items():
+            chosen[name], backends[name] = fn, "triton"
+    ops = Ops(**chosen, backends=backends, decoder_layers_max_tokens=max_tokens)
+    _current[:] = [ops]
+    log.info(
+        "event=ops kernels=%s device=%s dtype=%s %s",
+        mode,
+        device,
+        str(dtype).removeprefix("torch."),
+        " ".join(f"{name}={backend}" for name, backend in backends.items()),
+    )
+    return ops
+
+
+def _triton_ops(device: torch.device, required: bool) -> dict[str, Callable]:
+    """The ops the shards.triton package implements (functions of the ops' names)."""
+    if device.type == "cpu":
+        # Read when triton is imported: the interpreter runs the kernels on CPU tensors.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:
+        module = importlib.import_module("shards.triton")
+    except ImportError as e:
+        if required:
+            raise KernelUnavailable(f"the Triton kernels are not available: {e}") from e
+        log.warning("event=kernel_unavailable name=triton fallback=torch reason=%r", str(e))
+        return {}
+    return {name: getattr(module, name) for name in OP_NAMES if callable(getattr(module, name, None))}
+
+
+def current() -> Ops:
+    """The ops `select` chose for this process; before any choice, `auto` for fp32 on the CPU."""
+    if not _current:
+        select("auto", torch.device("cpu"), torch.float32)
+    return _current[0]

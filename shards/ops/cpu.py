@@ -1,0 +1,206 @@
+"""The CPU backend: the C kernels (shards/kernels) for fp32 CPU tensors. Each op checks the shape
+limits of its kernel here, in one place, and takes the torch reference for what it cannot take
+(another dtype or device, more heads or tokens than the kernel holds); the kernels' wrappers then
+check every argument before C sees a pointer.
+
+Legend: T tokens, H hidden size, h query heads, d head dim, B decoding sequences, R rows.
+"""
+
+import torch
+from torch import nn
+
+from shards.attention_metadata import AttentionMetadata
+from shards.kernels import decoder_layer, elementwise, linear, moe, paged_attention, sampling
+from shards.kv_cache import KVCache
+from shards.ops import reference
+
+_F32 = torch.float32
+
+
+def _fp32_cpu(x: torch.Tensor) -> bool:
+    return x.dtype is _F32 and x.device.type == "cpu"
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """reference.rms_norm, the norm in the C kernel for fp32 [T, H]."""
+    if x.dim() != 2 or not _fp32_cpu(x) or weight.dtype is not _F32:
+        return reference.rms_norm(x, weight, eps, residual)
+    if residual is not None:
+        summed = x + residual
+        return elementwise.rms_norm(summed, weight, eps), summed
+    return elementwise.rms_norm(x.contiguous(), weight, eps)
+
+
+def rotary(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.rotary, in the C kernel for fp32 q and k whose heads lie contiguously per token."""
+    if (
+        not _fp32_cpu(q)
+        or k.dtype is not _F32
+        or positions.dtype is not torch.int64
+        or q.stride(-1) != 1
+        or k.stride(-1) != 1
+        or q.stride(-2) != q.shape[-1]
+        or k.stride(-2) != k.shape[-1]
+    ):
+        return reference.rotary(positions, q, k, cos, sin)
+    positions = positions.contiguous()
+    return elementwise.rotary(positions, q, cos, sin), elementwise.rotary(positions, k, cos, sin)
+
+
+def rotary_write_kv(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache: tuple[torch.Tensor, torch.Tensor],
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """reference.rotary_write_kv with this backend's rotary."""
+    q, k = rotary(positions, q, k, cos, sin)
+    reference.write_kv(cache, slot_mapping, k, v)
+    return q
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    cache: tuple[torch.Tensor, torch.Tensor],
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """reference.paged_decode_attention, in the C kernel (reading the blocks in place) for fp32 within
+    its head, head-dim and block-size limits."""
+    k_pool = cache[0]
+    if (
+        not _fp32_cpu(q)
+        or k_pool.dtype is not _F32
+        or not paged_attention.fits(q.shape[1], q.shape[2], k_pool.shape[1])
+    ):
+        return reference.paged_decode_attention(q, cache, block_tables, context_lens, scale, sliding_window)
+    return paged_attention.paged_decode_attention(
+        q.contiguous(), cache, block_tables, context_lens, scale, sliding_window
+    )
+
+
+def fused_moe(
+    hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
+) -> torch.Tensor:
+    """reference.fused_moe, in the C kernel for fp32 steps within its token cap (past it MKL's blocked
+    GEMMs in the reference are faster)."""
+    if not _fp32_cpu(hidden) or w13.dtype is not _F32 or not moe.fits(hidden.shape[0]):
+        return reference.fused_moe(hidden, w13, w2, weights, experts)
+    return moe.moe_experts(hidden.contiguous(), w13, w2, weights.to(_F32).contiguous(), experts)
+
+
+def linear_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """reference.linear_rows, in the C kernel for up to linear.MAX_ROWS fp32 rows."""
+    if (
+        x.dim() != 2
+        or x.shape[0] > linear.MAX_ROWS
+        or not _fp32_cpu(x)
+        or weight.dtype is not _F32
+        or not weight.is_contiguous()
+    ):
+        return reference.linear_rows(x, weight)
+    return linear.linear_rows(x.contiguous(), weight)
+
+
+def decoder_layers(
+    layers: nn.ModuleList,
+    positions: torch.Tensor,
+    hidden: torch.Tensor,
+    kv_cache: KVCache,
+    meta: AttentionMetadata,
+) -> torch.Tensor:
+    """reference.decoder_layers, each layer as two C calls around its two all-reduces where the step
+    fits the decoder layer kernel: every token one query over its own block table (a decode step, or
+    a small one with prefill chunks), fp32, weights held in full precision, shapes within its limits."""
+    halves = layers[0].kernel_halves()
+    if halves is None or not _step_fits(halves, hidden, kv_cache, meta):
+        return reference.decoder_layers(layers, positions, hidden, kv_cache, meta)
+    hidden = hidden.contiguous()
+    step = decoder_layer.prepare_step(hidden, positions, meta, kv_cache.layer(0), *halves)
+    pending = None
+    for index, layer in enumerate(layers):
+        pending = decoder_layer_step(layer, step, pending, kv_cache.layer(index))
+    hidden += pending
+    return hidden
+
+
+def decoder_layer_step(
+    layer: nn.Module,
+    step: decoder_layer.KernelStep,
+    pending: torch.Tensor | None,
+    cache: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """One DecoderLayer's forward through the kernel: adds `pending` (the previous layer's summed MoE
+    output, None for the first layer) to step.hidden [T, H] in place and returns this layer's summed
+    MoE output, which the caller adds after the last layer."""
+    attention, experts = layer.kernel_halves()
+    decoder_layer.attention_block(step, pending, attention, cache)
+    attn_sum = layer.self_attn.o_proj.group.all_reduce(step.attn_out)
+    decoder_layer.moe_block(step, attn_sum, experts)
+    return layer.block_sparse_moe.group.all_reduce(step.moe_out)
+
+
+def _step_fits(halves: tuple, hidden: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> bool:
+    attention, experts = halves
+    _, heads, _, head_dim = attention.shape_key
+    return (
+        meta.per_token() is not None
+        and _fp32_cpu(hidden)
+        and kv_cache.keys.dtype is _F32
+        and decoder_layer.fits(hidden.shape[0], heads, head_dim, kv_cache.block_size, experts.shape_key[0])
+    )
+
+
+def row_argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.row_argmax_logsumexp, in the C kernel for fp32 rows holding no NaN or infinity."""
+    if logits.dim() == 2 and logits.shape[1] and _fp32_cpu(logits):
+        stats = sampling.row_argmax_logsumexp(logits.contiguous())
+        if stats is not None:
+            return stats
+    return reference.row_argmax_logsumexp(logits)
+
+
+def slice_greedy_stats(logits: torch.Tensor, vocab_start: int) -> torch.Tensor:
+    """reference.slice_greedy_stats, in the C kernel for an fp32 slice with contiguous rows holding no
+    NaN or infinity."""
+    if logits.dim() == 2 and logits.shape[1] and _fp32_cpu(logits) and logits.stride(1) == 1:
+        packed = sampling.slice_greedy_stats(logits, vocab_start)
+        if packed is not None:
+            return packed
+    return reference.slice_greedy_stats(logits, vocab_start)
+
+
+def combine_greedy(every: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """reference.combine_greedy, in the C kernel for float64 numbers on the CPU."""
+    if every.dtype is not torch.float64 or every.device.type != "cpu":
+        return reference.combine_greedy(every)
+    return sampling.combine_greedy(every.contiguous())
+
+
+def available() -> dict[str, bool]:
+    """Which of this backend's ops have their C kernels built under the current choice of kernels."""
+    attention = paged_attention.available()
+    norms = elementwise.available()
+    greedy = sampling.available()
+    return {
+        "rms_norm": norms,
+        "rotary": norms,
+        "rotary_write_kv": norms,
+        "paged_decode_attention": attention,
+        "fused_moe": moe.available(),
+        "linear_rows": linear.available(),
+        "decoder_layers": decoder_layer.available() and attention and moe.available(),
+        "row_argmax_logsumexp": greedy,
+        "slice_greedy_stats": greedy,
+        "combine_greedy": greedy,
+    }

@@ -1,0 +1,209 @@
+"""The torch reference of every op: any dtype, any device, any shape. The other backends' kernels are
+tested against these, and fall back to them for shapes past their limits.
+
+Legend: T tokens, H hidden size, h query heads, kv KV heads, d head dim, N blocks, S block size,
+B decoding sequences, M block-table width, P prefill chunks, C a chunk's context, E_l experts held,
+I_l intermediate size held, K experts per token, R rows, V vocabulary, n ranks.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shards.attention_metadata import AttentionMetadata
+from shards.kv_cache import KVCache
+from shards.layers.grouped_experts import run_grouped
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """weight * x / sqrt(mean(x^2) + eps) of x [T, H], in fp32 as transformers computes it. With
+    `residual` [T, H]: (the norm of x + residual, x + residual), the sum being the next residual."""
+    if residual is not None:
+        summed = x + residual
+        return rms_norm(summed, weight, eps), summed
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotary(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, h, d] and k [T, kv, d] rotated by their tokens' positions [T] (tables cos, sin [P, d])."""
+    cos = cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, d]
+    sin = sin[positions].unsqueeze(1).to(q.dtype)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def write_kv(
+    cache: tuple[torch.Tensor, torch.Tensor], slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """Store k, v [T, kv, d] into the pools [N, S, kv, d] at the flat slot of each token."""
+    k_pool, v_pool = cache
+    k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, slot_mapping, v)
+
+
+def rotary_write_kv(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache: tuple[torch.Tensor, torch.Tensor],
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """Rotate q and k, write the rotated k and v into the cache at `slot_mapping`; returns q rotated."""
+    q, k = rotary(positions, q, k, cos, sin)
+    write_kv(cache, slot_mapping, k, v)
+    return q
+
+
+def _sliding_window_mask(mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None):
+    if window is None:
+        return mask
+    return mask & (k_pos > q_pos - window)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    cache: tuple[torch.Tensor, torch.Tensor],
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Attention of one query per sequence, q [B, h, d], over its blocks (tables [B, M], context lengths
+    [B], the query's own position included) gathered into one padded tensor; returns [B, h, d]."""
+    k_pool, v_pool = cache
+    num_kv, head_dim = k_pool.shape[2:]
+    nd = q.shape[0]
+    keys = k_pool[block_tables].view(nd, -1, num_kv, head_dim).transpose(1, 2)  # [B, kv, M S, d]
+    values = v_pool[block_tables].view(nd, -1, num_kv, head_dim).transpose(1, 2)
+    k_pos = torch.arange(keys.shape[2], device=q.device)  # [M S]
+    q_pos = (context_lens - 1).unsqueeze(1)  # [B, 1]
+    mask = _sliding_window_mask(k_pos < context_lens.unsqueeze(1), q_pos, k_pos, sliding_window)
+    return F.scaled_dot_product_attention(
+        q.unsqueeze(2),  # [B, h, 1, d]
+        keys,
+        values,
+        attn_mask=mask[:, None, None, :],  # [B, 1, 1, M S]
+        scale=scale,
+        enable_gqa=True,
+    ).squeeze(2)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    cache: tuple[torch.Tensor, torch.Tensor],
+    query_start: torch.Tensor,
+    start_positions: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    chunks: list[tuple[int, int]] | None = None,
+) -> torch.Tensor:
+    """Causal attention of prefill chunks q [T, h, d]: chunk i is q[query_start[i]:query_start[i + 1]]
+    (query_start [P + 1]), its first token at start_positions[i] [P], reading its earlier positions
+    from the cache through block_tables[i] [P, M]; returns [T, h, d]. The chunks' own K/V are cached.
+    `chunks`, the same (tokens, start position) on the host, spares reading the tensors back (and is
+    how the meta device, which has no values, runs it)."""
+    k_pool, v_pool = cache
+    num_kv, head_dim = k_pool.shape[2:]
+    out = torch.empty_like(q)
+    if chunks is None:
+        chunks = list(zip(query_start.diff().tolist(), start_positions.tolist(), strict=True))
+    end = 0
+    for chunk, (tokens, start) in enumerate(chunks):
+        begin, end = end, end + tokens
+        context = start + end - begin
+        table = block_tables[chunk]
+        keys = k_pool[table].view(-1, num_kv, head_dim)[:context].transpose(0, 1)  # [kv, C, d]
+        values = v_pool[table].view(-1, num_kv, head_dim)[:context].transpose(0, 1)
+        mask = None
+        if start or sliding_window is not None:
+            q_pos = torch.arange(start, context, device=q.device).unsqueeze(1)  # [n, 1]
+            k_pos = torch.arange(context, device=q.device)  # [C]
+            mask = _sliding_window_mask(k_pos <= q_pos, q_pos, k_pos, sliding_window)  # [n, C]
+        # 4-D inputs: the CPU flash kernel takes only those (3-D falls back to a far slower path).
+        out[begin:end] = F.scaled_dot_product_attention(
+            q[begin:end].transpose(0, 1).unsqueeze(0),  # [1, h, n, d]
+            keys.unsqueeze(0),
+            values.unsqueeze(0),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scale,
+            enable_gqa=True,
+        )[0].transpose(0, 1)
+    return out
+
+
+def fused_moe(
+    hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
+) -> torch.Tensor:
+    """This rank's partial MoE output [T, H] for hidden [T, H], w13 [E_l, 2 I_l, H], w2 [E_l, H, I_l],
+    routing weights [T, K] and expert ids [T, K]: sort by expert, one pair of matmuls per expert that
+    received tokens. Ids >= E_l (held by another rank) are skipped."""
+
+    def expert_mlp(expert: int, rows: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(rows, w13[expert]).chunk(2, dim=-1)  # [c, I_l] each
+        return F.linear(F.silu(gate) * up, w2[expert])  # [c, H]
+
+    return run_grouped(hidden, weights, experts, w13.shape[0], expert_mlp)
+
+
+def linear_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [R, K] @ weight [N, K]^T -> [R, N] (the LM head)."""
+    return F.linear(x, weight)
+
+
+def decoder_layers(
+    layers: nn.ModuleList,
+    positions: torch.Tensor,
+    hidden: torch.Tensor,
+    kv_cache: KVCache,
+    meta: AttentionMetadata,
+) -> torch.Tensor:
+    """hidden [T, H] through every decoder layer, each through its modules' forward."""
+    for index, layer in enumerate(layers):
+        hidden = layer(positions, hidden, kv_cache.layer(index), meta)
+    return hidden
+
+
+def row_argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax [R], logsumexp [R]) of logits [R, V] (the first index of a tied maximum)."""
+    return logits.argmax(dim=-1), logits.logsumexp(dim=-1)
+
+
+def slice_greedy_stats(logits: torch.Tensor, vocab_start: int) -> torch.Tensor:
+    """[R, 3] float64 (maximum, its token id, log-sum-exp) of each row of a rank's slice [R, P] whose
+    column j is token vocab_start + j; a slice of no columns gives -inf maxima."""
+    rows = logits.shape[0]
+    if logits.shape[1] == 0:
+        best = logsumexp = torch.full((rows,), float("-inf"), device=logits.device)
+        index = torch.zeros(rows, dtype=torch.long, device=logits.device)
+    else:
+        best, index = logits.max(dim=-1)  # the first index of the maximum, as torch.argmax
+        logsumexp = logits.logsumexp(dim=-1)
+    # float64 holds every token id and fp32 value exactly.
+    return torch.stack([best.double(), (index + vocab_start).double(), logsumexp.double()], dim=-1)
+
+
+def combine_greedy(every: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(token ids [R] int64, log-probabilities [R] fp32) from every rank's slice numbers [R, n, 3], the
+    ranks in vocabulary order (a tie goes to the lowest rank); None where any is NaN or infinite."""
+    if not torch.isfinite(every).all():
+        return None
+    maxima, ids, sums = every.unbind(-1)  # [R, n] each
+    winner = maxima.argmax(dim=-1, keepdim=True)  # [R, 1]: the first (lowest) rank holding the maximum
+    token_ids = ids.gather(1, winner).squeeze(1).long()
+    logprobs = (maxima.gather(1, winner).squeeze(1) - sums.logsumexp(dim=-1)).float()
+    return token_ids, logprobs
