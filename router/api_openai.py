@@ -40,6 +40,7 @@ from router.params import (
 )
 from router.replicas import Replicas
 from router.server import CONFIG, ENGINE, STARTED, read_json, stream_sse, tokenize
+from router.structured import compile_grammar, openai_spec
 
 log = logging.getLogger("mixserve.router")
 
@@ -147,6 +148,7 @@ def _sampling(
         stream=stream,
         ignore_eos=ignore_eos,
         top_n_tokens=top_n_tokens,
+        grammar=openai_spec(body),
     )
 
 
@@ -189,9 +191,6 @@ def parse_chat_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIM
     """Validate a `/v1/chat/completions` body within `limits`."""
     _unsupported(body, "tools", "this server does not call tools")
     _unsupported(body, "functions", "this server does not call functions")
-    response_format = body.get("response_format")
-    if isinstance(response_format, dict) and response_format.get("type") not in (None, "text"):
-        raise ValidationError(f"response_format {response_format.get('type')!r} is not supported; only text")
     messages = body.get("messages")
     if isinstance(messages, list):
         messages = [_text_content(i, m) for i, m in enumerate(messages)]
@@ -299,6 +298,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     check_model(body, model_id)
     parsed = parse_chat_request(body, request.app[CONFIG].limits)
+    await compile_grammar(parsed.params)
     choices = submit(engine, parsed, None)
     if parsed.params.stream:
         return await stream_sse(request, chat_chunks(engine, parsed, choices, model_id), error_body)
@@ -312,6 +312,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     check_model(body, model_id)
     parsed = parse_completion_request(body, request.app[CONFIG].limits)
+    await compile_grammar(parsed.params)
     choices = submit(engine, parsed, COMPLETIONS_MAX_TOKENS)
     if parsed.params.stream:
         return await stream_sse(request, completion_chunks(engine, parsed, choices, model_id), error_body)

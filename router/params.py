@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import jinja2
 
 from router.errors import BadRequest, ValidationError
+from router.structured import GrammarSpec, from_response_format, from_tgi_grammar, one_spec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -223,6 +224,8 @@ class GenerationParams:
     stream: bool = True
     ignore_eos: bool = False
     top_n_tokens: int = 0
+    # The output's constraint (router/structured.py), compiled before submission.
+    grammar: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         self.max_new_tokens = as_int("max_new_tokens", self.max_new_tokens, ge=1)
@@ -241,6 +244,11 @@ class GenerationParams:
         self.stream = as_bool("stream", self.stream)
         self.ignore_eos = as_bool("ignore_eos", self.ignore_eos)
         self.top_n_tokens = as_int("top_n_tokens", self.top_n_tokens, ge=0)
+        if self.grammar is not None and self.ignore_eos:
+            raise ValidationError(
+                f"{self.grammar.field} cannot be combined with ignore_eos or min_tokens: a finished "
+                "grammar allows only the end-of-sequence token"
+            )
         for name in ("temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
             if value and not FLOAT32_TINY <= abs(value) <= FLOAT32_MAX:
@@ -282,6 +290,7 @@ def parse_predict_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_
         stop=as_stop("stop", body.get("stop"), max_count=limits.max_stop_sequences),
         seed=as_seed("seed", body.get("seed")),
         stream=as_bool("stream", body.get("stream"), default=defaults.stream),
+        grammar=one_spec([from_tgi_grammar(body.get("grammar")), from_response_format(body.get("response_format"))]),
     )
     prompt, messages = body.get("prompt"), body.get("messages")
     return GenerationRequest(

@@ -28,6 +28,7 @@ from router.params import (
     render_prompt,
 )
 from router.replicas import Replicas
+from router.structured import compile_grammar
 
 log = logging.getLogger("mixserve.router")
 
@@ -141,6 +142,7 @@ async def predict(request: web.Request) -> web.StreamResponse:
     """`POST /predict`: plain-text streaming deltas by default, or JSON with the text under `output`."""
     engine = request.app[ENGINE]
     parsed = parse_predict_request(await read_json(request), request.app[CONFIG].limits)
+    await compile_grammar(parsed.params)
     generation = engine.submit(tokenize(engine, parsed), parsed.params)
     if not parsed.params.stream:
         text = await collect_text(generation)

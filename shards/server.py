@@ -22,6 +22,7 @@ import torch
 from mixserve_pb import shard_pb2, shard_pb2_grpc
 from shards.config import DTYPES, MOE_PARALLEL_MODES, ModelConfig, ParallelConfig
 from shards.distributed import init_process_group, tensor_parallel_group
+from shards.grammar import GrammarMatchers, load_tokenizer
 from shards.kernels import native as native_kernels
 from shards.kernels.native import KernelUnavailable
 from shards.listen import ListenConfig, ListenError
@@ -190,6 +191,16 @@ def _step_from_proto(msg: shard_pb2.SequenceStep) -> SequenceStep:
     )
 
 
+def grammar_matchers(model_dir: str, model) -> GrammarMatchers | None:
+    """The constrained-decoding matchers over the checkpoint's tokenizer, or None (logged) when it has none
+    that llguidance reads; the shard then refuses steps that carry a grammar."""
+    try:
+        return GrammarMatchers(load_tokenizer(model_dir, model.config.vocab_size), model.config.vocab_size)
+    except (OSError, ValueError, RuntimeError) as e:
+        log.warning("event=grammars_unavailable model=%s error=%r", model_dir, str(e))
+        return None
+
+
 def kv_budget_bytes(runner: ModelRunner) -> int:
     """Memory this shard may give its KV cache (on CUDA, Warmup further caps it by free memory)."""
     if runner.device.type == "cuda":
@@ -301,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
     init_process_group(parallel, device)
     group = tensor_parallel_group(parallel, device, args.collectives)
     model = load_model(model_dir, parallel, group, dtype, device, quantization)
-    runner = ModelRunner(model, parallel, group, device, dtype, args.block_size)
+    runner = ModelRunner(model, parallel, group, device, dtype, args.block_size, grammar_matchers(model_dir, model))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=8),
         interceptors=listen.interceptors(),
