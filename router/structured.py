@@ -220,7 +220,9 @@ def compile_spec(spec: GrammarSpec, cache: GrammarCache = CACHE) -> GrammarSpec:
         grammar = grammar_text(spec)
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
         if is_error:
-            raise ValidationError(f"{spec.field} is not a valid {_WHAT[spec.kind]}: {messages[0].strip()}")
+            # llguidance's message spans lines (the source with a caret under the fault): one line in the answer.
+            reason = " ".join(messages[0].split())
+            raise ValidationError(f"{spec.field} is not a valid {_WHAT[spec.kind]}: {reason}")
         cache.put(spec, grammar)
     return replace(spec, grammar=grammar)
 
