@@ -61,8 +61,10 @@ def test_mask_of_a_vocabulary_slice_is_the_slice_of_the_full_mask(ranks):
     assert torch.equal(full[constrained] != MASKED_LOGIT, allowed_tokens(bitmask, 0, vocab, vocab))
 
 
-def test_matcher_follows_the_grammar_to_the_end_of_sequence(matchers):
+@pytest.mark.parametrize("background_threads", [0, 2])
+def test_matcher_follows_the_grammar_to_the_end_of_sequence(matchers, background_threads):
     tokenizer = matchers.tokenizer
+    matchers = GrammarMatchers(tokenizer, matchers.vocab_size, background_threads)
     grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, defaults={"whitespace_flexible": False})
     sequence = matchers.matcher(grammar)
     text_ids = tokenizer.tokenize_str('{"n":7,"s":"y"}')
