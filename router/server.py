@@ -51,6 +51,10 @@ class ServerConfig:
     quantize: str = ""
     weight_bytes_per_shard: int = 0
     version: str = ""
+    # --served-model-name: the names the OpenAI API answers to (the first is the default one); none: model_id.
+    served_model_names: tuple[str, ...] = ()
+    # --strict-model-name: a request naming another model is a 404 instead of being served by this one.
+    strict_model_name: bool = False
 
 
 ENGINE = web.AppKey("engine", Replicas)
