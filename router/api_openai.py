@@ -313,7 +313,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     model_id = check_model(body, request.app[CONFIG])
     parsed = parse_chat_request(body, request.app[CONFIG].limits)
-    await compile_grammar(parsed.params)
+    await compile_grammar(parsed.params, engine.tokenizer)
     choices = submit(engine, parsed, None)
     if parsed.params.stream:
         return await stream_sse(request, chat_chunks(engine, parsed, choices, model_id), error_body)
@@ -327,7 +327,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     model_id = check_model(body, request.app[CONFIG])
     parsed = parse_completion_request(body, request.app[CONFIG].limits)
-    await compile_grammar(parsed.params)
+    await compile_grammar(parsed.params, engine.tokenizer)
     choices = submit(engine, parsed, COMPLETIONS_MAX_TOKENS)
     if parsed.params.stream:
         return await stream_sse(request, completion_chunks(engine, parsed, choices, model_id), error_body)

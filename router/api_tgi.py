@@ -198,7 +198,7 @@ async def stream_events(
 async def _answer(request: web.Request, body: dict[str, Any], *, stream: bool, as_array: bool) -> web.StreamResponse:
     engine = request.app[ENGINE]
     parsed = parse_generate_request(body, stream=stream, limits=request.app[CONFIG].limits)
-    await compile_grammar(parsed.params)
+    await compile_grammar(parsed.params, engine.tokenizer)
     generation = submit(engine, parsed)
     if stream:
         return await stream_sse(request, stream_events(engine, parsed, generation), error_body)

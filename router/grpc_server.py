@@ -174,7 +174,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
 
     async def _submit(self, request: generate_pb2.GenerateRequest) -> Generation:
         parsed = parse_generate_request(request, self.config.limits)
-        await compile_grammar(parsed.params)
+        await compile_grammar(parsed.params, self.engine.tokenizer)
         return self.engine.submit(tokenize(self.engine, parsed), parsed.params)
 
     @_rpc

@@ -146,7 +146,7 @@ async def predict(request: web.Request) -> web.StreamResponse:
     """`POST /predict`: plain-text streaming deltas by default, or JSON with the text under `output`."""
     engine = request.app[ENGINE]
     parsed = parse_predict_request(await read_json(request), request.app[CONFIG].limits)
-    await compile_grammar(parsed.params)
+    await compile_grammar(parsed.params, engine.tokenizer)
     generation = engine.submit(tokenize(engine, parsed), parsed.params)
     if not parsed.params.stream:
         text = await collect_text(generation)

@@ -14,7 +14,9 @@ reason; nothing that does not compile is queued.
 """
 
 import asyncio
+import functools
 import json
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -25,7 +27,11 @@ import llguidance
 from router.errors import BadRequest, ValidationError
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from router.params import GenerationParams
+
+log = logging.getLogger("mixserve.router")
 
 # Compact JSON, as OpenAI's structured outputs print it: a model (the random demo one above all) could
 # otherwise spend its whole budget on whitespace between tokens. A schema's "x-guidance" overrides it.
@@ -212,13 +218,31 @@ class GrammarCache:
 CACHE = GrammarCache()
 
 
-def compile_spec(spec: GrammarSpec, cache: GrammarCache = CACHE) -> GrammarSpec:
-    """`spec` with its validated llguidance grammar (cached); ValidationError naming the field if it does not
-    compile. Blocking: the event loop calls it through `compile_grammar`."""
+@functools.cache
+def grammar_tokenizer(tokenizer: "PreTrainedTokenizerBase") -> llguidance.LLTokenizer | None:
+    """llguidance's view of the router's tokenizer (built once, ~1 s for Mixtral's), which validates what a
+    grammar says about tokens (special tokens, token ranges) as the shards' matchers will; None (logged) for
+    a tokenizer llguidance cannot read, whose grammars are then validated without it."""
+    from llguidance.hf import from_tokenizer
+
+    try:
+        return from_tokenizer(tokenizer)
+    except (ValueError, RuntimeError) as exc:
+        log.warning("event=grammar_tokenizer_unavailable error=%r", str(exc))
+        return None
+
+
+def compile_spec(
+    spec: GrammarSpec, tokenizer: "PreTrainedTokenizerBase | None" = None, cache: GrammarCache = CACHE
+) -> GrammarSpec:
+    """`spec` with its llguidance grammar, validated over `tokenizer` (the router's; cached by spec: a router
+    has one); ValidationError naming the field if it does not compile. Blocking: the event loop calls it
+    through `compile_grammar`."""
     grammar = cache.get(spec)
     if grammar is None:
         grammar = grammar_text(spec)
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+        checker = grammar_tokenizer(tokenizer) if tokenizer is not None else None
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, checker)
         if is_error:
             # llguidance's message spans lines (the source with a caret under the fault): one line in the answer.
             reason = " ".join(messages[0].split())
@@ -230,9 +254,11 @@ def compile_spec(spec: GrammarSpec, cache: GrammarCache = CACHE) -> GrammarSpec:
 _WHAT = {"json_schema": "JSON schema", "regex": "regex", "choice": "choice", "lark": "grammar"}
 
 
-async def compile_grammar(params: "GenerationParams", cache: GrammarCache = CACHE) -> None:
-    """Compile `params.grammar` in a worker thread (on the loop when already cached) and keep the compiled
-    spec in `params`; ValidationError when it does not compile."""
+async def compile_grammar(
+    params: "GenerationParams", tokenizer: "PreTrainedTokenizerBase | None", cache: GrammarCache = CACHE
+) -> None:
+    """Compile `params.grammar` over `tokenizer` in a worker thread (on the loop when already cached) and keep
+    the compiled spec in `params`; ValidationError when it does not compile."""
     spec = params.grammar
     if spec is None or spec.grammar:
         return
@@ -240,4 +266,4 @@ async def compile_grammar(params: "GenerationParams", cache: GrammarCache = CACH
     if grammar is not None:
         params.grammar = replace(spec, grammar=grammar)
         return
-    params.grammar = await asyncio.get_running_loop().run_in_executor(None, compile_spec, spec, cache)
+    params.grammar = await asyncio.get_running_loop().run_in_executor(None, compile_spec, spec, tokenizer, cache)

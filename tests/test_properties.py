@@ -20,7 +20,7 @@ from router.detokenizer import IncrementalDetokenizer
 from router.errors import BadRequest, RouterError, ValidationError
 from router.params import GenerationParams, RequestLimits, decode_json_body, parse_predict_request, render_prompt
 from router.stop_sequences import StopSequenceMatcher
-from router.structured import GrammarCache, compile_spec
+from router.structured import GrammarCache, compile_spec, grammar_tokenizer
 
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -76,6 +76,7 @@ OPENAI_FIELDS = {**SAMPLING, "model": TEXT, "n": INT, "presence_penalty": FLOAT,
 OPENAI_FIELDS |= {"max_tokens": INT, "max_completion_tokens": INT, "best_of": INT, "min_tokens": INT}
 OPENAI_FIELDS |= {"stream_options": OPTIONS, "response_format": RESPONSE_FORMAT, "ignore_eos": st.booleans()}
 OPENAI_FIELDS |= {"guided_json": SCHEMA, "guided_regex": REGEX, "guided_choice": st.lists(TEXT, max_size=3)}
+OPENAI_FIELDS |= {"guided_grammar": st.text(alphabet='start:a"<|>[]0123456789 %', max_size=16)}
 OPENAI_FIELDS |= {"logprobs": st.booleans() | INT, "top_logprobs": INT}
 OPENAI_REFUSED = ["tools", "functions", "logit_bias", "echo", "suffix"]
 TGI_FIELDS = {**SAMPLING, "do_sample": st.booleans(), "max_new_tokens": INT, "top_n_tokens": INT, "truncate": INT}
@@ -124,15 +125,9 @@ def compiles_for_the_shards(params: GenerationParams, tokenizer) -> bool:
 
     if params.grammar is None:
         return True
-    compiled = parsed_or_refused(compile_spec, params.grammar, GRAMMARS)
-    return compiled is None or not llguidance.LLMatcher(tokenizer, compiled.grammar, log_level=0).is_error()
-
-
-@pytest.fixture(scope="module")
-def grammar_tokenizer(demo_tokenizer):
-    from llguidance.hf import from_tokenizer
-
-    return from_tokenizer(demo_tokenizer)
+    compiled = parsed_or_refused(compile_spec, params.grammar, tokenizer, GRAMMARS)
+    matcher_tokenizer = grammar_tokenizer(tokenizer)
+    return compiled is None or not llguidance.LLMatcher(matcher_tokenizer, compiled.grammar, log_level=0).is_error()
 
 
 def parsed_or_refused(parse, *args, **kwargs):
@@ -148,13 +143,13 @@ def parsed_or_refused(parse, *args, **kwargs):
 @given(body=bodies(PREDICT_FIELDS, prompt=TEXT) | bodies(PREDICT_FIELDS, messages=MESSAGES), limits=LIMITS)
 # Found by the fuzzer: finite here, inf as the shards' float32, and the shards refused the whole step.
 @example(body={"prompt": "x", "temperature": 1e39}, limits=RequestLimits())
-def test_predict_parser(body, limits, grammar_tokenizer):
+def test_predict_parser(body, limits, demo_tokenizer):
     request = parsed_or_refused(parse_predict_request, body, limits)
     if request is not None:
         assert (request.prompt is None) != (request.messages is None)
         assert len(request.params.stop) <= limits.max_stop_sequences
         assert reaches_the_shards_intact(request.params)
-        assert compiles_for_the_shards(request.params, grammar_tokenizer)
+        assert compiles_for_the_shards(request.params, demo_tokenizer)
 
 
 @PROPERTY
@@ -171,7 +166,7 @@ def test_predict_parser(body, limits, grammar_tokenizer):
     use_chat=True,
 )
 @example(chat={}, completion={"prompt": "x", "top_p": 1e-40}, limits=RequestLimits(), use_chat=False)
-def test_openai_parsers(chat, completion, limits, use_chat, grammar_tokenizer):
+def test_openai_parsers(chat, completion, limits, use_chat, demo_tokenizer):
     parse, body = (parse_chat_request, chat) if use_chat else (parse_completion_request, completion)
     request = parsed_or_refused(parse, body, limits)
     if request is not None:
@@ -179,7 +174,7 @@ def test_openai_parsers(chat, completion, limits, use_chat, grammar_tokenizer):
         assert len(request.params.stop) <= limits.max_stop_sequences
         assert request.params.top_n_tokens <= limits.max_top_n_tokens
         assert reaches_the_shards_intact(request.params)
-        assert compiles_for_the_shards(request.params, grammar_tokenizer)
+        assert compiles_for_the_shards(request.params, demo_tokenizer)
 
 
 @PROPERTY
@@ -198,7 +193,7 @@ def test_openai_parsers(chat, completion, limits, use_chat, grammar_tokenizer):
     limits=RequestLimits(),
     stream=False,
 )
-def test_tgi_parser(inputs, parameters, extra, limits, stream, grammar_tokenizer):
+def test_tgi_parser(inputs, parameters, extra, limits, stream, demo_tokenizer):
     body = {**extra, "inputs": inputs, "parameters": parameters}
     request = parsed_or_refused(parse_generate_request, body, stream=stream, limits=limits)
     if request is not None:
@@ -206,7 +201,7 @@ def test_tgi_parser(inputs, parameters, extra, limits, stream, grammar_tokenizer
         assert len(request.params.stop) <= limits.max_stop_sequences
         assert request.params.top_n_tokens <= limits.max_top_n_tokens
         assert reaches_the_shards_intact(request.params)
-        assert compiles_for_the_shards(request.params, grammar_tokenizer)
+        assert compiles_for_the_shards(request.params, demo_tokenizer)
 
 
 @PROPERTY

@@ -119,7 +119,7 @@ def test_tgi_grammar_type_is_checked():
 )
 def test_what_does_not_compile_is_a_422_naming_it(body, match):
     with pytest.raises(ValidationError, match=match):
-        compile_spec(openai_spec(body), GrammarCache())
+        compile_spec(openai_spec(body), cache=GrammarCache())
 
 
 def test_compiled_grammars_are_cached_least_recently_used_first_out():
@@ -127,15 +127,15 @@ def test_compiled_grammars_are_cached_least_recently_used_first_out():
     params = GenerationParams(grammar=openai_spec({"guided_json": SCHEMA}))
 
     async def compile_on_loop() -> None:
-        await compile_grammar(params, cache)
+        await compile_grammar(params, None, cache)
 
     asyncio.run(compile_on_loop())
     assert params.grammar.grammar and cache.get(params.grammar) == params.grammar.grammar
     again = GenerationParams(grammar=openai_spec({"guided_json": SCHEMA}))
-    asyncio.run(compile_grammar(again, cache))
+    asyncio.run(compile_grammar(again, None, cache))
     assert again.grammar.grammar == params.grammar.grammar
     for pattern in ("a", "b"):
-        compile_spec(openai_spec({"guided_regex": pattern}), cache)
+        compile_spec(openai_spec({"guided_regex": pattern}), cache=cache)
     assert cache.get(params.grammar) is None  # the least recently used went first
 
 
@@ -145,3 +145,13 @@ def test_an_uncompiled_grammar_is_not_submitted():
     params = GenerationParams(grammar=openai_spec({"guided_regex": "a"}))
     with pytest.raises(ValueError, match="compile the grammar"):
         Generation(1, [1], params, engine=None)
+
+
+@pytest.mark.parametrize(
+    ("grammar", "match"), [('start: "a" <|nope|>', "unknown special token"), ('start: "a" <[99999]>', "too large")]
+)
+def test_what_a_grammar_says_about_tokens_is_checked_against_the_tokenizer(demo_tokenizer, grammar, match):
+    spec = openai_spec({"guided_grammar": grammar})
+    with pytest.raises(ValidationError, match=f"guided_grammar is not a valid grammar: .*{match}"):
+        compile_spec(spec, demo_tokenizer, GrammarCache())
+    assert compile_spec(openai_spec({"guided_grammar": 'start: "a" <[5]>'}), demo_tokenizer, GrammarCache()).grammar
