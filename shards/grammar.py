@@ -17,6 +17,7 @@ size, P columns of the logits given (V, or this rank's vocabulary slice, padding
 import functools
 import json
 import logging
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,6 +30,8 @@ log = logging.getLogger("mixserve.shard")
 # Finite, so the C argmax / log-sum-exp kernels and parallel greedy keep their fast paths (they leave
 # rows holding infinities to the torch path); exp(MASKED_LOGIT - any real logit) is exactly 0 in fp32.
 MASKED_LOGIT = -1.0e30
+# Compiled grammars a shard keeps (a request repeating a schema skips compiling it).
+COMPILED_GRAMMARS = 64
 
 
 class GrammarError(ValueError):
@@ -112,6 +115,8 @@ class GrammarMatchers:
         for token in tokenizer.eos_tokens:
             eos_only[token // 32] |= _bit(token % 32)
         self.eos_only = eos_only
+        # Untouched matchers by grammar, least recently used first; copied, never advanced.
+        self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._executor = (
             ThreadPoolExecutor(max_workers=background_threads, thread_name_prefix="grammar")
             if background_threads
@@ -119,11 +124,21 @@ class GrammarMatchers:
         )
 
     def matcher(self, grammar: str) -> SequenceGrammar:
-        """A sequence's grammar state at its first token; GrammarError if `grammar` does not compile."""
-        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
-        if matcher.is_error():
-            raise GrammarError(f"the grammar does not compile: {matcher.get_error()}")
-        return SequenceGrammar(matcher, self.eos_only, self._executor)
+        """A sequence's grammar state at its first token; GrammarError if `grammar` does not compile.
+
+        A grammar seen before is copied from its untouched matcher (~0.01 ms, where compiling a schema of a
+        few dozen fields takes ~2.5 ms of the step)."""
+        start = self._compiled.get(grammar)
+        if start is None:
+            start = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+            if start.is_error():
+                raise GrammarError(f"the grammar does not compile: {start.get_error()}")
+            self._compiled[grammar] = start
+            if len(self._compiled) > COMPILED_GRAMMARS:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(grammar)
+        return SequenceGrammar(start.deep_copy(), self.eos_only, self._executor)
 
 
 def _bit(index: int) -> int:

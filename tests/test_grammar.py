@@ -77,6 +77,18 @@ def test_matcher_follows_the_grammar_to_the_end_of_sequence(matchers, background
     assert allowed.nonzero().flatten().tolist() == tokenizer.eos_tokens
 
 
+def test_a_grammar_seen_before_starts_from_a_fresh_copy(matchers):
+    grammar = llguidance.LLMatcher.grammar_from_regex("ab|ac")
+    tokenizer = matchers.tokenizer
+    first = matchers.matcher(grammar)
+    initial = first.mask().clone()
+    for token in tokenizer.tokenize_str("ab"):
+        first.consume(token)
+    second = matchers.matcher(grammar)
+    assert torch.equal(second.mask(), initial)
+    assert not torch.equal(first.mask(), initial)
+
+
 def test_invalid_grammar_is_refused(matchers):
     from shards.grammar import GrammarError
 
