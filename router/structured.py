@@ -119,8 +119,6 @@ def from_response_format(value: object, field: str = "response_format") -> Gramm
             # OpenAI requires a schema in strict mode; without one any JSON object will do.
             return json_schema_spec(f"{field}.json_schema", {"type": "object"})
         return json_schema_spec(f"{field}.json_schema.schema", inner["schema"])
-    if kind == "regex":
-        return regex_spec(f"{field}.value", value.get("value"))
     raise ValidationError(f"{field}.type must be one of text, json_object, json_schema; got {kind!r}")
 
 
@@ -131,7 +129,7 @@ def from_tgi_grammar(value: object, field: str = "grammar") -> GrammarSpec | Non
     if not isinstance(value, dict):
         raise BadRequest(f"{field} must be an object with type and value, got {_json_type(value)}")
     kind = value.get("type")
-    if kind in ("json", "json_schema"):
+    if kind == "json":
         return json_schema_spec(f"{field}.value", value.get("value"))
     if kind == "regex":
         return regex_spec(f"{field}.value", value.get("value"))
