@@ -21,6 +21,7 @@ from aiohttp import web
 
 from router.engine_api import EngineAPI, GenerationHandle
 from router.errors import BadRequest, RouterError, ValidationError, error_headers
+from router.front_config import ServerConfig
 from router.http_common import CONFIG, ENGINE, STARTED, read_json, stream_sse
 from router.openai_responses import Choices, chat_chunks, chat_completion, completion, completion_chunks
 from router.params import (
@@ -39,6 +40,7 @@ from router.params import (
     as_stop,
     max_new_tokens_from,
 )
+from router.structured import compile_grammar, openai_spec
 from router.validation import check_lengths, prompt_ids, room
 
 log = logging.getLogger("mixserve.router")
@@ -147,6 +149,7 @@ def _sampling(
         stream=stream,
         ignore_eos=ignore_eos,
         top_n_tokens=top_n_tokens,
+        grammar=openai_spec(body),
     )
 
 
@@ -189,9 +192,6 @@ def parse_chat_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIM
     """Validate a `/v1/chat/completions` body within `limits`."""
     _unsupported(body, "tools", "this server does not call tools")
     _unsupported(body, "functions", "this server does not call functions")
-    response_format = body.get("response_format")
-    if isinstance(response_format, dict) and response_format.get("type") not in (None, "text"):
-        raise ValidationError(f"response_format {response_format.get('type')!r} is not supported; only text")
     messages = body.get("messages")
     if isinstance(messages, list):
         messages = [_text_content(i, m) for i, m in enumerate(messages)]
@@ -254,15 +254,30 @@ def parse_completion_request(body: dict[str, Any], limits: RequestLimits = DEFAU
     )
 
 
-def check_model(body: dict[str, Any], model_id: str) -> None:
-    """`model` may be left out; given, it must name the served model (its id or its directory name)."""
+def served_names(config: ServerConfig) -> tuple[str, ...]:
+    """The names the served model answers to: --served-model-name, else its id and its directory name."""
+    if config.served_model_names:
+        return config.served_model_names
+    model_id = config.model_id
+    return tuple(dict.fromkeys((model_id, model_id.rstrip("/"), PurePath(model_id).name)))
+
+
+def check_model(body: dict[str, Any], config: ServerConfig, *, strict: bool | None = None) -> str:
+    """The model name a response reports: the body's `model` when it is one of the served names, else the
+    first served name (the model id without --served-model-name). Another name is served by the one model,
+    as TGI does, unless `strict` (default: --strict-model-name) makes it a 404."""
     model = body.get("model")
+    names = served_names(config)
+    default = config.served_model_names[0] if config.served_model_names else config.model_id
     if model is None:
-        return
+        return default
     if not isinstance(model, str):
         raise BadRequest("model must be a string")
-    if model not in (model_id, model_id.rstrip("/"), PurePath(model_id).name):
-        raise ModelNotFound(f"the model {model!r} does not exist; this server serves {model_id!r}")
+    if model in names:
+        return model if config.served_model_names else default
+    if config.strict_model_name if strict is None else strict:
+        raise ModelNotFound(f"the model {model!r} does not exist; this server serves {default!r}")
+    return default
 
 
 def submit(engine: EngineAPI, request: OpenAIRequest, default_max_tokens: int | None) -> Choices:
@@ -291,10 +306,11 @@ def submit(engine: EngineAPI, request: OpenAIRequest, default_max_tokens: int | 
 @openai_errors
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """`POST /v1/chat/completions`."""
-    engine, model_id = request.app[ENGINE], request.app[CONFIG].model_id
+    engine = request.app[ENGINE]
     body = await read_json(request)
-    check_model(body, model_id)
+    model_id = check_model(body, request.app[CONFIG])
     parsed = parse_chat_request(body, request.app[CONFIG].limits)
+    await compile_grammar(parsed.params, engine.tokenizer)
     choices = submit(engine, parsed, None)
     if parsed.params.stream:
         return await stream_sse(request, chat_chunks(engine, parsed, choices, model_id), error_body)
@@ -304,21 +320,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 @openai_errors
 async def completions(request: web.Request) -> web.StreamResponse:
     """`POST /v1/completions`."""
-    engine, model_id = request.app[ENGINE], request.app[CONFIG].model_id
+    engine = request.app[ENGINE]
     body = await read_json(request)
-    check_model(body, model_id)
+    model_id = check_model(body, request.app[CONFIG])
     parsed = parse_completion_request(body, request.app[CONFIG].limits)
+    await compile_grammar(parsed.params, engine.tokenizer)
     choices = submit(engine, parsed, COMPLETIONS_MAX_TOKENS)
     if parsed.params.stream:
         return await stream_sse(request, completion_chunks(engine, parsed, choices, model_id), error_body)
     return web.json_response(await completion(engine, parsed, choices, model_id))
 
 
-def _model_card(request: web.Request) -> dict[str, Any]:
-    engine, config = request.app[ENGINE], request.app[CONFIG]
+def _model_card(request: web.Request, name: str) -> dict[str, Any]:
+    engine = request.app[ENGINE]
     created = int(time.time() - (time.monotonic() - request.app[STARTED]))
     return {
-        "id": config.model_id,
+        "id": name,
         "object": "model",
         "created": created,
         "owned_by": "mixserve",
@@ -328,15 +345,17 @@ def _model_card(request: web.Request) -> dict[str, Any]:
 
 @openai_errors
 async def list_models(request: web.Request) -> web.Response:
-    """`GET /v1/models`: the one served model."""
-    return web.json_response({"object": "list", "data": [_model_card(request)]})
+    """`GET /v1/models`: the served model, once per --served-model-name (or under its id)."""
+    config = request.app[CONFIG]
+    names = config.served_model_names or (config.model_id,)
+    return web.json_response({"object": "list", "data": [_model_card(request, name) for name in names]})
 
 
 @openai_errors
 async def retrieve_model(request: web.Request) -> web.Response:
-    """`GET /v1/models/{model}`: the served model, or 404."""
-    check_model({"model": request.match_info["model"]}, request.app[CONFIG].model_id)
-    return web.json_response(_model_card(request))
+    """`GET /v1/models/{model}`: the served model under one of its names, or 404 (a lookup, not a request to serve)."""
+    name = check_model({"model": request.match_info["model"]}, request.app[CONFIG], strict=True)
+    return web.json_response(_model_card(request, name))
 
 
 def add_routes(app: web.Application) -> None:

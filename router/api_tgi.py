@@ -33,6 +33,7 @@ from router.params import (
     as_seed,
     as_stop,
 )
+from router.structured import compile_grammar, from_tgi_grammar
 from router.validation import validate
 
 # TGI's default `max_new_tokens` when left out.
@@ -71,7 +72,6 @@ def parse_generate_request(body: dict[str, Any], *, stream: bool, limits: Reques
     _refuse(p, "typical_p", (1.0,), "typical decoding is not implemented by the shards")
     _refuse(p, "best_of", (1,), "max_best_of is 1")
     _refuse(p, "watermark", (False,), "no watermarking")
-    _refuse(p, "grammar", (), "no constrained decoding")
     _refuse(p, "adapter_id", (), "no adapters")
     decoder_input_details = as_bool("decoder_input_details", p.get("decoder_input_details"), default=False)
     if decoder_input_details and stream:
@@ -99,6 +99,7 @@ def parse_generate_request(body: dict[str, Any], *, stream: bool, limits: Reques
         seed=as_seed("seed", p.get("seed")),
         stream=stream,
         top_n_tokens=as_int("top_n_tokens", p.get("top_n_tokens"), default=0, ge=0, le=limits.max_top_n_tokens),
+        grammar=from_tgi_grammar(p.get("grammar")),
     )
     return TGIRequest(
         inputs=inputs,
@@ -197,6 +198,7 @@ async def stream_events(
 async def _answer(request: web.Request, body: dict[str, Any], *, stream: bool, as_array: bool) -> web.StreamResponse:
     engine = request.app[ENGINE]
     parsed = parse_generate_request(body, stream=stream, limits=request.app[CONFIG].limits)
+    await compile_grammar(parsed.params, engine.tokenizer)
     generation = submit(engine, parsed)
     if stream:
         return await stream_sse(request, stream_events(engine, parsed, generation), error_body)

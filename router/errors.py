@@ -91,3 +91,20 @@ def error_headers(exc: RouterError) -> dict[str, str]:
     """The HTTP headers of an error answer: `Retry-After` when the error knows when to retry."""
     retry_after_s = getattr(exc, "retry_after_s", None)
     return {} if retry_after_s is None else {"Retry-After": str(retry_after_s)}
+
+
+_JSON_TYPE_NAMES = {
+    type(None): "null",
+    bool: "boolean",
+    int: "number",
+    float: "number",
+    str: "string",
+    list: "array",
+    dict: "object",
+}
+
+
+def json_type_name(value: object) -> str:
+    """A decoded JSON value's type as JSON names it (object, array, string, number, boolean, null), for
+    the messages that say what a field got instead."""
+    return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)

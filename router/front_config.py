@@ -24,6 +24,10 @@ class ServerConfig:
     # Rank 0's KV cache sizing (shard.proto's MemoryReport), as /info shows it.
     memory: dict[str, int] = field(default_factory=dict)
     version: str = ""
+    # --served-model-name: the names the OpenAI API answers to (the first is the default one); none: model_id.
+    served_model_names: tuple[str, ...] = ()
+    # --strict-model-name: a request naming another model is a 404 instead of being served by this one.
+    strict_model_name: bool = False
 
 
 def api_key_matches(authorization: str, key: str) -> bool:

@@ -36,6 +36,8 @@ class Generation:
         self.id = f"req-{seq_id}"
         self.seq_id = seq_id
         self.prompt_ids = prompt_ids
+        if params.grammar is not None and not params.grammar.grammar:
+            raise ValueError("compile the grammar (router.structured.compile_grammar) before submitting")
         self.params = params
         self.seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
@@ -71,6 +73,7 @@ class Generation:
             presence_penalty=p.presence_penalty,
             seed=self.seed,
             top_n_tokens=p.top_n_tokens,
+            grammar=p.grammar.grammar if p.grammar is not None else "",
         )
 
     async def stream(self) -> AsyncIterator[TokenEvent]:

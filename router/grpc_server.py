@@ -8,6 +8,7 @@ with its `error_type` in the trailing metadata key `error-type`.
 
 import asyncio
 import functools
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,9 +19,17 @@ from grpc_reflection.v1alpha import reflection
 
 from mixserve_pb import generate_pb2, generate_pb2_grpc
 from router.engine_api import EngineAPI, GenerationHandle, TokenEvent
-from router.errors import RouterError, Unauthorized
+from router.errors import RouterError, Unauthorized, ValidationError
 from router.front_config import ServerConfig, api_key_matches
 from router.params import DEFAULT_LIMITS, GenerationParams, GenerationRequest, RequestLimits, as_messages, as_prompt
+from router.structured import (
+    GrammarSpec,
+    choice_spec,
+    compile_grammar,
+    json_schema_spec,
+    lark_spec,
+    regex_spec,
+)
 from router.validation import prompt_ids, validate
 
 log = logging.getLogger("mixserve.router")
@@ -76,10 +85,35 @@ def parse_generate_request(
     """Validate a GenerateRequest into the request /predict would build; raises BadRequest or ValidationError."""
     p = request.parameters
     given = {name: getattr(p, name) for name in _OPTIONAL_PARAMETERS if p.HasField(name)}
-    params = GenerationParams(**given, stop=list(p.stop), ignore_eos=p.ignore_eos, top_n_tokens=p.top_n_tokens)
+    grammar = _grammar(p.grammar) if p.HasField("grammar") else None
+    params = GenerationParams(
+        **given, stop=list(p.stop), ignore_eos=p.ignore_eos, top_n_tokens=p.top_n_tokens, grammar=grammar
+    )
     limits.check(params)
     prompt, messages = parse_input(request.prompt if request.HasField("prompt") else None, request.messages)
     return GenerationRequest(prompt=prompt, messages=messages, params=params)
+
+
+def _grammar(grammar: generate_pb2.Grammar) -> GrammarSpec:
+    """The constraint of a `Grammar` message: its value is text (a JSON schema as JSON text)."""
+    field = "parameters.grammar.value"
+    if grammar.type == "json_object":
+        return json_schema_spec(field, {"type": "object"})
+    if grammar.type == "json":
+        return json_schema_spec(field, grammar.value or "{}")
+    if grammar.type == "regex":
+        return regex_spec(field, grammar.value)
+    if grammar.type == "choice":
+        try:
+            choices = json.loads(grammar.value)
+        except json.JSONDecodeError as exc:
+            raise ValidationError(f"{field} must be a JSON array of strings: {exc}") from None
+        return choice_spec(field, choices)
+    if grammar.type == "lark":
+        return lark_spec(field, grammar.value)
+    raise ValidationError(
+        f"parameters.grammar.type must be one of json, json_object, regex, choice, lark; got {grammar.type!r}"
+    )
 
 
 def _token(event: TokenEvent) -> generate_pb2.Token:
@@ -138,13 +172,15 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
         if not api_key_matches(given, key):
             raise Unauthorized("missing or invalid API key (send metadata authorization: Bearer KEY)")
 
-    def _submit(self, request: generate_pb2.GenerateRequest) -> GenerationHandle:
-        valid = validate(self.engine, parse_generate_request(request, self.config.limits))
+    async def _submit(self, request: generate_pb2.GenerateRequest) -> GenerationHandle:
+        parsed = parse_generate_request(request, self.config.limits)
+        await compile_grammar(parsed.params, self.engine.tokenizer)
+        valid = validate(self.engine, parsed)
         return self.engine.submit(valid.prompt_ids, valid.params)
 
     @_rpc
     async def Generate(self, request: generate_pb2.GenerateRequest, context) -> generate_pb2.GenerateResponse:
-        generation = self._submit(request)
+        generation = await self._submit(request)
         events = generation.stream()
         try:
             tokens = [_token(event) async for event in events]
@@ -163,7 +199,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
     async def GenerateStream(self, request: generate_pb2.GenerateRequest, context) -> None:
         # context.write rather than an async generator: a client that cancels interrupts the
         # write or the wait, and the finally below ends the request at once, not at GC time.
-        generation = self._submit(request)
+        generation = await self._submit(request)
         events = generation.stream()
         # Counted here: the engine may already be tokens ahead of a slow reader.
         sent = 0

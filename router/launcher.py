@@ -208,6 +208,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-restarts", type=int, default=3, help="shard group restarts after failures (0: exit non-zero at once)"
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
+    parser.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="names the OpenAI API answers to and reports (the first by default; default: the --model path)",
+    )
+    parser.add_argument(
+        "--strict-model-name",
+        action="store_true",
+        help="answer 404 to a request naming another model (default: serve it with this one)",
+    )
 
 
 def resolve_model(model: str | None) -> str:
@@ -331,6 +343,8 @@ async def _serve_with_shards(args, model_dir, tokenizer, groups: list[ShardSuper
         weight_bytes_per_shard=info.weight_bytes,
         memory=memory_fields(readies[0][1].memory),
         version=mixserve.__version__,
+        served_model_names=tuple(args.served_model_name),
+        strict_model_name=args.strict_model_name,
     )
     # The keep-alive timer also runs from the moment a connection opens until its headers are complete,
     # so it is what bounds a client that never finishes them. After an answer that left the body unread

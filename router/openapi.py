@@ -67,7 +67,10 @@ PENALTY = {"minimum": -MAX_ABS_PENALTY, "maximum": MAX_ABS_PENALTY, "default": 0
 STREAMED = "a stream of server-sent events, each `data: <JSON>` with the schema shown"
 
 OPENAI_SAMPLING: dict[str, Schema] = {
-    "model": _t("string", "the served model (its id as /v1/models lists it, or its directory name); optional"),
+    "model": _t(
+        "string",
+        "optional; any name is served by the one model (404 with --strict-model-name unless /v1/models lists it)",
+    ),
     "temperature": _t("number", "0 is greedy", minimum=0, maximum=oai.MAX_TEMPERATURE, default=1.0),
     "top_p": _t("number", "nucleus sampling mass", exclusiveMinimum=0, maximum=1, default=1.0),
     "top_k": _t("integer", "vLLM extension; 0 or -1 is off", minimum=-1, maximum=MAX_TOP_K, default=0),
@@ -84,7 +87,38 @@ OPENAI_SAMPLING: dict[str, Schema] = {
     ),
     "ignore_eos": _t("boolean", "vLLM extension: keep generating past the EOS token", default=False),
     "min_tokens": _t("integer", "vLLM extension: 0, or equal to the token limit (then ignore_eos)", minimum=0),
+    "response_format": _obj(
+        {
+            "type": _t("string", "text (free), json_object, json_schema", enum=["text", "json_object", "json_schema"]),
+            # Read only with type json_schema: then an object with the schema (an object, or it as JSON text).
+            "json_schema": {
+                "description": "with type json_schema: {name, schema (the JSON schema the output follows), strict}"
+            },
+        },
+        description="constrain the output to JSON; a schema that does not compile is a 422",
+    ),
+    "guided_json": {"description": "vLLM extension: a JSON schema the output follows (an object, or JSON text)"},
+    "guided_regex": _t("string", "vLLM extension: a regex the whole output matches", minLength=1),
+    "guided_choice": _array({"type": "string", "minLength": 1}, "vLLM extension: the output is one", minItems=1),
+    "guided_grammar": _t("string", "vLLM extension: a Lark grammar the output follows", minLength=1),
+    "structured_outputs": _obj(
+        {
+            "json": {"description": "a JSON schema (an object, or JSON text)"},
+            "regex": {"type": "string"},
+            "choice": {"type": "array", "items": {"type": "string"}},
+            "grammar": {"type": "string"},
+        },
+        description="vLLM extension: one of json, regex, choice, grammar (as the guided_* fields)",
+    ),
 }
+GRAMMAR = _obj(
+    {
+        "type": _t("string", "json (value: a JSON schema) or regex (value: the pattern)", enum=["json", "regex"]),
+        "value": {"description": "a JSON schema (an object, or JSON text) or a regex the whole output matches"},
+    },
+    required=("type",),
+    description="constrain the output; one that does not compile is a 422",
+)
 USAGE = _obj(
     {k: _t("integer", k.replace("_", " "), minimum=0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
 )
@@ -116,6 +150,7 @@ TGI_PARAMETERS = _obj(
         "truncate": _t("integer", "keep only the last N prompt tokens", minimum=1),
         "best_of": _t("integer", "only 1 is supported", minimum=1, maximum=1),
         "watermark": _t("boolean", "only false is supported", default=False),
+        "grammar": GRAMMAR,
     }
 )
 TGI_TOKEN = _obj(
@@ -157,6 +192,8 @@ SCHEMAS: dict[str, Schema] = {
             "repetition_penalty": _t("number", "1 is off", exclusiveMinimum=0, default=1.0),
             "stop": STOP,
             "seed": SEED,
+            "grammar": GRAMMAR,
+            "response_format": OPENAI_SAMPLING["response_format"],
         }
     )
     # Exactly one of the two (a null one counts as left out): the server refuses both or neither (422).
@@ -432,7 +469,7 @@ def _null_means_left_out(schema: Schema) -> None:
             properties[name] = {"anyOf": [field, {"type": "null"}]}
         elif "oneOf" in field:
             properties[name] = {**field, "oneOf": [*field["oneOf"], {"type": "null"}]}
-        else:
+        elif "type" in field:  # a field of any type (no "type") takes null already
             properties[name] = {**field, "type": [field["type"], "null"]}
 
 

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import jinja2
 
-from router.errors import BadRequest, ValidationError
+from router.errors import BadRequest, ValidationError, json_type_name
+from router.structured import GrammarSpec, from_response_format, from_tgi_grammar, one_spec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -37,20 +38,6 @@ MAX_ABS_PENALTY = 2.0
 FLOAT32_MAX = 3.4028234663852886e38
 FLOAT32_TINY = 1.1754943508222875e-38
 
-_JSON_TYPE_NAMES = {
-    type(None): "null",
-    bool: "boolean",
-    int: "number",
-    float: "number",
-    str: "string",
-    list: "array",
-    dict: "object",
-}
-
-
-def _json_type(value: object) -> str:
-    return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
-
 
 def _reject_constant(name: str) -> NoReturn:
     raise BadRequest(f"request body is not valid JSON: {name} is not a JSON number")
@@ -63,7 +50,7 @@ def decode_json_body(raw: bytes | str) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise BadRequest(f"request body must be a JSON object, got {_json_type(body)}")
+        raise BadRequest(f"request body must be a JSON object, got {json_type_name(body)}")
     return body
 
 
@@ -77,7 +64,7 @@ def as_bool(name: str, value: object, *, default: bool | None = None) -> bool:
     if value is None and default is not None:
         return default
     if not isinstance(value, bool):
-        raise BadRequest(f"{name} must be a boolean, got {_json_type(value)}")
+        raise BadRequest(f"{name} must be a boolean, got {json_type_name(value)}")
     return value
 
 
@@ -88,7 +75,7 @@ def as_int(
     if value is None and default is not None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"{name} must be an integer, got {_json_type(value)}")
+        raise BadRequest(f"{name} must be an integer, got {json_type_name(value)}")
     if (ge is not None and value < ge) or (le is not None and value > le):
         raise ValidationError(f"{name} must be {_bound_text(ge, None, le, None)}, got {value}")
     return value
@@ -108,7 +95,7 @@ def as_float(
     if value is None and default is not None:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise BadRequest(f"{name} must be a number, got {_json_type(value)}")
+        raise BadRequest(f"{name} must be a number, got {json_type_name(value)}")
     number = float(value)
     if not math.isfinite(number):
         raise ValidationError(f"{name} must be a finite number, got {number}")
@@ -136,12 +123,12 @@ def as_stop(name: str, value: object, *, max_count: int | None = None) -> list[s
     if isinstance(value, str):
         value = [value]
     elif not isinstance(value, list):
-        raise BadRequest(f"{name} must be a string or an array of strings, got {_json_type(value)}")
+        raise BadRequest(f"{name} must be a string or an array of strings, got {json_type_name(value)}")
     if max_count is not None and len(value) > max_count:
         raise ValidationError(f"{name} must hold at most {max_count} strings, got {len(value)}")
     for i, stop in enumerate(value):
         if not isinstance(stop, str):
-            raise BadRequest(f"{name}[{i}] must be a string, got {_json_type(stop)}")
+            raise BadRequest(f"{name}[{i}] must be a string, got {json_type_name(stop)}")
         if not stop:
             raise ValidationError(f"{name}[{i}] must not be empty")
     return list(value)
@@ -150,7 +137,7 @@ def as_stop(name: str, value: object, *, max_count: int | None = None) -> list[s
 def as_prompt(name: str, value: object) -> str:
     """A non-empty prompt string."""
     if not isinstance(value, str):
-        raise BadRequest(f"{name} must be a string, got {_json_type(value)}")
+        raise BadRequest(f"{name} must be a string, got {json_type_name(value)}")
     if not value:
         raise ValidationError(f"{name} must not be empty")
     return value
@@ -159,16 +146,16 @@ def as_prompt(name: str, value: object) -> str:
 def as_messages(name: str, value: object) -> list[dict[str, str]]:
     """A non-empty array of {role, content} string objects; other keys are dropped."""
     if not isinstance(value, list):
-        raise BadRequest(f"{name} must be an array of {{role, content}} objects, got {_json_type(value)}")
+        raise BadRequest(f"{name} must be an array of {{role, content}} objects, got {json_type_name(value)}")
     if not value:
         raise ValidationError(f"{name} must not be empty")
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict):
-            raise BadRequest(f"{name}[{i}] must be an object, got {_json_type(message)}")
+            raise BadRequest(f"{name}[{i}] must be an object, got {json_type_name(message)}")
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
-                raise BadRequest(f"{name}[{i}].{key} must be a string, got {_json_type(message.get(key))}")
+                raise BadRequest(f"{name}[{i}].{key} must be a string, got {json_type_name(message.get(key))}")
         if not message["role"]:
             raise ValidationError(f"{name}[{i}].role must not be empty")
         messages.append({"role": message["role"], "content": message["content"]})
@@ -223,6 +210,8 @@ class GenerationParams:
     stream: bool = True
     ignore_eos: bool = False
     top_n_tokens: int = 0
+    # The output's constraint (router/structured.py), compiled before submission.
+    grammar: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         self.max_new_tokens = as_int("max_new_tokens", self.max_new_tokens, ge=1)
@@ -241,6 +230,11 @@ class GenerationParams:
         self.stream = as_bool("stream", self.stream)
         self.ignore_eos = as_bool("ignore_eos", self.ignore_eos)
         self.top_n_tokens = as_int("top_n_tokens", self.top_n_tokens, ge=0)
+        if self.grammar is not None and self.ignore_eos:
+            raise ValidationError(
+                f"{self.grammar.field} cannot be combined with ignore_eos or min_tokens: a finished "
+                "grammar allows only the end-of-sequence token"
+            )
         for name in ("temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
             if value and not FLOAT32_TINY <= abs(value) <= FLOAT32_MAX:
@@ -269,7 +263,7 @@ _PREDICT_DEFAULTS = GenerationParams()
 def parse_predict_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIMITS) -> GenerationRequest:
     """Validate a `POST /predict` body (already decoded JSON) within `limits`; unknown fields are ignored."""
     if not isinstance(body, dict):
-        raise BadRequest(f"request body must be a JSON object, got {_json_type(body)}")
+        raise BadRequest(f"request body must be a JSON object, got {json_type_name(body)}")
     defaults = _PREDICT_DEFAULTS
     params = GenerationParams(
         max_new_tokens=max_new_tokens_from(body, ("max_tokens", "max_new_tokens"), default=defaults.max_new_tokens),
@@ -282,6 +276,7 @@ def parse_predict_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_
         stop=as_stop("stop", body.get("stop"), max_count=limits.max_stop_sequences),
         seed=as_seed("seed", body.get("seed")),
         stream=as_bool("stream", body.get("stream"), default=defaults.stream),
+        grammar=one_spec([from_tgi_grammar(body.get("grammar")), from_response_format(body.get("response_format"))]),
     )
     prompt, messages = body.get("prompt"), body.get("messages")
     return GenerationRequest(

@@ -14,6 +14,7 @@ from shards import decode_graph, ops
 from shards.attention_metadata import AttentionMetadata
 from shards.config import ModelConfig, ParallelConfig
 from shards.distributed import TensorParallelGroup
+from shards.grammar import GrammarError, GrammarMatchers, SequenceGrammar, apply_token_bitmask
 from shards.kv_cache import KVCache
 from shards.model import MixtralForCausalLM
 from shards.parallel_greedy import is_plain_greedy, parallel_greedy
@@ -57,6 +58,7 @@ class _SequenceState:
     params: SamplingParams
     history: TokenHistory
     seen_until: int = 0  # positions below this are already in the history
+    grammar: SequenceGrammar | None = None  # constrained decoding: the sequence's matcher
 
 
 class ModelRunner:
@@ -72,6 +74,7 @@ class ModelRunner:
         block_size: int = 16,
         cuda_graphs: str = "auto",
         max_graph_batch: int = 0,
+        grammars: GrammarMatchers | None = None,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block size must be positive, got {block_size}")
@@ -90,6 +93,7 @@ class ModelRunner:
         self.block_size = block_size
         self.kv_cache: KVCache | None = None
         self.sequences: dict[int, _SequenceState] = {}
+        self.grammars = grammars
 
     # -- cache ---------------------------------------------------------------------------------
 
@@ -257,10 +261,12 @@ class ModelRunner:
     def step(self, steps: list[SequenceStep]) -> list[SequenceResult]:
         """Validate, run the forward, and sample for the sequences that ask; results in input order."""
         self.validate(steps)
+        matchers = self._new_grammars(steps)
         for s in steps:
             state = self.sequences.get(s.seq_id)
             if state is None:
                 state = self.sequences[s.seq_id] = _SequenceState(s.sampling, TokenHistory())
+                state.grammar = matchers.get(s.seq_id)
             elif s.sampling is not None:
                 state.params = s.sampling
             if state.seen_until < len(s.prefix_token_ids):
@@ -280,9 +286,13 @@ class ModelRunner:
         if not rows:
             return []
         chosen = None
+        constrained = [j for j, st in enumerate(states) if st.grammar is not None]
+        bitmask = torch.stack([states[j].grammar.mask() for j in constrained]) if constrained else None  # [C, W]
         if split:
             head = self.model.lm_head
             local = logits if len(rows) == len(steps) else logits[rows]  # decode steps: every row samples
+            if bitmask is not None:
+                local = apply_token_bitmask(local, constrained, bitmask, head.vocab_start, self.config.vocab_size)
             chosen = parallel_greedy(local, head.vocab_start, self.config.vocab_size, self.group)
             if chosen is None:  # NaN or infinity somewhere: gather and take the usual path
                 logits = head.gather(logits)
@@ -290,8 +300,11 @@ class ModelRunner:
         if chosen is not None:
             token_ids, logprobs = chosen[0].tolist(), chosen[1].tolist()
         else:
+            rows_logits = logits[rows]
+            if bitmask is not None:
+                rows_logits = apply_token_bitmask(rows_logits, constrained, bitmask, 0, self.config.vocab_size)
             out = sample(
-                logits[rows],
+                rows_logits,
                 [st.params for st in states],
                 [st.history for st in states],
                 [s.start_position + len(s.token_ids) for s in sampled],
@@ -300,6 +313,8 @@ class ModelRunner:
             logprobs = out.logprobs.tolist()
             top_ids = out.top_ids.tolist() if out.top_ids is not None else None
             top_logprobs = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        for j in constrained:
+            states[j].grammar.consume(token_ids[j])
         results = []
         for j, (s, st) in enumerate(zip(sampled, states, strict=True)):
             st.history.add_output(token_ids[j])
@@ -308,6 +323,21 @@ class ModelRunner:
             top = list(zip(top_ids[j][:n_top], top_logprobs[j][:n_top], strict=True)) if n_top and top_ids else []
             results.append(SequenceResult(s.seq_id, token_ids[j], logprobs[j], top))
         return results
+
+    def _new_grammars(self, steps: list[SequenceStep]) -> dict[int, SequenceGrammar]:
+        """Matchers for the sequences new to this shard that carry a grammar, built before any state
+        changes, so a grammar no matcher takes refuses the whole step on every rank."""
+        matchers = {}
+        for s in steps:
+            if s.seq_id in self.sequences or s.sampling is None or not s.sampling.grammar:
+                continue
+            if self.grammars is None:
+                raise InvalidStep(f"sequence {s.seq_id} carries a grammar; this shard has no tokenizer to apply it")
+            try:
+                matchers[s.seq_id] = self.grammars.matcher(s.sampling.grammar)
+            except GrammarError as e:
+                raise InvalidStep(f"sequence {s.seq_id}: {e}") from None
+        return matchers
 
     def release(self, seq_ids: list[int]) -> None:
         """Forget finished sequences' sampling state (their blocks are the router's to reuse)."""

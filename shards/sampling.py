@@ -42,6 +42,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     seed: int = 0
     top_n_tokens: int = 0
+    # llguidance's serialized grammar the output must follow; empty for free text (see shards/grammar.py).
+    grammar: str = ""
 
     def __post_init__(self) -> None:
         if self.top_p == 0:
@@ -77,6 +79,7 @@ class SamplingParams:
             presence_penalty=msg.presence_penalty,
             seed=msg.seed,
             top_n_tokens=msg.top_n_tokens,
+            grammar=msg.grammar,
         )
 
     @property

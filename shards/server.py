@@ -26,6 +26,7 @@ from shards import decode_graph, ops
 from shards.config import DTYPES, MOE_PARALLEL_MODES, ModelConfig, ParallelConfig
 from shards.devices import DEVICE_CHOICES, DeviceUnavailable, make_current, resolve_device, resolve_dtype
 from shards.distributed import init_process_group, tensor_parallel_group
+from shards.grammar import GrammarMatchers, load_tokenizer
 from shards.kernels.native import KernelUnavailable
 from shards.listen import ListenConfig, ListenError
 from shards.listen import add_arguments as add_listen_arguments
@@ -44,6 +45,8 @@ log = logging.getLogger("mixserve.shard")
 # up to a cap, unless --max-kv-blocks says otherwise.
 CPU_KV_MEMORY_FRACTION = 0.25
 CPU_KV_MEMORY_CAP = 2 << 30
+# Worker threads computing grammar masks on a GPU shard (llguidance releases the GIL while it works).
+GPU_GRAMMAR_THREADS = 2
 
 
 class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
@@ -238,6 +241,19 @@ def _step_from_proto(msg: shard_pb2.SequenceStep) -> SequenceStep:
     )
 
 
+def grammar_matchers(model_dir: str, model, device: torch.device) -> GrammarMatchers | None:
+    """The constrained-decoding matchers over the checkpoint's tokenizer, or None (logged) when it has none
+    that llguidance reads; the shard then refuses steps that carry a grammar. On a GPU the masks are computed
+    in background threads while the host waits on the device."""
+    vocab_size = model.config.vocab_size
+    try:
+        tokenizer = load_tokenizer(model_dir, vocab_size)
+        return GrammarMatchers(tokenizer, vocab_size, GPU_GRAMMAR_THREADS if device.type == "cuda" else 0)
+    except (OSError, ValueError, RuntimeError) as e:
+        log.warning("event=grammars_unavailable model=%s error=%r", model_dir, str(e))
+        return None
+
+
 def kv_budget_bytes(runner: ModelRunner) -> int:
     """Memory a CPU shard may give its KV cache (on CUDA, Warmup sizes it from free device memory)."""
     available = _mem_available_bytes()
@@ -395,7 +411,10 @@ def run(args: argparse.Namespace) -> int:
     init_process_group(parallel, device)
     group = tensor_parallel_group(parallel, device, args.collectives)
     model = load_model(model_dir, parallel, group, dtype, device, quantization, args.load_format, args.seed)
-    runner = ModelRunner(model, parallel, group, device, dtype, args.block_size, args.cuda_graphs, args.max_graph_batch)
+    grammars = grammar_matchers(model_dir, model, device)
+    runner = ModelRunner(
+        model, parallel, group, device, dtype, args.block_size, args.cuda_graphs, args.max_graph_batch, grammars
+    )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=8),
         interceptors=listen.interceptors(),

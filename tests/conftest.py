@@ -67,6 +67,14 @@ def _is_python(argv) -> bool:
     return Path(os.fsdecode(program)).name.startswith("python") or os.fsdecode(program) == PYTHON
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """A test that uses the `launch` fixture (directly or through a fixture of its own) starts a server:
+    it is `slow` without saying so."""
+    for item in items:
+        if "launch" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """A test that starts a Python process (a server, a shard group, ranks) must carry

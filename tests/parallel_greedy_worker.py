@@ -14,6 +14,7 @@ import torch
 from shards import ops
 from shards.config import ParallelConfig
 from shards.distributed import close_process_group, init_process_group, tensor_parallel_group
+from shards.grammar import apply_token_bitmask
 from shards.parallel_greedy import parallel_greedy
 
 
@@ -24,6 +25,17 @@ def full_logits(vocab: int) -> torch.Tensor:
     logits[1, per_rank - 1] = logits[1, per_rank] = 50.0  # the lower id must win
     logits[2, vocab - 1] = 60.0
     return logits
+
+
+def grammar_bitmask(vocab: int) -> tuple[list[int], torch.Tensor]:
+    """Constrained rows [0, 2, 4] and their masks [3, W]: row 0 allows only the last rank's tokens, so
+    the other ranks' slices hold nothing allowed; rows 2 and 4 allow a random half."""
+    words = -(-vocab // 32)
+    gen = torch.Generator().manual_seed(5)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, words), generator=gen, dtype=torch.int64).to(torch.int32)
+    bitmask[0] = 0
+    bitmask[0, -1] = torch.tensor(1 << ((vocab - 1) % 32)).to(torch.int32)  # bit 31 wraps to the sign bit
+    return [0, 2, 4], bitmask
 
 
 def main() -> None:
@@ -40,6 +52,10 @@ def main() -> None:
     valid = logits[:, start : start + per_rank]
     local[:, : valid.shape[1]] = valid
     record = {"logits": logits, "chosen": parallel_greedy(local, start, vocab, group)}
+    rows, bitmask = grammar_bitmask(vocab)
+    masked = apply_token_bitmask(local, rows, bitmask, start, vocab)
+    record["masked"] = parallel_greedy(masked, start, vocab, group)
+    record["masked_full"] = apply_token_bitmask(logits, rows, bitmask, 0, vocab)
     bad = local.clone()
     if parallel.rank == parallel.world_size - 1:
         bad[3, 0] = float("nan")

@@ -17,9 +17,9 @@ CHAT = [{"role": "user", "content": "Name a color."}]
 
 @pytest.fixture(scope="module")
 def server(launch, demo_dir):
-    server = launch(
-        "--model", str(demo_dir), "--num-shard", "2", "--max-kv-blocks", "256", "--max-total-tokens", str(MAX_TOTAL)
-    )
+    # Strict model names: the tests below check the 404 for another model's name.
+    args = ["--num-shard", "2", "--max-kv-blocks", "256", "--max-total-tokens", str(MAX_TOTAL), "--strict-model-name"]
+    server = launch("--model", str(demo_dir), *args)
     yield server
     server.stop()  # free the CPU for the modules after this one
 

@@ -28,6 +28,12 @@ def test_slices_combine_to_the_full_rows_choice(tmp_path, world_size, vocab, col
         assert ids.tolist() == expected_ids.tolist()
         torch.testing.assert_close(logprobs, expected_logprobs, atol=1e-5, rtol=1e-5)
         assert record["with_nan"] is None, "a NaN on one rank must send every rank to the gathered path"
+        # A grammar's mask applied to each slice keeps the fast path and picks the masked full row's argmax.
+        masked = records[0]["masked_full"]
+        assert record["masked"] is not None
+        assert record["masked"][0].tolist() == masked.argmax(dim=-1).tolist()
+        expected = masked.log_softmax(dim=-1).gather(1, masked.argmax(dim=-1)[:, None]).squeeze(1)
+        torch.testing.assert_close(record["masked"][1], expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from router.detokenizer import IncrementalDetokenizer
 from router.errors import BadRequest, RouterError, ValidationError
 from router.params import GenerationParams, RequestLimits, decode_json_body, parse_predict_request, render_prompt
 from router.stop_sequences import StopSequenceMatcher
+from router.structured import GrammarCache, compile_spec, grammar_tokenizer
 
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -48,19 +49,40 @@ STOPS = st.text(max_size=4) | st.lists(st.text(max_size=3), max_size=7)
 TEXT = st.text(max_size=10)
 MESSAGES = st.lists(MESSAGE, max_size=3)
 OPTIONS = st.fixed_dictionaries({}, optional={"include_usage": JSON, "type": st.sampled_from(["text", "json_object"])})
+# Output constraints: schemas of JSON-schema keywords holding values of their own type or any JSON, regexes of
+# any text, and the spellings that carry them.
+KEYWORDS = {"type": st.sampled_from(["object", "string", "integer", "array", "null", "foo"]), "pattern": TEXT}
+KEYWORDS |= {"maxLength": INT, "minimum": FLOAT, "enum": st.lists(JSON, max_size=3), "required": st.lists(TEXT)}
+SCHEMA = st.recursive(
+    st.fixed_dictionaries({}, optional={name: mostly(v) for name, v in KEYWORDS.items()}),
+    lambda inner: st.fixed_dictionaries(
+        {}, optional={"properties": st.dictionaries(TEXT, inner, max_size=3), "items": inner, "anyOf": st.lists(inner)}
+    ),
+    max_leaves=6,
+)
+REGEX = st.text(alphabet="ab()[]{}|*+?.^$\\0123-,", max_size=8)
+GRAMMAR = st.fixed_dictionaries(
+    {"type": st.sampled_from(["json", "regex", "xml"])}, optional={"value": mostly(SCHEMA | REGEX)}
+)
+RESPONSE_FORMAT = OPTIONS | st.fixed_dictionaries(
+    {"type": st.just("json_schema"), "json_schema": st.fixed_dictionaries({"name": TEXT}, optional={"schema": SCHEMA})}
+)
 SAMPLING = {"temperature": FLOAT, "top_p": FLOAT, "top_k": INT, "repetition_penalty": FLOAT}
 SAMPLING |= {"frequency_penalty": FLOAT, "stop": STOPS, "seed": INT}
 # Each API's fields with values of their own type most of the time, so that many bodies get past the type checks
 # to the bounds and the rules between fields; fields a server refuses whatever their value come up now and then.
-PREDICT_FIELDS = {**SAMPLING, "max_tokens": INT, "max_new_tokens": INT, "stream": st.booleans()}
+PREDICT_FIELDS = {**SAMPLING, "max_tokens": INT, "max_new_tokens": INT, "stream": st.booleans(), "grammar": GRAMMAR}
 OPENAI_FIELDS = {**SAMPLING, "model": TEXT, "n": INT, "presence_penalty": FLOAT, "stream": st.booleans()}
 OPENAI_FIELDS |= {"max_tokens": INT, "max_completion_tokens": INT, "best_of": INT, "min_tokens": INT}
-OPENAI_FIELDS |= {"stream_options": OPTIONS, "response_format": OPTIONS, "ignore_eos": st.booleans()}
+OPENAI_FIELDS |= {"stream_options": OPTIONS, "response_format": RESPONSE_FORMAT, "ignore_eos": st.booleans()}
+OPENAI_FIELDS |= {"guided_json": SCHEMA, "guided_regex": REGEX, "guided_choice": st.lists(TEXT, max_size=3)}
+OPENAI_FIELDS |= {"guided_grammar": st.text(alphabet='start:a"<|>[]0123456789 %', max_size=16)}
 OPENAI_FIELDS |= {"logprobs": st.booleans() | INT, "top_logprobs": INT}
 OPENAI_REFUSED = ["tools", "functions", "logit_bias", "echo", "suffix"]
 TGI_FIELDS = {**SAMPLING, "do_sample": st.booleans(), "max_new_tokens": INT, "top_n_tokens": INT, "truncate": INT}
 TGI_FIELDS |= {name: st.booleans() for name in ("details", "return_full_text", "decoder_input_details")}
-TGI_REFUSED = ["typical_p", "best_of", "watermark", "grammar", "adapter_id"]
+TGI_FIELDS |= {"grammar": GRAMMAR}
+TGI_REFUSED = ["typical_p", "best_of", "watermark", "adapter_id"]
 
 
 def bodies(
@@ -93,6 +115,21 @@ def reaches_the_shards_intact(params: GenerationParams) -> bool:
     return True
 
 
+GRAMMARS = GrammarCache()
+
+
+def compiles_for_the_shards(params: GenerationParams, tokenizer) -> bool:
+    """Whether the request's grammar, if any, compiles on the router or is refused with a 422; one that compiles
+    builds a shard's matcher over the demo tokenizer (so no step carries a grammar the shards cannot take)."""
+    import llguidance
+
+    if params.grammar is None:
+        return True
+    compiled = parsed_or_refused(compile_spec, params.grammar, tokenizer, GRAMMARS)
+    matcher_tokenizer = grammar_tokenizer(tokenizer)
+    return compiled is None or not llguidance.LLMatcher(matcher_tokenizer, compiled.grammar, log_level=0).is_error()
+
+
 def parsed_or_refused(parse, *args, **kwargs):
     """The parser's result, or None when it refused with the router's own 400 or 422."""
     try:
@@ -106,12 +143,13 @@ def parsed_or_refused(parse, *args, **kwargs):
 @given(body=bodies(PREDICT_FIELDS, prompt=TEXT) | bodies(PREDICT_FIELDS, messages=MESSAGES), limits=LIMITS)
 # Found by the fuzzer: finite here, inf as the shards' float32, and the shards refused the whole step.
 @example(body={"prompt": "x", "temperature": 1e39}, limits=RequestLimits())
-def test_predict_parser(body, limits):
+def test_predict_parser(body, limits, demo_tokenizer):
     request = parsed_or_refused(parse_predict_request, body, limits)
     if request is not None:
         assert (request.prompt is None) != (request.messages is None)
         assert len(request.params.stop) <= limits.max_stop_sequences
         assert reaches_the_shards_intact(request.params)
+        assert compiles_for_the_shards(request.params, demo_tokenizer)
 
 
 @PROPERTY
@@ -128,7 +166,7 @@ def test_predict_parser(body, limits):
     use_chat=True,
 )
 @example(chat={}, completion={"prompt": "x", "top_p": 1e-40}, limits=RequestLimits(), use_chat=False)
-def test_openai_parsers(chat, completion, limits, use_chat):
+def test_openai_parsers(chat, completion, limits, use_chat, demo_tokenizer):
     parse, body = (parse_chat_request, chat) if use_chat else (parse_completion_request, completion)
     request = parsed_or_refused(parse, body, limits)
     if request is not None:
@@ -136,6 +174,7 @@ def test_openai_parsers(chat, completion, limits, use_chat):
         assert len(request.params.stop) <= limits.max_stop_sequences
         assert request.params.top_n_tokens <= limits.max_top_n_tokens
         assert reaches_the_shards_intact(request.params)
+        assert compiles_for_the_shards(request.params, demo_tokenizer)
 
 
 @PROPERTY
@@ -147,7 +186,14 @@ def test_openai_parsers(chat, completion, limits, use_chat):
     stream=st.booleans(),
 )
 @example(inputs="x", parameters={"repetition_penalty": 1e-39}, extra={}, limits=RequestLimits(), stream=False)
-def test_tgi_parser(inputs, parameters, extra, limits, stream):
+@example(
+    inputs="x",
+    parameters={"grammar": {"type": "regex", "value": "a{99999}"}},
+    extra={},
+    limits=RequestLimits(),
+    stream=False,
+)
+def test_tgi_parser(inputs, parameters, extra, limits, stream, demo_tokenizer):
     body = {**extra, "inputs": inputs, "parameters": parameters}
     request = parsed_or_refused(parse_generate_request, body, stream=stream, limits=limits)
     if request is not None:
@@ -155,6 +201,7 @@ def test_tgi_parser(inputs, parameters, extra, limits, stream):
         assert len(request.params.stop) <= limits.max_stop_sequences
         assert request.params.top_n_tokens <= limits.max_top_n_tokens
         assert reaches_the_shards_intact(request.params)
+        assert compiles_for_the_shards(request.params, demo_tokenizer)
 
 
 @PROPERTY

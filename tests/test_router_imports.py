@@ -37,7 +37,8 @@ FRONTS = frozenset(
     }
 )
 # What a front may import of the router besides other fronts: the engine interface, the validation
-# step, and the request-level helpers (errors, parameter parsing, token text, the metrics registry).
+# step (with its grammar compiler), and the request-level helpers (errors, parameter parsing, token text,
+# the metrics registry).
 FRONT_MAY_IMPORT = frozenset(
     {
         "router.detokenizer",
@@ -45,6 +46,7 @@ FRONT_MAY_IMPORT = frozenset(
         "router.errors",
         "router.metrics",
         "router.params",
+        "router.structured",
         "router.validation",
     }
 )

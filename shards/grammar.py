@@ -1,0 +1,187 @@
+"""Constrained decoding on a shard: each constrained sequence's llguidance matcher, the allowed-token
+bitmask it gives before every sample, and that mask applied to the logits (the whole vocabulary, or
+the slice of it this rank holds under the parallel greedy path).
+
+The grammar state lives here, beside the sequence's sampling state, so multi-step decode runs
+constrained and free sequences alike without a round trip to the router. After a token is sampled
+the matcher consumes it and computes the next mask in a worker thread (llguidance releases the
+GIL), so the work overlaps the next forward; the next sample waits for it. That pays where the host
+waits on a GPU; a CPU shard's forward keeps its core busy, so there the work runs inline (measured on
+the demo model, 8 constrained rows: 0.33 ms a step inline, 0.8-1.9 ms waiting on the thread). A matcher is a pure
+function of the grammar and the tokens it consumed, so every rank masks the same tokens.
+
+Legend: C constrained rows that sample, W = ceil(V / 32) 32-bit words of a mask row, V vocabulary
+size, P columns of the logits given (V, or this rank's vocabulary slice, padding included).
+"""
+
+import functools
+import json
+import logging
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import llguidance
+import torch
+from torch import Tensor
+
+log = logging.getLogger("mixserve.shard")
+
+# Finite, so the C argmax / log-sum-exp kernels and parallel greedy keep their fast paths (they leave
+# rows holding infinities to the torch path); exp(MASKED_LOGIT - any real logit) is exactly 0 in fp32.
+MASKED_LOGIT = -1.0e30
+# Compiled grammars a shard keeps (a request repeating a schema skips compiling it).
+COMPILED_GRAMMARS = 64
+
+
+class GrammarError(ValueError):
+    """A grammar the shard cannot build a matcher for."""
+
+
+def load_tokenizer(model_dir: str | Path, vocab_size: int) -> llguidance.LLTokenizer:
+    """llguidance's view of the checkpoint's tokenizer (tokenizer.json), over the model's `vocab_size`
+    rows; the end-of-sequence tokens are config.json's `eos_token_id` where it names them."""
+    model_dir = Path(model_dir)
+    tokenizer_json = model_dir / "tokenizer.json"
+    eos = None
+    config = model_dir / "config.json"
+    if config.is_file():
+        eos = json.loads(config.read_text()).get("eos_token_id")
+    if tokenizer_json.is_file():
+        return llguidance.LLTokenizer(tokenizer_json.read_text(), n_vocab=vocab_size, eos_token=eos)
+    from llguidance.hf import from_tokenizer
+    from transformers import AutoTokenizer
+
+    return from_tokenizer(AutoTokenizer.from_pretrained(model_dir), n_vocab=vocab_size, eos_token=eos)
+
+
+class SequenceGrammar:
+    """One sequence's matcher and the mask of the token it may sample next."""
+
+    __slots__ = ("_matcher", "_eos_only", "_mask", "_pending", "_executor")
+
+    def __init__(self, matcher: llguidance.LLMatcher, eos_only: Tensor, executor: ThreadPoolExecutor | None) -> None:
+        self._matcher = matcher
+        self._eos_only = eos_only
+        self._mask = torch.empty_like(eos_only)  # [W] int32
+        self._executor = executor
+        self._pending: Future[None] | None = None
+        self._run(self._compute_mask)
+
+    def mask(self) -> Tensor:
+        """The allowed tokens of the next sample as a bitmask [W] int32 (bit t % 32 of word t // 32)."""
+        if self._pending is not None:
+            self._pending.result()
+        return self._mask
+
+    def consume(self, token_id: int) -> None:
+        """Advance past the sampled `token_id` and compute the next mask (in the background, with an executor)."""
+        self.mask()
+        self._run(self._consume_and_mask, token_id)
+
+    def _run(self, work, *args) -> None:
+        if self._executor is None:
+            work(*args)
+        else:
+            self._pending = self._executor.submit(work, *args)
+
+    def _consume_and_mask(self, token_id: int) -> None:
+        if not self._matcher.is_error() and not self._matcher.consume_token(token_id):
+            log.warning("event=grammar_rejected_token token_id=%d error=%r", token_id, self._matcher.get_error())
+        self._compute_mask()
+
+    def _compute_mask(self) -> None:
+        matcher = self._matcher
+        # A finished grammar (or one in error, which a validated grammar and masked sampling never reach)
+        # leaves only the end of the sequence.
+        if matcher.is_error() or matcher.is_stopped():
+            self._mask.copy_(self._eos_only)
+            return
+        matcher.unsafe_compute_mask_ptr(self._mask.data_ptr(), self._mask.numel() * 4)
+        if matcher.is_error():
+            self._mask.copy_(self._eos_only)
+
+
+class GrammarMatchers:
+    """Builds the per-sequence matchers of one shard over its checkpoint's tokenizer."""
+
+    def __init__(self, tokenizer: llguidance.LLTokenizer, vocab_size: int, background_threads: int = 0) -> None:
+        """`background_threads` > 0 computes masks in that many worker threads, off the step's path (for
+        shards whose host waits on a GPU); 0 computes them inline."""
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        words = -(-vocab_size // 32)
+        eos_only = torch.zeros(words, dtype=torch.int32)  # [W]
+        for token in tokenizer.eos_tokens:
+            eos_only[token // 32] |= _bit(token % 32)
+        self.eos_only = eos_only
+        # Untouched matchers by grammar, least recently used first; copied, never advanced.
+        self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        self._executor = (
+            ThreadPoolExecutor(max_workers=background_threads, thread_name_prefix="grammar")
+            if background_threads
+            else None
+        )
+
+    def matcher(self, grammar: str) -> SequenceGrammar:
+        """A sequence's grammar state at its first token; GrammarError if `grammar` does not compile.
+
+        A grammar seen before is copied from its untouched matcher (~0.01 ms, where compiling a schema of a
+        few dozen fields takes ~2.5 ms of the step)."""
+        start = self._compiled.get(grammar)
+        if start is None:
+            start = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+            if start.is_error():
+                raise GrammarError(f"the grammar does not compile: {start.get_error()}")
+            self._compiled[grammar] = start
+            if len(self._compiled) > COMPILED_GRAMMARS:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(grammar)
+        return SequenceGrammar(start.deep_copy(), self.eos_only, self._executor)
+
+
+def _bit(index: int) -> int:
+    """The int32 word with only bit `index` set (bit 31 is the sign bit)."""
+    return (1 << index) - (1 << 32 if index == 31 else 0)
+
+
+# For every byte value, the bias of its 8 tokens: 0 where bit j is set (allowed), MASKED_LOGIT where not. An
+# index_select of it and one add mask a row (torch's masked_fill on CPU is ten times slower). [256, 8]
+_BYTE_BIAS = torch.where(((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool(), 0.0, MASKED_LOGIT)
+
+
+@functools.cache
+def _byte_bias(device: torch.device) -> Tensor:
+    return _BYTE_BIAS.to(device)
+
+
+def token_bias(bitmask: Tensor, vocab_start: int, width: int, vocab_size: int) -> Tensor:
+    """[C, P] fp32: 0 where token `vocab_start + j` is allowed in the row of `bitmask` [C, W] int32,
+    MASKED_LOGIT where not; columns at or past `vocab_size` (padding of the last rank's slice) never are."""
+    # Little-endian words (every platform torch runs on): byte k of a row holds tokens 8k .. 8k + 7.
+    row_bytes = bitmask.contiguous().view(torch.uint8).long()  # [C, 4W]
+    rows = row_bytes.shape[0]
+    bias = _byte_bias(bitmask.device).index_select(0, row_bytes.flatten()).view(rows, -1)  # [C, 32W]
+    end = min(vocab_start + width, vocab_size)
+    bias = bias[:, vocab_start:end]  # [C, P'] (P' < P only on the rank holding the padding)
+    if bias.shape[1] < width:
+        bias = torch.cat([bias, bias.new_full((rows, width - bias.shape[1]), MASKED_LOGIT)], dim=1)
+    return bias
+
+
+def allowed_tokens(bitmask: Tensor, vocab_start: int, width: int, vocab_size: int) -> Tensor:
+    """[C, P] bool: whether token `vocab_start + j` is allowed in each row of `bitmask` [C, W] int32."""
+    return token_bias(bitmask, vocab_start, width, vocab_size) == 0
+
+
+def apply_token_bitmask(logits: Tensor, rows: list[int], bitmask: Tensor, vocab_start: int, vocab_size: int) -> Tensor:
+    """`logits` [R, P] (fp32, this rank's columns from `vocab_start`) with the disallowed tokens of the
+    constrained `rows` at MASKED_LOGIT (a finite logit plus it rounds to it); `bitmask` [C, W] holds those
+    rows' masks, in order."""
+    logits = logits.float()
+    bias = token_bias(bitmask.to(logits.device), vocab_start, logits.shape[1], vocab_size)  # [C, P]
+    if len(rows) == logits.shape[0]:
+        return logits + bias
+    index = torch.tensor(rows, device=logits.device)  # [C]
+    return logits.index_add(0, index, bias)
