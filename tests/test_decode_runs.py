@@ -24,23 +24,39 @@ def servers(launch, demo_dir):
     return multi, launch(*common, "--max-decode-steps", "1")
 
 
-async def complete(session: aiohttp.ClientSession, url: str, body: dict, delay: float = 0.0) -> dict:
-    await asyncio.sleep(delay)
-    async with session.post(f"{url}/v1/completions", json=body) as response:
+async def complete(
+    session: aiohttp.ClientSession, url: str, body: dict, after: asyncio.Event | None, started: asyncio.Event
+) -> tuple[str, str]:
+    """Stream a completion once `after` is set (the previous request has its first token), setting
+    `started` at this one's first token; its text and finish reason."""
+    if after is not None:
+        await after.wait()
+    text, finish = [], None
+    async with session.post(f"{url}/v1/completions", json={**body, "stream": True}) as response:
         assert response.status == 200, await response.text()
-        return await response.json()
+        async for line in response.content:
+            if line.startswith(b"data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                text.append(choice["text"])
+                finish = choice["finish_reason"] or finish
+                started.set()
+    started.set()
+    return "".join(text), finish
 
 
 async def mixed_load(url: str) -> list[tuple[str, str]]:
-    """Staggered requests of different lengths, greedy and seeded sampling: arrivals end runs early."""
+    """Requests of different lengths, greedy and seeded sampling, each arriving once the one before it
+    is decoding: arrivals end runs early."""
     bodies = [
         {"prompt": f"Story {i}: the river", "max_tokens": 6 + 9 * i, "ignore_eos": True}
         | ({"temperature": 0} if i % 2 else {"temperature": 0.8, "top_p": 0.9, "seed": 100 + i})
         for i in range(6)
     ]
+    started = [asyncio.Event() for _ in bodies]
     async with aiohttp.ClientSession() as session:
-        answers = await asyncio.gather(*(complete(session, url, b, delay=0.03 * i) for i, b in enumerate(bodies)))
-    return [(a["choices"][0]["text"], a["choices"][0]["finish_reason"]) for a in answers]
+        return await asyncio.gather(
+            *(complete(session, url, b, started[i - 1] if i else None, started[i]) for i, b in enumerate(bodies))
+        )
 
 
 async def test_multi_step_serves_what_single_steps_serve(servers):
