@@ -23,6 +23,8 @@ class ServerConfig:
     weight_bytes_per_shard: int = 0
     # Rank 0's KV cache sizing (shard.proto's MemoryReport), as /info shows it.
     memory: dict[str, int] = field(default_factory=dict)
+    # `random` (the built-in demo, --load-format dummy: the text means nothing) or `checkpoint`.
+    weights: str = "checkpoint"
     version: str = ""
     # --served-model-name: the names the OpenAI API answers to (the first is the default one); none: model_id.
     served_model_names: tuple[str, ...] = ()

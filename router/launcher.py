@@ -270,6 +270,11 @@ async def serve(args: argparse.Namespace, group_addresses: list[str | None], pla
             await asyncio.gather(*(shards.stop() for shards in groups))
 
 
+def weights_kind(args: argparse.Namespace) -> str:
+    """`random` for the built-in demo and `--load-format dummy` (their text means nothing), else `checkpoint`."""
+    return "random" if args.model is None or getattr(args, "load_format", "auto") == "dummy" else "checkpoint"
+
+
 def memory_fields(report: shard_pb2.MemoryReport) -> dict[str, int]:
     """A shard's MemoryReport as the plain dict /info shows."""
     return {field.name: getattr(report, field.name) for field in report.DESCRIPTOR.fields}
@@ -342,6 +347,7 @@ async def _serve_with_shards(args, model_dir, tokenizer, groups: list[ShardSuper
         quantize=info.quantize,
         weight_bytes_per_shard=info.weight_bytes,
         memory=memory_fields(readies[0][1].memory),
+        weights=weights_kind(args),
         version=mixserve.__version__,
         served_model_names=tuple(args.served_model_name),
         strict_model_name=args.strict_model_name,
@@ -364,8 +370,7 @@ async def _serve_with_shards(args, model_dir, tokenizer, groups: list[ShardSuper
         await grpc_front.start()
     await site.start()
     engine.start()
-    weights = "random" if args.model is None else "checkpoint"  # random: the demo, whose text means nothing
-    log.info("event=serving address=http://%s:%d model=%s weights=%s", args.host, args.port, model_dir, weights)
+    log.info("event=serving address=http://%s:%d model=%s weights=%s", args.host, args.port, model_dir, config.weights)
 
     if await supervise_groups(engine, groups, grpc_front, stop, args.max_restarts):
         log.info("event=stopping graceful_timeout_s=%.0f in_flight=%d", args.graceful_timeout, len(engine.live))

@@ -390,6 +390,7 @@ SCHEMAS: dict[str, Schema] = {
             "num_shard": _t("integer", "tensor-parallel shards"),
             "quantize": _nullable(_t("string", "bitsandbytes mode of the shards (--quantize; null: none)")),
             "weight_bytes_per_shard": _t("integer", "bytes of weights rank 0 holds, quantization state included"),
+            "weights": _t("string", "random (the demo, --load-format dummy: text means nothing) or checkpoint"),
             "memory": _obj(
                 {
                     "weight_bytes": _t("integer", "weights on rank 0"),

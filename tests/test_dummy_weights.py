@@ -98,6 +98,7 @@ async def test_server_on_dummy_weights_answers_and_reports_its_memory(launch, co
             assert (await response.json())["generated_tokens"] >= 1
         async with session.get(f"{server.url}/info") as response:
             info = await response.json()
+    assert info["weights"] == "random"
     memory = info["memory"]
     assert memory["kv_cache_bytes"] == info["kv_blocks_total"] * memory["block_bytes"]
     assert memory["weight_bytes"] == info["weight_bytes_per_shard"] > 0

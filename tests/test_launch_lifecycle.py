@@ -49,8 +49,10 @@ async def test_api_key_is_required(keyed_server):
         status, text = await post(url, {"prompt": "x", "max_tokens": 2}, headers={"Authorization": header})
         assert status == 200 and text
     assert "sekret" not in keyed_server.log()
-    # No --model: the demo, whose shard says its text is meaningless.
+    # No --model: the demo, whose text is meaningless, as its shard's log and /info say.
     assert "event=demo_model weights=random" in keyed_server.log()
+    status, info = await get(url, "/info", headers={"Authorization": "Bearer sekret"})
+    assert status == 200 and info["weights"] == "random"
     # No --num-shard: one shard per core, up to what the demo's 4 KV heads divide.
     cores = len(os.sched_getaffinity(0))
     expected = 4 if cores >= 4 else 2 if cores >= 2 else 1
