@@ -12,6 +12,8 @@ from text_generation import Client
 from transformers import AutoTokenizer
 from transformers import MixtralForCausalLM as ReferenceMixtral
 
+from mixserve_pb import generate_pb2
+from router import grpc_server
 from router.api_tgi import parse_generate_request
 from router.errors import BadRequest, ValidationError
 from router.params import RequestLimits
@@ -159,3 +161,14 @@ def test_tgi_parser_scores_the_prompt_only_with_details():
     parameters = {"decoder_input_details": True, "details": True, "best_of": 2, "typical_p": 0.9}
     parsed = parse_generate_request({"inputs": "x", "parameters": parameters}, stream=False)
     assert parsed.params.prompt_logprobs and parsed.best_of == 2 and parsed.sampling and parsed.params.typical_p == 0.9
+
+
+def test_grpc_parameters_carry_typical_p_and_logit_bias():
+    request = generate_pb2.GenerateRequest(prompt="x")
+    request.parameters.typical_p = 0.7
+    request.parameters.logit_bias[5] = -100.0
+    params = grpc_server.parse_generate_request(request).params
+    assert params.typical_p == pytest.approx(0.7) and params.logit_bias == {5: -100.0}
+    request.parameters.logit_bias[6] = 100.5
+    with pytest.raises(ValidationError, match="logit_bias"):
+        grpc_server.parse_generate_request(request)
