@@ -246,8 +246,6 @@ def parse_completion_request(body: dict[str, Any], limits: RequestLimits = DEFAU
     logprobs = None if logprobs is None else as_int("logprobs", logprobs, ge=0, le=top)
     params = _sampling(body, max_tokens=max_tokens, top_n_tokens=logprobs or 0, limits=limits)
     echo = as_bool("echo", body.get("echo"), default=False)
-    if echo and params.stream:
-        raise ValidationError("echo is not supported with stream: true")
     if echo and logprobs is not None:
         params = replace(params, prompt_logprobs=True)
     return OpenAIRequest(

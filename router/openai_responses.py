@@ -231,22 +231,32 @@ async def completion(engine: EngineAPI, request: Reporting, choices: Choices, mo
 async def completion_chunks(
     engine: EngineAPI, request: Reporting, choices: Choices, model: str
 ) -> AsyncGenerator[dict | str, None]:
-    """`text_completion` events, one per token that adds text (or logprobs), the finish reason on the last."""
+    """`text_completion` events, one per token that adds text (or logprobs), the finish reason on the last; with
+    `echo`, each choice's first event starts with its prompt (and the prompt's logprobs, scored by then)."""
     header = _header(choices, "text_completion", model, "cmpl")
     usage: dict[str, None] = {"usage": None} if request.include_usage else {}
     offsets = [0] * len(choices.generations)
+    to_echo = set(range(len(choices.generations))) if request.echo else set()
     async with aclosing(interleave(choices.generations)) as events:
         async for i, event in events:
             finish = FINISH_REASONS.get(event.finish_reason)
-            if not event.text and finish is None and request.logprobs is None:
+            if not event.text and finish is None and request.logprobs is None and i not in to_echo:
                 continue
+            one = CompletionLogprobs()
+            text = event.text
+            if i in to_echo:
+                to_echo.discard(i)
+                prompt = choices.prompts[i]
+                text = prompt + text
+                offsets[i] = len(prompt)
+                if request.logprobs is not None:
+                    one.add_prompt(engine.tokenizer, prompt, choices.generations[i])
             logprobs = None
             if request.logprobs is not None:
-                one = CompletionLogprobs()
                 one.add(engine.tokenizer, event, offsets[i])
                 logprobs = one.as_dict()
             offsets[i] += len(event.text)
-            choice = {"index": i, "text": event.text, "logprobs": logprobs, "finish_reason": finish}
+            choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
             yield {**header, "choices": [choice], **usage}
     if request.include_usage:
         yield {**header, "choices": [], "usage": choices.usage()}

@@ -306,8 +306,8 @@ SCHEMAS: dict[str, Schema] = {
             "best_of": _t("integer", "must equal n when given", minimum=1),
             "echo": _t(
                 "boolean",
-                "the prompt before each choice's text; with logprobs, its tokens and their logprobs first (not "
-                "with stream)",
+                "the prompt before each choice's text (streamed: in its first chunk); with logprobs, its tokens "
+                "and their logprobs first",
                 default=False,
             ),
             **OPENAI_SAMPLING,

@@ -115,6 +115,14 @@ def test_echo_with_logprobs_puts_the_prompt_first(server, tokenizer, oracle):
         torch.tensor(logprobs.token_logprobs[1:n]), torch.tensor(oracle[1:]), atol=2e-3, rtol=2e-3
     )
     assert logprobs.text_offset[n] == len(PROMPT)
+    chunks = list(
+        sdk.completions.create(
+            model="m", prompt=PROMPT, max_tokens=3, temperature=0, echo=True, logprobs=1, stream=True
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks) == scored.choices[0].text
+    streamed = [lp for c in chunks for lp in c.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(logprobs.token_logprobs[1:], abs=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -123,7 +131,6 @@ def test_echo_with_logprobs_puts_the_prompt_first(server, tokenizer, oracle):
         ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
         ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, "vocabulary"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"a": 1}}, "token ids"),
-        ("/v1/completions", {"prompt": "x", "echo": True, "stream": True}, "echo"),
         ("/generate", {"inputs": "x", "parameters": {"typical_p": 0}}, "typical_p"),
         ("/generate", {"inputs": "x", "parameters": {"best_of": 3, "do_sample": True}}, "best_of"),
         ("/generate", {"inputs": "x", "parameters": {"best_of": 2}}, "needs sampling"),
