@@ -313,12 +313,14 @@ class ModelRunner:
         scores: dict[int, list[float]] = {}
         if score:
             logits, scores = self._score_prompts(steps, logits)
+        # Non-final prefill chunks that only scored their tokens.
+        scored_only = [
+            SequenceResult(s.seq_id, 0, 0.0, sampled=False, prompt_logprobs=scores[s.seq_id])
+            for s in steps
+            if s.prompt_logprobs and not s.sample
+        ]
         if not rows:
-            return [
-                SequenceResult(s.seq_id, 0, 0.0, sampled=False, prompt_logprobs=scores[s.seq_id])
-                for s in steps
-                if s.prompt_logprobs
-            ]
+            return scored_only
         chosen = None
         constrained = [j for j, st in enumerate(states) if st.grammar is not None]
         bitmask = torch.stack([states[j].grammar.mask() for j in constrained]) if constrained else None  # [C, W]
@@ -362,12 +364,7 @@ class ModelRunner:
             n_top = st.params.top_n_tokens
             top = list(zip(top_ids[j][:n_top], top_logprobs[j][:n_top], strict=True)) if n_top and top_ids else []
             results.append(SequenceResult(s.seq_id, token_ids[j], logprobs[j], top, True, scores.get(s.seq_id, [])))
-        results.extend(
-            SequenceResult(s.seq_id, 0, 0.0, sampled=False, prompt_logprobs=scores[s.seq_id])
-            for s in steps
-            if s.prompt_logprobs and not s.sample
-        )
-        return results
+        return results + scored_only
 
     def _score_prompts(
         self, steps: list[SequenceStep], logits: torch.Tensor
