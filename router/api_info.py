@@ -84,7 +84,7 @@ async def info(request: web.Request) -> web.Response:
             "model_sha": None,
             "model_pipeline_tag": "text-generation",
             "max_input_length": limits.max_input_tokens,
-            "max_best_of": 1,
+            "max_best_of": config.limits.max_best_of,
             "max_stop_sequences": config.limits.max_stop_sequences,
             "max_batch_size": stats.max_batch_size,
             "router": "mixserve",

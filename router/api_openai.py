@@ -35,13 +35,14 @@ from router.params import (
     as_bool,
     as_float,
     as_int,
+    as_logit_bias,
     as_messages,
     as_prompt,
     as_stop,
     max_new_tokens_from,
 )
 from router.structured import compile_grammar, openai_spec
-from router.validation import check_lengths, prompt_ids, room
+from router.validation import check_lengths, check_logit_bias, prompt_ids, room
 
 log = logging.getLogger("mixserve.router")
 
@@ -105,6 +106,7 @@ class OpenAIRequest:
     n: int = 1
     logprobs: int | None = None  # None: no logprobs; else the alternatives per token
     include_usage: bool = False
+    echo: bool = False  # completions: the prompt (and with logprobs, its tokens' logprobs) before the completion
 
 
 def _unsupported(body: dict[str, Any], name: str, why: str) -> None:
@@ -116,7 +118,6 @@ def _sampling(
     body: dict[str, Any], *, max_tokens: int | None, top_n_tokens: int, limits: RequestLimits
 ) -> GenerationParams:
     """The sampling fields every OpenAI body shares, with OpenAI's defaults."""
-    _unsupported(body, "logit_bias", "the shards take no per-token biases")
     stream = as_bool("stream", body.get("stream"), default=False)
     if body.get("stream_options") is not None and not stream:
         raise ValidationError("stream_options is only allowed with stream: true")
@@ -150,6 +151,7 @@ def _sampling(
         ignore_eos=ignore_eos,
         top_n_tokens=top_n_tokens,
         grammar=openai_spec(body),
+        logit_bias=as_logit_bias("logit_bias", body.get("logit_bias")),
     )
 
 
@@ -219,7 +221,6 @@ def parse_chat_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIM
 
 def parse_completion_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIMITS) -> OpenAIRequest:
     """Validate a `/v1/completions` body within `limits`: `prompt` is a string or an array of strings."""
-    _unsupported(body, "echo", "the prompt is not echoed")
     _unsupported(body, "suffix", "no insertion mode")
     prompt = body.get("prompt")
     if prompt is None:
@@ -244,6 +245,9 @@ def parse_completion_request(body: dict[str, Any], limits: RequestLimits = DEFAU
     top = min(MAX_COMPLETION_LOGPROBS, limits.max_top_n_tokens)
     logprobs = None if logprobs is None else as_int("logprobs", logprobs, ge=0, le=top)
     params = _sampling(body, max_tokens=max_tokens, top_n_tokens=logprobs or 0, limits=limits)
+    echo = as_bool("echo", body.get("echo"), default=False)
+    if echo and logprobs is not None:
+        params = replace(params, prompt_logprobs=True)
     return OpenAIRequest(
         prompts=[GenerationRequest(prompt=p, messages=None, params=params) for p in prompts],
         params=params,
@@ -251,6 +255,7 @@ def parse_completion_request(body: dict[str, Any], limits: RequestLimits = DEFAU
         n=n,
         logprobs=logprobs,
         include_usage=_include_usage(body),
+        echo=echo,
     )
 
 
@@ -286,6 +291,7 @@ def submit(engine: EngineAPI, request: OpenAIRequest, default_max_tokens: int | 
     generations: list[GenerationHandle] = []
     prompt_tokens = 0
     try:
+        check_logit_bias(engine, request.params)
         for prompt in request.prompts:
             ids = prompt_ids(engine, prompt)
             prompt_tokens += len(ids)
@@ -300,7 +306,8 @@ def submit(engine: EngineAPI, request: OpenAIRequest, default_max_tokens: int | 
         for generation in generations:
             engine.cancel(generation)
         raise
-    return Choices(generations, prompt_tokens)
+    texts = [p.prompt or "" for p in request.prompts for _ in range(request.n)]
+    return Choices(generations, prompt_tokens, texts)
 
 
 @openai_errors

@@ -2,12 +2,15 @@
 
 Bodies are TGI's `{"inputs": str, "parameters": {...}}`; the `text-generation` client works
 unchanged. Sampling follows TGI: greedy unless `do_sample` is true or a warper is set
-(`temperature` other than 1, `top_k`, `top_p` below 1). Streams are SSE `data: {token}` events,
-`generated_text` and `details` on the last one, and no `[DONE]`; a failure after the first event
-is a last `data: {"error", "error_type"}` event. Prompt-token logprobs are not computed by the
-shards, so `decoder_input_details` returns the prefill tokens with `logprob: null`.
+(`temperature` other than 1, `top_k`, `top_p` below 1, `typical_p`). Streams are SSE `data: {token}`
+events, `generated_text` and `details` on the last one, and no `[DONE]`; a failure after the first
+event is a last `data: {"error", "error_type"}` event. `decoder_input_details` has the shards score
+the prompt (`details.prefill`, the first token's logprob null); `best_of` runs that many sampled
+sequences and answers the one of the highest summed token logprob, the others in
+`details.best_of_sequences`.
 """
 
+import asyncio
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -17,7 +20,7 @@ from aiohttp import web
 
 from router.detokenizer import token_piece
 from router.engine_api import EngineAPI, GenerationHandle, TokenEvent
-from router.errors import BadRequest, ValidationError, error_body
+from router.errors import BadRequest, RouterError, ValidationError, error_body
 from router.http_common import CONFIG, ENGINE, read_json, stream_sse
 from router.params import (
     DEFAULT_LIMITS,
@@ -51,6 +54,7 @@ class TGIRequest:
     decoder_input_details: bool = False
     return_full_text: bool = False
     truncate: int | None = None
+    best_of: int = 1
 
 
 def _refuse(parameters: dict[str, Any], name: str, off: tuple[object, ...], why: str) -> None:
@@ -69,13 +73,13 @@ def parse_generate_request(body: dict[str, Any], *, stream: bool, limits: Reques
     p = {} if p is None else p
     if not isinstance(p, dict):
         raise BadRequest("parameters must be an object")
-    _refuse(p, "typical_p", (1.0,), "typical decoding is not implemented by the shards")
-    _refuse(p, "best_of", (1,), "max_best_of is 1")
     _refuse(p, "watermark", (False,), "no watermarking")
     _refuse(p, "adapter_id", (), "no adapters")
     decoder_input_details = as_bool("decoder_input_details", p.get("decoder_input_details"), default=False)
     if decoder_input_details and stream:
         raise ValidationError("decoder_input_details is not supported when streaming tokens")
+    typical_p = p.get("typical_p")
+    typical_p = None if typical_p is None else as_float("typical_p", typical_p, gt=0, lt=1)
     temperature = p.get("temperature")
     temperature = None if temperature is None else as_float("temperature", temperature, gt=0)
     top_k = p.get("top_k")
@@ -83,8 +87,17 @@ def parse_generate_request(body: dict[str, Any], *, stream: bool, limits: Reques
     top_p = p.get("top_p")
     top_p = None if top_p is None else as_float("top_p", top_p, gt=0, le=1)
     sampling = as_bool("do_sample", p.get("do_sample"), default=False) or (
-        temperature not in (None, 1.0) or top_k is not None or top_p not in (None, 1.0)
+        temperature not in (None, 1.0) or top_k is not None or top_p not in (None, 1.0) or typical_p is not None
     )
+    best_of = as_int("best_of", p.get("best_of"), default=1, ge=1, le=limits.max_best_of)
+    if best_of > 1:
+        if not sampling:
+            raise ValidationError("best_of > 1 needs sampling: set do_sample (or temperature, top_k, top_p, typical_p)")
+        if stream:
+            raise ValidationError("best_of > 1 is not supported when streaming tokens")
+        if p.get("seed") is not None:
+            raise ValidationError("seed must not be set when best_of > 1: the sequences would be the same")
+    details = as_bool("details", p.get("details"), default=False)
     truncate = p.get("truncate")
     params = GenerationParams(
         max_new_tokens=as_int("max_new_tokens", p.get("max_new_tokens"), default=DEFAULT_MAX_NEW_TOKENS, ge=1),
@@ -100,23 +113,35 @@ def parse_generate_request(body: dict[str, Any], *, stream: bool, limits: Reques
         stream=stream,
         top_n_tokens=as_int("top_n_tokens", p.get("top_n_tokens"), default=0, ge=0, le=limits.max_top_n_tokens),
         grammar=from_tgi_grammar(p.get("grammar")),
+        typical_p=typical_p or 1.0,
+        prompt_logprobs=details and decoder_input_details,
     )
     return TGIRequest(
         inputs=inputs,
         params=params,
         sampling=sampling,
-        details=as_bool("details", p.get("details"), default=False),
+        details=details,
         decoder_input_details=decoder_input_details,
         return_full_text=as_bool("return_full_text", p.get("return_full_text"), default=False),
         truncate=None if truncate is None else as_int("truncate", truncate, ge=1),
+        best_of=best_of,
     )
 
 
-def submit(engine: EngineAPI, request: TGIRequest) -> GenerationHandle:
-    """Tokenize (BOS included, as TGI does), keep the last `truncate` tokens, validate and queue the request."""
+def submit(engine: EngineAPI, request: TGIRequest) -> list[GenerationHandle]:
+    """Tokenize (BOS included, as TGI does), keep the last `truncate` tokens, validate and queue the request's
+    `best_of` sequences (each with its own seed); if one is refused, the ones already queued are cancelled."""
     generation_request = GenerationRequest(prompt=request.inputs, messages=None, params=request.params)
     valid = validate(engine, generation_request, truncate=request.truncate)
-    return engine.submit(valid.prompt_ids, valid.params)
+    generations: list[GenerationHandle] = []
+    try:
+        for _ in range(request.best_of):
+            generations.append(engine.submit(valid.prompt_ids, valid.params))
+    except RouterError:
+        for generation in generations:
+            engine.cancel(generation)
+        raise
+    return generations
 
 
 def token_json(engine: EngineAPI, event: TokenEvent) -> dict[str, Any]:
@@ -144,27 +169,54 @@ def _full_text(request: TGIRequest, text: str) -> str:
     return request.inputs + text if request.return_full_text else text
 
 
-async def generate_answer(engine: EngineAPI, request: TGIRequest, generation: GenerationHandle) -> dict[str, Any]:
-    """TGI's non-streaming response: `generated_text`, and `details` when asked for."""
-    events: list[TokenEvent] = []
+async def _events(generation: GenerationHandle) -> list[TokenEvent]:
     async with aclosing(generation.stream()) as stream:
-        async for event in stream:
-            events.append(event)
-    answer: dict[str, Any] = {"generated_text": _full_text(request, "".join(e.text for e in events))}
+        return [event async for event in stream]
+
+
+def _sequence_details(
+    engine: EngineAPI, request: TGIRequest, generation: GenerationHandle, events: list[TokenEvent]
+) -> dict[str, Any]:
+    """One sequence's `details` (TGI's `BestOfSequence` fields less `generated_text`)."""
+    prefill = []
+    if request.decoder_input_details:
+        prefill = [
+            {"id": t, "text": token_piece(engine.tokenizer, t), "logprob": logprob}
+            for t, logprob in zip(generation.prompt_ids, generation.prompt_logprobs, strict=True)
+        ]
+    return {
+        "finish_reason": generation.finish_reason,
+        "generated_tokens": generation.generated_tokens,
+        "seed": generation.seed if request.sampling else None,
+        "prefill": prefill,
+        "tokens": [token_json(engine, e) for e in events],
+        "top_tokens": [top_tokens_json(engine, e) for e in events] if request.params.top_n_tokens else [],
+    }
+
+
+async def generate_answer(
+    engine: EngineAPI, request: TGIRequest, generations: list[GenerationHandle]
+) -> dict[str, Any]:
+    """TGI's non-streaming response: `generated_text`, and `details` when asked for. Of `best_of` sequences,
+    the one of the highest summed token logprob; the others are `details.best_of_sequences`."""
+    try:
+        runs = await asyncio.gather(*(_events(g) for g in generations))
+    finally:
+        for generation in generations:  # the others, when one failed
+            engine.cancel(generation)
+    ranked = sorted(range(len(runs)), key=lambda i: -sum(e.logprob for e in runs[i]))
+    best = ranked[0]
+    answer: dict[str, Any] = {"generated_text": _full_text(request, "".join(e.text for e in runs[best]))}
     if request.details:
-        prefill = []
-        if request.decoder_input_details:
-            prefill = [
-                {"id": t, "text": token_piece(engine.tokenizer, t), "logprob": None} for t in generation.prompt_ids
+        answer["details"] = _sequence_details(engine, request, generations[best], runs[best])
+        if request.best_of > 1:
+            answer["details"]["best_of_sequences"] = [
+                {
+                    "generated_text": _full_text(request, "".join(e.text for e in runs[i])),
+                    **_sequence_details(engine, request, generations[i], runs[i]),
+                }
+                for i in ranked[1:]
             ]
-        answer["details"] = {
-            "finish_reason": generation.finish_reason,
-            "generated_tokens": generation.generated_tokens,
-            "seed": generation.seed if request.sampling else None,
-            "prefill": prefill,
-            "tokens": [token_json(engine, e) for e in events],
-            "top_tokens": [top_tokens_json(engine, e) for e in events] if request.params.top_n_tokens else [],
-        }
     return answer
 
 
@@ -199,10 +251,10 @@ async def _answer(request: web.Request, body: dict[str, Any], *, stream: bool, a
     engine = request.app[ENGINE]
     parsed = parse_generate_request(body, stream=stream, limits=request.app[CONFIG].limits)
     await compile_grammar(parsed.params, engine.tokenizer)
-    generation = submit(engine, parsed)
+    generations = submit(engine, parsed)
     if stream:
-        return await stream_sse(request, stream_events(engine, parsed, generation), error_body)
-    answer = await generate_answer(engine, parsed, generation)
+        return await stream_sse(request, stream_events(engine, parsed, generations[0]), error_body)
+    answer = await generate_answer(engine, parsed, generations)
     return web.json_response([answer] if as_array else answer)
 
 

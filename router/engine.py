@@ -11,6 +11,7 @@ it validated (router/validation.py) and through router/replicas.py, which holds 
 import asyncio
 import itertools
 import logging
+import math
 import time
 from collections.abc import Iterator
 
@@ -91,7 +92,15 @@ class Engine:
         generation = Generation(seq_id, prompt_ids, params, self.tokenizer, self.limits, self.cancel)
         if prompt_log.isEnabledFor(logging.INFO):
             prompt_log.info("event=prompt id=%s text=%r", generation.id, self.tokenizer.decode(prompt_ids))
-        self.scheduler.add(Sequence(seq_id, list(prompt_ids), params.max_new_tokens, payload=generation))
+        self.scheduler.add(
+            Sequence(
+                seq_id,
+                list(prompt_ids),
+                params.max_new_tokens,
+                payload=generation,
+                compute_prompt=params.prompt_logprobs,
+            )
+        )
         self.live[seq_id] = generation
         self.metrics.on_admitted(len(prompt_ids))
         self._idle.clear()
@@ -248,6 +257,7 @@ class Engine:
                 sample=entry.sample,
                 prefix_token_ids=entry.prefix_token_ids,
                 sampling=entry.seq.payload.sampling() if entry.is_prefill else None,
+                prompt_logprobs=entry.is_prefill and entry.seq.compute_prompt,
             )
             for entry in plan.sequences
         ]
@@ -257,7 +267,8 @@ class Engine:
 
     def _on_step_done(self, plan: StepPlan, result: StepResult, started: float) -> None:
         now = time.perf_counter()
-        results = {token.seq_id: token for token in result.tokens}
+        self._on_prompt_scored(plan, result)
+        results = {token.seq_id: token for token in result.tokens if token.sampled}
         self.scheduler.on_step_done(plan, {seq_id: r.token_id for seq_id, r in results.items()})
         self.steps += 1
         self.step_sequences += len(plan.sequences)
@@ -278,6 +289,19 @@ class Engine:
                 self._on_token(generation, token, now)
                 delivered += 1
         self.metrics.on_step(plan.num_prefill_tokens, plan.num_decode_tokens, now - started, delivered)
+
+    def _on_prompt_scored(self, plan: StepPlan, result: StepResult) -> None:
+        """Keep the prompt tokens' log-probabilities the step's prefill chunks scored (positions past the
+        prompt, recomputed after a preemption, are the generation's own and were reported already)."""
+        starts = {entry.seq.seq_id: entry.start_position for entry in plan.sequences}
+        for token in result.tokens:
+            generation = self.live.get(token.seq_id)
+            if not token.prompt_logprobs or generation is None or token.seq_id not in starts:
+                continue
+            scored = generation.prompt_logprobs
+            for position, logprob in enumerate(token.prompt_logprobs, starts[token.seq_id]):
+                if 0 < position < len(scored) and not math.isnan(logprob):
+                    scored[position] = logprob
 
     def _on_token(self, generation: Generation, token: SampledToken, now: float) -> None:
         token_id = token.token_id

@@ -120,6 +120,8 @@ class GenerationHandle(Protocol):
     prompt_ids: list[int]
     seed: int
     finish_reason: str | None
+    # Scored prompt tokens (params.prompt_logprobs), filled as the prefill runs; None at position 0.
+    prompt_logprobs: list[float | None]
 
     @property
     def prompt_tokens(self) -> int: ...

@@ -44,6 +44,8 @@ class Generation:
         self.stops = StopSequenceMatcher(params.stop)
         self.events: asyncio.Queue[TokenEvent | RouterError] = asyncio.Queue()
         self.output_ids: list[int] = []
+        # With params.prompt_logprobs: each prompt token's log-probability given the ones before (None at 0).
+        self.prompt_logprobs: list[float | None] = [None] * len(prompt_ids) if params.prompt_logprobs else []
         self.finish_reason: str | None = None
         self.created = time.perf_counter()
         self.first_token_at: float | None = None
@@ -74,6 +76,8 @@ class Generation:
             seed=self.seed,
             top_n_tokens=p.top_n_tokens,
             grammar=p.grammar.grammar if p.grammar is not None else "",
+            typical_p=p.typical_p,
+            logit_bias=p.logit_bias,
         )
 
     async def stream(self) -> AsyncIterator[TokenEvent]:

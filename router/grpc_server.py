@@ -60,6 +60,7 @@ _OPTIONAL_PARAMETERS = (
     "frequency_penalty",
     "presence_penalty",
     "seed",
+    "typical_p",
 )
 
 
@@ -87,7 +88,12 @@ def parse_generate_request(
     given = {name: getattr(p, name) for name in _OPTIONAL_PARAMETERS if p.HasField(name)}
     grammar = _grammar(p.grammar) if p.HasField("grammar") else None
     params = GenerationParams(
-        **given, stop=list(p.stop), ignore_eos=p.ignore_eos, top_n_tokens=p.top_n_tokens, grammar=grammar
+        **given,
+        stop=list(p.stop),
+        ignore_eos=p.ignore_eos,
+        top_n_tokens=p.top_n_tokens,
+        grammar=grammar,
+        logit_bias=dict(p.logit_bias),
     )
     limits.check(params)
     prompt, messages = parse_input(request.prompt if request.HasField("prompt") else None, request.messages)

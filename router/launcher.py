@@ -29,7 +29,7 @@ from mixserve_pb import shard_pb2
 from router.generation import Limits
 from router.grpc_server import GrpcFront
 from router.host_check import HostCheckFailed, HostPlan, check_model_dir, group_visible_devices, preflight
-from router.params import MAX_CHOICES, MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS, RequestLimits
+from router.params import MAX_BEST_OF, MAX_CHOICES, MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS, RequestLimits
 from router.recovery import START_ERRORS, supervise_groups
 from router.replicas import build_replicas
 from router.scheduler import SchedulerConfig
@@ -200,6 +200,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-top-n-tokens", type=int, default=MAX_TOP_N_TOKENS, help="alternatives per token (top_logprobs too)"
     )
     parser.add_argument("--max-choices", type=int, default=MAX_CHOICES, help="OpenAI n (x prompts) per request")
+    parser.add_argument("--max-best-of", type=int, default=MAX_BEST_OF, help="TGI best_of: sequences per request")
     parser.add_argument("--log-prompts", action="store_true", help="log prompts and generated text (user data)")
     parser.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds to let streams finish on stop")
     parser.add_argument("--shard-timeout", type=float, default=300.0, help="seconds to wait for shards to start")
@@ -304,7 +305,9 @@ async def _serve_with_shards(args, model_dir, tokenizer, groups: list[ShardSuper
         max_total = args.max_total_tokens or info.max_position_embeddings
         max_input = args.max_input_tokens or max_total - 1
         limits = Limits(args.max_concurrent_requests, max_input, max_total, args.request_timeout)
-        request_limits = RequestLimits(args.max_stop_sequences, args.max_top_n_tokens, args.max_choices)
+        request_limits = RequestLimits(
+            args.max_stop_sequences, args.max_top_n_tokens, args.max_choices, args.max_best_of
+        )
     except START_ERRORS as e:
         log.error("event=startup_failed error=%s", e)
         return 1

@@ -24,6 +24,7 @@ class Reporting(Protocol):
 
     logprobs: int | None  # None: no logprobs; else the alternatives per token
     include_usage: bool
+    echo: bool  # completions: the prompt before each choice's text (and its tokens' logprobs)
 
 
 @dataclass(slots=True)
@@ -32,6 +33,7 @@ class Choices:
 
     generations: list[GenerationHandle]
     prompt_tokens: int
+    prompts: list[str] = field(default_factory=list)  # each choice's prompt text (completions)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -89,7 +91,7 @@ class CompletionLogprobs:
 
     tokens: list[str] = field(default_factory=list)
     token_logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
     text_offset: list[int] = field(default_factory=list)
 
     def add(self, tokenizer, event: TokenEvent, offset: int) -> None:
@@ -101,6 +103,25 @@ class CompletionLogprobs:
         top.setdefault(piece, event.logprob)
         self.top_logprobs.append(top)
         self.text_offset.append(offset)
+
+    def add_prompt(self, tokenizer, prompt: str, generation: GenerationHandle) -> None:
+        """The echoed prompt's tokens first, as OpenAI gave them: the first token's logprob null."""
+        ids = generation.prompt_ids
+        encoded = tokenizer(prompt, return_offsets_mapping=True)
+        starts = [start for start, _ in encoded["offset_mapping"]] if encoded["input_ids"] == ids else [0] * len(ids)
+        for token_id, logprob, start in zip(ids, generation.prompt_logprobs, starts, strict=True):
+            piece = token_piece(tokenizer, token_id)
+            self.tokens.append(piece)
+            self.token_logprobs.append(logprob)
+            self.top_logprobs.append(None if logprob is None else {piece: logprob})
+            self.text_offset.append(start)
+
+    def extend(self, other: "CompletionLogprobs") -> None:
+        """Append `other`'s tokens after these."""
+        self.tokens += other.tokens
+        self.token_logprobs += other.token_logprobs
+        self.top_logprobs += other.top_logprobs
+        self.text_offset += other.text_offset
 
     def as_dict(self) -> dict[str, list]:
         return {
@@ -175,12 +196,23 @@ async def completion(engine: EngineAPI, request: Reporting, choices: Choices, mo
     texts = [[] for _ in choices.generations]
     logprobs = [CompletionLogprobs() for _ in choices.generations]
     offsets = [0] * len(choices.generations)
+    if request.echo:
+        offsets = [len(prompt) for prompt in choices.prompts]
     async with aclosing(interleave(choices.generations)) as events:
         async for i, event in events:
             if request.logprobs is not None:
                 logprobs[i].add(engine.tokenizer, event, offsets[i])
             texts[i].append(event.text)
             offsets[i] += len(event.text)
+    if request.echo:
+        # The prompt's logprobs are complete once its first token came.
+        for i, (prompt, generation) in enumerate(zip(choices.prompts, choices.generations, strict=True)):
+            texts[i].insert(0, prompt)
+            if request.logprobs is not None:
+                echoed = CompletionLogprobs()
+                echoed.add_prompt(engine.tokenizer, prompt, generation)
+                echoed.extend(logprobs[i])
+                logprobs[i] = echoed
     return {
         **_header(choices, "text_completion", model, "cmpl"),
         "choices": [
@@ -199,22 +231,32 @@ async def completion(engine: EngineAPI, request: Reporting, choices: Choices, mo
 async def completion_chunks(
     engine: EngineAPI, request: Reporting, choices: Choices, model: str
 ) -> AsyncGenerator[dict | str, None]:
-    """`text_completion` events, one per token that adds text (or logprobs), the finish reason on the last."""
+    """`text_completion` events, one per token that adds text (or logprobs), the finish reason on the last; with
+    `echo`, each choice's first event starts with its prompt (and the prompt's logprobs, scored by then)."""
     header = _header(choices, "text_completion", model, "cmpl")
     usage: dict[str, None] = {"usage": None} if request.include_usage else {}
     offsets = [0] * len(choices.generations)
+    to_echo = set(range(len(choices.generations))) if request.echo else set()
     async with aclosing(interleave(choices.generations)) as events:
         async for i, event in events:
             finish = FINISH_REASONS.get(event.finish_reason)
-            if not event.text and finish is None and request.logprobs is None:
+            if not event.text and finish is None and request.logprobs is None and i not in to_echo:
                 continue
+            one = CompletionLogprobs()
+            text = event.text
+            if i in to_echo:
+                to_echo.discard(i)
+                prompt = choices.prompts[i]
+                text = prompt + text
+                offsets[i] = len(prompt)
+                if request.logprobs is not None:
+                    one.add_prompt(engine.tokenizer, prompt, choices.generations[i])
             logprobs = None
             if request.logprobs is not None:
-                one = CompletionLogprobs()
                 one.add(engine.tokenizer, event, offsets[i])
                 logprobs = one.as_dict()
             offsets[i] += len(event.text)
-            choice = {"index": i, "text": event.text, "logprobs": logprobs, "finish_reason": finish}
+            choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
             yield {**header, "choices": [choice], **usage}
     if request.include_usage:
         yield {**header, "choices": [], "usage": choices.usage()}

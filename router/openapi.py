@@ -17,7 +17,10 @@ from router import api_openai as oai
 from router import api_tgi as tgi
 from router.http_common import CONFIG
 from router.params import (
+    MAX_ABS_LOGIT_BIAS,
     MAX_ABS_PENALTY,
+    MAX_BEST_OF,
+    MAX_LOGIT_BIAS_TOKENS,
     MAX_SEED,
     MAX_STOP_SEQUENCES,
     MAX_TOP_K,
@@ -87,6 +90,13 @@ OPENAI_SAMPLING: dict[str, Schema] = {
     ),
     "ignore_eos": _t("boolean", "vLLM extension: keep generating past the EOS token", default=False),
     "min_tokens": _t("integer", "vLLM extension: 0, or equal to the token limit (then ignore_eos)", minimum=0),
+    "logit_bias": {
+        "type": "object",
+        "additionalProperties": {"type": "number", "minimum": -MAX_ABS_LOGIT_BIAS, "maximum": MAX_ABS_LOGIT_BIAS},
+        "maxProperties": MAX_LOGIT_BIAS_TOKENS,
+        "description": "token id (a decimal string, below the vocabulary size) -> bias added to its logit before "
+        "every sample; the logprobs reported are those of the biased logits",
+    },
     "response_format": _obj(
         {
             "type": _t("string", "text (free), json_object, json_schema", enum=["text", "json_object", "json_schema"]),
@@ -136,7 +146,7 @@ TGI_PARAMETERS = _obj(
         "temperature": _t("number", "a value other than 1 turns sampling on", exclusiveMinimum=0),
         "top_k": _t("integer", "turns sampling on", minimum=1, maximum=MAX_TOP_K),
         "top_p": _t("number", "below 1 turns sampling on", exclusiveMinimum=0, maximum=1),
-        "typical_p": _t("number", "not supported: only null or 1.0 is accepted"),
+        "typical_p": _t("number", "typical sampling mass; turns sampling on", exclusiveMinimum=0, exclusiveMaximum=1),
         "repetition_penalty": _t("number", "1 is off", exclusiveMinimum=0, default=1.0),
         "frequency_penalty": _t("number", "subtracted per occurrence in the generated tokens", **PENALTY),
         "stop": _array({"type": "string", "minLength": 1}, "stop sequences", maxItems=MAX_STOP_SEQUENCES),
@@ -144,11 +154,20 @@ TGI_PARAMETERS = _obj(
         "details": _t("boolean", "add `details` (tokens, finish reason, seed)", default=False),
         "return_full_text": _t("boolean", "prepend the inputs to generated_text", default=False),
         "decoder_input_details": _t(
-            "boolean", "list the prompt tokens in details.prefill (logprob null); not when streaming", default=False
+            "boolean",
+            "score the prompt: details.prefill lists its tokens with their logprobs (null for the first); "
+            "not when streaming",
+            default=False,
         ),
         "top_n_tokens": _t("integer", "alternatives per token", minimum=0, maximum=MAX_TOP_N_TOKENS, default=0),
         "truncate": _t("integer", "keep only the last N prompt tokens", minimum=1),
-        "best_of": _t("integer", "only 1 is supported", minimum=1, maximum=1),
+        "best_of": _t(
+            "integer",
+            "sample this many sequences, answer the one of the highest summed logprob (the others in "
+            "details.best_of_sequences); above 1 needs sampling, and no seed and no streaming",
+            minimum=1,
+            maximum=MAX_BEST_OF,
+        ),
         "watermark": _t("boolean", "only false is supported", default=False),
         "grammar": GRAMMAR,
     }
@@ -285,6 +304,12 @@ SCHEMAS: dict[str, Schema] = {
             "max_tokens": _t("integer", "token limit per choice", minimum=1, default=oai.COMPLETIONS_MAX_TOKENS),
             "logprobs": _t("integer", "alternatives per token", minimum=0, maximum=oai.MAX_COMPLETION_LOGPROBS),
             "best_of": _t("integer", "must equal n when given", minimum=1),
+            "echo": _t(
+                "boolean",
+                "the prompt before each choice's text (streamed: in its first chunk); with logprobs, its tokens "
+                "and their logprobs first",
+                default=False,
+            ),
             **OPENAI_SAMPLING,
         },
         ("prompt",),
@@ -345,10 +370,20 @@ SCHEMAS: dict[str, Schema] = {
                     "generated_tokens": _t("integer", "tokens generated"),
                     "seed": _nullable(_t("integer", "the seed used, when sampling")),
                     "prefill": _array(
-                        _obj({"id": {"type": "integer"}, "text": {"type": "string"}, "logprob": {"type": "null"}})
+                        _obj(
+                            {
+                                "id": {"type": "integer"},
+                                "text": {"type": "string"},
+                                "logprob": {"type": ["number", "null"]},
+                            }
+                        )
                     ),
                     "tokens": _array(_ref("Token")),
                     "top_tokens": _array(_array(_ref("Token"))),
+                    "best_of_sequences": _array(
+                        {"type": "object", "description": "generated_text and the fields above, for each other one"},
+                        "with best_of > 1: the other sequences, best first",
+                    ),
                 },
                 description="present when parameters.details is true",
             ),
@@ -447,7 +482,7 @@ SCHEMAS: dict[str, Schema] = {
             "model_sha": {"type": "null", "description": "TGI field; unknown"},
             "model_pipeline_tag": {"const": "text-generation"},
             "max_input_length": _t("integer", "TGI's older name of max_input_tokens"),
-            "max_best_of": {"const": 1},
+            "max_best_of": _t("integer", "the most sequences of best_of (--max-best-of)"),
             "max_stop_sequences": _t("integer", "stop strings per request (--max-stop-sequences)"),
             "max_batch_size": _t("integer", "sequences running at once"),
             "router": {"const": "mixserve"},
@@ -630,6 +665,7 @@ def _with_limits(limits: RequestLimits) -> dict[str, Schema]:
         for body in (predict, chat, completion):
             body["stop"] = {"type": "null", "description": "stop sequences are off (--max-stop-sequences 0)"}
     tgi_parameters["top_n_tokens"]["maximum"] = limits.max_top_n_tokens
+    tgi_parameters["best_of"]["maximum"] = limits.max_best_of
     chat["top_logprobs"]["maximum"] = min(oai.MAX_CHAT_TOP_LOGPROBS, limits.max_top_n_tokens)
     completion["logprobs"]["maximum"] = min(oai.MAX_COMPLETION_LOGPROBS, limits.max_top_n_tokens)
     for body in (chat, completion):

@@ -33,6 +33,11 @@ MAX_SEED = 2**64 - 1
 MAX_TOP_K = 2**32 - 1
 # OpenAI's documented range for frequency and presence penalties.
 MAX_ABS_PENALTY = 2.0
+# OpenAI's bounds on logit_bias: at most this many tokens, each biased within +-MAX_ABS_LOGIT_BIAS.
+MAX_LOGIT_BIAS_TOKENS = 300
+MAX_ABS_LOGIT_BIAS = 100.0
+# --max-best-of: TGI's default.
+MAX_BEST_OF = 2
 # The shards take the sampling numbers as 32-bit floats: a larger magnitude would arrive as inf (and the shards
 # would refuse the whole step), a smaller nonzero one as 0 or a denormal (0 means "off" to them).
 FLOAT32_MAX = 3.4028234663852886e38
@@ -162,6 +167,23 @@ def as_messages(name: str, value: object) -> list[dict[str, str]]:
     return messages
 
 
+def as_logit_bias(name: str, value: object) -> dict[int, float]:
+    """OpenAI's logit_bias: an object of token id (a decimal string) -> bias in [-100, 100], at most 300 entries.
+    That the ids are below the vocabulary size is checked with the tokenizer (router/validation.py)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"{name} must be an object of token id -> bias, got {json_type_name(value)}")
+    if len(value) > MAX_LOGIT_BIAS_TOKENS:
+        raise ValidationError(f"{name} must hold at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(value)}")
+    bias = {}
+    for key, number in value.items():
+        if not key.isascii() or not key.isdigit():
+            raise ValidationError(f"{name} keys must be token ids (non-negative integers), got {key!r}")
+        bias[int(key)] = as_float(f"{name}[{key!r}]", number, ge=-MAX_ABS_LOGIT_BIAS, le=MAX_ABS_LOGIT_BIAS)
+    return bias
+
+
 def max_new_tokens_from(body: dict[str, Any], names: tuple[str, ...], *, default: int) -> int:
     """The token limit under any of its accepted spellings; two spellings with different values are a 422."""
     given = {name: as_int(name, body[name], ge=1) for name in names if body.get(name) is not None}
@@ -178,9 +200,11 @@ class RequestLimits:
     max_stop_sequences: int = MAX_STOP_SEQUENCES
     max_top_n_tokens: int = MAX_TOP_N_TOKENS
     max_choices: int = MAX_CHOICES
+    max_best_of: int = MAX_BEST_OF
 
     def __post_init__(self) -> None:
-        for name, least in (("max_stop_sequences", 0), ("max_top_n_tokens", 0), ("max_choices", 1)):
+        bounds = (("max_stop_sequences", 0), ("max_top_n_tokens", 0), ("max_choices", 1), ("max_best_of", 1))
+        for name, least in bounds:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
@@ -212,6 +236,13 @@ class GenerationParams:
     top_n_tokens: int = 0
     # The output's constraint (router/structured.py), compiled before submission.
     grammar: GrammarSpec | None = None
+    # Typical sampling's mass (TGI's typical_p); 1.0 is off.
+    typical_p: float = 1.0
+    # Token id -> bias added to its logit before every sample (OpenAI's logit_bias).
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    # Score the prompt (TGI's decoder_input_details, OpenAI's echo with logprobs); such a request is never
+    # admitted from the prefix cache, so every prompt token is computed and scored.
+    prompt_logprobs: bool = False
 
     def __post_init__(self) -> None:
         self.max_new_tokens = as_int("max_new_tokens", self.max_new_tokens, ge=1)
@@ -230,12 +261,22 @@ class GenerationParams:
         self.stream = as_bool("stream", self.stream)
         self.ignore_eos = as_bool("ignore_eos", self.ignore_eos)
         self.top_n_tokens = as_int("top_n_tokens", self.top_n_tokens, ge=0)
+        self.typical_p = as_float("typical_p", self.typical_p, gt=0, le=1)
+        self.logit_bias = as_logit_bias("logit_bias", {str(k): v for k, v in self.logit_bias.items()})
+        self.prompt_logprobs = as_bool("prompt_logprobs", self.prompt_logprobs)
         if self.grammar is not None and self.ignore_eos:
             raise ValidationError(
                 f"{self.grammar.field} cannot be combined with ignore_eos or min_tokens: a finished "
                 "grammar allows only the end-of-sequence token"
             )
-        for name in ("temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
+        for name in (
+            "temperature",
+            "top_p",
+            "typical_p",
+            "repetition_penalty",
+            "frequency_penalty",
+            "presence_penalty",
+        ):
             value = getattr(self, name)
             if value and not FLOAT32_TINY <= abs(value) <= FLOAT32_MAX:
                 raise ValidationError(

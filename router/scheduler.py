@@ -106,6 +106,8 @@ class Sequence:
     prompt_ids: list[int]
     max_new_tokens: int
     payload: Any = None
+    # Never admitted from the prefix cache: every prompt token is computed (the request scores its prompt).
+    compute_prompt: bool = False
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # leading tokens (prompt, then outputs) whose K/V are in the cache
     status: SequenceStatus = SequenceStatus.WAITING
@@ -390,7 +392,7 @@ class Scheduler:
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks that start seq, leaving its last token out: its logits give the next token."""
-        if self.allocator.prefix_cache is None:
+        if self.allocator.prefix_cache is None or seq.compute_prompt:
             return []
         return self.allocator.match_prefix(self._block_hashes(seq, (seq.num_tokens - 1) // self.config.block_size))
 

@@ -245,6 +245,7 @@ def step_request(step: Step) -> shard_pb2.StepRequest:
             block_table=seq.block_table,
             sample=seq.sample,
             prefix_token_ids=seq.prefix_token_ids,
+            prompt_logprobs=seq.prompt_logprobs,
         )
         if seq.sampling is not None:
             message.sampling.CopyFrom(sampling_params(seq.sampling))
@@ -266,13 +267,22 @@ def sampling_params(sampling: Sampling) -> shard_pb2.SamplingParams:
         seed=sampling.seed,
         top_n_tokens=sampling.top_n_tokens,
         grammar=sampling.grammar,
+        typical_p=sampling.typical_p,
+        logit_bias=sampling.logit_bias,
     )
 
 
 def step_result(response: shard_pb2.StepResponse) -> StepResult:
     """An engine step result from its wire form."""
     tokens = [
-        SampledToken(r.seq_id, r.token_id, r.logprob, [(t.token_id, t.logprob) for t in r.top_tokens])
+        SampledToken(
+            r.seq_id,
+            r.token_id,
+            r.logprob,
+            [(t.token_id, t.logprob) for t in r.top_tokens],
+            r.sampled,
+            list(r.prompt_logprobs),
+        )
         for r in response.results
     ]
     return StepResult(tokens, response.forward_us)

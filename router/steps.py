@@ -17,8 +17,9 @@ class Sampling:
     presence_penalty: float
     seed: int
     top_n_tokens: int
-    # llguidance's serialized grammar the output must follow (router/structured.py); empty: free text.
-    grammar: str = ""
+    grammar: str = ""  # llguidance's serialized grammar; empty for free text
+    typical_p: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -33,6 +34,7 @@ class SequenceStep:
     sample: bool
     prefix_token_ids: list[int]
     sampling: Sampling | None = None  # set on the sequence's first (prefill) step
+    prompt_logprobs: bool = False  # score the step's tokens (prefill steps of a request that asks)
 
 
 @dataclass(slots=True)
@@ -48,12 +50,15 @@ class Step:
 
 @dataclass(slots=True)
 class SampledToken:
-    """The token one sequence sampled, its logprob and the top alternatives asked for."""
+    """The token one sequence sampled, its logprob and the top alternatives asked for; a prefill chunk that
+    only scored its tokens is `sampled=False`, with `prompt_logprobs` (one per token of the step, NaN at 0)."""
 
     seq_id: int
     token_id: int
     logprob: float
     top_tokens: list[tuple[int, float]]
+    sampled: bool = True
+    prompt_logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass(slots=True)

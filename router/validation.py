@@ -56,10 +56,18 @@ def check_lengths(stats: EngineStats, prompt_len: int, max_new_tokens: int) -> N
         )
 
 
+def check_logit_bias(engine: EngineAPI, params: GenerationParams) -> None:
+    """Raise ValidationError when logit_bias names a token id the vocabulary does not have."""
+    vocab = len(engine.tokenizer)
+    if params.logit_bias and max(params.logit_bias) >= vocab:
+        raise ValidationError(f"logit_bias names token id {max(params.logit_bias)}; the vocabulary has {vocab} tokens")
+
+
 def validate(engine: EngineAPI, request: GenerationRequest, truncate: int | None = None) -> ValidRequest:
     """Tokenize `request` (keeping its last `truncate` tokens when given) and check its lengths."""
     ids = prompt_ids(engine, request)
     if truncate is not None:
         ids = ids[-truncate:]
     check_lengths(engine.stats(), len(ids), request.params.max_new_tokens)
+    check_logit_bias(engine, request.params)
     return ValidRequest(ids, request.params)

@@ -6,6 +6,7 @@ the request, so a malformed step is refused by every rank before any collective 
 Legend: T tokens in the step, B sequences, R sequences that sample, V vocab size.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +19,7 @@ from shards.grammar import GrammarError, GrammarMatchers, SequenceGrammar, apply
 from shards.kv_cache import KVCache
 from shards.model import MixtralForCausalLM
 from shards.parallel_greedy import is_plain_greedy, parallel_greedy
-from shards.sampling import SamplingParams, TokenHistory, sample
+from shards.sampling import SamplingParams, TokenHistory, apply_logit_bias, sample
 
 
 class InvalidStep(ValueError):
@@ -43,6 +44,8 @@ class SequenceStep:
     # Tokens of positions [0, start_position) when the router admits the sequence past position 0
     # (a prefix cache hit); empty otherwise.
     prefix_token_ids: list[int] = field(default_factory=list)
+    # Score the prompt: the result carries each of token_ids' log-probability given the tokens before it.
+    prompt_logprobs: bool = False
 
 
 @dataclass(slots=True)
@@ -51,6 +54,9 @@ class SequenceResult:
     token_id: int
     logprob: float
     top_tokens: list[tuple[int, float]] = field(default_factory=list)
+    sampled: bool = True  # False: a non-final prefill chunk that only scored its tokens
+    # With SequenceStep.prompt_logprobs: one per token of the step, NaN at position 0.
+    prompt_logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -59,6 +65,8 @@ class _SequenceState:
     history: TokenHistory
     seen_until: int = 0  # positions below this are already in the history
     grammar: SequenceGrammar | None = None  # constrained decoding: the sequence's matcher
+    # Scoring the prompt: log-softmax [V] of the previous chunk's last position, which scores this chunk's first token.
+    prompt_row: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -178,6 +186,14 @@ class ModelRunner:
                 )
             if max(s.slot_mapping) >= self.kv_cache.num_slots:
                 raise OutOfCapacity(f"{where} uses slot {max(s.slot_mapping)}; the cache has {self.kv_cache.num_slots}")
+            if (
+                s.sampling is not None
+                and s.sampling.logit_bias
+                and max(s.sampling.logit_bias) >= self.config.vocab_size
+            ):
+                raise InvalidStep(
+                    f"{where} biases token id {max(s.sampling.logit_bias)} >= vocab size {self.config.vocab_size}"
+                )
             if s.seq_id not in self.sequences and s.sampling is None:
                 raise InvalidStep(f"{where} is new to this shard and its step carries no sampling parameters")
         # Plain Python: a decode checks one slot in about a microsecond, where building tensors for it
@@ -191,17 +207,18 @@ class ModelRunner:
                 raise InvalidStep(f"sequence {s.seq_id}: slot_mapping does not match its block table")
 
     @torch.inference_mode()
-    def forward(self, steps: list[SequenceStep], gather_logits: bool = True) -> torch.Tensor:
+    def forward(self, steps: list[SequenceStep], gather_logits: bool = True, score: bool = False) -> torch.Tensor:
         """Logits [B, V] of the last token of each sequence, in the order given (with
-        `gather_logits=False`, this rank's vocabulary slice [B, P] of them)."""
+        `gather_logits=False`, this rank's vocabulary slice [B, P] of them). With `score`, a sequence
+        whose step asks for prompt_logprobs has a row for each of its tokens instead, in order."""
         assert self.kv_cache is not None
-        if self.decode_graphs is not None and self.decode_graphs.fits(steps):
+        if not score and self.decode_graphs is not None and self.decode_graphs.fits(steps):
             return self.decode_graphs.forward(steps, gather_logits)
         order = sorted(range(len(steps)), key=lambda i: len(steps[i].token_ids) != 1)  # decodes first
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        last_token = [0] * len(steps)
+        first_token = [0] * len(steps)
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         prefill_tables: list[list[int]] = []
@@ -220,7 +237,7 @@ class ModelRunner:
             token_ids.extend(s.token_ids)
             positions.extend(range(s.start_position, s.start_position + n))
             slots.extend(s.slot_mapping)
-            last_token[i] = begin + n - 1
+            first_token[i] = begin
             context = s.start_position + n
             table = s.block_table[: -(-context // self.block_size)]
             if n == 1:
@@ -249,12 +266,16 @@ class ModelRunner:
         if token_tables is not None:
             meta.token_block_tables = _padded(token_tables, dev)
             meta.token_context_lens = _to_device(token_lens, dev)
+        logits_indices: list[int] = []
+        for s, begin in zip(steps, first_token, strict=True):
+            end = begin + len(s.token_ids)
+            logits_indices.extend(range(begin, end) if score and s.prompt_logprobs else (end - 1,))
         return self.model(
             _to_device(token_ids, dev),
             _to_device(positions, dev),
             self.kv_cache,
             meta,
-            _to_device(last_token, dev),
+            _to_device(logits_indices, dev),
             gather_logits,
         )
 
@@ -280,19 +301,38 @@ class ModelRunner:
         rows = [i for i, s in enumerate(steps) if s.sample]
         sampled = [steps[i] for i in rows]
         states = [self.sequences[s.seq_id] for s in sampled]
+        score = any(s.prompt_logprobs for s in steps)
         # Every rank sees the same steps, so every rank takes the same branch.
-        split = self.parallel.world_size > 1 and bool(rows) and all(is_plain_greedy(st.params) for st in states)
-        logits = self.forward(steps, gather_logits=not split)
+        split = (
+            self.parallel.world_size > 1
+            and bool(rows)
+            and not score
+            and all(is_plain_greedy(st.params) for st in states)
+        )
+        logits = self.forward(steps, gather_logits=not split, score=score)
+        scores: dict[int, list[float]] = {}
+        if score:
+            logits, scores = self._score_prompts(steps, logits)
+        # Non-final prefill chunks that only scored their tokens.
+        scored_only = [
+            SequenceResult(s.seq_id, 0, 0.0, sampled=False, prompt_logprobs=scores[s.seq_id])
+            for s in steps
+            if s.prompt_logprobs and not s.sample
+        ]
         if not rows:
-            return []
+            return scored_only
         chosen = None
         constrained = [j for j, st in enumerate(states) if st.grammar is not None]
         bitmask = torch.stack([states[j].grammar.mask() for j in constrained]) if constrained else None  # [C, W]
+        biased = [j for j, st in enumerate(states) if st.params.logit_bias]
+        biases = [states[j].params.logit_bias for j in biased]
         if split:
             head = self.model.lm_head
             local = logits if len(rows) == len(steps) else logits[rows]  # decode steps: every row samples
             if bitmask is not None:
                 local = apply_token_bitmask(local, constrained, bitmask, head.vocab_start, self.config.vocab_size)
+            if biased:
+                local = apply_logit_bias(local, biased, biases, head.vocab_start, self.config.vocab_size)
             chosen = parallel_greedy(local, head.vocab_start, self.config.vocab_size, self.group)
             if chosen is None:  # NaN or infinity somewhere: gather and take the usual path
                 logits = head.gather(logits)
@@ -303,6 +343,8 @@ class ModelRunner:
             rows_logits = logits[rows]
             if bitmask is not None:
                 rows_logits = apply_token_bitmask(rows_logits, constrained, bitmask, 0, self.config.vocab_size)
+            if biased:
+                rows_logits = apply_logit_bias(rows_logits, biased, biases, 0, self.config.vocab_size)
             out = sample(
                 rows_logits,
                 [st.params for st in states],
@@ -321,8 +363,33 @@ class ModelRunner:
             st.seen_until = s.start_position + len(s.token_ids) + 1
             n_top = st.params.top_n_tokens
             top = list(zip(top_ids[j][:n_top], top_logprobs[j][:n_top], strict=True)) if n_top and top_ids else []
-            results.append(SequenceResult(s.seq_id, token_ids[j], logprobs[j], top))
-        return results
+            results.append(SequenceResult(s.seq_id, token_ids[j], logprobs[j], top, True, scores.get(s.seq_id, [])))
+        return results + scored_only
+
+    def _score_prompts(
+        self, steps: list[SequenceStep], logits: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[int, list[float]]]:
+        """From the logits of `forward(score=True)` [rows, V]: each sequence's last-token logits [B, V], and for
+        the steps asking prompt_logprobs, each token's log-probability given the tokens before it (NaN at
+        position 0; a chunk's first token is scored by the previous chunk's last position)."""
+        last: list[int] = []
+        scores: dict[int, list[float]] = {}
+        row = 0
+        for s in steps:
+            n = len(s.token_ids) if s.prompt_logprobs else 1
+            last.append(row + n - 1)
+            if s.prompt_logprobs:
+                state = self.sequences[s.seq_id]
+                log_probs = logits[row : row + n].float().log_softmax(dim=-1)  # [n, V]
+                ids = torch.tensor(s.token_ids[1:], device=logits.device)  # [n - 1]
+                following = log_probs[:-1].gather(1, ids[:, None]).squeeze(1)  # [n - 1]
+                first = math.nan
+                if s.start_position > 0 and state.prompt_row is not None:
+                    first = state.prompt_row[s.token_ids[0]].item()
+                scores[s.seq_id] = [first, *following.tolist()]
+                state.prompt_row = None if s.sample else log_probs[-1]
+            row += n
+        return logits[last], scores
 
     def _new_grammars(self, steps: list[SequenceStep]) -> dict[int, SequenceGrammar]:
         """Matchers for the sequences new to this shard that carry a grammar, built before any state

@@ -14,7 +14,7 @@ Shapes:
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -44,13 +44,19 @@ class SamplingParams:
     top_n_tokens: int = 0
     # llguidance's serialized grammar the output must follow; empty for free text (see shards/grammar.py).
     grammar: str = ""
+    # Typical sampling's mass (transformers' TypicalLogitsWarper); 1.0 (or 0) is off.
+    typical_p: float = 1.0
+    # Token id -> value added to its logit before every sample (OpenAI's logit_bias).
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.top_p == 0:
             self.top_p = 1.0
+        if self.typical_p == 0:
+            self.typical_p = 1.0
         if self.repetition_penalty == 0:
             self.repetition_penalty = 1.0
-        floats = ("temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
+        floats = ("temperature", "top_p", "typical_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
         for name in floats:
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
@@ -60,6 +66,11 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 is off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (0 or 1 is off), got {self.top_p}")
+        if not 0 < self.typical_p <= 1:
+            raise ValueError(f"typical_p must be in (0, 1] (0 or 1 is off), got {self.typical_p}")
+        for token, bias in self.logit_bias.items():
+            if token < 0 or not math.isfinite(bias):
+                raise ValueError(f"logit_bias needs token ids >= 0 and finite biases, got {token}: {bias}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (0 or 1 is off), got {self.repetition_penalty}")
         if not 0 <= self.seed <= _MASK64:
@@ -80,6 +91,8 @@ class SamplingParams:
             seed=msg.seed,
             top_n_tokens=msg.top_n_tokens,
             grammar=msg.grammar,
+            typical_p=msg.typical_p,
+            logit_bias=dict(msg.logit_bias),
         )
 
     @property
@@ -173,7 +186,8 @@ class TokenHistory:
 
 @dataclass(slots=True)
 class SampleOutput:
-    """What `sample` chose. Log-probabilities are of the raw logits, before penalties and temperature."""
+    """What `sample` chose. Log-probabilities are of the logits given (after logit_bias and any grammar mask),
+    before penalties, temperature and the cuts."""
 
     token_ids: Tensor  # [B] long
     logprobs: Tensor  # [B] float32
@@ -218,6 +232,46 @@ def mask_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     removed |= (mass_before >= top_p) & (top_p < 1)
     removed = torch.empty_like(removed).scatter_(1, sorted_ids, removed)  # [R, V] back in token order
     return logits.masked_fill(removed, -math.inf)
+
+
+def mask_typical(logits: Tensor, mass: Tensor) -> Tensor:
+    """Return `logits` `[R, V]` with the tokens typical sampling removes set to -inf (transformers'
+    TypicalLogitsWarper): tokens ranked by how far their surprisal is from the row's entropy, the
+    closest kept until their probability reaches `mass` `[R]` (>= 1 = off), the closest always."""
+    log_probs = logits.log_softmax(dim=-1)  # [R, V]
+    entropy = -(log_probs * log_probs.exp()).nansum(dim=-1, keepdim=True)  # [R, 1]
+    distance = (-log_probs - entropy).abs()  # [R, V]
+    # A stable sort puts equal distances in token-id order, the same on every rank.
+    sorted_distance, sorted_ids = distance.sort(dim=-1, stable=True)  # [R, V], [R, V]
+    cumulative = logits.gather(-1, sorted_ids).softmax(dim=-1).cumsum(dim=-1)  # [R, V]
+    mass = mass.to(device=logits.device, dtype=cumulative.dtype)[:, None]  # [R, 1]
+    last = (cumulative < mass).sum(dim=-1, keepdim=True).clamp_(max=logits.shape[-1] - 1)  # [R, 1]
+    removed = sorted_distance > sorted_distance.gather(-1, last)  # [R, V] in sorted order
+    removed[:, 0] = False
+    removed &= mass < 1
+    removed = torch.empty_like(removed).scatter_(1, sorted_ids, removed)  # [R, V] back in token order
+    return logits.masked_fill(removed, -math.inf)
+
+
+def apply_logit_bias(
+    logits: Tensor, rows: list[int], biases: list[dict[int, float]], vocab_start: int, vocab_size: int
+) -> Tensor:
+    """`logits` `[R, P]` (fp32, this rank's columns from `vocab_start`) with each of `rows`' `biases` (token id ->
+    bias, in the order of `rows`) added to the tokens it holds; ids at or past `vocab_size` are never biased."""
+    row_of, columns, values = [], [], []
+    end = min(vocab_start + logits.shape[1], vocab_size)
+    for row, bias in zip(rows, biases, strict=True):
+        for token, value in bias.items():
+            if vocab_start <= token < end:
+                row_of.append(row)
+                columns.append(token - vocab_start)
+                values.append(value)
+    logits = logits.float()
+    if not row_of:
+        return logits
+    device = logits.device
+    index = (torch.tensor(row_of, device=device), torch.tensor(columns, device=device))  # [S], [S]
+    return logits.index_put(index, torch.tensor(values, device=device), accumulate=True)
 
 
 def apply_penalties(logits: Tensor, params: Sequence[SamplingParams], histories: Sequence[TokenHistory]) -> Tensor:
@@ -297,8 +351,8 @@ def sample(
 
     `keys[i]` is the per-step key of row i (the position being sampled): with the row's seed it
     fixes the random draw, so a row draws the same token on every rank, in every run, in any batch.
-    Order: penalties, greedy argmax, temperature, top-k, top-p, seeded draw. Returns the tokens,
-    their raw-logit log-probabilities and the top `max(top_n_tokens)` raw alternatives.
+    Order: penalties, greedy argmax, temperature, top-k, top-p, typical, seeded draw. Returns the
+    tokens, their log-probabilities under `logits` and the top `max(top_n_tokens)` alternatives.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
@@ -333,6 +387,8 @@ def sample(
             top_k = torch.tensor([p.top_k for p in sub_params], device=device)  # [R]
             top_p = torch.tensor([p.top_p for p in sub_params], device=device)  # [R]
             sub = mask_top_k_top_p(sub, top_k, top_p)
+        if any(p.typical_p < 1 for p in sub_params):
+            sub = mask_typical(sub, torch.tensor([p.typical_p for p in sub_params], device=device))
         seeds = [generator_seed(params[i].seed, keys[i]) for i in drawn]
         token_ids = token_ids.index_copy(0, row_index, _draw(sub, seeds))
 

@@ -216,10 +216,11 @@ def _step_response(results: list[SequenceResult], started_ns: int, steps: int = 
         results=[
             shard_pb2.SequenceResult(
                 seq_id=r.seq_id,
-                sampled=True,
+                sampled=r.sampled,
                 token_id=r.token_id,
                 logprob=r.logprob,
                 top_tokens=[shard_pb2.TopToken(token_id=t, logprob=lp) for t, lp in r.top_tokens],
+                prompt_logprobs=r.prompt_logprobs,
             )
             for r in results
         ],
@@ -238,6 +239,7 @@ def _step_from_proto(msg: shard_pb2.SequenceStep) -> SequenceStep:
         sample=msg.sample,
         sampling=SamplingParams.from_proto(msg.sampling) if msg.HasField("sampling") else None,
         prefix_token_ids=list(msg.prefix_token_ids),
+        prompt_logprobs=msg.prompt_logprobs,
     )
 
 

@@ -80,7 +80,9 @@ async def test_async_client_and_parameters(server, tokenizer):
     )
     assert full.generated_text == PROMPT + expected
     ids = tokenizer(PROMPT)["input_ids"]
-    assert [t.id for t in full.details.prefill] == ids and all(t.logprob is None for t in full.details.prefill)
+    prefill = full.details.prefill
+    assert [t.id for t in prefill] == ids and prefill[0].logprob is None
+    assert all(t.logprob is not None and t.logprob <= 0 for t in prefill[1:])
     for token, top in zip(full.details.tokens, full.details.top_tokens, strict=True):
         assert len(top) == 3 and top[0].id == token.id  # greedy picks the most likely
     sampled = [(await client.generate(PROMPT, max_new_tokens=6, do_sample=True, seed=11)) for _ in range(2)]
@@ -116,7 +118,7 @@ async def test_tokenize_info_and_spec(server, tokenizer):
             info = await response.json()
         async with session.get(f"{server.url}/openapi.json") as response:
             spec = await response.json()
-    assert info["max_best_of"] == 1 and info["max_input_length"] == info["max_input_tokens"] == 95
+    assert info["max_best_of"] == 2 and info["max_input_length"] == info["max_input_tokens"] == 95
     assert info["kv_blocks_total"] == 256 and info["model_pipeline_tag"] == "text-generation"
     assert info["max_batch_prefill_tokens"] == 256, "CPU shards: the CPU default chunk"
     assert {"/generate", "/generate_stream", "/", "/tokenize", "/v1/completions", "/metrics"} <= set(spec["paths"])
@@ -126,8 +128,9 @@ async def test_tokenize_info_and_spec(server, tokenizer):
 @pytest.mark.parametrize(
     "parameters, status, needle",
     [
-        ({"typical_p": 0.5}, 422, "typical_p"),
+        ({"typical_p": 1.0}, 422, "typical_p"),
         ({"best_of": 2}, 422, "best_of"),
+        ({"best_of": 2, "do_sample": True}, 422, "streaming"),
         ({"temperature": 0}, 422, "temperature"),
         ({"top_n_tokens": 6}, 422, "top_n_tokens"),
         ({"max_new_tokens": "ten"}, 400, "max_new_tokens"),
@@ -155,8 +158,14 @@ async def test_truncate_keeps_the_last_prompt_tokens(server):
 async def test_client_raises_tgi_errors(server):
     with pytest.raises(ValidationError, match="max_total_tokens"):
         Client(server.url, timeout=CLIENT_TIMEOUT_S).generate(PROMPT, max_new_tokens=500)
-    with pytest.raises(ValidationError, match="typical_p"):
-        [r async for r in AsyncClient(server.url, timeout=CLIENT_TIMEOUT_S).generate_stream(PROMPT, typical_p=0.5)]
+    with pytest.raises(ValidationError, match="stop"):
+        stops = ["a", "b", "c", "d", "e"]
+        [
+            r
+            async for r in AsyncClient(server.url, timeout=CLIENT_TIMEOUT_S).generate_stream(
+                PROMPT, stop_sequences=stops
+            )
+        ]
 
 
 async def failing_payloads(first: dict):

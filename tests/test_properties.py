@@ -78,11 +78,13 @@ OPENAI_FIELDS |= {"stream_options": OPTIONS, "response_format": RESPONSE_FORMAT,
 OPENAI_FIELDS |= {"guided_json": SCHEMA, "guided_regex": REGEX, "guided_choice": st.lists(TEXT, max_size=3)}
 OPENAI_FIELDS |= {"guided_grammar": st.text(alphabet='start:a"<|>[]0123456789 %', max_size=16)}
 OPENAI_FIELDS |= {"logprobs": st.booleans() | INT, "top_logprobs": INT}
-OPENAI_REFUSED = ["tools", "functions", "logit_bias", "echo", "suffix"]
+OPENAI_FIELDS |= {"logit_bias": st.dictionaries(st.sampled_from(["0", "5", "-1", "x"]) | TEXT, FLOAT, max_size=3)}
+OPENAI_FIELDS |= {"echo": st.booleans()}
+OPENAI_REFUSED = ["tools", "functions", "suffix"]
 TGI_FIELDS = {**SAMPLING, "do_sample": st.booleans(), "max_new_tokens": INT, "top_n_tokens": INT, "truncate": INT}
 TGI_FIELDS |= {name: st.booleans() for name in ("details", "return_full_text", "decoder_input_details")}
-TGI_FIELDS |= {"grammar": GRAMMAR}
-TGI_REFUSED = ["typical_p", "best_of", "watermark", "adapter_id"]
+TGI_FIELDS |= {"grammar": GRAMMAR, "typical_p": FLOAT, "best_of": INT}
+TGI_REFUSED = ["watermark", "adapter_id"]
 
 
 def bodies(
@@ -293,7 +295,7 @@ def test_parsers_refuse_only_with_router_errors():
         (
             lambda body: parse_generate_request(body, stream=False),
             {"inputs": "x", "parameters": {"best_of": True}},
-            ValidationError,
+            BadRequest,
         ),
     ]
     for parse, body, error in refusals:

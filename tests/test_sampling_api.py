@@ -1,0 +1,181 @@
+"""logit_bias, typical_p, best_of and scored prompts (TGI decoder_input_details, OpenAI echo) through a real
+2-shard launch, with the `text-generation` client and the `openai` SDK unchanged; the prompt logprobs against
+transformers' MixtralForCausalLM teacher-forced on the demo checkpoint."""
+
+import math
+
+import aiohttp
+import openai
+import pytest
+import torch
+from text_generation import Client
+from transformers import AutoTokenizer
+from transformers import MixtralForCausalLM as ReferenceMixtral
+
+from mixserve_pb import generate_pb2
+from router import grpc_server
+from router.api_tgi import parse_generate_request
+from router.errors import BadRequest, ValidationError
+from router.params import RequestLimits
+
+# Longer than a KV block (16 tokens), so a second request could find the first's blocks in the prefix cache.
+PROMPT = "The old river runs past the mill and the long road that climbs to the village on the hill"
+pytestmark = pytest.mark.filterwarnings("ignore:The `dict` method is deprecated")
+TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def server(launch, demo_dir):
+    server = launch("--model", str(demo_dir), "--num-shard", "2", "--max-kv-blocks", "256", "--max-total-tokens", "96")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_dir):
+    return AutoTokenizer.from_pretrained(demo_dir)
+
+
+@pytest.fixture(scope="module")
+def oracle(demo_dir, tokenizer) -> list[float]:
+    """Each prompt token's log-probability given the ones before, from transformers (NaN for the first)."""
+    ids = tokenizer(PROMPT)["input_ids"]
+    model = ReferenceMixtral.from_pretrained(demo_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()  # [T, V]
+    picked = logits.log_softmax(-1)[:-1].gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+    return [math.nan, *picked.tolist()]
+
+
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT_S)
+
+
+@pytest.mark.slow
+def test_decoder_input_details_scores_the_prompt_every_time(server, tokenizer, oracle):
+    tgi = Client(server.url, timeout=TIMEOUT_S)
+    for _ in range(2):  # the second finds the first's prompt blocks cached, and must score them all the same
+        prefill = tgi.generate(PROMPT, max_new_tokens=2, decoder_input_details=True).details.prefill
+        assert [t.id for t in prefill] == tokenizer(PROMPT)["input_ids"] and prefill[0].logprob is None
+        got = torch.tensor([t.logprob for t in prefill[1:]])
+        torch.testing.assert_close(got, torch.tensor(oracle[1:]), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.slow
+def test_best_of_answers_the_most_likely_sequence(server):
+    answer = Client(server.url, timeout=TIMEOUT_S).generate(PROMPT, max_new_tokens=8, best_of=2, do_sample=True)
+    (other,) = answer.details.best_of_sequences
+    assert sum(t.logprob for t in answer.details.tokens) >= sum(t.logprob for t in other.tokens)
+    assert other.generated_tokens == len(other.tokens) and answer.details.seed != other.seed
+
+
+@pytest.mark.slow
+def test_typical_p_samples(server):
+    answer = Client(server.url, timeout=TIMEOUT_S).generate(PROMPT, max_new_tokens=4, typical_p=0.5, seed=3)
+    assert answer.details.generated_tokens == 4 and answer.details.seed == 3
+
+
+@pytest.mark.slow
+def test_logit_bias_forces_and_bans_tokens_on_the_parallel_greedy_path(server, tokenizer):
+    sdk = client(server)
+    greedy = [t.id for t in Client(server.url, timeout=TIMEOUT_S).generate(PROMPT, max_new_tokens=3).details.tokens]
+    forced = tokenizer.convert_tokens_to_ids("▁mill")
+    assert forced not in greedy
+    biased = sdk.completions.create(
+        model="m", prompt=PROMPT, max_tokens=3, temperature=0, logit_bias={str(forced): 100}
+    )
+    assert biased.choices[0].text.split() == ["mill"] * 3
+    chat = sdk.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=2,
+        temperature=0,
+        logit_bias={str(forced): 100},
+    )
+    assert chat.choices[0].message.content.split() == ["mill"] * 2
+    first = sdk.completions.create(model="m", prompt=PROMPT, max_tokens=1, temperature=0)
+    banned = sdk.completions.create(
+        model="m", prompt=PROMPT, max_tokens=1, temperature=0, logit_bias={str(greedy[0]): -100}
+    )
+    assert first.choices[0].text and banned.choices[0].text != first.choices[0].text
+
+
+@pytest.mark.slow
+def test_echo_with_logprobs_puts_the_prompt_first(server, tokenizer, oracle):
+    sdk = client(server)
+    plain = sdk.completions.create(model="m", prompt=PROMPT, max_tokens=3, temperature=0)
+    echoed = sdk.completions.create(model="m", prompt=PROMPT, max_tokens=3, temperature=0, echo=True)
+    assert echoed.choices[0].text == PROMPT + plain.choices[0].text
+    scored = sdk.completions.create(model="m", prompt=PROMPT, max_tokens=3, temperature=0, echo=True, logprobs=1)
+    logprobs = scored.choices[0].logprobs
+    n = len(tokenizer(PROMPT)["input_ids"])
+    assert scored.choices[0].text == echoed.choices[0].text and len(logprobs.tokens) == n + 3
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    torch.testing.assert_close(
+        torch.tensor(logprobs.token_logprobs[1:n]), torch.tensor(oracle[1:]), atol=2e-3, rtol=2e-3
+    )
+    assert logprobs.text_offset[n] == len(PROMPT)
+    chunks = list(
+        sdk.completions.create(
+            model="m", prompt=PROMPT, max_tokens=3, temperature=0, echo=True, logprobs=1, stream=True
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks) == scored.choices[0].text
+    streamed = [lp for c in chunks for lp in c.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(logprobs.token_logprobs[1:], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "path, body, needle",
+    [
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, "vocabulary"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"a": 1}}, "token ids"),
+        ("/generate", {"inputs": "x", "parameters": {"typical_p": 0}}, "typical_p"),
+        ("/generate", {"inputs": "x", "parameters": {"best_of": 3, "do_sample": True}}, "best_of"),
+        ("/generate", {"inputs": "x", "parameters": {"best_of": 2}}, "needs sampling"),
+    ],
+)
+@pytest.mark.slow
+async def test_bad_values_are_422s_naming_the_problem(server, path, body, needle):
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{server.url}{path}", json=body) as response:
+            assert response.status == 422
+            assert needle in await response.text()
+
+
+@pytest.mark.parametrize(
+    "parameters, error, needle",
+    [
+        ({"typical_p": 1.0}, ValidationError, "typical_p"),
+        ({"typical_p": -0.5}, ValidationError, "typical_p"),
+        ({"best_of": 2}, ValidationError, "sampling"),
+        ({"best_of": 2, "do_sample": True, "seed": 1}, ValidationError, "seed"),
+        ({"best_of": 4, "do_sample": True}, ValidationError, "<= 3"),
+        ({"best_of": "2"}, BadRequest, "integer"),
+    ],
+)
+def test_tgi_parser_refuses(parameters, error, needle):
+    with pytest.raises(error, match=needle):
+        parse_generate_request(
+            {"inputs": "x", "parameters": parameters}, stream=False, limits=RequestLimits(max_best_of=3)
+        )
+
+
+def test_tgi_parser_scores_the_prompt_only_with_details():
+    parsed = parse_generate_request({"inputs": "x", "parameters": {"decoder_input_details": True}}, stream=False)
+    assert not parsed.params.prompt_logprobs
+    parameters = {"decoder_input_details": True, "details": True, "best_of": 2, "typical_p": 0.9}
+    parsed = parse_generate_request({"inputs": "x", "parameters": parameters}, stream=False)
+    assert parsed.params.prompt_logprobs and parsed.best_of == 2 and parsed.sampling and parsed.params.typical_p == 0.9
+
+
+def test_grpc_parameters_carry_typical_p_and_logit_bias():
+    request = generate_pb2.GenerateRequest(prompt="x")
+    request.parameters.typical_p = 0.7
+    request.parameters.logit_bias[5] = -100.0
+    params = grpc_server.parse_generate_request(request).params
+    assert params.typical_p == pytest.approx(0.7) and params.logit_bias == {5: -100.0}
+    request.parameters.logit_bias[6] = 100.5
+    with pytest.raises(ValidationError, match="logit_bias"):
+        grpc_server.parse_generate_request(request)
