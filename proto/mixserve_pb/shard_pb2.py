@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mixserve_pb/shard.proto\x12\x11mixserve.shard.v1\"\r\n\x0bInfoRequest\"\xda\x03\n\x0cInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nworld_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x13\n\x0bhidden_size\x18\x08 \x01(\r\x12\x12\n\nnum_layers\x18\t \x01(\r\x12\x1b\n\x13num_attention_heads\x18\n \x01(\r\x12\x1b\n\x13num_key_value_heads\x18\x0b \x01(\r\x12\x13\n\x0bnum_experts\x18\x0c \x01(\r\x12\x1b\n\x13num_experts_per_tok\x18\r \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x0e \x01(\r\x12\x12\n\nblock_size\x18\x0f \x01(\r\x12\x12\n\nnum_blocks\x18\x10 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x11 \x01(\x04\x12\x10\n\x08quantize\x18\x12 \x01(\t\x12\x16\n\x0ekv_cache_bytes\x18\x13 \x01(\x04\x12/\n\x06memory\x18\x14 \x01(\x0b\x32\x1f.mixserve.shard.v1.MemoryReport\"\xea\x01\n\x0cMemoryReport\x12\x14\n\x0cweight_bytes\x18\x01 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x62lock_bytes\x18\x03 \x01(\x04\x12\x1d\n\x15peak_activation_bytes\x18\x04 \x01(\x04\x12\x16\n\x0eheadroom_bytes\x18\x05 \x01(\x04\x12\x12\n\nfree_bytes\x18\x06 \x01(\x04\x12\x18\n\x10max_batch_tokens\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\t \x01(\r\"\x0f\n\rHealthRequest\"\x1f\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\"q\n\rWarmupRequest\x12\x18\n\x10max_batch_tokens\x18\x01 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x02 \x01(\r\x12\x12\n\nmax_blocks\x18\x03 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x04 \x01(\r\"|\n\x0eWarmupResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x11\n\twarmup_ms\x18\x03 \x01(\x04\x12/\n\x06memory\x18\x04 \x01(\x0b\x32\x1f.mixserve.shard.v1.MemoryReport\"\xc9\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x05 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x14\n\x0ctop_n_tokens\x18\x08 \x01(\r\x12\x0f\n\x07grammar\x18\t \x01(\t\"\xd3\x01\n\x0cSequenceStep\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x16\n\x0estart_position\x18\x03 \x01(\r\x12\x14\n\x0cslot_mapping\x18\x04 \x03(\r\x12\x13\n\x0b\x62lock_table\x18\x05 \x03(\r\x12\x0e\n\x06sample\x18\x06 \x01(\x08\x12\x33\n\x08sampling\x18\x07 \x01(\x0b\x32!.mixserve.shard.v1.SamplingParams\x12\x18\n\x10prefix_token_ids\x18\x08 \x03(\r\"}\n\x0bStepRequest\x12\x32\n\tsequences\x18\x01 \x03(\x0b\x32\x1f.mixserve.shard.v1.SequenceStep\x12\x17\n\x0frelease_seq_ids\x18\x02 \x03(\x04\x12\x11\n\tnum_steps\x18\x03 \x01(\r\x12\x0e\n\x06run_id\x18\x04 \x01(\x04\"\"\n\x10InterruptRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\x04\"\x13\n\x11InterruptResponse\"-\n\x08TopToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x85\x01\n\x0eSequenceResult\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x0f\n\x07sampled\x18\x02 \x01(\x08\x12\x10\n\x08token_id\x18\x03 \x01(\r\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\x12/\n\ntop_tokens\x18\x05 \x03(\x0b\x32\x1b.mixserve.shard.v1.TopToken\"e\n\x0cStepResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.mixserve.shard.v1.SequenceResult\x12\x12\n\nforward_us\x18\x02 \x01(\x04\x12\r\n\x05steps\x18\x03 \x01(\r\"!\n\x0eReleaseRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x04\"\x11\n\x0fReleaseResponse\"\x0e\n\x0c\x43learRequest\"\x0f\n\rClearResponse2\x86\x05\n\x0cShardService\x12G\n\x04Info\x12\x1e.mixserve.shard.v1.InfoRequest\x1a\x1f.mixserve.shard.v1.InfoResponse\x12M\n\x06Health\x12 .mixserve.shard.v1.HealthRequest\x1a!.mixserve.shard.v1.HealthResponse\x12M\n\x06Warmup\x12 .mixserve.shard.v1.WarmupRequest\x1a!.mixserve.shard.v1.WarmupResponse\x12G\n\x04Step\x12\x1e.mixserve.shard.v1.StepRequest\x1a\x1f.mixserve.shard.v1.StepResponse\x12P\n\x0b\x44\x65\x63odeSteps\x12\x1e.mixserve.shard.v1.StepRequest\x1a\x1f.mixserve.shard.v1.StepResponse0\x01\x12V\n\tInterrupt\x12#.mixserve.shard.v1.InterruptRequest\x1a$.mixserve.shard.v1.InterruptResponse\x12P\n\x07Release\x12!.mixserve.shard.v1.ReleaseRequest\x1a\".mixserve.shard.v1.ReleaseResponse\x12J\n\x05\x43lear\x12\x1f.mixserve.shard.v1.ClearRequest\x1a .mixserve.shard.v1.ClearResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mixserve_pb/shard.proto\x12\x11mixserve.shard.v1\"\r\n\x0bInfoRequest\"\xda\x03\n\x0cInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nworld_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x13\n\x0bhidden_size\x18\x08 \x01(\r\x12\x12\n\nnum_layers\x18\t \x01(\r\x12\x1b\n\x13num_attention_heads\x18\n \x01(\r\x12\x1b\n\x13num_key_value_heads\x18\x0b \x01(\r\x12\x13\n\x0bnum_experts\x18\x0c \x01(\r\x12\x1b\n\x13num_experts_per_tok\x18\r \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x0e \x01(\r\x12\x12\n\nblock_size\x18\x0f \x01(\r\x12\x12\n\nnum_blocks\x18\x10 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x11 \x01(\x04\x12\x10\n\x08quantize\x18\x12 \x01(\t\x12\x16\n\x0ekv_cache_bytes\x18\x13 \x01(\x04\x12/\n\x06memory\x18\x14 \x01(\x0b\x32\x1f.mixserve.shard.v1.MemoryReport\"\xea\x01\n\x0cMemoryReport\x12\x14\n\x0cweight_bytes\x18\x01 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x62lock_bytes\x18\x03 \x01(\x04\x12\x1d\n\x15peak_activation_bytes\x18\x04 \x01(\x04\x12\x16\n\x0eheadroom_bytes\x18\x05 \x01(\x04\x12\x12\n\nfree_bytes\x18\x06 \x01(\x04\x12\x18\n\x10max_batch_tokens\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\t \x01(\r\"\x0f\n\rHealthRequest\"\x1f\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\"q\n\rWarmupRequest\x12\x18\n\x10max_batch_tokens\x18\x01 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x02 \x01(\r\x12\x12\n\nmax_blocks\x18\x03 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x04 \x01(\r\"|\n\x0eWarmupResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x11\n\twarmup_ms\x18\x03 \x01(\x04\x12/\n\x06memory\x18\x04 \x01(\x0b\x32\x1f.mixserve.shard.v1.MemoryReport\"\xc9\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x05 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x14\n\x0ctop_n_tokens\x18\x08 \x01(\r\x12\x0f\n\x07grammar\x18\t \x01(\t\"\xe9\x01\n\x0cSequenceStep\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x16\n\x0estart_position\x18\x03 \x01(\r\x12\x14\n\x0cslot_mapping\x18\x04 \x03(\r\x12\x13\n\x0b\x62lock_table\x18\x05 \x03(\r\x12\x0e\n\x06sample\x18\x06 \x01(\x08\x12\x33\n\x08sampling\x18\x07 \x01(\x0b\x32!.mixserve.shard.v1.SamplingParams\x12\x18\n\x10prefix_token_ids\x18\x08 \x03(\r\x12\x14\n\x0cnum_proposed\x18\t \x01(\r\"}\n\x0bStepRequest\x12\x32\n\tsequences\x18\x01 \x03(\x0b\x32\x1f.mixserve.shard.v1.SequenceStep\x12\x17\n\x0frelease_seq_ids\x18\x02 \x03(\x04\x12\x11\n\tnum_steps\x18\x03 \x01(\r\x12\x0e\n\x06run_id\x18\x04 \x01(\x04\"\"\n\x10InterruptRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\x04\"\x13\n\x11InterruptResponse\"-\n\x08TopToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xb8\x01\n\x0eSequenceResult\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x0f\n\x07sampled\x18\x02 \x01(\x08\x12\x10\n\x08token_id\x18\x03 \x01(\r\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\x12/\n\ntop_tokens\x18\x05 \x03(\x0b\x32\x1b.mixserve.shard.v1.TopToken\x12\x31\n\x0bnext_tokens\x18\x06 \x03(\x0b\x32\x1c.mixserve.shard.v1.NextToken\"_\n\tNextToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12/\n\ntop_tokens\x18\x03 \x03(\x0b\x32\x1b.mixserve.shard.v1.TopToken\"e\n\x0cStepResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.mixserve.shard.v1.SequenceResult\x12\x12\n\nforward_us\x18\x02 \x01(\x04\x12\r\n\x05steps\x18\x03 \x01(\r\"!\n\x0eReleaseRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x04\"\x11\n\x0fReleaseResponse\"\x0e\n\x0c\x43learRequest\"\x0f\n\rClearResponse2\x86\x05\n\x0cShardService\x12G\n\x04Info\x12\x1e.mixserve.shard.v1.InfoRequest\x1a\x1f.mixserve.shard.v1.InfoResponse\x12M\n\x06Health\x12 .mixserve.shard.v1.HealthRequest\x1a!.mixserve.shard.v1.HealthResponse\x12M\n\x06Warmup\x12 .mixserve.shard.v1.WarmupRequest\x1a!.mixserve.shard.v1.WarmupResponse\x12G\n\x04Step\x12\x1e.mixserve.shard.v1.StepRequest\x1a\x1f.mixserve.shard.v1.StepResponse\x12P\n\x0b\x44\x65\x63odeSteps\x12\x1e.mixserve.shard.v1.StepRequest\x1a\x1f.mixserve.shard.v1.StepResponse0\x01\x12V\n\tInterrupt\x12#.mixserve.shard.v1.InterruptRequest\x1a$.mixserve.shard.v1.InterruptResponse\x12P\n\x07Release\x12!.mixserve.shard.v1.ReleaseRequest\x1a\".mixserve.shard.v1.ReleaseResponse\x12J\n\x05\x43lear\x12\x1f.mixserve.shard.v1.ClearRequest\x1a .mixserve.shard.v1.ClearResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,27 +48,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=1067
   _globals['_SAMPLINGPARAMS']._serialized_end=1268
   _globals['_SEQUENCESTEP']._serialized_start=1271
-  _globals['_SEQUENCESTEP']._serialized_end=1482
-  _globals['_STEPREQUEST']._serialized_start=1484
-  _globals['_STEPREQUEST']._serialized_end=1609
-  _globals['_INTERRUPTREQUEST']._serialized_start=1611
-  _globals['_INTERRUPTREQUEST']._serialized_end=1645
-  _globals['_INTERRUPTRESPONSE']._serialized_start=1647
-  _globals['_INTERRUPTRESPONSE']._serialized_end=1666
-  _globals['_TOPTOKEN']._serialized_start=1668
-  _globals['_TOPTOKEN']._serialized_end=1713
-  _globals['_SEQUENCERESULT']._serialized_start=1716
-  _globals['_SEQUENCERESULT']._serialized_end=1849
-  _globals['_STEPRESPONSE']._serialized_start=1851
-  _globals['_STEPRESPONSE']._serialized_end=1952
-  _globals['_RELEASEREQUEST']._serialized_start=1954
-  _globals['_RELEASEREQUEST']._serialized_end=1987
-  _globals['_RELEASERESPONSE']._serialized_start=1989
-  _globals['_RELEASERESPONSE']._serialized_end=2006
-  _globals['_CLEARREQUEST']._serialized_start=2008
-  _globals['_CLEARREQUEST']._serialized_end=2022
-  _globals['_CLEARRESPONSE']._serialized_start=2024
-  _globals['_CLEARRESPONSE']._serialized_end=2039
-  _globals['_SHARDSERVICE']._serialized_start=2042
-  _globals['_SHARDSERVICE']._serialized_end=2688
+  _globals['_SEQUENCESTEP']._serialized_end=1504
+  _globals['_STEPREQUEST']._serialized_start=1506
+  _globals['_STEPREQUEST']._serialized_end=1631
+  _globals['_INTERRUPTREQUEST']._serialized_start=1633
+  _globals['_INTERRUPTREQUEST']._serialized_end=1667
+  _globals['_INTERRUPTRESPONSE']._serialized_start=1669
+  _globals['_INTERRUPTRESPONSE']._serialized_end=1688
+  _globals['_TOPTOKEN']._serialized_start=1690
+  _globals['_TOPTOKEN']._serialized_end=1735
+  _globals['_SEQUENCERESULT']._serialized_start=1738
+  _globals['_SEQUENCERESULT']._serialized_end=1922
+  _globals['_NEXTTOKEN']._serialized_start=1924
+  _globals['_NEXTTOKEN']._serialized_end=2019
+  _globals['_STEPRESPONSE']._serialized_start=2021
+  _globals['_STEPRESPONSE']._serialized_end=2122
+  _globals['_RELEASEREQUEST']._serialized_start=2124
+  _globals['_RELEASEREQUEST']._serialized_end=2157
+  _globals['_RELEASERESPONSE']._serialized_start=2159
+  _globals['_RELEASERESPONSE']._serialized_end=2176
+  _globals['_CLEARREQUEST']._serialized_start=2178
+  _globals['_CLEARREQUEST']._serialized_end=2192
+  _globals['_CLEARRESPONSE']._serialized_start=2194
+  _globals['_CLEARRESPONSE']._serialized_end=2209
+  _globals['_SHARDSERVICE']._serialized_start=2212
+  _globals['_SHARDSERVICE']._serialized_end=2858
 # @@protoc_insertion_point(module_scope)
