@@ -245,6 +245,7 @@ def step_request(step: Step) -> shard_pb2.StepRequest:
             block_table=seq.block_table,
             sample=seq.sample,
             prefix_token_ids=seq.prefix_token_ids,
+            num_proposed=seq.num_proposed,
         )
         if seq.sampling is not None:
             message.sampling.CopyFrom(sampling_params(seq.sampling))
@@ -272,7 +273,16 @@ def sampling_params(sampling: Sampling) -> shard_pb2.SamplingParams:
 def step_result(response: shard_pb2.StepResponse) -> StepResult:
     """An engine step result from its wire form."""
     tokens = [
-        SampledToken(r.seq_id, r.token_id, r.logprob, [(t.token_id, t.logprob) for t in r.top_tokens])
+        SampledToken(
+            r.seq_id,
+            r.token_id,
+            r.logprob,
+            [(t.token_id, t.logprob) for t in r.top_tokens],
+            [
+                SampledToken(r.seq_id, n.token_id, n.logprob, [(t.token_id, t.logprob) for t in n.top_tokens])
+                for n in r.next_tokens
+            ],
+        )
         for r in response.results
     ]
     return StepResult(tokens, response.forward_us)

@@ -33,6 +33,8 @@ class SequenceStep:
     sample: bool
     prefix_token_ids: list[int]
     sampling: Sampling | None = None  # set on the sequence's first (prefill) step
+    # Speculative decoding: the last num_proposed of token_ids are proposals the shards verify.
+    num_proposed: int = 0
 
 
 @dataclass(slots=True)
@@ -48,12 +50,14 @@ class Step:
 
 @dataclass(slots=True)
 class SampledToken:
-    """The token one sequence sampled, its logprob and the top alternatives asked for."""
+    """The token one sequence sampled, its logprob and the top alternatives asked for; after a
+    verification step, the tokens that follow it (accepted proposals, then the last token sampled)."""
 
     seq_id: int
     token_id: int
     logprob: float
     top_tokens: list[tuple[int, float]]
+    next_tokens: list["SampledToken"] = field(default_factory=list)
 
 
 @dataclass(slots=True)
