@@ -10,8 +10,8 @@ With `speculate` k > 0, every decode of a small enough batch may carry up to k t
 n-gram lookup over its own tokens (router/speculation.py); the shards verify them in the same step
 and answer with the tokens kept, which reach the request one at a time, exactly as a plain decode's
 would: a stop, EOS or max_new_tokens inside the run ends the request there and drops the rest.
-Grammar-constrained requests do not speculate (their matcher lives on the shards, one token a step). Requests reach
-it validated (router/validation.py) and through router/replicas.py, which holds the concurrency cap.
+Grammar-constrained requests do not speculate (their matcher lives on the shards, one token a step).
+Requests reach it validated (router/validation.py) and through router/replicas.py, which holds the concurrency cap.
 """
 
 import asyncio
@@ -301,11 +301,11 @@ class Engine:
             generation = self.live.get(seq_id)
             if generation is None:
                 continue
-            # Tokens a stop, EOS or max_new_tokens made redundant are dropped, as if never sampled.
+            # Tokens after a stop, EOS or max_new_tokens are dropped, as if never sampled.
             run = [token, *token.next_tokens]
-            kept = 0
-            while kept < len(run) and not generation.done:
-                self._on_token(generation, run[kept], now)
+            kept, finish = 0, None
+            while kept < len(run) and finish is None:
+                finish = self._on_token(generation, run[kept], now)
                 kept += 1
             delivered += kept
             if seq_id in proposed:
@@ -315,9 +315,12 @@ class Engine:
                 self.speculative_proposed += proposed[seq_id]
                 self.speculative_accepted += accepted
                 self.metrics.on_speculated(proposed[seq_id], accepted)
+            if finish is not None:
+                self._end(generation, finish)
         self.metrics.on_step(plan.num_prefill_tokens, plan.num_decode_tokens, now - started, delivered)
 
-    def _on_token(self, generation: Generation, token: SampledToken, now: float) -> None:
+    def _on_token(self, generation: Generation, token: SampledToken, now: float) -> str | None:
+        """Hand `token` to its request; the finish reason when it ends the request (the caller ends it)."""
         token_id = token.token_id
         generation.output_ids.append(token_id)
         self.generated_tokens += 1
@@ -347,8 +350,7 @@ class Engine:
             finish_reason=finish,
         )
         generation.events.put_nowait(event)
-        if finish is not None:
-            self._end(generation, finish)
+        return finish
 
     def _end(self, generation: Generation, finish_reason: str | None) -> None:
         generation.done = True
