@@ -1,9 +1,11 @@
 """Router side of speculative decoding: the n-gram proposer, its back-off, and the scheduler's
 verification steps (proposals planned into free blocks, rejected positions rolled back)."""
 
+import random
+
 import pytest
 
-from router.scheduler import Scheduler, SchedulerConfig, Sequence, SequenceStatus
+from router.scheduler import ScheduledSequence, Scheduler, SchedulerConfig, Sequence, SequenceStatus
 from router.speculation import MISSES_TO_PAUSE, PAUSE_STEPS, SpeculationState, propose
 
 BLOCK = 4
@@ -37,6 +39,18 @@ def true_next(tokens: list[int]) -> int:
     return (tokens[-1] * 7 + tokens[-2]) % 11
 
 
+def verified(seq: Sequence, entry: ScheduledSequence) -> list[int]:
+    """What a shard answers for a sampling entry: the proposals the fake model agrees with, then its next token."""
+    known = seq.token_slice(0, entry.start_position + len(entry.token_ids) - entry.num_proposed)
+    kept = [true_next(known)]
+    for proposal in entry.token_ids[len(entry.token_ids) - entry.num_proposed :]:
+        if proposal != kept[-1]:
+            break
+        known.append(proposal)
+        kept.append(true_next(known))
+    return kept
+
+
 def run(scheduler: Scheduler, seq: Sequence, proposer) -> int:
     """Drive `seq` to the end, verifying its proposals against the fake model as a shard would; the
     number of steps."""
@@ -47,14 +61,7 @@ def run(scheduler: Scheduler, seq: Sequence, proposer) -> int:
         table = seq.block_table
         assert len(entry.slot_mapping) == len(entry.token_ids)
         assert entry.slot_mapping == table.slot_mapping(entry.start_position, len(entry.token_ids))
-        known = seq.token_slice(0, entry.start_position + len(entry.token_ids) - entry.num_proposed)
-        kept = [true_next(known)]
-        for proposal in entry.token_ids[len(entry.token_ids) - entry.num_proposed :]:
-            if proposal != kept[-1]:
-                break
-            known.append(proposal)
-            kept.append(true_next(known))
-        scheduler.on_step_done(plan, {seq.seq_id: kept if entry.sample else kept[0]})
+        scheduler.on_step_done(plan, {seq.seq_id: verified(seq, entry)} if entry.sample else {})
         if entry.num_proposed and seq.status is SequenceStatus.RUNNING:
             # Rejected positions are rolled back: the table holds only blocks with computed positions.
             assert seq.num_computed == seq.num_tokens - 1
@@ -112,3 +119,41 @@ def test_proposals_stop_at_max_new_tokens_and_at_the_free_blocks():
     scheduler.on_step_done(plan, {1: [7, 8, 9]})
     assert seq.output_ids == [6, 7, 8, 9]
     assert scheduler.num_blocks_used == 0  # max_new_tokens reached: finished, blocks freed
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_many_speculating_sequences_under_preemption_keep_their_kv_and_outputs(seed):
+    """Several sequences in a cache too small for all (preemptions), random proposals (right or wrong),
+    prefix caching on with a shared first block: every step reads only slots holding the sequence's own
+    tokens, outputs match the fake model, and every block comes back."""
+    rng = random.Random(seed)
+    scheduler = Scheduler(SchedulerConfig(num_blocks=12, block_size=BLOCK, max_batch_prefill_tokens=8))
+    slots: dict[int, int] = {}  # the fake cache: the token written at each slot
+
+    def proposer(seq: Sequence) -> list[int]:
+        tokens = seq.prompt_ids + seq.output_ids
+        return propose(tokens, 3) if rng.random() < 0.6 else [rng.randrange(11) for _ in range(rng.randrange(1, 4))]
+
+    # A shared first block, so later admissions share cached blocks.
+    prompts = {i: [1, 2, 3, 4] + [rng.randrange(11) for _ in range(rng.randrange(1, 6))] for i in range(1, 7)}
+    sequences = {i: Sequence(i, list(p), max_new_tokens=rng.randrange(4, 14)) for i, p in prompts.items()}
+    for seq in sequences.values():
+        scheduler.add(seq)
+    while (plan := scheduler.schedule(proposer)) is not None:
+        sampled = {}
+        for entry in plan.sequences:
+            seq, start = entry.seq, entry.start_position
+            table = entry.block_table
+            # Every earlier position holds the sequence's own token: no rejected token was ever kept.
+            for position in range(start):
+                slot = table[position // BLOCK] * BLOCK + position % BLOCK
+                assert slots[slot] == seq.token_slice(position, position + 1)[0]
+            for slot, token in zip(entry.slot_mapping, entry.token_ids, strict=True):
+                slots[slot] = token
+            if entry.sample:
+                sampled[seq.seq_id] = verified(seq, entry)
+        scheduler.on_step_done(plan, sampled)
+    for i, seq in sequences.items():
+        assert seq.output_ids == reference(prompts[i], seq.max_new_tokens)
+    assert scheduler.num_blocks_used == 0
+    assert scheduler.num_preemptions and scheduler.prefix_hit_tokens  # both happened among the proposals
