@@ -1,6 +1,6 @@
 """Speculative decoding through real servers: outputs equal those without speculation (greedy and
-seeded sampling, 1 and 2 shards, k = 3 with multi-step decode on and k = 1 with it off), stops and
-max_new_tokens inside accepted runs, prefix cache hits and cancellation mid-run; KV blocks all back
+seeded sampling; k = 3 on 1 shard with multi-step decode on, k = 1 on 2 expert-parallel shards with it
+off), stops and max_new_tokens inside accepted runs, prefix cache hits and cancellation mid-run; KV blocks all back
 at the end, and the counters show proposals both accepted and rejected."""
 
 import asyncio
@@ -27,13 +27,13 @@ SEEDED = {"temperature": 0.8, "top_p": 0.95, "seed": 11, "do_sample": True}
 @pytest.fixture(scope="module")
 def servers(demo_dir, tmp_path_factory):
     """No speculation (1 shard), --speculate 3 (1 shard, multi-step decode on), --speculate 1 (2 shards,
-    multi-step off): started side by side."""
+    expert parallel, multi-step off): started side by side."""
     flags = ["--model", str(demo_dir), "--max-kv-blocks", "256", "--block-size", "4"]
     flags += ["--max-batch-prefill-tokens", "64"]
     variants = {
         "plain": ["--num-shard", "1"],
         "k3": ["--num-shard", "1", "--speculate", "3", "--max-decode-steps", "8"],
-        "k1_tp2": ["--num-shard", "2", "--speculate", "1", "--max-decode-steps", "1"],
+        "k1_ep2": ["--num-shard", "2", "--moe-parallel", "ep", "--speculate", "1", "--max-decode-steps", "1"],
     }
     started = {}
     for name, extra in variants.items():
@@ -105,7 +105,7 @@ async def test_speculative_outputs_equal_plain_outputs(servers):
     stops = {p: a["generated_text"][6:9] for p, a in zip(PROMPTS, firsts, strict=True) if len(a["generated_text"]) > 9}
     assert stops
     expected, _ = await workload(plain, stops)
-    for name in ("k3", "k1_tp2"):
+    for name in ("k3", "k1_ep2"):
         url = servers[name].url
         got, answers = await workload(url, stops)
         assert got == expected, name
