@@ -113,6 +113,11 @@ async def test_speculative_outputs_equal_plain_outputs(servers):
         proposed = sum(a["details"]["speculative_proposed"] for a in answers)
         accepted = sum(a["details"]["speculative_accepted"] for a in answers)
         assert 0 < accepted < proposed, (name, accepted, proposed)
+        async with aiohttp.ClientSession() as session:
+            # A grammar-constrained request does not speculate (its matcher takes one token a step).
+            constrained = await generate(session, url, PROMPTS[2], grammar={"type": "regex", "value": "(abc )+"})
+        assert re.fullmatch("(abc )*(a|ab|abc)?", constrained["generated_text"])  # a prefix of a match
+        assert constrained["details"]["speculative_proposed"] == 0
         await cancel_mid_run(url)
         async with aiohttp.ClientSession() as session:
             state = await info(session, url)
