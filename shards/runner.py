@@ -22,7 +22,7 @@ from shards.kv_cache import KVCache
 from shards.model import MixtralForCausalLM
 from shards.parallel_greedy import is_plain_greedy, parallel_greedy
 from shards.sampling import SamplingParams, TokenHistory, sample
-from shards.speculative import VerifiedToken, num_accepted, verify
+from shards.speculative import VerifiedToken, greedy_runs, verify
 
 
 class InvalidStep(ValueError):
@@ -331,7 +331,8 @@ class ModelRunner:
             if chosen is None:  # NaN or infinity somewhere: gather and take the usual path
                 logits = head.gather(logits)
             else:
-                tokens = _greedy_runs(chosen[0].tolist(), chosen[1].tolist(), sampled, spans)
+                proposals = [s.token_ids[len(s.token_ids) - s.num_proposed :] for s in sampled]
+                tokens = greedy_runs(chosen[0].tolist(), chosen[1].tolist(), proposals)
         if tokens is None:
             tokens = self._sample(logits, sampled, states, spans, constrained, bitmask)
         for j in constrained:
@@ -412,20 +413,6 @@ class ModelRunner:
 
     def clear(self) -> None:
         self.sequences.clear()
-
-
-def _greedy_runs(
-    token_ids: list[int], logprobs: list[float], sampled: list[SequenceStep], spans: list[range]
-) -> list[list[VerifiedToken]]:
-    """Each sequence's tokens from greedy picks over the flattened spans of its logits rows: the pick, or
-    for a speculating sequence the accepted proposals and the pick after them."""
-    runs, at = [], 0
-    for s, span in zip(sampled, spans, strict=True):
-        picks = token_ids[at : at + len(span)]
-        keep = num_accepted(picks, s.token_ids[len(s.token_ids) - s.num_proposed :]) + 1 if s.num_proposed else 1
-        runs.append([VerifiedToken(picks[i], logprobs[at + i]) for i in range(keep)])
-        at += len(span)
-    return runs
 
 
 def _to_device(values: list, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:

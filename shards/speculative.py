@@ -44,6 +44,19 @@ def num_accepted(drawn: list[int], proposed: list[int]) -> int:
     return accepted
 
 
+def greedy_runs(token_ids: list[int], logprobs: list[float], proposals: list[list[int]]) -> list[list[VerifiedToken]]:
+    """Each sequence's tokens from greedy picks made over its rows, sequence after sequence (one row per
+    sequence plus one per proposal): its proposals while they equal the picks before them, then the
+    pick after the last one kept."""
+    runs, at = [], 0
+    for proposed in proposals:
+        picks = token_ids[at : at + len(proposed) + 1]
+        keep = num_accepted(picks, proposed) + 1
+        runs.append([VerifiedToken(picks[i], logprobs[at + i]) for i in range(keep)])
+        at += len(proposed) + 1
+    return runs
+
+
 def verify(
     logits: Tensor, proposed: list[int], params: SamplingParams, history: TokenHistory, first_key: int
 ) -> list[VerifiedToken]:

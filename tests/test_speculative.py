@@ -11,7 +11,7 @@ from shards.distributed import TensorParallelGroup
 from shards.loader import load_model
 from shards.runner import InvalidStep, ModelRunner, SequenceStep
 from shards.sampling import SamplingParams, TokenHistory, sample
-from shards.speculative import num_accepted, verify
+from shards.speculative import greedy_runs, num_accepted, verify
 
 BLOCK = 4
 # 0.999 quantile of chi-square with 5 degrees of freedom: a correct rule fails 1 run in 1000.
@@ -35,6 +35,13 @@ def test_num_accepted_stops_at_the_first_disagreement():
     assert num_accepted([5, 6, 7], [5, 6]) == 2
     assert num_accepted([5, 9, 7], [5, 6]) == 1
     assert num_accepted([4, 6, 7], [5, 6]) == 0
+
+
+def test_greedy_runs_split_picks_by_sequence():
+    # Sequence 1: proposals 5 6, both right; sequence 2: none; sequence 3: proposal 3, wrong.
+    runs = greedy_runs([5, 6, 7, 9, 1, 2], [-0.5, -0.6, -0.7, -0.9, -0.1, -0.2], [[5, 6], [], [3]])
+    assert [[t.token_id for t in run] for run in runs] == [[5, 6, 7], [9], [1]]
+    assert [t.logprob for t in runs[0]] == [-0.5, -0.6, -0.7] and runs[2][0].logprob == -0.1
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3], ids=["batched", "per-position"])
