@@ -63,6 +63,9 @@ async def info(request: web.Request) -> web.Response:
             "step_sequences": stats.step_sequences,
             "generated_tokens": stats.generated_tokens,
             "cancelled_requests": stats.cancelled_requests,
+            "speculate": stats.speculate,
+            "speculative_proposed_tokens": stats.speculative_proposed_tokens,
+            "speculative_accepted_tokens": stats.speculative_accepted_tokens,
             "uptime_s": round(time.monotonic() - request.app[STARTED], 1),
             "shard_groups": [
                 {

@@ -191,6 +191,8 @@ def _sequence_details(
         "prefill": prefill,
         "tokens": [token_json(engine, e) for e in events],
         "top_tokens": [top_tokens_json(engine, e) for e in events] if request.params.top_n_tokens else [],
+        "speculative_proposed": generation.speculative_proposed,
+        "speculative_accepted": generation.speculative_accepted,
     }
 
 
@@ -243,6 +245,8 @@ async def stream_events(
                         "generated_tokens": generation.generated_tokens,
                         "seed": generation.seed if request.sampling else None,
                         "input_length": generation.prompt_tokens,
+                        "speculative_proposed": generation.speculative_proposed,
+                        "speculative_accepted": generation.speculative_accepted,
                     }
             yield payload
 

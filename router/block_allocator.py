@@ -152,6 +152,14 @@ class BlockTable:
         allocator.share(blocks)
         self.blocks.extend(blocks)
 
+    def truncate(self, allocator: BlockAllocator, num_tokens: int) -> None:
+        """Give back the tail blocks that hold no position below `num_tokens` (a speculative step's
+        rejected positions)."""
+        keep = -(-num_tokens // self.block_size)
+        if keep < len(self.blocks):
+            allocator.free(reversed(self.blocks[keep:]))
+            del self.blocks[keep:]
+
     def release(self, allocator: BlockAllocator) -> None:
         """Give every block back to `allocator` and empty the table."""
         # Last block first: a cached chain is then evicted from its tail, and its head, which more

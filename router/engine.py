@@ -4,8 +4,14 @@ Each iteration asks the scheduler for the next step (decodes of every running re
 chunks of waiting prompts), sends it to the shard group, and hands every sampled token to its
 request: text delta, stop sequences, EOS and length decide when it ends. A request that ends for
 any reason (finished, cancelled, failed) leaves the scheduler at once, which frees its blocks.
-The request itself (its events, text state and deadline) is router/generation.py. Requests reach
-it validated (router/validation.py) and through router/replicas.py, which holds the concurrency cap.
+The request itself (its events, text state and deadline) is router/generation.py.
+
+With `speculate` k > 0, every decode of a small enough batch may carry up to k tokens proposed by
+n-gram lookup over its own tokens (router/speculation.py); the shards verify them in the same step
+and answer with the tokens kept, which reach the request one at a time, exactly as a plain decode's
+would: a stop, EOS or max_new_tokens inside the run ends the request there and drops the rest.
+Grammar-constrained requests do not speculate (their matcher lives on the shards, one token a step).
+Requests reach it validated (router/validation.py) and through router/replicas.py, which holds the concurrency cap.
 """
 
 import asyncio
@@ -22,6 +28,7 @@ from router.metrics import Metrics
 from router.params import GenerationParams
 from router.scheduler import Scheduler, SchedulerConfig, Sequence, StepPlan
 from router.shard_client import ShardGroup, ShardRejected
+from router.speculation import MAX_BATCH
 from router.steps import SampledToken, SequenceStep, Step, StepResult
 
 log = logging.getLogger("mixserve.router")
@@ -44,9 +51,18 @@ class Engine:
         *,
         metrics: Metrics | None = None,
         ids: Iterator[int] | None = None,
+        speculate: int = 0,
+        speculate_max_batch: int = MAX_BATCH,
     ) -> None:
         """`metrics` and `ids` (request ids) are shared by the engines of several shard groups behind one
-        router (router/replicas.py); alone, an engine has its own."""
+        router (router/replicas.py); alone, an engine has its own. `speculate`: the most tokens proposed
+        per decode (0: no speculation), while at most `speculate_max_batch` requests run."""
+        if speculate < 0:
+            raise ValueError(f"speculate must be >= 0, got {speculate}")
+        if speculate_max_batch < 1:
+            raise ValueError(f"speculate_max_batch must be >= 1, got {speculate_max_batch}")
+        self.speculate = speculate
+        self.speculate_max_batch = speculate_max_batch
         self.group = group
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(scheduler_config)
@@ -66,6 +82,8 @@ class Engine:
         self.step_sequences = 0
         self.generated_tokens = 0
         self.cancelled = 0
+        self.speculative_proposed = 0
+        self.speculative_accepted = 0
         self._ids = itertools.count(1) if ids is None else ids
         self._wake = asyncio.Event()
         self._release: list[int] = []
@@ -167,7 +185,8 @@ class Engine:
     async def _run(self) -> None:
         # Ends when the group fails: nothing may reach it until `restart` hands over a new one.
         while self.failure is None:
-            plan = self.scheduler.schedule()
+            speculating = self.speculate and self.scheduler.num_running <= self.speculate_max_batch
+            plan = self.scheduler.schedule(self._propose if speculating else None)
             if plan is None:
                 if not self.live:
                     self._idle.set()
@@ -245,6 +264,13 @@ class Engine:
         if not task.cancelled():
             task.exception()
 
+    def _propose(self, seq: Sequence) -> list[int]:
+        """Up to `speculate` tokens likely to follow `seq` (the scheduler keeps those that fit)."""
+        generation: Generation = seq.payload
+        if generation.params.grammar is not None:
+            return []
+        return generation.speculation.propose(seq.prompt_ids + seq.output_ids, self.speculate)
+
     def _step(self, plan: StepPlan) -> Step:
         """The step the shards run for `plan`; a prefill entry carries its request's sampling settings."""
         sequences = [
@@ -258,6 +284,7 @@ class Engine:
                 prefix_token_ids=entry.prefix_token_ids,
                 sampling=entry.seq.payload.sampling() if entry.is_prefill else None,
                 prompt_logprobs=entry.is_prefill and entry.seq.compute_prompt,
+                num_proposed=entry.num_proposed,
             )
             for entry in plan.sequences
         ]
@@ -269,7 +296,9 @@ class Engine:
         now = time.perf_counter()
         self._on_prompt_scored(plan, result)
         results = {token.seq_id: token for token in result.tokens if token.sampled}
-        self.scheduler.on_step_done(plan, {seq_id: r.token_id for seq_id, r in results.items()})
+        self.scheduler.on_step_done(
+            plan, {seq_id: [r.token_id] + [n.token_id for n in r.next_tokens] for seq_id, r in results.items()}
+        )
         self.steps += 1
         self.step_sequences += len(plan.sequences)
         if log.isEnabledFor(logging.DEBUG):
@@ -282,12 +311,28 @@ class Engine:
                 result.forward_us,
                 (now - started) * 1000,
             )
+        proposed = {entry.seq.seq_id: entry.num_proposed for entry in plan.sequences if entry.num_proposed}
         delivered = 0
         for seq_id, token in results.items():
             generation = self.live.get(seq_id)
-            if generation is not None:
-                self._on_token(generation, token, now)
-                delivered += 1
+            if generation is None:
+                continue
+            # Tokens after a stop, EOS or max_new_tokens are dropped, as if never sampled.
+            run = [token, *token.next_tokens]
+            kept, finish = 0, None
+            while kept < len(run) and finish is None:
+                finish = self._on_token(generation, run[kept], now)
+                kept += 1
+            delivered += kept
+            if seq_id in proposed:
+                # Proposals that reached the output: the tokens kept, less the one sampled after them.
+                accepted = min(kept, len(run) - 1)
+                generation.speculation.on_verified(proposed[seq_id], accepted)
+                self.speculative_proposed += proposed[seq_id]
+                self.speculative_accepted += accepted
+                self.metrics.on_speculated(proposed[seq_id], accepted)
+            if finish is not None:
+                self._end(generation, finish)
         self.metrics.on_step(plan.num_prefill_tokens, plan.num_decode_tokens, now - started, delivered)
 
     def _on_prompt_scored(self, plan: StepPlan, result: StepResult) -> None:
@@ -303,7 +348,8 @@ class Engine:
                 if 0 < position < len(scored) and not math.isnan(logprob):
                     scored[position] = logprob
 
-    def _on_token(self, generation: Generation, token: SampledToken, now: float) -> None:
+    def _on_token(self, generation: Generation, token: SampledToken, now: float) -> str | None:
+        """Hand `token` to its request; the finish reason when it ends the request (the caller ends it)."""
         token_id = token.token_id
         generation.output_ids.append(token_id)
         self.generated_tokens += 1
@@ -333,8 +379,7 @@ class Engine:
             finish_reason=finish,
         )
         generation.events.put_nowait(event)
-        if finish is not None:
-            self._end(generation, finish)
+        return finish
 
     def _end(self, generation: Generation, finish_reason: str | None) -> None:
         generation.done = True
@@ -348,13 +393,16 @@ class Engine:
             first = generation.first_token_at or now
             self.metrics.on_end(finish_reason, now - generation.created)
             log.info(
-                "event=finished id=%s prompt_tokens=%d generated=%d finish=%s ttft_ms=%.1f total_ms=%.1f",
+                "event=finished id=%s prompt_tokens=%d generated=%d finish=%s ttft_ms=%.1f total_ms=%.1f "
+                "speculative_proposed=%d speculative_accepted=%d",
                 generation.id,
                 generation.prompt_tokens,
                 generation.generated_tokens,
                 finish_reason,
                 (first - generation.created) * 1000,
                 (now - generation.created) * 1000,
+                generation.speculative_proposed,
+                generation.speculative_accepted,
             )
         if prompt_log.isEnabledFor(logging.INFO):
             text = self.tokenizer.decode(generation.output_ids, skip_special_tokens=True)

@@ -95,6 +95,10 @@ class EngineStats:
     step_sequences: int
     generated_tokens: int
     cancelled_requests: int
+    # --speculate (0: off); tokens proposed and accepted since start.
+    speculate: int
+    speculative_proposed_tokens: int
+    speculative_accepted_tokens: int
     groups: tuple[GroupStats, ...]
 
     @property
@@ -128,6 +132,16 @@ class GenerationHandle(Protocol):
 
     @property
     def generated_tokens(self) -> int: ...
+
+    @property
+    def speculative_proposed(self) -> int:
+        """Tokens proposed for this request by speculation (0 without it)."""
+        ...
+
+    @property
+    def speculative_accepted(self) -> int:
+        """Proposed tokens that became output."""
+        ...
 
     def stream(self) -> AsyncIterator[TokenEvent]:
         """The request's token events until its last; raises its RouterError. Leaving early cancels it."""

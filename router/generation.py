@@ -14,6 +14,7 @@ from router.detokenizer import IncrementalDetokenizer
 from router.engine_api import Limits, TokenEvent
 from router.errors import DeadlineExceeded, RouterError
 from router.params import GenerationParams
+from router.speculation import SpeculationState
 from router.steps import Sampling
 from router.stop_sequences import StopSequenceMatcher
 
@@ -51,6 +52,7 @@ class Generation:
         self.first_token_at: float | None = None
         self.last_token_at = 0.0
         self.done = False
+        self.speculation = SpeculationState()
         self.timeout_s = limits.request_timeout_s
         self.deadline = time.monotonic() + self.timeout_s if self.timeout_s else None
         self._on_cancel = on_cancel
@@ -62,6 +64,14 @@ class Generation:
     @property
     def generated_tokens(self) -> int:
         return len(self.output_ids)
+
+    @property
+    def speculative_proposed(self) -> int:
+        return self.speculation.proposed
+
+    @property
+    def speculative_accepted(self) -> int:
+        return self.speculation.accepted
 
     def sampling(self) -> Sampling:
         """How the shards sample this request (its seed drawn at admission when none was given)."""

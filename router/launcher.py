@@ -35,6 +35,7 @@ from router.replicas import build_replicas
 from router.scheduler import SchedulerConfig
 from router.server import ServerConfig, build_app
 from router.shard_processes import ShardSupervisor, prefill_tokens_per_step
+from router.speculation import MAX_BATCH
 from shards.quant.config import QUANTIZE_MODES
 
 log = logging.getLogger("mixserve.launcher")
@@ -180,6 +181,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=8,
         help="decode steps the shards may run per call when nothing waits (1: one per call)",
+    )
+    parser.add_argument(
+        "--speculate",
+        type=_non_negative_int,
+        default=0,
+        help="tokens proposed per decode by n-gram lookup in the request's own tokens, verified in one step (0: off)",
+    )
+    parser.add_argument(
+        "--speculate-max-batch",
+        type=_positive_int,
+        default=MAX_BATCH,
+        help="running requests above which decodes do not speculate (verification then costs more than it saves)",
     )
     parser.add_argument(
         "--prefix-caching",
@@ -336,7 +349,9 @@ async def _serve_with_shards(args, model_dir, tokenizer, groups: list[ShardSuper
         )
         scheduled.append((shards.group, scheduler_config))
     eos = tuple(t for t in [tokenizer.eos_token_id] if t is not None)
-    engine = build_replicas(scheduled, tokenizer, limits, eos, args.max_decode_steps)
+    engine = build_replicas(
+        scheduled, tokenizer, limits, eos, args.max_decode_steps, args.speculate, args.speculate_max_batch
+    )
     for shards, group_engine in zip(groups, engine.engines, strict=True):
         group_engine.retry_after_s = shards.retry_after_s if args.max_restarts else None
     config = ServerConfig(

@@ -73,6 +73,12 @@ class Metrics:
         self.generated_tokens = Counter("mixserve_generated_tokens", "Tokens generated for clients.", registry=r)
         self.shard_failures = Counter("mixserve_shard_failures", "Times the shard group failed.", registry=r)
         self.shard_restarts = Counter("mixserve_shard_restarts", "Shard group restarts.", registry=r)
+        self.speculative_proposed = Counter(
+            "mixserve_speculative_proposed_tokens", "Tokens proposed by speculation for verification.", registry=r
+        )
+        self.speculative_accepted = Counter(
+            "mixserve_speculative_accepted_tokens", "Proposed tokens that became output.", registry=r
+        )
         self.time_to_first_token = LoopHistogram(TTFT_BUCKETS)
         self.inter_token_latency = LoopHistogram(INTER_TOKEN_BUCKETS)
         self.request_duration = LoopHistogram(REQUEST_BUCKETS)
@@ -94,6 +100,12 @@ class Metrics:
         self.step_duration[kind].observe(seconds)
         if generated:
             self.generated_tokens.inc(generated)
+
+    def on_speculated(self, proposed: int, accepted: int) -> None:
+        """A verification step of `proposed` tokens kept `accepted` of them as output."""
+        self.speculative_proposed.inc(proposed)
+        if accepted:
+            self.speculative_accepted.inc(accepted)
 
     def on_end(self, reason: str, seconds: float | None = None) -> None:
         """A generation ended; `seconds` (its end-to-end latency) only when it finished normally."""

@@ -384,6 +384,8 @@ SCHEMAS: dict[str, Schema] = {
                         {"type": "object", "description": "generated_text and the fields above, for each other one"},
                         "with best_of > 1: the other sequences, best first",
                     ),
+                    "speculative_proposed": _t("integer", "tokens speculation proposed (0 without --speculate)"),
+                    "speculative_accepted": _t("integer", "proposed tokens that became output"),
                 },
                 description="present when parameters.details is true",
             ),
@@ -403,6 +405,8 @@ SCHEMAS: dict[str, Schema] = {
                         "generated_tokens": {"type": "integer"},
                         "seed": {"type": ["integer", "null"]},
                         "input_length": {"type": "integer"},
+                        "speculative_proposed": {"type": "integer"},
+                        "speculative_accepted": {"type": "integer"},
                     },
                     description="on the last event, when parameters.details is true",
                 )
@@ -460,6 +464,9 @@ SCHEMAS: dict[str, Schema] = {
             "step_sequences": _t("integer", "sequences over all steps"),
             "generated_tokens": _t("integer", "tokens generated"),
             "cancelled_requests": _t("integer", "requests whose client left"),
+            "speculate": _t("integer", "tokens proposed per decode by n-gram speculation (0: off)"),
+            "speculative_proposed_tokens": _t("integer", "tokens proposed since start"),
+            "speculative_accepted_tokens": _t("integer", "proposed tokens that became output"),
             "uptime_s": _t("number", "seconds since start"),
             "shard_groups": _array(
                 _obj(

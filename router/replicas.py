@@ -25,6 +25,7 @@ from router.metrics import Metrics
 from router.params import GenerationParams
 from router.scheduler import SchedulerConfig
 from router.shard_client import ShardGroup
+from router.speculation import MAX_BATCH
 
 log = logging.getLogger("mixserve.router")
 
@@ -165,6 +166,9 @@ class Replicas:
             step_sequences=sum(e.step_sequences for e in self.engines),
             generated_tokens=sum(e.generated_tokens for e in self.engines),
             cancelled_requests=sum(e.cancelled for e in self.engines),
+            speculate=self.engines[0].speculate,
+            speculative_proposed_tokens=sum(e.speculative_proposed for e in self.engines),
+            speculative_accepted_tokens=sum(e.speculative_accepted for e in self.engines),
             groups=tuple(self._group_stats(i) for i in range(len(self.engines))),
         )
 
@@ -235,6 +239,8 @@ def build_replicas(
     limits: Limits,
     eos_token_ids: tuple[int, ...],
     max_decode_steps: int,
+    speculate: int = 0,
+    speculate_max_batch: int = MAX_BATCH,
 ) -> Replicas:
     """One engine per (shard group, its scheduler config), sharing one Metrics, whose gauges read their
     pooled schedulers, and one request id sequence, so ids are unique across groups."""
@@ -242,7 +248,18 @@ def build_replicas(
     metrics = Metrics(PooledSchedulers(engines))  # filled below; read only when Prometheus scrapes
     ids: Iterator[int] = itertools.count(1)
     for group, config in groups:
-        engine = Engine(group, tokenizer, config, limits, eos_token_ids, max_decode_steps, metrics=metrics, ids=ids)
+        engine = Engine(
+            group,
+            tokenizer,
+            config,
+            limits,
+            eos_token_ids,
+            max_decode_steps,
+            metrics=metrics,
+            ids=ids,
+            speculate=speculate,
+            speculate_max_batch=speculate_max_batch,
+        )
         engines.append(engine)
     return Replicas(engines)
 

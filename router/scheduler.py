@@ -40,6 +40,14 @@ evicted, least recently freed first, only when no never-cached block is left, an
 revives one pays for it from the free blocks. `prefix_query_tokens` and `prefix_hit_tokens` count the
 tokens looked up at admissions and the tokens found.
 
+Speculative decoding. `schedule` may take a proposer: once the step is planned (and only if it
+preempted nothing), each decode may carry proposed tokens after its last one, as many as the free
+blocks hold and at most `max_new_tokens` allows. The shards keep the proposals their sampler agrees
+with; `on_step_done` then counts only the kept positions as computed, gives back the tail blocks
+holding nothing else (a length change, since the router owns the tables), and registers in the
+prefix cache only blocks filled with kept tokens. A step with proposals is a single step: multi-step
+runs carry none.
+
 One step is in flight at a time: `schedule`, the shards run the plan, `on_step_done`. `finish` and
 `abort` may come at any moment and free blocks at once; blocks freed while a step is in flight are
 handed out again only by the next `schedule`, whose step the shards run after the current one; a
@@ -50,6 +58,7 @@ still writing. Pure Python: no torch, no I/O.
 import enum
 import logging
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,6 +159,8 @@ class ScheduledSequence:
     # Tokens [0, start_position), set only on the step that admits a sequence past position 0 (its
     # prefix came from the prefix cache): a shard new to the sequence never saw them.
     prefix_token_ids: list[int] = field(default_factory=list)
+    # Speculative decoding: the last num_proposed of token_ids are proposals the shards verify.
+    num_proposed: int = 0
 
 
 @dataclass(slots=True)
@@ -229,8 +240,12 @@ class Scheduler:
         self._live[seq.seq_id] = seq
         self._waiting.append(seq)
 
-    def schedule(self) -> StepPlan | None:
-        """Build the next step, or None when there is nothing to run; call on_step_done before the next."""
+    def schedule(self, propose: Callable[[Sequence], list[int]] | None = None) -> StepPlan | None:
+        """Build the next step, or None when there is nothing to run; call on_step_done before the next.
+
+        `propose` (speculative decoding) gives tokens likely to follow a decoding sequence; each decode
+        carries those the free blocks and its `max_new_tokens` leave room for.
+        """
         if self._in_flight is not None:
             raise RuntimeError("schedule() called before on_step_done() for the step in flight")
         plan = StepPlan()
@@ -239,13 +254,16 @@ class Scheduler:
         # A step that had to preempt is short of memory: admitting now would only preempt again.
         if not plan.preempted:
             self._admit(plan, budget)
+            if propose is not None:
+                self._add_proposals(plan, propose)
         if not plan.sequences:
             return None
         self._in_flight = plan
         return plan
 
-    def on_step_done(self, plan: StepPlan, sampled: dict[int, int]) -> list[Sequence]:
-        """Record a finished step: `sampled` maps seq_id to the token sampled for it.
+    def on_step_done(self, plan: StepPlan, sampled: Mapping[int, int | list[int]]) -> list[Sequence]:
+        """Record a finished step: `sampled` maps seq_id to the token sampled for it (for a decode with
+        proposals, the list of tokens the shards kept: accepted proposals, then the one sampled after).
 
         Results for sequences finished or aborted since `schedule` are ignored. Returns the sequences
         that reached max_new_tokens; they are finished and their blocks freed. ValueError, changing
@@ -262,11 +280,19 @@ class Scheduler:
         finished: list[Sequence] = []
         for entry in live:
             seq = entry.seq
-            seq.num_computed += len(entry.token_ids)
+            tokens = sampled[seq.seq_id] if entry.sample else []
+            tokens = [tokens] if isinstance(tokens, int) else tokens
+            computed = len(entry.token_ids)
+            if entry.num_proposed:
+                # The last token and the accepted proposals are in the cache; rejected positions are not.
+                computed -= entry.num_proposed - (len(tokens) - 1)
+            seq.num_computed += computed
+            seq.output_ids.extend(tokens)
+            if entry.num_proposed:
+                self._table(seq).truncate(self.allocator, seq.num_computed)
             if self.allocator.prefix_cache is not None:
-                self._cache_filled_blocks(entry)
+                self._cache_filled_blocks(entry, computed)
             if entry.sample:
-                seq.output_ids.append(sampled[seq.seq_id])
                 if len(seq.output_ids) >= seq.max_new_tokens:
                     self._remove(seq, "length")
                     finished.append(seq)
@@ -283,6 +309,8 @@ class Scheduler:
         if self._in_flight is not plan:
             raise ValueError("extend_decode() got a plan that is not the step in flight")
         if max_steps <= 1 or self._waiting or plan.preempted or plan.num_prefill_tokens:
+            return 1
+        if any(e.num_proposed for e in plan.sequences):
             return 1
         steps = min(max_steps, *(e.seq.max_new_tokens - len(e.seq.output_ids) for e in plan.sequences))
         while steps > 1:
@@ -396,10 +424,34 @@ class Scheduler:
             return []
         return self.allocator.match_prefix(self._block_hashes(seq, (seq.num_tokens - 1) // self.config.block_size))
 
-    def _cache_filled_blocks(self, entry: ScheduledSequence) -> None:
-        """Register the blocks the finished step filled: their K/V is complete now."""
+    def _add_proposals(self, plan: StepPlan, propose: Callable[[Sequence], list[int]]) -> None:
+        """Extend the plan's decodes with the proposals that fit, after everything else has its blocks."""
+        size = self.config.block_size
+        for entry in plan.sequences:
+            seq = entry.seq
+            if entry.is_prefill:
+                continue
+            # Every token kept is an output: the step may gain at most the tokens max_new_tokens leaves.
+            room = min(
+                seq.max_new_tokens - len(seq.output_ids) - 1,
+                (len(self._table(seq).blocks) + self._free_blocks()) * size - seq.num_computed - 1,
+            )
+            proposed = propose(seq)[:room] if room > 0 else []
+            if not proposed:
+                continue
+            table = self._table(seq)
+            table.grow(self.allocator, seq.num_computed + 1 + len(proposed))
+            entry.token_ids = entry.token_ids + proposed
+            entry.slot_mapping = table.slot_mapping(seq.num_computed, len(entry.token_ids))
+            entry.block_table = list(table.blocks)
+            entry.num_proposed = len(proposed)
+            plan.num_decode_tokens += len(proposed)
+
+    def _cache_filled_blocks(self, entry: ScheduledSequence, computed: int) -> None:
+        """Register the blocks the finished step filled with its `computed` leading tokens: their K/V
+        is complete now."""
         size, start = self.config.block_size, entry.start_position
-        first, end = start // size, (start + len(entry.token_ids)) // size
+        first, end = start // size, (start + computed) // size
         if first == end:
             return
         hashes = self._block_hashes(entry.seq, end)

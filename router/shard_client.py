@@ -246,6 +246,7 @@ def step_request(step: Step) -> shard_pb2.StepRequest:
             sample=seq.sample,
             prefix_token_ids=seq.prefix_token_ids,
             prompt_logprobs=seq.prompt_logprobs,
+            num_proposed=seq.num_proposed,
         )
         if seq.sampling is not None:
             message.sampling.CopyFrom(sampling_params(seq.sampling))
@@ -280,8 +281,12 @@ def step_result(response: shard_pb2.StepResponse) -> StepResult:
             r.token_id,
             r.logprob,
             [(t.token_id, t.logprob) for t in r.top_tokens],
-            r.sampled,
-            list(r.prompt_logprobs),
+            sampled=r.sampled,
+            prompt_logprobs=list(r.prompt_logprobs),
+            next_tokens=[
+                SampledToken(r.seq_id, n.token_id, n.logprob, [(t.token_id, t.logprob) for t in n.top_tokens])
+                for n in r.next_tokens
+            ],
         )
         for r in response.results
     ]

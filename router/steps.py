@@ -35,6 +35,8 @@ class SequenceStep:
     prefix_token_ids: list[int]
     sampling: Sampling | None = None  # set on the sequence's first (prefill) step
     prompt_logprobs: bool = False  # score the step's tokens (prefill steps of a request that asks)
+    # Speculative decoding: the last num_proposed of token_ids are proposals the shards verify.
+    num_proposed: int = 0
 
 
 @dataclass(slots=True)
@@ -51,7 +53,8 @@ class Step:
 @dataclass(slots=True)
 class SampledToken:
     """The token one sequence sampled, its logprob and the top alternatives asked for; a prefill chunk that
-    only scored its tokens is `sampled=False`, with `prompt_logprobs` (one per token of the step, NaN at 0)."""
+    only scored its tokens is `sampled=False`, with `prompt_logprobs` (one per token of the step, NaN at 0);
+    after a verification step, the tokens that follow it (accepted proposals, then the last token sampled)."""
 
     seq_id: int
     token_id: int
@@ -59,6 +62,7 @@ class SampledToken:
     top_tokens: list[tuple[int, float]]
     sampled: bool = True
     prompt_logprobs: list[float] = field(default_factory=list)
+    next_tokens: list["SampledToken"] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -3,7 +3,10 @@ samples the next tokens, and keeps each live sequence's sampling state.
 
 Every rank of the group runs the same calls in the same order; validation is a pure function of
 the request, so a malformed step is refused by every rank before any collective starts.
-Legend: T tokens in the step, B sequences, R sequences that sample, V vocab size.
+A speculating sequence (num_proposed > 0) gets logits at every position of its chunk and keeps the
+proposals its own sampler agrees with (shards/speculative.py).
+Legend: T tokens in the step, B sequences, R sequences that sample, L logits rows (one per sequence,
+plus one per proposed token), V vocab size.
 """
 
 import math
@@ -20,6 +23,7 @@ from shards.kv_cache import KVCache
 from shards.model import MixtralForCausalLM
 from shards.parallel_greedy import is_plain_greedy, parallel_greedy
 from shards.sampling import SamplingParams, TokenHistory, apply_logit_bias, sample
+from shards.speculative import VerifiedToken, greedy_runs, verify
 
 
 class InvalidStep(ValueError):
@@ -46,6 +50,8 @@ class SequenceStep:
     prefix_token_ids: list[int] = field(default_factory=list)
     # Score the prompt: the result carries each of token_ids' log-probability given the tokens before it.
     prompt_logprobs: bool = False
+    # The last num_proposed of token_ids are proposed tokens to verify (speculative decoding).
+    num_proposed: int = 0
 
 
 @dataclass(slots=True)
@@ -57,6 +63,8 @@ class SequenceResult:
     sampled: bool = True  # False: a non-final prefill chunk that only scored its tokens
     # With SequenceStep.prompt_logprobs: one per token of the step, NaN at position 0.
     prompt_logprobs: list[float] = field(default_factory=list)
+    # A verification step's further tokens: accepted proposals after token_id, then the last one sampled.
+    next_tokens: list[VerifiedToken] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -196,6 +204,8 @@ class ModelRunner:
                 )
             if s.seq_id not in self.sequences and s.sampling is None:
                 raise InvalidStep(f"{where} is new to this shard and its step carries no sampling parameters")
+            if s.num_proposed:
+                self._validate_proposals(s)
         # Plain Python: a decode checks one slot in about a microsecond, where building tensors for it
         # cost ~20 us per sequence (0.6 ms a step at batch 32).
         size = self.block_size
@@ -206,11 +216,25 @@ class ModelRunner:
             ):
                 raise InvalidStep(f"sequence {s.seq_id}: slot_mapping does not match its block table")
 
+    def _validate_proposals(self, s: SequenceStep) -> None:
+        where = f"sequence {s.seq_id}"
+        if s.num_proposed >= len(s.token_ids):
+            raise InvalidStep(
+                f"{where} proposes {s.num_proposed} of its {len(s.token_ids)} tokens; the first is its own"
+            )
+        if not s.sample:
+            raise InvalidStep(f"{where} proposes tokens but does not sample")
+        state = self.sequences.get(s.seq_id)
+        params = s.sampling or (state.params if state is not None else None)
+        if (params is not None and params.grammar) or (state is not None and state.grammar is not None):
+            raise InvalidStep(f"{where} follows a grammar; grammar-constrained sequences do not speculate")
+
     @torch.inference_mode()
     def forward(self, steps: list[SequenceStep], gather_logits: bool = True, score: bool = False) -> torch.Tensor:
-        """Logits [B, V] of the last token of each sequence, in the order given (with
-        `gather_logits=False`, this rank's vocabulary slice [B, P] of them). With `score`, a sequence
-        whose step asks for prompt_logprobs has a row for each of its tokens instead, in order."""
+        """Logits [L, V] of the last token of each sequence, in the order given, a speculating sequence with a
+        row for each of its last num_proposed + 1 tokens (with `gather_logits=False`, this rank's vocabulary
+        slice [L, P] of them). With `score`, a sequence whose step asks for prompt_logprobs has a row for each
+        of its tokens instead, in order."""
         assert self.kv_cache is not None
         if not score and self.decode_graphs is not None and self.decode_graphs.fits(steps):
             return self.decode_graphs.forward(steps, gather_logits)
@@ -218,7 +242,7 @@ class ModelRunner:
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        first_token = [0] * len(steps)
+        logits_rows: list[list[int]] = [[] for _ in steps]
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         prefill_tables: list[list[int]] = []
@@ -237,7 +261,10 @@ class ModelRunner:
             token_ids.extend(s.token_ids)
             positions.extend(range(s.start_position, s.start_position + n))
             slots.extend(s.slot_mapping)
-            first_token[i] = begin
+            if score and s.prompt_logprobs:
+                logits_rows[i] = list(range(begin, begin + n))
+            else:
+                logits_rows[i] = list(range(begin + n - 1 - s.num_proposed, begin + n))
             context = s.start_position + n
             table = s.block_table[: -(-context // self.block_size)]
             if n == 1:
@@ -266,21 +293,18 @@ class ModelRunner:
         if token_tables is not None:
             meta.token_block_tables = _padded(token_tables, dev)
             meta.token_context_lens = _to_device(token_lens, dev)
-        logits_indices: list[int] = []
-        for s, begin in zip(steps, first_token, strict=True):
-            end = begin + len(s.token_ids)
-            logits_indices.extend(range(begin, end) if score and s.prompt_logprobs else (end - 1,))
         return self.model(
             _to_device(token_ids, dev),
             _to_device(positions, dev),
             self.kv_cache,
             meta,
-            _to_device(logits_indices, dev),
+            _to_device([row for rows in logits_rows for row in rows], dev),
             gather_logits,
         )
 
     def step(self, steps: list[SequenceStep]) -> list[SequenceResult]:
-        """Validate, run the forward, and sample for the sequences that ask; results in input order."""
+        """Validate, run the forward, and sample for the sequences that ask (a speculating sequence
+        verifies its proposals); results in input order."""
         self.validate(steps)
         matchers = self._new_grammars(steps)
         for s in steps:
@@ -294,10 +318,12 @@ class ModelRunner:
                 # A prefix cache hit: other sequences computed these positions, this shard never saw them.
                 state.history.add_prompt(s.prefix_token_ids[state.seen_until :])
                 state.seen_until = len(s.prefix_token_ids)
+            # Proposed tokens enter the history only once accepted, as outputs.
+            own = len(s.token_ids) - s.num_proposed
             new_from = max(state.seen_until - s.start_position, 0)
-            if new_from < len(s.token_ids):
-                state.history.add_prompt(s.token_ids[new_from:])
-                state.seen_until = s.start_position + len(s.token_ids)
+            if new_from < own:
+                state.history.add_prompt(s.token_ids[new_from:own])
+                state.seen_until = s.start_position + own
         rows = [i for i, s in enumerate(steps) if s.sample]
         sampled = [steps[i] for i in rows]
         states = [self.sequences[s.seq_id] for s in sampled]
@@ -309,7 +335,7 @@ class ModelRunner:
             and not score
             and all(is_plain_greedy(st.params) for st in states)
         )
-        logits = self.forward(steps, gather_logits=not split, score=score)
+        logits = self.forward(steps, gather_logits=not split, score=score)  # [L, V] or [L, P]
         scores: dict[int, list[float]] = {}
         if score:
             logits, scores = self._score_prompts(steps, logits)
@@ -321,63 +347,87 @@ class ModelRunner:
         ]
         if not rows:
             return scored_only
-        chosen = None
+        first_row = [0] * len(steps)  # each step's first logits row
+        for i in range(1, len(steps)):
+            first_row[i] = first_row[i - 1] + 1 + steps[i - 1].num_proposed
+        spans = [range(first_row[i], first_row[i] + 1 + steps[i].num_proposed) for i in rows]
+        tokens: list[list[VerifiedToken]] | None = None
         constrained = [j for j, st in enumerate(states) if st.grammar is not None]
         bitmask = torch.stack([states[j].grammar.mask() for j in constrained]) if constrained else None  # [C, W]
         biased = [j for j, st in enumerate(states) if st.params.logit_bias]
         biases = [states[j].params.logit_bias for j in biased]
         if split:
             head = self.model.lm_head
-            local = logits if len(rows) == len(steps) else logits[rows]  # decode steps: every row samples
+            flat = [row for span in spans for row in span]
+            local = logits if len(flat) == logits.shape[0] else logits[flat]  # decode steps: every row samples
             if bitmask is not None:
-                local = apply_token_bitmask(local, constrained, bitmask, head.vocab_start, self.config.vocab_size)
+                # Constrained sequences never speculate: one row each, at the start of their span.
+                at = [flat.index(spans[j][0]) for j in constrained]
+                local = apply_token_bitmask(local, at, bitmask, head.vocab_start, self.config.vocab_size)
             if biased:
-                local = apply_logit_bias(local, biased, biases, head.vocab_start, self.config.vocab_size)
+                at, each = self._span_rows(flat, spans, biased, biases)
+                local = apply_logit_bias(local, at, each, head.vocab_start, self.config.vocab_size)
             chosen = parallel_greedy(local, head.vocab_start, self.config.vocab_size, self.group)
             if chosen is None:  # NaN or infinity somewhere: gather and take the usual path
                 logits = head.gather(logits)
-        top_ids = top_logprobs = None
-        if chosen is not None:
-            token_ids, logprobs = chosen[0].tolist(), chosen[1].tolist()
-        else:
-            rows_logits = logits[rows]
-            if bitmask is not None:
-                rows_logits = apply_token_bitmask(rows_logits, constrained, bitmask, 0, self.config.vocab_size)
+            else:
+                proposals = [s.token_ids[len(s.token_ids) - s.num_proposed :] for s in sampled]
+                tokens = greedy_runs(chosen[0].tolist(), chosen[1].tolist(), proposals)
+        if tokens is None:
             if biased:
-                rows_logits = apply_logit_bias(rows_logits, biased, biases, 0, self.config.vocab_size)
-            out = sample(
-                rows_logits,
-                [st.params for st in states],
-                [st.history for st in states],
-                [s.start_position + len(s.token_ids) for s in sampled],
-            )
-            token_ids = out.token_ids.tolist()
-            logprobs = out.logprobs.tolist()
-            top_ids = out.top_ids.tolist() if out.top_ids is not None else None
-            top_logprobs = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+                rows_all = list(range(logits.shape[0]))
+                at, each = self._span_rows(rows_all, spans, biased, biases)
+                logits = apply_logit_bias(logits, at, each, 0, self.config.vocab_size)
+            tokens = self._sample(logits, sampled, states, spans, constrained, bitmask)
         for j in constrained:
-            states[j].grammar.consume(token_ids[j])
+            states[j].grammar.consume(tokens[j][0].token_id)
         results = []
-        for j, (s, st) in enumerate(zip(sampled, states, strict=True)):
-            st.history.add_output(token_ids[j])
-            st.seen_until = s.start_position + len(s.token_ids) + 1
-            n_top = st.params.top_n_tokens
-            top = list(zip(top_ids[j][:n_top], top_logprobs[j][:n_top], strict=True)) if n_top and top_ids else []
-            results.append(SequenceResult(s.seq_id, token_ids[j], logprobs[j], top, True, scores.get(s.seq_id, [])))
+        for s, st, run in zip(sampled, states, tokens, strict=True):
+            if not s.num_proposed:
+                st.history.add_output(run[0].token_id)
+            elif split:
+                st.history.add_output([t.token_id for t in run])
+            st.seen_until = s.start_position + len(s.token_ids) - s.num_proposed + len(run)
+            first = run[0]
+            results.append(
+                SequenceResult(
+                    s.seq_id,
+                    first.token_id,
+                    first.logprob,
+                    first.top_tokens,
+                    prompt_logprobs=scores.get(s.seq_id, []),
+                    next_tokens=run[1:],
+                )
+            )
         return results + scored_only
+
+    @staticmethod
+    def _span_rows(
+        rows: list[int], spans: list[range], which: list[int], biases: list[dict[int, float]]
+    ) -> tuple[list[int], list[dict[int, float]]]:
+        """The positions in `rows` of every logits row of the sampling sequences `which` (a speculating one has
+        several), each with its sequence's logit bias."""
+        at: list[int] = []
+        each: list[dict[int, float]] = []
+        for j, bias in zip(which, biases, strict=True):
+            for row in spans[j]:
+                at.append(rows.index(row))
+                each.append(bias)
+        return at, each
 
     def _score_prompts(
         self, steps: list[SequenceStep], logits: torch.Tensor
     ) -> tuple[torch.Tensor, dict[int, list[float]]]:
-        """From the logits of `forward(score=True)` [rows, V]: each sequence's last-token logits [B, V], and for
-        the steps asking prompt_logprobs, each token's log-probability given the tokens before it (NaN at
-        position 0; a chunk's first token is scored by the previous chunk's last position)."""
-        last: list[int] = []
+        """From the logits of `forward(score=True)` [rows, V]: the rows `forward` gives without scoring [L, V]
+        (a scoring sequence's last token's; a speculating one's span), and for the steps asking
+        prompt_logprobs, each token's log-probability given the tokens before it (NaN at position 0; a chunk's
+        first token is scored by the previous chunk's last position)."""
+        kept: list[int] = []
         scores: dict[int, list[float]] = {}
         row = 0
         for s in steps:
-            n = len(s.token_ids) if s.prompt_logprobs else 1
-            last.append(row + n - 1)
+            n = len(s.token_ids) if s.prompt_logprobs else 1 + s.num_proposed
+            kept.extend([row + n - 1] if s.prompt_logprobs else range(row, row + n))
             if s.prompt_logprobs:
                 state = self.sequences[s.seq_id]
                 log_probs = logits[row : row + n].float().log_softmax(dim=-1)  # [n, V]
@@ -389,7 +439,50 @@ class ModelRunner:
                 scores[s.seq_id] = [first, *following.tolist()]
                 state.prompt_row = None if s.sample else log_probs[-1]
             row += n
-        return logits[last], scores
+        return logits[kept], scores
+
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        sampled: list[SequenceStep],
+        states: list[_SequenceState],
+        spans: list[range],
+        constrained: list[int],
+        bitmask: torch.Tensor | None,
+    ) -> list[list[VerifiedToken]]:
+        """Each sampling sequence's tokens from the full logits [L, V]: one for an ordinary step (sampled
+        together), the verified run for a speculating one (whose proposals the history does not hold yet;
+        verify adds the run)."""
+        plain = [j for j, s in enumerate(sampled) if not s.num_proposed]
+        out: list[list[VerifiedToken]] = [[] for _ in sampled]
+        if plain:
+            rows_logits = logits[[spans[j][0] for j in plain]]  # [R, V]
+            if bitmask is not None:
+                at = [plain.index(j) for j in constrained]
+                rows_logits = apply_token_bitmask(rows_logits, at, bitmask, 0, self.config.vocab_size)
+            params = [states[j].params for j in plain]
+            drawn = sample(
+                rows_logits,
+                params,
+                [states[j].history for j in plain],
+                [sampled[j].start_position + len(sampled[j].token_ids) for j in plain],
+            )
+            token_ids, logprobs = drawn.token_ids.tolist(), drawn.logprobs.tolist()
+            top_ids = drawn.top_ids.tolist() if drawn.top_ids is not None else None
+            top_logprobs = drawn.top_logprobs.tolist() if drawn.top_logprobs is not None else None
+            for r, j in enumerate(plain):
+                n_top = params[r].top_n_tokens
+                top = list(zip(top_ids[r][:n_top], top_logprobs[r][:n_top], strict=True)) if n_top and top_ids else []
+                out[j] = [VerifiedToken(token_ids[r], logprobs[r], top)]
+        for j, s in enumerate(sampled):
+            if s.num_proposed:
+                span = spans[j]
+                first_key = s.start_position + len(s.token_ids) - s.num_proposed
+                proposed = s.token_ids[-s.num_proposed :]
+                out[j] = verify(
+                    logits[span.start : span.stop], proposed, states[j].params, states[j].history, first_key
+                )
+        return out
 
     def _new_grammars(self, steps: list[SequenceStep]) -> dict[int, SequenceGrammar]:
         """Matchers for the sequences new to this shard that carry a grammar, built before any state

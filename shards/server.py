@@ -221,6 +221,14 @@ def _step_response(results: list[SequenceResult], started_ns: int, steps: int = 
                 logprob=r.logprob,
                 top_tokens=[shard_pb2.TopToken(token_id=t, logprob=lp) for t, lp in r.top_tokens],
                 prompt_logprobs=r.prompt_logprobs,
+                next_tokens=[
+                    shard_pb2.NextToken(
+                        token_id=n.token_id,
+                        logprob=n.logprob,
+                        top_tokens=[shard_pb2.TopToken(token_id=t, logprob=lp) for t, lp in n.top_tokens],
+                    )
+                    for n in r.next_tokens
+                ],
             )
             for r in results
         ],
@@ -240,6 +248,7 @@ def _step_from_proto(msg: shard_pb2.SequenceStep) -> SequenceStep:
         sampling=SamplingParams.from_proto(msg.sampling) if msg.HasField("sampling") else None,
         prefix_token_ids=list(msg.prefix_token_ids),
         prompt_logprobs=msg.prompt_logprobs,
+        num_proposed=msg.num_proposed,
     )
 
 

@@ -144,7 +144,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., top_n_tokens: _Optional[int] = ..., grammar: _Optional[str] = ..., typical_p: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
 class SequenceStep(_message.Message):
-    __slots__ = ("seq_id", "token_ids", "start_position", "slot_mapping", "block_table", "sample", "sampling", "prefix_token_ids", "prompt_logprobs")
+    __slots__ = ("seq_id", "token_ids", "start_position", "slot_mapping", "block_table", "sample", "sampling", "prefix_token_ids", "prompt_logprobs", "num_proposed")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,7 @@ class SequenceStep(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     PREFIX_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PROPOSED_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     start_position: int
@@ -163,7 +164,8 @@ class SequenceStep(_message.Message):
     sampling: SamplingParams
     prefix_token_ids: _containers.RepeatedScalarFieldContainer[int]
     prompt_logprobs: bool
-    def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ..., slot_mapping: _Optional[_Iterable[int]] = ..., block_table: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., prefix_token_ids: _Optional[_Iterable[int]] = ..., prompt_logprobs: _Optional[bool] = ...) -> None: ...
+    num_proposed: int
+    def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ..., slot_mapping: _Optional[_Iterable[int]] = ..., block_table: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., prefix_token_ids: _Optional[_Iterable[int]] = ..., prompt_logprobs: _Optional[bool] = ..., num_proposed: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("sequences", "release_seq_ids", "num_steps", "run_id")
@@ -196,20 +198,32 @@ class TopToken(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class SequenceResult(_message.Message):
-    __slots__ = ("seq_id", "sampled", "token_id", "logprob", "top_tokens", "prompt_logprobs")
+    __slots__ = ("seq_id", "sampled", "token_id", "logprob", "top_tokens", "prompt_logprobs", "next_tokens")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     sampled: bool
     token_id: int
     logprob: float
     top_tokens: _containers.RepeatedCompositeFieldContainer[TopToken]
     prompt_logprobs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, seq_id: _Optional[int] = ..., sampled: _Optional[bool] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TopToken, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+    next_tokens: _containers.RepeatedCompositeFieldContainer[NextToken]
+    def __init__(self, seq_id: _Optional[int] = ..., sampled: _Optional[bool] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TopToken, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[float]] = ..., next_tokens: _Optional[_Iterable[_Union[NextToken, _Mapping]]] = ...) -> None: ...
+
+class NextToken(_message.Message):
+    __slots__ = ("token_id", "logprob", "top_tokens")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    logprob: float
+    top_tokens: _containers.RepeatedCompositeFieldContainer[TopToken]
+    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TopToken, _Mapping]]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("results", "forward_us", "steps")

@@ -1,0 +1,159 @@
+"""Router side of speculative decoding: the n-gram proposer, its back-off, and the scheduler's
+verification steps (proposals planned into free blocks, rejected positions rolled back)."""
+
+import random
+
+import pytest
+
+from router.scheduler import ScheduledSequence, Scheduler, SchedulerConfig, Sequence, SequenceStatus
+from router.speculation import MISSES_TO_PAUSE, PAUSE_STEPS, SpeculationState, propose
+
+BLOCK = 4
+
+
+def test_propose_continues_the_latest_occurrence_of_the_longest_suffix():
+    tokens = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3]
+    # "2 3" last occurred before 7 8 (the 3-gram "5 2 3" never did).
+    assert propose(tokens, 2) == [7, 8]
+    assert propose(tokens, 5) == [7, 8, 5, 2, 3]
+    assert propose([4, 5, 6, 4], 3) == [5, 6, 4]  # a 1-gram
+    assert propose([4, 5, 6], 3) == []
+    assert propose([4, 4], 3) == [4]
+    assert propose([1, 2, 1], 0) == []
+
+
+def test_a_request_that_keeps_missing_pauses_then_tries_again():
+    state = SpeculationState()
+    tokens = [1, 2, 1]
+    for _ in range(MISSES_TO_PAUSE):
+        assert state.propose(tokens, 2) == [2, 1]
+        state.on_verified(2, 0)
+    assert [state.propose(tokens, 2) for _ in range(PAUSE_STEPS)] == [[]] * PAUSE_STEPS
+    assert state.propose(tokens, 2) == [2, 1]
+    state.on_verified(2, 1)
+    assert (state.proposed, state.accepted) == (2 * MISSES_TO_PAUSE + 2, 1)
+
+
+def true_next(tokens: list[int]) -> int:
+    """The fake model: a function of the last two tokens, so its text repeats itself."""
+    return (tokens[-1] * 7 + tokens[-2]) % 11
+
+
+def verified(seq: Sequence, entry: ScheduledSequence) -> list[int]:
+    """What a shard answers for a sampling entry: the proposals the fake model agrees with, then its next token."""
+    known = seq.token_slice(0, entry.start_position + len(entry.token_ids) - entry.num_proposed)
+    kept = [true_next(known)]
+    for proposal in entry.token_ids[len(entry.token_ids) - entry.num_proposed :]:
+        if proposal != kept[-1]:
+            break
+        known.append(proposal)
+        kept.append(true_next(known))
+    return kept
+
+
+def run(scheduler: Scheduler, seq: Sequence, proposer) -> int:
+    """Drive `seq` to the end, verifying its proposals against the fake model as a shard would; the
+    number of steps."""
+    steps = 0
+    while (plan := scheduler.schedule(proposer)) is not None:
+        (entry,) = plan.sequences
+        steps += 1
+        table = seq.block_table
+        assert len(entry.slot_mapping) == len(entry.token_ids)
+        assert entry.slot_mapping == table.slot_mapping(entry.start_position, len(entry.token_ids))
+        scheduler.on_step_done(plan, {seq.seq_id: verified(seq, entry)} if entry.sample else {})
+        if entry.num_proposed and seq.status is SequenceStatus.RUNNING:
+            # Rejected positions are rolled back: the table holds only blocks with computed positions.
+            assert seq.num_computed == seq.num_tokens - 1
+            assert len(table.blocks) == -(-seq.num_computed // BLOCK)
+    return steps
+
+
+def reference(prompt: list[int], n: int) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(true_next(tokens))
+    return tokens[len(prompt) :]
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_verification_steps_keep_outputs_and_give_back_rejected_blocks(prefix_caching):
+    scheduler = Scheduler(SchedulerConfig(num_blocks=16, block_size=BLOCK, enable_prefix_caching=prefix_caching))
+    prompt = [3, 5, 1]
+    counts = {"proposed": 0, "steps": 0}
+
+    def proposer(seq: Sequence) -> list[int]:
+        counts["steps"] += 1
+        # Alternate right proposals (from the n-gram proposer over a repeating text) with wrong ones.
+        tokens = seq.prompt_ids + seq.output_ids
+        proposed = propose(tokens, 3) if counts["steps"] % 3 else [10, 10, 10]
+        counts["proposed"] += len(proposed)
+        return proposed
+
+    seq = Sequence(1, list(prompt), max_new_tokens=30)
+    scheduler.add(seq)
+    steps = run(scheduler, seq, proposer)
+    assert seq.output_ids == reference(prompt, 30)
+    assert counts["proposed"] > 0
+    assert steps < 30  # some proposals were accepted (one prefill, then fewer decodes than tokens)
+    assert scheduler.num_blocks_used == 0
+    if prefix_caching:
+        # Every cached block holds verified tokens: a new sequence with the same text finds them all.
+        again = Sequence(2, prompt + seq.output_ids[:20], max_new_tokens=4)
+        scheduler.add(again)
+        run(scheduler, again, lambda s: [])
+        assert scheduler.prefix_hit_tokens == 20
+        assert again.output_ids == reference(prompt + seq.output_ids[:20], 4)
+
+
+def test_proposals_stop_at_max_new_tokens_and_at_the_free_blocks():
+    scheduler = Scheduler(SchedulerConfig(num_blocks=3, block_size=BLOCK))
+    seq = Sequence(1, [1, 2, 3, 4, 5], max_new_tokens=4)
+    scheduler.add(seq)
+    plan = scheduler.schedule()
+    scheduler.on_step_done(plan, {1: 6})
+    plan = scheduler.schedule(lambda s: [7, 8, 9, 10, 11])
+    # Three more tokens may be output, so two proposals; and the blocks (12 slots) hold them.
+    assert plan.sequences[0].num_proposed == 2
+    assert scheduler.extend_decode(plan, 8) == 1  # a verification step is never a multi-step run
+    scheduler.on_step_done(plan, {1: [7, 8, 9]})
+    assert seq.output_ids == [6, 7, 8, 9]
+    assert scheduler.num_blocks_used == 0  # max_new_tokens reached: finished, blocks freed
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_many_speculating_sequences_under_preemption_keep_their_kv_and_outputs(seed):
+    """Several sequences in a cache too small for all (preemptions), random proposals (right or wrong),
+    prefix caching on with a shared first block: every step reads only slots holding the sequence's own
+    tokens, outputs match the fake model, and every block comes back."""
+    rng = random.Random(seed)
+    scheduler = Scheduler(SchedulerConfig(num_blocks=12, block_size=BLOCK, max_batch_prefill_tokens=8))
+    slots: dict[int, int] = {}  # the fake cache: the token written at each slot
+
+    def proposer(seq: Sequence) -> list[int]:
+        tokens = seq.prompt_ids + seq.output_ids
+        return propose(tokens, 3) if rng.random() < 0.6 else [rng.randrange(11) for _ in range(rng.randrange(1, 4))]
+
+    # A shared first block, so later admissions share cached blocks.
+    prompts = {i: [1, 2, 3, 4] + [rng.randrange(11) for _ in range(rng.randrange(1, 6))] for i in range(1, 7)}
+    sequences = {i: Sequence(i, list(p), max_new_tokens=rng.randrange(4, 14)) for i, p in prompts.items()}
+    for seq in sequences.values():
+        scheduler.add(seq)
+    while (plan := scheduler.schedule(proposer)) is not None:
+        sampled = {}
+        for entry in plan.sequences:
+            seq, start = entry.seq, entry.start_position
+            table = entry.block_table
+            # Every earlier position holds the sequence's own token: no rejected token was ever kept.
+            for position in range(start):
+                slot = table[position // BLOCK] * BLOCK + position % BLOCK
+                assert slots[slot] == seq.token_slice(position, position + 1)[0]
+            for slot, token in zip(entry.slot_mapping, entry.token_ids, strict=True):
+                slots[slot] = token
+            if entry.sample:
+                sampled[seq.seq_id] = verified(seq, entry)
+        scheduler.on_step_done(plan, sampled)
+    for i, seq in sequences.items():
+        assert seq.output_ids == reference(prompts[i], seq.max_new_tokens)
+    assert scheduler.num_blocks_used == 0
+    assert scheduler.num_preemptions and scheduler.prefix_hit_tokens  # both happened among the proposals

@@ -1,0 +1,135 @@
+"""Speculative verification on a shard: the acceptance rule keeps the sampling distribution, and a
+verification step over the paged cache gives the tokens ordinary decode steps give."""
+
+import math
+
+import pytest
+import torch
+
+from shards.config import ParallelConfig
+from shards.distributed import TensorParallelGroup
+from shards.loader import load_model
+from shards.runner import InvalidStep, ModelRunner, SequenceStep
+from shards.sampling import SamplingParams, TokenHistory, sample
+from shards.speculative import greedy_runs, num_accepted, verify
+
+BLOCK = 4
+# 0.999 quantile of chi-square with 5 degrees of freedom: a correct rule fails 1 run in 1000.
+CHI2_5_999 = 20.515
+
+
+def chi_square(counts: list[int], probs: list[float]) -> float:
+    total = sum(counts)
+    return sum((c - total * p) ** 2 / (total * p) for c, p in zip(counts, probs, strict=True))
+
+
+def penalised(row: torch.Tensor, penalty: float, seen: list[int]) -> torch.Tensor:
+    """`row` with the repetition penalty applied to the `seen` tokens."""
+    out = row.clone()
+    for token in seen:
+        out[token] = out[token] / penalty if out[token] > 0 else out[token] * penalty
+    return out
+
+
+def test_num_accepted_stops_at_the_first_disagreement():
+    assert num_accepted([5, 6, 7], [5, 6]) == 2
+    assert num_accepted([5, 9, 7], [5, 6]) == 1
+    assert num_accepted([4, 6, 7], [5, 6]) == 0
+
+
+def test_greedy_runs_split_picks_by_sequence():
+    # Sequence 1: proposals 5 6, both right; sequence 2: none; sequence 3: proposal 3, wrong.
+    runs = greedy_runs([5, 6, 7, 9, 1, 2], [-0.5, -0.6, -0.7, -0.9, -0.1, -0.2], [[5, 6], [], [3]])
+    assert [[t.token_id for t in run] for run in runs] == [[5, 6, 7], [9], [1]]
+    assert [t.logprob for t in runs[0]] == [-0.5, -0.6, -0.7] and runs[2][0].logprob == -0.1
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3], ids=["batched", "per-position"])
+def test_sampled_verification_keeps_the_distribution(penalty):
+    """Proposal 2 at the first position and 4 at the second: the emitted first token follows p, the
+    proposal is accepted with probability p(2), and every draw equals direct sampling with its seed."""
+    logits = torch.tensor([[1.0, 0.5, 1.5, -0.5, 0.0, 0.8], [0.2, 0.1, -1.0, 0.4, 1.2, 0.0]])  # [2, V]
+    params = [SamplingParams(temperature=0.9, seed=seed, repetition_penalty=penalty) for seed in range(4000)]
+    first_counts, accepted, second_counts = [0] * 6, 0, [0] * 6
+    for p in params:
+        history = TokenHistory()
+        history.add_prompt([0])
+        run = verify(logits, [2], p, history, first_key=10)
+        direct_history = TokenHistory()
+        direct_history.add_prompt([0])
+        direct = sample(logits[:1], [p], [direct_history], [10]).token_ids.item()
+        assert run[0].token_id == direct
+        first_counts[run[0].token_id] += 1
+        if len(run) == 2:
+            accepted += 1
+            second_counts[run[1].token_id] += 1
+    first_probs = (penalised(logits[0], penalty, [0]) / 0.9).softmax(-1).tolist()
+    assert chi_square(first_counts, first_probs) < CHI2_5_999
+    assert accepted == first_counts[2]
+    assert abs(accepted / len(params) - first_probs[2]) < 4 * math.sqrt(first_probs[2] / len(params))
+    # After the accepted proposal the history holds the prompt token and it.
+    second_probs = (penalised(logits[1], penalty, [0, 2]) / 0.9).softmax(-1).tolist()
+    assert chi_square(second_counts, second_probs) < CHI2_5_999
+
+
+@pytest.fixture(scope="module")
+def model(demo_dir):
+    torch.set_num_threads(1)
+    parallel = ParallelConfig()
+    return load_model(demo_dir, parallel, TensorParallelGroup(parallel))
+
+
+def new_runner(model) -> ModelRunner:
+    parallel = ParallelConfig()
+    runner = ModelRunner(model, parallel, TensorParallelGroup(parallel), torch.device("cpu"), torch.float32, BLOCK)
+    runner.allocate_cache(32)
+    return runner
+
+
+def step(seq_id, tokens, start, sampling=None, num_proposed=0) -> SequenceStep:
+    table = list(range(8))
+    slots = [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(start, start + len(tokens))]
+    return SequenceStep(seq_id, tokens, start, slots, table, True, sampling, num_proposed=num_proposed)
+
+
+PROMPT = [1, 40, 41, 42, 43, 40, 41]
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [SamplingParams(), SamplingParams(temperature=0.8, seed=7, frequency_penalty=0.5, top_n_tokens=2)],
+    ids=["greedy", "seeded"],
+)
+def test_verification_step_gives_the_tokens_of_plain_decode_steps(model, sampling):
+    plain = new_runner(model)
+    expected = [plain.step([step(1, PROMPT, 0, sampling)])[0]]
+    for _ in range(5):
+        expected.append(plain.step([step(1, [expected[-1].token_id], len(PROMPT) + len(expected) - 1)])[0])
+    ids = [r.token_id for r in expected]
+
+    spec = new_runner(model)
+    assert spec.step([step(1, PROMPT, 0, sampling)])[0].token_id == ids[0]
+    # Two right proposals and a wrong one: three tokens come back, the third the true one.
+    wrong = (ids[3] + 1) % model.config.vocab_size
+    result = spec.step([step(1, [ids[0], ids[1], ids[2], wrong], len(PROMPT), num_proposed=3)])[0]
+    got = [result.token_id] + [t.token_id for t in result.next_tokens]
+    assert got == ids[1:4]
+    assert result.logprob == pytest.approx(expected[1].logprob, abs=1e-4)
+    assert len(result.top_tokens) == len(result.next_tokens[0].top_tokens) == sampling.top_n_tokens
+    assert [t for t, _ in result.next_tokens[0].top_tokens] == [t for t, _ in expected[2].top_tokens]
+    # The next step overwrites the rejected position and continues as plain decode would.
+    result = spec.step([step(1, [ids[3], ids[4]], len(PROMPT) + 3, num_proposed=1)])[0]
+    assert [result.token_id] + [t.token_id for t in result.next_tokens] == ids[4:6]
+
+
+def test_proposals_are_refused_where_they_cannot_be_verified(model):
+    runner = new_runner(model)
+    runner.step([step(1, PROMPT, 0, SamplingParams())])
+    with pytest.raises(InvalidStep, match="the first is its own"):
+        runner.step([step(1, [5, 6], len(PROMPT), num_proposed=2)])
+    bad = step(1, [5, 6], len(PROMPT), num_proposed=1)
+    bad.sample = False
+    with pytest.raises(InvalidStep, match="does not sample"):
+        runner.step([bad])
+    with pytest.raises(InvalidStep, match="grammar"):
+        runner.step([step(2, [5, 6], 0, SamplingParams(grammar="x"), num_proposed=1)])

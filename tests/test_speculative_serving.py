@@ -1,0 +1,140 @@
+"""Speculative decoding through real servers: outputs equal those without speculation (greedy and
+seeded sampling; k = 3 on 1 shard with multi-step decode on, k = 1 on 2 expert-parallel shards with it
+off), stops and max_new_tokens inside accepted runs, prefix cache hits and cancellation mid-run; KV blocks all back
+at the end, and the counters show proposals both accepted and rejected."""
+
+import asyncio
+import re
+import time
+
+import aiohttp
+import pytest
+
+from conftest import LaunchedServer, free_port
+
+pytestmark = pytest.mark.slow
+
+# Prompts that repeat themselves, so n-gram proposals are right part of the time.
+PROMPTS = [
+    "one two three four one two three four one two three",
+    "the cat sat on the mat. the cat sat on the mat. the cat",
+    "abc abc abc abc abc",
+    "def f(x): return x\ndef g(x): return x\ndef h(x):",
+]
+SEEDED = {"temperature": 0.8, "top_p": 0.95, "seed": 11, "do_sample": True}
+
+
+@pytest.fixture(scope="module")
+def servers(demo_dir, tmp_path_factory):
+    """No speculation (1 shard), --speculate 3 (1 shard, multi-step decode on), --speculate 1 (2 shards,
+    expert parallel, multi-step off): started side by side."""
+    flags = ["--model", str(demo_dir), "--max-kv-blocks", "256", "--block-size", "4"]
+    flags += ["--max-batch-prefill-tokens", "64"]
+    variants = {
+        "plain": ["--num-shard", "1"],
+        "k3": ["--num-shard", "1", "--speculate", "3", "--max-decode-steps", "8"],
+        "k1_ep2": ["--num-shard", "2", "--moe-parallel", "ep", "--speculate", "1", "--max-decode-steps", "1"],
+    }
+    started = {}
+    for name, extra in variants.items():
+        log = tmp_path_factory.mktemp(f"launch-{name}") / "server.log"
+        started[name] = LaunchedServer([*flags, *extra], log, free_port())
+    try:
+        for server in started.values():
+            server.wait_healthy()
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+async def generate(session: aiohttp.ClientSession, url: str, prompt: str, **parameters) -> dict:
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": 24, "details": True, **parameters}}
+    async with session.post(f"{url}/generate", json=body) as response:
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+
+async def info(session: aiohttp.ClientSession, url: str) -> dict:
+    async with session.get(f"{url}/info") as response:
+        return await response.json()
+
+
+def text_and_end(answer: dict) -> tuple[str, str, list[int]]:
+    details = answer["details"]
+    return answer["generated_text"], details["finish_reason"], [t["id"] for t in details["tokens"]]
+
+
+async def workload(url: str, stops: dict[str, str]) -> list[tuple]:
+    """Greedy and seeded prompts, short max_new_tokens, stop strings, and each prompt again (a prefix hit)."""
+    async with aiohttp.ClientSession() as session:
+        answers = []
+        for prompt in PROMPTS:
+            answers.append(await generate(session, url, prompt))
+            answers.append(await generate(session, url, prompt, **SEEDED))
+            for n in (2, 5):
+                answers.append(await generate(session, url, prompt, max_new_tokens=n))
+            if prompt in stops:
+                answers.append(await generate(session, url, prompt, stop=[stops[prompt]]))
+            answers.append(await generate(session, url, prompt))  # the prompt's blocks are cached now
+        return [text_and_end(a) for a in answers], answers
+
+
+async def cancel_mid_run(url: str) -> None:
+    """Read three streamed tokens, then leave; the server ends the request and frees its blocks."""
+    body = {"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 200}}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{url}/generate_stream", json=body) as response:
+            events = 0
+            async for line in response.content:
+                events += line.startswith(b"data:")
+                if events == 3:
+                    break
+        deadline = time.monotonic() + 30
+        while (await info(session, url))["kv_blocks_used"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        state = await info(session, url)
+        assert state["kv_blocks_used"] == 0 and state["requests_running"] == 0
+
+
+async def test_speculative_outputs_equal_plain_outputs(servers):
+    plain = servers["plain"].url
+    # Stop strings from the plain run's output, a few tokens in: they land wherever the runs put them.
+    async with aiohttp.ClientSession() as session:
+        firsts = [await generate(session, plain, p) for p in PROMPTS]
+    stops = {p: a["generated_text"][6:9] for p, a in zip(PROMPTS, firsts, strict=True) if len(a["generated_text"]) > 9}
+    assert stops
+    expected, _ = await workload(plain, stops)
+    for name in ("k3", "k1_ep2"):
+        url = servers[name].url
+        got, answers = await workload(url, stops)
+        assert got == expected, name
+        assert any(a["details"]["finish_reason"] == "stop_sequence" for a in answers)
+        proposed = sum(a["details"]["speculative_proposed"] for a in answers)
+        accepted = sum(a["details"]["speculative_accepted"] for a in answers)
+        assert 0 < accepted < proposed, (name, accepted, proposed)
+        async with aiohttp.ClientSession() as session:
+            # A grammar-constrained request does not speculate (its matcher takes one token a step).
+            constrained = await generate(session, url, PROMPTS[2], grammar={"type": "regex", "value": "(abc )+"})
+        assert re.fullmatch("(abc )*(a|ab|abc)?", constrained["generated_text"])  # a prefix of a match
+        assert constrained["details"]["speculative_proposed"] == 0
+        await cancel_mid_run(url)
+        async with aiohttp.ClientSession() as session:
+            state = await info(session, url)
+            async with session.get(f"{url}/metrics") as response:
+                metrics = await response.text()
+        assert state["kv_blocks_used"] == 0
+        # Both happened: proposals accepted, and proposals rejected (their blocks given back).
+        assert 0 < state["speculative_accepted_tokens"] < state["speculative_proposed_tokens"]
+        counted = {
+            m.group(1): float(m.group(2))
+            for m in re.finditer(r"^mixserve_speculative_(\w+)_tokens_total (\S+)$", metrics, re.MULTILINE)
+        }
+        assert counted == {
+            "proposed": state["speculative_proposed_tokens"],
+            "accepted": state["speculative_accepted_tokens"],
+        }
+        assert re.search(r"event=finished .* speculative_proposed=\d+ speculative_accepted=\d+", servers[name].log())
+    async with aiohttp.ClientSession() as session:
+        plain_info = await info(session, plain)
+    assert plain_info["speculate"] == 0 and plain_info["speculative_proposed_tokens"] == 0
