@@ -311,7 +311,7 @@ def launch_server(args: argparse.Namespace, model_dir: str, out_dir: Path) -> tu
     url = f"http://127.0.0.1:{port}"
     try:
         server.wait_http_ready(f"{url}/health", args.startup_timeout)
-    except (RuntimeError, TimeoutError):
+    except BaseException:  # Ctrl-C while waiting too: never leave the server behind
         server.stop()
         raise
     return server, url
