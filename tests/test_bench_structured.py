@@ -75,6 +75,7 @@ def test_criteria_pass_and_fail_at_their_thresholds():
     def run(name: str, tokens: int, itls: list[float]) -> dict:
         record = RequestRecord(4, 4, ok=True, token_times=[sum(itls[:i]) for i in range(len(itls) + 1)])
         summary = {"output_tokens_server": tokens, "output_tokens_counted": tokens, "duration_s": 1.0, "errors": 0}
+        summary["output_throughput"] = float(tokens)
         return {"name": name, "summary": summary, "_records": [record], "_requests": [BenchRequest("p", 4, 4)]}
 
     triples = [{"free_ttft_ms": 10.0, "new_ttft_ms": 15.0, "cached_ttft_ms": 10.5}] * 3
@@ -83,6 +84,7 @@ def test_criteria_pass_and_fail_at_their_thresholds():
     assert passing["free_itl_p50_ratio"]["passed"] and passing["free_itl_p50_ratio"]["value"] == pytest.approx(1.05)
     assert passing["cached_schema_ttft_delta_ms"] == {"value": 0.5, "threshold": 1.0, "passed": True}
     assert passing["new_minus_cached_ttft_ms"] == 4.5
+    assert passing["throughput_ratio_per_round"] == [0.9]
     slow = [{"free_ttft_ms": 10.0, "new_ttft_ms": 15.0, "cached_ttft_ms": 11.0}]
     failing = criteria({"runs": [run("A0", 100, [0.01] * 3), run("B0", 80, [0.012] * 3)], "ttft_triples": slow})
     assert not any(failing[name]["passed"] for name in ("throughput_ratio", "free_itl_p50_ratio"))
