@@ -6,6 +6,7 @@
 - `compare`: mixserve (1 and 4 shards), the naive baseline and every installed peer, one after another.
 - `collectives`: the shards' all-reduce per call on this host (shared memory through C or torch, gloo).
 - `gpu`: one layer's kernels at Mixtral-8x7B's shapes (torch vs Triton vs CUDA graphs) and the server at TP 1.
+- `structured`: half JSON-schema-constrained requests against all free ones, and a cached schema's TTFT.
 - `soak`: minutes of mixed load (every API, cancelled streams, bad bodies), then a request, KV and RSS leak check.
 """
 
@@ -19,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("benchmarks.compare", "mixserve, the naive baseline and the peers side by side"),
     "collectives": ("benchmarks.collectives", "the shards' all-reduce per call on this host: shared memory or gloo"),
     "gpu": ("benchmarks.gpu", "Mixtral-8x7B's GPU path: layer kernels vs today's torch path, then the server"),
+    "structured": ("benchmarks.structured", "half JSON-schema-constrained vs all-free load, cached-schema TTFT"),
     "soak": ("benchmarks.soak", "minutes of mixed load, then a request, KV block and RSS leak check"),
 }
 

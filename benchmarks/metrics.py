@@ -29,6 +29,9 @@ class RequestRecord:
     token_times: list[float] = field(default_factory=list)
     output_tokens: int = 0
     count_method: str = ""
+    # Filled by targets whose stream says them (openai, tgi): the text, and why it ended.
+    text: str = ""
+    finish_reason: str = ""
 
     @property
     def ttft(self) -> float | None:
@@ -59,6 +62,7 @@ class RequestRecord:
             "ttft_ms": None if self.ttft is None else round(self.ttft * 1e3, 3),
             "tpot_ms": None if self.tpot is None else round(self.tpot * 1e3, 3),
             "e2e_ms": round(self.e2e * 1e3, 3),
+            "finish_reason": self.finish_reason,
         }
 
 

@@ -4,6 +4,8 @@ streamed completion, and how to read the stream into a RequestRecord.
 Reading is deliberately light (the client shares the cores with the server under test): each
 token chunk is timed on arrival, and only small SSE events or protobuf messages are decoded.
 A target is an async context manager: one HTTP session (or gRPC channel) serves every request.
+A request with a JSON schema asks for it as the API spells it (`/predict` and TGI `grammar`, OpenAI
+`response_format`, gRPC `Grammar`) and never with ignore_eos; openai and tgi keep its text and finish reason.
 
 What is timed, and how tokens are counted:
 - `predict` (mixserve `/predict`, chunked text/plain): the server writes one HTTP chunk per
@@ -134,7 +136,9 @@ class PredictTarget(HTTPTarget):
             "temperature": self.temperature,
             "stream": True,
         }
-        if self.ignore_eos:
+        if request.json_schema is not None:
+            body["grammar"] = {"type": "json", "value": request.json_schema}
+        elif self.ignore_eos:
             body["ignore_eos"] = True
         return body
 
@@ -172,12 +176,15 @@ class OpenAICompletionsTarget(HTTPTarget):
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        if self.ignore_eos:
+        if request.json_schema is not None:
+            schema = {"name": "bench", "schema": request.json_schema, "strict": True}
+            body["response_format"] = {"type": "json_schema", "json_schema": schema}
+        elif self.ignore_eos:
             body["ignore_eos"] = True
         return body
 
     async def read(self, response: aiohttp.ClientResponse, record: RequestRecord, sent: float) -> None:
-        usage = None
+        usage, parts = None, []
         async for payload in _sse_events(response):
             if payload == b"[DONE]":
                 break
@@ -187,9 +194,13 @@ class OpenAICompletionsTarget(HTTPTarget):
             choices = event.get("choices") or []
             if choices and choices[0].get("text"):
                 record.token_times.append(time.perf_counter() - sent)
+                parts.append(choices[0]["text"])
+            if choices and choices[0].get("finish_reason"):
+                record.finish_reason = choices[0]["finish_reason"]
             usage = event.get("usage") or usage
         else:
             raise StreamError("stream ended without data: [DONE]")
+        record.text = "".join(parts)
         if usage is not None:
             record.output_tokens, record.count_method = usage["completion_tokens"], "usage"
         else:
@@ -209,10 +220,12 @@ class TGIStreamTarget(HTTPTarget):
         parameters: dict[str, Any] = {"max_new_tokens": request.max_tokens, "details": True}
         if self.temperature > 0:
             parameters.update(do_sample=True, temperature=self.temperature)
+        if request.json_schema is not None:
+            parameters["grammar"] = {"type": "json", "value": request.json_schema}
         return {"inputs": request.prompt, "parameters": parameters}
 
     async def read(self, response: aiohttp.ClientResponse, record: RequestRecord, sent: float) -> None:
-        events, details = 0, None
+        events, details, parts = 0, None, []
         async for payload in _sse_events(response):
             event = json.loads(payload)
             if "error" in event:
@@ -220,9 +233,12 @@ class TGIStreamTarget(HTTPTarget):
             if event.get("token") is not None:
                 events += 1
                 record.token_times.append(time.perf_counter() - sent)
+                if not event["token"].get("special"):
+                    parts.append(event["token"].get("text", ""))
             details = event.get("details") or details
         if details is None:
             raise StreamError("stream ended without a final event carrying details")
+        record.text, record.finish_reason = "".join(parts), details.get("finish_reason", "")
         record.output_tokens, record.count_method = details["generated_tokens"], "details"
         if record.output_tokens != events:
             raise StreamError(f"details say {record.output_tokens} tokens, the stream had {events}")
@@ -249,8 +265,12 @@ class GrpcTarget(Target):
 
     async def send(self, request: BenchRequest) -> RequestRecord:
         record = RequestRecord(request.prompt_tokens, request.max_tokens)
+        constrained = request.json_schema is not None
         parameters = self._pb.GenerationParameters(
-            max_new_tokens=request.max_tokens, temperature=self.temperature, ignore_eos=self.ignore_eos
+            max_new_tokens=request.max_tokens,
+            temperature=self.temperature,
+            ignore_eos=self.ignore_eos and not constrained,
+            grammar=self._pb.Grammar(type="json", value=json.dumps(request.json_schema)) if constrained else None,
         )
         sent = time.perf_counter()
         try:

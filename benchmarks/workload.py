@@ -11,6 +11,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer
 
@@ -22,11 +23,14 @@ _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 @dataclass(slots=True, frozen=True)
 class BenchRequest:
-    """One request of the workload: the prompt text, its token count, and how many tokens to ask for."""
+    """One request of the workload: the prompt text, its token count, how many tokens to ask for, and
+    optionally a JSON schema the output must follow (sent as each API spells it; EOS then not ignored,
+    since a finished grammar allows only EOS)."""
 
     prompt: str
     prompt_tokens: int
     max_tokens: int
+    json_schema: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
