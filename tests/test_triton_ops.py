@@ -18,9 +18,9 @@ pytest.importorskip("triton")
 
 from test_decode_graph import _RefuseHostSync, decode_after_prefill, warm_runner  # noqa: E402
 
+from conftest import TINY_CONFIG  # noqa: E402
 from shards import ops  # noqa: E402
 from shards.config import ParallelConfig  # noqa: E402
-from shards.demo.checkpoint import DemoConfig, write_demo_checkpoint  # noqa: E402
 from shards.distributed import TensorParallelGroup  # noqa: E402
 from shards.layers import moe as moe_layer  # noqa: E402
 from shards.loader import load_model  # noqa: E402
@@ -29,16 +29,6 @@ from shards.ops import reference  # noqa: E402
 from shards.triton import attention, moe, norm, rotary  # noqa: E402
 
 CPU = torch.device("cpu")
-# A Mixtral small enough for the interpreter: head dim 16, 2 KV heads, 4 experts.
-TINY = DemoConfig(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=64,
-    num_local_experts=4,
-    max_position_embeddings=512,
-)
 # (module, function) of every kernel wrapper the ops reach.
 KERNELS = [
     (norm, "rms_norm"),
@@ -71,11 +61,10 @@ def kernel_calls(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
+def tiny_model(tiny_dir):
     torch.set_num_threads(1)
     parallel = ParallelConfig()
-    model_dir = write_demo_checkpoint(tmp_path_factory.mktemp("tiny") / "mixtral-tiny", TINY)
-    return load_model(model_dir, parallel, TensorParallelGroup(parallel))
+    return load_model(tiny_dir, parallel, TensorParallelGroup(parallel))
 
 
 def _pools(blocks: int, block_size: int, kv_heads: int, head_dim: int, gen: torch.Generator):
@@ -181,7 +170,7 @@ def test_the_static_decode_path_runs_the_triton_kernels_with_no_host_sync(tiny_m
     finally:
         ops.select("auto", CPU, torch.float32)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-    layers = TINY.num_hidden_layers
+    layers = TINY_CONFIG["num_hidden_layers"]
     assert kernel_calls.count("fused_moe") == kernel_calls.count("paged_decode_attention") == layers
     assert kernel_calls.count("rotary_write_kv") == layers and kernel_calls.count("rms_norm") == 2 * layers + 1
 
