@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 
 from test_decode_graph import _RefuseHostSync, decode_after_prefill, warm_runner  # noqa: E402
 
-from conftest import TINY_CONFIG  # noqa: E402
+from conftest import INTERPRETER_CONFIG  # noqa: E402
 from shards import ops  # noqa: E402
 from shards.config import ParallelConfig  # noqa: E402
 from shards.distributed import TensorParallelGroup  # noqa: E402
@@ -61,10 +61,10 @@ def kernel_calls(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tiny_dir):
+def tiny_model(interpreter_dir):
     torch.set_num_threads(1)
     parallel = ParallelConfig()
-    return load_model(tiny_dir, parallel, TensorParallelGroup(parallel))
+    return load_model(interpreter_dir, parallel, TensorParallelGroup(parallel))
 
 
 def _pools(blocks: int, block_size: int, kv_heads: int, head_dim: int, gen: torch.Generator):
@@ -170,7 +170,7 @@ def test_the_static_decode_path_runs_the_triton_kernels_with_no_host_sync(tiny_m
     finally:
         ops.select("auto", CPU, torch.float32)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-    layers = TINY_CONFIG["num_hidden_layers"]
+    layers = INTERPRETER_CONFIG["num_hidden_layers"]
     assert kernel_calls.count("fused_moe") == kernel_calls.count("paged_decode_attention") == layers
     assert kernel_calls.count("rotary_write_kv") == layers and kernel_calls.count("rms_norm") == 2 * layers + 1
 

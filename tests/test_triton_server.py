@@ -31,8 +31,8 @@ async def greedy_ids(url: str) -> list[list[int]]:
 
 
 @pytest.mark.parametrize(("num_shard", "graphs"), [("1", "off"), ("2", "eager")])
-async def test_triton_kernels_serve_the_torch_paths_greedy_tokens(launch, tiny_dir, num_shard, graphs):
-    common = ("--model", str(tiny_dir), "--num-shard", num_shard, "--cuda-graphs", graphs)
+async def test_triton_kernels_serve_the_torch_paths_greedy_tokens(launch, interpreter_dir, num_shard, graphs):
+    common = ("--model", str(interpreter_dir), "--num-shard", num_shard, "--cuda-graphs", graphs)
     # A warm-up measures the largest batch at the longest context: small limits keep it quick interpreted.
     common += ("--max-batch-size", "4", "--max-total-tokens", "64", "--max-batch-prefill-tokens", "64")
     common += ("--max-kv-blocks", "64")
