@@ -114,10 +114,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--kernels",
-        choices=["auto", "native", "torch"],
+        choices=["auto", "native", "triton", "torch"],
         default="auto",
-        help="shards' C kernels (decode attention, decode-sized MoE): where they build (auto), always (native), "
-        "never (torch)",
+        help="which implementation runs each of the shards' ops: the C kernels for fp32 on CPU where they build and "
+        "the Triton kernels on CUDA where triton imports (auto), the C kernels or refuse (native), the Triton kernels "
+        "or refuse (triton; on CPU under Triton's interpreter, for tests), the torch reference (torch)",
     )
     parser.add_argument(
         "--cuda-graphs",

@@ -66,7 +66,8 @@ def wanted(mode: str, device: torch.device, quantized: bool) -> bool:
 
 @contextlib.contextmanager
 def sync_free(model: MixtralForCausalLM) -> Iterator[None]:
-    """Within it, the model's MoE layers take the dense path (no host sync; see dense_experts)."""
+    """Within it, the model's MoE layers hold no host sync: Triton's fused MoE where the ops chose it,
+    else the dense path (see dense_experts)."""
     layers = [layer.block_sparse_moe for layer in model.layers]
     for moe in layers:
         moe.sync_free = True

@@ -43,9 +43,28 @@ class DecoderLayer(nn.Module):
         cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        attn = self.self_attn(positions, self.input_layernorm(hidden), cache, meta)
-        normed, hidden = self.post_attention_layernorm(attn, residual=hidden)
-        return hidden + self.block_sparse_moe(normed)
+        """The layer's output [T, H] for its input hidden [T, H]."""
+        moe_out, residual = self.forward_residual(positions, hidden, None, cache, meta)
+        return residual + moe_out
+
+    def forward_residual(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer over the input hidden + residual [T, H] (hidden alone for None), left as (its MoE
+        output, its residual), whose sum is its output: the next layer adds them in its input norm
+        (one `rms_norm` with residual, a fused kernel where one runs) instead of a separate add."""
+        if residual is None:
+            normed, residual = self.input_layernorm(hidden), hidden
+        else:
+            normed, residual = self.input_layernorm(hidden, residual=residual)
+        attn = self.self_attn(positions, normed, cache, meta)
+        normed, residual = self.post_attention_layernorm(attn, residual=residual)
+        return self.block_sparse_moe(normed), residual
 
     def kernel_halves(self) -> tuple[decoder_layer.AttentionHalf, decoder_layer.MoEHalf] | None:
         """The two halves' weights as the CPU decoder layer kernel reads them (the `decoder_layers` op),

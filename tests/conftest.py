@@ -60,6 +60,16 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+# The checkpoint of `interpreter_dir` (shards.demo.checkpoint.DemoConfig's fields).
+INTERPRETER_CONFIG = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    num_local_experts=4,
+    max_position_embeddings=512,
+)
 
 
 def _is_python(argv) -> bool:
@@ -103,6 +113,16 @@ def demo_dir(tmp_path_factory) -> Path:
     from shards.demo.checkpoint import write_demo_checkpoint
 
     return write_demo_checkpoint(tmp_path_factory.mktemp("demo") / "mixtral-demo")
+
+
+@pytest.fixture(scope="session")
+def interpreter_dir(tmp_path_factory) -> Path:
+    """A demo checkpoint small enough for Triton's interpreter (~20-30 ms a kernel program): 2 layers,
+    hidden 64, head dim 16, 2 KV heads, 4 experts of 64."""
+    from shards.demo.checkpoint import DemoConfig, write_demo_checkpoint
+
+    out_dir = tmp_path_factory.mktemp("interpreter") / "mixtral-tiny"
+    return write_demo_checkpoint(out_dir, DemoConfig(**INTERPRETER_CONFIG))
 
 
 @pytest.fixture(scope="session")

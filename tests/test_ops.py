@@ -135,6 +135,7 @@ def test_triton_ops_are_one_function_of_the_op_name(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     backend = types.ModuleType("shards.triton")
     backend.rms_norm = reference.rms_norm
+    backend.interpreted = lambda: True  # as the real package is on CPU tensors
     monkeypatch.setitem(sys.modules, "shards.triton", backend)
     try:
         chosen = ops.select("triton", CPU, torch.float32)
@@ -335,3 +336,38 @@ def test_runner_gives_prefill_chunks_as_varlen_tensors(demo_dir):
     assert {t.dtype for t in (meta.prefill_query_start, meta.prefill_start_positions, meta.prefill_block_tables)} == {
         torch.int32
     }
+
+
+def test_decoder_layers_fuse_each_residual_add_into_the_next_norm_exactly(demo_dir):
+    """The reference's layers hand (MoE output, residual) to the next layer's input norm (`rms_norm` with
+    residual, one kernel where one runs): bit for bit each layer's forward, chained."""
+    from shards.attention_metadata import AttentionMetadata
+    from shards.config import ParallelConfig
+    from shards.distributed import TensorParallelGroup
+    from shards.kv_cache import KVCache
+    from shards.loader import load_model
+
+    parallel = ParallelConfig()
+    model = load_model(demo_dir, parallel, TensorParallelGroup(parallel))
+    config = model.config
+    ops.select("torch", CPU, torch.float32)
+    try:
+        caches = [
+            KVCache(config.num_hidden_layers, 4, 4, config.num_key_value_heads, config.head_dim, torch.float32, CPU)
+            for _ in range(2)
+        ]
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor([4, 5, 6]),
+            prefill_query_start=torch.tensor([0, 3], dtype=torch.int32),
+            prefill_start_positions=torch.tensor([0], dtype=torch.int32),
+            prefill_block_tables=torch.tensor([[1]], dtype=torch.int32),
+            prefill_chunks=[(3, 0)],
+        )
+        positions, hidden = torch.arange(3), torch.randn(3, config.hidden_size)
+        fused = reference.decoder_layers(model.layers, positions, hidden, caches[0], meta)
+        chained = hidden
+        for index, layer in enumerate(model.layers):
+            chained = layer(positions, chained, caches[1].layer(index), meta)
+    finally:
+        ops.select("auto", CPU, torch.float32)
+    assert torch.equal(fused, chained)

@@ -122,18 +122,18 @@ def test_decode_context_zero_gives_zeros(partition_size):
     torch.testing.assert_close(got[:1], expected)
 
 
-def test_decode_partitions_depend_on_shapes_alone(monkeypatch):
+def test_decode_partitions_depend_on_shapes_alone():
     """On a GPU the partition size fills the SMs twice over and never goes below MIN_PARTITION;
-    it is a function of (batch, KV heads, table width) only, so a CUDA graph's grid stays valid."""
-    monkeypatch.setattr(attention, "_sm_count", lambda index: 132)
-    gpu = torch.device("cuda", 0)
+    it is a function of (batch, KV heads, table width, SM count) only, so a CUDA graph's grid stays valid."""
+    sm_count = 132
     for batch, kv_heads, max_tokens in [(1, 2, 4096), (8, 2, 1024), (64, 2, 1024), (256, 8, 4096), (1, 8, 64)]:
-        size = attention._decode_partition_size(batch, kv_heads, max_tokens, gpu)
-        splits = -(-max_tokens // size)
+        size = attention.decode_partition_size(batch, kv_heads, max_tokens, sm_count)
+        splits = attention.decode_splits(max_tokens, size)
         assert size >= attention.MIN_PARTITION and size & (size - 1) == 0
         assert batch * kv_heads * splits >= 264 or size == attention.MIN_PARTITION
-    assert attention._decode_partition_size(1, 2, 4096, gpu) == 128  # 32 splits x 2 KV heads
-    assert attention._decode_partition_size(256, 8, 4096, gpu) == 4096  # the batch fills the GPU alone
+    assert attention.decode_partition_size(1, 2, 4096, sm_count) == 128  # 32 splits x 2 KV heads
+    assert attention.decode_partition_size(256, 8, 4096, sm_count) == 4096  # the batch fills the GPU alone
+    assert attention.decode_partition_size(4, 2, 100, None) == 128  # the interpreter: one partition
 
 
 def _prefill_case(heads, kv_heads, head_dim, block_size, chunks, dtype, seed=0):

@@ -8,11 +8,12 @@ routes every token, computes its partial output (its slice of every expert, or i
 output on the tokens routed to them, zero elsewhere) and one all-reduce closes the block.
 
 The experts run through the `fused_moe` op (shards.ops: the C kernel for decode-sized fp32 CPU
-steps, else sort-by-expert grouped matmuls), or, for steps of at most `gather_max_tokens` tokens,
-gather-by-index here: index the chosen experts' weights per token and use batched matmuls.
-With `quantization` set before load, every expert's slice is held quantized (`quantized`, run by
-the grouped path) instead of in w13/w2. Under expert parallelism `fused_moe` runs (it skips the
-pairs routed to experts held elsewhere; gather-by-index would need every expert's weights).
+steps, Triton's fused MoE on CUDA, else sort-by-expert grouped matmuls), or, for steps of at most
+`gather_max_tokens` tokens, gather-by-index here: index the chosen experts' weights per token and use
+batched matmuls. With `quantization` set before load, every expert's slice is held quantized
+(`quantized`, run by the grouped path) instead of in w13/w2. Under expert parallelism `fused_moe`
+runs (it skips the pairs routed to experts held elsewhere; gather-by-index would need every
+expert's weights).
 
 Legend: T tokens, H hidden size, E experts, K experts per token, n world size, E_l experts held by
 this rank, I_l intermediate size per rank, P (token, expert) pairs routed to the experts held.

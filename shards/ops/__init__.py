@@ -102,18 +102,34 @@ def select(mode: str, device: torch.device, dtype: torch.dtype) -> Ops:
 
 
 def _triton_ops(device: torch.device, required: bool) -> dict[str, Callable]:
-    """The ops the shards.triton package implements (functions of the ops' names)."""
+    """The ops the shards.triton package implements (functions of the ops' names): compiled for a
+    CUDA device, interpreted for the CPU (the tests' mode, ~20-30 ms a kernel program)."""
     if device.type == "cpu":
-        # Read when triton is imported: the interpreter runs the kernels on CPU tensors.
+        # Read when triton is imported: the interpreter runs the kernels on CPU tensors. Set here, in
+        # the shard itself, since a launcher's environment need not carry it.
         os.environ.setdefault("TRITON_INTERPRET", "1")
     try:
+        importlib.import_module("triton")
         module = importlib.import_module("shards.triton")
     except ImportError as e:
-        if required:
-            raise KernelUnavailable(f"the Triton kernels are not available: {e}") from e
-        log.warning("event=kernel_unavailable name=triton fallback=torch reason=%r", str(e))
-        return {}
+        return _triton_unavailable(f"the Triton kernels are not available: {e}", required)
+    if (device.type == "cpu") != module.interpreted():
+        # Compiled kernels refuse CPU tensors and interpreted ones CUDA tensors: every op would take the
+        # torch reference while the table says triton (and a captured decode step would sync).
+        mode = "interpreted" if module.interpreted() else "compiled"
+        return _triton_unavailable(
+            f"the Triton kernels are {mode} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} when triton "
+            f"was imported), which {device.type} tensors cannot run",
+            required,
+        )
     return {name: getattr(module, name) for name in OP_NAMES if callable(getattr(module, name, None))}
+
+
+def _triton_unavailable(reason: str, required: bool) -> dict[str, Callable]:
+    if required:
+        raise KernelUnavailable(reason)
+    log.warning("event=kernel_unavailable name=triton fallback=torch reason=%r", reason)
+    return {}
 
 
 def current() -> Ops:

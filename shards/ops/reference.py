@@ -172,10 +172,12 @@ def decoder_layers(
     kv_cache: KVCache,
     meta: AttentionMetadata,
 ) -> torch.Tensor:
-    """hidden [T, H] through every decoder layer, each through its modules' forward."""
+    """hidden [T, H] through every decoder layer, each through its modules' forward; a layer's residual
+    add is the next one's input norm's (the sum is the same: each layer's output, rounded once)."""
+    residual = None
     for index, layer in enumerate(layers):
-        hidden = layer(positions, hidden, kv_cache.layer(index), meta)
-    return hidden
+        hidden, residual = layer.forward_residual(positions, hidden, residual, kv_cache.layer(index), meta)
+    return hidden if residual is None else residual + hidden
 
 
 def row_argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -109,10 +109,11 @@ def paged_decode_attention(
     group = heads // kv_heads
     max_tokens = block_tables.shape[1] * block_size
     if partition_size is None:
-        partition_size = _decode_partition_size(batch, kv_heads, max_tokens, q.device)
+        sm_count = _sm_count(q.device.index) if q.device.type == "cuda" else None
+        partition_size = decode_partition_size(batch, kv_heads, max_tokens, sm_count)
     elif not _power_of_two(partition_size) or partition_size < DECODE_BLOCK_N:
         raise ValueError(f"partition_size must be a power of two >= {DECODE_BLOCK_N}, got {partition_size}")
-    splits = max(1, -(-max_tokens // partition_size))
+    splits = decode_splits(max_tokens, partition_size)
 
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if batch == 0:
@@ -270,15 +271,29 @@ def _check_index(t: torch.Tensor, device: torch.device, name: str) -> None:
         raise ValueError(f"attention: {name} must be contiguous int32/int64 on {device}, got {t.dtype} on {t.device}")
 
 
-def _decode_partition_size(batch: int, kv_heads: int, max_tokens: int, device: torch.device) -> int:
-    """Tokens per decode partition, from shapes alone (the same shapes always give the same grid)."""
-    if device.type != "cuda":
+def decode_partition_size(batch: int, kv_heads: int, max_tokens: int, sm_count: int | None) -> int:
+    """Tokens per decode partition, from shapes alone (the same shapes always give the same grid): on
+    a GPU of `sm_count` SMs, partitions small enough for B kv splits to fill the SMs twice over; on
+    the CPU (None: the interpreter) one partition."""
+    if sm_count is None:
         return max(DECODE_BLOCK_N, _next_power_of_two(max_tokens))
-    programs_wanted = 2 * _sm_count(device.index)
-    splits_wanted = -(-programs_wanted // (batch * kv_heads))
+    splits_wanted = -(-2 * sm_count // (batch * kv_heads))
     tokens_per_split = max(1, -(-max_tokens // splits_wanted))
     # Rounded down to a power of two: at least the splits wanted.
     return max(MIN_PARTITION, 1 << tokens_per_split.bit_length() - 1)
+
+
+def decode_splits(max_tokens: int, partition_size: int) -> int:
+    """Partitions of a decode row of `max_tokens` key positions (the table width times the block size)."""
+    return max(1, -(-max_tokens // partition_size))
+
+
+def decode_workspace_bytes(batch: int, heads: int, head_dim: int, splits: int, dtype: torch.dtype) -> int:
+    """Bytes `paged_decode_attention` allocates: its output [B, h, d] in q's dtype and, with more than
+    one split, the partial outputs [B, h, splits, d] and their maxima and sums [B, h, splits] in fp32."""
+    out = batch * heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+    partials = batch * heads * splits * (head_dim + 2) * 4 if splits > 1 else 0
+    return out + partials
 
 
 @functools.cache
