@@ -25,6 +25,8 @@ from shards.ops import reference
 _F32 = torch.float32
 # The dtypes the weight- and cache-reading kernels take their weights and pools in.
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+# The ops whose kernels run for a bf16 model (shards.ops.select leaves the others to torch there).
+BF16_OPS = ("linear_rows", "fused_moe", "paged_decode_attention", "decoder_layers")
 
 
 def _fp32_cpu(x: torch.Tensor) -> bool:
