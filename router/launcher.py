@@ -95,7 +95,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8080, help="HTTP port the router binds")
     parser.add_argument("--grpc-port", type=int, default=0, help="public gRPC generation service port (0: off)")
     parser.add_argument(
-        "--dtype", default="auto", help="float32, bfloat16, float16 or auto (float32 on CPU, bfloat16 on GPUs with it)"
+        "--dtype",
+        default="auto",
+        help="float32, bfloat16, float16 or auto (bfloat16 on CPUs with avx512_bf16 and on GPUs with bf16, else "
+        "float32 on CPU, float16 on GPU)",
     )
     parser.add_argument(
         "--device",

@@ -47,12 +47,25 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cuda", index)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this host's CPU has the AVX-512 bf16 instructions (`avx512_bf16` in /proc/cpuinfo): a
+    CPU built for bf16, where the C kernels read bf16 weights at half fp32's bytes."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512_bf16" in line for line in f)
+    except OSError:
+        return False
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`--dtype` on `device`: `auto` is float32 on CPU, bfloat16 on a GPU that has it, else float16."""
+    """`--dtype` on `device`: `auto` is float32 on a CPU (bfloat16 is `--dtype bfloat16`: the C kernels
+    read it at half the bytes on any CPU, fastest with avx512_bf16, but it becomes the CPU default only
+    once served throughput against fp32 is measured in benchmarks/), bfloat16 on a GPU that has it
+    (else float16)."""
     if name != "auto" and name not in DTYPES:
         raise DeviceUnavailable(f"--dtype {name}: not one of auto, {', '.join(DTYPES)}")
     if device.type != "cuda":
-        return DTYPES["float32"] if name == "auto" else DTYPES[name]
+        return torch.float32 if name == "auto" else DTYPES[name]
     bf16 = torch.cuda.is_bf16_supported()
     if name == "auto":
         return torch.bfloat16 if bf16 else torch.float16

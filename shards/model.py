@@ -68,12 +68,15 @@ class DecoderLayer(nn.Module):
 
     def kernel_halves(self) -> tuple[decoder_layer.AttentionHalf, decoder_layer.MoEHalf] | None:
         """The two halves' weights as the CPU decoder layer kernel reads them (the `decoder_layers` op),
-        or None where it cannot (weights quantized, or not fp32 on the CPU); gathered on first use after
-        `load` (reading a module's parameters costs ~12 us a layer)."""
+        or None where it cannot (weights quantized, or not all fp32 or all bf16 on the CPU); gathered on
+        first use after `load` (reading a module's parameters costs ~12 us a layer). The kernel reads
+        the norms' weights in fp32: bf16 ones are widened here, once."""
         if not self._kernel_halves_read:
             attn, moe = self.self_attn, self.block_sparse_moe
-            weights = (attn.qkv_proj.weight, attn.o_proj.weight, moe.w13, moe.w2)
-            if all(w is not None and w.dtype == torch.float32 and w.device.type == "cpu" for w in weights):
+            weights = (attn.qkv_proj.weight, attn.o_proj.weight, moe.gate, moe.w13, moe.w2)
+            dtypes = {w.dtype for w in weights if w is not None}
+            on_cpu = all(w is not None and w.device.type == "cpu" for w in weights)
+            if on_cpu and len(dtypes) == 1 and dtypes <= {torch.float32, torch.bfloat16}:
                 self._kernel_halves = (self._attention_half(), self._moe_half())
             self._kernel_halves_read = True
         return self._kernel_halves
@@ -81,7 +84,7 @@ class DecoderLayer(nn.Module):
     def _attention_half(self) -> decoder_layer.AttentionHalf:
         attn, norm = self.self_attn, self.input_layernorm
         return decoder_layer.AttentionHalf(
-            norm.weight,
+            norm.weight.float(),
             norm.eps,
             attn.qkv_proj.weight,
             attn.o_proj.weight,
@@ -94,7 +97,8 @@ class DecoderLayer(nn.Module):
 
     def _moe_half(self) -> decoder_layer.MoEHalf:
         moe, norm = self.block_sparse_moe, self.post_attention_layernorm
-        return decoder_layer.MoEHalf(norm.weight, norm.eps, moe.gate, moe.w13, moe.w2, moe.top_k, moe.first_expert)
+        weight = norm.weight.float()
+        return decoder_layer.MoEHalf(weight, norm.eps, moe.gate, moe.w13, moe.w2, moe.top_k, moe.first_expert)
 
     def load(self, reader: CheckpointReader, prefix: str) -> None:
         self._kernel_halves, self._kernel_halves_read = None, False

@@ -24,7 +24,14 @@ import torch
 from mixserve_pb import shard_pb2, shard_pb2_grpc
 from shards import decode_graph, ops
 from shards.config import DTYPES, MOE_PARALLEL_MODES, ModelConfig, ParallelConfig
-from shards.devices import DEVICE_CHOICES, DeviceUnavailable, make_current, resolve_device, resolve_dtype
+from shards.devices import (
+    DEVICE_CHOICES,
+    DeviceUnavailable,
+    cpu_has_bf16,
+    make_current,
+    resolve_device,
+    resolve_dtype,
+)
 from shards.distributed import init_process_group, tensor_parallel_group
 from shards.grammar import GrammarMatchers, load_tokenizer
 from shards.kernels.native import KernelUnavailable
@@ -310,7 +317,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=[*DTYPES, "auto"],
         default="auto",
-        help="auto: float32 on CPU, bfloat16 on CUDA (float16 on GPUs without it)",
+        help="auto: bfloat16 on CPUs with avx512_bf16 (float32 on other CPUs), bfloat16 on CUDA (float16 on GPUs "
+        "without it)",
     )
     parser.add_argument(
         "--device",
@@ -387,6 +395,13 @@ def run(args: argparse.Namespace) -> int:
     except DeviceUnavailable as e:
         log.error("event=device_unavailable error=%r", str(e))
         return 2
+    log.info(
+        "event=dtype rank=%d dtype=%s requested=%s cpu_avx512_bf16=%s",
+        parallel.rank,
+        str(dtype).removeprefix("torch."),
+        args.dtype,
+        cpu_has_bf16(),
+    )
     # Before anything touches CUDA: the main thread loads the model, the model thread runs it.
     make_current(device)
     quantization = QuantizationConfig(args.quantize) if args.quantize else None

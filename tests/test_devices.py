@@ -15,8 +15,9 @@ from mixserve_pb import shard_pb2
 from router import launcher
 from router.host_check import HostCheckFailed, HostPlan, check_model_dir, group_visible_devices
 from router.shard_processes import shard_environment
+from shards import devices
 from shards.config import ModelConfig, ParallelConfig
-from shards.devices import DeviceUnavailable, resolve_device, resolve_dtype
+from shards.devices import DeviceUnavailable, cpu_has_bf16, resolve_device, resolve_dtype
 from shards.distributed import TensorParallelGroup
 from shards.loader import load_model
 from shards.model_thread import ModelThread
@@ -64,8 +65,13 @@ def test_without_cuda_auto_is_the_cpu_and_cuda_is_refused():
         resolve_device("cuda", 0)
 
 
-def test_dtype_auto_follows_the_device(gpus):
+def test_dtype_auto_follows_the_device(gpus, monkeypatch):
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
     with pytest.raises(DeviceUnavailable, match="--dtype fp64: not one of auto, float32, bfloat16, float16"):
         resolve_dtype("fp64", torch.device("cpu"))
     gpus(1)
@@ -74,6 +80,12 @@ def test_dtype_auto_follows_the_device(gpus):
     assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.float16
     with pytest.raises(DeviceUnavailable, match="GPU 0 .Test GPU. has no bfloat16"):
         resolve_dtype("bfloat16", torch.device("cuda", 0))
+
+
+def test_cpu_has_bf16_reads_the_cpu_flags():
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split() for line in f if line.startswith("flags")), [])
+    assert cpu_has_bf16() == ("avx512_bf16" in flags)
 
 
 @pytest.mark.parametrize("replicas, num_shard", [(2, 4), (4, 2), (1, 8)])

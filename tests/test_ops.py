@@ -122,10 +122,14 @@ def test_a_model_step_reaches_c_only_where_chosen(demo_dir, c_calls):
 
 
 def test_choices_follow_device_and_dtype():
-    assert set(ops.select("auto", CPU, torch.bfloat16).backends.values()) == {"torch"}
-    with pytest.raises(KernelUnavailable, match="fp32 on the CPU"):
-        ops.select("native", CPU, torch.bfloat16)
-    with pytest.raises(KernelUnavailable, match="fp32 on the CPU"):
+    assert set(ops.select("auto", CPU, torch.float16).backends.values()) == {"torch"}
+    with pytest.raises(KernelUnavailable, match="fp32 or bf16 on the CPU"):
+        ops.select("native", CPU, torch.float16)
+    bf16 = ops.select("auto", CPU, torch.bfloat16).backends
+    weight_readers = ("linear_rows", "fused_moe", "paged_decode_attention", "decoder_layers")
+    if ops.select("auto", CPU, torch.float32).backends["decoder_layers"] == "native":
+        assert {name for name, backend in bf16.items() if backend == "native"} == set(weight_readers)
+    with pytest.raises(KernelUnavailable, match="fp32 or bf16 on the CPU"):
         ops.select("native", torch.device("cuda", 0), torch.float32)
     ops.select("auto", CPU, torch.float32)
 
@@ -202,7 +206,7 @@ def test_moe_kernel_refuses_wrong_arguments(native):
     hidden, w13, w2 = torch.randn(3, 16), torch.randn(4, 12, 16), torch.randn(4, 16, 6)
     weights, experts = torch.rand(3, 2), torch.tensor([[0, 1], [2, 3], [1, 2]])
     call = moe.moe_experts
-    with pytest.raises(TypeError, match="w13 must be torch.float32"):
+    with pytest.raises(TypeError, match="w13 must be float32 or bfloat16"):
         call(hidden, w13.half(), w2, weights, experts)
     with pytest.raises(ValueError, match="hidden must be contiguous"):
         call(torch.randn(16, 3).t(), w13, w2, weights, experts)
@@ -269,7 +273,7 @@ def test_decoder_layer_kernel_refuses_wrong_arguments(native):
     experts = decoder_layer.MoEHalf(
         torch.rand(hidden_size), 1e-5, torch.randn(4, hidden_size), torch.randn(4, 12, 16), torch.randn(4, 16, 6), 2, 0
     )
-    with pytest.raises(TypeError, match="w_qkv must be torch.float32"):
+    with pytest.raises(TypeError, match="w_qkv must be float32 or bfloat16"):
         decoder_layer.AttentionHalf(
             attention.norm_weight,
             1e-5,

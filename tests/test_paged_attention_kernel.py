@@ -66,8 +66,8 @@ def test_torch_choice_and_shapes_the_kernel_does_not_take(native, monkeypatch):
     monkeypatch.setattr(kernel, "paged_decode_attention", lambda *a: calls.append(a[0].shape) or real(*a))
     native.paged_decode_attention(q, cache, tables, lens, 0.2)
     assert len(calls) == 1
-    bf16 = tuple(pool.to(torch.bfloat16) for pool in cache)
-    native.paged_decode_attention(q.to(torch.bfloat16), bf16, tables, lens, 0.2)
+    half = tuple(pool.half() for pool in cache)  # fp16: neither of the kernel's dtypes
+    native.paged_decode_attention(q.half(), half, tables, lens, 0.2)
     many_heads = torch.zeros(1, kernel.MAX_HEADS + 4, 32)
     torch.testing.assert_close(
         native.paged_decode_attention(many_heads, cache, tables, lens, 0.2),

@@ -16,9 +16,10 @@ PREFILL_BUDGET = 48
 
 @pytest.fixture(scope="module")
 def server(launch, demo_dir):
+    # fp32 as the transformers oracle (auto would be bf16 on a CPU with avx512_bf16).
     return launch(
         "--model", str(demo_dir), "--num-shard", "4", "--max-batch-prefill-tokens", str(PREFILL_BUDGET),
-        "--log-level", "debug", "--max-concurrent-requests", "64",
+        "--log-level", "debug", "--max-concurrent-requests", "64", "--dtype", "float32",
     )  # fmt: skip
 
 

@@ -354,9 +354,10 @@ def test_probe_names_what_cannot_run():
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", QUANTIZE_MODES)
 async def test_generation_through_the_router(launch, demo_dir, groups, mode):
+    # fp32 as the in-process records it is compared with (auto would be bf16 on a CPU with avx512_bf16).
     server = launch(
         "--model", str(demo_dir), "--num-shard", "2", "--quantize", mode,
-        "--max-batch-prefill-tokens", "64", "--max-batch-size", "8",
+        "--max-batch-prefill-tokens", "64", "--max-batch-size", "8", "--dtype", "float32",
     )  # fmt: skip
     body = {"prompt": "The old river runs", "max_tokens": 12, "temperature": 0, "stream": False}
     try:

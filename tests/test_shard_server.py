@@ -4,9 +4,11 @@ import subprocess
 
 import grpc
 import pytest
+import torch
 
 from conftest import PYTHON, start_shards, subprocess_env
 from mixserve_pb import shard_pb2
+from shards.devices import resolve_dtype
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +47,8 @@ def test_info_health_warmup_and_steps(shards, tmp_path):
     infos = everyone(stubs, "Info", shard_pb2.InfoRequest())
     assert [i.rank for i in infos] == list(range(WORLD_SIZE))
     assert {i.world_size for i in infos} == {WORLD_SIZE}
-    assert infos[0].dtype == "float32" and infos[0].num_experts == 8
+    auto = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    assert infos[0].dtype == auto and infos[0].num_experts == 8
     assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in sockets.iterdir())
 
     warm = everyone(stubs, "Warmup", shard_pb2.WarmupRequest(max_batch_tokens=256, max_batch_size=8, max_blocks=64))

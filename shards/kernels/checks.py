@@ -9,6 +9,8 @@ TypeError for a wrong dtype or device, ValueError for a wrong shape or layout.
 import torch
 
 INDEX_DTYPES = (torch.int32, torch.int64)
+# The element types the kernels read weights and KV pools in, as element_type.h numbers them.
+ELEMENT_TYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def require(
@@ -32,6 +34,15 @@ def require(
     if contiguous and not tensor.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
     return shape
+
+
+def element_type(tensor: torch.Tensor, name: str) -> int:
+    """The kernels' number for `tensor`'s dtype (fp32 or bf16); TypeError for another."""
+    dtype = getattr(tensor, "dtype", None)
+    if dtype not in ELEMENT_TYPES:
+        got = dtype if dtype is not None else type(tensor).__name__
+        raise TypeError(f"{name} must be float32 or bfloat16, got {got}")
+    return ELEMENT_TYPES[dtype]
 
 
 def index(tensor: torch.Tensor, name: str, dims: int) -> torch.Tensor:

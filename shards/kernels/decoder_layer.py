@@ -1,6 +1,7 @@
 """A decoder layer through decoder_layer.c, for a step whose every token is one query over its own
 block table (`AttentionMetadata.per_token`): the attention half and the MoE half are one C call
-each, around the layer's two all-reduces (fp32 CPU tensors, the kernels chosen). The halves'
+each, around the layer's two all-reduces (CPU tensors, the kernels chosen): hidden, norms and rotary
+tables fp32, the projection and expert weights fp32 or bf16, the KV pools fp32 or bf16. The halves'
 weights travel in two small frozen dataclasses, checked when built; the step's inputs and buffers in
 a `KernelStep`, checked once when prepared (the tables, context lengths, slots and positions
 range-checked against the pools), so that each layer's call checks only what is its own: its pools,
@@ -19,14 +20,14 @@ import torch
 from shards.attention_metadata import AttentionMetadata
 from shards.kernels import moe, native
 from shards.kernels import paged_attention as attention_kernel
-from shards.kernels.checks import at_most, index, require, same
+from shards.kernels.checks import at_most, element_type, index, require, same
 from shards.kernels.native import KernelUnavailable
 
 _P, _I64, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SCRATCH_ARGTYPES = [_I64] * 9
 _ATTENTION_ARGTYPES = [_P, _P, _P, _F, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _P, _P, _I64, _I64, _P, _P]
-_ATTENTION_ARGTYPES += [_I64] * 6 + [_F, _I64]
-_MOE_ARGTYPES = [_P, _P, _P, _F, _P, _P, _P, _P, _P] + [_I64] * 7
+_ATTENTION_ARGTYPES += [_I64] * 6 + [_F, _I64, ctypes.c_int, ctypes.c_int]
+_MOE_ARGTYPES = [_P, _P, _P, _F, _P, _P, _P, _P, _P] + [_I64] * 7 + [ctypes.c_int]
 MAX_EXPERTS = 256
 
 
@@ -59,7 +60,8 @@ def max_tokens() -> int:
 
 @dataclass(frozen=True, slots=True)
 class AttentionHalf:
-    """One layer's attention half as the kernel reads it: this rank's slices, fp32, contiguous."""
+    """One layer's attention half as the kernel reads it: this rank's slices, contiguous; the norm and
+    rotary tables fp32, w_qkv and w_o of one dtype, fp32 or bf16."""
 
     norm_weight: torch.Tensor  # [H] input_layernorm
     eps: float
@@ -71,11 +73,13 @@ class AttentionHalf:
     scale: float
     sliding_window: int | None
     shape_key: tuple[int, ...] = field(init=False)  # (H, h, kv, D): what the scratch size depends on
+    weight_type: int = field(init=False)  # element_type.h's number for the weights' dtype
 
     def __post_init__(self) -> None:
         hidden = require(self.norm_weight, "input_layernorm weight", torch.float32, 1)[0]
-        rows, qkv_hidden = require(self.w_qkv, "w_qkv", torch.float32, 2)
-        o_hidden, o_features = require(self.w_o, "w_o", torch.float32, 2)
+        object.__setattr__(self, "weight_type", element_type(self.w_qkv, "w_qkv"))
+        rows, qkv_hidden = require(self.w_qkv, "w_qkv", self.w_qkv.dtype, 2)
+        o_hidden, o_features = require(self.w_o, "w_o", self.w_qkv.dtype, 2)
         positions, head_dim = require(self.cos, "cos", torch.float32, 2)
         if require(self.sin, "sin", torch.float32, 2) != (positions, head_dim):
             raise ValueError("the rotary tables cos and sin must have one shape")
@@ -98,7 +102,8 @@ class AttentionHalf:
 
 @dataclass(frozen=True, slots=True)
 class MoEHalf:
-    """One layer's MoE half as the kernel reads it: the replicated gate, this rank's experts."""
+    """One layer's MoE half as the kernel reads it: the replicated gate, this rank's experts, all three
+    of one dtype (fp32 or bf16); the norm fp32."""
 
     norm_weight: torch.Tensor  # [H] post_attention_layernorm
     eps: float
@@ -108,12 +113,14 @@ class MoEHalf:
     top_k: int  # K
     first_expert: int
     shape_key: tuple[int, ...] = field(init=False)  # (num_experts, K, E, I): what the scratch size depends on
+    weight_type: int = field(init=False)  # element_type.h's number for the weights' dtype
 
     def __post_init__(self) -> None:
         hidden = require(self.norm_weight, "post_attention_layernorm weight", torch.float32, 1)[0]
-        num_experts, gate_hidden = require(self.gate, "gate", torch.float32, 2)
-        held, two_inter, w13_hidden = require(self.w13, "w13", torch.float32, 3)
-        w2_held, w2_hidden, inter = require(self.w2, "w2", torch.float32, 3)
+        object.__setattr__(self, "weight_type", element_type(self.gate, "gate"))
+        num_experts, gate_hidden = require(self.gate, "gate", self.gate.dtype, 2)
+        held, two_inter, w13_hidden = require(self.w13, "w13", self.gate.dtype, 3)
+        w2_held, w2_hidden, inter = require(self.w2, "w2", self.gate.dtype, 3)
         same("hidden sizes of the norm, gate, w13 and w2", norm=hidden, gate=gate_hidden, w13=w13_hidden, w2=w2_hidden)
         same("experts held in w13 and w2", w13=held, w2=w2_held)
         same("intermediate sizes (w13 rows / 2, w2 columns)", w13=two_inter // 2, w2=inter)
@@ -137,6 +144,7 @@ class KernelStep:
     block_tables: torch.Tensor  # [T, M] int64
     context_lens: torch.Tensor  # [T] int64
     pool_shape: tuple[int, int, int, int]  # every layer's pools [N, S, kv, d]
+    pool_dtype: torch.dtype  # every layer's pools' dtype, fp32 or bf16
     attention_key: tuple[int, ...]  # the halves' shapes the scratch was sized for
     moe_key: tuple[int, ...]
     work: torch.Tensor
@@ -175,6 +183,7 @@ def prepare_step(
         tables,
         context_lens,
         pool_shape,
+        cache[0].dtype,
         attention.shape_key,
         moe.shape_key,
         torch.empty(floats),
@@ -223,12 +232,12 @@ def attention_block(
     for pool in cache:
         if not (
             isinstance(pool, torch.Tensor)
-            and pool.dtype is torch.float32
+            and pool.dtype is step.pool_dtype
             and pool.shape == step.pool_shape
             and pool.device.type == "cpu"
             and pool.is_contiguous()
         ):
-            raise ValueError(f"each pool must be a contiguous fp32 CPU tensor of shape {step.pool_shape}")
+            raise ValueError(f"each pool must be a contiguous {step.pool_dtype} CPU tensor of shape {step.pool_shape}")
     if partial is not None:
         _check_partial(partial, step)
     x = step.hidden
@@ -262,6 +271,8 @@ def attention_block(
         block_size,
         weights.scale,
         weights.sliding_window or 0,
+        weights.weight_type,
+        element_type(k_pool, "k_pool"),
     )
     if status:
         raise ValueError(f"the decoder layer kernel refused the attention block: {_attention_refusal(status)}")
@@ -270,6 +281,8 @@ def attention_block(
 def _attention_refusal(status: int) -> str:
     if status == 30:
         return "a slot outside the pools"
+    if status == 40:
+        return "weights or pools neither fp32 nor bf16"
     if 10 < status < 20:
         return "a position past the rotary tables (or an odd head dim)"
     if 20 < status < 30:
@@ -304,6 +317,7 @@ def moe_block(step: KernelStep, partial: torch.Tensor, weights: MoEHalf) -> None
         weights.first_expert,
         held,
         two_inter // 2,
+        weights.weight_type,
     )
     if status:
         raise ValueError(f"the decoder layer kernel refused the MoE block (status {status})")

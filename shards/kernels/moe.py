@@ -1,4 +1,5 @@
-"""The C expert MLPs (moe.c) behind a checked, torch-shaped call, for decode-sized batches.
+"""The C expert MLPs (moe.c) behind a checked, torch-shaped call, for decode-sized batches: hidden
+fp32, the experts' weights fp32 or bf16 (widened in registers), fp32 accumulation.
 
 Legend: T tokens, H hidden size, K experts per token, E experts held, I intermediate size held.
 """
@@ -8,7 +9,7 @@ import ctypes
 import torch
 
 from shards.kernels import native
-from shards.kernels.checks import index, require, same
+from shards.kernels.checks import element_type, index, require, same
 from shards.kernels.native import KernelUnavailable
 
 # Past this many tokens MKL's blocked GEMM beats streaming each expert's weights per row group:
@@ -17,7 +18,7 @@ from shards.kernels.native import KernelUnavailable
 MAX_TOKENS_BY_VECTOR_FLOATS = {16: 128}
 MAX_TOKENS = 64
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
-_ARGTYPES = [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64]
+_ARGTYPES = [_P, _P, _P, _P, _P, ctypes.c_int, _P, _P, _I64, _I64, _I64, _I64, _I64]
 
 
 def _kernel():
@@ -46,13 +47,15 @@ def moe_experts(
 ) -> torch.Tensor:
     """This rank's partial MoE output [T, H] for hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], routing
     weights and expert ids [T, K] (ids >= E, held by another rank, are skipped): as the fused_moe reference.
-    fp32 CPU tensors; raises TypeError / ValueError for arguments the kernel cannot take."""
+    CPU tensors, w13 and w2 of one dtype (fp32 or bf16), the rest fp32; raises TypeError / ValueError for
+    arguments the kernel cannot take."""
     fn = _kernel()
     if fn is None:
         raise KernelUnavailable("the MoE kernel is not available")
     tokens, hidden_size = require(hidden, "hidden", torch.float32, 2)
-    held, two_inter, w13_hidden = require(w13, "w13", torch.float32, 3)
-    w2_held, w2_hidden, inter = require(w2, "w2", torch.float32, 3)
+    weight_type = element_type(w13, "w13")
+    held, two_inter, w13_hidden = require(w13, "w13", w13.dtype, 3)
+    w2_held, w2_hidden, inter = require(w2, "w2", w13.dtype, 3)
     route_tokens, top_k = require(weights, "weights", torch.float32, 2)
     experts = index(experts, "experts", 2)
     same("hidden sizes of hidden, w13 and w2", hidden=hidden_size, w13=w13_hidden, w2=w2_hidden)
@@ -71,6 +74,7 @@ def moe_experts(
         experts.data_ptr(),
         w13.data_ptr(),
         w2.data_ptr(),
+        weight_type,
         out.data_ptr(),
         scratch.data_ptr(),
         tokens,

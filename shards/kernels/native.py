@@ -5,9 +5,11 @@ whether they may run at all.
 `--kernels`: `auto` (the C kernels where they build), `native` (the C kernels, or fail at start),
 `torch` (never; the shared-memory collectives then take their torch path too).
 Compiled once per source and machine (`-march=native`, so the cache key covers the CPU) into
-$MIXSERVE_CACHE/kernels (default ~/.cache/mixserve/kernels); shard processes that start together
-build side by side and each moves its own file into place. A machine without a C compiler keeps
-the torch paths: `load` raises KernelUnavailable and the caller decides.
+$MIXSERVE_CACHE/kernels (default ~/.cache/mixserve/kernels); MIXSERVE_KERNEL_CFLAGS adds compiler
+flags after those (tests build the fallback paths on a machine that has AVX-512 with `-mno-avx512f`,
+or `-mno-avx2 -mno-fma` for plain C, then `forget_loaded`; the flags are part of the cache key).
+Shard processes that start together build side by side and each moves its own file into place. A
+machine without a C compiler keeps the torch paths: `load` raises KernelUnavailable and the caller decides.
 """
 
 import ctypes
@@ -15,6 +17,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -58,6 +61,10 @@ def _cpu_fingerprint() -> str:
     return "\n".join(lines)
 
 
+def _flags() -> list[str]:
+    return _FLAGS + shlex.split(os.environ.get("MIXSERVE_KERNEL_CFLAGS", ""))
+
+
 def _compiler() -> str:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):
@@ -75,7 +82,7 @@ def _build(name: str) -> Path:
     # Every source and header of the folder: a source may include others (decoder_layer.c does).
     sources = [path.read_text() for path in sorted(_SOURCES.glob("*.[ch]"))]
     key = hashlib.sha256(
-        "\0".join([source.read_text(), *sources, " ".join(_FLAGS + _LINK), version, _cpu_fingerprint()]).encode()
+        "\0".join([source.read_text(), *sources, " ".join(_flags() + _LINK), version, _cpu_fingerprint()]).encode()
     ).hexdigest()[:16]
     target = _cache_dir() / f"{name}-{key}.so"
     if target.exists():
@@ -85,7 +92,7 @@ def _build(name: str) -> Path:
     os.close(fd)
     try:
         obj = f"{partial}.o"
-        for step in ([*_FLAGS, "-c", "-o", obj, str(source)], [*_LINK, "-o", partial, obj, "-lm"]):
+        for step in ([*_flags(), "-c", "-o", obj, str(source)], [*_LINK, "-o", partial, obj, "-lm"]):
             result = subprocess.run([compiler, *step], capture_output=True, text=True, timeout=300)
             if result.returncode != 0:
                 raise KernelUnavailable(f"{compiler} failed on {source.name}: {result.stderr.strip()[-2000:]}")
@@ -109,6 +116,14 @@ def load(name: str) -> ctypes.CDLL:
         except OSError as e:
             raise KernelUnavailable(f"loading {path} failed: {e}") from e
     return _loaded[name]
+
+
+def forget_loaded() -> None:
+    """Drop the loaded libraries and the functions looked up in them: the next use builds (or finds in
+    the cache) each library under the MIXSERVE_KERNEL_CFLAGS of then. How tests run the narrower
+    vector paths on a machine that has the wider ones; the ops must be selected again after it."""
+    _loaded.clear()
+    _functions.clear()
 
 
 def _chosen_library(library: str) -> ctypes.CDLL | None:

@@ -1,4 +1,5 @@
-/* Decode attention over the paged KV cache, fp32, one CPU thread, reading K/V where they lie.
+/* Decode attention over the paged KV cache, fp32 math over fp32 or bf16 K/V (kv_type, element_type.h;
+   bf16 rows widened as they are read), one CPU thread, reading K/V where they lie.
 
    The torch path gathers every decoding sequence's blocks into one padded tensor before
    attending (copying the whole context of the batch every layer, about half a decode step's time
@@ -16,6 +17,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "element_type.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -75,12 +78,12 @@ static void token_scores(const float (*qs)[MAX_HEAD_DIM], const float *kt, float
 /* Built with -ffast-math (vectorised expf): no infinities here, -FLT_MAX stands for "no score yet".
    Each token's K (and V) row of all KV heads is contiguous, so one sequence's context is read
    front to back, once, for all of its query heads; scores are kept [token][head]. */
-int paged_decode_attention(const float *q, const float *k_pool, const float *v_pool,
+int paged_decode_attention(const float *q, const void *k_pool, const void *v_pool, int kv_type,
                            const int64_t *block_tables, const int64_t *context_lens, float *out,
                            int64_t B, int64_t H, int64_t KV, int64_t D, int64_t S, int64_t M, int64_t N,
                            float scale, int64_t window) {
     const int64_t G = H / KV;
-    if (H > MAX_HEADS || G * KV != H || D > MAX_HEAD_DIM || S > MAX_BLOCK) return 1;
+    if (H > MAX_HEADS || G * KV != H || D > MAX_HEAD_DIM || S > MAX_BLOCK || !element_type_known(kv_type)) return 1;
     /* Every read stays inside the table rows and the pools: 2 a context past its row, 3 a block id
        outside the pools (checked before anything is written). */
     for (int64_t b = 0; b < B; b++) {
@@ -91,7 +94,9 @@ int paged_decode_attention(const float *q, const float *k_pool, const float *v_p
             if (block < 0 || block >= N) return 3;
         }
     }
-    const int64_t token_stride = KV * D; /* floats between two tokens of one block */
+    const int64_t token_stride = KV * D; /* elements between two tokens of one block */
+    const int64_t per_line = kv_type == ELEMENT_BF16 ? 32 : 16;
+    float row[MAX_HEADS * MAX_HEAD_DIM]; /* a bf16 token's K or V row, widened */
     float qs[MAX_HEADS][MAX_HEAD_DIM], acc[MAX_HEADS][MAX_HEAD_DIM], scores[MAX_BLOCK][MAX_HEADS];
     float running_max[MAX_HEADS], running_sum[MAX_HEADS], correction[MAX_HEADS];
     for (int64_t b = 0; b < B; b++) {
@@ -109,17 +114,20 @@ int paged_decode_attention(const float *q, const float *k_pool, const float *v_p
             const int64_t block = table[start / S];
             const int64_t lo = start < first ? first - start : 0;
             const int64_t hi = (len - start < S ? len - start : S);
-            const float *kb = k_pool + block * S * token_stride;
-            const float *vb = v_pool + block * S * token_stride;
+            const void *kb = element_offset(k_pool, kv_type, block * S * token_stride);
+            const void *vb = element_offset(v_pool, kv_type, block * S * token_stride);
             /* Blocks lie anywhere in the pool: fetch this block's V and the next block's K while
                computing on this block's K, so the walk does not stall on every block change. */
-            const float *next_kb = start + S < len ? k_pool + table[start / S + 1] * S * token_stride : kb;
+            const void *next_kb =
+                start + S < len ? element_offset(k_pool, kv_type, table[start / S + 1] * S * token_stride) : kb;
             for (int64_t t = lo; t < hi; t++) {
-                for (int64_t line = 0; line < token_stride; line += 16) {
-                    __builtin_prefetch(vb + t * token_stride + line);
-                    __builtin_prefetch(next_kb + t * token_stride + line);
+                for (int64_t line = 0; line < token_stride; line += per_line) {
+                    __builtin_prefetch(element_offset(vb, kv_type, t * token_stride + line));
+                    __builtin_prefetch(element_offset(next_kb, kv_type, t * token_stride + line));
                 }
-                token_scores((const float (*)[MAX_HEAD_DIM])qs, kb + t * token_stride, scores[t], H, G, D);
+                const void *k_stored = element_offset(kb, kv_type, t * token_stride);
+                const float *kt = load_elements(k_stored, kv_type, token_stride, row);
+                token_scores((const float (*)[MAX_HEAD_DIM])qs, kt, scores[t], H, G, D);
             }
             for (int64_t h = 0; h < H; h++) {
                 float block_max = running_max[h];
@@ -142,7 +150,8 @@ int paged_decode_attention(const float *q, const float *k_pool, const float *v_p
                 for (int64_t d = 0; d < D; d++) ah[d] *= c;
             }
             for (int64_t t = lo; t < hi; t++) {
-                const float *vt = vb + t * token_stride;
+                const void *v_stored = element_offset(vb, kv_type, t * token_stride);
+                const float *vt = load_elements(v_stored, kv_type, token_stride, row);
                 for (int64_t h = 0; h < H; h++) {
                     const float p = scores[t][h], *vh = vt + (h / G) * D;
                     float *ah = acc[h];

@@ -1,4 +1,5 @@
-"""The C decode attention (paged_attention.c) behind a checked, torch-shaped call.
+"""The C decode attention (paged_attention.c) behind a checked, torch-shaped call: q fp32, the KV
+pools fp32 or bf16 (read in place, widened as read), fp32 math.
 
 Legend: B decoding sequences, h query heads, kv KV heads, d head dim, N blocks, S block size,
 M block-table width.
@@ -9,17 +10,17 @@ import ctypes
 import torch
 
 from shards.kernels import native
-from shards.kernels.checks import at_most, index, require, same
+from shards.kernels.checks import at_most, element_type, index, require, same
 from shards.kernels.native import KernelUnavailable
 
 # The C kernel's fixed scratch sizes (paged_attention.c); the op takes the torch path past them.
 MAX_HEADS, MAX_HEAD_DIM, MAX_BLOCK = 64, 256, 256
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
-_ARGTYPES = [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _I64]
+_ARGTYPES = [_P, _P, _P, ctypes.c_int, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _I64]
 # The kernel's refusals, by status: it checks the values (every block id read, every context
 # length) itself before reading, which costs far less than torch reductions over them here.
 REFUSALS = {
-    1: "heads, head dim or block size past the kernel's limits",
+    1: "heads, head dim or block size past the kernel's limits, or pools neither fp32 nor bf16",
     2: "a context length below 1 or past its block-table row (width x block size)",
     3: "a block id outside the pools",
 }
@@ -40,10 +41,11 @@ def fits(heads: int, head_dim: int, block_size: int) -> bool:
 
 
 def check_cache(cache: tuple[torch.Tensor, torch.Tensor]) -> tuple[int, int, int, int]:
-    """Both pools fp32, contiguous, [N, S, kv, d] alike; returns (N, S, kv, d)."""
+    """Both pools fp32 or both bf16, contiguous, [N, S, kv, d] alike; returns (N, S, kv, d)."""
     k_pool, v_pool = cache
-    shape = require(k_pool, "k_pool", torch.float32, 4)
-    if require(v_pool, "v_pool", torch.float32, 4) != shape:
+    element_type(k_pool, "k_pool")
+    shape = require(k_pool, "k_pool", k_pool.dtype, 4)
+    if require(v_pool, "v_pool", k_pool.dtype, 4) != shape:
         raise ValueError(f"k_pool {shape} and v_pool {tuple(v_pool.shape)} must have one shape")
     at_most("block size", shape[1], MAX_BLOCK)
     at_most("head dim", shape[3], MAX_HEAD_DIM)
@@ -72,7 +74,7 @@ def paged_decode_attention(
     scale: float,
     sliding_window: int | None,
 ) -> torch.Tensor:
-    """Attention of one query per sequence, q [B, h, d] fp32, over its cached K/V (pools [N, S, kv, d],
+    """Attention of one query per sequence, q [B, h, d] fp32, over its cached K/V (pools [N, S, kv, d], fp32 or bf16,
     tables [B, M], context lengths [B], each counting the query's own position); returns [B, h, d].
     Raises TypeError / ValueError for arguments the kernel cannot take."""
     fn = _kernel()
@@ -91,6 +93,7 @@ def paged_decode_attention(
         q.data_ptr(),
         k_pool.data_ptr(),
         v_pool.data_ptr(),
+        element_type(k_pool, "k_pool"),
         tables.data_ptr(),
         lens.data_ptr(),
         out.data_ptr(),

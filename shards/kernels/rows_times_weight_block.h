@@ -1,19 +1,22 @@
 /* The vector loop of rows_times_weight, written once for both vector widths: rows_times_weight.h
-   includes this file twice, after defining
+   includes this file for each vector width and weight type, after defining
      RTW_NAME            the function's name
      RTW_VEC, RTW_FLOATS the vector type and its floats
      RTW_ZERO(), RTW_LOAD(p), RTW_FMA(a, b, c)
      RTW_FOLD(v)         the vector folded to 8 lanes (__m256) by adding its halves
-   and undefines them at its end. The function runs the four-weight-row blocks (K a multiple of
+     RTW_WEIGHT          the weight's element type (float, or uint16_t for bf16)
+     RTW_LOAD_W(p)       RTW_FLOATS weights from p as floats
+   and undefines RTW_NAME, RTW_WEIGHT and RTW_LOAD_W at its end (the width's macros serve both
+   weight types). The function runs the four-weight-row blocks (K a multiple of
    RTW_FLOATS) and returns the first weight row it left to the scalar tail. */
 
-static int64_t RTW_NAME(const float *x, int64_t R, int64_t ldx, const float *W, int64_t N, int64_t K, float *y,
+static int64_t RTW_NAME(const float *x, int64_t R, int64_t ldx, const RTW_WEIGHT *W, int64_t N, int64_t K, float *y,
                         int64_t ldy) {
     int64_t n0 = 0;
     for (; n0 + 4 <= N; n0 += 4) {
-        const float *w0 = W + n0 * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        const RTW_WEIGHT *w0 = W + n0 * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
         if (n0 + 8 <= N)
-            for (int64_t line = 0; line < 4 * K; line += 16) __builtin_prefetch(w0 + 4 * K + line);
+            for (int64_t line = 0; line < 4 * K; line += 64 / sizeof(RTW_WEIGHT)) __builtin_prefetch(w0 + 4 * K + line);
         int64_t r = 0;
         for (; r + 2 <= R; r += 2) {
             const float *xa = x + r * ldx, *xb = xa + ldx;
@@ -21,16 +24,16 @@ static int64_t RTW_NAME(const float *x, int64_t R, int64_t ldx, const float *W, 
             for (int j = 0; j < 8; j++) acc[j] = RTW_ZERO();
             for (int64_t k = 0; k < K; k += RTW_FLOATS) {
                 const RTW_VEC a = RTW_LOAD(xa + k), b = RTW_LOAD(xb + k);
-                RTW_VEC w = RTW_LOAD(w0 + k);
+                RTW_VEC w = RTW_LOAD_W(w0 + k);
                 acc[0] = RTW_FMA(w, a, acc[0]);
                 acc[4] = RTW_FMA(w, b, acc[4]);
-                w = RTW_LOAD(w1 + k);
+                w = RTW_LOAD_W(w1 + k);
                 acc[1] = RTW_FMA(w, a, acc[1]);
                 acc[5] = RTW_FMA(w, b, acc[5]);
-                w = RTW_LOAD(w2 + k);
+                w = RTW_LOAD_W(w2 + k);
                 acc[2] = RTW_FMA(w, a, acc[2]);
                 acc[6] = RTW_FMA(w, b, acc[6]);
-                w = RTW_LOAD(w3 + k);
+                w = RTW_LOAD_W(w3 + k);
                 acc[3] = RTW_FMA(w, a, acc[3]);
                 acc[7] = RTW_FMA(w, b, acc[7]);
             }
@@ -45,10 +48,10 @@ static int64_t RTW_NAME(const float *x, int64_t R, int64_t ldx, const float *W, 
             RTW_VEC a0 = RTW_ZERO(), a1 = a0, a2 = a0, a3 = a0;
             for (int64_t k = 0; k < K; k += RTW_FLOATS) {
                 const RTW_VEC a = RTW_LOAD(xa + k);
-                a0 = RTW_FMA(RTW_LOAD(w0 + k), a, a0);
-                a1 = RTW_FMA(RTW_LOAD(w1 + k), a, a1);
-                a2 = RTW_FMA(RTW_LOAD(w2 + k), a, a2);
-                a3 = RTW_FMA(RTW_LOAD(w3 + k), a, a3);
+                a0 = RTW_FMA(RTW_LOAD_W(w0 + k), a, a0);
+                a1 = RTW_FMA(RTW_LOAD_W(w1 + k), a, a1);
+                a2 = RTW_FMA(RTW_LOAD_W(w2 + k), a, a2);
+                a3 = RTW_FMA(RTW_LOAD_W(w3 + k), a, a3);
             }
             const __m256 h0 = RTW_FOLD(a0), h1 = RTW_FOLD(a1), h2 = RTW_FOLD(a2), h3 = RTW_FOLD(a3);
             const __m256 folded[8] = {h0, h1, h2, h3, h0, h1, h2, h3};
@@ -59,9 +62,5 @@ static int64_t RTW_NAME(const float *x, int64_t R, int64_t ldx, const float *W, 
 }
 
 #undef RTW_NAME
-#undef RTW_VEC
-#undef RTW_FLOATS
-#undef RTW_ZERO
-#undef RTW_LOAD
-#undef RTW_FMA
-#undef RTW_FOLD
+#undef RTW_WEIGHT
+#undef RTW_LOAD_W

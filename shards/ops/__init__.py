@@ -6,8 +6,10 @@ one function per op, the same signature in every backend. Layers and the model c
 tokens, rows) checks them itself and takes the torch reference past them.
 
 Backends, per op, over the torch reference (`shards.ops.reference`, any dtype and device):
-- `cpu` (shards/ops/cpu.py): the C kernels, for fp32 on the CPU (`auto` where they build, `native`
-  or fail).
+- `cpu` (shards/ops/cpu.py): the C kernels, for fp32 or bf16 models on the CPU (`auto` where they
+  build, `native` or fail). In bf16 the kernels that read weights and the KV cache take them in bf16
+  with fp32 activations and accumulation; the norms, rotary and greedy statistics take the torch
+  path (see shards/ops/cpu.py).
 - `triton`: the functions named like the ops in the `shards.triton` package, for CUDA (`auto` where
   it imports) and, under TRITON_INTERPRET=1, for CPU tests (`--kernels triton`).
 Adding a kernel for an op is one function of the op's name in its backend.
@@ -30,9 +32,9 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "native", "triton", "torch")
 MODE_HELP = (
     "which implementation runs each op (attention, MoE experts, norms, rotary, LM head, greedy): "
-    "auto (the C kernels for fp32 on CPU where a C compiler builds them, the Triton kernels on CUDA "
-    "where shards.triton imports, else torch), native (the C kernels, or fail at start; fp32 CPU "
-    "only), triton (the Triton kernels, or fail; on CPU under TRITON_INTERPRET=1, for tests), "
+    "auto (the C kernels for fp32 and bf16 on CPU where a C compiler builds them, the Triton kernels on CUDA "
+    "where shards.triton imports, else torch), native (the C kernels, or fail at start; fp32 or bf16 "
+    "on CPU only), triton (the Triton kernels, or fail; on CPU under TRITON_INTERPRET=1, for tests), "
     "torch (the torch reference everywhere)"
 )
 
@@ -77,12 +79,12 @@ def select(mode: str, device: torch.device, dtype: torch.dtype) -> Ops:
     max_tokens = 0
     # The C collectives (shm_exchange) follow the mode too, whatever the model's dtype.
     native.select({"native": "native", "auto": "auto"}.get(mode, "torch"), native.LIBRARIES)
-    cpu_fp32 = device.type == "cpu" and dtype == torch.float32
-    if mode == "native" and not cpu_fp32:
-        raise KernelUnavailable(f"the C kernels run fp32 on the CPU, not {dtype} on {device}")
-    if mode in ("auto", "native") and cpu_fp32:
+    cpu_kernels = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+    if mode == "native" and not cpu_kernels:
+        raise KernelUnavailable(f"the C kernels run fp32 or bf16 on the CPU, not {dtype} on {device}")
+    if mode in ("auto", "native") and cpu_kernels:
         built = cpu.available()
-        for name in (name for name, ok in built.items() if ok):
+        for name in (name for name, ok in built.items() if ok and (dtype == torch.float32 or name in cpu.BF16_OPS)):
             chosen[name], backends[name] = getattr(cpu, name), "native"
         if built["decoder_layers"]:
             max_tokens = cpu.decoder_layer.max_tokens()

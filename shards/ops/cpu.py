@@ -1,7 +1,15 @@
-"""The CPU backend: the C kernels (shards/kernels) for fp32 CPU tensors. Each op checks the shape
+"""The CPU backend: the C kernels (shards/kernels) for CPU tensors. Each op checks the shape
 limits of its kernel here, in one place, and takes the torch reference for what it cannot take
 (another dtype or device, more heads or tokens than the kernel holds); the kernels' wrappers then
 check every argument before C sees a pointer.
+
+bf16: a model held in bf16 runs in torch as transformers runs it (bf16 activations, fp32 softmax),
+and the kernels that read weights or the KV cache (linear_rows, fused_moe, paged_decode_attention,
+decoder_layers) read them in bf16 in place, widening them in registers, with fp32 activations and
+fp32 accumulation: each such op widens its bf16 activations on entry and rounds its result to bf16
+on return, and the decoder layer kernel keeps a step's residual stream in fp32 across all its
+layers. The elementwise ops (norms, rotary) and the greedy statistics stay fp32-only: in bf16 the
+torch reference runs them.
 
 Legend: T tokens, H hidden size, h query heads, d head dim, B decoding sequences, R rows.
 """
@@ -15,10 +23,18 @@ from shards.kv_cache import KVCache
 from shards.ops import reference
 
 _F32 = torch.float32
+# The dtypes the weight- and cache-reading kernels take their weights and pools in.
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+# The ops whose kernels run for a bf16 model (shards.ops.select leaves the others to torch there).
+BF16_OPS = ("linear_rows", "fused_moe", "paged_decode_attention", "decoder_layers")
 
 
 def _fp32_cpu(x: torch.Tensor) -> bool:
     return x.dtype is _F32 and x.device.type == "cpu"
+
+
+def _weight_dtype_cpu(x: torch.Tensor) -> bool:
+    return x.dtype in _WEIGHT_DTYPES and x.device.type == "cpu"
 
 
 def rms_norm(
@@ -75,41 +91,48 @@ def paged_decode_attention(
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """reference.paged_decode_attention, in the C kernel (reading the blocks in place) for fp32 within
-    its head, head-dim and block-size limits."""
+    """reference.paged_decode_attention, in the C kernel (reading the blocks in place) for fp32 or bf16
+    within its head, head-dim and block-size limits."""
     k_pool = cache[0]
     if (
-        not _fp32_cpu(q)
-        or k_pool.dtype is not _F32
+        not _weight_dtype_cpu(q)
+        or k_pool.dtype not in _WEIGHT_DTYPES
         or not paged_attention.fits(q.shape[1], q.shape[2], k_pool.shape[1])
     ):
         return reference.paged_decode_attention(q, cache, block_tables, context_lens, scale, sliding_window)
-    return paged_attention.paged_decode_attention(
-        q.contiguous(), cache, block_tables, context_lens, scale, sliding_window
+    out = paged_attention.paged_decode_attention(
+        q.float().contiguous(), cache, block_tables, context_lens, scale, sliding_window
     )
+    return out.to(q.dtype)
 
 
 def fused_moe(
     hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
 ) -> torch.Tensor:
-    """reference.fused_moe, in the C kernel for fp32 steps within its token cap (past it MKL's blocked
-    GEMMs in the reference are faster)."""
-    if not _fp32_cpu(hidden) or w13.dtype is not _F32 or not moe.fits(hidden.shape[0]):
+    """reference.fused_moe, in the C kernel for fp32 or bf16 steps within its token cap (past it the
+    blocked GEMMs in the reference are faster)."""
+    if (
+        not _weight_dtype_cpu(hidden)
+        or w13.dtype not in _WEIGHT_DTYPES
+        or w2.dtype is not w13.dtype
+        or not moe.fits(hidden.shape[0])
+    ):
         return reference.fused_moe(hidden, w13, w2, weights, experts)
-    return moe.moe_experts(hidden.contiguous(), w13, w2, weights.to(_F32).contiguous(), experts)
+    out = moe.moe_experts(hidden.float().contiguous(), w13, w2, weights.to(_F32).contiguous(), experts)
+    return out.to(hidden.dtype)
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """reference.linear_rows, in the C kernel for up to linear.MAX_ROWS fp32 rows."""
+    """reference.linear_rows, in the C kernel for up to linear.MAX_ROWS fp32 or bf16 rows."""
     if (
         x.dim() != 2
         or x.shape[0] > linear.MAX_ROWS
-        or not _fp32_cpu(x)
-        or weight.dtype is not _F32
+        or not _weight_dtype_cpu(x)
+        or weight.dtype not in _WEIGHT_DTYPES
         or not weight.is_contiguous()
     ):
         return reference.linear_rows(x, weight)
-    return linear.linear_rows(x.contiguous(), weight)
+    return linear.linear_rows(x.float().contiguous(), weight).to(x.dtype)
 
 
 def decoder_layers(
@@ -121,17 +144,18 @@ def decoder_layers(
 ) -> torch.Tensor:
     """reference.decoder_layers, each layer as two C calls around its two all-reduces where the step
     fits the decoder layer kernel: every token one query over its own block table (a decode step, or
-    a small one with prefill chunks), fp32, weights held in full precision, shapes within its limits."""
+    a small one with prefill chunks), fp32 or bf16, weights not quantized, shapes within its limits.
+    The residual stream stays fp32 across the layers (bf16 hidden widened here, rounded on return)."""
     halves = layers[0].kernel_halves()
     if halves is None or not _step_fits(halves, hidden, kv_cache, meta):
         return reference.decoder_layers(layers, positions, hidden, kv_cache, meta)
-    hidden = hidden.contiguous()
-    step = decoder_layer.prepare_step(hidden, positions, meta, kv_cache.layer(0), *halves)
+    residual = hidden.float().contiguous()  # [T, H] fp32, updated in place
+    step = decoder_layer.prepare_step(residual, positions, meta, kv_cache.layer(0), *halves)
     pending = None
     for index, layer in enumerate(layers):
         pending = decoder_layer_step(layer, step, pending, kv_cache.layer(index))
-    hidden += pending
-    return hidden
+    residual += pending
+    return residual.to(hidden.dtype)
 
 
 def decoder_layer_step(
@@ -155,8 +179,8 @@ def _step_fits(halves: tuple, hidden: torch.Tensor, kv_cache: KVCache, meta: Att
     _, heads, _, head_dim = attention.shape_key
     return (
         meta.per_token() is not None
-        and _fp32_cpu(hidden)
-        and kv_cache.keys.dtype is _F32
+        and _weight_dtype_cpu(hidden)
+        and kv_cache.keys.dtype in _WEIGHT_DTYPES
         and decoder_layer.fits(hidden.shape[0], heads, head_dim, kv_cache.block_size, experts.shape_key[0])
     )
 
