@@ -169,6 +169,11 @@ class Engine:
                 await self._run_steps(plan, time.perf_counter())
             except RouterError as e:
                 self.fail(str(e))
+            except Exception as e:
+                # A bug of the router's own: the requests in flight end with it (and the group restarts)
+                # rather than wait on a loop that is gone.
+                log.exception("event=engine_error error=%r", str(e))
+                self.fail(f"internal error in the router's step loop: {e!r}")
 
     async def _run_steps(self, plan: StepPlan, started: float) -> None:
         """Run `plan`; when it is all decodes and nothing waits, let the shards run further decode

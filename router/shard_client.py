@@ -265,6 +265,7 @@ def sampling_params(sampling: Sampling) -> shard_pb2.SamplingParams:
         presence_penalty=sampling.presence_penalty,
         seed=sampling.seed,
         top_n_tokens=sampling.top_n_tokens,
+        grammar=sampling.grammar,
     )
 
 

@@ -17,6 +17,8 @@ class Sampling:
     presence_penalty: float
     seed: int
     top_n_tokens: int
+    # llguidance's serialized grammar the output must follow (router/structured.py); empty: free text.
+    grammar: str = ""
 
 
 @dataclass(slots=True)

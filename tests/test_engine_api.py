@@ -1,6 +1,8 @@
 """The engine interface the fronts use (`Replicas` as `EngineAPI`) and the validation step, without shards:
 the shard groups' channels are never used by what these tests call."""
 
+import asyncio
+
 import pytest
 
 from router.engine_api import EngineAPI, Limits
@@ -101,3 +103,27 @@ async def test_validate_tokenizes_a_prompt_with_bos_and_keeps_the_last_truncate_
     )
     rendered = demo_tokenizer.apply_chat_template(chat.messages, tokenize=False, add_generation_prompt=True)
     assert validate(replicas, chat).prompt_ids == demo_tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+class BrokenGroup(ShardGroup):
+    """A shard group whose step fails with a bug of the router's own (not a RouterError)."""
+
+    async def step(self, step):
+        raise TypeError("a field the step cannot carry")
+
+
+async def test_a_bug_in_the_step_loop_fails_the_requests_instead_of_hanging_them(demo_tokenizer, tmp_path):
+    group = BrokenGroup([f"unix:{tmp_path}/c.sock"])
+    replicas = build_replicas([(group, SchedulerConfig(num_blocks=10, block_size=4))], demo_tokenizer, LIMITS, (2,), 1)
+    engine = replicas.engines[0]
+    engine.start()
+    try:
+        generation = replicas.submit([1, 5, 6], GenerationParams(max_new_tokens=4))
+        with pytest.raises(ShardUnavailable, match="internal error in the router's step loop"):
+            async with asyncio.timeout(10):
+                async for _ in generation.stream():
+                    pass
+        assert "TypeError" in engine.failure
+    finally:
+        await engine.stop()
+        await group.close()
