@@ -9,6 +9,7 @@ the first event is a last `data: {"error": {...}}` event instead. Errors use Ope
 The response objects and chunks are built in router/openai_responses.py.
 """
 
+import asyncio
 import functools
 import logging
 import time
@@ -40,7 +41,17 @@ from router.params import (
     as_stop,
     max_new_tokens_from,
 )
-from router.structured import compile_grammar, openai_spec
+from router.structured import compile_grammar, compile_spec, json_schema_spec, openai_spec
+from router.tools import (
+    ToolPlan,
+    as_template_turns,
+    as_text_turns,
+    call_token_id,
+    calls_grammar,
+    parse_tool_turns,
+    parse_tools,
+    template_takes_tools,
+)
 from router.validation import check_lengths, prompt_ids, room
 
 log = logging.getLogger("mixserve.router")
@@ -105,6 +116,7 @@ class OpenAIRequest:
     n: int = 1
     logprobs: int | None = None  # None: no logprobs; else the alternatives per token
     include_usage: bool = False
+    tools: ToolPlan | None = None  # chat: the tools offered and how the model must call them
 
 
 def _unsupported(body: dict[str, Any], name: str, why: str) -> None:
@@ -181,7 +193,23 @@ def _text_content(i: int, message: object) -> object:
         content = "\n".join(texts)
     # OpenAI's "developer" role is the system prompt under its newer name.
     role = "system" if message.get("role") == "developer" else message.get("role")
-    return {"role": role, "content": content}
+    tool_parts = {key: message[key] for key in ("tool_calls", "tool_call_id") if key in message}
+    return {"role": role, "content": content, **tool_parts}
+
+
+def _conversation(messages: object) -> list[dict[str, Any]]:
+    """The chat messages, checked: text content, and the tool parts (router/tools.py) kept where given."""
+    if not isinstance(messages, list):
+        return as_messages("messages", messages)
+    turns = parse_tool_turns([_text_content(i, m) for i, m in enumerate(messages)])
+    extras = [
+        {k: v for k, v in m.items() if k not in ("role", "content")} if isinstance(m, dict) else {} for m in turns
+    ]
+    checked = as_messages(
+        "messages",
+        [{"role": m["role"], "content": m["content"]} if e else m for m, e in zip(turns, extras, strict=True)],
+    )
+    return [{**m, **e} for m, e in zip(checked, extras, strict=True)]
 
 
 def _max_choices(limits: RequestLimits) -> int:
@@ -190,11 +218,9 @@ def _max_choices(limits: RequestLimits) -> int:
 
 def parse_chat_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIMITS) -> OpenAIRequest:
     """Validate a `/v1/chat/completions` body within `limits`."""
-    _unsupported(body, "tools", "this server does not call tools")
-    _unsupported(body, "functions", "this server does not call functions")
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        messages = [_text_content(i, m) for i, m in enumerate(messages)]
+    _unsupported(body, "functions", "the legacy functions field is replaced by tools")
+    tools = parse_tools(body)
+    messages = _conversation(body.get("messages"))
     max_tokens = max_new_tokens_from(body, ("max_completion_tokens", "max_tokens"), default=0) or None
     logprobs = as_bool("logprobs", body.get("logprobs"), default=False)
     top_logprobs = as_int(
@@ -208,13 +234,40 @@ def parse_chat_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIM
         raise ValidationError("top_logprobs needs logprobs: true")
     params = _sampling(body, max_tokens=max_tokens, top_n_tokens=top_logprobs, limits=limits)
     return OpenAIRequest(
-        prompts=[GenerationRequest(prompt=None, messages=as_messages("messages", messages), params=params)],
+        prompts=[GenerationRequest(prompt=None, messages=messages, params=params)],
         params=params,
         max_tokens=max_tokens,
         n=as_int("n", body.get("n"), default=1, ge=1, le=_max_choices(limits)),
         logprobs=top_logprobs if logprobs else None,
         include_usage=_include_usage(body),
+        tools=tools,
     )
+
+
+async def prepare_tools(parsed: OpenAIRequest, tokenizer) -> None:
+    """Fit a chat request's tools and tool turns to the model's chat template, and set the grammar of a forced
+    call (router/tools.py); every function's `parameters` must compile (422 naming the tool otherwise)."""
+    plan, request = parsed.tools, parsed.prompts[0]
+    has_turns = any("tool_calls" in m or "tool_call_id" in m for m in request.messages)
+    if plan is None and not has_turns:
+        return
+    functions = plan.offered if plan else ()
+    loop = asyncio.get_running_loop()
+    for i, function in enumerate(functions):
+        spec = json_schema_spec(f"tools[{i}].function.parameters", function.parameters)
+        await loop.run_in_executor(None, compile_spec, spec, tokenizer)
+    native = template_takes_tools(tokenizer)
+    if native:
+        request.messages = as_template_turns(request.messages)
+        request.tools = [f.as_tool() for f in functions] or None
+    else:
+        request.messages = as_text_turns(request.messages, functions)
+    if plan is not None and plan.forced:
+        if parsed.params.grammar is not None:
+            raise ValidationError(f"give one output constraint, got tool_choice and {parsed.params.grammar.field}")
+        if parsed.params.ignore_eos:
+            raise ValidationError("tool_choice required or a function cannot be combined with ignore_eos or min_tokens")
+        parsed.params.grammar = calls_grammar(plan, call_token_id(tokenizer) if native else None)
 
 
 def parse_completion_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIMITS) -> OpenAIRequest:
@@ -310,6 +363,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     model_id = check_model(body, request.app[CONFIG])
     parsed = parse_chat_request(body, request.app[CONFIG].limits)
+    await prepare_tools(parsed, engine.tokenizer)
     await compile_grammar(parsed.params, engine.tokenizer)
     choices = submit(engine, parsed, None)
     if parsed.params.stream:
