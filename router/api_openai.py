@@ -9,7 +9,6 @@ the first event is a last `data: {"error": {...}}` event instead. Errors use Ope
 The response objects and chunks are built in router/openai_responses.py.
 """
 
-import asyncio
 import functools
 import logging
 import time
@@ -41,17 +40,8 @@ from router.params import (
     as_stop,
     max_new_tokens_from,
 )
-from router.structured import compile_grammar, compile_spec, json_schema_spec, openai_spec
-from router.tools import (
-    ToolPlan,
-    as_template_turns,
-    as_text_turns,
-    call_token_id,
-    calls_grammar,
-    parse_tool_turns,
-    parse_tools,
-    template_takes_tools,
-)
+from router.structured import compile_grammar, openai_spec
+from router.tools import ToolPlan, fit_to_template, parse_tool_turns, parse_tools
 from router.validation import check_lengths, prompt_ids, room
 
 log = logging.getLogger("mixserve.router")
@@ -193,7 +183,9 @@ def _text_content(i: int, message: object) -> object:
         content = "\n".join(texts)
     # OpenAI's "developer" role is the system prompt under its newer name.
     role = "system" if message.get("role") == "developer" else message.get("role")
-    tool_parts = {key: message[key] for key in ("tool_calls", "tool_call_id") if key in message}
+    # An assistant's calls and a tool message's call id (router/tools.py checks them); other roles have neither.
+    tool_part = {"assistant": "tool_calls", "tool": "tool_call_id"}.get(role) if isinstance(role, str) else None
+    tool_parts = {tool_part: message[tool_part]} if tool_part in message else {}
     return {"role": role, "content": content, **tool_parts}
 
 
@@ -245,29 +237,8 @@ def parse_chat_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIM
 
 
 async def prepare_tools(parsed: OpenAIRequest, tokenizer) -> None:
-    """Fit a chat request's tools and tool turns to the model's chat template, and set the grammar of a forced
-    call (router/tools.py); every function's `parameters` must compile (422 naming the tool otherwise)."""
-    plan, request = parsed.tools, parsed.prompts[0]
-    has_turns = any("tool_calls" in m or "tool_call_id" in m for m in request.messages)
-    if plan is None and not has_turns:
-        return
-    functions = plan.offered if plan else ()
-    loop = asyncio.get_running_loop()
-    for i, function in enumerate(functions):
-        spec = json_schema_spec(f"tools[{i}].function.parameters", function.parameters)
-        await loop.run_in_executor(None, compile_spec, spec, tokenizer)
-    native = template_takes_tools(tokenizer)
-    if native:
-        request.messages = as_template_turns(request.messages)
-        request.tools = [f.as_tool() for f in functions] or None
-    else:
-        request.messages = as_text_turns(request.messages, functions)
-    if plan is not None and plan.forced:
-        if parsed.params.grammar is not None:
-            raise ValidationError(f"give one output constraint, got tool_choice and {parsed.params.grammar.field}")
-        if parsed.params.ignore_eos:
-            raise ValidationError("tool_choice required or a function cannot be combined with ignore_eos or min_tokens")
-        parsed.params.grammar = calls_grammar(plan, call_token_id(tokenizer) if native else None)
+    """Fit a chat request's tools and tool turns to the model's chat template (router/tools.py)."""
+    await fit_to_template(parsed.tools, parsed.prompts[0], parsed.params, tokenizer)
 
 
 def parse_completion_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIMITS) -> OpenAIRequest:

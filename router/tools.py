@@ -19,6 +19,7 @@ a tool call, anything else is content (the model decides, as it would on OpenAI;
 content" JSON would make every plain answer a JSON string). `none` offers no tools.
 """
 
+import asyncio
 import functools
 import json
 import re
@@ -27,10 +28,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from router.errors import BadRequest, ValidationError, json_type_name
-from router.structured import JSON_OPTIONS, GrammarSpec, json_schema_spec, lark_spec
+from router.structured import JSON_OPTIONS, GrammarSpec, compile_spec, json_schema_spec, lark_spec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from router.params import GenerationParams, GenerationRequest
 
 # OpenAI's rule for function names.
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -374,3 +377,33 @@ def may_be_calls(text: str) -> bool:
     """Whether an output that begins with `text` could still turn out to be calls (so a stream holds it)."""
     text = text.lstrip()
     return not text or text.startswith(("[", "{")) or CALL_TOKEN.startswith(text[: len(CALL_TOKEN)])
+
+
+async def fit_to_template(
+    plan: ToolPlan | None,
+    request: "GenerationRequest",
+    params: "GenerationParams",
+    tokenizer: "PreTrainedTokenizerBase",
+) -> None:
+    """Put `plan`'s tools and `request`'s tool turns in the form the chat template takes, and set the grammar of
+    a forced call in `params`; every offered function's `parameters` must compile (422 naming the tool)."""
+    has_turns = any("tool_calls" in m or "tool_call_id" in m for m in request.messages)
+    if plan is None and not has_turns:
+        return
+    functions = plan.offered if plan else ()
+    loop = asyncio.get_running_loop()
+    for i, function in enumerate(functions):
+        spec = json_schema_spec(f"tools[{i}].function.parameters", function.parameters)
+        await loop.run_in_executor(None, compile_spec, spec, tokenizer)
+    native = template_takes_tools(tokenizer)
+    if native:
+        request.messages = as_template_turns(request.messages)
+        request.tools = [f.as_tool() for f in functions] or None
+    else:
+        request.messages = as_text_turns(request.messages, functions)
+    if plan is not None and plan.forced:
+        if params.grammar is not None:
+            raise ValidationError(f"give one output constraint, got tool_choice and {params.grammar.field}")
+        if params.ignore_eos:
+            raise ValidationError("tool_choice required or a function cannot be combined with ignore_eos or min_tokens")
+        params.grammar = calls_grammar(plan, call_token_id(tokenizer) if native else None)
