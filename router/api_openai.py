@@ -41,7 +41,8 @@ from router.params import (
     max_new_tokens_from,
 )
 from router.structured import compile_grammar, openai_spec
-from router.tools import ToolPlan, fit_to_template, parse_tool_turns, parse_tools
+from router.tool_turns import fit_to_template, parse_tool_turns
+from router.tools import ToolPlan, parse_tools
 from router.validation import check_lengths, prompt_ids, room
 
 log = logging.getLogger("mixserve.router")

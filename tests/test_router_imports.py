@@ -48,6 +48,7 @@ FRONT_MAY_IMPORT = frozenset(
         "router.metrics",
         "router.params",
         "router.structured",
+        "router.tool_turns",
         "router.tools",
         "router.validation",
     }
