@@ -42,6 +42,8 @@ from router.params import (
     max_new_tokens_from,
 )
 from router.structured import compile_grammar, openai_spec
+from router.tool_turns import fit_to_template, parse_tool_turns
+from router.tools import ToolPlan, parse_tools
 from router.validation import check_lengths, check_logit_bias, prompt_ids, room
 
 log = logging.getLogger("mixserve.router")
@@ -107,6 +109,7 @@ class OpenAIRequest:
     logprobs: int | None = None  # None: no logprobs; else the alternatives per token
     include_usage: bool = False
     echo: bool = False  # completions: the prompt (and with logprobs, its tokens' logprobs) before the completion
+    tools: ToolPlan | None = None  # chat: the tools offered and how the model must call them
 
 
 def _unsupported(body: dict[str, Any], name: str, why: str) -> None:
@@ -183,7 +186,25 @@ def _text_content(i: int, message: object) -> object:
         content = "\n".join(texts)
     # OpenAI's "developer" role is the system prompt under its newer name.
     role = "system" if message.get("role") == "developer" else message.get("role")
-    return {"role": role, "content": content}
+    # An assistant's calls and a tool message's call id (router/tools.py checks them); other roles have neither.
+    tool_part = {"assistant": "tool_calls", "tool": "tool_call_id"}.get(role) if isinstance(role, str) else None
+    tool_parts = {tool_part: message[tool_part]} if tool_part in message else {}
+    return {"role": role, "content": content, **tool_parts}
+
+
+def _conversation(messages: object) -> list[dict[str, Any]]:
+    """The chat messages, checked: text content, and the tool parts (router/tools.py) kept where given."""
+    if not isinstance(messages, list):
+        return as_messages("messages", messages)
+    turns = parse_tool_turns([_text_content(i, m) for i, m in enumerate(messages)])
+    extras = [
+        {k: v for k, v in m.items() if k not in ("role", "content")} if isinstance(m, dict) else {} for m in turns
+    ]
+    checked = as_messages(
+        "messages",
+        [{"role": m["role"], "content": m["content"]} if e else m for m, e in zip(turns, extras, strict=True)],
+    )
+    return [{**m, **e} for m, e in zip(checked, extras, strict=True)]
 
 
 def _max_choices(limits: RequestLimits) -> int:
@@ -192,11 +213,9 @@ def _max_choices(limits: RequestLimits) -> int:
 
 def parse_chat_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIMITS) -> OpenAIRequest:
     """Validate a `/v1/chat/completions` body within `limits`."""
-    _unsupported(body, "tools", "this server does not call tools")
-    _unsupported(body, "functions", "this server does not call functions")
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        messages = [_text_content(i, m) for i, m in enumerate(messages)]
+    _unsupported(body, "functions", "the legacy functions field is replaced by tools")
+    tools = parse_tools(body)
+    messages = _conversation(body.get("messages"))
     max_tokens = max_new_tokens_from(body, ("max_completion_tokens", "max_tokens"), default=0) or None
     logprobs = as_bool("logprobs", body.get("logprobs"), default=False)
     top_logprobs = as_int(
@@ -210,13 +229,19 @@ def parse_chat_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIM
         raise ValidationError("top_logprobs needs logprobs: true")
     params = _sampling(body, max_tokens=max_tokens, top_n_tokens=top_logprobs, limits=limits)
     return OpenAIRequest(
-        prompts=[GenerationRequest(prompt=None, messages=as_messages("messages", messages), params=params)],
+        prompts=[GenerationRequest(prompt=None, messages=messages, params=params)],
         params=params,
         max_tokens=max_tokens,
         n=as_int("n", body.get("n"), default=1, ge=1, le=_max_choices(limits)),
         logprobs=top_logprobs if logprobs else None,
         include_usage=_include_usage(body),
+        tools=tools,
     )
+
+
+async def prepare_tools(parsed: OpenAIRequest, tokenizer) -> None:
+    """Fit a chat request's tools and tool turns to the model's chat template (router/tools.py)."""
+    await fit_to_template(parsed.tools, parsed.prompts[0], parsed.params, tokenizer)
 
 
 def parse_completion_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIMITS) -> OpenAIRequest:
@@ -317,6 +342,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     model_id = check_model(body, request.app[CONFIG])
     parsed = parse_chat_request(body, request.app[CONFIG].limits)
+    await prepare_tools(parsed, engine.tokenizer)
     await compile_grammar(parsed.params, engine.tokenizer)
     choices = submit(engine, parsed, None)
     if parsed.params.stream:

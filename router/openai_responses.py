@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from router.detokenizer import token_piece
 from router.engine_api import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, EngineAPI, GenerationHandle, TokenEvent
+from router.tools import ToolCall, ToolPlan, may_be_calls, parse_calls
 
 FINISH_REASONS = {FINISH_EOS: "stop", FINISH_STOP: "stop", FINISH_LENGTH: "length"}
 
@@ -25,6 +26,7 @@ class Reporting(Protocol):
     logprobs: int | None  # None: no logprobs; else the alternatives per token
     include_usage: bool
     echo: bool  # completions: the prompt before each choice's text (and its tokens' logprobs)
+    tools: ToolPlan | None  # chat: the tools offered (their calls are parsed out of the output)
 
 
 @dataclass(slots=True)
@@ -136,6 +138,20 @@ def _header(choices: Choices, kind: str, model: str, prefix: str) -> dict[str, A
     return {"id": f"{prefix}-{choices.id}", "object": kind, "created": choices.created, "model": model}
 
 
+def tool_calls_in(plan: ToolPlan | None, text: str) -> list[ToolCall] | None:
+    """The calls an output makes, when tools were offered and it parses as calls of them."""
+    if plan is None or not plan.offered:
+        return None
+    return parse_calls(text, plan.offered)
+
+
+def _chat_message(plan: ToolPlan | None, text: str, finish: str) -> tuple[dict[str, Any], str]:
+    calls = tool_calls_in(plan, text)
+    if calls is None:
+        return {"role": "assistant", "content": text}, finish
+    return {"role": "assistant", "content": None, "tool_calls": [c.as_dict() for c in calls]}, "tool_calls"
+
+
 async def chat_completion(engine: EngineAPI, request: Reporting, choices: Choices, model: str) -> dict[str, Any]:
     """The non-streaming `chat.completion` object."""
     texts = [[] for _ in choices.generations]
@@ -145,19 +161,55 @@ async def chat_completion(engine: EngineAPI, request: Reporting, choices: Choice
             texts[i].append(event.text)
             if request.logprobs is not None:
                 logprobs[i].append(_chat_logprobs(engine.tokenizer, event))
-    return {
-        **_header(choices, "chat.completion", model, "chatcmpl"),
-        "choices": [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": "".join(texts[i])},
-                "logprobs": None if request.logprobs is None else {"content": logprobs[i]},
-                "finish_reason": FINISH_REASONS[g.finish_reason],
-            }
-            for i, g in enumerate(choices.generations)
-        ],
-        "usage": choices.usage(),
-    }
+    answers = []
+    for i, generation in enumerate(choices.generations):
+        message, finish = _chat_message(request.tools, "".join(texts[i]), FINISH_REASONS[generation.finish_reason])
+        logprob = None if request.logprobs is None else {"content": logprobs[i]}
+        answers.append({"index": i, "message": message, "logprobs": logprob, "finish_reason": finish})
+    return {**_header(choices, "chat.completion", model, "chatcmpl"), "choices": answers, "usage": choices.usage()}
+
+
+def tool_call_deltas(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    """OpenAI's streamed form of `calls`: per call, a delta with its id, type and name (arguments empty), then
+    one with the arguments."""
+    deltas = []
+    for k, call in enumerate(calls):
+        head = {"index": k, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+        deltas.append({"tool_calls": [head]})
+        deltas.append({"tool_calls": [{"index": k, "function": {"arguments": call.arguments}}]})
+    return deltas
+
+
+@dataclass(slots=True)
+class HeldText:
+    """A streamed choice's text while it may still be tool calls: a forced call is held whole; under `auto`
+    text is held only while its start could be calls (`[`, `{` or `[TOOL_CALLS]`), then streamed."""
+
+    plan: ToolPlan | None
+    text: str = ""
+    holding: bool = False
+
+    def __post_init__(self) -> None:
+        self.holding = self.plan is not None and bool(self.plan.offered)
+
+    def add(self, text: str) -> str:
+        """The text to stream now."""
+        if not self.holding:
+            return text
+        self.text += text
+        if self.plan.forced or may_be_calls(self.text):
+            return ""
+        self.holding, released = False, self.text
+        return released
+
+    def finish(self, finish: str | None) -> tuple[list[dict[str, Any]], str | None]:
+        """The deltas that end a held output, and its finish reason."""
+        if not self.holding:
+            return [], finish
+        calls = parse_calls(self.text, self.plan.offered)
+        if calls is None:
+            return ([{"content": self.text}] if self.text else []), finish
+        return tool_call_deltas(calls), "tool_calls"
 
 
 async def chat_chunks(
@@ -166,6 +218,7 @@ async def chat_chunks(
     """`chat.completion.chunk` events: a choice's first delta carries the role, its last the finish reason."""
     header = _header(choices, "chat.completion.chunk", model, "chatcmpl")
     usage: dict[str, None] = {"usage": None} if request.include_usage else {}
+    held = [HeldText(request.tools) for _ in choices.generations]
     started: set[int] = set()
     async with aclosing(interleave(choices.generations)) as events:
         async for i, event in events:
@@ -175,11 +228,17 @@ async def chat_chunks(
                 role = {"index": i, "delta": delta, "logprobs": None, "finish_reason": None}
                 yield {**header, "choices": [role], **usage}
             finish = FINISH_REASONS.get(event.finish_reason)
-            if not event.text and finish is None and request.logprobs is None:
+            text = held[i].add(event.text)
+            if finish is not None:
+                ending, finish = held[i].finish(finish)
+                for delta in ending:
+                    part = {"index": i, "delta": delta, "logprobs": None, "finish_reason": None}
+                    yield {**header, "choices": [part], **usage}
+            if not text and finish is None and request.logprobs is None:
                 continue
             choice = {
                 "index": i,
-                "delta": {"content": event.text} if event.text else {},
+                "delta": {"content": text} if text else {},
                 "logprobs": None
                 if request.logprobs is None
                 else {"content": [_chat_logprobs(engine.tokenizer, event)]},

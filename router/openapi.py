@@ -133,6 +133,31 @@ USAGE = _obj(
     {k: _t("integer", k.replace("_", " "), minimum=0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
 )
 FINISH = _t("string", "`stop` (EOS or a stop sequence) or `length`", enum=["stop", "length"])
+CHAT_FINISH = _t(
+    "string", "`stop`, `length`, or `tool_calls` (the message calls tools)", enum=["stop", "length", "tool_calls"]
+)
+TOOL_PARAMETERS = {"type": "object", "description": "a JSON schema of an object: the call's arguments"}
+TOOL_CHOICE = {
+    "oneOf": [
+        _t(
+            "string",
+            "auto (the model decides), none, or required (forced by a grammar)",
+            enum=["auto", "none", "required"],
+        ),
+        _obj(
+            {"type": {"const": "function"}, "function": _obj({"name": {"type": "string"}}, ("name",))},
+            ("type", "function"),
+            "call this function (forced by a grammar)",
+        ),
+    ]
+}
+CALL = _obj(
+    {
+        "id": _t("string", "call id"),
+        "type": {"const": "function"},
+        "function": _obj({"name": {"type": "string"}, "arguments": _t("string", "a JSON object's text")}),
+    }
+)
 OPENAI_HEADER = {
     "id": _t("string", "response id"),
     "object": _t("string", "object kind"),
@@ -232,16 +257,33 @@ SCHEMAS: dict[str, Schema] = {
     ),
     "ChatMessage": _obj(
         {
-            "role": _t("string", "system, user or assistant (developer counts as system)", minLength=1),
+            "role": _t("string", "system, user, assistant or tool (developer counts as system)", minLength=1),
             "content": {
                 "oneOf": [
                     {"type": "string"},
                     _array(_obj({"type": {"const": "text"}, "text": {"type": "string"}}, ("type", "text"))),
+                    {"type": "null"},
                 ],
-                "description": "text, or text parts (joined by newlines)",
+                "description": "text, or text parts (joined by newlines); null only for an assistant's tool calls",
             },
+            "tool_calls": _array(CALL, "an assistant's calls (arguments a JSON object's text)"),
+            "tool_call_id": _t("string", "a tool message: the id of the call it answers"),
         },
-        ("role", "content"),
+        ("role",),
+    ),
+    "Tool": _obj(
+        {
+            "type": {"const": "function"},
+            "function": _obj(
+                {
+                    "name": _t("string", "the function's name", pattern="^[A-Za-z0-9_-]{1,64}$"),
+                    "description": {"type": "string"},
+                    "parameters": TOOL_PARAMETERS,
+                },
+                ("name",),
+            ),
+        },
+        ("type", "function"),
     ),
     "ChatCompletionRequest": _obj(
         {
@@ -250,6 +292,9 @@ SCHEMAS: dict[str, Schema] = {
             "max_tokens": _t("integer", "older name of max_completion_tokens", minimum=1),
             "logprobs": _t("boolean", "return each token's logprob", default=False),
             "top_logprobs": _t("integer", "alternatives per token", minimum=0, maximum=oai.MAX_CHAT_TOP_LOGPROBS),
+            "tools": _array(_ref("Tool"), "functions the model may call"),
+            "tool_choice": TOOL_CHOICE,
+            "parallel_tool_calls": _t("boolean", "allow several calls in one answer", default=True),
             **OPENAI_SAMPLING,
         },
         ("messages",),
@@ -261,9 +306,15 @@ SCHEMAS: dict[str, Schema] = {
                 _obj(
                     {
                         "index": _t("integer", "choice index"),
-                        "message": _obj({"role": {"const": "assistant"}, "content": {"type": "string"}}),
+                        "message": _obj(
+                            {
+                                "role": {"const": "assistant"},
+                                "content": _nullable({"type": "string"}),
+                                "tool_calls": _array(CALL),
+                            }
+                        ),
                         "logprobs": _nullable(_obj({"content": _array(_ref("TokenLogprob"))})),
-                        "finish_reason": FINISH,
+                        "finish_reason": CHAT_FINISH,
                     }
                 )
             ),
@@ -277,14 +328,84 @@ SCHEMAS: dict[str, Schema] = {
                 _obj(
                     {
                         "index": _t("integer", "choice index"),
-                        "delta": _obj({"role": {"const": "assistant"}, "content": {"type": "string"}}),
+                        "delta": _obj(
+                            {
+                                "role": {"const": "assistant"},
+                                "content": {"type": "string"},
+                                "tool_calls": _array(
+                                    _obj({"index": {"type": "integer"}, "id": {"type": "string"}}),
+                                    "a call's id, type and name first, then its arguments' text",
+                                ),
+                            }
+                        ),
                         "logprobs": _nullable(_obj({"content": _array(_ref("TokenLogprob"))})),
-                        "finish_reason": _nullable(FINISH),
+                        "finish_reason": _nullable(CHAT_FINISH),
                     }
                 ),
                 "one choice per chunk; empty on the usage chunk",
             ),
             "usage": _nullable(USAGE),
+        }
+    ),
+    "ResponsesRequest": _obj(
+        {
+            "input": {
+                "oneOf": [
+                    _t("string", "the user's text", minLength=1),
+                    _array(
+                        {
+                            "type": "object",
+                            "description": "a message {role, content}, function_call or function_call_output",
+                        },
+                        minItems=1,
+                    ),
+                ]
+            },
+            "instructions": _t("string", "the system prompt"),
+            "max_output_tokens": _t("integer", "token limit; default: what fits", minimum=1),
+            "temperature": OPENAI_SAMPLING["temperature"],
+            "top_p": OPENAI_SAMPLING["top_p"],
+            "model": OPENAI_SAMPLING["model"],
+            "stream": _t("boolean", "typed server-sent events", default=False),
+            "tools": _array(
+                _obj(
+                    {
+                        "type": {"const": "function"},
+                        "name": _t("string", "the function's name", pattern="^[A-Za-z0-9_-]{1,64}$"),
+                        "description": {"type": "string"},
+                        "parameters": TOOL_PARAMETERS,
+                    },
+                    ("type", "name"),
+                ),
+                "functions the model may call",
+            ),
+            "tool_choice": {
+                "oneOf": [
+                    TOOL_CHOICE["oneOf"][0],
+                    _obj({"type": {"const": "function"}, "name": {"type": "string"}}, ("type", "name")),
+                ]
+            },
+            "parallel_tool_calls": _t("boolean", "allow several calls in one answer", default=True),
+        },
+        ("input",),
+    ),
+    "Response": _obj(
+        {
+            "id": _t("string", "response id"),
+            "object": {"const": "response"},
+            "created_at": _t("integer", "unix time"),
+            "status": _t("string", "completed, or incomplete at the token limit", enum=["completed", "incomplete"]),
+            "model": _t("string", "the served model"),
+            "output": _array(
+                {"type": "object", "description": "a message (output_text parts) or a function_call (name, arguments)"}
+            ),
+            "usage": _obj({k: {"type": "integer"} for k in ("input_tokens", "output_tokens", "total_tokens")}),
+        }
+    ),
+    "ResponseStreamEvent": _obj(
+        {
+            "type": _t("string", "response.created, response.output_text.delta, ..., response.completed"),
+            "sequence_number": {"type": "integer"},
         }
     ),
     "TokenLogprob": _obj(
@@ -516,7 +637,13 @@ def _null_means_left_out(schema: Schema) -> None:
             properties[name] = {**field, "type": [field["type"], "null"]}
 
 
-for _body_schema in ("PredictRequest", "ChatCompletionRequest", "CompletionRequest", "GenerateRequest"):
+for _body_schema in (
+    "PredictRequest",
+    "ChatCompletionRequest",
+    "CompletionRequest",
+    "GenerateRequest",
+    "ResponsesRequest",
+):
     _null_means_left_out(SCHEMAS[_body_schema])
 _null_means_left_out(SCHEMAS["CompatGenerateRequest"])
 _null_means_left_out(SCHEMAS["GenerateParameters"])
@@ -612,6 +739,12 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "Chat completion",
         {"200": _both("ChatCompletion", "ChatCompletionChunk")} | _errors("OpenAIError") | MODEL_NOT_FOUND,
         "ChatCompletionRequest",
+    ),
+    ("POST", "/v1/responses"): _op(
+        "openai",
+        "Responses API: text or function calls",
+        {"200": _both("Response", "ResponseStreamEvent")} | _errors("OpenAIError") | MODEL_NOT_FOUND,
+        "ResponsesRequest",
     ),
     ("POST", "/v1/completions"): _op(
         "openai",

@@ -290,8 +290,10 @@ class GenerationRequest:
     """A validated request: exactly one of a raw `prompt` or chat `messages`, and how to generate."""
 
     prompt: str | None
-    messages: list[dict[str, str]] | None
+    messages: list[dict[str, Any]] | None
     params: GenerationParams
+    # Tools for a chat template that takes them (router/tools.py), OpenAI's `{"type": "function", ...}` form.
+    tools: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -338,6 +340,8 @@ def render_prompt(tokenizer: "PreTrainedTokenizerBase", request: GenerationReque
     if tokenizer.chat_template is None:
         raise ValidationError("this model has no chat template; send a prompt instead of messages")
     try:
-        return tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            request.messages, tools=request.tools, tokenize=False, add_generation_prompt=True
+        )
     except jinja2.TemplateError as exc:
         raise ValidationError(f"chat template rejected the messages: {exc}") from None

@@ -1,9 +1,9 @@
 """The router's HTTP app: the factory that puts the fronts together, and the middlewares they share.
 
 Each API is a front module with its own routes: `/predict` (api_predict), `/health` and `/info`
-(api_info), the OpenAI (api_openai) and TGI (api_tgi) APIs, the spec (openapi) and `/metrics`
-(api_metrics). They reach the engine only through router/engine_api.py's interface and validate
-with router/validation.py; their shared HTTP helpers are router/http_common.py.
+(api_info), the OpenAI (api_openai; its Responses API in api_responses) and TGI (api_tgi) APIs, the
+spec (openapi) and `/metrics` (api_metrics). They reach the engine only through router/engine_api.py's
+interface and validate with router/validation.py; their shared HTTP helpers are router/http_common.py.
 """
 
 import logging
@@ -11,7 +11,7 @@ import time
 
 from aiohttp import web
 
-from router import api_info, api_metrics, api_openai, api_predict, api_tgi, openapi
+from router import api_info, api_metrics, api_openai, api_predict, api_responses, api_tgi, openapi
 from router.engine_api import EngineAPI
 from router.errors import PayloadTooLarge, RouterError, Unauthorized
 from router.front_config import ServerConfig, api_key_matches
@@ -63,6 +63,7 @@ def build_app(engine: EngineAPI, config: ServerConfig) -> web.Application:
     api_info.add_routes(app)
     api_metrics.install(app, engine.metrics)
     api_openai.add_routes(app)
+    api_responses.add_routes(app)
     api_tgi.add_routes(app)
     openapi.add_routes(app)
     return app

@@ -177,7 +177,10 @@ def openai_spec(body: dict[str, Any]) -> GrammarSpec | None:
 def grammar_text(spec: GrammarSpec) -> str:
     """llguidance's serialized grammar for `spec` (not yet validated)."""
     if spec.kind == "json_schema":
-        return llguidance.LLMatcher.grammar_from_json_schema(json.loads(spec.source), defaults=JSON_OPTIONS)
+        try:
+            return llguidance.LLMatcher.grammar_from_json_schema(json.loads(spec.source), defaults=JSON_OPTIONS)
+        except ValueError as exc:  # a value llguidance cannot take, such as an integer past 64 bits
+            raise ValidationError(f"{spec.field} is not a valid JSON schema: {exc}") from None
     if spec.kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(spec.source)
     if spec.kind == "choice":

@@ -26,8 +26,13 @@ pytestmark = pytest.mark.slow
 CASES = 20
 # Generated token limits are cut to this, and bodies without one get it, so the run stays quick on a CPU.
 MAX_TOKENS = 3
-TOKEN_LIMITS = ("max_tokens", "max_new_tokens", "max_completion_tokens", "min_tokens")
-DEFAULT_TOKEN_LIMIT = {"/predict": "max_tokens", "/v1/chat/completions": "max_tokens", "/v1/completions": "max_tokens"}
+TOKEN_LIMITS = ("max_tokens", "max_new_tokens", "max_completion_tokens", "min_tokens", "max_output_tokens")
+DEFAULT_TOKEN_LIMIT = {
+    "/predict": "max_tokens",
+    "/v1/chat/completions": "max_tokens",
+    "/v1/completions": "max_tokens",
+    "/v1/responses": "max_output_tokens",
+}
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ matcher, chained as the engine chains them, take arbitrary token ids of the demo
 concatenate to the tokenizer's decode, and a stop string is found wherever it falls across token boundaries.
 """
 
+import asyncio
 import math
 import struct
 
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from router.api_openai import MAX_CHOICES, parse_chat_request, parse_completion_request
+from router.api_openai import MAX_CHOICES, parse_chat_request, parse_completion_request, prepare_tools
 from router.api_tgi import parse_generate_request
 from router.detokenizer import IncrementalDetokenizer
 from router.errors import BadRequest, RouterError, ValidationError
@@ -80,7 +81,30 @@ OPENAI_FIELDS |= {"guided_grammar": st.text(alphabet='start:a"<|>[]0123456789 %'
 OPENAI_FIELDS |= {"logprobs": st.booleans() | INT, "top_logprobs": INT}
 OPENAI_FIELDS |= {"logit_bias": st.dictionaries(st.sampled_from(["0", "5", "-1", "x"]) | TEXT, FLOAT, max_size=3)}
 OPENAI_FIELDS |= {"echo": st.booleans()}
-OPENAI_REFUSED = ["tools", "functions", "suffix"]
+OPENAI_REFUSED = ["functions", "suffix"]
+NAMES = st.sampled_from(["f", "g", "a b", ""])
+FUNCTION = st.fixed_dictionaries(
+    {"name": mostly(NAMES)}, optional={"description": mostly(TEXT), "parameters": mostly(SCHEMA)}
+)
+TOOL = st.fixed_dictionaries(
+    {"type": mostly(st.sampled_from(["function", "code"]))}, optional={"function": mostly(FUNCTION)}
+)
+NAMED = st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries({"name": NAMES})})
+ARGUMENTS = st.sampled_from(['{"a": 1}', "{}", "[1]", "nope"]) | st.dictionaries(TEXT, JSON, max_size=2)
+CALL = st.fixed_dictionaries(
+    {"id": mostly(st.sampled_from(["c1", "c2"])), "type": st.just("function")},
+    optional={"function": mostly(st.fixed_dictionaries({"name": mostly(NAMES), "arguments": mostly(ARGUMENTS)}))},
+)
+TOOL_TURN = st.fixed_dictionaries(
+    {"role": st.sampled_from(["assistant", "tool", "user"])},
+    optional={
+        "content": mostly(TEXT) | st.none(),
+        "tool_calls": mostly(st.lists(CALL, max_size=2)),
+        "tool_call_id": mostly(st.sampled_from(["c1", "c2", "zz"])),
+    },
+)
+TOOL_FIELDS = {"tools": st.lists(TOOL, max_size=3), "parallel_tool_calls": st.booleans(), "max_tokens": INT}
+TOOL_FIELDS |= {"tool_choice": st.sampled_from(["auto", "none", "required", "any"]) | NAMED}
 TGI_FIELDS = {**SAMPLING, "do_sample": st.booleans(), "max_new_tokens": INT, "top_n_tokens": INT, "truncate": INT}
 TGI_FIELDS |= {name: st.booleans() for name in ("details", "return_full_text", "decoder_input_details")}
 TGI_FIELDS |= {"grammar": GRAMMAR, "typical_p": FLOAT, "best_of": INT}
@@ -302,3 +326,29 @@ def test_parsers_refuse_only_with_router_errors():
         with pytest.raises(error) as info:
             parse(body)
         assert isinstance(info.value, RouterError)
+
+
+def _prepared(request, tokenizer) -> bool:
+    asyncio.run(prepare_tools(request, tokenizer))
+    return True
+
+
+@PROPERTY
+@given(body=bodies(TOOL_FIELDS, messages=st.lists(TOOL_TURN | MESSAGE, max_size=4)))
+@example(
+    body={
+        "messages": [{"role": "user", "content": "x"}],
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        "tool_choice": "required",
+    }
+)
+def test_tool_requests(body, demo_tokenizer):
+    """Tools, tool choices and tool turns: refused with the router's 400 or 422, or prepared into a prompt the
+    template renders (or refuses) and a grammar the shards can build."""
+    request = parsed_or_refused(parse_chat_request, body)
+    if request is None or parsed_or_refused(_prepared, request, demo_tokenizer) is None:
+        return
+    assert compiles_for_the_shards(request.params, demo_tokenizer)
+    if request.tools is not None and request.tools.forced:
+        assert request.params.grammar is not None
+    parsed_or_refused(render_prompt, demo_tokenizer, request.prompts[0])

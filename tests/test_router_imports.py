@@ -27,6 +27,7 @@ FRONTS = frozenset(
         "router.api_metrics",
         "router.api_openai",
         "router.api_predict",
+        "router.api_responses",
         "router.api_tgi",
         "router.front_config",
         "router.grpc_server",
@@ -47,6 +48,8 @@ FRONT_MAY_IMPORT = frozenset(
         "router.metrics",
         "router.params",
         "router.structured",
+        "router.tool_turns",
+        "router.tools",
         "router.validation",
     }
 )

@@ -1,0 +1,268 @@
+"""OpenAI's Responses API: `POST /v1/responses`, streamed and not, text and function calls.
+
+A Responses body is read as the chat completion it amounts to (router/api_openai.py's parser, tools and
+grammar): `input` (a string, or a list of message, `function_call` and `function_call_output` items) and
+`instructions` become the messages, `max_output_tokens` the token limit, `tools` (the flat function form)
+the chat form. The answer is a `response` object whose `output` holds one `message` item with the text,
+or one `function_call` item per call. Streams send OpenAI's typed events as SSE `data:` lines:
+`response.created`, `response.in_progress`, per item `response.output_item.added` and `.done`, for text
+`response.content_part.added`, `response.output_text.delta`, `response.output_text.done` and
+`response.content_part.done`, for calls `response.function_call_arguments.delta` and `.done`, and last
+`response.completed` (or `response.incomplete` at the token limit). Stored responses
+(`previous_response_id`, `store`) and built-in tools are not served.
+"""
+
+import uuid
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from typing import Any
+
+from aiohttp import web
+
+from router.api_openai import check_model, error_body, openai_errors, parse_chat_request, prepare_tools, submit
+from router.engine_api import EngineAPI
+from router.errors import BadRequest, RouterError, ValidationError, json_type_name
+from router.http_common import CONFIG, ENGINE, read_json, stream_sse
+from router.openai_responses import FINISH_REASONS, Choices, HeldText, interleave, tool_calls_in
+from router.structured import compile_grammar
+from router.tools import ToolCall
+
+TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+def _text(where: str, content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise BadRequest(f"{where} must be a string or an array of text parts, got {json_type_name(content)}")
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") not in TEXT_PARTS or not isinstance(part.get("text"), str):
+            raise ValidationError(f"{where}[{j}]: only text parts ({', '.join(TEXT_PARTS)}) are supported")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chat messages of `instructions` and `input`."""
+    messages: list[dict[str, Any]] = []
+    instructions = body.get("instructions")
+    if instructions is not None:
+        messages.append({"role": "system", "content": _text("instructions", instructions)})
+    items = body.get("input")
+    if isinstance(items, str):
+        return [*messages, {"role": "user", "content": items}]
+    if not isinstance(items, list) or not items:
+        raise BadRequest("input is required: a string or a non-empty array of input items")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise BadRequest(f"input[{i}] must be an object, got {json_type_name(item)}")
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = "system" if item.get("role") == "developer" else item.get("role")
+            messages.append({"role": role, "content": _text(f"input[{i}].content", item.get("content"))})
+        elif kind == "function_call":
+            call = {"id": item.get("call_id"), "type": "function", "function": {"name": item.get("name")}}
+            call["function"]["arguments"] = item.get("arguments")
+            if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_calls"):
+                messages[-1]["tool_calls"].append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            content = _text(f"input[{i}].output", output)
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": content})
+        else:
+            raise ValidationError(
+                f"input[{i}].type {kind!r} is not supported (message, function_call, function_call_output)"
+            )
+    return messages
+
+
+def _tools(value: object) -> object:
+    """The Responses API's flat function tools in the chat form (anything else left for the chat parser)."""
+    if not isinstance(value, list):
+        return value
+    tools = []
+    for i, tool in enumerate(value):
+        if isinstance(tool, dict) and tool.get("type") not in (None, "function"):
+            raise ValidationError(f"tools[{i}].type {tool.get('type')!r} is not supported: only function tools")
+        if isinstance(tool, dict) and "function" not in tool:
+            function = {k: tool[k] for k in ("name", "description", "parameters") if k in tool}
+            tool = {"type": "function", "function": function}
+        tools.append(tool)
+    return tools
+
+
+def chat_body(body: dict[str, Any]) -> dict[str, Any]:
+    """The chat completions body a Responses body amounts to."""
+    if body.get("previous_response_id") is not None:
+        raise ValidationError("previous_response_id is not supported: responses are not stored; send the input")
+    keep = ("model", "temperature", "top_p", "tool_choice", "parallel_tool_calls", "stream", "seed")
+    chat = {k: body[k] for k in keep if k in body}
+    return {
+        **chat,
+        "messages": _messages(body),
+        "max_tokens": body.get("max_output_tokens"),
+        "tools": _tools(body.get("tools")),
+    }
+
+
+class ResponseBuilder:
+    """The `response` object and its items, for one generation."""
+
+    def __init__(self, body: dict[str, Any], model: str, choices: Choices) -> None:
+        self.body, self.model, self.choices = body, model, choices
+        self.id = f"resp_{choices.id}"
+        self.message_id = f"msg_{uuid.uuid4().hex}"
+        self.sequence = 0
+
+    def response(self, status: str, output: list[dict[str, Any]], finish: str | None = None) -> dict[str, Any]:
+        """The `response` object in `status` with `output`."""
+        usage = self.choices.usage()
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.choices.created,
+            "status": status,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if finish == "length" else None,
+            "instructions": self.body.get("instructions"),
+            "max_output_tokens": self.body.get("max_output_tokens"),
+            "model": self.model,
+            "output": output,
+            "parallel_tool_calls": self.body.get("parallel_tool_calls", True),
+            "temperature": self.body.get("temperature"),
+            "top_p": self.body.get("top_p"),
+            "tool_choice": self.body.get("tool_choice", "auto"),
+            "tools": self.body.get("tools") or [],
+            "text": {"format": {"type": "text"}},
+            "usage": {
+                "input_tokens": usage["prompt_tokens"],
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": usage["completion_tokens"],
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": usage["total_tokens"],
+            },
+        }
+
+    def message(self, text: str, status: str = "completed") -> dict[str, Any]:
+        """The `message` output item."""
+        content = [] if status == "in_progress" else [self.text_part(text)]
+        return {"type": "message", "id": self.message_id, "role": "assistant", "status": status, "content": content}
+
+    @staticmethod
+    def text_part(text: str) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    @staticmethod
+    def function_call(call: ToolCall, status: str = "completed") -> dict[str, Any]:
+        """A `function_call` output item."""
+        arguments = "" if status == "in_progress" else call.arguments
+        item = {"type": "function_call", "id": f"fc_{call.id.removeprefix('call_')}", "call_id": call.id}
+        return {**item, "name": call.name, "arguments": arguments, "status": status}
+
+    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """One stream event, numbered."""
+        self.sequence += 1
+        return {"type": kind, "sequence_number": self.sequence - 1, **fields}
+
+
+def _status(finish: str) -> str:
+    return "incomplete" if finish == "length" else "completed"
+
+
+async def respond(engine: EngineAPI, plan, builder: ResponseBuilder) -> dict[str, Any]:
+    """The non-streamed `response` object."""
+    texts = []
+    async with aclosing(interleave(builder.choices.generations)) as events:
+        async for _, event in events:
+            texts.append(event.text)
+    text = "".join(texts)
+    finish = FINISH_REASONS[builder.choices.generations[0].finish_reason]
+    calls = tool_calls_in(plan, text)
+    output = [builder.function_call(c) for c in calls] if calls else [builder.message(text)]
+    return builder.response(_status(finish), output, finish)
+
+
+async def response_events(engine: EngineAPI, plan, builder: ResponseBuilder) -> AsyncGenerator[dict, None]:
+    """The stream's events (router/api_responses.py's module docstring)."""
+    yield builder.event("response.created", response=builder.response("in_progress", []))
+    yield builder.event("response.in_progress", response=builder.response("in_progress", []))
+    held = HeldText(plan)
+    streamed: list[str] = []
+    ids = {"item_id": builder.message_id, "output_index": 0}
+    finish = "stop"
+    async with aclosing(interleave(builder.choices.generations)) as events:
+        async for _, event in events:
+            text = held.add(event.text)
+            if event.finish_reason is not None:
+                finish = FINISH_REASONS[event.finish_reason]
+            if not text:
+                continue
+            if not streamed:
+                yield builder.event(
+                    "response.output_item.added", output_index=0, item=builder.message("", "in_progress")
+                )
+                part = builder.text_part("")
+                yield builder.event("response.content_part.added", **ids, content_index=0, part=part)
+            streamed.append(text)
+            yield builder.event("response.output_text.delta", **ids, content_index=0, delta=text, logprobs=[])
+    calls = tool_calls_in(plan, held.text) if held.holding else None
+    if calls:
+        output = []
+        for k, call in enumerate(calls):
+            item = builder.function_call(call)
+            yield builder.event(
+                "response.output_item.added", output_index=k, item=builder.function_call(call, "in_progress")
+            )
+            fields = {"item_id": item["id"], "output_index": k}
+            yield builder.event("response.function_call_arguments.delta", **fields, delta=call.arguments)
+            yield builder.event(
+                "response.function_call_arguments.done", **fields, name=call.name, arguments=call.arguments
+            )
+            yield builder.event("response.output_item.done", output_index=k, item=item)
+            output.append(item)
+        yield builder.event("response.completed", response=builder.response("completed", output))
+        return
+    if held.holding and held.text:
+        if not streamed:
+            yield builder.event("response.output_item.added", output_index=0, item=builder.message("", "in_progress"))
+            yield builder.event("response.content_part.added", **ids, content_index=0, part=builder.text_part(""))
+        streamed.append(held.text)
+        yield builder.event("response.output_text.delta", **ids, content_index=0, delta=held.text, logprobs=[])
+    text = "".join(streamed)
+    if not streamed:
+        yield builder.event("response.output_item.added", output_index=0, item=builder.message("", "in_progress"))
+        yield builder.event("response.content_part.added", **ids, content_index=0, part=builder.text_part(""))
+    yield builder.event("response.output_text.done", **ids, content_index=0, text=text, logprobs=[])
+    yield builder.event("response.content_part.done", **ids, content_index=0, part=builder.text_part(text))
+    yield builder.event("response.output_item.done", output_index=0, item=builder.message(text))
+    status = _status(finish)
+    kind = "response.completed" if status == "completed" else "response.incomplete"
+    yield builder.event(kind, response=builder.response(status, [builder.message(text)], finish))
+
+
+def _error_event(exc: RouterError) -> dict[str, Any]:
+    return {"type": "error", "code": error_body(exc)["error"]["code"], "message": str(exc), "param": None}
+
+
+@openai_errors
+async def responses(request: web.Request) -> web.StreamResponse:
+    """`POST /v1/responses`."""
+    engine = request.app[ENGINE]
+    body = await read_json(request)
+    model = check_model(body, request.app[CONFIG])
+    parsed = parse_chat_request(chat_body(body), request.app[CONFIG].limits)
+    await prepare_tools(parsed, engine.tokenizer)
+    await compile_grammar(parsed.params, engine.tokenizer)
+    choices = submit(engine, parsed, None)
+    builder = ResponseBuilder(body, model, choices)
+    if parsed.params.stream:
+        return await stream_sse(request, response_events(engine, parsed.tools, builder), _error_event)
+    return web.json_response(await respond(engine, parsed.tools, builder))
+
+
+def add_routes(app: web.Application) -> None:
+    """Register `POST /v1/responses` on `app`."""
+    app.router.add_post("/v1/responses", responses)
