@@ -104,11 +104,12 @@ async def test_an_arrival_and_a_cancellation_end_a_long_run(servers):
             await asyncio.sleep(0.005)
         cancelled.cancel()
         long_text = await long_task
-    reference = (await mixed_single(single.url, long_body))["choices"][0]["text"]
+    reference, _ = await single_completion(single.url, long_body)
     assert long_text == reference, "arrivals and cancellations changed another request's greedy output"
     assert re.search(r"event=cancelled id=\S+ generated=\d+", multi.log())
 
 
-async def mixed_single(url: str, body: dict) -> dict:
+async def single_completion(url: str, body: dict) -> tuple[str, str]:
+    """One completion alone on the server: its text and finish reason."""
     async with aiohttp.ClientSession() as session:
-        return await complete(session, url, body)
+        return await complete(session, url, body, None, asyncio.Event())
