@@ -225,6 +225,16 @@ def constrained_outputs(result: dict) -> dict:
     return {"constrained": len(done), "finished_by_stop": len(by_stop), "parse_as_json": parsed}
 
 
+def _load_warning(meta: dict) -> str:
+    """A warning when other work shared the cores (a 1-minute load average above the core count at the start
+    or the end), which makes run-to-run noise large."""
+    start, end = meta["machine"], meta["machine_at_end"]
+    loads = [(m.get("load_average") or [0.0])[0] for m in (start, end)]
+    if max(loads) > (start.get("cores") or 1):
+        return ". **These numbers come from a loaded machine** (other work shared the cores), so noise is large"
+    return ""
+
+
 def markdown(result: dict) -> str:
     """The report: conditions, the runs, the pooled A and B, and the three criteria."""
     w, meta = result["workload"], result["meta"]
@@ -233,8 +243,7 @@ def markdown(result: dict) -> str:
         "## Structured output under load: half JSON-schema-constrained vs all free",
         "",
         *report.meta_lines(meta),
-        f"- load average at end: {end_load}. **These numbers come from a loaded machine** (2 cores shared with"
-        " other work while this ran), so run-to-run noise is large; rounds alternate A/B to cancel drift.",
+        f"- load average at end: {end_load}{_load_warning(meta)}; rounds alternate A/B to cancel drift.",
         f"- server: {result['server']}; API `{w['target']}`, temperature {w['temperature']}",
         f"- workload: concurrency {w['concurrency']}, {w['requests_per_run']} requests per run, {w['rounds']} rounds"
         f" of A (all free) then B (every other request constrained); {w['input_len']}-token prompts; free requests"
