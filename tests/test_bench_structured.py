@@ -49,7 +49,7 @@ def test_report_is_written_with_finite_numbers(bench):
     machine, at_end = result["meta"]["machine"], result["meta"]["machine_at_end"]
     assert len(machine["load_average"]) == len(at_end["load_average"]) == 3
     markdown = (out / "structured.md").read_text()
-    assert "loaded machine" in markdown and "B output tok/s / A output tok/s" in markdown
+    assert "load average at end" in markdown and "B output tok/s / A output tok/s" in markdown
     assert markdown.count("| pass |") + markdown.count("**fail** by") == 3
 
 
@@ -89,3 +89,12 @@ def test_criteria_pass_and_fail_at_their_thresholds():
     failing = criteria({"runs": [run("A0", 100, [0.01] * 3), run("B0", 80, [0.012] * 3)], "ttft_triples": slow})
     assert not any(failing[name]["passed"] for name in ("throughput_ratio", "free_itl_p50_ratio"))
     assert failing["cached_schema_ttft_delta_ms"] == {"value": 1.0, "threshold": 1.0, "passed": False}
+
+
+def test_the_report_warns_of_a_loaded_machine_only_when_the_load_exceeds_the_cores():
+    from benchmarks.structured import _load_warning
+
+    quiet = {"machine": {"cores": 2, "load_average": [0.8, 1.0, 1.0]}, "machine_at_end": {"load_average": [1.5, 1, 1]}}
+    busy = {"machine": {"cores": 2, "load_average": [0.8, 1.0, 1.0]}, "machine_at_end": {"load_average": [7.4, 8, 8]}}
+    assert _load_warning(quiet) == ""
+    assert "loaded machine" in _load_warning(busy)
