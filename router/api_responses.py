@@ -24,7 +24,6 @@ from router.engine_api import EngineAPI
 from router.errors import BadRequest, RouterError, ValidationError, json_type_name
 from router.http_common import CONFIG, ENGINE, read_json, stream_sse
 from router.openai_responses import FINISH_REASONS, Choices, HeldText, interleave, tool_calls_in
-from router.structured import compile_grammar
 from router.tools import ToolCall
 
 TEXT_PARTS = ("input_text", "output_text", "text")
@@ -255,8 +254,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     model = check_model(body, request.app[CONFIG])
     parsed = parse_chat_request(chat_body(body), request.app[CONFIG].limits)
     await prepare_tools(parsed, engine.tokenizer)
-    await compile_grammar(parsed.params, engine.tokenizer)
-    choices = submit(engine, parsed, None)
+    choices = await submit(engine, parsed, None)
     builder = ResponseBuilder(body, model, choices)
     if parsed.params.stream:
         return await stream_sse(request, response_events(engine, parsed.tools, builder), _error_event)
