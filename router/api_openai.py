@@ -41,10 +41,10 @@ from router.params import (
     as_stop,
     max_new_tokens_from,
 )
-from router.structured import compile_grammar, openai_spec
+from router.structured import openai_spec
 from router.tool_turns import fit_to_template, parse_tool_turns
 from router.tools import ToolPlan, parse_tools
-from router.validation import check_lengths, check_logit_bias, prompt_ids, room
+from router.validation import check_lengths, check_params, prompt_ids, room
 
 log = logging.getLogger("mixserve.router")
 
@@ -310,13 +310,13 @@ def check_model(body: dict[str, Any], config: ServerConfig, *, strict: bool | No
     return default
 
 
-def submit(engine: EngineAPI, request: OpenAIRequest, default_max_tokens: int | None) -> Choices:
-    """Validate and queue every choice; if one is refused, the ones already queued are cancelled. Without
-    a max_tokens of the request or the API, a choice gets all the room its prompt leaves."""
+async def submit(engine: EngineAPI, request: OpenAIRequest, default_max_tokens: int | None) -> Choices:
+    """Validate (the grammar compiled first) and queue every choice; if one is refused, the ones already queued
+    are cancelled. Without a max_tokens of the request or the API, a choice gets all the room its prompt leaves."""
+    await check_params(engine, request.params)
     generations: list[GenerationHandle] = []
     prompt_tokens = 0
     try:
-        check_logit_bias(engine, request.params)
         for prompt in request.prompts:
             ids = prompt_ids(engine, prompt)
             prompt_tokens += len(ids)
@@ -343,8 +343,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     model_id = check_model(body, request.app[CONFIG])
     parsed = parse_chat_request(body, request.app[CONFIG].limits)
     await prepare_tools(parsed, engine.tokenizer)
-    await compile_grammar(parsed.params, engine.tokenizer)
-    choices = submit(engine, parsed, None)
+    choices = await submit(engine, parsed, None)
     if parsed.params.stream:
         return await stream_sse(request, chat_chunks(engine, parsed, choices, model_id), error_body)
     return web.json_response(await chat_completion(engine, parsed, choices, model_id))
@@ -357,8 +356,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     model_id = check_model(body, request.app[CONFIG])
     parsed = parse_completion_request(body, request.app[CONFIG].limits)
-    await compile_grammar(parsed.params, engine.tokenizer)
-    choices = submit(engine, parsed, COMPLETIONS_MAX_TOKENS)
+    choices = await submit(engine, parsed, COMPLETIONS_MAX_TOKENS)
     if parsed.params.stream:
         return await stream_sse(request, completion_chunks(engine, parsed, choices, model_id), error_body)
     return web.json_response(await completion(engine, parsed, choices, model_id))

@@ -9,7 +9,6 @@ from router.engine_api import GenerationHandle
 from router.errors import RouterError
 from router.http_common import CONFIG, ENGINE, read_json
 from router.params import parse_predict_request
-from router.structured import compile_grammar
 from router.validation import validate
 
 log = logging.getLogger("mixserve.router")
@@ -19,8 +18,7 @@ async def predict(request: web.Request) -> web.StreamResponse:
     """`POST /predict`."""
     engine = request.app[ENGINE]
     parsed = parse_predict_request(await read_json(request), request.app[CONFIG].limits)
-    await compile_grammar(parsed.params, engine.tokenizer)
-    valid = validate(engine, parsed)
+    valid = await validate(engine, parsed)
     generation = engine.submit(valid.prompt_ids, valid.params)
     if not parsed.params.stream:
         text = await collect_text(generation)

@@ -24,7 +24,6 @@ from router.engine_api import EngineAPI
 from router.errors import BadRequest, RouterError, ValidationError, json_type_name
 from router.http_common import CONFIG, ENGINE, read_json, stream_sse
 from router.openai_responses import FINISH_REASONS, Choices, HeldText, interleave, tool_calls_in
-from router.structured import compile_grammar
 from router.tools import ToolCall
 
 TEXT_PARTS = ("input_text", "output_text", "text")
@@ -167,6 +166,19 @@ class ResponseBuilder:
         self.sequence += 1
         return {"type": kind, "sequence_number": self.sequence - 1, **fields}
 
+    def message_opened(self) -> list[dict[str, Any]]:
+        """The events that open the message item and its text part, before its first delta."""
+        return [
+            self.event("response.output_item.added", output_index=0, item=self.message("", "in_progress")),
+            self.event(
+                "response.content_part.added",
+                item_id=self.message_id,
+                output_index=0,
+                content_index=0,
+                part=self.text_part(""),
+            ),
+        ]
+
 
 def _status(finish: str) -> str:
     return "incomplete" if finish == "length" else "completed"
@@ -201,11 +213,8 @@ async def response_events(engine: EngineAPI, plan, builder: ResponseBuilder) -> 
             if not text:
                 continue
             if not streamed:
-                yield builder.event(
-                    "response.output_item.added", output_index=0, item=builder.message("", "in_progress")
-                )
-                part = builder.text_part("")
-                yield builder.event("response.content_part.added", **ids, content_index=0, part=part)
+                for opened in builder.message_opened():
+                    yield opened
             streamed.append(text)
             yield builder.event("response.output_text.delta", **ids, content_index=0, delta=text, logprobs=[])
     calls = tool_calls_in(plan, held.text) if held.holding else None
@@ -227,14 +236,14 @@ async def response_events(engine: EngineAPI, plan, builder: ResponseBuilder) -> 
         return
     if held.holding and held.text:
         if not streamed:
-            yield builder.event("response.output_item.added", output_index=0, item=builder.message("", "in_progress"))
-            yield builder.event("response.content_part.added", **ids, content_index=0, part=builder.text_part(""))
+            for opened in builder.message_opened():
+                yield opened
         streamed.append(held.text)
         yield builder.event("response.output_text.delta", **ids, content_index=0, delta=held.text, logprobs=[])
     text = "".join(streamed)
     if not streamed:
-        yield builder.event("response.output_item.added", output_index=0, item=builder.message("", "in_progress"))
-        yield builder.event("response.content_part.added", **ids, content_index=0, part=builder.text_part(""))
+        for opened in builder.message_opened():
+            yield opened
     yield builder.event("response.output_text.done", **ids, content_index=0, text=text, logprobs=[])
     yield builder.event("response.content_part.done", **ids, content_index=0, part=builder.text_part(text))
     yield builder.event("response.output_item.done", output_index=0, item=builder.message(text))
@@ -255,8 +264,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     model = check_model(body, request.app[CONFIG])
     parsed = parse_chat_request(chat_body(body), request.app[CONFIG].limits)
     await prepare_tools(parsed, engine.tokenizer)
-    await compile_grammar(parsed.params, engine.tokenizer)
-    choices = submit(engine, parsed, None)
+    choices = await submit(engine, parsed, None)
     builder = ResponseBuilder(body, model, choices)
     if parsed.params.stream:
         return await stream_sse(request, response_events(engine, parsed.tools, builder), _error_event)

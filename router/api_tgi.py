@@ -36,7 +36,7 @@ from router.params import (
     as_seed,
     as_stop,
 )
-from router.structured import compile_grammar, from_tgi_grammar
+from router.structured import from_tgi_grammar
 from router.validation import validate
 
 # TGI's default `max_new_tokens` when left out.
@@ -128,11 +128,11 @@ def parse_generate_request(body: dict[str, Any], *, stream: bool, limits: Reques
     )
 
 
-def submit(engine: EngineAPI, request: TGIRequest) -> list[GenerationHandle]:
+async def submit(engine: EngineAPI, request: TGIRequest) -> list[GenerationHandle]:
     """Tokenize (BOS included, as TGI does), keep the last `truncate` tokens, validate and queue the request's
     `best_of` sequences (each with its own seed); if one is refused, the ones already queued are cancelled."""
     generation_request = GenerationRequest(prompt=request.inputs, messages=None, params=request.params)
-    valid = validate(engine, generation_request, truncate=request.truncate)
+    valid = await validate(engine, generation_request, truncate=request.truncate)
     generations: list[GenerationHandle] = []
     try:
         for _ in range(request.best_of):
@@ -254,8 +254,7 @@ async def stream_events(
 async def _answer(request: web.Request, body: dict[str, Any], *, stream: bool, as_array: bool) -> web.StreamResponse:
     engine = request.app[ENGINE]
     parsed = parse_generate_request(body, stream=stream, limits=request.app[CONFIG].limits)
-    await compile_grammar(parsed.params, engine.tokenizer)
-    generations = submit(engine, parsed)
+    generations = await submit(engine, parsed)
     if stream:
         return await stream_sse(request, stream_events(engine, parsed, generations[0]), error_body)
     answer = await generate_answer(engine, parsed, generations)

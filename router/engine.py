@@ -338,10 +338,13 @@ class Engine:
     def _on_prompt_scored(self, plan: StepPlan, result: StepResult) -> None:
         """Keep the prompt tokens' log-probabilities the step's prefill chunks scored (positions past the
         prompt, recomputed after a preemption, are the generation's own and were reported already)."""
+        scored_tokens = [token for token in result.tokens if token.prompt_logprobs]
+        if not scored_tokens:
+            return
         starts = {entry.seq.seq_id: entry.start_position for entry in plan.sequences}
-        for token in result.tokens:
+        for token in scored_tokens:
             generation = self.live.get(token.seq_id)
-            if not token.prompt_logprobs or generation is None or token.seq_id not in starts:
+            if generation is None or token.seq_id not in starts:
                 continue
             scored = generation.prompt_logprobs
             for position, logprob in enumerate(token.prompt_logprobs, starts[token.seq_id]):

@@ -38,7 +38,7 @@ class Generation:
         self.seq_id = seq_id
         self.prompt_ids = prompt_ids
         if params.grammar is not None and not params.grammar.grammar:
-            raise ValueError("compile the grammar (router.structured.compile_grammar) before submitting")
+            raise ValueError("compile the grammar (router.validation) before submitting")
         self.params = params
         self.seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)

@@ -25,7 +25,6 @@ from router.params import DEFAULT_LIMITS, GenerationParams, GenerationRequest, R
 from router.structured import (
     GrammarSpec,
     choice_spec,
-    compile_grammar,
     json_schema_spec,
     lark_spec,
     regex_spec,
@@ -180,8 +179,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
 
     async def _submit(self, request: generate_pb2.GenerateRequest) -> GenerationHandle:
         parsed = parse_generate_request(request, self.config.limits)
-        await compile_grammar(parsed.params, self.engine.tokenizer)
-        valid = validate(self.engine, parsed)
+        valid = await validate(self.engine, parsed)
         return self.engine.submit(valid.prompt_ids, valid.params)
 
     @_rpc

@@ -643,10 +643,10 @@ for _body_schema in (
     "CompletionRequest",
     "GenerateRequest",
     "ResponsesRequest",
+    "CompatGenerateRequest",
+    "GenerateParameters",
 ):
     _null_means_left_out(SCHEMAS[_body_schema])
-_null_means_left_out(SCHEMAS["CompatGenerateRequest"])
-_null_means_left_out(SCHEMAS["GenerateParameters"])
 
 
 def _json(schema: Schema, description: str = "OK") -> dict[str, Any]:

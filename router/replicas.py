@@ -132,9 +132,9 @@ class Replicas:
     async def health(self) -> HealthReport:
         """No group serving: the error requests get. Otherwise each group that cannot serve now, with
         why: failed, or a shard that does not answer Health."""
-        if not self.serving:
-            return HealthReport(self.unavailable("the shards are unavailable"), {}, len(self.engines))
         serving = [i for i, engine in enumerate(self.engines) if engine.failure is None]
+        if not serving:
+            return HealthReport(self.unavailable("the shards are unavailable"), {}, len(self.engines))
         answers = await asyncio.gather(*(self.engines[i].group.health() for i in serving))
         down = {i: engine.failure for i, engine in enumerate(self.engines) if engine.failure is not None}
         down.update({i: HEALTH_FAILED for i, ok in zip(serving, answers, strict=True) if not ok})

@@ -431,15 +431,15 @@ class Scheduler:
             seq = entry.seq
             if entry.is_prefill:
                 continue
+            table = self._table(seq)
             # Every token kept is an output: the step may gain at most the tokens max_new_tokens leaves.
             room = min(
                 seq.max_new_tokens - len(seq.output_ids) - 1,
-                (len(self._table(seq).blocks) + self._free_blocks()) * size - seq.num_computed - 1,
+                (len(table.blocks) + self._free_blocks()) * size - seq.num_computed - 1,
             )
             proposed = propose(seq)[:room] if room > 0 else []
             if not proposed:
                 continue
-            table = self._table(seq)
             table.grow(self.allocator, seq.num_computed + 1 + len(proposed))
             entry.token_ids = entry.token_ids + proposed
             entry.slot_mapping = table.slot_mapping(seq.num_computed, len(entry.token_ids))

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from router.errors import BadRequest, ValidationError, json_type_name
+from router.params import as_bool
 from router.structured import JSON_OPTIONS, GrammarSpec, json_schema_spec, lark_spec
 
 if TYPE_CHECKING:
@@ -155,12 +156,10 @@ def parse_tools(body: dict[str, Any]) -> ToolPlan | None:
         if names.count(name) > 1:
             raise ValidationError(f"tools: the function name {name!r} is given more than once")
     choice, named = _tool_choice(body.get("tool_choice"), set(names))
-    parallel = body.get("parallel_tool_calls")
-    if parallel is not None and not isinstance(parallel, bool):
-        raise BadRequest(f"parallel_tool_calls must be a boolean, got {json_type_name(parallel)}")
+    parallel = as_bool("parallel_tool_calls", body.get("parallel_tool_calls"), default=True)
     if not functions:
         return None
-    return ToolPlan(functions, choice, named, parallel is not False)
+    return ToolPlan(functions, choice, named, parallel)
 
 
 def calls_schema(plan: ToolPlan) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 Parsing (router/params.py and each API's parser) has checked the fields and the parameter limits
 (--max-stop-sequences, --max-top-n-tokens, ...). What is left needs the model and the engine: the
-chat template and the tokenizer, then the lengths: the prompt within --max-input-tokens, prompt plus
-new tokens within --max-total-tokens and within what one sequence may hold of the KV cache.
+grammar compiled over the tokenizer, the chat template and the tokenizer, then the lengths: the prompt
+within --max-input-tokens, prompt plus new tokens within --max-total-tokens and within what one
+sequence may hold of the KV cache.
 """
 
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from router.engine_api import EngineAPI, EngineStats
 from router.errors import ValidationError
 from router.params import GenerationParams, GenerationRequest, render_prompt
+from router.structured import compile_grammar
 
 
 @dataclass(slots=True, frozen=True)
@@ -63,8 +65,17 @@ def check_logit_bias(engine: EngineAPI, params: GenerationParams) -> None:
         raise ValidationError(f"logit_bias names token id {max(params.logit_bias)}; the vocabulary has {vocab} tokens")
 
 
-def validate(engine: EngineAPI, request: GenerationRequest, truncate: int | None = None) -> ValidRequest:
-    """Tokenize `request` (keeping its last `truncate` tokens when given) and check its lengths."""
+async def check_params(engine: EngineAPI, params: GenerationParams) -> None:
+    """Check what of `params` needs the model: the grammar compiles over the router's tokenizer (in a worker
+    thread; `params` keeps the compiled grammar) and logit_bias names tokens of the vocabulary."""
+    await compile_grammar(params, engine.tokenizer)
+    check_logit_bias(engine, params)
+
+
+async def validate(engine: EngineAPI, request: GenerationRequest, truncate: int | None = None) -> ValidRequest:
+    """Compile `request`'s grammar, tokenize it (keeping its last `truncate` tokens when given) and check its
+    lengths and logit_bias."""
+    await compile_grammar(request.params, engine.tokenizer)
     ids = prompt_ids(engine, request)
     if truncate is not None:
         ids = ids[-truncate:]

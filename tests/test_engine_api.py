@@ -96,13 +96,14 @@ async def test_room_is_what_the_smallest_cache_and_max_total_tokens_leave(replic
 async def test_validate_tokenizes_a_prompt_with_bos_and_keeps_the_last_truncate_tokens(replicas, demo_tokenizer):
     request = GenerationRequest(prompt="the old river", messages=None, params=GenerationParams(max_new_tokens=2))
     ids = demo_tokenizer("the old river")["input_ids"]
-    assert validate(replicas, request).prompt_ids == ids and ids[0] == demo_tokenizer.bos_token_id
-    assert validate(replicas, request, truncate=2).prompt_ids == ids[-2:]
+    assert (await validate(replicas, request)).prompt_ids == ids and ids[0] == demo_tokenizer.bos_token_id
+    assert (await validate(replicas, request, truncate=2)).prompt_ids == ids[-2:]
     chat = GenerationRequest(
         prompt=None, messages=[{"role": "user", "content": "hi"}], params=GenerationParams(max_new_tokens=2)
     )
     rendered = demo_tokenizer.apply_chat_template(chat.messages, tokenize=False, add_generation_prompt=True)
-    assert validate(replicas, chat).prompt_ids == demo_tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    valid = await validate(replicas, chat)
+    assert valid.prompt_ids == demo_tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
 
 class BrokenGroup(ShardGroup):
