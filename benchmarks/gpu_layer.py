@@ -169,18 +169,6 @@ def prefill_batch(
     )
 
 
-def _torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm.forward off the CPU: fp32 statistics, rounded before the weight."""
-    x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def _torch_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RotaryEmbedding.forward off the CPU, for cos/sin already indexed by position [T, 1, d]."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
 def torch_layer(
     shapes: RankShapes,
     weights: LayerWeights,
@@ -190,14 +178,11 @@ def torch_layer(
     """Today's torch path: the decoder layer's output [T, H] (MixtralDecoderLayer.forward)."""
     hidden = step.hidden
     tokens, d = hidden.shape[0], shapes.head_dim
-    q, k, v = F.linear(_torch_rms_norm(hidden, weights.input_norm, shapes.eps), weights.qkv).split(
+    q, k, v = F.linear(reference.rms_norm(hidden, weights.input_norm, shapes.eps), weights.qkv).split(
         [shapes.q_heads * d, shapes.kv_heads * d, shapes.kv_heads * d], dim=-1
     )
-    cos = weights.cos[step.positions].unsqueeze(1).to(hidden.dtype)  # [T, 1, d]
-    sin = weights.sin[step.positions].unsqueeze(1).to(hidden.dtype)
-    q = _torch_rotary(q.reshape(tokens, -1, d), cos, sin)  # [T, h, d]
-    k = _torch_rotary(k.reshape(tokens, -1, d), cos, sin)  # [T, kv, d]
-    reference.write_kv(cache, step.slots, k, v.reshape(tokens, -1, d))
+    q, k, v = (t.reshape(tokens, -1, d) for t in (q, k, v))  # [T, h, d], [T, kv, d], [T, kv, d]
+    q = reference.rotary_write_kv(step.positions, q, k, v, weights.cos, weights.sin, cache, step.slots)
     scale = d**-0.5
     if isinstance(step, DecodeBatch):
         attn = reference.paged_decode_attention(q, cache, step.block_tables.long(), step.context_lens.long(), scale)
@@ -206,7 +191,7 @@ def torch_layer(
             q, cache, step.query_start, step.start_positions, step.block_tables, scale
         )
     hidden = hidden + F.linear(attn.reshape(tokens, -1), weights.o_proj)
-    normed = _torch_rms_norm(hidden, weights.post_norm, shapes.eps)
+    normed = reference.rms_norm(hidden, weights.post_norm, shapes.eps)
     routing, experts = route(normed, weights.gate, shapes.top_k)
     return hidden + reference.fused_moe(normed, weights.w13, weights.w2, routing, experts)
 
