@@ -169,6 +169,14 @@ def prefill_batch(
     )
 
 
+def _split_heads(shapes: RankShapes, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [T, h, d], k and v [T, kv, d]: views of the fused projection qkv [T, (h + 2 kv) d]."""
+    d = shapes.head_dim
+    sizes = [shapes.q_heads * d, shapes.kv_heads * d, shapes.kv_heads * d]
+    q, k, v = (t.view(qkv.shape[0], -1, d) for t in qkv.split(sizes, dim=-1))
+    return q, k, v
+
+
 def torch_layer(
     shapes: RankShapes,
     weights: LayerWeights,
@@ -178,10 +186,7 @@ def torch_layer(
     """Today's torch path: the decoder layer's output [T, H] (MixtralDecoderLayer.forward)."""
     hidden = step.hidden
     tokens, d = hidden.shape[0], shapes.head_dim
-    q, k, v = F.linear(reference.rms_norm(hidden, weights.input_norm, shapes.eps), weights.qkv).split(
-        [shapes.q_heads * d, shapes.kv_heads * d, shapes.kv_heads * d], dim=-1
-    )
-    q, k, v = (t.reshape(tokens, -1, d) for t in (q, k, v))  # [T, h, d], [T, kv, d], [T, kv, d]
+    q, k, v = _split_heads(shapes, F.linear(reference.rms_norm(hidden, weights.input_norm, shapes.eps), weights.qkv))
     q = reference.rotary_write_kv(step.positions, q, k, v, weights.cos, weights.sin, cache, step.slots)
     scale = d**-0.5
     if isinstance(step, DecodeBatch):
@@ -205,10 +210,7 @@ def triton_layer(
     """The Triton path: the same output [T, H] with no host sync (decode steps capture in a CUDA graph)."""
     hidden = step.hidden
     tokens, d = hidden.shape[0], shapes.head_dim
-    qkv = F.linear(rms_norm(hidden, weights.input_norm, shapes.eps), weights.qkv)  # [T, (h + 2 kv) d]
-    q, k, v = (
-        t.view(tokens, -1, d) for t in qkv.split([shapes.q_heads * d, shapes.kv_heads * d, shapes.kv_heads * d], -1)
-    )
+    q, k, v = _split_heads(shapes, F.linear(rms_norm(hidden, weights.input_norm, shapes.eps), weights.qkv))
     rotary_write_kv(step.positions, q, k, v, weights.cos, weights.sin, cache[0], cache[1], step.slots)
     scale = d**-0.5
     if isinstance(step, DecodeBatch):
