@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from shards.layers.moe import route
+from shards.layers.rotary import RotaryEmbedding
 from shards.ops import reference
 from shards.triton.attention import paged_decode_attention, paged_prefill_attention
 from shards.triton.moe import fused_moe
@@ -66,7 +67,7 @@ class LayerWeights:
 
     @classmethod
     def random(cls, shapes: RankShapes, max_positions: int, dtype: torch.dtype, device: torch.device) -> "LayerWeights":
-        """Weights drawn on the device; rotary tables as RotaryEmbedding builds them."""
+        """Weights drawn on the device; the model's rotary tables (RotaryEmbedding's)."""
         hidden, d = shapes.hidden, shapes.head_dim
 
         def normal(*shape: int) -> torch.Tensor:
@@ -75,9 +76,7 @@ class LayerWeights:
         def norm_weight() -> torch.Tensor:
             return (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype)
 
-        inv_freq = 1.0 / (shapes.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
-        freqs = torch.arange(max_positions, dtype=torch.float32, device=device)[:, None] * inv_freq  # [P, d/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [P, d]
+        rotary = RotaryEmbedding(d, max_positions, shapes.rope_theta).to(device)
         return cls(
             input_norm=norm_weight(),
             qkv=normal((shapes.q_heads + 2 * shapes.kv_heads) * d, hidden),
@@ -86,8 +85,8 @@ class LayerWeights:
             gate=normal(shapes.experts, hidden),
             w13=normal(shapes.experts, 2 * shapes.inter, hidden),
             w2=normal(shapes.experts, hidden, shapes.inter),
-            cos=emb.cos(),
-            sin=emb.sin(),
+            cos=rotary.cos,
+            sin=rotary.sin,
         )
 
 
