@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from shards.layers.moe import route
+from shards.layers.rotary import RotaryEmbedding
 from shards.ops import reference
 from shards.triton.attention import paged_decode_attention, paged_prefill_attention
 from shards.triton.moe import fused_moe
@@ -66,7 +67,7 @@ class LayerWeights:
 
     @classmethod
     def random(cls, shapes: RankShapes, max_positions: int, dtype: torch.dtype, device: torch.device) -> "LayerWeights":
-        """Weights drawn on the device; rotary tables as RotaryEmbedding builds them."""
+        """Weights drawn on the device; the model's rotary tables (RotaryEmbedding's)."""
         hidden, d = shapes.hidden, shapes.head_dim
 
         def normal(*shape: int) -> torch.Tensor:
@@ -75,9 +76,7 @@ class LayerWeights:
         def norm_weight() -> torch.Tensor:
             return (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype)
 
-        inv_freq = 1.0 / (shapes.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
-        freqs = torch.arange(max_positions, dtype=torch.float32, device=device)[:, None] * inv_freq  # [P, d/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [P, d]
+        rotary = RotaryEmbedding(d, max_positions, shapes.rope_theta).to(device)
         return cls(
             input_norm=norm_weight(),
             qkv=normal((shapes.q_heads + 2 * shapes.kv_heads) * d, hidden),
@@ -86,8 +85,8 @@ class LayerWeights:
             gate=normal(shapes.experts, hidden),
             w13=normal(shapes.experts, 2 * shapes.inter, hidden),
             w2=normal(shapes.experts, hidden, shapes.inter),
-            cos=emb.cos(),
-            sin=emb.sin(),
+            cos=rotary.cos,
+            sin=rotary.sin,
         )
 
 
@@ -169,16 +168,12 @@ def prefill_batch(
     )
 
 
-def _torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm.forward off the CPU: fp32 statistics, rounded before the weight."""
-    x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def _torch_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RotaryEmbedding.forward off the CPU, for cos/sin already indexed by position [T, 1, d]."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def _split_heads(shapes: RankShapes, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [T, h, d], k and v [T, kv, d]: views of the fused projection qkv [T, (h + 2 kv) d]."""
+    d = shapes.head_dim
+    sizes = [shapes.q_heads * d, shapes.kv_heads * d, shapes.kv_heads * d]
+    q, k, v = (t.view(qkv.shape[0], -1, d) for t in qkv.split(sizes, dim=-1))
+    return q, k, v
 
 
 def torch_layer(
@@ -190,14 +185,8 @@ def torch_layer(
     """Today's torch path: the decoder layer's output [T, H] (MixtralDecoderLayer.forward)."""
     hidden = step.hidden
     tokens, d = hidden.shape[0], shapes.head_dim
-    q, k, v = F.linear(_torch_rms_norm(hidden, weights.input_norm, shapes.eps), weights.qkv).split(
-        [shapes.q_heads * d, shapes.kv_heads * d, shapes.kv_heads * d], dim=-1
-    )
-    cos = weights.cos[step.positions].unsqueeze(1).to(hidden.dtype)  # [T, 1, d]
-    sin = weights.sin[step.positions].unsqueeze(1).to(hidden.dtype)
-    q = _torch_rotary(q.reshape(tokens, -1, d), cos, sin)  # [T, h, d]
-    k = _torch_rotary(k.reshape(tokens, -1, d), cos, sin)  # [T, kv, d]
-    reference.write_kv(cache, step.slots, k, v.reshape(tokens, -1, d))
+    q, k, v = _split_heads(shapes, F.linear(reference.rms_norm(hidden, weights.input_norm, shapes.eps), weights.qkv))
+    q = reference.rotary_write_kv(step.positions, q, k, v, weights.cos, weights.sin, cache, step.slots)
     scale = d**-0.5
     if isinstance(step, DecodeBatch):
         attn = reference.paged_decode_attention(q, cache, step.block_tables.long(), step.context_lens.long(), scale)
@@ -206,7 +195,7 @@ def torch_layer(
             q, cache, step.query_start, step.start_positions, step.block_tables, scale
         )
     hidden = hidden + F.linear(attn.reshape(tokens, -1), weights.o_proj)
-    normed = _torch_rms_norm(hidden, weights.post_norm, shapes.eps)
+    normed = reference.rms_norm(hidden, weights.post_norm, shapes.eps)
     routing, experts = route(normed, weights.gate, shapes.top_k)
     return hidden + reference.fused_moe(normed, weights.w13, weights.w2, routing, experts)
 
@@ -220,10 +209,7 @@ def triton_layer(
     """The Triton path: the same output [T, H] with no host sync (decode steps capture in a CUDA graph)."""
     hidden = step.hidden
     tokens, d = hidden.shape[0], shapes.head_dim
-    qkv = F.linear(rms_norm(hidden, weights.input_norm, shapes.eps), weights.qkv)  # [T, (h + 2 kv) d]
-    q, k, v = (
-        t.view(tokens, -1, d) for t in qkv.split([shapes.q_heads * d, shapes.kv_heads * d, shapes.kv_heads * d], -1)
-    )
+    q, k, v = _split_heads(shapes, F.linear(rms_norm(hidden, weights.input_norm, shapes.eps), weights.qkv))
     rotary_write_kv(step.positions, q, k, v, weights.cos, weights.sin, cache[0], cache[1], step.slots)
     scale = d**-0.5
     if isinstance(step, DecodeBatch):
