@@ -347,10 +347,8 @@ class ModelRunner:
         ]
         if not rows:
             return scored_only
-        first_row = [0] * len(steps)  # each step's first logits row
-        for i in range(1, len(steps)):
-            first_row[i] = first_row[i - 1] + 1 + steps[i - 1].num_proposed
-        spans = [range(first_row[i], first_row[i] + 1 + steps[i].num_proposed) for i in rows]
+        step_spans = _consecutive([1 + s.num_proposed for s in steps])  # each step's logits rows
+        spans = [step_spans[i] for i in rows]
         tokens: list[list[VerifiedToken]] | None = None
         constrained = [j for j, st in enumerate(states) if st.grammar is not None]
         bitmask = torch.stack([states[j].grammar.mask() for j in constrained]) if constrained else None  # [C, W]
@@ -360,12 +358,14 @@ class ModelRunner:
             head = self.model.lm_head
             flat = [row for span in spans for row in span]
             local = logits if len(flat) == logits.shape[0] else logits[flat]  # decode steps: every row samples
+            # spans[j]'s rows, renumbered as positions in `local`. [R + proposals]
+            local_spans = _consecutive([len(span) for span in spans])
             if bitmask is not None:
                 # Constrained sequences never speculate: one row each, at the start of their span.
-                at = [flat.index(spans[j][0]) for j in constrained]
+                at = [local_spans[j][0] for j in constrained]
                 local = apply_token_bitmask(local, at, bitmask, head.vocab_start, self.config.vocab_size)
             if biased:
-                at, each = self._span_rows(flat, spans, biased, biases)
+                at, each = _span_rows(local_spans, biased, biases)
                 local = apply_logit_bias(local, at, each, head.vocab_start, self.config.vocab_size)
             chosen = parallel_greedy(local, head.vocab_start, self.config.vocab_size, self.group)
             if chosen is None:  # NaN or infinity somewhere: gather and take the usual path
@@ -375,8 +375,7 @@ class ModelRunner:
                 tokens = greedy_runs(chosen[0].tolist(), chosen[1].tolist(), proposals)
         if tokens is None:
             if biased:
-                rows_all = list(range(logits.shape[0]))
-                at, each = self._span_rows(rows_all, spans, biased, biases)
+                at, each = _span_rows(spans, biased, biases)
                 logits = apply_logit_bias(logits, at, each, 0, self.config.vocab_size)
             tokens = self._sample(logits, sampled, states, spans, constrained, bitmask)
         for j in constrained:
@@ -400,20 +399,6 @@ class ModelRunner:
                 )
             )
         return results + scored_only
-
-    @staticmethod
-    def _span_rows(
-        rows: list[int], spans: list[range], which: list[int], biases: list[dict[int, float]]
-    ) -> tuple[list[int], list[dict[int, float]]]:
-        """The positions in `rows` of every logits row of the sampling sequences `which` (a speculating one has
-        several), each with its sequence's logit bias."""
-        at: list[int] = []
-        each: list[dict[int, float]] = []
-        for j, bias in zip(which, biases, strict=True):
-            for row in spans[j]:
-                at.append(rows.index(row))
-                each.append(bias)
-        return at, each
 
     def _score_prompts(
         self, steps: list[SequenceStep], logits: torch.Tensor
@@ -458,7 +443,9 @@ class ModelRunner:
         if plain:
             rows_logits = logits[[spans[j][0] for j in plain]]  # [R, V]
             if bitmask is not None:
-                at = [plain.index(j) for j in constrained]
+                # Constrained sequences never speculate, so each is in `plain`.
+                plain_row = {j: r for r, j in enumerate(plain)}
+                at = [plain_row[j] for j in constrained]
                 rows_logits = apply_token_bitmask(rows_logits, at, bitmask, 0, self.config.vocab_size)
             params = [states[j].params for j in plain]
             drawn = sample(
@@ -506,6 +493,28 @@ class ModelRunner:
 
     def clear(self) -> None:
         self.sequences.clear()
+
+
+def _consecutive(lengths: list[int]) -> list[range]:
+    """Back-to-back row ranges of the given lengths, from row 0."""
+    spans, start = [], 0
+    for n in lengths:
+        spans.append(range(start, start + n))
+        start += n
+    return spans
+
+
+def _span_rows(
+    spans: list[range], which: list[int], biases: list[dict[int, float]]
+) -> tuple[list[int], list[dict[int, float]]]:
+    """Every logits row of the sampling sequences `which` (a speculating one has several), each with its
+    sequence's logit bias."""
+    at: list[int] = []
+    each: list[dict[int, float]] = []
+    for j, bias in zip(which, biases, strict=True):
+        at.extend(spans[j])
+        each.extend([bias] * len(spans[j]))
+    return at, each
 
 
 def _to_device(values: list, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
