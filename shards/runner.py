@@ -5,11 +5,11 @@ Every rank of the group runs the same calls in the same order; validation is a p
 the request, so a malformed step is refused by every rank before any collective starts.
 A speculating sequence (num_proposed > 0) gets logits at every position of its chunk and keeps the
 proposals its own sampler agrees with (shards/speculative.py).
+Prompt scoring and the sampling of the step's rows live in shards/step_rows.py.
 Legend: T tokens in the step, B sequences, R sequences that sample, L logits rows (one per sequence,
 plus one per proposed token), V vocab size.
 """
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -22,8 +22,9 @@ from shards.grammar import GrammarError, GrammarMatchers, SequenceGrammar, apply
 from shards.kv_cache import KVCache
 from shards.model import MixtralForCausalLM
 from shards.parallel_greedy import is_plain_greedy, parallel_greedy
-from shards.sampling import SamplingParams, TokenHistory, apply_logit_bias, sample
-from shards.speculative import VerifiedToken, greedy_runs, verify
+from shards.sampling import SamplingParams, TokenHistory, apply_logit_bias
+from shards.speculative import VerifiedToken, greedy_runs
+from shards.step_rows import SequenceState, consecutive, sample_rows, score_prompts, span_rows
 
 
 class InvalidStep(ValueError):
@@ -67,16 +68,6 @@ class SequenceResult:
     next_tokens: list[VerifiedToken] = field(default_factory=list)
 
 
-@dataclass(slots=True)
-class _SequenceState:
-    params: SamplingParams
-    history: TokenHistory
-    seen_until: int = 0  # positions below this are already in the history
-    grammar: SequenceGrammar | None = None  # constrained decoding: the sequence's matcher
-    # Scoring the prompt: log-softmax [V] of the previous chunk's last position, which scores this chunk's first token.
-    prompt_row: torch.Tensor | None = None
-
-
 class ModelRunner:
     """Owns the model, the KV cache and the live sequences of one shard."""
 
@@ -108,7 +99,7 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = block_size
         self.kv_cache: KVCache | None = None
-        self.sequences: dict[int, _SequenceState] = {}
+        self.sequences: dict[int, SequenceState] = {}
         self.grammars = grammars
 
     # -- cache ---------------------------------------------------------------------------------
@@ -310,7 +301,7 @@ class ModelRunner:
         for s in steps:
             state = self.sequences.get(s.seq_id)
             if state is None:
-                state = self.sequences[s.seq_id] = _SequenceState(s.sampling, TokenHistory())
+                state = self.sequences[s.seq_id] = SequenceState(s.sampling, TokenHistory())
                 state.grammar = matchers.get(s.seq_id)
             elif s.sampling is not None:
                 state.params = s.sampling
@@ -338,7 +329,7 @@ class ModelRunner:
         logits = self.forward(steps, gather_logits=not split, score=score)  # [L, V] or [L, P]
         scores: dict[int, list[float]] = {}
         if score:
-            logits, scores = self._score_prompts(steps, logits)
+            logits, scores = score_prompts(steps, logits, self.sequences)
         # Non-final prefill chunks that only scored their tokens.
         scored_only = [
             SequenceResult(s.seq_id, 0, 0.0, sampled=False, prompt_logprobs=scores[s.seq_id])
@@ -347,10 +338,8 @@ class ModelRunner:
         ]
         if not rows:
             return scored_only
-        first_row = [0] * len(steps)  # each step's first logits row
-        for i in range(1, len(steps)):
-            first_row[i] = first_row[i - 1] + 1 + steps[i - 1].num_proposed
-        spans = [range(first_row[i], first_row[i] + 1 + steps[i].num_proposed) for i in rows]
+        step_spans = consecutive([1 + s.num_proposed for s in steps])  # each step's logits rows
+        spans = [step_spans[i] for i in rows]
         tokens: list[list[VerifiedToken]] | None = None
         constrained = [j for j, st in enumerate(states) if st.grammar is not None]
         bitmask = torch.stack([states[j].grammar.mask() for j in constrained]) if constrained else None  # [C, W]
@@ -360,12 +349,14 @@ class ModelRunner:
             head = self.model.lm_head
             flat = [row for span in spans for row in span]
             local = logits if len(flat) == logits.shape[0] else logits[flat]  # decode steps: every row samples
+            # spans[j]'s rows, renumbered as positions in `local`. [R + proposals]
+            local_spans = consecutive([len(span) for span in spans])
             if bitmask is not None:
                 # Constrained sequences never speculate: one row each, at the start of their span.
-                at = [flat.index(spans[j][0]) for j in constrained]
+                at = [local_spans[j][0] for j in constrained]
                 local = apply_token_bitmask(local, at, bitmask, head.vocab_start, self.config.vocab_size)
             if biased:
-                at, each = self._span_rows(flat, spans, biased, biases)
+                at, each = span_rows(local_spans, biased, biases)
                 local = apply_logit_bias(local, at, each, head.vocab_start, self.config.vocab_size)
             chosen = parallel_greedy(local, head.vocab_start, self.config.vocab_size, self.group)
             if chosen is None:  # NaN or infinity somewhere: gather and take the usual path
@@ -375,10 +366,9 @@ class ModelRunner:
                 tokens = greedy_runs(chosen[0].tolist(), chosen[1].tolist(), proposals)
         if tokens is None:
             if biased:
-                rows_all = list(range(logits.shape[0]))
-                at, each = self._span_rows(rows_all, spans, biased, biases)
+                at, each = span_rows(spans, biased, biases)
                 logits = apply_logit_bias(logits, at, each, 0, self.config.vocab_size)
-            tokens = self._sample(logits, sampled, states, spans, constrained, bitmask)
+            tokens = sample_rows(logits, sampled, states, spans, constrained, bitmask, self.config.vocab_size)
         for j in constrained:
             states[j].grammar.consume(tokens[j][0].token_id)
         results = []
@@ -400,89 +390,6 @@ class ModelRunner:
                 )
             )
         return results + scored_only
-
-    @staticmethod
-    def _span_rows(
-        rows: list[int], spans: list[range], which: list[int], biases: list[dict[int, float]]
-    ) -> tuple[list[int], list[dict[int, float]]]:
-        """The positions in `rows` of every logits row of the sampling sequences `which` (a speculating one has
-        several), each with its sequence's logit bias."""
-        at: list[int] = []
-        each: list[dict[int, float]] = []
-        for j, bias in zip(which, biases, strict=True):
-            for row in spans[j]:
-                at.append(rows.index(row))
-                each.append(bias)
-        return at, each
-
-    def _score_prompts(
-        self, steps: list[SequenceStep], logits: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[int, list[float]]]:
-        """From the logits of `forward(score=True)` [rows, V]: the rows `forward` gives without scoring [L, V]
-        (a scoring sequence's last token's; a speculating one's span), and for the steps asking
-        prompt_logprobs, each token's log-probability given the tokens before it (NaN at position 0; a chunk's
-        first token is scored by the previous chunk's last position)."""
-        kept: list[int] = []
-        scores: dict[int, list[float]] = {}
-        row = 0
-        for s in steps:
-            n = len(s.token_ids) if s.prompt_logprobs else 1 + s.num_proposed
-            kept.extend([row + n - 1] if s.prompt_logprobs else range(row, row + n))
-            if s.prompt_logprobs:
-                state = self.sequences[s.seq_id]
-                log_probs = logits[row : row + n].float().log_softmax(dim=-1)  # [n, V]
-                ids = torch.tensor(s.token_ids[1:], device=logits.device)  # [n - 1]
-                following = log_probs[:-1].gather(1, ids[:, None]).squeeze(1)  # [n - 1]
-                first = math.nan
-                if s.start_position > 0 and state.prompt_row is not None:
-                    first = state.prompt_row[s.token_ids[0]].item()
-                scores[s.seq_id] = [first, *following.tolist()]
-                state.prompt_row = None if s.sample else log_probs[-1]
-            row += n
-        return logits[kept], scores
-
-    def _sample(
-        self,
-        logits: torch.Tensor,
-        sampled: list[SequenceStep],
-        states: list[_SequenceState],
-        spans: list[range],
-        constrained: list[int],
-        bitmask: torch.Tensor | None,
-    ) -> list[list[VerifiedToken]]:
-        """Each sampling sequence's tokens from the full logits [L, V]: one for an ordinary step (sampled
-        together), the verified run for a speculating one (whose proposals the history does not hold yet;
-        verify adds the run)."""
-        plain = [j for j, s in enumerate(sampled) if not s.num_proposed]
-        out: list[list[VerifiedToken]] = [[] for _ in sampled]
-        if plain:
-            rows_logits = logits[[spans[j][0] for j in plain]]  # [R, V]
-            if bitmask is not None:
-                at = [plain.index(j) for j in constrained]
-                rows_logits = apply_token_bitmask(rows_logits, at, bitmask, 0, self.config.vocab_size)
-            params = [states[j].params for j in plain]
-            drawn = sample(
-                rows_logits,
-                params,
-                [states[j].history for j in plain],
-                [sampled[j].start_position + len(sampled[j].token_ids) for j in plain],
-            )
-            token_ids, logprobs = drawn.token_ids.tolist(), drawn.logprobs.tolist()
-            top_ids = drawn.top_ids.tolist() if drawn.top_ids is not None else None
-            top_logprobs = drawn.top_logprobs.tolist() if drawn.top_logprobs is not None else None
-            for r, j in enumerate(plain):
-                n_top = params[r].top_n_tokens
-                top = list(zip(top_ids[r][:n_top], top_logprobs[r][:n_top], strict=True)) if n_top and top_ids else []
-                out[j] = [VerifiedToken(token_ids[r], logprobs[r], top)]
-        for j, s in enumerate(sampled):
-            if s.num_proposed:
-                span = spans[j]
-                first_key = s.start_position + len(s.token_ids) - s.num_proposed
-                proposed = s.token_ids[-s.num_proposed :]
-                out[j] = verify(
-                    logits[span.start : span.stop], proposed, states[j].params, states[j].history, first_key
-                )
-        return out
 
     def _new_grammars(self, steps: list[SequenceStep]) -> dict[int, SequenceGrammar]:
         """Matchers for the sequences new to this shard that carry a grammar, built before any state

@@ -44,7 +44,7 @@ from shards.multi_step import decode_steps
 from shards.quant.config import QUANTIZE_MODES, QuantizationConfig
 from shards.quant.probe import QuantizationUnavailable, check_supported
 from shards.runner import InvalidStep, ModelRunner, OutOfCapacity, SequenceResult, SequenceStep
-from shards.sampling import SamplingParams
+from shards.step_proto import memory_proto, step_from_proto, step_response
 
 log = logging.getLogger("mixserve.shard")
 
@@ -99,7 +99,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
             weight_bytes=weight_bytes(r.model),
             quantize=self.quantize,
             kv_cache_bytes=cache.nbytes if cache else 0,
-            memory=_memory_proto(self.memory) if self.memory else None,
+            memory=memory_proto(self.memory) if self.memory else None,
         )
 
     def Health(self, request, context):
@@ -139,24 +139,24 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
             ms,
         )
         return shard_pb2.WarmupResponse(
-            num_blocks=m.num_blocks, block_size=r.block_size, warmup_ms=ms, memory=_memory_proto(m)
+            num_blocks=m.num_blocks, block_size=r.block_size, warmup_ms=ms, memory=memory_proto(m)
         )
 
     def Step(self, request, context):
         started = time.perf_counter_ns()
         try:
-            steps = [_step_from_proto(s) for s in request.sequences]
+            steps = [step_from_proto(s) for s in request.sequences]
             results = self.model.run(self._release_and_step, list(request.release_seq_ids), steps)
         except OutOfCapacity as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except (InvalidStep, ValueError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        return _step_response(results, started)
+        return step_response(results, started)
 
     def DecodeSteps(self, request, context):
         started = time.perf_counter_ns()
         try:
-            steps = [_step_from_proto(s) for s in request.sequences]
+            steps = [step_from_proto(s) for s in request.sequences]
             release = list(request.release_seq_ids)
             run_id = request.run_id
 
@@ -176,10 +176,10 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
             count, results = 0, []
             for count, results in enumerate(self.model.stream(run), start=1):
                 if every_step:
-                    yield _step_response(results, started, count)
+                    yield step_response(results, started, count)
                     started = time.perf_counter_ns()
             if not every_step:
-                yield _step_response(results, started, count)
+                yield step_response(results, started, count)
         except OutOfCapacity as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except (InvalidStep, ValueError) as e:
@@ -202,61 +202,6 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
     def _release_and_step(self, release: list[int], steps: list[SequenceStep]) -> list[SequenceResult]:
         self.runner.release(release)
         return self.runner.step(steps)
-
-
-def _memory_proto(m: MemoryReport) -> shard_pb2.MemoryReport:
-    return shard_pb2.MemoryReport(
-        weight_bytes=m.weight_bytes,
-        kv_cache_bytes=m.kv_cache_bytes,
-        block_bytes=m.block_bytes,
-        peak_activation_bytes=m.peak_activation_bytes,
-        headroom_bytes=m.headroom_bytes,
-        free_bytes=m.free_bytes,
-        max_batch_tokens=m.limits.max_batch_tokens,
-        max_batch_size=m.limits.max_batch_size,
-        max_context_tokens=m.limits.max_context,
-    )
-
-
-def _step_response(results: list[SequenceResult], started_ns: int, steps: int = 0) -> shard_pb2.StepResponse:
-    return shard_pb2.StepResponse(
-        results=[
-            shard_pb2.SequenceResult(
-                seq_id=r.seq_id,
-                sampled=r.sampled,
-                token_id=r.token_id,
-                logprob=r.logprob,
-                top_tokens=[shard_pb2.TopToken(token_id=t, logprob=lp) for t, lp in r.top_tokens],
-                prompt_logprobs=r.prompt_logprobs,
-                next_tokens=[
-                    shard_pb2.NextToken(
-                        token_id=n.token_id,
-                        logprob=n.logprob,
-                        top_tokens=[shard_pb2.TopToken(token_id=t, logprob=lp) for t, lp in n.top_tokens],
-                    )
-                    for n in r.next_tokens
-                ],
-            )
-            for r in results
-        ],
-        forward_us=(time.perf_counter_ns() - started_ns) // 1000,
-        steps=steps,
-    )
-
-
-def _step_from_proto(msg: shard_pb2.SequenceStep) -> SequenceStep:
-    return SequenceStep(
-        seq_id=msg.seq_id,
-        token_ids=list(msg.token_ids),
-        start_position=msg.start_position,
-        slot_mapping=list(msg.slot_mapping),
-        block_table=list(msg.block_table),
-        sample=msg.sample,
-        sampling=SamplingParams.from_proto(msg.sampling) if msg.HasField("sampling") else None,
-        prefix_token_ids=list(msg.prefix_token_ids),
-        prompt_logprobs=msg.prompt_logprobs,
-        num_proposed=msg.num_proposed,
-    )
 
 
 def grammar_matchers(model_dir: str, model, device: torch.device) -> GrammarMatchers | None:

@@ -17,11 +17,12 @@ renormalised.
 Legend: K proposals, V vocab size.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from shards.sampling import SamplingParams, TokenHistory, sample
+from shards.sampling import SampleOutput, SamplingParams, TokenHistory, sample
 
 
 @dataclass(slots=True)
@@ -73,26 +74,29 @@ def verify(
         # Penalties read the history, which each kept token changes: sample one position at a time.
         out: list[VerifiedToken] = []
         for i in range(len(proposed) + 1):
-            token = _tokens(sample(logits[i : i + 1], [params], [history], [first_key + i]), params)[0]
+            token = verified_tokens(sample(logits[i : i + 1], [params], [history], [first_key + i]), [params])[0]
             history.add_output(token.token_id)
             out.append(token)
             if i == len(proposed) or token.token_id != proposed[i]:
                 break
         return out
     rows = len(proposed) + 1
-    tokens = _tokens(sample(logits, [params] * rows, [history] * rows, range(first_key, first_key + rows)), params)
+    tokens = verified_tokens(
+        sample(logits, [params] * rows, [history] * rows, range(first_key, first_key + rows)), [params] * rows
+    )
     kept = tokens[: num_accepted([t.token_id for t in tokens], proposed) + 1]
     history.add_output([t.token_id for t in kept])
     return kept
 
 
-def _tokens(out, params: SamplingParams) -> list[VerifiedToken]:
+def verified_tokens(out: SampleOutput, params: Sequence[SamplingParams]) -> list[VerifiedToken]:
+    """`sample`'s output as one VerifiedToken per row, each with the top alternatives its row's `params`
+    ask for."""
     ids, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
-    n = params.top_n_tokens
-    if not n:
+    if out.top_ids is None or not any(p.top_n_tokens for p in params):
         return [VerifiedToken(t, lp) for t, lp in zip(ids, logprobs, strict=True)]
     top_ids, top_logprobs = out.top_ids.tolist(), out.top_logprobs.tolist()
     return [
-        VerifiedToken(t, lp, list(zip(top_ids[i][:n], top_logprobs[i][:n], strict=True)))
-        for i, (t, lp) in enumerate(zip(ids, logprobs, strict=True))
+        VerifiedToken(t, lp, list(zip(top_ids[i][: p.top_n_tokens], top_logprobs[i][: p.top_n_tokens], strict=True)))
+        for i, (t, lp, p) in enumerate(zip(ids, logprobs, params, strict=True))
     ]

@@ -1,0 +1,66 @@
+"""The shard's edge of the wire: ShardService messages to and from the runner's plain types."""
+
+import time
+
+from mixserve_pb import shard_pb2
+from shards.memory import MemoryReport
+from shards.runner import SequenceResult, SequenceStep
+from shards.sampling import SamplingParams
+
+
+def memory_proto(m: MemoryReport) -> shard_pb2.MemoryReport:
+    """The warm-up's memory report as its message."""
+    return shard_pb2.MemoryReport(
+        weight_bytes=m.weight_bytes,
+        kv_cache_bytes=m.kv_cache_bytes,
+        block_bytes=m.block_bytes,
+        peak_activation_bytes=m.peak_activation_bytes,
+        headroom_bytes=m.headroom_bytes,
+        free_bytes=m.free_bytes,
+        max_batch_tokens=m.limits.max_batch_tokens,
+        max_batch_size=m.limits.max_batch_size,
+        max_context_tokens=m.limits.max_context,
+    )
+
+
+def step_response(results: list[SequenceResult], started_ns: int, steps: int = 0) -> shard_pb2.StepResponse:
+    """A step's results as a StepResponse; `forward_us` is the time since `started_ns`, `steps` the decode steps run."""
+    return shard_pb2.StepResponse(
+        results=[
+            shard_pb2.SequenceResult(
+                seq_id=r.seq_id,
+                sampled=r.sampled,
+                token_id=r.token_id,
+                logprob=r.logprob,
+                top_tokens=[shard_pb2.TopToken(token_id=t, logprob=lp) for t, lp in r.top_tokens],
+                prompt_logprobs=r.prompt_logprobs,
+                next_tokens=[
+                    shard_pb2.NextToken(
+                        token_id=n.token_id,
+                        logprob=n.logprob,
+                        top_tokens=[shard_pb2.TopToken(token_id=t, logprob=lp) for t, lp in n.top_tokens],
+                    )
+                    for n in r.next_tokens
+                ],
+            )
+            for r in results
+        ],
+        forward_us=(time.perf_counter_ns() - started_ns) // 1000,
+        steps=steps,
+    )
+
+
+def step_from_proto(msg: shard_pb2.SequenceStep) -> SequenceStep:
+    """A SequenceStep message as the runner's step."""
+    return SequenceStep(
+        seq_id=msg.seq_id,
+        token_ids=list(msg.token_ids),
+        start_position=msg.start_position,
+        slot_mapping=list(msg.slot_mapping),
+        block_table=list(msg.block_table),
+        sample=msg.sample,
+        sampling=SamplingParams.from_proto(msg.sampling) if msg.HasField("sampling") else None,
+        prefix_token_ids=list(msg.prefix_token_ids),
+        prompt_logprobs=msg.prompt_logprobs,
+        num_proposed=msg.num_proposed,
+    )

@@ -1,0 +1,121 @@
+"""What the runner does with a step's logits rows after the forward: score prompts, and sample (or, for a
+speculating sequence, verify) each sampling sequence's rows, with its grammar mask applied.
+
+Each live sequence's sampling state (SequenceState) is kept by the runner between steps; the functions
+here read and update it. Rows follow the order of the step: one per sequence, plus one per proposed
+token of a speculating sequence (`consecutive` gives each sequence's span of them).
+Legend: L logits rows, R sequences sampled together, C constrained sequences, W bitmask words, V vocab size.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from shards.grammar import SequenceGrammar, apply_token_bitmask
+from shards.sampling import SamplingParams, TokenHistory, sample
+from shards.speculative import VerifiedToken, verified_tokens, verify
+
+if TYPE_CHECKING:
+    from shards.runner import SequenceStep
+
+
+@dataclass(slots=True)
+class SequenceState:
+    """A live sequence's sampling state on this shard."""
+
+    params: SamplingParams
+    history: TokenHistory
+    seen_until: int = 0  # positions below this are already in the history
+    grammar: SequenceGrammar | None = None  # constrained decoding: the sequence's matcher
+    # Scoring the prompt: log-softmax [V] of the previous chunk's last position, which scores this chunk's first token.
+    prompt_row: torch.Tensor | None = None
+
+
+def consecutive(lengths: list[int]) -> list[range]:
+    """Back-to-back row ranges of the given lengths, from row 0."""
+    spans, start = [], 0
+    for n in lengths:
+        spans.append(range(start, start + n))
+        start += n
+    return spans
+
+
+def span_rows(
+    spans: list[range], which: list[int], biases: list[dict[int, float]]
+) -> tuple[list[int], list[dict[int, float]]]:
+    """Every logits row of the sampling sequences `which` (a speculating one has several), each with its
+    sequence's logit bias."""
+    at: list[int] = []
+    each: list[dict[int, float]] = []
+    for j, bias in zip(which, biases, strict=True):
+        at.extend(spans[j])
+        each.extend([bias] * len(spans[j]))
+    return at, each
+
+
+def score_prompts(
+    steps: "list[SequenceStep]", logits: torch.Tensor, sequences: dict[int, SequenceState]
+) -> tuple[torch.Tensor, dict[int, list[float]]]:
+    """From the logits of `ModelRunner.forward(score=True)` [rows, V]: the rows `forward` gives without
+    scoring [L, V] (a scoring sequence's last token's; a speculating one's span), and for the steps asking
+    prompt_logprobs, each token's log-probability given the tokens before it (NaN at position 0; a chunk's
+    first token is scored by the previous chunk's last position, kept in its state's prompt_row)."""
+    kept: list[int] = []
+    scores: dict[int, list[float]] = {}
+    row = 0
+    for s in steps:
+        n = len(s.token_ids) if s.prompt_logprobs else 1 + s.num_proposed
+        kept.extend([row + n - 1] if s.prompt_logprobs else range(row, row + n))
+        if s.prompt_logprobs:
+            state = sequences[s.seq_id]
+            log_probs = logits[row : row + n].float().log_softmax(dim=-1)  # [n, V]
+            ids = torch.tensor(s.token_ids[1:], device=logits.device)  # [n - 1]
+            following = log_probs[:-1].gather(1, ids[:, None]).squeeze(1)  # [n - 1]
+            first = math.nan
+            if s.start_position > 0 and state.prompt_row is not None:
+                first = state.prompt_row[s.token_ids[0]].item()
+            scores[s.seq_id] = [first, *following.tolist()]
+            state.prompt_row = None if s.sample else log_probs[-1]
+        row += n
+    return logits[kept], scores
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    sampled: "list[SequenceStep]",
+    states: list[SequenceState],
+    spans: list[range],
+    constrained: list[int],
+    bitmask: torch.Tensor | None,
+    vocab_size: int,
+) -> list[list[VerifiedToken]]:
+    """Each sampling sequence's tokens from the full logits [L, V]: one for an ordinary step (sampled
+    together, the `constrained` ones under their rows of `bitmask` [C, W]), the verified run for a
+    speculating one (whose proposals the history does not hold yet; verify adds the run)."""
+    plain = [j for j, s in enumerate(sampled) if not s.num_proposed]
+    out: list[list[VerifiedToken]] = [[] for _ in sampled]
+    if plain:
+        rows_logits = logits[[spans[j][0] for j in plain]]  # [R, V]
+        if bitmask is not None:
+            # Constrained sequences never speculate, so each is in `plain`.
+            plain_row = {j: r for r, j in enumerate(plain)}
+            at = [plain_row[j] for j in constrained]
+            rows_logits = apply_token_bitmask(rows_logits, at, bitmask, 0, vocab_size)
+        params = [states[j].params for j in plain]
+        drawn = sample(
+            rows_logits,
+            params,
+            [states[j].history for j in plain],
+            [sampled[j].start_position + len(sampled[j].token_ids) for j in plain],
+        )
+        for j, token in zip(plain, verified_tokens(drawn, params), strict=True):
+            out[j] = [token]
+    for j, s in enumerate(sampled):
+        if s.num_proposed:
+            span = spans[j]
+            first_key = s.start_position + len(s.token_ids) - s.num_proposed
+            proposed = s.token_ids[-s.num_proposed :]
+            out[j] = verify(logits[span.start : span.stop], proposed, states[j].params, states[j].history, first_key)
+    return out
