@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from shards import ops
+from shards.grammar import MASKED_LOGIT
 from shards.kernels.sampling import row_argmax_logsumexp
 from shards.sampling import SamplingParams, TokenHistory, sample
 
@@ -15,6 +16,18 @@ def test_argmax_and_logsumexp_equal_torch(native):
     argmax, lse = row_argmax_logsumexp(logits)
     assert torch.equal(argmax, logits.argmax(dim=-1)) and argmax[2] == 10
     torch.testing.assert_close(lse, logits.logsumexp(dim=-1))
+
+
+def test_rows_under_a_grammar_mask_equal_torch(native):
+    """Masked logits (far below the range of expf) count as nothing, whatever path expf takes for them."""
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(1)) * 4
+    logits[0, ::2] = MASKED_LOGIT
+    logits[1, :-1] = MASKED_LOGIT  # one token left
+    logits[2, 100:] = logits[2, 100:] - 95.0  # just past the floor the kernel raises differences to
+    argmax, lse = row_argmax_logsumexp(logits)
+    assert torch.equal(argmax, logits.argmax(dim=-1)) and argmax[1] == 999
+    torch.testing.assert_close(lse, logits.logsumexp(dim=-1))
+    assert lse[1] == logits[1, 999]
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
