@@ -10,11 +10,13 @@ waits on a GPU; a CPU shard's forward keeps its core busy, so there the work run
 the demo model, 8 constrained rows: 0.33 ms a step inline, 0.8-1.9 ms waiting on the thread). A matcher is a pure
 function of the grammar and the tokens it consumed, so every rank masks the same tokens.
 
+The mask reaches the logits through the `apply_token_bitmask` op (shards/ops: the torch reference or
+the C kernel).
+
 Legend: C constrained rows that sample, W = ceil(V / 32) 32-bit words of a mask row, V vocabulary
 size, P columns of the logits given (V, or this rank's vocabulary slice, padding included).
 """
 
-import functools
 import json
 import logging
 from collections import OrderedDict
@@ -25,11 +27,10 @@ import llguidance
 import torch
 from torch import Tensor
 
+from shards.ops import reference
+
 log = logging.getLogger("mixserve.shard")
 
-# Finite, so the C argmax / log-sum-exp kernels and parallel greedy keep their fast paths (they leave
-# rows holding infinities to the torch path); exp(MASKED_LOGIT - any real logit) is exactly 0 in fp32.
-MASKED_LOGIT = -1.0e30
 # Compiled grammars a shard keeps (a request repeating a schema skips compiling it).
 COMPILED_GRAMMARS = 64
 
@@ -146,42 +147,8 @@ def _bit(index: int) -> int:
     return (1 << index) - (1 << 32 if index == 31 else 0)
 
 
-# For every byte value, the bias of its 8 tokens: 0 where bit j is set (allowed), MASKED_LOGIT where not. An
-# index_select of it and one add mask a row (torch's masked_fill on CPU is ten times slower). [256, 8]
-_BYTE_BIAS = torch.where(((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool(), 0.0, MASKED_LOGIT)
-
-
-@functools.cache
-def _byte_bias(device: torch.device) -> Tensor:
-    return _BYTE_BIAS.to(device)
-
-
-def token_bias(bitmask: Tensor, vocab_start: int, width: int, vocab_size: int) -> Tensor:
-    """[C, P] fp32: 0 where token `vocab_start + j` is allowed in the row of `bitmask` [C, W] int32,
-    MASKED_LOGIT where not; columns at or past `vocab_size` (padding of the last rank's slice) never are."""
-    # Little-endian words (every platform torch runs on): byte k of a row holds tokens 8k .. 8k + 7.
-    row_bytes = bitmask.contiguous().view(torch.uint8).long()  # [C, 4W]
-    rows = row_bytes.shape[0]
-    bias = _byte_bias(bitmask.device).index_select(0, row_bytes.flatten()).view(rows, -1)  # [C, 32W]
-    end = min(vocab_start + width, vocab_size)
-    bias = bias[:, vocab_start:end]  # [C, P'] (P' < P only on the rank holding the padding)
-    if bias.shape[1] < width:
-        bias = torch.cat([bias, bias.new_full((rows, width - bias.shape[1]), MASKED_LOGIT)], dim=1)
-    return bias
-
-
 def allowed_tokens(bitmask: Tensor, vocab_start: int, width: int, vocab_size: int) -> Tensor:
     """[C, P] bool: whether token `vocab_start + j` is allowed in each row of `bitmask` [C, W] int32."""
-    return token_bias(bitmask, vocab_start, width, vocab_size) == 0
-
-
-def apply_token_bitmask(logits: Tensor, rows: list[int], bitmask: Tensor, vocab_start: int, vocab_size: int) -> Tensor:
-    """`logits` [R, P] (fp32, this rank's columns from `vocab_start`) with the disallowed tokens of the
-    constrained `rows` at MASKED_LOGIT (a finite logit plus it rounds to it); `bitmask` [C, W] holds those
-    rows' masks, in order."""
-    logits = logits.float()
-    bias = token_bias(bitmask.to(logits.device), vocab_start, logits.shape[1], vocab_size)  # [C, P]
-    if len(rows) == logits.shape[0]:
-        return logits + bias
-    index = torch.tensor(rows, device=logits.device)  # [C]
-    return logits.index_add(0, index, bias)
+    rows = bitmask.shape[0]
+    zeros = torch.zeros(rows, width, device=bitmask.device)
+    return reference.apply_token_bitmask(zeros, list(range(rows)), bitmask, vocab_start, vocab_size) == 0

@@ -18,7 +18,7 @@ from shards import decode_graph, ops
 from shards.attention_metadata import AttentionMetadata
 from shards.config import ModelConfig, ParallelConfig
 from shards.distributed import TensorParallelGroup
-from shards.grammar import GrammarError, GrammarMatchers, SequenceGrammar, apply_token_bitmask
+from shards.grammar import GrammarError, GrammarMatchers, SequenceGrammar
 from shards.kv_cache import KVCache
 from shards.model import MixtralForCausalLM
 from shards.parallel_greedy import is_plain_greedy, parallel_greedy
@@ -354,7 +354,7 @@ class ModelRunner:
             if bitmask is not None:
                 # Constrained sequences never speculate: one row each, at the start of their span.
                 at = [local_spans[j][0] for j in constrained]
-                local = apply_token_bitmask(local, at, bitmask, head.vocab_start, self.config.vocab_size)
+                local = ops.current().apply_token_bitmask(local, at, bitmask, head.vocab_start, self.config.vocab_size)
             if biased:
                 at, each = span_rows(local_spans, biased, biases)
                 local = apply_logit_bias(local, at, each, head.vocab_start, self.config.vocab_size)

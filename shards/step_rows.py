@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from shards.grammar import SequenceGrammar, apply_token_bitmask
+from shards import ops
+from shards.grammar import SequenceGrammar
 from shards.sampling import SamplingParams, TokenHistory, sample
 from shards.speculative import VerifiedToken, verified_tokens, verify
 
@@ -102,7 +103,7 @@ def sample_rows(
             # Constrained sequences never speculate, so each is in `plain`.
             plain_row = {j: r for r, j in enumerate(plain)}
             at = [plain_row[j] for j in constrained]
-            rows_logits = apply_token_bitmask(rows_logits, at, bitmask, 0, vocab_size)
+            rows_logits = ops.current().apply_token_bitmask(rows_logits, at, bitmask, 0, vocab_size)
         params = [states[j].params for j in plain]
         drawn = sample(
             rows_logits,

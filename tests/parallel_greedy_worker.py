@@ -14,7 +14,6 @@ import torch
 from shards import ops
 from shards.config import ParallelConfig
 from shards.distributed import close_process_group, init_process_group, tensor_parallel_group
-from shards.grammar import apply_token_bitmask
 from shards.parallel_greedy import parallel_greedy
 
 
@@ -53,9 +52,9 @@ def main() -> None:
     local[:, : valid.shape[1]] = valid
     record = {"logits": logits, "chosen": parallel_greedy(local, start, vocab, group)}
     rows, bitmask = grammar_bitmask(vocab)
-    masked = apply_token_bitmask(local, rows, bitmask, start, vocab)
+    masked = ops.current().apply_token_bitmask(local, rows, bitmask, start, vocab)
     record["masked"] = parallel_greedy(masked, start, vocab, group)
-    record["masked_full"] = apply_token_bitmask(logits, rows, bitmask, 0, vocab)
+    record["masked_full"] = ops.current().apply_token_bitmask(logits, rows, bitmask, 0, vocab)
     bad = local.clone()
     if parallel.rank == parallel.world_size - 1:
         bad[3, 0] = float("nan")

@@ -8,7 +8,8 @@ import llguidance
 import pytest
 import torch
 
-from shards.grammar import MASKED_LOGIT, GrammarMatchers, allowed_tokens, apply_token_bitmask, load_tokenizer
+from shards.grammar import GrammarMatchers, allowed_tokens, load_tokenizer
+from shards.ops.reference import MASKED_LOGIT, apply_token_bitmask
 
 SCHEMA = {
     "type": "object",

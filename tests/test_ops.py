@@ -126,9 +126,10 @@ def test_choices_follow_device_and_dtype():
     with pytest.raises(KernelUnavailable, match="fp32 or bf16 on the CPU"):
         ops.select("native", CPU, torch.float16)
     bf16 = ops.select("auto", CPU, torch.bfloat16).backends
-    weight_readers = ("linear_rows", "fused_moe", "paged_decode_attention", "decoder_layers")
+    # The kernels that read weights or the KV cache, and the grammar mask (on the fp32 logits every dtype gives).
+    bf16_kernels = ("linear_rows", "fused_moe", "paged_decode_attention", "decoder_layers", "apply_token_bitmask")
     if ops.select("auto", CPU, torch.float32).backends["decoder_layers"] == "native":
-        assert {name for name, backend in bf16.items() if backend == "native"} == set(weight_readers)
+        assert {name for name, backend in bf16.items() if backend == "native"} == set(bf16_kernels)
     with pytest.raises(KernelUnavailable, match="fp32 or bf16 on the CPU"):
         ops.select("native", torch.device("cuda", 0), torch.float32)
     ops.select("auto", CPU, torch.float32)

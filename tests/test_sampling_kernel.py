@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from shards import ops
-from shards.grammar import MASKED_LOGIT
-from shards.kernels.sampling import row_argmax_logsumexp
+from shards.kernels.sampling import apply_token_bitmask, row_argmax_logsumexp
+from shards.ops import cpu, reference
+from shards.ops.reference import MASKED_LOGIT
 from shards.sampling import SamplingParams, TokenHistory, sample
 
 
@@ -63,3 +64,31 @@ def test_sampling_is_the_same_with_and_without_the_kernel(native):
     assert torch.equal(fast.token_ids, slow.token_ids)
     torch.testing.assert_close(fast.logprobs, slow.logprobs)
     assert fast.top_ids.shape == slow.top_ids.shape == (6, 0)
+
+
+@pytest.mark.parametrize(("vocab_start", "width"), [(0, 70), (35, 35), (64, 40)])  # the last slice holds padding
+def test_bitmask_kernel_equals_the_torch_reference(native, vocab_start, width):
+    """A rank's slice of the logits, some rows constrained (not in order), others left as they are."""
+    gen = torch.Generator().manual_seed(vocab_start)
+    vocab = 100
+    logits = torch.randn(6, width + 3, generator=gen)[:, :width]  # rows a stride apart, as a slice of wider ones
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, 4), generator=gen, dtype=torch.int64).to(torch.int32)
+    rows = [4, 0, 2]
+    expected = reference.apply_token_bitmask(logits, rows, bitmask, vocab_start, vocab)
+    got = cpu.apply_token_bitmask(logits, rows, bitmask, vocab_start, vocab)
+    assert torch.equal(got, expected)
+    assert torch.equal(got[[1, 3, 5]], logits[[1, 3, 5]])  # unconstrained rows untouched
+    assert (got[rows] == MASKED_LOGIT).any() and (got[rows] != MASKED_LOGIT).any()
+
+
+def test_bitmask_kernel_refuses_wrong_arguments(native):
+    logits = torch.zeros(2, 64)
+    bitmask = torch.zeros(1, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="rows must index"):
+        apply_token_bitmask(logits, [2], bitmask, 0, 64, MASKED_LOGIT)
+    with pytest.raises(ValueError, match="constrained rows"):
+        apply_token_bitmask(logits, [0, 1], bitmask, 0, 64, MASKED_LOGIT)
+    with pytest.raises(ValueError, match="do not fit"):
+        apply_token_bitmask(logits, [0], bitmask, 0, 65, MASKED_LOGIT)
+    with pytest.raises(TypeError, match="int32"):
+        apply_token_bitmask(logits, [0], bitmask.long(), 0, 64, MASKED_LOGIT)

@@ -5,7 +5,9 @@
    Legend: B rows, V vocabulary. logits [B, V] contiguous; argmax [B] int64 (the first index of the
    row's maximum, as torch.argmax); logsumexp [B]. Also both halves of greedy over a
    vocabulary-parallel LM head (slice_greedy_stats, combine_greedy), where torch's dozen small ops
-   on a few numbers per row cost more than the rows' arithmetic.
+   on a few numbers per row cost more than the rows' arithmetic. And a grammar's token bitmasks applied
+   to the rows they constrain (apply_token_bitmask), in place of the half-dozen torch ops that build
+   and add a bias row.
 */
 
 #include <math.h>
@@ -98,4 +100,22 @@ int combine_greedy(const double *every, int64_t R, int64_t N, int64_t *token_ids
         logprobs[r] = (float)(row[3 * winner] - (top + log(sum)));
     }
     return 0;
+}
+
+/* A grammar's masks, in place: in each of the C rows `rows` of logits (rows `ld` floats apart, P columns,
+   column j being token vocab_start + j), every column whose token's bit is clear in the row's mask
+   (bitmask [C, W], bit t % 32 of word t / 32) or lies at or past vocab_size (<= 32 W) becomes `masked`. */
+void apply_token_bitmask(float *logits, int64_t ld, int64_t P, const int64_t *rows, int64_t C,
+                         const uint32_t *bitmask, int64_t W, int64_t vocab_start, int64_t vocab_size,
+                         float masked) {
+    int64_t end = vocab_size - vocab_start < P ? vocab_size - vocab_start : P;  /* columns of real tokens */
+    for (int64_t c = 0; c < C; c++) {
+        float *row = logits + rows[c] * ld;
+        const uint32_t *mask = bitmask + c * W;
+        for (int64_t j = 0; j < end; j++) {
+            int64_t t = vocab_start + j;
+            if (!((mask[t >> 5] >> (t & 31)) & 1u)) row[j] = masked;
+        }
+        for (int64_t j = end < 0 ? 0 : end; j < P; j++) row[j] = masked;
+    }
 }

@@ -1,7 +1,8 @@
-"""The C per-row argmax and log-sum-exp (sampling.c), and both halves of parallel greedy, behind
-checked, torch-shaped calls (fp32 / float64 CPU tensors).
+"""The C per-row argmax and log-sum-exp (sampling.c), both halves of parallel greedy, and a grammar's
+bitmasks applied to logits, behind checked, torch-shaped calls (fp32 / float64 / int CPU tensors).
 
-Legend: B rows, V vocabulary, R rows of a rank's slice, P its columns, N ranks.
+Legend: B rows, V vocabulary, R rows of a rank's slice, P its columns, N ranks, C constrained rows,
+W 32-bit words of a bitmask row.
 """
 
 import ctypes
@@ -16,6 +17,7 @@ _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _ARGTYPES = [_P, _I64, _I64, _P, _P]
 _STATS_ARGTYPES = [_P, _I64, _I64, _I64, _I64, _P]
 _COMBINE_ARGTYPES = [_P, _I64, _I64, _P, _P]
+_MASK_ARGTYPES = [_P, _I64, _I64, _P, _I64, _P, _I64, _I64, _I64, ctypes.c_float]
 
 
 def _function(name: str, argtypes: list):
@@ -74,3 +76,33 @@ def combine_greedy(every: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | N
     if fn(every.data_ptr(), rows, ranks, token_ids.data_ptr(), logprobs.data_ptr()):
         return None
     return token_ids, logprobs
+
+
+def apply_token_bitmask(
+    logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor, vocab_start: int, vocab_size: int, masked: float
+) -> None:
+    """Set to `masked`, in place, the tokens the grammar masks disallow: in each row `rows[c]` of fp32
+    logits [R, P] (rows contiguous, any stride apart; column j is token `vocab_start + j`), every column
+    whose token's bit is clear in `bitmask[c]` ([C, W] int32) or is at or past `vocab_size`."""
+    fn = _function("apply_token_bitmask", _MASK_ARGTYPES)
+    num_rows, width = _nonempty_rows(logits, "logits", contiguous=False)
+    mask_rows, words = require(bitmask, "bitmask", torch.int32, 2)
+    if mask_rows != len(rows):
+        raise ValueError(f"bitmask has {mask_rows} rows for {len(rows)} constrained rows")
+    if not all(0 <= row < num_rows for row in rows):
+        raise ValueError(f"rows must index the {num_rows} rows of logits, got {rows}")
+    if not 0 <= vocab_start or not 0 < vocab_size <= 32 * words:
+        raise ValueError(f"vocab_start {vocab_start} / vocab_size {vocab_size} do not fit {words}-word masks")
+    at = torch.tensor(rows, dtype=torch.int64)  # [C]
+    fn(
+        logits.data_ptr(),
+        logits.stride(0),
+        width,
+        at.data_ptr(),
+        len(rows),
+        bitmask.data_ptr(),
+        words,
+        vocab_start,
+        vocab_size,
+        masked,
+    )

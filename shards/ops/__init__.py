@@ -55,6 +55,7 @@ class Ops:
     row_argmax_logsumexp: Callable
     slice_greedy_stats: Callable
     combine_greedy: Callable
+    apply_token_bitmask: Callable
     # Each op's backend: torch (the reference), native (the C kernels) or triton.
     backends: dict[str, str]
     # The most tokens a step may have for `decoder_layers` to run it in the CPU decoder layer kernel

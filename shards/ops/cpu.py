@@ -25,8 +25,9 @@ from shards.ops import reference
 _F32 = torch.float32
 # The dtypes the weight- and cache-reading kernels take their weights and pools in.
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
-# The ops whose kernels run for a bf16 model (shards.ops.select leaves the others to torch there).
-BF16_OPS = ("linear_rows", "fused_moe", "paged_decode_attention", "decoder_layers")
+# The ops whose kernels run for a bf16 model (shards.ops.select leaves the others to torch there): those
+# reading weights or the KV cache, and the grammar mask, which sees the fp32 logits of every dtype.
+BF16_OPS = ("linear_rows", "fused_moe", "paged_decode_attention", "decoder_layers", "apply_token_bitmask")
 
 
 def _fp32_cpu(x: torch.Tensor) -> bool:
@@ -211,6 +212,20 @@ def combine_greedy(every: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | N
     return sampling.combine_greedy(every.contiguous())
 
 
+def apply_token_bitmask(
+    logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor, vocab_start: int, vocab_size: int
+) -> torch.Tensor:
+    """reference.apply_token_bitmask, in the C kernel for fp32 logits and int32 masks on the CPU: a copy of
+    the logits with the disallowed tokens set to MASKED_LOGIT."""
+    if not (_fp32_cpu(logits) and logits.dim() == 2 and logits.shape[1] and bitmask.device.type == "cpu"):
+        return reference.apply_token_bitmask(logits, rows, bitmask, vocab_start, vocab_size)
+    masked = logits.clone(memory_format=torch.contiguous_format)
+    sampling.apply_token_bitmask(
+        masked, rows, bitmask.to(torch.int32).contiguous(), vocab_start, vocab_size, reference.MASKED_LOGIT
+    )
+    return masked
+
+
 def available() -> dict[str, bool]:
     """Which of this backend's ops have their C kernels built under the current choice of kernels."""
     attention = paged_attention.available()
@@ -227,4 +242,5 @@ def available() -> dict[str, bool]:
         "row_argmax_logsumexp": greedy,
         "slice_greedy_stats": greedy,
         "combine_greedy": greedy,
+        "apply_token_bitmask": greedy,
     }

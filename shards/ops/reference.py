@@ -3,8 +3,11 @@ tested against these, and fall back to them for shapes past their limits.
 
 Legend: T tokens, H hidden size, h query heads, kv KV heads, d head dim, N blocks, S block size,
 B decoding sequences, M block-table width, P prefill chunks, C a chunk's context, E_l experts held,
-I_l intermediate size held, K experts per token, R rows, V vocabulary, n ranks.
+I_l intermediate size held, K experts per token, R rows, V vocabulary, n ranks, W = ceil(V / 32) 32-bit
+words of a grammar's bitmask row.
 """
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -209,3 +212,40 @@ def combine_greedy(every: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | N
     token_ids = ids.gather(1, winner).squeeze(1).long()
     logprobs = (maxima.gather(1, winner).squeeze(1) - sums.logsumexp(dim=-1)).float()
     return token_ids, logprobs
+
+
+# A token a grammar's mask disallows gets this logit. Finite, so the C argmax / log-sum-exp kernels and
+# parallel greedy keep their fast paths (they leave rows holding infinities to the torch path);
+# exp(MASKED_LOGIT - any real logit) is exactly 0 in fp32.
+MASKED_LOGIT = -1.0e30
+
+# For every byte value, the bias of its 8 tokens: 0 where bit j is set (allowed), MASKED_LOGIT where not. An
+# index_select of it and one add mask a row (torch's masked_fill on CPU is ten times slower). [256, 8]
+_BYTE_BIAS = torch.where(((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool(), 0.0, MASKED_LOGIT)
+
+
+@functools.cache
+def _byte_bias(device: torch.device) -> torch.Tensor:
+    return _BYTE_BIAS.to(device)
+
+
+def apply_token_bitmask(
+    logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor, vocab_start: int, vocab_size: int
+) -> torch.Tensor:
+    """`logits` [R, P] (this rank's columns, column j being token `vocab_start + j`) as a new fp32 tensor
+    with the disallowed tokens of the constrained `rows` at MASKED_LOGIT (a finite logit plus it rounds to
+    it): a token is allowed where its bit (t % 32 of word t // 32) is set in the row's mask, `bitmask`
+    [C, W] int32 holding the rows' masks in order; columns at or past `vocab_size` (padding of the last
+    rank's slice) never are."""
+    logits = logits.float()
+    width = logits.shape[1]
+    # Little-endian words (every platform torch runs on): byte k of a row holds tokens 8k .. 8k + 7.
+    row_bytes = bitmask.to(logits.device).contiguous().view(torch.uint8).long()  # [C, 4W]
+    count = row_bytes.shape[0]
+    bias = _byte_bias(logits.device).index_select(0, row_bytes.flatten()).view(count, -1)  # [C, 32W]
+    bias = bias[:, vocab_start : min(vocab_start + width, vocab_size)]  # [C, P'] (P' < P: the padding)
+    if bias.shape[1] < width:
+        bias = torch.cat([bias, bias.new_full((count, width - bias.shape[1]), MASKED_LOGIT)], dim=1)
+    if rows == list(range(logits.shape[0])):
+        return logits + bias
+    return logits.index_add(0, torch.tensor(rows, device=logits.device), bias)
