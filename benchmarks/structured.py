@@ -4,11 +4,14 @@ Against a server it starts (`mixserve launch`, the demo on 2 shards) or `--url`,
 (8), alternating rounds A/B/A/B... (`--rounds`; alternating cancels the drift of a shared machine):
 (A) every request free, (B) every other request constrained by one bounded JSON schema (an object
 with a few fields, enums, maxLength strings, so an output finishes by EOS within its token limit).
-Free requests ignore EOS and ask for as many tokens as the constrained outputs of a warm-up run had
-(median), so both halves of B generate about as much. Each run has its own prompts (no prefix-cache
-hits between runs). Then, at concurrency 1, `--ttft-triples` times: a free request, a request with a
-schema never seen (a field name carries a counter, so the router compiles it), the same schema again
-(compiled grammar cached); TTFT of each.
+Free requests ignore EOS. The odd ones ask for as many tokens as the constrained outputs of a warm-up
+run had (median), so both halves of B generate about as much; in A, the even ones (those B
+constrains) ask for the warm-up's constrained lengths one by one, so A's requests end as unevenly as
+B's and the two runs differ only by the grammars (requests of one length all end in the same step,
+and the slots they free are refilled by one prefill, where uneven ends stall the batch once each).
+Each run has its own prompts (no prefix-cache hits between runs). Then, at concurrency 1,
+`--ttft-triples` times: a free request, a request with a schema never seen (a field name carries a
+counter, so the router compiles it), the same schema again (compiled grammar cached); TTFT of each.
 
 The issue-17 criteria, as measured: B's output tok/s over A's (>= 0.85), the free half's ITL p50 in B
 over A's ITL p50 (<= 1.10), and the cached-schema request's TTFT minus the free request's, median
@@ -97,6 +100,14 @@ async def _run(config: ServeConfig, target: Target, requests: list[BenchRequest]
     }
 
 
+def _length_matched(requests: list[BenchRequest], lengths: list[int]) -> list[BenchRequest]:
+    """Every other request (the first one included: those `_mixed` constrains) asking for the constrained
+    outputs' `lengths` in turn, the others as they are."""
+    return [
+        replace(r, max_tokens=lengths[(i // 2) % len(lengths)]) if i % 2 == 0 else r for i, r in enumerate(requests)
+    ]
+
+
 def _mixed(requests: list[BenchRequest], schema: dict) -> list[BenchRequest]:
     """Every other request constrained (the first one included), with room to finish by EOS."""
     return [
@@ -124,8 +135,10 @@ async def measure(args: argparse.Namespace, url: str, model_dir: str) -> dict:
         output_len = args.output_len or (round(statistics.median(lengths)) if lengths else 32)
         await _run(config, target, prompts(c, output_len), c, "warm-up free")
         runs = []
+        spread = lengths or [output_len]
         for round_index in range(args.rounds):
-            runs.append(await _run(config, target, prompts(n, output_len), c, f"A{round_index}"))
+            free = _length_matched(prompts(n, output_len), spread)
+            runs.append(await _run(config, target, free, c, f"A{round_index}"))
             runs.append(await _run(config, target, _mixed(prompts(n, output_len), schema), c, f"B{round_index}"))
         triples = await _ttft_triples(config, target, prompts(3 * args.ttft_triples, 4))
     return {
@@ -136,6 +149,7 @@ async def measure(args: argparse.Namespace, url: str, model_dir: str) -> dict:
             "input_len": args.input_len,
             "free_output_len": output_len,
             "free_output_len_from": "--output-len" if args.output_len else "the warm-up's constrained median",
+            "matched_output_lens": spread,
             "constrained_max_tokens": CONSTRAINED_MAX_TOKENS,
             "temperature": args.temperature,
             "target": args.target,
@@ -225,6 +239,11 @@ def constrained_outputs(result: dict) -> dict:
     return {"constrained": len(done), "finished_by_stop": len(by_stop), "parse_as_json": parsed}
 
 
+def _lengths(workload: dict) -> str:
+    lengths = workload.get("matched_output_lens") or []
+    return f"{min(lengths)}-{max(lengths)}, median {statistics.median(lengths):g}" if lengths else "none"
+
+
 def _load_warning(meta: dict) -> str:
     """A warning when other work shared the cores (a 1-minute load average above the core count at the start
     or the end), which makes run-to-run noise large."""
@@ -247,8 +266,10 @@ def markdown(result: dict) -> str:
         f"- server: {result['server']}; API `{w['target']}`, temperature {w['temperature']}",
         f"- workload: concurrency {w['concurrency']}, {w['requests_per_run']} requests per run, {w['rounds']} rounds"
         f" of A (all free) then B (every other request constrained); {w['input_len']}-token prompts; free requests"
-        f" ignore EOS and ask for {w['free_output_len']} tokens ({w['free_output_len_from']}); constrained ones"
-        f" end by EOS within {w['constrained_max_tokens']} tokens",
+        f" ignore EOS; B's free half and A's odd requests ask for {w['free_output_len']} tokens"
+        f" ({w['free_output_len_from']}), A's even requests for the warm-up's constrained lengths in turn"
+        f" ({_lengths(w)}), so A ends requests as unevenly as B; constrained ones end by EOS within"
+        f" {w['constrained_max_tokens']} tokens",
         f"- schema: `{json.dumps(w['schema'])}`",
         "",
         "| run | requests | errors | output tok/s | ITL p50 ms (all) | ITL p50 ms (free) | TTFT p50 ms |",

@@ -65,10 +65,22 @@ def test_constrained_outputs_that_end_by_stop_validate_against_the_schema(bench)
     for r in by_stop:
         jsonschema.validate(json.loads(r["text"]), schema)
     assert result["constrained_outputs"] == {"constrained": 2, "finished_by_stop": 2, "parse_as_json": 2}
-    # Free requests ignore EOS and generate exactly the length the warm-up's constrained outputs set.
+    # Free requests ignore EOS and generate exactly the lengths the warm-up's constrained outputs set: B's free
+    # half and A's odd requests their median, A's even requests (those B constrains) each length in turn.
+    workload = result["workload"]
     free = [r for run in result["runs"] for r in run["requests"] if r["kind"] == "free"]
     assert all(r["finish_reason"] == "length" for r in free)
-    assert all(r["output_tokens"] == result["workload"]["free_output_len"] for r in free)
+    lengths = workload["matched_output_lens"]
+    assert lengths == [n for n in result["warmup"]["constrained_output_tokens"] if n] and lengths
+    for run in result["runs"]:
+        asked = [r["output_tokens"] for r in run["requests"] if r["kind"] == "free"]
+        if run["name"].startswith("A"):
+            expected = [
+                lengths[(i // 2) % len(lengths)] if i % 2 == 0 else workload["free_output_len"] for i in range(4)
+            ]
+        else:
+            expected = [workload["free_output_len"]] * 2
+        assert asked == expected, run["name"]
 
 
 def test_criteria_pass_and_fail_at_their_thresholds():
