@@ -63,4 +63,5 @@ def step_from_proto(msg: shard_pb2.SequenceStep) -> SequenceStep:
         prefix_token_ids=list(msg.prefix_token_ids),
         prompt_logprobs=msg.prompt_logprobs,
         num_proposed=msg.num_proposed,
+        draft=msg.draft,
     )
