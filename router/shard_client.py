@@ -247,6 +247,7 @@ def step_request(step: Step) -> shard_pb2.StepRequest:
             prefix_token_ids=seq.prefix_token_ids,
             prompt_logprobs=seq.prompt_logprobs,
             num_proposed=seq.num_proposed,
+            draft=seq.draft,
         )
         if seq.sampling is not None:
             message.sampling.CopyFrom(sampling_params(seq.sampling))
