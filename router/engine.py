@@ -331,12 +331,14 @@ class Engine:
                 kept += 1
             delivered += kept
             if seq_id in proposed:
-                # Proposals that reached the output: the tokens kept, less the one sampled after them.
+                # Proposals that reached the output: the tokens kept, less the one sampled after them. A draft
+                # model may have made fewer proposals than the slots reserved for them.
                 accepted = min(kept, len(run) - 1)
-                generation.speculation.on_verified(proposed[seq_id], accepted)
-                self.speculative_proposed += proposed[seq_id]
+                count = token.num_drafted or proposed[seq_id]
+                generation.speculation.on_verified(count, accepted)
+                self.speculative_proposed += count
                 self.speculative_accepted += accepted
-                self.metrics.on_speculated(proposed[seq_id], accepted)
+                self.metrics.on_speculated(count, accepted)
             if finish is not None:
                 self._end(generation, finish)
         self.metrics.on_step(plan.num_prefill_tokens, plan.num_decode_tokens, now - started, delivered)

@@ -288,6 +288,7 @@ def step_result(response: shard_pb2.StepResponse) -> StepResult:
                 SampledToken(r.seq_id, n.token_id, n.logprob, [(t.token_id, t.logprob) for t in n.top_tokens])
                 for n in r.next_tokens
             ],
+            num_drafted=r.num_drafted,
         )
         for r in response.results
     ]

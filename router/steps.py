@@ -65,6 +65,7 @@ class SampledToken:
     sampled: bool = True
     prompt_logprobs: list[float] = field(default_factory=list)
     next_tokens: list["SampledToken"] = field(default_factory=list)
+    num_drafted: int = 0  # after a draft step: the proposals the draft model made (at most num_proposed)
 
 
 @dataclass(slots=True)

@@ -9,8 +9,11 @@ does not change; it only reserves the slots of the proposals (SequenceStep.draft
 
 A drafting sequence's step: the draft computes the positions it has not seen yet (the prompt on the
 first drafting step, afterwards the last accepted proposal and the token sampled after it) as chunks
-ending at the sequence's last token, whose logits give the first proposal; k - 1 one-token decodes
-give the rest. Every proposal is the draft's argmax. Tokens are tracked per sequence from the steps
+ending at the sequence's last token, whose logits give the first proposal; up to k - 1 one-token
+decodes give the rest. Every proposal is the draft's argmax; a sequence stops proposing after one
+whose draft probability is below `MIN_CONFIDENCE` (as Hugging Face's assisted generation does), so
+an unsure draft spends neither draft decodes nor verification width on tokens likely rejected; the
+slots reserved for proposals not made are simply not written. Tokens are tracked per sequence from the steps
 themselves (the tokens at each step's positions, a prefix cache hit's prefix tokens, the proposals),
 so nothing extra travels on the wire.
 
@@ -35,10 +38,13 @@ from shards.config import ModelConfig, ParallelConfig
 from shards.distributed import TensorParallelGroup
 from shards.loader import load_model
 from shards.runner import ModelRunner, SequenceStep
+from shards.speculative import num_accepted
 
 # Most positions one draft forward computes for one sequence while it catches up (a long prompt runs
 # as several chunks, so the draft's activations stay near a prefill chunk's).
 CATCH_UP_CHUNK = 512
+# A proposal whose draft probability is below this is the sequence's last in the step.
+MIN_CONFIDENCE = 0.4
 
 
 @dataclass(slots=True)
@@ -126,25 +132,30 @@ class DraftModel:
 
     @torch.inference_mode()
     def propose(self, steps: list[SequenceStep]) -> list[list[int]]:
-        """Each drafting step's proposals (its num_proposed tokens, greedy), the same on every rank;
+        """Each drafting step's proposals (1 to its num_proposed tokens, greedy), the same on every rank;
         `observe` has seen the steps."""
         states = [self.sequences[s.seq_id] for s in steps]
         proposals: list[list[int]] = [[] for _ in steps]
+        unsure: set[int] = set()  # sequences whose last proposal was below MIN_CONFIDENCE
         pending = list(range(len(steps)))
         while pending:
             chunks = [self._catch_up_chunk(steps[i], states[i]) for i in pending]
-            picks = self._greedy(chunks)
+            picks, confidences = self._greedy(chunks)
             still = []
-            for i, chunk, pick in zip(pending, chunks, picks, strict=True):
+            for i, chunk, pick, confidence in zip(pending, chunks, picks, confidences, strict=True):
                 states[i].cached += len(chunk.token_ids)
                 if states[i].cached > steps[i].start_position:
                     proposals[i].append(pick)
+                    if confidence < MIN_CONFIDENCE:
+                        unsure.add(i)
                 else:
                     still.append(i)
             pending = still
         for j in range(1, max(s.num_proposed for s in steps)):
             # Proposal j - 1 at position start + j, in the slot the router reserved for it.
-            rows = [i for i, s in enumerate(steps) if s.num_proposed > j]
+            rows = [i for i, s in enumerate(steps) if s.num_proposed > j and i not in unsure]
+            if not rows:
+                break
             decodes = [
                 SequenceStep(
                     steps[i].seq_id,
@@ -156,13 +167,18 @@ class DraftModel:
                 )
                 for i in rows
             ]
-            for i, pick in zip(rows, self._greedy(decodes), strict=True):
+            picks, confidences = self._greedy(decodes)
+            for i, pick, confidence in zip(rows, picks, confidences, strict=True):
                 states[i].cached += 1
                 proposals[i].append(pick)
-        proposals = self._from_rank_zero(proposals)
-        for state, proposed in zip(states, proposals, strict=True):
+                if confidence < MIN_CONFIDENCE:
+                    unsure.add(i)
+        agreed = self._from_rank_zero(proposals)
+        for s, state, own, proposed in zip(steps, states, proposals, agreed, strict=True):
+            # Draft K/V past the first proposal where this rank differed from rank 0 holds other tokens.
+            state.cached = min(state.cached, s.start_position + 1 + num_accepted(own, proposed))
             state.tokens.extend(proposed)
-        return proposals
+        return agreed
 
     def release(self, seq_ids: list[int]) -> None:
         """Forget finished sequences."""
@@ -179,21 +195,20 @@ class DraftModel:
         slots = [table[p // size] * size + p % size for p in range(seq.cached, end)]
         return SequenceStep(s.seq_id, seq.tokens[seq.cached : end], seq.cached, slots, table, sample=False)
 
-    def _greedy(self, steps: list[SequenceStep]) -> list[int]:
-        """The draft's argmax after each step's last token."""
+    def _greedy(self, steps: list[SequenceStep]) -> tuple[list[int], list[float]]:
+        """The draft's argmax after each step's last token, and its probability."""
         logits = self.runner.forward(steps)  # [B, V]
-        return logits.argmax(dim=-1).tolist()
+        top = logits.softmax(dim=-1).max(dim=-1)
+        return top.indices.tolist(), top.values.tolist()
 
     def _from_rank_zero(self, proposals: list[list[int]]) -> list[list[int]]:
-        """Rank 0's proposals on every rank."""
+        """Rank 0's proposals (their number included) on every rank."""
         if self.group.world_size == 1:
             return proposals
-        flat = torch.tensor([t for p in proposals for t in p], dtype=torch.int64, device=self.group.device)
+        width = max(len(p) for p in proposals)
+        padded = [p + [-1] * (width - len(p)) for p in proposals]
+        table = torch.tensor(padded, dtype=torch.int64, device=self.group.device)  # [B, K], -1 past the last
         if self.group.rank:
-            flat.zero_()
-        flat = self.group.all_reduce(flat).tolist()
-        out, at = [], 0
-        for p in proposals:
-            out.append(flat[at : at + len(p)])
-            at += len(p)
-        return out
+            table.zero_()
+        rows = self.group.all_reduce(table).tolist()
+        return [[t for t in row if t >= 0] for row in rows]

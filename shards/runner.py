@@ -74,6 +74,8 @@ class SequenceResult:
     prompt_logprobs: list[float] = field(default_factory=list)
     # A verification step's further tokens: accepted proposals after token_id, then the last one sampled.
     next_tokens: list[VerifiedToken] = field(default_factory=list)
+    # After a draft step: the proposals the draft model made (at most the step's num_proposed).
+    num_drafted: int = 0
 
 
 class ModelRunner:
@@ -328,8 +330,9 @@ class ModelRunner:
         verifies its proposals); results in input order."""
         self.validate(steps)
         matchers = self._new_grammars(steps)
+        drafted: set[int] = set()
         if self.draft is not None:
-            steps = self._drafted(steps)
+            steps, drafted = self._drafted(steps)
         for s in steps:
             state = self.sequences.get(s.seq_id)
             if state is None:
@@ -419,21 +422,30 @@ class ModelRunner:
                     first.top_tokens,
                     prompt_logprobs=scores.get(s.seq_id, []),
                     next_tokens=run[1:],
+                    num_drafted=s.num_proposed if s.seq_id in drafted else 0,
                 )
             )
         return results + scored_only
 
-    def _drafted(self, steps: list[SequenceStep]) -> list[SequenceStep]:
-        """`steps` with the draft model's proposals in place of each `draft` step's reserved positions."""
+    def _drafted(self, steps: list[SequenceStep]) -> tuple[list[SequenceStep], set[int]]:
+        """`steps` with the draft model's proposals in place of each `draft` step's reserved positions (the
+        slots of those it did not make dropped), and the ids of the sequences drafted for."""
         self.draft.observe(steps)
         drafting = [i for i, s in enumerate(steps) if s.draft]
         if not drafting:
-            return steps
+            return steps, set()
         proposals = self.draft.propose([steps[i] for i in drafting])
         steps = list(steps)
         for i, proposed in zip(drafting, proposals, strict=True):
-            steps[i] = replace(steps[i], token_ids=steps[i].token_ids + proposed, draft=False)
-        return steps
+            s = steps[i]
+            steps[i] = replace(
+                s,
+                token_ids=s.token_ids + proposed,
+                slot_mapping=s.slot_mapping[: 1 + len(proposed)],
+                num_proposed=len(proposed),
+                draft=False,
+            )
+        return steps, {steps[i].seq_id for i in drafting}
 
     def _new_grammars(self, steps: list[SequenceStep]) -> dict[int, SequenceGrammar]:
         """Matchers for the sequences new to this shard that carry a grammar, built before any state

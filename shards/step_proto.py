@@ -42,6 +42,7 @@ def step_response(results: list[SequenceResult], started_ns: int, steps: int = 0
                     )
                     for n in r.next_tokens
                 ],
+                num_drafted=r.num_drafted,
             )
             for r in results
         ],

@@ -1,6 +1,7 @@
 """The draft model on a shard (shards/draft.py): drafting steps give the tokens plain decode steps give
 (greedy and seeded, with a draft that agrees with the model and one that does not), the draft catches
-up over the sequence's own slots after rejections and prefix hits, and bad drafts are refused."""
+up over the sequence's own slots after rejections and prefix hits, an unsure draft proposes less, and
+bad drafts are refused."""
 
 import json
 import shutil
@@ -19,6 +20,12 @@ BLOCK = 4
 NUM_BLOCKS = 32
 PROMPT = [1, 40, 41, 42, 43, 40, 41, 7, 9]
 CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def confident(monkeypatch):
+    """Drafts propose every token reserved, however unsure (the demo's random weights give flat logits)."""
+    monkeypatch.setattr("shards.draft.MIN_CONFIDENCE", 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +56,11 @@ def table_of(seq_id: int) -> list[int]:
 
 
 def generate(runner: ModelRunner, seq_id: int, prompt: list[int], n: int, sampling: SamplingParams, k: int = 0):
-    """`n` tokens for `prompt`, drafting up to `k` proposals a step (never past `n`); the tokens and
-    the proposals kept."""
+    """`n` tokens for `prompt`, drafting up to `k` proposals a step (never past `n`); the tokens, the
+    proposals kept and the proposals made."""
     table = table_of(seq_id)
     result = runner.step([SequenceStep(seq_id, prompt, 0, slots(table, 0, len(prompt)), table, True, sampling)])[0]
-    out, kept = [result.token_id], 0
+    out, kept, made = [result.token_id], 0, 0
     while len(out) < n:
         start = len(prompt) + len(out) - 1
         proposals = min(k, n - len(out) - 1)
@@ -71,8 +78,10 @@ def generate(runner: ModelRunner, seq_id: int, prompt: list[int], n: int, sampli
         result = runner.step([s])[0]
         out += [result.token_id] + [t.token_id for t in result.next_tokens]
         kept += len(result.next_tokens)
+        made += result.num_drafted
+        assert 1 <= result.num_drafted <= proposals or not proposals
     runner.release([seq_id])
-    return out, kept
+    return out, kept, made
 
 
 SAMPLINGS = [SamplingParams(), SamplingParams(temperature=0.9, seed=5, repetition_penalty=1.2)]
@@ -80,14 +89,23 @@ SAMPLINGS = [SamplingParams(), SamplingParams(temperature=0.9, seed=5, repetitio
 
 @pytest.mark.parametrize("sampling", SAMPLINGS, ids=["greedy", "seeded"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_drafting_gives_the_tokens_of_plain_decode(model, demo_dir, interpreter_dir, sampling, k):
-    expected, _ = generate(new_runner(model), 1, PROMPT, 14, sampling)
+def test_drafting_gives_the_tokens_of_plain_decode(model, demo_dir, interpreter_dir, confident, sampling, k):
+    expected, _, _ = generate(new_runner(model), 1, PROMPT, 14, sampling)
     # The model as its own draft agrees with every greedy pick; a smaller model now and then.
-    same, kept_same = generate(new_runner(model, demo_dir), 1, PROMPT, 14, sampling, k)
-    small, _ = generate(new_runner(model, interpreter_dir), 1, PROMPT, 14, sampling, k)
+    same, kept_same, made = generate(new_runner(model, demo_dir), 1, PROMPT, 14, sampling, k)
+    small, _, _ = generate(new_runner(model, interpreter_dir), 1, PROMPT, 14, sampling, k)
     assert same == expected and small == expected
     if sampling.temperature == 0:
-        assert kept_same == 13 - -(-13 // (k + 1))  # every proposal kept: one target step per k + 1 tokens
+        assert kept_same == made == 13 - -(-13 // (k + 1))  # all kept: one target step per k + 1 tokens
+
+
+def test_an_unsure_draft_stops_proposing(model, demo_dir):
+    """Random weights give flat logits: the draft is unsure of every token, so it proposes one a step
+    (the slots reserved for the rest stay unwritten) and outputs do not change."""
+    expected, _, _ = generate(new_runner(model), 1, PROMPT, 14, SamplingParams())
+    got, kept, made = generate(new_runner(model, demo_dir), 1, PROMPT, 14, SamplingParams(), 3)
+    assert got == expected
+    assert made == kept == 13 // 2  # one proposal a step, kept: two tokens a step
 
 
 def test_batched_drafts_after_rejections_and_a_prefix_hit(model, interpreter_dir):
@@ -144,12 +162,12 @@ def draft_keys(runner: ModelRunner, table: list[int], end: int) -> torch.Tensor:
     return flat[:, slots(table, 0, end)]
 
 
-def test_the_draft_cache_holds_the_kept_tokens_after_partial_acceptance(model, demo_dir):
+def test_the_draft_cache_holds_the_kept_tokens_after_partial_acceptance(model, demo_dir, confident):
     """The model as its own draft, its picks pushed off the draft's by a logit bias, so runs end inside
     the proposals: the draft's K/V at every position it counts as computed equals a fresh prefill's."""
     # Biases found by the draft's greedy picks on PROMPT: 5637 is the first pick, 3117 a later one.
     sampling = SamplingParams(logit_bias={5637: -2.0, 3117: 3.0})
-    expected, _ = generate(new_runner(model), 1, PROMPT, 12, sampling)
+    expected, _, _ = generate(new_runner(model), 1, PROMPT, 12, sampling)
     runner = new_runner(model, demo_dir)
     table = table_of(1)
     got = [runner.step([SequenceStep(1, PROMPT, 0, slots(table, 0, 9), table, True, sampling)])[0].token_id]
@@ -170,11 +188,11 @@ def test_the_draft_cache_holds_the_kept_tokens_after_partial_acceptance(model, d
     assert partial  # some runs ended inside the proposals
 
 
-def test_a_long_prompt_catches_up_in_chunks(model, demo_dir, monkeypatch):
+def test_a_long_prompt_catches_up_in_chunks(model, demo_dir, confident, monkeypatch):
     monkeypatch.setattr("shards.draft.CATCH_UP_CHUNK", 4)
     assert CATCH_UP_CHUNK > 4
-    expected, _ = generate(new_runner(model), 1, PROMPT, 8, SamplingParams())
-    got, kept = generate(new_runner(model, demo_dir), 1, PROMPT, 8, SamplingParams(), 3)
+    expected, _, _ = generate(new_runner(model), 1, PROMPT, 8, SamplingParams())
+    got, kept, _ = generate(new_runner(model, demo_dir), 1, PROMPT, 8, SamplingParams(), 3)
     assert got == expected and kept == 5
 
 

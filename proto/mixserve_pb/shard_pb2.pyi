@@ -200,7 +200,7 @@ class TopToken(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class SequenceResult(_message.Message):
-    __slots__ = ("seq_id", "sampled", "token_id", "logprob", "top_tokens", "prompt_logprobs", "next_tokens")
+    __slots__ = ("seq_id", "sampled", "token_id", "logprob", "top_tokens", "prompt_logprobs", "next_tokens", "num_drafted")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +208,7 @@ class SequenceResult(_message.Message):
     TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_DRAFTED_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     sampled: bool
     token_id: int
@@ -215,7 +216,8 @@ class SequenceResult(_message.Message):
     top_tokens: _containers.RepeatedCompositeFieldContainer[TopToken]
     prompt_logprobs: _containers.RepeatedScalarFieldContainer[float]
     next_tokens: _containers.RepeatedCompositeFieldContainer[NextToken]
-    def __init__(self, seq_id: _Optional[int] = ..., sampled: _Optional[bool] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TopToken, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[float]] = ..., next_tokens: _Optional[_Iterable[_Union[NextToken, _Mapping]]] = ...) -> None: ...
+    num_drafted: int
+    def __init__(self, seq_id: _Optional[int] = ..., sampled: _Optional[bool] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TopToken, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[float]] = ..., next_tokens: _Optional[_Iterable[_Union[NextToken, _Mapping]]] = ..., num_drafted: _Optional[int] = ...) -> None: ...
 
 class NextToken(_message.Message):
     __slots__ = ("token_id", "logprob", "top_tokens")
