@@ -45,6 +45,9 @@ from shards.speculative import num_accepted
 CATCH_UP_CHUNK = 512
 # A proposal whose draft probability is below this is the sequence's last in the step.
 MIN_CONFIDENCE = 0.4
+# Largest drafting batch with a decode graph of the draft's own: speculation runs at small batches
+# (the router's --speculate-max-batch), and every bucket costs a capture at start-up.
+DRAFT_GRAPH_BATCH = 32
 
 
 @dataclass(slots=True)
@@ -77,14 +80,16 @@ def load_draft(
     dtype: torch.dtype,
     device: torch.device,
     block_size: int,
+    cuda_graphs: str = "off",
 ) -> "DraftModel":
     """The whole draft model on this rank (no tensor parallelism), ready for a runner of the target's
-    `group`; ValueError as `check_draft` says."""
+    `group`, its one-token decodes through decode graphs as `cuda_graphs` says (shards/decode_graph.py);
+    ValueError as `check_draft` says."""
     check_draft(draft_dir, target)
     alone = ParallelConfig(0, 1, "tp")
     draft_group = TensorParallelGroup(alone, device=device)
     model = load_model(draft_dir, alone, draft_group, dtype, device)
-    runner = ModelRunner(model, alone, draft_group, device, dtype, block_size, cuda_graphs="off")
+    runner = ModelRunner(model, alone, draft_group, device, dtype, block_size, cuda_graphs, DRAFT_GRAPH_BATCH)
     return DraftModel(runner, group)
 
 
@@ -106,10 +111,15 @@ class DraftModel:
         """Bytes of the draft's K/V for one block (added to the target's when the cache is sized)."""
         return self.runner.bytes_per_block()
 
-    def allocate_cache(self, num_blocks: int, reserved_blocks: int = 0) -> None:
-        """A draft cache of the target's shape in blocks; forgets every sequence."""
+    def allocate_cache(self, num_blocks: int) -> None:
+        """A draft cache of the target's `num_blocks` (and a scratch block of its own for its decode graphs);
+        forgets every sequence."""
         self.sequences.clear()
-        self.runner.allocate_cache(num_blocks, reserved_blocks)
+        self.runner.allocate_cache(num_blocks, 1 if self.runner.graphs_wanted else 0)
+
+    def prepare_decode_graphs(self, max_batch_size: int) -> None:
+        """The draft's decode graphs over the cache just allocated (see ModelRunner.prepare_decode_graphs)."""
+        self.runner.prepare_decode_graphs(max_batch_size)
 
     def observe(self, steps: list[SequenceStep]) -> None:
         """Record the tokens of a step's positions (every step, drafting or not), before it runs."""

@@ -138,7 +138,7 @@ class ModelRunner:
         self.decode_graphs = None
         self.sequences.clear()
         if self.draft is not None:
-            self.draft.allocate_cache(num_blocks, reserved_blocks)
+            self.draft.allocate_cache(num_blocks)
         self.kv_cache = KVCache(
             self.config.num_hidden_layers,
             num_blocks,
@@ -153,7 +153,9 @@ class ModelRunner:
     def prepare_decode_graphs(self, max_batch_size: int) -> None:
         """With decode graphs wanted, build their runner over the cache just allocated (which must hold
         a reserved scratch block) and, on CUDA, capture them: batches up to `max_graph_batch`, or
-        `max_batch_size` where that is 0 or smaller."""
+        `max_batch_size` where that is 0 or smaller. The draft model, with one, gets its own."""
+        if self.draft is not None:
+            self.draft.prepare_decode_graphs(max_batch_size)
         if not self.graphs_wanted:
             return
         graph_batch = min(self.max_graph_batch or max_batch_size, max_batch_size)

@@ -394,7 +394,7 @@ def run(args: argparse.Namespace) -> int:
     grammars = grammar_matchers(model_dir, model, device)
     draft = None
     if args.speculative_model:
-        draft = load_draft(args.speculative_model, config, group, dtype, device, args.block_size)
+        draft = load_draft(args.speculative_model, config, group, dtype, device, args.block_size, args.cuda_graphs)
     runner = ModelRunner(
         model, parallel, group, device, dtype, args.block_size, args.cuda_graphs, args.max_graph_batch, grammars, draft
     )

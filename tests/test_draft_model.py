@@ -35,14 +35,17 @@ def model(demo_dir):
     return load_model(demo_dir, parallel, TensorParallelGroup(parallel))
 
 
-def new_runner(model, draft_dir=None) -> ModelRunner:
+def new_runner(model, draft_dir=None, cuda_graphs: str = "off") -> ModelRunner:
+    """A runner of `model`, with the draft at `draft_dir`; `cuda_graphs` eager: the draft's decodes go
+    through the decode graph runner's static buffers (without capture, on the CPU)."""
     parallel = ParallelConfig()
     group = TensorParallelGroup(parallel)
     draft = None
     if draft_dir is not None:
-        draft = load_draft(draft_dir, model.config, group, torch.float32, CPU, BLOCK)
+        draft = load_draft(draft_dir, model.config, group, torch.float32, CPU, BLOCK, cuda_graphs)
     runner = ModelRunner(model, parallel, group, CPU, torch.float32, BLOCK, draft=draft)
     runner.allocate_cache(NUM_BLOCKS)
+    runner.prepare_decode_graphs(4)
     return runner
 
 
@@ -91,8 +94,11 @@ SAMPLINGS = [SamplingParams(), SamplingParams(temperature=0.9, seed=5, repetitio
 @pytest.mark.parametrize("k", [1, 3])
 def test_drafting_gives_the_tokens_of_plain_decode(model, demo_dir, interpreter_dir, confident, sampling, k):
     expected, _, _ = generate(new_runner(model), 1, PROMPT, 14, sampling)
-    # The model as its own draft agrees with every greedy pick; a smaller model now and then.
-    same, kept_same, made = generate(new_runner(model, demo_dir), 1, PROMPT, 14, sampling, k)
+    # The model as its own draft agrees with every greedy pick (k = 3: its decodes through the decode
+    # graph runner); a smaller model now and then.
+    own = new_runner(model, demo_dir, "eager" if k == 3 else "off")
+    assert (own.draft.runner.decode_graphs is not None) == (k == 3)
+    same, kept_same, made = generate(own, 1, PROMPT, 14, sampling, k)
     small, _, _ = generate(new_runner(model, interpreter_dir), 1, PROMPT, 14, sampling, k)
     assert same == expected and small == expected
     if sampling.temperature == 0:
