@@ -81,14 +81,16 @@ def load_draft(
     device: torch.device,
     block_size: int,
     cuda_graphs: str = "off",
+    load_format: str = "auto",
+    seed: int = 0,
 ) -> "DraftModel":
     """The whole draft model on this rank (no tensor parallelism), ready for a runner of the target's
-    `group`, its one-token decodes through decode graphs as `cuda_graphs` says (shards/decode_graph.py);
-    ValueError as `check_draft` says."""
+    `group`, its one-token decodes through decode graphs as `cuda_graphs` says (shards/decode_graph.py),
+    its weights read as `load_format` says (shards/loader.py); ValueError as `check_draft` says."""
     check_draft(draft_dir, target)
     alone = ParallelConfig(0, 1, "tp")
     draft_group = TensorParallelGroup(alone, device=device)
-    model = load_model(draft_dir, alone, draft_group, dtype, device)
+    model = load_model(draft_dir, alone, draft_group, dtype, device, load_format=load_format, seed=seed)
     runner = ModelRunner(model, alone, draft_group, device, dtype, block_size, cuda_graphs, DRAFT_GRAPH_BATCH)
     return DraftModel(runner, group)
 

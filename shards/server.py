@@ -394,7 +394,17 @@ def run(args: argparse.Namespace) -> int:
     grammars = grammar_matchers(model_dir, model, device)
     draft = None
     if args.speculative_model:
-        draft = load_draft(args.speculative_model, config, group, dtype, device, args.block_size, args.cuda_graphs)
+        draft = load_draft(
+            args.speculative_model,
+            config,
+            group,
+            dtype,
+            device,
+            args.block_size,
+            args.cuda_graphs,
+            args.load_format,
+            args.seed,
+        )
     runner = ModelRunner(
         model, parallel, group, device, dtype, args.block_size, args.cuda_graphs, args.max_graph_batch, grammars, draft
     )

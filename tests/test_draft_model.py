@@ -202,6 +202,20 @@ def test_a_long_prompt_catches_up_in_chunks(model, demo_dir, confident, monkeypa
     assert got == expected and kept == 5
 
 
+def test_a_draft_of_dummy_weights_needs_its_config_alone(model, interpreter_dir, tmp_path):
+    """--load-format dummy reaches the draft: random weights of its config's shapes, outputs unchanged."""
+    config_only = tmp_path / "draft-config"
+    config_only.mkdir()
+    shutil.copy(interpreter_dir / "config.json", config_only / "config.json")
+    parallel = ParallelConfig()
+    group = TensorParallelGroup(parallel)
+    draft = load_draft(config_only, model.config, group, torch.float32, CPU, BLOCK, load_format="dummy", seed=3)
+    runner = ModelRunner(model, parallel, group, CPU, torch.float32, BLOCK, draft=draft)
+    runner.allocate_cache(NUM_BLOCKS)
+    expected, _, _ = generate(new_runner(model), 1, PROMPT, 8, SamplingParams())
+    assert generate(runner, 1, PROMPT, 8, SamplingParams(), 2)[0] == expected
+
+
 def test_drafting_steps_are_refused_where_they_cannot_run(model, interpreter_dir):
     table = table_of(1)
     runner = new_runner(model)

@@ -1,8 +1,10 @@
 """Draft-model speculation through real servers (`--speculative-model`): outputs equal those without
 speculation (greedy and seeded; k = 3 on 2 tensor-parallel shards with the model as its own draft, k = 1
 on 1 shard with a smaller draft), stops and max_new_tokens inside accepted runs, prefix hits and
-cancellation mid-run; KV blocks all back at the end. A draft that cannot serve is refused in one line
-before any shard starts."""
+cancellation mid-run; KV blocks all back at the end. The demo's random weights give flat logits, so a
+draft is unsure of every token and makes one proposal a step of those reserved: the reserved slots it
+leaves unused roll back like rejected ones (multi-token drafts: tests/test_draft_model.py). A draft
+that cannot serve is refused in one line before any shard starts."""
 
 import json
 import shutil
