@@ -13,9 +13,9 @@ ending at the sequence's last token, whose logits give the first proposal; up to
 decodes give the rest. Every proposal is the draft's argmax; a sequence stops proposing after one
 whose draft probability is below `MIN_CONFIDENCE` (as Hugging Face's assisted generation does), so
 an unsure draft spends neither draft decodes nor verification width on tokens likely rejected; the
-slots reserved for proposals not made are simply not written. Tokens are tracked per sequence from the steps
-themselves (the tokens at each step's positions, a prefix cache hit's prefix tokens, the proposals),
-so nothing extra travels on the wire.
+slots reserved for proposals not made are not written, and the router rolls them back as rejected.
+Tokens are tracked per sequence from the steps themselves (the tokens at each step's positions, a
+prefix cache hit's prefix tokens, the proposals), so nothing extra travels on the wire.
 
 Why outputs do not change: the proposals only choose what the target verifies; the target's sampler
 decides every token. Greedy proposals are deterministic, so the draft's distribution q is one-hot on
@@ -99,8 +99,8 @@ class DraftModel:
     """The draft model of one shard, its KV cache, and the sequences it has seen."""
 
     def __init__(self, runner: ModelRunner, group: TensorParallelGroup) -> None:
-        """`runner`: the draft model's own runner (world size 1, no decode graphs); `group`: the
-        target's group, over which rank 0's proposals reach every rank."""
+        """`runner`: the draft model's own runner (world size 1); `group`: the target's group, over which
+        rank 0's proposals reach every rank."""
         self.runner = runner
         self.group = group
         self.sequences: dict[int, DraftSequence] = {}
