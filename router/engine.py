@@ -7,9 +7,10 @@ any reason (finished, cancelled, failed) leaves the scheduler at once, which fre
 The request itself (its events, text state and deadline) is router/generation.py.
 
 With `speculate` k > 0, every decode of a small enough batch may carry up to k tokens proposed by
-n-gram lookup over its own tokens (router/speculation.py); the shards verify them in the same step
-and answer with the tokens kept, which reach the request one at a time, exactly as a plain decode's
-would: a stop, EOS or max_new_tokens inside the run ends the request there and drops the rest.
+n-gram lookup over its own tokens, or by the shards' draft model (router/speculation.py); the shards
+verify them in the same step and answer with the tokens kept, which reach the request one at a time,
+exactly as a plain decode's would: a stop, EOS or max_new_tokens inside the run ends the request
+there and drops the rest.
 Grammar-constrained requests do not speculate (their matcher lives on the shards, one token a step).
 Requests reach it validated (router/validation.py) and through router/replicas.py, which holds the concurrency cap.
 """
@@ -28,7 +29,7 @@ from router.metrics import Metrics
 from router.params import GenerationParams
 from router.scheduler import Scheduler, SchedulerConfig, Sequence, StepPlan
 from router.shard_client import ShardGroup, ShardRejected
-from router.speculation import MAX_BATCH
+from router.speculation import MAX_BATCH, DraftProposer, NgramProposer
 from router.steps import SampledToken, SequenceStep, Step, StepResult
 
 log = logging.getLogger("mixserve.router")
@@ -53,16 +54,19 @@ class Engine:
         ids: Iterator[int] | None = None,
         speculate: int = 0,
         speculate_max_batch: int = MAX_BATCH,
+        draft_model: bool = False,
     ) -> None:
         """`metrics` and `ids` (request ids) are shared by the engines of several shard groups behind one
         router (router/replicas.py); alone, an engine has its own. `speculate`: the most tokens proposed
-        per decode (0: no speculation), while at most `speculate_max_batch` requests run."""
+        per decode (0: no speculation), while at most `speculate_max_batch` requests run; with
+        `draft_model`, the shards' draft model proposes them, else n-gram lookup in the request's tokens."""
         if speculate < 0:
             raise ValueError(f"speculate must be >= 0, got {speculate}")
         if speculate_max_batch < 1:
             raise ValueError(f"speculate_max_batch must be >= 1, got {speculate_max_batch}")
         self.speculate = speculate
         self.speculate_max_batch = speculate_max_batch
+        self.proposer = DraftProposer() if draft_model else NgramProposer()
         self.group = group
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(scheduler_config)
@@ -264,12 +268,13 @@ class Engine:
         if not task.cancelled():
             task.exception()
 
-    def _propose(self, seq: Sequence) -> list[int]:
-        """Up to `speculate` tokens likely to follow `seq` (the scheduler keeps those that fit)."""
+    def _propose(self, seq: Sequence) -> list[int] | int:
+        """Up to `speculate` tokens likely to follow `seq`, or how many the draft model should propose (the
+        scheduler keeps those that fit)."""
         generation: Generation = seq.payload
         if generation.params.grammar is not None:
             return []
-        return generation.speculation.propose(seq.prompt_ids + seq.output_ids, self.speculate)
+        return self.proposer(generation.speculation, seq, self.speculate)
 
     def _step(self, plan: StepPlan) -> Step:
         """The step the shards run for `plan`; a prefill entry carries its request's sampling settings."""
@@ -285,6 +290,7 @@ class Engine:
                 sampling=entry.seq.payload.sampling() if entry.is_prefill else None,
                 prompt_logprobs=entry.is_prefill and entry.seq.compute_prompt,
                 num_proposed=entry.num_proposed,
+                draft=entry.draft,
             )
             for entry in plan.sequences
         ]
@@ -325,12 +331,14 @@ class Engine:
                 kept += 1
             delivered += kept
             if seq_id in proposed:
-                # Proposals that reached the output: the tokens kept, less the one sampled after them.
+                # Proposals that reached the output: the tokens kept, less the one sampled after them. A draft
+                # model may have made fewer proposals than the slots reserved for them.
                 accepted = min(kept, len(run) - 1)
-                generation.speculation.on_verified(proposed[seq_id], accepted)
-                self.speculative_proposed += proposed[seq_id]
+                count = token.num_drafted or proposed[seq_id]
+                generation.speculation.on_verified(count, accepted)
+                self.speculative_proposed += count
                 self.speculative_accepted += accepted
-                self.metrics.on_speculated(proposed[seq_id], accepted)
+                self.metrics.on_speculated(count, accepted)
             if finish is not None:
                 self._end(generation, finish)
         self.metrics.on_step(plan.num_prefill_tokens, plan.num_decode_tokens, now - started, delivered)

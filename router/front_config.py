@@ -30,6 +30,8 @@ class ServerConfig:
     served_model_names: tuple[str, ...] = ()
     # --strict-model-name: a request naming another model is a 404 instead of being served by this one.
     strict_model_name: bool = False
+    # --speculative-model: the draft model's checkpoint (None: n-gram proposals, or no speculation).
+    speculative_model: str | None = None
 
 
 def api_key_matches(authorization: str, key: str) -> bool:

@@ -65,6 +65,8 @@ def preflight(args: argparse.Namespace) -> HostPlan:
         cmd += ["--num-shard", str(args.num_shard)]
     if args.model is not None:
         cmd += ["--model", args.model]
+    if args.speculative_model:
+        cmd += ["--speculative-model", args.speculative_model]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=PREFLIGHT_TIMEOUT_S)
     except subprocess.TimeoutExpired:

@@ -66,6 +66,14 @@ def _non_negative_int(value: str) -> int:
     return number
 
 
+def check_speculation(args: argparse.Namespace) -> None:
+    """ValueError where --speculative-model comes without the number of tokens to propose (--speculate K)."""
+    if args.speculative_model and not args.speculate:
+        raise ValueError(
+            f"--speculative-model {args.speculative_model} needs --speculate K, the tokens it proposes per decode"
+        )
+
+
 def shard_group_addresses(args: argparse.Namespace) -> list[str | None]:
     """Each shard group's addresses (`host:port,...`), or None for a group the launcher starts itself."""
     given = args.shard_groups or []
@@ -190,7 +198,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--speculate",
         type=_non_negative_int,
         default=0,
-        help="tokens proposed per decode by n-gram lookup in the request's own tokens, verified in one step (0: off)",
+        help="tokens proposed per decode, verified in one step (0: off); by n-gram lookup in the request's own "
+        "tokens unless --speculative-model is given",
+    )
+    parser.add_argument(
+        "--speculative-model",
+        metavar="DIR",
+        help="draft model checkpoint with the model's tokenizer, run whole on every shard to propose the --speculate "
+        "tokens (default: n-gram proposals); shards started elsewhere need the same flag",
     )
     parser.add_argument(
         "--speculate-max-batch",
@@ -354,7 +369,14 @@ async def _serve_with_shards(args, model_dir, tokenizer, groups: list[ShardSuper
         scheduled.append((shards.group, scheduler_config))
     eos = tuple(t for t in [tokenizer.eos_token_id] if t is not None)
     engine = build_replicas(
-        scheduled, tokenizer, limits, eos, args.max_decode_steps, args.speculate, args.speculate_max_batch
+        scheduled,
+        tokenizer,
+        limits,
+        eos,
+        args.max_decode_steps,
+        args.speculate,
+        args.speculate_max_batch,
+        draft_model=bool(args.speculative_model),
     )
     for shards, group_engine in zip(groups, engine.engines, strict=True):
         group_engine.retry_after_s = shards.retry_after_s if args.max_restarts else None
@@ -373,6 +395,7 @@ async def _serve_with_shards(args, model_dir, tokenizer, groups: list[ShardSuper
         version=mixserve.__version__,
         served_model_names=tuple(args.served_model_name),
         strict_model_name=args.strict_model_name,
+        speculative_model=args.speculative_model,
     )
     # The keep-alive timer also runs from the moment a connection opens until its headers are complete,
     # so it is what bounds a client that never finishes them. After an answer that left the body unread
@@ -426,6 +449,7 @@ def run(args: argparse.Namespace) -> int:
     if args.log_prompts:
         logging.getLogger("mixserve.prompts").setLevel(logging.INFO)
     try:
+        check_speculation(args)
         group_addresses = shard_group_addresses(args)
     except ValueError as e:
         log.error("event=startup_failed error=%s", e)

@@ -585,7 +585,10 @@ SCHEMAS: dict[str, Schema] = {
             "step_sequences": _t("integer", "sequences over all steps"),
             "generated_tokens": _t("integer", "tokens generated"),
             "cancelled_requests": _t("integer", "requests whose client left"),
-            "speculate": _t("integer", "tokens proposed per decode by n-gram speculation (0: off)"),
+            "speculate": _t("integer", "tokens proposed per decode by speculation (0: off)"),
+            "speculative_model": _nullable(
+                _t("string", "the draft model's checkpoint (--speculative-model; null: n-gram proposals)")
+            ),
             "speculative_proposed_tokens": _t("integer", "tokens proposed since start"),
             "speculative_accepted_tokens": _t("integer", "proposed tokens that became output"),
             "uptime_s": _t("number", "seconds since start"),

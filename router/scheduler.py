@@ -42,7 +42,9 @@ tokens looked up at admissions and the tokens found.
 
 Speculative decoding. `schedule` may take a proposer: once the step is planned (and only if it
 preempted nothing), each decode may carry proposed tokens after its last one, as many as the free
-blocks hold and at most `max_new_tokens` allows. The shards keep the proposals their sampler agrees
+blocks hold and at most `max_new_tokens` allows. A proposer that gives a number instead of tokens
+leaves them to the shards' draft model: the entry is `draft`, its slots cover the proposals, its
+token_ids do not. The shards keep the proposals their sampler agrees
 with; `on_step_done` then counts only the kept positions as computed, gives back the tail blocks
 holding nothing else (a length change, since the router owns the tables), and registers in the
 prefix cache only blocks filled with kept tokens. A step with proposals is a single step: multi-step
@@ -159,8 +161,10 @@ class ScheduledSequence:
     # Tokens [0, start_position), set only on the step that admits a sequence past position 0 (its
     # prefix came from the prefix cache): a shard new to the sequence never saw them.
     prefix_token_ids: list[int] = field(default_factory=list)
-    # Speculative decoding: the last num_proposed of token_ids are proposals the shards verify.
+    # Speculative decoding: the last num_proposed of token_ids are proposals the shards verify; with
+    # `draft`, the shards' draft model makes them, and token_ids is the last token alone.
     num_proposed: int = 0
+    draft: bool = False
 
 
 @dataclass(slots=True)
@@ -240,11 +244,12 @@ class Scheduler:
         self._live[seq.seq_id] = seq
         self._waiting.append(seq)
 
-    def schedule(self, propose: Callable[[Sequence], list[int]] | None = None) -> StepPlan | None:
+    def schedule(self, propose: Callable[[Sequence], list[int] | int] | None = None) -> StepPlan | None:
         """Build the next step, or None when there is nothing to run; call on_step_done before the next.
 
-        `propose` (speculative decoding) gives tokens likely to follow a decoding sequence; each decode
-        carries those the free blocks and its `max_new_tokens` leave room for.
+        `propose` (speculative decoding) gives tokens likely to follow a decoding sequence, or how many
+        the shards' draft model should propose; each decode carries those the free blocks and its
+        `max_new_tokens` leave room for.
         """
         if self._in_flight is not None:
             raise RuntimeError("schedule() called before on_step_done() for the step in flight")
@@ -282,7 +287,7 @@ class Scheduler:
             seq = entry.seq
             tokens = sampled[seq.seq_id] if entry.sample else []
             tokens = [tokens] if isinstance(tokens, int) else tokens
-            computed = len(entry.token_ids)
+            computed = len(entry.slot_mapping)  # positions, a draft's proposals included
             if entry.num_proposed:
                 # The last token and the accepted proposals are in the cache; rejected positions are not.
                 computed -= entry.num_proposed - (len(tokens) - 1)
@@ -424,7 +429,7 @@ class Scheduler:
             return []
         return self.allocator.match_prefix(self._block_hashes(seq, (seq.num_tokens - 1) // self.config.block_size))
 
-    def _add_proposals(self, plan: StepPlan, propose: Callable[[Sequence], list[int]]) -> None:
+    def _add_proposals(self, plan: StepPlan, propose: Callable[[Sequence], list[int] | int]) -> None:
         """Extend the plan's decodes with the proposals that fit, after everything else has its blocks."""
         size = self.config.block_size
         for entry in plan.sequences:
@@ -437,15 +442,21 @@ class Scheduler:
                 seq.max_new_tokens - len(seq.output_ids) - 1,
                 (len(table.blocks) + self._free_blocks()) * size - seq.num_computed - 1,
             )
-            proposed = propose(seq)[:room] if room > 0 else []
-            if not proposed:
+            if room < 1:
                 continue
-            table.grow(self.allocator, seq.num_computed + 1 + len(proposed))
-            entry.token_ids = entry.token_ids + proposed
-            entry.slot_mapping = table.slot_mapping(seq.num_computed, len(entry.token_ids))
+            proposed = propose(seq)
+            drafted = isinstance(proposed, int)
+            count = min(proposed if drafted else len(proposed), room)
+            if count < 1:
+                continue
+            table.grow(self.allocator, seq.num_computed + 1 + count)
+            if not drafted:
+                entry.token_ids = entry.token_ids + proposed[:count]
+            entry.slot_mapping = table.slot_mapping(seq.num_computed, 1 + count)
             entry.block_table = list(table.blocks)
-            entry.num_proposed = len(proposed)
-            plan.num_decode_tokens += len(proposed)
+            entry.num_proposed = count
+            entry.draft = drafted
+            plan.num_decode_tokens += count
 
     def _cache_filled_blocks(self, entry: ScheduledSequence, computed: int) -> None:
         """Register the blocks the finished step filled with its `computed` leading tokens: their K/V

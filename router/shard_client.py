@@ -247,6 +247,7 @@ def step_request(step: Step) -> shard_pb2.StepRequest:
             prefix_token_ids=seq.prefix_token_ids,
             prompt_logprobs=seq.prompt_logprobs,
             num_proposed=seq.num_proposed,
+            draft=seq.draft,
         )
         if seq.sampling is not None:
             message.sampling.CopyFrom(sampling_params(seq.sampling))
@@ -287,6 +288,7 @@ def step_result(response: shard_pb2.StepResponse) -> StepResult:
                 SampledToken(r.seq_id, n.token_id, n.logprob, [(t.token_id, t.logprob) for t in n.top_tokens])
                 for n in r.next_tokens
             ],
+            num_drafted=r.num_drafted,
         )
         for r in response.results
     ]

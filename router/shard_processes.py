@@ -78,6 +78,8 @@ async def start_shards(
             cmd += ["--quantize", args.quantize]
         cmd += ["--moe-parallel", args.moe_parallel, "--kernels", args.kernels, "--load-format", args.load_format]
         cmd += ["--cuda-graphs", args.cuda_graphs, "--max-graph-batch", str(args.max_graph_batch)]
+        if args.speculative_model:
+            cmd += ["--speculative-model", args.speculative_model]
         process = await asyncio.create_subprocess_exec(
             *cmd,
             env=shard_environment(args.num_shard, rank, master_port, visible_devices),

@@ -1,4 +1,10 @@
-"""N-gram speculation (prompt lookup) on the router: proposals from the request's own tokens.
+"""Speculation on the router: the proposers, and each request's counters and back-off.
+
+Two proposers, one chosen per engine: n-gram lookup here (the default for `--speculate K`), or the
+shards' draft model (`--speculative-model DIR`, shards/draft.py), for which the router only reserves
+the proposals' positions (an int instead of tokens; the scheduler treats both alike).
+
+N-gram speculation (prompt lookup): proposals from the request's own tokens.
 
 Text that copies from its context (code edits, summaries, extraction, repeated structure) continues
 the way it went before. The proposer takes the longest suffix of the sequence's tokens (prompt and
@@ -7,7 +13,7 @@ proposes the tokens that followed it there (vLLM's `ngram` and TGI's `--speculat
 head). The shards verify the proposals in one step (shards/speculative.py) and keep what their sampler
 agrees with, so outputs never change; a wrong proposal costs only compute.
 
-Speculation backs off where it does not pay:
+Speculation backs off where it does not pay, with either proposer:
 - per request: after `MISSES_TO_PAUSE` verification steps in a row that kept no proposal, the request
   proposes nothing for `PAUSE_STEPS` decode steps, then tries again;
 - per batch: verification runs k + 1 tokens per sequence, free while a step is bound by reading the
@@ -17,6 +23,10 @@ Pure Python, no torch.
 """
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from router.scheduler import Sequence
 
 MAX_NGRAM = 3
 MIN_NGRAM = 1
@@ -51,12 +61,17 @@ class SpeculationState:
     misses: int = 0  # verification steps in a row that kept no proposal
     paused: int = 0  # decode steps left without proposals
 
-    def propose(self, tokens: list[int], k: int) -> list[int]:
-        """The proposals for this request's next step (none while it backs off)."""
+    def ready(self) -> bool:
+        """Whether this request proposes in its next step (not while it backs off; each call counts one
+        step of the pause)."""
         if self.paused:
             self.paused -= 1
-            return []
-        return propose(tokens, k)
+            return False
+        return True
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        """The n-gram proposals for this request's next step (none while it backs off)."""
+        return propose(tokens, k) if self.ready() else []
 
     def on_verified(self, proposed: int, accepted: int) -> None:
         """A verification step of `proposed` tokens kept `accepted` of them."""
@@ -66,3 +81,19 @@ class SpeculationState:
         if self.misses >= MISSES_TO_PAUSE:
             self.misses = 0
             self.paused = PAUSE_STEPS
+
+
+class NgramProposer:
+    """Proposals looked up in the request's own tokens."""
+
+    def __call__(self, state: SpeculationState, seq: "Sequence", k: int) -> list[int]:
+        """Up to `k` tokens for `seq`'s next step."""
+        return state.propose(seq.prompt_ids + seq.output_ids, k)
+
+
+class DraftProposer:
+    """Proposals made by the shards' draft model: the router asks for `k` and reserves their slots."""
+
+    def __call__(self, state: SpeculationState, seq: "Sequence", k: int) -> int:
+        """How many tokens the draft model proposes for `seq`'s next step (0 while it backs off)."""
+        return k if state.ready() else 0

@@ -35,8 +35,10 @@ class SequenceStep:
     prefix_token_ids: list[int]
     sampling: Sampling | None = None  # set on the sequence's first (prefill) step
     prompt_logprobs: bool = False  # score the step's tokens (prefill steps of a request that asks)
-    # Speculative decoding: the last num_proposed of token_ids are proposals the shards verify.
+    # Speculative decoding: the last num_proposed of token_ids are proposals the shards verify; with
+    # `draft`, the shards' draft model makes them (token_ids is the last token, slot_mapping covers them).
     num_proposed: int = 0
+    draft: bool = False
 
 
 @dataclass(slots=True)
@@ -63,6 +65,7 @@ class SampledToken:
     sampled: bool = True
     prompt_logprobs: list[float] = field(default_factory=list)
     next_tokens: list["SampledToken"] = field(default_factory=list)
+    num_drafted: int = 0  # after a draft step: the proposals the draft model made (at most num_proposed)
 
 
 @dataclass(slots=True)

@@ -65,6 +65,7 @@ def plan(
     replicas: int,
     moe_parallel: str,
     model_dir: str | None,
+    draft_dir: str | None = None,
 ) -> HostPlan:
     """Check the flags against this host; the plan to start, or PreflightFailed saying why not."""
     demo = model_dir is None
@@ -78,6 +79,13 @@ def plan(
         torch_dtype = resolve_dtype(dtype, where)
     except (DeviceUnavailable, ValueError) as e:
         raise PreflightFailed(str(e)) from None
+    if draft_dir:
+        from shards.draft import check_draft
+
+        try:
+            check_draft(draft_dir, config)
+        except ValueError as e:
+            raise PreflightFailed(str(e)) from None
     cuda = where.type == "cuda"
     count = torch.cuda.device_count() if cuda else 0
     if device.startswith("cuda:"):
@@ -130,10 +138,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--moe-parallel", default="tp")
     parser.add_argument("--model")
+    parser.add_argument("--speculative-model")
     args = parser.parse_args(argv)
     try:
         found = plan(
-            args.device, args.dtype, args.quantize, args.num_shard, args.replicas, args.moe_parallel, args.model
+            args.device,
+            args.dtype,
+            args.quantize,
+            args.num_shard,
+            args.replicas,
+            args.moe_parallel,
+            args.model,
+            args.speculative_model,
         )
         answer = {"ok": True, **asdict(found)}
     except PreflightFailed as e:

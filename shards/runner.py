@@ -4,13 +4,15 @@ samples the next tokens, and keeps each live sequence's sampling state.
 Every rank of the group runs the same calls in the same order; validation is a pure function of
 the request, so a malformed step is refused by every rank before any collective starts.
 A speculating sequence (num_proposed > 0) gets logits at every position of its chunk and keeps the
-proposals its own sampler agrees with (shards/speculative.py).
+proposals its own sampler agrees with (shards/speculative.py); with a draft model (shards/draft.py), a
+step marked `draft` has its proposals made here first.
 Prompt scoring and the sampling of the step's rows live in shards/step_rows.py.
 Legend: T tokens in the step, B sequences, R sequences that sample, L logits rows (one per sequence,
 plus one per proposed token), V vocab size.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +27,9 @@ from shards.parallel_greedy import is_plain_greedy, parallel_greedy
 from shards.sampling import SamplingParams, TokenHistory, apply_logit_bias
 from shards.speculative import VerifiedToken, greedy_runs
 from shards.step_rows import SequenceState, consecutive, sample_rows, score_prompts, span_rows
+
+if TYPE_CHECKING:
+    from shards.draft import DraftModel
 
 
 class InvalidStep(ValueError):
@@ -53,6 +58,9 @@ class SequenceStep:
     prompt_logprobs: bool = False
     # The last num_proposed of token_ids are proposed tokens to verify (speculative decoding).
     num_proposed: int = 0
+    # The draft model makes the num_proposed proposals: token_ids is the last token alone, slot_mapping
+    # covers it and the proposals.
+    draft: bool = False
 
 
 @dataclass(slots=True)
@@ -66,6 +74,8 @@ class SequenceResult:
     prompt_logprobs: list[float] = field(default_factory=list)
     # A verification step's further tokens: accepted proposals after token_id, then the last one sampled.
     next_tokens: list[VerifiedToken] = field(default_factory=list)
+    # After a draft step: the proposals the draft model made (at most the step's num_proposed).
+    num_drafted: int = 0
 
 
 class ModelRunner:
@@ -82,6 +92,7 @@ class ModelRunner:
         cuda_graphs: str = "auto",
         max_graph_batch: int = 0,
         grammars: GrammarMatchers | None = None,
+        draft: "DraftModel | None" = None,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block size must be positive, got {block_size}")
@@ -101,6 +112,11 @@ class ModelRunner:
         self.kv_cache: KVCache | None = None
         self.sequences: dict[int, SequenceState] = {}
         self.grammars = grammars
+        self.draft = draft
+        if draft is not None and draft.vocab_size != self.config.vocab_size:
+            raise ValueError(
+                f"the draft model's vocab_size {draft.vocab_size} differs from the model's {self.config.vocab_size}"
+            )
 
     # -- cache ---------------------------------------------------------------------------------
 
@@ -109,16 +125,20 @@ class ModelRunner:
         return self.config.num_key_value_heads // self.parallel.world_size
 
     def bytes_per_block(self) -> int:
-        return KVCache.bytes_per_block(
+        """Bytes of one block over every layer, keys and values (the draft model's included)."""
+        own = KVCache.bytes_per_block(
             self.config.num_hidden_layers, self.block_size, self.num_kv_heads, self.config.head_dim, self.dtype
         )
+        return own + (self.draft.bytes_per_block() if self.draft is not None else 0)
 
     def allocate_cache(self, num_blocks: int, reserved_blocks: int = 0) -> None:
         """(Re)create the KV pool with `num_blocks` blocks for the router (and `reserved_blocks` of the
-        shard's own); forgets every sequence and the decode graphs."""
+        shard's own), and the draft model's beside it; forgets every sequence and the decode graphs."""
         self.kv_cache = None
         self.decode_graphs = None
         self.sequences.clear()
+        if self.draft is not None:
+            self.draft.allocate_cache(num_blocks)
         self.kv_cache = KVCache(
             self.config.num_hidden_layers,
             num_blocks,
@@ -133,7 +153,9 @@ class ModelRunner:
     def prepare_decode_graphs(self, max_batch_size: int) -> None:
         """With decode graphs wanted, build their runner over the cache just allocated (which must hold
         a reserved scratch block) and, on CUDA, capture them: batches up to `max_graph_batch`, or
-        `max_batch_size` where that is 0 or smaller."""
+        `max_batch_size` where that is 0 or smaller. The draft model, with one, gets its own."""
+        if self.draft is not None:
+            self.draft.prepare_decode_graphs(max_batch_size)
         if not self.graphs_wanted:
             return
         graph_batch = min(self.max_graph_batch or max_batch_size, max_batch_size)
@@ -155,11 +177,13 @@ class ModelRunner:
             if s.seq_id in seen:
                 raise InvalidStep(f"{where} appears twice in one step")
             seen.add(s.seq_id)
-            n = len(s.token_ids)
-            if n == 0:
+            if not s.token_ids:
                 raise InvalidStep(f"{where} has no tokens")
+            if s.draft:
+                self._validate_draft(s)
+            n = len(s.token_ids) + (s.num_proposed if s.draft else 0)  # positions
             if len(s.slot_mapping) != n:
-                raise InvalidStep(f"{where} has {n} tokens but {len(s.slot_mapping)} slots")
+                raise InvalidStep(f"{where} has {n} positions but {len(s.slot_mapping)} slots")
             end = s.start_position + n
             if end > self.config.max_position_embeddings:
                 raise InvalidStep(
@@ -207,9 +231,19 @@ class ModelRunner:
             ):
                 raise InvalidStep(f"sequence {s.seq_id}: slot_mapping does not match its block table")
 
+    def _validate_draft(self, s: SequenceStep) -> None:
+        where = f"sequence {s.seq_id}"
+        if self.draft is None:
+            raise InvalidStep(f"{where} asks for draft proposals; this shard has no draft model (--speculative-model)")
+        if not s.num_proposed or len(s.token_ids) != 1:
+            raise InvalidStep(
+                f"{where} asks for draft proposals with {len(s.token_ids)} tokens and {s.num_proposed} proposals; "
+                "a drafting step is one token and at least one proposal"
+            )
+
     def _validate_proposals(self, s: SequenceStep) -> None:
         where = f"sequence {s.seq_id}"
-        if s.num_proposed >= len(s.token_ids):
+        if not s.draft and s.num_proposed >= len(s.token_ids):
             raise InvalidStep(
                 f"{where} proposes {s.num_proposed} of its {len(s.token_ids)} tokens; the first is its own"
             )
@@ -298,6 +332,9 @@ class ModelRunner:
         verifies its proposals); results in input order."""
         self.validate(steps)
         matchers = self._new_grammars(steps)
+        drafted: set[int] = set()
+        if self.draft is not None:
+            steps, drafted = self._drafted(steps)
         for s in steps:
             state = self.sequences.get(s.seq_id)
             if state is None:
@@ -387,9 +424,30 @@ class ModelRunner:
                     first.top_tokens,
                     prompt_logprobs=scores.get(s.seq_id, []),
                     next_tokens=run[1:],
+                    num_drafted=s.num_proposed if s.seq_id in drafted else 0,
                 )
             )
         return results + scored_only
+
+    def _drafted(self, steps: list[SequenceStep]) -> tuple[list[SequenceStep], set[int]]:
+        """`steps` with the draft model's proposals in place of each `draft` step's reserved positions (the
+        slots of those it did not make dropped), and the ids of the sequences drafted for."""
+        self.draft.observe(steps)
+        drafting = [i for i, s in enumerate(steps) if s.draft]
+        if not drafting:
+            return steps, set()
+        proposals = self.draft.propose([steps[i] for i in drafting])
+        steps = list(steps)
+        for i, proposed in zip(drafting, proposals, strict=True):
+            s = steps[i]
+            steps[i] = replace(
+                s,
+                token_ids=s.token_ids + proposed,
+                slot_mapping=s.slot_mapping[: 1 + len(proposed)],
+                num_proposed=len(proposed),
+                draft=False,
+            )
+        return steps, {steps[i].seq_id for i in drafting}
 
     def _new_grammars(self, steps: list[SequenceStep]) -> dict[int, SequenceGrammar]:
         """Matchers for the sequences new to this shard that carry a grammar, built before any state
@@ -410,9 +468,13 @@ class ModelRunner:
         """Forget finished sequences' sampling state (their blocks are the router's to reuse)."""
         for seq_id in seq_ids:
             self.sequences.pop(seq_id, None)
+        if self.draft is not None:
+            self.draft.release(seq_ids)
 
     def clear(self) -> None:
         self.sequences.clear()
+        if self.draft is not None:
+            self.draft.clear()
 
 
 def _to_device(values: list, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:

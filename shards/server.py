@@ -33,6 +33,7 @@ from shards.devices import (
     resolve_dtype,
 )
 from shards.distributed import init_process_group, tensor_parallel_group
+from shards.draft import check_draft, load_draft
 from shards.grammar import GrammarMatchers, load_tokenizer
 from shards.kernels.native import KernelUnavailable
 from shards.listen import ListenConfig, ListenError
@@ -289,6 +290,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(only config.json is read)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the dummy weights (--load-format dummy)")
+    parser.add_argument(
+        "--speculative-model",
+        help="checkpoint directory of a draft model with the model's vocabulary, held whole on every shard, "
+        "proposing the tokens of the router's drafting steps (default: none)",
+    )
     parser.add_argument("--block-size", type=int, default=16, help="KV cache token slots per block")
     parser.add_argument("--max-kv-blocks", type=int, default=0, help="cap on KV cache blocks (0: size from memory)")
     parser.add_argument(
@@ -362,7 +368,10 @@ def run(args: argparse.Namespace) -> int:
             model_dir,
         )
     try:
-        parallel.check(ModelConfig.from_pretrained(model_dir))
+        config = ModelConfig.from_pretrained(model_dir)
+        parallel.check(config)
+        if args.speculative_model:
+            check_draft(args.speculative_model, config)
     except ValueError as e:
         log.error("event=bad_config error=%r", str(e))
         return 2
@@ -383,8 +392,21 @@ def run(args: argparse.Namespace) -> int:
     group = tensor_parallel_group(parallel, device, args.collectives)
     model = load_model(model_dir, parallel, group, dtype, device, quantization, args.load_format, args.seed)
     grammars = grammar_matchers(model_dir, model, device)
+    draft = None
+    if args.speculative_model:
+        draft = load_draft(
+            args.speculative_model,
+            config,
+            group,
+            dtype,
+            device,
+            args.block_size,
+            args.cuda_graphs,
+            args.load_format,
+            args.seed,
+        )
     runner = ModelRunner(
-        model, parallel, group, device, dtype, args.block_size, args.cuda_graphs, args.max_graph_batch, grammars
+        model, parallel, group, device, dtype, args.block_size, args.cuda_graphs, args.max_graph_batch, grammars, draft
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=8),

@@ -42,6 +42,7 @@ def step_response(results: list[SequenceResult], started_ns: int, steps: int = 0
                     )
                     for n in r.next_tokens
                 ],
+                num_drafted=r.num_drafted,
             )
             for r in results
         ],
@@ -63,4 +64,5 @@ def step_from_proto(msg: shard_pb2.SequenceStep) -> SequenceStep:
         prefix_token_ids=list(msg.prefix_token_ids),
         prompt_logprobs=msg.prompt_logprobs,
         num_proposed=msg.num_proposed,
+        draft=msg.draft,
     )

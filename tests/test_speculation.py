@@ -1,12 +1,19 @@
-"""Router side of speculative decoding: the n-gram proposer, its back-off, and the scheduler's
-verification steps (proposals planned into free blocks, rejected positions rolled back)."""
+"""Router side of speculative decoding: the n-gram proposer, its back-off, the draft proposer, and the
+scheduler's verification steps (proposals planned into free blocks, rejected positions rolled back)."""
 
 import random
 
 import pytest
 
 from router.scheduler import ScheduledSequence, Scheduler, SchedulerConfig, Sequence, SequenceStatus
-from router.speculation import MISSES_TO_PAUSE, PAUSE_STEPS, SpeculationState, propose
+from router.speculation import (
+    MISSES_TO_PAUSE,
+    PAUSE_STEPS,
+    DraftProposer,
+    NgramProposer,
+    SpeculationState,
+    propose,
+)
 
 BLOCK = 4
 
@@ -157,3 +164,39 @@ def test_many_speculating_sequences_under_preemption_keep_their_kv_and_outputs(s
         assert seq.output_ids == reference(prompts[i], seq.max_new_tokens)
     assert scheduler.num_blocks_used == 0
     assert scheduler.num_preemptions and scheduler.prefix_hit_tokens  # both happened among the proposals
+
+
+def test_both_proposers_back_off_alike():
+    seq = Sequence(1, [1, 2, 1, 2, 1], max_new_tokens=8)
+    for proposer, right in ((NgramProposer(), [2, 1]), (DraftProposer(), 3)):
+        state = SpeculationState()
+        assert proposer(state, seq, 3) == right
+        for _ in range(MISSES_TO_PAUSE):
+            state.on_verified(3, 0)
+        nothing = [] if isinstance(right, list) else 0
+        assert [proposer(state, seq, 3) for _ in range(PAUSE_STEPS)] == [nothing] * PAUSE_STEPS
+        assert proposer(state, seq, 3) == right
+
+
+def test_draft_proposals_reserve_slots_and_roll_back_like_token_proposals():
+    """A proposer giving a count: the entry is `draft`, its token_ids the last token alone, its slots and
+    blocks cover the proposals (capped by max_new_tokens); the kept tokens count as computed, the rest
+    roll back."""
+    scheduler = Scheduler(SchedulerConfig(num_blocks=8, block_size=BLOCK))
+    seq = Sequence(1, [1, 2, 3], max_new_tokens=6)
+    scheduler.add(seq)
+    scheduler.on_step_done(scheduler.schedule(), {1: 4})
+    plan = scheduler.schedule(lambda s: 3)
+    (entry,) = plan.sequences
+    assert (entry.draft, entry.num_proposed, entry.token_ids) == (True, 3, [4])
+    assert entry.slot_mapping == seq.block_table.slot_mapping(3, 4) and len(entry.block_table) == 2
+    assert plan.num_decode_tokens == 4
+    assert scheduler.extend_decode(plan, 8) == 1
+    scheduler.on_step_done(plan, {1: [5, 6]})  # one proposal kept, then the token after it
+    assert seq.output_ids == [4, 5, 6] and seq.num_computed == 5
+    assert len(seq.block_table.blocks) == 2
+    plan = scheduler.schedule(lambda s: 5)
+    assert plan.sequences[0].num_proposed == 2  # three more tokens may be output
+    scheduler.on_step_done(plan, {1: [7, 8, 9]})
+    assert seq.output_ids == [4, 5, 6, 7, 8, 9]
+    assert scheduler.num_blocks_used == 0

@@ -144,7 +144,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., top_n_tokens: _Optional[int] = ..., grammar: _Optional[str] = ..., typical_p: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
 class SequenceStep(_message.Message):
-    __slots__ = ("seq_id", "token_ids", "start_position", "slot_mapping", "block_table", "sample", "sampling", "prefix_token_ids", "prompt_logprobs", "num_proposed")
+    __slots__ = ("seq_id", "token_ids", "start_position", "slot_mapping", "block_table", "sample", "sampling", "prefix_token_ids", "prompt_logprobs", "num_proposed", "draft")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,7 @@ class SequenceStep(_message.Message):
     PREFIX_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     NUM_PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     start_position: int
@@ -165,7 +166,8 @@ class SequenceStep(_message.Message):
     prefix_token_ids: _containers.RepeatedScalarFieldContainer[int]
     prompt_logprobs: bool
     num_proposed: int
-    def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ..., slot_mapping: _Optional[_Iterable[int]] = ..., block_table: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., prefix_token_ids: _Optional[_Iterable[int]] = ..., prompt_logprobs: _Optional[bool] = ..., num_proposed: _Optional[int] = ...) -> None: ...
+    draft: bool
+    def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ..., slot_mapping: _Optional[_Iterable[int]] = ..., block_table: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., prefix_token_ids: _Optional[_Iterable[int]] = ..., prompt_logprobs: _Optional[bool] = ..., num_proposed: _Optional[int] = ..., draft: _Optional[bool] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("sequences", "release_seq_ids", "num_steps", "run_id")
@@ -198,7 +200,7 @@ class TopToken(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class SequenceResult(_message.Message):
-    __slots__ = ("seq_id", "sampled", "token_id", "logprob", "top_tokens", "prompt_logprobs", "next_tokens")
+    __slots__ = ("seq_id", "sampled", "token_id", "logprob", "top_tokens", "prompt_logprobs", "next_tokens", "num_drafted")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +208,7 @@ class SequenceResult(_message.Message):
     TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_DRAFTED_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     sampled: bool
     token_id: int
@@ -213,7 +216,8 @@ class SequenceResult(_message.Message):
     top_tokens: _containers.RepeatedCompositeFieldContainer[TopToken]
     prompt_logprobs: _containers.RepeatedScalarFieldContainer[float]
     next_tokens: _containers.RepeatedCompositeFieldContainer[NextToken]
-    def __init__(self, seq_id: _Optional[int] = ..., sampled: _Optional[bool] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TopToken, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[float]] = ..., next_tokens: _Optional[_Iterable[_Union[NextToken, _Mapping]]] = ...) -> None: ...
+    num_drafted: int
+    def __init__(self, seq_id: _Optional[int] = ..., sampled: _Optional[bool] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TopToken, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[float]] = ..., next_tokens: _Optional[_Iterable[_Union[NextToken, _Mapping]]] = ..., num_drafted: _Optional[int] = ...) -> None: ...
 
 class NextToken(_message.Message):
     __slots__ = ("token_id", "logprob", "top_tokens")
