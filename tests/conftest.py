@@ -236,6 +236,7 @@ class ShardProcess:
     group: int
     rank: int
     uds: Path
+    argv: tuple[str, ...]
 
 
 def _children(parent: int) -> list[int]:
@@ -265,7 +266,7 @@ def shard_processes(parent: int) -> list[ShardProcess]:
         group = re.fullmatch(r"group(\d*)-\d+", uds.parent.name)
         assert group, f"unexpected shard socket directory {uds.parent}"
         rank = int(argv[argv.index("--rank") + 1])
-        shards.append(ShardProcess(pid, int(group.group(1) or 0), rank, uds))
+        shards.append(ShardProcess(pid, int(group.group(1) or 0), rank, uds, tuple(argv)))
     return sorted(shards, key=lambda shard: (shard.group, shard.rank))
 
 
