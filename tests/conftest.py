@@ -220,8 +220,15 @@ def get_json(url: str) -> dict:
         return json.loads(e.read())
 
 
+def get_text(url: str) -> str:
+    """GET `url` (a test server's /metrics) and its body."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
 def metric(text: str, name: str) -> float:
-    """One unlabelled sample of a Prometheus text exposition (`name` with its suffix, e.g. `_total`)."""
+    """One sample of a Prometheus text exposition: `name` with its suffix and labels as exposed, e.g.
+    `mixserve_shard_restarts_total` or `mixserve_decode_run_steps_bucket{le="1.0"}`."""
     for line in text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
