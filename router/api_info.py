@@ -71,8 +71,10 @@ async def info(request: web.Request) -> web.Response:
             "shard_groups": [
                 {
                     "group": g.group,
-                    "status": "serving" if g.error is None else "down",
+                    "status": "serving" if g.error is None else "restarting" if g.restarting else "down",
                     "error": g.error,
+                    "restarts": g.restarts,
+                    "last_failure": g.last_failure,
                     "num_shard": g.num_shard,
                     "requests_routed": g.requests_routed,
                     "requests_waiting": g.requests_waiting,

@@ -81,6 +81,9 @@ class Engine:
         # seconds clients are told to wait (Retry-After); the launcher keeps the latter current.
         self.failure: str | None = None
         self.retry_after_s: int | None = None
+        # Restarts of the shard group so far, and why it last failed (kept once it serves again).
+        self.restarts = 0
+        self.last_failure: str | None = None
         self._failed = asyncio.Event()
         self.steps = 0
         self.step_sequences = 0
@@ -155,6 +158,7 @@ class Engine:
         and prefix cache start afresh; `fail` has already ended every request of the old group."""
         self.group = group
         self.scheduler = Scheduler(scheduler_config)
+        self.restarts += 1
         if self._own_metrics:
             self.metrics.watch(self.scheduler)
         self._release.clear()
@@ -223,6 +227,7 @@ class Engine:
             step.num_steps, step.run_id = num_steps, self._run_ids
             self._active_run = self._run_ids
             log.debug("event=decode_run run=%d steps=%d seqs=%d", self._run_ids, num_steps, len(plan.sequences))
+            self.metrics.on_decode_run(num_steps)
             async for result in self.group.decode_steps(step):
                 if in_flight is None:
                     in_flight = self.scheduler.continue_decode(plan)
@@ -429,6 +434,7 @@ class Engine:
             log.error("event=shards_failed reason=%r in_flight=%d", reason, len(self.live))
         # A later call only words the reason better (the launcher names the shard that went silent).
         self.failure = reason
+        self.last_failure = reason
         for generation in list(self.live.values()):
             self.metrics.on_end("error")
             generation.events.put_nowait(self.unavailable("the shards failed"))

@@ -58,6 +58,9 @@ class GroupStats:
 
     group: int
     error: str | None  # None while serving
+    restarting: bool  # down, and a restart is coming
+    restarts: int
+    last_failure: str | None  # why the group last failed, None if it never did
     num_shard: int
     requests_routed: int
     requests_waiting: int

@@ -20,6 +20,8 @@ from router.scheduler import Scheduler
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 INTER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
 REQUEST_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+# Decode steps the shards run in one call (--max-decode-steps above 1).
+DECODE_RUN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # A step holds only prompt chunks, only decodes, or both.
 STEP_KINDS = ("prefill", "decode", "mixed")
@@ -83,6 +85,7 @@ class Metrics:
         self.inter_token_latency = LoopHistogram(INTER_TOKEN_BUCKETS)
         self.request_duration = LoopHistogram(REQUEST_BUCKETS)
         self.step_duration = {kind: LoopHistogram(STEP_BUCKETS) for kind in STEP_KINDS}
+        self.decode_run_steps = LoopHistogram(DECODE_RUN_BUCKETS)
         self._ended = {reason: self.ended.labels(reason) for reason in END_REASONS}
         self._live = _LiveCollector(self, scheduler)
         r.register(self._live)
@@ -100,6 +103,10 @@ class Metrics:
         self.step_duration[kind].observe(seconds)
         if generated:
             self.generated_tokens.inc(generated)
+
+    def on_decode_run(self, num_steps: int) -> None:
+        """The shards were asked for `num_steps` decode steps in one call (multi-step decode)."""
+        self.decode_run_steps.observe(num_steps)
 
     def on_speculated(self, proposed: int, accepted: int) -> None:
         """A verification step of `proposed` tokens kept `accepted` of them as output."""
@@ -142,6 +149,9 @@ class _LiveCollector(Collector):
         for kind, histogram in m.step_duration.items():
             steps.add_metric([kind], histogram.cumulative(), histogram.total)
         yield steps
+        yield _histogram(
+            "mixserve_decode_run_steps", "Decode steps asked of the shards per multi-step call.", m.decode_run_steps
+        )
         yield GaugeMetricFamily("mixserve_queue_size", "Requests waiting for their first step.", s.num_waiting)
         yield GaugeMetricFamily("mixserve_batch_size", "Requests in the running batch.", s.num_running)
         yield GaugeMetricFamily("mixserve_kv_blocks_used", "KV cache blocks held by requests.", s.num_blocks_used)

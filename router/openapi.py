@@ -596,8 +596,10 @@ SCHEMAS: dict[str, Schema] = {
                 _obj(
                     {
                         "group": _t("integer", "group index (--replicas order, or --shard-group order)"),
-                        "status": {"enum": ["serving", "down"]},
+                        "status": {"enum": ["serving", "restarting", "down"]},
                         "error": _nullable(_t("string", "why the group is down")),
+                        "restarts": _t("integer", "times the group was restarted"),
+                        "last_failure": _nullable(_t("string", "why the group last failed (null: never)")),
                         "num_shard": _t("integer", "shards of the group"),
                         "requests_routed": _t("integer", "requests sent to the group"),
                         "requests_waiting": _t("integer", "queued on the group now"),

@@ -178,6 +178,9 @@ class Replicas:
         return GroupStats(
             group=i,
             error=engine.failure,
+            restarting=engine.failure is not None and engine.retry_after_s is not None,
+            restarts=engine.restarts,
+            last_failure=engine.last_failure,
             num_shard=len(engine.group.addresses),
             requests_routed=self.routed[i],
             requests_waiting=scheduler.num_waiting,

@@ -1,14 +1,20 @@
 """Shared fixtures: a demo checkpoint written once per test session, free ports, shard groups."""
 
+import asyncio
+import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -185,6 +191,92 @@ def start_shards(model_dir: Path, socket_dir: Path, world_size: int) -> tuple[li
     return procs, stubs
 
 
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 120, poll_s: float = 0.1) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not after {timeout_s}s")
+        time.sleep(poll_s)
+
+
+async def await_until(
+    condition: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 120, poll_s: float = 0.1
+) -> None:
+    """`wait_until` for a coroutine condition (an HTTP call), on the event loop."""
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not after {timeout_s}s")
+        await asyncio.sleep(poll_s)
+
+
+def get_json(url: str) -> dict:
+    """GET `url` (an /info or /health of a test server) and its JSON body, whatever the status."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return json.loads(e.read())
+
+
+def get_text(url: str) -> str:
+    """GET `url` (a test server's /metrics) and its body."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def metric(text: str, name: str) -> float:
+    """One sample of a Prometheus text exposition: `name` with its suffix and labels as exposed, e.g.
+    `mixserve_shard_restarts_total` or `mixserve_decode_run_steps_bucket{le="1.0"}`."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(f"no sample {name} in the metrics")
+
+
+@dataclass(frozen=True)
+class ShardProcess:
+    """A `mixserve shard` child of a launcher, as the process table shows it."""
+
+    pid: int
+    group: int
+    rank: int
+    uds: Path
+    argv: tuple[str, ...]
+
+
+def _children(parent: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited while listed
+        if int(fields[1]) == parent:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def shard_processes(parent: int) -> list[ShardProcess]:
+    """The live `mixserve shard` children of process `parent`, sorted by group and rank. The group is read
+    from the socket directory the launcher gives each start of a group (`group-N`: group 0, `groupG-N`)."""
+    shards = []
+    for pid in _children(parent):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if "mixserve.cli" not in argv or "shard" not in argv or "--uds" not in argv:
+            continue
+        uds = Path(argv[argv.index("--uds") + 1])
+        group = re.fullmatch(r"group(\d*)-\d+", uds.parent.name)
+        assert group, f"unexpected shard socket directory {uds.parent}"
+        rank = int(argv[argv.index("--rank") + 1])
+        shards.append(ShardProcess(pid, int(group.group(1) or 0), rank, uds, tuple(argv)))
+    return sorted(shards, key=lambda shard: (shard.group, shard.rank))
+
+
 class LaunchedServer:
     """A real `mixserve launch` child process; its log goes to a file the tests can read."""
 
@@ -200,14 +292,28 @@ class LaunchedServer:
             stderr=subprocess.STDOUT,
         )
 
-    def log(self) -> str:
+    def contract_log(self, contract: str) -> str:
+        """The whole log, for a test whose subject is what the log says (`contract`: why this log line is
+        what an operator reads, e.g. "the one-line start-up refusal"). Everything else a test checks
+        through the API, the metrics or the process table; tests/test_log_contracts.py holds every
+        caller to a reason."""
+        if len(contract.split()) < 3:
+            raise ValueError(f"say why the log is the contract, not {contract!r}")
         return self.log_path.read_text()
+
+    def log_tail(self, chars: int = 4000) -> str:
+        """The log's last `chars` characters, for a failure message only."""
+        return self.log_path.read_text()[-chars:]
+
+    def shards(self) -> list["ShardProcess"]:
+        """The shard processes this launcher runs now (its children), by group and rank."""
+        return shard_processes(self.process.pid)
 
     def wait_healthy(self, timeout_s: float = 300) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"mixserve launch exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+                raise RuntimeError(f"mixserve launch exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
                     if r.status == 200:
@@ -215,7 +321,7 @@ class LaunchedServer:
             except OSError:
                 pass
             time.sleep(0.3)
-        raise TimeoutError(f"mixserve launch not healthy after {timeout_s}s:\n{self.log()[-4000:]}")
+        raise TimeoutError(f"mixserve launch not healthy after {timeout_s}s:\n{self.log_tail()}")
 
     def stop(self) -> int:
         if self.process.poll() is None:

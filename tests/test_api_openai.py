@@ -1,6 +1,5 @@
 """The OpenAI API through the official `openai` package (sync and async) against a real 2-shard launch."""
 
-import asyncio
 import json
 import math
 
@@ -8,6 +7,8 @@ import aiohttp
 import openai
 import pytest
 from transformers import AutoTokenizer
+
+from conftest import await_until
 
 pytestmark = pytest.mark.slow
 
@@ -140,11 +141,13 @@ async def test_closed_stream_cancels_every_choice(server):
         response = await session.post(f"{server.url}/v1/chat/completions", json=body)
         await response.content.readline()
         response.close()
-        for _ in range(100):
+
+        async def freed() -> bool:
             now = await info(session)
-            if now["cancelled_requests"] == before["cancelled_requests"] + 2 and now["kv_blocks_used"] == 0:
-                break
-            await asyncio.sleep(0.1)
+            return now["cancelled_requests"] == before["cancelled_requests"] + 2 and now["kv_blocks_used"] == 0
+
+        await await_until(freed, "both choices cancelled and their blocks freed", 10)
+        now = await info(session)
     assert now["cancelled_requests"] == before["cancelled_requests"] + 2
     assert now["kv_blocks_used"] == 0 and now["requests_running"] == 0
 

@@ -43,7 +43,8 @@ async def test_two_bf16_shards_pick_torch_bf16s_greedy_tokens(launch):
     async with aiohttp.ClientSession() as session, session.get(f"{server.url}/info") as response:
         assert (await response.json())["model_dtype"] == "bfloat16"
     answers = [await _greedy(server.url, prompt) for prompt in PROMPTS]
-    assert "event=dtype rank=0 dtype=bfloat16 requested=bfloat16" in server.log()
+    startup = server.contract_log("the shard's documented event=dtype start-up line (requested and used)")
+    assert "event=dtype rank=0 dtype=bfloat16 requested=bfloat16" in startup
 
     parallel = ParallelConfig()
     model = load_model(model_dir, parallel, TensorParallelGroup(parallel), dtype=torch.bfloat16)

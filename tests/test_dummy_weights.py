@@ -90,6 +90,7 @@ def test_activations_stay_finite_through_32_layers(small_config, tmp_path):
 
 @pytest.mark.slow
 async def test_server_on_dummy_weights_answers_and_reports_its_memory(launch, config_only_dir):
+    # The directory holds no weights: that the shards serve at all is their dummy load.
     server = launch("--model", str(config_only_dir), "--num-shard", "2", "--load-format", "dummy")
     async with aiohttp.ClientSession() as session:
         body = {"prompt": "The old river runs", "max_new_tokens": 5, "temperature": 0, "stream": False}
@@ -105,4 +106,3 @@ async def test_server_on_dummy_weights_answers_and_reports_its_memory(launch, co
     assert memory["peak_activation_bytes"] > 0 and memory["free_bytes"] >= memory["kv_cache_bytes"]
     assert memory["max_context_tokens"] == info["max_total_tokens"]
     assert memory["max_batch_size"] == info["max_batch_size"]
-    assert "load_format=dummy" in server.log()

@@ -1,15 +1,13 @@
 """`GET /metrics` of a real `mixserve launch` (2 shards): it parses with prometheus-client's parser
 and its counters, histograms and gauges move with HTTP and gRPC traffic."""
 
-import asyncio
-
 import aiohttp
 import grpc
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port
+from conftest import await_until, free_port
 from mixserve_pb import generate_pb2 as pb
 from mixserve_pb import generate_pb2_grpc
 from router.metrics import INTER_TOKEN_BUCKETS, LoopHistogram, Metrics
@@ -127,13 +125,14 @@ async def test_gauges_show_a_running_stream_and_a_disconnect_is_counted(server):
         assert during("mixserve_kv_blocks_free") == during("mixserve_kv_blocks_total") - during(
             "mixserve_kv_blocks_used"
         )
-        for _ in range(100):
-            after = await scrape(session, server)
-            if after("mixserve_request_end_total", reason="cancelled") > before(
-                "mixserve_request_end_total", reason="cancelled"
-            ):
-                break
-            await asyncio.sleep(0.05)
+
+        async def counted() -> bool:
+            now = await scrape(session, server)
+            return now("mixserve_request_end_total", reason="cancelled") > cancelled_before
+
+        cancelled_before = before("mixserve_request_end_total", reason="cancelled")
+        await await_until(counted, "the disconnect counted as cancelled", 10, 0.05)
+        after = await scrape(session, server)
     assert (
         after("mixserve_request_end_total", reason="cancelled")
         == before("mixserve_request_end_total", reason="cancelled") + 1

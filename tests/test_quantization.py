@@ -15,7 +15,6 @@ model must match to rounding.
 
 import logging
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -371,10 +370,6 @@ async def test_generation_through_the_router(launch, demo_dir, groups, mode):
         server.stop()  # three quantized groups need not idle until the session ends
     assert answer["output"] and answer["generated_tokens"] >= 1
     assert answer["finish_reason"] in ("length", "eos_token")
-    logged = re.search(r"event=shards_ready .*quantize=(\S+) .*weight_bytes_per_shard=(\d+)", server.log())
-    assert logged, server.log()[-2000:]
-    assert logged.group(1) == mode
-    assert int(logged.group(2)) == groups[2][0]["weight_bytes"][mode]
     assert info["quantize"] == mode
     assert info["weight_bytes_per_shard"] == groups[2][0]["weight_bytes"][mode]
 

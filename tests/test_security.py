@@ -60,21 +60,24 @@ async def generate(url: str, authorization: str) -> list[tuple[int, str]]:
 
 @pytest.mark.slow
 async def test_api_key_is_required_and_never_logged(server):
+    """The log is the contract here: a refusal is one access line with its status, and no form of the key
+    ever reaches the log."""
     wrong = [f"Bearer {API_KEY[:-1]}", f"Bearer {API_KEY}x", f"Basic {API_KEY}", "Bearer ", API_KEY]
     for authorization in wrong:
         assert {status for status, _ in await generate(server.url, authorization)} == {401}
     for authorization in (f"Bearer {API_KEY}", f"Api-Key {API_KEY}"):
         assert {status for status, _ in await generate(server.url, authorization)} == {200}
-    log = server.log()
+    log = server.contract_log("the refusal's access line, and no key in the log")
     assert "event=refused" in log and "status=401" in log
     assert API_KEY not in log and API_KEY[:-1] not in log
 
 
 @pytest.mark.slow
 async def test_prompts_and_generated_text_are_not_logged_by_default(server):
+    """The log is the contract: requests are logged (`event=finished`) without their text."""
     answers = await generate(server.url, f"Bearer {API_KEY}")
     assert [status for status, _ in answers] == [200, 200, 200]
-    log = server.log()
+    log = server.contract_log("no prompt or generated text in the log by default")
     assert "event=finished" in log
     for secret in ("quokka", "ferret", *(text.strip() for _, text in answers if len(text.strip()) >= 8)):
         assert secret not in log
@@ -82,9 +85,10 @@ async def test_prompts_and_generated_text_are_not_logged_by_default(server):
 
 @pytest.mark.slow
 async def test_log_prompts_logs_them_and_still_not_the_key(logging_server):
+    """The log is the contract: --log-prompts logs each prompt and output (documented lines), never the key."""
     answers = await generate(logging_server.url, f"Bearer {API_KEY}")
     assert [status for status, _ in answers] == [200, 200, 200]
-    log = logging_server.log()
+    log = logging_server.contract_log("--log-prompts' event=prompt and event=output lines, and no key")
     prompts = re.findall(r"event=prompt id=\S+ text=(.*)", log)
     assert any(PROMPT in line for line in prompts) and any("ferret harbor canary" in line for line in prompts)
     assert len(re.findall(r"event=output id=\S+ finish=\w+ text=", log)) >= 3
@@ -113,8 +117,8 @@ def test_router_listens_on_loopback_by_default(server):
 
 @pytest.mark.slow
 def test_shard_sockets_are_owner_only(server):
-    paths = [Path(p) for p in re.findall(r"event=shard_started .*address=unix:(\S+)", server.log())]
-    assert paths, "the launcher logged no unix socket address"
+    paths = [shard.uds for shard in server.shards()]
+    assert paths, "the launcher runs no shard on a unix socket"
     temp_root = Path(tempfile.gettempdir()).resolve()
     for path in paths:
         info = path.stat()
