@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -93,18 +94,13 @@ def _decode_step(model, kv_cache, context: int):
     return step
 
 
-def run(args: argparse.Namespace) -> int:
+def _measure(args: argparse.Namespace, variants: list[str]) -> dict[str, dict]:
+    """Each variant's step times, weight bytes and decoder-layer backend, the rounds alternating."""
     import torch
 
     from shards import ops
     from shards.kv_cache import KVCache
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s bench %(levelname)s %(message)s")
-    torch.set_num_threads(1)
-    variants = [name.strip() for name in args.variants.split(",") if name.strip()]
-    unknown = [name for name in variants if name not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     steps, sizes, backends = {}, {}, {}
     with tempfile.TemporaryDirectory() as scratch, torch.inference_mode():
         model_dir, load_format = _model_dir(args, Path(scratch))
@@ -126,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
                 started = time.perf_counter()
                 step()
                 times[name].append(time.perf_counter() - started)
-    results = {
+    return {
         name: {
             "median_ms": statistics.median(times[name]) * 1e3,
             "min_ms": min(times[name]) * 1e3,
@@ -135,15 +131,39 @@ def run(args: argparse.Namespace) -> int:
         }
         for name in variants
     }
-    base = results[variants[0]]["median_ms"]
-    print(f"batch-1 decode step, context {args.context}, {args.rounds} alternating rounds, one thread")
-    print("| variant | weight MiB | median ms | min ms | speed-up vs " + variants[0] + " | decoder_layers |")
-    print("|---|---|---|---|---|---|")
+
+
+def markdown(results: dict[str, dict], context: int, rounds: int) -> str:
+    """The results as a table, speed-ups taken to the first variant."""
+    first = next(iter(results))
+    lines = [
+        f"batch-1 decode step, context {context}, {rounds} alternating rounds, one thread",
+        f"| variant | weight MiB | median ms | min ms | speed-up vs {first} | decoder_layers |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
-        print(
+        lines.append(
             f"| {name} | {r['weight_bytes'] / 2**20:.1f} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | "
-            f"{base / r['median_ms']:.2f}x | {r['decoder_layers']} |"
+            f"{results[first]['median_ms'] / r['median_ms']:.2f}x | {r['decoder_layers']} |"
         )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s bench %(levelname)s %(message)s")
+    variants = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = [name for name in variants if name not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = _measure(args, variants)
+    finally:
+        torch.set_num_threads(threads)
+    sys.stdout.write(markdown(results, args.context, args.rounds) + "\n")
     if args.out is not None:
         args.out.write_text(json.dumps({"context": args.context, "rounds": args.rounds, "results": results}, indent=2))
     return 0
