@@ -1,6 +1,6 @@
 """`mixserve bench decode-step`: one shard's batch-1 decode step in this process, per weight format.
 
-Loads the model once per variant (fp32, bf16, int8-wo in fp32: `--variants`) on one rank, on one
+Loads the model once per variant (fp32, bf16, int8-wo in fp32, int8-wo in bf16: `--variants`) on one rank, on one
 thread (a shard's core), with the ops `auto` picks (the C kernels where they build), and times the
 model's forward for one token at a context of `--context` tokens: the step a single stream decodes
 with, which reads every weight it touches once. The variants' steps alternate round by round, so a
@@ -20,8 +20,14 @@ from pathlib import Path
 
 log = logging.getLogger("mixserve.bench")
 
-# name -> (dtype, --quantize mode)
-VARIANTS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("float32", "int8-wo")}
+# name -> (dtype, --quantize mode); int8-bf16 is int8-wo with bf16 embeddings, norms, gates and KV cache.
+VARIANTS = {
+    "fp32": ("float32", None),
+    "bf16": ("bfloat16", None),
+    "int8": ("float32", "int8-wo"),
+    "int8-bf16": ("bfloat16", "int8-wo"),
+}
+DEFAULT_VARIANTS = "fp32,bf16,int8"
 BLOCK_SIZE = 16
 
 
@@ -29,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint dir (default: the demo checkpoint)")
     parser.add_argument("--config", type=Path, help="a config.json: random weights of its shape instead")
     parser.add_argument("--num-layers", type=int, help="with --config: this many layers instead of its own")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"subset of {', '.join(VARIANTS)}")
     parser.add_argument("--context", type=int, default=128, help="tokens of context the decoded token attends to")
     parser.add_argument("--rounds", type=int, default=20, help="timed steps per variant (alternating)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
