@@ -6,8 +6,8 @@
      RTW_FOLD(v)         the vector folded to 8 lanes (__m256) by adding its halves
      RTW_WEIGHT          the weight's element type (float, uint16_t for bf16, int8_t for int8 codes)
      RTW_LOAD_W(p)       RTW_FLOATS weights from p as floats
-   and undefines RTW_NAME, RTW_WEIGHT and RTW_LOAD_W at its end (the width's macros serve both
-   weight types). The function runs the four-weight-row blocks (K a multiple of
+   and undefines RTW_NAME, RTW_WEIGHT and RTW_LOAD_W at its end (the width's macros serve every
+   weight type). The function runs the four-weight-row blocks (K a multiple of
    RTW_FLOATS) and returns the first weight row it left to the scalar tail; with `scale` (int8 codes)
    each weight row's dot products are multiplied by its scale. */
 

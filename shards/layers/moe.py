@@ -12,9 +12,9 @@ steps, Triton's fused MoE on CUDA, else sort-by-expert grouped matmuls), or, for
 `gather_max_tokens` tokens, gather-by-index here: index the chosen experts' weights per token and use
 batched matmuls. With `quantization` set before load, every expert's slice is held quantized
 (`quantized`) instead of in w13/w2: by bitsandbytes, one weight per expert run by the grouped path,
-or (int8-wo) stacked like w13/w2 as int8 codes with row scales, run by `fused_moe`. Under expert parallelism `fused_moe`
-runs (it skips the pairs routed to experts held elsewhere; gather-by-index would need every
-expert's weights).
+or (int8-wo) stacked like w13/w2 as int8 codes with row scales, run by `fused_moe`. Under expert
+parallelism `fused_moe` runs (it skips the pairs routed to experts held elsewhere; gather-by-index
+would need every expert's weights).
 
 Legend: T tokens, H hidden size, E experts, K experts per token, n world size, E_l experts held by
 this rank, I_l intermediate size per rank, P (token, expert) pairs routed to the experts held.
