@@ -2,6 +2,7 @@
 
 - `serve`: load a running server (concurrency sweep or Poisson arrivals) and report throughput and latency.
 - `latency`: shard prefill/decode step latency over direct gRPC, and the router's own overhead.
+- `decode-step`: one shard's batch-1 decode step in-process, fp32 vs bf16 vs weight-only int8.
 - `roofline`: this machine's memory bandwidth and matmul FLOP/s, and the model's ceilings on it.
 - `compare`: mixserve (1 and 4 shards), the naive baseline and every installed peer, one after another.
 - `collectives`: the shards' all-reduce per call on this host (shared memory through C or torch, gloo).
@@ -16,6 +17,7 @@ import importlib
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("benchmarks.serve", "load a running server and report throughput and latency"),
     "latency": ("benchmarks.latency", "shard step latency over gRPC and the router's overhead"),
+    "decode-step": ("benchmarks.decode_step", "one shard's batch-1 decode step in-process, per weight format"),
     "roofline": ("benchmarks.roofline", "memory bandwidth, FLOP/s and the model's ceilings on this machine"),
     "compare": ("benchmarks.compare", "mixserve, the naive baseline and the peers side by side"),
     "collectives": ("benchmarks.collectives", "the shards' all-reduce per call on this host: shared memory or gloo"),

@@ -6,6 +6,10 @@ for the cores. The machine's roofline is measured first, with nothing running. W
 compare.json, compare.md (one table with ratios to the reference system and % of the
 roofline ceiling), throughput.png and latency_cdf.png.
 
+A mixserve system is `mixserve-N` (N shards) with, after a colon, flags for `mixserve launch`:
+`mixserve-2:--dtype bfloat16` or `"mixserve-2:--quantize int8-wo"` set the weight formats side by
+side in one table (the name, flags included, labels the row).
+
 Peers are found, never installed: vLLM's CPU build and transformers' own server each live in
 their own venv (recipes in benchmarks/peers.md); a missing venv is skipped with the reason.
 """
@@ -16,6 +20,7 @@ import datetime
 import json
 import logging
 import os
+import shlex
 import sys
 import urllib.error
 import urllib.request
@@ -82,11 +87,12 @@ def find_systems(
     for name in names:
         port = free_port()
         if name.startswith("mixserve-"):
-            shards = name.removeprefix("mixserve-")
+            shards, _, flags = name.removeprefix("mixserve-").partition(":")
             cmd = [PYTHON, "-m", "mixserve.cli", "launch", "--model", model_dir, "--num-shard", shards]
             # The launcher's own wait for its shards follows the harness's start-up timeout.
-            cmd += ["--port", str(port), "--shard-timeout", str(startup_timeout_s)]
-            found.append(System(name, cmd, port, "auto", description=f"mixserve, {shards} shard(s)"))
+            cmd += ["--port", str(port), "--shard-timeout", str(startup_timeout_s), *shlex.split(flags)]
+            description = f"mixserve, {shards} shard(s)" + (f", {flags}" if flags else "")
+            found.append(System(name, cmd, port, "auto", description=description))
         elif name == "naive":
             cmd = [PYTHON, "-m", "benchmarks.baselines.naive_server", "--model", model_dir, "--port", str(port)]
             # torch's default threads (every core), as such a deployment runs.
@@ -216,7 +222,11 @@ def _p50(dist: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--systems", nargs="+", default=list(SYSTEMS), help=f"subset of {', '.join(SYSTEMS)} (any mixserve-N)"
+        "--systems",
+        nargs="+",
+        default=list(SYSTEMS),
+        help=f"subset of {', '.join(SYSTEMS)} (any mixserve-N, and mixserve-N:FLAGS with flags for mixserve "
+        "launch, e.g. 'mixserve-2:--quantize int8-wo')",
     )
     parser.add_argument("--reference", default="mixserve-2", help="system the ratios are taken to")
     parser.add_argument("--mixserve-api", choices=["auto", "predict", "openai"], default="auto")

@@ -115,7 +115,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "g x num-shard + r), or cuda:N (one shard)",
     )
     parser.add_argument(
-        "--quantize", choices=QUANTIZE_MODES, help="bitsandbytes LLM.int8 or 4-bit shards (default: not quantized)"
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        help="bitsandbytes LLM.int8 or 4-bit shards, or int8-wo (weight-only int8 with per-channel scales, CPU "
+        "only, read in place by the C kernels) (default: not quantized)",
     )
     parser.add_argument(
         "--moe-parallel",

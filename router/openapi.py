@@ -548,7 +548,7 @@ SCHEMAS: dict[str, Schema] = {
             "model_id": _t("string", "the checkpoint as passed to --model"),
             "model_dtype": _t("string", "shard weight dtype"),
             "num_shard": _t("integer", "tensor-parallel shards"),
-            "quantize": _nullable(_t("string", "bitsandbytes mode of the shards (--quantize; null: none)")),
+            "quantize": _nullable(_t("string", "quantization mode of the shards (--quantize; null: none)")),
             "weight_bytes_per_shard": _t("integer", "bytes of weights rank 0 holds, quantization state included"),
             "weights": _t("string", "random (the demo, --load-format dummy: text means nothing) or checkpoint"),
             "memory": _obj(

@@ -13,6 +13,7 @@ from shards.distributed import TensorParallelGroup
 from shards.dummy_weights import DummyCheckpointReader
 from shards.model import MixtralForCausalLM
 from shards.quant.config import QuantizationConfig
+from shards.quant.int8_layers import Int8Experts
 from shards.quant.linear import QuantizedLinear
 from shards.quant.probe import check_supported
 
@@ -89,5 +90,5 @@ def load_model(
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes held by the model's weights on this rank: its parameters, and its quantized weights
     with their quantization state."""
-    quantized = sum(m.nbytes for m in model.modules() if isinstance(m, QuantizedLinear))
+    quantized = sum(m.nbytes for m in model.modules() if isinstance(m, QuantizedLinear | Int8Experts))
     return sum(p.numel() * p.element_size() for p in model.parameters()) + quantized

@@ -22,6 +22,8 @@ from shards.layers.moe import SparseMoE
 from shards.layers.norm import RMSNorm
 from shards.layers.rotary import RotaryEmbedding
 from shards.quant.config import QuantizationConfig
+from shards.quant.int8_layers import Int8Experts, Int8Linear
+from shards.quant.int8_weight import Int8Weight
 
 
 class DecoderLayer(nn.Module):
@@ -68,26 +70,32 @@ class DecoderLayer(nn.Module):
 
     def kernel_halves(self) -> tuple[decoder_layer.AttentionHalf, decoder_layer.MoEHalf] | None:
         """The two halves' weights as the CPU decoder layer kernel reads them (the `decoder_layers` op),
-        or None where it cannot (weights quantized, or not all fp32 or all bf16 on the CPU); gathered on
-        first use after `load` (reading a module's parameters costs ~12 us a layer). The kernel reads
-        the norms' weights in fp32: bf16 ones are widened here, once."""
+        or None where it cannot (weights held by bitsandbytes, or not all fp32 or all bf16 on the CPU,
+        int8-wo's int8 projections and experts aside); gathered on first use after `load` (reading a
+        module's parameters costs ~12 us a layer). The kernel reads the norms' weights in fp32: bf16
+        ones are widened here, once."""
         if not self._kernel_halves_read:
             attn, moe = self.self_attn, self.block_sparse_moe
-            weights = (attn.qkv_proj.weight, attn.o_proj.weight, moe.gate, moe.w13, moe.w2)
-            dtypes = {w.dtype for w in weights if w is not None}
+            w_qkv, w_o = _kernel_weight(attn.qkv_proj), _kernel_weight(attn.o_proj)
+            experts = moe.quantized if isinstance(moe.quantized, Int8Experts) else moe
+            w13, w2 = experts.w13, experts.w2
+            weights = (w_qkv, w_o, moe.gate, w13, w2)
+            dtypes = {w.dtype for w in weights if w is not None and not isinstance(w, Int8Weight)}
             on_cpu = all(w is not None and w.device.type == "cpu" for w in weights)
             if on_cpu and len(dtypes) == 1 and dtypes <= {torch.float32, torch.bfloat16}:
-                self._kernel_halves = (self._attention_half(), self._moe_half())
+                self._kernel_halves = (self._attention_half(w_qkv, w_o), self._moe_half(w13, w2))
             self._kernel_halves_read = True
         return self._kernel_halves
 
-    def _attention_half(self) -> decoder_layer.AttentionHalf:
+    def _attention_half(
+        self, w_qkv: torch.Tensor | Int8Weight, w_o: torch.Tensor | Int8Weight
+    ) -> decoder_layer.AttentionHalf:
         attn, norm = self.self_attn, self.input_layernorm
         return decoder_layer.AttentionHalf(
             norm.weight.float(),
             norm.eps,
-            attn.qkv_proj.weight,
-            attn.o_proj.weight,
+            w_qkv,
+            w_o,
             attn.rotary.cos,
             attn.rotary.sin,
             attn.qkv_proj.num_heads,
@@ -95,10 +103,10 @@ class DecoderLayer(nn.Module):
             attn.sliding_window,
         )
 
-    def _moe_half(self) -> decoder_layer.MoEHalf:
+    def _moe_half(self, w13: torch.Tensor | Int8Weight, w2: torch.Tensor | Int8Weight) -> decoder_layer.MoEHalf:
         moe, norm = self.block_sparse_moe, self.post_attention_layernorm
         weight = norm.weight.float()
-        return decoder_layer.MoEHalf(weight, norm.eps, moe.gate, moe.w13, moe.w2, moe.top_k, moe.first_expert)
+        return decoder_layer.MoEHalf(weight, norm.eps, moe.gate, w13, w2, moe.top_k, moe.first_expert)
 
     def load(self, reader: CheckpointReader, prefix: str) -> None:
         self._kernel_halves, self._kernel_halves_read = None, False
@@ -108,11 +116,20 @@ class DecoderLayer(nn.Module):
         self.block_sparse_moe.load(reader, f"{prefix}.block_sparse_moe")
 
 
+def _kernel_weight(layer: QKVParallelLinear | RowParallelLinear) -> torch.Tensor | Int8Weight | None:
+    """A projection's weight as the kernels read it: its parameter, its int8-wo weight, or None where
+    bitsandbytes holds it."""
+    if isinstance(layer.quantized, Int8Linear):
+        return layer.quantized.weight
+    return layer.weight
+
+
 class MixtralForCausalLM(nn.Module):
     """This rank's slice of the whole model; every rank returns the same full logits.
 
     With `quantization`, the attention projections and the experts are held quantized (each layer
-    quantizes its slice as it loads it); embeddings, norms, router gates and lm_head are not.
+    quantizes its slice as it loads it), and with int8-wo the LM head too; embeddings, norms and
+    router gates are not.
     """
 
     def __init__(
@@ -136,8 +153,11 @@ class MixtralForCausalLM(nn.Module):
         if quantization is not None:
             # Attention builds its own projections, so the setting reaches them (and the experts)
             # here, before load.
+            quantized = (QKVParallelLinear, RowParallelLinear, SparseMoE)
+            if quantization.weight_only_int8:
+                quantized += (ParallelLMHead,)
             for module in self.modules():
-                if isinstance(module, QKVParallelLinear | RowParallelLinear | SparseMoE):
+                if isinstance(module, quantized):
                     module.quantization = quantization
 
     def forward(

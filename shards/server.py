@@ -274,7 +274,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quantize",
         choices=QUANTIZE_MODES,
-        help="hold attention and experts with bitsandbytes: LLM.int8 (bitsandbytes) or 4-bit (default: not quantized)",
+        help="hold attention and experts with bitsandbytes: LLM.int8 (bitsandbytes) or 4-bit; or every linear "
+        "weight as weight-only int8 on the CPU (int8-wo) (default: not quantized)",
     )
     parser.add_argument(
         "--moe-parallel",

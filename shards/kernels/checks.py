@@ -8,9 +8,13 @@ TypeError for a wrong dtype or device, ValueError for a wrong shape or layout.
 
 import torch
 
+from shards.quant.int8_weight import Int8Weight
+
 INDEX_DTYPES = (torch.int32, torch.int64)
 # The element types the kernels read weights and KV pools in, as element_type.h numbers them.
 ELEMENT_TYPES = {torch.float32: 0, torch.bfloat16: 1}
+# element_type.h's number for an Int8Weight's codes (weights only: never a KV pool).
+ELEMENT_I8 = 2
 
 
 def require(
@@ -67,3 +71,22 @@ def at_most(what: str, value: int, limit: int) -> None:
     """ValueError where `value` is past the kernel's fixed limit."""
     if value > limit:
         raise ValueError(f"{what} {value} is past the kernel's limit {limit}")
+
+
+def weight_parts(
+    weight: "torch.Tensor | Int8Weight", name: str, dims: int
+) -> tuple[int, torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
+    """A weight the kernels read in place: an fp32 or bf16 tensor, or an Int8Weight (int8 codes with one
+    fp32 scale per row), each contiguous on the CPU with `dims` dimensions. Returns its element type,
+    the tensor C reads, the row scales (None but for int8) and its shape."""
+    if isinstance(weight, Int8Weight):
+        shape = require(weight.codes, f"{name} codes", torch.int8, dims)
+        require(weight.scale, f"{name} scale", torch.float32, dims - 1)
+        return ELEMENT_I8, weight.codes, weight.scale, shape
+    weight_type = element_type(weight, name)
+    return weight_type, weight, None, require(weight, name, weight.dtype, dims)
+
+
+def pointer(tensor: torch.Tensor | None) -> int | None:
+    """A tensor's data pointer, or None (C's NULL) for no tensor."""
+    return None if tensor is None else tensor.data_ptr()

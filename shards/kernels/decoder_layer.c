@@ -1,5 +1,6 @@
-/* One Mixtral decoder layer of a decode step (every token is its sequence's next), fp32 math over fp32
-   or bf16 weights and KV pools, one CPU thread, as two calls around the layer's two all-reduces.
+/* One Mixtral decoder layer of a decode step (every token is its sequence's next), fp32 math over fp32,
+   bf16 or int8 weights and fp32 or bf16 KV pools, one CPU thread, as two calls around the layer's two
+   all-reduces.
 
    At decode batch sizes the layer's arithmetic is small and its torch form is some forty small ops
    (norms, the projections, rotary, the KV write, routing, the residual adds), each paying dispatch
@@ -13,9 +14,11 @@
    x [T, H] is the residual stream, updated in place: each call first adds `partial` (the summed
    output of the block before, NULL for none), then writes this rank's partial output of its own
    block to out [T, H] for the caller to all-reduce. Weights are row-major as the layers hold them:
-   w_qkv [(h + 2 kv) D, H], w_o [H, h D], gate [num_experts, H], w13 [E, 2I, H], w2 [E, H, I], all of
-   weight_type; the pools [N, S, kv, D] of kv_type (element_type.h). x, partial, out, the norms' weights
-   and the rotary tables are fp32.
+   w_qkv [(h + 2 kv) D, H], w_o [H, h D], w13 [E, 2I, H], w2 [E, H, I], all of weight_type, with their
+   row scales for int8 codes (qkv_scale [(h + 2 kv) D], o_scale [H], w13_scale [E, 2I], w2_scale [E, H];
+   NULL otherwise); the router's gate [num_experts, H] of gate_type (never int8: routing decisions stay
+   in the model's dtype); the pools [N, S, kv, D] of kv_type (element_type.h). x, partial, out, the
+   norms' weights and the rotary tables are fp32.
 */
 
 #include "elementwise.c"
@@ -54,7 +57,7 @@ int64_t decoder_layer_scratch(int64_t T, int64_t H, int64_t h, int64_t kv, int64
    block size past its limits, 2 a context past its table row, 3 a block id outside the N blocks),
    30 a slot outside the pools, 40 an unknown weight or KV element type. */
 int attention_block(float *x, const float *partial, const float *norm_weight, float eps, const void *w_qkv,
-                    const void *w_o, const int64_t *positions, const float *cos_table, const float *sin_table,
+                    const void *w_o, const float *qkv_scale, const float *o_scale, const int64_t *positions, const float *cos_table, const float *sin_table,
                     int64_t P, const int64_t *slots, void *k_pool, void *v_pool, const int64_t *block_tables,
                     const int64_t *context_lens, int64_t M, int64_t N, float *out, float *scratch, int64_t T,
                     int64_t H, int64_t h, int64_t kv, int64_t D, int64_t S, float scale, int64_t window,
@@ -65,12 +68,14 @@ int attention_block(float *x, const float *partial, const float *norm_weight, fl
     float *q = qkv + T * width;  /* [T, h, D] rotated */
     float *attn = q + T * h * D; /* [T, h, D] */
     float *k_rotated = attn + T * h * D; /* [kv, D] one token's k before it is stored */
-    if (!element_type_known(weight_type) || !element_type_known(kv_type)) return 40;
+    if (!weight_type_known(weight_type) || !element_type_known(kv_type)) return 40;
+    const int int8 = weight_type == ELEMENT_I8;
+    if (int8 != (qkv_scale != NULL) || int8 != (o_scale != NULL)) return 40;
     for (int64_t t = 0; t < T; t++)
         if (slots[t] < 0 || slots[t] >= N * S) return 30;
     add_partial(x, partial, T * H);
     rms_norm(x, norm_weight, normed, T, H, eps);
-    rows_times_weight(normed, T, H, w_qkv, weight_type, width, H, qkv, width);
+    rows_times_weight(normed, T, H, w_qkv, weight_type, qkv_scale, width, H, qkv, width);
     int status = rotary(qkv, width, positions, cos_table, sin_table, q, T, h, D, P);
     if (status) return 10 + status;
     for (int64_t t = 0; t < T; t++) {
@@ -82,7 +87,7 @@ int attention_block(float *x, const float *partial, const float *norm_weight, fl
     status = paged_decode_attention(q, k_pool, v_pool, kv_type, block_tables, context_lens, attn, T, h, kv, D, S, M, N,
                                     scale, window);
     if (status) return 20 + status;
-    rows_times_weight(attn, T, h * D, w_o, weight_type, H, h * D, out, H);
+    rows_times_weight(attn, T, h * D, w_o, weight_type, o_scale, H, h * D, out, H);
     return 0;
 }
 
@@ -114,11 +119,14 @@ static void route_token(const float *logits, int64_t num_experts, int64_t K, int
 
 /* x += partial; then this rank's partial output of the sparse MoE block: RMSNorm, the router gate,
    Mixtral's top-K routing, the experts held (moe.c). Returns 0, 1 for more than 256 experts, K
-   outside [1, num_experts] or an unknown weight type. */
-int moe_block(float *x, const float *partial, const float *norm_weight, float eps, const void *gate,
-              const void *w13, const void *w2, float *out, float *scratch, int64_t T, int64_t H,
-              int64_t num_experts, int64_t K, int64_t first_expert, int64_t E, int64_t I, int weight_type) {
-    if (num_experts > 256 || K < 1 || K > num_experts || !element_type_known(weight_type)) return 1;
+   outside [1, num_experts] or an unknown gate type, 2 for an unknown expert weight type or scales that
+   do not match it (moe_experts' code). */
+int moe_block(float *x, const float *partial, const float *norm_weight, float eps, const void *gate, int gate_type,
+              const void *w13, const void *w2, const float *w13_scale, const float *w2_scale, float *out,
+              float *scratch, int64_t T, int64_t H, int64_t num_experts, int64_t K, int64_t first_expert, int64_t E,
+              int64_t I, int weight_type) {
+    if (num_experts > 256 || K < 1 || K > num_experts || !element_type_known(gate_type)) return 1;
+    if (!weight_type_known(weight_type)) return 2;
     const int64_t pairs = T * K;
     float *normed = scratch;                                     /* [T, H] */
     float *logits = normed + EVEN(T * H);                        /* [T, num_experts] */
@@ -127,8 +135,9 @@ int moe_block(float *x, const float *partial, const float *norm_weight, float ep
     float *experts_scratch = (float *)(ids + pairs);
     add_partial(x, partial, T * H);
     rms_norm(x, norm_weight, normed, T, H, eps);
-    rows_times_weight(normed, T, H, gate, weight_type, num_experts, H, logits, num_experts);
+    rows_times_weight(normed, T, H, gate, gate_type, NULL, num_experts, H, logits, num_experts);
     for (int64_t t = 0; t < T; t++)
         route_token(logits + t * num_experts, num_experts, K, first_expert, E, weights + t * K, ids + t * K);
-    return moe_experts(normed, weights, ids, w13, w2, weight_type, out, experts_scratch, T, H, K, E, I);
+    return moe_experts(normed, weights, ids, w13, w2, weight_type, w13_scale, w2_scale, out, experts_scratch, T, H, K,
+                       E, I);
 }

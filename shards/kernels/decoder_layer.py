@@ -1,7 +1,8 @@
 """A decoder layer through decoder_layer.c, for a step whose every token is one query over its own
 block table (`AttentionMetadata.per_token`): the attention half and the MoE half are one C call
 each, around the layer's two all-reduces (CPU tensors, the kernels chosen): hidden, norms and rotary
-tables fp32, the projection and expert weights fp32 or bf16, the KV pools fp32 or bf16. The halves'
+tables fp32, the projection and expert weights fp32, bf16 or int8 with row scales (Int8Weight), the
+router gate and the KV pools fp32 or bf16. The halves'
 weights travel in two small frozen dataclasses, checked when built; the step's inputs and buffers in
 a `KernelStep`, checked once when prepared (the tables, context lengths, slots and positions
 range-checked against the pools), so that each layer's call checks only what is its own: its pools,
@@ -20,14 +21,15 @@ import torch
 from shards.attention_metadata import AttentionMetadata
 from shards.kernels import moe, native
 from shards.kernels import paged_attention as attention_kernel
-from shards.kernels.checks import at_most, element_type, index, require, same
+from shards.kernels.checks import at_most, element_type, index, pointer, require, same, weight_parts
 from shards.kernels.native import KernelUnavailable
+from shards.quant.int8_weight import Int8Weight
 
 _P, _I64, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SCRATCH_ARGTYPES = [_I64] * 9
-_ATTENTION_ARGTYPES = [_P, _P, _P, _F, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _P, _P, _I64, _I64, _P, _P]
+_ATTENTION_ARGTYPES = [_P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _P, _P, _I64, _I64, _P, _P]
 _ATTENTION_ARGTYPES += [_I64] * 6 + [_F, _I64, ctypes.c_int, ctypes.c_int]
-_MOE_ARGTYPES = [_P, _P, _P, _F, _P, _P, _P, _P, _P] + [_I64] * 7 + [ctypes.c_int]
+_MOE_ARGTYPES = [_P, _P, _P, _F, _P, ctypes.c_int, _P, _P, _P, _P, _P, _P] + [_I64] * 7 + [ctypes.c_int]
 MAX_EXPERTS = 256
 
 
@@ -61,12 +63,12 @@ def max_tokens() -> int:
 @dataclass(frozen=True, slots=True)
 class AttentionHalf:
     """One layer's attention half as the kernel reads it: this rank's slices, contiguous; the norm and
-    rotary tables fp32, w_qkv and w_o of one dtype, fp32 or bf16."""
+    rotary tables fp32, w_qkv and w_o of one type, fp32, bf16 or Int8Weight."""
 
     norm_weight: torch.Tensor  # [H] input_layernorm
     eps: float
-    w_qkv: torch.Tensor  # [(h + 2 kv) D, H]
-    w_o: torch.Tensor  # [H, h D]
+    w_qkv: torch.Tensor | Int8Weight  # [(h + 2 kv) D, H]
+    w_o: torch.Tensor | Int8Weight  # [H, h D]
     cos: torch.Tensor  # [P, D] rotary tables
     sin: torch.Tensor  # [P, D]
     heads: int  # h
@@ -77,9 +79,11 @@ class AttentionHalf:
 
     def __post_init__(self) -> None:
         hidden = require(self.norm_weight, "input_layernorm weight", torch.float32, 1)[0]
-        object.__setattr__(self, "weight_type", element_type(self.w_qkv, "w_qkv"))
-        rows, qkv_hidden = require(self.w_qkv, "w_qkv", self.w_qkv.dtype, 2)
-        o_hidden, o_features = require(self.w_o, "w_o", self.w_qkv.dtype, 2)
+        weight_type, _, _, (rows, qkv_hidden) = weight_parts(self.w_qkv, "w_qkv", 2)
+        o_type, _, _, (o_hidden, o_features) = weight_parts(self.w_o, "w_o", 2)
+        if o_type != weight_type:
+            raise TypeError(f"w_qkv and w_o must be of one type, got {self.w_qkv.dtype} and {self.w_o.dtype}")
+        object.__setattr__(self, "weight_type", weight_type)
         positions, head_dim = require(self.cos, "cos", torch.float32, 2)
         if require(self.sin, "sin", torch.float32, 2) != (positions, head_dim):
             raise ValueError("the rotary tables cos and sin must have one shape")
@@ -102,25 +106,29 @@ class AttentionHalf:
 
 @dataclass(frozen=True, slots=True)
 class MoEHalf:
-    """One layer's MoE half as the kernel reads it: the replicated gate, this rank's experts, all three
-    of one dtype (fp32 or bf16); the norm fp32."""
+    """One layer's MoE half as the kernel reads it: the replicated gate (fp32 or bf16), this rank's
+    experts (w13 and w2 of one type: fp32, bf16 or Int8Weight); the norm fp32."""
 
     norm_weight: torch.Tensor  # [H] post_attention_layernorm
     eps: float
     gate: torch.Tensor  # [num_experts, H]
-    w13: torch.Tensor  # [E, 2I, H], experts first_expert .. + E of the gate's
-    w2: torch.Tensor  # [E, H, I]
+    w13: torch.Tensor | Int8Weight  # [E, 2I, H], experts first_expert .. + E of the gate's
+    w2: torch.Tensor | Int8Weight  # [E, H, I]
     top_k: int  # K
     first_expert: int
     shape_key: tuple[int, ...] = field(init=False)  # (num_experts, K, E, I): what the scratch size depends on
-    weight_type: int = field(init=False)  # element_type.h's number for the weights' dtype
+    weight_type: int = field(init=False)  # element_type.h's number for the experts' type
+    gate_type: int = field(init=False)  # and for the gate's dtype
 
     def __post_init__(self) -> None:
         hidden = require(self.norm_weight, "post_attention_layernorm weight", torch.float32, 1)[0]
-        object.__setattr__(self, "weight_type", element_type(self.gate, "gate"))
+        object.__setattr__(self, "gate_type", element_type(self.gate, "gate"))
         num_experts, gate_hidden = require(self.gate, "gate", self.gate.dtype, 2)
-        held, two_inter, w13_hidden = require(self.w13, "w13", self.gate.dtype, 3)
-        w2_held, w2_hidden, inter = require(self.w2, "w2", self.gate.dtype, 3)
+        weight_type, _, _, (held, two_inter, w13_hidden) = weight_parts(self.w13, "w13", 3)
+        w2_type, _, _, (w2_held, w2_hidden, inter) = weight_parts(self.w2, "w2", 3)
+        if w2_type != weight_type:
+            raise TypeError(f"w13 and w2 must be of one type, got {self.w13.dtype} and {self.w2.dtype}")
+        object.__setattr__(self, "weight_type", weight_type)
         same("hidden sizes of the norm, gate, w13 and w2", norm=hidden, gate=gate_hidden, w13=w13_hidden, w2=w2_hidden)
         same("experts held in w13 and w2", w13=held, w2=w2_held)
         same("intermediate sizes (w13 rows / 2, w2 columns)", w13=two_inter // 2, w2=inter)
@@ -248,8 +256,10 @@ def attention_block(
         None if partial is None else partial.data_ptr(),
         weights.norm_weight.data_ptr(),
         weights.eps,
-        weights.w_qkv.data_ptr(),
-        weights.w_o.data_ptr(),
+        _data(weights.w_qkv),
+        _data(weights.w_o),
+        _scale(weights.w_qkv),
+        _scale(weights.w_o),
         step.positions.data_ptr(),
         weights.cos.data_ptr(),
         weights.sin.data_ptr(),
@@ -278,11 +288,21 @@ def attention_block(
         raise ValueError(f"the decoder layer kernel refused the attention block: {_attention_refusal(status)}")
 
 
+def _data(weight: torch.Tensor | Int8Weight) -> int:
+    """The address of what C reads of a weight the halves checked: its codes for an Int8Weight."""
+    return (weight.codes if isinstance(weight, Int8Weight) else weight).data_ptr()
+
+
+def _scale(weight: torch.Tensor | Int8Weight) -> int | None:
+    """The address of an Int8Weight's row scales; None (NULL) for a floating-point weight."""
+    return pointer(weight.scale) if isinstance(weight, Int8Weight) else None
+
+
 def _attention_refusal(status: int) -> str:
     if status == 30:
         return "a slot outside the pools"
     if status == 40:
-        return "weights or pools neither fp32 nor bf16"
+        return "weights neither fp32, bf16 nor int8 with scales, or pools neither fp32 nor bf16"
     if 10 < status < 20:
         return "a position past the rotary tables (or an odd head dim)"
     if 20 < status < 30:
@@ -306,8 +326,11 @@ def moe_block(step: KernelStep, partial: torch.Tensor, weights: MoEHalf) -> None
         weights.norm_weight.data_ptr(),
         weights.eps,
         weights.gate.data_ptr(),
-        weights.w13.data_ptr(),
-        weights.w2.data_ptr(),
+        weights.gate_type,
+        _data(weights.w13),
+        _data(weights.w2),
+        _scale(weights.w13),
+        _scale(weights.w2),
         step.moe_out.data_ptr(),
         step.work.data_ptr(),
         tokens,

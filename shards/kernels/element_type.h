@@ -1,5 +1,7 @@
 /* The element types the kernels read weights and KV caches in: fp32, or bf16 (the high half of an
-   fp32, so widening is exact). Arithmetic is fp32 either way. */
+   fp32, so widening is exact); weights also in int8, weight-only quantized codes whose row n stands
+   for codes[n] * scale[n] (one fp32 scale per output channel, passed beside the weight; the kernels
+   multiply each row's dot product by it). Arithmetic is fp32 in every case. */
 
 #ifndef MIXSERVE_ELEMENT_TYPE_H
 #define MIXSERVE_ELEMENT_TYPE_H
@@ -7,9 +9,15 @@
 #include <stdint.h>
 #include <string.h>
 
-enum { ELEMENT_F32 = 0, ELEMENT_BF16 = 1 };
+enum { ELEMENT_F32 = 0, ELEMENT_BF16 = 1, ELEMENT_I8 = 2 };
 
+/* The types a KV pool (and anything the kernels store into) may hold: fp32 or bf16. */
 static inline int element_type_known(int type) { return type == ELEMENT_F32 || type == ELEMENT_BF16; }
+
+/* The types a weight may hold: those, or int8 codes (which need their row scales). */
+static inline int weight_type_known(int type) { return element_type_known(type) || type == ELEMENT_I8; }
+
+static inline int64_t element_bytes(int type) { return type == ELEMENT_I8 ? 1 : type == ELEMENT_BF16 ? 2 : 4; }
 
 /* The fp32 value of a bf16 number: its bits are the float's high half. */
 static inline float bf16_to_float(uint16_t bits) {
@@ -27,14 +35,15 @@ static inline uint16_t float_to_bf16(float value) {
     return (uint16_t)(bits >> 16);
 }
 
-/* Element i of p (of `type`) as a float. */
+/* Element i of p (of `type`) as a float: an int8 code unscaled. */
 static inline float element_at(const void *p, int type, int64_t i) {
+    if (type == ELEMENT_I8) return (float)((const int8_t *)p)[i];
     return type == ELEMENT_BF16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
 /* p advanced by `elements` elements of `type`. */
 static inline const void *element_offset(const void *p, int type, int64_t elements) {
-    return (const char *)p + elements * (type == ELEMENT_BF16 ? 2 : 4);
+    return (const char *)p + elements * element_bytes(type);
 }
 
 /* n floats stored at dst (of `type`) from src. */

@@ -1,5 +1,6 @@
 """y = x W^T for a few rows against a large weight through the C kernel (linear.c), behind a checked,
-torch-shaped call: x fp32, the weight fp32 or bf16 (widened in registers), fp32 accumulation.
+torch-shaped call: x fp32, the weight fp32, bf16 or int8 with row scales (Int8Weight; widened in
+registers, the int8 rows' dots scaled), fp32 accumulation.
 
 Measured here against MKL (fp32, one thread, the weight not in cache): for the demo's LM head
 (8192 x 256) 1.1x at 1 row, 1.7-1.8x at 4-8 rows, 1.2x at 16, slower from 32 rows; for the small
@@ -12,13 +13,14 @@ import ctypes
 import torch
 
 from shards.kernels import native
-from shards.kernels.checks import element_type, require, same
+from shards.kernels.checks import pointer, require, same, weight_parts
 from shards.kernels.native import KernelUnavailable
+from shards.quant.int8_weight import Int8Weight
 
 # Past this many rows MKL's blocked GEMM beats streaming the weight once per group of four rows of it.
 MAX_ROWS = 16
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
-_ARGTYPES = [_P, _P, ctypes.c_int, _P, _I64, _I64, _I64]
+_ARGTYPES = [_P, _P, ctypes.c_int, _P, _P, _I64, _I64, _I64]
 
 
 def _kernel():
@@ -30,16 +32,16 @@ def available() -> bool:
     return _kernel() is not None
 
 
-def linear_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [R, K] @ weight [N, K]^T -> [R, N] fp32; contiguous CPU tensors, x fp32, weight fp32 or bf16."""
+def linear_rows(x: torch.Tensor, weight: "torch.Tensor | Int8Weight") -> torch.Tensor:
+    """x [R, K] @ weight [N, K]^T -> [R, N] fp32; contiguous CPU tensors, x fp32, weight fp32, bf16 or an
+    Int8Weight (each row's dot times its scale)."""
     fn = _kernel()
     if fn is None:
         raise KernelUnavailable("the linear kernel is not available")
     rows, features = require(x, "x", torch.float32, 2)
-    weight_type = element_type(weight, "weight")
-    outputs, weight_features = require(weight, "weight", weight.dtype, 2)
+    weight_type, data, scale, (outputs, weight_features) = weight_parts(weight, "weight", 2)
     same("input features of x and weight", x=features, weight=weight_features)
     out = torch.empty(rows, outputs, dtype=torch.float32)
-    if fn(x.data_ptr(), weight.data_ptr(), weight_type, out.data_ptr(), rows, features, outputs):
+    if fn(x.data_ptr(), data.data_ptr(), weight_type, pointer(scale), out.data_ptr(), rows, features, outputs):
         raise ValueError(f"the linear kernel refused x {tuple(x.shape)} and weight {tuple(weight.shape)}")
     return out

@@ -1,4 +1,4 @@
-/* Mixtral's expert MLPs for a decode-sized batch, fp32 math over fp32 or bf16 weights, one CPU thread:
+/* Mixtral's expert MLPs for a decode-sized batch, fp32 math over fp32, bf16 or int8 weights, one CPU thread:
    one call per MoE layer.
 
    At a handful of tokens per expert the torch path is a loop of small matmuls (two per expert, plus
@@ -8,8 +8,8 @@
    against every one of its rows, so the weights are read from memory once and reused from L1.
 
    Legend: T tokens, H hidden size, K experts per token, E experts held (w13 [E, 2I, H] = w1 over
-   w3, w2 [E, H, I], both of weight_type: element_type.h), I intermediate size held, P pairs routed to
-   the experts held.
+   w3, w2 [E, H, I], both of weight_type: element_type.h; for int8 codes their row scales w13_scale
+   [E, 2I] and w2_scale [E, H], else NULL), I intermediate size held, P pairs routed to the experts held.
    Inputs: hidden [T, H]; routing weights [T, K] (fp32) and expert ids [T, K] (ids >= E are held
    elsewhere and skipped); out [T, H] receives this rank's partial sum. scratch holds at least
    P (2I + 2H) floats and then P + 2 (E + 1) int64, with P = T K.
@@ -34,9 +34,11 @@ int moe_vector_floats(void) {
 }
 
 int moe_experts(const float *hidden, const float *routing_weights, const int64_t *expert_ids, const void *w13,
-                const void *w2, int weight_type, float *out, float *scratch, int64_t T, int64_t H, int64_t K,
-                int64_t E, int64_t I) {
-    if (!element_type_known(weight_type)) return 2;
+                const void *w2, int weight_type, const float *w13_scale, const float *w2_scale, float *out,
+                float *scratch, int64_t T, int64_t H, int64_t K, int64_t E, int64_t I) {
+    if (!weight_type_known(weight_type)) return 2;
+    const int int8 = weight_type == ELEMENT_I8;
+    if (int8 != (w13_scale != NULL) || int8 != (w2_scale != NULL)) return 2;
     const int64_t pairs = T * K;
     float *rows = scratch;                 /* [P, H] the routed tokens, grouped by expert */
     float *gate_up = rows + pairs * H;     /* [P, 2I] */
@@ -67,14 +69,15 @@ int moe_experts(const float *hidden, const float *routing_weights, const int64_t
         float *gu = gate_up + first * 2 * I;
         const void *w13_e = element_offset(w13, weight_type, e * 2 * I * H);
         const void *w2_e = element_offset(w2, weight_type, e * H * I);
-        rows_times_weight(rows + first * H, n, H, w13_e, weight_type, 2 * I, H, gu, 2 * I);
+        const float *w13_scale_e = int8 ? w13_scale + e * 2 * I : NULL, *w2_scale_e = int8 ? w2_scale + e * H : NULL;
+        rows_times_weight(rows + first * H, n, H, w13_e, weight_type, w13_scale_e, 2 * I, H, gu, 2 * I);
         for (int64_t r = 0; r < n; r++) {
             float *g = gu + r * 2 * I;
             const float *u = g + I;
 #pragma omp simd
             for (int64_t i = 0; i < I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
         }
-        rows_times_weight(gu, n, 2 * I, w2_e, weight_type, H, I, down + first * H, H);
+        rows_times_weight(gu, n, 2 * I, w2_e, weight_type, w2_scale_e, H, I, down + first * H, H);
         for (int64_t r = 0; r < n; r++) {
             const int64_t p = pair_of[first + r];
             const float weight = routing_weights[p];

@@ -1,5 +1,6 @@
 """The C expert MLPs (moe.c) behind a checked, torch-shaped call, for decode-sized batches: hidden
-fp32, the experts' weights fp32 or bf16 (widened in registers), fp32 accumulation.
+fp32, the experts' weights fp32, bf16 or int8 with row scales (Int8Weight; widened in registers, the
+int8 rows' dots scaled), fp32 accumulation.
 
 Legend: T tokens, H hidden size, K experts per token, E experts held, I intermediate size held.
 """
@@ -9,8 +10,9 @@ import ctypes
 import torch
 
 from shards.kernels import native
-from shards.kernels.checks import element_type, index, require, same
+from shards.kernels.checks import index, pointer, require, same, weight_parts
 from shards.kernels.native import KernelUnavailable
+from shards.quant.int8_weight import Int8Weight
 
 # Past this many tokens MKL's blocked GEMM beats streaming each expert's weights per row group:
 # 64 with 8-float vectors; with 16-float ones (AVX-512) the kernel still wins at 128 (1.24-1.36x the
@@ -18,7 +20,7 @@ from shards.kernels.native import KernelUnavailable
 MAX_TOKENS_BY_VECTOR_FLOATS = {16: 128}
 MAX_TOKENS = 64
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
-_ARGTYPES = [_P, _P, _P, _P, _P, ctypes.c_int, _P, _P, _I64, _I64, _I64, _I64, _I64]
+_ARGTYPES = [_P, _P, _P, _P, _P, ctypes.c_int, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64]
 
 
 def _kernel():
@@ -43,19 +45,24 @@ def available() -> bool:
 
 
 def moe_experts(
-    hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
+    hidden: torch.Tensor,
+    w13: "torch.Tensor | Int8Weight",
+    w2: "torch.Tensor | Int8Weight",
+    weights: torch.Tensor,
+    experts: torch.Tensor,
 ) -> torch.Tensor:
     """This rank's partial MoE output [T, H] for hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], routing
     weights and expert ids [T, K] (ids >= E, held by another rank, are skipped): as the fused_moe reference.
-    CPU tensors, w13 and w2 of one dtype (fp32 or bf16), the rest fp32; raises TypeError / ValueError for
-    arguments the kernel cannot take."""
+    CPU tensors, w13 and w2 of one type (fp32, bf16, or both Int8Weights), the rest fp32; raises TypeError /
+    ValueError for arguments the kernel cannot take."""
     fn = _kernel()
     if fn is None:
         raise KernelUnavailable("the MoE kernel is not available")
     tokens, hidden_size = require(hidden, "hidden", torch.float32, 2)
-    weight_type = element_type(w13, "w13")
-    held, two_inter, w13_hidden = require(w13, "w13", w13.dtype, 3)
-    w2_held, w2_hidden, inter = require(w2, "w2", w13.dtype, 3)
+    weight_type, w13_data, w13_scale, (held, two_inter, w13_hidden) = weight_parts(w13, "w13", 3)
+    w2_type, w2_data, w2_scale, (w2_held, w2_hidden, inter) = weight_parts(w2, "w2", 3)
+    if w2_type != weight_type:
+        raise TypeError(f"w13 and w2 must be of one type, got {w13.dtype} and {w2.dtype}")
     route_tokens, top_k = require(weights, "weights", torch.float32, 2)
     experts = index(experts, "experts", 2)
     same("hidden sizes of hidden, w13 and w2", hidden=hidden_size, w13=w13_hidden, w2=w2_hidden)
@@ -72,9 +79,11 @@ def moe_experts(
         hidden.data_ptr(),
         weights.data_ptr(),
         experts.data_ptr(),
-        w13.data_ptr(),
-        w2.data_ptr(),
+        w13_data.data_ptr(),
+        w2_data.data_ptr(),
         weight_type,
+        pointer(w13_scale),
+        pointer(w2_scale),
         out.data_ptr(),
         scratch.data_ptr(),
         tokens,

@@ -4,17 +4,20 @@
      RTW_VEC, RTW_FLOATS the vector type and its floats
      RTW_ZERO(), RTW_LOAD(p), RTW_FMA(a, b, c)
      RTW_FOLD(v)         the vector folded to 8 lanes (__m256) by adding its halves
-     RTW_WEIGHT          the weight's element type (float, or uint16_t for bf16)
+     RTW_WEIGHT          the weight's element type (float, uint16_t for bf16, int8_t for int8 codes)
      RTW_LOAD_W(p)       RTW_FLOATS weights from p as floats
-   and undefines RTW_NAME, RTW_WEIGHT and RTW_LOAD_W at its end (the width's macros serve both
-   weight types). The function runs the four-weight-row blocks (K a multiple of
-   RTW_FLOATS) and returns the first weight row it left to the scalar tail. */
+   and undefines RTW_NAME, RTW_WEIGHT and RTW_LOAD_W at its end (the width's macros serve every
+   weight type). The function runs the four-weight-row blocks (K a multiple of
+   RTW_FLOATS) and returns the first weight row it left to the scalar tail; with `scale` (int8 codes)
+   each weight row's dot products are multiplied by its scale. */
 
-static int64_t RTW_NAME(const float *x, int64_t R, int64_t ldx, const RTW_WEIGHT *W, int64_t N, int64_t K, float *y,
-                        int64_t ldy) {
+static int64_t RTW_NAME(const float *x, int64_t R, int64_t ldx, const RTW_WEIGHT *W, const float *scale, int64_t N,
+                        int64_t K, float *y, int64_t ldy) {
     int64_t n0 = 0;
     for (; n0 + 4 <= N; n0 += 4) {
         const RTW_WEIGHT *w0 = W + n0 * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        /* the four rows' scales in lanes 0-3 and again in 4-7, matching reduce8's two rows of x */
+        const __m256 scales = scale ? _mm256_broadcast_ps((const __m128 *)(scale + n0)) : _mm256_set1_ps(1.0f);
         if (n0 + 8 <= N)
             for (int64_t line = 0; line < 4 * K; line += 64 / sizeof(RTW_WEIGHT)) __builtin_prefetch(w0 + 4 * K + line);
         int64_t r = 0;
@@ -39,7 +42,8 @@ static int64_t RTW_NAME(const float *x, int64_t R, int64_t ldx, const RTW_WEIGHT
             }
             __m256 folded[8];
             for (int j = 0; j < 8; j++) folded[j] = RTW_FOLD(acc[j]);
-            const __m256 sums = reduce8(folded); /* lanes 0-3: row r, weight rows n0..n0+3; 4-7: row r+1 */
+            /* lanes 0-3: row r, weight rows n0..n0+3; 4-7: row r+1 */
+            const __m256 sums = _mm256_mul_ps(reduce8(folded), scales);
             _mm_storeu_ps(y + r * ldy + n0, _mm256_castps256_ps128(sums));
             _mm_storeu_ps(y + (r + 1) * ldy + n0, _mm256_extractf128_ps(sums, 1));
         }
@@ -55,7 +59,7 @@ static int64_t RTW_NAME(const float *x, int64_t R, int64_t ldx, const RTW_WEIGHT
             }
             const __m256 h0 = RTW_FOLD(a0), h1 = RTW_FOLD(a1), h2 = RTW_FOLD(a2), h3 = RTW_FOLD(a3);
             const __m256 folded[8] = {h0, h1, h2, h3, h0, h1, h2, h3};
-            _mm_storeu_ps(y + r * ldy + n0, _mm256_castps256_ps128(reduce8(folded)));
+            _mm_storeu_ps(y + r * ldy + n0, _mm256_castps256_ps128(_mm256_mul_ps(reduce8(folded), scales)));
         }
     }
     return n0;

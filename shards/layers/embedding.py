@@ -14,6 +14,8 @@ from shards.checkpoint import CheckpointReader
 from shards.config import ParallelConfig
 from shards.distributed import TensorParallelGroup
 from shards.layers.linear import materialize
+from shards.quant.config import QuantizationConfig
+from shards.quant.linear import QuantizedLinear, quantize_linear
 
 
 class _VocabSlice(nn.Module):
@@ -27,11 +29,15 @@ class _VocabSlice(nn.Module):
         self.vocab_end = min(self.vocab_start + self.rows_per_rank, vocab_size)
         self.weight = nn.Parameter(torch.empty(self.rows_per_rank, hidden_size), requires_grad=False)  # [P, H]
 
-    def load(self, reader: CheckpointReader, name: str) -> None:
+    def read_rows(self, reader: CheckpointReader, name: str) -> torch.Tensor:
+        """This rank's rows of `name` [P, H] in the checkpoint's dtype, zero-padded past the vocabulary."""
         rows = reader.read(name, dim=0, start=self.vocab_start, end=self.vocab_end)
         padded = torch.zeros(self.rows_per_rank, rows.shape[1], dtype=rows.dtype)
         padded[: rows.shape[0]] = rows
-        self.weight = materialize(padded, self.weight, reader.device)
+        return padded
+
+    def load(self, reader: CheckpointReader, name: str) -> None:
+        self.weight = materialize(self.read_rows(reader, name), self.weight, reader.device)
 
 
 class VocabParallelEmbedding(_VocabSlice):
@@ -48,10 +54,28 @@ class VocabParallelEmbedding(_VocabSlice):
 
 class ParallelLMHead(_VocabSlice):
     """Output projection; every rank ends with the full gathered logits, or with its own slice [T, P]
-    (`gather=False`, column j is token vocab_start + j) for a caller that combines the slices itself."""
+    (`gather=False`, column j is token vocab_start + j) for a caller that combines the slices itself.
+    With `quantization` (int8-wo) set before load, its slice is held quantized (`quantized`) instead
+    of `weight`."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, parallel: ParallelConfig, group: TensorParallelGroup):
+        super().__init__(vocab_size, hidden_size, parallel, group)
+        self.quantization: QuantizationConfig | None = None
+        self.quantized: QuantizedLinear | None = None
+
+    def load(self, reader: CheckpointReader, name: str) -> None:
+        if self.quantization is None:
+            super().load(reader, name)
+            return
+        rows = self.read_rows(reader, name)
+        self.quantized = quantize_linear(rows, self.quantization, self.weight.dtype, reader.device)
+        self.weight = None
 
     def forward(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
-        local = ops.current().linear_rows(hidden, self.weight)  # [T, P]
+        if self.quantized is not None:
+            local = self.quantized(hidden)  # [T, P]
+        else:
+            local = ops.current().linear_rows(hidden, self.weight)  # [T, P]
         return self.gather(local) if gather else local
 
     def gather(self, local: torch.Tensor) -> torch.Tensor:

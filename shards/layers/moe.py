@@ -11,9 +11,10 @@ The experts run through the `fused_moe` op (shards.ops: the C kernel for decode-
 steps, Triton's fused MoE on CUDA, else sort-by-expert grouped matmuls), or, for steps of at most
 `gather_max_tokens` tokens, gather-by-index here: index the chosen experts' weights per token and use
 batched matmuls. With `quantization` set before load, every expert's slice is held quantized
-(`quantized`, run by the grouped path) instead of in w13/w2. Under expert parallelism `fused_moe`
-runs (it skips the pairs routed to experts held elsewhere; gather-by-index would need every
-expert's weights).
+(`quantized`) instead of in w13/w2: by bitsandbytes, one weight per expert run by the grouped path,
+or (int8-wo) stacked like w13/w2 as int8 codes with row scales, run by `fused_moe`. Under expert
+parallelism `fused_moe` runs (it skips the pairs routed to experts held elsewhere; gather-by-index
+would need every expert's weights).
 
 Legend: T tokens, H hidden size, E experts, K experts per token, n world size, E_l experts held by
 this rank, I_l intermediate size per rank, P (token, expert) pairs routed to the experts held.
@@ -31,6 +32,8 @@ from shards.layers.dense_experts import experts_dense
 from shards.layers.linear import materialize
 from shards.quant.config import QuantizationConfig
 from shards.quant.experts import QuantizedExperts
+from shards.quant.int8_layers import Int8Experts
+from shards.quant.int8_weight import Int8Weight
 from shards.quant.linear import quantize_linear
 
 
@@ -132,6 +135,7 @@ class SparseMoE(nn.Module):
     def _load_quantized(self, reader: CheckpointReader, prefix: str, start: int, end: int) -> None:
         """Quantize expert by expert, so at most one expert's slice is ever held in full precision."""
         dtype, device = self.w13.dtype, reader.device
+        int8 = self.quantization.weight_only_int8
         w13, w2 = [], []
         for e in range(self.held_experts):
             name = f"{prefix}.experts.{self.first_expert + e}"
@@ -141,9 +145,13 @@ class SparseMoE(nn.Module):
                     reader.read(f"{name}.w3.weight", dim=0, start=start, end=end),
                 ]
             )  # [2 I_l, H]
-            w13.append(quantize_linear(gate_up, self.quantization, dtype, device))
             down = reader.read(f"{name}.w2.weight", dim=1, start=start, end=end)  # [H, I_l]
-            w2.append(quantize_linear(down, self.quantization, dtype, device))
-        self.quantized = QuantizedExperts(w13, w2)
+            if int8:
+                w13.append(Int8Weight.quantize(gate_up.to(device)))
+                w2.append(Int8Weight.quantize(down.to(device)))
+            else:
+                w13.append(quantize_linear(gate_up, self.quantization, dtype, device))
+                w2.append(quantize_linear(down, self.quantization, dtype, device))
+        self.quantized = Int8Experts.stacked(w13, w2) if int8 else QuantizedExperts(w13, w2)
         self.w13 = None
         self.w2 = None

@@ -11,6 +11,9 @@ on return, and the decoder layer kernel keeps a step's residual stream in fp32 a
 layers. The elementwise ops (norms, rotary) and the greedy statistics stay fp32-only: in bf16 the
 torch reference runs them.
 
+int8-wo: the same kernels read weight-only int8 weights (Int8Weight: codes and row scales) in place
+where they read fp32 or bf16 ones; past their limits the reference dequantizes them on the fly.
+
 Legend: T tokens, H hidden size, h query heads, d head dim, B decoding sequences, R rows.
 """
 
@@ -21,6 +24,7 @@ from shards.attention_metadata import AttentionMetadata
 from shards.kernels import decoder_layer, elementwise, linear, moe, paged_attention, sampling
 from shards.kv_cache import KVCache
 from shards.ops import reference
+from shards.quant.int8_weight import Int8Weight
 
 _F32 = torch.float32
 # The dtypes the weight- and cache-reading kernels take their weights and pools in.
@@ -36,6 +40,16 @@ def _fp32_cpu(x: torch.Tensor) -> bool:
 
 def _weight_dtype_cpu(x: torch.Tensor) -> bool:
     return x.dtype in _WEIGHT_DTYPES and x.device.type == "cpu"
+
+
+def _kernel_weight(weight: torch.Tensor | Int8Weight) -> bool:
+    """Whether the kernels read this weight in place: fp32 or bf16, or int8 codes, contiguous on the CPU."""
+    data = weight.codes if isinstance(weight, Int8Weight) else weight
+    return (
+        (isinstance(weight, Int8Weight) or data.dtype in _WEIGHT_DTYPES)
+        and data.device.type == "cpu"
+        and data.is_contiguous()
+    )
 
 
 def rms_norm(
@@ -108,13 +122,18 @@ def paged_decode_attention(
 
 
 def fused_moe(
-    hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
+    hidden: torch.Tensor,
+    w13: torch.Tensor | Int8Weight,
+    w2: torch.Tensor | Int8Weight,
+    weights: torch.Tensor,
+    experts: torch.Tensor,
 ) -> torch.Tensor:
-    """reference.fused_moe, in the C kernel for fp32 or bf16 steps within its token cap (past it the
-    blocked GEMMs in the reference are faster)."""
+    """reference.fused_moe, in the C kernel for fp32 or bf16 steps (weights fp32, bf16 or int8) within its
+    token cap (past it the blocked GEMMs in the reference are faster)."""
     if (
         not _weight_dtype_cpu(hidden)
-        or w13.dtype not in _WEIGHT_DTYPES
+        or not _kernel_weight(w13)
+        or not _kernel_weight(w2)
         or w2.dtype is not w13.dtype
         or not moe.fits(hidden.shape[0])
     ):
@@ -123,15 +142,10 @@ def fused_moe(
     return out.to(hidden.dtype)
 
 
-def linear_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """reference.linear_rows, in the C kernel for up to linear.MAX_ROWS fp32 or bf16 rows."""
-    if (
-        x.dim() != 2
-        or x.shape[0] > linear.MAX_ROWS
-        or not _weight_dtype_cpu(x)
-        or weight.dtype not in _WEIGHT_DTYPES
-        or not weight.is_contiguous()
-    ):
+def linear_rows(x: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Tensor:
+    """reference.linear_rows, in the C kernel for up to linear.MAX_ROWS fp32 or bf16 rows (the weight
+    fp32, bf16 or int8)."""
+    if x.dim() != 2 or x.shape[0] > linear.MAX_ROWS or not _weight_dtype_cpu(x) or not _kernel_weight(weight):
         return reference.linear_rows(x, weight)
     return linear.linear_rows(x.float().contiguous(), weight).to(x.dtype)
 
@@ -145,7 +159,8 @@ def decoder_layers(
 ) -> torch.Tensor:
     """reference.decoder_layers, each layer as two C calls around its two all-reduces where the step
     fits the decoder layer kernel: every token one query over its own block table (a decode step, or
-    a small one with prefill chunks), fp32 or bf16, weights not quantized, shapes within its limits.
+    a small one with prefill chunks), fp32 or bf16, weights not quantized by bitsandbytes, shapes within
+    its limits.
     The residual stream stays fp32 across the layers (bf16 hidden widened here, rounded on return)."""
     halves = layers[0].kernel_halves()
     if halves is None or not _step_fits(halves, hidden, kv_cache, meta):

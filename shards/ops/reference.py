@@ -16,6 +16,7 @@ from torch import nn
 from shards.attention_metadata import AttentionMetadata
 from shards.kv_cache import KVCache
 from shards.layers.grouped_experts import run_grouped
+from shards.quant.int8_weight import Int8Weight, dense
 
 
 def rms_norm(
@@ -150,22 +151,28 @@ def paged_prefill_attention(
 
 
 def fused_moe(
-    hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
+    hidden: torch.Tensor,
+    w13: torch.Tensor | Int8Weight,
+    w2: torch.Tensor | Int8Weight,
+    weights: torch.Tensor,
+    experts: torch.Tensor,
 ) -> torch.Tensor:
     """This rank's partial MoE output [T, H] for hidden [T, H], w13 [E_l, 2 I_l, H], w2 [E_l, H, I_l],
     routing weights [T, K] and expert ids [T, K]: sort by expert, one pair of matmuls per expert that
-    received tokens. Ids >= E_l (held by another rank) are skipped."""
+    received tokens. Ids >= E_l (held by another rank) are skipped. Int8 weights are dequantized to
+    hidden's dtype one expert at a time."""
 
     def expert_mlp(expert: int, rows: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(rows, w13[expert]).chunk(2, dim=-1)  # [c, I_l] each
-        return F.linear(F.silu(gate) * up, w2[expert])  # [c, H]
+        gate, up = F.linear(rows, dense(w13[expert], rows.dtype)).chunk(2, dim=-1)  # [c, I_l] each
+        return F.linear(F.silu(gate) * up, dense(w2[expert], rows.dtype))  # [c, H]
 
     return run_grouped(hidden, weights, experts, w13.shape[0], expert_mlp)
 
 
-def linear_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [R, K] @ weight [N, K]^T -> [R, N] (the LM head)."""
-    return F.linear(x, weight)
+def linear_rows(x: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Tensor:
+    """x [R, K] @ weight [N, K]^T -> [R, N] (the LM head, and int8 projections); an int8 weight is
+    dequantized to x's dtype for the call."""
+    return F.linear(x, dense(weight, x.dtype))
 
 
 def decoder_layers(

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from shards.quant.config import QuantizationConfig
+from shards.quant.int8_weight import Int8Weight
 
 
 @functools.cache
@@ -163,7 +164,12 @@ class Linear4bit(QuantizedLinear):
 def quantize_linear(
     weight: torch.Tensor, config: QuantizationConfig, dtype: torch.dtype, device: torch.device
 ) -> QuantizedLinear:
-    """Quantize W [N, K] on `device`, from W in the compute `dtype`; the full-precision copy is not kept."""
+    """Quantize W [N, K] on `device`, from W in the compute `dtype` (int8-wo: from the checkpoint's W, in
+    fp32); the full-precision copy is not kept."""
+    if config.weight_only_int8:
+        from shards.quant.int8_layers import Int8Linear  # which subclasses this module's QuantizedLinear
+
+        return Int8Linear(Int8Weight.quantize(weight.to(device)))
     weight = weight.to(device=device, dtype=dtype).contiguous()
     if config.quant_type is None:
         return Linear8bitLt(weight, config.threshold)

@@ -1,5 +1,6 @@
-"""The start-up check that bitsandbytes can run a quantization mode on this device, in this dtype.
+"""The start-up check that a quantization mode can run on this device, in this dtype.
 
+Weight-only int8 (int8-wo) runs on the CPU in fp32 or bf16, which is checked without running it.
 bitsandbytes fails in many ways where it cannot run (no native library for the CUDA version, no
 kernel for the device, a dtype it does not compute in); the shard finds out once, before it joins
 its group or reads a weight, with one tiny matmul, instead of in the middle of a request.
@@ -11,6 +12,7 @@ from shards.quant.config import QuantizationConfig
 from shards.quant.linear import quantize_linear
 
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INT8_WEIGHT_ONLY_DTYPES = (torch.float32, torch.bfloat16)
 # Far above the probe's expected error (int8 about 1 %, nf4 about 10 %, fp4 about 13 %), far below
 # what a kernel that computes garbage gives.
 PROBE_MAX_ERROR = 0.3
@@ -22,8 +24,17 @@ class QuantizationUnavailable(RuntimeError):
 
 def check_supported(config: QuantizationConfig, dtype: torch.dtype, device: torch.device) -> None:
     """Quantize a small weight and run one matmul with it; raise QuantizationUnavailable saying why
-    when bitsandbytes cannot, or computes far from the unquantized result."""
+    when bitsandbytes cannot, or computes far from the unquantized result. int8-wo: raise where the
+    device is not the CPU or the dtype neither fp32 nor bf16."""
     where = f"--quantize {config.mode} with dtype {str(dtype).removeprefix('torch.')} on device {device}"
+    if config.weight_only_int8:
+        if device.type != "cpu":
+            raise QuantizationUnavailable(
+                f"{where}: int8-wo is weight-only int8 for the CPU kernels; on a GPU use --quantize bitsandbytes"
+            )
+        if dtype not in INT8_WEIGHT_ONLY_DTYPES:
+            raise QuantizationUnavailable(f"{where}: int8-wo computes in float32 or bfloat16")
+        return
     if dtype not in COMPUTE_DTYPES:
         names = ", ".join(str(d).removeprefix("torch.") for d in COMPUTE_DTYPES)
         raise QuantizationUnavailable(f"{where}: bitsandbytes computes only in {names}")

@@ -1,0 +1,175 @@
+"""`mixserve bench decode-step`: one shard's batch-1 decode step in this process, per weight format.
+
+Loads the model once per variant (fp32, bf16, int8-wo in fp32, int8-wo in bf16: `--variants`) on one rank, on one
+thread (a shard's core), with the ops `auto` picks (the C kernels where they build), and times the
+model's forward for one token at a context of `--context` tokens: the step a single stream decodes
+with, which reads every weight it touches once. The variants' steps alternate round by round, so a
+shared machine's noise falls on all of them alike; each reports the median over rounds. Weights come
+from the checkpoint, or (`--config` a config.json of any shape, e.g. the 0.8B of issue 20) are drawn
+at random (`--load-format dummy`), optionally with fewer layers (`--num-layers`) to fit a minute.
+"""
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger("mixserve.bench")
+
+# name -> (dtype, --quantize mode); int8-bf16 is int8-wo with bf16 embeddings, norms, gates and KV cache.
+VARIANTS = {
+    "fp32": ("float32", None),
+    "bf16": ("bfloat16", None),
+    "int8": ("float32", "int8-wo"),
+    "int8-bf16": ("bfloat16", "int8-wo"),
+}
+DEFAULT_VARIANTS = "fp32,bf16,int8"
+BLOCK_SIZE = 16
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint dir (default: the demo checkpoint)")
+    parser.add_argument("--config", type=Path, help="a config.json: random weights of its shape instead")
+    parser.add_argument("--num-layers", type=int, help="with --config: this many layers instead of its own")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"subset of {', '.join(VARIANTS)}")
+    parser.add_argument("--context", type=int, default=128, help="tokens of context the decoded token attends to")
+    parser.add_argument("--rounds", type=int, default=20, help="timed steps per variant (alternating)")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+
+
+def _model_dir(args: argparse.Namespace, scratch: Path) -> tuple[str, str]:
+    """The directory to load from and the load format."""
+    if args.config is None:
+        if args.model is not None:
+            return args.model, "auto"
+        from shards.demo.checkpoint import ensure_demo_checkpoint
+
+        return str(ensure_demo_checkpoint()), "auto"
+    config = json.loads(args.config.read_text())
+    if args.num_layers is not None:
+        config["num_hidden_layers"] = args.num_layers
+    (scratch / "config.json").write_text(json.dumps(config))
+    return str(scratch), "dummy"
+
+
+def _load(model_dir: str, load_format: str, variant: str):
+    import torch
+
+    from shards.config import ParallelConfig
+    from shards.distributed import TensorParallelGroup
+    from shards.loader import load_model, weight_bytes
+    from shards.quant.config import QuantizationConfig
+
+    dtype_name, quantize = VARIANTS[variant]
+    parallel = ParallelConfig()
+    model = load_model(
+        model_dir,
+        parallel,
+        TensorParallelGroup(parallel),
+        dtype=getattr(torch, dtype_name),
+        quantization=QuantizationConfig(quantize) if quantize else None,
+        load_format=load_format,
+    )
+    return model, weight_bytes(model)
+
+
+def _decode_step(model, kv_cache, context: int):
+    """A closure running one batch-1 decode step at position context - 1."""
+    import torch
+
+    from shards.attention_metadata import AttentionMetadata
+
+    blocks = -(-context // BLOCK_SIZE)
+    table = torch.arange(blocks).unsqueeze(0)  # [1, M]
+    position = context - 1
+    meta = AttentionMetadata(
+        slot_mapping=table[:, position // BLOCK_SIZE] * BLOCK_SIZE + position % BLOCK_SIZE,
+        num_decode_tokens=1,
+        decode_block_tables=table,
+        decode_context_lens=torch.tensor([context]),
+    )
+    token, positions, rows = torch.tensor([1]), torch.tensor([position]), torch.tensor([0])
+
+    def step() -> None:
+        model(token, positions, kv_cache, meta, rows)
+
+    return step
+
+
+def _measure(args: argparse.Namespace, variants: list[str]) -> dict[str, dict]:
+    """Each variant's step times, weight bytes and decoder-layer backend, the rounds alternating."""
+    import torch
+
+    from shards import ops
+    from shards.kv_cache import KVCache
+
+    steps, sizes, backends = {}, {}, {}
+    with tempfile.TemporaryDirectory() as scratch, torch.inference_mode():
+        model_dir, load_format = _model_dir(args, Path(scratch))
+        for name in variants:
+            model, sizes[name] = _load(model_dir, load_format, name)
+            cfg, dtype = model.config, getattr(torch, VARIANTS[name][0])
+            chosen = ops.select("auto", torch.device("cpu"), dtype)
+            backends[name] = chosen.backends["decoder_layers"]
+            blocks = -(-args.context // BLOCK_SIZE)
+            shape = (cfg.num_hidden_layers, blocks, BLOCK_SIZE, cfg.num_key_value_heads, cfg.head_dim)
+            cache = KVCache(*shape, dtype, torch.device("cpu"))
+            steps[name] = (_decode_step(model, cache, args.context), dtype)
+            steps[name][0]()  # warm-up: first-use gathering of the kernels' weights
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name in variants:
+                step, dtype = steps[name]
+                ops.select("auto", torch.device("cpu"), dtype)
+                started = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - started)
+    return {
+        name: {
+            "median_ms": statistics.median(times[name]) * 1e3,
+            "min_ms": min(times[name]) * 1e3,
+            "weight_bytes": sizes[name],
+            "decoder_layers": backends[name],
+        }
+        for name in variants
+    }
+
+
+def markdown(results: dict[str, dict], context: int, rounds: int) -> str:
+    """The results as a table, speed-ups taken to the first variant."""
+    first = next(iter(results))
+    lines = [
+        f"batch-1 decode step, context {context}, {rounds} alternating rounds, one thread",
+        f"| variant | weight MiB | median ms | min ms | speed-up vs {first} | decoder_layers |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['weight_bytes'] / 2**20:.1f} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | "
+            f"{results[first]['median_ms'] / r['median_ms']:.2f}x | {r['decoder_layers']} |"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s bench %(levelname)s %(message)s")
+    variants = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = [name for name in variants if name not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = _measure(args, variants)
+    finally:
+        torch.set_num_threads(threads)
+    sys.stdout.write(markdown(results, args.context, args.rounds) + "\n")
+    if args.out is not None:
+        args.out.write_text(json.dumps({"context": args.context, "rounds": args.rounds, "results": results}, indent=2))
+    return 0

@@ -1,0 +1,44 @@
+"""The benchmark harness's weight formats: `mixserve bench decode-step` times fp32, bf16 and int8-wo
+decode steps in-process (tabulated, the kernels' path recorded), and `bench compare` serves a
+mixserve system with launch flags given after its name."""
+
+import argparse
+import json
+
+import pytest
+
+from benchmarks import decode_step
+from benchmarks.compare import find_systems
+
+
+def test_compare_passes_launch_flags_after_a_mixserve_systems_name(demo_dir, tmp_path):
+    found, _ = find_systems(
+        ["mixserve-2", "mixserve-1:--dtype bfloat16 --quantize int8-wo"], str(demo_dir), [tmp_path], [tmp_path]
+    )
+    plain, int8 = found
+    assert plain.cmd[plain.cmd.index("--num-shard") + 1] == "2" and "--quantize" not in plain.cmd
+    assert int8.name == "mixserve-1:--dtype bfloat16 --quantize int8-wo"
+    assert int8.cmd[int8.cmd.index("--num-shard") + 1] == "1"
+    assert int8.cmd[-4:] == ["--dtype", "bfloat16", "--quantize", "int8-wo"]
+    assert int8.description == "mixserve, 1 shard(s), --dtype bfloat16 --quantize int8-wo"
+
+
+def test_decode_step_times_each_weight_format(native, demo_dir, tmp_path, capsys):  # noqa: ARG001 - the C kernels
+    out = tmp_path / "steps.json"
+    args = argparse.Namespace(
+        model=str(demo_dir), config=None, num_layers=None, variants="fp32,bf16,int8", context=20, rounds=2, out=out
+    )
+    assert decode_step.run(args) == 0
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["fp32", "bf16", "int8"]
+    assert results["int8"]["weight_bytes"] < results["bf16"]["weight_bytes"] < results["fp32"]["weight_bytes"]
+    assert all(r["decoder_layers"] == "native" and r["median_ms"] > 0 for r in results.values())
+    assert "| int8 |" in capsys.readouterr().out
+
+
+def test_decode_step_refuses_unknown_variants(demo_dir):
+    args = argparse.Namespace(
+        model=str(demo_dir), config=None, num_layers=None, variants="fp8", context=20, rounds=1, out=None
+    )
+    with pytest.raises(SystemExit, match="unknown variants"):
+        decode_step.run(args)

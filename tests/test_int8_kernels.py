@@ -1,0 +1,232 @@
+"""Weight-only int8 (`--quantize int8-wo`): the quantization round trip, each C kernel reading int8
+codes in place against the torch reference over the same codes dequantized to fp32 (the kernels
+widen the codes exactly and scale each row's fp32 dot product, so the tolerance is fp32's), the ops'
+torch fallback (dequantize on the fly), and the demo model loaded in int8 through the kernels
+against the same int8 model through the torch reference. The kernel tests run on each build this
+machine can make: its own (AVX-512 here), AVX2 and plain C (tests/test_bf16_kernels.py's `build`)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shards import ops
+from shards.config import ParallelConfig
+from shards.distributed import TensorParallelGroup
+from shards.kernels import decoder_layer, linear, moe
+from shards.model import DecoderLayer
+from shards.ops import reference
+from shards.ops.cpu import decoder_layer_step
+from shards.quant.config import QuantizationConfig
+from shards.quant.int8_layers import Int8Experts, Int8Linear
+from shards.quant.int8_weight import Int8Weight
+from tests.test_bf16_kernels import TRAINED_DEMO_STEPS, _top1_after_each, build  # noqa: F401 - a fixture
+from tests.test_decoder_layer_kernel import config, decode_metadata, random_cache, random_layer
+
+CPU = torch.device("cpu")
+INT8_WO = QuantizationConfig("int8-wo")
+
+
+@pytest.fixture(autouse=True)
+def kernels(native):  # noqa: F811 - the conftest fixture that chooses the C kernels
+    torch.manual_seed(0)
+    yield
+    ops.select("auto", CPU, torch.float32)
+
+
+def test_quantization_round_trip():
+    """Per-row absmax / 127: each row's largest magnitude is code +-127, every value within half a step
+    of its dequantized value, a zero row stays zero, and quantizing the dequantized weight again gives
+    the same codes."""
+    weight = torch.randn(2, 6, 40) * torch.logspace(-3, 2, 6).unsqueeze(-1)  # rows of very different scales
+    weight[1, 2] = 0.0
+    q = Int8Weight.quantize(weight)
+    assert q.codes.dtype is torch.int8 and q.scale.dtype is torch.float32
+    assert q.shape == weight.shape and q.scale.shape == (2, 6)
+    torch.testing.assert_close(q.scale, weight.abs().amax(-1) / 127)
+    nonzero = q.scale > 0
+    assert (q.codes.abs().amax(-1)[nonzero] == 127).all()
+    assert (q.codes[1, 2] == 0).all() and q.scale[1, 2] == 0
+    error = (q.dequantize() - weight).abs()
+    assert (error <= q.scale.unsqueeze(-1) * 0.5 * (1 + 1e-5)).all()
+    again = Int8Weight.quantize(q.dequantize())
+    assert torch.equal(again.codes, q.codes)
+    torch.testing.assert_close(again.scale, q.scale)
+    assert q.dequantize(torch.bfloat16).dtype is torch.bfloat16
+    assert q.nbytes == 2 * 6 * 40 + 2 * 6 * 4
+    assert torch.equal(q[1].codes, q.codes[1])
+
+
+def test_int8_weight_refuses_mismatched_parts():
+    with pytest.raises(TypeError, match="codes must be int8"):
+        Int8Weight(torch.zeros(4, 8), torch.ones(4))
+    with pytest.raises(ValueError, match="one value per row"):
+        Int8Weight(torch.zeros(4, 8, dtype=torch.int8), torch.ones(8))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("out_features,in_features", [(1030, 64), (102, 40), (7, 20)])
+@pytest.mark.usefixtures("build")
+def test_linear_reads_int8_weights(rows, out_features, in_features):
+    """K 64: the 16-float loop (8 without AVX-512); 40: the 8-float loop; 20: scalar; N tails."""
+    x = torch.randn(rows, in_features)
+    weight = Int8Weight.quantize(torch.randn(out_features, in_features))
+    expected = F.linear(x, weight.dequantize())
+    torch.testing.assert_close(linear.linear_rows(x, weight), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.usefixtures("build")
+def test_linear_rows_op_with_int8_weights(dtype):
+    """The op: the kernel up to linear.MAX_ROWS rows, the reference's dequantizing matmul past them (in
+    bf16, a bf16 matmul: bf16 tolerances)."""
+    chosen = ops.select("native", CPU, dtype)
+    assert chosen.backends["linear_rows"] == "native"
+    weight = Int8Weight.quantize(torch.randn(300, 128) * 0.1)
+    tolerance = {"rtol": 3e-2, "atol": 3e-2} if dtype is torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-4}
+    for rows in (4, linear.MAX_ROWS + 1):
+        x = torch.randn(rows, 128).to(dtype)
+        got = chosen.linear_rows(x, weight)
+        assert got.dtype is dtype
+        torch.testing.assert_close(got, F.linear(x.float(), weight.dequantize()).to(dtype), **tolerance)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 33])
+@pytest.mark.parametrize("hidden_size,inter", [(64, 48), (40, 20)])
+@pytest.mark.usefixtures("build")
+def test_moe_experts_read_int8_weights(tokens, hidden_size, inter):
+    held, top_k = 4, 2
+    hidden = torch.randn(tokens, hidden_size)
+    w13 = Int8Weight.quantize(torch.randn(held, 2 * inter, hidden_size) * 0.2)
+    w2 = Int8Weight.quantize(torch.randn(held, hidden_size, inter) * 0.2)
+    weights = torch.rand(tokens, top_k)
+    experts = torch.randint(0, held + 2, (tokens, top_k))  # ids past `held` are another rank's
+    expected = reference.fused_moe(hidden, w13.dequantize(), w2.dequantize(), weights, experts.clamp(max=held))
+    got = moe.moe_experts(hidden, w13, w2, weights, experts)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # The reference itself takes the int8 weights, dequantizing one expert at a time.
+    torch.testing.assert_close(reference.fused_moe(hidden, w13, w2, weights, experts), got, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.usefixtures("build")
+def test_fused_moe_op_with_int8_weights():
+    chosen = ops.select("native", CPU, torch.float32)
+    assert chosen.backends["fused_moe"] == "native"
+    hidden = torch.randn(6, 64)
+    w13 = Int8Weight.quantize(torch.randn(8, 96, 64) * 0.2)
+    w2 = Int8Weight.quantize(torch.randn(8, 64, 48) * 0.2)
+    weights, experts = torch.rand(6, 2), torch.randint(0, 8, (6, 2))
+    got = chosen.fused_moe(hidden, w13, w2, weights, experts)
+    expected = reference.fused_moe(hidden, w13.dequantize(), w2.dequantize(), weights, experts)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_kernels_refuse_mixed_weight_types():
+    x = torch.randn(2, 16)
+    w13 = Int8Weight.quantize(torch.randn(2, 8, 16))
+    with pytest.raises(TypeError, match="w13 and w2 must be of one type"):
+        moe.moe_experts(x, w13, torch.randn(2, 16, 4), torch.rand(2, 1), torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="weight codes must be contiguous"):
+        linear.linear_rows(x, Int8Weight(w13.codes[0].t().contiguous().t(), w13.scale[0]))
+
+
+def int8_layer(layer: DecoderLayer) -> DecoderLayer:
+    """`layer` as int8-wo loads it: q/k/v, o and the experts quantized per row, the gate and norms kept."""
+    attn, experts = layer.self_attn, layer.block_sparse_moe
+    for projection in (attn.qkv_proj, attn.o_proj):
+        projection.quantized = Int8Linear(Int8Weight.quantize(projection.weight))
+        projection.weight = None
+    experts.quantized = Int8Experts(Int8Weight.quantize(experts.w13), Int8Weight.quantize(experts.w2))
+    experts.w13 = experts.w2 = None
+    layer._kernel_halves_read = False
+    return layer
+
+
+def dequantized_copy(cfg, layer: DecoderLayer) -> DecoderLayer:
+    """An fp32 layer holding int8 `layer`'s weights dequantized: the torch math the kernel must match."""
+    attn, experts = layer.self_attn, layer.block_sparse_moe
+    dense = random_layer(cfg)
+    state = {name: value for name, value in layer.state_dict().items() if not name.startswith("self_attn.")}
+    state |= {
+        "self_attn.qkv_proj.weight": attn.qkv_proj.quantized.dequantize(),
+        "self_attn.o_proj.weight": attn.o_proj.quantized.dequantize(),
+        "block_sparse_moe.w13": experts.quantized.w13.dequantize(),
+        "block_sparse_moe.w2": experts.quantized.w2.dequantize(),
+    }
+    dense.load_state_dict(state, strict=False)
+    return dense
+
+
+@pytest.mark.parametrize("shape", [{}, {"heads": 4, "kv_heads": 4, "head_dim": 10}, {"sliding_window": 5}])
+@pytest.mark.usefixtures("build")
+def test_decoder_layer_with_int8_weights(shape):
+    """The kernel's layer over int8 projections and experts: the fp32 forward over the same codes
+    dequantized; the same int8 layer through the torch reference ops agrees too."""
+    cfg = config(**shape)
+    layer = int8_layer(random_layer(cfg))
+    dense = dequantized_copy(cfg, layer)
+    contexts = [9, 1, 17, 4]
+    meta, positions = decode_metadata(contexts)
+    hidden = torch.randn(len(contexts), cfg.hidden_size)
+    cache = random_cache(cfg)
+    torch_cache = tuple(pool.clone() for pool in cache)
+    reference_cache = tuple(pool.clone() for pool in cache)
+    with torch.inference_mode():
+        expected = dense(positions, hidden, torch_cache, meta)
+        fused = hidden.clone()
+        step = decoder_layer.prepare_step(fused, positions, meta, cache, *layer.kernel_halves())
+        fused += decoder_layer_step(layer, step, None, cache)
+        ops.select("torch", CPU, torch.float32)
+        through_reference = layer(positions, hidden, reference_cache, meta)
+    attention, experts = layer.kernel_halves()
+    assert attention.weight_type == 2 and experts.weight_type == 2 and experts.gate_type == 0
+    torch.testing.assert_close(fused, expected, atol=5e-5, rtol=5e-5)
+    torch.testing.assert_close(through_reference, expected, atol=5e-5, rtol=5e-5)
+    for pool, torch_pool in zip(cache, torch_cache, strict=True):
+        torch.testing.assert_close(pool, torch_pool, atol=2e-6, rtol=2e-6)
+
+
+def load_int8_demo(dtype: torch.dtype = torch.float32, quantization: QuantizationConfig | None = INT8_WO):
+    """The trained demo (tests/test_bf16_kernels.py's) loaded on one rank, in int8-wo unless told."""
+    from shards.demo.checkpoint import DemoConfig, ensure_demo_checkpoint
+    from shards.loader import load_model
+
+    parallel = ParallelConfig()
+    model_dir = ensure_demo_checkpoint(DemoConfig(train_steps=TRAINED_DEMO_STEPS))
+    return load_model(model_dir, parallel, TensorParallelGroup(parallel), dtype=dtype, quantization=quantization)
+
+
+def teacher_forced_top1(model, sequences: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """tests/test_bf16_kernels.py's _top1_after_each with a fresh fp32 KV cache: [L, B]."""
+    from shards.kv_cache import KVCache
+
+    cfg = model.config
+    cache = KVCache(cfg.num_hidden_layers, 64, 16, cfg.num_key_value_heads, cfg.head_dim, torch.float32, CPU)
+    return _top1_after_each(model, cache, sequences, prompt_len)
+
+
+def test_demo_model_in_int8_through_the_kernels_agrees_with_its_torch_reference(demo_tokenizer):
+    """The trained demo loaded in int8-wo (every linear weight int8, LM head included): its torch
+    reference (dequantize-on-the-fly matmuls) continues four prompts greedily; teacher-forced on those
+    tokens, the kernels (int8 read in place, fp32 math) pick the same next token at every position
+    but, at most, near-ties (>= 99 %). And the quantization costs little: the int8 model's picks
+    agree with the fp32 model's on the same tokens at >= 97 % of positions (99 % here)."""
+    model = load_int8_demo()
+    assert model.lm_head.weight is None and isinstance(model.lm_head.quantized, Int8Linear)
+    assert isinstance(model.layers[0].block_sparse_moe.quantized, Int8Experts)
+    texts = ("Once upon a time", "The little dog", "She opened the door and", "In the morning the")
+    prompts = [demo_tokenizer.encode(text) for text in texts]
+    prompt_len, length = min(len(p) for p in prompts), 48
+    sequences = torch.full((len(prompts), length), -1)
+    for row, prompt in enumerate(prompts):
+        sequences[row, :prompt_len] = torch.tensor(prompt[-prompt_len:])
+    with torch.inference_mode():
+        ops.select("torch", CPU, torch.float32)
+        expected = teacher_forced_top1(model, sequences, prompt_len)
+        chosen = ops.select("native", CPU, torch.float32)
+        got = teacher_forced_top1(model, sequences.clone(), length)
+        fp32 = teacher_forced_top1(load_int8_demo(quantization=None), sequences.clone(), length)
+    assert chosen.backends["decoder_layers"] == "native" and chosen.backends["linear_rows"] == "native"
+    agreement = (got == expected).float().mean().item()
+    assert agreement >= 0.99, f"top-1 agreement {agreement:.3f}"
+    against_fp32 = (got == fp32).float().mean().item()
+    assert against_fp32 >= 0.97, f"int8 and fp32 agree at {against_fp32:.3f} of positions"
