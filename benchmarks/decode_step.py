@@ -46,7 +46,7 @@ def _model_dir(args: argparse.Namespace, scratch: Path) -> tuple[str, str]:
     if args.config is None:
         if args.model is not None:
             return args.model, "auto"
-        from shards.demo.checkpoint import ensure_demo_checkpoint
+        from mixserve.shards.demo.checkpoint import ensure_demo_checkpoint
 
         return str(ensure_demo_checkpoint()), "auto"
     config = json.loads(args.config.read_text())
@@ -59,10 +59,10 @@ def _model_dir(args: argparse.Namespace, scratch: Path) -> tuple[str, str]:
 def _load(model_dir: str, load_format: str, variant: str):
     import torch
 
-    from shards.config import ParallelConfig
-    from shards.distributed import TensorParallelGroup
-    from shards.loader import load_model, weight_bytes
-    from shards.quant.config import QuantizationConfig
+    from mixserve.shards.config import ParallelConfig
+    from mixserve.shards.distributed import TensorParallelGroup
+    from mixserve.shards.loader import load_model, weight_bytes
+    from mixserve.shards.quant.config import QuantizationConfig
 
     dtype_name, quantize = VARIANTS[variant]
     parallel = ParallelConfig()
@@ -81,7 +81,7 @@ def _decode_step(model, kv_cache, context: int):
     """A closure running one batch-1 decode step at position context - 1."""
     import torch
 
-    from shards.attention_metadata import AttentionMetadata
+    from mixserve.shards.attention_metadata import AttentionMetadata
 
     blocks = -(-context // BLOCK_SIZE)
     table = torch.arange(blocks).unsqueeze(0)  # [1, M]
@@ -104,8 +104,8 @@ def _measure(args: argparse.Namespace, variants: list[str]) -> dict[str, dict]:
     """Each variant's step times, weight bytes and decoder-layer backend, the rounds alternating."""
     import torch
 
-    from shards import ops
-    from shards.kv_cache import KVCache
+    from mixserve.shards import ops
+    from mixserve.shards.kv_cache import KVCache
 
     steps, sizes, backends = {}, {}, {}
     with tempfile.TemporaryDirectory() as scratch, torch.inference_mode():

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from router.scheduler import Sequence
+    from mixserve.router.scheduler import Sequence
 
 MAX_NGRAM = 3
 MIN_NGRAM = 1

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from benchmarks import decode_step
-from benchmarks.compare import find_systems
+from mixserve.benchmarks import decode_step
+from mixserve.benchmarks.compare import find_systems
 
 
 def test_compare_passes_launch_flags_after_a_mixserve_systems_name(demo_dir, tmp_path):

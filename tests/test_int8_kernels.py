@@ -9,16 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shards import ops
-from shards.config import ParallelConfig
-from shards.distributed import TensorParallelGroup
-from shards.kernels import decoder_layer, linear, moe
-from shards.model import DecoderLayer
-from shards.ops import reference
-from shards.ops.cpu import decoder_layer_step
-from shards.quant.config import QuantizationConfig
-from shards.quant.int8_layers import Int8Experts, Int8Linear
-from shards.quant.int8_weight import Int8Weight
+from mixserve.shards import ops
+from mixserve.shards.config import ParallelConfig
+from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.kernels import decoder_layer, linear, moe
+from mixserve.shards.model import DecoderLayer
+from mixserve.shards.ops import reference
+from mixserve.shards.ops.cpu import decoder_layer_step
+from mixserve.shards.quant.config import QuantizationConfig
+from mixserve.shards.quant.int8_layers import Int8Experts, Int8Linear
+from mixserve.shards.quant.int8_weight import Int8Weight
 from tests.test_bf16_kernels import TRAINED_DEMO_STEPS, _top1_after_each, build  # noqa: F401 - a fixture
 from tests.test_decoder_layer_kernel import config, decode_metadata, random_cache, random_layer
 
@@ -187,8 +187,8 @@ def test_decoder_layer_with_int8_weights(shape):
 
 def load_int8_demo(dtype: torch.dtype = torch.float32, quantization: QuantizationConfig | None = INT8_WO):
     """The trained demo (tests/test_bf16_kernels.py's) loaded on one rank, in int8-wo unless told."""
-    from shards.demo.checkpoint import DemoConfig, ensure_demo_checkpoint
-    from shards.loader import load_model
+    from mixserve.shards.demo.checkpoint import DemoConfig, ensure_demo_checkpoint
+    from mixserve.shards.loader import load_model
 
     parallel = ParallelConfig()
     model_dir = ensure_demo_checkpoint(DemoConfig(train_steps=TRAINED_DEMO_STEPS))
@@ -197,7 +197,7 @@ def load_int8_demo(dtype: torch.dtype = torch.float32, quantization: Quantizatio
 
 def teacher_forced_top1(model, sequences: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """tests/test_bf16_kernels.py's _top1_after_each with a fresh fp32 KV cache: [L, B]."""
-    from shards.kv_cache import KVCache
+    from mixserve.shards.kv_cache import KVCache
 
     cfg = model.config
     cache = KVCache(cfg.num_hidden_layers, 64, 16, cfg.num_key_value_heads, cfg.head_dim, torch.float32, CPU)

@@ -9,11 +9,11 @@ import aiohttp
 import pytest
 import torch
 
-from shards import ops
-from shards.demo.checkpoint import DemoConfig, ensure_demo_checkpoint
-from shards.preflight import PreflightFailed, plan
-from shards.quant.config import QuantizationConfig
-from shards.quant.probe import QuantizationUnavailable, check_supported
+from mixserve.shards import ops
+from mixserve.shards.demo.checkpoint import DemoConfig, ensure_demo_checkpoint
+from mixserve.shards.preflight import PreflightFailed, plan
+from mixserve.shards.quant.config import QuantizationConfig
+from mixserve.shards.quant.probe import QuantizationUnavailable, check_supported
 from tests.test_bf16_kernels import TRAINED_DEMO_STEPS
 from tests.test_bf16_serving import PROMPTS, _greedy
 from tests.test_devices import gpus  # noqa: F401 - a fixture

@@ -6,11 +6,14 @@
   router/validation.py: never the scheduler, the engine loop, a request's internals or the shard wire.
 - The gRPC front imports no module that imports aiohttp.
 - No import cycle among router modules (imports inside functions and TYPE_CHECKING blocks count).
-- `mixserve launch`, started as a user starts it, serves a request without torch in its process.
+- `mixserve launch`, started as a user starts it, serves a request without torch in its process; and a
+  router-only install (router/requirements.txt) serves in front of shards started elsewhere.
 """
 
 import ast
+import importlib.metadata
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -23,18 +26,18 @@ ROUTER = REPO / "router"
 # The front modules: each serves an API (or is a helper only the fronts use).
 FRONTS = frozenset(
     {
-        "router.api_info",
-        "router.api_metrics",
-        "router.api_openai",
-        "router.api_predict",
-        "router.api_responses",
-        "router.api_tgi",
-        "router.front_config",
-        "router.grpc_server",
-        "router.http_common",
-        "router.openai_responses",
-        "router.openapi",
-        "router.server",
+        "mixserve.router.api_info",
+        "mixserve.router.api_metrics",
+        "mixserve.router.api_openai",
+        "mixserve.router.api_predict",
+        "mixserve.router.api_responses",
+        "mixserve.router.api_tgi",
+        "mixserve.router.front_config",
+        "mixserve.router.grpc_server",
+        "mixserve.router.http_common",
+        "mixserve.router.openai_responses",
+        "mixserve.router.openapi",
+        "mixserve.router.server",
     }
 )
 # What a front may import of the router besides other fronts: the engine interface, the validation
@@ -42,15 +45,15 @@ FRONTS = frozenset(
 # the metrics registry).
 FRONT_MAY_IMPORT = frozenset(
     {
-        "router.detokenizer",
-        "router.engine_api",
-        "router.errors",
-        "router.metrics",
-        "router.params",
-        "router.structured",
-        "router.tool_turns",
-        "router.tools",
-        "router.validation",
+        "mixserve.router.detokenizer",
+        "mixserve.router.engine_api",
+        "mixserve.router.errors",
+        "mixserve.router.metrics",
+        "mixserve.router.params",
+        "mixserve.router.structured",
+        "mixserve.router.tool_turns",
+        "mixserve.router.tools",
+        "mixserve.router.validation",
     }
 )
 WIRE_MODULES = frozenset({"mixserve_pb.shard_pb2", "mixserve_pb.shard_pb2_grpc"})
@@ -70,7 +73,7 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def router_modules() -> dict[str, Path]:
-    return {f"router.{path.stem}": path for path in sorted(ROUTER.glob("*.py")) if path.stem != "__init__"}
+    return {f"mixserve.router.{path.stem}": path for path in sorted(ROUTER.glob("*.py")) if path.stem != "__init__"}
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -123,11 +126,12 @@ def test_the_cycle_finder_finds_cycles():
 def test_the_import_walk_sees_every_form(tmp_path):
     source = tmp_path / "m.py"
     source.write_text(
-        "import torch.nn\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from router.engine import Engine\n"
-        "def f():\n    from router import scheduler\n"
+        "import torch.nn\nfrom typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from mixserve.router.engine import Engine\n"
+        "def f():\n    from mixserve.router import scheduler\n"
     )
     found = imported_modules(source)
-    assert {"torch.nn", "router.engine", "router.scheduler"} <= found
+    assert {"torch.nn", "mixserve.router.engine", "mixserve.router.scheduler"} <= found
 
 
 def test_every_front_is_a_router_module():
@@ -154,32 +158,67 @@ def test_fronts_use_only_the_engine_interface():
 
 def test_the_validation_step_and_the_interface_stay_off_the_engine():
     graph = import_graph()
-    for module in ("router.engine_api", "router.validation"):
+    for module in ("mixserve.router.engine_api", "mixserve.router.validation"):
         assert graph[module] <= FRONT_MAY_IMPORT, f"{module} imports {sorted(graph[module] - FRONT_MAY_IMPORT)}"
 
 
 def test_only_the_shard_client_speaks_the_shard_wire_format():
     speakers = {name for name, path in router_modules().items() if imported_modules(path) & WIRE_MODULES}
     # The launcher reads the shards' Info and Warmup answers while it starts them.
-    assert speakers <= {"router.shard_client", "router.launcher", "router.shard_processes"}, speakers
-    assert "router.shard_client" in speakers
+    assert speakers <= {
+        "mixserve.router.shard_client",
+        "mixserve.router.launcher",
+        "mixserve.router.shard_processes",
+    }, speakers
+    assert "mixserve.router.shard_client" in speakers
 
 
 def test_the_grpc_front_needs_no_aiohttp():
     graph = import_graph()
     modules = router_modules()
-    reached, todo = set(), ["router.grpc_server"]
+    reached, todo = set(), ["mixserve.router.grpc_server"]
     while todo:
         module = todo.pop()
         if module not in reached:
             reached.add(module)
             todo.extend(graph[module])
     uses_aiohttp = {m for m in reached if any(n.split(".")[0] == "aiohttp" for n in imported_modules(modules[m]))}
-    assert not uses_aiohttp, f"router.grpc_server reaches aiohttp through {sorted(uses_aiohttp)}"
+    assert not uses_aiohttp, f"mixserve.router.grpc_server reaches aiohttp through {sorted(uses_aiohttp)}"
 
 
 def test_no_import_cycle_in_the_router():
     assert find_cycles(import_graph()) == []
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def router_only_site(tmp_path: Path) -> Path:
+    """A site-packages folder of what `pip install -r router/requirements.txt` installs: links to this
+    environment's copies of those distributions and of everything they require, nothing else."""
+    lines = (ROUTER / "requirements.txt").read_text().splitlines()
+    keys, todo = set(), [line for line in lines if line.strip() and not line.startswith("#")]
+    while todo:
+        name = re.match(r"[A-Za-z0-9_.-]+", todo.pop()).group(0)
+        if _key(name) in keys:
+            continue
+        keys.add(_key(name))
+        try:
+            requires = importlib.metadata.distribution(name).requires or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        todo.extend(r for r in requires if "extra ==" not in r)
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    for dist in importlib.metadata.distributions():
+        if _key(dist.metadata["Name"]) not in keys:
+            continue
+        for top in {f.parts[0] for f in dist.files or [] if f.parts[0] != ".."}:
+            source, link = Path(dist.locate_file(top)), site / top
+            if source.exists() and not link.exists():
+                link.symlink_to(source)
+    return site
 
 
 # Run as `python -m mixserve.cli launch ...` runs (runpy, __main__), with a thread that waits for /health,
@@ -227,22 +266,66 @@ finally:
 """
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_a_launched_router_never_imports_torch(demo_dir, tmp_path):
+def launch_and_report(tmp_path: Path, port: int, args: list[str], site: Path | None = None) -> dict:
+    """Run `mixserve launch ARGS` on `port` as LAUNCH_AND_REPORT does; with `site`, in a Python that sees
+    the standard library, the repository and that site-packages folder only. Its report, after it served
+    one request and exited cleanly."""
     report_path = tmp_path / "report.json"
-    port = free_port()
-    args = ["launch", "--port", str(port), "--model", str(demo_dir), "--num-shard", "1", "--max-kv-blocks", "64"]
+    python, script = [PYTHON], LAUNCH_AND_REPORT
+    if site is not None:
+        python += ["-S"]  # no site-packages of this environment
+        script = f"import sys\nsys.path[:0] = {[str(site), str(REPO), str(REPO / 'proto')]!r}\n" + script
     done = subprocess.run(
-        [PYTHON, "-c", LAUNCH_AND_REPORT, str(port), str(report_path), *args],
+        [*python, "-c", script, str(port), str(report_path), *args],
         env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=540,
     )
-    assert report_path.exists(), f"the router never served (exit {done.returncode}):\n{done.stdout[-3000:]}"
+    assert report_path.exists(), (
+        f"the router never served (exit {done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+    )
     report = json.loads(report_path.read_text())
     assert report["generated_tokens"] >= 1
     assert report["torch_modules"] == [], f"the router process imported {report['torch_modules'][:5]}"
     assert "torch_at_exit=False" in done.stdout, done.stdout[-3000:]
     assert done.returncode == 0, done.stdout[-3000:]
+    return report
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_launched_router_never_imports_torch(demo_dir, tmp_path):
+    args = ["launch", "--port", str(port := free_port()), "--model", str(demo_dir), "--num-shard", "1"]
+    launch_and_report(tmp_path, port, [*args, "--max-kv-blocks", "64"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_router_only_install_serves_shards_on_another_host(demo_dir, tmp_path):
+    """The router of `pip install -r router/requirements.txt && pip install --no-deps .`: in front of a
+    shard started on its own (as on another host), it serves with nothing importable beyond what that
+    install has."""
+    shard_port, port = free_port(), free_port()
+    cmd = [PYTHON, "-m", "mixserve.cli", "shard", "--model", str(demo_dir), "--port", str(shard_port)]
+    with open(tmp_path / "shard.log", "w") as log:
+        shard = subprocess.Popen(cmd, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        args = ["launch", "--port", str(port), "--model", str(demo_dir)]
+        site = router_only_site(tmp_path)
+        launch_and_report(tmp_path, port, [*args, "--shard-addresses", f"127.0.0.1:{shard_port}"], site)
+    finally:
+        shard.terminate()
+        shard.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_a_router_only_install_has_no_torch(tmp_path):
+    """router_only_site (above) is no wider than a router-only install: the shards' own packages are missing."""
+    site = router_only_site(tmp_path)
+    probe = f"import sys\nsys.path[:0] = [{str(site)!r}]\nimport aiohttp, grpc, transformers, llguidance\n"
+    probe += "for name in ('torch', 'accelerate', 'bitsandbytes'):\n    try:\n        __import__(name)\n"
+    probe += "    except ModuleNotFoundError:\n        print('missing', name)\n"
+    done = subprocess.run([PYTHON, "-S", "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["missing torch", "missing accelerate", "missing bitsandbytes"]

@@ -8,7 +8,7 @@ TypeError for a wrong dtype or device, ValueError for a wrong shape or layout.
 
 import torch
 
-from shards.quant.int8_weight import Int8Weight
+from mixserve.shards.quant.int8_weight import Int8Weight
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 # The element types the kernels read weights and KV pools in, as element_type.h numbers them.

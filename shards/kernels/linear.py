@@ -12,10 +12,10 @@ import ctypes
 
 import torch
 
-from shards.kernels import native
-from shards.kernels.checks import pointer, require, same, weight_parts
-from shards.kernels.native import KernelUnavailable
-from shards.quant.int8_weight import Int8Weight
+from mixserve.shards.kernels import native
+from mixserve.shards.kernels.checks import pointer, require, same, weight_parts
+from mixserve.shards.kernels.native import KernelUnavailable
+from mixserve.shards.quant.int8_weight import Int8Weight
 
 # Past this many rows MKL's blocked GEMM beats streaming the weight once per group of four rows of it.
 MAX_ROWS = 16

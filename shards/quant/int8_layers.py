@@ -9,9 +9,9 @@ size held, K_e experts per token.
 import torch
 from torch import nn
 
-from shards import ops
-from shards.quant.int8_weight import Int8Weight
-from shards.quant.linear import QuantizedLinear
+from mixserve.shards import ops
+from mixserve.shards.quant.int8_weight import Int8Weight
+from mixserve.shards.quant.linear import QuantizedLinear
 
 
 class Int8Linear(QuantizedLinear):

@@ -18,8 +18,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from shards.quant.config import QuantizationConfig
-from shards.quant.int8_weight import Int8Weight
+from mixserve.shards.quant.config import QuantizationConfig
+from mixserve.shards.quant.int8_weight import Int8Weight
 
 
 @functools.cache
@@ -167,7 +167,7 @@ def quantize_linear(
     """Quantize W [N, K] on `device`, from W in the compute `dtype` (int8-wo: from the checkpoint's W, in
     fp32); the full-precision copy is not kept."""
     if config.weight_only_int8:
-        from shards.quant.int8_layers import Int8Linear  # which subclasses this module's QuantizedLinear
+        from mixserve.shards.quant.int8_layers import Int8Linear  # which subclasses this module's QuantizedLinear
 
         return Int8Linear(Int8Weight.quantize(weight.to(device)))
     weight = weight.to(device=device, dtype=dtype).contiguous()

@@ -8,8 +8,8 @@ its group or reads a weight, with one tiny matmul, instead of in the middle of a
 
 import torch
 
-from shards.quant.config import QuantizationConfig
-from shards.quant.linear import quantize_linear
+from mixserve.shards.quant.config import QuantizationConfig
+from mixserve.shards.quant.linear import quantize_linear
 
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT8_WEIGHT_ONLY_DTYPES = (torch.float32, torch.bfloat16)
