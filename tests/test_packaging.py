@@ -8,6 +8,7 @@ does that.
 """
 
 import ast
+import shutil
 import subprocess
 import zipfile
 from pathlib import Path
@@ -55,8 +56,23 @@ def requirements(path: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_wheel_holds_mixserve_and_its_stubs_only(tmp_path):
+    # Built from a copy: pip builds in the source tree, and setuptools' build/ would keep files between runs.
+    source = tmp_path / "source"
+    skip = shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "results", ".*_cache", ".hypothesis")
+    shutil.copytree(REPO, source, symlinks=True, ignore=skip)
     subprocess.run(
-        [PYTHON, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
+        [
+            PYTHON,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
         check=True,
         capture_output=True,
         timeout=280,
