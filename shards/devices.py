@@ -9,6 +9,7 @@ launcher's host check (shards/preflight.py), so both refuse a combination alike.
 import torch
 
 from mixserve.shards.config import DTYPES
+from mixserve.shards.kernels import native
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 
@@ -58,14 +59,15 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`--dtype` on `device`: `auto` is float32 on a CPU (bfloat16 is `--dtype bfloat16`: the C kernels
-    read it at half the bytes on any CPU, fastest with avx512_bf16, but it becomes the CPU default only
-    once served throughput against fp32 is measured in benchmarks/), bfloat16 on a GPU that has it
-    (else float16)."""
+    """`--dtype` on `device`: `auto` is bfloat16 on a CPU with avx512_bf16 and a C compiler for the kernels
+    that read bf16 weights in place (half fp32's bytes; served against fp32 in benchmarks/RESULTS.md),
+    float32 on other CPUs; bfloat16 on a GPU that has it (else float16)."""
     if name != "auto" and name not in DTYPES:
         raise DeviceUnavailable(f"--dtype {name}: not one of auto, {', '.join(DTYPES)}")
     if device.type != "cuda":
-        return torch.float32 if name == "auto" else DTYPES[name]
+        if name == "auto":
+            return torch.bfloat16 if cpu_has_bf16() and native.compiler_available() else torch.float32
+        return DTYPES[name]
     bf16 = torch.cuda.is_bf16_supported()
     if name == "auto":
         return torch.bfloat16 if bf16 else torch.float16

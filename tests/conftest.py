@@ -342,7 +342,10 @@ def launch(tmp_path_factory):
 
     def start(*args: str) -> LaunchedServer:
         log_path = tmp_path_factory.mktemp("launch") / "server.log"
-        server = LaunchedServer(list(args), log_path, free_port())
+        # float32 unless a test asks otherwise: the oracles (transformers, in-process references) compute in
+        # it, where `auto` is bfloat16 on CPUs with avx512_bf16.
+        dtype = [] if "--dtype" in args else ["--dtype", "float32"]
+        server = LaunchedServer([*dtype, *args], log_path, free_port())
         started.append(server)
         server.wait_healthy()
         return server

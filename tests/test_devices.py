@@ -69,6 +69,9 @@ def test_dtype_auto_follows_the_device(gpus, monkeypatch):
     monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(devices.native, "compiler_available", lambda: True)
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(devices.native, "compiler_available", lambda: False)  # no kernels to read bf16 in place
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     assert resolve_dtype("float32", torch.device("cpu")) == torch.float32

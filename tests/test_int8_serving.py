@@ -11,6 +11,7 @@ import torch
 
 from mixserve.shards import ops
 from mixserve.shards.demo.checkpoint import DemoConfig, ensure_demo_checkpoint
+from mixserve.shards.devices import resolve_dtype
 from mixserve.shards.preflight import PreflightFailed, plan
 from mixserve.shards.quant.config import QuantizationConfig
 from mixserve.shards.quant.probe import QuantizationUnavailable, check_supported
@@ -25,7 +26,8 @@ INT8_WO = QuantizationConfig("int8-wo")
 
 def test_the_host_check_takes_int8_wo_on_cpu_and_refuses_it_on_a_gpu(demo_dir, gpus):  # noqa: F811
     found = plan("cpu", "auto", "int8-wo", 1, 1, "tp", str(demo_dir))
-    assert (found.device_type, found.dtype) == ("cpu", "float32")
+    assert (found.device_type, found.dtype) == ("cpu", str(resolve_dtype("auto", CPU)).removeprefix("torch."))
+    assert plan("cpu", "float32", "int8-wo", 1, 1, "tp", str(demo_dir)).dtype == "float32"
     assert plan("cpu", "bfloat16", "int8-wo", 1, 1, "tp", str(demo_dir)).dtype == "bfloat16"
     with pytest.raises(PreflightFailed, match="int8-wo computes in float32 or bfloat16"):
         plan("cpu", "float16", "int8-wo", 1, 1, "tp", str(demo_dir))

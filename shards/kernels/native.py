@@ -72,6 +72,15 @@ def _compiler() -> str:
     raise KernelUnavailable("no C compiler (cc, gcc or clang) on PATH")
 
 
+def compiler_available() -> bool:
+    """Whether a C compiler is on PATH to build the kernels."""
+    try:
+        _compiler()
+    except KernelUnavailable:
+        return False
+    return True
+
+
 def _build(name: str) -> Path:
     source = _SOURCES / f"{name}.c"
     compiler = _compiler()
