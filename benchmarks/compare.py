@@ -291,7 +291,8 @@ def compare_markdown(result: dict) -> str:
         "## mixserve against the baseline and the peers",
         "",
         *report.meta_lines(result["meta"]),
-        f"- workload: {w['input_len']}-token prompts, {w['output_len']} output tokens, EOS ignored where the API"
+        f"- workload: {w.get('kind', 'random')} {w['input_len']}-token prompts, {w['output_len']} output tokens,"
+        " EOS ignored where the API"
         f" allows, greedy, streamed; {per_level} measured requests per level after"
         f" max({w['warmup']}, c) warm-up; one client ({result['client']}) for every server",
         f"- ratios are to `{reference}`; roofline % is output tok/s over this machine's serving ceiling",
@@ -423,6 +424,7 @@ def run(args: argparse.Namespace) -> int:
         "meta": meta,
         "reference": args.reference if args.reference in systems else next(iter(systems), ""),
         "workload": {
+            "kind": args.workload,
             "input_len": args.input_len,
             "output_len": args.output_len,
             "concurrency": args.concurrency,

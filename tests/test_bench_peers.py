@@ -14,7 +14,7 @@ from benchmarks import compare, llamacpp
 from benchmarks.llamacpp_gguf import UNMERGED_SCORE, merge_scores
 from benchmarks.processes import ServerProcess, free_port
 from benchmarks.serve import ServeConfig, run_benchmark
-from benchmarks.workload import WorkloadConfig, build_requests, load_tokenizer
+from benchmarks.workload import DEMO_CORPUS, WorkloadConfig, build_requests, count_tokens, load_tokenizer
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -180,3 +180,18 @@ def test_llama_server_serves_the_converted_demo(demo_dir, tmp_path):
         process.stop()
     records = result["levels"][0]["_records"]
     assert [(r.ok, r.output_tokens, r.count_method) for r in records] == [(True, 8, "usage")]
+
+
+def test_corpus_prompts_are_exact_passages_of_the_corpus(demo_dir):
+    tokenizer = load_tokenizer(demo_dir)
+    config = WorkloadConfig(input_len=128, output_len=16, seed=3, kind="corpus")
+    requests = build_requests(tokenizer, config, 12)
+    assert [count_tokens(tokenizer, r.prompt) for r in requests] == [128] * 12
+    corpus = DEMO_CORPUS.read_text(encoding="utf-8")
+    assert all(r.prompt in corpus and not r.prompt[0].isspace() for r in requests)
+    assert len({r.prompt for r in requests}) == 12 and all(r.max_tokens == 16 for r in requests)
+    assert requests == build_requests(tokenizer, config, 12)
+    assert requests != build_requests(tokenizer, config, 12, stream=1)
+    assert parse("--workload", "corpus").workload == "corpus"
+    with pytest.raises(ValueError, match="workload"):
+        WorkloadConfig(kind="copy")
