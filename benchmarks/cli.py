@@ -14,14 +14,20 @@ import argparse
 import importlib
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("benchmarks.serve", "load a running server and report throughput and latency"),
-    "latency": ("benchmarks.latency", "shard step latency over gRPC and the router's overhead"),
-    "roofline": ("benchmarks.roofline", "memory bandwidth, FLOP/s and the model's ceilings on this machine"),
-    "compare": ("benchmarks.compare", "mixserve, the naive baseline and the peers side by side"),
-    "collectives": ("benchmarks.collectives", "the shards' all-reduce per call on this host: shared memory or gloo"),
-    "gpu": ("benchmarks.gpu", "Mixtral-8x7B's GPU path: layer kernels vs today's torch path, then the server"),
-    "structured": ("benchmarks.structured", "half JSON-schema-constrained vs all-free load, cached-schema TTFT"),
-    "soak": ("benchmarks.soak", "minutes of mixed load, then a request, KV block and RSS leak check"),
+    "serve": ("mixserve.benchmarks.serve", "load a running server and report throughput and latency"),
+    "latency": ("mixserve.benchmarks.latency", "shard step latency over gRPC and the router's overhead"),
+    "roofline": ("mixserve.benchmarks.roofline", "memory bandwidth, FLOP/s and the model's ceilings on this machine"),
+    "compare": ("mixserve.benchmarks.compare", "mixserve, the naive baseline and the peers side by side"),
+    "collectives": (
+        "mixserve.benchmarks.collectives",
+        "the shards' all-reduce per call on this host: shared memory or gloo",
+    ),
+    "gpu": ("mixserve.benchmarks.gpu", "Mixtral-8x7B's GPU path: layer kernels vs today's torch path, then the server"),
+    "structured": (
+        "mixserve.benchmarks.structured",
+        "half JSON-schema-constrained vs all-free load, cached-schema TTFT",
+    ),
+    "soak": ("mixserve.benchmarks.soak", "minutes of mixed load, then a request, KV block and RSS leak check"),
 }
 
 

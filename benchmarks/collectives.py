@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.metrics import distribution_ms
-from benchmarks.processes import child_env, free_port
-from benchmarks.report import meta_lines, run_meta
+from mixserve.benchmarks.metrics import distribution_ms
+from mixserve.benchmarks.processes import child_env, free_port
+from mixserve.benchmarks.report import meta_lines, run_meta
 
 PATHS = {"shm-c": ("shm", "auto"), "shm-torch": ("shm", "torch"), "gloo": ("torch", "torch")}
 
@@ -36,7 +36,7 @@ def run_group(ranks: int, path: str, sizes: list[int], calls: int) -> dict[str, 
     """{size: distribution of rank 0's per-call ms} for one group."""
     collectives, kernels = PATHS[path]
     port = str(free_port())
-    cmd = [sys.executable, "-m", "benchmarks.collectives", "--worker", collectives, kernels, str(calls)]
+    cmd = [sys.executable, "-m", "mixserve.benchmarks.collectives", "--worker", collectives, kernels, str(calls)]
     cmd += [str(s) for s in sizes]
     procs = [
         subprocess.Popen(
@@ -59,9 +59,9 @@ def worker(collectives: str, kernels: str, calls: int, sizes: list[int]) -> None
     """One rank (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set): print rank 0's timings as JSON."""
     import torch
 
-    from shards.config import ParallelConfig
-    from shards.distributed import close_process_group, init_process_group, tensor_parallel_group
-    from shards.kernels import native
+    from mixserve.shards.config import ParallelConfig
+    from mixserve.shards.distributed import close_process_group, init_process_group, tensor_parallel_group
+    from mixserve.shards.kernels import native
 
     torch.set_num_threads(1)
     parallel = ParallelConfig(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))

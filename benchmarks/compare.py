@@ -27,9 +27,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks import llamacpp, report
-from benchmarks.processes import PYTHON, REPO, ServerProcess, child_env, free_port
-from benchmarks.serve import add_workload_arguments, config_from_args, run_benchmark
+from mixserve.benchmarks import llamacpp, report
+from mixserve.benchmarks.processes import PYTHON, REPO, ServerProcess, child_env, free_port
+from mixserve.benchmarks.serve import add_workload_arguments, config_from_args, run_benchmark
 
 log = logging.getLogger("mixserve.bench")
 
@@ -144,7 +144,15 @@ def find_systems(
             else:
                 found.append(system)
         elif name == "naive":
-            cmd = [PYTHON, "-m", "benchmarks.baselines.naive_server", "--model", model_dir, "--port", str(port)]
+            cmd = [
+                PYTHON,
+                "-m",
+                "mixserve.benchmarks.baselines.naive_server",
+                "--model",
+                model_dir,
+                "--port",
+                str(port),
+            ]
             # torch's default threads (every core), as such a deployment runs.
             env = {k: v for k, v in child_env().items() if k != "OMP_NUM_THREADS"}
             found.append(System(name, cmd, port, "openai", env=env, description="transformers generate, one at a time"))
@@ -391,7 +399,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bench %(levelname)s %(message)s")
     model_dir = args.model
     if model_dir is None:
-        from shards.demo.checkpoint import ensure_demo_checkpoint
+        from mixserve.shards.demo.checkpoint import ensure_demo_checkpoint
 
         model_dir = str(ensure_demo_checkpoint())
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
@@ -400,7 +408,7 @@ def run(args: argparse.Namespace) -> int:
     meta = report.run_meta()
     roofline = None
     if not args.no_roofline:
-        from benchmarks.roofline import roofline as measure_roofline
+        from mixserve.benchmarks.roofline import roofline as measure_roofline
 
         roofline = measure_roofline(model_dir, args.concurrency, args.input_len, args.output_len)
     variants = dict(parse_variant(spec) for spec in args.mixserve)

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import report
+from mixserve.benchmarks import report
 
 log = logging.getLogger("mixserve.bench")
 
@@ -36,8 +36,8 @@ def suites():
     """The full and the dry-run suites (imported late: torch and triton load only when the command runs)."""
     import torch
 
-    from benchmarks.gpu_kernels import Suite
-    from benchmarks.gpu_layer import MIXTRAL_8X7B_RANK, TINY_RANK
+    from mixserve.benchmarks.gpu_kernels import Suite
+    from mixserve.benchmarks.gpu_layer import MIXTRAL_8X7B_RANK, TINY_RANK
 
     full = Suite(
         shapes=MIXTRAL_8X7B_RANK,
@@ -88,9 +88,9 @@ def run_kernels(suite, device, dry_run: bool, budget_s: float) -> dict:
     """Part (a): ceilings, every case within budget_s (the rest recorded as skipped), whole model, targets."""
     import torch
 
-    from benchmarks import gpu_kernels as gk
-    from benchmarks import gpu_model
-    from benchmarks.gpu_layer import LayerWeights
+    from mixserve.benchmarks import gpu_kernels as gk
+    from mixserve.benchmarks import gpu_model
+    from mixserve.benchmarks.gpu_layer import LayerWeights
 
     started = time.monotonic()
     ceilings = {
@@ -144,7 +144,7 @@ def _case_log(case: dict) -> str:
 def run_server_part(args: argparse.Namespace, device, out: Path, remaining_s: float) -> dict:
     """Part (b): Mixtral-8x7B at TP 1 on the GPU; in a dry run the demo on the CPU, two levels of a few
     short requests, so the same path runs in CI. A skip carries its reason."""
-    from benchmarks import gpu_server
+    from mixserve.benchmarks import gpu_server
 
     if args.skip_server:
         return {"status": "skipped", "reason": "--skip-server"}
@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
-    from shards.triton import attention
+    from mixserve.shards.triton import attention
 
     full, tiny = suites()
     suite = tiny if args.dry_run else full
@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
 
 def write_results(result: dict, out: Path) -> str:
     """gpu.json, gpu.md and gpu.png (without matplotlib: none) in out; returns the Markdown."""
-    from benchmarks import gpu_report
+    from mixserve.benchmarks import gpu_report
 
     result["plot"] = "gpu.png" if gpu_report.plot_roofline(result, out / "gpu.png") else None
     report.write_json(result, out / "gpu.json")

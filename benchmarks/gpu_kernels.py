@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.gpu_layer import (
+from mixserve.benchmarks.gpu_layer import (
     LayerWeights,
     RankShapes,
     decode_batch,

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from shards.layers.moe import route
-from shards.layers.rotary import RotaryEmbedding
-from shards.ops import reference
-from shards.triton.attention import paged_decode_attention, paged_prefill_attention
-from shards.triton.moe import fused_moe
-from shards.triton.norm import rms_norm
-from shards.triton.rotary import rotary_write_kv
+from mixserve.shards.layers.moe import route
+from mixserve.shards.layers.rotary import RotaryEmbedding
+from mixserve.shards.ops import reference
+from mixserve.shards.triton.attention import paged_decode_attention, paged_prefill_attention
+from mixserve.shards.triton.moe import fused_moe
+from mixserve.shards.triton.norm import rms_norm
+from mixserve.shards.triton.rotary import rotary_write_kv
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from benchmarks.gpu_kernels import Suite, time_ms
+from mixserve.benchmarks.gpu_kernels import Suite, time_ms
 
 
 def lm_head_case(suite: Suite, batch: int, device: torch.device) -> dict:

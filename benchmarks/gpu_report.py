@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from benchmarks import report
+from mixserve.benchmarks import report
 
 
 def _ms(record: dict | None) -> str:

@@ -38,7 +38,7 @@ if missing or not torch.cuda.is_available():
              f"cuda available: {torch.cuda.is_available()})")
 import triton
 print(f"gpu_run: {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
-from benchmarks.gpu_server import missing_modules
+from mixserve.benchmarks.gpu_server import missing_modules
 server_missing = missing_modules()
 print("gpu_run: server imports " + (f"MISSING {server_missing}: the server part will be skipped"
                                     if server_missing else "present"))
@@ -48,7 +48,7 @@ out=${OUT:+$OUT/gpu}
 # Under 8 minutes for the whole command (the bound): --time-budget leaves 70 s for a level in flight,
 # the server's stop and the report; gpu.json is written once the kernels are done, so a timeout in the
 # server part keeps them.
-timeout 470 python3 -m benchmarks.gpu --time-budget 400 ${out:+--out "$out"} 2>&1 | tee ${out:+"$out.log"}
+timeout 470 python3 -m mixserve.benchmarks.gpu --time-budget 400 ${out:+--out "$out"} 2>&1 | tee ${out:+"$out.log"}
 status=${PIPESTATUS[0]}
 [ -n "$out" ] && [ -f "$out.log" ] && mv "$out.log" "$out/run.log"
 exit "$status"

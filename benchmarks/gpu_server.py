@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from benchmarks.processes import PYTHON, ServerProcess, child_env, free_port
+from mixserve.benchmarks.processes import PYTHON, ServerProcess, child_env, free_port
 
 log = logging.getLogger("mixserve.bench")
 
@@ -70,8 +70,8 @@ def write_model_dir(out_dir: Path) -> Path:
     """Mixtral-8x7B's config.json with the demo tokenizer's files (ids below its 32000 vocab), no weights.
 
     The demo tokenizer's BOS and EOS ids are the config's, so prompts and stops mean the same."""
-    from shards.demo.checkpoint import BOS_TOKEN_ID, EOS_TOKEN_ID, DemoConfig, generation_config
-    from shards.demo.tokenizer import write_tokenizer_files
+    from mixserve.shards.demo.checkpoint import BOS_TOKEN_ID, EOS_TOKEN_ID, DemoConfig, generation_config
+    from mixserve.shards.demo.tokenizer import write_tokenizer_files
 
     out_dir.mkdir(parents=True, exist_ok=True)
     config = dict(MIXTRAL_8X7B_CONFIG, bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID)
@@ -144,7 +144,7 @@ def mixtral_launch_args(scratch: Path) -> list[str]:
 def demo_launch_args(scratch: Path) -> list[str]:
     """The dry run's model: the demo on the CPU, through the GPU run's path where this mixserve has it
     (its config.json and tokenizer alone, random weights), else from its checkpoint."""
-    from shards.demo.checkpoint import ensure_demo_checkpoint
+    from mixserve.shards.demo.checkpoint import ensure_demo_checkpoint
 
     demo = ensure_demo_checkpoint()
     if not launch_supports_dummy_weights():
@@ -169,8 +169,8 @@ def run_server(
     """Start one shard's server on `model_args` (`--model DIR ...`), sweep the levels within budget_s
     (start-up included), stop it; the levels' summaries."""
     # The load generator's imports (aiohttp, tokenizers) load only here: the kernel part runs without them.
-    from benchmarks.serve import ServeConfig, run_benchmark
-    from benchmarks.workload import WorkloadConfig
+    from mixserve.benchmarks.serve import ServeConfig, run_benchmark
+    from mixserve.benchmarks.workload import WorkloadConfig
 
     model_dir = model_args[model_args.index("--model") + 1]
     port = free_port()

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import grpc
 
-from benchmarks import report
-from benchmarks.metrics import distribution_ms
-from benchmarks.processes import PYTHON, ServerProcess, child_env, free_port
-from benchmarks.targets import OpenAICompletionsTarget, PredictTarget
-from benchmarks.workload import BenchRequest, count_tokens, load_tokenizer, plain_token_ids, synthetic_prompt
+from mixserve.benchmarks import report
+from mixserve.benchmarks.metrics import distribution_ms
+from mixserve.benchmarks.processes import PYTHON, ServerProcess, child_env, free_port
+from mixserve.benchmarks.targets import OpenAICompletionsTarget, PredictTarget
+from mixserve.benchmarks.workload import BenchRequest, count_tokens, load_tokenizer, plain_token_ids, synthetic_prompt
 from mixserve_pb import shard_pb2, shard_pb2_grpc
 
 log = logging.getLogger("mixserve.bench")
@@ -371,7 +371,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bench %(levelname)s %(message)s")
     model_dir = args.model
     if model_dir is None:
-        from shards.demo.checkpoint import ensure_demo_checkpoint
+        from mixserve.shards.demo.checkpoint import ensure_demo_checkpoint
 
         model_dir = str(ensure_demo_checkpoint())
     config = LatencyConfig(

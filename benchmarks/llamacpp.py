@@ -17,7 +17,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from benchmarks.processes import PYTHON, REPO, child_env
+from mixserve.benchmarks.processes import PYTHON, REPO, child_env
 
 log = logging.getLogger("mixserve.bench")
 
@@ -89,7 +89,7 @@ def ensure_gguf(converter: Path, model_dir: Path, dtype: str, log_path: Path, ca
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(f".partial-{os.getpid()}")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [PYTHON, "-m", "benchmarks.llamacpp_gguf", str(converter), str(model_dir), str(partial), dtype]
+    cmd = [PYTHON, "-m", "mixserve.benchmarks.llamacpp_gguf", str(converter), str(model_dir), str(partial), dtype]
     log.info("event=gguf_convert model=%s dtype=%s out=%s", model_dir, dtype, out)
     with open(log_path, "w") as log_file:
         code = subprocess.run(cmd, env=child_env(), cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT).returncode

@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                 stop(process)
     result = {
         "date": date.isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.prefix_cache", *sys.argv[1:]]),
+        "command": " ".join([Path(sys.executable).name, "-m", "mixserve.benchmarks.prefix_cache", *sys.argv[1:]]),
         "machine": machine(),
         "load_average": {"start": load_before, "end": load_after},
         "busy_processes": busy,

@@ -51,12 +51,12 @@ def worker(args: argparse.Namespace) -> None:
     """One rank: load the model in one mode, measure, and write this rank's JSON to args.worker."""
     import torch
 
-    from shards.config import DTYPES, ParallelConfig
-    from shards.distributed import close_process_group, init_process_group, tensor_parallel_group
-    from shards.loader import load_model, weight_bytes
-    from shards.quant.config import QuantizationConfig
-    from shards.runner import ModelRunner, SequenceStep
-    from shards.sampling import SamplingParams
+    from mixserve.shards.config import DTYPES, ParallelConfig
+    from mixserve.shards.distributed import close_process_group, init_process_group, tensor_parallel_group
+    from mixserve.shards.loader import load_model, weight_bytes
+    from mixserve.shards.quant.config import QuantizationConfig
+    from mixserve.shards.runner import ModelRunner, SequenceStep
+    from mixserve.shards.sampling import SamplingParams
 
     torch.set_num_threads(1)
     parallel = ParallelConfig(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
@@ -121,7 +121,7 @@ def run_mode(args: argparse.Namespace, mode: str, model_dir: str, tmp: Path) -> 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "benchmarks.quantization", "--model", model_dir, "--modes", mode]
+    cmd = [sys.executable, "-m", "mixserve.benchmarks.quantization", "--model", model_dir, "--modes", mode]
     cmd += ["--device", args.device, "--dtype", args.dtype, "--batch-sizes", args.batch_sizes]
     cmd += ["--prompt-tokens", str(args.prompt_tokens), "--decode-steps", str(args.decode_steps)]
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(args.num_shard))
@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     modes = args.modes.split(",")
     model_dir = args.model
     if model_dir is None:
-        from shards.demo.checkpoint import ensure_demo_checkpoint
+        from mixserve.shards.demo.checkpoint import ensure_demo_checkpoint
 
         model_dir = str(ensure_demo_checkpoint())
     import torch

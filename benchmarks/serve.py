@@ -18,10 +18,10 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmarks import report
-from benchmarks.metrics import RequestRecord, summarize
-from benchmarks.targets import TARGETS, Target
-from benchmarks.workload import (
+from mixserve.benchmarks import report
+from mixserve.benchmarks.metrics import RequestRecord, summarize
+from mixserve.benchmarks.targets import TARGETS, Target
+from mixserve.benchmarks.workload import (
     WORKLOADS,
     BenchRequest,
     WorkloadConfig,
@@ -175,7 +175,7 @@ def resolve_model_dir(url: str, model: str | None) -> str:
             model_id = json.loads(response.read()).get("model_id")
             if model_id and (Path(model_id) / "tokenizer.json").exists():
                 return model_id
-    from shards.demo.checkpoint import ensure_demo_checkpoint
+    from mixserve.shards.demo.checkpoint import ensure_demo_checkpoint
 
     return str(ensure_demo_checkpoint())
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import aiohttp
 
-from benchmarks import report, soak_report
-from benchmarks.processes import PYTHON, REPO, ServerProcess, free_port
-from benchmarks.serve import resolve_model_dir
-from benchmarks.soak_load import Outcome, ServerLimits, SoakClient, kind_schedule
-from benchmarks.soak_probe import ServerProbe, shard_pids
-from benchmarks.workload import WorkloadConfig, build_requests, load_tokenizer
+from mixserve.benchmarks import report, soak_report
+from mixserve.benchmarks.processes import PYTHON, REPO, ServerProcess, free_port
+from mixserve.benchmarks.serve import resolve_model_dir
+from mixserve.benchmarks.soak_load import Outcome, ServerLimits, SoakClient, kind_schedule
+from mixserve.benchmarks.soak_probe import ServerProbe, shard_pids
+from mixserve.benchmarks.workload import WorkloadConfig, build_requests, load_tokenizer
 
 log = logging.getLogger("mixserve.bench")
 
@@ -219,6 +219,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _demo_dir() -> str:
-    from shards.demo.checkpoint import ensure_demo_checkpoint
+    from mixserve.shards.demo.checkpoint import ensure_demo_checkpoint
 
     return str(ensure_demo_checkpoint())

@@ -20,15 +20,15 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.metrics import RequestRecord
-from benchmarks.targets import (
+from mixserve.benchmarks.metrics import RequestRecord
+from mixserve.benchmarks.targets import (
     HTTPTarget,
     OpenAICompletionsTarget,
     PredictTarget,
     StreamError,
     TGIStreamTarget,
 )
-from benchmarks.workload import BenchRequest
+from mixserve.benchmarks.workload import BenchRequest
 
 OUTCOMES = ("ok", "refused", "cancelled", "unexpected", "lost")
 # The routes the mix sends to; the server's request counters for these are compared with ours.

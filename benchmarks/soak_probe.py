@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.soak_load import ROUTES
+from mixserve.benchmarks.soak_load import ROUTES
 
 _SHARD_STARTED = re.compile(r"event=shard_started rank=(\d+) pid=(\d+)(?: address=\S+ group=(\d+))?")
 

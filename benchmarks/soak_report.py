@@ -1,8 +1,8 @@
 """The soak's verdict: request accounting, KV blocks, RSS growth between steady-state windows, and
 the Markdown summary of it all."""
 
-from benchmarks.report import meta_lines
-from benchmarks.soak_load import KINDS, OUTCOMES, Outcome
+from mixserve.benchmarks.report import meta_lines
+from mixserve.benchmarks.soak_load import KINDS, OUTCOMES, Outcome
 
 
 def load_summary(sent: int, outcomes: list[Outcome], load_s: float) -> dict:

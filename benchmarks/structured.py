@@ -32,12 +32,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks import report
-from benchmarks.metrics import RequestRecord, distribution_ms, summarize
-from benchmarks.processes import PYTHON, REPO, ServerProcess, free_port
-from benchmarks.serve import ServeConfig, resolve_model_dir, run_level
-from benchmarks.targets import TARGETS, Target
-from benchmarks.workload import BenchRequest, WorkloadConfig, build_requests, load_tokenizer
+from mixserve.benchmarks import report
+from mixserve.benchmarks.metrics import RequestRecord, distribution_ms, summarize
+from mixserve.benchmarks.processes import PYTHON, REPO, ServerProcess, free_port
+from mixserve.benchmarks.serve import ServeConfig, resolve_model_dir, run_level
+from mixserve.benchmarks.targets import TARGETS, Target
+from mixserve.benchmarks.workload import BenchRequest, WorkloadConfig, build_requests, load_tokenizer
 
 log = logging.getLogger("mixserve.bench")
 
@@ -410,6 +410,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _demo_dir() -> str:
-    from shards.demo.checkpoint import ensure_demo_checkpoint
+    from mixserve.shards.demo.checkpoint import ensure_demo_checkpoint
 
     return str(ensure_demo_checkpoint())

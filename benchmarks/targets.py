@@ -28,8 +28,8 @@ from typing import Any, ClassVar
 
 import aiohttp
 
-from benchmarks.metrics import RequestRecord
-from benchmarks.workload import BenchRequest
+from mixserve.benchmarks.metrics import RequestRecord
+from mixserve.benchmarks.workload import BenchRequest
 
 
 class StreamError(Exception):

@@ -10,10 +10,10 @@ import importlib
 import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo-model": ("shards.demo.checkpoint", "write the deterministic random-weight demo Mixtral"),
-    "shard": ("shards.server", "serve one tensor-parallel shard over gRPC"),
-    "launch": ("router.launcher", "start the shards and the router, and serve"),
-    "bench": ("benchmarks.cli", "benchmark harness: serving load, shard latency, roofline, comparison"),
+    "demo-model": ("mixserve.shards.demo.checkpoint", "write the deterministic random-weight demo Mixtral"),
+    "shard": ("mixserve.shards.server", "serve one tensor-parallel shard over gRPC"),
+    "launch": ("mixserve.router.launcher", "start the shards and the router, and serve"),
+    "bench": ("mixserve.benchmarks.cli", "benchmark harness: serving load, shard latency, roofline, comparison"),
 }
 
 

@@ -5,8 +5,8 @@ import time
 
 from aiohttp import web
 
-from router.errors import error_body, error_headers
-from router.http_common import CONFIG, ENGINE, STARTED
+from mixserve.router.errors import error_body, error_headers
+from mixserve.router.http_common import CONFIG, ENGINE, STARTED
 
 
 async def health(request: web.Request) -> web.Response:

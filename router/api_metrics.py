@@ -3,7 +3,7 @@
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from router.metrics import Metrics
+from mixserve.router.metrics import Metrics
 
 METRICS = web.AppKey("metrics", Metrics)
 

@@ -19,12 +19,12 @@ from typing import Any
 
 from aiohttp import web
 
-from router.engine_api import EngineAPI, GenerationHandle
-from router.errors import BadRequest, RouterError, ValidationError, error_headers
-from router.front_config import ServerConfig
-from router.http_common import CONFIG, ENGINE, STARTED, read_json, stream_sse
-from router.openai_responses import Choices, chat_chunks, chat_completion, completion, completion_chunks
-from router.params import (
+from mixserve.router.engine_api import EngineAPI, GenerationHandle
+from mixserve.router.errors import BadRequest, RouterError, ValidationError, error_headers
+from mixserve.router.front_config import ServerConfig
+from mixserve.router.http_common import CONFIG, ENGINE, STARTED, read_json, stream_sse
+from mixserve.router.openai_responses import Choices, chat_chunks, chat_completion, completion, completion_chunks
+from mixserve.router.params import (
     DEFAULT_LIMITS,
     MAX_ABS_PENALTY,
     MAX_SEED,
@@ -41,10 +41,10 @@ from router.params import (
     as_stop,
     max_new_tokens_from,
 )
-from router.structured import openai_spec
-from router.tool_turns import fit_to_template, parse_tool_turns
-from router.tools import ToolPlan, parse_tools
-from router.validation import check_lengths, check_params, prompt_ids, room
+from mixserve.router.structured import openai_spec
+from mixserve.router.tool_turns import fit_to_template, parse_tool_turns
+from mixserve.router.tools import ToolPlan, parse_tools
+from mixserve.router.validation import check_lengths, check_params, prompt_ids, room
 
 log = logging.getLogger("mixserve.router")
 

@@ -5,11 +5,11 @@ import logging
 
 from aiohttp import web
 
-from router.engine_api import GenerationHandle
-from router.errors import RouterError
-from router.http_common import CONFIG, ENGINE, read_json
-from router.params import parse_predict_request
-from router.validation import validate
+from mixserve.router.engine_api import GenerationHandle
+from mixserve.router.errors import RouterError
+from mixserve.router.http_common import CONFIG, ENGINE, read_json
+from mixserve.router.params import parse_predict_request
+from mixserve.router.validation import validate
 
 log = logging.getLogger("mixserve.router")
 

@@ -18,11 +18,11 @@ from typing import Any
 
 from aiohttp import web
 
-from router.detokenizer import token_piece
-from router.engine_api import EngineAPI, GenerationHandle, TokenEvent
-from router.errors import BadRequest, RouterError, ValidationError, error_body
-from router.http_common import CONFIG, ENGINE, read_json, stream_sse
-from router.params import (
+from mixserve.router.detokenizer import token_piece
+from mixserve.router.engine_api import EngineAPI, GenerationHandle, TokenEvent
+from mixserve.router.errors import BadRequest, RouterError, ValidationError, error_body
+from mixserve.router.http_common import CONFIG, ENGINE, read_json, stream_sse
+from mixserve.router.params import (
     DEFAULT_LIMITS,
     MAX_ABS_PENALTY,
     MAX_TOP_K,
@@ -36,8 +36,8 @@ from router.params import (
     as_seed,
     as_stop,
 )
-from router.structured import from_tgi_grammar
-from router.validation import validate
+from mixserve.router.structured import from_tgi_grammar
+from mixserve.router.validation import validate
 
 # TGI's default `max_new_tokens` when left out.
 DEFAULT_MAX_NEW_TOKENS = 100

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from router.prefix_cache import BlockHash, PrefixCache
+from mixserve.router.prefix_cache import BlockHash, PrefixCache
 
 
 class OutOfBlocksError(RuntimeError):

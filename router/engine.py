@@ -22,15 +22,15 @@ import math
 import time
 from collections.abc import Iterator
 
-from router.engine_api import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Limits, TokenEvent
-from router.errors import RouterError, ShardUnavailable
-from router.generation import Generation
-from router.metrics import Metrics
-from router.params import GenerationParams
-from router.scheduler import Scheduler, SchedulerConfig, Sequence, StepPlan
-from router.shard_client import ShardGroup, ShardRejected
-from router.speculation import MAX_BATCH, DraftProposer, NgramProposer
-from router.steps import SampledToken, SequenceStep, Step, StepResult
+from mixserve.router.engine_api import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Limits, TokenEvent
+from mixserve.router.errors import RouterError, ShardUnavailable
+from mixserve.router.generation import Generation
+from mixserve.router.metrics import Metrics
+from mixserve.router.params import GenerationParams
+from mixserve.router.scheduler import Scheduler, SchedulerConfig, Sequence, StepPlan
+from mixserve.router.shard_client import ShardGroup, ShardRejected
+from mixserve.router.speculation import MAX_BATCH, DraftProposer, NgramProposer
+from mixserve.router.steps import SampledToken, SequenceStep, Step, StepResult
 
 log = logging.getLogger("mixserve.router")
 # Prompts and generated text are the users' data: this logger is silent unless --log-prompts turns it on.

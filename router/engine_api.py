@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from router.errors import ShardUnavailable
-from router.metrics import Metrics
-from router.params import GenerationParams
+from mixserve.router.errors import ShardUnavailable
+from mixserve.router.metrics import Metrics
+from mixserve.router.params import GenerationParams
 
 FINISH_LENGTH = "length"
 FINISH_EOS = "eos_token"

@@ -4,7 +4,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass, field
 
-from router.params import RequestLimits
+from mixserve.router.params import RequestLimits
 
 
 @dataclass(slots=True)

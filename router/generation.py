@@ -10,13 +10,13 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 
-from router.detokenizer import IncrementalDetokenizer
-from router.engine_api import Limits, TokenEvent
-from router.errors import DeadlineExceeded, RouterError
-from router.params import GenerationParams
-from router.speculation import SpeculationState
-from router.steps import Sampling
-from router.stop_sequences import StopSequenceMatcher
+from mixserve.router.detokenizer import IncrementalDetokenizer
+from mixserve.router.engine_api import Limits, TokenEvent
+from mixserve.router.errors import DeadlineExceeded, RouterError
+from mixserve.router.params import GenerationParams
+from mixserve.router.speculation import SpeculationState
+from mixserve.router.steps import Sampling
+from mixserve.router.stop_sequences import StopSequenceMatcher
 
 log = logging.getLogger("mixserve.router")
 

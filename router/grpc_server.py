@@ -17,19 +17,26 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from mixserve_pb import generate_pb2, generate_pb2_grpc
-from router.engine_api import EngineAPI, GenerationHandle, TokenEvent
-from router.errors import RouterError, Unauthorized, ValidationError
-from router.front_config import ServerConfig, api_key_matches
-from router.params import DEFAULT_LIMITS, GenerationParams, GenerationRequest, RequestLimits, as_messages, as_prompt
-from router.structured import (
+from mixserve.router.engine_api import EngineAPI, GenerationHandle, TokenEvent
+from mixserve.router.errors import RouterError, Unauthorized, ValidationError
+from mixserve.router.front_config import ServerConfig, api_key_matches
+from mixserve.router.params import (
+    DEFAULT_LIMITS,
+    GenerationParams,
+    GenerationRequest,
+    RequestLimits,
+    as_messages,
+    as_prompt,
+)
+from mixserve.router.structured import (
     GrammarSpec,
     choice_spec,
     json_schema_spec,
     lark_spec,
     regex_spec,
 )
-from router.validation import prompt_ids, validate
+from mixserve.router.validation import prompt_ids, validate
+from mixserve_pb import generate_pb2, generate_pb2_grpc
 
 log = logging.getLogger("mixserve.router")
 

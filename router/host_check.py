@@ -22,7 +22,7 @@ class HostCheckFailed(Exception):
 
 @dataclass(slots=True, frozen=True)
 class HostPlan:
-    """shards.preflight's answer (its HostPlan's fields, read from JSON): what to start and where."""
+    """mixserve.shards.preflight's answer (its HostPlan's fields, read from JSON): what to start and where."""
 
     model_dir: str
     demo: bool
@@ -57,7 +57,7 @@ def preflight(args: argparse.Namespace) -> HostPlan:
     HostCheckFailed with the reason."""
     if args.model is not None:
         check_model_dir(args.model)
-    cmd = [sys.executable, "-m", "shards.preflight", "--device", args.device, "--dtype", args.dtype]
+    cmd = [sys.executable, "-m", "mixserve.shards.preflight", "--device", args.device, "--dtype", args.dtype]
     cmd += ["--replicas", str(args.replicas), "--moe-parallel", args.moe_parallel]
     if args.quantize:
         cmd += ["--quantize", args.quantize]

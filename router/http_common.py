@@ -7,10 +7,10 @@ from collections.abc import AsyncGenerator, Callable
 
 from aiohttp import web
 
-from router.engine_api import EngineAPI
-from router.errors import BadRequest, PayloadTooLarge, ReadTimeout, RouterError, error_body, error_headers
-from router.front_config import ServerConfig
-from router.params import decode_json_body
+from mixserve.router.engine_api import EngineAPI
+from mixserve.router.errors import BadRequest, PayloadTooLarge, ReadTimeout, RouterError, error_body, error_headers
+from mixserve.router.front_config import ServerConfig
+from mixserve.router.params import decode_json_body
 
 log = logging.getLogger("mixserve.router")
 

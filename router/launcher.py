@@ -25,18 +25,18 @@ from pathlib import Path
 from aiohttp import web
 
 import mixserve
+from mixserve.router.generation import Limits
+from mixserve.router.grpc_server import GrpcFront
+from mixserve.router.host_check import HostCheckFailed, HostPlan, check_model_dir, group_visible_devices, preflight
+from mixserve.router.params import MAX_BEST_OF, MAX_CHOICES, MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS, RequestLimits
+from mixserve.router.recovery import START_ERRORS, supervise_groups
+from mixserve.router.replicas import build_replicas
+from mixserve.router.scheduler import SchedulerConfig
+from mixserve.router.server import ServerConfig, build_app
+from mixserve.router.shard_processes import ShardSupervisor, prefill_tokens_per_step
+from mixserve.router.speculation import MAX_BATCH
+from mixserve.shards.quant.config import QUANTIZE_MODES
 from mixserve_pb import shard_pb2
-from router.generation import Limits
-from router.grpc_server import GrpcFront
-from router.host_check import HostCheckFailed, HostPlan, check_model_dir, group_visible_devices, preflight
-from router.params import MAX_BEST_OF, MAX_CHOICES, MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS, RequestLimits
-from router.recovery import START_ERRORS, supervise_groups
-from router.replicas import build_replicas
-from router.scheduler import SchedulerConfig
-from router.server import ServerConfig, build_app
-from router.shard_processes import ShardSupervisor, prefill_tokens_per_step
-from router.speculation import MAX_BATCH
-from shards.quant.config import QUANTIZE_MODES
 
 log = logging.getLogger("mixserve.launcher")
 
@@ -260,7 +260,7 @@ def resolve_model(model: str | None) -> str:
     once, in a child process so that the router process never imports torch)."""
     if model is not None:
         return model
-    code = "from shards.demo.checkpoint import ensure_demo_checkpoint; print(ensure_demo_checkpoint())"
+    code = "from mixserve.shards.demo.checkpoint import ensure_demo_checkpoint; print(ensure_demo_checkpoint())"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"could not write the demo checkpoint:\n{done.stderr[-2000:]}")

@@ -13,9 +13,9 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from router.detokenizer import token_piece
-from router.engine_api import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, EngineAPI, GenerationHandle, TokenEvent
-from router.tools import ToolCall, ToolPlan, may_be_calls, parse_calls
+from mixserve.router.detokenizer import token_piece
+from mixserve.router.engine_api import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, EngineAPI, GenerationHandle, TokenEvent
+from mixserve.router.tools import ToolCall, ToolPlan, may_be_calls, parse_calls
 
 FINISH_REASONS = {FINISH_EOS: "stop", FINISH_STOP: "stop", FINISH_LENGTH: "length"}
 

@@ -13,10 +13,10 @@ from typing import Any
 
 from aiohttp import web
 
-from router import api_openai as oai
-from router import api_tgi as tgi
-from router.http_common import CONFIG
-from router.params import (
+from mixserve.router import api_openai as oai
+from mixserve.router import api_tgi as tgi
+from mixserve.router.http_common import CONFIG
+from mixserve.router.params import (
     MAX_ABS_LOGIT_BIAS,
     MAX_ABS_PENALTY,
     MAX_BEST_OF,

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import jinja2
 
-from router.errors import BadRequest, ValidationError, json_type_name
-from router.structured import GrammarSpec, from_response_format, from_tgi_grammar, one_spec
+from mixserve.router.errors import BadRequest, ValidationError, json_type_name
+from mixserve.router.structured import GrammarSpec, from_response_format, from_tgi_grammar, one_spec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

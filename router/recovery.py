@@ -16,13 +16,13 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
-from router.engine import Engine
-from router.errors import RouterError
-from router.grpc_server import GrpcFront
-from router.replicas import Replicas
+from mixserve.router.engine import Engine
+from mixserve.router.errors import RouterError
+from mixserve.router.grpc_server import GrpcFront
+from mixserve.router.replicas import Replicas
 
 if TYPE_CHECKING:
-    from router.shard_processes import ShardSupervisor
+    from mixserve.router.shard_processes import ShardSupervisor
 
 log = logging.getLogger("mixserve.launcher")
 

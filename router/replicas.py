@@ -17,15 +17,15 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from router.engine import Engine
-from router.engine_api import EngineStats, GroupStats, HealthReport, Limits
-from router.errors import Overloaded, ShardUnavailable
-from router.generation import Generation
-from router.metrics import Metrics
-from router.params import GenerationParams
-from router.scheduler import SchedulerConfig
-from router.shard_client import ShardGroup
-from router.speculation import MAX_BATCH
+from mixserve.router.engine import Engine
+from mixserve.router.engine_api import EngineStats, GroupStats, HealthReport, Limits
+from mixserve.router.errors import Overloaded, ShardUnavailable
+from mixserve.router.generation import Generation
+from mixserve.router.metrics import Metrics
+from mixserve.router.params import GenerationParams
+from mixserve.router.scheduler import SchedulerConfig
+from mixserve.router.shard_client import ShardGroup
+from mixserve.router.speculation import MAX_BATCH
 
 log = logging.getLogger("mixserve.router")
 

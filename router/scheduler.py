@@ -64,8 +64,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from router.block_allocator import BlockAllocator, BlockTable
-from router.prefix_cache import BlockHash, hash_block
+from mixserve.router.block_allocator import BlockAllocator, BlockTable
+from mixserve.router.prefix_cache import BlockHash, hash_block
 
 logger = logging.getLogger(__name__)
 

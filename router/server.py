@@ -11,11 +11,11 @@ import time
 
 from aiohttp import web
 
-from router import api_info, api_metrics, api_openai, api_predict, api_responses, api_tgi, openapi
-from router.engine_api import EngineAPI
-from router.errors import PayloadTooLarge, RouterError, Unauthorized
-from router.front_config import ServerConfig, api_key_matches
-from router.http_common import CONFIG, ENGINE, STARTED, error_response
+from mixserve.router import api_info, api_metrics, api_openai, api_predict, api_responses, api_tgi, openapi
+from mixserve.router.engine_api import EngineAPI
+from mixserve.router.errors import PayloadTooLarge, RouterError, Unauthorized
+from mixserve.router.front_config import ServerConfig, api_key_matches
+from mixserve.router.http_common import CONFIG, ENGINE, STARTED, error_response
 
 log = logging.getLogger("mixserve.router")
 

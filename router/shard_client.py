@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator
 import grpc
 import grpc.aio
 
+from mixserve.router.errors import RouterError, ShardUnavailable
+from mixserve.router.steps import SampledToken, Sampling, Step, StepResult
 from mixserve_pb import shard_pb2, shard_pb2_grpc
-from router.errors import RouterError, ShardUnavailable
-from router.steps import SampledToken, Sampling, Step, StepResult
 
 log = logging.getLogger(__name__)
 

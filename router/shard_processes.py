@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mixserve.router.shard_client import ShardGroup, parse_shard_addresses
+from mixserve.router.stopping import unless_stopped
 from mixserve_pb import shard_pb2
-from router.shard_client import ShardGroup, parse_shard_addresses
-from router.stopping import unless_stopped
 
 log = logging.getLogger("mixserve.launcher")
 

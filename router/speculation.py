@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from router.scheduler import Sequence
+    from mixserve.router.scheduler import Sequence
 
 MAX_NGRAM = 3
 # A single repeated token predicts its successor poorly: on the trained demo's corpus workload (128-token

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import llguidance
 
-from router.errors import BadRequest, ValidationError, json_type_name
+from mixserve.router.errors import BadRequest, ValidationError, json_type_name
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

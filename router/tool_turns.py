@@ -9,14 +9,14 @@ import json
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from router.errors import BadRequest, ValidationError, json_type_name
-from router.structured import compile_spec, json_schema_spec
-from router.tools import NO_PARAMETERS, Function, ToolPlan, call_token_id, calls_grammar
+from mixserve.router.errors import BadRequest, ValidationError, json_type_name
+from mixserve.router.structured import compile_spec, json_schema_spec
+from mixserve.router.tools import NO_PARAMETERS, Function, ToolPlan, call_token_id, calls_grammar
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from router.params import GenerationParams, GenerationRequest
+    from mixserve.router.params import GenerationParams, GenerationRequest
 
 # Mistral's templates require tool call ids of 9 alphanumerics.
 MISTRAL_ID_LENGTH = 9

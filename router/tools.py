@@ -28,9 +28,9 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from router.errors import BadRequest, ValidationError, json_type_name
-from router.params import as_bool
-from router.structured import JSON_OPTIONS, GrammarSpec, json_schema_spec, lark_spec
+from mixserve.router.errors import BadRequest, ValidationError, json_type_name
+from mixserve.router.params import as_bool
+from mixserve.router.structured import JSON_OPTIONS, GrammarSpec, json_schema_spec, lark_spec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -9,10 +9,10 @@ sequence may hold of the KV cache.
 
 from dataclasses import dataclass
 
-from router.engine_api import EngineAPI, EngineStats
-from router.errors import ValidationError
-from router.params import GenerationParams, GenerationRequest, render_prompt
-from router.structured import compile_grammar
+from mixserve.router.engine_api import EngineAPI, EngineStats
+from mixserve.router.errors import ValidationError
+from mixserve.router.params import GenerationParams, GenerationRequest, render_prompt
+from mixserve.router.structured import compile_grammar
 
 
 @dataclass(slots=True, frozen=True)

@@ -24,9 +24,9 @@ from typing import Protocol
 
 import torch
 
-from shards.attention_metadata import AttentionMetadata
-from shards.kv_cache import KVCache
-from shards.model import MixtralForCausalLM
+from mixserve.shards.attention_metadata import AttentionMetadata
+from mixserve.shards.kv_cache import KVCache
+from mixserve.shards.model import MixtralForCausalLM
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ launcher's host check (shards/preflight.py), so both refuse a combination alike.
 
 import torch
 
-from shards.config import DTYPES
+from mixserve.shards.config import DTYPES
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 

@@ -13,8 +13,8 @@ import uuid
 import torch
 import torch.distributed as dist
 
-from shards.config import ParallelConfig
-from shards.shm_collectives import SharedMemoryGroup
+from mixserve.shards.config import ParallelConfig
+from mixserve.shards.shm_collectives import SharedMemoryGroup
 
 log = logging.getLogger(__name__)
 

@@ -34,11 +34,11 @@ from pathlib import Path
 
 import torch
 
-from shards.config import ModelConfig, ParallelConfig
-from shards.distributed import TensorParallelGroup
-from shards.loader import load_model
-from shards.runner import ModelRunner, SequenceStep
-from shards.speculative import num_accepted
+from mixserve.shards.config import ModelConfig, ParallelConfig
+from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.loader import load_model
+from mixserve.shards.runner import ModelRunner, SequenceStep
+from mixserve.shards.speculative import num_accepted
 
 # Most positions one draft forward computes for one sequence while it catches up (a long prompt runs
 # as several chunks, so the draft's activations stay near a prefill chunk's).

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from shards.config import ModelConfig
+from mixserve.shards.config import ModelConfig
 
 INIT_STD = 0.02
 

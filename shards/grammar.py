@@ -27,7 +27,7 @@ import llguidance
 import torch
 from torch import Tensor
 
-from shards.ops import reference
+from mixserve.shards.ops import reference
 
 log = logging.getLogger("mixserve.shard")
 

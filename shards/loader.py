@@ -7,14 +7,14 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 
-from shards.checkpoint import CheckpointReader
-from shards.config import ModelConfig, ParallelConfig
-from shards.distributed import TensorParallelGroup
-from shards.dummy_weights import DummyCheckpointReader
-from shards.model import MixtralForCausalLM
-from shards.quant.config import QuantizationConfig
-from shards.quant.linear import QuantizedLinear
-from shards.quant.probe import check_supported
+from mixserve.shards.checkpoint import CheckpointReader
+from mixserve.shards.config import ModelConfig, ParallelConfig
+from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.dummy_weights import DummyCheckpointReader
+from mixserve.shards.model import MixtralForCausalLM
+from mixserve.shards.quant.config import QuantizationConfig
+from mixserve.shards.quant.linear import QuantizedLinear
+from mixserve.shards.quant.probe import check_supported
 
 log = logging.getLogger(__name__)
 

@@ -8,20 +8,20 @@ the logits. Legend: T tokens in the step, H hidden size, V vocab size, R rows wh
 import torch
 from torch import nn
 
-from shards import ops
-from shards.attention_metadata import AttentionMetadata
-from shards.checkpoint import CheckpointReader
-from shards.config import ModelConfig, ParallelConfig
-from shards.distributed import TensorParallelGroup
-from shards.kernels import decoder_layer
-from shards.kv_cache import KVCache
-from shards.layers.attention import Attention
-from shards.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from shards.layers.linear import QKVParallelLinear, RowParallelLinear
-from shards.layers.moe import SparseMoE
-from shards.layers.norm import RMSNorm
-from shards.layers.rotary import RotaryEmbedding
-from shards.quant.config import QuantizationConfig
+from mixserve.shards import ops
+from mixserve.shards.attention_metadata import AttentionMetadata
+from mixserve.shards.checkpoint import CheckpointReader
+from mixserve.shards.config import ModelConfig, ParallelConfig
+from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.kernels import decoder_layer
+from mixserve.shards.kv_cache import KVCache
+from mixserve.shards.layers.attention import Attention
+from mixserve.shards.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from mixserve.shards.layers.linear import QKVParallelLinear, RowParallelLinear
+from mixserve.shards.layers.moe import SparseMoE
+from mixserve.shards.layers.norm import RMSNorm
+from mixserve.shards.layers.rotary import RotaryEmbedding
+from mixserve.shards.quant.config import QuantizationConfig
 
 
 class DecoderLayer(nn.Module):

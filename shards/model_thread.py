@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch
 
-from shards.devices import make_current
+from mixserve.shards.devices import make_current
 
 T = TypeVar("T")
 

@@ -14,7 +14,7 @@ steps, and their other collectives keep pairing up.
 
 from collections.abc import Callable, Iterator
 
-from shards.runner import InvalidStep, ModelRunner, SequenceResult, SequenceStep
+from mixserve.shards.runner import InvalidStep, ModelRunner, SequenceResult, SequenceStep
 
 
 def check_multi_step(steps: list[SequenceStep], num_steps: int, block_size: int) -> None:

@@ -13,9 +13,9 @@ Legend: R rows that sample, P vocabulary rows per rank, N ranks.
 
 import torch
 
-from shards import ops
-from shards.distributed import TensorParallelGroup
-from shards.sampling import SamplingParams
+from mixserve.shards import ops
+from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.sampling import SamplingParams
 
 
 def is_plain_greedy(params: SamplingParams) -> bool:

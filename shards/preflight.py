@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from shards.config import ModelConfig, ParallelConfig
-from shards.devices import DeviceUnavailable, resolve_device, resolve_dtype
+from mixserve.shards.config import ModelConfig, ParallelConfig
+from mixserve.shards.devices import DeviceUnavailable, resolve_device, resolve_dtype
 
 
 class PreflightFailed(ValueError):
@@ -70,7 +70,7 @@ def plan(
     """Check the flags against this host; the plan to start, or PreflightFailed saying why not."""
     demo = model_dir is None
     if demo:
-        from shards.demo.checkpoint import ensure_demo_checkpoint
+        from mixserve.shards.demo.checkpoint import ensure_demo_checkpoint
 
         model_dir = str(ensure_demo_checkpoint())
     try:
@@ -80,7 +80,7 @@ def plan(
     except (DeviceUnavailable, ValueError) as e:
         raise PreflightFailed(str(e)) from None
     if draft_dir:
-        from shards.draft import check_draft
+        from mixserve.shards.draft import check_draft
 
         try:
             check_draft(draft_dir, config)
@@ -110,8 +110,8 @@ def plan(
             f"this host has {seen}"
         )
     if quantize:
-        from shards.quant.config import QuantizationConfig
-        from shards.quant.probe import QuantizationUnavailable, check_supported
+        from mixserve.shards.quant.config import QuantizationConfig
+        from mixserve.shards.quant.probe import QuantizationUnavailable, check_supported
 
         try:
             check_supported(QuantizationConfig(quantize), torch_dtype, where)

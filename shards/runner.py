@@ -16,20 +16,20 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from shards import decode_graph, ops
-from shards.attention_metadata import AttentionMetadata
-from shards.config import ModelConfig, ParallelConfig
-from shards.distributed import TensorParallelGroup
-from shards.grammar import GrammarError, GrammarMatchers, SequenceGrammar
-from shards.kv_cache import KVCache
-from shards.model import MixtralForCausalLM
-from shards.parallel_greedy import is_plain_greedy, parallel_greedy
-from shards.sampling import SamplingParams, TokenHistory, apply_logit_bias
-from shards.speculative import VerifiedToken, greedy_runs
-from shards.step_rows import SequenceState, consecutive, sample_rows, score_prompts, span_rows
+from mixserve.shards import decode_graph, ops
+from mixserve.shards.attention_metadata import AttentionMetadata
+from mixserve.shards.config import ModelConfig, ParallelConfig
+from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.grammar import GrammarError, GrammarMatchers, SequenceGrammar
+from mixserve.shards.kv_cache import KVCache
+from mixserve.shards.model import MixtralForCausalLM
+from mixserve.shards.parallel_greedy import is_plain_greedy, parallel_greedy
+from mixserve.shards.sampling import SamplingParams, TokenHistory, apply_logit_bias
+from mixserve.shards.speculative import VerifiedToken, greedy_runs
+from mixserve.shards.step_rows import SequenceState, consecutive, sample_rows, score_prompts, span_rows
 
 if TYPE_CHECKING:
-    from shards.draft import DraftModel
+    from mixserve.shards.draft import DraftModel
 
 
 class InvalidStep(ValueError):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from shards import ops
+from mixserve.shards import ops
 
 _MASK64 = (1 << 64) - 1
 # Below this a temperature would overflow logits / T to inf in fp32; such rows are greedy (as in vLLM).

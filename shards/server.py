@@ -21,10 +21,9 @@ from pathlib import Path
 import grpc
 import torch
 
-from mixserve_pb import shard_pb2, shard_pb2_grpc
-from shards import decode_graph, ops
-from shards.config import DTYPES, MOE_PARALLEL_MODES, ModelConfig, ParallelConfig
-from shards.devices import (
+from mixserve.shards import decode_graph, ops
+from mixserve.shards.config import DTYPES, MOE_PARALLEL_MODES, ModelConfig, ParallelConfig
+from mixserve.shards.devices import (
     DEVICE_CHOICES,
     DeviceUnavailable,
     cpu_has_bf16,
@@ -32,20 +31,21 @@ from shards.devices import (
     resolve_device,
     resolve_dtype,
 )
-from shards.distributed import init_process_group, tensor_parallel_group
-from shards.draft import check_draft, load_draft
-from shards.grammar import GrammarMatchers, load_tokenizer
-from shards.kernels.native import KernelUnavailable
-from shards.listen import ListenConfig, ListenError
-from shards.listen import add_arguments as add_listen_arguments
-from shards.loader import LOAD_FORMATS, load_model, weight_bytes
-from shards.memory import InsufficientMemory, MemoryReport, StepLimits, size_kv_cache
-from shards.model_thread import ModelThread
-from shards.multi_step import decode_steps
-from shards.quant.config import QUANTIZE_MODES, QuantizationConfig
-from shards.quant.probe import QuantizationUnavailable, check_supported
-from shards.runner import InvalidStep, ModelRunner, OutOfCapacity, SequenceResult, SequenceStep
-from shards.step_proto import memory_proto, step_from_proto, step_response
+from mixserve.shards.distributed import init_process_group, tensor_parallel_group
+from mixserve.shards.draft import check_draft, load_draft
+from mixserve.shards.grammar import GrammarMatchers, load_tokenizer
+from mixserve.shards.kernels.native import KernelUnavailable
+from mixserve.shards.listen import ListenConfig, ListenError
+from mixserve.shards.listen import add_arguments as add_listen_arguments
+from mixserve.shards.loader import LOAD_FORMATS, load_model, weight_bytes
+from mixserve.shards.memory import InsufficientMemory, MemoryReport, StepLimits, size_kv_cache
+from mixserve.shards.model_thread import ModelThread
+from mixserve.shards.multi_step import decode_steps
+from mixserve.shards.quant.config import QUANTIZE_MODES, QuantizationConfig
+from mixserve.shards.quant.probe import QuantizationUnavailable, check_supported
+from mixserve.shards.runner import InvalidStep, ModelRunner, OutOfCapacity, SequenceResult, SequenceStep
+from mixserve.shards.step_proto import memory_proto, step_from_proto, step_response
+from mixserve_pb import shard_pb2, shard_pb2_grpc
 
 log = logging.getLogger("mixserve.shard")
 
@@ -239,7 +239,7 @@ def local_rank(rank: int) -> int:
 
 def is_demo_checkpoint(model_dir: str) -> bool:
     """Whether `model_dir` is the built-in demo checkpoint (random weights: its text means nothing)."""
-    from shards.demo.checkpoint import demo_checkpoint_dir
+    from mixserve.shards.demo.checkpoint import demo_checkpoint_dir
 
     return Path(model_dir).resolve() == demo_checkpoint_dir().resolve()
 
@@ -358,7 +358,7 @@ def run(args: argparse.Namespace) -> int:
     quantization = QuantizationConfig(args.quantize) if args.quantize else None
     model_dir = args.model
     if model_dir is None:
-        from shards.demo.checkpoint import ensure_demo_checkpoint
+        from mixserve.shards.demo.checkpoint import ensure_demo_checkpoint
 
         model_dir = str(ensure_demo_checkpoint())
     if parallel.rank == 0 and is_demo_checkpoint(model_dir):

@@ -19,7 +19,7 @@ from multiprocessing import resource_tracker, shared_memory
 
 import torch
 
-from shards.kernels import shm_exchange
+from mixserve.shards.kernels import shm_exchange
 
 # Past this size (per rank per call) the copy costs more than gloo's fixed overhead saves.
 DEFAULT_SLOT_BYTES = 8 << 20

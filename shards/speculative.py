@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from shards.sampling import SampleOutput, SamplingParams, TokenHistory, sample
+from mixserve.shards.sampling import SampleOutput, SamplingParams, TokenHistory, sample
 
 
 @dataclass(slots=True)

@@ -2,10 +2,10 @@
 
 import time
 
+from mixserve.shards.memory import MemoryReport
+from mixserve.shards.runner import SequenceResult, SequenceStep
+from mixserve.shards.sampling import SamplingParams
 from mixserve_pb import shard_pb2
-from shards.memory import MemoryReport
-from shards.runner import SequenceResult, SequenceStep
-from shards.sampling import SamplingParams
 
 
 def memory_proto(m: MemoryReport) -> shard_pb2.MemoryReport:

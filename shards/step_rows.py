@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from shards import ops
-from shards.grammar import SequenceGrammar
-from shards.sampling import SamplingParams, TokenHistory, sample
-from shards.speculative import VerifiedToken, verified_tokens, verify
+from mixserve.shards import ops
+from mixserve.shards.grammar import SequenceGrammar
+from mixserve.shards.sampling import SamplingParams, TokenHistory, sample
+from mixserve.shards.speculative import VerifiedToken, verified_tokens, verify
 
 if TYPE_CHECKING:
-    from shards.runner import SequenceStep
+    from mixserve.shards.runner import SequenceStep
 
 
 @dataclass(slots=True)

@@ -116,7 +116,7 @@ def pytest_runtest_protocol(item, nextitem):
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """The default demo checkpoint, written by the real writer into a session temp dir."""
-    from shards.demo.checkpoint import write_demo_checkpoint
+    from mixserve.shards.demo.checkpoint import write_demo_checkpoint
 
     return write_demo_checkpoint(tmp_path_factory.mktemp("demo") / "mixtral-demo")
 
@@ -125,7 +125,7 @@ def demo_dir(tmp_path_factory) -> Path:
 def interpreter_dir(tmp_path_factory) -> Path:
     """A demo checkpoint small enough for Triton's interpreter (~20-30 ms a kernel program): 2 layers,
     hidden 64, head dim 16, 2 KV heads, 4 experts of 64."""
-    from shards.demo.checkpoint import DemoConfig, write_demo_checkpoint
+    from mixserve.shards.demo.checkpoint import DemoConfig, write_demo_checkpoint
 
     out_dir = tmp_path_factory.mktemp("interpreter") / "mixtral-tiny"
     return write_demo_checkpoint(out_dir, DemoConfig(**INTERPRETER_CONFIG))
@@ -136,8 +136,8 @@ def demo_tokenizer(tmp_path_factory):
     """The demo checkpoint's tokenizer files (a Mixtral-Instruct chat template), loaded as the router loads them."""
     from transformers import AutoTokenizer
 
-    from shards.demo.checkpoint import DemoConfig
-    from shards.demo.tokenizer import write_tokenizer_files
+    from mixserve.shards.demo.checkpoint import DemoConfig
+    from mixserve.shards.demo.tokenizer import write_tokenizer_files
 
     out_dir = tmp_path_factory.mktemp("demo-tokenizer")
     config = DemoConfig()
@@ -358,7 +358,7 @@ def native():
     `auto` after. Yields the chosen ops."""
     import torch
 
-    from shards import ops
+    from mixserve.shards import ops
 
     if not any(shutil.which(name) for name in ("cc", "gcc", "clang")):
         pytest.skip("no C compiler: the torch paths serve")

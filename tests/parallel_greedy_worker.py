@@ -11,10 +11,10 @@ import sys
 
 import torch
 
-from shards import ops
-from shards.config import ParallelConfig
-from shards.distributed import close_process_group, init_process_group, tensor_parallel_group
-from shards.parallel_greedy import parallel_greedy
+from mixserve.shards import ops
+from mixserve.shards.config import ParallelConfig
+from mixserve.shards.distributed import close_process_group, init_process_group, tensor_parallel_group
+from mixserve.shards.parallel_greedy import parallel_greedy
 
 
 def full_logits(vocab: int) -> torch.Tensor:

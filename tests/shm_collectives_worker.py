@@ -10,9 +10,9 @@ import sys
 
 import torch
 
-from shards.config import ParallelConfig
-from shards.distributed import close_process_group, init_process_group, tensor_parallel_group
-from shards.kernels import native
+from mixserve.shards.config import ParallelConfig
+from mixserve.shards.distributed import close_process_group, init_process_group, tensor_parallel_group
+from mixserve.shards.kernels import native
 
 # Sizes past the C kernels' vector widths, odd ones for the tails, and repeated calls so both
 # parities of the double-buffered slots are reused.

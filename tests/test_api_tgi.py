@@ -11,9 +11,9 @@ from text_generation import AsyncClient, Client
 from text_generation.errors import ValidationError
 from transformers import AutoTokenizer
 
-from router import api_openai
-from router.errors import ShardUnavailable, error_body
-from router.http_common import stream_sse
+from mixserve.router import api_openai
+from mixserve.router.errors import ShardUnavailable, error_body
+from mixserve.router.http_common import stream_sse
 
 PROMPT = "The old river runs"
 # text-generation 0.7 calls pydantic's deprecated `.dict()`.

@@ -9,10 +9,11 @@ import subprocess
 import pytest
 import torch
 
-from benchmarks import gpu_server
-from benchmarks.gpu import suites as gpu_suites
-from benchmarks.gpu_kernels import layer_weight_bytes, run_variant, tolerance
-from benchmarks.gpu_layer import (
+from conftest import PYTHON, subprocess_env
+from mixserve.benchmarks import gpu_server
+from mixserve.benchmarks.gpu import suites as gpu_suites
+from mixserve.benchmarks.gpu_kernels import layer_weight_bytes, run_variant, tolerance
+from mixserve.benchmarks.gpu_layer import (
     MIXTRAL_8X7B_RANK,
     TINY_RANK,
     LayerWeights,
@@ -23,7 +24,6 @@ from benchmarks.gpu_layer import (
     torch_layer,
     triton_layer,
 )
-from conftest import PYTHON, subprocess_env
 
 DECODE_CASES = [f"decode b{b} c{c}" for b in (1, 3) for c in (5, 17)]
 PREFILL_CASES = ["prefill 2 x 8", "chunk 8 at 24"]
@@ -110,7 +110,7 @@ def test_expected_experts_hit():
 def test_server_model_dir_has_mixtral_shapes_and_a_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
-    from shards.config import ModelConfig
+    from mixserve.shards.config import ModelConfig
 
     model_dir = gpu_server.write_model_dir(tmp_path / "mixtral")
     config = ModelConfig.from_pretrained(model_dir)
@@ -124,7 +124,7 @@ def test_server_model_dir_has_mixtral_shapes_and_a_tokenizer(tmp_path):
 
 @pytest.mark.slow
 def test_server_part_detects_the_launch_flag():
-    from router import launcher
+    from mixserve.router import launcher
 
     parser = argparse.ArgumentParser()
     launcher.add_arguments(parser)
@@ -133,7 +133,7 @@ def test_server_part_detects_the_launch_flag():
 
 
 def test_cases_past_the_time_budget_are_recorded_as_skipped(tmp_path):
-    from benchmarks import gpu
+    from mixserve.benchmarks import gpu
 
     parser = argparse.ArgumentParser()
     gpu.add_arguments(parser)

@@ -9,14 +9,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from benchmarks import report
-from benchmarks.compare import compare_markdown, find_systems
-from benchmarks.latency import LatencyConfig, router_overhead, shard_sweep
-from benchmarks.metrics import RequestRecord, percentile, summarize
-from benchmarks.roofline import ModelFootprint
-from benchmarks.serve import ServeConfig, run_benchmark
-from benchmarks.workload import WorkloadConfig, build_requests, count_tokens, load_tokenizer, poisson_arrivals
 from conftest import PYTHON, free_port, subprocess_env
+from mixserve.benchmarks import report
+from mixserve.benchmarks.compare import compare_markdown, find_systems
+from mixserve.benchmarks.latency import LatencyConfig, router_overhead, shard_sweep
+from mixserve.benchmarks.metrics import RequestRecord, percentile, summarize
+from mixserve.benchmarks.roofline import ModelFootprint
+from mixserve.benchmarks.serve import ServeConfig, run_benchmark
+from mixserve.benchmarks.workload import WorkloadConfig, build_requests, count_tokens, load_tokenizer, poisson_arrivals
 
 MAX_CONCURRENT = 3
 OUTPUT_LEN = 8
@@ -139,13 +139,13 @@ def test_shard_step_latency_and_router_overhead(server, demo_dir, tmp_path):
 def naive_generator(demo_dir):
     """The baseline's model, loaded in the test process rather than a child (saves importing torch and
     transformers again); the module is imported here so that collecting this file stays light."""
-    from benchmarks.baselines.naive_server import NaiveGenerator
+    from mixserve.benchmarks.baselines.naive_server import NaiveGenerator
 
     return NaiveGenerator(str(demo_dir))
 
 
 async def test_naive_baseline_answers_predict_and_openai(naive_generator, demo_dir):
-    from benchmarks.baselines.naive_server import build_app
+    from mixserve.benchmarks.baselines.naive_server import build_app
 
     runner = web.AppRunner(build_app(naive_generator))
     await runner.setup()

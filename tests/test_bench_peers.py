@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import compare, llamacpp
-from benchmarks.llamacpp_gguf import UNMERGED_SCORE, merge_scores
-from benchmarks.processes import ServerProcess, free_port
-from benchmarks.serve import ServeConfig, run_benchmark
-from benchmarks.workload import DEMO_CORPUS, WorkloadConfig, build_requests, count_tokens, load_tokenizer
+from mixserve.benchmarks import compare, llamacpp
+from mixserve.benchmarks.llamacpp_gguf import UNMERGED_SCORE, merge_scores
+from mixserve.benchmarks.processes import ServerProcess, free_port
+from mixserve.benchmarks.serve import ServeConfig, run_benchmark
+from mixserve.benchmarks.workload import DEMO_CORPUS, WorkloadConfig, build_requests, count_tokens, load_tokenizer
 
 
 def parse(*argv: str) -> argparse.Namespace:

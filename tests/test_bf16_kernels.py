@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shards import ops
-from shards.attention_metadata import AttentionMetadata
-from shards.config import ParallelConfig
-from shards.distributed import TensorParallelGroup
-from shards.kernels import decoder_layer, linear, moe, native, paged_attention
-from shards.model import DecoderLayer
-from shards.ops import reference
-from shards.ops.cpu import decoder_layer_step
+from mixserve.shards import ops
+from mixserve.shards.attention_metadata import AttentionMetadata
+from mixserve.shards.config import ParallelConfig
+from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.kernels import decoder_layer, linear, moe, native, paged_attention
+from mixserve.shards.model import DecoderLayer
+from mixserve.shards.ops import reference
+from mixserve.shards.ops.cpu import decoder_layer_step
 from tests.test_decoder_layer_kernel import config, decode_metadata, random_cache, random_layer
 
 BF16 = torch.bfloat16
@@ -203,9 +203,9 @@ def test_demo_model_in_bf16_through_the_kernels_agrees_with_torch_bf16(demo_toke
     tokens, the next token the model picks through the kernels (bf16 weights and cache, fp32
     activations) equals torch bf16's at >= 99 % of positions (it cannot be exact: torch rounds every
     activation to bf16, the kernels do not)."""
-    from shards.demo.checkpoint import DemoConfig, ensure_demo_checkpoint
-    from shards.kv_cache import KVCache
-    from shards.loader import load_model
+    from mixserve.shards.demo.checkpoint import DemoConfig, ensure_demo_checkpoint
+    from mixserve.shards.kv_cache import KVCache
+    from mixserve.shards.loader import load_model
 
     parallel = ParallelConfig()
     model_dir = ensure_demo_checkpoint(DemoConfig(train_steps=TRAINED_DEMO_STEPS))

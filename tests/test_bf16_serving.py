@@ -6,12 +6,12 @@ import aiohttp
 import pytest
 import torch
 
-from shards import ops
-from shards.config import ParallelConfig
-from shards.demo.checkpoint import DemoConfig, ensure_demo_checkpoint
-from shards.distributed import TensorParallelGroup
-from shards.kv_cache import KVCache
-from shards.loader import load_model
+from mixserve.shards import ops
+from mixserve.shards.config import ParallelConfig
+from mixserve.shards.demo.checkpoint import DemoConfig, ensure_demo_checkpoint
+from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.kv_cache import KVCache
+from mixserve.shards.loader import load_model
 from tests.test_bf16_kernels import TRAINED_DEMO_STEPS, _top1_after_each
 
 CPU = torch.device("cpu")

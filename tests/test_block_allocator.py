@@ -2,7 +2,7 @@
 
 import pytest
 
-from router.block_allocator import BlockAllocator, BlockTable, OutOfBlocksError
+from mixserve.router.block_allocator import BlockAllocator, BlockTable, OutOfBlocksError
 
 
 @pytest.mark.parametrize(("num_blocks", "block_size"), [(0, 16), (-1, 16), (8, 0), (8, -4)])

@@ -6,16 +6,16 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from shards import decode_graph, ops
-from shards.attention_metadata import AttentionMetadata
-from shards.config import ParallelConfig
-from shards.decode_graph import DecodeGraphRunner, buckets
-from shards.distributed import TensorParallelGroup
-from shards.loader import load_model
-from shards.memory import StepLimits, size_kv_cache
-from shards.multi_step import decode_steps
-from shards.runner import ModelRunner, SequenceStep
-from shards.sampling import SamplingParams
+from mixserve.shards import decode_graph, ops
+from mixserve.shards.attention_metadata import AttentionMetadata
+from mixserve.shards.config import ParallelConfig
+from mixserve.shards.decode_graph import DecodeGraphRunner, buckets
+from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.loader import load_model
+from mixserve.shards.memory import StepLimits, size_kv_cache
+from mixserve.shards.multi_step import decode_steps
+from mixserve.shards.runner import ModelRunner, SequenceStep
+from mixserve.shards.sampling import SamplingParams
 
 CPU = torch.device("cpu")
 

@@ -5,16 +5,16 @@ the `decoder_layers` op taking it only for steps whose tokens each have a table,
 import pytest
 import torch
 
-from shards import ops
-from shards.attention_metadata import AttentionMetadata
-from shards.config import ModelConfig, ParallelConfig
-from shards.distributed import TensorParallelGroup
-from shards.kernels import decoder_layer
-from shards.layers.moe import held_expert_ids, route
-from shards.layers.rotary import RotaryEmbedding
-from shards.model import DecoderLayer, MixtralForCausalLM
-from shards.ops.cpu import decoder_layer_step
-from shards.ops.reference import fused_moe
+from mixserve.shards import ops
+from mixserve.shards.attention_metadata import AttentionMetadata
+from mixserve.shards.config import ModelConfig, ParallelConfig
+from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.kernels import decoder_layer
+from mixserve.shards.layers.moe import held_expert_ids, route
+from mixserve.shards.layers.rotary import RotaryEmbedding
+from mixserve.shards.model import DecoderLayer, MixtralForCausalLM
+from mixserve.shards.ops.cpu import decoder_layer_step
+from mixserve.shards.ops.reference import fused_moe
 
 BLOCK = 4
 NUM_BLOCKS = 40
@@ -174,8 +174,8 @@ def test_model_takes_it_for_steps_whose_tokens_each_have_a_table(demo_dir, monke
     """Decode steps, and steps with prefill chunks that carry per-token tables, run through the
     kernel with the logits of the layers' torch forward; a step with chunks and no such tables runs
     through the layers."""
-    from shards.kv_cache import KVCache
-    from shards.loader import load_model
+    from mixserve.shards.kv_cache import KVCache
+    from mixserve.shards.loader import load_model
 
     parallel = ParallelConfig()
     model: MixtralForCausalLM = load_model(demo_dir, parallel, TensorParallelGroup(parallel))
@@ -228,9 +228,9 @@ def test_model_takes_it_for_steps_whose_tokens_each_have_a_table(demo_dir, monke
 
 
 def test_runner_gives_small_steps_with_prefill_chunks_per_token_tables(demo_dir):
-    from shards.loader import load_model
-    from shards.runner import ModelRunner, SequenceStep
-    from shards.sampling import SamplingParams
+    from mixserve.shards.loader import load_model
+    from mixserve.shards.runner import ModelRunner, SequenceStep
+    from mixserve.shards.sampling import SamplingParams
 
     parallel = ParallelConfig()
     model = load_model(demo_dir, parallel, TensorParallelGroup(parallel))

@@ -15,13 +15,13 @@ from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoTokenizer, LlamaTokenizer, MixtralForCausalLM
 
 from mixserve.cli import main
-from shards.demo.checkpoint import (
+from mixserve.shards.demo.checkpoint import (
     DemoConfig,
     demo_checkpoint_dir,
     ensure_demo_checkpoint,
     write_demo_checkpoint,
 )
-from shards.demo.tokenizer import METASPACE, SPECIAL_TOKENS, train_tokenizer
+from mixserve.shards.demo.tokenizer import METASPACE, SPECIAL_TOKENS, train_tokenizer
 
 TINY = DemoConfig(
     hidden_size=64,

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from shards.layers.dense_experts import experts_dense
-from shards.layers.moe import held_expert_ids, route
-from shards.ops import reference
+from mixserve.shards.layers.dense_experts import experts_dense
+from mixserve.shards.layers.moe import held_expert_ids, route
+from mixserve.shards.ops import reference
 
 E, H, I, K = 8, 32, 48, 2
 

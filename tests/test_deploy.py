@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from conftest import REPO
-from router import launcher
-from router.shard_client import parse_shard_addresses
-from shards import server
+from mixserve.router import launcher
+from mixserve.router.shard_client import parse_shard_addresses
+from mixserve.shards import server
 
 DEPLOY = REPO / "deploy" / "kubernetes"
 

@@ -11,7 +11,7 @@ from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from transformers import PreTrainedTokenizerFast
 
-from router.detokenizer import IncrementalDetokenizer
+from mixserve.router.detokenizer import IncrementalDetokenizer
 
 CORPUS = [
     "Hello world, this is a test of the tokenizer.",

@@ -11,19 +11,19 @@ import torch
 
 from conftest import PYTHON, free_port, subprocess_env
 from mixserve.cli import DefaultsHelpFormatter
+from mixserve.router import launcher
+from mixserve.router.host_check import HostCheckFailed, HostPlan, check_model_dir, group_visible_devices
+from mixserve.router.shard_processes import shard_environment
+from mixserve.shards import devices
+from mixserve.shards.config import ModelConfig, ParallelConfig
+from mixserve.shards.devices import DeviceUnavailable, cpu_has_bf16, resolve_device, resolve_dtype
+from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.loader import load_model
+from mixserve.shards.model_thread import ModelThread
+from mixserve.shards.preflight import PreflightFailed, default_num_shard, plan
+from mixserve.shards.runner import ModelRunner
+from mixserve.shards.server import ShardServicer
 from mixserve_pb import shard_pb2
-from router import launcher
-from router.host_check import HostCheckFailed, HostPlan, check_model_dir, group_visible_devices
-from router.shard_processes import shard_environment
-from shards import devices
-from shards.config import ModelConfig, ParallelConfig
-from shards.devices import DeviceUnavailable, cpu_has_bf16, resolve_device, resolve_dtype
-from shards.distributed import TensorParallelGroup
-from shards.loader import load_model
-from shards.model_thread import ModelThread
-from shards.preflight import PreflightFailed, default_num_shard, plan
-from shards.runner import ModelRunner
-from shards.server import ShardServicer
 
 BLOCK = 16
 

@@ -9,12 +9,12 @@ import shutil
 import pytest
 import torch
 
-from shards.config import ParallelConfig
-from shards.distributed import TensorParallelGroup
-from shards.draft import CATCH_UP_CHUNK, check_draft, load_draft
-from shards.loader import load_model
-from shards.runner import InvalidStep, ModelRunner, SequenceStep
-from shards.sampling import SamplingParams
+from mixserve.shards.config import ParallelConfig
+from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.draft import CATCH_UP_CHUNK, check_draft, load_draft
+from mixserve.shards.loader import load_model
+from mixserve.shards.runner import InvalidStep, ModelRunner, SequenceStep
+from mixserve.shards.sampling import SamplingParams
 
 BLOCK = 4
 NUM_BLOCKS = 32
@@ -25,7 +25,7 @@ CPU = torch.device("cpu")
 @pytest.fixture
 def confident(monkeypatch):
     """Drafts propose every token reserved, however unsure (the demo's random weights give flat logits)."""
-    monkeypatch.setattr("shards.draft.MIN_CONFIDENCE", 0.0)
+    monkeypatch.setattr("mixserve.shards.draft.MIN_CONFIDENCE", 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +195,7 @@ def test_the_draft_cache_holds_the_kept_tokens_after_partial_acceptance(model, d
 
 
 def test_a_long_prompt_catches_up_in_chunks(model, demo_dir, confident, monkeypatch):
-    monkeypatch.setattr("shards.draft.CATCH_UP_CHUNK", 4)
+    monkeypatch.setattr("mixserve.shards.draft.CATCH_UP_CHUNK", 4)
     assert CATCH_UP_CHUNK > 4
     expected, _, _ = generate(new_runner(model), 1, PROMPT, 8, SamplingParams())
     got, kept, _ = generate(new_runner(model, demo_dir), 1, PROMPT, 8, SamplingParams(), 3)

@@ -8,11 +8,11 @@ import aiohttp
 import pytest
 import torch
 
-from shards.config import ParallelConfig
-from shards.distributed import TensorParallelGroup
-from shards.loader import load_model
-from shards.runner import ModelRunner, SequenceStep
-from shards.sampling import SamplingParams
+from mixserve.shards.config import ParallelConfig
+from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.loader import load_model
+from mixserve.shards.runner import ModelRunner, SequenceStep
+from mixserve.shards.sampling import SamplingParams
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 

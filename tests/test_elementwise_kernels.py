@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from shards import ops
-from shards.layers.norm import RMSNorm
-from shards.layers.rotary import RotaryEmbedding
+from mixserve.shards import ops
+from mixserve.shards.layers.norm import RMSNorm
+from mixserve.shards.layers.rotary import RotaryEmbedding
 
 CPU = torch.device("cpu")
 

@@ -5,13 +5,13 @@ import asyncio
 
 import pytest
 
-from router.engine_api import EngineAPI, Limits
-from router.errors import Overloaded, ShardUnavailable, ValidationError
-from router.params import GenerationParams, GenerationRequest
-from router.replicas import build_replicas
-from router.scheduler import SchedulerConfig
-from router.shard_client import ShardGroup
-from router.validation import check_lengths, room, validate
+from mixserve.router.engine_api import EngineAPI, Limits
+from mixserve.router.errors import Overloaded, ShardUnavailable, ValidationError
+from mixserve.router.params import GenerationParams, GenerationRequest
+from mixserve.router.replicas import build_replicas
+from mixserve.router.scheduler import SchedulerConfig
+from mixserve.router.shard_client import ShardGroup
+from mixserve.router.validation import check_lengths, room, validate
 
 LIMITS = Limits(max_concurrent_requests=2, max_input_tokens=40, max_total_tokens=64)
 

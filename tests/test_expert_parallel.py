@@ -14,12 +14,12 @@ import torch
 from safetensors import safe_open
 
 from conftest import PYTHON, subprocess_env
-from shards.checkpoint import CheckpointReader
-from shards.config import ModelConfig, ParallelConfig
-from shards.distributed import TensorParallelGroup
-from shards.layers.moe import SparseMoE, held_expert_ids, route
-from shards.ops.reference import fused_moe
-from shards.quant.config import QuantizationConfig
+from mixserve.shards.checkpoint import CheckpointReader
+from mixserve.shards.config import ModelConfig, ParallelConfig
+from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.layers.moe import SparseMoE, held_expert_ids, route
+from mixserve.shards.ops.reference import fused_moe
+from mixserve.shards.quant.config import QuantizationConfig
 
 PREFIX = "model.layers.1.block_sparse_moe"
 SOLO = TensorParallelGroup(ParallelConfig())
@@ -126,7 +126,7 @@ def test_experts_not_divisible_by_world_size_says_why(demo_dir):
 @pytest.mark.slow
 def test_shard_refuses_ep_at_start_up(tmp_path):
     """A checkpoint with 6 experts on 4 shards: the shard exits with the reason before any rendezvous."""
-    from shards.demo.checkpoint import DemoConfig, write_demo_checkpoint
+    from mixserve.shards.demo.checkpoint import DemoConfig, write_demo_checkpoint
 
     model = write_demo_checkpoint(tmp_path / "six", DemoConfig(num_local_experts=6, num_hidden_layers=1))
     proc = subprocess.run(
@@ -142,7 +142,7 @@ def test_shard_refuses_ep_at_start_up(tmp_path):
 
 
 def test_latency_report_sets_ep_against_tp():
-    from benchmarks.latency import latency_markdown
+    from mixserve.benchmarks.latency import latency_markdown
 
     def row(mode: str, batch: int, decode_ms: float, prefill_ms: float) -> dict:
         ms = {"p50": decode_ms, "p90": decode_ms}

@@ -8,8 +8,8 @@ import llguidance
 import pytest
 import torch
 
-from shards.grammar import GrammarMatchers, allowed_tokens, load_tokenizer
-from shards.ops.reference import MASKED_LOGIT, apply_token_bitmask
+from mixserve.shards.grammar import GrammarMatchers, allowed_tokens, load_tokenizer
+from mixserve.shards.ops.reference import MASKED_LOGIT, apply_token_bitmask
 
 SCHEMA = {
     "type": "object",
@@ -91,7 +91,7 @@ def test_a_grammar_seen_before_starts_from_a_fresh_copy(matchers):
 
 
 def test_invalid_grammar_is_refused(matchers):
-    from shards.grammar import GrammarError
+    from mixserve.shards.grammar import GrammarError
 
     with pytest.raises(GrammarError, match="regex"):
         matchers.matcher(llguidance.LLMatcher.grammar_from_regex("a(b"))
@@ -102,11 +102,11 @@ def test_runner_samples_only_what_the_grammar_allows(demo_dir, matchers):
     tokens spell a full match, then the end-of-sequence token."""
     import re
 
-    from shards.config import ParallelConfig
-    from shards.distributed import TensorParallelGroup
-    from shards.loader import load_model
-    from shards.runner import ModelRunner, SequenceStep
-    from shards.sampling import SamplingParams
+    from mixserve.shards.config import ParallelConfig
+    from mixserve.shards.distributed import TensorParallelGroup
+    from mixserve.shards.loader import load_model
+    from mixserve.shards.runner import ModelRunner, SequenceStep
+    from mixserve.shards.sampling import SamplingParams
 
     torch.set_num_threads(1)
     parallel = ParallelConfig()

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shards import ops
-from shards.kernels import linear as kernel
-from shards.kernels.linear import MAX_ROWS
+from mixserve.shards import ops
+from mixserve.shards.kernels import linear as kernel
+from mixserve.shards.kernels.linear import MAX_ROWS
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, MAX_ROWS, MAX_ROWS + 1])

@@ -4,10 +4,10 @@ at its real shapes on the meta device against an 80 GB A100."""
 import pytest
 import torch
 
-from shards.config import ModelConfig, ParallelConfig
-from shards.distributed import TensorParallelGroup
-from shards.loader import load_model, weight_bytes
-from shards.memory import (
+from mixserve.shards.config import ModelConfig, ParallelConfig
+from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.loader import load_model, weight_bytes
+from mixserve.shards.memory import (
     InsufficientMemory,
     LiveBytes,
     StepLimits,
@@ -17,8 +17,8 @@ from shards.memory import (
     warmup_blocks,
     worst_case_steps,
 )
-from shards.model import MixtralForCausalLM
-from shards.runner import ModelRunner
+from mixserve.shards.model import MixtralForCausalLM
+from mixserve.shards.runner import ModelRunner
 
 GiB = 1 << 30
 A100_BYTES = 80 * 10**9

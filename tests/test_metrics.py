@@ -8,10 +8,10 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import await_until, free_port
+from mixserve.router.metrics import INTER_TOKEN_BUCKETS, LoopHistogram, Metrics
+from mixserve.router.scheduler import Scheduler, SchedulerConfig
 from mixserve_pb import generate_pb2 as pb
 from mixserve_pb import generate_pb2_grpc
-from router.metrics import INTER_TOKEN_BUCKETS, LoopHistogram, Metrics
-from router.scheduler import Scheduler, SchedulerConfig
 
 FAMILIES = {
     "mixserve_requests": "counter",

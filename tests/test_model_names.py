@@ -4,9 +4,9 @@ model (the response names the served one), --strict-model-name's 404, and /v1/mo
 import openai
 import pytest
 
-from router.api_openai import ModelNotFound, check_model
-from router.errors import BadRequest
-from router.server import ServerConfig
+from mixserve.router.api_openai import ModelNotFound, check_model
+from mixserve.router.errors import BadRequest
+from mixserve.router.server import ServerConfig
 
 CHAT = [{"role": "user", "content": "Write a haiku."}]
 

@@ -8,9 +8,9 @@ import torch
 from transformers import MixtralForCausalLM as ReferenceMixtral
 
 from conftest import PYTHON, REPO, run_ranks
-from shards.config import ModelConfig, ParallelConfig
-from shards.distributed import TensorParallelGroup
-from shards.loader import load_model
+from mixserve.shards.config import ModelConfig, ParallelConfig
+from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.loader import load_model
 
 PROMPTS = [[1, 523, 77, 1200, 9, 4000, 31], [1, 88, 2900], [1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]]
 DECODE_STEPS = 16

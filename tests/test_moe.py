@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-from shards.layers.moe import experts_gathered, route
-from shards.ops.reference import fused_moe
+from mixserve.shards.layers.moe import experts_gathered, route
+from mixserve.shards.ops.reference import fused_moe
 
 E, H, I, K = 8, 32, 48, 2
 

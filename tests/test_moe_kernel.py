@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from shards import ops
-from shards.kernels import moe as kernel
-from shards.layers.moe import held_expert_ids, route
-from shards.ops.reference import fused_moe
+from mixserve.shards import ops
+from mixserve.shards.kernels import moe as kernel
+from mixserve.shards.layers.moe import held_expert_ids, route
+from mixserve.shards.ops.reference import fused_moe
 
 
 def _case(tokens, hidden, inter, experts, top_k, seed=0):

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from conftest import start_shards
+from mixserve.shards.config import ParallelConfig
+from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.loader import load_model
+from mixserve.shards.multi_step import decode_steps
+from mixserve.shards.runner import InvalidStep, ModelRunner, SequenceStep
+from mixserve.shards.sampling import SamplingParams
 from mixserve_pb import shard_pb2
-from shards.config import ParallelConfig
-from shards.distributed import TensorParallelGroup
-from shards.loader import load_model
-from shards.multi_step import decode_steps
-from shards.runner import InvalidStep, ModelRunner, SequenceStep
-from shards.sampling import SamplingParams
 
 BLOCK = 16
 BLOCKS_PER_SEQ = 8
@@ -109,7 +109,7 @@ def test_bad_runs_are_refused_before_any_step(runner, change, message):
 
 def test_a_step_request_releases_finished_sequences_first(runner, demo_dir):
     """Releases ride on the next step (no Release call of their own): the shard forgets them."""
-    from shards.server import ShardServicer
+    from mixserve.shards.server import ShardServicer
 
     steps = first_decode(runner)
     assert set(runner.sequences) == {0, 1, 2}

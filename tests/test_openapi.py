@@ -7,12 +7,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from openapi_spec_validator import validate
 from transformers import AutoTokenizer
 
-from router.generation import Limits
-from router.openapi import build_spec, routes
-from router.replicas import build_replicas
-from router.scheduler import SchedulerConfig
-from router.server import ServerConfig, build_app
-from router.shard_client import ShardGroup
+from mixserve.router.generation import Limits
+from mixserve.router.openapi import build_spec, routes
+from mixserve.router.replicas import build_replicas
+from mixserve.router.scheduler import SchedulerConfig
+from mixserve.router.server import ServerConfig, build_app
+from mixserve.router.shard_client import ShardGroup
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""shards.ops: each op's implementation chosen once per shard (`--kernels torch` never reaches C,
+"""mixserve.shards.ops: each op's implementation chosen once per shard (`--kernels torch` never reaches C,
 `native` does), the varlen prefill reference against per-token decode attention, and the C kernel
 wrappers refusing wrong arguments before any pointer reaches C."""
 
@@ -8,10 +8,10 @@ import types
 import pytest
 import torch
 
-from shards import ops
-from shards.kernels import decoder_layer, elementwise, linear, moe, paged_attention, sampling
-from shards.kernels.native import KernelUnavailable
-from shards.ops import reference
+from mixserve.shards import ops
+from mixserve.shards.kernels import decoder_layer, elementwise, linear, moe, paged_attention, sampling
+from mixserve.shards.kernels.native import KernelUnavailable
+from mixserve.shards.ops import reference
 
 CPU = torch.device("cpu")
 # Every C entry point the ops reach, by module.
@@ -95,11 +95,11 @@ def test_native_runs_each_op_in_its_kernel(native, c_calls):
 
 
 def test_a_model_step_reaches_c_only_where_chosen(demo_dir, c_calls):
-    from shards.config import ParallelConfig
-    from shards.distributed import TensorParallelGroup
-    from shards.loader import load_model
-    from shards.runner import ModelRunner, SequenceStep
-    from shards.sampling import SamplingParams
+    from mixserve.shards.config import ParallelConfig
+    from mixserve.shards.distributed import TensorParallelGroup
+    from mixserve.shards.loader import load_model
+    from mixserve.shards.runner import ModelRunner, SequenceStep
+    from mixserve.shards.sampling import SamplingParams
 
     parallel = ParallelConfig()
     model = load_model(demo_dir, parallel, TensorParallelGroup(parallel))
@@ -138,10 +138,10 @@ def test_choices_follow_device_and_dtype():
 def test_triton_ops_are_one_function_of_the_op_name(monkeypatch):
     """A backend supplies the ops it has; the rest keep the reference."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    backend = types.ModuleType("shards.triton")
+    backend = types.ModuleType("mixserve.shards.triton")
     backend.rms_norm = reference.rms_norm
     backend.interpreted = lambda: True  # as the real package is on CPU tensors
-    monkeypatch.setitem(sys.modules, "shards.triton", backend)
+    monkeypatch.setitem(sys.modules, "mixserve.shards.triton", backend)
     try:
         chosen = ops.select("triton", CPU, torch.float32)
     finally:
@@ -257,7 +257,7 @@ def test_linear_and_sampling_kernels_refuse_wrong_arguments(native):
 
 
 def test_decoder_layer_kernel_refuses_wrong_arguments(native):
-    from shards.attention_metadata import AttentionMetadata
+    from mixserve.shards.attention_metadata import AttentionMetadata
 
     heads, kv_heads, head_dim, hidden_size = 4, 2, 8, 16
     attention = decoder_layer.AttentionHalf(
@@ -316,11 +316,11 @@ def test_decoder_layer_kernel_refuses_wrong_arguments(native):
 def test_runner_gives_prefill_chunks_as_varlen_tensors(demo_dir):
     """What a varlen prefill kernel reads: chunk starts within the prefill tokens, start positions and
     block tables, int32, after the decodes."""
-    from shards.config import ParallelConfig
-    from shards.distributed import TensorParallelGroup
-    from shards.loader import load_model
-    from shards.runner import ModelRunner, SequenceStep
-    from shards.sampling import SamplingParams
+    from mixserve.shards.config import ParallelConfig
+    from mixserve.shards.distributed import TensorParallelGroup
+    from mixserve.shards.loader import load_model
+    from mixserve.shards.runner import ModelRunner, SequenceStep
+    from mixserve.shards.sampling import SamplingParams
 
     parallel = ParallelConfig()
     model = load_model(demo_dir, parallel, TensorParallelGroup(parallel))
@@ -346,11 +346,11 @@ def test_runner_gives_prefill_chunks_as_varlen_tensors(demo_dir):
 def test_decoder_layers_fuse_each_residual_add_into_the_next_norm_exactly(demo_dir):
     """The reference's layers hand (MoE output, residual) to the next layer's input norm (`rms_norm` with
     residual, one kernel where one runs): bit for bit each layer's forward, chained."""
-    from shards.attention_metadata import AttentionMetadata
-    from shards.config import ParallelConfig
-    from shards.distributed import TensorParallelGroup
-    from shards.kv_cache import KVCache
-    from shards.loader import load_model
+    from mixserve.shards.attention_metadata import AttentionMetadata
+    from mixserve.shards.config import ParallelConfig
+    from mixserve.shards.distributed import TensorParallelGroup
+    from mixserve.shards.kv_cache import KVCache
+    from mixserve.shards.loader import load_model
 
     parallel = ParallelConfig()
     model = load_model(demo_dir, parallel, TensorParallelGroup(parallel))

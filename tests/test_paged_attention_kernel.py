@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from shards import ops
-from shards.kernels import native as native_kernels
-from shards.kernels import paged_attention as kernel
-from shards.kernels.native import KernelUnavailable
-from shards.ops.reference import paged_decode_attention
+from mixserve.shards import ops
+from mixserve.shards.kernels import native as native_kernels
+from mixserve.shards.kernels import paged_attention as kernel
+from mixserve.shards.kernels.native import KernelUnavailable
+from mixserve.shards.ops.reference import paged_decode_attention
 
 CPU = torch.device("cpu")
 
@@ -81,7 +81,7 @@ def test_native_fails_without_a_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setenv("MIXSERVE_CACHE", str(tmp_path))
     monkeypatch.delenv("CC", raising=False)
-    monkeypatch.setattr("shards.kernels.native._loaded", {})
+    monkeypatch.setattr("mixserve.shards.kernels.native._loaded", {})
     try:
         with pytest.raises(KernelUnavailable, match="no C compiler"):
             ops.select("native", CPU, torch.float32)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import PYTHON, REPO, run_ranks
-from shards.parallel_greedy import is_plain_greedy
-from shards.sampling import SamplingParams
+from mixserve.shards.parallel_greedy import is_plain_greedy
+from mixserve.shards.sampling import SamplingParams
 
 
 @pytest.mark.parametrize(

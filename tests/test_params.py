@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from router.errors import (
+from mixserve.router.errors import (
     BadRequest,
     GenerationError,
     Overloaded,
@@ -16,7 +16,7 @@ from router.errors import (
     ValidationError,
     error_body,
 )
-from router.params import (
+from mixserve.router.params import (
     MAX_STOP_SEQUENCES,
     GenerationParams,
     GenerationRequest,

@@ -1,6 +1,6 @@
 """--max-batch-prefill-tokens: given, it is used as is; not given, it follows the shards' device."""
 
-from router.shard_processes import DEFAULT_PREFILL_TOKENS_ELSEWHERE, prefill_tokens_per_step
+from mixserve.router.shard_processes import DEFAULT_PREFILL_TOKENS_ELSEWHERE, prefill_tokens_per_step
 
 
 def test_a_given_value_wins_on_any_device():

@@ -9,9 +9,9 @@ import pytest
 from test_scheduler import Harness
 
 from conftest import LaunchedServer, free_port
-from router.block_allocator import BlockAllocator, BlockTable, OutOfBlocksError
-from router.prefix_cache import hash_block
-from router.scheduler import Sequence
+from mixserve.router.block_allocator import BlockAllocator, BlockTable, OutOfBlocksError
+from mixserve.router.prefix_cache import hash_block
+from mixserve.router.scheduler import Sequence
 
 # -- hashing and the cache table ---------------------------------------------------------------------
 
@@ -304,11 +304,11 @@ def test_disabled_cache_recomputes_everything():
 def test_runner_builds_the_penalty_history_from_the_prefix(demo_dir):
     import torch
 
-    from shards.config import ParallelConfig
-    from shards.distributed import TensorParallelGroup
-    from shards.loader import load_model
-    from shards.runner import InvalidStep, ModelRunner, SequenceStep
-    from shards.sampling import SamplingParams
+    from mixserve.shards.config import ParallelConfig
+    from mixserve.shards.distributed import TensorParallelGroup
+    from mixserve.shards.loader import load_model
+    from mixserve.shards.runner import InvalidStep, ModelRunner, SequenceStep
+    from mixserve.shards.sampling import SamplingParams
 
     torch.set_num_threads(1)
     parallel = ParallelConfig()

@@ -15,13 +15,19 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from router.api_openai import MAX_CHOICES, parse_chat_request, parse_completion_request, prepare_tools
-from router.api_tgi import parse_generate_request
-from router.detokenizer import IncrementalDetokenizer
-from router.errors import BadRequest, RouterError, ValidationError
-from router.params import GenerationParams, RequestLimits, decode_json_body, parse_predict_request, render_prompt
-from router.stop_sequences import StopSequenceMatcher
-from router.structured import GrammarCache, compile_spec, grammar_tokenizer
+from mixserve.router.api_openai import MAX_CHOICES, parse_chat_request, parse_completion_request, prepare_tools
+from mixserve.router.api_tgi import parse_generate_request
+from mixserve.router.detokenizer import IncrementalDetokenizer
+from mixserve.router.errors import BadRequest, RouterError, ValidationError
+from mixserve.router.params import (
+    GenerationParams,
+    RequestLimits,
+    decode_json_body,
+    parse_predict_request,
+    render_prompt,
+)
+from mixserve.router.stop_sequences import StopSequenceMatcher
+from mixserve.router.structured import GrammarCache, compile_spec, grammar_tokenizer
 
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -26,18 +26,23 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast
 
 from conftest import PYTHON, REPO, free_port, run_ranks, subprocess_env
-from shards.config import ParallelConfig
-from shards.demo.checkpoint import DemoConfig, ensure_demo_checkpoint
-from shards.demo.tokenizer import corpus_lines
-from shards.distributed import TensorParallelGroup, close_process_group, init_process_group, tensor_parallel_group
-from shards.layers.moe import route
-from shards.loader import load_model, weight_bytes
-from shards.model import MixtralForCausalLM
-from shards.quant.config import QUANTIZE_MODES, QuantizationConfig
-from shards.quant.experts import QuantizedExperts
-from shards.quant.linear import Linear4bit, Linear8bitLt, quantize_linear
-from shards.quant.probe import QuantizationUnavailable, check_supported
-from shards.runner import ModelRunner, SequenceStep
+from mixserve.shards.config import ParallelConfig
+from mixserve.shards.demo.checkpoint import DemoConfig, ensure_demo_checkpoint
+from mixserve.shards.demo.tokenizer import corpus_lines
+from mixserve.shards.distributed import (
+    TensorParallelGroup,
+    close_process_group,
+    init_process_group,
+    tensor_parallel_group,
+)
+from mixserve.shards.layers.moe import route
+from mixserve.shards.loader import load_model, weight_bytes
+from mixserve.shards.model import MixtralForCausalLM
+from mixserve.shards.quant.config import QUANTIZE_MODES, QuantizationConfig
+from mixserve.shards.quant.experts import QuantizedExperts
+from mixserve.shards.quant.linear import Linear4bit, Linear8bitLt, quantize_linear
+from mixserve.shards.quant.probe import QuantizationUnavailable, check_supported
+from mixserve.shards.runner import ModelRunner, SequenceStep
 
 log = logging.getLogger(__name__)
 

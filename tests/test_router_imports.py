@@ -23,18 +23,18 @@ ROUTER = REPO / "router"
 # The front modules: each serves an API (or is a helper only the fronts use).
 FRONTS = frozenset(
     {
-        "router.api_info",
-        "router.api_metrics",
-        "router.api_openai",
-        "router.api_predict",
-        "router.api_responses",
-        "router.api_tgi",
-        "router.front_config",
-        "router.grpc_server",
-        "router.http_common",
-        "router.openai_responses",
-        "router.openapi",
-        "router.server",
+        "mixserve.router.api_info",
+        "mixserve.router.api_metrics",
+        "mixserve.router.api_openai",
+        "mixserve.router.api_predict",
+        "mixserve.router.api_responses",
+        "mixserve.router.api_tgi",
+        "mixserve.router.front_config",
+        "mixserve.router.grpc_server",
+        "mixserve.router.http_common",
+        "mixserve.router.openai_responses",
+        "mixserve.router.openapi",
+        "mixserve.router.server",
     }
 )
 # What a front may import of the router besides other fronts: the engine interface, the validation
@@ -42,15 +42,15 @@ FRONTS = frozenset(
 # the metrics registry).
 FRONT_MAY_IMPORT = frozenset(
     {
-        "router.detokenizer",
-        "router.engine_api",
-        "router.errors",
-        "router.metrics",
-        "router.params",
-        "router.structured",
-        "router.tool_turns",
-        "router.tools",
-        "router.validation",
+        "mixserve.router.detokenizer",
+        "mixserve.router.engine_api",
+        "mixserve.router.errors",
+        "mixserve.router.metrics",
+        "mixserve.router.params",
+        "mixserve.router.structured",
+        "mixserve.router.tool_turns",
+        "mixserve.router.tools",
+        "mixserve.router.validation",
     }
 )
 WIRE_MODULES = frozenset({"mixserve_pb.shard_pb2", "mixserve_pb.shard_pb2_grpc"})
@@ -70,7 +70,7 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def router_modules() -> dict[str, Path]:
-    return {f"router.{path.stem}": path for path in sorted(ROUTER.glob("*.py")) if path.stem != "__init__"}
+    return {f"mixserve.router.{path.stem}": path for path in sorted(ROUTER.glob("*.py")) if path.stem != "__init__"}
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -123,11 +123,11 @@ def test_the_cycle_finder_finds_cycles():
 def test_the_import_walk_sees_every_form(tmp_path):
     source = tmp_path / "m.py"
     source.write_text(
-        "import torch.nn\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from router.engine import Engine\n"
-        "def f():\n    from router import scheduler\n"
+        "import torch.nn\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from mixserve.router.engine import Engine\n"
+        "def f():\n    from mixserve.router import scheduler\n"
     )
     found = imported_modules(source)
-    assert {"torch.nn", "router.engine", "router.scheduler"} <= found
+    assert {"torch.nn", "mixserve.router.engine", "mixserve.router.scheduler"} <= found
 
 
 def test_every_front_is_a_router_module():
@@ -154,28 +154,32 @@ def test_fronts_use_only_the_engine_interface():
 
 def test_the_validation_step_and_the_interface_stay_off_the_engine():
     graph = import_graph()
-    for module in ("router.engine_api", "router.validation"):
+    for module in ("mixserve.router.engine_api", "mixserve.router.validation"):
         assert graph[module] <= FRONT_MAY_IMPORT, f"{module} imports {sorted(graph[module] - FRONT_MAY_IMPORT)}"
 
 
 def test_only_the_shard_client_speaks_the_shard_wire_format():
     speakers = {name for name, path in router_modules().items() if imported_modules(path) & WIRE_MODULES}
     # The launcher reads the shards' Info and Warmup answers while it starts them.
-    assert speakers <= {"router.shard_client", "router.launcher", "router.shard_processes"}, speakers
-    assert "router.shard_client" in speakers
+    assert speakers <= {
+        "mixserve.router.shard_client",
+        "mixserve.router.launcher",
+        "mixserve.router.shard_processes",
+    }, speakers
+    assert "mixserve.router.shard_client" in speakers
 
 
 def test_the_grpc_front_needs_no_aiohttp():
     graph = import_graph()
     modules = router_modules()
-    reached, todo = set(), ["router.grpc_server"]
+    reached, todo = set(), ["mixserve.router.grpc_server"]
     while todo:
         module = todo.pop()
         if module not in reached:
             reached.add(module)
             todo.extend(graph[module])
     uses_aiohttp = {m for m in reached if any(n.split(".")[0] == "aiohttp" for n in imported_modules(modules[m]))}
-    assert not uses_aiohttp, f"router.grpc_server reaches aiohttp through {sorted(uses_aiohttp)}"
+    assert not uses_aiohttp, f"mixserve.router.grpc_server reaches aiohttp through {sorted(uses_aiohttp)}"
 
 
 def test_no_import_cycle_in_the_router():

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from shards.config import ParallelConfig
-from shards.distributed import TensorParallelGroup
-from shards.loader import load_model
-from shards.runner import InvalidStep, ModelRunner, OutOfCapacity, SequenceStep
-from shards.sampling import SamplingParams
+from mixserve.shards.config import ParallelConfig
+from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.loader import load_model
+from mixserve.shards.runner import InvalidStep, ModelRunner, OutOfCapacity, SequenceStep
+from mixserve.shards.sampling import SamplingParams
 
 BLOCK = 4
 GREEDY = SamplingParams(temperature=0.0)

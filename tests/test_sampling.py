@@ -8,8 +8,7 @@ import sys
 import pytest
 import torch
 
-from mixserve_pb import shard_pb2
-from shards.sampling import (
+from mixserve.shards.sampling import (
     SamplingParams,
     TokenHistory,
     apply_penalties,
@@ -17,6 +16,7 @@ from shards.sampling import (
     mask_top_k_top_p,
     sample,
 )
+from mixserve_pb import shard_pb2
 
 
 def _run(logits: torch.Tensor, params: list[SamplingParams], keys: list[int], histories=None):
@@ -364,7 +364,7 @@ def test_top_n_is_empty_when_unasked_and_capped_at_the_vocabulary():
 
 _RANK_SCRIPT = """
 import json, torch
-from shards.sampling import SamplingParams, TokenHistory, sample
+from mixserve.shards.sampling import SamplingParams, TokenHistory, sample
 v = torch.arange(24 * 257, dtype=torch.float32).reshape(24, 257)
 logits = torch.sin(v * 0.37) * 3 + torch.cos(v * 0.011)
 params = [

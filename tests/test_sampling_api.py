@@ -12,11 +12,11 @@ from text_generation import Client
 from transformers import AutoTokenizer
 from transformers import MixtralForCausalLM as ReferenceMixtral
 
+from mixserve.router import grpc_server
+from mixserve.router.api_tgi import parse_generate_request
+from mixserve.router.errors import BadRequest, ValidationError
+from mixserve.router.params import RequestLimits
 from mixserve_pb import generate_pb2
-from router import grpc_server
-from router.api_tgi import parse_generate_request
-from router.errors import BadRequest, ValidationError
-from router.params import RequestLimits
 
 # Longer than a KV block (16 tokens), so a second request could find the first's blocks in the prefix cache.
 PROMPT = "The old river runs past the mill and the long road that climbs to the village on the hill"

@@ -8,11 +8,11 @@ import torch
 from transformers import MixtralForCausalLM as ReferenceMixtral
 from transformers.generation.logits_process import TypicalLogitsWarper
 
-from shards.config import ParallelConfig
-from shards.distributed import TensorParallelGroup
-from shards.loader import load_model
-from shards.runner import ModelRunner, SequenceStep
-from shards.sampling import SamplingParams, TokenHistory, apply_logit_bias, mask_typical, sample
+from mixserve.shards.config import ParallelConfig
+from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.loader import load_model
+from mixserve.shards.runner import ModelRunner, SequenceStep
+from mixserve.shards.sampling import SamplingParams, TokenHistory, apply_logit_bias, mask_typical, sample
 
 BLOCK = 4
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from shards import ops
-from shards.kernels.sampling import apply_token_bitmask, row_argmax_logsumexp
-from shards.ops import cpu, reference
-from shards.ops.reference import MASKED_LOGIT
-from shards.sampling import SamplingParams, TokenHistory, sample
+from mixserve.shards import ops
+from mixserve.shards.kernels.sampling import apply_token_bitmask, row_argmax_logsumexp
+from mixserve.shards.ops import cpu, reference
+from mixserve.shards.ops.reference import MASKED_LOGIT
+from mixserve.shards.sampling import SamplingParams, TokenHistory, sample
 
 
 def test_argmax_and_logsumexp_equal_torch(native):

@@ -18,7 +18,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from router.scheduler import ScheduledSequence, Scheduler, SchedulerConfig, Sequence, SequenceStatus, StepPlan
+from mixserve.router.scheduler import ScheduledSequence, Scheduler, SchedulerConfig, Sequence, SequenceStatus, StepPlan
 
 ROOT = 17
 

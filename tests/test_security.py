@@ -15,13 +15,13 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from transformers import AutoTokenizer
 
-from router import launcher
-from router.front_config import api_key_matches
-from router.generation import Limits
-from router.replicas import build_replicas
-from router.scheduler import SchedulerConfig
-from router.server import ServerConfig, build_app
-from router.shard_client import ShardGroup
+from mixserve.router import launcher
+from mixserve.router.front_config import api_key_matches
+from mixserve.router.generation import Limits
+from mixserve.router.replicas import build_replicas
+from mixserve.router.scheduler import SchedulerConfig
+from mixserve.router.server import ServerConfig, build_app
+from mixserve.router.shard_client import ShardGroup
 
 API_KEY = "key-7Hq2-canary"
 PROMPT = "quokka lantern canary"

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import PYTHON, start_shards, subprocess_env
+from mixserve.shards.devices import resolve_dtype
 from mixserve_pb import shard_pb2
-from shards.devices import resolve_dtype
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ import torch
 from shm_collectives_worker import SHAPES, part
 
 from conftest import PYTHON, REPO, run_ranks
-from shards.kernels import native
-from shards.shm_collectives import SharedMemoryGroup
+from mixserve.shards.kernels import native
+from mixserve.shards.shm_collectives import SharedMemoryGroup
 
 
 def run_group(tmp_path, world_size: int, kernels: str) -> list[dict]:

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from benchmarks.soak_load import GENERATIONS, KINDS, OUTCOMES, kind_schedule
-from benchmarks.soak_probe import shard_pids
-from benchmarks.soak_report import checks, rss_growth
+from mixserve.benchmarks.soak_load import GENERATIONS, KINDS, OUTCOMES, kind_schedule
+from mixserve.benchmarks.soak_probe import shard_pids
+from mixserve.benchmarks.soak_report import checks, rss_growth
 from mixserve.cli import main
 
 SOAK_SECONDS = 10

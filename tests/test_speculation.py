@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from router.scheduler import ScheduledSequence, Scheduler, SchedulerConfig, Sequence, SequenceStatus
-from router.speculation import (
+from mixserve.router.scheduler import ScheduledSequence, Scheduler, SchedulerConfig, Sequence, SequenceStatus
+from mixserve.router.speculation import (
     MISSES_TO_PAUSE,
     PAUSE_STEPS,
     DraftProposer,

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from shards.config import ParallelConfig
-from shards.distributed import TensorParallelGroup
-from shards.loader import load_model
-from shards.runner import InvalidStep, ModelRunner, SequenceStep
-from shards.sampling import SamplingParams, TokenHistory, sample
-from shards.speculative import greedy_runs, num_accepted, verify
+from mixserve.shards.config import ParallelConfig
+from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.loader import load_model
+from mixserve.shards.runner import InvalidStep, ModelRunner, SequenceStep
+from mixserve.shards.sampling import SamplingParams, TokenHistory, sample
+from mixserve.shards.speculative import greedy_runs, num_accepted, verify
 
 BLOCK = 4
 # 0.999 quantile of chi-square with 5 degrees of freedom: a correct rule fails 1 run in 1000.

@@ -8,11 +8,11 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from conftest import start_shards
-from router.engine import Engine
-from router.generation import Limits
-from router.params import GenerationParams
-from router.scheduler import SchedulerConfig
-from router.shard_client import ShardGroup, ShardRejected
+from mixserve.router.engine import Engine
+from mixserve.router.generation import Limits
+from mixserve.router.params import GenerationParams
+from mixserve.router.scheduler import SchedulerConfig
+from mixserve.router.shard_client import ShardGroup, ShardRejected
 
 pytestmark = pytest.mark.slow
 

@@ -2,9 +2,9 @@
 
 import torch
 
-from shards.sampling import SampleOutput, SamplingParams
-from shards.speculative import verified_tokens
-from shards.step_rows import consecutive, span_rows
+from mixserve.shards.sampling import SampleOutput, SamplingParams
+from mixserve.shards.speculative import verified_tokens
+from mixserve.shards.step_rows import consecutive, span_rows
 
 
 def test_consecutive_spans_follow_one_another_from_row_zero():

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from router.stop_sequences import StopSequenceMatcher
+from mixserve.router.stop_sequences import StopSequenceMatcher
 
 
 def reference_cut(text: str, stops: list[str]) -> tuple[str, bool]:

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from router.api_openai import parse_chat_request, parse_completion_request
-from router.api_tgi import parse_generate_request
-from router.errors import BadRequest, ValidationError
-from router.params import GenerationParams, parse_predict_request
-from router.structured import GrammarCache, compile_grammar, compile_spec, openai_spec
+from mixserve.router.api_openai import parse_chat_request, parse_completion_request
+from mixserve.router.api_tgi import parse_generate_request
+from mixserve.router.errors import BadRequest, ValidationError
+from mixserve.router.params import GenerationParams, parse_predict_request
+from mixserve.router.structured import GrammarCache, compile_grammar, compile_spec, openai_spec
 
 SCHEMA = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}, "required": ["b"]}
 CHAT = [{"role": "user", "content": "hi"}]
@@ -140,7 +140,7 @@ def test_compiled_grammars_are_cached_least_recently_used_first_out():
 
 
 def test_an_uncompiled_grammar_is_not_submitted():
-    from router.generation import Generation
+    from mixserve.router.generation import Generation
 
     params = GenerationParams(grammar=openai_spec({"guided_regex": "a"}))
     with pytest.raises(ValueError, match="compile the grammar"):

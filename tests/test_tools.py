@@ -10,10 +10,24 @@ import llguidance
 import openai
 import pytest
 
-from router.errors import RouterError
-from router.structured import compile_spec, grammar_tokenizer
-from router.tool_turns import as_template_turns, as_text_turns, mistral_id, parse_tool_turns, template_takes_tools
-from router.tools import Function, ToolPlan, call_token_id, calls_grammar, calls_schema, parse_calls, parse_tools
+from mixserve.router.errors import RouterError
+from mixserve.router.structured import compile_spec, grammar_tokenizer
+from mixserve.router.tool_turns import (
+    as_template_turns,
+    as_text_turns,
+    mistral_id,
+    parse_tool_turns,
+    template_takes_tools,
+)
+from mixserve.router.tools import (
+    Function,
+    ToolPlan,
+    call_token_id,
+    calls_grammar,
+    calls_schema,
+    parse_calls,
+    parse_tools,
+)
 
 SMALL = ("--max-batch-prefill-tokens", "64", "--max-batch-size", "16", "--max-kv-blocks", "512")
 WEATHER = {

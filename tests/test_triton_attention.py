@@ -17,8 +17,8 @@ import torch
 pytest.importorskip("triton")
 
 from conftest import PYTHON, subprocess_env  # noqa: E402
-from shards.ops import reference  # noqa: E402
-from shards.triton import attention  # noqa: E402
+from mixserve.shards.ops import reference  # noqa: E402
+from mixserve.shards.triton import attention  # noqa: E402
 
 if attention.interpreted():
     DEVICE = torch.device("cpu")
@@ -253,8 +253,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from shards.triton import attention as A
-from shards.triton import attention_kernels as K
+from mixserve.shards.triton import attention as A
+from mixserve.shards.triton import attention_kernels as K
 
 assert not A.interpreted()
 STRIDES = ["stride_kn", "stride_ks", "stride_kh", "stride_vn", "stride_vs", "stride_vh", "stride_tb"]

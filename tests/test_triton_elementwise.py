@@ -9,15 +9,15 @@ import os
 import pytest
 import torch
 
-from shards.layers.norm import RMSNorm
-from shards.layers.rotary import RotaryEmbedding
-from shards.ops.reference import write_kv
+from mixserve.shards.layers.norm import RMSNorm
+from mixserve.shards.layers.rotary import RotaryEmbedding
+from mixserve.shards.ops.reference import write_kv
 
 pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1":  # tests/conftest.py sets it unless told otherwise
     pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1", allow_module_level=True)
 
-from shards.triton import norm, rotary  # noqa: E402 - after the interpreter check
+from mixserve.shards.triton import norm, rotary  # noqa: E402 - after the interpreter check
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOLERANCES = {

@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from shards.ops import reference
-from shards.triton.moe_align import align_pairs, max_sorted_rows
+from mixserve.shards.ops import reference
+from mixserve.shards.triton.moe_align import align_pairs, max_sorted_rows
 
 pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1":  # tests/conftest.py sets it unless told otherwise
     pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1", allow_module_level=True)
 
-from shards.triton import moe  # noqa: E402 - after the interpreter check
+from mixserve.shards.triton import moe  # noqa: E402 - after the interpreter check
 
 TOLERANCES = {
     torch.float32: dict(atol=1e-5, rtol=1e-4),

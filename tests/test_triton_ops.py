@@ -19,14 +19,14 @@ pytest.importorskip("triton")
 from test_decode_graph import _RefuseHostSync, decode_after_prefill, warm_runner  # noqa: E402
 
 from conftest import INTERPRETER_CONFIG  # noqa: E402
-from shards import ops  # noqa: E402
-from shards.config import ParallelConfig  # noqa: E402
-from shards.distributed import TensorParallelGroup  # noqa: E402
-from shards.layers import moe as moe_layer  # noqa: E402
-from shards.loader import load_model  # noqa: E402
-from shards.memory import LiveBytes  # noqa: E402
-from shards.ops import reference  # noqa: E402
-from shards.triton import attention, moe, norm, rotary  # noqa: E402
+from mixserve.shards import ops  # noqa: E402
+from mixserve.shards.config import ParallelConfig  # noqa: E402
+from mixserve.shards.distributed import TensorParallelGroup  # noqa: E402
+from mixserve.shards.layers import moe as moe_layer  # noqa: E402
+from mixserve.shards.loader import load_model  # noqa: E402
+from mixserve.shards.memory import LiveBytes  # noqa: E402
+from mixserve.shards.ops import reference  # noqa: E402
+from mixserve.shards.triton import attention, moe, norm, rotary  # noqa: E402
 
 CPU = torch.device("cpu")
 # (module, function) of every kernel wrapper the ops reach.
@@ -141,7 +141,7 @@ def test_arguments_a_kernel_does_not_take_run_the_reference(triton_selected, ker
 def test_selection_refuses_kernels_built_for_the_other_device():
     """Compiled kernels cannot take CPU tensors, interpreted ones CUDA tensors: `triton` refuses at
     start-up rather than naming triton for ops that would all take the reference."""
-    from shards.kernels.native import KernelUnavailable
+    from mixserve.shards.kernels.native import KernelUnavailable
 
     with pytest.raises(KernelUnavailable, match="interpreted"):
         ops.select("triton", torch.device("cuda", 0), torch.bfloat16)

@@ -15,12 +15,12 @@ import sys
 
 import torch
 
-from shards.config import ParallelConfig
-from shards.distributed import close_process_group, init_process_group, tensor_parallel_group
-from shards.loader import load_model, weight_bytes
-from shards.memory import StepLimits, size_kv_cache
-from shards.runner import ModelRunner, SequenceStep
-from shards.sampling import SamplingParams
+from mixserve.shards.config import ParallelConfig
+from mixserve.shards.distributed import close_process_group, init_process_group, tensor_parallel_group
+from mixserve.shards.loader import load_model, weight_bytes
+from mixserve.shards.memory import StepLimits, size_kv_cache
+from mixserve.shards.runner import ModelRunner, SequenceStep
+from mixserve.shards.sampling import SamplingParams
 
 BLOCK_SIZE = 4
 

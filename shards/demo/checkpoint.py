@@ -34,7 +34,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shards.demo.tokenizer import BOS_TOKEN, CORPUS_PATH, EOS_TOKEN, SPECIAL_TOKENS, write_tokenizer_files
+from mixserve.shards.demo.tokenizer import BOS_TOKEN, CORPUS_PATH, EOS_TOKEN, SPECIAL_TOKENS, write_tokenizer_files
 
 if TYPE_CHECKING:
     import torch
@@ -211,7 +211,7 @@ def write_demo_checkpoint(out_dir: Path, config: DemoConfig | None = None) -> Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = demo_state_dict(config)
     if config.train_steps:
-        from shards.demo.train import train_checkpoint
+        from mixserve.shards.demo.train import train_checkpoint
 
         with tempfile.TemporaryDirectory(prefix="mixserve-untrained-") as tmp:
             _write_checkpoint(Path(tmp), config, tensors)

@@ -32,7 +32,7 @@ def corpus_token_ids(model_dir: Path) -> "torch.Tensor":
     import torch
     from transformers import PreTrainedTokenizerFast
 
-    from shards.demo.tokenizer import CORPUS_PATH
+    from mixserve.shards.demo.tokenizer import CORPUS_PATH
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
     text = CORPUS_PATH.read_text(encoding="utf-8")

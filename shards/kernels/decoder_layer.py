@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shards.attention_metadata import AttentionMetadata
-from shards.kernels import moe, native
-from shards.kernels import paged_attention as attention_kernel
-from shards.kernels.checks import at_most, element_type, index, require, same
-from shards.kernels.native import KernelUnavailable
+from mixserve.shards.attention_metadata import AttentionMetadata
+from mixserve.shards.kernels import moe, native
+from mixserve.shards.kernels import paged_attention as attention_kernel
+from mixserve.shards.kernels.checks import at_most, element_type, index, require, same
+from mixserve.shards.kernels.native import KernelUnavailable
 
 _P, _I64, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SCRATCH_ARGTYPES = [_I64] * 9

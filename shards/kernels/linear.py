@@ -11,9 +11,9 @@ import ctypes
 
 import torch
 
-from shards.kernels import native
-from shards.kernels.checks import element_type, require, same
-from shards.kernels.native import KernelUnavailable
+from mixserve.shards.kernels import native
+from mixserve.shards.kernels.checks import element_type, require, same
+from mixserve.shards.kernels.native import KernelUnavailable
 
 # Past this many rows MKL's blocked GEMM beats streaming the weight once per group of four rows of it.
 MAX_ROWS = 16

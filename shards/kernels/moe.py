@@ -8,9 +8,9 @@ import ctypes
 
 import torch
 
-from shards.kernels import native
-from shards.kernels.checks import element_type, index, require, same
-from shards.kernels.native import KernelUnavailable
+from mixserve.shards.kernels import native
+from mixserve.shards.kernels.checks import element_type, index, require, same
+from mixserve.shards.kernels.native import KernelUnavailable
 
 # Past this many tokens MKL's blocked GEMM beats streaming each expert's weights per row group:
 # 64 with 8-float vectors; with 16-float ones (AVX-512) the kernel still wins at 128 (1.24-1.36x the

@@ -9,9 +9,9 @@ import ctypes
 
 import torch
 
-from shards.kernels import native
-from shards.kernels.checks import at_most, element_type, index, require, same
-from shards.kernels.native import KernelUnavailable
+from mixserve.shards.kernels import native
+from mixserve.shards.kernels.checks import at_most, element_type, index, require, same
+from mixserve.shards.kernels.native import KernelUnavailable
 
 # The C kernel's fixed scratch sizes (paged_attention.c); the op takes the torch path past them.
 MAX_HEADS, MAX_HEAD_DIM, MAX_BLOCK = 64, 256, 256

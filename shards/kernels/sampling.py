@@ -9,9 +9,9 @@ import ctypes
 
 import torch
 
-from shards.kernels import native
-from shards.kernels.checks import require
-from shards.kernels.native import KernelUnavailable
+from mixserve.shards.kernels import native
+from mixserve.shards.kernels.checks import require
+from mixserve.shards.kernels.native import KernelUnavailable
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _ARGTYPES = [_P, _I64, _I64, _P, _P]

@@ -9,7 +9,7 @@ ranks N, this rank, the call number, the data's address and size, the timeout in
 
 import ctypes
 
-from shards.kernels import native
+from mixserve.shards.kernels import native
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _ARGTYPES = [_P, _P, _I64, _I64, _I64, _I64, _P, _I64, _I64]

@@ -8,13 +8,13 @@ Legend: T tokens, h query heads and kv KV heads on this rank, d head dim.
 import torch
 from torch import nn
 
-from shards import ops
-from shards.attention_metadata import AttentionMetadata
-from shards.checkpoint import CheckpointReader
-from shards.config import ModelConfig, ParallelConfig
-from shards.distributed import TensorParallelGroup
-from shards.layers.linear import QKVParallelLinear, RowParallelLinear
-from shards.layers.rotary import RotaryEmbedding
+from mixserve.shards import ops
+from mixserve.shards.attention_metadata import AttentionMetadata
+from mixserve.shards.checkpoint import CheckpointReader
+from mixserve.shards.config import ModelConfig, ParallelConfig
+from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.layers.linear import QKVParallelLinear, RowParallelLinear
+from mixserve.shards.layers.rotary import RotaryEmbedding
 
 
 def paged_attention(

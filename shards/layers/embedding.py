@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shards import ops
-from shards.checkpoint import CheckpointReader
-from shards.config import ParallelConfig
-from shards.distributed import TensorParallelGroup
-from shards.layers.linear import materialize
+from mixserve.shards import ops
+from mixserve.shards.checkpoint import CheckpointReader
+from mixserve.shards.config import ParallelConfig
+from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.layers.linear import materialize
 
 
 class _VocabSlice(nn.Module):

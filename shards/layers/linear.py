@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shards.checkpoint import CheckpointReader
-from shards.config import ParallelConfig
-from shards.distributed import TensorParallelGroup
-from shards.quant.config import QuantizationConfig
-from shards.quant.linear import QuantizedLinear, quantize_linear
+from mixserve.shards.checkpoint import CheckpointReader
+from mixserve.shards.config import ParallelConfig
+from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.quant.config import QuantizationConfig
+from mixserve.shards.quant.linear import QuantizedLinear, quantize_linear
 
 
 def materialize(tensor: torch.Tensor, like: nn.Parameter, device: torch.device) -> nn.Parameter:

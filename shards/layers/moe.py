@@ -23,15 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shards import ops
-from shards.checkpoint import CheckpointReader
-from shards.config import ModelConfig, ParallelConfig
-from shards.distributed import TensorParallelGroup
-from shards.layers.dense_experts import experts_dense
-from shards.layers.linear import materialize
-from shards.quant.config import QuantizationConfig
-from shards.quant.experts import QuantizedExperts
-from shards.quant.linear import quantize_linear
+from mixserve.shards import ops
+from mixserve.shards.checkpoint import CheckpointReader
+from mixserve.shards.config import ModelConfig, ParallelConfig
+from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.layers.dense_experts import experts_dense
+from mixserve.shards.layers.linear import materialize
+from mixserve.shards.quant.config import QuantizationConfig
+from mixserve.shards.quant.experts import QuantizedExperts
+from mixserve.shards.quant.linear import quantize_linear
 
 
 def route(hidden: torch.Tensor, gate: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

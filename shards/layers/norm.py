@@ -3,9 +3,9 @@
 import torch
 from torch import nn
 
-from shards import ops
-from shards.checkpoint import CheckpointReader
-from shards.layers.linear import materialize
+from mixserve.shards import ops
+from mixserve.shards.checkpoint import CheckpointReader
+from mixserve.shards.layers.linear import materialize
 
 
 class RMSNorm(nn.Module):

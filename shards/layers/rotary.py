@@ -6,7 +6,7 @@ Legend: T tokens, h heads, kv KV heads, d head dim, P positions.
 import torch
 from torch import nn
 
-from shards import ops
+from mixserve.shards import ops
 
 
 class RotaryEmbedding(nn.Module):

@@ -23,9 +23,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from shards.kernels import native
-from shards.kernels.native import KernelUnavailable
-from shards.ops import cpu, reference
+from mixserve.shards.kernels import native
+from mixserve.shards.kernels.native import KernelUnavailable
+from mixserve.shards.ops import cpu, reference
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def _triton_ops(device: torch.device, required: bool) -> dict[str, Callable]:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     try:
         importlib.import_module("triton")
-        module = importlib.import_module("shards.triton")
+        module = importlib.import_module("mixserve.shards.triton")
     except ImportError as e:
         return _triton_unavailable(f"the Triton kernels are not available: {e}", required)
     if (device.type == "cpu") != module.interpreted():

@@ -17,10 +17,10 @@ Legend: T tokens, H hidden size, h query heads, d head dim, B decoding sequences
 import torch
 from torch import nn
 
-from shards.attention_metadata import AttentionMetadata
-from shards.kernels import decoder_layer, elementwise, linear, moe, paged_attention, sampling
-from shards.kv_cache import KVCache
-from shards.ops import reference
+from mixserve.shards.attention_metadata import AttentionMetadata
+from mixserve.shards.kernels import decoder_layer, elementwise, linear, moe, paged_attention, sampling
+from mixserve.shards.kv_cache import KVCache
+from mixserve.shards.ops import reference
 
 _F32 = torch.float32
 # The dtypes the weight- and cache-reading kernels take their weights and pools in.

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shards.attention_metadata import AttentionMetadata
-from shards.kv_cache import KVCache
-from shards.layers.grouped_experts import run_grouped
+from mixserve.shards.attention_metadata import AttentionMetadata
+from mixserve.shards.kv_cache import KVCache
+from mixserve.shards.layers.grouped_experts import run_grouped
 
 
 def rms_norm(

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shards.layers.grouped_experts import run_grouped
-from shards.quant.linear import QuantizedLinear
+from mixserve.shards.layers.grouped_experts import run_grouped
+from mixserve.shards.quant.linear import QuantizedLinear
 
 
 class QuantizedExperts(nn.Module):

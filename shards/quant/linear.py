@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from shards.quant.config import QuantizationConfig
+from mixserve.shards.quant.config import QuantizationConfig
 
 
 @functools.cache

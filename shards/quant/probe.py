@@ -7,8 +7,8 @@ its group or reads a weight, with one tiny matmul, instead of in the middle of a
 
 import torch
 
-from shards.quant.config import QuantizationConfig
-from shards.quant.linear import quantize_linear
+from mixserve.shards.quant.config import QuantizationConfig
+from mixserve.shards.quant.linear import quantize_linear
 
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Far above the probe's expected error (int8 about 1 %, nf4 about 10 %, fp4 about 13 %), far below

@@ -9,8 +9,14 @@ with TRITON_INTERPRET=1 set, so the variable must be in the environment before a
 triton; tests/conftest.py sets it for the test session, shards.ops.select for a CPU shard.
 """
 
-from shards.triton.attention import interpreted
-from shards.triton.ops import fused_moe, paged_decode_attention, paged_prefill_attention, rms_norm, rotary_write_kv
+from mixserve.shards.triton.attention import interpreted
+from mixserve.shards.triton.ops import (
+    fused_moe,
+    paged_decode_attention,
+    paged_prefill_attention,
+    rms_norm,
+    rotary_write_kv,
+)
 
 __all__ = [
     "fused_moe",

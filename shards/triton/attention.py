@@ -43,7 +43,7 @@ import torch
 try:
     from triton.runtime.interpreter import InterpretedFunction
 
-    from shards.triton import attention_kernels as kernels
+    from mixserve.shards.triton import attention_kernels as kernels
 except ImportError:  # triton is not installed: usable() says no and the torch paths serve
     kernels = None
 

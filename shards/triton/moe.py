@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shards.triton.moe_align import align_pairs
+from mixserve.shards.triton.moe_align import align_pairs
 
 try:
     import triton

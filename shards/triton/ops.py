@@ -24,8 +24,8 @@ import logging
 
 import torch
 
-from shards.ops import reference
-from shards.triton import attention, moe, norm, rotary
+from mixserve.shards.ops import reference
+from mixserve.shards.triton import attention, moe, norm, rotary
 
 log = logging.getLogger(__name__)
 
