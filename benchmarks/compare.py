@@ -6,12 +6,10 @@ for the cores. The machine's roofline is measured first, with nothing running. W
 compare.json, compare.md (one table with ratios to the reference system and % of the
 roofline ceiling), throughput.png and latency_cdf.png.
 
-A mixserve system is `mixserve-N` (N shards) with, after a colon, flags for `mixserve launch`:
-`mixserve-2:--dtype bfloat16` or `"mixserve-2:--quantize int8-wo"` set the weight formats side by
-side in one table (the name, flags included, labels the row).
-
 Peers are found, never installed: vLLM's CPU build and transformers' own server each live in
-their own venv (recipes in benchmarks/peers.md); a missing venv is skipped with the reason.
+their own venv, llama.cpp's `llama-server` is a binary (recipes in benchmarks/peers.md); a missing
+one is skipped with the reason. `--mixserve NAME=ARGS` adds mixserve started with extra launch flags
+(system `mixserve-NAME`), `--llama-dtype` llama.cpp in another weight type (`llama.cpp-<dtype>`).
 """
 
 import argparse
@@ -19,7 +17,9 @@ import asyncio
 import datetime
 import json
 import logging
+import math
 import os
+import re
 import shlex
 import sys
 import urllib.error
@@ -27,7 +27,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mixserve.benchmarks import report
+from mixserve.benchmarks import llamacpp, report
 from mixserve.benchmarks.processes import PYTHON, REPO, ServerProcess, child_env, free_port
 from mixserve.benchmarks.serve import add_workload_arguments, config_from_args, run_benchmark
 
@@ -35,8 +35,11 @@ log = logging.getLogger("mixserve.bench")
 
 # mixserve-N is N shards; on a 2-core machine two shards (one per core) serve best, four (the
 # default of `mixserve launch`, one per GPU of a 4-GPU host) oversubscribe the cores.
-SYSTEMS = ("mixserve-2", "mixserve-1", "mixserve-4", "naive", "vllm", "transformers-serve")
-PEERS_DIR = Path(os.environ.get("MIXSERVE_CACHE") or Path.home() / ".cache" / "mixserve") / "peers"
+SYSTEMS = ("mixserve-2", "mixserve-1", "mixserve-4", "naive", "vllm", "transformers-serve", "llama.cpp-f32")
+PEERS_DIR = llamacpp.peers_dir()
+# Shards of a `--mixserve NAME=ARGS` variant unless ARGS sets --num-shard: the reference's two.
+VARIANT_SHARDS = 2
+_VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 # Where peers' venvs are looked for, in order, after --vllm-venv / --transformers-venv and the
 # MIXSERVE_VLLM_VENV / MIXSERVE_TRANSFORMERS_VENV variables.
 VLLM_VENVS = (PEERS_DIR / "vllm", Path("/opt/vllm-venv"))
@@ -52,6 +55,7 @@ class System:
     port: int
     target: str
     ignore_eos: bool = True
+    keepalive: bool = True
     env: dict[str, str] = field(default_factory=child_env)
     description: str = ""
 
@@ -72,27 +76,73 @@ def venv_candidates(given: Path | None, variable: str, defaults: tuple[Path, ...
     return [Path(os.environ[variable]), *defaults] if os.environ.get(variable) else list(defaults)
 
 
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """`NAME=ARGS` of `--mixserve`: the name (system `mixserve-NAME`) and the launch flags, shell-split."""
+    name, sep, args = spec.partition("=")
+    name = name.strip()
+    if not sep or not _VARIANT_NAME.match(name):
+        raise ValueError(f"--mixserve takes NAME=ARGS with NAME of letters, digits, '_.+-', got {spec!r}")
+    if name.isdigit():
+        raise ValueError(f"--mixserve name {name!r} is taken by mixserve-N (N shards); pick another")
+    try:
+        return name, shlex.split(args)
+    except ValueError as exc:
+        raise ValueError(f"--mixserve {name}: cannot split its flags: {exc}") from None
+
+
+def mixserve_command(model_dir: str, port: int, startup_timeout_s: float, shards: int, extra: list[str]) -> list[str]:
+    """`mixserve launch` on `port` with `shards` shards, then `extra` (later flags win, so ARGS may set
+    --num-shard too)."""
+    cmd = [PYTHON, "-m", "mixserve.cli", "launch", "--model", model_dir, "--num-shard", str(shards)]
+    # The launcher's own wait for its shards follows the harness's start-up timeout.
+    return cmd + ["--port", str(port), "--shard-timeout", str(startup_timeout_s), *extra]
+
+
+@dataclass(slots=True)
+class LlamaSizing:
+    """What llama-server's slots must hold: the most requests in flight and one request's tokens."""
+
+    slots: int = 32
+    input_len: int = 64
+    output_len: int = 64
+
+
 def find_systems(
     names: list[str],
     model_dir: str,
     vllm_venvs: list[Path],
     transformers_venvs: list[Path],
     startup_timeout_s: float = 600.0,
+    *,
+    llama_servers: list[Path] | None = None,
+    llama_sizing: LlamaSizing | None = None,
+    variants: dict[str, list[str]] | None = None,
+    logs_dir: Path | None = None,
 ):
-    """The systems to run (each on its own free port) and, for each left out, why."""
+    """The systems to run (each on its own free port) and, for each left out, why. llama.cpp systems
+    convert the checkpoint first (cached), writing the converter's log under `logs_dir`."""
     found: list[System] = []
     skipped: dict[str, str] = {}
+    variants = variants or {}
     vllm_venv = find_venv(vllm_venvs, "vllm")
     transformers_venv = find_venv(transformers_venvs, "fastapi")
+    llama_servers = llama_servers if llama_servers is not None else llamacpp.server_candidates(None)
     for name in names:
         port = free_port()
-        if name.startswith("mixserve-"):
-            shards, _, flags = name.removeprefix("mixserve-").partition(":")
-            cmd = [PYTHON, "-m", "mixserve.cli", "launch", "--model", model_dir, "--num-shard", shards]
-            # The launcher's own wait for its shards follows the harness's start-up timeout.
-            cmd += ["--port", str(port), "--shard-timeout", str(startup_timeout_s), *shlex.split(flags)]
-            description = f"mixserve, {shards} shard(s)" + (f", {flags}" if flags else "")
-            found.append(System(name, cmd, port, "auto", description=description))
+        if name.startswith("mixserve-") and name.removeprefix("mixserve-") in variants:
+            extra = variants[name.removeprefix("mixserve-")]
+            cmd = mixserve_command(model_dir, port, startup_timeout_s, VARIANT_SHARDS, extra)
+            found.append(System(name, cmd, port, "auto", description=f"mixserve, {shlex.join(extra)}"))
+        elif name.startswith("mixserve-") and name.removeprefix("mixserve-").isdigit():
+            shards = int(name.removeprefix("mixserve-"))
+            cmd = mixserve_command(model_dir, port, startup_timeout_s, shards, [])
+            found.append(System(name, cmd, port, "auto", description=f"mixserve, {shards} shard(s)"))
+        elif name.startswith("llama.cpp-"):
+            system = _llama_system(name, model_dir, port, llama_servers, llama_sizing or LlamaSizing(), logs_dir)
+            if isinstance(system, str):
+                skipped[name] = system
+            else:
+                found.append(system)
         elif name == "naive":
             cmd = [
                 PYTHON,
@@ -133,8 +183,38 @@ def find_systems(
                 System(name, cmd, port, "openai", ignore_eos=False, env=env, description="transformers serve, CB")
             )
         else:
-            raise ValueError(f"unknown system {name!r}; known: {', '.join(SYSTEMS)}")
+            raise ValueError(
+                f"unknown system {name!r}; known: {', '.join(SYSTEMS)}, any mixserve-N, mixserve-NAME of"
+                f" --mixserve, llama.cpp-DTYPE ({', '.join(llamacpp.DTYPES)})"
+            )
     return found, skipped
+
+
+def _llama_system(
+    name: str, model_dir: str, port: int, servers: list[Path], sizing: LlamaSizing, logs_dir: Path | None
+) -> System | str:
+    """llama-server serving the checkpoint in the name's dtype, or why it cannot run."""
+    dtype = name.removeprefix("llama.cpp-")
+    if dtype not in llamacpp.DTYPES:
+        raise ValueError(f"unknown llama.cpp dtype in {name!r}; known: {', '.join(llamacpp.DTYPES)}")
+    server = llamacpp.find_server(servers)
+    if server is None:
+        places = ", ".join(map(str, servers))
+        return f"no llama-server at {places} (recipe: benchmarks/peers.md; or pass --llama-server)"
+    converter = llamacpp.find_converter(server)
+    if converter is None:
+        return f"no {llamacpp.CONVERTER} beside {server} or in the llama.cpp tree it was built in"
+    logs_dir = logs_dir or Path(model_dir)
+    try:
+        gguf = llamacpp.ensure_gguf(converter, Path(model_dir), dtype, logs_dir / f"{name}-convert.log")
+    except RuntimeError as exc:
+        return str(exc).splitlines()[0]
+    context = llamacpp.context_size(sizing.slots, sizing.input_len, sizing.output_len)
+    threads = llamacpp.server_threads()
+    cmd = llamacpp.server_command(server, gguf, port, sizing.slots, context, threads)
+    description = f"llama.cpp llama-server, {dtype}, {sizing.slots} slots, -t {threads}"
+    # llama-server closes the connection after each streamed response while advertising keep-alive.
+    return System(name, cmd, port, "openai", keepalive=False, env=dict(os.environ), description=description)
 
 
 def has_openai_completions(url: str) -> bool:
@@ -147,6 +227,34 @@ def has_openai_completions(url: str) -> bool:
         return exc.code not in (404, 405)
     except OSError:
         return False
+
+
+SPECULATION_COUNTERS = {
+    "proposed": "mixserve_speculative_proposed_tokens_total",
+    "accepted": "mixserve_speculative_accepted_tokens_total",
+}
+
+
+def speculation_counters(metrics_text: str) -> dict[str, float] | None:
+    """mixserve's speculation totals from a /metrics page, with the acceptance rate; None without them."""
+    values = {}
+    for line in metrics_text.splitlines():
+        name, _, value = line.partition(" ")
+        for key, metric in SPECULATION_COUNTERS.items():
+            if name == metric:
+                values[key] = float(value)
+    if len(values) != len(SPECULATION_COUNTERS):
+        return None
+    values["acceptance"] = round(values["accepted"] / values["proposed"], 4) if values["proposed"] else 0.0
+    return values
+
+
+def _read_speculation(url: str) -> dict[str, float] | None:
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+            return speculation_counters(response.read().decode(errors="replace"))
+    except OSError:
+        return None
 
 
 def run_system(system: System, args: argparse.Namespace, model_dir: str, out_dir: Path) -> dict:
@@ -162,8 +270,12 @@ def run_system(system: System, args: argparse.Namespace, model_dir: str, out_dir
             target = "openai" if has_openai_completions(url) else "predict"
         config = config_from_args(args, url, model_dir, target)
         config.ignore_eos = system.ignore_eos
+        config.keepalive = system.keepalive
         result = asyncio.run(run_benchmark(config, system.name))
         result["meta"].update(startup_s=round(startup_s, 1), description=system.description, server_cmd=system.cmd)
+        if system.target == "auto":
+            # Over the whole run, warm-up included.
+            result["meta"]["speculation"] = _read_speculation(url)
         return result
     except (RuntimeError, TimeoutError, OSError) as exc:
         log.error("event=system_failed name=%s error=%s", system.name, str(exc).splitlines()[0])
@@ -187,7 +299,8 @@ def compare_markdown(result: dict) -> str:
         "## mixserve against the baseline and the peers",
         "",
         *report.meta_lines(result["meta"]),
-        f"- workload: {w['input_len']}-token prompts, {w['output_len']} output tokens, EOS ignored where the API"
+        f"- workload: {w.get('kind', 'random')} {w['input_len']}-token prompts, {w['output_len']} output tokens,"
+        " EOS ignored where the API"
         f" allows, greedy, streamed; {per_level} measured requests per level after"
         f" max({w['warmup']}, c) warm-up; one client ({result['client']}) for every server",
         f"- ratios are to `{reference}`; roofline % is output tok/s over this machine's serving ceiling",
@@ -217,6 +330,13 @@ def compare_markdown(result: dict) -> str:
                 f" | {_ratio(tok_s, ref)} | {roof} | {s['request_throughput']:.2f} | {_p50(s['ttft_ms'])}"
                 f" | {_p50(s['itl_ms'])} | {_p50(s['tpot_ms'])} | {_p50(s['e2e_ms'])} | {s['errors']} |"
             )
+    for name, system in systems.items():
+        spec = system.get("meta", {}).get("speculation")
+        if spec and spec["proposed"]:
+            lines.append(
+                f"\n- `{name}` speculation (whole run, warm-up included): {spec['accepted']:.0f} of"
+                f" {spec['proposed']:.0f} proposed tokens accepted ({100 * spec['acceptance']:.1f} %)"
+            )
     failed = {name: s["error"].splitlines()[0] for name, s in systems.items() if "error" in s}
     for name, reason in {**result["skipped"], **failed}.items():
         lines.append(f"\n- `{name}` not measured: {reason}")
@@ -230,11 +350,7 @@ def _p50(dist: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--systems",
-        nargs="+",
-        default=list(SYSTEMS),
-        help=f"subset of {', '.join(SYSTEMS)} (any mixserve-N, and mixserve-N:FLAGS with flags for mixserve "
-        "launch, e.g. 'mixserve-2:--quantize int8-wo')",
+        "--systems", nargs="+", default=list(SYSTEMS), help=f"subset of {', '.join(SYSTEMS)} (any mixserve-N)"
     )
     parser.add_argument("--reference", default="mixserve-2", help="system the ratios are taken to")
     parser.add_argument("--mixserve-api", choices=["auto", "predict", "openai"], default="auto")
@@ -246,11 +362,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help=f"default: $MIXSERVE_TRANSFORMERS_VENV, then {', '.join(map(str, TRANSFORMERS_VENVS))}",
     )
+    parser.add_argument(
+        "--llama-server",
+        type=Path,
+        help="llama.cpp's llama-server binary (default: $MIXSERVE_LLAMA_SERVER, then "
+        f"{', '.join(map(str, llamacpp.server_candidates(None)))})",
+    )
+    parser.add_argument(
+        "--llama-dtype",
+        action="append",
+        choices=llamacpp.DTYPES,
+        default=[],
+        help="add llama.cpp serving the checkpoint in this weight type (system llama.cpp-DTYPE; repeatable)",
+    )
+    parser.add_argument(
+        "--mixserve",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="add mixserve launched with these extra flags as system mixserve-NAME"
+        f" ({VARIANT_SHARDS} shards unless ARGS sets --num-shard; repeatable)",
+    )
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds for a server to get ready")
     parser.add_argument("--no-roofline", action="store_true", help="skip the bandwidth and FLOP/s measurement")
     parser.add_argument("--conditions", default="", help="a note on the conditions, written under the table")
     parser.add_argument("--out", type=Path, help="output dir (default: benchmarks/results/compare-<UTC time>)")
     add_workload_arguments(parser)
+
+
+def max_output_len(args: argparse.Namespace) -> int:
+    """The longest output the workload asks for (output_len widened by --output-spread)."""
+    return math.ceil(args.output_len * (1 + args.output_spread))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -269,12 +411,19 @@ def run(args: argparse.Namespace) -> int:
         from mixserve.benchmarks.roofline import roofline as measure_roofline
 
         roofline = measure_roofline(model_dir, args.concurrency, args.input_len, args.output_len)
+    variants = dict(parse_variant(spec) for spec in args.mixserve)
+    names = list(dict.fromkeys([*args.systems, *(f"mixserve-{v}" for v in variants)]))
+    names += [f"llama.cpp-{dtype}" for dtype in args.llama_dtype if f"llama.cpp-{dtype}" not in names]
     found, skipped = find_systems(
-        args.systems,
+        names,
         model_dir,
         venv_candidates(args.vllm_venv, "MIXSERVE_VLLM_VENV", VLLM_VENVS),
         venv_candidates(args.transformers_venv, "MIXSERVE_TRANSFORMERS_VENV", TRANSFORMERS_VENVS),
         args.startup_timeout,
+        llama_servers=llamacpp.server_candidates(args.llama_server),
+        llama_sizing=LlamaSizing(max(args.concurrency), args.input_len, max_output_len(args)),
+        variants=variants,
+        logs_dir=out_dir / "logs",
     )
     for name, reason in skipped.items():
         log.warning("event=skipped name=%s reason=%s", name, reason)
@@ -283,6 +432,7 @@ def run(args: argparse.Namespace) -> int:
         "meta": meta,
         "reference": args.reference if args.reference in systems else next(iter(systems), ""),
         "workload": {
+            "kind": args.workload,
             "input_len": args.input_len,
             "output_len": args.output_len,
             "concurrency": args.concurrency,

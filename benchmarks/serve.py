@@ -21,7 +21,14 @@ from pathlib import Path
 from mixserve.benchmarks import report
 from mixserve.benchmarks.metrics import RequestRecord, summarize
 from mixserve.benchmarks.targets import TARGETS, Target
-from mixserve.benchmarks.workload import BenchRequest, WorkloadConfig, build_requests, load_tokenizer, poisson_arrivals
+from mixserve.benchmarks.workload import (
+    WORKLOADS,
+    BenchRequest,
+    WorkloadConfig,
+    build_requests,
+    load_tokenizer,
+    poisson_arrivals,
+)
 
 log = logging.getLogger("mixserve.bench")
 
@@ -189,6 +196,12 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, default=64, help="prompt tokens (before the BOS a server adds)")
     parser.add_argument("--output-len", type=int, default=64, help="output tokens asked for")
     parser.add_argument("--output-spread", type=float, default=0.0, help="output length uniform within ±this fraction")
+    parser.add_argument(
+        "--workload",
+        choices=WORKLOADS,
+        default="random",
+        help="prompts of random vocabulary pieces, or passages of the demo's training corpus (see workload.py)",
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--seed", type=int, default=0, help="workload seed")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
@@ -206,7 +219,7 @@ def config_from_args(args: argparse.Namespace, url: str, model_dir: str, target:
         num_prompts=args.num_prompts,
         rounds=args.rounds,
         warmup=args.warmup,
-        workload=WorkloadConfig(args.input_len, args.output_len, args.output_spread, args.seed),
+        workload=WorkloadConfig(args.input_len, args.output_len, args.output_spread, args.seed, args.workload),
         temperature=args.temperature,
         timeout_s=args.timeout,
         progress=not args.no_progress,

@@ -1,9 +1,15 @@
 """The synthetic workload: prompts of an exact token length, output lengths, arrival times.
 
-Prompts are random vocabulary pieces from the served tokenizer (`tokenizer.json`, read with
-`tokenizers` so the load generator never imports torch), decoded to text and adjusted until
-the text encodes back to exactly the asked number of tokens (special tokens the server adds,
-such as BOS, not counted). The same seed always gives the same workload.
+Two kinds of prompt, both of an exact length in the served tokenizer (`tokenizer.json`, read with
+`tokenizers` so the load generator never imports torch; special tokens the server adds, such as BOS,
+not counted):
+- `random`: random vocabulary pieces, decoded to text and adjusted until the text encodes back to
+  exactly the asked number of tokens. Nothing in them repeats, so speculation finds little to copy.
+- `corpus`: passages of the demo's training corpus (shards/demo/corpus.txt), each from a seeded
+  offset (moved to the start of a word), cut to the exact length. A model trained on that corpus
+  (`mixserve demo-model --train-steps N`) continues text it has seen, as served models continue
+  documents, code and chats they are asked about: the workload for speculative decoding.
+The same seed always gives the same workload.
 """
 
 import math
@@ -14,6 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
+
+WORKLOADS = ("random", "corpus")
+DEMO_CORPUS = Path(__file__).resolve().parent.parent / "shards" / "demo" / "corpus.txt"
+# Characters of corpus read per prompt token before cutting to the exact length (the demo's
+# tokenizer averages about 4 characters a token; short tokens and symbols need the slack).
+CHARS_PER_TOKEN = 12
 
 # Rounds of decode → encode → trim/pad before giving up on an exact length; two or three suffice
 # for byte-fallback BPE vocabularies.
@@ -41,8 +53,11 @@ class WorkloadConfig:
     output_len: int = 64
     output_spread: float = 0.0
     seed: int = 0
+    kind: str = "random"
 
     def __post_init__(self) -> None:
+        if self.kind not in WORKLOADS:
+            raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, got {self.kind!r}")
         if self.input_len < 1:
             raise ValueError(f"input_len must be >= 1, got {self.input_len}")
         if self.output_len < 1:
@@ -87,17 +102,43 @@ def synthetic_prompt(tokenizer: Tokenizer, length: int, rng: random.Random, pool
     raise ValueError(f"could not build a prompt of exactly {length} tokens in {MAX_ROUNDS} rounds")
 
 
+def corpus_prompt(tokenizer: Tokenizer, corpus: str, length: int, rng: random.Random) -> str:
+    """A passage of `corpus` that encodes to exactly `length` tokens, from a random word start on."""
+    window = length * CHARS_PER_TOKEN
+    if len(corpus) <= 2 * window:
+        raise ValueError(f"the corpus ({len(corpus)} characters) is too short for {length}-token prompts")
+    for _ in range(MAX_ROUNDS):
+        start = rng.randrange(len(corpus) - 2 * window)
+        # From the start of the next word: a prompt that starts with a space encodes differently in
+        # tokenizers that always prepend the word marker (llama.cpp's) than in the checkpoint's.
+        while not corpus[start - 1].isspace() or corpus[start].isspace():
+            start += 1
+        ids = tokenizer.encode(corpus[start : start + window], add_special_tokens=False).ids
+        if len(ids) < length:
+            continue
+        text = tokenizer.decode(ids[:length], skip_special_tokens=True)
+        if count_tokens(tokenizer, text) == length:
+            return text
+    raise ValueError(f"could not cut a passage of exactly {length} tokens in {MAX_ROUNDS} tries")
+
+
 def build_requests(tokenizer: Tokenizer, config: WorkloadConfig, count: int, *, stream: int = 0) -> list[BenchRequest]:
     """`count` requests; `stream` picks an independent sequence (warm-up and each sweep level use their own)."""
     rng = random.Random(f"{config.seed}:{stream}")
-    pool = plain_token_ids(tokenizer)
     low = max(1, math.floor(config.output_len * (1 - config.output_spread)))
     high = math.ceil(config.output_len * (1 + config.output_spread))
-    requests = []
-    for _ in range(count):
-        prompt = synthetic_prompt(tokenizer, config.input_len, rng, pool)
-        requests.append(BenchRequest(prompt, config.input_len, rng.randint(low, high)))
-    return requests
+    if config.kind == "corpus":
+        corpus = DEMO_CORPUS.read_text(encoding="utf-8")
+
+        def prompt() -> str:
+            return corpus_prompt(tokenizer, corpus, config.input_len, rng)
+    else:
+        pool = plain_token_ids(tokenizer)
+
+        def prompt() -> str:
+            return synthetic_prompt(tokenizer, config.input_len, rng, pool)
+
+    return [BenchRequest(prompt(), config.input_len, rng.randint(low, high)) for _ in range(count)]
 
 
 def poisson_arrivals(count: int, rate: float, seed: int) -> list[float]:

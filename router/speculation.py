@@ -29,7 +29,10 @@ if TYPE_CHECKING:
     from mixserve.router.scheduler import Sequence
 
 MAX_NGRAM = 3
-MIN_NGRAM = 1
+# A single repeated token predicts its successor poorly: on the trained demo's corpus workload (128-token
+# passages, 128 greedy tokens, k = 5) 1-token matches brought acceptance from 45 % to 40 % and cost
+# verification steps that kept nothing (benchmarks/RESULTS.md, speculation).
+MIN_NGRAM = 2
 # Running requests above which no request speculates (the engine's default; --speculate-max-batch).
 MAX_BATCH = 8
 MISSES_TO_PAUSE = 4

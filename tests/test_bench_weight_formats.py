@@ -1,6 +1,6 @@
 """The benchmark harness's weight formats: `mixserve bench decode-step` times fp32, bf16 and int8-wo
-decode steps in-process (tabulated, the kernels' path recorded), and `bench compare` serves a
-mixserve system with launch flags given after its name."""
+decode steps in-process (tabulated, the kernels' path recorded), and `bench compare` serves mixserve
+with launch flags as a variant of its own (`--mixserve NAME=ARGS`)."""
 
 import argparse
 import json
@@ -11,16 +11,16 @@ from mixserve.benchmarks import decode_step
 from mixserve.benchmarks.compare import find_systems
 
 
-def test_compare_passes_launch_flags_after_a_mixserve_systems_name(demo_dir, tmp_path):
+def test_compare_serves_weight_formats_as_mixserve_variants(demo_dir, tmp_path):
+    variants = {"int8": ["--num-shard", "1", "--dtype", "bfloat16", "--quantize", "int8-wo"]}
     found, _ = find_systems(
-        ["mixserve-2", "mixserve-1:--dtype bfloat16 --quantize int8-wo"], str(demo_dir), [tmp_path], [tmp_path]
+        ["mixserve-2", "mixserve-int8"], str(demo_dir), [tmp_path], [tmp_path], llama_servers=[], variants=variants
     )
     plain, int8 = found
     assert plain.cmd[plain.cmd.index("--num-shard") + 1] == "2" and "--quantize" not in plain.cmd
-    assert int8.name == "mixserve-1:--dtype bfloat16 --quantize int8-wo"
-    assert int8.cmd[int8.cmd.index("--num-shard") + 1] == "1"
-    assert int8.cmd[-4:] == ["--dtype", "bfloat16", "--quantize", "int8-wo"]
-    assert int8.description == "mixserve, 1 shard(s), --dtype bfloat16 --quantize int8-wo"
+    assert int8.name == "mixserve-int8"
+    assert int8.cmd[-6:] == ["--num-shard", "1", "--dtype", "bfloat16", "--quantize", "int8-wo"]  # later flags win
+    assert int8.description == "mixserve, --num-shard 1 --dtype bfloat16 --quantize int8-wo"
 
 
 def test_decode_step_times_each_weight_format(native, demo_dir, tmp_path, capsys):  # noqa: ARG001 - the C kernels
