@@ -281,6 +281,11 @@ class LaunchedServer:
     """A real `mixserve launch` child process; its log goes to a file the tests can read."""
 
     def __init__(self, args: list[str], log_path: Path, port: int) -> None:
+        # float32 unless the test asks otherwise: the oracles (transformers, in-process references, a server of
+        # other shards) compute in it, and `auto` is bfloat16 on CPUs with avx512_bf16, where one shard and
+        # two round differently and greedy picks may part.
+        if "--dtype" not in args:
+            args = ["--dtype", "float32", *args]
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
@@ -342,10 +347,7 @@ def launch(tmp_path_factory):
 
     def start(*args: str) -> LaunchedServer:
         log_path = tmp_path_factory.mktemp("launch") / "server.log"
-        # float32 unless a test asks otherwise: the oracles (transformers, in-process references) compute in
-        # it, where `auto` is bfloat16 on CPUs with avx512_bf16.
-        dtype = [] if "--dtype" in args else ["--dtype", "float32"]
-        server = LaunchedServer([*dtype, *args], log_path, free_port())
+        server = LaunchedServer(list(args), log_path, free_port())
         started.append(server)
         server.wait_healthy()
         return server

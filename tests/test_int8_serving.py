@@ -51,7 +51,8 @@ async def test_an_int8_shard_picks_its_torch_references_greedy_tokens(launch):
         info = await response.json()
     assert info["quantize"] == "int8-wo" and info["model_dtype"] == "float32"
     answers = [await _greedy(server.url, prompt) for prompt in PROMPTS]
-    assert "quantize=int8-wo" in server.log() and "decoder_layers=native" in server.log()
+    started = server.contract_log("the shard's documented event=ops start-up line names each op's backend")
+    assert "quantize=int8-wo" in started and "decoder_layers=native" in started
 
     ops.select("torch", CPU, torch.float32)
     agree = total = 0

@@ -38,7 +38,7 @@ from mixserve.shards.distributed import (
 from mixserve.shards.layers.moe import route
 from mixserve.shards.loader import load_model, weight_bytes
 from mixserve.shards.model import MixtralForCausalLM
-from mixserve.shards.quant.config import QUANTIZE_MODES, QuantizationConfig
+from mixserve.shards.quant.config import BITSANDBYTES_MODES, QUANTIZE_MODES, QuantizationConfig
 from mixserve.shards.quant.experts import QuantizedExperts
 from mixserve.shards.quant.linear import Linear4bit, Linear8bitLt, quantize_linear
 from mixserve.shards.quant.probe import QuantizationUnavailable, check_supported
@@ -291,7 +291,7 @@ def test_quantized_experts_run_only_the_routed_experts(tokens):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", QUANTIZE_MODES)
+@pytest.mark.parametrize("mode", BITSANDBYTES_MODES)
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_weight_bytes_per_shard(groups, world_size, mode):
     limit = LIMITS[mode][0]
@@ -302,7 +302,7 @@ def test_weight_bytes_per_shard(groups, world_size, mode):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", QUANTIZE_MODES)
+@pytest.mark.parametrize("mode", BITSANDBYTES_MODES)
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_logits_stay_close_to_fp32(groups, world_size, mode):
     reference = groups[1][0]["logits"][""]
@@ -318,7 +318,7 @@ def test_logits_stay_close_to_fp32(groups, world_size, mode):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", QUANTIZE_MODES)
+@pytest.mark.parametrize("mode", BITSANDBYTES_MODES)
 def test_model_computes_with_its_dequantized_weights(trained_dir, groups, mode):
     """The quantized model against an fp32 model holding its dequantized weights: equal for 4-bit (so
     every slice, merge and expert is where it belongs); for LLM.int8 only activation rounding is left."""
