@@ -68,6 +68,11 @@ async def stream_sse(
             raise
         log.warning("event=stream_aborted path=%s error_type=%s", request.path, exc.error_type)
         await response.write(sse_data(error_event(exc)))
+    except ConnectionResetError:
+        # The client went away between two events (before aiohttp noticed and cancelled the handler): its
+        # requests are cancelled as `payloads` closes, and there is no one left to answer.
+        log.info("event=client_gone path=%s", request.path)
+        return response
     finally:
         await payloads.aclose()
     if not response.prepared:

@@ -1,0 +1,41 @@
+"""router/http_common.stream_sse when the client goes away between two events: no error answered or
+logged as the server's, and the generation behind the stream closed (its requests cancelled)."""
+
+import logging
+from unittest import mock
+
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+
+from mixserve.router.http_common import stream_sse
+
+
+async def test_a_client_gone_mid_stream_closes_the_payloads_and_is_no_server_error(caplog):
+    closed = []
+
+    async def payloads():
+        try:
+            yield {"token": 1}
+            yield {"token": 2}
+            yield {"token": 3}
+        finally:
+            closed.append(True)
+
+    writes = []
+
+    async def write(self, data):
+        writes.append(data)
+        if len(writes) == 2:  # as aiohttp's writer raises on a transport the client closed
+            raise ConnectionResetError("Cannot write to closing transport")
+
+    request = make_mocked_request("POST", "/v1/chat/completions")
+    with (
+        mock.patch.object(web.StreamResponse, "prepare", autospec=True),
+        mock.patch.object(web.StreamResponse, "prepared", new_callable=mock.PropertyMock, return_value=True),
+        mock.patch.object(web.StreamResponse, "write", write),
+        caplog.at_level(logging.INFO, logger="mixserve.router"),
+    ):
+        response = await stream_sse(request, payloads(), lambda exc: {"error": str(exc)})
+    assert isinstance(response, web.StreamResponse)
+    assert len(writes) == 2 and closed == [True]
+    assert "event=client_gone" in caplog.text and "internal" not in caplog.text
