@@ -16,7 +16,7 @@ from mixserve.shards.kernels import decoder_layer, linear, moe, native, paged_at
 from mixserve.shards.model import DecoderLayer
 from mixserve.shards.ops import reference
 from mixserve.shards.ops.cpu import decoder_layer_step
-from tests.test_decoder_layer_kernel import config, decode_metadata, random_cache, random_layer
+from tests.test_decoder_layer_kernel import config, decode_metadata, prepare, random_cache, random_layer
 
 BF16 = torch.bfloat16
 CPU = torch.device("cpu")
@@ -138,8 +138,7 @@ def test_decoder_layer_with_bf16_weights_and_cache(build, shape):
     with torch.inference_mode():
         expected = widened(positions, hidden, torch_cache, meta)
         fused = hidden.clone()
-        step = decoder_layer.prepare_step(fused, positions, meta, cache, *layer.kernel_halves())
-        fused += decoder_layer_step(layer, step, None, cache)
+        fused += decoder_layer_step(layer, prepare(layer, fused, positions, meta, cache), None, cache)
     assert layer.kernel_halves()[0].weight_type == 1
     torch.testing.assert_close(fused, expected, atol=2e-2, rtol=2e-2)
     for pool, torch_pool in zip(cache, torch_cache, strict=True):

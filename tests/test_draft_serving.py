@@ -12,7 +12,7 @@ import subprocess
 
 import aiohttp
 import pytest
-from test_speculative_serving import PROMPTS, cancel_mid_run, generate, info, workload
+from test_speculative_serving import cancel_mid_run, info, plain_stops_and_outputs, workload
 
 from conftest import PYTHON, LaunchedServer, free_port, subprocess_env
 
@@ -48,11 +48,7 @@ def servers(demo_dir, interpreter_dir, tmp_path_factory):
 
 async def test_draft_outputs_equal_plain_outputs(servers):
     plain = servers["plain"].url
-    async with aiohttp.ClientSession() as session:
-        firsts = [await generate(session, plain, p) for p in PROMPTS]
-    stops = {p: a["generated_text"][6:9] for p, a in zip(PROMPTS, firsts, strict=True) if len(a["generated_text"]) > 9}
-    assert stops
-    expected, _ = await workload(plain, stops)
+    stops, expected = await plain_stops_and_outputs(plain)
     for name in ("own_k3_tp2", "small_k1"):
         url = servers[name].url
         got, answers = await workload(url, stops)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mixserve.shards import ops
 from mixserve.shards.config import ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
-from mixserve.shards.kernels import decoder_layer, linear, moe
+from mixserve.shards.kernels import linear, moe
 from mixserve.shards.model import DecoderLayer
 from mixserve.shards.ops import reference
 from mixserve.shards.ops.cpu import decoder_layer_step
@@ -20,7 +20,7 @@ from mixserve.shards.quant.config import QuantizationConfig
 from mixserve.shards.quant.int8_layers import Int8Experts, Int8Linear
 from mixserve.shards.quant.int8_weight import Int8Weight
 from tests.test_bf16_kernels import TRAINED_DEMO_STEPS, _top1_after_each, build  # noqa: F401 - a fixture
-from tests.test_decoder_layer_kernel import config, decode_metadata, random_cache, random_layer
+from tests.test_decoder_layer_kernel import config, decode_metadata, prepare, random_cache, random_layer
 
 CPU = torch.device("cpu")
 INT8_WO = QuantizationConfig("int8-wo")
@@ -173,8 +173,7 @@ def test_decoder_layer_with_int8_weights(shape):
     with torch.inference_mode():
         expected = dense(positions, hidden, torch_cache, meta)
         fused = hidden.clone()
-        step = decoder_layer.prepare_step(fused, positions, meta, cache, *layer.kernel_halves())
-        fused += decoder_layer_step(layer, step, None, cache)
+        fused += decoder_layer_step(layer, prepare(layer, fused, positions, meta, cache), None, cache)
         ops.select("torch", CPU, torch.float32)
         through_reference = layer(positions, hidden, reference_cache, meta)
     attention, experts = layer.kernel_halves()

@@ -97,14 +97,20 @@ async def cancel_mid_run(url: str) -> None:
         assert state["kv_blocks_used"] == 0 and state["requests_running"] == 0
 
 
-async def test_speculative_outputs_equal_plain_outputs(servers):
-    plain = servers["plain"].url
-    # Stop strings from the plain run's output, a few tokens in: they land wherever the runs put them.
+async def plain_stops_and_outputs(plain: str) -> tuple[dict[str, str], list]:
+    """Stop strings from a plain server's output, a few tokens in (they land wherever a speculating run puts
+    them), and the plain server's answers to the workload with them."""
     async with aiohttp.ClientSession() as session:
         firsts = [await generate(session, plain, p) for p in PROMPTS]
     stops = {p: a["generated_text"][6:9] for p, a in zip(PROMPTS, firsts, strict=True) if len(a["generated_text"]) > 9}
     assert stops
     expected, _ = await workload(plain, stops)
+    return stops, expected
+
+
+async def test_speculative_outputs_equal_plain_outputs(servers):
+    plain = servers["plain"].url
+    stops, expected = await plain_stops_and_outputs(plain)
     for name in ("k3", "k1_ep2"):
         url = servers[name].url
         got, answers = await workload(url, stops)
