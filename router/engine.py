@@ -6,11 +6,12 @@ request: text delta, stop sequences, EOS and length decide when it ends. A reque
 any reason (finished, cancelled, failed) leaves the scheduler at once, which frees its blocks.
 The request itself (its events, text state and deadline) is router/generation.py.
 
-With `speculate` k > 0, every decode of a small enough batch may carry up to k tokens proposed by
-n-gram lookup over its own tokens, or by the shards' draft model (router/speculation.py); the shards
-verify them in the same step and answer with the tokens kept, which reach the request one at a time,
-exactly as a plain decode's would: a stop, EOS or max_new_tokens inside the run ends the request
-there and drops the rest.
+With `speculate` k > 0, every decode of a small enough batch may have up to k tokens proposed by the
+shards (n-gram lookup over its own tokens, or their draft model; router/speculation.py) and verified
+in the same step: a single step reserves the proposals' slots, a multi-step run lets the shards
+propose before each of its steps, its length counted in tokens. The shards answer with the tokens
+kept, which reach the request one at a time, exactly as a plain decode's would: a stop, EOS or
+max_new_tokens inside the run ends the request there and drops the rest.
 Grammar-constrained requests do not speculate (their matcher lives on the shards, one token a step).
 Requests reach it validated (router/validation.py) and through router/replicas.py, which holds the concurrency cap.
 """
@@ -29,7 +30,7 @@ from mixserve.router.metrics import Metrics
 from mixserve.router.params import GenerationParams
 from mixserve.router.scheduler import Scheduler, SchedulerConfig, Sequence, StepPlan
 from mixserve.router.shard_client import ShardGroup, ShardRejected
-from mixserve.router.speculation import MAX_BATCH, DraftProposer, NgramProposer
+from mixserve.router.speculation import MAX_BATCH
 from mixserve.router.steps import SampledToken, SequenceStep, Step, StepResult
 
 log = logging.getLogger("mixserve.router")
@@ -54,19 +55,17 @@ class Engine:
         ids: Iterator[int] | None = None,
         speculate: int = 0,
         speculate_max_batch: int = MAX_BATCH,
-        draft_model: bool = False,
     ) -> None:
         """`metrics` and `ids` (request ids) are shared by the engines of several shard groups behind one
         router (router/replicas.py); alone, an engine has its own. `speculate`: the most tokens proposed
-        per decode (0: no speculation), while at most `speculate_max_batch` requests run; with
-        `draft_model`, the shards' draft model proposes them, else n-gram lookup in the request's tokens."""
+        per decode (0: no speculation), while at most `speculate_max_batch` requests run; the shards
+        propose them (their draft model, else n-gram lookup in the request's tokens)."""
         if speculate < 0:
             raise ValueError(f"speculate must be >= 0, got {speculate}")
         if speculate_max_batch < 1:
             raise ValueError(f"speculate_max_batch must be >= 1, got {speculate_max_batch}")
         self.speculate = speculate
         self.speculate_max_batch = speculate_max_batch
-        self.proposer = DraftProposer() if draft_model else NgramProposer()
         self.group = group
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(scheduler_config)
@@ -193,8 +192,8 @@ class Engine:
     async def _run(self) -> None:
         # Ends when the group fails: nothing may reach it until `restart` hands over a new one.
         while self.failure is None:
-            speculating = self.speculate and self.scheduler.num_running <= self.speculate_max_batch
-            plan = self.scheduler.schedule(self._propose if speculating else None)
+            speculating = bool(self.speculate) and self.scheduler.num_running <= self.speculate_max_batch
+            plan = self.scheduler.schedule()
             if plan is None:
                 if not self.live:
                     self._idle.set()
@@ -202,7 +201,7 @@ class Engine:
                 await self._wake.wait()
                 continue
             try:
-                await self._run_steps(plan, time.perf_counter())
+                await self._run_steps(plan, time.perf_counter(), speculating)
             except RouterError as e:
                 self.fail(str(e))
             except Exception as e:
@@ -211,10 +210,18 @@ class Engine:
                 log.exception("event=engine_error error=%r", str(e))
                 self.fail(f"internal error in the router's step loop: {e!r}")
 
-    async def _run_steps(self, plan: StepPlan, started: float) -> None:
+    async def _run_steps(self, plan: StepPlan, started: float, speculating: bool) -> None:
         """Run `plan`; when it is all decodes and nothing waits, let the shards run further decode
-        steps without a round trip (multi-step decode), each streamed back as it is sampled."""
-        num_steps = self.scheduler.extend_decode(plan, self.max_decode_steps)
+        steps without a round trip (multi-step decode), each streamed back as it is sampled. Speculating,
+        a run's length counts tokens, up to `speculate` + 1 a step."""
+        proposals = {e.seq.seq_id: self._proposals(e.seq) for e in plan.sequences} if speculating else {}
+        max_steps = self.max_decode_steps * (1 + self.speculate if any(proposals.values()) else 1)
+        num_steps = self.scheduler.extend_decode(plan, max_steps)
+        if num_steps == 1 and speculating and not plan.preempted:
+            self.scheduler.add_proposals(plan, lambda seq: proposals.get(seq.seq_id, 0))
+        elif num_steps > 1:
+            for entry in plan.sequences:
+                entry.speculate = proposals.get(entry.seq.seq_id, 0)
         step = self._step(plan)
         in_flight: StepPlan | None = plan  # the step the shards are running, until its answer is in
         try:
@@ -273,13 +280,12 @@ class Engine:
         if not task.cancelled():
             task.exception()
 
-    def _propose(self, seq: Sequence) -> list[int] | int:
-        """Up to `speculate` tokens likely to follow `seq`, or how many the draft model should propose (the
-        scheduler keeps those that fit)."""
+    def _proposals(self, seq: Sequence) -> int:
+        """How many tokens the shards may propose for `seq`'s next step (the scheduler keeps those that fit)."""
         generation: Generation = seq.payload
         if generation.params.grammar is not None:
-            return []
-        return self.proposer(generation.speculation, seq, self.speculate)
+            return 0
+        return generation.speculation.proposals(self.speculate)
 
     def _step(self, plan: StepPlan) -> Step:
         """The step the shards run for `plan`; a prefill entry carries its request's sampling settings."""
@@ -296,6 +302,7 @@ class Engine:
                 prompt_logprobs=entry.is_prefill and entry.seq.compute_prompt,
                 num_proposed=entry.num_proposed,
                 draft=entry.draft,
+                speculate=entry.speculate,
             )
             for entry in plan.sequences
         ]
@@ -322,7 +329,12 @@ class Engine:
                 result.forward_us,
                 (now - started) * 1000,
             )
-        proposed = {entry.seq.seq_id: entry.num_proposed for entry in plan.sequences if entry.num_proposed}
+        # Proposals a step made: the shards' own (a draft entry, or a speculating run's), else the router's.
+        proposed = {
+            e.seq.seq_id: None if e.draft or e.speculate else e.num_proposed
+            for e in plan.sequences
+            if e.num_proposed or e.speculate
+        }
         delivered = 0
         for seq_id, token in results.items():
             generation = self.live.get(seq_id)
@@ -335,11 +347,13 @@ class Engine:
                 finish = self._on_token(generation, run[kept], now)
                 kept += 1
             delivered += kept
-            if seq_id in proposed:
-                # Proposals that reached the output: the tokens kept, less the one sampled after them. A draft
-                # model may have made fewer proposals than the slots reserved for them.
+            generation.speculation.on_tokens(kept)
+            count = proposed.get(seq_id, 0)
+            count = token.num_drafted if count is None else count
+            if count:
+                # Proposals that reached the output: the tokens kept, less the one sampled after them. The
+                # shards may have made fewer proposals than the slots reserved for them.
                 accepted = min(kept, len(run) - 1)
-                count = token.num_drafted or proposed[seq_id]
                 generation.speculation.on_verified(count, accepted)
                 self.speculative_proposed += count
                 self.speculative_accepted += accepted

@@ -379,7 +379,6 @@ async def _serve_with_shards(args, model_dir, tokenizer, groups: list[ShardSuper
         args.max_decode_steps,
         args.speculate,
         args.speculate_max_batch,
-        draft_model=bool(args.speculative_model),
     )
     for shards, group_engine in zip(groups, engine.engines, strict=True):
         group_engine.retry_after_s = shards.retry_after_s if args.max_restarts else None

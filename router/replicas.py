@@ -244,7 +244,6 @@ def build_replicas(
     max_decode_steps: int,
     speculate: int = 0,
     speculate_max_batch: int = MAX_BATCH,
-    draft_model: bool = False,
 ) -> Replicas:
     """One engine per (shard group, its scheduler config), sharing one Metrics, whose gauges read their
     pooled schedulers, and one request id sequence, so ids are unique across groups."""
@@ -263,7 +262,6 @@ def build_replicas(
             ids=ids,
             speculate=speculate,
             speculate_max_batch=speculate_max_batch,
-            draft_model=draft_model,
         )
         engines.append(engine)
     return Replicas(engines)

@@ -40,15 +40,17 @@ evicted, least recently freed first, only when no never-cached block is left, an
 revives one pays for it from the free blocks. `prefix_query_tokens` and `prefix_hit_tokens` count the
 tokens looked up at admissions and the tokens found.
 
-Speculative decoding. `schedule` may take a proposer: once the step is planned (and only if it
+Speculative decoding. `add_proposals` takes a proposer: once a step is planned (and only if it
 preempted nothing), each decode may carry proposed tokens after its last one, as many as the free
 blocks hold and at most `max_new_tokens` allows. A proposer that gives a number instead of tokens
-leaves them to the shards' draft model: the entry is `draft`, its slots cover the proposals, its
-token_ids do not. The shards keep the proposals their sampler agrees
+leaves them to the shards (their n-gram lookup or draft model): the entry is `draft`, its slots cover
+the proposals, its token_ids do not. The shards keep the proposals their sampler agrees
 with; `on_step_done` then counts only the kept positions as computed, gives back the tail blocks
 holding nothing else (a length change, since the router owns the tables), and registers in the
-prefix cache only blocks filled with kept tokens. A step with proposals is a single step: multi-step
-runs carry none.
+prefix cache only blocks filled with kept tokens. A step with proposals is a single step. A
+multi-step run speculates otherwise: its entries' `speculate` lets the shards propose before each of
+its steps within the positions `extend_decode` grew, so a step's sequence may gain several tokens,
+each counted as computed (the blocks past them stay the sequence's, for its next steps).
 
 One step is in flight at a time: `schedule`, the shards run the plan, `on_step_done`. `finish` and
 `abort` may come at any moment and free blocks at once; blocks freed while a step is in flight are
@@ -165,6 +167,8 @@ class ScheduledSequence:
     # `draft`, the shards' draft model makes them, and token_ids is the last token alone.
     num_proposed: int = 0
     draft: bool = False
+    # In a multi-step run: the most tokens the shards propose before each step (0: none).
+    speculate: int = 0
 
 
 @dataclass(slots=True)
@@ -244,13 +248,8 @@ class Scheduler:
         self._live[seq.seq_id] = seq
         self._waiting.append(seq)
 
-    def schedule(self, propose: Callable[[Sequence], list[int] | int] | None = None) -> StepPlan | None:
-        """Build the next step, or None when there is nothing to run; call on_step_done before the next.
-
-        `propose` (speculative decoding) gives tokens likely to follow a decoding sequence, or how many
-        the shards' draft model should propose; each decode carries those the free blocks and its
-        `max_new_tokens` leave room for.
-        """
+    def schedule(self) -> StepPlan | None:
+        """Build the next step, or None when there is nothing to run; call on_step_done before the next."""
         if self._in_flight is not None:
             raise RuntimeError("schedule() called before on_step_done() for the step in flight")
         plan = StepPlan()
@@ -259,8 +258,6 @@ class Scheduler:
         # A step that had to preempt is short of memory: admitting now would only preempt again.
         if not plan.preempted:
             self._admit(plan, budget)
-            if propose is not None:
-                self._add_proposals(plan, propose)
         if not plan.sequences:
             return None
         self._in_flight = plan
@@ -291,6 +288,8 @@ class Scheduler:
             if entry.num_proposed:
                 # The last token and the accepted proposals are in the cache; rejected positions are not.
                 computed -= entry.num_proposed - (len(tokens) - 1)
+            elif entry.speculate:
+                computed = len(tokens)
             seq.num_computed += computed
             seq.output_ids.extend(tokens)
             if entry.num_proposed:
@@ -345,6 +344,7 @@ class Scheduler:
             if table.blocks_needed(seq.num_computed + 1):
                 raise ValueError(f"seq {seq.seq_id}: the run went past the blocks extend_decode grew")
             self._plan_chunk(following, seq, 1)
+            following.sequences[-1].speculate = entry.speculate
         self._in_flight = following
         return following
 
@@ -429,8 +429,15 @@ class Scheduler:
             return []
         return self.allocator.match_prefix(self._block_hashes(seq, (seq.num_tokens - 1) // self.config.block_size))
 
-    def _add_proposals(self, plan: StepPlan, propose: Callable[[Sequence], list[int] | int]) -> None:
-        """Extend the plan's decodes with the proposals that fit, after everything else has its blocks."""
+    def add_proposals(self, plan: StepPlan, propose: Callable[[Sequence], list[int] | int]) -> None:
+        """Extend the plan's decodes with the proposals that fit, after everything else has its blocks.
+
+        `propose` gives tokens likely to follow a decoding sequence, or how many the shards should propose;
+        each decode carries those the free blocks and its `max_new_tokens` leave room for. Call right after
+        `schedule`, not for a plan that preempted (memory is short) nor one `extend_decode` made a run.
+        """
+        if self._in_flight is not plan or plan.preempted:
+            raise ValueError("add_proposals() takes the step just scheduled, which preempted nothing")
         size = self.config.block_size
         for entry in plan.sequences:
             seq = entry.seq

@@ -248,6 +248,7 @@ def step_request(step: Step) -> shard_pb2.StepRequest:
             prompt_logprobs=seq.prompt_logprobs,
             num_proposed=seq.num_proposed,
             draft=seq.draft,
+            speculate=seq.speculate,
         )
         if seq.sampling is not None:
             message.sampling.CopyFrom(sampling_params(seq.sampling))

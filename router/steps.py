@@ -39,6 +39,8 @@ class SequenceStep:
     # `draft`, the shards' draft model makes them (token_ids is the last token, slot_mapping covers them).
     num_proposed: int = 0
     draft: bool = False
+    # In a multi-step run: the most tokens the shards propose before each step (0: none).
+    speculate: int = 0
 
 
 @dataclass(slots=True)
@@ -65,7 +67,7 @@ class SampledToken:
     sampled: bool = True
     prompt_logprobs: list[float] = field(default_factory=list)
     next_tokens: list["SampledToken"] = field(default_factory=list)
-    num_drafted: int = 0  # after a draft step: the proposals the draft model made (at most num_proposed)
+    num_drafted: int = 0  # after a draft or speculating-run step: the proposals the shards made
 
 
 @dataclass(slots=True)

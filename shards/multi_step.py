@@ -10,19 +10,30 @@ The router stops a run early (a request arrived, was cancelled, or finished) wit
 An interrupt reaches the ranks at different moments, so before every further step the ranks
 agree, with one tiny collective, whether any of them was interrupted: they always run the same
 steps, and their other collectives keep pairing up.
+
+Speculating runs. A sequence with `speculate` k proposes up to k tokens before every step of the run
+(shards/ngram.py, or the draft model), and the step verifies them (shards/speculative.py), so a step
+may give it several tokens. The run's `num_steps` then bounds the tokens each sequence gains, which is
+what the router's blocks cover: a step at position p proposes at most `last - p` tokens (`last` the
+final position the run may write, start + num_steps - 1), and the run ends once any sequence has
+gained its num_steps tokens. Every rank gets the same tokens, so every rank ends the run at the same
+step without a collective. Verification thus rides inside the run, with no round trip per step, and a
+step whose lookup found nothing costs what a plain decode costs.
 """
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 from mixserve.shards.runner import InvalidStep, ModelRunner, SequenceResult, SequenceStep
 
 
 def check_multi_step(steps: list[SequenceStep], num_steps: int, block_size: int) -> None:
-    """Raise InvalidStep unless `steps` can run `num_steps` decode steps in a row."""
+    """Raise InvalidStep unless `steps` can run `num_steps` decode steps in a row (or, speculating, gain
+    `num_steps` tokens each)."""
     if num_steps < 1:
         raise InvalidStep(f"num_steps must be >= 1, got {num_steps}")
     for s in steps:
-        if len(s.token_ids) != 1 or not s.sample:
+        if len(s.token_ids) != 1 or not s.sample or s.num_proposed or s.draft:
             raise InvalidStep(f"sequence {s.seq_id}: a multi-step run takes one sampled decode token per sequence")
         last_position = s.start_position + num_steps - 1
         if len(s.block_table) * block_size <= last_position:
@@ -32,31 +43,51 @@ def check_multi_step(steps: list[SequenceStep], num_steps: int, block_size: int)
             )
 
 
-def next_steps(steps: list[SequenceStep], results: list[SequenceResult], block_size: int) -> list[SequenceStep]:
-    """The decode step after `steps`: each sequence's sampled token at the next position."""
-    tokens = {r.seq_id: r.token_id for r in results}
+def run_step(s: SequenceStep, token: int, position: int, last: int, block_size: int) -> SequenceStep:
+    """`s`'s step of `token` at `position`: a decode, marked to have up to `s.speculate` proposals made (as
+    many as positions up to `last` are left) when it speculates."""
+    proposals = min(s.speculate, last - position)
+    table = s.block_table
+    slots = [table[p // block_size] * block_size + p % block_size for p in range(position, position + 1 + proposals)]
+    return replace(
+        s, token_ids=[token], start_position=position, slot_mapping=slots, num_proposed=proposals, draft=proposals > 0
+    )
+
+
+def next_steps(
+    steps: list[SequenceStep], results: list[SequenceResult], lasts: list[int], block_size: int
+) -> list[SequenceStep] | None:
+    """The step after `steps`: each sequence's last token gained at its next position; None when a sequence
+    has gained every token its run allows (its next position is past `lasts`)."""
+    gained = {r.seq_id: [r.token_id] + [t.token_id for t in r.next_tokens] for r in results}
     following = []
-    for s in steps:
-        position = s.start_position + 1
-        slot = s.block_table[position // block_size] * block_size + position % block_size
-        following.append(SequenceStep(s.seq_id, [tokens[s.seq_id]], position, [slot], s.block_table, True, None))
+    for s, last in zip(steps, lasts, strict=True):
+        tokens = gained[s.seq_id]
+        position = s.start_position + len(tokens)
+        if position > last:
+            return None
+        following.append(run_step(s, tokens[-1], position, last, block_size))
     return following
 
 
 def decode_steps(
     runner: ModelRunner, steps: list[SequenceStep], num_steps: int, agree_to_stop: Callable[[], bool]
 ) -> Iterator[list[SequenceResult]]:
-    """Run up to `num_steps` decode steps from `steps`, yielding each step's results.
+    """Run decode steps from `steps` until each sequence gained up to `num_steps` tokens (one a step unless
+    it speculates), yielding each step's results.
 
     `agree_to_stop` is called on every rank before every step after the first and must return the
     same answer on all of them (a collective over the ranks' interrupt flags).
     """
-    check_multi_step(steps, num_steps, runner.block_size)
-    results: list[SequenceResult] = []
-    for index in range(num_steps):
-        if index:
-            if agree_to_stop():
-                return
-            steps = next_steps(steps, results, runner.block_size)
-        results = runner.step(steps)
+    size = runner.block_size
+    check_multi_step(steps, num_steps, size)
+    lasts = [s.start_position + num_steps - 1 for s in steps]
+    current: list[SequenceStep] | None = [
+        run_step(s, s.token_ids[0], s.start_position, last, size) for s, last in zip(steps, lasts, strict=True)
+    ]
+    while current is not None:
+        results = runner.step(current)
         yield results
+        current = next_steps(current, results, lasts, size)
+        if current is not None and agree_to_stop():
+            return

@@ -4,8 +4,9 @@ samples the next tokens, and keeps each live sequence's sampling state.
 Every rank of the group runs the same calls in the same order; validation is a pure function of
 the request, so a malformed step is refused by every rank before any collective starts.
 A speculating sequence (num_proposed > 0) gets logits at every position of its chunk and keeps the
-proposals its own sampler agrees with (shards/speculative.py); with a draft model (shards/draft.py), a
-step marked `draft` has its proposals made here first.
+proposals its own sampler agrees with (shards/speculative.py). A step marked `draft` has its proposals
+made here first: by the draft model (shards/draft.py) where the shard has one, else by n-gram lookup in
+the sequence's own tokens (shards/ngram.py), which may find none (the step is then a plain decode).
 Prompt scoring and the sampling of the step's rows live in shards/step_rows.py.
 Legend: T tokens in the step, B sequences, R sequences that sample, L logits rows (one per sequence,
 plus one per proposed token), V vocab size.
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mixserve.shards import decode_graph, ops
+from mixserve.shards import decode_graph, ngram, ops
 from mixserve.shards.attention_metadata import AttentionMetadata
 from mixserve.shards.config import ModelConfig, ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
@@ -58,9 +59,11 @@ class SequenceStep:
     prompt_logprobs: bool = False
     # The last num_proposed of token_ids are proposed tokens to verify (speculative decoding).
     num_proposed: int = 0
-    # The draft model makes the num_proposed proposals: token_ids is the last token alone, slot_mapping
-    # covers it and the proposals.
+    # The shard makes the num_proposed proposals (draft model or n-gram lookup): token_ids is the last
+    # token alone, slot_mapping covers it and the proposals.
     draft: bool = False
+    # In a multi-step run: the most tokens proposed here before each step (shards/multi_step.py).
+    speculate: int = 0
 
 
 @dataclass(slots=True)
@@ -74,7 +77,7 @@ class SequenceResult:
     prompt_logprobs: list[float] = field(default_factory=list)
     # A verification step's further tokens: accepted proposals after token_id, then the last one sampled.
     next_tokens: list[VerifiedToken] = field(default_factory=list)
-    # After a draft step: the proposals the draft model made (at most the step's num_proposed).
+    # After a draft step: the proposals made here (at most the step's num_proposed).
     num_drafted: int = 0
 
 
@@ -233,8 +236,6 @@ class ModelRunner:
 
     def _validate_draft(self, s: SequenceStep) -> None:
         where = f"sequence {s.seq_id}"
-        if self.draft is None:
-            raise InvalidStep(f"{where} asks for draft proposals; this shard has no draft model (--speculative-model)")
         if not s.num_proposed or len(s.token_ids) != 1:
             raise InvalidStep(
                 f"{where} asks for draft proposals with {len(s.token_ids)} tokens and {s.num_proposed} proposals; "
@@ -332,9 +333,7 @@ class ModelRunner:
         verifies its proposals); results in input order."""
         self.validate(steps)
         matchers = self._new_grammars(steps)
-        drafted: set[int] = set()
-        if self.draft is not None:
-            steps, drafted = self._drafted(steps)
+        steps, drafted = self._drafted(steps)
         for s in steps:
             state = self.sequences.get(s.seq_id)
             if state is None:
@@ -430,13 +429,17 @@ class ModelRunner:
         return results + scored_only
 
     def _drafted(self, steps: list[SequenceStep]) -> tuple[list[SequenceStep], set[int]]:
-        """`steps` with the draft model's proposals in place of each `draft` step's reserved positions (the
-        slots of those it did not make dropped), and the ids of the sequences drafted for."""
-        self.draft.observe(steps)
+        """`steps` with the proposals made here in place of each `draft` step's reserved positions (the slots
+        of those not made dropped), and the ids of the sequences proposed for."""
+        if self.draft is not None:
+            self.draft.observe(steps)
         drafting = [i for i, s in enumerate(steps) if s.draft]
         if not drafting:
             return steps, set()
-        proposals = self.draft.propose([steps[i] for i in drafting])
+        if self.draft is not None:
+            proposals = self.draft.propose([steps[i] for i in drafting])
+        else:
+            proposals = [self._ngram_proposals(steps[i]) for i in drafting]
         steps = list(steps)
         for i, proposed in zip(drafting, proposals, strict=True):
             s = steps[i]
@@ -448,6 +451,15 @@ class ModelRunner:
                 draft=False,
             )
         return steps, {steps[i].seq_id for i in drafting}
+
+    def _ngram_proposals(self, s: SequenceStep) -> list[int]:
+        """Up to s.num_proposed tokens looked up in the sequence's own tokens (none where this shard does not
+        hold all of them: its state was cleared since the sequence's prompt)."""
+        state = self.sequences.get(s.seq_id)
+        tokens = state.history.tokens if state is not None else []
+        if len(tokens) != s.start_position + 1 or tokens[-1] != s.token_ids[0]:
+            return []
+        return ngram.propose(tokens, s.num_proposed)
 
     def _new_grammars(self, steps: list[SequenceStep]) -> dict[int, SequenceGrammar]:
         """Matchers for the sequences new to this shard that carry a grammar, built before any state

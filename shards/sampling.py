@@ -146,18 +146,20 @@ def _checked_ids(ids: int | Iterable[int]) -> list[int]:
 
 
 class TokenHistory:
-    """The tokens one sequence has seen, kept incrementally for the penalties.
+    """The tokens one sequence has seen, kept incrementally for the penalties and n-gram speculation.
 
     Repetition penalty (Hugging Face style) looks at every distinct prompt and output token;
-    frequency and presence penalties (OpenAI style) count output tokens only.
+    frequency and presence penalties (OpenAI style) count output tokens only; n-gram proposals
+    (shards/ngram.py) read every token in order.
     """
 
-    __slots__ = ("_seen", "_seen_ids", "_output_ids")
+    __slots__ = ("_seen", "_seen_ids", "_output_ids", "tokens")
 
     def __init__(self) -> None:
         self._seen: set[int] = set()
         self._seen_ids = _IdBuffer()
         self._output_ids = _IdBuffer()
+        self.tokens: list[int] = []  # prompt then output tokens, in order
 
     def _see(self, ids: list[int]) -> None:
         for token in ids:
@@ -167,13 +169,16 @@ class TokenHistory:
 
     def add_prompt(self, ids: Iterable[int]) -> None:
         """Record prompt tokens (call once per prefill chunk)."""
-        self._see(_checked_ids(ids))
+        checked = _checked_ids(ids)
+        self._see(checked)
+        self.tokens.extend(checked)
 
     def add_output(self, ids: int | Iterable[int]) -> None:
         """Record generated token(s)."""
         checked = _checked_ids(ids)
         self._see(checked)
         self._output_ids.ids.extend(checked)
+        self.tokens.extend(checked)
 
     def seen_ids(self) -> Tensor:
         """Distinct prompt and output token ids in first-seen order, `[S]` long on the CPU."""

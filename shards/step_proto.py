@@ -65,4 +65,5 @@ def step_from_proto(msg: shard_pb2.SequenceStep) -> SequenceStep:
         prompt_logprobs=msg.prompt_logprobs,
         num_proposed=msg.num_proposed,
         draft=msg.draft,
+        speculate=msg.speculate,
     )

@@ -1,6 +1,7 @@
 """Multi-step decode on the shards: the same tokens as one step per call, and interrupts agreed by every rank."""
 
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -75,6 +76,50 @@ def test_multi_step_gives_the_tokens_of_single_steps(runner):
     ]
     assert multi == single
     assert len({tuple(t for _, t, _, _ in step) for step in multi}) > 1, "the tokens should change step to step"
+
+
+def gained(results) -> dict[int, list[tuple]]:
+    """Each sequence's tokens of one step, with logprob and top alternatives (a verification step's several)."""
+    return {
+        r.seq_id: [(r.token_id, r.logprob, r.top_tokens)]
+        + [(t.token_id, t.logprob, t.top_tokens) for t in r.next_tokens]
+        for r in results
+    }
+
+
+@pytest.mark.parametrize("speculate", [1, 3, 5])
+def test_a_speculating_run_gives_the_tokens_of_single_steps(runner, speculate):
+    """n-gram proposals made before each step of the run and verified in it: greedy and seeded sampling with
+    penalties give the tokens, logprobs and alternatives of plain steps; the run ends once a sequence gained
+    its num_steps tokens, in fewer steps than tokens where proposals were kept."""
+    num_steps = 24
+    single: dict[int, list[tuple]] = {0: [], 1: [], 2: []}
+    steps = first_decode(runner)
+    for _ in range(num_steps):
+        results = runner.step(steps)
+        for seq_id, tokens in gained(results).items():
+            single[seq_id] += tokens
+        steps = [decode_step(r.seq_id, r.token_id, s.start_position + 1) for s, r in zip(steps, results, strict=True)]
+
+    speculating = [replace(s, speculate=speculate) for s in first_decode(runner)]
+    spec: dict[int, list[tuple]] = {0: [], 1: [], 2: []}
+    proposed = runs = 0
+    for results in decode_steps(runner, speculating, num_steps, lambda: False):
+        runs += 1
+        proposed += sum(r.num_drafted for r in results)
+        assert all(r.num_drafted <= speculate for r in results)
+        for seq_id, tokens in gained(results).items():
+            spec[seq_id] += tokens
+    for seq_id, tokens in spec.items():
+        expected = single[seq_id][: len(tokens)]
+        # A verification step's positions run as one chunk: its logprobs round apart from a decode's.
+        assert [(t, [a for a, _ in top]) for t, _, top in tokens] == [
+            (t, [a for a, _ in top]) for t, _, top in expected
+        ]
+        assert [lp for _, lp, _ in tokens] == pytest.approx([lp for _, lp, _ in expected], abs=1e-4)
+    assert max(len(t) for t in spec.values()) == num_steps
+    assert proposed > 0
+    assert runs < num_steps  # the demo repeats itself: some proposals were kept
 
 
 def test_a_run_stops_when_the_ranks_agree(runner):

@@ -1,19 +1,21 @@
-"""Router side of speculative decoding: the n-gram proposer, its back-off, the draft proposer, and the
-scheduler's verification steps (proposals planned into free blocks, rejected positions rolled back)."""
+"""Router side of speculative decoding: each request's back-off, and the scheduler's verification steps
+(proposals planned into free blocks, rejected positions rolled back) and speculating runs; the shards'
+n-gram lookup (shards/ngram.py) stands in for the proposals."""
 
 import random
 
 import pytest
 
-from mixserve.router.scheduler import ScheduledSequence, Scheduler, SchedulerConfig, Sequence, SequenceStatus
-from mixserve.router.speculation import (
-    MISSES_TO_PAUSE,
-    PAUSE_STEPS,
-    DraftProposer,
-    NgramProposer,
-    SpeculationState,
-    propose,
+from mixserve.router.scheduler import (
+    ScheduledSequence,
+    Scheduler,
+    SchedulerConfig,
+    Sequence,
+    SequenceStatus,
+    StepPlan,
 )
+from mixserve.router.speculation import MISSES_TO_PAUSE, PAUSE_TOKENS, SpeculationState
+from mixserve.shards.ngram import propose
 
 BLOCK = 4
 
@@ -33,14 +35,24 @@ def test_propose_continues_the_latest_occurrence_of_the_longest_suffix():
 
 def test_a_request_that_keeps_missing_pauses_then_tries_again():
     state = SpeculationState()
-    tokens = [1, 2, 1, 2]
     for _ in range(MISSES_TO_PAUSE):
-        assert state.propose(tokens, 2) == [1, 2]
-        state.on_verified(2, 0)
-    assert [state.propose(tokens, 2) for _ in range(PAUSE_STEPS)] == [[]] * PAUSE_STEPS
-    assert state.propose(tokens, 2) == [1, 2]
+        assert state.proposals(3) == 3
+        state.on_verified(3, 0)
+    state.on_tokens(PAUSE_TOKENS - 1)
+    assert state.proposals(3) == 0  # the pause counts tokens
+    state.on_tokens(1)
+    assert state.proposals(3) == 3
     state.on_verified(2, 1)
-    assert (state.proposed, state.accepted) == (2 * MISSES_TO_PAUSE + 2, 1)
+    assert (state.proposed, state.accepted, state.misses) == (3 * MISSES_TO_PAUSE + 2, 1, 0)
+
+
+def scheduled(scheduler: Scheduler, proposer) -> StepPlan | None:
+    """The next step, with `proposer`'s proposals where the step preempted nothing (as the engine plans a
+    single step)."""
+    plan = scheduler.schedule()
+    if plan is not None and not plan.preempted:
+        scheduler.add_proposals(plan, proposer)
+    return plan
 
 
 def true_next(tokens: list[int]) -> int:
@@ -64,7 +76,7 @@ def run(scheduler: Scheduler, seq: Sequence, proposer) -> int:
     """Drive `seq` to the end, verifying its proposals against the fake model as a shard would; the
     number of steps."""
     steps = 0
-    while (plan := scheduler.schedule(proposer)) is not None:
+    while (plan := scheduled(scheduler, proposer)) is not None:
         (entry,) = plan.sequences
         steps += 1
         table = seq.block_table
@@ -121,7 +133,7 @@ def test_proposals_stop_at_max_new_tokens_and_at_the_free_blocks():
     scheduler.add(seq)
     plan = scheduler.schedule()
     scheduler.on_step_done(plan, {1: 6})
-    plan = scheduler.schedule(lambda s: [7, 8, 9, 10, 11])
+    plan = scheduled(scheduler, lambda s: [7, 8, 9, 10, 11])
     # Three more tokens may be output, so two proposals; and the blocks (12 slots) hold them.
     assert plan.sequences[0].num_proposed == 2
     assert scheduler.extend_decode(plan, 8) == 1  # a verification step is never a multi-step run
@@ -148,7 +160,7 @@ def test_many_speculating_sequences_under_preemption_keep_their_kv_and_outputs(s
     sequences = {i: Sequence(i, list(p), max_new_tokens=rng.randrange(4, 14)) for i, p in prompts.items()}
     for seq in sequences.values():
         scheduler.add(seq)
-    while (plan := scheduler.schedule(proposer)) is not None:
+    while (plan := scheduled(scheduler, proposer)) is not None:
         sampled = {}
         for entry in plan.sequences:
             seq, start = entry.seq, entry.start_position
@@ -168,18 +180,6 @@ def test_many_speculating_sequences_under_preemption_keep_their_kv_and_outputs(s
     assert scheduler.num_preemptions and scheduler.prefix_hit_tokens  # both happened among the proposals
 
 
-def test_both_proposers_back_off_alike():
-    seq = Sequence(1, [1, 2, 1, 2, 1], max_new_tokens=8)
-    for proposer, right in ((NgramProposer(), [2, 1]), (DraftProposer(), 3)):
-        state = SpeculationState()
-        assert proposer(state, seq, 3) == right
-        for _ in range(MISSES_TO_PAUSE):
-            state.on_verified(3, 0)
-        nothing = [] if isinstance(right, list) else 0
-        assert [proposer(state, seq, 3) for _ in range(PAUSE_STEPS)] == [nothing] * PAUSE_STEPS
-        assert proposer(state, seq, 3) == right
-
-
 def test_draft_proposals_reserve_slots_and_roll_back_like_token_proposals():
     """A proposer giving a count: the entry is `draft`, its token_ids the last token alone, its slots and
     blocks cover the proposals (capped by max_new_tokens); the kept tokens count as computed, the rest
@@ -188,7 +188,7 @@ def test_draft_proposals_reserve_slots_and_roll_back_like_token_proposals():
     seq = Sequence(1, [1, 2, 3], max_new_tokens=6)
     scheduler.add(seq)
     scheduler.on_step_done(scheduler.schedule(), {1: 4})
-    plan = scheduler.schedule(lambda s: 3)
+    plan = scheduled(scheduler, lambda s: 3)
     (entry,) = plan.sequences
     assert (entry.draft, entry.num_proposed, entry.token_ids) == (True, 3, [4])
     assert entry.slot_mapping == seq.block_table.slot_mapping(3, 4) and len(entry.block_table) == 2
@@ -197,8 +197,44 @@ def test_draft_proposals_reserve_slots_and_roll_back_like_token_proposals():
     scheduler.on_step_done(plan, {1: [5, 6]})  # one proposal kept, then the token after it
     assert seq.output_ids == [4, 5, 6] and seq.num_computed == 5
     assert len(seq.block_table.blocks) == 2
-    plan = scheduler.schedule(lambda s: 5)
+    plan = scheduled(scheduler, lambda s: 5)
     assert plan.sequences[0].num_proposed == 2  # three more tokens may be output
     scheduler.on_step_done(plan, {1: [7, 8, 9]})
     assert seq.output_ids == [4, 5, 6, 7, 8, 9]
+    assert scheduler.num_blocks_used == 0
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_a_speculating_run_counts_every_token_a_step_gains(prefix_caching):
+    """A multi-step run whose entries speculate: the shards answer each step with one to k + 1 tokens within
+    the positions extend_decode grew; each counts as computed, the next step starts after them, and the
+    blocks and the prefix cache hold only computed positions."""
+    scheduler = Scheduler(SchedulerConfig(num_blocks=16, block_size=BLOCK, enable_prefix_caching=prefix_caching))
+    prompt = [3, 5, 1]
+    seq = Sequence(1, list(prompt), max_new_tokens=40)
+    scheduler.add(seq)
+    scheduler.on_step_done(scheduler.schedule(), {1: true_next(prompt)})
+    plan = scheduler.schedule()
+    budget = scheduler.extend_decode(plan, 12)
+    assert budget == 12
+    start = plan.sequences[0].start_position
+    assert len(seq.block_table.blocks) == -(-(start + budget) // BLOCK)
+    plan.sequences[0].speculate = 3
+    gains = iter([4, 1, 3, 4])  # tokens per step, as the shards' verification kept them (12 in all)
+    while True:
+        (entry,) = plan.sequences
+        assert (entry.speculate, entry.token_ids, entry.start_position) == (3, [seq.output_ids[-1]], seq.num_computed)
+        known = seq.prompt_ids + seq.output_ids
+        tokens = []
+        for _ in range(next(gains)):
+            tokens.append(true_next(known + tokens))
+        scheduler.on_step_done(plan, {1: tokens})
+        assert seq.num_computed == len(known) + len(tokens) - 1  # its token and the accepted proposals
+        if seq.num_computed + 1 > start + budget:
+            break
+        plan = scheduler.continue_decode(plan)
+    assert seq.output_ids == reference(prompt, len(seq.output_ids)) and len(seq.output_ids) == 13
+    if prefix_caching:
+        assert scheduler.allocator.num_cached == seq.num_computed // BLOCK
+    scheduler.finish(1)
     assert scheduler.num_blocks_used == 0

@@ -2,10 +2,12 @@
 verification step over the paged cache gives the tokens ordinary decode steps give."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
+from mixserve.shards import ngram
 from mixserve.shards.config import ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.loader import load_model
@@ -133,3 +135,34 @@ def test_proposals_are_refused_where_they_cannot_be_verified(model):
         runner.step([bad])
     with pytest.raises(InvalidStep, match="grammar"):
         runner.step([step(2, [5, 6], 0, SamplingParams(grammar="x"), num_proposed=1)])
+
+
+def drafting_step(seq_id: int, token: int, start: int, proposals: int) -> SequenceStep:
+    """A decode whose `proposals` the shard makes: its slots cover them."""
+    s = step(seq_id, [token] * (1 + proposals), start)
+    return replace(s, token_ids=[token], num_proposed=proposals, draft=True)
+
+
+def test_without_a_draft_model_drafting_steps_propose_by_ngram_lookup(model):
+    """A `draft` step on a shard with no draft model: n-gram lookup in the sequence's own tokens makes the
+    proposals (none where nothing matches: a plain decode), and the tokens are plain decoding's."""
+    plain = new_runner(model)
+    ids = [plain.step([step(1, PROMPT, 0, SamplingParams())])[0].token_id]
+    for _ in range(24):
+        ids.append(plain.step([step(1, [ids[-1]], len(PROMPT) + len(ids) - 1)])[0].token_id)
+    # The first decode whose tokens so far repeat a 2-gram: the demo model repeats itself within 24 tokens.
+    at = next(i for i in range(len(ids) - 4) if ngram.propose(PROMPT + ids[: i + 1], 3))
+    lookup = ngram.propose(PROMPT + ids[: at + 1], 3)
+
+    runner = new_runner(model)
+    runner.step([step(1, PROMPT, 0, SamplingParams())])
+    for i in range(at):
+        runner.step([step(1, [ids[i]], len(PROMPT) + i)])
+    (result,) = runner.step([drafting_step(1, ids[at], len(PROMPT) + at, 3)])
+    got = [result.token_id] + [t.token_id for t in result.next_tokens]
+    assert result.num_drafted == len(lookup)
+    assert got == ids[at + 1 : at + 1 + len(got)]
+    # A token that is not the sequence's last known one: nothing is proposed, the step is a plain decode.
+    other = runner.step([step(2, PROMPT, 0, SamplingParams())])[0].token_id
+    (result,) = runner.step([drafting_step(2, (other + 1) % model.config.vocab_size, len(PROMPT), 3)])
+    assert (result.num_drafted, result.next_tokens) == (0, [])

@@ -24,13 +24,15 @@ SEEDED = {"temperature": 0.8, "top_p": 0.95, "seed": 11, "do_sample": True}
 
 @pytest.fixture(scope="module")
 def servers(demo_dir, tmp_path_factory):
-    """No speculation (1 shard), --speculate 3 (1 shard, multi-step decode on), --speculate 1 (2 shards,
-    expert parallel, multi-step off): started side by side."""
+    """No speculation (1 shard), --speculate 3 (1 shard, multi-step decode on: speculating runs),
+    --speculate 5 (2 shards, tensor parallel, speculating runs), --speculate 1 (2 shards, expert parallel,
+    multi-step off: single verification steps): started side by side."""
     flags = ["--model", str(demo_dir), "--max-kv-blocks", "256", "--block-size", "4"]
     flags += ["--max-batch-prefill-tokens", "64"]
     variants = {
         "plain": ["--num-shard", "1"],
         "k3": ["--num-shard", "1", "--speculate", "3", "--max-decode-steps", "8"],
+        "k5_tp2": ["--num-shard", "2", "--speculate", "5", "--max-decode-steps", "4"],
         "k1_ep2": ["--num-shard", "2", "--moe-parallel", "ep", "--speculate", "1", "--max-decode-steps", "1"],
     }
     started = {}
@@ -111,7 +113,7 @@ async def plain_stops_and_outputs(plain: str) -> tuple[dict[str, str], list]:
 async def test_speculative_outputs_equal_plain_outputs(servers):
     plain = servers["plain"].url
     stops, expected = await plain_stops_and_outputs(plain)
-    for name in ("k3", "k1_ep2"):
+    for name in ("k3", "k5_tp2", "k1_ep2"):
         url = servers[name].url
         got, answers = await workload(url, stops)
         assert got == expected, name

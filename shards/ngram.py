@@ -1,0 +1,35 @@
+"""N-gram speculation (prompt lookup): proposals from a sequence's own tokens, made on the shard.
+
+Text that copies from its context (code edits, summaries, extraction, repeated structure) continues
+the way it went before. The proposer takes the longest suffix of the sequence's tokens (prompt and
+output, `MAX_NGRAM` down to `MIN_NGRAM` tokens) that occurred earlier, latest occurrence first, and
+proposes the tokens that followed it there (vLLM's `ngram` and TGI's `--speculate` without a Medusa
+head). The step verifies them at once (shards/speculative.py) and keeps what the sampler agrees with,
+so outputs never change; a wrong proposal costs only compute.
+
+It runs on the shard, where every rank holds the same tokens (each sequence's TokenHistory), so the
+ranks propose alike without a collective, and a multi-step run proposes before each of its steps
+(shards/multi_step.py) without a round trip to the router. Pure Python.
+"""
+
+MAX_NGRAM = 3
+# A single repeated token predicts its successor poorly: on the trained demo's corpus workload (128-token
+# passages, 128 greedy tokens, k = 5) 1-token matches brought acceptance from 45 % to 40 % and cost
+# verification steps that kept nothing (benchmarks/RESULTS.md, speculation).
+MIN_NGRAM = 2
+
+
+def propose(tokens: list[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM) -> list[int]:
+    """Up to `k` tokens that followed the latest earlier occurrence of the longest suffix of `tokens`
+    (`max_ngram` down to `min_ngram` tokens long); [] when no suffix occurred before."""
+    if k < 1:
+        return []
+    length = len(tokens)
+    for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
+        suffix = tokens[length - n :]
+        first = suffix[0]
+        # An occurrence starting at i is followed by tokens[i + n], which must exist before the suffix.
+        for i in range(length - n - 1, -1, -1):
+            if tokens[i] == first and tokens[i : i + n] == suffix:
+                return tokens[i + n : i + n + k]
+    return []
