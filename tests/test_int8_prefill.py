@@ -101,14 +101,18 @@ def spy(monkeypatch, module, name: str) -> list[int]:
     return calls
 
 
+@pytest.mark.parametrize("large_experts", [True, False], ids=["large-experts", "small-experts"])
 @pytest.mark.parametrize("bf16_gemm", [True, False], ids=["avx512-bf16", "no-bf16-dot"])
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
 @pytest.mark.usefixtures("build")
-def test_int8_ops_past_the_caps(monkeypatch, bf16_gemm, dtype):
+def test_int8_ops_past_the_caps(monkeypatch, bf16_gemm, dtype, large_experts):
     """The ops at decode sizes, just past the caps and over several MoE tiles: each against the
     reference, through the path `_int8_gemm` picks (the GEMM in bf16 where the CPU has the bf16 dot
-    product or the build has no vector loop, the kernels over tiles otherwise)."""
+    product, from INT8_GEMM_MOE_TOKENS for experts of at least INT8_GEMM_MOE_MIN_CODES; past the caps
+    where the build has no vector loop; the kernels over tiles otherwise)."""
     monkeypatch.setattr(cpu, "_bf16_gemm", lambda: bf16_gemm)
+    if large_experts:
+        monkeypatch.setattr(cpu, "INT8_GEMM_MOE_MIN_CODES", 0)
     chosen = ops.select("native", CPU, dtype)
     assert chosen.backends["fused_moe"] == chosen.backends["linear_rows"] == "native"
     vectors = moe.vector_floats() >= 8
@@ -124,7 +128,7 @@ def test_int8_ops_past_the_caps(monkeypatch, bf16_gemm, dtype):
         expected = reference.fused_moe(hidden.float(), w13, w2, weights, ids).to(dtype)
         torch.testing.assert_close(got, expected, **OP_TOLERANCE[dtype])
         if dtype is BF16 and bf16_gemm:
-            gemm = tokens >= cpu.INT8_GEMM_MOE_TOKENS
+            gemm = not moe.fits(tokens) or (large_experts and tokens >= cpu.INT8_GEMM_MOE_TOKENS)
         else:
             gemm = not moe.fits(tokens) and not vectors
         assert len(gemm_calls) == int(gemm)

@@ -22,6 +22,7 @@ Legend: T tokens, H hidden size, h query heads, d head dim, B decoding sequences
 """
 
 import functools
+import sys
 
 import torch
 from torch import nn
@@ -43,6 +44,9 @@ BF16_OPS = ("linear_rows", "fused_moe", "paged_decode_attention", "decoder_layer
 # From this many tokens an int8 MoE step in bf16 takes the GEMM path where the CPU has avx512_bf16 (the
 # 0.8B shape's experts: equal at 32 tokens, 1.25x at 48, 1.45x at 64); a linear's from linear.MAX_ROWS + 1.
 INT8_GEMM_MOE_TOKENS = 33
+# Experts whose w13 holds fewer codes than this take the GEMM path only past the kernel's cap: the path's
+# calls per routed expert (~0.07 ms) outweigh its GEMM's gain (the demo's 512 x 256: 0.5x at 40 tokens).
+INT8_GEMM_MOE_MIN_CODES = 1 << 20
 # Tokens per call of the MoE kernel for int8 steps past its cap: bounds its scratch (P (2I + 2H) floats)
 # and keeps a tile's rows in cache; 1024 tokens as 4 tiles ran ~15 % faster than as one call.
 INT8_MOE_TILE = 256
@@ -73,12 +77,18 @@ def _bf16_gemm() -> bool:
 
 
 def _int8_gemm(x: torch.Tensor, past_kernel_cap: bool, bf16_from: int) -> bool:
-    """Whether an int8 step of x's rows takes the dequantize-then-GEMM path: from `bf16_from` rows in bf16
-    where the GEMM has the bf16 dot product; elsewhere only past the kernel's cap, and only where the
-    kernels lack vector loops (with them they beat a dequantized fp32 GEMM at every size measured)."""
+    """Whether an int8 step of x's rows takes the dequantize-then-GEMM path: in bf16 where the GEMM has the
+    bf16 dot product, past the kernel's cap or from `bf16_from` rows; elsewhere only past the kernel's
+    cap, and only where the kernels lack vector loops (with them they beat a dequantized fp32 GEMM at
+    every size measured)."""
     if x.dtype is torch.bfloat16 and _bf16_gemm():
-        return x.shape[0] >= bf16_from
+        return past_kernel_cap or x.shape[0] >= bf16_from
     return past_kernel_cap and moe.vector_floats() < 8
+
+
+def _moe_gemm_from(w13: Int8Weight) -> int:
+    """The `bf16_from` of int8 experts: INT8_GEMM_MOE_TOKENS, or never below the cap for small experts."""
+    return INT8_GEMM_MOE_TOKENS if w13.codes[0].numel() >= INT8_GEMM_MOE_MIN_CODES else sys.maxsize
 
 
 def rms_norm(
@@ -165,7 +175,7 @@ def fused_moe(
     tokens = hidden.shape[0]
     past_cap = not moe.fits(tokens)
     if isinstance(w13, Int8Weight):
-        if _int8_gemm(hidden, past_cap, INT8_GEMM_MOE_TOKENS):
+        if _int8_gemm(hidden, past_cap, _moe_gemm_from(w13)):
             return int8_gemm.fused_moe(hidden, w13, w2, weights, experts)
         tile = INT8_MOE_TILE if past_cap else tokens
     elif past_cap:
@@ -207,7 +217,7 @@ def decoder_layers(
     """reference.decoder_layers, each layer as two C calls around its two all-reduces where the step
     fits the decoder layer kernel: every token one query over its own block table (a decode step, or
     a small one with prefill chunks), fp32 or bf16, weights not quantized by bitsandbytes, shapes within
-    its limits; int8 experts in bf16 only below INT8_GEMM_MOE_TOKENS where the GEMM path beats it.
+    its limits; int8 experts in bf16 only where the GEMM path would not take their MoE (`_moe_gemm_from`).
     The residual stream stays fp32 across the layers (bf16 hidden widened here, rounded on return)."""
     halves = layers[0].kernel_halves()
     if halves is None or not _step_fits(halves, hidden, kv_cache, meta):
@@ -245,7 +255,7 @@ def _step_fits(halves: tuple, hidden: torch.Tensor, kv_cache: KVCache, meta: Att
         and _weight_dtype_cpu(hidden)
         and kv_cache.keys.dtype in _WEIGHT_DTYPES
         and decoder_layer.fits(hidden.shape[0], heads, head_dim, kv_cache.block_size, experts.shape_key[0])
-        and not (experts.weight_type == ELEMENT_I8 and _int8_gemm(hidden, False, INT8_GEMM_MOE_TOKENS))
+        and not (experts.weight_type == ELEMENT_I8 and _int8_gemm(hidden, False, _moe_gemm_from(experts.w13)))
     )
 
 
