@@ -9,9 +9,12 @@ import torch.nn.functional as F
 
 from mixserve.shards import ops
 from mixserve.shards.kernels import dequantize, linear, moe, native
+from mixserve.shards.kv_cache import KVCache
 from mixserve.shards.ops import cpu, int8_gemm, reference
 from mixserve.shards.quant.int8_weight import Int8Weight
 from tests.test_bf16_kernels import build  # noqa: F401 - a fixture
+from tests.test_decoder_layer_kernel import config, decode_metadata, random_layer
+from tests.test_int8_kernels import int8_layer
 
 CPU = torch.device("cpu")
 BF16 = torch.bfloat16
@@ -144,3 +147,18 @@ def test_int8_ops_past_the_caps(monkeypatch, bf16_gemm, dtype, large_experts):
         torch.testing.assert_close(got, expected, **OP_TOLERANCE[dtype])
         past = rows > linear.MAX_ROWS
         assert len(linear_gemm) == int(past and ((dtype is BF16 and bf16_gemm) or not vectors))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_decoder_layer_kernel_leaves_large_int8_bf16_steps_to_the_gemm_path(monkeypatch, dtype):
+    """A step of int8 experts the GEMM path would take (bf16, from INT8_GEMM_MOE_TOKENS) does not fit the
+    decoder-layer kernel, whose MoE streams the codes; in fp32, and below that count, it fits."""
+    monkeypatch.setattr(cpu, "_bf16_gemm", lambda: True)
+    monkeypatch.setattr(cpu, "INT8_GEMM_MOE_MIN_CODES", 0)
+    cfg = config()
+    halves = int8_layer(random_layer(cfg)).kernel_halves()
+    cache = KVCache(1, 40, 4, cfg.num_key_value_heads, cfg.head_dim, dtype, CPU)
+    for tokens in (cpu.INT8_GEMM_MOE_TOKENS - 1, cpu.INT8_GEMM_MOE_TOKENS):
+        meta, _ = decode_metadata([1] * tokens)  # one block each
+        fits = cpu._step_fits(halves, torch.zeros(tokens, cfg.hidden_size, dtype=dtype), cache, meta)
+        assert fits is (dtype is torch.float32 or tokens < cpu.INT8_GEMM_MOE_TOKENS)

@@ -11,6 +11,8 @@ Legend: R rows, N out features, K in features, T tokens, H hidden size, E_l expe
 intermediate size held, K_e experts per token.
 """
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -18,15 +20,17 @@ from mixserve.shards.kernels import dequantize
 from mixserve.shards.layers.grouped_experts import run_grouped
 from mixserve.shards.quant.int8_weight import Int8Weight
 
-# One flat buffer per dtype, grown to the largest weight seen: a step's weights are used one at a time.
-_scratch: dict[torch.dtype, torch.Tensor] = {}
+# One flat buffer per thread and dtype, grown to the largest weight seen (a shard's LM head slice, as a
+# rule) and kept: a step uses its weights one at a time, and a shard steps on one thread.
+_local = threading.local()
 
 
 def _scratch_for(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    buffers: dict[torch.dtype, torch.Tensor] = _local.__dict__.setdefault("buffers", {})
     numel = shape.numel()
-    flat = _scratch.get(dtype)
+    flat = buffers.get(dtype)
     if flat is None or flat.numel() < numel:
-        flat = _scratch[dtype] = torch.empty(numel, dtype=dtype)
+        flat = buffers[dtype] = torch.empty(numel, dtype=dtype)
     return flat[:numel].view(shape)
 
 
