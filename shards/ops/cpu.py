@@ -177,19 +177,18 @@ def fused_moe(
     if isinstance(w13, Int8Weight):
         if _int8_gemm(hidden, past_cap, _moe_gemm_from(w13)):
             return int8_gemm.fused_moe(hidden, w13, w2, weights, experts)
-        tile = INT8_MOE_TILE if past_cap else tokens
     elif past_cap:
         return reference.fused_moe(hidden, w13, w2, weights, experts)
-    else:
-        tile = tokens
     hidden32, weights32 = hidden.float().contiguous(), weights.to(_F32).contiguous()
-    out = torch.cat(
-        [
-            moe.moe_experts(hidden32[t : t + tile], w13, w2, weights32[t : t + tile], experts[t : t + tile])
-            for t in range(0, tokens, tile)
-        ]
-    )  # [T, H]
-    return out.to(hidden.dtype)
+    if tokens <= INT8_MOE_TILE:  # every step but int8 ones past the cap (at most 128 tokens)
+        return moe.moe_experts(hidden32, w13, w2, weights32, experts).to(hidden.dtype)
+    tiles = [
+        moe.moe_experts(
+            hidden32[t : t + INT8_MOE_TILE], w13, w2, weights32[t : t + INT8_MOE_TILE], experts[t : t + INT8_MOE_TILE]
+        )
+        for t in range(0, tokens, INT8_MOE_TILE)
+    ]
+    return torch.cat(tiles).to(hidden.dtype)  # [T, H]
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Tensor:
