@@ -27,10 +27,17 @@ def _kernel():
     return native.function("moe", "moe_experts", _ARGTYPES)
 
 
+def vector_floats() -> int:
+    """The floats per vector of the kernels' matmul loop in this build (16 with AVX-512, 8 with AVX2, 1
+    in plain C; 0: not available)."""
+    width = native.function("moe", "moe_vector_floats", [])
+    return 0 if width is None else width()
+
+
 def max_tokens() -> int:
     """The most tokens a step may have for its experts to run in the kernel (0: not available)."""
-    width = native.function("moe", "moe_vector_floats", [])
-    return 0 if width is None else MAX_TOKENS_BY_VECTOR_FLOATS.get(width(), MAX_TOKENS)
+    width = vector_floats()
+    return 0 if width == 0 else MAX_TOKENS_BY_VECTOR_FLOATS.get(width, MAX_TOKENS)
 
 
 def fits(tokens: int) -> bool:

@@ -32,7 +32,16 @@ _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-std
 _LINK = ["-shared"]
 _SOURCES = Path(__file__).parent
 MODES = ("auto", "native", "torch")
-LIBRARIES = ("paged_attention", "moe", "sampling", "linear", "elementwise", "shm_exchange", "decoder_layer")
+LIBRARIES = (
+    "paged_attention",
+    "moe",
+    "sampling",
+    "linear",
+    "elementwise",
+    "shm_exchange",
+    "decoder_layer",
+    "dequantize",
+)
 _loaded: dict[str, ctypes.CDLL] = {}
 _choice = {"mode": "auto"}
 _functions: dict[str, ctypes._CFuncPtr | None] = {}

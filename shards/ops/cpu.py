@@ -12,18 +12,27 @@ layers. The elementwise ops (norms, rotary) and the greedy statistics stay fp32-
 torch reference runs them.
 
 int8-wo: the same kernels read weight-only int8 weights (Int8Weight: codes and row scales) in place
-where they read fp32 or bf16 ones; past their limits the reference dequantizes them on the fly.
+where they read fp32 or bf16 ones. Past their decode-sized caps (prefill chunks, large batches) an int8
+step in bf16 on a CPU with avx512_bf16 dequantizes the weights it uses into scratch for torch's bf16
+GEMM (shards.ops.int8_gemm); in fp32, or without avx512_bf16, the kernels run uncapped over row
+tiles, which beats a dequantized fp32 GEMM; kernels without vector loops (plain C) leave it to the
+GEMM path (benchmarks/results/int8-prefill).
 
 Legend: T tokens, H hidden size, h query heads, d head dim, B decoding sequences, R rows.
 """
 
+import functools
+import sys
+
 import torch
 from torch import nn
 
+from mixserve.shards import devices
 from mixserve.shards.attention_metadata import AttentionMetadata
 from mixserve.shards.kernels import decoder_layer, elementwise, linear, moe, paged_attention, sampling
+from mixserve.shards.kernels.checks import ELEMENT_I8
 from mixserve.shards.kv_cache import KVCache
-from mixserve.shards.ops import reference
+from mixserve.shards.ops import int8_gemm, reference
 from mixserve.shards.quant.int8_weight import Int8Weight
 
 _F32 = torch.float32
@@ -32,6 +41,15 @@ _WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 # The ops whose kernels run for a bf16 model (shards.ops.select leaves the others to torch there): those
 # reading weights or the KV cache, and the grammar mask, which sees the fp32 logits of every dtype.
 BF16_OPS = ("linear_rows", "fused_moe", "paged_decode_attention", "decoder_layers", "apply_token_bitmask")
+# From this many tokens an int8 MoE step in bf16 takes the GEMM path where the CPU has avx512_bf16 (the
+# 0.8B shape's experts: equal at 32 tokens, 1.25x at 48, 1.45x at 64); a linear's from linear.MAX_ROWS + 1.
+INT8_GEMM_MOE_TOKENS = 33
+# Experts whose w13 holds fewer codes than this take the GEMM path only past the kernel's cap: the path's
+# calls per routed expert (~0.07 ms) outweigh its GEMM's gain (the demo's 512 x 256: 0.5x at 40 tokens).
+INT8_GEMM_MOE_MIN_CODES = 1 << 20
+# Tokens per call of the MoE kernel for int8 steps past its cap: bounds its scratch (P (2I + 2H) floats)
+# and keeps a tile's rows in cache; 1024 tokens as 4 tiles ran ~15 % faster than as one call.
+INT8_MOE_TILE = 256
 
 
 def _fp32_cpu(x: torch.Tensor) -> bool:
@@ -50,6 +68,27 @@ def _kernel_weight(weight: torch.Tensor | Int8Weight) -> bool:
         and data.device.type == "cpu"
         and data.is_contiguous()
     )
+
+
+@functools.cache
+def _bf16_gemm() -> bool:
+    """Whether torch's bf16 GEMM has the bf16 dot product here (about 4x its fp32 GEMM on one core)."""
+    return devices.cpu_has_bf16()
+
+
+def _int8_gemm(x: torch.Tensor, past_kernel_cap: bool, bf16_from: int) -> bool:
+    """Whether an int8 step of x's rows takes the dequantize-then-GEMM path: in bf16 where the GEMM has the
+    bf16 dot product, past the kernel's cap or from `bf16_from` rows; elsewhere only past the kernel's
+    cap, and only where the kernels lack vector loops (with them they beat a dequantized fp32 GEMM at
+    every size measured)."""
+    if x.dtype is torch.bfloat16 and _bf16_gemm():
+        return past_kernel_cap or x.shape[0] >= bf16_from
+    return past_kernel_cap and moe.vector_floats() < 8
+
+
+def _moe_gemm_from(w13: Int8Weight) -> int:
+    """The `bf16_from` of int8 experts: INT8_GEMM_MOE_TOKENS, or never below the cap for small experts."""
+    return INT8_GEMM_MOE_TOKENS if w13.codes[0].numel() >= INT8_GEMM_MOE_MIN_CODES else sys.maxsize
 
 
 def rms_norm(
@@ -129,23 +168,40 @@ def fused_moe(
     experts: torch.Tensor,
 ) -> torch.Tensor:
     """reference.fused_moe, in the C kernel for fp32 or bf16 steps (weights fp32, bf16 or int8) within its
-    token cap (past it the blocked GEMMs in the reference are faster)."""
-    if (
-        not _weight_dtype_cpu(hidden)
-        or not _kernel_weight(w13)
-        or not _kernel_weight(w2)
-        or w2.dtype is not w13.dtype
-        or not moe.fits(hidden.shape[0])
-    ):
+    token cap (past it the blocked GEMMs in the reference are faster); int8 experts past it, or in bf16
+    from INT8_GEMM_MOE_TOKENS, as `_int8_gemm` chooses: the GEMM path or the kernel over token tiles."""
+    if not _weight_dtype_cpu(hidden) or not _kernel_weight(w13) or not _kernel_weight(w2) or w2.dtype is not w13.dtype:
         return reference.fused_moe(hidden, w13, w2, weights, experts)
-    out = moe.moe_experts(hidden.float().contiguous(), w13, w2, weights.to(_F32).contiguous(), experts)
-    return out.to(hidden.dtype)
+    tokens = hidden.shape[0]
+    past_cap = not moe.fits(tokens)
+    if isinstance(w13, Int8Weight):
+        if _int8_gemm(hidden, past_cap, _moe_gemm_from(w13)):
+            return int8_gemm.fused_moe(hidden, w13, w2, weights, experts)
+    elif past_cap:
+        return reference.fused_moe(hidden, w13, w2, weights, experts)
+    hidden32, weights32 = hidden.float().contiguous(), weights.to(_F32).contiguous()
+    if tokens <= INT8_MOE_TILE:  # every step but int8 ones past the cap (at most 128 tokens)
+        return moe.moe_experts(hidden32, w13, w2, weights32, experts).to(hidden.dtype)
+    tiles = [
+        moe.moe_experts(
+            hidden32[t : t + INT8_MOE_TILE], w13, w2, weights32[t : t + INT8_MOE_TILE], experts[t : t + INT8_MOE_TILE]
+        )
+        for t in range(0, tokens, INT8_MOE_TILE)
+    ]
+    return torch.cat(tiles).to(hidden.dtype)  # [T, H]
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Tensor:
     """reference.linear_rows, in the C kernel for up to linear.MAX_ROWS fp32 or bf16 rows (the weight
-    fp32, bf16 or int8)."""
-    if x.dim() != 2 or x.shape[0] > linear.MAX_ROWS or not _weight_dtype_cpu(x) or not _kernel_weight(weight):
+    fp32, bf16 or int8); an int8 weight past them, as `_int8_gemm` chooses: the GEMM path or the kernel
+    over row tiles."""
+    if x.dim() != 2 or not _weight_dtype_cpu(x) or not _kernel_weight(weight):
+        return reference.linear_rows(x, weight)
+    past_cap = x.shape[0] > linear.MAX_ROWS
+    if isinstance(weight, Int8Weight):
+        if _int8_gemm(x, past_cap, linear.MAX_ROWS + 1):
+            return int8_gemm.linear_rows(x, weight)
+    elif past_cap:
         return reference.linear_rows(x, weight)
     return linear.linear_rows(x.float().contiguous(), weight).to(x.dtype)
 
@@ -160,7 +216,7 @@ def decoder_layers(
     """reference.decoder_layers, each layer as two C calls around its two all-reduces where the step
     fits the decoder layer kernel: every token one query over its own block table (a decode step, or
     a small one with prefill chunks), fp32 or bf16, weights not quantized by bitsandbytes, shapes within
-    its limits.
+    its limits; int8 experts in bf16 only where the GEMM path would not take their MoE (`_moe_gemm_from`).
     The residual stream stays fp32 across the layers (bf16 hidden widened here, rounded on return)."""
     halves = layers[0].kernel_halves()
     if halves is None or not _step_fits(halves, hidden, kv_cache, meta):
@@ -198,6 +254,7 @@ def _step_fits(halves: tuple, hidden: torch.Tensor, kv_cache: KVCache, meta: Att
         and _weight_dtype_cpu(hidden)
         and kv_cache.keys.dtype in _WEIGHT_DTYPES
         and decoder_layer.fits(hidden.shape[0], heads, head_dim, kv_cache.block_size, experts.shape_key[0])
+        and not (experts.weight_type == ELEMENT_I8 and _int8_gemm(hidden, False, _moe_gemm_from(experts.w13)))
     )
 
 
