@@ -30,7 +30,7 @@ from mixserve.router.metrics import Metrics
 from mixserve.router.params import GenerationParams
 from mixserve.router.scheduler import Scheduler, SchedulerConfig, Sequence, StepPlan
 from mixserve.router.shard_client import ShardGroup, ShardRejected
-from mixserve.router.speculation import MAX_BATCH
+from mixserve.router.speculation import MAX_BATCH, width
 from mixserve.router.steps import SampledToken, SequenceStep, Step, StepResult
 
 log = logging.getLogger("mixserve.router")
@@ -214,10 +214,11 @@ class Engine:
         """Run `plan`; when it is all decodes and nothing waits, let the shards run further decode
         steps without a round trip (multi-step decode), each streamed back as it is sampled. Speculating,
         a run's length counts tokens, up to `speculate` + 1 a step."""
-        proposals = {e.seq.seq_id: self._proposals(e.seq) for e in plan.sequences} if speculating else {}
-        max_steps = self.max_decode_steps * (1 + self.speculate if any(proposals.values()) else 1)
+        k = width(self.speculate, self.scheduler.num_running) if speculating else 0
+        proposals = {e.seq.seq_id: self._proposals(e.seq, k) for e in plan.sequences} if k else {}
+        max_steps = self.max_decode_steps * (1 + k if any(proposals.values()) else 1)
         num_steps = self.scheduler.extend_decode(plan, max_steps)
-        if num_steps == 1 and speculating and not plan.preempted:
+        if num_steps == 1 and proposals and not plan.preempted:
             self.scheduler.add_proposals(plan, lambda seq: proposals.get(seq.seq_id, 0))
         elif num_steps > 1:
             for entry in plan.sequences:
@@ -280,12 +281,13 @@ class Engine:
         if not task.cancelled():
             task.exception()
 
-    def _proposals(self, seq: Sequence) -> int:
-        """How many tokens the shards may propose for `seq`'s next step (the scheduler keeps those that fit)."""
+    def _proposals(self, seq: Sequence, k: int) -> int:
+        """How many tokens (at most `k`) the shards may propose for `seq`'s next step (the scheduler keeps
+        those that fit)."""
         generation: Generation = seq.payload
         if generation.params.grammar is not None:
             return 0
-        return generation.speculation.proposals(self.speculate)
+        return generation.speculation.proposals(k)
 
     def _step(self, plan: StepPlan) -> Step:
         """The step the shards run for `plan`; a prefill entry carries its request's sampling settings."""

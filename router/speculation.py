@@ -11,8 +11,10 @@ Speculation backs off where it does not pay:
 - per request: after `MISSES_TO_PAUSE` verification steps in a row that kept no proposal, the request
   proposes nothing for its next `PAUSE_TOKENS` tokens, then tries again;
 - per batch: verification runs k + 1 tokens per sequence, free while a step is bound by reading the
-  weights (small batches), not once it is bound by compute. Above `MAX_BATCH` running requests the
-  engine proposes nothing and steps are plain decodes (multi-step runs included).
+  weights (small batches), not once it is bound by compute. A step verifies at most `VERIFY_ROWS`
+  positions, so each of B running requests has at most VERIFY_ROWS // B - 1 proposals (`width`), and
+  above `MAX_BATCH` running requests the engine proposes nothing and steps are plain decodes
+  (multi-step runs included).
 Pure Python, no torch.
 """
 
@@ -20,8 +22,18 @@ from dataclasses import dataclass
 
 # Running requests above which no request speculates (the engine's default; --speculate-max-batch).
 MAX_BATCH = 8
+# Positions one speculating step verifies at most. On the trained demo's random workload (2 CPU shards),
+# 8 requests at k = 5 (48 rows a step) ran 17 % slower than plain decoding, at k = 3 (32 rows) 2 % faster
+# (benchmarks/results/compare-spec-runs-random).
+VERIFY_ROWS = 32
 MISSES_TO_PAUSE = 4
 PAUSE_TOKENS = 16
+
+
+def width(k: int, running: int) -> int:
+    """Proposals each of `running` requests may have when the engine speculates with `k`: at most k, and
+    with their last tokens at most VERIFY_ROWS positions in all."""
+    return max(0, min(k, VERIFY_ROWS // max(running, 1) - 1))
 
 
 @dataclass(slots=True)

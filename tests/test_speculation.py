@@ -14,7 +14,7 @@ from mixserve.router.scheduler import (
     SequenceStatus,
     StepPlan,
 )
-from mixserve.router.speculation import MISSES_TO_PAUSE, PAUSE_TOKENS, SpeculationState
+from mixserve.router.speculation import MISSES_TO_PAUSE, PAUSE_TOKENS, VERIFY_ROWS, SpeculationState, width
 from mixserve.shards.ngram import propose
 
 BLOCK = 4
@@ -44,6 +44,15 @@ def test_a_request_that_keeps_missing_pauses_then_tries_again():
     assert state.proposals(3) == 3
     state.on_verified(2, 1)
     assert (state.proposed, state.accepted, state.misses) == (3 * MISSES_TO_PAUSE + 2, 1, 0)
+
+
+def test_the_batch_shares_the_verified_positions():
+    assert width(5, 1) == 5
+    assert width(5, 8) == VERIFY_ROWS // 8 - 1 == 3  # 8 x (3 + 1) positions
+    assert width(2, 8) == 2
+    assert width(5, VERIFY_ROWS // 2) == 1
+    assert width(5, VERIFY_ROWS) == 0  # one position each: plain decodes
+    assert width(3, 0) == 3
 
 
 def scheduled(scheduler: Scheduler, proposer) -> StepPlan | None:
