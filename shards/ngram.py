@@ -9,7 +9,10 @@ so outputs never change; a wrong proposal costs only compute.
 
 It runs on the shard, where every rank holds the same tokens (each sequence's TokenHistory), so the
 ranks propose alike without a collective, and a multi-step run proposes before each of its steps
-(shards/multi_step.py) without a round trip to the router. Pure Python.
+(shards/multi_step.py) without a round trip to the router. `propose` is the definition, a scan of
+the whole sequence; a live sequence keeps an `NgramIndex` instead, which gives the same proposals
+from the latest occurrence of every n-gram, updated as tokens arrive, so a step's lookup costs the
+same at any context length. Pure Python.
 """
 
 MAX_NGRAM = 3
@@ -33,3 +36,35 @@ def propose(tokens: list[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: in
             if tokens[i] == first and tokens[i : i + n] == suffix:
                 return tokens[i + n : i + n + k]
     return []
+
+
+class NgramIndex:
+    """`propose` for one growing token list: the latest start of every n-gram (`min_ngram` to `max_ngram`
+    tokens) that a later token follows, updated with the tokens added since the last call."""
+
+    __slots__ = ("max_ngram", "min_ngram", "indexed", "latest")
+
+    def __init__(self, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM) -> None:
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+        self.indexed = 0  # length of the token list at the last call
+        self.latest: dict[tuple[int, ...], int] = {}
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        """`propose(tokens, k)`, for `tokens` that only grew since the last call."""
+        length = len(tokens)
+        if length < self.indexed:
+            raise ValueError(f"the tokens shrank from {self.indexed} to {length}; an index only follows a growing list")
+        for n in range(self.min_ngram, self.max_ngram + 1):
+            # Starts whose n-gram a token follows: 0 .. length - n - 1, of which those before the last call's
+            # length - n are indexed already; a later start overwrites an earlier one.
+            for i in range(max(0, self.indexed - n), length - n):
+                self.latest[tuple(tokens[i : i + n])] = i
+        self.indexed = length
+        if k < 1:
+            return []
+        for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
+            start = self.latest.get(tuple(tokens[length - n :]))
+            if start is not None:
+                return tokens[start + n : start + n + k]
+        return []

@@ -459,7 +459,9 @@ class ModelRunner:
         tokens = state.history.tokens if state is not None else []
         if len(tokens) != s.start_position + 1 or tokens[-1] != s.token_ids[0]:
             return []
-        return ngram.propose(tokens, s.num_proposed)
+        if state.ngrams is None:
+            state.ngrams = ngram.NgramIndex()
+        return state.ngrams.propose(tokens, s.num_proposed)
 
     def _new_grammars(self, steps: list[SequenceStep]) -> dict[int, SequenceGrammar]:
         """Matchers for the sequences new to this shard that carry a grammar, built before any state

@@ -15,6 +15,7 @@ import torch
 
 from mixserve.shards import ops
 from mixserve.shards.grammar import SequenceGrammar
+from mixserve.shards.ngram import NgramIndex
 from mixserve.shards.sampling import SamplingParams, TokenHistory, sample
 from mixserve.shards.speculative import VerifiedToken, verified_tokens, verify
 
@@ -30,6 +31,7 @@ class SequenceState:
     history: TokenHistory
     seen_until: int = 0  # positions below this are already in the history
     grammar: SequenceGrammar | None = None  # constrained decoding: the sequence's matcher
+    ngrams: NgramIndex | None = None  # n-gram speculation: the history's n-grams, made at its first lookup
     # Scoring the prompt: log-softmax [V] of the previous chunk's last position, which scores this chunk's first token.
     prompt_row: torch.Tensor | None = None
 

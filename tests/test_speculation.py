@@ -20,19 +20,6 @@ from mixserve.shards.ngram import propose
 BLOCK = 4
 
 
-def test_propose_continues_the_latest_occurrence_of_the_longest_suffix():
-    tokens = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3]
-    # "2 3" last occurred before 7 8 (the 3-gram "5 2 3" never did).
-    assert propose(tokens, 2) == [7, 8]
-    assert propose(tokens, 5) == [7, 8, 5, 2, 3]
-    assert propose([4, 5, 6, 4, 5], 3) == [6, 4, 5]  # a 2-gram
-    assert propose([4, 5, 6, 4], 3) == []  # a 1-gram is too short a match
-    assert propose([4, 5, 6, 4], 3, min_ngram=1) == [5, 6, 4]
-    assert propose([4, 5, 6], 3) == []
-    assert propose([4, 4, 4], 3) == [4]
-    assert propose([1, 2, 1], 0) == []
-
-
 def test_a_request_that_keeps_missing_pauses_then_tries_again():
     state = SpeculationState()
     for _ in range(MISSES_TO_PAUSE):
