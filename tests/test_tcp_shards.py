@@ -193,6 +193,12 @@ def test_a_group_restarted_elsewhere_is_warmed_up_again_while_idle(demo_dir, tcp
     remote = launch_remote(launch, demo_dir, addresses, cert)
     try:
         before = greedy_texts(remote.url)
+        # A request's last token can reach its client before the multi-step run that made it has ended on
+        # every rank (rank 1 answers once, at the end): shards killed then fail that DecodeSteps, not Health.
+        # The engine runs one step at a time, so a one-token request (a single step, answered by every rank
+        # before its token is handed out) answers only once the run is over and nothing is in flight.
+        body = {"prompt": PROMPTS[0], "max_tokens": 1, "temperature": 0, "stream": False}
+        assert requests.post(f"{remote.url}/predict", json=body, timeout=120).status_code == 200
         for p in procs:
             p.kill()
             p.wait()
