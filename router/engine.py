@@ -331,12 +331,8 @@ class Engine:
                 result.forward_us,
                 (now - started) * 1000,
             )
-        # Proposals a step made: the shards' own (a draft entry, or a speculating run's), else the router's.
-        proposed = {
-            e.seq.seq_id: None if e.draft or e.speculate else e.num_proposed
-            for e in plan.sequences
-            if e.num_proposed or e.speculate
-        }
+        # The shards make every proposal (a draft entry's, or a speculating run's) and say how many.
+        proposing = {e.seq.seq_id for e in plan.sequences if e.draft or e.speculate}
         delivered = 0
         for seq_id, token in results.items():
             generation = self.live.get(seq_id)
@@ -350,8 +346,7 @@ class Engine:
                 kept += 1
             delivered += kept
             generation.speculation.on_tokens(kept)
-            count = proposed.get(seq_id, 0)
-            count = token.num_drafted if count is None else count
+            count = token.num_drafted if seq_id in proposing else 0
             if count:
                 # Proposals that reached the output: the tokens kept, less the one sampled after them. The
                 # shards may have made fewer proposals than the slots reserved for them.
