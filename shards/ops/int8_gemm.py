@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from mixserve.shards.kernels import dequantize
-from mixserve.shards.layers.grouped_experts import run_grouped
+from mixserve.shards.ops import reference
 from mixserve.shards.quant.int8_weight import Int8Weight
 
 # One flat buffer per thread and dtype, grown to the largest weight seen (a shard's LM head slice, as a
@@ -53,9 +53,4 @@ def fused_moe(
 ) -> torch.Tensor:
     """reference.fused_moe for int8 experts w13 [E_l, 2 I_l, H], w2 [E_l, H, I_l], each routed expert's
     weights dequantized into the scratch buffer in hidden's dtype (fp32 or bf16)."""
-
-    def expert_mlp(expert: int, rows: torch.Tensor) -> torch.Tensor:
-        gate, up = linear_rows(rows, w13[expert]).chunk(2, dim=-1)  # [c, I_l] each
-        return linear_rows(F.silu(gate) * up, w2[expert])  # [c, H]
-
-    return run_grouped(hidden, weights, experts, w13.shape[0], expert_mlp)
+    return reference.grouped_experts(hidden, w13, w2, weights, experts, dense_in_scratch)

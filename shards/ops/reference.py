@@ -8,6 +8,7 @@ words of a grammar's bitmask row.
 """
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -161,10 +162,22 @@ def fused_moe(
     routing weights [T, K] and expert ids [T, K]: sort by expert, one pair of matmuls per expert that
     received tokens. Ids >= E_l (held by another rank) are skipped. Int8 weights are dequantized to
     hidden's dtype one expert at a time."""
+    return grouped_experts(hidden, w13, w2, weights, experts, dense)
+
+
+def grouped_experts(
+    hidden: torch.Tensor,
+    w13: torch.Tensor | Int8Weight,
+    w2: torch.Tensor | Int8Weight,
+    weights: torch.Tensor,
+    experts: torch.Tensor,
+    densify: Callable[[torch.Tensor | Int8Weight, torch.dtype], torch.Tensor],
+) -> torch.Tensor:
+    """`fused_moe` with each routed expert's weights made dense by `densify(weight, dtype)`."""
 
     def expert_mlp(expert: int, rows: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(rows, dense(w13[expert], rows.dtype)).chunk(2, dim=-1)  # [c, I_l] each
-        return F.linear(F.silu(gate) * up, dense(w2[expert], rows.dtype))  # [c, H]
+        gate, up = F.linear(rows, densify(w13[expert], rows.dtype)).chunk(2, dim=-1)  # [c, I_l] each
+        return F.linear(F.silu(gate) * up, densify(w2[expert], rows.dtype))  # [c, H]
 
     return run_grouped(hidden, weights, experts, w13.shape[0], expert_mlp)
 
