@@ -340,9 +340,12 @@ class LaunchedServer:
         return self.process.returncode
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def launch(tmp_path_factory):
-    """Start `mixserve launch` with extra flags; every server started is stopped at session end."""
+    """Start `mixserve launch` with extra flags; every server started is stopped when its test module ends.
+    (Each CPU server sizes its KV cache from what memory is left, up to 2 GiB, and fills it: kept to the
+    session's end, the servers of ~25 modules took the machine's last free memory and the next one found
+    no room for a KV cache.)"""
     started: list[LaunchedServer] = []
 
     def start(*args: str) -> LaunchedServer:

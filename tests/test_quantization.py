@@ -372,7 +372,7 @@ async def test_generation_through_the_router(launch, demo_dir, groups, mode):
             async with session.get(f"{server.url}/info") as response:
                 info = await response.json()
     finally:
-        server.stop()  # three quantized groups need not idle until the session ends
+        server.stop()  # three quantized groups need not idle until the module ends
     assert answer["output"] and answer["generated_tokens"] >= 1
     assert answer["finish_reason"] in ("length", "eos_token")
     assert info["quantize"] == mode
