@@ -28,6 +28,14 @@
 #define HAVE_AVX512 1
 #endif
 
+/* Prefetch the next four weight rows (from w0 + 4K), once per cache line, each at element k: issued
+   while the current four rows are read, so the stream runs a block ahead at a steady rate. */
+#define PREFETCH_NEXT_ROWS(w0, k, K)                                                          \
+    do {                                                                                     \
+        if (((k) * (int64_t)sizeof(*(w0))) % 64 < RTW_FLOATS * (int64_t)sizeof(*(w0)))       \
+            for (int j_ = 0; j_ < 4; j_++) __builtin_prefetch((w0) + (4 + j_) * (K) + (k));  \
+    } while (0)
+
 #ifdef HAVE_AVX2
 /* Lane j of the result: the sum of the 8 lanes of v[j]. */
 static inline __m256 reduce8(const __m256 v[8]) {
