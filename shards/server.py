@@ -34,6 +34,7 @@ from mixserve.shards.devices import (
 from mixserve.shards.distributed import init_process_group, tensor_parallel_group
 from mixserve.shards.draft import check_draft, load_draft
 from mixserve.shards.grammar import GrammarMatchers, load_tokenizer
+from mixserve.shards.kernel_tokens import measure_and_cap
 from mixserve.shards.kernels.native import KernelUnavailable
 from mixserve.shards.listen import ListenConfig, ListenError
 from mixserve.shards.listen import add_arguments as add_listen_arguments
@@ -123,6 +124,15 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         except InsufficientMemory as e:
             log.error("event=warmup_failed rank=%d error=%r", r.parallel.rank, str(e))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        measured = self.model.run(measure_and_cap, r, limits.max_batch_tokens)
+        if measured is not None:
+            tokens, timings = measured
+            log.info(
+                "event=kernel_tokens rank=%d max_tokens=%d kernel_vs_torch_ms=%s",
+                r.parallel.rank,
+                tokens,
+                ",".join(f"{n}:{k * 1e3:.1f}/{t * 1e3:.1f}" for n, k, t in timings),
+            )
         ms = int((time.perf_counter() - started) * 1000)
         m = self.memory
         log.info(

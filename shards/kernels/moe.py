@@ -34,16 +34,27 @@ def vector_floats() -> int:
     return 0 if width is None else width()
 
 
+# A lower cap this process measured for its model (shards/kernel_tokens.py), or None.
+_measured_cap: list[int | None] = [None]
+
+
+def set_measured_cap(tokens: int | None) -> None:
+    """Cap the tokens a step may have for the kernel at `tokens` (None: the build's own cap)."""
+    _measured_cap[0] = tokens
+
+
 def max_tokens() -> int:
     """The most tokens a step may have for its experts to run in the kernel (0: not available)."""
     width = vector_floats()
-    return 0 if width == 0 else MAX_TOKENS_BY_VECTOR_FLOATS.get(width, MAX_TOKENS)
+    cap = 0 if width == 0 else MAX_TOKENS_BY_VECTOR_FLOATS.get(width, MAX_TOKENS)
+    return cap if _measured_cap[0] is None else min(cap, _measured_cap[0])
 
 
 def fits(tokens: int) -> bool:
     """Whether a step of `tokens` tokens is within the kernel's token cap (the kernel may still be
     unavailable); decode-sized steps never ask the library for its vector width."""
-    return tokens <= MAX_TOKENS or tokens <= max_tokens()
+    small = MAX_TOKENS if _measured_cap[0] is None else min(MAX_TOKENS, _measured_cap[0])
+    return tokens <= small or tokens <= max_tokens()
 
 
 def available() -> bool:

@@ -19,7 +19,7 @@ import importlib
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -133,6 +133,15 @@ def _triton_unavailable(reason: str, required: bool) -> dict[str, Callable]:
         raise KernelUnavailable(reason)
     log.warning("event=kernel_unavailable name=triton fallback=torch reason=%r", reason)
     return {}
+
+
+def set_decoder_layer_tokens(tokens: int) -> Ops:
+    """Set the current ops' `decoder_layers_max_tokens` to `tokens` where the kernel runs them at all
+    (shards/kernel_tokens.py measures it)."""
+    ops = current()
+    if ops.decoder_layers_max_tokens:
+        _current[:] = [replace(ops, decoder_layers_max_tokens=tokens)]
+    return _current[0]
 
 
 def current() -> Ops:

@@ -1,0 +1,114 @@
+"""How many tokens a step may have for the CPU decoder layer kernel, measured at warm-up.
+
+The kernel (kernels/decoder_layer.c over kernels/moe.c) streams each expert's weights once per group
+of rows, which is what a decode step of a few tokens wants; torch's blocked GEMMs (oneDNN, MKL)
+overtake it as the rows grow, at a point that depends on the model's shapes. A prefill step of one
+sequence, bf16, one rank, kernel against torch (ms):
+
+| tokens | 16 | 32 | 64 | 128 |
+|---|---|---|---|---|
+| demo (hidden 256, 8 experts of 512) | 2.0 / 5.0 | 3.2 / 5.8 | 5.7 / 7.6 | 11.9 / 11.1 |
+| issue 20's 0.8B (hidden 1024, 8 experts of 3584) | 67 / 89 | 118 / 122 | 210 / 160 | 416 / 240 |
+
+So at warm-up every rank times one prefill step of each size on `LADDER` (up to the kernel's own cap
+and the router's largest step) both ways, and the kernel keeps the sizes up to the last one where
+torch is not clearly faster (`MARGIN`); the ranks agree on the smallest cap. Steps of more tokens
+run torch's decoder layers, and their MoE torch's GEMMs. Weights held as int8 or by bitsandbytes
+keep the caps their own paths chose (shards/ops/cpu.py), and so does every backend but the C kernels.
+"""
+
+import time
+from collections.abc import Callable
+
+from mixserve.shards import ops
+from mixserve.shards.kernels import moe
+from mixserve.shards.kernels.checks import ELEMENT_I8
+from mixserve.shards.runner import ModelRunner, SequenceStep
+from mixserve.shards.sampling import SamplingParams
+
+LADDER = (16, 32, 64, 128)
+# Torch takes a size from the kernel only where it needs under this share of the kernel's time: the
+# two are level within the noise of a shared machine, and a cap that moves run to run would change
+# which path (and which rounding) a step of that size gets.
+MARGIN = 0.8
+TIMED_RUNS = 3  # per size and path, after one untimed run; the fastest counts
+
+
+def choose_cap(timings: list[tuple[int, float, float]], kernel_cap: int) -> int:
+    """The cap from (tokens, kernel seconds, torch seconds) per size, smallest first: the largest size
+    before the first where torch is clearly faster, `kernel_cap` where it never is, and half the
+    smallest size where it already is there."""
+    cap = kernel_cap
+    for index, (tokens, kernel_s, torch_s) in enumerate(timings):
+        if torch_s < MARGIN * kernel_s:
+            cap = timings[index - 1][0] if index else tokens // 2
+            break
+    return min(cap, kernel_cap)
+
+
+def measure_and_cap(runner: ModelRunner, max_batch_tokens: int) -> tuple[int, list[tuple[int, float, float]]] | None:
+    """Time the ladder on this rank's model, set the cap the ranks agree on for this process (moe.fits
+    and the runner's per-token tables) and return it with this rank's timings; None where the kernel
+    does not run this model's decoder layers (nothing is changed then). Every rank must call it at
+    the same point: the steps it times run the model's collectives, and the ranks decide together
+    whether to time the next size. Runs over the allocated KV cache, which must hold no live
+    sequence: every step writes block 0 and is released."""
+    if not ops.current().decoder_layers_max_tokens or not _kernel_runs(runner):
+        return None
+    moe.set_measured_cap(None)
+    kernel_cap = moe.max_tokens()
+    timings = []
+    try:
+        for tokens in (tokens for tokens in LADDER if tokens <= min(kernel_cap, max_batch_tokens)):
+            timings.append((tokens, *_time_both(runner, tokens, kernel_cap)))
+            # Larger steps only widen torch's lead: spare the warm-up their time, on every rank at once.
+            if not runner.group.all_reduce_min(int(choose_cap(timings, kernel_cap) >= tokens)):
+                break
+        cap = runner.group.all_reduce_min(choose_cap(timings, kernel_cap))
+    except BaseException:
+        _allow(kernel_cap, None)
+        raise
+    _allow(cap, cap)
+    return cap, timings
+
+
+def _allow(ops_tokens: int, moe_cap: int | None) -> None:
+    ops.set_decoder_layer_tokens(ops_tokens)
+    moe.set_measured_cap(moe_cap)
+
+
+def _kernel_runs(runner: ModelRunner) -> bool:
+    halves = runner.model.layers[0].kernel_halves()
+    return halves is not None and halves[1].weight_type != ELEMENT_I8 and runner.draft is None
+
+
+def _time_both(runner: ModelRunner, tokens: int, kernel_cap: int) -> tuple[float, float]:
+    """Seconds of the fastest of TIMED_RUNS prefill steps of `tokens` tokens through the decoder layer
+    kernel (up to its own cap) and through torch's layers, the two alternating after an untimed run
+    of each (a machine that slows down for a while slows both)."""
+    best = {True: float("inf"), False: float("inf")}
+    for run in range(1 + TIMED_RUNS):
+        for kernel in (True, False):
+            _allow(kernel_cap, None if kernel else 0)
+            seconds = _timed(lambda: _prefill(runner, tokens))
+            if run:
+                best[kernel] = min(best[kernel], seconds)
+    return best[True], best[False]
+
+
+def _prefill(runner: ModelRunner, tokens: int) -> None:
+    block = runner.block_size
+    table = [0] * -(-tokens // block)  # every entry block 0: the same reads and writes as a real table
+    slots = [position % block for position in range(tokens)]
+    token_ids = [1 + position % (runner.config.vocab_size - 1) for position in range(tokens)]
+    step = SequenceStep(0, token_ids, 0, slots, table, True, SamplingParams())
+    try:
+        runner.step([step])
+    finally:
+        runner.sequences.clear()
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started

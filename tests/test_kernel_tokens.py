@@ -1,0 +1,86 @@
+"""The decoder layer kernel's token cap measured at warm-up (shards/kernel_tokens.py): the choice from
+timings, the cap it sets on the demo model and what the runner and the MoE then take, and that both
+paths of a step near the cap give the same next token."""
+
+import pytest
+import torch
+
+from mixserve.shards import ops
+from mixserve.shards.config import ParallelConfig
+from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.kernel_tokens import LADDER, MARGIN, choose_cap, measure_and_cap
+from mixserve.shards.kernels import moe
+from mixserve.shards.loader import load_model
+from mixserve.shards.runner import ModelRunner, SequenceStep
+from mixserve.shards.sampling import SamplingParams
+
+BLOCK = 16
+
+
+def test_the_cap_is_the_last_size_before_torch_is_clearly_faster():
+    level = [(16, 1.0, 2.0), (32, 1.0, 1.0), (64, 1.0, MARGIN * 1.01)]  # torch never clearly faster
+    assert choose_cap(level, 128) == 128
+    assert choose_cap([*level, (128, 1.0, MARGIN * 0.99)], 128) == 64
+    assert choose_cap([(16, 1.0, 2.0), (32, 1.0, 0.5)], 128) == 16
+    assert choose_cap([(16, 1.0, 0.5)], 128) == 8  # torch ahead at the smallest size: decode sizes keep it
+    assert choose_cap([], 64) == 64
+
+
+@pytest.fixture
+def runner(native, demo_dir):  # noqa: F811 - the conftest fixture that chooses the C kernels
+    if native.backends["decoder_layers"] != "native":
+        pytest.skip("the decoder layer kernel does not build here")
+    parallel = ParallelConfig()
+    model = load_model(demo_dir, parallel, TensorParallelGroup(parallel))
+    r = ModelRunner(model, parallel, TensorParallelGroup(parallel), torch.device("cpu"), torch.float32, BLOCK)
+    r.allocate_cache(32)
+    yield r
+    moe.set_measured_cap(None)
+
+
+def test_measuring_sets_the_cap_the_runner_and_the_moe_follow(runner):
+    build_cap = moe.max_tokens()
+    measured = measure_and_cap(runner, 4096)
+    assert measured is not None
+    cap, timings = measured
+    assert cap <= build_cap and (cap in LADDER or cap == LADDER[0] // 2 or cap == build_cap)
+    assert [tokens for tokens, _, _ in timings] == list(LADDER[: len(timings)])
+    assert all(kernel_s > 0 and torch_s > 0 for _, kernel_s, torch_s in timings)
+    assert ops.current().decoder_layers_max_tokens == cap
+    assert moe.fits(cap) and not moe.fits(cap + 1)
+    assert not runner.sequences  # the timed steps left nothing behind
+
+
+def test_a_second_warm_up_measures_from_the_builds_cap_again(runner):
+    ops.set_decoder_layer_tokens(16)
+    moe.set_measured_cap(16)
+    cap, timings = measure_and_cap(runner, 4096)
+    assert timings[0][0] == LADDER[0] and ops.current().decoder_layers_max_tokens == cap
+    assert moe.fits(cap)
+
+
+def test_the_router_s_largest_step_bounds_the_sizes_timed(runner):
+    cap, timings = measure_and_cap(runner, 32)
+    assert [tokens for tokens, _, _ in timings] == [tokens for tokens in LADDER if tokens <= 32][: len(timings)]
+    assert cap <= max(32, LADDER[0] // 2) or cap == moe.max_tokens()
+
+
+@pytest.mark.parametrize("cap", [16, 64])
+def test_a_step_past_the_cap_runs_torch_s_layers_and_picks_the_same_token(runner, cap):
+    prompt = [1 + (7 * i) % 500 for i in range(48)]
+
+    def first_token(tokens_cap: int | None) -> tuple[int, list[float]]:
+        moe.set_measured_cap(tokens_cap)
+        ops.set_decoder_layer_tokens(tokens_cap if tokens_cap is not None else moe.max_tokens())
+        table = list(range(-(-len(prompt) // BLOCK)))
+        step = SequenceStep(7, prompt, 0, list(range(len(prompt))), table, True, SamplingParams(top_n_tokens=5))
+        try:
+            result = runner.step([step])[0]
+        finally:
+            runner.sequences.clear()
+        return result.token_id, [logprob for _, logprob in result.top_tokens]
+
+    kernel_token, kernel_top = first_token(None)  # 48 tokens: within the build's cap, the kernel
+    token, top = first_token(cap)  # 16: past it, torch's layers; 64: the kernel again
+    assert token == kernel_token and len(top) == 5
+    torch.testing.assert_close(torch.tensor(top), torch.tensor(kernel_top), atol=1e-3, rtol=1e-4)
