@@ -17,6 +17,7 @@ run torch's decoder layers, and their MoE torch's GEMMs. Weights held as int8 or
 keep the caps their own paths chose (shards/ops/cpu.py), and so does every backend but the C kernels.
 """
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -33,6 +34,8 @@ LADDER = (16, 32, 64, 128)
 MARGIN = 0.8
 TIMED_RUNS = 3  # per size and path, after one untimed run; the fastest counts
 
+log = logging.getLogger(__name__)
+
 
 def choose_cap(timings: list[tuple[int, float, float]], kernel_cap: int) -> int:
     """The cap from (tokens, kernel seconds, torch seconds) per size, smallest first: the largest size
@@ -48,7 +51,7 @@ def choose_cap(timings: list[tuple[int, float, float]], kernel_cap: int) -> int:
 
 def measure_and_cap(runner: ModelRunner, max_batch_tokens: int) -> tuple[int, list[tuple[int, float, float]]] | None:
     """Time the ladder on this rank's model, set the cap the ranks agree on for this process (moe.fits
-    and the runner's per-token tables) and return it with this rank's timings; None where the kernel
+    and the runner's per-token tables), log it (`event=kernel_tokens`) and return it with this rank's timings; None where the kernel
     does not run this model's decoder layers (nothing is changed then). Every rank must call it at
     the same point: the steps it times run the model's collectives, and the ranks decide together
     whether to time the next size. Runs over the allocated KV cache, which must hold no live
@@ -69,6 +72,12 @@ def measure_and_cap(runner: ModelRunner, max_batch_tokens: int) -> tuple[int, li
         _allow(kernel_cap, None)
         raise
     _allow(cap, cap)
+    log.info(
+        "event=kernel_tokens rank=%d max_tokens=%d kernel_vs_torch_ms=%s",
+        runner.parallel.rank,
+        cap,
+        ",".join(f"{tokens}:{kernel_s * 1e3:.1f}/{torch_s * 1e3:.1f}" for tokens, kernel_s, torch_s in timings),
+    )
     return cap, timings
 
 

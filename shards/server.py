@@ -124,15 +124,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         except InsufficientMemory as e:
             log.error("event=warmup_failed rank=%d error=%r", r.parallel.rank, str(e))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        measured = self.model.run(measure_and_cap, r, limits.max_batch_tokens)
-        if measured is not None:
-            tokens, timings = measured
-            log.info(
-                "event=kernel_tokens rank=%d max_tokens=%d kernel_vs_torch_ms=%s",
-                r.parallel.rank,
-                tokens,
-                ",".join(f"{n}:{k * 1e3:.1f}/{t * 1e3:.1f}" for n, k, t in timings),
-            )
+        self.model.run(measure_and_cap, r, limits.max_batch_tokens)
         ms = int((time.perf_counter() - started) * 1000)
         m = self.memory
         log.info(
