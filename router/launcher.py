@@ -194,7 +194,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-decode-steps",
         type=int,
-        default=8,
+        default=32,
         help="decode steps the shards may run per call when nothing waits (1: one per call)",
     )
     parser.add_argument(
