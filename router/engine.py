@@ -245,6 +245,7 @@ class Engine:
                 # The batch should change: a request finished (or was cancelled), or one is waiting.
                 if self.scheduler.num_waiting or any(e.seq.seq_id not in self.live for e in plan.sequences):
                     self._interrupt_run()
+            self.scheduler.end_run(plan)
         except RouterError as e:
             if in_flight is None:
                 raise

@@ -348,6 +348,18 @@ class Scheduler:
         self._in_flight = following
         return following
 
+    def end_run(self, plan: StepPlan) -> None:
+        """A multi-step run ended with `plan`, its last step, answered (the shards write nothing more
+        for it): give back the blocks `extend_decode` reserved that its sequences did not reach, as
+        an interrupted run, or a speculating one whose sequences gained fewer tokens than the most,
+        leaves them. The next steps grow the tables again as they need."""
+        if self._in_flight is not None:
+            raise RuntimeError("end_run() called before on_step_done() for the step in flight")
+        for entry in plan.sequences:
+            seq = entry.seq
+            if self._live.get(seq.seq_id) is seq and seq.status is SequenceStatus.RUNNING:
+                self._table(seq).truncate(self.allocator, seq.num_computed)
+
     def finish(self, seq_id: int) -> Sequence | None:
         """End a sequence wherever it is and free its blocks; None if it is not queued or running."""
         return self._remove_id(seq_id, "finished")

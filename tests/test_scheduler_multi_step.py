@@ -50,8 +50,9 @@ def test_a_run_is_bounded_by_max_new_tokens_and_free_blocks():
     assert h.scheduler.num_blocks_free == 0
 
 
-def run(h: Harness, plan, steps: int, rng: random.Random, arrivals: list[Sequence]) -> None:
-    """One multi-step run of `steps`, with cancellations, arrivals and ghost writes as described above."""
+def run(h: Harness, plan, steps: int, rng: random.Random, arrivals: list[Sequence]):
+    """One multi-step run of `steps`, with cancellations, arrivals and ghost writes as described above;
+    its last step's plan."""
     ghosts = []  # (entry, next position) of sequences cancelled mid-run
     for k in range(steps):
         if k:
@@ -63,13 +64,16 @@ def run(h: Harness, plan, steps: int, rng: random.Random, arrivals: list[Sequenc
         ghosts = [(entry, position + 1) for entry, position in ghosts]
         h.complete(plan, h.shard.run(plan))
         if not plan.sequences and not ghosts:
-            return  # everything the run computes is gone: the engine interrupts it
+            return plan  # everything the run computes is gone: the engine interrupts it
         if plan.sequences and rng.random() < 0.2:
             victim = rng.choice(plan.sequences)
             if h.abort(victim.seq.seq_id) is not None:
                 ghosts.append((victim, victim.start_position + 1))
         if arrivals and rng.random() < 0.3:
             h.add(arrivals.pop())
+        if rng.random() < 0.1:
+            return plan  # interrupted: the shards stop after this step
+    return plan
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -96,7 +100,12 @@ def test_runs_give_the_tokens_of_single_steps(seed, prefix_caching):
         for entry in plan.sequences:
             covered = len(entry.block_table) * h.config.block_size
             assert covered >= entry.start_position + steps, "the run's positions are outside the block table"
-        run(h, plan, steps, rng, arrivals)
+        last = run(h, plan, steps, rng, arrivals)
+        if steps > 1:
+            h.scheduler.end_run(last)
+            for s in h.scheduler._running:
+                if s.is_decoding:  # holds the blocks of its computed positions, none reserved past them
+                    assert len(s.block_table.blocks) == -(-s.num_computed // h.config.block_size)
     else:
         raise AssertionError("did not finish")
     assert h.scheduler.num_blocks_used == 0
@@ -119,3 +128,26 @@ def test_continue_decode_refuses_a_run_past_its_blocks():
         h.complete(plan, h.shard.run(plan))
     with pytest.raises(ValueError, match="past the blocks"):
         h.scheduler.continue_decode(plan)  # position 8 needs a third block, never granted
+
+
+def test_end_run_gives_back_the_blocks_an_interrupted_run_did_not_reach():
+    h = Harness(num_blocks=64, block_size=4)
+    seq = new_seq(1, 6, 40)
+    h.add(seq)
+    h.step()  # prefill: positions 0..5, 2 blocks
+    plan = h.schedule()
+    assert h.scheduler.extend_decode(plan, 16) == 16
+    assert h.scheduler.num_blocks_used == 6  # positions up to 21 reserved
+    for k in range(4):  # interrupted after 4 of its 16 steps
+        if k:
+            plan = h.scheduler.continue_decode(plan)
+        if k == 3:
+            with pytest.raises(RuntimeError, match="in flight"):
+                h.scheduler.end_run(plan)  # not before its last step is answered
+        h.complete(plan, h.shard.run(plan))
+    h.scheduler.end_run(plan)
+    assert seq.num_computed == 10 and h.scheduler.num_blocks_used == 3
+    while seq.status.name == "RUNNING":  # the following steps grow the table again as they need
+        h.step()
+    assert seq.output_ids == reference_output(seq.prompt_ids, 40)
+    assert h.scheduler.num_blocks_used == 0
