@@ -2,7 +2,9 @@
 
 Each system is started on its own, loaded with the same workload by the same client
 (`benchmarks.serve`), and stopped before the next one starts, so none competes with another
-for the cores. The machine's roofline is measured first, with nothing running. Writes
+for the cores; or, with `--interleave N`, all are started at once and measured in alternating blocks
+of each level (benchmarks/interleave.py), one loaded at a time, so that the machine's drift over the
+run weighs on each alike. The machine's roofline is measured first, with nothing running. Writes
 compare.json, compare.md (one table with ratios to the reference system and % of the
 roofline ceiling), throughput.png and latency_cdf.png.
 
@@ -29,7 +31,8 @@ from pathlib import Path
 
 from mixserve.benchmarks import llamacpp, report
 from mixserve.benchmarks.processes import PYTHON, REPO, ServerProcess, child_env, free_port
-from mixserve.benchmarks.serve import add_workload_arguments, config_from_args, run_benchmark
+from mixserve.benchmarks.interleave import run_interleaved
+from mixserve.benchmarks.serve import ServeConfig, add_workload_arguments, config_from_args, config_json, run_benchmark
 
 log = logging.getLogger("mixserve.bench")
 
@@ -257,8 +260,9 @@ def _read_speculation(url: str) -> dict[str, float] | None:
         return None
 
 
-def run_system(system: System, args: argparse.Namespace, model_dir: str, out_dir: Path) -> dict:
-    """Start, load and stop one system; its result, with `error` set if it could not be measured."""
+def start_system(system: System, args: argparse.Namespace, model_dir: str, out_dir: Path):
+    """Start one system and wait until it serves: its process, the ServeConfig that drives it, and the
+    seconds it took to start. Stops the process if it never gets ready."""
     server = ServerProcess(system.name, system.cmd, out_dir / "logs" / f"{system.name}.log", system.env)
     url = f"http://127.0.0.1:{system.port}"
     try:
@@ -268,20 +272,63 @@ def run_system(system: System, args: argparse.Namespace, model_dir: str, out_dir
             target = args.mixserve_api
         if target == "auto":
             target = "openai" if has_openai_completions(url) else "predict"
-        config = config_from_args(args, url, model_dir, target)
-        config.ignore_eos = system.ignore_eos
-        config.keepalive = system.keepalive
-        result = asyncio.run(run_benchmark(config, system.name))
-        result["meta"].update(startup_s=round(startup_s, 1), description=system.description, server_cmd=system.cmd)
-        if system.target == "auto":
-            # Over the whole run, warm-up included.
-            result["meta"]["speculation"] = _read_speculation(url)
-        return result
+    except BaseException:
+        server.stop()
+        raise
+    config = config_from_args(args, url, model_dir, target)
+    config.ignore_eos = system.ignore_eos
+    config.keepalive = system.keepalive
+    return server, config, startup_s
+
+
+def _finish(result: dict, system: System, config: ServeConfig, startup_s: float) -> dict:
+    result["meta"].update(startup_s=round(startup_s, 1), description=system.description, server_cmd=system.cmd)
+    if system.target == "auto":
+        # Over the whole run, warm-up included.
+        result["meta"]["speculation"] = _read_speculation(config.url)
+    return result
+
+
+def _failed(system: System, exc: BaseException) -> dict:
+    log.error("event=system_failed name=%s error=%s", system.name, str(exc).splitlines()[0])
+    return {"error": str(exc)[-2000:], "meta": {"label": system.name, "server_cmd": system.cmd}}
+
+
+def run_system(system: System, args: argparse.Namespace, model_dir: str, out_dir: Path) -> dict:
+    """Start, load and stop one system; its result, with `error` set if it could not be measured."""
+    try:
+        server, config, startup_s = start_system(system, args, model_dir, out_dir)
     except (RuntimeError, TimeoutError, OSError) as exc:
-        log.error("event=system_failed name=%s error=%s", system.name, str(exc).splitlines()[0])
-        return {"error": str(exc)[-2000:], "meta": {"label": system.name, "server_cmd": system.cmd}}
+        return _failed(system, exc)
+    try:
+        return _finish(asyncio.run(run_benchmark(config, system.name)), system, config, startup_s)
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        return _failed(system, exc)
     finally:
         server.stop()
+
+
+def run_systems_interleaved(found: list[System], args: argparse.Namespace, model_dir: str, out_dir: Path) -> dict:
+    """Start every system, measure them together in `args.interleave` alternating blocks per level
+    (benchmarks/interleave.py), stop them; one result per system, as run_system gives."""
+    results: dict[str, dict] = {}
+    started: dict[str, tuple] = {}
+    try:
+        for system in found:
+            try:
+                started[system.name] = (system, *start_system(system, args, model_dir, out_dir))
+            except (RuntimeError, TimeoutError, OSError) as exc:
+                results[system.name] = _failed(system, exc)
+        configs = {name: config for name, (_, _, config, _) in started.items()}
+        measured = asyncio.run(run_interleaved(configs, args.interleave)) if configs else {}
+        for name, (system, _, config, startup_s) in started.items():
+            meta = report.run_meta()
+            meta.update(label=name, config=config_json(config), interleave=args.interleave)
+            results[name] = _finish({"meta": meta, **measured[name]}, system, config, startup_s)
+    finally:
+        for _, server, _, _ in started.values():
+            server.stop()
+    return {system.name: results[system.name] for system in found}
 
 
 def _ratio(value: float | None, reference: float | None) -> str:
@@ -385,6 +432,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds for a server to get ready")
     parser.add_argument("--no-roofline", action="store_true", help="skip the bandwidth and FLOP/s measurement")
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run every system at once and measure them in N alternating blocks of each level's requests"
+        " (benchmarks/interleave.py), so that the machine's drift weighs on each alike (1: one system after"
+        " another)",
+    )
     parser.add_argument("--conditions", default="", help="a note on the conditions, written under the table")
     parser.add_argument("--out", type=Path, help="output dir (default: benchmarks/results/compare-<UTC time>)")
     add_workload_arguments(parser)
@@ -427,7 +483,10 @@ def run(args: argparse.Namespace) -> int:
     )
     for name, reason in skipped.items():
         log.warning("event=skipped name=%s reason=%s", name, reason)
-    systems = {system.name: run_system(system, args, model_dir, out_dir) for system in found}
+    if args.interleave > 1:
+        systems = run_systems_interleaved(found, args, model_dir, out_dir)
+    else:
+        systems = {system.name: run_system(system, args, model_dir, out_dir) for system in found}
     result = {
         "meta": meta,
         "reference": args.reference if args.reference in systems else next(iter(systems), ""),
@@ -439,6 +498,7 @@ def run(args: argparse.Namespace) -> int:
             "num_prompts": args.num_prompts,
             "rounds": args.rounds,
             "warmup": args.warmup,
+            "interleave": args.interleave,
         },
         "client": "benchmarks/serve.py, one aiohttp session",
         "conditions": args.conditions,

@@ -122,7 +122,7 @@ async def run_benchmark(config: ServeConfig, label: str = "") -> dict:
     """Run the sweep; returns the result (meta, then one entry per level with its summary, its
     per-request records as JSON, and the live records under `_records` for plots and tests)."""
     meta = report.run_meta()
-    meta.update(label=label, config=_config_json(config))
+    meta.update(label=label, config=config_json(config))
     tokenizer = load_tokenizer(config.model_dir)
     levels = []
     async with config.make_target() as target:
@@ -159,7 +159,7 @@ async def run_benchmark(config: ServeConfig, label: str = "") -> dict:
     return {"meta": meta, "levels": levels}
 
 
-def _config_json(config: ServeConfig) -> dict:
+def config_json(config: ServeConfig) -> dict:
     out = asdict(config)
     out["request_rate"] = None if math.isinf(config.request_rate) else config.request_rate
     return out

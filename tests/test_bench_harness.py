@@ -2,6 +2,7 @@
 (every API the load generator drives), real shards over gRPC, and the naive baseline."""
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 
@@ -12,6 +13,7 @@ from aiohttp import web
 from conftest import PYTHON, free_port, subprocess_env
 from mixserve.benchmarks import report
 from mixserve.benchmarks.compare import compare_markdown, find_systems
+from mixserve.benchmarks.interleave import run_interleaved
 from mixserve.benchmarks.latency import LatencyConfig, router_overhead, shard_sweep
 from mixserve.benchmarks.metrics import RequestRecord, percentile, summarize
 from mixserve.benchmarks.roofline import ModelFootprint
@@ -168,6 +170,28 @@ async def test_naive_baseline_answers_predict_and_openai(naive_generator, demo_d
     s = result["levels"][0]["summary"]
     assert s["ok"] == 3 and s["token_count_method"] == "usage" and s["output_tokens_server"] is None
     assert all(r.output_tokens == OUTPUT_LEN for r in result["levels"][0]["_records"])
+
+
+@pytest.mark.slow
+def test_interleaved_systems_each_get_every_request_and_only_their_own_tokens(server, demo_dir):
+    """Two systems (here one server under two names) measured in alternating blocks: each level's
+    requests all reach each system, and the server's token count read around each block holds that
+    block's requests only (neither the warm-ups nor the other system's blocks)."""
+    greedy = dataclasses.replace(bench_config(server.url, demo_dir, "openai", [1, 2], num_prompts=5), temperature=0.0)
+    configs = {"a": greedy, "b": dataclasses.replace(greedy)}
+    results = asyncio.run(run_interleaved(configs, 2))
+    assert list(results) == ["a", "b"]
+    for result in results.values():
+        assert_counts_add_up(result)
+        assert [lv["concurrency"] for lv in result["levels"]] == [1, 2]
+        for level in result["levels"]:
+            s, records = level["summary"], level["_records"]
+            assert s["ok"] == 5 and s["token_count_method"] == "server"
+            assert s["output_tokens_server"] == sum(r.output_tokens for r in records) == 5 * OUTPUT_LEN
+    for level_a, level_b in zip(results["a"]["levels"], results["b"]["levels"], strict=True):
+        # The same prompts in the same order: greedy, the same outputs.
+        assert [r.text for r in level_a["_records"]] == [r.text for r in level_b["_records"]]
+        assert len({r.text for r in level_a["_records"]}) > 1
 
 
 @pytest.mark.slow
