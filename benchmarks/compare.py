@@ -352,6 +352,13 @@ def compare_markdown(result: dict) -> str:
         f" max({w['warmup']}, c) warm-up; one client ({result['client']}) for every server",
         f"- ratios are to `{reference}`; roofline % is output tok/s over this machine's serving ceiling",
     ]
+    if w.get("interleave", 1) > 1:
+        blocks = {lv["concurrency"]: lv.get("blocks") for s in systems.values() for lv in s.get("levels", [])}
+        per_level = ", ".join(f"c={c}: {b}" for c, b in blocks.items())
+        lines.append(
+            f"- interleaved: every server up at once, each level measured in up to {w['interleave']} alternating"
+            f" blocks (A B, B A, ...; a block holds >= c requests; {per_level}), one server loaded at a time"
+        )
     if result.get("conditions"):
         lines.append(f"- conditions: {result['conditions']}")
     lines += [

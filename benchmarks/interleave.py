@@ -8,8 +8,10 @@ requests; block i of every system runs before block i + 1 of any, the systems' o
 every other block (A B, B A, A B, ...), so a drift that is smooth over a level weighs on each
 system alike. One server works at a time; the others sit idle, which costs no CPU.
 
-A system's figures for a level are its blocks together: the records of all of them, over the sum
-of their wall times. Before its first block of a level a system gets the level's warm-up requests
+A block holds at least the level's concurrency in requests (fewer blocks where the level has too
+few: 32 requests at c=32 run as one block, not interleaved), and each block ends in a drain, as a
+sequential level does once, so levels want several times c requests per block. A system's figures
+for a level are its blocks together: the records of all of them, over the sum of their wall times. Before its first block of a level a system gets the level's warm-up requests
 (as in a sequential sweep); before each later block one more request, uncounted, to bring its
 weights back into the caches the other systems' blocks used.
 """
@@ -66,7 +68,15 @@ async def run_interleaved(configs: dict[str, ServeConfig], blocks: int) -> dict[
             warmup = max(first.warmup, concurrency) if first.warmup else 0
             warm = build_requests(tokenizer, first.workload, warmup, stream=2 * level)
             requests = build_requests(tokenizer, first.workload, first.prompts_for(concurrency), stream=2 * level + 1)
-            parts = split_blocks(requests, blocks)
+            # A block runs at the level's concurrency only if it holds at least that many requests.
+            parts = split_blocks(requests, max(1, min(blocks, len(requests) // concurrency)))
+            if len(parts) < blocks:
+                log.warning(
+                    "event=fewer_blocks concurrency=%d requests=%d blocks=%d (a block needs >= c requests)",
+                    concurrency,
+                    len(requests),
+                    len(parts),
+                )
             records = {name: [] for name in names}
             duration = dict.fromkeys(names, 0.0)
             server_tokens: dict[str, int | None] = dict.fromkeys(names, 0)
@@ -96,6 +106,7 @@ async def run_interleaved(configs: dict[str, ServeConfig], blocks: int) -> dict[
                 levels[name].append(
                     {
                         "concurrency": concurrency,
+                        "blocks": len(parts),
                         "summary": summary,
                         "requests": [r.to_json() for r in records[name]],
                         "_records": records[name],

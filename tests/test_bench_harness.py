@@ -179,11 +179,11 @@ def test_interleaved_systems_each_get_every_request_and_only_their_own_tokens(se
     block's requests only (neither the warm-ups nor the other system's blocks)."""
     greedy = dataclasses.replace(bench_config(server.url, demo_dir, "openai", [1, 2], num_prompts=5), temperature=0.0)
     configs = {"a": greedy, "b": dataclasses.replace(greedy)}
-    results = asyncio.run(run_interleaved(configs, 2))
+    results = asyncio.run(run_interleaved(configs, 4))  # c=1: 4 blocks; c=2: 2 (a block holds >= c requests)
     assert list(results) == ["a", "b"]
     for result in results.values():
         assert_counts_add_up(result)
-        assert [lv["concurrency"] for lv in result["levels"]] == [1, 2]
+        assert [(lv["concurrency"], lv["blocks"]) for lv in result["levels"]] == [(1, 4), (2, 2)]
         for level in result["levels"]:
             s, records = level["summary"], level["_records"]
             assert s["ok"] == 5 and s["token_count_method"] == "server"
@@ -192,6 +192,12 @@ def test_interleaved_systems_each_get_every_request_and_only_their_own_tokens(se
         # The same prompts in the same order: greedy, the same outputs.
         assert [r.text for r in level_a["_records"]] == [r.text for r in level_b["_records"]]
         assert len({r.text for r in level_a["_records"]}) > 1
+    workload = {"input_len": 16, "output_len": OUTPUT_LEN, "concurrency": [1, 2], "num_prompts": 5}
+    workload |= {"rounds": 2, "warmup": 1, "interleave": 4}
+    meta = {"meta": report.run_meta(), "client": "test", "roofline": None, "skipped": {}}
+    systems = {name: {"meta": {"config": {"target": "openai"}}, **result} for name, result in results.items()}
+    table = compare_markdown({**meta, "reference": "a", "workload": workload, "systems": systems})
+    assert "up to 4 alternating blocks" in table and "c=1: 4, c=2: 2)" in table
 
 
 @pytest.mark.slow
