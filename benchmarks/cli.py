@@ -2,7 +2,7 @@
 
 - `serve`: load a running server (concurrency sweep or Poisson arrivals) and report throughput and latency.
 - `latency`: shard prefill/decode step latency over direct gRPC, and the router's own overhead.
-- `decode-step`: one shard's batch-1 decode step in-process, fp32 vs bf16 vs weight-only int8.
+- `decode-step`: a batch-1 decode step in-process, fp32 vs bf16 vs weight-only int8, on one rank or N (`--num-shard`).
 - `int8-prefill`: int8-wo against bf16 per op (linear, LM head, MoE) at prefill-sized row counts.
 - `roofline`: this machine's memory bandwidth and matmul FLOP/s, and the model's ceilings on it.
 - `compare`: mixserve (1 and 4 shards), the naive baseline and every installed peer, one after another.
@@ -18,7 +18,7 @@ import importlib
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("mixserve.benchmarks.serve", "load a running server and report throughput and latency"),
     "latency": ("mixserve.benchmarks.latency", "shard step latency over gRPC and the router's overhead"),
-    "decode-step": ("mixserve.benchmarks.decode_step", "one shard's batch-1 decode step in-process, per weight format"),
+    "decode-step": ("mixserve.benchmarks.decode_step", "a batch-1 decode step in-process, per weight format"),
     "int8-prefill": (
         "mixserve.benchmarks.int8_prefill",
         "int8-wo against bf16 per op at prefill-sized and large-batch row counts",

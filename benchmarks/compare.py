@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixserve.benchmarks import llamacpp, report
-from mixserve.benchmarks.processes import PYTHON, REPO, ServerProcess, child_env, free_port
 from mixserve.benchmarks.interleave import run_interleaved
+from mixserve.benchmarks.processes import PYTHON, REPO, ServerProcess, child_env, free_port
 from mixserve.benchmarks.serve import ServeConfig, add_workload_arguments, config_from_args, config_json, run_benchmark
 
 log = logging.getLogger("mixserve.bench")

@@ -1,9 +1,12 @@
-"""`mixserve bench decode-step`: one shard's batch-1 decode step in this process, per weight format.
+"""`mixserve bench decode-step`: a shard's batch-1 decode step in-process, per weight format.
 
-Loads the model once per variant (fp32, bf16, int8-wo in fp32, int8-wo in bf16: `--variants`) on one rank, on one
-thread (a shard's core), with the ops `auto` picks (the C kernels where they build), and times the
-model's forward for one token at a context of `--context` tokens: the step a single stream decodes
-with, which reads every weight it touches once. The variants' steps alternate round by round, so a
+Loads the model once per variant (fp32, bf16, int8-wo in fp32, int8-wo in bf16: `--variants`) on one
+rank, on one thread (a shard's core), with the ops `auto` picks (the C kernels where they build), and
+times the model's forward for one token at a context of `--context` tokens: the step a single stream
+decodes with, which reads every weight it touches once. With `--num-shard N` it runs on N
+tensor-parallel ranks, a process and a thread each, joined as the shards join (torch.distributed
+for the rendezvous, the shared-memory collectives for the all-reduces), and reports rank 0's times:
+the all-reduces bind the ranks' steps together. The variants' steps alternate round by round, so a
 shared machine's noise falls on all of them alike; each reports the median over rounds. Weights come
 from the checkpoint, or (`--config` a config.json of any shape, e.g. the 0.8B of issue 20) are drawn
 at random (`--load-format dummy`), optionally with fewer layers (`--num-layers`) to fit a minute.
@@ -38,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"subset of {', '.join(VARIANTS)}")
     parser.add_argument("--context", type=int, default=128, help="tokens of context the decoded token attends to")
     parser.add_argument("--rounds", type=int, default=20, help="timed steps per variant (alternating)")
+    parser.add_argument("--num-shard", type=int, default=1, help="tensor-parallel ranks, a process each")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
 
 
@@ -56,20 +60,17 @@ def _model_dir(args: argparse.Namespace, scratch: Path) -> tuple[str, str]:
     return str(scratch), "dummy"
 
 
-def _load(model_dir: str, load_format: str, variant: str):
+def _load(model_dir: str, load_format: str, variant: str, parallel, group):
     import torch
 
-    from mixserve.shards.config import ParallelConfig
-    from mixserve.shards.distributed import TensorParallelGroup
     from mixserve.shards.loader import load_model, weight_bytes
     from mixserve.shards.quant.config import QuantizationConfig
 
     dtype_name, quantize = VARIANTS[variant]
-    parallel = ParallelConfig()
     model = load_model(
         model_dir,
         parallel,
-        TensorParallelGroup(parallel),
+        group,
         dtype=getattr(torch, dtype_name),
         quantization=QuantizationConfig(quantize) if quantize else None,
         load_format=load_format,
@@ -100,23 +101,31 @@ def _decode_step(model, kv_cache, context: int):
     return step
 
 
-def _measure(args: argparse.Namespace, variants: list[str]) -> dict[str, dict]:
-    """Each variant's step times, weight bytes and decoder-layer backend, the rounds alternating."""
+def _measure(args: argparse.Namespace, variants: list[str], parallel=None, group=None) -> dict[str, dict]:
+    """Each variant's step times, this rank's weight bytes and decoder-layer backend, the rounds
+    alternating (one rank unless `parallel` and `group` say otherwise)."""
     import torch
 
     from mixserve.shards import ops
+    from mixserve.shards.config import ParallelConfig
+    from mixserve.shards.distributed import TensorParallelGroup
     from mixserve.shards.kv_cache import KVCache
+
+    if parallel is None:
+        parallel = ParallelConfig()
+        group = TensorParallelGroup(parallel)
 
     steps, sizes, backends = {}, {}, {}
     with tempfile.TemporaryDirectory() as scratch, torch.inference_mode():
         model_dir, load_format = _model_dir(args, Path(scratch))
         for name in variants:
-            model, sizes[name] = _load(model_dir, load_format, name)
+            model, sizes[name] = _load(model_dir, load_format, name, parallel, group)
             cfg, dtype = model.config, getattr(torch, VARIANTS[name][0])
             chosen = ops.select("auto", torch.device("cpu"), dtype)
             backends[name] = chosen.backends["decoder_layers"]
             blocks = -(-args.context // BLOCK_SIZE)
-            shape = (cfg.num_hidden_layers, blocks, BLOCK_SIZE, cfg.num_key_value_heads, cfg.head_dim)
+            kv_heads = cfg.num_key_value_heads // parallel.world_size
+            shape = (cfg.num_hidden_layers, blocks, BLOCK_SIZE, kv_heads, cfg.head_dim)
             cache = KVCache(*shape, dtype, torch.device("cpu"))
             steps[name] = (_decode_step(model, cache, args.context), dtype)
             steps[name][0]()  # warm-up: first-use gathering of the kernels' weights
@@ -139,12 +148,58 @@ def _measure(args: argparse.Namespace, variants: list[str]) -> dict[str, dict]:
     }
 
 
-def markdown(results: dict[str, dict], context: int, rounds: int) -> str:
+def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, variants: list[str], answers) -> None:
+    """One rank of a `--num-shard N` measurement, in its own process: rank 0 puts its results on `answers`."""
+    import os
+
+    import torch
+
+    from mixserve.shards.config import ParallelConfig
+    from mixserve.shards.distributed import close_process_group, init_process_group, tensor_parallel_group
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    parallel = ParallelConfig(rank, world_size)
+    init_process_group(parallel, torch.device("cpu"))
+    try:
+        group = tensor_parallel_group(parallel, torch.device("cpu"), "shm")
+        results = _measure(args, variants, parallel, group)
+        if rank == 0:
+            answers.put(results)
+    finally:
+        close_process_group()
+
+
+def _measure_ranks(args: argparse.Namespace, variants: list[str]) -> dict[str, dict]:
+    """_measure on `args.num_shard` ranks, each a process; rank 0's results."""
+    import multiprocessing
+
+    from mixserve.benchmarks.processes import free_port
+
+    context = multiprocessing.get_context("spawn")
+    answers = context.Queue()
+    port = free_port()
+    ranks = [
+        context.Process(target=_rank_main, args=(rank, args.num_shard, port, args, variants, answers))
+        for rank in range(args.num_shard)
+    ]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join()
+    failed = [rank for rank, process in enumerate(ranks) if process.exitcode != 0]
+    if failed:
+        raise SystemExit(f"decode-step ranks {failed} failed (exit codes {[ranks[r].exitcode for r in failed]})")
+    return answers.get(timeout=10)
+
+
+def markdown(results: dict[str, dict], context: int, rounds: int, num_shard: int = 1) -> str:
     """The results as a table, speed-ups taken to the first variant."""
     first = next(iter(results))
+    where = "one thread" if num_shard == 1 else f"{num_shard} tensor-parallel ranks of one thread, rank 0's times"
     lines = [
-        f"batch-1 decode step, context {context}, {rounds} alternating rounds, one thread",
-        f"| variant | weight MiB | median ms | min ms | speed-up vs {first} | decoder_layers |",
+        f"batch-1 decode step, context {context}, {rounds} alternating rounds, {where}",
+        f"| variant | weight MiB (a rank's) | median ms | min ms | speed-up vs {first} | decoder_layers |",
         "|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
@@ -163,13 +218,20 @@ def run(args: argparse.Namespace) -> int:
     unknown = [name for name in variants if name not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        results = _measure(args, variants)
-    finally:
-        torch.set_num_threads(threads)
-    sys.stdout.write(markdown(results, args.context, args.rounds) + "\n")
+    num_shard = getattr(args, "num_shard", 1)
+    if num_shard < 1:
+        raise SystemExit(f"--num-shard must be >= 1, got {num_shard}")
+    if num_shard > 1:
+        results = _measure_ranks(args, variants)
+    else:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            results = _measure(args, variants)
+        finally:
+            torch.set_num_threads(threads)
+    sys.stdout.write(markdown(results, args.context, args.rounds, num_shard) + "\n")
     if args.out is not None:
-        args.out.write_text(json.dumps({"context": args.context, "rounds": args.rounds, "results": results}, indent=2))
+        summary = {"context": args.context, "rounds": args.rounds, "num_shard": num_shard, "results": results}
+        args.out.write_text(json.dumps(summary, indent=2))
     return 0

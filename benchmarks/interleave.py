@@ -11,9 +11,10 @@ system alike. One server works at a time; the others sit idle, which costs no CP
 A block holds at least the level's concurrency in requests (fewer blocks where the level has too
 few: 32 requests at c=32 run as one block, not interleaved), and each block ends in a drain, as a
 sequential level does once, so levels want several times c requests per block. A system's figures
-for a level are its blocks together: the records of all of them, over the sum of their wall times. Before its first block of a level a system gets the level's warm-up requests
-(as in a sequential sweep); before each later block one more request, uncounted, to bring its
-weights back into the caches the other systems' blocks used.
+for a level are its blocks together: the records of all of them, over the sum of their wall times.
+Before its first block of a level a system gets the level's warm-up requests (as in a sequential
+sweep); before each later block one more request, uncounted, to bring its weights back into the
+caches the other systems' blocks used.
 """
 
 import contextlib

@@ -7,7 +7,16 @@ from mixserve.benchmarks.interleave import block_order, split_blocks
 
 
 def test_blocks_alternate_and_every_system_finishes_a_block_before_the_next():
-    assert block_order(["a", "b"], 4) == [(0, "a"), (0, "b"), (1, "b"), (1, "a"), (2, "a"), (2, "b"), (3, "b"), (3, "a")]
+    assert block_order(["a", "b"], 4) == [
+        (0, "a"),
+        (0, "b"),
+        (1, "b"),
+        (1, "a"),
+        (2, "a"),
+        (2, "b"),
+        (3, "b"),
+        (3, "a"),
+    ]
     order = block_order(["a", "b", "c"], 3)
     assert [b for b, _ in order] == sorted(b for b, _ in order)
     for name in "abc":  # each system once per block, and its mean position is the same as the others'

@@ -42,3 +42,23 @@ def test_decode_step_refuses_unknown_variants(demo_dir):
     )
     with pytest.raises(SystemExit, match="unknown variants"):
         decode_step.run(args)
+
+
+@pytest.mark.slow
+def test_decode_step_runs_on_tensor_parallel_ranks(native, demo_dir, tmp_path, capsys):  # noqa: ARG001 - the C kernels
+    out = tmp_path / "steps.json"
+    args = argparse.Namespace(
+        model=str(demo_dir), config=None, num_layers=None, variants="bf16,int8-bf16", context=20, rounds=3, out=out,
+        num_shard=2,
+    )  # fmt: skip
+    assert decode_step.run(args) == 0
+    written = json.loads(out.read_text())
+    results = written["results"]
+    assert written["num_shard"] == 2 and list(results) == ["bf16", "int8-bf16"]
+    one_rank = argparse.Namespace(**{**vars(args), "num_shard": 1, "out": tmp_path / "one.json", "rounds": 1})
+    assert decode_step.run(one_rank) == 0
+    whole = json.loads((tmp_path / "one.json").read_text())["results"]
+    for name, r in results.items():  # each rank holds about half the weights (embeddings and norms whole)
+        assert 0.4 * whole[name]["weight_bytes"] < r["weight_bytes"] < 0.75 * whole[name]["weight_bytes"]
+        assert r["decoder_layers"] == "native" and r["median_ms"] > 0
+    assert "2 tensor-parallel ranks" in capsys.readouterr().out
