@@ -93,7 +93,9 @@ def test_counts_add_up_on_every_api(server, demo_dir, target):
                 assert len(r.token_times) == r.output_tokens
             else:
                 assert len(r.token_times) <= r.output_tokens
-        assert s["output_throughput"] == pytest.approx(counted / s["duration_s"], rel=0.01)
+        # duration_s is published rounded to the millisecond; a level of a few tens of ms moves by ~1 % with it.
+        duration = s["duration_s"]
+        assert counted / (duration + 0.0005) <= s["output_throughput"] <= counted / (duration - 0.0005)
 
 
 @pytest.mark.slow
