@@ -13,8 +13,10 @@ at random (`--load-format dummy`), optionally with fewer layers (`--num-layers`)
 """
 
 import argparse
+import contextlib
 import json
 import logging
+import queue
 import statistics
 import sys
 import tempfile
@@ -185,12 +187,17 @@ def _measure_ranks(args: argparse.Namespace, variants: list[str]) -> dict[str, d
     ]
     for process in ranks:
         process.start()
+    # Read before joining: a process that has put on a queue exits only once its data is read.
+    results = None
+    while results is None and all(process.exitcode in (None, 0) for process in ranks):
+        with contextlib.suppress(queue.Empty):
+            results = answers.get(timeout=1)
     for process in ranks:
         process.join()
     failed = [rank for rank, process in enumerate(ranks) if process.exitcode != 0]
-    if failed:
+    if failed or results is None:
         raise SystemExit(f"decode-step ranks {failed} failed (exit codes {[ranks[r].exitcode for r in failed]})")
-    return answers.get(timeout=10)
+    return results
 
 
 def markdown(results: dict[str, dict], context: int, rounds: int, num_shard: int = 1) -> str:
@@ -218,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = [name for name in variants if name not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
-    num_shard = getattr(args, "num_shard", 1)
+    num_shard = args.num_shard
     if num_shard < 1:
         raise SystemExit(f"--num-shard must be >= 1, got {num_shard}")
     if num_shard > 1:

@@ -20,9 +20,8 @@ caches the other systems' blocks used.
 import contextlib
 import logging
 
-from mixserve.benchmarks.metrics import summarize
-from mixserve.benchmarks.serve import ServeConfig, run_level
-from mixserve.benchmarks.workload import build_requests, load_tokenizer
+from mixserve.benchmarks.serve import ServeConfig, level_requests, level_result, run_level
+from mixserve.benchmarks.workload import load_tokenizer
 
 log = logging.getLogger("mixserve.bench")
 
@@ -66,9 +65,7 @@ async def run_interleaved(configs: dict[str, ServeConfig], blocks: int) -> dict[
     async with contextlib.AsyncExitStack() as stack:
         targets = {name: await stack.enter_async_context(config.make_target()) for name, config in configs.items()}
         for level, concurrency in enumerate(first.concurrency):
-            warmup = max(first.warmup, concurrency) if first.warmup else 0
-            warm = build_requests(tokenizer, first.workload, warmup, stream=2 * level)
-            requests = build_requests(tokenizer, first.workload, first.prompts_for(concurrency), stream=2 * level + 1)
+            warm, requests = level_requests(tokenizer, first, level, concurrency)
             # A block runs at the level's concurrency only if it holds at least that many requests.
             parts = split_blocks(requests, max(1, min(blocks, len(requests) // concurrency)))
             if len(parts) < blocks:
@@ -94,23 +91,9 @@ async def run_interleaved(configs: dict[str, ServeConfig], blocks: int) -> dict[
                 counted = server_tokens[name]
                 server_tokens[name] = None if None in (counted, before, after) else counted + after - before
             for name in names:
-                summary = summarize(records[name], duration[name], server_tokens[name])
-                log.info(
-                    "event=level label=%s concurrency=%d blocks=%d ok=%d errors=%d output_tok_s=%s",
-                    name,
-                    concurrency,
-                    len(parts),
-                    summary["ok"],
-                    summary["errors"],
-                    summary["output_throughput"],
-                )
                 levels[name].append(
-                    {
-                        "concurrency": concurrency,
-                        "blocks": len(parts),
-                        "summary": summary,
-                        "requests": [r.to_json() for r in records[name]],
-                        "_records": records[name],
-                    }
+                    level_result(
+                        name, concurrency, records[name], duration[name], server_tokens[name], blocks=len(parts)
+                    )
                 )
     return {name: {"levels": levels[name]} for name in names}

@@ -118,6 +118,35 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, mininterval=0.5)
 
 
+def level_requests(tokenizer, config: ServeConfig, level: int, concurrency: int) -> tuple[list, list]:
+    """Level `level`'s warm-up requests and measured requests, the same for every server driven with
+    this workload. As many warm-up requests as the level keeps in flight (with --warmup > 0): a server
+    that compiles per batch size (vLLM) meets this level's batch before the timed requests."""
+    warmup = max(config.warmup, concurrency) if config.warmup else 0
+    warm = build_requests(tokenizer, config.workload, warmup, stream=2 * level)
+    measured = build_requests(tokenizer, config.workload, config.prompts_for(concurrency), stream=2 * level + 1)
+    return warm, measured
+
+
+def level_result(
+    label: str, concurrency: int, records: list[RequestRecord], duration: float, server_tokens: int | None, **extra
+) -> dict:
+    """A level's entry of a result: its summary (logged), the records as JSON, and the live records under
+    `_records`; `extra` fields go into the entry too."""
+    summary = summarize(records, duration, server_tokens)
+    log.info(
+        "event=level label=%s concurrency=%d ok=%d errors=%d output_tok_s=%s ttft_p50_ms=%s",
+        label,
+        concurrency,
+        summary["ok"],
+        summary["errors"],
+        summary["output_throughput"],
+        summary["ttft_ms"]["p50"],
+    )
+    entry = {"concurrency": concurrency, **extra, "summary": summary}
+    return entry | {"requests": [r.to_json() for r in records], "_records": records}
+
+
 async def run_benchmark(config: ServeConfig, label: str = "") -> dict:
     """Run the sweep; returns the result (meta, then one entry per level with its summary, its
     per-request records as JSON, and the live records under `_records` for plots and tests)."""
@@ -127,35 +156,14 @@ async def run_benchmark(config: ServeConfig, label: str = "") -> dict:
     levels = []
     async with config.make_target() as target:
         for level, concurrency in enumerate(config.concurrency):
-            # As many warm-up requests as the level keeps in flight (with --warmup > 0): a server that
-            # compiles per batch size (vLLM) meets this level's batch before the timed requests.
-            warmup = max(config.warmup, concurrency) if config.warmup else 0
-            warm = build_requests(tokenizer, config.workload, warmup, stream=2 * level)
+            warm, requests = level_requests(tokenizer, config, level, concurrency)
             if warm:
                 await run_level(config, target, warm, concurrency, desc=f"warm-up c={concurrency}")
-            requests = build_requests(tokenizer, config.workload, config.prompts_for(concurrency), stream=2 * level + 1)
             before = await target.generated_tokens()
             records, duration = await run_level(config, target, requests, concurrency, f"c={concurrency}")
             after = await target.generated_tokens()
             server_tokens = after - before if before is not None and after is not None else None
-            summary = summarize(records, duration, server_tokens)
-            log.info(
-                "event=level label=%s concurrency=%d ok=%d errors=%d output_tok_s=%s ttft_p50_ms=%s",
-                label,
-                concurrency,
-                summary["ok"],
-                summary["errors"],
-                summary["output_throughput"],
-                summary["ttft_ms"]["p50"],
-            )
-            levels.append(
-                {
-                    "concurrency": concurrency,
-                    "summary": summary,
-                    "requests": [r.to_json() for r in records],
-                    "_records": records,
-                }
-            )
+            levels.append(level_result(label, concurrency, records, duration, server_tokens))
     return {"meta": meta, "levels": levels}
 
 

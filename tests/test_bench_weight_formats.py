@@ -23,11 +23,15 @@ def test_compare_serves_weight_formats_as_mixserve_variants(demo_dir, tmp_path):
     assert int8.description == "mixserve, --num-shard 1 --dtype bfloat16 --quantize int8-wo"
 
 
+def decode_step_args(demo_dir, **given) -> argparse.Namespace:
+    """`mixserve bench decode-step`'s arguments on the demo checkpoint, context 20, one rank unless `given`."""
+    defaults = {"model": str(demo_dir), "config": None, "num_layers": None, "context": 20, "out": None, "num_shard": 1}
+    return argparse.Namespace(**(defaults | given))
+
+
 def test_decode_step_times_each_weight_format(native, demo_dir, tmp_path, capsys):  # noqa: ARG001 - the C kernels
     out = tmp_path / "steps.json"
-    args = argparse.Namespace(
-        model=str(demo_dir), config=None, num_layers=None, variants="fp32,bf16,int8", context=20, rounds=2, out=out
-    )
+    args = decode_step_args(demo_dir, variants="fp32,bf16,int8", rounds=2, out=out)
     assert decode_step.run(args) == 0
     results = json.loads(out.read_text())["results"]
     assert list(results) == ["fp32", "bf16", "int8"]
@@ -37,9 +41,7 @@ def test_decode_step_times_each_weight_format(native, demo_dir, tmp_path, capsys
 
 
 def test_decode_step_refuses_unknown_variants(demo_dir):
-    args = argparse.Namespace(
-        model=str(demo_dir), config=None, num_layers=None, variants="fp8", context=20, rounds=1, out=None
-    )
+    args = decode_step_args(demo_dir, variants="fp8", rounds=1)
     with pytest.raises(SystemExit, match="unknown variants"):
         decode_step.run(args)
 
@@ -47,10 +49,7 @@ def test_decode_step_refuses_unknown_variants(demo_dir):
 @pytest.mark.slow
 def test_decode_step_runs_on_tensor_parallel_ranks(native, demo_dir, tmp_path, capsys):  # noqa: ARG001 - the C kernels
     out = tmp_path / "steps.json"
-    args = argparse.Namespace(
-        model=str(demo_dir), config=None, num_layers=None, variants="bf16,int8-bf16", context=20, rounds=3, out=out,
-        num_shard=2,
-    )  # fmt: skip
+    args = decode_step_args(demo_dir, variants="bf16,int8-bf16", rounds=3, out=out, num_shard=2)
     assert decode_step.run(args) == 0
     written = json.loads(out.read_text())
     results = written["results"]
