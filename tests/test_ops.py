@@ -126,8 +126,17 @@ def test_choices_follow_device_and_dtype():
     with pytest.raises(KernelUnavailable, match="fp32 or bf16 on the CPU"):
         ops.select("native", CPU, torch.float16)
     bf16 = ops.select("auto", CPU, torch.bfloat16).backends
-    # The kernels that read weights or the KV cache, and the grammar mask (on the fp32 logits every dtype gives).
-    bf16_kernels = ("linear_rows", "fused_moe", "paged_decode_attention", "decoder_layers", "apply_token_bitmask")
+    # The kernels that read weights or the KV cache, and sampling's (on the fp32 logits every dtype gives).
+    bf16_kernels = (
+        "linear_rows",
+        "fused_moe",
+        "paged_decode_attention",
+        "decoder_layers",
+        "row_argmax_logsumexp",
+        "slice_greedy_stats",
+        "combine_greedy",
+        "apply_token_bitmask",
+    )
     if ops.select("auto", CPU, torch.float32).backends["decoder_layers"] == "native":
         assert {name for name, backend in bf16.items() if backend == "native"} == set(bf16_kernels)
     with pytest.raises(KernelUnavailable, match="fp32 or bf16 on the CPU"):
