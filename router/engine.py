@@ -55,11 +55,13 @@ class Engine:
         ids: Iterator[int] | None = None,
         speculate: int = 0,
         speculate_max_batch: int = MAX_BATCH,
+        stream_interval_ms: float = 0.0,
     ) -> None:
         """`metrics` and `ids` (request ids) are shared by the engines of several shard groups behind one
         router (router/replicas.py); alone, an engine has its own. `speculate`: the most tokens proposed
         per decode (0: no speculation), while at most `speculate_max_batch` requests run; the shards
-        propose them (their draft model, else n-gram lookup in the request's tokens)."""
+        propose them (their draft model, else n-gram lookup in the request's tokens). `stream_interval_ms`: the
+        shards send a multi-step run's steps at most once per this many ms (0: each as it finishes)."""
         if speculate < 0:
             raise ValueError(f"speculate must be >= 0, got {speculate}")
         if speculate_max_batch < 1:
@@ -98,6 +100,9 @@ class Engine:
         if max_decode_steps < 1:
             raise ValueError(f"max_decode_steps must be >= 1, got {max_decode_steps}")
         self.max_decode_steps = max_decode_steps
+        if stream_interval_ms < 0:
+            raise ValueError(f"stream_interval_ms must be >= 0, got {stream_interval_ms}")
+        self.stream_interval_us = round(stream_interval_ms * 1000)
         self._run_ids = 0
         self._active_run: int | None = None
         self._interrupts: set[asyncio.Task] = set()
@@ -232,7 +237,7 @@ class Engine:
                 self._on_step_done(plan, result, started)
                 return
             self._run_ids += 1
-            step.num_steps, step.run_id = num_steps, self._run_ids
+            step.num_steps, step.run_id, step.stream_interval_us = num_steps, self._run_ids, self.stream_interval_us
             self._active_run = self._run_ids
             log.debug("event=decode_run run=%d steps=%d seqs=%d", self._run_ids, num_steps, len(plan.sequences))
             self.metrics.on_decode_run(num_steps)

@@ -43,6 +43,10 @@ log = logging.getLogger("mixserve.launcher")
 # After the shard group fails for good the router keeps answering (503) this long before it exits,
 # so clients and probes see why.
 FAILURE_LINGER_S = 5.0
+# --stream-interval-ms: its default, and its ceiling (the proto's microseconds are a uint32; past a
+# second, a stream would no longer look like one).
+DEFAULT_STREAM_INTERVAL_MS = 2.0
+MAX_STREAM_INTERVAL_MS = 1000.0
 
 
 def _seconds(value: str) -> float:
@@ -64,6 +68,13 @@ def _non_negative_int(value: str) -> int:
     if number < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return number
+
+
+def _stream_interval_ms(value: str) -> float:
+    ms = float(value)
+    if not 0 <= ms <= MAX_STREAM_INTERVAL_MS:
+        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_STREAM_INTERVAL_MS:g} ms, got {value}")
+    return ms
 
 
 def check_speculation(args: argparse.Namespace) -> None:
@@ -196,6 +207,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=32,
         help="decode steps the shards may run per call when nothing waits (1: one per call)",
+    )
+    parser.add_argument(
+        "--stream-interval-ms",
+        type=_stream_interval_ms,
+        default=DEFAULT_STREAM_INTERVAL_MS,
+        help="the shards send a multi-step run's steps at most once per this many ms, the steps finished "
+        "meanwhile in one message: a step finishing sooner waits for the next one (0: each step as it finishes)",
     )
     parser.add_argument(
         "--speculate",
@@ -379,6 +397,7 @@ async def _serve_with_shards(args, model_dir, tokenizer, groups: list[ShardSuper
         args.max_decode_steps,
         args.speculate,
         args.speculate_max_batch,
+        args.stream_interval_ms,
     )
     for shards, group_engine in zip(groups, engine.engines, strict=True):
         group_engine.retry_after_s = shards.retry_after_s if args.max_restarts else None

@@ -244,6 +244,7 @@ def build_replicas(
     max_decode_steps: int,
     speculate: int = 0,
     speculate_max_batch: int = MAX_BATCH,
+    stream_interval_ms: float = 0.0,
 ) -> Replicas:
     """One engine per (shard group, its scheduler config), sharing one Metrics, whose gauges read their
     pooled schedulers, and one request id sequence, so ids are unique across groups."""
@@ -262,6 +263,7 @@ def build_replicas(
             ids=ids,
             speculate=speculate,
             speculate_max_batch=speculate_max_batch,
+            stream_interval_ms=stream_interval_ms,
         )
         engines.append(engine)
     return Replicas(engines)

@@ -218,6 +218,8 @@ class ShardGroup:
                     ended += 1
                 elif rank == 0:
                     yield step_result(event)
+                    for following in event.following:
+                        yield step_result(following)
         finally:
             for reader in readers:
                 reader.cancel()
@@ -254,7 +256,11 @@ def step_request(step: Step) -> shard_pb2.StepRequest:
             message.sampling.CopyFrom(sampling_params(seq.sampling))
         sequences.append(message)
     return shard_pb2.StepRequest(
-        sequences=sequences, release_seq_ids=step.release_seq_ids, num_steps=step.num_steps, run_id=step.run_id
+        sequences=sequences,
+        release_seq_ids=step.release_seq_ids,
+        num_steps=step.num_steps,
+        run_id=step.run_id,
+        stream_interval_us=step.stream_interval_us,
     )
 
 

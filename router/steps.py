@@ -46,12 +46,14 @@ class SequenceStep:
 @dataclass(slots=True)
 class Step:
     """One step of every scheduled sequence, after releasing the finished ones' sampling state; with
-    `num_steps` > 1, a multi-step decode run identified by `run_id`."""
+    `num_steps` > 1, a multi-step decode run identified by `run_id`, whose steps the shards send at most
+    once per `stream_interval_us` (the steps finished meanwhile together)."""
 
     sequences: list[SequenceStep]
     release_seq_ids: list[int] = field(default_factory=list)
     num_steps: int = 1
     run_id: int = 0
+    stream_interval_us: int = 0
 
 
 @dataclass(slots=True)

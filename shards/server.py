@@ -11,6 +11,7 @@ starts a group, one host or several.
 
 import argparse
 import logging
+import math
 import os
 import threading
 import time
@@ -45,7 +46,7 @@ from mixserve.shards.multi_step import decode_steps
 from mixserve.shards.quant.config import QUANTIZE_MODES, QuantizationConfig
 from mixserve.shards.quant.probe import QuantizationUnavailable, check_supported
 from mixserve.shards.runner import InvalidStep, ModelRunner, OutOfCapacity, SequenceResult, SequenceStep
-from mixserve.shards.step_proto import memory_proto, step_from_proto, step_response
+from mixserve.shards.step_proto import memory_proto, run_response, step_from_proto, step_response
 from mixserve_pb import shard_pb2, shard_pb2_grpc
 
 log = logging.getLogger("mixserve.shard")
@@ -154,7 +155,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except (InvalidStep, ValueError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        return step_response(results, started)
+        return step_response(results, time.perf_counter_ns() - started)
 
     def DecodeSteps(self, request, context):
         started = time.perf_counter_ns()
@@ -163,26 +164,32 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
             release = list(request.release_seq_ids)
             run_id = request.run_id
 
-            def run(abandoned: threading.Event) -> Iterator[list[SequenceResult]]:
+            def run(abandoned: threading.Event) -> Iterator[tuple[list[SequenceResult], int]]:
                 self.runner.release(release)
 
                 # A stream its caller dropped stops as an interrupt does: every rank agrees first.
                 def agree_to_stop() -> bool:
                     return self.runner.group.any_rank(self.interrupted_run_id >= run_id or abandoned.is_set())
 
-                return decode_steps(self.runner, steps, request.num_steps, agree_to_stop)
+                before = started
+                for results in decode_steps(self.runner, steps, request.num_steps, agree_to_stop):
+                    now = time.perf_counter_ns()
+                    yield results, now - before
+                    before = now
 
             # Only rank 0's answers reach clients: the other ranks send theirs once, at the end,
             # which spares both sides a message per step (the router still reads every stream,
             # to see a rank fail).
             every_step = self.runner.parallel.rank == 0
-            count, results = 0, []
-            for count, results in enumerate(self.model.stream(run), start=1):
+            interval_s = request.stream_interval_us / 1e6 if every_step else math.inf
+            count, batch = 0, []
+            for batch in self.model.stream(run, interval_s):
                 if every_step:
-                    yield step_response(results, started, count)
-                    started = time.perf_counter_ns()
+                    yield run_response(batch, count)
+                count += len(batch)
             if not every_step:
-                yield step_response(results, started, count)
+                results = batch[-1][0] if batch else []
+                yield step_response(results, time.perf_counter_ns() - started, count)
         except OutOfCapacity as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except (InvalidStep, ValueError) as e:

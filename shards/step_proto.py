@@ -1,7 +1,5 @@
 """The shard's edge of the wire: ShardService messages to and from the runner's plain types."""
 
-import time
-
 from mixserve.shards.memory import MemoryReport
 from mixserve.shards.runner import SequenceResult, SequenceStep
 from mixserve.shards.sampling import SamplingParams
@@ -23,8 +21,8 @@ def memory_proto(m: MemoryReport) -> shard_pb2.MemoryReport:
     )
 
 
-def step_response(results: list[SequenceResult], started_ns: int, steps: int = 0) -> shard_pb2.StepResponse:
-    """A step's results as a StepResponse; `forward_us` is the time since `started_ns`, `steps` the decode steps run."""
+def step_response(results: list[SequenceResult], forward_ns: int, steps: int = 0) -> shard_pb2.StepResponse:
+    """A step's results as a StepResponse, the step having taken `forward_ns`; `steps` the decode steps run."""
     return shard_pb2.StepResponse(
         results=[
             shard_pb2.SequenceResult(
@@ -46,9 +44,17 @@ def step_response(results: list[SequenceResult], started_ns: int, steps: int = 0
             )
             for r in results
         ],
-        forward_us=(time.perf_counter_ns() - started_ns) // 1000,
+        forward_us=forward_ns // 1000,
         steps=steps,
     )
+
+
+def run_response(steps: list[tuple[list[SequenceResult], int]], steps_before: int) -> shard_pb2.StepResponse:
+    """One DecodeSteps answer for consecutive steps of a run, each (results, forward_ns), after `steps_before`
+    steps already sent: the first step's answer, the others in its `following`."""
+    answers = [step_response(results, ns, steps_before + i) for i, (results, ns) in enumerate(steps, start=1)]
+    answers[0].following.extend(answers[1:])
+    return answers[0]
 
 
 def step_from_proto(msg: shard_pb2.SequenceStep) -> SequenceStep:

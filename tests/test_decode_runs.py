@@ -20,8 +20,9 @@ RUN = 64  # --max-decode-steps of the multi-step server: far longer than any int
 def servers(launch, demo_dir):
     common = ("--model", str(demo_dir), "--num-shard", "2", "--log-level", "debug")
     # The multi-step server's decode steps also go through the decode graph runner's static buffers
-    # (eager on the CPU: padding to buckets, the scratch block, the dense MoE where the kernels do not run).
-    multi = launch(*common, "--max-decode-steps", str(RUN), "--cuda-graphs", "eager")
+    # (eager on the CPU: padding to buckets, the scratch block, the dense MoE where the kernels do not run),
+    # and its shards send the steps of 5 ms together (several of the demo's steps a message).
+    multi = launch(*common, "--max-decode-steps", str(RUN), "--cuda-graphs", "eager", "--stream-interval-ms", "5")
     return multi, launch(*common, "--max-decode-steps", "1")
 
 

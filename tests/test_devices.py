@@ -151,7 +151,7 @@ def test_set_device_runs_on_the_model_thread_that_runs_every_call(gpus):
             for i in range(3):
                 yield i, threading.get_ident()
 
-        assert list(model.stream(produce)) == [(i, thread) for i in range(3)]
+        assert [item for items in model.stream(produce) for item in items] == [(i, thread) for i in range(3)]
         with pytest.raises(ZeroDivisionError):
             model.run(lambda: 1 / 0)
     finally:
@@ -170,7 +170,7 @@ def test_a_stream_read_no_further_tells_its_producer():
         seen.set()
 
     stream = model.stream(produce)
-    assert next(stream) == 0
+    assert next(stream)[0] == 0
     stream.close()
     model.close()  # waits for the producer to end: it would not without the flag
     assert seen.is_set()
@@ -208,7 +208,7 @@ def test_every_model_call_of_the_shard_runs_on_its_model_thread(servicer, monkey
         seq_id=1, token_ids=[token], start_position=3, slot_mapping=[3], block_table=[0], sample=True
     )
     answers = list(servicer.DecodeSteps(shard_pb2.StepRequest(sequences=[decode], num_steps=3, run_id=1), None))
-    assert [a.steps for a in answers] == [1, 2, 3]
+    assert [a.steps for m in answers for a in (m, *m.following)] == [1, 2, 3]
     servicer.Release(shard_pb2.ReleaseRequest(seq_ids=[1]), None)
     servicer.Clear(shard_pb2.ClearRequest(), None)
     model_thread = servicer.model.run(threading.get_ident)

@@ -218,14 +218,21 @@ def start_run(stubs, run_id: int, num_steps: int) -> shard_pb2.StepRequest:
     return request
 
 
-def read_all(stubs, request, on_first=None) -> list[shard_pb2.StepResponse]:
+def read_all(stubs, request, on_first=None, messages: list[int] | None = None) -> list[shard_pb2.StepResponse]:
     """Read the run on every rank at once (as the router must), in threads; rank 0's answers (one per
-    step), after checking that every other rank answered once, at the end, with the same last step."""
+    step, each message's `following` unpacked; the steps of each message appended to `messages`), after
+    checking that every other rank answered once, at the end, with the same last step."""
     answers: list[list[shard_pb2.StepResponse]] = [[] for _ in stubs]
 
     def read(rank: int) -> None:
         for response in stubs[rank].DecodeSteps(request, timeout=120):
-            answers[rank].append(response)
+            if rank == 0 and messages is not None:
+                messages.append(1 + len(response.following))
+            following = list(response.following)
+            assert rank == 0 or not following, "a rank past 0 sends one answer"
+            assert not any(f.following for f in following), "a following step has none of its own"
+            response.ClearField("following")
+            answers[rank] += [response, *following]
             if rank == 0 and len(answers[0]) == 1 and on_first is not None:
                 on_first()
 
@@ -259,6 +266,19 @@ def test_interrupting_one_rank_stops_both_at_the_same_step(shard_pair):
     cut = tokens(read_all(stubs, request, on_first=lambda: stubs[1].Interrupt(shard_pb2.InterruptRequest(run_id=2))))
     assert 1 <= len(cut) < 60
     assert cut == full[: len(cut)], "an interrupted run still gives the same tokens"
+
+
+@pytest.mark.slow
+def test_a_stream_interval_sends_a_fast_runs_steps_together(shard_pair):
+    """With an interval longer than the run, rank 0 sends the first step as it finishes and every later
+    one in a single answer at the end; the steps and their tokens are those of a run sent step by step."""
+    stubs = shard_pair
+    full = tokens(read_all(stubs, start_run(stubs, run_id=3, num_steps=20)))
+    request = start_run(stubs, run_id=4, num_steps=20)
+    request.stream_interval_us = 60_000_000
+    grouped: list[int] = []
+    assert tokens(read_all(stubs, request, messages=grouped)) == full
+    assert len(grouped) <= 2 and sum(grouped) == 20
 
 
 @pytest.mark.slow

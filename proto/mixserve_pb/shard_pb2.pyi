@@ -172,16 +172,18 @@ class SequenceStep(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ..., slot_mapping: _Optional[_Iterable[int]] = ..., block_table: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., prefix_token_ids: _Optional[_Iterable[int]] = ..., prompt_logprobs: _Optional[bool] = ..., num_proposed: _Optional[int] = ..., draft: _Optional[bool] = ..., speculate: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("sequences", "release_seq_ids", "num_steps", "run_id")
+    __slots__ = ("sequences", "release_seq_ids", "num_steps", "run_id", "stream_interval_us")
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     RELEASE_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STREAM_INTERVAL_US_FIELD_NUMBER: _ClassVar[int]
     sequences: _containers.RepeatedCompositeFieldContainer[SequenceStep]
     release_seq_ids: _containers.RepeatedScalarFieldContainer[int]
     num_steps: int
     run_id: int
-    def __init__(self, sequences: _Optional[_Iterable[_Union[SequenceStep, _Mapping]]] = ..., release_seq_ids: _Optional[_Iterable[int]] = ..., num_steps: _Optional[int] = ..., run_id: _Optional[int] = ...) -> None: ...
+    stream_interval_us: int
+    def __init__(self, sequences: _Optional[_Iterable[_Union[SequenceStep, _Mapping]]] = ..., release_seq_ids: _Optional[_Iterable[int]] = ..., num_steps: _Optional[int] = ..., run_id: _Optional[int] = ..., stream_interval_us: _Optional[int] = ...) -> None: ...
 
 class InterruptRequest(_message.Message):
     __slots__ = ("run_id",)
@@ -232,14 +234,16 @@ class NextToken(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TopToken, _Mapping]]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("results", "forward_us", "steps")
+    __slots__ = ("results", "forward_us", "steps", "following")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_US_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWING_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[SequenceResult]
     forward_us: int
     steps: int
-    def __init__(self, results: _Optional[_Iterable[_Union[SequenceResult, _Mapping]]] = ..., forward_us: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
+    following: _containers.RepeatedCompositeFieldContainer[StepResponse]
+    def __init__(self, results: _Optional[_Iterable[_Union[SequenceResult, _Mapping]]] = ..., forward_us: _Optional[int] = ..., steps: _Optional[int] = ..., following: _Optional[_Iterable[_Union[StepResponse, _Mapping]]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("seq_ids",)

@@ -1,0 +1,67 @@
+"""--stream-interval-ms: the shard's model thread wakes the thread that sends a run's steps at most once per
+interval, so the steps a fast run finishes meanwhile travel together (ModelThread.stream's lists, then one
+DecodeSteps answer with `following`: tests/test_multi_step.py)."""
+
+import argparse
+import threading
+
+import pytest
+import torch
+
+from mixserve.router import launcher
+from mixserve.shards.model_thread import ModelThread
+
+
+def launch_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    launcher.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_the_flag_defaults_to_two_ms_and_refuses_what_a_stream_cannot_be(capsys):
+    assert launch_args().stream_interval_ms == launcher.DEFAULT_STREAM_INTERVAL_MS == 2.0
+    assert launch_args("--stream-interval-ms", "0").stream_interval_ms == 0
+    for bad in ("-1", "1001", "soon"):
+        with pytest.raises(SystemExit):
+            launch_args("--stream-interval-ms", bad)
+        assert "--stream-interval-ms" in capsys.readouterr().err
+
+
+@pytest.fixture
+def model_thread():
+    thread = ModelThread(torch.device("cpu"))
+    yield thread
+    thread.close()
+
+
+def test_a_long_interval_hands_a_quick_producers_items_over_in_at_most_two_lists(model_thread):
+    """The first item wakes the reader at once; the rest wait for the end."""
+
+    def produce(abandoned: threading.Event):
+        yield from range(50)
+
+    lists = list(model_thread.stream(produce, interval_s=60.0))
+    assert [item for items in lists for item in items] == list(range(50))
+    assert len(lists) <= 2 and lists[0][0] == 0
+
+
+def test_no_interval_hands_every_item_over_in_order(model_thread):
+    def produce(abandoned: threading.Event):
+        yield from range(50)
+
+    lists = list(model_thread.stream(produce))
+    assert [item for items in lists for item in items] == list(range(50))
+    assert all(lists)
+
+
+def test_the_items_made_before_an_error_arrive_before_it(model_thread):
+    def produce(abandoned: threading.Event):
+        yield 1
+        yield 2
+        raise RuntimeError("step failed")
+
+    seen = []
+    with pytest.raises(RuntimeError, match="step failed"):
+        for items in model_thread.stream(produce, interval_s=60.0):
+            seen += items
+    assert seen == [1, 2]
