@@ -85,7 +85,9 @@ def select(mode: str, device: torch.device, dtype: torch.dtype) -> Ops:
         raise KernelUnavailable(f"the C kernels run fp32 or bf16 on the CPU, not {dtype} on {device}")
     if mode in ("auto", "native") and cpu_kernels:
         built = cpu.available()
-        for name in (name for name, ok in built.items() if ok and (dtype == torch.float32 or name in cpu.BF16_OPS)):
+        for name in (
+            name for name, ok in built.items() if ok and (dtype == torch.float32 or name not in cpu.FP32_ONLY_OPS)
+        ):
             chosen[name], backends[name] = getattr(cpu, name), "native"
         if built["decoder_layers"]:
             max_tokens = cpu.decoder_layer.max_tokens()

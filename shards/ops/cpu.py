@@ -38,20 +38,12 @@ from mixserve.shards.quant.int8_weight import Int8Weight
 _F32 = torch.float32
 # The dtypes the weight- and cache-reading kernels take their weights and pools in.
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
-# The ops whose kernels run for a bf16 model (shards.ops.select leaves the others to torch there): those
-# reading weights or the KV cache, and those of sampling (the greedy statistics and the grammar mask), which
-# see the logits widened to fp32 in every dtype. In torch, a bf16 step's greedy statistics took ~75 us of a
-# one-row step and ~300 us of a six-row verification on the demo's 32000 tokens, against ~25 and ~110 in C.
-BF16_OPS = (
-    "linear_rows",
-    "fused_moe",
-    "paged_decode_attention",
-    "decoder_layers",
-    "row_argmax_logsumexp",
-    "slice_greedy_stats",
-    "combine_greedy",
-    "apply_token_bitmask",
-)
+# The ops whose kernels a bf16 model leaves to torch (shards.ops.select): the norms and rotary, whose outputs
+# transformers rounds to bf16 where the kernels keep fp32. Every other kernel reads bf16 weights or KV
+# pools, or the logits, which sampling widens to fp32 in every dtype (the greedy statistics in torch took
+# ~75 us of a one-row bf16 step and ~300 us of a six-row verification on the demo's 32000 tokens, in C
+# ~25 and ~110).
+FP32_ONLY_OPS = ("rms_norm", "rotary", "rotary_write_kv")
 # From this many tokens an int8 MoE step in bf16 takes the GEMM path where the CPU has avx512_bf16 (the
 # 0.8B shape's experts: equal at 32 tokens, 1.25x at 48, 1.45x at 64); a linear's from linear.MAX_ROWS + 1.
 INT8_GEMM_MOE_TOKENS = 33
