@@ -11,6 +11,7 @@ from mixserve.shards import ngram
 from mixserve.shards.config import ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.loader import load_model
+from mixserve.shards.parallel_greedy import parallel_greedy
 from mixserve.shards.runner import InvalidStep, ModelRunner, SequenceStep
 from mixserve.shards.sampling import SamplingParams, TokenHistory, sample
 from mixserve.shards.speculative import greedy_runs, num_accepted, verify
@@ -122,6 +123,43 @@ def test_verification_step_gives_the_tokens_of_plain_decode_steps(model, samplin
     # The next step overwrites the rejected position and continues as plain decode would.
     result = spec.step([step(1, [ids[3], ids[4]], len(PROMPT) + 3, num_proposed=1)])[0]
     assert [result.token_id] + [t.token_id for t in result.next_tokens] == ids[4:6]
+
+
+def test_one_rank_plain_greedy_gives_the_general_samplers_tokens(model, monkeypatch):
+    """Plain greedy takes parallel greedy's C calls on one rank too (its slice is the whole vocabulary);
+    asking for one alternative sends the same steps through the general sampler, which must agree on
+    every token and log-probability, in decode steps and in a verification step."""
+    import mixserve.shards.runner as runner_module
+
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape[0])
+        return parallel_greedy(*args)
+
+    monkeypatch.setattr(runner_module, "parallel_greedy", counted)
+    fast, general = new_runner(model), new_runner(model)
+    runs = {}
+    for runner, sampling in ((fast, SamplingParams()), (general, SamplingParams(top_n_tokens=1))):
+        first = runner.step([step(1, PROMPT, 0, sampling)])[0]
+        got = [(first.token_id, first.logprob)]
+        for _ in range(4):
+            r = runner.step([step(1, [got[-1][0]], len(PROMPT) + len(got) - 1)])[0]
+            got.append((r.token_id, r.logprob))
+        runs[runner] = got
+    assert [t for t, _ in runs[fast]] == [t for t, _ in runs[general]]
+    torch.testing.assert_close([lp for _, lp in runs[fast]], [lp for _, lp in runs[general]], atol=1e-4, rtol=0)
+    assert calls == [1] * 5, "the plain greedy steps must take the fast path, and only they"
+
+    ids = [t for t, _ in runs[fast]]
+    wrong = (ids[3] + 1) % model.config.vocab_size
+    verified = {}
+    for runner in (fast, general):
+        r = runner.step([step(1, [ids[4], ids[0], ids[1], wrong], len(PROMPT) + 4, num_proposed=3)])[0]
+        verified[runner] = [(r.token_id, r.logprob)] + [(t.token_id, t.logprob) for t in r.next_tokens]
+    assert [t for t, _ in verified[fast]] == [t for t, _ in verified[general]]
+    torch.testing.assert_close([lp for _, lp in verified[fast]], [lp for _, lp in verified[general]], atol=1e-4, rtol=0)
+    assert calls[-1] == 4
 
 
 def test_proposals_are_refused_where_they_cannot_be_verified(model):
