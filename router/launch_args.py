@@ -12,8 +12,10 @@ from mixserve.router.speculation import MAX_BATCH
 from mixserve.shards.quant.config import QUANTIZE_MODES
 
 # --stream-interval-ms: its default, and its ceiling (the proto's microseconds are a uint32; past a
-# second, a stream would no longer look like one).
-DEFAULT_STREAM_INTERVAL_MS = 2.0
+# second, a stream would no longer look like one). The default is under a display frame (16.7 ms at
+# 60 Hz), so a stream still reads as continuous, while a model stepping in ~1 ms wakes its sender once
+# every several steps instead of every other.
+DEFAULT_STREAM_INTERVAL_MS = 10.0
 MAX_STREAM_INTERVAL_MS = 1000.0
 
 

@@ -47,8 +47,9 @@ class ModelThread:
         The model thread wakes this reader as an item is made, but at most once per `interval_s`: an item
         made sooner waits for the next wake (the next item made past the interval, or the end), so the
         reader takes a run of fast items in a few lists. A wake is not free: the woken thread takes the
-        GIL while the model thread runs, and on the CPUs here each per-step wake cost the model thread
-        ~0.1-0.2 ms (benchmarks/RESULTS.md, stream interval). 0 wakes the reader for every item."""
+        GIL while the model thread runs, and on the CPUs here each wake, with the gRPC send it starts, cost
+        the model thread 0.1-0.5 ms (benchmarks/RESULTS.md, stream interval). 0 wakes the reader for every
+        item."""
         made: collections.deque = collections.deque()  # appended by the model thread, drained here
         woken = threading.Condition()
         ended: list = []  # (kind, value) once produce ends

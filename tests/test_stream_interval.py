@@ -18,8 +18,8 @@ def launch_args(*argv: str) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
-def test_the_flag_defaults_to_two_ms_and_refuses_what_a_stream_cannot_be(capsys):
-    assert launch_args().stream_interval_ms == flags.DEFAULT_STREAM_INTERVAL_MS == 2.0
+def test_the_flag_defaults_to_ten_ms_and_refuses_what_a_stream_cannot_be(capsys):
+    assert launch_args().stream_interval_ms == flags.DEFAULT_STREAM_INTERVAL_MS == 10.0
     assert launch_args("--stream-interval-ms", "0").stream_interval_ms == 0
     for bad in ("-1", "1001", "soon"):
         with pytest.raises(SystemExit):
