@@ -60,8 +60,8 @@ class SharedMemoryGroup:
         tensor = tensor.contiguous()
         fn = shm_exchange.publish_and_wait()
         if fn is not None:
-            if fn(*self._pointers, call, tensor.data_ptr(), nbytes, self._timeout_ns()):
-                raise self._timed_out(call)
+            if fn(*self._pointers, call, tensor.data_ptr(), nbytes, self.timeout_ns()):
+                raise self.timed_out(call)
         else:
             slots[self.rank, :nbytes].copy_(tensor.view(-1).view(torch.uint8))
             self._seq[self.rank] = call
@@ -77,16 +77,29 @@ class SharedMemoryGroup:
             if started is None:
                 started = time.monotonic()
             elif time.monotonic() - started > self.timeout_s:
-                raise self._timed_out(call)
+                raise self.timed_out(call)
+
+    @property
+    def pointers(self) -> tuple[int, int, int, int, int]:
+        """(seq, slots, slot_bytes, ranks, rank): what shm_exchange.c's calls take before the call number."""
+        return self._pointers
+
+    def reserve_calls(self, count: int) -> int:
+        """The first of `count` consecutive call numbers, for a caller that makes those collectives itself in
+        C (shm_exchange.c's, e.g. inside decoder_layer.c's decoder_stack)."""
+        first = self._calls + 1
+        self._calls += count
+        return first
 
     def _next_call(self) -> int:
-        self._calls += 1
-        return self._calls
+        return self.reserve_calls(1)
 
-    def _timeout_ns(self) -> int:
+    def timeout_ns(self) -> int:
+        """How long a collective waits for the other ranks, in ns."""
         return int(self.timeout_s * 1e9)
 
-    def _timed_out(self, call: int) -> TimeoutError:
+    def timed_out(self, call: int) -> TimeoutError:
+        """The error of a collective whose ranks never all reached `call`."""
         return TimeoutError(f"rank {self.rank}: ranks {self._seq.tolist()} never reached call {call}")
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -95,8 +108,8 @@ class SharedMemoryGroup:
         fn = shm_exchange.all_reduce_f32() if tensor.dtype == torch.float32 and tensor.is_contiguous() else None
         if fn is not None:
             call = self._next_call()
-            if fn(*self._pointers, call, tensor.data_ptr(), tensor.numel(), self._timeout_ns()):
-                raise self._timed_out(call)
+            if fn(*self._pointers, call, tensor.data_ptr(), tensor.numel(), self.timeout_ns()):
+                raise self.timed_out(call)
             return tensor
         parts = self._exchange(tensor)
         tensor.copy_(parts[0])

@@ -373,3 +373,16 @@ def native():
     cpu = torch.device("cpu")
     yield ops.select("native", cpu, torch.float32)
     ops.select("auto", cpu, torch.float32)
+
+
+@pytest.fixture
+def kernel_layers(monkeypatch) -> list[int]:
+    """A list that gains an entry for every decoder layer the C decoder layer kernel runs, whether one by
+    one (attention_block) or all of a step in one decoder_stack call."""
+    from mixserve.shards.kernels import decoder_layer, decoder_stack
+
+    ran: list[int] = []
+    one, stack = decoder_layer.attention_block, decoder_stack.run
+    monkeypatch.setattr(decoder_layer, "attention_block", lambda *a, **k: ran.append(1) or one(*a, **k))
+    monkeypatch.setattr(decoder_stack, "run", lambda *a: ran.extend([1] * len(a[1].layers)) or stack(*a))
+    return ran

@@ -170,7 +170,7 @@ def test_limits_of_the_kernel():
     assert not decoder_layer.fits(100_000, 8, 32, 16, 8)  # past the MoE kernel's tokens
 
 
-def test_model_takes_it_for_steps_whose_tokens_each_have_a_table(demo_dir, monkeypatch):
+def test_model_takes_it_for_steps_whose_tokens_each_have_a_table(demo_dir, kernel_layers):
     """Decode steps, and steps with prefill chunks that carry per-token tables, run through the
     kernel with the logits of the layers' torch forward; a step with chunks and no such tables runs
     through the layers."""
@@ -180,9 +180,7 @@ def test_model_takes_it_for_steps_whose_tokens_each_have_a_table(demo_dir, monke
     parallel = ParallelConfig()
     model: MixtralForCausalLM = load_model(demo_dir, parallel, TensorParallelGroup(parallel))
     cfg = model.config
-    calls = []
-    real = decoder_layer.attention_block
-    monkeypatch.setattr(decoder_layer, "attention_block", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = kernel_layers
 
     def cache() -> KVCache:
         torch.manual_seed(1)

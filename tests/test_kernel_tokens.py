@@ -9,7 +9,7 @@ from mixserve.shards import ops
 from mixserve.shards.config import ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.kernel_tokens import LADDER, MARGIN, choose_cap, measure_and_cap
-from mixserve.shards.kernels import decoder_layer, moe
+from mixserve.shards.kernels import moe
 from mixserve.shards.loader import load_model
 from mixserve.shards.runner import ModelRunner, SequenceStep
 from mixserve.shards.sampling import SamplingParams
@@ -68,11 +68,9 @@ def test_the_router_s_largest_step_bounds_the_sizes_timed(runner):
     assert cap == build_cap or cap in (LADDER[0] // 2, *(tokens for tokens, _, _ in timings))
 
 
-def test_a_step_past_the_cap_runs_torch_s_layers_and_picks_the_same_token(runner, monkeypatch):
+def test_a_step_past_the_cap_runs_torch_s_layers_and_picks_the_same_token(runner, kernel_layers):
     prompt = [1 + (7 * i) % 500 for i in range(48)]
-    kernel_calls = []
-    kernel_block = decoder_layer.attention_block
-    monkeypatch.setattr(decoder_layer, "attention_block", lambda *a: kernel_calls.append(1) or kernel_block(*a))
+    kernel_calls = kernel_layers
 
     def first_token(tokens_cap: int | None) -> tuple[int, list[float], int]:
         kernel_calls.clear()

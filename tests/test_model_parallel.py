@@ -64,6 +64,12 @@ def test_logits_match_transformers_prefill_and_decode(groups, reference, world_s
             expected = reference(full).logits[0, len(prompt) - 1 :]  # [steps + 1, V]
             torch.testing.assert_close(logits[:, i], expected, atol=2e-5, rtol=1e-4)
             assert seqs[i][len(prompt) :] == expected.argmax(-1).tolist(), "greedy tokens differ"
+    # Past one rank the decode steps run every layer in one C call that all-reduces over shared memory
+    # (shards/kernels/decoder_stack.py), except over gloo, where the layers run one by one.
+    if world_size in (1, "4-gloo"):
+        assert ranks[0]["shm_stack_runs"] == 0
+    else:
+        assert ranks[0]["shm_stack_runs"] > 0
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mixserve.shards import ops
-from mixserve.shards.kernels import decoder_layer, elementwise, linear, moe, paged_attention, sampling
+from mixserve.shards.kernels import decoder_layer, decoder_stack, elementwise, linear, moe, paged_attention, sampling
 from mixserve.shards.kernels.native import KernelUnavailable
 from mixserve.shards.ops import reference
 
@@ -22,6 +22,7 @@ C_WRAPPERS = {
     linear: ["linear_rows"],
     sampling: ["row_argmax_logsumexp", "slice_greedy_stats", "combine_greedy"],
     decoder_layer: ["attention_block", "moe_block"],
+    decoder_stack: ["run"],
 }
 
 
@@ -118,7 +119,9 @@ def test_a_model_step_reaches_c_only_where_chosen(demo_dir, c_calls):
     if ops.select("auto", CPU, torch.float32).backends["decoder_layers"] != "native":
         pytest.skip("the C kernels do not build here")
     assert run() == by_torch
-    assert c_calls.count("attention_block") == 2 * model.config.num_hidden_layers
+    # Both steps ran every layer in the kernel: all in one decoder_stack call each on one rank.
+    layers = model.config.num_hidden_layers
+    assert c_calls.count("attention_block") + layers * c_calls.count("run") == 2 * layers
 
 
 def test_choices_follow_device_and_dtype():

@@ -17,6 +17,7 @@ import torch
 
 from mixserve.shards.config import ParallelConfig
 from mixserve.shards.distributed import close_process_group, init_process_group, tensor_parallel_group
+from mixserve.shards.kernels import decoder_stack
 from mixserve.shards.loader import load_model, weight_bytes
 from mixserve.shards.memory import StepLimits, size_kv_cache
 from mixserve.shards.runner import ModelRunner, SequenceStep
@@ -49,6 +50,10 @@ def main() -> None:
 
     seqs = [list(p) for p in prompts]
     steps = [SequenceStep(i, p, 0, slots(i, 0, len(p)), tables[i], True, greedy) for i, p in enumerate(seqs)]
+    # Decode steps whose layers ran as one C call, all-reducing over shared memory in C.
+    stack_runs = []
+    real_run = decoder_stack.run
+    decoder_stack.run = lambda step, stack, shm: stack_runs.append(shm is not None) or real_run(step, stack, shm)
     all_logits = []
     for _ in range(int(decode_steps) + 1):
         all_logits.append(runner.forward(steps))
@@ -81,6 +86,7 @@ def main() -> None:
         stepped[case] = chosen
     shapes = {name: (list(p.shape), p.numel() * p.element_size()) for name, p in model.named_parameters()}
     record = {"seqs": seqs, "stepped": stepped, "shapes": shapes, "weight_bytes": weight_bytes(model)}
+    record["shm_stack_runs"] = sum(stack_runs)
     if parallel.rank == 0:
         record["logits"] = torch.stack(all_logits)
     torch.save(record, f"{out_file}.rank{parallel.rank}")

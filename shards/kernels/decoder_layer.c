@@ -1,6 +1,6 @@
 /* One Mixtral decoder layer of a decode step (every token is its sequence's next), fp32 math over fp32,
    bf16 or int8 weights and fp32 or bf16 KV pools, one CPU thread, as two calls around the layer's two
-   all-reduces.
+   all-reduces, or every layer of the step in one call (decoder_stack, the all-reduces inside).
 
    At decode batch sizes the layer's arithmetic is small and its torch form is some forty small ops
    (norms, the projections, rotary, the KV write, routing, the residual adds), each paying dispatch
@@ -21,6 +21,7 @@
    norms' weights and the rotary tables are fp32.
 */
 
+#include "shm_exchange.c" /* first: it defines _GNU_SOURCE before any system header */
 #include "elementwise.c"
 #include "moe.c"
 #include "paged_attention.c"
@@ -140,4 +141,57 @@ int moe_block(float *x, const float *partial, const float *norm_weight, float ep
         route_token(logits + t * num_experts, num_experts, K, first_expert, E, weights + t * K, ids + t * K);
     return moe_experts(normed, weights, ids, w13, w2, weight_type, w13_scale, w2_scale, out, experts_scratch, T, H, K,
                        E, I);
+}
+
+/* One layer's own pointers for decoder_stack: its halves' weights (as attention_block and moe_block
+   take them) and its KV pools. */
+typedef struct {
+    const float *attn_norm;
+    const void *w_qkv, *w_o;
+    const float *qkv_scale, *o_scale;
+    const float *cos_table, *sin_table;
+    void *k_pool, *v_pool;
+    const float *moe_norm;
+    const void *gate, *w13, *w2;
+    const float *w13_scale, *w2_scale;
+    float attn_eps, moe_eps;
+} StackLayer;
+
+/* Every layer of a step in one call: per layer attention_block, the all-reduce of its output,
+   moe_block, the all-reduce of its output, then the last layer's summed MoE output added to x. The
+   all-reduces are shm_all_reduce_f32 over the group's segment (shm_seq NULL: one rank, none), calls
+   first_call, first_call + 1, ... as the Python group numbers them. What every layer shares (shapes,
+   types, the attention scale and window) comes once. Returns 0; else sets *failed_layer and returns
+   the refusing block's code (attention_block's, or 100 + moe_block's), or -1 when a rank never
+   reached an all-reduce within timeout_ns. */
+int decoder_stack(int64_t L, const StackLayer *layers, float *x, const int64_t *positions, int64_t P,
+                  const int64_t *slots, const int64_t *block_tables, const int64_t *context_lens, int64_t M, int64_t N,
+                  float *attn_out, float *moe_out, float *scratch, int64_t T, int64_t H, int64_t h, int64_t kv,
+                  int64_t D, int64_t S, float scale, int64_t window, int weight_type, int kv_type, int gate_type,
+                  int64_t num_experts, int64_t K, int64_t first_expert, int64_t E, int64_t I, int64_t *shm_seq,
+                  char *shm_slots, int64_t slot_bytes, int64_t ranks, int64_t rank, int64_t first_call,
+                  int64_t timeout_ns, int64_t *failed_layer) {
+    const float *pending = NULL;
+    int64_t call = first_call;
+    for (int64_t l = 0; l < L; l++) {
+        const StackLayer *w = layers + l;
+        *failed_layer = l;
+        int status = attention_block(x, pending, w->attn_norm, w->attn_eps, w->w_qkv, w->w_o, w->qkv_scale, w->o_scale,
+                                     positions, w->cos_table, w->sin_table, P, slots, w->k_pool, w->v_pool,
+                                     block_tables, context_lens, M, N, attn_out, scratch, T, H, h, kv, D, S, scale,
+                                     window, weight_type, kv_type);
+        if (status) return status;
+        if (shm_seq != NULL &&
+            shm_all_reduce_f32(shm_seq, shm_slots, slot_bytes, ranks, rank, call++, attn_out, T * H, timeout_ns))
+            return -1;
+        status = moe_block(x, attn_out, w->moe_norm, w->moe_eps, w->gate, gate_type, w->w13, w->w2, w->w13_scale,
+                           w->w2_scale, moe_out, scratch, T, H, num_experts, K, first_expert, E, I, weight_type);
+        if (status) return 100 + status;
+        if (shm_seq != NULL &&
+            shm_all_reduce_f32(shm_seq, shm_slots, slot_bytes, ranks, rank, call++, moe_out, T * H, timeout_ns))
+            return -1;
+        pending = moe_out;
+    }
+    add_partial(x, pending, T * H);
+    return 0;
 }

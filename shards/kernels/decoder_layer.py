@@ -256,10 +256,10 @@ def attention_block(
         None if partial is None else partial.data_ptr(),
         weights.norm_weight.data_ptr(),
         weights.eps,
-        _data(weights.w_qkv),
-        _data(weights.w_o),
-        _scale(weights.w_qkv),
-        _scale(weights.w_o),
+        weight_address(weights.w_qkv),
+        weight_address(weights.w_o),
+        scale_address(weights.w_qkv),
+        scale_address(weights.w_o),
         step.positions.data_ptr(),
         weights.cos.data_ptr(),
         weights.sin.data_ptr(),
@@ -285,20 +285,20 @@ def attention_block(
         element_type(k_pool, "k_pool"),
     )
     if status:
-        raise ValueError(f"the decoder layer kernel refused the attention block: {_attention_refusal(status)}")
+        raise ValueError(f"the decoder layer kernel refused the attention block: {attention_refusal(status)}")
 
 
-def _data(weight: torch.Tensor | Int8Weight) -> int:
+def weight_address(weight: torch.Tensor | Int8Weight) -> int:
     """The address of what C reads of a weight the halves checked: its codes for an Int8Weight."""
     return (weight.codes if isinstance(weight, Int8Weight) else weight).data_ptr()
 
 
-def _scale(weight: torch.Tensor | Int8Weight) -> int | None:
+def scale_address(weight: torch.Tensor | Int8Weight) -> int | None:
     """The address of an Int8Weight's row scales; None (NULL) for a floating-point weight."""
     return pointer(weight.scale) if isinstance(weight, Int8Weight) else None
 
 
-def _attention_refusal(status: int) -> str:
+def attention_refusal(status: int) -> str:
     if status == 30:
         return "a slot outside the pools"
     if status == 40:
@@ -327,10 +327,10 @@ def moe_block(step: KernelStep, partial: torch.Tensor, weights: MoEHalf) -> None
         weights.eps,
         weights.gate.data_ptr(),
         weights.gate_type,
-        _data(weights.w13),
-        _data(weights.w2),
-        _scale(weights.w13),
-        _scale(weights.w2),
+        weight_address(weights.w13),
+        weight_address(weights.w2),
+        scale_address(weights.w13),
+        scale_address(weights.w2),
         step.moe_out.data_ptr(),
         step.work.data_ptr(),
         tokens,

@@ -29,11 +29,12 @@ from torch import nn
 
 from mixserve.shards import devices
 from mixserve.shards.attention_metadata import AttentionMetadata
-from mixserve.shards.kernels import decoder_layer, elementwise, linear, moe, paged_attention, sampling
+from mixserve.shards.kernels import decoder_layer, decoder_stack, elementwise, linear, moe, paged_attention, sampling
 from mixserve.shards.kernels.checks import ELEMENT_I8
 from mixserve.shards.kv_cache import KVCache
 from mixserve.shards.ops import int8_gemm, reference
 from mixserve.shards.quant.int8_weight import Int8Weight
+from mixserve.shards.shm_collectives import SharedMemoryGroup
 
 _F32 = torch.float32
 # The dtypes the weight- and cache-reading kernels take their weights and pools in.
@@ -216,21 +217,51 @@ def decoder_layers(
     kv_cache: KVCache,
     meta: AttentionMetadata,
 ) -> torch.Tensor:
-    """reference.decoder_layers, each layer as two C calls around its two all-reduces where the step
-    fits the decoder layer kernel: every token one query over its own block table (a decode step, or
-    a small one with prefill chunks), fp32 or bf16, weights not quantized by bitsandbytes, shapes within
-    its limits; int8 experts in bf16 only where the GEMM path would not take their MoE (`_moe_gemm_from`).
-    The residual stream stays fp32 across the layers (bf16 hidden widened here, rounded on return)."""
+    """reference.decoder_layers through the decoder layer kernel where the step fits it: every layer in
+    one C call (decoder_stack, its all-reduces over shared memory in C) where the group allows, else each
+    layer as two C calls around its two all-reduces. A step fits where every token is one query over its
+    own block table (a decode step, or a small one with prefill chunks), fp32 or bf16, weights not
+    quantized by bitsandbytes, shapes within its limits; int8 experts in bf16 only where the GEMM path
+    would not take their MoE (`_moe_gemm_from`). The residual stream stays fp32 across the layers (bf16
+    hidden widened here, rounded on return)."""
     halves = layers[0].kernel_halves()
     if halves is None or not _step_fits(halves, hidden, kv_cache, meta):
         return reference.decoder_layers(layers, positions, hidden, kv_cache, meta)
     residual = hidden.float().contiguous()  # [T, H] fp32, updated in place
     step = decoder_layer.prepare_step(residual, positions, meta, kv_cache.layer(0), *halves)
+    stack, shm = _stack(layers, kv_cache, step)
+    if stack is not None:
+        decoder_stack.run(step, stack, shm)
+        return residual.to(hidden.dtype)
     pending = None
     for index, layer in enumerate(layers):
         pending = decoder_layer_step(layer, step, pending, kv_cache.layer(index))
     residual += pending
     return residual.to(hidden.dtype)
+
+
+_STACKS = decoder_stack.StackCache()
+
+
+def _stack(
+    layers: nn.ModuleList, kv_cache: KVCache, step: decoder_layer.KernelStep
+) -> tuple[decoder_stack.Stack | None, SharedMemoryGroup | None]:
+    """The layers as one decoder_stack call, and the shared-memory group it all-reduces over (None on one
+    rank); no stack where an all-reduce would leave the shared memory (torch's collectives, a step too
+    big for its slots) or the layers differ in what the call takes once."""
+    groups = {id(g): g for layer in layers for g in (layer.self_attn.o_proj.group, layer.block_sparse_moe.group)}
+    if len(groups) != 1:
+        return None, None
+    (group,) = groups.values()
+    shm = None
+    if group.world_size > 1:
+        shm = group.shm
+        if shm is None or not shm.fits(step.attn_out):
+            return None, None
+    halves = [layer.kernel_halves() for layer in layers]
+    if any(h is None for h in halves):
+        return None, None
+    return _STACKS.get(layers, kv_cache, halves), shm
 
 
 def decoder_layer_step(
