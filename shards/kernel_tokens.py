@@ -51,11 +51,11 @@ def choose_cap(timings: list[tuple[int, float, float]], kernel_cap: int) -> int:
 
 def measure_and_cap(runner: ModelRunner, max_batch_tokens: int) -> tuple[int, list[tuple[int, float, float]]] | None:
     """Time the ladder on this rank's model, set the cap the ranks agree on for this process (moe.fits
-    and the runner's per-token tables), log it (`event=kernel_tokens`) and return it with this rank's timings; None where the kernel
-    does not run this model's decoder layers (nothing is changed then). Every rank must call it at
-    the same point: the steps it times run the model's collectives, and the ranks decide together
-    whether to time the next size. Runs over the allocated KV cache, which must hold no live
-    sequence: every step writes block 0 and is released."""
+    and the runner's per-token tables), log it (`event=kernel_tokens`) and return it with this rank's
+    timings; None where the kernel does not run this model's decoder layers (nothing is changed then).
+    Every rank must call it at the same point: the steps it times run the model's collectives, and the
+    ranks decide together whether to time the next size. Runs over the allocated KV cache, which must
+    hold no live sequence: every step writes block 0 and is released."""
     if not ops.current().decoder_layers_max_tokens or not _kernel_runs(runner):
         return None
     moe.set_measured_cap(None)
