@@ -156,7 +156,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-decode-steps",
         type=int,
-        default=32,
+        default=64,
         help="decode steps the shards may run per call when nothing waits (1: one per call)",
     )
     parser.add_argument(
