@@ -21,9 +21,7 @@ NUM_BLOCKS = 40
 
 
 @pytest.fixture(autouse=True)
-def kernels(native):  # noqa: F811 - the conftest fixture that chooses the C kernels
-    if native.backends["decoder_layers"] != "native":
-        pytest.skip("the decoder layer kernel does not build here")
+def kernels(decoder_layer_kernel):
     torch.manual_seed(0)
 
 

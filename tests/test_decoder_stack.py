@@ -21,10 +21,7 @@ BLOCK = 4
 NUM_BLOCKS = 24
 
 
-@pytest.fixture(autouse=True)
-def kernels(native):  # noqa: F811 - the conftest fixture that chooses the C kernels
-    if native.backends["decoder_layers"] != "native":
-        pytest.skip("the decoder layer kernel does not build here")
+pytestmark = pytest.mark.usefixtures("decoder_layer_kernel")
 
 
 def random_cache(cfg, dtype: torch.dtype) -> KVCache:

@@ -248,11 +248,9 @@ def _stack(
 ) -> tuple[decoder_stack.Stack | None, SharedMemoryGroup | None]:
     """The layers as one decoder_stack call, and the shared-memory group it all-reduces over (None on one
     rank); no stack where an all-reduce would leave the shared memory (torch's collectives, a step too
-    big for its slots) or the layers differ in what the call takes once."""
-    groups = {id(g): g for layer in layers for g in (layer.self_attn.o_proj.group, layer.block_sparse_moe.group)}
-    if len(groups) != 1:
-        return None, None
-    (group,) = groups.values()
+    big for its slots) or the layers differ in what the call takes once. Every layer of a model is built
+    with the model's one group (MixtralModel), so layer 0's attention says which."""
+    group = layers[0].self_attn.o_proj.group
     shm = None
     if group.world_size > 1:
         shm = group.shm
