@@ -10,6 +10,12 @@ the all-reduces bind the ranks' steps together. The variants' steps alternate ro
 shared machine's noise falls on all of them alike; each reports the median over rounds. Weights come
 from the checkpoint, or (`--config` a config.json of any shape, e.g. the 0.8B of issue 20) are drawn
 at random (`--load-format dummy`), optionally with fewer layers (`--num-layers`) to fit a minute.
+
+Each round also times a read of as many bytes as a variant's step reads (`step_read_bytes`: its
+weights but the embedding table, top-k of E of its experts, the KV of its context), on every rank at
+once (torch's sum over an fp32 buffer, one thread a rank, the ranks started together): the bandwidth
+roofline for those bytes, measured beside the steps, since this machine's bandwidth moves between
+minutes. `% roofline` is that read's median time over the step's.
 """
 
 import argparse
@@ -80,6 +86,28 @@ def _load(model_dir: str, load_format: str, variant: str, parallel, group):
     return model, weight_bytes(model)
 
 
+def step_read_bytes(model, kv_cache, context: int) -> int:
+    """Bytes one batch-1 decode step reads on this rank: every weight it holds (as `weight_bytes` counts
+    them) but the embedding table, of which it reads one row, and but the experts one token does not
+    route to (it reads top-k of E of each layer's expert bytes: under expert parallelism that many in
+    expectation); plus K and V of `context` positions in every layer."""
+    from mixserve.shards.loader import weight_bytes
+
+    cfg = model.config
+    embedding = model.embed_tokens.weight
+    total = weight_bytes(model) - embedding.numel() * embedding.element_size()
+    total += embedding.shape[1] * embedding.element_size()
+    unread = 1 - cfg.num_experts_per_tok / cfg.num_local_experts
+    for layer in model.layers:
+        moe = layer.block_sparse_moe
+        quantized = getattr(moe, "quantized", None)
+        experts = sum(p.numel() * p.element_size() for n, p in moe.named_parameters() if n != "gate")
+        total -= unread * (experts + (quantized.nbytes if quantized is not None else 0))
+    layers, _, _, kv_heads, head_dim = kv_cache.keys.shape
+    total += 2 * layers * kv_heads * head_dim * context * kv_cache.keys.element_size()
+    return int(total)
+
+
 def _decode_step(model, kv_cache, context: int):
     """A closure running one batch-1 decode step at position context - 1."""
     import torch
@@ -117,7 +145,7 @@ def _measure(args: argparse.Namespace, variants: list[str], parallel=None, group
         parallel = ParallelConfig()
         group = TensorParallelGroup(parallel)
 
-    steps, sizes, backends = {}, {}, {}
+    steps, sizes, backends, reads = {}, {}, {}, {}
     with tempfile.TemporaryDirectory() as scratch, torch.inference_mode():
         model_dir, load_format = _model_dir(args, Path(scratch))
         for name in variants:
@@ -131,7 +159,11 @@ def _measure(args: argparse.Namespace, variants: list[str], parallel=None, group
             cache = KVCache(*shape, dtype, torch.device("cpu"))
             steps[name] = (_decode_step(model, cache, args.context), dtype)
             steps[name][0]()  # warm-up: first-use gathering of the kernels' weights
+            read = step_read_bytes(model, cache, args.context)
+            reads[name] = (read, torch.ones(read // 4, dtype=torch.float32))
         times: dict[str, list[float]] = {name: [] for name in variants}
+        read_times: dict[str, list[float]] = {name: [] for name in variants}
+        together = torch.distributed.barrier if parallel.world_size > 1 else lambda: None
         for _ in range(args.rounds):
             for name in variants:
                 step, dtype = steps[name]
@@ -139,14 +171,26 @@ def _measure(args: argparse.Namespace, variants: list[str], parallel=None, group
                 started = time.perf_counter()
                 step()
                 times[name].append(time.perf_counter() - started)
+                together()
+                started = time.perf_counter()
+                reads[name][1].sum()
+                read_times[name].append(time.perf_counter() - started)
     return {
-        name: {
-            "median_ms": statistics.median(times[name]) * 1e3,
-            "min_ms": min(times[name]) * 1e3,
-            "weight_bytes": sizes[name],
-            "decoder_layers": backends[name],
-        }
-        for name in variants
+        name: _summary(times[name], read_times[name], reads[name][0], sizes[name], backends[name]) for name in variants
+    }
+
+
+def _summary(times: list[float], read_times: list[float], read_bytes: int, size: int, backend: str) -> dict:
+    step, read = statistics.median(times), statistics.median(read_times)
+    return {
+        "median_ms": step * 1e3,
+        "min_ms": min(times) * 1e3,
+        "p90_ms": statistics.quantiles(times, n=10)[-1] * 1e3 if len(times) > 1 else step * 1e3,
+        "weight_bytes": size,
+        "step_read_bytes": read_bytes,
+        "read_median_ms": read * 1e3,
+        "roofline_fraction": read / step,
+        "decoder_layers": backend,
     }
 
 
@@ -206,13 +250,16 @@ def markdown(results: dict[str, dict], context: int, rounds: int, num_shard: int
     where = "one thread" if num_shard == 1 else f"{num_shard} tensor-parallel ranks of one thread, rank 0's times"
     lines = [
         f"batch-1 decode step, context {context}, {rounds} alternating rounds, {where}",
-        f"| variant | weight MiB (a rank's) | median ms | min ms | speed-up vs {first} | decoder_layers |",
-        "|---|---|---|---|---|---|",
+        f"| variant | weight MiB (a rank's) | step reads MB (a rank's) | median ms | p90 ms | min ms |"
+        f" speed-up vs {first} | GB/s (all ranks) | read of those bytes, median ms | % roofline | decoder_layers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
+        rate = num_shard * r["step_read_bytes"] / (r["median_ms"] / 1e3) / 1e9
         lines.append(
-            f"| {name} | {r['weight_bytes'] / 2**20:.1f} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | "
-            f"{results[first]['median_ms'] / r['median_ms']:.2f}x | {r['decoder_layers']} |"
+            f"| {name} | {r['weight_bytes'] / 2**20:.1f} | {r['step_read_bytes'] / 1e6:.1f} | {r['median_ms']:.2f} |"
+            f" {r['p90_ms']:.2f} | {r['min_ms']:.2f} | {results[first]['median_ms'] / r['median_ms']:.2f}x |"
+            f" {rate:.1f} | {r['read_median_ms']:.2f} | {100 * r['roofline_fraction']:.0f} % | {r['decoder_layers']} |"
         )
     return "\n".join(lines)
 

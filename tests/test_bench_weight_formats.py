@@ -9,6 +9,7 @@ import pytest
 
 from mixserve.benchmarks import decode_step
 from mixserve.benchmarks.compare import find_systems
+from mixserve.benchmarks.roofline import ModelFootprint
 
 
 def test_compare_serves_weight_formats_as_mixserve_variants(demo_dir, tmp_path):
@@ -37,7 +38,34 @@ def test_decode_step_times_each_weight_format(native, demo_dir, tmp_path, capsys
     assert list(results) == ["fp32", "bf16", "int8"]
     assert results["int8"]["weight_bytes"] < results["bf16"]["weight_bytes"] < results["fp32"]["weight_bytes"]
     assert all(r["decoder_layers"] == "native" and r["median_ms"] > 0 for r in results.values())
+    assert all(r["read_median_ms"] > 0 and r["roofline_fraction"] > 0 for r in results.values())
+    assert results["int8"]["step_read_bytes"] < results["bf16"]["step_read_bytes"] < results["fp32"]["step_read_bytes"]
     assert "| int8 |" in capsys.readouterr().out
+
+
+def test_a_steps_read_bytes_are_the_rooflines_batch_1_bytes(demo_dir):
+    """What a step reads, counted from the loaded weights, is what the roofline's footprint computes from
+    the config (embedding row, dense weights, top-k of E experts, LM head, the KV of the context); int8
+    codes and their row scales are about half of bf16's."""
+    import torch
+
+    from mixserve.shards.config import ParallelConfig
+    from mixserve.shards.distributed import TensorParallelGroup
+    from mixserve.shards.kv_cache import KVCache
+
+    parallel = ParallelConfig()
+    group = TensorParallelGroup(parallel)
+    read = {}
+    for variant, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8-bf16", torch.bfloat16)):
+        model, _ = decode_step._load(str(demo_dir), "auto", variant, parallel, group)
+        cfg = model.config
+        cache = KVCache(cfg.num_hidden_layers, 4, 16, cfg.num_key_value_heads, cfg.head_dim, dtype, torch.device("cpu"))
+        read[variant] = decode_step.step_read_bytes(model, cache, context=20)
+        if variant != "int8-bf16":  # the footprint's context is the cached tokens before the decoded one
+            footprint = ModelFootprint.from_pretrained(demo_dir, dtype_bytes=dtype.itemsize)
+            assert read[variant] == footprint.decode_bytes(1, 19)
+    assert read["fp32"] == 2 * read["bf16"]
+    assert 0.45 * read["bf16"] < read["int8-bf16"] < 0.6 * read["bf16"]
 
 
 def test_decode_step_refuses_unknown_variants(demo_dir):
