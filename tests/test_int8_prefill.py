@@ -12,7 +12,7 @@ from mixserve.shards.kernels import dequantize, linear, moe, native
 from mixserve.shards.kv_cache import KVCache
 from mixserve.shards.ops import cpu, int8_gemm, reference
 from mixserve.shards.quant.int8_weight import Int8Weight
-from tests.test_bf16_kernels import build  # noqa: F401 - a fixture
+from tests.test_bf16_kernels import as_kernel_reads, build  # noqa: F401 - a fixture
 from tests.test_decoder_layer_kernel import config, decode_metadata, random_layer
 from tests.test_int8_kernels import int8_layer
 
@@ -87,7 +87,11 @@ def test_linear_kernel_over_row_tiles(rows, weight_dtype):
     dense = torch.randn(36, 64)
     weight = Int8Weight.quantize(dense) if weight_dtype is torch.int8 else dense.to(weight_dtype)
     x = torch.randn(rows, 64)
-    expected = F.linear(x, weight.dequantize() if weight_dtype is torch.int8 else weight.float())
+    if weight_dtype is torch.int8:
+        expected = F.linear(x, weight.dequantize())
+    else:
+        reads = as_kernel_reads(x, 64) if weight_dtype is BF16 else x
+        expected = F.linear(reads, weight.float())
     torch.testing.assert_close(linear.linear_rows(x, weight), expected, rtol=1e-4, atol=1e-4)
 
 

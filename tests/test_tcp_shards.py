@@ -23,6 +23,11 @@ pytestmark = pytest.mark.slow
 
 TOKEN = "s3cret-shard-token"
 PROMPTS = ["The stone ", "Once upon a time", "[INST] Hi [/INST]"]
+# Both groups compared serve fp32: the TCP group sums over torch's collectives with the experts sliced,
+# the Unix-socket group over shared memory with whole experts (ep). In bf16 the kernels round each
+# matmul's input to bf16, where those different summation orders can move a near-tied greedy pick of
+# the random demo; in fp32 they stay far below one.
+FP32 = ["--dtype", "float32"]
 
 
 def free_port_pair() -> int:
@@ -55,10 +60,11 @@ def tls(tmp_path_factory):
 
 
 def start_tcp_shards(demo_dir, tls, port: int, logs) -> list[subprocess.Popen]:
-    """Two TCP shards on `port` and `port + 1`, as torchrun would start them on one host."""
+    """Two TCP shards on `port` and `port + 1`, as torchrun would start them on one host, in fp32 (FP32:
+    the test compares their text with a group that splits and sums differently)."""
     cert, key = tls
     master_port = str(free_port())
-    cmd = [PYTHON, "-m", "mixserve.cli", "shard", "--model", str(demo_dir), "--port", str(port)]
+    cmd = [PYTHON, "-m", "mixserve.cli", "shard", "--model", str(demo_dir), "--port", str(port), *FP32]
     cmd += ["--collectives", "torch", "--tls-cert", str(cert), "--tls-key", str(key)]
     procs = []
     for rank in range(2):
@@ -108,7 +114,7 @@ def launch_remote(launch, demo_dir, addresses: list[str], cert):
     """`mixserve launch` serving the TCP group at `addresses` (token and TLS), starting no shards."""
     return launch(
         "--model", str(demo_dir), "--shard-addresses", ",".join(addresses), "--shard-token", TOKEN,
-        "--shard-ca", str(cert),
+        "--shard-ca", str(cert), *FP32,
     )  # fmt: skip
 
 
@@ -135,7 +141,7 @@ def test_tcp_group_serves_the_same_text_as_unix_sockets(demo_dir, tcp_group, tls
         assert (info.rank, info.world_size) == (rank, 2)
         log = (logs / f"shard{rank}.log").read_text()
         assert TOKEN not in log, "the shard token is never logged: the log is the contract"
-    local = launch("--model", str(demo_dir), "--num-shard", "2", "--moe-parallel", "ep")
+    local = launch("--model", str(demo_dir), "--num-shard", "2", "--moe-parallel", "ep", *FP32)
     try:
         assert all(shard.argv[shard.argv.index("--moe-parallel") + 1] == "ep" for shard in local.shards())
         assert greedy_texts(local.url) == over_tcp

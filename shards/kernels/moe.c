@@ -33,6 +33,10 @@ int moe_vector_floats(void) {
 #endif
 }
 
+/* 1 where bf16 weights meet activations rounded to bf16 (rows_times_weight.h, vdpbf16ps), 0 where they
+   are widened to fp32 against fp32 activations. */
+int moe_bf16_dot_products(void) { return bf16_dot_products(); }
+
 int moe_experts(const float *hidden, const float *routing_weights, const int64_t *expert_ids, const void *w13,
                 const void *w2, int weight_type, const float *w13_scale, const float *w2_scale, float *out,
                 float *scratch, int64_t T, int64_t H, int64_t K, int64_t E, int64_t I) {

@@ -3,20 +3,22 @@
    decoder_layer.c.
 
    W is fp32, bf16 or int8 (ELEMENT_F32 / ELEMENT_BF16 / ELEMENT_I8, element_type.h); x, y and the
-   accumulation are fp32 in every case. A bf16 weight becomes fp32 in registers (its 16 bits shifted
-   into the high half of a float, exact), so bf16 changes only the bytes read, not the arithmetic:
-   activations stay fp32 as transformers keeps them around its bf16 matmuls' fp32 accumulators.
-   (Rounding the activations to bf16 pairs for vdpbf16ps would halve the multiplies, which are not
-   what decode waits on: it waits on memory.) An int8 code becomes fp32 the same way (sign-extended,
-   converted: exact), and each weight row's dot product is multiplied by its scale at the end, so the
-   result is x's dot with the dequantized row up to fp32 rounding; activations are not quantized (a
-   loop over activations quantized to int16 with VNNI's vpdpwssd, half the instructions per weight,
-   was no faster for one row streaming int8 weights from memory here: the loads are what it waits on). */
+   accumulation are fp32 in every case. A bf16 weight meets x rounded to bf16 in the CPU's bf16 dot
+   product where the build has AVX512_BF16 and K is a multiple of 32 (rows_times_weight_dpbf16 below:
+   out of cache no faster, it waits on memory, but about twice the products a second in cache);
+   otherwise it becomes fp32 in registers (its 16 bits shifted into the high half of a float, exact)
+   against fp32 x. Either way a row of x gives the same bits alone or beside other rows. An int8 code
+   becomes fp32 the same way (sign-extended, converted: exact), and each weight row's dot product is
+   multiplied by its scale at the end, so the result is x's dot with the dequantized row up to fp32
+   rounding; activations are not quantized (a loop over activations quantized to int16 with VNNI's
+   vpdpwssd, half the instructions per weight, was no faster for one row streaming int8 weights from
+   memory here: the loads are what it waits on). */
 
 #ifndef MIXSERVE_ROWS_TIMES_WEIGHT_H
 #define MIXSERVE_ROWS_TIMES_WEIGHT_H
 
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "element_type.h"
 
@@ -121,6 +123,114 @@ static inline __m512 load16_i8(const int8_t *p) {
 #undef RTW_FOLD
 #endif
 
+#if defined(HAVE_AVX512) && defined(__AVX512BF16__)
+#define HAVE_AVX512_BF16 1
+/* bf16 weights where the machine has AVX512_BF16's dot product (vdpbf16ps: 32 bf16 products a vector
+   into 16 fp32 sums): x's rows are rounded to bf16 once a call (to nearest even, as torch rounds), so
+   a weight vector is one instruction instead of a widening, a shift and an FMA per 16. In L1/L2 (the
+   demo, a verification step's rows, a batch's decode) that is about twice the products a second; out
+   of cache it waits on memory either way. The rounding is what transformers does in bf16, whose
+   activations are bf16 tensors going into each matmul; the sums stay fp32. */
+
+/* Row r of x (stride ldx) rounded to bf16 at out + r K, for K a multiple of 16; the buffer is this
+   thread's, grown as needed and kept for later calls (NULL if it cannot grow). */
+static const uint16_t *rows_to_bf16(const float *x, int64_t R, int64_t ldx, int64_t K) {
+    static __thread uint16_t *buffer = NULL;
+    static __thread int64_t capacity = 0;
+    if (R * K > capacity) {
+        uint16_t *grown = realloc(buffer, sizeof(uint16_t) * R * K);
+        if (grown == NULL) return NULL;
+        buffer = grown;
+        capacity = R * K;
+    }
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t k = 0; k < K; k += 16)
+            _mm256_storeu_si256((__m256i *)(buffer + r * K + k),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + r * ldx + k)));
+    return buffer;
+}
+
+#define LOAD_BH(p) ((__m512bh)_mm512_loadu_si512((const void *)(p)))
+
+/* One weight row's dot products with every row of xb (bf16, [R, K]), for the weight rows past the
+   blocks of four. */
+static void bf16_dot_row(const uint16_t *xb, int64_t R, const uint16_t *w, int64_t K, float *y, int64_t ldy) {
+    for (int64_t r = 0; r < R; r++) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 32) acc = _mm512_dpbf16_ps(acc, LOAD_BH(xb + r * K + k), LOAD_BH(w + k));
+        y[r * ldy] = _mm512_reduce_add_ps(acc);
+    }
+}
+
+/* y = xb W^T for K a multiple of 32, the blocking of rows_times_weight_block.h: four weight rows
+   against two rows of x (eight accumulators), the next four weight rows prefetched a line per row
+   per step during the first pass. Every weight row. */
+static void rows_times_weight_dpbf16(const uint16_t *xb, int64_t R, const uint16_t *W, int64_t N, int64_t K, float *y,
+                                     int64_t ldy) {
+    int64_t n0 = 0;
+    for (; n0 + 4 <= N; n0 += 4) {
+        const uint16_t *w0 = W + n0 * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        const int prefetch = n0 + 8 <= N;
+        int64_t r = 0;
+        for (; r + 2 <= R; r += 2) {
+            const uint16_t *xa = xb + r * K, *xc = xa + K;
+            __m512 acc[8];
+            for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_ps();
+            for (int64_t k = 0; k < K; k += 32) {
+                if (prefetch && r == 0)
+                    for (int j = 0; j < 4; j++) __builtin_prefetch(w0 + (4 + j) * K + k);
+                const __m512bh a = LOAD_BH(xa + k), b = LOAD_BH(xc + k);
+                __m512bh w = LOAD_BH(w0 + k);
+                acc[0] = _mm512_dpbf16_ps(acc[0], w, a);
+                acc[4] = _mm512_dpbf16_ps(acc[4], w, b);
+                w = LOAD_BH(w1 + k);
+                acc[1] = _mm512_dpbf16_ps(acc[1], w, a);
+                acc[5] = _mm512_dpbf16_ps(acc[5], w, b);
+                w = LOAD_BH(w2 + k);
+                acc[2] = _mm512_dpbf16_ps(acc[2], w, a);
+                acc[6] = _mm512_dpbf16_ps(acc[6], w, b);
+                w = LOAD_BH(w3 + k);
+                acc[3] = _mm512_dpbf16_ps(acc[3], w, a);
+                acc[7] = _mm512_dpbf16_ps(acc[7], w, b);
+            }
+            __m256 folded[8];
+            for (int j = 0; j < 8; j++) folded[j] = fold512(acc[j]);
+            const __m256 sums = reduce8(folded); /* lanes 0-3: row r, weight rows n0..n0+3; 4-7: row r+1 */
+            _mm_storeu_ps(y + r * ldy + n0, _mm256_castps256_ps128(sums));
+            _mm_storeu_ps(y + (r + 1) * ldy + n0, _mm256_extractf128_ps(sums, 1));
+        }
+        if (r < R) {
+            const uint16_t *xa = xb + r * K;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t k = 0; k < K; k += 32) {
+                if (prefetch && r == 0)
+                    for (int j = 0; j < 4; j++) __builtin_prefetch(w0 + (4 + j) * K + k);
+                const __m512bh a = LOAD_BH(xa + k);
+                a0 = _mm512_dpbf16_ps(a0, LOAD_BH(w0 + k), a);
+                a1 = _mm512_dpbf16_ps(a1, LOAD_BH(w1 + k), a);
+                a2 = _mm512_dpbf16_ps(a2, LOAD_BH(w2 + k), a);
+                a3 = _mm512_dpbf16_ps(a3, LOAD_BH(w3 + k), a);
+            }
+            const __m256 h0 = fold512(a0), h1 = fold512(a1), h2 = fold512(a2), h3 = fold512(a3);
+            const __m256 folded[8] = {h0, h1, h2, h3, h0, h1, h2, h3};
+            _mm_storeu_ps(y + r * ldy + n0, _mm256_castps256_ps128(reduce8(folded)));
+        }
+    }
+    for (int64_t n = n0; n < N; n++) bf16_dot_row(xb, R, W + n * K, K, y + n, ldy);
+}
+#undef LOAD_BH
+#endif
+
+/* Whether bf16 weights meet x rounded to bf16 (vdpbf16ps, K a multiple of 32) in this build: 1, or 0
+   where they are widened to fp32 against fp32 x. */
+static inline int bf16_dot_products(void) {
+#ifdef HAVE_AVX512_BF16
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* y[r * ldy + n] = (x[r * ldx .. + K] . W[n * K .. + K]) * scale[n] for r < R, n < N (W row-major [N, K]
    of weight_type; scale [N] for int8 weights, NULL (no scaling) for the others). With vectors (K a
    multiple of 16 with AVX-512, else of 8 with AVX2): four weight rows at a time against two rows of x
@@ -129,6 +239,15 @@ static inline __m512 load16_i8(const int8_t *p) {
 static void rows_times_weight(const float *x, int64_t R, int64_t ldx, const void *W, int weight_type,
                               const float *scale, int64_t N, int64_t K, float *y, int64_t ldy) {
     int64_t n0 = 0;
+#ifdef HAVE_AVX512_BF16
+    if (weight_type == ELEMENT_BF16 && K % 32 == 0 && R > 0) {
+        const uint16_t *xb = rows_to_bf16(x, R, ldx, K);
+        if (xb != NULL) {
+            rows_times_weight_dpbf16(xb, R, W, N, K, y, ldy);
+            return;
+        }
+    }
+#endif
 #ifdef HAVE_AVX512
     if (K % 16 == 0)
         n0 = weight_type == ELEMENT_I8     ? rows_times_weight_16_i8(x, R, ldx, W, scale, N, K, y, ldy)

@@ -8,7 +8,8 @@ tokens, rows) checks them itself and takes the torch reference past them.
 Backends, per op, over the torch reference (`shards.ops.reference`, any dtype and device):
 - `cpu` (shards/ops/cpu.py): the C kernels, for fp32 or bf16 models on the CPU (`auto` where they
   build, `native` or fail). In bf16 the kernels that read weights and the KV cache take them in bf16
-  with fp32 activations and accumulation; the norms, rotary and greedy statistics take the torch
+  with fp32 activations (rounded to bf16 into a matmul where the CPU has the bf16 dot product) and
+  fp32 accumulation; the norms, rotary and greedy statistics take the torch
   path (see shards/ops/cpu.py).
 - `triton`: the functions named like the ops in the `shards.triton` package, for CUDA (`auto` where
   it imports) and, under TRITON_INTERPRET=1, for CPU tests (`--kernels triton`).

@@ -5,8 +5,9 @@ check every argument before C sees a pointer.
 
 bf16: a model held in bf16 runs in torch as transformers runs it (bf16 activations, fp32 softmax),
 and the kernels that read weights or the KV cache (linear_rows, fused_moe, paged_decode_attention,
-decoder_layers) read them in bf16 in place, widening them in registers, with fp32 activations and
-fp32 accumulation: each such op widens its bf16 activations on entry and rounds its result to bf16
+decoder_layers) read them in bf16 in place, with fp32 activations and fp32 accumulation (a matmul's
+input rows rounded to bf16 for the CPU's bf16 dot product where it has one: rows_times_weight.h):
+each such op widens its bf16 activations on entry and rounds its result to bf16
 on return, and the decoder layer kernel keeps a step's residual stream in fp32 across all its
 layers. The elementwise ops (norms, rotary) and the greedy statistics stay fp32-only: in bf16 the
 torch reference runs them.
