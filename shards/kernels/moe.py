@@ -16,8 +16,11 @@ from mixserve.shards.quant.int8_weight import Int8Weight
 
 # Past this many tokens MKL's blocked GEMM beats streaming each expert's weights per row group:
 # 64 with 8-float vectors; with 16-float ones (AVX-512) the kernel still wins at 128 (1.24-1.36x the
-# torch path on the demo's experts, 1.0x at 256-512).
-MAX_TOKENS_BY_VECTOR_FLOATS = {16: 128}
+# torch path on the demo's experts, 1.0x at 256-512 with bf16 widened to fp32), and with bf16's dot
+# product a whole decoder layer of the demo at 256 tokens. The cap a served model gets is measured at
+# warm-up under this one (shards/kernel_tokens.py), so a model whose experts torch runs faster sooner
+# (the 0.8B shape: from 64 tokens) is capped there.
+MAX_TOKENS_BY_VECTOR_FLOATS = {16: 256}
 MAX_TOKENS = 64
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _ARGTYPES = [_P, _P, _P, _P, _P, ctypes.c_int, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64]
