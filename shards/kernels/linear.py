@@ -1,6 +1,7 @@
 """y = x W^T for a few rows against a large weight through the C kernel (linear.c), behind a checked,
 torch-shaped call: x fp32, the weight fp32, bf16 or int8 with row scales (Int8Weight; widened in
-registers, the int8 rows' dots scaled), fp32 accumulation.
+registers, the int8 rows' dots scaled; a bf16 weight meets x rounded to bf16 in the CPU's bf16 dot
+product where it has one, rows_times_weight.h), fp32 accumulation.
 
 Measured here against MKL (fp32, one thread, the weight not in cache): for the demo's LM head
 (8192 x 256) 1.1x at 1 row, 1.7-1.8x at 4-8 rows, 1.2x at 16, slower from 32 rows; for the small
