@@ -100,9 +100,8 @@ def step_read_bytes(model, kv_cache, context: int) -> int:
     unread = 1 - cfg.num_experts_per_tok / cfg.num_local_experts
     for layer in model.layers:
         moe = layer.block_sparse_moe
-        quantized = getattr(moe, "quantized", None)
         experts = sum(p.numel() * p.element_size() for n, p in moe.named_parameters() if n != "gate")
-        total -= unread * (experts + (quantized.nbytes if quantized is not None else 0))
+        total -= unread * (experts + (moe.quantized.nbytes if moe.quantized is not None else 0))
     layers, _, _, kv_heads, head_dim = kv_cache.keys.shape
     total += 2 * layers * kv_heads * head_dim * context * kv_cache.keys.element_size()
     return int(total)

@@ -66,12 +66,15 @@ def build(request, monkeypatch):
     ops.select("native", CPU, torch.float32)
 
 
+def rounds_inputs(in_features: int) -> bool:
+    """Whether the loaded build's kernels round the inputs of a bf16 weight of `in_features` inputs to
+    bf16 (they take the dot product: the CPU has it and K is a multiple of 32)."""
+    return bool(native.load("moe").moe_bf16_dot_products()) and in_features % 32 == 0
+
+
 def as_kernel_reads(x: torch.Tensor, in_features: int) -> torch.Tensor:
-    """x as the loaded build's kernels meet a bf16 weight of `in_features` inputs: rounded to bf16 where
-    they take the dot product (its K a multiple of 32), else as is."""
-    if native.load("moe").moe_bf16_dot_products() and in_features % 32 == 0:
-        return x.to(BF16).float()
-    return x
+    """x as the loaded build's kernels meet a bf16 weight of `in_features` inputs."""
+    return x.to(BF16).float() if rounds_inputs(in_features) else x
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 16])
@@ -115,7 +118,7 @@ def test_moe_experts_read_bf16_weights(build, tokens, hidden_size, inter):
     experts = torch.randint(0, held + 2, (tokens, top_k))  # ids past `held` are another rank's
     expected = reference.fused_moe(hidden, w13.float(), w2.float(), weights, experts.clamp(max=held))
     got = moe.moe_experts(hidden, w13, w2, weights, experts)
-    if native.load("moe").moe_bf16_dot_products() and hidden_size % 32 == 0:
+    if rounds_inputs(hidden_size):
         # the hidden rows and the activations between w13 and w2 are rounded to bf16 on the way in
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
     else:
@@ -180,9 +183,8 @@ def test_decoder_layer_with_bf16_weights_and_cache(build, shape):
     torch.testing.assert_close(fused, expected, atol=2e-2, rtol=2e-2)
     # The new K/V are stored rounded to bf16, so exactly torch's rounded unless the kernel's K/V
     # projection met its input rounded to bf16 (the dot product), which moves some by an ulp.
-    rounded_input = native.load("moe").moe_bf16_dot_products() and cfg.hidden_size % 32 == 0
     for pool, torch_pool in zip(cache, torch_cache, strict=True):
-        if rounded_input:
+        if rounds_inputs(cfg.hidden_size):
             torch.testing.assert_close(pool.float(), torch_pool, atol=1e-2, rtol=1.6e-2)
         else:
             torch.testing.assert_close(pool, torch_pool.to(BF16), atol=0, rtol=0)
