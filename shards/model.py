@@ -166,14 +166,17 @@ class MixtralForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_cache: KVCache,
         meta: AttentionMetadata,
-        logits_indices: torch.Tensor,
+        logits_indices: torch.Tensor | None,
         gather_logits: bool = True,
     ) -> torch.Tensor:
         """Run tokens [T] at positions [T]; return logits [R, V] of the tokens at `logits_indices` [R]
-        (with `gather_logits=False`, this rank's vocabulary slice [R, P] of them)."""
+        (None: of every token, R = T; with `gather_logits=False`, this rank's vocabulary slice [R, P] of
+        them)."""
         hidden = self.embed_tokens(token_ids)  # [T, H]
         hidden = ops.current().decoder_layers(self.layers, positions, hidden, kv_cache, meta)
-        return self.lm_head(self.norm(hidden[logits_indices]), gather=gather_logits).float()
+        if logits_indices is not None:
+            hidden = hidden[logits_indices]  # [R, H]
+        return self.lm_head(self.norm(hidden), gather=gather_logits).float()
 
     def load(self, reader: CheckpointReader) -> None:
         """Fill every parameter with this rank's slice, read from the checkpoint."""

@@ -319,12 +319,15 @@ class ModelRunner:
         if token_tables is not None:
             meta.token_block_tables = _padded(token_tables, dev)
             meta.token_context_lens = _to_device(token_lens, dev)
+        rows = [row for rows in logits_rows for row in rows]
+        # Every token's row, in order (a decode step): no index op.
+        every = len(rows) == len(token_ids) and rows == list(range(len(rows)))
         return self.model(
             _to_device(token_ids, dev),
             _to_device(positions, dev),
             self.kv_cache,
             meta,
-            _to_device([row for rows in logits_rows for row in rows], dev),
+            None if every else _to_device(rows, dev),
             gather_logits,
         )
 

@@ -50,7 +50,7 @@ class SharedMemoryGroup:
         self._pointers = (self._seq.data_ptr(), self._slots.data_ptr(), slot_bytes, world_size, rank)
 
     def fits(self, tensor: torch.Tensor) -> bool:
-        return tensor.device.type == "cpu" and tensor.numel() * tensor.element_size() <= self.slot_bytes
+        return tensor.is_cpu and tensor.numel() * tensor.element_size() <= self.slot_bytes
 
     def _exchange(self, tensor: torch.Tensor) -> torch.Tensor:
         """Publish `tensor`, wait for every rank's, and return all of them as [N, *shape] views."""

@@ -233,7 +233,12 @@ def test_runner_gives_small_steps_with_prefill_chunks_per_token_tables(demo_dir)
     runner = ModelRunner(model, parallel, TensorParallelGroup(parallel), torch.device("cpu"), torch.float32, BLOCK)
     runner.allocate_cache(NUM_BLOCKS * 4)
     seen = []
-    model.forward = lambda *args, **kwargs: seen.append(args[3]) or torch.zeros(len(args[4]), 8)
+
+    def forward(token_ids, positions, kv_cache, meta, logits_indices, gather_logits=True):
+        seen.append(meta)
+        return torch.zeros(len(token_ids if logits_indices is None else logits_indices), 8)
+
+    model.forward = forward
     greedy = SamplingParams(temperature=0.0)
 
     def prompt(seq_id, n, first_block):

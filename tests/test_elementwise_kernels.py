@@ -29,6 +29,26 @@ def test_rms_norm_equals_torch(native, tokens, hidden):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tokens,hidden", [(1, 256), (7, 20), (33, 4096)])
+def test_bf16_rms_norm_rounds_as_torch(native, tokens, hidden):
+    """bf16 in, bf16 out, rounded where transformers rounds: equal to torch's bf16 norm but where the two
+    sums of squares round differently (none in these cases)."""
+    norm = RMSNorm(hidden, 1e-5)
+    norm.weight.data = torch.randn(hidden).bfloat16()
+    x, residual = (torch.randn(tokens, hidden) * 3).bfloat16(), torch.randn(tokens, hidden).bfloat16()
+    ops.select("native", CPU, torch.bfloat16)
+    try:
+        assert ops.current().backends["rms_norm"] == "native"
+        got, (got_norm, got_sum) = norm(x), norm(x, residual)
+    finally:
+        ops.select("native", CPU, torch.float32)
+    expected, (expected_norm, expected_sum) = _torch_path(lambda: (norm(x), norm(x, residual)))
+    assert got.dtype is torch.bfloat16 and got_norm.dtype is torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(got_norm, expected_norm, rtol=0, atol=0)
+    torch.testing.assert_close(got_sum, expected_sum, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 32), (32, 8, 128), (3, 1, 6)])
 def test_rotary_equals_torch_on_views_of_the_qkv_projection(native, heads, kv_heads, head_dim):
     tokens = 5

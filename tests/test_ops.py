@@ -130,14 +130,14 @@ def test_choices_follow_device_and_dtype():
         ops.select("native", CPU, torch.float16)
     bf16 = ops.select("auto", CPU, torch.bfloat16).backends
     fp32 = ops.select("auto", CPU, torch.float32).backends
-    # Every kernel but the norms' and rotary's (test_native_runs_each_op_in_its_kernel lists fp32's): the
-    # others read bf16 weights or KV pools, or the logits sampling widens to fp32.
+    # Every kernel but rotary's (test_native_runs_each_op_in_its_kernel lists fp32's): the others read bf16
+    # weights or KV pools, round as transformers does (the norm), or read the logits sampling widens to fp32.
     if fp32["decoder_layers"] == "native":
         native = {
             dtype: {name for name, b in backends.items() if b == "native"}
             for dtype, backends in (("bf16", bf16), ("fp32", fp32))
         }
-        assert native["bf16"] == native["fp32"] - {"rms_norm", "rotary", "rotary_write_kv"}
+        assert native["bf16"] == native["fp32"] - {"rotary", "rotary_write_kv"}
     with pytest.raises(KernelUnavailable, match="fp32 or bf16 on the CPU"):
         ops.select("native", torch.device("cuda", 0), torch.float32)
     ops.select("auto", CPU, torch.float32)

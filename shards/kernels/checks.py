@@ -30,7 +30,7 @@ def require(
         raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
     if tensor.dtype != dtype:
         raise TypeError(f"{name} must be {dtype}, got {tensor.dtype}")
-    if tensor.device.type != "cpu":
+    if not tensor.is_cpu:
         raise TypeError(f"{name} must be on the CPU, got {tensor.device}")
     shape = tuple(tensor.shape)
     if len(shape) != dims:

@@ -218,7 +218,7 @@ def _check_partial(partial: torch.Tensor, step: KernelStep) -> None:
         isinstance(partial, torch.Tensor)
         and partial.dtype is torch.float32
         and partial.shape == step.hidden.shape
-        and partial.device.type == "cpu"
+        and partial.is_cpu
         and partial.is_contiguous()
     ):
         raise ValueError(f"partial must be a contiguous fp32 CPU tensor of hidden's shape {tuple(step.hidden.shape)}")
@@ -242,7 +242,7 @@ def attention_block(
             isinstance(pool, torch.Tensor)
             and pool.dtype is step.pool_dtype
             and pool.shape == step.pool_shape
-            and pool.device.type == "cpu"
+            and pool.is_cpu
             and pool.is_contiguous()
         ):
             raise ValueError(f"each pool must be a contiguous {step.pool_dtype} CPU tensor of shape {step.pool_shape}")

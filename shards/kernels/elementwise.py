@@ -1,5 +1,5 @@
 """RMSNorm and rotary embedding through the C kernels (elementwise.c) behind checked, torch-shaped
-calls, for fp32 CPU tensors.
+calls, for fp32 CPU tensors (RMSNorm also for bf16 ones).
 
 Legend: T tokens, H hidden size, h heads, d head dim, P positions in the tables.
 """
@@ -34,6 +34,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     fn = _function("rms_norm", _NORM_ARGTYPES)
     tokens, hidden = require(x, "x", torch.float32, 2)
     same("hidden sizes of x and weight", x=hidden, weight=require(weight, "weight", torch.float32, 1)[0])
+    out = torch.empty_like(x)
+    fn(x.data_ptr(), weight.data_ptr(), out.data_ptr(), tokens, hidden, eps)
+    return out
+
+
+def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`rms_norm` of x [T, H] (bf16, contiguous) with a bf16 weight, rounded to bf16 where transformers
+    rounds (the normalised x, then its product with the weight)."""
+    fn = _function("rms_norm_bf16", _NORM_ARGTYPES)
+    tokens, hidden = require(x, "x", torch.bfloat16, 2)
+    same("hidden sizes of x and weight", x=hidden, weight=require(weight, "weight", torch.bfloat16, 1)[0])
     out = torch.empty_like(x)
     fn(x.data_ptr(), weight.data_ptr(), out.data_ptr(), tokens, hidden, eps)
     return out

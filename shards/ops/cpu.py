@@ -40,12 +40,13 @@ from mixserve.shards.shm_collectives import SharedMemoryGroup
 _F32 = torch.float32
 # The dtypes the weight- and cache-reading kernels take their weights and pools in.
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
-# The ops whose kernels a bf16 model leaves to torch (shards.ops.select): the norms and rotary, whose outputs
-# transformers rounds to bf16 where the kernels keep fp32. Every other kernel reads bf16 weights or KV
-# pools, or the logits, which sampling widens to fp32 in every dtype (the greedy statistics in torch took
+# The ops whose kernels a bf16 model leaves to torch (shards.ops.select): rotary, whose outputs transformers
+# rounds to bf16 where the kernels keep fp32. Every other kernel reads bf16 weights or KV pools (the norm
+# rounds as transformers does: a bf16 step's final norm took ~40 us in torch's seven ops on the demo, ~10 in
+# C), or the logits, which sampling widens to fp32 in every dtype (the greedy statistics in torch took
 # ~75 us of a one-row bf16 step and ~300 us of a six-row verification on the demo's 32000 tokens, in C
 # ~25 and ~110).
-FP32_ONLY_OPS = ("rms_norm", "rotary", "rotary_write_kv")
+FP32_ONLY_OPS = ("rotary", "rotary_write_kv")
 # From this many tokens an int8 MoE step in bf16 takes the GEMM path where the CPU has avx512_bf16 (the
 # 0.8B shape's experts: equal at 32 tokens, 1.25x at 48, 1.45x at 64); a linear's from linear.MAX_ROWS + 1.
 INT8_GEMM_MOE_TOKENS = 33
@@ -58,21 +59,17 @@ INT8_MOE_TILE = 256
 
 
 def _fp32_cpu(x: torch.Tensor) -> bool:
-    return x.dtype is _F32 and x.device.type == "cpu"
+    return x.dtype is _F32 and x.is_cpu
 
 
 def _weight_dtype_cpu(x: torch.Tensor) -> bool:
-    return x.dtype in _WEIGHT_DTYPES and x.device.type == "cpu"
+    return x.dtype in _WEIGHT_DTYPES and x.is_cpu
 
 
 def _kernel_weight(weight: torch.Tensor | Int8Weight) -> bool:
     """Whether the kernels read this weight in place: fp32 or bf16, or int8 codes, contiguous on the CPU."""
     data = weight.codes if isinstance(weight, Int8Weight) else weight
-    return (
-        (isinstance(weight, Int8Weight) or data.dtype in _WEIGHT_DTYPES)
-        and data.device.type == "cpu"
-        and data.is_contiguous()
-    )
+    return (isinstance(weight, Int8Weight) or data.dtype in _WEIGHT_DTYPES) and data.is_cpu and data.is_contiguous()
 
 
 @functools.cache
@@ -99,13 +96,14 @@ def _moe_gemm_from(w13: Int8Weight) -> int:
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """reference.rms_norm, the norm in the C kernel for fp32 [T, H]."""
-    if x.dim() != 2 or not _fp32_cpu(x) or weight.dtype is not _F32:
+    """reference.rms_norm, the norm in the C kernel for [T, H] in fp32, or in bf16 with its roundings."""
+    if x.dim() != 2 or not x.is_cpu or x.dtype not in _WEIGHT_DTYPES or weight.dtype is not x.dtype:
         return reference.rms_norm(x, weight, eps, residual)
+    norm = elementwise.rms_norm if x.dtype is _F32 else elementwise.rms_norm_bf16
     if residual is not None:
         summed = x + residual
-        return elementwise.rms_norm(summed, weight, eps), summed
-    return elementwise.rms_norm(x.contiguous(), weight, eps)
+        return norm(summed, weight, eps), summed
+    return norm(x.contiguous(), weight, eps)
 
 
 def rotary(
@@ -312,7 +310,7 @@ def slice_greedy_stats(logits: torch.Tensor, vocab_start: int) -> torch.Tensor:
 
 def combine_greedy(every: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """reference.combine_greedy, in the C kernel for float64 numbers on the CPU."""
-    if every.dtype is not torch.float64 or every.device.type != "cpu":
+    if every.dtype is not torch.float64 or not every.is_cpu:
         return reference.combine_greedy(every)
     return sampling.combine_greedy(every.contiguous())
 
@@ -322,7 +320,7 @@ def apply_token_bitmask(
 ) -> torch.Tensor:
     """reference.apply_token_bitmask, in the C kernel for fp32 logits and int32 masks on the CPU: a copy of
     the logits with the disallowed tokens set to MASKED_LOGIT."""
-    if not (_fp32_cpu(logits) and logits.dim() == 2 and logits.shape[1] and bitmask.device.type == "cpu"):
+    if not (_fp32_cpu(logits) and logits.dim() == 2 and logits.shape[1] and bitmask.is_cpu):
         return reference.apply_token_bitmask(logits, rows, bitmask, vocab_start, vocab_size)
     masked = logits.clone(memory_format=torch.contiguous_format)
     sampling.apply_token_bitmask(
