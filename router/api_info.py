@@ -42,6 +42,7 @@ async def info(request: web.Request) -> web.Response:
             "quantize": config.quantize or None,
             "weight_bytes_per_shard": config.weight_bytes_per_shard,
             "memory": config.memory,
+            "kernels": config.kernels,
             "weights": config.weights,
             "version": config.version,
             "max_concurrent_requests": limits.max_concurrent_requests,

@@ -23,6 +23,8 @@ class ServerConfig:
     weight_bytes_per_shard: int = 0
     # Rank 0's KV cache sizing (shard.proto's MemoryReport), as /info shows it.
     memory: dict[str, int] = field(default_factory=dict)
+    # Rank 0's kernels (shard.proto's KernelsReport), as /info shows them.
+    kernels: dict = field(default_factory=dict)
     # `random` (the built-in demo, --load-format dummy: the text means nothing) or `checkpoint`.
     weights: str = "checkpoint"
     version: str = ""

@@ -121,6 +121,15 @@ def memory_fields(report: shard_pb2.MemoryReport) -> dict[str, int]:
     return {field.name: getattr(report, field.name) for field in report.DESCRIPTOR.fields}
 
 
+def kernels_fields(report: shard_pb2.KernelsReport) -> dict:
+    """A shard's KernelsReport as the plain dict /info shows."""
+    return {
+        "backends": dict(sorted(report.backends.items())),
+        "vector_floats": report.vector_floats,
+        "bf16_dot_products": report.bf16_dot_products,
+    }
+
+
 async def start_groups(
     groups: list[ShardSupervisor], stop: asyncio.Event
 ) -> list[tuple[shard_pb2.InfoResponse, shard_pb2.WarmupResponse]] | None:
@@ -199,6 +208,7 @@ async def _serve_with_shards(args, model_dir, tokenizer, groups: list[ShardSuper
         quantize=info.quantize,
         weight_bytes_per_shard=info.weight_bytes,
         memory=memory_fields(readies[0][1].memory),
+        kernels=kernels_fields(info.kernels),
         weights=weights_kind(args),
         version=mixserve.__version__,
         served_model_names=tuple(args.served_model_name),

@@ -565,6 +565,22 @@ SCHEMAS: dict[str, Schema] = {
                 },
                 description="how rank 0 sized its KV cache (shard.proto MemoryReport)",
             ),
+            "kernels": _obj(
+                {
+                    "backends": {
+                        "type": "object",
+                        "additionalProperties": {"enum": ["native", "triton", "torch"]},
+                        "description": "each op's backend: native (the C kernels), triton or torch",
+                    },
+                    "vector_floats": _t(
+                        "integer", "the C kernels' vector width in floats: 16 AVX-512, 8 AVX2, 1 plain C, 0 not run"
+                    ),
+                    "bf16_dot_products": _t(
+                        "boolean", "bf16 weights meet their inputs rounded to bf16 in the CPU's bf16 dot product"
+                    ),
+                },
+                description="which kernels rank 0 runs (chosen at start-up; shard.proto KernelsReport)",
+            ),
             "version": _t("string", "mixserve version"),
             "max_concurrent_requests": _t("integer", "queued + running requests before 429"),
             "max_input_tokens": _t("integer", "longest prompt"),

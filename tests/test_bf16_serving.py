@@ -41,10 +41,16 @@ async def test_two_bf16_shards_pick_torch_bf16s_greedy_tokens(launch):
     model_dir = ensure_demo_checkpoint(DemoConfig(train_steps=TRAINED_DEMO_STEPS))
     server = launch("--model", str(model_dir), "--num-shard", "2", "--dtype", "bfloat16")
     async with aiohttp.ClientSession() as session, session.get(f"{server.url}/info") as response:
-        assert (await response.json())["model_dtype"] == "bfloat16"
+        info = await response.json()
+    assert info["model_dtype"] == "bfloat16"
+    # The shards built the kernels on this machine, so they took the path this process takes.
+    here = ops.kernels_report(ops.select("auto", CPU, torch.bfloat16))
+    assert info["kernels"] == {**here, "backends": dict(sorted(here["backends"].items()))}
     answers = [await _greedy(server.url, prompt) for prompt in PROMPTS]
-    startup = server.contract_log("the shard's documented event=dtype start-up line (requested and used)")
+    startup = server.contract_log("the shard's documented event=dtype and event=ops start-up lines")
     assert "event=dtype rank=0 dtype=bfloat16 requested=bfloat16" in startup
+    dot = str(here["bf16_dot_products"]).lower()
+    assert f"dtype=bfloat16 vector_floats={here['vector_floats']} bf16_dot_products={dot}" in startup
 
     parallel = ParallelConfig()
     model = load_model(model_dir, parallel, TensorParallelGroup(parallel), dtype=torch.bfloat16)

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from mixserve.shards import ops
+from mixserve.shards import devices, ops
 from mixserve.shards.kernels import decoder_layer, decoder_stack, elementwise, linear, moe, paged_attention, sampling
 from mixserve.shards.kernels.native import KernelUnavailable
 from mixserve.shards.ops import reference
@@ -140,6 +140,18 @@ def test_choices_follow_device_and_dtype():
         assert native["bf16"] == native["fp32"] - {"rotary", "rotary_write_kv"}
     with pytest.raises(KernelUnavailable, match="fp32 or bf16 on the CPU"):
         ops.select("native", torch.device("cuda", 0), torch.float32)
+    ops.select("auto", CPU, torch.float32)
+
+
+def test_the_kernels_report_says_which_path_the_c_kernels_take():
+    torch_only = ops.kernels_report(ops.select("torch", CPU, torch.bfloat16))
+    expected = {"backends": dict.fromkeys(ops.OP_NAMES, "torch"), "vector_floats": 0, "bf16_dot_products": False}
+    assert torch_only == expected
+    report = ops.kernels_report(ops.select("auto", CPU, torch.bfloat16))
+    if report["backends"]["linear_rows"] == "native":
+        assert report["vector_floats"] == moe.vector_floats() in (1, 8, 16)
+        # The dot product needs AVX-512 and the CPU's bf16 instructions (and a build that uses them).
+        assert not report["bf16_dot_products"] or (report["vector_floats"] == 16 and devices.cpu_has_bf16())
     ops.select("auto", CPU, torch.float32)
 
 

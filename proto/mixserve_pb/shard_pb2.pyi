@@ -11,7 +11,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_type", "model_path", "rank", "world_size", "dtype", "device", "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads", "num_experts", "num_experts_per_tok", "max_position_embeddings", "block_size", "num_blocks", "weight_bytes", "quantize", "kv_cache_bytes", "memory")
+    __slots__ = ("model_type", "model_path", "rank", "world_size", "dtype", "device", "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads", "num_experts", "num_experts_per_tok", "max_position_embeddings", "block_size", "num_blocks", "weight_bytes", "quantize", "kv_cache_bytes", "memory", "kernels")
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class InfoResponse(_message.Message):
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
+    KERNELS_FIELD_NUMBER: _ClassVar[int]
     model_type: str
     model_path: str
     rank: int
@@ -52,7 +53,25 @@ class InfoResponse(_message.Message):
     quantize: str
     kv_cache_bytes: int
     memory: MemoryReport
-    def __init__(self, model_type: _Optional[str] = ..., model_path: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., num_experts: _Optional[int] = ..., num_experts_per_tok: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., quantize: _Optional[str] = ..., kv_cache_bytes: _Optional[int] = ..., memory: _Optional[_Union[MemoryReport, _Mapping]] = ...) -> None: ...
+    kernels: KernelsReport
+    def __init__(self, model_type: _Optional[str] = ..., model_path: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., num_experts: _Optional[int] = ..., num_experts_per_tok: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., quantize: _Optional[str] = ..., kv_cache_bytes: _Optional[int] = ..., memory: _Optional[_Union[MemoryReport, _Mapping]] = ..., kernels: _Optional[_Union[KernelsReport, _Mapping]] = ...) -> None: ...
+
+class KernelsReport(_message.Message):
+    __slots__ = ("backends", "vector_floats", "bf16_dot_products")
+    class BackendsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FLOATS_FIELD_NUMBER: _ClassVar[int]
+    BF16_DOT_PRODUCTS_FIELD_NUMBER: _ClassVar[int]
+    backends: _containers.ScalarMap[str, str]
+    vector_floats: int
+    bf16_dot_products: bool
+    def __init__(self, backends: _Optional[_Mapping[str, str]] = ..., vector_floats: _Optional[int] = ..., bf16_dot_products: _Optional[bool] = ...) -> None: ...
 
 class MemoryReport(_message.Message):
     __slots__ = ("weight_bytes", "kv_cache_bytes", "block_bytes", "peak_activation_bytes", "headroom_bytes", "free_bytes", "max_batch_tokens", "max_batch_size", "max_context_tokens")

@@ -38,6 +38,13 @@ def vector_floats() -> int:
     return 0 if width is None else width()
 
 
+def bf16_dot_products() -> bool:
+    """Whether this build's matmuls meet bf16 weights with their inputs rounded to bf16 in the CPU's bf16
+    dot product (AVX512_BF16, K a multiple of 32); False where they widen the weights (or do not run)."""
+    dot = native.function("moe", "moe_bf16_dot_products", [])
+    return dot is not None and bool(dot())
+
+
 # A lower cap this process measured for its model (shards/kernel_tokens.py), or None.
 _measured_cap: list[int | None] = [None]
 

@@ -9,8 +9,8 @@ Backends, per op, over the torch reference (`shards.ops.reference`, any dtype an
 - `cpu` (shards/ops/cpu.py): the C kernels, for fp32 or bf16 models on the CPU (`auto` where they
   build, `native` or fail). In bf16 the kernels that read weights and the KV cache take them in bf16
   with fp32 activations (rounded to bf16 into a matmul where the CPU has the bf16 dot product) and
-  fp32 accumulation; the norms, rotary and greedy statistics take the torch
-  path (see shards/ops/cpu.py).
+  fp32 accumulation; rotary takes the torch path (see shards/ops/cpu.py). `kernels_report` says
+  which path the C kernels took on this CPU (start-up log, /info).
 - `triton`: the functions named like the ops in the `shards.triton` package, for CUDA (`auto` where
   it imports) and, under TRITON_INTERPRET=1, for CPU tests (`--kernels triton`).
 Adding a kernel for an op is one function of the op's name in its backend.
@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from mixserve.shards.kernels import native
+from mixserve.shards.kernels import moe, native
 from mixserve.shards.kernels.native import KernelUnavailable
 from mixserve.shards.ops import cpu, reference
 
@@ -97,14 +97,29 @@ def select(mode: str, device: torch.device, dtype: torch.dtype) -> Ops:
             chosen[name], backends[name] = fn, "triton"
     ops = Ops(**chosen, backends=backends, decoder_layers_max_tokens=max_tokens)
     _current[:] = [ops]
+    report = kernels_report(ops)
     log.info(
-        "event=ops kernels=%s device=%s dtype=%s %s",
+        "event=ops kernels=%s device=%s dtype=%s vector_floats=%d bf16_dot_products=%s %s",
         mode,
         device,
         str(dtype).removeprefix("torch."),
+        report["vector_floats"],
+        str(report["bf16_dot_products"]).lower(),
         " ".join(f"{name}={backend}" for name, backend in backends.items()),
     )
     return ops
+
+
+def kernels_report(chosen: Ops) -> dict:
+    """What the start-up log and /info say of `chosen`: each op's backend, the C kernels' vector width in
+    floats (16 AVX-512, 8 AVX2, 1 plain C; 0 where no op runs them) and whether their bf16 matmuls use
+    the CPU's bf16 dot product."""
+    runs_c = "native" in chosen.backends.values()
+    return {
+        "backends": dict(chosen.backends),
+        "vector_floats": moe.vector_floats() if runs_c else 0,
+        "bf16_dot_products": runs_c and moe.bf16_dot_products(),
+    }
 
 
 def _triton_ops(device: torch.device, required: bool) -> dict[str, Callable]:
