@@ -1,4 +1,6 @@
-# teacher-forced agreement of a draft with the target's greedy outputs, and a replay of draft proposing
+# agree.py DRAFT_DIR ...: teacher-forced top-1 agreement of each draft with the demo's greedy outputs
+# (/tmp/bench/tokens.json from ../ngram-replay-corpus/gen.py), and a replay of greedy draft proposals
+# (k tokens, stopping after one below `cut` confidence; a mismatch ends the accepted run).
 import json, sys, torch
 from transformers import MixtralForCausalLM
 torch.set_num_threads(2)
@@ -32,10 +34,7 @@ for D in sys.argv[1:]:
                         a += 1
                         if low:
                             break
-                    # after a mismatch the draft keeps proposing along its own path until k or low confidence:
-                    # count those as made (upper bound)
-                    if a < made or (made < k and cf[i + made - 1] >= cut and i + made < len(out)):
-                        pass
+                    # proposals after a mismatch (the draft's own path) are not counted: a lower bound
                     steps += 1; props += made; acc += a
                     i += a + 1
             tps = (acc + steps) / steps
