@@ -7,7 +7,8 @@ A speculating sequence (num_proposed > 0) gets logits at every position of its c
 proposals its own sampler agrees with (shards/speculative.py). A step marked `draft` has its proposals
 made here first: by the draft model (shards/draft.py) where the shard has one, else by n-gram lookup in
 the sequence's own tokens (shards/ngram.py), which may find none (the step is then a plain decode).
-Prompt scoring and the sampling of the step's rows live in shards/step_rows.py.
+The forward's inputs are built in shards/step_inputs.py; prompt scoring and the sampling of the
+step's rows live in shards/step_rows.py.
 Legend: T tokens in the step, B sequences, R sequences that sample, L logits rows (one per sequence,
 plus one per proposed token), V vocab size.
 """
@@ -18,7 +19,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from mixserve.shards import decode_graph, ngram, ops
-from mixserve.shards.attention_metadata import AttentionMetadata
 from mixserve.shards.config import ModelConfig, ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.grammar import GrammarError, GrammarMatchers, SequenceGrammar
@@ -27,6 +27,7 @@ from mixserve.shards.model import MixtralForCausalLM
 from mixserve.shards.parallel_greedy import is_plain_greedy, parallel_greedy
 from mixserve.shards.sampling import SamplingParams, TokenHistory, apply_logit_bias
 from mixserve.shards.speculative import VerifiedToken, greedy_runs
+from mixserve.shards.step_inputs import step_inputs
 from mixserve.shards.step_rows import SequenceState, consecutive, sample_rows, score_prompts, span_rows
 
 if TYPE_CHECKING:
@@ -264,71 +265,10 @@ class ModelRunner:
         assert self.kv_cache is not None
         if not score and self.decode_graphs is not None and self.decode_graphs.fits(steps):
             return self.decode_graphs.forward(steps, gather_logits)
-        order = sorted(range(len(steps)), key=lambda i: len(steps[i].token_ids) != 1)  # decodes first
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        logits_rows: list[list[int]] = [[] for _ in steps]
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        prefill_tables: list[list[int]] = []
-        prefill_starts: list[int] = []
-        query_start = [0]
-        total = sum(len(s.token_ids) for s in steps)
-        # A step with prefill chunks that the decoder layer kernel can take whole (CPU, few tokens)
-        # also gets one table row per token (see AttentionMetadata); a decode step has its rows.
-        per_token = len(steps) < total <= ops.current().decoder_layers_max_tokens
-        token_tables: list[list[int]] | None = [] if per_token else None
-        token_lens: list[int] = []
-        for i in order:
-            s = steps[i]
-            n = len(s.token_ids)
-            begin = len(token_ids)
-            token_ids.extend(s.token_ids)
-            positions.extend(range(s.start_position, s.start_position + n))
-            slots.extend(s.slot_mapping)
-            if score and s.prompt_logprobs:
-                logits_rows[i] = list(range(begin, begin + n))
-            else:
-                logits_rows[i] = list(range(begin + n - 1 - s.num_proposed, begin + n))
-            context = s.start_position + n
-            table = s.block_table[: -(-context // self.block_size)]
-            if n == 1:
-                decode_tables.append(table)
-                decode_lens.append(context)
-            else:
-                prefill_tables.append(table)
-                prefill_starts.append(s.start_position)
-                query_start.append(query_start[-1] + n)
-            if token_tables is not None:
-                token_tables.extend([table] * n)
-                token_lens.extend(range(s.start_position + 1, context + 1))
-        dev = self.device
-        meta = AttentionMetadata(slot_mapping=_to_device(slots, dev))
-        if prefill_tables:
-            meta.prefill_query_start = _to_device(query_start, dev, torch.int32)
-            meta.prefill_start_positions = _to_device(prefill_starts, dev, torch.int32)
-            meta.prefill_block_tables = _padded(prefill_tables, dev, torch.int32)
-            meta.prefill_chunks = [
-                (query_start[i + 1] - query_start[i], start) for i, start in enumerate(prefill_starts)
-            ]
-        if decode_tables:
-            meta.num_decode_tokens = len(decode_tables)
-            meta.decode_block_tables = _padded(decode_tables, dev)
-            meta.decode_context_lens = _to_device(decode_lens, dev)
-        if token_tables is not None:
-            meta.token_block_tables = _padded(token_tables, dev)
-            meta.token_context_lens = _to_device(token_lens, dev)
-        rows = [row for rows in logits_rows for row in rows]
-        # Every token's row, in order (a decode step): no index op.
-        every = len(rows) == len(token_ids) and rows == list(range(len(rows)))
+        per_token_max = ops.current().decoder_layers_max_tokens
+        inputs = step_inputs(steps, self.block_size, self.device, per_token_max, score)
         return self.model(
-            _to_device(token_ids, dev),
-            _to_device(positions, dev),
-            self.kv_cache,
-            meta,
-            None if every else _to_device(rows, dev),
-            gather_logits,
+            inputs.token_ids, inputs.positions, self.kv_cache, inputs.meta, inputs.logits_indices, gather_logits
         )
 
     def step(self, steps: list[SequenceStep]) -> list[SequenceResult]:
@@ -489,17 +429,3 @@ class ModelRunner:
         self.sequences.clear()
         if self.draft is not None:
             self.draft.clear()
-
-
-def _to_device(values: list, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """`values` as one tensor on `device`; on CUDA built in pinned memory and copied without blocking the
-    host (the caching host allocator keeps the block until the copy is done)."""
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
-
-
-def _padded(tables: list[list[int]], device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """Block tables as one [rows, widest] tensor, the shorter rows padded with block 0."""
-    width = max(len(t) for t in tables)
-    return _to_device([t + [0] * (width - len(t)) for t in tables], device, dtype)
