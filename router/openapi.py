@@ -576,7 +576,9 @@ SCHEMAS: dict[str, Schema] = {
                         "integer", "the C kernels' vector width in floats: 16 AVX-512, 8 AVX2, 1 plain C, 0 not run"
                     ),
                     "bf16_dot_products": _t(
-                        "boolean", "bf16 weights meet their inputs rounded to bf16 in the CPU's bf16 dot product"
+                        "boolean",
+                        "the model's bf16 weights meet their inputs rounded to bf16 in the CPU's bf16 dot product "
+                        "(false for other dtypes)",
                     ),
                 },
                 description="which kernels rank 0 runs (chosen at start-up; shard.proto KernelsReport)",

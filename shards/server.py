@@ -103,7 +103,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
             quantize=self.quantize,
             kv_cache_bytes=cache.nbytes if cache else 0,
             memory=memory_proto(self.memory) if self.memory else None,
-            kernels=shard_pb2.KernelsReport(**ops.kernels_report(ops.current())),
+            kernels=shard_pb2.KernelsReport(**ops.kernels_report(ops.current(), r.dtype)),
         )
 
     def Health(self, request, context):

@@ -44,7 +44,7 @@ async def test_two_bf16_shards_pick_torch_bf16s_greedy_tokens(launch):
         info = await response.json()
     assert info["model_dtype"] == "bfloat16"
     # The shards built the kernels on this machine, so they took the path this process takes.
-    here = ops.kernels_report(ops.select("auto", CPU, torch.bfloat16))
+    here = ops.kernels_report(ops.select("auto", CPU, torch.bfloat16), torch.bfloat16)
     assert info["kernels"] == {**here, "backends": dict(sorted(here["backends"].items()))}
     answers = [await _greedy(server.url, prompt) for prompt in PROMPTS]
     startup = server.contract_log("the shard's documented event=dtype and event=ops start-up lines")

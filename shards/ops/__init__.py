@@ -97,7 +97,7 @@ def select(mode: str, device: torch.device, dtype: torch.dtype) -> Ops:
             chosen[name], backends[name] = fn, "triton"
     ops = Ops(**chosen, backends=backends, decoder_layers_max_tokens=max_tokens)
     _current[:] = [ops]
-    report = kernels_report(ops)
+    report = kernels_report(ops, dtype)
     log.info(
         "event=ops kernels=%s device=%s dtype=%s vector_floats=%d bf16_dot_products=%s %s",
         mode,
@@ -110,15 +110,15 @@ def select(mode: str, device: torch.device, dtype: torch.dtype) -> Ops:
     return ops
 
 
-def kernels_report(chosen: Ops) -> dict:
-    """What the start-up log and /info say of `chosen`: each op's backend, the C kernels' vector width in
-    floats (16 AVX-512, 8 AVX2, 1 plain C; 0 where no op runs them) and whether their bf16 matmuls use
-    the CPU's bf16 dot product."""
+def kernels_report(chosen: Ops, dtype: torch.dtype) -> dict:
+    """What the start-up log and /info say of `chosen` for a model in `dtype`: each op's backend, the C
+    kernels' vector width in floats (16 AVX-512, 8 AVX2, 1 plain C; 0 where no op runs them) and whether
+    the model's bf16 weights meet their inputs in the CPU's bf16 dot product (False for other dtypes)."""
     runs_c = "native" in chosen.backends.values()
     return {
         "backends": dict(chosen.backends),
         "vector_floats": moe.vector_floats() if runs_c else 0,
-        "bf16_dot_products": runs_c and moe.bf16_dot_products(),
+        "bf16_dot_products": runs_c and dtype is torch.bfloat16 and moe.bf16_dot_products(),
     }
 
 

@@ -42,8 +42,8 @@ _F32 = torch.float32
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 # The ops whose kernels a bf16 model leaves to torch (shards.ops.select): rotary, whose outputs transformers
 # rounds to bf16 where the kernels keep fp32. Every other kernel reads bf16 weights or KV pools (the norm
-# rounds as transformers does: a bf16 step's final norm took ~40 us in torch's seven ops on the demo, ~10 in
-# C), or the logits, which sampling widens to fp32 in every dtype (the greedy statistics in torch took
+# rounds as transformers does: a bf16 decode step's final norm took ~40 us in torch's seven ops on the demo,
+# ~17 in C), or the logits, which sampling widens to fp32 in every dtype (the greedy statistics in torch took
 # ~75 us of a one-row bf16 step and ~300 us of a six-row verification on the demo's 32000 tokens, in C
 # ~25 and ~110).
 FP32_ONLY_OPS = ("rotary", "rotary_write_kv")
