@@ -251,6 +251,8 @@ def test_elementwise_kernels_refuse_wrong_arguments(native):
         elementwise.rms_norm(torch.randn(2, 8), torch.randn(7), 1e-5)
     with pytest.raises(ValueError, match="x must have 2 dimensions"):
         elementwise.rms_norm(torch.randn(2, 3, 8), torch.randn(8), 1e-5)
+    with pytest.raises(TypeError, match="weight must be torch.bfloat16"):
+        elementwise.rms_norm(torch.randn(2, 8).bfloat16(), torch.randn(8), 1e-5)
     table, x = torch.randn(8, 4), torch.randn(1, 2, 4)
     with pytest.raises(TypeError, match="positions must be torch.int64"):
         elementwise.rotary(torch.tensor([1], dtype=torch.int32), x, table, table)

@@ -30,21 +30,13 @@ def _function(name: str, argtypes: list):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * x / sqrt(mean(x^2) + eps) over the last dimension of x [T, H] (fp32, contiguous)."""
-    fn = _function("rms_norm", _NORM_ARGTYPES)
-    tokens, hidden = require(x, "x", torch.float32, 2)
-    same("hidden sizes of x and weight", x=hidden, weight=require(weight, "weight", torch.float32, 1)[0])
-    out = torch.empty_like(x)
-    fn(x.data_ptr(), weight.data_ptr(), out.data_ptr(), tokens, hidden, eps)
-    return out
-
-
-def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`rms_norm` of x [T, H] (bf16, contiguous) with a bf16 weight, rounded to bf16 where transformers
-    rounds (the normalised x, then its product with the weight)."""
-    fn = _function("rms_norm_bf16", _NORM_ARGTYPES)
-    tokens, hidden = require(x, "x", torch.bfloat16, 2)
-    same("hidden sizes of x and weight", x=hidden, weight=require(weight, "weight", torch.bfloat16, 1)[0])
+    """weight * x / sqrt(mean(x^2) + eps) over the last dimension of x [T, H] (contiguous), fp32 or bf16
+    with a weight of x's dtype; in bf16 rounded where transformers rounds (the normalised x, then its
+    product with the weight)."""
+    dtype = torch.bfloat16 if x.dtype is torch.bfloat16 else torch.float32
+    fn = _function("rms_norm" if dtype is torch.float32 else "rms_norm_bf16", _NORM_ARGTYPES)
+    tokens, hidden = require(x, "x", dtype, 2)
+    same("hidden sizes of x and weight", x=hidden, weight=require(weight, "weight", dtype, 1)[0])
     out = torch.empty_like(x)
     fn(x.data_ptr(), weight.data_ptr(), out.data_ptr(), tokens, hidden, eps)
     return out

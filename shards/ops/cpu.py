@@ -9,8 +9,8 @@ decoder_layers) read them in bf16 in place, with fp32 activations and fp32 accum
 input rows rounded to bf16 for the CPU's bf16 dot product where it has one: rows_times_weight.h):
 each such op widens its bf16 activations on entry and rounds its result to bf16
 on return, and the decoder layer kernel keeps a step's residual stream in fp32 across all its
-layers. The elementwise ops (norms, rotary) and the greedy statistics stay fp32-only: in bf16 the
-torch reference runs them.
+layers. The norms run in C in bf16 too, rounding where transformers rounds; rotary stays fp32-only
+(in bf16 the torch reference runs it); the greedy statistics read the logits, fp32 in every dtype.
 
 int8-wo: the same kernels read weight-only int8 weights (Int8Weight: codes and row scales) in place
 where they read fp32 or bf16 ones. Past their decode-sized caps (prefill chunks, large batches) an int8
@@ -99,11 +99,10 @@ def rms_norm(
     """reference.rms_norm, the norm in the C kernel for [T, H] in fp32, or in bf16 with its roundings."""
     if x.dim() != 2 or not x.is_cpu or x.dtype not in _WEIGHT_DTYPES or weight.dtype is not x.dtype:
         return reference.rms_norm(x, weight, eps, residual)
-    norm = elementwise.rms_norm if x.dtype is _F32 else elementwise.rms_norm_bf16
     if residual is not None:
         summed = x + residual
-        return norm(summed, weight, eps), summed
-    return norm(x.contiguous(), weight, eps)
+        return elementwise.rms_norm(summed, weight, eps), summed
+    return elementwise.rms_norm(x.contiguous(), weight, eps)
 
 
 def rotary(
