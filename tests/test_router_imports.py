@@ -37,6 +37,8 @@ FRONTS = frozenset(
         "mixserve.router.http_common",
         "mixserve.router.openai_responses",
         "mixserve.router.openapi",
+        "mixserve.router.openapi_info",
+        "mixserve.router.openapi_schemas",
         "mixserve.router.server",
     }
 )
