@@ -38,8 +38,8 @@ INFO = obj(
                 ),
                 "bf16_dot_products": typed(
                     "boolean",
-                    "the model's bf16 weights meet their inputs rounded to bf16 in the CPU's bf16 dot product "
-                    "(false for other dtypes)",
+                    "the model's bf16 weights (and int8 codes) meet their inputs rounded to bf16 in the CPU's bf16 "
+                    "dot product (false for other dtypes)",
                 ),
             },
             description="which kernels rank 0 runs (chosen at start-up; shard.proto KernelsReport)",

@@ -12,14 +12,14 @@ import torch.nn.functional as F
 from mixserve.shards import ops
 from mixserve.shards.config import ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
-from mixserve.shards.kernels import linear, moe
+from mixserve.shards.kernels import linear, moe, native
 from mixserve.shards.model import DecoderLayer
 from mixserve.shards.ops import reference
 from mixserve.shards.ops.cpu import decoder_layer_step
 from mixserve.shards.quant.config import QuantizationConfig
 from mixserve.shards.quant.int8_layers import Int8Experts, Int8Linear
 from mixserve.shards.quant.int8_weight import Int8Weight
-from tests.test_bf16_kernels import TRAINED_DEMO_STEPS, _top1_after_each, build  # noqa: F401 - a fixture
+from tests.test_bf16_kernels import TRAINED_DEMO_STEPS, _top1_after_each, as_kernel_reads, build  # noqa: F401
 from tests.test_decoder_layer_kernel import config, decode_metadata, prepare, random_cache, random_layer
 
 CPU = torch.device("cpu")
@@ -72,6 +72,44 @@ def test_linear_reads_int8_weights(rows, out_features, in_features):
     weight = Int8Weight.quantize(torch.randn(out_features, in_features))
     expected = F.linear(x, weight.dequantize())
     torch.testing.assert_close(linear.linear_rows(x, weight), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 17, 33])
+@pytest.mark.parametrize("out_features,in_features", [(1030, 64), (70, 96), (6, 256), (102, 40)])
+@pytest.mark.usefixtures("build")
+def test_a_bf16_models_int8_weights_meet_bf16_activations(rows, out_features, in_features):
+    """A bf16 model's int8 codes meet x rounded to bf16 in the bf16 dot product where the build has it and K
+    is a multiple of 32, as its bf16 weights do (codes made bf16 in registers below 3 rows, in a buffer
+    once per block from 3); x stays fp32 elsewhere and in an fp32 model. Products of bf16 values are
+    exact in fp32, so the tolerance is fp32's."""
+    x = torch.randn(rows, in_features)
+    weight = Int8Weight.quantize(torch.randn(out_features, in_features))
+    native.set_int8_bf16_activations(True)
+    try:
+        got = linear.linear_rows(x, weight)
+    finally:
+        native.set_int8_bf16_activations(False)
+    expected = F.linear(as_kernel_reads(x, in_features), weight.dequantize())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    fp32_model = linear.linear_rows(x, weight)
+    torch.testing.assert_close(fp32_model, F.linear(x, weight.dequantize()), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.usefixtures("build")
+def test_a_bf16_models_int8_rows_do_not_depend_on_their_neighbours():
+    """A row's result is the same bits alone or among others, across the in-register (1-2 rows) and the
+    buffered (3 or more) paths, so a verification step's rows equal plain decodes' (speculation keeps
+    greedy outputs)."""
+    x = torch.randn(7, 256)
+    weight = Int8Weight.quantize(torch.randn(70, 256))
+    native.set_int8_bf16_activations(True)
+    try:
+        together = linear.linear_rows(x, weight)
+        for row in range(7):
+            assert torch.equal(linear.linear_rows(x[row : row + 1], weight)[0], together[row])
+            assert torch.equal(linear.linear_rows(x[row : row + 2], weight), together[row : row + 2])
+    finally:
+        native.set_int8_bf16_activations(False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,7 +1,7 @@
 """The C expert MLPs (moe.c) behind a checked, torch-shaped call, for decode-sized batches: hidden
 fp32, the experts' weights fp32, bf16 or int8 with row scales (Int8Weight; widened in registers, the
-int8 rows' dots scaled; bf16 weights meet their inputs rounded to bf16 in the CPU's bf16 dot product
-where it has one, rows_times_weight.h), fp32 accumulation.
+int8 rows' dots scaled; bf16 weights, and a bf16 model's int8 codes, meet their inputs rounded to bf16
+in the CPU's bf16 dot product where it has one, rows_times_weight.h), fp32 accumulation.
 
 Legend: T tokens, H hidden size, K experts per token, E experts held, I intermediate size held.
 """

@@ -43,7 +43,7 @@ LIBRARIES = (
     "dequantize",
 )
 _loaded: dict[str, ctypes.CDLL] = {}
-_choice = {"mode": "auto"}
+_choice = {"mode": "auto", "int8_bf16_activations": False}
 _functions: dict[str, ctypes._CFuncPtr | None] = {}
 
 
@@ -133,7 +133,25 @@ def load(name: str) -> ctypes.CDLL:
             _loaded[name] = ctypes.CDLL(str(path))
         except OSError as e:
             raise KernelUnavailable(f"loading {path} failed: {e}") from e
+        _apply_int8_mode(_loaded[name])
     return _loaded[name]
+
+
+def _apply_int8_mode(lib: ctypes.CDLL) -> None:
+    """Tell `lib` (if it holds rows_times_weight.h) whether int8 codes meet activations rounded to bf16."""
+    setter = getattr(lib, "kernel_set_int8_bf16_activations", None)
+    if setter is not None:
+        setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+        setter(int(_choice["int8_bf16_activations"]))
+
+
+def set_int8_bf16_activations(on: bool) -> None:
+    """Whether int8 weights meet their inputs rounded to bf16 in the CPU's bf16 dot product, where it has
+    one (on for a bf16 model, whose activations are bf16: ops.select sets it), in the libraries loaded now
+    and later; off, the inputs stay fp32 against the codes widened to fp32."""
+    _choice["int8_bf16_activations"] = bool(on)
+    for lib in _loaded.values():
+        _apply_int8_mode(lib)
 
 
 def forget_loaded() -> None:

@@ -12,7 +12,11 @@
    multiplied by its scale at the end, so the result is x's dot with the dequantized row up to fp32
    rounding; activations are not quantized (a loop over activations quantized to int16 with VNNI's
    vpdpwssd, half the instructions per weight, was no faster for one row streaming int8 weights from
-   memory here: the loads are what it waits on). */
+   memory here: the loads are what it waits on). In a bf16 model (kernel_set_int8_bf16_activations),
+   with AVX512_BF16 and K a multiple of 32, int8 codes become bf16 instead (exact too) and meet x rounded
+   to bf16 in the dot product, as bf16 weights do (rows_times_codes_dpbf16): from 3 rows the codes are
+   made bf16 once per block rather than once per pair of rows (at 32 rows of a 3584 x 1024 weight, half
+   the time of widening to fp32). */
 
 #ifndef MIXSERVE_ROWS_TIMES_WEIGHT_H
 #define MIXSERVE_ROWS_TIMES_WEIGHT_H
@@ -152,74 +156,76 @@ static const uint16_t *rows_to_bf16(const float *x, int64_t R, int64_t ldx, int6
 
 #define LOAD_BH(p) ((__m512bh)_mm512_loadu_si512((const void *)(p)))
 
-/* One weight row's dot products with every row of xb (bf16, [R, K]), for the weight rows past the
-   blocks of four. */
-static void bf16_dot_row(const uint16_t *xb, int64_t R, const uint16_t *w, int64_t K, float *y, int64_t ldy) {
-    for (int64_t r = 0; r < R; r++) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K; k += 32) acc = _mm512_dpbf16_ps(acc, LOAD_BH(xb + r * K + k), LOAD_BH(w + k));
-        y[r * ldy] = _mm512_reduce_add_ps(acc);
-    }
+/* 32 int8 codes from p as bf16 (exact: a code needs 8 significant bits). */
+static inline __m512bh load32_codes_as_bf16(const int8_t *p) {
+    const __m256i bytes = _mm256_loadu_si256((const __m256i *)p);
+    const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(bytes)));
+    const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(bytes, 1)));
+    return _mm512_cvtne2ps_pbh(high, low);
 }
 
-/* y = xb W^T for K a multiple of 32, the blocking of rows_times_weight_block.h: four weight rows
-   against two rows of x (eight accumulators), the next four weight rows prefetched a line per row
-   per step during the first pass. Every weight row. */
-static void rows_times_weight_dpbf16(const uint16_t *xb, int64_t R, const uint16_t *W, int64_t N, int64_t K, float *y,
-                                     int64_t ldy) {
-    int64_t n0 = 0;
-    for (; n0 + 4 <= N; n0 += 4) {
-        const uint16_t *w0 = W + n0 * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-        const int prefetch = n0 + 8 <= N;
-        int64_t r = 0;
-        for (; r + 2 <= R; r += 2) {
-            const uint16_t *xa = xb + r * K, *xc = xa + K;
-            __m512 acc[8];
-            for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_ps();
-            for (int64_t k = 0; k < K; k += 32) {
-                if (prefetch && r == 0)
-                    for (int j = 0; j < 4; j++) __builtin_prefetch(w0 + (4 + j) * K + k);
-                const __m512bh a = LOAD_BH(xa + k), b = LOAD_BH(xc + k);
-                __m512bh w = LOAD_BH(w0 + k);
-                acc[0] = _mm512_dpbf16_ps(acc[0], w, a);
-                acc[4] = _mm512_dpbf16_ps(acc[4], w, b);
-                w = LOAD_BH(w1 + k);
-                acc[1] = _mm512_dpbf16_ps(acc[1], w, a);
-                acc[5] = _mm512_dpbf16_ps(acc[5], w, b);
-                w = LOAD_BH(w2 + k);
-                acc[2] = _mm512_dpbf16_ps(acc[2], w, a);
-                acc[6] = _mm512_dpbf16_ps(acc[6], w, b);
-                w = LOAD_BH(w3 + k);
-                acc[3] = _mm512_dpbf16_ps(acc[3], w, a);
-                acc[7] = _mm512_dpbf16_ps(acc[7], w, b);
-            }
-            __m256 folded[8];
-            for (int j = 0; j < 8; j++) folded[j] = fold512(acc[j]);
-            const __m256 sums = reduce8(folded); /* lanes 0-3: row r, weight rows n0..n0+3; 4-7: row r+1 */
-            _mm_storeu_ps(y + r * ldy + n0, _mm256_castps256_ps128(sums));
-            _mm_storeu_ps(y + (r + 1) * ldy + n0, _mm256_extractf128_ps(sums, 1));
-        }
-        if (r < R) {
-            const uint16_t *xa = xb + r * K;
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int64_t k = 0; k < K; k += 32) {
-                if (prefetch && r == 0)
-                    for (int j = 0; j < 4; j++) __builtin_prefetch(w0 + (4 + j) * K + k);
-                const __m512bh a = LOAD_BH(xa + k);
-                a0 = _mm512_dpbf16_ps(a0, LOAD_BH(w0 + k), a);
-                a1 = _mm512_dpbf16_ps(a1, LOAD_BH(w1 + k), a);
-                a2 = _mm512_dpbf16_ps(a2, LOAD_BH(w2 + k), a);
-                a3 = _mm512_dpbf16_ps(a3, LOAD_BH(w3 + k), a);
-            }
-            const __m256 h0 = fold512(a0), h1 = fold512(a1), h2 = fold512(a2), h3 = fold512(a3);
-            const __m256 folded[8] = {h0, h1, h2, h3, h0, h1, h2, h3};
-            _mm_storeu_ps(y + r * ldy + n0, _mm256_castps256_ps128(reduce8(folded)));
-        }
+#define DPB_NAME rows_times_weight_dpbf16
+#define DPB_ROW_NAME bf16_dot_row
+#define DPB_WEIGHT uint16_t
+#define DPB_LOAD_W LOAD_BH
+#include "rows_times_weight_dpbf16.h"
+#define DPB_NAME rows_times_codes_dpbf16_in_registers
+#define DPB_ROW_NAME codes_dot_row
+#define DPB_WEIGHT int8_t
+#define DPB_LOAD_W load32_codes_as_bf16
+#include "rows_times_weight_dpbf16.h"
+
+/* From this many rows of x, int8 codes are made bf16 once per block of four rows, in a buffer, instead of
+   in registers once per pair of rows: at one row the buffer's extra pass loses to streaming (a 0.8B
+   batch-1 decode step took ~25 % longer), at 32 rows of a 3584 x 1024 weight it halves the time. */
+#define CODES_STAGED_ROWS 3
+
+/* y = (xb codes^T) * scale for int8 codes [N, K] (K a multiple of 32) in bf16's dot product; at
+   CODES_STAGED_ROWS rows or more each block of four code rows is made bf16 once in this thread's buffer
+   and read there by rows_times_weight_dpbf16. Either way the same bf16 weights meet the same sums, so
+   a row has the same bits alone or among others. Returns 0, or -1 if the buffer cannot grow. */
+static int rows_times_codes_dpbf16(const uint16_t *xb, int64_t R, const int8_t *codes, const float *scale,
+                                   int64_t N, int64_t K, float *y, int64_t ldy) {
+    if (R < CODES_STAGED_ROWS) {
+        rows_times_codes_dpbf16_in_registers(xb, R, codes, scale, N, K, y, ldy);
+        return 0;
     }
-    for (int64_t n = n0; n < N; n++) bf16_dot_row(xb, R, W + n * K, K, y + n, ldy);
+    static __thread uint16_t *buffer = NULL;
+    static __thread int64_t capacity = 0;
+    if (4 * K > capacity) {
+        uint16_t *grown = realloc(buffer, sizeof(uint16_t) * 4 * K);
+        if (grown == NULL) return -1;
+        buffer = grown;
+        capacity = 4 * K;
+    }
+    for (int64_t n0 = 0; n0 < N; n0 += 4) {
+        const int64_t rows = N - n0 < 4 ? N - n0 : 4;
+        const int8_t *block = codes + n0 * K;
+        for (int64_t i = 0; i < rows * K; i += 32) {
+            if (n0 + rows < N) __builtin_prefetch(block + i + 4 * K); /* the next block's line, as this one's */
+            _mm512_storeu_si512((void *)(buffer + i), (__m512i)load32_codes_as_bf16(block + i));
+        }
+        rows_times_weight_dpbf16(xb, R, buffer, scale + n0, rows, K, y + n0, ldy);
+    }
+    return 0;
 }
 #undef LOAD_BH
 #endif
+
+/* Whether int8 codes meet x rounded to bf16 in bf16's dot product (rows_times_codes_dpbf16) where the build
+   has it: on for a bf16 model, whose activations are bf16 (kernel_set_int8_bf16_activations); off, x stays
+   fp32 against codes widened to fp32. */
+static int rtw_int8_bf16_activations = 0;
+
+/* Let int8 weights meet x rounded to bf16 (1) or not (0); returns whether they will (0 without AVX512_BF16). */
+int kernel_set_int8_bf16_activations(int on) {
+#ifdef HAVE_AVX512_BF16
+    rtw_int8_bf16_activations = on != 0;
+#else
+    (void)on;
+#endif
+    return rtw_int8_bf16_activations;
+}
 
 /* Whether bf16 weights meet x rounded to bf16 (vdpbf16ps, K a multiple of 32) in this build: 1, or 0
    where they are widened to fp32 against fp32 x. */
@@ -240,12 +246,14 @@ static void rows_times_weight(const float *x, int64_t R, int64_t ldx, const void
                               const float *scale, int64_t N, int64_t K, float *y, int64_t ldy) {
     int64_t n0 = 0;
 #ifdef HAVE_AVX512_BF16
-    if (weight_type == ELEMENT_BF16 && K % 32 == 0 && R > 0) {
+    const int codes_in_bf16 = weight_type == ELEMENT_I8 && rtw_int8_bf16_activations;
+    if ((weight_type == ELEMENT_BF16 || codes_in_bf16) && K % 32 == 0 && R > 0) {
         const uint16_t *xb = rows_to_bf16(x, R, ldx, K);
-        if (xb != NULL) {
-            rows_times_weight_dpbf16(xb, R, W, N, K, y, ldy);
+        if (xb != NULL && !codes_in_bf16) {
+            rows_times_weight_dpbf16(xb, R, W, NULL, N, K, y, ldy);
             return;
         }
+        if (xb != NULL && rows_times_codes_dpbf16(xb, R, W, scale, N, K, y, ldy) == 0) return;
     }
 #endif
 #ifdef HAVE_AVX512

@@ -81,6 +81,8 @@ def select(mode: str, device: torch.device, dtype: torch.dtype) -> Ops:
     max_tokens = 0
     # The C collectives (shm_exchange) follow the mode too, whatever the model's dtype.
     native.select({"native": "native", "auto": "auto"}.get(mode, "torch"), native.LIBRARIES)
+    # A bf16 model's int8 weights meet its bf16 activations in the CPU's bf16 dot product, as bf16 weights do.
+    native.set_int8_bf16_activations(dtype is torch.bfloat16)
     cpu_kernels = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
     if mode == "native" and not cpu_kernels:
         raise KernelUnavailable(f"the C kernels run fp32 or bf16 on the CPU, not {dtype} on {device}")
@@ -113,7 +115,8 @@ def select(mode: str, device: torch.device, dtype: torch.dtype) -> Ops:
 def kernels_report(chosen: Ops, dtype: torch.dtype) -> dict:
     """What the start-up log and /info say of `chosen` for a model in `dtype`: each op's backend, the C
     kernels' vector width in floats (16 AVX-512, 8 AVX2, 1 plain C; 0 where no op runs them) and whether
-    the model's bf16 weights meet their inputs in the CPU's bf16 dot product (False for other dtypes)."""
+    the model's bf16 weights (and int8 codes) meet their inputs in the CPU's bf16 dot product (False for
+    other dtypes)."""
     runs_c = "native" in chosen.backends.values()
     return {
         "backends": dict(chosen.backends),
