@@ -95,6 +95,15 @@ def test_a_bf16_models_int8_weights_meet_bf16_activations(rows, out_features, in
     torch.testing.assert_close(fp32_model, F.linear(x, weight.dequantize()), rtol=1e-4, atol=1e-4)
 
 
+def test_selecting_a_models_ops_says_whether_its_int8_weights_meet_bf16_activations():
+    x = torch.randn(5, 128)
+    weight = Int8Weight.quantize(torch.randn(40, 128))
+    for dtype, reads in ((torch.bfloat16, as_kernel_reads(x, 128)), (torch.float32, x)):
+        ops.select("native", CPU, dtype)
+        expected = F.linear(reads, weight.dequantize())
+        torch.testing.assert_close(linear.linear_rows(x, weight), expected, rtol=1e-5, atol=1e-5, msg=str(dtype))
+
+
 @pytest.mark.usefixtures("build")
 def test_a_bf16_models_int8_rows_do_not_depend_on_their_neighbours():
     """A row's result is the same bits alone or among others, across the in-register (1-2 rows) and the
