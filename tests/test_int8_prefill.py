@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from mixserve.shards import ops
+from mixserve.shards.attention_metadata import AttentionMetadata
 from mixserve.shards.kernels import dequantize, linear, moe, native
 from mixserve.shards.kv_cache import KVCache
 from mixserve.shards.ops import cpu, int8_gemm, reference
 from mixserve.shards.quant.int8_weight import Int8Weight
 from tests.test_bf16_kernels import as_kernel_reads, build  # noqa: F401 - a fixture
-from tests.test_decoder_layer_kernel import config, decode_metadata, random_layer
+from tests.test_decoder_layer_kernel import config, random_layer
 from tests.test_int8_kernels import int8_layer
 
 CPU = torch.device("cpu")
@@ -108,25 +109,23 @@ def spy(monkeypatch, module, name: str) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("large_experts", [True, False], ids=["large-experts", "small-experts"])
 @pytest.mark.parametrize("bf16_gemm", [True, False], ids=["avx512-bf16", "no-bf16-dot"])
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
 @pytest.mark.usefixtures("build")
-def test_int8_ops_past_the_caps(monkeypatch, bf16_gemm, dtype, large_experts):
-    """The ops at decode sizes, just past the caps and over several MoE tiles: each against the
-    reference, through the path `_int8_gemm` picks (the GEMM in bf16 where the CPU has the bf16 dot
-    product, from INT8_GEMM_MOE_TOKENS for experts of at least INT8_GEMM_MOE_MIN_CODES; past the caps
-    where the build has no vector loop; the kernels over tiles otherwise)."""
+def test_int8_ops_past_the_caps(monkeypatch, bf16_gemm, dtype):
+    """The ops at decode sizes, at the MoE kernel's cap, past it over several tiles, and a linear around
+    INT8_GEMM_LINEAR_ROWS: each against the reference, through the path `_int8_gemm` picks (the GEMM in
+    bf16 where the CPU has the bf16 dot product past the MoE kernel's cap and from INT8_GEMM_LINEAR_ROWS
+    rows of a linear; past the caps where the build has no vector loop; the kernels, over tiles, otherwise)."""
     monkeypatch.setattr(cpu, "_bf16_gemm", lambda: bf16_gemm)
-    if large_experts:
-        monkeypatch.setattr(cpu, "INT8_GEMM_MOE_MIN_CODES", 0)
     chosen = ops.select("native", CPU, dtype)
     assert chosen.backends["fused_moe"] == chosen.backends["linear_rows"] == "native"
     vectors = moe.vector_floats() >= 8
     gemm_calls = spy(monkeypatch, int8_gemm, "fused_moe")
     kernel_calls = spy(monkeypatch, moe, "moe_experts")
     w13, w2 = experts(4, 64, 48)
-    for tokens in (3, cpu.INT8_GEMM_MOE_TOKENS, cpu.INT8_MOE_TILE + 7):
+    cap = moe.max_tokens()
+    for tokens in (3, cap, max(cap + 1, cpu.INT8_MOE_TILE + 7)):
         gemm_calls.clear(), kernel_calls.clear()
         hidden = torch.randn(tokens, 64).to(dtype)
         weights, ids = torch.rand(tokens, 2), torch.randint(0, 4, (tokens, 2))
@@ -134,35 +133,41 @@ def test_int8_ops_past_the_caps(monkeypatch, bf16_gemm, dtype, large_experts):
         assert got.dtype is dtype
         expected = reference.fused_moe(hidden.float(), w13, w2, weights, ids).to(dtype)
         torch.testing.assert_close(got, expected, **OP_TOLERANCE[dtype])
-        if dtype is BF16 and bf16_gemm:
-            gemm = not moe.fits(tokens) or (large_experts and tokens >= cpu.INT8_GEMM_MOE_TOKENS)
-        else:
-            gemm = not moe.fits(tokens) and not vectors
+        past = not moe.fits(tokens)
+        gemm = past and ((dtype is BF16 and bf16_gemm) or not vectors)
         assert len(gemm_calls) == int(gemm)
-        tiles = -(-tokens // cpu.INT8_MOE_TILE) if not moe.fits(tokens) else 1
+        tiles = -(-tokens // cpu.INT8_MOE_TILE) if past else 1
         assert len(kernel_calls) == (0 if gemm else tiles)
     linear_gemm = spy(monkeypatch, int8_gemm, "linear_rows")
     weight = Int8Weight.quantize(torch.randn(300, 64))
-    for rows in (4, linear.MAX_ROWS + 1, 200):
+    for rows in (4, linear.MAX_ROWS + 1, cpu.INT8_GEMM_LINEAR_ROWS - 1, cpu.INT8_GEMM_LINEAR_ROWS, 200):
         linear_gemm.clear()
         x = torch.randn(rows, 64).to(dtype)
         got = chosen.linear_rows(x, weight)
         expected = reference.linear_rows(x.float(), weight).to(dtype)
         torch.testing.assert_close(got, expected, **OP_TOLERANCE[dtype])
-        past = rows > linear.MAX_ROWS
-        assert len(linear_gemm) == int(past and ((dtype is BF16 and bf16_gemm) or not vectors))
+        if dtype is BF16 and bf16_gemm:
+            gemm = rows >= cpu.INT8_GEMM_LINEAR_ROWS
+        else:
+            gemm = rows > linear.MAX_ROWS and not vectors
+        assert len(linear_gemm) == int(gemm)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
-def test_decoder_layer_kernel_leaves_large_int8_bf16_steps_to_the_gemm_path(monkeypatch, dtype):
-    """A step of int8 experts the GEMM path would take (bf16, from INT8_GEMM_MOE_TOKENS) does not fit the
-    decoder-layer kernel, whose MoE streams the codes; in fp32, and below that count, it fits."""
+def test_decoder_layer_kernel_takes_int8_steps_up_to_its_cap(monkeypatch, dtype):
+    """Int8 steps fit the decoder-layer kernel up to its token cap in bf16 (where the CPU's GEMM has the
+    bf16 dot product) as in fp32, and past it they do not."""
     monkeypatch.setattr(cpu, "_bf16_gemm", lambda: True)
-    monkeypatch.setattr(cpu, "INT8_GEMM_MOE_MIN_CODES", 0)
     cfg = config()
     halves = int8_layer(random_layer(cfg)).kernel_halves()
+    cap = moe.max_tokens()
     cache = KVCache(1, 40, 4, cfg.num_key_value_heads, cfg.head_dim, dtype, CPU)
-    for tokens in (cpu.INT8_GEMM_MOE_TOKENS - 1, cpu.INT8_GEMM_MOE_TOKENS):
-        meta, _ = decode_metadata([1] * tokens)  # one block each
+    for tokens in (1, cpu.INT8_GEMM_LINEAR_ROWS, cap, cap + 1):
+        meta = AttentionMetadata(  # one decode token per sequence, each the first of block 0
+            slot_mapping=torch.zeros(tokens, dtype=torch.int64),
+            num_decode_tokens=tokens,
+            decode_block_tables=torch.zeros(tokens, 1, dtype=torch.int64),
+            decode_context_lens=torch.ones(tokens, dtype=torch.int64),
+        )
         fits = cpu._step_fits(halves, torch.zeros(tokens, cfg.hidden_size, dtype=dtype), cache, meta)
-        assert fits is (dtype is torch.float32 or tokens < cpu.INT8_GEMM_MOE_TOKENS)
+        assert fits is (tokens <= cap)

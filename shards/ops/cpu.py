@@ -13,17 +13,17 @@ layers. The norms run in C in bf16 too, rounding where transformers rounds; rota
 (in bf16 the torch reference runs it); the greedy statistics read the logits, fp32 in every dtype.
 
 int8-wo: the same kernels read weight-only int8 weights (Int8Weight: codes and row scales) in place
-where they read fp32 or bf16 ones. Past their decode-sized caps (prefill chunks, large batches) an int8
-step in bf16 on a CPU with avx512_bf16 dequantizes the weights it uses into scratch for torch's bf16
-GEMM (shards.ops.int8_gemm); in fp32, or without avx512_bf16, the kernels run uncapped over row
-tiles, which beats a dequantized fp32 GEMM; kernels without vector loops (plain C) leave it to the
-GEMM path (benchmarks/results/int8-prefill).
+where they read fp32 or bf16 ones. Past the MoE kernel's cap (prefill chunks, large batches), and for a
+linear from INT8_GEMM_LINEAR_ROWS rows, an int8 step in bf16 on a CPU with avx512_bf16 dequantizes the
+weights it uses into scratch for torch's bf16 GEMM (shards.ops.int8_gemm); in fp32, or without
+avx512_bf16, the kernels run uncapped over row tiles, which beats a dequantized fp32 GEMM; kernels
+without vector loops (plain C) leave it to the GEMM path (benchmarks/results/int8-prefill,
+int8-gemm-crossover-0.8b).
 
 Legend: T tokens, H hidden size, h query heads, d head dim, B decoding sequences, R rows.
 """
 
 import functools
-import sys
 
 import torch
 from torch import nn
@@ -31,7 +31,6 @@ from torch import nn
 from mixserve.shards import devices
 from mixserve.shards.attention_metadata import AttentionMetadata
 from mixserve.shards.kernels import decoder_layer, decoder_stack, elementwise, linear, moe, paged_attention, sampling
-from mixserve.shards.kernels.checks import ELEMENT_I8
 from mixserve.shards.kv_cache import KVCache
 from mixserve.shards.ops import int8_gemm, reference
 from mixserve.shards.quant.int8_weight import Int8Weight
@@ -47,12 +46,13 @@ _WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 # ~75 us of a one-row bf16 step and ~300 us of a six-row verification on the demo's 32000 tokens, in C
 # ~25 and ~110).
 FP32_ONLY_OPS = ("rotary", "rotary_write_kv")
-# From this many tokens an int8 MoE step in bf16 takes the GEMM path where the CPU has avx512_bf16 (the
-# 0.8B shape's experts: equal at 32 tokens, 1.25x at 48, 1.45x at 64); a linear's from linear.MAX_ROWS + 1.
-INT8_GEMM_MOE_TOKENS = 33
-# Experts whose w13 holds fewer codes than this take the GEMM path only past the kernel's cap: the path's
-# calls per routed expert (~0.07 ms) outweigh its GEMM's gain (the demo's 512 x 256: 0.5x at 40 tokens).
-INT8_GEMM_MOE_MIN_CODES = 1 << 20
+# From this many rows an int8 linear in bf16 takes the GEMM path where the CPU has avx512_bf16. On the 0.8B
+# shape at one of two ranks (benchmarks/results/int8-gemm-crossover-0.8b) the kernel, its codes in bf16's
+# dot product, was 1.05-1.6x faster at 17-40 rows of q/k/v and o and the GEMM path from 48; the LM head's
+# crossover is 64, its 32 MB of bf16 scratch missing the cache. The MoE kernel beat the GEMM path at
+# every token count up to its cap (1.25x at a 129-token prefill, 1.03x at 256), so int8 experts take
+# the GEMM path only past the cap.
+INT8_GEMM_LINEAR_ROWS = 48
 # Tokens per call of the MoE kernel for int8 steps past its cap: bounds its scratch (P (2I + 2H) floats)
 # and keeps a tile's rows in cache; 1024 tokens as 4 tiles ran ~15 % faster than as one call.
 INT8_MOE_TILE = 256
@@ -78,19 +78,14 @@ def _bf16_gemm() -> bool:
     return devices.cpu_has_bf16()
 
 
-def _int8_gemm(x: torch.Tensor, past_kernel_cap: bool, bf16_from: int) -> bool:
+def _int8_gemm(x: torch.Tensor, past_kernel_cap: bool, bf16_from: int | None = None) -> bool:
     """Whether an int8 step of x's rows takes the dequantize-then-GEMM path: in bf16 where the GEMM has the
-    bf16 dot product, past the kernel's cap or from `bf16_from` rows; elsewhere only past the kernel's
-    cap, and only where the kernels lack vector loops (with them they beat a dequantized fp32 GEMM at
-    every size measured)."""
+    bf16 dot product, from `bf16_from` rows where given, else past the kernel's cap; elsewhere only past
+    the kernel's cap, and only where the kernels lack vector loops (with them they beat a dequantized
+    fp32 GEMM at every size measured)."""
     if x.dtype is torch.bfloat16 and _bf16_gemm():
-        return past_kernel_cap or x.shape[0] >= bf16_from
+        return past_kernel_cap if bf16_from is None else x.shape[0] >= bf16_from
     return past_kernel_cap and moe.vector_floats() < 8
-
-
-def _moe_gemm_from(w13: Int8Weight) -> int:
-    """The `bf16_from` of int8 experts: INT8_GEMM_MOE_TOKENS, or never below the cap for small experts."""
-    return INT8_GEMM_MOE_TOKENS if w13.codes[0].numel() >= INT8_GEMM_MOE_MIN_CODES else sys.maxsize
 
 
 def rms_norm(
@@ -170,14 +165,14 @@ def fused_moe(
     experts: torch.Tensor,
 ) -> torch.Tensor:
     """reference.fused_moe, in the C kernel for fp32 or bf16 steps (weights fp32, bf16 or int8) within its
-    token cap (past it the blocked GEMMs in the reference are faster); int8 experts past it, or in bf16
-    from INT8_GEMM_MOE_TOKENS, as `_int8_gemm` chooses: the GEMM path or the kernel over token tiles."""
+    token cap (past it the blocked GEMMs in the reference are faster); int8 experts past it as `_int8_gemm`
+    chooses: the GEMM path or the kernel over token tiles."""
     if not _weight_dtype_cpu(hidden) or not _kernel_weight(w13) or not _kernel_weight(w2) or w2.dtype is not w13.dtype:
         return reference.fused_moe(hidden, w13, w2, weights, experts)
     tokens = hidden.shape[0]
     past_cap = not moe.fits(tokens)
     if isinstance(w13, Int8Weight):
-        if _int8_gemm(hidden, past_cap, _moe_gemm_from(w13)):
+        if _int8_gemm(hidden, past_cap):
             return int8_gemm.fused_moe(hidden, w13, w2, weights, experts)
     elif past_cap:
         return reference.fused_moe(hidden, w13, w2, weights, experts)
@@ -195,13 +190,13 @@ def fused_moe(
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Tensor:
     """reference.linear_rows, in the C kernel for up to linear.MAX_ROWS fp32 or bf16 rows (the weight
-    fp32, bf16 or int8); an int8 weight past them, as `_int8_gemm` chooses: the GEMM path or the kernel
-    over row tiles."""
+    fp32, bf16 or int8); an int8 weight past them, as `_int8_gemm` chooses (in bf16 from
+    INT8_GEMM_LINEAR_ROWS): the GEMM path or the kernel over row tiles."""
     if x.dim() != 2 or not _weight_dtype_cpu(x) or not _kernel_weight(weight):
         return reference.linear_rows(x, weight)
     past_cap = x.shape[0] > linear.MAX_ROWS
     if isinstance(weight, Int8Weight):
-        if _int8_gemm(x, past_cap, linear.MAX_ROWS + 1):
+        if _int8_gemm(x, past_cap, INT8_GEMM_LINEAR_ROWS):
             return int8_gemm.linear_rows(x, weight)
     elif past_cap:
         return reference.linear_rows(x, weight)
@@ -219,9 +214,10 @@ def decoder_layers(
     one C call (decoder_stack, its all-reduces over shared memory in C) where the group allows, else each
     layer as two C calls around its two all-reduces. A step fits where every token is one query over its
     own block table (a decode step, or a small one with prefill chunks), fp32 or bf16, weights not
-    quantized by bitsandbytes, shapes within its limits; int8 experts in bf16 only where the GEMM path
-    would not take their MoE (`_moe_gemm_from`). The residual stream stays fp32 across the layers (bf16
-    hidden widened here, rounded on return)."""
+    quantized by bitsandbytes, shapes within its limits; int8 weights too, in bf16 as well (a 129-token
+    prefill of the 0.8B shape's int8 weights in bf16 took 119 ms in it against 129 layer by layer with
+    the GEMM path's linears: int8-gemm-crossover-0.8b). The residual stream stays fp32 across the
+    layers (bf16 hidden widened here, rounded on return)."""
     halves = layers[0].kernel_halves()
     if halves is None or not _step_fits(halves, hidden, kv_cache, meta):
         return reference.decoder_layers(layers, positions, hidden, kv_cache, meta)
@@ -284,7 +280,6 @@ def _step_fits(halves: tuple, hidden: torch.Tensor, kv_cache: KVCache, meta: Att
         and _weight_dtype_cpu(hidden)
         and kv_cache.keys.dtype in _WEIGHT_DTYPES
         and decoder_layer.fits(hidden.shape[0], heads, head_dim, kv_cache.block_size, experts.shape_key[0])
-        and not (experts.weight_type == ELEMENT_I8 and _int8_gemm(hidden, False, _moe_gemm_from(experts.w13)))
     )
 
 
