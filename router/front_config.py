@@ -34,6 +34,8 @@ class ServerConfig:
     strict_model_name: bool = False
     # --speculative-model: the draft model's checkpoint (None: n-gram proposals, or no speculation).
     speculative_model: str | None = None
+    # --speculate-history-tokens: finished requests' tokens n-gram speculation also looks up (0: none).
+    speculate_history_tokens: int = 0
 
 
 def api_key_matches(authorization: str, key: str) -> bool:

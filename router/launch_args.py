@@ -180,6 +180,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "tokens (default: n-gram proposals); shards started elsewhere need the same flag",
     )
     parser.add_argument(
+        "--speculate-history-tokens",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="n-gram speculation also looks up the tokens of recently finished requests, up to N of them, where a "
+        "request's own tokens hold no match (0: off; other requests' text then shapes a request's timing)",
+    )
+    parser.add_argument(
         "--speculate-max-batch",
         type=_positive_int,
         default=MAX_BATCH,

@@ -45,10 +45,15 @@ FAILURE_LINGER_S = 5.0
 
 
 def check_speculation(args: argparse.Namespace) -> None:
-    """ValueError where --speculative-model comes without the number of tokens to propose (--speculate K)."""
+    """ValueError where --speculative-model comes without the number of tokens to propose (--speculate K), or
+    --speculate-history-tokens without n-gram speculation."""
     if args.speculative_model and not args.speculate:
         raise ValueError(
             f"--speculative-model {args.speculative_model} needs --speculate K, the tokens it proposes per decode"
+        )
+    if args.speculate_history_tokens and (not args.speculate or args.speculative_model):
+        raise ValueError(
+            "--speculate-history-tokens is for n-gram speculation: it needs --speculate K and no --speculative-model"
         )
 
 
@@ -214,6 +219,7 @@ async def _serve_with_shards(args, model_dir, tokenizer, groups: list[ShardSuper
         served_model_names=tuple(args.served_model_name),
         strict_model_name=args.strict_model_name,
         speculative_model=args.speculative_model,
+        speculate_history_tokens=args.speculate_history_tokens,
     )
     # The keep-alive timer also runs from the moment a connection opens until its headers are complete,
     # so it is what bounds a client that never finishes them. After an answer that left the body unread

@@ -68,6 +68,9 @@ INFO = obj(
         "speculative_model": nullable(
             typed("string", "the draft model's checkpoint (--speculative-model; null: n-gram proposals)")
         ),
+        "speculate_history_tokens": typed(
+            "integer", "tokens of finished requests n-gram speculation also looks up (--speculate-history-tokens)"
+        ),
         "speculative_proposed_tokens": typed("integer", "tokens proposed since start"),
         "speculative_accepted_tokens": typed("integer", "proposed tokens that became output"),
         "uptime_s": typed("number", "seconds since start"),

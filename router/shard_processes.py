@@ -80,6 +80,8 @@ async def start_shards(
         cmd += ["--cuda-graphs", args.cuda_graphs, "--max-graph-batch", str(args.max_graph_batch)]
         if args.speculative_model:
             cmd += ["--speculative-model", args.speculative_model]
+        if args.speculate_history_tokens:
+            cmd += ["--speculate-history-tokens", str(args.speculate_history_tokens)]
         process = await asyncio.create_subprocess_exec(
             *cmd,
             env=shard_environment(args.num_shard, rank, master_port, visible_devices),

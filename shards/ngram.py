@@ -12,7 +12,14 @@ ranks propose alike without a collective, and a multi-step run proposes before e
 (shards/multi_step.py) without a round trip to the router. `propose` is the definition, a scan of
 the whole sequence; a live sequence keeps an `NgramIndex` instead, which gives the same proposals
 from the latest occurrence of every n-gram, updated as tokens arrive, so a step's lookup costs the
-same at any context length. Pure Python.
+same at any context length.
+
+With `--speculate-history-tokens N` a sequence whose own tokens hold no match looks next in the tokens
+of recently finished sequences (`HistoryIndex`, up to N tokens of them, oldest dropped first): text
+that recurs across requests (the same documents retrieved again, templated answers, a corpus) then
+proposes too (vLLM's suffix decoding keeps such a cache across requests). Off by default: other
+requests' text then shapes a request's acceptance, and so its timing. Every rank releases the same
+sequences at the same step, so the ranks' history indexes stay alike. Pure Python.
 """
 
 MAX_NGRAM = 3
@@ -50,8 +57,9 @@ class NgramIndex:
         self.indexed = 0  # length of the token list at the last call
         self.latest: dict[tuple[int, ...], int] = {}
 
-    def propose(self, tokens: list[int], k: int) -> list[int]:
-        """`propose(tokens, k)`, for `tokens` that only grew since the last call."""
+    def propose(self, tokens: list[int], k: int, history: "HistoryIndex | None" = None) -> list[int]:
+        """`propose(tokens, k)`, for `tokens` that only grew since the last call; with `history`, a suffix
+        not found in `tokens` is looked up there before a shorter one is tried."""
         length = len(tokens)
         if length < self.indexed:
             raise ValueError(f"the tokens shrank from {self.indexed} to {length}; an index only follows a growing list")
@@ -64,7 +72,69 @@ class NgramIndex:
         if k < 1:
             return []
         for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
-            start = self.latest.get(tuple(tokens[length - n :]))
+            suffix = tuple(tokens[length - n :])
+            start = self.latest.get(suffix)
             if start is not None:
                 return tokens[start + n : start + n + k]
+            if history is not None:
+                found = history.follow(suffix, k)
+                if found:
+                    return found
         return []
+
+
+class HistoryIndex:
+    """The latest occurrence of every n-gram (`min_ngram` to `max_ngram` tokens) that a token follows in
+    the token lists of finished sequences, newest list first, over at most `budget` tokens of lists
+    (the oldest dropped first; a list longer than the budget keeps its last `budget` tokens)."""
+
+    __slots__ = ("budget", "max_ngram", "min_ngram", "held", "lists", "latest", "added")
+
+    def __init__(self, budget: int, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM) -> None:
+        if budget < 1:
+            raise ValueError(f"a history index holds at least 1 token, not {budget}")
+        self.budget = budget
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+        self.held = 0  # tokens in `lists`
+        self.lists: dict[int, list[int]] = {}  # by the order they were added, oldest first
+        self.latest: dict[tuple[int, ...], tuple[int, int]] = {}  # n-gram -> (list, start)
+        self.added = 0
+
+    def add(self, tokens: list[int]) -> None:
+        """Index a finished sequence's tokens (copied), then drop the oldest lists past the budget."""
+        tokens = list(tokens[-self.budget :])
+        key = self.added
+        self.added += 1
+        self.lists[key] = tokens
+        self.held += len(tokens)
+        for start, gram in self._grams(tokens):
+            self.latest[gram] = (key, start)
+        while self.held > self.budget:
+            self._drop(next(iter(self.lists)))
+
+    def follow(self, suffix: tuple[int, ...], k: int) -> list[int]:
+        """Up to `k` tokens that followed the latest occurrence of `suffix`; [] where none is held."""
+        found = self.latest.get(suffix)
+        if found is None:
+            return []
+        key, start = found
+        return self.lists[key][start + len(suffix) : start + len(suffix) + k]
+
+    def clear(self) -> None:
+        self.lists.clear()
+        self.latest.clear()
+        self.held = 0
+
+    def _grams(self, tokens: list[int]):
+        """(start, n-gram) of every n-gram a token follows, in increasing start for each n."""
+        for n in range(self.min_ngram, self.max_ngram + 1):
+            for start in range(len(tokens) - n):
+                yield start, tuple(tokens[start : start + n])
+
+    def _drop(self, key: int) -> None:
+        tokens = self.lists.pop(key)
+        self.held -= len(tokens)
+        for _, gram in self._grams(tokens):
+            if self.latest.get(gram, (None,))[0] == key:
+                del self.latest[gram]

@@ -97,6 +97,7 @@ class ModelRunner:
         max_graph_batch: int = 0,
         grammars: GrammarMatchers | None = None,
         draft: "DraftModel | None" = None,
+        ngram_history_tokens: int = 0,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block size must be positive, got {block_size}")
@@ -117,6 +118,8 @@ class ModelRunner:
         self.sequences: dict[int, SequenceState] = {}
         self.grammars = grammars
         self.draft = draft
+        # n-gram speculation's second place to look: finished sequences' tokens (--speculate-history-tokens).
+        self.ngram_history = ngram.HistoryIndex(ngram_history_tokens) if ngram_history_tokens else None
         if draft is not None and draft.vocab_size != self.config.vocab_size:
             raise ValueError(
                 f"the draft model's vocab_size {draft.vocab_size} differs from the model's {self.config.vocab_size}"
@@ -393,15 +396,16 @@ class ModelRunner:
         return steps, {steps[i].seq_id for i in drafting}
 
     def _ngram_proposals(self, s: SequenceStep) -> list[int]:
-        """Up to s.num_proposed tokens looked up in the sequence's own tokens (none where this shard does not
-        hold all of them: its state was cleared since the sequence's prompt)."""
+        """Up to s.num_proposed tokens looked up in the sequence's own tokens, then in finished sequences' where
+        this shard keeps them (none where it does not hold all of the sequence's tokens: its state was
+        cleared since the sequence's prompt)."""
         state = self.sequences.get(s.seq_id)
         tokens = state.history.tokens if state is not None else []
         if len(tokens) != s.start_position + 1 or tokens[-1] != s.token_ids[0]:
             return []
         if state.ngrams is None:
             state.ngrams = ngram.NgramIndex()
-        return state.ngrams.propose(tokens, s.num_proposed)
+        return state.ngrams.propose(tokens, s.num_proposed, self.ngram_history)
 
     def _new_grammars(self, steps: list[SequenceStep]) -> dict[int, SequenceGrammar]:
         """Matchers for the sequences new to this shard that carry a grammar, built before any state
@@ -419,13 +423,18 @@ class ModelRunner:
         return matchers
 
     def release(self, seq_ids: list[int]) -> None:
-        """Forget finished sequences' sampling state (their blocks are the router's to reuse)."""
+        """Forget finished sequences' sampling state (their blocks are the router's to reuse); their tokens go
+        to the n-gram history where this shard keeps one."""
         for seq_id in seq_ids:
-            self.sequences.pop(seq_id, None)
+            state = self.sequences.pop(seq_id, None)
+            if state is not None and self.ngram_history is not None:
+                self.ngram_history.add(state.history.tokens)
         if self.draft is not None:
             self.draft.release(seq_ids)
 
     def clear(self) -> None:
         self.sequences.clear()
+        if self.ngram_history is not None:
+            self.ngram_history.clear()
         if self.draft is not None:
             self.draft.clear()

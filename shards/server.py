@@ -306,6 +306,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="checkpoint directory of a draft model with the model's vocabulary, held whole on every shard, "
         "proposing the tokens of the router's drafting steps (default: none)",
     )
+    parser.add_argument(
+        "--speculate-history-tokens",
+        type=int,
+        default=0,
+        help="n-gram proposals also look up the tokens of recently finished sequences, up to this many (0: off)",
+    )
     parser.add_argument("--block-size", type=int, default=16, help="KV cache token slots per block")
     parser.add_argument("--max-kv-blocks", type=int, default=0, help="cap on KV cache blocks (0: size from memory)")
     parser.add_argument(
@@ -417,7 +423,17 @@ def run(args: argparse.Namespace) -> int:
             args.seed,
         )
     runner = ModelRunner(
-        model, parallel, group, device, dtype, args.block_size, args.cuda_graphs, args.max_graph_batch, grammars, draft
+        model,
+        parallel,
+        group,
+        device,
+        dtype,
+        args.block_size,
+        args.cuda_graphs,
+        args.max_graph_batch,
+        grammars,
+        draft,
+        args.speculate_history_tokens,
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=8),

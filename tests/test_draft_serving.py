@@ -94,3 +94,14 @@ def test_a_draft_that_cannot_serve_is_refused_before_any_shard_starts(demo_dir, 
     assert code == 2 and "its config does not load" in lines, lines
     code, lines = refusal("--model", str(demo_dir), "--speculative-model", str(interpreter_dir))
     assert code == 1 and "needs --speculate K" in lines, lines
+
+
+def test_history_tokens_without_ngram_speculation_are_refused(demo_dir, interpreter_dir):
+    """--speculate-history-tokens feeds n-gram lookup: refused without --speculate K, and beside a draft model."""
+    history = ("--speculate-history-tokens", "64")
+    code, lines = refusal("--model", str(demo_dir), *history)
+    assert code == 1 and "--speculate-history-tokens is for n-gram speculation" in lines, lines
+    code, lines = refusal(
+        "--model", str(demo_dir), "--speculate", "2", "--speculative-model", str(interpreter_dir), *history
+    )
+    assert code == 1 and "--speculate-history-tokens is for n-gram speculation" in lines, lines
