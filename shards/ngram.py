@@ -86,9 +86,11 @@ class NgramIndex:
 class HistoryIndex:
     """The latest occurrence of every n-gram (`min_ngram` to `max_ngram` tokens) that a token follows in
     the token lists of finished sequences, newest list first, over at most `budget` tokens of lists
-    (the oldest dropped first; a list longer than the budget keeps its last `budget` tokens)."""
+    (the oldest dropped first; a list longer than the budget keeps its last `budget` tokens). A list
+    is indexed at the first lookup after it came (~1 ms for 256 tokens), so a shard whose batch is
+    too large to speculate spends nothing on it but the copy."""
 
-    __slots__ = ("budget", "max_ngram", "min_ngram", "held", "lists", "latest", "added")
+    __slots__ = ("budget", "max_ngram", "min_ngram", "held", "lists", "latest", "added", "indexed")
 
     def __init__(self, budget: int, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM) -> None:
         if budget < 1:
@@ -97,24 +99,23 @@ class HistoryIndex:
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
         self.held = 0  # tokens in `lists`
-        self.lists: dict[int, list[int]] = {}  # by the order they were added, oldest first
-        self.latest: dict[tuple[int, ...], tuple[int, int]] = {}  # n-gram -> (list, start)
-        self.added = 0
+        self.lists: dict[int, list[int]] = {}  # by key, the order they came in, oldest first
+        self.latest: dict[tuple[int, ...], tuple[int, int]] = {}  # n-gram -> (key, start)
+        self.added = 0  # keys handed out
+        self.indexed = 0  # lists of keys below this are in `latest`
 
     def add(self, tokens: list[int]) -> None:
-        """Index a finished sequence's tokens (copied), then drop the oldest lists past the budget."""
+        """Keep a finished sequence's tokens (copied), then drop the oldest lists past the budget."""
         tokens = list(tokens[-self.budget :])
-        key = self.added
+        self.lists[self.added] = tokens
         self.added += 1
-        self.lists[key] = tokens
         self.held += len(tokens)
-        for start, gram in self._grams(tokens):
-            self.latest[gram] = (key, start)
         while self.held > self.budget:
             self._drop(next(iter(self.lists)))
 
     def follow(self, suffix: tuple[int, ...], k: int) -> list[int]:
         """Up to `k` tokens that followed the latest occurrence of `suffix`; [] where none is held."""
+        self._index_new()
         found = self.latest.get(suffix)
         if found is None:
             return []
@@ -125,6 +126,15 @@ class HistoryIndex:
         self.lists.clear()
         self.latest.clear()
         self.held = 0
+        self.indexed = self.added
+
+    def _index_new(self) -> None:
+        for key in range(self.indexed, self.added):
+            tokens = self.lists.get(key)
+            if tokens is not None:  # not dropped before its first lookup
+                for start, gram in self._grams(tokens):
+                    self.latest[gram] = (key, start)
+        self.indexed = self.added
 
     def _grams(self, tokens: list[int]):
         """(start, n-gram) of every n-gram a token follows, in increasing start for each n."""
@@ -135,6 +145,7 @@ class HistoryIndex:
     def _drop(self, key: int) -> None:
         tokens = self.lists.pop(key)
         self.held -= len(tokens)
-        for _, gram in self._grams(tokens):
-            if self.latest.get(gram, (None,))[0] == key:
-                del self.latest[gram]
+        if key < self.indexed:
+            for _, gram in self._grams(tokens):
+                if self.latest.get(gram, (None,))[0] == key:
+                    del self.latest[gram]

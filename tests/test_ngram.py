@@ -74,6 +74,7 @@ def test_the_history_is_looked_up_where_the_own_tokens_hold_no_suffix():
     history = HistoryIndex(100)
     history.add([5, 6, 7, 8, 9])
     history.add([1, 5, 6, 4, 4])  # newer: "5 6" is followed by 4 here
+    assert not history.latest  # indexed at the first lookup, not as they come
     assert history.follow((5, 6), 3) == [4, 4]
     assert history.follow((6, 7), 2) == [8, 9]
     assert history.follow((8, 9), 2) == []  # nothing followed it
@@ -90,17 +91,19 @@ def test_the_history_is_looked_up_where_the_own_tokens_hold_no_suffix():
 
 @pytest.mark.parametrize("seed", range(6))
 def test_the_history_proposes_what_the_scan_does_as_lists_come_and_go(seed):
-    """Finished lists added over a small budget (the oldest dropped, a long one cut to its end), live token
-    lists growing: the index with its history proposes what the scan over the kept lists does."""
+    """Finished lists added over a small budget (the oldest dropped, a long one cut to its end, some before
+    a lookup indexed them), live token lists growing: the index with its history proposes what the scan
+    over the kept lists does."""
     rng = random.Random(seed)
     vocab = rng.choice([4, 8, 16])
     budget = rng.choice([6, 20, 50])
     history, finished = HistoryIndex(budget), []
     for _ in range(25):
-        done = [rng.randrange(vocab) for _ in range(rng.randrange(0, 2 * budget // 3 + 2))]
-        history.add(done)
-        finished.append(done)
-        assert history.held == sum(map(len, kept(finished, budget))) <= budget
+        for _ in range(rng.randrange(1, 4)):  # some dropped before any lookup indexes them
+            done = [rng.randrange(vocab) for _ in range(rng.randrange(0, 2 * budget // 3 + 2))]
+            history.add(done)
+            finished.append(done)
+            assert history.held == sum(map(len, kept(finished, budget))) <= budget
         tokens = [rng.randrange(vocab) for _ in range(rng.randrange(1, 4))]
         index = NgramIndex()
         for _ in range(8):
