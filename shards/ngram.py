@@ -45,6 +45,15 @@ def propose(tokens: list[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: in
     return []
 
 
+def followed_grams(tokens: list[int], min_ngram: int, max_ngram: int, since: int = 0):
+    """(start, n-gram) of every n-gram of `min_ngram` to `max_ngram` tokens that a token of `tokens` follows
+    (starts 0 .. len - n - 1), but those a list of its first `since` tokens already had (starts below
+    since - n); increasing starts for each n."""
+    for n in range(min_ngram, max_ngram + 1):
+        for start in range(max(0, since - n), len(tokens) - n):
+            yield start, tuple(tokens[start : start + n])
+
+
 class NgramIndex:
     """`propose` for one growing token list: the latest start of every n-gram (`min_ngram` to `max_ngram`
     tokens) that a later token follows, updated with the tokens added since the last call."""
@@ -63,11 +72,8 @@ class NgramIndex:
         length = len(tokens)
         if length < self.indexed:
             raise ValueError(f"the tokens shrank from {self.indexed} to {length}; an index only follows a growing list")
-        for n in range(self.min_ngram, self.max_ngram + 1):
-            # Starts whose n-gram a token follows: 0 .. length - n - 1, of which those before the last call's
-            # length - n are indexed already; a later start overwrites an earlier one.
-            for i in range(max(0, self.indexed - n), length - n):
-                self.latest[tuple(tokens[i : i + n])] = i
+        for start, gram in followed_grams(tokens, self.min_ngram, self.max_ngram, self.indexed):
+            self.latest[gram] = start  # a later start overwrites an earlier one
         self.indexed = length
         if k < 1:
             return []
@@ -132,20 +138,14 @@ class HistoryIndex:
         for key in range(self.indexed, self.added):
             tokens = self.lists.get(key)
             if tokens is not None:  # not dropped before its first lookup
-                for start, gram in self._grams(tokens):
+                for start, gram in followed_grams(tokens, self.min_ngram, self.max_ngram):
                     self.latest[gram] = (key, start)
         self.indexed = self.added
-
-    def _grams(self, tokens: list[int]):
-        """(start, n-gram) of every n-gram a token follows, in increasing start for each n."""
-        for n in range(self.min_ngram, self.max_ngram + 1):
-            for start in range(len(tokens) - n):
-                yield start, tuple(tokens[start : start + n])
 
     def _drop(self, key: int) -> None:
         tokens = self.lists.pop(key)
         self.held -= len(tokens)
         if key < self.indexed:
-            for _, gram in self._grams(tokens):
+            for _, gram in followed_grams(tokens, self.min_ngram, self.max_ngram):
                 if self.latest.get(gram, (None,))[0] == key:
                     del self.latest[gram]
