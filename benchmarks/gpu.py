@@ -5,11 +5,13 @@
 position 16k; today's torch path vs the Triton kernels vs the kernels replayed from a CUDA graph;
 time, peak memory, error against the torch path and % of the copy bandwidth measured in the same
 run (gpu_kernels.py). From those, the whole model on one rank (layers x layer + LM head) against
-the issue's targets. (b) The whole server at TP 1 under `bench serve` (gpu_server.py).
+the issue's targets. (b) The whole server at TP 1 under `bench serve` (gpu_server.py). (c), run first:
+the tokens a small Mixtral with a rank's attention shape generates through the server on the device, in
+bf16 and fp32, against transformers' fp32 forward on the same device (gpu_agree.py).
 
 `--dry-run` runs the same code at tiny shapes in fp32 on the CPU, the Triton kernels in Triton's
-interpreter and the graph variant eager, and the server part on the demo checkpoint on the CPU
-(two levels of a few 8-token requests). CI runs it. Results go to
+interpreter and the graph variant eager, the server part on the demo checkpoint on the CPU (two levels
+of a few 8-token requests) and the agreement in fp32 on a tiny model. CI runs it. Results go to
 `--out` (default benchmarks/results/gpu-<UTC time>/): gpu.json, gpu.md, gpu.png, server.log.
 Runnable as `python -m benchmarks.gpu` too, which imports no other harness module.
 """
@@ -30,6 +32,8 @@ log = logging.getLogger("mixserve.bench")
 RESULTS = Path(__file__).resolve().parent / "results"
 # Part (a) stops starting cases once this much of --time-budget is left for the server.
 SERVER_RESERVE_S = 180.0
+# Part (c)'s share of --time-budget (both dtypes' servers and the reference).
+AGREE_BUDGET_S = 110.0
 
 
 def suites():
@@ -162,6 +166,25 @@ def run_server_part(args: argparse.Namespace, device, out: Path, remaining_s: fl
         return gpu_server.run_server(out, model_args, remaining_s, args.concurrency, args.input_len, args.output_len)
 
 
+def run_agreement_part(args: argparse.Namespace, device, out: Path) -> dict:
+    """Part (c): served tokens against transformers on this device (bf16 and fp32 on a GPU, fp32 in a
+    dry run), or why it did not run."""
+    from mixserve.benchmarks import gpu_agree, gpu_server
+
+    if args.skip_agreement:
+        return {"status": "skipped", "reason": "--skip-agreement"}
+    missing = gpu_server.missing_modules()
+    if missing:
+        return {"status": "skipped", "reason": f"the server's imports are not installed: {', '.join(missing)}"}
+    dtypes = ["float32"] if args.dry_run else ["bfloat16", "float32"]
+    with tempfile.TemporaryDirectory(prefix="mixserve-bench-agree-") as scratch:
+        try:
+            return {"status": "ran", **gpu_agree.run_agreement(out, device, dtypes, AGREE_BUDGET_S, Path(scratch))}
+        except Exception as error:  # noqa: BLE001 - the kernel and server parts still run
+            log.warning("event=agreement_failed error=%s", error)
+            return {"status": "failed", "reason": f"{type(error).__name__}: {error}"[:300]}
+
+
 def _default_out() -> Path:
     return RESULTS / f"gpu-{datetime.datetime.now(datetime.UTC).strftime('%Y%m%dT%H%M%SZ')}"
 
@@ -170,6 +193,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="results directory (default: benchmarks/results/gpu-<UTC time>)")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, Triton interpreted (CI)")
     parser.add_argument("--skip-server", action="store_true", help="only the kernels, not the whole server")
+    parser.add_argument(
+        "--skip-agreement", action="store_true", help="not the served tokens against transformers (part (c))"
+    )
     parser.add_argument(
         "--time-budget", type=float, default=420.0, help="seconds for everything; cases past it are recorded as skipped"
     )
@@ -201,13 +227,16 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     server_reserve = 0.0 if args.skip_server else SERVER_RESERVE_S
+    agreement = run_agreement_part(args, device, out)
+    kernel_budget = args.time_budget - server_reserve - (time.monotonic() - started)
     result = {
         "meta": report.run_meta(),
         "dry_run": args.dry_run,
         "gpu": _gpu_info(device),
         "dtype": str(suite.dtype).removeprefix("torch."),
         "shapes": {k: getattr(suite.shapes, k) for k in suite.shapes.__dataclass_fields__},
-        **run_kernels(suite, device, args.dry_run, max(0.0, args.time_budget - server_reserve)),
+        "agreement": agreement,
+        **run_kernels(suite, device, args.dry_run, max(0.0, kernel_budget)),
     }
     # Written now and again at the end: a server part cut short by an outer timeout keeps the kernel figures.
     result["server"] = {"status": "skipped", "reason": "not reached: the run stopped before the server part"}

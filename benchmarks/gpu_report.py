@@ -110,7 +110,36 @@ def gpu_markdown(result: dict) -> str:
         lines.append(f"| {check['target']} | {value} | {check['needed']:.0f} | {check['verdict']} |")
     lines += ["", "## The server at TP 1 under `bench serve`", ""]
     lines += server_lines(result["server"])
+    if "agreement" in result:
+        lines += ["", "## Served tokens against transformers (fp32) on this device", ""]
+        lines += agreement_lines(result["agreement"])
     return "\n".join(lines)
+
+
+def agreement_lines(agreement: dict) -> list[str]:
+    """Part (c): one row per served dtype, teacher-forced top-1 agreement with transformers' fp32."""
+    if agreement["status"] != "ran":
+        return [f"{agreement['status'].capitalize()}: {agreement['reason']}."]
+    lines = [
+        f"Model {agreement['model']}, random weights; {agreement['prompts']} prompts sent at once, "
+        f"{agreement['new_tokens']} greedy tokens each.",
+        "",
+        "| dtype | ready s | top-1 agree | greedy prefix tokens | largest miss gap (tie gap) | verdict | ops |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in agreement["runs"]:
+        if "score" not in run:
+            why = run.get("skipped") or run.get("error", "no tokens")
+            lines.append(f"| {run['dtype']} | {why} | | | | | |")
+            continue
+        s = run["score"]
+        rate = f"{s['top1_agree']}/{s['positions']} ({100 * s['top1_rate']:.1f} %)"
+        lines.append(
+            f"| {run['dtype']} | {run['startup_s']:.0f} | {rate} "
+            f"| {s['greedy_prefix_tokens']} | {s['max_gap']:.4f} ({s['tie_gap']}) "
+            f"| {'agrees' if s['agrees'] else 'DIFFERS'} | {run.get('ops') or '—'} |"
+        )
+    return lines
 
 
 def server_lines(server: dict) -> list[str]:

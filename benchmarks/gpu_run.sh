@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `mixserve bench gpu` on a lent GPU machine, as one command from the repository root:
 #
-#     bash benchmarks/gpu_run.sh            (device tool: timeout_s 560, carry [".whl"] if made)
+#     bash benchmarks/gpu_run.sh            (device tool: timeout_s 540, carry [".whl"] if made)
 #
 # Results land in $OUT/gpu/ (gpu.json, gpu.md, gpu.png, server.log: at most 8 files come back) or,
 # without $OUT, in benchmarks/results/gpu-<UTC time>/. Copy them to benchmarks/results/gpu-<time>/
@@ -9,14 +9,15 @@
 #
 # Nothing is installed from a registry there: the repository runs from its own tree (PYTHONPATH),
 # the router and the shards as `python -m mixserve.cli` children that inherit it. The kernel part
-# needs torch and triton alone. The server part also needs the router's imports; the GPU image
-# lacks grpcio-health-checking and grpcio-reflection, and the gRPC stubs need protobuf >= 7.35.1.
+# needs torch and triton alone. The server and agreement parts also need the router's imports; the GPU
+# image lacks grpcio-health-checking, grpcio-reflection and llguidance, and the gRPC stubs need
+# grpcio >= 1.85.1 and protobuf >= 7.35.1.
 # Bring them as wheels in an ignored .whl/ (python 3.12, x86-64) and name .whl in carry:
 #
 #     echo /.whl/ >> .git/info/exclude
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#         --platform manylinux2014_x86_64 -d .whl grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 \
-#         protobuf==7.36.2
+#         --platform manylinux2014_x86_64 --platform manylinux_2_31_x86_64 -d .whl grpcio==1.85.1 \
+#         grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2 llguidance==1.9.1
 #
 # Without them the server part is skipped with its reason and the kernel figures still come back.
 set -uo pipefail
@@ -45,10 +46,10 @@ print("gpu_run: server imports " + (f"MISSING {server_missing}: the server part 
 EOF
 
 out=${OUT:+$OUT/gpu}
-# Under 8 minutes for the whole command (the issue's bound): --time-budget leaves 70 s for a level in flight,
-# the server's stop and the report; gpu.json is written once the kernels are done, so a timeout in the
-# server part keeps them.
-timeout 470 python3 -m mixserve.benchmarks.gpu --time-budget 400 ${out:+--out "$out"} 2>&1 | tee ${out:+"$out.log"}
+# Under 8.5 minutes for the whole command, which leaves a rerun inside a 15-minute lease: --time-budget
+# leaves 70 s for a level in flight, the server's stop and the report; gpu.json is written once the
+# kernels are done, so a timeout in the server part keeps them.
+timeout 490 python3 -m mixserve.benchmarks.gpu --time-budget 420 ${out:+--out "$out"} 2>&1 | tee ${out:+"$out.log"}
 status=${PIPESTATUS[0]}
 [ -n "$out" ] && [ -f "$out.log" ] && mv "$out.log" "$out/run.log"
 exit "$status"

@@ -75,6 +75,15 @@ def test_dry_run_writes_every_case_with_agreeing_paths_and_serves(tmp_path):
     assert all(level["ok"] == level["requests"] > 0 and level["errors"] == 0 for level in server["levels"])
     assert (out / "server.log").exists()
     assert "graph column is eager" in markdown
+    # The agreement part served fp32 on the CPU: every generated token is transformers' top-1.
+    agreement = result["agreement"]
+    assert agreement["status"] == "ran", agreement
+    [run] = agreement["runs"]
+    assert run["dtype"] == "float32" and run["score"]["agrees"], run
+    assert run["score"]["positions"] == agreement["prompts"] * agreement["new_tokens"]
+    assert run["score"]["top1_agree"] == run["score"]["positions"]
+    assert "native: " in run["ops"] and (out / "agree-float32.log").exists()
+    assert "Served tokens against transformers" in markdown
 
 
 @pytest.mark.parametrize("step", ["decode", "prefill"])
@@ -163,3 +172,25 @@ def test_out_of_memory_and_failures_are_recorded_not_raised():
     record, out = run_variant("triton", lambda: (lambda: ok * 2, False), torch.device("cpu"), suite)
     assert record["ms"] > 0 and record["iterations"] >= 3
     torch.testing.assert_close(out, ok * 2)
+
+
+def test_agreement_scores_misses_by_the_reference_gap():
+    """A served token that is not the reference's top-1 counts as a miss; a near tie passes, a clear
+    difference fails (the reference: a fixed table of logits per position)."""
+    from mixserve.benchmarks.gpu_agree import score
+
+    table = torch.tensor([[0.0, 5.0, 4.999, 1.0], [3.0, 0.0, 0.0, 0.0], [0.0, 0.0, 9.0, 0.0]])
+
+    class Reference:
+        def __call__(self, ids):
+            # Position i's logits are row i - 1 of the table (the prompt is one token).
+            return type("Out", (), {"logits": torch.cat([table, table[:1]])[: ids.shape[1]].unsqueeze(0)})
+
+    exact = score(Reference(), [{"prompt": [7], "generated": [1, 0, 2]}], "cpu", 1e-2)
+    assert (exact["top1_agree"], exact["positions"], exact["agrees"]) == (3, 3, True)
+    tie = score(Reference(), [{"prompt": [7], "generated": [2, 0, 2]}], "cpu", 1e-2)
+    assert tie["top1_agree"] == 2 and tie["greedy_prefix_tokens"] == 0 and tie["agrees"]
+    assert 0 < tie["max_gap"] < 1e-2
+    wrong = score(Reference(), [{"prompt": [7], "generated": [1, 0, 3]}], "cpu", 1e-2)
+    assert wrong["top1_agree"] == 2 and wrong["greedy_prefix_tokens"] == 2 and not wrong["agrees"]
+    assert wrong["misses"] == [{"prompt": 0, "position": 2, "reference": 2, "served": 3, "gap": wrong["max_gap"]}]
