@@ -124,19 +124,21 @@ def agreement_lines(agreement: dict) -> list[str]:
         f"Model {agreement['model']}, random weights; {agreement['prompts']} prompts sent at once, "
         f"{agreement['new_tokens']} greedy tokens each.",
         "",
-        "| dtype | ready s | top-1 agree | greedy prefix tokens | largest miss gap (tie gap) | verdict | ops |",
-        "|---|---|---|---|---|---|---|",
+        "| dtype | ready s | top-1 agree | greedy prefix tokens | largest miss gap (tie gap) "
+        "| transformers' misses in the dtype | verdict | ops |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for run in agreement["runs"]:
         if "score" not in run:
             why = run.get("skipped") or run.get("error", "no tokens")
-            lines.append(f"| {run['dtype']} | {why} | | | | | |")
+            lines.append(f"| {run['dtype']} | {why} | | | | | | |")
             continue
         s = run["score"]
         rate = f"{s['top1_agree']}/{s['positions']} ({100 * s['top1_rate']:.1f} %)"
         lines.append(
             f"| {run['dtype']} | {run['startup_s']:.0f} | {rate} "
             f"| {s['greedy_prefix_tokens']} | {s['max_gap']:.4f} ({s['tie_gap']}) "
+            f"| {'—' if s.get('baseline_misses') is None else s['baseline_misses']} "
             f"| {'agrees' if s['agrees'] else 'DIFFERS'} | {run.get('ops') or '—'} |"
         )
     return lines

@@ -194,3 +194,6 @@ def test_agreement_scores_misses_by_the_reference_gap():
     wrong = score(Reference(), [{"prompt": [7], "generated": [1, 0, 3]}], "cpu", 1e-2)
     assert wrong["top1_agree"] == 2 and wrong["greedy_prefix_tokens"] == 2 and not wrong["agrees"]
     assert wrong["misses"] == [{"prompt": 0, "position": 2, "reference": 2, "served": 3, "gap": wrong["max_gap"]}]
+    # A miss passes when transformers in the served dtype misses as many positions on the same tokens.
+    assert score(Reference(), [{"prompt": [7], "generated": [1, 0, 3]}], "cpu", 1e-2, baseline_misses=1)["agrees"]
+    assert not score(Reference(), [{"prompt": [7], "generated": [1, 0, 3]}], "cpu", 1e-2, baseline_misses=0)["agrees"]

@@ -5,12 +5,15 @@ Legend: T tokens, H hidden size, I intermediate size, E experts held, K experts 
 """
 
 import os
+import subprocess
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import PYTHON, subprocess_env
 from mixserve.shards.ops import reference
+from mixserve.shards.triton import moe_align
 from mixserve.shards.triton.moe_align import align_pairs, max_sorted_rows
 
 pytest.importorskip("triton")
@@ -132,13 +135,41 @@ def test_no_host_sync():
         experts.sum().item()  # the check itself can fail
 
 
-def test_alignment_compiles_without_graph_breaks():
-    torch._dynamo.reset()
-    compiled = torch.compile(align_pairs, fullgraph=True, backend="eager")
-    experts = _random_experts(7, 2, [0, 1, 2, 3])
-    got, want = compiled(experts, 3, 16), align_pairs(experts, 3, 16)
-    for name in ("sorted_pairs", "block_expert", "total"):
-        torch.testing.assert_close(getattr(got, name), getattr(want, name))
+def _align_pairs_oracle(experts: torch.Tensor, num_experts: int, block_m: int) -> dict[str, list[int]]:
+    """The alignment in torch ops (a stable sort, scans, a search): what the one-program kernel computes."""
+    flat = experts.flatten().long()  # [P]
+    num_pairs = flat.shape[0]
+    rows = max_sorted_rows(num_pairs, num_experts, block_m)
+    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]  # [E_l]
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)
+    sorted_pairs = torch.full((rows,), num_pairs, dtype=torch.int32)
+    for expert in range(num_experts):
+        pairs = (flat == expert).nonzero().flatten()  # token order kept within an expert
+        start = int(padded_end[expert] - padded[expert])
+        sorted_pairs[start : start + len(pairs)] = pairs.to(torch.int32)
+    block_starts = torch.arange(-(-rows // block_m)) * block_m
+    return {
+        "sorted_pairs": sorted_pairs.tolist(),
+        "block_expert": torch.searchsorted(padded_end, block_starts, right=True).tolist(),
+        "total": [int(padded.sum())],
+    }
+
+
+@pytest.mark.parametrize("chunk_elements", [moe_align.CHUNK_ELEMENTS, 64])
+def test_alignment_kernel_matches_the_torch_oracle(monkeypatch, chunk_elements):
+    """Random routings (pairs held elsewhere, expert counts not powers of two, block sizes from 2 to 64);
+    a one-hot budget of 64 elements walks the pairs in chunks of 16, so the running counts carry over."""
+    monkeypatch.setattr(moe_align, "CHUNK_ELEMENTS", chunk_elements)
+    gen = torch.Generator().manual_seed(3)
+    for case in range(12):
+        tokens = int(torch.randint(1, 90, (1,), generator=gen))
+        num_experts = int(torch.randint(1, 10, (1,), generator=gen))
+        block_m = (2, 4, 16, 32, 64)[case % 5]
+        experts = torch.randint(0, num_experts + 1, (tokens, 2), generator=gen)
+        aligned = align_pairs(experts, num_experts, block_m)
+        got = {name: getattr(aligned, name).tolist() for name in ("sorted_pairs", "block_expert", "total")}
+        assert got == _align_pairs_oracle(experts, num_experts, block_m), (tokens, num_experts, block_m)
 
 
 def test_bad_arguments_raise():
@@ -164,3 +195,57 @@ def test_usable():
     assert moe.usable(torch.randn(3, 32).half(), w13)
     assert not moe.usable(torch.randn(3, 32), w13)
     assert not moe.usable(torch.randn(3, 32).half(), None)
+
+
+# Compiles the fused MoE's kernels for sm80 with each tile of `block_config` (decode, mid, prefill
+# rows per expert) in bf16 and fp32, and the alignment program for sm80 and sm90; each kernel's
+# shared memory must fit an A100's (the measured tiles came from an H200, which has more).
+_COMPILE = """
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from mixserve.shards.triton import moe, moe_align
+
+A100_SHARED = 166912
+ints = {n: "i32" for n in ("num_pairs", "hidden_size", "inter_size", "stride_pt", "stride_we", "stride_wn")}
+for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+    pointers = {"sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32", "total_ptr": "*i32"}
+    gate_up = {"hidden_ptr": f"*{name}", "w13_ptr": f"*{name}", "inter_ptr": f"*{name}", **pointers, **ints,
+               "stride_ht": "i32"}
+    down = {"inter_ptr": f"*{name}", "w2_ptr": f"*{name}", "weights_ptr": "*fp32", "out_ptr": f"*{name}", **pointers,
+            **ints, "stride_ot": "i32"}
+    for pairs in (2, 128, 8192):
+        c = moe.block_config(pairs, 8, dtype)
+        tiles = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, DOT_FP32=False,
+                     PRECISION="ieee" if dtype == torch.float32 else None)
+        kernels = ((moe._gate_up_kernel, gate_up, dict(tiles, TOP_K=2)), (moe._down_kernel, down, tiles))
+        for fn, signature, consts in kernels:
+            source = ASTSource(fn, {**signature, **dict.fromkeys(consts, "constexpr")}, constexprs=consts)
+            kernel = triton.compile(source, target=GPUTarget("cuda", 80, 32),
+                                    options={"num_warps": c.num_warps, "num_stages": c.num_stages})
+            assert kernel.metadata.shared <= A100_SHARED, (name, c, kernel.metadata.shared)
+align = {"experts_ptr": "*i64", "sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32", "total_ptr": "*i32",
+         "num_pairs": "i32", "num_experts": "i32", "num_rows": "i32", "num_blocks": "i32"}
+consts = dict(BLOCK_M=16, BLOCK_E=8, CHUNK=1024)
+for arch in (80, 90):
+    source = ASTSource(moe_align._align_kernel, {**align, **dict.fromkeys(consts, "constexpr")}, constexprs=consts)
+    triton.compile(source, target=GPUTarget("cuda", arch, 32))
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_a100_within_its_shared_memory():
+    try:
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton has no NVIDIA backend")
+    result = subprocess.run(
+        [PYTHON, "-c", _COMPILE],
+        env=subprocess_env(TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]

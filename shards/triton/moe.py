@@ -21,15 +21,17 @@ Steps, none of which waits on the host (the call is capturable in a CUDA graph):
 Grids are sized from shapes (the alignment's upper bound on blocks); programs past the padded
 total exit at once.
 
-Block sizes (`block_config`), by the average rows per held expert, T K / E_l, a shape-only number:
-- up to 16 (decode): BLOCK_M 16 (the smallest `tl.dot` tile, least padding), BLOCK_N 64,
-  BLOCK_K 128, 4 warps: weight-bandwidth bound, so long K tiles keep loads wide;
-- up to 64: BLOCK_M 32, BLOCK_N 64, BLOCK_K 64, 4 warps;
+Block sizes (`block_config`), by the average rows per held expert, T K / E_l, a shape-only number,
+measured on an H200 at a Mixtral-8x7B rank's shapes in bf16 (benchmarks/results/gpu-decode-profile,
+the MoE alone in a CUDA graph) among tiles that also fit an A100's 164 KiB of shared memory:
+- up to 4 (decode of a few sequences): BLOCK_M 16 (the smallest `tl.dot` tile, least padding),
+  BLOCK_N 32, BLOCK_K 256, 4 warps: weight-bandwidth bound; narrow N tiles give more programs for
+  the few blocks, long K tiles keep loads wide (1 token: 117 us against 127 with N 64, K 128);
+- up to 64: BLOCK_M 32, BLOCK_N 64, BLOCK_K 128, 4 warps (64 tokens: 239 us against 271 with M 16);
 - above (prefill): BLOCK_M 64, BLOCK_N 128, BLOCK_K 64, 8 warps: compute bound, larger tiles
-  reuse each weight tile across more rows.
-Three pipeline stages for 2-byte dtypes and two for fp32 keep the gate/up GEMM's tiles (two
-weight tiles a stage) within an A100's 164 KiB of shared memory. These are defaults chosen from
-the GEMM shapes, not tuned on a GPU.
+  reuse each weight tile across more rows (not re-measured).
+Three pipeline stages for 2-byte dtypes; fp32 takes two and half the K tile, so the gate/up GEMM's
+tiles (two weight tiles a stage) stay within an A100's shared memory in every dtype.
 
 The interpreter's `tl.dot` is wrong for bf16 (triton-lang/triton#11584), so kernels built for the
 interpreter cast bf16 tiles to fp32 before the dot; on a GPU bf16 tiles go to the tensor cores.
@@ -68,11 +70,12 @@ class BlockConfig:
 def block_config(num_pairs: int, num_experts: int, dtype: torch.dtype) -> BlockConfig:
     """The default tiles for P pairs over E_l held experts (see the module docstring)."""
     rows_per_expert = num_pairs / num_experts
-    stages = 2 if dtype == torch.float32 else 3
-    if rows_per_expert <= 16:
-        return BlockConfig(16, 64, 128, 4, stages)
+    wide = dtype != torch.float32  # 2-byte tiles: three stages and the long K tile fit
+    stages = 3 if wide else 2
+    if rows_per_expert <= 4:
+        return BlockConfig(16, 32, 256 if wide else 128, 4, stages)
     if rows_per_expert <= 64:
-        return BlockConfig(32, 64, 64, 4, stages)
+        return BlockConfig(32, 64, 128 if wide else 64, 4, stages)
     return BlockConfig(64, 128, 64, 8, stages)
 
 
