@@ -26,6 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 # tests' subprocesses (subprocess_env) unless a test passes it.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from mixserve.shards.demo.checkpoint import TINY  # noqa: E402 - imports neither torch nor triton
+
 
 def _ephemeral_ports() -> range:
     try:
@@ -67,15 +69,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 PYTHON = sys.executable
 # The checkpoint of `interpreter_dir` (shards.demo.checkpoint.DemoConfig's fields).
-INTERPRETER_CONFIG = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=64,
-    num_local_experts=4,
-    max_position_embeddings=512,
-)
+INTERPRETER_CONFIG = TINY
 
 
 def _is_python(argv) -> bool:

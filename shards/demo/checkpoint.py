@@ -98,6 +98,19 @@ class DemoConfig:
         return self.hidden_size // self.num_attention_heads
 
 
+# The smallest demo every kernel accepts (2 layers, hidden 64, head dim 16, 2 KV heads, 4 experts of
+# 64): Triton's interpreter in the tests and the GPU benchmark's dry run start it in seconds.
+TINY = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    num_local_experts=4,
+    max_position_embeddings=512,
+)
+
+
 def model_config(config: DemoConfig) -> dict:
     """config.json, written the way transformers 5 writes a MixtralConfig."""
     return {

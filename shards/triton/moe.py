@@ -26,12 +26,15 @@ measured on an H200 at a Mixtral-8x7B rank's shapes in bf16 (benchmarks/results/
 the MoE alone in a CUDA graph) among tiles that also fit an A100's 164 KiB of shared memory:
 - up to 4 (decode of a few sequences): BLOCK_M 16 (the smallest `tl.dot` tile, least padding),
   BLOCK_N 32, BLOCK_K 256, 4 warps: weight-bandwidth bound; narrow N tiles give more programs for
-  the few blocks, long K tiles keep loads wide (1 token: 117 us against 127 with N 64, K 128);
-- up to 64: BLOCK_M 32, BLOCK_N 64, BLOCK_K 128, 4 warps (64 tokens: 239 us against 271 with M 16);
+  the few blocks, long K tiles keep loads wide. Best or within 1 % of the best of six tiles at 1, 2,
+  4, 8 and 16 tokens (1 token: 62 us against 71 with N 64, K 128; 16 tokens: 181 against 195 with
+  K 128 and four stages);
+- up to 64: BLOCK_M 32, BLOCK_N 64, BLOCK_K 128, 4 warps (64 tokens: 183 us against 212 with M 16);
 - above (prefill): BLOCK_M 64, BLOCK_N 128, BLOCK_K 64, 8 warps: compute bound, larger tiles
   reuse each weight tile across more rows (not re-measured).
-Three pipeline stages for 2-byte dtypes; fp32 takes two and half the K tile, so the gate/up GEMM's
-tiles (two weight tiles a stage) stay within an A100's shared memory in every dtype.
+Three pipeline stages for 2-byte dtypes; fp32 takes two and at most a 128 K tile, so
+the gate/up GEMM's tiles (two weight tiles a stage) stay within an A100's shared memory in every
+dtype (tests/test_triton_moe.py compiles each for sm80 and checks).
 
 The interpreter's `tl.dot` is wrong for bf16 (triton-lang/triton#11584), so kernels built for the
 interpreter cast bf16 tiles to fp32 before the dot; on a GPU bf16 tiles go to the tensor cores.

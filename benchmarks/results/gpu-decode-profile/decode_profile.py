@@ -3,6 +3,7 @@
 decode sizes; then whether bf16's misses in gpu-20261204T1520Z's agreement are bf16's own.
 
     python benchmarks/results/gpu-decode-profile/decode_profile.py OUT_DIR    (repo root on PYTHONPATH)
+    TILES=1 ...: only B, for 1, 2, 4, 8 and 16 tokens over the small-batch tiles that fit an A100
     DRY=1 ...: the same code on the CPU at the dry run's tiny shapes, Triton interpreted (a check of
     the script, not of anything it measures)
 
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 DRY = os.environ.get("DRY") == "1"
+TILES = os.environ.get("TILES") == "1"
 if DRY:
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -84,7 +86,7 @@ weights = LayerWeights.random(S, 4096, DT, DEV)
 
 # A. per-kernel breakdown
 result["kernels"] = {}
-for batch in (1, 8, 64):
+for batch in () if TILES else (1, 8, 64):
     step = decode_batch(S, batch, CONTEXT, DT, DEV)
     cache = random_pools(S, step.block_tables.numel(), DT, DEV)
 
@@ -120,6 +122,9 @@ CONFIGS = {
     8: [(16, 32, 128, 4, 4), (16, 64, 128, 4, 3), (16, 64, 256, 4, 3), (16, 128, 128, 4, 3), (16, 32, 256, 4, 3)],
     64: [(16, 64, 128, 4, 3), (32, 64, 64, 4, 3), (32, 64, 128, 4, 3), (32, 128, 64, 4, 3), (64, 128, 64, 8, 3)],
 }
+if TILES:
+    small = [(16, 32, 128, 4, 4), (16, 32, 128, 4, 5), (16, 32, 256, 4, 3), (16, 32, 256, 4, 5), (16, 64, 128, 4, 4)]
+    CONFIGS = dict.fromkeys((1, 2, 4, 8, 16), small)
 default_config = moe.block_config
 result["moe"] = {}
 for tokens, configs in CONFIGS.items():
@@ -130,7 +135,7 @@ for tokens, configs in CONFIGS.items():
     routing, experts = route(hidden, weights.gate, S.top_k)
     hit = len(set(experts.flatten().tolist()))
     nbytes = hit * 3 * S.hidden * S.inter * 2
-    floor_us = nbytes / bandwidth / 1e3 * 2  # copy bandwidth counts read + write
+    floor_us = nbytes / bandwidth / 1e3  # reading the experts once at the copy rate (read + write)
     align_us = replay_ms(lambda e=experts: align_pairs(e, S.experts, 16).sorted_pairs) * 1e3
     rows = []
     for config in [None, *configs][: 3 if DRY else None]:
@@ -155,6 +160,9 @@ for tokens, configs in CONFIGS.items():
     for name, us, error in sorted(rows, key=lambda r: r[1] or 1e9):
         print(f"{'error' if us is None else f'{us:8.1f} us'}  {name}  {error or ''}")
 
+if TILES:
+    (OUT / "tiles.json").write_text(json.dumps(result, indent=1))
+    sys.exit(0)
 # C. bf16 agreement baseline
 RUN = Path("/tmp/gpudry3" if DRY else "benchmarks/results/gpu-20261204T1520Z")
 served = json.loads((RUN / "gpu.json").read_text())["agreement"]["runs"]
