@@ -44,12 +44,14 @@ class ModelThread:
         cancelled stream): `produce` should then end at its next chance, as the model thread serves no
         one else meanwhile.
 
-        The model thread wakes this reader as an item is made, but at most once per `interval_s`: an item
-        made sooner waits for the next wake (the next item made past the interval, or the end), so the
-        reader takes a run of fast items in a few lists. A wake is not free: the woken thread takes the
-        GIL while the model thread runs, and on the CPUs here each wake, with the gRPC send it starts, cost
-        the model thread 0.1-0.5 ms (benchmarks/RESULTS.md, stream interval). 0 wakes the reader for every
-        item."""
+        The model thread wakes this reader as an item is made unless the next item, if it comes as far
+        after this one as this one came after the last, would still fall within `interval_s` of the last
+        wake: such an item waits for a later wake (or the end), so the reader takes a run of fast items in
+        a few lists about `interval_s` apart. Items at least half the interval apart are each handed over
+        as they are made (a 9.6 ms decode step under a 10 ms interval once waited for the next one, which
+        doubled a GPU stream's inter-token gaps). A wake is not free: the woken thread takes the GIL while
+        the model thread runs, and on the CPUs here each wake, with the gRPC send it starts, cost the model
+        thread 0.1-0.5 ms (benchmarks/RESULTS.md, stream interval). 0 wakes the reader for every item."""
         made: collections.deque = collections.deque()  # appended by the model thread, drained here
         woken = threading.Condition()
         ended: list = []  # (kind, value) once produce ends
@@ -57,11 +59,13 @@ class ModelThread:
 
         def pump() -> None:
             last_wake = -math.inf
+            last_item = time.perf_counter()
             try:
                 for item in produce(abandoned):
                     made.append(item)
                     now = time.perf_counter()
-                    if now - last_wake >= interval_s:
+                    gap, last_item = now - last_item, now
+                    if now + gap - last_wake >= interval_s:
                         last_wake = now
                         with woken:
                             woken.notify()

@@ -4,6 +4,7 @@ DecodeSteps answer with `following`: tests/test_multi_step.py)."""
 
 import argparse
 import threading
+import time
 
 import pytest
 import torch
@@ -44,6 +45,22 @@ def test_a_long_interval_hands_a_quick_producers_items_over_together(model_threa
     lists = list(model_thread.stream(produce, interval_s=60.0))
     assert [item for items in lists for item in items] == list(range(50))
     assert len(lists) < 50 and lists[0][0] == 0
+
+
+def test_items_half_the_interval_apart_are_each_handed_over(model_thread):
+    """A producer as slow as a GPU's Mixtral decode step under the default interval (9.6 ms against 10):
+    each item goes out as it is made. Waiting for the next item would hand them over in pairs, twice as
+    far apart as they are made (scaled up here, 0.2 s items under a 0.3 s interval, so a slow machine
+    still reads each list before the next item)."""
+
+    def produce(abandoned: threading.Event):
+        for item in range(5):
+            time.sleep(0.2)
+            yield item
+
+    lists = list(model_thread.stream(produce, interval_s=0.3))
+    assert [item for items in lists for item in items] == list(range(5))
+    assert len(lists) >= 4, lists  # waiting for the next item gives [[0], [1, 2], [3, 4]]
 
 
 def test_no_interval_hands_every_item_over_in_order(model_thread):
