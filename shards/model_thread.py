@@ -48,7 +48,7 @@ class ModelThread:
         after this one as this one came after the last, would still fall within `interval_s` of the last
         wake: such an item waits for a later wake (or the end), so the reader takes a run of fast items in
         a few lists about `interval_s` apart. Items at least half the interval apart are each handed over
-        as they are made (a 9.6 ms decode step under a 10 ms interval once waited for the next one, which
+        as they are made (a 9.4 ms decode step under a 10 ms interval once waited for the next one, which
         doubled a GPU stream's inter-token gaps). A wake is not free: the woken thread takes the GIL while
         the model thread runs, and on the CPUs here each wake, with the gRPC send it starts, cost the model
         thread 0.1-0.5 ms (benchmarks/RESULTS.md, stream interval). 0 wakes the reader for every item."""

@@ -73,6 +73,11 @@ def test_dry_run_writes_every_case_with_agreeing_paths_and_serves(tmp_path):
     assert server["status"] == "ran", server
     assert [level["concurrency"] for level in server["levels"]] == [1, 2]
     assert all(level["ok"] == level["requests"] > 0 and level["errors"] == 0 for level in server["levels"])
+    # Decode time a token from the server's counts: E2E less TTFT over the tokens after the first.
+    for level in server["levels"]:
+        per_request = level["output_tokens_server"] / level["requests"]
+        expected = (level["e2e_ms"]["p50"] - level["ttft_ms"]["p50"]) / (per_request - 1)
+        assert level["decode_ms"] == pytest.approx(expected, abs=1e-3) and level["decode_ms"] > 0
     assert (out / "server.log").exists()
     assert "graph column is eager" in markdown
     # The agreement part served fp32 on the CPU: every generated token is transformers' top-1.

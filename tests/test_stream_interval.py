@@ -48,7 +48,7 @@ def test_a_long_interval_hands_a_quick_producers_items_over_together(model_threa
 
 
 def test_items_half_the_interval_apart_are_each_handed_over(model_thread):
-    """A producer as slow as a GPU's Mixtral decode step under the default interval (9.6 ms against 10):
+    """A producer as slow as a GPU's Mixtral decode step under the default interval (9.4 ms against 10):
     each item goes out as it is made. Waiting for the next item would hand them over in pairs, twice as
     far apart as they are made (scaled up here, 0.2 s items under a 0.3 s interval, so a slow machine
     still reads each list before the next item)."""
