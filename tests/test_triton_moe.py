@@ -61,6 +61,13 @@ def test_mixed_routing_with_experts_held_elsewhere(dtype):
     _check_against_oracle(experts, 4, 32, 24, dtype)
 
 
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_other_expert_counts_a_token(top_k):
+    """K = 2 closes with one add; other K with a sum over K."""
+    experts = _random_experts(6, top_k, [0, 1, 2, 3, 4])
+    _check_against_oracle(experts, 4, 32, 24, torch.bfloat16)
+
+
 def test_expert_without_tokens():
     experts = _random_experts(11, 2, [0, 2, 3]).int()  # int32 ids are taken as well
     _check_against_oracle(experts, 4, 32, 24, torch.float32)
