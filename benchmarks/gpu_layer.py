@@ -4,8 +4,9 @@
 and step inputs and return the layer's output hidden states:
 - torch: the paths a CUDA shard took before the Triton kernels (RMSNorm and RoPE as RMSNorm and
   RotaryEmbedding compute them off the CPU, `write_kv`, `paged_decode_attention` or
-  `paged_prefill_attention`, `route`, `fused_moe` of shards/ops/reference.py);
-- triton: fused RMSNorm (+ residual), rotary + KV write, paged attention read in place, fused MoE.
+  `paged_prefill_attention`, `topk_softmax`, `fused_moe` of shards/ops/reference.py);
+- triton: fused RMSNorm (+ residual), rotary + KV write, paged attention read in place, routing in one
+  kernel, fused MoE.
 Neither runs the all-reduces of a real rank (one GPU stands in for one rank of four).
 
 Legend: T tokens, H hidden size, h query heads and kv KV heads on this rank, d head dim, E experts,
@@ -18,13 +19,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mixserve.shards.layers.moe import route
 from mixserve.shards.layers.rotary import RotaryEmbedding
 from mixserve.shards.ops import reference
 from mixserve.shards.triton.attention import paged_decode_attention, paged_prefill_attention
 from mixserve.shards.triton.moe import fused_moe
 from mixserve.shards.triton.norm import rms_norm
 from mixserve.shards.triton.rotary import rotary_write_kv
+from mixserve.shards.triton.routing import topk_softmax
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +197,7 @@ def torch_layer(
         )
     hidden = hidden + F.linear(attn.reshape(tokens, -1), weights.o_proj)
     normed = reference.rms_norm(hidden, weights.post_norm, shapes.eps)
-    routing, experts = route(normed, weights.gate, shapes.top_k)
+    routing, experts = reference.topk_softmax(F.linear(normed, weights.gate), shapes.top_k)
     return hidden + reference.fused_moe(normed, weights.w13, weights.w2, routing, experts)
 
 
@@ -222,7 +223,7 @@ def triton_layer(
     normed, hidden = rms_norm(
         F.linear(attn.reshape(tokens, -1), weights.o_proj), weights.post_norm, shapes.eps, residual=hidden
     )
-    routing, experts = route(normed, weights.gate, shapes.top_k)
+    routing, experts = topk_softmax(F.linear(normed, weights.gate), shapes.top_k)
     return hidden + fused_moe(normed, weights.w13, weights.w2, routing, experts)
 
 

@@ -1,5 +1,6 @@
 """The fused MoE Triton kernels (shards/triton/moe.py) under the interpreter against
-`shards.ops.reference.fused_moe`, and the on-device alignment (shards/triton/moe_align.py).
+`shards.ops.reference.fused_moe`, the on-device alignment (shards/triton/moe_align.py) and the
+routing kernel (shards/triton/routing.py) against `shards.ops.reference.topk_softmax`.
 
 Legend: T tokens, H hidden size, I intermediate size, E experts held, K experts per token.
 """
@@ -20,7 +21,7 @@ pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1":  # tests/conftest.py sets it unless told otherwise
     pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1", allow_module_level=True)
 
-from mixserve.shards.triton import moe  # noqa: E402 - after the interpreter check
+from mixserve.shards.triton import moe, routing  # noqa: E402 - after the interpreter check
 
 TOLERANCES = {
     torch.float32: dict(atol=1e-5, rtol=1e-4),
@@ -142,6 +143,33 @@ def test_no_host_sync():
         experts.sum().item()  # the check itself can fail
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("num_experts", "top_k"), [(8, 2), (8, 1), (6, 3), (4, 4)])
+def test_routing_kernel_matches_the_reference(dtype, num_experts, top_k):
+    """Softmax, top K (largest first) and renormalised weights in one program a token, against the
+    torch path; 6 experts pad to a block of 8."""
+    logits = torch.randn(7, num_experts, generator=torch.Generator().manual_seed(num_experts + top_k)).to(dtype)
+    weights, experts = routing.topk_softmax(logits, top_k)
+    want_weights, want_experts = reference.topk_softmax(logits, top_k)
+    assert weights.dtype == torch.float32 and experts.dtype == torch.int64
+    assert torch.equal(experts, want_experts)
+    torch.testing.assert_close(weights, want_weights, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(weights.sum(dim=-1), torch.ones(7))
+
+
+def test_routing_kernel_breaks_ties_by_the_lower_expert_and_takes_strided_rows():
+    logits = torch.tensor([[0.5, 2.0, 2.0, -1.0], [3.0, 3.0, 3.0, 3.0]])
+    weights, experts = routing.topk_softmax(logits, 2)
+    assert experts.tolist() == [[1, 2], [0, 1]]
+    torch.testing.assert_close(weights, torch.full((2, 2), 0.5))
+    wide = torch.randn(5, 16)[:, :8]  # rows 16 apart
+    torch.testing.assert_close(routing.topk_softmax(wide, 2)[0], reference.topk_softmax(wide, 2)[0])
+    assert not routing.usable(torch.randn(3, 8).t(), 2)  # last dimension not contiguous
+    assert not routing.usable(torch.randn(3, 4), 5) and not routing.usable(torch.randn(3, 8, dtype=torch.float64), 2)
+    with pytest.raises(ValueError, match="topk_softmax"):
+        routing.topk_softmax(torch.randn(3, 4), 5)
+
+
 def _align_pairs_oracle(experts: torch.Tensor, num_experts: int, block_m: int) -> dict[str, list[int]]:
     """The alignment in torch ops (a stable sort, scans, a search): what the one-program kernel computes."""
     flat = experts.flatten().long()  # [P]
@@ -205,7 +233,7 @@ def test_usable():
 
 
 # Compiles the fused MoE's kernels for sm80 with each tile of `block_config` (decode, mid, prefill
-# rows per expert) in bf16 and fp32, and the alignment program for sm80 and sm90; each kernel's
+# rows per expert) in bf16 and fp32, and the routing and alignment programs for sm80 and sm90; each kernel's
 # shared memory must fit an A100's (the measured tiles came from an H200, which has more).
 _COMPILE = """
 import torch
@@ -213,7 +241,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mixserve.shards.triton import moe, moe_align
+from mixserve.shards.triton import moe, moe_align, routing
 
 A100_SHARED = 166912
 ints = {n: "i32" for n in ("num_pairs", "hidden_size", "inter_size", "stride_pt", "stride_we", "stride_wn")}
@@ -233,6 +261,13 @@ for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
             kernel = triton.compile(source, target=GPUTarget("cuda", 80, 32),
                                     options={"num_warps": c.num_warps, "num_stages": c.num_stages})
             assert kernel.metadata.shared <= A100_SHARED, (name, c, kernel.metadata.shared)
+route = {"logits_ptr": "*bf16", "weights_ptr": "*fp32", "experts_ptr": "*i64", "num_experts": "i32",
+         "stride_t": "i32"}
+route_consts = dict(TOP_K=2, BLOCK_E=8)
+for arch in (80, 90):
+    source = ASTSource(routing._topk_softmax_kernel, {**route, **dict.fromkeys(route_consts, "constexpr")},
+                       constexprs=route_consts)
+    triton.compile(source, target=GPUTarget("cuda", arch, 32))
 align = {"experts_ptr": "*i64", "sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32", "total_ptr": "*i32",
          "num_pairs": "i32", "num_experts": "i32", "num_rows": "i32", "num_blocks": "i32"}
 consts = dict(BLOCK_M=16, BLOCK_E=8, CHUNK=1024)

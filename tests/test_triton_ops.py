@@ -26,7 +26,7 @@ from mixserve.shards.layers import moe as moe_layer  # noqa: E402
 from mixserve.shards.loader import load_model  # noqa: E402
 from mixserve.shards.memory import LiveBytes  # noqa: E402
 from mixserve.shards.ops import reference  # noqa: E402
-from mixserve.shards.triton import attention, moe, norm, rotary  # noqa: E402
+from mixserve.shards.triton import attention, moe, norm, rotary, routing  # noqa: E402
 
 CPU = torch.device("cpu")
 # (module, function) of every kernel wrapper the ops reach.
@@ -35,6 +35,7 @@ KERNELS = [
     (rotary, "rotary_write_kv"),
     (attention, "paged_decode_attention"),
     (attention, "paged_prefill_attention"),
+    (routing, "topk_softmax"),
     (moe, "fused_moe"),
 ]
 
@@ -105,6 +106,10 @@ def test_each_triton_op_runs_its_kernel_and_matches_the_reference(triton_selecte
     prefill = (q, ours, query_start, starts, tables, 0.25, 4, [(3, 0), (4, 5)])
     torch.testing.assert_close(chosen.paged_prefill_attention(*prefill), reference.paged_prefill_attention(*prefill))
 
+    logits = torch.randn(5, 8, generator=gen)
+    for got, expected in zip(chosen.topk_softmax(logits, 2), reference.topk_softmax(logits, 2), strict=True):
+        torch.testing.assert_close(got, expected)
+
     hidden, w13, w2 = torch.randn(5, 64, generator=gen), torch.randn(4, 64, 64), torch.randn(4, 64, 32)
     weights, experts = torch.rand(5, 2, generator=gen), torch.tensor([[0, 1], [2, 4], [1, 2], [4, 4], [3, 0]])
     torch.testing.assert_close(
@@ -119,6 +124,7 @@ def test_each_triton_op_runs_its_kernel_and_matches_the_reference(triton_selecte
         "rotary_write_kv",
         "paged_decode_attention",
         "paged_prefill_attention",
+        "topk_softmax",
         "fused_moe",
     ]
 

@@ -43,7 +43,14 @@ async def test_triton_kernels_serve_the_torch_paths_greedy_tokens(launch, interp
     assert await greedy_ids(by_triton.url) == expected
     # Which implementation each op runs is what each shard's start-up lines say (docs/configuration.md).
     log = by_triton.contract_log("the shards' documented start-up lines: event=ops, kernel_fallback, decode_graphs")
-    for op in ("rms_norm", "rotary_write_kv", "paged_decode_attention", "paged_prefill_attention", "fused_moe"):
+    for op in (
+        "rms_norm",
+        "rotary_write_kv",
+        "paged_decode_attention",
+        "paged_prefill_attention",
+        "topk_softmax",
+        "fused_moe",
+    ):
         assert log.count(f"{op}=triton") == int(num_shard), op
     assert "event=kernel_fallback" not in log
     if graphs == "eager":

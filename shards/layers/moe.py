@@ -38,13 +38,9 @@ from mixserve.shards.quant.linear import quantize_linear
 
 
 def route(hidden: torch.Tensor, gate: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixtral routing: softmax over experts in fp32, top-k, renormalised.
-
-    Returns weights [T, K] (fp32) and expert ids [T, K].
-    """
-    probs = F.softmax(F.linear(hidden, gate).float(), dim=-1)  # [T, E]
-    weights, experts = torch.topk(probs, top_k, dim=-1)  # [T, K]
-    return weights / weights.sum(dim=-1, keepdim=True), experts
+    """Mixtral routing: the router's logits, softmax over experts in fp32, top-k, renormalised (the
+    `topk_softmax` op). Returns weights [T, K] (fp32) and expert ids [T, K]."""
+    return ops.current().topk_softmax(F.linear(hidden, gate), top_k)
 
 
 def held_expert_ids(experts: torch.Tensor, first: int, count: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("auto", "native", "triton", "torch")
 MODE_HELP = (
-    "which implementation runs each op (attention, MoE experts, norms, rotary, LM head, greedy): "
+    "which implementation runs each op (attention, MoE routing and experts, norms, rotary, LM head, greedy): "
     "auto (the C kernels for fp32 and bf16 on CPU where a C compiler builds them, the Triton kernels on CUDA "
     "where shards.triton imports, else torch), native (the C kernels, or fail at start; fp32 or bf16 "
     "on CPU only), triton (the Triton kernels, or fail; on CPU under TRITON_INTERPRET=1, for tests), "
@@ -50,6 +50,7 @@ class Ops:
     rotary_write_kv: Callable
     paged_decode_attention: Callable
     paged_prefill_attention: Callable
+    topk_softmax: Callable
     fused_moe: Callable
     linear_rows: Callable
     decoder_layers: Callable

@@ -151,6 +151,14 @@ def paged_prefill_attention(
     return out
 
 
+def topk_softmax(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral's routing of router logits [T, E]: softmax over the experts in fp32, the top K,
+    renormalised. Returns weights [T, K] (fp32) and expert ids [T, K] (int64)."""
+    probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
+    weights, experts = torch.topk(probs, top_k, dim=-1)  # [T, K]
+    return weights / weights.sum(dim=-1, keepdim=True), experts
+
+
 def fused_moe(
     hidden: torch.Tensor,
     w13: torch.Tensor | Int8Weight,

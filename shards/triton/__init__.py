@@ -1,5 +1,5 @@
-"""Triton kernels for the CUDA path: paged attention (attention.py), fused MoE (moe.py), RMSNorm
-(norm.py), rotary + KV write (rotary.py), exported as shards.ops ops by ops.py (each falls back to
+"""Triton kernels for the CUDA path: paged attention (attention.py), MoE routing (routing.py), fused
+MoE (moe.py), RMSNorm (norm.py), rotary + KV write (rotary.py), exported as shards.ops ops by ops.py (each falls back to
 the torch reference for arguments its kernel does not take).
 
 The kernels run compiled on CUDA tensors and, through Triton's interpreter, on CPU tensors: CI
@@ -16,6 +16,7 @@ from mixserve.shards.triton.ops import (
     paged_prefill_attention,
     rms_norm,
     rotary_write_kv,
+    topk_softmax,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "paged_prefill_attention",
     "rms_norm",
     "rotary_write_kv",
+    "topk_softmax",
 ]

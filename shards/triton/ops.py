@@ -9,6 +9,8 @@ What a kernel does not take (the reference runs, logged once per op as event=ker
   contiguous within a token, pools not contiguous, in another dtype;
 - paged_decode_attention / paged_prefill_attention: a head dim not a power of two in [16, 128],
   heads not a multiple of the KV heads, index tensors not contiguous int32/int64;
+- topk_softmax: logits not [T, E] of fp32/fp16/bf16 with a contiguous last dimension, E past
+  routing.MAX_EXPERTS or below K;
 - fused_moe: weights not in the activations' dtype (fp32/fp16/bf16), routing weights not fp32,
   tensors not contiguous.
 A model in fp32/fp16/bf16 with Mixtral's or the demo's shapes meets none of these. On CPU tensors
@@ -25,7 +27,7 @@ import logging
 import torch
 
 from mixserve.shards.ops import reference
-from mixserve.shards.triton import attention, moe, norm, rotary
+from mixserve.shards.triton import attention, moe, norm, rotary, routing
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,14 @@ def paged_prefill_attention(
     return reference.paged_prefill_attention(
         q, cache, query_start, start_positions, block_tables, scale, sliding_window, chunks
     )
+
+
+def topk_softmax(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing weights [T, K] (fp32) and expert ids [T, K] of router logits [T, E], one kernel."""
+    if routing.usable(logits, top_k):
+        return routing.topk_softmax(logits, top_k)
+    _fallback("topk_softmax", f"logits {logits.dtype} {tuple(logits.shape)} on {logits.device}, top_k {top_k}")
+    return reference.topk_softmax(logits, top_k)
 
 
 def fused_moe(
