@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # `mixserve bench gpu` on a lent GPU machine, as one command from the repository root:
 #
-#     bash benchmarks/gpu_run.sh            (device tool: timeout_s 540, carry [".whl"] if made)
+#     bash benchmarks/gpu_run.sh            (device tool: timeout_s 570, carry [".whl"] if made)
 #
-# Results land in $OUT/gpu/ (gpu.json, gpu.md, gpu.png, server.log: at most 8 files come back) or,
-# without $OUT, in benchmarks/results/gpu-<UTC time>/. Copy them to benchmarks/results/gpu-<time>/
-# and commit them.
+# Results land in $OUT/gpu/ (gpu.json, gpu.md, gpu.png, run.log, server.log, agree-*.log and the
+# kernel profile's profile.md: 8 files, the most a run returns) or, without $OUT, in
+# benchmarks/results/gpu-<UTC time>/. Copy them to benchmarks/results/gpu-<time>/ and commit them.
 #
 # Nothing is installed from a registry there: the repository runs from its own tree (PYTHONPATH),
 # the router and the shards as `python -m mixserve.cli` children that inherit it. The kernel part
@@ -46,10 +46,16 @@ print("gpu_run: server imports " + (f"MISSING {server_missing}: the server part 
 EOF
 
 out=${OUT:+$OUT/gpu}
-# Under 8.5 minutes for the whole command, which leaves a rerun inside a 15-minute lease: --time-budget
-# leaves 70 s for a level in flight, the server's stop and the report; gpu.json is written once the
-# kernels are done, so a timeout in the server part keeps them.
-timeout 490 python3 -m mixserve.benchmarks.gpu --time-budget 420 ${out:+--out "$out"} 2>&1 | tee ${out:+"$out.log"}
+# Under 9.5 minutes for the whole command at worst (the first H200 runs took 2.5-3.5 minutes):
+# --time-budget leaves 60 s for a level in flight, the server's stop and the report; gpu.json is
+# written once the kernels are done, so a timeout in the server part keeps them.
+timeout 400 python3 -m mixserve.benchmarks.gpu --time-budget 340 ${out:+--out "$out"} 2>&1 | tee ${out:+"$out.log"}
 status=${PIPESTATUS[0]}
 [ -n "$out" ] && [ -f "$out.log" ] && mv "$out.log" "$out/run.log"
+# Then the decode layer kernel by kernel and the MoE's tiles (~50 s on an H200): profile.md beside gpu.md
+# (the eighth file a run returns); its JSON stays on the machine.
+profile=${out:-benchmarks/results/gpu-profile-$(date -u +%Y%m%dT%H%M%SZ)}
+timeout 130 python3 -m mixserve.benchmarks.gpu_profile /tmp/gpu-profile > /dev/null 2>&1 \
+    && mkdir -p "$profile" && cp /tmp/gpu-profile/profile.md "$profile/profile.md" \
+    || echo "gpu_run: the kernel profile did not finish (see python3 -m mixserve.benchmarks.gpu_profile)"
 exit "$status"

@@ -202,3 +202,26 @@ def test_agreement_scores_misses_by_the_reference_gap():
     # A miss passes when transformers in the served dtype misses as many positions on the same tokens.
     assert score(Reference(), [{"prompt": [7], "generated": [1, 0, 3]}], "cpu", 1e-2, baseline_misses=1)["agrees"]
     assert not score(Reference(), [{"prompt": [7], "generated": [1, 0, 3]}], "cpu", 1e-2, baseline_misses=0)["agrees"]
+
+
+@pytest.mark.slow
+def test_profile_dry_run_writes_each_kernel_and_tile(tmp_path):
+    """`gpu_profile --dry-run`: the GPU profile's code at tiny shapes on the CPU (Triton interpreted, the
+    CPU profiler): the layer's ops with their times, and the MoE timed with its default tile and another."""
+    done = subprocess.run(
+        [PYTHON, "-m", "mixserve.benchmarks.gpu_profile", "--dry-run", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "profile.json").read_text())
+    [case] = result["kernels"]
+    assert case["batch"] == 1 and case["graph_us"] > 0
+    assert any("linear" in row["kernel"] for row in case["rows"]) and all(row["us"] > 0 for row in case["rows"])
+    [size] = result["moe"]
+    assert size["tokens"] == 1 and size["experts_hit"] >= 1 and size["align_us"] > 0
+    assert [row["tile"].startswith("default") for row in size["rows"]] == [True, False]
+    assert all(row["us"] > 0 and "error" not in row for row in size["rows"])
+    assert "fused_moe, 1 tokens" in (tmp_path / "profile.md").read_text()
