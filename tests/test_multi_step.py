@@ -16,7 +16,8 @@ from mixserve.shards.sampling import SamplingParams
 from mixserve_pb import shard_pb2
 
 BLOCK = 16
-BLOCKS_PER_SEQ = 8
+# 512 positions a sequence: room for runs long enough that an interrupt sent mid-run lands in them.
+BLOCKS_PER_SEQ = 32
 PROMPTS = [[1, 523, 77, 1200, 9], [1, 88, 2900, 15, 16, 17, 18, 19, 20], [1, 4000]]
 SAMPLING = [
     SamplingParams(temperature=0.0),
@@ -183,7 +184,7 @@ def test_a_step_request_releases_finished_sequences_first(runner, demo_dir):
 @pytest.fixture(scope="module")
 def shard_pair(demo_dir, tmp_path_factory):
     procs, stubs = start_shards(demo_dir, tmp_path_factory.mktemp("uds"), 2)
-    everyone(stubs, "Warmup", shard_pb2.WarmupRequest(max_batch_tokens=32, max_batch_size=4, max_blocks=64))
+    everyone(stubs, "Warmup", shard_pb2.WarmupRequest(max_batch_tokens=32, max_batch_size=4, max_blocks=128))
     yield stubs
     for p in procs:
         p.kill()
@@ -258,13 +259,14 @@ def tokens(answers: list[shard_pb2.StepResponse]) -> list[list[int]]:
 @pytest.mark.slow
 def test_interrupting_one_rank_stops_both_at_the_same_step(shard_pair):
     stubs = shard_pair
-    full = tokens(read_all(stubs, start_run(stubs, run_id=1, num_steps=60)))
-    assert len(full) == 60
+    # 400 steps: on a fast machine 60 demo steps (~30 ms) once ended before the interrupt reached rank 1.
+    full = tokens(read_all(stubs, start_run(stubs, run_id=1, num_steps=400)))
+    assert len(full) == 400
 
     # Only rank 1 hears the interrupt; the ranks still agree on where to stop.
-    request = start_run(stubs, run_id=2, num_steps=60)
+    request = start_run(stubs, run_id=2, num_steps=400)
     cut = tokens(read_all(stubs, request, on_first=lambda: stubs[1].Interrupt(shard_pb2.InterruptRequest(run_id=2))))
-    assert 1 <= len(cut) < 60
+    assert 1 <= len(cut) < 400
     assert cut == full[: len(cut)], "an interrupted run still gives the same tokens"
 
 
