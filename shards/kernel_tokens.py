@@ -17,15 +17,21 @@ kernel leads to 128 tokens on both, and at 256 the demo's is level (21.0 / 22.9)
 So at warm-up every rank times one prefill step of each size on `LADDER` (up to the kernel's own cap
 and the router's largest step) both ways, and the kernel keeps the sizes up to the last one where
 torch is not clearly faster (`MARGIN`); the ranks agree on the smallest cap. Steps of more tokens
-run torch's decoder layers, and their MoE torch's GEMMs. Weights held as int8 or by bitsandbytes
-keep the caps their own paths chose (shards/ops/cpu.py), and so does every backend but the C kernels.
+run torch's decoder layers, and their MoE torch's GEMMs (int8 weights: the dequantize-then-GEMM path
+of shards/ops/cpu.py). int8 weights are measured too where that path has the bf16 dot product (a bf16
+model): on an Intel Xeon with AMX the int8 kernel's own cap (256) left a 129-token int8 prefill at
+305 ms in-process against 171 on the GEMM path (benchmarks/results/compare-cpu-dtypes-0.8b-amx). fp32
+int8 models, bitsandbytes weights and every backend but the C kernels keep the caps their own paths
+chose.
 """
 
 import logging
 import time
 from collections.abc import Callable
 
-from mixserve.shards import ops
+import torch
+
+from mixserve.shards import devices, ops
 from mixserve.shards.kernels import moe
 from mixserve.shards.kernels.checks import ELEMENT_I8
 from mixserve.shards.runner import ModelRunner, SequenceStep
@@ -91,8 +97,13 @@ def _allow(ops_tokens: int, moe_cap: int | None) -> None:
 
 
 def _kernel_runs(runner: ModelRunner) -> bool:
+    """Whether the decoder layer kernel runs this model and something else could run its steps: int8
+    weights only in bf16 where torch's GEMM has the bf16 dot product (their dequantize-then-GEMM path;
+    elsewhere the int8 kernels run every size)."""
     halves = runner.model.layers[0].kernel_halves()
-    return halves is not None and halves[1].weight_type != ELEMENT_I8 and runner.draft is None
+    if halves is None or runner.draft is not None:
+        return False
+    return halves[1].weight_type != ELEMENT_I8 or (runner.dtype is torch.bfloat16 and devices.cpu_has_bf16())
 
 
 def _time_both(runner: ModelRunner, tokens: int, kernel_cap: int) -> tuple[float, float]:

@@ -89,3 +89,32 @@ def test_a_step_past_the_cap_runs_torch_s_layers_and_picks_the_same_token(runner
     assert kernel_layers == runner.config.num_hidden_layers and layers == 0
     assert token == kernel_token and len(top) == 5
     torch.testing.assert_close(torch.tensor(top), torch.tensor(kernel_top), atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_models_measure_where_their_gemm_path_has_the_bf16_dot_product(demo_dir, dtype):
+    """An int8 model in bf16, on a CPU with the bf16 dot product, times its kernels against its
+    dequantize-then-GEMM path and follows the cap; in fp32 (the kernels run every size) it is not timed."""
+    from mixserve.shards import devices
+    from mixserve.shards.quant.config import QuantizationConfig
+
+    chosen = ops.select("auto", torch.device("cpu"), dtype)
+    try:
+        if chosen.backends["decoder_layers"] != "native":
+            pytest.skip("the decoder layer kernel does not build here")
+        parallel = ParallelConfig()
+        group = TensorParallelGroup(parallel)
+        model = load_model(demo_dir, parallel, group, dtype=dtype, quantization=QuantizationConfig("int8-wo"))
+        r = ModelRunner(model, parallel, group, torch.device("cpu"), dtype, BLOCK)
+        r.allocate_cache(32)
+        measured = measure_and_cap(r, 64)
+        if dtype is torch.bfloat16 and devices.cpu_has_bf16():
+            assert measured is not None
+            cap, timings = measured
+            assert [tokens for tokens, _, _ in timings] == list(LADDER[: len(timings)])
+            assert ops.current().decoder_layers_max_tokens == cap and moe.fits(cap) and not moe.fits(cap + 1)
+        else:
+            assert measured is None
+    finally:
+        moe.set_measured_cap(None)
+        ops.select("auto", torch.device("cpu"), torch.float32)
