@@ -21,6 +21,8 @@ Legend: T tokens, E experts, K experts per token.
 
 import torch
 
+from mixserve.shards.triton.attention import interpreted
+
 try:
     import triton
     import triton.language as tl
@@ -64,17 +66,13 @@ if triton is not None:
         tl.store(experts_ptr + out, es.to(tl.int64), mask=rank >= 0)
 
 
-def _interpreted() -> bool:
-    return type(_topk_softmax_kernel).__name__ == "InterpretedFunction"
-
-
 def usable(logits: torch.Tensor, top_k: int) -> bool:
     """Whether `topk_softmax` runs for these arguments (see the module docstring)."""
     if triton is None or logits.dim() != 2 or logits.dtype not in SUPPORTED_DTYPES or logits.stride(-1) != 1:
         return False
     if not 1 <= top_k <= logits.shape[1] <= MAX_EXPERTS:
         return False
-    return logits.device.type == "cuda" or _interpreted()
+    return logits.device.type == "cuda" or interpreted()
 
 
 def topk_softmax(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
