@@ -8,6 +8,7 @@
 - `compare`: mixserve (1 and 4 shards), the naive baseline and every installed peer, one after another.
 - `collectives`: the shards' all-reduce per call on this host (shared memory through C or torch, gloo).
 - `gpu`: one layer's kernels at Mixtral-8x7B's shapes (torch vs Triton vs CUDA graphs) and the server at TP 1.
+- `gpu-spec`: speculative decoding with a draft model on one GPU, target and draft trained there first.
 - `structured`: half JSON-schema-constrained requests against all free ones, and a cached schema's TTFT.
 - `soak`: minutes of mixed load (every API, cancelled streams, bad bodies), then a request, KV and RSS leak check.
 """
@@ -30,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "the shards' all-reduce per call on this host: shared memory or gloo",
     ),
     "gpu": ("mixserve.benchmarks.gpu", "Mixtral-8x7B's GPU path: layer kernels vs today's torch path, then the server"),
+    "gpu-spec": ("mixserve.benchmarks.gpu_spec", "speculative decoding with a draft model on one GPU, trained weights"),
     "structured": (
         "mixserve.benchmarks.structured",
         "half JSON-schema-constrained vs all-free load, cached-schema TTFT",

@@ -252,7 +252,7 @@ def speculation_counters(metrics_text: str) -> dict[str, float] | None:
     return values
 
 
-def _read_speculation(url: str) -> dict[str, float] | None:
+def read_speculation(url: str) -> dict[str, float] | None:
     try:
         with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
             return speculation_counters(response.read().decode(errors="replace"))
@@ -285,7 +285,7 @@ def _finish(result: dict, system: System, config: ServeConfig, startup_s: float)
     result["meta"].update(startup_s=round(startup_s, 1), description=system.description, server_cmd=system.cmd)
     if system.target == "auto":
         # Over the whole run, warm-up included.
-        result["meta"]["speculation"] = _read_speculation(config.url)
+        result["meta"]["speculation"] = read_speculation(config.url)
     return result
 
 

@@ -2,6 +2,7 @@
 # `mixserve bench gpu` on a lent GPU machine, as one command from the repository root:
 #
 #     bash benchmarks/gpu_run.sh            (device tool: timeout_s 570, carry [".whl"] if made)
+#     bash benchmarks/gpu_run.sh spec       (speculation on trained weights, benchmarks/gpu_spec.py: timeout_s 500)
 #
 # Results land in $OUT/gpu/ (gpu.json, gpu.md, gpu.png, run.log, server.log, agree-*.log and the
 # kernel profile's profile.md: 8 files, the most a run returns) or, without $OUT, in
@@ -44,6 +45,18 @@ server_missing = missing_modules()
 print("gpu_run: server imports " + (f"MISSING {server_missing}: the server part will be skipped"
                                     if server_missing else "present"))
 EOF
+
+if [ "${1:-gpu}" = spec ]; then
+    # `bash benchmarks/gpu_run.sh spec [SECONDS]`: speculative decoding with a draft model on trained
+    # weights (benchmarks/gpu_spec.py; training ~2.5 min, four servers 20-36 s each, arms past the
+    # budget skipped; default 420 s). Results in $OUT/spec/.
+    budget=${2:-420}
+    out=${OUT:+$OUT/spec}
+    [ -n "$out" ] && mkdir -p "$out"
+    timeout $((budget + 40)) python3 -m mixserve.benchmarks.gpu_spec --time-budget "$budget" ${out:+--out "$out"} \
+        2>&1 | tee ${out:+"$out/run.log"}
+    exit "${PIPESTATUS[0]}"
+fi
 
 out=${OUT:+$OUT/gpu}
 # Under 9.5 minutes for the whole command at worst (the first H200 runs took 2.5-3.5 minutes):

@@ -176,10 +176,17 @@ def run_server(
     concurrency: list[int],
     input_len: int,
     output_len: int,
+    *,
+    workload: str = "random",
+    num_prompts: int = 0,
+    name: str = "server",
 ) -> dict:
     """Start one shard's server on `model_args` (`--model DIR ...`), sweep the levels within budget_s
-    (start-up included), stop it; the levels' summaries."""
+    (start-up included), stop it; the levels' summaries, and the speculation counters where it speculates.
+
+    Each level sends max(num_prompts, level, 2) prompts of the `workload` kind; the log is `<name>.log`."""
     # The load generator's imports (aiohttp, tokenizers) load only here: the kernel part runs without them.
+    from mixserve.benchmarks.compare import read_speculation
     from mixserve.benchmarks.serve import ServeConfig, run_benchmark
     from mixserve.benchmarks.workload import WorkloadConfig
 
@@ -195,7 +202,7 @@ def run_server(
     started = time.monotonic()
     env = child_env()
     env.pop("TRITON_INTERPRET", None)  # the dry run's interpreter is for the kernel part, not the server's shards
-    server = ServerProcess("mixserve", cmd, out_dir / "server.log", env)
+    server = ServerProcess(name, cmd, out_dir / f"{name}.log", env)
     result: dict = {"status": "failed", "command": " ".join(["mixserve", *cmd[3:]]), "levels": []}
     url = f"http://127.0.0.1:{port}"
     try:
@@ -208,20 +215,21 @@ def run_server(
                 url=url,
                 model_dir=model_dir,
                 concurrency=[level],
-                num_prompts=max(level, 2),
+                num_prompts=max(num_prompts, level, 2),
                 warmup=1,
-                workload=WorkloadConfig(input_len, output_len, 0.0, 0),
+                workload=WorkloadConfig(input_len, output_len, 0.0, 0, workload),
                 timeout_s=max(30.0, budget_s - (time.monotonic() - started)),
                 progress=False,
             )
-            levels = asyncio.run(run_benchmark(config, "mixserve-tp1"))["levels"]
+            levels = asyncio.run(run_benchmark(config, name))["levels"]
             summary = levels[0]["summary"]
             result["levels"].append({"concurrency": level, **summary, "decode_ms": decode_ms(summary)})
+        result["speculation"] = read_speculation(url)
         result["status"] = "ran"
     except (RuntimeError, TimeoutError, OSError) as error:
         result["error"] = str(error).splitlines()[0]
         log.warning("event=server_failed error=%s", result["error"])
     finally:
         server.stop()
-    result["log"] = "server.log"
+    result["log"] = f"{name}.log"
     return result

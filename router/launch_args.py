@@ -107,7 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-graph-batch",
         type=_non_negative_int,
         default=0,
-        help="largest decode batch with a CUDA graph; larger decode steps run uncaptured (0: --max-batch-size)",
+        help="most tokens a step replayed from a CUDA graph has (decodes, speculative verifications); larger steps run "
+        "uncaptured (0: --max-batch-size, at least 32)",
     )
     parser.add_argument(
         "--load-format",

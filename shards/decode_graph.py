@@ -1,11 +1,19 @@
-"""Decode steps through static buffers, replayed as CUDA graphs: one graph per batch-size bucket.
+"""Decode steps through static buffers, replayed as CUDA graphs: one graph per bucket of rows.
 
 A decode step (one token per sequence) is padded up to the smallest bucket (1, 2, 4, ... up to the
-largest batch the warm-up allows) that holds it, its token ids, positions, slots, block tables and
+largest the warm-up allows) that holds it, its token ids, positions, slots, block tables and
 context lengths are written into pinned host buffers and copied (non-blocking) into device buffers
 that never move, and the graph captured for that bucket at warm-up is replayed: every kernel of the
 model forward, the NCCL all-reduces included, in one launch, with no host sync inside. Sampling
 runs after it, eagerly, on the logits rows of the real sequences.
+
+A row is one token: a step whose sequences have a few tokens each (a speculative verification: the last
+token and its proposals; a draft model's catch-up) takes the same path, each token a row of its own
+with its position, its slot, its sequence's block table and a context that ends at it. A layer writes
+every row's K/V before any row attends, so a token sees the step's earlier tokens of its sequence and
+not the later ones: the causal attention of a chunk. Each step keeps the rows of its last token and of
+its proposals, as the plain forward returns them. The buckets reach VERIFY_ROWS at least, so a
+verification step of the router's widest is graphed whatever the largest batch.
 
 Padding rows decode token 0 at position 0, write their K/V to a scratch block the shard reserves
 after the router's blocks (never in a step's table), and attend to that one slot (context 1).
@@ -31,6 +39,9 @@ from mixserve.shards.model import MixtralForCausalLM
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "off", "eager")
+# The most positions a speculating step verifies (the router's speculation.VERIFY_ROWS): the rows the
+# largest bucket holds at least.
+VERIFY_ROWS = 32
 
 
 class DecodeToken(Protocol):
@@ -40,6 +51,7 @@ class DecodeToken(Protocol):
     start_position: int
     slot_mapping: list[int]
     block_table: list[int]
+    num_proposed: int
 
 
 def buckets(max_batch: int) -> list[int]:
@@ -116,18 +128,19 @@ class DecodeGraphRunner:
         log.info("event=decode_graphs captured=%s buckets=%s table_width=%d", capture, self.buckets, self.width)
 
     def fits(self, steps: Sequence[DecodeToken]) -> bool:
-        """Whether `steps` is a decode step this runner takes: one token each, few enough sequences,
+        """Whether `steps` is a step this runner takes: few enough tokens in all for the largest bucket,
         every context within the table width."""
         reach = self.width * self.block_size
-        return len(steps) <= self.buckets[-1] and all(len(s.token_ids) == 1 and s.start_position < reach for s in steps)
+        rows = sum(len(s.token_ids) for s in steps)
+        return rows <= self.buckets[-1] and all(s.start_position + len(s.token_ids) <= reach for s in steps)
 
     @torch.inference_mode()
     def forward(self, steps: Sequence[DecodeToken], gather_logits: bool = True) -> torch.Tensor:
-        """Logits [B, V] of the step's tokens (with `gather_logits=False`, this rank's slice [B, P]);
-        a view of the bucket's output, valid until the next step."""
-        count = len(steps)
+        """Logits [L, V] of each step's last token and its proposals, in order (with `gather_logits=False`,
+        this rank's slice [L, P]); a view of the bucket's output where every row is kept (decode steps),
+        valid until the next step."""
+        count = self._write_steps(steps)
         bucket = next(b for b in self.buckets if b >= count)
-        self._write_steps(steps)
         self._write_padding(count, bucket)
         self._copy_in(bucket)
         graph = self.graphs.get(bucket)
@@ -137,20 +150,32 @@ class DecodeGraphRunner:
             with torch.cuda.device(self.logits_rows.device):  # a gRPC thread may have another GPU current
                 graph.replay()
             local = self.outputs[bucket]
-        logits = local[:count]
+        kept = _kept_rows(steps)
+        logits = local[:count] if kept is None else local[kept]
         return self.model.lm_head.gather(logits) if gather_logits else logits
 
-    def _write_steps(self, steps: Sequence[DecodeToken]) -> None:
+    def _write_steps(self, steps: Sequence[DecodeToken]) -> int:
+        """Every token of `steps` as a row of the host buffers; how many rows."""
         token_ids, positions, slots, tables, context_lens = self.views
-        count, size = len(steps), self.block_size
-        token_ids[:count] = [s.token_ids[0] for s in steps]
-        positions[:count] = [s.start_position for s in steps]
-        slots[:count] = [s.slot_mapping[0] for s in steps]
-        context_lens[:count] = [s.start_position + 1 for s in steps]
-        for row, s in enumerate(steps):
-            used = s.start_position // size + 1
-            tables[row, :used] = s.block_table[:used]
-            tables[row, used:] = self.scratch_block
+        ids: list[int] = []
+        places: list[int] = []
+        slot_ids: list[int] = []
+        for s in steps:
+            count = len(s.token_ids)
+            ids += s.token_ids
+            places += range(s.start_position, s.start_position + count)
+            slot_ids += s.slot_mapping[:count]
+        rows = len(ids)
+        token_ids[:rows], positions[:rows], slots[:rows] = ids, places, slot_ids
+        context_lens[:rows] = [p + 1 for p in places]
+        row, size = 0, self.block_size
+        for s in steps:
+            for position in range(s.start_position, s.start_position + len(s.token_ids)):
+                used = position // size + 1
+                tables[row, :used] = s.block_table[:used]
+                tables[row, used:] = self.scratch_block
+                row += 1
+        return rows
 
     def _write_padding(self, start: int, end: int) -> None:
         token_ids, positions, slots, tables, context_lens = self.views
@@ -194,3 +219,15 @@ class DecodeGraphRunner:
                     self.outputs[bucket] = self.run(bucket)
                 self.graphs[bucket] = graph
             torch.cuda.synchronize(device)
+
+
+def _kept_rows(steps: Sequence[DecodeToken]) -> list[int] | None:
+    """The rows of each step's last token and its proposals, or None where that is every row."""
+    if all(len(s.token_ids) == 1 + s.num_proposed for s in steps):
+        return None
+    kept, start = [], 0
+    for s in steps:
+        end = start + len(s.token_ids)
+        kept.extend(range(end - 1 - s.num_proposed, end))
+        start = end
+    return kept

@@ -159,15 +159,18 @@ class ModelRunner:
 
     def prepare_decode_graphs(self, max_batch_size: int) -> None:
         """With decode graphs wanted, build their runner over the cache just allocated (which must hold
-        a reserved scratch block) and, on CUDA, capture them: batches up to `max_graph_batch`, or
-        `max_batch_size` where that is 0 or smaller. The draft model, with one, gets its own."""
+        a reserved scratch block) and, on CUDA, capture them: steps of up to max(max_batch_size,
+        VERIFY_ROWS) tokens, at most `max_graph_batch` where that is set. The draft model, with one, gets
+        its own."""
         if self.draft is not None:
             self.draft.prepare_decode_graphs(max_batch_size)
         if not self.graphs_wanted:
             return
-        graph_batch = min(self.max_graph_batch or max_batch_size, max_batch_size)
+        # Rows, not sequences: a verification step has several a sequence (decode_graph.VERIFY_ROWS).
+        graph_rows = max(max_batch_size, decode_graph.VERIFY_ROWS)
+        graph_rows = min(self.max_graph_batch or graph_rows, graph_rows)
         self.decode_graphs = decode_graph.DecodeGraphRunner(
-            self.model, self.kv_cache, graph_batch, self.capture_graphs and self.device.type == "cuda"
+            self.model, self.kv_cache, graph_rows, self.capture_graphs and self.device.type == "cuda"
         )
 
     # -- steps ---------------------------------------------------------------------------------

@@ -337,7 +337,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-graph-batch",
         type=_non_negative_int,
         default=0,
-        help="largest decode batch with a CUDA graph (0: the warm-up's max batch size)",
+        help="most tokens a step replayed from a CUDA graph has (0: the warm-up's max batch size, at least 32)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (one per shard is fastest)")
     parser.add_argument("--master-addr", help="rendezvous address (default: $MASTER_ADDR or 127.0.0.1)")

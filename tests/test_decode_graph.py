@@ -42,10 +42,10 @@ def kernels(request):
     ops.select("auto", CPU, torch.float32)
 
 
-def warm_runner(model, mode: str, max_batch: int = 8) -> ModelRunner:
+def warm_runner(model, mode: str, max_batch: int = 8, max_graph_rows: int = 0) -> ModelRunner:
     parallel = ParallelConfig()
     runner = ModelRunner(
-        model, parallel, TensorParallelGroup(parallel), torch.device("cpu"), torch.float32, BLOCK, mode
+        model, parallel, TensorParallelGroup(parallel), CPU, torch.float32, BLOCK, mode, max_graph_rows
     )
     assert size_kv_cache(runner, StepLimits(32, max_batch, 128), 0, BLOCKS, 1 << 30).num_blocks == BLOCKS
     return runner
@@ -81,7 +81,9 @@ def test_buckets_are_powers_of_two_up_to_the_largest_batch():
 def test_warmup_reserves_a_scratch_block_the_router_cannot_address(model):
     runner = warm_runner(model, "eager")
     assert runner.kv_cache.num_blocks == BLOCKS and runner.kv_cache.keys.shape[1] == BLOCKS + 1
-    assert runner.decode_graphs.scratch_block == BLOCKS and runner.decode_graphs.buckets == [1, 2, 4, 8]
+    # Rows up to the widest verification (decode_graph.VERIFY_ROWS) though the batch is 8.
+    assert runner.decode_graphs.scratch_block == BLOCKS and runner.decode_graphs.buckets == [1, 2, 4, 8, 16, 32]
+    assert warm_runner(model, "eager", max_graph_rows=8).decode_graphs.buckets == [1, 2, 4, 8]
     assert warm_runner(model, "off").kv_cache.keys.shape[1] == BLOCKS
 
 
@@ -117,11 +119,31 @@ def test_multi_step_decode_through_the_static_path_gives_the_plain_tokens_and_st
 
 
 def test_steps_the_static_path_does_not_take_run_the_plain_forward(model):
-    runner = warm_runner(model, "eager", max_batch=2)
+    runner = warm_runner(model, "eager", max_graph_rows=2)
     decodes = decode_after_prefill(runner)
     assert not runner.decode_graphs.fits(decodes)  # 3 sequences, largest bucket 2
-    assert not runner.decode_graphs.fits([step(0, [5, 6], 5)])  # a prefill chunk
+    assert runner.decode_graphs.fits([step(0, [5, 6], 5)])  # a 2-token chunk: two rows
+    assert not runner.decode_graphs.fits([step(0, [5, 6, 7], 5)])
     assert len(runner.step(decodes)) == 3
+
+
+def test_verification_and_short_chunks_take_the_static_path_with_the_plain_logits(model, kernels):
+    """Several tokens a sequence as rows of their own: a verification (last token and proposals, every row
+    kept), a 3-token chunk (its last row kept) and a decode, against the plain forward, K/V included."""
+    plain, static = warm_runner(model, "off"), warm_runner(model, "eager")
+    decodes = decode_after_prefill(plain)
+    assert decode_after_prefill(static) == decodes
+    verify = step(0, [decodes[0].token_ids[0], 300, 301], decodes[0].start_position)
+    verify.num_proposed = 2
+    chunk = step(1, [decodes[1].token_ids[0], 40, 41], decodes[1].start_position)
+    mixed = [verify, chunk, decodes[2]]
+    assert static.decode_graphs.fits(mixed)  # 7 rows in bucket 8
+    expected = plain.forward(mixed)
+    got = static.forward(mixed)
+    assert got.shape[0] == 3 + 1 + 1
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(static.kv_cache.keys[:, :BLOCKS], plain.kv_cache.keys[:, :BLOCKS])
+    torch.testing.assert_close(static.kv_cache.values[:, :BLOCKS], plain.kv_cache.values[:, :BLOCKS])
 
 
 class _RefuseHostSync(TorchDispatchMode):

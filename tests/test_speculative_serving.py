@@ -1,6 +1,7 @@
 """Speculative decoding through real servers: outputs equal those without speculation (greedy and
 seeded sampling; k = 3 on 1 shard with multi-step decode on, k = 5 on 2 tensor-parallel shards that also
-look up finished requests' tokens, k = 1 on 2 expert-parallel shards with multi-step off), stops and
+look up finished requests' tokens and verify through the decode graphs' static buffers (`--cuda-graphs
+eager`: each token a row), k = 1 on 2 expert-parallel shards with multi-step off), stops and
 max_new_tokens inside accepted runs, prefix cache hits and cancellation mid-run; KV blocks all back at the
 end, and the counters show proposals both accepted and rejected; a request repeating an earlier one has
 its proposals from that one's tokens where the finished requests' tokens are looked up."""
@@ -27,7 +28,8 @@ SEEDED = {"temperature": 0.8, "top_p": 0.95, "seed": 11, "do_sample": True}
 @pytest.fixture(scope="module")
 def servers(demo_dir, tmp_path_factory):
     """No speculation (1 shard), --speculate 3 (1 shard, multi-step decode on: speculating runs),
-    --speculate 5 with --speculate-history-tokens (2 shards, tensor parallel, speculating runs), --speculate 1
+    --speculate 5 with --speculate-history-tokens (2 shards, tensor parallel, speculating runs, verifications
+    through the decode graphs' static buffers), --speculate 1
     (2 shards, expert parallel, multi-step off: single verification steps): started side by side."""
     flags = ["--model", str(demo_dir), "--max-kv-blocks", "256", "--block-size", "4"]
     flags += ["--max-batch-prefill-tokens", "64"]
@@ -43,6 +45,8 @@ def servers(demo_dir, tmp_path_factory):
             "4",
             "--speculate-history-tokens",
             "2048",
+            "--cuda-graphs",
+            "eager",
         ],
         "k1_ep2": ["--num-shard", "2", "--moe-parallel", "ep", "--speculate", "1", "--max-decode-steps", "1"],
     }

@@ -39,6 +39,8 @@ from mixserve.shards.demo.tokenizer import BOS_TOKEN, CORPUS_PATH, EOS_TOKEN, SP
 if TYPE_CHECKING:
     import torch
 
+    from mixserve.shards.demo.train import Training
+
 logger = logging.getLogger(__name__)
 
 # Bump when the files written for a given DemoConfig change, so cached checkpoints are rebuilt.
@@ -213,11 +215,11 @@ def _write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def write_demo_checkpoint(out_dir: Path, config: DemoConfig | None = None) -> Path:
+def write_demo_checkpoint(out_dir: Path, config: DemoConfig | None = None, training: "Training | None" = None) -> Path:
     """Write the demo checkpoint for `config` into `out_dir` (created if needed) and return `out_dir`.
 
     The bytes depend only on `config` (and the shipped corpus), never on the run; a trained one's
-    also on the machine's float kernels.
+    also on the machine's float kernels, and on `training` where it is not the CPU default.
     """
     config = config or DemoConfig()
     out_dir = Path(out_dir)
@@ -228,7 +230,7 @@ def write_demo_checkpoint(out_dir: Path, config: DemoConfig | None = None) -> Pa
 
         with tempfile.TemporaryDirectory(prefix="mixserve-untrained-") as tmp:
             _write_checkpoint(Path(tmp), config, tensors)
-            trained = train_checkpoint(Path(tmp), config.train_steps, config.seed)
+            trained = train_checkpoint(Path(tmp), config.train_steps, config.seed, training)
         if trained.keys() != tensors.keys():
             raise RuntimeError(f"training changed the tensor names: {sorted(trained.keys() ^ tensors.keys())[:5]}")
         tensors = {name: trained[name] for name in tensors}
