@@ -29,6 +29,12 @@ DECODE_CASES = [f"decode b{b} c{c}" for b in (1, 3) for c in (5, 17)]
 PREFILL_CASES = ["prefill 2 x 8", "chunk 8 at 24"]
 
 
+def dry_run(*args: str) -> None:
+    """`python -m ARGS...` in a child process, which must succeed within 5 minutes."""
+    done = subprocess.run([PYTHON, "-m", *args], capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def _finite(value) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
@@ -36,14 +42,7 @@ def _finite(value) -> bool:
 @pytest.mark.slow
 def test_dry_run_writes_every_case_with_agreeing_paths_and_serves(tmp_path):
     out = tmp_path / "gpu"
-    done = subprocess.run(
-        [PYTHON, "-m", "mixserve.cli", "bench", "gpu", "--dry-run", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    dry_run("mixserve.cli", "bench", "gpu", "--dry-run", "--out", str(out))
     result = json.loads((out / "gpu.json").read_text())
     markdown = (out / "gpu.md").read_text()
     assert result["dry_run"] and result["dtype"] == "float32"
@@ -208,14 +207,7 @@ def test_agreement_scores_misses_by_the_reference_gap():
 def test_profile_dry_run_writes_each_kernel_and_tile(tmp_path):
     """`gpu_profile --dry-run`: the GPU profile's code at tiny shapes on the CPU (Triton interpreted, the
     CPU profiler): the layer's ops with their times, and the MoE timed with its default tile and another."""
-    done = subprocess.run(
-        [PYTHON, "-m", "mixserve.benchmarks.gpu_profile", "--dry-run", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    dry_run("mixserve.benchmarks.gpu_profile", "--dry-run", str(tmp_path))
     result = json.loads((tmp_path / "profile.json").read_text())
     [case] = result["kernels"]
     assert case["batch"] == 1 and case["graph_us"] > 0
@@ -225,3 +217,27 @@ def test_profile_dry_run_writes_each_kernel_and_tile(tmp_path):
     assert [row["tile"].startswith("default") for row in size["rows"]] == [True, False]
     assert all(row["us"] > 0 and "error" not in row for row in size["rows"])
     assert "fused_moe, 1 tokens" in (tmp_path / "profile.md").read_text()
+
+
+@pytest.mark.slow
+def test_spec_dry_run_trains_both_models_and_serves_every_arm(tmp_path):
+    """`bench gpu-spec --dry-run`: a tiny target and draft trained on the CPU, then every arm's server on
+    the corpus workload with the speculation counters read back (the draft always proposes its first token)."""
+    from mixserve.benchmarks.gpu_spec import ARMS
+
+    dry_run("mixserve.cli", "bench", "gpu-spec", "--dry-run", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "spec.json").read_text())
+    assert result["dry_run"] and sorted(result["models"]) == ["draft", "target"]
+    assert all(info["seconds"] > 0 for info in result["models"].values())
+    arms = {arm["arm"]: arm for arm in result["arms"]}
+    assert list(arms) == [name for name, _ in ARMS]
+    for name, arm in arms.items():
+        assert arm["status"] == "ran", arm
+        [level] = arm["levels"]
+        assert level["ok"] == level["requests"] == 2 and level["errors"] == 0 and level["output_throughput"] > 0
+        assert (tmp_path / f"{name}.log").is_file()
+        assert arm["speculation"] is not None
+    assert arms["plain"]["speculation"]["proposed"] == 0
+    assert arms["draft-k3"]["speculation"]["proposed"] > 0 and arms["draft-k5"]["speculation"]["proposed"] > 0
+    markdown = (tmp_path / "spec.md").read_text()
+    assert all(f"| {name} | ran |" in markdown for name in arms)

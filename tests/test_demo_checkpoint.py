@@ -332,3 +332,18 @@ def test_a_trained_checkpoint_keeps_the_layout_and_learns(tmp_path, tiny_dir):
     assert "lm_head.weight" in changed and any(".experts." in n for n in changed)
     with pytest.raises(ValueError, match="train_steps"):
         DemoConfig(train_steps=-1)
+
+
+def test_a_time_budget_shortens_training_after_timing_its_first_steps(tmp_path, caplog):
+    """`Training(time_budget_s=...)`: after step 1 + TIMED_STEPS the run takes the steps that fit the budget
+    (none left: one more), the schedule with them; without a budget every step runs."""
+    from mixserve.shards.demo import train
+
+    caplog.set_level("INFO", logger="mixserve.shards.demo.train")
+    config = dataclasses.replace(TINY, train_steps=40)
+    write_demo_checkpoint(tmp_path / "cut", config, train.Training(peak_learning_rate=1e-3, time_budget_s=0.0))
+    last = 2 + train.TIMED_STEPS
+    assert f"demo training shortened steps={last} of=40" in caplog.text
+    assert f"demo training step={last}/{last} " in caplog.text
+    assert train._steps_within(40, 6, 1.0, 0.1) == 16 and train._steps_within(10, 6, 5.0, 0.1) == 10
+    assert train._steps_within(40, 6, -3.0, 0.1) == 7 and train._steps_within(40, 6, 1.0, 0.0) == 40
