@@ -39,9 +39,7 @@ class SharedMemoryGroup:
             self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
             self._shm.buf[:_HEADER_BYTES] = bytes(_HEADER_BYTES)
         else:
-            self._shm = shared_memory.SharedMemory(name=name)
-            # The creator owns the segment; keep Python's tracker from unlinking it when this rank exits.
-            resource_tracker.unregister(self._shm._name, "shared_memory")
+            self._shm = _attach(name)
         self._owner = create
         raw = torch.frombuffer(self._shm.buf, dtype=torch.uint8)
         self._seq = raw[: 8 * world_size].view(torch.int64)  # [N] calls published per rank
@@ -127,3 +125,22 @@ class SharedMemoryGroup:
         if self._owner:
             self._shm.unlink()
             self._owner = False
+
+
+def _attach(name: str) -> shared_memory.SharedMemory:
+    """Another rank's segment, not registered with this process's resource tracker: the creator owns it.
+
+    Python before 3.13 registers every attach, and unregistering afterwards is wrong where the ranks were
+    spawned from one parent: they share its tracker, so that would drop the creator's registration too (its
+    unlink then makes the tracker print a KeyError, and a crashed creator's segment would not be removed).
+    """
+    try:
+        return shared_memory.SharedMemory(name=name, track=False)  # Python 3.13 and later
+    except TypeError:
+        pass
+    register = resource_tracker.register
+    resource_tracker.register = lambda *args, **kwargs: None
+    try:
+        return shared_memory.SharedMemory(name=name)
+    finally:
+        resource_tracker.register = register

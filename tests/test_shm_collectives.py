@@ -2,13 +2,14 @@
 (shm_exchange.c) and through torch ops: every rank gets the same bits, the sum of the ranks' parts
 in rank order, and both paths agree bit for bit."""
 
+import subprocess
 import uuid
 
 import pytest
 import torch
 from shm_collectives_worker import SHAPES, part
 
-from conftest import PYTHON, REPO, run_ranks
+from conftest import PYTHON, REPO, run_ranks, subprocess_env
 from mixserve.shards.kernels import native
 from mixserve.shards.shm_collectives import SharedMemoryGroup
 
@@ -64,3 +65,39 @@ def test_a_rank_that_never_arrives_times_out(kernels):
             group.unlink()
     finally:
         native.select("auto")
+
+
+# Ranks spawned from one parent share its resource tracker: rank 1's attach must not unregister the
+# segment rank 0 created, or rank 0's unlink makes the tracker print a KeyError traceback.
+SPAWNED_RANKS = """
+import multiprocessing, sys, uuid
+from mixserve.shards.shm_collectives import SharedMemoryGroup
+
+def rank(index, name, attached):
+    group = SharedMemoryGroup(name, index, 2, 4096, create=index == 0)
+    if index == 1:
+        attached.set()
+    else:
+        attached.wait(60)
+        group.unlink()
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("spawn")
+    attached = context.Event()
+    name = "mixserve-test-" + uuid.uuid4().hex[:12]
+    ranks = [context.Process(target=rank, args=(i, name, attached)) for i in range(2)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(60)
+    sys.exit(max(process.exitcode for process in ranks))
+"""
+
+
+@pytest.mark.slow
+def test_ranks_spawned_from_one_parent_leave_the_tracker_consistent(tmp_path):
+    script = tmp_path / "spawned_ranks.py"
+    script.write_text(SPAWNED_RANKS)
+    done = subprocess.run([PYTHON, str(script)], capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "KeyError" not in done.stderr and "leaked" not in done.stderr, done.stderr[-2000:]
