@@ -26,6 +26,17 @@ CPU = torch.device("cpu")
 INT8_WO = QuantizationConfig("int8-wo")
 
 
+def int8_kernel_reads(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x as the loaded build's kernels meet a bf16 model's int8 codes of `in_features` inputs: each row
+    quantized to 15 bits with a step of max |x| / 16383 (rows_times_codes_dpwssd.h) where the build has VNNI's
+    int16 dot product and K is a multiple of 32, else as bf16 weights meet it."""
+    if not (native.load("moe").moe_int8_int16_dot_products() and in_features % 32 == 0 and in_features <= 16384):
+        return as_kernel_reads(x, in_features)
+    largest = x.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(largest > 0, (16383.0 / largest.double()).float(), torch.zeros_like(largest))
+    return (torch.round(x * inverse).double() * (largest.double() / 16383)).float()
+
+
 @pytest.fixture(autouse=True)
 def kernels(native):  # noqa: F811 - the conftest fixture that chooses the C kernels
     torch.manual_seed(0)
@@ -89,7 +100,7 @@ def test_a_bf16_models_int8_weights_meet_bf16_activations(rows, out_features, in
         got = linear.linear_rows(x, weight)
     finally:
         native.set_int8_bf16_activations(False)
-    expected = F.linear(as_kernel_reads(x, in_features), weight.dequantize())
+    expected = F.linear(int8_kernel_reads(x, in_features), weight.dequantize())
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     fp32_model = linear.linear_rows(x, weight)
     torch.testing.assert_close(fp32_model, F.linear(x, weight.dequantize()), rtol=1e-4, atol=1e-4)
@@ -98,7 +109,7 @@ def test_a_bf16_models_int8_weights_meet_bf16_activations(rows, out_features, in
 def test_selecting_a_models_ops_says_whether_its_int8_weights_meet_bf16_activations():
     x = torch.randn(5, 128)
     weight = Int8Weight.quantize(torch.randn(40, 128))
-    for dtype, reads in ((torch.bfloat16, as_kernel_reads(x, 128)), (torch.float32, x)):
+    for dtype, reads in ((torch.bfloat16, int8_kernel_reads(x, 128)), (torch.float32, x)):
         ops.select("native", CPU, dtype)
         expected = F.linear(reads, weight.dequantize())
         torch.testing.assert_close(linear.linear_rows(x, weight), expected, rtol=1e-5, atol=1e-5, msg=str(dtype))

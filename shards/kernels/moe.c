@@ -37,6 +37,10 @@ int moe_vector_floats(void) {
    are widened to fp32 against fp32 activations. */
 int moe_bf16_dot_products(void) { return bf16_dot_products(); }
 
+/* 1 where a bf16 model's int8 codes meet activations quantized to 15 bits in VNNI's int16 dot product
+   (rows_times_codes_dpwssd.h), 0 where they meet them rounded to bf16 (or widened to fp32). */
+int moe_int8_int16_dot_products(void) { return int8_int16_dot_products(); }
+
 int moe_experts(const float *hidden, const float *routing_weights, const int64_t *expert_ids, const void *w13,
                 const void *w2, int weight_type, const float *w13_scale, const float *w2_scale, float *out,
                 float *scratch, int64_t T, int64_t H, int64_t K, int64_t E, int64_t I) {

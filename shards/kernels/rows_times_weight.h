@@ -212,19 +212,36 @@ static int rows_times_codes_dpbf16(const uint16_t *xb, int64_t R, const int8_t *
 #undef LOAD_BH
 #endif
 
-/* Whether int8 codes meet x rounded to bf16 in bf16's dot product (rows_times_codes_dpbf16) where the build
-   has it: on for a bf16 model, whose activations are bf16 (kernel_set_int8_bf16_activations); off, x stays
-   fp32 against codes widened to fp32. */
+#if defined(HAVE_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define HAVE_AVX512_VNNI 1
+#include "rows_times_codes_dpwssd.h"
+#endif
+
+/* Whether int8 codes meet x at a bf16 model's precision: quantized to 15 bits in VNNI's int16 dot product
+   (rows_times_codes_dpwssd) where the build has it, else rounded to bf16 in bf16's dot product
+   (rows_times_codes_dpbf16). On for a bf16 model (kernel_set_int8_bf16_activations); off, x stays fp32
+   against codes widened to fp32. */
 static int rtw_int8_bf16_activations = 0;
 
-/* Let int8 weights meet x rounded to bf16 (1) or not (0); returns whether they will (0 without AVX512_BF16). */
+/* Let int8 weights meet x at a bf16 model's precision (1) or not (0); returns whether they will (0 without
+   AVX512_BF16 and AVX512_VNNI). */
 int kernel_set_int8_bf16_activations(int on) {
-#ifdef HAVE_AVX512_BF16
+#if defined(HAVE_AVX512_BF16) || defined(HAVE_AVX512_VNNI)
     rtw_int8_bf16_activations = on != 0;
 #else
     (void)on;
 #endif
     return rtw_int8_bf16_activations;
+}
+
+/* Whether a bf16 model's int8 codes meet x quantized to 15 bits in VNNI's int16 dot product in this build (K
+   a multiple of 32, at most RTW_DPWSSD_MAX_K): 1, or 0. */
+static inline int int8_int16_dot_products(void) {
+#ifdef HAVE_AVX512_VNNI
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 /* Whether bf16 weights meet x rounded to bf16 (vdpbf16ps, K a multiple of 32) in this build: 1, or 0
@@ -245,6 +262,11 @@ static inline int bf16_dot_products(void) {
 static void rows_times_weight(const float *x, int64_t R, int64_t ldx, const void *W, int weight_type,
                               const float *scale, int64_t N, int64_t K, float *y, int64_t ldy) {
     int64_t n0 = 0;
+#ifdef HAVE_AVX512_VNNI
+    if (weight_type == ELEMENT_I8 && rtw_int8_bf16_activations && K % 32 == 0 && K <= RTW_DPWSSD_MAX_K && R > 0 &&
+        rows_times_codes_dpwssd(x, R, ldx, W, scale, N, K, y, ldy) == 0)
+        return;
+#endif
 #ifdef HAVE_AVX512_BF16
     const int codes_in_bf16 = weight_type == ELEMENT_I8 && rtw_int8_bf16_activations;
     if ((weight_type == ELEMENT_BF16 || codes_in_bf16) && K % 32 == 0 && R > 0) {
