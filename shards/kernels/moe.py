@@ -45,6 +45,13 @@ def bf16_dot_products() -> bool:
     return dot is not None and bool(dot())
 
 
+def int8_int16_dot_products() -> bool:
+    """Whether this build's matmuls meet a bf16 model's int8 codes with their inputs quantized to 15 bits in
+    VNNI's int16 dot product (AVX512_VNNI, K a multiple of 32 up to 16384; rows_times_codes_dpwssd.h)."""
+    dot = native.function("moe", "moe_int8_int16_dot_products", [])
+    return dot is not None and bool(dot())
+
+
 # A lower cap this process measured for its model (shards/kernel_tokens.py), or None.
 _measured_cap: list[int | None] = [None]
 

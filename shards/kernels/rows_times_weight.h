@@ -16,7 +16,9 @@
    with AVX512_BF16 and K a multiple of 32, int8 codes become bf16 instead (exact too) and meet x rounded
    to bf16 in the dot product, as bf16 weights do (rows_times_codes_dpbf16): from 3 rows the codes are
    made bf16 once per block rather than once per pair of rows (at 32 rows of a 3584 x 1024 weight, half
-   the time of widening to fp32). */
+   the time of widening to fp32). With AVX512_VNNI a bf16 model's codes meet x quantized to 15 bits in
+   the int16 dot product instead (rows_times_codes_dpwssd.h: one sign extension per 32 codes; on the AMX
+   Xeon, whose memory is slower than the EPYC's, the five conversions to bf16 bounded a batch-1 step). */
 
 #ifndef MIXSERVE_ROWS_TIMES_WEIGHT_H
 #define MIXSERVE_ROWS_TIMES_WEIGHT_H

@@ -101,13 +101,15 @@ def select(mode: str, device: torch.device, dtype: torch.dtype) -> Ops:
     ops = Ops(**chosen, backends=backends, decoder_layers_max_tokens=max_tokens)
     _current[:] = [ops]
     report = kernels_report(ops, dtype)
+    int16_codes = "native" in backends.values() and dtype is torch.bfloat16 and moe.int8_int16_dot_products()
     log.info(
-        "event=ops kernels=%s device=%s dtype=%s vector_floats=%d bf16_dot_products=%s %s",
+        "event=ops kernels=%s device=%s dtype=%s vector_floats=%d bf16_dot_products=%s int8_int16_dot_products=%s %s",
         mode,
         device,
         str(dtype).removeprefix("torch."),
         report["vector_floats"],
         str(report["bf16_dot_products"]).lower(),
+        str(int16_codes).lower(),
         " ".join(f"{name}={backend}" for name, backend in backends.items()),
     )
     return ops
