@@ -139,7 +139,7 @@ class DecodeGraphRunner:
         """Logits [L, V] of each step's last token and its proposals, in order (with `gather_logits=False`,
         this rank's slice [L, P]); a view of the bucket's output where every row is kept (decode steps),
         valid until the next step."""
-        count = self._write_steps(steps)
+        count, kept = self._write_steps(steps)
         bucket = next(b for b in self.buckets if b >= count)
         self._write_padding(count, bucket)
         self._copy_in(bucket)
@@ -150,32 +150,34 @@ class DecodeGraphRunner:
             with torch.cuda.device(self.logits_rows.device):  # a gRPC thread may have another GPU current
                 graph.replay()
             local = self.outputs[bucket]
-        kept = _kept_rows(steps)
         logits = local[:count] if kept is None else local[kept]
         return self.model.lm_head.gather(logits) if gather_logits else logits
 
-    def _write_steps(self, steps: Sequence[DecodeToken]) -> int:
-        """Every token of `steps` as a row of the host buffers; how many rows."""
+    def _write_steps(self, steps: Sequence[DecodeToken]) -> tuple[int, list[int] | None]:
+        """Every token of `steps` as a row of the host buffers: how many rows, and the rows of each step's
+        last token and its proposals (None where that is every row: decode and verification steps)."""
         token_ids, positions, slots, tables, context_lens = self.views
         ids: list[int] = []
         places: list[int] = []
         slot_ids: list[int] = []
+        kept: list[int] = []
+        every_row = True
+        size = self.block_size
         for s in steps:
-            count = len(s.token_ids)
+            count, row = len(s.token_ids), len(ids)
             ids += s.token_ids
             places += range(s.start_position, s.start_position + count)
             slot_ids += s.slot_mapping[:count]
+            every_row = every_row and count == 1 + s.num_proposed
+            kept += range(row + count - 1 - s.num_proposed, row + count)
+            for j in range(count):
+                used = (s.start_position + j) // size + 1
+                tables[row + j, :used] = s.block_table[:used]
+                tables[row + j, used:] = self.scratch_block
         rows = len(ids)
         token_ids[:rows], positions[:rows], slots[:rows] = ids, places, slot_ids
         context_lens[:rows] = [p + 1 for p in places]
-        row, size = 0, self.block_size
-        for s in steps:
-            for position in range(s.start_position, s.start_position + len(s.token_ids)):
-                used = position // size + 1
-                tables[row, :used] = s.block_table[:used]
-                tables[row, used:] = self.scratch_block
-                row += 1
-        return rows
+        return rows, None if every_row else kept
 
     def _write_padding(self, start: int, end: int) -> None:
         token_ids, positions, slots, tables, context_lens = self.views
@@ -219,15 +221,3 @@ class DecodeGraphRunner:
                     self.outputs[bucket] = self.run(bucket)
                 self.graphs[bucket] = graph
             torch.cuda.synchronize(device)
-
-
-def _kept_rows(steps: Sequence[DecodeToken]) -> list[int] | None:
-    """The rows of each step's last token and its proposals, or None where that is every row."""
-    if all(len(s.token_ids) == 1 + s.num_proposed for s in steps):
-        return None
-    kept, start = [], 0
-    for s in steps:
-        end = start + len(s.token_ids)
-        kept.extend(range(end - 1 - s.num_proposed, end))
-        start = end
-    return kept

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from mixserve.router import speculation
 from mixserve.shards import decode_graph, ops
 from mixserve.shards.attention_metadata import AttentionMetadata
 from mixserve.shards.config import ParallelConfig
@@ -81,7 +82,8 @@ def test_buckets_are_powers_of_two_up_to_the_largest_batch():
 def test_warmup_reserves_a_scratch_block_the_router_cannot_address(model):
     runner = warm_runner(model, "eager")
     assert runner.kv_cache.num_blocks == BLOCKS and runner.kv_cache.keys.shape[1] == BLOCKS + 1
-    # Rows up to the widest verification (decode_graph.VERIFY_ROWS) though the batch is 8.
+    # Rows up to the widest verification (decode_graph.VERIFY_ROWS, the router's) though the batch is 8.
+    assert decode_graph.VERIFY_ROWS == speculation.VERIFY_ROWS
     assert runner.decode_graphs.scratch_block == BLOCKS and runner.decode_graphs.buckets == [1, 2, 4, 8, 16, 32]
     assert warm_runner(model, "eager", max_graph_rows=8).decode_graphs.buckets == [1, 2, 4, 8]
     assert warm_runner(model, "off").kv_cache.keys.shape[1] == BLOCKS
