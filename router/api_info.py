@@ -85,6 +85,10 @@ async def info(request: web.Request) -> web.Response:
                     "kv_blocks_free": g.kv_blocks_free,
                     "steps": g.steps,
                     "generated_tokens": g.generated_tokens,
+                    "speculation_step_us": [
+                        {"batch": batch, "plain": _rounded(plain), "speculating": _rounded(speculating)}
+                        for batch, plain, speculating in g.speculation_step_us
+                    ],
                 }
                 for g in stats.groups
             ],
@@ -106,3 +110,7 @@ def add_routes(app: web.Application) -> None:
     """Register `/health` and `/info` on `app` (built by `router.server.build_app`)."""
     app.router.add_get("/health", health)
     app.router.add_get("/info", info)
+
+
+def _rounded(us: float | None) -> float | None:
+    return None if us is None else round(us, 1)

@@ -30,7 +30,7 @@ from mixserve.router.metrics import Metrics
 from mixserve.router.params import GenerationParams
 from mixserve.router.scheduler import Scheduler, SchedulerConfig, Sequence, StepPlan
 from mixserve.router.shard_client import ShardGroup, ShardRejected
-from mixserve.router.speculation import MAX_BATCH, width
+from mixserve.router.speculation import MAX_BATCH, PROBE_STEPS, StepCosts, width
 from mixserve.router.steps import SampledToken, SequenceStep, Step, StepResult
 
 log = logging.getLogger("mixserve.router")
@@ -55,12 +55,15 @@ class Engine:
         ids: Iterator[int] | None = None,
         speculate: int = 0,
         speculate_max_batch: int = MAX_BATCH,
+        speculate_cost_back_off: bool = True,
         stream_interval_ms: float = 0.0,
     ) -> None:
         """`metrics` and `ids` (request ids) are shared by the engines of several shard groups behind one
         router (router/replicas.py); alone, an engine has its own. `speculate`: the most tokens proposed
         per decode (0: no speculation), while at most `speculate_max_batch` requests run; the shards
-        propose them (their draft model, else n-gram lookup in the request's tokens). `stream_interval_ms`: the
+        propose them (their draft model, else n-gram lookup in the request's tokens); with
+        `speculate_cost_back_off`, a request whose proposals gain it fewer tokens a step than verifying
+        them costs (the shards' step times) pauses (router/speculation.py). `stream_interval_ms`: the
         shards send a multi-step run's steps at most once per this many ms (0: each as it finishes)."""
         if speculate < 0:
             raise ValueError(f"speculate must be >= 0, got {speculate}")
@@ -68,6 +71,7 @@ class Engine:
             raise ValueError(f"speculate_max_batch must be >= 1, got {speculate_max_batch}")
         self.speculate = speculate
         self.speculate_max_batch = speculate_max_batch
+        self.step_costs = StepCosts() if speculate_cost_back_off else None
         self.group = group
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(scheduler_config)
@@ -220,8 +224,17 @@ class Engine:
         steps without a round trip (multi-step decode), each streamed back as it is sampled. Speculating,
         a run's length counts tokens, up to `speculate` + 1 a step."""
         k = width(self.speculate, self.scheduler.num_running) if speculating else 0
-        proposals = {e.seq.seq_id: self._proposals(e.seq, k) for e in plan.sequences} if k else {}
-        max_steps = self.max_decode_steps * (1 + k if any(proposals.values()) else 1)
+        decodes = [e.seq for e in plan.sequences if not e.is_prefill]
+        max_steps = self.max_decode_steps
+        if k and self._probes_plain(plan, decodes):
+            # A short plain run measures what a plain step costs at this batch size.
+            k, max_steps = 0, min(max_steps, PROBE_STEPS)
+        proposals = {seq.seq_id: self._proposals(seq, k, len(decodes)) for seq in decodes} if k else {}
+        if any(proposals.values()):
+            if self.step_costs is not None and any(seq.payload.speculation.exploring for seq in decodes):
+                # Speculating to measure (its cost or a request's gain): a short run, then decide again.
+                max_steps = min(max_steps, PROBE_STEPS)
+            max_steps *= 1 + k
         num_steps = self.scheduler.extend_decode(plan, max_steps)
         if num_steps == 1 and proposals and not plan.preempted:
             self.scheduler.add_proposals(plan, lambda seq: proposals.get(seq.seq_id, 0))
@@ -241,11 +254,14 @@ class Engine:
             self._active_run = self._run_ids
             log.debug("event=decode_run run=%d steps=%d seqs=%d", self._run_ids, num_steps, len(plan.sequences))
             self.metrics.on_decode_run(num_steps)
+            first = True
             async for result in self.group.decode_steps(step):
                 if in_flight is None:
                     in_flight = self.scheduler.continue_decode(plan)
                 plan, in_flight = in_flight, None
-                self._on_step_done(plan, result, started)
+                # A run's first step also carries the run's start on the shards: not a step's cost.
+                self._on_step_done(plan, result, started, timed=not first)
+                first = False
                 started = time.perf_counter()
                 # The batch should change: a request finished (or was cancelled), or one is waiting.
                 if self.scheduler.num_waiting or any(e.seq.seq_id not in self.live for e in plan.sequences):
@@ -287,13 +303,24 @@ class Engine:
         if not task.cancelled():
             task.exception()
 
-    def _proposals(self, seq: Sequence, k: int) -> int:
-        """How many tokens (at most `k`) the shards may propose for `seq`'s next step (the scheduler keeps
-        those that fit)."""
+    def _proposals(self, seq: Sequence, k: int, batch: int) -> int:
+        """How many tokens (at most `k`) the shards may propose for `seq`'s next step in a batch of `batch`
+        decodes (the scheduler keeps those that fit)."""
         generation: Generation = seq.payload
         if generation.params.grammar is not None:
             return 0
-        return generation.speculation.proposals(k)
+        costs = self.step_costs
+        if costs is None:
+            return generation.speculation.proposals(k)
+        return generation.speculation.proposals(k, costs.ratio(batch), costs.gain)
+
+    def _probes_plain(self, plan: StepPlan, decodes: list[Sequence]) -> bool:
+        """Whether this all-decode step should run plain to measure a plain step at its batch size: a
+        request would otherwise speculate and that measurement is missing or old."""
+        costs = self.step_costs
+        if costs is None or plan.num_prefill_tokens or not costs.needs_plain(len(decodes)):
+            return False
+        return any(seq.payload.params.grammar is None and not seq.payload.speculation.paused for seq in decodes)
 
     def _step(self, plan: StepPlan) -> Step:
         """The step the shards run for `plan`; a prefill entry carries its request's sampling settings."""
@@ -318,7 +345,9 @@ class Engine:
         released, self._release = self._release, []
         return Step(sequences, released)
 
-    def _on_step_done(self, plan: StepPlan, result: StepResult, started: float) -> None:
+    def _on_step_done(self, plan: StepPlan, result: StepResult, started: float, timed: bool = True) -> None:
+        """Hand the step's tokens to their requests; a `timed` all-decode step's shard time joins the step
+        costs speculation weighs."""
         now = time.perf_counter()
         self._on_prompt_scored(plan, result)
         results = {token.seq_id: token for token in result.tokens if token.sampled}
@@ -339,6 +368,9 @@ class Engine:
             )
         # The shards make every proposal (a draft entry's, or a speculating run's) and say how many.
         proposing = {e.seq.seq_id for e in plan.sequences if e.draft or e.speculate}
+        costs = self.step_costs
+        if costs is not None and timed and not plan.num_prefill_tokens:
+            costs.on_step(len(plan.sequences), bool(proposing), result.forward_us)
         delivered = 0
         for seq_id, token in results.items():
             generation = self.live.get(seq_id)
@@ -352,6 +384,10 @@ class Engine:
                 kept += 1
             delivered += kept
             generation.speculation.on_tokens(kept)
+            if seq_id in proposing:
+                generation.speculation.on_speculated(len(run))
+                if costs is not None:
+                    costs.on_gain(len(run))
             count = token.num_drafted if seq_id in proposing else 0
             if count:
                 # Proposals that reached the output: the tokens kept, less the one sampled after them. The

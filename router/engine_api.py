@@ -69,6 +69,9 @@ class GroupStats:
     kv_blocks_free: int
     steps: int
     generated_tokens: int
+    # What a decode step cost the shards by batch size, plain and speculating (µs, averaged; None: not
+    # measured): (batch, plain, speculating), for speculation's cost back-off.
+    speculation_step_us: tuple[tuple[int, float | None, float | None], ...] = ()
 
 
 @dataclass(slots=True, frozen=True)

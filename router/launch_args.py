@@ -195,6 +195,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="running requests above which decodes do not speculate (verification then costs more than it saves)",
     )
     parser.add_argument(
+        "--speculate-cost-back-off",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a request whose proposals gain it fewer tokens a step than a speculating step costs in plain steps "
+        "(the shards' own step times at the batch size) pauses speculating, for longer at each pause in a row",
+    )
+    parser.add_argument(
         "--prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=True,

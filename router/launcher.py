@@ -199,6 +199,7 @@ async def _serve_with_shards(args, model_dir, tokenizer, groups: list[ShardSuper
         args.speculate,
         args.speculate_max_batch,
         args.stream_interval_ms,
+        args.speculate_cost_back_off,
     )
     for shards, group_engine in zip(groups, engine.engines, strict=True):
         group_engine.retry_after_s = shards.retry_after_s if args.max_restarts else None

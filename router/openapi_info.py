@@ -90,6 +90,18 @@ INFO = obj(
                     "kv_blocks_free": typed("integer", "of them free now"),
                     "steps": typed("integer", "shard steps the group ran"),
                     "generated_tokens": typed("integer", "tokens the group generated"),
+                    "speculation_step_us": array(
+                        obj(
+                            {
+                                "batch": typed("integer", "decodes in the step"),
+                                "plain": nullable(typed("number", "a plain decode step, µs (null: not measured)")),
+                                "speculating": nullable(
+                                    typed("number", "a step with proposals, drafting included, µs (null: not measured)")
+                                ),
+                            }
+                        ),
+                        "the shards' step times speculation's cost back-off weighs (empty without it)",
+                    ),
                 }
             ),
             "every shard group behind this router; the counters above sum over them",

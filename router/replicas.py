@@ -189,6 +189,7 @@ class Replicas:
             kv_blocks_free=scheduler.num_blocks_free,
             steps=engine.steps,
             generated_tokens=engine.generated_tokens,
+            speculation_step_us=engine.step_costs.table() if engine.step_costs is not None else (),
         )
 
     # -- failure ----------------------------------------------------------------------------------
@@ -245,6 +246,7 @@ def build_replicas(
     speculate: int = 0,
     speculate_max_batch: int = MAX_BATCH,
     stream_interval_ms: float = 0.0,
+    speculate_cost_back_off: bool = True,
 ) -> Replicas:
     """One engine per (shard group, its scheduler config), sharing one Metrics, whose gauges read their
     pooled schedulers, and one request id sequence, so ids are unique across groups."""
@@ -263,6 +265,7 @@ def build_replicas(
             ids=ids,
             speculate=speculate,
             speculate_max_batch=speculate_max_batch,
+            speculate_cost_back_off=speculate_cost_back_off,
             stream_interval_ms=stream_interval_ms,
         )
         engines.append(engine)

@@ -1,5 +1,5 @@
-"""Speculation on the router: each request's counters and back-off, and how many tokens it may have
-proposed.
+"""Speculation on the router: each request's counters and back-off, how many tokens it may have
+proposed, and what verification costs the shards against a plain decode step.
 
 The shards make every proposal: n-gram lookup in the sequence's own tokens (shards/ngram.py, the
 default for `--speculate K`) or their draft model (`--speculative-model DIR`, shards/draft.py). The
@@ -8,17 +8,27 @@ scheduler treats the reserved positions like proposed tokens and rolls back thos
 multi-step run, letting the shards propose before each of its steps within the blocks the run covers.
 
 Speculation backs off where it does not pay:
-- per request: after `MISSES_TO_PAUSE` verification steps in a row that kept no proposal, the request
-  proposes nothing for its next `PAUSE_TOKENS` tokens, then tries again;
+- per request, on misses: after `MISSES_TO_PAUSE` verification steps in a row that kept no proposal,
+  the request proposes nothing for its next `PAUSE_TOKENS` tokens, then tries again;
+- per request, on cost (`StepCosts`): a speculating step of B sequences takes `verify_us` of the
+  shards' time where a plain one takes `plain_us`; it pays for a request that gains at least
+  verify_us / plain_us tokens a step (its kept proposals plus the token sampled after them). One that
+  gains fewer pauses for `PAUSE_TOKENS`, doubled at each pause in a row up to `MAX_COST_PAUSE_TOKENS`,
+  and then speculates for a short run (`PROBE_STEPS`) to measure again. The times are the shards' own (a step's
+  `forward_us`, drafting included), by batch size; a speculating engine runs a short plain run
+  (`PROBE_STEPS`) where it has no plain time for the batch size or it is `REPROBE_STEPS` speculating
+  steps old;
 - per batch: verification runs k + 1 tokens per sequence, free while a step is bound by reading the
   weights (small batches), not once it is bound by compute. A step verifies at most `VERIFY_ROWS`
   positions, so each of B running requests has at most VERIFY_ROWS // B - 1 proposals (`width`), and
   above `MAX_BATCH` running requests the engine proposes nothing and steps are plain decodes
   (multi-step runs included).
+None of this changes a request's tokens (a draw is keyed by its position: shards/speculative.py), only
+when they come.
 Pure Python, no torch.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Running requests above which no request speculates (the engine's default; --speculate-max-batch).
 MAX_BATCH = 8
@@ -28,12 +38,66 @@ MAX_BATCH = 8
 VERIFY_ROWS = 32
 MISSES_TO_PAUSE = 4
 PAUSE_TOKENS = 16
+MAX_COST_PAUSE_TOKENS = 512
+# Weight of the newest sample in the running averages: a request's tokens per step (noisy: 1 to k + 1),
+# the engine's over all requests (a new request's prior), and step times.
+REQUEST_GAIN_WEIGHT = 0.25
+ENGINE_GAIN_WEIGHT = 0.05
+TIME_WEIGHT = 0.1
+# A plain probe run's steps, and the speculating steps after which a batch size's plain time is re-measured.
+PROBE_STEPS = 4
+REPROBE_STEPS = 2048
 
 
 def width(k: int, running: int) -> int:
     """Proposals each of `running` requests may have when the engine speculates with `k`: at most k, and
     with their last tokens at most VERIFY_ROWS positions in all."""
     return max(0, min(k, VERIFY_ROWS // max(running, 1) - 1))
+
+
+def _average(old: float | None, sample: float, weight: float) -> float:
+    return sample if old is None else old + weight * (sample - old)
+
+
+@dataclass(slots=True)
+class StepCosts:
+    """What decode steps cost the shards by batch size, plain and speculating, and the tokens a
+    speculating step gains a request on average (over every request: a new request's prior)."""
+
+    plain_us: dict[int, float] = field(default_factory=dict)
+    verify_us: dict[int, float] = field(default_factory=dict)
+    gain: float | None = None
+    # Speculating steps since the batch size's plain time was last measured.
+    _since_plain: dict[int, int] = field(default_factory=dict)
+
+    def on_step(self, batch: int, speculating: bool, shard_us: float) -> None:
+        """A decode step of `batch` sequences (no prefill) took the shards `shard_us`; `speculating` if any
+        of its sequences had proposals asked of the shards."""
+        if speculating:
+            self.verify_us[batch] = _average(self.verify_us.get(batch), shard_us, TIME_WEIGHT)
+            self._since_plain[batch] = self._since_plain.get(batch, 0) + 1
+        else:
+            self.plain_us[batch] = _average(self.plain_us.get(batch), shard_us, TIME_WEIGHT)
+            self._since_plain[batch] = 0
+
+    def on_gain(self, tokens: int) -> None:
+        """A request's speculating step gained it `tokens` (its kept proposals and the token after them)."""
+        self.gain = _average(self.gain, tokens, ENGINE_GAIN_WEIGHT)
+
+    def ratio(self, batch: int) -> float | None:
+        """A speculating step's time over a plain one's at `batch` sequences: the tokens a step must gain
+        a request to pay (None until both are measured)."""
+        plain, verify = self.plain_us.get(batch), self.verify_us.get(batch)
+        return verify / plain if plain and verify is not None else None
+
+    def table(self) -> tuple[tuple[int, float | None, float | None], ...]:
+        """(batch size, plain µs, speculating µs) for every batch size measured, smallest first."""
+        sizes = sorted(self.plain_us.keys() | self.verify_us.keys())
+        return tuple((b, self.plain_us.get(b), self.verify_us.get(b)) for b in sizes)
+
+    def needs_plain(self, batch: int) -> bool:
+        """Whether the next run at `batch` sequences should be a short plain one, to measure a plain step."""
+        return batch not in self.plain_us or self._since_plain.get(batch, 0) >= REPROBE_STEPS
 
 
 @dataclass(slots=True)
@@ -44,14 +108,39 @@ class SpeculationState:
     accepted: int = 0
     misses: int = 0  # verification steps in a row that kept no proposal
     paused: int = 0  # tokens left to generate without proposals
+    gain: float | None = None  # tokens a speculating step gains it, averaged
+    cost_pauses: int = 0  # pauses in a row for gaining too few tokens a step
+    retry: bool = False  # a cost pause ended: speculate for a run whatever the average says
+    exploring: bool = False  # the last proposals were to measure (a retry, or nothing to weigh yet)
 
-    def proposals(self, k: int) -> int:
-        """How many tokens this request may have proposed for it next: `k`, or 0 while it backs off."""
-        return 0 if self.paused else k
+    def proposals(self, k: int, ratio: float | None = None, prior: float | None = None) -> int:
+        """How many tokens this request may have proposed for it next: `k`, or 0 while it backs off. With
+        `ratio` (a speculating step's time over a plain one's at the batch size; None: unmeasured), a
+        request whose average gain (else `prior`, the engine's) is below it pauses; `exploring` then
+        says whether the answer was only to measure."""
+        self.exploring = False
+        if self.paused or not k:
+            return 0
+        gain = self.gain if self.gain is not None else prior
+        if self.retry or ratio is None or gain is None:
+            self.retry = False
+            self.exploring = True
+            return k
+        if gain >= ratio:
+            self.cost_pauses = 0
+            return k
+        self.paused = min(PAUSE_TOKENS << self.cost_pauses, MAX_COST_PAUSE_TOKENS)
+        self.cost_pauses += 1
+        self.retry = True
+        return 0
 
     def on_tokens(self, count: int) -> None:
         """The request gained `count` tokens (a pause counts them down)."""
         self.paused = max(0, self.paused - count)
+
+    def on_speculated(self, tokens: int) -> None:
+        """A step that asked the shards for proposals gained the request `tokens` (1 if they made none)."""
+        self.gain = _average(self.gain, tokens, REQUEST_GAIN_WEIGHT)
 
     def on_verified(self, proposed: int, accepted: int) -> None:
         """A verification step of `proposed` tokens kept `accepted` of them."""

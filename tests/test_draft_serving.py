@@ -21,13 +21,17 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def servers(demo_dir, interpreter_dir, tmp_path_factory):
-    """No speculation (1 shard); the demo as its own draft, k = 3, 2 shards (tp), multi-step decode on; the
+    """No speculation (1 shard); the demo as its own draft, k = 3, 2 shards (tp), multi-step decode on, without
+    the cost back-off; the
     smaller interpreter checkpoint as draft, k = 1, 1 shard, multi-step off: started side by side."""
     flags = ["--model", str(demo_dir), "--max-kv-blocks", "256", "--block-size", "4"]
     flags += ["--max-batch-prefill-tokens", "64"]
     variants = {
         "plain": ["--num-shard", "1"],
-        "own_k3_tp2": ["--num-shard", "2", "--speculate", "3", "--speculative-model", str(demo_dir)],
+        "own_k3_tp2": [
+            *("--num-shard", "2", "--speculate", "3", "--speculative-model", str(demo_dir)),
+            "--no-speculate-cost-back-off",  # the model as its own draft costs more than it gains
+        ],
         "small_k1": [
             *("--num-shard", "1", "--speculate", "1", "--max-decode-steps", "1"),
             *("--speculative-model", str(interpreter_dir)),

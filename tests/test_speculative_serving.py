@@ -30,12 +30,13 @@ def servers(demo_dir, tmp_path_factory):
     """No speculation (1 shard), --speculate 3 (1 shard, multi-step decode on: speculating runs),
     --speculate 5 with --speculate-history-tokens (2 shards, tensor parallel, speculating runs, verifications
     through the decode graphs' static buffers), --speculate 1
-    (2 shards, expert parallel, multi-step off: single verification steps): started side by side."""
+    (2 shards, expert parallel, multi-step off: single verification steps): started side by side. Only the
+    last weighs speculation's cost (the default): the others must speculate whatever it costs on this CPU."""
     flags = ["--model", str(demo_dir), "--max-kv-blocks", "256", "--block-size", "4"]
     flags += ["--max-batch-prefill-tokens", "64"]
     variants = {
         "plain": ["--num-shard", "1"],
-        "k3": ["--num-shard", "1", "--speculate", "3", "--max-decode-steps", "8"],
+        "k3": ["--num-shard", "1", "--speculate", "3", "--max-decode-steps", "8", "--no-speculate-cost-back-off"],
         "k5_tp2": [
             "--num-shard",
             "2",
@@ -47,6 +48,7 @@ def servers(demo_dir, tmp_path_factory):
             "2048",
             "--cuda-graphs",
             "eager",
+            "--no-speculate-cost-back-off",
         ],
         "k1_ep2": ["--num-shard", "2", "--moe-parallel", "ep", "--speculate", "1", "--max-decode-steps", "1"],
     }
@@ -159,6 +161,12 @@ async def test_speculative_outputs_equal_plain_outputs(servers):
         }
         finished = servers[name].contract_log("the per-request event=finished line carries the speculation counts")
         assert re.search(r"event=finished .* speculative_proposed=\d+ speculative_accepted=\d+", finished)
+        (group,) = state["shard_groups"]
+        if name == "k1_ep2":
+            # The cost back-off timed both kinds of step at one request, the workload's batch.
+            assert any(e["batch"] == 1 and e["plain"] and e["speculating"] for e in group["speculation_step_us"])
+        else:
+            assert group["speculation_step_us"] == []
     async with aiohttp.ClientSession() as session:
         plain_info = await info(session, plain)
     assert plain_info["speculate"] == 0 and plain_info["speculative_proposed_tokens"] == 0

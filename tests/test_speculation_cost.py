@@ -1,0 +1,199 @@
+"""Speculation's cost back-off: the step costs it keeps (router/speculation.py's StepCosts), a request's
+pauses, and the engine weighing the shards' step times.
+
+The engine tests serve through a shard group that answers from a fake model and reports chosen step
+times, because the back-off decides on times and a test cannot choose a real shard's. Its multi-step
+runs are the shards' own (shards/multi_step.py's decode_steps); only the forward is fake."""
+
+import asyncio
+from dataclasses import dataclass, field
+
+import pytest
+from test_speculation import reference, true_next
+
+from mixserve.router.engine_api import Limits
+from mixserve.router.params import GenerationParams
+from mixserve.router.replicas import build_replicas
+from mixserve.router.scheduler import SchedulerConfig
+from mixserve.router.shard_client import ShardGroup
+from mixserve.router.speculation import (
+    MAX_COST_PAUSE_TOKENS,
+    PAUSE_TOKENS,
+    PROBE_STEPS,
+    REPROBE_STEPS,
+    SpeculationState,
+    StepCosts,
+)
+from mixserve.router.steps import SampledToken, Step, StepResult
+from mixserve.shards.multi_step import decode_steps
+from mixserve.shards.runner import SequenceResult
+from mixserve.shards.speculative import VerifiedToken
+
+
+def test_step_costs_give_a_ratio_once_both_kinds_of_step_are_timed():
+    costs = StepCosts()
+    assert costs.ratio(1) is None and costs.needs_plain(1)
+    costs.on_step(1, True, 3000)
+    assert costs.ratio(1) is None
+    costs.on_step(1, False, 1000)
+    assert costs.ratio(1) == 3.0 and not costs.needs_plain(1)
+    costs.on_step(1, False, 2000)
+    assert 1000 < costs.plain_us[1] < 2000  # a running average
+    assert costs.ratio(2) is None and costs.needs_plain(2)  # by batch size
+    assert costs.table() == ((1, costs.plain_us[1], 3000),)
+    for _ in range(REPROBE_STEPS):
+        costs.on_step(1, True, 3000)
+    assert costs.needs_plain(1)  # an old plain time is measured again
+
+
+def test_a_request_gaining_less_than_the_cost_pauses_longer_each_time_then_retries():
+    state = SpeculationState()
+    assert state.proposals(3, None, None) == 3  # nothing measured: speculate
+    assert state.proposals(3, 2.0, None) == 3  # the request's gain unknown, no prior: speculate
+    state.on_speculated(1)
+    state.on_speculated(2)
+    pauses = []
+    for _ in range(8):
+        assert state.proposals(3, 2.0) == 0
+        pauses.append(state.paused)
+        state.on_tokens(state.paused)
+        assert state.proposals(3, 2.0) == 3  # after a pause, one run to measure again
+        state.on_speculated(1)
+    assert pauses == [min(PAUSE_TOKENS << i, MAX_COST_PAUSE_TOKENS) for i in range(8)]
+    for _ in range(8):
+        state.on_speculated(4)  # it now gains 4 tokens a step: it pays
+    assert state.proposals(3, 2.0) == 3 and state.cost_pauses == 0
+    assert SpeculationState().proposals(3, 2.0, prior=1.5) == 0  # a new request starts from the engine's average
+
+
+@dataclass
+class FakeRunner:
+    """Answers steps as a shard's runner would, from `true_next` (test_speculation's fake model): of the
+    proposals a step verifies, the first `good` are right. Each sequence's tokens are kept by position, so
+    rolled-back ones are dropped."""
+
+    good: int
+    block_size: int = 4
+    tokens: dict[int, list[int]] = field(default_factory=dict)
+
+    def step(self, steps) -> list[SequenceResult]:
+        results = []
+        for s in steps:
+            # A draft step carries only the last token; its slots cover the proposals the shard makes.
+            proposals = len(s.slot_mapping) - 1 if s.draft else s.num_proposed
+            fed = s.token_ids if s.draft else s.token_ids[: len(s.token_ids) - proposals]
+            known = self.tokens.get(s.seq_id, [])[: s.start_position] + list(fed)
+            self.tokens[s.seq_id] = known
+            if not s.sample:
+                results.append(SequenceResult(s.seq_id, 0, 0.0, sampled=False))
+                continue
+            run = [true_next(known)]
+            for _ in range(min(self.good, proposals)):
+                run.append(true_next(known + run))
+            self.tokens[s.seq_id] = known + run[:-1]  # the kept proposals were written after the last token
+            results.append(
+                SequenceResult(
+                    s.seq_id, run[0], 0.0, next_tokens=[VerifiedToken(t, 0.0) for t in run[1:]], num_drafted=proposals
+                )
+            )
+        return results
+
+
+class TimedGroup(ShardGroup):
+    """A shard group whose steps take `plain_us`, or `verify_us` where proposals were asked for."""
+
+    def __init__(self, address: str, runner: FakeRunner, plain_us: int, verify_us: int) -> None:
+        super().__init__([address])
+        self.runner, self.plain_us, self.verify_us = runner, plain_us, verify_us
+        self.steps = {"plain": 0, "speculating": 0}
+
+    def _result(self, sequences, results: list[SequenceResult]) -> StepResult:
+        speculating = any(s.draft for s in sequences)
+        self.steps["speculating" if speculating else "plain"] += 1
+        tokens = [
+            SampledToken(
+                r.seq_id,
+                r.token_id,
+                r.logprob,
+                [],
+                sampled=r.sampled,
+                next_tokens=[SampledToken(r.seq_id, n.token_id, n.logprob, []) for n in r.next_tokens],
+                num_drafted=r.num_drafted,
+            )
+            for r in results
+        ]
+        return StepResult(tokens, self.verify_us if speculating else self.plain_us)
+
+    async def step(self, step: Step) -> StepResult:
+        return self._result(step.sequences, self.runner.step(step.sequences))
+
+    async def decode_steps(self, step: Step):
+        runner, sequences = self.runner, []
+
+        class Recording:
+            block_size = runner.block_size
+
+            def step(self, current):
+                sequences[:] = current
+                return runner.step(current)
+
+        for results in decode_steps(Recording(), step.sequences, step.num_steps, lambda: False):
+            yield self._result(sequences, results)
+            await asyncio.sleep(0)
+
+    async def interrupt(self, run_id: int) -> None:
+        return None
+
+
+async def serve(tmp_path, demo_tokenizer, verify_us: int, cost_back_off: bool = True, good: int = 1):
+    """One request of 400 tokens served at k = 3 with plain steps of 1000 µs; its output, the group's step
+    counts and the engine's measured step costs."""
+    group = TimedGroup(f"unix:{tmp_path}/c.sock", FakeRunner(good), 1000, verify_us)
+    limits = Limits(max_concurrent_requests=2, max_input_tokens=40, max_total_tokens=512)
+    config = SchedulerConfig(num_blocks=200, block_size=4)
+    replicas = build_replicas(
+        [(group, config)], demo_tokenizer, limits, (), 8, speculate=3, speculate_cost_back_off=cost_back_off
+    )
+    engine = replicas.engines[0]
+    engine.start()
+    try:
+        prompt = [3, 5, 1]
+        generation = replicas.submit(prompt, GenerationParams(max_new_tokens=400))
+        async with asyncio.timeout(30):
+            output = [event.token_id async for event in generation.stream()]
+        assert output == reference(prompt, 400)
+        assert engine.scheduler.num_blocks_used == 0
+        return group.steps, replicas.stats().groups[0].speculation_step_us
+    finally:
+        await engine.stop()
+        await group.close()
+
+
+async def test_speculation_stops_where_a_step_costs_more_than_it_gains(tmp_path, demo_tokenizer):
+    # Two tokens a step (one proposal of three kept) against a step that costs three plain ones.
+    steps, costs = await serve(tmp_path, demo_tokenizer, verify_us=3000)
+    ((batch, plain, speculating),) = costs
+    # A run's last step has no positions left to propose into: a plain step, though the run speculates.
+    assert (batch, plain) == (1, 1000) and 2000 < speculating <= 3000
+    # Pauses of 16, 32, 64, 128 and 256 tokens, each followed by a short run that measures again
+    # (without the back-off: 199 speculating steps, below).
+    assert steps["plain"] > 300 and steps["speculating"] < 50, steps
+
+
+async def test_speculation_goes_on_where_it_pays(tmp_path, demo_tokenizer):
+    steps, costs = await serve(tmp_path, demo_tokenizer, verify_us=1500)
+    ((batch, plain, speculating),) = costs
+    assert (batch, plain) == (1, 1000) and 1000 < speculating <= 1500
+    # The prefill and a probe run of plain steps.
+    assert steps["plain"] <= 1 + PROBE_STEPS + 1 and steps["speculating"] > 190, steps
+
+
+async def test_without_the_cost_back_off_every_step_speculates(tmp_path, demo_tokenizer):
+    steps, costs = await serve(tmp_path, demo_tokenizer, verify_us=3000, cost_back_off=False)
+    # The prefill, and the last step of a run with no position left to propose into.
+    assert costs == () and steps["plain"] <= 2, steps
+
+
+@pytest.mark.parametrize("good", [0, 3])
+async def test_the_back_off_keeps_outputs(tmp_path, demo_tokenizer, good):
+    await serve(tmp_path, demo_tokenizer, verify_us=2500, good=good)
