@@ -17,6 +17,7 @@ from mixserve.router.replicas import build_replicas
 from mixserve.router.scheduler import SchedulerConfig
 from mixserve.router.shard_client import ShardGroup
 from mixserve.router.speculation import (
+    COST_MARGIN,
     MAX_COST_PAUSE_TOKENS,
     PAUSE_TOKENS,
     PROBE_STEPS,
@@ -64,6 +65,9 @@ def test_a_request_gaining_less_than_the_cost_pauses_longer_each_time_then_retri
         state.on_speculated(4)  # it now gains 4 tokens a step: it pays
     assert state.proposals(3, 2.0) == 3 and state.cost_pauses == 0
     assert SpeculationState().proposals(3, 2.0, prior=1.5) == 0  # a new request starts from the engine's average
+    # It must gain COST_MARGIN more than the step costs.
+    assert SpeculationState().proposals(3, 2.0, prior=2.0 * COST_MARGIN) == 3
+    assert SpeculationState().proposals(3, 2.0, prior=2.0 * COST_MARGIN - 0.01) == 0
 
 
 @dataclass
@@ -146,11 +150,11 @@ class TimedGroup(ShardGroup):
 
 
 async def serve(tmp_path, demo_tokenizer, verify_us: int, cost_back_off: bool = True, good: int = 1):
-    """One request of 400 tokens served at k = 3 with plain steps of 1000 µs; its output, the group's step
+    """One request of 1000 tokens served at k = 3 with plain steps of 1000 µs; its output, the group's step
     counts and the engine's measured step costs."""
     group = TimedGroup(f"unix:{tmp_path}/c.sock", FakeRunner(good), 1000, verify_us)
-    limits = Limits(max_concurrent_requests=2, max_input_tokens=40, max_total_tokens=512)
-    config = SchedulerConfig(num_blocks=200, block_size=4)
+    limits = Limits(max_concurrent_requests=2, max_input_tokens=40, max_total_tokens=1100)
+    config = SchedulerConfig(num_blocks=400, block_size=4)
     replicas = build_replicas(
         [(group, config)], demo_tokenizer, limits, (), 8, speculate=3, speculate_cost_back_off=cost_back_off
     )
@@ -158,10 +162,10 @@ async def serve(tmp_path, demo_tokenizer, verify_us: int, cost_back_off: bool = 
     engine.start()
     try:
         prompt = [3, 5, 1]
-        generation = replicas.submit(prompt, GenerationParams(max_new_tokens=400))
+        generation = replicas.submit(prompt, GenerationParams(max_new_tokens=1000))
         async with asyncio.timeout(30):
             output = [event.token_id async for event in generation.stream()]
-        assert output == reference(prompt, 400)
+        assert output == reference(prompt, 1000)
         assert engine.scheduler.num_blocks_used == 0
         return group.steps, replicas.stats().groups[0].speculation_step_us
     finally:
@@ -175,23 +179,23 @@ async def test_speculation_stops_where_a_step_costs_more_than_it_gains(tmp_path,
     ((batch, plain, speculating),) = costs
     # A run's last step has no positions left to propose into: a plain step, though the run speculates.
     assert (batch, plain) == (1, 1000) and 2000 < speculating <= 3000
-    # Pauses of 16, 32, 64, 128 and 256 tokens, each followed by a short run that measures again
-    # (without the back-off: 199 speculating steps, below).
-    assert steps["plain"] > 300 and steps["speculating"] < 50, steps
+    # Pauses of 16, 32, ..., 512 tokens, each followed by a short run that measures again (without the
+    # back-off: ~500 speculating steps, below).
+    assert steps["plain"] > 700 and steps["speculating"] < 100, steps
 
 
 async def test_speculation_goes_on_where_it_pays(tmp_path, demo_tokenizer):
     steps, costs = await serve(tmp_path, demo_tokenizer, verify_us=1500)
     ((batch, plain, speculating),) = costs
     assert (batch, plain) == (1, 1000) and 1000 < speculating <= 1500
-    # The prefill and a probe run of plain steps.
-    assert steps["plain"] <= 1 + PROBE_STEPS + 1 and steps["speculating"] > 190, steps
+    # The prefill and a probe run of plain steps (another after REPROBE_STEPS speculating steps).
+    assert steps["plain"] <= 1 + 2 * PROBE_STEPS + 2 and steps["speculating"] > 450, steps
 
 
 async def test_without_the_cost_back_off_every_step_speculates(tmp_path, demo_tokenizer):
     steps, costs = await serve(tmp_path, demo_tokenizer, verify_us=3000, cost_back_off=False)
     # The prefill, and the last step of a run with no position left to propose into.
-    assert costs == () and steps["plain"] <= 2, steps
+    assert costs == () and steps["plain"] <= 2 and steps["speculating"] > 450, steps
 
 
 @pytest.mark.parametrize("good", [0, 3])
