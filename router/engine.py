@@ -235,7 +235,8 @@ class Engine:
                 # Speculating to measure (its cost or a request's gain): a short run, then decide again.
                 max_steps = min(max_steps, PROBE_STEPS)
             max_steps *= 1 + k
-        num_steps = self.scheduler.extend_decode(plan, max_steps)
+        # Speculating sequences gain tokens at different rates: each runs to its own end (run_tokens).
+        num_steps = self.scheduler.extend_decode(plan, max_steps, own_budgets=any(proposals.values()))
         if num_steps == 1 and proposals and not plan.preempted:
             self.scheduler.add_proposals(plan, lambda seq: proposals.get(seq.seq_id, 0))
         elif num_steps > 1:
@@ -338,6 +339,7 @@ class Engine:
                 num_proposed=entry.num_proposed,
                 draft=entry.draft,
                 speculate=entry.speculate,
+                run_tokens=entry.run_tokens,
             )
             for entry in plan.sequences
         ]

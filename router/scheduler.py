@@ -167,8 +167,10 @@ class ScheduledSequence:
     # `draft`, the shards' draft model makes them, and token_ids is the last token alone.
     num_proposed: int = 0
     draft: bool = False
-    # In a multi-step run: the most tokens the shards propose before each step (0: none).
+    # In a multi-step run: the most tokens the shards propose before each step (0: none), and, set by
+    # `extend_decode` with own budgets, the most tokens the sequence gains in it (0: the run's steps).
     speculate: int = 0
+    run_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -302,12 +304,15 @@ class Scheduler:
                     finished.append(seq)
         return finished
 
-    def extend_decode(self, plan: StepPlan, max_steps: int) -> int:
+    def extend_decode(self, plan: StepPlan, max_steps: int, own_budgets: bool = False) -> int:
         """How many decode steps in a row the shards may run for `plan`, just scheduled (multi-step
         decode); grows the block tables for them. 1 unless every entry is a decode and nothing waits.
 
         Steps are bounded by each sequence's remaining `max_new_tokens` and by the free blocks; the
-        plan's block tables then cover every position of every step. Follow each step after the
+        plan's block tables then cover every position of every step. With `own_budgets` (a speculating
+        run, whose sequences gain tokens at different rates), the bound is the most any sequence has
+        left, and each entry's `run_tokens` is its own (what it has left, within that bound), its
+        table covering those: the run goes on until one sequence is done. Follow each step after the
         first with `continue_decode`.
         """
         if self._in_flight is not plan:
@@ -316,18 +321,24 @@ class Scheduler:
             return 1
         if any(e.num_proposed for e in plan.sequences):
             return 1
-        steps = min(max_steps, *(e.seq.max_new_tokens - len(e.seq.output_ids) for e in plan.sequences))
+        left = [e.seq.max_new_tokens - len(e.seq.output_ids) for e in plan.sequences]
+        steps = min(max_steps, max(left) if own_budgets else min(left))
         while steps > 1:
             # The last step's sampled token is never fed back: a run of n steps writes n positions.
-            needed = sum(self._table(e.seq).blocks_needed(e.start_position + steps) for e in plan.sequences)
+            needed = sum(
+                self._table(e.seq).blocks_needed(e.start_position + min(steps, n))
+                for e, n in zip(plan.sequences, left, strict=True)
+            )
             if needed <= self._free_blocks():
                 break
             steps -= 1
         if steps > 1:
-            for entry in plan.sequences:
+            for entry, n in zip(plan.sequences, left, strict=True):
                 table = self._table(entry.seq)
-                table.grow(self.allocator, entry.start_position + steps)
+                table.grow(self.allocator, entry.start_position + min(steps, n))
                 entry.block_table = list(table.blocks)
+                if own_budgets:
+                    entry.run_tokens = min(steps, n)
         return steps
 
     def continue_decode(self, plan: StepPlan) -> StepPlan:

@@ -251,6 +251,7 @@ def step_request(step: Step) -> shard_pb2.StepRequest:
             num_proposed=seq.num_proposed,
             draft=seq.draft,
             speculate=seq.speculate,
+            run_tokens=seq.run_tokens,
         )
         if seq.sampling is not None:
             message.sampling.CopyFrom(sampling_params(seq.sampling))

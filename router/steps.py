@@ -39,8 +39,10 @@ class SequenceStep:
     # `draft`, the shards' draft model makes them (token_ids is the last token, slot_mapping covers them).
     num_proposed: int = 0
     draft: bool = False
-    # In a multi-step run: the most tokens the shards propose before each step (0: none).
+    # In a multi-step run: the most tokens the shards propose before each step (0: none), and the most
+    # tokens the sequence gains in the run (0: the run's num_steps).
     speculate: int = 0
+    run_tokens: int = 0
 
 
 @dataclass(slots=True)

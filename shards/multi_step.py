@@ -13,12 +13,13 @@ steps, and their other collectives keep pairing up.
 
 Speculating runs. A sequence with `speculate` k proposes up to k tokens before every step of the run
 (shards/ngram.py, or the draft model), and the step verifies them (shards/speculative.py), so a step
-may give it several tokens. The run's `num_steps` then bounds the tokens each sequence gains, which is
-what the router's blocks cover: a step at position p proposes at most `last - p` tokens (`last` the
-final position the run may write, start + num_steps - 1), and the run ends once any sequence has
-gained its num_steps tokens. Every rank gets the same tokens, so every rank ends the run at the same
-step without a collective. Verification thus rides inside the run, with no round trip per step, and a
-step whose lookup found nothing costs what a plain decode costs.
+may give it several tokens. The run's `num_steps`, or a sequence's own `run_tokens` (the router gives
+each speculating sequence the tokens it has left, so the run goes on until one of them is done), then
+bounds the tokens each sequence gains, which is what the router's blocks cover: a step at position p
+proposes at most `last - p` tokens (`last` the final position the run may write, start + its bound - 1),
+and the run ends once any sequence has gained its bound. Every rank gets the same tokens, so every rank
+ends the run at the same step without a collective. Verification thus rides inside the run, with no
+round trip per step, and a step whose lookup found nothing costs what a plain decode costs.
 """
 
 from collections.abc import Callable, Iterator
@@ -26,19 +27,25 @@ from collections.abc import Callable, Iterator
 from mixserve.shards.runner import InvalidStep, ModelRunner, SequenceResult, SequenceStep
 
 
+def last_positions(steps: list[SequenceStep], num_steps: int) -> list[int]:
+    """The last position each sequence may write in a run of `num_steps`: its own run_tokens, else num_steps."""
+    return [s.start_position + (s.run_tokens or num_steps) - 1 for s in steps]
+
+
 def check_multi_step(steps: list[SequenceStep], num_steps: int, block_size: int) -> None:
     """Raise InvalidStep unless `steps` can run `num_steps` decode steps in a row (or, speculating, gain
-    `num_steps` tokens each)."""
+    `num_steps` tokens each, or their own run_tokens)."""
     if num_steps < 1:
         raise InvalidStep(f"num_steps must be >= 1, got {num_steps}")
-    for s in steps:
+    for s, last_position in zip(steps, last_positions(steps, num_steps), strict=True):
         if len(s.token_ids) != 1 or not s.sample or s.num_proposed or s.draft:
             raise InvalidStep(f"sequence {s.seq_id}: a multi-step run takes one sampled decode token per sequence")
-        last_position = s.start_position + num_steps - 1
+        if s.run_tokens > num_steps:
+            raise InvalidStep(f"sequence {s.seq_id}: run_tokens {s.run_tokens} exceeds the run's {num_steps} steps")
         if len(s.block_table) * block_size <= last_position:
             raise InvalidStep(
                 f"sequence {s.seq_id}: its block table ({len(s.block_table)} blocks of {block_size}) does not "
-                f"cover position {last_position}, the last of {num_steps} steps"
+                f"cover position {last_position}, the last of its {s.run_tokens or num_steps} tokens in the run"
             )
 
 
@@ -75,15 +82,15 @@ def next_steps(
 def decode_steps(
     runner: ModelRunner, steps: list[SequenceStep], num_steps: int, agree_to_stop: Callable[[], bool]
 ) -> Iterator[list[SequenceResult]]:
-    """Run decode steps from `steps` until each sequence gained up to `num_steps` tokens (one a step unless
-    it speculates), yielding each step's results.
+    """Run decode steps from `steps` until a sequence gained its `num_steps` tokens (or its own run_tokens;
+    one a step unless it speculates), yielding each step's results.
 
     `agree_to_stop` is called on every rank before every step after the first and must return the
     same answer on all of them (a collective over the ranks' interrupt flags).
     """
     size = runner.block_size
     check_multi_step(steps, num_steps, size)
-    lasts = [s.start_position + num_steps - 1 for s in steps]
+    lasts = last_positions(steps, num_steps)
     current: list[SequenceStep] | None = [
         run_step(s, s.token_ids[0], s.start_position, last, size) for s, last in zip(steps, lasts, strict=True)
     ]

@@ -63,8 +63,10 @@ class SequenceStep:
     # The shard makes the num_proposed proposals (draft model or n-gram lookup): token_ids is the last
     # token alone, slot_mapping covers it and the proposals.
     draft: bool = False
-    # In a multi-step run: the most tokens proposed here before each step (shards/multi_step.py).
+    # In a multi-step run: the most tokens proposed here before each step, and the most tokens the
+    # sequence gains in the run (0: the run's num_steps) (shards/multi_step.py).
     speculate: int = 0
+    run_tokens: int = 0
 
 
 @dataclass(slots=True)

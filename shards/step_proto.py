@@ -72,4 +72,5 @@ def step_from_proto(msg: shard_pb2.SequenceStep) -> SequenceStep:
         num_proposed=msg.num_proposed,
         draft=msg.draft,
         speculate=msg.speculate,
+        run_tokens=msg.run_tokens,
     )

@@ -234,3 +234,23 @@ def test_a_speculating_run_counts_every_token_a_step_gains(prefix_caching):
         assert scheduler.allocator.num_cached == seq.num_computed // BLOCK
     scheduler.finish(1)
     assert scheduler.num_blocks_used == 0
+
+
+def test_a_speculating_run_gives_each_sequence_its_own_budget():
+    """With own budgets the run's bound is the most any sequence has left (within max_steps), and each entry's
+    run_tokens, and the positions its table covers, are its own; without, every sequence has the least."""
+    for own in (False, True):
+        scheduler = Scheduler(SchedulerConfig(num_blocks=32, block_size=BLOCK))
+        seqs = [Sequence(1, [3, 5, 1], max_new_tokens=6), Sequence(2, [2, 7, 4], max_new_tokens=40)]
+        for seq in seqs:
+            scheduler.add(seq)
+        scheduler.on_step_done(scheduler.schedule(), {1: 8, 2: 9})
+        plan = scheduler.schedule()
+        steps = scheduler.extend_decode(plan, 12, own_budgets=own)
+        budgets = [e.run_tokens for e in plan.sequences]
+        covered = [len(seq.block_table.blocks) * BLOCK for seq in seqs]
+        assert (steps, budgets) == ((12, [5, 12]) if own else (5, [0, 0]))
+        assert covered == ([8, 16] if own else [8, 8])  # positions 3 .. 3 + budget - 1
+        scheduler.finish(1)
+        scheduler.finish(2)
+        assert scheduler.num_blocks_used == 0

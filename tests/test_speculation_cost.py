@@ -1,5 +1,6 @@
 """Speculation's cost back-off: the step costs it keeps (router/speculation.py's StepCosts), a request's
-pauses, and the engine weighing the shards' step times.
+pauses, and the engine weighing the shards' step times; and speculating runs that go on until a sequence
+is done (each sequence's own run_tokens).
 
 The engine tests serve through a shard group that answers from a fake model and reports chosen step
 times, because the back-off decides on times and a test cannot choose a real shard's. Its multi-step
@@ -27,7 +28,7 @@ from mixserve.router.speculation import (
 )
 from mixserve.router.steps import SampledToken, Step, StepResult
 from mixserve.shards.multi_step import decode_steps
-from mixserve.shards.runner import SequenceResult
+from mixserve.shards.runner import InvalidStep, SequenceResult, SequenceStep
 from mixserve.shards.speculative import VerifiedToken
 
 
@@ -73,10 +74,10 @@ def test_a_request_gaining_less_than_the_cost_pauses_longer_each_time_then_retri
 @dataclass
 class FakeRunner:
     """Answers steps as a shard's runner would, from `true_next` (test_speculation's fake model): of the
-    proposals a step verifies, the first `good` are right. Each sequence's tokens are kept by position, so
-    rolled-back ones are dropped."""
+    proposals a step verifies, the first `good` are right (or `good[seq_id]`). Each sequence's tokens are
+    kept by position, so rolled-back ones are dropped."""
 
-    good: int
+    good: int | dict[int, int]
     block_size: int = 4
     tokens: dict[int, list[int]] = field(default_factory=dict)
 
@@ -92,7 +93,8 @@ class FakeRunner:
                 results.append(SequenceResult(s.seq_id, 0, 0.0, sampled=False))
                 continue
             run = [true_next(known)]
-            for _ in range(min(self.good, proposals)):
+            good = self.good if isinstance(self.good, int) else self.good[s.seq_id]
+            for _ in range(min(good, proposals)):
                 run.append(true_next(known + run))
             self.tokens[s.seq_id] = known + run[:-1]  # the kept proposals were written after the last token
             results.append(
@@ -201,3 +203,71 @@ async def test_without_the_cost_back_off_every_step_speculates(tmp_path, demo_to
 @pytest.mark.parametrize("good", [0, 3])
 async def test_the_back_off_keeps_outputs(tmp_path, demo_tokenizer, good):
     await serve(tmp_path, demo_tokenizer, verify_us=2500, good=good)
+
+
+def test_a_run_ends_when_a_sequence_has_gained_its_own_run_tokens():
+    runner = FakeRunner(good=3)  # every proposal kept: k + 1 tokens a step
+    table = list(range(10))  # 40 positions
+    steps = [
+        SequenceStep(1, [3], 2, [2], table, speculate=3, run_tokens=6),
+        SequenceStep(2, [4], 2, [42], table, speculate=3),  # 0: the run's num_steps
+    ]
+    runner.tokens = {1: [3, 5], 2: [6, 1]}
+    gained = {1: 0, 2: 0}
+    for results in decode_steps(runner, steps, 20, lambda: False):
+        for r in results:
+            gained[r.seq_id] += 1 + len(r.next_tokens)
+    # Sequence 1 proposes only within its 6 positions (4, then 2) and ends the run; sequence 2 ran on.
+    assert gained == {1: 6, 2: 8}
+    with pytest.raises(InvalidStep, match="exceeds the run's 5 steps"):
+        list(decode_steps(runner, steps, 5, lambda: False))
+
+
+async def serve_two(tmp_path, demo_tokenizer, lengths: tuple[int, int]) -> tuple[list, int]:
+    """Two requests of `lengths` tokens at once, at k = 3 in runs of up to 64 steps, the first keeping no
+    proposal and the second every one; the outputs and the runs the group ran."""
+    group = TimedGroup(f"unix:{tmp_path}/c.sock", FakeRunner({1: 0, 2: 3}), 1000, 1500)
+    runs = 0
+    decode_steps_of = group.decode_steps
+
+    async def counted(step):
+        nonlocal runs
+        runs += 1
+        async for result in decode_steps_of(step):
+            yield result
+
+    group.decode_steps = counted
+    limits = Limits(max_concurrent_requests=2, max_input_tokens=40, max_total_tokens=1100)
+    replicas = build_replicas(
+        [(group, SchedulerConfig(num_blocks=400, block_size=4))],
+        demo_tokenizer,
+        limits,
+        (),
+        64,
+        speculate=3,
+        speculate_cost_back_off=False,
+    )
+    engine = replicas.engines[0]
+    engine.start()
+    try:
+        prompts = [[3, 5, 1], [2, 7, 4]]
+        generations = [
+            replicas.submit(p, GenerationParams(max_new_tokens=n)) for p, n in zip(prompts, lengths, strict=True)
+        ]
+        outputs = []
+        async with asyncio.timeout(30):
+            for generation in generations:
+                outputs.append([event.token_id async for event in generation.stream()])
+        assert outputs == [reference(p, n) for p, n in zip(prompts, lengths, strict=True)]
+        assert engine.scheduler.num_blocks_used == 0
+        return outputs, runs
+    finally:
+        await engine.stop()
+        await group.close()
+
+
+async def test_speculating_sequences_run_to_their_own_ends(tmp_path, demo_tokenizer):
+    # The slow request's 40 tokens in one run, then the fast one's rest in another. Bounded by what the
+    # nearest to its end has left, the runs ended each time the fast one had gained that much: 11 runs.
+    _, runs = await serve_two(tmp_path, demo_tokenizer, (40, 300))
+    assert runs == 2
