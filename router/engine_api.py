@@ -69,7 +69,7 @@ class GroupStats:
     kv_blocks_free: int
     steps: int
     generated_tokens: int
-    # What a decode step cost the shards by batch size, plain and speculating (µs, averaged; None: not
+    # What a decode step cost the shards by batch size, plain and speculating (µs, the median of the latest; None: not
     # measured): (batch, plain, speculating), for speculation's cost back-off.
     speculation_step_us: tuple[tuple[int, float | None, float | None], ...] = ()
 

@@ -29,7 +29,9 @@ when they come.
 Pure Python, no torch.
 """
 
+from collections import deque
 from dataclasses import dataclass, field
+from statistics import median
 
 # Running requests above which no request speculates (the engine's default; --speculate-max-batch).
 MAX_BATCH = 8
@@ -40,11 +42,12 @@ VERIFY_ROWS = 32
 MISSES_TO_PAUSE = 4
 PAUSE_TOKENS = 16
 MAX_COST_PAUSE_TOKENS = 512
-# Weight of the newest sample in the running averages: a request's tokens per step (noisy: 1 to k + 1),
-# the engine's over all requests (a new request's prior), and step times.
+# Weight of the newest sample in the running averages of tokens a step gains: a request's (noisy: 1 to
+# k + 1), and the engine's over all requests (a new request's prior).
 REQUEST_GAIN_WEIGHT = 0.25
 ENGINE_GAIN_WEIGHT = 0.05
-TIME_WEIGHT = 0.1
+# Step times kept per batch size and kind, whose median is the step's cost.
+TIME_SAMPLES = 32
 # A plain probe run's steps, and the speculating steps after which a batch size's plain time is re-measured.
 PROBE_STEPS = 8
 REPROBE_STEPS = 512
@@ -67,24 +70,32 @@ def _average(old: float | None, sample: float, weight: float) -> float:
 
 @dataclass(slots=True)
 class StepCosts:
-    """What decode steps cost the shards by batch size, plain and speculating, and the tokens a
-    speculating step gains a request on average (over every request: a new request's prior)."""
+    """What decode steps cost the shards by batch size, plain and speculating (the median of the latest
+    `TIME_SAMPLES`: a step slowed by the router or a client sharing the CPU moves it little), and the
+    tokens a speculating step gains a request on average (over every request: a new request's prior)."""
 
-    plain_us: dict[int, float] = field(default_factory=dict)
-    verify_us: dict[int, float] = field(default_factory=dict)
     gain: float | None = None
+    _plain: dict[int, deque[float]] = field(default_factory=dict)
+    _verify: dict[int, deque[float]] = field(default_factory=dict)
     # Speculating steps since the batch size's plain time was last measured.
     _since_plain: dict[int, int] = field(default_factory=dict)
 
     def on_step(self, batch: int, speculating: bool, shard_us: float) -> None:
         """A decode step of `batch` sequences (no prefill) took the shards `shard_us`; `speculating` if any
         of its sequences had proposals asked of the shards."""
-        if speculating:
-            self.verify_us[batch] = _average(self.verify_us.get(batch), shard_us, TIME_WEIGHT)
-            self._since_plain[batch] = self._since_plain.get(batch, 0) + 1
-        else:
-            self.plain_us[batch] = _average(self.plain_us.get(batch), shard_us, TIME_WEIGHT)
-            self._since_plain[batch] = 0
+        times = self._verify if speculating else self._plain
+        if batch not in times:
+            times[batch] = deque(maxlen=TIME_SAMPLES)
+        times[batch].append(shard_us)
+        self._since_plain[batch] = self._since_plain.get(batch, 0) + 1 if speculating else 0
+
+    def plain_us(self, batch: int) -> float | None:
+        """A plain decode step's time at `batch` sequences (None: not measured)."""
+        return median(self._plain[batch]) if batch in self._plain else None
+
+    def verify_us(self, batch: int) -> float | None:
+        """A speculating decode step's time at `batch` sequences, drafting included (None: not measured)."""
+        return median(self._verify[batch]) if batch in self._verify else None
 
     def on_gain(self, tokens: int) -> None:
         """A request's speculating step gained it `tokens` (its kept proposals and the token after them)."""
@@ -93,17 +104,17 @@ class StepCosts:
     def ratio(self, batch: int) -> float | None:
         """A speculating step's time over a plain one's at `batch` sequences: the tokens a step must gain
         a request to pay (None until both are measured)."""
-        plain, verify = self.plain_us.get(batch), self.verify_us.get(batch)
+        plain, verify = self.plain_us(batch), self.verify_us(batch)
         return verify / plain if plain and verify is not None else None
 
     def table(self) -> tuple[tuple[int, float | None, float | None], ...]:
         """(batch size, plain µs, speculating µs) for every batch size measured, smallest first."""
-        sizes = sorted(self.plain_us.keys() | self.verify_us.keys())
-        return tuple((b, self.plain_us.get(b), self.verify_us.get(b)) for b in sizes)
+        sizes = sorted(self._plain.keys() | self._verify.keys())
+        return tuple((b, self.plain_us(b), self.verify_us(b)) for b in sizes)
 
     def needs_plain(self, batch: int) -> bool:
         """Whether the next run at `batch` sequences should be a short plain one, to measure a plain step."""
-        return batch not in self.plain_us or self._since_plain.get(batch, 0) >= REPROBE_STEPS
+        return batch not in self._plain or self._since_plain.get(batch, 0) >= REPROBE_STEPS
 
 
 @dataclass(slots=True)
