@@ -13,7 +13,9 @@ and the speculation counters of /metrics (proposed, accepted).
 
 On an MoE a verification of k + 1 tokens reads the experts all of them route to (the fused MoE's floor
 at one rank's shape: 41.5 us for 1 token, 145 us for 4 on an H200), so a draft pays only where its
-acceptance outweighs that: the run measures it rather than assumes it.
+acceptance outweighs that: the run measures it rather than assumes it, with speculation's cost back-off
+(the default: a request pauses where its proposals gain it fewer tokens a step than a step costs) and,
+for the draft at k = 3, without it.
 
 `--dry-run` trains tiny models for a few steps on the CPU and serves them there (two 8-token
 requests an arm), so CI runs the same code. Results: spec.json, spec.md and each arm's server log in
@@ -61,6 +63,8 @@ ARMS = (
     ("plain", ()),
     ("ngram-k3", ("--speculate", "3")),
     ("draft-k3", ("--speculate", "3", "--speculative-model", "{draft}")),
+    # The draft lost to plain decoding (0.90x) before the cost back-off: both, to see what it catches.
+    ("draft-k3-no-back-off", ("--speculate", "3", "--speculative-model", "{draft}", "--no-speculate-cost-back-off")),
     ("draft-k5", ("--speculate", "5", "--speculative-model", "{draft}")),
 )
 # An arm starts only with this much of --time-budget left (a server's start-up, capture included, and

@@ -238,6 +238,6 @@ def test_spec_dry_run_trains_both_models_and_serves_every_arm(tmp_path):
         assert (tmp_path / f"{name}.log").is_file()
         assert arm["speculation"] is not None
     assert arms["plain"]["speculation"]["proposed"] == 0
-    assert arms["draft-k3"]["speculation"]["proposed"] > 0 and arms["draft-k5"]["speculation"]["proposed"] > 0
+    assert all(arms[name]["speculation"]["proposed"] > 0 for name in arms if name.startswith("draft-"))
     markdown = (tmp_path / "spec.md").read_text()
     assert all(f"| {name} | ran |" in markdown for name in arms)
