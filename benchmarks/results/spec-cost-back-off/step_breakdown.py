@@ -8,7 +8,9 @@ import collections
 import re
 import sys
 
-STEP = re.compile(r"event=step step=\d+ decode_seqs=(\S*) prefill_tokens=(\d+) prefill_seqs=\S* shard_us=(\d+) ms=([\d.]+)")
+STEP = re.compile(
+    r"event=step step=\d+ decode_seqs=(\S*) prefill_tokens=(\d+) prefill_seqs=\S* shard_us=(\d+) ms=([\d.]+)"
+)
 
 for path in sys.argv[1:]:
     kinds = collections.defaultdict(lambda: [0, 0.0, 0.0])
