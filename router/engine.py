@@ -30,7 +30,7 @@ from mixserve.router.metrics import Metrics
 from mixserve.router.params import GenerationParams
 from mixserve.router.scheduler import Scheduler, SchedulerConfig, Sequence, StepPlan
 from mixserve.router.shard_client import ShardGroup, ShardRejected
-from mixserve.router.speculation import MAX_BATCH, PROBE_STEPS, StepCosts, width
+from mixserve.router.speculation import MAX_BATCH, Speculation
 from mixserve.router.steps import SampledToken, SequenceStep, Step, StepResult
 
 log = logging.getLogger("mixserve.router")
@@ -65,19 +65,13 @@ class Engine:
         `speculate_cost_back_off`, a request whose proposals gain it fewer tokens a step than verifying
         them costs (the shards' step times) pauses (router/speculation.py). `stream_interval_ms`: the
         shards send a multi-step run's steps at most once per this many ms (0: each as it finishes)."""
-        if speculate < 0:
-            raise ValueError(f"speculate must be >= 0, got {speculate}")
-        if speculate_max_batch < 1:
-            raise ValueError(f"speculate_max_batch must be >= 1, got {speculate_max_batch}")
-        self.speculate = speculate
-        self.speculate_max_batch = speculate_max_batch
-        self.step_costs = StepCosts() if speculate_cost_back_off else None
         self.group = group
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(scheduler_config)
         # Shared metrics read every group's scheduler through router/replicas.py's PooledSchedulers.
         self._own_metrics = metrics is None
         self.metrics = Metrics(self.scheduler) if metrics is None else metrics
+        self.speculation = Speculation(speculate, speculate_max_batch, speculate_cost_back_off, self.metrics)
         self.limits = limits
         self.eos_token_ids = frozenset(eos_token_ids)
         self.special_ids = frozenset(tokenizer.all_special_ids)
@@ -94,8 +88,6 @@ class Engine:
         self.step_sequences = 0
         self.generated_tokens = 0
         self.cancelled = 0
-        self.speculative_proposed = 0
-        self.speculative_accepted = 0
         self._ids = itertools.count(1) if ids is None else ids
         self._wake = asyncio.Event()
         self._release: list[int] = []
@@ -201,7 +193,7 @@ class Engine:
     async def _run(self) -> None:
         # Ends when the group fails: nothing may reach it until `restart` hands over a new one.
         while self.failure is None:
-            speculating = bool(self.speculate) and self.scheduler.num_running <= self.speculate_max_batch
+            speculating = self.speculation.allowed(self.scheduler.num_running)
             plan = self.scheduler.schedule()
             if plan is None:
                 if not self.live:
@@ -223,18 +215,9 @@ class Engine:
         """Run `plan`; when it is all decodes and nothing waits, let the shards run further decode
         steps without a round trip (multi-step decode), each streamed back as it is sampled. Speculating,
         a run's length counts tokens, up to `speculate` + 1 a step."""
-        k = width(self.speculate, self.scheduler.num_running) if speculating else 0
-        decodes = [e.seq for e in plan.sequences if not e.is_prefill]
-        max_steps = self.max_decode_steps
-        if k and self._probes_plain(plan, decodes):
-            # A short plain run measures what a plain step costs at this batch size.
-            k, max_steps = 0, min(max_steps, PROBE_STEPS)
-        proposals = {seq.seq_id: self._proposals(seq, k, len(decodes)) for seq in decodes} if k else {}
-        if any(proposals.values()):
-            if self.step_costs is not None and any(seq.payload.speculation.exploring for seq in decodes):
-                # Speculating to measure (its cost or a request's gain): a short run, then decide again.
-                max_steps = min(max_steps, PROBE_STEPS)
-            max_steps *= 1 + k
+        proposals, max_steps = self.speculation.plan_run(
+            plan, self.scheduler.num_running, speculating, self.max_decode_steps
+        )
         # Speculating sequences gain tokens at different rates: each runs to its own end (run_tokens).
         num_steps = self.scheduler.extend_decode(plan, max_steps, own_budgets=any(proposals.values()))
         if num_steps == 1 and proposals and not plan.preempted:
@@ -304,25 +287,6 @@ class Engine:
         if not task.cancelled():
             task.exception()
 
-    def _proposals(self, seq: Sequence, k: int, batch: int) -> int:
-        """How many tokens (at most `k`) the shards may propose for `seq`'s next step in a batch of `batch`
-        decodes (the scheduler keeps those that fit)."""
-        generation: Generation = seq.payload
-        if generation.params.grammar is not None:
-            return 0
-        costs = self.step_costs
-        if costs is None:
-            return generation.speculation.proposals(k)
-        return generation.speculation.proposals(k, costs.ratio(batch), costs.gain)
-
-    def _probes_plain(self, plan: StepPlan, decodes: list[Sequence]) -> bool:
-        """Whether this all-decode step should run plain to measure a plain step at its batch size: a
-        request would otherwise speculate and that measurement is missing or old."""
-        costs = self.step_costs
-        if costs is None or plan.num_prefill_tokens or not costs.needs_plain(len(decodes)):
-            return False
-        return any(seq.payload.params.grammar is None and not seq.payload.speculation.paused for seq in decodes)
-
     def _step(self, plan: StepPlan) -> Step:
         """The step the shards run for `plan`; a prefill entry carries its request's sampling settings."""
         sequences = [
@@ -368,11 +332,7 @@ class Engine:
                 result.forward_us,
                 (now - started) * 1000,
             )
-        # The shards make every proposal (a draft entry's, or a speculating run's) and say how many.
-        proposing = {e.seq.seq_id for e in plan.sequences if e.draft or e.speculate}
-        costs = self.step_costs
-        if costs is not None and timed and not plan.num_prefill_tokens:
-            costs.on_step(len(plan.sequences), bool(proposing), result.forward_us)
+        proposing = self.speculation.on_step(plan, result.forward_us, timed)
         delivered = 0
         for seq_id, token in results.items():
             generation = self.live.get(seq_id)
@@ -385,20 +345,7 @@ class Engine:
                 finish = self._on_token(generation, run[kept], now)
                 kept += 1
             delivered += kept
-            generation.speculation.on_tokens(kept)
-            if seq_id in proposing:
-                generation.speculation.on_speculated(len(run))
-                if costs is not None:
-                    costs.on_gain(len(run))
-            count = token.num_drafted if seq_id in proposing else 0
-            if count:
-                # Proposals that reached the output: the tokens kept, less the one sampled after them. The
-                # shards may have made fewer proposals than the slots reserved for them.
-                accepted = min(kept, len(run) - 1)
-                generation.speculation.on_verified(count, accepted)
-                self.speculative_proposed += count
-                self.speculative_accepted += accepted
-                self.metrics.on_speculated(count, accepted)
+            self.speculation.on_tokens(generation.speculation, token, kept, seq_id in proposing)
             if finish is not None:
                 self._end(generation, finish)
         self.metrics.on_step(plan.num_prefill_tokens, plan.num_decode_tokens, now - started, delivered)

@@ -166,9 +166,9 @@ class Replicas:
             step_sequences=sum(e.step_sequences for e in self.engines),
             generated_tokens=sum(e.generated_tokens for e in self.engines),
             cancelled_requests=sum(e.cancelled for e in self.engines),
-            speculate=self.engines[0].speculate,
-            speculative_proposed_tokens=sum(e.speculative_proposed for e in self.engines),
-            speculative_accepted_tokens=sum(e.speculative_accepted for e in self.engines),
+            speculate=self.engines[0].speculation.k,
+            speculative_proposed_tokens=sum(e.speculation.proposed for e in self.engines),
+            speculative_accepted_tokens=sum(e.speculation.accepted for e in self.engines),
             groups=tuple(self._group_stats(i) for i in range(len(self.engines))),
         )
 
@@ -189,7 +189,7 @@ class Replicas:
             kv_blocks_free=scheduler.num_blocks_free,
             steps=engine.steps,
             generated_tokens=engine.generated_tokens,
-            speculation_step_us=engine.step_costs.table() if engine.step_costs is not None else (),
+            speculation_step_us=engine.speculation.costs.table() if engine.speculation.costs is not None else (),
         )
 
     # -- failure ----------------------------------------------------------------------------------

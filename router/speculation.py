@@ -32,6 +32,12 @@ Pure Python, no torch.
 from collections import deque
 from dataclasses import dataclass, field
 from statistics import median
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mixserve.router.metrics import Metrics
+    from mixserve.router.scheduler import Sequence, StepPlan
+    from mixserve.router.steps import SampledToken
 
 # Running requests above which no request speculates (the engine's default; --speculate-max-batch).
 MAX_BATCH = 8
@@ -167,3 +173,88 @@ class SpeculationState:
         if self.misses >= MISSES_TO_PAUSE:
             self.misses = 0
             self.paused = PAUSE_TOKENS
+
+
+class Speculation:
+    """One engine's speculation: which decodes of a step have proposals and how many tokens its run may
+    gain, the step costs its back-off weighs, and the proposed / accepted counters."""
+
+    def __init__(self, k: int, max_batch: int, cost_back_off: bool, metrics: "Metrics") -> None:
+        """`k`: the most proposals a decode has (0: no speculation), while at most `max_batch` requests
+        run; with `cost_back_off`, requests pause where speculating costs more than it gains."""
+        if k < 0:
+            raise ValueError(f"speculate must be >= 0, got {k}")
+        if max_batch < 1:
+            raise ValueError(f"speculate_max_batch must be >= 1, got {max_batch}")
+        self.k = k
+        self.max_batch = max_batch
+        self.costs = StepCosts() if cost_back_off and k else None
+        self.metrics = metrics
+        self.proposed = 0
+        self.accepted = 0
+
+    def allowed(self, running: int) -> bool:
+        """Whether decodes may speculate with `running` requests in the batch (counted before scheduling)."""
+        return bool(self.k) and running <= self.max_batch
+
+    def plan_run(self, plan: "StepPlan", running: int, allowed: bool, max_steps: int) -> tuple[dict[int, int], int]:
+        """For `plan`, just scheduled with `running` requests: each decode's proposals (by sequence id) and
+        the most a multi-step run of it may gain (tokens: `max_steps` decode steps, times k + 1 where any
+        decode speculates; a short run where it speculates, or runs plain, to measure)."""
+        k = width(self.k, running) if allowed else 0
+        decodes = [e.seq for e in plan.sequences if not e.is_prefill]
+        if k and self._probes_plain(plan, decodes):
+            # A short plain run measures what a plain step costs at this batch size.
+            k, max_steps = 0, min(max_steps, PROBE_STEPS)
+        proposals = {seq.seq_id: self._proposals(seq, k, len(decodes)) for seq in decodes} if k else {}
+        if any(proposals.values()):
+            if self.costs is not None and any(seq.payload.speculation.exploring for seq in decodes):
+                # Speculating to measure (its cost or a request's gain): a short run, then decide again.
+                max_steps = min(max_steps, PROBE_STEPS)
+            max_steps *= 1 + k
+        return proposals, max_steps
+
+    def on_step(self, plan: "StepPlan", shard_us: int, timed: bool) -> set[int]:
+        """A step of `plan` took the shards `shard_us`; the sequences the shards were asked to propose for.
+        A `timed` all-decode step's time joins the step costs."""
+        # The shards make every proposal (a draft entry's, or a speculating run's) and say how many.
+        proposing = {e.seq.seq_id for e in plan.sequences if e.draft or e.speculate}
+        if self.costs is not None and timed and not plan.num_prefill_tokens:
+            self.costs.on_step(len(plan.sequences), bool(proposing), shard_us)
+        return proposing
+
+    def on_tokens(self, state: SpeculationState, token: "SampledToken", kept: int, proposing: bool) -> None:
+        """A request's step answered `token` (and the tokens after it), of which it `kept` the first (a stop,
+        EOS or max_new_tokens drops the rest); `proposing` if the shards were asked to propose for it."""
+        state.on_tokens(kept)
+        if not proposing:
+            return
+        gained = 1 + len(token.next_tokens)
+        state.on_speculated(gained)
+        if self.costs is not None:
+            self.costs.on_gain(gained)
+        if token.num_drafted:
+            # Proposals that reached the output: the tokens kept, less the one sampled after them. The
+            # shards may have made fewer proposals than the slots reserved for them.
+            accepted = min(kept, gained - 1)
+            state.on_verified(token.num_drafted, accepted)
+            self.proposed += token.num_drafted
+            self.accepted += accepted
+            self.metrics.on_speculated(token.num_drafted, accepted)
+
+    def _proposals(self, seq: "Sequence", k: int, batch: int) -> int:
+        """How many tokens (at most `k`) the shards may propose for `seq`'s next step in a batch of `batch`
+        decodes (the scheduler keeps those that fit)."""
+        generation = seq.payload
+        if generation.params.grammar is not None:
+            return 0
+        if self.costs is None:
+            return generation.speculation.proposals(k)
+        return generation.speculation.proposals(k, self.costs.ratio(batch), self.costs.gain)
+
+    def _probes_plain(self, plan: "StepPlan", decodes: list["Sequence"]) -> bool:
+        """Whether this all-decode step should run plain to measure a plain step at its batch size: a
+        request would otherwise speculate and that measurement is missing or old."""
+        if self.costs is None or plan.num_prefill_tokens or not self.costs.needs_plain(len(decodes)):
+            return False
+        return any(seq.payload.params.grammar is None and not seq.payload.speculation.paused for seq in decodes)

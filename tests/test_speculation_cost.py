@@ -13,9 +13,10 @@ import pytest
 from test_speculation import reference, true_next
 
 from mixserve.router.engine_api import Limits
+from mixserve.router.metrics import Metrics
 from mixserve.router.params import GenerationParams
 from mixserve.router.replicas import build_replicas
-from mixserve.router.scheduler import SchedulerConfig
+from mixserve.router.scheduler import Scheduler, SchedulerConfig
 from mixserve.router.shard_client import ShardGroup
 from mixserve.router.speculation import (
     COST_MARGIN,
@@ -23,6 +24,7 @@ from mixserve.router.speculation import (
     PAUSE_TOKENS,
     PROBE_STEPS,
     REPROBE_STEPS,
+    Speculation,
     SpeculationState,
     StepCosts,
 )
@@ -47,6 +49,18 @@ def test_step_costs_give_a_ratio_once_both_kinds_of_step_are_timed():
     for _ in range(REPROBE_STEPS):
         costs.on_step(1, True, 3000)
     assert costs.needs_plain(1)  # an old plain time is measured again
+
+
+def test_an_engine_speculates_up_to_its_batch_limit_and_refuses_bad_settings():
+    metrics = Metrics(Scheduler(SchedulerConfig(num_blocks=4, block_size=4)))
+    speculation = Speculation(3, 8, True, metrics)
+    assert speculation.allowed(8) and not speculation.allowed(9)
+    assert not Speculation(0, 8, True, metrics).allowed(1)
+    assert Speculation(0, 8, True, metrics).costs is None  # nothing to weigh without speculation
+    with pytest.raises(ValueError, match="speculate must be >= 0"):
+        Speculation(-1, 8, True, metrics)
+    with pytest.raises(ValueError, match="speculate_max_batch must be >= 1"):
+        Speculation(3, 0, True, metrics)
 
 
 def test_a_request_gaining_less_than_the_cost_pauses_longer_each_time_then_retries():
