@@ -48,7 +48,7 @@ EOF
 
 if [ "${1:-gpu}" = spec ]; then
     # `bash benchmarks/gpu_run.sh spec [SECONDS]`: speculative decoding with a draft model on trained
-    # weights (benchmarks/gpu_spec.py; training ~2.5 min, four servers 20-36 s each, arms past the
+    # weights (benchmarks/gpu_spec.py; training ~2.5 min, five servers 20-36 s each, arms past the
     # budget skipped; default 420 s). Results in $OUT/spec/.
     budget=${2:-420}
     out=${OUT:+$OUT/spec}
