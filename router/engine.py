@@ -238,6 +238,8 @@ class Engine:
             self._active_run = self._run_ids
             log.debug("event=decode_run run=%d steps=%d seqs=%d", self._run_ids, num_steps, len(plan.sequences))
             self.metrics.on_decode_run(num_steps)
+            # Sequences the shards drop from the run once they have the tokens they had left.
+            leaving = {e.seq.seq_id for e in plan.sequences if 0 < e.run_tokens < num_steps}
             first = True
             async for result in self.group.decode_steps(step):
                 if in_flight is None:
@@ -247,8 +249,13 @@ class Engine:
                 self._on_step_done(plan, result, started, timed=not first)
                 first = False
                 started = time.perf_counter()
-                # The batch should change: a request finished (or was cancelled), or one is waiting.
-                if self.scheduler.num_waiting or any(e.seq.seq_id not in self.live for e in plan.sequences):
+                # The batch should change: one is waiting, or a request ended (finished, or was cancelled)
+                # where the shards would go on computing it.
+                if self.scheduler.num_waiting or any(
+                    e.seq.seq_id not in self.live
+                    and not (e.seq.seq_id in leaving and e.seq.payload.finish_reason == FINISH_LENGTH)
+                    for e in plan.sequences
+                ):
                     self._interrupt_run()
             self.scheduler.end_run(plan)
         except RouterError as e:

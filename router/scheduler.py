@@ -312,8 +312,9 @@ class Scheduler:
         plan's block tables then cover every position of every step. With `own_budgets` (a speculating
         run, whose sequences gain tokens at different rates), the bound is the most any sequence has
         left, and each entry's `run_tokens` is its own (what it has left, within that bound), its
-        table covering those: the run goes on until one sequence is done. Follow each step after the
-        first with `continue_decode`.
+        table covering those: a sequence with fewer left than the bound leaves the run when done, the
+        others going on. Follow each step after the first with `continue_decode`, which leaves out
+        sequences that have ended.
         """
         if self._in_flight is not plan:
             raise ValueError("extend_decode() got a plan that is not the step in flight")

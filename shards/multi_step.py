@@ -13,11 +13,12 @@ steps, and their other collectives keep pairing up.
 
 Speculating runs. A sequence with `speculate` k proposes up to k tokens before every step of the run
 (shards/ngram.py, or the draft model), and the step verifies them (shards/speculative.py), so a step
-may give it several tokens. The run's `num_steps`, or a sequence's own `run_tokens` (the router gives
-each speculating sequence the tokens it has left, so the run goes on until one of them is done), then
-bounds the tokens each sequence gains, which is what the router's blocks cover: a step at position p
-proposes at most `last - p` tokens (`last` the final position the run may write, start + its bound - 1),
-and the run ends once any sequence has gained its bound. Every rank gets the same tokens, so every rank
+may give it several tokens. The run's `num_steps`, or a sequence's own `run_tokens` (fewer: the tokens
+it has left, which the router gives each speculating sequence), then bounds the tokens each sequence
+gains, which is what the router's blocks cover: a step at position p proposes at most `last - p` tokens
+(`last` the final position the run may write, start + its bound - 1). A sequence done with its own
+run_tokens leaves the run (it has finished) and the others go on; the run ends once any sequence has
+gained num_steps tokens, or none is left. Every rank gets the same tokens, so every rank
 ends the run at the same step without a collective. Verification thus rides inside the run, with no
 round trip per step, and a step whose lookup found nothing costs what a plain decode costs.
 """
@@ -63,40 +64,47 @@ def run_step(s: SequenceStep, token: int, position: int, last: int, block_size: 
 
 
 def next_steps(
-    steps: list[SequenceStep], results: list[SequenceResult], lasts: list[int], block_size: int
+    steps: list[SequenceStep], results: list[SequenceResult], lasts: dict[int, int], leaves: set[int], block_size: int
 ) -> list[SequenceStep] | None:
-    """The step after `steps`: each sequence's last token gained at its next position; None when a sequence
-    has gained every token its run allows (its next position is past `lasts`)."""
+    """The step after `steps`: each sequence's last token gained at its next position. A sequence that has
+    gained every token its run allows (its next position is past its last) leaves the run where those are
+    all it has left (`leaves`: its run_tokens below the run's steps); otherwise the run ends (None), as it
+    does when no sequence is left."""
     by_id = {r.seq_id: r for r in results}
     following = []
-    for s, last in zip(steps, lasts, strict=True):
+    for s in steps:
         r = by_id[s.seq_id]
         position = s.start_position + 1 + len(r.next_tokens)
+        last = lasts[s.seq_id]
         if position > last:
+            if s.seq_id in leaves:
+                continue
             return None
         token = r.next_tokens[-1].token_id if r.next_tokens else r.token_id
         following.append(run_step(s, token, position, last, block_size))
-    return following
+    return following or None
 
 
 def decode_steps(
     runner: ModelRunner, steps: list[SequenceStep], num_steps: int, agree_to_stop: Callable[[], bool]
 ) -> Iterator[list[SequenceResult]]:
-    """Run decode steps from `steps` until a sequence gained its `num_steps` tokens (or its own run_tokens;
-    one a step unless it speculates), yielding each step's results.
+    """Run decode steps from `steps` until a sequence gained its `num_steps` tokens, yielding each step's
+    results (one token a sequence a step unless it speculates). A sequence whose run_tokens are fewer
+    leaves the run once it has gained them (what it had left), and the others go on.
 
     `agree_to_stop` is called on every rank before every step after the first and must return the
     same answer on all of them (a collective over the ranks' interrupt flags).
     """
     size = runner.block_size
     check_multi_step(steps, num_steps, size)
-    lasts = last_positions(steps, num_steps)
+    lasts = dict(zip((s.seq_id for s in steps), last_positions(steps, num_steps), strict=True))
+    leaves = {s.seq_id for s in steps if 0 < s.run_tokens < num_steps}
     current: list[SequenceStep] | None = [
-        run_step(s, s.token_ids[0], s.start_position, last, size) for s, last in zip(steps, lasts, strict=True)
+        run_step(s, s.token_ids[0], s.start_position, lasts[s.seq_id], size) for s in steps
     ]
     while current is not None:
         results = runner.step(current)
         yield results
-        current = next_steps(current, results, lasts, size)
+        current = next_steps(current, results, lasts, leaves, size)
         if current is not None and agree_to_stop():
             return

@@ -220,22 +220,32 @@ async def test_the_back_off_keeps_outputs(tmp_path, demo_tokenizer, good):
     await serve(tmp_path, demo_tokenizer, verify_us=2500, good=good)
 
 
-def test_a_run_ends_when_a_sequence_has_gained_its_own_run_tokens():
-    runner = FakeRunner(good=3)  # every proposal kept: k + 1 tokens a step
-    table = list(range(10))  # 40 positions
-    steps = [
-        SequenceStep(1, [3], 2, [2], table, speculate=3, run_tokens=6),
-        SequenceStep(2, [4], 2, [42], table, speculate=3),  # 0: the run's num_steps
-    ]
+def gained_in_run(steps: list[SequenceStep], num_steps: int) -> tuple[dict[int, int], int]:
+    """Each sequence's tokens from a run of `steps` (every proposal kept: k + 1 tokens a step), and its steps."""
+    runner = FakeRunner(good=3)
     runner.tokens = {1: [3, 5], 2: [6, 1]}
-    gained = {1: 0, 2: 0}
-    for results in decode_steps(runner, steps, 20, lambda: False):
+    gained, count = {s.seq_id: 0 for s in steps}, 0
+    for results in decode_steps(runner, steps, num_steps, lambda: False):
+        count += 1
         for r in results:
             gained[r.seq_id] += 1 + len(r.next_tokens)
-    # Sequence 1 proposes only within its 6 positions (4, then 2) and ends the run; sequence 2 ran on.
-    assert gained == {1: 6, 2: 8}
+    return gained, count
+
+
+def test_a_sequence_leaves_the_run_with_its_own_run_tokens_and_the_others_go_on():
+    table = list(range(10))  # 40 positions
+    steps = [
+        SequenceStep(1, [3], 2, [2], table, speculate=3, run_tokens=6),  # the 6 tokens it has left
+        SequenceStep(2, [4], 2, [42], table, speculate=3),  # 0: the run's num_steps
+    ]
+    # Sequence 1 proposes only within its 6 positions (4 tokens, then 2) and leaves; sequence 2 gains the
+    # run's 20 (4 x 5 steps), and its gaining them ends the run.
+    assert gained_in_run(steps, 20) == ({1: 6, 2: 20}, 5)
+    # Where a sequence's budget is the run's, gaining it ends the run for every sequence.
+    steps[0].run_tokens = 8
+    assert gained_in_run(steps, 8) == ({1: 8, 2: 8}, 2)
     with pytest.raises(InvalidStep, match="exceeds the run's 5 steps"):
-        list(decode_steps(runner, steps, 5, lambda: False))
+        gained_in_run(steps, 5)
 
 
 async def serve_two(tmp_path, demo_tokenizer, lengths: tuple[int, int]) -> tuple[list, int]:
@@ -282,7 +292,8 @@ async def serve_two(tmp_path, demo_tokenizer, lengths: tuple[int, int]) -> tuple
 
 
 async def test_speculating_sequences_run_to_their_own_ends(tmp_path, demo_tokenizer):
-    # The slow request's 40 tokens in one run, then the fast one's rest in another. Bounded by what the
-    # nearest to its end has left, the runs ended each time the fast one had gained that much: 11 runs.
+    # The slow request's 40 tokens and the fast one's first 256 in one run (the slow one leaves it at 40),
+    # then the fast one's rest in another. Bounded by what the nearest to its end had left, the runs ended
+    # each time the fast one had gained that much: 11 runs.
     _, runs = await serve_two(tmp_path, demo_tokenizer, (40, 300))
     assert runs == 2
