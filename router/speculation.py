@@ -12,8 +12,7 @@ Speculation backs off where it does not pay:
   the request proposes nothing for its next `PAUSE_TOKENS` tokens, then tries again;
 - per request, on cost (`StepCosts`): a speculating step of B sequences takes `verify_us` of the
   shards' time where a plain one takes `plain_us`; it pays for a request that gains at least
-  verify_us / plain_us tokens a step (its kept proposals plus the token sampled after them), with a
-  margin (`COST_MARGIN`) for what the step times leave out. One that
+  verify_us / plain_us tokens a step (its kept proposals plus the token sampled after them). One that
   gains fewer pauses for `PAUSE_TOKENS`, doubled at each pause in a row up to `MAX_COST_PAUSE_TOKENS`,
   and then speculates for a short run (`PROBE_STEPS`) to measure again. The times are the shards' own (a step's
   `forward_us`, drafting included), by batch size; a speculating engine runs a short plain run
@@ -57,11 +56,6 @@ TIME_SAMPLES = 32
 # A plain probe run's steps, and the speculating steps after which a batch size's plain time is re-measured.
 PROBE_STEPS = 8
 REPROBE_STEPS = 512
-# A request speculates while it gains this much more than a speculating step costs: what the step times
-# leave out is paid too (proposals carried by steps that also prefill, the router's work on more tokens a
-# step). On the CPU demo's corpus workload at 8 streams, decoding broke even at ~1.75 tokens a step for
-# ~1.75 plain steps' time, and the steps that also prefilled cost more with proposals.
-COST_MARGIN = 1.1
 
 
 def width(k: int, running: int) -> int:
@@ -149,7 +143,7 @@ class SpeculationState:
             self.retry = False
             self.exploring = True
             return k
-        if gain >= ratio * COST_MARGIN:
+        if gain >= ratio:
             self.cost_pauses = 0
             return k
         self.paused = min(PAUSE_TOKENS << self.cost_pauses, MAX_COST_PAUSE_TOKENS)
