@@ -10,11 +10,13 @@ multi-step run, letting the shards propose before each of its steps within the b
 Speculation backs off where it does not pay:
 - per request, on misses: after `MISSES_TO_PAUSE` verification steps in a row that kept no proposal,
   the request proposes nothing for its next `PAUSE_TOKENS` tokens, then tries again;
-- per request, on cost (`StepCosts`): a speculating step of B sequences takes `verify_us` of the
-  shards' time where a plain one takes `plain_us`; it pays for a request that gains at least
-  verify_us / plain_us tokens a step (its kept proposals plus the token sampled after them). One that
-  gains fewer pauses for `PAUSE_TOKENS`, doubled at each pause in a row up to `MAX_COST_PAUSE_TOKENS`,
-  and then speculates for a short run (`PROBE_STEPS`) to measure again. The times are the shards' own (a step's
+- per request, on cost (`StepCosts`): each speculating step of B sequences took the shards some time,
+  which over the median plain step's at B is its cost in plain steps. Speculation pays for a request
+  whose speculating steps gain it (its kept proposals plus the token sampled after them) at least the
+  plain steps they cost, both averaged over its recent speculating steps; a step that found nothing to
+  propose gains one token for about one plain step and weighs neither way. One that gains fewer pauses
+  for `PAUSE_TOKENS`, doubled at each pause in a row up to `MAX_COST_PAUSE_TOKENS`, and then speculates
+  for a short run (`PROBE_STEPS`) to measure again. The times are the shards' own (a step's
   `forward_us`, drafting included), by batch size; a speculating engine runs a short plain run
   (`PROBE_STEPS`) where it has no plain time for the batch size or it is `REPROBE_STEPS` speculating
   steps old;
@@ -71,10 +73,12 @@ def _average(old: float | None, sample: float, weight: float) -> float:
 @dataclass(slots=True)
 class StepCosts:
     """What decode steps cost the shards by batch size, plain and speculating (the median of the latest
-    `TIME_SAMPLES`: a step slowed by the router or a client sharing the CPU moves it little), and the
-    tokens a speculating step gains a request on average (over every request: a new request's prior)."""
+    `TIME_SAMPLES`: a step slowed by the router or a client sharing the CPU moves it little), and what a
+    speculating step gains a request and costs, in tokens and plain steps, averaged over every request
+    (a new request's prior)."""
 
     gain: float | None = None
+    cost: float | None = None  # plain steps a speculating step costs, over every request (averaged)
     _plain: dict[int, deque[float]] = field(default_factory=dict)
     _verify: dict[int, deque[float]] = field(default_factory=dict)
     # Speculating steps since the batch size's plain time was last measured.
@@ -97,15 +101,16 @@ class StepCosts:
         """A speculating decode step's time at `batch` sequences, drafting included (None: not measured)."""
         return median(self._verify[batch]) if batch in self._verify else None
 
-    def on_gain(self, tokens: int) -> None:
-        """A request's speculating step gained it `tokens` (its kept proposals and the token after them)."""
+    def on_speculated(self, tokens: int, cost: float) -> None:
+        """A request's speculating step gained it `tokens` (its kept proposals and the token after them)
+        and cost `cost` plain steps."""
         self.gain = _average(self.gain, tokens, ENGINE_GAIN_WEIGHT)
+        self.cost = _average(self.cost, cost, ENGINE_GAIN_WEIGHT)
 
-    def ratio(self, batch: int) -> float | None:
-        """A speculating step's time over a plain one's at `batch` sequences: the tokens a step must gain
-        a request to pay (None until both are measured)."""
-        plain, verify = self.plain_us(batch), self.verify_us(batch)
-        return verify / plain if plain and verify is not None else None
+    def in_plain_steps(self, batch: int, shard_us: float) -> float | None:
+        """A step of `batch` sequences that took `shard_us`, in plain steps (None: no plain time yet)."""
+        plain = self.plain_us(batch)
+        return shard_us / plain if plain else None
 
     def table(self) -> tuple[tuple[int, float | None, float | None], ...]:
         """(batch size, plain µs, speculating µs) for every batch size measured, smallest first."""
@@ -126,24 +131,28 @@ class SpeculationState:
     misses: int = 0  # verification steps in a row that kept no proposal
     paused: int = 0  # tokens left to generate without proposals
     gain: float | None = None  # tokens a speculating step gains it, averaged
+    cost: float | None = None  # plain steps a speculating step of its costs, averaged over the same steps
     cost_pauses: int = 0  # pauses in a row for gaining too few tokens a step
     retry: bool = False  # a cost pause ended: speculate for a run whatever the average says
     exploring: bool = False  # the last proposals were to measure (a retry, or nothing to weigh yet)
 
-    def proposals(self, k: int, ratio: float | None = None, prior: float | None = None) -> int:
+    def proposals(self, k: int, weigh: bool = False, prior: "StepCosts | None" = None) -> int:
         """How many tokens this request may have proposed for it next: `k`, or 0 while it backs off. With
-        `ratio` (a speculating step's time over a plain one's at the batch size; None: unmeasured), a
-        request whose average gain (else `prior`, the engine's) is below it pauses; `exploring` then
-        says whether the answer was only to measure."""
+        `weigh`, a request whose speculating steps gain it fewer tokens than they cost plain steps (its
+        averages, else `prior`'s, the engine's) pauses; `exploring` then says whether the answer was only
+        to measure (nothing to weigh yet, or a pause just ended)."""
         self.exploring = False
         if self.paused or not k:
             return 0
-        gain = self.gain if self.gain is not None else prior
-        if self.retry or ratio is None or gain is None:
+        if not weigh:
+            return k
+        gain = self.gain if self.gain is not None else prior.gain if prior else None
+        cost = self.cost if self.cost is not None else prior.cost if prior else None
+        if self.retry or gain is None or cost is None:
             self.retry = False
             self.exploring = True
             return k
-        if gain >= ratio:
+        if gain >= cost:
             self.cost_pauses = 0
             return k
         self.paused = min(PAUSE_TOKENS << self.cost_pauses, MAX_COST_PAUSE_TOKENS)
@@ -155,9 +164,11 @@ class SpeculationState:
         """The request gained `count` tokens (a pause counts them down)."""
         self.paused = max(0, self.paused - count)
 
-    def on_speculated(self, tokens: int) -> None:
-        """A step that asked the shards for proposals gained the request `tokens` (1 if they made none)."""
+    def on_speculated(self, tokens: int, cost: float) -> None:
+        """A step that asked the shards for proposals gained the request `tokens` (1 if they made none) and
+        cost `cost` plain steps."""
         self.gain = _average(self.gain, tokens, REQUEST_GAIN_WEIGHT)
+        self.cost = _average(self.cost, cost, REQUEST_GAIN_WEIGHT)
 
     def on_verified(self, proposed: int, accepted: int) -> None:
         """A verification step of `proposed` tokens kept `accepted` of them."""
@@ -186,6 +197,8 @@ class Speculation:
         self.metrics = metrics
         self.proposed = 0
         self.accepted = 0
+        # The step just answered, in plain steps (None: not weighed: untimed, prefilling, or no plain time).
+        self._step_cost: float | None = None
 
     def allowed(self, running: int) -> bool:
         """Whether decodes may speculate with `running` requests in the batch (counted before scheduling)."""
@@ -200,7 +213,7 @@ class Speculation:
         if k and self._probes_plain(plan, decodes):
             # A short plain run measures what a plain step costs at this batch size.
             k, max_steps = 0, min(max_steps, PROBE_STEPS)
-        proposals = {seq.seq_id: self._proposals(seq, k, len(decodes)) for seq in decodes} if k else {}
+        proposals = {seq.seq_id: self._proposals(seq, k) for seq in decodes} if k else {}
         if any(proposals.values()):
             if self.costs is not None and any(seq.payload.speculation.exploring for seq in decodes):
                 # Speculating to measure (its cost or a request's gain): a short run, then decide again.
@@ -213,8 +226,11 @@ class Speculation:
         A `timed` all-decode step's time joins the step costs."""
         # The shards make every proposal (a draft entry's, or a speculating run's) and say how many.
         proposing = {e.seq.seq_id for e in plan.sequences if e.draft or e.speculate}
+        self._step_cost = None
         if self.costs is not None and timed and not plan.num_prefill_tokens:
             self.costs.on_step(len(plan.sequences), bool(proposing), shard_us)
+            if proposing:
+                self._step_cost = self.costs.in_plain_steps(len(plan.sequences), shard_us)
         return proposing
 
     def on_tokens(self, state: SpeculationState, token: "SampledToken", kept: int, proposing: bool) -> None:
@@ -224,9 +240,11 @@ class Speculation:
         if not proposing:
             return
         gained = 1 + len(token.next_tokens)
-        state.on_speculated(gained)
-        if self.costs is not None:
-            self.costs.on_gain(gained)
+        if self.costs is not None and self._step_cost is not None:
+            # A step's gain and cost are weighed together, so a step that found nothing to propose (one
+            # token for about a plain step) weighs neither way.
+            state.on_speculated(gained, self._step_cost)
+            self.costs.on_speculated(gained, self._step_cost)
         if token.num_drafted:
             # Proposals that reached the output: the tokens kept, less the one sampled after them. The
             # shards may have made fewer proposals than the slots reserved for them.
@@ -236,15 +254,13 @@ class Speculation:
             self.accepted += accepted
             self.metrics.on_speculated(token.num_drafted, accepted)
 
-    def _proposals(self, seq: "Sequence", k: int, batch: int) -> int:
-        """How many tokens (at most `k`) the shards may propose for `seq`'s next step in a batch of `batch`
-        decodes (the scheduler keeps those that fit)."""
+    def _proposals(self, seq: "Sequence", k: int) -> int:
+        """How many tokens (at most `k`) the shards may propose for `seq`'s next step (the scheduler keeps
+        those that fit)."""
         generation = seq.payload
         if generation.params.grammar is not None:
             return 0
-        if self.costs is None:
-            return generation.speculation.proposals(k)
-        return generation.speculation.proposals(k, self.costs.ratio(batch), self.costs.gain)
+        return generation.speculation.proposals(k, self.costs is not None, self.costs)
 
     def _probes_plain(self, plan: "StepPlan", decodes: list["Sequence"]) -> bool:
         """Whether this all-decode step should run plain to measure a plain step at its batch size: a

@@ -33,18 +33,20 @@ from mixserve.shards.runner import InvalidStep, SequenceResult, SequenceStep
 from mixserve.shards.speculative import VerifiedToken
 
 
-def test_step_costs_give_a_ratio_once_both_kinds_of_step_are_timed():
+def test_step_costs_count_a_step_in_plain_steps_once_a_plain_one_is_timed():
     costs = StepCosts()
-    assert costs.ratio(1) is None and costs.needs_plain(1)
+    assert costs.in_plain_steps(1, 3000) is None and costs.needs_plain(1)
     costs.on_step(1, True, 3000)
-    assert costs.ratio(1) is None
     costs.on_step(1, False, 1000)
-    assert costs.ratio(1) == 3.0 and not costs.needs_plain(1)
+    assert costs.in_plain_steps(1, 3000) == 3.0 and not costs.needs_plain(1)
     costs.on_step(1, False, 1100)
     costs.on_step(1, False, 9000)  # a step the CPU's other work slowed
     assert costs.plain_us(1) == 1100  # the median of the latest
-    assert costs.ratio(2) is None and costs.needs_plain(2)  # by batch size
+    assert costs.in_plain_steps(2, 3000) is None and costs.needs_plain(2)  # by batch size
     assert costs.table() == ((1, 1100, 3000),)
+    costs.on_speculated(3, 1.5)
+    costs.on_speculated(1, 1.5)
+    assert 1 < costs.gain < 3 and costs.cost == 1.5  # the engine's averages: a new request's prior
     for _ in range(REPROBE_STEPS):
         costs.on_step(1, True, 3000)
     assert costs.needs_plain(1)  # an old plain time is measured again
@@ -64,25 +66,39 @@ def test_an_engine_speculates_up_to_its_batch_limit_and_refuses_bad_settings():
 
 def test_a_request_gaining_less_than_the_cost_pauses_longer_each_time_then_retries():
     state = SpeculationState()
-    assert state.proposals(3, None, None) == 3  # nothing measured: speculate
-    assert state.proposals(3, 2.0, None) == 3  # the request's gain unknown, no prior: speculate
-    state.on_speculated(1)
-    state.on_speculated(2)
+    assert state.proposals(3) == 3  # not weighing: speculate
+    assert state.proposals(3, weigh=True) == 3 and state.exploring  # nothing measured: speculate to measure
+    state.on_speculated(1, 2.0)  # a token for two plain steps' time
+    state.on_speculated(2, 2.0)
     pauses = []
     for _ in range(8):
-        assert state.proposals(3, 2.0) == 0
+        assert state.proposals(3, weigh=True) == 0
         pauses.append(state.paused)
         state.on_tokens(state.paused)
-        assert state.proposals(3, 2.0) == 3  # after a pause, one run to measure again
-        state.on_speculated(1)
+        assert state.proposals(3, weigh=True) == 3 and state.exploring  # after a pause, one run to measure
+        state.on_speculated(1, 2.0)
     assert pauses == [min(PAUSE_TOKENS << i, MAX_COST_PAUSE_TOKENS) for i in range(8)]
     for _ in range(8):
-        state.on_speculated(4)  # it now gains 4 tokens a step: it pays
-    assert state.proposals(3, 2.0) == 3 and state.cost_pauses == 0
-    assert SpeculationState().proposals(3, 2.0, prior=1.5) == 0  # a new request starts from the engine's average
-    # It must gain at least what the step costs.
-    assert SpeculationState().proposals(3, 2.0, prior=2.0) == 3
-    assert SpeculationState().proposals(3, 2.0, prior=1.99) == 0
+        state.on_speculated(4, 2.0)  # it now gains 4 tokens a step: it pays
+    assert state.proposals(3, weigh=True) == 3 and not state.exploring and state.cost_pauses == 0
+    # A new request starts from the engine's averages; it must gain at least what its steps cost.
+    prior = StepCosts(gain=1.5, cost=2.0)
+    assert SpeculationState().proposals(3, weigh=True, prior=prior) == 0
+    prior.gain = 2.0
+    assert SpeculationState().proposals(3, weigh=True, prior=prior) == 3
+
+
+def test_steps_that_found_nothing_to_propose_weigh_neither_way():
+    """n-gram lookup often finds nothing: such a step gains one token for about a plain step's time. Mixed
+    with steps that pay, the request keeps speculating, where a gain averaged over every step against the
+    median speculating step's time would have paused it."""
+    state = SpeculationState()
+    for _ in range(6):
+        state.on_speculated(3, 1.5)  # a verification that kept 2 proposals
+        state.on_speculated(1, 1.0)  # nothing found: a plain step
+        state.on_speculated(1, 1.0)
+        assert state.proposals(3, weigh=True) == 3
+    assert state.gain < 1.5  # below the 1.5 plain steps a verification costs
 
 
 @dataclass
