@@ -55,7 +55,7 @@ class Engine:
         ids: Iterator[int] | None = None,
         speculate: int = 0,
         speculate_max_batch: int = MAX_BATCH,
-        speculate_cost_back_off: bool = True,
+        speculate_cost_back_off: bool = False,
         stream_interval_ms: float = 0.0,
     ) -> None:
         """`metrics` and `ids` (request ids) are shared by the engines of several shard groups behind one

@@ -197,9 +197,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--speculate-cost-back-off",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="a request whose proposals gain it fewer tokens a step than a speculating step costs in plain steps "
-        "(the shards' own step times at the batch size) pauses speculating, for longer at each pause in a row",
+        default=None,
+        help="a request whose proposals gain it fewer tokens a step than its speculating steps cost in plain steps "
+        "(the shards' own step times) pauses speculating, for longer at each pause in a row (default: on with "
+        "--speculative-model, whose forwards can cost more than they gain; off for n-gram lookup)",
     )
     parser.add_argument(
         "--prefix-caching",

@@ -44,6 +44,16 @@ log = logging.getLogger("mixserve.launcher")
 FAILURE_LINGER_S = 5.0
 
 
+def cost_back_off(args: argparse.Namespace) -> bool:
+    """Whether speculation weighs its cost: as --speculate-cost-back-off says, else with a draft model only.
+    A draft's forwards are what can cost more than they gain (a 22 M draft ran at 0.90x plain on an H200);
+    an n-gram step that finds nothing costs a plain step, and on the CPU demo the back-off's pauses and
+    probes cost n-gram speculation 0-4 % where it paid (benchmarks/results/spec-cost-back-off)."""
+    if args.speculate_cost_back_off is not None:
+        return args.speculate_cost_back_off
+    return bool(args.speculative_model)
+
+
 def check_speculation(args: argparse.Namespace) -> None:
     """ValueError where --speculative-model comes without the number of tokens to propose (--speculate K), or
     --speculate-history-tokens without n-gram speculation."""
@@ -199,7 +209,7 @@ async def _serve_with_shards(args, model_dir, tokenizer, groups: list[ShardSuper
         args.speculate,
         args.speculate_max_batch,
         args.stream_interval_ms,
-        args.speculate_cost_back_off,
+        cost_back_off(args),
     )
     for shards, group_engine in zip(groups, engine.engines, strict=True):
         group_engine.retry_after_s = shards.retry_after_s if args.max_restarts else None

@@ -246,7 +246,7 @@ def build_replicas(
     speculate: int = 0,
     speculate_max_batch: int = MAX_BATCH,
     stream_interval_ms: float = 0.0,
-    speculate_cost_back_off: bool = True,
+    speculate_cost_back_off: bool = False,
 ) -> Replicas:
     """One engine per (shard group, its scheduler config), sharing one Metrics, whose gauges read their
     pooled schedulers, and one request id sequence, so ids are unique across groups."""

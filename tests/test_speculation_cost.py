@@ -6,6 +6,7 @@ The engine tests serve through a shard group that answers from a fake model and 
 times, because the back-off decides on times and a test cannot choose a real shard's. Its multi-step
 runs are the shards' own (shards/multi_step.py's decode_steps); only the forward is fake."""
 
+import argparse
 import asyncio
 from dataclasses import dataclass, field
 
@@ -13,6 +14,7 @@ import pytest
 from test_speculation import reference, true_next
 
 from mixserve.router.engine_api import Limits
+from mixserve.router.launcher import cost_back_off
 from mixserve.router.metrics import Metrics
 from mixserve.router.params import GenerationParams
 from mixserve.router.replicas import build_replicas
@@ -62,6 +64,15 @@ def test_an_engine_speculates_up_to_its_batch_limit_and_refuses_bad_settings():
         Speculation(-1, 8, True, metrics)
     with pytest.raises(ValueError, match="speculate_max_batch must be >= 1"):
         Speculation(3, 0, True, metrics)
+
+
+def test_the_back_off_is_on_with_a_draft_model_unless_told():
+    def args(**flags) -> argparse.Namespace:
+        return argparse.Namespace(**{"speculate_cost_back_off": None, "speculative_model": None, **flags})
+
+    assert not cost_back_off(args()) and cost_back_off(args(speculative_model="/draft"))
+    assert cost_back_off(args(speculate_cost_back_off=True))
+    assert not cost_back_off(args(speculate_cost_back_off=False, speculative_model="/draft"))
 
 
 def test_a_request_gaining_less_than_the_cost_pauses_longer_each_time_then_retries():
@@ -181,14 +192,14 @@ class TimedGroup(ShardGroup):
         return None
 
 
-async def serve(tmp_path, demo_tokenizer, verify_us: int, cost_back_off: bool = True, good: int = 1):
+async def serve(tmp_path, demo_tokenizer, verify_us: int, back_off: bool = True, good: int = 1):
     """One request of 1000 tokens served at k = 3 with plain steps of 1000 µs; its output, the group's step
     counts and the engine's measured step costs."""
     group = TimedGroup(f"unix:{tmp_path}/c.sock", FakeRunner(good), 1000, verify_us)
     limits = Limits(max_concurrent_requests=2, max_input_tokens=40, max_total_tokens=1100)
     config = SchedulerConfig(num_blocks=400, block_size=4)
     replicas = build_replicas(
-        [(group, config)], demo_tokenizer, limits, (), 8, speculate=3, speculate_cost_back_off=cost_back_off
+        [(group, config)], demo_tokenizer, limits, (), 8, speculate=3, speculate_cost_back_off=back_off
     )
     engine = replicas.engines[0]
     engine.start()
@@ -225,7 +236,7 @@ async def test_speculation_goes_on_where_it_pays(tmp_path, demo_tokenizer):
 
 
 async def test_without_the_cost_back_off_every_step_speculates(tmp_path, demo_tokenizer):
-    steps, costs = await serve(tmp_path, demo_tokenizer, verify_us=3000, cost_back_off=False)
+    steps, costs = await serve(tmp_path, demo_tokenizer, verify_us=3000, back_off=False)
     # The prefill, and the last step of a run with no position left to propose into.
     assert costs == () and steps["plain"] <= 2 and steps["speculating"] > 450, steps
 

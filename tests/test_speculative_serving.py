@@ -31,12 +31,13 @@ def servers(demo_dir, tmp_path_factory):
     --speculate 5 with --speculate-history-tokens (2 shards, tensor parallel, speculating runs, verifications
     through the decode graphs' static buffers), --speculate 1
     (2 shards, expert parallel, multi-step off: single verification steps): started side by side. Only the
-    last weighs speculation's cost (the default): the others must speculate whatever it costs on this CPU."""
+    last weighs speculation's cost (n-gram speculation does not by default): the others must speculate
+    whatever it costs on this CPU."""
     flags = ["--model", str(demo_dir), "--max-kv-blocks", "256", "--block-size", "4"]
     flags += ["--max-batch-prefill-tokens", "64"]
     variants = {
         "plain": ["--num-shard", "1"],
-        "k3": ["--num-shard", "1", "--speculate", "3", "--max-decode-steps", "8", "--no-speculate-cost-back-off"],
+        "k3": ["--num-shard", "1", "--speculate", "3", "--max-decode-steps", "8"],
         "k5_tp2": [
             "--num-shard",
             "2",
@@ -48,9 +49,11 @@ def servers(demo_dir, tmp_path_factory):
             "2048",
             "--cuda-graphs",
             "eager",
-            "--no-speculate-cost-back-off",
         ],
-        "k1_ep2": ["--num-shard", "2", "--moe-parallel", "ep", "--speculate", "1", "--max-decode-steps", "1"],
+        "k1_ep2": [
+            *("--num-shard", "2", "--moe-parallel", "ep", "--speculate", "1", "--max-decode-steps", "1"),
+            "--speculate-cost-back-off",
+        ],
     }
     started = {}
     for name, extra in variants.items():
