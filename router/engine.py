@@ -339,7 +339,7 @@ class Engine:
                 result.forward_us,
                 (now - started) * 1000,
             )
-        proposing = self.speculation.on_step(plan, result.forward_us, timed)
+        proposing, step_cost = self.speculation.on_step(plan, result.forward_us, timed)
         delivered = 0
         for seq_id, token in results.items():
             generation = self.live.get(seq_id)
@@ -352,7 +352,7 @@ class Engine:
                 finish = self._on_token(generation, run[kept], now)
                 kept += 1
             delivered += kept
-            self.speculation.on_tokens(generation.speculation, token, kept, seq_id in proposing)
+            self.speculation.on_tokens(generation.speculation, token, kept, seq_id in proposing, step_cost)
             if finish is not None:
                 self._end(generation, finish)
         self.metrics.on_step(plan.num_prefill_tokens, plan.num_decode_tokens, now - started, delivered)

@@ -49,10 +49,10 @@ VERIFY_ROWS = 32
 MISSES_TO_PAUSE = 4
 PAUSE_TOKENS = 16
 MAX_COST_PAUSE_TOKENS = 512
-# Weight of the newest sample in the running averages of tokens a step gains: a request's (noisy: 1 to
-# k + 1), and the engine's over all requests (a new request's prior).
-REQUEST_GAIN_WEIGHT = 0.25
-ENGINE_GAIN_WEIGHT = 0.05
+# Weight of the newest sample in the running averages of what a speculating step gains (tokens: noisy, 1
+# to k + 1) and costs (plain steps): a request's, and the engine's over all requests (a new request's prior).
+REQUEST_WEIGHT = 0.25
+ENGINE_WEIGHT = 0.05
 # Step times kept per batch size and kind, whose median is the step's cost.
 TIME_SAMPLES = 32
 # A plain probe run's steps, and the speculating steps after which a batch size's plain time is re-measured.
@@ -104,8 +104,8 @@ class StepCosts:
     def on_speculated(self, tokens: int, cost: float) -> None:
         """A request's speculating step gained it `tokens` (its kept proposals and the token after them)
         and cost `cost` plain steps."""
-        self.gain = _average(self.gain, tokens, ENGINE_GAIN_WEIGHT)
-        self.cost = _average(self.cost, cost, ENGINE_GAIN_WEIGHT)
+        self.gain = _average(self.gain, tokens, ENGINE_WEIGHT)
+        self.cost = _average(self.cost, cost, ENGINE_WEIGHT)
 
     def in_plain_steps(self, batch: int, shard_us: float) -> float | None:
         """A step of `batch` sequences that took `shard_us`, in plain steps (None: no plain time yet)."""
@@ -167,8 +167,8 @@ class SpeculationState:
     def on_speculated(self, tokens: int, cost: float) -> None:
         """A step that asked the shards for proposals gained the request `tokens` (1 if they made none) and
         cost `cost` plain steps."""
-        self.gain = _average(self.gain, tokens, REQUEST_GAIN_WEIGHT)
-        self.cost = _average(self.cost, cost, REQUEST_GAIN_WEIGHT)
+        self.gain = _average(self.gain, tokens, REQUEST_WEIGHT)
+        self.cost = _average(self.cost, cost, REQUEST_WEIGHT)
 
     def on_verified(self, proposed: int, accepted: int) -> None:
         """A verification step of `proposed` tokens kept `accepted` of them."""
@@ -197,8 +197,6 @@ class Speculation:
         self.metrics = metrics
         self.proposed = 0
         self.accepted = 0
-        # The step just answered, in plain steps (None: not weighed: untimed, prefilling, or no plain time).
-        self._step_cost: float | None = None
 
     def allowed(self, running: int) -> bool:
         """Whether decodes may speculate with `running` requests in the batch (counted before scheduling)."""
@@ -221,30 +219,32 @@ class Speculation:
             max_steps *= 1 + k
         return proposals, max_steps
 
-    def on_step(self, plan: "StepPlan", shard_us: int, timed: bool) -> set[int]:
-        """A step of `plan` took the shards `shard_us`; the sequences the shards were asked to propose for.
+    def on_step(self, plan: "StepPlan", shard_us: int, timed: bool) -> tuple[set[int], float | None]:
+        """A step of `plan` took the shards `shard_us`: the sequences the shards were asked to propose for,
+        and the step's cost in plain steps (None: not weighed: untimed, prefilling, or no plain time yet).
         A `timed` all-decode step's time joins the step costs."""
         # The shards make every proposal (a draft entry's, or a speculating run's) and say how many.
         proposing = {e.seq.seq_id for e in plan.sequences if e.draft or e.speculate}
-        self._step_cost = None
-        if self.costs is not None and timed and not plan.num_prefill_tokens:
-            self.costs.on_step(len(plan.sequences), bool(proposing), shard_us)
-            if proposing:
-                self._step_cost = self.costs.in_plain_steps(len(plan.sequences), shard_us)
-        return proposing
+        if self.costs is None or not timed or plan.num_prefill_tokens:
+            return proposing, None
+        self.costs.on_step(len(plan.sequences), bool(proposing), shard_us)
+        return proposing, self.costs.in_plain_steps(len(plan.sequences), shard_us) if proposing else None
 
-    def on_tokens(self, state: SpeculationState, token: "SampledToken", kept: int, proposing: bool) -> None:
+    def on_tokens(
+        self, state: SpeculationState, token: "SampledToken", kept: int, proposing: bool, step_cost: float | None
+    ) -> None:
         """A request's step answered `token` (and the tokens after it), of which it `kept` the first (a stop,
-        EOS or max_new_tokens drops the rest); `proposing` if the shards were asked to propose for it."""
+        EOS or max_new_tokens drops the rest); `proposing` if the shards were asked to propose for it, the
+        step costing `step_cost` plain steps (None: not weighed)."""
         state.on_tokens(kept)
         if not proposing:
             return
         gained = 1 + len(token.next_tokens)
-        if self.costs is not None and self._step_cost is not None:
+        if self.costs is not None and step_cost is not None:
             # A step's gain and cost are weighed together, so a step that found nothing to propose (one
             # token for about a plain step) weighs neither way.
-            state.on_speculated(gained, self._step_cost)
-            self.costs.on_speculated(gained, self._step_cost)
+            state.on_speculated(gained, step_cost)
+            self.costs.on_speculated(gained, step_cost)
         if token.num_drafted:
             # Proposals that reached the output: the tokens kept, less the one sampled after them. The
             # shards may have made fewer proposals than the slots reserved for them.
