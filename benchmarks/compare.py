@@ -93,6 +93,17 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
         raise ValueError(f"--mixserve {name}: cannot split its flags: {exc}") from None
 
 
+_ENV_ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=")
+
+
+def split_environment(args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """A variant's ARGS as a shell line reads them: leading `NAME=VALUE` words set the server's environment
+    (e.g. `MIXSERVE_KERNEL_CFLAGS=-mno-amx-tile`, which its shards' kernels are built with), the rest are
+    launch flags."""
+    count = next((i for i, arg in enumerate(args) if not _ENV_ASSIGNMENT.match(arg)), len(args))
+    return dict(arg.split("=", 1) for arg in args[:count]), args[count:]
+
+
 def mixserve_command(model_dir: str, port: int, startup_timeout_s: float, shards: int, extra: list[str]) -> list[str]:
     """`mixserve launch` on `port` with `shards` shards, then `extra` (later flags win, so ARGS may set
     --num-shard too)."""
@@ -133,9 +144,11 @@ def find_systems(
     for name in names:
         port = free_port()
         if name.startswith("mixserve-") and name.removeprefix("mixserve-") in variants:
-            extra = variants[name.removeprefix("mixserve-")]
+            environment, extra = split_environment(variants[name.removeprefix("mixserve-")])
             cmd = mixserve_command(model_dir, port, startup_timeout_s, VARIANT_SHARDS, extra)
-            found.append(System(name, cmd, port, "auto", description=f"mixserve, {shlex.join(extra)}"))
+            described = shlex.join([f"{key}={value}" for key, value in environment.items()] + extra)
+            env = {**child_env(), **environment}
+            found.append(System(name, cmd, port, "auto", env=env, description=f"mixserve, {described}"))
         elif name.startswith("mixserve-") and name.removeprefix("mixserve-").isdigit():
             shards = int(name.removeprefix("mixserve-"))
             cmd = mixserve_command(model_dir, port, startup_timeout_s, shards, [])
@@ -435,7 +448,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME=ARGS",
         help="add mixserve launched with these extra flags as system mixserve-NAME"
-        f" ({VARIANT_SHARDS} shards unless ARGS sets --num-shard; repeatable)",
+        f" ({VARIANT_SHARDS} shards unless ARGS sets --num-shard; leading VAR=VALUE words set its environment;"
+        " repeatable)",
     )
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds for a server to get ready")
     parser.add_argument("--no-roofline", action="store_true", help="skip the bandwidth and FLOP/s measurement")

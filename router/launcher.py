@@ -142,6 +142,7 @@ def kernels_fields(report: shard_pb2.KernelsReport) -> dict:
         "backends": dict(sorted(report.backends.items())),
         "vector_floats": report.vector_floats,
         "bf16_dot_products": report.bf16_dot_products,
+        "amx_tile_products": report.amx_tile_products,
     }
 
 

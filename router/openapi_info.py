@@ -41,6 +41,11 @@ INFO = obj(
                     "the model's bf16 weights (and int8 codes) meet their inputs rounded to bf16 in the CPU's bf16 "
                     "dot product (false for other dtypes)",
                 ),
+                "amx_tile_products": typed(
+                    "boolean",
+                    "the model's bf16 products of 2 MiB of weights and more (K 512 and more) run in AMX's tile dot "
+                    "product (false where bf16_dot_products is)",
+                ),
             },
             description="which kernels rank 0 runs (chosen at start-up; shard.proto KernelsReport)",
         ),

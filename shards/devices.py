@@ -51,9 +51,19 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
 def cpu_has_bf16() -> bool:
     """Whether this host's CPU has the AVX-512 bf16 instructions (`avx512_bf16` in /proc/cpuinfo): a
     CPU built for bf16, where the C kernels read bf16 weights at half fp32's bytes."""
+    return _cpu_flag("avx512_bf16")
+
+
+def cpu_has_amx_bf16() -> bool:
+    """Whether this host's CPU has AMX's bf16 tile dot product (`amx_bf16` in /proc/cpuinfo)."""
+    return _cpu_flag("amx_bf16")
+
+
+def _cpu_flag(name: str) -> bool:
+    """Whether /proc/cpuinfo's flags name `name` (False where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512_bf16" in line for line in f)
+            return any(line.startswith("flags") and name in line.split() for line in f)
     except OSError:
         return False
 

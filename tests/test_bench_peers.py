@@ -128,6 +128,18 @@ def test_mixserve_variants_parse_and_launch_with_their_flags(tmp_path):
         compare.find_systems(["mixserve-nope"], "/m", [], [], variants=variants)
 
 
+def test_a_variants_leading_assignments_set_its_servers_environment():
+    name, args = compare.parse_variant("tiles=MIXSERVE_KERNEL_CFLAGS='-mno-amx-tile -O2' X_1=y --num-shard 1 A=b")
+    assert compare.split_environment(args) == (
+        {"MIXSERVE_KERNEL_CFLAGS": "-mno-amx-tile -O2", "X_1": "y"},
+        ["--num-shard", "1", "A=b"],
+    )
+    (system,), _ = compare.find_systems(["mixserve-tiles"], "/m", [], [], variants={name: args})
+    assert system.env["MIXSERVE_KERNEL_CFLAGS"] == "-mno-amx-tile -O2" and system.env["X_1"] == "y"
+    assert "MIXSERVE_KERNEL_CFLAGS=-mno-amx-tile" not in " ".join(system.cmd) and system.cmd[-1] == "A=b"
+    assert "PATH" in system.env  # the harness's own environment for children, plus the assignments
+
+
 def test_speculation_counters_are_read_from_metrics():
     page = (
         "# HELP mixserve_speculative_proposed_tokens_total Tokens proposed\n"

@@ -4,7 +4,8 @@ is fp32's; where the build has AVX512_BF16's dot product and K is a multiple of 
 going into a bf16 weight are rounded to bf16 first, and so are the reference's), the ops against the
 torch path in bf16 (bf16 tolerances), and the demo model in bf16 through the kernels against torch
 bf16 (top-1 agreement on teacher-forced logits). The kernel tests run on each build this machine can
-make: its own (AVX-512 with the bf16 dot product here), AVX-512 without it, AVX2 and plain C."""
+make: its own (AVX-512 with the bf16 dot product and AMX's tiles here), without the tiles, AVX-512 without
+the dot product, AVX2 and plain C."""
 
 import pytest
 import torch
@@ -25,20 +26,24 @@ CPU = torch.device("cpu")
 TRAINED_DEMO_STEPS = 300  # the trained demo tests/test_quantization.py uses: one cached checkpoint for both
 
 
-# The builds: the machine's own, then AVX-512 without the bf16 dot product (bf16 widened to fp32),
-# without AVX-512 (the 8-float loops) and without AVX2 (plain C), each with the vector width its MoE
-# kernel must report and whether it has the dot product.
+# The builds: the machine's own, then the bf16 dot product without AMX's tiles, AVX-512 without the dot
+# product (bf16 widened to fp32), without AVX-512 (the 8-float loops) and without AVX2 (plain C), each with
+# the vector width its MoE kernel must report, whether it has the dot product and whether the tiles.
 BUILDS = {
-    "native": ("", 16, None),
-    "avx512-widen": ("-mno-avx512bf16", 16, 0),
-    "avx2": ("-mno-avx512f", 8, 0),
-    "plain-c": ("-mno-avx2 -mno-fma", 1, 0),
+    "native": ("", 16, None, None),
+    "avx512-dot": ("-mno-amx-tile", 16, 1, 0),
+    "avx512-widen": ("-mno-avx512bf16", 16, 0, 0),
+    "avx2": ("-mno-avx512f", 8, 0, 0),
+    "plain-c": ("-mno-avx2 -mno-fma", 1, 0, 0),
 }
+# A bf16 weight this large runs in AMX's tiles where the build has them (rows_times_weight_amx.h: from
+# 2 MiB and K 512; 2052 rows are 64 blocks of 32 rows and 4 rows the vector loop takes).
+TILED = (2052, 512)
 
 
-def _own_build() -> tuple[int, int]:
+def _own_build() -> tuple[int, int, int]:
     library = native.load("moe")
-    return library.moe_vector_floats(), library.moe_bf16_dot_products()
+    return library.moe_vector_floats(), library.moe_bf16_dot_products(), library.moe_amx_tile_products()
 
 
 @pytest.fixture(autouse=True)
@@ -52,14 +57,14 @@ def kernels(native):  # noqa: F811 - the conftest fixture that chooses the C ker
 def build(request, monkeypatch):
     """The kernels built with this parameter's flags (skipped where the machine's own build is no
     wider), for the test and then forgotten."""
-    flags, vector_floats, dot_products = BUILDS[request.param]
-    if flags and _own_build() <= (vector_floats, dot_products):
+    flags, *build = BUILDS[request.param]
+    if flags and _own_build() <= tuple(build):
         pytest.skip("this machine's own build is that path already")
     monkeypatch.setenv("MIXSERVE_KERNEL_CFLAGS", flags)
     native.forget_loaded()
     ops.select("native", CPU, torch.float32)
     if flags:
-        assert _own_build() == (vector_floats, dot_products)
+        assert _own_build() == tuple(build)
     yield
     monkeypatch.delenv("MIXSERVE_KERNEL_CFLAGS")
     native.forget_loaded()
@@ -77,25 +82,29 @@ def as_kernel_reads(x: torch.Tensor, in_features: int) -> torch.Tensor:
     return x.to(BF16).float() if rounds_inputs(in_features) else x
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 8, 16])
-@pytest.mark.parametrize("out_features,in_features", [(1030, 64), (102, 40), (7, 20), (6, 96)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 16, 17, 40])
+@pytest.mark.parametrize("out_features,in_features", [(1030, 64), (102, 40), (7, 20), (6, 96), TILED])
 def test_linear_reads_bf16_weights(build, rows, out_features, in_features):
     """K 64 and 96: the dot product's loop (the 16-float loop without it, 8 without AVX-512); 40: the
-    8-float loop; 20: scalar; N tails."""
+    8-float loop; 20: scalar; N tails; TILED: AMX's tiles where the build has them, one x tile as wide as x
+    has rows up to 16, then tiles of 16 rows in pairs (17, 40), its last 4 weight rows the vector loop."""
     x = torch.randn(rows, in_features)
     weight = torch.randn(out_features, in_features).to(BF16)
     expected = F.linear(as_kernel_reads(x, in_features), weight.float())
     torch.testing.assert_close(linear.linear_rows(x, weight), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_the_dot_products_rows_do_not_depend_on_their_neighbours(build):
+@pytest.mark.parametrize("rows,out_features,in_features", [(5, 70, 256), (40, *TILED)])
+def test_the_dot_products_rows_do_not_depend_on_their_neighbours(build, rows, out_features, in_features):
     """A row's result is the same bits alone or among others (pairs and the odd row go through the same
-    sums), so a verification step's rows equal plain decodes' (speculation keeps greedy outputs)."""
-    x = torch.randn(5, 256)
-    weight = torch.randn(70, 256).to(BF16)
+    sums; in AMX's tiles every row of x is a column of the same sums, whatever the tiles' width), so a
+    verification step's rows equal plain decodes' (speculation keeps greedy outputs)."""
+    x = torch.randn(rows, in_features)
+    weight = torch.randn(out_features, in_features).to(BF16)
     together = linear.linear_rows(x, weight)
-    for row in range(5):
+    for row in range(rows):
         assert torch.equal(linear.linear_rows(x[row : row + 1], weight)[0], together[row])
+    assert torch.equal(linear.linear_rows(x[3:20].contiguous(), weight), together[3:20])
 
 
 def test_linear_rows_op_in_bf16(build):

@@ -148,15 +148,24 @@ def test_choices_follow_device_and_dtype():
 
 def test_the_kernels_report_says_which_path_the_c_kernels_take():
     torch_only = ops.kernels_report(ops.select("torch", CPU, torch.bfloat16), torch.bfloat16)
-    expected = {"backends": dict.fromkeys(ops.OP_NAMES, "torch"), "vector_floats": 0, "bf16_dot_products": False}
+    expected = {
+        "backends": dict.fromkeys(ops.OP_NAMES, "torch"),
+        "vector_floats": 0,
+        "bf16_dot_products": False,
+        "amx_tile_products": False,
+    }
     assert torch_only == expected
     report = ops.kernels_report(ops.select("auto", CPU, torch.bfloat16), torch.bfloat16)
     if report["backends"]["linear_rows"] == "native":
         assert report["vector_floats"] == moe.vector_floats() in (1, 8, 16)
         # The dot product needs AVX-512 and the CPU's bf16 instructions (and a build that uses them).
         assert not report["bf16_dot_products"] or (report["vector_floats"] == 16 and devices.cpu_has_bf16())
+        # AMX's tiles take a bf16 model's larger products only beside the dot product, on a CPU with them.
+        assert report["amx_tile_products"] == (report["bf16_dot_products"] and moe.amx_tile_products())
+        assert not report["amx_tile_products"] or devices.cpu_has_amx_bf16()
     # An fp32 model has no bf16 weights to meet the dot product, whatever the build.
-    assert not ops.kernels_report(ops.select("auto", CPU, torch.float32), torch.float32)["bf16_dot_products"]
+    fp32 = ops.kernels_report(ops.select("auto", CPU, torch.float32), torch.float32)
+    assert not fp32["bf16_dot_products"] and not fp32["amx_tile_products"]
 
 
 def test_triton_ops_are_one_function_of_the_op_name(monkeypatch):

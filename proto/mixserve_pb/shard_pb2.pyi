@@ -57,7 +57,7 @@ class InfoResponse(_message.Message):
     def __init__(self, model_type: _Optional[str] = ..., model_path: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., num_experts: _Optional[int] = ..., num_experts_per_tok: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., quantize: _Optional[str] = ..., kv_cache_bytes: _Optional[int] = ..., memory: _Optional[_Union[MemoryReport, _Mapping]] = ..., kernels: _Optional[_Union[KernelsReport, _Mapping]] = ...) -> None: ...
 
 class KernelsReport(_message.Message):
-    __slots__ = ("backends", "vector_floats", "bf16_dot_products")
+    __slots__ = ("backends", "vector_floats", "bf16_dot_products", "amx_tile_products")
     class BackendsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -68,10 +68,12 @@ class KernelsReport(_message.Message):
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FLOATS_FIELD_NUMBER: _ClassVar[int]
     BF16_DOT_PRODUCTS_FIELD_NUMBER: _ClassVar[int]
+    AMX_TILE_PRODUCTS_FIELD_NUMBER: _ClassVar[int]
     backends: _containers.ScalarMap[str, str]
     vector_floats: int
     bf16_dot_products: bool
-    def __init__(self, backends: _Optional[_Mapping[str, str]] = ..., vector_floats: _Optional[int] = ..., bf16_dot_products: _Optional[bool] = ...) -> None: ...
+    amx_tile_products: bool
+    def __init__(self, backends: _Optional[_Mapping[str, str]] = ..., vector_floats: _Optional[int] = ..., bf16_dot_products: _Optional[bool] = ..., amx_tile_products: _Optional[bool] = ...) -> None: ...
 
 class MemoryReport(_message.Message):
     __slots__ = ("weight_bytes", "kv_cache_bytes", "block_bytes", "peak_activation_bytes", "headroom_bytes", "free_bytes", "max_batch_tokens", "max_batch_size", "max_context_tokens")

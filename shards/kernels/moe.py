@@ -52,6 +52,14 @@ def int8_int16_dot_products() -> bool:
     return dot is not None and bool(dot())
 
 
+def amx_tile_products() -> bool:
+    """Whether this process's matmuls meet bf16 weights of 2 MiB and more (K 512 and more) with their inputs
+    rounded to bf16 in AMX's tile dot product (AMX_BF16, the tile state granted by the kernel;
+    rows_times_weight_amx.h)."""
+    tiles = native.function("moe", "moe_amx_tile_products", [])
+    return tiles is not None and bool(tiles())
+
+
 # A lower cap this process measured for its model (shards/kernel_tokens.py), or None.
 _measured_cap: list[int | None] = [None]
 

@@ -5,7 +5,8 @@
    W is fp32, bf16 or int8 (ELEMENT_F32 / ELEMENT_BF16 / ELEMENT_I8, element_type.h); x, y and the
    accumulation are fp32 in every case. A bf16 weight meets x rounded to bf16 in the CPU's bf16 dot
    product where the build has AVX512_BF16 and K is a multiple of 32 (rows_times_weight_dpbf16 below:
-   out of cache no faster, it waits on memory, but about twice the products a second in cache);
+   out of cache no faster, it waits on memory, but about twice the products a second in cache; with AMX,
+   products of 2 MiB of weights and more, K 512 and more, in its tiles: rows_times_weight_amx.h);
    otherwise it becomes fp32 in registers (its 16 bits shifted into the high half of a float, exact)
    against fp32 x. Either way a row of x gives the same bits alone or beside other rows. An int8 code
    becomes fp32 the same way (sign-extended, converted: exact), and each weight row's dot product is
@@ -212,6 +213,11 @@ static int rows_times_codes_dpbf16(const uint16_t *xb, int64_t R, const int8_t *
     return 0;
 }
 #undef LOAD_BH
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define HAVE_AMX_BF16 1
+#include "rows_times_weight_amx.h"
+#endif
 #endif
 
 #if defined(HAVE_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -246,6 +252,16 @@ static inline int int8_int16_dot_products(void) {
 #endif
 }
 
+/* Whether bf16 weights of AMX_MIN_WEIGHT elements and more (K at least AMX_MIN_K) meet x rounded to bf16 in AMX's tiles (tdpbf16ps)
+   in this process: 1, or 0 (not in this build, or the kernel refuses this process the tile state). */
+static inline int amx_tile_products(void) {
+#ifdef HAVE_AMX_BF16
+    return amx_permitted();
+#else
+    return 0;
+#endif
+}
+
 /* Whether bf16 weights meet x rounded to bf16 (vdpbf16ps, K a multiple of 32) in this build: 1, or 0
    where they are widened to fp32 against fp32 x. */
 static inline int bf16_dot_products(void) {
@@ -274,6 +290,9 @@ static void rows_times_weight(const float *x, int64_t R, int64_t ldx, const void
     if ((weight_type == ELEMENT_BF16 || codes_in_bf16) && K % 32 == 0 && R > 0) {
         const uint16_t *xb = rows_to_bf16(x, R, ldx, K);
         if (xb != NULL && !codes_in_bf16) {
+#ifdef HAVE_AMX_BF16
+            if (rows_times_weight_amx(xb, R, W, N, K, y, ldy) == 0) return;
+#endif
             rows_times_weight_dpbf16(xb, R, W, NULL, N, K, y, ldy);
             return;
         }

@@ -103,12 +103,14 @@ def select(mode: str, device: torch.device, dtype: torch.dtype) -> Ops:
     report = kernels_report(ops, dtype)
     int16_codes = "native" in backends.values() and dtype is torch.bfloat16 and moe.int8_int16_dot_products()
     log.info(
-        "event=ops kernels=%s device=%s dtype=%s vector_floats=%d bf16_dot_products=%s int8_int16_dot_products=%s %s",
+        "event=ops kernels=%s device=%s dtype=%s vector_floats=%d bf16_dot_products=%s amx_tile_products=%s "
+        "int8_int16_dot_products=%s %s",
         mode,
         device,
         str(dtype).removeprefix("torch."),
         report["vector_floats"],
         str(report["bf16_dot_products"]).lower(),
+        str(report["amx_tile_products"]).lower(),
         str(int16_codes).lower(),
         " ".join(f"{name}={backend}" for name, backend in backends.items()),
     )
@@ -118,13 +120,15 @@ def select(mode: str, device: torch.device, dtype: torch.dtype) -> Ops:
 def kernels_report(chosen: Ops, dtype: torch.dtype) -> dict:
     """What the start-up log and /info say of `chosen` for a model in `dtype`: each op's backend, the C
     kernels' vector width in floats (16 AVX-512, 8 AVX2, 1 plain C; 0 where no op runs them) and whether
-    the model's bf16 weights (and int8 codes) meet their inputs in the CPU's bf16 dot product (False for
-    other dtypes)."""
+    the model's bf16 weights (and int8 codes) meet their inputs in the CPU's bf16 dot product, and its
+    larger bf16 products in AMX's tiles (both False for other dtypes)."""
     runs_c = "native" in chosen.backends.values()
+    bf16_dot = runs_c and dtype is torch.bfloat16 and moe.bf16_dot_products()
     return {
         "backends": dict(chosen.backends),
         "vector_floats": moe.vector_floats() if runs_c else 0,
-        "bf16_dot_products": runs_c and dtype is torch.bfloat16 and moe.bf16_dot_products(),
+        "bf16_dot_products": bf16_dot,
+        "amx_tile_products": bf16_dot and moe.amx_tile_products(),
     }
 
 
