@@ -43,8 +43,12 @@
    products, called microseconds apart, that made a one-row decode step 7 % slower in the tiles. Its LM
    head (8192 x 256, 2 MiB) was level in-process (a one-row step within 1 %) but served 2-3 % slower at
    one stream in three runs, and gained 5 % at 32 streams: K under 512 keeps the vector path. */
+#ifndef AMX_MIN_WEIGHT /* (a build may set them: benchmarks/results/amx-tiles-0.8b/amx_idle_start.c) */
 #define AMX_MIN_WEIGHT (1 << 20)
+#endif
+#ifndef AMX_MIN_K
 #define AMX_MIN_K 512
+#endif
 
 /* Whether this process may use the tiles: asked of the kernel once (Linux 5.16 and later grant it on
    request); 0 where it refuses, and every call keeps the vector path. */
