@@ -28,9 +28,10 @@ from mixserve.router.errors import RouterError, ShardUnavailable
 from mixserve.router.generation import Generation
 from mixserve.router.metrics import Metrics
 from mixserve.router.params import GenerationParams
-from mixserve.router.scheduler import Scheduler, SchedulerConfig, Sequence, StepPlan
+from mixserve.router.scheduler import Scheduler, SchedulerConfig
 from mixserve.router.shard_client import ShardGroup, ShardRejected
 from mixserve.router.speculation import MAX_BATCH, Speculation
+from mixserve.router.step_plan import Sequence, StepPlan
 from mixserve.router.steps import SampledToken, SequenceStep, Step, StepResult
 
 log = logging.getLogger("mixserve.router")

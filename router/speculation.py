@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from mixserve.router.metrics import Metrics
-    from mixserve.router.scheduler import Sequence, StepPlan
+    from mixserve.router.step_plan import Sequence, StepPlan
     from mixserve.router.steps import SampledToken
 
 # Running requests above which no request speculates (the engine's default; --speculate-max-batch).

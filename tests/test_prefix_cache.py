@@ -11,7 +11,7 @@ from test_scheduler import Harness
 from conftest import LaunchedServer, free_port
 from mixserve.router.block_allocator import BlockAllocator, BlockTable, OutOfBlocksError
 from mixserve.router.prefix_cache import hash_block
-from mixserve.router.scheduler import Sequence
+from mixserve.router.step_plan import Sequence
 
 # -- hashing and the cache table ---------------------------------------------------------------------
 

@@ -18,7 +18,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from mixserve.router.scheduler import ScheduledSequence, Scheduler, SchedulerConfig, Sequence, SequenceStatus, StepPlan
+from mixserve.router.scheduler import Scheduler, SchedulerConfig
+from mixserve.router.step_plan import ScheduledSequence, Sequence, SequenceStatus, StepPlan
 
 ROOT = 17
 

@@ -11,7 +11,7 @@ import random
 import pytest
 from test_scheduler import Harness, new_seq, reference_output
 
-from mixserve.router.scheduler import Sequence
+from mixserve.router.step_plan import Sequence
 
 
 def decode_everything(h: Harness) -> None:

@@ -6,15 +6,9 @@ import random
 
 import pytest
 
-from mixserve.router.scheduler import (
-    ScheduledSequence,
-    Scheduler,
-    SchedulerConfig,
-    Sequence,
-    SequenceStatus,
-    StepPlan,
-)
+from mixserve.router.scheduler import Scheduler, SchedulerConfig
 from mixserve.router.speculation import MISSES_TO_PAUSE, PAUSE_TOKENS, VERIFY_ROWS, SpeculationState, width
+from mixserve.router.step_plan import ScheduledSequence, Sequence, SequenceStatus, StepPlan
 from mixserve.shards.ngram import propose
 
 BLOCK = 4
