@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mixserve.router.params import MAX_BEST_OF, MAX_CHOICES, MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS
 from mixserve.router.speculation import MAX_BATCH
+from mixserve.shards.kernels import native
 from mixserve.shards.quant.config import QUANTIZE_MODES
 
 # --stream-interval-ms: its default, and its ceiling (the proto's microseconds are a uint32; past a
@@ -96,6 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the Triton kernels on CUDA where triton imports (auto), the C kernels or refuse (native), the Triton kernels "
         "or refuse (triton; on CPU under Triton's interpreter, for tests), the torch reference (torch)",
     )
+    parser.add_argument("--cpu-tiles", choices=native.TILE_MODES, default="auto", help=native.TILE_HELP)
     parser.add_argument(
         "--cuda-graphs",
         choices=["auto", "off", "eager"],

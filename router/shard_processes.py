@@ -77,6 +77,7 @@ async def start_shards(
         if args.quantize:
             cmd += ["--quantize", args.quantize]
         cmd += ["--moe-parallel", args.moe_parallel, "--kernels", args.kernels, "--load-format", args.load_format]
+        cmd += ["--cpu-tiles", args.cpu_tiles]
         cmd += ["--cuda-graphs", args.cuda_graphs, "--max-graph-batch", str(args.max_graph_batch)]
         if args.speculative_model:
             cmd += ["--speculative-model", args.speculative_model]

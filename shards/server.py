@@ -36,6 +36,7 @@ from mixserve.shards.distributed import init_process_group, tensor_parallel_grou
 from mixserve.shards.draft import check_draft, load_draft
 from mixserve.shards.grammar import GrammarMatchers, load_tokenizer
 from mixserve.shards.kernel_tokens import measure_and_cap
+from mixserve.shards.kernels import native
 from mixserve.shards.kernels.native import KernelUnavailable
 from mixserve.shards.listen import ListenConfig, ListenError
 from mixserve.shards.listen import add_arguments as add_listen_arguments
@@ -326,6 +327,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help=ops.MODE_HELP,
     )
+    parser.add_argument("--cpu-tiles", choices=native.TILE_MODES, default="auto", help=native.TILE_HELP)
     parser.add_argument(
         "--cuda-graphs",
         choices=decode_graph.MODES,
@@ -401,7 +403,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
     try:
         # Once per shard, before the model is built; the C kernels are built here, not on the first request.
-        ops.select(args.kernels, device, dtype)
+        ops.select(args.kernels, device, dtype, amx_tiles=args.cpu_tiles == "auto")
     except KernelUnavailable as e:
         log.error("event=kernel_unavailable error=%r", str(e))
         return 2

@@ -63,6 +63,24 @@ def test_the_report_says_whether_the_tiles_run(bf16_kernels):
     assert not report["amx_tile_products"] or devices.cpu_has_amx_bf16()
 
 
+def test_cpu_tiles_off_keeps_every_product_on_the_vector_loop(native, model):  # noqa: F811 - the conftest fixture
+    """`--cpu-tiles off` (ops.select's amx_tiles): the report says so, and where the tiles run by default the
+    model's logits change (another order of the same sums), so the switch reached the kernels."""
+    steps = [step(PROMPT, 0)]
+    default = ops.select("native", CPU, BF16)
+    tiled = ops.kernels_report(default, BF16)["amx_tile_products"]
+    with_tiles = new_runner(model).forward(steps)
+    off = ops.select("native", CPU, BF16, amx_tiles=False)
+    try:
+        assert not ops.kernels_report(off, BF16)["amx_tile_products"] and not moe.amx_tile_products()
+        without = new_runner(model).forward(steps)
+    finally:
+        ops.select("auto", CPU, torch.float32)
+    assert moe.amx_tile_products() == tiled
+    assert torch.equal(with_tiles, without) != tiled
+    torch.testing.assert_close(with_tiles.float(), without.float(), rtol=0.05, atol=0.05)
+
+
 def test_a_verification_steps_rows_get_plain_decode_steps_logits(bf16_kernels, model):
     tokens = [5, 900, 41, 1500, 7]
     plain = new_runner(model)

@@ -12,12 +12,13 @@ from aiohttp import web
 
 from conftest import PYTHON, free_port, subprocess_env
 from mixserve.benchmarks import report
-from mixserve.benchmarks.compare import compare_markdown, find_systems
+from mixserve.benchmarks.compare import compare_markdown
 from mixserve.benchmarks.interleave import run_interleaved
 from mixserve.benchmarks.latency import LatencyConfig, router_overhead, shard_sweep
 from mixserve.benchmarks.metrics import RequestRecord, percentile, summarize
 from mixserve.benchmarks.roofline import ModelFootprint
 from mixserve.benchmarks.serve import ServeConfig, run_benchmark
+from mixserve.benchmarks.systems import find_systems
 from mixserve.benchmarks.workload import WorkloadConfig, build_requests, count_tokens, load_tokenizer, poisson_arrivals
 
 MAX_CONCURRENT = 3

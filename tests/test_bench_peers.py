@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mixserve.benchmarks import compare, llamacpp
+from mixserve.benchmarks import compare, llamacpp, systems
 from mixserve.benchmarks.llamacpp_gguf import UNMERGED_SCORE, merge_scores
 from mixserve.benchmarks.processes import ServerProcess, free_port
 from mixserve.benchmarks.serve import ServeConfig, run_benchmark
@@ -82,11 +82,11 @@ def test_gguf_cache_key_follows_the_checkpoint_files(tmp_path):
 
 def test_missing_llama_server_is_skipped_with_the_reason(tmp_path):
     names = ["llama.cpp-f32", "llama.cpp-q8_0"]
-    found, skipped = compare.find_systems(names, str(tmp_path), [], [], llama_servers=[tmp_path / "no-llama-server"])
+    found, skipped = systems.find_systems(names, str(tmp_path), [], [], llama_servers=[tmp_path / "no-llama-server"])
     assert found == [] and set(skipped) == set(names)
     assert "no llama-server at" in skipped["llama.cpp-f32"] and "--llama-server" in skipped["llama.cpp-f32"]
     with pytest.raises(ValueError, match="unknown llama.cpp dtype"):
-        compare.find_systems(["llama.cpp-f16"], str(tmp_path), [], [], llama_servers=[])
+        systems.find_systems(["llama.cpp-f16"], str(tmp_path), [], [], llama_servers=[])
 
 
 def test_llama_slots_follow_the_sweep():
@@ -98,43 +98,43 @@ def test_llama_slots_follow_the_sweep():
 
 
 def test_mixserve_variants_parse_and_launch_with_their_flags(tmp_path):
-    assert compare.parse_variant("bf16=--num-shard 2 --dtype bfloat16") == (
+    assert systems.parse_variant("bf16=--num-shard 2 --dtype bfloat16") == (
         "bf16",
         ["--num-shard", "2", "--dtype", "bfloat16"],
     )
-    assert compare.parse_variant("spec3=--speculate 3 --speculate-max-batch '8'") == (
+    assert systems.parse_variant("spec3=--speculate 3 --speculate-max-batch '8'") == (
         "spec3",
         ["--speculate", "3", "--speculate-max-batch", "8"],
     )
-    assert compare.parse_variant("plain=") == ("plain", [])
+    assert systems.parse_variant("plain=") == ("plain", [])
     for bad in ("no-equals", "=--speculate 3", "a b=--x", "2=--speculate 3", "q=--x 'open"):
         with pytest.raises(ValueError, match="--mixserve"):
-            compare.parse_variant(bad)
+            systems.parse_variant(bad)
 
     variants = dict(
-        map(compare.parse_variant, parse("--mixserve", "s3=--speculate 3", "--mixserve", "one=--num-shard 1").mixserve)
+        map(systems.parse_variant, parse("--mixserve", "s3=--speculate 3", "--mixserve", "one=--num-shard 1").mixserve)
     )
-    found, skipped = compare.find_systems(
+    found, skipped = systems.find_systems(
         ["mixserve-s3", "mixserve-one", "mixserve-2"], "/m", [], [], variants=variants
     )
     assert not skipped
     by_name = {s.name: s.cmd for s in found}
     assert by_name["mixserve-s3"][-2:] == ["--speculate", "3"]
-    assert by_name["mixserve-s3"][by_name["mixserve-s3"].index("--num-shard") + 1] == str(compare.VARIANT_SHARDS)
+    assert by_name["mixserve-s3"][by_name["mixserve-s3"].index("--num-shard") + 1] == str(systems.VARIANT_SHARDS)
     # argparse keeps the last --num-shard: the variant's own.
     assert by_name["mixserve-one"][-2:] == ["--num-shard", "1"]
     assert "--speculate" not in by_name["mixserve-2"]
     with pytest.raises(ValueError, match="unknown system"):
-        compare.find_systems(["mixserve-nope"], "/m", [], [], variants=variants)
+        systems.find_systems(["mixserve-nope"], "/m", [], [], variants=variants)
 
 
 def test_a_variants_leading_assignments_set_its_servers_environment():
-    name, args = compare.parse_variant("tiles=MIXSERVE_KERNEL_CFLAGS='-mno-amx-tile -O2' X_1=y --num-shard 1 A=b")
-    assert compare.split_environment(args) == (
+    name, args = systems.parse_variant("tiles=MIXSERVE_KERNEL_CFLAGS='-mno-amx-tile -O2' X_1=y --num-shard 1 A=b")
+    assert systems.split_environment(args) == (
         {"MIXSERVE_KERNEL_CFLAGS": "-mno-amx-tile -O2", "X_1": "y"},
         ["--num-shard", "1", "A=b"],
     )
-    (system,), _ = compare.find_systems(["mixserve-tiles"], "/m", [], [], variants={name: args})
+    (system,), _ = systems.find_systems(["mixserve-tiles"], "/m", [], [], variants={name: args})
     assert system.env["MIXSERVE_KERNEL_CFLAGS"] == "-mno-amx-tile -O2" and system.env["X_1"] == "y"
     assert "MIXSERVE_KERNEL_CFLAGS=-mno-amx-tile" not in " ".join(system.cmd) and system.cmd[-1] == "A=b"
     assert "PATH" in system.env  # the harness's own environment for children, plus the assignments

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from mixserve.benchmarks import decode_step
-from mixserve.benchmarks.compare import find_systems
 from mixserve.benchmarks.roofline import ModelFootprint
+from mixserve.benchmarks.systems import find_systems
 
 
 def test_compare_serves_weight_formats_as_mixserve_variants(demo_dir, tmp_path):

@@ -32,6 +32,13 @@ _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-std
 _LINK = ["-shared"]
 _SOURCES = Path(__file__).parent
 MODES = ("auto", "native", "torch")
+# `--cpu-tiles` (the launcher's and a shard's): AMX's tiles for the larger bf16 products where the CPU has
+# them (set_amx_tiles), or never. Here, torch-free, for the router's flags too.
+TILE_MODES = ("auto", "off")
+TILE_HELP = (
+    "whether the C kernels' bf16 products of 2 MiB of weights and more run in AMX's tiles on CPUs with amx_bf16 "
+    "(auto) or never (off: one stream a few percent faster, many streams slower)"
+)
 LIBRARIES = (
     "paged_attention",
     "moe",
@@ -43,7 +50,7 @@ LIBRARIES = (
     "dequantize",
 )
 _loaded: dict[str, ctypes.CDLL] = {}
-_choice = {"mode": "auto", "int8_bf16_activations": False}
+_choice = {"mode": "auto", "int8_bf16_activations": False, "amx_tiles": True}
 _functions: dict[str, ctypes._CFuncPtr | None] = {}
 
 
@@ -133,16 +140,19 @@ def load(name: str) -> ctypes.CDLL:
             _loaded[name] = ctypes.CDLL(str(path))
         except OSError as e:
             raise KernelUnavailable(f"loading {path} failed: {e}") from e
-        _apply_int8_mode(_loaded[name])
+        _apply_modes(_loaded[name])
     return _loaded[name]
 
 
-def _apply_int8_mode(lib: ctypes.CDLL) -> None:
-    """Tell `lib` (if it holds rows_times_weight.h) whether int8 codes meet activations rounded to bf16."""
-    setter = getattr(lib, "kernel_set_int8_bf16_activations", None)
-    if setter is not None:
-        setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
-        setter(int(_choice["int8_bf16_activations"]))
+def _apply_modes(lib: ctypes.CDLL) -> None:
+    """Tell `lib` (if it holds rows_times_weight.h) whether int8 codes meet activations rounded to bf16 and
+    whether bf16 weights may take AMX's tiles."""
+    modes = (("kernel_set_int8_bf16_activations", "int8_bf16_activations"), ("kernel_set_amx_tiles", "amx_tiles"))
+    for name, key in modes:
+        setter = getattr(lib, name, None)
+        if setter is not None:
+            setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+            setter(int(_choice[key]))
 
 
 def set_int8_bf16_activations(on: bool) -> None:
@@ -151,7 +161,16 @@ def set_int8_bf16_activations(on: bool) -> None:
     and later; off, the inputs stay fp32 against the codes widened to fp32."""
     _choice["int8_bf16_activations"] = bool(on)
     for lib in _loaded.values():
-        _apply_int8_mode(lib)
+        _apply_modes(lib)
+
+
+def set_amx_tiles(on: bool) -> None:
+    """Whether bf16 weights of 2 MiB and more take AMX's tiles where the CPU has them (rows_times_weight_amx.h),
+    in the libraries loaded now and later: ops.select sets it from `--cpu-tiles`, before a process's first
+    step."""
+    _choice["amx_tiles"] = bool(on)
+    for lib in _loaded.values():
+        _apply_modes(lib)
 
 
 def forget_loaded() -> None:

@@ -252,14 +252,25 @@ static inline int int8_int16_dot_products(void) {
 #endif
 }
 
-/* Whether bf16 weights of AMX_MIN_WEIGHT elements and more (K at least AMX_MIN_K) meet x rounded to bf16 in AMX's tiles (tdpbf16ps)
-   in this process: 1, or 0 (not in this build, or the kernel refuses this process the tile state). */
+/* Whether bf16 weights may take AMX's tiles (kernel_set_amx_tiles: on unless `--cpu-tiles off`). Set once,
+   before a process's first step: which path a product takes must not change between steps. */
+static int rtw_amx_tiles = 1;
+
+/* Whether bf16 weights of AMX_MIN_WEIGHT elements and more (K at least AMX_MIN_K) meet x rounded to bf16 in
+   AMX's tiles (tdpbf16ps) in this process: 1, or 0 (turned off, not in this build, or the kernel refuses
+   this process the tile state). */
 static inline int amx_tile_products(void) {
 #ifdef HAVE_AMX_BF16
-    return amx_permitted();
+    return rtw_amx_tiles && amx_permitted();
 #else
     return 0;
 #endif
+}
+
+/* Let bf16 weights take AMX's tiles (1) or not (0); returns whether they will. */
+int kernel_set_amx_tiles(int on) {
+    rtw_amx_tiles = on != 0;
+    return amx_tile_products();
 }
 
 /* Whether bf16 weights meet x rounded to bf16 (vdpbf16ps, K a multiple of 32) in this build: 1, or 0
@@ -291,7 +302,7 @@ static void rows_times_weight(const float *x, int64_t R, int64_t ldx, const void
         const uint16_t *xb = rows_to_bf16(x, R, ldx, K);
         if (xb != NULL && !codes_in_bf16) {
 #ifdef HAVE_AMX_BF16
-            if (rows_times_weight_amx(xb, R, W, N, K, y, ldy) == 0) return;
+            if (rtw_amx_tiles && rows_times_weight_amx(xb, R, W, N, K, y, ldy) == 0) return;
 #endif
             rows_times_weight_dpbf16(xb, R, W, NULL, N, K, y, ldy);
             return;

@@ -70,11 +70,12 @@ _REFERENCE = {name: getattr(reference, name) for name in OP_NAMES}
 _current: list[Ops] = []
 
 
-def select(mode: str, device: torch.device, dtype: torch.dtype) -> Ops:
+def select(mode: str, device: torch.device, dtype: torch.dtype, amx_tiles: bool = True) -> Ops:
     """Choose each op's implementation for a shard on `device` computing in `dtype`, make it the
     process's `current()` and return it. Builds the C kernels now (not on the first request) unless
     torch or triton is chosen; raises KernelUnavailable where `native` or `triton` is asked for and
-    cannot run, ValueError for an unknown mode."""
+    cannot run, ValueError for an unknown mode. `amx_tiles` (`--cpu-tiles`): whether the C kernels' larger
+    bf16 products may run in AMX's tiles where the CPU has them."""
     if mode not in MODES:
         raise ValueError(f"kernels must be one of {', '.join(MODES)}, got {mode!r}")
     chosen = dict(_REFERENCE)
@@ -84,6 +85,7 @@ def select(mode: str, device: torch.device, dtype: torch.dtype) -> Ops:
     native.select({"native": "native", "auto": "auto"}.get(mode, "torch"), native.LIBRARIES)
     # A bf16 model's int8 weights meet its bf16 activations in the CPU's bf16 dot product, as bf16 weights do.
     native.set_int8_bf16_activations(dtype is torch.bfloat16)
+    native.set_amx_tiles(amx_tiles)
     cpu_kernels = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
     if mode == "native" and not cpu_kernels:
         raise KernelUnavailable(f"the C kernels run fp32 or bf16 on the CPU, not {dtype} on {device}")
