@@ -43,7 +43,7 @@ INFO = obj(
                 ),
                 "amx_tile_products": typed(
                     "boolean",
-                    "the model's bf16 products of 2 MiB of weights and more (K 512 and more) run in AMX's tile dot "
+                    "the model's bf16 products of 1 MiB of weights and more (K 512 and more) run in AMX's tile dot "
                     "product (false where bf16_dot_products is)",
                 ),
             },

@@ -17,8 +17,9 @@ from mixserve.shards.runner import ModelRunner, SequenceStep
 BF16 = torch.bfloat16
 CPU = torch.device("cpu")
 BLOCK = 16
-# Each expert's w1/w3 [2048, 512] and the LM head [2048, 512] are 2^20 elements with K 512: the tiles'
-# least (AMX_MIN_WEIGHT, AMX_MIN_K); w2 [512, 1024], q/k/v and o are smaller and take the vector loop.
+# Each expert's w1/w3 [2048, 512] and w2 [512, 1024], q/k/v [1024, 512] and the LM head [2048, 512] are 2^19
+# elements or more with K 512 and more: the tiles (AMX_MIN_WEIGHT, AMX_MIN_K); o [512, 512] and the router's
+# gate are smaller and take the vector loop.
 TILED_MODEL = DemoConfig(
     hidden_size=512,
     num_hidden_layers=2,

@@ -37,7 +37,7 @@ BUILDS = {
     "plain-c": ("-mno-avx2 -mno-fma", 1, 0, 0),
 }
 # A bf16 weight this large runs in AMX's tiles where the build has them (rows_times_weight_amx.h: from
-# 2 MiB and K 512; 2052 rows are 64 blocks of 32 rows and 4 rows the vector loop takes).
+# 1 MiB and K 512; 2052 rows are 64 blocks of 32 rows and 4 rows the vector loop takes).
 TILED = (2052, 512)
 
 

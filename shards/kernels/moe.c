@@ -41,7 +41,7 @@ int moe_bf16_dot_products(void) { return bf16_dot_products(); }
    (rows_times_codes_dpwssd.h), 0 where they meet them rounded to bf16 (or widened to fp32). */
 int moe_int8_int16_dot_products(void) { return int8_int16_dot_products(); }
 
-/* 1 where bf16 weights of 2 MiB and more (K 512 and more) meet activations rounded to bf16 in AMX's tiles
+/* 1 where bf16 weights of 1 MiB and more (K 512 and more) meet activations rounded to bf16 in AMX's tiles
    (rows_times_weight_amx.h), 0 where every bf16 product takes the vector path. */
 int moe_amx_tile_products(void) { return amx_tile_products(); }
 

@@ -53,7 +53,7 @@ def int8_int16_dot_products() -> bool:
 
 
 def amx_tile_products() -> bool:
-    """Whether this process's matmuls meet bf16 weights of 2 MiB and more (K 512 and more) with their inputs
+    """Whether this process's matmuls meet bf16 weights of 1 MiB and more (K 512 and more) with their inputs
     rounded to bf16 in AMX's tile dot product (AMX_BF16, the tile state granted by the kernel;
     rows_times_weight_amx.h)."""
     tiles = native.function("moe", "moe_amx_tile_products", [])

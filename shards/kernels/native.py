@@ -36,7 +36,7 @@ MODES = ("auto", "native", "torch")
 # them (set_amx_tiles), or never. Here, torch-free, for the router's flags too.
 TILE_MODES = ("auto", "off")
 TILE_HELP = (
-    "whether the C kernels' bf16 products of 2 MiB of weights and more run in AMX's tiles on CPUs with amx_bf16 "
+    "whether the C kernels' bf16 products of 1 MiB of weights and more run in AMX's tiles on CPUs with amx_bf16 "
     "(auto) or never (off: one stream a few percent faster, many streams slower)"
 )
 LIBRARIES = (
@@ -165,7 +165,7 @@ def set_int8_bf16_activations(on: bool) -> None:
 
 
 def set_amx_tiles(on: bool) -> None:
-    """Whether bf16 weights of 2 MiB and more take AMX's tiles where the CPU has them (rows_times_weight_amx.h),
+    """Whether bf16 weights of 1 MiB and more take AMX's tiles where the CPU has them (rows_times_weight_amx.h),
     in the libraries loaded now and later: ops.select sets it from `--cpu-tiles`, before a process's first
     step."""
     _choice["amx_tiles"] = bool(on)

@@ -6,7 +6,7 @@
    accumulation are fp32 in every case. A bf16 weight meets x rounded to bf16 in the CPU's bf16 dot
    product where the build has AVX512_BF16 and K is a multiple of 32 (rows_times_weight_dpbf16 below:
    out of cache no faster, it waits on memory, but about twice the products a second in cache; with AMX,
-   products of 2 MiB of weights and more, K 512 and more, in its tiles: rows_times_weight_amx.h);
+   products of 1 MiB of weights and more, K 512 and more, in its tiles: rows_times_weight_amx.h);
    otherwise it becomes fp32 in registers (its 16 bits shifted into the high half of a float, exact)
    against fp32 x. Either way a row of x gives the same bits alone or beside other rows. An int8 code
    becomes fp32 the same way (sign-extended, converted: exact), and each weight row's dot product is

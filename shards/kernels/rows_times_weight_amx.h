@@ -36,15 +36,18 @@
    block being read (64 KiB ahead at K = 1024) evicted lines before their use: a one-row product of
    3584 x 1024 from memory ran at ~15 against ~27 GB/s. */
 #define AMX_AHEAD 8
-/* The products that run in the tiles: 2 MiB of bf16 weights and more, K at least 512 (every product of
-   issue 20's 0.8B but the router's gate; every product of a real Mixtral's). A call's first tile
+/* The products that run in the tiles: 1 MiB of bf16 weights and more, K at least 512 (every product of
+   issue 20's 0.8B but the router's gate, q/k/v and o of two ranks among them; every product of a real
+   Mixtral's). From 2 MiB, which left those two on the vector loop, the 0.8B served 0.95x at one stream
+   and 0.93x at 32 against from 1 MiB (benchmarks/results/amx-tiles-0.8b: fewer switches between the
+   tiles and the vector loop in a step, it seems). A call's first tile
    instructions wait ~1-3 us for the tile unit when it has been idle for ~5-50 us (in C, interleaved with
    other work: 4-7 us against 3.8 for a 512 x 256 product at one row); on the demo's 128-256 K-element
    products, called microseconds apart, that made a one-row decode step 7 % slower in the tiles. Its LM
    head (8192 x 256, 2 MiB) was level in-process (a one-row step within 1 %) but served 2-3 % slower at
    one stream in three runs, and gained 5 % at 32 streams: K under 512 keeps the vector path. */
 #ifndef AMX_MIN_WEIGHT /* (a build may set them: benchmarks/results/amx-tiles-0.8b/amx_idle_start.c) */
-#define AMX_MIN_WEIGHT (1 << 20)
+#define AMX_MIN_WEIGHT (1 << 19)
 #endif
 #ifndef AMX_MIN_K
 #define AMX_MIN_K 512
