@@ -73,19 +73,22 @@ SPAWNED_RANKS = """
 import multiprocessing, sys, uuid
 from mixserve.shards.shm_collectives import SharedMemoryGroup
 
-def rank(index, name, attached):
+def rank(index, name, created, attached):
+    if index == 1:
+        created.wait(60)  # as the shards attach only after the creator's rendezvous
     group = SharedMemoryGroup(name, index, 2, 4096, create=index == 0)
     if index == 1:
         attached.set()
     else:
+        created.set()
         attached.wait(60)
         group.unlink()
 
 if __name__ == "__main__":
     context = multiprocessing.get_context("spawn")
-    attached = context.Event()
+    created, attached = context.Event(), context.Event()
     name = "mixserve-test-" + uuid.uuid4().hex[:12]
-    ranks = [context.Process(target=rank, args=(i, name, attached)) for i in range(2)]
+    ranks = [context.Process(target=rank, args=(i, name, created, attached)) for i in range(2)]
     for process in ranks:
         process.start()
     for process in ranks:
