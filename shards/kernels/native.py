@@ -159,16 +159,18 @@ def set_int8_bf16_activations(on: bool) -> None:
     """Whether int8 weights meet their inputs rounded to bf16 in the CPU's bf16 dot product, where it has
     one (on for a bf16 model, whose activations are bf16: ops.select sets it), in the libraries loaded now
     and later; off, the inputs stay fp32 against the codes widened to fp32."""
-    _choice["int8_bf16_activations"] = bool(on)
-    for lib in _loaded.values():
-        _apply_modes(lib)
+    _set_mode("int8_bf16_activations", on)
 
 
 def set_amx_tiles(on: bool) -> None:
     """Whether bf16 weights of 1 MiB and more take AMX's tiles where the CPU has them (rows_times_weight_amx.h),
     in the libraries loaded now and later: ops.select sets it from `--cpu-tiles`, before a process's first
     step."""
-    _choice["amx_tiles"] = bool(on)
+    _set_mode("amx_tiles", on)
+
+
+def _set_mode(key: str, on: bool) -> None:
+    _choice[key] = bool(on)
     for lib in _loaded.values():
         _apply_modes(lib)
 
