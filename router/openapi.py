@@ -15,8 +15,9 @@ from aiohttp import web
 
 from mixserve.router import api_openai as oai
 from mixserve.router.http_common import CONFIG
+from mixserve.router.openapi_builders import STREAMED, Schema, array, obj, ref, typed
 from mixserve.router.openapi_info import INFO
-from mixserve.router.openapi_schemas import SCHEMAS, STREAMED, Schema, array, obj, ref, typed
+from mixserve.router.openapi_schemas import SCHEMAS
 from mixserve.router.params import RequestLimits
 
 

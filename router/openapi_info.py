@@ -2,7 +2,7 @@
 TGI's own /info fields.
 """
 
-from mixserve.router.openapi_schemas import array, nullable, obj, typed
+from mixserve.router.openapi_builders import array, nullable, obj, typed
 
 INFO = obj(
     {

@@ -37,8 +37,12 @@ FRONTS = frozenset(
         "mixserve.router.http_common",
         "mixserve.router.openai_responses",
         "mixserve.router.openapi",
+        "mixserve.router.openapi_builders",
         "mixserve.router.openapi_info",
+        "mixserve.router.openapi_openai",
+        "mixserve.router.openapi_predict",
         "mixserve.router.openapi_schemas",
+        "mixserve.router.openapi_tgi",
         "mixserve.router.server",
     }
 )
