@@ -55,8 +55,9 @@ def worker(args: argparse.Namespace) -> None:
     from mixserve.shards.distributed import close_process_group, init_process_group, tensor_parallel_group
     from mixserve.shards.loader import load_model, weight_bytes
     from mixserve.shards.quant.config import QuantizationConfig
-    from mixserve.shards.runner import ModelRunner, SequenceStep
+    from mixserve.shards.runner import ModelRunner
     from mixserve.shards.sampling import SamplingParams
+    from mixserve.shards.sequence_step import SequenceStep
 
     torch.set_num_threads(1)
     parallel = ParallelConfig(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))

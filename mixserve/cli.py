@@ -11,7 +11,7 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo-model": ("mixserve.shards.demo.checkpoint", "write the deterministic random-weight demo Mixtral"),
-    "shard": ("mixserve.shards.server", "serve one tensor-parallel shard over gRPC"),
+    "shard": ("mixserve.shards.cli", "serve one tensor-parallel shard over gRPC"),
     "launch": ("mixserve.router.launcher", "start the shards and the router, and serve"),
     "bench": ("mixserve.benchmarks.cli", "benchmark harness: serving load, shard latency, roofline, comparison"),
 }

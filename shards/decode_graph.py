@@ -45,7 +45,7 @@ VERIFY_ROWS = 32
 
 
 class DecodeToken(Protocol):
-    """What the graph runner reads of a sequence's step (runner.SequenceStep has it)."""
+    """What the graph runner reads of a sequence's step (sequence_step.SequenceStep has it)."""
 
     token_ids: list[int]
     start_position: int

@@ -37,7 +37,8 @@ import torch
 from mixserve.shards.config import ModelConfig, ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.loader import load_model
-from mixserve.shards.runner import ModelRunner, SequenceStep
+from mixserve.shards.runner import ModelRunner
+from mixserve.shards.sequence_step import SequenceStep
 from mixserve.shards.speculative import num_accepted
 
 # Most positions one draft forward computes for one sequence while it catches up (a long prompt runs

@@ -34,8 +34,9 @@ import torch
 from mixserve.shards import devices, ops
 from mixserve.shards.kernels import moe
 from mixserve.shards.kernels.checks import ELEMENT_I8
-from mixserve.shards.runner import ModelRunner, SequenceStep
+from mixserve.shards.runner import ModelRunner
 from mixserve.shards.sampling import SamplingParams
+from mixserve.shards.sequence_step import SequenceStep
 
 LADDER = (16, 32, 64, 128, 256)
 # Torch takes a size from the kernel only where it needs under this share of the kernel's time: the

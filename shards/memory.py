@@ -25,8 +25,9 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mixserve.shards.runner import ModelRunner, SequenceStep
+from mixserve.shards.runner import ModelRunner
 from mixserve.shards.sampling import SamplingParams
+from mixserve.shards.sequence_step import SequenceStep
 
 # Kept free on CUDA besides the measured peak: allocator fragmentation, cuBLAS and NCCL workspaces
 # that grow after the warm-up. A share of the device's total memory (4 GB of an 80 GB A100).

@@ -25,7 +25,8 @@ round trip per step, and a step whose lookup found nothing costs what a plain de
 
 from collections.abc import Callable, Iterator
 
-from mixserve.shards.runner import InvalidStep, ModelRunner, SequenceResult, SequenceStep
+from mixserve.shards.runner import ModelRunner
+from mixserve.shards.sequence_step import InvalidStep, SequenceResult, SequenceStep
 
 
 def last_positions(steps: list[SequenceStep], num_steps: int) -> list[int]:

@@ -1,8 +1,8 @@
 """The model runner: turns a batch of per-sequence steps into one forward over the paged cache,
 samples the next tokens, and keeps each live sequence's sampling state.
 
-Every rank of the group runs the same calls in the same order; validation is a pure function of
-the request, so a malformed step is refused by every rank before any collective starts.
+Every rank of the group runs the same calls in the same order; validation (shards/step_validation.py) is
+a pure function of the request, so a malformed step is refused by every rank before any collective starts.
 A speculating sequence (num_proposed > 0) gets logits at every position of its chunk and keeps the
 proposals its own sampler agrees with (shards/speculative.py). A step marked `draft` has its proposals
 made here first: by the draft model (shards/draft.py) where the shard has one, else by n-gram lookup in
@@ -13,7 +13,7 @@ Legend: T tokens in the step, B sequences, R sequences that sample, L logits row
 plus one per proposed token), V vocab size.
 """
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,63 +25,15 @@ from mixserve.shards.grammar import GrammarError, GrammarMatchers, SequenceGramm
 from mixserve.shards.kv_cache import KVCache
 from mixserve.shards.model import MixtralForCausalLM
 from mixserve.shards.parallel_greedy import is_plain_greedy, parallel_greedy
-from mixserve.shards.sampling import SamplingParams, TokenHistory, apply_logit_bias
+from mixserve.shards.sampling import TokenHistory, apply_logit_bias
+from mixserve.shards.sequence_step import InvalidStep, SequenceResult, SequenceStep
 from mixserve.shards.speculative import VerifiedToken, greedy_runs
 from mixserve.shards.step_inputs import step_inputs
 from mixserve.shards.step_rows import SequenceState, consecutive, sample_rows, score_prompts, span_rows
+from mixserve.shards.step_validation import validate_steps
 
 if TYPE_CHECKING:
     from mixserve.shards.draft import DraftModel
-
-
-class InvalidStep(ValueError):
-    """The step is malformed (gRPC INVALID_ARGUMENT)."""
-
-
-class OutOfCapacity(ValueError):
-    """The step addresses cache blocks or slots the shard does not have (gRPC RESOURCE_EXHAUSTED)."""
-
-
-@dataclass(slots=True)
-class SequenceStep:
-    """One sequence's share of a step (the Python form of shard.proto's SequenceStep)."""
-
-    seq_id: int
-    token_ids: list[int]
-    start_position: int
-    slot_mapping: list[int]
-    block_table: list[int]
-    sample: bool = True
-    sampling: SamplingParams | None = None
-    # Tokens of positions [0, start_position) when the router admits the sequence past position 0
-    # (a prefix cache hit); empty otherwise.
-    prefix_token_ids: list[int] = field(default_factory=list)
-    # Score the prompt: the result carries each of token_ids' log-probability given the tokens before it.
-    prompt_logprobs: bool = False
-    # The last num_proposed of token_ids are proposed tokens to verify (speculative decoding).
-    num_proposed: int = 0
-    # The shard makes the num_proposed proposals (draft model or n-gram lookup): token_ids is the last
-    # token alone, slot_mapping covers it and the proposals.
-    draft: bool = False
-    # In a multi-step run: the most tokens proposed here before each step, and the most tokens the
-    # sequence gains in the run (0: the run's num_steps) (shards/multi_step.py).
-    speculate: int = 0
-    run_tokens: int = 0
-
-
-@dataclass(slots=True)
-class SequenceResult:
-    seq_id: int
-    token_id: int
-    logprob: float
-    top_tokens: list[tuple[int, float]] = field(default_factory=list)
-    sampled: bool = True  # False: a non-final prefill chunk that only scored its tokens
-    # With SequenceStep.prompt_logprobs: one per token of the step, NaN at position 0.
-    prompt_logprobs: list[float] = field(default_factory=list)
-    # A verification step's further tokens: accepted proposals after token_id, then the last one sampled.
-    next_tokens: list[VerifiedToken] = field(default_factory=list)
-    # After a draft step: the proposals made here (at most the step's num_proposed).
-    num_drafted: int = 0
 
 
 class ModelRunner:
@@ -179,90 +131,7 @@ class ModelRunner:
 
     def validate(self, steps: list[SequenceStep]) -> None:
         """Raise InvalidStep / OutOfCapacity for a step no rank should run."""
-        if self.kv_cache is None:
-            raise InvalidStep("the KV cache is not allocated: call Warmup first")
-        if not steps:
-            raise InvalidStep("the step has no sequences")
-        seen: set[int] = set()
-        for s in steps:
-            where = f"sequence {s.seq_id}"
-            if s.seq_id in seen:
-                raise InvalidStep(f"{where} appears twice in one step")
-            seen.add(s.seq_id)
-            if not s.token_ids:
-                raise InvalidStep(f"{where} has no tokens")
-            if s.draft:
-                self._validate_draft(s)
-            n = len(s.token_ids) + (s.num_proposed if s.draft else 0)  # positions
-            if len(s.slot_mapping) != n:
-                raise InvalidStep(f"{where} has {n} positions but {len(s.slot_mapping)} slots")
-            end = s.start_position + n
-            if end > self.config.max_position_embeddings:
-                raise InvalidStep(
-                    f"{where} reaches position {end}, past max_position_embeddings "
-                    f"{self.config.max_position_embeddings}"
-                )
-            if max(s.token_ids) >= self.config.vocab_size:
-                raise InvalidStep(f"{where} has token id {max(s.token_ids)} >= vocab size {self.config.vocab_size}")
-            if s.prefix_token_ids and len(s.prefix_token_ids) != s.start_position:
-                raise InvalidStep(
-                    f"{where} starts at position {s.start_position} but has {len(s.prefix_token_ids)} prefix tokens"
-                )
-            if s.prefix_token_ids and max(s.prefix_token_ids) >= self.config.vocab_size:
-                raise InvalidStep(f"{where} has a prefix token id >= vocab size {self.config.vocab_size}")
-            needed = -(-end // self.block_size)
-            if len(s.block_table) < needed:
-                raise InvalidStep(
-                    f"{where} needs {needed} blocks for {end} positions, block table has {len(s.block_table)}"
-                )
-            if max(s.block_table) >= self.kv_cache.num_blocks:
-                raise OutOfCapacity(
-                    f"{where} uses block {max(s.block_table)}; the cache has {self.kv_cache.num_blocks}"
-                )
-            if max(s.slot_mapping) >= self.kv_cache.num_slots:
-                raise OutOfCapacity(f"{where} uses slot {max(s.slot_mapping)}; the cache has {self.kv_cache.num_slots}")
-            if (
-                s.sampling is not None
-                and s.sampling.logit_bias
-                and max(s.sampling.logit_bias) >= self.config.vocab_size
-            ):
-                raise InvalidStep(
-                    f"{where} biases token id {max(s.sampling.logit_bias)} >= vocab size {self.config.vocab_size}"
-                )
-            if s.seq_id not in self.sequences and s.sampling is None:
-                raise InvalidStep(f"{where} is new to this shard and its step carries no sampling parameters")
-            if s.num_proposed:
-                self._validate_proposals(s)
-        # Plain Python: a decode checks one slot in about a microsecond, where building tensors for it
-        # cost ~20 us per sequence (0.6 ms a step at batch 32).
-        size = self.block_size
-        for s in steps:
-            table = s.block_table
-            if any(
-                table[p // size] * size + p % size != slot for p, slot in enumerate(s.slot_mapping, s.start_position)
-            ):
-                raise InvalidStep(f"sequence {s.seq_id}: slot_mapping does not match its block table")
-
-    def _validate_draft(self, s: SequenceStep) -> None:
-        where = f"sequence {s.seq_id}"
-        if not s.num_proposed or len(s.token_ids) != 1:
-            raise InvalidStep(
-                f"{where} asks for draft proposals with {len(s.token_ids)} tokens and {s.num_proposed} proposals; "
-                "a drafting step is one token and at least one proposal"
-            )
-
-    def _validate_proposals(self, s: SequenceStep) -> None:
-        where = f"sequence {s.seq_id}"
-        if not s.draft and s.num_proposed >= len(s.token_ids):
-            raise InvalidStep(
-                f"{where} proposes {s.num_proposed} of its {len(s.token_ids)} tokens; the first is its own"
-            )
-        if not s.sample:
-            raise InvalidStep(f"{where} proposes tokens but does not sample")
-        state = self.sequences.get(s.seq_id)
-        params = s.sampling or (state.params if state is not None else None)
-        if (params is not None and params.grammar) or (state is not None and state.grammar is not None):
-            raise InvalidStep(f"{where} follows a grammar; grammar-constrained sequences do not speculate")
+        validate_steps(steps, self.config, self.block_size, self.kv_cache, self.sequences)
 
     @torch.inference_mode()
     def forward(self, steps: list[SequenceStep], gather_logits: bool = True, score: bool = False) -> torch.Tensor:

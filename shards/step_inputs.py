@@ -10,14 +10,11 @@ Legend: T tokens in the step, L logits rows, D decode tokens, C prefill chunks, 
 """
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from mixserve.shards.attention_metadata import AttentionMetadata
-
-if TYPE_CHECKING:
-    from mixserve.shards.runner import SequenceStep
+from mixserve.shards.sequence_step import SequenceStep
 
 
 @dataclass(slots=True)
@@ -31,7 +28,7 @@ class StepInputs:
 
 
 def step_inputs(
-    steps: "list[SequenceStep]", block_size: int, device: torch.device, per_token_max: int, score: bool = False
+    steps: list[SequenceStep], block_size: int, device: torch.device, per_token_max: int, score: bool = False
 ) -> StepInputs:
     """The forward's inputs for `steps`. A step with prefill chunks of at most `per_token_max` tokens in
     all (the CPU decoder layer kernel's cap; 0: none) also gets one block table row per token (see

@@ -9,7 +9,6 @@ Legend: L logits rows, R sequences sampled together, C constrained sequences, W 
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,10 +16,8 @@ from mixserve.shards import ops
 from mixserve.shards.grammar import SequenceGrammar
 from mixserve.shards.ngram import NgramIndex
 from mixserve.shards.sampling import SamplingParams, TokenHistory, sample
+from mixserve.shards.sequence_step import SequenceStep
 from mixserve.shards.speculative import VerifiedToken, verified_tokens, verify
-
-if TYPE_CHECKING:
-    from mixserve.shards.runner import SequenceStep
 
 
 @dataclass(slots=True)
@@ -59,7 +56,7 @@ def span_rows(
 
 
 def score_prompts(
-    steps: "list[SequenceStep]", logits: torch.Tensor, sequences: dict[int, SequenceState]
+    steps: list[SequenceStep], logits: torch.Tensor, sequences: dict[int, SequenceState]
 ) -> tuple[torch.Tensor, dict[int, list[float]]]:
     """From the logits of `ModelRunner.forward(score=True)` [rows, V]: the rows `forward` gives without
     scoring [L, V] (a scoring sequence's last token's; a speculating one's span), and for the steps asking
@@ -87,7 +84,7 @@ def score_prompts(
 
 def sample_rows(
     logits: torch.Tensor,
-    sampled: "list[SequenceStep]",
+    sampled: list[SequenceStep],
     states: list[SequenceState],
     spans: list[range],
     constrained: list[int],

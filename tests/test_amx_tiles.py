@@ -12,7 +12,8 @@ from mixserve.shards.demo.checkpoint import DemoConfig, ensure_demo_checkpoint
 from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.kernels import moe
 from mixserve.shards.loader import load_model
-from mixserve.shards.runner import ModelRunner, SequenceStep
+from mixserve.shards.runner import ModelRunner
+from mixserve.shards.sequence_step import SequenceStep
 
 BF16 = torch.bfloat16
 CPU = torch.device("cpu")

@@ -15,8 +15,9 @@ from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.loader import load_model
 from mixserve.shards.memory import StepLimits, size_kv_cache
 from mixserve.shards.multi_step import decode_steps
-from mixserve.shards.runner import ModelRunner, SequenceStep
+from mixserve.shards.runner import ModelRunner
 from mixserve.shards.sampling import SamplingParams
+from mixserve.shards.sequence_step import SequenceStep
 
 CPU = torch.device("cpu")
 

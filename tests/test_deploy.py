@@ -11,7 +11,7 @@ import yaml
 from conftest import REPO
 from mixserve.router import launcher
 from mixserve.router.shard_client import parse_shard_addresses
-from mixserve.shards import server
+from mixserve.shards import cli as shard_cli
 
 DEPLOY = REPO / "deploy" / "kubernetes"
 
@@ -55,7 +55,7 @@ def test_router_lists_every_shard_of_the_statefulset_in_rank_order():
     assert words[:2] == ["exec", "torchrun"]
     torchrun = dict(re.fullmatch(r"--([a-z-]+)=(.*)", w).groups() for w in words[2 : words.index("-m")])
     assert words[words.index("-m") + 1 : words.index("shard") + 1] == ["mixserve.cli", "shard"]
-    shard_args = parse(server.add_arguments, words[words.index("shard") + 1 :])
+    shard_args = parse(shard_cli.add_arguments, words[words.index("shard") + 1 :])
     nodes, per_node = int(torchrun["nnodes"]), int(torchrun["nproc-per-node"])
     assert shards["spec"]["replicas"] == nodes
     assert shard_args.tls_cert and shard_args.host == "0.0.0.0"

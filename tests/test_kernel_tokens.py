@@ -11,8 +11,9 @@ from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.kernel_tokens import LADDER, MARGIN, choose_cap, measure_and_cap
 from mixserve.shards.kernels import moe
 from mixserve.shards.loader import load_model
-from mixserve.shards.runner import ModelRunner, SequenceStep
+from mixserve.shards.runner import ModelRunner
 from mixserve.shards.sampling import SamplingParams
+from mixserve.shards.sequence_step import SequenceStep
 
 BLOCK = 16
 

@@ -11,8 +11,9 @@ from mixserve.shards.config import ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.loader import load_model
 from mixserve.shards.multi_step import decode_steps
-from mixserve.shards.runner import InvalidStep, ModelRunner, SequenceStep
+from mixserve.shards.runner import ModelRunner
 from mixserve.shards.sampling import SamplingParams
+from mixserve.shards.sequence_step import InvalidStep, SequenceStep
 from mixserve_pb import shard_pb2
 
 BLOCK = 16

@@ -102,8 +102,9 @@ def test_a_model_step_reaches_c_only_where_chosen(demo_dir, c_calls):
     from mixserve.shards.config import ParallelConfig
     from mixserve.shards.distributed import TensorParallelGroup
     from mixserve.shards.loader import load_model
-    from mixserve.shards.runner import ModelRunner, SequenceStep
+    from mixserve.shards.runner import ModelRunner
     from mixserve.shards.sampling import SamplingParams
+    from mixserve.shards.sequence_step import SequenceStep
 
     parallel = ParallelConfig()
     model = load_model(demo_dir, parallel, TensorParallelGroup(parallel))
@@ -354,8 +355,9 @@ def test_runner_gives_prefill_chunks_as_varlen_tensors(demo_dir):
     from mixserve.shards.config import ParallelConfig
     from mixserve.shards.distributed import TensorParallelGroup
     from mixserve.shards.loader import load_model
-    from mixserve.shards.runner import ModelRunner, SequenceStep
+    from mixserve.shards.runner import ModelRunner
     from mixserve.shards.sampling import SamplingParams
+    from mixserve.shards.sequence_step import SequenceStep
 
     parallel = ParallelConfig()
     model = load_model(demo_dir, parallel, TensorParallelGroup(parallel))

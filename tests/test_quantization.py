@@ -42,7 +42,8 @@ from mixserve.shards.quant.config import BITSANDBYTES_MODES, QUANTIZE_MODES, Qua
 from mixserve.shards.quant.experts import QuantizedExperts
 from mixserve.shards.quant.linear import Linear4bit, Linear8bitLt, quantize_linear
 from mixserve.shards.quant.probe import QuantizationUnavailable, check_supported
-from mixserve.shards.runner import ModelRunner, SequenceStep
+from mixserve.shards.runner import ModelRunner
+from mixserve.shards.sequence_step import SequenceStep
 
 log = logging.getLogger(__name__)
 

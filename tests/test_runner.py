@@ -6,8 +6,9 @@ import torch
 from mixserve.shards.config import ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.loader import load_model
-from mixserve.shards.runner import InvalidStep, ModelRunner, OutOfCapacity, SequenceStep
+from mixserve.shards.runner import ModelRunner
 from mixserve.shards.sampling import SamplingParams
+from mixserve.shards.sequence_step import InvalidStep, OutOfCapacity, SequenceStep
 
 BLOCK = 4
 GREEDY = SamplingParams(temperature=0.0)

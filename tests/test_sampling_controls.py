@@ -11,8 +11,9 @@ from transformers.generation.logits_process import TypicalLogitsWarper
 from mixserve.shards.config import ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.loader import load_model
-from mixserve.shards.runner import ModelRunner, SequenceStep
+from mixserve.shards.runner import ModelRunner
 from mixserve.shards.sampling import SamplingParams, TokenHistory, apply_logit_bias, mask_typical, sample
+from mixserve.shards.sequence_step import SequenceStep
 
 BLOCK = 4
 

@@ -31,7 +31,7 @@ from mixserve.router.speculation import (
 )
 from mixserve.router.steps import SampledToken, Step, StepResult
 from mixserve.shards.multi_step import decode_steps
-from mixserve.shards.runner import InvalidStep, SequenceResult, SequenceStep
+from mixserve.shards.sequence_step import InvalidStep, SequenceResult, SequenceStep
 from mixserve.shards.speculative import VerifiedToken
 
 

@@ -12,8 +12,9 @@ from mixserve.shards.config import ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.loader import load_model
 from mixserve.shards.parallel_greedy import parallel_greedy
-from mixserve.shards.runner import InvalidStep, ModelRunner, SequenceStep
+from mixserve.shards.runner import ModelRunner
 from mixserve.shards.sampling import SamplingParams, TokenHistory, sample
+from mixserve.shards.sequence_step import InvalidStep, SequenceStep
 from mixserve.shards.speculative import greedy_runs, num_accepted, verify
 
 BLOCK = 4

@@ -3,7 +3,7 @@ steps' order, per-token tables within the kernel's cap, no index where every tok
 
 import torch
 
-from mixserve.shards.runner import SequenceStep
+from mixserve.shards.sequence_step import SequenceStep
 from mixserve.shards.step_inputs import step_inputs
 
 CPU = torch.device("cpu")

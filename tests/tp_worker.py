@@ -20,8 +20,9 @@ from mixserve.shards.distributed import close_process_group, init_process_group,
 from mixserve.shards.kernels import decoder_stack
 from mixserve.shards.loader import load_model, weight_bytes
 from mixserve.shards.memory import StepLimits, size_kv_cache
-from mixserve.shards.runner import ModelRunner, SequenceStep
+from mixserve.shards.runner import ModelRunner
 from mixserve.shards.sampling import SamplingParams
+from mixserve.shards.sequence_step import SequenceStep
 
 BLOCK_SIZE = 4
 

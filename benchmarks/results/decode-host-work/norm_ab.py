@@ -8,8 +8,9 @@ from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.loader import load_model
 from mixserve.shards.multi_step import decode_steps
 from mixserve.shards.ops import reference
-from mixserve.shards.runner import ModelRunner, SequenceStep
+from mixserve.shards.runner import ModelRunner
 from mixserve.shards.sampling import SamplingParams
+from mixserve.shards.sequence_step import SequenceStep
 
 torch.set_num_threads(1)
 D, BLOCK, N = "/root/.cache/mixserve/demo-trained", 16, 128

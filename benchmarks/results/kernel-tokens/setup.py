@@ -3,8 +3,9 @@ model_dir = sys.argv[1]; dtype = getattr(torch, sys.argv[2])
 from mixserve.shards.config import ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.loader import load_model
-from mixserve.shards.runner import ModelRunner, SequenceStep
+from mixserve.shards.runner import ModelRunner
 from mixserve.shards.sampling import SamplingParams
+from mixserve.shards.sequence_step import SequenceStep
 from mixserve.shards.kernels import decoder_layer, moe
 torch.set_num_threads(1)
 p = ParallelConfig(); g = TensorParallelGroup(p)

@@ -18,8 +18,9 @@ import torch
 from mixserve.shards.config import ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.loader import load_model
-from mixserve.shards.runner import ModelRunner, SequenceStep
+from mixserve.shards.runner import ModelRunner
 from mixserve.shards.sampling import SamplingParams
+from mixserve.shards.sequence_step import SequenceStep
 
 torch.set_num_threads(1)
 DEMO = os.path.expanduser("~/.cache/mixserve/demo-93bc109d09c8")
