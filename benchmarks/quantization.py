@@ -56,7 +56,7 @@ def worker(args: argparse.Namespace) -> None:
     from mixserve.shards.loader import load_model, weight_bytes
     from mixserve.shards.quant.config import QuantizationConfig
     from mixserve.shards.runner import ModelRunner
-    from mixserve.shards.sampling import SamplingParams
+    from mixserve.shards.sampling_params import SamplingParams
     from mixserve.shards.sequence_step import SequenceStep
 
     torch.set_num_threads(1)

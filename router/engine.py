@@ -2,8 +2,9 @@
 
 Each iteration asks the scheduler for the next step (decodes of every running request plus
 chunks of waiting prompts), sends it to the shard group, and hands every sampled token to its
-request: text delta, stop sequences, EOS and length decide when it ends. A request that ends for
-any reason (finished, cancelled, failed) leaves the scheduler at once, which frees its blocks.
+request (router/output_processor.py): text delta, stop sequences, EOS and length decide when it
+ends. A request that ends for any reason (finished, cancelled, failed) leaves the scheduler at once,
+which frees its blocks.
 The request itself (its events, text state and deadline) is router/generation.py.
 
 With `speculate` k > 0, every decode of a small enough batch may have up to k tokens proposed by the
@@ -19,25 +20,22 @@ Requests reach it validated (router/validation.py) and through router/replicas.p
 import asyncio
 import itertools
 import logging
-import math
 import time
 from collections.abc import Iterator
 
-from mixserve.router.engine_api import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Limits, TokenEvent
+from mixserve.router.engine_api import FINISH_LENGTH, Limits
 from mixserve.router.errors import RouterError, ShardUnavailable
 from mixserve.router.generation import Generation
 from mixserve.router.metrics import Metrics
+from mixserve.router.output_processor import OutputProcessor, keep_prompt_logprobs, prompt_log
 from mixserve.router.params import GenerationParams
 from mixserve.router.scheduler import Scheduler, SchedulerConfig
 from mixserve.router.shard_client import ShardGroup, ShardRejected
 from mixserve.router.speculation import MAX_BATCH, Speculation
 from mixserve.router.step_plan import Sequence, StepPlan
-from mixserve.router.steps import SampledToken, SequenceStep, Step, StepResult
+from mixserve.router.steps import SequenceStep, Step, StepResult
 
 log = logging.getLogger("mixserve.router")
-# Prompts and generated text are the users' data: this logger is silent unless --log-prompts turns it on.
-prompt_log = logging.getLogger("mixserve.prompts")
-prompt_log.setLevel(logging.CRITICAL + 1)
 
 
 class Engine:
@@ -76,6 +74,7 @@ class Engine:
         self.limits = limits
         self.eos_token_ids = frozenset(eos_token_ids)
         self.special_ids = frozenset(tokenizer.all_special_ids)
+        self.outputs = OutputProcessor(tokenizer, self.eos_token_ids, self.special_ids, self.metrics)
         self.live: dict[int, Generation] = {}
         # Why the shard group is down (None while serving), and, while a restart is coming, the
         # seconds clients are told to wait (Retry-After); the launcher keeps the latter current.
@@ -323,7 +322,7 @@ class Engine:
         """Hand the step's tokens to their requests; a `timed` all-decode step's shard time joins the step
         costs speculation weighs."""
         now = time.perf_counter()
-        self._on_prompt_scored(plan, result)
+        keep_prompt_logprobs(plan, result, self.live)
         results = {token.seq_id: token for token in result.tokens if token.sampled}
         self.scheduler.on_step_done(
             plan, {seq_id: [r.token_id] + [n.token_id for n in r.next_tokens] for seq_id, r in results.items()}
@@ -350,62 +349,14 @@ class Engine:
             run = [token, *token.next_tokens]
             kept, finish = 0, None
             while kept < len(run) and finish is None:
-                finish = self._on_token(generation, run[kept], now)
+                finish = self.outputs.on_token(generation, run[kept], now)
                 kept += 1
             delivered += kept
+            self.generated_tokens += kept
             self.speculation.on_tokens(generation.speculation, token, kept, seq_id in proposing, step_cost)
             if finish is not None:
                 self._end(generation, finish)
         self.metrics.on_step(plan.num_prefill_tokens, plan.num_decode_tokens, now - started, delivered)
-
-    def _on_prompt_scored(self, plan: StepPlan, result: StepResult) -> None:
-        """Keep the prompt tokens' log-probabilities the step's prefill chunks scored (positions past the
-        prompt, recomputed after a preemption, are the generation's own and were reported already)."""
-        scored_tokens = [token for token in result.tokens if token.prompt_logprobs]
-        if not scored_tokens:
-            return
-        starts = {entry.seq.seq_id: entry.start_position for entry in plan.sequences}
-        for token in scored_tokens:
-            generation = self.live.get(token.seq_id)
-            if generation is None or token.seq_id not in starts:
-                continue
-            scored = generation.prompt_logprobs
-            for position, logprob in enumerate(token.prompt_logprobs, starts[token.seq_id]):
-                if 0 < position < len(scored) and not math.isnan(logprob):
-                    scored[position] = logprob
-
-    def _on_token(self, generation: Generation, token: SampledToken, now: float) -> str | None:
-        """Hand `token` to its request; the finish reason when it ends the request (the caller ends it)."""
-        token_id = token.token_id
-        generation.output_ids.append(token_id)
-        self.generated_tokens += 1
-        if generation.first_token_at is None:
-            generation.first_token_at = now
-            self.metrics.time_to_first_token.observe(now - generation.created)
-        else:
-            self.metrics.inter_token_latency.observe(now - generation.last_token_at)
-        generation.last_token_at = now
-        finish = None
-        is_eos = token_id in self.eos_token_ids and not generation.params.ignore_eos
-        text, stopped = ("", False) if is_eos else generation.stops.feed(generation.detokenizer.add(token_id))
-        if stopped:
-            finish = FINISH_STOP
-        elif is_eos:
-            finish = FINISH_EOS
-        elif generation.generated_tokens >= generation.params.max_new_tokens:
-            finish = FINISH_LENGTH
-        if finish is not None and not stopped:
-            text += generation.stops.feed(generation.detokenizer.flush())[0] + generation.stops.flush()
-        event = TokenEvent(
-            token_id=token_id,
-            text=text,
-            logprob=token.logprob,
-            special=token_id in self.special_ids,
-            top_tokens=token.top_tokens,
-            finish_reason=finish,
-        )
-        generation.events.put_nowait(event)
-        return finish
 
     def _end(self, generation: Generation, finish_reason: str | None) -> None:
         generation.done = True
@@ -414,25 +365,7 @@ class Engine:
         self.scheduler.abort(generation.seq_id)
         self._release.append(generation.seq_id)
         self._wake.set()
-        if finish_reason is not None:
-            now = time.perf_counter()
-            first = generation.first_token_at or now
-            self.metrics.on_end(finish_reason, now - generation.created)
-            log.info(
-                "event=finished id=%s prompt_tokens=%d generated=%d finish=%s ttft_ms=%.1f total_ms=%.1f "
-                "speculative_proposed=%d speculative_accepted=%d",
-                generation.id,
-                generation.prompt_tokens,
-                generation.generated_tokens,
-                finish_reason,
-                (first - generation.created) * 1000,
-                (now - generation.created) * 1000,
-                generation.speculative_proposed,
-                generation.speculative_accepted,
-            )
-        if prompt_log.isEnabledFor(logging.INFO):
-            text = self.tokenizer.decode(generation.output_ids, skip_special_tokens=True)
-            prompt_log.info("event=output id=%s finish=%s text=%r", generation.id, finish_reason, text)
+        self.outputs.on_end(generation, finish_reason)
         if not self.live:
             self._idle.set()
 

@@ -28,29 +28,9 @@ when they finish (or preempt it, if it is the youngest); nothing is admitted mea
 takes requests that fit the cache alone, so the waiting head runs at the latest when the batch
 drains. No request is lost: a preempted sequence keeps its outputs and its place at the queue head.
 
-Prefix caching (on by default). Each full block of a sequence's tokens gets a hash chained on the
-previous block's; once the step that fills a block is done (not when it is planned: until then its
-K/V is not in the cache), the block is registered in the allocator's prefix cache. Admission looks up
-the longest run of cached blocks that starts the sequence, shares them (one more reference each) and
-starts the sequence past them, always leaving at least its last token to compute, since that token's
-logits give the next token. Shared blocks are full and lie before `num_computed`, so no step writes
-them; new chunks and decodes go to blocks of the sequence's own. A preempted sequence usually finds
-its own blocks again and recomputes little. Cached blocks nobody holds count as free: they are
-evicted, least recently freed first, only when no never-cached block is left, and an admission that
-revives one pays for it from the free blocks. `prefix_query_tokens` and `prefix_hit_tokens` count the
-tokens looked up at admissions and the tokens found.
-
-Speculative decoding. `add_proposals` takes a proposer: once a step is planned (and only if it
-preempted nothing), each decode may carry proposed tokens after its last one, as many as the free
-blocks hold and at most `max_new_tokens` allows. A proposer that gives a number instead of tokens
-leaves them to the shards (their n-gram lookup or draft model): the entry is `draft`, its slots cover
-the proposals, its token_ids do not. The shards keep the proposals their sampler agrees
-with; `on_step_done` then counts only the kept positions as computed, gives back the tail blocks
-holding nothing else (a length change, since the router owns the tables), and registers in the
-prefix cache only blocks filled with kept tokens. A step with proposals is a single step. A
-multi-step run speculates otherwise: its entries' `speculate` lets the shards propose before each of
-its steps within the positions `extend_decode` grew, so a step's sequence may gain several tokens,
-each counted as computed (the blocks past them stay the sequence's, for its next steps).
+Prefix caching (on by default) starts an admitted sequence past the cached full blocks it begins with
+(router/prefix_blocks.py). Speculative proposals and the steps of a multi-step run take slots past a
+decode's next token, reserved once the step is planned (router/lookahead.py).
 
 One step is in flight at a time: `schedule`, the shards run the plan, `on_step_done`. `finish` and
 `abort` may come at any moment and free blocks at once; blocks freed while a step is in flight are
@@ -65,7 +45,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from mixserve.router.block_allocator import BlockAllocator, BlockTable
-from mixserve.router.prefix_cache import BlockHash, hash_block
+from mixserve.router.lookahead import reserve_proposals, reserve_run
+from mixserve.router.prefix_blocks import cache_filled_blocks, cached_prefix
 from mixserve.router.step_plan import ScheduledSequence, Sequence, SequenceStatus, StepPlan
 
 logger = logging.getLogger(__name__)
@@ -209,9 +190,9 @@ class Scheduler:
             seq.num_computed += computed
             seq.output_ids.extend(tokens)
             if entry.num_proposed:
-                self._table(seq).truncate(self.allocator, seq.num_computed)
+                seq.table.truncate(self.allocator, seq.num_computed)
             if self.allocator.prefix_cache is not None:
-                self._cache_filled_blocks(entry, computed)
+                cache_filled_blocks(self.allocator, entry, computed)
             if entry.sample:
                 if len(seq.output_ids) >= seq.max_new_tokens:
                     self._remove(seq, "length")
@@ -236,25 +217,7 @@ class Scheduler:
             return 1
         if any(e.num_proposed for e in plan.sequences):
             return 1
-        left = [e.seq.max_new_tokens - len(e.seq.output_ids) for e in plan.sequences]
-        steps = min(max_steps, max(left) if own_budgets else min(left))
-        while steps > 1:
-            # The last step's sampled token is never fed back: a run of n steps writes n positions.
-            needed = sum(
-                self._table(e.seq).blocks_needed(e.start_position + min(steps, n))
-                for e, n in zip(plan.sequences, left, strict=True)
-            )
-            if needed <= self._free_blocks():
-                break
-            steps -= 1
-        if steps > 1:
-            for entry, n in zip(plan.sequences, left, strict=True):
-                table = self._table(entry.seq)
-                table.grow(self.allocator, entry.start_position + min(steps, n))
-                entry.block_table = list(table.blocks)
-                if own_budgets:
-                    entry.run_tokens = min(steps, n)
-        return steps
+        return reserve_run(plan, max_steps, own_budgets, self.allocator, self._free_blocks())
 
     def continue_decode(self, plan: StepPlan) -> StepPlan:
         """The next step of a multi-step run after `plan` (done): a decode of each sequence of it still
@@ -266,7 +229,7 @@ class Scheduler:
             seq = entry.seq
             if self._live.get(seq.seq_id) is not seq or seq.status is not SequenceStatus.RUNNING:
                 continue
-            table = self._table(seq)
+            table = seq.table
             if table.blocks_needed(seq.num_computed + 1):
                 raise ValueError(f"seq {seq.seq_id}: the run went past the blocks extend_decode grew")
             self._plan_chunk(following, seq, 1)
@@ -284,7 +247,7 @@ class Scheduler:
         for entry in plan.sequences:
             seq = entry.seq
             if self._live.get(seq.seq_id) is seq and seq.status is SequenceStatus.RUNNING:
-                self._table(seq).truncate(self.allocator, seq.num_computed)
+                seq.table.truncate(self.allocator, seq.num_computed)
 
     def finish(self, seq_id: int) -> Sequence | None:
         """End a sequence wherever it is and free its blocks; None if it is not queued or running."""
@@ -294,11 +257,6 @@ class Scheduler:
         """Cancel a sequence (client gone, error) wherever it is, mid-prefill included; like finish."""
         return self._remove_id(seq_id, "aborted")
 
-    @staticmethod
-    def _table(seq: Sequence) -> BlockTable:
-        assert seq.block_table is not None, "every sequence the scheduler holds was bound by add"
-        return seq.block_table
-
     def _free_blocks(self) -> int:
         return min(self.allocator.num_free, self.config.max_blocks - self.allocator.num_used)
 
@@ -306,7 +264,7 @@ class Scheduler:
         for seq in list(self._running):
             if seq.status is not SequenceStatus.RUNNING or not seq.is_decoding:
                 continue
-            while self._table(seq).blocks_needed(seq.num_computed + 1) > self._free_blocks():
+            while seq.table.blocks_needed(seq.num_computed + 1) > self._free_blocks():
                 # Only sequences younger than seq can be behind it, and none of them is planned yet.
                 victim = self._running[-1]
                 self._preempt(victim, plan)
@@ -334,7 +292,7 @@ class Scheduler:
         block_size = self.config.block_size
         while self._waiting and budget > 0 and len(self._running) < self.config.max_running_requests:
             seq = self._waiting[0]
-            cached = self._cached_prefix(seq)
+            cached = cached_prefix(self.allocator, seq)
             num_cached = len(cached) * block_size
             n = min(seq.num_tokens - num_cached, budget)
             new_blocks = -(-(num_cached + n) // block_size) - len(cached)
@@ -346,26 +304,12 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self._running.append(seq)
             if self.allocator.prefix_cache is not None:
-                self._table(seq).share(self.allocator, cached)
+                seq.table.share(self.allocator, cached)
                 seq.num_computed = num_cached
                 self.prefix_query_tokens += seq.num_tokens
                 self.prefix_hit_tokens += num_cached
             self._plan_chunk(plan, seq, n, admitted=True)
             budget -= n
-
-    def _block_hashes(self, seq: Sequence, num_blocks: int) -> list[BlockHash]:
-        """The chained hashes of seq's first `num_blocks` blocks, which must be full."""
-        size, hashes = self.config.block_size, seq.block_hashes
-        while len(hashes) < num_blocks:
-            start = len(hashes) * size
-            hashes.append(hash_block(hashes[-1] if hashes else None, seq.token_slice(start, start + size)))
-        return hashes
-
-    def _cached_prefix(self, seq: Sequence) -> list[int]:
-        """Cached blocks that start seq, leaving its last token out: its logits give the next token."""
-        if self.allocator.prefix_cache is None or seq.compute_prompt:
-            return []
-        return self.allocator.match_prefix(self._block_hashes(seq, (seq.num_tokens - 1) // self.config.block_size))
 
     def add_proposals(self, plan: StepPlan, propose: Callable[[Sequence], list[int] | int]) -> None:
         """Extend the plan's decodes with the proposals that fit, after everything else has its blocks.
@@ -376,48 +320,11 @@ class Scheduler:
         """
         if self._in_flight is not plan or plan.preempted:
             raise ValueError("add_proposals() takes the step just scheduled, which preempted nothing")
-        size = self.config.block_size
-        for entry in plan.sequences:
-            seq = entry.seq
-            if entry.is_prefill:
-                continue
-            table = self._table(seq)
-            # Every token kept is an output: the step may gain at most the tokens max_new_tokens leaves.
-            room = min(
-                seq.max_new_tokens - len(seq.output_ids) - 1,
-                (len(table.blocks) + self._free_blocks()) * size - seq.num_computed - 1,
-            )
-            if room < 1:
-                continue
-            proposed = propose(seq)
-            drafted = isinstance(proposed, int)
-            count = min(proposed if drafted else len(proposed), room)
-            if count < 1:
-                continue
-            table.grow(self.allocator, seq.num_computed + 1 + count)
-            if not drafted:
-                entry.token_ids = entry.token_ids + proposed[:count]
-            entry.slot_mapping = table.slot_mapping(seq.num_computed, 1 + count)
-            entry.block_table = list(table.blocks)
-            entry.num_proposed = count
-            entry.draft = drafted
-            plan.num_decode_tokens += count
-
-    def _cache_filled_blocks(self, entry: ScheduledSequence, computed: int) -> None:
-        """Register the blocks the finished step filled with its `computed` leading tokens: their K/V
-        is complete now."""
-        size, start = self.config.block_size, entry.start_position
-        first, end = start // size, (start + computed) // size
-        if first == end:
-            return
-        hashes = self._block_hashes(entry.seq, end)
-        blocks = self._table(entry.seq).blocks
-        for index in range(first, end):
-            self.allocator.cache_block(blocks[index], hashes[index])
+        reserve_proposals(plan, propose, self.allocator, self._free_blocks)
 
     def _fit_chunk(self, seq: Sequence, want: int) -> int:
         """How many of the next `want` tokens of seq its blocks plus the free blocks can hold."""
-        room = (len(self._table(seq).blocks) + self._free_blocks()) * self.config.block_size
+        room = (len(seq.table.blocks) + self._free_blocks()) * self.config.block_size
         return max(0, min(want, room - seq.num_computed))
 
     def _plan_chunk(self, plan: StepPlan, seq: Sequence, n: int, admitted: bool = False) -> None:
@@ -425,7 +332,7 @@ class Scheduler:
         # A preempted sequence whose cached blocks hold all but its last token is admitted with one
         # token, as a prefill all the same: it joins the batch's prefills and carries its sampling.
         is_prefill = admitted or not seq.is_decoding
-        table = self._table(seq)
+        table = seq.table
         table.grow(self.allocator, start + n)
         plan.sequences.append(
             ScheduledSequence(
@@ -446,7 +353,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
         self._running.remove(seq)
-        self._table(seq).release(self.allocator)
+        seq.table.release(self.allocator)
         seq.num_computed = 0
         seq.status = SequenceStatus.WAITING
         # Victims are taken youngest first, so pushing each on the front keeps the queue oldest first.
@@ -467,6 +374,6 @@ class Scheduler:
             self._running.remove(seq)
         else:
             self._waiting.remove(seq)
-        self._table(seq).release(self.allocator)
+        seq.table.release(self.allocator)
         seq.status = SequenceStatus.FINISHED
         logger.debug("event=seq_removed seq_id=%d reason=%s", seq.seq_id, reason)

@@ -42,6 +42,12 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def table(self) -> BlockTable:
+        """The block table the scheduler bound when it added the sequence."""
+        assert self.block_table is not None, "every sequence the scheduler holds was bound by add"
+        return self.block_table
+
+    @property
     def is_decoding(self) -> bool:
         """Whether only the last sampled token is missing from the cache: the next step is a decode."""
         return bool(self.output_ids) and self.num_computed == self.num_tokens - 1

@@ -35,7 +35,7 @@ from mixserve.shards import devices, ops
 from mixserve.shards.kernels import moe
 from mixserve.shards.kernels.checks import ELEMENT_I8
 from mixserve.shards.runner import ModelRunner
-from mixserve.shards.sampling import SamplingParams
+from mixserve.shards.sampling_params import SamplingParams
 from mixserve.shards.sequence_step import SequenceStep
 
 LADDER = (16, 32, 64, 128, 256)

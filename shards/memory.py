@@ -26,7 +26,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mixserve.shards.runner import ModelRunner
-from mixserve.shards.sampling import SamplingParams
+from mixserve.shards.sampling_params import SamplingParams
 from mixserve.shards.sequence_step import SequenceStep
 
 # Kept free on CUDA besides the measured peak: allocator fragmentation, cuBLAS and NCCL workspaces

@@ -15,7 +15,7 @@ import torch
 
 from mixserve.shards import ops
 from mixserve.shards.distributed import TensorParallelGroup
-from mixserve.shards.sampling import SamplingParams
+from mixserve.shards.sampling_params import SamplingParams
 
 
 def is_plain_greedy(params: SamplingParams) -> bool:

@@ -23,14 +23,15 @@ from mixserve.shards.config import ModelConfig, ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.grammar import GrammarError, GrammarMatchers, SequenceGrammar
 from mixserve.shards.kv_cache import KVCache
+from mixserve.shards.logits_processors import apply_logit_bias
 from mixserve.shards.model import MixtralForCausalLM
 from mixserve.shards.parallel_greedy import is_plain_greedy, parallel_greedy
-from mixserve.shards.sampling import TokenHistory, apply_logit_bias
 from mixserve.shards.sequence_step import InvalidStep, SequenceResult, SequenceStep
 from mixserve.shards.speculative import VerifiedToken, greedy_runs
 from mixserve.shards.step_inputs import step_inputs
 from mixserve.shards.step_rows import SequenceState, consecutive, sample_rows, score_prompts, span_rows
 from mixserve.shards.step_validation import validate_steps
+from mixserve.shards.token_history import TokenHistory
 
 if TYPE_CHECKING:
     from mixserve.shards.draft import DraftModel

@@ -5,7 +5,7 @@ importing the model.
 
 from dataclasses import dataclass, field
 
-from mixserve.shards.sampling import SamplingParams
+from mixserve.shards.sampling_params import SamplingParams
 from mixserve.shards.speculative import VerifiedToken
 
 

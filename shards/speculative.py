@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from mixserve.shards.sampling import SampleOutput, SamplingParams, TokenHistory, sample
+from mixserve.shards.sampling import SampleOutput, sample
+from mixserve.shards.sampling_params import SamplingParams
+from mixserve.shards.token_history import TokenHistory
 
 
 @dataclass(slots=True)

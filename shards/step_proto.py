@@ -1,7 +1,7 @@
 """The shard's edge of the wire: ShardService messages to and from the runner's plain types."""
 
 from mixserve.shards.memory import MemoryReport
-from mixserve.shards.sampling import SamplingParams
+from mixserve.shards.sampling_params import SamplingParams
 from mixserve.shards.sequence_step import SequenceResult, SequenceStep
 from mixserve_pb import shard_pb2
 

@@ -15,9 +15,11 @@ import torch
 from mixserve.shards import ops
 from mixserve.shards.grammar import SequenceGrammar
 from mixserve.shards.ngram import NgramIndex
-from mixserve.shards.sampling import SamplingParams, TokenHistory, sample
+from mixserve.shards.sampling import sample
+from mixserve.shards.sampling_params import SamplingParams
 from mixserve.shards.sequence_step import SequenceStep
 from mixserve.shards.speculative import VerifiedToken, verified_tokens, verify
+from mixserve.shards.token_history import TokenHistory
 
 
 @dataclass(slots=True)

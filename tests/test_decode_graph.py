@@ -16,7 +16,7 @@ from mixserve.shards.loader import load_model
 from mixserve.shards.memory import StepLimits, size_kv_cache
 from mixserve.shards.multi_step import decode_steps
 from mixserve.shards.runner import ModelRunner
-from mixserve.shards.sampling import SamplingParams
+from mixserve.shards.sampling_params import SamplingParams
 from mixserve.shards.sequence_step import SequenceStep
 
 CPU = torch.device("cpu")

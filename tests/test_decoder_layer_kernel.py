@@ -226,7 +226,7 @@ def test_model_takes_it_for_steps_whose_tokens_each_have_a_table(demo_dir, kerne
 def test_runner_gives_small_steps_with_prefill_chunks_per_token_tables(demo_dir):
     from mixserve.shards.loader import load_model
     from mixserve.shards.runner import ModelRunner
-    from mixserve.shards.sampling import SamplingParams
+    from mixserve.shards.sampling_params import SamplingParams
     from mixserve.shards.sequence_step import SequenceStep
 
     parallel = ParallelConfig()

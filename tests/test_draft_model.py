@@ -14,7 +14,7 @@ from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.draft import CATCH_UP_CHUNK, check_draft, load_draft
 from mixserve.shards.loader import load_model
 from mixserve.shards.runner import ModelRunner
-from mixserve.shards.sampling import SamplingParams
+from mixserve.shards.sampling_params import SamplingParams
 from mixserve.shards.sequence_step import InvalidStep, SequenceStep
 
 BLOCK = 4

@@ -106,7 +106,7 @@ def test_runner_samples_only_what_the_grammar_allows(demo_dir, matchers):
     from mixserve.shards.distributed import TensorParallelGroup
     from mixserve.shards.loader import load_model
     from mixserve.shards.runner import ModelRunner
-    from mixserve.shards.sampling import SamplingParams
+    from mixserve.shards.sampling_params import SamplingParams
     from mixserve.shards.sequence_step import SequenceStep
 
     torch.set_num_threads(1)

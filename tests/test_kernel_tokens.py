@@ -12,7 +12,7 @@ from mixserve.shards.kernel_tokens import LADDER, MARGIN, choose_cap, measure_an
 from mixserve.shards.kernels import moe
 from mixserve.shards.loader import load_model
 from mixserve.shards.runner import ModelRunner
-from mixserve.shards.sampling import SamplingParams
+from mixserve.shards.sampling_params import SamplingParams
 from mixserve.shards.sequence_step import SequenceStep
 
 BLOCK = 16

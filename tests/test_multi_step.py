@@ -12,7 +12,7 @@ from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.loader import load_model
 from mixserve.shards.multi_step import decode_steps
 from mixserve.shards.runner import ModelRunner
-from mixserve.shards.sampling import SamplingParams
+from mixserve.shards.sampling_params import SamplingParams
 from mixserve.shards.sequence_step import InvalidStep, SequenceStep
 from mixserve_pb import shard_pb2
 

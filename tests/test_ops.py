@@ -103,7 +103,7 @@ def test_a_model_step_reaches_c_only_where_chosen(demo_dir, c_calls):
     from mixserve.shards.distributed import TensorParallelGroup
     from mixserve.shards.loader import load_model
     from mixserve.shards.runner import ModelRunner
-    from mixserve.shards.sampling import SamplingParams
+    from mixserve.shards.sampling_params import SamplingParams
     from mixserve.shards.sequence_step import SequenceStep
 
     parallel = ParallelConfig()
@@ -356,7 +356,7 @@ def test_runner_gives_prefill_chunks_as_varlen_tensors(demo_dir):
     from mixserve.shards.distributed import TensorParallelGroup
     from mixserve.shards.loader import load_model
     from mixserve.shards.runner import ModelRunner
-    from mixserve.shards.sampling import SamplingParams
+    from mixserve.shards.sampling_params import SamplingParams
     from mixserve.shards.sequence_step import SequenceStep
 
     parallel = ParallelConfig()

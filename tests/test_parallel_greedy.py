@@ -6,7 +6,7 @@ import torch
 
 from conftest import PYTHON, REPO, run_ranks
 from mixserve.shards.parallel_greedy import is_plain_greedy
-from mixserve.shards.sampling import SamplingParams
+from mixserve.shards.sampling_params import SamplingParams
 
 
 @pytest.mark.parametrize(

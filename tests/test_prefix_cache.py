@@ -308,7 +308,7 @@ def test_runner_builds_the_penalty_history_from_the_prefix(demo_dir):
     from mixserve.shards.distributed import TensorParallelGroup
     from mixserve.shards.loader import load_model
     from mixserve.shards.runner import ModelRunner
-    from mixserve.shards.sampling import SamplingParams
+    from mixserve.shards.sampling_params import SamplingParams
     from mixserve.shards.sequence_step import InvalidStep, SequenceStep
 
     torch.set_num_threads(1)

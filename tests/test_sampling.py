@@ -8,14 +8,10 @@ import sys
 import pytest
 import torch
 
-from mixserve.shards.sampling import (
-    SamplingParams,
-    TokenHistory,
-    apply_penalties,
-    generator_seed,
-    mask_top_k_top_p,
-    sample,
-)
+from mixserve.shards.logits_processors import apply_penalties, mask_top_k_top_p
+from mixserve.shards.sampling import generator_seed, sample
+from mixserve.shards.sampling_params import SamplingParams
+from mixserve.shards.token_history import TokenHistory
 from mixserve_pb import shard_pb2
 
 
@@ -364,7 +360,9 @@ def test_top_n_is_empty_when_unasked_and_capped_at_the_vocabulary():
 
 _RANK_SCRIPT = """
 import json, torch
-from mixserve.shards.sampling import SamplingParams, TokenHistory, sample
+from mixserve.shards.sampling import sample
+from mixserve.shards.sampling_params import SamplingParams
+from mixserve.shards.token_history import TokenHistory
 v = torch.arange(24 * 257, dtype=torch.float32).reshape(24, 257)
 logits = torch.sin(v * 0.37) * 3 + torch.cos(v * 0.011)
 params = [

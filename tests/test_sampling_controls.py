@@ -1,4 +1,4 @@
-"""logit_bias and typical sampling on the shards (shards/sampling.py) against transformers' warpers,
+"""logit_bias and typical sampling on the shards (shards/logits_processors.py) against transformers' warpers,
 and prompt scoring in the runner against transformers' MixtralForCausalLM (the teacher-forced oracle)."""
 
 import math
@@ -11,9 +11,12 @@ from transformers.generation.logits_process import TypicalLogitsWarper
 from mixserve.shards.config import ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.loader import load_model
+from mixserve.shards.logits_processors import apply_logit_bias, mask_typical
 from mixserve.shards.runner import ModelRunner
-from mixserve.shards.sampling import SamplingParams, TokenHistory, apply_logit_bias, mask_typical, sample
+from mixserve.shards.sampling import sample
+from mixserve.shards.sampling_params import SamplingParams
 from mixserve.shards.sequence_step import SequenceStep
+from mixserve.shards.token_history import TokenHistory
 
 BLOCK = 4
 

@@ -7,7 +7,9 @@ from mixserve.shards import ops
 from mixserve.shards.kernels.sampling import apply_token_bitmask, row_argmax_logsumexp
 from mixserve.shards.ops import cpu, reference
 from mixserve.shards.ops.reference import MASKED_LOGIT
-from mixserve.shards.sampling import SamplingParams, TokenHistory, sample
+from mixserve.shards.sampling import sample
+from mixserve.shards.sampling_params import SamplingParams
+from mixserve.shards.token_history import TokenHistory
 
 
 def test_argmax_and_logsumexp_equal_torch(native):

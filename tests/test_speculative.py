@@ -13,9 +13,11 @@ from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.loader import load_model
 from mixserve.shards.parallel_greedy import parallel_greedy
 from mixserve.shards.runner import ModelRunner
-from mixserve.shards.sampling import SamplingParams, TokenHistory, sample
+from mixserve.shards.sampling import sample
+from mixserve.shards.sampling_params import SamplingParams
 from mixserve.shards.sequence_step import InvalidStep, SequenceStep
 from mixserve.shards.speculative import greedy_runs, num_accepted, verify
+from mixserve.shards.token_history import TokenHistory
 
 BLOCK = 4
 # 0.999 quantile of chi-square with 5 degrees of freedom: a correct rule fails 1 run in 1000.

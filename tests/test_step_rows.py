@@ -2,7 +2,8 @@
 
 import torch
 
-from mixserve.shards.sampling import SampleOutput, SamplingParams
+from mixserve.shards.sampling import SampleOutput
+from mixserve.shards.sampling_params import SamplingParams
 from mixserve.shards.speculative import verified_tokens
 from mixserve.shards.step_rows import consecutive, span_rows
 

@@ -21,7 +21,7 @@ from mixserve.shards.kernels import decoder_stack
 from mixserve.shards.loader import load_model, weight_bytes
 from mixserve.shards.memory import StepLimits, size_kv_cache
 from mixserve.shards.runner import ModelRunner
-from mixserve.shards.sampling import SamplingParams
+from mixserve.shards.sampling_params import SamplingParams
 from mixserve.shards.sequence_step import SequenceStep
 
 BLOCK_SIZE = 4

@@ -1,0 +1,135 @@
+"""The logits processors of a shard's sampling, each over a batch of rows: logit bias, repetition,
+frequency and presence penalties (shards/token_history.py keeps what they read), and the top-k/top-p
+and typical masks. Ties are broken by token id, so every rank of a group removes the same tokens.
+
+Shapes:
+    B  sequences sampling this step (rows of the logits)
+    V  vocabulary size
+    P  this rank's columns of the vocabulary
+    R  the subset of rows a stage works on (rows with penalties, or rows that draw at random)
+    S  ids of one stage's (row, token) pairs, flattened over its rows
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from mixserve.shards.sampling_params import SamplingParams
+from mixserve.shards.token_history import TokenHistory
+
+
+def mask_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """Return `logits` `[R, V]` with the entries that top-k and then top-p remove set to -inf.
+
+    `top_k` `[R]` keeps exactly the k highest (0 = off; ties at the k-th value go to the lower token
+    id); `top_p` `[R]` then keeps the fewest most probable tokens whose probability (softmax of the
+    top-k survivors) reaches p, and always the most probable one (p >= 1 = off).
+    """
+    vocab = logits.shape[-1]
+    # A stable sort puts equal logits in token-id order, so tie-breaking is the same on every rank.
+    sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True, stable=True)  # [R, V], [R, V]
+    ranks = torch.arange(vocab, device=logits.device)  # [V]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab).to(logits.device)  # [R]
+    removed = ranks[None, :] >= k[:, None]  # [R, V] in sorted order
+    probs = sorted_logits.masked_fill(removed, -math.inf).softmax(dim=-1)  # [R, V]
+    mass_before = probs.cumsum(dim=-1) - probs  # [R, V] mass of the more probable tokens
+    top_p = top_p.to(device=logits.device, dtype=probs.dtype)[:, None]  # [R, 1]
+    # The first token has mass_before 0 < p, so one always survives; p >= 1 is off even where
+    # rounding lets the cumulative sum reach 1 before the tail.
+    removed |= (mass_before >= top_p) & (top_p < 1)
+    removed = torch.empty_like(removed).scatter_(1, sorted_ids, removed)  # [R, V] back in token order
+    return logits.masked_fill(removed, -math.inf)
+
+
+def mask_typical(logits: Tensor, mass: Tensor) -> Tensor:
+    """Return `logits` `[R, V]` with the tokens typical sampling removes set to -inf (transformers'
+    TypicalLogitsWarper): tokens ranked by how far their surprisal is from the row's entropy, the
+    closest kept until their probability reaches `mass` `[R]` (>= 1 = off), the closest always."""
+    log_probs = logits.log_softmax(dim=-1)  # [R, V]
+    entropy = -(log_probs * log_probs.exp()).nansum(dim=-1, keepdim=True)  # [R, 1]
+    distance = (-log_probs - entropy).abs()  # [R, V]
+    # A stable sort puts equal distances in token-id order, the same on every rank.
+    sorted_distance, sorted_ids = distance.sort(dim=-1, stable=True)  # [R, V], [R, V]
+    cumulative = logits.gather(-1, sorted_ids).softmax(dim=-1).cumsum(dim=-1)  # [R, V]
+    mass = mass.to(device=logits.device, dtype=cumulative.dtype)[:, None]  # [R, 1]
+    last = (cumulative < mass).sum(dim=-1, keepdim=True).clamp_(max=logits.shape[-1] - 1)  # [R, 1]
+    removed = sorted_distance > sorted_distance.gather(-1, last)  # [R, V] in sorted order
+    removed[:, 0] = False
+    removed &= mass < 1
+    removed = torch.empty_like(removed).scatter_(1, sorted_ids, removed)  # [R, V] back in token order
+    return logits.masked_fill(removed, -math.inf)
+
+
+def apply_logit_bias(
+    logits: Tensor, rows: list[int], biases: list[dict[int, float]], vocab_start: int, vocab_size: int
+) -> Tensor:
+    """`logits` `[R, P]` (fp32, this rank's columns from `vocab_start`) with each of `rows`' `biases` (token id ->
+    bias, in the order of `rows`) added to the tokens it holds; ids at or past `vocab_size` are never biased."""
+    row_of, columns, values = [], [], []
+    end = min(vocab_start + logits.shape[1], vocab_size)
+    for row, bias in zip(rows, biases, strict=True):
+        for token, value in bias.items():
+            if vocab_start <= token < end:
+                row_of.append(row)
+                columns.append(token - vocab_start)
+                values.append(value)
+    logits = logits.float()
+    if not row_of:
+        return logits
+    device = logits.device
+    index = (torch.tensor(row_of, device=device), torch.tensor(columns, device=device))  # [S], [S]
+    return logits.index_put(index, torch.tensor(values, device=device), accumulate=True)
+
+
+def apply_penalties(logits: Tensor, params: Sequence[SamplingParams], histories: Sequence[TokenHistory]) -> Tensor:
+    """Penalised copy of `logits` `[B, V]` (`logits` itself when no row has a penalty).
+
+    Repetition penalty, once per distinct prompt or output token: a positive logit is divided by
+    it, any other multiplied. Then, per output token: logit -= frequency_penalty * count +
+    presence_penalty * (count > 0).
+    """
+    rows = [i for i, p in enumerate(params) if p.has_repetition_penalty or p.has_output_penalty]
+    if not rows:
+        return logits
+    device = logits.device
+    row_index = torch.tensor(rows, device=device)  # [R]
+    scores = logits.index_select(0, row_index)  # [R, V]
+    sub_params = [params[i] for i in rows]
+    sub_histories = [histories[i] for i in rows]
+
+    if any(p.has_repetition_penalty for p in sub_params):
+        seen = _row_token_mask(scores, [h.seen_ids() for h in sub_histories])  # [R, V] bool
+        penalty = torch.tensor([p.repetition_penalty for p in sub_params], device=device)[:, None]  # [R, 1]
+        penalised = torch.where(scores > 0, scores / penalty, scores * penalty)  # [R, V]
+        scores = torch.where(seen, penalised, scores)
+
+    if any(p.has_output_penalty for p in sub_params):
+        counts = _row_token_counts(scores, [h.output_ids() for h in sub_histories])  # [R, V]
+        frequency = torch.tensor([p.frequency_penalty for p in sub_params], device=device)[:, None]  # [R, 1]
+        presence = torch.tensor([p.presence_penalty for p in sub_params], device=device)[:, None]  # [R, 1]
+        scores = scores - frequency * counts - presence * (counts > 0)
+
+    return logits.index_copy(0, row_index, scores)
+
+
+def _flat_rows(ids_per_row: list[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+    lengths = torch.tensor([ids.numel() for ids in ids_per_row])  # [R]
+    row_of = torch.repeat_interleave(torch.arange(len(ids_per_row)), lengths)  # [S]
+    return row_of.to(device), torch.cat(ids_per_row).to(device)  # [S], [S]
+
+
+def _row_token_mask(scores: Tensor, ids_per_row: list[Tensor]) -> Tensor:
+    row_of, ids = _flat_rows(ids_per_row, scores.device)
+    # 2-D indexing bounds-checks ids against V instead of spilling into the next row.
+    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).index_put_(
+        (row_of, ids), torch.ones((), dtype=torch.bool, device=scores.device)
+    )  # [R, V]
+
+
+def _row_token_counts(scores: Tensor, ids_per_row: list[Tensor]) -> Tensor:
+    row_of, ids = _flat_rows(ids_per_row, scores.device)
+    return torch.zeros_like(scores).index_put_(
+        (row_of, ids), torch.ones((), dtype=scores.dtype, device=scores.device), accumulate=True
+    )  # [R, V]
