@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from mixserve.shards.logits_processors import apply_penalties, mask_top_k_top_p
+from mixserve.shards.logits_processors import NUCLEUS_NEXT, _mask_sorted, apply_penalties, mask_top_k_top_p
 from mixserve.shards.sampling import generator_seed, sample
 from mixserve.shards.sampling_params import SamplingParams
 from mixserve.shards.token_history import TokenHistory
@@ -249,6 +249,26 @@ def test_masks_are_per_row_in_a_batch():
         )
     assert (batched[1] > -math.inf).sum() == 5
     torch.testing.assert_close(batched[batched > -math.inf], logits[batched > -math.inf])
+
+
+@pytest.mark.parametrize("vocab", [40, 3000])
+@pytest.mark.parametrize("scale", [0.3, 3.0, 12.0])
+def test_the_cpu_nucleus_keeps_what_sorting_every_row_keeps(vocab, scale):
+    # Rounded logits tie often; at scale 0.3 over 3000 tokens the nucleus outgrows the 64 and the 1024
+    # largest logits the CPU path reads first, and it sorts the row.
+    generator = torch.Generator().manual_seed(vocab + int(10 * scale))
+    logits = (torch.randn(24, vocab, generator=generator) * scale).round()  # [R, V]
+    top_k = torch.randint(0, vocab + 2, (24,), generator=generator) * (torch.rand(24, generator=generator) < 0.5)
+    top_p = torch.where(torch.rand(24, generator=generator) < 0.8, torch.rand(24, generator=generator), 1.0)
+    kept = mask_top_k_top_p(logits, top_k, top_p) > -math.inf
+    assert torch.equal(kept, _mask_sorted(logits, top_k, top_p) > -math.inf)
+    if scale == 0.3 and vocab == 3000:
+        assert kept.sum(dim=-1).max() > NUCLEUS_NEXT
+
+
+def test_a_row_without_a_finite_logit_draws_token_0():
+    logits = torch.full((1, 6), -math.inf)
+    assert _run(logits, [SamplingParams(temperature=1.0, seed=3)], [0]).token_ids.tolist() == [0]
 
 
 # -- penalties ------------------------------------------------------------------------------------
