@@ -63,8 +63,10 @@ def _draw(scores: Tensor, seeds: list[int]) -> Tensor:
     uniforms = []
     for seed in seeds:
         generator.manual_seed(seed)
-        uniforms.append(torch.rand(1, generator=generator, dtype=torch.float64))
-    u = torch.cat(uniforms).to(scores.device)[:, None]  # [R, 1], in [0, 1)
+        uniforms.append(torch.rand(1, generator=generator, dtype=torch.float64).item())
+    u = torch.tensor(uniforms, dtype=torch.float64)[:, None]  # [R, 1], in [0, 1)
+    if not scores.is_cpu:  # through pinned memory, without waiting for the step's forward to finish
+        u = u.pin_memory().to(scores.device, non_blocking=True)
     top = scores.max(dim=-1, keepdim=True).values  # [R, 1]
     cdf = (scores - top).exp().double().cumsum(dim=-1)  # [R, V] unnormalised
     total = cdf[:, -1:]  # [R, 1]
