@@ -61,6 +61,11 @@ async def stream_text(request: web.Request, generation: GenerationHandle) -> web
         if request.transport is not None:
             request.transport.close()
         return response
+    except ConnectionResetError:
+        # The client went away between two tokens (before aiohttp noticed and cancelled the handler), as
+        # the server-sent event streams meet it (http_common.py): the request is cancelled as `events` closes.
+        log.info("event=client_gone path=%s", request.path)
+        return response
     finally:
         await events.aclose()
     await response.write_eof()
