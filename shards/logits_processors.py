@@ -41,17 +41,21 @@ def mask_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     return masked
 
 
-# The largest logits `_kept_ids` reads first, then next, before sorting the whole row: a trained model's
-# nucleus at top_p 0.9-0.95 is rarely more than a few dozen tokens.
+# The largest logits `_kept_ids` reads first: a trained model's nucleus at top_p 0.9-0.95 is rarely
+# more than a few dozen tokens.
 NUCLEUS_FIRST = 64
-NUCLEUS_NEXT = 1024
+# Past those, the survivors' probability mass in bins of their log-probability (NUCLEUS_BIN_WIDTH wide,
+# the last bin holding everything below) says how many of the largest logits hold the nucleus.
+NUCLEUS_BINS = 128
+NUCLEUS_BIN_WIDTH = 0.25
 
 
 def _kept_ids(row: Tensor, top_k: int, top_p: float) -> Tensor:
     """The ids `mask_top_k_top_p` keeps of one CPU row `[V]`: the m largest logits, ties at the m-th value
     to the lower ids. m depends on the sorted values alone (the same whichever of equal values a
-    selection returns), so it is read from the 64 largest where the nucleus closes among them, else from
-    the 1024 largest, else from the sorted row."""
+    selection returns), so it is read from the 64 largest where the nucleus closes among them; else from
+    the n largest, n counted by binning the survivors' mass so that they reach top_p; else (rounding
+    left the nucleus open at n) from the sorted row."""
     vocab = row.shape[0]
     k = min(top_k, vocab) if top_k > 0 else vocab
     if top_p >= 1:
@@ -60,23 +64,40 @@ def _kept_ids(row: Tensor, top_k: int, top_p: float) -> Tensor:
         values, m = row.topk(k).values, k  # [k] descending
     else:
         top = row.max()
-        survivors = row if k == vocab else row.topk(k).values
-        denominator = (survivors - top).exp().sum()  # of the softmax over the top-k survivors
+        survivors = row if k == vocab else row.topk(k).values  # [k]
+        weights = (survivors - top).exp()  # [k]
+        denominator = weights.sum()  # of the softmax over the top-k survivors
         n = min(NUCLEUS_FIRST, k)
-        while True:
-            values = row.topk(n).values  # [n] descending
-            probs = (values - top).exp() / denominator  # [n]
-            mass_before = probs.cumsum(0) - probs  # [n] mass of the more probable tokens
-            m = int((mass_before < top_p).sum())
-            if m < n or n == k:
-                break
-            n = min(NUCLEUS_NEXT if n < NUCLEUS_NEXT else k, k)
+        values, m = _nucleus(row, top, denominator, n, top_p)
+        if m == n < k:
+            n = _nucleus_size(survivors, top, weights, denominator, top_p)
+            values, m = _nucleus(row, top, denominator, n, top_p)
+            if m == n < k:
+                values, m = _nucleus(row, top, denominator, k, top_p)
     if m == 0:  # top_p <= 0, or a row of -inf and NaN: nothing survives
         return torch.empty(0, dtype=torch.long)
     cut = values[m - 1]
     above = (row > cut).nonzero().squeeze(1)  # [A] every one kept
     tied = (row == cut).nonzero().squeeze(1)[: m - above.shape[0]]  # the lowest ids at the cut
     return torch.cat((above, tied))
+
+
+def _nucleus(row: Tensor, top: Tensor, denominator: Tensor, n: int, top_p: float) -> tuple[Tensor, int]:
+    """The n largest logits of `row` (descending) and how many of them top_p keeps (n: maybe more)."""
+    values = row.topk(n).values  # [n] descending
+    probs = (values - top).exp() / denominator  # [n]
+    mass_before = probs.cumsum(0) - probs  # [n] mass of the more probable tokens
+    return values, int((mass_before < top_p).sum())
+
+
+def _nucleus_size(survivors: Tensor, top: Tensor, weights: Tensor, denominator: Tensor, top_p: float) -> int:
+    """How many of the largest survivors hold top_p of their mass, to a bin: every survivor in the bins
+    (of log-probability, from the largest down) up to the one where the mass reaches top_p."""
+    bins = ((top - survivors) / NUCLEUS_BIN_WIDTH).nan_to_num(posinf=NUCLEUS_BINS).clamp_(max=NUCLEUS_BINS - 1)
+    bins = bins.long()  # [k]
+    mass = torch.zeros(NUCLEUS_BINS, dtype=torch.float64).index_add_(0, bins, weights.double())  # [B]
+    last = int(torch.searchsorted(mass.cumsum(0), top_p * float(denominator)).clamp(max=NUCLEUS_BINS - 1))
+    return int((bins <= last).sum())
 
 
 def _mask_sorted(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:

@@ -53,6 +53,10 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+# Logits a pass of _draw takes on the CPU: 512 KiB of float64 sums.
+CPU_DRAW_ELEMENTS = 1 << 16
+
+
 def _draw(scores: Tensor, seeds: list[int]) -> Tensor:
     """Inverse transform sampling: a uniform u per row from a generator seeded with its seed, and the first
     token (in token order) whose cumulative probability passes u; -inf entries add no probability and
@@ -67,6 +71,15 @@ def _draw(scores: Tensor, seeds: list[int]) -> Tensor:
     u = torch.tensor(uniforms, dtype=torch.float64)[:, None]  # [R, 1], in [0, 1)
     if not scores.is_cpu:  # through pinned memory, without waiting for the step's forward to finish
         u = u.pin_memory().to(scores.device, non_blocking=True)
+    # On the CPU a few rows at a time, so that their float64 sums stay in the core's cache (a [32, 32000]
+    # block of them took 2.5x the time of 32 rows one by one); every row at once elsewhere. Each row's
+    # token is the same either way.
+    rows = max(1, CPU_DRAW_ELEMENTS // scores.shape[1]) if scores.is_cpu else scores.shape[0]
+    return torch.cat([_inverse_transform(scores[i : i + rows], u[i : i + rows]) for i in range(0, len(seeds), rows)])
+
+
+def _inverse_transform(scores: Tensor, u: Tensor) -> Tensor:
+    """_draw's token for each row of `scores` [R, V] given its uniform `u` [R, 1]."""
     top = scores.max(dim=-1, keepdim=True).values  # [R, 1]
     cdf = (scores - top).exp().double().cumsum(dim=-1)  # [R, V] unnormalised
     total = cdf[:, -1:]  # [R, 1]
