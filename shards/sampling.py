@@ -20,10 +20,8 @@ from torch import Tensor
 
 from mixserve.shards import ops
 from mixserve.shards.logits_processors import apply_penalties, mask_top_k_top_p, mask_typical
-from mixserve.shards.sampling_params import SamplingParams
+from mixserve.shards.sampling_params import MASK64, SamplingParams
 from mixserve.shards.token_history import TokenHistory
-
-_MASK64 = (1 << 64) - 1
 
 
 @dataclass(slots=True)
@@ -43,13 +41,13 @@ def generator_seed(seed: int, key: int) -> int:
     Hashing both (splitmix64) instead of adding them keeps (seed, key + 1) and (seed + 1, key)
     from drawing the same noise.
     """
-    return _splitmix64(_splitmix64(seed & _MASK64) ^ (key & _MASK64))
+    return _splitmix64(_splitmix64(seed & MASK64) ^ (key & MASK64))
 
 
 def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
     return x ^ (x >> 31)
 
 

@@ -5,7 +5,8 @@ are built (ValueError), with one spelling of "off" for each setting from there o
 import math
 from dataclasses import dataclass, field
 
-_MASK64 = (1 << 64) - 1
+# Seeds and per-step keys are taken mod 2**64.
+MASK64 = (1 << 64) - 1
 # Below this a temperature would overflow logits / T to inf in fp32; such rows are greedy (as in vLLM).
 _MIN_TEMPERATURE = 1e-5
 
@@ -57,7 +58,7 @@ class SamplingParams:
                 raise ValueError(f"logit_bias needs token ids >= 0 and finite biases, got {token}: {bias}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (0 or 1 is off), got {self.repetition_penalty}")
-        if not 0 <= self.seed <= _MASK64:
+        if not 0 <= self.seed <= MASK64:
             raise ValueError(f"seed must fit in an unsigned 64-bit integer, got {self.seed}")
         if self.top_n_tokens < 0:
             raise ValueError(f"top_n_tokens must be >= 0, got {self.top_n_tokens}")

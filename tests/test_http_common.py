@@ -2,6 +2,7 @@
 two tokens (/predict's text stream): no error answered or logged as the server's, and the generation
 behind the stream closed (its requests cancelled)."""
 
+import contextlib
 import logging
 from types import SimpleNamespace
 from unittest import mock
@@ -11,6 +12,25 @@ from aiohttp.test_utils import make_mocked_request
 
 from mixserve.router.api_predict import stream_text
 from mixserve.router.http_common import stream_sse
+
+
+@contextlib.contextmanager
+def _client_leaves_at_the_second_write(writes: list, caplog):
+    """StreamResponse prepared at once, recording each write, raising at the second as aiohttp's writer
+    does on a transport the client closed."""
+
+    async def write(self, data):
+        writes.append(data)
+        if len(writes) == 2:
+            raise ConnectionResetError("Cannot write to closing transport")
+
+    with (
+        mock.patch.object(web.StreamResponse, "prepare", autospec=True),
+        mock.patch.object(web.StreamResponse, "prepared", new_callable=mock.PropertyMock, return_value=True),
+        mock.patch.object(web.StreamResponse, "write", write),
+        caplog.at_level(logging.INFO, logger="mixserve.router"),
+    ):
+        yield
 
 
 async def test_a_client_gone_mid_stream_closes_the_payloads_and_is_no_server_error(caplog):
@@ -25,20 +45,8 @@ async def test_a_client_gone_mid_stream_closes_the_payloads_and_is_no_server_err
             closed.append(True)
 
     writes = []
-
-    async def write(self, data):
-        writes.append(data)
-        if len(writes) == 2:  # as aiohttp's writer raises on a transport the client closed
-            raise ConnectionResetError("Cannot write to closing transport")
-
-    request = make_mocked_request("POST", "/v1/chat/completions")
-    with (
-        mock.patch.object(web.StreamResponse, "prepare", autospec=True),
-        mock.patch.object(web.StreamResponse, "prepared", new_callable=mock.PropertyMock, return_value=True),
-        mock.patch.object(web.StreamResponse, "write", write),
-        caplog.at_level(logging.INFO, logger="mixserve.router"),
-    ):
-        response = await stream_sse(request, payloads(), lambda exc: {"error": str(exc)})
+    with _client_leaves_at_the_second_write(writes, caplog):
+        response = await stream_sse(make_mocked_request("POST", "/v1/chat/completions"), payloads(), str)
     assert isinstance(response, web.StreamResponse)
     assert len(writes) == 2 and closed == [True]
     assert "event=client_gone" in caplog.text and "internal" not in caplog.text
@@ -61,20 +69,8 @@ async def test_predicts_text_stream_meets_a_client_gone_the_same_way(caplog):
             return events()
 
     writes = []
-
-    async def write(self, data):
-        writes.append(data)
-        if len(writes) == 2:
-            raise ConnectionResetError("Cannot write to closing transport")
-
-    request = make_mocked_request("POST", "/predict")
-    with (
-        mock.patch.object(web.StreamResponse, "prepare", autospec=True),
-        mock.patch.object(web.StreamResponse, "prepared", new_callable=mock.PropertyMock, return_value=True),
-        mock.patch.object(web.StreamResponse, "write", write),
-        caplog.at_level(logging.INFO, logger="mixserve.router"),
-    ):
-        response = await stream_text(request, Generation())
+    with _client_leaves_at_the_second_write(writes, caplog):
+        response = await stream_text(make_mocked_request("POST", "/predict"), Generation())
     assert isinstance(response, web.StreamResponse)
     assert writes == [b"a", b"b"] and closed == [True]
     assert "event=client_gone" in caplog.text and "internal" not in caplog.text
