@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `mixserve bench gpu` on a lent GPU machine, as one command from the repository root:
 #
-#     bash benchmarks/gpu_run.sh            (device tool: timeout_s 570, carry [".whl"] if made)
+#     bash benchmarks/gpu_run.sh            (device tool: timeout_s 590, carry [".whl"] if made)
 #     bash benchmarks/gpu_run.sh spec       (speculation on trained weights, benchmarks/gpu_spec.py: timeout_s 500)
 #
 # Results land in $OUT/gpu/ (gpu.json, gpu.md, gpu.png, run.log, server.log, agree-*.log and the
@@ -71,4 +71,9 @@ profile=${out:-benchmarks/results/gpu-profile-$(date -u +%Y%m%dT%H%M%SZ)}
 timeout 130 python3 -m mixserve.benchmarks.gpu_profile /tmp/gpu-profile > /dev/null 2>&1 \
     && mkdir -p "$profile" && cp /tmp/gpu-profile/profile.md "$profile/profile.md" \
     || echo "gpu_run: the kernel profile did not finish (see python3 -m mixserve.benchmarks.gpu_profile)"
+# Then a step's sampling with pinned against pageable host copies, and its first syncing op (~10 s):
+# appended to profile.md (a run returns 8 files at most) and printed.
+timeout 40 python3 -m mixserve.benchmarks.gpu_sampling /tmp/gpu-sampling \
+    && mkdir -p "$profile" && cat /tmp/gpu-sampling/sampling.md >> "$profile/profile.md" \
+    || echo "gpu_run: the sampling check did not finish (see python3 -m mixserve.benchmarks.gpu_sampling)"
 exit "$status"

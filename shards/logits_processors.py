@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from mixserve.shards.host_to_device import tensor_to_device, to_device
 from mixserve.shards.sampling_params import SamplingParams
 from mixserve.shards.token_history import TokenHistory
 
@@ -35,7 +36,11 @@ def mask_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     if not logits.is_cpu:
         return _mask_sorted(logits, top_k, top_p)
     masked = torch.full_like(logits, -math.inf)  # [R, V]
+    vocab = logits.shape[1]
     for row, (k, p) in enumerate(zip(top_k.tolist(), top_p.tolist(), strict=True)):
+        if (k <= 0 or k >= vocab) and p >= 1:  # a row without cuts in a batch with them
+            masked[row] = logits[row]
+            continue
         kept = _kept_ids(logits[row], k, p)  # [M]
         masked[row, kept] = logits[row, kept]
     return masked
@@ -154,8 +159,8 @@ def apply_logit_bias(
     if not row_of:
         return logits
     device = logits.device
-    index = (torch.tensor(row_of, device=device), torch.tensor(columns, device=device))  # [S], [S]
-    return logits.index_put(index, torch.tensor(values, device=device), accumulate=True)
+    index = (to_device(row_of, device), to_device(columns, device))  # [S], [S]
+    return logits.index_put(index, to_device(values, device, torch.float32), accumulate=True)
 
 
 def apply_penalties(logits: Tensor, params: Sequence[SamplingParams], histories: Sequence[TokenHistory]) -> Tensor:
@@ -169,21 +174,21 @@ def apply_penalties(logits: Tensor, params: Sequence[SamplingParams], histories:
     if not rows:
         return logits
     device = logits.device
-    row_index = torch.tensor(rows, device=device)  # [R]
+    row_index = to_device(rows, device)  # [R]
     scores = logits.index_select(0, row_index)  # [R, V]
     sub_params = [params[i] for i in rows]
     sub_histories = [histories[i] for i in rows]
 
     if any(p.has_repetition_penalty for p in sub_params):
         seen = _row_token_mask(scores, [h.seen_ids() for h in sub_histories])  # [R, V] bool
-        penalty = torch.tensor([p.repetition_penalty for p in sub_params], device=device)[:, None]  # [R, 1]
+        penalty = to_device([p.repetition_penalty for p in sub_params], device, torch.float32)[:, None]  # [R, 1]
         penalised = torch.where(scores > 0, scores / penalty, scores * penalty)  # [R, V]
         scores = torch.where(seen, penalised, scores)
 
     if any(p.has_output_penalty for p in sub_params):
         counts = _row_token_counts(scores, [h.output_ids() for h in sub_histories])  # [R, V]
-        frequency = torch.tensor([p.frequency_penalty for p in sub_params], device=device)[:, None]  # [R, 1]
-        presence = torch.tensor([p.presence_penalty for p in sub_params], device=device)[:, None]  # [R, 1]
+        frequency = to_device([p.frequency_penalty for p in sub_params], device, torch.float32)[:, None]  # [R, 1]
+        presence = to_device([p.presence_penalty for p in sub_params], device, torch.float32)[:, None]  # [R, 1]
         scores = scores - frequency * counts - presence * (counts > 0)
 
     return logits.index_copy(0, row_index, scores)
@@ -192,7 +197,7 @@ def apply_penalties(logits: Tensor, params: Sequence[SamplingParams], histories:
 def _flat_rows(ids_per_row: list[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
     lengths = torch.tensor([ids.numel() for ids in ids_per_row])  # [R]
     row_of = torch.repeat_interleave(torch.arange(len(ids_per_row)), lengths)  # [S]
-    return row_of.to(device), torch.cat(ids_per_row).to(device)  # [S], [S]
+    return tensor_to_device(row_of, device), tensor_to_device(torch.cat(ids_per_row), device)  # [S], [S]
 
 
 def _row_token_mask(scores: Tensor, ids_per_row: list[Tensor]) -> Tensor:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from mixserve.shards import ops
+from mixserve.shards.host_to_device import to_device
 from mixserve.shards.logits_processors import apply_penalties, mask_top_k_top_p, mask_typical
 from mixserve.shards.sampling_params import MASK64, SamplingParams
 from mixserve.shards.token_history import TokenHistory
@@ -66,9 +67,7 @@ def _draw(scores: Tensor, seeds: list[int]) -> Tensor:
     for seed in seeds:
         generator.manual_seed(seed)
         uniforms.append(torch.rand(1, generator=generator, dtype=torch.float64).item())
-    u = torch.tensor(uniforms, dtype=torch.float64)[:, None]  # [R, 1], in [0, 1)
-    if not scores.is_cpu:  # through pinned memory, without waiting for the step's forward to finish
-        u = u.pin_memory().to(scores.device, non_blocking=True)
+    u = to_device(uniforms, scores.device, torch.float64)[:, None]  # [R, 1], in [0, 1)
     # On the CPU a few rows at a time, so that their float64 sums stay in the core's cache (a [32, 32000]
     # block of them took 2.5x the time of 32 rows one by one); every row at once elsewhere. Each row's
     # token is the same either way.
@@ -125,17 +124,18 @@ def sample(
     token_ids = stats[0] if stats is not None and scores is logits else scores.argmax(dim=-1)  # [B]
     drawn = [i for i, p in enumerate(params) if not p.greedy]
     if drawn:
-        row_index = torch.tensor(drawn, device=device)  # [R]
+        # Every host value reaches the device through to_device: no copy here waits for the forward.
+        row_index = to_device(drawn, device)  # [R]
         sub_params = [params[i] for i in drawn]
         sub = scores if len(drawn) == batch else scores.index_select(0, row_index)  # [R, V]
-        temperature = torch.tensor([p.temperature for p in sub_params], device=device)[:, None]  # [R, 1]
+        temperature = to_device([p.temperature for p in sub_params], device, torch.float32)[:, None]  # [R, 1]
         sub = sub / temperature
         if any(p.top_k > 0 or p.top_p < 1 for p in sub_params):
-            top_k = torch.tensor([p.top_k for p in sub_params], device=device)  # [R]
-            top_p = torch.tensor([p.top_p for p in sub_params], device=device)  # [R]
+            top_k = to_device([p.top_k for p in sub_params], device)  # [R]
+            top_p = to_device([p.top_p for p in sub_params], device, torch.float32)  # [R]
             sub = mask_top_k_top_p(sub, top_k, top_p)
         if any(p.typical_p < 1 for p in sub_params):
-            sub = mask_typical(sub, torch.tensor([p.typical_p for p in sub_params], device=device))
+            sub = mask_typical(sub, to_device([p.typical_p for p in sub_params], device, torch.float32))
         seeds = [generator_seed(params[i].seed, keys[i]) for i in drawn]
         token_ids = token_ids.index_copy(0, row_index, _draw(sub, seeds))
 

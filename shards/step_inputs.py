@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from mixserve.shards.attention_metadata import AttentionMetadata
+from mixserve.shards.host_to_device import to_device
 from mixserve.shards.sequence_step import SequenceStep
 
 
@@ -88,14 +89,6 @@ def step_inputs(
     return StepInputs(
         to_device(token_ids, device), to_device(positions, device), meta, None if every else to_device(rows, device)
     )
-
-
-def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """`values` as one tensor on `device`; on CUDA built in pinned memory and copied without blocking the
-    host (the caching host allocator keeps the block until the copy is done)."""
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def padded(tables: list[list[int]], device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:

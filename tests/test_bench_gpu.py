@@ -219,6 +219,22 @@ def test_profile_dry_run_writes_each_kernel_and_tile(tmp_path):
     assert "fused_moe, 1 tokens" in (tmp_path / "profile.md").read_text()
 
 
+def test_sampling_dry_run_times_every_case_both_ways(tmp_path):
+    """`gpu_sampling --dry-run`: every case and batch timed with pinned and with pageable copies, and the
+    pageable variant's patch undone afterwards."""
+    from mixserve.benchmarks.gpu_sampling import BATCHES, CASES, main
+    from mixserve.shards import logits_processors, sampling
+    from mixserve.shards.host_to_device import tensor_to_device, to_device
+
+    assert main(["--dry-run", str(tmp_path)]) == 0
+    rows = [line.split("|")[1:-1] for line in (tmp_path / "sampling.md").read_text().splitlines()]
+    timed = [row for row in rows if len(row) == 5 and row[1].strip().isdigit()]
+    assert [(row[0].strip(), int(row[1])) for row in timed] == [(case, b) for case in CASES for b in BATCHES]
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in timed)
+    assert sampling.to_device is logits_processors.to_device is to_device
+    assert logits_processors.tensor_to_device is tensor_to_device
+
+
 @pytest.mark.slow
 def test_spec_dry_run_trains_both_models_and_serves_every_arm(tmp_path):
     """`bench gpu-spec --dry-run`: a tiny target and draft trained on the CPU, then every arm's server on

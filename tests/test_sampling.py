@@ -239,11 +239,12 @@ def test_top_p_of_one_keeps_even_a_negligible_tail():
 
 
 def test_masks_are_per_row_in_a_batch():
-    logits = torch.randn(4, 32, generator=torch.Generator().manual_seed(2))
-    top_k = torch.tensor([0, 5, 1, 12])
-    top_p = torch.tensor([0.5, 1.0, 0.3, 0.8])
+    logits = torch.randn(5, 32, generator=torch.Generator().manual_seed(2))
+    top_k = torch.tensor([0, 5, 1, 12, 0])
+    top_p = torch.tensor([0.5, 1.0, 0.3, 0.8, 1.0])  # the last row has no cut
     batched = mask_top_k_top_p(logits, top_k, top_p)
-    for i in range(4):
+    assert torch.equal(batched[4], logits[4])
+    for i in range(5):
         torch.testing.assert_close(
             batched[i : i + 1], mask_top_k_top_p(logits[i : i + 1], top_k[i : i + 1], top_p[i : i + 1])
         )
