@@ -162,6 +162,13 @@ def _ratio(value: float | None, reference: float | None) -> str:
     return f"{value / reference:.2f}×"
 
 
+def _decoding(workload: dict) -> str:
+    temperature = workload.get("temperature", 0.0)
+    if not temperature:
+        return "greedy"
+    return f"sampled (temperature {temperature}, top_p {workload.get('top_p', 1.0)})"
+
+
 def compare_markdown(result: dict) -> str:
     """The side-by-side table: one row per system and concurrency, ratios to the reference."""
     systems, reference = result["systems"], result["reference"]
@@ -173,7 +180,7 @@ def compare_markdown(result: dict) -> str:
         *report.meta_lines(result["meta"]),
         f"- workload: {w.get('kind', 'random')} {w['input_len']}-token prompts, {w['output_len']} output tokens,"
         " EOS ignored where the API"
-        f" allows, greedy, streamed; {per_level} measured requests per level after"
+        f" allows, {_decoding(w)}, streamed; {per_level} measured requests per level after"
         f" max({w['warmup']}, c) warm-up; one client ({result['client']}) for every server",
         f"- ratios are to `{reference}`; roofline % is output tok/s over this machine's serving ceiling",
     ]
@@ -332,6 +339,8 @@ def run(args: argparse.Namespace) -> int:
             "rounds": args.rounds,
             "warmup": args.warmup,
             "interleave": args.interleave,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
         },
         "client": "benchmarks/serve.py, one aiohttp session",
         "conditions": args.conditions,

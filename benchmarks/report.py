@@ -111,7 +111,8 @@ def serve_markdown(result: dict) -> str:
         *meta_lines(meta),
         f"- workload: {workload['input_len']}-token prompts, {workload['output_len']} output tokens"
         f" (spread ±{workload['output_spread']:.0%}), ignore_eos={config['ignore_eos']},"
-        f" temperature {config['temperature']}, seed {workload['seed']}, warm-up max({config['warmup']}, c) per level,"
+        f" temperature {config['temperature']}, top_p {config.get('top_p', 1.0)}, seed {workload['seed']},"
+        f" warm-up max({config['warmup']}, c) per level,"
         f" request rate {config['request_rate'] or 'unlimited'}",
         "",
         "| concurrency | requests | ok | errors | output tok/s | req/s | TTFT ms p50/p90/p99 | ITL ms p50/p90/p99"

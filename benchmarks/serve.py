@@ -48,6 +48,7 @@ class ServeConfig:
     warmup: int = 2
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     temperature: float = 0.0
+    top_p: float = 1.0
     ignore_eos: bool = True
     timeout_s: float = 600.0
     keepalive: bool = True
@@ -60,6 +61,8 @@ class ServeConfig:
             raise ValueError(f"concurrency levels must be >= 1, got {self.concurrency}")
         if self.request_rate <= 0:
             raise ValueError(f"request_rate must be > 0 (inf: all at once), got {self.request_rate}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.num_prompts < 0 or self.warmup < 0 or self.rounds < 1:
             raise ValueError("num_prompts and warmup must be >= 0, rounds >= 1")
         self.url = self.url.rstrip("/")
@@ -72,7 +75,13 @@ class ServeConfig:
     def make_target(self) -> Target:
         """The target the config describes (open it with `async with`)."""
         return TARGETS[self.target](
-            self.url, self.model_name, self.temperature, self.ignore_eos, self.keepalive, self.timeout_s
+            self.url,
+            self.model_name,
+            self.temperature,
+            self.ignore_eos,
+            self.keepalive,
+            self.timeout_s,
+            top_p=self.top_p,
         )
 
 
@@ -211,6 +220,7 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
         help="prompts of random vocabulary pieces, or passages of the demo's training corpus (see workload.py)",
     )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus of sampled requests (1: off)")
     parser.add_argument("--seed", type=int, default=0, help="workload seed")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -229,6 +239,7 @@ def config_from_args(args: argparse.Namespace, url: str, model_dir: str, target:
         warmup=args.warmup,
         workload=WorkloadConfig(args.input_len, args.output_len, args.output_spread, args.seed, args.workload),
         temperature=args.temperature,
+        top_p=args.top_p,
         timeout_s=args.timeout,
         progress=not args.no_progress,
     )

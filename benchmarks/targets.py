@@ -49,6 +49,7 @@ class Target(abc.ABC):
         ignore_eos: bool = True,
         keepalive: bool = True,
         timeout_s: float = 600.0,
+        top_p: float = 1.0,
     ) -> None:
         self.url = url.rstrip("/")
         self.model_name = model_name
@@ -56,6 +57,7 @@ class Target(abc.ABC):
         self.ignore_eos = ignore_eos
         self.keepalive = keepalive
         self.timeout_s = timeout_s
+        self.top_p = top_p
 
     async def __aenter__(self) -> "Target":
         return self
@@ -134,6 +136,7 @@ class PredictTarget(HTTPTarget):
             "prompt": request.prompt,
             "max_tokens": request.max_tokens,
             "temperature": self.temperature,
+            "top_p": self.top_p,  # /predict's own default is 0.95
             "stream": True,
         }
         if request.json_schema is not None:
@@ -173,6 +176,7 @@ class OpenAICompletionsTarget(HTTPTarget):
             "prompt": request.prompt,
             "max_tokens": request.max_tokens,
             "temperature": self.temperature,
+            "top_p": self.top_p,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
@@ -220,6 +224,8 @@ class TGIStreamTarget(HTTPTarget):
         parameters: dict[str, Any] = {"max_new_tokens": request.max_tokens, "details": True}
         if self.temperature > 0:
             parameters.update(do_sample=True, temperature=self.temperature)
+            if self.top_p < 1:  # TGI refuses a top_p of 1
+                parameters["top_p"] = self.top_p
         if request.json_schema is not None:
             parameters["grammar"] = {"type": "json", "value": request.json_schema}
         return {"inputs": request.prompt, "parameters": parameters}
@@ -269,6 +275,7 @@ class GrpcTarget(Target):
         parameters = self._pb.GenerationParameters(
             max_new_tokens=request.max_tokens,
             temperature=self.temperature,
+            top_p=self.top_p,
             ignore_eos=self.ignore_eos and not constrained,
             grammar=self._pb.Grammar(type="json", value=json.dumps(request.json_schema)) if constrained else None,
         )

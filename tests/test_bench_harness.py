@@ -46,6 +46,7 @@ def bench_config(url: str, demo_dir, target: str, concurrency: list[int], **over
         warmup=1,
         workload=WorkloadConfig(input_len=16, output_len=overrides.pop("output_len", OUTPUT_LEN), seed=3),
         temperature=1.0,
+        top_p=overrides.pop("top_p", 0.9),  # every API must take it
         progress=False,
         **overrides,
     )
