@@ -104,7 +104,7 @@ def test_criteria_pass_and_fail_at_their_thresholds():
 
 
 def test_the_report_warns_of_a_loaded_machine_only_when_the_load_exceeds_the_cores():
-    from mixserve.benchmarks.structured import _load_warning
+    from mixserve.benchmarks.structured_report import _load_warning
 
     quiet = {"machine": {"cores": 2, "load_average": [0.8, 1.0, 1.0]}, "machine_at_end": {"load_average": [1.5, 1, 1]}}
     busy = {"machine": {"cores": 2, "load_average": [0.8, 1.0, 1.0]}, "machine_at_end": {"load_average": [7.4, 8, 8]}}

@@ -23,7 +23,7 @@ from tests.test_decoder_layer_kernel import config, decode_metadata, prepare, ra
 
 BF16 = torch.bfloat16
 CPU = torch.device("cpu")
-TRAINED_DEMO_STEPS = 300  # the trained demo tests/test_quantization.py uses: one cached checkpoint for both
+TRAINED_DEMO_STEPS = 300  # the trained demo tests/test_quantization_model.py uses: one cached checkpoint for both
 
 
 # The builds: the machine's own, then the bf16 dot product without AMX's tiles, AVX-512 without the dot

@@ -9,7 +9,7 @@ mid-run keeps being computed by the shards until the run stops, so the fake shar
 import random
 
 import pytest
-from test_scheduler import Harness, new_seq, reference_output
+from scheduler_harness import Harness, new_seq, reference_output
 
 from mixserve.router.step_plan import Sequence
 
