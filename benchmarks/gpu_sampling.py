@@ -41,7 +41,7 @@ def pageable_copies():
     """sample's host values as plain `torch.tensor(values, device=...)` copies, as before 2026-12-05."""
     import torch
 
-    from mixserve.shards import logits_processors, sampling
+    from mixserve.shards import draw, logits_processors, sampling
 
     def pageable(values, device, dtype=torch.int64):
         return torch.tensor(values, dtype=dtype, device=device)
@@ -49,13 +49,13 @@ def pageable_copies():
     def pageable_tensor(tensor, device):
         return tensor.to(device)
 
-    saved = sampling.to_device, logits_processors.to_device, logits_processors.tensor_to_device
-    sampling.to_device = logits_processors.to_device = pageable
+    saved = sampling.to_device, draw.to_device, logits_processors.to_device, logits_processors.tensor_to_device
+    sampling.to_device = draw.to_device = logits_processors.to_device = pageable
     logits_processors.tensor_to_device = pageable_tensor
     try:
         yield
     finally:
-        sampling.to_device, logits_processors.to_device, logits_processors.tensor_to_device = saved
+        sampling.to_device, draw.to_device, logits_processors.to_device, logits_processors.tensor_to_device = saved
 
 
 def _inputs(batch: int, vocab: int, settings: dict, device):

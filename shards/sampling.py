@@ -20,7 +20,7 @@ from torch import Tensor
 
 from mixserve.shards import ops
 from mixserve.shards.host_to_device import to_device
-from mixserve.shards.logits_processors import apply_penalties, mask_top_k_top_p, mask_typical
+from mixserve.shards.logits_processors import apply_penalties
 from mixserve.shards.sampling_params import MASK64, SamplingParams
 from mixserve.shards.token_history import TokenHistory
 
@@ -52,39 +52,15 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-# Logits a pass of _draw takes on the CPU: 512 KiB of float64 sums.
-CPU_DRAW_ELEMENTS = 1 << 16
-
-
-def _draw(scores: Tensor, seeds: list[int]) -> Tensor:
-    """Inverse transform sampling: a uniform u per row from a generator seeded with its seed, and the first
-    token (in token order) whose cumulative probability passes u; -inf entries add no probability and
-    are never drawn. One exp and one cumulative sum over the vocabulary, each row on its own: an
-    exponential race (argmax of p / E over an Exp(1) draw per token) takes a log per token, ~6x the time
-    on the CPU. u comes from the CPU's generator on any device, so a seed draws the same u everywhere."""
+def _uniforms(seeds: list[int]) -> list[float]:
+    """One uniform in [0, 1) per seed, from the CPU's generator on any device, so that a seed draws the same
+    u everywhere."""
     generator = torch.Generator()
     uniforms = []
     for seed in seeds:
         generator.manual_seed(seed)
         uniforms.append(torch.rand(1, generator=generator, dtype=torch.float64).item())
-    u = to_device(uniforms, scores.device, torch.float64)[:, None]  # [R, 1], in [0, 1)
-    # On the CPU a few rows at a time, so that their float64 sums stay in the core's cache (a [32, 32000]
-    # block of them took 2.5x the time of 32 rows one by one); every row at once elsewhere. Each row's
-    # token is the same either way.
-    rows = max(1, CPU_DRAW_ELEMENTS // scores.shape[1]) if scores.is_cpu else scores.shape[0]
-    return torch.cat([_inverse_transform(scores[i : i + rows], u[i : i + rows]) for i in range(0, len(seeds), rows)])
-
-
-def _inverse_transform(scores: Tensor, u: Tensor) -> Tensor:
-    """_draw's token for each row of `scores` [R, V] given its uniform `u` [R, 1]."""
-    top = scores.max(dim=-1, keepdim=True).values  # [R, 1]
-    cdf = (scores - top).exp().double().cumsum(dim=-1)  # [R, V] unnormalised
-    total = cdf[:, -1:]  # [R, 1]
-    # u * total < total, unless it rounds up to it: the largest double below total keeps the token drawn
-    # one whose probability is not 0.
-    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # [R, 1]
-    drawn = torch.searchsorted(cdf, target, right=True).squeeze(1)  # [R]
-    return torch.where(top.squeeze(1).isfinite(), drawn, 0)  # a row with no finite logit: token 0, as argmax
+    return uniforms
 
 
 def sample(
@@ -124,20 +100,20 @@ def sample(
     token_ids = stats[0] if stats is not None and scores is logits else scores.argmax(dim=-1)  # [B]
     drawn = [i for i, p in enumerate(params) if not p.greedy]
     if drawn:
-        # Every host value reaches the device through to_device: no copy here waits for the forward.
-        row_index = to_device(drawn, device)  # [R]
         sub_params = [params[i] for i in drawn]
-        sub = scores if len(drawn) == batch else scores.index_select(0, row_index)  # [R, V]
-        temperature = to_device([p.temperature for p in sub_params], device, torch.float32)[:, None]  # [R, 1]
-        sub = sub / temperature
-        if any(p.top_k > 0 or p.top_p < 1 for p in sub_params):
-            top_k = to_device([p.top_k for p in sub_params], device)  # [R]
-            top_p = to_device([p.top_p for p in sub_params], device, torch.float32)  # [R]
-            sub = mask_top_k_top_p(sub, top_k, top_p)
-        if any(p.typical_p < 1 for p in sub_params):
-            sub = mask_typical(sub, to_device([p.typical_p for p in sub_params], device, torch.float32))
-        seeds = [generator_seed(params[i].seed, keys[i]) for i in drawn]
-        token_ids = token_ids.index_copy(0, row_index, _draw(sub, seeds))
+        every = len(drawn) == batch
+        # The row index reaches the device through pinned memory: no copy here waits for the forward.
+        row_index = None if every else to_device(drawn, device)  # [R]
+        sub = scores if every else scores.index_select(0, row_index)  # [R, V]
+        drawn_ids = ops.current().draw_tokens(
+            sub,
+            [p.temperature for p in sub_params],
+            [p.top_k for p in sub_params],
+            [p.top_p for p in sub_params],
+            [p.typical_p for p in sub_params],
+            _uniforms([generator_seed(params[i].seed, keys[i]) for i in drawn]),
+        )
+        token_ids = drawn_ids if every else token_ids.index_copy(0, row_index, drawn_ids)
 
     if stats is None:
         logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)  # [B]

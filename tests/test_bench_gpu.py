@@ -223,7 +223,7 @@ def test_sampling_dry_run_times_every_case_both_ways(tmp_path):
     """`gpu_sampling --dry-run`: every case and batch timed with pinned and with pageable copies, and the
     pageable variant's patch undone afterwards."""
     from mixserve.benchmarks.gpu_sampling import BATCHES, CASES, main
-    from mixserve.shards import logits_processors, sampling
+    from mixserve.shards import draw, logits_processors, sampling
     from mixserve.shards.host_to_device import tensor_to_device, to_device
 
     assert main(["--dry-run", str(tmp_path)]) == 0
@@ -231,7 +231,7 @@ def test_sampling_dry_run_times_every_case_both_ways(tmp_path):
     timed = [row for row in rows if len(row) == 5 and row[1].strip().isdigit()]
     assert [(row[0].strip(), int(row[1])) for row in timed] == [(case, b) for case in CASES for b in BATCHES]
     assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in timed)
-    assert sampling.to_device is logits_processors.to_device is to_device
+    assert sampling.to_device is draw.to_device is logits_processors.to_device is to_device
     assert logits_processors.tensor_to_device is tensor_to_device
 
 

@@ -1,5 +1,6 @@
-"""The C per-row argmax and log-sum-exp (sampling.c), both halves of parallel greedy, and a grammar's
-bitmasks applied to logits, behind checked, torch-shaped calls (fp32 / float64 / int CPU tensors).
+"""The C per-row argmax and log-sum-exp (sampling.c), both halves of parallel greedy, a grammar's
+bitmasks applied to logits, and sampled rows' cuts and draw, behind checked, torch-shaped calls (fp32 /
+float64 / int CPU tensors).
 
 Legend: B rows, V vocabulary, R rows of a rank's slice, P its columns, N ranks, C constrained rows,
 W 32-bit words of a bitmask row.
@@ -18,6 +19,7 @@ _ARGTYPES = [_P, _I64, _I64, _P, _P]
 _STATS_ARGTYPES = [_P, _I64, _I64, _I64, _I64, _P]
 _COMBINE_ARGTYPES = [_P, _I64, _I64, _P, _P]
 _MASK_ARGTYPES = [_P, _I64, _I64, _P, _I64, _P, _I64, _I64, _I64, ctypes.c_float]
+_DRAW_ARGTYPES = [_P, _I64, _I64, _P, _P]
 
 
 def _function(name: str, argtypes: list):
@@ -106,3 +108,23 @@ def apply_token_bitmask(
         vocab_size,
         masked,
     )
+
+
+def draw_tokens(
+    logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float], uniforms: list[float]
+) -> torch.Tensor | None:
+    """One token per row of fp32 logits [R, V] (contiguous), [R] int64: shards/draw.py's draw_tokens
+    (temperature > 0, then top-k, top-p, and the inverse transform with each row's uniform in [0, 1)), or
+    None where a row holds NaN or infinity."""
+    fn = _function("draw_tokens", _DRAW_ARGTYPES)
+    rows, vocab = _nonempty_rows(logits, "logits", contiguous=True)
+    if not len(temperature) == len(top_k) == len(top_p) == len(uniforms) == rows:
+        raise ValueError(f"need one temperature, top_k, top_p and uniform per row of {rows}")
+    if min(temperature, default=1.0) <= 0 or min(top_p, default=1.0) <= 0 or min(top_k, default=0) < 0:
+        raise ValueError("temperatures and top_p must be > 0, top_k >= 0")
+    settings = torch.tensor([temperature, top_k, top_p, uniforms], dtype=torch.float64)  # [4, R]
+    tokens = torch.empty(rows, dtype=torch.int64)
+    status = fn(logits.data_ptr(), rows, vocab, settings.data_ptr(), tokens.data_ptr())
+    if status == 2:
+        raise MemoryError(f"draw_tokens: no scratch memory for a row of {vocab}")
+    return None if status else tokens

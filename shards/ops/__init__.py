@@ -58,6 +58,7 @@ class Ops:
     slice_greedy_stats: Callable
     combine_greedy: Callable
     apply_token_bitmask: Callable
+    draw_tokens: Callable
     # Each op's backend: torch (the reference), native (the C kernels) or triton.
     backends: dict[str, str]
     # The most tokens a step may have for `decoder_layers` to run it in the CPU decoder layer kernel

@@ -323,6 +323,22 @@ def apply_token_bitmask(
     return masked
 
 
+def draw_tokens(
+    logits: torch.Tensor,
+    temperature: list[float],
+    top_k: list[int],
+    top_p: list[float],
+    typical_p: list[float],
+    uniforms: list[float],
+) -> torch.Tensor:
+    """reference.draw_tokens, in the C kernel for fp32 rows holding no NaN or infinity and asking no typical cut."""
+    if logits.dim() == 2 and logits.shape[1] and _fp32_cpu(logits) and min(typical_p, default=1.0) >= 1:
+        tokens = sampling.draw_tokens(logits.contiguous(), temperature, top_k, top_p, uniforms)
+        if tokens is not None:
+            return tokens
+    return reference.draw_tokens(logits, temperature, top_k, top_p, typical_p, uniforms)
+
+
 def available() -> dict[str, bool]:
     """Which of this backend's ops have their C kernels built under the current choice of kernels."""
     attention = paged_attention.available()
@@ -340,4 +356,5 @@ def available() -> dict[str, bool]:
         "slice_greedy_stats": greedy,
         "combine_greedy": greedy,
         "apply_token_bitmask": greedy,
+        "draw_tokens": greedy,
     }

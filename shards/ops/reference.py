@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixserve.shards.attention_metadata import AttentionMetadata
+from mixserve.shards.draw import draw_tokens as draw_tokens  # sampled rows' cuts and draw, in torch
 from mixserve.shards.kv_cache import KVCache
 from mixserve.shards.layers.grouped_experts import run_grouped
 from mixserve.shards.quant.int8_weight import Int8Weight, dense
