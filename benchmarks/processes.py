@@ -24,10 +24,14 @@ def free_port() -> int:
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """The environment for a server under test: the repo importable, one OpenMP thread unless set."""
+    """The environment for a server under test: the repo importable, one OpenMP thread unless set.
+
+    PYTHONSAFEPATH keeps `python -m` (the launcher starts its router and shards so) from putting the working
+    directory first on sys.path: run from a checkout, that checkout's code would shadow the PYTHONPATH a
+    variant sets (`--mixserve 'old=PYTHONPATH=/tmp/old-worktree'`), and both sides would run the same code."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    env.update(PYTHONUNBUFFERED="1", **extra)
+    env.update(PYTHONUNBUFFERED="1", PYTHONSAFEPATH="1", **extra)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(REPO / "proto"), env.get("PYTHONPATH")) if p)
     return env
 

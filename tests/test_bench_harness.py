@@ -304,3 +304,19 @@ def test_collectives_are_timed_on_every_path_in_real_groups(tmp_path):
     ]
     assert all(0 < r["ms"]["p50"] <= r["ms"]["p99"] for r in rows)
     assert "| 2 | gloo | 300 | 10 |" in (tmp_path / "collectives.md").read_text()
+
+
+@pytest.mark.slow  # a child Python process
+def test_a_variants_pythonpath_is_not_shadowed_by_the_working_directory(tmp_path):
+    """A server started from a checkout with `python -m` (as the launcher starts its router and shards) imports
+    the code on the PYTHONPATH a variant sets, not the checkout's."""
+    from mixserve.benchmarks.processes import child_env
+
+    for tree in ("checkout", "worktree"):
+        (tmp_path / tree).mkdir()
+        (tmp_path / tree / "probe.py").write_text(f"print({tree!r})\n")
+    env = {**child_env(), "PYTHONPATH": str(tmp_path / "worktree")}
+    done = subprocess.run(
+        [PYTHON, "-m", "probe"], cwd=tmp_path / "checkout", env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == "worktree", done.stderr
