@@ -353,7 +353,8 @@ class Engine:
                 kept += 1
             delivered += kept
             self.generated_tokens += kept
-            self.speculation.on_tokens(generation.speculation, token, kept, seq_id in proposing, step_cost)
+            if self.speculation.on_tokens(generation.speculation, token, kept, seq_id in proposing, step_cost):
+                self._interrupt_run()  # it paused: the shards would go on proposing for it until the run ends
             if finish is not None:
                 self._end(generation, finish)
         self.metrics.on_step(plan.num_prefill_tokens, plan.num_decode_tokens, now - started, delivered)

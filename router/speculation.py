@@ -10,6 +10,11 @@ multi-step run, letting the shards propose before each of its steps within the b
 Speculation backs off where it does not pay:
 - per request, on misses: after `MISSES_TO_PAUSE` verification steps in a row that kept no proposal,
   the request proposes nothing for its next `PAUSE_TOKENS` tokens, then tries again;
+- per request, on acceptance (router/speculation_acceptance.py): a request whose share of proposals kept
+  stays below a break-even pauses, longer at each pause in a row, and a new request of a kind (greedy,
+  sampled) that keeps too few lately starts paused. The shards propose before every step of a run
+  whatever the router decides meanwhile, so a request that pauses for keeping too few ends the
+  multi-step run it is in;
 - per request, on cost (`StepCosts`): each speculating step of B sequences took the shards some time,
   which over the median plain step's at B is its cost in plain steps. Speculation pays for a request
   whose speculating steps gain it (its kept proposals plus the token sampled after them) at least the
@@ -34,6 +39,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from statistics import median
 from typing import TYPE_CHECKING
+
+from mixserve.router.speculation_acceptance import Acceptance, AcceptancePrior
 
 if TYPE_CHECKING:
     from mixserve.router.metrics import Metrics
@@ -135,6 +142,8 @@ class SpeculationState:
     cost_pauses: int = 0  # pauses in a row for gaining too few tokens a step
     retry: bool = False  # a cost pause ended: speculate for a run whatever the average says
     exploring: bool = False  # the last proposals were to measure (a retry, or nothing to weigh yet)
+    acceptance: Acceptance = field(default_factory=Acceptance)
+    greedy: bool | None = None  # its kind, for the engine's prior (None: not seen by the engine yet)
 
     def proposals(self, k: int, weigh: bool = False, prior: "StepCosts | None" = None) -> int:
         """How many tokens this request may have proposed for it next: `k`, or 0 while it backs off. With
@@ -170,14 +179,18 @@ class SpeculationState:
         self.gain = _average(self.gain, tokens, REQUEST_WEIGHT)
         self.cost = _average(self.cost, cost, REQUEST_WEIGHT)
 
-    def on_verified(self, proposed: int, accepted: int) -> None:
-        """A verification step of `proposed` tokens kept `accepted` of them."""
+    def on_verified(self, proposed: int, accepted: int) -> bool:
+        """A verification step of `proposed` tokens kept `accepted` of them; True where the request paused
+        for keeping too few (a pause after misses in a row is short, and waits for the run's end)."""
         self.proposed += proposed
         self.accepted += accepted
         self.misses = 0 if accepted else self.misses + 1
+        pause = self.acceptance.on_verified(proposed, accepted)
         if self.misses >= MISSES_TO_PAUSE:
             self.misses = 0
-            self.paused = PAUSE_TOKENS
+            self.paused = max(self.paused, PAUSE_TOKENS)
+        self.paused = max(self.paused, pause)
+        return pause > 0
 
 
 class Speculation:
@@ -194,6 +207,7 @@ class Speculation:
         self.k = k
         self.max_batch = max_batch
         self.costs = StepCosts() if cost_back_off and k else None
+        self.prior = AcceptancePrior()
         self.metrics = metrics
         self.proposed = 0
         self.accepted = 0
@@ -232,13 +246,14 @@ class Speculation:
 
     def on_tokens(
         self, state: SpeculationState, token: "SampledToken", kept: int, proposing: bool, step_cost: float | None
-    ) -> None:
+    ) -> bool:
         """A request's step answered `token` (and the tokens after it), of which it `kept` the first (a stop,
         EOS or max_new_tokens drops the rest); `proposing` if the shards were asked to propose for it, the
-        step costing `step_cost` plain steps (None: not weighed)."""
+        step costing `step_cost` plain steps (None: not weighed). True where the request paused just now on
+        its share kept (the multi-step run it is in should end, or its shards go on proposing)."""
         state.on_tokens(kept)
         if not proposing:
-            return
+            return False
         gained = 1 + len(token.next_tokens)
         if self.costs is not None and step_cost is not None:
             # A step's gain and cost are weighed together, so a step that found nothing to propose (one
@@ -249,10 +264,14 @@ class Speculation:
             # Proposals that reached the output: the tokens kept, less the one sampled after them. The
             # shards may have made fewer proposals than the slots reserved for them.
             accepted = min(kept, gained - 1)
-            state.on_verified(token.num_drafted, accepted)
+            paused = state.on_verified(token.num_drafted, accepted)
+            if state.greedy is not None:
+                self.prior.on_verified(state.greedy, token.num_drafted, accepted)
             self.proposed += token.num_drafted
             self.accepted += accepted
             self.metrics.on_speculated(token.num_drafted, accepted)
+            return paused
+        return False
 
     def _proposals(self, seq: "Sequence", k: int) -> int:
         """How many tokens (at most `k`) the shards may propose for `seq`'s next step (the scheduler keeps
@@ -260,7 +279,14 @@ class Speculation:
         generation = seq.payload
         if generation.params.grammar is not None:
             return 0
-        return generation.speculation.proposals(k, self.costs is not None, self.costs)
+        state = generation.speculation
+        if state.greedy is None:
+            # First seen: it starts from what its kind has kept lately.
+            params = generation.params
+            state.greedy = params.temperature == 0 or params.top_k == 1
+            state.acceptance, pause = self.prior.start(state.greedy)
+            state.paused = max(state.paused, pause)
+        return state.proposals(k, self.costs is not None, self.costs)
 
     def _probes_plain(self, plan: "StepPlan", decodes: list["Sequence"]) -> bool:
         """Whether this all-decode step should run plain to measure a plain step at its batch size: a

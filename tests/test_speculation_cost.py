@@ -153,6 +153,7 @@ class TimedGroup(ShardGroup):
         super().__init__([address])
         self.runner, self.plain_us, self.verify_us = runner, plain_us, verify_us
         self.steps = {"plain": 0, "speculating": 0}
+        self.interrupted: set[int] = set()
 
     def _result(self, sequences, results: list[SequenceResult]) -> StepResult:
         speculating = any(s.draft for s in sequences)
@@ -184,12 +185,13 @@ class TimedGroup(ShardGroup):
                 sequences[:] = current
                 return runner.step(current)
 
-        for results in decode_steps(Recording(), step.sequences, step.num_steps, lambda: False):
+        stop = lambda: step.run_id in self.interrupted  # noqa: E731 - the shards' agreement, on one rank
+        for results in decode_steps(Recording(), step.sequences, step.num_steps, stop):
             yield self._result(sequences, results)
             await asyncio.sleep(0)
 
     async def interrupt(self, run_id: int) -> None:
-        return None
+        self.interrupted.add(run_id)
 
 
 async def serve(tmp_path, demo_tokenizer, verify_us: int, back_off: bool = True, good: int = 1):
@@ -275,9 +277,10 @@ def test_a_sequence_leaves_the_run_with_its_own_run_tokens_and_the_others_go_on(
 
 
 async def serve_two(tmp_path, demo_tokenizer, lengths: tuple[int, int]) -> tuple[list, int]:
-    """Two requests of `lengths` tokens at once, at k = 3 in runs of up to 64 steps, the first keeping no
-    proposal and the second every one; the outputs and the runs the group ran."""
-    group = TimedGroup(f"unix:{tmp_path}/c.sock", FakeRunner({1: 0, 2: 3}), 1000, 1500)
+    """Two requests of `lengths` tokens at once, at k = 3 in runs of up to 64 steps, the first keeping one
+    proposal of three (slow, but not so few that it pauses) and the second every one; the outputs and the
+    runs the group ran."""
+    group = TimedGroup(f"unix:{tmp_path}/c.sock", FakeRunner({1: 1, 2: 3}), 1000, 1500)
     runs = 0
     decode_steps_of = group.decode_steps
 
