@@ -41,6 +41,7 @@ from statistics import median
 from typing import TYPE_CHECKING
 
 from mixserve.router.speculation_acceptance import Acceptance, AcceptancePrior
+from mixserve.shards.sampling_params import is_greedy
 
 if TYPE_CHECKING:
     from mixserve.router.metrics import Metrics
@@ -283,7 +284,7 @@ class Speculation:
         if state.greedy is None:
             # First seen: it starts from what its kind has kept lately.
             params = generation.params
-            state.greedy = params.temperature == 0 or params.top_k == 1
+            state.greedy = is_greedy(params.temperature, params.top_k)
             state.acceptance, pause = self.prior.start(state.greedy)
             state.paused = max(state.paused, pause)
         return state.proposals(k, self.costs is not None, self.costs)

@@ -38,11 +38,6 @@ class Acceptance:
     verifications: int = 0  # since its last pause, or its start
     pauses: int = 0  # pauses in a row for keeping too few
 
-    @property
-    def on_probation(self) -> bool:
-        """It paused for keeping too few and has not kept enough since."""
-        return self.pauses > 0
-
     def on_verified(self, proposed: int, accepted: int) -> int:
         """A verification step of `proposed` (> 0) tokens kept `accepted`: the tokens to pause for (0: none)."""
         share = accepted / proposed

@@ -11,6 +11,11 @@ MASK64 = (1 << 64) - 1
 _MIN_TEMPERATURE = 1e-5
 
 
+def is_greedy(temperature: float, top_k: int) -> bool:
+    """Whether settings of this temperature and top_k take the argmax (no random draw); the router asks too."""
+    return temperature < _MIN_TEMPERATURE or top_k == 1
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """One request's sampling settings, as `mixserve.shard.v1.SamplingParams` carries them.
@@ -83,7 +88,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         """True when the token is the argmax of the penalised logits (no random draw)."""
-        return self.temperature < _MIN_TEMPERATURE or self.top_k == 1
+        return is_greedy(self.temperature, self.top_k)
 
     @property
     def has_repetition_penalty(self) -> bool:

@@ -30,10 +30,10 @@ def test_a_request_keeping_too_few_pauses_longer_each_time_until_it_keeps_enough
             assert acceptance.on_verified(3, 0) == 0  # judged only after MIN_VERIFICATIONS
         pauses.append(acceptance.on_verified(3, 0))
     assert pauses == [pause_tokens(0), pause_tokens(1), pause_tokens(2)] == [16, 32, 64]
-    assert acceptance.on_probation
+    assert acceptance.pauses > 0  # on probation
     while acceptance.share < LOW_ACCEPTANCE:
         assert acceptance.on_verified(3, 3) == 0
-    assert not acceptance.on_probation  # kept enough: the next pause starts short again
+    assert acceptance.pauses == 0  # kept enough: the next pause starts short again
     assert pause_tokens(20) == 512
 
 
@@ -41,7 +41,7 @@ def test_a_request_keeping_enough_never_pauses():
     acceptance = Acceptance()
     for kept in [1, 0, 2, 1, 0, 1, 3, 0, 1] * 5:  # 9 of 27 kept: a third
         assert acceptance.on_verified(3, kept) == 0
-    assert not acceptance.on_probation
+    assert acceptance.pauses == 0
 
 
 def test_a_new_request_starts_from_its_kinds_prior():
@@ -51,7 +51,7 @@ def test_a_new_request_starts_from_its_kinds_prior():
         prior.on_verified(False, 3, 0)  # sampled requests keep nothing
         prior.on_verified(True, 3, 2)  # greedy ones two of three
     acceptance, pause = prior.start(False)
-    assert pause == pause_tokens(PRIOR_PAUSES) and acceptance.on_probation
+    assert pause == pause_tokens(PRIOR_PAUSES) and acceptance.pauses > 0
     assert acceptance.on_verified(3, 0) == pause_tokens(PRIOR_PAUSES + 1)  # one more miss: judged at once
     assert prior.start(True) == (Acceptance(), 0)
 
@@ -63,7 +63,7 @@ def test_the_request_state_pauses_on_acceptance_and_counts_the_pause_down():
         state.on_verified(3, kept)
     assert state.paused == pause_tokens(0)
     state.on_tokens(state.paused)
-    assert state.proposals(3) == 3 and state.acceptance.on_probation
+    assert state.proposals(3) == 3 and state.acceptance.pauses > 0
 
 
 async def test_requests_of_a_kind_that_keeps_nothing_start_paused(tmp_path, demo_tokenizer):
