@@ -141,6 +141,10 @@ def mixtral_launch_args(scratch: Path) -> list[str]:
     return ["--model", str(model_dir), "--load-format", "dummy", "--device", "cuda", "--dtype", "bfloat16"]
 
 
+# A dry run's server: its KV cache capped (sized from memory it is 2 GiB, whose zeroing is ~2 s of a start).
+DRY_RUN_CPU = ("--device", "cpu", "--max-kv-blocks", "2048")
+
+
 def demo_launch_args(scratch: Path) -> list[str]:
     """The dry run's model: the demo on the CPU, through the GPU run's path where this mixserve has it
     (its config.json and tokenizer alone, random weights), else from its checkpoint."""
@@ -148,14 +152,14 @@ def demo_launch_args(scratch: Path) -> list[str]:
 
     demo = ensure_demo_checkpoint()
     if not launch_supports_dummy_weights():
-        return ["--model", str(demo), "--device", "cpu"]
+        return ["--model", str(demo), *DRY_RUN_CPU]
     config_only = scratch / "demo-config"
     config_only.mkdir(parents=True, exist_ok=True)
     for path in demo.iterdir():
         if path.is_file() and path.suffix == ".json":
             shutil.copy(path, config_only / path.name)
     (config_only / "model.safetensors.index.json").unlink(missing_ok=True)
-    return ["--model", str(config_only), "--load-format", "dummy", "--device", "cpu"]
+    return ["--model", str(config_only), "--load-format", "dummy", *DRY_RUN_CPU]
 
 
 def decode_ms(summary: dict) -> float | None:

@@ -99,7 +99,7 @@ def run_arms(out: Path, target: Path, draft: Path, args: argparse.Namespace, dea
     (the results written after each: an outer timeout keeps the arms done)."""
     from mixserve.benchmarks import gpu_server
 
-    device = ["--device", "cpu"] if args.dry_run else ["--device", "cuda", "--dtype", "bfloat16"]
+    device = gpu_server.DRY_RUN_CPU if args.dry_run else ("--device", "cuda", "--dtype", "bfloat16")
     arms = result["arms"] = []
     for name, flags in ARMS:
         remaining = deadline - time.monotonic()

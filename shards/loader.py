@@ -2,10 +2,11 @@
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 
 from mixserve.shards.checkpoint import CheckpointReader
 from mixserve.shards.config import ModelConfig, ParallelConfig
@@ -21,6 +22,27 @@ log = logging.getLogger(__name__)
 
 # auto: the safetensors checkpoint; dummy: random weights of its shapes (shards/dummy_weights.py).
 LOAD_FORMATS = ("auto", "dummy")
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (their own class kept: a
+    bitsandbytes parameter stays one), while buffers computed at construction (rotary's tables) stay
+    real; the checkpoint then fills every parameter. accelerate's `init_empty_weights` does the same,
+    but importing accelerate costs a shard ~1 s of its start."""
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            attributes = dict(param.__dict__, requires_grad=param.requires_grad)
+            module._parameters[name] = type(param)(param.to("meta"), **attributes)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 def load_model(
@@ -54,7 +76,7 @@ def load_model(
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with init_empty_weights():
+        with parameters_on_meta():
             model = MixtralForCausalLM(config, parallel, group, quantization)
     finally:
         torch.set_default_dtype(previous)

@@ -124,6 +124,12 @@ class LiveBytes(TorchDispatchMode):
         self.peak = 0
         self._storages: dict[int, tuple[StorageWeakRef, int]] = {}  # storage key -> (weak ref, bytes)
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # Nothing compiles inside this mode; torch would otherwise wrap __torch_dispatch__ to disable
+        # dynamo, importing torch._dynamo (~2.5 s of a CPU shard's start) at the mode's first op.
+        return False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.ops.aten.bincount.default and args[0].is_meta:

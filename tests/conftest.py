@@ -280,6 +280,10 @@ class LaunchedServer:
         # two round differently and greedy picks may part.
         if "--dtype" not in args:
             args = ["--dtype", "float32", *args]
+        # A KV cache of 4096 blocks unless the test sizes its own: sized from memory it is 2 GiB, and
+        # zeroing it took ~2 s of every start (the sizing still runs; the cap takes the smaller).
+        if "--max-kv-blocks" not in args:
+            args = ["--max-kv-blocks", "4096", *args]
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
