@@ -51,10 +51,11 @@ def check_model_dir(model: str) -> None:
     raise HostCheckFailed(f"--model {model}: no such directory")
 
 
-def preflight(args: argparse.Namespace) -> HostPlan:
-    """Check --device/--dtype/--quantize/--num-shard/--replicas/--moe-parallel against this host in a
-    child process (it writes the demo checkpoint when no --model is given); the plan, or
-    HostCheckFailed with the reason."""
+def start_preflight(args: argparse.Namespace) -> subprocess.Popen:
+    """Start checking --device/--dtype/--quantize/--num-shard/--replicas/--moe-parallel against this host
+    in a child process (it writes the demo checkpoint when no --model is given), and return at once:
+    the launcher imports its serving half while the child imports torch. `preflight_plan` reads the
+    answer. HostCheckFailed at once where --model is no checkpoint directory."""
     if args.model is not None:
         check_model_dir(args.model)
     cmd = [sys.executable, "-m", "mixserve.shards.preflight", "--device", args.device, "--dtype", args.dtype]
@@ -67,15 +68,26 @@ def preflight(args: argparse.Namespace) -> HostPlan:
         cmd += ["--model", args.model]
     if args.speculative_model:
         cmd += ["--speculative-model", args.speculative_model]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def preflight_plan(check: subprocess.Popen) -> HostPlan:
+    """The plan of a host check `start_preflight` started, once it has answered, or HostCheckFailed with
+    the reason."""
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=PREFLIGHT_TIMEOUT_S)
+        stdout, stderr = check.communicate(timeout=PREFLIGHT_TIMEOUT_S)
     except subprocess.TimeoutExpired:
+        check.kill()
+        check.communicate()
         raise HostCheckFailed(
             f"the host check (python -m shards.preflight) took over {PREFLIGHT_TIMEOUT_S:.0f}s"
         ) from None
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+    except BaseException:  # interrupted (SIGINT): the check is no longer wanted
+        check.kill()
+        raise
+    lines = stdout.strip().splitlines()
+    if check.returncode != 0 or not lines:
+        last = (stderr.strip().splitlines() or ["(no output)"])[-1]
         raise HostCheckFailed(f"cannot start shards on this host: the host check failed: {last}")
     answer = json.loads(lines[-1])
     if not answer.pop("ok"):

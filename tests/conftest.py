@@ -252,6 +252,15 @@ def _children(parent: int) -> list[int]:
     return pids
 
 
+def gone(pid: int) -> bool:
+    """Whether no process has `pid` any more."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 def shard_processes(parent: int) -> list[ShardProcess]:
     """The live `mixserve shard` children of process `parent`, sorted by group and rank. The group is read
     from the socket directory the launcher gives each start of a group (`group-N`: group 0, `groupG-N`)."""

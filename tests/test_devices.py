@@ -11,7 +11,7 @@ import torch
 
 from conftest import PYTHON, free_port, subprocess_env
 from mixserve.cli import DefaultsHelpFormatter
-from mixserve.router import launcher
+from mixserve.router import launch_serving, launcher
 from mixserve.router.host_check import HostCheckFailed, HostPlan, check_model_dir, group_visible_devices
 from mixserve.router.shard_processes import shard_environment
 from mixserve.shards import devices
@@ -112,9 +112,9 @@ def test_groups_take_their_gpus_from_the_launchers_visible_ones():
         group_visible_devices(None, 6, 4, 1)
     cuda = HostPlan("m", False, 2, "cuda", 4, "bfloat16", 8)
     args = argparse.Namespace(device="auto")
-    assert launcher.group_devices(cuda, args, 2) == ["0,1", "2,3"]
-    assert launcher.group_devices(HostPlan("m", False, 2, "cpu", 0, "float32", 8), args, 2) == [None, None]
-    assert launcher.group_devices(cuda, argparse.Namespace(device="cuda:1"), 1) == [None]
+    assert launch_serving.group_devices(cuda, args, 2) == ["0,1", "2,3"]
+    assert launch_serving.group_devices(HostPlan("m", False, 2, "cpu", 0, "float32", 8), args, 2) == [None, None]
+    assert launch_serving.group_devices(cuda, argparse.Namespace(device="cuda:1"), 1) == [None]
 
 
 def test_the_host_check_refuses_too_few_gpus_and_defaults_to_one_shard_per_gpu(gpus, demo_dir):
@@ -268,5 +268,13 @@ def test_launch_help_shows_every_default():
 
 @pytest.mark.slow
 def test_the_launcher_keeps_torch_out_of_the_router_process():
-    code = "import sys, router.launcher, router.host_check; assert 'torch' not in sys.modules, 'torch imported'"
+    """And its first half imports neither aiohttp nor grpc: the serving half's imports are what run beside
+    the host check's child."""
+    code = (
+        "import sys, router.launcher, router.host_check\n"
+        "early = sorted(name for name in ('aiohttp', 'grpc') if name in sys.modules)\n"
+        "assert not early, f'{early} imported before the host check starts'\n"
+        "import router.launch_serving\n"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([PYTHON, "-c", code], env=subprocess_env(), check=True, timeout=120)

@@ -2,12 +2,14 @@
 
 import asyncio
 import os
+import re
+import shutil
 import signal
 
 import aiohttp
 import pytest
 
-from conftest import LaunchedServer, await_until, free_port
+from conftest import LaunchedServer, await_until, free_port, gone
 
 pytestmark = pytest.mark.slow
 
@@ -137,5 +139,23 @@ async def test_with_no_restarts_a_dead_shard_fails_requests_and_health_and_exits
         for pid in pids:
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
+    finally:
+        server.stop()
+
+
+async def test_a_tokenizer_that_does_not_load_fails_the_start_in_one_line(demo_dir, tmp_path):
+    """The tokenizer loads while the shards start: one that fails ends the launch with exit 1 and one line
+    (the log is the contract: the start-up failure an operator reads), and no shard is left running."""
+    broken = tmp_path / "model"
+    shutil.copytree(demo_dir, broken)
+    (broken / "tokenizer.json").write_text("{not json")
+    server = LaunchedServer(["--model", str(broken), "--num-shard", "1"], tmp_path / "server.log", free_port())
+    try:
+        assert await asyncio.to_thread(server.process.wait, 120) == 1
+        log = server.contract_log("the one start-up failure line for a tokenizer that does not load")
+        assert f"event=startup_failed error=the tokenizer of {broken} did not load" in log
+        assert "Traceback" not in log
+        pids = [int(pid) for pid in re.findall(r"event=shard_started rank=\d+ pid=(\d+)", log)]
+        assert len(pids) == 1 and all(gone(pid) for pid in pids)
     finally:
         server.stop()

@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import LaunchedServer, await_until, free_port, wait_until
+from conftest import LaunchedServer, await_until, free_port, gone, wait_until
 from mixserve_pb import generate_pb2 as pb
 from mixserve_pb import generate_pb2_grpc
 
@@ -36,14 +36,6 @@ def start_server(demo_dir, tmp_path, *args: str) -> LaunchedServer:
 def shard_pids(server: LaunchedServer) -> list[int]:
     """The pids of the launcher's shards now, in rank order."""
     return [shard.pid for shard in server.shards()]
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 async def open_streams(session: aiohttp.ClientSession, url: str) -> list[aiohttp.ClientResponse]:

@@ -1,6 +1,6 @@
 """The router's import boundaries, read from the source with `ast`, and torch kept out of a launched router.
 
-- No router module imports torch: the router runs on machines that have none (router/launcher.py
+- No router module imports torch: the router runs on machines that have none (router/launch_serving.py
   keeps even the demo checkpoint writer in a child process).
 - The fronts (HTTP and gRPC) reach the engine only through router/engine_api.py and validate with
   router/validation.py: never the scheduler, the engine loop, a request's internals or the shard wire.
@@ -170,10 +170,10 @@ def test_the_validation_step_and_the_interface_stay_off_the_engine():
 
 def test_only_the_shard_client_speaks_the_shard_wire_format():
     speakers = {name for name, path in router_modules().items() if imported_modules(path) & WIRE_MODULES}
-    # The launcher reads the shards' Info and Warmup answers while it starts them.
+    # The launcher's serving half reads the shards' Info and Warmup answers while it starts them.
     assert speakers <= {
         "mixserve.router.shard_client",
-        "mixserve.router.launcher",
+        "mixserve.router.launch_serving",
         "mixserve.router.shard_processes",
     }, speakers
     assert "mixserve.router.shard_client" in speakers

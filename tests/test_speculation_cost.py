@@ -14,7 +14,7 @@ import pytest
 from test_speculation import reference, true_next
 
 from mixserve.router.engine_api import Limits
-from mixserve.router.launcher import cost_back_off
+from mixserve.router.launch_serving import cost_back_off
 from mixserve.router.metrics import Metrics
 from mixserve.router.params import GenerationParams
 from mixserve.router.replicas import build_replicas
