@@ -20,11 +20,11 @@ Speculation backs off where it does not pay:
   whose speculating steps gain it (its kept proposals plus the token sampled after them) at least the
   plain steps they cost, both averaged over its recent speculating steps; a step that found nothing to
   propose gains one token for about one plain step and weighs neither way. One that gains fewer pauses
-  for `PAUSE_TOKENS`, doubled at each pause in a row up to `MAX_COST_PAUSE_TOKENS`, and then speculates
-  for a short run (`PROBE_STEPS`) to measure again. The times are the shards' own (a step's
-  `forward_us`, drafting included), by batch size; a speculating engine runs a short plain run
-  (`PROBE_STEPS`) where it has no plain time for the batch size or it is `REPROBE_STEPS` speculating
-  steps old;
+  for `PAUSE_TOKENS`, doubled at each pause in a row up to `MAX_PAUSE_TOKENS` (`pause_tokens`, as the
+  acceptance back-off's), and then speculates for a short run (`PROBE_STEPS`) to measure again. The
+  times are the shards' own (a step's `forward_us`, drafting included), by batch size; a speculating
+  engine runs a short plain run (`PROBE_STEPS`) where it has no plain time for the batch size or it is
+  `REPROBE_STEPS` speculating steps old;
 - per batch: verification runs k + 1 tokens per sequence, free while a step is bound by reading the
   weights (small batches), not once it is bound by compute. A step verifies at most `VERIFY_ROWS`
   positions, so each of B running requests has at most VERIFY_ROWS // B - 1 proposals (`width`), and
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from statistics import median
 from typing import TYPE_CHECKING
 
-from mixserve.router.speculation_acceptance import Acceptance, AcceptancePrior
+from mixserve.router.speculation_acceptance import PAUSE_TOKENS, Acceptance, AcceptancePrior, pause_tokens
 from mixserve.shards.sampling_params import is_greedy
 
 if TYPE_CHECKING:
@@ -55,8 +55,6 @@ MAX_BATCH = 8
 # (benchmarks/results/compare-spec-runs-random).
 VERIFY_ROWS = 32
 MISSES_TO_PAUSE = 4
-PAUSE_TOKENS = 16
-MAX_COST_PAUSE_TOKENS = 512
 # Weight of the newest sample in the running averages of what a speculating step gains (tokens: noisy, 1
 # to k + 1) and costs (plain steps): a request's, and the engine's over all requests (a new request's prior).
 REQUEST_WEIGHT = 0.25
@@ -165,7 +163,7 @@ class SpeculationState:
         if gain >= cost:
             self.cost_pauses = 0
             return k
-        self.paused = min(PAUSE_TOKENS << self.cost_pauses, MAX_COST_PAUSE_TOKENS)
+        self.paused = pause_tokens(self.cost_pauses)
         self.cost_pauses += 1
         self.retry = True
         return 0

@@ -7,7 +7,8 @@ import random
 import pytest
 
 from mixserve.router.scheduler import Scheduler, SchedulerConfig
-from mixserve.router.speculation import MISSES_TO_PAUSE, PAUSE_TOKENS, VERIFY_ROWS, SpeculationState, width
+from mixserve.router.speculation import MISSES_TO_PAUSE, VERIFY_ROWS, SpeculationState, width
+from mixserve.router.speculation_acceptance import PAUSE_TOKENS
 from mixserve.router.step_plan import ScheduledSequence, Sequence, SequenceStatus, StepPlan
 from mixserve.shards.ngram import propose
 

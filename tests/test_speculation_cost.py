@@ -21,14 +21,13 @@ from mixserve.router.replicas import build_replicas
 from mixserve.router.scheduler import Scheduler, SchedulerConfig
 from mixserve.router.shard_client import ShardGroup
 from mixserve.router.speculation import (
-    MAX_COST_PAUSE_TOKENS,
-    PAUSE_TOKENS,
     PROBE_STEPS,
     REPROBE_STEPS,
     Speculation,
     SpeculationState,
     StepCosts,
 )
+from mixserve.router.speculation_acceptance import MAX_PAUSE_TOKENS, PAUSE_TOKENS
 from mixserve.router.steps import SampledToken, Step, StepResult
 from mixserve.shards.multi_step import decode_steps
 from mixserve.shards.sequence_step import InvalidStep, SequenceResult, SequenceStep
@@ -88,7 +87,7 @@ def test_a_request_gaining_less_than_the_cost_pauses_longer_each_time_then_retri
         state.on_tokens(state.paused)
         assert state.proposals(3, weigh=True) == 3 and state.exploring  # after a pause, one run to measure
         state.on_speculated(1, 2.0)
-    assert pauses == [min(PAUSE_TOKENS << i, MAX_COST_PAUSE_TOKENS) for i in range(8)]
+    assert pauses == [min(PAUSE_TOKENS << i, MAX_PAUSE_TOKENS) for i in range(8)]
     for _ in range(8):
         state.on_speculated(4, 2.0)  # it now gains 4 tokens a step: it pays
     assert state.proposals(3, weigh=True) == 3 and not state.exploring and state.cost_pauses == 0
