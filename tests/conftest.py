@@ -4,7 +4,6 @@ import asyncio
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import socket
@@ -14,7 +13,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 # is first imported (it builds its library kernels then; torch._dynamo imports it). Kept out of the
 # tests' subprocesses (subprocess_env) unless a test passes it.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from process_table import ShardProcess, shard_processes  # noqa: E402
 
 from mixserve.shards.demo.checkpoint import TINY  # noqa: E402 - imports neither torch nor triton
 
@@ -229,57 +229,6 @@ def metric(text: str, name: str) -> float:
     raise KeyError(f"no sample {name} in the metrics")
 
 
-@dataclass(frozen=True)
-class ShardProcess:
-    """A `mixserve shard` child of a launcher, as the process table shows it."""
-
-    pid: int
-    group: int
-    rank: int
-    uds: Path
-    argv: tuple[str, ...]
-
-
-def _children(parent: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited while listed
-        if int(fields[1]) == parent:
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-def gone(pid: int) -> bool:
-    """Whether no process has `pid` any more."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
-def shard_processes(parent: int) -> list[ShardProcess]:
-    """The live `mixserve shard` children of process `parent`, sorted by group and rank. The group is read
-    from the socket directory the launcher gives each start of a group (`group-N`: group 0, `groupG-N`)."""
-    shards = []
-    for pid in _children(parent):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-        except OSError:
-            continue
-        if "mixserve.cli" not in argv or "shard" not in argv or "--uds" not in argv:
-            continue
-        uds = Path(argv[argv.index("--uds") + 1])
-        group = re.fullmatch(r"group(\d*)-\d+", uds.parent.name)
-        assert group, f"unexpected shard socket directory {uds.parent}"
-        rank = int(argv[argv.index("--rank") + 1])
-        shards.append(ShardProcess(pid, int(group.group(1) or 0), rank, uds, tuple(argv)))
-    return sorted(shards, key=lambda shard: (shard.group, shard.rank))
-
-
 class LaunchedServer:
     """A real `mixserve launch` child process; its log goes to a file the tests can read."""
 
@@ -317,7 +266,7 @@ class LaunchedServer:
         """The log's last `chars` characters, for a failure message only."""
         return self.log_path.read_text()[-chars:]
 
-    def shards(self) -> list["ShardProcess"]:
+    def shards(self) -> list[ShardProcess]:
         """The shard processes this launcher runs now (its children), by group and rank."""
         return shard_processes(self.process.pid)
 

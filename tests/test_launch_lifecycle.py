@@ -8,8 +8,9 @@ import signal
 
 import aiohttp
 import pytest
+from process_table import gone
 
-from conftest import LaunchedServer, await_until, free_port, gone
+from conftest import LaunchedServer, await_until, free_port
 
 pytestmark = pytest.mark.slow
 
