@@ -14,6 +14,7 @@ from mixserve.shards.checkpoint import CheckpointReader
 from mixserve.shards.config import ModelConfig, ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.kernels import decoder_layer
+from mixserve.shards.kernels.stack_ends import ModelEnds
 from mixserve.shards.kv_cache import KVCache
 from mixserve.shards.layers.attention import Attention
 from mixserve.shards.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -150,6 +151,8 @@ class MixtralForCausalLM(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, parallel, group)
+        self._kernel_ends: ModelEnds | None = None
+        self._kernel_ends_read = False
         if quantization is not None:
             # Attention builds its own projections, so the setting reaches them (and the experts)
             # here, before load.
@@ -168,18 +171,38 @@ class MixtralForCausalLM(nn.Module):
         meta: AttentionMetadata,
         logits_indices: torch.Tensor | None,
         gather_logits: bool = True,
+        greedy_stats: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run tokens [T] at positions [T]; return logits [R, V] of the tokens at `logits_indices` [R]
         (None: of every token, R = T; with `gather_logits=False`, this rank's vocabulary slice [R, P] of
-        them)."""
-        hidden = self.embed_tokens(token_ids)  # [T, H]
-        hidden = ops.current().decoder_layers(self.layers, positions, hidden, kv_cache, meta)
-        if logits_indices is not None:
-            hidden = hidden[logits_indices]  # [R, H]
-        return self.lm_head(self.norm(hidden), gather=gather_logits).float()
+        them). With `greedy_stats` [R, 3] float64, also fill it with each row's greedy statistics over
+        this rank's slice (the `causal_lm` op)."""
+        return ops.current().causal_lm(
+            self, token_ids, positions, kv_cache, meta, logits_indices, gather_logits, greedy_stats
+        )
+
+    def kernel_ends(self) -> ModelEnds | None:
+        """The embedding, final norm and LM head as the CPU decoder stack's ends read them (the `causal_lm`
+        op), or None where they cannot: an LM head held by bitsandbytes, weights off the CPU or not fp32
+        or bf16, a norm not in the embedding's dtype. Gathered on first use after `load`."""
+        if not self._kernel_ends_read:
+            head, norm, embedding = self.lm_head, self.norm, self.embed_tokens.weight
+            weight = head.quantized.weight if isinstance(head.quantized, Int8Linear) else head.weight
+            data = weight.codes if isinstance(weight, Int8Weight) else weight
+            if (
+                data is not None
+                and all(t.device.type == "cpu" for t in (embedding, norm.weight, data))
+                and embedding.dtype in (torch.float32, torch.bfloat16)
+                and norm.weight.dtype is embedding.dtype
+            ):
+                valid = max(min(head.rows_per_rank, self.config.vocab_size - head.vocab_start), 0)
+                self._kernel_ends = ModelEnds(embedding, head.vocab_start, valid, norm.weight, norm.eps, weight)
+            self._kernel_ends_read = True
+        return self._kernel_ends
 
     def load(self, reader: CheckpointReader) -> None:
         """Fill every parameter with this rank's slice, read from the checkpoint."""
+        self._kernel_ends, self._kernel_ends_read = None, False
         self.embed_tokens.load(reader, "model.embed_tokens.weight")
         for index, layer in enumerate(self.layers):
             layer.load(reader, f"model.layers.{index}")

@@ -38,9 +38,18 @@ def parallel_greedy(
     any rank's slice holds NaN or infinity (or is all padding, with more ranks than vocabulary rows);
     the caller then gathers the logits and samples as usual.
     """
+    return combine_stats(slice_stats(local, vocab_start, vocab_size), group)
+
+
+def slice_stats(local: torch.Tensor, vocab_start: int, vocab_size: int) -> torch.Tensor:
+    """[R, 3] float64 (maximum, its token id, log-sum-exp) of each row of this rank's logits [R, P] over
+    its real tokens' columns (not finite where a row holds NaN or infinity, or no real token)."""
     valid = max(min(local.shape[1], vocab_size - vocab_start), 0)
-    part = local[:, :valid].float()  # [R, P']
-    chosen = ops.current()
-    packed = chosen.slice_greedy_stats(part, vocab_start)  # [R, 3]
-    every = group.all_gather_last_dim(packed).view(part.shape[0], -1, 3)  # [R, N, 3]
-    return chosen.combine_greedy(every)
+    return ops.current().slice_greedy_stats(local[:, :valid].float(), vocab_start)  # [R, 3]
+
+
+def combine_stats(packed: torch.Tensor, group: TensorParallelGroup) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """parallel_greedy's answer from this rank's statistics [R, 3] (`slice_stats`, or the model's forward
+    with greedy_stats); a collective, as parallel_greedy."""
+    every = group.all_gather_last_dim(packed).view(packed.shape[0], -1, 3)  # [R, N, 3]
+    return ops.current().combine_greedy(every)

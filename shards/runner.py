@@ -25,7 +25,7 @@ from mixserve.shards.grammar import GrammarError, GrammarMatchers, SequenceGramm
 from mixserve.shards.kv_cache import KVCache
 from mixserve.shards.logits_processors import apply_logit_bias
 from mixserve.shards.model import MixtralForCausalLM
-from mixserve.shards.parallel_greedy import is_plain_greedy, parallel_greedy
+from mixserve.shards.parallel_greedy import combine_stats, is_plain_greedy, parallel_greedy, slice_stats
 from mixserve.shards.sequence_step import InvalidStep, SequenceResult, SequenceStep
 from mixserve.shards.speculative import VerifiedToken, greedy_runs
 from mixserve.shards.step_inputs import step_inputs
@@ -135,18 +135,38 @@ class ModelRunner:
         validate_steps(steps, self.config, self.block_size, self.kv_cache, self.sequences)
 
     @torch.inference_mode()
-    def forward(self, steps: list[SequenceStep], gather_logits: bool = True, score: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        steps: list[SequenceStep],
+        gather_logits: bool = True,
+        score: bool = False,
+        greedy_stats: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits [L, V] of the last token of each sequence, in the order given, a speculating sequence with a
         row for each of its last num_proposed + 1 tokens (with `gather_logits=False`, this rank's vocabulary
         slice [L, P] of them). With `score`, a sequence whose step asks for prompt_logprobs has a row for each
-        of its tokens instead, in order."""
+        of its tokens instead, in order. With greedy_stats [L, 3] float64, also fills it with each row's
+        greedy statistics over this rank's slice (parallel_greedy.slice_stats)."""
         assert self.kv_cache is not None
         if not score and self.decode_graphs is not None and self.decode_graphs.fits(steps):
-            return self.decode_graphs.forward(steps, gather_logits)
+            logits = self.decode_graphs.forward(steps, gather_logits)
+            if greedy_stats is not None:
+                head = self.model.lm_head
+                local = (
+                    logits if not gather_logits else logits[:, head.vocab_start : head.vocab_start + head.rows_per_rank]
+                )
+                greedy_stats.copy_(slice_stats(local, head.vocab_start, head.vocab_size))
+            return logits
         per_token_max = ops.current().decoder_layers_max_tokens
         inputs = step_inputs(steps, self.block_size, self.device, per_token_max, score)
         return self.model(
-            inputs.token_ids, inputs.positions, self.kv_cache, inputs.meta, inputs.logits_indices, gather_logits
+            inputs.token_ids,
+            inputs.positions,
+            self.kv_cache,
+            inputs.meta,
+            inputs.logits_indices,
+            gather_logits,
+            greedy_stats,
         )
 
     def step(self, steps: list[SequenceStep]) -> list[SequenceResult]:
@@ -180,7 +200,16 @@ class ModelRunner:
         # slice is the whole vocabulary): two C calls on the logits cost less than the general sampler's
         # dozen torch ops, a sizeable share of a small model's decode step.
         split = bool(rows) and not score and all(is_plain_greedy(st.params) for st in states)
-        logits = self.forward(steps, gather_logits=not split, score=score)  # [L, V] or [L, P]
+        constrained = [j for j, st in enumerate(states) if st.grammar is not None]
+        biased = [j for j, st in enumerate(states) if st.params.logit_bias]
+        # Split with no mask or bias to apply: the forward gives the greedy statistics too, computed beside
+        # the logits (in the CPU's decoder stack, in its one C call).
+        greedy_stats = None
+        if split and not constrained and not biased:
+            greedy_stats = torch.empty(sum(1 + s.num_proposed for s in steps), 3, dtype=torch.float64)
+        logits = self.forward(
+            steps, gather_logits=not split, score=score, greedy_stats=greedy_stats
+        )  # [L, V] or [L, P]
         scores: dict[int, list[float]] = {}
         if score:
             logits, scores = score_prompts(steps, logits, self.sequences)
@@ -195,9 +224,7 @@ class ModelRunner:
         step_spans = consecutive([1 + s.num_proposed for s in steps])  # each step's logits rows
         spans = [step_spans[i] for i in rows]
         tokens: list[list[VerifiedToken]] | None = None
-        constrained = [j for j, st in enumerate(states) if st.grammar is not None]
         bitmask = torch.stack([states[j].grammar.mask() for j in constrained]) if constrained else None  # [C, W]
-        biased = [j for j, st in enumerate(states) if st.params.logit_bias]
         biases = [states[j].params.logit_bias for j in biased]
         if split:
             head = self.model.lm_head
@@ -212,7 +239,11 @@ class ModelRunner:
             if biased:
                 at, each = span_rows(local_spans, biased, biases)
                 local = apply_logit_bias(local, at, each, head.vocab_start, self.config.vocab_size)
-            chosen = parallel_greedy(local, head.vocab_start, self.config.vocab_size, self.group)
+            if greedy_stats is None:
+                chosen = parallel_greedy(local, head.vocab_start, self.config.vocab_size, self.group)
+            else:
+                stats = greedy_stats if len(flat) == greedy_stats.shape[0] else greedy_stats[flat]
+                chosen = combine_stats(stats, self.group)
             if chosen is None:  # NaN or infinity somewhere: gather and take the usual path
                 logits = head.gather(logits)
             else:

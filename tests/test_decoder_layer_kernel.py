@@ -235,7 +235,7 @@ def test_runner_gives_small_steps_with_prefill_chunks_per_token_tables(demo_dir)
     runner.allocate_cache(NUM_BLOCKS * 4)
     seen = []
 
-    def forward(token_ids, positions, kv_cache, meta, logits_indices, gather_logits=True):
+    def forward(token_ids, positions, kv_cache, meta, logits_indices, gather_logits=True, greedy_stats=None):
         seen.append(meta)
         return torch.zeros(len(token_ids if logits_indices is None else logits_indices), 8)
 

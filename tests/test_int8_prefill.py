@@ -169,5 +169,5 @@ def test_decoder_layer_kernel_takes_int8_steps_up_to_its_cap(monkeypatch, dtype)
             decode_block_tables=torch.zeros(tokens, 1, dtype=torch.int64),
             decode_context_lens=torch.ones(tokens, dtype=torch.int64),
         )
-        fits = cpu._step_fits(halves, torch.zeros(tokens, cfg.hidden_size, dtype=dtype), cache, meta)
+        fits = cpu._step_fits(halves, tokens, dtype, cache, meta)
         assert fits is (tokens <= cap)

@@ -11,7 +11,7 @@ from mixserve.shards import ngram
 from mixserve.shards.config import ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.loader import load_model
-from mixserve.shards.parallel_greedy import parallel_greedy
+from mixserve.shards.parallel_greedy import combine_stats, parallel_greedy
 from mixserve.shards.runner import ModelRunner
 from mixserve.shards.sampling import sample
 from mixserve.shards.sampling_params import SamplingParams
@@ -129,18 +129,23 @@ def test_verification_step_gives_the_tokens_of_plain_decode_steps(model, samplin
 
 
 def test_one_rank_plain_greedy_gives_the_general_samplers_tokens(model, monkeypatch):
-    """Plain greedy takes parallel greedy's C calls on one rank too (its slice is the whole vocabulary);
-    asking for one alternative sends the same steps through the general sampler, which must agree on
-    every token and log-probability, in decode steps and in a verification step."""
+    """Plain greedy takes parallel greedy's C calls on one rank too (its slice is the whole vocabulary; with
+    no mask or bias, the forward's own greedy statistics combined); asking for one alternative sends the
+    same steps through the general sampler, which must agree on every token and log-probability, in decode
+    steps and in a verification step."""
     import mixserve.shards.runner as runner_module
 
     calls = []
 
-    def counted(*args):
-        calls.append(args[0].shape[0])
-        return parallel_greedy(*args)
+    def counted(original):
+        def call(*args):
+            calls.append(args[0].shape[0])
+            return original(*args)
 
-    monkeypatch.setattr(runner_module, "parallel_greedy", counted)
+        return call
+
+    monkeypatch.setattr(runner_module, "parallel_greedy", counted(parallel_greedy))
+    monkeypatch.setattr(runner_module, "combine_stats", counted(combine_stats))
     fast, general = new_runner(model), new_runner(model)
     runs = {}
     for runner, sampling in ((fast, SamplingParams()), (general, SamplingParams(top_n_tokens=1))):

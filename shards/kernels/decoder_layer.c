@@ -25,6 +25,7 @@
 #include "elementwise.c"
 #include "moe.c"
 #include "paged_attention.c"
+#include "stack_ends.c"
 
 #define EVEN(n) (((n) + 1) & ~(int64_t)1) /* float counts kept even, so int64 arrays after them align */
 
@@ -162,17 +163,26 @@ typedef struct {
    all-reduces are shm_all_reduce_f32 over the group's segment (shm_seq NULL: one rank, none), calls
    first_call, first_call + 1, ... as the Python group numbers them. What every layer shares (shapes,
    types, the attention scale and window) comes once. Returns 0; else sets *failed_layer and returns
-   the refusing block's code (attention_block's, or 100 + moe_block's), or -1 when a rank never
-   reached an all-reduce within timeout_ns. */
+   the refusing block's code (attention_block's, or 100 + moe_block's, or 200 + the head's linear_rows'),
+   or -1 when a rank never reached an all-reduce within timeout_ns.
+   With `ends` (stack_ends.c), x is filled with the tokens' embeddings first (summed over the ranks in
+   call first_call, the layers' all-reduces numbered after it) and the rows asked for go through the
+   final norm and the LM head after the last layer (scratch holds their 2 R H floats too). */
 int decoder_stack(int64_t L, const StackLayer *layers, float *x, const int64_t *positions, int64_t P,
                   const int64_t *slots, const int64_t *block_tables, const int64_t *context_lens, int64_t M, int64_t N,
                   float *attn_out, float *moe_out, float *scratch, int64_t T, int64_t H, int64_t h, int64_t kv,
                   int64_t D, int64_t S, float scale, int64_t window, int weight_type, int kv_type, int gate_type,
                   int64_t num_experts, int64_t K, int64_t first_expert, int64_t E, int64_t I, int64_t *shm_seq,
                   char *shm_slots, int64_t slot_bytes, int64_t ranks, int64_t rank, int64_t first_call,
-                  int64_t timeout_ns, int64_t *failed_layer) {
+                  int64_t timeout_ns, int64_t *failed_layer, const StackEnds *ends) {
     const float *pending = NULL;
     int64_t call = first_call;
+    *failed_layer = 0;
+    if (ends != NULL) {
+        embed_tokens(ends, x, T, H);
+        if (shm_seq != NULL && shm_all_reduce_f32(shm_seq, shm_slots, slot_bytes, ranks, rank, call++, x, T * H, timeout_ns))
+            return -1;
+    }
     for (int64_t l = 0; l < L; l++) {
         const StackLayer *w = layers + l;
         *failed_layer = l;
@@ -193,5 +203,9 @@ int decoder_stack(int64_t L, const StackLayer *layers, float *x, const int64_t *
         pending = moe_out;
     }
     add_partial(x, pending, T * H);
+    if (ends != NULL) {
+        const int status = head_rows(ends, x, scratch, T, H);
+        if (status) return 200 + status;
+    }
     return 0;
 }

@@ -30,6 +30,7 @@ from mixserve.shards.kernels.decoder_layer import (
     weight_address,
 )
 from mixserve.shards.kernels.native import KernelUnavailable
+from mixserve.shards.kernels.stack_ends import StackEnds
 
 _P, _I64, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 
@@ -59,7 +60,7 @@ class StackLayer(ctypes.Structure):
 
 
 _ARGTYPES = [_I64, _P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _P, _P, _P] + [_I64] * 6
-_ARGTYPES += [_F, _I64, _INT, _INT, _INT] + [_I64] * 5 + [_P, _P] + [_I64] * 5 + [_P]
+_ARGTYPES += [_F, _I64, _INT, _INT, _INT] + [_I64] * 5 + [_P, _P] + [_I64] * 5 + [_P, _P]
 
 
 def _function():
@@ -162,10 +163,12 @@ class StackCache:
         return stack
 
 
-def run(step: KernelStep, stack: Stack, shm) -> None:
+def run(step: KernelStep, stack: Stack, shm, ends: StackEnds | None = None) -> None:
     """Every layer of `step` (prepared over layer 0's pools with layer 0's halves): step.hidden [T, H]
     ends as the residual stream after the last layer. `shm` is the group's SharedMemoryGroup, whose
-    all-reduces the call makes (it must fit step.attn_out), or None for one rank."""
+    all-reduces the call makes (it must fit step.attn_out), or None for one rank. With `ends` (a model's
+    ModelEnds.step for this step's T tokens), step.hidden is first filled with the tokens' embeddings,
+    and the rows asked for go through the final norm and the LM head into the ends' logits."""
     if (
         step.attention_key != stack.attention.shape_key
         or step.moe_key != stack.moe.shape_key
@@ -183,7 +186,10 @@ def run(step: KernelStep, stack: Stack, shm) -> None:
     else:
         if not shm.fits(step.attn_out):
             raise ValueError("the step's partial outputs do not fit the group's shared-memory slots")
-        pointers, first_call, timeout_ns = shm.pointers, shm.reserve_calls(2 * len(stack.layers)), shm.timeout_ns()
+        calls = 2 * len(stack.layers) + (ends is not None)
+        pointers, first_call, timeout_ns = shm.pointers, shm.reserve_calls(calls), shm.timeout_ns()
+    if ends is not None and (ends.T != tokens or 2 * ends.R * hidden > step.work.shape[0]):
+        raise ValueError(f"the ends' {ends.T} tokens and {ends.R} rows do not fit the step's {tokens} tokens")
     failed = ctypes.c_int64(-1)
     status = _function()(
         len(stack.layers),
@@ -219,9 +225,12 @@ def run(step: KernelStep, stack: Stack, shm) -> None:
         first_call,
         timeout_ns,
         ctypes.addressof(failed),
+        None if ends is None else ctypes.addressof(ends),
     )
     if status == -1:
-        raise shm.timed_out(first_call + 2 * failed.value)
+        raise shm.timed_out(first_call + (ends is not None) + 2 * failed.value)
+    if status >= 200:
+        raise ValueError(f"the decoder stack's head refused its rows (status {status - 200})")
     if status >= 100:
         raise ValueError(f"the decoder layer kernel refused layer {failed.value}'s MoE block (status {status - 100})")
     if status:

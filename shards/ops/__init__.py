@@ -54,6 +54,7 @@ class Ops:
     fused_moe: Callable
     linear_rows: Callable
     decoder_layers: Callable
+    causal_lm: Callable
     row_argmax_logsumexp: Callable
     slice_greedy_stats: Callable
     combine_greedy: Callable

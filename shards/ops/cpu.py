@@ -30,9 +30,23 @@ from torch import nn
 
 from mixserve.shards import devices
 from mixserve.shards.attention_metadata import AttentionMetadata
-from mixserve.shards.kernels import decoder_layer, decoder_stack, elementwise, linear, moe, paged_attention, sampling
+from mixserve.shards.kernels import (
+    checks,
+    decoder_layer,
+    decoder_stack,
+    elementwise,
+    linear,
+    moe,
+    paged_attention,
+    sampling,
+)
 from mixserve.shards.kv_cache import KVCache
 from mixserve.shards.ops import int8_gemm, reference
+from mixserve.shards.ops.cpu_logits import apply_token_bitmask as apply_token_bitmask
+from mixserve.shards.ops.cpu_logits import combine_greedy as combine_greedy
+from mixserve.shards.ops.cpu_logits import draw_tokens as draw_tokens
+from mixserve.shards.ops.cpu_logits import row_argmax_logsumexp as row_argmax_logsumexp
+from mixserve.shards.ops.cpu_logits import slice_greedy_stats as slice_greedy_stats
 from mixserve.shards.quant.int8_weight import Int8Weight
 from mixserve.shards.shm_collectives import SharedMemoryGroup
 
@@ -78,13 +92,13 @@ def _bf16_gemm() -> bool:
     return devices.cpu_has_bf16()
 
 
-def _int8_gemm(x: torch.Tensor, past_kernel_cap: bool, bf16_from: int | None = None) -> bool:
-    """Whether an int8 step of x's rows takes the dequantize-then-GEMM path: in bf16 where the GEMM has the
-    bf16 dot product, from `bf16_from` rows where given, else past the kernel's cap; elsewhere only past
-    the kernel's cap, and only where the kernels lack vector loops (with them they beat a dequantized
-    fp32 GEMM at every size measured)."""
-    if x.dtype is torch.bfloat16 and _bf16_gemm():
-        return past_kernel_cap if bf16_from is None else x.shape[0] >= bf16_from
+def _int8_gemm(dtype: torch.dtype, rows: int, past_kernel_cap: bool, bf16_from: int | None = None) -> bool:
+    """Whether an int8 step of `rows` rows in `dtype` takes the dequantize-then-GEMM path: in bf16 where the
+    GEMM has the bf16 dot product, from `bf16_from` rows where given, else past the kernel's cap; elsewhere
+    only past the kernel's cap, and only where the kernels lack vector loops (with them they beat a
+    dequantized fp32 GEMM at every size measured)."""
+    if dtype is torch.bfloat16 and _bf16_gemm():
+        return past_kernel_cap if bf16_from is None else rows >= bf16_from
     return past_kernel_cap and moe.vector_floats() < 8
 
 
@@ -172,7 +186,7 @@ def fused_moe(
     tokens = hidden.shape[0]
     past_cap = not moe.fits(tokens)
     if isinstance(w13, Int8Weight):
-        if _int8_gemm(hidden, past_cap):
+        if _int8_gemm(hidden.dtype, tokens, past_cap):
             return int8_gemm.fused_moe(hidden, w13, w2, weights, experts)
     elif past_cap:
         return reference.fused_moe(hidden, w13, w2, weights, experts)
@@ -194,13 +208,62 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Ten
     INT8_GEMM_LINEAR_ROWS): the GEMM path or the kernel over row tiles."""
     if x.dim() != 2 or not _weight_dtype_cpu(x) or not _kernel_weight(weight):
         return reference.linear_rows(x, weight)
-    past_cap = x.shape[0] > linear.MAX_ROWS
-    if isinstance(weight, Int8Weight):
-        if _int8_gemm(x, past_cap, INT8_GEMM_LINEAR_ROWS):
+    if not _linear_in_kernel(x.dtype, x.shape[0], weight):
+        if isinstance(weight, Int8Weight):
             return int8_gemm.linear_rows(x, weight)
-    elif past_cap:
         return reference.linear_rows(x, weight)
     return linear.linear_rows(x.float().contiguous(), weight).to(x.dtype)
+
+
+def _linear_in_kernel(dtype: torch.dtype, rows: int, weight: torch.Tensor | Int8Weight) -> bool:
+    """Whether linear_rows runs `rows` rows in `dtype` against a weight the kernel reads in its kernel:
+    up to linear.MAX_ROWS of them, and an int8 weight past them where `_int8_gemm` leaves it there."""
+    past_cap = rows > linear.MAX_ROWS
+    if isinstance(weight, Int8Weight):
+        return not _int8_gemm(dtype, rows, past_cap, INT8_GEMM_LINEAR_ROWS)
+    return not past_cap
+
+
+def causal_lm(
+    model: nn.Module,
+    token_ids: torch.Tensor,
+    positions: torch.Tensor,
+    kv_cache: KVCache,
+    meta: AttentionMetadata,
+    logits_indices: torch.Tensor | None,
+    gather_logits: bool = True,
+    greedy_stats: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """reference.causal_lm in one C call (decoder_stack with the model's ends, stack_ends.c) where the step
+    fits the decoder stack, the model's ends fit the call (`kernel_ends`) and linear_rows would run its LM
+    head rows in the kernel: the embedding, every layer, the final norm, the LM head and the greedy
+    statistics, the same numbers as through the separate ops; else the reference, through the other ops.
+    Every torch op this saves would be the first after a kernel that streamed the weights through the
+    cache, which makes each ~20-60 us (benchmarks/results/decode-step-ends)."""
+    ends, halves = model.kernel_ends(), model.layers[0].kernel_halves()
+    tokens = token_ids.shape[0]
+    rows = tokens if logits_indices is None else logits_indices.shape[0]
+    if (
+        ends is None
+        or halves is None
+        or not _linear_in_kernel(ends.dtype, rows, ends.head)
+        or not _step_fits(halves, tokens, ends.dtype, kv_cache, meta)
+    ):
+        return reference.causal_lm(
+            model, token_ids, positions, kv_cache, meta, logits_indices, gather_logits, greedy_stats
+        )
+    residual = torch.empty(tokens, ends.hidden_size)  # [T, H] fp32, the embedding's rows first
+    step = decoder_layer.prepare_step(residual, positions, meta, kv_cache.layer(0), *halves)
+    stack, shm = _stack(model.layers, kv_cache, step)
+    if stack is None:
+        return reference.causal_lm(
+            model, token_ids, positions, kv_cache, meta, logits_indices, gather_logits, greedy_stats
+        )
+    logits = torch.empty(rows, ends.vocab_rows)  # [R, P]
+    token_ids = checks.index(token_ids, "token_ids", 1)  # int64, contiguous, held while C reads it
+    rows_asked = None if logits_indices is None else checks.index(logits_indices, "logits_indices", 1)
+    decoder_stack.run(step, stack, shm, ends.step(token_ids, rows_asked, logits, greedy_stats))
+    return model.lm_head.gather(logits) if gather_logits else logits
 
 
 def decoder_layers(
@@ -219,7 +282,7 @@ def decoder_layers(
     the GEMM path's linears: int8-gemm-crossover-0.8b). The residual stream stays fp32 across the
     layers (bf16 hidden widened here, rounded on return)."""
     halves = layers[0].kernel_halves()
-    if halves is None or not _step_fits(halves, hidden, kv_cache, meta):
+    if halves is None or not hidden.is_cpu or not _step_fits(halves, hidden.shape[0], hidden.dtype, kv_cache, meta):
         return reference.decoder_layers(layers, positions, hidden, kv_cache, meta)
     residual = hidden.float().contiguous()  # [T, H] fp32, updated in place
     step = decoder_layer.prepare_step(residual, positions, meta, kv_cache.layer(0), *halves)
@@ -272,71 +335,15 @@ def decoder_layer_step(
     return layer.block_sparse_moe.group.all_reduce(step.moe_out)
 
 
-def _step_fits(halves: tuple, hidden: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> bool:
+def _step_fits(halves: tuple, tokens: int, dtype: torch.dtype, kv_cache: KVCache, meta: AttentionMetadata) -> bool:
     attention, experts = halves
     _, heads, _, head_dim = attention.shape_key
     return (
         meta.per_token() is not None
-        and _weight_dtype_cpu(hidden)
+        and dtype in _WEIGHT_DTYPES
         and kv_cache.keys.dtype in _WEIGHT_DTYPES
-        and decoder_layer.fits(hidden.shape[0], heads, head_dim, kv_cache.block_size, experts.shape_key[0])
+        and decoder_layer.fits(tokens, heads, head_dim, kv_cache.block_size, experts.shape_key[0])
     )
-
-
-def row_argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """reference.row_argmax_logsumexp, in the C kernel for fp32 rows holding no NaN or infinity."""
-    if logits.dim() == 2 and logits.shape[1] and _fp32_cpu(logits):
-        stats = sampling.row_argmax_logsumexp(logits.contiguous())
-        if stats is not None:
-            return stats
-    return reference.row_argmax_logsumexp(logits)
-
-
-def slice_greedy_stats(logits: torch.Tensor, vocab_start: int) -> torch.Tensor:
-    """reference.slice_greedy_stats, in the C kernel for an fp32 slice with contiguous rows holding no
-    NaN or infinity."""
-    if logits.dim() == 2 and logits.shape[1] and _fp32_cpu(logits) and logits.stride(1) == 1:
-        packed = sampling.slice_greedy_stats(logits, vocab_start)
-        if packed is not None:
-            return packed
-    return reference.slice_greedy_stats(logits, vocab_start)
-
-
-def combine_greedy(every: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """reference.combine_greedy, in the C kernel for float64 numbers on the CPU."""
-    if every.dtype is not torch.float64 or not every.is_cpu:
-        return reference.combine_greedy(every)
-    return sampling.combine_greedy(every.contiguous())
-
-
-def apply_token_bitmask(
-    logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor, vocab_start: int, vocab_size: int
-) -> torch.Tensor:
-    """reference.apply_token_bitmask, in the C kernel for fp32 logits and int32 masks on the CPU: a copy of
-    the logits with the disallowed tokens set to MASKED_LOGIT."""
-    if not (_fp32_cpu(logits) and logits.dim() == 2 and logits.shape[1] and bitmask.is_cpu):
-        return reference.apply_token_bitmask(logits, rows, bitmask, vocab_start, vocab_size)
-    masked = logits.clone(memory_format=torch.contiguous_format)
-    sampling.apply_token_bitmask(
-        masked, rows, bitmask.to(torch.int32).contiguous(), vocab_start, vocab_size, reference.MASKED_LOGIT
-    )
-    return masked
-
-
-def draw_tokens(
-    logits: torch.Tensor,
-    temperature: list[float],
-    top_k: list[int],
-    top_p: list[float],
-    typical_p: list[float],
-    uniforms: list[float],
-) -> torch.Tensor:
-    """reference.draw_tokens, in the C kernel for fp32 rows holding no NaN or infinity and asking no typical cut."""
-    if logits.dim() == 2 and logits.shape[1] and _fp32_cpu(logits) and min(typical_p, default=1.0) >= 1:
-        tokens = sampling.draw_tokens(logits.contiguous(), temperature, top_k, top_p, uniforms)
-        if tokens is not None:
-            return tokens
-    return reference.draw_tokens(logits, temperature, top_k, top_p, typical_p, uniforms)
 
 
 def available() -> dict[str, bool]:
@@ -352,6 +359,7 @@ def available() -> dict[str, bool]:
         "fused_moe": moe.available(),
         "linear_rows": linear.available(),
         "decoder_layers": decoder_layer.available() and attention and moe.available(),
+        "causal_lm": decoder_layer.available() and attention and moe.available() and linear.available(),
         "row_argmax_logsumexp": greedy,
         "slice_greedy_stats": greedy,
         "combine_greedy": greedy,

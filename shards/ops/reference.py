@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixserve.shards import ops, parallel_greedy
 from mixserve.shards.attention_metadata import AttentionMetadata
 from mixserve.shards.draw import draw_tokens as draw_tokens  # sampled rows' cuts and draw, in torch
 from mixserve.shards.kv_cache import KVCache
@@ -210,6 +211,32 @@ def decoder_layers(
     for index, layer in enumerate(layers):
         hidden, residual = layer.forward_residual(positions, hidden, residual, kv_cache.layer(index), meta)
     return hidden if residual is None else residual + hidden
+
+
+def causal_lm(
+    model: nn.Module,
+    token_ids: torch.Tensor,
+    positions: torch.Tensor,
+    kv_cache: KVCache,
+    meta: AttentionMetadata,
+    logits_indices: torch.Tensor | None,
+    gather_logits: bool = True,
+    greedy_stats: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A MixtralForCausalLM's forward through its modules and the other ops: the embedding of token_ids [T],
+    every decoder layer, then the final norm and the LM head of the rows at `logits_indices` [R] (None: every
+    token), fp32 logits [R, V] (this rank's slice [R, P] without `gather_logits`). With greedy_stats [R, 3]
+    float64, also fills it with each row's `slice_greedy_stats` over this rank's real tokens' columns."""
+    hidden = model.embed_tokens(token_ids)  # [T, H]
+    hidden = ops.current().decoder_layers(model.layers, positions, hidden, kv_cache, meta)
+    if logits_indices is not None:
+        hidden = hidden[logits_indices]  # [R, H]
+    normed, head = model.norm(hidden), model.lm_head
+    if greedy_stats is None:
+        return head(normed, gather=gather_logits).float()
+    local = head(normed, gather=False).float()  # [R, P]
+    greedy_stats.copy_(parallel_greedy.slice_stats(local, head.vocab_start, head.vocab_size))
+    return head.gather(local) if gather_logits else local
 
 
 def row_argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
