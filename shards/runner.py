@@ -25,7 +25,7 @@ from mixserve.shards.grammar import GrammarError, GrammarMatchers, SequenceGramm
 from mixserve.shards.kv_cache import KVCache
 from mixserve.shards.logits_processors import apply_logit_bias
 from mixserve.shards.model import MixtralForCausalLM
-from mixserve.shards.parallel_greedy import combine_stats, is_plain_greedy, parallel_greedy, slice_stats
+from mixserve.shards.parallel_greedy import greedy_choice, is_plain_greedy, parallel_greedy, slice_stats
 from mixserve.shards.sequence_step import InvalidStep, SequenceResult, SequenceStep
 from mixserve.shards.speculative import VerifiedToken, greedy_runs
 from mixserve.shards.step_inputs import step_inputs
@@ -241,14 +241,15 @@ class ModelRunner:
                 local = apply_logit_bias(local, at, each, head.vocab_start, self.config.vocab_size)
             if greedy_stats is None:
                 chosen = parallel_greedy(local, head.vocab_start, self.config.vocab_size, self.group)
+                chosen = None if chosen is None else (chosen[0].tolist(), chosen[1].tolist())
             else:
                 stats = greedy_stats if len(flat) == greedy_stats.shape[0] else greedy_stats[flat]
-                chosen = combine_stats(stats, self.group)
+                chosen = greedy_choice(stats, self.group)
             if chosen is None:  # NaN or infinity somewhere: gather and take the usual path
                 logits = head.gather(logits)
             else:
                 proposals = [s.token_ids[len(s.token_ids) - s.num_proposed :] for s in sampled]
-                tokens = greedy_runs(chosen[0].tolist(), chosen[1].tolist(), proposals)
+                tokens = greedy_runs(*chosen, proposals)
         if tokens is None:
             if biased:
                 at, each = span_rows(spans, biased, biases)

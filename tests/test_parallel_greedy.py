@@ -52,3 +52,28 @@ def test_plain_greedy_means_nothing_needs_the_whole_row():
     assert not is_plain_greedy(SamplingParams(temperature=0.0, repetition_penalty=1.2))
     assert not is_plain_greedy(SamplingParams(temperature=0.0, frequency_penalty=0.5))
     assert not is_plain_greedy(SamplingParams(temperature=0.0, presence_penalty=0.5))
+
+
+def test_one_ranks_greedy_choice_reads_the_statistics_as_combine_greedy_does():
+    """On one rank greedy_choice reads each row's token and log-probability off its statistics in Python; the
+    C and torch combines give the same ids and the same fp32 log-probabilities, bit for bit."""
+    from mixserve.shards import ops
+    from mixserve.shards.config import ParallelConfig
+    from mixserve.shards.distributed import TensorParallelGroup
+    from mixserve.shards.parallel_greedy import combine_stats, greedy_choice, slice_stats
+
+    group = TensorParallelGroup(ParallelConfig())
+    torch.manual_seed(0)
+    logits = torch.randn(7, 5000) * 6
+    packed = slice_stats(logits, 0, 5000)
+    ids, logprobs = greedy_choice(packed, group)
+    for kernels in ("auto", "torch"):
+        ops.select(kernels, torch.device("cpu"), torch.float32)
+        expected = combine_stats(packed, group)
+        assert ids == expected[0].tolist() and logprobs == expected[1].tolist()
+    ops.select("auto", torch.device("cpu"), torch.float32)
+    assert ids == logits.argmax(dim=-1).tolist()
+    for bad in (float("nan"), float("inf")):
+        broken = packed.clone()
+        broken[4, 2] = bad
+        assert greedy_choice(broken, group) is None
