@@ -26,13 +26,13 @@ typedef struct {
     int64_t T;
     const void *embedding;
     int64_t embedding_type, vocab_start, vocab_rows;
-    /* The head, over the residual rows `rows`: the final norm (norm_type's weight: fp32, or bf16 for a
-       bf16 model, whose roundings `round_bf16` asks for), then the LM head [P, H] of head_type (int8
-       codes with their row scales head_scale), into logits [R, P]. */
+    /* The head, over the residual rows `rows`: the final norm (its weight fp32, or bf16 for a bf16 model,
+       whose roundings `round_bf16` asks for), then the LM head [P, H] of head_type (int8 codes with
+       their row scales head_scale), into logits [R, P]. */
     const int64_t *rows; /* [R] */
     int64_t R;
     const void *norm_weight;
-    int64_t norm_type, round_bf16;
+    int64_t round_bf16;
     const void *head;
     const float *head_scale;
     int64_t head_type, P, valid;
