@@ -33,19 +33,6 @@ def is_plain_greedy(params: SamplingParams) -> bool:
     )
 
 
-def parallel_greedy(
-    local: torch.Tensor, vocab_start: int, vocab_size: int, group: TensorParallelGroup
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(token ids [R] long, log-probabilities [R] fp32) from this rank's logits [R, P], whose column j
-    is token `vocab_start + j` (columns at or past `vocab_size` are padding).
-
-    A collective: every rank must call it for the same rows. Returns None on every rank together when
-    any rank's slice holds NaN or infinity (or is all padding, with more ranks than vocabulary rows);
-    the caller then gathers the logits and samples as usual.
-    """
-    return combine_stats(slice_stats(local, vocab_start, vocab_size), group)
-
-
 def slice_stats(local: torch.Tensor, vocab_start: int, vocab_size: int) -> torch.Tensor:
     """[R, 3] float64 (maximum, its token id, log-sum-exp) of each row of this rank's logits [R, P] over
     its real tokens' columns (not finite where a row holds NaN or infinity, or no real token)."""
@@ -54,11 +41,17 @@ def slice_stats(local: torch.Tensor, vocab_start: int, vocab_size: int) -> torch
 
 
 def greedy_choice(packed: torch.Tensor, group: TensorParallelGroup) -> tuple[list[int], list[float]] | None:
-    """combine_stats' answer as lists: each row's token id and its log-probability (an fp32 value). On one
-    rank, read off the statistics themselves: the only rank wins every row, and the log-probability is its
-    maximum less its log-sum-exp, rounded to fp32, as combine_greedy computes it for one rank. One .tolist()
-    in place of the collective's, the C call's and two outputs' torch ops, each the first after the LM head
-    streamed through the cache (~30 us of a demo decode step). A collective, as parallel_greedy."""
+    """Each row's token id and log-probability (an fp32 value) from this rank's statistics [R, 3]
+    (`slice_stats` of its logits, whose column j is token vocab_start + j, or the model's forward with
+    greedy_stats), as combine_stats gives them.
+
+    A collective: every rank must call it for the same rows. Returns None on every rank together when
+    any rank's slice holds NaN or infinity (or is all padding, with more ranks than vocabulary rows);
+    the caller then gathers the logits and samples as usual. On one rank the statistics are read off
+    as they are: the only rank wins every row, and the log-probability is its maximum less its
+    log-sum-exp, rounded to fp32, as combine_greedy computes it for one rank. One .tolist() in place of
+    the collective's, the C call's and two outputs' torch ops, each the first after the LM head streamed
+    through the cache (~30 us of a demo decode step)."""
     if group.world_size > 1:
         chosen = combine_stats(packed, group)
         return None if chosen is None else (chosen[0].tolist(), chosen[1].tolist())
@@ -69,7 +62,7 @@ def greedy_choice(packed: torch.Tensor, group: TensorParallelGroup) -> tuple[lis
 
 
 def combine_stats(packed: torch.Tensor, group: TensorParallelGroup) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """parallel_greedy's answer from this rank's statistics [R, 3] (`slice_stats`, or the model's forward
-    with greedy_stats); a collective, as parallel_greedy."""
+    """(token ids [R] int64, log-probabilities [R] fp32) from this rank's statistics [R, 3], every rank's
+    gathered and combined (ops' combine_greedy); None where any is not finite. A collective."""
     every = group.all_gather_last_dim(packed).view(packed.shape[0], -1, 3)  # [R, N, 3]
     return ops.current().combine_greedy(every)

@@ -25,7 +25,7 @@ from mixserve.shards.grammar import GrammarError, GrammarMatchers, SequenceGramm
 from mixserve.shards.kv_cache import KVCache
 from mixserve.shards.logits_processors import apply_logit_bias
 from mixserve.shards.model import MixtralForCausalLM
-from mixserve.shards.parallel_greedy import greedy_choice, is_plain_greedy, parallel_greedy, slice_stats
+from mixserve.shards.parallel_greedy import greedy_choice, is_plain_greedy, slice_stats
 from mixserve.shards.sequence_step import InvalidStep, SequenceResult, SequenceStep
 from mixserve.shards.speculative import VerifiedToken, greedy_runs
 from mixserve.shards.step_inputs import step_inputs
@@ -145,17 +145,14 @@ class ModelRunner:
         """Logits [L, V] of the last token of each sequence, in the order given, a speculating sequence with a
         row for each of its last num_proposed + 1 tokens (with `gather_logits=False`, this rank's vocabulary
         slice [L, P] of them). With `score`, a sequence whose step asks for prompt_logprobs has a row for each
-        of its tokens instead, in order. With greedy_stats [L, 3] float64, also fills it with each row's
-        greedy statistics over this rank's slice (parallel_greedy.slice_stats)."""
+        of its tokens instead, in order. With greedy_stats [L, 3] float64 (and gather_logits=False), also fills
+        it with each row's greedy statistics over this rank's slice (parallel_greedy.slice_stats)."""
         assert self.kv_cache is not None
         if not score and self.decode_graphs is not None and self.decode_graphs.fits(steps):
             logits = self.decode_graphs.forward(steps, gather_logits)
             if greedy_stats is not None:
                 head = self.model.lm_head
-                local = (
-                    logits if not gather_logits else logits[:, head.vocab_start : head.vocab_start + head.rows_per_rank]
-                )
-                greedy_stats.copy_(slice_stats(local, head.vocab_start, head.vocab_size))
+                greedy_stats.copy_(slice_stats(logits, head.vocab_start, head.vocab_size))
             return logits
         per_token_max = ops.current().decoder_layers_max_tokens
         inputs = step_inputs(steps, self.block_size, self.device, per_token_max, score)
@@ -239,12 +236,11 @@ class ModelRunner:
             if biased:
                 at, each = span_rows(local_spans, biased, biases)
                 local = apply_logit_bias(local, at, each, head.vocab_start, self.config.vocab_size)
-            if greedy_stats is None:
-                chosen = parallel_greedy(local, head.vocab_start, self.config.vocab_size, self.group)
-                chosen = None if chosen is None else (chosen[0].tolist(), chosen[1].tolist())
+            if greedy_stats is None:  # masked or biased rows: their statistics after the masks
+                stats = slice_stats(local, head.vocab_start, self.config.vocab_size)
             else:
                 stats = greedy_stats if len(flat) == greedy_stats.shape[0] else greedy_stats[flat]
-                chosen = greedy_choice(stats, self.group)
+            chosen = greedy_choice(stats, self.group)
             if chosen is None:  # NaN or infinity somewhere: gather and take the usual path
                 logits = head.gather(logits)
             else:

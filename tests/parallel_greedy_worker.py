@@ -1,6 +1,7 @@
 """One rank of a real group for test_parallel_greedy: every rank builds the same full logits, keeps
 its vocabulary slice the way ParallelLMHead does (padded to ceil(V / n) columns, the padding filled
-with a huge value that must be ignored), and saves what `parallel_greedy` returns.
+with a huge value that must be ignored), and saves what the runner's greedy choice gives for it
+(`greedy_choice` of the slice's `slice_stats`), as tensors.
 
 Run as `python tests/parallel_greedy_worker.py OUT_FILE VOCAB` with RANK, WORLD_SIZE, MASTER_ADDR
 and MASTER_PORT set.
@@ -13,8 +14,13 @@ import torch
 
 from mixserve.shards import ops
 from mixserve.shards.config import ParallelConfig
-from mixserve.shards.distributed import close_process_group, init_process_group, tensor_parallel_group
-from mixserve.shards.parallel_greedy import parallel_greedy
+from mixserve.shards.distributed import (
+    TensorParallelGroup,
+    close_process_group,
+    init_process_group,
+    tensor_parallel_group,
+)
+from mixserve.shards.parallel_greedy import greedy_choice, slice_stats
 
 
 def full_logits(vocab: int) -> torch.Tensor:
@@ -37,6 +43,12 @@ def grammar_bitmask(vocab: int) -> tuple[list[int], torch.Tensor]:
     return [0, 2, 4], bitmask
 
 
+def choose(local: torch.Tensor, start: int, vocab: int, group: TensorParallelGroup):
+    """(token ids, log-probabilities) as tensors, or None, as the runner chooses from this rank's slice."""
+    chosen = greedy_choice(slice_stats(local, start, vocab), group)
+    return None if chosen is None else (torch.tensor(chosen[0]), torch.tensor(chosen[1]))
+
+
 def main() -> None:
     out_file, vocab = sys.argv[1], int(sys.argv[2])
     parallel = ParallelConfig(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
@@ -50,15 +62,15 @@ def main() -> None:
     local = torch.full((logits.shape[0], per_rank), 1e30)
     valid = logits[:, start : start + per_rank]
     local[:, : valid.shape[1]] = valid
-    record = {"logits": logits, "chosen": parallel_greedy(local, start, vocab, group)}
+    record = {"logits": logits, "chosen": choose(local, start, vocab, group)}
     rows, bitmask = grammar_bitmask(vocab)
     masked = ops.current().apply_token_bitmask(local, rows, bitmask, start, vocab)
-    record["masked"] = parallel_greedy(masked, start, vocab, group)
+    record["masked"] = choose(masked, start, vocab, group)
     record["masked_full"] = ops.current().apply_token_bitmask(logits, rows, bitmask, 0, vocab)
     bad = local.clone()
     if parallel.rank == parallel.world_size - 1:
         bad[3, 0] = float("nan")
-    record["with_nan"] = parallel_greedy(bad, start, vocab, group)
+    record["with_nan"] = choose(bad, start, vocab, group)
     torch.save(record, f"{out_file}.rank{parallel.rank}")
     close_process_group()
 

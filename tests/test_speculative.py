@@ -11,7 +11,7 @@ from mixserve.shards import ngram
 from mixserve.shards.config import ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.loader import load_model
-from mixserve.shards.parallel_greedy import greedy_choice, parallel_greedy
+from mixserve.shards.parallel_greedy import greedy_choice
 from mixserve.shards.runner import ModelRunner
 from mixserve.shards.sampling import sample
 from mixserve.shards.sampling_params import SamplingParams
@@ -144,7 +144,6 @@ def test_one_rank_plain_greedy_gives_the_general_samplers_tokens(model, monkeypa
 
         return call
 
-    monkeypatch.setattr(runner_module, "parallel_greedy", counted(parallel_greedy))
     monkeypatch.setattr(runner_module, "greedy_choice", counted(greedy_choice))
     fast, general = new_runner(model), new_runner(model)
     runs = {}

@@ -243,18 +243,16 @@ def causal_lm(
     ends, halves = model.kernel_ends(), model.layers[0].kernel_halves()
     tokens = token_ids.shape[0]
     rows = tokens if logits_indices is None else logits_indices.shape[0]
+    stack = None
     if (
-        ends is None
-        or halves is None
-        or not _linear_in_kernel(ends.dtype, rows, ends.head)
-        or not _step_fits(halves, tokens, ends.dtype, kv_cache, meta)
+        ends is not None
+        and halves is not None
+        and _linear_in_kernel(ends.dtype, rows, ends.head)
+        and _step_fits(halves, tokens, ends.dtype, kv_cache, meta)
     ):
-        return reference.causal_lm(
-            model, token_ids, positions, kv_cache, meta, logits_indices, gather_logits, greedy_stats
-        )
-    residual = torch.empty(tokens, ends.hidden_size)  # [T, H] fp32, the embedding's rows first
-    step = decoder_layer.prepare_step(residual, positions, meta, kv_cache.layer(0), *halves)
-    stack, shm = _stack(model.layers, kv_cache, step)
+        residual = torch.empty(tokens, ends.hidden_size)  # [T, H] fp32, the embedding's rows first
+        step = decoder_layer.prepare_step(residual, positions, meta, kv_cache.layer(0), *halves)
+        stack, shm = _stack(model.layers, kv_cache, step)
     if stack is None:
         return reference.causal_lm(
             model, token_ids, positions, kv_cache, meta, logits_indices, gather_logits, greedy_stats
