@@ -12,7 +12,9 @@ sequence, bf16, one rank, kernel against torch (ms):
 
 (bf16 widened to fp32 in the kernel). Where the CPU has bf16's dot product (rows_times_weight.h) the
 kernel leads to 128 tokens on both, and at 256 the demo's is level (21.0 / 22.9) and the 0.8B's at
-0.86x torch's speed (282 / 242; kept: not clearly slower), two ranks, served warm-up logs.
+0.86x torch's speed (282 / 242; kept: not clearly slower), two ranks, served warm-up logs. A bf16
+model on a CPU without the dot product is timed up to 256 tokens whatever the vector width: torch's
+bf16 GEMM has no instruction to use there either (moe.WIDENED_BF16_MAX_TOKENS).
 
 So at warm-up every rank times one prefill step of each size on `LADDER` (up to the kernel's own cap
 and the router's largest step) both ways, and the kernel keeps the sizes up to the last one where
@@ -70,7 +72,7 @@ def measure_and_cap(runner: ModelRunner, max_batch_tokens: int) -> tuple[int, li
     if not ops.current().decoder_layers_max_tokens or not _kernel_runs(runner):
         return None
     moe.set_measured_cap(None)
-    kernel_cap = moe.max_tokens()
+    kernel_cap = moe.max_tokens(widened_bf16=runner.dtype is torch.bfloat16 and not moe.bf16_dot_products())
     timings = []
     try:
         for tokens in (tokens for tokens in LADDER if tokens <= min(kernel_cap, max_batch_tokens)):
@@ -114,7 +116,7 @@ def _time_both(runner: ModelRunner, tokens: int, kernel_cap: int) -> tuple[float
     best = {True: float("inf"), False: float("inf")}
     for run in range(1 + TIMED_RUNS):
         for kernel in (True, False):
-            _allow(kernel_cap, None if kernel else 0)
+            _allow(kernel_cap, kernel_cap if kernel else 0)
             seconds = _timed(lambda: _prefill(runner, tokens))
             if run:
                 best[kernel] = min(best[kernel], seconds)

@@ -119,3 +119,30 @@ def test_int8_models_measure_where_their_gemm_path_has_the_bf16_dot_product(demo
     finally:
         moe.set_measured_cap(None)
         ops.select("auto", torch.device("cpu"), torch.float32)
+
+
+def test_a_bf16_model_without_the_dot_product_is_timed_past_the_build_s_cap(demo_dir):
+    """Where the CPU has no bf16 dot product, torch's bf16 GEMM has none either: a bf16 model's warm-up
+    times the kernel up to moe.WIDENED_BF16_MAX_TOKENS, and the cap it keeps may pass the build's."""
+    chosen = ops.select("auto", torch.device("cpu"), torch.bfloat16)
+    try:
+        if chosen.backends["decoder_layers"] != "native":
+            pytest.skip("the decoder layer kernel does not build here")
+        if moe.bf16_dot_products():
+            pytest.skip("this CPU has bf16's dot product: the build's cap holds for bf16 models")
+        assert moe.max_tokens(widened_bf16=True) == moe.WIDENED_BF16_MAX_TOKENS
+        parallel = ParallelConfig()
+        group = TensorParallelGroup(parallel)
+        model = load_model(demo_dir, parallel, group, dtype=torch.bfloat16)
+        r = ModelRunner(model, parallel, group, torch.device("cpu"), torch.bfloat16, BLOCK)
+        r.allocate_cache(32)
+        cap, timings = measure_and_cap(r, 4096)
+        sizes = [tokens for tokens, _, _ in timings]
+        assert sizes == list(LADDER[: len(sizes)])
+        # Past the 8-float build's 64 tokens, unless torch was clearly faster by then.
+        assert sizes[-1] > moe.MAX_TOKENS or cap < sizes[-1]
+        assert ops.current().decoder_layers_max_tokens == cap and moe.fits(cap) and not moe.fits(cap + 1)
+        assert not r.sequences
+    finally:
+        moe.set_measured_cap(None)
+        ops.select("auto", torch.device("cpu"), torch.float32)

@@ -23,6 +23,11 @@ from mixserve.shards.quant.int8_weight import Int8Weight
 # (the 0.8B shape: from 64 tokens) is capped there.
 MAX_TOKENS_BY_VECTOR_FLOATS = {16: 256}
 MAX_TOKENS = 64
+# bf16 weights on a CPU without bf16's dot product: torch's bf16 GEMM has no instruction for them either,
+# and the kernel (bf16 widened in registers) led it by 4x and more at every size timed on an AVX2-only
+# AMD EPYC (the demo's layers at 64 tokens: 17.9 against 77.0 ms). So such a model's warm-up times its
+# steps up to this many tokens whatever the vector width (benchmarks/results/avx2-epyc-demo).
+WIDENED_BF16_MAX_TOKENS = 256
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _ARGTYPES = [_P, _P, _P, _P, _P, ctypes.c_int, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64]
 
@@ -65,15 +70,22 @@ _measured_cap: list[int | None] = [None]
 
 
 def set_measured_cap(tokens: int | None) -> None:
-    """Cap the tokens a step may have for the kernel at `tokens` (None: the build's own cap)."""
+    """Cap the tokens a step may have for the kernel at `tokens`, in place of the build's own cap (None:
+    the build's); shards/kernel_tokens.py measures it up to `max_tokens(widened_bf16)`."""
     _measured_cap[0] = tokens
 
 
-def max_tokens() -> int:
-    """The most tokens a step may have for its experts to run in the kernel (0: not available)."""
+def max_tokens(widened_bf16: bool = False) -> int:
+    """The most tokens a step may have for its experts to run in the kernel (0: not available): the cap
+    measured at warm-up where one is set, else the build's, or with `widened_bf16` (a bf16 model on a CPU
+    without bf16's dot product) the most its warm-up times."""
     width = vector_floats()
-    cap = 0 if width == 0 else MAX_TOKENS_BY_VECTOR_FLOATS.get(width, MAX_TOKENS)
-    return cap if _measured_cap[0] is None else min(cap, _measured_cap[0])
+    if width == 0:
+        return 0
+    if _measured_cap[0] is not None:
+        return _measured_cap[0]
+    cap = MAX_TOKENS_BY_VECTOR_FLOATS.get(width, MAX_TOKENS)
+    return max(cap, WIDENED_BF16_MAX_TOKENS) if widened_bf16 else cap
 
 
 def fits(tokens: int) -> bool:
