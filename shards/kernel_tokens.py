@@ -72,7 +72,7 @@ def measure_and_cap(runner: ModelRunner, max_batch_tokens: int) -> tuple[int, li
     if not ops.current().decoder_layers_max_tokens or not _kernel_runs(runner):
         return None
     moe.set_measured_cap(None)
-    kernel_cap = moe.max_tokens(widened_bf16=runner.dtype is torch.bfloat16 and not moe.bf16_dot_products())
+    kernel_cap = moe.max_tokens(bf16_weights=runner.dtype is torch.bfloat16)
     timings = []
     try:
         for tokens in (tokens for tokens in LADDER if tokens <= min(kernel_cap, max_batch_tokens)):

@@ -130,7 +130,7 @@ def test_a_bf16_model_without_the_dot_product_is_timed_past_the_build_s_cap(demo
             pytest.skip("the decoder layer kernel does not build here")
         if moe.bf16_dot_products():
             pytest.skip("this CPU has bf16's dot product: the build's cap holds for bf16 models")
-        assert moe.max_tokens(widened_bf16=True) == moe.WIDENED_BF16_MAX_TOKENS
+        assert moe.max_tokens(bf16_weights=True) == moe.WIDENED_BF16_MAX_TOKENS
         parallel = ParallelConfig()
         group = TensorParallelGroup(parallel)
         model = load_model(demo_dir, parallel, group, dtype=torch.bfloat16)

@@ -71,21 +71,21 @@ _measured_cap: list[int | None] = [None]
 
 def set_measured_cap(tokens: int | None) -> None:
     """Cap the tokens a step may have for the kernel at `tokens`, in place of the build's own cap (None:
-    the build's); shards/kernel_tokens.py measures it up to `max_tokens(widened_bf16)`."""
+    the build's); shards/kernel_tokens.py measures it up to `max_tokens(bf16_weights)`."""
     _measured_cap[0] = tokens
 
 
-def max_tokens(widened_bf16: bool = False) -> int:
+def max_tokens(bf16_weights: bool = False) -> int:
     """The most tokens a step may have for its experts to run in the kernel (0: not available): the cap
-    measured at warm-up where one is set, else the build's, or with `widened_bf16` (a bf16 model on a CPU
-    without bf16's dot product) the most its warm-up times."""
+    measured at warm-up where one is set, else the build's; for `bf16_weights` on a CPU without bf16's
+    dot product, the most its warm-up times (WIDENED_BF16_MAX_TOKENS)."""
     width = vector_floats()
     if width == 0:
         return 0
     if _measured_cap[0] is not None:
         return _measured_cap[0]
     cap = MAX_TOKENS_BY_VECTOR_FLOATS.get(width, MAX_TOKENS)
-    return max(cap, WIDENED_BF16_MAX_TOKENS) if widened_bf16 else cap
+    return max(cap, WIDENED_BF16_MAX_TOKENS) if bf16_weights and not bf16_dot_products() else cap
 
 
 def fits(tokens: int) -> bool:
