@@ -12,11 +12,13 @@ sequence, bf16, one rank, kernel against torch (ms):
 
 (bf16 widened to fp32 in the kernel). Where the CPU has bf16's dot product (rows_times_weight.h) the
 kernel leads to 128 tokens on both, and at 256 the demo's is level (21.0 / 22.9) and the 0.8B's at
-0.86x torch's speed (282 / 242; kept: not clearly slower), two ranks, served warm-up logs. A bf16
-model on a CPU without the dot product is timed up to 256 tokens whatever the vector width: torch's
-bf16 GEMM has no instruction to use there either (moe.WIDENED_BF16_MAX_TOKENS).
+0.86x torch's speed (282 / 242; kept: not clearly slower), two ranks, served warm-up logs. On an
+AVX2-only AMD EPYC, whose kernel build caps steps at 64 tokens where nothing was timed, the fp32 demo's
+layers led to 128 tokens (37.5 / 53.4) and were level at 256 (84.0 / 87.6), and bf16's, which torch's
+GEMM has no instruction for there either, led 3.4-4.4x at every size. So every model is timed up to
+256 tokens (moe.TIMED_MAX_TOKENS), whatever the build's cap.
 
-So at warm-up every rank times one prefill step of each size on `LADDER` (up to the kernel's own cap
+So at warm-up every rank times one prefill step of each size on `LADDER` (up to moe.TIMED_MAX_TOKENS
 and the router's largest step) both ways, and the kernel keeps the sizes up to the last one where
 torch is not clearly faster (`MARGIN`); the ranks agree on the smallest cap. Steps of more tokens
 run torch's decoder layers, and their MoE torch's GEMMs (int8 weights: the dequantize-then-GEMM path
@@ -72,7 +74,7 @@ def measure_and_cap(runner: ModelRunner, max_batch_tokens: int) -> tuple[int, li
     if not ops.current().decoder_layers_max_tokens or not _kernel_runs(runner):
         return None
     moe.set_measured_cap(None)
-    kernel_cap = moe.max_tokens(bf16_weights=runner.dtype is torch.bfloat16)
+    build_cap, kernel_cap = moe.max_tokens(), moe.TIMED_MAX_TOKENS
     timings = []
     try:
         for tokens in (tokens for tokens in LADDER if tokens <= min(kernel_cap, max_batch_tokens)):
@@ -82,7 +84,7 @@ def measure_and_cap(runner: ModelRunner, max_batch_tokens: int) -> tuple[int, li
                 break
         cap = runner.group.all_reduce_min(choose_cap(timings, kernel_cap))
     except BaseException:
-        _allow(kernel_cap, None)
+        _allow(build_cap, None)
         raise
     _allow(cap, cap)
     log.info(

@@ -40,11 +40,10 @@ def runner(native, demo_dir):  # noqa: F811 - the conftest fixture that chooses 
 
 
 def test_measuring_sets_the_cap_the_runner_and_the_moe_follow(runner):
-    build_cap = moe.max_tokens()
     measured = measure_and_cap(runner, 4096)
     assert measured is not None
     cap, timings = measured
-    assert cap <= build_cap and (cap in LADDER or cap == LADDER[0] // 2 or cap == build_cap)
+    assert cap <= moe.TIMED_MAX_TOKENS and (cap in LADDER or cap == LADDER[0] // 2)
     assert [tokens for tokens, _, _ in timings] == list(LADDER[: len(timings)])
     assert all(kernel_s > 0 and torch_s > 0 for _, kernel_s, torch_s in timings)
     assert ops.current().decoder_layers_max_tokens == cap
@@ -61,16 +60,16 @@ def test_a_second_warm_up_measures_from_the_builds_cap_again(runner):
 
 
 def test_the_router_s_largest_step_bounds_the_sizes_timed(runner):
-    build_cap = moe.max_tokens()
     cap, timings = measure_and_cap(runner, 32)
     assert [tokens for tokens, _, _ in timings] == [tokens for tokens in LADDER if tokens <= 32][: len(timings)]
     # Sizes past the router's largest step are never timed: the kernel keeps its own cap where torch was
     # not clearly faster up to 32 tokens (no larger step comes), else the cap is a size timed or half the first.
-    assert cap == build_cap or cap in (LADDER[0] // 2, *(tokens for tokens, _, _ in timings))
+    assert cap == moe.TIMED_MAX_TOKENS or cap in (LADDER[0] // 2, *(tokens for tokens, _, _ in timings))
 
 
 def test_a_step_past_the_cap_runs_torch_s_layers_and_picks_the_same_token(runner, kernel_layers):
-    prompt = [1 + (7 * i) % 500 for i in range(48)]
+    # 129 tokens: a 128-token prompt's prefill with its BOS, past the 8-float build's cap, within what is timed.
+    prompt = [1 + (7 * i) % 500 for i in range(129)]
     kernel_calls = kernel_layers
 
     def first_token(tokens_cap: int | None) -> tuple[int, list[float], int]:
@@ -85,7 +84,7 @@ def test_a_step_past_the_cap_runs_torch_s_layers_and_picks_the_same_token(runner
             runner.sequences.clear()
         return result.token_id, [logprob for _, logprob in result.top_tokens], len(kernel_calls)
 
-    kernel_token, kernel_top, kernel_layers = first_token(None)  # 48 tokens: within the build's cap
+    kernel_token, kernel_top, kernel_layers = first_token(moe.TIMED_MAX_TOKENS)
     token, top, layers = first_token(16)  # past a cap of 16: torch's layers
     assert kernel_layers == runner.config.num_hidden_layers and layers == 0
     assert token == kernel_token and len(top) == 5
@@ -121,26 +120,23 @@ def test_int8_models_measure_where_their_gemm_path_has_the_bf16_dot_product(demo
         ops.select("auto", torch.device("cpu"), torch.float32)
 
 
-def test_a_bf16_model_without_the_dot_product_is_timed_past_the_build_s_cap(demo_dir):
-    """Where the CPU has no bf16 dot product, torch's bf16 GEMM has none either: a bf16 model's warm-up
-    times the kernel up to moe.WIDENED_BF16_MAX_TOKENS, and the cap it keeps may pass the build's."""
-    chosen = ops.select("auto", torch.device("cpu"), torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_model_is_timed_past_the_build_s_cap_until_torch_is_clearly_faster(demo_dir, dtype):
+    """The build's cap (64 tokens with 8-float vectors) is for steps nothing timed: a warm-up times the
+    ladder up to moe.TIMED_MAX_TOKENS, and stops early only where torch was clearly faster."""
+    chosen = ops.select("auto", torch.device("cpu"), dtype)
     try:
         if chosen.backends["decoder_layers"] != "native":
             pytest.skip("the decoder layer kernel does not build here")
-        if moe.bf16_dot_products():
-            pytest.skip("this CPU has bf16's dot product: the build's cap holds for bf16 models")
-        assert moe.max_tokens(bf16_weights=True) == moe.WIDENED_BF16_MAX_TOKENS
         parallel = ParallelConfig()
         group = TensorParallelGroup(parallel)
-        model = load_model(demo_dir, parallel, group, dtype=torch.bfloat16)
-        r = ModelRunner(model, parallel, group, torch.device("cpu"), torch.bfloat16, BLOCK)
+        model = load_model(demo_dir, parallel, group, dtype=dtype)
+        r = ModelRunner(model, parallel, group, torch.device("cpu"), dtype, BLOCK)
         r.allocate_cache(32)
         cap, timings = measure_and_cap(r, 4096)
         sizes = [tokens for tokens, _, _ in timings]
         assert sizes == list(LADDER[: len(sizes)])
-        # Past the 8-float build's 64 tokens, unless torch was clearly faster by then.
-        assert sizes[-1] > moe.MAX_TOKENS or cap < sizes[-1]
+        assert sizes[-1] == moe.TIMED_MAX_TOKENS or cap < sizes[-1]
         assert ops.current().decoder_layers_max_tokens == cap and moe.fits(cap) and not moe.fits(cap + 1)
         assert not r.sequences
     finally:

@@ -18,16 +18,16 @@ from mixserve.shards.quant.int8_weight import Int8Weight
 # Past this many tokens MKL's blocked GEMM beats streaming each expert's weights per row group:
 # 64 with 8-float vectors; with 16-float ones (AVX-512) the kernel still wins at 128 (1.24-1.36x the
 # torch path on the demo's experts, 1.0x at 256-512 with bf16 widened to fp32), and with bf16's dot
-# product a whole decoder layer of the demo at 256 tokens. The cap a served model gets is measured at
-# warm-up under this one (shards/kernel_tokens.py), so a model whose experts torch runs faster sooner
-# (the 0.8B shape: from 64 tokens) is capped there.
+# product a whole decoder layer of the demo at 256 tokens. These are the caps of steps nothing timed.
 MAX_TOKENS_BY_VECTOR_FLOATS = {16: 256}
 MAX_TOKENS = 64
-# bf16 weights on a CPU without bf16's dot product: torch's bf16 GEMM has no instruction for them either,
-# and the kernel (bf16 widened in registers) led it by 4x and more at every size timed on an AVX2-only
-# AMD EPYC (the demo's layers at 64 tokens: 17.9 against 77.0 ms). So such a model's warm-up times its
-# steps up to this many tokens whatever the vector width (benchmarks/results/avx2-epyc-demo).
-WIDENED_BF16_MAX_TOKENS = 256
+# A served model's cap is measured at warm-up (shards/kernel_tokens.py) up to this many tokens whatever
+# the build's cap, so a model whose experts torch runs faster sooner (the 0.8B shape: from 64 tokens) is
+# capped there and one whose kernel leads longer keeps it. On an AVX2-only AMD EPYC the 8-float build's
+# 64 was too low: the fp32 demo's layers led torch's at 128 tokens (37.5 against 53.4 ms) and were level
+# at 256; bf16 weights without the dot product, which torch's bf16 GEMM lacks too, led by 3.4-4.4x at
+# every size (benchmarks/results/avx2-epyc-demo).
+TIMED_MAX_TOKENS = 256
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _ARGTYPES = [_P, _P, _P, _P, _P, ctypes.c_int, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64]
 
@@ -71,21 +71,19 @@ _measured_cap: list[int | None] = [None]
 
 def set_measured_cap(tokens: int | None) -> None:
     """Cap the tokens a step may have for the kernel at `tokens`, in place of the build's own cap (None:
-    the build's); shards/kernel_tokens.py measures it up to `max_tokens(bf16_weights)`."""
+    the build's); shards/kernel_tokens.py measures it up to TIMED_MAX_TOKENS."""
     _measured_cap[0] = tokens
 
 
-def max_tokens(bf16_weights: bool = False) -> int:
+def max_tokens() -> int:
     """The most tokens a step may have for its experts to run in the kernel (0: not available): the cap
-    measured at warm-up where one is set, else the build's; for `bf16_weights` on a CPU without bf16's
-    dot product, the most its warm-up times (WIDENED_BF16_MAX_TOKENS)."""
+    measured at warm-up where one is set, else the build's."""
     width = vector_floats()
     if width == 0:
         return 0
     if _measured_cap[0] is not None:
         return _measured_cap[0]
-    cap = MAX_TOKENS_BY_VECTOR_FLOATS.get(width, MAX_TOKENS)
-    return max(cap, WIDENED_BF16_MAX_TOKENS) if bf16_weights and not bf16_dot_products() else cap
+    return MAX_TOKENS_BY_VECTOR_FLOATS.get(width, MAX_TOKENS)
 
 
 def fits(tokens: int) -> bool:
