@@ -75,25 +75,36 @@ def measure_and_cap(runner: ModelRunner, max_batch_tokens: int) -> tuple[int, li
         return None
     moe.set_measured_cap(None)
     build_cap, kernel_cap = moe.max_tokens(), moe.TIMED_MAX_TOKENS
-    timings = []
+    sizes = [tokens for tokens in LADDER if tokens <= min(kernel_cap, max_batch_tokens)]
     try:
-        for tokens in (tokens for tokens in LADDER if tokens <= min(kernel_cap, max_batch_tokens)):
-            timings.append((tokens, *_time_both(runner, tokens, kernel_cap)))
-            # Larger steps only widen torch's lead: spare the warm-up their time, on every rank at once.
-            if not runner.group.all_reduce_min(int(choose_cap(timings, kernel_cap) >= tokens)):
-                break
-        cap = runner.group.all_reduce_min(choose_cap(timings, kernel_cap))
+        cap, timings = time_ladder(runner, sizes, kernel_cap, lambda tokens: _time_both(runner, tokens, kernel_cap))
     except BaseException:
         _allow(build_cap, None)
         raise
     _allow(cap, cap)
-    log.info(
-        "event=kernel_tokens rank=%d max_tokens=%d kernel_vs_torch_ms=%s",
-        runner.parallel.rank,
-        cap,
-        ",".join(f"{tokens}:{kernel_s * 1e3:.1f}/{torch_s * 1e3:.1f}" for tokens, kernel_s, torch_s in timings),
-    )
+    rank = runner.parallel.rank
+    log.info("event=kernel_tokens rank=%d max_tokens=%d kernel_vs_torch_ms=%s", rank, cap, shown(timings))
     return cap, timings
+
+
+def time_ladder(
+    runner: ModelRunner, sizes: list[int], top: int, time_both: Callable[[int], tuple[float, float]]
+) -> tuple[int, list[tuple[int, float, float]]]:
+    """The cap the ranks agree on and this rank's (size, kernel seconds, torch seconds), from `time_both`
+    at each of `sizes`, smallest first, while every rank's kernel is not clearly slower; `top` where it
+    never is."""
+    timings: list[tuple[int, float, float]] = []
+    for size in sizes:
+        timings.append((size, *time_both(size)))
+        # Larger sizes only widen torch's lead: spare the warm-up their time, on every rank at once.
+        if not runner.group.all_reduce_min(int(choose_cap(timings, top) >= size)):
+            break
+    return runner.group.all_reduce_min(choose_cap(timings, top)), timings
+
+
+def shown(timings: list[tuple[int, float, float]]) -> str:
+    """The timings as the warm-up logs them: size:kernel/torch ms, comma-separated."""
+    return ",".join(f"{size}:{kernel_s * 1e3:.1f}/{torch_s * 1e3:.1f}" for size, kernel_s, torch_s in timings)
 
 
 def _allow(ops_tokens: int, moe_cap: int | None) -> None:
@@ -119,7 +130,7 @@ def _time_both(runner: ModelRunner, tokens: int, kernel_cap: int) -> tuple[float
     for run in range(1 + TIMED_RUNS):
         for kernel in (True, False):
             _allow(kernel_cap, kernel_cap if kernel else 0)
-            seconds = _timed(lambda: _prefill(runner, tokens))
+            seconds = timed(lambda: _prefill(runner, tokens))
             if run:
                 best[kernel] = min(best[kernel], seconds)
     return best[True], best[False]
@@ -137,7 +148,7 @@ def _prefill(runner: ModelRunner, tokens: int) -> None:
         runner.sequences.clear()
 
 
-def _timed(fn: Callable[[], None]) -> float:
+def timed(fn: Callable[[], None]) -> float:
     started = time.perf_counter()
     fn()
     return time.perf_counter() - started

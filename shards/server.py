@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 
 from mixserve.shards import ops
+from mixserve.shards.head_rows import measure_head_rows
 from mixserve.shards.kernel_tokens import measure_and_cap
 from mixserve.shards.loader import weight_bytes
 from mixserve.shards.memory import InsufficientMemory, MemoryReport, StepLimits, size_kv_cache
@@ -102,6 +103,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
             log.error("event=warmup_failed rank=%d error=%r", r.parallel.rank, str(e))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         self.model.run(measure_and_cap, r, limits.max_batch_tokens)
+        self.model.run(measure_head_rows, r, limits.max_batch_size)
         ms = int((time.perf_counter() - started) * 1000)
         m = self.memory
         log.info(

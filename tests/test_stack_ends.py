@@ -91,6 +91,24 @@ def test_rows_past_the_head_kernels_cap_take_the_separate_ops(demo_dir, monkeypa
     assert torch.equal(results[True][0], results[False][0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_within_a_measured_head_cap_take_the_ends_in_c(demo_dir, monkeypatch, dtype):
+    """Past the build's 16 rows, within a cap measured at warm-up (shards/head_rows.py), the step keeps
+    its one C call, with the separate ops' results bit for bit."""
+    model = load(demo_dir, dtype)
+    runs = counted_runs(monkeypatch)
+    contexts = [3 + i % 2 for i in range(linear.MAX_ROWS + 4)]  # a block each
+    linear.set_measured_rows(2 * linear.MAX_ROWS)
+    try:
+        results = run_both(model, monkeypatch, contexts, None)
+    finally:
+        linear.set_measured_rows(None)
+    assert runs == [True, False]
+    (logits, stats, pools), (expected, expected_stats, expected_pools) = results[True], results[False]
+    assert torch.equal(logits, expected) and torch.equal(stats, expected_stats)
+    assert all(torch.equal(a, b) for a, b in zip(pools, expected_pools, strict=True))
+
+
 def test_a_row_holding_nan_gives_nan_statistics_and_no_greedy_choice(demo_dir):
     model = load(demo_dir, torch.float32)
     model.kernel_ends()  # the ends read the norm's weight in place from here on

@@ -5,7 +5,9 @@ product where it has one, rows_times_weight.h), fp32 accumulation.
 
 Measured here against MKL (fp32, one thread, the weight not in cache): for the demo's LM head
 (8192 x 256) 1.1x at 1 row, 1.7-1.8x at 4-8 rows, 1.2x at 16, slower from 32 rows; for the small
-attention projections no faster at any row count, so only the LM head takes it.
+attention projections no faster at any row count, so only the LM head takes it. Where torch's GEMM
+overtakes it depends on the CPU and the dtype, so a served model's head is timed at warm-up
+(shards/head_rows.py).
 Legend: R rows of x, K input features, N output features.
 """
 
@@ -18,7 +20,9 @@ from mixserve.shards.kernels.checks import pointer, require, same, weight_parts
 from mixserve.shards.kernels.native import KernelUnavailable
 from mixserve.shards.quant.int8_weight import Int8Weight
 
-# Past this many rows MKL's blocked GEMM beats streaming the weight once per group of four rows of it.
+# Past this many rows MKL's blocked GEMM beat streaming the weight once per group of four rows of it (fp32,
+# an Intel Xeon): the cap of heads nothing timed. A served model's LM head is timed at warm-up
+# (shards/head_rows.py), and its cap is never below this one.
 MAX_ROWS = 16
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _ARGTYPES = [_P, _P, ctypes.c_int, _P, _P, _I64, _I64, _I64]
@@ -26,6 +30,21 @@ _ARGTYPES = [_P, _P, ctypes.c_int, _P, _P, _I64, _I64, _I64]
 
 def _kernel():
     return native.function("linear", "linear_rows", _ARGTYPES)
+
+
+# The row cap this process measured for its LM head (shards/head_rows.py), or None.
+_measured_rows: list[int | None] = [None]
+
+
+def set_measured_rows(rows: int | None) -> None:
+    """Let fp32 and bf16 weights take the kernel for up to `rows` rows (None: MAX_ROWS)."""
+    _measured_rows[0] = rows
+
+
+def max_rows() -> int:
+    """The most rows x may have for an fp32 or bf16 weight to take the kernel: the cap measured at warm-up
+    where one is set, else MAX_ROWS."""
+    return MAX_ROWS if _measured_rows[0] is None else _measured_rows[0]
 
 
 def available() -> bool:

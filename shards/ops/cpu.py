@@ -203,9 +203,9 @@ def fused_moe(
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Tensor:
-    """reference.linear_rows, in the C kernel for up to linear.MAX_ROWS fp32 or bf16 rows (the weight
-    fp32, bf16 or int8); an int8 weight past them, as `_int8_gemm` chooses (in bf16 from
-    INT8_GEMM_LINEAR_ROWS): the GEMM path or the kernel over row tiles."""
+    """reference.linear_rows, in the C kernel for up to linear.max_rows() rows against an fp32 or bf16
+    weight and linear.MAX_ROWS against an int8 one; an int8 weight past them, as `_int8_gemm` chooses
+    (in bf16 from INT8_GEMM_LINEAR_ROWS): the GEMM path or the kernel over row tiles."""
     if x.dim() != 2 or not _weight_dtype_cpu(x) or not _kernel_weight(weight):
         return reference.linear_rows(x, weight)
     if not _linear_in_kernel(x.dtype, x.shape[0], weight):
@@ -217,11 +217,11 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Ten
 
 def _linear_in_kernel(dtype: torch.dtype, rows: int, weight: torch.Tensor | Int8Weight) -> bool:
     """Whether linear_rows runs `rows` rows in `dtype` against a weight the kernel reads in its kernel:
-    up to linear.MAX_ROWS of them, and an int8 weight past them where `_int8_gemm` leaves it there."""
-    past_cap = rows > linear.MAX_ROWS
+    up to the measured cap (shards/head_rows.py) against an fp32 or bf16 weight; an int8 weight up to
+    linear.MAX_ROWS, and past them where `_int8_gemm` leaves it there."""
     if isinstance(weight, Int8Weight):
-        return not _int8_gemm(dtype, rows, past_cap, INT8_GEMM_LINEAR_ROWS)
-    return not past_cap
+        return not _int8_gemm(dtype, rows, rows > linear.MAX_ROWS, INT8_GEMM_LINEAR_ROWS)
+    return rows <= linear.max_rows()
 
 
 def causal_lm(
