@@ -3,7 +3,7 @@
 The kernel (kernels/linear.c) streams the head's weight once per group of four of its rows, which is
 what a decode step of a few sequences wants; torch's blocked GEMM overtakes it as the rows grow, at a
 point that depends on the CPU and the dtype. On an Intel Xeon (fp32, MKL) that was from 32 rows, hence
-the build's cap of 16 (linear.MAX_ROWS). On an AVX2-only AMD EPYC the kernel led at every size, one
+the build's cap of 16 (linear.MAX_ROWS). On an AVX2-only AMD EPYC the kernel led at every size to 64, one
 thread, the demo's head (8192 x 256), kernel against torch (ms):
 
 | rows | 16 | 32 | 64 |
