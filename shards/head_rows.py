@@ -24,7 +24,7 @@ import logging
 
 import torch
 
-from mixserve.shards.kernel_tokens import TIMED_RUNS, shown, time_ladder, timed
+from mixserve.shards.kernel_tokens import fastest_of_both, shown, time_ladder
 from mixserve.shards.kernels import linear
 from mixserve.shards.ops import reference
 from mixserve.shards.runner import ModelRunner
@@ -48,24 +48,13 @@ def measure_head_rows(runner: ModelRunner, max_batch_size: int) -> tuple[int, li
     generator = torch.Generator().manual_seed(0)
 
     def time_both(rows: int) -> tuple[float, float]:
-        return _time_both(torch.randn(rows, hidden, generator=generator).to(ends.dtype), head)  # x [R, H]
+        x = torch.randn(rows, hidden, generator=generator).to(ends.dtype)  # [R, H]
+        return fastest_of_both(lambda: _kernel(x, head), lambda: reference.linear_rows(x, head))
 
     cap, timings = time_ladder(runner, [size for size in LADDER if size <= top], top, time_both)
     linear.set_measured_rows(cap)
     log.info("event=head_rows rank=%d max_rows=%d kernel_vs_torch_ms=%s", runner.parallel.rank, cap, shown(timings))
     return cap, timings
-
-
-def _time_both(x: torch.Tensor, head: torch.Tensor) -> tuple[float, float]:
-    """Seconds of the fastest of TIMED_RUNS products of x [R, H] with the head through the kernel and
-    through torch, the two alternating after an untimed run of each."""
-    best = {True: float("inf"), False: float("inf")}
-    for run in range(1 + TIMED_RUNS):
-        for kernel, product in ((True, _kernel), (False, reference.linear_rows)):
-            seconds = timed(lambda product=product: product(x, head))
-            if run:
-                best[kernel] = min(best[kernel], seconds)
-    return best[True], best[False]
 
 
 def _kernel(x: torch.Tensor, head: torch.Tensor) -> torch.Tensor:

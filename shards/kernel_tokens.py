@@ -123,17 +123,14 @@ def _kernel_runs(runner: ModelRunner) -> bool:
 
 
 def _time_both(runner: ModelRunner, tokens: int, kernel_cap: int) -> tuple[float, float]:
-    """Seconds of the fastest of TIMED_RUNS prefill steps of `tokens` tokens through the decoder layer
-    kernel (up to its own cap) and through torch's layers, the two alternating after an untimed run
-    of each (a machine that slows down for a while slows both)."""
-    best = {True: float("inf"), False: float("inf")}
-    for run in range(1 + TIMED_RUNS):
-        for kernel in (True, False):
-            _allow(kernel_cap, kernel_cap if kernel else 0)
-            seconds = timed(lambda: _prefill(runner, tokens))
-            if run:
-                best[kernel] = min(best[kernel], seconds)
-    return best[True], best[False]
+    """Seconds of the fastest prefill steps of `tokens` tokens through the decoder layer kernel (up to
+    its own cap) and through torch's layers."""
+
+    def prefill(kernel: bool) -> None:
+        _allow(kernel_cap, kernel_cap if kernel else 0)
+        _prefill(runner, tokens)
+
+    return fastest_of_both(lambda: prefill(True), lambda: prefill(False))
 
 
 def _prefill(runner: ModelRunner, tokens: int) -> None:
@@ -148,7 +145,14 @@ def _prefill(runner: ModelRunner, tokens: int) -> None:
         runner.sequences.clear()
 
 
-def timed(fn: Callable[[], None]) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
+def fastest_of_both(kernel_run: Callable[[], object], torch_run: Callable[[], object]) -> tuple[float, float]:
+    """Seconds of the fastest of TIMED_RUNS runs of each path, the two alternating after an untimed run
+    of each (a machine that slows down for a while slows both)."""
+    best = [float("inf"), float("inf")]
+    for run in range(1 + TIMED_RUNS):
+        for index, path in enumerate((kernel_run, torch_run)):
+            started = time.perf_counter()
+            path()
+            if run:
+                best[index] = min(best[index], time.perf_counter() - started)
+    return best[0], best[1]

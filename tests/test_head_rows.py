@@ -4,18 +4,14 @@ int8 heads keep their own rule."""
 
 import pytest
 import torch
+from test_kernel_tokens import demo_runner
 
 from mixserve.shards import ops
-from mixserve.shards.config import ParallelConfig
-from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.head_rows import LADDER, measure_head_rows
 from mixserve.shards.kernels import linear
-from mixserve.shards.loader import load_model
 from mixserve.shards.ops import cpu
 from mixserve.shards.quant.config import QuantizationConfig
 from mixserve.shards.runner import ModelRunner
-
-BLOCK = 16
 
 
 @pytest.fixture
@@ -25,10 +21,7 @@ def runner_for(native, demo_dir):  # noqa: F811 - the conftest fixture that choo
     def make(dtype: torch.dtype, quantization: QuantizationConfig | None = None) -> ModelRunner:
         if ops.select("auto", torch.device("cpu"), dtype).backends["linear_rows"] != "native":
             pytest.skip("the linear kernel does not build here")
-        parallel = ParallelConfig()
-        group = TensorParallelGroup(parallel)
-        model = load_model(demo_dir, parallel, group, dtype=dtype, quantization=quantization)
-        return ModelRunner(model, parallel, group, torch.device("cpu"), dtype, BLOCK)
+        return demo_runner(demo_dir, dtype, quantization)
 
     yield make
     linear.set_measured_rows(None)

@@ -27,6 +27,16 @@ def test_the_cap_is_the_last_size_before_torch_is_clearly_faster():
     assert choose_cap([], 64) == 64
 
 
+def demo_runner(demo_dir, dtype: torch.dtype, quantization=None) -> ModelRunner:
+    """One rank's runner of the demo in `dtype` (optionally quantized), with a small KV cache."""
+    parallel = ParallelConfig()
+    group = TensorParallelGroup(parallel)
+    model = load_model(demo_dir, parallel, group, dtype=dtype, quantization=quantization)
+    r = ModelRunner(model, parallel, group, torch.device("cpu"), dtype, BLOCK)
+    r.allocate_cache(32)
+    return r
+
+
 @pytest.fixture
 def runner(native, demo_dir):  # noqa: F811 - the conftest fixture that chooses the C kernels
     if native.backends["decoder_layers"] != "native":
@@ -102,12 +112,7 @@ def test_int8_models_measure_where_their_gemm_path_has_the_bf16_dot_product(demo
     try:
         if chosen.backends["decoder_layers"] != "native":
             pytest.skip("the decoder layer kernel does not build here")
-        parallel = ParallelConfig()
-        group = TensorParallelGroup(parallel)
-        model = load_model(demo_dir, parallel, group, dtype=dtype, quantization=QuantizationConfig("int8-wo"))
-        r = ModelRunner(model, parallel, group, torch.device("cpu"), dtype, BLOCK)
-        r.allocate_cache(32)
-        measured = measure_and_cap(r, 64)
+        measured = measure_and_cap(demo_runner(demo_dir, dtype, QuantizationConfig("int8-wo")), 64)
         if dtype is torch.bfloat16 and devices.cpu_has_bf16():
             assert measured is not None
             cap, timings = measured
@@ -128,11 +133,7 @@ def test_every_model_is_timed_past_the_build_s_cap_until_torch_is_clearly_faster
     try:
         if chosen.backends["decoder_layers"] != "native":
             pytest.skip("the decoder layer kernel does not build here")
-        parallel = ParallelConfig()
-        group = TensorParallelGroup(parallel)
-        model = load_model(demo_dir, parallel, group, dtype=dtype)
-        r = ModelRunner(model, parallel, group, torch.device("cpu"), dtype, BLOCK)
-        r.allocate_cache(32)
+        r = demo_runner(demo_dir, dtype)
         cap, timings = measure_and_cap(r, 4096)
         sizes = [tokens for tokens, _, _ in timings]
         assert sizes == list(LADDER[: len(sizes)])
