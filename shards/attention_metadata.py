@@ -43,3 +43,14 @@ class AttentionMetadata:
         if not self.num_prefills and self.decode_block_tables is not None:
             return self.decode_block_tables, self.decode_context_lens
         return None
+
+    def tokens(self, start: int, end: int) -> "AttentionMetadata":
+        """The step's tokens [start, end) as a step of their own, every token one query over its own table:
+        a tile of a step the decoder layer kernel runs in pieces, in order, so that the tokens before
+        `start` have written their K/V when these read it. Needs `per_token()`."""
+        tables, context_lens = self.per_token()
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[start:end],
+            token_block_tables=tables[start:end],
+            token_context_lens=context_lens[start:end],
+        )

@@ -22,11 +22,14 @@ So at warm-up every rank times one prefill step of each size on `LADDER` (up to 
 and the router's largest step) both ways, and the kernel keeps the sizes up to the last one where
 torch is not clearly faster (`MARGIN`); the ranks agree on the smallest cap. Steps of more tokens
 run torch's decoder layers, and their MoE torch's GEMMs (int8 weights: the dequantize-then-GEMM path
-of shards/ops/cpu.py). int8 weights are measured too where that path has the bf16 dot product (a bf16
-model): on an Intel Xeon with AMX the int8 kernel's own cap (256) left a 129-token int8 prefill at
-305 ms in-process against 171 on the GEMM path (benchmarks/results/compare-cpu-dtypes-0.8b-amx). fp32
-int8 models, bitsandbytes weights and every backend but the C kernels keep the caps their own paths
-chose.
+of shards/ops/cpu.py), except where the kernel kept the top size and torch needed clearly more time
+there (`choose_tiles`): then a longer step runs through the kernel in tiles of the cap, one after
+another. On the AVX2 EPYC, bf16 at 256 tokens took 76 ms in the kernel against 281 in torch's layers
+(two ranks), and a 256-token prefill chunk beside running decodes is such a step. int8 weights are
+measured too where that path has the bf16 dot product (a bf16 model): on an Intel Xeon with AMX the
+int8 kernel's own cap (256) left a 129-token int8 prefill at 305 ms in-process against 171 on the GEMM
+path (benchmarks/results/compare-cpu-dtypes-0.8b-amx). fp32 int8 models, bitsandbytes weights and every
+backend but the C kernels keep the caps their own paths chose.
 """
 
 import logging
@@ -64,6 +67,16 @@ def choose_cap(timings: list[tuple[int, float, float]], kernel_cap: int) -> int:
     return min(cap, kernel_cap)
 
 
+def choose_tiles(timings: list[tuple[int, float, float]], cap: int, top: int) -> bool:
+    """Whether steps past the cap run in the kernel in tiles of `cap` tokens: where the ladder timed `top`
+    and kept it, and torch's layers needed clearly more time there than the kernel (the kernel under MARGIN
+    of torch's time); torch's GEMMs gain little from longer steps where they lack the instructions."""
+    if not timings:
+        return False
+    size, kernel_s, torch_s = timings[-1]
+    return cap == top == size and kernel_s < MARGIN * torch_s
+
+
 def measure_and_cap(runner: ModelRunner, max_batch_tokens: int) -> tuple[int, list[tuple[int, float, float]]] | None:
     """Time the ladder on this rank's model, set the cap the ranks agree on for this process (moe.fits
     and the runner's per-token tables), log it (`event=kernel_tokens`) and return it with this rank's
@@ -81,9 +94,16 @@ def measure_and_cap(runner: ModelRunner, max_batch_tokens: int) -> tuple[int, li
     except BaseException:
         _allow(build_cap, None)
         raise
-    _allow(cap, cap)
+    tiles = bool(runner.group.all_reduce_min(int(choose_tiles(timings, cap, kernel_cap))))
+    _allow(cap, cap, tiles)
     rank = runner.parallel.rank
-    log.info("event=kernel_tokens rank=%d max_tokens=%d kernel_vs_torch_ms=%s", rank, cap, shown(timings))
+    log.info(
+        "event=kernel_tokens rank=%d max_tokens=%d tiles=%s kernel_vs_torch_ms=%s",
+        rank,
+        cap,
+        str(tiles).lower(),
+        shown(timings),
+    )
     return cap, timings
 
 
@@ -107,8 +127,8 @@ def shown(timings: list[tuple[int, float, float]]) -> str:
     return ",".join(f"{size}:{kernel_s * 1e3:.1f}/{torch_s * 1e3:.1f}" for size, kernel_s, torch_s in timings)
 
 
-def _allow(ops_tokens: int, moe_cap: int | None) -> None:
-    ops.set_decoder_layer_tokens(ops_tokens)
+def _allow(ops_tokens: int, moe_cap: int | None, tiles: bool = False) -> None:
+    ops.set_decoder_layer_tokens(ops_tokens, tiles)
     moe.set_measured_cap(moe_cap)
 
 

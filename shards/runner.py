@@ -154,7 +154,7 @@ class ModelRunner:
                 head = self.model.lm_head
                 greedy_stats.copy_(slice_stats(logits, head.vocab_start, head.vocab_size))
             return logits
-        per_token_max = ops.current().decoder_layers_max_tokens
+        per_token_max = ops.current().per_token_max
         inputs = step_inputs(steps, self.block_size, self.device, per_token_max, score)
         return self.model(
             inputs.token_ids,

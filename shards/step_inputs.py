@@ -46,7 +46,8 @@ def step_inputs(
     query_start = [0]
     total = sum(len(s.token_ids) for s in steps)
     per_token = len(steps) < total <= per_token_max
-    token_tables: list[list[int]] | None = [] if per_token else None
+    token_tables: list[list[int]] = []  # a sequence's table once, repeated for each of its tokens below
+    token_counts: list[int] = []
     token_lens: list[int] = []
     for i in order:
         s = steps[i]
@@ -68,8 +69,9 @@ def step_inputs(
             prefill_tables.append(table)
             prefill_starts.append(s.start_position)
             query_start.append(query_start[-1] + n)
-        if token_tables is not None:
-            token_tables.extend([table] * n)
+        if per_token:
+            token_tables.append(table)
+            token_counts.append(n)
             token_lens.extend(range(s.start_position + 1, context + 1))
     meta = AttentionMetadata(slot_mapping=to_device(slots, device))
     if prefill_tables:
@@ -81,8 +83,11 @@ def step_inputs(
         meta.num_decode_tokens = len(decode_tables)
         meta.decode_block_tables = padded(decode_tables, device)  # [D, M]
         meta.decode_context_lens = to_device(decode_lens, device)  # [D]
-    if token_tables is not None:
-        meta.token_block_tables = padded(token_tables, device)  # [T, M]
+    if per_token:
+        repeats = to_device(token_counts, device)
+        meta.token_block_tables = padded(token_tables, device).repeat_interleave(
+            repeats, 0, output_size=total
+        )  # [T, M]
         meta.token_context_lens = to_device(token_lens, device)  # [T]
     rows = [row for rows in logits_rows for row in rows]
     every = len(rows) == len(token_ids) and rows == list(range(len(rows)))

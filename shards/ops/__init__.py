@@ -19,6 +19,7 @@ Adding a kernel for an op is one function of the op's name in its backend.
 import importlib
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
@@ -65,6 +66,14 @@ class Ops:
     # The most tokens a step may have for `decoder_layers` to run it in the CPU decoder layer kernel
     # (the runner then builds per-token block tables); 0 where another implementation runs it.
     decoder_layers_max_tokens: int = 0
+    # Whether a step past that cap runs in the kernel too, in tiles of that many tokens one after another
+    # (shards/kernel_tokens.py sets it where the kernel was clearly ahead of torch's layers at the cap).
+    decoder_layers_tiles: bool = False
+
+    @property
+    def per_token_max(self) -> int:
+        """The most tokens of a step the runner builds per-token block tables for."""
+        return sys.maxsize if self.decoder_layers_tiles else self.decoder_layers_max_tokens
 
 
 OP_NAMES = tuple(f.name for f in fields(Ops) if f.type is Callable)
@@ -167,12 +176,13 @@ def _triton_unavailable(reason: str, required: bool) -> dict[str, Callable]:
     return {}
 
 
-def set_decoder_layer_tokens(tokens: int) -> Ops:
-    """Set the current ops' `decoder_layers_max_tokens` to `tokens` where the kernel runs them at all
-    (shards/kernel_tokens.py measures it)."""
+def set_decoder_layer_tokens(tokens: int, tiles: bool = False) -> Ops:
+    """Set the current ops' `decoder_layers_max_tokens` to `tokens`, and whether longer steps run in tiles
+    of it (`decoder_layers_tiles`), where the kernel runs them at all (shards/kernel_tokens.py measures
+    both)."""
     ops = current()
     if ops.decoder_layers_max_tokens:
-        _current[:] = [replace(ops, decoder_layers_max_tokens=tokens)]
+        _current[:] = [replace(ops, decoder_layers_max_tokens=tokens, decoder_layers_tiles=tiles)]
     return _current[0]
 
 

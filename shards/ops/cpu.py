@@ -28,7 +28,7 @@ import functools
 import torch
 from torch import nn
 
-from mixserve.shards import devices
+from mixserve.shards import devices, ops
 from mixserve.shards.attention_metadata import AttentionMetadata
 from mixserve.shards.kernels import (
     checks,
@@ -238,20 +238,24 @@ def causal_lm(
     fits the decoder stack, the model's ends fit the call (`kernel_ends`) and linear_rows would run its LM
     head rows in the kernel: the embedding, every layer, the final norm, the LM head and the greedy
     statistics, the same numbers as through the separate ops; else the reference, through the other ops.
-    Every torch op this saves would be the first after a kernel that streamed the weights through the
-    cache, which makes each ~20-60 us (benchmarks/results/decode-step-ends)."""
+    A step past the kernel's cap where the warm-up chose tiles (`_tile`) is one such call per tile, in
+    order, each row asked taken from its token's tile. Every torch op this saves would be the first after
+    a kernel that streamed the weights through the cache, which makes each ~20-60 us
+    (benchmarks/results/decode-step-ends)."""
     ends, halves = model.kernel_ends(), model.layers[0].kernel_halves()
     tokens = token_ids.shape[0]
     rows = tokens if logits_indices is None else logits_indices.shape[0]
+    tile = _tile(tokens)
     stack = None
     if (
         ends is not None
         and halves is not None
-        and _linear_in_kernel(ends.dtype, rows, ends.head)
-        and _step_fits(halves, tokens, ends.dtype, kv_cache, meta)
+        and _linear_in_kernel(ends.dtype, min(rows, tile), ends.head)
+        and _step_fits(halves, tile, ends.dtype, kv_cache, meta)
     ):
-        residual = torch.empty(tokens, ends.hidden_size)  # [T, H] fp32, the embedding's rows first
-        step = decoder_layer.prepare_step(residual, positions, meta, kv_cache.layer(0), *halves)
+        residual = torch.empty(tile, ends.hidden_size)  # [T, H] fp32, the embedding's rows first
+        first = meta if tile == tokens else meta.tokens(0, tile)
+        step = decoder_layer.prepare_step(residual, positions[:tile], first, kv_cache.layer(0), *halves)
         stack, shm = _stack(model.layers, kv_cache, step)
     if stack is None:
         return reference.causal_lm(
@@ -260,8 +264,41 @@ def causal_lm(
     logits = torch.empty(rows, ends.vocab_rows)  # [R, P]
     token_ids = checks.index(token_ids, "token_ids", 1)  # int64, contiguous, held while C reads it
     rows_asked = None if logits_indices is None else checks.index(logits_indices, "logits_indices", 1)
-    decoder_stack.run(step, stack, shm, ends.step(token_ids, rows_asked, logits, greedy_stats))
+    if tile == tokens:
+        decoder_stack.run(step, stack, shm, ends.step(token_ids, rows_asked, logits, greedy_stats))
+    else:
+        for start in range(0, tokens, tile):
+            end = min(start + tile, tokens)
+            if start:
+                residual = torch.empty(end - start, ends.hidden_size)
+                step = decoder_layer.prepare_step(
+                    residual, positions[start:end], meta.tokens(start, end), kv_cache.layer(0), *halves
+                )
+            # Each row asked goes to the tile holding its token, and comes back to its place in the step's order.
+            where = torch.arange(start, end) if rows_asked is None else _rows_within(rows_asked, start, end)
+            asked = None if rows_asked is None else rows_asked[where] - start
+            out, stats = torch.empty(where.shape[0], ends.vocab_rows), None
+            if greedy_stats is not None:
+                stats = torch.empty(where.shape[0], 3, dtype=torch.float64)
+            decoder_stack.run(step, stack, shm, ends.step(token_ids[start:end], asked, out, stats))
+            logits[where] = out
+            if stats is not None:
+                greedy_stats[where] = stats
     return model.lm_head.gather(logits) if gather_logits else logits
+
+
+def _tile(tokens: int) -> int:
+    """Tokens per decoder layer kernel call for a step of `tokens`: all of them, or the measured cap where
+    the step is past it and the warm-up found the kernel clearly ahead of torch's layers at the cap
+    (Ops.decoder_layers_tiles). Tiles run in order, each over the K/V the ones before it wrote."""
+    current = ops.current()
+    cap = current.decoder_layers_max_tokens
+    return cap if current.decoder_layers_tiles and tokens > cap else tokens
+
+
+def _rows_within(rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Indices into rows [R] of the rows whose token is one of [start, end)."""
+    return ((rows >= start) & (rows < end)).nonzero().squeeze(1)
 
 
 def decoder_layers(
@@ -277,11 +314,26 @@ def decoder_layers(
     own block table (a decode step, or a small one with prefill chunks), fp32 or bf16, weights not
     quantized by bitsandbytes, shapes within its limits; int8 weights too, in bf16 as well (a 129-token
     prefill of the 0.8B shape's int8 weights in bf16 took 119 ms in it against 129 layer by layer with
-    the GEMM path's linears: int8-gemm-crossover-0.8b). The residual stream stays fp32 across the
-    layers (bf16 hidden widened here, rounded on return)."""
-    halves = layers[0].kernel_halves()
-    if halves is None or not hidden.is_cpu or not _step_fits(halves, hidden.shape[0], hidden.dtype, kv_cache, meta):
+    the GEMM path's linears: int8-gemm-crossover-0.8b), and a longer one in tiles where the warm-up chose
+    them (`_tile`). The residual stream stays fp32 across the layers (bf16 hidden widened here, rounded
+    on return)."""
+    halves, tokens = layers[0].kernel_halves(), hidden.shape[0]
+    tile = _tile(tokens)
+    if halves is None or not hidden.is_cpu or not _step_fits(halves, tile, hidden.dtype, kv_cache, meta):
         return reference.decoder_layers(layers, positions, hidden, kv_cache, meta)
+    if tile < tokens:
+        spans = [(start, min(start + tile, tokens)) for start in range(0, tokens, tile)]
+        return torch.cat(
+            [_layers_in_kernel(layers, positions[s:e], hidden[s:e], kv_cache, meta.tokens(s, e)) for s, e in spans]
+        )
+    return _layers_in_kernel(layers, positions, hidden, kv_cache, meta)
+
+
+def _layers_in_kernel(
+    layers: nn.ModuleList, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+) -> torch.Tensor:
+    """decoder_layers in the kernel, for a step that fits it whole."""
+    halves = layers[0].kernel_halves()
     residual = hidden.float().contiguous()  # [T, H] fp32, updated in place
     step = decoder_layer.prepare_step(residual, positions, meta, kv_cache.layer(0), *halves)
     stack, shm = _stack(layers, kv_cache, step)
