@@ -94,11 +94,13 @@ def test_linear_reads_bf16_weights(build, rows, out_features, in_features):
     torch.testing.assert_close(linear.linear_rows(x, weight), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("rows,out_features,in_features", [(5, 70, 256), (40, *TILED)])
+@pytest.mark.parametrize("rows,out_features,in_features", [(5, 70, 256), (12, 70, 256), (40, *TILED)])
 def test_the_dot_products_rows_do_not_depend_on_their_neighbours(build, rows, out_features, in_features):
     """A row's result is the same bits alone or among others (pairs and the odd row go through the same
-    sums; in AMX's tiles every row of x is a column of the same sums, whatever the tiles' width), so a
-    verification step's rows equal plain decodes' (speculation keeps greedy outputs)."""
+    sums; from 8 rows the widening loops widen each block of weights once into a buffer, and the fp32 loop
+    takes the same products in the same order; in AMX's tiles every row of x is a column of the same sums,
+    whatever the tiles' width), so a verification step's rows equal plain decodes' (speculation keeps
+    greedy outputs)."""
     x = torch.randn(rows, in_features)
     weight = torch.randn(out_features, in_features).to(BF16)
     together = linear.linear_rows(x, weight)

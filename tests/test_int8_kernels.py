@@ -74,11 +74,12 @@ def test_int8_weight_refuses_mismatched_parts():
         Int8Weight(torch.zeros(4, 8, dtype=torch.int8), torch.ones(8))
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 16, 40])
 @pytest.mark.parametrize("out_features,in_features", [(1030, 64), (102, 40), (7, 20)])
 @pytest.mark.usefixtures("build")
 def test_linear_reads_int8_weights(rows, out_features, in_features):
-    """K 64: the 16-float loop (8 without AVX-512); 40: the 8-float loop; 20: scalar; N tails."""
+    """K 64: the 16-float loop (8 without AVX-512); 40: the 8-float loop; 20: scalar; N tails; 40 rows: the
+    codes widened once a block into a buffer for the fp32 loop."""
     x = torch.randn(rows, in_features)
     weight = Int8Weight.quantize(torch.randn(out_features, in_features))
     expected = F.linear(x, weight.dequantize())
@@ -130,6 +131,19 @@ def test_a_bf16_models_int8_rows_do_not_depend_on_their_neighbours():
             assert torch.equal(linear.linear_rows(x[row : row + 2], weight), together[row : row + 2])
     finally:
         native.set_int8_bf16_activations(False)
+
+
+@pytest.mark.usefixtures("build")
+def test_an_fp32_models_int8_rows_do_not_depend_on_their_neighbours():
+    """A row's result is the same bits alone or among others where the codes meet fp32 x, though from 32 rows
+    the widening loops widen each block of codes once into a buffer: the fp32 loop then takes the same
+    products in the same order."""
+    x = torch.randn(40, 256)
+    weight = Int8Weight.quantize(torch.randn(70, 256))
+    together = linear.linear_rows(x, weight)
+    for row in range(40):
+        assert torch.equal(linear.linear_rows(x[row : row + 1], weight)[0], together[row])
+    assert torch.equal(linear.linear_rows(x[3:37].contiguous(), weight), together[3:37])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
