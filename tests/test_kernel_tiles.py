@@ -19,7 +19,7 @@ from mixserve.shards.sequence_step import SequenceStep
 from mixserve.shards.step_inputs import step_inputs
 
 BLOCK = 4
-TILE = 16
+TILE = 8
 
 
 def test_tiles_where_the_kernel_kept_the_top_size_and_torch_was_clearly_slower_there():
@@ -43,8 +43,8 @@ def sequence(seq_id: int, start: int, count: int, first_block: int, vocab: int, 
 def mixed_step(vocab: int, prompt_logprobs: bool) -> list[SequenceStep]:
     """41 tokens: a 21-token prefill chunk at position 6 given first (its rows: one, or one per token when
     it scores its prompt), three decodes and a 17-token chunk. Decodes go first in the step's tokens,
-    so the rows asked are not in token order; over tiles of 16 the second tile asks no row but the
-    chunk's scored ones."""
+    so the rows asked are not in token order; over tiles of 8 (tokens 0-7, 8-15, ..., 40) the second,
+    fourth and fifth ask no row unless the chunk scores its prompt."""
     return [
         sequence(0, 6, 21, 0, vocab, prompt_logprobs=prompt_logprobs),
         sequence(1, 9, 1, 7, vocab),
@@ -100,7 +100,7 @@ def test_a_step_in_tiles_gives_the_whole_step_s_results(
         untiled = run(model, steps, False, dtype, kernel_calls)
     finally:
         ops.select("auto", torch.device("cpu"), torch.float32)
-    assert (whole[3], tiled[3], untiled[3]) == (1, 3, 0)  # 41 tokens: tiles of 16, 16 and 9; torch's layers
+    assert (whole[3], tiled[3], untiled[3]) == (1, 6, 0)  # 41 tokens: five tiles of 8 and one; torch's layers
     # A tile's LM head call has fewer rows than the whole step's: with every prompt row scored, the head's
     # path for its row count (and the order of its sums) may differ, by a bf16 rounding in bf16; the layers
     # and their KV writes are the same bit for bit.
