@@ -267,8 +267,7 @@ def causal_lm(
     if tile == tokens:
         decoder_stack.run(step, stack, shm, ends.step(token_ids, rows_asked, logits, greedy_stats))
     else:
-        for start in range(0, tokens, tile):
-            end = min(start + tile, tokens)
+        for start, end in _spans(tokens, tile):
             if start:
                 residual = torch.empty(end - start, ends.hidden_size)
                 step = decoder_layer.prepare_step(
@@ -294,6 +293,11 @@ def _tile(tokens: int) -> int:
     current = ops.current()
     cap = current.decoder_layers_max_tokens
     return cap if current.decoder_layers_tiles and tokens > cap else tokens
+
+
+def _spans(tokens: int, tile: int) -> list[tuple[int, int]]:
+    """[start, end) of each tile of `tile` tokens of a step of `tokens`, in order."""
+    return [(start, min(start + tile, tokens)) for start in range(0, tokens, tile)]
 
 
 def _rows_within(rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -322,7 +326,7 @@ def decoder_layers(
     if halves is None or not hidden.is_cpu or not _step_fits(halves, tile, hidden.dtype, kv_cache, meta):
         return reference.decoder_layers(layers, positions, hidden, kv_cache, meta)
     if tile < tokens:
-        spans = [(start, min(start + tile, tokens)) for start in range(0, tokens, tile)]
+        spans = _spans(tokens, tile)
         return torch.cat(
             [_layers_in_kernel(layers, positions[s:e], hidden[s:e], kv_cache, meta.tokens(s, e)) for s, e in spans]
         )
