@@ -17,7 +17,7 @@ of a decode step (the decoder stack with the model's ends) for the separate ops.
 So at warm-up every rank times its head on `LADDER` rows (up to the router's largest batch) through the
 kernel and through torch, the two alternating, and the kernel keeps the rows up to the last size where
 torch is not clearly faster (kernel_tokens.MARGIN); the ranks agree on the smallest cap, which is never
-below linear.MAX_ROWS. int8 heads keep their own rule (ops/cpu.py `_int8_gemm`).
+below linear.MAX_ROWS. int8 heads keep their own rule (ops/cpu_rows.py `int8_gemm`).
 """
 
 import logging

@@ -18,7 +18,7 @@ from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.kernels import decoder_layer, linear, moe, native, paged_attention
 from mixserve.shards.model import DecoderLayer
 from mixserve.shards.ops import reference
-from mixserve.shards.ops.cpu import decoder_layer_step
+from mixserve.shards.ops.cpu_layers import decoder_layer_step
 from tests.test_decoder_layer_kernel import config, decode_metadata, prepare, random_cache, random_layer
 
 BF16 = torch.bfloat16

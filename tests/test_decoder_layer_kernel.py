@@ -13,7 +13,7 @@ from mixserve.shards.kernels import decoder_layer
 from mixserve.shards.layers.moe import held_expert_ids, route
 from mixserve.shards.layers.rotary import RotaryEmbedding
 from mixserve.shards.model import DecoderLayer, MixtralForCausalLM
-from mixserve.shards.ops.cpu import decoder_layer_step
+from mixserve.shards.ops.cpu_layers import decoder_layer_step
 from mixserve.shards.ops.reference import fused_moe
 
 BLOCK = 4

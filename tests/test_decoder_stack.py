@@ -15,7 +15,7 @@ from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.kernels import decoder_stack
 from mixserve.shards.kv_cache import KVCache
 from mixserve.shards.loader import load_model
-from mixserve.shards.ops import cpu
+from mixserve.shards.ops import cpu_layers
 
 BLOCK = 4
 NUM_BLOCKS = 24
@@ -67,7 +67,7 @@ def test_the_stack_gives_the_layers_results_bit_for_bit(demo_dir, monkeypatch, d
     results = {}
     for stacked in (True, False):
         if not stacked:
-            monkeypatch.setattr(cpu, "_stack", lambda *a: (None, None))
+            monkeypatch.setattr(cpu_layers, "_stack", lambda *a: (None, None))
         kv = random_cache(cfg, dtype)
         with torch.inference_mode():
             logits = model(tokens, positions, kv, meta, torch.arange(3))

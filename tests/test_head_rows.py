@@ -9,7 +9,7 @@ from test_kernel_tokens import demo_runner
 from mixserve.shards import ops
 from mixserve.shards.head_rows import LADDER, measure_head_rows
 from mixserve.shards.kernels import linear
-from mixserve.shards.ops import cpu
+from mixserve.shards.ops import cpu_rows
 from mixserve.shards.quant.config import QuantizationConfig
 from mixserve.shards.runner import ModelRunner
 
@@ -38,7 +38,7 @@ def test_the_head_is_timed_until_torch_is_clearly_faster_and_its_cap_followed(ru
     assert sizes[-1] == LADDER[-1] or cap < sizes[-1]  # the whole ladder, unless torch won on the way
     assert cap in (linear.MAX_ROWS, *LADDER) and linear.max_rows() == cap
     head = r.model.kernel_ends().head
-    assert cpu._linear_in_kernel(dtype, cap, head) and not cpu._linear_in_kernel(dtype, cap + 1, head)
+    assert cpu_rows.linear_in_kernel(dtype, cap, head) and not cpu_rows.linear_in_kernel(dtype, cap + 1, head)
 
 
 def test_the_router_s_largest_batch_bounds_the_rows_timed(runner_for):

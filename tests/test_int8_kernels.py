@@ -15,7 +15,7 @@ from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.kernels import linear, moe, native
 from mixserve.shards.model import DecoderLayer
 from mixserve.shards.ops import reference
-from mixserve.shards.ops.cpu import decoder_layer_step
+from mixserve.shards.ops.cpu_layers import decoder_layer_step
 from mixserve.shards.quant.config import QuantizationConfig
 from mixserve.shards.quant.int8_layers import Int8Experts, Int8Linear
 from mixserve.shards.quant.int8_weight import Int8Weight

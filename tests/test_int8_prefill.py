@@ -11,7 +11,7 @@ from mixserve.shards import ops
 from mixserve.shards.attention_metadata import AttentionMetadata
 from mixserve.shards.kernels import dequantize, linear, moe, native
 from mixserve.shards.kv_cache import KVCache
-from mixserve.shards.ops import cpu, int8_gemm, reference
+from mixserve.shards.ops import cpu, cpu_layers, cpu_rows, int8_gemm, reference
 from mixserve.shards.quant.int8_weight import Int8Weight
 from tests.test_bf16_kernels import as_kernel_reads, build  # noqa: F401 - a fixture
 from tests.test_decoder_layer_kernel import config, random_layer
@@ -114,10 +114,10 @@ def spy(monkeypatch, module, name: str) -> list[int]:
 @pytest.mark.usefixtures("build")
 def test_int8_ops_past_the_caps(monkeypatch, bf16_gemm, dtype):
     """The ops at decode sizes, at the MoE kernel's cap, past it over several tiles, and a linear around
-    INT8_GEMM_LINEAR_ROWS: each against the reference, through the path `_int8_gemm` picks (the GEMM in
+    INT8_GEMM_LINEAR_ROWS: each against the reference, through the path `cpu_rows.int8_gemm` picks (the GEMM in
     bf16 where the CPU has the bf16 dot product past the MoE kernel's cap and from INT8_GEMM_LINEAR_ROWS
     rows of a linear; past the caps where the build has no vector loop; the kernels, over tiles, otherwise)."""
-    monkeypatch.setattr(cpu, "_bf16_gemm", lambda: bf16_gemm)
+    monkeypatch.setattr(cpu_rows, "bf16_gemm", lambda: bf16_gemm)
     chosen = ops.select("native", CPU, dtype)
     assert chosen.backends["fused_moe"] == chosen.backends["linear_rows"] == "native"
     vectors = moe.vector_floats() >= 8
@@ -140,14 +140,14 @@ def test_int8_ops_past_the_caps(monkeypatch, bf16_gemm, dtype):
         assert len(kernel_calls) == (0 if gemm else tiles)
     linear_gemm = spy(monkeypatch, int8_gemm, "linear_rows")
     weight = Int8Weight.quantize(torch.randn(300, 64))
-    for rows in (4, linear.MAX_ROWS + 1, cpu.INT8_GEMM_LINEAR_ROWS - 1, cpu.INT8_GEMM_LINEAR_ROWS, 200):
+    for rows in (4, linear.MAX_ROWS + 1, cpu_rows.INT8_GEMM_LINEAR_ROWS - 1, cpu_rows.INT8_GEMM_LINEAR_ROWS, 200):
         linear_gemm.clear()
         x = torch.randn(rows, 64).to(dtype)
         got = chosen.linear_rows(x, weight)
         expected = reference.linear_rows(x.float(), weight).to(dtype)
         torch.testing.assert_close(got, expected, **OP_TOLERANCE[dtype])
         if dtype is BF16 and bf16_gemm:
-            gemm = rows >= cpu.INT8_GEMM_LINEAR_ROWS
+            gemm = rows >= cpu_rows.INT8_GEMM_LINEAR_ROWS
         else:
             gemm = rows > linear.MAX_ROWS and not vectors
         assert len(linear_gemm) == int(gemm)
@@ -157,17 +157,17 @@ def test_int8_ops_past_the_caps(monkeypatch, bf16_gemm, dtype):
 def test_decoder_layer_kernel_takes_int8_steps_up_to_its_cap(monkeypatch, dtype):
     """Int8 steps fit the decoder-layer kernel up to its token cap in bf16 (where the CPU's GEMM has the
     bf16 dot product) as in fp32, and past it they do not."""
-    monkeypatch.setattr(cpu, "_bf16_gemm", lambda: True)
+    monkeypatch.setattr(cpu_rows, "bf16_gemm", lambda: True)
     cfg = config()
     halves = int8_layer(random_layer(cfg)).kernel_halves()
     cap = moe.max_tokens()
     cache = KVCache(1, 40, 4, cfg.num_key_value_heads, cfg.head_dim, dtype, CPU)
-    for tokens in (1, cpu.INT8_GEMM_LINEAR_ROWS, cap, cap + 1):
+    for tokens in (1, cpu_rows.INT8_GEMM_LINEAR_ROWS, cap, cap + 1):
         meta = AttentionMetadata(  # one decode token per sequence, each the first of block 0
             slot_mapping=torch.zeros(tokens, dtype=torch.int64),
             num_decode_tokens=tokens,
             decode_block_tables=torch.zeros(tokens, 1, dtype=torch.int64),
             decode_context_lens=torch.ones(tokens, dtype=torch.int64),
         )
-        fits = cpu._step_fits(halves, tokens, dtype, cache, meta)
+        fits = cpu_layers._step_fits(halves, tokens, dtype, cache, meta)
         assert fits is (tokens <= cap)

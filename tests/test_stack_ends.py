@@ -15,7 +15,7 @@ from mixserve.shards.config import ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.kernels import decoder_layer, decoder_stack, linear
 from mixserve.shards.loader import load_model
-from mixserve.shards.ops import cpu
+from mixserve.shards.ops import cpu_layers
 from mixserve.shards.parallel_greedy import combine_stats, slice_stats
 from mixserve.shards.quant.config import QuantizationConfig
 
@@ -132,7 +132,7 @@ def test_rows_outside_the_step_and_a_token_count_not_the_steps_are_refused(demo_
     kv = random_cache(model.config, torch.float32)
     hidden = torch.empty(2, model.config.hidden_size)
     step = decoder_layer.prepare_step(hidden, positions, meta, kv.layer(0), *halves)
-    stack, shm = cpu._stack(model.layers, kv, step)
+    stack, shm = cpu_layers._stack(model.layers, kv, step)
     logits = torch.empty(1, ends.vocab_rows)
     with pytest.raises(ValueError, match="head refused its rows"):
         decoder_stack.run(step, stack, shm, ends.step(torch.tensor([4, 8]), torch.tensor([2]), logits, None))
