@@ -54,9 +54,10 @@ def mixed_step(vocab: int, prompt_logprobs: bool) -> list[SequenceStep]:
     ]
 
 
-def run(model, steps, tiles: bool, dtype: torch.dtype, kernel_calls: list[int]):
-    """(logits, greedy statistics, pools) of the step with the cap at TILE, in tiles or not at all (torch)
-    or, with the cap at the kernel's top size, in one call; and how many kernel calls ran."""
+def run(model, steps, tiles: bool | None, dtype: torch.dtype, kernel_calls: list[int]):
+    """(logits, greedy statistics, pools) of the step with the cap at TILE, in tiles (True) or not at all
+    (False: torch) or, with the cap at the kernel's top size, in one call (None); and how many kernel calls
+    ran."""
     cap = TILE if tiles is not None else moe.TIMED_MAX_TOKENS
     ops.set_decoder_layer_tokens(cap, bool(tiles))
     moe.set_measured_cap(cap)
