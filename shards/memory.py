@@ -13,8 +13,11 @@ batch 256 and context 32k) would not even fit the device.
 
 On CUDA the peak comes from the caching allocator's statistics; elsewhere from `LiveBytes`, which
 counts the storages the step creates (on the meta device too, so the sizing can be checked at a
-large model's real shapes without its memory). On CPU the budget stays a share of MemAvailable
-(the shards of a host share it); the report is the same.
+large model's real shapes without its memory). On CPU the budget is a share of MemAvailable (the
+shards of a host share it) and the activations come from the rest, so the peak would size nothing:
+a CPU shard does not run the worst-case steps (on a 2-shard demo start they were ~3-5 s of a 5-7.6 s
+warm-up: benchmarks/results/cpu-start-warmup), and its report's peak is 0, "not measured". `measure_worst_case` still measures a
+CPU model where called.
 """
 
 import gc
@@ -200,18 +203,21 @@ def measure_worst_case(
 def size_kv_cache(
     runner: ModelRunner, limits: StepLimits, weight_bytes: int, max_blocks: int, cpu_budget_bytes: int
 ) -> MemoryReport:
-    """Measure the worst-case steps, then give the KV cache what is left; every rank ends with the
-    same block count (the minimum over the group). Raises InsufficientMemory where none is left."""
+    """Measure the worst-case steps (not on CPU, whose budget they would not change), then give the KV
+    cache what is left; every rank ends with the same block count (the minimum over the group). Raises
+    InsufficientMemory where none is left."""
     device = runner.device
-    try:
-        peak = measure_worst_case(runner, limits, runner.step)
-    except torch.cuda.OutOfMemoryError as e:
-        raise InsufficientMemory(
-            f"the worst-case step (batch {limits.max_batch_size} at context {limits.max_context}, "
-            f"{limits.max_batch_tokens} tokens) ran out of device memory beside {_gib(weight_bytes)} of weights: "
-            "lower --max-batch-size, --max-batch-prefill-tokens or --max-total-tokens, or add shards"
-        ) from e
-    runner.kv_cache = None
+    peak = 0
+    if device.type != "cpu":
+        try:
+            peak = measure_worst_case(runner, limits, runner.step)
+        except torch.cuda.OutOfMemoryError as e:
+            raise InsufficientMemory(
+                f"the worst-case step (batch {limits.max_batch_size} at context {limits.max_context}, "
+                f"{limits.max_batch_tokens} tokens) ran out of device memory beside {_gib(weight_bytes)} of "
+                "weights: lower --max-batch-size, --max-batch-prefill-tokens or --max-total-tokens, or add shards"
+            ) from e
+    runner.kv_cache = None  # the warm-up cache, or an earlier Warmup's, freed before the new one
     gc.collect()
     block_bytes = runner.bytes_per_block()
     # Decode graphs keep one block past the router's as their padding rows' scratch.

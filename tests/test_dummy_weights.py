@@ -104,6 +104,7 @@ async def test_server_on_dummy_weights_answers_and_reports_its_memory(launch, co
     memory = info["memory"]
     assert memory["kv_cache_bytes"] == info["kv_blocks_total"] * memory["block_bytes"]
     assert memory["weight_bytes"] == info["weight_bytes_per_shard"] > 0
-    assert memory["peak_activation_bytes"] > 0 and memory["free_bytes"] >= memory["kv_cache_bytes"]
+    assert memory["peak_activation_bytes"] == 0  # CPU: the worst-case steps are not run
+    assert memory["free_bytes"] >= memory["kv_cache_bytes"]
     assert memory["max_context_tokens"] == info["max_total_tokens"]
     assert memory["max_batch_size"] == info["max_batch_size"]
