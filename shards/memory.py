@@ -16,8 +16,8 @@ counts the storages the step creates (on the meta device too, so the sizing can 
 large model's real shapes without its memory). On CPU the budget is a share of MemAvailable (the
 shards of a host share it) and the activations come from the rest, so the peak would size nothing:
 a CPU shard does not run the worst-case steps (on a 2-shard demo start they were ~3-5 s of a 5-7.6 s
-warm-up: benchmarks/results/cpu-start-warmup), and its report's peak is 0, "not measured". `measure_worst_case` still measures a
-CPU model where called.
+warm-up: benchmarks/results/cpu-start-warmup), and its report's peak is 0, "not measured".
+`measure_worst_case` still measures a CPU model where called.
 """
 
 import gc
