@@ -253,6 +253,18 @@ def _top1_after_each(model, kv_cache, sequences: torch.Tensor, prompt_len: int) 
     return torch.stack(top1)
 
 
+def prompt_rows(tokenizer, length: int = 48) -> tuple[torch.Tensor, int, int]:
+    """Four short prompts as rows [4, length] for _top1_after_each: each cut to the shortest one's tokens
+    (prompt_len), -1 after them; with prompt_len and length."""
+    texts = ("Once upon a time", "The little dog", "She opened the door and", "In the morning the")
+    prompts = [tokenizer.encode(text) for text in texts]
+    prompt_len = min(len(p) for p in prompts)
+    sequences = torch.full((len(prompts), length), -1)
+    for row, prompt in enumerate(prompts):
+        sequences[row, :prompt_len] = torch.tensor(prompt[-prompt_len:])
+    return sequences, prompt_len, length
+
+
 def test_demo_model_in_bf16_through_the_kernels_agrees_with_torch_bf16(demo_tokenizer):
     """The trained demo in bf16: torch bf16 continues four prompts greedily; teacher-forced on those
     tokens, the next token the model picks through the kernels (bf16 weights and cache, fp32
@@ -266,12 +278,7 @@ def test_demo_model_in_bf16_through_the_kernels_agrees_with_torch_bf16(demo_toke
     model_dir = ensure_demo_checkpoint(DemoConfig(train_steps=TRAINED_DEMO_STEPS))
     model = load_model(model_dir, parallel, TensorParallelGroup(parallel), dtype=BF16)
     cfg = model.config
-    texts = ("Once upon a time", "The little dog", "She opened the door and", "In the morning the")
-    prompts = [demo_tokenizer.encode(text) for text in texts]
-    prompt_len, length = min(len(p) for p in prompts), 48
-    sequences = torch.full((len(prompts), length), -1)
-    for row, prompt in enumerate(prompts):
-        sequences[row, :prompt_len] = torch.tensor(prompt[-prompt_len:])
+    sequences, prompt_len, length = prompt_rows(demo_tokenizer)
 
     def cache() -> KVCache:
         return KVCache(cfg.num_hidden_layers, 64, 16, cfg.num_key_value_heads, cfg.head_dim, BF16, CPU)

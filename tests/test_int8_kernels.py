@@ -5,6 +5,8 @@ torch fallback (dequantize on the fly), and the demo model loaded in int8 throug
 against the same int8 model through the torch reference. The kernel tests run on each build this
 machine can make: its own (AVX-512 here), AVX2 and plain C (tests/test_bf16_kernels.py's `build`)."""
 
+import ctypes
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +21,13 @@ from mixserve.shards.ops.cpu_layers import decoder_layer_step
 from mixserve.shards.quant.config import QuantizationConfig
 from mixserve.shards.quant.int8_layers import Int8Experts, Int8Linear
 from mixserve.shards.quant.int8_weight import Int8Weight
-from tests.test_bf16_kernels import TRAINED_DEMO_STEPS, _top1_after_each, as_kernel_reads, build  # noqa: F401
+from tests.test_bf16_kernels import (  # noqa: F401
+    TRAINED_DEMO_STEPS,
+    _top1_after_each,
+    as_kernel_reads,
+    build,
+    prompt_rows,
+)
 from tests.test_decoder_layer_kernel import config, decode_metadata, prepare, random_cache, random_layer
 
 CPU = torch.device("cpu")
@@ -28,9 +36,9 @@ INT8_WO = QuantizationConfig("int8-wo")
 
 def int8_kernel_reads(x: torch.Tensor, in_features: int) -> torch.Tensor:
     """x as the loaded build's kernels meet a bf16 model's int8 codes of `in_features` inputs: each row
-    quantized to 15 bits with a step of max |x| / 16383 (rows_times_codes_dpwssd.h) where the build has VNNI's
-    int16 dot product and K is a multiple of 32, else as bf16 weights meet it."""
-    if not (native.load("moe").moe_int8_int16_dot_products() and in_features % 32 == 0 and in_features <= 16384):
+    quantized to 15 bits with a step of max |x| / 16383 (rows_to_i16.h) where the build's int16 dot product
+    (VNNI's, or AVX2's multiply-add) takes K, else as bf16 weights meet it."""
+    if not native.load("moe").moe_int8_int16_takes(ctypes.c_int64(in_features)):
         return as_kernel_reads(x, in_features)
     largest = x.abs().amax(dim=-1, keepdim=True)
     inverse = torch.where(largest > 0, (16383.0 / largest.double()).float(), torch.zeros_like(largest))
@@ -131,6 +139,28 @@ def test_a_bf16_models_int8_rows_do_not_depend_on_their_neighbours():
             assert torch.equal(linear.linear_rows(x[row : row + 2], weight), together[row : row + 2])
     finally:
         native.set_int8_bf16_activations(False)
+
+
+@pytest.mark.usefixtures("build")
+def test_the_int16_dot_products_hold_the_largest_sums_they_take():
+    """At the largest K the build's int16 dot product takes (8192 with AVX2's multiply-add, 16384 with
+    VNNI's), every product at its largest (x at 16383 steps, codes at 127, all of one sign) sums exactly:
+    an int32 lane that overflowed would not give K."""
+    takes = native.load("moe").moe_int8_int16_takes
+    largest = [k for k in (8192, 16384) if takes(ctypes.c_int64(k))]
+    if not largest:
+        pytest.skip("this build has no int16 dot product")
+    K = largest[-1]
+    assert not takes(ctypes.c_int64(2 * K)) and not takes(ctypes.c_int64(K + 8))
+    weight = Int8Weight.quantize(torch.ones(8, K))
+    x = torch.tensor([[1.0] * K, [-1.0] * K, [0.5] * K])
+    native.set_int8_bf16_activations(True)
+    try:
+        got = linear.linear_rows(x, weight)
+    finally:
+        native.set_int8_bf16_activations(False)
+    expected = torch.tensor([[K], [-K], [K / 2]], dtype=torch.float32).expand(3, 8)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
 
 
 @pytest.mark.usefixtures("build")
@@ -266,12 +296,14 @@ def load_int8_demo(dtype: torch.dtype = torch.float32, quantization: Quantizatio
     return load_model(model_dir, parallel, TensorParallelGroup(parallel), dtype=dtype, quantization=quantization)
 
 
-def teacher_forced_top1(model, sequences: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """tests/test_bf16_kernels.py's _top1_after_each with a fresh fp32 KV cache: [L, B]."""
+def teacher_forced_top1(
+    model, sequences: torch.Tensor, prompt_len: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """tests/test_bf16_kernels.py's _top1_after_each with a fresh KV cache in `dtype`: [L, B]."""
     from mixserve.shards.kv_cache import KVCache
 
     cfg = model.config
-    cache = KVCache(cfg.num_hidden_layers, 64, 16, cfg.num_key_value_heads, cfg.head_dim, torch.float32, CPU)
+    cache = KVCache(cfg.num_hidden_layers, 64, 16, cfg.num_key_value_heads, cfg.head_dim, dtype, CPU)
     return _top1_after_each(model, cache, sequences, prompt_len)
 
 
@@ -284,12 +316,7 @@ def test_demo_model_in_int8_through_the_kernels_agrees_with_its_torch_reference(
     model = load_int8_demo()
     assert model.lm_head.weight is None and isinstance(model.lm_head.quantized, Int8Linear)
     assert isinstance(model.layers[0].block_sparse_moe.quantized, Int8Experts)
-    texts = ("Once upon a time", "The little dog", "She opened the door and", "In the morning the")
-    prompts = [demo_tokenizer.encode(text) for text in texts]
-    prompt_len, length = min(len(p) for p in prompts), 48
-    sequences = torch.full((len(prompts), length), -1)
-    for row, prompt in enumerate(prompts):
-        sequences[row, :prompt_len] = torch.tensor(prompt[-prompt_len:])
+    sequences, prompt_len, length = prompt_rows(demo_tokenizer)
     with torch.inference_mode():
         ops.select("torch", CPU, torch.float32)
         expected = teacher_forced_top1(model, sequences, prompt_len)
@@ -301,3 +328,24 @@ def test_demo_model_in_int8_through_the_kernels_agrees_with_its_torch_reference(
     assert agreement >= 0.99, f"top-1 agreement {agreement:.3f}"
     against_fp32 = (got == fp32).float().mean().item()
     assert against_fp32 >= 0.97, f"int8 and fp32 agree at {against_fp32:.3f} of positions"
+
+
+def test_demo_model_in_int8_and_bf16_through_the_kernels_agrees_with_its_torch_reference(demo_tokenizer):
+    """The same in a bf16 model, where the kernels meet the int8 codes with each row of x quantized to 15
+    bits in an int16 dot product where the build has one (VNNI's, or AVX2's multiply-add: rows_to_i16.h),
+    else rounded to bf16 or widened, and the torch reference multiplies the codes dequantized to bf16: the
+    kernels' picks equal the reference's at >= 99 % of positions, and the bf16 model's at >= 97 %."""
+    bf16 = torch.bfloat16
+    model = load_int8_demo(bf16)
+    sequences, prompt_len, length = prompt_rows(demo_tokenizer)
+    with torch.inference_mode():
+        ops.select("torch", CPU, bf16)
+        expected = teacher_forced_top1(model, sequences, prompt_len, bf16)
+        chosen = ops.select("native", CPU, bf16)
+        got = teacher_forced_top1(model, sequences.clone(), length, bf16)
+        plain = teacher_forced_top1(load_int8_demo(bf16, quantization=None), sequences.clone(), length, bf16)
+    assert chosen.backends["decoder_layers"] == "native" and chosen.backends["linear_rows"] == "native"
+    agreement = (got == expected).float().mean().item()
+    assert agreement >= 0.99, f"top-1 agreement {agreement:.3f}"
+    against_bf16 = (got == plain).float().mean().item()
+    assert against_bf16 >= 0.97, f"int8 and bf16 agree at {against_bf16:.3f} of positions"

@@ -37,9 +37,11 @@ int moe_vector_floats(void) {
    are widened to fp32 against fp32 activations. */
 int moe_bf16_dot_products(void) { return bf16_dot_products(); }
 
-/* 1 where a bf16 model's int8 codes meet activations quantized to 15 bits in VNNI's int16 dot product
-   (rows_times_codes_dpwssd.h), 0 where they meet them rounded to bf16 (or widened to fp32). */
+/* 1 where a bf16 model's int8 codes meet activations quantized to 15 bits in an int16 dot product (VNNI's
+   rows_times_codes_dpwssd.h, AVX2's rows_times_codes_maddwd.h), 0 where they meet them rounded to bf16 (or
+   widened to fp32); moe_int8_int16_takes: whether it takes codes of K inputs. */
 int moe_int8_int16_dot_products(void) { return int8_int16_dot_products(); }
+int moe_int8_int16_takes(int64_t K) { return int8_int16_takes(K); }
 
 /* 1 where bf16 weights of 1 MiB and more (K 512 and more) meet activations rounded to bf16 in AMX's tiles
    (rows_times_weight_amx.h), 0 where every bf16 product takes the vector path. */

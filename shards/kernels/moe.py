@@ -52,7 +52,8 @@ def bf16_dot_products() -> bool:
 
 def int8_int16_dot_products() -> bool:
     """Whether this build's matmuls meet a bf16 model's int8 codes with their inputs quantized to 15 bits in
-    VNNI's int16 dot product (AVX512_VNNI, K a multiple of 32 up to 16384; rows_times_codes_dpwssd.h)."""
+    an int16 dot product: VNNI's (AVX512_VNNI, K a multiple of 32 up to 16384; rows_times_codes_dpwssd.h) or,
+    without AVX-512, AVX2's multiply-add (K a multiple of 16 up to 8192; rows_times_codes_maddwd.h)."""
     dot = native.function("moe", "moe_int8_int16_dot_products", [])
     return dot is not None and bool(dot())
 

@@ -21,7 +21,8 @@
    made bf16 once per block rather than once per pair of rows (at 32 rows of a 3584 x 1024 weight, half
    the time of widening to fp32). With AVX512_VNNI a bf16 model's codes meet x quantized to 15 bits in
    the int16 dot product instead (rows_times_codes_dpwssd.h: one sign extension per 32 codes; on the AMX
-   Xeon, whose memory is slower than the EPYC's, the five conversions to bf16 bounded a batch-1 step). */
+   Xeon, whose memory is slower than the EPYC's, the five conversions to bf16 bounded a batch-1 step), and
+   without AVX-512 in AVX2's int16 multiply-add (rows_times_codes_maddwd.h), the same integers. */
 
 #ifndef MIXSERVE_ROWS_TIMES_WEIGHT_H
 #define MIXSERVE_ROWS_TIMES_WEIGHT_H
@@ -270,21 +271,34 @@ static int rows_times_codes_dpbf16(const uint16_t *xb, int64_t R, const int8_t *
 #endif
 #endif
 
+/* A bf16 model's int8 codes against x quantized to 15 bits (rows_to_i16.h) in an int16 dot product: VNNI's
+   vpdpwssd with AVX-512, AVX2's vpmaddwd and vpaddd on CPUs without AVX-512 (the same integers, the same
+   bits). AVX-512 CPUs without VNNI keep widening the codes to fp32 (not measured there). */
 #if defined(HAVE_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define HAVE_AVX512_VNNI 1
 #include "rows_times_codes_dpwssd.h"
+#define HAVE_INT16_CODES 1
+#define RTW_INT16_K_MULTIPLE 32
+#define RTW_INT16_MAX_K RTW_DPWSSD_MAX_K
+#define rows_times_codes_int16 rows_times_codes_dpwssd
+#elif defined(HAVE_AVX2) && !defined(HAVE_AVX512)
+#include "rows_times_codes_maddwd.h"
+#define HAVE_INT16_CODES 1
+#define RTW_INT16_K_MULTIPLE 16
+#define RTW_INT16_MAX_K RTW_MADDWD_MAX_K
+#define rows_times_codes_int16 rows_times_codes_maddwd
 #endif
 
-/* Whether int8 codes meet x at a bf16 model's precision: quantized to 15 bits in VNNI's int16 dot product
-   (rows_times_codes_dpwssd) where the build has it, else rounded to bf16 in bf16's dot product
+/* Whether int8 codes meet x at a bf16 model's precision: quantized to 15 bits in an int16 dot product
+   (rows_times_codes_int16) where the build has one, else rounded to bf16 in bf16's dot product
    (rows_times_codes_dpbf16). On for a bf16 model (kernel_set_int8_bf16_activations); off, x stays fp32
    against codes widened to fp32. */
 static int rtw_int8_bf16_activations = 0;
 
 /* Let int8 weights meet x at a bf16 model's precision (1) or not (0); returns whether they will (0 without
-   AVX512_BF16 and AVX512_VNNI). */
+   AVX512_BF16 and an int16 dot product). */
 int kernel_set_int8_bf16_activations(int on) {
-#if defined(HAVE_AVX512_BF16) || defined(HAVE_AVX512_VNNI)
+#if defined(HAVE_AVX512_BF16) || defined(HAVE_INT16_CODES)
     rtw_int8_bf16_activations = on != 0;
 #else
     (void)on;
@@ -292,12 +306,23 @@ int kernel_set_int8_bf16_activations(int on) {
     return rtw_int8_bf16_activations;
 }
 
-/* Whether a bf16 model's int8 codes meet x quantized to 15 bits in VNNI's int16 dot product in this build (K
-   a multiple of 32, at most RTW_DPWSSD_MAX_K): 1, or 0. */
+/* Whether a bf16 model's int8 codes meet x quantized to 15 bits in an int16 dot product in this build (for
+   some K: int8_int16_takes): 1, or 0. */
 static inline int int8_int16_dot_products(void) {
-#ifdef HAVE_AVX512_VNNI
+#ifdef HAVE_INT16_CODES
     return 1;
 #else
+    return 0;
+#endif
+}
+
+/* Whether the int16 dot product takes codes of K inputs (a multiple of RTW_INT16_K_MULTIPLE, at most
+   RTW_INT16_MAX_K, whose products' sums fit its int32 lanes): 1, or 0. */
+static inline int int8_int16_takes(int64_t K) {
+#ifdef HAVE_INT16_CODES
+    return K > 0 && K % RTW_INT16_K_MULTIPLE == 0 && K <= RTW_INT16_MAX_K;
+#else
+    (void)K;
     return 0;
 #endif
 }
@@ -341,9 +366,9 @@ static inline int bf16_dot_products(void) {
 static void rows_times_weight(const float *x, int64_t R, int64_t ldx, const void *W, int weight_type,
                               const float *scale, int64_t N, int64_t K, float *y, int64_t ldy) {
     int64_t n0 = 0;
-#ifdef HAVE_AVX512_VNNI
-    if (weight_type == ELEMENT_I8 && rtw_int8_bf16_activations && K % 32 == 0 && K <= RTW_DPWSSD_MAX_K && R > 0 &&
-        rows_times_codes_dpwssd(x, R, ldx, W, scale, N, K, y, ldy) == 0)
+#ifdef HAVE_INT16_CODES
+    if (weight_type == ELEMENT_I8 && rtw_int8_bf16_activations && int8_int16_takes(K) && R > 0 &&
+        rows_times_codes_int16(x, R, ldx, W, scale, N, K, y, ldy) == 0)
         return;
 #endif
 #ifdef HAVE_AVX512_BF16
