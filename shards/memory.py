@@ -237,6 +237,11 @@ def size_kv_cache(
     if max_blocks:
         num_blocks = min(num_blocks, max_blocks)
     num_blocks = runner.group.all_reduce_min(num_blocks)
+    if num_blocks < 1 and device.type == "cpu":
+        raise InsufficientMemory(
+            f"no room for a KV cache: this shard's KV budget ({cpu_budget_bytes} bytes, a share of MemAvailable) "
+            f"holds no block of {block_bytes} bytes: free memory, lower --block-size, or add shards"
+        )
     if num_blocks < 1:
         raise InsufficientMemory(
             f"no room for a KV cache: {_gib(free)} free after {_gib(weight_bytes)} of weights, the worst-case step "
