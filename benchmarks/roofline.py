@@ -43,7 +43,8 @@ class MachinePeaks:
     matmul_flop_s: float
 
 
-def _best_seconds(fn, repeats: int) -> float:
+def best_seconds(fn, repeats: int) -> float:
+    """Seconds of the fastest of `repeats` calls of fn, after one untimed call."""
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -62,11 +63,11 @@ def measure_peaks(threads: int, bandwidth_bytes: int, repeats: int = 5) -> Machi
     try:
         source = torch.ones(bandwidth_bytes // 4, dtype=torch.float32)
         target = torch.empty_like(source)
-        read_s = _best_seconds(source.sum, repeats)
-        copy_s = _best_seconds(lambda: target.copy_(source), repeats)
+        read_s = best_seconds(source.sum, repeats)
+        copy_s = best_seconds(lambda: target.copy_(source), repeats)
         a = torch.randn(MATMUL_SIZE, MATMUL_SIZE)
         b = torch.randn(MATMUL_SIZE, MATMUL_SIZE)
-        matmul_s = _best_seconds(lambda: torch.mm(a, b), repeats)
+        matmul_s = best_seconds(lambda: torch.mm(a, b), repeats)
     finally:
         torch.set_num_threads(previous)
     return MachinePeaks(threads, bandwidth_bytes / read_s, 2 * bandwidth_bytes / copy_s, 2 * MATMUL_SIZE**3 / matmul_s)

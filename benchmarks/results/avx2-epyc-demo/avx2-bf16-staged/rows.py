@@ -4,10 +4,10 @@ given, for comparing two builds' bits. `python rows.py OUT.pt [bf16|int8]`, with
 
 import json
 import sys
-import time
 
 import torch
 
+from mixserve.benchmarks.roofline import best_seconds
 from mixserve.shards.kernels import linear, moe
 from mixserve.shards.quant.int8_weight import Int8Weight
 
@@ -15,13 +15,7 @@ HIDDEN, INTER, EXPERTS, VOCAB = 512, 1024, 8, 4096  # per rank of 2: w13 rows 10
 
 
 def best(fn, n: int = 15) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
+    return best_seconds(fn, n)
 
 
 def main() -> None:

@@ -5,10 +5,10 @@ Shapes: the demo's LM head and expert slices at one of two ranks, and Mixtral-8x
 Run from the repository root: python benchmarks/results/avx2-epyc-demo/avx2-int8-maddwd/rows.py"""
 
 import ctypes
-import time
 
 import torch
 
+from mixserve.benchmarks.roofline import best_seconds
 from mixserve.shards import ops
 from mixserve.shards.kernels import linear, native
 from mixserve.shards.quant.int8_weight import Int8Weight
@@ -26,13 +26,7 @@ print(
 
 
 def fastest(run, times: int = 20) -> float:
-    run()
-    best = float("inf")
-    for _ in range(times):
-        started = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - started)
-    return best * 1e3
+    return best_seconds(run, times) * 1e3
 
 
 for n, k, name in (
