@@ -1,19 +1,16 @@
 """Before the launcher starts a shard: the checkpoint named, the flags checked against the host, and
-each shard group's GPUs. Never imports torch: the host is probed by `python -m shards.preflight`
-in a child process, which runs the shards' own checks.
+each shard group's GPUs. Never imports torch: the host is probed in another process by the shards' own
+checks (shards/preflight.py; router/shard_standby.py starts it).
 """
 
 import argparse
 import json
 import re
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 # A Hugging Face hub repository id: owner/name.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-PREFLIGHT_TIMEOUT_S = 300.0
 
 
 class HostCheckFailed(Exception):
@@ -51,45 +48,28 @@ def check_model_dir(model: str) -> None:
     raise HostCheckFailed(f"--model {model}: no such directory")
 
 
-def start_preflight(args: argparse.Namespace) -> subprocess.Popen:
-    """Start checking --device/--dtype/--quantize/--num-shard/--replicas/--moe-parallel against this host
-    in a child process (it writes the demo checkpoint when no --model is given), and return at once:
-    the launcher imports its serving half while the child imports torch. `preflight_plan` reads the
-    answer. HostCheckFailed at once where --model is no checkpoint directory."""
+def host_check_flags(args: argparse.Namespace) -> list[str]:
+    """The host check's flags (shards/preflight.py's): --device/--dtype/--quantize/--num-shard/--replicas/
+    --moe-parallel and the checkpoints (it writes the demo checkpoint when no --model is given).
+    HostCheckFailed at once where --model is no checkpoint directory."""
     if args.model is not None:
         check_model_dir(args.model)
-    cmd = [sys.executable, "-m", "mixserve.shards.preflight", "--device", args.device, "--dtype", args.dtype]
-    cmd += ["--replicas", str(args.replicas), "--moe-parallel", args.moe_parallel]
+    flags = ["--device", args.device, "--dtype", args.dtype]
+    flags += ["--replicas", str(args.replicas), "--moe-parallel", args.moe_parallel]
     if args.quantize:
-        cmd += ["--quantize", args.quantize]
+        flags += ["--quantize", args.quantize]
     if args.num_shard is not None:
-        cmd += ["--num-shard", str(args.num_shard)]
+        flags += ["--num-shard", str(args.num_shard)]
     if args.model is not None:
-        cmd += ["--model", args.model]
+        flags += ["--model", args.model]
     if args.speculative_model:
-        cmd += ["--speculative-model", args.speculative_model]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        flags += ["--speculative-model", args.speculative_model]
+    return flags
 
 
-def preflight_plan(check: subprocess.Popen) -> HostPlan:
-    """The plan of a host check `start_preflight` started, once it has answered, or HostCheckFailed with
-    the reason."""
-    try:
-        stdout, stderr = check.communicate(timeout=PREFLIGHT_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        check.kill()
-        check.communicate()
-        raise HostCheckFailed(
-            f"the host check (python -m shards.preflight) took over {PREFLIGHT_TIMEOUT_S:.0f}s"
-        ) from None
-    except BaseException:  # interrupted (SIGINT): the check is no longer wanted
-        check.kill()
-        raise
-    lines = stdout.strip().splitlines()
-    if check.returncode != 0 or not lines:
-        last = (stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise HostCheckFailed(f"cannot start shards on this host: the host check failed: {last}")
-    answer = json.loads(lines[-1])
+def read_answer(line: str) -> HostPlan:
+    """The plan in the host check's answer (one JSON line), or HostCheckFailed with its reason."""
+    answer = json.loads(line)
     if not answer.pop("ok"):
         raise HostCheckFailed(answer["error"])
     return HostPlan(**answer)

@@ -8,10 +8,8 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from aiohttp import web
@@ -26,6 +24,7 @@ from mixserve.router.replicas import build_replicas
 from mixserve.router.scheduler import SchedulerConfig
 from mixserve.router.server import ServerConfig, build_app
 from mixserve.router.shard_processes import ShardSupervisor, prefill_tokens_per_step
+from mixserve.router.shard_standby import HostCheck
 from mixserve_pb import shard_pb2
 
 log = logging.getLogger("mixserve.launcher")
@@ -68,32 +67,34 @@ def resolve_model(model: str | None) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-async def serve(args: argparse.Namespace, group_addresses: list[str | None], plan: HostPlan | None) -> int:
+async def serve(
+    args: argparse.Namespace,
+    group_addresses: list[str | None],
+    plan: HostPlan | None,
+    socket_root: Path,
+    stop: asyncio.Event,
+    check: HostCheck | None = None,
+) -> int:
+    """Start (or reach) every shard group, the ones started beside the host `check` taken as they are,
+    and serve until `stop` is set (SIGINT, SIGTERM); `socket_root`: the private directory of the shards'
+    sockets."""
     if args.log_prompts:
         # Off by default where its module sets it (router/output_processor.py, imported above).
         logging.getLogger("mixserve.prompts").setLevel(logging.INFO)
-    # Handled from the first moment: a stop during start-up must stop the shards started so far.
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     model_dir = plan.model_dir if plan is not None else resolve_model(args.model)
     devices = group_devices(plan, args, len(group_addresses))
     # Loaded in a thread while the shards start (~0.5 s, transformers' import most of it); the fast
     # tokenizer class needs no torch.
     loading = asyncio.ensure_future(asyncio.to_thread(load_tokenizer, model_dir))
     loading.add_done_callback(lambda done: done.cancelled() or done.exception())  # read where never awaited
-    with tempfile.TemporaryDirectory(prefix="mixserve-") as tmp:
-        socket_root = Path(tmp)
-        os.chmod(socket_root, 0o700)
-        groups = [
-            ShardSupervisor(args, model_dir, socket_root, i, a, d)
-            for i, (a, d) in enumerate(zip(group_addresses, devices, strict=True))
-        ]
-        try:
-            return await _serve_with_shards(args, model_dir, loading, groups, stop)
-        finally:
-            await asyncio.gather(*(shards.stop() for shards in groups))
+    groups = [
+        ShardSupervisor(args, model_dir, socket_root, i, a, d, check.take(i) if check and a is None else None)
+        for i, (a, d) in enumerate(zip(group_addresses, devices, strict=True))
+    ]
+    try:
+        return await _serve_with_shards(args, model_dir, loading, groups, stop)
+    finally:
+        await asyncio.gather(*(shards.stop() for shards in groups))
 
 
 def weights_kind(args: argparse.Namespace) -> str:

@@ -11,16 +11,23 @@ up to --max-restarts times; past that it stops everything and exits non-zero. SI
 time, stop accepting, let in-flight streams finish up to --graceful-timeout, stop the shards and
 exit 0. With --grpc-port, the public gRPC service runs on the same loop and drains the same way.
 
-This module checks the flags and the host (router/host_check.py) and hands over to the serving half
-(router/launch_serving.py), whose imports run while the host check does.
+This module checks the flags and the host (router/host_check.py; on a CPU host in shard 0, the shards
+importing beside it: router/shard_standby.py) and hands over to the serving half
+(router/launch_serving.py), whose imports run meanwhile.
 """
 
 import argparse
 import asyncio
 import logging
+import os
+import signal
+import tempfile
+from pathlib import Path
 
-from mixserve.router.host_check import HostCheckFailed, check_model_dir, preflight_plan, start_preflight
+from mixserve.router.host_check import HostCheckFailed, check_model_dir
 from mixserve.router.launch_args import add_arguments as add_arguments  # the subcommand's flags (cli.py)
+from mixserve.router.shard_standby import HostCheck
+from mixserve.router.stopping import unless_stopped
 
 log = logging.getLogger("mixserve.launcher")
 
@@ -59,29 +66,52 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         log.error("event=startup_failed error=%s", e)
         return 1
-    plan = None
-    try:
-        # Shards start here: every flag is checked against this host first, in one line if it fails.
-        check = start_preflight(args) if None in group_addresses else None
-        # The serving half's imports (aiohttp, grpc, the engine: ~1 s) while the host check imports torch.
-        from mixserve.router.launch_serving import serve
+    return asyncio.run(check_and_serve(args, group_addresses))
 
-        if check is not None:
-            plan = preflight_plan(check)
-            args.num_shard = plan.num_shard
-            log.info(
-                "event=host_checked num_shard=%d replicas=%d device=%s device_count=%d dtype=%s cpu_count=%d demo=%s",
-                plan.num_shard,
-                args.replicas,
-                plan.device_type,
-                plan.device_count,
-                plan.dtype,
-                plan.cpu_count,
-                plan.demo,
-            )
-        elif args.model is not None:
-            check_model_dir(args.model)
-    except HostCheckFailed as e:
-        log.error("event=startup_refused error=%s", e)
-        return 2
-    return asyncio.run(serve(args, group_addresses, plan))
+
+async def check_and_serve(args: argparse.Namespace, group_addresses: list[str | None]) -> int:
+    """Check the flags against the host (router/shard_standby.py), then serve; 2 where the check refuses,
+    0 where SIGINT or SIGTERM came first."""
+    # Handled from the first moment: a stop during start-up must stop the shards started so far.
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    with tempfile.TemporaryDirectory(prefix="mixserve-") as tmp:
+        socket_root = Path(tmp)
+        os.chmod(socket_root, 0o700)
+        check = None
+        plan = None
+        try:
+            # Shards start here: every flag is checked against this host first, in one line if it fails.
+            launched = [i for i, address in enumerate(group_addresses) if address is None]
+            if launched:
+                check = await HostCheck.start(args, socket_root, launched)
+            # The serving half's imports (aiohttp, grpc, the engine: ~1 s) while the check imports torch.
+            from mixserve.router.launch_serving import serve
+
+            if check is not None:
+                plan = await unless_stopped(check.plan(), stop)
+                if plan is None:
+                    await check.dismiss()
+                    log.info("event=stopped_during_startup")
+                    return 0
+                args.num_shard = plan.num_shard
+                log.info(
+                    "event=host_checked num_shard=%d replicas=%d device=%s device_count=%d dtype=%s cpu_count=%d "
+                    "demo=%s",
+                    plan.num_shard,
+                    args.replicas,
+                    plan.device_type,
+                    plan.device_count,
+                    plan.dtype,
+                    plan.cpu_count,
+                    plan.demo,
+                )
+            elif args.model is not None:
+                check_model_dir(args.model)
+        except HostCheckFailed as e:
+            if check is not None:
+                await check.dismiss()
+            log.error("event=startup_refused error=%s", e)
+            return 2
+        return await serve(args, group_addresses, plan, socket_root, stop, check)

@@ -17,7 +17,9 @@ INFO = obj(
                 "weight_bytes": typed("integer", "weights on rank 0"),
                 "kv_cache_bytes": typed("integer", "its KV cache"),
                 "block_bytes": typed("integer", "one KV block over all layers"),
-                "peak_activation_bytes": typed("integer", "peak of the worst-case steps, measured at Warmup (0 on CPU: not run there)"),
+                "peak_activation_bytes": typed(
+                    "integer", "peak of the worst-case steps, measured at Warmup (0 on CPU: not run there)"
+                ),
                 "headroom_bytes": typed("integer", "kept free besides that peak"),
                 "free_bytes": typed("integer", "free memory when the cache was sized (CPU: the KV budget)"),
                 "max_batch_tokens": typed("integer", "worst case measured: tokens in a step"),

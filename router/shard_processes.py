@@ -1,4 +1,4 @@
-"""One shard group's processes: started on unix sockets, their output echoed, watched, stopped.
+"""One shard group: started (router/shard_spawn.py), waited for, warmed up, watched, stopped.
 
 `ShardSupervisor` is one group of the launcher, started at start-up and again on every restart
 (router/recovery.py decides when); with `addresses` it is a group started elsewhere (torchrun,
@@ -7,109 +7,31 @@
 
 import argparse
 import asyncio
-import collections
-import contextlib
 import logging
 import math
 import os
-import signal
-import socket
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixserve.router.shard_client import ShardGroup, parse_shard_addresses
+from mixserve.router.shard_spawn import (
+    ShardProcess,
+    dismiss_shards,
+    go_shards,
+    group_socket_dir,
+    start_shards,
+    stop_shards,
+)
 from mixserve.router.stopping import unless_stopped
 from mixserve_pb import shard_pb2
 
 log = logging.getLogger("mixserve.launcher")
 
-SHARD_LOG_LINES = 30
 # A group started elsewhere is polled: every REMOTE_HEALTH_POLL_S seconds, counted failed after
 # REMOTE_HEALTH_FAILURES Health calls in a row fail or say not ready.
 REMOTE_HEALTH_POLL_S = 2.0
 REMOTE_HEALTH_TIMEOUT_S = 10.0
 REMOTE_HEALTH_FAILURES = 3
-
-
-@dataclass(slots=True)
-class ShardProcess:
-    rank: int
-    address: str
-    process: asyncio.subprocess.Process
-    last_lines: collections.deque = field(default_factory=lambda: collections.deque(maxlen=SHARD_LOG_LINES))
-    output: asyncio.Task | None = None  # echoes the shard's output until it ends
-
-    def describe_exit(self) -> str:
-        tail = "\n".join(self.last_lines) or "(no output)"
-        return f"shard {self.rank} exited with code {self.process.returncode}; its last lines:\n{tail}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def shard_environment(num_shard: int, rank: int, master_port: int, visible_devices: str | None) -> dict[str, str]:
-    """The environment of one shard the launcher starts: torchrun's variables (LOCAL_RANK is the rank:
-    one host), and with `visible_devices` its group's GPUs, so that rank r uses `cuda:r` among them."""
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port), OMP_NUM_THREADS="1")
-    env.update(WORLD_SIZE=str(num_shard), RANK=str(rank), LOCAL_RANK=str(rank), PYTHONUNBUFFERED="1")
-    if visible_devices is not None:
-        env["CUDA_VISIBLE_DEVICES"] = visible_devices
-    return env
-
-
-async def start_shards(
-    args: argparse.Namespace, model_dir: str, socket_dir: Path, group_id: int = 0, visible_devices: str | None = None
-) -> list[ShardProcess]:
-    """Start the group's `args.num_shard` shard processes on unix sockets in `socket_dir`;
-    `visible_devices`: the group's GPUs (CUDA_VISIBLE_DEVICES), None to leave the variable as it is."""
-    master_port = _free_port()
-    shards = []
-    for rank in range(args.num_shard):
-        path = socket_dir / f"shard-{rank}.sock"
-        cmd = [sys.executable, "-m", "mixserve.cli", "shard", "--rank", str(rank), "--world-size", str(args.num_shard)]
-        cmd += ["--model", model_dir, "--uds", str(path), "--dtype", args.dtype, "--device", args.device]
-        cmd += ["--block-size", str(args.block_size), "--max-kv-blocks", str(args.max_kv_blocks)]
-        if args.quantize:
-            cmd += ["--quantize", args.quantize]
-        cmd += ["--moe-parallel", args.moe_parallel, "--kernels", args.kernels, "--load-format", args.load_format]
-        cmd += ["--cpu-tiles", args.cpu_tiles]
-        cmd += ["--cuda-graphs", args.cuda_graphs, "--max-graph-batch", str(args.max_graph_batch)]
-        if args.speculative_model:
-            cmd += ["--speculative-model", args.speculative_model]
-        if args.speculate_history_tokens:
-            cmd += ["--speculate-history-tokens", str(args.speculate_history_tokens)]
-        process = await asyncio.create_subprocess_exec(
-            *cmd,
-            env=shard_environment(args.num_shard, rank, master_port, visible_devices),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        shard = ShardProcess(rank, f"unix:{path}", process)
-        log.info(
-            "event=shard_started rank=%d pid=%d address=%s group=%d gpus=%s",
-            rank,
-            process.pid,
-            shard.address,
-            group_id,
-            visible_devices or "-",
-        )
-        shard.output = asyncio.create_task(_pump_output(shard))
-        shards.append(shard)
-    return shards
-
-
-async def _pump_output(shard: ShardProcess) -> None:
-    """Echo a shard's log lines to ours and keep the last few for error messages."""
-    assert shard.process.stdout is not None
-    async for raw in shard.process.stdout:
-        line = raw.decode(errors="replace").rstrip()
-        shard.last_lines.append(line)
-        print(line, file=sys.stderr, flush=True)
 
 
 async def wait_until_ready(group: ShardGroup, shards: list[ShardProcess], timeout_s: float) -> None:
@@ -144,30 +66,6 @@ async def wait_until_ready(group: ShardGroup, shards: list[ShardProcess], timeou
         ) from None
 
 
-async def stop_shards(shards: list[ShardProcess], timeout_s: float = 10.0, kill: bool = False) -> None:
-    """Stop the shard processes and wait for them: SIGTERM, or SIGKILL with `kill` or past `timeout_s`."""
-    for shard in shards:
-        if shard.process.returncode is None:
-            if kill:
-                shard.process.kill()
-                continue
-            shard.process.terminate()
-            # A stopped (SIGSTOP) shard acts on SIGTERM only once continued.
-            with contextlib.suppress(ProcessLookupError):
-                shard.process.send_signal(signal.SIGCONT)
-    for shard in shards:
-        try:
-            await asyncio.wait_for(shard.process.wait(), timeout_s)
-        except TimeoutError:
-            shard.process.kill()
-            await shard.process.wait()
-    # Read each output pipe to its end while the loop runs: a pipe left open is closed by the garbage
-    # collector after asyncio.run closed the loop ("RuntimeError: Event loop is closed" at exit).
-    outputs = [s.output for s in shards if s.output is not None]
-    if outputs:
-        await asyncio.wait(outputs, timeout=timeout_s)
-
-
 # Prompt tokens per step when --max-batch-prefill-tokens is not given, by the shards' device type.
 # On a CPU a step of ~256 prompt tokens already keeps the core busy (per token within ~10 % of a
 # 1024-token step), so bigger chunks only hold back other prompts' first tokens and the running
@@ -199,8 +97,11 @@ class ShardSupervisor:
         group_id: int = 0,
         addresses: str | None = None,
         visible_devices: str | None = None,
+        early: list[ShardProcess] | None = None,
     ) -> None:
         self.args = args
+        # The first start's shards, started beside the host check (router/shard_standby.py), or none.
+        self.early = early or []
         self.visible_devices = visible_devices
         self.model_dir = model_dir
         self.socket_root = socket_root
@@ -228,11 +129,18 @@ class ShardSupervisor:
             # A group started elsewhere: nothing to start; a restart reconnects and warms it up again.
             self.group = remote_shard_group(self.args, self.addresses)
         else:
-            name = f"group-{self.starts}" if self.group_id == 0 else f"group{self.group_id}-{self.starts}"
-            socket_dir = self.socket_root / name
-            socket_dir.mkdir(mode=0o700)
-            # Not cancellable: every process started must be in self.shards for stop() to find it.
-            self.shards = await start_shards(self.args, self.model_dir, socket_dir, self.group_id, self.visible_devices)
+            if self.early:
+                # Started beside the host check: the start took as long as since then (its Retry-After).
+                started = min(shard.started for shard in self.early)
+                self.shards, self.early = self.early, []
+                await go_shards(self.shards, self.group_id)
+            else:
+                socket_dir = group_socket_dir(self.socket_root, self.group_id, self.starts)
+                socket_dir.mkdir(mode=0o700)
+                # Not cancellable: every process started must be in self.shards for stop() to find it.
+                self.shards = await start_shards(
+                    self.args, self.model_dir, socket_dir, self.group_id, self.visible_devices
+                )
             # The token too: shards inherit MIXSERVE_SHARD_TOKEN and then ask for it even on unix sockets.
             addresses = [s.address for s in self.shards]
             self.group = ShardGroup(addresses, step_timeout_s=self.args.step_timeout, token=self.args.shard_token)
@@ -287,6 +195,8 @@ class ShardSupervisor:
         if self.group is not None:
             await self.group.close()
             self.group = None
+        await dismiss_shards(self.early)  # stopped before it started
+        self.early = []
         await stop_shards(self.shards, kill=kill)
 
 

@@ -38,6 +38,7 @@ from mixserve.shards.quant.config import QUANTIZE_MODES, QuantizationConfig
 from mixserve.shards.quant.probe import QuantizationUnavailable, check_supported
 from mixserve.shards.runner import ModelRunner
 from mixserve.shards.server import ShardServicer
+from mixserve.shards.standby import wait_for_go
 from mixserve_pb import shard_pb2_grpc
 
 log = logging.getLogger("mixserve.shard")
@@ -162,10 +163,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (one per shard is fastest)")
     parser.add_argument("--master-addr", help="rendezvous address (default: $MASTER_ADDR or 127.0.0.1)")
     parser.add_argument("--master-port", type=int, help="rendezvous port (default: $MASTER_PORT or 29500)")
+    parser.add_argument(
+        "--standby",
+        action="store_true",
+        help="started by `mixserve launch` before its host check answered: import, then wait for its word on "
+        "stdin (shards/standby.py)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    """Start the shard the parsed flags describe and serve until terminated; 2 when it refuses to start."""
+    """Start the shard the parsed flags describe and serve until terminated; 2 when it refuses to start
+    (0 for a standby the launcher did not need)."""
+    if args.standby and not wait_for_go():
+        return 0
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s shard{args.rank} %(levelname)s %(message)s")
     if args.master_addr:
         os.environ["MASTER_ADDR"] = args.master_addr

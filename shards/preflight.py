@@ -1,9 +1,10 @@
 """The launcher's host check: whether `--device`, `--dtype`, `--quantize` and `--num-shard` can work
 here, and the number of shards when none is given, decided once before any shard starts.
 
-The router never imports torch, so the launcher runs this module in a short child process
-(`python -m shards.preflight ...`), which prints one JSON line: {"ok": true, ...the facts} or
-{"ok": false, "error": "..."}. The checks are the shard's own (shards/devices.py,
+The router never imports torch, so the launcher runs this in a short child process
+(`python -m mixserve.shards.preflight ...`) or, on a host that is surely CPU-only, in shard 0 started
+before it (shards/standby.py); either prints one JSON line: {"ok": true, ...the facts} or {"ok": false,
+"error": "..."}. The checks are the shard's own (shards/devices.py,
 ParallelConfig.check, shards/quant/probe.py), so the launcher refuses exactly what every shard
 would, in one line instead of one traceback per shard.
 """
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from mixserve.shards.config import ModelConfig, ParallelConfig
+from mixserve.shards.cores import usable_cores
 from mixserve.shards.devices import DeviceUnavailable, resolve_device, resolve_dtype
 
 
@@ -35,14 +37,6 @@ class HostPlan:
     device_count: int  # GPUs this process sees (0 on CPU)
     dtype: str
     cpu_count: int
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, as a container or taskset limits it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def default_num_shard(room: int, config: ModelConfig, moe_parallel: str) -> int:
@@ -128,9 +122,10 @@ def plan(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print the plan, or the reason there is none, as one JSON line."""
-    parser = argparse.ArgumentParser(prog="python -m shards.preflight", description=__doc__.splitlines()[0])
+def answer(argv: list[str]) -> dict:
+    """The host check of these flags as the launcher reads it: {"ok": True, ...the plan's fields} or
+    {"ok": False, "error": "..."}."""
+    parser = argparse.ArgumentParser(prog="python -m mixserve.shards.preflight", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--quantize")
@@ -151,10 +146,14 @@ def main(argv: list[str] | None = None) -> int:
             args.model,
             args.speculative_model,
         )
-        answer = {"ok": True, **asdict(found)}
     except PreflightFailed as e:
-        answer = {"ok": False, "error": str(e)}
-    sys.stdout.write(json.dumps(answer) + "\n")
+        return {"ok": False, "error": str(e)}
+    return {"ok": True, **asdict(found)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the plan, or the reason there is none, as one JSON line."""
+    sys.stdout.write(json.dumps(answer(sys.argv[1:] if argv is None else argv)) + "\n")
     return 0
 
 

@@ -17,7 +17,8 @@ class ShardProcess:
     argv: tuple[str, ...]
 
 
-def _children(parent: int) -> list[int]:
+def children(parent: int) -> list[int]:
+    """The pids of `parent`'s live children."""
     pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -42,7 +43,7 @@ def shard_processes(parent: int) -> list[ShardProcess]:
     """The live `mixserve shard` children of process `parent`, sorted by group and rank. The group is read
     from the socket directory the launcher gives each start of a group (`group-N`: group 0, `groupG-N`)."""
     shards = []
-    for pid in _children(parent):
+    for pid in children(parent):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
         except OSError:

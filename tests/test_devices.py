@@ -13,7 +13,7 @@ from conftest import PYTHON, free_port, subprocess_env
 from mixserve.cli import DefaultsHelpFormatter
 from mixserve.router import launch_serving, launcher
 from mixserve.router.host_check import HostCheckFailed, HostPlan, check_model_dir, group_visible_devices
-from mixserve.router.shard_processes import shard_environment
+from mixserve.router.shard_spawn import shard_environment
 from mixserve.shards import devices
 from mixserve.shards.config import ModelConfig, ParallelConfig
 from mixserve.shards.devices import DeviceUnavailable, cpu_has_bf16, resolve_device, resolve_dtype

@@ -62,7 +62,10 @@ async def test_api_key_is_required(keyed_server):
     # No --num-shard: one shard per core, up to what the demo's 4 KV heads divide.
     cores = len(os.sched_getaffinity(0))
     expected = 4 if cores >= 4 else 2 if cores >= 2 else 1
-    assert info["num_shard"] == expected and len(keyed_server.shards()) == expected
+    shards = keyed_server.shards()
+    assert info["num_shard"] == expected and len(shards) == expected
+    # A shard per core is the launcher's guess: where the plan is that, the shards started beside the host check.
+    assert all(("--standby" in shard.argv) == (cores == expected) for shard in shards)
 
 
 async def test_overload_is_429_and_others_are_unharmed(keyed_server):
