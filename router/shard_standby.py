@@ -3,12 +3,12 @@ it (`mixserve shard --standby`, shards/standby.py). Never imports torch.
 
 A CPU shard spends ~3 s importing torch and its modules before it reads a flag. On a surely CPU-only host
 (--device cpu, or auto with no GPU device node) the launcher starts each group it runs at once, with the
-shard count it expects (--num-shard, else a core each, the check's default) and the demo checkpoint
-left to the shards, and shard 0 answers the host check (shards/preflight.py) in its own process; they
-start once the plan is the one guessed (`take`), and are stopped at once otherwise, so that none takes a
-core from the shards that replace them. Elsewhere the check is a process of its own
-(`python -m mixserve.shards.preflight`) that ends after answering: a CUDA shard must see its group's GPUs
-(CUDA_VISIBLE_DEVICES) before anything in it touches CUDA, and the check asks torch about the GPUs.
+shard count it expects (`guessed_num_shard`) and the demo checkpoint left to the shards, and shard 0
+answers the host check (shards/preflight.py) in its own process; they start once the plan is the one
+guessed (`take`), and are killed at once otherwise, so that none takes a core from the shards that
+replace them. Elsewhere the check is a process of its own (`python -m mixserve.shards.preflight`) that
+ends after answering: a CUDA shard must see its group's GPUs (CUDA_VISIBLE_DEVICES) before anything in
+it touches CUDA, and the check asks torch about the GPUs.
 """
 
 import argparse
@@ -26,6 +26,8 @@ from mixserve.shards.cores import usable_cores
 HOST_CHECK_TIMEOUT_S = 300.0
 # Device nodes of GPUs torch may find (NVIDIA, AMD's ROCm, WSL's GPU): with none, `--device auto` is the CPU.
 GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+# A wrong guess costs its processes' imports, killed at the plan: past this many cores, no guess.
+MAX_GUESSED_SHARDS = 8
 
 
 def surely_cpu(device: str) -> bool:
@@ -35,11 +37,16 @@ def surely_cpu(device: str) -> bool:
 
 
 def guessed_num_shard(args: argparse.Namespace) -> int | None:
-    """The shards per group to start before the check answers: --num-shard, else a core each (the check's
-    default where the model splits so); None where the host may have GPUs."""
+    """The shards per group to start before the check answers: --num-shard, else a core each rounded down
+    to a power of two (what the heads and experts of most models divide; the check's default is the most
+    the model divides), up to MAX_GUESSED_SHARDS; None where the host may have GPUs or the guess is past it."""
     if not surely_cpu(args.device):
         return None
-    return args.num_shard or max(1, usable_cores() // args.replicas)
+    if args.num_shard:
+        return args.num_shard
+    room = max(1, usable_cores() // args.replicas)
+    guess = 1 << (room.bit_length() - 1)
+    return guess if guess <= MAX_GUESSED_SHARDS else None
 
 
 async def _check_alone(flags: list[str]) -> asyncio.subprocess.Process:

@@ -38,11 +38,15 @@ def test_a_standby_answers_the_host_check_and_starts_on_go_only(demo_dir):
 def test_shards_start_beside_the_check_only_where_the_host_has_no_gpu(tmp_path, monkeypatch):
     node = tmp_path / "nvidiactl"
     monkeypatch.setattr(shard_standby, "GPU_DEVICE_NODES", (str(node),))
-    monkeypatch.setattr(shard_standby, "usable_cores", lambda: 8)
     assert surely_cpu("auto") and surely_cpu("cpu") and not surely_cpu("cuda") and not surely_cpu("cuda:1")
     args = argparse.Namespace(device="auto", num_shard=None, replicas=2)
-    assert guessed_num_shard(args) == 4  # a core each, shared by the replicas
-    args.num_shard = 3
+    guesses = {}
+    for cores in (1, 2, 8, 12, 16, 17, 32):
+        monkeypatch.setattr(shard_standby, "usable_cores", lambda cores=cores: cores)
+        guesses[cores] = guessed_num_shard(args)
+    # A core each, shared by the replicas, in a power of two up to 8: past that, no guess.
+    assert guesses == {1: 1, 2: 1, 8: 4, 12: 4, 16: 8, 17: 8, 32: None}
+    args.num_shard = 3  # as given
     assert guessed_num_shard(args) == 3
     node.touch()  # a GPU may be there: the check runs alone, and the shards start after it
     assert not surely_cpu("auto") and surely_cpu("cpu") and guessed_num_shard(args) is None
