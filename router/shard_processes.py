@@ -16,7 +16,6 @@ from pathlib import Path
 from mixserve.router.shard_client import ShardGroup, parse_shard_addresses
 from mixserve.router.shard_spawn import (
     ShardProcess,
-    dismiss_shards,
     go_shards,
     group_socket_dir,
     start_shards,
@@ -195,7 +194,7 @@ class ShardSupervisor:
         if self.group is not None:
             await self.group.close()
             self.group = None
-        await dismiss_shards(self.early)  # stopped before it started
+        await stop_shards(self.early, kill=True)  # stopped before it started
         self.early = []
         await stop_shards(self.shards, kill=kill)
 

@@ -87,14 +87,19 @@ async def start_shards(
     """Start the group's `args.num_shard` shard processes on unix sockets in `socket_dir`;
     `visible_devices`: the group's GPUs (CUDA_VISIBLE_DEVICES), None to leave the variable as it is.
     With `standby`, started before the host check answered (router/shard_standby.py): they wait for
-    `go_shards`, which echoes their output from then on."""
+    `go_shards`, which echoes their output from then on, or for `stop_shards` (SIGKILL: they hold nothing
+    yet)."""
     master_port = _free_port()
     shards = []
     for rank in range(args.num_shard):
         path = socket_dir / f"shard-{rank}.sock"
         flags = shard_flags(args, model_dir, path, rank) + (["--standby"] if standby else [])
         process = await asyncio.create_subprocess_exec(
-            *[sys.executable, "-m", "mixserve.cli", "shard", *flags],
+            sys.executable,
+            "-m",
+            "mixserve.cli",
+            "shard",
+            *flags,
             env=shard_environment(args.num_shard, rank, master_port, visible_devices),
             stdin=asyncio.subprocess.PIPE if standby else None,
             stdout=asyncio.subprocess.PIPE,
@@ -135,14 +140,6 @@ def _started(shard: ShardProcess, group_id: int, visible_devices: str | None) ->
     shard.output = asyncio.create_task(_pump_output(shard))
 
 
-async def dismiss_shards(shards: list[ShardProcess]) -> None:
-    """Stop standby shards no group took (SIGKILL: they hold nothing yet) and read their output to its end."""
-    for shard in shards:
-        if shard.process.returncode is None:
-            shard.process.kill()
-    await asyncio.gather(*(shard.process.communicate() for shard in shards))
-
-
 async def _pump_output(shard: ShardProcess) -> None:
     """Echo a shard's log lines to ours and keep the last few for error messages."""
     assert shard.process.stdout is not None
@@ -170,7 +167,8 @@ async def stop_shards(shards: list[ShardProcess], timeout_s: float = 10.0, kill:
             shard.process.kill()
             await shard.process.wait()
     # Read each output pipe to its end while the loop runs: a pipe left open is closed by the garbage
-    # collector after asyncio.run closed the loop ("RuntimeError: Event loop is closed" at exit).
-    outputs = [s.output for s in shards if s.output is not None]
+    # collector after asyncio.run closed the loop ("RuntimeError: Event loop is closed" at exit). A standby
+    # shard stopped before its start has no echo reading it.
+    outputs = [s.output or asyncio.ensure_future(s.process.communicate()) for s in shards]
     if outputs:
         await asyncio.wait(outputs, timeout=timeout_s)

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from mixserve.router.host_check import HostCheckFailed, HostPlan, host_check_flags, read_answer
-from mixserve.router.shard_spawn import ShardProcess, dismiss_shards, group_socket_dir, start_shards
+from mixserve.router.shard_spawn import ShardProcess, group_socket_dir, start_shards, stop_shards
 from mixserve.shards.cores import usable_cores
 
 HOST_CHECK_TIMEOUT_S = 300.0
@@ -66,13 +66,13 @@ class HostCheck:
         flags: list[str],
         process: asyncio.subprocess.Process,
         early: dict[int, list[ShardProcess]],
-        socket_dirs: dict[int, Path],
+        socket_root: Path,
         guess: int | None,
     ) -> None:
         self.flags = flags
         self.process = process  # shard 0 of the first early group, or the check alone
         self.early = early
-        self.socket_dirs = socket_dirs  # the early groups' (made here), by group id
+        self.socket_root = socket_root
         self.guess = guess
 
     @classmethod
@@ -82,19 +82,19 @@ class HostCheck:
         flags = host_check_flags(args)
         guess = guessed_num_shard(args)
         if guess is None:
-            return cls(flags, await _check_alone(flags), {}, {}, None)
+            return cls(flags, await _check_alone(flags), {}, socket_root, None)
         guessed = copy.copy(args)
         guessed.num_shard = guess
         early = {}
-        socket_dirs = {group_id: group_socket_dir(socket_root, group_id, 1) for group_id in group_ids}
-        for group_id, socket_dir in socket_dirs.items():
+        for group_id in group_ids:
+            socket_dir = group_socket_dir(socket_root, group_id, 1)
             socket_dir.mkdir(mode=0o700)
             early[group_id] = await start_shards(guessed, args.model, socket_dir, group_id, standby=True)
         process = early[group_ids[0]][0].process
         assert process.stdin is not None
         process.stdin.write(json.dumps({"host_check": flags}).encode() + b"\n")
         await process.stdin.drain()
-        return cls(flags, process, early, socket_dirs, guess)
+        return cls(flags, process, early, socket_root, guess)
 
     async def plan(self) -> HostPlan:
         """The plan, or HostCheckFailed with the reason; the groups started beside it are stopped where it
@@ -139,8 +139,8 @@ class HostCheck:
         if self.guess is None and self.process.returncode is None:
             self.process.kill()
             await self.process.communicate()
-        await dismiss_shards([shard for shards in self.early.values() for shard in shards])
+        await stop_shards([shard for shards in self.early.values() for shard in shards], kill=True)
         for group_id in self.early:
             # Empty (they had no word to start): the group's first start makes it afresh.
-            self.socket_dirs[group_id].rmdir()
+            group_socket_dir(self.socket_root, group_id, 1).rmdir()
         self.early = {}
