@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 from mixserve.benchmarks.processes import PYTHON, REPO, child_env
+from mixserve.shards.cache_dir import cache_root
 
 log = logging.getLogger("mixserve.bench")
 
@@ -29,7 +30,7 @@ CONVERTER = "convert_hf_to_gguf.py"
 
 def peers_dir() -> Path:
     """$MIXSERVE_CACHE/peers (MIXSERVE_CACHE defaults to ~/.cache/mixserve)."""
-    return Path(os.environ.get("MIXSERVE_CACHE") or Path.home() / ".cache" / "mixserve") / "peers"
+    return cache_root() / "peers"
 
 
 def server_candidates(given: Path | None) -> list[Path]:

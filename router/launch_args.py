@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mixserve.router.params import MAX_BEST_OF, MAX_CHOICES, MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS
 from mixserve.router.speculation import MAX_BATCH
+from mixserve.shards import warmup_timings
 from mixserve.shards.kernels import native
 from mixserve.shards.quant.config import QUANTIZE_MODES
 
@@ -98,6 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "or refuse (triton; on CPU under Triton's interpreter, for tests), the torch reference (torch)",
     )
     parser.add_argument("--cpu-tiles", choices=native.TILE_MODES, default="auto", help=native.TILE_HELP)
+    parser.add_argument(
+        "--warmup-timings", choices=warmup_timings.MODES, default="stored", help=warmup_timings.MODE_HELP
+    )
     parser.add_argument(
         "--cuda-graphs",
         choices=["auto", "off", "eager"],

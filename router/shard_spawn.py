@@ -67,7 +67,7 @@ def shard_flags(args: argparse.Namespace, model_dir: str | None, path: Path, ran
     if args.quantize:
         flags += ["--quantize", args.quantize]
     flags += ["--moe-parallel", args.moe_parallel, "--kernels", args.kernels, "--load-format", args.load_format]
-    flags += ["--cpu-tiles", args.cpu_tiles]
+    flags += ["--cpu-tiles", args.cpu_tiles, "--warmup-timings", args.warmup_timings]
     flags += ["--cuda-graphs", args.cuda_graphs, "--max-graph-batch", str(args.max_graph_batch)]
     if args.speculative_model:
         flags += ["--speculative-model", args.speculative_model]

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from mixserve.shards import decode_graph, ops
+from mixserve.shards import decode_graph, ops, warmup_timings
 from mixserve.shards.config import DTYPES, MOE_PARALLEL_MODES, ModelConfig, ParallelConfig
 from mixserve.shards.devices import (
     DEVICE_CHOICES,
@@ -148,6 +148,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cpu-tiles", choices=native.TILE_MODES, default="auto", help=native.TILE_HELP)
     parser.add_argument(
+        "--warmup-timings", choices=warmup_timings.MODES, default="stored", help=warmup_timings.MODE_HELP
+    )
+    parser.add_argument(
         "--cuda-graphs",
         choices=decode_graph.MODES,
         default="auto",
@@ -272,7 +275,14 @@ def run(args: argparse.Namespace) -> int:
         options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
     )
     shard_pb2_grpc.add_ShardServiceServicer_to_server(
-        ShardServicer(runner, model_dir, args.max_kv_blocks, args.quantize or ""), server
+        ShardServicer(
+            runner,
+            model_dir,
+            args.max_kv_blocks,
+            args.quantize or "",
+            warmup_timings=warmup_timings.TimingsStore.from_mode(args.warmup_timings),
+        ),
+        server,
     )
     try:
         address = listen.bind(server)

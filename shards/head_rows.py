@@ -24,36 +24,51 @@ import logging
 
 import torch
 
-from mixserve.shards.kernel_tokens import fastest_of_both, shown, time_ladder
+from mixserve.shards.kernel_tokens import fastest_of_both, shown, time_ladder, timing_key
 from mixserve.shards.kernels import linear
 from mixserve.shards.ops import reference
 from mixserve.shards.runner import ModelRunner
+from mixserve.shards.warmup_timings import Timings, TimingsStore
 
 LADDER = (32, 64, 128)
 
 log = logging.getLogger(__name__)
 
 
-def measure_head_rows(runner: ModelRunner, max_batch_size: int) -> tuple[int, list[tuple[int, float, float]]] | None:
+def measure_head_rows(
+    runner: ModelRunner, max_batch_size: int, store: TimingsStore | None = None
+) -> tuple[int, Timings] | None:
     """Time the LM head on the ladder, set the row cap the ranks agree on for this process (linear.max_rows),
     log it (`event=head_rows`) and return it with this rank's timings; None where the C kernel does not
     run this head (nothing is changed then). Every rank must call it at the same point: the ranks decide
-    together whether to time the next size."""
+    together whether to time the next size. With `store`, timings an earlier start stored for the same
+    key are reused (kernel_tokens.time_ladder)."""
     ends = runner.model.kernel_ends()
     linear.set_measured_rows(None)
     if ends is None or not isinstance(ends.head, torch.Tensor) or not linear.available():
         return None
     head, hidden = ends.head, ends.hidden_size
     top = max(size for size in LADDER if size <= max(max_batch_size, LADDER[0]))
+    sizes = [size for size in LADDER if size <= top]
     generator = torch.Generator().manual_seed(0)
 
     def time_both(rows: int) -> tuple[float, float]:
         x = torch.randn(rows, hidden, generator=generator).to(ends.dtype)  # [R, H]
         return fastest_of_both(lambda: _kernel(x, head), lambda: reference.linear_rows(x, head))
 
-    cap, timings = time_ladder(runner, [size for size in LADDER if size <= top], top, time_both)
+    stored = None
+    if store is not None:
+        shapes = {"head": list(head.shape), "head_dtype": str(head.dtype), "activations": str(ends.dtype)}
+        stored = store.entry("head_rows", timing_key(runner, sizes, top, shapes))
+    cap, timings, reused = time_ladder(runner, sizes, top, time_both, stored)
     linear.set_measured_rows(cap)
-    log.info("event=head_rows rank=%d max_rows=%d kernel_vs_torch_ms=%s", runner.parallel.rank, cap, shown(timings))
+    log.info(
+        "event=head_rows rank=%d max_rows=%d timings=%s kernel_vs_torch_ms=%s",
+        runner.parallel.rank,
+        cap,
+        "stored" if reused else "measured",
+        shown(timings),
+    )
     return cap, timings
 
 

@@ -32,18 +32,24 @@ path (benchmarks/results/compare-cpu-dtypes-0.8b-amx). fp32 int8 models, bitsand
 backend but the C kernels keep the caps their own paths chose.
 """
 
+import dataclasses
+import functools
+import hashlib
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from mixserve.shards import devices, ops
-from mixserve.shards.kernels import moe
+from mixserve.shards.cores import usable_cores
+from mixserve.shards.kernels import moe, native
 from mixserve.shards.kernels.checks import ELEMENT_I8
 from mixserve.shards.runner import ModelRunner
 from mixserve.shards.sampling_params import SamplingParams
 from mixserve.shards.sequence_step import SequenceStep
+from mixserve.shards.warmup_timings import StoredTimings, Timings, TimingsStore
 
 LADDER = (16, 32, 64, 128, 256)
 # Torch takes a size from the kernel only where it needs under this share of the kernel's time: the
@@ -55,7 +61,7 @@ TIMED_RUNS = 3  # per size and path, after one untimed run; the fastest counts
 log = logging.getLogger(__name__)
 
 
-def choose_cap(timings: list[tuple[int, float, float]], kernel_cap: int) -> int:
+def choose_cap(timings: Timings, kernel_cap: int) -> int:
     """The cap from (tokens, kernel seconds, torch seconds) per size, smallest first: the largest size
     before the first where torch is clearly faster, `kernel_cap` where it never is, and half the
     smallest size where it already is there."""
@@ -67,7 +73,7 @@ def choose_cap(timings: list[tuple[int, float, float]], kernel_cap: int) -> int:
     return min(cap, kernel_cap)
 
 
-def choose_tiles(timings: list[tuple[int, float, float]], cap: int, top: int) -> bool:
+def choose_tiles(timings: Timings, cap: int, top: int) -> bool:
     """Whether steps past the cap run in the kernel in tiles of `cap` tokens: where the ladder timed `top`
     and kept it, and torch's layers needed clearly more time there than the kernel (the kernel under MARGIN
     of torch's time); torch's GEMMs gain little from longer steps where they lack the instructions."""
@@ -77,20 +83,30 @@ def choose_tiles(timings: list[tuple[int, float, float]], cap: int, top: int) ->
     return cap == top == size and kernel_s < MARGIN * torch_s
 
 
-def measure_and_cap(runner: ModelRunner, max_batch_tokens: int) -> tuple[int, list[tuple[int, float, float]]] | None:
+def measure_and_cap(
+    runner: ModelRunner, max_batch_tokens: int, store: TimingsStore | None = None
+) -> tuple[int, Timings] | None:
     """Time the ladder on this rank's model, set the cap the ranks agree on for this process (moe.fits
     and the runner's per-token tables), log it (`event=kernel_tokens`) and return it with this rank's
     timings; None where the kernel does not run this model's decoder layers (nothing is changed then).
     Every rank must call it at the same point: the steps it times run the model's collectives, and the
     ranks decide together whether to time the next size. Runs over the allocated KV cache, which must
-    hold no live sequence: every step writes block 0 and is released."""
+    hold no live sequence: every step writes block 0 and is released. With `store`, timings an earlier
+    start stored for the same key are reused (`time_ladder`)."""
     if not ops.current().decoder_layers_max_tokens or not _kernel_runs(runner):
         return None
     moe.set_measured_cap(None)
     build_cap, kernel_cap = moe.max_tokens(), moe.TIMED_MAX_TOKENS
     sizes = [tokens for tokens in LADDER if tokens <= min(kernel_cap, max_batch_tokens)]
+    stored = None
+    if store is not None:
+        weights = [half.weight_type for half in runner.model.layers[0].kernel_halves()]
+        shapes = {"config": dataclasses.asdict(runner.config), "weights": weights, "block_size": runner.block_size}
+        stored = store.entry("kernel_tokens", timing_key(runner, sizes, kernel_cap, shapes))
     try:
-        cap, timings = time_ladder(runner, sizes, kernel_cap, lambda tokens: _time_both(runner, tokens, kernel_cap))
+        cap, timings, reused = time_ladder(
+            runner, sizes, kernel_cap, lambda tokens: _time_both(runner, tokens, kernel_cap), stored
+        )
     except BaseException:
         _allow(build_cap, None)
         raise
@@ -98,31 +114,72 @@ def measure_and_cap(runner: ModelRunner, max_batch_tokens: int) -> tuple[int, li
     _allow(cap, cap, tiles)
     rank = runner.parallel.rank
     log.info(
-        "event=kernel_tokens rank=%d max_tokens=%d tiles=%s kernel_vs_torch_ms=%s",
+        "event=kernel_tokens rank=%d max_tokens=%d tiles=%s timings=%s kernel_vs_torch_ms=%s",
         rank,
         cap,
         str(tiles).lower(),
+        "stored" if reused else "measured",
         shown(timings),
     )
     return cap, timings
 
 
 def time_ladder(
-    runner: ModelRunner, sizes: list[int], top: int, time_both: Callable[[int], tuple[float, float]]
-) -> tuple[int, list[tuple[int, float, float]]]:
-    """The cap the ranks agree on and this rank's (size, kernel seconds, torch seconds), from `time_both`
-    at each of `sizes`, smallest first, while every rank's kernel is not clearly slower; `top` where it
-    never is."""
-    timings: list[tuple[int, float, float]] = []
+    runner: ModelRunner,
+    sizes: list[int],
+    top: int,
+    time_both: Callable[[int], tuple[float, float]],
+    stored: StoredTimings | None = None,
+) -> tuple[int, Timings, bool]:
+    """The cap the ranks agree on, this rank's (size, kernel seconds, torch seconds), and whether those were
+    `stored` ones: reused where every rank finds its own stored, else timed with `time_both` at each of
+    `sizes`, smallest first, while every rank's kernel is not clearly slower (`top` where it never is), and
+    stored. The ranks time together or not at all: the steps timed run the model's collectives."""
+    kept = stored.load() if stored is not None else None
+    if stored is not None and runner.group.all_reduce_min(int(kept is not None)):
+        return runner.group.all_reduce_min(choose_cap(kept, top)), kept, True
+    timings: Timings = []
     for size in sizes:
         timings.append((size, *time_both(size)))
         # Larger sizes only widen torch's lead: spare the warm-up their time, on every rank at once.
         if not runner.group.all_reduce_min(int(choose_cap(timings, top) >= size)):
             break
-    return runner.group.all_reduce_min(choose_cap(timings, top)), timings
+    if stored is not None:
+        stored.save(timings)
+    return runner.group.all_reduce_min(choose_cap(timings, top)), timings, False
 
 
-def shown(timings: list[tuple[int, float, float]]) -> str:
+def timing_key(runner: ModelRunner, sizes: list[int], top: int, shapes: dict) -> dict:
+    """What this rank's timings of `sizes` (up to `top`) of a measurement on `shapes` depend on: the key
+    they are stored under (shards/warmup_timings.py)."""
+    return {
+        "cpu": native.cpu_fingerprint(),
+        "cores": usable_cores(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "build": native.build_identity(),
+        "ops": ops.kernels_report(ops.current(), runner.dtype),
+        "sources": _sources_digest(),
+        "parallel": dataclasses.asdict(runner.parallel),
+        "device": str(runner.device),
+        "dtype": str(runner.dtype),
+        "shapes": shapes,
+        "sizes": sizes,
+        "top": top,
+    }
+
+
+@functools.cache
+def _sources_digest() -> str:
+    """A digest of the shards' Python sources (what is timed, and how, lives there)."""
+    root = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def shown(timings: Timings) -> str:
     """The timings as the warm-up logs them: size:kernel/torch ms, comma-separated."""
     return ",".join(f"{size}:{kernel_s * 1e3:.1f}/{torch_s * 1e3:.1f}" for size, kernel_s, torch_s in timings)
 

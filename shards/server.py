@@ -25,6 +25,7 @@ from mixserve.shards.multi_step import decode_steps
 from mixserve.shards.runner import ModelRunner
 from mixserve.shards.sequence_step import InvalidStep, OutOfCapacity, SequenceResult, SequenceStep
 from mixserve.shards.step_proto import memory_proto, run_response, step_from_proto, step_response
+from mixserve.shards.warmup_timings import TimingsStore
 from mixserve_pb import shard_pb2, shard_pb2_grpc
 
 log = logging.getLogger("mixserve.shard")
@@ -45,6 +46,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         max_kv_blocks: int,
         quantize: str = "",
         model: ModelThread | None = None,
+        warmup_timings: TimingsStore | None = None,
     ) -> None:
         self.runner = runner
         self.model_dir = model_dir
@@ -53,6 +55,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         self.model = model or ModelThread(runner.device)
         self.interrupted_run_id = 0
         self.memory: MemoryReport | None = None
+        self.warmup_timings = warmup_timings
 
     def Info(self, request, context):
         r = self.runner
@@ -102,8 +105,8 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         except InsufficientMemory as e:
             log.error("event=warmup_failed rank=%d error=%r", r.parallel.rank, str(e))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        self.model.run(measure_and_cap, r, limits.max_batch_tokens)
-        self.model.run(measure_head_rows, r, limits.max_batch_size)
+        self.model.run(measure_and_cap, r, limits.max_batch_tokens, self.warmup_timings)
+        self.model.run(measure_head_rows, r, limits.max_batch_size, self.warmup_timings)
         ms = int((time.perf_counter() - started) * 1000)
         m = self.memory
         log.info(

@@ -34,6 +34,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mixserve.shards.cache_dir import cache_root
 from mixserve.shards.demo.tokenizer import BOS_TOKEN, CORPUS_PATH, EOS_TOKEN, SPECIAL_TOKENS, write_tokenizer_files
 
 if TYPE_CHECKING:
@@ -274,7 +275,7 @@ def demo_checkpoint_dir(config: DemoConfig | None = None) -> Path:
     the corpus, so any change that alters the files gets a new directory.
     """
     config = config or DemoConfig()
-    cache = Path(os.environ.get("MIXSERVE_CACHE") or Path.home() / ".cache" / "mixserve")
+    cache = cache_root()
     key = {
         "config": dataclasses.asdict(config),
         "corpus_sha256": hashlib.sha256(CORPUS_PATH.read_bytes()).hexdigest(),

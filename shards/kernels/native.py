@@ -23,6 +23,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from mixserve.shards.cache_dir import cache_root
+
 log = logging.getLogger(__name__)
 
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-std=c11"]
@@ -59,11 +61,12 @@ class KernelUnavailable(RuntimeError):
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("MIXSERVE_CACHE") or Path.home() / ".cache" / "mixserve") / "kernels"
+    return cache_root() / "kernels"
 
 
-def _cpu_fingerprint() -> str:
-    """What -march=native depends on: the machine type and the CPU's model and feature flags."""
+def cpu_fingerprint() -> str:
+    """What -march=native depends on: the machine type and the CPU's model and feature flags (also a key of
+    the warm-up's stored timings)."""
     lines = [platform.machine()]
     try:
         with open("/proc/cpuinfo") as f:
@@ -107,7 +110,7 @@ def _build(name: str) -> Path:
     # Every source and header of the folder: a source may include others (decoder_layer.c does).
     sources = [path.read_text() for path in sorted(_SOURCES.glob("*.[ch]"))]
     key = hashlib.sha256(
-        "\0".join([source.read_text(), *sources, " ".join(_flags() + _LINK), version, _cpu_fingerprint()]).encode()
+        "\0".join([source.read_text(), *sources, " ".join(_flags() + _LINK), version, cpu_fingerprint()]).encode()
     ).hexdigest()[:16]
     target = _cache_dir() / f"{name}-{key}.so"
     if target.exists():
@@ -173,6 +176,13 @@ def _set_mode(key: str, on: bool) -> None:
     _choice[key] = bool(on)
     for lib in _loaded.values():
         _apply_modes(lib)
+
+
+def build_identity() -> dict:
+    """The files of the libraries loaded now (their names hash the sources, flags, compiler and CPU they were
+    built from) and the modes they run in: what a timing of the kernels depends on besides the shapes
+    (shards/warmup_timings.py keys its stored timings on it)."""
+    return {"libraries": sorted(Path(lib._name).name for lib in _loaded.values()), "modes": dict(_choice)}
 
 
 def forget_loaded() -> None:
