@@ -1,8 +1,9 @@
 """One rank of a real group for test_shm_collectives: runs the shared-memory collectives on tensors
 every rank can rebuild (seeded by rank and call), and saves what each returned.
 
-Run as `python tests/shm_collectives_worker.py OUT_FILE` with RANK, WORLD_SIZE, MASTER_ADDR,
-MASTER_PORT and TP_KERNELS set.
+Run as `python tests/shm_collectives_worker.py OUT_FILE` with RANK, WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT set: once through the C exchange (`OUT_FILE.native.rankR`), then through torch ops
+(`OUT_FILE.torch.rankR`), each in a shared-memory group of its own.
 """
 
 import os
@@ -31,8 +32,17 @@ def main() -> None:
     parallel = ParallelConfig(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
     device = torch.device("cpu")
     init_process_group(parallel, device)
-    native.select(os.environ["TP_KERNELS"], ("shm_exchange",))
-    group = tensor_parallel_group(parallel, device, "shm")
+    for kernels in ("native", "torch"):
+        native.select(kernels, ("shm_exchange",))
+        torch.save(
+            collect(tensor_parallel_group(parallel, device, "shm"), parallel),
+            f"{out_file}.{kernels}.rank{parallel.rank}",
+        )
+    close_process_group()
+
+
+def collect(group, parallel: ParallelConfig) -> dict:
+    """What each collective returned on this rank."""
     rank = parallel.rank
     record = {"reduced": [], "gathered": [], "any": []}
     for call, shape in enumerate(SHAPES):
@@ -46,8 +56,7 @@ def main() -> None:
     for who in range(parallel.world_size):
         record["any"].append(group.any_rank(rank == who))
     record["any"].append(group.any_rank(False))
-    torch.save(record, f"{out_file}.rank{rank}")
-    close_process_group()
+    return record
 
 
 if __name__ == "__main__":

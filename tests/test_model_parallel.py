@@ -16,20 +16,13 @@ PROMPTS = [[1, 523, 77, 1200, 9, 4000, 31], [1, 88, 2900], [1, 5, 6, 7, 8, 9, 10
 DECODE_STEPS = 16
 
 
-def run_group(
-    model_dir,
-    world_size: int,
-    out,
-    collectives: str = "auto",
-    prompts=PROMPTS,
-    steps=DECODE_STEPS,
-    moe_parallel: str = "tp",
-    cuda_graphs: str = "auto",
-):
-    """Start `world_size` tp_worker processes with torchrun's variables; return each rank's record."""
-    cmd = [PYTHON, str(REPO / "tests" / "tp_worker.py"), str(model_dir), str(out), json.dumps(prompts), str(steps)]
-    run_ranks(cmd, world_size, TP_COLLECTIVES=collectives, TP_MOE_PARALLEL=moe_parallel, TP_CUDA_GRAPHS=cuda_graphs)
-    return [torch.load(f"{out}.rank{r}") for r in range(world_size)]
+def run_group(model_dir, world_size: int, out, runs: dict[str, tuple[str, str, str]]) -> dict[str, list[dict]]:
+    """Start `world_size` tp_worker processes with torchrun's variables, which make each of `runs` (name:
+    collectives, MoE split, `--cuda-graphs`) one after another; return each run's records by rank."""
+    named = [[name, *flags] for name, flags in runs.items()]
+    cmd = [PYTHON, str(REPO / "tests" / "tp_worker.py"), str(model_dir), str(out), json.dumps(PROMPTS)]
+    run_ranks([*cmd, str(DECODE_STEPS), json.dumps(named)], world_size)
+    return {name: [torch.load(f"{out}.{name}.rank{r}") for r in range(world_size)] for name in runs}
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +33,14 @@ def reference(demo_dir):
 @pytest.fixture(scope="module")
 def groups(demo_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("tp")
-    runs = {n: run_group(demo_dir, n, out / f"ws{n}") for n in (1, 2, 4)}
-    runs["4-gloo"] = run_group(demo_dir, 4, out / "ws4-gloo", collectives="torch")
-    for n in (2, 4):
-        runs[f"{n}-ep"] = run_group(demo_dir, n, out / f"ws{n}-ep", moe_parallel="ep")
-    runs["2-graphs"] = run_group(demo_dir, 2, out / "ws2-graphs", cuda_graphs="eager")
-    return runs
+    tp = ("auto", "tp", "auto")
+    runs = run_group(demo_dir, 1, out / "ws1", {1: tp})
+    runs |= run_group(
+        demo_dir, 2, out / "ws2", {2: tp, "2-ep": ("auto", "ep", "auto"), "2-graphs": ("auto", "tp", "eager")}
+    )
+    return runs | run_group(
+        demo_dir, 4, out / "ws4", {4: tp, "4-gloo": ("torch", "tp", "auto"), "4-ep": ("auto", "ep", "auto")}
+    )
 
 
 @pytest.mark.slow

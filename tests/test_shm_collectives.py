@@ -14,10 +14,13 @@ from mixserve.shards.kernels import native
 from mixserve.shards.shm_collectives import SharedMemoryGroup
 
 
-def run_group(tmp_path, world_size: int, kernels: str) -> list[dict]:
-    out = tmp_path / f"shm-{world_size}-{kernels}"
-    run_ranks([PYTHON, str(REPO / "tests" / "shm_collectives_worker.py"), str(out)], world_size, TP_KERNELS=kernels)
-    return [torch.load(f"{out}.rank{r}") for r in range(world_size)]
+def run_group(tmp_path, world_size: int) -> dict[str, list[dict]]:
+    """Each rank's records of a group that runs the collectives through the C exchange, then through torch ops."""
+    out = tmp_path / f"shm-{world_size}"
+    run_ranks([PYTHON, str(REPO / "tests" / "shm_collectives_worker.py"), str(out)], world_size)
+    return {
+        kernels: [torch.load(f"{out}.{kernels}.rank{r}") for r in range(world_size)] for kernels in ("native", "torch")
+    }
 
 
 def rank_order_sum(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -30,7 +33,7 @@ def rank_order_sum(parts: list[torch.Tensor]) -> torch.Tensor:
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_every_rank_gets_the_rank_order_sum_bit_for_bit_on_either_path(tmp_path, world_size):
-    runs = {kernels: run_group(tmp_path, world_size, kernels) for kernels in ("native", "torch")}
+    runs = run_group(tmp_path, world_size)
     for kernels, records in runs.items():
         for record in records:
             for call, (shape, got) in enumerate(zip(SHAPES, record["reduced"], strict=True)):

@@ -1,12 +1,13 @@
 """One rank of a real tensor-parallel group, for tests: prefill prompts, decode greedily, save logits.
 
-Run as `python tests/tp_worker.py MODEL_DIR OUT_FILE PROMPTS_JSON DECODE_STEPS` with RANK,
-WORLD_SIZE, MASTER_ADDR and MASTER_PORT set (as torchrun would); TP_COLLECTIVES and TP_MOE_PARALLEL
-(tp or ep) pick the collectives and how the experts are split. Rank 0 writes a torch file
-with the logits of every step, the greedy tokens, and each rank writes its weight shapes/bytes and
-what `ModelRunner.step` chose (token, log-probability) for the same prompts as new sequences: all
-plain greedy (each rank's vocabulary slice combined without gathering the logits), then with one
-sequence asking for alternatives (the gathered path).
+Run as `python tests/tp_worker.py MODEL_DIR OUT_FILE PROMPTS_JSON DECODE_STEPS RUNS_JSON` with RANK,
+WORLD_SIZE, MASTER_ADDR and MASTER_PORT set (as torchrun would). RUNS_JSON lists the runs, one after
+another in the same process group (a group's processes import torch once for all of them): each a name
+and its collectives (auto, shm or torch), how the experts are split (tp or ep) and `--cuda-graphs`. For
+each run, rank 0 writes a torch file (`OUT_FILE.NAME.rankR`) with the logits of every step, the greedy
+tokens, and each rank writes its weight shapes/bytes and what `ModelRunner.step` chose (token,
+log-probability) for the same prompts as new sequences: all plain greedy (each rank's vocabulary slice
+combined without gathering the logits), then with one sequence asking for alternatives (the gathered path).
 """
 
 import json
@@ -28,21 +29,27 @@ BLOCK_SIZE = 4
 
 
 def main() -> None:
-    model_dir, out_file, prompts_json, decode_steps = sys.argv[1:5]
+    model_dir, out_file, prompts_json, decode_steps, runs_json = sys.argv[1:6]
     torch.set_num_threads(1)
-    parallel = ParallelConfig(
-        int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), os.environ.get("TP_MOE_PARALLEL", "tp")
-    )
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = torch.device("cpu")
-    init_process_group(parallel, device)
-    group = tensor_parallel_group(parallel, device, os.environ.get("TP_COLLECTIVES", "auto"))
+    init_process_group(ParallelConfig(rank, world_size), device)
+    for name, collectives, moe_parallel, graphs in json.loads(runs_json):
+        parallel = ParallelConfig(rank, world_size, moe_parallel)
+        record = run(model_dir, parallel, collectives, graphs, json.loads(prompts_json), int(decode_steps))
+        torch.save(record, f"{out_file}.{name}.rank{rank}")
+    close_process_group()
+
+
+def run(model_dir: str, parallel: ParallelConfig, collectives: str, graphs: str, prompts, decode_steps: int) -> dict:
+    """One run's record (the module's docstring)."""
+    device = torch.device("cpu")
+    group = tensor_parallel_group(parallel, device, collectives)
     model = load_model(model_dir, parallel, group, torch.float32, device)
-    graphs = os.environ.get("TP_CUDA_GRAPHS", "auto")
     runner = ModelRunner(model, parallel, group, device, torch.float32, BLOCK_SIZE, graphs)
-    # 256 blocks for the steps below (and, with TP_CUDA_GRAPHS=eager, the graph runner's scratch block
+    # 256 blocks for the steps below (and, with the graphs eager, the graph runner's scratch block
     # and buckets up to 4 sequences).
     assert size_kv_cache(runner, StepLimits(64, 4, 128), 0, 256, 1 << 30).num_blocks == 256
-    prompts = json.loads(prompts_json)
     greedy = SamplingParams(temperature=0.0)
     tables = [list(range(i * 40, (i + 1) * 40)) for i in range(len(prompts))]
 
@@ -56,7 +63,7 @@ def main() -> None:
     real_run = decoder_stack.run
     decoder_stack.run = lambda *a: stack_runs.append(a[2] is not None) or real_run(*a)
     all_logits = []
-    for _ in range(int(decode_steps) + 1):
+    for _ in range(decode_steps + 1):
         all_logits.append(runner.forward(steps))
         tokens = all_logits[-1].argmax(dim=-1).tolist()
         for i, t in enumerate(tokens):
@@ -85,13 +92,13 @@ def main() -> None:
                 for i, s in enumerate(grown)
             ]
         stepped[case] = chosen
+    decoder_stack.run = real_run
     shapes = {name: (list(p.shape), p.numel() * p.element_size()) for name, p in model.named_parameters()}
     record = {"seqs": seqs, "stepped": stepped, "shapes": shapes, "weight_bytes": weight_bytes(model)}
     record["shm_stack_runs"] = sum(stack_runs)
     if parallel.rank == 0:
         record["logits"] = torch.stack(all_logits)
-    torch.save(record, f"{out_file}.rank{parallel.rank}")
-    close_process_group()
+    return record
 
 
 if __name__ == "__main__":
