@@ -3,10 +3,13 @@ its vocabulary slice the way ParallelLMHead does (padded to ceil(V / n) columns,
 with a huge value that must be ignored), and saves what the runner's greedy choice gives for it
 (`greedy_choice` of the slice's `slice_stats`), as tensors.
 
-Run as `python tests/parallel_greedy_worker.py OUT_FILE VOCAB` with RANK, WORLD_SIZE, MASTER_ADDR
-and MASTER_PORT set.
+Run as `python tests/parallel_greedy_worker.py OUT_FILE RUNS_JSON` with RANK, WORLD_SIZE, MASTER_ADDR
+and MASTER_PORT set. RUNS_JSON lists the runs, one after another in the same process group: each a name,
+the vocabulary size, the collectives (auto or torch) and the kernels (auto or torch); each run's record
+goes to `OUT_FILE.NAME.rankR`.
 """
 
+import json
 import os
 import sys
 
@@ -50,12 +53,19 @@ def choose(local: torch.Tensor, start: int, vocab: int, group: TensorParallelGro
 
 
 def main() -> None:
-    out_file, vocab = sys.argv[1], int(sys.argv[2])
+    out_file, runs = sys.argv[1], json.loads(sys.argv[2])
     parallel = ParallelConfig(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
     device = torch.device("cpu")
     init_process_group(parallel, device)
-    group = tensor_parallel_group(parallel, device, os.environ.get("TP_COLLECTIVES", "auto"))
-    ops.select(os.environ.get("TP_KERNELS", "auto"), device, torch.float32)
+    for name, vocab, collectives, kernels in runs:
+        group = tensor_parallel_group(parallel, device, collectives)
+        ops.select(kernels, device, torch.float32)
+        torch.save(run(vocab, parallel, group), f"{out_file}.{name}.rank{parallel.rank}")
+    close_process_group()
+
+
+def run(vocab: int, parallel: ParallelConfig, group: TensorParallelGroup) -> dict:
+    """This rank's record of one run (the module's docstring)."""
     logits = full_logits(vocab)
     per_rank = -(-vocab // parallel.world_size)
     start = parallel.rank * per_rank
@@ -71,8 +81,7 @@ def main() -> None:
     if parallel.rank == parallel.world_size - 1:
         bad[3, 0] = float("nan")
     record["with_nan"] = choose(bad, start, vocab, group)
-    torch.save(record, f"{out_file}.rank{parallel.rank}")
-    close_process_group()
+    return record
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """parallel_greedy in real groups: the token and log-probability of the whole row from each rank's
 vocabulary slice, against argmax and log_softmax of the full logits."""
 
+import json
+
 import pytest
 import torch
 
@@ -8,17 +10,31 @@ from conftest import PYTHON, REPO, run_ranks
 from mixserve.shards.parallel_greedy import is_plain_greedy
 from mixserve.shards.sampling_params import SamplingParams
 
+# Per group size, its runs: name, vocabulary, collectives, kernels. vocab 4 over 3 ranks: 2 rows each, rank 2
+# holds only padding.
+RUNS = {
+    3: [["1001", 1001, "auto", "auto"], ["1001-torch-kernels", 1001, "auto", "torch"], ["padding", 4, "auto", "auto"]],
+    2: [["64-torch", 64, "torch", "torch"]],
+}
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> dict[str, list[dict]]:
+    """Each run's records by rank: one process group a group size, its runs one after another."""
+    out = tmp_path_factory.mktemp("greedy") / "greedy"
+    found = {}
+    for world_size, runs in RUNS.items():
+        run_ranks([PYTHON, str(REPO / "tests" / "parallel_greedy_worker.py"), str(out), json.dumps(runs)], world_size)
+        found |= {name: [torch.load(f"{out}.{name}.rank{r}") for r in range(world_size)] for name, *_ in runs}
+    return found
+
 
 @pytest.mark.parametrize(
-    ("world_size", "vocab", "collectives", "kernels"),
-    [(3, 1001, "auto", "auto"), (2, 64, "torch", "torch"), (3, 1001, "auto", "torch")],
+    ("name", "world_size", "vocab"), [("1001", 3, 1001), ("64-torch", 2, 64), ("1001-torch-kernels", 3, 1001)]
 )
 @pytest.mark.slow
-def test_slices_combine_to_the_full_rows_choice(tmp_path, world_size, vocab, collectives, kernels):
-    out = tmp_path / "greedy"
-    cmd = [PYTHON, str(REPO / "tests" / "parallel_greedy_worker.py"), str(out), str(vocab)]
-    run_ranks(cmd, world_size, TP_COLLECTIVES=collectives, TP_KERNELS=kernels)
-    records = [torch.load(f"{out}.rank{r}") for r in range(world_size)]
+def test_slices_combine_to_the_full_rows_choice(records, name, world_size, vocab):
+    records = records[name]
     logits = records[0]["logits"]
     expected_ids = logits.argmax(dim=-1)
     expected_logprobs = logits.log_softmax(dim=-1).gather(1, expected_ids[:, None]).squeeze(1)
@@ -37,11 +53,8 @@ def test_slices_combine_to_the_full_rows_choice(tmp_path, world_size, vocab, col
 
 
 @pytest.mark.slow
-def test_a_rank_holding_only_padding_sends_every_rank_to_the_gathered_path(tmp_path):
-    out = tmp_path / "greedy"
-    # vocab 4 over 3 ranks: 2 rows each, rank 2 holds only padding
-    run_ranks([PYTHON, str(REPO / "tests" / "parallel_greedy_worker.py"), str(out), "4"], 3)
-    assert all(torch.load(f"{out}.rank{r}")["chosen"] is None for r in range(3))
+def test_a_rank_holding_only_padding_sends_every_rank_to_the_gathered_path(records):
+    assert all(record["chosen"] is None for record in records["padding"])
 
 
 def test_plain_greedy_means_nothing_needs_the_whole_row():
