@@ -2,10 +2,13 @@
 and small, 4-bit lookup tables shared, LLM.int8's outlier columns and activations past fp16's range,
 the 4-bit fused and dequantize paths, and the sparse quantized MoE running only the routed experts."""
 
+import subprocess
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import PYTHON, subprocess_env
 from mixserve.shards.layers.moe import route
 from mixserve.shards.quant.config import QuantizationConfig
 from mixserve.shards.quant.experts import QuantizedExperts
@@ -138,3 +141,24 @@ def test_quantized_experts_run_only_the_routed_experts(tokens):
     w13 = [layer.dequantize() for layer in moe.w13]
     w2 = [layer.dequantize() for layer in moe.w2]
     torch.testing.assert_close(out, dense_oracle(hidden, w13, w2, weights, experts), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_bitsandbytes_imports_without_torch_s_compiler_and_its_4_bit_layers_run_so():
+    """bitsandbytes wraps functions in torch.compile at import, whose first call imports inductor's compiler
+    (~2 s); a shard imports it with compile as the identity, and restores compile after."""
+    probe = (
+        "import sys, torch\n"
+        "from mixserve.shards.quant.config import QuantizationConfig\n"
+        "from mixserve.shards.quant.linear import load_bitsandbytes, quantize_linear\n"
+        "compile_ = torch.compile\n"
+        "load_bitsandbytes()\n"
+        "assert torch.compile is compile_\n"
+        "weight, x = torch.randn(64, 128), torch.randn(2, 128)\n"
+        "layer = quantize_linear(weight, QuantizationConfig('bitsandbytes-nf4'), torch.float32, torch.device('cpu'))\n"
+        "assert (layer(x) - x @ weight.T).norm() < 0.3 * (x @ weight.T).norm()\n"
+        "print('torch._inductor.compile_fx' in sys.modules)\n"
+    )
+    done = subprocess.run([PYTHON, "-c", probe], capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"

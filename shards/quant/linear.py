@@ -29,9 +29,25 @@ def load_bitsandbytes() -> ModuleType:
     # fused 4-bit CPU gemm used only with its CPU-repacked weight layout) is missing. Weights here
     # keep the standard layout, so the warning would only mislead whoever reads the shard log.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    import bitsandbytes as bnb
-
+    # At import bitsandbytes wraps four device-independent functions in torch.compile (its optimizers'
+    # steps, and the blockwise and 4-bit dequantization that its C and CUDA kernels replace), and the
+    # first torch.compile call imports inductor's compiler: from the import to a first int8 and nf4
+    # layer 4.1-4.4 s with it, 2.2-2.4 s without, on a 2-core AMD EPYC (benchmarks/results/bnb-import;
+    # its first op imports dynamo either way). A shard runs those functions only where its device lacks
+    # the kernel (on the CPU: 4-bit blocks of 2048 and more on AVX-512), so they are imported as the eager
+    # functions bitsandbytes itself falls back to where compiling fails.
+    compile_ = torch.compile
+    torch.compile = _eager
+    try:
+        import bitsandbytes as bnb
+    finally:
+        torch.compile = compile_
     return bnb
+
+
+def _eager(model=None, **options):
+    """torch.compile's signature, compiling nothing (load_bitsandbytes)."""
+    return model if model is not None else (lambda fn: fn)
 
 
 class QuantizedLinear(nn.Module, abc.ABC):
