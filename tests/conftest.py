@@ -281,7 +281,7 @@ class LaunchedServer:
                         return
             except OSError:
                 pass
-            time.sleep(0.3)
+            time.sleep(0.1)
         raise TimeoutError(f"mixserve launch not healthy after {timeout_s}s:\n{self.log_tail()}")
 
     def stop(self) -> int:
