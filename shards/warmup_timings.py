@@ -3,7 +3,7 @@ the same steps again.
 
 At warm-up each CPU shard times the C kernels against torch (kernel_tokens.py: prefill steps of 16 to 256
 tokens through the decoder layers; head_rows.py: the LM head at 32 to 128 rows) and keeps the sizes where
-the kernel is not clearly slower. That took ~3.5 s of a ~8-11 s start of the 2-shard demo on an AVX2-only
+the kernel is not clearly slower. That took 2.3-3.9 s of a 6.7-13.8 s start of the 2-shard demo on an AVX2-only
 AMD EPYC; on a large model every size is a whole prefill step of it, several times over, so it grows with
 the model. The timings depend on the machine, the build and the shapes, not on the weights' values nor on
 which start took them; so each rank stores its own, under a key holding everything they depend on (the
