@@ -149,22 +149,30 @@ async def _pump_output(shard: ShardProcess) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def signal_child(process: asyncio.subprocess.Process, sig: int) -> None:
+    """Send `sig` to a child the loop watches. Not through process.send_signal: its Popen polls the child
+    first, and a child that has just exited is reaped by that poll before asyncio's child watcher reaps it,
+    which then logs "Unknown child process pid" and reports exit code 255 (a shard 0 that refused a flag,
+    killed with the other early shards, did). A signal to an exited, unreaped child is a no-op."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(process.pid, sig)
+
+
 async def stop_shards(shards: list[ShardProcess], timeout_s: float = 10.0, kill: bool = False) -> None:
     """Stop the shard processes and wait for them: SIGTERM, or SIGKILL with `kill` or past `timeout_s`."""
     for shard in shards:
         if shard.process.returncode is None:
             if kill:
-                shard.process.kill()
+                signal_child(shard.process, signal.SIGKILL)
                 continue
-            shard.process.terminate()
+            signal_child(shard.process, signal.SIGTERM)
             # A stopped (SIGSTOP) shard acts on SIGTERM only once continued.
-            with contextlib.suppress(ProcessLookupError):
-                shard.process.send_signal(signal.SIGCONT)
+            signal_child(shard.process, signal.SIGCONT)
     for shard in shards:
         try:
             await asyncio.wait_for(shard.process.wait(), timeout_s)
         except TimeoutError:
-            shard.process.kill()
+            signal_child(shard.process, signal.SIGKILL)
             await shard.process.wait()
     # Read each output pipe to its end while the loop runs: a pipe left open is closed by the garbage
     # collector after asyncio.run closed the loop ("RuntimeError: Event loop is closed" at exit). A standby

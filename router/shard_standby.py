@@ -16,11 +16,12 @@ import asyncio
 import copy
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 from mixserve.router.host_check import HostCheckFailed, HostPlan, host_check_flags, read_answer
-from mixserve.router.shard_spawn import ShardProcess, group_socket_dir, start_shards, stop_shards
+from mixserve.router.shard_spawn import ShardProcess, group_socket_dir, signal_child, start_shards, stop_shards
 from mixserve.shards.cores import usable_cores
 
 HOST_CHECK_TIMEOUT_S = 300.0
@@ -137,7 +138,7 @@ class HostCheck:
     async def dismiss(self) -> None:
         """Stop the shards started beside the check that no group took, or the check's own process."""
         if self.guess is None and self.process.returncode is None:
-            self.process.kill()
+            signal_child(self.process, signal.SIGKILL)
             await self.process.communicate()
         await stop_shards([shard for shards in self.early.values() for shard in shards], kill=True)
         for group_id in self.early:
