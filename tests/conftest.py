@@ -72,6 +72,13 @@ PYTHON = sys.executable
 INTERPRETER_CONFIG = TINY
 
 
+def fresh_interpreter(code: str) -> str:
+    """The last line `code` prints, run by `python -c` in a fresh interpreter (which must exit 0)."""
+    done = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
 def _is_python(argv) -> bool:
     program = argv if isinstance(argv, str | bytes | os.PathLike) else argv[0]
     return Path(os.fsdecode(program)).name.startswith("python") or os.fsdecode(program) == PYTHON

@@ -1,12 +1,10 @@
 """Building a shard's model: parameters on the meta device until the checkpoint fills them, and a start
 that imports neither accelerate nor torch._dynamo (~1 s and ~2.5 s of every shard's start here)."""
 
-import subprocess
-
 import pytest
 import torch
 
-from conftest import PYTHON, subprocess_env
+from conftest import fresh_interpreter
 from mixserve.shards.loader import parameters_on_meta
 
 
@@ -54,6 +52,4 @@ def test_loading_and_metering_import_neither_accelerate_nor_dynamo(demo_dir):
         "assert meter.peak > 0\n"
         "print(sorted(name for name in ('accelerate', 'torch._dynamo') if name in sys.modules))\n"
     )
-    done = subprocess.run([PYTHON, "-c", probe], capture_output=True, text=True, env=subprocess_env(), timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert fresh_interpreter(probe) == "[]"
