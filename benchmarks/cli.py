@@ -9,6 +9,7 @@
 - `collectives`: the shards' all-reduce per call on this host (shared memory through C or torch, gloo).
 - `gpu`: one layer's kernels at Mixtral-8x7B's shapes (torch vs Triton vs CUDA graphs) and the server at TP 1.
 - `gpu-spec`: speculative decoding with a draft model on one GPU, target and draft trained there first.
+- `copy-demo`: fine-tune a trained demo to copy from its context (induction heads taught), for the copy workload.
 - `structured`: half JSON-schema-constrained requests against all free ones, and a cached schema's TTFT.
 - `soak`: minutes of mixed load (every API, cancelled streams, bad bodies), then a request, KV and RSS leak check.
 """
@@ -32,6 +33,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "gpu": ("mixserve.benchmarks.gpu", "Mixtral-8x7B's GPU path: layer kernels vs today's torch path, then the server"),
     "gpu-spec": ("mixserve.benchmarks.gpu_spec", "speculative decoding with a draft model on one GPU, trained weights"),
+    "copy-demo": (
+        "mixserve.benchmarks.copy_demo",
+        "fine-tune a trained demo checkpoint to copy from its context (the copy workload's model)",
+    ),
     "structured": (
         "mixserve.benchmarks.structured",
         "half JSON-schema-constrained vs all-free load, cached-schema TTFT",

@@ -9,6 +9,9 @@ not counted):
   offset (moved to the start of a word), cut to the exact length. A model trained on that corpus
   (`mixserve demo-model --train-steps N`) continues text it has seen, as served models continue
   documents, code and chats they are asked about: the workload for speculative decoding.
+- `copy`: a corpus passage, a line break, and the passage's first eighth again, to the exact length.
+  A model that copies from its context (as served models do when they quote, edit or summarise a
+  document they are given) goes on repeating the passage: the workload prompt lookup is built for.
 The same seed always gives the same workload.
 """
 
@@ -21,11 +24,13 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-WORKLOADS = ("random", "corpus")
+WORKLOADS = ("random", "corpus", "copy")
 DEMO_CORPUS = Path(__file__).resolve().parent.parent / "shards" / "demo" / "corpus.txt"
 # Characters of corpus read per prompt token before cutting to the exact length (the demo's
 # tokenizer averages about 4 characters a token; short tokens and symbols need the slack).
 CHARS_PER_TOKEN = 12
+# A copy prompt repeats this fraction of its passage's tokens after the line break.
+COPY_HEAD_FRACTION = 1 / 8
 
 # Rounds of decode → encode → trim/pad before giving up on an exact length; two or three suffice
 # for byte-fallback BPE vocabularies.
@@ -122,16 +127,33 @@ def corpus_prompt(tokenizer: Tokenizer, corpus: str, length: int, rng: random.Ra
     raise ValueError(f"could not cut a passage of exactly {length} tokens in {MAX_ROUNDS} tries")
 
 
+def copy_prompt(tokenizer: Tokenizer, corpus: str, length: int, rng: random.Random) -> str:
+    """A corpus passage, a line break and the passage's first tokens again, `length` tokens in all."""
+    if length < 3:
+        raise ValueError(f"copy prompts need at least 3 tokens, got {length}")
+    head = max(1, round(length * COPY_HEAD_FRACTION))
+    passage_len = length - head - 1
+    for _ in range(MAX_ROUNDS):
+        passage = corpus_prompt(tokenizer, corpus, passage_len, rng)
+        ids = tokenizer.encode(passage, add_special_tokens=False).ids
+        text = passage + "\n" + tokenizer.decode(ids[:head], skip_special_tokens=True)
+        # The join can merge pieces; such a passage is skipped, not trimmed, so the head stays a copy.
+        if count_tokens(tokenizer, text) == length:
+            return text
+    raise ValueError(f"could not build a copy prompt of exactly {length} tokens in {MAX_ROUNDS} tries")
+
+
 def build_requests(tokenizer: Tokenizer, config: WorkloadConfig, count: int, *, stream: int = 0) -> list[BenchRequest]:
     """`count` requests; `stream` picks an independent sequence (warm-up and each sweep level use their own)."""
     rng = random.Random(f"{config.seed}:{stream}")
     low = max(1, math.floor(config.output_len * (1 - config.output_spread)))
     high = math.ceil(config.output_len * (1 + config.output_spread))
-    if config.kind == "corpus":
+    if config.kind in ("corpus", "copy"):
         corpus = DEMO_CORPUS.read_text(encoding="utf-8")
+        cut = corpus_prompt if config.kind == "corpus" else copy_prompt
 
         def prompt() -> str:
-            return corpus_prompt(tokenizer, corpus, config.input_len, rng)
+            return cut(tokenizer, corpus, config.input_len, rng)
     else:
         pool = plain_token_ids(tokenizer)
 

@@ -194,16 +194,38 @@ def test_llama_server_serves_the_converted_demo(demo_dir, tmp_path):
     assert [(r.ok, r.output_tokens, r.count_method) for r in records] == [(True, 8, "usage")]
 
 
-def test_corpus_prompts_are_exact_passages_of_the_corpus(demo_dir):
+def _corpus_workload(demo_dir, kind: str):
+    """The tokenizer, a config of 128-token prompts of `kind`, its 12 requests (each exactly 128 tokens,
+    the same from the same seed) and the corpus they come from."""
     tokenizer = load_tokenizer(demo_dir)
-    config = WorkloadConfig(input_len=128, output_len=16, seed=3, kind="corpus")
+    config = WorkloadConfig(input_len=128, output_len=16, seed=3, kind=kind)
     requests = build_requests(tokenizer, config, 12)
     assert [count_tokens(tokenizer, r.prompt) for r in requests] == [128] * 12
-    corpus = DEMO_CORPUS.read_text(encoding="utf-8")
+    assert requests == build_requests(tokenizer, config, 12)
+    assert parse("--workload", kind).workload == kind
+    return tokenizer, config, requests, DEMO_CORPUS.read_text(encoding="utf-8")
+
+
+def test_corpus_prompts_are_exact_passages_of_the_corpus(demo_dir):
+    tokenizer, config, requests, corpus = _corpus_workload(demo_dir, "corpus")
     assert all(r.prompt in corpus and not r.prompt[0].isspace() for r in requests)
     assert len({r.prompt for r in requests}) == 12 and all(r.max_tokens == 16 for r in requests)
-    assert requests == build_requests(tokenizer, config, 12)
     assert requests != build_requests(tokenizer, config, 12, stream=1)
-    assert parse("--workload", "corpus").workload == "corpus"
     with pytest.raises(ValueError, match="workload"):
-        WorkloadConfig(kind="copy")
+        WorkloadConfig(kind="quotes")
+
+
+def test_copy_prompts_start_their_passage_over(demo_dir):
+    tokenizer, _, requests, corpus = _corpus_workload(demo_dir, "copy")
+    for request in requests:
+        # 111 passage tokens, a line break, then the passage's first 16 tokens again (the passage and
+        # its head may hold line breaks of their own).
+        text = request.prompt
+        splits = [(text[:i], text[i + 1 :]) for i, c in enumerate(text) if c == "\n"]
+        assert any(
+            passage in corpus
+            and passage.startswith(head)
+            and count_tokens(tokenizer, passage) == 111
+            and count_tokens(tokenizer, head) == 16
+            for passage, head in splits
+        )
