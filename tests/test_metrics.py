@@ -126,12 +126,16 @@ async def test_gauges_show_a_running_stream_and_a_disconnect_is_counted(server):
             "mixserve_kv_blocks_used"
         )
 
+        # The engine counts the cancellation and the HTTP middleware the 499 as the handler unwinds, in
+        # either order: wait for both.
         async def counted() -> bool:
             now = await scrape(session, server)
-            return now("mixserve_request_end_total", reason="cancelled") > cancelled_before
+            return now("mixserve_request_end_total", reason="cancelled") > cancelled_before and now(
+                "mixserve_requests_total", api="http", route="/predict", status="499"
+            ) > before("mixserve_requests_total", api="http", route="/predict", status="499")
 
         cancelled_before = before("mixserve_request_end_total", reason="cancelled")
-        await await_until(counted, "the disconnect counted as cancelled", 10, 0.05)
+        await await_until(counted, "the disconnect counted as cancelled and as a 499", 10, 0.05)
         after = await scrape(session, server)
     assert (
         after("mixserve_request_end_total", reason="cancelled")
