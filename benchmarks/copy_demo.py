@@ -134,6 +134,11 @@ def fine_tune(
         for length in EVAL_LENS
     ]
     model = MixtralForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="eager")
+    available = model.config.num_attention_heads
+    if 2 * training.heads > available:
+        raise ValueError(
+            f"--heads {training.heads} needs {2 * training.heads} heads a layer, the model has {available}"
+        )
     model.config.output_router_logits = True
     model.config.router_aux_loss_coef = ROUTER_AUX_LOSS_COEF
     model.train()

@@ -1,5 +1,6 @@
 """The copy fine-tune: its rows and attention targets, and a short run on a tiny checkpoint."""
 
+import pytest
 import torch
 from transformers import MixtralForCausalLM
 
@@ -44,3 +45,5 @@ def test_fine_tune_logs_its_losses_and_writes_a_loadable_checkpoint(interpreter_
     )
     kinds = {row["previous_token_loss"] > 0 and row["induction_loss"] > 0 for row in mixed[1:]}
     assert kinds == {True, False} and all(row["lm_loss"] > 0 for row in mixed[1:])
+    with pytest.raises(ValueError, match="heads a layer"):
+        fine_tune(interpreter_dir, out, CopyTraining(steps=1, batch=2, min_len=4, max_len=6, heads=3))
