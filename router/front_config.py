@@ -36,6 +36,8 @@ class ServerConfig:
     speculative_model: str | None = None
     # --speculate-history-tokens: finished requests' tokens n-gram speculation also looks up (0: none).
     speculate_history_tokens: int = 0
+    # --speculate-length: n-gram proposals per step adapted to each request's verifications, or fixed at K.
+    speculate_length: str = "adaptive"
 
 
 def api_key_matches(authorization: str, key: str) -> bool:

@@ -195,6 +195,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "request's own tokens hold no match (0: off; other requests' text then shapes a request's timing)",
     )
     parser.add_argument(
+        "--speculate-length",
+        choices=["adaptive", "fixed"],
+        default="adaptive",
+        help="adaptive: each request's n-gram proposals per step start at --speculate K and follow what its "
+        "verifications kept (two more after one that kept all, one fewer after one that did not, 1 to K); "
+        "fixed: K every step. Shards started elsewhere take `mixserve shard --speculate-length`",
+    )
+    parser.add_argument(
         "--speculate-max-batch",
         type=_positive_int,
         default=MAX_BATCH,

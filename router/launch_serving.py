@@ -217,6 +217,7 @@ async def _serve_with_shards(args, model_dir, loading: asyncio.Future, groups: l
         strict_model_name=args.strict_model_name,
         speculative_model=args.speculative_model,
         speculate_history_tokens=args.speculate_history_tokens,
+        speculate_length=args.speculate_length,
     )
     # The keep-alive timer also runs from the moment a connection opens until its headers are complete,
     # so it is what bounds a client that never finishes them. After an answer that left the body unread

@@ -78,6 +78,11 @@ INFO = obj(
         "speculate_history_tokens": typed(
             "integer", "tokens of finished requests n-gram speculation also looks up (--speculate-history-tokens)"
         ),
+        "speculate_length": typed(
+            "string",
+            "adaptive: each request's n-gram proposals per step follow its verifications; fixed: --speculate K",
+            enum=["adaptive", "fixed"],
+        ),
         "speculative_proposed_tokens": typed("integer", "tokens proposed since start"),
         "speculative_accepted_tokens": typed("integer", "proposed tokens that became output"),
         "uptime_s": typed("number", "seconds since start"),

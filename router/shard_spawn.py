@@ -73,6 +73,7 @@ def shard_flags(args: argparse.Namespace, model_dir: str | None, path: Path, ran
         flags += ["--speculative-model", args.speculative_model]
     if args.speculate_history_tokens:
         flags += ["--speculate-history-tokens", str(args.speculate_history_tokens)]
+    flags += ["--speculate-length", args.speculate_length]
     return flags
 
 

@@ -132,6 +132,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="n-gram proposals also look up the tokens of recently finished sequences, up to this many (0: off)",
     )
+    parser.add_argument(
+        "--speculate-length",
+        choices=["adaptive", "fixed"],
+        default="adaptive",
+        help="adaptive: each sequence's n-gram proposals per step follow what its verifications kept (up to what "
+        "the step allows); fixed: as many as the step allows",
+    )
     parser.add_argument("--block-size", type=int, default=16, help="KV cache token slots per block")
     parser.add_argument("--max-kv-blocks", type=int, default=0, help="cap on KV cache blocks (0: size from memory)")
     parser.add_argument(
@@ -268,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
         grammars,
         draft,
         args.speculate_history_tokens,
+        args.speculate_length == "adaptive",
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=8),

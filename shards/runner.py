@@ -53,6 +53,7 @@ class ModelRunner:
         grammars: GrammarMatchers | None = None,
         draft: "DraftModel | None" = None,
         ngram_history_tokens: int = 0,
+        adaptive_length: bool = True,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block size must be positive, got {block_size}")
@@ -75,6 +76,9 @@ class ModelRunner:
         self.draft = draft
         # n-gram speculation's second place to look: finished sequences' tokens (--speculate-history-tokens).
         self.ngram_history = ngram.HistoryIndex(ngram_history_tokens) if ngram_history_tokens else None
+        # n-gram proposals per step follow each sequence's verifications (shards/proposal_length.py), or stay
+        # at what the step allows (--speculate-length fixed).
+        self.adaptive_length = adaptive_length
         if draft is not None and draft.vocab_size != self.config.vocab_size:
             raise ValueError(
                 f"the draft model's vocab_size {draft.vocab_size} differs from the model's {self.config.vocab_size}"
@@ -260,6 +264,8 @@ class ModelRunner:
             elif split:
                 st.history.add_output([t.token_id for t in run])
             st.seen_until = s.start_position + len(s.token_ids) - s.num_proposed + len(run)
+            if s.num_proposed and s.seq_id in drafted and self.draft is None and self.adaptive_length:
+                st.proposal_length.on_verified(drafted[s.seq_id], s.num_proposed, len(run) - 1)
             first = run[0]
             results.append(
                 SequenceResult(
@@ -274,18 +280,20 @@ class ModelRunner:
             )
         return results + scored_only
 
-    def _drafted(self, steps: list[SequenceStep]) -> tuple[list[SequenceStep], set[int]]:
+    def _drafted(self, steps: list[SequenceStep]) -> tuple[list[SequenceStep], dict[int, int]]:
         """`steps` with the proposals made here in place of each `draft` step's reserved positions (the slots
-        of those not made dropped), and the ids of the sequences proposed for."""
+        of those not made dropped), and the sequences proposed for: their ids, each with the positions its
+        step reserved."""
         if self.draft is not None:
             self.draft.observe(steps)
         drafting = [i for i, s in enumerate(steps) if s.draft]
         if not drafting:
-            return steps, set()
+            return steps, {}
         if self.draft is not None:
             proposals = self.draft.propose([steps[i] for i in drafting])
         else:
             proposals = [self._ngram_proposals(steps[i]) for i in drafting]
+        reserved = {steps[i].seq_id: steps[i].num_proposed for i in drafting}
         steps = list(steps)
         for i, proposed in zip(drafting, proposals, strict=True):
             s = steps[i]
@@ -296,7 +304,7 @@ class ModelRunner:
                 num_proposed=len(proposed),
                 draft=False,
             )
-        return steps, {steps[i].seq_id for i in drafting}
+        return steps, reserved
 
     def _ngram_proposals(self, s: SequenceStep) -> list[int]:
         """Up to s.num_proposed tokens looked up in the sequence's own tokens, then in finished sequences' where
@@ -308,7 +316,8 @@ class ModelRunner:
             return []
         if state.ngrams is None:
             state.ngrams = ngram.NgramIndex()
-        return state.ngrams.propose(tokens, s.num_proposed, self.ngram_history)
+        k = state.proposal_length.allowed(s.num_proposed) if self.adaptive_length else s.num_proposed
+        return state.ngrams.propose(tokens, k, self.ngram_history)
 
     def _new_grammars(self, steps: list[SequenceStep]) -> dict[int, SequenceGrammar]:
         """Matchers for the sequences new to this shard that carry a grammar, built before any state

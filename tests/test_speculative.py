@@ -12,6 +12,7 @@ from mixserve.shards.config import ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.loader import load_model
 from mixserve.shards.parallel_greedy import greedy_choice
+from mixserve.shards.proposal_length import ProposalLength
 from mixserve.shards.runner import ModelRunner
 from mixserve.shards.sampling import sample
 from mixserve.shards.sampling_params import SamplingParams
@@ -85,9 +86,12 @@ def model(demo_dir):
     return load_model(demo_dir, parallel, TensorParallelGroup(parallel))
 
 
-def new_runner(model) -> ModelRunner:
+def new_runner(model, adaptive_length: bool = True) -> ModelRunner:
     parallel = ParallelConfig()
-    runner = ModelRunner(model, parallel, TensorParallelGroup(parallel), torch.device("cpu"), torch.float32, BLOCK)
+    group = TensorParallelGroup(parallel)
+    runner = ModelRunner(
+        model, parallel, group, torch.device("cpu"), torch.float32, BLOCK, adaptive_length=adaptive_length
+    )
     runner.allocate_cache(32)
     return runner
 
@@ -211,3 +215,38 @@ def test_without_a_draft_model_drafting_steps_propose_by_ngram_lookup(model):
     other = runner.step([step(2, PROMPT, 0, SamplingParams())])[0].token_id
     (result,) = runner.step([drafting_step(2, (other + 1) % model.config.vocab_size, len(PROMPT), 3)])
     assert (result.num_drafted, result.next_tokens) == (0, [])
+
+
+def speculate_greedily(runner: ModelRunner, k: int, count: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """`count` greedy tokens of PROMPT from n-gram drafting steps that each allow `k` proposals, and each
+    drafting step's (proposals made, proposals kept)."""
+    ids = [runner.step([step(1, PROMPT, 0, SamplingParams())])[0].token_id]
+    verified = []
+    while len(ids) < count:
+        (result,) = runner.step([drafting_step(1, ids[-1], len(PROMPT) + len(ids) - 1, k)])
+        ids += [result.token_id] + [t.token_id for t in result.next_tokens]
+        verified.append((result.num_drafted, len(result.next_tokens)))
+    return ids[:count], verified
+
+
+def test_adaptive_proposal_length_follows_what_verifications_kept(model):
+    """With the adaptive length (the default) the runner moves a sequence's proposal length after each of
+    its verifications (shards/proposal_length.py) and each n-gram lookup proposes at most that; with the
+    fixed length it stays unset. The tokens are plain decoding's either way."""
+    plain = new_runner(model)
+    expected = [plain.step([step(1, PROMPT, 0, SamplingParams())])[0].token_id]
+    for _ in range(19):
+        expected.append(plain.step([step(1, [expected[-1]], len(PROMPT) + len(expected) - 1)])[0].token_id)
+    adaptive_runner, fixed_runner = new_runner(model), new_runner(model, adaptive_length=False)
+    adaptive, adaptive_steps = speculate_greedily(adaptive_runner, 3, 20)
+    fixed, fixed_steps = speculate_greedily(fixed_runner, 3, 20)
+    assert adaptive == fixed == expected
+    # The demo's lookups here propose one token at a time, kept and rejected: the length went up and down.
+    assert {(1, 1), (1, 0)} <= set(adaptive_steps)
+    length = ProposalLength()
+    for proposed, kept in adaptive_steps:
+        assert proposed <= length.allowed(3)
+        if proposed:
+            length.on_verified(3, proposed, kept)
+    assert adaptive_runner.sequences[1].proposal_length.length == length.length is not None
+    assert fixed_runner.sequences[1].proposal_length.length is None
