@@ -279,7 +279,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="run every system at once and measure them in N alternating blocks of each level's requests"
         " (benchmarks/interleave.py), so that the machine's drift weighs on each alike (1: one system after"
-        " another)",
+        " another); the servers. order has biased such runs, so list one system twice as a control",
     )
     parser.add_argument("--conditions", default="", help="a note on the conditions, written under the table")
     parser.add_argument("--out", type=Path, help="output dir (default: benchmarks/results/compare-<UTC time>)")

@@ -15,6 +15,11 @@ for a level are its blocks together: the records of all of them, over the sum of
 Before its first block of a level a system gets the level's warm-up requests (as in a sequential
 sweep); before each later block one more request, uncounted, to bring its weights back into the
 caches the other systems' blocks used.
+
+It evens out drift over time, not differences between the servers themselves. The servers start one
+after another, and on a 2-core AMD EPYC VM three identical servers measured 214, 222 and 279 tok/s at
+one stream, the last started fastest in every block (benchmarks/results/compare-aaa-position-bias):
+list one system twice (two --mixserve names, the same flags) as a control before reading a ratio.
 """
 
 import contextlib
