@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mixserve.router.params import MAX_BEST_OF, MAX_CHOICES, MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS
 from mixserve.router.speculation import MAX_BATCH
-from mixserve.shards import warmup_timings
+from mixserve.shards import proposal_length, warmup_timings
 from mixserve.shards.kernels import native
 from mixserve.shards.quant.config import QUANTIZE_MODES
 
@@ -196,7 +196,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--speculate-length",
-        choices=["adaptive", "fixed"],
+        choices=proposal_length.MODES,
         default="adaptive",
         help="adaptive: each request's n-gram proposals per step start at --speculate K and follow what its "
         "verifications kept (two more after one that kept all, one fewer after one that did not, 1 to K); "

@@ -3,6 +3,7 @@ TGI's own /info fields.
 """
 
 from mixserve.router.openapi_builders import array, nullable, obj, typed
+from mixserve.shards import proposal_length
 
 INFO = obj(
     {
@@ -81,7 +82,7 @@ INFO = obj(
         "speculate_length": typed(
             "string",
             "adaptive: each request's n-gram proposals per step follow its verifications; fixed: --speculate K",
-            enum=["adaptive", "fixed"],
+            enum=list(proposal_length.MODES),
         ),
         "speculative_proposed_tokens": typed("integer", "tokens proposed since start"),
         "speculative_accepted_tokens": typed("integer", "proposed tokens that became output"),

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from mixserve.shards import decode_graph, ops, warmup_timings
+from mixserve.shards import decode_graph, ops, proposal_length, warmup_timings
 from mixserve.shards.config import DTYPES, MOE_PARALLEL_MODES, ModelConfig, ParallelConfig
 from mixserve.shards.devices import (
     DEVICE_CHOICES,
@@ -134,7 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--speculate-length",
-        choices=["adaptive", "fixed"],
+        choices=proposal_length.MODES,
         default="adaptive",
         help="adaptive: each sequence's n-gram proposals per step follow what its verifications kept (up to what "
         "the step allows); fixed: as many as the step allows",

@@ -77,8 +77,8 @@ class ModelRunner:
         # n-gram speculation's second place to look: finished sequences' tokens (--speculate-history-tokens).
         self.ngram_history = ngram.HistoryIndex(ngram_history_tokens) if ngram_history_tokens else None
         # n-gram proposals per step follow each sequence's verifications (shards/proposal_length.py), or stay
-        # at what the step allows (--speculate-length fixed).
-        self.adaptive_length = adaptive_length
+        # at what the step allows (--speculate-length fixed). A draft model stops on its own confidence instead.
+        self.adaptive_length = adaptive_length and draft is None
         if draft is not None and draft.vocab_size != self.config.vocab_size:
             raise ValueError(
                 f"the draft model's vocab_size {draft.vocab_size} differs from the model's {self.config.vocab_size}"
@@ -264,7 +264,7 @@ class ModelRunner:
             elif split:
                 st.history.add_output([t.token_id for t in run])
             st.seen_until = s.start_position + len(s.token_ids) - s.num_proposed + len(run)
-            if s.num_proposed and s.seq_id in drafted and self.draft is None and self.adaptive_length:
+            if s.num_proposed and s.seq_id in drafted and self.adaptive_length:
                 st.proposal_length.on_verified(drafted[s.seq_id], s.num_proposed, len(run) - 1)
             first = run[0]
             results.append(
