@@ -39,6 +39,7 @@ from mixserve.router.params import (
     as_messages,
     as_prompt,
     as_stop,
+    as_token_ids,
     max_new_tokens_from,
 )
 from mixserve.router.structured import openai_spec
@@ -245,19 +246,10 @@ async def prepare_tools(parsed: OpenAIRequest, tokenizer) -> None:
 
 
 def parse_completion_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIMITS) -> OpenAIRequest:
-    """Validate a `/v1/completions` body within `limits`: `prompt` is a string or an array of strings."""
+    """Validate a `/v1/completions` body within `limits`: `prompt` is a string, an array of strings, an array
+    of token ids or an array of such arrays (as OpenAI and vLLM take it; token ids get no BOS added)."""
     _unsupported(body, "suffix", "no insertion mode")
-    prompt = body.get("prompt")
-    if prompt is None:
-        raise BadRequest("prompt is required: a string or an array of strings")
-    if isinstance(prompt, list):
-        if not prompt:
-            raise ValidationError("prompt must not be an empty array")
-        if not isinstance(prompt[0], str):
-            raise ValidationError("prompt as token ids is not supported; send a string or an array of strings")
-        prompts = [as_prompt(f"prompt[{i}]", p) for i, p in enumerate(prompt)]
-    else:
-        prompts = [as_prompt("prompt", prompt)]
+    prompts = _completion_prompts(body.get("prompt"))
     max_tokens = max_new_tokens_from(body, ("max_tokens",), default=0) or None
     max_choices = _max_choices(limits)
     n = as_int("n", body.get("n"), default=1, ge=1, le=max_choices)
@@ -274,7 +266,12 @@ def parse_completion_request(body: dict[str, Any], limits: RequestLimits = DEFAU
     if echo and logprobs is not None:
         params = replace(params, prompt_logprobs=True)
     return OpenAIRequest(
-        prompts=[GenerationRequest(prompt=p, messages=None, params=params) for p in prompts],
+        prompts=[
+            GenerationRequest(prompt=None, messages=None, params=params, prompt_token_ids=p)
+            if isinstance(p, list)
+            else GenerationRequest(prompt=p, messages=None, params=params)
+            for p in prompts
+        ],
         params=params,
         max_tokens=max_tokens,
         n=n,
@@ -282,6 +279,21 @@ def parse_completion_request(body: dict[str, Any], limits: RequestLimits = DEFAU
         include_usage=_include_usage(body),
         echo=echo,
     )
+
+
+def _completion_prompts(prompt: object) -> list[str | list[int]]:
+    """`/v1/completions`' prompt as a list of prompts, each a string or a list of token ids."""
+    if prompt is None:
+        raise BadRequest("prompt is required: a string, an array of strings or an array of token ids")
+    if not isinstance(prompt, list):
+        return [as_prompt("prompt", prompt)]
+    if not prompt:
+        raise ValidationError("prompt must not be an empty array")
+    if isinstance(prompt[0], int) and not isinstance(prompt[0], bool):
+        return [as_token_ids("prompt", prompt)]
+    if isinstance(prompt[0], list):
+        return [as_token_ids(f"prompt[{i}]", p) for i, p in enumerate(prompt)]
+    return [as_prompt(f"prompt[{i}]", p) for i, p in enumerate(prompt)]
 
 
 def served_names(config: ServerConfig) -> tuple[str, ...]:
@@ -331,8 +343,15 @@ async def submit(engine: EngineAPI, request: OpenAIRequest, default_max_tokens: 
         for generation in generations:
             engine.cancel(generation)
         raise
-    texts = [p.prompt or "" for p in request.prompts for _ in range(request.n)]
+    texts = [_prompt_text(engine, p) for p in request.prompts for _ in range(request.n)]
     return Choices(generations, prompt_tokens, texts)
+
+
+def _prompt_text(engine: EngineAPI, prompt: GenerationRequest) -> str:
+    """What echo shows of a completions prompt: its string, or its token ids decoded (special tokens kept)."""
+    if prompt.prompt_token_ids is not None:
+        return engine.tokenizer.decode(prompt.prompt_token_ids)
+    return prompt.prompt or ""
 
 
 @openai_errors

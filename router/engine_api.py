@@ -132,6 +132,8 @@ class GenerationHandle(Protocol):
     finish_reason: str | None
     # Scored prompt tokens (params.prompt_logprobs), filled as the prefill runs; None at position 0.
     prompt_logprobs: list[float | None]
+    # With top_n_tokens too: each prompt position's top alternatives, (token id, logprob); empty at 0.
+    prompt_top_tokens: list[list[tuple[int, float]]]
 
     @property
     def prompt_tokens(self) -> int: ...

@@ -47,6 +47,10 @@ class Generation:
         self.output_ids: list[int] = []
         # With params.prompt_logprobs: each prompt token's log-probability given the ones before (None at 0).
         self.prompt_logprobs: list[float | None] = [None] * len(prompt_ids) if params.prompt_logprobs else []
+        # With top_n_tokens too: each prompt position's top alternatives (empty at 0 and until scored).
+        self.prompt_top_tokens: list[list[tuple[int, float]]] = (
+            [[] for _ in prompt_ids] if params.prompt_logprobs and params.top_n_tokens else []
+        )
         self.finish_reason: str | None = None
         self.created = time.perf_counter()
         self.first_token_at: float | None = None

@@ -109,13 +109,25 @@ class CompletionLogprobs:
     def add_prompt(self, tokenizer, prompt: str, generation: GenerationHandle) -> None:
         """The echoed prompt's tokens first, as OpenAI gave them: the first token's logprob null."""
         ids = generation.prompt_ids
-        encoded = tokenizer(prompt, return_offsets_mapping=True)
-        starts = [start for start, _ in encoded["offset_mapping"]] if encoded["input_ids"] == ids else [0] * len(ids)
-        for token_id, logprob, start in zip(ids, generation.prompt_logprobs, starts, strict=True):
+        starts = [0] * len(ids)
+        # A string prompt got the tokenizer's special tokens; token ids were taken as given.
+        for special in (True, False):
+            encoded = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=special)
+            if encoded["input_ids"] == ids:
+                starts = [start for start, _ in encoded["offset_mapping"]]
+                break
+        tops = generation.prompt_top_tokens or [[] for _ in ids]
+        for token_id, logprob, top, start in zip(ids, generation.prompt_logprobs, tops, starts, strict=True):
             piece = token_piece(tokenizer, token_id)
             self.tokens.append(piece)
             self.token_logprobs.append(logprob)
-            self.top_logprobs.append(None if logprob is None else {piece: logprob})
+            if logprob is None:
+                self.top_logprobs.append(None)
+            else:
+                # As for generated tokens: the requested alternatives, and always the prompt's own token.
+                alternatives = {token_piece(tokenizer, t): lp for t, lp in top}
+                alternatives.setdefault(piece, logprob)
+                self.top_logprobs.append(alternatives)
             self.text_offset.append(start)
 
     def extend(self, other: "CompletionLogprobs") -> None:

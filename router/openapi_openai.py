@@ -276,8 +276,13 @@ OPENAI_SCHEMAS: dict[str, Schema] = {
     "CompletionRequest": obj(
         {
             "prompt": {
-                "oneOf": [{"type": "string", "minLength": 1}, array({"type": "string", "minLength": 1}, minItems=1)],
-                "description": "one prompt, or several (n choices each); token ids are not accepted",
+                "oneOf": [
+                    {"type": "string", "minLength": 1},
+                    array({"type": "string", "minLength": 1}, minItems=1),
+                    array({"type": "integer", "minimum": 0}, minItems=1),
+                    array(array({"type": "integer", "minimum": 0}, minItems=1), minItems=1),
+                ],
+                "description": "one prompt, or several (n choices each): strings, or token ids used as given (no BOS)",
             },
             "max_tokens": typed("integer", "token limit per choice", minimum=1, default=oai.COMPLETIONS_MAX_TOKENS),
             "logprobs": typed("integer", "alternatives per token", minimum=0, maximum=oai.MAX_COMPLETION_LOGPROBS),
@@ -285,7 +290,7 @@ OPENAI_SCHEMAS: dict[str, Schema] = {
             "echo": typed(
                 "boolean",
                 "the prompt before each choice's text (streamed: in its first chunk); with logprobs, its tokens "
-                "and their logprobs first",
+                "first, with their logprobs and alternatives",
                 default=False,
             ),
             **OPENAI_SAMPLING,

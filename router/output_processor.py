@@ -22,8 +22,9 @@ prompt_log.setLevel(logging.CRITICAL + 1)
 
 
 def keep_prompt_logprobs(plan: StepPlan, result: StepResult, live: Mapping[int, Generation]) -> None:
-    """Keep the prompt tokens' log-probabilities the step's prefill chunks scored (positions past the
-    prompt, recomputed after a preemption, are the generation's own and were reported already)."""
+    """Keep the prompt tokens' log-probabilities (and top alternatives, where asked) the step's prefill
+    chunks scored (positions past the prompt, recomputed after a preemption, are the generation's own and
+    were reported already)."""
     scored_tokens = [token for token in result.tokens if token.prompt_logprobs]
     if not scored_tokens:
         return
@@ -32,10 +33,14 @@ def keep_prompt_logprobs(plan: StepPlan, result: StepResult, live: Mapping[int, 
         generation = live.get(token.seq_id)
         if generation is None or token.seq_id not in starts:
             continue
-        scored = generation.prompt_logprobs
+        scored, tops = generation.prompt_logprobs, generation.prompt_top_tokens
         for position, logprob in enumerate(token.prompt_logprobs, starts[token.seq_id]):
             if 0 < position < len(scored) and not math.isnan(logprob):
                 scored[position] = logprob
+        if tops:
+            for position, top in enumerate(token.prompt_top_tokens, starts[token.seq_id]):
+                if 0 < position < len(tops) and top:
+                    tops[position] = top
 
 
 class OutputProcessor:

@@ -167,6 +167,22 @@ def as_messages(name: str, value: object) -> list[dict[str, str]]:
     return messages
 
 
+def as_token_ids(name: str, value: object) -> list[int]:
+    """A non-empty array of token ids (non-negative integers; below the vocabulary size is checked with the
+    tokenizer: router/validation.py)."""
+    if not isinstance(value, list):
+        raise BadRequest(f"{name} must be an array of token ids, got {json_type_name(value)}")
+    if not value:
+        raise ValidationError(f"{name} must not be empty")
+    for i, token_id in enumerate(value):
+        # JSON true/false are not token ids, though Python counts bool as int.
+        if not isinstance(token_id, int) or isinstance(token_id, bool):
+            raise BadRequest(f"{name}[{i}] must be a token id (an integer), got {json_type_name(token_id)}")
+        if token_id < 0:
+            raise ValidationError(f"{name}[{i}] must be a token id (>= 0), got {token_id}")
+    return list(value)
+
+
 def as_logit_bias(name: str, value: object) -> dict[int, float]:
     """OpenAI's logit_bias: an object of token id (a decimal string) -> bias in [-100, 100], at most 300 entries.
     That the ids are below the vocabulary size is checked with the tokenizer (router/validation.py)."""
@@ -287,16 +303,20 @@ class GenerationParams:
 
 @dataclass(slots=True)
 class GenerationRequest:
-    """A validated request: exactly one of a raw `prompt` or chat `messages`, and how to generate."""
+    """A validated request: exactly one of a raw `prompt`, chat `messages` or the prompt's token ids
+    (`prompt_token_ids`, used as given: no special tokens added), and how to generate."""
 
     prompt: str | None
     messages: list[dict[str, Any]] | None
     params: GenerationParams
     # Tools for a chat template that takes them (router/tools.py), OpenAI's `{"type": "function", ...}` form.
     tools: list[dict[str, Any]] | None = None
+    prompt_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
-        if (self.prompt is None) == (self.messages is None):
+        if self.prompt_token_ids is not None and (self.prompt is not None or self.messages is not None):
+            raise ValidationError("give prompt token ids alone, without a prompt string or messages")
+        if self.prompt_token_ids is None and (self.prompt is None) == (self.messages is None):
             raise ValidationError("give exactly one of prompt or messages")
 
 

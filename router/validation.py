@@ -24,7 +24,15 @@ class ValidRequest:
 
 
 def prompt_ids(engine: EngineAPI, request: GenerationRequest) -> list[int]:
-    """Prompt ids: a raw prompt gets the tokenizer's special tokens (BOS); a rendered chat already has them."""
+    """Prompt ids: a raw prompt gets the tokenizer's special tokens (BOS); a rendered chat already has them;
+    token ids are taken as given, once checked against the vocabulary."""
+    if request.prompt_token_ids is not None:
+        vocab = len(engine.tokenizer)
+        if max(request.prompt_token_ids) >= vocab:
+            raise ValidationError(
+                f"the prompt holds token id {max(request.prompt_token_ids)}; the vocabulary has {vocab} tokens"
+            )
+        return list(request.prompt_token_ids)
     text = render_prompt(engine.tokenizer, request)
     return engine.tokenizer(text, add_special_tokens=request.messages is None)["input_ids"]
 

@@ -29,7 +29,15 @@ from mixserve.shards.parallel_greedy import greedy_choice, is_plain_greedy, slic
 from mixserve.shards.sequence_step import InvalidStep, SequenceResult, SequenceStep
 from mixserve.shards.speculative import VerifiedToken, greedy_runs
 from mixserve.shards.step_inputs import step_inputs
-from mixserve.shards.step_rows import SequenceState, consecutive, sample_rows, score_prompts, span_rows
+from mixserve.shards.step_rows import (
+    UNSCORED,
+    PromptScores,
+    SequenceState,
+    consecutive,
+    sample_rows,
+    score_prompts,
+    span_rows,
+)
 from mixserve.shards.step_validation import validate_steps
 from mixserve.shards.token_history import TokenHistory
 
@@ -211,12 +219,19 @@ class ModelRunner:
         logits = self.forward(
             steps, gather_logits=not split, score=score, greedy_stats=greedy_stats
         )  # [L, V] or [L, P]
-        scores: dict[int, list[float]] = {}
+        scores: dict[int, PromptScores] = {}
         if score:
             logits, scores = score_prompts(steps, logits, self.sequences)
         # Non-final prefill chunks that only scored their tokens.
         scored_only = [
-            SequenceResult(s.seq_id, 0, 0.0, sampled=False, prompt_logprobs=scores[s.seq_id])
+            SequenceResult(
+                s.seq_id,
+                0,
+                0.0,
+                sampled=False,
+                prompt_logprobs=scores[s.seq_id].logprobs,
+                prompt_top_tokens=scores[s.seq_id].top_tokens,
+            )
             for s in steps
             if s.prompt_logprobs and not s.sample
         ]
@@ -267,13 +282,15 @@ class ModelRunner:
             if s.num_proposed and s.seq_id in drafted and self.adaptive_length:
                 st.proposal_length.on_verified(drafted[s.seq_id], s.num_proposed, len(run) - 1)
             first = run[0]
+            scored = scores.get(s.seq_id, UNSCORED)
             results.append(
                 SequenceResult(
                     s.seq_id,
                     first.token_id,
                     first.logprob,
                     first.top_tokens,
-                    prompt_logprobs=scores.get(s.seq_id, []),
+                    prompt_logprobs=scored.logprobs,
+                    prompt_top_tokens=scored.top_tokens,
                     next_tokens=run[1:],
                     num_drafted=s.num_proposed if s.seq_id in drafted else 0,
                 )

@@ -51,8 +51,10 @@ class SequenceResult:
     logprob: float
     top_tokens: list[tuple[int, float]] = field(default_factory=list)
     sampled: bool = True  # False: a non-final prefill chunk that only scored its tokens
-    # With SequenceStep.prompt_logprobs: one per token of the step, NaN at position 0.
+    # With SequenceStep.prompt_logprobs: one per token of the step, NaN at position 0; with top_n_tokens too,
+    # each token's position's top alternatives (none at position 0).
     prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top_tokens: list[list[tuple[int, float]]] = field(default_factory=list)
     # A verification step's further tokens: accepted proposals after token_id, then the last one sampled.
     next_tokens: list[VerifiedToken] = field(default_factory=list)
     # After a draft step: the proposals made here (at most the step's num_proposed).

@@ -32,6 +32,10 @@ def step_response(results: list[SequenceResult], forward_ns: int, steps: int = 0
                 logprob=r.logprob,
                 top_tokens=[shard_pb2.TopToken(token_id=t, logprob=lp) for t, lp in r.top_tokens],
                 prompt_logprobs=r.prompt_logprobs,
+                prompt_top_tokens=[
+                    shard_pb2.PromptTop(top_tokens=[shard_pb2.TopToken(token_id=t, logprob=lp) for t, lp in top])
+                    for top in r.prompt_top_tokens
+                ],
                 next_tokens=[
                     shard_pb2.NextToken(
                         token_id=n.token_id,

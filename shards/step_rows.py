@@ -59,15 +59,29 @@ def span_rows(
     return at, each
 
 
+@dataclass(slots=True)
+class PromptScores:
+    """A scoring step's prompt tokens: each one's log-probability given the tokens before it (NaN at
+    position 0), and, where the sequence asks for top_n_tokens N, the N most likely tokens at each
+    position (none at position 0)."""
+
+    logprobs: list[float]
+    top_tokens: list[list[tuple[int, float]]] = field(default_factory=list)
+
+
+# A step that scored nothing (shared, never changed).
+UNSCORED = PromptScores([])
+
+
 def score_prompts(
     steps: list[SequenceStep], logits: torch.Tensor, sequences: dict[int, SequenceState]
-) -> tuple[torch.Tensor, dict[int, list[float]]]:
+) -> tuple[torch.Tensor, dict[int, PromptScores]]:
     """From the logits of `ModelRunner.forward(score=True)` [rows, V]: the rows `forward` gives without
     scoring [L, V] (a scoring sequence's last token's; a speculating one's span), and for the steps asking
-    prompt_logprobs, each token's log-probability given the tokens before it (NaN at position 0; a chunk's
-    first token is scored by the previous chunk's last position, kept in its state's prompt_row)."""
+    prompt_logprobs, their PromptScores (a chunk's first token is scored by the previous chunk's last
+    position, kept in its state's prompt_row)."""
     kept: list[int] = []
-    scores: dict[int, list[float]] = {}
+    scores: dict[int, PromptScores] = {}
     row = 0
     for s in steps:
         n = len(s.token_ids) if s.prompt_logprobs else 1 + s.num_proposed
@@ -77,10 +91,17 @@ def score_prompts(
             log_probs = logits[row : row + n].float().log_softmax(dim=-1)  # [n, V]
             ids = torch.tensor(s.token_ids[1:], device=logits.device)  # [n - 1]
             following = log_probs[:-1].gather(1, ids[:, None]).squeeze(1)  # [n - 1]
-            first = math.nan
-            if s.start_position > 0 and state.prompt_row is not None:
-                first = state.prompt_row[s.token_ids[0]].item()
-            scores[s.seq_id] = [first, *following.tolist()]
+            before = state.prompt_row if s.start_position > 0 else None  # [V] or None
+            first = math.nan if before is None else before[s.token_ids[0]].item()
+            scored = PromptScores([first, *following.tolist()])
+            top_n = min(state.params.top_n_tokens, log_probs.shape[-1])
+            if top_n:
+                rows = log_probs[:-1] if before is None else torch.cat([before[None], log_probs[:-1]])
+                top_logprobs, top_ids = rows.topk(top_n, dim=-1)  # [n or n - 1, N]
+                pairs = zip(top_ids.tolist(), top_logprobs.tolist(), strict=True)
+                tops = [list(zip(i, lp, strict=True)) for i, lp in pairs]
+                scored.top_tokens = tops if before is not None else [[], *tops]
+            scores[s.seq_id] = scored
             state.prompt_row = None if s.sample else log_probs[-1]
         row += n
     return logits[kept], scores

@@ -209,7 +209,7 @@ async def test_models(server, client):
         ("/v1/chat/completions", {"messages": CHAT, "n": 1000}, 422, "n must be"),
         ("/v1/chat/completions", {"messages": CHAT, "model": "gpt-4"}, 404, "gpt-4"),
         ("/v1/chat/completions", {"messages": CHAT, "max_tokens": MAX_TOTAL}, 422, "max_total_tokens"),
-        ("/v1/completions", {"prompt": [[1, 2, 3]]}, 422, "token ids"),
+        ("/v1/completions", {"prompt": [[1, 2, 99999]]}, 422, "vocabulary"),
         ("/v1/completions", {"prompt": "x", "logprobs": 6}, 422, "logprobs"),
         ("/v1/completions", {"prompt": "x", "min_tokens": 3, "max_tokens": 5}, 422, "min_tokens"),
         ("/v1/completions", {}, 400, "prompt"),

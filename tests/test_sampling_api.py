@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from transformers import MixtralForCausalLM as ReferenceMixtral
 
 from mixserve.router import grpc_server
+from mixserve.router.api_openai import parse_completion_request
 from mixserve.router.api_tgi import parse_generate_request
 from mixserve.router.errors import BadRequest, ValidationError
 from mixserve.router.params import RequestLimits
@@ -37,13 +38,21 @@ def tokenizer(demo_dir):
 
 
 @pytest.fixture(scope="module")
-def oracle(demo_dir, tokenizer) -> list[float]:
+def reference(demo_dir):
+    return ReferenceMixtral.from_pretrained(demo_dir, dtype=torch.float32).eval()
+
+
+def log_softmax_rows(reference, ids: list[int]) -> torch.Tensor:
+    """transformers' next-token log-probabilities after each of `ids`, teacher-forced: [T, V]."""
+    with torch.no_grad():
+        return reference(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+@pytest.fixture(scope="module")
+def oracle(reference, tokenizer) -> list[float]:
     """Each prompt token's log-probability given the ones before, from transformers (NaN for the first)."""
     ids = tokenizer(PROMPT)["input_ids"]
-    model = ReferenceMixtral.from_pretrained(demo_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0].float()  # [T, V]
-    picked = logits.log_softmax(-1)[:-1].gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+    picked = log_softmax_rows(reference, ids)[:-1].gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
     return [math.nan, *picked.tolist()]
 
 
@@ -123,6 +132,60 @@ def test_echo_with_logprobs_puts_the_prompt_first(server, tokenizer, oracle):
     assert "".join(c.choices[0].text for c in chunks) == scored.choices[0].text
     streamed = [lp for c in chunks for lp in c.choices[0].logprobs.token_logprobs]
     assert streamed[0] is None and streamed[1:] == pytest.approx(logprobs.token_logprobs[1:], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_token_id_prompts_are_taken_as_given_and_score_their_alternatives(server, tokenizer, reference):
+    # lm-evaluation-harness's local-completions sends token ids (without a BOS unless asked), echo, logprobs
+    # and max_tokens 1, and reads each continuation token's logprob and whether it was the most likely.
+    ids = tokenizer(PROMPT)["input_ids"]  # the BOS first
+    sdk = client(server)
+    as_string = sdk.completions.create(model="m", prompt=PROMPT, max_tokens=3, temperature=0)
+    answer = sdk.completions.create(
+        model="m", prompt=[ids, ids[1:]], max_tokens=3, temperature=0, echo=True, logprobs=2
+    )
+    with_bos, without_bos = answer.choices
+    # The string prompt's own tokens, so its greedy completion; no second BOS was added.
+    assert with_bos.text == tokenizer.decode(ids) + as_string.choices[0].text
+    assert answer.usage.prompt_tokens == 2 * len(ids) - 1
+    for choice, prompt in ((with_bos, ids), (without_bos, ids[1:])):
+        rows = log_softmax_rows(reference, prompt)[:-1]  # [T - 1, V]: what each prompt token followed
+        lp, n = choice.logprobs, len(prompt)
+        assert len(lp.tokens) == n + 3 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        expected = rows.gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1)
+        torch.testing.assert_close(torch.tensor(lp.token_logprobs[1:n]), expected, atol=2e-3, rtol=2e-3)
+        best = rows.topk(2, dim=-1)
+        for i in range(1, n):
+            top = lp.top_logprobs[i]
+            assert 1 <= len(top) <= 3  # two alternatives, and the prompt's own token (pieces may coincide)
+            assert max(top.values()) == pytest.approx(best.values[i - 1, 0].item(), abs=2e-3)
+            # lm-evaluation-harness's is_greedy: the token's logprob is the best one offered.
+            assert (lp.token_logprobs[i] == max(top.values())) == (prompt[i] == best.indices[i - 1, 0].item())
+
+
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [([5, 7], [[5, 7]]), ([[5], [0, 9]], [[5], [0, 9]]), (["a", "b"], ["a", "b"]), ("a", ["a"])],
+)
+def test_completions_parser_takes_strings_and_token_ids(prompt, expected):
+    got = parse_completion_request({"prompt": prompt}).prompts
+    assert [p.prompt_token_ids if p.prompt is None else p.prompt for p in got] == expected
+
+
+@pytest.mark.parametrize(
+    "prompt, error, needle",
+    [
+        ([5, "a"], BadRequest, r"prompt\[1\] must be a token id"),
+        ([[5], "a"], BadRequest, r"prompt\[1\] must be an array of token ids"),
+        ([[5], []], ValidationError, "must not be empty"),
+        ([5, -1], ValidationError, ">= 0"),
+        ([True], BadRequest, "must be a string"),
+        ([5.0], BadRequest, "must be a string"),
+    ],
+)
+def test_completions_parser_refuses_bad_token_ids(prompt, error, needle):
+    with pytest.raises(error, match=needle):
+        parse_completion_request({"prompt": prompt})
 
 
 @pytest.mark.parametrize(

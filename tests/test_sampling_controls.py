@@ -136,6 +136,25 @@ def test_prompt_logprobs_match_the_teacher_forced_oracle(runner, oracle, chunks)
     torch.testing.assert_close(torch.tensor(got[1:]), torch.tensor(expected[1:]), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("chunks", [[(0, 11)], [(0, 4), (4, 9), (9, 11)]])
+def test_prompt_top_tokens_are_the_oracles_best_at_every_position_across_chunks(runner, oracle, chunks):
+    with torch.no_grad():
+        rows = oracle(torch.tensor([PROMPT])).logits[0, :-1].float().log_softmax(-1)  # [T - 1, V]
+    best = rows.topk(3, dim=-1)
+    tops: list[list[tuple[int, float]]] = []
+    runner.clear()
+    for i, (start, end) in enumerate(chunks):
+        sampling = SamplingParams(top_n_tokens=3) if i == 0 else None
+        (result,) = runner.step([_step(1, start, end, end == len(PROMPT), sampling=sampling)])
+        assert len(result.prompt_top_tokens) == end - start
+        tops.extend(result.prompt_top_tokens)
+    # Nothing before position 0; a chunk's first position is scored from the chunk before it.
+    assert tops[0] == [] and all(len(top) == 3 for top in tops[1:])
+    assert [[t for t, _ in top] for top in tops[1:]] == best.indices.tolist()
+    got = torch.tensor([[lp for _, lp in top] for top in tops[1:]])
+    torch.testing.assert_close(got, best.values, atol=1e-4, rtol=1e-4)
+
+
 def test_scoring_leaves_the_sampled_token_and_other_sequences_alone(runner):
     runner.clear()
     plain = runner.step([_step(1, 0, 11, True, score=False, sampling=SamplingParams())])

@@ -227,7 +227,7 @@ class TopToken(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class SequenceResult(_message.Message):
-    __slots__ = ("seq_id", "sampled", "token_id", "logprob", "top_tokens", "prompt_logprobs", "next_tokens", "num_drafted")
+    __slots__ = ("seq_id", "sampled", "token_id", "logprob", "top_tokens", "prompt_logprobs", "next_tokens", "num_drafted", "prompt_top_tokens")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +236,7 @@ class SequenceResult(_message.Message):
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     sampled: bool
     token_id: int
@@ -244,7 +245,14 @@ class SequenceResult(_message.Message):
     prompt_logprobs: _containers.RepeatedScalarFieldContainer[float]
     next_tokens: _containers.RepeatedCompositeFieldContainer[NextToken]
     num_drafted: int
-    def __init__(self, seq_id: _Optional[int] = ..., sampled: _Optional[bool] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TopToken, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[float]] = ..., next_tokens: _Optional[_Iterable[_Union[NextToken, _Mapping]]] = ..., num_drafted: _Optional[int] = ...) -> None: ...
+    prompt_top_tokens: _containers.RepeatedCompositeFieldContainer[PromptTop]
+    def __init__(self, seq_id: _Optional[int] = ..., sampled: _Optional[bool] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TopToken, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[float]] = ..., next_tokens: _Optional[_Iterable[_Union[NextToken, _Mapping]]] = ..., num_drafted: _Optional[int] = ..., prompt_top_tokens: _Optional[_Iterable[_Union[PromptTop, _Mapping]]] = ...) -> None: ...
+
+class PromptTop(_message.Message):
+    __slots__ = ("top_tokens",)
+    TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    top_tokens: _containers.RepeatedCompositeFieldContainer[TopToken]
+    def __init__(self, top_tokens: _Optional[_Iterable[_Union[TopToken, _Mapping]]] = ...) -> None: ...
 
 class NextToken(_message.Message):
     __slots__ = ("token_id", "logprob", "top_tokens")
