@@ -1,6 +1,7 @@
 """The README's examples run as written against a real server: every Python and shell block of its
 "Use" section, with only the host and ports pointed at the server this test starts."""
 
+import json
 import re
 import subprocess
 
@@ -45,6 +46,9 @@ def test_python_examples_run_as_written(server, index):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip(), "the example printed nothing"
+    if "json_schema" in block:  # its last line is the structured reply: JSON that validates, as it says
+        reply = json.loads(done.stdout.strip().splitlines()[-1])
+        assert set(reply) == {"name"} and isinstance(reply["name"], str) and len(reply["name"]) <= 20
 
 
 def test_shell_examples_run_as_written(server):
