@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from mixserve.router.engine_api import EngineAPI, GenerationHandle
-from mixserve.router.errors import BadRequest, RouterError, ValidationError, error_headers
+from mixserve.router.errors import BadRequest, RouterError, ValidationError, error_headers, json_type_name
 from mixserve.router.front_config import ServerConfig
 from mixserve.router.http_common import CONFIG, ENGINE, STARTED, read_json, stream_sse
 from mixserve.router.openai_responses import Choices, chat_chunks, chat_completion, completion, completion_chunks
@@ -110,12 +110,33 @@ class OpenAIRequest:
     logprobs: int | None = None  # None: no logprobs; else the alternatives per token
     include_usage: bool = False
     echo: bool = False  # completions: the prompt (and with logprobs, its tokens' logprobs) before the completion
+    truncate_prompt_tokens: int | None = None  # keep each prompt's last N tokens (-1: --max-input-tokens)
     tools: ToolPlan | None = None  # chat: the tools offered and how the model must call them
 
 
-def _unsupported(body: dict[str, Any], name: str, why: str) -> None:
-    if body.get(name) not in (None, False, "", [], {}):
+def _unsupported(body: dict[str, Any], name: str, why: str, default: object = None) -> None:
+    """A 422 for a field this server does not implement, unless absent or at its off value (clients that
+    send every field send those)."""
+    value = body.get(name)
+    if value not in (None, False, "", [], {}, default) and not (isinstance(value, (int, float)) and value == 0):
         raise ValidationError(f"{name} is not supported: {why}")
+
+
+# vLLM's sampling fields this server does not implement, refused when set rather than ignored.
+_VLLM_UNSUPPORTED = (
+    ("min_p", "no min-p filter; use top_p or top_k", None),
+    ("use_beam_search", "no beam search", None),
+    ("length_penalty", "no beam search", 1),
+    ("allowed_token_ids", "use logit_bias", None),
+    ("bad_words", "use logit_bias", None),
+    ("prompt_logprobs", "use echo with logprobs (completions)", None),
+)
+
+
+def _truncate_prompt_tokens(body: dict[str, Any]) -> int | None:
+    """vLLM's truncate_prompt_tokens: keep the prompt's last N tokens (-1: up to --max-input-tokens)."""
+    value = as_int("truncate_prompt_tokens", body.get("truncate_prompt_tokens"), default=0, ge=-1)
+    return None if value == 0 else value
 
 
 def _sampling(
@@ -136,6 +157,9 @@ def _sampling(
             )
         ignore_eos = True
     seed = body.get("seed")
+    for name, why, default in _VLLM_UNSUPPORTED:
+        _unsupported(body, name, why, default)
+    stop_token_ids = body.get("stop_token_ids")
     return GenerationParams(
         temperature=as_float("temperature", body.get("temperature"), default=1.0, ge=0, le=MAX_TEMPERATURE),
         top_p=as_float("top_p", body.get("top_p"), default=1.0, gt=0, le=1),
@@ -156,6 +180,11 @@ def _sampling(
         top_n_tokens=top_n_tokens,
         grammar=openai_spec(body),
         logit_bias=as_logit_bias("logit_bias", body.get("logit_bias")),
+        stop_token_ids=[] if stop_token_ids in (None, []) else as_token_ids("stop_token_ids", stop_token_ids),
+        include_stop_str_in_output=as_bool(
+            "include_stop_str_in_output", body.get("include_stop_str_in_output"), default=False
+        ),
+        skip_special_tokens=as_bool("skip_special_tokens", body.get("skip_special_tokens"), default=True),
     )
 
 
@@ -217,6 +246,7 @@ def parse_chat_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIM
     _unsupported(body, "functions", "the legacy functions field is replaced by tools")
     tools = parse_tools(body)
     messages = _conversation(body.get("messages"))
+    template_options = _template_options(body)
     max_tokens = max_new_tokens_from(body, ("max_completion_tokens", "max_tokens"), default=0) or None
     logprobs = as_bool("logprobs", body.get("logprobs"), default=False)
     top_logprobs = as_int(
@@ -230,14 +260,38 @@ def parse_chat_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIM
         raise ValidationError("top_logprobs needs logprobs: true")
     params = _sampling(body, max_tokens=max_tokens, top_n_tokens=top_logprobs, limits=limits)
     return OpenAIRequest(
-        prompts=[GenerationRequest(prompt=None, messages=messages, params=params)],
+        prompts=[GenerationRequest(prompt=None, messages=messages, params=params, template_options=template_options)],
         params=params,
         max_tokens=max_tokens,
         n=as_int("n", body.get("n"), default=1, ge=1, le=_max_choices(limits)),
         logprobs=top_logprobs if logprobs else None,
         include_usage=_include_usage(body),
         tools=tools,
+        truncate_prompt_tokens=_truncate_prompt_tokens(body),
     )
+
+
+# Keys of chat_template_kwargs that would override what the server passes the template itself.
+_RESERVED_TEMPLATE_KEYS = frozenset({"conversation", "messages", "tools", "tokenize", "return_dict", "chat_template"})
+
+
+def _template_options(body: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's chat template fields: add_generation_prompt (default true), continue_final_message (the last
+    message left open for the model to continue; not with add_generation_prompt) and chat_template_kwargs
+    (more variables for the template)."""
+    continue_final = as_bool("continue_final_message", body.get("continue_final_message"), default=False)
+    add_prompt = as_bool("add_generation_prompt", body.get("add_generation_prompt"), default=not continue_final)
+    if continue_final and add_prompt:
+        raise ValidationError("continue_final_message cannot be combined with add_generation_prompt: true")
+    extra = body.get("chat_template_kwargs")
+    if extra is None:
+        extra = {}
+    if not isinstance(extra, dict):
+        raise BadRequest(f"chat_template_kwargs must be an object, got {json_type_name(extra)}")
+    reserved = sorted(_RESERVED_TEMPLATE_KEYS & set(extra))
+    if reserved:
+        raise ValidationError(f"chat_template_kwargs may not set {', '.join(reserved)}")
+    return {**extra, "add_generation_prompt": add_prompt, "continue_final_message": continue_final}
 
 
 async def prepare_tools(parsed: OpenAIRequest, tokenizer) -> None:
@@ -263,6 +317,9 @@ def parse_completion_request(body: dict[str, Any], limits: RequestLimits = DEFAU
     logprobs = None if logprobs is None else as_int("logprobs", logprobs, ge=0, le=top)
     params = _sampling(body, max_tokens=max_tokens, top_n_tokens=logprobs or 0, limits=limits)
     echo = as_bool("echo", body.get("echo"), default=False)
+    truncate = _truncate_prompt_tokens(body)
+    if echo and truncate is not None:
+        raise ValidationError("echo cannot be combined with truncate_prompt_tokens: it would echo another prompt")
     if echo and logprobs is not None:
         params = replace(params, prompt_logprobs=True)
     return OpenAIRequest(
@@ -278,6 +335,7 @@ def parse_completion_request(body: dict[str, Any], limits: RequestLimits = DEFAU
         logprobs=logprobs,
         include_usage=_include_usage(body),
         echo=echo,
+        truncate_prompt_tokens=truncate,
     )
 
 
@@ -331,6 +389,9 @@ async def submit(engine: EngineAPI, request: OpenAIRequest, default_max_tokens: 
     try:
         for prompt in request.prompts:
             ids = prompt_ids(engine, prompt)
+            if request.truncate_prompt_tokens is not None:
+                keep = request.truncate_prompt_tokens
+                ids = ids[-(engine.stats().limits.max_input_tokens if keep == -1 else keep) :]
             prompt_tokens += len(ids)
             stats = engine.stats()
             max_tokens = request.max_tokens or default_max_tokens or room(stats, len(ids))

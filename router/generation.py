@@ -41,8 +41,8 @@ class Generation:
             raise ValueError("compile the grammar (router.validation) before submitting")
         self.params = params
         self.seed = params.seed if params.seed is not None else random.getrandbits(63)
-        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
-        self.stops = StopSequenceMatcher(params.stop)
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
+        self.stops = StopSequenceMatcher(params.stop, params.include_stop_str_in_output)
         self.events: asyncio.Queue[TokenEvent | RouterError] = asyncio.Queue()
         self.output_ids: list[int] = []
         # With params.prompt_logprobs: each prompt token's log-probability given the ones before (None at 0).

@@ -27,6 +27,16 @@ OPENAI_SAMPLING: dict[str, Schema] = {
     ),
     "ignore_eos": typed("boolean", "vLLM extension: keep generating past the EOS token", default=False),
     "min_tokens": typed("integer", "vLLM extension: 0, or equal to the token limit (then ignore_eos)", minimum=0),
+    "stop_token_ids": array(
+        {"type": "integer", "minimum": 0}, "vLLM extension: tokens that end the request (text kept unless special)"
+    ),
+    "include_stop_str_in_output": typed(
+        "boolean", "vLLM extension: keep the matched stop string at the end of the text", default=False
+    ),
+    "skip_special_tokens": typed("boolean", "vLLM extension: false keeps special tokens' text", default=True),
+    "truncate_prompt_tokens": typed(
+        "integer", "vLLM extension: keep the prompt's last N tokens (-1: --max-input-tokens; 0: all)", minimum=-1
+    ),
     "logit_bias": {
         "type": "object",
         "additionalProperties": {"type": "number", "minimum": -MAX_ABS_LOGIT_BIAS, "maximum": MAX_ABS_LOGIT_BIAS},
@@ -152,6 +162,16 @@ OPENAI_SCHEMAS: dict[str, Schema] = {
             "tools": array(ref("Tool"), "functions the model may call"),
             "tool_choice": TOOL_CHOICE,
             "parallel_tool_calls": typed("boolean", "allow several calls in one answer", default=True),
+            "add_generation_prompt": typed(
+                "boolean", "vLLM extension: open a new assistant turn after the messages", default=True
+            ),
+            "continue_final_message": typed(
+                "boolean", "vLLM extension: leave the last message open for the model to continue", default=False
+            ),
+            "chat_template_kwargs": {
+                "type": "object",
+                "description": "vLLM extension: more variables for the chat template (not messages, tools, tokenize)",
+            },
             **OPENAI_SAMPLING,
         },
         ("messages",),

@@ -65,7 +65,9 @@ class OutputProcessor:
         finish = None
         is_eos = token_id in self.eos_token_ids and not generation.params.ignore_eos
         text, stopped = ("", False) if is_eos else generation.stops.feed(generation.detokenizer.add(token_id))
-        if stopped:
+        # A stop token id ends the request after its own text (none for a special token).
+        stop_token = not is_eos and token_id in generation.params.stop_token_ids
+        if stopped or stop_token:
             finish = FINISH_STOP
         elif is_eos:
             finish = FINISH_EOS

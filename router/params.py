@@ -259,6 +259,11 @@ class GenerationParams:
     # Score the prompt (TGI's decoder_input_details, OpenAI's echo with logprobs); such a request is never
     # admitted from the prefix cache, so every prompt token is computed and scored.
     prompt_logprobs: bool = False
+    # vLLM's: token ids that end the request as a stop string does (their text kept unless special), the
+    # matched stop string kept in the output, and special tokens' text left in.
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         self.max_new_tokens = as_int("max_new_tokens", self.max_new_tokens, ge=1)
@@ -280,6 +285,9 @@ class GenerationParams:
         self.typical_p = as_float("typical_p", self.typical_p, gt=0, le=1)
         self.logit_bias = as_logit_bias("logit_bias", {str(k): v for k, v in self.logit_bias.items()})
         self.prompt_logprobs = as_bool("prompt_logprobs", self.prompt_logprobs)
+        self.stop_token_ids = as_token_ids("stop_token_ids", self.stop_token_ids) if self.stop_token_ids else []
+        self.include_stop_str_in_output = as_bool("include_stop_str_in_output", self.include_stop_str_in_output)
+        self.skip_special_tokens = as_bool("skip_special_tokens", self.skip_special_tokens)
         if self.grammar is not None and self.ignore_eos:
             raise ValidationError(
                 f"{self.grammar.field} cannot be combined with ignore_eos or min_tokens: a finished "
@@ -312,6 +320,9 @@ class GenerationRequest:
     # Tools for a chat template that takes them (router/tools.py), OpenAI's `{"type": "function", ...}` form.
     tools: list[dict[str, Any]] | None = None
     prompt_token_ids: list[int] | None = None
+    # Chat: apply_chat_template's options (add_generation_prompt, continue_final_message, vLLM's
+    # chat_template_kwargs); empty: a new assistant turn is opened.
+    template_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.prompt_token_ids is not None and (self.prompt is not None or self.messages is not None):
@@ -360,8 +371,8 @@ def render_prompt(tokenizer: "PreTrainedTokenizerBase", request: GenerationReque
     if tokenizer.chat_template is None:
         raise ValidationError("this model has no chat template; send a prompt instead of messages")
     try:
-        return tokenizer.apply_chat_template(
-            request.messages, tools=request.tools, tokenize=False, add_generation_prompt=True
-        )
-    except jinja2.TemplateError as exc:
+        options = {"add_generation_prompt": True, **request.template_options}
+        return tokenizer.apply_chat_template(request.messages, tools=request.tools, tokenize=False, **options)
+    except (jinja2.TemplateError, ValueError) as exc:
+        # ValueError: transformers' own refusals (continue_final_message whose message the template drops).
         raise ValidationError(f"chat template rejected the messages: {exc}") from None

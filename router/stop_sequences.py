@@ -52,12 +52,15 @@ class _StopAutomaton:
 class StopSequenceMatcher:
     """Cuts a stream of text deltas at the first stop string, holding back possible partial matches."""
 
-    __slots__ = ("_automata", "_held", "stopped", "matched_stop")
+    __slots__ = ("_automata", "_held", "_keep_stop", "stopped", "matched_stop")
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], keep_stop: bool = False) -> None:
+        """`keep_stop`: the text ends after the stop string instead of before it (vLLM's
+        include_stop_str_in_output)."""
         if any(not stop for stop in stops):
             raise ValueError("stop strings must be non-empty")
         self._automata = [_StopAutomaton(stop) for stop in dict.fromkeys(stops)]
+        self._keep_stop = keep_stop
         self._held = ""
         self.stopped = False
         self.matched_stop: str | None = None
@@ -80,7 +83,7 @@ class StopSequenceMatcher:
                 self.stopped = True
                 self.matched_stop = stop
                 self._held = ""
-                return pending[: offset + i + 1 - len(stop)], True
+                return pending[: offset + i + 1 - (0 if self._keep_stop else len(stop))], True
         hold = max(automaton.matched for automaton in self._automata)
         self._held = pending[len(pending) - hold :]
         return pending[: len(pending) - hold], False

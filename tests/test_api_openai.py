@@ -109,6 +109,102 @@ async def test_completions_async_stream_and_default_max_tokens(server, aclient):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+async def test_vllm_stop_fields_end_where_they_say(server, aclient, tokenizer):
+    prompt = "The old river"
+    plain = await aclient.completions.create(model="mixtral-demo", prompt=prompt, max_tokens=8, temperature=0)
+    text = plain.choices[0].text
+    tgi = {"inputs": prompt, "parameters": {"max_new_tokens": 8, "details": True}}
+    status, _, body = await post(server.url, "/generate", tgi)
+    assert status == 200, body
+    generated = json.loads(body)  # the same greedy tokens, with their ids
+    ids = [t["id"] for t in generated["details"]["tokens"]]
+    assert generated["generated_text"] == text
+    # stop_token_ids: the request ends after the third token, whose text it keeps.
+    stopped = await aclient.completions.create(
+        model="mixtral-demo", prompt=prompt, max_tokens=8, temperature=0, extra_body={"stop_token_ids": [ids[2]]}
+    )
+    first = min(i for i, t in enumerate(ids) if t == ids[2])
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == first + 1
+    assert text.startswith(stopped.choices[0].text) and stopped.choices[0].text
+    # include_stop_str_in_output keeps the stop string that include-less requests cut.
+    stop = text.strip()[:3]
+    cut, kept = [
+        await aclient.completions.create(
+            model="mixtral-demo", prompt=prompt, max_tokens=8, temperature=0, stop=[stop],
+            extra_body={"include_stop_str_in_output": include},
+        )
+        for include in (False, True)
+    ]  # fmt: skip
+    assert kept.choices[0].text == cut.choices[0].text + stop == text[: text.index(stop) + len(stop)]
+
+
+async def test_skip_special_tokens_false_keeps_their_text(server, aclient, tokenizer):
+    eos = tokenizer.eos_token_id
+    forced = {"logit_bias": {str(eos): 100}, "ignore_eos": True}  # EOS every step, not ending the request
+    texts = [
+        (
+            await aclient.completions.create(
+                model="mixtral-demo", prompt="x", max_tokens=2, extra_body={**forced, "skip_special_tokens": skip}
+            )
+        )
+        .choices[0]
+        .text
+        for skip in (True, False)
+    ]
+    assert texts == ["", tokenizer.eos_token * 2]
+
+
+async def test_truncate_prompt_tokens_keeps_the_prompts_tail(server, aclient, tokenizer):
+    prompt = "The old river runs past the mill"
+    tail = tokenizer(prompt)["input_ids"][-3:]
+    truncated = await aclient.completions.create(
+        model="mixtral-demo", prompt=prompt, max_tokens=5, temperature=0, extra_body={"truncate_prompt_tokens": 3}
+    )
+    as_ids = await aclient.completions.create(model="mixtral-demo", prompt=tail, max_tokens=5, temperature=0)
+    assert truncated.usage.prompt_tokens == 3 and truncated.choices[0].text == as_ids.choices[0].text
+
+
+async def test_chat_template_fields_shape_the_prompt(server, aclient, tokenizer):
+    turns = [*CHAT, {"role": "assistant", "content": "The color is"}]
+    expected = tokenizer.apply_chat_template(turns, tokenize=False, continue_final_message=True)
+    ids = tokenizer(expected, add_special_tokens=False)["input_ids"]
+    answer = await aclient.chat.completions.create(
+        model="mixtral-demo", messages=turns, max_tokens=4, temperature=0, extra_body={"continue_final_message": True}
+    )
+    # The assistant's message left open: the same tokens as the rendered prefix sent as a completion.
+    plain = await aclient.completions.create(model="mixtral-demo", prompt=ids, max_tokens=4, temperature=0)
+    assert answer.usage.prompt_tokens == len(ids) and answer.choices[0].message.content == plain.choices[0].text
+    closed = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=False)
+    no_prompt = await aclient.chat.completions.create(
+        model="mixtral-demo", messages=CHAT, max_tokens=1, extra_body={"add_generation_prompt": False,
+        "chat_template_kwargs": {"unused_variable": 1}},
+    )  # fmt: skip
+    assert no_prompt.usage.prompt_tokens == len(tokenizer(closed, add_special_tokens=False)["input_ids"])
+
+
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ({"prompt": "x", "min_p": 0.1}, "min_p is not supported"),
+        ({"prompt": "x", "use_beam_search": True}, "beam search"),
+        ({"prompt": "x", "echo": True, "truncate_prompt_tokens": 2}, "truncate_prompt_tokens"),
+        ({"prompt": "x", "stop_token_ids": [-1]}, ">= 0"),
+        ({"messages": CHAT, "continue_final_message": True, "add_generation_prompt": True}, "add_generation_prompt"),
+        ({"messages": CHAT, "chat_template_kwargs": {"tools": []}}, "may not set tools"),
+    ],
+)
+async def test_vllm_fields_refused_with_the_reason(server, body, needle):
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    status, _, text = await post(server.url, path, body)
+    assert status == 422 and needle in json.loads(text)["error"]["message"], text
+
+
+async def test_vllm_fields_at_their_off_values_are_accepted(server):
+    body = {"prompt": "x", "max_tokens": 2, "min_p": 0.0, "use_beam_search": False, "length_penalty": 1.0}
+    status, _, text = await post(server.url, "/v1/completions", body)
+    assert status == 200, text
+
+
 async def test_chat_async_defaults_fill_the_context(server, aclient, tokenizer):
     answer = await aclient.chat.completions.create(model="mixtral-demo", messages=CHAT, temperature=0)
     n_prompt = len(chat_ids(tokenizer, CHAT))

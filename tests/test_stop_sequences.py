@@ -9,13 +9,13 @@ from hypothesis import strategies as st
 from mixserve.router.stop_sequences import StopSequenceMatcher
 
 
-def reference_cut(text: str, stops: list[str]) -> tuple[str, bool]:
+def reference_cut(text: str, stops: list[str], keep_stop: bool = False) -> tuple[str, bool]:
     """The shortest prefix of `text` that contains a stop string, minus that stop string (the longest
-    one ending there); or all of `text` when none occurs."""
+    one ending there) unless `keep_stop`; or all of `text` when none occurs."""
     for end in range(1, len(text) + 1):
         ending_here = [stop for stop in stops if text[:end].endswith(stop)]
         if ending_here:
-            return text[: end - len(max(ending_here, key=len))], True
+            return text[: end - (0 if keep_stop else len(max(ending_here, key=len)))], True
     return text, False
 
 
@@ -40,9 +40,10 @@ stop_lists = st.lists(st.text(alphabet="ab c\u00e9\U0001f680", min_size=1, max_s
 @example(text="aaab", stops=["aab"], cuts=[1, 2])
 @example(text="xab", stops=["ab", "b"], cuts=[2])
 @example(text="bbabaabbbabbbabbbbbaaaaba", stops=["bbabbbb"], cuts=[])
-def test_stream_is_cut_at_the_first_stop_string(text, stops, cuts):
-    expected, expect_stop = reference_cut(text, stops)
-    matcher = StopSequenceMatcher(stops)
+@pytest.mark.parametrize("keep_stop", [False, True], ids=["cut-before", "kept"])
+def test_stream_is_cut_at_the_first_stop_string(text, stops, cuts, keep_stop):
+    expected, expect_stop = reference_cut(text, stops, keep_stop)
+    matcher = StopSequenceMatcher(stops, keep_stop)
     emitted, fed, stopped = "", "", False
     for delta in split_at(text, cuts):
         out, stopped = matcher.feed(delta)
@@ -58,7 +59,10 @@ def test_stream_is_cut_at_the_first_stop_string(text, stops, cuts):
     assert matcher.stopped == expect_stop
     if expect_stop:
         assert matcher.matched_stop in stops
-        assert text[len(expected) :].startswith(matcher.matched_stop)
+        if keep_stop:
+            assert expected.endswith(matcher.matched_stop)
+        else:
+            assert text[len(expected) :].startswith(matcher.matched_stop)
 
 
 def test_stop_string_split_across_deltas_is_never_sent():
