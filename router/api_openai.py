@@ -222,7 +222,7 @@ def _text_content(i: int, message: object) -> object:
     return {"role": role, "content": content, **tool_parts}
 
 
-def _conversation(messages: object) -> list[dict[str, Any]]:
+def chat_messages(messages: object) -> list[dict[str, Any]]:
     """The chat messages, checked: text content, and the tool parts (router/tools.py) kept where given."""
     if not isinstance(messages, list):
         return as_messages("messages", messages)
@@ -245,8 +245,8 @@ def parse_chat_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIM
     """Validate a `/v1/chat/completions` body within `limits`."""
     _unsupported(body, "functions", "the legacy functions field is replaced by tools")
     tools = parse_tools(body)
-    messages = _conversation(body.get("messages"))
-    template_options = _template_options(body)
+    messages = chat_messages(body.get("messages"))
+    options = template_options(body)
     max_tokens = max_new_tokens_from(body, ("max_completion_tokens", "max_tokens"), default=0) or None
     logprobs = as_bool("logprobs", body.get("logprobs"), default=False)
     top_logprobs = as_int(
@@ -260,7 +260,7 @@ def parse_chat_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIM
         raise ValidationError("top_logprobs needs logprobs: true")
     params = _sampling(body, max_tokens=max_tokens, top_n_tokens=top_logprobs, limits=limits)
     return OpenAIRequest(
-        prompts=[GenerationRequest(prompt=None, messages=messages, params=params, template_options=template_options)],
+        prompts=[GenerationRequest(prompt=None, messages=messages, params=params, template_options=options)],
         params=params,
         max_tokens=max_tokens,
         n=as_int("n", body.get("n"), default=1, ge=1, le=_max_choices(limits)),
@@ -275,7 +275,7 @@ def parse_chat_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIM
 _RESERVED_TEMPLATE_KEYS = frozenset({"conversation", "messages", "tools", "tokenize", "return_dict", "chat_template"})
 
 
-def _template_options(body: dict[str, Any]) -> dict[str, Any]:
+def template_options(body: dict[str, Any]) -> dict[str, Any]:
     """vLLM's chat template fields: add_generation_prompt (default true), continue_final_message (the last
     message left open for the model to continue; not with add_generation_prompt) and chat_template_kwargs
     (more variables for the template)."""

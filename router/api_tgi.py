@@ -1,4 +1,4 @@
-"""The text-generation-inference API: `POST /generate`, `/generate_stream`, `/`, `/tokenize`.
+"""The text-generation-inference API: `POST /generate`, `/generate_stream`, `/` (`/tokenize`: router/api_tokenize.py).
 
 Bodies are TGI's `{"inputs": str, "parameters": {...}}`; the `text-generation` client works
 unchanged. Sampling follows TGI: greedy unless `do_sample` is true or a warper is set
@@ -278,23 +278,8 @@ async def compat_generate(request: web.Request) -> web.StreamResponse:
     return await _answer(request, body, stream=stream, as_array=True)
 
 
-async def tokenize_route(request: web.Request) -> web.Response:
-    """`POST /tokenize`: the tokens of `inputs` (BOS included) with their character spans in it."""
-    engine = request.app[ENGINE]
-    body = await read_json(request)
-    inputs = as_prompt("inputs", body.get("inputs"))
-    encoded = engine.tokenizer(inputs, return_offsets_mapping=True)
-    return web.json_response(
-        [
-            {"id": token_id, "text": inputs[start:stop], "start": start, "stop": stop}
-            for token_id, (start, stop) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
-        ]
-    )
-
-
 def add_routes(app: web.Application) -> None:
     """Register the TGI routes on `app` (built by `router.server.build_app`)."""
     app.router.add_post("/generate", generate)
     app.router.add_post("/generate_stream", generate_stream)
     app.router.add_post("/", compat_generate)
-    app.router.add_post("/tokenize", tokenize_route)

@@ -144,7 +144,13 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "CompatGenerateRequest",
     ),
     ("POST", "/tokenize"): _op(
-        "tgi", "Tokenize (TGI)", {"200": _json(array(ref("SimpleToken")))} | _errors(), "TokenizeRequest"
+        "tgi",
+        "Tokenize: TGI's answer for `inputs`, vLLM's for `prompt` or `messages`",
+        {"200": _json({"oneOf": [array(ref("SimpleToken")), ref("VllmTokenizeResponse")]})} | _errors(),
+        "TokenizeRequest",
+    ),
+    ("POST", "/detokenize"): _op(
+        "openai", "Detokenize (vLLM)", {"200": _json(ref("DetokenizeResponse"))} | _errors(), "DetokenizeRequest"
     ),
     ("GET", "/openapi.json"): _op("operations", "This spec", {"200": _json({"type": "object"})}),
     ("GET", "/docs"): _op(

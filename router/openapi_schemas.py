@@ -8,6 +8,7 @@ from mixserve.router.openapi_builders import ERROR, Schema
 from mixserve.router.openapi_openai import OPENAI_ERROR, OPENAI_SCHEMAS
 from mixserve.router.openapi_predict import PREDICT_SCHEMAS
 from mixserve.router.openapi_tgi import TGI_SCHEMAS
+from mixserve.router.openapi_tokenize import TOKENIZE_SCHEMAS
 
 SCHEMAS: dict[str, Schema] = {
     "Error": ERROR,
@@ -15,6 +16,7 @@ SCHEMAS: dict[str, Schema] = {
     **PREDICT_SCHEMAS,
     **OPENAI_SCHEMAS,
     **TGI_SCHEMAS,
+    **TOKENIZE_SCHEMAS,
 }
 
 

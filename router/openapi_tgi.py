@@ -118,7 +118,6 @@ TGI_SCHEMAS: dict[str, Schema] = {
             ),
         }
     ),
-    "TokenizeRequest": obj({"inputs": typed("string", "text to tokenize (BOS is added)", minLength=1)}, ("inputs",)),
     "SimpleToken": obj(
         {
             "id": typed("integer", "token id"),

@@ -11,7 +11,16 @@ import time
 
 from aiohttp import web
 
-from mixserve.router import api_info, api_metrics, api_openai, api_predict, api_responses, api_tgi, openapi
+from mixserve.router import (
+    api_info,
+    api_metrics,
+    api_openai,
+    api_predict,
+    api_responses,
+    api_tgi,
+    api_tokenize,
+    openapi,
+)
 from mixserve.router.engine_api import EngineAPI
 from mixserve.router.errors import PayloadTooLarge, RouterError, Unauthorized
 from mixserve.router.front_config import ServerConfig, api_key_matches
@@ -65,5 +74,6 @@ def build_app(engine: EngineAPI, config: ServerConfig) -> web.Application:
     api_openai.add_routes(app)
     api_responses.add_routes(app)
     api_tgi.add_routes(app)
+    api_tokenize.add_routes(app)
     openapi.add_routes(app)
     return app

@@ -125,6 +125,35 @@ async def test_tokenize_info_and_spec(server, tokenizer):
     assert set(info) == set(spec["components"]["schemas"]["Info"]["properties"]), "/info and its schema differ"
 
 
+@pytest.mark.slow
+async def test_tokenize_and_detokenize_in_vllms_dialect(server, tokenizer):
+    status, _, text = await post(server.url, "/tokenize", {"prompt": PROMPT, "return_token_strs": True})
+    answer, ids = json.loads(text), tokenizer(PROMPT)["input_ids"]
+    assert status == 200 and answer["tokens"] == ids and answer["count"] == len(ids)
+    assert answer["token_strs"] == tokenizer.convert_ids_to_tokens(ids) and answer["max_model_len"] == 96
+    status, _, text = await post(server.url, "/tokenize", {"prompt": PROMPT, "add_special_tokens": False})
+    assert json.loads(text)["tokens"] == ids[1:] and json.loads(text)["token_strs"] is None
+    chat = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "It runs"}]
+    for options, template in (
+        ({}, {"add_generation_prompt": True}),
+        ({"continue_final_message": True}, {"continue_final_message": True}),
+    ):
+        status, _, text = await post(server.url, "/tokenize", {"messages": chat, **options})
+        rendered = tokenizer.apply_chat_template(chat, tokenize=False, **template)
+        expected = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        assert status == 200 and json.loads(text)["tokens"] == expected
+    status, _, text = await post(server.url, "/detokenize", {"tokens": ids})
+    assert status == 200 and json.loads(text) == {"prompt": tokenizer.decode(ids)}
+    for path, body, want in (
+        ("/detokenize", {"tokens": [1, 10**6]}, 422),
+        ("/detokenize", {"tokens": "abc"}, 400),
+        ("/tokenize", {"prompt": "x", "messages": chat}, 400),
+        ("/tokenize", {"messages": chat, "tools": [{"type": "function"}]}, 422),
+    ):
+        status, _, text = await post(server.url, path, body)
+        assert status == want and json.loads(text)["error"], (path, body, text)
+
+
 @pytest.mark.parametrize(
     "parameters, status, needle",
     [

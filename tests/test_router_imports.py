@@ -32,6 +32,7 @@ FRONTS = frozenset(
         "mixserve.router.api_predict",
         "mixserve.router.api_responses",
         "mixserve.router.api_tgi",
+        "mixserve.router.api_tokenize",
         "mixserve.router.front_config",
         "mixserve.router.grpc_server",
         "mixserve.router.http_common",
@@ -43,6 +44,7 @@ FRONTS = frozenset(
         "mixserve.router.openapi_predict",
         "mixserve.router.openapi_schemas",
         "mixserve.router.openapi_tgi",
+        "mixserve.router.openapi_tokenize",
         "mixserve.router.server",
     }
 )

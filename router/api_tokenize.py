@@ -1,0 +1,88 @@
+"""`POST /tokenize` in both dialects, and vLLM's `POST /detokenize`.
+
+TGI's body `{"inputs": str}` answers its tokens with their character spans (BOS included). vLLM's
+`{"prompt": str}` (special tokens added unless `add_special_tokens` is false) or `{"messages": [...]}`
+(rendered with the chat template as chat requests are: `add_generation_prompt`, `continue_final_message`,
+`chat_template_kwargs`, `tools`) answers `{count, max_model_len, tokens, token_strs}`; `/detokenize`
+turns `{"tokens": [...]}` back into `{"prompt": str}`. Which dialect is the body's key: `inputs` or not.
+"""
+
+from typing import Any
+
+from aiohttp import web
+
+from mixserve.router.api_openai import chat_messages, template_options
+from mixserve.router.engine_api import EngineAPI
+from mixserve.router.errors import BadRequest, ValidationError
+from mixserve.router.http_common import ENGINE, read_json
+from mixserve.router.params import (
+    GenerationParams,
+    GenerationRequest,
+    as_bool,
+    as_prompt,
+    as_token_ids,
+    render_prompt,
+)
+
+
+def _tgi_tokens(engine: EngineAPI, body: dict[str, Any]) -> list[dict[str, Any]]:
+    inputs = as_prompt("inputs", body.get("inputs"))
+    encoded = engine.tokenizer(inputs, return_offsets_mapping=True)
+    return [
+        {"id": token_id, "text": inputs[start:stop], "start": start, "stop": stop}
+        for token_id, (start, stop) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
+    ]
+
+
+def _vllm_tokens(engine: EngineAPI, body: dict[str, Any]) -> dict[str, Any]:
+    if (body.get("prompt") is None) == (body.get("messages") is None):
+        raise BadRequest("give inputs (TGI), or prompt or messages (vLLM)")
+    if body.get("prompt") is not None:
+        text = as_prompt("prompt", body["prompt"])
+        special = as_bool("add_special_tokens", body.get("add_special_tokens"), default=True)
+    else:
+        if body.get("tools"):
+            raise ValidationError("tools is not supported by /tokenize; tokenize the chat request's messages alone")
+        request = GenerationRequest(
+            prompt=None,
+            messages=chat_messages(body["messages"]),
+            params=GenerationParams(),
+            template_options=template_options(body),
+        )
+        text = render_prompt(engine.tokenizer, request)
+        # The chat template writes its own special tokens; more only when asked.
+        special = as_bool("add_special_tokens", body.get("add_special_tokens"), default=False)
+    ids = engine.tokenizer(text, add_special_tokens=special)["input_ids"]
+    strings = as_bool("return_token_strs", body.get("return_token_strs"), default=False)
+    return {
+        "count": len(ids),
+        "max_model_len": engine.stats().limits.max_total_tokens,
+        "tokens": ids,
+        "token_strs": engine.tokenizer.convert_ids_to_tokens(ids) if strings else None,
+    }
+
+
+async def tokenize_route(request: web.Request) -> web.Response:
+    """`POST /tokenize`: TGI's answer for `inputs`, vLLM's for `prompt` or `messages`."""
+    engine = request.app[ENGINE]
+    body = await read_json(request)
+    if "inputs" in body:
+        return web.json_response(_tgi_tokens(engine, body))
+    return web.json_response(_vllm_tokens(engine, body))
+
+
+async def detokenize_route(request: web.Request) -> web.Response:
+    """`POST /detokenize` (vLLM): the text of `tokens`, special tokens included."""
+    engine = request.app[ENGINE]
+    body = await read_json(request)
+    ids = as_token_ids("tokens", body.get("tokens"))
+    vocab = len(engine.tokenizer)
+    if max(ids) >= vocab:
+        raise ValidationError(f"tokens holds token id {max(ids)}; the vocabulary has {vocab} tokens")
+    return web.json_response({"prompt": engine.tokenizer.decode(ids)})
+
+
+def add_routes(app: web.Application) -> None:
+    """Register /tokenize and /detokenize on `app` (built by `router.server.build_app`)."""
+    app.router.add_post("/tokenize", tokenize_route)
+    app.router.add_post("/detokenize", detokenize_route)
