@@ -1,10 +1,12 @@
-"""`POST /tokenize` in both dialects, and vLLM's `POST /detokenize`.
+"""`POST /tokenize` in both dialects, and vLLM's `POST /detokenize` and `GET /tokenizer_info`.
 
 TGI's body `{"inputs": str}` answers its tokens with their character spans (BOS included). vLLM's
 `{"prompt": str}` (special tokens added unless `add_special_tokens` is false) or `{"messages": [...]}`
 (rendered with the chat template as chat requests are: `add_generation_prompt`, `continue_final_message`,
 `chat_template_kwargs`, `tools`) answers `{count, max_model_len, tokens, token_strs}`; `/detokenize`
-turns `{"tokens": [...]}` back into `{"prompt": str}`. Which dialect is the body's key: `inputs` or not.
+turns `{"tokens": [...]}` back into `{"prompt": str}`; `/tokenizer_info` gives the special tokens and the
+chat template, which is what a remote tokenizer (lm-evaluation-harness's) needs with those two. Which
+dialect a /tokenize body speaks is its key: `inputs` or not.
 """
 
 from typing import Any
@@ -82,7 +84,23 @@ async def detokenize_route(request: web.Request) -> web.Response:
     return web.json_response({"prompt": engine.tokenizer.decode(ids)})
 
 
+async def tokenizer_info_route(request: web.Request) -> web.Response:
+    """`GET /tokenizer_info` (vLLM): the tokenizer's class, special tokens, chat template and sizes."""
+    engine = request.app[ENGINE]
+    tokenizer = engine.tokenizer
+    return web.json_response(
+        {
+            "tokenizer_class": type(tokenizer).__name__,
+            **{name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")},
+            "chat_template": getattr(tokenizer, "chat_template", None),
+            "vocab_size": len(tokenizer),
+            "model_max_length": engine.stats().limits.max_total_tokens,
+        }
+    )
+
+
 def add_routes(app: web.Application) -> None:
-    """Register /tokenize and /detokenize on `app` (built by `router.server.build_app`)."""
+    """Register /tokenize, /detokenize and /tokenizer_info on `app` (built by `router.server.build_app`)."""
     app.router.add_post("/tokenize", tokenize_route)
     app.router.add_post("/detokenize", detokenize_route)
+    app.router.add_get("/tokenizer_info", tokenizer_info_route)

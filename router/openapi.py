@@ -152,6 +152,9 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/detokenize"): _op(
         "openai", "Detokenize (vLLM)", {"200": _json(ref("DetokenizeResponse"))} | _errors(), "DetokenizeRequest"
     ),
+    ("GET", "/tokenizer_info"): _op(
+        "openai", "The tokenizer's special tokens and chat template (vLLM)", {"200": _json(ref("TokenizerInfo"))}
+    ),
     ("GET", "/openapi.json"): _op("operations", "This spec", {"200": _json({"type": "object"})}),
     ("GET", "/docs"): _op(
         "operations", "This spec as HTML", {"200": {"description": "HTML", "content": {"text/html": {}}}}

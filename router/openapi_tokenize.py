@@ -1,4 +1,5 @@
-"""The OpenAPI schemas of /tokenize (TGI's body or vLLM's) and vLLM's /detokenize (router/api_tokenize.py)."""
+"""The OpenAPI schemas of /tokenize (TGI's body or vLLM's) and vLLM's /detokenize and /tokenizer_info
+(router/api_tokenize.py)."""
 
 from mixserve.router.openapi_builders import Schema, array, obj, typed
 
@@ -32,4 +33,16 @@ TOKENIZE_SCHEMAS: dict[str, Schema] = {
         ("tokens",),
     ),
     "DetokenizeResponse": obj({"prompt": typed("string", "the tokens' text, special tokens included")}),
+    "TokenizerInfo": obj(
+        {
+            "tokenizer_class": typed("string", "the tokenizer's class"),
+            **{
+                name: {"type": ["string", "null"], "description": f"the tokenizer's {name.replace('_', ' ')}"}
+                for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+            },
+            "chat_template": {"type": ["string", "null"], "description": "the chat template (Jinja)"},
+            "vocab_size": typed("integer", "tokens the tokenizer knows"),
+            "model_max_length": typed("integer", "--max-total-tokens"),
+        }
+    ),
 }

@@ -144,6 +144,11 @@ async def test_tokenize_and_detokenize_in_vllms_dialect(server, tokenizer):
         assert status == 200 and json.loads(text)["tokens"] == expected
     status, _, text = await post(server.url, "/detokenize", {"tokens": ids})
     assert status == 200 and json.loads(text) == {"prompt": tokenizer.decode(ids)}
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{server.url}/tokenizer_info") as response:
+            info = await response.json()
+    assert info["eos_token"] == tokenizer.eos_token and info["bos_token"] == tokenizer.bos_token
+    assert info["chat_template"] == tokenizer.chat_template and info["vocab_size"] == len(tokenizer)
     for path, body, want in (
         ("/detokenize", {"tokens": [1, 10**6]}, 422),
         ("/detokenize", {"tokens": "abc"}, 400),
