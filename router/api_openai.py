@@ -124,7 +124,6 @@ def _unsupported(body: dict[str, Any], name: str, why: str, default: object = No
 
 # vLLM's sampling fields this server does not implement, refused when set rather than ignored.
 _VLLM_UNSUPPORTED = (
-    ("min_p", "no min-p filter; use top_p or top_k", None),
     ("use_beam_search", "no beam search", None),
     ("length_penalty", "no beam search", 1),
     ("allowed_token_ids", "use logit_bias", None),
@@ -181,6 +180,7 @@ def _sampling(
         grammar=openai_spec(body),
         logit_bias=as_logit_bias("logit_bias", body.get("logit_bias")),
         stop_token_ids=[] if stop_token_ids in (None, []) else as_token_ids("stop_token_ids", stop_token_ids),
+        min_p=as_float("min_p", body.get("min_p"), default=0.0, ge=0, le=1),
         include_stop_str_in_output=as_bool(
             "include_stop_str_in_output", body.get("include_stop_str_in_output"), default=False
         ),

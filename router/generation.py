@@ -92,6 +92,7 @@ class Generation:
             grammar=p.grammar.grammar if p.grammar is not None else "",
             typical_p=p.typical_p,
             logit_bias=p.logit_bias,
+            min_p=p.min_p,
         )
 
     async def stream(self) -> AsyncIterator[TokenEvent]:

@@ -27,6 +27,13 @@ OPENAI_SAMPLING: dict[str, Schema] = {
     ),
     "ignore_eos": typed("boolean", "vLLM extension: keep generating past the EOS token", default=False),
     "min_tokens": typed("integer", "vLLM extension: 0, or equal to the token limit (then ignore_eos)", minimum=0),
+    "min_p": typed(
+        "number",
+        "vLLM extension: drawn tokens are at least this share as likely as the best; 0 is off",
+        minimum=0,
+        maximum=1,
+        default=0.0,
+    ),
     "stop_token_ids": array(
         {"type": "integer", "minimum": 0}, "vLLM extension: tokens that end the request (text kept unless special)"
     ),

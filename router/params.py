@@ -262,6 +262,8 @@ class GenerationParams:
     # vLLM's: token ids that end the request as a stop string does (their text kept unless special), the
     # matched stop string kept in the output, and special tokens' text left in.
     stop_token_ids: list[int] = field(default_factory=list)
+    # Min-p (vLLM's, llama.cpp's): a drawn token is at least this share as likely as the most likely one.
+    min_p: float = 0.0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 
@@ -286,6 +288,7 @@ class GenerationParams:
         self.logit_bias = as_logit_bias("logit_bias", {str(k): v for k, v in self.logit_bias.items()})
         self.prompt_logprobs = as_bool("prompt_logprobs", self.prompt_logprobs)
         self.stop_token_ids = as_token_ids("stop_token_ids", self.stop_token_ids) if self.stop_token_ids else []
+        self.min_p = as_float("min_p", self.min_p, ge=0, le=1)
         self.include_stop_str_in_output = as_bool("include_stop_str_in_output", self.include_stop_str_in_output)
         self.skip_special_tokens = as_bool("skip_special_tokens", self.skip_special_tokens)
         if self.grammar is not None and self.ignore_eos:

@@ -279,6 +279,7 @@ def sampling_params(sampling: Sampling) -> shard_pb2.SamplingParams:
         grammar=sampling.grammar,
         typical_p=sampling.typical_p,
         logit_bias=sampling.logit_bias,
+        min_p=sampling.min_p,
     )
 
 

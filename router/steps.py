@@ -20,6 +20,7 @@ class Sampling:
     grammar: str = ""  # llguidance's serialized grammar; empty for free text
     typical_p: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    min_p: float = 0.0
 
 
 @dataclass(slots=True)

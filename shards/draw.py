@@ -1,5 +1,5 @@
 """The random draw of sampled rows in torch, any device: each row divided by its temperature, cut by its
-top-k, top-p and typical mass (shards/logits_processors.py), and one token drawn by inverse transform
+top-k, top-p, min-p and typical mass (shards/logits_processors.py), and one token drawn by inverse transform
 sampling with the row's uniform. It is the reference of the `draw_tokens` op (shards/ops/), whose C
 kernel (shards/kernels/sampling.c) does the same cuts and sums a row at a time on the CPU.
 
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from mixserve.shards.host_to_device import to_device
-from mixserve.shards.logits_processors import mask_top_k_top_p, mask_typical
+from mixserve.shards.logits_processors import mask_min_p, mask_top_k_top_p, mask_typical
 
 # Logits a pass of inverse_transform takes on the CPU: 512 KiB of float64 sums.
 CPU_DRAW_ELEMENTS = 1 << 16
@@ -24,14 +24,18 @@ def draw_tokens(
     top_k: list[int],
     top_p: list[float],
     typical_p: list[float],
+    min_p: list[float],
     uniforms: list[float],
 ) -> Tensor:
     """One token per row of `logits` `[R, V]`, `[R]` int64: the row over its temperature (> 0), its
-    top-k (0: off), top-p (1: off) and typical (1: off) cuts, then `inverse_transform` with its uniform."""
+    top-k (0: off), top-p (1: off), min-p (0: off) and typical (1: off) cuts, then `inverse_transform`
+    with its uniform."""
     device = logits.device
     scores = logits / to_device(temperature, device, torch.float32)[:, None]  # [R, V]
     if any(k > 0 for k in top_k) or any(p < 1 for p in top_p):
         scores = mask_top_k_top_p(scores, to_device(top_k, device), to_device(top_p, device, torch.float32))
+    if any(p > 0 for p in min_p):
+        scores = mask_min_p(scores, to_device(min_p, device, torch.float32))
     if any(p < 1 for p in typical_p):
         scores = mask_typical(scores, to_device(typical_p, device, torch.float32))
     return inverse_transform(scores, uniforms)

@@ -123,6 +123,17 @@ def _mask_sorted(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     return logits.masked_fill(removed, -math.inf)
 
 
+def mask_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
+    """Return `logits` `[R, V]` with the tokens less likely than `min_p` `[R]` times the row's most likely
+    one set to -inf (transformers' MinPLogitsWarper; 0 = off); the most likely token always stays."""
+    log_probs = logits.log_softmax(dim=-1)  # [R, V]
+    best = log_probs.max(dim=-1, keepdim=True).values  # [R, 1]
+    share = min_p.to(device=logits.device, dtype=log_probs.dtype)[:, None]  # [R, 1]
+    # p < min_p * p_max, in logs; a row with min_p 0 compares against -inf and keeps every token.
+    removed = log_probs < best + share.log()
+    return logits.masked_fill(removed, -math.inf)
+
+
 def mask_typical(logits: Tensor, mass: Tensor) -> Tensor:
     """Return `logits` `[R, V]` with the tokens typical sampling removes set to -inf (transformers'
     TypicalLogitsWarper): tokens ranked by how far their surprisal is from the row's entropy, the

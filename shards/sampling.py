@@ -73,7 +73,7 @@ def sample(
 
     `keys[i]` is the per-step key of row i (the position being sampled): with the row's seed it
     fixes the random draw, so a row draws the same token on every rank, in every run, in any batch.
-    Order: penalties, greedy argmax, temperature, top-k, top-p, typical, seeded draw. Returns the
+    Order: penalties, greedy argmax, temperature, top-k, top-p, min-p, typical, seeded draw. Returns the
     tokens, their log-probabilities under `logits` and the top `max(top_n_tokens)` alternatives.
     """
     if logits.dim() != 2:
@@ -111,6 +111,7 @@ def sample(
             [p.top_k for p in sub_params],
             [p.top_p for p in sub_params],
             [p.typical_p for p in sub_params],
+            [p.min_p for p in sub_params],
             _uniforms([generator_seed(params[i].seed, keys[i]) for i in drawn]),
         )
         token_ids = drawn_ids if every else token_ids.index_copy(0, row_index, drawn_ids)

@@ -38,6 +38,8 @@ class SamplingParams:
     typical_p: float = 1.0
     # Token id -> value added to its logit before every sample (OpenAI's logit_bias).
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # Min-p: a drawn token is at least this share as likely as the most likely one; 0.0 is off.
+    min_p: float = 0.0
 
     def __post_init__(self) -> None:
         if self.top_p == 0:
@@ -46,7 +48,15 @@ class SamplingParams:
             self.typical_p = 1.0
         if self.repetition_penalty == 0:
             self.repetition_penalty = 1.0
-        floats = ("temperature", "top_p", "typical_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
+        floats = (
+            "temperature",
+            "top_p",
+            "typical_p",
+            "min_p",
+            "repetition_penalty",
+            "frequency_penalty",
+            "presence_penalty",
+        )
         for name in floats:
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
@@ -58,6 +68,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1] (0 or 1 is off), got {self.top_p}")
         if not 0 < self.typical_p <= 1:
             raise ValueError(f"typical_p must be in (0, 1] (0 or 1 is off), got {self.typical_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (0 is off), got {self.min_p}")
         for token, bias in self.logit_bias.items():
             if token < 0 or not math.isfinite(bias):
                 raise ValueError(f"logit_bias needs token ids >= 0 and finite biases, got {token}: {bias}")
@@ -83,6 +95,7 @@ class SamplingParams:
             grammar=msg.grammar,
             typical_p=msg.typical_p,
             logit_bias=dict(msg.logit_bias),
+            min_p=msg.min_p,
         )
 
     @property

@@ -154,6 +154,20 @@ async def test_skip_special_tokens_false_keeps_their_text(server, aclient, token
     assert texts == ["", tokenizer.eos_token * 2]
 
 
+async def test_min_p_one_draws_only_the_most_likely_token(server, aclient):
+    greedy = await aclient.completions.create(model="mixtral-demo", prompt="The old river", max_tokens=8, temperature=0)
+    for seed in range(3):
+        sampled, narrowed = [
+            await aclient.completions.create(
+                model="mixtral-demo", prompt="The old river", max_tokens=8, temperature=1.5, seed=seed,
+                extra_body={"min_p": min_p},
+            )
+            for min_p in (0.0, 1.0)
+        ]  # fmt: skip
+        assert narrowed.choices[0].text == greedy.choices[0].text
+        assert sampled.choices[0].text != greedy.choices[0].text  # the draw is free without it
+
+
 async def test_truncate_prompt_tokens_keeps_the_prompts_tail(server, aclient, tokenizer):
     prompt = "The old river runs past the mill"
     tail = tokenizer(prompt)["input_ids"][-3:]
@@ -185,7 +199,7 @@ async def test_chat_template_fields_shape_the_prompt(server, aclient, tokenizer)
 @pytest.mark.parametrize(
     "body, needle",
     [
-        ({"prompt": "x", "min_p": 0.1}, "min_p is not supported"),
+        ({"prompt": "x", "min_p": 1.5}, "min_p"),
         ({"prompt": "x", "use_beam_search": True}, "beam search"),
         ({"prompt": "x", "echo": True, "truncate_prompt_tokens": 2}, "truncate_prompt_tokens"),
         ({"prompt": "x", "stop_token_ids": [-1]}, ">= 0"),

@@ -46,7 +46,7 @@ def test_the_kernel_draws_the_tokens_torch_draws(kernel, vocab):
     for seed in range(4):
         temperature, top_k, top_p, uniforms = _settings(rows, vocab, 100 * vocab + seed)
         ours = kernel(logits, temperature, top_k, top_p, uniforms)
-        theirs = draw.draw_tokens(logits, temperature, top_k, top_p, [1.0] * rows, uniforms)
+        theirs = draw.draw_tokens(logits, temperature, top_k, top_p, [1.0] * rows, [0.0] * rows, uniforms)
         assert torch.equal(ours, theirs), (ours != theirs).nonzero().flatten().tolist()
 
 
@@ -64,15 +64,37 @@ def test_the_kernel_keeps_what_the_cuts_keep_across_the_unit_interval(kernel):
         n = len(uniforms)
         ours = kernel(rows, [1.0] * n, [top_k] * n, [top_p] * n, uniforms)
         assert set(ours.tolist()) == kept
-        assert torch.equal(ours, draw.draw_tokens(rows, [1.0] * n, [top_k] * n, [top_p] * n, [1.0] * n, uniforms))
+        theirs = draw.draw_tokens(rows, [1.0] * n, [top_k] * n, [top_p] * n, [1.0] * n, [0.0] * n, uniforms)
+        assert torch.equal(ours, theirs)
 
 
 def test_the_cpu_op_falls_back_to_torch_for_infinities_and_typical_cuts(kernel):
     logits = torch.tensor([[0.5, -math.inf, 2.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
     assert kernel(logits, [1.0, 1.0], [0, 0], [1.0, 1.0], [0.3, 0.6]) is None
-    settings = ([1.0, 0.7], [0, 2], [0.9, 1.0], [1.0, 0.5], [0.3, 0.6])
+    settings = ([1.0, 0.7], [0, 2], [0.9, 1.0], [1.0, 0.5], [0.0, 0.0], [0.3, 0.6])
     assert torch.equal(cpu.draw_tokens(logits, *settings), reference.draw_tokens(logits, *settings))
     assert cpu.draw_tokens(logits, *settings)[0].item() != 1  # -inf is never drawn
+
+
+def test_min_p_keeps_the_tokens_transformers_min_p_warper_keeps():
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    logits = _rows(300, 4, 7)  # peaked, flat, tied and few-valued rows
+    uniforms = [(i + 0.5) / 2000 for i in range(2000)]
+    for min_p in (0.05, 0.3, 0.9):
+        kept = MinPLogitsWarper(min_p)(None, logits.clone()).isfinite()  # [R, V]
+        for row in range(logits.shape[0]):
+            n = len(uniforms)
+            rows = logits[row : row + 1].expand(n, -1).contiguous()
+            # Through the CPU op (min-p rows take the torch reference), uniforms spread over [0, 1).
+            drawn = cpu.draw_tokens(rows, [1.0] * n, [0] * n, [1.0] * n, [1.0] * n, [min_p] * n, uniforms)
+            assert set(drawn.tolist()) <= set(kept[row].nonzero().flatten().tolist())
+            assert kept[row, drawn].all() and logits[row, drawn].max() == logits[row].max()
+    # min_p 1: only the most likely token (ties aside) is ever drawn.
+    row = torch.tensor([[0.1, 2.0, -1.0, 1.9]])
+    ones = [1.0] * 50
+    drawn = draw.draw_tokens(row.expand(50, -1), ones, [0] * 50, ones, ones, ones, uniforms[:50])
+    assert set(drawn.tolist()) == {1}
 
 
 def test_the_kernel_refuses_settings_it_cannot_take(kernel):

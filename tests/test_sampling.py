@@ -66,11 +66,15 @@ def test_from_proto_maps_every_field():
         presence_penalty=-0.25,
         seed=(1 << 64) - 1,
         top_n_tokens=3,
+        min_p=0.125,
     )
-    assert SamplingParams.from_proto(msg) == SamplingParams(0.5, 40, 0.75, 1.25, 0.5, -0.25, (1 << 64) - 1, 3)
+    expected = SamplingParams(0.5, 40, 0.75, 1.25, 0.5, -0.25, (1 << 64) - 1, 3, min_p=0.125)
+    assert SamplingParams.from_proto(msg) == expected
     assert SamplingParams.from_proto(shard_pb2.SamplingParams()).greedy
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams.from_proto(shard_pb2.SamplingParams(top_p=2.0))
+    with pytest.raises(ValueError, match="min_p"):
+        SamplingParams.from_proto(shard_pb2.SamplingParams(min_p=1.5))
 
 
 def test_greedy_property():

@@ -61,11 +61,14 @@ def draw_tokens(
     top_k: list[int],
     top_p: list[float],
     typical_p: list[float],
+    min_p: list[float],
     uniforms: list[float],
 ) -> torch.Tensor:
-    """reference.draw_tokens, in the C kernel for fp32 rows holding no NaN or infinity and asking no typical cut."""
-    if logits.dim() == 2 and logits.shape[1] and _fp32_cpu(logits) and min(typical_p, default=1.0) >= 1:
+    """reference.draw_tokens, in the C kernel for fp32 rows holding no NaN or infinity and asking no typical or
+    min-p cut."""
+    cuts_in_c = min(typical_p, default=1.0) >= 1 and max(min_p, default=0.0) <= 0
+    if logits.dim() == 2 and logits.shape[1] and _fp32_cpu(logits) and cuts_in_c:
         tokens = sampling.draw_tokens(logits.contiguous(), temperature, top_k, top_p, uniforms)
         if tokens is not None:
             return tokens
-    return reference.draw_tokens(logits, temperature, top_k, top_p, typical_p, uniforms)
+    return reference.draw_tokens(logits, temperature, top_k, top_p, typical_p, min_p, uniforms)
