@@ -111,6 +111,7 @@ class OpenAIRequest:
     include_usage: bool = False
     echo: bool = False  # completions: the prompt (and with logprobs, its tokens' logprobs) before the completion
     truncate_prompt_tokens: int | None = None  # keep each prompt's last N tokens (-1: --max-input-tokens)
+    score_only: bool = False  # completions: echo with max_tokens 0, the prompt scored and nothing generated
     tools: ToolPlan | None = None  # chat: the tools offered and how the model must call them
 
 
@@ -304,7 +305,13 @@ def parse_completion_request(body: dict[str, Any], limits: RequestLimits = DEFAU
     of token ids or an array of such arrays (as OpenAI and vLLM take it; token ids get no BOS added)."""
     _unsupported(body, "suffix", "no insertion mode")
     prompts = _completion_prompts(body.get("prompt"))
-    max_tokens = max_new_tokens_from(body, ("max_tokens",), default=0) or None
+    echo = as_bool("echo", body.get("echo"), default=False)
+    # OpenAI's scoring request: echo with max_tokens 0 answers the prompt (with its logprobs) and no
+    # completion; the engine still runs each prompt for one token, which is not reported.
+    score_only = echo and body.get("max_tokens") == 0 and not isinstance(body.get("max_tokens"), bool)
+    if score_only and as_bool("stream", body.get("stream"), default=False):
+        raise ValidationError("max_tokens 0 (echo, the prompt scored alone) is answered without stream")
+    max_tokens = 1 if score_only else max_new_tokens_from(body, ("max_tokens",), default=0) or None
     max_choices = _max_choices(limits)
     n = as_int("n", body.get("n"), default=1, ge=1, le=max_choices)
     best_of = as_int("best_of", body.get("best_of"), default=n, ge=1)
@@ -316,7 +323,6 @@ def parse_completion_request(body: dict[str, Any], limits: RequestLimits = DEFAU
     top = min(MAX_COMPLETION_LOGPROBS, limits.max_top_n_tokens)
     logprobs = None if logprobs is None else as_int("logprobs", logprobs, ge=0, le=top)
     params = _sampling(body, max_tokens=max_tokens, top_n_tokens=logprobs or 0, limits=limits)
-    echo = as_bool("echo", body.get("echo"), default=False)
     truncate = _truncate_prompt_tokens(body)
     if echo and truncate is not None:
         raise ValidationError("echo cannot be combined with truncate_prompt_tokens: it would echo another prompt")
@@ -336,6 +342,7 @@ def parse_completion_request(body: dict[str, Any], limits: RequestLimits = DEFAU
         include_usage=_include_usage(body),
         echo=echo,
         truncate_prompt_tokens=truncate,
+        score_only=score_only,
     )
 
 
@@ -405,7 +412,7 @@ async def submit(engine: EngineAPI, request: OpenAIRequest, default_max_tokens: 
             engine.cancel(generation)
         raise
     texts = [_prompt_text(engine, p) for p in request.prompts for _ in range(request.n)]
-    return Choices(generations, prompt_tokens, texts)
+    return Choices(generations, prompt_tokens, texts, score_only=request.score_only)
 
 
 def _prompt_text(engine: EngineAPI, prompt: GenerationRequest) -> str:

@@ -26,6 +26,7 @@ class Reporting(Protocol):
     logprobs: int | None  # None: no logprobs; else the alternatives per token
     include_usage: bool
     echo: bool  # completions: the prompt before each choice's text (and its tokens' logprobs)
+    score_only: bool  # completions with echo and max_tokens 0: the prompt alone, no completion
     tools: ToolPlan | None  # chat: the tools offered (their calls are parsed out of the output)
 
 
@@ -38,9 +39,11 @@ class Choices:
     prompts: list[str] = field(default_factory=list)  # each choice's prompt text (completions)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
+    # Completions with echo and max_tokens 0: the one token each generation ran for is not reported.
+    score_only: bool = False
 
     def usage(self) -> dict[str, int]:
-        completion = sum(g.generated_tokens for g in self.generations)
+        completion = 0 if self.score_only else sum(g.generated_tokens for g in self.generations)
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
@@ -271,6 +274,8 @@ async def completion(engine: EngineAPI, request: Reporting, choices: Choices, mo
         offsets = [len(prompt) for prompt in choices.prompts]
     async with aclosing(interleave(choices.generations)) as events:
         async for i, event in events:
+            if request.score_only:  # the prompt was what the request asked for
+                continue
             if request.logprobs is not None:
                 logprobs[i].add(engine.tokenizer, event, offsets[i])
             texts[i].append(event.text)
@@ -291,7 +296,7 @@ async def completion(engine: EngineAPI, request: Reporting, choices: Choices, mo
                 "index": i,
                 "text": "".join(texts[i]),
                 "logprobs": None if request.logprobs is None else logprobs[i].as_dict(),
-                "finish_reason": FINISH_REASONS[g.finish_reason],
+                "finish_reason": "length" if request.score_only else FINISH_REASONS[g.finish_reason],
             }
             for i, g in enumerate(choices.generations)
         ],

@@ -311,7 +311,12 @@ OPENAI_SCHEMAS: dict[str, Schema] = {
                 ],
                 "description": "one prompt, or several (n choices each): strings, or token ids used as given (no BOS)",
             },
-            "max_tokens": typed("integer", "token limit per choice", minimum=1, default=oai.COMPLETIONS_MAX_TOKENS),
+            "max_tokens": typed(
+                "integer",
+                "token limit per choice; 0 with echo (not streamed): the prompt scored alone",
+                minimum=0,
+                default=oai.COMPLETIONS_MAX_TOKENS,
+            ),
             "logprobs": typed("integer", "alternatives per token", minimum=0, maximum=oai.MAX_COMPLETION_LOGPROBS),
             "best_of": typed("integer", "must equal n when given", minimum=1),
             "echo": typed(

@@ -135,6 +135,21 @@ def test_echo_with_logprobs_puts_the_prompt_first(server, tokenizer, oracle):
 
 
 @pytest.mark.slow
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(server, tokenizer, oracle):
+    # OpenAI's scoring request: the prompt and its logprobs, no completion.
+    scored = client(server).completions.create(model="m", prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
+    choice, n = scored.choices[0], len(tokenizer(PROMPT)["input_ids"])
+    assert choice.text == PROMPT and len(choice.logprobs.tokens) == n and choice.finish_reason == "length"
+    assert scored.usage.prompt_tokens == n and scored.usage.completion_tokens == 0
+    torch.testing.assert_close(
+        torch.tensor(choice.logprobs.token_logprobs[1:]), torch.tensor(oracle[1:]), atol=2e-3, rtol=2e-3
+    )
+    for refused in ({"echo": False}, {"echo": True, "stream": True}):
+        with pytest.raises(openai.UnprocessableEntityError):
+            client(server).completions.create(model="m", prompt=PROMPT, max_tokens=0, **refused)
+
+
+@pytest.mark.slow
 def test_token_id_prompts_are_taken_as_given_and_score_their_alternatives(server, tokenizer, reference):
     # lm-evaluation-harness's local-completions sends token ids (without a BOS unless asked), echo, logprobs
     # and max_tokens 1, and reads each continuation token's logprob and whether it was the most likely.
