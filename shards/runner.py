@@ -30,7 +30,6 @@ from mixserve.shards.sequence_step import InvalidStep, SequenceResult, SequenceS
 from mixserve.shards.speculative import VerifiedToken, greedy_runs
 from mixserve.shards.step_inputs import step_inputs
 from mixserve.shards.step_rows import (
-    UNSCORED,
     PromptScores,
     SequenceState,
     consecutive,
@@ -282,7 +281,7 @@ class ModelRunner:
             if s.num_proposed and s.seq_id in drafted and self.adaptive_length:
                 st.proposal_length.on_verified(drafted[s.seq_id], s.num_proposed, len(run) - 1)
             first = run[0]
-            scored = scores.get(s.seq_id, UNSCORED)
+            scored = scores.get(s.seq_id) or PromptScores([])
             results.append(
                 SequenceResult(
                     s.seq_id,

@@ -69,10 +69,6 @@ class PromptScores:
     top_tokens: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
-# A step that scored nothing (shared, never changed).
-UNSCORED = PromptScores([])
-
-
 def score_prompts(
     steps: list[SequenceStep], logits: torch.Tensor, sequences: dict[int, SequenceState]
 ) -> tuple[torch.Tensor, dict[int, PromptScores]]:
