@@ -103,7 +103,8 @@ def parse_generate_request(
     )
     limits.check(params)
     prompt, messages = parse_input(request.prompt if request.HasField("prompt") else None, request.messages)
-    return GenerationRequest(prompt=prompt, messages=messages, params=params)
+    ids = list(request.prompt_token_ids) or None
+    return GenerationRequest(prompt=prompt, messages=messages, params=params, prompt_token_ids=ids)
 
 
 def _grammar(grammar: generate_pb2.Grammar) -> GrammarSpec:

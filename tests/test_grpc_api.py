@@ -90,6 +90,22 @@ async def test_stream_is_one_message_per_token_and_greedy_equals_predict(server,
     assert messages[-1].finish_reason == unary.finish_reason == expected
 
 
+async def test_prompt_token_ids_are_the_prompt_as_given(server, tokenizer):
+    prompt = "The old river runs"
+    ids = tokenizer(prompt)["input_ids"]  # the BOS the string prompt gets, given here as an id
+    async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+        stub = generate_pb2_grpc.GenerationServiceStub(channel)
+        as_text = await stub.Generate(greedy(12, prompt=prompt), metadata=AUTH)
+        as_ids = await stub.Generate(greedy(12, prompt_token_ids=ids), metadata=AUTH)
+        without_bos = await stub.Generate(greedy(12, prompt_token_ids=ids[1:]), metadata=AUTH)
+        for fields in ({"prompt_token_ids": [1, 10**6]}, {"prompt": prompt, "prompt_token_ids": ids}):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Generate(greedy(4, **fields), metadata=AUTH)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert as_ids.text == as_text.text and as_ids.prompt_tokens == len(ids)
+    assert without_bos.prompt_tokens == len(ids) - 1
+
+
 async def test_chat_messages_and_stop_match_predict(server):
     chat = [{"role": "user", "content": "Name a color."}]
     async with grpc.aio.insecure_channel(server.grpc_address) as channel:
