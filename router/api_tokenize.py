@@ -36,9 +36,25 @@ def _tgi_tokens(engine: EngineAPI, body: dict[str, Any]) -> list[dict[str, Any]]
     ]
 
 
+# vLLM's /tokenize fields; a TGI body (inputs) takes none of them.
+_VLLM_FIELDS = (
+    "prompt",
+    "messages",
+    "add_special_tokens",
+    "add_generation_prompt",
+    "continue_final_message",
+    "chat_template_kwargs",
+    "return_token_strs",
+    "tools",
+)
+
+
 def _vllm_tokens(engine: EngineAPI, body: dict[str, Any]) -> dict[str, Any]:
     if (body.get("prompt") is None) == (body.get("messages") is None):
         raise BadRequest("give inputs (TGI), or prompt or messages (vLLM)")
+    # Every field is checked whichever form uses it, so a malformed one is never passed over.
+    options = template_options(body)
+    strings = as_bool("return_token_strs", body.get("return_token_strs"), default=False)
     if body.get("prompt") is not None:
         text = as_prompt("prompt", body["prompt"])
         special = as_bool("add_special_tokens", body.get("add_special_tokens"), default=True)
@@ -46,16 +62,12 @@ def _vllm_tokens(engine: EngineAPI, body: dict[str, Any]) -> dict[str, Any]:
         if body.get("tools"):
             raise ValidationError("tools is not supported by /tokenize; tokenize the chat request's messages alone")
         request = GenerationRequest(
-            prompt=None,
-            messages=chat_messages(body["messages"]),
-            params=GenerationParams(),
-            template_options=template_options(body),
+            prompt=None, messages=chat_messages(body["messages"]), params=GenerationParams(), template_options=options
         )
         text = render_prompt(engine.tokenizer, request)
         # The chat template writes its own special tokens; more only when asked.
         special = as_bool("add_special_tokens", body.get("add_special_tokens"), default=False)
     ids = engine.tokenizer(text, add_special_tokens=special)["input_ids"]
-    strings = as_bool("return_token_strs", body.get("return_token_strs"), default=False)
     return {
         "count": len(ids),
         "max_model_len": engine.stats().limits.max_total_tokens,
@@ -69,6 +81,9 @@ async def tokenize_route(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     body = await read_json(request)
     if "inputs" in body:
+        mixed = [name for name in _VLLM_FIELDS if body.get(name) is not None]
+        if mixed:
+            raise ValidationError(f"inputs (TGI's body) cannot be combined with vLLM's {', '.join(mixed)}")
         return web.json_response(_tgi_tokens(engine, body))
     return web.json_response(_vllm_tokens(engine, body))
 

@@ -154,6 +154,10 @@ async def test_tokenize_and_detokenize_in_vllms_dialect(server, tokenizer):
         ("/detokenize", {"tokens": "abc"}, 400),
         ("/tokenize", {"prompt": "x", "messages": chat}, 400),
         ("/tokenize", {"messages": chat, "tools": [{"type": "function"}]}, 422),
+        # Found by the fuzzer: a field of the other dialect, or of the unused form, is still checked.
+        ("/tokenize", {"inputs": PROMPT, "chat_template_kwargs": [1]}, 422),
+        ("/tokenize", {"prompt": PROMPT, "chat_template_kwargs": [1]}, 400),
+        ("/tokenize", {"prompt": PROMPT, "add_generation_prompt": "yes"}, 400),
     ):
         status, _, text = await post(server.url, path, body)
         assert status == want and json.loads(text)["error"], (path, body, text)
