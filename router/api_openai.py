@@ -112,6 +112,7 @@ class OpenAIRequest:
     echo: bool = False  # completions: the prompt (and with logprobs, its tokens' logprobs) before the completion
     truncate_prompt_tokens: int | None = None  # keep each prompt's last N tokens (-1: --max-input-tokens)
     score_only: bool = False  # completions: echo with max_tokens 0, the prompt scored and nothing generated
+    prompt_logprobs: int | None = None  # vLLM's: the prompt tokens' logprobs, with this many alternatives
     tools: ToolPlan | None = None  # chat: the tools offered and how the model must call them
 
 
@@ -129,8 +130,19 @@ _VLLM_UNSUPPORTED = (
     ("length_penalty", "no beam search", 1),
     ("allowed_token_ids", "use logit_bias", None),
     ("bad_words", "use logit_bias", None),
-    ("prompt_logprobs", "use echo with logprobs (completions)", None),
 )
+
+
+def _prompt_logprobs(body: dict[str, Any], params: GenerationParams, most: int) -> tuple[GenerationParams, int | None]:
+    """vLLM's prompt_logprobs N: the prompt scored, with N alternatives a position (the engine's top_n_tokens
+    raised to N where the output asked for fewer); not streamed."""
+    value = body.get("prompt_logprobs")
+    if value is None:
+        return params, None
+    n = as_int("prompt_logprobs", value, ge=0, le=most)
+    if params.stream:
+        raise ValidationError("prompt_logprobs is answered without stream")
+    return replace(params, prompt_logprobs=True, top_n_tokens=max(params.top_n_tokens, n)), n
 
 
 def _truncate_prompt_tokens(body: dict[str, Any]) -> int | None:
@@ -260,6 +272,7 @@ def parse_chat_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIM
     if top_logprobs and not logprobs:
         raise ValidationError("top_logprobs needs logprobs: true")
     params = _sampling(body, max_tokens=max_tokens, top_n_tokens=top_logprobs, limits=limits)
+    params, prompt_n = _prompt_logprobs(body, params, min(MAX_CHAT_TOP_LOGPROBS, limits.max_top_n_tokens))
     return OpenAIRequest(
         prompts=[GenerationRequest(prompt=None, messages=messages, params=params, template_options=options)],
         params=params,
@@ -269,6 +282,7 @@ def parse_chat_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIM
         include_usage=_include_usage(body),
         tools=tools,
         truncate_prompt_tokens=_truncate_prompt_tokens(body),
+        prompt_logprobs=prompt_n,
     )
 
 
@@ -328,6 +342,7 @@ def parse_completion_request(body: dict[str, Any], limits: RequestLimits = DEFAU
         raise ValidationError("echo cannot be combined with truncate_prompt_tokens: it would echo another prompt")
     if echo and logprobs is not None:
         params = replace(params, prompt_logprobs=True)
+    params, prompt_n = _prompt_logprobs(body, params, top)
     return OpenAIRequest(
         prompts=[
             GenerationRequest(prompt=None, messages=None, params=params, prompt_token_ids=p)
@@ -343,6 +358,7 @@ def parse_completion_request(body: dict[str, Any], limits: RequestLimits = DEFAU
         echo=echo,
         truncate_prompt_tokens=truncate,
         score_only=score_only,
+        prompt_logprobs=prompt_n,
     )
 
 

@@ -134,6 +134,7 @@ class GenerationHandle(Protocol):
     prompt_logprobs: list[float | None]
     # With top_n_tokens too: each prompt position's top alternatives, (token id, logprob); empty at 0.
     prompt_top_tokens: list[list[tuple[int, float]]]
+    prompt_ranks: list[int]  # each prompt token's rank at its position (1: the most likely; 0 at 0)
 
     @property
     def prompt_tokens(self) -> int: ...

@@ -51,6 +51,8 @@ class Generation:
         self.prompt_top_tokens: list[list[tuple[int, float]]] = (
             [[] for _ in prompt_ids] if params.prompt_logprobs and params.top_n_tokens else []
         )
+        # And each prompt token's rank at its position (1: the most likely; 0 at 0 and until scored).
+        self.prompt_ranks: list[int] = [0] * len(prompt_ids) if params.prompt_logprobs else []
         self.finish_reason: str | None = None
         self.created = time.perf_counter()
         self.first_token_at: float | None = None

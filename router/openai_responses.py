@@ -27,6 +27,7 @@ class Reporting(Protocol):
     include_usage: bool
     echo: bool  # completions: the prompt before each choice's text (and its tokens' logprobs)
     score_only: bool  # completions with echo and max_tokens 0: the prompt alone, no completion
+    prompt_logprobs: int | None  # vLLM's: the prompt tokens' logprobs with this many alternatives each
     tools: ToolPlan | None  # chat: the tools offered (their calls are parsed out of the output)
 
 
@@ -82,12 +83,37 @@ async def interleave(generations: list[GenerationHandle]) -> AsyncGenerator[tupl
             await stream.aclose()
 
 
-def _chat_logprobs(tokenizer, event: TokenEvent) -> dict[str, Any]:
+def _chat_logprobs(tokenizer, event: TokenEvent, n: int) -> dict[str, Any]:
+    """A generated token's chat logprobs, with its `n` top alternatives (the engine may hold more, for the
+    prompt's logprobs)."""
+
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
         piece = token_piece(tokenizer, token_id)
         return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
 
-    return {**entry(event.token_id, event.logprob), "top_logprobs": [entry(t, lp) for t, lp in event.top_tokens]}
+    alternatives = [entry(t, lp) for t, lp in event.top_tokens[:n]]
+    return {**entry(event.token_id, event.logprob), "top_logprobs": alternatives}
+
+
+def vllm_prompt_logprobs(tokenizer, generation: GenerationHandle, n: int) -> list[dict[str, dict] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token (None for the first), the token and its `n` most likely
+    alternatives at its position, by token id: `{logprob, rank, decoded_token}`."""
+
+    def entry(token_id: int, logprob: float, rank: int) -> dict[str, Any]:
+        return {"logprob": logprob, "rank": rank, "decoded_token": token_piece(tokenizer, token_id)}
+
+    tops = generation.prompt_top_tokens or [[] for _ in generation.prompt_ids]
+    scored: list[dict[str, dict] | None] = []
+    for token_id, logprob, rank, top in zip(
+        generation.prompt_ids, generation.prompt_logprobs, generation.prompt_ranks, tops, strict=True
+    ):
+        if logprob is None:
+            scored.append(None)
+            continue
+        position = {str(t): entry(t, lp, k) for k, (t, lp) in enumerate(top[:n], 1)}
+        position.setdefault(str(token_id), entry(token_id, logprob, rank))
+        scored.append(position)
+    return scored
 
 
 @dataclass(slots=True)
@@ -99,17 +125,18 @@ class CompletionLogprobs:
     top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
     text_offset: list[int] = field(default_factory=list)
 
-    def add(self, tokenizer, event: TokenEvent, offset: int) -> None:
+    def add(self, tokenizer, event: TokenEvent, offset: int, n: int) -> None:
+        """A generated token, with its `n` top alternatives (the engine may hold more)."""
         piece = token_piece(tokenizer, event.token_id)
         self.tokens.append(piece)
         self.token_logprobs.append(event.logprob)
         # OpenAI: the requested alternatives, and always the sampled token.
-        top = {token_piece(tokenizer, t): lp for t, lp in event.top_tokens}
+        top = {token_piece(tokenizer, t): lp for t, lp in event.top_tokens[:n]}
         top.setdefault(piece, event.logprob)
         self.top_logprobs.append(top)
         self.text_offset.append(offset)
 
-    def add_prompt(self, tokenizer, prompt: str, generation: GenerationHandle) -> None:
+    def add_prompt(self, tokenizer, prompt: str, generation: GenerationHandle, n: int) -> None:
         """The echoed prompt's tokens first, as OpenAI gave them: the first token's logprob null."""
         ids = generation.prompt_ids
         starts = [0] * len(ids)
@@ -128,7 +155,7 @@ class CompletionLogprobs:
                 self.top_logprobs.append(None)
             else:
                 # As for generated tokens: the requested alternatives, and always the prompt's own token.
-                alternatives = {token_piece(tokenizer, t): lp for t, lp in top}
+                alternatives = {token_piece(tokenizer, t): lp for t, lp in top[:n]}
                 alternatives.setdefault(piece, logprob)
                 self.top_logprobs.append(alternatives)
             self.text_offset.append(start)
@@ -175,13 +202,17 @@ async def chat_completion(engine: EngineAPI, request: Reporting, choices: Choice
         async for i, event in events:
             texts[i].append(event.text)
             if request.logprobs is not None:
-                logprobs[i].append(_chat_logprobs(engine.tokenizer, event))
+                logprobs[i].append(_chat_logprobs(engine.tokenizer, event, request.logprobs))
     answers = []
     for i, generation in enumerate(choices.generations):
         message, finish = _chat_message(request.tools, "".join(texts[i]), FINISH_REASONS[generation.finish_reason])
         logprob = None if request.logprobs is None else {"content": logprobs[i]}
         answers.append({"index": i, "message": message, "logprobs": logprob, "finish_reason": finish})
-    return {**_header(choices, "chat.completion", model, "chatcmpl"), "choices": answers, "usage": choices.usage()}
+    answer = {**_header(choices, "chat.completion", model, "chatcmpl"), "choices": answers, "usage": choices.usage()}
+    if request.prompt_logprobs is not None:  # vLLM's: one prompt for every choice
+        first = choices.generations[0]
+        answer["prompt_logprobs"] = vllm_prompt_logprobs(engine.tokenizer, first, request.prompt_logprobs)
+    return answer
 
 
 def tool_call_deltas(calls: list[ToolCall]) -> list[dict[str, Any]]:
@@ -256,7 +287,7 @@ async def chat_chunks(
                 "delta": {"content": text} if text else {},
                 "logprobs": None
                 if request.logprobs is None
-                else {"content": [_chat_logprobs(engine.tokenizer, event)]},
+                else {"content": [_chat_logprobs(engine.tokenizer, event, request.logprobs)]},
                 "finish_reason": finish,
             }
             yield {**header, "choices": [choice], **usage}
@@ -277,7 +308,7 @@ async def completion(engine: EngineAPI, request: Reporting, choices: Choices, mo
             if request.score_only:  # the prompt was what the request asked for
                 continue
             if request.logprobs is not None:
-                logprobs[i].add(engine.tokenizer, event, offsets[i])
+                logprobs[i].add(engine.tokenizer, event, offsets[i], request.logprobs)
             texts[i].append(event.text)
             offsets[i] += len(event.text)
     if request.echo:
@@ -286,7 +317,7 @@ async def completion(engine: EngineAPI, request: Reporting, choices: Choices, mo
             texts[i].insert(0, prompt)
             if request.logprobs is not None:
                 echoed = CompletionLogprobs()
-                echoed.add_prompt(engine.tokenizer, prompt, generation)
+                echoed.add_prompt(engine.tokenizer, prompt, generation, request.logprobs)
                 echoed.extend(logprobs[i])
                 logprobs[i] = echoed
     return {
@@ -297,6 +328,11 @@ async def completion(engine: EngineAPI, request: Reporting, choices: Choices, mo
                 "text": "".join(texts[i]),
                 "logprobs": None if request.logprobs is None else logprobs[i].as_dict(),
                 "finish_reason": "length" if request.score_only else FINISH_REASONS[g.finish_reason],
+                **(
+                    {}
+                    if request.prompt_logprobs is None
+                    else {"prompt_logprobs": vllm_prompt_logprobs(engine.tokenizer, g, request.prompt_logprobs)}
+                ),
             }
             for i, g in enumerate(choices.generations)
         ],
@@ -326,10 +362,10 @@ async def completion_chunks(
                 text = prompt + text
                 offsets[i] = len(prompt)
                 if request.logprobs is not None:
-                    one.add_prompt(engine.tokenizer, prompt, choices.generations[i])
+                    one.add_prompt(engine.tokenizer, prompt, choices.generations[i], request.logprobs)
             logprobs = None
             if request.logprobs is not None:
-                one.add(engine.tokenizer, event, offsets[i])
+                one.add(engine.tokenizer, event, offsets[i], request.logprobs)
                 logprobs = one.as_dict()
             offsets[i] += len(event.text)
             choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}

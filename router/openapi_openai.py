@@ -34,6 +34,11 @@ OPENAI_SAMPLING: dict[str, Schema] = {
         maximum=1,
         default=0.0,
     ),
+    "prompt_logprobs": typed(
+        "integer",
+        "vLLM extension: the prompt tokens' logprobs, ranks and this many alternatives each (not streamed)",
+        minimum=0,
+    ),
     "stop_token_ids": array(
         {"type": "integer", "minimum": 0}, "vLLM extension: tokens that end the request (text kept unless special)"
     ),

@@ -33,10 +33,13 @@ def keep_prompt_logprobs(plan: StepPlan, result: StepResult, live: Mapping[int, 
         generation = live.get(token.seq_id)
         if generation is None or token.seq_id not in starts:
             continue
-        scored, tops = generation.prompt_logprobs, generation.prompt_top_tokens
+        scored, tops, ranks = generation.prompt_logprobs, generation.prompt_top_tokens, generation.prompt_ranks
         for position, logprob in enumerate(token.prompt_logprobs, starts[token.seq_id]):
             if 0 < position < len(scored) and not math.isnan(logprob):
                 scored[position] = logprob
+        for position, rank in enumerate(token.prompt_ranks, starts[token.seq_id]):
+            if 0 < position < len(ranks) and rank:
+                ranks[position] = rank
         if tops:
             for position, top in enumerate(token.prompt_top_tokens, starts[token.seq_id]):
                 if 0 < position < len(tops) and top:

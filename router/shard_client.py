@@ -294,6 +294,7 @@ def step_result(response: shard_pb2.StepResponse) -> StepResult:
             sampled=r.sampled,
             prompt_logprobs=list(r.prompt_logprobs),
             prompt_top_tokens=[[(t.token_id, t.logprob) for t in top.top_tokens] for top in r.prompt_top_tokens],
+            prompt_ranks=list(r.prompt_ranks),
             next_tokens=[
                 SampledToken(r.seq_id, n.token_id, n.logprob, [(t.token_id, t.logprob) for t in n.top_tokens])
                 for n in r.next_tokens

@@ -73,6 +73,7 @@ class SampledToken:
     prompt_logprobs: list[float] = field(default_factory=list)
     # With prompt_logprobs and top_n_tokens: each scored token's position's top alternatives (none at 0).
     prompt_top_tokens: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_ranks: list[int] = field(default_factory=list)  # each scored token's rank at its position
     next_tokens: list["SampledToken"] = field(default_factory=list)
     num_drafted: int = 0  # after a draft or speculating-run step: the proposals the shards made
 

@@ -230,6 +230,7 @@ class ModelRunner:
                 sampled=False,
                 prompt_logprobs=scores[s.seq_id].logprobs,
                 prompt_top_tokens=scores[s.seq_id].top_tokens,
+                prompt_ranks=scores[s.seq_id].ranks,
             )
             for s in steps
             if s.prompt_logprobs and not s.sample
@@ -290,6 +291,7 @@ class ModelRunner:
                     first.top_tokens,
                     prompt_logprobs=scored.logprobs,
                     prompt_top_tokens=scored.top_tokens,
+                    prompt_ranks=scored.ranks,
                     next_tokens=run[1:],
                     num_drafted=s.num_proposed if s.seq_id in drafted else 0,
                 )

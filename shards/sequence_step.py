@@ -55,6 +55,7 @@ class SequenceResult:
     # each token's position's top alternatives (none at position 0).
     prompt_logprobs: list[float] = field(default_factory=list)
     prompt_top_tokens: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_ranks: list[int] = field(default_factory=list)  # each token's rank at its position (0 at 0)
     # A verification step's further tokens: accepted proposals after token_id, then the last one sampled.
     next_tokens: list[VerifiedToken] = field(default_factory=list)
     # After a draft step: the proposals made here (at most the step's num_proposed).

@@ -36,6 +36,7 @@ def step_response(results: list[SequenceResult], forward_ns: int, steps: int = 0
                     shard_pb2.PromptTop(top_tokens=[shard_pb2.TopToken(token_id=t, logprob=lp) for t, lp in top])
                     for top in r.prompt_top_tokens
                 ],
+                prompt_ranks=r.prompt_ranks,
                 next_tokens=[
                     shard_pb2.NextToken(
                         token_id=n.token_id,

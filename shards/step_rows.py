@@ -67,6 +67,8 @@ class PromptScores:
 
     logprobs: list[float]
     top_tokens: list[list[tuple[int, float]]] = field(default_factory=list)
+    # Each token's rank among its position's candidates (1: the most likely; 0 at position 0).
+    ranks: list[int] = field(default_factory=list)
 
 
 def score_prompts(
@@ -89,7 +91,10 @@ def score_prompts(
             following = log_probs[:-1].gather(1, ids[:, None]).squeeze(1)  # [n - 1]
             before = state.prompt_row if s.start_position > 0 else None  # [V] or None
             first = math.nan if before is None else before[s.token_ids[0]].item()
-            scored = PromptScores([first, *following.tolist()])
+            # Rank: 1 + how many tokens the position found more likely than the one that came.
+            ranks = (log_probs[:-1] > following[:, None]).sum(dim=-1).add_(1).tolist()  # [n - 1]
+            first_rank = 0 if before is None else int((before > first).sum().item()) + 1
+            scored = PromptScores([first, *following.tolist()], ranks=[first_rank, *ranks])
             top_n = min(state.params.top_n_tokens, log_probs.shape[-1])
             if top_n:
                 rows = log_probs[:-1] if before is None else torch.cat([before[None], log_probs[:-1]])

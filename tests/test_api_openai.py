@@ -200,6 +200,7 @@ async def test_chat_template_fields_shape_the_prompt(server, aclient, tokenizer)
     "body, needle",
     [
         ({"prompt": "x", "min_p": 1.5}, "min_p"),
+        ({"prompt": "x", "prompt_logprobs": 50}, "prompt_logprobs"),
         ({"prompt": "x", "use_beam_search": True}, "beam search"),
         ({"prompt": "x", "echo": True, "truncate_prompt_tokens": 2}, "truncate_prompt_tokens"),
         ({"prompt": "x", "stop_token_ids": [-1]}, ">= 0"),

@@ -178,6 +178,35 @@ def test_token_id_prompts_are_taken_as_given_and_score_their_alternatives(server
             assert (lp.token_logprobs[i] == max(top.values())) == (prompt[i] == best.indices[i - 1, 0].item())
 
 
+@pytest.mark.slow
+def test_vllm_prompt_logprobs_rank_every_prompt_token(server, tokenizer, reference):
+    ids = tokenizer(PROMPT)["input_ids"]
+    rows = log_softmax_rows(reference, ids)[:-1]  # [T - 1, V]
+    answer = client(server).completions.create(
+        model="m", prompt=PROMPT, max_tokens=2, temperature=0, logprobs=1, extra_body={"prompt_logprobs": 2}
+    )
+    scored = answer.choices[0].model_extra["prompt_logprobs"]
+    assert len(scored) == len(ids) and scored[0] is None
+    # The generated tokens keep the one alternative asked for, though the engine computed two.
+    assert all(len(top) <= 2 for top in answer.choices[0].logprobs.top_logprobs)
+    best = rows.topk(2, dim=-1)
+    for i in range(1, len(ids)):
+        position, row = scored[i], rows[i - 1]
+        own, value = position[str(ids[i])], row[ids[i]]
+        assert own["logprob"] == pytest.approx(value.item(), abs=2e-3)
+        # Its rank: 1 + the tokens more likely than it (near-ties either way, the two sides' roundings).
+        assert int((row > value + 1e-4).sum()) + 1 <= own["rank"] <= int((row > value - 1e-4).sum()) + 1
+        by_rank = {e["rank"]: e["logprob"] for e in position.values()}
+        assert [by_rank[1], by_rank[2]] == pytest.approx(best.values[i - 1].tolist(), abs=2e-3)
+    chat = client(server).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": PROMPT}], max_tokens=2, extra_body={"prompt_logprobs": 0}
+    )
+    chat_scored = chat.model_extra["prompt_logprobs"]
+    assert len(chat_scored) == chat.usage.prompt_tokens and all(len(p) == 1 for p in chat_scored[1:])
+    with pytest.raises(openai.UnprocessableEntityError):
+        client(server).completions.create(model="m", prompt=PROMPT, stream=True, extra_body={"prompt_logprobs": 1})
+
+
 @pytest.mark.parametrize(
     "prompt, expected",
     [([5, 7], [[5, 7]]), ([[5], [0, 9]], [[5], [0, 9]]), (["a", "b"], ["a", "b"]), ("a", ["a"])],

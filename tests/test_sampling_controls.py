@@ -142,12 +142,17 @@ def test_prompt_top_tokens_are_the_oracles_best_at_every_position_across_chunks(
         rows = oracle(torch.tensor([PROMPT])).logits[0, :-1].float().log_softmax(-1)  # [T - 1, V]
     best = rows.topk(3, dim=-1)
     tops: list[list[tuple[int, float]]] = []
+    ranks: list[int] = []
     runner.clear()
     for i, (start, end) in enumerate(chunks):
         sampling = SamplingParams(top_n_tokens=3) if i == 0 else None
         (result,) = runner.step([_step(1, start, end, end == len(PROMPT), sampling=sampling)])
-        assert len(result.prompt_top_tokens) == end - start
+        assert len(result.prompt_top_tokens) == len(result.prompt_ranks) == end - start
         tops.extend(result.prompt_top_tokens)
+        ranks.extend(result.prompt_ranks)
+    # Each token's rank at its position: 1 + the tokens the oracle found more likely (none at position 0).
+    own = rows.gather(1, torch.tensor(PROMPT[1:])[:, None])  # [T - 1, 1]
+    assert ranks == [0, *((rows > own + 1e-5).sum(dim=-1) + 1).tolist()]
     # Nothing before position 0; a chunk's first position is scored from the chunk before it.
     assert tops[0] == [] and all(len(top) == 3 for top in tops[1:])
     assert [[t for t, _ in top] for top in tops[1:]] == best.indices.tolist()

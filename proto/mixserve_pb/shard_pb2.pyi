@@ -229,7 +229,7 @@ class TopToken(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class SequenceResult(_message.Message):
-    __slots__ = ("seq_id", "sampled", "token_id", "logprob", "top_tokens", "prompt_logprobs", "next_tokens", "num_drafted", "prompt_top_tokens")
+    __slots__ = ("seq_id", "sampled", "token_id", "logprob", "top_tokens", "prompt_logprobs", "next_tokens", "num_drafted", "prompt_top_tokens", "prompt_ranks")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +239,7 @@ class SequenceResult(_message.Message):
     NEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_DRAFTED_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_RANKS_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     sampled: bool
     token_id: int
@@ -248,7 +249,8 @@ class SequenceResult(_message.Message):
     next_tokens: _containers.RepeatedCompositeFieldContainer[NextToken]
     num_drafted: int
     prompt_top_tokens: _containers.RepeatedCompositeFieldContainer[PromptTop]
-    def __init__(self, seq_id: _Optional[int] = ..., sampled: _Optional[bool] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TopToken, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[float]] = ..., next_tokens: _Optional[_Iterable[_Union[NextToken, _Mapping]]] = ..., num_drafted: _Optional[int] = ..., prompt_top_tokens: _Optional[_Iterable[_Union[PromptTop, _Mapping]]] = ...) -> None: ...
+    prompt_ranks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seq_id: _Optional[int] = ..., sampled: _Optional[bool] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TopToken, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[float]] = ..., next_tokens: _Optional[_Iterable[_Union[NextToken, _Mapping]]] = ..., num_drafted: _Optional[int] = ..., prompt_top_tokens: _Optional[_Iterable[_Union[PromptTop, _Mapping]]] = ..., prompt_ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PromptTop(_message.Message):
     __slots__ = ("top_tokens",)
