@@ -20,10 +20,19 @@ from typing import Any
 from aiohttp import web
 
 from mixserve.router.engine_api import EngineAPI, GenerationHandle
-from mixserve.router.errors import BadRequest, RouterError, ValidationError, error_headers, json_type_name
+from mixserve.router.errors import BadRequest, RouterError, ValidationError, error_headers
 from mixserve.router.front_config import ServerConfig
 from mixserve.router.http_common import CONFIG, ENGINE, STARTED, read_json, stream_sse
 from mixserve.router.openai_responses import Choices, chat_chunks, chat_completion, completion, completion_chunks
+from mixserve.router.openai_vllm import (
+    completion_prompts,
+    prompt_logprobs,
+    refuse_unsupported,
+    sampling_fields,
+    template_options,
+    truncate_prompt_tokens,
+    unsupported,
+)
 from mixserve.router.params import (
     DEFAULT_LIMITS,
     MAX_ABS_PENALTY,
@@ -37,9 +46,7 @@ from mixserve.router.params import (
     as_int,
     as_logit_bias,
     as_messages,
-    as_prompt,
     as_stop,
-    as_token_ids,
     max_new_tokens_from,
 )
 from mixserve.router.structured import openai_spec
@@ -116,41 +123,6 @@ class OpenAIRequest:
     tools: ToolPlan | None = None  # chat: the tools offered and how the model must call them
 
 
-def _unsupported(body: dict[str, Any], name: str, why: str, default: object = None) -> None:
-    """A 422 for a field this server does not implement, unless absent or at its off value (clients that
-    send every field send those)."""
-    value = body.get(name)
-    if value not in (None, False, "", [], {}, default) and not (isinstance(value, (int, float)) and value == 0):
-        raise ValidationError(f"{name} is not supported: {why}")
-
-
-# vLLM's sampling fields this server does not implement, refused when set rather than ignored.
-_VLLM_UNSUPPORTED = (
-    ("use_beam_search", "no beam search", None),
-    ("length_penalty", "no beam search", 1),
-    ("allowed_token_ids", "use logit_bias", None),
-    ("bad_words", "use logit_bias", None),
-)
-
-
-def _prompt_logprobs(body: dict[str, Any], params: GenerationParams, most: int) -> tuple[GenerationParams, int | None]:
-    """vLLM's prompt_logprobs N: the prompt scored, with N alternatives a position (the engine's top_n_tokens
-    raised to N where the output asked for fewer); not streamed."""
-    value = body.get("prompt_logprobs")
-    if value is None:
-        return params, None
-    n = as_int("prompt_logprobs", value, ge=0, le=most)
-    if params.stream:
-        raise ValidationError("prompt_logprobs is answered without stream")
-    return replace(params, prompt_logprobs=True, top_n_tokens=max(params.top_n_tokens, n)), n
-
-
-def _truncate_prompt_tokens(body: dict[str, Any]) -> int | None:
-    """vLLM's truncate_prompt_tokens: keep the prompt's last N tokens (-1: up to --max-input-tokens)."""
-    value = as_int("truncate_prompt_tokens", body.get("truncate_prompt_tokens"), default=0, ge=-1)
-    return None if value == 0 else value
-
-
 def _sampling(
     body: dict[str, Any], *, max_tokens: int | None, top_n_tokens: int, limits: RequestLimits
 ) -> GenerationParams:
@@ -169,9 +141,7 @@ def _sampling(
             )
         ignore_eos = True
     seed = body.get("seed")
-    for name, why, default in _VLLM_UNSUPPORTED:
-        _unsupported(body, name, why, default)
-    stop_token_ids = body.get("stop_token_ids")
+    refuse_unsupported(body)
     return GenerationParams(
         temperature=as_float("temperature", body.get("temperature"), default=1.0, ge=0, le=MAX_TEMPERATURE),
         top_p=as_float("top_p", body.get("top_p"), default=1.0, gt=0, le=1),
@@ -192,12 +162,7 @@ def _sampling(
         top_n_tokens=top_n_tokens,
         grammar=openai_spec(body),
         logit_bias=as_logit_bias("logit_bias", body.get("logit_bias")),
-        stop_token_ids=[] if stop_token_ids in (None, []) else as_token_ids("stop_token_ids", stop_token_ids),
-        min_p=as_float("min_p", body.get("min_p"), default=0.0, ge=0, le=1),
-        include_stop_str_in_output=as_bool(
-            "include_stop_str_in_output", body.get("include_stop_str_in_output"), default=False
-        ),
-        skip_special_tokens=as_bool("skip_special_tokens", body.get("skip_special_tokens"), default=True),
+        **sampling_fields(body),
     )
 
 
@@ -256,7 +221,7 @@ def _max_choices(limits: RequestLimits) -> int:
 
 def parse_chat_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIMITS) -> OpenAIRequest:
     """Validate a `/v1/chat/completions` body within `limits`."""
-    _unsupported(body, "functions", "the legacy functions field is replaced by tools")
+    unsupported(body, "functions", "the legacy functions field is replaced by tools")
     tools = parse_tools(body)
     messages = chat_messages(body.get("messages"))
     options = template_options(body)
@@ -272,7 +237,7 @@ def parse_chat_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIM
     if top_logprobs and not logprobs:
         raise ValidationError("top_logprobs needs logprobs: true")
     params = _sampling(body, max_tokens=max_tokens, top_n_tokens=top_logprobs, limits=limits)
-    params, prompt_n = _prompt_logprobs(body, params, min(MAX_CHAT_TOP_LOGPROBS, limits.max_top_n_tokens))
+    params, prompt_n = prompt_logprobs(body, params, min(MAX_CHAT_TOP_LOGPROBS, limits.max_top_n_tokens))
     return OpenAIRequest(
         prompts=[GenerationRequest(prompt=None, messages=messages, params=params, template_options=options)],
         params=params,
@@ -281,32 +246,9 @@ def parse_chat_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIM
         logprobs=top_logprobs if logprobs else None,
         include_usage=_include_usage(body),
         tools=tools,
-        truncate_prompt_tokens=_truncate_prompt_tokens(body),
+        truncate_prompt_tokens=truncate_prompt_tokens(body),
         prompt_logprobs=prompt_n,
     )
-
-
-# Keys of chat_template_kwargs that would override what the server passes the template itself.
-_RESERVED_TEMPLATE_KEYS = frozenset({"conversation", "messages", "tools", "tokenize", "return_dict", "chat_template"})
-
-
-def template_options(body: dict[str, Any]) -> dict[str, Any]:
-    """vLLM's chat template fields: add_generation_prompt (default true), continue_final_message (the last
-    message left open for the model to continue; not with add_generation_prompt) and chat_template_kwargs
-    (more variables for the template)."""
-    continue_final = as_bool("continue_final_message", body.get("continue_final_message"), default=False)
-    add_prompt = as_bool("add_generation_prompt", body.get("add_generation_prompt"), default=not continue_final)
-    if continue_final and add_prompt:
-        raise ValidationError("continue_final_message cannot be combined with add_generation_prompt: true")
-    extra = body.get("chat_template_kwargs")
-    if extra is None:
-        extra = {}
-    if not isinstance(extra, dict):
-        raise BadRequest(f"chat_template_kwargs must be an object, got {json_type_name(extra)}")
-    reserved = sorted(_RESERVED_TEMPLATE_KEYS & set(extra))
-    if reserved:
-        raise ValidationError(f"chat_template_kwargs may not set {', '.join(reserved)}")
-    return {**extra, "add_generation_prompt": add_prompt, "continue_final_message": continue_final}
 
 
 async def prepare_tools(parsed: OpenAIRequest, tokenizer) -> None:
@@ -317,8 +259,8 @@ async def prepare_tools(parsed: OpenAIRequest, tokenizer) -> None:
 def parse_completion_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIMITS) -> OpenAIRequest:
     """Validate a `/v1/completions` body within `limits`: `prompt` is a string, an array of strings, an array
     of token ids or an array of such arrays (as OpenAI and vLLM take it; token ids get no BOS added)."""
-    _unsupported(body, "suffix", "no insertion mode")
-    prompts = _completion_prompts(body.get("prompt"))
+    unsupported(body, "suffix", "no insertion mode")
+    prompts = completion_prompts(body.get("prompt"))
     echo = as_bool("echo", body.get("echo"), default=False)
     # OpenAI's scoring request: echo with max_tokens 0 answers the prompt (with its logprobs) and no
     # completion; the engine still runs each prompt for one token, which is not reported.
@@ -337,12 +279,12 @@ def parse_completion_request(body: dict[str, Any], limits: RequestLimits = DEFAU
     top = min(MAX_COMPLETION_LOGPROBS, limits.max_top_n_tokens)
     logprobs = None if logprobs is None else as_int("logprobs", logprobs, ge=0, le=top)
     params = _sampling(body, max_tokens=max_tokens, top_n_tokens=logprobs or 0, limits=limits)
-    truncate = _truncate_prompt_tokens(body)
+    truncate = truncate_prompt_tokens(body)
     if echo and truncate is not None:
         raise ValidationError("echo cannot be combined with truncate_prompt_tokens: it would echo another prompt")
     if echo and logprobs is not None:
         params = replace(params, prompt_logprobs=True)
-    params, prompt_n = _prompt_logprobs(body, params, top)
+    params, prompt_n = prompt_logprobs(body, params, top)
     return OpenAIRequest(
         prompts=[
             GenerationRequest(prompt=None, messages=None, params=params, prompt_token_ids=p)
@@ -360,21 +302,6 @@ def parse_completion_request(body: dict[str, Any], limits: RequestLimits = DEFAU
         score_only=score_only,
         prompt_logprobs=prompt_n,
     )
-
-
-def _completion_prompts(prompt: object) -> list[str | list[int]]:
-    """`/v1/completions`' prompt as a list of prompts, each a string or a list of token ids."""
-    if prompt is None:
-        raise BadRequest("prompt is required: a string, an array of strings or an array of token ids")
-    if not isinstance(prompt, list):
-        return [as_prompt("prompt", prompt)]
-    if not prompt:
-        raise ValidationError("prompt must not be an empty array")
-    if isinstance(prompt[0], int) and not isinstance(prompt[0], bool):
-        return [as_token_ids("prompt", prompt)]
-    if isinstance(prompt[0], list):
-        return [as_token_ids(f"prompt[{i}]", p) for i, p in enumerate(prompt)]
-    return [as_prompt(f"prompt[{i}]", p) for i, p in enumerate(prompt)]
 
 
 def served_names(config: ServerConfig) -> tuple[str, ...]:

@@ -37,6 +37,7 @@ FRONTS = frozenset(
         "mixserve.router.grpc_server",
         "mixserve.router.http_common",
         "mixserve.router.openai_responses",
+        "mixserve.router.openai_vllm",
         "mixserve.router.openapi",
         "mixserve.router.openapi_builders",
         "mixserve.router.openapi_info",
