@@ -355,7 +355,7 @@ async def submit(engine: EngineAPI, request: OpenAIRequest, default_max_tokens: 
             engine.cancel(generation)
         raise
     texts = [_prompt_text(engine, p) for p in request.prompts for _ in range(request.n)]
-    return Choices(generations, prompt_tokens, texts, score_only=request.score_only)
+    return Choices(generations, prompt_tokens, texts)
 
 
 def _prompt_text(engine: EngineAPI, prompt: GenerationRequest) -> str:

@@ -26,6 +26,7 @@ from mixserve.router.params import (
     as_token_ids,
     render_prompt,
 )
+from mixserve.router.validation import check_in_vocabulary
 
 
 def _tgi_tokens(engine: EngineAPI, body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -94,9 +95,7 @@ async def detokenize_route(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     body = await read_json(request)
     ids = as_token_ids("tokens", body.get("tokens"))
-    vocab = len(engine.tokenizer)
-    if max(ids) >= vocab:
-        raise ValidationError(f"tokens holds token id {max(ids)}; the vocabulary has {vocab} tokens")
+    check_in_vocabulary(engine, "tokens", ids)
     return web.json_response({"prompt": engine.tokenizer.decode(ids)})
 
 

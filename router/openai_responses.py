@@ -40,11 +40,11 @@ class Choices:
     prompts: list[str] = field(default_factory=list)  # each choice's prompt text (completions)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
-    # Completions with echo and max_tokens 0: the one token each generation ran for is not reported.
-    score_only: bool = False
 
-    def usage(self) -> dict[str, int]:
-        completion = 0 if self.score_only else sum(g.generated_tokens for g in self.generations)
+    def usage(self, generated: bool = True) -> dict[str, int]:
+        """The token counts; without `generated` (a prompt scored alone), no completion tokens: the one
+        token each generation ran for is not reported."""
+        completion = sum(g.generated_tokens for g in self.generations) if generated else 0
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
@@ -336,7 +336,7 @@ async def completion(engine: EngineAPI, request: Reporting, choices: Choices, mo
             }
             for i, g in enumerate(choices.generations)
         ],
-        "usage": choices.usage(),
+        "usage": choices.usage(generated=not request.score_only),
     }
 
 

@@ -7,6 +7,7 @@ within --max-input-tokens, prompt plus new tokens within --max-total-tokens and 
 sequence may hold of the KV cache.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mixserve.router.engine_api import EngineAPI, EngineStats
@@ -27,11 +28,7 @@ def prompt_ids(engine: EngineAPI, request: GenerationRequest) -> list[int]:
     """Prompt ids: a raw prompt gets the tokenizer's special tokens (BOS); a rendered chat already has them;
     token ids are taken as given, once checked against the vocabulary."""
     if request.prompt_token_ids is not None:
-        vocab = len(engine.tokenizer)
-        if max(request.prompt_token_ids) >= vocab:
-            raise ValidationError(
-                f"the prompt holds token id {max(request.prompt_token_ids)}; the vocabulary has {vocab} tokens"
-            )
+        check_in_vocabulary(engine, "the prompt", request.prompt_token_ids)
         return list(request.prompt_token_ids)
     text = render_prompt(engine.tokenizer, request)
     return engine.tokenizer(text, add_special_tokens=request.messages is None)["input_ids"]
@@ -66,11 +63,17 @@ def check_lengths(stats: EngineStats, prompt_len: int, max_new_tokens: int) -> N
         )
 
 
+def check_in_vocabulary(engine: EngineAPI, name: str, token_ids: Iterable[int]) -> None:
+    """Raise ValidationError when `token_ids` (the field `name`) hold an id the vocabulary does not have."""
+    vocab = len(engine.tokenizer)
+    largest = max(token_ids, default=-1)
+    if largest >= vocab:
+        raise ValidationError(f"{name} names token id {largest}; the vocabulary has {vocab} tokens")
+
+
 def check_logit_bias(engine: EngineAPI, params: GenerationParams) -> None:
     """Raise ValidationError when logit_bias names a token id the vocabulary does not have."""
-    vocab = len(engine.tokenizer)
-    if params.logit_bias and max(params.logit_bias) >= vocab:
-        raise ValidationError(f"logit_bias names token id {max(params.logit_bias)}; the vocabulary has {vocab} tokens")
+    check_in_vocabulary(engine, "logit_bias", params.logit_bias)
 
 
 async def check_params(engine: EngineAPI, params: GenerationParams) -> None:

@@ -282,20 +282,22 @@ class ModelRunner:
             if s.num_proposed and s.seq_id in drafted and self.adaptive_length:
                 st.proposal_length.on_verified(drafted[s.seq_id], s.num_proposed, len(run) - 1)
             first = run[0]
-            scored = scores.get(s.seq_id) or PromptScores([])
-            results.append(
-                SequenceResult(
-                    s.seq_id,
-                    first.token_id,
-                    first.logprob,
-                    first.top_tokens,
-                    prompt_logprobs=scored.logprobs,
-                    prompt_top_tokens=scored.top_tokens,
-                    prompt_ranks=scored.ranks,
-                    next_tokens=run[1:],
-                    num_drafted=s.num_proposed if s.seq_id in drafted else 0,
-                )
+            result = SequenceResult(
+                s.seq_id,
+                first.token_id,
+                first.logprob,
+                first.top_tokens,
+                next_tokens=run[1:],
+                num_drafted=s.num_proposed if s.seq_id in drafted else 0,
             )
+            scored = scores.get(s.seq_id)  # the last chunk of a prompt that is scored
+            if scored is not None:
+                result.prompt_logprobs, result.prompt_top_tokens, result.prompt_ranks = (
+                    scored.logprobs,
+                    scored.top_tokens,
+                    scored.ranks,
+                )
+            results.append(result)
         return results + scored_only
 
     def _drafted(self, steps: list[SequenceStep]) -> tuple[list[SequenceStep], dict[int, int]]:
