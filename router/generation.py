@@ -95,6 +95,8 @@ class Generation:
             typical_p=p.typical_p,
             logit_bias=p.logit_bias,
             min_p=p.min_p,
+            allowed_token_ids=p.allowed_token_ids,
+            bad_words=p.bad_word_ids,
         )
 
     async def stream(self) -> AsyncIterator[TokenEvent]:

@@ -100,6 +100,8 @@ def parse_generate_request(
         top_n_tokens=p.top_n_tokens,
         grammar=grammar,
         logit_bias=dict(p.logit_bias),
+        allowed_token_ids=list(p.allowed_token_ids),
+        bad_words=list(p.bad_words),
     )
     limits.check(params)
     prompt, messages = parse_input(request.prompt if request.HasField("prompt") else None, request.messages)

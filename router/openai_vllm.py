@@ -7,7 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 from mixserve.router.errors import BadRequest, ValidationError, json_type_name
-from mixserve.router.params import GenerationParams, as_bool, as_float, as_int, as_prompt, as_token_ids
+from mixserve.router.params import GenerationParams, as_bad_words, as_bool, as_float, as_int, as_prompt, as_token_ids
 
 
 def unsupported(body: dict[str, Any], name: str, why: str, default: object = None) -> None:
@@ -22,8 +22,6 @@ def unsupported(body: dict[str, Any], name: str, why: str, default: object = Non
 VLLM_UNSUPPORTED = (
     ("use_beam_search", "no beam search", None),
     ("length_penalty", "no beam search", 1),
-    ("allowed_token_ids", "use logit_bias", None),
-    ("bad_words", "use logit_bias", None),
 )
 
 
@@ -53,9 +51,11 @@ def refuse_unsupported(body: dict[str, Any]) -> None:
 
 def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
     """vLLM's sampling and output fields, as GenerationParams keywords."""
-    stop_token_ids = body.get("stop_token_ids")
+    stop_token_ids, allowed = body.get("stop_token_ids"), body.get("allowed_token_ids")
     return {
         "stop_token_ids": [] if stop_token_ids in (None, []) else as_token_ids("stop_token_ids", stop_token_ids),
+        "allowed_token_ids": [] if allowed is None else as_token_ids("allowed_token_ids", allowed),
+        "bad_words": as_bad_words("bad_words", body.get("bad_words")),
         "min_p": as_float("min_p", body.get("min_p"), default=0.0, ge=0, le=1),
         "include_stop_str_in_output": as_bool(
             "include_stop_str_in_output", body.get("include_stop_str_in_output"), default=False

@@ -4,7 +4,7 @@ tools, logprobs and the OpenAI error.
 
 from mixserve.router import api_openai as oai
 from mixserve.router.openapi_builders import PENALTY, STOP, Schema, array, nullable, obj, ref, typed
-from mixserve.router.params import MAX_ABS_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS, MAX_SEED, MAX_TOP_K
+from mixserve.router.params import MAX_ABS_LOGIT_BIAS, MAX_BAD_WORDS, MAX_LOGIT_BIAS_TOKENS, MAX_SEED, MAX_TOP_K
 
 OPENAI_SAMPLING: dict[str, Schema] = {
     "model": typed(
@@ -41,6 +41,16 @@ OPENAI_SAMPLING: dict[str, Schema] = {
     ),
     "stop_token_ids": array(
         {"type": "integer", "minimum": 0}, "vLLM extension: tokens that end the request (text kept unless special)"
+    ),
+    "allowed_token_ids": array(
+        {"type": "integer", "minimum": 0},
+        "vLLM extension: only these tokens are sampled (each below the vocabulary size)",
+        minItems=1,
+    ),
+    "bad_words": array(
+        {"type": "string", "minLength": 1},
+        "vLLM extension: words never generated (each as written and after a space)",
+        maxItems=MAX_BAD_WORDS,
     ),
     "include_stop_str_in_output": typed(
         "boolean", "vLLM extension: keep the matched stop string at the end of the text", default=False

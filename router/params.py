@@ -36,6 +36,8 @@ MAX_ABS_PENALTY = 2.0
 # OpenAI's bounds on logit_bias: at most this many tokens, each biased within +-MAX_ABS_LOGIT_BIAS.
 MAX_LOGIT_BIAS_TOKENS = 300
 MAX_ABS_LOGIT_BIAS = 100.0
+# At most this many bad_words (vLLM's), each checked against the output on every sample.
+MAX_BAD_WORDS = 300
 # --max-best-of: TGI's default.
 MAX_BEST_OF = 2
 # The shards take the sampling numbers as 32-bit floats: a larger magnitude would arrive as inf (and the shards
@@ -137,6 +139,15 @@ def as_stop(name: str, value: object, *, max_count: int | None = None) -> list[s
         if not stop:
             raise ValidationError(f"{name}[{i}] must not be empty")
     return list(value)
+
+
+def as_bad_words(name: str, value: object) -> list[str]:
+    """vLLM's bad_words: an array of at most MAX_BAD_WORDS words, each with more than white space."""
+    words = as_stop(name, value, max_count=MAX_BAD_WORDS)
+    for i, word in enumerate(words):
+        if not word.strip():
+            raise ValidationError(f"{name}[{i}] must not be only white space")
+    return words
 
 
 def as_prompt(name: str, value: object) -> str:
@@ -266,6 +277,11 @@ class GenerationParams:
     min_p: float = 0.0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # vLLM's allowed_token_ids (only these are sampled; empty: every token) and bad_words (never generated),
+    # the words' token ids filled in at validation (router/bad_words.py).
+    allowed_token_ids: list[int] = field(default_factory=list)
+    bad_words: list[str] = field(default_factory=list)
+    bad_word_ids: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.max_new_tokens = as_int("max_new_tokens", self.max_new_tokens, ge=1)
@@ -291,6 +307,9 @@ class GenerationParams:
         self.min_p = as_float("min_p", self.min_p, ge=0, le=1)
         self.include_stop_str_in_output = as_bool("include_stop_str_in_output", self.include_stop_str_in_output)
         self.skip_special_tokens = as_bool("skip_special_tokens", self.skip_special_tokens)
+        if self.allowed_token_ids:
+            self.allowed_token_ids = as_token_ids("allowed_token_ids", self.allowed_token_ids)
+        self.bad_words = as_bad_words("bad_words", self.bad_words)
         if self.grammar is not None and self.ignore_eos:
             raise ValidationError(
                 f"{self.grammar.field} cannot be combined with ignore_eos or min_tokens: a finished "

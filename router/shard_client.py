@@ -280,6 +280,8 @@ def sampling_params(sampling: Sampling) -> shard_pb2.SamplingParams:
         typical_p=sampling.typical_p,
         logit_bias=sampling.logit_bias,
         min_p=sampling.min_p,
+        allowed_token_ids=sampling.allowed_token_ids,
+        bad_words=[shard_pb2.TokenIds(ids=word) for word in sampling.bad_words],
     )
 
 

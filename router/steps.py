@@ -21,6 +21,8 @@ class Sampling:
     typical_p: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     min_p: float = 0.0
+    allowed_token_ids: list[int] = field(default_factory=list)  # vLLM's: only these are sampled; empty: all
+    bad_words: list[list[int]] = field(default_factory=list)  # vLLM's bad_words, as token ids
 
 
 @dataclass(slots=True)

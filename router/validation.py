@@ -10,6 +10,7 @@ sequence may hold of the KV cache.
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from mixserve.router.bad_words import bad_word_ids
 from mixserve.router.engine_api import EngineAPI, EngineStats
 from mixserve.router.errors import ValidationError
 from mixserve.router.params import GenerationParams, GenerationRequest, render_prompt
@@ -71,25 +72,28 @@ def check_in_vocabulary(engine: EngineAPI, name: str, token_ids: Iterable[int]) 
         raise ValidationError(f"{name} names token id {largest}; the vocabulary has {vocab} tokens")
 
 
-def check_logit_bias(engine: EngineAPI, params: GenerationParams) -> None:
-    """Raise ValidationError when logit_bias names a token id the vocabulary does not have."""
+def check_token_fields(engine: EngineAPI, params: GenerationParams) -> None:
+    """Raise ValidationError when logit_bias or allowed_token_ids name a token id the vocabulary does not
+    have; tokenize bad_words into `params.bad_word_ids`."""
     check_in_vocabulary(engine, "logit_bias", params.logit_bias)
+    check_in_vocabulary(engine, "allowed_token_ids", params.allowed_token_ids)
+    params.bad_word_ids = bad_word_ids(engine.tokenizer, params.bad_words)
 
 
 async def check_params(engine: EngineAPI, params: GenerationParams) -> None:
     """Check what of `params` needs the model: the grammar compiles over the router's tokenizer (in a worker
-    thread; `params` keeps the compiled grammar) and logit_bias names tokens of the vocabulary."""
+    thread; `params` keeps the compiled grammar), and the token fields (check_token_fields)."""
     await compile_grammar(params, engine.tokenizer)
-    check_logit_bias(engine, params)
+    check_token_fields(engine, params)
 
 
 async def validate(engine: EngineAPI, request: GenerationRequest, truncate: int | None = None) -> ValidRequest:
     """Compile `request`'s grammar, tokenize it (keeping its last `truncate` tokens when given) and check its
-    lengths and logit_bias."""
+    lengths and token fields."""
     await compile_grammar(request.params, engine.tokenizer)
     ids = prompt_ids(engine, request)
     if truncate is not None:
         ids = ids[-truncate:]
     check_lengths(engine.stats(), len(ids), request.params.max_new_tokens)
-    check_logit_bias(engine, request.params)
+    check_token_fields(engine, request.params)
     return ValidRequest(ids, request.params)

@@ -23,7 +23,7 @@ from mixserve.shards.config import ModelConfig, ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.grammar import GrammarError, GrammarMatchers, SequenceGrammar
 from mixserve.shards.kv_cache import KVCache
-from mixserve.shards.logits_processors import apply_logit_bias
+from mixserve.shards.logits_processors import allowed_mask, apply_logit_bias, keep_allowed
 from mixserve.shards.model import MixtralForCausalLM
 from mixserve.shards.parallel_greedy import greedy_choice, is_plain_greedy, slice_stats
 from mixserve.shards.sequence_step import InvalidStep, SequenceResult, SequenceStep
@@ -33,9 +33,10 @@ from mixserve.shards.step_rows import (
     PromptScores,
     SequenceState,
     consecutive,
+    row_biases,
     sample_rows,
     score_prompts,
-    span_rows,
+    span_masks,
 )
 from mixserve.shards.step_validation import validate_steps
 from mixserve.shards.token_history import TokenHistory
@@ -189,7 +190,7 @@ class ModelRunner:
                 state = self.sequences[s.seq_id] = SequenceState(s.sampling, TokenHistory())
                 state.grammar = matchers.get(s.seq_id)
             elif s.sampling is not None:
-                state.params = s.sampling
+                state.params, state.allowed = s.sampling, None
             if state.seen_until < len(s.prefix_token_ids):
                 # A prefix cache hit: other sequences computed these positions, this shard never saw them.
                 state.history.add_prompt(s.prefix_token_ids[state.seen_until :])
@@ -209,11 +210,12 @@ class ModelRunner:
         # dozen torch ops, a sizeable share of a small model's decode step.
         split = bool(rows) and not score and all(is_plain_greedy(st.params) for st in states)
         constrained = [j for j, st in enumerate(states) if st.grammar is not None]
-        biased = [j for j, st in enumerate(states) if st.params.logit_bias]
+        biased = [j for j, st in enumerate(states) if st.params.logit_bias or st.params.bad_words]
+        limited = [j for j, st in enumerate(states) if st.params.allowed_token_ids]
         # Split with no mask or bias to apply: the forward gives the greedy statistics too, computed beside
         # the logits (in the CPU's decoder stack, in its one C call).
         greedy_stats = None
-        if split and not constrained and not biased:
+        if split and not constrained and not biased and not limited:
             greedy_stats = torch.empty(sum(1 + s.num_proposed for s in steps), 3, dtype=torch.float64)
         logits = self.forward(
             steps, gather_logits=not split, score=score, greedy_stats=greedy_stats
@@ -241,7 +243,7 @@ class ModelRunner:
         spans = [step_spans[i] for i in rows]
         tokens: list[list[VerifiedToken]] | None = None
         bitmask = torch.stack([states[j].grammar.mask() for j in constrained]) if constrained else None  # [C, W]
-        biases = [states[j].params.logit_bias for j in biased]
+        allowed = self._allowed_masks(states, limited)
         if split:
             head = self.model.lm_head
             flat = [row for span in spans for row in span]
@@ -253,8 +255,11 @@ class ModelRunner:
                 at = [local_spans[j][0] for j in constrained]
                 local = ops.current().apply_token_bitmask(local, at, bitmask, head.vocab_start, self.config.vocab_size)
             if biased:
-                at, each = span_rows(local_spans, biased, biases)
+                at, each = row_biases(local_spans, sampled, states, biased)
                 local = apply_logit_bias(local, at, each, head.vocab_start, self.config.vocab_size)
+            if limited:
+                at, each = span_masks(local_spans, limited, allowed)
+                local = keep_allowed(local, at, each, head.vocab_start)
             if greedy_stats is None:  # masked or biased rows: their statistics after the masks
                 stats = slice_stats(local, head.vocab_start, self.config.vocab_size)
             else:
@@ -267,8 +272,11 @@ class ModelRunner:
                 tokens = greedy_runs(*chosen, proposals)
         if tokens is None:
             if biased:
-                at, each = span_rows(spans, biased, biases)
+                at, each = row_biases(spans, sampled, states, biased)
                 logits = apply_logit_bias(logits, at, each, 0, self.config.vocab_size)
+            if limited:
+                at, each = span_masks(spans, limited, allowed)
+                logits = keep_allowed(logits, at, each, 0)
             tokens = sample_rows(logits, sampled, states, spans, constrained, bitmask, self.config.vocab_size)
         for j in constrained:
             states[j].grammar.consume(tokens[j][0].token_id)
@@ -299,6 +307,14 @@ class ModelRunner:
                 )
             results.append(result)
         return results + scored_only
+
+    def _allowed_masks(self, states: list[SequenceState], limited: list[int]) -> list[torch.Tensor]:
+        """The allowed_token_ids masks [V] of the sequences `limited`, each made once per sequence."""
+        for j in limited:
+            if states[j].allowed is None:
+                ids = states[j].params.allowed_token_ids
+                states[j].allowed = allowed_mask(ids, self.config.vocab_size, self.device)
+        return [states[j].allowed for j in limited]
 
     def _drafted(self, steps: list[SequenceStep]) -> tuple[list[SequenceStep], dict[int, int]]:
         """`steps` with the proposals made here in place of each `draft` step's reserved positions (the slots

@@ -40,6 +40,10 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     # Min-p: a drawn token is at least this share as likely as the most likely one; 0.0 is off.
     min_p: float = 0.0
+    # vLLM's allowed_token_ids: only these are sampled; empty: every token.
+    allowed_token_ids: list[int] = field(default_factory=list)
+    # vLLM's bad_words as token id sequences (shards/logits_processors.banned_tokens).
+    bad_words: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.top_p == 0:
@@ -73,6 +77,10 @@ class SamplingParams:
         for token, bias in self.logit_bias.items():
             if token < 0 or not math.isfinite(bias):
                 raise ValueError(f"logit_bias needs token ids >= 0 and finite biases, got {token}: {bias}")
+        if self.allowed_token_ids and min(self.allowed_token_ids) < 0:
+            raise ValueError(f"allowed_token_ids must be >= 0, got {min(self.allowed_token_ids)}")
+        if any(not word or min(word) < 0 for word in self.bad_words):
+            raise ValueError("bad_words must be non-empty sequences of token ids >= 0")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (0 or 1 is off), got {self.repetition_penalty}")
         if not 0 <= self.seed <= MASK64:
@@ -96,6 +104,8 @@ class SamplingParams:
             typical_p=msg.typical_p,
             logit_bias=dict(msg.logit_bias),
             min_p=msg.min_p,
+            allowed_token_ids=list(msg.allowed_token_ids),
+            bad_words=[list(word.ids) for word in msg.bad_words],
         )
 
     @property

@@ -14,6 +14,7 @@ import torch
 
 from mixserve.shards import ops
 from mixserve.shards.grammar import SequenceGrammar
+from mixserve.shards.logits_processors import banned_tokens
 from mixserve.shards.ngram import NgramIndex
 from mixserve.shards.proposal_length import ProposalLength
 from mixserve.shards.sampling import sample
@@ -35,6 +36,8 @@ class SequenceState:
     proposal_length: ProposalLength = field(default_factory=ProposalLength)  # n-gram proposals it makes next
     # Scoring the prompt: log-softmax [V] of the previous chunk's last position, which scores this chunk's first token.
     prompt_row: torch.Tensor | None = None
+    # allowed_token_ids as a [V] bool mask on the logits' device, made at the sequence's first sample.
+    allowed: torch.Tensor | None = None
 
 
 def consecutive(lengths: list[int]) -> list[range]:
@@ -46,16 +49,38 @@ def consecutive(lengths: list[int]) -> list[range]:
     return spans
 
 
-def span_rows(
-    spans: list[range], which: list[int], biases: list[dict[int, float]]
+def row_biases(
+    spans: list[range], sampled: list[SequenceStep], states: list[SequenceState], which: list[int]
 ) -> tuple[list[int], list[dict[int, float]]]:
-    """Every logits row of the sampling sequences `which` (a speculating one has several), each with its
-    sequence's logit bias."""
+    """Every logits row of the sampling sequences `which` (a speculating one has several) with what is added
+    to it: the sequence's logit bias, and -inf on the tokens its bad_words ban after that row's output (the
+    output so far, then the proposals before the row). A row may be listed twice; the additions sum."""
     at: list[int] = []
     each: list[dict[int, float]] = []
-    for j, bias in zip(which, biases, strict=True):
+    for j in which:
+        params, s = states[j].params, sampled[j]
+        longest = max((len(word) for word in params.bad_words), default=1)
+        past = states[j].history.output_tail(longest - 1)
+        proposed = s.token_ids[len(s.token_ids) - s.num_proposed :]
+        for r, row in enumerate(spans[j]):
+            if params.logit_bias:
+                at.append(row)
+                each.append(params.logit_bias)
+            banned = banned_tokens(params.bad_words, past + proposed[:r]) if params.bad_words else []
+            if banned:
+                at.append(row)
+                each.append(dict.fromkeys(banned, -math.inf))
+    return at, each
+
+
+def span_masks(spans: list[range], which: list[int], masks: list[torch.Tensor]) -> tuple[list[int], list[torch.Tensor]]:
+    """Every logits row of the sampling sequences `which` (a speculating one has several), each with its
+    sequence's mask (`masks`, in the order of `which`)."""
+    at: list[int] = []
+    each: list[torch.Tensor] = []
+    for j, mask in zip(which, masks, strict=True):
         at.extend(spans[j])
-        each.extend([bias] * len(spans[j]))
+        each.extend([mask] * len(spans[j]))
     return at, each
 
 

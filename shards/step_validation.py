@@ -4,6 +4,7 @@ refused by every rank of the group before any collective starts.
 
 from mixserve.shards.config import ModelConfig
 from mixserve.shards.kv_cache import KVCache
+from mixserve.shards.sampling_params import SamplingParams
 from mixserve.shards.sequence_step import InvalidStep, OutOfCapacity, SequenceStep
 from mixserve.shards.step_rows import SequenceState
 
@@ -55,8 +56,8 @@ def validate_steps(
             raise OutOfCapacity(f"{where} uses block {max(s.block_table)}; the cache has {kv_cache.num_blocks}")
         if max(s.slot_mapping) >= kv_cache.num_slots:
             raise OutOfCapacity(f"{where} uses slot {max(s.slot_mapping)}; the cache has {kv_cache.num_slots}")
-        if s.sampling is not None and s.sampling.logit_bias and max(s.sampling.logit_bias) >= config.vocab_size:
-            raise InvalidStep(f"{where} biases token id {max(s.sampling.logit_bias)} >= vocab size {config.vocab_size}")
+        if s.sampling is not None:
+            _validate_sampled_ids(s.sampling, where, config.vocab_size)
         if s.seq_id not in sequences and s.sampling is None:
             raise InvalidStep(f"{where} is new to this shard and its step carries no sampling parameters")
         if s.num_proposed:
@@ -68,6 +69,19 @@ def validate_steps(
         table = s.block_table
         if any(table[p // size] * size + p % size != slot for p, slot in enumerate(s.slot_mapping, s.start_position)):
             raise InvalidStep(f"sequence {s.seq_id}: slot_mapping does not match its block table")
+
+
+def _validate_sampled_ids(sampling: SamplingParams, where: str, vocab_size: int) -> None:
+    """The token ids a sequence's sampling settings name (logit_bias, allowed_token_ids, bad_words) are in
+    the vocabulary."""
+    named = (
+        ("biases", sampling.logit_bias),
+        ("allows", sampling.allowed_token_ids),
+        ("bans", [t for word in sampling.bad_words for t in word]),
+    )
+    for verb, ids in named:
+        if ids and max(ids) >= vocab_size:
+            raise InvalidStep(f"{where} {verb} token id {max(ids)} >= vocab size {vocab_size}")
 
 
 def _validate_draft(s: SequenceStep) -> None:

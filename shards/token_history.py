@@ -87,3 +87,7 @@ class TokenHistory:
     def output_ids(self) -> Tensor:
         """Every output token id in generation order (with repeats), `[S]` long on the CPU."""
         return self._output_ids.tensor()
+
+    def output_tail(self, n: int) -> list[int]:
+        """The last `n` output token ids (fewer where fewer were generated), in order."""
+        return self._output_ids.ids[-n:] if n > 0 else []

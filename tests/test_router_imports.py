@@ -54,6 +54,7 @@ FRONTS = frozenset(
 # the metrics registry).
 FRONT_MAY_IMPORT = frozenset(
     {
+        "mixserve.router.bad_words",
         "mixserve.router.detokenizer",
         "mixserve.router.engine_api",
         "mixserve.router.errors",

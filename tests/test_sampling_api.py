@@ -15,6 +15,7 @@ from transformers import MixtralForCausalLM as ReferenceMixtral
 from mixserve.router import grpc_server
 from mixserve.router.api_openai import parse_completion_request
 from mixserve.router.api_tgi import parse_generate_request
+from mixserve.router.bad_words import bad_word_ids
 from mixserve.router.errors import BadRequest, ValidationError
 from mixserve.router.params import RequestLimits
 from mixserve_pb import generate_pb2
@@ -107,6 +108,68 @@ def test_logit_bias_forces_and_bans_tokens_on_the_parallel_greedy_path(server, t
         model="m", prompt=PROMPT, max_tokens=1, temperature=0, logit_bias={str(greedy[0]): -100}
     )
     assert first.choices[0].text and banned.choices[0].text != first.choices[0].text
+
+
+def expected_greedy(reference, tokenizer, n: int, **restrictions) -> str:
+    """transformers' greedy continuation of PROMPT under its own processors (prefix_allowed_tokens_fn,
+    bad_words_ids), as text."""
+    ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
+    with torch.no_grad():
+        out = reference.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **restrictions)
+    return tokenizer.decode(out[0, ids.shape[1] :])
+
+
+@pytest.mark.slow
+def test_allowed_token_ids_greedy_equals_transformers_on_both_vocabulary_slices(server, tokenizer, reference):
+    sdk = client(server)
+    plain = sdk.completions.create(model="m", prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text
+    # Two shards hold the vocabulary's halves [0, 4096) and [4096, 8192): tokens from both, then from one only
+    # (the other rank's slice of the logits is all -inf).
+    for allowed in ([tokenizer.convert_tokens_to_ids("▁mill"), 300, 5000, 7000], [4200, 5000, 7000]):
+        got = sdk.completions.create(
+            model="m", prompt=PROMPT, max_tokens=4, temperature=0, extra_body={"allowed_token_ids": allowed}
+        )
+        expected = expected_greedy(
+            reference, tokenizer, 4, prefix_allowed_tokens_fn=lambda batch, ids, allowed=allowed: allowed
+        )
+        assert got.choices[0].text == expected != plain
+    sampled = sdk.completions.create(
+        model="m",
+        prompt=PROMPT,
+        max_tokens=6,
+        temperature=1.5,
+        seed=2,
+        logprobs=0,
+        extra_body={"allowed_token_ids": allowed},
+    )
+    pieces = {tokenizer.convert_ids_to_tokens(token).replace("▁", " ") for token in allowed}
+    assert set(sampled.choices[0].logprobs.tokens) <= pieces, sampled.choices[0].logprobs.tokens
+
+
+@pytest.mark.slow
+def test_bad_words_greedy_equals_transformers_without_the_word(server, tokenizer, reference):
+    sdk = client(server)
+    ids = [t.id for t in Client(server.url, timeout=TIMEOUT_S).generate(PROMPT, max_new_tokens=8).details.tokens]
+    # The first output token that is a word of its own (the demo's random weights say few).
+    word = next(
+        w
+        for w, token in zip(tokenizer.batch_decode([[i] for i in ids]), ids, strict=True)
+        if bad_word_ids(tokenizer, [w]) == [[token]]
+    )
+    expected = expected_greedy(reference, tokenizer, 8, bad_words_ids=bad_word_ids(tokenizer, [word]))
+    got = sdk.completions.create(
+        model="m", prompt=PROMPT, max_tokens=8, temperature=0, extra_body={"bad_words": [word]}
+    )
+    assert got.choices[0].text == expected != tokenizer.decode(ids)
+    chat = sdk.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        extra_body={"bad_words": [word]},
+    )
+    assert " " + word not in [t.token for t in chat.choices[0].logprobs.content]
 
 
 @pytest.mark.slow
@@ -277,12 +340,15 @@ def test_tgi_parser_scores_the_prompt_only_with_details():
     assert parsed.params.prompt_logprobs and parsed.best_of == 2 and parsed.sampling and parsed.params.typical_p == 0.9
 
 
-def test_grpc_parameters_carry_typical_p_and_logit_bias():
+def test_grpc_parameters_carry_typical_p_logit_bias_and_token_restrictions():
     request = generate_pb2.GenerateRequest(prompt="x")
     request.parameters.typical_p = 0.7
     request.parameters.logit_bias[5] = -100.0
+    request.parameters.allowed_token_ids.extend([3, 4])
+    request.parameters.bad_words.append("mill")
     params = grpc_server.parse_generate_request(request).params
     assert params.typical_p == pytest.approx(0.7) and params.logit_bias == {5: -100.0}
+    assert params.allowed_token_ids == [3, 4] and params.bad_words == ["mill"]
     request.parameters.logit_bias[6] = 100.5
     with pytest.raises(ValidationError, match="logit_bias"):
         grpc_server.parse_generate_request(request)

@@ -191,3 +191,39 @@ async def test_a_repeated_request_proposes_from_the_finished_one_where_history_i
     assert kept["k3"][0] == kept["k3"][1]
     (_, first_accepted), (_, accepted) = kept["k5_tp2"]
     assert accepted >= first_accepted + 3, kept  # 17 (of 17 proposed) against 9 when written
+
+
+async def completion(session: aiohttp.ClientSession, url: str, body: dict) -> str:
+    async with session.post(f"{url}/v1/completions", json={"max_tokens": 24, "temperature": 0, **body}) as response:
+        assert response.status == 200, await response.text()
+        return (await response.json())["choices"][0]["text"]
+
+
+async def restricted_texts(url: str, free: list[str]) -> list[str]:
+    """Each prompt's greedy text with only its own tokens allowed, then with its free text's first words banned."""
+    async with aiohttp.ClientSession() as session:
+        texts = []
+        for prompt, text in zip(PROMPTS, free, strict=True):
+            async with session.post(f"{url}/tokenize", json={"prompt": prompt}) as response:
+                own = (await response.json())["tokens"]
+            texts.append(await completion(session, url, {"prompt": prompt, "allowed_token_ids": own}))
+            texts.append(await completion(session, url, {"prompt": prompt, "bad_words": text.split()[:2]}))
+        return texts
+
+
+async def test_allowed_tokens_and_bad_words_keep_the_plain_servers_tokens(servers):
+    """vLLM's allowed_token_ids and bad_words while speculating: every server gives the plain one's text, which
+    the restrictions change; verification steps ran for them (proposals made while they ran)."""
+    plain = servers["plain"].url
+    async with aiohttp.ClientSession() as session:
+        free = [await completion(session, plain, {"prompt": prompt}) for prompt in PROMPTS]
+    expected = await restricted_texts(plain, free)
+    assert any(t != f for t, f in zip(expected[::2], free, strict=True))
+    assert any(t != f for t, f in zip(expected[1::2], free, strict=True))
+    for name in ("k3", "k5_tp2", "k1_ep2"):
+        url = servers[name].url
+        async with aiohttp.ClientSession() as session:
+            before = (await info(session, url))["speculative_proposed_tokens"]
+            assert await restricted_texts(url, free) == expected, name
+            state = await info(session, url)
+        assert state["speculative_proposed_tokens"] > before and state["kv_blocks_used"] == 0, name

@@ -1,11 +1,15 @@
 """The row bookkeeping of shards/step_rows.py and speculative.verified_tokens' per-row alternatives."""
 
+import math
+
 import torch
 
 from mixserve.shards.sampling import SampleOutput
 from mixserve.shards.sampling_params import SamplingParams
+from mixserve.shards.sequence_step import SequenceStep
 from mixserve.shards.speculative import verified_tokens
-from mixserve.shards.step_rows import consecutive, span_rows
+from mixserve.shards.step_rows import SequenceState, consecutive, row_biases
+from mixserve.shards.token_history import TokenHistory
 
 
 def test_consecutive_spans_follow_one_another_from_row_zero():
@@ -13,11 +17,24 @@ def test_consecutive_spans_follow_one_another_from_row_zero():
     assert consecutive([]) == []
 
 
-def test_span_rows_gives_every_row_of_each_biased_sequence_its_bias():
-    spans = consecutive([1, 3, 1])  # the middle sequence speculates two tokens
-    at, each = span_rows(spans, [1, 2], [{7: 1.0}, {8: -2.0}])
-    assert at == [1, 2, 3, 4]
-    assert each == [{7: 1.0}] * 3 + [{8: -2.0}]
+def test_row_biases_give_every_row_its_bias_and_the_bans_after_its_own_tokens():
+    spans = consecutive([1, 3, 1])  # the middle sequence verifies two proposals, 7 then 8
+    steps = [
+        SequenceStep(i, tokens, 10, [], [], True, num_proposed=len(tokens) - 1)
+        for i, tokens in enumerate([[4], [5, 7, 8], [6]])
+    ]
+    history = TokenHistory()
+    history.add_output([3, 5])
+    states = [
+        SequenceState(SamplingParams(), TokenHistory()),
+        SequenceState(SamplingParams(logit_bias={7: 1.0}, bad_words=[[5, 7], [7, 8, 9], [2]]), history),
+        SequenceState(SamplingParams(logit_bias={8: -2.0}), TokenHistory()),
+    ]
+    at, each = row_biases(spans, steps, states, [1, 2])
+    inf = -math.inf
+    # Row 1 follows the output ...3, 5; row 2 follows 5, 7; row 3 follows 7, 8.
+    assert at == [1, 1, 2, 2, 3, 3, 4]
+    assert each == [{7: 1.0}, {7: inf, 2: inf}, {7: 1.0}, {2: inf}, {7: 1.0}, {9: inf, 2: inf}, {8: -2.0}]
 
 
 def test_verified_tokens_keep_the_alternatives_each_row_asks_for():
