@@ -13,7 +13,8 @@ in the same step: a single step reserves the proposals' slots, a multi-step run 
 propose before each of its steps, its length counted in tokens. The shards answer with the tokens
 kept, which reach the request one at a time, exactly as a plain decode's would: a stop, EOS or
 max_new_tokens inside the run ends the request there and drops the rest.
-Grammar-constrained requests do not speculate (their matcher lives on the shards, one token a step).
+Grammar-constrained requests speculate too: their matcher lives on the shards, which propose what it
+forces and mask each verified row by its state there (shards/grammar.py).
 Requests reach it validated (router/validation.py) and through router/replicas.py, which holds the concurrency cap.
 """
 

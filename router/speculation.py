@@ -276,8 +276,6 @@ class Speculation:
         """How many tokens (at most `k`) the shards may propose for `seq`'s next step (the scheduler keeps
         those that fit)."""
         generation = seq.payload
-        if generation.params.grammar is not None:
-            return 0
         state = generation.speculation
         if state.greedy is None:
             # First seen: it starts from what its kind has kept lately.
@@ -292,4 +290,4 @@ class Speculation:
         request would otherwise speculate and that measurement is missing or old."""
         if self.costs is None or plan.num_prefill_tokens or not self.costs.needs_plain(len(decodes)):
             return False
-        return any(seq.payload.params.grammar is None and not seq.payload.speculation.paused for seq in decodes)
+        return any(not seq.payload.speculation.paused for seq in decodes)

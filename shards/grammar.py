@@ -10,6 +10,12 @@ waits on a GPU; a CPU shard's forward keeps its core busy, so there the work run
 the demo model, 8 constrained rows: 0.33 ms a step inline, 0.8-1.9 ms waiting on the thread). A matcher is a pure
 function of the grammar and the tokens it consumed, so every rank masks the same tokens.
 
+Speculation: a constrained sequence proposes the tokens its grammar forces next (`forced`: llguidance's
+fast-forward tokens, a JSON schema's keys and punctuation) or the looked-up tokens it allows
+(`valid_start`), and a verification step masks each of its rows by the matcher's state after the
+proposals before that row (`row_masks`: consumed, masked, rolled back), so the verified tokens are the
+ones plain constrained decoding samples; the matcher then consumes the run kept.
+
 The mask reaches the logits through the `apply_token_bitmask` op (shards/ops: the torch reference or
 the C kernel).
 
@@ -75,10 +81,40 @@ class SequenceGrammar:
             self._pending.result()
         return self._mask
 
-    def consume(self, token_id: int) -> None:
-        """Advance past the sampled `token_id` and compute the next mask (in the background, with an executor)."""
+    def consume(self, token_ids: list[int]) -> None:
+        """Advance past the sampled `token_ids` (a verified run: one or more) and compute the next mask (in the
+        background, with an executor)."""
         self.mask()
-        self._run(self._consume_and_mask, token_id)
+        self._run(self._consume_and_mask, token_ids)
+
+    def forced(self, k: int) -> list[int]:
+        """Up to `k` tokens the grammar forces next (llguidance's fast-forward tokens: a JSON schema's keys and
+        punctuation, in the tokenizer's own spelling); [] where the next token is the model's choice."""
+        self.mask()
+        matcher = self._matcher
+        if k < 1 or matcher.is_error() or matcher.is_stopped():
+            return []
+        return matcher.compute_ff_tokens()[:k]
+
+    def valid_start(self, tokens: list[int]) -> list[int]:
+        """The longest start of `tokens` the grammar allows from here."""
+        self.mask()
+        return tokens[: self._matcher.validate_tokens(tokens)] if tokens else []
+
+    def row_masks(self, proposed: list[int]) -> Tensor:
+        """[1 + len(proposed), W]: the mask before each proposed token, then after the last (a verification step's
+        rows); the matcher is left where it was. Rows after a token the grammar refuses repeat the last valid
+        state's mask: that token is masked out, so verification stops there whatever they hold."""
+        masks = [self.mask().clone()]
+        valid = self._matcher.validate_tokens(proposed) if proposed else 0
+        for token in proposed[:valid]:
+            self._matcher.consume_token(token)
+            masks.append(torch.empty_like(self._mask))
+            self._compute_mask_into(masks[-1])
+        if valid:
+            self._matcher.rollback(valid)
+        masks.extend(masks[-1] for _ in range(len(proposed) - valid))
+        return torch.stack(masks)
 
     def _run(self, work, *args) -> None:
         if self._executor is None:
@@ -86,21 +122,25 @@ class SequenceGrammar:
         else:
             self._pending = self._executor.submit(work, *args)
 
-    def _consume_and_mask(self, token_id: int) -> None:
-        if not self._matcher.is_error() and not self._matcher.consume_token(token_id):
-            log.warning("event=grammar_rejected_token token_id=%d error=%r", token_id, self._matcher.get_error())
+    def _consume_and_mask(self, token_ids: list[int]) -> None:
+        for token_id in token_ids:
+            if not self._matcher.is_error() and not self._matcher.consume_token(token_id):
+                log.warning("event=grammar_rejected_token token_id=%d error=%r", token_id, self._matcher.get_error())
         self._compute_mask()
 
     def _compute_mask(self) -> None:
+        self._compute_mask_into(self._mask)
+
+    def _compute_mask_into(self, mask: Tensor) -> None:
         matcher = self._matcher
         # A finished grammar (or one in error, which a validated grammar and masked sampling never reach)
         # leaves only the end of the sequence.
         if matcher.is_error() or matcher.is_stopped():
-            self._mask.copy_(self._eos_only)
+            mask.copy_(self._eos_only)
             return
-        matcher.unsafe_compute_mask_ptr(self._mask.data_ptr(), self._mask.numel() * 4)
+        matcher.unsafe_compute_mask_ptr(mask.data_ptr(), mask.numel() * 4)
         if matcher.is_error():
-            self._mask.copy_(self._eos_only)
+            mask.copy_(self._eos_only)
 
 
 class GrammarMatchers:

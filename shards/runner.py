@@ -242,7 +242,10 @@ class ModelRunner:
         step_spans = consecutive([1 + s.num_proposed for s in steps])  # each step's logits rows
         spans = [step_spans[i] for i in rows]
         tokens: list[list[VerifiedToken]] | None = None
-        bitmask = torch.stack([states[j].grammar.mask() for j in constrained]) if constrained else None  # [C, W]
+        # Every row of each constrained sequence under its grammar's mask there (a speculating one's rows each
+        # after the proposals before it). [C rows, W]
+        masked_rows = [row for j in constrained for row in spans[j]]
+        bitmask = self._grammar_masks(sampled, states, constrained)
         allowed = self._allowed_masks(states, limited)
         if split:
             head = self.model.lm_head
@@ -251,8 +254,7 @@ class ModelRunner:
             # spans[j]'s rows, renumbered as positions in `local`. [R + proposals]
             local_spans = consecutive([len(span) for span in spans])
             if bitmask is not None:
-                # Constrained sequences never speculate: one row each, at the start of their span.
-                at = [local_spans[j][0] for j in constrained]
+                at = [row for j in constrained for row in local_spans[j]]
                 local = ops.current().apply_token_bitmask(local, at, bitmask, head.vocab_start, self.config.vocab_size)
             if biased:
                 at, each = row_biases(local_spans, sampled, states, biased)
@@ -271,15 +273,17 @@ class ModelRunner:
                 proposals = [s.token_ids[len(s.token_ids) - s.num_proposed :] for s in sampled]
                 tokens = greedy_runs(*chosen, proposals)
         if tokens is None:
+            if bitmask is not None:
+                logits = ops.current().apply_token_bitmask(logits, masked_rows, bitmask, 0, self.config.vocab_size)
             if biased:
                 at, each = row_biases(spans, sampled, states, biased)
                 logits = apply_logit_bias(logits, at, each, 0, self.config.vocab_size)
             if limited:
                 at, each = span_masks(spans, limited, allowed)
                 logits = keep_allowed(logits, at, each, 0)
-            tokens = sample_rows(logits, sampled, states, spans, constrained, bitmask, self.config.vocab_size)
+            tokens = sample_rows(logits, sampled, states, spans)
         for j in constrained:
-            states[j].grammar.consume(tokens[j][0].token_id)
+            states[j].grammar.consume([t.token_id for t in tokens[j]])
         results = []
         for s, st, run in zip(sampled, states, tokens, strict=True):
             if not s.num_proposed:
@@ -307,6 +311,24 @@ class ModelRunner:
                 )
             results.append(result)
         return results + scored_only
+
+    @staticmethod
+    def _grammar_masks(
+        sampled: list[SequenceStep], states: list[SequenceState], constrained: list[int]
+    ) -> torch.Tensor | None:
+        """The grammar masks of the constrained sequences' rows, in order: one row for a decode, one per
+        position for a verification (grammar.row_masks). [C rows, W] int32, None without such sequences."""
+        if not constrained:
+            return None
+        masks = []
+        for j in constrained:
+            s, grammar = sampled[j], states[j].grammar
+            masks.append(
+                grammar.row_masks(s.token_ids[len(s.token_ids) - s.num_proposed :])
+                if s.num_proposed
+                else grammar.mask()[None]
+            )
+        return torch.cat(masks)
 
     def _allowed_masks(self, states: list[SequenceState], limited: list[int]) -> list[torch.Tensor]:
         """The allowed_token_ids masks [V] of the sequences `limited`, each made once per sequence."""
@@ -352,8 +374,16 @@ class ModelRunner:
             return []
         if state.ngrams is None:
             state.ngrams = ngram.NgramIndex()
+        grammar = state.grammar
+        # A constrained sequence proposes what its grammar forces next where it forces anything (as many as
+        # reserved: the model's masked choice there has one candidate, or more only where the tokenizer can
+        # spell the text another way), else looked-up tokens the grammar allows.
+        forced = grammar.forced(s.num_proposed) if grammar is not None else []
+        if forced:
+            return forced
         k = state.proposal_length.allowed(s.num_proposed) if self.adaptive_length else s.num_proposed
-        return state.ngrams.propose(tokens, k, self.ngram_history)
+        proposed = state.ngrams.propose(tokens, k, self.ngram_history)
+        return proposed if grammar is None else grammar.valid_start(proposed)
 
     def _new_grammars(self, steps: list[SequenceStep]) -> dict[int, SequenceGrammar]:
         """Matchers for the sequences new to this shard that carry a grammar, built before any state

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mixserve.shards import ops
 from mixserve.shards.grammar import SequenceGrammar
 from mixserve.shards.logits_processors import banned_tokens
 from mixserve.shards.ngram import NgramIndex
@@ -138,22 +137,14 @@ def sample_rows(
     sampled: list[SequenceStep],
     states: list[SequenceState],
     spans: list[range],
-    constrained: list[int],
-    bitmask: torch.Tensor | None,
-    vocab_size: int,
 ) -> list[list[VerifiedToken]]:
-    """Each sampling sequence's tokens from the full logits [L, V]: one for an ordinary step (sampled
-    together, the `constrained` ones under their rows of `bitmask` [C, W]), the verified run for a
-    speculating one (whose proposals the history does not hold yet; verify adds the run)."""
+    """Each sampling sequence's tokens from the full logits [L, V] (grammar masks and biases applied): one for
+    an ordinary step (sampled together), the verified run for a speculating one (whose proposals the history
+    does not hold yet; verify adds the run)."""
     plain = [j for j, s in enumerate(sampled) if not s.num_proposed]
     out: list[list[VerifiedToken]] = [[] for _ in sampled]
     if plain:
         rows_logits = logits[[spans[j][0] for j in plain]]  # [R, V]
-        if bitmask is not None:
-            # Constrained sequences never speculate, so each is in `plain`.
-            plain_row = {j: r for r, j in enumerate(plain)}
-            at = [plain_row[j] for j in constrained]
-            rows_logits = ops.current().apply_token_bitmask(rows_logits, at, bitmask, 0, vocab_size)
         params = [states[j].params for j in plain]
         drawn = sample(
             rows_logits,

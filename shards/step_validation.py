@@ -61,7 +61,7 @@ def validate_steps(
         if s.seq_id not in sequences and s.sampling is None:
             raise InvalidStep(f"{where} is new to this shard and its step carries no sampling parameters")
         if s.num_proposed:
-            _validate_proposals(s, sequences)
+            _validate_proposals(s)
     # Plain Python: a decode checks one slot in about a microsecond, where building tensors for it
     # cost ~20 us per sequence (0.6 ms a step at batch 32).
     size = block_size
@@ -93,13 +93,9 @@ def _validate_draft(s: SequenceStep) -> None:
         )
 
 
-def _validate_proposals(s: SequenceStep, sequences: dict[int, SequenceState]) -> None:
+def _validate_proposals(s: SequenceStep) -> None:
     where = f"sequence {s.seq_id}"
     if not s.draft and s.num_proposed >= len(s.token_ids):
         raise InvalidStep(f"{where} proposes {s.num_proposed} of its {len(s.token_ids)} tokens; the first is its own")
     if not s.sample:
         raise InvalidStep(f"{where} proposes tokens but does not sample")
-    state = sequences.get(s.seq_id)
-    params = s.sampling or (state.params if state is not None else None)
-    if (params is not None and params.grammar) or (state is not None and state.grammar is not None):
-        raise InvalidStep(f"{where} follows a grammar; grammar-constrained sequences do not speculate")

@@ -73,7 +73,7 @@ def test_matcher_follows_the_grammar_to_the_end_of_sequence(matchers, background
         allowed = allowed_tokens(sequence.mask()[None], 0, matchers.vocab_size, matchers.vocab_size)[0]
         assert allowed[token], tokenizer.decode_str([token])
         assert not allowed[tokenizer.eos_token]
-        sequence.consume(token)
+        sequence.consume([token])
     allowed = allowed_tokens(sequence.mask()[None], 0, matchers.vocab_size, matchers.vocab_size)[0]
     assert allowed.nonzero().flatten().tolist() == tokenizer.eos_tokens
 
@@ -84,10 +84,41 @@ def test_a_grammar_seen_before_starts_from_a_fresh_copy(matchers):
     first = matchers.matcher(grammar)
     initial = first.mask().clone()
     for token in tokenizer.tokenize_str("ab"):
-        first.consume(token)
+        first.consume([token])
     second = matchers.matcher(grammar)
     assert torch.equal(second.mask(), initial)
     assert not torch.equal(first.mask(), initial)
+
+
+def test_forced_tokens_and_the_valid_start_of_proposals(matchers):
+    tokenizer = matchers.tokenizer
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, defaults={"whitespace_flexible": False})
+    sequence = matchers.matcher(grammar)
+    forced = sequence.forced(8)
+    assert tokenizer.decode_str(forced) == '{"n":'  # the schema's first key is required: forced up to its value
+    assert sequence.forced(2) == forced[:2] and sequence.forced(0) == []
+    sequence.consume(forced)
+    assert sequence.forced(8) == []  # the digit is the model's choice
+    digits = tokenizer.tokenize_str("7,")
+    assert sequence.valid_start(digits + tokenizer.tokenize_str("}}")) == digits  # the first "}" is refused
+
+
+def test_row_masks_follow_the_proposals_and_leave_the_matcher_where_it_was(matchers):
+    tokenizer = matchers.tokenizer
+    vocab = matchers.vocab_size
+    sequence = matchers.matcher(llguidance.LLMatcher.grammar_from_regex("abc|abd"))
+    a, b, c, x = (tokenizer.tokenize_str(ch)[0] for ch in "abcx")
+    before = sequence.mask().clone()
+    masks = sequence.row_masks([a, b, x, c])  # x is refused: the rows after it repeat the mask before it
+    assert masks.shape == (5, before.numel()) and torch.equal(masks[0], before)
+    allowed = allowed_tokens(masks, 0, vocab, vocab)
+    assert allowed[0, a] and allowed[1, b] and not allowed[1, a] and allowed[2, c] and not allowed[2, x]
+    assert torch.equal(masks[3], masks[2]) and torch.equal(masks[4], masks[2])
+    assert torch.equal(sequence.mask(), before)  # rolled back
+    ended = sequence.row_masks([a, b, c])  # the last row: the grammar is complete, only the end of sequence
+    assert allowed_tokens(ended[3:], 0, vocab, vocab)[0].nonzero().flatten().tolist() == tokenizer.eos_tokens
+    sequence.consume([a, b])
+    assert allowed_tokens(sequence.mask()[None], 0, vocab, vocab)[0, c]
 
 
 def test_invalid_grammar_is_refused(matchers):
