@@ -142,7 +142,8 @@ class SpeculationState:
     retry: bool = False  # a cost pause ended: speculate for a run whatever the average says
     exploring: bool = False  # the last proposals were to measure (a retry, or nothing to weigh yet)
     acceptance: Acceptance = field(default_factory=Acceptance)
-    greedy: bool | None = None  # its kind, for the engine's prior (None: not seen by the engine yet)
+    # Its kind for the engine's prior, (greedy, grammar-constrained); None: not seen by the engine yet.
+    kind: tuple[bool, bool] | None = None
 
     def proposals(self, k: int, weigh: bool = False, prior: "StepCosts | None" = None) -> int:
         """How many tokens this request may have proposed for it next: `k`, or 0 while it backs off. With
@@ -264,8 +265,8 @@ class Speculation:
             # shards may have made fewer proposals than the slots reserved for them.
             accepted = min(kept, gained - 1)
             paused = state.on_verified(token.num_drafted, accepted)
-            if state.greedy is not None:
-                self.prior.on_verified(state.greedy, token.num_drafted, accepted)
+            if state.kind is not None:
+                self.prior.on_verified(state.kind, token.num_drafted, accepted)
             self.proposed += token.num_drafted
             self.accepted += accepted
             self.metrics.on_speculated(token.num_drafted, accepted)
@@ -277,11 +278,11 @@ class Speculation:
         those that fit)."""
         generation = seq.payload
         state = generation.speculation
-        if state.greedy is None:
+        if state.kind is None:
             # First seen: it starts from what its kind has kept lately.
             params = generation.params
-            state.greedy = is_greedy(params.temperature, params.top_k)
-            state.acceptance, pause = self.prior.start(state.greedy)
+            state.kind = (is_greedy(params.temperature, params.top_k), params.grammar is not None)
+            state.acceptance, pause = self.prior.start(state.kind)
             state.paused = max(state.paused, pause)
         return state.proposals(k, self.costs is not None, self.costs)
 

@@ -46,14 +46,17 @@ def test_a_request_keeping_enough_never_pauses():
 
 def test_a_new_request_starts_from_its_kinds_prior():
     prior = AcceptancePrior()
-    assert prior.start(False) == (Acceptance(), 0)  # nothing seen yet
+    sampled, greedy, constrained = (False, False), (True, False), (True, True)
+    assert prior.start(sampled) == (Acceptance(), 0)  # nothing seen yet
     for _ in range(100):
-        prior.on_verified(False, 3, 0)  # sampled requests keep nothing
-        prior.on_verified(True, 3, 2)  # greedy ones two of three
-    acceptance, pause = prior.start(False)
+        prior.on_verified(sampled, 3, 0)  # sampled requests keep nothing
+        prior.on_verified(greedy, 3, 0)  # nor do greedy ones of free text here
+        prior.on_verified(constrained, 3, 3)  # grammar-constrained ones keep what their grammar forced
+    acceptance, pause = prior.start(sampled)
     assert pause == pause_tokens(PRIOR_PAUSES) and acceptance.pauses > 0
     assert acceptance.on_verified(3, 0) == pause_tokens(PRIOR_PAUSES + 1)  # one more miss: judged at once
-    assert prior.start(True) == (Acceptance(), 0)
+    assert prior.start(greedy)[1] == pause_tokens(PRIOR_PAUSES)
+    assert prior.start(constrained) == (Acceptance(), 0)
 
 
 def test_the_request_state_pauses_on_acceptance_and_counts_the_pause_down():
