@@ -348,7 +348,13 @@ class ModelRunner:
         if not drafting:
             return steps, {}
         if self.draft is not None:
-            proposals = self.draft.propose([steps[i] for i in drafting])
+            # The draft knows no grammar: a constrained sequence proposes what its grammar forces where it
+            # forces anything (the same on every rank, so every rank asks the draft for the same sequences),
+            # else the draft's tokens its grammar allows.
+            forced = {i: self._forced(steps[i]) for i in drafting}
+            asked = [i for i in drafting if not forced[i]]
+            made = dict(zip(asked, self.draft.propose([steps[i] for i in asked]) if asked else [], strict=True))
+            proposals = [forced[i] or self._allowed(steps[i], made[i]) for i in drafting]
         else:
             proposals = [self._ngram_proposals(steps[i]) for i in drafting]
         reserved = {steps[i].seq_id: steps[i].num_proposed for i in drafting}
@@ -374,16 +380,25 @@ class ModelRunner:
             return []
         if state.ngrams is None:
             state.ngrams = ngram.NgramIndex()
-        grammar = state.grammar
-        # A constrained sequence proposes what its grammar forces next where it forces anything (as many as
-        # reserved: the model's masked choice there has one candidate, or more only where the tokenizer can
-        # spell the text another way), else looked-up tokens the grammar allows.
-        forced = grammar.forced(s.num_proposed) if grammar is not None else []
+        forced = self._forced(s)
         if forced:
             return forced
         k = state.proposal_length.allowed(s.num_proposed) if self.adaptive_length else s.num_proposed
-        proposed = state.ngrams.propose(tokens, k, self.ngram_history)
-        return proposed if grammar is None else grammar.valid_start(proposed)
+        return self._allowed(s, state.ngrams.propose(tokens, k, self.ngram_history))
+
+    def _forced(self, s: SequenceStep) -> list[int]:
+        """A constrained sequence's proposals where its grammar forces the next tokens: as many as reserved (the
+        model's masked choice there has one candidate, or more only where the tokenizer can spell the text
+        another way); [] for a free sequence or where the next token is the model's choice."""
+        state = self.sequences.get(s.seq_id)
+        grammar = state.grammar if state is not None else None
+        return grammar.forced(s.num_proposed) if grammar is not None else []
+
+    def _allowed(self, s: SequenceStep, proposed: list[int]) -> list[int]:
+        """`proposed` up to the first token s's grammar refuses (all of it for a free sequence)."""
+        state = self.sequences.get(s.seq_id)
+        grammar = state.grammar if state is not None else None
+        return grammar.valid_start(proposed) if grammar is not None else proposed
 
     def _new_grammars(self, steps: list[SequenceStep]) -> dict[int, SequenceGrammar]:
         """Matchers for the sequences new to this shard that carry a grammar, built before any state

@@ -1,7 +1,8 @@
 """Constrained decoding with speculation on a shard runner: a constrained sequence proposes the tokens its
 grammar forces (llguidance's fast-forward tokens) or looked-up tokens the grammar allows, each verified
 row is masked by the grammar's state after the proposals before it, and the tokens equal those of plain
-constrained decoding, greedy and seeded; the forced tokens are kept."""
+constrained decoding, greedy and seeded, with n-gram lookup or a draft model (which knows no grammar: its
+tokens the grammar allows, where the grammar forces nothing); the forced tokens are kept."""
 
 import json
 
@@ -11,6 +12,7 @@ import torch
 
 from mixserve.shards.config import ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.draft import load_draft
 from mixserve.shards.grammar import GrammarMatchers, load_tokenizer
 from mixserve.shards.loader import load_model
 from mixserve.shards.runner import ModelRunner
@@ -32,16 +34,24 @@ PROMPT = [1, 300, 301, 302]
 
 
 @pytest.fixture(scope="module")
-def runner_and_tokenizer(demo_dir):
+def parts(demo_dir):
     torch.set_num_threads(1)
     vocab = json.loads((demo_dir / "config.json").read_text())["vocab_size"]
     matchers = GrammarMatchers(load_tokenizer(demo_dir, vocab), vocab)
     parallel = ParallelConfig()
     group = TensorParallelGroup(parallel)
-    model = load_model(demo_dir, parallel, group)
-    runner = ModelRunner(model, parallel, group, torch.device("cpu"), torch.float32, BLOCK, grammars=matchers)
+    return load_model(demo_dir, parallel, group), group, matchers
+
+
+def new_runner(parts, draft_dir=None) -> ModelRunner:
+    """A runner with grammars, and the draft model at `draft_dir` if given."""
+    model, group, matchers = parts
+    cpu = torch.device("cpu")
+    draft = None if draft_dir is None else load_draft(draft_dir, model.config, group, torch.float32, cpu, BLOCK)
+    runner = ModelRunner(model, ParallelConfig(), group, cpu, torch.float32, BLOCK, grammars=matchers, draft=draft)
     runner.allocate_cache(32)
-    return runner, matchers.tokenizer
+    runner.prepare_decode_graphs(4)
+    return runner
 
 
 def decode(runner: ModelRunner, eos: int, seq_id: int, params: SamplingParams, reserve: int):
@@ -65,13 +75,17 @@ def decode(runner: ModelRunner, eos: int, seq_id: int, params: SamplingParams, r
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.9], ids=["greedy", "seeded"])
-def test_speculating_constrained_decoding_gives_the_plain_tokens(runner_and_tokenizer, temperature):
-    runner, tokenizer = runner_and_tokenizer
+@pytest.mark.parametrize("proposer", ["ngram", "draft"])
+def test_speculating_constrained_decoding_gives_the_plain_tokens(parts, demo_dir, monkeypatch, temperature, proposer):
+    # The draft (the model itself) proposes where the grammar forces nothing, however unsure.
+    monkeypatch.setattr("mixserve.shards.draft.MIN_CONFIDENCE", 0.0)
+    tokenizer = parts[2].tokenizer
     grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, defaults={"whitespace_flexible": False})
     params = SamplingParams(temperature=temperature, seed=4, grammar=grammar)
-    plain, _, _ = decode(runner, tokenizer.eos_token, 1, params, 0)
+    plain, _, _ = decode(new_runner(parts), tokenizer.eos_token, 1, params, 0)
     text = tokenizer.decode_str(plain[:-1])
     assert plain[-1] == tokenizer.eos_token and json.loads(text).keys() == SCHEMA["properties"].keys(), text
+    runner = new_runner(parts, demo_dir if proposer == "draft" else None)
     speculated, made, kept = decode(runner, tokenizer.eos_token, 2, params, 5)
     assert speculated == plain
     assert made >= kept > 0  # forced keys and punctuation came in verified runs
