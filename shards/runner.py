@@ -5,15 +5,14 @@ Every rank of the group runs the same calls in the same order; validation (shard
 a pure function of the request, so a malformed step is refused by every rank before any collective starts.
 A speculating sequence (num_proposed > 0) gets logits at every position of its chunk and keeps the
 proposals its own sampler agrees with (shards/speculative.py). A step marked `draft` has its proposals
-made here first: by the draft model (shards/draft.py) where the shard has one, else by n-gram lookup in
-the sequence's own tokens (shards/ngram.py), which may find none (the step is then a plain decode).
+made here first (shards/step_proposals.py: the draft model's, the grammar's forced tokens, or n-gram
+lookup, which may find none: the step is then a plain decode).
 The forward's inputs are built in shards/step_inputs.py; prompt scoring and the sampling of the
 step's rows live in shards/step_rows.py.
 Legend: T tokens in the step, B sequences, R sequences that sample, L logits rows (one per sequence,
 plus one per proposed token), V vocab size.
 """
 
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,10 +28,12 @@ from mixserve.shards.parallel_greedy import greedy_choice, is_plain_greedy, slic
 from mixserve.shards.sequence_step import InvalidStep, SequenceResult, SequenceStep
 from mixserve.shards.speculative import VerifiedToken, greedy_runs
 from mixserve.shards.step_inputs import step_inputs
+from mixserve.shards.step_proposals import StepProposer
 from mixserve.shards.step_rows import (
     PromptScores,
     SequenceState,
     consecutive,
+    grammar_masks,
     row_biases,
     sample_rows,
     score_prompts,
@@ -87,6 +88,7 @@ class ModelRunner:
         # n-gram proposals per step follow each sequence's verifications (shards/proposal_length.py), or stay
         # at what the step allows (--speculate-length fixed). A draft model stops on its own confidence instead.
         self.adaptive_length = adaptive_length and draft is None
+        self.proposer = StepProposer(self.sequences, draft, self.adaptive_length, self.ngram_history)
         if draft is not None and draft.vocab_size != self.config.vocab_size:
             raise ValueError(
                 f"the draft model's vocab_size {draft.vocab_size} differs from the model's {self.config.vocab_size}"
@@ -183,7 +185,7 @@ class ModelRunner:
         verifies its proposals); results in input order."""
         self.validate(steps)
         matchers = self._new_grammars(steps)
-        steps, drafted = self._drafted(steps)
+        steps, drafted = self.proposer.make(steps)
         for s in steps:
             state = self.sequences.get(s.seq_id)
             if state is None:
@@ -245,7 +247,7 @@ class ModelRunner:
         # Every row of each constrained sequence under its grammar's mask there (a speculating one's rows each
         # after the proposals before it). [C rows, W]
         masked_rows = [row for j in constrained for row in spans[j]]
-        bitmask = self._grammar_masks(sampled, states, constrained)
+        bitmask = grammar_masks(sampled, states, constrained)
         allowed = self._allowed_masks(states, limited)
         if split:
             head = self.model.lm_head
@@ -312,24 +314,6 @@ class ModelRunner:
             results.append(result)
         return results + scored_only
 
-    @staticmethod
-    def _grammar_masks(
-        sampled: list[SequenceStep], states: list[SequenceState], constrained: list[int]
-    ) -> torch.Tensor | None:
-        """The grammar masks of the constrained sequences' rows, in order: one row for a decode, one per
-        position for a verification (grammar.row_masks). [C rows, W] int32, None without such sequences."""
-        if not constrained:
-            return None
-        masks = []
-        for j in constrained:
-            s, grammar = sampled[j], states[j].grammar
-            masks.append(
-                grammar.row_masks(s.token_ids[len(s.token_ids) - s.num_proposed :])
-                if s.num_proposed
-                else grammar.mask()[None]
-            )
-        return torch.cat(masks)
-
     def _allowed_masks(self, states: list[SequenceState], limited: list[int]) -> list[torch.Tensor]:
         """The allowed_token_ids masks [V] of the sequences `limited`, each made once per sequence."""
         for j in limited:
@@ -337,68 +321,6 @@ class ModelRunner:
                 ids = states[j].params.allowed_token_ids
                 states[j].allowed = allowed_mask(ids, self.config.vocab_size, self.device)
         return [states[j].allowed for j in limited]
-
-    def _drafted(self, steps: list[SequenceStep]) -> tuple[list[SequenceStep], dict[int, int]]:
-        """`steps` with the proposals made here in place of each `draft` step's reserved positions (the slots
-        of those not made dropped), and the sequences proposed for: their ids, each with the positions its
-        step reserved."""
-        if self.draft is not None:
-            self.draft.observe(steps)
-        drafting = [i for i, s in enumerate(steps) if s.draft]
-        if not drafting:
-            return steps, {}
-        if self.draft is not None:
-            # The draft knows no grammar: a constrained sequence proposes what its grammar forces where it
-            # forces anything (the same on every rank, so every rank asks the draft for the same sequences),
-            # else the draft's tokens its grammar allows.
-            forced = {i: self._forced(steps[i]) for i in drafting}
-            asked = [i for i in drafting if not forced[i]]
-            made = dict(zip(asked, self.draft.propose([steps[i] for i in asked]) if asked else [], strict=True))
-            proposals = [forced[i] or self._allowed(steps[i], made[i]) for i in drafting]
-        else:
-            proposals = [self._ngram_proposals(steps[i]) for i in drafting]
-        reserved = {steps[i].seq_id: steps[i].num_proposed for i in drafting}
-        steps = list(steps)
-        for i, proposed in zip(drafting, proposals, strict=True):
-            s = steps[i]
-            steps[i] = replace(
-                s,
-                token_ids=s.token_ids + proposed,
-                slot_mapping=s.slot_mapping[: 1 + len(proposed)],
-                num_proposed=len(proposed),
-                draft=False,
-            )
-        return steps, reserved
-
-    def _ngram_proposals(self, s: SequenceStep) -> list[int]:
-        """Up to s.num_proposed tokens looked up in the sequence's own tokens, then in finished sequences' where
-        this shard keeps them (none where it does not hold all of the sequence's tokens: its state was
-        cleared since the sequence's prompt)."""
-        state = self.sequences.get(s.seq_id)
-        tokens = state.history.tokens if state is not None else []
-        if len(tokens) != s.start_position + 1 or tokens[-1] != s.token_ids[0]:
-            return []
-        if state.ngrams is None:
-            state.ngrams = ngram.NgramIndex()
-        forced = self._forced(s)
-        if forced:
-            return forced
-        k = state.proposal_length.allowed(s.num_proposed) if self.adaptive_length else s.num_proposed
-        return self._allowed(s, state.ngrams.propose(tokens, k, self.ngram_history))
-
-    def _forced(self, s: SequenceStep) -> list[int]:
-        """A constrained sequence's proposals where its grammar forces the next tokens: as many as reserved (the
-        model's masked choice there has one candidate, or more only where the tokenizer can spell the text
-        another way); [] for a free sequence or where the next token is the model's choice."""
-        state = self.sequences.get(s.seq_id)
-        grammar = state.grammar if state is not None else None
-        return grammar.forced(s.num_proposed) if grammar is not None else []
-
-    def _allowed(self, s: SequenceStep, proposed: list[int]) -> list[int]:
-        """`proposed` up to the first token s's grammar refuses (all of it for a free sequence)."""
-        state = self.sequences.get(s.seq_id)
-        grammar = state.grammar if state is not None else None
-        return grammar.valid_start(proposed) if grammar is not None else proposed
 
     def _new_grammars(self, steps: list[SequenceStep]) -> dict[int, SequenceGrammar]:
         """Matchers for the sequences new to this shard that carry a grammar, built before any state

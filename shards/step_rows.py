@@ -72,6 +72,21 @@ def row_biases(
     return at, each
 
 
+def grammar_masks(
+    sampled: list[SequenceStep], states: list[SequenceState], constrained: list[int]
+) -> torch.Tensor | None:
+    """The grammar masks of the constrained sequences' rows, in order: one row for a decode, one per position
+    for a verification (SequenceGrammar.row_masks). [C rows, W] int32; None without such sequences."""
+    if not constrained:
+        return None
+    masks = []
+    for j in constrained:
+        s, grammar = sampled[j], states[j].grammar
+        proposed = s.token_ids[len(s.token_ids) - s.num_proposed :]
+        masks.append(grammar.row_masks(proposed) if proposed else grammar.mask()[None])
+    return torch.cat(masks)
+
+
 def span_masks(spans: list[range], which: list[int], masks: list[torch.Tensor]) -> tuple[list[int], list[torch.Tensor]]:
     """Every logits row of the sampling sequences `which` (a speculating one has several), each with its
     sequence's mask (`masks`, in the order of `which`)."""
