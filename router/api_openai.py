@@ -26,6 +26,7 @@ from mixserve.router.http_common import CONFIG, ENGINE, STARTED, read_json, stre
 from mixserve.router.openai_responses import Choices, chat_chunks, chat_completion, completion, completion_chunks
 from mixserve.router.openai_vllm import (
     completion_prompts,
+    output_fields,
     prompt_logprobs,
     refuse_unsupported,
     sampling_fields,
@@ -121,6 +122,8 @@ class OpenAIRequest:
     score_only: bool = False  # completions: echo with max_tokens 0, the prompt scored and nothing generated
     prompt_logprobs: int | None = None  # vLLM's: the prompt tokens' logprobs, with this many alternatives
     tools: ToolPlan | None = None  # chat: the tools offered and how the model must call them
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:N"
+    request_id: str | None = None  # vLLM's: the response's id (after its prefix) instead of a random one
 
 
 def _sampling(
@@ -222,6 +225,8 @@ def _max_choices(limits: RequestLimits) -> int:
 def parse_chat_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIMITS) -> OpenAIRequest:
     """Validate a `/v1/chat/completions` body within `limits`."""
     unsupported(body, "functions", "the legacy functions field is replaced by tools")
+    unsupported(body, "echo", "a chat answer does not repeat the last message")
+    unsupported(body, "add_special_tokens", "the chat template adds the special tokens")
     tools = parse_tools(body)
     messages = chat_messages(body.get("messages"))
     options = template_options(body)
@@ -248,6 +253,7 @@ def parse_chat_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIM
         tools=tools,
         truncate_prompt_tokens=truncate_prompt_tokens(body),
         prompt_logprobs=prompt_n,
+        **output_fields(body),
     )
 
 
@@ -301,6 +307,7 @@ def parse_completion_request(body: dict[str, Any], limits: RequestLimits = DEFAU
         truncate_prompt_tokens=truncate,
         score_only=score_only,
         prompt_logprobs=prompt_n,
+        **output_fields(body),
     )
 
 
@@ -355,7 +362,10 @@ async def submit(engine: EngineAPI, request: OpenAIRequest, default_max_tokens: 
             engine.cancel(generation)
         raise
     texts = [_prompt_text(engine, p) for p in request.prompts for _ in range(request.n)]
-    return Choices(generations, prompt_tokens, texts)
+    choices = Choices(generations, prompt_tokens, texts)
+    if request.request_id is not None:
+        choices.id = request.request_id
+    return choices
 
 
 def _prompt_text(engine: EngineAPI, prompt: GenerationRequest) -> str:

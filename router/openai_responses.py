@@ -6,9 +6,10 @@ reasons and logprobs. Parsing the requests and the routes are router/api_openai.
 """
 
 import asyncio
+import functools
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -29,6 +30,7 @@ class Reporting(Protocol):
     score_only: bool  # completions with echo and max_tokens 0: the prompt alone, no completion
     prompt_logprobs: int | None  # vLLM's: the prompt tokens' logprobs with this many alternatives each
     tools: ToolPlan | None  # chat: the tools offered (their calls are parsed out of the output)
+    return_tokens_as_token_ids: bool  # vLLM's: logprobs name tokens "token_id:N"
 
 
 @dataclass(slots=True)
@@ -83,12 +85,19 @@ async def interleave(generations: list[GenerationHandle]) -> AsyncGenerator[tupl
             await stream.aclose()
 
 
-def _chat_logprobs(tokenizer, event: TokenEvent, n: int) -> dict[str, Any]:
+def token_namer(tokenizer, request: Reporting) -> Callable[[int], str]:
+    """How logprobs name a token: its text piece, or with vLLM's return_tokens_as_token_ids "token_id:N"."""
+    if request.return_tokens_as_token_ids:
+        return lambda token_id: f"token_id:{token_id}"
+    return functools.partial(token_piece, tokenizer)
+
+
+def _chat_logprobs(name: Callable[[int], str], event: TokenEvent, n: int) -> dict[str, Any]:
     """A generated token's chat logprobs, with its `n` top alternatives (the engine may hold more, for the
     prompt's logprobs)."""
 
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        piece = token_piece(tokenizer, token_id)
+        piece = name(token_id)
         return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
 
     alternatives = [entry(t, lp) for t, lp in event.top_tokens[:n]]
@@ -125,18 +134,20 @@ class CompletionLogprobs:
     top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
     text_offset: list[int] = field(default_factory=list)
 
-    def add(self, tokenizer, event: TokenEvent, offset: int, n: int) -> None:
-        """A generated token, with its `n` top alternatives (the engine may hold more)."""
-        piece = token_piece(tokenizer, event.token_id)
+    def add(self, name: Callable[[int], str], event: TokenEvent, offset: int, n: int) -> None:
+        """A generated token, with its `n` top alternatives (the engine may hold more), each named by `name`."""
+        piece = name(event.token_id)
         self.tokens.append(piece)
         self.token_logprobs.append(event.logprob)
         # OpenAI: the requested alternatives, and always the sampled token.
-        top = {token_piece(tokenizer, t): lp for t, lp in event.top_tokens[:n]}
+        top = {name(t): lp for t, lp in event.top_tokens[:n]}
         top.setdefault(piece, event.logprob)
         self.top_logprobs.append(top)
         self.text_offset.append(offset)
 
-    def add_prompt(self, tokenizer, prompt: str, generation: GenerationHandle, n: int) -> None:
+    def add_prompt(
+        self, tokenizer, name: Callable[[int], str], prompt: str, generation: GenerationHandle, n: int
+    ) -> None:
         """The echoed prompt's tokens first, as OpenAI gave them: the first token's logprob null."""
         ids = generation.prompt_ids
         starts = [0] * len(ids)
@@ -148,14 +159,14 @@ class CompletionLogprobs:
                 break
         tops = generation.prompt_top_tokens or [[] for _ in ids]
         for token_id, logprob, top, start in zip(ids, generation.prompt_logprobs, tops, starts, strict=True):
-            piece = token_piece(tokenizer, token_id)
+            piece = name(token_id)
             self.tokens.append(piece)
             self.token_logprobs.append(logprob)
             if logprob is None:
                 self.top_logprobs.append(None)
             else:
                 # As for generated tokens: the requested alternatives, and always the prompt's own token.
-                alternatives = {token_piece(tokenizer, t): lp for t, lp in top[:n]}
+                alternatives = {name(t): lp for t, lp in top[:n]}
                 alternatives.setdefault(piece, logprob)
                 self.top_logprobs.append(alternatives)
             self.text_offset.append(start)
@@ -196,13 +207,14 @@ def _chat_message(plan: ToolPlan | None, text: str, finish: str) -> tuple[dict[s
 
 async def chat_completion(engine: EngineAPI, request: Reporting, choices: Choices, model: str) -> dict[str, Any]:
     """The non-streaming `chat.completion` object."""
+    name = token_namer(engine.tokenizer, request)
     texts = [[] for _ in choices.generations]
     logprobs: list[list[dict]] = [[] for _ in choices.generations]
     async with aclosing(interleave(choices.generations)) as events:
         async for i, event in events:
             texts[i].append(event.text)
             if request.logprobs is not None:
-                logprobs[i].append(_chat_logprobs(engine.tokenizer, event, request.logprobs))
+                logprobs[i].append(_chat_logprobs(name, event, request.logprobs))
     answers = []
     for i, generation in enumerate(choices.generations):
         message, finish = _chat_message(request.tools, "".join(texts[i]), FINISH_REASONS[generation.finish_reason])
@@ -263,6 +275,7 @@ async def chat_chunks(
 ) -> AsyncGenerator[dict | str, None]:
     """`chat.completion.chunk` events: a choice's first delta carries the role, its last the finish reason."""
     header = _header(choices, "chat.completion.chunk", model, "chatcmpl")
+    name = token_namer(engine.tokenizer, request)
     usage: dict[str, None] = {"usage": None} if request.include_usage else {}
     held = [HeldText(request.tools) for _ in choices.generations]
     started: set[int] = set()
@@ -287,7 +300,7 @@ async def chat_chunks(
                 "delta": {"content": text} if text else {},
                 "logprobs": None
                 if request.logprobs is None
-                else {"content": [_chat_logprobs(engine.tokenizer, event, request.logprobs)]},
+                else {"content": [_chat_logprobs(name, event, request.logprobs)]},
                 "finish_reason": finish,
             }
             yield {**header, "choices": [choice], **usage}
@@ -298,6 +311,7 @@ async def chat_chunks(
 
 async def completion(engine: EngineAPI, request: Reporting, choices: Choices, model: str) -> dict[str, Any]:
     """The non-streaming `text_completion` object."""
+    name = token_namer(engine.tokenizer, request)
     texts = [[] for _ in choices.generations]
     logprobs = [CompletionLogprobs() for _ in choices.generations]
     offsets = [0] * len(choices.generations)
@@ -308,7 +322,7 @@ async def completion(engine: EngineAPI, request: Reporting, choices: Choices, mo
             if request.score_only:  # the prompt was what the request asked for
                 continue
             if request.logprobs is not None:
-                logprobs[i].add(engine.tokenizer, event, offsets[i], request.logprobs)
+                logprobs[i].add(name, event, offsets[i], request.logprobs)
             texts[i].append(event.text)
             offsets[i] += len(event.text)
     if request.echo:
@@ -317,7 +331,7 @@ async def completion(engine: EngineAPI, request: Reporting, choices: Choices, mo
             texts[i].insert(0, prompt)
             if request.logprobs is not None:
                 echoed = CompletionLogprobs()
-                echoed.add_prompt(engine.tokenizer, prompt, generation, request.logprobs)
+                echoed.add_prompt(engine.tokenizer, name, prompt, generation, request.logprobs)
                 echoed.extend(logprobs[i])
                 logprobs[i] = echoed
     return {
@@ -346,6 +360,7 @@ async def completion_chunks(
     """`text_completion` events, one per token that adds text (or logprobs), the finish reason on the last; with
     `echo`, each choice's first event starts with its prompt (and the prompt's logprobs, scored by then)."""
     header = _header(choices, "text_completion", model, "cmpl")
+    name = token_namer(engine.tokenizer, request)
     usage: dict[str, None] = {"usage": None} if request.include_usage else {}
     offsets = [0] * len(choices.generations)
     to_echo = set(range(len(choices.generations))) if request.echo else set()
@@ -362,10 +377,10 @@ async def completion_chunks(
                 text = prompt + text
                 offsets[i] = len(prompt)
                 if request.logprobs is not None:
-                    one.add_prompt(engine.tokenizer, prompt, choices.generations[i], request.logprobs)
+                    one.add_prompt(engine.tokenizer, name, prompt, choices.generations[i], request.logprobs)
             logprobs = None
             if request.logprobs is not None:
-                one.add(engine.tokenizer, event, offsets[i], request.logprobs)
+                one.add(name, event, offsets[i], request.logprobs)
                 logprobs = one.as_dict()
             offsets[i] += len(event.text)
             choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}

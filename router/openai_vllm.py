@@ -18,10 +18,24 @@ def unsupported(body: dict[str, Any], name: str, why: str, default: object = Non
         raise ValidationError(f"{name} is not supported: {why}")
 
 
+# Longest request_id taken (it becomes the response's id).
+MAX_REQUEST_ID = 256
+
 # vLLM's sampling fields this server does not implement, refused when set rather than ignored.
 VLLM_UNSUPPORTED = (
     ("use_beam_search", "no beam search", None),
     ("length_penalty", "no beam search", 1),
+    ("priority", "requests are served first come, first served", 0),
+    (
+        "chat_template",
+        "the model's own chat template is used (vLLM too refuses one sent with a request by default)",
+        None,
+    ),
+    ("documents", "no document templates", None),
+    ("structural_tag", "use response_format, guided_json or guided_grammar", None),
+    ("guided_whitespace_pattern", "JSON output is compact", None),
+    ("logits_processors", "no custom logits processors", None),
+    ("mm_processor_kwargs", "text only", None),
 )
 
 
@@ -47,6 +61,20 @@ def refuse_unsupported(body: dict[str, Any]) -> None:
     """A 422 for the first of vLLM's unimplemented fields the body sets."""
     for name, why, default in VLLM_UNSUPPORTED:
         unsupported(body, name, why, default)
+
+
+def output_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's output fields, as OpenAIRequest keywords: return_tokens_as_token_ids (logprobs name each token
+    "token_id:N", its id, where its text may not say which token it was) and request_id (the response's id)."""
+    request_id = body.get("request_id")
+    if request_id is not None and not (isinstance(request_id, str) and 0 < len(request_id) <= MAX_REQUEST_ID):
+        raise ValidationError(f"request_id must be a string of 1 to {MAX_REQUEST_ID} characters")
+    return {
+        "return_tokens_as_token_ids": as_bool(
+            "return_tokens_as_token_ids", body.get("return_tokens_as_token_ids"), default=False
+        ),
+        "request_id": request_id,
+    }
 
 
 def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:

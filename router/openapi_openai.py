@@ -52,6 +52,10 @@ OPENAI_SAMPLING: dict[str, Schema] = {
         "vLLM extension: words never generated (each as written and after a space)",
         maxItems=MAX_BAD_WORDS,
     ),
+    "return_tokens_as_token_ids": typed(
+        "boolean", 'vLLM extension: logprobs name each token "token_id:N"', default=False
+    ),
+    "request_id": typed("string", "vLLM extension: the response's id after its prefix", minLength=1, maxLength=256),
     "include_stop_str_in_output": typed(
         "boolean", "vLLM extension: keep the matched stop string at the end of the text", default=False
     ),

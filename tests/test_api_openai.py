@@ -208,6 +208,10 @@ async def test_chat_template_fields_shape_the_prompt(server, aclient, tokenizer)
         ({"prompt": "x", "allowed_token_ids": [1, 10**6]}, "allowed_token_ids names token id 1000000"),
         ({"prompt": "x", "bad_words": ["fine", " "]}, "bad_words[1] must not be only white space"),
         ({"prompt": "x", "bad_words": ["w"] * 301}, "at most 300"),
+        ({"prompt": "x", "request_id": ""}, "request_id must be a string"),
+        ({"prompt": "x", "priority": 1}, "first come, first served"),
+        ({"messages": CHAT, "chat_template": "{{ messages }}"}, "chat_template is not supported"),
+        ({"messages": CHAT, "echo": True}, "echo is not supported"),
         ({"messages": CHAT, "continue_final_message": True, "add_generation_prompt": True}, "add_generation_prompt"),
         ({"messages": CHAT, "chat_template_kwargs": {"tools": []}}, "may not set tools"),
     ],
@@ -219,7 +223,14 @@ async def test_vllm_fields_refused_with_the_reason(server, body, needle):
 
 
 async def test_vllm_fields_at_their_off_values_are_accepted(server):
-    body = {"prompt": "x", "max_tokens": 2, "min_p": 0.0, "use_beam_search": False, "length_penalty": 1.0}
+    body = {
+        "prompt": "x",
+        "max_tokens": 2,
+        "min_p": 0.0,
+        "use_beam_search": False,
+        "length_penalty": 1.0,
+        "priority": 0,
+    }
     status, _, text = await post(server.url, "/v1/completions", body)
     assert status == 200, text
 
@@ -283,6 +294,36 @@ async def test_logprobs(server, client):
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 3
     assert all(2 <= len(top) <= 3 and all(v <= 0 for v in top.values()) for top in logprobs.top_logprobs)
     assert logprobs.text_offset[0] == 0
+
+
+async def test_tokens_as_token_ids_and_request_id(server, client, tokenizer):
+    # vLLM's return_tokens_as_token_ids: each logprobs token (and alternative) is "token_id:N", N its id.
+    extra = {"return_tokens_as_token_ids": True, "request_id": "job-7"}
+    chat = client.chat.completions.create(
+        model="mixtral-demo",
+        messages=CHAT,
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body=extra,
+    )
+    content = chat.choices[0].logprobs.content
+    ids = [int(t.token.removeprefix("token_id:")) for t in content]
+    assert tokenizer.decode(ids) == chat.choices[0].message.content and chat.id == "chatcmpl-job-7"
+    assert all(top.token.startswith("token_id:") for t in content for top in t.top_logprobs)
+    legacy = client.completions.create(
+        model="mixtral-demo", prompt="The old", max_tokens=3, temperature=0, logprobs=1, echo=True, extra_body=extra
+    )
+    logprobs = legacy.choices[0].logprobs
+    prompt_ids = tokenizer("The old")["input_ids"]
+    assert [int(t.removeprefix("token_id:")) for t in logprobs.tokens][: len(prompt_ids)] == prompt_ids
+    assert all(k.startswith("token_id:") for top in logprobs.top_logprobs[1:] for k in top)
+    assert legacy.id == "cmpl-job-7"
+    streamed = client.completions.create(
+        model="mixtral-demo", prompt="The old", max_tokens=3, temperature=0, logprobs=0, stream=True, extra_body=extra
+    )
+    assert all(t.startswith("token_id:") for chunk in streamed for t in chunk.choices[0].logprobs.tokens)
 
 
 async def test_stop_seed_and_n(server, client):
