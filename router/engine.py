@@ -30,6 +30,7 @@ from mixserve.router.generation import Generation
 from mixserve.router.metrics import Metrics
 from mixserve.router.output_processor import OutputProcessor, keep_prompt_logprobs, prompt_log
 from mixserve.router.params import GenerationParams
+from mixserve.router.prefix_cache import salted_root
 from mixserve.router.scheduler import Scheduler, SchedulerConfig
 from mixserve.router.shard_client import ShardGroup, ShardRejected
 from mixserve.router.speculation import MAX_BATCH, Speculation
@@ -125,6 +126,7 @@ class Engine:
                 params.max_new_tokens,
                 payload=generation,
                 compute_prompt=params.prompt_logprobs,
+                hash_root=None if params.cache_salt is None else salted_root(params.cache_salt),
             )
         )
         self.live[seq_id] = generation

@@ -84,6 +84,7 @@ def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
         "stop_token_ids": [] if stop_token_ids in (None, []) else as_token_ids("stop_token_ids", stop_token_ids),
         "allowed_token_ids": [] if allowed is None else as_token_ids("allowed_token_ids", allowed),
         "bad_words": as_bad_words("bad_words", body.get("bad_words")),
+        "cache_salt": None if body.get("cache_salt") is None else as_prompt("cache_salt", body.get("cache_salt")),
         "min_p": as_float("min_p", body.get("min_p"), default=0.0, ge=0, le=1),
         "include_stop_str_in_output": as_bool(
             "include_stop_str_in_output", body.get("include_stop_str_in_output"), default=False

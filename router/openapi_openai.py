@@ -55,6 +55,9 @@ OPENAI_SAMPLING: dict[str, Schema] = {
     "return_tokens_as_token_ids": typed(
         "boolean", 'vLLM extension: logprobs name each token "token_id:N"', default=False
     ),
+    "cache_salt": typed(
+        "string", "vLLM extension: share cached prompt blocks only with requests of the same salt", minLength=1
+    ),
     "request_id": typed("string", "vLLM extension: the response's id after its prefix", minLength=1, maxLength=256),
     "include_stop_str_in_output": typed(
         "boolean", "vLLM extension: keep the matched stop string at the end of the text", default=False

@@ -282,6 +282,9 @@ class GenerationParams:
     allowed_token_ids: list[int] = field(default_factory=list)
     bad_words: list[str] = field(default_factory=list)
     bad_word_ids: list[list[int]] = field(default_factory=list)
+    # vLLM's cache_salt: the request's prompt blocks are shared through the prefix cache only with requests
+    # of the same salt.
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         self.max_new_tokens = as_int("max_new_tokens", self.max_new_tokens, ge=1)
@@ -310,6 +313,8 @@ class GenerationParams:
         if self.allowed_token_ids:
             self.allowed_token_ids = as_token_ids("allowed_token_ids", self.allowed_token_ids)
         self.bad_words = as_bad_words("bad_words", self.bad_words)
+        if self.cache_salt is not None:
+            self.cache_salt = as_prompt("cache_salt", self.cache_salt)
         if self.grammar is not None and self.ignore_eos:
             raise ValidationError(
                 f"{self.grammar.field} cannot be combined with ignore_eos or min_tokens: a finished "

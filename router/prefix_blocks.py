@@ -25,7 +25,7 @@ def block_hashes(seq: Sequence, block_size: int, num_blocks: int) -> list[BlockH
     size, hashes = block_size, seq.block_hashes
     while len(hashes) < num_blocks:
         start = len(hashes) * size
-        hashes.append(hash_block(hashes[-1] if hashes else None, seq.token_slice(start, start + size)))
+        hashes.append(hash_block(hashes[-1] if hashes else seq.hash_root, seq.token_slice(start, start + size)))
     return hashes
 
 

@@ -25,6 +25,13 @@ def hash_block(parent: BlockHash | None, token_ids: Iterable[int]) -> BlockHash:
     return digest.digest()
 
 
+def salted_root(salt: str) -> BlockHash:
+    """The parent hash of the first block of a sequence with a cache salt (vLLM's cache_salt): its blocks then
+    match only those of sequences with the same salt, so a client cannot tell from a fast first token that
+    another's prompt began the same way."""
+    return hashlib.sha256(b"cache_salt\0" + salt.encode()).digest()
+
+
 class PrefixCache:
     """The cached full blocks (hash -> block) and, among them, those no sequence holds, in LRU order.
 

@@ -28,6 +28,9 @@ class Sequence:
     payload: Any = None
     # Never admitted from the prefix cache: every prompt token is computed (the request scores its prompt).
     compute_prompt: bool = False
+    # The parent of its first block's hash: None, or a cache salt's root (prefix_cache.salted_root), which
+    # keeps its cached blocks apart from every other salt's and from unsalted ones.
+    hash_root: BlockHash | None = field(default=None, repr=False)
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # leading tokens (prompt, then outputs) whose K/V are in the cache
     status: SequenceStatus = SequenceStatus.WAITING

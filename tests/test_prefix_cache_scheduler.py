@@ -6,6 +6,7 @@ of tests/scheduler_harness.py, which checks every read against the tokens that l
 import pytest
 from scheduler_harness import Harness
 
+from mixserve.router.prefix_cache import salted_root
 from mixserve.router.step_plan import Sequence
 
 PREFIX = list(range(100, 118))  # 4 full blocks of 4 and 2 tokens
@@ -157,5 +158,22 @@ def test_disabled_cache_recomputes_everything():
     (entry,) = h.step().sequences
     assert entry.start_position == 0 and entry.prefix_token_ids == []
     assert (h.scheduler.prefix_query_tokens, h.scheduler.prefix_hit_tokens, h.scheduler.num_blocks_cached) == (0, 0, 0)
+    h.run_all()
+    h.assert_complete()
+
+
+def test_a_salted_sequence_shares_blocks_only_with_its_own_salt():
+    h = Harness(num_blocks=32, block_size=4)
+    red, blue = salted_root("red"), salted_root("blue")
+    h.add(Sequence(seq_id=1, prompt_ids=PREFIX, max_new_tokens=2, hash_root=red))
+    h.run_all()
+    for seq_id, root in ((2, blue), (3, None)):  # another salt, and none: misses
+        h.add(Sequence(seq_id=seq_id, prompt_ids=PREFIX, max_new_tokens=2, hash_root=root))
+        (entry,) = h.step().sequences
+        assert entry.start_position == 0
+        h.run_all()
+    h.add(Sequence(seq_id=4, prompt_ids=PREFIX + [1], max_new_tokens=2, hash_root=red))
+    (entry,) = h.step().sequences
+    assert entry.start_position == 16  # the same salt: its four full blocks
     h.run_all()
     h.assert_complete()

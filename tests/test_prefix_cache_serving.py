@@ -118,3 +118,31 @@ async def test_greedy_outputs_are_identical_with_and_without_the_cache(servers, 
             metrics = await response.text()
     assert f"mixserve_prefix_cache_hit_tokens_total {float(info['prefix_cache_hit_tokens'])}" in metrics
     assert "mixserve_prefix_cache_hit_rate" in metrics
+
+
+async def hit_tokens_after(session: aiohttp.ClientSession, url: str, body: dict) -> int:
+    """The prefix cache's hit tokens that one /v1/completions request added."""
+
+    async def hits() -> int:
+        async with session.get(f"{url}/info") as response:
+            return (await response.json())["prefix_cache_hit_tokens"]
+
+    before = await hits()
+    async with session.post(f"{url}/v1/completions", json={"max_tokens": 2, "temperature": 0, **body}) as response:
+        assert response.status == 200, await response.text()
+    return await hits() - before
+
+
+@pytest.mark.slow
+async def test_a_cache_salt_shares_cached_blocks_only_with_the_same_salt(servers):
+    """vLLM's cache_salt: a prompt cached under one salt is a miss under another and unsalted, a hit under it."""
+    url = servers[0].url
+    prompt = "Salted: " + " ".join(f"item {i}," for i in range(24))  # several full blocks, shared with no other test
+    async with aiohttp.ClientSession() as session:
+        assert await hit_tokens_after(session, url, {"prompt": prompt, "cache_salt": "tenant-a"}) == 0
+        assert await hit_tokens_after(session, url, {"prompt": prompt, "cache_salt": "tenant-b"}) == 0
+        assert await hit_tokens_after(session, url, {"prompt": prompt}) == 0
+        assert await hit_tokens_after(session, url, {"prompt": prompt, "cache_salt": "tenant-a"}) > 0
+        assert await hit_tokens_after(session, url, {"prompt": prompt}) > 0
+        async with session.post(f"{url}/v1/completions", json={"prompt": prompt, "cache_salt": ""}) as response:
+            assert response.status == 422 and "cache_salt" in await response.text()
