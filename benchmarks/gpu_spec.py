@@ -8,8 +8,11 @@ corpus with its tokenizer (shards.demo.train on the GPU, a few minutes at most):
 - the draft: 2 layers, hidden 512, 4 experts of 1024 (a 5 M-parameter model of the same vocabulary).
 One server at TP 1 in bf16 a configuration (the arms below; each restarted, the Triton kernels and
 decode CUDA graphs as served), one client at concurrency 1 on the corpus workload (128-token corpus
-passages, 128 greedy tokens, EOS ignored): output tok/s, decode ms a token from the server's counts,
-and the speculation counters of /metrics (proposed, accepted).
+passages, 128 greedy tokens, EOS ignored) or, for the `-json` arms, the same passages with each output
+under the benchmark's JSON schema (ended by EOS; speculation proposes the tokens the schema forces):
+output tok/s, decode ms a token from the server's counts, and the speculation counters of /metrics
+(proposed, accepted). Arms run in order while the budget lasts: plain and n-gram first, then JSON,
+then the draft's.
 
 On an MoE a verification of k + 1 tokens reads the experts all of them route to (the fused MoE's floor
 at one rank's shape: 41.5 us for 1 token, 145 us for 4 on an H200), so a draft pays only where its
@@ -58,14 +61,22 @@ TARGET_TRAINING = (600, 1e-3, 100.0)
 DRAFT_TRAINING = (1500, 3e-3, 35.0)
 # The dry run's, short enough that the budget usually cuts the steps, as it may on a GPU.
 DRY_RUN_TRAINING = (12, 3e-3, 1.0)
-# Each arm: its name and the launch flags it adds ({draft}: the draft's directory).
+# Each arm: its name, the launch flags it adds ({draft}: the draft's directory) and its workload
+# (benchmarks/workload.py: corpus passages; `json`, the same with each output under a JSON schema, whose
+# forced tokens a speculating server proposes).
 ARMS = (
-    ("plain", ()),
-    ("ngram-k3", ("--speculate", "3")),
-    ("draft-k3", ("--speculate", "3", "--speculative-model", "{draft}")),
+    ("plain", (), "corpus"),
+    ("ngram-k3", ("--speculate", "3"), "corpus"),
+    ("plain-json", (), "json"),
+    ("ngram-k5-json", ("--speculate", "5"), "json"),
+    ("draft-k3", ("--speculate", "3", "--speculative-model", "{draft}"), "corpus"),
     # The draft lost to plain decoding (0.90x) before the cost back-off: both, to see what it catches.
-    ("draft-k3-no-back-off", ("--speculate", "3", "--speculative-model", "{draft}", "--no-speculate-cost-back-off")),
-    ("draft-k5", ("--speculate", "5", "--speculative-model", "{draft}")),
+    (
+        "draft-k3-no-back-off",
+        ("--speculate", "3", "--speculative-model", "{draft}", "--no-speculate-cost-back-off"),
+        "corpus",
+    ),
+    ("draft-k5", ("--speculate", "5", "--speculative-model", "{draft}"), "corpus"),
 )
 # An arm starts only with this much of --time-budget left (a server's start-up, capture included, and
 # its requests took 20-36 s on an H200).
@@ -101,7 +112,7 @@ def run_arms(out: Path, target: Path, draft: Path, args: argparse.Namespace, dea
 
     device = gpu_server.DRY_RUN_CPU if args.dry_run else ("--device", "cuda", "--dtype", "bfloat16")
     arms = result["arms"] = []
-    for name, flags in ARMS:
+    for name, flags, workload in ARMS:
         remaining = deadline - time.monotonic()
         if remaining < (0 if args.dry_run else ARM_RESERVE_S):
             arms.append({"arm": name, "status": "skipped", "reason": f"{remaining:.0f} s of --time-budget left"})
@@ -114,11 +125,11 @@ def run_arms(out: Path, target: Path, draft: Path, args: argparse.Namespace, dea
             [1],
             args.input_len,
             args.output_len,
-            workload="corpus",
+            workload=workload,
             num_prompts=args.num_prompts,
             name=name,
         )
-        arms.append({"arm": name, **arm})
+        arms.append({"arm": name, "workload": workload, **arm})
         level = (arm.get("levels") or [{}])[0]
         log.info(
             "event=arm arm=%s status=%s tok_s=%s decode_ms=%s speculation=%s",
@@ -148,14 +159,19 @@ def spec_markdown(result: dict) -> str:
         "One stream, corpus prompts; decode ms a token from the server's counts: (E2E p50 - TTFT p50) / "
         "(tokens - 1). Speculation counters are the whole run's, warm-up included.",
         "",
-        "| arm | status | output tok/s | vs plain | TTFT p50 ms | decode ms a token | accepted / proposed |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | workload | status | output tok/s | vs plain | TTFT p50 ms | decode ms a token | accepted / proposed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    plain = next((a for a in result["arms"] if a["arm"] == "plain" and a.get("levels")), None)
-    base = plain["levels"][0].get("output_throughput") if plain else None
+    # Each arm against the plain arm of its workload.
+    plains = {
+        a.get("workload", "corpus"): a["levels"][0].get("output_throughput")
+        for a in result["arms"]
+        if a["arm"].startswith("plain") and a.get("levels")
+    }
     for arm in result["arms"]:
         level = (arm.get("levels") or [{}])[0]
         tok_s = level.get("output_throughput")
+        base = plains.get(arm.get("workload", "corpus"))
         ratio = f"{tok_s / base:.2f}x" if tok_s and base else "–"
         spec = arm.get("speculation")
         counted = f"{spec['accepted']:.0f} / {spec['proposed']:.0f} ({spec['acceptance']:.1%})" if spec else "–"
@@ -164,7 +180,8 @@ def spec_markdown(result: dict) -> str:
             status += f": {arm['error']}"
         ttft = (level.get("ttft_ms") or {}).get("p50")
         lines.append(
-            f"| {arm['arm']} | {status} | {report._fmt(tok_s)} | {ratio} | {report._fmt(ttft)} | "
+            f"| {arm['arm']} | {arm.get('workload', 'corpus')} | {status} | {report._fmt(tok_s)} | {ratio} | "
+            f"{report._fmt(ttft)} | "
             f"{report._fmt(level.get('decode_ms'), 2)} | {counted} |"
         )
     return "\n".join(lines)

@@ -217,8 +217,8 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
         "--workload",
         choices=WORKLOADS,
         default="random",
-        help="prompts of random vocabulary pieces, passages of the demo's training corpus, or such passages "
-        "followed by their start again (see workload.py)",
+        help="prompts of random vocabulary pieces, passages of the demo's training corpus, such passages "
+        "followed by their start again, or passages with each output constrained by a JSON schema (see workload.py)",
     )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus of sampled requests (1: off)")

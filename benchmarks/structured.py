@@ -30,7 +30,6 @@ import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from mixserve.benchmarks import report
 from mixserve.benchmarks.metrics import RequestRecord, distribution_ms, summarize
@@ -38,26 +37,12 @@ from mixserve.benchmarks.processes import PYTHON, REPO, ServerProcess, free_port
 from mixserve.benchmarks.serve import ServeConfig, resolve_model_dir, run_level
 from mixserve.benchmarks.structured_report import constrained_outputs, criteria, markdown
 from mixserve.benchmarks.targets import TARGETS, Target
-from mixserve.benchmarks.workload import BenchRequest, WorkloadConfig, build_requests, load_tokenizer
+from mixserve.benchmarks.workload import BenchRequest, WorkloadConfig, bench_schema, build_requests, load_tokenizer
 
 log = logging.getLogger("mixserve.bench")
 
 # Enough for the schema's longest output in compact JSON, so a constrained request ends by EOS.
 CONSTRAINED_MAX_TOKENS = 128
-
-
-def bench_schema(tag: str = "") -> dict[str, Any]:
-    """The benchmark's bounded schema; `tag` names one more field, making a distinct schema per tag."""
-    properties: dict[str, Any] = {
-        "name": {"type": "string", "maxLength": 12},
-        "kind": {"enum": ["alpha", "beta", "gamma"]},
-        "ok": {"type": "boolean"},
-        "tags": {"type": "array", "items": {"enum": ["x", "y", "z"]}, "maxItems": 3},
-        "note": {"type": "string", "maxLength": 16},
-    }
-    if tag:
-        properties[f"field_{tag}"] = {"enum": ["a", "b"]}
-    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
 
 
 def _target(args: argparse.Namespace, url: str, model_dir: str) -> Target:

@@ -12,6 +12,9 @@ not counted):
 - `copy`: a corpus passage, a line break, and the passage's first eighth again, to the exact length.
   A model that copies from its context (as served models do when they quote, edit or summarise a
   document they are given) goes on repeating the passage: the workload prompt lookup is built for.
+- `json`: corpus passages, each request's output constrained by one bounded JSON schema
+  (`bench_schema`: an object of a few fields, enums, maxLength strings), so it ends by EOS within its
+  token limit: structured output, whose forced tokens speculation proposes.
 The same seed always gives the same workload.
 """
 
@@ -24,7 +27,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-WORKLOADS = ("random", "corpus", "copy")
+WORKLOADS = ("random", "corpus", "copy", "json")
 DEMO_CORPUS = Path(__file__).resolve().parent.parent / "shards" / "demo" / "corpus.txt"
 # Characters of corpus read per prompt token before cutting to the exact length (the demo's
 # tokenizer averages about 4 characters a token; short tokens and symbols need the slack).
@@ -143,14 +146,28 @@ def copy_prompt(tokenizer: Tokenizer, corpus: str, length: int, rng: random.Rand
     raise ValueError(f"could not build a copy prompt of exactly {length} tokens in {MAX_ROUNDS} tries")
 
 
+def bench_schema(tag: str = "") -> dict[str, Any]:
+    """The benchmark's bounded schema; `tag` names one more field, making a distinct schema per tag."""
+    properties: dict[str, Any] = {
+        "name": {"type": "string", "maxLength": 12},
+        "kind": {"enum": ["alpha", "beta", "gamma"]},
+        "ok": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"enum": ["x", "y", "z"]}, "maxItems": 3},
+        "note": {"type": "string", "maxLength": 16},
+    }
+    if tag:
+        properties[f"field_{tag}"] = {"enum": ["a", "b"]}
+    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
+
+
 def build_requests(tokenizer: Tokenizer, config: WorkloadConfig, count: int, *, stream: int = 0) -> list[BenchRequest]:
     """`count` requests; `stream` picks an independent sequence (warm-up and each sweep level use their own)."""
     rng = random.Random(f"{config.seed}:{stream}")
     low = max(1, math.floor(config.output_len * (1 - config.output_spread)))
     high = math.ceil(config.output_len * (1 + config.output_spread))
-    if config.kind in ("corpus", "copy"):
+    if config.kind in ("corpus", "copy", "json"):
         corpus = DEMO_CORPUS.read_text(encoding="utf-8")
-        cut = corpus_prompt if config.kind == "corpus" else copy_prompt
+        cut = copy_prompt if config.kind == "copy" else corpus_prompt
 
         def prompt() -> str:
             return cut(tokenizer, corpus, config.input_len, rng)
@@ -160,7 +177,8 @@ def build_requests(tokenizer: Tokenizer, config: WorkloadConfig, count: int, *, 
         def prompt() -> str:
             return synthetic_prompt(tokenizer, config.input_len, rng, pool)
 
-    return [BenchRequest(prompt(), config.input_len, rng.randint(low, high)) for _ in range(count)]
+    schema = bench_schema() if config.kind == "json" else None
+    return [BenchRequest(prompt(), config.input_len, rng.randint(low, high), schema) for _ in range(count)]
 
 
 def poisson_arrivals(count: int, rate: float, seed: int) -> list[float]:

@@ -238,7 +238,8 @@ def test_sampling_dry_run_times_every_case_both_ways(tmp_path):
 @pytest.mark.slow
 def test_spec_dry_run_trains_both_models_and_serves_every_arm(tmp_path):
     """`bench gpu-spec --dry-run`: a tiny target and draft trained on the CPU, then every arm's server on
-    the corpus workload with the speculation counters read back (the draft always proposes its first token)."""
+    its workload (corpus, or JSON-constrained) with the speculation counters read back (the draft always
+    proposes its first token; a JSON request the tokens its schema forces)."""
     from mixserve.benchmarks.gpu_spec import ARMS
 
     dry_run("mixserve.cli", "bench", "gpu-spec", "--dry-run", "--out", str(tmp_path))
@@ -246,14 +247,16 @@ def test_spec_dry_run_trains_both_models_and_serves_every_arm(tmp_path):
     assert result["dry_run"] and sorted(result["models"]) == ["draft", "target"]
     assert all(info["seconds"] > 0 for info in result["models"].values())
     arms = {arm["arm"]: arm for arm in result["arms"]}
-    assert list(arms) == [name for name, _ in ARMS]
+    assert list(arms) == [name for name, _, _ in ARMS]
     for name, arm in arms.items():
         assert arm["status"] == "ran", arm
         [level] = arm["levels"]
         assert level["ok"] == level["requests"] == 2 and level["errors"] == 0 and level["output_throughput"] > 0
         assert (tmp_path / f"{name}.log").is_file()
         assert arm["speculation"] is not None
-    assert arms["plain"]["speculation"]["proposed"] == 0
+    assert arms["plain"]["speculation"]["proposed"] == 0 == arms["plain-json"]["speculation"]["proposed"]
     assert all(arms[name]["speculation"]["proposed"] > 0 for name in arms if name.startswith("draft-"))
+    # JSON-constrained requests propose what the schema forces, whatever the tiny model says.
+    assert arms["ngram-k5-json"]["speculation"]["proposed"] > 0
     markdown = (tmp_path / "spec.md").read_text()
-    assert all(f"| {name} | ran |" in markdown for name in arms)
+    assert all(f"| {name} | {arm['workload']} | ran |" in markdown for name, arm in arms.items())

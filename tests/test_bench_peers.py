@@ -14,7 +14,14 @@ from mixserve.benchmarks import compare, llamacpp, systems
 from mixserve.benchmarks.llamacpp_gguf import UNMERGED_SCORE, merge_scores
 from mixserve.benchmarks.processes import ServerProcess, free_port
 from mixserve.benchmarks.serve import ServeConfig, run_benchmark
-from mixserve.benchmarks.workload import DEMO_CORPUS, WorkloadConfig, build_requests, count_tokens, load_tokenizer
+from mixserve.benchmarks.workload import (
+    DEMO_CORPUS,
+    WorkloadConfig,
+    bench_schema,
+    build_requests,
+    count_tokens,
+    load_tokenizer,
+)
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -213,6 +220,12 @@ def test_corpus_prompts_are_exact_passages_of_the_corpus(demo_dir):
     assert requests != build_requests(tokenizer, config, 12, stream=1)
     with pytest.raises(ValueError, match="workload"):
         WorkloadConfig(kind="quotes")
+
+
+def test_json_requests_are_corpus_passages_under_the_bench_schema(demo_dir):
+    _, _, requests, corpus = _corpus_workload(demo_dir, "json")
+    assert all(r.prompt in corpus and r.json_schema == bench_schema() for r in requests)
+    assert bench_schema()["additionalProperties"] is False and bench_schema("t") != bench_schema()
 
 
 def test_copy_prompts_start_their_passage_over(demo_dir):
