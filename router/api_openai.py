@@ -5,14 +5,12 @@ greedy), plus vLLM's extensions `top_k`, `repetition_penalty`, `ignore_eos` and 
 Unknown fields are ignored. `n` choices are `n` requests to the engine, seeded `seed + i` when a
 seed is given. Streams are SSE `data: {chunk}` events ending with `data: [DONE]`; a failure after
 the first event is a last `data: {"error": {...}}` event instead. Errors use OpenAI's shape,
-`{"error": {"message", "type", "param", "code"}}`, with this router's `error_type` beside it.
+`{"error": {"message", "type", "param", "code"}}`, with this router's `error_type` beside it (router/openai_errors.py).
 The response objects and chunks are built in router/openai_responses.py.
 """
 
-import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import PurePath
 from typing import Any
@@ -20,9 +18,10 @@ from typing import Any
 from aiohttp import web
 
 from mixserve.router.engine_api import EngineAPI, GenerationHandle
-from mixserve.router.errors import BadRequest, RouterError, ValidationError, error_headers
+from mixserve.router.errors import BadRequest, RouterError, ValidationError
 from mixserve.router.front_config import ServerConfig
 from mixserve.router.http_common import CONFIG, ENGINE, STARTED, read_json, stream_sse
+from mixserve.router.openai_errors import ModelNotFound, error_body, openai_errors
 from mixserve.router.openai_responses import Choices, chat_chunks, chat_completion, completion, completion_chunks
 from mixserve.router.openai_vllm import (
     completion_prompts,
@@ -64,47 +63,6 @@ MAX_CHAT_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
 # OpenAI's documented default for /v1/completions; chat completions default to what fits the context.
 COMPLETIONS_MAX_TOKENS = 16
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class ModelNotFound(RouterError):
-    """The body names a model this router does not serve."""
-
-    status = 404
-    error_type = "not_found"
-    # OpenAI's code and the field at fault.
-    code = "model_not_found"
-    param = "model"
-
-
-def error_body(exc: RouterError) -> dict[str, Any]:
-    """OpenAI's error object, with the router's `error_type` kept beside it."""
-    if exc.status == 401:
-        kind = "authentication_error"
-    elif exc.status == 429:
-        kind = "rate_limit_error"
-    elif exc.status >= 500:
-        kind = "server_error"
-    else:
-        kind = "invalid_request_error"
-    code, param = getattr(exc, "code", exc.error_type), getattr(exc, "param", None)
-    error = {"message": str(exc), "type": kind, "param": param, "code": code}
-    return {"error": error, "error_type": exc.error_type}
-
-
-def openai_errors(handler: Handler) -> Handler:
-    """Answer the handler's RouterErrors in OpenAI's shape (the app's middleware would use the TGI one)."""
-
-    @functools.wraps(handler)
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except RouterError as exc:
-            log.info("event=refused path=%s status=%d error_type=%s", request.path, exc.status, exc.error_type)
-            return web.json_response(error_body(exc), status=exc.status, headers=error_headers(exc))
-
-    return wrapped
 
 
 @dataclass(slots=True)
