@@ -178,7 +178,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_non_negative_int,
         default=0,
         help="tokens proposed per decode, verified in one step (0: off); by n-gram lookup in the request's own "
-        "tokens unless --speculative-model is given",
+        "tokens unless --speculative-model is given; structured output proposes the tokens its grammar forces",
     )
     parser.add_argument(
         "--speculative-model",
