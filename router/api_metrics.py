@@ -4,6 +4,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mixserve.router.metrics import Metrics
+from mixserve.router.metrics_vllm import VllmNames
 
 METRICS = web.AppKey("metrics", Metrics)
 
@@ -35,8 +36,12 @@ async def serve_metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def install(app: web.Application, metrics: Metrics) -> None:
-    """Serve `GET /metrics` from `metrics` and count every HTTP request of `app` (outermost middleware)."""
+def install(app: web.Application, metrics: Metrics, vllm_model_name: str | None = None) -> None:
+    """Serve `GET /metrics` from `metrics` and count every HTTP request of `app` (outermost middleware); with
+    `vllm_model_name`, the metrics under vLLM's names too (router/metrics_vllm.py), labelled with it."""
+    if vllm_model_name is not None and not metrics.vllm_names:
+        metrics.registry.register(VllmNames(metrics, vllm_model_name))
+        metrics.vllm_names = True
     app[METRICS] = metrics
     app.middlewares.insert(0, count_requests)
     app.router.add_get("/metrics", serve_metrics)

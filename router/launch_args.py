@@ -256,3 +256,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="answer 404 to a request naming another model (default: serve it with this one)",
     )
+    parser.add_argument(
+        "--vllm-metrics",
+        action="store_true",
+        help="also expose /metrics under vLLM's names (vllm:num_requests_waiting, ...) for dashboards written for vLLM",
+    )

@@ -215,6 +215,7 @@ async def _serve_with_shards(args, model_dir, loading: asyncio.Future, groups: l
         version=mixserve.__version__,
         served_model_names=tuple(args.served_model_name),
         strict_model_name=args.strict_model_name,
+        vllm_metrics=args.vllm_metrics,
         speculative_model=args.speculative_model,
         speculate_history_tokens=args.speculate_history_tokens,
         speculate_length=args.speculate_length,

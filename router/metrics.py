@@ -89,10 +89,16 @@ class Metrics:
         self._ended = {reason: self.ended.labels(reason) for reason in END_REASONS}
         self._live = _LiveCollector(self, scheduler)
         r.register(self._live)
+        self.vllm_names = False  # whether router/metrics_vllm.py's collector is registered too
 
     def watch(self, scheduler: Scheduler) -> None:
         """Read the gauges from `scheduler` from now on (a restarted shard group has a new one)."""
         self._live.scheduler = scheduler
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """What the gauges read (the pooled schedulers of every shard group)."""
+        return self._live.scheduler
 
     def on_admitted(self, prompt_tokens: int) -> None:
         self.prompt_tokens.inc(prompt_tokens)

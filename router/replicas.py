@@ -63,6 +63,10 @@ class PooledSchedulers:
         return self._sum("num_blocks_cached")
 
     @property
+    def num_preemptions(self) -> int:
+        return self._sum("num_preemptions")
+
+    @property
     def prefix_query_tokens(self) -> int:
         return self._sum("prefix_query_tokens")
 

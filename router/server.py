@@ -21,6 +21,7 @@ from mixserve.router import (
     api_tokenize,
     openapi,
 )
+from mixserve.router.api_openai import served_names
 from mixserve.router.engine_api import EngineAPI
 from mixserve.router.errors import PayloadTooLarge, RouterError, Unauthorized
 from mixserve.router.front_config import ServerConfig, api_key_matches
@@ -70,7 +71,7 @@ def build_app(engine: EngineAPI, config: ServerConfig) -> web.Application:
     app[STARTED] = time.monotonic()
     api_predict.add_routes(app)
     api_info.add_routes(app)
-    api_metrics.install(app, engine.metrics)
+    api_metrics.install(app, engine.metrics, served_names(config)[0] if config.vllm_metrics else None)
     api_openai.add_routes(app)
     api_responses.add_routes(app)
     api_tgi.add_routes(app)

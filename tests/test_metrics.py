@@ -53,6 +53,7 @@ def server(launch, demo_dir):
     started = launch(
         "--model", str(demo_dir), "--num-shard", "2", "--grpc-port", str(grpc_port),
         "--max-batch-prefill-tokens", "64", "--max-batch-size", "8", "--max-kv-blocks", "256",
+        "--vllm-metrics", "--served-model-name", "mixtral-test",
     )  # fmt: skip
     started.grpc_address = f"127.0.0.1:{grpc_port}"
     return started
@@ -109,6 +110,65 @@ async def test_counters_and_histograms_move_with_http_and_grpc_traffic(server):
     assert after("mixserve_shard_failures_total") == 0
     assert after("mixserve_queue_size") == after("mixserve_batch_size") == after("mixserve_kv_blocks_used") == 0
     assert after("mixserve_kv_blocks_free") == after("mixserve_kv_blocks_total") > 0
+
+
+VLLM_FAMILIES = {
+    "vllm:num_requests_running": "gauge",
+    "vllm:num_requests_waiting": "gauge",
+    "vllm:kv_cache_usage_perc": "gauge",
+    "vllm:gpu_cache_usage_perc": "gauge",
+    "vllm:prompt_tokens": "counter",
+    "vllm:generation_tokens": "counter",
+    "vllm:num_preemptions": "counter",
+    "vllm:request_success": "counter",
+    "vllm:prefix_cache_queries": "counter",
+    "vllm:prefix_cache_hits": "counter",
+    "vllm:spec_decode_num_draft_tokens": "counter",
+    "vllm:spec_decode_num_accepted_tokens": "counter",
+    "vllm:time_to_first_token_seconds": "histogram",
+    "vllm:inter_token_latency_seconds": "histogram",
+    "vllm:time_per_output_token_seconds": "histogram",
+    "vllm:e2e_request_latency_seconds": "histogram",
+}
+
+
+@pytest.mark.slow
+async def test_vllm_names_read_the_same_counts(server):
+    """--vllm-metrics: vLLM's families, labelled with the served model's name, agree with mixserve's own."""
+    async with aiohttp.ClientSession() as session:
+        for prompt in ("A lantern in the hall", "four stone steps"):
+            body = {"prompt": prompt, "max_tokens": 5, "temperature": 0, "stream": False}
+            async with session.post(f"{server.url}/predict", json=body) as response:
+                assert response.status == 200
+        got = await scrape(session, server)
+    assert VLLM_FAMILIES.items() <= got.types.items()
+    model = {"model_name": "mixtral-test"}
+    assert got("vllm:prompt_tokens_total", **model) == got("mixserve_prompt_tokens_total") > 0
+    assert got("vllm:generation_tokens_total", **model) == got("mixserve_generated_tokens_total") > 0
+    finished = {r: got("vllm:request_success_total", finished_reason=r, **model) for r in ("stop", "length", "abort")}
+    ended = {
+        r: got("mixserve_request_end_total", reason=r) for r in ("eos_token", "stop_sequence", "length", "cancelled")
+    }
+    assert finished == {
+        "stop": ended["eos_token"] + ended["stop_sequence"],
+        "length": ended["length"],
+        "abort": ended["cancelled"],
+    }
+    assert finished["length"] >= 2
+    for vllm, own in (
+        ("vllm:time_to_first_token_seconds", "mixserve_time_to_first_token_seconds"),
+        ("vllm:inter_token_latency_seconds", "mixserve_inter_token_latency_seconds"),
+        ("vllm:time_per_output_token_seconds", "mixserve_inter_token_latency_seconds"),
+        ("vllm:e2e_request_latency_seconds", "mixserve_request_duration_seconds"),
+    ):
+        assert got(f"{vllm}_count", **model) == got(f"{own}_count") > 0
+        assert got(f"{vllm}_bucket", le="+Inf", **model) == got(f"{own}_bucket", le="+Inf")
+    assert got("vllm:num_requests_running", **model) == got("mixserve_batch_size")
+    assert got("vllm:num_requests_waiting", **model) == got("mixserve_queue_size")
+    usage = got("mixserve_kv_blocks_used") / got("mixserve_kv_blocks_total")
+    assert got("vllm:kv_cache_usage_perc", **model) == got("vllm:gpu_cache_usage_perc", **model) == usage
+    assert got("vllm:prefix_cache_queries_total", **model) == got("mixserve_prefix_cache_query_tokens_total")
+    assert got("vllm:prefix_cache_hits_total", **model) == got("mixserve_prefix_cache_hit_tokens_total")
 
 
 @pytest.mark.slow

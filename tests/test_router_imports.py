@@ -36,6 +36,7 @@ FRONTS = frozenset(
         "mixserve.router.front_config",
         "mixserve.router.grpc_server",
         "mixserve.router.http_common",
+        "mixserve.router.metrics_vllm",
         "mixserve.router.openai_errors",
         "mixserve.router.openai_responses",
         "mixserve.router.openai_vllm",
