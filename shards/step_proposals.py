@@ -18,6 +18,7 @@ from mixserve.shards.step_rows import SequenceState
 
 if TYPE_CHECKING:
     from mixserve.shards.draft import DraftModel
+    from mixserve.shards.grammar import SequenceGrammar
 
 
 class StepProposer:
@@ -89,12 +90,15 @@ class StepProposer:
         """A constrained sequence's proposals where its grammar forces the next tokens: as many as reserved (the
         model's masked choice there has one candidate, or more only where the tokenizer can spell the text
         another way); [] for a free sequence or where the next token is the model's choice."""
-        state = self.sequences.get(s.seq_id)
-        grammar = state.grammar if state is not None else None
+        grammar = self._grammar(s)
         return grammar.forced(s.num_proposed) if grammar is not None else []
 
     def _allowed(self, s: SequenceStep, proposed: list[int]) -> list[int]:
         """`proposed` up to the first token s's grammar refuses (all of it for a free sequence)."""
-        state = self.sequences.get(s.seq_id)
-        grammar = state.grammar if state is not None else None
+        grammar = self._grammar(s)
         return grammar.valid_start(proposed) if grammar is not None else proposed
+
+    def _grammar(self, s: SequenceStep) -> "SequenceGrammar | None":
+        """s's grammar matcher on this shard; None for a free sequence."""
+        state = self.sequences.get(s.seq_id)
+        return state.grammar if state is not None else None
