@@ -2,10 +2,12 @@
 (GPT-2's kind: a word after a space is another token) and the demo's Llama-style one (a space is part of the
 word's first piece either way)."""
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+import pytest
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from mixserve.router.bad_words import bad_word_ids
+from mixserve.router.errors import ValidationError
 
 CORPUS = ["the hill and the mill", "hill mill hill", "a mill on the hill"] * 20
 
@@ -33,6 +35,14 @@ def test_a_spelling_after_a_space_of_another_length_is_not_added():
     # Never seen: "xq" is two byte tokens, " xq" three with a lone space first, which must not be banned.
     assert len(tokenizer.encode(" xq")) == 3
     assert bad_word_ids(tokenizer, ["xq"]) == [tokenizer.encode("xq")]
+
+
+def test_a_word_the_tokenizer_reads_as_nothing_is_refused():
+    tokenizer = byte_level_tokenizer()
+    tokenizer.backend_tokenizer.normalizer = normalizers.Replace("q", "")  # a normalizer that drops "q"
+    assert tokenizer.encode("qq") == []
+    with pytest.raises(ValidationError, match=r"bad_words\[1\] is no token"):
+        bad_word_ids(tokenizer, ["hill", "qq"])
 
 
 def test_a_word_spelled_alike_after_a_space_is_listed_once(demo_dir):
