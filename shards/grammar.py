@@ -26,6 +26,7 @@ size, P columns of the logits given (V, or this rank's vocabulary slice, padding
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -151,11 +152,7 @@ class GrammarMatchers:
         shards whose host waits on a GPU); 0 computes them inline."""
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
-        words = -(-vocab_size // 32)
-        eos_only = torch.zeros(words, dtype=torch.int32)  # [W]
-        for token in tokenizer.eos_tokens:
-            eos_only[token // 32] |= _bit(token % 32)
-        self.eos_only = eos_only
+        self.eos_only = token_bitmask(tokenizer.eos_tokens, vocab_size)
         # Untouched matchers by grammar, least recently used first; copied, never advanced.
         self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._executor = (
@@ -180,6 +177,15 @@ class GrammarMatchers:
         else:
             self._compiled.move_to_end(grammar)
         return SequenceGrammar(start.deep_copy(), self.eos_only, self._executor)
+
+
+def token_bitmask(token_ids: Iterable[int], vocab_size: int) -> Tensor:
+    """[W] int32: the bitmask that allows exactly `token_ids` (a grammar's end of sequence, a request's
+    allowed_token_ids), in the layout `apply_token_bitmask` reads."""
+    mask = torch.zeros(-(-vocab_size // 32), dtype=torch.int32)  # [W]
+    for token in token_ids:
+        mask[token // 32] |= _bit(token % 32)
+    return mask
 
 
 def _bit(index: int) -> int:

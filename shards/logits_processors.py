@@ -1,5 +1,5 @@
 """The logits processors of a shard's sampling, each over a batch of rows: logit bias, vLLM's
-allowed_token_ids and bad_words, repetition, frequency and presence penalties (shards/token_history.py
+bad_words, repetition, frequency and presence penalties (shards/token_history.py
 keeps what they read), and the top-k/top-p and typical masks. Ties are broken by token id, so every rank
 of a group removes the same tokens.
 
@@ -184,25 +184,6 @@ def banned_tokens(bad_words: Sequence[Sequence[int]], past: Sequence[int]) -> li
         if rest == 0 or (rest <= len(past) and list(past[len(past) - rest :]) == list(word[:rest])):
             banned.append(word[-1])
     return banned
-
-
-def allowed_mask(allowed_token_ids: Sequence[int], vocab_size: int, device: torch.device) -> Tensor:
-    """`[V]` bool, true at the allowed token ids (vLLM's allowed_token_ids), made once per sequence."""
-    mask = torch.zeros(vocab_size, dtype=torch.bool)
-    mask[list(allowed_token_ids)] = True
-    return tensor_to_device(mask, device)
-
-
-def keep_allowed(logits: Tensor, rows: list[int], masks: list[Tensor], vocab_start: int) -> Tensor:
-    """`logits` `[R, P]` (fp32, this rank's columns from `vocab_start`) with each of `rows` set to -inf
-    outside its mask `[V]` (allowed_mask; columns past the vocabulary are never allowed)."""
-    logits = logits.float()
-    width = logits.shape[1]
-    keep = torch.stack(masks)[:, vocab_start : vocab_start + width]  # [rows, <= P]
-    if keep.shape[1] < width:
-        keep = torch.nn.functional.pad(keep, (0, width - keep.shape[1]), value=False)
-    index = to_device(rows, logits.device)
-    return logits.index_copy(0, index, logits.index_select(0, index).masked_fill(~keep, -math.inf))
 
 
 def apply_penalties(logits: Tensor, params: Sequence[SamplingParams], histories: Sequence[TokenHistory]) -> Tensor:

@@ -20,9 +20,9 @@ import torch
 from mixserve.shards import decode_graph, ngram, ops
 from mixserve.shards.config import ModelConfig, ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
-from mixserve.shards.grammar import GrammarError, GrammarMatchers, SequenceGrammar
+from mixserve.shards.grammar import GrammarError, GrammarMatchers, SequenceGrammar, token_bitmask
 from mixserve.shards.kv_cache import KVCache
-from mixserve.shards.logits_processors import allowed_mask, apply_logit_bias, keep_allowed
+from mixserve.shards.logits_processors import apply_logit_bias
 from mixserve.shards.model import MixtralForCausalLM
 from mixserve.shards.parallel_greedy import greedy_choice, is_plain_greedy, slice_stats
 from mixserve.shards.sequence_step import InvalidStep, SequenceResult, SequenceStep
@@ -263,7 +263,9 @@ class ModelRunner:
                 local = apply_logit_bias(local, at, each, head.vocab_start, self.config.vocab_size)
             if limited:
                 at, each = span_masks(local_spans, limited, allowed)
-                local = keep_allowed(local, at, each, head.vocab_start)
+                local = ops.current().apply_token_bitmask(
+                    local, at, torch.stack(each), head.vocab_start, self.config.vocab_size
+                )
             if greedy_stats is None:  # masked or biased rows: their statistics after the masks
                 stats = slice_stats(local, head.vocab_start, self.config.vocab_size)
             else:
@@ -282,7 +284,7 @@ class ModelRunner:
                 logits = apply_logit_bias(logits, at, each, 0, self.config.vocab_size)
             if limited:
                 at, each = span_masks(spans, limited, allowed)
-                logits = keep_allowed(logits, at, each, 0)
+                logits = ops.current().apply_token_bitmask(logits, at, torch.stack(each), 0, self.config.vocab_size)
             tokens = sample_rows(logits, sampled, states, spans)
         for j in constrained:
             states[j].grammar.consume([t.token_id for t in tokens[j]])
@@ -315,11 +317,11 @@ class ModelRunner:
         return results + scored_only
 
     def _allowed_masks(self, states: list[SequenceState], limited: list[int]) -> list[torch.Tensor]:
-        """The allowed_token_ids masks [V] of the sequences `limited`, each made once per sequence."""
+        """The allowed_token_ids bitmasks [W] of the sequences `limited` (as a grammar's, for the same
+        `apply_token_bitmask`), each made once per sequence."""
         for j in limited:
             if states[j].allowed is None:
-                ids = states[j].params.allowed_token_ids
-                states[j].allowed = allowed_mask(ids, self.config.vocab_size, self.device)
+                states[j].allowed = token_bitmask(states[j].params.allowed_token_ids, self.config.vocab_size)
         return [states[j].allowed for j in limited]
 
     def _new_grammars(self, steps: list[SequenceStep]) -> dict[int, SequenceGrammar]:

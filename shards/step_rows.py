@@ -35,7 +35,7 @@ class SequenceState:
     proposal_length: ProposalLength = field(default_factory=ProposalLength)  # n-gram proposals it makes next
     # Scoring the prompt: log-softmax [V] of the previous chunk's last position, which scores this chunk's first token.
     prompt_row: torch.Tensor | None = None
-    # allowed_token_ids as a [V] bool mask on the logits' device, made at the sequence's first sample.
+    # allowed_token_ids as a bitmask [W] int32 (grammar.token_bitmask), made at the sequence's first sample.
     allowed: torch.Tensor | None = None
 
 

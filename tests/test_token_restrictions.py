@@ -9,8 +9,12 @@ from transformers import MixtralForCausalLM as ReferenceMixtral
 
 from mixserve.shards.config import ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
+from mixserve.shards.grammar import token_bitmask
 from mixserve.shards.loader import load_model
-from mixserve.shards.logits_processors import allowed_mask, banned_tokens, keep_allowed
+from mixserve.shards.logits_processors import banned_tokens
+from mixserve.shards.ops import cpu_logits
+from mixserve.shards.ops import reference as torch_ops
+from mixserve.shards.ops.reference import MASKED_LOGIT
 from mixserve.shards.runner import ModelRunner
 from mixserve.shards.sampling_params import SamplingParams
 from mixserve.shards.sequence_step import InvalidStep, SequenceStep
@@ -137,12 +141,14 @@ def test_sampled_rows_draw_only_permitted_tokens(model):
     assert plain[0] not in other
 
 
-def test_keep_allowed_masks_a_vocabulary_slice_and_its_padding():
-    masks = [allowed_mask([1, 5, 6], 8, CPU), allowed_mask([2], 8, CPU)]
+@pytest.mark.parametrize("op", [torch_ops.apply_token_bitmask, cpu_logits.apply_token_bitmask], ids=["torch", "c"])
+def test_allowed_tokens_mask_a_vocabulary_slice_and_its_padding(op):
+    masks = torch.stack([token_bitmask([1, 5, 6], 8), token_bitmask([2], 8)])
     logits = torch.arange(15, dtype=torch.float32).view(3, 5)  # 3 rows of the slice [4, 9): token 8 is padding
-    got = keep_allowed(logits, [0, 2], masks, 4)
-    inf = float("-inf")
-    assert got.tolist() == [[inf, 1, 2, inf, inf], [5, 6, 7, 8, 9], [inf] * 5]
+    got = op(logits, [0, 2], masks, 4, 8)
+    off = MASKED_LOGIT
+    expected = torch.tensor([[off, 1, 2, off, off], [5, 6, 7, 8, 9], [off] * 5])  # in fp32, as the logits are
+    assert torch.equal(got, expected)
 
 
 def test_restrictions_naming_tokens_past_the_vocabulary_are_refused(model):
