@@ -28,6 +28,19 @@ from process_table import ShardProcess, shard_processes  # noqa: E402
 
 from mixserve.shards.demo.checkpoint import TINY  # noqa: E402 - imports neither torch nor triton
 
+# A JSON schema whose outputs end within ~40 tokens of the demo's (a short string, a bounded integer, a
+# boolean): the grammar-constrained speculation tests decode it to the end.
+SMALL_JSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "n": {"type": "integer", "minimum": 0, "maximum": 99},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["name", "n", "ok"],
+    "additionalProperties": False,
+}
+
 
 def _ephemeral_ports() -> range:
     try:

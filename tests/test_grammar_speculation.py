@@ -10,6 +10,7 @@ import llguidance
 import pytest
 import torch
 
+from conftest import SMALL_JSON_SCHEMA as SCHEMA
 from mixserve.shards.config import ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.draft import load_draft
@@ -20,16 +21,6 @@ from mixserve.shards.sampling_params import SamplingParams
 from mixserve.shards.sequence_step import SequenceStep
 
 BLOCK = 16
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 6},
-        "n": {"type": "integer", "minimum": 0, "maximum": 99},
-        "ok": {"type": "boolean"},
-    },
-    "required": ["name", "n", "ok"],
-    "additionalProperties": False,
-}
 PROMPT = [1, 300, 301, 302]
 
 

@@ -13,6 +13,7 @@ import re
 import aiohttp
 import pytest
 
+from conftest import SMALL_JSON_SCHEMA as SCHEMA
 from conftest import LaunchedServer, await_until, free_port
 
 pytestmark = pytest.mark.slow
@@ -25,16 +26,6 @@ PROMPTS = [
     "def f(x): return x\ndef g(x): return x\ndef h(x):",
 ]
 SEEDED = {"temperature": 0.8, "top_p": 0.95, "seed": 11, "do_sample": True}
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 6},
-        "n": {"type": "integer", "minimum": 0, "maximum": 99},
-        "ok": {"type": "boolean"},
-    },
-    "required": ["name", "n", "ok"],
-    "additionalProperties": False,
-}
 JSON_GRAMMAR = {"type": "json", "value": SCHEMA}
 
 
