@@ -2,16 +2,61 @@
 text under `output`."""
 
 import logging
+from typing import Any
 
 from aiohttp import web
 
 from mixserve.router.engine_api import GenerationHandle
-from mixserve.router.errors import RouterError
+from mixserve.router.errors import BadRequest, RouterError, json_type_name
 from mixserve.router.http_common import CONFIG, ENGINE, read_json
-from mixserve.router.params import parse_predict_request
+from mixserve.router.params import (
+    DEFAULT_LIMITS,
+    MAX_TOP_K,
+    GenerationParams,
+    GenerationRequest,
+    RequestLimits,
+    as_bool,
+    as_float,
+    as_int,
+    as_messages,
+    as_prompt,
+    as_seed,
+    as_stop,
+    max_new_tokens_from,
+)
+from mixserve.router.structured import from_response_format, from_tgi_grammar, one_spec
 from mixserve.router.validation import validate
 
 log = logging.getLogger("mixserve.router")
+
+
+_PREDICT_DEFAULTS = GenerationParams()
+
+
+def parse_predict_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIMITS) -> GenerationRequest:
+    """Validate a `POST /predict` body (already decoded JSON) within `limits`; unknown fields are ignored."""
+    if not isinstance(body, dict):
+        raise BadRequest(f"request body must be a JSON object, got {json_type_name(body)}")
+    defaults = _PREDICT_DEFAULTS
+    params = GenerationParams(
+        max_new_tokens=max_new_tokens_from(body, ("max_tokens", "max_new_tokens"), default=defaults.max_new_tokens),
+        temperature=as_float("temperature", body.get("temperature"), default=defaults.temperature, ge=0),
+        top_p=as_float("top_p", body.get("top_p"), default=defaults.top_p, gt=0, le=1),
+        top_k=as_int("top_k", body.get("top_k"), default=defaults.top_k, ge=0, le=MAX_TOP_K),
+        repetition_penalty=as_float(
+            "repetition_penalty", body.get("repetition_penalty"), default=defaults.repetition_penalty, gt=0
+        ),
+        stop=as_stop("stop", body.get("stop"), max_count=limits.max_stop_sequences),
+        seed=as_seed("seed", body.get("seed")),
+        stream=as_bool("stream", body.get("stream"), default=defaults.stream),
+        grammar=one_spec([from_tgi_grammar(body.get("grammar")), from_response_format(body.get("response_format"))]),
+    )
+    prompt, messages = body.get("prompt"), body.get("messages")
+    return GenerationRequest(
+        prompt=None if prompt is None else as_prompt("prompt", prompt),
+        messages=None if messages is None else as_messages("messages", messages),
+        params=params,
+    )
 
 
 async def predict(request: web.Request) -> web.StreamResponse:

@@ -2,7 +2,7 @@
 
 The field validators (`as_bool`, `as_int`, `as_float`, `as_stop`, `as_seed`, `as_prompt`,
 `as_messages`, `max_new_tokens_from`) take the field's name as the client spelled it and the
-raw JSON value, so every API body (`/predict` here; OpenAI and TGI with their own names and
+raw JSON value, so every API body (`/predict`, OpenAI and TGI, each parsed in its front with its own names and
 defaults) reports errors in its own vocabulary. A JSON null counts as an absent field. A value
 of the wrong JSON type is a `BadRequest` (400); a well-typed value out of range, or fields that
 contradict each other, a `ValidationError` (422). Both name the field, and the bound. The bounds
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import jinja2
 
 from mixserve.router.errors import BadRequest, ValidationError, json_type_name
-from mixserve.router.structured import GrammarSpec, from_response_format, from_tgi_grammar, one_spec
+from mixserve.router.structured import GrammarSpec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -356,35 +356,6 @@ class GenerationRequest:
             raise ValidationError("give prompt token ids alone, without a prompt string or messages")
         if self.prompt_token_ids is None and (self.prompt is None) == (self.messages is None):
             raise ValidationError("give exactly one of prompt or messages")
-
-
-_PREDICT_DEFAULTS = GenerationParams()
-
-
-def parse_predict_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIMITS) -> GenerationRequest:
-    """Validate a `POST /predict` body (already decoded JSON) within `limits`; unknown fields are ignored."""
-    if not isinstance(body, dict):
-        raise BadRequest(f"request body must be a JSON object, got {json_type_name(body)}")
-    defaults = _PREDICT_DEFAULTS
-    params = GenerationParams(
-        max_new_tokens=max_new_tokens_from(body, ("max_tokens", "max_new_tokens"), default=defaults.max_new_tokens),
-        temperature=as_float("temperature", body.get("temperature"), default=defaults.temperature, ge=0),
-        top_p=as_float("top_p", body.get("top_p"), default=defaults.top_p, gt=0, le=1),
-        top_k=as_int("top_k", body.get("top_k"), default=defaults.top_k, ge=0, le=MAX_TOP_K),
-        repetition_penalty=as_float(
-            "repetition_penalty", body.get("repetition_penalty"), default=defaults.repetition_penalty, gt=0
-        ),
-        stop=as_stop("stop", body.get("stop"), max_count=limits.max_stop_sequences),
-        seed=as_seed("seed", body.get("seed")),
-        stream=as_bool("stream", body.get("stream"), default=defaults.stream),
-        grammar=one_spec([from_tgi_grammar(body.get("grammar")), from_response_format(body.get("response_format"))]),
-    )
-    prompt, messages = body.get("prompt"), body.get("messages")
-    return GenerationRequest(
-        prompt=None if prompt is None else as_prompt("prompt", prompt),
-        messages=None if messages is None else as_messages("messages", messages),
-        params=params,
-    )
 
 
 def render_prompt(tokenizer: "PreTrainedTokenizerBase", request: GenerationRequest) -> str:

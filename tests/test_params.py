@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from mixserve.router.api_predict import parse_predict_request
 from mixserve.router.errors import (
     BadRequest,
     GenerationError,
@@ -21,7 +22,6 @@ from mixserve.router.params import (
     GenerationParams,
     GenerationRequest,
     decode_json_body,
-    parse_predict_request,
     render_prompt,
 )
 
