@@ -161,15 +161,29 @@ def test_bad_words_greedy_equals_transformers_without_the_word(server, tokenizer
         model="m", prompt=PROMPT, max_tokens=8, temperature=0, extra_body={"bad_words": [word]}
     )
     assert got.choices[0].text == expected != tokenizer.decode(ids)
+    messages = [{"role": "user", "content": PROMPT}]
     chat = sdk.chat.completions.create(
         model="m",
-        messages=[{"role": "user", "content": PROMPT}],
+        messages=messages,
         max_tokens=8,
         temperature=0,
         logprobs=True,
-        extra_body={"bad_words": [word]},
+        extra_body={"bad_words": [word], "return_tokens_as_token_ids": True},
     )
-    assert " " + word not in [t.token for t in chat.choices[0].logprobs.content]
+    chat_ids = [int(t.token.removeprefix("token_id:")) for t in chat.choices[0].logprobs.content]
+    prompt_ids = torch.tensor(
+        [
+            tokenizer(
+                tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                add_special_tokens=False,
+            )["input_ids"]
+        ]
+    )
+    with torch.no_grad():
+        out = reference.generate(
+            prompt_ids, max_new_tokens=8, do_sample=False, bad_words_ids=bad_word_ids(tokenizer, [word])
+        )
+    assert chat_ids == out[0, prompt_ids.shape[1] :].tolist()[: len(chat_ids)] and len(chat_ids) > 0
 
 
 @pytest.mark.slow
