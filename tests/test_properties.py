@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mixserve.router.api_openai import MAX_CHOICES, parse_chat_request, parse_completion_request, prepare_tools
+from mixserve.router.api_predict import parse_predict_request
 from mixserve.router.api_tgi import parse_generate_request
 from mixserve.router.detokenizer import IncrementalDetokenizer
 from mixserve.router.errors import BadRequest, RouterError, ValidationError
@@ -23,7 +24,6 @@ from mixserve.router.params import (
     GenerationParams,
     RequestLimits,
     decode_json_body,
-    parse_predict_request,
     render_prompt,
 )
 from mixserve.router.stop_sequences import StopSequenceMatcher
