@@ -49,6 +49,7 @@ from mixserve.router.params import (
     as_stop,
     max_new_tokens_from,
 )
+from mixserve.router.prediction import parse_prediction
 from mixserve.router.structured import openai_spec
 from mixserve.router.tool_turns import fit_to_template, parse_tool_turns
 from mixserve.router.tools import ToolPlan, parse_tools
@@ -123,6 +124,7 @@ def _sampling(
         top_n_tokens=top_n_tokens,
         grammar=openai_spec(body),
         logit_bias=as_logit_bias("logit_bias", body.get("logit_bias")),
+        prediction=parse_prediction(body.get("prediction")),
         **sampling_fields(body),
     )
 
@@ -320,7 +322,7 @@ async def submit(engine: EngineAPI, request: OpenAIRequest, default_max_tokens: 
             engine.cancel(generation)
         raise
     texts = [_prompt_text(engine, p) for p in request.prompts for _ in range(request.n)]
-    choices = Choices(generations, prompt_tokens, texts)
+    choices = Choices(generations, prompt_tokens, texts, predicted=request.params.prediction is not None)
     if request.request_id is not None:
         choices.id = request.request_id
     return choices

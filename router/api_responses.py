@@ -25,22 +25,10 @@ from mixserve.router.errors import BadRequest, RouterError, ValidationError, jso
 from mixserve.router.http_common import CONFIG, ENGINE, read_json, stream_sse
 from mixserve.router.openai_errors import error_body, openai_errors
 from mixserve.router.openai_responses import FINISH_REASONS, Choices, HeldText, interleave, tool_calls_in
+from mixserve.router.params import as_text_parts
 from mixserve.router.tools import ToolCall
 
 TEXT_PARTS = ("input_text", "output_text", "text")
-
-
-def _text(where: str, content: object) -> str:
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise BadRequest(f"{where} must be a string or an array of text parts, got {json_type_name(content)}")
-    texts = []
-    for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") not in TEXT_PARTS or not isinstance(part.get("text"), str):
-            raise ValidationError(f"{where}[{j}]: only text parts ({', '.join(TEXT_PARTS)}) are supported")
-        texts.append(part["text"])
-    return "\n".join(texts)
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -48,7 +36,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     instructions = body.get("instructions")
     if instructions is not None:
-        messages.append({"role": "system", "content": _text("instructions", instructions)})
+        messages.append({"role": "system", "content": as_text_parts("instructions", instructions, TEXT_PARTS)})
     items = body.get("input")
     if isinstance(items, str):
         return [*messages, {"role": "user", "content": items}]
@@ -60,7 +48,8 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         kind = item.get("type", "message")
         if kind == "message":
             role = "system" if item.get("role") == "developer" else item.get("role")
-            messages.append({"role": role, "content": _text(f"input[{i}].content", item.get("content"))})
+            content = as_text_parts(f"input[{i}].content", item.get("content"), TEXT_PARTS)
+            messages.append({"role": role, "content": content})
         elif kind == "function_call":
             call = {"id": item.get("call_id"), "type": "function", "function": {"name": item.get("name")}}
             call["function"]["arguments"] = item.get("arguments")
@@ -70,7 +59,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
             output = item.get("output")
-            content = _text(f"input[{i}].output", output)
+            content = as_text_parts(f"input[{i}].output", output, TEXT_PARTS)
             messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": content})
         else:
             raise ValidationError(

@@ -97,6 +97,7 @@ class Generation:
             min_p=p.min_p,
             allowed_token_ids=p.allowed_token_ids,
             bad_words=p.bad_word_ids,
+            prediction_token_ids=p.prediction_ids,
         )
 
     async def stream(self) -> AsyncIterator[TokenEvent]:

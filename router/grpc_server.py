@@ -102,6 +102,7 @@ def parse_generate_request(
         logit_bias=dict(p.logit_bias),
         allowed_token_ids=list(p.allowed_token_ids),
         bad_words=list(p.bad_words),
+        prediction=p.prediction or None,
     )
     limits.check(params)
     prompt, messages = parse_input(request.prompt if request.HasField("prompt") else None, request.messages)
@@ -207,6 +208,8 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
             generated_tokens=generation.generated_tokens,
             tokens=tokens,
             request_id=generation.id,
+            speculative_proposed=generation.speculative_proposed,
+            speculative_accepted=generation.speculative_accepted,
         )
 
     @_rpc
@@ -220,6 +223,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
         try:
             async for event in events:
                 sent += 1
+                last = event.finish_reason is not None
                 await context.write(
                     generate_pb2.GenerateStreamResponse(
                         token=_token(event),
@@ -227,6 +231,8 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
                         prompt_tokens=generation.prompt_tokens,
                         generated_tokens=sent,
                         request_id=generation.id,
+                        speculative_proposed=generation.speculative_proposed if last else 0,
+                        speculative_accepted=generation.speculative_accepted if last else 0,
                     )
                 )
         finally:

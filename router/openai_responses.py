@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from mixserve.router.detokenizer import token_piece
 from mixserve.router.engine_api import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, EngineAPI, GenerationHandle, TokenEvent
+from mixserve.router.prediction import completion_details
 from mixserve.router.tools import ToolCall, ToolPlan, may_be_calls, parse_calls
 
 FINISH_REASONS = {FINISH_EOS: "stop", FINISH_STOP: "stop", FINISH_LENGTH: "length"}
@@ -42,16 +43,21 @@ class Choices:
     prompts: list[str] = field(default_factory=list)  # each choice's prompt text (completions)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
+    predicted: bool = False  # the request had a predicted output: usage says what became of it
 
-    def usage(self, generated: bool = True) -> dict[str, int]:
+    def usage(self, generated: bool = True) -> dict[str, Any]:
         """The token counts; without `generated` (a prompt scored alone), no completion tokens: the one
-        token each generation ran for is not reported."""
+        token each generation ran for is not reported. A predicted request's add the prediction's proposed
+        tokens kept and not (router/prediction.py)."""
         completion = sum(g.generated_tokens for g in self.generations) if generated else 0
-        return {
+        counts: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": self.prompt_tokens + completion,
         }
+        if self.predicted:
+            counts["completion_tokens_details"] = completion_details(self.generations)
+        return counts
 
 
 async def interleave(generations: list[GenerationHandle]) -> AsyncGenerator[tuple[int, TokenEvent], None]:

@@ -89,6 +89,23 @@ OPENAI_SAMPLING: dict[str, Schema] = {
     "guided_regex": typed("string", "vLLM extension: a regex the whole output matches", minLength=1),
     "guided_choice": array({"type": "string", "minLength": 1}, "vLLM extension: the output is one", minItems=1),
     "guided_grammar": typed("string", "vLLM extension: a Lark grammar the output follows", minLength=1),
+    "prediction": obj(
+        {
+            "type": typed("string", "the one kind of prediction", enum=["content"]),
+            "content": {
+                "oneOf": [
+                    {"type": "string"},
+                    array(
+                        obj({"type": typed("string", "", enum=["text"]), "text": {"type": "string"}}, ("type", "text"))
+                    ),
+                ],
+                "description": "the output expected (text parts are joined)",
+            },
+        },
+        required=("type", "content"),
+        description="OpenAI's Predicted Outputs: the request speculates from it, with or without --speculate; "
+        "the output stays the model's, and usage.completion_tokens_details says what was kept",
+    ),
     "structured_outputs": obj(
         {
             "json": {"description": "a JSON schema (an object, or JSON text)"},
@@ -101,8 +118,17 @@ OPENAI_SAMPLING: dict[str, Schema] = {
 }
 USAGE = obj(
     {
-        k: typed("integer", k.replace("_", " "), minimum=0)
-        for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+        **{
+            k: typed("integer", k.replace("_", " "), minimum=0)
+            for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+        },
+        "completion_tokens_details": obj(
+            {
+                "accepted_prediction_tokens": typed("integer", "the prediction's proposed tokens kept", minimum=0),
+                "rejected_prediction_tokens": typed("integer", "the prediction's proposed tokens not kept", minimum=0),
+            },
+            description="with a prediction only",
+        ),
     }
 )
 FINISH = typed("string", "`stop` (EOS or a stop sequence) or `length`", enum=["stop", "length"])

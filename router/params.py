@@ -159,6 +159,20 @@ def as_prompt(name: str, value: object) -> str:
     return value
 
 
+def as_text_parts(name: str, value: object, part_types: tuple[str, ...] = ("text",)) -> str:
+    """A string, or an array of text parts (`{"type": one of part_types, "text": string}`) joined by newlines."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise BadRequest(f"{name} must be a string or an array of text parts, got {json_type_name(value)}")
+    texts = []
+    for j, part in enumerate(value):
+        if not isinstance(part, dict) or part.get("type") not in part_types or not isinstance(part.get("text"), str):
+            raise ValidationError(f"{name}[{j}]: only text parts ({', '.join(part_types)}) are supported")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
 def as_messages(name: str, value: object) -> list[dict[str, str]]:
     """A non-empty array of {role, content} string objects; other keys are dropped."""
     if not isinstance(value, list):
@@ -285,6 +299,10 @@ class GenerationParams:
     # vLLM's cache_salt: the request's prompt blocks are shared through the prefix cache only with requests
     # of the same salt.
     cache_salt: str | None = None
+    # OpenAI's Predicted Outputs: the output expected, the request's proposals' source; its token ids filled in
+    # at validation (router/prediction.py).
+    prediction: str | None = None
+    prediction_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.max_new_tokens = as_int("max_new_tokens", self.max_new_tokens, ge=1)
@@ -315,6 +333,8 @@ class GenerationParams:
         self.bad_words = as_bad_words("bad_words", self.bad_words)
         if self.cache_salt is not None:
             self.cache_salt = as_prompt("cache_salt", self.cache_salt)
+        if self.prediction is not None and not isinstance(self.prediction, str):
+            raise BadRequest(f"prediction must be a string, got {json_type_name(self.prediction)}")
         if self.grammar is not None and self.ignore_eos:
             raise ValidationError(
                 f"{self.grammar.field} cannot be combined with ignore_eos or min_tokens: a finished "

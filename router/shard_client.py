@@ -282,6 +282,7 @@ def sampling_params(sampling: Sampling) -> shard_pb2.SamplingParams:
         min_p=sampling.min_p,
         allowed_token_ids=sampling.allowed_token_ids,
         bad_words=[shard_pb2.TokenIds(ids=word) for word in sampling.bad_words],
+        prediction_token_ids=sampling.prediction_token_ids,
     )
 
 

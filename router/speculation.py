@@ -2,7 +2,9 @@
 proposed, and what verification costs the shards against a plain decode step.
 
 The shards make every proposal: n-gram lookup in the sequence's own tokens (shards/ngram.py, the
-default for `--speculate K`) or their draft model (`--speculative-model DIR`, shards/draft.py). The
+default for `--speculate K`) or their draft model (`--speculative-model DIR`, shards/draft.py); a request
+with a predicted output (OpenAI's `prediction`) proposes from it (shards/prediction.py), and speculates
+even where the engine runs without `--speculate` (with PREDICTION_K). The
 router only decides how many each decode may have, reserving their slots in a single step (the
 scheduler treats the reserved positions like proposed tokens and rolls back those not kept), or, in a
 multi-step run, letting the shards propose before each of its steps within the blocks the run covers.
@@ -50,6 +52,9 @@ if TYPE_CHECKING:
 
 # Running requests above which no request speculates (the engine's default; --speculate-max-batch).
 MAX_BATCH = 8
+# The most proposals a step of a request with a predicted output (OpenAI's `prediction`) has where the engine
+# runs without --speculate: such requests speculate anyway, from their prediction (shards/prediction.py).
+PREDICTION_K = 8
 # Positions one speculating step verifies at most. On the trained demo's random workload (2 CPU shards),
 # 8 requests at k = 5 (48 rows a step) ran 17 % slower than plain decoding, at k = 3 (32 rows) 2 % faster
 # (benchmarks/results/compare-spec-runs-random).
@@ -142,8 +147,8 @@ class SpeculationState:
     retry: bool = False  # a cost pause ended: speculate for a run whatever the average says
     exploring: bool = False  # the last proposals were to measure (a retry, or nothing to weigh yet)
     acceptance: Acceptance = field(default_factory=Acceptance)
-    # Its kind for the engine's prior, (greedy, grammar-constrained); None: not seen by the engine yet.
-    kind: tuple[bool, bool] | None = None
+    # Its kind for the engine's prior, (greedy, grammar-constrained, predicted); None: not seen by the engine yet.
+    kind: tuple[bool, bool, bool] | None = None
 
     def proposals(self, k: int, weigh: bool = False, prior: "StepCosts | None" = None) -> int:
         """How many tokens this request may have proposed for it next: `k`, or 0 while it backs off. With
@@ -195,11 +200,13 @@ class SpeculationState:
 
 class Speculation:
     """One engine's speculation: which decodes of a step have proposals and how many tokens its run may
-    gain, the step costs its back-off weighs, and the proposed / accepted counters."""
+    gain, the step costs its back-off weighs, and the proposed / accepted counters. Requests with a predicted
+    output speculate even where the engine does not (k = 0)."""
 
     def __init__(self, k: int, max_batch: int, cost_back_off: bool, metrics: "Metrics") -> None:
-        """`k`: the most proposals a decode has (0: no speculation), while at most `max_batch` requests
-        run; with `cost_back_off`, requests pause where speculating costs more than it gains."""
+        """`k`: the most proposals a decode has (0: only requests with a predicted output speculate, with
+        PREDICTION_K), while at most `max_batch` requests run; with `cost_back_off`, requests pause where
+        speculating costs more than it gains."""
         if k < 0:
             raise ValueError(f"speculate must be >= 0, got {k}")
         if max_batch < 1:
@@ -214,18 +221,20 @@ class Speculation:
 
     def allowed(self, running: int) -> bool:
         """Whether decodes may speculate with `running` requests in the batch (counted before scheduling)."""
-        return bool(self.k) and running <= self.max_batch
+        return running <= self.max_batch
 
     def plan_run(self, plan: "StepPlan", running: int, allowed: bool, max_steps: int) -> tuple[dict[int, int], int]:
         """For `plan`, just scheduled with `running` requests: each decode's proposals (by sequence id) and
         the most a multi-step run of it may gain (tokens: `max_steps` decode steps, times k + 1 where any
         decode speculates; a short run where it speculates, or runs plain, to measure)."""
-        k = width(self.k, running) if allowed else 0
+        k = width(self.k or PREDICTION_K, running) if allowed else 0
         decodes = [e.seq for e in plan.sequences if not e.is_prefill]
         if k and self._probes_plain(plan, decodes):
             # A short plain run measures what a plain step costs at this batch size.
             k, max_steps = 0, min(max_steps, PROBE_STEPS)
-        proposals = {seq.seq_id: self._proposals(seq, k) for seq in decodes} if k else {}
+        # Without --speculate, only requests with a predicted output propose.
+        proposing = decodes if self.k else [seq for seq in decodes if seq.payload.params.prediction_ids]
+        proposals = {seq.seq_id: self._proposals(seq, k) for seq in proposing} if k else {}
         if any(proposals.values()):
             if self.costs is not None and any(seq.payload.speculation.exploring for seq in decodes):
                 # Speculating to measure (its cost or a request's gain): a short run, then decide again.
@@ -281,7 +290,11 @@ class Speculation:
         if state.kind is None:
             # First seen: it starts from what its kind has kept lately.
             params = generation.params
-            state.kind = (is_greedy(params.temperature, params.top_k), params.grammar is not None)
+            state.kind = (
+                is_greedy(params.temperature, params.top_k),
+                params.grammar is not None,
+                bool(params.prediction_ids),
+            )
             state.acceptance, pause = self.prior.start(state.kind)
             state.paused = max(state.paused, pause)
         return state.proposals(k, self.costs is not None, self.costs)

@@ -1,6 +1,7 @@
 """Speculation's back-off on acceptance: a request whose proposals are seldom kept stops proposing for a
 while, doubling the while at each such pause in a row, and a new request starts from what its kind
-(greedy or sampled, free or grammar-constrained) has kept lately. Part of router/speculation.py's back-off.
+(greedy or sampled, free or grammar-constrained, with a predicted output or not) has kept lately. Part
+of router/speculation.py's back-off.
 
 A verification of k proposals costs about a plain step and k rows; it pays where the share of proposals
 kept is at least `LOW_ACCEPTANCE` (a k = 3 verification of one sequence took 1.73x a plain step on the
@@ -10,7 +11,7 @@ itself), and a request lives a few hundred tokens, too few to learn that on its 
 each of its proposals makes the whole step a verification
 (benchmarks/results/spec-sampled-back-off). Constrained requests propose what their grammar forces and
 keep ~90 % of it (benchmarks/results/structured-speculation), whatever free text keeps, so they are a kind
-of their own. Pure Python, no torch.
+of their own; so are requests that propose from a predicted output (OpenAI's `prediction`). Pure Python, no torch.
 """
 
 from dataclasses import dataclass, field
@@ -57,18 +58,18 @@ class Acceptance:
 
 @dataclass(slots=True)
 class AcceptancePrior:
-    """The share of proposals kept, averaged over every request of a kind ((greedy, constrained): see
-    `kind`)."""
+    """The share of proposals kept, averaged over every request of a kind ((greedy, constrained, predicted):
+    router/speculation.py's `SpeculationState.kind`)."""
 
-    shares: dict[tuple[bool, bool], float] = field(default_factory=dict)
+    shares: dict[tuple[bool, ...], float] = field(default_factory=dict)
 
-    def on_verified(self, kind: tuple[bool, bool], proposed: int, accepted: int) -> None:
+    def on_verified(self, kind: tuple[bool, ...], proposed: int, accepted: int) -> None:
         """A request of the kind had `proposed` (> 0) tokens verified and `accepted` of them kept."""
         share = accepted / proposed
         old = self.shares.get(kind)
         self.shares[kind] = share if old is None else old + PRIOR_WEIGHT * (share - old)
 
-    def start(self, kind: tuple[bool, bool]) -> tuple[Acceptance, int]:
+    def start(self, kind: tuple[bool, ...]) -> tuple[Acceptance, int]:
         """A new request's acceptance and the tokens it starts paused for: where its kind keeps too few, its
         kind's average, one verification short of being judged, as if it had paused PRIOR_PAUSES times."""
         share = self.shares.get(kind)

@@ -23,6 +23,7 @@ class Sampling:
     min_p: float = 0.0
     allowed_token_ids: list[int] = field(default_factory=list)  # vLLM's: only these are sampled; empty: all
     bad_words: list[list[int]] = field(default_factory=list)  # vLLM's bad_words, as token ids
+    prediction_token_ids: list[int] = field(default_factory=list)  # OpenAI's prediction, the proposals' source
 
 
 @dataclass(slots=True)

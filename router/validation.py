@@ -14,6 +14,7 @@ from mixserve.router.bad_words import bad_word_ids
 from mixserve.router.engine_api import EngineAPI, EngineStats
 from mixserve.router.errors import ValidationError
 from mixserve.router.params import GenerationParams, GenerationRequest, render_prompt
+from mixserve.router.prediction import prediction_ids
 from mixserve.router.structured import compile_grammar
 
 
@@ -74,10 +75,13 @@ def check_in_vocabulary(engine: EngineAPI, name: str, token_ids: Iterable[int]) 
 
 def check_token_fields(engine: EngineAPI, params: GenerationParams) -> None:
     """Raise ValidationError when logit_bias or allowed_token_ids name a token id the vocabulary does not
-    have; tokenize bad_words into `params.bad_word_ids`."""
+    have; tokenize bad_words into `params.bad_word_ids`, the prediction into `params.prediction_ids`."""
     check_in_vocabulary(engine, "logit_bias", params.logit_bias)
     check_in_vocabulary(engine, "allowed_token_ids", params.allowed_token_ids)
     params.bad_word_ids = bad_word_ids(engine.tokenizer, params.bad_words)
+    if params.prediction:
+        limit = engine.stats().limits.max_total_tokens
+        params.prediction_ids = prediction_ids(engine.tokenizer, params.prediction, limit)
 
 
 async def check_params(engine: EngineAPI, params: GenerationParams) -> None:

@@ -44,6 +44,8 @@ class SamplingParams:
     allowed_token_ids: list[int] = field(default_factory=list)
     # vLLM's bad_words as token id sequences (shards/logits_processors.banned_tokens).
     bad_words: list[list[int]] = field(default_factory=list)
+    # OpenAI's Predicted Outputs: the output the request expects, its proposals' source (shards/prediction.py).
+    prediction_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.top_p == 0:
@@ -79,6 +81,8 @@ class SamplingParams:
                 raise ValueError(f"logit_bias needs token ids >= 0 and finite biases, got {token}: {bias}")
         if self.allowed_token_ids and min(self.allowed_token_ids) < 0:
             raise ValueError(f"allowed_token_ids must be >= 0, got {min(self.allowed_token_ids)}")
+        if self.prediction_token_ids and min(self.prediction_token_ids) < 0:
+            raise ValueError(f"prediction_token_ids must be >= 0, got {min(self.prediction_token_ids)}")
         if any(not word or min(word) < 0 for word in self.bad_words):
             raise ValueError("bad_words must be non-empty sequences of token ids >= 0")
         if self.repetition_penalty <= 0:
@@ -106,6 +110,7 @@ class SamplingParams:
             min_p=msg.min_p,
             allowed_token_ids=list(msg.allowed_token_ids),
             bad_words=[list(word.ids) for word in msg.bad_words],
+            prediction_token_ids=list(msg.prediction_token_ids),
         )
 
     @property

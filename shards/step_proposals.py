@@ -3,16 +3,19 @@
 A step whose sequences have positions reserved for proposals (`draft`: the router reserved the slots,
 the shards fill them) gets them here: the draft model's (shards/draft.py), or n-gram lookup in the
 sequence's own tokens and, with `--speculate-history-tokens`, finished sequences' (shards/ngram.py), as
-many as the sequence's adaptive proposal length allows (shards/proposal_length.py). A grammar-constrained
-sequence proposes what its grammar forces next where it forces anything, else the proposals above cut at
-the first token its grammar refuses (shards/grammar.py). Every rank holds the same sequences' tokens and
-grammar states, so every rank proposes alike (the draft's proposals travel from rank 0).
+many as the sequence's adaptive proposal length allows (shards/proposal_length.py). A sequence with a
+predicted output (OpenAI's `prediction`) proposes from it instead (shards/prediction.py), with a draft
+model or not. A grammar-constrained sequence proposes what its grammar forces next where it forces
+anything, else the proposals above cut at the first token its grammar refuses (shards/grammar.py).
+Every rank holds the same sequences' tokens and grammar states, so every rank proposes alike (the
+draft's proposals travel from rank 0).
 """
 
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from mixserve.shards import ngram
+from mixserve.shards.prediction import PredictionIndex
 from mixserve.shards.sequence_step import SequenceStep
 from mixserve.shards.step_rows import SequenceState
 
@@ -50,10 +53,12 @@ class StepProposer:
         if self.draft is not None:
             # The draft knows no grammar: a constrained sequence proposes what its grammar forces where it
             # forces anything (the same on every rank, so every rank asks the draft for the same sequences),
-            # else the draft's tokens its grammar allows.
+            # else the draft's tokens its grammar allows. A predicted sequence proposes its prediction's.
             forced = {i: self._forced(steps[i]) for i in drafting}
-            asked = [i for i in drafting if not forced[i]]
+            predicted = {i: self._predicted(steps[i]) for i in drafting if not forced[i]}
+            asked = [i for i in drafting if not forced[i] and predicted[i] is None]
             made = dict(zip(asked, self.draft.propose([steps[i] for i in asked]) if asked else [], strict=True))
+            made.update((i, p) for i, p in predicted.items() if p is not None)
             proposals = [forced[i] or self._allowed(steps[i], made[i]) for i in drafting]
         else:
             proposals = [self._ngram_proposals(steps[i]) for i in drafting]
@@ -83,8 +88,25 @@ class StepProposer:
         forced = self._forced(s)
         if forced:
             return forced
+        predicted = self._predicted(s)
+        if predicted is not None:
+            return self._allowed(s, predicted)
         k = state.proposal_length.allowed(s.num_proposed) if self.adaptive_length else s.num_proposed
         return self._allowed(s, state.ngrams.propose(tokens, k, self.ngram_history))
+
+    def _predicted(self, s: SequenceStep) -> list[int] | None:
+        """Up to s.num_proposed tokens of the sequence's predicted output where its output is in it (all the
+        reserved positions: the output follows a good prediction for long runs); None for a sequence without
+        one, or where this shard does not hold all of its tokens."""
+        state = self.sequences.get(s.seq_id)
+        if state is None or not state.params.prediction_token_ids:
+            return None
+        history = state.history
+        if len(history.tokens) != s.start_position + 1 or history.tokens[-1] != s.token_ids[0]:
+            return None
+        if state.prediction is None:
+            state.prediction = PredictionIndex(state.params.prediction_token_ids)
+        return state.prediction.propose(history.tokens, history.generated, s.num_proposed)
 
     def _forced(self, s: SequenceStep) -> list[int]:
         """A constrained sequence's proposals where its grammar forces the next tokens: as many as reserved (the

@@ -15,6 +15,7 @@ import torch
 from mixserve.shards.grammar import SequenceGrammar
 from mixserve.shards.logits_processors import banned_tokens
 from mixserve.shards.ngram import NgramIndex
+from mixserve.shards.prediction import PredictionIndex
 from mixserve.shards.proposal_length import ProposalLength
 from mixserve.shards.sampling import sample
 from mixserve.shards.sampling_params import SamplingParams
@@ -32,6 +33,7 @@ class SequenceState:
     seen_until: int = 0  # positions below this are already in the history
     grammar: SequenceGrammar | None = None  # constrained decoding: the sequence's matcher
     ngrams: NgramIndex | None = None  # n-gram speculation: the history's n-grams, made at its first lookup
+    prediction: PredictionIndex | None = None  # a predicted output's proposals, made at its first lookup
     proposal_length: ProposalLength = field(default_factory=ProposalLength)  # n-gram proposals it makes next
     # Scoring the prompt: log-softmax [V] of the previous chunk's last position, which scores this chunk's first token.
     prompt_row: torch.Tensor | None = None

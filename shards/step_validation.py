@@ -72,12 +72,13 @@ def validate_steps(
 
 
 def _validate_sampled_ids(sampling: SamplingParams, where: str, vocab_size: int) -> None:
-    """The token ids a sequence's sampling settings name (logit_bias, allowed_token_ids, bad_words) are in
-    the vocabulary."""
+    """The token ids a sequence's sampling settings name (logit_bias, allowed_token_ids, bad_words, the
+    prediction) are in the vocabulary."""
     named = (
         ("biases", sampling.logit_bias),
         ("allows", sampling.allowed_token_ids),
         ("bans", [t for word in sampling.bad_words for t in word]),
+        ("predicts", sampling.prediction_token_ids),
     )
     for verb, ids in named:
         if ids and max(ids) >= vocab_size:

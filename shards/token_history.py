@@ -88,6 +88,11 @@ class TokenHistory:
         """Every output token id in generation order (with repeats), `[S]` long on the CPU."""
         return self._output_ids.tensor()
 
+    @property
+    def generated(self) -> int:
+        """Output tokens recorded (the last this many of `tokens`)."""
+        return len(self._output_ids.ids)
+
     def output_tail(self, n: int) -> list[int]:
         """The last `n` output token ids (fewer where fewer were generated), in order."""
         return self._output_ids.ids[-n:] if n > 0 else []

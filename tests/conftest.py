@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -334,6 +334,24 @@ def launch(tmp_path_factory):
     yield start
     for server in started:
         server.stop()
+
+
+def servers_side_by_side(
+    tmp_path_factory, flags: list[str], variants: dict[str, list[str]]
+) -> "Iterator[dict[str, LaunchedServer]]":
+    """Servers of `flags` plus each variant's own, started at once (they boot side by side), healthy when
+    yielded by name, and stopped after: a module fixture yields from this."""
+    started = {}
+    for name, extra in variants.items():
+        log = tmp_path_factory.mktemp(f"launch-{name}") / "server.log"
+        started[name] = LaunchedServer([*flags, *extra], log, free_port())
+    try:
+        for server in started.values():
+            server.wait_healthy()
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from test_speculative_serving import cancel_mid_run, info, plain_stops_and_outputs, workload
 
-from conftest import PYTHON, LaunchedServer, free_port, subprocess_env
+from conftest import PYTHON, free_port, servers_side_by_side, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -37,17 +37,7 @@ def servers(demo_dir, interpreter_dir, tmp_path_factory):
             *("--speculative-model", str(interpreter_dir)),
         ],
     }
-    started = {}
-    for name, extra in variants.items():
-        log = tmp_path_factory.mktemp(f"launch-{name}") / "server.log"
-        started[name] = LaunchedServer([*flags, *extra], log, free_port())
-    try:
-        for server in started.values():
-            server.wait_healthy()
-        yield started
-    finally:
-        for server in started.values():
-            server.stop()
+    yield from servers_side_by_side(tmp_path_factory, flags, variants)
 
 
 async def test_draft_outputs_equal_plain_outputs(servers):

@@ -62,6 +62,7 @@ FRONT_MAY_IMPORT = frozenset(
         "mixserve.router.errors",
         "mixserve.router.metrics",
         "mixserve.router.params",
+        "mixserve.router.prediction",
         "mixserve.router.structured",
         "mixserve.router.tool_turns",
         "mixserve.router.tools",

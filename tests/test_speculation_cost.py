@@ -57,7 +57,9 @@ def test_an_engine_speculates_up_to_its_batch_limit_and_refuses_bad_settings():
     metrics = Metrics(Scheduler(SchedulerConfig(num_blocks=4, block_size=4)))
     speculation = Speculation(3, 8, True, metrics)
     assert speculation.allowed(8) and not speculation.allowed(9)
-    assert not Speculation(0, 8, True, metrics).allowed(1)
+    # Without --speculate, requests with a predicted output still speculate (the others do not: the
+    # predicted-outputs serving test).
+    assert Speculation(0, 8, True, metrics).allowed(1) and not Speculation(0, 8, True, metrics).allowed(9)
     assert Speculation(0, 8, True, metrics).costs is None  # nothing to weigh without speculation
     with pytest.raises(ValueError, match="speculate must be >= 0"):
         Speculation(-1, 8, True, metrics)

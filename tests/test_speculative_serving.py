@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from conftest import SMALL_JSON_SCHEMA as SCHEMA
-from conftest import LaunchedServer, await_until, free_port
+from conftest import await_until, servers_side_by_side
 
 pytestmark = pytest.mark.slow
 
@@ -59,17 +59,7 @@ def servers(demo_dir, tmp_path_factory):
             "--speculate-cost-back-off",
         ],
     }
-    started = {}
-    for name, extra in variants.items():
-        log = tmp_path_factory.mktemp(f"launch-{name}") / "server.log"
-        started[name] = LaunchedServer([*flags, *extra], log, free_port())
-    try:
-        for server in started.values():
-            server.wait_healthy()
-        yield started
-    finally:
-        for server in started.values():
-            server.stop()
+    yield from servers_side_by_side(tmp_path_factory, flags, variants)
 
 
 async def generate(session: aiohttp.ClientSession, url: str, prompt: str, **parameters) -> dict:

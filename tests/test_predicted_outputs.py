@@ -1,0 +1,148 @@
+"""OpenAI's Predicted Outputs through real servers: a request with a `prediction` proposes its tokens (on a
+server without --speculate, 1 shard, multi-step decode on; and on 2 tensor-parallel shards with
+--speculate 3 and single steps), its output stays the one without the prediction (greedy and seeded,
+good, edited and useless predictions, a stop inside an accepted run), and `usage` says how many proposed
+tokens were kept and not; gRPC reports the counts; KV blocks all back at the end; malformed predictions
+are refused."""
+
+import json
+
+import aiohttp
+import grpc
+import pytest
+
+from conftest import free_port, servers_side_by_side
+from mixserve_pb import generate_pb2 as pb
+from mixserve_pb import generate_pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "the cat sat on the mat. the cat sat on the mat. the cat"
+SEEDED = {"temperature": 0.9, "top_p": 0.95, "seed": 5}
+
+
+@pytest.fixture(scope="module")
+def servers(demo_dir, tmp_path_factory):
+    """`plain`: 1 shard, no --speculate (multi-step decode on); `k3_tp2`: 2 tensor-parallel shards with
+    --speculate 3, one step a round trip, and a gRPC port. Started side by side."""
+    flags = ["--model", str(demo_dir), "--max-kv-blocks", "256", "--block-size", "4"]
+    flags += ["--max-batch-prefill-tokens", "64"]
+    grpc_port = free_port()
+    variants = {
+        "plain": ["--num-shard", "1"],
+        "k3_tp2": ["--num-shard", "2", "--speculate", "3", "--max-decode-steps", "1", "--grpc-port", str(grpc_port)],
+    }
+    for started in servers_side_by_side(tmp_path_factory, flags, variants):
+        started["k3_tp2"].grpc_address = f"127.0.0.1:{grpc_port}"
+        yield started
+
+
+async def complete(session: aiohttp.ClientSession, url: str, **fields) -> dict:
+    body = {"prompt": PROMPT, "max_tokens": 40, "temperature": 0, **fields}
+    async with session.post(f"{url}/v1/completions", json=body) as response:
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+
+def edited(text: str) -> str:
+    """`text` with a stretch of its middle replaced, as a client's stale copy of a file would differ."""
+    third = len(text) // 3
+    return text[:third] + " zebra lantern 17 " + text[2 * third :]
+
+
+async def test_predictions_keep_the_output_and_report_what_was_kept(servers):
+    async with aiohttp.ClientSession() as session:
+        plain = servers["plain"].url
+        expected = (await complete(session, plain))["choices"][0]["text"]
+        expected_seeded = (await complete(session, plain, **SEEDED))["choices"][0]["text"]
+        assert len(expected) > 20
+        for name, server in servers.items():
+            url = server.url
+            good = await complete(session, url, prediction={"type": "content", "content": expected})
+            assert good["choices"][0]["text"] == expected, name
+            details = good["usage"]["completion_tokens_details"]
+            generated = good["usage"]["completion_tokens"]
+            # Most tokens came as kept proposals (a step's last token is the model's own).
+            assert details["accepted_prediction_tokens"] >= generated // 2, (name, details, generated)
+            # Edited, as text parts: the output leaves the prediction and finds its place again.
+            parts = [{"type": "text", "text": t} for t in (edited(expected)[:10], edited(expected)[10:])]
+            stale = await complete(session, url, prediction={"type": "content", "content": parts})
+            assert stale["choices"][0]["text"] == expected, name
+            details = stale["usage"]["completion_tokens_details"]
+            assert details["accepted_prediction_tokens"] > 0 and details["rejected_prediction_tokens"] > 0, name
+            # A useless prediction proposes little, and changes nothing.
+            useless = await complete(session, url, prediction={"type": "content", "content": "zebra " * 30})
+            assert useless["choices"][0]["text"] == expected, name
+            assert useless["usage"]["completion_tokens_details"]["accepted_prediction_tokens"] == 0, name
+            # Seeded sampling keeps its draws; a stop string lands inside an accepted run.
+            seeded = await complete(session, url, prediction={"type": "content", "content": expected_seeded}, **SEEDED)
+            assert seeded["choices"][0]["text"] == expected_seeded, name
+            stop = expected[12:16]
+            cut = await complete(session, url, prediction={"type": "content", "content": expected}, stop=[stop])
+            assert cut["choices"][0]["text"] == expected[: expected.index(stop)], name
+            async with session.get(f"{url}/info") as response:
+                before = await response.json()
+            assert "completion_tokens_details" not in (await complete(session, url))["usage"]
+            async with session.get(f"{url}/info") as response:
+                state = await response.json()
+            assert state["kv_blocks_used"] == 0 and state["speculative_accepted_tokens"] > 0, name
+            if name == "plain":  # without --speculate, a request without a prediction proposes nothing
+                assert state["speculative_proposed_tokens"] == before["speculative_proposed_tokens"]
+
+
+async def test_chat_streams_usage_with_the_predictions_counts(servers):
+    url = servers["plain"].url
+    messages = [{"role": "user", "content": "Write f again."}]
+    body = {"messages": messages, "max_tokens": 32, "temperature": 0}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{url}/v1/chat/completions", json=body) as response:
+            expected = (await response.json())["choices"][0]["message"]["content"]
+        streamed = {
+            **body,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "prediction": {"type": "content", "content": expected},
+        }
+        async with session.post(f"{url}/v1/chat/completions", json=streamed) as response:
+            assert response.status == 200
+            lines = [line.decode()[6:].strip() async for line in response.content if line.startswith(b"data: ")]
+    chunks = [json.loads(line) for line in lines[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == expected
+    usage = chunks[-1]["usage"]
+    assert usage["completion_tokens_details"]["accepted_prediction_tokens"] >= usage["completion_tokens"] // 2
+
+
+async def test_grpc_takes_a_prediction_and_reports_the_counts(servers):
+    server = servers["k3_tp2"]
+    params = {"max_new_tokens": 40, "temperature": 0}
+    async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+        stub = generate_pb2_grpc.GenerationServiceStub(channel)
+        plain = await stub.Generate(pb.GenerateRequest(prompt=PROMPT, parameters=pb.GenerationParameters(**params)))
+        request = pb.GenerateRequest(prompt=PROMPT, parameters=pb.GenerationParameters(**params, prediction=plain.text))
+        predicted = await stub.Generate(request)
+        messages = [m async for m in stub.GenerateStream(request)]
+    assert predicted.text == plain.text
+    assert predicted.speculative_accepted >= predicted.generated_tokens // 2
+    assert predicted.speculative_accepted > plain.speculative_accepted
+    assert "".join(m.token.text for m in messages) == plain.text
+    assert messages[-1].speculative_accepted == predicted.speculative_accepted
+
+
+@pytest.mark.parametrize(
+    "prediction, status",
+    [
+        ("just text", 400),
+        ({"type": "file", "content": "x"}, 422),
+        ({"type": "content", "content": 7}, 400),
+        ({"type": "content", "content": [{"type": "image_url", "image_url": {}}]}, 422),
+        ({"type": "content", "content": [{"type": "text", "text": 3}]}, 422),
+    ],
+)
+async def test_malformed_predictions_are_refused(servers, prediction, status):
+    body = {"prompt": PROMPT, "max_tokens": 4, "prediction": prediction}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{servers['plain'].url}/v1/completions", json=body) as response:
+            assert response.status == status
+            error = (await response.json())["error"]
+    assert "prediction" in error["message"]
