@@ -35,20 +35,25 @@ def test_after_an_edit_the_output_finds_its_place_again_at_or_after_where_it_lef
     assert run(index, [a, eq, x, nl], 2) == [y, eq]
     output = [a, eq, x, nl, 77]  # an edit: a token the prediction never has
     assert run(index, output, 2) == []
-    output += [eq, x]  # back into the prediction: `= x` ends at 7, past where the output left (4)
+    output += [eq, x]  # back into the prediction: `= x` at 1 (behind) and 5: the one after where it left (4)
     assert run(index, output, 2) == [nl, a]
     output += [nl, a, eq, y, nl]
     assert run(index, output, 2) == []
 
 
-def test_a_single_token_matches_only_forward_a_longer_run_also_behind():
-    prediction = [1, 2, 3, 4, 5, 6, 7, 8]
+def test_two_tokens_find_a_place_ahead_three_also_behind():
+    prediction = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
     index = PredictionIndex(prediction)
-    assert run(index, [1, 2, 3, 4, 5, 6], 2) == [7, 8]
-    # The output jumps back: one token seen before the anchor is not a place (too common to tell) ...
-    assert run(index, [1, 2, 3, 4, 5, 6, 99, 2], 2) == []
-    # ... two tokens in a row are.
-    assert run(index, [1, 2, 3, 4, 5, 6, 99, 2, 3], 2) == [4, 5]
+    assert run(index, [1, 2, 3], 2) == [4, 5]
+    # Off the prediction, one token of it is no place (too common to tell): nothing proposed ...
+    assert run(index, [1, 2, 3, 99, 7], 2) == []
+    # ... two in a row ahead of where the output left are.
+    assert run(index, [1, 2, 3, 99, 7, 8], 2) == [9, 10]
+    # Behind the furthest place reached, two tokens are not ...
+    output = [1, 2, 3, 99, 7, 8, 98, 2, 3]
+    assert run(index, output, 2) == []
+    # ... three are.
+    assert run(index, [*output, 4], 2) == [5, 6]
 
 
 def test_the_longest_suffix_wins():
@@ -63,3 +68,15 @@ def test_output_present_before_the_first_call_is_followed():
     index = PredictionIndex([5, 6, 7, 8])
     assert run(index, [5, 6], 5) == [7, 8]
     assert PredictionIndex([5, 6, 7, 8]).propose(PROMPT + [9], 1, 2) == []
+
+
+def test_a_place_just_found_proposes_as_many_tokens_as_found_it_until_followed():
+    prediction = list(range(10, 40))
+    index = PredictionIndex(prediction)
+    assert run(index, [10, 11], 8) == prediction[2:10]
+    output = [10, 11, 99, 20, 21]  # found again on two tokens: two proposals, not eight
+    assert run(index, output, 8) == [22, 23]
+    output += [22, 23, 24]  # kept, and the next token too: the output follows the prediction again
+    assert run(index, output, 8) == prediction[15:23]
+    output = [*output, 98, 28, 29, 30, 31]  # four tokens found it: four proposals
+    assert run(index, output, 8) == [32, 33, 34, 35]
