@@ -51,7 +51,9 @@ class PredictionIndex:
             self._follow(token)
         self.seen = len(tokens)
         if self.cursor is None:
-            self.cursor = self._find(tokens[len(tokens) - generated :])
+            # The sequence's last tokens, not only its output's: a sequence preempted and computed again
+            # (its output then part of its prompt on a shard) finds its place as one that never left.
+            self.cursor = self._find(tokens[-MAX_NGRAM:])
         if self.cursor is None or k < 1:
             return []
         # A place just found on n tokens proposes n at most until the output has followed it: a short match
@@ -70,12 +72,12 @@ class PredictionIndex:
         else:
             self.cursor = None
 
-    def _find(self, output: list[int]) -> int | None:
-        """Where in the prediction the output's last tokens end: the longest suffix (MAX_NGRAM down to
+    def _find(self, last: list[int]) -> int | None:
+        """Where in the prediction the sequence's `last` tokens end: the longest suffix (MAX_NGRAM down to
         MIN_NGRAM) that occurs at or after the anchor, its first such occurrence; else, for MIN_BACK_NGRAM
         tokens or more, its last occurrence before. None where no suffix occurs."""
-        for n in range(min(MAX_NGRAM, len(output)), MIN_NGRAM - 1, -1):
-            starts = self.starts.get(tuple(output[len(output) - n :]))
+        for n in range(min(MAX_NGRAM, len(last)), MIN_NGRAM - 1, -1):
+            starts = self.starts.get(tuple(last[len(last) - n :]))
             if not starts:
                 continue
             i = bisect_left(starts, self.anchor - n)

@@ -80,3 +80,10 @@ def test_a_place_just_found_proposes_as_many_tokens_as_found_it_until_followed()
     assert run(index, output, 8) == prediction[15:23]
     output = [*output, 98, 28, 29, 30, 31]  # four tokens found it: four proposals
     assert run(index, output, 8) == [32, 33, 34, 35]
+
+
+def test_a_sequence_computed_again_finds_its_place_from_the_output_in_its_prompt():
+    # Preempted and recomputed, a sequence's output so far is prompt on the shard; one new token sampled.
+    prediction = list(range(50, 70))
+    index = PredictionIndex(prediction)
+    assert index.propose([*PROMPT, *prediction[:5], prediction[5]], 1, 8) == prediction[6:10]
