@@ -2,13 +2,12 @@
 server without --speculate, 1 shard, multi-step decode on; and on 2 tensor-parallel shards with
 --speculate 3 and single steps), its output stays the one without the prediction (greedy and seeded,
 good, edited and useless predictions, a stop inside an accepted run), and `usage` says how many proposed
-tokens were kept and not; gRPC reports the counts; KV blocks all back at the end; malformed predictions
-are refused."""
-
-import json
+tokens were kept and not, also to the official OpenAI client; gRPC reports the counts; KV blocks all back
+at the end; malformed predictions are refused."""
 
 import aiohttp
 import grpc
+import openai
 import pytest
 
 from conftest import free_port, servers_side_by_side
@@ -90,27 +89,27 @@ async def test_predictions_keep_the_output_and_report_what_was_kept(servers):
                 assert state["speculative_proposed_tokens"] == before["speculative_proposed_tokens"]
 
 
-async def test_chat_streams_usage_with_the_predictions_counts(servers):
-    url = servers["plain"].url
+async def test_the_openai_client_sends_a_prediction_and_reads_its_counts(servers):
+    """The official client's own `prediction` argument and usage types, streamed chat with usage."""
+    client = openai.AsyncOpenAI(base_url=f"{servers['plain'].url}/v1", api_key="unused", max_retries=0)
     messages = [{"role": "user", "content": "Write f again."}]
-    body = {"messages": messages, "max_tokens": 32, "temperature": 0}
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{url}/v1/chat/completions", json=body) as response:
-            expected = (await response.json())["choices"][0]["message"]["content"]
-        streamed = {
-            **body,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "prediction": {"type": "content", "content": expected},
-        }
-        async with session.post(f"{url}/v1/chat/completions", json=streamed) as response:
-            assert response.status == 200
-            lines = [line.decode()[6:].strip() async for line in response.content if line.startswith(b"data: ")]
-    chunks = [json.loads(line) for line in lines[:-1]]
-    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    assert text == expected
-    usage = chunks[-1]["usage"]
-    assert usage["completion_tokens_details"]["accepted_prediction_tokens"] >= usage["completion_tokens"] // 2
+    plain = await client.chat.completions.create(model="m", messages=messages, max_tokens=32, temperature=0)
+    expected = plain.choices[0].message.content
+    stream = await client.chat.completions.create(
+        model="m",
+        messages=messages,
+        max_tokens=32,
+        temperature=0,
+        prediction={"type": "content", "content": expected},
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    await client.close()
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    usage = chunks[-1].usage
+    assert usage.completion_tokens_details.accepted_prediction_tokens >= usage.completion_tokens // 2
+    assert usage.completion_tokens_details.rejected_prediction_tokens is not None
 
 
 async def test_grpc_takes_a_prediction_and_reports_the_counts(servers):
