@@ -81,6 +81,11 @@ class Metrics:
         self.speculative_accepted = Counter(
             "mixserve_speculative_accepted_tokens", "Proposed tokens that became output.", registry=r
         )
+        # Verifications (a request's proposals checked in one step), and the proposals kept at each position
+        # of theirs (0: the first proposed), counted as plain ints and read at scrape time: a step of B
+        # requests adds up to B * K.
+        self.speculative_verifications = 0
+        self.accepted_by_position: list[int] = []
         self.time_to_first_token = LoopHistogram(TTFT_BUCKETS)
         self.inter_token_latency = LoopHistogram(INTER_TOKEN_BUCKETS)
         self.request_duration = LoopHistogram(REQUEST_BUCKETS)
@@ -117,8 +122,14 @@ class Metrics:
     def on_speculated(self, proposed: int, accepted: int) -> None:
         """A verification step of `proposed` tokens kept `accepted` of them as output."""
         self.speculative_proposed.inc(proposed)
+        self.speculative_verifications += 1
         if accepted:
             self.speculative_accepted.inc(accepted)
+            counts = self.accepted_by_position
+            if len(counts) < accepted:
+                counts.extend([0] * (accepted - len(counts)))
+            for position in range(accepted):
+                counts[position] += 1
 
     def on_end(self, reason: str, seconds: float | None = None) -> None:
         """A generation ended; `seconds` (its end-to-end latency) only when it finished normally."""
@@ -170,6 +181,21 @@ class _LiveCollector(Collector):
         yield CounterMetricFamily(
             "mixserve_prefix_cache_hit_tokens", "Looked-up tokens found in the prefix cache.", s.prefix_hit_tokens
         )
+        yield CounterMetricFamily(
+            "mixserve_speculative_verifications",
+            "Verifications of one request's proposals in a step (accepted tokens over these, plus 1, is the mean "
+            "tokens such a step gains the request).",
+            m.speculative_verifications,
+        )
+        by_position = CounterMetricFamily(
+            "mixserve_speculative_accepted_by_position",
+            "Proposals kept at each position of a verification's proposals (0: the first; over verifications: "
+            "the share kept there).",
+            labels=["position"],
+        )
+        for position, count in enumerate(m.accepted_by_position):
+            by_position.add_metric([str(position)], count)
+        yield by_position
         hit_rate = s.prefix_hit_tokens / s.prefix_query_tokens if s.prefix_query_tokens else 0.0
         yield GaugeMetricFamily("mixserve_prefix_cache_hit_rate", "Hit tokens over query tokens since start.", hit_rate)
 

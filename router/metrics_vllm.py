@@ -8,7 +8,8 @@ pays nothing for it; every sample carries vLLM's `model_name` label. What maps, 
 - counters: `prompt_tokens`, `generation_tokens`, `num_preemptions`, `request_success` by
   `finished_reason` (stop: EOS or a stop sequence, length, abort: the client left; failed requests are
   not successes), `prefix_cache_queries` / `prefix_cache_hits` (tokens), and speculation's
-  `spec_decode_num_draft_tokens` / `spec_decode_num_accepted_tokens`;
+  `spec_decode_num_draft_tokens` / `spec_decode_num_accepted_tokens` / `spec_decode_num_drafts` and
+  `spec_decode_num_accepted_tokens_per_pos` (by `position`);
 - histograms: `time_to_first_token_seconds`, `inter_token_latency_seconds` and its older name
   `time_per_output_token_seconds`, `e2e_request_latency_seconds`, with mixserve's buckets.
 """
@@ -61,6 +62,16 @@ class VllmNames(Collector):
         yield self._counter("spec_decode_num_draft_tokens", "Tokens proposed for verification.", draft)
         accepted = _total(m.speculative_accepted)
         yield self._counter("spec_decode_num_accepted_tokens", "Proposed tokens kept.", accepted)
+        drafts = m.speculative_verifications
+        yield self._counter("spec_decode_num_drafts", "Verifications of one request's proposals.", drafts)
+        per_position = CounterMetricFamily(
+            "vllm:spec_decode_num_accepted_tokens_per_pos",
+            "Proposed tokens kept, by their position in the proposals.",
+            labels=["model_name", "position"],
+        )
+        for position, count in enumerate(m.accepted_by_position):
+            per_position.add_metric([*self._label, str(position)], count)
+        yield per_position
         yield self._histogram("time_to_first_token_seconds", "Admission to first token.", m.time_to_first_token)
         between = "Time between two tokens of one request."
         yield self._histogram("inter_token_latency_seconds", between, m.inter_token_latency)

@@ -125,6 +125,8 @@ VLLM_FAMILIES = {
     "vllm:prefix_cache_hits": "counter",
     "vllm:spec_decode_num_draft_tokens": "counter",
     "vllm:spec_decode_num_accepted_tokens": "counter",
+    "vllm:spec_decode_num_drafts": "counter",
+    "vllm:spec_decode_num_accepted_tokens_per_pos": "counter",
     "vllm:time_to_first_token_seconds": "histogram",
     "vllm:inter_token_latency_seconds": "histogram",
     "vllm:time_per_output_token_seconds": "histogram",
@@ -134,12 +136,20 @@ VLLM_FAMILIES = {
 
 @pytest.mark.slow
 async def test_vllm_names_read_the_same_counts(server):
-    """--vllm-metrics: vLLM's families, labelled with the served model's name, agree with mixserve's own."""
+    """--vllm-metrics: vLLM's families, labelled with the served model's name, agree with mixserve's own;
+    speculation's too (a request with a prediction speculates on this server)."""
     async with aiohttp.ClientSession() as session:
         for prompt in ("A lantern in the hall", "four stone steps"):
             body = {"prompt": prompt, "max_tokens": 5, "temperature": 0, "stream": False}
             async with session.post(f"{server.url}/predict", json=body) as response:
                 assert response.status == 200
+        body = {"prompt": "the cat sat on the mat. the cat sat on the mat. the cat", "max_tokens": 24, "temperature": 0}
+        async with session.post(f"{server.url}/v1/completions", json=body) as response:
+            text = (await response.json())["choices"][0]["text"]
+        async with session.post(
+            f"{server.url}/v1/completions", json={**body, "prediction": {"type": "content", "content": text}}
+        ) as response:
+            assert response.status == 200
         got = await scrape(session, server)
     assert VLLM_FAMILIES.items() <= got.types.items()
     model = {"model_name": "mixtral-test"}
@@ -169,6 +179,15 @@ async def test_vllm_names_read_the_same_counts(server):
     assert got("vllm:kv_cache_usage_perc", **model) == got("vllm:gpu_cache_usage_perc", **model) == usage
     assert got("vllm:prefix_cache_queries_total", **model) == got("mixserve_prefix_cache_query_tokens_total")
     assert got("vllm:prefix_cache_hits_total", **model) == got("mixserve_prefix_cache_hit_tokens_total")
+    verifications = got("mixserve_speculative_verifications_total")
+    assert got("vllm:spec_decode_num_drafts_total", **model) == verifications > 0
+    accepted = got("mixserve_speculative_accepted_tokens_total")
+    assert got("vllm:spec_decode_num_accepted_tokens_total", **model) == accepted > verifications  # runs of 2+
+    by_position = [got("mixserve_speculative_accepted_by_position_total", position=str(i)) for i in range(8)]
+    assert sum(by_position) == accepted and by_position == sorted(by_position, reverse=True)
+    assert by_position == [
+        got("vllm:spec_decode_num_accepted_tokens_per_pos_total", position=str(i), **model) for i in range(8)
+    ]
 
 
 @pytest.mark.slow
