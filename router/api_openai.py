@@ -76,6 +76,7 @@ class OpenAIRequest:
     n: int = 1
     logprobs: int | None = None  # None: no logprobs; else the alternatives per token
     include_usage: bool = False
+    continuous_usage: bool = False  # vLLM's continuous_usage_stats: every chunk carries the usage so far
     echo: bool = False  # completions: the prompt (and with logprobs, its tokens' logprobs) before the completion
     truncate_prompt_tokens: int | None = None  # keep each prompt's last N tokens (-1: --max-input-tokens)
     score_only: bool = False  # completions: echo with max_tokens 0, the prompt scored and nothing generated
@@ -129,13 +130,17 @@ def _sampling(
     )
 
 
-def _include_usage(body: dict[str, Any]) -> bool:
+def _usage_options(body: dict[str, Any]) -> dict[str, bool]:
+    """stream_options as OpenAIRequest keywords: include_usage (a last chunk with the usage), and vLLM's
+    continuous_usage_stats (with it, every chunk carries the usage so far)."""
     options = body.get("stream_options")
     if options is None:
-        return False
+        return {}
     if not isinstance(options, dict):
         raise BadRequest("stream_options must be an object")
-    return as_bool("stream_options.include_usage", options.get("include_usage"), default=False)
+    include = as_bool("stream_options.include_usage", options.get("include_usage"), default=False)
+    continuous = as_bool("stream_options.continuous_usage_stats", options.get("continuous_usage_stats"), default=False)
+    return {"include_usage": include, "continuous_usage": include and continuous}
 
 
 def _text_content(i: int, message: object) -> object:
@@ -209,10 +214,10 @@ def parse_chat_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIM
         max_tokens=max_tokens,
         n=as_int("n", body.get("n"), default=1, ge=1, le=_max_choices(limits)),
         logprobs=top_logprobs if logprobs else None,
-        include_usage=_include_usage(body),
         tools=tools,
         truncate_prompt_tokens=truncate_prompt_tokens(body),
         prompt_logprobs=prompt_n,
+        **_usage_options(body),
         **output_fields(body),
     )
 
@@ -227,6 +232,8 @@ def parse_completion_request(body: dict[str, Any], limits: RequestLimits = DEFAU
     of token ids or an array of such arrays (as OpenAI and vLLM take it; token ids get no BOS added)."""
     unsupported(body, "suffix", "no insertion mode")
     prompts = completion_prompts(body.get("prompt"))
+    # vLLM's: a string prompt gets the tokenizer's special tokens (BOS) unless false.
+    special = as_bool("add_special_tokens", body.get("add_special_tokens"), default=True)
     echo = as_bool("echo", body.get("echo"), default=False)
     # OpenAI's scoring request: echo with max_tokens 0 answers the prompt (with its logprobs) and no
     # completion; the engine still runs each prompt for one token, which is not reported.
@@ -255,18 +262,18 @@ def parse_completion_request(body: dict[str, Any], limits: RequestLimits = DEFAU
         prompts=[
             GenerationRequest(prompt=None, messages=None, params=params, prompt_token_ids=p)
             if isinstance(p, list)
-            else GenerationRequest(prompt=p, messages=None, params=params)
+            else GenerationRequest(prompt=p, messages=None, params=params, add_special_tokens=special)
             for p in prompts
         ],
         params=params,
         max_tokens=max_tokens,
         n=n,
         logprobs=logprobs,
-        include_usage=_include_usage(body),
         echo=echo,
         truncate_prompt_tokens=truncate,
         score_only=score_only,
         prompt_logprobs=prompt_n,
+        **_usage_options(body),
         **output_fields(body),
     )
 

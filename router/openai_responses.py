@@ -27,6 +27,7 @@ class Reporting(Protocol):
 
     logprobs: int | None  # None: no logprobs; else the alternatives per token
     include_usage: bool
+    continuous_usage: bool  # vLLM's continuous_usage_stats: every chunk carries the usage so far
     echo: bool  # completions: the prompt before each choice's text (and its tokens' logprobs)
     score_only: bool  # completions with echo and max_tokens 0: the prompt alone, no completion
     prompt_logprobs: int | None  # vLLM's: the prompt tokens' logprobs with this many alternatives each
@@ -58,6 +59,29 @@ class Choices:
         if self.predicted:
             counts["completion_tokens_details"] = completion_details(self.generations)
         return counts
+
+
+class ChunkUsage:
+    """What each streamed chunk says of usage: nothing; null (include_usage: a last chunk holds it); or, with
+    vLLM's continuous_usage_stats, the tokens so far (the prompts', and the completion's streamed)."""
+
+    __slots__ = ("include", "continuous", "prompt_tokens", "streamed")
+
+    def __init__(self, request: Reporting, choices: Choices) -> None:
+        self.include = request.include_usage
+        self.continuous = request.continuous_usage
+        self.prompt_tokens = choices.prompt_tokens
+        self.streamed = 0  # token events streamed, over every choice
+
+    def __call__(self) -> dict[str, Any]:
+        if not self.include:
+            return {}
+        if not self.continuous:
+            return {"usage": None}
+        total = self.prompt_tokens + self.streamed
+        return {
+            "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.streamed, "total_tokens": total}
+        }
 
 
 async def interleave(generations: list[GenerationHandle]) -> AsyncGenerator[tuple[int, TokenEvent], None]:
@@ -282,7 +306,7 @@ async def chat_chunks(
     """`chat.completion.chunk` events: a choice's first delta carries the role, its last the finish reason."""
     header = _header(choices, "chat.completion.chunk", model, "chatcmpl")
     name = token_namer(engine.tokenizer, request)
-    usage: dict[str, None] = {"usage": None} if request.include_usage else {}
+    usage = ChunkUsage(request, choices)
     held = [HeldText(request.tools) for _ in choices.generations]
     started: set[int] = set()
     async with aclosing(interleave(choices.generations)) as events:
@@ -291,14 +315,15 @@ async def chat_chunks(
                 started.add(i)
                 delta = {"role": "assistant", "content": ""}
                 role = {"index": i, "delta": delta, "logprobs": None, "finish_reason": None}
-                yield {**header, "choices": [role], **usage}
+                yield {**header, "choices": [role], **usage()}
+            usage.streamed += 1  # one event a token
             finish = FINISH_REASONS.get(event.finish_reason)
             text = held[i].add(event.text)
             if finish is not None:
                 ending, finish = held[i].finish(finish)
                 for delta in ending:
                     part = {"index": i, "delta": delta, "logprobs": None, "finish_reason": None}
-                    yield {**header, "choices": [part], **usage}
+                    yield {**header, "choices": [part], **usage()}
             if not text and finish is None and request.logprobs is None:
                 continue
             choice = {
@@ -309,7 +334,7 @@ async def chat_chunks(
                 else {"content": [_chat_logprobs(name, event, request.logprobs)]},
                 "finish_reason": finish,
             }
-            yield {**header, "choices": [choice], **usage}
+            yield {**header, "choices": [choice], **usage()}
     if request.include_usage:
         yield {**header, "choices": [], "usage": choices.usage()}
     yield "[DONE]"
@@ -367,11 +392,12 @@ async def completion_chunks(
     `echo`, each choice's first event starts with its prompt (and the prompt's logprobs, scored by then)."""
     header = _header(choices, "text_completion", model, "cmpl")
     name = token_namer(engine.tokenizer, request)
-    usage: dict[str, None] = {"usage": None} if request.include_usage else {}
+    usage = ChunkUsage(request, choices)
     offsets = [0] * len(choices.generations)
     to_echo = set(range(len(choices.generations))) if request.echo else set()
     async with aclosing(interleave(choices.generations)) as events:
         async for i, event in events:
+            usage.streamed += 1  # one event a token
             finish = FINISH_REASONS.get(event.finish_reason)
             if not event.text and finish is None and request.logprobs is None and i not in to_echo:
                 continue
@@ -390,7 +416,7 @@ async def completion_chunks(
                 logprobs = one.as_dict()
             offsets[i] += len(event.text)
             choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
-            yield {**header, "choices": [choice], **usage}
+            yield {**header, "choices": [choice], **usage()}
     if request.include_usage:
         yield {**header, "choices": [], "usage": choices.usage()}
     yield "[DONE]"

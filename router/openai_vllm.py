@@ -36,6 +36,9 @@ VLLM_UNSUPPORTED = (
     ("guided_whitespace_pattern", "JSON output is compact", None),
     ("logits_processors", "no custom logits processors", None),
     ("mm_processor_kwargs", "text only", None),
+    ("prompt_embeds", "prompts are text or token ids", None),
+    ("kv_transfer_params", "no disaggregated prefill", None),
+    ("vllm_xargs", "no custom logits processors", None),
 )
 
 

@@ -22,7 +22,12 @@ OPENAI_SAMPLING: dict[str, Schema] = {
     "n": typed("integer", "choices per prompt", minimum=1, maximum=oai.MAX_CHOICES, default=1),
     "stream": typed("boolean", "stream chunks as server-sent events ending with `data: [DONE]`", default=False),
     "stream_options": obj(
-        {"include_usage": typed("boolean", "a last chunk with `usage` and no choices", default=False)},
+        {
+            "include_usage": typed("boolean", "a last chunk with `usage` and no choices", default=False),
+            "continuous_usage_stats": typed(
+                "boolean", "vLLM extension: with include_usage, every chunk carries the usage so far", default=False
+            ),
+        },
         description="only with stream: true",
     ),
     "ignore_eos": typed("boolean", "vLLM extension: keep generating past the EOS token", default=False),
@@ -367,6 +372,9 @@ OPENAI_SCHEMAS: dict[str, Schema] = {
             ),
             "logprobs": typed("integer", "alternatives per token", minimum=0, maximum=oai.MAX_COMPLETION_LOGPROBS),
             "best_of": typed("integer", "must equal n when given", minimum=1),
+            "add_special_tokens": typed(
+                "boolean", "vLLM extension: a string prompt gets the tokenizer's special tokens (BOS)", default=True
+            ),
             "echo": typed(
                 "boolean",
                 "the prompt before each choice's text (streamed: in its first chunk); with logprobs, its tokens "

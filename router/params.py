@@ -370,6 +370,8 @@ class GenerationRequest:
     # Chat: apply_chat_template's options (add_generation_prompt, continue_final_message, vLLM's
     # chat_template_kwargs); empty: a new assistant turn is opened.
     template_options: dict[str, Any] = field(default_factory=dict)
+    # A raw prompt gets the tokenizer's special tokens (BOS) unless false (vLLM's completions field).
+    add_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         if self.prompt_token_ids is not None and (self.prompt is not None or self.messages is not None):

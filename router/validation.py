@@ -27,13 +27,14 @@ class ValidRequest:
 
 
 def prompt_ids(engine: EngineAPI, request: GenerationRequest) -> list[int]:
-    """Prompt ids: a raw prompt gets the tokenizer's special tokens (BOS); a rendered chat already has them;
-    token ids are taken as given, once checked against the vocabulary."""
+    """Prompt ids: a raw prompt gets the tokenizer's special tokens (BOS) unless it asks not to; a rendered chat
+    already has them; token ids are taken as given, once checked against the vocabulary."""
     if request.prompt_token_ids is not None:
         check_in_vocabulary(engine, "the prompt", request.prompt_token_ids)
         return list(request.prompt_token_ids)
     text = render_prompt(engine.tokenizer, request)
-    return engine.tokenizer(text, add_special_tokens=request.messages is None)["input_ids"]
+    special = request.messages is None and request.add_special_tokens
+    return engine.tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
 def room(stats: EngineStats, prompt_len: int) -> int:

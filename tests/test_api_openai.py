@@ -90,6 +90,39 @@ async def test_chat_stream_role_first_usage_last(server, client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
 
 
+async def test_continuous_usage_stats_count_every_chunk(server, aclient):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries the usage so far (two choices, one
+    token a chunk), the last the final counts; without include_usage it does nothing."""
+    stream = await aclient.completions.create(
+        model="mixtral-demo", prompt="The old river", max_tokens=6, n=2, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+    )  # fmt: skip
+    chunks = [chunk async for chunk in stream]
+    counted = [c.usage.completion_tokens for c in chunks[:-1]]
+    # Each choice's 6 tokens, one a chunk (a token whose text is still incomplete has none of its own).
+    assert counted == sorted(set(counted)) and counted[0] == 1 and counted[-1] == 12 and len(counted) >= 10
+    assert {c.usage.prompt_tokens for c in chunks} == {chunks[-1].usage.prompt_tokens}
+    assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    quiet = await aclient.completions.create(
+        model="mixtral-demo", prompt="The old river", max_tokens=3, stream=True,
+        stream_options={"continuous_usage_stats": True},
+    )  # fmt: skip
+    assert all(c.usage is None for c in [chunk async for chunk in quiet])
+
+
+async def test_completions_without_special_tokens_are_the_bare_prompt(server, aclient, tokenizer):
+    """vLLM's add_special_tokens: false on a string prompt: no BOS, the same as the bare prompt's token ids."""
+    prompt = "The old river"
+    bare = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    fields = {"model": "mixtral-demo", "max_tokens": 8, "temperature": 0}
+    without = await aclient.completions.create(prompt=prompt, extra_body={"add_special_tokens": False}, **fields)
+    as_ids = await aclient.completions.create(prompt=bare, **fields)
+    default = await aclient.completions.create(prompt=prompt, **fields)
+    assert without.usage.prompt_tokens == len(bare) == default.usage.prompt_tokens - 1
+    assert without.choices[0].text == as_ids.choices[0].text
+
+
 async def test_completions_async_prompt_list_and_n(server, aclient, tokenizer):
     prompts = ["The old river", "A quiet market"]
     expected = [(await predict(server.url, prompt=p, max_tokens=6))["output"] for p in prompts]
@@ -210,6 +243,9 @@ async def test_chat_template_fields_shape_the_prompt(server, aclient, tokenizer)
         ({"prompt": "x", "bad_words": ["w"] * 301}, "at most 300"),
         ({"prompt": "x", "request_id": ""}, "request_id must be a string"),
         ({"prompt": "x", "priority": 1}, "first come, first served"),
+        ({"prompt": "x", "prompt_embeds": "AAAA"}, "prompt_embeds is not supported"),
+        ({"prompt": "x", "kv_transfer_params": {"do_remote_decode": True}}, "no disaggregated prefill"),
+        ({"prompt": "x", "vllm_xargs": {"k": 1}}, "vllm_xargs is not supported"),
         ({"messages": CHAT, "chat_template": "{{ messages }}"}, "chat_template is not supported"),
         ({"messages": CHAT, "echo": True}, "echo is not supported"),
         ({"messages": CHAT, "continue_final_message": True, "add_generation_prompt": True}, "add_generation_prompt"),
