@@ -95,9 +95,9 @@ class StepProposer:
         return self._allowed(s, state.ngrams.propose(tokens, k, self.ngram_history))
 
     def _predicted(self, s: SequenceStep) -> list[int] | None:
-        """Up to s.num_proposed tokens of the sequence's predicted output where its output is in it (all the
-        reserved positions: the output follows a good prediction for long runs); None for a sequence without
-        one, or where this shard does not hold all of its tokens."""
+        """Tokens of the sequence's predicted output where its output is in it, as many as its proposal length
+        allows (shards/proposal_length.py: a prediction the output follows grows it to all the step allows);
+        None for a sequence without one, or where this shard does not hold all of its tokens."""
         state = self.sequences.get(s.seq_id)
         if state is None or not state.params.prediction_token_ids:
             return None
@@ -106,7 +106,8 @@ class StepProposer:
             return None
         if state.prediction is None:
             state.prediction = PredictionIndex(state.params.prediction_token_ids)
-        return state.prediction.propose(history.tokens, history.generated, s.num_proposed)
+        k = state.proposal_length.allowed(s.num_proposed) if self.adaptive_length else s.num_proposed
+        return state.prediction.propose(history.tokens, history.generated, k)
 
     def _forced(self, s: SequenceStep) -> list[int]:
         """A constrained sequence's proposals where its grammar forces the next tokens: as many as reserved (the
