@@ -5,12 +5,14 @@ good, edited and useless predictions, a stop inside an accepted run), and `usage
 tokens were kept and not, also to the official OpenAI client; gRPC reports the counts; KV blocks all back
 at the end; malformed predictions are refused."""
 
+import json
+
 import aiohttp
 import grpc
 import openai
 import pytest
 
-from conftest import free_port, servers_side_by_side
+from conftest import SMALL_JSON_SCHEMA, free_port, servers_side_by_side
 from mixserve_pb import generate_pb2 as pb
 from mixserve_pb import generate_pb2_grpc
 
@@ -87,6 +89,21 @@ async def test_predictions_keep_the_output_and_report_what_was_kept(servers):
             assert state["kv_blocks_used"] == 0 and state["speculative_accepted_tokens"] > 0, name
             if name == "plain":  # without --speculate, a request without a prediction proposes nothing
                 assert state["speculative_proposed_tokens"] == before["speculative_proposed_tokens"]
+
+
+async def test_a_constrained_request_keeps_its_grammar_with_a_prediction(servers):
+    """A JSON-schema request with a prediction: its rows masked by the grammar after the proposals before them
+    (forced tokens first, the prediction's where the model chooses), its output the one without."""
+    response_format = {"type": "json_schema", "json_schema": {"name": "r", "schema": SMALL_JSON_SCHEMA}}
+    async with aiohttp.ClientSession() as session:
+        for name, server in servers.items():
+            fields = {"response_format": response_format, "max_tokens": 48}
+            expected = (await complete(session, server.url, **fields))["choices"][0]["text"]
+            assert json.loads(expected).keys() == {"name", "n", "ok"}, name
+            prediction = {"type": "content", "content": expected}
+            answer = await complete(session, server.url, prediction=prediction, **fields)
+            assert answer["choices"][0]["text"] == expected, name
+            assert answer["usage"]["completion_tokens_details"]["accepted_prediction_tokens"] > 0, name
 
 
 async def test_the_openai_client_sends_a_prediction_and_reads_its_counts(servers):
