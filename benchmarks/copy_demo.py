@@ -60,14 +60,11 @@ class CopyTraining:
     random_fraction: float = 0.5
     plain_fraction: float = 0.0
     heads: int = 1
-    induction_layers: tuple[int, ...] = (INDUCTION_LAYER,)
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1 or self.repeats < 2:
             raise ValueError("steps and batch must be >= 1 and repeats >= 2")
-        if not self.induction_layers or min(self.induction_layers) <= PREVIOUS_TOKEN_LAYER:
-            raise ValueError("induction layers must come after the previous-token layer")
         if self.heads < 1 or not 0.0 <= self.plain_fraction < 1.0:
             raise ValueError("heads must be >= 1 and plain_fraction in [0, 1)")
         if not 2 <= self.min_len <= self.max_len:
@@ -168,6 +165,7 @@ def fine_tune(
         if not plain:
             heads = list(range(0, 2 * training.heads, 2))
             previous = output.attentions[PREVIOUS_TOKEN_LAYER]  # [B, H, T, T]
+            induction = output.attentions[INDUCTION_LAYER][:, heads]  # [B, heads, T, T]
             # Layer 0's taught heads look 1, 2, 1, 2, ... tokens back: a repeat is then found by its
             # last two tokens, not by one that may recur inside the passage.
             previous_losses = []
@@ -176,14 +174,7 @@ def fine_tune(
                 previous_losses.append(-torch.log(previous[:, head, previous_q, previous_k] + 1e-9).mean())
             previous_loss = torch.stack(previous_losses).mean()
             _, _, induction_q, induction_k = attention_targets(length, rows.shape[1])
-            # Each induction layer's value heads carry a copy of the next token's identity (a layer's
-            # values are num_key_value_heads * head_dim wide: 128 of the demo's 256 dims).
-            induction_loss = torch.stack(
-                [
-                    -torch.log(output.attentions[layer][:, heads][:, :, induction_q, induction_k] + 1e-9).mean()
-                    for layer in training.induction_layers
-                ]
-            ).mean()
+            induction_loss = -torch.log(induction[:, :, induction_q, induction_k] + 1e-9).mean()
         loss = output.loss + training.supervision * (previous_loss + induction_loss)
         optimizer.zero_grad()
         loss.backward()
@@ -233,12 +224,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--supervision", type=float, default=1.0, help="weight of the heads' attention losses")
     parser.add_argument("--heads", type=int, default=1, help="heads taught of each kind (0, 2, 4, ... of their layer)")
-    parser.add_argument(
-        "--induction-layers",
-        type=lambda text: tuple(int(part) for part in text.split(",")),
-        default=(INDUCTION_LAYER,),
-        help="layers whose taught heads are induction heads, comma-separated (default 1)",
-    )
     parser.add_argument("--plain-fraction", type=float, default=0.0, help="steps of plain corpus next-token training")
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--save-every", type=int, default=0, help="also write OUT every N steps (0: at the end only)")
@@ -255,7 +240,6 @@ def run(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate,
         supervision=args.supervision,
         heads=args.heads,
-        induction_layers=args.induction_layers,
         plain_fraction=args.plain_fraction,
         seed=args.seed,
     )
