@@ -177,8 +177,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--speculate",
         type=_non_negative_int,
         default=0,
-        help="tokens proposed per decode, verified in one step (0: off); by n-gram lookup in the request's own "
-        "tokens unless --speculative-model is given; structured output proposes the tokens its grammar forces",
+        help="tokens proposed per decode, verified in one step (0: off, but for requests with an OpenAI "
+        "prediction, which propose from it either way); by n-gram lookup in the request's own tokens unless "
+        "--speculative-model is given; structured output proposes the tokens its grammar forces",
     )
     parser.add_argument(
         "--speculative-model",

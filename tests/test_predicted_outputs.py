@@ -1,7 +1,7 @@
 """OpenAI's Predicted Outputs through real servers: a request with a `prediction` proposes its tokens (on a
 server without --speculate, 1 shard, multi-step decode on; and on 2 tensor-parallel shards with
 --speculate 3 and single steps), its output stays the one without the prediction (greedy and seeded,
-good, edited and useless predictions, a stop inside an accepted run), and `usage` says how many proposed
+good, edited and useless predictions, a stop inside an accepted run, a JSON schema), and `usage` says how many proposed
 tokens were kept and not, also to the official OpenAI client; gRPC reports the counts; KV blocks all back
 at the end; malformed predictions are refused."""
 
