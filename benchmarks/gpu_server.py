@@ -186,11 +186,13 @@ def run_server(
     name: str = "server",
 ) -> dict:
     """Start one shard's server on `model_args` (`--model DIR ...`), sweep the levels within budget_s
-    (start-up included), stop it; the levels' summaries, and the speculation counters where it speculates.
+    (start-up included), stop it; the levels' summaries, the speculation counters where it speculates, and
+    a predicted-outputs check after them (benchmarks/prediction_check.py).
 
     Each level sends max(num_prompts, level, 2) prompts of the `workload` kind; the log is `<name>.log`."""
     # The load generator's imports (aiohttp, tokenizers) load only here: the kernel part runs without them.
     from mixserve.benchmarks.compare import read_speculation
+    from mixserve.benchmarks.prediction_check import check_prediction
     from mixserve.benchmarks.serve import ServeConfig, run_benchmark
     from mixserve.benchmarks.workload import WorkloadConfig
 
@@ -229,6 +231,9 @@ def run_server(
             summary = levels[0]["summary"]
             result["levels"].append({"concurrency": level, **summary, "decode_ms": decode_ms(summary)})
         result["speculation"] = read_speculation(url)
+        # After the counters: a request with a prediction speculates on any server.
+        result["prediction"] = check_prediction(url, output_len, timeout_s=max(30.0, budget_s / 4))
+        log.info("event=prediction_check %s", " ".join(f"{k}={v}" for k, v in result["prediction"].items()))
         result["status"] = "ran"
     except (RuntimeError, TimeoutError, OSError) as error:
         result["error"] = str(error).splitlines()[0]

@@ -20,8 +20,9 @@ Speculation backs off where it does not pay:
 - per request, on cost (`StepCosts`): each speculating step of B sequences took the shards some time,
   which over the median plain step's at B is its cost in plain steps. Speculation pays for a request
   whose speculating steps gain it (its kept proposals plus the token sampled after them) at least the
-  plain steps they cost, both averaged over its recent speculating steps; a step that found nothing to
-  propose gains one token for about one plain step and weighs neither way. One that gains fewer pauses
+  plain steps they cost, both averaged over its recent speculating steps (a new request starts from the
+  engine's averages, but for one with a prediction, whose gain is of another kind); a step that found
+  nothing to propose gains one token for about one plain step and weighs neither way. One that gains fewer pauses
   for `PAUSE_TOKENS`, doubled at each pause in a row up to `MAX_PAUSE_TOKENS` (`pause_tokens`, as the
   acceptance back-off's), and then speculates for a short run (`PROBE_STEPS`) to measure again. The
   times are the shards' own (a step's `forward_us`, drafting included), by batch size; a speculating
@@ -297,7 +298,10 @@ class Speculation:
             )
             state.acceptance, pause = self.prior.start(state.kind)
             state.paused = max(state.paused, pause)
-        return state.proposals(k, self.costs is not None, self.costs)
+        # The engine's averages are of n-gram or draft proposals: a request proposing from its prediction
+        # gains in a way of its own, and weighs its cost on its own verifications only.
+        prior = None if state.kind[2] else self.costs
+        return state.proposals(k, self.costs is not None, prior)
 
     def _probes_plain(self, plan: "StepPlan", decodes: list["Sequence"]) -> bool:
         """Whether this all-decode step should run plain to measure a plain step at its batch size: a

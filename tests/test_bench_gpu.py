@@ -78,6 +78,10 @@ def test_dry_run_writes_every_case_with_agreeing_paths_and_serves(tmp_path):
         expected = (level["e2e_ms"]["p50"] - level["ttft_ms"]["p50"]) / (per_request - 1)
         assert level["decode_ms"] == pytest.approx(expected, abs=1e-3) and level["decode_ms"] > 0
     assert (out / "server.log").exists()
+    # Predicted outputs after the load: the same answer with the plain one as its prediction.
+    prediction = server["prediction"]
+    assert prediction["equal"] and prediction["completion_tokens"] == 8, prediction
+    assert prediction["accepted"] + prediction["rejected"] > 0  # it speculated, without --speculate
     assert "graph column is eager" in markdown
     # The agreement part served fp32 on the CPU: every generated token is transformers' top-1.
     agreement = result["agreement"]
@@ -254,6 +258,9 @@ def test_spec_dry_run_trains_both_models_and_serves_every_arm(tmp_path):
         assert level["ok"] == level["requests"] == 2 and level["errors"] == 0 and level["output_throughput"] > 0
         assert (tmp_path / f"{name}.log").is_file()
         assert arm["speculation"] is not None
+        # A request with a prediction speculates on every arm, the draft's cost back-off included (its
+        # engine-wide cost prior is of draft proposals, not the request's).
+        assert arm["prediction"]["equal"] and arm["prediction"]["accepted"] > 0, arm
     assert arms["plain"]["speculation"]["proposed"] == 0 == arms["plain-json"]["speculation"]["proposed"]
     assert all(arms[name]["speculation"]["proposed"] > 0 for name in arms if name.startswith("draft-"))
     # JSON-constrained requests propose what the schema forces, whatever the tiny model says.
