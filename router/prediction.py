@@ -11,13 +11,15 @@ not apply here. `usage` then says how many proposed tokens the output kept
 (`accepted_prediction_tokens`) and how many it did not (`rejected_prediction_tokens`).
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mixserve.router.errors import BadRequest, ValidationError, json_type_name
 from mixserve.router.params import as_text_parts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from mixserve.router.engine_api import GenerationHandle
 
 
 def parse_prediction(value: object) -> str | None:
@@ -43,9 +45,9 @@ def prediction_ids(tokenizer: "PreTrainedTokenizerBase", text: str | None, limit
     return ids
 
 
-def completion_details(generations: list[Any]) -> dict[str, int]:
+def completion_details(generations: "list[GenerationHandle]") -> dict[str, int]:
     """`usage.completion_tokens_details` of predicted requests: the proposed tokens kept and not kept, over
-    every generation of a response (each has speculative_proposed and speculative_accepted)."""
+    every generation of a response."""
     proposed = sum(g.speculative_proposed for g in generations)
     accepted = sum(g.speculative_accepted for g in generations)
     return {"accepted_prediction_tokens": accepted, "rejected_prediction_tokens": proposed - accepted}

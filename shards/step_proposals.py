@@ -79,35 +79,48 @@ class StepProposer:
         """Up to s.num_proposed tokens looked up in the sequence's own tokens, then in finished sequences' where
         this shard keeps them (none where it does not hold all of the sequence's tokens: its state was
         cleared since the sequence's prompt)."""
-        state = self.sequences.get(s.seq_id)
-        tokens = state.history.tokens if state is not None else []
-        if len(tokens) != s.start_position + 1 or tokens[-1] != s.token_ids[0]:
+        state = self._held(s)
+        if state is None:
             return []
-        if state.ngrams is None:
-            state.ngrams = ngram.NgramIndex()
         forced = self._forced(s)
         if forced:
             return forced
-        predicted = self._predicted(s)
-        if predicted is not None:
-            return self._allowed(s, predicted)
-        k = state.proposal_length.allowed(s.num_proposed) if self.adaptive_length else s.num_proposed
-        return self._allowed(s, state.ngrams.propose(tokens, k, self.ngram_history))
+        k = self._length(state, s)
+        if state.params.prediction_token_ids:
+            return self._allowed(s, self._from_prediction(state, k))
+        if state.ngrams is None:
+            state.ngrams = ngram.NgramIndex()
+        return self._allowed(s, state.ngrams.propose(state.history.tokens, k, self.ngram_history))
 
     def _predicted(self, s: SequenceStep) -> list[int] | None:
-        """Tokens of the sequence's predicted output where its output is in it, as many as its proposal length
-        allows (shards/proposal_length.py: a prediction the output follows grows it to all the step allows);
-        None for a sequence without one, or where this shard does not hold all of its tokens."""
-        state = self.sequences.get(s.seq_id)
+        """With a draft model: the sequence's prediction's tokens (`_from_prediction`, as many as its proposal
+        length allows); None for a sequence without one, or where this shard does not hold all of its tokens."""
+        state = self._held(s)
         if state is None or not state.params.prediction_token_ids:
             return None
-        history = state.history
-        if len(history.tokens) != s.start_position + 1 or history.tokens[-1] != s.token_ids[0]:
+        return self._from_prediction(state, self._length(state, s))
+
+    def _length(self, state: SequenceState, s: SequenceStep) -> int:
+        """The proposals s may make: its proposal length within what the step reserved (shards/proposal_length.py),
+        or all of them with --speculate-length fixed."""
+        return state.proposal_length.allowed(s.num_proposed) if self.adaptive_length else s.num_proposed
+
+    def _held(self, s: SequenceStep) -> SequenceState | None:
+        """s's state where this shard holds all of the sequence's tokens (None where its state was cleared
+        since the sequence's prompt)."""
+        state = self.sequences.get(s.seq_id)
+        tokens = state.history.tokens if state is not None else []
+        if len(tokens) != s.start_position + 1 or tokens[-1] != s.token_ids[0]:
             return None
+        return state
+
+    @staticmethod
+    def _from_prediction(state: SequenceState, k: int) -> list[int]:
+        """Up to `k` tokens of the sequence's predicted output where its output is in it (a prediction the
+        output follows grows the adaptive length to all the step allows)."""
         if state.prediction is None:
             state.prediction = PredictionIndex(state.params.prediction_token_ids)
-        k = state.proposal_length.allowed(s.num_proposed) if self.adaptive_length else s.num_proposed
-        return state.prediction.propose(history.tokens, history.generated, k)
+        return state.prediction.propose(state.history.tokens, state.history.generated, k)
 
     def _forced(self, s: SequenceStep) -> list[int]:
         """A constrained sequence's proposals where its grammar forces the next tokens: as many as reserved (the
