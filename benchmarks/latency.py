@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import random
+import shlex
 import sys
 import tempfile
 import time
@@ -55,6 +56,7 @@ class LatencyConfig:
     router_requests: int = 10
     seed: int = 0
     moe_parallel: list[str] = field(default_factory=lambda: ["tp"])
+    shard_args: list[str] = field(default_factory=list)  # e.g. --dtype bfloat16, --quantize int8-wo
 
     def __post_init__(self) -> None:
         if self.num_shard < 1 or min(self.batch_sizes) < 1 or min(self.seq_lens) < 2:
@@ -161,7 +163,7 @@ def _mode_sweep(config: LatencyConfig, work_dir: Path, moe_parallel: str) -> lis
         path = work_dir / f"shard-{rank}.sock"
         cmd = [PYTHON, "-m", "mixserve.cli", "shard", "--rank", str(rank), "--world-size", str(config.num_shard)]
         cmd += ["--model", config.model_dir, "--uds", str(path), "--block-size", str(config.block_size)]
-        cmd += ["--moe-parallel", moe_parallel]
+        cmd += ["--moe-parallel", moe_parallel, *config.shard_args]
         env = child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=master_port, RANK=str(rank))
         shards.append(ServerProcess(f"shard{rank}", cmd, work_dir / f"shard-{rank}.log", env))
         addresses.append(f"unix:{path}")
@@ -188,6 +190,8 @@ def _mode_sweep(config: LatencyConfig, work_dir: Path, moe_parallel: str) -> lis
                 rows.append(
                     {
                         "moe_parallel": moe_parallel,
+                        "dtype": info.dtype,
+                        "quantize": info.quantize,
                         "batch": batch,
                         "seq_len": seq_len,
                         "decode_tokens_per_expert": round(per_expert, 2),
@@ -280,6 +284,7 @@ def launched_router_overhead(config: LatencyConfig, work_dir: Path, rows: list[d
     cmd = [PYTHON, "-m", "mixserve.cli", "launch", "--model", config.model_dir, "--port", str(port)]
     cmd += ["--num-shard", str(config.num_shard), "--block-size", str(config.block_size), "--max-kv-blocks", "1024"]
     cmd += ["--moe-parallel", config.moe_parallel[0]]  # the mode of the first rows, the ones compared with
+    cmd += config.shard_args
     server = ServerProcess("mixserve", cmd, work_dir / "launch.log")
     try:
         server.wait_http_ready(f"http://127.0.0.1:{port}/health", 300)
@@ -364,6 +369,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=["tp"],
         help="sweep each MoE split in turn (tp: slices of every expert; ep: whole experts per shard)",
     )
+    parser.add_argument(
+        "--shard-args",
+        type=shlex.split,
+        default=[],
+        help="more shard options, one string (e.g. '--quantize int8-wo' or '--dtype bfloat16')",
+    )
     parser.add_argument("--out", type=Path, help="write latency.json and latency.md into this directory")
 
 
@@ -383,6 +394,7 @@ def run(args: argparse.Namespace) -> int:
         decode_steps=args.decode_steps,
         router_requests=args.router_requests,
         moe_parallel=args.moe_parallel,
+        shard_args=args.shard_args,
     )
     with tempfile.TemporaryDirectory(prefix="mixserve-latency-") as tmp:
         steps = shard_sweep(config, Path(tmp))

@@ -122,10 +122,11 @@ def test_refused_requests_are_counted_as_errors(server, demo_dir, tmp_path):
 def test_shard_step_latency_and_router_overhead(server, demo_dir, tmp_path):
     config = LatencyConfig(
         str(demo_dir), num_shard=1, batch_sizes=[1, 2], seq_lens=[8], prefill_repeats=2, decode_steps=2,
-        router_requests=2,
+        router_requests=2, shard_args=["--quantize", "int8-wo"],
     )  # fmt: skip
     rows = shard_sweep(config, tmp_path)
     assert [(r["batch"], r["seq_len"]) for r in rows] == [(1, 8), (2, 8)]
+    assert {(r["dtype"], r["quantize"]) for r in rows} == {("float32", "int8-wo")}, "the shards took shard_args"
     for r in rows:
         # The client's wall time of a step includes the shard's own forward time.
         assert 0 < r["decode_forward_ms"]["p50"] <= r["decode_ms"]["p50"]
