@@ -21,7 +21,7 @@ Speculation backs off where it does not pay:
   which over the median plain step's at B is its cost in plain steps. Speculation pays for a request
   whose speculating steps gain it (its kept proposals plus the token sampled after them) at least the
   plain steps they cost, both averaged over its recent speculating steps (a new request starts from the
-  engine's averages, but for one with a prediction, whose gain is of another kind); a step that found
+  averages of its kind's requests, as on acceptance); a step that found
   nothing to propose gains one token for about one plain step and weighs neither way. One that gains fewer pauses
   for `PAUSE_TOKENS`, doubled at each pause in a row up to `MAX_PAUSE_TOKENS` (`pause_tokens`, as the
   acceptance back-off's), and then speculates for a short run (`PROBE_STEPS`) to measure again. The
@@ -62,7 +62,7 @@ PREDICTION_K = 8
 VERIFY_ROWS = 32
 MISSES_TO_PAUSE = 4
 # Weight of the newest sample in the running averages of what a speculating step gains (tokens: noisy, 1
-# to k + 1) and costs (plain steps): a request's, and the engine's over all requests (a new request's prior).
+# to k + 1) and costs (plain steps): a request's, and its kind's over all its requests (a new request's prior).
 REQUEST_WEIGHT = 0.25
 ENGINE_WEIGHT = 0.05
 # Step times kept per batch size and kind, whose median is the step's cost.
@@ -83,14 +83,24 @@ def _average(old: float | None, sample: float, weight: float) -> float:
 
 
 @dataclass(slots=True)
+class Gains:
+    """What speculating steps gain (tokens) and cost (plain steps), averaged over every request of a kind:
+    a new request's prior."""
+
+    gain: float | None = None
+    cost: float | None = None
+
+
+@dataclass(slots=True)
 class StepCosts:
     """What decode steps cost the shards by batch size, plain and speculating (the median of the latest
     `TIME_SAMPLES`: a step slowed by the router or a client sharing the CPU moves it little), and what a
-    speculating step gains a request and costs, in tokens and plain steps, averaged over every request
-    (a new request's prior)."""
+    speculating step gains a request and costs, in tokens and plain steps, averaged over the requests of
+    each kind ((greedy, constrained, predicted): `SpeculationState.kind`), a new request's prior. Kinds
+    gain differently: a grammar's forced tokens are mostly kept, sampled text seldom repeats itself, and a
+    predicted output is the client's."""
 
-    gain: float | None = None
-    cost: float | None = None  # plain steps a speculating step costs, over every request (averaged)
+    priors: dict[tuple[bool, ...], Gains] = field(default_factory=dict)
     _plain: dict[int, deque[float]] = field(default_factory=dict)
     _verify: dict[int, deque[float]] = field(default_factory=dict)
     # Speculating steps since the batch size's plain time was last measured.
@@ -113,11 +123,12 @@ class StepCosts:
         """A speculating decode step's time at `batch` sequences, drafting included (None: not measured)."""
         return median(self._verify[batch]) if batch in self._verify else None
 
-    def on_speculated(self, tokens: int, cost: float) -> None:
-        """A request's speculating step gained it `tokens` (its kept proposals and the token after them)
-        and cost `cost` plain steps."""
-        self.gain = _average(self.gain, tokens, ENGINE_WEIGHT)
-        self.cost = _average(self.cost, cost, ENGINE_WEIGHT)
+    def on_speculated(self, kind: tuple[bool, ...], tokens: int, cost: float) -> None:
+        """A speculating step of a request of `kind` gained it `tokens` (its kept proposals and the token
+        after them) and cost `cost` plain steps."""
+        prior = self.priors.setdefault(kind, Gains())
+        prior.gain = _average(prior.gain, tokens, ENGINE_WEIGHT)
+        prior.cost = _average(prior.cost, cost, ENGINE_WEIGHT)
 
     def in_plain_steps(self, batch: int, shard_us: float) -> float | None:
         """A step of `batch` sequences that took `shard_us`, in plain steps (None: no plain time yet)."""
@@ -148,13 +159,13 @@ class SpeculationState:
     retry: bool = False  # a cost pause ended: speculate for a run whatever the average says
     exploring: bool = False  # the last proposals were to measure (a retry, or nothing to weigh yet)
     acceptance: Acceptance = field(default_factory=Acceptance)
-    # Its kind for the engine's prior, (greedy, grammar-constrained, predicted); None: not seen by the engine yet.
+    # Its kind for the engine's priors, (greedy, grammar-constrained, predicted); None: not seen by the engine yet.
     kind: tuple[bool, bool, bool] | None = None
 
-    def proposals(self, k: int, weigh: bool = False, prior: "StepCosts | None" = None) -> int:
+    def proposals(self, k: int, weigh: bool = False, prior: Gains | None = None) -> int:
         """How many tokens this request may have proposed for it next: `k`, or 0 while it backs off. With
         `weigh`, a request whose speculating steps gain it fewer tokens than they cost plain steps (its
-        averages, else `prior`'s, the engine's) pauses; `exploring` then says whether the answer was only
+        averages, else `prior`'s, its kind's) pauses; `exploring` then says whether the answer was only
         to measure (nothing to weigh yet, or a pause just ended)."""
         self.exploring = False
         if self.paused or not k:
@@ -269,7 +280,8 @@ class Speculation:
             # A step's gain and cost are weighed together, so a step that found nothing to propose (one
             # token for about a plain step) weighs neither way.
             state.on_speculated(gained, step_cost)
-            self.costs.on_speculated(gained, step_cost)
+            if state.kind is not None:
+                self.costs.on_speculated(state.kind, gained, step_cost)
         if token.num_drafted:
             # Proposals that reached the output: the tokens kept, less the one sampled after them. The
             # shards may have made fewer proposals than the slots reserved for them.
@@ -298,10 +310,9 @@ class Speculation:
             )
             state.acceptance, pause = self.prior.start(state.kind)
             state.paused = max(state.paused, pause)
-        # The engine's averages are of n-gram or draft proposals: a request proposing from its prediction
-        # gains in a way of its own, and weighs its cost on its own verifications only.
-        prior = None if state.kind[2] else self.costs
-        return state.proposals(k, self.costs is not None, prior)
+        if self.costs is None:
+            return state.proposals(k)
+        return state.proposals(k, True, self.costs.priors.get(state.kind))
 
     def _probes_plain(self, plan: "StepPlan", decodes: list["Sequence"]) -> bool:
         """Whether this all-decode step should run plain to measure a plain step at its batch size: a

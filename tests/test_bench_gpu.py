@@ -259,7 +259,7 @@ def test_spec_dry_run_trains_both_models_and_serves_every_arm(tmp_path):
         assert (tmp_path / f"{name}.log").is_file()
         assert arm["speculation"] is not None
         # A request with a prediction speculates on every arm, the draft's cost back-off included (its
-        # engine-wide cost prior is of draft proposals, not the request's).
+        # cost prior is of requests with predictions, not of draft proposals).
         assert arm["prediction"]["equal"] and arm["prediction"]["accepted"] > 0, arm
     assert arms["plain"]["speculation"]["proposed"] == 0 == arms["plain-json"]["speculation"]["proposed"]
     assert all(arms[name]["speculation"]["proposed"] > 0 for name in arms if name.startswith("draft-"))

@@ -9,6 +9,7 @@ runs are the shards' own (shards/multi_step.py's decode_steps); only the forward
 import argparse
 import asyncio
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import pytest
 from test_speculation import reference, true_next
@@ -23,12 +24,14 @@ from mixserve.router.shard_client import ShardGroup
 from mixserve.router.speculation import (
     PROBE_STEPS,
     REPROBE_STEPS,
+    Gains,
     Speculation,
     SpeculationState,
     StepCosts,
 )
 from mixserve.router.speculation_acceptance import MAX_PAUSE_TOKENS, PAUSE_TOKENS
 from mixserve.router.steps import SampledToken, Step, StepResult
+from mixserve.router.structured import GrammarSpec
 from mixserve.shards.multi_step import decode_steps
 from mixserve.shards.sequence_step import InvalidStep, SequenceResult, SequenceStep
 from mixserve.shards.speculative import VerifiedToken
@@ -45,9 +48,13 @@ def test_step_costs_count_a_step_in_plain_steps_once_a_plain_one_is_timed():
     assert costs.plain_us(1) == 1100  # the median of the latest
     assert costs.in_plain_steps(2, 3000) is None and costs.needs_plain(2)  # by batch size
     assert costs.table() == ((1, 1100, 3000),)
-    costs.on_speculated(3, 1.5)
-    costs.on_speculated(1, 1.5)
-    assert 1 < costs.gain < 3 and costs.cost == 1.5  # the engine's averages: a new request's prior
+    greedy, sampled = (True, False, False), (False, False, False)
+    costs.on_speculated(greedy, 3, 1.5)
+    costs.on_speculated(greedy, 1, 1.5)
+    costs.on_speculated(sampled, 1, 2.0)
+    # The averages of each kind's requests: a new request's prior.
+    assert 1 < costs.priors[greedy].gain < 3 and costs.priors[greedy].cost == 1.5
+    assert costs.priors[sampled] == Gains(1, 2.0) and (True, True, False) not in costs.priors
     for _ in range(REPROBE_STEPS):
         costs.on_step(1, True, 3000)
     assert costs.needs_plain(1)  # an old plain time is measured again
@@ -93,11 +100,33 @@ def test_a_request_gaining_less_than_the_cost_pauses_longer_each_time_then_retri
     for _ in range(8):
         state.on_speculated(4, 2.0)  # it now gains 4 tokens a step: it pays
     assert state.proposals(3, weigh=True) == 3 and not state.exploring and state.cost_pauses == 0
-    # A new request starts from the engine's averages; it must gain at least what its steps cost.
-    prior = StepCosts(gain=1.5, cost=2.0)
+    # A new request starts from its kind's averages; it must gain at least what its steps cost.
+    prior = Gains(gain=1.5, cost=2.0)
     assert SpeculationState().proposals(3, weigh=True, prior=prior) == 0
     prior.gain = 2.0
     assert SpeculationState().proposals(3, weigh=True, prior=prior) == 3
+
+
+def test_a_new_request_starts_from_its_own_kinds_averages():
+    """Free text that does not pay pauses the next free-text request at once, not a grammar-constrained
+    one (whose forced tokens are mostly kept) nor one with a predicted output: each explores on its own."""
+    metrics = Metrics(Scheduler(SchedulerConfig(num_blocks=4, block_size=4)))
+    speculation = Speculation(3, 8, True, metrics)
+
+    def request(seq_id: int, **params) -> SimpleNamespace:
+        generation = SimpleNamespace(params=GenerationParams(temperature=0, **params), speculation=SpeculationState())
+        return SimpleNamespace(seq_id=seq_id, payload=generation)
+
+    free = request(1)
+    assert speculation._proposals(free, 3) == 3 and free.payload.speculation.exploring
+    for _ in range(20):
+        speculation.on_tokens(free.payload.speculation, SampledToken(1, 7, 0.0, []), 1, True, 2.0)
+    assert speculation.costs.priors[(True, False, False)] == Gains(1, 2.0)
+    assert speculation._proposals(request(2), 3) == 0, "free text's prior: it gains less than it costs"
+    constrained = request(3, grammar=GrammarSpec("json_object", "{}", "response_format"))
+    predicted = request(4, prediction_ids=[5, 6, 7])
+    for seq in (constrained, predicted):
+        assert speculation._proposals(seq, 3) == 3 and seq.payload.speculation.exploring
 
 
 def test_steps_that_found_nothing_to_propose_weigh_neither_way():
