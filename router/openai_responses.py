@@ -6,16 +6,15 @@ reasons and logprobs. Parsing the requests and the routes are router/api_openai.
 """
 
 import asyncio
-import functools
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from mixserve.router.detokenizer import token_piece
 from mixserve.router.engine_api import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, EngineAPI, GenerationHandle, TokenEvent
+from mixserve.router.openai_logprobs import CompletionLogprobs, chat_logprobs, token_namer, vllm_prompt_logprobs
 from mixserve.router.prediction import completion_details
 from mixserve.router.tools import ToolCall, ToolPlan, may_be_calls, parse_calls
 
@@ -115,108 +114,6 @@ async def interleave(generations: list[GenerationHandle]) -> AsyncGenerator[tupl
             await stream.aclose()
 
 
-def token_namer(tokenizer, request: Reporting) -> Callable[[int], str]:
-    """How logprobs name a token: its text piece, or with vLLM's return_tokens_as_token_ids "token_id:N"."""
-    if request.return_tokens_as_token_ids:
-        return lambda token_id: f"token_id:{token_id}"
-    return functools.partial(token_piece, tokenizer)
-
-
-def _chat_logprobs(name: Callable[[int], str], event: TokenEvent, n: int) -> dict[str, Any]:
-    """A generated token's chat logprobs, with its `n` top alternatives (the engine may hold more, for the
-    prompt's logprobs)."""
-
-    def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        piece = name(token_id)
-        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
-
-    alternatives = [entry(t, lp) for t, lp in event.top_tokens[:n]]
-    return {**entry(event.token_id, event.logprob), "top_logprobs": alternatives}
-
-
-def vllm_prompt_logprobs(tokenizer, generation: GenerationHandle, n: int) -> list[dict[str, dict] | None]:
-    """vLLM's `prompt_logprobs`: per prompt token (None for the first), the token and its `n` most likely
-    alternatives at its position, by token id: `{logprob, rank, decoded_token}`."""
-
-    def entry(token_id: int, logprob: float, rank: int) -> dict[str, Any]:
-        return {"logprob": logprob, "rank": rank, "decoded_token": token_piece(tokenizer, token_id)}
-
-    tops = generation.prompt_top_tokens or [[] for _ in generation.prompt_ids]
-    scored: list[dict[str, dict] | None] = []
-    for token_id, logprob, rank, top in zip(
-        generation.prompt_ids, generation.prompt_logprobs, generation.prompt_ranks, tops, strict=True
-    ):
-        if logprob is None:
-            scored.append(None)
-            continue
-        position = {str(t): entry(t, lp, k) for k, (t, lp) in enumerate(top[:n], 1)}
-        position.setdefault(str(token_id), entry(token_id, logprob, rank))
-        scored.append(position)
-    return scored
-
-
-@dataclass(slots=True)
-class CompletionLogprobs:
-    """The legacy completions `logprobs` object, built token by token."""
-
-    tokens: list[str] = field(default_factory=list)
-    token_logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
-    text_offset: list[int] = field(default_factory=list)
-
-    def add(self, name: Callable[[int], str], event: TokenEvent, offset: int, n: int) -> None:
-        """A generated token, with its `n` top alternatives (the engine may hold more), each named by `name`."""
-        piece = name(event.token_id)
-        self.tokens.append(piece)
-        self.token_logprobs.append(event.logprob)
-        # OpenAI: the requested alternatives, and always the sampled token.
-        top = {name(t): lp for t, lp in event.top_tokens[:n]}
-        top.setdefault(piece, event.logprob)
-        self.top_logprobs.append(top)
-        self.text_offset.append(offset)
-
-    def add_prompt(
-        self, tokenizer, name: Callable[[int], str], prompt: str, generation: GenerationHandle, n: int
-    ) -> None:
-        """The echoed prompt's tokens first, as OpenAI gave them: the first token's logprob null."""
-        ids = generation.prompt_ids
-        starts = [0] * len(ids)
-        # A string prompt got the tokenizer's special tokens; token ids were taken as given.
-        for special in (True, False):
-            encoded = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=special)
-            if encoded["input_ids"] == ids:
-                starts = [start for start, _ in encoded["offset_mapping"]]
-                break
-        tops = generation.prompt_top_tokens or [[] for _ in ids]
-        for token_id, logprob, top, start in zip(ids, generation.prompt_logprobs, tops, starts, strict=True):
-            piece = name(token_id)
-            self.tokens.append(piece)
-            self.token_logprobs.append(logprob)
-            if logprob is None:
-                self.top_logprobs.append(None)
-            else:
-                # As for generated tokens: the requested alternatives, and always the prompt's own token.
-                alternatives = {name(t): lp for t, lp in top[:n]}
-                alternatives.setdefault(piece, logprob)
-                self.top_logprobs.append(alternatives)
-            self.text_offset.append(start)
-
-    def extend(self, other: "CompletionLogprobs") -> None:
-        """Append `other`'s tokens after these."""
-        self.tokens += other.tokens
-        self.token_logprobs += other.token_logprobs
-        self.top_logprobs += other.top_logprobs
-        self.text_offset += other.text_offset
-
-    def as_dict(self) -> dict[str, list]:
-        return {
-            "tokens": self.tokens,
-            "token_logprobs": self.token_logprobs,
-            "top_logprobs": self.top_logprobs,
-            "text_offset": self.text_offset,
-        }
-
-
 def _header(choices: Choices, kind: str, model: str, prefix: str) -> dict[str, Any]:
     return {"id": f"{prefix}-{choices.id}", "object": kind, "created": choices.created, "model": model}
 
@@ -237,14 +134,14 @@ def _chat_message(plan: ToolPlan | None, text: str, finish: str) -> tuple[dict[s
 
 async def chat_completion(engine: EngineAPI, request: Reporting, choices: Choices, model: str) -> dict[str, Any]:
     """The non-streaming `chat.completion` object."""
-    name = token_namer(engine.tokenizer, request)
+    name = token_namer(engine.tokenizer, request.return_tokens_as_token_ids)
     texts = [[] for _ in choices.generations]
     logprobs: list[list[dict]] = [[] for _ in choices.generations]
     async with aclosing(interleave(choices.generations)) as events:
         async for i, event in events:
             texts[i].append(event.text)
             if request.logprobs is not None:
-                logprobs[i].append(_chat_logprobs(name, event, request.logprobs))
+                logprobs[i].append(chat_logprobs(name, event, request.logprobs))
     answers = []
     for i, generation in enumerate(choices.generations):
         message, finish = _chat_message(request.tools, "".join(texts[i]), FINISH_REASONS[generation.finish_reason])
@@ -305,7 +202,7 @@ async def chat_chunks(
 ) -> AsyncGenerator[dict | str, None]:
     """`chat.completion.chunk` events: a choice's first delta carries the role, its last the finish reason."""
     header = _header(choices, "chat.completion.chunk", model, "chatcmpl")
-    name = token_namer(engine.tokenizer, request)
+    name = token_namer(engine.tokenizer, request.return_tokens_as_token_ids)
     usage = ChunkUsage(request, choices)
     held = [HeldText(request.tools) for _ in choices.generations]
     started: set[int] = set()
@@ -331,7 +228,7 @@ async def chat_chunks(
                 "delta": {"content": text} if text else {},
                 "logprobs": None
                 if request.logprobs is None
-                else {"content": [_chat_logprobs(name, event, request.logprobs)]},
+                else {"content": [chat_logprobs(name, event, request.logprobs)]},
                 "finish_reason": finish,
             }
             yield {**header, "choices": [choice], **usage()}
@@ -342,7 +239,7 @@ async def chat_chunks(
 
 async def completion(engine: EngineAPI, request: Reporting, choices: Choices, model: str) -> dict[str, Any]:
     """The non-streaming `text_completion` object."""
-    name = token_namer(engine.tokenizer, request)
+    name = token_namer(engine.tokenizer, request.return_tokens_as_token_ids)
     texts = [[] for _ in choices.generations]
     logprobs = [CompletionLogprobs() for _ in choices.generations]
     offsets = [0] * len(choices.generations)
@@ -391,7 +288,7 @@ async def completion_chunks(
     """`text_completion` events, one per token that adds text (or logprobs), the finish reason on the last; with
     `echo`, each choice's first event starts with its prompt (and the prompt's logprobs, scored by then)."""
     header = _header(choices, "text_completion", model, "cmpl")
-    name = token_namer(engine.tokenizer, request)
+    name = token_namer(engine.tokenizer, request.return_tokens_as_token_ids)
     usage = ChunkUsage(request, choices)
     offsets = [0] * len(choices.generations)
     to_echo = set(range(len(choices.generations))) if request.echo else set()
