@@ -1,6 +1,6 @@
 """OpenAI's Responses API: `POST /v1/responses`, streamed and not, text and function calls.
 
-A Responses body is read as the chat completion it amounts to (router/api_openai.py's parser, tools and
+A Responses body is read as the chat completion it amounts to (router/openai_requests.py's parser, tools and
 grammar): `input` (a string, or a list of message, `function_call` and `function_call_output` items) and
 `instructions` become the messages, `max_output_tokens` the token limit, `tools` (the flat function form)
 the chat form. The answer is a `response` object whose `output` holds one `message` item with the text,
@@ -19,11 +19,12 @@ from typing import Any
 
 from aiohttp import web
 
-from mixserve.router.api_openai import check_model, parse_chat_request, prepare_tools, submit
+from mixserve.router.api_openai import check_model, submit
 from mixserve.router.engine_api import EngineAPI
 from mixserve.router.errors import BadRequest, RouterError, ValidationError, json_type_name
 from mixserve.router.http_common import CONFIG, ENGINE, read_json, stream_sse
 from mixserve.router.openai_errors import error_body, openai_errors
+from mixserve.router.openai_requests import parse_chat_request, prepare_tools
 from mixserve.router.openai_responses import FINISH_REASONS, Choices, HeldText, interleave, tool_calls_in
 from mixserve.router.params import as_text_parts
 from mixserve.router.tools import ToolCall

@@ -13,10 +13,10 @@ from typing import Any
 
 from aiohttp import web
 
-from mixserve.router.api_openai import chat_messages
 from mixserve.router.engine_api import EngineAPI
 from mixserve.router.errors import BadRequest, ValidationError
 from mixserve.router.http_common import ENGINE, read_json
+from mixserve.router.openai_requests import chat_messages
 from mixserve.router.openai_vllm import template_options
 from mixserve.router.params import (
     GenerationParams,

@@ -2,7 +2,7 @@
 
 One response gathers one or more engine requests (`n` choices, or a list of prompts); their token
 events are interleaved as they arrive and turned into OpenAI's shapes, with `usage`, finish
-reasons and logprobs. Parsing the requests and the routes are router/api_openai.py.
+reasons and logprobs. The requests are parsed in router/openai_requests.py, the routes are router/api_openai.py.
 """
 
 import asyncio
@@ -22,7 +22,7 @@ FINISH_REASONS = {FINISH_EOS: "stop", FINISH_STOP: "stop", FINISH_LENGTH: "lengt
 
 
 class Reporting(Protocol):
-    """What a response reports besides the text (router/api_openai.py's OpenAIRequest)."""
+    """What a response reports besides the text (router/openai_requests.py's OpenAIRequest)."""
 
     logprobs: int | None  # None: no logprobs; else the alternatives per token
     include_usage: bool

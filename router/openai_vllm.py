@@ -1,4 +1,4 @@
-"""vLLM's and OpenAI's extensions to the request bodies, parsed for router/api_openai.py (and the chat
+"""vLLM's and OpenAI's extensions to the request bodies, parsed for router/openai_requests.py (and the chat
 template options for /tokenize): vLLM's sampling and output fields, its chat template fields, prompt
 truncation and prompt logprobs, the prompt's forms (strings or token ids), and the fields this server
 refuses rather than ignore."""

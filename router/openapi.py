@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mixserve.router import api_openai as oai
+from mixserve.router import openai_requests as oai
 from mixserve.router.http_common import CONFIG
 from mixserve.router.openapi_builders import STREAMED, Schema, array, obj, ref, typed
 from mixserve.router.openapi_info import INFO

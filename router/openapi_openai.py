@@ -2,7 +2,7 @@
 tools, logprobs and the OpenAI error.
 """
 
-from mixserve.router import api_openai as oai
+from mixserve.router import openai_requests as oai
 from mixserve.router.openapi_builders import PENALTY, STOP, Schema, array, nullable, obj, ref, typed
 from mixserve.router.params import MAX_ABS_LOGIT_BIAS, MAX_BAD_WORDS, MAX_LOGIT_BIAS_TOKENS, MAX_SEED, MAX_TOP_K
 

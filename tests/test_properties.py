@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from mixserve.router.api_openai import MAX_CHOICES, parse_chat_request, parse_completion_request, prepare_tools
 from mixserve.router.api_predict import parse_predict_request
 from mixserve.router.api_tgi import parse_generate_request
 from mixserve.router.detokenizer import IncrementalDetokenizer
 from mixserve.router.errors import BadRequest, RouterError, ValidationError
+from mixserve.router.openai_requests import MAX_CHOICES, parse_chat_request, parse_completion_request, prepare_tools
 from mixserve.router.params import (
     GenerationParams,
     RequestLimits,

@@ -39,6 +39,7 @@ FRONTS = frozenset(
         "mixserve.router.metrics_vllm",
         "mixserve.router.openai_errors",
         "mixserve.router.openai_logprobs",
+        "mixserve.router.openai_requests",
         "mixserve.router.openai_responses",
         "mixserve.router.openai_vllm",
         "mixserve.router.openapi",

@@ -13,10 +13,10 @@ from transformers import AutoTokenizer
 from transformers import MixtralForCausalLM as ReferenceMixtral
 
 from mixserve.router import grpc_server
-from mixserve.router.api_openai import parse_completion_request
 from mixserve.router.api_tgi import parse_generate_request
 from mixserve.router.bad_words import bad_word_ids
 from mixserve.router.errors import BadRequest, ValidationError
+from mixserve.router.openai_requests import parse_completion_request
 from mixserve.router.params import RequestLimits
 from mixserve_pb import generate_pb2
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from mixserve.router.api_openai import parse_chat_request, parse_completion_request
 from mixserve.router.api_predict import parse_predict_request
 from mixserve.router.api_tgi import parse_generate_request
 from mixserve.router.errors import BadRequest, ValidationError
+from mixserve.router.openai_requests import parse_chat_request, parse_completion_request
 from mixserve.router.params import GenerationParams
 from mixserve.router.structured import GrammarCache, compile_grammar, compile_spec, openai_spec
 
