@@ -7,6 +7,7 @@ describes the operations that use these schemas.
 from mixserve.router.openapi_builders import ERROR, Schema
 from mixserve.router.openapi_openai import OPENAI_ERROR, OPENAI_SCHEMAS
 from mixserve.router.openapi_predict import PREDICT_SCHEMAS
+from mixserve.router.openapi_responses import RESPONSES_SCHEMAS
 from mixserve.router.openapi_tgi import TGI_SCHEMAS
 from mixserve.router.openapi_tokenize import TOKENIZE_SCHEMAS
 
@@ -15,6 +16,7 @@ SCHEMAS: dict[str, Schema] = {
     "OpenAIError": OPENAI_ERROR,
     **PREDICT_SCHEMAS,
     **OPENAI_SCHEMAS,
+    **RESPONSES_SCHEMAS,
     **TGI_SCHEMAS,
     **TOKENIZE_SCHEMAS,
 }

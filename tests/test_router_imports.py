@@ -47,6 +47,7 @@ FRONTS = frozenset(
         "mixserve.router.openapi_info",
         "mixserve.router.openapi_openai",
         "mixserve.router.openapi_predict",
+        "mixserve.router.openapi_responses",
         "mixserve.router.openapi_schemas",
         "mixserve.router.openapi_tgi",
         "mixserve.router.openapi_tokenize",
