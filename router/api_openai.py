@@ -20,6 +20,7 @@ from aiohttp import web
 
 from mixserve.router.engine_api import EngineAPI, GenerationHandle
 from mixserve.router.errors import BadRequest, RouterError
+from mixserve.router.fields import MAX_SEED
 from mixserve.router.front_config import ServerConfig
 from mixserve.router.http_common import CONFIG, ENGINE, STARTED, read_json, stream_sse
 from mixserve.router.openai_errors import ModelNotFound, error_body, openai_errors
@@ -31,10 +32,7 @@ from mixserve.router.openai_requests import (
     prepare_tools,
 )
 from mixserve.router.openai_responses import Choices, chat_chunks, chat_completion, completion, completion_chunks
-from mixserve.router.params import (
-    MAX_SEED,
-    GenerationRequest,
-)
+from mixserve.router.params import GenerationRequest
 from mixserve.router.validation import check_lengths, check_params, prompt_ids, room
 
 log = logging.getLogger("mixserve.router")

@@ -8,13 +8,7 @@ from aiohttp import web
 
 from mixserve.router.engine_api import GenerationHandle
 from mixserve.router.errors import BadRequest, RouterError, json_type_name
-from mixserve.router.http_common import CONFIG, ENGINE, read_json
-from mixserve.router.params import (
-    DEFAULT_LIMITS,
-    MAX_TOP_K,
-    GenerationParams,
-    GenerationRequest,
-    RequestLimits,
+from mixserve.router.fields import (
     as_bool,
     as_float,
     as_int,
@@ -24,6 +18,8 @@ from mixserve.router.params import (
     as_stop,
     max_new_tokens_from,
 )
+from mixserve.router.http_common import CONFIG, ENGINE, read_json
+from mixserve.router.params import DEFAULT_LIMITS, MAX_TOP_K, GenerationParams, GenerationRequest, RequestLimits
 from mixserve.router.structured import from_response_format, from_tgi_grammar, one_spec
 from mixserve.router.validation import validate
 

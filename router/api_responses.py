@@ -22,11 +22,11 @@ from aiohttp import web
 from mixserve.router.api_openai import check_model, submit
 from mixserve.router.engine_api import EngineAPI
 from mixserve.router.errors import BadRequest, RouterError, ValidationError, json_type_name
+from mixserve.router.fields import as_text_parts
 from mixserve.router.http_common import CONFIG, ENGINE, read_json, stream_sse
 from mixserve.router.openai_errors import error_body, openai_errors
 from mixserve.router.openai_requests import parse_chat_request, prepare_tools
 from mixserve.router.openai_responses import FINISH_REASONS, Choices, HeldText, interleave, tool_calls_in
-from mixserve.router.params import as_text_parts
 from mixserve.router.tools import ToolCall
 
 TEXT_PARTS = ("input_text", "output_text", "text")

@@ -21,6 +21,7 @@ from aiohttp import web
 from mixserve.router.detokenizer import token_piece
 from mixserve.router.engine_api import EngineAPI, GenerationHandle, TokenEvent
 from mixserve.router.errors import BadRequest, RouterError, ValidationError, error_body
+from mixserve.router.fields import as_bool, as_float, as_int, as_prompt, as_seed, as_stop
 from mixserve.router.http_common import CONFIG, ENGINE, read_json, stream_sse
 from mixserve.router.params import (
     DEFAULT_LIMITS,
@@ -29,12 +30,6 @@ from mixserve.router.params import (
     GenerationParams,
     GenerationRequest,
     RequestLimits,
-    as_bool,
-    as_float,
-    as_int,
-    as_prompt,
-    as_seed,
-    as_stop,
 )
 from mixserve.router.structured import from_tgi_grammar
 from mixserve.router.validation import validate

@@ -15,17 +15,11 @@ from aiohttp import web
 
 from mixserve.router.engine_api import EngineAPI
 from mixserve.router.errors import BadRequest, ValidationError
+from mixserve.router.fields import as_bool, as_prompt, as_token_ids
 from mixserve.router.http_common import ENGINE, read_json
 from mixserve.router.openai_requests import chat_messages
 from mixserve.router.openai_vllm import template_options
-from mixserve.router.params import (
-    GenerationParams,
-    GenerationRequest,
-    as_bool,
-    as_prompt,
-    as_token_ids,
-    render_prompt,
-)
+from mixserve.router.params import GenerationParams, GenerationRequest, render_prompt
 from mixserve.router.validation import check_in_vocabulary
 
 

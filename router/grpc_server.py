@@ -19,15 +19,9 @@ from grpc_reflection.v1alpha import reflection
 
 from mixserve.router.engine_api import EngineAPI, GenerationHandle, TokenEvent
 from mixserve.router.errors import RouterError, Unauthorized, ValidationError
+from mixserve.router.fields import as_messages, as_prompt
 from mixserve.router.front_config import ServerConfig, api_key_matches
-from mixserve.router.params import (
-    DEFAULT_LIMITS,
-    GenerationParams,
-    GenerationRequest,
-    RequestLimits,
-    as_messages,
-    as_prompt,
-)
+from mixserve.router.params import DEFAULT_LIMITS, GenerationParams, GenerationRequest, RequestLimits
 from mixserve.router.structured import (
     GrammarSpec,
     choice_spec,

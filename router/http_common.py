@@ -9,8 +9,8 @@ from aiohttp import web
 
 from mixserve.router.engine_api import EngineAPI
 from mixserve.router.errors import BadRequest, PayloadTooLarge, ReadTimeout, RouterError, error_body, error_headers
+from mixserve.router.fields import decode_json_body
 from mixserve.router.front_config import ServerConfig
-from mixserve.router.params import decode_json_body
 
 log = logging.getLogger("mixserve.router")
 

@@ -9,6 +9,16 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from mixserve.router.errors import BadRequest, ValidationError
+from mixserve.router.fields import (
+    MAX_SEED,
+    as_bool,
+    as_float,
+    as_int,
+    as_logit_bias,
+    as_messages,
+    as_stop,
+    max_new_tokens_from,
+)
 from mixserve.router.openai_vllm import (
     completion_prompts,
     output_fields,
@@ -22,18 +32,10 @@ from mixserve.router.openai_vllm import (
 from mixserve.router.params import (
     DEFAULT_LIMITS,
     MAX_ABS_PENALTY,
-    MAX_SEED,
     MAX_TOP_K,
     GenerationParams,
     GenerationRequest,
     RequestLimits,
-    as_bool,
-    as_float,
-    as_int,
-    as_logit_bias,
-    as_messages,
-    as_stop,
-    max_new_tokens_from,
 )
 from mixserve.router.prediction import parse_prediction
 from mixserve.router.structured import openai_spec

@@ -7,7 +7,8 @@ from dataclasses import replace
 from typing import Any
 
 from mixserve.router.errors import BadRequest, ValidationError, json_type_name
-from mixserve.router.params import GenerationParams, as_bad_words, as_bool, as_float, as_int, as_prompt, as_token_ids
+from mixserve.router.fields import as_bad_words, as_bool, as_float, as_int, as_prompt, as_token_ids
+from mixserve.router.params import GenerationParams
 
 
 def unsupported(body: dict[str, Any], name: str, why: str, default: object = None) -> None:

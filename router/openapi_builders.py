@@ -4,7 +4,8 @@ error body, stop sequences, the seed, penalty bounds and the grammar.
 
 from typing import Any
 
-from mixserve.router.params import MAX_ABS_PENALTY, MAX_SEED, MAX_STOP_SEQUENCES
+from mixserve.router.fields import MAX_SEED
+from mixserve.router.params import MAX_ABS_PENALTY, MAX_STOP_SEQUENCES
 
 Schema = dict[str, Any]
 

@@ -3,8 +3,9 @@ logprobs and the OpenAI error (the Responses API's in router/openapi_responses.p
 """
 
 from mixserve.router import openai_requests as oai
+from mixserve.router.fields import MAX_ABS_LOGIT_BIAS, MAX_BAD_WORDS, MAX_LOGIT_BIAS_TOKENS, MAX_SEED
 from mixserve.router.openapi_builders import PENALTY, STOP, Schema, array, nullable, obj, ref, typed
-from mixserve.router.params import MAX_ABS_LOGIT_BIAS, MAX_BAD_WORDS, MAX_LOGIT_BIAS_TOKENS, MAX_SEED, MAX_TOP_K
+from mixserve.router.params import MAX_TOP_K
 
 OPENAI_SAMPLING: dict[str, Schema] = {
     "model": typed(

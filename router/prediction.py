@@ -14,7 +14,7 @@ not apply here. `usage` then says how many proposed tokens the output kept
 from typing import TYPE_CHECKING
 
 from mixserve.router.errors import BadRequest, ValidationError, json_type_name
-from mixserve.router.params import as_text_parts
+from mixserve.router.fields import as_text_parts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

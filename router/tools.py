@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mixserve.router.errors import BadRequest, ValidationError, json_type_name
-from mixserve.router.params import as_bool
+from mixserve.router.fields import as_bool
 from mixserve.router.structured import JSON_OPTIONS, GrammarSpec, json_schema_spec, lark_spec
 
 if TYPE_CHECKING:

@@ -17,13 +17,8 @@ from mixserve.router.errors import (
     ValidationError,
     error_body,
 )
-from mixserve.router.params import (
-    MAX_STOP_SEQUENCES,
-    GenerationParams,
-    GenerationRequest,
-    decode_json_body,
-    render_prompt,
-)
+from mixserve.router.fields import decode_json_body
+from mixserve.router.params import MAX_STOP_SEQUENCES, GenerationParams, GenerationRequest, render_prompt
 
 
 def test_defaults():

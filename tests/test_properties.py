@@ -19,13 +19,9 @@ from mixserve.router.api_predict import parse_predict_request
 from mixserve.router.api_tgi import parse_generate_request
 from mixserve.router.detokenizer import IncrementalDetokenizer
 from mixserve.router.errors import BadRequest, RouterError, ValidationError
+from mixserve.router.fields import decode_json_body
 from mixserve.router.openai_requests import MAX_CHOICES, parse_chat_request, parse_completion_request, prepare_tools
-from mixserve.router.params import (
-    GenerationParams,
-    RequestLimits,
-    decode_json_body,
-    render_prompt,
-)
+from mixserve.router.params import GenerationParams, RequestLimits, render_prompt
 from mixserve.router.stop_sequences import StopSequenceMatcher
 from mixserve.router.structured import GrammarCache, compile_spec, grammar_tokenizer
 

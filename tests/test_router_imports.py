@@ -63,6 +63,7 @@ FRONT_MAY_IMPORT = frozenset(
         "mixserve.router.detokenizer",
         "mixserve.router.engine_api",
         "mixserve.router.errors",
+        "mixserve.router.fields",
         "mixserve.router.metrics",
         "mixserve.router.params",
         "mixserve.router.prediction",
