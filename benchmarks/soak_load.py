@@ -1,11 +1,14 @@
-"""The soak's request mix: every API streamed and not, cancelled streams, invalid and over-limit bodies.
+"""The soak's request mix: every API streamed and not, the features a batch mixes (JSON schemas, tool
+calls, predicted outputs, choices with logprobs; benchmarks/soak_targets.py), cancelled streams, invalid
+and over-limit bodies.
 
 Each kind of request knows what a correct answer to it is, and every request ends in exactly one
 outcome:
 - `ok`: a generation that finished (200, a complete body or stream);
 - `refused`: an invalid or over-limit body answered with the 4xx it deserves and a JSON error;
 - `cancelled`: a stream the client closed after a few chunks, as a client that goes away does;
-- `unexpected`: an answer, but the wrong one (another status, any 5xx, an error event);
+- `unexpected`: an answer, but the wrong one (another status, any 5xx, an error event, a body that is not
+  what the request asked for);
 - `lost`: no whole answer at all (connection dropped, timed out, a stream cut short).
 
 The generation kinds reuse the load generator's targets (`benchmarks.targets`) for the request
@@ -16,18 +19,21 @@ import json
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 
 from mixserve.benchmarks.metrics import RequestRecord
-from mixserve.benchmarks.targets import (
-    HTTPTarget,
-    OpenAICompletionsTarget,
-    PredictTarget,
-    StreamError,
-    TGIStreamTarget,
+from mixserve.benchmarks.soak_targets import (
+    ChatJSONTarget,
+    ChatSchemaTarget,
+    ChatStreamTarget,
+    ChatToolsTarget,
+    ChoicesLogprobsTarget,
+    CompletionsJSONTarget,
+    PredictionTarget,
+    PredictJSONTarget,
 )
+from mixserve.benchmarks.targets import HTTPTarget, OpenAICompletionsTarget, PredictTarget, TGIStreamTarget
 from mixserve.benchmarks.workload import BenchRequest
 
 OUTCOMES = ("ok", "refused", "cancelled", "unexpected", "lost")
@@ -43,6 +49,10 @@ WEIGHTS: dict[str, int] = {
     "chat_stream": 2,
     "chat_json": 2,
     "generate_stream": 2,
+    "chat_schema": 2,
+    "chat_tools": 2,
+    "completions_prediction": 2,
+    "completions_logprobs": 2,
     "cancelled_stream": 3,
     "invalid_body": 2,
     "over_limit": 2,
@@ -90,66 +100,6 @@ def kind_schedule(index: int, seed: int) -> str:
     return rng.choices(KINDS, weights=[WEIGHTS[k] for k in KINDS])[0]
 
 
-class PredictJSONTarget(HTTPTarget):
-    """`POST /predict` with `stream: false`: one JSON body with the text and the token counts."""
-
-    name = "predict_json"
-    path = "/predict"
-
-    def body(self, request: BenchRequest) -> dict[str, Any]:
-        body = {"prompt": request.prompt, "max_tokens": request.max_tokens, "temperature": self.temperature}
-        return {**body, "stream": False, "ignore_eos": self.ignore_eos}
-
-    async def read(self, response: aiohttp.ClientResponse, record: RequestRecord, sent: float) -> None:
-        answer = await response.json(content_type=None)
-        if not isinstance(answer.get("output"), str) or "finish_reason" not in answer:
-            raise StreamError(f"no output/finish_reason in {str(answer)[:200]}")
-        record.token_times.append(time.perf_counter() - sent)
-        record.output_tokens, record.count_method = answer["generated_tokens"], "generated_tokens"
-
-
-class CompletionsJSONTarget(OpenAICompletionsTarget):
-    """OpenAI `POST /v1/completions` with `stream: false`."""
-
-    name = "completions_json"
-
-    def body(self, request: BenchRequest) -> dict[str, Any]:
-        body = super().body(request)
-        del body["stream_options"]
-        return {**body, "stream": False}
-
-    async def read(self, response: aiohttp.ClientResponse, record: RequestRecord, sent: float) -> None:
-        answer = await response.json(content_type=None)
-        if not answer.get("choices") or "usage" not in answer:
-            raise StreamError(f"no choices/usage in {str(answer)[:200]}")
-        record.token_times.append(time.perf_counter() - sent)
-        record.output_tokens, record.count_method = answer["usage"]["completion_tokens"], "usage"
-
-
-class ChatStreamTarget(OpenAICompletionsTarget):
-    """OpenAI `POST /v1/chat/completions`, streamed: the prompt as one user message."""
-
-    name = "chat_stream"
-    path = "/v1/chat/completions"
-
-    def body(self, request: BenchRequest) -> dict[str, Any]:
-        body = super().body(request)
-        del body["prompt"]
-        return {**body, "messages": [{"role": "user", "content": request.prompt}]}
-
-
-class ChatJSONTarget(CompletionsJSONTarget):
-    """OpenAI `POST /v1/chat/completions` with `stream: false`."""
-
-    name = "chat_json"
-    path = "/v1/chat/completions"
-
-    def body(self, request: BenchRequest) -> dict[str, Any]:
-        body = super().body(request)
-        del body["prompt"]
-        return {**body, "messages": [{"role": "user", "content": request.prompt}]}
-
-
 GENERATIONS: dict[str, type[HTTPTarget]] = {
     "predict_stream": PredictTarget,
     "predict_json": PredictJSONTarget,
@@ -158,6 +108,10 @@ GENERATIONS: dict[str, type[HTTPTarget]] = {
     "chat_stream": ChatStreamTarget,
     "chat_json": ChatJSONTarget,
     "generate_stream": TGIStreamTarget,
+    "chat_schema": ChatSchemaTarget,
+    "chat_tools": ChatToolsTarget,
+    "completions_prediction": PredictionTarget,
+    "completions_logprobs": ChoicesLogprobsTarget,
 }
 
 
@@ -166,7 +120,7 @@ def generation_outcome(kind: str, record: RequestRecord, sent_at: float) -> Outc
     200 whose stream broke off, or no answer at all, is lost."""
     if record.ok:
         outcome = "ok"
-    elif record.status not in (0, 200) or record.error.startswith("StreamError: error event"):
+    elif record.status not in (0, 200) or record.error.startswith(("StreamError: error event", "WrongAnswer")):
         outcome = "unexpected"
     else:
         outcome = "lost"

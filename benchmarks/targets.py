@@ -98,10 +98,14 @@ class HTTPTarget(Target):
         `output_tokens` and `count_method`; raise StreamError on a malformed stream."""
 
     async def send(self, request: BenchRequest) -> RequestRecord:
+        return await self.post(request, self.body(request))
+
+    async def post(self, request: BenchRequest, body: dict[str, Any]) -> RequestRecord:
+        """Send `body` for `request` and read the answer into its record (never raises on a failure)."""
         record = RequestRecord(request.prompt_tokens, request.max_tokens)
         sent = time.perf_counter()
         try:
-            async with self.session.post(self.url + self.path, json=self.body(request)) as response:
+            async with self.session.post(self.url + self.path, json=body) as response:
                 record.status = response.status
                 if response.status != 200:
                     record.error = f"HTTP {response.status}: {(await response.text())[:300]}"

@@ -6,9 +6,18 @@ import json
 
 import pytest
 
-from mixserve.benchmarks.soak_load import GENERATIONS, KINDS, OUTCOMES, kind_schedule
+from mixserve.benchmarks.metrics import RequestRecord
+from mixserve.benchmarks.soak_load import GENERATIONS, KINDS, OUTCOMES, generation_outcome, kind_schedule
 from mixserve.benchmarks.soak_probe import shard_pids
 from mixserve.benchmarks.soak_report import checks, rss_growth
+from mixserve.benchmarks.soak_targets import (
+    ChatSchemaTarget,
+    ChatToolsTarget,
+    ChoicesLogprobsTarget,
+    PredictionTarget,
+    WrongAnswer,
+)
+from mixserve.benchmarks.workload import BenchRequest
 from mixserve.cli import main
 
 SOAK_SECONDS = 10
@@ -95,3 +104,49 @@ def test_shard_pids_come_from_the_launcher_log_the_latest_start_of_each_rank_and
         ]
     )
     assert shard_pids(log) == {"shard-0": 12, "g1-shard-0": 21}
+
+
+def test_the_feature_kinds_tell_a_wrong_answer_from_a_right_one():
+    def answer(finish: str, content: str) -> dict:
+        return {"choices": [{"finish_reason": finish, "message": {"content": content}}]}
+
+    schema = ChatSchemaTarget("http://x", "m")
+    schema.check(answer("stop", '{"city": "Oslo", "count": 3}'))
+    for content in ('{"city": "Oslo"}', '{"city": "Oslo", "count": 3.5}', '{"city": "Oslo, Norway!!", "count": 1}'):
+        with pytest.raises(WrongAnswer):
+            schema.check(answer("stop", content))
+    schema.check(answer("length", '{"city": "Os'))  # the token limit, not the grammar, ended it
+
+    call = {"function": {"name": "get_weather", "arguments": '{"city": "Oslo", "count": 3}'}}
+    tools = ChatToolsTarget("http://x", "m")
+    tools.check({"choices": [{"finish_reason": "tool_calls", "message": {"tool_calls": [call]}}]})
+    with pytest.raises(WrongAnswer, match="not a call"):
+        tools.check({"choices": [{"finish_reason": "stop", "message": {"content": "sunny", "tool_calls": None}}]})
+
+    def choice(i: int, tokens: int) -> dict:
+        return {"index": i, "logprobs": {"tokens": ["a"] * tokens, "top_logprobs": [{"a": -1.0}] * tokens}}
+
+    logprobs = ChoicesLogprobsTarget("http://x", "m")
+    logprobs.check({"choices": [choice(0, 2), choice(1, 3)], "usage": {"completion_tokens": 5}})
+    with pytest.raises(WrongAnswer, match="choices"):
+        logprobs.check({"choices": [choice(0, 2)], "usage": {"completion_tokens": 2}})
+    with pytest.raises(WrongAnswer, match="usage says"):
+        logprobs.check({"choices": [choice(0, 2), choice(1, 3)], "usage": {"completion_tokens": 6}})
+    # A wrong answer is the soak's `unexpected`, not a lost request.
+    record = RequestRecord(4, 8, status=200, error="WrongAnswer: with a prediction 'b', without 'a'")
+    assert generation_outcome("completions_prediction", record, 0.0).outcome == "unexpected"
+
+
+@pytest.mark.slow
+async def test_a_predicted_answer_is_compared_with_the_prompts_first(launch, demo_dir):
+    server = launch("--model", str(demo_dir), "--num-shard", "1", "--max-kv-blocks", "64")
+    request = BenchRequest("The quick brown fox", 5, 12)
+    async with PredictionTarget(server.url, "m", temperature=1.0, ignore_eos=True) as target:
+        first = await target.send(request)  # no prediction yet: its answer is kept
+        assert first.ok and target.first == {request.prompt: first.text} and first.text
+        again = await target.send(request)  # its edited answer as prediction: the same text
+        assert again.ok and again.text == first.text, again.error
+        target.first[request.prompt] = "another answer"
+        wrong = await target.send(request)
+    assert not wrong.ok and wrong.error.startswith("WrongAnswer")
+    assert generation_outcome("completions_prediction", wrong, 0.0).outcome == "unexpected"
