@@ -25,6 +25,7 @@ def test_the_output_reaches_the_same_place_on_later_calls_whatever_came_between(
     for chunk in ([20], [21, 22, 23], [24], [25, 26, 27, 28, 29]):
         output += chunk
         assert run(index, output, 4) == prediction[len(output) : len(output) + 4]
+    assert index.starts is None  # never searched: no n-gram table made for a prediction followed throughout
 
 
 def test_after_an_edit_the_output_finds_its_place_again_at_or_after_where_it_left():
