@@ -18,7 +18,7 @@ from mixserve.router.fields import (
     as_stop,
     max_new_tokens_from,
 )
-from mixserve.router.http_common import CONFIG, ENGINE, read_json
+from mixserve.router.http_common import CONFIG, ENGINE, client_gone, read_json
 from mixserve.router.params import DEFAULT_LIMITS, MAX_TOP_K, GenerationParams, GenerationRequest, RequestLimits
 from mixserve.router.structured import from_response_format, from_tgi_grammar, one_spec
 from mixserve.router.validation import validate
@@ -90,26 +90,27 @@ async def stream_text(request: web.Request, generation: GenerationHandle) -> web
     response.enable_chunked_encoding()
     events = generation.stream()
     try:
-        async for event in events:
+        try:
+            async for event in events:
+                if not response.prepared:
+                    await response.prepare(request)
+                if event.text:
+                    await response.write(event.text.encode())
+        except RouterError:
             if not response.prepared:
-                await response.prepare(request)
-            if event.text:
-                await response.write(event.text.encode())
-    except RouterError:
-        if not response.prepared:
-            raise
-        log.warning("event=stream_aborted id=%s generated=%d", generation.id, generation.generated_tokens)
-        if request.transport is not None:
-            request.transport.close()
-        return response
+                raise
+            log.warning("event=stream_aborted id=%s generated=%d", generation.id, generation.generated_tokens)
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        finally:
+            await events.aclose()
+        await response.write_eof()
     except ConnectionResetError:
-        # The client went away between two tokens (before aiohttp noticed and cancelled the handler), as
-        # the server-sent event streams meet it (http_common.py): the request is cancelled as `events` closes.
-        log.info("event=client_gone path=%s", request.path)
-        return response
-    finally:
-        await events.aclose()
-    await response.write_eof()
+        # The client went away between two tokens or before the stream's end (before aiohttp noticed and
+        # cancelled the handler), as the server-sent event streams meet it: the request is cancelled as
+        # `events` closes.
+        client_gone(request)
     return response
 
 

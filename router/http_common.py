@@ -59,23 +59,30 @@ async def stream_sse(
     event. Closing `payloads` (done, failed, or client gone) cancels the requests behind them."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     try:
-        async for payload in payloads:
+        try:
+            async for payload in payloads:
+                if not response.prepared:
+                    await response.prepare(request)
+                await response.write(sse_data(payload))
+        except RouterError as exc:
             if not response.prepared:
-                await response.prepare(request)
-            await response.write(sse_data(payload))
-    except RouterError as exc:
+                raise
+            log.warning("event=stream_aborted path=%s error_type=%s", request.path, exc.error_type)
+            await response.write(sse_data(error_event(exc)))
+        finally:
+            await payloads.aclose()
         if not response.prepared:
-            raise
-        log.warning("event=stream_aborted path=%s error_type=%s", request.path, exc.error_type)
-        await response.write(sse_data(error_event(exc)))
+            await response.prepare(request)
+        await response.write_eof()
     except ConnectionResetError:
-        # The client went away between two events (before aiohttp noticed and cancelled the handler): its
-        # requests are cancelled as `payloads` closes, and there is no one left to answer.
-        log.info("event=client_gone path=%s", request.path)
-        return response
-    finally:
-        await payloads.aclose()
-    if not response.prepared:
-        await response.prepare(request)
-    await response.write_eof()
+        # The client went away between two events or before the stream's end (before aiohttp noticed and
+        # cancelled the handler): its requests are cancelled as `payloads` closes, and there is no one
+        # left to answer.
+        client_gone(request)
     return response
+
+
+def client_gone(request: web.Request) -> None:
+    """Log a stream whose client left before its end: no error of the server's (metrics count it by the
+    status already sent)."""
+    log.info("event=client_gone path=%s", request.path)
