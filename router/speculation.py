@@ -21,10 +21,10 @@ Speculation backs off where it does not pay:
   which over the median plain step's at B is its cost in plain steps. Speculation pays for a request
   whose speculating steps gain it (its kept proposals plus the token sampled after them) at least the
   plain steps they cost, both averaged over its recent speculating steps (a new request starts from the
-  averages of its kind's requests, as on acceptance); a step that found
-  nothing to propose gains one token for about one plain step and weighs neither way. One that gains fewer pauses
-  for `PAUSE_TOKENS`, doubled at each pause in a row up to `MAX_PAUSE_TOKENS` (`pause_tokens`, as the
-  acceptance back-off's), and then speculates for a short run (`PROBE_STEPS`) to measure again. The
+  averages of its kind's requests, as on acceptance); a step that found nothing to propose gains one
+  token for about one plain step and weighs neither way. One that gains fewer pauses for `PAUSE_TOKENS`,
+  doubled at each pause in a row up to `MAX_PAUSE_TOKENS` (`pause_tokens`, as the acceptance back-off's),
+  and then speculates for a short run (`PROBE_STEPS`) to measure again. The
   times are the shards' own (a step's `forward_us`, drafting included), by batch size; a speculating
   engine runs a short plain run (`PROBE_STEPS`) where it has no plain time for the batch size or it is
   `REPROBE_STEPS` speculating steps old;
