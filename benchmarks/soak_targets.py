@@ -115,7 +115,7 @@ class ChatSchemaTarget(ChatJSONTarget):
     def check(self, answer: dict[str, Any]) -> None:
         choice = answer["choices"][0]
         if choice["finish_reason"] == "stop":
-            _follows_schema(json.loads(choice["message"]["content"]))
+            _follows_schema(_parsed(choice["message"]["content"]))
 
 
 class ChatToolsTarget(ChatJSONTarget):
@@ -135,7 +135,7 @@ class ChatToolsTarget(ChatJSONTarget):
         [call] = choice["message"].get("tool_calls") or [None]
         if choice["finish_reason"] != "tool_calls" or call is None or call["function"]["name"] != "get_weather":
             raise WrongAnswer(f"not a call of get_weather: {str(choice)[:200]}")
-        _follows_schema(json.loads(call["function"]["arguments"]))
+        _follows_schema(_parsed(call["function"]["arguments"]))
 
 
 class PredictionTarget(CompletionsJSONTarget):
@@ -183,6 +183,14 @@ class ChoicesLogprobsTarget(CompletionsJSONTarget):
         for choice in choices:
             if any(len(top) > TOP_LOGPROBS + 1 for top in choice["logprobs"]["top_logprobs"]):
                 raise WrongAnswer("more alternatives than asked for (and the sampled token)")
+
+
+def _parsed(text: object) -> object:
+    """`text` as JSON; a WrongAnswer (not a lost request) where it is none."""
+    try:
+        return json.loads(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise WrongAnswer(f"not JSON: {str(text)[:200]!r}") from None
 
 
 def _follows_schema(value: object) -> None:
