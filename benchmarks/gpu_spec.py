@@ -9,7 +9,8 @@ corpus with its tokenizer (shards.demo.train on the GPU, a few minutes at most):
 One server at TP 1 in bf16 a configuration (the arms below; each restarted, the Triton kernels and
 decode CUDA graphs as served), one client at concurrency 1 on the corpus workload (128-token corpus
 passages, 128 greedy tokens, EOS ignored) or, for the `-json` arms, the same passages with each output
-under the benchmark's JSON schema (ended by EOS; speculation proposes the tokens the schema forces):
+under the benchmark's JSON schema (ended by EOS; speculation proposes the tokens the schema forces, by
+default, with `--speculate K`, and not with `--no-speculate-constrained`, the JSON arms' plain one):
 output tok/s, decode ms a token from the server's counts, and the speculation counters of /metrics
 (proposed, accepted). Arms run in order while the budget lasts: plain and n-gram first, then JSON,
 then the draft's.
@@ -67,7 +68,10 @@ DRY_RUN_TRAINING = (12, 3e-3, 1.0)
 ARMS = (
     ("plain", (), "corpus"),
     ("ngram-k3", ("--speculate", "3"), "corpus"),
-    ("plain-json", (), "json"),
+    # Constrained requests speculate by default (their grammar's forced tokens): plain-json turns it off,
+    # default-json is what a server without flags does.
+    ("plain-json", ("--no-speculate-constrained",), "json"),
+    ("default-json", (), "json"),
     ("ngram-k5-json", ("--speculate", "5"), "json"),
     ("draft-k3", ("--speculate", "3", "--speculative-model", "{draft}"), "corpus"),
     # The draft lost to plain decoding (0.90x) before the cost back-off: both, to see what it catches.

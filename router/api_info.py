@@ -68,6 +68,7 @@ async def info(request: web.Request) -> web.Response:
             "speculative_model": config.speculative_model,
             "speculate_history_tokens": config.speculate_history_tokens,
             "speculate_length": config.speculate_length,
+            "speculate_constrained": config.speculate_constrained,
             "speculative_proposed_tokens": stats.speculative_proposed_tokens,
             "speculative_accepted_tokens": stats.speculative_accepted_tokens,
             "uptime_s": round(time.monotonic() - request.app[STARTED], 1),

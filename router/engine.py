@@ -57,6 +57,7 @@ class Engine:
         speculate: int = 0,
         speculate_max_batch: int = MAX_BATCH,
         speculate_cost_back_off: bool = False,
+        speculate_constrained: bool = True,
         stream_interval_ms: float = 0.0,
     ) -> None:
         """`metrics` and `ids` (request ids) are shared by the engines of several shard groups behind one
@@ -64,7 +65,9 @@ class Engine:
         per decode (0: no speculation), while at most `speculate_max_batch` requests run; the shards
         propose them (their draft model, else n-gram lookup in the request's tokens); with
         `speculate_cost_back_off`, a request whose proposals gain it fewer tokens a step than verifying
-        them costs (the shards' step times) pauses (router/speculation.py). `stream_interval_ms`: the
+        them costs (the shards' step times) pauses (router/speculation.py); with `speculate_constrained`,
+        grammar-constrained requests speculate even at `speculate` 0, as requests with a predicted output
+        do. `stream_interval_ms`: the
         shards send a multi-step run's steps at most once per this many ms (0: each as it finishes)."""
         self.group = group
         self.tokenizer = tokenizer
@@ -72,7 +75,9 @@ class Engine:
         # Shared metrics read every group's scheduler through router/replicas.py's PooledSchedulers.
         self._own_metrics = metrics is None
         self.metrics = Metrics(self.scheduler) if metrics is None else metrics
-        self.speculation = Speculation(speculate, speculate_max_batch, speculate_cost_back_off, self.metrics)
+        self.speculation = Speculation(
+            speculate, speculate_max_batch, speculate_cost_back_off, self.metrics, constrained=speculate_constrained
+        )
         self.limits = limits
         self.eos_token_ids = frozenset(eos_token_ids)
         self.special_ids = frozenset(tokenizer.all_special_ids)

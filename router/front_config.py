@@ -38,6 +38,8 @@ class ServerConfig:
     speculate_history_tokens: int = 0
     # --speculate-length: n-gram proposals per step adapted to each request's verifications, or fixed at K.
     speculate_length: str = "adaptive"
+    # --speculate-constrained: grammar-constrained requests speculate without --speculate (their forced tokens).
+    speculate_constrained: bool = True
     # --vllm-metrics: /metrics also under vLLM's names (router/metrics_vllm.py).
     vllm_metrics: bool = False
 

@@ -210,6 +210,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="running requests above which decodes do not speculate (verification then costs more than it saves)",
     )
     parser.add_argument(
+        "--speculate-constrained",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="without --speculate, grammar-constrained requests (JSON schemas, regular expressions, choices, forced "
+        "tool calls) still speculate: the tokens their grammar forces (keys, quotes, separators), else n-gram "
+        "lookup their grammar allows, up to 8 a step while at most --speculate-max-batch requests run "
+        "(--no-speculate-constrained: one token a step). With --speculate K they speculate either way",
+    )
+    parser.add_argument(
         "--speculate-cost-back-off",
         action=argparse.BooleanOptionalAction,
         default=None,

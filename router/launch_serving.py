@@ -196,6 +196,7 @@ async def _serve_with_shards(args, model_dir, loading: asyncio.Future, groups: l
         args.speculate_max_batch,
         args.stream_interval_ms,
         cost_back_off(args),
+        args.speculate_constrained,
     )
     for shards, group_engine in zip(groups, engine.engines, strict=True):
         group_engine.retry_after_s = shards.retry_after_s if args.max_restarts else None
@@ -219,6 +220,7 @@ async def _serve_with_shards(args, model_dir, loading: asyncio.Future, groups: l
         speculative_model=args.speculative_model,
         speculate_history_tokens=args.speculate_history_tokens,
         speculate_length=args.speculate_length,
+        speculate_constrained=args.speculate_constrained,
     )
     # The keep-alive timer also runs from the moment a connection opens until its headers are complete,
     # so it is what bounds a client that never finishes them. After an answer that left the body unread

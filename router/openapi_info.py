@@ -79,6 +79,11 @@ INFO = obj(
         "speculate_history_tokens": typed(
             "integer", "tokens of finished requests n-gram speculation also looks up (--speculate-history-tokens)"
         ),
+        "speculate_constrained": typed(
+            "boolean",
+            "grammar-constrained requests speculate without --speculate, from their grammar's forced tokens "
+            "(--speculate-constrained)",
+        ),
         "speculate_length": typed(
             "string",
             "adaptive: each request's n-gram proposals per step follow its verifications; fixed: --speculate K",

@@ -251,6 +251,7 @@ def build_replicas(
     speculate_max_batch: int = MAX_BATCH,
     stream_interval_ms: float = 0.0,
     speculate_cost_back_off: bool = False,
+    speculate_constrained: bool = True,
 ) -> Replicas:
     """One engine per (shard group, its scheduler config), sharing one Metrics, whose gauges read their
     pooled schedulers, and one request id sequence, so ids are unique across groups."""
@@ -270,6 +271,7 @@ def build_replicas(
             speculate=speculate,
             speculate_max_batch=speculate_max_batch,
             speculate_cost_back_off=speculate_cost_back_off,
+            speculate_constrained=speculate_constrained,
             stream_interval_ms=stream_interval_ms,
         )
         engines.append(engine)

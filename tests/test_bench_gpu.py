@@ -263,7 +263,8 @@ def test_spec_dry_run_trains_both_models_and_serves_every_arm(tmp_path):
         assert arm["prediction"]["equal"] and arm["prediction"]["accepted"] > 0, arm
     assert arms["plain"]["speculation"]["proposed"] == 0 == arms["plain-json"]["speculation"]["proposed"]
     assert all(arms[name]["speculation"]["proposed"] > 0 for name in arms if name.startswith("draft-"))
-    # JSON-constrained requests propose what the schema forces, whatever the tiny model says.
-    assert arms["ngram-k5-json"]["speculation"]["proposed"] > 0
+    # JSON-constrained requests propose what the schema forces, whatever the tiny model says: with --speculate
+    # and by default.
+    assert arms["ngram-k5-json"]["speculation"]["proposed"] > 0 and arms["default-json"]["speculation"]["proposed"] > 0
     markdown = (tmp_path / "spec.md").read_text()
     assert all(f"| {name} | {arm['workload']} | ran |" in markdown for name, arm in arms.items())

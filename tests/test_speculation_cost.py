@@ -129,6 +129,31 @@ def test_a_new_request_starts_from_its_own_kinds_averages():
         assert speculation._proposals(seq, 3) == 3 and seq.payload.speculation.exploring
 
 
+def test_without_speculate_requests_speculate_on_their_own_only_where_no_other_decode_pays():
+    """An engine without --speculate: predicted and constrained requests propose in steps of such requests
+    alone; a free decode in the step (or --no-speculate-constrained for the constrained) makes it plain."""
+    metrics = Metrics(Scheduler(SchedulerConfig(num_blocks=4, block_size=4)))
+
+    def decode(seq_id: int, **params) -> SimpleNamespace:
+        generation = SimpleNamespace(params=GenerationParams(temperature=0, **params), speculation=SpeculationState())
+        return SimpleNamespace(is_prefill=False, seq=SimpleNamespace(seq_id=seq_id, payload=generation))
+
+    def proposals(speculation: Speculation, *entries) -> dict[int, int]:
+        plan = SimpleNamespace(sequences=list(entries), num_prefill_tokens=0)
+        return speculation.plan_run(plan, len(entries), True, 4)[0]
+
+    grammar = GrammarSpec("json_object", "{}", "response_format")
+    constrained, predicted, free = decode(1, grammar=grammar), decode(2, prediction_ids=[5, 6]), decode(3)
+    default = Speculation(0, 8, False, metrics)
+    assert proposals(default, constrained, predicted) == {1: 8, 2: 8}  # OWN_K each
+    assert proposals(default, constrained, predicted, free) == {}
+    assert proposals(default, free) == {}
+    off = Speculation(0, 8, False, metrics, constrained=False)
+    assert proposals(off, predicted) == {2: 8} and proposals(off, constrained, predicted) == {}
+    # With --speculate K every decode proposes, as before.
+    assert proposals(Speculation(3, 8, False, metrics), constrained, free) == {1: 3, 3: 3}
+
+
 def test_steps_that_found_nothing_to_propose_weigh_neither_way():
     """n-gram lookup often finds nothing: such a step gains one token for about a plain step's time. Mixed
     with steps that pay, the request keeps speculating, where a gain averaged over every step against the

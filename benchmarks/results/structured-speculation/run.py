@@ -9,6 +9,9 @@ second of wall time, and for the speculating one the proposals made and kept (/i
 every answer equals the first plain server's (it must: greedy outputs do not change).
 
 python benchmarks/results/structured-speculation/run.py MODEL_DIR [--speculate 5] [--blocks 6] [--per 8]
+
+Since constrained requests speculate by default (`--speculate-constrained`), the plain servers need
+`--plain-flags=--no-speculate-constrained` to be plain; `--speculate 0` with it compares the default.
 """
 
 import argparse
@@ -81,7 +84,8 @@ async def main(args: argparse.Namespace) -> None:
     words = CORPUS.read_text(encoding="utf-8").split()
     rng = random.Random(args.seed)
     names = ["plain-1", f"speculate-{args.speculate}", "plain-2"]
-    flags = {names[0]: [], names[1]: ["--speculate", str(args.speculate)], names[2]: []}
+    plain_flags = args.plain_flags.split()
+    flags = {names[0]: plain_flags, names[1]: ["--speculate", str(args.speculate)], names[2]: plain_flags}
     urls = {name: f"http://127.0.0.1:{18300 + i}" for i, name in enumerate(names)}
     logs = HERE / "logs"
     logs.mkdir(exist_ok=True)
@@ -145,4 +149,5 @@ if __name__ == "__main__":
     parser.add_argument("--per", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plain-flags", default="", help="more flags of the two plain servers")
     asyncio.run(main(parser.parse_args()))
