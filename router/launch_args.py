@@ -215,8 +215,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="without --speculate, grammar-constrained requests (JSON schemas, regular expressions, choices, forced "
         "tool calls) still speculate: the tokens their grammar forces (keys, quotes, separators), else n-gram "
-        "lookup their grammar allows, up to 8 a step while at most --speculate-max-batch requests run "
-        "(--no-speculate-constrained: one token a step). With --speculate K they speculate either way",
+        "lookup their grammar allows, up to 8 a step while at most --speculate-max-batch requests run, in steps "
+        "whose every decode is constrained or has a prediction (--no-speculate-constrained: one token a step). "
+        "With --speculate K they speculate in every step either way",
     )
     parser.add_argument(
         "--speculate-cost-back-off",
