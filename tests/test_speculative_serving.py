@@ -31,16 +31,16 @@ JSON_GRAMMAR = {"type": "json", "value": SCHEMA}
 
 @pytest.fixture(scope="module")
 def servers(demo_dir, tmp_path_factory):
-    """No speculation (1 shard), --speculate 3 (1 shard, multi-step decode on: speculating runs),
-    --speculate 5 with --speculate-history-tokens (2 shards, tensor parallel, speculating runs, verifications
-    through the decode graphs' static buffers), --speculate 1
-    (2 shards, expert parallel, multi-step off: single verification steps): started side by side. Only the
-    last weighs speculation's cost (n-gram speculation does not by default): the others must speculate
-    whatever it costs on this CPU."""
+    """No speculation (1 shard; constrained requests' neither: --no-speculate-constrained), --speculate 3
+    (1 shard, multi-step decode on: speculating runs), --speculate 5 with --speculate-history-tokens
+    (2 shards, tensor parallel, speculating runs, verifications through the decode graphs' static
+    buffers), --speculate 1 (2 shards, expert parallel, multi-step off: single verification steps):
+    started side by side. Only the last weighs speculation's cost (n-gram speculation does not by
+    default): the others must speculate whatever it costs on this CPU."""
     flags = ["--model", str(demo_dir), "--max-kv-blocks", "256", "--block-size", "4"]
     flags += ["--max-batch-prefill-tokens", "64"]
     variants = {
-        "plain": ["--num-shard", "1"],
+        "plain": ["--num-shard", "1", "--no-speculate-constrained"],
         "k3": ["--num-shard", "1", "--speculate", "3", "--max-decode-steps", "8"],
         "k5_tp2": [
             "--num-shard",
