@@ -87,11 +87,16 @@ def _average(old: float | None, sample: float, weight: float) -> float:
 
 @dataclass(slots=True)
 class Gains:
-    """What speculating steps gain (tokens) and cost (plain steps), averaged over every request of a kind:
-    a new request's prior."""
+    """What speculating steps gain (tokens) and cost (plain steps), running averages: a request's own, or
+    over every request of a kind (a new request's prior)."""
 
     gain: float | None = None
     cost: float | None = None
+
+    def add(self, tokens: int, cost: float, weight: float) -> None:
+        """A speculating step gained `tokens` and cost `cost` plain steps; `weight`: the newest sample's."""
+        self.gain = _average(self.gain, tokens, weight)
+        self.cost = _average(self.cost, cost, weight)
 
 
 @dataclass(slots=True)
@@ -129,9 +134,7 @@ class StepCosts:
     def on_speculated(self, kind: tuple[bool, ...], tokens: int, cost: float) -> None:
         """A speculating step of a request of `kind` gained it `tokens` (its kept proposals and the token
         after them) and cost `cost` plain steps."""
-        prior = self.priors.setdefault(kind, Gains())
-        prior.gain = _average(prior.gain, tokens, ENGINE_WEIGHT)
-        prior.cost = _average(prior.cost, cost, ENGINE_WEIGHT)
+        self.priors.setdefault(kind, Gains()).add(tokens, cost, ENGINE_WEIGHT)
 
     def in_plain_steps(self, batch: int, shard_us: float) -> float | None:
         """A step of `batch` sequences that took `shard_us`, in plain steps (None: no plain time yet)."""
@@ -156,8 +159,7 @@ class SpeculationState:
     accepted: int = 0
     misses: int = 0  # verification steps in a row that kept no proposal
     paused: int = 0  # tokens left to generate without proposals
-    gain: float | None = None  # tokens a speculating step gains it, averaged
-    cost: float | None = None  # plain steps a speculating step of its costs, averaged over the same steps
+    gains: Gains = field(default_factory=Gains)  # what its speculating steps gain it and cost, averaged
     cost_pauses: int = 0  # pauses in a row for gaining too few tokens a step
     retry: bool = False  # a cost pause ended: speculate for a run whatever the average says
     exploring: bool = False  # the last proposals were to measure (a retry, or nothing to weigh yet)
@@ -175,13 +177,12 @@ class SpeculationState:
             return 0
         if not weigh:
             return k
-        gain = self.gain if self.gain is not None else prior.gain if prior else None
-        cost = self.cost if self.cost is not None else prior.cost if prior else None
-        if self.retry or gain is None or cost is None:
+        gains = self.gains if self.gains.gain is not None else prior
+        if self.retry or gains is None or gains.gain is None or gains.cost is None:
             self.retry = False
             self.exploring = True
             return k
-        if gain >= cost:
+        if gains.gain >= gains.cost:
             self.cost_pauses = 0
             return k
         self.paused = pause_tokens(self.cost_pauses)
@@ -196,8 +197,7 @@ class SpeculationState:
     def on_speculated(self, tokens: int, cost: float) -> None:
         """A step that asked the shards for proposals gained the request `tokens` (1 if they made none) and
         cost `cost` plain steps."""
-        self.gain = _average(self.gain, tokens, REQUEST_WEIGHT)
-        self.cost = _average(self.cost, cost, REQUEST_WEIGHT)
+        self.gains.add(tokens, cost, REQUEST_WEIGHT)
 
     def on_verified(self, proposed: int, accepted: int) -> bool:
         """A verification step of `proposed` tokens kept `accepted` of them; True where the request paused

@@ -164,7 +164,7 @@ def test_steps_that_found_nothing_to_propose_weigh_neither_way():
         state.on_speculated(1, 1.0)  # nothing found: a plain step
         state.on_speculated(1, 1.0)
         assert state.proposals(3, weigh=True) == 3
-    assert state.gain < 1.5  # below the 1.5 plain steps a verification costs
+    assert state.gains.gain < 1.5  # below the 1.5 plain steps a verification costs
 
 
 @dataclass
