@@ -84,9 +84,7 @@ class ChatStreamTarget(OpenAICompletionsTarget):
     path = "/v1/chat/completions"
 
     def body(self, request: BenchRequest) -> dict[str, Any]:
-        body = super().body(request)
-        del body["prompt"]
-        return {**body, "messages": [{"role": "user", "content": request.prompt}]}
+        return _as_chat(super().body(request))
 
 
 class ChatJSONTarget(CompletionsJSONTarget):
@@ -96,9 +94,7 @@ class ChatJSONTarget(CompletionsJSONTarget):
     path = "/v1/chat/completions"
 
     def body(self, request: BenchRequest) -> dict[str, Any]:
-        body = super().body(request)
-        del body["prompt"]
-        return {**body, "messages": [{"role": "user", "content": request.prompt}]}
+        return _as_chat(super().body(request))
 
 
 class ChatSchemaTarget(ChatJSONTarget):
@@ -183,6 +179,12 @@ class ChoicesLogprobsTarget(CompletionsJSONTarget):
         for choice in choices:
             if any(len(top) > TOP_LOGPROBS + 1 for top in choice["logprobs"]["top_logprobs"]):
                 raise WrongAnswer("more alternatives than asked for (and the sampled token)")
+
+
+def _as_chat(body: dict[str, Any]) -> dict[str, Any]:
+    """A completions body as the chat body asking the same: its prompt as one user message."""
+    prompt = body.pop("prompt")
+    return {**body, "messages": [{"role": "user", "content": prompt}]}
 
 
 def _parsed(text: object) -> object:
