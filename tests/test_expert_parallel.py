@@ -142,7 +142,7 @@ def test_shard_refuses_ep_at_start_up(tmp_path):
 
 
 def test_latency_report_sets_ep_against_tp():
-    from mixserve.benchmarks.latency import latency_markdown
+    from mixserve.benchmarks.latency_report import latency_markdown
 
     def row(mode: str, batch: int, decode_ms: float, prefill_ms: float) -> dict:
         ms = {"p50": decode_ms, "p90": decode_ms}
