@@ -74,22 +74,23 @@ def check_in_vocabulary(engine: EngineAPI, name: str, token_ids: Iterable[int]) 
         raise ValidationError(f"{name} names token id {largest}; the vocabulary has {vocab} tokens")
 
 
-def check_token_fields(engine: EngineAPI, params: GenerationParams) -> None:
+def check_token_fields(engine: EngineAPI, params: GenerationParams, answer: bool = False) -> None:
     """Raise ValidationError when logit_bias or allowed_token_ids name a token id the vocabulary does not
-    have; tokenize bad_words into `params.bad_word_ids`, the prediction into `params.prediction_ids`."""
+    have; tokenize bad_words into `params.bad_word_ids`, the prediction into `params.prediction_ids` (`answer`:
+    as a chat answer of its own, router/prediction.py)."""
     check_in_vocabulary(engine, "logit_bias", params.logit_bias)
     check_in_vocabulary(engine, "allowed_token_ids", params.allowed_token_ids)
     params.bad_word_ids = bad_word_ids(engine.tokenizer, params.bad_words)
     if params.prediction:
         limit = engine.stats().limits.max_total_tokens
-        params.prediction_ids = prediction_ids(engine.tokenizer, params.prediction, limit)
+        params.prediction_ids = prediction_ids(engine.tokenizer, params.prediction, limit, answer)
 
 
-async def check_params(engine: EngineAPI, params: GenerationParams) -> None:
+async def check_params(engine: EngineAPI, params: GenerationParams, answer: bool = False) -> None:
     """Check what of `params` needs the model: the grammar compiles over the router's tokenizer (in a worker
     thread; `params` keeps the compiled grammar), and the token fields (check_token_fields)."""
     await compile_grammar(params, engine.tokenizer)
-    check_token_fields(engine, params)
+    check_token_fields(engine, params, answer)
 
 
 async def validate(engine: EngineAPI, request: GenerationRequest, truncate: int | None = None) -> ValidRequest:

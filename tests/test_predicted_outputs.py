@@ -11,8 +11,10 @@ import aiohttp
 import grpc
 import openai
 import pytest
+from transformers import AutoTokenizer
 
 from conftest import SMALL_JSON_SCHEMA, free_port, servers_side_by_side
+from mixserve.router.speculation import OWN_K
 from mixserve_pb import generate_pb2 as pb
 from mixserve_pb import generate_pb2_grpc
 
@@ -90,6 +92,32 @@ async def test_predictions_keep_the_output_and_report_what_was_kept(servers):
             assert state["kv_blocks_used"] == 0 and state["speculative_accepted_tokens"] > 0, name
             if name == "plain":  # without --speculate, a request without a prediction proposes nothing
                 assert state["speculative_proposed_tokens"] == before["speculative_proposed_tokens"]
+
+
+async def test_an_exact_prediction_is_kept_from_the_first_step_where_the_output_starts_without_a_space(
+    servers, demo_dir
+):
+    """The prediction is tokenized as the output spells it going on from the prompt: an output that starts
+    without a space (the demo's Llama-style tokenizer starts a text alone with a space piece) has all its
+    proposals kept from the step after the prefill: OWN_K of them in one step, where OWN_K + 2 tokens are
+    asked. (An output whose text tokenizes back to other tokens could not be predicted exactly: skipped.)"""
+    tokenizer = AutoTokenizer.from_pretrained(demo_dir)
+    url, max_tokens = servers["plain"].url, OWN_K + 2
+    async with aiohttp.ClientSession() as session:
+        for prompt in ("a mill on the hill", "The end", "x = 1\n", "(a, b)", "hill mill hill"):
+            fields = {"logprobs": 0, "return_tokens_as_token_ids": True}
+            choice = (await complete(session, url, prompt=prompt, max_tokens=max_tokens, **fields))["choices"][0]
+            expected, ids = choice["text"], [int(t.split(":")[1]) for t in choice["logprobs"]["tokens"]]
+            spelled_back = tokenizer.encode(prompt + expected) == tokenizer.encode(prompt) + ids
+            if not expected[0].isspace() and spelled_back:
+                break
+        else:
+            raise AssertionError("no prompt's output starts without a space and tokenizes back to its tokens")
+        prediction = {"type": "content", "content": expected}
+        answer = await complete(session, url, prompt=prompt, max_tokens=max_tokens, prediction=prediction)
+    assert answer["choices"][0]["text"] == expected
+    details = answer["usage"]["completion_tokens_details"]
+    assert details == {"accepted_prediction_tokens": OWN_K, "rejected_prediction_tokens": 0}, (expected, details)
 
 
 async def test_a_constrained_request_keeps_its_grammar_with_a_prediction(servers):
