@@ -67,10 +67,7 @@ def check_model(body: dict[str, Any], config: ServerConfig, *, strict: bool | No
 async def submit(engine: EngineAPI, request: OpenAIRequest, default_max_tokens: int | None) -> Choices:
     """Validate (the grammar compiled first) and queue every choice; if one is refused, the ones already queued
     are cancelled. Without a max_tokens of the request or the API, a choice gets all the room its prompt leaves."""
-    # A chat answer's prediction is tokenized as a text of its own, unless it goes on from a final message.
-    first = request.prompts[0]
-    answer = first.messages is not None and not first.template_options.get("continue_final_message")
-    await check_params(engine, request.params, answer)
+    await check_params(engine, request.params, answer=request.prompts[0].answers_chat)
     generations: list[GenerationHandle] = []
     prompt_tokens = 0
     try:

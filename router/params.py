@@ -188,6 +188,11 @@ class GenerationRequest:
         if self.prompt_token_ids is None and (self.prompt is None) == (self.messages is None):
             raise ValidationError("give exactly one of prompt or messages")
 
+    @property
+    def answers_chat(self) -> bool:
+        """A chat request whose output is a new message, not its final one continued."""
+        return self.messages is not None and not self.template_options.get("continue_final_message")
+
 
 def render_prompt(tokenizer: "PreTrainedTokenizerBase", request: GenerationRequest) -> str:
     """The prompt text: `request.prompt`, or its messages rendered with the tokenizer's chat template.

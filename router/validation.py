@@ -101,5 +101,5 @@ async def validate(engine: EngineAPI, request: GenerationRequest, truncate: int 
     if truncate is not None:
         ids = ids[-truncate:]
     check_lengths(engine.stats(), len(ids), request.params.max_new_tokens)
-    check_token_fields(engine, request.params)
+    check_token_fields(engine, request.params, answer=request.answers_chat)
     return ValidRequest(ids, request.params)

@@ -6,6 +6,7 @@ import random
 
 from test_bad_words import byte_level_tokenizer
 
+from mixserve.router.params import GenerationParams, GenerationRequest
 from mixserve.router.prediction import prediction_ids
 
 CORPUS_TEXT = "The hill, and the mill.\nThe cat sat on the mat... a mill on the hill; the end.\n" * 8
@@ -44,3 +45,11 @@ def test_a_chat_answer_is_tokenized_as_a_text_of_its_own(demo_tokenizer):
     for text in ("Sure, the mill.", " Sure, the mill."):
         assert prediction_ids(demo_tokenizer, text, 1000, answer=True) == spaced
     assert prediction_ids(demo_tokenizer, "Sure, the mill.", 1000) != spaced  # as a completion's: no space
+
+
+def test_which_requests_answer_a_chat():
+    messages = [{"role": "user", "content": "hi"}]
+    assert GenerationRequest(prompt=None, messages=messages, params=GenerationParams()).answers_chat
+    continued = {"continue_final_message": True, "add_generation_prompt": False}
+    assert not GenerationRequest(None, messages, GenerationParams(), template_options=continued).answers_chat
+    assert not GenerationRequest(prompt="hi", messages=None, params=GenerationParams()).answers_chat
