@@ -171,7 +171,8 @@ async def fit_to_template(
     tokenizer: "PreTrainedTokenizerBase",
 ) -> None:
     """Put `plan`'s tools and `request`'s tool turns in the form the chat template takes, and set the grammar of
-    a forced call in `params`; every offered function's `parameters` must compile (422 naming the tool)."""
+    a forced call in `params` (or of `auto`'s text or call, where the template has the call token and the
+    request no other constraint); every offered function's `parameters` must compile (422 naming the tool)."""
     has_turns = any("tool_calls" in m or "tool_call_id" in m for m in request.messages)
     if plan is None and not has_turns:
         return
@@ -192,3 +193,7 @@ async def fit_to_template(
         if params.ignore_eos:
             raise ValidationError("tool_choice required or a function cannot be combined with ignore_eos or min_tokens")
         params.grammar = calls_grammar(plan, call_token_id(tokenizer) if native else None)
+    elif plan is not None and plan.choice == "auto" and native and params.grammar is None and not params.ignore_eos:
+        token_id = call_token_id(tokenizer)
+        if token_id is not None:
+            params.grammar = calls_grammar(plan, token_id)

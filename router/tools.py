@@ -19,7 +19,10 @@ the choice, builds the grammar of a forced call and parses the model's calls.
 of one or more when `parallel_tool_calls`, else one call), so the arguments always parse and validate.
 `auto` offers the tools and leaves the output free: an answer that parses as calls of offered functions is
 a tool call, anything else is content (the model decides, as it would on OpenAI; a constrained "call or
-content" JSON would make every plain answer a JSON string). `none` offers no tools.
+content" JSON would make every plain answer a JSON string). Where the template has the `[TOOL_CALLS]` token,
+`auto`'s grammar is free text or that token and calls as `required`'s: the model still decides, and a call
+it begins has valid arguments (without the token a call begins as text does, so it stays free). `none`
+offers no tools.
 """
 
 import json
@@ -182,12 +185,16 @@ def calls_schema(plan: ToolPlan) -> dict[str, Any]:
 
 def calls_grammar(plan: ToolPlan, call_token_id: int | None) -> GrammarSpec:
     """The grammar of a forced output: the calls' JSON, after the `[TOOL_CALLS]` token when the template
-    has one (`call_token_id`)."""
+    has one (`call_token_id`). Under `auto` (with the token only): free text (no special token but the end
+    of sequence), or the token and calls, so that a call the model begins is a valid one."""
     schema = calls_schema(plan)
     if call_token_id is None:
         return json_schema_spec("tools", schema)
     inline = {**schema, "x-guidance": JSON_OPTIONS}
-    return lark_spec("tools", f'start: <[{call_token_id}]> " "? calls\ncalls: %json {json.dumps(inline)}')
+    calls = f'<[{call_token_id}]> " "? calls\ncalls: %json {json.dumps(inline)}'
+    if plan.forced:
+        return lark_spec("tools", f"start: {calls}")
+    return lark_spec("tools", f"start: free | {calls}\nfree: /(?s:.*)/")
 
 
 def call_token_id(tokenizer: "PreTrainedTokenizerBase") -> int | None:

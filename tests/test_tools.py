@@ -4,6 +4,7 @@ unchanged. The model's tokens are noise: forced calls must still parse and valid
 
 import copy
 import json
+from pathlib import Path
 
 import jsonschema
 import llguidance
@@ -20,6 +21,7 @@ from mixserve.router.tool_turns import (
     template_takes_tools,
 )
 from mixserve.router.tools import (
+    CALL_TOKEN,
     Function,
     ToolPlan,
     call_token_id,
@@ -105,6 +107,18 @@ def test_calls_grammar_after_the_call_token(demo_tokenizer):
     spec = compile_spec(calls_grammar(ToolPlan(FUNCTIONS, "function", "get_time"), token_id), tokenizer)
     assert _accepts(tokenizer, spec.grammar, '[TOOL_CALLS] [{"name": "get_time", "arguments": {"tz": -2}}]')
     assert not _accepts(tokenizer, spec.grammar, '[{"name": "get_time", "arguments": {"tz": -2}}]')
+
+
+def test_auto_grammar_is_free_text_or_the_call_token_and_valid_calls(demo_tokenizer):
+    tokenizer = copy.deepcopy(demo_tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[TOOL_CALLS]"]})
+    spec = compile_spec(calls_grammar(ToolPlan(FUNCTIONS, "auto"), call_token_id(tokenizer)), tokenizer)
+    for text in ("It is sunny, [see] {here}.", "", '[TOOL_CALLS] [{"name": "get_time", "arguments": {"tz": 5}}]'):
+        assert _accepts(tokenizer, spec.grammar, text), text
+    weather = '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}]'
+    assert _accepts(tokenizer, spec.grammar, weather)
+    for text in ('[TOOL_CALLS] [{"name": "get_time", "arguments": {"tz": 13}}]', "[TOOL_CALLS] It is sunny."):
+        assert not _accepts(tokenizer, spec.grammar, text), text
 
 
 def test_parse_calls():
@@ -200,6 +214,41 @@ def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
+def native_checkpoint(demo_dir: Path, out: Path) -> int:
+    """The demo with a template that takes tools (TOOLS_TEMPLATE) and its last token made `[TOOL_CALLS]`, a
+    special token (the piece it was, and the merge that made it, dropped); returns the token's id."""
+    out.mkdir()
+    for f in demo_dir.iterdir():
+        if f.name not in ("tokenizer.json", "tokenizer_config.json"):
+            (out / f.name).symlink_to(f)
+    tokenizer = json.loads((demo_dir / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    token_id = len(vocab) - 1
+    piece = next(k for k, v in vocab.items() if v == token_id)
+    del vocab[piece]
+    vocab[CALL_TOKEN] = token_id
+    merges = tokenizer["model"]["merges"]
+    tokenizer["model"]["merges"] = [m for m in merges if "".join(m.split(" ") if isinstance(m, str) else m) != piece]
+    entry = {"content": CALL_TOKEN, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False}
+    tokenizer["added_tokens"].append({"id": token_id, **entry, "special": True})
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer))
+    config = json.loads((demo_dir / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"][str(token_id)] = {**entry, "special": True}
+    config["chat_template"] = TOOLS_TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return token_id
+
+
+@pytest.fixture(scope="module")
+def native(launch, demo_dir, tmp_path_factory):
+    """A server of the demo as a checkpoint whose template takes tools and has the call token, and the token's id."""
+    model = tmp_path_factory.mktemp("native") / "model"
+    token_id = native_checkpoint(demo_dir, model)
+    server = launch("--model", str(model), "--num-shard", "1", *SMALL)
+    yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300), token_id
+    server.stop()
+
+
 def check_calls(calls: list[tuple[str, str]], allowed: set[str], parallel: bool) -> None:
     assert calls and (parallel or len(calls) == 1), calls
     for name, arguments in calls:
@@ -241,6 +290,19 @@ def test_forced_calls_validate_and_stream_the_same(client, choice, parallel):
         check_calls(whole, allowed, parallel)
         streamed = chat_calls(client, stream=True, **sampling)
         assert streamed == whole
+
+
+def test_with_the_call_token_auto_calls_validate_and_text_stays_free(native):
+    """On a template with `[TOOL_CALLS]`, `auto` leaves text free and makes a call the model begins valid: the
+    token biased up, the noise model begins one at once (and, unconstrained, wrote the token to the end)."""
+    client, token_id = native
+    bias = {"tool_choice": "auto", "temperature": 0, "logit_bias": {str(token_id): 100}}
+    whole = chat_calls(client, stream=False, **bias)
+    check_calls(whole, set(PARAMETERS), True)
+    assert chat_calls(client, stream=True, **bias) == whole
+    check_calls(chat_calls(client, stream=False, tool_choice="required"), set(PARAMETERS), True)
+    free = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, max_tokens=8, temperature=0)
+    assert free.choices[0].message.tool_calls is None and free.choices[0].message.content
 
 
 def test_a_conversation_with_tool_turns_answers(client):
