@@ -189,6 +189,8 @@ def calls_grammar(plan: ToolPlan, call_token_id: int | None) -> GrammarSpec:
     of sequence), or the token and calls, so that a call the model begins is a valid one."""
     schema = calls_schema(plan)
     if call_token_id is None:
+        if not plan.forced:
+            raise ValueError("auto's grammar needs the call token: without it the output stays free")
         return json_schema_spec("tools", schema)
     inline = {**schema, "x-guidance": JSON_OPTIONS}
     calls = f'<[{call_token_id}]> " "? calls\ncalls: %json {json.dumps(inline)}'

@@ -119,6 +119,8 @@ def test_auto_grammar_is_free_text_or_the_call_token_and_valid_calls(demo_tokeni
     assert _accepts(tokenizer, spec.grammar, weather)
     for text in ('[TOOL_CALLS] [{"name": "get_time", "arguments": {"tz": 13}}]', "[TOOL_CALLS] It is sunny."):
         assert not _accepts(tokenizer, spec.grammar, text), text
+    with pytest.raises(ValueError, match="needs the call token"):
+        calls_grammar(ToolPlan(FUNCTIONS, "auto"), None)
 
 
 def test_parse_calls():
