@@ -1,13 +1,16 @@
 """vLLM's bad_words as token id sequences for the shards (shards/logits_processors.banned_tokens).
 
-A word is tokenized as written (leading white space dropped), and again after one space, which most
-tokenizers spell differently mid-text ("▁word", "Ġword"); that second spelling is kept where it starts
-with another token and has as many tokens, as vLLM does, so that a word is banned at the start of the
-output and after a space alike without banning a lone space token.
+A word is tokenized as an output writes it with nothing before it (router/continuation.py: as after a line
+break; leading white space dropped), and again after one space, which most tokenizers spell differently
+("▁word", "Ġword"); that second spelling is kept where it starts with another token and not with a lone
+space token (a word the vocabulary lacks, spelled " " then its pieces), so that a word is banned at a
+line's start and after a space alike without banning a lone space token. vLLM tokenizes the word alone,
+which Llama-style tokenizers already spell with the space: a word at a line's start went unbanned there.
 """
 
 from typing import TYPE_CHECKING
 
+from mixserve.router.continuation import continuation_ids
 from mixserve.router.errors import ValidationError
 
 if TYPE_CHECKING:
@@ -19,12 +22,13 @@ def bad_word_ids(tokenizer: "PreTrainedTokenizerBase", words: list[str]) -> list
     a word the tokenizer reads as no token at all (its normalizer drops every character), which nothing
     could ban."""
     out: list[list[int]] = []
+    space = continuation_ids(tokenizer, " ")
     for i, word in enumerate(words):
-        bare = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        bare = continuation_ids(tokenizer, word.lstrip())
         if not bare:
             raise ValidationError(f"bad_words[{i}] is no token of this model's tokenizer")
-        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        spaced = continuation_ids(tokenizer, " " + word.lstrip())
         out.append(bare)
-        if spaced and spaced[0] != bare[0] and len(spaced) == len(bare):
+        if spaced and spaced[0] != bare[0] and spaced[: len(space)] != space:
             out.append(spaced)
     return out

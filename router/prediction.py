@@ -15,6 +15,7 @@ many proposed tokens the output kept (`accepted_prediction_tokens`) and how many
 
 from typing import TYPE_CHECKING
 
+from mixserve.router.continuation import continuation_ids
 from mixserve.router.errors import BadRequest, ValidationError, json_type_name
 from mixserve.router.fields import as_text_parts
 
@@ -22,9 +23,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from mixserve.router.engine_api import GenerationHandle
-
-# A text after which a tokenizer starts a new piece without a space of its own (continuation_ids).
-MARKER = "\n"
 
 
 def parse_prediction(value: object) -> str | None:
@@ -44,29 +42,13 @@ def prediction_ids(
 ) -> list[int]:
     """The prediction's token ids (no special tokens), at most `limit` of them (the longest output a
     request may have); [] for none. `answer`: the prediction is a chat answer of its own (tokenized as a
-    text that starts there); else it goes on from the prompt (continuation_ids)."""
+    text that starts there); else it goes on from the prompt (router/continuation.py)."""
     if not text:
         return []
     ids = tokenizer.encode(text, add_special_tokens=False) if answer else continuation_ids(tokenizer, text)
     if len(ids) > limit:
         raise ValidationError(f"prediction has {len(ids)} tokens, more than max_total_tokens {limit}")
     return ids
-
-
-def continuation_ids(tokenizer: "PreTrainedTokenizerBase", text: str) -> list[int]:
-    """`text`'s token ids as an output that goes on from its prompt spells them, the inverse of the text the
-    server writes for an output (router/detokenizer.py). Tokenizers that start a text with a space piece
-    (SentencePiece's metaspace: Llama's, Mistral's) tokenize ".\nThe" alone as "▁", ".", "<0x0A>", ...,
-    where the output wrote ".", "<0x0A>", "The" (the real Mixtral tokenizer did so for 135 of 300 cuts of
-    corpus text; the proposal then fails at the first token and the output finds its place a few plain
-    steps later). So the text is tokenized after a line break (MARKER), whose tokens are then dropped;
-    where they are not the joined text's first tokens (the break merged with what follows, as byte-level
-    BPE merges line breaks), the text alone."""
-    marker = tokenizer.encode(MARKER, add_special_tokens=False)
-    joined = tokenizer.encode(MARKER + text, add_special_tokens=False)
-    if joined[: len(marker)] == marker:
-        return joined[len(marker) :]
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def completion_details(generations: "list[GenerationHandle]") -> dict[str, int]:

@@ -45,8 +45,10 @@ def test_a_word_the_tokenizer_reads_as_nothing_is_refused():
         bad_word_ids(tokenizer, ["hill", "qq"])
 
 
-def test_a_word_spelled_alike_after_a_space_is_listed_once(demo_dir):
-    tokenizer = AutoTokenizer.from_pretrained(demo_dir)  # Llama-style: the word's first piece carries the space
-    bare = tokenizer.encode("hill", add_special_tokens=False)
-    assert tokenizer.encode(" hill", add_special_tokens=False) == bare
-    assert bad_word_ids(tokenizer, ["hill"]) == [bare]
+def test_a_llama_style_word_is_banned_at_a_line_start_and_after_a_space(demo_dir):
+    # Alone, the demo's Llama-style tokenizer spells a word as after a space ("▁h", "ill"); an output writes it
+    # so after a space, and "h", "ill" at a line's start. Both are banned, whatever their lengths ("▁ABC" is one
+    # token, "AB", "C" two).
+    tokenizer = AutoTokenizer.from_pretrained(demo_dir)
+    spellings = [tokenizer.convert_ids_to_tokens(ids) for ids in bad_word_ids(tokenizer, ["hill", " ABC"])]
+    assert spellings == [["h", "ill"], ["▁h", "ill"], ["AB", "C"], ["▁ABC"]]
