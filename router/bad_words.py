@@ -22,6 +22,8 @@ def bad_word_ids(tokenizer: "PreTrainedTokenizerBase", words: list[str]) -> list
     a word the tokenizer reads as no token at all (its normalizer drops every character), which nothing
     could ban."""
     out: list[list[int]] = []
+    if not words:
+        return out
     space = continuation_ids(tokenizer, " ")
     for i, word in enumerate(words):
         bare = continuation_ids(tokenizer, word.lstrip())

@@ -10,6 +10,7 @@ text's first tokens (the break merged with what follows, as byte-level BPE merge
 alone (such tokenizers add no space to a text alone).
 """
 
+import functools
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -19,9 +20,15 @@ if TYPE_CHECKING:
 MARKER = "\n"
 
 
+@functools.cache
+def _marker_ids(tokenizer: "PreTrainedTokenizerBase") -> tuple[int, ...]:
+    """MARKER's token ids (the engine's one tokenizer lives as long as the process)."""
+    return tuple(tokenizer.encode(MARKER, add_special_tokens=False))
+
+
 def continuation_ids(tokenizer: "PreTrainedTokenizerBase", text: str) -> list[int]:
     """`text`'s token ids as an output that goes on from its prompt spells them (no special tokens)."""
-    marker = tokenizer.encode(MARKER, add_special_tokens=False)
+    marker = list(_marker_ids(tokenizer))
     joined = tokenizer.encode(MARKER + text, add_special_tokens=False)
     if joined[: len(marker)] == marker:
         return joined[len(marker) :]
