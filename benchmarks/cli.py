@@ -10,6 +10,7 @@
 - `gpu`: one layer's kernels at Mixtral-8x7B's shapes (torch vs Triton vs CUDA graphs) and the server at TP 1.
 - `gpu-spec`: speculative decoding with a draft model on one GPU, target and draft trained there first.
 - `copy-demo`: fine-tune a trained demo to copy from its context (induction heads taught), for the copy workload.
+- `copy-circuit`: write a demo-shaped checkpoint whose weights are an induction circuit (a near-exact copier).
 - `structured`: half JSON-schema-constrained requests against all free ones, and a cached schema's TTFT.
 - `soak`: minutes of mixed load (every API, cancelled streams, bad bodies), then a request, KV and RSS leak check.
 """
@@ -36,6 +37,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "copy-demo": (
         "mixserve.benchmarks.copy_demo",
         "fine-tune a trained demo checkpoint to copy from its context (the copy workload's model)",
+    ),
+    "copy-circuit": (
+        "mixserve.benchmarks.copy_circuit",
+        "write a demo-shaped checkpoint whose weights copy from the context (an induction circuit, written)",
     ),
     "structured": (
         "mixserve.benchmarks.structured",

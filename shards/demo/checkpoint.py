@@ -230,16 +230,16 @@ def write_demo_checkpoint(out_dir: Path, config: DemoConfig | None = None, train
         from mixserve.shards.demo.train import train_checkpoint
 
         with tempfile.TemporaryDirectory(prefix="mixserve-untrained-") as tmp:
-            _write_checkpoint(Path(tmp), config, tensors)
+            write_checkpoint(Path(tmp), config, tensors)
             trained = train_checkpoint(Path(tmp), config.train_steps, config.seed, training)
         if trained.keys() != tensors.keys():
             raise RuntimeError(f"training changed the tensor names: {sorted(trained.keys() ^ tensors.keys())[:5]}")
         tensors = {name: trained[name] for name in tensors}
-    _write_checkpoint(out_dir, config, tensors)
+    write_checkpoint(out_dir, config, tensors)
     return out_dir
 
 
-def _write_checkpoint(out_dir: Path, config: DemoConfig, tensors: "dict[str, torch.Tensor]") -> None:
+def write_checkpoint(out_dir: Path, config: DemoConfig, tensors: "dict[str, torch.Tensor]") -> None:
     """The weights in hub layout (split files + index), config, generation config and tokenizer."""
     from safetensors.torch import save_file
 
