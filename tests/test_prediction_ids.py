@@ -1,6 +1,7 @@
 """router/prediction.py's tokenization of a prediction (router/continuation.py): the tokens an output that
-goes on from its prompt spells (the inverse of the text the server writes for it), on the demo's Llama-style tokenizer (a text
-alone starts with a space piece) and on a byte-level BPE one (line breaks merge)."""
+goes on from its prompt spells (the inverse of the text the server writes for it), on the demo's
+Llama-style tokenizer (a text alone starts with a space piece) and on a byte-level BPE one (line breaks
+merge)."""
 
 import random
 
