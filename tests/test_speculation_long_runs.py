@@ -1,14 +1,15 @@
 """Speculation's long accepted runs, through real servers: on a checkpoint that copies its prompt (`bench
 copy-circuit`), prompt lookup at K = 16 keeps nearly every proposal, so max_new_tokens cuts runs of up
 to 16 tokens short, and stop strings and a cancellation land deep inside them (the other speculation
-tests' demo keeps runs of a few). Outputs equal a plain server's, and every KV block comes back."""
+tests' demo keeps runs of a few). Outputs, greedy and seeded, equal a plain server's, and every KV block
+comes back."""
 
 import random
 import re
 
 import aiohttp
 import pytest
-from test_speculative_serving import cancel_mid_run, generate, info, text_and_end
+from test_speculative_serving import SEEDED, cancel_mid_run, generate, info, text_and_end
 from tokenizers import Tokenizer
 
 from conftest import servers_side_by_side
@@ -57,6 +58,9 @@ async def test_runs_of_sixteen_keep_the_plain_outputs_and_stop_inside_them(serve
             got = await generate(session, spec, prompt, max_new_tokens=48)
             assert text_and_end(got) == text_and_end(expected)
             assert got["details"]["speculative_accepted"] >= 40, got["details"]
+            # Sampled and seeded: the rejection rule over runs of 16 keeps the plain server's draws.
+            wanted = text_and_end(await generate(session, plain, prompt, max_new_tokens=48, **SEEDED))
+            assert text_and_end(await generate(session, spec, prompt, max_new_tokens=48, **SEEDED)) == wanted
             # Limits a run of 16 would pass: the run is cut to what each leaves.
             for limit in (3, 11, 21):
                 wanted = text_and_end(await generate(session, plain, prompt, max_new_tokens=limit))
