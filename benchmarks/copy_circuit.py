@@ -17,8 +17,8 @@ engine the benchmark compares:
   into subspace C.
 - The LM head scores each token's code against C; nothing else reaches it.
 - Layers 2-3's attention and every layer's experts are random and small: they cost their reads (the
-  router's gate, reading the codes, spreads tokens over the experts as a trained model's does) and add
-  noise two orders of magnitude below the codes.
+  MoE gates read the codes, so tokens spread over all the experts, more evenly than the trained demo's)
+  and add noise two orders of magnitude below the codes.
 
 A served output then continues a passage found in its prompt by its last three tokens; where those three
 occur twice in it, by one of the two. It is no language model: on text that repeats nothing its outputs
