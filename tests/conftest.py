@@ -146,6 +146,18 @@ def interpreter_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def copier_dir(tmp_path_factory) -> Path:
+    """The written copier (`mixserve bench copy-circuit`, seed 0): the demo's shapes, weights that continue
+    a passage found in the prompt."""
+    from mixserve.benchmarks.copy_circuit import circuit_state
+    from mixserve.shards.demo.checkpoint import DemoConfig, write_checkpoint
+
+    out_dir = tmp_path_factory.mktemp("copier")
+    write_checkpoint(out_dir, DemoConfig(), circuit_state(DemoConfig()))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
 def demo_tokenizer(tmp_path_factory):
     """The demo checkpoint's tokenizer files (a Mixtral-Instruct chat template), loaded as the router loads them."""
     from transformers import AutoTokenizer

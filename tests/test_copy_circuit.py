@@ -8,15 +8,12 @@ from transformers import MixtralForCausalLM
 
 from mixserve.benchmarks import copy_circuit
 from mixserve.benchmarks.copy_circuit import circuit_state
-from mixserve.shards.demo.checkpoint import TINY, DemoConfig, write_checkpoint
+from mixserve.shards.demo.checkpoint import TINY, DemoConfig
 
 
 @pytest.fixture(scope="module")
-def circuit(tmp_path_factory):
-    out = tmp_path_factory.mktemp("circuit")
-    config = DemoConfig()
-    write_checkpoint(out, config, circuit_state(config))
-    return MixtralForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+def circuit(copier_dir):
+    return MixtralForCausalLM.from_pretrained(copier_dir, dtype=torch.float32).eval()
 
 
 def passages_said_twice(length: int, rows: int, seed: int) -> torch.Tensor:

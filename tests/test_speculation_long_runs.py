@@ -13,9 +13,7 @@ from test_speculative_serving import SEEDED, cancel_mid_run, generate, info, tex
 from tokenizers import Tokenizer
 
 from conftest import servers_side_by_side
-from mixserve.benchmarks.copy_circuit import circuit_state
 from mixserve.benchmarks.workload import DEMO_CORPUS, copy_prompt
-from mixserve.shards.demo.checkpoint import DemoConfig, write_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -23,17 +21,9 @@ K = 16
 
 
 @pytest.fixture(scope="module")
-def copier(tmp_path_factory):
-    out = tmp_path_factory.mktemp("copier")
-    config = DemoConfig()
-    write_checkpoint(out, config, circuit_state(config))
-    return out
-
-
-@pytest.fixture(scope="module")
-def servers(copier, tmp_path_factory):
+def servers(copier_dir, tmp_path_factory):
     """Plain decoding on 1 shard; --speculate 16 on 2 tensor-parallel shards in multi-step runs of 8."""
-    flags = ["--model", str(copier), "--max-kv-blocks", "512", "--block-size", "4"]
+    flags = ["--model", str(copier_dir), "--max-kv-blocks", "512", "--block-size", "4"]
     variants = {
         "plain": ["--num-shard", "1"],
         "k16": ["--num-shard", "2", "--speculate", str(K), "--max-decode-steps", "8"],
@@ -49,11 +39,11 @@ def copy_prompts(copier, count: int) -> list[str]:
     return [copy_prompt(tokenizer, corpus, 72, rng) for _ in range(count)]
 
 
-async def test_runs_of_sixteen_keep_the_plain_outputs_and_stop_inside_them(servers, copier):
+async def test_runs_of_sixteen_keep_the_plain_outputs_and_stop_inside_them(servers, copier_dir):
     plain, spec = servers["plain"].url, servers["k16"].url
     async with aiohttp.ClientSession() as session:
         stopped = 0
-        for prompt in copy_prompts(copier, 3):
+        for prompt in copy_prompts(copier_dir, 3):
             expected = await generate(session, plain, prompt, max_new_tokens=48)
             got = await generate(session, spec, prompt, max_new_tokens=48)
             assert text_and_end(got) == text_and_end(expected)
