@@ -12,8 +12,8 @@
    and undefines them at its end.
 
    y = (x codes^T) * scale for int8 codes [N, K] (K a multiple of RTI_CODES, small enough that no lane's
-   sum passes 2^31): four code rows against two rows of x (eight accumulators), the next four code rows
-   prefetched during the first pass, a line at a time; the code rows past the blocks of four one at a time.
+   sum passes 2^31): four code rows a quarter of the codes apart against two rows of x (eight accumulators);
+   the code rows past the blocks of four one at a time.
    Returns 0, or -1 (nothing written) where rows_to_i16 refuses x. y = sum * step * scale, in double,
    rounded once: a row gives the same bits alone or beside other rows, whatever the blocking. */
 
@@ -22,10 +22,11 @@ static int RTI_NAME(const float *x, int64_t R, int64_t ldx, const int8_t *codes,
     const int16_t *xq;
     const double *steps;
     if (rows_to_i16(x, R, ldx, K, &xq, &steps) != 0) return -1;
-    int64_t n0 = 0;
-    for (; n0 + 4 <= N; n0 += 4) {
-        const int8_t *w[4] = {codes + n0 * K, codes + (n0 + 1) * K, codes + (n0 + 2) * K, codes + (n0 + 3) * K};
-        const int prefetch = n0 + 8 <= N;
+    /* Block n holds code rows n, n + Q, n + 2Q and n + 3Q: four streams read in order (as
+       rows_times_weight_block.h's, which says why). */
+    const int64_t Q = N / 4;
+    for (int64_t n = 0; n < Q; n++) {
+        const int8_t *w[4] = {codes + n * K, codes + (n + Q) * K, codes + (n + 2 * Q) * K, codes + (n + 3 * Q) * K};
         for (int64_t r = 0; r < R; r += 2) {
             const int pair = r + 1 < R;
             const int16_t *xa = xq + r * K, *xc = pair ? xa + K : xa;
@@ -33,8 +34,6 @@ static int RTI_NAME(const float *x, int64_t R, int64_t ldx, const int8_t *codes,
             for (int j = 0; j < 8; j++) acc[j] = RTI_ZERO();
             if (pair) {
                 for (int64_t k = 0; k < K; k += RTI_CODES) {
-                    if (prefetch && r == 0 && k % 64 == 0)
-                        for (int j = 0; j < 4; j++) __builtin_prefetch(w[0] + (4 + j) * K + k);
                     const RTI_VEC a = RTI_LOAD_X(xa + k), b = RTI_LOAD_X(xc + k);
                     for (int j = 0; j < 4; j++) {
                         const RTI_VEC c = RTI_LOAD_C(w[j] + k);
@@ -44,20 +43,18 @@ static int RTI_NAME(const float *x, int64_t R, int64_t ldx, const int8_t *codes,
                 }
             } else {
                 for (int64_t k = 0; k < K; k += RTI_CODES) {
-                    if (prefetch && r == 0 && k % 64 == 0)
-                        for (int j = 0; j < 4; j++) __builtin_prefetch(w[0] + (4 + j) * K + k);
                     const RTI_VEC a = RTI_LOAD_X(xa + k);
                     for (int j = 0; j < 4; j++) acc[j] = RTI_DOT(acc[j], RTI_LOAD_C(w[j] + k), a);
                 }
             }
             for (int j = 0; j < 4; j++) {
-                y[r * ldy + n0 + j] = (float)((double)RTI_SUM(acc[j]) * steps[r] * scale[n0 + j]);
-                if (pair)
-                    y[(r + 1) * ldy + n0 + j] = (float)((double)RTI_SUM(acc[4 + j]) * steps[r + 1] * scale[n0 + j]);
+                const int64_t row = n + j * Q;
+                y[r * ldy + row] = (float)((double)RTI_SUM(acc[j]) * steps[r] * scale[row]);
+                if (pair) y[(r + 1) * ldy + row] = (float)((double)RTI_SUM(acc[4 + j]) * steps[r + 1] * scale[row]);
             }
         }
     }
-    for (int64_t n = n0; n < N; n++) {
+    for (int64_t n = 4 * Q; n < N; n++) {
         const int8_t *w = codes + n * K;
         for (int64_t r = 0; r < R; r++) {
             RTI_VEC acc = RTI_ZERO();

@@ -40,14 +40,6 @@
 #define HAVE_AVX512 1
 #endif
 
-/* Prefetch the next four weight rows (from w0 + 4K), once per cache line, each at element k: issued
-   while the current four rows are read, so the stream runs a block ahead at a steady rate. */
-#define PREFETCH_NEXT_ROWS(w0, k, K)                                                          \
-    do {                                                                                     \
-        if (((k) * (int64_t)sizeof(*(w0))) % 64 < RTW_FLOATS * (int64_t)sizeof(*(w0)))       \
-            for (int j_ = 0; j_ < 4; j_++) __builtin_prefetch((w0) + (4 + j_) * (K) + (k));  \
-    } while (0)
-
 #ifdef HAVE_AVX2
 /* Lane j of the result: the sum of the 8 lanes of v[j]. */
 static inline __m256 reduce8(const __m256 v[8]) {
@@ -360,9 +352,9 @@ static inline int bf16_dot_products(void) {
 
 /* y[r * ldy + n] = (x[r * ldx .. + K] . W[n * K .. + K]) * scale[n] for r < R, n < N (W row-major [N, K]
    of weight_type; scale [N] for int8 weights, NULL (no scaling) for the others). With vectors (K a
-   multiple of 16 with AVX-512, else of 8 with AVX2): four weight rows at a time against two rows of x
-   (eight accumulators, six loads per eight FMAs), the four weight rows staying in L1 for all rows of
-   x; the rows left over, and any K without vectors, one dot product each. */
+   multiple of 16 with AVX-512, else of 8 with AVX2): four weight rows a quarter of W apart at a time
+   against two rows of x (eight accumulators, six loads per eight FMAs), the four weight rows staying in
+   L1 for all rows of x; the rows left over, and any K without vectors, one dot product each. */
 static void rows_times_weight(const float *x, int64_t R, int64_t ldx, const void *W, int weight_type,
                               const float *scale, int64_t N, int64_t K, float *y, int64_t ldy) {
     int64_t n0 = 0;
