@@ -13,9 +13,11 @@ at random (`--load-format dummy`), optionally with fewer layers (`--num-layers`)
 
 Each round also times a read of as many bytes as a variant's step reads (`step_read_bytes`: its
 weights but the embedding table, top-k of E of its experts, the KV of its context), on every rank at
-once (torch's sum over an fp32 buffer, one thread a rank, the ranks started together): the bandwidth
-roofline for those bytes, measured beside the steps, since this machine's bandwidth moves between
-minutes. `% roofline` is that read's median time over the step's.
+once (one thread a rank, the ranks started together), by each of read_bandwidth.py's methods in turn
+(torch's sum over an fp32 buffer, benchmarks/read_streams.c's reads of 4 and 8 streams at once), one
+read a round so that each meets the caches as the step does: the bandwidth roofline for those bytes is
+the fastest method's median, measured beside the steps, since this machine's bandwidth moves between
+minutes. `% roofline` is that median over the step's.
 """
 
 import argparse
@@ -135,6 +137,7 @@ def _measure(args: argparse.Namespace, variants: list[str], parallel=None, group
     alternating (one rank unless `parallel` and `group` say otherwise)."""
     import torch
 
+    from mixserve.benchmarks.read_bandwidth import read_methods, read_once
     from mixserve.shards import ops
     from mixserve.shards.config import ParallelConfig
     from mixserve.shards.distributed import TensorParallelGroup
@@ -161,9 +164,11 @@ def _measure(args: argparse.Namespace, variants: list[str], parallel=None, group
             read = step_read_bytes(model, cache, args.context)
             reads[name] = (read, torch.ones(read // 4, dtype=torch.float32))
         times: dict[str, list[float]] = {name: [] for name in variants}
-        read_times: dict[str, list[float]] = {name: [] for name in variants}
+        methods = list(read_methods())
+        read_times: dict[str, dict[str, list[float]]] = {name: {m: [] for m in methods} for name in variants}
         together = torch.distributed.barrier if parallel.world_size > 1 else lambda: None
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
+            method = methods[round_ % len(methods)]
             for name in variants:
                 step, dtype = steps[name]
                 ops.select("auto", torch.device("cpu"), dtype)
@@ -171,16 +176,15 @@ def _measure(args: argparse.Namespace, variants: list[str], parallel=None, group
                 step()
                 times[name].append(time.perf_counter() - started)
                 together()
-                started = time.perf_counter()
-                reads[name][1].sum()
-                read_times[name].append(time.perf_counter() - started)
+                read_times[name][method].append(read_once(reads[name][1], method))
     return {
         name: _summary(times[name], read_times[name], reads[name][0], sizes[name], backends[name]) for name in variants
     }
 
 
-def _summary(times: list[float], read_times: list[float], read_bytes: int, size: int, backend: str) -> dict:
-    step, read = statistics.median(times), statistics.median(read_times)
+def _summary(times: list[float], read_times: dict[str, list[float]], read_bytes: int, size: int, backend: str) -> dict:
+    step = statistics.median(times)
+    read, method = min((statistics.median(t), method) for method, t in read_times.items() if t)
     return {
         "median_ms": step * 1e3,
         "min_ms": min(times) * 1e3,
@@ -188,6 +192,7 @@ def _summary(times: list[float], read_times: list[float], read_bytes: int, size:
         "weight_bytes": size,
         "step_read_bytes": read_bytes,
         "read_median_ms": read * 1e3,
+        "read_method": method,
         "roofline_fraction": read / step,
         "decoder_layers": backend,
     }

@@ -100,15 +100,15 @@ def compiler_available() -> bool:
     return True
 
 
-def _build(name: str) -> Path:
-    source = _SOURCES / f"{name}.c"
+def _build(name: str, folder: Path = _SOURCES) -> Path:
+    source = folder / f"{name}.c"
     compiler = _compiler()
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"{compiler} --version failed: {e}") from e
     # Every source and header of the folder: a source may include others (decoder_layer.c does).
-    sources = [path.read_text() for path in sorted(_SOURCES.glob("*.[ch]"))]
+    sources = [path.read_text() for path in sorted(folder.glob("*.[ch]"))]
     key = hashlib.sha256(
         "\0".join([source.read_text(), *sources, " ".join(_flags() + _LINK), version, cpu_fingerprint()]).encode()
     ).hexdigest()[:16]
@@ -145,6 +145,16 @@ def load(name: str) -> ctypes.CDLL:
             raise KernelUnavailable(f"loading {path} failed: {e}") from e
         _apply_modes(_loaded[name])
     return _loaded[name]
+
+
+def load_source(source: Path) -> ctypes.CDLL:
+    """The shared library built, as the kernels are, from a C file elsewhere (the benchmarks' read loop);
+    built on first use, then cached."""
+    path = _build(source.stem, source.parent)
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as e:
+        raise KernelUnavailable(f"loading {path} failed: {e}") from e
 
 
 def _apply_modes(lib: ctypes.CDLL) -> None:
