@@ -2,7 +2,8 @@
    reading the s-th contiguous 1/streams of the buffer, 8 floats of each in turn. One stream is what a
    tensor sum reads; the C kernels' matmul loop reads four at once (rows_times_weight_block.h), which
    one core of an AMD EPYC reads ~1.4x faster. Returns the sum, so that the reads cannot be left out.
-   Built by benchmarks/read_bandwidth.py without -ffast-math: the vector type keeps the sum vectorised. */
+   Built as the kernels are (shards/kernels/native.py's load_source, from benchmarks/read_bandwidth.py);
+   the vector type keeps the loop vectorised whatever the flags. */
 
 #include <stdint.h>
 #include <string.h>
