@@ -30,25 +30,28 @@
 #define MAX_BLOCK 256
 
 #ifdef HAVE_AVX2
-/* Eight lanes of partial sums of q[h] . k[h / G] (D a multiple of 8); their total is the score. */
-static inline __m256 head_partial(const float (*qs)[MAX_HEAD_DIM], const float *kt, int64_t h, int64_t G, int64_t D) {
-    const float *qh = qs[h], *kh = kt + (h / G) * D;
+/* Eight lanes of partial sums of q[h] . k[h / G] (D a multiple of 8; kv_at[h] = (h / G) D); their total is
+   the score. */
+static inline __m256 head_partial(const float (*qs)[MAX_HEAD_DIM], const float *kt, int64_t h, const int64_t *kv_at,
+                                  int64_t D) {
+    const float *qh = qs[h], *kh = kt + kv_at[h];
     __m256 sum = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(kh));
     for (int64_t d = 8; d < D; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(kh + d), sum);
     return sum;
 }
 #endif
 
-/* scores[h] = q[h] . k[h / G] for the H heads of one token: 8, then 4 heads at a time with AVX2
-   (their partial-sum vectors reduced together), else one dot product each. */
-static void token_scores(const float (*qs)[MAX_HEAD_DIM], const float *kt, float *scores, int64_t H, int64_t G,
-                         int64_t D) {
+/* scores[h] = q[h] . k[h / G] for the H heads of one token (kv_at[h] = (h / G) D, the offset of head h's KV
+   head in the token's row, so that no head divides per token): 8, then 4 heads at a time with AVX2 (their
+   partial-sum vectors reduced together), else one dot product each. */
+static void token_scores(const float (*qs)[MAX_HEAD_DIM], const float *kt, float *scores, int64_t H,
+                         const int64_t *kv_at, int64_t D) {
     int64_t h0 = 0;
 #ifdef HAVE_AVX2
     if (D % 8 == 0) {
         for (; h0 + 8 <= H; h0 += 8) {
             __m256 v[8];
-            for (int j = 0; j < 8; j++) v[j] = head_partial(qs, kt, h0 + j, G, D);
+            for (int j = 0; j < 8; j++) v[j] = head_partial(qs, kt, h0 + j, kv_at, D);
             const __m256 s01 = _mm256_hadd_ps(v[0], v[1]), s23 = _mm256_hadd_ps(v[2], v[3]);
             const __m256 s45 = _mm256_hadd_ps(v[4], v[5]), s67 = _mm256_hadd_ps(v[6], v[7]);
             const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
@@ -59,7 +62,7 @@ static void token_scores(const float (*qs)[MAX_HEAD_DIM], const float *kt, float
         }
         for (; h0 + 4 <= H; h0 += 4) {
             __m256 v[4];
-            for (int j = 0; j < 4; j++) v[j] = head_partial(qs, kt, h0 + j, G, D);
+            for (int j = 0; j < 4; j++) v[j] = head_partial(qs, kt, h0 + j, kv_at, D);
             /* lanes 0-3: heads 0-3 over the low half of each vector, 4-7 the same over the high half */
             const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
             _mm_storeu_ps(scores + h0, _mm_add_ps(_mm256_castps256_ps128(s0123), _mm256_extractf128_ps(s0123, 1)));
@@ -67,13 +70,51 @@ static void token_scores(const float (*qs)[MAX_HEAD_DIM], const float *kt, float
     }
 #endif
     for (int64_t h = h0; h < H; h++) {
-        const float *qh = qs[h], *kh = kt + (h / G) * D;
+        const float *qh = qs[h], *kh = kt + kv_at[h];
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
         for (int64_t d = 0; d < D; d++) dot += qh[d] * kh[d];
         scores[h] = dot;
     }
 }
+
+#ifdef HAVE_AVX2
+/* 8 K/V elements at p (fp32, or bf16 widened: exact) as floats. */
+static inline __m256 kv_load8(const void *p, int kv_type) {
+    if (kv_type == ELEMENT_BF16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+    return _mm256_loadu_ps((const float *)p);
+}
+
+/* acc[h] = acc[h] * correction[h] + the sum over the block's tokens t (lo <= t < hi, in order) of
+   scores[t][h] v[t] (head h's KV head: kv_at), for D a multiple of 32: each head's accumulator held in
+   four registers at a time across the block's tokens. Written a token at a time, the loop loaded and stored
+   every head's accumulator once a token; the products and their order are the same, so are the bits. */
+static void block_values(float (*acc)[MAX_HEAD_DIM], const float *correction, const float (*scores)[MAX_HEADS],
+                         const void *vb, int kv_type, int64_t token_stride, const int64_t *kv_at, int64_t lo,
+                         int64_t hi, int64_t H, int64_t D) {
+    for (int64_t h = 0; h < H; h++) {
+        const __m256 c = _mm256_set1_ps(correction[h]);
+        for (int64_t d = 0; d < D; d += 32) {
+            float *ah = acc[h] + d;
+            __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(ah), c), a1 = _mm256_mul_ps(_mm256_loadu_ps(ah + 8), c);
+            __m256 a2 = _mm256_mul_ps(_mm256_loadu_ps(ah + 16), c), a3 = _mm256_mul_ps(_mm256_loadu_ps(ah + 24), c);
+            for (int64_t t = lo; t < hi; t++) {
+                const __m256 p = _mm256_set1_ps(scores[t][h]);
+                const int64_t at = t * token_stride + kv_at[h] + d;
+                a0 = _mm256_fmadd_ps(p, kv_load8(element_offset(vb, kv_type, at), kv_type), a0);
+                a1 = _mm256_fmadd_ps(p, kv_load8(element_offset(vb, kv_type, at + 8), kv_type), a1);
+                a2 = _mm256_fmadd_ps(p, kv_load8(element_offset(vb, kv_type, at + 16), kv_type), a2);
+                a3 = _mm256_fmadd_ps(p, kv_load8(element_offset(vb, kv_type, at + 24), kv_type), a3);
+            }
+            _mm256_storeu_ps(ah, a0);
+            _mm256_storeu_ps(ah + 8, a1);
+            _mm256_storeu_ps(ah + 16, a2);
+            _mm256_storeu_ps(ah + 24, a3);
+        }
+    }
+}
+#endif
 
 /* Built with -ffast-math (vectorised expf): no infinities here, -FLT_MAX stands for "no score yet".
    Each token's K (and V) row of all KV heads is contiguous, so one sequence's context is read
@@ -99,6 +140,8 @@ int paged_decode_attention(const float *q, const void *k_pool, const void *v_poo
     float row[MAX_HEADS * MAX_HEAD_DIM]; /* a bf16 token's K or V row, widened */
     float qs[MAX_HEADS][MAX_HEAD_DIM], acc[MAX_HEADS][MAX_HEAD_DIM], scores[MAX_BLOCK][MAX_HEADS];
     float running_max[MAX_HEADS], running_sum[MAX_HEADS], correction[MAX_HEADS];
+    int64_t kv_at[MAX_HEADS];
+    for (int64_t h = 0; h < H; h++) kv_at[h] = (h / G) * D;
     for (int64_t b = 0; b < B; b++) {
         const int64_t len = context_lens[b];
         const int64_t first = (window > 0 && len > window) ? len - window : 0;
@@ -127,7 +170,7 @@ int paged_decode_attention(const float *q, const void *k_pool, const void *v_poo
                 }
                 const void *k_stored = element_offset(kb, kv_type, t * token_stride);
                 const float *kt = load_elements(k_stored, kv_type, token_stride, row);
-                token_scores((const float (*)[MAX_HEAD_DIM])qs, kt, scores[t], H, G, D);
+                token_scores((const float (*)[MAX_HEAD_DIM])qs, kt, scores[t], H, kv_at, D);
             }
             for (int64_t h = 0; h < H; h++) {
                 float block_max = running_max[h];
@@ -143,6 +186,13 @@ int paged_decode_attention(const float *q, const void *k_pool, const void *v_poo
                     running_sum[h] += scores[t][h];
                 }
             }
+#ifdef HAVE_AVX2
+            if (D % 32 == 0) {
+                block_values(acc, correction, (const float (*)[MAX_HEADS])scores, vb, kv_type, token_stride, kv_at, lo,
+                             hi, H, D);
+                continue;
+            }
+#endif
             for (int64_t h = 0; h < H; h++) {
                 float *ah = acc[h];
                 const float c = correction[h];
@@ -153,7 +203,7 @@ int paged_decode_attention(const float *q, const void *k_pool, const void *v_poo
                 const void *v_stored = element_offset(vb, kv_type, t * token_stride);
                 const float *vt = load_elements(v_stored, kv_type, token_stride, row);
                 for (int64_t h = 0; h < H; h++) {
-                    const float p = scores[t][h], *vh = vt + (h / G) * D;
+                    const float p = scores[t][h], *vh = vt + kv_at[h];
                     float *ah = acc[h];
 #pragma omp simd
                     for (int64_t d = 0; d < D; d++) ah[d] += p * vh[d];
