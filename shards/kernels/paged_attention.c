@@ -93,7 +93,44 @@ static inline __m256 kv_load8(const void *p, int kv_type) {
 static void block_values(float (*acc)[MAX_HEAD_DIM], const float *correction, const float (*scores)[MAX_HEADS],
                          const void *vb, int kv_type, int64_t token_stride, const int64_t *kv_at, int64_t lo,
                          int64_t hi, int64_t H, int64_t D) {
-    for (int64_t h = 0; h < H; h++) {
+    int64_t h = 0;
+    /* Two query heads of one KV head at a time: each V vector loaded once for both, and eight FMA chains
+       side by side where four waited on each other token by token. */
+    for (; h + 2 <= H && kv_at[h] == kv_at[h + 1]; h += 2) {
+        const __m256 c = _mm256_set1_ps(correction[h]), e = _mm256_set1_ps(correction[h + 1]);
+        for (int64_t d = 0; d < D; d += 32) {
+            float *ah = acc[h] + d, *bh = acc[h + 1] + d;
+            __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(ah), c), a1 = _mm256_mul_ps(_mm256_loadu_ps(ah + 8), c);
+            __m256 a2 = _mm256_mul_ps(_mm256_loadu_ps(ah + 16), c), a3 = _mm256_mul_ps(_mm256_loadu_ps(ah + 24), c);
+            __m256 b0 = _mm256_mul_ps(_mm256_loadu_ps(bh), e), b1 = _mm256_mul_ps(_mm256_loadu_ps(bh + 8), e);
+            __m256 b2 = _mm256_mul_ps(_mm256_loadu_ps(bh + 16), e), b3 = _mm256_mul_ps(_mm256_loadu_ps(bh + 24), e);
+            for (int64_t t = lo; t < hi; t++) {
+                const __m256 p = _mm256_set1_ps(scores[t][h]), q = _mm256_set1_ps(scores[t][h + 1]);
+                const int64_t at = t * token_stride + kv_at[h] + d;
+                __m256 v = kv_load8(element_offset(vb, kv_type, at), kv_type);
+                a0 = _mm256_fmadd_ps(p, v, a0);
+                b0 = _mm256_fmadd_ps(q, v, b0);
+                v = kv_load8(element_offset(vb, kv_type, at + 8), kv_type);
+                a1 = _mm256_fmadd_ps(p, v, a1);
+                b1 = _mm256_fmadd_ps(q, v, b1);
+                v = kv_load8(element_offset(vb, kv_type, at + 16), kv_type);
+                a2 = _mm256_fmadd_ps(p, v, a2);
+                b2 = _mm256_fmadd_ps(q, v, b2);
+                v = kv_load8(element_offset(vb, kv_type, at + 24), kv_type);
+                a3 = _mm256_fmadd_ps(p, v, a3);
+                b3 = _mm256_fmadd_ps(q, v, b3);
+            }
+            _mm256_storeu_ps(ah, a0);
+            _mm256_storeu_ps(ah + 8, a1);
+            _mm256_storeu_ps(ah + 16, a2);
+            _mm256_storeu_ps(ah + 24, a3);
+            _mm256_storeu_ps(bh, b0);
+            _mm256_storeu_ps(bh + 8, b1);
+            _mm256_storeu_ps(bh + 16, b2);
+            _mm256_storeu_ps(bh + 24, b3);
+        }
+    }
+    for (; h < H; h++) {
         const __m256 c = _mm256_set1_ps(correction[h]);
         for (int64_t d = 0; d < D; d += 32) {
             float *ah = acc[h] + d;
