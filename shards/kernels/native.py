@@ -138,18 +138,14 @@ def _build(name: str, folder: Path = _SOURCES) -> Path:
 def load(name: str) -> ctypes.CDLL:
     """The shared library built from `<name>.c` beside this file (built on first use, then cached)."""
     if name not in _loaded:
-        path = _build(name)
-        try:
-            _loaded[name] = ctypes.CDLL(str(path))
-        except OSError as e:
-            raise KernelUnavailable(f"loading {path} failed: {e}") from e
+        _loaded[name] = load_source(_SOURCES / f"{name}.c")
         _apply_modes(_loaded[name])
     return _loaded[name]
 
 
 def load_source(source: Path) -> ctypes.CDLL:
-    """The shared library built, as the kernels are, from a C file elsewhere (the benchmarks' read loop);
-    built on first use, then cached."""
+    """The shared library built from the C file `source` (the kernels beside this file, or another, such as the
+    benchmarks' read loop, built as they are); built on first use, then cached on disk."""
     path = _build(source.stem, source.parent)
     try:
         return ctypes.CDLL(str(path))
