@@ -33,3 +33,17 @@ def test_other_inputs_take_f_linear(native, monkeypatch):
         ops.select("torch", torch.device("cpu"), torch.float32).linear_rows(x, weight), F.linear(x, weight)
     )
     assert calls == [1]
+
+
+@pytest.mark.parametrize("rows", [2, 3, 4, 5, 7, MAX_ROWS])
+def test_a_rows_bits_do_not_depend_on_its_neighbours(native, rows):
+    """fp32 weights: a row's result is the same bits alone or among others (the loop takes rows of x three,
+    two or one at a time against each block of weight rows, every dot product summed the same way), so a
+    verification step's rows and a batch's decodes equal plain decodes."""
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 272, generator=gen)
+    weight = torch.randn(1030, 272, generator=gen)
+    together = native.linear_rows(x, weight)
+    for row in range(rows):
+        assert torch.equal(native.linear_rows(x[row : row + 1], weight)[0], together[row])
+    assert torch.equal(native.linear_rows(x[1:].contiguous(), weight), together[1:])

@@ -34,7 +34,8 @@ static int RTI_NAME(const float *x, int64_t R, int64_t ldx, const int8_t *codes,
             for (int j = 0; j < 8; j++) acc[j] = RTI_ZERO();
             if (pair) {
                 for (int64_t k = 0; k < K; k += RTI_CODES) {
-                    const RTI_VEC a = RTI_LOAD_X(xa + k), b = RTI_LOAD_X(xc + k);
+                    RTI_VEC a = RTI_LOAD_X(xa + k), b = RTI_LOAD_X(xc + k);
+                    __asm__("" : "+v"(a), "+v"(b)); /* in registers, not reloaded by each RTI_DOT */
                     for (int j = 0; j < 4; j++) {
                         const RTI_VEC c = RTI_LOAD_C(w[j] + k);
                         acc[j] = RTI_DOT(acc[j], c, a);

@@ -64,14 +64,17 @@ static inline __m256 load8_i8(const int8_t *p) {
 #define RTW_FMA _mm256_fmadd_ps
 #define RTW_FOLD(v) (v)
 #define RTW_NAME rows_times_weight_8
+#define RTW_ROWS rows_times_weight_8_rows
 #define RTW_WEIGHT float
 #define RTW_LOAD_W _mm256_loadu_ps
 #include "rows_times_weight_block.h"
 #define RTW_NAME rows_times_weight_8_bf16
+#define RTW_ROWS rows_times_weight_8_bf16_rows
 #define RTW_WEIGHT uint16_t
 #define RTW_LOAD_W load8_bf16
 #include "rows_times_weight_block.h"
 #define RTW_NAME rows_times_weight_8_i8
+#define RTW_ROWS rows_times_weight_8_i8_rows
 #define RTW_WEIGHT int8_t
 #define RTW_LOAD_W load8_i8
 #include "rows_times_weight_block.h"
@@ -154,14 +157,17 @@ static inline __m512 load16_i8(const int8_t *p) {
 #define RTW_FMA _mm512_fmadd_ps
 #define RTW_FOLD fold512
 #define RTW_NAME rows_times_weight_16
+#define RTW_ROWS rows_times_weight_16_rows
 #define RTW_WEIGHT float
 #define RTW_LOAD_W _mm512_loadu_ps
 #include "rows_times_weight_block.h"
 #define RTW_NAME rows_times_weight_16_bf16
+#define RTW_ROWS rows_times_weight_16_bf16_rows
 #define RTW_WEIGHT uint16_t
 #define RTW_LOAD_W load16_bf16
 #include "rows_times_weight_block.h"
 #define RTW_NAME rows_times_weight_16_i8
+#define RTW_ROWS rows_times_weight_16_i8_rows
 #define RTW_WEIGHT int8_t
 #define RTW_LOAD_W load16_i8
 #include "rows_times_weight_block.h"
@@ -353,8 +359,9 @@ static inline int bf16_dot_products(void) {
 /* y[r * ldy + n] = (x[r * ldx .. + K] . W[n * K .. + K]) * scale[n] for r < R, n < N (W row-major [N, K]
    of weight_type; scale [N] for int8 weights, NULL (no scaling) for the others). With vectors (K a
    multiple of 16 with AVX-512, else of 8 with AVX2): four weight rows a quarter of W apart at a time
-   against two rows of x (eight accumulators, six loads per eight FMAs), the four weight rows staying in
-   L1 for all rows of x; the rows left over, and any K without vectors, one dot product each. */
+   against three rows of x (twelve accumulators, seven loads per twelve FMAs; two or one where rows are
+   left), the four weight rows staying in L1 for all rows of x; the weight rows left over, and any K
+   without vectors, one dot product each. */
 static void rows_times_weight(const float *x, int64_t R, int64_t ldx, const void *W, int weight_type,
                               const float *scale, int64_t N, int64_t K, float *y, int64_t ldy) {
     int64_t n0 = 0;
