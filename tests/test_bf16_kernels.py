@@ -96,11 +96,11 @@ def test_linear_reads_bf16_weights(build, rows, out_features, in_features):
 
 @pytest.mark.parametrize("rows,out_features,in_features", [(5, 70, 256), (12, 70, 256), (40, *TILED)])
 def test_the_dot_products_rows_do_not_depend_on_their_neighbours(build, rows, out_features, in_features):
-    """A row's result is the same bits alone or among others (pairs and the odd row go through the same
-    sums; from 8 rows the widening loops widen each block of weights once into a buffer, and the fp32 loop
-    takes the same products in the same order; in AMX's tiles every row of x is a column of the same sums,
-    whatever the tiles' width), so a verification step's rows equal plain decodes' (speculation keeps
-    greedy outputs)."""
+    """A row's result is the same bits alone or among others (rows three, two or one at a time go through
+    the same sums, 5 and 12; from 32 rows the widening loops widen each block of weights once into a
+    buffer, and the fp32 loop takes the same products in the same order, 40; in AMX's tiles every row of x
+    is a column of the same sums, whatever the tiles' width), so a verification step's rows equal plain
+    decodes' (speculation keeps greedy outputs)."""
     x = torch.randn(rows, in_features)
     weight = torch.randn(out_features, in_features).to(BF16)
     together = linear.linear_rows(x, weight)

@@ -8,9 +8,8 @@
    out of cache no faster, it waits on memory, but about twice the products a second in cache; with AMX,
    products of 1 MiB of weights and more, K 512 and more, in its tiles: rows_times_weight_amx.h);
    otherwise it becomes fp32 (its 16 bits shifted into the high half of a float, exact) against fp32 x:
-   in registers, or from STAGED_ROWS_BF16 rows of x once per block of four weight rows, in a buffer the fp32
-   loop reads (at 64-128 rows of the demo's LM head and experts 1.3-1.4x faster on an AVX2 EPYC, where the
-   widening bounded the loop). Either way a row of x gives the same bits alone or beside other rows. An
+   in registers, or from STAGED_ROWS rows of x once per block of four weight rows, in a buffer the fp32
+   loop reads (from 64 rows 1.05-1.2x faster on an AVX2 EPYC, where the widening bounds the loop). Either way a row of x gives the same bits alone or beside other rows. An
    int8 code becomes fp32 the same way (sign-extended, converted: exact; staged too), and each weight
    row's dot product is multiplied by its scale at the end, so the result is x's dot with the dequantized
    row up to fp32 rounding; activations are not quantized (a loop over activations quantized to int16 with VNNI's
@@ -89,13 +88,14 @@ static inline __m256 load8_i8(const int8_t *p) {
 #ifdef HAVE_AVX2
 /* From this many rows of x, bf16 weights and int8 codes are widened to fp32 once per block of four weight
    rows, in this thread's buffer, and the fp32 loop reads them there (a code block with its rows' scales),
-   instead of widening each weight vector in registers once per pair of rows. Widening is exact and the
+   instead of widening each weight vector in registers once per group of rows. Widening is exact and the
    fp32 loop takes the same products in the same order, so a row gets the same bits either way. On an AVX2
-   EPYC (one thread, K 512; avx2-epyc-demo/avx2-bf16-staged/rows.txt) bf16 gained from 8 rows (1.2x at 16
-   rows of an LM head, 1.3-1.4x at 64-128), int8 codes at 16 rows of the head (1.3x) but not at an MoE
-   expert's 16 (0.92x), at 32 both. */
-#define STAGED_ROWS_BF16 8
-#define STAGED_ROWS_I8 32
+   EPYC (one thread, in cache; benchmarks/results/rows-in-registers), with rows of x taken three at a time
+   and every vector loaded once into a register, bf16 widened in registers ran 2x staging's speed at 8 rows,
+   1.0-1.7x at 16-24, level at 32 (0.8-1.2x), and staging led from 48-64 (1.05-1.2x at 64); int8 codes
+   were level at 32 and staged led at 64. (With rows of x two at a time and loads folded into the FMAs,
+   bf16 had gained from staging from 8 rows.) */
+#define STAGED_ROWS 32
 
 typedef int64_t (*fp32_rows_fn)(const float *x, int64_t R, int64_t ldx, const float *W, const float *scale,
                                 int64_t N, int64_t K, float *y, int64_t ldy);
@@ -385,8 +385,7 @@ static void rows_times_weight(const float *x, int64_t R, int64_t ldx, const void
     }
 #endif
 #ifdef HAVE_AVX2
-    const int64_t staged_rows = weight_type == ELEMENT_BF16 ? STAGED_ROWS_BF16 : STAGED_ROWS_I8;
-    const int staged = weight_type != ELEMENT_F32 && R >= staged_rows;
+    const int staged = weight_type != ELEMENT_F32 && R >= STAGED_ROWS;
 #endif
 #ifdef HAVE_AVX512
     if (K % 16 == 0 && staged)
