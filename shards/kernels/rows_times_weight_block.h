@@ -16,7 +16,8 @@
    rows w[0..3]: rows * 4 accumulators, each x vector and each weight vector loaded once an iteration into a
    register (the empty asm keeps the compiler from folding them into the FMAs as memory operands, which
    loaded x, or the weights, once per FMA: 10-12 loads per 8 FMAs, where the loop waited on its loads at
-   about half the FMA rate of one core in L1). y[i * ldy + j * Q] takes row i's dot with w[j], scaled:
+   about half the FMA rate of one core in L1; a lone row is left to the compiler, each of its loads used
+   once either way). y[i * ldy + j * Q] takes row i's dot with w[j], scaled:
    every dot product summed lane by lane and folded by reduce8, the same bits whatever `rows` is. */
 static inline __attribute__((always_inline)) void RTW_ROWS(const float *x, int64_t ldx, int rows,
                                                            const RTW_WEIGHT *const w[4], int64_t K, __m256 scales,
@@ -27,11 +28,11 @@ static inline __attribute__((always_inline)) void RTW_ROWS(const float *x, int64
         RTW_VEC xv[3];
         for (int i = 0; i < rows; i++) {
             xv[i] = RTW_LOAD(x + i * ldx + k);
-            __asm__("" : "+v"(xv[i]));
+            if (rows > 1) __asm__("" : "+v"(xv[i]));
         }
         for (int j = 0; j < 4; j++) {
             RTW_VEC wv = RTW_LOAD_W(w[j] + k);
-            __asm__("" : "+v"(wv));
+            if (rows > 1) __asm__("" : "+v"(wv));
             for (int i = 0; i < rows; i++) acc[4 * i + j] = RTW_FMA(wv, xv[i], acc[4 * i + j]);
         }
     }
