@@ -9,10 +9,10 @@
    products of 1 MiB of weights and more, K 512 and more, in its tiles: rows_times_weight_amx.h);
    otherwise it becomes fp32 (its 16 bits shifted into the high half of a float, exact) against fp32 x:
    in registers, or from STAGED_ROWS rows of x once per block of four weight rows, in a buffer the fp32
-   loop reads (from 64 rows 1.05-1.2x faster on an AVX2 EPYC, where the widening bounds the loop). Either way a row of x gives the same bits alone or beside other rows. An
-   int8 code becomes fp32 the same way (sign-extended, converted: exact; staged too), and each weight
-   row's dot product is multiplied by its scale at the end, so the result is x's dot with the dequantized
-   row up to fp32 rounding; activations are not quantized (a loop over activations quantized to int16 with VNNI's
+   loop reads (from 64 rows 1.05-1.2x faster on an AVX2 EPYC, where the widening bounds the loop). Either
+   way a row of x gives the same bits alone or beside other rows. An int8 code becomes fp32 the same way
+   (sign-extended, converted: exact; staged too), and each weight row's dot product is multiplied by its
+   scale at the end, so the result is x's dot with the dequantized row up to fp32 rounding; activations are not quantized (a loop over activations quantized to int16 with VNNI's
    vpdpwssd, half the instructions per weight, was no faster for one row streaming int8 weights from
    memory here: the loads are what it waits on). In a bf16 model (kernel_set_int8_bf16_activations),
    with AVX512_BF16 and K a multiple of 32, int8 codes become bf16 instead (exact too) and meet x rounded
@@ -94,7 +94,8 @@ static inline __m256 load8_i8(const int8_t *p) {
    and every vector loaded once into a register, bf16 widened in registers ran 2x staging's speed at 8 rows,
    1.0-1.7x at 16-24, level at 32 (0.8-1.2x), and staging led from 48-64 (1.05-1.2x at 64); int8 codes
    were level at 32 and staged led at 64. (With rows of x two at a time and loads folded into the FMAs,
-   bf16 had gained from staging from 8 rows.) */
+   bf16 had gained from staging from 8 rows.) AVX-512 CPUs without avx512_bf16 take the same threshold, not
+   measured there. */
 #define STAGED_ROWS 32
 
 typedef int64_t (*fp32_rows_fn)(const float *x, int64_t R, int64_t ldx, const float *W, const float *scale,
