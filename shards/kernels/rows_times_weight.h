@@ -13,8 +13,9 @@
    way a row of x gives the same bits alone or beside other rows. An int8 code becomes fp32 the same way
    (sign-extended, converted: exact; staged too), and each weight row's dot product is multiplied by its
    scale at the end, so the result is x's dot with the dequantized row up to fp32 rounding; activations
-   are not quantized (a loop over activations quantized to int16 with VNNI's vpdpwssd, half the instructions per weight, was no faster for one row streaming int8 weights from
-   memory here: the loads are what it waits on). In a bf16 model (kernel_set_int8_bf16_activations),
+   are not quantized (a loop over activations quantized to int16 with VNNI's vpdpwssd, half the
+   instructions per weight, was no faster for one row streaming int8 weights from memory here: the loads
+   are what it waits on). In a bf16 model (kernel_set_int8_bf16_activations),
    with AVX512_BF16 and K a multiple of 32, int8 codes become bf16 instead (exact too) and meet x rounded
    to bf16 in the dot product, as bf16 weights do (rows_times_codes_dpbf16): from 3 rows the codes are
    made bf16 once per block rather than once per pair of rows (at 32 rows of a 3584 x 1024 weight, half
