@@ -5,17 +5,9 @@
    `int16`: a bf16 model's codes, in the int16 dot product). Build: cc -O3 -march=native -I<kernels> rows.c -lm */
 
 #include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
 
 #include "rows_times_weight.h"
-
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec * 1e-9;
-}
+#include "rows_bench.h"
 
 int main(int argc, char **argv) {
     if (argc < 5) return 2;
@@ -23,16 +15,9 @@ int main(int argc, char **argv) {
     const int type = atoi(argv[3]);
     if (argc > 5) kernel_set_int8_bf16_activations(1);
     const int64_t matrix = N * K * element_bytes(type), count = ((int64_t)256 << 20) / matrix;
-    char *pool = aligned_alloc(64, count * matrix);
-    for (int64_t i = 0; i < count * matrix / element_bytes(type); i++) {
-        const float value = (float)((i * 7919) % 1000) * 1e-3f - 0.5f;
-        if (type == ELEMENT_F32) ((float *)pool)[i] = value;
-        if (type == ELEMENT_BF16) ((uint16_t *)pool)[i] = float_to_bf16(value);
-        if (type == ELEMENT_I8) ((int8_t *)pool)[i] = (int8_t)((i * 7919) % 61 - 30);
-    }
+    char *pool = weight_pool(type, count, matrix);
     float *x = malloc(sizeof(float) * R * K), *y = malloc(sizeof(float) * R * N), *scale = malloc(sizeof(float) * N);
-    for (int64_t i = 0; i < R * K; i++) x[i] = 0.001f * (float)(i % 977) - 0.3f;
-    for (int64_t n = 0; n < N; n++) scale[n] = 0.01f + 1e-5f * (float)n;
+    fill_rows(x, R, K, scale, N);
     const float *scales = type == ELEMENT_I8 ? scale : NULL;
     double best = 1e30;
     for (int pass = 0; pass < 8; pass++) {
@@ -41,12 +26,6 @@ int main(int argc, char **argv) {
         const double took = now() - start;
         if (pass > 0 && took < best) best = took;
     }
-    unsigned hash = 0;
-    for (int64_t i = 0; i < R * N; i++) {
-        unsigned bits;
-        memcpy(&bits, &y[i], sizeof bits);
-        hash = hash * 31u + bits;
-    }
-    printf("%.1f GB/s  bits %08x\n", (double)(count * matrix) / best / 1e9, hash);
+    printf("%.1f GB/s  bits %08x\n", (double)(count * matrix) / best / 1e9, bits_hash(y, R * N));
     return 0;
 }
