@@ -8,7 +8,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import await_until
+from launched_server import await_until
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import PYTHON, subprocess_env
+from child_processes import PYTHON, subprocess_env
 from mixserve.benchmarks import gpu_server
 from mixserve.benchmarks.gpu import suites as gpu_suites
 from mixserve.benchmarks.gpu_kernels import layer_weight_bytes, run_variant, tolerance

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from conftest import PYTHON, free_port, subprocess_env
+from child_processes import PYTHON, free_port, subprocess_env
 from mixserve.benchmarks import report
 from mixserve.benchmarks.compare import compare_markdown
 from mixserve.benchmarks.interleave import run_interleaved

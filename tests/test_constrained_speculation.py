@@ -8,7 +8,8 @@ import json
 import aiohttp
 import pytest
 
-from conftest import SMALL_JSON_SCHEMA, servers_side_by_side
+from json_schemas import SMALL_JSON_SCHEMA
+from launched_server import servers_side_by_side
 
 pytestmark = pytest.mark.slow
 

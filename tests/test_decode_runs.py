@@ -9,7 +9,7 @@ import time
 import aiohttp
 import pytest
 
-from conftest import await_until, get_json, get_text, metric, wait_until
+from launched_server import await_until, get_json, get_text, metric, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import shlex
 import pytest
 import yaml
 
-from conftest import REPO
+from child_processes import REPO
 from mixserve.router import launcher
 from mixserve.router.shard_client import parse_shard_addresses
 from mixserve.shards import cli as shard_cli

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from conftest import PYTHON, free_port, subprocess_env
+from child_processes import PYTHON, free_port, subprocess_env
 from mixserve.cli import DefaultsHelpFormatter
 from mixserve.router import launch_serving, launcher
 from mixserve.router.host_check import HostCheckFailed, HostPlan, check_model_dir, group_visible_devices

@@ -14,7 +14,8 @@ import aiohttp
 import pytest
 from test_speculative_serving import cancel_mid_run, info, plain_stops_and_outputs, workload
 
-from conftest import PYTHON, free_port, servers_side_by_side, subprocess_env
+from child_processes import PYTHON, free_port, subprocess_env
+from launched_server import servers_side_by_side
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import PYTHON, subprocess_env
+from child_processes import PYTHON, subprocess_env
 from mixserve.shards.checkpoint import CheckpointReader
 from mixserve.shards.config import ModelConfig, ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup

@@ -10,7 +10,7 @@ import llguidance
 import pytest
 import torch
 
-from conftest import SMALL_JSON_SCHEMA as SCHEMA
+from json_schemas import SMALL_JSON_SCHEMA as SCHEMA
 from mixserve.shards.config import ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.draft import load_draft

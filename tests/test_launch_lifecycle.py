@@ -11,7 +11,8 @@ import aiohttp
 import pytest
 from process_table import gone
 
-from conftest import LaunchedServer, await_until, free_port
+from child_processes import free_port
+from launched_server import LaunchedServer, await_until
 from mixserve.router.shard_standby import guessed_num_shard
 from mixserve.shards.cache_dir import cache_root
 

@@ -4,7 +4,7 @@ that imports neither accelerate nor torch._dynamo (~1 s and ~2.5 s of every shar
 import pytest
 import torch
 
-from conftest import fresh_interpreter
+from child_processes import fresh_interpreter
 from mixserve.shards.loader import parameters_on_meta
 
 

@@ -1,7 +1,7 @@
 """A test reads a launched server's log only where the log line is what it tests (the contract: what an
 operator reads, such as the one-line refusal, the access line's fields, a documented start-up line, or
 what must never be logged); every other fact goes through /info, /health, /metrics, the response or the
-process table. conftest's `LaunchedServer.contract_log(contract)` is the one way to read the log, and it
+process table. launched_server.py's `LaunchedServer.contract_log(contract)` is the one way to read the log, and it
 takes the reason; `log_tail()` is for failure messages only."""
 
 import ast
@@ -37,7 +37,7 @@ def log_read_problems(source: str, name: str) -> list[str]:
     problems = []
     for node in ast.walk(tree):
         where = f"{name}:{getattr(node, 'lineno', '?')}"
-        if isinstance(node, ast.Attribute) and node.attr == "log_path" and name != "conftest.py":
+        if isinstance(node, ast.Attribute) and node.attr == "log_path" and name != "launched_server.py":
             problems.append(f"{where}: reads log_path; use contract_log(contract=...)")
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
             continue

@@ -7,7 +7,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import await_until, free_port
+from child_processes import free_port
+from launched_server import await_until
 from mixserve.router.metrics import INTER_TOKEN_BUCKETS, LoopHistogram, Metrics
 from mixserve.router.scheduler import Scheduler, SchedulerConfig
 from mixserve_pb import generate_pb2 as pb

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import MixtralForCausalLM as ReferenceMixtral
 
-from conftest import PYTHON, REPO, run_ranks
+from child_processes import PYTHON, REPO, run_ranks
 from mixserve.shards.config import ModelConfig, ParallelConfig
 from mixserve.shards.distributed import TensorParallelGroup
 from mixserve.shards.loader import load_model

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO
+from child_processes import PYTHON, REPO
 
 MOVED = ("router", "shards", "benchmarks")
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import PYTHON, REPO, run_ranks
+from child_processes import PYTHON, REPO, run_ranks
 from mixserve.shards.parallel_greedy import is_plain_greedy
 from mixserve.shards.sampling_params import SamplingParams
 

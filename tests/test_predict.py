@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer
 from transformers import MixtralForCausalLM as ReferenceMixtral
 
-from conftest import await_until, get_text, metric
+from launched_server import await_until, get_text, metric
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,9 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import SMALL_JSON_SCHEMA, free_port, servers_side_by_side
+from child_processes import free_port
+from json_schemas import SMALL_JSON_SCHEMA
+from launched_server import servers_side_by_side
 from mixserve.router.speculation import OWN_K
 from mixserve_pb import generate_pb2 as pb
 from mixserve_pb import generate_pb2_grpc

@@ -6,7 +6,8 @@ import asyncio
 import aiohttp
 import pytest
 
-from conftest import LaunchedServer, free_port
+from child_processes import free_port
+from launched_server import LaunchedServer
 
 # -- the shard: a sequence admitted past position 0 --------------------------------------------------
 

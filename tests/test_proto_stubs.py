@@ -2,7 +2,7 @@
 
 import importlib.util
 
-from conftest import REPO
+from child_processes import REPO
 
 
 def test_committed_stubs_match_the_protos(tmp_path):

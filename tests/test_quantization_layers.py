@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import fresh_interpreter
+from child_processes import fresh_interpreter
 from mixserve.shards.layers.moe import route
 from mixserve.shards.quant.config import QuantizationConfig
 from mixserve.shards.quant.experts import QuantizedExperts

@@ -24,7 +24,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from conftest import PYTHON, run_ranks
+from child_processes import PYTHON, run_ranks
 from mixserve.shards.config import ParallelConfig
 from mixserve.shards.demo.checkpoint import DemoConfig, ensure_demo_checkpoint
 from mixserve.shards.demo.tokenizer import corpus_lines

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import PYTHON, REPO, free_port, subprocess_env
+from child_processes import PYTHON, REPO, free_port, subprocess_env
 from mixserve.shards.quant.config import QuantizationConfig
 from mixserve.shards.quant.probe import QuantizationUnavailable, check_supported
 

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import PYTHON, REPO, free_port, subprocess_env
+from child_processes import PYTHON, REPO, free_port, subprocess_env
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from process_table import gone
 
-from conftest import LaunchedServer, await_until, free_port, wait_until
+from child_processes import free_port
+from launched_server import LaunchedServer, await_until, wait_until
 from mixserve_pb import generate_pb2 as pb
 from mixserve_pb import generate_pb2_grpc
 

@@ -13,7 +13,8 @@ import sys
 import aiohttp
 import pytest
 
-from conftest import LaunchedServer, await_until, free_port, subprocess_env, wait_until
+from child_processes import free_port, subprocess_env
+from launched_server import LaunchedServer, await_until, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, free_port, subprocess_env
+from child_processes import PYTHON, REPO, free_port, subprocess_env
 
 ROUTER = REPO / "router"
 

@@ -6,7 +6,7 @@ import grpc
 import pytest
 import torch
 
-from conftest import PYTHON, start_shards, subprocess_env
+from child_processes import PYTHON, start_shards, subprocess_env
 from mixserve.shards.devices import resolve_dtype
 from mixserve_pb import shard_pb2
 

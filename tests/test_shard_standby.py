@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from process_table import children
 
-from conftest import get_json
+from launched_server import get_json
 from mixserve.router import shard_standby
 from mixserve.router.shard_standby import guessed_num_shard, surely_cpu
 from mixserve.shards.demo.checkpoint import DemoConfig, write_demo_checkpoint

@@ -9,7 +9,7 @@ import pytest
 import torch
 from shm_collectives_worker import SHAPES, part
 
-from conftest import PYTHON, REPO, run_ranks, subprocess_env
+from child_processes import PYTHON, REPO, run_ranks, subprocess_env
 from mixserve.shards.kernels import native
 from mixserve.shards.shm_collectives import SharedMemoryGroup
 

@@ -12,7 +12,7 @@ import pytest
 from test_speculative_serving import SEEDED, cancel_mid_run, generate, info, text_and_end
 from tokenizers import Tokenizer
 
-from conftest import servers_side_by_side
+from launched_server import servers_side_by_side
 from mixserve.benchmarks.workload import DEMO_CORPUS, copy_prompt
 
 pytestmark = pytest.mark.slow

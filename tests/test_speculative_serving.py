@@ -13,8 +13,8 @@ import re
 import aiohttp
 import pytest
 
-from conftest import SMALL_JSON_SCHEMA as SCHEMA
-from conftest import await_until, servers_side_by_side
+from json_schemas import SMALL_JSON_SCHEMA as SCHEMA
+from launched_server import await_until, servers_side_by_side
 
 pytestmark = pytest.mark.slow
 

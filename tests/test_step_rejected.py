@@ -7,7 +7,7 @@ id past the vocabulary, which no tokenizer produces but the shards must still re
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from conftest import start_shards
+from child_processes import start_shards
 from mixserve.router.engine import Engine
 from mixserve.router.generation import Limits
 from mixserve.router.params import GenerationParams

@@ -14,7 +14,7 @@ import requests
 import text_generation
 from text_generation.types import Grammar, GrammarType
 
-from conftest import free_port
+from child_processes import free_port
 from mixserve_pb import generate_pb2 as pb
 from mixserve_pb import generate_pb2_grpc
 

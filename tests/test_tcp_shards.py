@@ -16,7 +16,8 @@ import grpc
 import pytest
 import requests
 
-from conftest import PYTHON, free_port, get_json, subprocess_env, wait_until
+from child_processes import PYTHON, free_port, subprocess_env
+from launched_server import get_json, wait_until
 from mixserve_pb import shard_pb2, shard_pb2_grpc
 
 pytestmark = pytest.mark.slow

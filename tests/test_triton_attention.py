@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import PYTHON, subprocess_env  # noqa: E402
+from child_processes import PYTHON, subprocess_env  # noqa: E402
 from mixserve.shards.ops import reference  # noqa: E402
 from mixserve.shards.triton import attention  # noqa: E402
 

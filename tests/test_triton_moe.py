@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import PYTHON, subprocess_env
+from child_processes import PYTHON, subprocess_env
 from mixserve.shards.ops import reference
 from mixserve.shards.triton import moe_align
 from mixserve.shards.triton.moe_align import align_pairs, max_sorted_rows

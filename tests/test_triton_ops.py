@@ -18,9 +18,9 @@ pytest.importorskip("triton")
 
 from test_decode_graph import _RefuseHostSync, decode_after_prefill, warm_runner  # noqa: E402
 
-from conftest import INTERPRETER_CONFIG  # noqa: E402
 from mixserve.shards import ops  # noqa: E402
 from mixserve.shards.config import ParallelConfig  # noqa: E402
+from mixserve.shards.demo.checkpoint import TINY  # noqa: E402 - the checkpoint of the interpreter_dir fixture
 from mixserve.shards.distributed import TensorParallelGroup  # noqa: E402
 from mixserve.shards.layers import moe as moe_layer  # noqa: E402
 from mixserve.shards.loader import load_model  # noqa: E402
@@ -176,7 +176,7 @@ def test_the_static_decode_path_runs_the_triton_kernels_with_no_host_sync(tiny_m
     finally:
         ops.select("auto", CPU, torch.float32)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-    layers = INTERPRETER_CONFIG["num_hidden_layers"]
+    layers = TINY["num_hidden_layers"]
     assert kernel_calls.count("fused_moe") == kernel_calls.count("paged_decode_attention") == layers
     assert kernel_calls.count("rotary_write_kv") == layers and kernel_calls.count("rms_norm") == 2 * layers + 1
 
