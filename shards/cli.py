@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from mixserve.shards import decode_graph, ops, proposal_length, warmup_timings
+from mixserve.shards import decode_graph, huge_pages, ops, proposal_length, warmup_timings
 from mixserve.shards.config import DTYPES, MOE_PARALLEL_MODES, ModelConfig, ParallelConfig
 from mixserve.shards.devices import (
     DEVICE_CHOICES,
@@ -249,6 +249,14 @@ def run(args: argparse.Namespace) -> int:
     init_process_group(parallel, device)
     group = tensor_parallel_group(parallel, device, args.collectives)
     model = load_model(model_dir, parallel, group, dtype, device, quantization, args.load_format, args.seed)
+    if device.type == "cpu":
+        log.info(
+            "event=huge_pages rank=%d mode=%s requested=%d anon_huge_bytes=%s",
+            parallel.rank,
+            huge_pages.system_mode(),
+            int(huge_pages.requested()),
+            huge_pages.huge_page_bytes(),
+        )
     grammars = grammar_matchers(model_dir, model, device)
     draft = None
     if args.speculative_model:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from mixserve.shards import devices, ops
+from mixserve.shards import devices, huge_pages, ops
 from mixserve.shards.cores import usable_cores
 from mixserve.shards.kernels import moe, native
 from mixserve.shards.kernels.checks import ELEMENT_I8
@@ -156,6 +156,7 @@ def timing_key(runner: ModelRunner, sizes: list[int], top: int, shapes: dict) ->
         "cpu": native.cpu_fingerprint(),
         "cores": usable_cores(),
         "threads": torch.get_num_threads(),
+        "huge_pages": [huge_pages.system_mode(), huge_pages.requested()],
         "torch": torch.__version__,
         "build": native.build_identity(),
         "ops": ops.kernels_report(ops.current(), runner.dtype),

@@ -7,11 +7,11 @@ the kernel is not clearly slower. That took 2.3-3.9 s of a 6.7-13.8 s start of t
 AMD EPYC; on a large model every size is a whole prefill step of it, several times over, so it grows with
 the model. The timings depend on the machine, the build and the shapes, not on the weights' values nor on
 which start took them; so each rank stores its own, under a key holding everything they depend on (the
-CPU's model and flags, the cores and threads, torch's version, the C libraries' build hashes and modes,
-a digest of the shards' Python sources, the rank's shapes and dtypes, the sizes timed), and a later start
-whose every rank finds its key reuses them, logged `timings=stored`. Any difference in the key times
-afresh and replaces the file. `fresh` always times afresh (a machine that was busy when the stored ones
-were taken, say) and stores what it measured.
+CPU's model and flags, the cores and threads, the huge page mode and request, torch's version, the C
+libraries' build hashes and modes, a digest of the shards' Python sources, the rank's shapes and dtypes,
+the sizes timed), and a later start whose every rank finds its key reuses them, logged `timings=stored`.
+Any difference in the key times afresh and replaces the file. `fresh` always times afresh (a machine that
+was busy when the stored ones were taken, say) and stores what it measured.
 
 One JSON file per measurement and key in $MIXSERVE_CACHE/warmup (`<what>-<digest>.json`, holding the key
 itself and the (size, kernel seconds, torch seconds) rows); written to a temporary file and renamed, so a

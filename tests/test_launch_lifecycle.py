@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -14,6 +15,7 @@ from process_table import gone
 from child_processes import free_port
 from launched_server import LaunchedServer, await_until
 from mixserve.router.shard_standby import guessed_num_shard
+from mixserve.shards import huge_pages
 from mixserve.shards.cache_dir import cache_root
 
 pytestmark = pytest.mark.slow
@@ -75,6 +77,19 @@ async def test_api_key_is_required(keyed_server):
     # Where the plan is the launcher's guess, the shards started beside the host check.
     guess = guessed_num_shard(argparse.Namespace(device="cpu", num_shard=None, replicas=1))
     assert all(("--standby" in shard.argv) == (guess == expected) for shard in shards)
+
+
+def test_cpu_shards_hold_their_weights_on_huge_pages(keyed_server):
+    """`mixserve shard` has torch's CPU allocator ask for 2 MiB pages (shards/huge_pages.py): where the
+    kernel grants them on request, the shards' weights and KV cache sit on them."""
+    mode = huge_pages.system_mode()
+    if mode not in ("madvise", "always"):
+        pytest.skip(f"this kernel's huge page mode is {mode}")
+    for shard in keyed_server.shards():
+        held = huge_pages.huge_page_bytes(Path(f"/proc/{shard.pid}/smaps_rollup"))
+        if held is None:
+            pytest.skip("this kernel does not report AnonHugePages")
+        assert held >= 16 << 20, f"shard {shard.rank} holds {held} bytes on huge pages"
 
 
 async def test_overload_is_429_and_others_are_unharmed(keyed_server):
