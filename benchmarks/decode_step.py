@@ -17,9 +17,8 @@ once (one thread a rank, the ranks started together), by each of read_bandwidth.
 (torch's sum over an fp32 buffer, benchmarks/read_streams.c's reads of 4 and 8 streams at once), one
 read a round so that each meets the caches as the step does: the bandwidth roofline for those bytes is
 the fastest method's median, measured beside the steps, since this machine's bandwidth moves between
-minutes. `% roofline` is that median over the step's. As in a shard, torch's buffers of 2 MiB and more,
-the weights and that read's, ask for huge pages (shards/huge_pages.py; THP_MEM_ALLOC_ENABLE=0 in the
-environment keeps 4 KiB pages for both).
+minutes. `% roofline` is that median over the step's. With THP_MEM_ALLOC_ENABLE=1 in the environment the
+weights and that read's buffer both sit on huge pages, as a shard's would (shards/huge_pages.py).
 """
 
 import argparse
@@ -271,10 +270,6 @@ def markdown(results: dict[str, dict], context: int, rounds: int, num_shard: int
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixserve.shards import huge_pages
-
-    # As a shard's (mixserve/cli.py): torch reads it at its first allocation. The ranks inherit it.
-    huge_pages.request_for_torch()
     import torch
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s bench %(levelname)s %(message)s")

@@ -38,11 +38,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)
         return 2
     name = argv[0]
-    if name == "shard":
-        # Before the shard's module imports torch, whose CPU allocator reads this once.
-        from mixserve.shards import huge_pages
-
-        huge_pages.request_for_torch()
     module = importlib.import_module(SUBCOMMANDS[name][0])
     sub_parser = argparse.ArgumentParser(
         prog=f"mixserve {name}", description=SUBCOMMANDS[name][1], formatter_class=DefaultsHelpFormatter

@@ -1,15 +1,15 @@
-"""Transparent huge pages (2 MiB) for a CPU shard's weights, KV cache and large buffers; torch-free.
+"""Whether a CPU shard's large buffers sit on transparent huge pages (2 MiB), as its start-up line and the
+warm-up timings' key say; torch-free.
 
-The C kernels' matmul loop reads four weight rows a quarter of a matrix apart and, for a prefill or a
-batch, many rows of x beside them (shards/kernels/rows_times_weight_block.h): on 4 KiB pages that is a
-different page for nearly every stream, on 2 MiB pages a few for a whole matrix. torch's CPU allocator
-asks the kernel for huge pages (madvise MADV_HUGEPAGE on every buffer of 2 MiB and more) when
-THP_MEM_ALLOC_ENABLE is set at its first allocation; the kernel grants them where
-/sys/kernel/mm/transparent_hugepage/enabled is `always` or `madvise` (`never`: 4 KiB pages, as before).
-On an AVX2 EPYC, fp32 weights ran the loop 1.1-1.5x faster at 33 rows of 1024 x 1024 and 3584 x 1024 in
-cache (level at the demo's shapes) and were read 1.0-1.2x faster out of memory at one row; bf16 and int8
-weights were about level. Served, fp32 on issue 20's 0.8B gained 1.06-1.17x at 8 streams and was level at
-one; bf16 was level (benchmarks/results/huge-pages).
+torch's CPU allocator asks the kernel for huge pages (madvise MADV_HUGEPAGE on every buffer of 2 MiB and
+more: the weights, the KV cache, large activations) when THP_MEM_ALLOC_ENABLE=1 is in the environment at
+its first allocation; the kernel grants them where /sys/kernel/mm/transparent_hugepage/enabled is
+`always` or `madvise`. The C kernels' matmul loop reads four weight rows a quarter of a matrix apart and,
+in a batch, many rows of x beside them: on 4 KiB pages a different page for nearly every stream. On an
+AVX2 EPYC (a VM) fp32 weights ran the loop 1.1-1.5x faster at 33 rows of 1024 x 1024 and 3584 x 1024 in
+cache and served 1.06-1.17x at 8 streams on issue 20's 0.8B; bf16 and int8 were level. First touching a
+huge page cost more there (a GiB zeroed in 0.6-2.2 s against 0.35-0.41), so a demo start took 7.7-8.1
+s against 4.5-5.2: an operator's choice, not the default (benchmarks/results/huge-pages).
 """
 
 import os
@@ -18,12 +18,6 @@ from pathlib import Path
 
 TORCH_VARIABLE = "THP_MEM_ALLOC_ENABLE"
 MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-
-
-def request_for_torch() -> None:
-    """Have torch's CPU allocator ask for huge pages, unless the environment already says (`0` keeps
-    4 KiB pages). torch reads the variable once, at its first allocation: call this before importing it."""
-    os.environ.setdefault(TORCH_VARIABLE, "1")
 
 
 def requested() -> bool:

@@ -1,5 +1,5 @@
 """shards/huge_pages.py: the kernel's huge page mode and a process's huge pages as /sys and /proc say them,
-and the request torch's CPU allocator reads (a shard's weights on huge pages: tests/test_launch_lifecycle.py)."""
+and the variable torch's CPU allocator reads (a shard started with it: tests/test_launch_lifecycle.py)."""
 
 import pytest
 
@@ -40,13 +40,12 @@ def test_this_process_reports_its_huge_pages():
     assert huge_pages.huge_page_bytes() >= 0
 
 
-def test_the_request_leaves_a_choice_already_made(monkeypatch):
+def test_requested_reads_the_variable_as_torch_does(monkeypatch):
     monkeypatch.delenv(huge_pages.TORCH_VARIABLE, raising=False)
     assert not huge_pages.requested()
-    huge_pages.request_for_torch()
+    monkeypatch.setenv(huge_pages.TORCH_VARIABLE, "1")
     assert huge_pages.requested()
     monkeypatch.setenv(huge_pages.TORCH_VARIABLE, "0")
-    huge_pages.request_for_torch()
     assert not huge_pages.requested()
     monkeypatch.setenv(huge_pages.TORCH_VARIABLE, "yes")  # torch reads an integer: this is off
     assert not huge_pages.requested()

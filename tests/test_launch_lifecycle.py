@@ -79,17 +79,25 @@ async def test_api_key_is_required(keyed_server):
     assert all(("--standby" in shard.argv) == (guess == expected) for shard in shards)
 
 
-def test_cpu_shards_hold_their_weights_on_huge_pages(keyed_server):
-    """`mixserve shard` has torch's CPU allocator ask for 2 MiB pages (shards/huge_pages.py): where the
-    kernel grants them on request, the shards' weights and KV cache sit on them."""
+def test_thp_mem_alloc_enable_puts_a_shards_buffers_on_huge_pages(demo_dir, tmp_path, monkeypatch):
+    """THP_MEM_ALLOC_ENABLE=1 in the launcher's environment reaches its shards' torch, whose buffers of 2 MiB
+    and more (weights, KV cache) then sit on huge pages where the kernel grants them on request
+    (docs/configuration.md, "Huge pages on CPU")."""
     mode = huge_pages.system_mode()
     if mode not in ("madvise", "always"):
         pytest.skip(f"this kernel's huge page mode is {mode}")
-    for shard in keyed_server.shards():
+    monkeypatch.setenv(huge_pages.TORCH_VARIABLE, "1")
+    args = ["--model", str(demo_dir), "--num-shard", "1", "--max-kv-blocks", "256"]
+    server = LaunchedServer(args, tmp_path / "server.log", free_port())
+    try:
+        server.wait_healthy()
+        (shard,) = server.shards()
         held = huge_pages.huge_page_bytes(Path(f"/proc/{shard.pid}/smaps_rollup"))
         if held is None:
             pytest.skip("this kernel does not report AnonHugePages")
-        assert held >= 16 << 20, f"shard {shard.rank} holds {held} bytes on huge pages"
+        assert held >= 16 << 20, f"the shard holds {held} bytes on huge pages"
+    finally:
+        server.stop()
 
 
 async def test_overload_is_429_and_others_are_unharmed(keyed_server):
