@@ -18,6 +18,7 @@ from pathlib import Path
 
 TORCH_VARIABLE = "THP_MEM_ALLOC_ENABLE"
 MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+SMAPS_ROLLUP = Path("/proc/self/smaps_rollup")
 
 
 def requested() -> bool:
@@ -38,9 +39,9 @@ def system_mode(path: Path = MODE_FILE) -> str:
     return chosen.group(1) if chosen else "unknown"
 
 
-def huge_page_bytes(path: Path = Path("/proc/self/smaps_rollup")) -> int | None:
-    """This process's anonymous memory on huge pages (`AnonHugePages`), in bytes; None where the kernel
-    does not report it."""
+def huge_page_bytes(path: Path = SMAPS_ROLLUP) -> int | None:
+    """A process's anonymous memory on huge pages (`AnonHugePages` of its smaps_rollup: this one's by
+    default), in bytes; None where the kernel does not report it."""
     try:
         text = path.read_text()
     except OSError:

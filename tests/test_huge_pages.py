@@ -34,12 +34,6 @@ def test_huge_page_bytes_reads_anon_huge_pages(tmp_path):
     assert huge_pages.huge_page_bytes(tmp_path / "missing") is None
 
 
-def test_this_process_reports_its_huge_pages():
-    if huge_pages.huge_page_bytes() is None:
-        pytest.skip("this kernel does not report AnonHugePages")
-    assert huge_pages.huge_page_bytes() >= 0
-
-
 def test_requested_reads_the_variable_as_torch_does(monkeypatch):
     monkeypatch.delenv(huge_pages.TORCH_VARIABLE, raising=False)
     assert not huge_pages.requested()
