@@ -155,9 +155,23 @@ def test_refuses_mixed_or_other_weight_dtypes():
         moe.moe_experts(x, torch.randn(2, 8, 16).to(BF16), torch.randn(2, 16, 4), torch.rand(2, 1), torch.zeros(2, 1))
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(8, 4, 32, 16), (6, 2, 24, 5)])
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,block_size",
+    [
+        (8, 4, 32, 16),  # the demo's shard: tiles of four tokens (two query heads a KV head)
+        (8, 4, 32, 5),  # a tile, then a token alone, in every block
+        (32, 8, 128, 16),  # Mixtral 8x7B: tiles of two tokens
+        (16, 2, 64, 16),  # eight query heads a KV head: a token a tile
+        (4, 4, 32, 16),  # one query head a KV head: a token at a time
+        (2, 1, 32, 16),  # the demo's shard at world size 4: tiles, heads reduced apart
+        (6, 2, 24, 5),  # three a KV head, head_dim not a multiple of 8: scalar paths
+    ],
+)
 @pytest.mark.parametrize("window", [None, 7])
 def test_paged_attention_reads_a_bf16_cache_in_place(build, heads, kv_heads, head_dim, block_size, window):
+    """A bf16 cache gives the torch reference within fp32 rounding and, where the heads reduce together (a
+    multiple of 4), the bits of the same values in an fp32 cache: widening is exact, and tiles of tokens keep
+    each score's products and order."""
     contexts = [1, block_size + 1, 37]
     width = max(-(-n // block_size) for n in contexts)
     blocks = 3 * width * len(contexts) + 1
@@ -168,6 +182,8 @@ def test_paged_attention_reads_a_bf16_cache_in_place(build, heads, kv_heads, hea
     expected = reference.paged_decode_attention(q, widened, tables, lens, scale, window)
     got = paged_attention.paged_decode_attention(q, pools, tables, lens, scale, window)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    if heads % 4 == 0:
+        assert torch.equal(got, paged_attention.paged_decode_attention(q, widened, tables, lens, scale, window))
     got_op = ops.select("native", CPU, BF16).paged_decode_attention(q.to(BF16), pools, tables, lens, scale, window)
     expected_bf16 = reference.paged_decode_attention(q.to(BF16), pools, tables, lens, scale, window)
     torch.testing.assert_close(got_op, expected_bf16, rtol=1.6e-2, atol=1e-2)
