@@ -38,6 +38,7 @@ async def info(request: web.Request) -> web.Response:
         {
             "model_id": config.model_id,
             "model_dtype": config.dtype,
+            "kv_cache_dtype": config.kv_cache_dtype,
             "num_shard": config.num_shard,
             "quantize": config.quantize or None,
             "weight_bytes_per_shard": config.weight_bytes_per_shard,

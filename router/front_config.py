@@ -19,6 +19,7 @@ class ServerConfig:
     limits: RequestLimits = field(default_factory=RequestLimits)
     num_shard: int = 1
     dtype: str = ""
+    kv_cache_dtype: str = ""
     quantize: str = ""
     weight_bytes_per_shard: int = 0
     # Rank 0's KV cache sizing (shard.proto's MemoryReport), as /info shows it.

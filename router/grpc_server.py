@@ -245,6 +245,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServiceServicer):
         return generate_pb2.ModelInfoResponse(
             model_id=config.model_id,
             model_dtype=config.dtype,
+            kv_cache_dtype=config.kv_cache_dtype,
             num_shard=config.num_shard,
             version=config.version,
             max_concurrent_requests=stats.limits.max_concurrent_requests,

@@ -49,12 +49,12 @@ def check_model_dir(model: str) -> None:
 
 
 def host_check_flags(args: argparse.Namespace) -> list[str]:
-    """The host check's flags (shards/preflight.py's): --device/--dtype/--quantize/--num-shard/--replicas/
-    --moe-parallel and the checkpoints (it writes the demo checkpoint when no --model is given).
+    """The host check's flags (shards/preflight.py's): --device/--dtype/--kv-cache-dtype/--quantize/--num-shard/
+    --replicas/--moe-parallel and the checkpoints (it writes the demo checkpoint when no --model is given).
     HostCheckFailed at once where --model is no checkpoint directory."""
     if args.model is not None:
         check_model_dir(args.model)
-    flags = ["--device", args.device, "--dtype", args.dtype]
+    flags = ["--device", args.device, "--dtype", args.dtype, "--kv-cache-dtype", args.kv_cache_dtype]
     flags += ["--replicas", str(args.replicas), "--moe-parallel", args.moe_parallel]
     if args.quantize:
         flags += ["--quantize", args.quantize]

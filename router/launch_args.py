@@ -73,6 +73,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "float32 on CPU, float16 on GPU)",
     )
     parser.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="the KV cache's dtype: auto (the model's, --dtype). On CPU, bfloat16 under a "
+        "float32 model holds twice the tokens in the same memory and halves the bytes a decode's attention "
+        "reads; on a GPU only the model's dtype",
+    )
+    parser.add_argument(
         "--device",
         default="auto",
         help="shard device: auto (cuda where torch sees a GPU, else cpu), cpu, cuda (shard r of group g on GPU "

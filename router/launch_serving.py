@@ -164,10 +164,11 @@ async def _serve_with_shards(args, model_dir, loading: asyncio.Future, groups: l
     scheduled = []
     for shards, (group_info, warm) in zip(groups, readies, strict=True):
         log.info(
-            "event=shards_ready num_shard=%d dtype=%s quantize=%s device=%s weight_bytes_per_shard=%d kv_blocks=%d "
-            "block_size=%d warmup_ms=%d group=%d",
+            "event=shards_ready num_shard=%d dtype=%s kv_cache_dtype=%s quantize=%s device=%s "
+            "weight_bytes_per_shard=%d kv_blocks=%d block_size=%d warmup_ms=%d group=%d",
             len(shards.group.addresses),
             group_info.dtype,
+            group_info.kv_cache_dtype,
             group_info.quantize or "none",
             group_info.device,
             group_info.weight_bytes,
@@ -208,6 +209,7 @@ async def _serve_with_shards(args, model_dir, loading: asyncio.Future, groups: l
         limits=request_limits,
         num_shard=len(groups[0].group.addresses),
         dtype=info.dtype,
+        kv_cache_dtype=info.kv_cache_dtype,
         quantize=info.quantize,
         weight_bytes_per_shard=info.weight_bytes,
         memory=memory_fields(readies[0][1].memory),

@@ -9,6 +9,7 @@ INFO = obj(
     {
         "model_id": typed("string", "the checkpoint as passed to --model"),
         "model_dtype": typed("string", "shard weight dtype"),
+        "kv_cache_dtype": typed("string", "the KV cache's dtype (--kv-cache-dtype: the model's unless given)"),
         "num_shard": typed("integer", "tensor-parallel shards"),
         "quantize": nullable(typed("string", "quantization mode of the shards (--quantize; null: none)")),
         "weight_bytes_per_shard": typed("integer", "bytes of weights rank 0 holds, quantization state included"),

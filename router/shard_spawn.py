@@ -62,7 +62,8 @@ def shard_flags(args: argparse.Namespace, model_dir: str | None, path: Path, ran
     (no --model for None: the shard's own default, the demo checkpoint)."""
     flags = ["--rank", str(rank), "--world-size", str(args.num_shard)]
     flags += ["--model", model_dir] if model_dir is not None else []
-    flags += ["--uds", str(path), "--dtype", args.dtype, "--device", args.device]
+    flags += ["--uds", str(path), "--dtype", args.dtype, "--kv-cache-dtype", args.kv_cache_dtype]
+    flags += ["--device", args.device]
     flags += ["--block-size", str(args.block_size), "--max-kv-blocks", str(args.max_kv_blocks)]
     if args.quantize:
         flags += ["--quantize", args.quantize]

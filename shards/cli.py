@@ -20,11 +20,13 @@ from mixserve.shards import decode_graph, huge_pages, ops, proposal_length, warm
 from mixserve.shards.config import DTYPES, MOE_PARALLEL_MODES, ModelConfig, ParallelConfig
 from mixserve.shards.devices import (
     DEVICE_CHOICES,
+    KV_CACHE_DTYPES,
     DeviceUnavailable,
     cpu_has_bf16,
     make_current,
     resolve_device,
     resolve_dtype,
+    resolve_kv_cache_dtype,
 )
 from mixserve.shards.distributed import init_process_group, tensor_parallel_group
 from mixserve.shards.draft import check_draft, load_draft
@@ -95,6 +97,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto: bfloat16 on CPUs with avx512_bf16 (float32 on other CPUs), bfloat16 on CUDA (float16 on GPUs "
         "without it)",
+    )
+    parser.add_argument(
+        "--kv-cache-dtype",
+        choices=[*KV_CACHE_DTYPES, "auto"],
+        default="auto",
+        help="the KV cache's dtype; auto: the model's (--dtype). On CPU bfloat16 under a float32 model halves "
+        "the cache's bytes; on a GPU only the model's dtype",
     )
     parser.add_argument(
         "--device",
@@ -201,14 +210,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         device = resolve_device(args.device, local_rank(args.rank))
         dtype = resolve_dtype(args.dtype, device)
+        kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, dtype, device)
+        if args.kernels == "triton" and kv_dtype is not dtype:
+            raise DeviceUnavailable(f"--kv-cache-dtype {args.kv_cache_dtype}: Triton's kernels read the model's dtype")
     except DeviceUnavailable as e:
         log.error("event=device_unavailable error=%r", str(e))
         return 2
     log.info(
-        "event=dtype rank=%d dtype=%s requested=%s cpu_avx512_bf16=%s",
+        "event=dtype rank=%d dtype=%s requested=%s kv_cache_dtype=%s cpu_avx512_bf16=%s",
         parallel.rank,
         str(dtype).removeprefix("torch."),
         args.dtype,
+        str(kv_dtype).removeprefix("torch."),
         cpu_has_bf16(),
     )
     # Before anything touches CUDA: the main thread loads the model, the model thread runs it.
@@ -284,6 +297,7 @@ def run(args: argparse.Namespace) -> int:
         draft,
         args.speculate_history_tokens,
         args.speculate_length == "adaptive",
+        kv_dtype=kv_dtype,
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=8),

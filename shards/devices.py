@@ -12,6 +12,8 @@ from mixserve.shards.config import DTYPES
 from mixserve.shards.kernels import native
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+# What a CPU shard's KV cache may hold whatever the model's dtype: what the C kernels read and store.
+KV_CACHE_DTYPES = ("float32", "bfloat16")
 
 
 class DeviceUnavailable(ValueError):
@@ -87,6 +89,24 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             "use --dtype float16"
         )
     return DTYPES[name]
+
+
+def resolve_kv_cache_dtype(name: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """`--kv-cache-dtype` for a model in `dtype` on `device`: `auto` is `dtype`; on a CPU float32 or bfloat16
+    whatever the model's (bf16 K/V are the model's rounded to bf16: half fp32's bytes, so twice the tokens in
+    the same memory and half the bytes a decode's attention reads); on a GPU only the model's own (its
+    attention kernels read the model's dtype)."""
+    if name == "auto":
+        return dtype
+    if name not in KV_CACHE_DTYPES:
+        raise DeviceUnavailable(f"--kv-cache-dtype {name}: not one of auto, {', '.join(KV_CACHE_DTYPES)}")
+    chosen = DTYPES[name]
+    if device.type == "cuda" and chosen is not dtype:
+        raise DeviceUnavailable(
+            f"--kv-cache-dtype {name}: on a GPU the KV cache holds the model's dtype "
+            f"({str(dtype).removeprefix('torch.')}); pass auto"
+        )
+    return chosen
 
 
 def make_current(device: torch.device) -> None:

@@ -1,5 +1,5 @@
-"""The launcher's host check: whether `--device`, `--dtype`, `--quantize` and `--num-shard` can work
-here, and the number of shards when none is given, decided once before any shard starts.
+"""The launcher's host check: whether `--device`, `--dtype`, `--kv-cache-dtype`, `--quantize` and `--num-shard` can
+work here, and the number of shards when none is given, decided once before any shard starts.
 
 The router never imports torch, so the launcher runs this in a short child process
 (`python -m mixserve.shards.preflight ...`) or, on a host that is surely CPU-only, in shard 0 started
@@ -19,7 +19,7 @@ import torch
 
 from mixserve.shards.config import ModelConfig, ParallelConfig
 from mixserve.shards.cores import usable_cores
-from mixserve.shards.devices import DeviceUnavailable, resolve_device, resolve_dtype
+from mixserve.shards.devices import DeviceUnavailable, resolve_device, resolve_dtype, resolve_kv_cache_dtype
 
 
 class PreflightFailed(ValueError):
@@ -60,6 +60,7 @@ def plan(
     moe_parallel: str,
     model_dir: str | None,
     draft_dir: str | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> HostPlan:
     """Check the flags against this host; the plan to start, or PreflightFailed saying why not."""
     demo = model_dir is None
@@ -71,6 +72,7 @@ def plan(
         config = ModelConfig.from_pretrained(model_dir)
         where = resolve_device(device, 0)
         torch_dtype = resolve_dtype(dtype, where)
+        resolve_kv_cache_dtype(kv_cache_dtype, torch_dtype, where)
     except (DeviceUnavailable, ValueError) as e:
         raise PreflightFailed(str(e)) from None
     if draft_dir:
@@ -128,6 +130,7 @@ def answer(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(prog="python -m mixserve.shards.preflight", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--quantize")
     parser.add_argument("--num-shard", type=int)
     parser.add_argument("--replicas", type=int, default=1)
@@ -145,6 +148,7 @@ def answer(argv: list[str]) -> dict:
             args.moe_parallel,
             args.model,
             args.speculative_model,
+            args.kv_cache_dtype,
         )
     except PreflightFailed as e:
         return {"ok": False, "error": str(e)}

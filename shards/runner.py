@@ -63,6 +63,7 @@ class ModelRunner:
         draft: "DraftModel | None" = None,
         ngram_history_tokens: int = 0,
         adaptive_length: bool = True,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block size must be positive, got {block_size}")
@@ -78,6 +79,9 @@ class ModelRunner:
         self.group = group
         self.device = device
         self.dtype = dtype
+        # The KV cache's dtype: the model's unless --kv-cache-dtype says otherwise (a bf16 cache under an fp32
+        # model on CPU; the ops store K/V rounded to it and read them widened).
+        self.kv_dtype = kv_dtype or dtype
         self.block_size = block_size
         self.kv_cache: KVCache | None = None
         self.sequences: dict[int, SequenceState] = {}
@@ -103,7 +107,7 @@ class ModelRunner:
     def bytes_per_block(self) -> int:
         """Bytes of one block over every layer, keys and values (the draft model's included)."""
         own = KVCache.bytes_per_block(
-            self.config.num_hidden_layers, self.block_size, self.num_kv_heads, self.config.head_dim, self.dtype
+            self.config.num_hidden_layers, self.block_size, self.num_kv_heads, self.config.head_dim, self.kv_dtype
         )
         return own + (self.draft.bytes_per_block() if self.draft is not None else 0)
 
@@ -121,7 +125,7 @@ class ModelRunner:
             self.block_size,
             self.num_kv_heads,
             self.config.head_dim,
-            self.dtype,
+            self.kv_dtype,
             self.device,
             reserved_blocks,
         )

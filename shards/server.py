@@ -67,6 +67,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
             rank=r.parallel.rank,
             world_size=r.parallel.world_size,
             dtype=str(r.dtype).removeprefix("torch."),
+            kv_cache_dtype=str(r.kv_dtype).removeprefix("torch."),
             device=str(r.device),
             vocab_size=c.vocab_size,
             hidden_size=c.hidden_size,

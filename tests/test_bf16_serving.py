@@ -57,16 +57,26 @@ async def test_two_bf16_shards_pick_torch_bf16s_greedy_tokens(launch):
 
     parallel = ParallelConfig()
     model = load_model(model_dir, parallel, TensorParallelGroup(parallel), dtype=torch.bfloat16)
+    agree, total = torch_agreement(model, answers, torch.bfloat16, torch.bfloat16)
+    assert agree / total >= 0.99, f"{agree} of {total} greedy tokens are torch bf16's"
+
+
+def torch_agreement(
+    model, answers: list[tuple[list[int], list[int]]], dtype: torch.dtype, kv_dtype: torch.dtype
+) -> tuple[int, int]:
+    """Of the served greedy tokens in `answers` (prompt ids, generated ids), how many are the token the torch
+    reference (`model`, in `dtype`) picks after the same tokens (teacher-forced, over a KV cache of
+    `kv_dtype`), and of how many."""
     cfg = model.config
-    ops.select("torch", CPU, torch.bfloat16)
+    ops.select("torch", CPU, dtype)
     agree = total = 0
     with torch.inference_mode():
         for prompt_ids, generated in answers:
             sequence = torch.tensor([prompt_ids + generated])
-            cache = KVCache(cfg.num_hidden_layers, 8, 16, cfg.num_key_value_heads, cfg.head_dim, torch.bfloat16, CPU)
+            cache = KVCache(cfg.num_hidden_layers, 8, 16, cfg.num_key_value_heads, cfg.head_dim, kv_dtype, CPU)
             picks = _top1_after_each(model, cache, sequence, sequence.shape[1])[:, 0]  # [L]
             expected = picks[len(prompt_ids) - 1 : -1]  # the picks after the prompt and each generated token
             agree += int((expected == torch.tensor(generated)).sum())
             total += len(generated)
     ops.select("auto", CPU, torch.float32)
-    assert agree / total >= 0.99, f"{agree} of {total} greedy tokens are torch bf16's"
+    return agree, total

@@ -172,7 +172,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model_id", "model_dtype", "num_shard", "version", "max_concurrent_requests", "max_input_tokens", "max_total_tokens", "max_batch_prefill_tokens", "block_size", "kv_blocks_total", "vocab_size", "eos_token_ids", "has_chat_template")
+    __slots__ = ("model_id", "model_dtype", "num_shard", "version", "max_concurrent_requests", "max_input_tokens", "max_total_tokens", "max_batch_prefill_tokens", "block_size", "kv_blocks_total", "vocab_size", "eos_token_ids", "has_chat_template", "kv_cache_dtype")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARD_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +186,7 @@ class ModelInfoResponse(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_dtype: str
     num_shard: int
@@ -199,4 +200,5 @@ class ModelInfoResponse(_message.Message):
     vocab_size: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     has_chat_template: bool
-    def __init__(self, model_id: _Optional[str] = ..., model_dtype: _Optional[str] = ..., num_shard: _Optional[int] = ..., version: _Optional[str] = ..., max_concurrent_requests: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., max_batch_prefill_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...
+    kv_cache_dtype: str
+    def __init__(self, model_id: _Optional[str] = ..., model_dtype: _Optional[str] = ..., num_shard: _Optional[int] = ..., version: _Optional[str] = ..., max_concurrent_requests: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., max_batch_prefill_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., has_chat_template: _Optional[bool] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...

@@ -11,7 +11,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_type", "model_path", "rank", "world_size", "dtype", "device", "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads", "num_experts", "num_experts_per_tok", "max_position_embeddings", "block_size", "num_blocks", "weight_bytes", "quantize", "kv_cache_bytes", "memory", "kernels")
+    __slots__ = ("model_type", "model_path", "rank", "world_size", "dtype", "device", "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads", "num_experts", "num_experts_per_tok", "max_position_embeddings", "block_size", "num_blocks", "weight_bytes", "quantize", "kv_cache_bytes", "memory", "kernels", "kv_cache_dtype")
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class InfoResponse(_message.Message):
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     KERNELS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     model_type: str
     model_path: str
     rank: int
@@ -54,7 +55,8 @@ class InfoResponse(_message.Message):
     kv_cache_bytes: int
     memory: MemoryReport
     kernels: KernelsReport
-    def __init__(self, model_type: _Optional[str] = ..., model_path: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., num_experts: _Optional[int] = ..., num_experts_per_tok: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., quantize: _Optional[str] = ..., kv_cache_bytes: _Optional[int] = ..., memory: _Optional[_Union[MemoryReport, _Mapping]] = ..., kernels: _Optional[_Union[KernelsReport, _Mapping]] = ...) -> None: ...
+    kv_cache_dtype: str
+    def __init__(self, model_type: _Optional[str] = ..., model_path: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., num_experts: _Optional[int] = ..., num_experts_per_tok: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., quantize: _Optional[str] = ..., kv_cache_bytes: _Optional[int] = ..., memory: _Optional[_Union[MemoryReport, _Mapping]] = ..., kernels: _Optional[_Union[KernelsReport, _Mapping]] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...
 
 class KernelsReport(_message.Message):
     __slots__ = ("backends", "vector_floats", "bf16_dot_products", "amx_tile_products")

@@ -52,10 +52,11 @@ def rotary(
 def write_kv(
     cache: tuple[torch.Tensor, torch.Tensor], slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> None:
-    """Store k, v [T, kv, d] into the pools [N, S, kv, d] at the flat slot of each token."""
+    """Store k, v [T, kv, d] into the pools [N, S, kv, d] at the flat slot of each token, rounded to the pools'
+    dtype where it differs (a bf16 cache under an fp32 model)."""
     k_pool, v_pool = cache
-    k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, slot_mapping, k)
-    v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, slot_mapping, v)
+    k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, slot_mapping, k.to(k_pool.dtype))
+    v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, slot_mapping, v.to(v_pool.dtype))
 
 
 def rotary_write_kv(
@@ -93,8 +94,9 @@ def paged_decode_attention(
     k_pool, v_pool = cache
     num_kv, head_dim = k_pool.shape[2:]
     nd = q.shape[0]
-    keys = k_pool[block_tables].view(nd, -1, num_kv, head_dim).transpose(1, 2)  # [B, kv, M S, d]
-    values = v_pool[block_tables].view(nd, -1, num_kv, head_dim).transpose(1, 2)
+    # Widened to q's dtype where the cache holds another (a bf16 cache under an fp32 model).
+    keys = k_pool[block_tables].view(nd, -1, num_kv, head_dim).transpose(1, 2).to(q.dtype)  # [B, kv, M S, d]
+    values = v_pool[block_tables].view(nd, -1, num_kv, head_dim).transpose(1, 2).to(q.dtype)
     k_pos = torch.arange(keys.shape[2], device=q.device)  # [M S]
     q_pos = (context_lens - 1).unsqueeze(1)  # [B, 1]
     mask = _sliding_window_mask(k_pos < context_lens.unsqueeze(1), q_pos, k_pos, sliding_window)
@@ -133,8 +135,8 @@ def paged_prefill_attention(
         begin, end = end, end + tokens
         context = start + end - begin
         table = block_tables[chunk]
-        keys = k_pool[table].view(-1, num_kv, head_dim)[:context].transpose(0, 1)  # [kv, C, d]
-        values = v_pool[table].view(-1, num_kv, head_dim)[:context].transpose(0, 1)
+        keys = k_pool[table].view(-1, num_kv, head_dim)[:context].transpose(0, 1).to(q.dtype)  # [kv, C, d]
+        values = v_pool[table].view(-1, num_kv, head_dim)[:context].transpose(0, 1).to(q.dtype)
         mask = None
         if start or sliding_window is not None:
             q_pos = torch.arange(start, context, device=q.device).unsqueeze(1)  # [n, 1]
