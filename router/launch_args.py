@@ -74,9 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--kv-cache-dtype",
-        choices=["auto", "float32", "bfloat16"],
         default="auto",
-        help="the KV cache's dtype: auto (the model's, --dtype). On CPU, bfloat16 under a "
+        help="the KV cache's dtype: auto (the model's, --dtype), float32 or bfloat16 (the host check refuses "
+        "others). On CPU, bfloat16 under a "
         "float32 model holds twice the tokens in the same memory and halves the bytes a decode's attention "
         "reads; on a GPU only the model's dtype",
     )

@@ -62,12 +62,12 @@ static inline __m256 totals8(const __m256 v[8]) {
 }
 
 /* Keeps the compiler from folding the loads of q and K into the FMAs as memory operands: each vector is used
-   by several FMAs, and a folded load is one load per FMA, each waiting on the line where it misses. */
+   by several FMAs (every K vector by the G >= 2 heads; a q vector by the 8 / G tokens, where there are
+   more than one), and a folded load is one load per FMA, each waiting on the line where it misses. */
 static inline __attribute__((always_inline)) void in_registers(__m256 *qv, int G, __m256 *kv, int T) {
     for (int g = 0; g < G; g++)
         if (T > 1) __asm__("" : "+x"(qv[g]));
-    for (int t = 0; t < T; t++)
-        if (G > 1) __asm__("" : "+x"(kv[t]));
+    for (int t = 0; t < T; t++) __asm__("" : "+x"(kv[t]));
 }
 
 /* scores[t][h] for the tokens t0 <= t < t0 + 8 / G of a block (kb: its first token's K row) and all H = G KV
