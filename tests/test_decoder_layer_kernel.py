@@ -168,10 +168,11 @@ def test_limits_of_the_kernel():
     assert not decoder_layer.fits(100_000, 8, 32, 16, 8)  # past the MoE kernel's tokens
 
 
-def test_model_takes_it_for_steps_whose_tokens_each_have_a_table(demo_dir, kernel_layers):
+@pytest.mark.parametrize("start,length", [(1, 6), (5, 40)])
+def test_model_takes_it_for_steps_whose_tokens_each_have_a_table(demo_dir, kernel_layers, start, length):
     """Decode steps, and steps with prefill chunks that carry per-token tables, run through the
     kernel with the logits of the layers' torch forward; a step with chunks and no such tables runs
-    through the layers."""
+    through the layers. A chunk of 40 rows takes the kernel's prefill attention (prefill_attention.c)."""
     from mixserve.shards.kv_cache import KVCache
     from mixserve.shards.loader import load_model
 
@@ -191,36 +192,42 @@ def test_model_takes_it_for_steps_whose_tokens_each_have_a_table(demo_dir, kerne
         return kv
 
     meta, positions = decode_metadata([6, 3])
-    chunk_table = [NUM_BLOCKS - 1, NUM_BLOCKS - 2]  # positions 0-6 of a third sequence, one token cached
-    width = max(meta.decode_block_tables.shape[1], 2)
+    # positions start .. start + length - 1 of a third sequence, those before them cached
+    end = start + length
+    chunk_table = list(range(NUM_BLOCKS - 1, NUM_BLOCKS - 1 - -(-end // BLOCK), -1))
+    width = max(meta.decode_block_tables.shape[1], len(chunk_table))
     padded = torch.nn.functional.pad(meta.decode_block_tables, (0, width - meta.decode_block_tables.shape[1]))
-    chunk_slots = [chunk_table[p // BLOCK] * BLOCK + p % BLOCK for p in range(1, 7)]
+    chunk_slots = [chunk_table[p // BLOCK] * BLOCK + p % BLOCK for p in range(start, end)]
     mixed = AttentionMetadata(
         slot_mapping=torch.cat([meta.slot_mapping, torch.tensor(chunk_slots)]),
         num_decode_tokens=2,
         decode_block_tables=meta.decode_block_tables,
         decode_context_lens=meta.decode_context_lens,
-        prefill_query_start=torch.tensor([0, 6], dtype=torch.int32),
-        prefill_start_positions=torch.tensor([1], dtype=torch.int32),
+        prefill_query_start=torch.tensor([0, length], dtype=torch.int32),
+        prefill_start_positions=torch.tensor([start], dtype=torch.int32),
         prefill_block_tables=torch.tensor([chunk_table], dtype=torch.int32),
     )
-    mixed_positions = torch.cat([positions, torch.arange(1, 7)])
-    tokens = torch.tensor([5, 9, 70, 71, 72, 73, 74, 75])
+    mixed_positions = torch.cat([positions, torch.arange(start, end)])
+    tokens = torch.tensor([5, 9, *range(70, 70 + length)])
+    rows = torch.arange(length + 2)  # every row's logits
     with torch.inference_mode():
         model(tokens[:2], positions, cache(), meta, torch.arange(2))
         assert len(calls) == cfg.num_hidden_layers
-        by_layers = model(tokens, mixed_positions, cache(), mixed, torch.tensor([0, 1, 7]))
+        by_layers = model(tokens, mixed_positions, cache(), mixed, rows)
         assert len(calls) == cfg.num_hidden_layers
-        mixed.token_block_tables = torch.cat([padded, torch.tensor([chunk_table] * 6)])
-        mixed.token_context_lens = torch.cat([meta.decode_context_lens, torch.arange(2, 8)])
-        by_kernel = model(tokens, mixed_positions, cache(), mixed, torch.tensor([0, 1, 7]))
+        mixed.token_block_tables = torch.cat([padded, torch.tensor([chunk_table] * length)])
+        mixed.token_context_lens = torch.cat([meta.decode_context_lens, torch.arange(start + 1, end + 1)])
+        by_kernel = model(tokens, mixed_positions, cache(), mixed, rows)
         assert len(calls) == 2 * cfg.num_hidden_layers
     torch.testing.assert_close(by_kernel, by_layers, atol=1e-4, rtol=1e-4)
 
     ops.select("torch", torch.device("cpu"), torch.float32)
     with torch.inference_mode():
         model(tokens[:2], positions, cache(), meta, torch.arange(2))
+        # Every op in torch (the layers above ran the C per-op kernels, prefill attention among them).
+        by_torch = model(tokens, mixed_positions, cache(), mixed, rows)
     assert len(calls) == 2 * cfg.num_hidden_layers  # chosen once: torch never reaches the kernel
+    torch.testing.assert_close(by_kernel, by_torch, atol=1e-4, rtol=1e-4)
 
 
 def test_runner_gives_small_steps_with_prefill_chunks_per_token_tables(demo_dir):

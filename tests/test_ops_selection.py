@@ -10,7 +10,16 @@ import torch
 from ops_helpers import paged_pools
 
 from mixserve.shards import devices, ops
-from mixserve.shards.kernels import decoder_layer, decoder_stack, elementwise, linear, moe, paged_attention, sampling
+from mixserve.shards.kernels import (
+    decoder_layer,
+    decoder_stack,
+    elementwise,
+    linear,
+    moe,
+    paged_attention,
+    prefill_attention,
+    sampling,
+)
 from mixserve.shards.kernels.native import KernelUnavailable
 from mixserve.shards.ops import reference
 
@@ -18,6 +27,7 @@ CPU = torch.device("cpu")
 # Every C entry point the ops reach, by module.
 C_WRAPPERS = {
     paged_attention: ["paged_decode_attention"],
+    prefill_attention: ["paged_prefill_attention"],
     moe: ["moe_experts"],
     elementwise: ["rms_norm", "rotary"],
     linear: ["linear_rows"],
@@ -55,6 +65,10 @@ def _call_every_op(chosen: ops.Ops) -> None:
     chosen.rotary_write_kv(torch.tensor([0, 1, 2]), q, k, v, cos, sin, cache, torch.tensor([0, 1, 2]))
     tables, lens = torch.tensor([[0, 1], [2, 3]]), torch.tensor([5, 3])
     chosen.paged_decode_attention(torch.randn(2, 4, 8), cache, tables, lens, 0.3, None)
+    starts = torch.tensor([0, 2], dtype=torch.int32)
+    chosen.paged_prefill_attention(
+        torch.randn(2, 4, 8), cache, starts, torch.tensor([3], dtype=torch.int32), tables, 0.3
+    )
     hidden, w13, w2 = torch.randn(3, 16), torch.randn(4, 12, 16), torch.randn(4, 16, 6)
     chosen.topk_softmax(torch.randn(3, 4), 2)
     chosen.fused_moe(hidden, w13, w2, torch.rand(3, 2), torch.tensor([[0, 1], [2, 3], [1, 2]]))
@@ -75,7 +89,6 @@ def test_native_runs_each_op_in_its_kernel(native, c_calls):
     # Routing has no C kernel of its own: the decoder-layer kernel routes inside itself.
     assert {name for name, backend in native.backends.items() if backend == "torch"} == {
         "write_kv",
-        "paged_prefill_attention",
         "topk_softmax",
     }
     _call_every_op(native)
@@ -85,6 +98,7 @@ def test_native_runs_each_op_in_its_kernel(native, c_calls):
         "rotary",
         "rotary",
         "paged_decode_attention",
+        "paged_prefill_attention",
         "moe_experts",
         "linear_rows",
         "row_argmax_logsumexp",

@@ -24,7 +24,7 @@
 #include "shm_exchange.c" /* first: it defines _GNU_SOURCE before any system header */
 #include "elementwise.c"
 #include "moe.c"
-#include "paged_attention.c"
+#include "prefill_attention.c" /* and paged_attention.c, which it includes */
 #include "stack_ends.c"
 
 #define EVEN(n) (((n) + 1) & ~(int64_t)1) /* float counts kept even, so int64 arrays after them align */
@@ -86,8 +86,8 @@ int attention_block(float *x, const float *partial, const float *norm_weight, fl
         store_elements((void *)element_offset(k_pool, kv_type, slots[t] * kv * D), kv_type, k_rotated, kv * D);
         store_elements((void *)element_offset(v_pool, kv_type, slots[t] * kv * D), kv_type, k + kv * D, kv * D);
     }
-    status = paged_decode_attention(q, k_pool, v_pool, kv_type, block_tables, context_lens, attn, T, h, kv, D, S, M, N,
-                                    scale, window);
+    status = paged_attention_rows(q, k_pool, v_pool, kv_type, block_tables, context_lens, attn, T, h, kv, D, S, M, N,
+                                  scale, window);
     if (status) return 20 + status;
     rows_times_weight(attn, T, h * D, w_o, weight_type, o_scale, H, h * D, out, H);
     return 0;

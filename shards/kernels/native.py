@@ -43,6 +43,7 @@ TILE_HELP = (
 )
 LIBRARIES = (
     "paged_attention",
+    "prefill_attention",
     "moe",
     "sampling",
     "linear",

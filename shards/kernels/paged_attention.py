@@ -61,6 +61,18 @@ def check_tables(tables: torch.Tensor, context_lens: torch.Tensor, rows: int) ->
     return tables, lens
 
 
+def check_queries(q: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor]) -> tuple[int, int, int, int, int, int]:
+    """q [R, h, d] fp32 against the pools (check_cache), h a multiple of kv within MAX_HEADS; returns
+    (R, h, d, N, S, kv)."""
+    rows, heads, head_dim = require(q, "q", torch.float32, 3)
+    blocks, block_size, kv_heads, pool_dim = check_cache(cache)
+    same("head dims of q and the pools", q=head_dim, pools=pool_dim)
+    at_most("query heads", heads, MAX_HEADS)
+    if heads % kv_heads:
+        raise ValueError(f"query heads {heads} must be a multiple of KV heads {kv_heads}")
+    return rows, heads, head_dim, blocks, block_size, kv_heads
+
+
 def refusal(status: int) -> str:
     """What a nonzero status of the kernel means."""
     return REFUSALS.get(status, f"status {status}")
@@ -80,12 +92,7 @@ def paged_decode_attention(
     fn = _kernel()
     if fn is None:
         raise KernelUnavailable("the paged attention kernel is not available")
-    batch, heads, head_dim = require(q, "q", torch.float32, 3)
-    blocks, block_size, kv_heads, pool_dim = check_cache(cache)
-    same("head dims of q and the pools", q=head_dim, pools=pool_dim)
-    at_most("query heads", heads, MAX_HEADS)
-    if heads % kv_heads:
-        raise ValueError(f"query heads {heads} must be a multiple of KV heads {kv_heads}")
+    batch, heads, head_dim, blocks, block_size, kv_heads = check_queries(q, cache)
     tables, lens = check_tables(block_tables, context_lens, batch)
     k_pool, v_pool = cache
     out = torch.empty_like(q)
