@@ -1,6 +1,7 @@
 """`POST /predict` through a real `mixserve launch` of the demo checkpoint with 4 shards."""
 
 import asyncio
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -9,6 +10,7 @@ from transformers import AutoTokenizer
 from transformers import MixtralForCausalLM as ReferenceMixtral
 
 from launched_server import await_until, get_text, metric
+from mixserve.shards import demo
 
 pytestmark = pytest.mark.slow
 
@@ -152,6 +154,18 @@ async def test_long_prompt_is_chunked_while_streams_keep_decoding(server, tokeni
     assert computed > 3 * PREFILL_BUDGET
     chunks = after["mixed"] - before["mixed"]
     assert chunks >= -(-computed // PREFILL_BUDGET), f"{chunks} steps prefilled {computed} tokens"
+
+
+async def test_a_long_prompts_greedy_answer_equals_the_reference(server, tokenizer, reference):
+    """A prompt of several chunks of --max-batch-prefill-tokens, each of more than 32 positions: the shards'
+    decoder-layer kernel attends such chunks in tiles (prefill_attention.c), as a whole prompt would be."""
+    corpus = (Path(demo.__file__).parent / "corpus.txt").read_text().splitlines()
+    prompt = " ".join(corpus[40:50])
+    ids = tokenizer(prompt)["input_ids"]
+    assert len(ids) > 4 * PREFILL_BUDGET
+    answer = await predict_json(server.url, {"prompt": prompt, "max_tokens": 24, "temperature": 0})
+    assert answer["prompt_tokens"] == len(ids)
+    assert answer["output"] == reference(ids, 24)
 
 
 async def test_disconnected_stream_frees_its_blocks(server):
