@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from mixserve.shards import ops
+from mixserve.shards.kernels import moe, paged_attention, prefill_attention
 from mixserve.shards.kernels import native as native_kernels
-from mixserve.shards.kernels import paged_attention, prefill_attention
-from mixserve.shards.ops import reference
+from mixserve.shards.ops import cpu, reference
 
 CPU = torch.device("cpu")
 # prefill_attention.c: runs of rows at least this long take the tiled kernel inside the decoder-layer kernel.
@@ -158,9 +158,16 @@ def test_the_layer_kernels_rows_take_the_prefill_kernel_in_long_runs_only(native
     assert width * 16 >= max(lens)
 
 
-def test_the_cpu_backend_runs_prefill_chunks_in_it(native, monkeypatch):
-    """Several chunks in one call, each through the kernel; bf16 queries widened and the result rounded back;
-    shapes past the kernel's limits through the torch path."""
+def test_the_cpu_backend_chooses_it_where_its_vectors_are_the_widest(native):
+    """AVX2 builds (8-float vectors, where it was measured against torch's flash attention) run the op in the
+    kernel; AVX-512 and plain C builds keep torch's."""
+    width = moe.vector_floats()
+    assert native.backends["paged_prefill_attention"] == ("native" if width == 8 else "torch")
+
+
+def test_the_cpu_backends_op_runs_chunks_in_it(native, monkeypatch):
+    """The op of the CPU backend (wherever chosen): several chunks in one call, each through the kernel; bf16
+    queries widened and the result rounded back; shapes past the kernel's limits through the torch path."""
     cache, table = _pools(2, 32, 16, 120)
     tables = torch.stack([table, table])
     q = torch.randn(70, 4, 32)
@@ -170,16 +177,15 @@ def test_the_cpu_backend_runs_prefill_chunks_in_it(native, monkeypatch):
     calls = []
     real = prefill_attention.paged_prefill_attention
     monkeypatch.setattr(prefill_attention, "paged_prefill_attention", lambda *a: calls.append(a[3]) or real(*a))
-    assert native.backends["paged_prefill_attention"] == "native"
-    got = native.paged_prefill_attention(q, cache, query_start, starts, tables, 0.2, None, chunks)
+    got = cpu.paged_prefill_attention(q, cache, query_start, starts, tables, 0.2, None, chunks)
     assert calls == [0, 90]
     expected = reference.paged_prefill_attention(q, cache, query_start, starts, tables, 0.2, None, chunks)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # Without the host's chunks the op reads them from the tensors.
-    torch.testing.assert_close(native.paged_prefill_attention(q, cache, query_start, starts, tables, 0.2), got)
-    bf16 = native.paged_prefill_attention(q.bfloat16(), cache, query_start, starts, tables, 0.2, None, chunks)
+    torch.testing.assert_close(cpu.paged_prefill_attention(q, cache, query_start, starts, tables, 0.2), got)
+    bf16 = cpu.paged_prefill_attention(q.bfloat16(), cache, query_start, starts, tables, 0.2, None, chunks)
     assert bf16.dtype is torch.bfloat16 and len(calls) == 6
     torch.testing.assert_close(bf16.float(), got, rtol=2e-2, atol=2e-2)
     half = tuple(pool.half() for pool in cache)  # fp16: neither of the kernel's dtypes
-    native.paged_prefill_attention(q.half(), half, query_start, starts, tables, 0.2, None, chunks)
+    cpu.paged_prefill_attention(q.half(), half, query_start, starts, tables, 0.2, None, chunks)
     assert len(calls) == 6

@@ -9,7 +9,7 @@ import ctypes
 
 import torch
 
-from mixserve.shards.kernels import native
+from mixserve.shards.kernels import moe, native
 from mixserve.shards.kernels.checks import element_type, index
 from mixserve.shards.kernels.native import KernelUnavailable
 from mixserve.shards.kernels.paged_attention import check_queries, refusal
@@ -21,6 +21,15 @@ _ARGTYPES = [_P, _P, _P, ctypes.c_int, _P, _I64, _P, _I64, _I64, _I64, _I64, _I6
 def available() -> bool:
     """Whether the kernel runs under the current choice of kernels."""
     return _kernel() is not None
+
+
+def beats_torch() -> bool:
+    """Whether the CPU backend's per-op prefill attention takes the kernel rather than torch's flash attention:
+    where the build's widest vectors are AVX2's 8 floats, as the tiles' are (1.2-2.1x torch's speed on an AVX2
+    EPYC core, benchmarks/results/prefill-attention-tiles). With AVX-512 torch's flash kernel has twice the
+    lanes (not measured against), and a plain C build attends row by row. The decoder-layer kernel takes the
+    tiles in every build: it attended a chunk's rows one query at a time before."""
+    return available() and moe.vector_floats() == 8
 
 
 def _kernel():

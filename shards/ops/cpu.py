@@ -158,7 +158,8 @@ def paged_prefill_attention(
 ) -> torch.Tensor:
     """reference.paged_prefill_attention, a chunk at a time in the C kernel (reading the blocks in place) for
     fp32 or bf16 within its head, head-dim and block-size limits: 1.2-2.1x the speed of torch's flash attention
-    on one core (256-token chunks at 0-2750 positions of context; benchmarks/results/prefill-attention-tiles)."""
+    on one core (256-token chunks at 0-2750 positions of context; benchmarks/results/prefill-attention-tiles).
+    Chosen where prefill_attention.beats_torch()."""
     k_pool = cache[0]
     if (
         not _weight_dtype_cpu(q)
@@ -235,7 +236,7 @@ def available() -> dict[str, bool]:
         "rotary": norms,
         "rotary_write_kv": norms,
         "paged_decode_attention": attention,
-        "paged_prefill_attention": prefill_attention.available(),
+        "paged_prefill_attention": prefill_attention.beats_torch(),
         "fused_moe": moe.available(),
         "linear_rows": linear.available(),
         "decoder_layers": decoder_layer.available() and attention and moe.available(),
