@@ -242,6 +242,23 @@ static void block_values(float (*acc)[MAX_HEAD_DIM], const float *correction, co
 }
 #endif
 
+/* The refusals both attention kernels share, checked before anything is read or written: 1 heads, head dim
+   or block size past the limits, or an unknown KV type (shapes_refused); 2 a context past its table row, 3 a
+   block id outside the N blocks of the pools (table_refused: the blocks a context of `len` reads). */
+static int shapes_refused(int64_t H, int64_t KV, int64_t D, int64_t S, int kv_type) {
+    return H < 1 || KV < 1 || H > MAX_HEADS || (H / KV) * KV != H || D > MAX_HEAD_DIM || S > MAX_BLOCK ||
+                   !element_type_known(kv_type)
+               ? 1
+               : 0;
+}
+
+static int table_refused(const int64_t *table, int64_t len, int64_t S, int64_t M, int64_t N) {
+    if (len < 1 || len > M * S) return 2;
+    for (int64_t i = 0; i < (len + S - 1) / S; i++)
+        if (table[i] < 0 || table[i] >= N) return 3;
+    return 0;
+}
+
 /* Built with -ffast-math (vectorised expf): no infinities here, -FLT_MAX stands for "no score yet".
    Each token's K (and V) row of all KV heads is contiguous, so one sequence's context is read
    front to back, once, for all of its query heads; scores are kept [token][head]. */
@@ -249,18 +266,12 @@ int paged_decode_attention(const float *q, const void *k_pool, const void *v_poo
                            const int64_t *block_tables, const int64_t *context_lens, float *out,
                            int64_t B, int64_t H, int64_t KV, int64_t D, int64_t S, int64_t M, int64_t N,
                            float scale, int64_t window) {
+    int status = shapes_refused(H, KV, D, S, kv_type);
+    /* Every read stays inside the table rows and the pools. */
+    for (int64_t b = 0; b < B && status == 0; b++)
+        status = table_refused(block_tables + b * M, context_lens[b], S, M, N);
+    if (status) return status;
     const int64_t G = H / KV;
-    if (H > MAX_HEADS || G * KV != H || D > MAX_HEAD_DIM || S > MAX_BLOCK || !element_type_known(kv_type)) return 1;
-    /* Every read stays inside the table rows and the pools: 2 a context past its row, 3 a block id
-       outside the pools (checked before anything is written). */
-    for (int64_t b = 0; b < B; b++) {
-        const int64_t len = context_lens[b];
-        if (len < 1 || len > M * S) return 2;
-        for (int64_t i = 0; i < (len + S - 1) / S; i++) {
-            const int64_t block = block_tables[b * M + i];
-            if (block < 0 || block >= N) return 3;
-        }
-    }
     const int64_t token_stride = KV * D; /* elements between two tokens of one block */
     const int64_t tiled = tile_tokens(G, D, kv_type);
     float row[MAX_HEADS * MAX_HEAD_DIM]; /* a bf16 token's K or V row, widened */

@@ -253,13 +253,10 @@ static int prefill_tiles(const float *q, const void *k_pool, const void *v_pool,
 int paged_prefill_attention(const float *q, const void *k_pool, const void *v_pool, int kv_type, const int64_t *table,
                             int64_t first_len, float *out, int64_t R, int64_t H, int64_t KV, int64_t D, int64_t S,
                             int64_t M, int64_t N, float scale, int64_t window) {
-    if (H < 1 || KV < 1 || H > MAX_HEADS || (H / KV) * KV != H || D > MAX_HEAD_DIM || S > MAX_BLOCK ||
-        !element_type_known(kv_type))
-        return 1;
-    const int64_t last_len = first_len + R - 1;
-    if (R < 1 || first_len < 1 || last_len > M * S) return 2;
-    for (int64_t i = 0; i < (last_len + S - 1) / S; i++)
-        if (table[i] < 0 || table[i] >= N) return 3;
+    if (shapes_refused(H, KV, D, S, kv_type)) return 1;
+    if (R < 1 || first_len < 1) return 2;
+    const int status = table_refused(table, first_len + R - 1, S, M, N); /* the last row reads them all */
+    if (status) return status;
 #ifdef HAVE_AVX2
     if (D % 8 == 0 &&
         prefill_tiles(q, k_pool, v_pool, kv_type, table, first_len, out, R, H, KV, D, S, scale, window) == 0)

@@ -169,12 +169,10 @@ def paged_prefill_attention(
         return reference.paged_prefill_attention(
             q, cache, query_start, start_positions, block_tables, scale, sliding_window, chunks
         )
-    if chunks is None:
-        chunks = list(zip(query_start.diff().tolist(), start_positions.tolist(), strict=True))
     q32 = q.float().contiguous()
     out = torch.empty_like(q32)
     end = 0
-    for chunk, (tokens, start) in enumerate(chunks):
+    for chunk, (tokens, start) in enumerate(reference.prefill_chunks(query_start, start_positions, chunks)):
         begin, end = end, end + tokens
         out[begin:end] = prefill_attention.paged_prefill_attention(
             q32[begin:end], cache, block_tables[chunk], start, scale, sliding_window

@@ -110,6 +110,16 @@ def paged_decode_attention(
     ).squeeze(2)
 
 
+def prefill_chunks(
+    query_start: torch.Tensor, start_positions: torch.Tensor, chunks: list[tuple[int, int]] | None
+) -> list[tuple[int, int]]:
+    """The prefill chunks as (tokens, start position): `chunks` where the host has them, else read from the
+    tensors (query_start [P + 1], start_positions [P])."""
+    if chunks is not None:
+        return chunks
+    return list(zip(query_start.diff().tolist(), start_positions.tolist(), strict=True))
+
+
 def paged_prefill_attention(
     q: torch.Tensor,
     cache: tuple[torch.Tensor, torch.Tensor],
@@ -128,10 +138,8 @@ def paged_prefill_attention(
     k_pool, v_pool = cache
     num_kv, head_dim = k_pool.shape[2:]
     out = torch.empty_like(q)
-    if chunks is None:
-        chunks = list(zip(query_start.diff().tolist(), start_positions.tolist(), strict=True))
     end = 0
-    for chunk, (tokens, start) in enumerate(chunks):
+    for chunk, (tokens, start) in enumerate(prefill_chunks(query_start, start_positions, chunks)):
         begin, end = end, end + tokens
         context = start + end - begin
         table = block_tables[chunk]
