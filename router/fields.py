@@ -8,9 +8,10 @@ they build are router/params.py's.
 
 import json
 import math
+import re
 from typing import Any, NoReturn
 
-from mixserve.router.errors import BadRequest, ValidationError, json_type_name
+from mixserve.router.errors import BadRequest, RouterError, ValidationError, json_type_name
 
 MAX_SEED = 2**64 - 1
 # OpenAI's bounds on logit_bias: at most this many tokens, each biased within +-MAX_ABS_LOGIT_BIAS.
@@ -21,18 +22,69 @@ MAX_BAD_WORDS = 300
 
 
 def _reject_constant(name: str) -> NoReturn:
-    raise BadRequest(f"request body is not valid JSON: {name} is not a JSON number")
+    raise ValueError(f"{name} is not a JSON number")
+
+
+# Arrays and objects nested deeper than this are refused: the readers of a body's JSON (schemas, chat
+# templates) recurse, and Python's stack is about a thousand frames.
+MAX_JSON_DEPTH = 100
+# A \uD800-\uDFFF escape in JSON text: half of a UTF-16 surrogate pair, or a lone one.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def json_value(text: bytes | str, what: str, error: type[RouterError]) -> Any:
+    """Parse JSON text (a request body, or a field holding JSON as text), raising `error` naming `what`
+    unless it is JSON: NaN and Infinity are not, arrays and objects nest at most MAX_JSON_DEPTH levels,
+    and no string may hold a lone UTF-16 surrogate (such text has no UTF-8 spelling to tokenize or to
+    answer with)."""
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:  # nested past the parser's stack
+        raise error(_too_deep(what)) from None
+    except ValueError as exc:  # NaN or Infinity
+        raise error(f"{what} is not valid JSON: {exc}") from None
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _too_deep_value(value):  # could nest that deep
+        raise error(_too_deep(what))
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise error(
+                f"{what} is not valid JSON text: a string holds a lone UTF-16 surrogate "
+                f"(\\u{ord(exc.object[exc.start]):04x}); send each surrogate with its pair, or the character itself"
+            ) from None
+    return value
 
 
 def decode_json_body(raw: bytes | str) -> dict[str, Any]:
-    """Parse a request body that must be one JSON object (NaN and Infinity are not JSON)."""
-    try:
-        body = json.loads(raw, parse_constant=_reject_constant)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    """Parse a request body that must be one JSON object (`json_value`'s rules)."""
+    body = json_value(raw, "request body", BadRequest)
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, got {json_type_name(body)}")
     return body
+
+
+def _too_deep(what: str) -> str:
+    return f"{what} nests arrays and objects deeper than {MAX_JSON_DEPTH} levels"
+
+
+def _too_deep_value(value: object) -> bool:
+    """Whether arrays and objects in `value` nest deeper than MAX_JSON_DEPTH, walked a level at a time."""
+    level = [value] if isinstance(value, (dict, list)) else []  # the containers at depth 1, 2, ...
+    for _ in range(MAX_JSON_DEPTH):
+        level = [
+            child
+            for node in level
+            for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, (dict, list))
+        ]
+        if not level:
+            return False
+    return True
 
 
 def _bound_text(ge: float | None, gt: float | None, le: float | None, lt: float | None) -> str:

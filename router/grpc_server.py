@@ -8,7 +8,6 @@ with its `error_type` in the trailing metadata key `error-type`.
 
 import asyncio
 import functools
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mixserve.router.engine_api import EngineAPI, GenerationHandle, TokenEvent
 from mixserve.router.errors import RouterError, Unauthorized, ValidationError
-from mixserve.router.fields import as_messages, as_prompt
+from mixserve.router.fields import as_messages, as_prompt, json_value
 from mixserve.router.front_config import ServerConfig, api_key_matches
 from mixserve.router.params import DEFAULT_LIMITS, GenerationParams, GenerationRequest, RequestLimits
 from mixserve.router.structured import (
@@ -114,11 +113,7 @@ def _grammar(grammar: generate_pb2.Grammar) -> GrammarSpec:
     if grammar.type == "regex":
         return regex_spec(field, grammar.value)
     if grammar.type == "choice":
-        try:
-            choices = json.loads(grammar.value)
-        except json.JSONDecodeError as exc:
-            raise ValidationError(f"{field} must be a JSON array of strings: {exc}") from None
-        return choice_spec(field, choices)
+        return choice_spec(field, json_value(grammar.value, field, ValidationError))
     if grammar.type == "lark":
         return lark_spec(field, grammar.value)
     raise ValidationError(

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import llguidance
 
 from mixserve.router.errors import BadRequest, ValidationError, json_type_name
+from mixserve.router.fields import json_value
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -60,10 +61,7 @@ class ConstrainedParams(Protocol):
 def json_schema_spec(field: str, schema: object) -> GrammarSpec:
     """A JSON schema (an object, or true for any JSON value) given as JSON or as JSON text."""
     if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except json.JSONDecodeError as exc:
-            raise ValidationError(f"{field} is not valid JSON: {exc}") from None
+        schema = json_value(schema, field, ValidationError)
     if schema is True:
         schema = {}
     if not isinstance(schema, dict):

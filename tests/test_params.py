@@ -202,6 +202,26 @@ def test_params_validate_themselves_when_built_directly():
         (b"\xff\xfe", "request body is not valid JSON"),
         (b"[1, 2]", "request body must be a JSON object, got array"),
         (b'{"prompt": "x", "temperature": NaN}', "NaN is not a JSON number"),
+        (b'{"prompt": "a \\ud800 b"}', r"lone UTF-16 surrogate \(\\ud800\)"),
+        (b'{"messages": [{"role": "user", "content": "\\uDE00"}]}', r"lone UTF-16 surrogate \(\\ude00\)"),
+        (b'{"stop": {"\\udbff": 1}}', "lone UTF-16 surrogate"),
+        ('{"prompt": "\\ud83d\\ud83d"}', "lone UTF-16 surrogate"),
+        ('{"stop": ' + "[" * 100 + "]" * 100 + "}", "request body nests arrays and objects deeper than 100 levels"),
+        ('{"a": [' * 51 + "1" + "]}" * 51, "deeper than 100 levels"),
+        ('{"stop": ' + "[" * 100000 + "]" * 100000 + "}", "deeper than 100 levels"),  # past the parser's stack
+    ],
+    ids=[
+        "malformed",
+        "not-utf8",
+        "array",
+        "nan",
+        "lone-high-surrogate",
+        "lone-low-surrogate",
+        "surrogate-in-a-key",
+        "two-high-surrogates",
+        "101-levels",
+        "102-levels-mixed",
+        "100001-levels",
     ],
 )
 def test_json_body_errors(raw, message):
@@ -211,6 +231,15 @@ def test_json_body_errors(raw, message):
 
 def test_json_body_round_trip():
     assert parse_predict_request(decode_json_body('{"prompt": "x", "top_k": 3}')).params.top_k == 3
+    # A surrogate pair is one character, whether escaped or sent as UTF-8.
+    assert decode_json_body(b'{"prompt": "\\ud83d\\ude00 \\u00e9"}') == {"prompt": "\U0001f600 \u00e9"}
+    assert decode_json_body('{"prompt": "\U0001f600"}'.encode()) == {"prompt": "\U0001f600"}
+    # 100 levels of nesting, the body's object the first, pass; so do many brackets side by side.
+    deep = decode_json_body('{"stop": ' + "[" * 99 + "]" * 99 + "}")["stop"]
+    for _ in range(98):
+        deep = deep[0]
+    assert deep == []
+    assert decode_json_body('{"prompt": [' + ", ".join(["[1]", "{}"] * 500) + "]}")["prompt"][-1] == {}
 
 
 def test_errors_carry_status_type_and_body():

@@ -191,13 +191,23 @@ async def test_disconnected_stream_frees_its_blocks(server):
     [
         (b"{not json", 400, "bad_request", "not valid JSON"),
         (b'{"prompt": 5}', 400, "bad_request", "prompt"),
+        (b'{"prompt": "a \\udc00"}', 400, "bad_request", "surrogate"),
         (b'{"prompt": "x", "temperature": -1}', 422, "validation", "temperature"),
         (b'{"prompt": "x", "max_tokens": 100000}', 422, "validation", "max_total_tokens"),
         (b'{"messages": [{"role": "assistant", "content": "x"}]}', 422, "validation", "chat template"),
         (b'{"prompt": "x", "max_tokens": 0}', 422, "validation", "max_tokens"),
         (b"x" * (3 << 20), 413, "payload_too_large", "exceeds"),
     ],
-    ids=["malformed-json", "wrong-type", "out-of-range", "over-max-total", "bad-chat", "zero-tokens", "too-large"],
+    ids=[
+        "malformed-json",
+        "wrong-type",
+        "lone-surrogate",
+        "out-of-range",
+        "over-max-total",
+        "bad-chat",
+        "zero-tokens",
+        "too-large",
+    ],
 )
 async def test_errors_are_json_with_the_right_status(server, body, status, error_type, needle):
     async with aiohttp.ClientSession() as session:

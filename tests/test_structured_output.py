@@ -230,6 +230,19 @@ def test_grpc_grammar(one_shard):
                 await stub.Generate(pb.GenerateRequest(prompt="x", parameters=bad))
             assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "parameters.grammar.value is not a valid regex" in error.value.details()
+            for value, needle in [
+                ("[yes", "parameters.grammar.value is not valid JSON"),
+                ("[" * 101 + "]" * 101, "parameters.grammar.value nests arrays and objects deeper than 100 levels"),
+                ('["\\ud800"]', "lone UTF-16 surrogate"),
+            ]:
+                bad = pb.GenerationParameters(grammar=pb.Grammar(type="choice", value=value))
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await stub.Generate(pb.GenerateRequest(prompt="x", parameters=bad))
+                assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert needle in error.value.details()
+            params = pb.GenerationParameters(max_new_tokens=8, grammar=pb.Grammar(type="choice", value='["yes", "no"]'))
+            answer = await stub.Generate(pb.GenerateRequest(prompt="x", parameters=params))
+            assert answer.text in ("yes", "no")
 
     asyncio.run(run())
 
