@@ -4,9 +4,16 @@ Every step (`schedule`) is built in this order:
 
 1. one decode token for every running sequence whose prompt is already in the cache;
 2. the next prompt chunk of every partially prefilled running sequence, oldest first;
-3. waiting sequences, strictly FIFO, each with its first chunk, while the prefill token budget,
-   `max_running_requests` and free blocks allow. A head that cannot get its blocks waits, and the
-   requests behind it wait with it.
+3. waiting sequences, strictly in queue order, each with its first chunk, while the prefill token
+   budget, `max_running_requests` and free blocks allow. A head that cannot get its blocks waits, and
+   the requests behind it wait with it.
+
+The queue is first come, first served within a priority class (router/waiting_queue.py: vLLM's
+`priority`, lower first; every request's is 0 unless the router runs `--scheduling-policy priority`),
+and the running batch is kept in the same order: by priority, then by admission. Before planning, a
+waiting head that outranks the worst running sequence and finds no running slot or too few blocks
+preempts running sequences of a worse priority, worst first, until it fits (vLLM's priority
+preemption); it is then admitted in that step. With one class none of that happens.
 
 Prefill chunks share `max_batch_prefill_tokens`; decode tokens do not count against it, so a long
 prompt is spread over several steps and never stalls the running streams.
@@ -14,13 +21,14 @@ prompt is spread over several steps and never stalls the running streams.
 Blocks are reserved only for the tokens a step processes, not for `max_new_tokens` up front, so many
 requests share the cache and a request that stops early never held memory it did not use. The price
 is that the cache can run out mid-generation: a decode that needs a block when none is free preempts
-the most recently admitted running sequence (possibly itself). The victim's blocks are freed and it
-goes back to the head of the waiting queue; when admitted again it recomputes its prompt and the
+the last running sequence in that order, the most recently admitted of the worst priority (possibly
+itself). The victim's blocks are freed and it goes back to the head of its class in the waiting queue;
+when admitted again it recomputes its prompt and the
 tokens it has generated as one prefill (vLLM's recompute preemption), so nothing it produced is lost.
 No step admits anything after preempting: memory is short, and a new sequence would be the next victim.
 
-Why this never deadlocks. A decode short of a block preempts the youngest running sequences, itself
-last, so the oldest decoding sequence always gets its token. At most one prompt is partially
+Why this never deadlocks. A decode short of a block preempts the last running sequences, itself
+last, so the first decoding sequence always gets its token. At most one prompt is partially
 prefilled at any time (it takes the prefill budget before admission, and admission stops when the
 budget or the blocks run out), so prompts never hold blocks against each other: a prompt chunk that
 finds no room waits for the decoding sequences, which progress every step and free their blocks
@@ -39,8 +47,8 @@ block a step writes is registered only after it, so no step can share a block an
 still writing. Pure Python: no torch, no I/O.
 """
 
+import bisect
 import logging
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -48,6 +56,7 @@ from mixserve.router.block_allocator import BlockAllocator, BlockTable
 from mixserve.router.lookahead import reserve_proposals, reserve_run
 from mixserve.router.prefix_blocks import cache_filled_blocks, cached_prefix
 from mixserve.router.step_plan import ScheduledSequence, Sequence, SequenceStatus, StepPlan
+from mixserve.router.waiting_queue import WaitingQueue
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +92,12 @@ class SchedulerConfig:
         return min(self.num_blocks, self.max_batch_total_tokens // self.block_size)
 
 
+def running_key(seq: Sequence) -> tuple[int, int]:
+    return seq.priority, seq.admission
+
+
 class Scheduler:
-    """Continuous-batching scheduler: a FIFO waiting queue, the running batch and the block allocator."""
+    """Continuous-batching scheduler: the waiting queue, the running batch and the block allocator."""
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
@@ -93,8 +106,9 @@ class Scheduler:
         # Tokens of admitted sequences looked up in the prefix cache, and those found there.
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
-        self._waiting: deque[Sequence] = deque()
-        self._running: list[Sequence] = []  # admission order, oldest first
+        self._waiting = WaitingQueue()
+        self._running: list[Sequence] = []  # by priority, then admission order, best first
+        self._admissions = 0
         self._live: dict[int, Sequence] = {}
         self._in_flight: StepPlan | None = None
 
@@ -127,7 +141,7 @@ class Scheduler:
         return -(-max_tokens // self.config.block_size) <= self.config.max_blocks
 
     def add(self, seq: Sequence) -> None:
-        """Queue a new sequence at the back of the waiting queue; ValueError if it can never run."""
+        """Queue a new sequence at the back of its priority class; ValueError if it can never run."""
         if seq.status is not SequenceStatus.WAITING or seq.num_computed or seq.output_ids:
             raise ValueError(f"seq {seq.seq_id} is not a new sequence")
         if seq.seq_id in self._live:
@@ -143,17 +157,19 @@ class Scheduler:
             )
         seq.block_table = BlockTable(self.config.block_size)
         self._live[seq.seq_id] = seq
-        self._waiting.append(seq)
+        self._waiting.push_back(seq)
 
     def schedule(self) -> StepPlan | None:
         """Build the next step, or None when there is nothing to run; call on_step_done before the next."""
         if self._in_flight is not None:
             raise RuntimeError("schedule() called before on_step_done() for the step in flight")
         plan = StepPlan()
+        self._preempt_for_priority(plan)
+        made_room = len(plan.preempted)
         self._schedule_decodes(plan)
         budget = self._schedule_prefill_chunks(plan)
-        # A step that had to preempt is short of memory: admitting now would only preempt again.
-        if not plan.preempted:
+        # A step whose decodes had to preempt is short of memory: admitting now would only preempt again.
+        if len(plan.preempted) == made_room:
             self._admit(plan, budget)
         if not plan.sequences:
             return None
@@ -288,21 +304,47 @@ class Scheduler:
                 budget -= n
         return budget
 
+    def _preempt_for_priority(self, plan: StepPlan) -> None:
+        """Preempt running sequences of a worse priority than the waiting head, the last in running order
+        first, while the head finds no running slot or too few free blocks for its first chunk beside the
+        blocks the running decodes take this step."""
+        while self._waiting and self._running:
+            head, last = self._waiting.head, self._running[-1]
+            if head.priority >= last.priority:
+                return
+            if len(self._running) < self.config.max_running_requests:
+                decode_blocks = sum(
+                    seq.table.blocks_needed(seq.num_computed + 1) for seq in self._running if seq.is_decoding
+                )
+                _, _, blocks = self._first_chunk(head, self.config.max_batch_prefill_tokens)
+                if blocks + decode_blocks <= self._free_blocks():
+                    return
+            self._preempt(last, plan)
+
+    def _first_chunk(self, seq: Sequence, budget: int) -> tuple[list[int], int, int]:
+        """A waiting sequence's cached prefix blocks, the tokens its first chunk computes within `budget`,
+        and the free blocks admitting it takes (a cached block nobody holds counts as free until then)."""
+        block_size = self.config.block_size
+        cached = cached_prefix(self.allocator, seq)
+        num_cached = len(cached) * block_size
+        n = min(seq.num_tokens - num_cached, budget)
+        new_blocks = -(-(num_cached + n) // block_size) - len(cached)
+        revived = sum(self.allocator.ref_count(block) == 0 for block in cached)
+        return cached, n, new_blocks + revived
+
     def _admit(self, plan: StepPlan, budget: int) -> None:
         block_size = self.config.block_size
         while self._waiting and budget > 0 and len(self._running) < self.config.max_running_requests:
-            seq = self._waiting[0]
-            cached = cached_prefix(self.allocator, seq)
-            num_cached = len(cached) * block_size
-            n = min(seq.num_tokens - num_cached, budget)
-            new_blocks = -(-(num_cached + n) // block_size) - len(cached)
-            # A cached block nobody holds counts as free until this sequence takes it.
-            revived = sum(self.allocator.ref_count(block) == 0 for block in cached)
-            if new_blocks + revived > self._free_blocks():
+            seq = self._waiting.head
+            cached, n, blocks = self._first_chunk(seq, budget)
+            if blocks > self._free_blocks():
                 break
-            self._waiting.popleft()
+            num_cached = len(cached) * block_size
+            self._waiting.pop_head()
             seq.status = SequenceStatus.RUNNING
-            self._running.append(seq)
+            seq.admission = self._admissions
+            self._admissions += 1
+            bisect.insort_right(self._running, seq, key=running_key)
             if self.allocator.prefix_cache is not None:
                 seq.table.share(self.allocator, cached)
                 seq.num_computed = num_cached
@@ -356,8 +398,8 @@ class Scheduler:
         seq.table.release(self.allocator)
         seq.num_computed = 0
         seq.status = SequenceStatus.WAITING
-        # Victims are taken youngest first, so pushing each on the front keeps the queue oldest first.
-        self._waiting.appendleft(seq)
+        # Victims are taken last first, so pushing each on the front of its class keeps the class in order.
+        self._waiting.push_front(seq)
         plan.preempted.append(seq)
         self.num_preemptions += 1
         logger.debug("event=preempt seq_id=%d generated=%d", seq.seq_id, len(seq.output_ids))

@@ -26,6 +26,8 @@ class Sequence:
     prompt_ids: list[int]
     max_new_tokens: int
     payload: Any = None
+    # vLLM's request priority: lower runs earlier (router/waiting_queue.py); 0 for every request under fcfs.
+    priority: int = 0
     # Never admitted from the prefix cache: every prompt token is computed (the request scores its prompt).
     compute_prompt: bool = False
     # The parent of its first block's hash: None, or a cache salt's root (prefix_cache.salted_root), which
@@ -39,6 +41,9 @@ class Sequence:
     # Chained hashes of the sequence's first full blocks, computed as they are needed; the tokens of
     # a sequence never change (outputs only append), so they outlive preemption.
     block_hashes: list[BlockHash] = field(default_factory=list, repr=False)
+    # The scheduler's: its place in the waiting queue's class, and the order of its latest admission.
+    queue_order: int = field(default=0, repr=False)
+    admission: int = field(default=0, repr=False)
 
     @property
     def num_tokens(self) -> int:

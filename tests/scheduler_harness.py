@@ -8,11 +8,13 @@ that another prefix led to therefore changes the outputs, which are compared wit
 over the plain token list; reading a sequence back also checks every position's hash against its
 tokens. The fake shard keeps each sequence's penalty history the way the real runner does, so a
 sequence admitted past position 0 (a prefix cache hit) must bring the tokens it skipped. The harness
-models the waiting queue (arrivals at the back, preempted sequences at the front), checks that every
-admission takes the head of it, and checks the blocks' reference counts after every step.
+models the waiting queue as one FIFO per priority (arrivals at the back of theirs, preempted sequences
+at the front), checks that every admission takes the head of the best non-empty one, that a step which
+preempted admitted only sequences better than every one it preempted, and checks the blocks' reference
+counts after every step.
 """
 
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 
 from mixserve.router.scheduler import Scheduler, SchedulerConfig
 from mixserve.router.step_plan import ScheduledSequence, Sequence, SequenceStatus, StepPlan
@@ -40,9 +42,9 @@ def reference_output(prompt: list[int], max_new_tokens: int) -> list[int]:
     return history[len(prompt) :]
 
 
-def new_seq(seq_id: int, prompt_len: int, max_new_tokens: int) -> Sequence:
+def new_seq(seq_id: int, prompt_len: int, max_new_tokens: int, priority: int = 0) -> Sequence:
     prompt = [(seq_id * 7 + i * 3) % 1000 for i in range(prompt_len)]
-    return Sequence(seq_id=seq_id, prompt_ids=prompt, max_new_tokens=max_new_tokens)
+    return Sequence(seq_id=seq_id, prompt_ids=prompt, max_new_tokens=max_new_tokens, priority=priority)
 
 
 class FakeShard:
@@ -109,19 +111,20 @@ class Harness:
         self.scheduler = Scheduler(self.config)
         self.shard = FakeShard(self.config)
         self.seqs: list[Sequence] = []
-        self.queue: deque[int] = deque()
+        self.queues: defaultdict[int, deque[int]] = defaultdict(deque)  # priority -> its FIFO of seq ids
         self.plans: list[StepPlan] = []
 
     def add(self, seq: Sequence) -> Sequence:
         self.scheduler.add(seq)
         self.seqs.append(seq)
-        self.queue.append(seq.seq_id)
+        self.queues[seq.priority].append(seq.seq_id)
         return seq
 
     def abort(self, seq_id: int) -> Sequence | None:
         seq = self.scheduler.abort(seq_id)
-        if seq_id in self.queue:
-            self.queue.remove(seq_id)
+        for queue in self.queues.values():
+            if seq_id in queue:
+                queue.remove(seq_id)
         self.shard.release(seq_id)
         return seq
 
@@ -134,10 +137,11 @@ class Harness:
         admitted = {entry.seq.seq_id for entry in plan.sequences} - running
         self.check_plan(plan, admitted)
         for seq in plan.preempted:
-            self.queue.appendleft(seq.seq_id)
+            self.queues[seq.priority].appendleft(seq.seq_id)
         for entry in plan.sequences:
             if entry.seq.seq_id in admitted:
-                assert self.queue.popleft() == entry.seq.seq_id, "admission out of FIFO order"
+                head = self.queues[min(p for p, queue in self.queues.items() if queue)].popleft()
+                assert head == entry.seq.seq_id, "admission out of priority and FIFO order"
         self.plans.append(plan)
         return plan
 
@@ -172,8 +176,10 @@ class Harness:
         assert plan.num_prefill_tokens == sum(len(e.token_ids) for e in plan.sequences if e.is_prefill)
         assert plan.num_decode_tokens == sum(1 for e in plan.sequences if not e.is_prefill)
         assert [e.is_prefill for e in plan.sequences] == sorted(e.is_prefill for e in plan.sequences)
-        if plan.preempted:
-            assert not admitted, "admitted in a step that preempted"
+        if plan.preempted and admitted:
+            best_victim = min(seq.priority for seq in plan.preempted)
+            worst_admitted = max(seq.priority for seq in self.seqs if seq.seq_id in admitted)
+            assert worst_admitted < best_victim, "a step that preempted admitted a sequence no better than a victim"
         for entry in plan.sequences:
             seq, start, n = entry.seq, entry.start_position, len(entry.token_ids)
             assert seq.status is SequenceStatus.RUNNING
@@ -222,7 +228,7 @@ class Harness:
         assert scheduler.num_blocks_used + scheduler.num_blocks_free <= self.config.max_blocks
         assert 0 <= scheduler.prefix_hit_tokens <= scheduler.prefix_query_tokens
         assert self.scheduler.num_running == len(running)
-        assert self.scheduler.num_waiting == len(self.queue)
+        assert self.scheduler.num_waiting == sum(len(queue) for queue in self.queues.values())
         # The no-deadlock argument rests on this: prompts never hold blocks against each other.
         assert sum(not seq.is_decoding for seq in running) <= 1
 

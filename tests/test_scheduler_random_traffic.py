@@ -1,5 +1,5 @@
 """The scheduler under random traffic (a hypothesis state machine): arrivals sharing prefixes, random
-lengths, aborts (also mid-step) and steps against a tight cache, with and without prefix caching;
+lengths and priorities, aborts (also mid-step) and steps against a tight cache, with and without prefix caching;
 tests/scheduler_harness.py checks every step, the blocks after it, and every output at the end."""
 
 import pytest
@@ -55,11 +55,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         prefix_len=st.integers(0, 32),
         suffix_len=st.integers(0, 12),
         max_new_tokens=st.integers(1, 12),
+        priority=st.sampled_from([0, 0, 0, -1, 1, 2]),
     )
-    def arrive(self, prefix: list[int], prefix_len: int, suffix_len: int, max_new_tokens: int) -> None:
+    def arrive(self, prefix: list[int], prefix_len: int, suffix_len: int, max_new_tokens: int, priority: int) -> None:
         seq_id = len(self.h.seqs)
         suffix = new_seq(seq_id, suffix_len, max_new_tokens).prompt_ids
-        seq = Sequence(seq_id=seq_id, prompt_ids=prefix[:prefix_len] + suffix, max_new_tokens=max_new_tokens)
+        prompt = prefix[:prefix_len] + suffix
+        seq = Sequence(seq_id=seq_id, prompt_ids=prompt, max_new_tokens=max_new_tokens, priority=priority)
         prompt_len = len(seq.prompt_ids)
         if prompt_len and self.h.scheduler.fits(prompt_len, max_new_tokens):
             self.h.add(seq)
