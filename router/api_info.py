@@ -49,6 +49,7 @@ async def info(request: web.Request) -> web.Response:
             "max_concurrent_requests": limits.max_concurrent_requests,
             "max_input_tokens": limits.max_input_tokens,
             "max_total_tokens": limits.max_total_tokens,
+            "scheduling_policy": limits.scheduling_policy,
             "max_batch_prefill_tokens": stats.max_batch_prefill_tokens,
             "max_batch_total_tokens": stats.max_batch_total_tokens,
             "block_size": stats.block_size,

@@ -46,6 +46,7 @@ def parse_predict_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_
         seed=as_seed("seed", body.get("seed")),
         stream=as_bool("stream", body.get("stream"), default=defaults.stream),
         grammar=one_spec([from_tgi_grammar(body.get("grammar")), from_response_format(body.get("response_format"))]),
+        priority=as_int("priority", body.get("priority"), default=0),
     )
     prompt, messages = body.get("prompt"), body.get("messages")
     return GenerationRequest(

@@ -130,6 +130,7 @@ class Engine:
                 list(prompt_ids),
                 params.max_new_tokens,
                 payload=generation,
+                priority=params.priority,
                 compute_prompt=params.prompt_logprobs,
                 hash_root=None if params.cache_salt is None else salted_root(params.cache_salt),
             )

@@ -31,6 +31,9 @@ class TokenEvent:
     finish_reason: str | None = None
 
 
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
+
 @dataclass(slots=True)
 class Limits:
     """Admission limits (flags of the same names)."""
@@ -40,6 +43,8 @@ class Limits:
     max_total_tokens: int = 4096
     # Seconds from admission to the last token (--request-timeout); 0 is no deadline.
     request_timeout_s: float = 0.0
+    # --scheduling-policy: "fcfs" (every request's priority must be 0) or "priority" (vLLM's, lower first).
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_input_tokens < self.max_total_tokens:
@@ -50,6 +55,8 @@ class Limits:
             raise ValueError(f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests}")
         if not self.request_timeout_s >= 0:
             raise ValueError(f"request_timeout_s must be >= 0, got {self.request_timeout_s}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")
 
 
 @dataclass(slots=True, frozen=True)

@@ -96,6 +96,7 @@ def parse_generate_request(
         allowed_token_ids=list(p.allowed_token_ids),
         bad_words=list(p.bad_words),
         prediction=p.prediction or None,
+        priority=p.priority,
     )
     limits.check(params)
     prompt, messages = parse_input(request.prompt if request.HasField("prompt") else None, request.messages)

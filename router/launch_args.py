@@ -7,6 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
+from mixserve.router.engine_api import SCHEDULING_POLICIES
 from mixserve.router.params import MAX_BEST_OF, MAX_CHOICES, MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS
 from mixserve.router.speculation import MAX_BATCH
 from mixserve.shards import proposal_length, warmup_timings
@@ -156,6 +157,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16, help="KV cache tokens per block")
     parser.add_argument("--max-kv-blocks", type=int, default=0, help="cap on KV cache blocks (0: from memory)")
     parser.add_argument("--max-concurrent-requests", type=int, default=128, help="queued + running (429 past it)")
+    parser.add_argument(
+        "--scheduling-policy",
+        choices=SCHEDULING_POLICIES,
+        default="fcfs",
+        help="fcfs: first come, first served; priority: a request's priority (lower first, vLLM's) orders the "
+        "queue, and a better request preempts worse running ones when it finds no room",
+    )
     parser.add_argument("--max-input-tokens", type=int, default=None, help="default: max-total-tokens - 1")
     parser.add_argument("--max-total-tokens", type=int, default=None, help="prompt + new tokens (default: model max)")
     parser.add_argument(

@@ -154,7 +154,9 @@ async def _serve_with_shards(args, model_dir, loading: asyncio.Future, groups: l
         info, _ = readies[0]
         max_total = args.max_total_tokens or info.max_position_embeddings
         max_input = args.max_input_tokens or max_total - 1
-        limits = Limits(args.max_concurrent_requests, max_input, max_total, args.request_timeout)
+        limits = Limits(
+            args.max_concurrent_requests, max_input, max_total, args.request_timeout, args.scheduling_policy
+        )
         request_limits = RequestLimits(
             args.max_stop_sequences, args.max_top_n_tokens, args.max_choices, args.max_best_of
         )

@@ -8,7 +8,7 @@ from typing import Any
 
 from mixserve.router.errors import BadRequest, ValidationError, json_type_name
 from mixserve.router.fields import as_bad_words, as_bool, as_float, as_int, as_prompt, as_token_ids
-from mixserve.router.params import GenerationParams
+from mixserve.router.params import MAX_PRIORITY, GenerationParams
 
 
 def unsupported(body: dict[str, Any], name: str, why: str, default: object = None) -> None:
@@ -26,7 +26,6 @@ MAX_REQUEST_ID = 256
 VLLM_UNSUPPORTED = (
     ("use_beam_search", "no beam search", None),
     ("length_penalty", "no beam search", 1),
-    ("priority", "requests are served first come, first served", 0),
     (
         "chat_template",
         "the model's own chat template is used (vLLM too refuses one sent with a request by default)",
@@ -89,6 +88,7 @@ def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
         "allowed_token_ids": [] if allowed is None else as_token_ids("allowed_token_ids", allowed),
         "bad_words": as_bad_words("bad_words", body.get("bad_words")),
         "cache_salt": None if body.get("cache_salt") is None else as_prompt("cache_salt", body.get("cache_salt")),
+        "priority": as_int("priority", body.get("priority"), default=0, ge=-MAX_PRIORITY, le=MAX_PRIORITY),
         "min_p": as_float("min_p", body.get("min_p"), default=0.0, ge=0, le=1),
         "include_stop_str_in_output": as_bool(
             "include_stop_str_in_output", body.get("include_stop_str_in_output"), default=False

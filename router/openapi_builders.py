@@ -5,7 +5,7 @@ error body, stop sequences, the seed, penalty bounds and the grammar.
 from typing import Any
 
 from mixserve.router.fields import MAX_SEED
-from mixserve.router.params import MAX_ABS_PENALTY, MAX_STOP_SEQUENCES
+from mixserve.router.params import MAX_ABS_PENALTY, MAX_PRIORITY, MAX_STOP_SEQUENCES
 
 Schema = dict[str, Any]
 
@@ -48,6 +48,13 @@ STOP = {
     ],
     "description": "stop sequences: generation ends before the first one produced (not included in the text)",
 }
+PRIORITY = typed(
+    "integer",
+    "scheduling priority, lower first (vLLM's); anything but 0 needs --scheduling-policy priority",
+    minimum=-MAX_PRIORITY,
+    maximum=MAX_PRIORITY,
+    default=0,
+)
 SEED = typed("integer", "seed of the random draws (a seeded request is reproducible)", minimum=0, maximum=MAX_SEED)
 PENALTY = {"minimum": -MAX_ABS_PENALTY, "maximum": MAX_ABS_PENALTY, "default": 0.0}
 STREAMED = "a stream of server-sent events, each `data: <JSON>` with the schema shown"

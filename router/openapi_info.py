@@ -57,6 +57,7 @@ INFO = obj(
         "max_concurrent_requests": typed("integer", "queued + running requests before 429"),
         "max_input_tokens": typed("integer", "longest prompt"),
         "max_total_tokens": typed("integer", "prompt + new tokens"),
+        "scheduling_policy": typed("string", "fcfs, or priority: requests' priority (lower first) orders the queue"),
         "max_batch_prefill_tokens": typed("integer", "prompt tokens per step"),
         "max_batch_total_tokens": nullable(typed("integer", "KV tokens the running batch may hold (null: all)")),
         "block_size": typed("integer", "KV tokens per block"),

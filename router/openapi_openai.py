@@ -4,7 +4,7 @@ logprobs and the OpenAI error (the Responses API's in router/openapi_responses.p
 
 from mixserve.router import openai_requests as oai
 from mixserve.router.fields import MAX_ABS_LOGIT_BIAS, MAX_BAD_WORDS, MAX_LOGIT_BIAS_TOKENS, MAX_SEED
-from mixserve.router.openapi_builders import PENALTY, STOP, Schema, array, nullable, obj, ref, typed
+from mixserve.router.openapi_builders import PENALTY, PRIORITY, STOP, Schema, array, nullable, obj, ref, typed
 from mixserve.router.params import MAX_TOP_K
 
 OPENAI_SAMPLING: dict[str, Schema] = {
@@ -65,6 +65,7 @@ OPENAI_SAMPLING: dict[str, Schema] = {
         "string", "vLLM extension: share cached prompt blocks only with requests of the same salt", minLength=1
     ),
     "request_id": typed("string", "vLLM extension: the response's id after its prefix", minLength=1, maxLength=256),
+    "priority": PRIORITY,
     "include_stop_str_in_output": typed(
         "boolean", "vLLM extension: keep the matched stop string at the end of the text", default=False
     ),

@@ -1,6 +1,6 @@
 """The OpenAPI schemas of `/predict`'s request and response bodies."""
 
-from mixserve.router.openapi_builders import GRAMMAR, SEED, STOP, Schema, array, obj, ref, typed
+from mixserve.router.openapi_builders import GRAMMAR, PRIORITY, SEED, STOP, Schema, array, obj, ref, typed
 from mixserve.router.openapi_openai import OPENAI_SAMPLING
 from mixserve.router.params import MAX_TOP_K, GenerationParams
 
@@ -22,6 +22,7 @@ PREDICT_SCHEMAS: dict[str, Schema] = {
             "repetition_penalty": typed("number", "1 is off", exclusiveMinimum=0, default=1.0),
             "stop": STOP,
             "seed": SEED,
+            "priority": PRIORITY,
             "grammar": GRAMMAR,
             "response_format": OPENAI_SAMPLING["response_format"],
         }

@@ -40,6 +40,8 @@ MAX_BEST_OF = 2
 # The shards take the sampling numbers as 32-bit floats: a larger magnitude would arrive as inf (and the shards
 # would refuse the whole step), a smaller nonzero one as 0 or a denormal (0 means "off" to them).
 FLOAT32_MAX = 3.4028234663852886e38
+# Request priorities are within +-this (a 32-bit integer's range).
+MAX_PRIORITY = 2**31 - 1
 FLOAT32_TINY = 1.1754943508222875e-38
 
 
@@ -112,6 +114,9 @@ class GenerationParams:
     # at validation (router/prediction.py).
     prediction: str | None = None
     prediction_ids: list[int] = field(default_factory=list)
+    # vLLM's priority: lower is scheduled earlier (router/waiting_queue.py); anything but 0 needs the router's
+    # --scheduling-policy priority.
+    priority: int = 0
 
     def __post_init__(self) -> None:
         self.max_new_tokens = as_int("max_new_tokens", self.max_new_tokens, ge=1)
@@ -142,6 +147,7 @@ class GenerationParams:
         self.bad_words = as_bad_words("bad_words", self.bad_words)
         if self.cache_salt is not None:
             self.cache_salt = as_prompt("cache_salt", self.cache_salt)
+        self.priority = as_int("priority", self.priority, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
         if self.prediction is not None and not isinstance(self.prediction, str):
             raise BadRequest(f"prediction must be a string, got {json_type_name(self.prediction)}")
         if self.grammar is not None and self.ignore_eos:

@@ -66,6 +66,15 @@ def check_lengths(stats: EngineStats, prompt_len: int, max_new_tokens: int) -> N
         )
 
 
+def check_priority(stats: EngineStats, priority: int) -> None:
+    """A priority other than 0 only where the router schedules by priority (vLLM refuses it the same way)."""
+    if priority and stats.limits.scheduling_policy != "priority":
+        raise ValidationError(
+            f"priority {priority} needs the server started with --scheduling-policy priority; it schedules "
+            "first come, first served"
+        )
+
+
 def check_in_vocabulary(engine: EngineAPI, name: str, token_ids: Iterable[int]) -> None:
     """Raise ValidationError when `token_ids` (the field `name`) hold an id the vocabulary does not have."""
     vocab = len(engine.tokenizer)
@@ -100,6 +109,8 @@ async def validate(engine: EngineAPI, request: GenerationRequest, truncate: int 
     ids = prompt_ids(engine, request)
     if truncate is not None:
         ids = ids[-truncate:]
-    check_lengths(engine.stats(), len(ids), request.params.max_new_tokens)
+    stats = engine.stats()
+    check_lengths(stats, len(ids), request.params.max_new_tokens)
+    check_priority(stats, request.params.priority)
     check_token_fields(engine, request.params, answer=request.answers_chat)
     return ValidRequest(ids, request.params)

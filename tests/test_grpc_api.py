@@ -156,6 +156,7 @@ async def test_tokenize_equals_the_tokenizer_and_model_info(server, tokenizer):
             {"prompt": "x", "max_new_tokens": 100000},
         ),
         ({"prompt": "x", "parameters": pb.GenerationParameters(stop=[""])}, {"prompt": "x", "stop": [""]}),
+        ({"prompt": "x", "parameters": pb.GenerationParameters(priority=2)}, {"prompt": "x", "priority": 2}),
         ({"prompt": ""}, {"prompt": ""}),
         ({}, {}),
         (
@@ -173,6 +174,7 @@ async def test_tokenize_equals_the_tokenizer_and_model_info(server, tokenizer):
         "zero-tokens",
         "over-max-total",
         "empty-stop",
+        "priority-under-fcfs",
         "empty-prompt",
         "no-input",
         "both",

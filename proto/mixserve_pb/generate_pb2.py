@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amixserve_pb/generate.proto\x12\x14mixserve.generate.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xcc\x05\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x11\n\x04seed\x18\t \x01(\x04H\x07\x88\x01\x01\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x14\n\x0ctop_n_tokens\x18\x0b \x01(\r\x12\x33\n\x07grammar\x18\x0c \x01(\x0b\x32\x1d.mixserve.generate.v1.GrammarH\x08\x88\x01\x01\x12\x16\n\ttypical_p\x18\r \x01(\x01H\t\x88\x01\x01\x12M\n\nlogit_bias\x18\x0e \x03(\x0b\x32\x39.mixserve.generate.v1.GenerationParameters.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x0f \x03(\r\x12\x11\n\tbad_words\x18\x10 \x03(\t\x12\x12\n\nprediction\x18\x11 \x01(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penaltyB\x07\n\x05_seedB\n\n\x08_grammarB\x0c\n\n_typical_p\"&\n\x07Grammar\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xc0\x01\n\x0fGenerateRequest\x12\x13\n\x06prompt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x33\n\x08messages\x18\x02 \x03(\x0b\x32!.mixserve.generate.v1.ChatMessage\x12>\n\nparameters\x18\x03 \x01(\x0b\x32*.mixserve.generate.v1.GenerationParameters\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\rB\t\n\x07_prompt\"\'\n\x08TopToken\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"w\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12\x0f\n\x07special\x18\x04 \x01(\x08\x12\x32\n\ntop_tokens\x18\x05 \x03(\x0b\x32\x1e.mixserve.generate.v1.TopToken\"\x89\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x39\n\rfinish_reason\x18\x02 \x01(\x0e\x32\".mixserve.generate.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x18\n\x10generated_tokens\x18\x04 \x01(\r\x12+\n\x06tokens\x18\x05 \x03(\x0b\x32\x1b.mixserve.generate.v1.Token\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x1c\n\x14speculative_proposed\x18\x07 \x01(\r\x12\x1c\n\x14speculative_accepted\x18\x08 \x01(\r\"\x80\x02\n\x16GenerateStreamResponse\x12*\n\x05token\x18\x01 \x01(\x0b\x32\x1b.mixserve.generate.v1.Token\x12\x39\n\rfinish_reason\x18\x02 \x01(\x0e\x32\".mixserve.generate.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x18\n\x10generated_tokens\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x1c\n\x14speculative_proposed\x18\x06 \x01(\r\x12\x1c\n\x14speculative_accepted\x18\x07 \x01(\r\"f\n\x0fTokenizeRequest\x12\x13\n\x06prompt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x33\n\x08messages\x18\x02 \x03(\x0b\x32!.mixserve.generate.v1.ChatMessageB\t\n\x07_prompt\"/\n\x10TokenizeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0e\n\x06pieces\x18\x02 \x03(\t\"\x12\n\x10ModelInfoRequest\"\xe0\x02\n\x11ModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bmodel_dtype\x18\x02 \x01(\t\x12\x11\n\tnum_shard\x18\x03 \x01(\r\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x1f\n\x17max_concurrent_requests\x18\x05 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x06 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x07 \x01(\r\x12 \n\x18max_batch_prefill_tokens\x18\x08 \x01(\r\x12\x12\n\nblock_size\x18\t \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\n \x01(\r\x12\x12\n\nvocab_size\x18\x0b \x01(\r\x12\x15\n\reos_token_ids\x18\x0c \x03(\r\x12\x19\n\x11has_chat_template\x18\r \x01(\x08\x12\x16\n\x0ekv_cache_dtype\x18\x0e \x01(\t*\x85\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x32\x90\x03\n\x11GenerationService\x12Y\n\x08Generate\x12%.mixserve.generate.v1.GenerateRequest\x1a&.mixserve.generate.v1.GenerateResponse\x12g\n\x0eGenerateStream\x12%.mixserve.generate.v1.GenerateRequest\x1a,.mixserve.generate.v1.GenerateStreamResponse0\x01\x12Y\n\x08Tokenize\x12%.mixserve.generate.v1.TokenizeRequest\x1a&.mixserve.generate.v1.TokenizeResponse\x12\\\n\tModelInfo\x12&.mixserve.generate.v1.ModelInfoRequest\x1a\'.mixserve.generate.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amixserve_pb/generate.proto\x12\x14mixserve.generate.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xde\x05\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x11\n\x04seed\x18\t \x01(\x04H\x07\x88\x01\x01\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x14\n\x0ctop_n_tokens\x18\x0b \x01(\r\x12\x33\n\x07grammar\x18\x0c \x01(\x0b\x32\x1d.mixserve.generate.v1.GrammarH\x08\x88\x01\x01\x12\x16\n\ttypical_p\x18\r \x01(\x01H\t\x88\x01\x01\x12M\n\nlogit_bias\x18\x0e \x03(\x0b\x32\x39.mixserve.generate.v1.GenerationParameters.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x0f \x03(\r\x12\x11\n\tbad_words\x18\x10 \x03(\t\x12\x12\n\nprediction\x18\x11 \x01(\t\x12\x10\n\x08priority\x18\x12 \x01(\x03\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penaltyB\x07\n\x05_seedB\n\n\x08_grammarB\x0c\n\n_typical_p\"&\n\x07Grammar\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xc0\x01\n\x0fGenerateRequest\x12\x13\n\x06prompt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x33\n\x08messages\x18\x02 \x03(\x0b\x32!.mixserve.generate.v1.ChatMessage\x12>\n\nparameters\x18\x03 \x01(\x0b\x32*.mixserve.generate.v1.GenerationParameters\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\rB\t\n\x07_prompt\"\'\n\x08TopToken\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"w\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12\x0f\n\x07special\x18\x04 \x01(\x08\x12\x32\n\ntop_tokens\x18\x05 \x03(\x0b\x32\x1e.mixserve.generate.v1.TopToken\"\x89\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x39\n\rfinish_reason\x18\x02 \x01(\x0e\x32\".mixserve.generate.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x18\n\x10generated_tokens\x18\x04 \x01(\r\x12+\n\x06tokens\x18\x05 \x03(\x0b\x32\x1b.mixserve.generate.v1.Token\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x1c\n\x14speculative_proposed\x18\x07 \x01(\r\x12\x1c\n\x14speculative_accepted\x18\x08 \x01(\r\"\x80\x02\n\x16GenerateStreamResponse\x12*\n\x05token\x18\x01 \x01(\x0b\x32\x1b.mixserve.generate.v1.Token\x12\x39\n\rfinish_reason\x18\x02 \x01(\x0e\x32\".mixserve.generate.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x18\n\x10generated_tokens\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x1c\n\x14speculative_proposed\x18\x06 \x01(\r\x12\x1c\n\x14speculative_accepted\x18\x07 \x01(\r\"f\n\x0fTokenizeRequest\x12\x13\n\x06prompt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x33\n\x08messages\x18\x02 \x03(\x0b\x32!.mixserve.generate.v1.ChatMessageB\t\n\x07_prompt\"/\n\x10TokenizeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0e\n\x06pieces\x18\x02 \x03(\t\"\x12\n\x10ModelInfoRequest\"\xe0\x02\n\x11ModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bmodel_dtype\x18\x02 \x01(\t\x12\x11\n\tnum_shard\x18\x03 \x01(\r\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x1f\n\x17max_concurrent_requests\x18\x05 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x06 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x07 \x01(\r\x12 \n\x18max_batch_prefill_tokens\x18\x08 \x01(\r\x12\x12\n\nblock_size\x18\t \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\n \x01(\r\x12\x12\n\nvocab_size\x18\x0b \x01(\r\x12\x15\n\reos_token_ids\x18\x0c \x03(\r\x12\x19\n\x11has_chat_template\x18\r \x01(\x08\x12\x16\n\x0ekv_cache_dtype\x18\x0e \x01(\t*\x85\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x32\x90\x03\n\x11GenerationService\x12Y\n\x08Generate\x12%.mixserve.generate.v1.GenerateRequest\x1a&.mixserve.generate.v1.GenerateResponse\x12g\n\x0eGenerateStream\x12%.mixserve.generate.v1.GenerateRequest\x1a,.mixserve.generate.v1.GenerateStreamResponse0\x01\x12Y\n\x08Tokenize\x12%.mixserve.generate.v1.TokenizeRequest\x1a&.mixserve.generate.v1.TokenizeResponse\x12\\\n\tModelInfo\x12&.mixserve.generate.v1.ModelInfoRequest\x1a\'.mixserve.generate.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,34 +33,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATIONPARAMETERS_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATIONPARAMETERS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2270
-  _globals['_FINISHREASON']._serialized_end=2403
+  _globals['_FINISHREASON']._serialized_start=2288
+  _globals['_FINISHREASON']._serialized_end=2421
   _globals['_CHATMESSAGE']._serialized_start=52
   _globals['_CHATMESSAGE']._serialized_end=96
   _globals['_GENERATIONPARAMETERS']._serialized_start=99
-  _globals['_GENERATIONPARAMETERS']._serialized_end=815
-  _globals['_GENERATIONPARAMETERS_LOGITBIASENTRY']._serialized_start=611
-  _globals['_GENERATIONPARAMETERS_LOGITBIASENTRY']._serialized_end=659
-  _globals['_GRAMMAR']._serialized_start=817
-  _globals['_GRAMMAR']._serialized_end=855
-  _globals['_GENERATEREQUEST']._serialized_start=858
-  _globals['_GENERATEREQUEST']._serialized_end=1050
-  _globals['_TOPTOKEN']._serialized_start=1052
-  _globals['_TOPTOKEN']._serialized_end=1091
-  _globals['_TOKEN']._serialized_start=1093
-  _globals['_TOKEN']._serialized_end=1212
-  _globals['_GENERATERESPONSE']._serialized_start=1215
-  _globals['_GENERATERESPONSE']._serialized_end=1480
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1483
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1739
-  _globals['_TOKENIZEREQUEST']._serialized_start=1741
-  _globals['_TOKENIZEREQUEST']._serialized_end=1843
-  _globals['_TOKENIZERESPONSE']._serialized_start=1845
-  _globals['_TOKENIZERESPONSE']._serialized_end=1892
-  _globals['_MODELINFOREQUEST']._serialized_start=1894
-  _globals['_MODELINFOREQUEST']._serialized_end=1912
-  _globals['_MODELINFORESPONSE']._serialized_start=1915
-  _globals['_MODELINFORESPONSE']._serialized_end=2267
-  _globals['_GENERATIONSERVICE']._serialized_start=2406
-  _globals['_GENERATIONSERVICE']._serialized_end=2806
+  _globals['_GENERATIONPARAMETERS']._serialized_end=833
+  _globals['_GENERATIONPARAMETERS_LOGITBIASENTRY']._serialized_start=629
+  _globals['_GENERATIONPARAMETERS_LOGITBIASENTRY']._serialized_end=677
+  _globals['_GRAMMAR']._serialized_start=835
+  _globals['_GRAMMAR']._serialized_end=873
+  _globals['_GENERATEREQUEST']._serialized_start=876
+  _globals['_GENERATEREQUEST']._serialized_end=1068
+  _globals['_TOPTOKEN']._serialized_start=1070
+  _globals['_TOPTOKEN']._serialized_end=1109
+  _globals['_TOKEN']._serialized_start=1111
+  _globals['_TOKEN']._serialized_end=1230
+  _globals['_GENERATERESPONSE']._serialized_start=1233
+  _globals['_GENERATERESPONSE']._serialized_end=1498
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1501
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1757
+  _globals['_TOKENIZEREQUEST']._serialized_start=1759
+  _globals['_TOKENIZEREQUEST']._serialized_end=1861
+  _globals['_TOKENIZERESPONSE']._serialized_start=1863
+  _globals['_TOKENIZERESPONSE']._serialized_end=1910
+  _globals['_MODELINFOREQUEST']._serialized_start=1912
+  _globals['_MODELINFOREQUEST']._serialized_end=1930
+  _globals['_MODELINFORESPONSE']._serialized_start=1933
+  _globals['_MODELINFORESPONSE']._serialized_end=2285
+  _globals['_GENERATIONSERVICE']._serialized_start=2424
+  _globals['_GENERATIONSERVICE']._serialized_end=2824
 # @@protoc_insertion_point(module_scope)
