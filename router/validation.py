@@ -96,9 +96,11 @@ def check_token_fields(engine: EngineAPI, params: GenerationParams, answer: bool
 
 
 async def check_params(engine: EngineAPI, params: GenerationParams, answer: bool = False) -> None:
-    """Check what of `params` needs the model: the grammar compiles over the router's tokenizer (in a worker
-    thread; `params` keeps the compiled grammar), and the token fields (check_token_fields)."""
+    """Check what of `params` needs the model or the engine: the grammar compiles over the router's tokenizer
+    (in a worker thread; `params` keeps the compiled grammar), the priority (check_priority) and the token
+    fields (check_token_fields)."""
     await compile_grammar(params, engine.tokenizer)
+    check_priority(engine.stats(), params.priority)
     check_token_fields(engine, params, answer)
 
 
