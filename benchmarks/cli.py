@@ -12,6 +12,7 @@
 - `copy-demo`: fine-tune a trained demo to copy from its context (induction heads taught), for the copy workload.
 - `copy-circuit`: write a demo-shaped checkpoint whose weights are an induction circuit (a near-exact copier).
 - `structured`: half JSON-schema-constrained requests against all free ones, and a cached schema's TTFT.
+- `priority`: urgent requests' latency under a full queue, `--scheduling-policy` fcfs against priority.
 - `soak`: minutes of mixed load (every API, cancelled streams, bad bodies), then a request, KV and RSS leak check.
 """
 
@@ -45,6 +46,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "structured": (
         "mixserve.benchmarks.structured",
         "half JSON-schema-constrained vs all-free load, cached-schema TTFT",
+    ),
+    "priority": (
+        "mixserve.benchmarks.priority",
+        "urgent requests' latency under a full queue: fcfs against priority scheduling",
     ),
     "soak": ("mixserve.benchmarks.soak", "minutes of mixed load, then a request, KV block and RSS leak check"),
 }
