@@ -13,7 +13,8 @@ The queue is first come, first served within a priority class (router/waiting_qu
 and the running batch is kept in the same order: by priority, then by admission. Before planning, a
 waiting head that outranks the worst running sequence and finds no running slot or too few blocks
 preempts running sequences of a worse priority, worst first, until it fits (vLLM's priority
-preemption); it is then admitted in that step. With one class none of that happens.
+preemption; not where even all of theirs would leave it short); it is then admitted in that step,
+unless prompt chunks already took the prefill budget. With one class none of that happens.
 
 Prefill chunks share `max_batch_prefill_tokens`; decode tokens do not count against it, so a long
 prompt is spread over several steps and never stalls the running streams.
@@ -25,7 +26,8 @@ the last running sequence in that order, the most recently admitted of the worst
 itself). The victim's blocks are freed and it goes back to the head of its class in the waiting queue;
 when admitted again it recomputes its prompt and the
 tokens it has generated as one prefill (vLLM's recompute preemption), so nothing it produced is lost.
-No step admits anything after preempting: memory is short, and a new sequence would be the next victim.
+No step admits anything after its decodes preempted: memory is short, and a new sequence would be the
+next victim.
 
 Why this never deadlocks. A decode short of a block preempts the last running sequences, itself
 last, so the first decoding sequence always gets its token. At most one prompt is partially
@@ -307,19 +309,26 @@ class Scheduler:
     def _preempt_for_priority(self, plan: StepPlan) -> None:
         """Preempt running sequences of a worse priority than the waiting head, the last in running order
         first, while the head finds no running slot or too few free blocks for its first chunk beside the
-        blocks the running decodes take this step."""
-        while self._waiting and self._running:
-            head, last = self._waiting.head, self._running[-1]
-            if head.priority >= last.priority:
-                return
+        blocks the running decodes take this step; not at all where even every worse sequence's blocks
+        would leave it short."""
+        if not self._waiting or not self._running or self._waiting.head.priority >= self._running[-1].priority:
+            return  # nothing outranked: every step under fcfs
+        head = self._waiting.head
+        _, _, blocks = self._first_chunk(head, self.config.max_batch_prefill_tokens)
+
+        def decode_blocks(seqs: list[Sequence]) -> int:
+            return sum(seq.table.blocks_needed(seq.num_computed + 1) for seq in seqs if seq.is_decoding)
+
+        kept = [seq for seq in self._running if seq.priority <= head.priority]
+        worse = self._running[len(kept) :]
+        held = sum(self.allocator.ref_count(block) == 1 for seq in worse for block in seq.table.blocks)
+        if blocks + decode_blocks(kept) > self._free_blocks() + held:
+            return
+        while self._running and self._running[-1].priority > head.priority:
             if len(self._running) < self.config.max_running_requests:
-                decode_blocks = sum(
-                    seq.table.blocks_needed(seq.num_computed + 1) for seq in self._running if seq.is_decoding
-                )
-                _, _, blocks = self._first_chunk(head, self.config.max_batch_prefill_tokens)
-                if blocks + decode_blocks <= self._free_blocks():
+                if blocks + decode_blocks(self._running) <= self._free_blocks():
                     return
-            self._preempt(last, plan)
+            self._preempt(self._running[-1], plan)
 
     def _first_chunk(self, seq: Sequence, budget: int) -> tuple[list[int], int, int]:
         """A waiting sequence's cached prefix blocks, the tokens its first chunk computes within `budget`,

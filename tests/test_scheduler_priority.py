@@ -101,3 +101,20 @@ def test_decode_preemption_takes_the_worst_priority_first():
     assert preempted and all(seq is worse for seq in preempted)
     assert better.output_ids and worse.output_ids
     h.assert_complete()
+
+
+def test_no_preemption_that_cannot_make_room():
+    # 6 blocks of 4: a better sequence holds 3 and takes a 4th for its first decode, a worse one holds 1.
+    # A middle request needing 3 blocks could not fit even with the worse one gone, so the worse one keeps
+    # running; the middle one waits for the room the better one leaves.
+    h = Harness(num_blocks=6, block_size=4, enable_prefix_caching=False)
+    best = h.add(new_seq(1, 12, 4, priority=0))
+    worst = h.add(new_seq(2, 3, 4, priority=2))
+    h.step()
+    middle = h.add(new_seq(3, 12, 2, priority=1))
+    while best.status is not SequenceStatus.FINISHED:
+        plan = h.step()
+        assert not plan.preempted and middle.status is SequenceStatus.WAITING
+    h.run_all()
+    assert h.scheduler.num_preemptions == 0 and worst.output_ids
+    h.assert_complete()
