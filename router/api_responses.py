@@ -88,7 +88,7 @@ def chat_body(body: dict[str, Any]) -> dict[str, Any]:
     """The chat completions body a Responses body amounts to."""
     if body.get("previous_response_id") is not None:
         raise ValidationError("previous_response_id is not supported: responses are not stored; send the input")
-    keep = ("model", "temperature", "top_p", "tool_choice", "parallel_tool_calls", "stream", "seed")
+    keep = ("model", "temperature", "top_p", "tool_choice", "parallel_tool_calls", "stream", "seed", "priority")
     chat = {k: body[k] for k in keep if k in body}
     return {
         **chat,

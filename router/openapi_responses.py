@@ -2,7 +2,7 @@
 object and its stream's typed events.
 """
 
-from mixserve.router.openapi_builders import Schema, array, obj, typed
+from mixserve.router.openapi_builders import PRIORITY, Schema, array, obj, typed
 from mixserve.router.openapi_openai import OPENAI_SAMPLING, TOOL_CHOICE, TOOL_PARAMETERS
 
 RESPONSES_SCHEMAS: dict[str, Schema] = {
@@ -24,6 +24,7 @@ RESPONSES_SCHEMAS: dict[str, Schema] = {
             "max_output_tokens": typed("integer", "token limit; default: what fits", minimum=1),
             "temperature": OPENAI_SAMPLING["temperature"],
             "top_p": OPENAI_SAMPLING["top_p"],
+            "priority": PRIORITY,
             "model": OPENAI_SAMPLING["model"],
             "stream": typed("boolean", "typed server-sent events", default=False),
             "tools": array(

@@ -74,6 +74,12 @@ def test_info_names_the_policy_and_priorities_are_bounded(server):
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{server.url}/info") as response:
                 policy = (await response.json())["scheduling_policy"]
+            for path, body in [
+                ("/v1/responses", {"input": "x", "max_output_tokens": 2, "priority": -3}),
+                ("/predict", {"prompt": "x", "max_tokens": 2, "priority": 7, "stream": False}),
+            ]:
+                async with session.post(f"{server.url}{path}", json=body) as response:
+                    assert response.status == 200, await response.text()
             body = {"prompt": "x", "max_tokens": 2, "priority": 2**31}
             async with session.post(f"{server.url}/v1/completions", json=body) as response:
                 return policy, response.status, await response.text()
