@@ -177,6 +177,10 @@ def parse_chat_request(body: dict[str, Any], limits: RequestLimits = DEFAULT_LIM
     unsupported(body, "functions", "the legacy functions field is replaced by tools")
     unsupported(body, "echo", "a chat answer does not repeat the last message")
     unsupported(body, "add_special_tokens", "the chat template adds the special tokens")
+    unsupported(body, "audio", "the model writes text only")
+    unsupported(body, "modalities", 'the model writes text only: ["text"]', ["text"])
+    if body.get("web_search_options") is not None:  # {} asks for a search with its defaults
+        raise ValidationError("web_search_options is not supported: the server has no web search")
     tools = parse_tools(body)
     messages = chat_messages(body.get("messages"))
     options = template_options(body)

@@ -248,6 +248,9 @@ async def test_chat_template_fields_shape_the_prompt(server, aclient, tokenizer)
         ({"prompt": "x", "vllm_xargs": {"k": 1}}, "vllm_xargs is not supported"),
         ({"messages": CHAT, "chat_template": "{{ messages }}"}, "chat_template is not supported"),
         ({"messages": CHAT, "echo": True}, "echo is not supported"),
+        ({"messages": CHAT, "audio": {"voice": "alloy", "format": "wav"}}, "audio is not supported"),
+        ({"messages": CHAT, "modalities": ["text", "audio"]}, "modalities is not supported"),
+        ({"messages": CHAT, "web_search_options": {}}, "no web search"),
         ({"messages": CHAT, "continue_final_message": True, "add_generation_prompt": True}, "add_generation_prompt"),
         ({"messages": CHAT, "chat_template_kwargs": {"tools": []}}, "may not set tools"),
     ],
@@ -268,6 +271,10 @@ async def test_vllm_fields_at_their_off_values_are_accepted(server):
         "priority": 0,
     }
     status, _, text = await post(server.url, "/v1/completions", body)
+    assert status == 200, text
+    body = {"messages": CHAT, "max_tokens": 2, "modalities": ["text"], "audio": None, "web_search_options": None}
+    body |= {"store": False, "service_tier": "auto", "user": "u1", "metadata": {"k": "v"}}
+    status, _, text = await post(server.url, "/v1/chat/completions", body)
     assert status == 200, text
 
 
