@@ -3,10 +3,12 @@
 TGI's body `{"inputs": str}` answers its tokens with their character spans (BOS included). vLLM's
 `{"prompt": str}` (special tokens added unless `add_special_tokens` is false) or `{"messages": [...]}`
 (rendered with the chat template as chat requests are: `add_generation_prompt`, `continue_final_message`,
-`chat_template_kwargs`, `tools`) answers `{count, max_model_len, tokens, token_strs}`; `/detokenize`
-turns `{"tokens": [...]}` back into `{"prompt": str}`; `/tokenizer_info` gives the special tokens and the
-chat template, which is what a remote tokenizer (lm-evaluation-harness's) needs with those two. Which
-dialect a /tokenize body speaks is its key: `inputs` or not.
+`chat_template_kwargs`, and `tools` with the messages' tool turns fitted to the template as a chat
+request's are, router/tool_turns.py, so the count is that request's prompt) answers
+`{count, max_model_len, tokens, token_strs}`; `/detokenize` turns `{"tokens": [...]}` back into
+`{"prompt": str}`; `/tokenizer_info` gives the special tokens and the chat template, which is what a
+remote tokenizer (lm-evaluation-harness's) needs with those two. Which dialect a /tokenize body speaks is
+its key: `inputs` or not.
 """
 
 from typing import Any
@@ -20,6 +22,8 @@ from mixserve.router.http_common import ENGINE, read_json
 from mixserve.router.openai_requests import chat_messages
 from mixserve.router.openai_vllm import template_options
 from mixserve.router.params import GenerationParams, GenerationRequest, render_prompt
+from mixserve.router.tool_turns import fit_to_template
+from mixserve.router.tools import parse_tools
 from mixserve.router.validation import check_in_vocabulary
 
 
@@ -45,21 +49,23 @@ _VLLM_FIELDS = (
 )
 
 
-def _vllm_tokens(engine: EngineAPI, body: dict[str, Any]) -> dict[str, Any]:
+async def _vllm_tokens(engine: EngineAPI, body: dict[str, Any]) -> dict[str, Any]:
     if (body.get("prompt") is None) == (body.get("messages") is None):
         raise BadRequest("give inputs (TGI), or prompt or messages (vLLM)")
     # Every field is checked whichever form uses it, so a malformed one is never passed over.
     options = template_options(body)
     strings = as_bool("return_token_strs", body.get("return_token_strs"), default=False)
+    tools = parse_tools(body)
     if body.get("prompt") is not None:
+        if tools is not None:
+            raise ValidationError("tools go with messages: a prompt is tokenized as it is")
         text = as_prompt("prompt", body["prompt"])
         special = as_bool("add_special_tokens", body.get("add_special_tokens"), default=True)
     else:
-        if body.get("tools"):
-            raise ValidationError("tools is not supported by /tokenize; tokenize the chat request's messages alone")
         request = GenerationRequest(
             prompt=None, messages=chat_messages(body["messages"]), params=GenerationParams(), template_options=options
         )
+        await fit_to_template(tools, request, request.params, engine.tokenizer)
         text = render_prompt(engine.tokenizer, request)
         # The chat template writes its own special tokens; more only when asked.
         special = as_bool("add_special_tokens", body.get("add_special_tokens"), default=False)
@@ -81,7 +87,7 @@ async def tokenize_route(request: web.Request) -> web.Response:
         if mixed:
             raise ValidationError(f"inputs (TGI's body) cannot be combined with vLLM's {', '.join(mixed)}")
         return web.json_response(_tgi_tokens(engine, body))
-    return web.json_response(_vllm_tokens(engine, body))
+    return web.json_response(await _vllm_tokens(engine, body))
 
 
 async def detokenize_route(request: web.Request) -> web.Response:

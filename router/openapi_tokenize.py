@@ -1,7 +1,8 @@
 """The OpenAPI schemas of /tokenize (TGI's body or vLLM's) and vLLM's /detokenize and /tokenizer_info
 (router/api_tokenize.py)."""
 
-from mixserve.router.openapi_builders import Schema, array, obj, typed
+from mixserve.router.openapi_builders import Schema, array, obj, ref, typed
+from mixserve.router.openapi_openai import TOOL_CHOICE
 
 TOKENIZE_REQUEST = obj(
     {
@@ -13,6 +14,8 @@ TOKENIZE_REQUEST = obj(
         "add_generation_prompt": typed("boolean", "with messages: open a new assistant turn", default=True),
         "continue_final_message": typed("boolean", "with messages: leave the last message open", default=False),
         "chat_template_kwargs": {"type": "object", "description": "with messages: more template variables"},
+        "tools": array(ref("Tool"), "with messages: the chat request's functions, in its prompt as it has them"),
+        "tool_choice": TOOL_CHOICE,
         "return_token_strs": typed("boolean", "also return each token's string", default=False),
     },
     description="TGI's body (inputs) or vLLM's (prompt or messages, and their options)",

@@ -10,6 +10,7 @@ import jsonschema
 import llguidance
 import openai
 import pytest
+import requests
 
 from mixserve.router.errors import RouterError
 from mixserve.router.structured import compile_spec, grammar_tokenizer
@@ -324,6 +325,25 @@ def test_a_conversation_with_tool_turns_answers(client):
             assert any(chunk.choices and chunk.choices[0].finish_reason for chunk in answer)
     answer = client.chat.completions.create(model="m", messages=CONVERSATION, tools=TOOLS, max_tokens=6, temperature=0)
     assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_tokenize_counts_the_chat_requests_prompt_with_tools(client, native):
+    """vLLM's /tokenize with messages, tools and tool turns: the count a chat request with them has, for a
+    template that takes tools and for one that gets them as text."""
+    for openai_client in (client, native[0]):
+        url = str(openai_client.base_url).removesuffix("/").removesuffix("/v1")
+        for messages, extra in (
+            (CONVERSATION, {"tools": TOOLS}),
+            (ASK, {"tools": TOOLS}),
+            (ASK, {"tools": TOOLS, "tool_choice": "none"}),  # no tool offered
+            (CONVERSATION, {}),
+        ):
+            body = {"messages": messages, **extra}
+            counted = requests.post(f"{url}/tokenize", json=body, timeout=60).json()
+            answer = openai_client.chat.completions.create(model="m", max_tokens=1, temperature=0, **body)
+            assert counted["count"] == answer.usage.prompt_tokens == len(counted["tokens"]), (url, messages, extra)
+    refused = requests.post(f"{url}/tokenize", json={"prompt": "x", "tools": TOOLS}, timeout=60)
+    assert refused.status_code == 422 and "tools go with messages" in refused.json()["error"]
 
 
 BAD_SCHEMA = {"type": "object", "properties": {"a": {"type": "foo"}}}
