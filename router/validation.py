@@ -105,14 +105,11 @@ async def check_params(engine: EngineAPI, params: GenerationParams, answer: bool
 
 
 async def validate(engine: EngineAPI, request: GenerationRequest, truncate: int | None = None) -> ValidRequest:
-    """Compile `request`'s grammar, tokenize it (keeping its last `truncate` tokens when given) and check its
-    lengths and token fields."""
-    await compile_grammar(request.params, engine.tokenizer)
+    """Check `request`'s parameters (check_params), tokenize it (keeping its last `truncate` tokens when given)
+    and check its lengths."""
+    await check_params(engine, request.params, answer=request.answers_chat)
     ids = prompt_ids(engine, request)
     if truncate is not None:
         ids = ids[-truncate:]
-    stats = engine.stats()
-    check_lengths(stats, len(ids), request.params.max_new_tokens)
-    check_priority(stats, request.params.priority)
-    check_token_fields(engine, request.params, answer=request.answers_chat)
+    check_lengths(engine.stats(), len(ids), request.params.max_new_tokens)
     return ValidRequest(ids, request.params)
