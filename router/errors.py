@@ -29,6 +29,13 @@ class Unauthorized(RouterError):
     error_type = "authentication"
 
 
+class Forbidden(RouterError):
+    """The request is refused whoever sends it: a browser's preflight from an origin --cors-allow-origin leaves out."""
+
+    status = 403
+    error_type = "forbidden"
+
+
 class PayloadTooLarge(RouterError):
     """The body, or the prompt once tokenized, exceeds what the server accepts."""
 

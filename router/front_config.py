@@ -41,6 +41,8 @@ class ServerConfig:
     speculate_length: str = "adaptive"
     # --speculate-constrained: grammar-constrained requests speculate without --speculate (their forced tokens).
     speculate_constrained: bool = True
+    # --cors-allow-origin: the web origins whose pages may call the API (`*`: any; none: no cross-origin reads).
+    cors_allow_origins: tuple[str, ...] = ()
     # --vllm-metrics: /metrics also under vLLM's names (router/metrics_vllm.py).
     vllm_metrics: bool = False
 

@@ -7,6 +7,8 @@ import argparse
 import os
 from pathlib import Path
 
+from mixserve.router.chat_template import ChatTemplate, read_chat_template
+from mixserve.router.cors import check_origin
 from mixserve.router.engine_api import SCHEDULING_POLICIES
 from mixserve.router.params import MAX_BEST_OF, MAX_CHOICES, MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS
 from mixserve.router.speculation import MAX_BATCH
@@ -41,6 +43,20 @@ def _non_negative_int(value: str) -> int:
     if number < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return number
+
+
+def _chat_template(value: str) -> ChatTemplate:
+    try:
+        return read_chat_template(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _origin(value: str) -> str:
+    try:
+        return check_origin(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _stream_interval_ms(value: str) -> float:
@@ -250,6 +266,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="reuse the KV blocks of prompt prefixes seen before",
     )
     parser.add_argument("--api-key", default=env.get("MIXSERVE_API_KEY"), help="default: $MIXSERVE_API_KEY")
+    parser.add_argument(
+        "--cors-allow-origin",
+        type=_origin,
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="ORIGIN",
+        help="web origins (scheme://host[:port]) whose pages may call the API from a browser, or * for any "
+        "(default: none)",
+    )
     parser.add_argument("--max-body-bytes", type=int, default=2 << 20, help="largest request body (413 past it)")
     parser.add_argument(
         "--read-timeout", type=_seconds, default=60.0, help="seconds a client has to send its headers, and its body"
@@ -277,6 +303,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME",
         help="names the OpenAI API answers to and reports (the first by default; default: the --model path)",
+    )
+    parser.add_argument(
+        "--chat-template",
+        type=_chat_template,
+        default=None,
+        metavar="FILE_OR_TEMPLATE",
+        help="the chat template (Jinja) chat requests are rendered with, in place of the checkpoint's: a file, or "
+        "the template's text (backslash escapes unescaped); for checkpoints without one (default: the checkpoint's)",
     )
     parser.add_argument(
         "--strict-model-name",

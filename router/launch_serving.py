@@ -15,6 +15,7 @@ from pathlib import Path
 from aiohttp import web
 
 import mixserve
+from mixserve.router.chat_template import ChatTemplate
 from mixserve.router.generation import Limits
 from mixserve.router.grpc_server import GrpcFront
 from mixserve.router.host_check import HostPlan, group_visible_devices
@@ -85,7 +86,7 @@ async def serve(
     devices = group_devices(plan, args, len(group_addresses))
     # Loaded in a thread while the shards start (~0.5 s, transformers' import most of it); the fast
     # tokenizer class needs no torch.
-    loading = asyncio.ensure_future(asyncio.to_thread(load_tokenizer, model_dir))
+    loading = asyncio.ensure_future(asyncio.to_thread(load_tokenizer, model_dir, args.chat_template))
     loading.add_done_callback(lambda done: done.cancelled() or done.exception())  # read where never awaited
     groups = [
         ShardSupervisor(args, model_dir, socket_root, i, a, d, check.take(i) if check and a is None else None)
@@ -131,11 +132,19 @@ async def start_groups(
     return results
 
 
-def load_tokenizer(model_dir: str):
-    """The checkpoint's fast tokenizer (its tokenizer.json and chat template)."""
+def load_tokenizer(model_dir: str, chat_template: ChatTemplate | None = None):
+    """The checkpoint's fast tokenizer (its tokenizer.json), with `chat_template` (--chat-template) in place
+    of the checkpoint's own where one is given."""
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast.from_pretrained(model_dir)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template.text
+    source = (
+        "none" if tokenizer.chat_template is None else "checkpoint" if chat_template is None else chat_template.source
+    )
+    log.info("event=chat_template source=%s", source)
+    return tokenizer
 
 
 async def _serve_with_shards(args, model_dir, loading: asyncio.Future, groups: list[ShardSupervisor], stop) -> int:
@@ -206,6 +215,7 @@ async def _serve_with_shards(args, model_dir, loading: asyncio.Future, groups: l
     config = ServerConfig(
         model_id=model_dir,
         api_key=args.api_key,
+        cors_allow_origins=tuple(args.cors_allow_origin),
         max_body_bytes=args.max_body_bytes,
         read_timeout_s=args.read_timeout,
         limits=request_limits,

@@ -19,6 +19,7 @@ from mixserve.router import (
     api_responses,
     api_tgi,
     api_tokenize,
+    cors,
     openapi,
 )
 from mixserve.router.api_openai import served_names
@@ -65,7 +66,9 @@ async def auth_middleware(request: web.Request, handler):
 
 def build_app(engine: EngineAPI, config: ServerConfig) -> web.Application:
     """The aiohttp application over `engine` (router.replicas.Replicas), which the caller starts."""
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[errors_middleware, auth_middleware])
+    # A browser's preflight is answered before the key check: it never carries the key.
+    middlewares = [errors_middleware, cors.preflight_middleware, auth_middleware]
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     app[ENGINE] = engine
     app[CONFIG] = config
     app[STARTED] = time.monotonic()
@@ -77,4 +80,5 @@ def build_app(engine: EngineAPI, config: ServerConfig) -> web.Application:
     api_tgi.add_routes(app)
     api_tokenize.add_routes(app)
     openapi.add_routes(app)
+    cors.install(app)
     return app

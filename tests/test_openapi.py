@@ -3,16 +3,12 @@
 import re
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 from openapi_spec_validator import validate
 from transformers import AutoTokenizer
 
-from mixserve.router.generation import Limits
+from app_without_shards import client_without_shards
 from mixserve.router.openapi import build_spec, routes
-from mixserve.router.replicas import build_replicas
-from mixserve.router.scheduler import SchedulerConfig
-from mixserve.router.server import ServerConfig, build_app
-from mixserve.router.shard_client import ShardGroup
+from mixserve.router.server import ServerConfig
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +19,10 @@ def tokenizer(demo_dir):
 @pytest.fixture
 async def client(tokenizer, tmp_path):
     """The app as `mixserve launch` builds it; these routes never reach the (absent) shards."""
-    group = ShardGroup([f"unix:{tmp_path}/no-shard.sock"])
-    engine = build_replicas([(group, SchedulerConfig(num_blocks=64, block_size=16))], tokenizer, Limits(), (2,), 1)
-    app = build_app(engine, ServerConfig(model_id="/models/mixtral-demo", version="1.2.3"))
-    async with TestClient(TestServer(app)) as client:
+    async with client_without_shards(
+        tokenizer, tmp_path, ServerConfig(model_id="/models/mixtral-demo", version="1.2.3")
+    ) as client:
         yield client
-    await group.close()
 
 
 async def test_every_route_is_in_the_spec(client):

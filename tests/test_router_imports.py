@@ -33,6 +33,7 @@ FRONTS = frozenset(
         "mixserve.router.api_responses",
         "mixserve.router.api_tgi",
         "mixserve.router.api_tokenize",
+        "mixserve.router.cors",
         "mixserve.router.front_config",
         "mixserve.router.grpc_server",
         "mixserve.router.http_common",

@@ -12,25 +12,22 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 from transformers import AutoTokenizer
 
+from app_without_shards import client_without_shards
 from mixserve.router import launcher
 from mixserve.router.front_config import api_key_matches
-from mixserve.router.generation import Limits
-from mixserve.router.replicas import build_replicas
-from mixserve.router.scheduler import SchedulerConfig
-from mixserve.router.server import ServerConfig, build_app
-from mixserve.router.shard_client import ShardGroup
+from mixserve.router.server import ServerConfig
 
 API_KEY = "key-7Hq2-canary"
 PROMPT = "quokka lantern canary"
 CHAT = [{"role": "user", "content": "ferret harbor canary"}]
+ORIGIN = "https://app.example"
 
 
 @pytest.fixture(scope="module")
 def server(launch, demo_dir):
-    server = launch("--model", str(demo_dir), "--num-shard", "1", "--api-key", API_KEY)
+    server = launch("--model", str(demo_dir), "--num-shard", "1", "--api-key", API_KEY, "--cors-allow-origin", ORIGIN)
     yield server
     server.stop()  # free the CPU for the modules after this one
 
@@ -70,6 +67,26 @@ async def test_api_key_is_required_and_never_logged(server):
     log = server.contract_log("the refusal's access line, and no key in the log")
     assert "event=refused" in log and "status=401" in log
     assert API_KEY not in log and API_KEY[:-1] not in log
+
+
+@pytest.mark.slow
+async def test_a_browser_page_of_an_allowed_origin_streams_with_the_key(server):
+    """--cors-allow-origin: the preflight passes without the key, the streamed answer carries the allow header
+    from its first byte, and the request itself still needs the key."""
+    url = f"{server.url}/v1/chat/completions"
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST"}
+    body = {"messages": CHAT, "max_tokens": 8, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        async with session.options(url, headers=preflight) as response:
+            assert response.status == 204 and response.headers["Access-Control-Allow-Origin"] == ORIGIN
+        async with session.post(url, json=body, headers={"Origin": ORIGIN}) as response:
+            assert response.status == 401 and response.headers["Access-Control-Allow-Origin"] == ORIGIN
+        headers = {"Origin": ORIGIN, "Authorization": f"Bearer {API_KEY}"}
+        async with session.post(url, json=body, headers=headers) as response:
+            assert response.status == 200 and response.content_type == "text/event-stream"
+            assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
+            events = [line async for line in response.content if line.startswith(b"data: ")]
+        assert events[-1].strip() == b"data: [DONE]" and len(events) >= 3
 
 
 @pytest.mark.slow
@@ -150,12 +167,9 @@ def test_api_key_comparison_is_of_equal_length_digests(monkeypatch):
 @pytest.fixture
 async def app_client(demo_dir, tmp_path):
     """The app as `mixserve launch` builds it, with an API key; these routes never reach the (absent) shards."""
-    group = ShardGroup([f"unix:{tmp_path}/no-shard.sock"])
     tokenizer = AutoTokenizer.from_pretrained(demo_dir)
-    engine = build_replicas([(group, SchedulerConfig(num_blocks=64, block_size=16))], tokenizer, Limits(), (2,), 1)
-    async with TestClient(TestServer(build_app(engine, ServerConfig(model_id="demo", api_key=API_KEY)))) as client:
+    async with client_without_shards(tokenizer, tmp_path, ServerConfig(model_id="demo", api_key=API_KEY)) as client:
         yield client
-    await group.close()
 
 
 async def test_http_refuses_any_other_key(app_client):
