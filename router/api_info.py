@@ -1,5 +1,5 @@
 """`GET /health` and `GET /info`: the router's state for probes and clients, read from the engine's
-`health()` and `stats()`."""
+`health()` and `stats()`; and vLLM's `GET /version`."""
 
 import time
 
@@ -110,10 +110,16 @@ async def info(request: web.Request) -> web.Response:
     )
 
 
+async def version(request: web.Request) -> web.Response:
+    """`GET /version` (vLLM's): the server's version."""
+    return web.json_response({"version": request.app[CONFIG].version})
+
+
 def add_routes(app: web.Application) -> None:
-    """Register `/health` and `/info` on `app` (built by `router.server.build_app`)."""
+    """Register `/health`, `/info` and `/version` on `app` (built by `router.server.build_app`)."""
     app.router.add_get("/health", health)
     app.router.add_get("/info", info)
+    app.router.add_get("/version", version)
 
 
 def _rounded(us: float | None) -> float | None:

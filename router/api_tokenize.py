@@ -1,4 +1,5 @@
-"""`POST /tokenize` in both dialects, and vLLM's `POST /detokenize` and `GET /tokenizer_info`.
+"""`POST /tokenize` in both dialects, TGI's `POST /chat_tokenize`, and vLLM's `POST /detokenize` and
+`GET /tokenizer_info`.
 
 TGI's body `{"inputs": str}` answers its tokens with their character spans (BOS included). vLLM's
 `{"prompt": str}` (special tokens added unless `add_special_tokens` is false) or `{"messages": [...]}`
@@ -8,7 +9,8 @@ request's are, router/tool_turns.py, so the count is that request's prompt) answ
 `{count, max_model_len, tokens, token_strs}`; `/detokenize` turns `{"tokens": [...]}` back into
 `{"prompt": str}`; `/tokenizer_info` gives the special tokens and the chat template, which is what a
 remote tokenizer (lm-evaluation-harness's) needs with those two. Which dialect a /tokenize body speaks is
-its key: `inputs` or not.
+its key: `inputs` or not. `/chat_tokenize` takes a chat completions body and answers TGI's
+`{tokenize_response, templated_text}`: the prompt that request would get and its tokens with their spans.
 """
 
 from typing import Any
@@ -18,8 +20,8 @@ from aiohttp import web
 from mixserve.router.engine_api import EngineAPI
 from mixserve.router.errors import BadRequest, ValidationError
 from mixserve.router.fields import as_bool, as_prompt, as_token_ids
-from mixserve.router.http_common import ENGINE, read_json
-from mixserve.router.openai_requests import chat_messages
+from mixserve.router.http_common import CONFIG, ENGINE, read_json
+from mixserve.router.openai_requests import chat_messages, parse_chat_request, prepare_tools
 from mixserve.router.openai_vllm import template_options
 from mixserve.router.params import GenerationParams, GenerationRequest, render_prompt
 from mixserve.router.tool_turns import fit_to_template
@@ -27,11 +29,11 @@ from mixserve.router.tools import parse_tools
 from mixserve.router.validation import check_in_vocabulary
 
 
-def _tgi_tokens(engine: EngineAPI, body: dict[str, Any]) -> list[dict[str, Any]]:
-    inputs = as_prompt("inputs", body.get("inputs"))
-    encoded = engine.tokenizer(inputs, return_offsets_mapping=True)
+def _spans(engine: EngineAPI, text: str, add_special_tokens: bool) -> list[dict[str, Any]]:
+    """TGI's tokens: each id with its text and its character span in `text` (a special token added: empty)."""
+    encoded = engine.tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     return [
-        {"id": token_id, "text": inputs[start:stop], "start": start, "stop": stop}
+        {"id": token_id, "text": text[start:stop], "start": start, "stop": stop}
         for token_id, (start, stop) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
     ]
 
@@ -86,8 +88,21 @@ async def tokenize_route(request: web.Request) -> web.Response:
         mixed = [name for name in _VLLM_FIELDS if body.get(name) is not None]
         if mixed:
             raise ValidationError(f"inputs (TGI's body) cannot be combined with vLLM's {', '.join(mixed)}")
-        return web.json_response(_tgi_tokens(engine, body))
+        return web.json_response(_spans(engine, as_prompt("inputs", body.get("inputs")), add_special_tokens=True))
     return web.json_response(await _vllm_tokens(engine, body))
+
+
+async def chat_tokenize_route(request: web.Request) -> web.Response:
+    """`POST /chat_tokenize` (TGI): a chat completions body's prompt, as that request gets it (its tools and
+    tool turns fitted to the template), and its tokens with their spans."""
+    engine = request.app[ENGINE]
+    parsed = parse_chat_request(await read_json(request), request.app[CONFIG].limits)
+    await prepare_tools(parsed, engine.tokenizer)
+    text = render_prompt(engine.tokenizer, parsed.prompts[0])
+    # The chat template writes the special tokens, as for the chat request (router/validation.py).
+    return web.json_response(
+        {"tokenize_response": _spans(engine, text, add_special_tokens=False), "templated_text": text}
+    )
 
 
 async def detokenize_route(request: web.Request) -> web.Response:
@@ -117,5 +132,6 @@ async def tokenizer_info_route(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     """Register /tokenize, /detokenize and /tokenizer_info on `app` (built by `router.server.build_app`)."""
     app.router.add_post("/tokenize", tokenize_route)
+    app.router.add_post("/chat_tokenize", chat_tokenize_route)
     app.router.add_post("/detokenize", detokenize_route)
     app.router.add_get("/tokenizer_info", tokenizer_info_route)

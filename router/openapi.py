@@ -70,6 +70,14 @@ def _predict_ok() -> dict[str, Any]:
     return ok
 
 
+def _invocations_ok() -> dict[str, Any]:
+    ok = _json(
+        {"type": ["object", "array"]}, "the answer of the route the body's keys name; " + STREAMED + " with stream"
+    )
+    ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+    return ok
+
+
 OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/predict"): _op(
         "mixserve",
@@ -149,11 +157,31 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         {"200": _json({"oneOf": [array(ref("SimpleToken")), ref("VllmTokenizeResponse")]})} | _errors(),
         "TokenizeRequest",
     ),
+    ("POST", "/chat_tokenize"): _op(
+        "tgi",
+        "A chat completions body's prompt, templated and tokenized (TGI)",
+        {"200": _json(ref("ChatTokenizeResponse"))} | _errors(),
+        "ChatCompletionRequest",
+    ),
     ("POST", "/detokenize"): _op(
         "openai", "Detokenize (vLLM)", {"200": _json(ref("DetokenizeResponse"))} | _errors(), "DetokenizeRequest"
     ),
     ("GET", "/tokenizer_info"): _op(
         "openai", "The tokenizer's special tokens and chat template (vLLM)", {"200": _json(ref("TokenizerInfo"))}
+    ),
+    ("GET", "/version"): _op(
+        "operations", "The server's version (vLLM)", {"200": _json(obj({"version": typed("string", "mixserve's")}))}
+    ),
+    ("GET", "/ping"): _op(
+        "sagemaker",
+        "SageMaker's health probe: /health's answer, without the API key",
+        {"200": _json({"type": "object"}, "as /health"), "503": _json(ref("Error"), "shards unavailable")},
+    ),
+    ("POST", "/invocations"): _op(
+        "sagemaker",
+        "SageMaker's route: a chat completion (messages), a completion (prompt) or TGI's POST / (inputs)",
+        {"200": _invocations_ok()} | _errors("InvocationsError"),
+        "InvocationsRequest",
     ),
     ("GET", "/openapi.json"): _op("operations", "This spec", {"200": _json({"type": "object"})}),
     ("GET", "/docs"): _op(

@@ -4,16 +4,30 @@ openapi_builders.py. Bounds and defaults come from the modules that enforce them
 describes the operations that use these schemas.
 """
 
-from mixserve.router.openapi_builders import ERROR, Schema
+from mixserve.router.openapi_builders import ERROR, Schema, array, obj, ref, typed
 from mixserve.router.openapi_openai import OPENAI_ERROR, OPENAI_SCHEMAS
 from mixserve.router.openapi_predict import PREDICT_SCHEMAS
 from mixserve.router.openapi_responses import RESPONSES_SCHEMAS
 from mixserve.router.openapi_tgi import TGI_SCHEMAS
 from mixserve.router.openapi_tokenize import TOKENIZE_SCHEMAS
 
+# SageMaker's /invocations (router/api_sagemaker.py): any of three bodies, told apart by one key.
+INVOCATIONS_REQUEST = obj(
+    {
+        "messages": array({"type": "object"}, "a ChatCompletionRequest: served as /v1/chat/completions"),
+        "prompt": {"description": "a CompletionRequest: served as /v1/completions"},
+        "inputs": typed("string", "a CompatGenerateRequest: served as TGI's POST /"),
+    },
+    description="a chat completions, completions or TGI body; the first of messages, prompt and inputs it has "
+    "names the route, whose fields it takes",
+)
+
 SCHEMAS: dict[str, Schema] = {
     "Error": ERROR,
     "OpenAIError": OPENAI_ERROR,
+    "InvocationsRequest": INVOCATIONS_REQUEST,
+    # Its errors are those of the route served: OpenAI's object for messages and prompt, TGI's for inputs.
+    "InvocationsError": {"anyOf": [ref("OpenAIError"), ref("Error")]},
     **PREDICT_SCHEMAS,
     **OPENAI_SCHEMAS,
     **RESPONSES_SCHEMAS,

@@ -1,5 +1,5 @@
-"""The OpenAPI schemas of /tokenize (TGI's body or vLLM's) and vLLM's /detokenize and /tokenizer_info
-(router/api_tokenize.py)."""
+"""The OpenAPI schemas of /tokenize (TGI's body or vLLM's), TGI's /chat_tokenize answer, and vLLM's /detokenize
+and /tokenizer_info (router/api_tokenize.py)."""
 
 from mixserve.router.openapi_builders import Schema, array, obj, ref, typed
 from mixserve.router.openapi_openai import TOOL_CHOICE
@@ -29,6 +29,12 @@ TOKENIZE_SCHEMAS: dict[str, Schema] = {
             "max_model_len": typed("integer", "--max-total-tokens"),
             "tokens": array({"type": "integer"}, "token ids"),
             "token_strs": {"type": ["array", "null"], "items": {"type": "string"}, "description": "when asked"},
+        }
+    ),
+    "ChatTokenizeResponse": obj(
+        {
+            "tokenize_response": array(ref("SimpleToken"), "the prompt's tokens, each with its span in templated_text"),
+            "templated_text": typed("string", "the prompt the chat request gets: its messages (and tools) templated"),
         }
     ),
     "DetokenizeRequest": obj(

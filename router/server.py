@@ -1,7 +1,8 @@
 """The router's HTTP app: the factory that puts the fronts together, and the middlewares they share.
 
 Each API is a front module with its own routes: `/predict` (api_predict), `/health` and `/info`
-(api_info), the OpenAI (api_openai; its Responses API in api_responses) and TGI (api_tgi) APIs, the
+(api_info), the OpenAI (api_openai; its Responses API in api_responses) and TGI (api_tgi) APIs, SageMaker's
+routes over them (api_sagemaker), the
 spec (openapi) and `/metrics` (api_metrics). They reach the engine only through router/engine_api.py's
 interface and validate with router/validation.py; their shared HTTP helpers are router/http_common.py.
 """
@@ -17,6 +18,7 @@ from mixserve.router import (
     api_openai,
     api_predict,
     api_responses,
+    api_sagemaker,
     api_tgi,
     api_tokenize,
     cors,
@@ -30,8 +32,8 @@ from mixserve.router.http_common import CONFIG, ENGINE, STARTED, error_response
 
 log = logging.getLogger("mixserve.router")
 
-# Routes that answer without an API key: probes from load balancers and orchestrators.
-PUBLIC_PATHS = frozenset({"/health"})
+# Routes that answer without an API key: probes from load balancers and orchestrators (SageMaker's /ping).
+PUBLIC_PATHS = frozenset({"/health", "/ping"})
 
 
 @web.middleware
@@ -78,6 +80,7 @@ def build_app(engine: EngineAPI, config: ServerConfig) -> web.Application:
     api_openai.add_routes(app)
     api_responses.add_routes(app)
     api_tgi.add_routes(app)
+    api_sagemaker.add_routes(app)
     api_tokenize.add_routes(app)
     openapi.add_routes(app)
     cors.install(app)

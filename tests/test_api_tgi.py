@@ -163,6 +163,69 @@ async def test_tokenize_and_detokenize_in_vllms_dialect(server, tokenizer):
         assert status == want and json.loads(text)["error"], (path, body, text)
 
 
+@pytest.mark.slow
+async def test_chat_tokenize_is_the_chat_requests_prompt(server, tokenizer):
+    """TGI's /chat_tokenize: the templated text and its tokens with their spans, the prompt the same body gets
+    as a chat request (tools included: the demo's template gets them as text)."""
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
+    for extra in ({}, {"tools": tools}):
+        body = {"messages": chat, "max_tokens": 1, **extra}
+        status, _, text = await post(server.url, "/chat_tokenize", body)
+        answer = json.loads(text)
+        assert status == 200 and set(answer) == {"tokenize_response", "templated_text"}
+        templated, tokens = answer["templated_text"], answer["tokenize_response"]
+        assert PROMPT in templated and ("weather" in templated) == bool(extra)
+        assert [t["id"] for t in tokens] == tokenizer(templated, add_special_tokens=False)["input_ids"]
+        assert all(t["text"] == templated[t["start"] : t["stop"]] for t in tokens)
+        # With the tools the prompt is past this server's 95 input tokens: vLLM's /tokenize counts it as chat does.
+        path, count = ("/tokenize", lambda a: a["count"]) if extra else ("/v1/chat/completions", _prompt_tokens)
+        status, _, text = await post(server.url, path, body)
+        assert status == 200 and count(json.loads(text)) == len(tokens), text
+    status, _, text = await post(server.url, "/chat_tokenize", {"messages": []})
+    assert status == 422 and json.loads(text)["error_type"] == "validation"  # TGI's error shape
+
+
+@pytest.mark.slow
+async def test_sagemaker_ping_and_invocations(server):
+    """SageMaker's routes: /ping answers as /health; /invocations serves a body by its key, as the route it names."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{server.url}/ping") as ping, session.get(f"{server.url}/health") as health:
+            assert ping.status == health.status == 200 and await ping.json() == await health.json()
+    greedy = {"max_tokens": 4, "temperature": 0}
+    chat = {"messages": [{"role": "user", "content": PROMPT}], **greedy}
+    served = {}
+    for path, body in (
+        ("/v1/chat/completions", chat),
+        ("/v1/completions", {"prompt": PROMPT, **greedy}),
+        ("/", {"inputs": PROMPT, "parameters": {"max_new_tokens": 4}}),
+    ):
+        status, _, text = await post(server.url, "/invocations", body)
+        direct = await post(server.url, path, body)
+        assert status == direct[0] == 200
+        served[path] = json.loads(text)
+        assert _without_ids(served[path]) == _without_ids(json.loads(direct[2])), path
+    assert served["/v1/chat/completions"]["object"] == "chat.completion"
+    assert served["/v1/completions"]["object"] == "text_completion"
+    assert set(served["/"][0]) == {"generated_text"}
+    streamed = {"inputs": PROMPT, "parameters": {"max_new_tokens": 4}, "stream": True}
+    status, content_type, text = await post(server.url, "/invocations", streamed)
+    assert status == 200 and content_type.startswith("text/event-stream") and '"generated_text"' in text
+    status, _, text = await post(server.url, "/invocations", {"input": PROMPT})
+    assert status == 400 and "messages (chat), prompt (completions) or inputs (TGI)" in json.loads(text)["error"]
+
+
+def _prompt_tokens(answer):
+    return answer["usage"]["prompt_tokens"]
+
+
+def _without_ids(answer):
+    """An answer without what differs between two requests of the same text: ids and creation times."""
+    if isinstance(answer, list):
+        return answer
+    return {key: value for key, value in answer.items() if key not in ("id", "created")}
+
+
 @pytest.mark.parametrize(
     "parameters, status, needle",
     [

@@ -69,3 +69,9 @@ async def test_docs_page_lists_every_route_and_loads_nothing(client):
         assert f"<code>{method} {path}</code>" in page
     assert "temperature" in page and "max_new_tokens" in page
     assert not re.search(r"""(src|href)=["']?https?:""", page), "the docs page must not load anything from outside"
+
+
+async def test_version_is_the_specs(client):
+    """vLLM's /version: the version the spec's info carries."""
+    response = await client.get("/version")
+    assert response.status == 200 and await response.json() == {"version": "1.2.3"}

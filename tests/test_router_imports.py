@@ -31,6 +31,7 @@ FRONTS = frozenset(
         "mixserve.router.api_openai",
         "mixserve.router.api_predict",
         "mixserve.router.api_responses",
+        "mixserve.router.api_sagemaker",
         "mixserve.router.api_tgi",
         "mixserve.router.api_tokenize",
         "mixserve.router.cors",

@@ -178,3 +178,12 @@ async def test_http_refuses_any_other_key(app_client):
     for authorization in ("Bearer", f"Bearer {API_KEY.upper()}", f"Bearer\t{API_KEY}", "Bearer \u00e9"):
         response = await app_client.get("/info", headers={"Authorization": authorization})
         assert response.status == 401 and (await response.json())["error_type"] == "authentication"
+
+
+async def test_only_the_probes_answer_without_the_key(app_client):
+    """/health and SageMaker's /ping answer without a key (503 here: the group has no shard); nothing else does."""
+    for path in ("/health", "/ping"):
+        response = await app_client.get(path)
+        assert response.status == 503 and (await response.json())["status"] == "unavailable"
+    for method, path in (("GET", "/version"), ("GET", "/info"), ("GET", "/metrics"), ("POST", "/invocations")):
+        assert (await app_client.request(method, path, json={"inputs": "x"})).status == 401, path
