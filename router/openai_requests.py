@@ -68,6 +68,7 @@ class OpenAIRequest:
     prompt_logprobs: int | None = None  # vLLM's: the prompt tokens' logprobs, with this many alternatives
     tools: ToolPlan | None = None  # chat: the tools offered and how the model must call them
     return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:N"
+    return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids beside the text
     request_id: str | None = None  # vLLM's: the response's id (after its prefix) instead of a random one
 
 

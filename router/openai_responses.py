@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from mixserve.router.engine_api import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, EngineAPI, GenerationHandle, TokenEvent
 from mixserve.router.openai_logprobs import CompletionLogprobs, chat_logprobs, token_namer, vllm_prompt_logprobs
+from mixserve.router.openai_token_ids import TokenIds, completion_token_ids
 from mixserve.router.prediction import completion_details
 from mixserve.router.tools import ToolCall, ToolPlan, may_be_calls, parse_calls
 
@@ -32,6 +33,7 @@ class Reporting(Protocol):
     prompt_logprobs: int | None  # vLLM's: the prompt tokens' logprobs with this many alternatives each
     tools: ToolPlan | None  # chat: the tools offered (their calls are parsed out of the output)
     return_tokens_as_token_ids: bool  # vLLM's: logprobs name tokens "token_id:N"
+    return_token_ids: bool  # vLLM's: the prompt's and each choice's token ids beside the text
 
 
 @dataclass(slots=True)
@@ -136,10 +138,12 @@ async def chat_completion(engine: EngineAPI, request: Reporting, choices: Choice
     """The non-streaming `chat.completion` object."""
     name = token_namer(engine.tokenizer, request.return_tokens_as_token_ids)
     texts = [[] for _ in choices.generations]
+    ids: list[list[int]] = [[] for _ in choices.generations]
     logprobs: list[list[dict]] = [[] for _ in choices.generations]
     async with aclosing(interleave(choices.generations)) as events:
         async for i, event in events:
             texts[i].append(event.text)
+            ids[i].append(event.token_id)
             if request.logprobs is not None:
                 logprobs[i].append(chat_logprobs(name, event, request.logprobs))
     answers = []
@@ -147,7 +151,11 @@ async def chat_completion(engine: EngineAPI, request: Reporting, choices: Choice
         message, finish = _chat_message(request.tools, "".join(texts[i]), FINISH_REASONS[generation.finish_reason])
         logprob = None if request.logprobs is None else {"content": logprobs[i]}
         answers.append({"index": i, "message": message, "logprobs": logprob, "finish_reason": finish})
+        if request.return_token_ids:
+            answers[-1]["token_ids"] = ids[i]
     answer = {**_header(choices, "chat.completion", model, "chatcmpl"), "choices": answers, "usage": choices.usage()}
+    if request.return_token_ids:  # one prompt for every choice
+        answer["prompt_token_ids"] = list(choices.generations[0].prompt_ids)
     if request.prompt_logprobs is not None:  # vLLM's: one prompt for every choice
         first = choices.generations[0]
         answer["prompt_logprobs"] = vllm_prompt_logprobs(engine.tokenizer, first, request.prompt_logprobs)
@@ -205,6 +213,7 @@ async def chat_chunks(
     name = token_namer(engine.tokenizer, request.return_tokens_as_token_ids)
     usage = ChunkUsage(request, choices)
     held = [HeldText(request.tools) for _ in choices.generations]
+    ids = TokenIds(request.return_token_ids, choices.generations)
     started: set[int] = set()
     async with aclosing(interleave(choices.generations)) as events:
         async for i, event in events:
@@ -212,8 +221,9 @@ async def chat_chunks(
                 started.add(i)
                 delta = {"role": "assistant", "content": ""}
                 role = {"index": i, "delta": delta, "logprobs": None, "finish_reason": None}
-                yield {**header, "choices": [role], **usage()}
+                yield {**header, "choices": [role], **usage(), **ids.prompt(i)}
             usage.streamed += 1  # one event a token
+            ids.add(i, event.token_id)
             finish = FINISH_REASONS.get(event.finish_reason)
             text = held[i].add(event.text)
             if finish is not None:
@@ -230,6 +240,7 @@ async def chat_chunks(
                 if request.logprobs is None
                 else {"content": [chat_logprobs(name, event, request.logprobs)]},
                 "finish_reason": finish,
+                **ids.take(i),
             }
             yield {**header, "choices": [choice], **usage()}
     if request.include_usage:
@@ -241,6 +252,7 @@ async def completion(engine: EngineAPI, request: Reporting, choices: Choices, mo
     """The non-streaming `text_completion` object."""
     name = token_namer(engine.tokenizer, request.return_tokens_as_token_ids)
     texts = [[] for _ in choices.generations]
+    ids: list[list[int]] = [[] for _ in choices.generations]
     logprobs = [CompletionLogprobs() for _ in choices.generations]
     offsets = [0] * len(choices.generations)
     if request.echo:
@@ -252,6 +264,7 @@ async def completion(engine: EngineAPI, request: Reporting, choices: Choices, mo
             if request.logprobs is not None:
                 logprobs[i].add(name, event, offsets[i], request.logprobs)
             texts[i].append(event.text)
+            ids[i].append(event.token_id)
             offsets[i] += len(event.text)
     if request.echo:
         # The prompt's logprobs are complete once its first token came.
@@ -275,6 +288,7 @@ async def completion(engine: EngineAPI, request: Reporting, choices: Choices, mo
                     if request.prompt_logprobs is None
                     else {"prompt_logprobs": vllm_prompt_logprobs(engine.tokenizer, g, request.prompt_logprobs)}
                 ),
+                **(completion_token_ids(g, ids[i], request.echo) if request.return_token_ids else {}),
             }
             for i, g in enumerate(choices.generations)
         ],
@@ -292,9 +306,11 @@ async def completion_chunks(
     usage = ChunkUsage(request, choices)
     offsets = [0] * len(choices.generations)
     to_echo = set(range(len(choices.generations))) if request.echo else set()
+    ids = TokenIds(request.return_token_ids, choices.generations)
     async with aclosing(interleave(choices.generations)) as events:
         async for i, event in events:
             usage.streamed += 1  # one event a token
+            ids.add(i, event.token_id)
             finish = FINISH_REASONS.get(event.finish_reason)
             if not event.text and finish is None and request.logprobs is None and i not in to_echo:
                 continue
@@ -305,6 +321,7 @@ async def completion_chunks(
                 prompt = choices.prompts[i]
                 text = prompt + text
                 offsets[i] = len(prompt)
+                ids.echo(i)
                 if request.logprobs is not None:
                     one.add_prompt(engine.tokenizer, name, prompt, choices.generations[i], request.logprobs)
             logprobs = None
@@ -313,6 +330,7 @@ async def completion_chunks(
                 logprobs = one.as_dict()
             offsets[i] += len(event.text)
             choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            choice.update(ids.prompt(i), **ids.take(i))
             yield {**header, "choices": [choice], **usage()}
     if request.include_usage:
         yield {**header, "choices": [], "usage": choices.usage()}

@@ -68,7 +68,8 @@ def refuse_unsupported(body: dict[str, Any]) -> None:
 
 def output_fields(body: dict[str, Any]) -> dict[str, Any]:
     """vLLM's output fields, as OpenAIRequest keywords: return_tokens_as_token_ids (logprobs name each token
-    "token_id:N", its id, where its text may not say which token it was) and request_id (the response's id)."""
+    "token_id:N", its id, where its text may not say which token it was), return_token_ids (the prompt's and
+    each choice's token ids beside the text) and request_id (the response's id)."""
     request_id = body.get("request_id")
     if request_id is not None and not (isinstance(request_id, str) and 0 < len(request_id) <= MAX_REQUEST_ID):
         raise ValidationError(f"request_id must be a string of 1 to {MAX_REQUEST_ID} characters")
@@ -76,6 +77,7 @@ def output_fields(body: dict[str, Any]) -> dict[str, Any]:
         "return_tokens_as_token_ids": as_bool(
             "return_tokens_as_token_ids", body.get("return_tokens_as_token_ids"), default=False
         ),
+        "return_token_ids": as_bool("return_token_ids", body.get("return_token_ids"), default=False),
         "request_id": request_id,
     }
 

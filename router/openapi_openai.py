@@ -61,6 +61,12 @@ OPENAI_SAMPLING: dict[str, Schema] = {
     "return_tokens_as_token_ids": typed(
         "boolean", 'vLLM extension: logprobs name each token "token_id:N"', default=False
     ),
+    "return_token_ids": typed(
+        "boolean",
+        "vLLM extension: the prompt's token ids and each choice's beside the text (streamed: the prompt's in a "
+        "choice's first chunk, and each chunk the ids of its tokens since the last)",
+        default=False,
+    ),
     "cache_salt": typed(
         "string", "vLLM extension: share cached prompt blocks only with requests of the same salt", minLength=1
     ),
@@ -139,6 +145,9 @@ USAGE = obj(
     }
 )
 FINISH = typed("string", "`stop` (EOS or a stop sequence) or `length`", enum=["stop", "length"])
+# vLLM's return_token_ids: present only when the request asked.
+TOKEN_IDS = array({"type": "integer"}, "with return_token_ids: the choice's token ids (streamed: since its last chunk)")
+PROMPT_TOKEN_IDS = array({"type": "integer"}, "with return_token_ids: the prompt's token ids (streamed: first chunk)")
 CHAT_FINISH = typed(
     "string", "`stop`, `length`, or `tool_calls` (the message calls tools)", enum=["stop", "length", "tool_calls"]
 )
@@ -254,10 +263,12 @@ OPENAI_SCHEMAS: dict[str, Schema] = {
                         ),
                         "logprobs": nullable(obj({"content": array(ref("TokenLogprob"))})),
                         "finish_reason": CHAT_FINISH,
+                        "token_ids": TOKEN_IDS,
                     }
                 )
             ),
             "usage": USAGE,
+            "prompt_token_ids": PROMPT_TOKEN_IDS,
         }
     ),
     "ChatCompletionChunk": obj(
@@ -279,11 +290,13 @@ OPENAI_SCHEMAS: dict[str, Schema] = {
                         ),
                         "logprobs": nullable(obj({"content": array(ref("TokenLogprob"))})),
                         "finish_reason": nullable(CHAT_FINISH),
+                        "token_ids": TOKEN_IDS,
                     }
                 ),
                 "one choice per chunk; empty on the usage chunk",
             ),
             "usage": nullable(USAGE),
+            "prompt_token_ids": PROMPT_TOKEN_IDS,
         }
     ),
     "TokenLogprob": obj(
@@ -343,6 +356,8 @@ OPENAI_SCHEMAS: dict[str, Schema] = {
                             )
                         ),
                         "finish_reason": nullable(FINISH),
+                        "token_ids": TOKEN_IDS,
+                        "prompt_token_ids": PROMPT_TOKEN_IDS,
                     }
                 )
             ),

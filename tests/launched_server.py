@@ -10,6 +10,7 @@ import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import aiohttp
 from process_table import ShardProcess, shard_processes
 
 from child_processes import PYTHON, free_port, subprocess_env
@@ -48,6 +49,13 @@ def get_text(url: str) -> str:
     """GET `url` (a test server's /metrics) and its body."""
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.read().decode()
+
+
+async def post_text(url: str, path: str, body: dict) -> tuple[int, str, str]:
+    """POST `body` as JSON to a test server's `path`: the status, the content type and the body's text."""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{url}{path}", json=body) as response:
+            return response.status, response.headers.get("Content-Type", ""), await response.text()
 
 
 def metric(text: str, name: str) -> float:

@@ -11,6 +11,7 @@ from text_generation import AsyncClient, Client
 from text_generation.errors import ValidationError
 from transformers import AutoTokenizer
 
+from launched_server import post_text as post
 from mixserve.router import api_openai
 from mixserve.router.errors import ShardUnavailable, error_body
 from mixserve.router.http_common import stream_sse
@@ -41,12 +42,6 @@ async def predict(url: str, prompt: str, max_tokens: int) -> str:
         async with session.post(f"{url}/predict", json=body) as response:
             assert response.status == 200, await response.text()
             return (await response.json())["output"]
-
-
-async def post(url: str, path: str, body: dict) -> tuple[int, str, str]:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{url}{path}", json=body) as response:
-            return response.status, response.headers.get("Content-Type", ""), await response.text()
 
 
 @pytest.mark.slow

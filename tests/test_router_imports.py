@@ -43,6 +43,7 @@ FRONTS = frozenset(
         "mixserve.router.openai_logprobs",
         "mixserve.router.openai_requests",
         "mixserve.router.openai_responses",
+        "mixserve.router.openai_token_ids",
         "mixserve.router.openai_vllm",
         "mixserve.router.openapi",
         "mixserve.router.openapi_builders",
