@@ -9,7 +9,6 @@ allows every origin (the header is then `*`, and a browser sends no cookies, whi
 """
 
 from collections.abc import Iterable
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -22,18 +21,6 @@ ALLOW_METHODS = "GET, POST, OPTIONS"
 EXPOSE_HEADERS = "Retry-After"
 # How long a browser may reuse a preflight's answer.
 MAX_AGE_S = 600
-
-
-def check_origin(value: str) -> str:
-    """`value` as --cors-allow-origin takes it: `*`, or an origin as browsers send it (`scheme://host[:port]`,
-    no path, no trailing slash). Raises ValueError otherwise."""
-    if value == ANY_ORIGIN:
-        return value
-    parts = urlsplit(value)
-    if not parts.scheme or not parts.netloc or parts.path or parts.query or parts.fragment or "@" in parts.netloc:
-        hint = f" (without the trailing slash: {value.rstrip('/')!r})" if parts.path == "/" else ""
-        raise ValueError(f"{value!r} is not an origin: scheme://host[:port], as browsers send it{hint}")
-    return value
 
 
 def allows(origins: Iterable[str], origin: str) -> bool:
@@ -66,13 +53,13 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
     """on_response_prepare: let an allowed origin's page read this answer."""
     origins = request.app[CONFIG].cors_allow_origins
     origin = request.headers.get("Origin")
-    if not origins or origin is None or not allows(origins, origin):
+    if not origins or origin is None:
         return
-    if ANY_ORIGIN in origins:
-        response.headers["Access-Control-Allow-Origin"] = ANY_ORIGIN
-    else:
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers.add("Vary", "Origin")  # the answer differs by origin: caches must key on it
+    if ANY_ORIGIN not in origins:
+        response.headers.add("Vary", "Origin")  # allowed or not, the answer differs by origin: caches key on it
+    if not allows(origins, origin):
+        return
+    response.headers["Access-Control-Allow-Origin"] = ANY_ORIGIN if ANY_ORIGIN in origins else origin
     response.headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
 
 

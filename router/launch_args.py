@@ -6,9 +6,9 @@ Parsing only: router/launcher.py reads the parsed flags and starts the shards an
 import argparse
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from mixserve.router.chat_template import ChatTemplate, read_chat_template
-from mixserve.router.cors import check_origin
 from mixserve.router.engine_api import SCHEDULING_POLICIES
 from mixserve.router.params import MAX_BEST_OF, MAX_CHOICES, MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS
 from mixserve.router.speculation import MAX_BATCH
@@ -52,11 +52,16 @@ def _chat_template(value: str) -> ChatTemplate:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _origin(value: str) -> str:
-    try:
-        return check_origin(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+def check_origin(value: str) -> str:
+    """`value` as --cors-allow-origin takes it (router/cors.py): `*`, or an origin as browsers send it
+    (`scheme://host[:port]`, no path, no trailing slash). Raises ArgumentTypeError otherwise."""
+    if value == "*":
+        return value
+    parts = urlsplit(value)
+    if not parts.scheme or not parts.netloc or parts.path or parts.query or parts.fragment or "@" in parts.netloc:
+        hint = f" (without the trailing slash: {value.rstrip('/')!r})" if parts.path == "/" else ""
+        raise argparse.ArgumentTypeError(f"{value!r} is not an origin: scheme://host[:port], as browsers send it{hint}")
+    return value
 
 
 def _stream_interval_ms(value: str) -> float:
@@ -268,7 +273,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=env.get("MIXSERVE_API_KEY"), help="default: $MIXSERVE_API_KEY")
     parser.add_argument(
         "--cors-allow-origin",
-        type=_origin,
+        type=check_origin,
         nargs="+",
         action="extend",
         default=[],

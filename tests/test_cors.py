@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from app_without_shards import client_without_shards
 from mixserve.router import launch_args
-from mixserve.router.cors import check_origin
+from mixserve.router.launch_args import check_origin
 from mixserve.router.server import ServerConfig
 
 KEY = "cors-test-key"
@@ -25,10 +25,10 @@ def tokenizer(demo_dir):
 def test_origins_are_taken_as_browsers_send_them():
     for origin in ("*", APP, "http://localhost:5173", "http://127.0.0.1:8080", "tauri://localhost"):
         assert check_origin(origin) == origin
-    with pytest.raises(ValueError, match="without the trailing slash: 'https://app.example'"):
+    with pytest.raises(argparse.ArgumentTypeError, match="without the trailing slash: 'https://app.example'"):
         check_origin(APP + "/")
     for value in ("app.example", "https://app.example/chat", "https://user@app.example", "https://a.example?x=1", ""):
-        with pytest.raises(ValueError, match="is not an origin"):
+        with pytest.raises(argparse.ArgumentTypeError, match="is not an origin"):
             check_origin(value)
 
 
@@ -73,10 +73,12 @@ async def test_an_allowed_origin_is_answered_and_others_are_not(tokenizer, tmp_p
         )
         assert response.status == 401 and response.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
 
-        # Another origin, or none (a server-side client): no header, and the answer as before.
-        for headers in ({"Origin": "https://other.example"}, {}):
+        # Another origin, or none (a server-side client): no header, and the answer as before; a cache keys
+        # on the origin either way where there was one.
+        for headers, vary in (({"Origin": "https://other.example"}, "Origin"), ({}, None)):
             response = await client.get("/info", headers={**headers, "Authorization": f"Bearer {KEY}"})
             assert response.status == 200 and "Access-Control-Allow-Origin" not in response.headers
+            assert response.headers.get("Vary") == vary
         # OPTIONS that is no preflight goes the way of any request: the key first.
         assert (await client.options("/v1/chat/completions", headers={"Origin": APP})).status == 401
 
