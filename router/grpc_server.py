@@ -21,6 +21,7 @@ from mixserve.router.errors import RouterError, Unauthorized, ValidationError
 from mixserve.router.fields import as_messages, as_prompt, json_value
 from mixserve.router.front_config import ServerConfig, api_key_matches
 from mixserve.router.params import DEFAULT_LIMITS, GenerationParams, GenerationRequest, RequestLimits
+from mixserve.router.server_tls import ServerTLS
 from mixserve.router.structured import (
     GrammarSpec,
     choice_spec,
@@ -290,7 +291,9 @@ class GrpcFront:
     schema is the public proto/generate.proto.
     """
 
-    def __init__(self, engine: EngineAPI, config: ServerConfig, host: str, port: int) -> None:
+    def __init__(
+        self, engine: EngineAPI, config: ServerConfig, host: str, port: int, tls: ServerTLS | None = None
+    ) -> None:
         # SO_REUSEPORT off: a second server on a busy port must fail to bind, not share it.
         options = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", config.max_body_bytes)]
         self.server = grpc.aio.server(options=options)
@@ -299,7 +302,10 @@ class GrpcFront:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.server.add_insecure_port(self.address)
+        if tls is None:
+            self.server.add_insecure_port(self.address)
+        else:
+            self.server.add_secure_port(self.address, tls.grpc_credentials())
 
     async def start(self) -> None:
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

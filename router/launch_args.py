@@ -272,6 +272,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--api-key", default=env.get("MIXSERVE_API_KEY"), help="default: $MIXSERVE_API_KEY")
     parser.add_argument(
+        "--ssl-certfile",
+        type=Path,
+        default=None,
+        help="PEM certificate chain: serve HTTP (and --grpc-port) over TLS, with --ssl-keyfile (default: plain text)",
+    )
+    parser.add_argument("--ssl-keyfile", type=Path, default=None, help="the certificate's PEM private key, unencrypted")
+    parser.add_argument(
         "--cors-allow-origin",
         type=check_origin,
         nargs="+",

@@ -24,6 +24,7 @@ from mixserve.router.recovery import START_ERRORS, supervise_groups
 from mixserve.router.replicas import build_replicas
 from mixserve.router.scheduler import SchedulerConfig
 from mixserve.router.server import ServerConfig, build_app
+from mixserve.router.server_tls import ServerTLS
 from mixserve.router.shard_processes import ShardSupervisor, prefill_tokens_per_step
 from mixserve.router.shard_standby import HostCheck
 from mixserve_pb import shard_pb2
@@ -75,10 +76,11 @@ async def serve(
     socket_root: Path,
     stop: asyncio.Event,
     check: HostCheck | None = None,
+    tls: ServerTLS | None = None,
 ) -> int:
     """Start (or reach) every shard group, the ones started beside the host `check` taken as they are,
-    and serve until `stop` is set (SIGINT, SIGTERM); `socket_root`: the private directory of the shards'
-    sockets."""
+    and serve (over `tls` where given) until `stop` is set (SIGINT, SIGTERM); `socket_root`: the private
+    directory of the shards' sockets."""
     if args.log_prompts:
         # Off by default where its module sets it (router/output_processor.py, imported above).
         logging.getLogger("mixserve.prompts").setLevel(logging.INFO)
@@ -93,7 +95,7 @@ async def serve(
         for i, (a, d) in enumerate(zip(group_addresses, devices, strict=True))
     ]
     try:
-        return await _serve_with_shards(args, model_dir, loading, groups, stop)
+        return await _serve_with_shards(args, model_dir, loading, groups, stop, tls)
     finally:
         await asyncio.gather(*(shards.stop() for shards in groups))
 
@@ -147,7 +149,9 @@ def load_tokenizer(model_dir: str, chat_template: ChatTemplate | None = None):
     return tokenizer
 
 
-async def _serve_with_shards(args, model_dir, loading: asyncio.Future, groups: list[ShardSupervisor], stop) -> int:
+async def _serve_with_shards(
+    args, model_dir, loading: asyncio.Future, groups: list[ShardSupervisor], stop, tls: ServerTLS | None
+) -> int:
     """Serve once the groups are warm and the tokenizer (`loading`) is in; 0 when stopped during start-up,
     1 where a group or the tokenizer failed to start, else what the supervision returns."""
     try:
@@ -247,14 +251,17 @@ async def _serve_with_shards(args, model_dir, loading: asyncio.Future, groups: l
         lingering_time=min(args.read_timeout, 10.0),
     )
     await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port)
+    site = web.TCPSite(runner, args.host, args.port, ssl_context=None if tls is None else tls.context)
     # gRPC first: once HTTP /health answers, every front is up.
-    grpc_front = GrpcFront(engine, config, args.host, args.grpc_port) if args.grpc_port else None
+    grpc_front = GrpcFront(engine, config, args.host, args.grpc_port, tls) if args.grpc_port else None
     if grpc_front is not None:
         await grpc_front.start()
     await site.start()
     engine.start()
-    log.info("event=serving address=http://%s:%d model=%s weights=%s", args.host, args.port, model_dir, config.weights)
+    scheme = "http" if tls is None else "https"
+    log.info(
+        "event=serving address=%s://%s:%d model=%s weights=%s", scheme, args.host, args.port, model_dir, config.weights
+    )
 
     if await supervise_groups(engine, groups, grpc_front, stop, args.max_restarts):
         log.info("event=stopping graceful_timeout_s=%.0f in_flight=%d", args.graceful_timeout, len(engine.live))

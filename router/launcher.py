@@ -26,6 +26,7 @@ from pathlib import Path
 
 from mixserve.router.host_check import HostCheckFailed, check_model_dir
 from mixserve.router.launch_args import add_arguments as add_arguments  # the subcommand's flags (cli.py)
+from mixserve.router.server_tls import ServerTLS, server_tls
 from mixserve.router.shard_standby import HostCheck
 from mixserve.router.stopping import unless_stopped
 
@@ -63,15 +64,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_speculation(args)
         group_addresses = shard_group_addresses(args)
+        tls = server_tls(args.ssl_certfile, args.ssl_keyfile)
     except ValueError as e:
         log.error("event=startup_failed error=%s", e)
         return 1
-    return asyncio.run(check_and_serve(args, group_addresses))
+    return asyncio.run(check_and_serve(args, group_addresses, tls))
 
 
-async def check_and_serve(args: argparse.Namespace, group_addresses: list[str | None]) -> int:
-    """Check the flags against the host (router/shard_standby.py), then serve; 2 where the check refuses,
-    0 where SIGINT or SIGTERM came first."""
+async def check_and_serve(args: argparse.Namespace, group_addresses: list[str | None], tls: ServerTLS | None) -> int:
+    """Check the flags against the host (router/shard_standby.py), then serve (over `tls` where given); 2 where
+    the check refuses, 0 where SIGINT or SIGTERM came first."""
     # Handled from the first moment: a stop during start-up must stop the shards started so far.
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -114,4 +116,4 @@ async def check_and_serve(args: argparse.Namespace, group_addresses: list[str | 
                 await check.dismiss()
             log.error("event=startup_refused error=%s", e)
             return 2
-        return await serve(args, group_addresses, plan, socket_root, stop, check)
+        return await serve(args, group_addresses, plan, socket_root, stop, check, tls)

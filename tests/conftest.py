@@ -98,6 +98,23 @@ def demo_tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(out_dir)
 
 
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1 and localhost, and its key (PEM files): the TCP shards' TLS
+    (tests/test_tcp_shards.py) and the router's (tests/test_server_tls.py)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    out = tmp_path_factory.mktemp("tls")
+    cert, key = out / "cert.pem", out / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
     """Start `mixserve launch` with extra flags; every server started is stopped when its test module ends.

@@ -3,6 +3,7 @@
 import asyncio
 import json
 import signal
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -81,7 +82,10 @@ class LaunchedServer:
         if "--max-kv-blocks" not in args:
             args = ["--max-kv-blocks", "4096", *args]
         self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        # Over TLS (--ssl-certfile, a self-signed certificate in the tests): https, trusting that certificate.
+        certfile = args[args.index("--ssl-certfile") + 1] if "--ssl-certfile" in args else None
+        self.ssl_context = None if certfile is None else ssl.create_default_context(cafile=certfile)
+        self.url = f"{'http' if certfile is None else 'https'}://127.0.0.1:{port}"
         self.log_path = log_path
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
@@ -114,7 +118,7 @@ class LaunchedServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"mixserve launch exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5, context=self.ssl_context) as r:
                     if r.status == 200:
                         return
             except OSError:

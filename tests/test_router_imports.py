@@ -55,6 +55,7 @@ FRONTS = frozenset(
         "mixserve.router.openapi_tgi",
         "mixserve.router.openapi_tokenize",
         "mixserve.router.server",
+        "mixserve.router.server_tls",
     }
 )
 # What a front may import of the router besides other fronts: the engine interface, the validation

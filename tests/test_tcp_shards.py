@@ -8,7 +8,6 @@ group (here with expert parallelism, which must not change the text either), and
 must be refused.
 """
 
-import shutil
 import socket
 import subprocess
 
@@ -42,22 +41,6 @@ def free_port_pair() -> int:
                 continue
         return port
     raise RuntimeError("no two adjacent free ports")
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory):
-    """A self-signed certificate for 127.0.0.1 and localhost, and its key."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is needed to make a test certificate")
-    out = tmp_path_factory.mktemp("tls")
-    cert, key = out / "cert.pem", out / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost"]
-        + ["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 def start_tcp_shards(demo_dir, tls, port: int, logs) -> list[subprocess.Popen]:
