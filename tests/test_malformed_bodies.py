@@ -67,6 +67,12 @@ BASES = {
     "/predict": [{"prompt": "The ", "max_tokens": 4}, {"messages": MESSAGES, "stream": False, "temperature": 0}],
     "/tokenize": [{"prompt": "hello"}, {"messages": MESSAGES, "return_token_strs": True}],
     "/detokenize": [{"tokens": [1, 2, 3]}],
+    "/chat_tokenize": [{"messages": MESSAGES, "tools": TOOLS}],
+    "/invocations": [
+        {"messages": MESSAGES, "max_tokens": 4},
+        {"prompt": "The ", "max_tokens": 4},
+        {"inputs": "The ", "parameters": {"max_new_tokens": 4}, "stream": True},
+    ],
 }
 DEEP: list = []
 for _ in range(300):
