@@ -1,9 +1,8 @@
 """OpenAI's Responses API: `POST /v1/responses`, streamed and not, text and function calls.
 
-A Responses body is read as the chat completion it amounts to (router/openai_requests.py's parser, tools and
-grammar): `input` (a string, or a list of message, `function_call` and `function_call_output` items) and
-`instructions` become the messages, `max_output_tokens` the token limit, `tools` (the flat function form)
-the chat form. The answer is a `response` object whose `output` holds one `message` item with the text,
+A Responses body is read as the chat completion it amounts to (router/responses_body.py, then
+router/openai_requests.py's parser, tools and grammar): its input items become the messages, `text.format`
+the output's JSON schema. The answer is a `response` object whose `output` holds one `message` item with the text,
 or one `function_call` item per call. Streams send OpenAI's typed events as SSE `data:` lines:
 `response.created`, `response.in_progress`, per item `response.output_item.added` and `.done`, for text
 `response.content_part.added`, `response.output_text.delta`, `response.output_text.done` and
@@ -21,81 +20,13 @@ from aiohttp import web
 
 from mixserve.router.api_openai import check_model, submit
 from mixserve.router.engine_api import EngineAPI
-from mixserve.router.errors import BadRequest, RouterError, ValidationError, json_type_name
-from mixserve.router.fields import as_text_parts
+from mixserve.router.errors import RouterError
 from mixserve.router.http_common import CONFIG, ENGINE, read_json, stream_sse
 from mixserve.router.openai_errors import error_body, openai_errors
 from mixserve.router.openai_requests import parse_chat_request, prepare_tools
 from mixserve.router.openai_responses import FINISH_REASONS, Choices, HeldText, interleave, tool_calls_in
+from mixserve.router.responses_body import chat_body, text_format
 from mixserve.router.tools import ToolCall
-
-TEXT_PARTS = ("input_text", "output_text", "text")
-
-
-def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """The chat messages of `instructions` and `input`."""
-    messages: list[dict[str, Any]] = []
-    instructions = body.get("instructions")
-    if instructions is not None:
-        messages.append({"role": "system", "content": as_text_parts("instructions", instructions, TEXT_PARTS)})
-    items = body.get("input")
-    if isinstance(items, str):
-        return [*messages, {"role": "user", "content": items}]
-    if not isinstance(items, list) or not items:
-        raise BadRequest("input is required: a string or a non-empty array of input items")
-    for i, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise BadRequest(f"input[{i}] must be an object, got {json_type_name(item)}")
-        kind = item.get("type", "message")
-        if kind == "message":
-            role = "system" if item.get("role") == "developer" else item.get("role")
-            content = as_text_parts(f"input[{i}].content", item.get("content"), TEXT_PARTS)
-            messages.append({"role": role, "content": content})
-        elif kind == "function_call":
-            call = {"id": item.get("call_id"), "type": "function", "function": {"name": item.get("name")}}
-            call["function"]["arguments"] = item.get("arguments")
-            if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_calls"):
-                messages[-1]["tool_calls"].append(call)
-            else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-        elif kind == "function_call_output":
-            output = item.get("output")
-            content = as_text_parts(f"input[{i}].output", output, TEXT_PARTS)
-            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": content})
-        else:
-            raise ValidationError(
-                f"input[{i}].type {kind!r} is not supported (message, function_call, function_call_output)"
-            )
-    return messages
-
-
-def _tools(value: object) -> object:
-    """The Responses API's flat function tools in the chat form (anything else left for the chat parser)."""
-    if not isinstance(value, list):
-        return value
-    tools = []
-    for i, tool in enumerate(value):
-        if isinstance(tool, dict) and tool.get("type") not in (None, "function"):
-            raise ValidationError(f"tools[{i}].type {tool.get('type')!r} is not supported: only function tools")
-        if isinstance(tool, dict) and "function" not in tool:
-            function = {k: tool[k] for k in ("name", "description", "parameters") if k in tool}
-            tool = {"type": "function", "function": function}
-        tools.append(tool)
-    return tools
-
-
-def chat_body(body: dict[str, Any]) -> dict[str, Any]:
-    """The chat completions body a Responses body amounts to."""
-    if body.get("previous_response_id") is not None:
-        raise ValidationError("previous_response_id is not supported: responses are not stored; send the input")
-    keep = ("model", "temperature", "top_p", "tool_choice", "parallel_tool_calls", "stream", "seed", "priority")
-    chat = {k: body[k] for k in keep if k in body}
-    return {
-        **chat,
-        "messages": _messages(body),
-        "max_tokens": body.get("max_output_tokens"),
-        "tools": _tools(body.get("tools")),
-    }
 
 
 class ResponseBuilder:
@@ -126,7 +57,7 @@ class ResponseBuilder:
             "top_p": self.body.get("top_p"),
             "tool_choice": self.body.get("tool_choice", "auto"),
             "tools": self.body.get("tools") or [],
-            "text": {"format": {"type": "text"}},
+            "text": {"format": text_format(self.body)},
             "usage": {
                 "input_tokens": usage["prompt_tokens"],
                 "input_tokens_details": {"cached_tokens": 0},

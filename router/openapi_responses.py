@@ -10,7 +10,10 @@ RESPONSES_SCHEMAS: dict[str, Schema] = {
         {
             "input": {
                 "oneOf": [
-                    typed("string", "the user's text", minLength=1),
+                    typed(
+                        "string",
+                        "the user's text (may be empty: the instructions and the template still make a prompt)",
+                    ),
                     array(
                         {
                             "type": "object",
@@ -46,6 +49,27 @@ RESPONSES_SCHEMAS: dict[str, Schema] = {
                 ]
             },
             "parallel_tool_calls": typed("boolean", "allow several calls in one answer", default=True),
+            "text": obj(
+                {
+                    "format": {
+                        "oneOf": [
+                            obj({"type": {"const": "text"}}, ("type",)),
+                            obj({"type": {"const": "json_object"}}, ("type",)),
+                            obj(
+                                {
+                                    "type": {"const": "json_schema"},
+                                    "name": {"type": "string"},
+                                    "schema": {"type": "object"},
+                                    "strict": {"type": "boolean"},
+                                    "description": {"type": "string"},
+                                },
+                                ("type", "schema"),
+                            ),
+                        ],
+                        "description": "the output's form: text, any JSON object, or JSON under a schema",
+                    }
+                }
+            ),
         },
         ("input",),
     ),

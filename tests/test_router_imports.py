@@ -54,6 +54,7 @@ FRONTS = frozenset(
         "mixserve.router.openapi_schemas",
         "mixserve.router.openapi_tgi",
         "mixserve.router.openapi_tokenize",
+        "mixserve.router.responses_body",
         "mixserve.router.server",
         "mixserve.router.server_tls",
     }

@@ -9,6 +9,7 @@ import re
 import grpc
 import jsonschema
 import openai
+import pydantic
 import pytest
 import requests
 import text_generation
@@ -160,6 +161,40 @@ def test_json_object(two_shards):
         assert choice.message.content.startswith("{")
         if choice.finish_reason == "stop":
             assert isinstance(json.loads(choice.message.content), dict)
+
+
+class Address(pydantic.BaseModel):
+    """SCHEMAS["nested"]'s address as a client's model: what the SDK's responses.parse sends as text.format."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    city: str = pydantic.Field(max_length=5)
+    zip: int = pydantic.Field(ge=0, le=99999)
+
+
+def test_responses_text_format(two_shards):
+    """The Responses API's text.format: the SDK's responses.parse (a JSON schema from a pydantic model) gets
+    an object of that model; streamed under the same schema, the text is the whole answer's; json_object is
+    an object; other formats and unserved fields are 422s naming them."""
+    client = openai_client(two_shards)
+    kwargs = dict(model="mixtral-demo", input="An address as JSON.", max_output_tokens=MAX_TOKENS, temperature=0)
+    parsed = client.responses.parse(text_format=Address, **kwargs)
+    assert parsed.status == "completed" and isinstance(parsed.output_parsed, Address)
+    assert parsed.text.format.type == "json_schema" and parsed.text.format.name == "Address"
+    form = {"type": "json_schema", "name": "nested", "schema": SCHEMAS["nested"], "strict": True}
+    whole = client.responses.create(text={"format": form}, **kwargs)
+    jsonschema.validate(json.loads(whole.output_text), SCHEMAS["nested"])
+    events = list(client.responses.create(text={"format": form}, stream=True, **kwargs))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == whole.output_text
+    assert events[-1].type == "response.completed"
+    loose = client.responses.create(text={"format": {"type": "json_object"}}, **{**kwargs, "max_output_tokens": 60})
+    assert loose.output_text.startswith("{")
+    for extra, named in (
+        ({"text": {"format": {"type": "grammar"}}}, "text.format.type 'grammar'"),
+        ({"background": True}, "background is not supported"),
+        ({"conversation": "conv_1"}, "conversation is not supported"),
+    ):
+        with pytest.raises(openai.UnprocessableEntityError, match=named):
+            client.responses.create(**kwargs, extra_body=extra)
 
 
 def test_completions_regex_and_vllm_spellings(two_shards):
