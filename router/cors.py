@@ -17,8 +17,9 @@ from mixserve.router.http_common import CONFIG
 
 ANY_ORIGIN = "*"
 ALLOW_METHODS = "GET, POST, OPTIONS"
-# Headers a page's script may read besides the safelisted ones: when to retry after a 429 or 503.
-EXPOSE_HEADERS = "Retry-After"
+# Headers a page's script may read besides the safelisted ones: when to retry after a 429 or 503, and the
+# request id it sent (router/request_ids.py).
+EXPOSE_HEADERS = "Retry-After, X-Request-Id"
 # How long a browser may reuse a preflight's answer.
 MAX_AGE_S = 600
 

@@ -10,6 +10,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 
+from mixserve.router import request_ids
 from mixserve.router.detokenizer import IncrementalDetokenizer
 from mixserve.router.engine_api import Limits, TokenEvent
 from mixserve.router.errors import DeadlineExceeded, RouterError
@@ -35,6 +36,8 @@ class Generation:
     ) -> None:
         """`on_cancel` is the engine's: it takes the request out of the batch."""
         self.id = f"req-{seq_id}"
+        # The client's own id for it (X-Request-Id), on its log lines: set by the front submitting it.
+        self.client_request_id = request_ids.current.get()
         self.seq_id = seq_id
         self.prompt_ids = prompt_ids
         if params.grammar is not None and not params.grammar.grammar:
@@ -135,5 +138,11 @@ class Generation:
         except TimeoutError:
             timeout_s = self.timeout_s
             generated = self.generated_tokens
-            log.info("event=deadline_exceeded id=%s generated=%d timeout_s=%g", self.id, generated, timeout_s)
+            log.info(
+                "event=deadline_exceeded id=%s generated=%d timeout_s=%g%s",
+                self.id,
+                generated,
+                timeout_s,
+                request_ids.log_field(self.client_request_id),
+            )
             return DeadlineExceeded(f"the request ran past its {timeout_s:g} s deadline after {generated} tokens")

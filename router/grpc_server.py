@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from mixserve.router import request_ids
 from mixserve.router.engine_api import EngineAPI, GenerationHandle, TokenEvent
 from mixserve.router.errors import RouterError, Unauthorized, ValidationError
 from mixserve.router.fields import as_messages, as_prompt, json_value
@@ -145,7 +146,9 @@ def _rpc(method: Handler) -> Handler:
         code = grpc.StatusCode.OK
         try:
             self.authenticate(context)
-            return await method(self, request, context)
+            metadata = dict(context.invocation_metadata() or ())
+            with request_ids.taken(metadata.get(request_ids.METADATA_KEY)):
+                return await method(self, request, context)
         except RouterError as exc:
             code = status_code(exc)
             log.info("event=refused rpc=%s code=%s error_type=%s", route, code.name, exc.error_type)

@@ -9,6 +9,7 @@ import math
 import time
 from collections.abc import Mapping
 
+from mixserve.router import request_ids
 from mixserve.router.engine_api import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, TokenEvent
 from mixserve.router.generation import Generation
 from mixserve.router.metrics import Metrics
@@ -97,7 +98,7 @@ class OutputProcessor:
             self.metrics.on_end(finish_reason, now - generation.created)
             log.info(
                 "event=finished id=%s prompt_tokens=%d generated=%d finish=%s ttft_ms=%.1f total_ms=%.1f "
-                "speculative_proposed=%d speculative_accepted=%d",
+                "speculative_proposed=%d speculative_accepted=%d%s",
                 generation.id,
                 generation.prompt_tokens,
                 generation.generated_tokens,
@@ -106,6 +107,7 @@ class OutputProcessor:
                 (now - generation.created) * 1000,
                 generation.speculative_proposed,
                 generation.speculative_accepted,
+                request_ids.log_field(generation.client_request_id),
             )
         if prompt_log.isEnabledFor(logging.INFO):
             text = self.tokenizer.decode(generation.output_ids, skip_special_tokens=True)

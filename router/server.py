@@ -23,6 +23,7 @@ from mixserve.router import (
     api_tokenize,
     cors,
     openapi,
+    request_ids,
 )
 from mixserve.router.api_openai import served_names
 from mixserve.router.engine_api import EngineAPI
@@ -57,6 +58,20 @@ async def errors_middleware(request: web.Request, handler):
 
 
 @web.middleware
+async def request_id_middleware(request: web.Request, handler):
+    """A client's X-Request-Id stays with the requests this one submits (router/request_ids.py)."""
+    with request_ids.taken(request.headers.get(request_ids.HEADER)):
+        return await handler(request)
+
+
+async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: the answer carries the client's X-Request-Id back (a valid one; else it was a 400)."""
+    value = request.headers.get(request_ids.HEADER)
+    if value is not None and request_ids.valid(value):
+        response.headers[request_ids.HEADER] = value
+
+
+@web.middleware
 async def auth_middleware(request: web.Request, handler):
     """With an API key configured, require `Authorization: Bearer KEY` or `Api-Key KEY`."""
     key = request.app[CONFIG].api_key
@@ -69,7 +84,7 @@ async def auth_middleware(request: web.Request, handler):
 def build_app(engine: EngineAPI, config: ServerConfig) -> web.Application:
     """The aiohttp application over `engine` (router.replicas.Replicas), which the caller starts."""
     # A browser's preflight is answered before the key check: it never carries the key.
-    middlewares = [errors_middleware, cors.preflight_middleware, auth_middleware]
+    middlewares = [errors_middleware, cors.preflight_middleware, request_id_middleware, auth_middleware]
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     app[ENGINE] = engine
     app[CONFIG] = config
@@ -84,4 +99,5 @@ def build_app(engine: EngineAPI, config: ServerConfig) -> web.Application:
     api_tokenize.add_routes(app)
     openapi.add_routes(app)
     cors.install(app)
+    app.on_response_prepare.append(echo_request_id)
     return app

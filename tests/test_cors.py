@@ -67,7 +67,7 @@ async def test_an_allowed_origin_is_answered_and_others_are_not(tokenizer, tmp_p
         for headers, status in (({"Origin": APP}, 401), ({"Origin": APP, "Authorization": f"Bearer {KEY}"}, 200)):
             response = await client.get("/info", headers=headers)
             assert response.status == status and response.headers["Access-Control-Allow-Origin"] == APP
-            assert response.headers["Access-Control-Expose-Headers"] == "Retry-After"
+            assert response.headers["Access-Control-Expose-Headers"] == "Retry-After, X-Request-Id"
         response = await client.post(
             "/tokenize", json={"prompt": "hello"}, headers={"Origin": "http://localhost:5173", "Api-Key": "x"}
         )

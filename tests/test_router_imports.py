@@ -72,6 +72,7 @@ FRONT_MAY_IMPORT = frozenset(
         "mixserve.router.metrics",
         "mixserve.router.params",
         "mixserve.router.prediction",
+        "mixserve.router.request_ids",
         "mixserve.router.structured",
         "mixserve.router.tool_turns",
         "mixserve.router.tools",
