@@ -12,17 +12,18 @@ or one `function_call` item per call. Streams send OpenAI's typed events as SSE 
 """
 
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
 from aiohttp import web
 
 from mixserve.router.api_openai import check_model, submit
-from mixserve.router.engine_api import EngineAPI
+from mixserve.router.engine_api import EngineAPI, TokenEvent
 from mixserve.router.errors import RouterError
 from mixserve.router.http_common import CONFIG, ENGINE, read_json, stream_sse
 from mixserve.router.openai_errors import error_body, openai_errors
+from mixserve.router.openai_logprobs import chat_logprobs, token_namer
 from mixserve.router.openai_requests import parse_chat_request, prepare_tools
 from mixserve.router.openai_responses import FINISH_REASONS, Choices, HeldText, interleave, tool_calls_in
 from mixserve.router.responses_body import chat_body, text_format
@@ -32,8 +33,13 @@ from mixserve.router.tools import ToolCall
 class ResponseBuilder:
     """The `response` object and its items, for one generation."""
 
-    def __init__(self, body: dict[str, Any], model: str, choices: Choices) -> None:
+    def __init__(
+        self, body: dict[str, Any], model: str, choices: Choices, logprobs: int | None, name: Callable[[int], str]
+    ) -> None:
+        """`logprobs`: None, or the alternatives each output token's logprobs list (`include` asked for them);
+        `name` spells a token for them."""
         self.body, self.model, self.choices = body, model, choices
+        self.logprobs, self.name = logprobs, name
         self.id = f"resp_{choices.id}"
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.sequence = 0
@@ -67,14 +73,18 @@ class ResponseBuilder:
             },
         }
 
-    def message(self, text: str, status: str = "completed") -> dict[str, Any]:
+    def message(self, text: str, status: str = "completed", logprobs: list[dict] | None = None) -> dict[str, Any]:
         """The `message` output item."""
-        content = [] if status == "in_progress" else [self.text_part(text)]
+        content = [] if status == "in_progress" else [self.text_part(text, logprobs)]
         return {"type": "message", "id": self.message_id, "role": "assistant", "status": status, "content": content}
 
     @staticmethod
-    def text_part(text: str) -> dict[str, Any]:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    def text_part(text: str, logprobs: list[dict] | None = None) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
+
+    def token_logprobs(self, event: TokenEvent) -> list[dict[str, Any]]:
+        """The token's logprobs entry (chat's form, which the Responses API shares) where they were asked for."""
+        return [] if self.logprobs is None else [chat_logprobs(self.name, event, self.logprobs)]
 
     @staticmethod
     def function_call(call: ToolCall, status: str = "completed") -> dict[str, Any]:
@@ -108,14 +118,15 @@ def _status(finish: str) -> str:
 
 async def respond(engine: EngineAPI, plan, builder: ResponseBuilder) -> dict[str, Any]:
     """The non-streamed `response` object."""
-    texts = []
+    texts, logprobs = [], []
     async with aclosing(interleave(builder.choices.generations)) as events:
         async for _, event in events:
             texts.append(event.text)
+            logprobs += builder.token_logprobs(event)
     text = "".join(texts)
     finish = FINISH_REASONS[builder.choices.generations[0].finish_reason]
     calls = tool_calls_in(plan, text)
-    output = [builder.function_call(c) for c in calls] if calls else [builder.message(text)]
+    output = [builder.function_call(c) for c in calls] if calls else [builder.message(text, logprobs=logprobs)]
     return builder.response(_status(finish), output, finish)
 
 
@@ -125,11 +136,15 @@ async def response_events(engine: EngineAPI, plan, builder: ResponseBuilder) -> 
     yield builder.event("response.in_progress", response=builder.response("in_progress", []))
     held = HeldText(plan)
     streamed: list[str] = []
+    # With logprobs: the tokens' entries not yet sent (a token that adds no text waits for the next delta).
+    pending: list[dict] = []
+    logprobs: list[dict] = []
     ids = {"item_id": builder.message_id, "output_index": 0}
     finish = "stop"
     async with aclosing(interleave(builder.choices.generations)) as events:
         async for _, event in events:
             text = held.add(event.text)
+            pending += builder.token_logprobs(event)
             if event.finish_reason is not None:
                 finish = FINISH_REASONS[event.finish_reason]
             if not text:
@@ -138,7 +153,9 @@ async def response_events(engine: EngineAPI, plan, builder: ResponseBuilder) -> 
                 for opened in builder.message_opened():
                     yield opened
             streamed.append(text)
-            yield builder.event("response.output_text.delta", **ids, content_index=0, delta=text, logprobs=[])
+            logprobs += pending
+            yield builder.event("response.output_text.delta", **ids, content_index=0, delta=text, logprobs=pending)
+            pending = []
     calls = tool_calls_in(plan, held.text) if held.holding else None
     if calls:
         output = []
@@ -161,17 +178,21 @@ async def response_events(engine: EngineAPI, plan, builder: ResponseBuilder) -> 
             for opened in builder.message_opened():
                 yield opened
         streamed.append(held.text)
-        yield builder.event("response.output_text.delta", **ids, content_index=0, delta=held.text, logprobs=[])
+        logprobs += pending
+        yield builder.event("response.output_text.delta", **ids, content_index=0, delta=held.text, logprobs=pending)
+        pending = []
     text = "".join(streamed)
+    logprobs += pending  # tokens that ended the output without text of their own
     if not streamed:
         for opened in builder.message_opened():
             yield opened
-    yield builder.event("response.output_text.done", **ids, content_index=0, text=text, logprobs=[])
-    yield builder.event("response.content_part.done", **ids, content_index=0, part=builder.text_part(text))
-    yield builder.event("response.output_item.done", output_index=0, item=builder.message(text))
+    yield builder.event("response.output_text.done", **ids, content_index=0, text=text, logprobs=logprobs)
+    part = builder.text_part(text, logprobs)
+    yield builder.event("response.content_part.done", **ids, content_index=0, part=part)
+    yield builder.event("response.output_item.done", output_index=0, item=builder.message(text, logprobs=logprobs))
     status = _status(finish)
     kind = "response.completed" if status == "completed" else "response.incomplete"
-    yield builder.event(kind, response=builder.response(status, [builder.message(text)], finish))
+    yield builder.event(kind, response=builder.response(status, [builder.message(text, logprobs=logprobs)], finish))
 
 
 def _error_event(exc: RouterError) -> dict[str, Any]:
@@ -187,7 +208,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     parsed = parse_chat_request(chat_body(body), request.app[CONFIG].limits)
     await prepare_tools(parsed, engine.tokenizer)
     choices = await submit(engine, parsed, None)
-    builder = ResponseBuilder(body, model, choices)
+    builder = ResponseBuilder(body, model, choices, parsed.logprobs, token_namer(engine.tokenizer, False))
     if parsed.params.stream:
         return await stream_sse(request, response_events(engine, parsed.tools, builder), _error_event)
     return web.json_response(await respond(engine, parsed.tools, builder))

@@ -49,6 +49,11 @@ RESPONSES_SCHEMAS: dict[str, Schema] = {
                 ]
             },
             "parallel_tool_calls": typed("boolean", "allow several calls in one answer", default=True),
+            "include": array(
+                {"type": "string"},
+                "message.output_text.logprobs: the output tokens' logprobs (other values: nothing to include here)",
+            ),
+            "top_logprobs": typed("integer", "alternatives per output token (asks for logprobs too)", minimum=0),
             "text": obj(
                 {
                     "format": {

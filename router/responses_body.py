@@ -97,6 +97,22 @@ def _response_format(body: dict[str, Any]) -> dict[str, Any] | None:
     raise ValidationError(f"text.format.type {kind!r} is not supported (text, json_object, json_schema)")
 
 
+# The `include` value that asks for the output tokens' logprobs; the others name what tools and reasoning this
+# server has none of, so there is nothing of theirs to leave out.
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+
+
+def _logprobs(body: dict[str, Any]) -> dict[str, Any]:
+    """The chat logprobs fields of `include` and `top_logprobs` (either asks for the output's logprobs)."""
+    include = body.get("include")
+    if include is not None and not (isinstance(include, list) and all(isinstance(v, str) for v in include)):
+        raise BadRequest("include must be an array of strings")
+    top = body.get("top_logprobs")
+    if not (include and LOGPROBS_INCLUDE in include) and top is None:
+        return {}
+    return {"logprobs": True, "top_logprobs": top}
+
+
 def chat_body(body: dict[str, Any]) -> dict[str, Any]:
     """The chat completions body a Responses body amounts to."""
     if body.get("previous_response_id") is not None:
@@ -109,6 +125,7 @@ def chat_body(body: dict[str, Any]) -> dict[str, Any]:
     response_format = _response_format(body)
     if response_format is not None:
         chat["response_format"] = response_format
+    chat.update(_logprobs(body))
     return {
         **chat,
         "messages": _messages(body),

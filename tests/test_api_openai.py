@@ -165,6 +165,27 @@ async def test_logprobs(server, client):
     assert logprobs.text_offset[0] == 0
 
 
+async def test_responses_logprobs_are_the_chat_requests(server, client):
+    """The Responses API's include message.output_text.logprobs with top_logprobs: each output token's entry as
+    the same chat request has it; streamed, the deltas' entries add up to the same."""
+    chat = client.chat.completions.create(
+        model="mixtral-demo", messages=CHAT, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2
+    )
+    expected = [token.model_dump() for token in chat.choices[0].logprobs.content]
+    kwargs = dict(model="mixtral-demo", input=CHAT, max_output_tokens=5, temperature=0, top_logprobs=2)
+    whole = client.responses.create(include=["message.output_text.logprobs"], **kwargs)
+    part = whole.output[0].content[0]
+    assert part.text == chat.choices[0].message.content and len(part.logprobs) == 5
+    assert [entry.model_dump() for entry in part.logprobs] == expected
+    events = list(client.responses.create(include=["message.output_text.logprobs"], stream=True, **kwargs))
+    deltas = [entry.model_dump() for e in events if e.type == "response.output_text.delta" for entry in e.logprobs]
+    assert deltas == expected
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert [entry.model_dump() for entry in done.logprobs] == expected
+    plain = client.responses.create(**{**kwargs, "top_logprobs": None})
+    assert plain.output[0].content[0].logprobs == []
+
+
 async def test_stop_seed_and_n(server, client):
     full = client.completions.create(model="mixtral-demo", prompt="A quiet market", max_tokens=12, temperature=0)
     text = full.choices[0].text
