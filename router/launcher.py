@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_speculation(args)
         group_addresses = shard_group_addresses(args)
-        tls = server_tls(args.ssl_certfile, args.ssl_keyfile)
+        tls = server_tls(args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certs)
     except ValueError as e:
         log.error("event=startup_failed error=%s", e)
         return 1
