@@ -24,7 +24,6 @@ import logging
 import time
 from collections.abc import Iterator
 
-from mixserve.router import request_ids
 from mixserve.router.engine_api import FINISH_LENGTH, Limits
 from mixserve.router.errors import RouterError, ShardUnavailable
 from mixserve.router.generation import Generation
@@ -149,12 +148,8 @@ class Engine:
             return
         self.cancelled += 1
         self.metrics.on_end("cancelled")
-        log.info(
-            "event=cancelled id=%s generated=%d%s",
-            generation.id,
-            generation.generated_tokens,
-            request_ids.log_field(generation.client_request_id),
-        )
+        generated, client_id = generation.generated_tokens, generation.request_id_field
+        log.info("event=cancelled id=%s generated=%d%s", generation.id, generated, client_id)
         self._end(generation, None)
         self._interrupt_run()  # it stops costing compute after the step in progress
 

@@ -67,6 +67,11 @@ class Generation:
         self._on_cancel = on_cancel
 
     @property
+    def request_id_field(self) -> str:
+        """What its log lines add for the client's id: ` request_id=ID`, or nothing (router/request_ids.py)."""
+        return request_ids.log_field(self.client_request_id)
+
+    @property
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
 
@@ -143,6 +148,6 @@ class Generation:
                 self.id,
                 generated,
                 timeout_s,
-                request_ids.log_field(self.client_request_id),
+                self.request_id_field,
             )
             return DeadlineExceeded(f"the request ran past its {timeout_s:g} s deadline after {generated} tokens")

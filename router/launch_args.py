@@ -274,14 +274,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ssl-certfile",
         type=Path,
-        default=None,
         help="PEM certificate chain: serve HTTP (and --grpc-port) over TLS, with --ssl-keyfile (default: plain text)",
     )
-    parser.add_argument("--ssl-keyfile", type=Path, default=None, help="the certificate's PEM private key, unencrypted")
+    parser.add_argument("--ssl-keyfile", type=Path, help="the certificate's PEM private key, unencrypted")
     parser.add_argument(
         "--ssl-ca-certs",
         type=Path,
-        default=None,
         help="PEM CA certificates: mutual TLS, every client (probes too) presents a certificate they signed",
     )
     parser.add_argument(

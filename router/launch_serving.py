@@ -142,9 +142,9 @@ def load_tokenizer(model_dir: str, chat_template: ChatTemplate | None = None):
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
     if chat_template is not None:
         tokenizer.chat_template = chat_template.text
-    source = (
-        "none" if tokenizer.chat_template is None else "checkpoint" if chat_template is None else chat_template.source
-    )
+        source = chat_template.source
+    else:
+        source = "none" if tokenizer.chat_template is None else "checkpoint"
     log.info("event=chat_template source=%s", source)
     return tokenizer
 

@@ -9,7 +9,6 @@ import math
 import time
 from collections.abc import Mapping
 
-from mixserve.router import request_ids
 from mixserve.router.engine_api import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, TokenEvent
 from mixserve.router.generation import Generation
 from mixserve.router.metrics import Metrics
@@ -107,7 +106,7 @@ class OutputProcessor:
                 (now - generation.created) * 1000,
                 generation.speculative_proposed,
                 generation.speculative_accepted,
-                request_ids.log_field(generation.client_request_id),
+                generation.request_id_field,
             )
         if prompt_log.isEnabledFor(logging.INFO):
             text = self.tokenizer.decode(generation.output_ids, skip_special_tokens=True)
